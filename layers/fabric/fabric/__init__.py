@@ -1,0 +1,1 @@
+"""Messaging Fabric: the domain (envelope, routing, topology) and adapters behind narrow ports."""

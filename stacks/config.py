@@ -1,0 +1,265 @@
+"""Typed environment configuration, parsed from cdk.json context and validated at synth."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENVIRONMENT_NAMES = ("dev", "staging", "prod")
+DEFAULT_REGION = "ap-southeast-3"
+# The lowest RabbitMQ engine line the fabric is built for (quorum-queue delivery limits,
+# at-least-once dead-lettering); Amazon MQ offers 3.13 and 4.x.
+MIN_ENGINE_VERSION = (3, 13)
+# The retention periods that CloudWatch Logs accepts.
+LOG_RETENTION_DAYS = (
+    1,
+    3,
+    5,
+    7,
+    14,
+    30,
+    60,
+    90,
+    120,
+    150,
+    180,
+    365,
+    400,
+    545,
+    731,
+    1096,
+    1827,
+    2192,
+    2557,
+    2922,
+    3288,
+    3653,
+)
+
+
+class ConfigError(ValueError):
+    """cdk.json context is missing a value or holds a bad one; the message names the key."""
+
+
+class DeploymentMode(StrEnum):
+    """Amazon MQ for RabbitMQ deployment modes."""
+
+    SINGLE_INSTANCE = "SINGLE_INSTANCE"
+    CLUSTER_MULTI_AZ = "CLUSTER_MULTI_AZ"
+
+
+class LockMode(StrEnum):
+    """S3 Object Lock default retention modes."""
+
+    GOVERNANCE = "GOVERNANCE"
+    COMPLIANCE = "COMPLIANCE"
+
+
+class RemovalPolicy(StrEnum):
+    """What happens to stateful resources when their stack is deleted."""
+
+    DESTROY = "destroy"
+    RETAIN = "retain"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class MaintenanceWindow(_Model):
+    """Weekly broker maintenance window (minor version upgrades, patching)."""
+
+    day_of_week: str = Field(
+        pattern=r"^(MONDAY|TUESDAY|WEDNESDAY|THURSDAY|FRIDAY|SATURDAY|SUNDAY)$"
+    )
+    time_of_day: str = Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+    time_zone: str = Field(min_length=1)
+
+
+class BrokerConfig(_Model):
+    """Amazon MQ for RabbitMQ settings."""
+
+    engine_version: str = Field(pattern=r"^[0-9]+\.[0-9]+(\.[0-9]+)?$")
+    instance_type: str = Field(pattern=r"^mq\.[a-z0-9]+\.[a-z0-9]+$")
+    deployment_mode: DeploymentMode = Field(strict=False)
+    maintenance_window: MaintenanceWindow
+
+    @field_validator("engine_version")
+    @classmethod
+    def _supported_engine(cls, value: str) -> str:
+        major, minor = (int(part) for part in value.split(".")[:2])
+        if (major, minor) < MIN_ENGINE_VERSION:
+            lowest = ".".join(map(str, MIN_ENGINE_VERSION))
+            raise ValueError(f"RabbitMQ {value} is older than the supported {lowest}")
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_instance_size(self) -> BrokerConfig:
+        if self.deployment_mode is DeploymentMode.CLUSTER_MULTI_AZ and "t3" in self.instance_type:
+            raise ValueError("CLUSTER_MULTI_AZ brokers cannot use burstable mq.t3 instances")
+        return self
+
+
+class AuditConfig(_Model):
+    """Object Lock default retention of the audit bucket: exactly one of days or years."""
+
+    lock_mode: LockMode = Field(strict=False)
+    lock_days: int | None = Field(default=None, ge=1, le=36500)
+    lock_years: int | None = Field(default=None, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _one_period(self) -> AuditConfig:
+        if (self.lock_days is None) == (self.lock_years is None):
+            raise ValueError("set exactly one of lock_days or lock_years")
+        return self
+
+    @property
+    def retention_days(self) -> int:
+        """The retention period in days (a year counted as 365 days), for comparisons."""
+        return self.lock_days if self.lock_days is not None else 365 * (self.lock_years or 0)
+
+
+class EnvironmentConfig(_Model):
+    """Everything that differs between dev, staging and prod."""
+
+    name: str
+    account: str = Field(pattern=r"^[0-9]{12}$")
+    region: str = Field(pattern=r"^[a-z]{2}(-gov)?-[a-z]+-[0-9]$")
+    allowed_regions: tuple[str, ...] = Field(min_length=1)
+    max_azs: int = Field(ge=1, le=3)
+    broker: BrokerConfig
+    audit: AuditConfig
+    removal_policy: RemovalPolicy = Field(strict=False)
+    log_retention_days: int = Field(ge=1)
+    termination_protection: bool
+
+    @field_validator("log_retention_days")
+    @classmethod
+    def _valid_retention(cls, value: int) -> int:
+        if value not in LOG_RETENTION_DAYS:
+            raise ValueError(
+                f"CloudWatch Logs does not offer {value} days; use one of {LOG_RETENTION_DAYS}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_needs_azs(self) -> EnvironmentConfig:
+        if self.broker.deployment_mode is DeploymentMode.CLUSTER_MULTI_AZ and self.max_azs < 3:
+            raise ValueError("a CLUSTER_MULTI_AZ broker needs max_azs = 3")
+        return self
+
+    @property
+    def stage_name(self) -> str:
+        """The CDK Stage id, also the prefix of every stack name."""
+        return self.name
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The environments that this synth builds, in cdk.json order."""
+
+    environments: tuple[EnvironmentConfig, ...]
+
+
+_ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
+
+
+def _describe(error: ValidationError, prefix: str) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in (prefix, *item["loc"]))
+        problems.append(f"{where}: {item['msg']}")
+    return "; ".join(problems)
+
+
+def parse_environment(
+    name: str, raw: Any, *, region_override: str | None = None
+) -> EnvironmentConfig:
+    """Validate one environment's context block.
+
+    Raises:
+        ConfigError: a key is missing or invalid (the message names it), or the region is not
+            one of the environment's allowed regions (data residency).
+    """
+    prefix = f"context.environments.{name}"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix}: expected an object, got {type(raw).__name__}")
+    data = dict(raw)
+    data["name"] = name
+    if region_override is not None:
+        data["region"] = region_override
+    # JSON has no tuples; accept lists where the model keeps tuples.
+    if isinstance(data.get("allowed_regions"), list):
+        data["allowed_regions"] = tuple(data["allowed_regions"])
+    try:
+        env = EnvironmentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, prefix)) from None
+    if env.region not in env.allowed_regions:
+        allowed = ", ".join(env.allowed_regions)
+        raise ConfigError(
+            f"data residency: environment '{name}' may only be deployed to {allowed}, "
+            f"not {env.region} ({prefix}.allowed_regions)"
+        )
+    return env
+
+
+def load_app_config(context: Mapping[str, Any]) -> AppConfig:
+    """Build the typed configuration from CDK context.
+
+    Context keys: ``environments`` (required), ``env`` (optional: synthesize only this
+    environment), ``region`` (optional: override the region of the selected environments; it
+    must still be an allowed region).
+
+    Raises:
+        ConfigError: the context is missing a value or holds a bad one.
+    """
+    environments = context.get("environments")
+    if not isinstance(environments, Mapping) or not environments:
+        raise ConfigError("context.environments: missing; cdk.json must define dev, staging, prod")
+    missing = [name for name in ENVIRONMENT_NAMES if name not in environments]
+    if missing:
+        raise ConfigError(f"context.environments: missing {', '.join(missing)}")
+    for name in environments:
+        if not _ENV_NAME.match(str(name)):
+            raise ConfigError(f"context.environments.{name}: environment names are [a-z0-9-]")
+
+    selected = context.get("env")
+    if selected is not None and selected not in environments:
+        known = ", ".join(environments)
+        raise ConfigError(f"context.env: unknown environment '{selected}' (known: {known})")
+    region = context.get("region")
+    if region is not None and not isinstance(region, str):
+        raise ConfigError("context.region: expected a region name")
+
+    names = [selected] if selected else list(environments)
+    return AppConfig(
+        environments=tuple(
+            parse_environment(name, environments[name], region_override=region) for name in names
+        )
+    )
+
+
+def read_cdk_context(root: Path) -> dict[str, Any]:
+    """The context the CDK CLI would pass: cdk.json's ``context`` plus cdk.context.json.
+
+    For in-process synths (tests, benchmarks) that do not go through the CLI.
+
+    Raises:
+        ConfigError: cdk.json is missing or has no context.
+    """
+    try:
+        context = dict(json.loads((root / "cdk.json").read_text())["context"])
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cdk.json: cannot read its context ({exc})") from None
+    cached = root / "cdk.context.json"
+    if cached.exists():
+        context.update(json.loads(cached.read_text()))
+    return context

@@ -1,0 +1,150 @@
+"""Amazon MQ for RabbitMQ broker: private, logged, with its admin password in Secrets Manager."""
+
+from __future__ import annotations
+
+from aws_cdk import Fn, RemovalPolicy, Stack
+from aws_cdk import aws_amazonmq as amazonmq
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_secretsmanager as secretsmanager
+from constructs import Construct
+
+from stacks.config import BrokerConfig, DeploymentMode
+from stacks.nag import acknowledge, ignore_cfn_lint
+
+ADMIN_USERNAME = "fabric-admin"
+# Amazon MQ passwords: at least 12 characters, no commas, colons or equal signs; we also leave
+# out characters that need quoting in AMQP URIs and shells.
+_EXCLUDED_PASSWORD_CHARACTERS = ",:=/@\"'\\`%&*?#[]{}()<>|;$ "  # noqa: S105 (a character set, not a secret)
+
+
+class Broker(Construct):
+    """The RabbitMQ broker of one environment.
+
+    Not publicly accessible, in the given private subnets (one for SINGLE_INSTANCE, one per AZ for
+    CLUSTER_MULTI_AZ), behind ``security_group``; general logs on, with the retention of the
+    environment set on the log group Amazon MQ creates; automatic minor version upgrades in the
+    configured maintenance window. The admin password is generated in Secrets Manager, encrypted
+    with the secrets key, and reaches CloudFormation only as a dynamic reference.
+
+    Amazon MQ for RabbitMQ encrypts its storage with an AWS-owned key; it cannot use a customer
+    key, which is why restricted payloads are also encrypted at message level.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        env_name: str,
+        config: BrokerConfig,
+        vpc: ec2.IVpc,
+        subnets: ec2.SubnetSelection,
+        security_group: ec2.ISecurityGroup,
+        secrets_key: kms.IKey,
+        log_retention: logs.RetentionDays,
+        removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, construct_id)
+
+        self.admin_secret = secretsmanager.Secret(
+            self,
+            "AdminSecret",
+            description=f"Messaging Fabric {env_name}: RabbitMQ broker administrator",
+            encryption_key=secrets_key,
+            removal_policy=removal_policy,
+            generate_secret_string=secretsmanager.SecretStringGenerator(
+                secret_string_template=f'{{"username": "{ADMIN_USERNAME}"}}',
+                generate_string_key="password",
+                password_length=32,
+                exclude_characters=_EXCLUDED_PASSWORD_CHARACTERS,
+            ),
+        )
+        rotation_reason = (
+            "Amazon MQ for RabbitMQ only sets the admin user at broker creation; afterwards users "
+            "live in RabbitMQ and change through its management API. Rotation is the runbook's "
+            "'rotate-admin' procedure (new password through the management API, then this secret), "
+            "not a Secrets Manager rotation Lambda that cannot reach the broker's user store."
+        )
+        for rule in (
+            "AwsSolutions-SMG4",
+            "HIPAA.Security-SecretsManagerRotationEnabled",
+            "NIST.800.53.R5-SecretsManagerRotationEnabled",
+        ):
+            acknowledge(self.admin_secret, rule, rotation_reason)
+
+        all_subnets = vpc.select_subnets(
+            subnet_type=subnets.subnet_type, one_per_az=True
+        ).subnet_ids
+        subnet_ids = (
+            all_subnets
+            if config.deployment_mode is DeploymentMode.CLUSTER_MULTI_AZ
+            else all_subnets[:1]
+        )
+        window = config.maintenance_window
+        self.broker = amazonmq.CfnBroker(
+            self,
+            "Broker",
+            broker_name=f"fabric-{env_name}",
+            engine_type="RABBITMQ",
+            engine_version=config.engine_version,
+            host_instance_type=config.instance_type,
+            deployment_mode=config.deployment_mode.value,
+            publicly_accessible=False,
+            auto_minor_version_upgrade=True,
+            subnet_ids=subnet_ids,
+            security_groups=[security_group.security_group_id],
+            logs=amazonmq.CfnBroker.LogListProperty(general=True),
+            maintenance_window_start_time=amazonmq.CfnBroker.MaintenanceWindowProperty(
+                day_of_week=window.day_of_week,
+                time_of_day=window.time_of_day,
+                time_zone=window.time_zone,
+            ),
+            users=[
+                amazonmq.CfnBroker.UserProperty(
+                    username=ADMIN_USERNAME,
+                    password=self.admin_secret.secret_value_from_json("password").unsafe_unwrap(),
+                )
+            ],
+        )
+        self.broker.apply_removal_policy(removal_policy)
+
+        # Amazon MQ creates the general log group itself, named after the broker id that exists
+        # only once the broker does; LogRetention sets the retention on that group.
+        self.log_group_name = Fn.join("", ["/aws/amazonmq/broker/", self.broker.ref, "/general"])
+        logs.LogRetention(
+            self,
+            "GeneralLogRetention",
+            log_group_name=self.log_group_name,
+            retention=log_retention,
+        )
+        self._acknowledge_log_retention_provider()
+
+        # Endpoints are lists (one per node); the first is the load-balanced endpoint of a cluster.
+        self.amqp_endpoint = Fn.select(0, self.broker.attr_amqp_endpoints)
+        self.management_url = Fn.select(0, self.broker.attr_console_ur_ls)
+        self.broker_arn = self.broker.attr_arn
+        self.broker_id = self.broker.ref
+
+    def _acknowledge_log_retention_provider(self) -> None:
+        """Acknowledge the findings on CDK's LogRetention provider (one per stack)."""
+        stack = Stack.of(self)
+        provider = next(
+            child for child in stack.node.children if child.node.id.startswith("LogRetention")
+        )
+        why = (
+            "CDK's LogRetention provider runs only at deploy time, invoked by CloudFormation, to "
+            "set the retention of the broker's general log group, whose name contains the broker "
+            "id and so cannot be created or scoped in advance."
+        )
+        for rule in (
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+            "AWSLambdaBasicExecutionRole]",
+            "AwsSolutions-IAM5[Resource::*]",
+            "HIPAA.Security-IAMNoInlinePolicy",
+            "NIST.800.53.R5-IAMNoInlinePolicy",
+        ):
+            acknowledge(provider, rule, why)
+        # CDK adds a DependsOn on the role next to a GetAtt of it; cfn-lint calls that redundant.
+        ignore_cfn_lint(provider.node.find_child("Resource"), "W3005")

@@ -1,0 +1,175 @@
+"""The SNS/SQS fallback path that takes messages when RabbitMQ cannot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+from stacks.nag import acknowledge
+
+# SQS keeps messages at most 14 days: the longest broker outage the fallback can absorb before a
+# drain must have run.
+_RETENTION = Duration.days(14)
+# Receives before a fallback message is parked in its DLQ (each failed drain attempt is one).
+_MAX_RECEIVE_COUNT = 10
+# Longer than the drain function's per-message confirm wait, so a message being drained is not
+# handed to a second drainer.
+_VISIBILITY_TIMEOUT = Duration.seconds(120)
+# SNS subscription filter attribute carrying the groups that the routing table resolved.
+AUDIENCE_ATTRIBUTE = "audience"
+
+_FLOWS = ("fallback", "emergency")
+
+
+@dataclass(frozen=True)
+class FallbackQueues:
+    """The queues of one stakeholder group on one fallback topic."""
+
+    queue: sqs.Queue
+    dead_letter_queue: sqs.Queue
+    subscription_dead_letter_queue: sqs.Queue
+
+
+class FallbackPath(Construct):
+    """SNS topics ``fallback`` and ``emergency``, and per stakeholder group one queue on each.
+
+    Every queue has a dead-letter queue whose redrive-allow policy admits only its own source
+    queue; every subscription has its own dead-letter queue for messages SNS cannot deliver.
+    Subscriptions filter on the ``audience`` message attribute, so SNS delivers exactly the groups
+    the routing table computed, as RabbitMQ would have. Raw delivery keeps the envelope as the
+    SQS body and the SNS message attributes as SQS message attributes, for the drain.
+
+    Queue names are deterministic (``fabric-<env>-<flow>-<group>[-dlq|-sub-dlq]``): the runbook
+    finds them by name, and a queue's DLQ can name its source in its redrive-allow policy without a
+    dependency cycle.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        env_name: str,
+        topics_key: kms.IKey,
+        queues_key: kms.IKey,
+        removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.topics: dict[str, sns.Topic] = {}
+        self.queues: dict[tuple[str, Stakeholder], FallbackQueues] = {}
+
+        for flow in _FLOWS:
+            topic = sns.Topic(
+                self,
+                f"{flow.capitalize()}Topic",
+                topic_name=f"fabric-{env_name}-{flow}",
+                display_name=f"Messaging Fabric {env_name} {flow} path",
+                master_key=topics_key,
+                enforce_ssl=True,
+            )
+            topic.apply_removal_policy(removal_policy)
+            self.topics[flow] = topic
+            for group in STAKEHOLDERS:
+                self.queues[(flow, group)] = self._subscribe(
+                    topic,
+                    name=f"fabric-{env_name}-{flow}-{group.value}",
+                    construct_id=f"{flow.capitalize()}{group.value.capitalize()}",
+                    group=group,
+                    key=queues_key,
+                    removal_policy=removal_policy,
+                )
+
+    def _subscribe(
+        self,
+        topic: sns.Topic,
+        *,
+        name: str,
+        construct_id: str,
+        group: Stakeholder,
+        key: kms.IKey,
+        removal_policy: RemovalPolicy,
+    ) -> FallbackQueues:
+        queue_arn = Stack.of(self).format_arn(service="sqs", resource=name)
+        dead_letter_queue = self._queue(
+            f"{construct_id}Dlq",
+            f"{name}-dlq",
+            key,
+            removal_policy,
+            redrive_allow=sqs.RedriveAllowPolicy(
+                redrive_permission=sqs.RedrivePermission.BY_QUEUE,
+                source_queues=[sqs.Queue.from_queue_arn(self, f"{construct_id}Source", queue_arn)],
+            ),
+        )
+        subscription_dead_letter_queue = self._queue(
+            f"{construct_id}SubscriptionDlq",
+            f"{name}-sub-dlq",
+            key,
+            removal_policy,
+            # Only SNS writes here; no SQS queue may use it as its dead-letter queue.
+            redrive_allow=sqs.RedriveAllowPolicy(redrive_permission=sqs.RedrivePermission.DENY_ALL),
+        )
+        acknowledge(
+            subscription_dead_letter_queue,
+            "AwsSolutions-SQS3",
+            (
+                f"This queue is the dead-letter queue of the SNS subscription of {name}; SNS "
+                "references it in the subscription's RedrivePolicy, which cdk-nag does not see."
+            ),
+        )
+        queue = sqs.Queue(
+            self,
+            construct_id,
+            queue_name=name,
+            encryption=sqs.QueueEncryption.KMS,
+            encryption_master_key=key,
+            data_key_reuse=Duration.minutes(5),
+            enforce_ssl=True,
+            retention_period=_RETENTION,
+            visibility_timeout=_VISIBILITY_TIMEOUT,
+            dead_letter_queue=sqs.DeadLetterQueue(
+                queue=dead_letter_queue, max_receive_count=_MAX_RECEIVE_COUNT
+            ),
+            removal_policy=removal_policy,
+        )
+        topic.add_subscription(
+            subscriptions.SqsSubscription(
+                queue,
+                raw_message_delivery=True,
+                dead_letter_queue=subscription_dead_letter_queue,
+                filter_policy={
+                    AUDIENCE_ATTRIBUTE: sns.SubscriptionFilter.string_filter(
+                        allowlist=[group.value]
+                    )
+                },
+            )
+        )
+        return FallbackQueues(queue, dead_letter_queue, subscription_dead_letter_queue)
+
+    def _queue(
+        self,
+        construct_id: str,
+        name: str,
+        key: kms.IKey,
+        removal_policy: RemovalPolicy,
+        *,
+        redrive_allow: sqs.RedriveAllowPolicy,
+    ) -> sqs.Queue:
+        return sqs.Queue(
+            self,
+            construct_id,
+            queue_name=name,
+            encryption=sqs.QueueEncryption.KMS,
+            encryption_master_key=key,
+            data_key_reuse=Duration.minutes(5),
+            enforce_ssl=True,
+            retention_period=_RETENTION,
+            redrive_allow_policy=redrive_allow,
+            removal_policy=removal_policy,
+        )

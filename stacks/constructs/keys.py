@@ -1,0 +1,118 @@
+"""Customer-managed KMS keys, one per purpose, and the asymmetric audit signing key."""
+
+from __future__ import annotations
+
+from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from constructs import Construct
+
+from stacks.nag import acknowledge
+
+
+class FabricKeys(Construct):
+    """The fabric's KMS keys.
+
+    Purposes are kept apart so that a grant on one never opens another:
+
+    - ``messages``: Encryption SDK data keys for ``restricted`` payloads;
+    - ``topics``: SNS topics of the fallback path;
+    - ``queues``: SQS queues (a second key, because SNS must be granted use of the queue key in
+      its key policy, and one key for both topic and queue makes a dependency cycle);
+    - ``audit``: the audit and reports buckets (always retained: locked objects must stay
+      readable for their whole retention, whatever the environment's removal policy);
+    - ``secrets``: Secrets Manager secrets (broker and stakeholder credentials);
+    - ``logs``: CloudWatch Logs groups (flow logs, function logs);
+    - ``signing``: asymmetric ECC_NIST_P256 key that signs audit checkpoints.
+
+    The key policies keep CDK's default (the account may delegate use through IAM); the only
+    service principal granted directly is CloudWatch Logs on the logs key, scoped by encryption
+    context to this account's log groups. Everything else is granted by the stacks with
+    ``grant_*`` on the roles that use a key.
+    """
+
+    def __init__(
+        self, scope: Construct, construct_id: str, *, env_name: str, removal_policy: RemovalPolicy
+    ) -> None:
+        super().__init__(scope, construct_id)
+
+        def symmetric(purpose: str, description: str, policy: RemovalPolicy) -> kms.Key:
+            return kms.Key(
+                self,
+                purpose.capitalize(),
+                alias=f"alias/fabric/{env_name}/{purpose}",
+                description=f"Messaging Fabric {env_name}: {description}",
+                enable_key_rotation=True,
+                rotation_period=Duration.days(365),
+                removal_policy=policy,
+                pending_window=Duration.days(30),
+            )
+
+        self.messages = symmetric(
+            "messages", "message-level encryption of restricted payloads", removal_policy
+        )
+        self.topics = symmetric("topics", "SNS fallback topics", removal_policy)
+        self.queues = symmetric(
+            "queues", "SQS fallback queues and dead-letter queues", removal_policy
+        )
+        self.audit = symmetric("audit", "audit trail and compliance reports", RemovalPolicy.RETAIN)
+        self.secrets = symmetric("secrets", "broker and stakeholder credentials", removal_policy)
+        self.logs = symmetric("logs", "CloudWatch Logs log groups", removal_policy)
+
+        stack = Stack.of(self)
+        self.logs.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="AllowCloudWatchLogsForThisAccount",
+                principals=[iam.ServicePrincipal(f"logs.{stack.region}.amazonaws.com")],
+                actions=[
+                    "kms:Encrypt*",
+                    "kms:Decrypt*",
+                    "kms:ReEncrypt*",
+                    "kms:GenerateDataKey*",
+                    "kms:Describe*",
+                ],
+                resources=["*"],
+                conditions={
+                    "ArnLike": {
+                        "kms:EncryptionContext:aws:logs:arn": stack.format_arn(
+                            service="logs",
+                            resource="log-group",
+                            resource_name="*",
+                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                        )
+                    }
+                },
+            )
+        )
+
+        self.signing = kms.Key(
+            self,
+            "Signing",
+            alias=f"alias/fabric/{env_name}/audit-signing",
+            description=f"Messaging Fabric {env_name}: signs audit checkpoints",
+            key_spec=kms.KeySpec.ECC_NIST_P256,
+            key_usage=kms.KeyUsage.SIGN_VERIFY,
+            removal_policy=RemovalPolicy.RETAIN,
+            pending_window=Duration.days(30),
+        )
+        acknowledge(
+            self.signing,
+            "NIST.800.53.R5-KMSBackingKeyRotationEnabled",
+            (
+                "KMS cannot rotate asymmetric keys automatically. Each audit checkpoint records "
+                "the key id that signed it; rotation is a new key behind the same alias "
+                "(runbook), and the old key is retained so old checkpoints still verify."
+            ),
+        )
+
+    @property
+    def symmetric_keys(self) -> dict[str, kms.Key]:
+        """The symmetric keys by purpose, for outputs and tests."""
+        return {
+            "messages": self.messages,
+            "topics": self.topics,
+            "queues": self.queues,
+            "audit": self.audit,
+            "secrets": self.secrets,
+            "logs": self.logs,
+        }

@@ -1,0 +1,104 @@
+"""The stateful stack: network, keys, audit storage, broker and the fallback path."""
+
+from __future__ import annotations
+
+from aws_cdk import CfnOutput, Environment, RemovalPolicy, Stack
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from stacks.config import LOG_RETENTION_DAYS, EnvironmentConfig
+from stacks.constructs.audit_storage import AuditStorage
+from stacks.constructs.broker import Broker
+from stacks.constructs.fallback import FallbackPath
+from stacks.constructs.keys import FabricKeys
+from stacks.constructs.network import FabricNetwork
+
+
+class StatefulStack(Stack):
+    """Everything that holds data or identity and must outlive a redeploy of the functions.
+
+    Stateless resources (functions, APIs, alarms) live in their own stacks and receive these
+    resources as typed props; this stack only composes constructs and exports what the runbook
+    and the local tooling read (``CfnOutput`` values, listed in docs/outputs.md).
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: EnvironmentConfig) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            env=Environment(account=config.account, region=config.region),
+            description=f"Messaging Fabric {config.name}: stateful resources",
+            termination_protection=config.termination_protection,
+        )
+        removal = (
+            RemovalPolicy.DESTROY
+            if config.removal_policy.value == "destroy"
+            else RemovalPolicy.RETAIN
+        )
+        log_retention = _retention(config.log_retention_days)
+
+        self.keys = FabricKeys(self, "Keys", env_name=config.name, removal_policy=removal)
+        self.network = FabricNetwork(
+            self,
+            "Network",
+            max_azs=config.max_azs,
+            logs_key=self.keys.logs,
+            log_retention=log_retention,
+            removal_policy=removal,
+        )
+        self.audit = AuditStorage(
+            self, "AuditStorage", config=config.audit, key=self.keys.audit, removal_policy=removal
+        )
+        self.broker = Broker(
+            self,
+            "Broker",
+            env_name=config.name,
+            config=config.broker,
+            vpc=self.network.vpc,
+            subnets=self.network.subnets,
+            security_group=self.network.broker_security_group,
+            secrets_key=self.keys.secrets,
+            log_retention=log_retention,
+            removal_policy=removal,
+        )
+        self.fallback = FallbackPath(
+            self,
+            "Fallback",
+            env_name=config.name,
+            topics_key=self.keys.topics,
+            queues_key=self.keys.queues,
+            removal_policy=removal,
+        )
+        self._outputs()
+
+    def _outputs(self) -> None:
+        outputs: dict[str, str] = {
+            "BrokerId": self.broker.broker_id,
+            "BrokerArn": self.broker.broker_arn,
+            "BrokerAmqpEndpoint": self.broker.amqp_endpoint,
+            "BrokerManagementUrl": self.broker.management_url,
+            "BrokerAdminSecretArn": self.broker.admin_secret.secret_arn,
+            "AuditBucketName": self.audit.audit_bucket.bucket_name,
+            "ReportsBucketName": self.audit.reports_bucket.bucket_name,
+            "SigningKeyArn": self.keys.signing.key_arn,
+            "VpcId": self.network.vpc.vpc_id,
+            "FunctionsSecurityGroupId": self.network.functions_security_group.security_group_id,
+        }
+        for purpose, key in self.keys.symmetric_keys.items():
+            outputs[f"{purpose.capitalize()}KeyArn"] = key.key_arn
+        for flow, topic in self.fallback.topics.items():
+            outputs[f"{flow.capitalize()}TopicArn"] = topic.topic_arn
+        for (flow, group), queues in self.fallback.queues.items():
+            prefix = f"{flow.capitalize()}{group.value.capitalize()}"
+            outputs[f"{prefix}QueueUrl"] = queues.queue.queue_url
+            outputs[f"{prefix}DlqUrl"] = queues.dead_letter_queue.queue_url
+        for name, value in outputs.items():
+            CfnOutput(self, name, value=value)
+
+
+_RETENTION_BY_DAYS = dict(zip(LOG_RETENTION_DAYS, logs.RetentionDays, strict=False))
+
+
+def _retention(days: int) -> logs.RetentionDays:
+    """The RetentionDays member for a number of days that config already validated."""
+    return _RETENTION_BY_DAYS[days]
