@@ -262,4 +262,7 @@ def read_cdk_context(root: Path) -> dict[str, Any]:
     cached = root / "cdk.context.json"
     if cached.exists():
         context.update(json.loads(cached.read_text()))
+    # What the CLI adds, so that in-process templates equal `cdk synth` output.
+    context.setdefault("aws:cdk:enable-path-metadata", True)
+    context.setdefault("aws:cdk:enable-asset-metadata", True)
     return context

@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aws_cdk import Acknowledgment, App, CfnResource, Validations
-from cdk_nag import AwsSolutionsChecks, HIPAASecurityChecks, NIST80053R5Checks
+from aws_cdk import Acknowledgment, App, Aspects, CfnResource, Stage, Validations
+from cdk_nag import (
+    AwsSolutionsChecks,
+    HIPAASecurityChecks,
+    NIST80053R5Checks,
+    WriteNagSuppressionsToCloudFormationAspect,
+)
 from constructs import IConstruct
 
 
@@ -15,13 +20,18 @@ def add_compliance_gates(app: App) -> None:
 
     A finding that is not acknowledged (``Validations.of(construct).acknowledge``, next to the
     resource, with its reason) fails the synth; acknowledgments are also written into the
-    templates' metadata so that an auditor can read them next to the resource.
+    templates' metadata (``cdk_nag.rules_to_suppress``) so that an auditor reads them next to
+    the resource.
     """
     Validations.of(app).add_plugins(
-        AwsSolutionsChecks(app, verbose=True, write_suppressions_to_cloud_formation=True),
-        HIPAASecurityChecks(app, verbose=True, write_suppressions_to_cloud_formation=True),
-        NIST80053R5Checks(app, verbose=True, write_suppressions_to_cloud_formation=True),
+        AwsSolutionsChecks(app, verbose=True),
+        HIPAASecurityChecks(app, verbose=True),
+        NIST80053R5Checks(app, verbose=True),
     )
+    # Aspects do not cross Stage boundaries, so the metadata writer goes on every stage (and on
+    # the app, for stacks that live directly in it).
+    for scope in (app, *(child for child in app.node.children if isinstance(child, Stage))):
+        Aspects.of(scope).add(WriteNagSuppressionsToCloudFormationAspect())
 
 
 def acknowledge(scope: IConstruct, rule_id: str, reason: str) -> None:
