@@ -1,0 +1,541 @@
+"""The public message contract `fabric.envelope/1`: the Envelope, its validation and wire format."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from enum import StrEnum
+from typing import Any, TypeAlias, TypeVar
+
+from fabric.errors import MessageRejected
+from fabric.stakeholders import Stakeholder
+
+JsonValue: TypeAlias = bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"] | None
+
+VERSION = "fabric.envelope/1"
+MAX_ENVELOPE_BYTES = 262_144  # 256 KiB, the SNS/SQS message limit, so both transports fit
+MAX_TOPIC_BYTES = 255  # an AMQP routing key is a shortstr
+MAX_SHORT_STRING = 255  # correlation_id and reply_to travel as AMQP shortstr properties
+
+TOPIC_RE = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*")
+HEADER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# RabbitMQ ignores `x-` headers when matching; `fabric-` headers are set by the fabric itself.
+RESERVED_HEADER_PREFIXES = ("x-", "fabric-")
+
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+_ULID_RE = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.I)
+_NIL_UUID = "00000000-0000-0000-0000-000000000000"
+_RFC3339_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+
+
+class Priority(StrEnum):
+    """How urgent a message is for its consumers; the emergency *path* is chosen by routing."""
+
+    EMERGENCY = "emergency"
+    HIGH = "high"
+    NORMAL = "normal"
+    BULK = "bulk"
+
+
+class Classification(StrEnum):
+    """Data sensitivity; `restricted` (child data) is encrypted at message level."""
+
+    PUBLIC = "public"
+    INTERNAL = "internal"
+    RESTRICTED = "restricted"
+
+    @property
+    def rank(self) -> int:
+        """Order from least (0, public) to most (2, restricted) sensitive."""
+        return _CLASSIFICATION_RANK[self]
+
+
+_CLASSIFICATION_RANK = {
+    Classification.PUBLIC: 0,
+    Classification.INTERNAL: 1,
+    Classification.RESTRICTED: 2,
+}
+
+
+class Reason(StrEnum):
+    """Why a message was rejected; a stable public code, see `meaning` and the contract doc."""
+
+    EMPTY_BODY = "empty_body"
+    INVALID_UTF8 = "invalid_utf8"
+    MALFORMED_JSON = "malformed_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_FIELD = "unknown_field"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    INVALID_FIELD_TYPE = "invalid_field_type"
+    INVALID_MESSAGE_ID = "invalid_message_id"
+    INVALID_TOPIC = "invalid_topic"
+    INVALID_PRIORITY = "invalid_priority"
+    INVALID_CLASSIFICATION = "invalid_classification"
+    INVALID_TIMESTAMP = "invalid_timestamp"
+    INVALID_HEADER = "invalid_header"
+    UNKNOWN_AUDIENCE = "unknown_audience"
+    EXPIRED = "expired"
+    TOO_LARGE = "too_large"
+    DUPLICATE_MESSAGE_ID = "duplicate_message_id"
+    SOURCE_NOT_ALLOWED = "source_not_allowed"
+    AUDIENCE_NOT_ROUTABLE = "audience_not_routable"
+    CLASSIFICATION_TOO_LOW = "classification_too_low"
+    UNAVAILABLE = "unavailable"
+
+    @property
+    def meaning(self) -> str:
+        """One line saying what the code means, for responses and docs."""
+        return _MEANINGS[self]
+
+
+_MEANINGS: dict[Reason, str] = {
+    Reason.EMPTY_BODY: "the body is empty or only whitespace",
+    Reason.INVALID_UTF8: "the body is not valid UTF-8",
+    Reason.MALFORMED_JSON: "the body is not valid JSON (including NaN/Infinity and duplicate keys)",
+    Reason.NOT_AN_OBJECT: "the envelope is valid JSON but not a JSON object",
+    Reason.MISSING_FIELD: "a required field (topic, payload) is absent",
+    Reason.UNKNOWN_FIELD: "the envelope has a field that fabric.envelope/1 does not define",
+    Reason.UNSUPPORTED_VERSION: "`version` is present and is not fabric.envelope/1",
+    Reason.INVALID_FIELD_TYPE: "a field has the wrong JSON type or is out of its bounds",
+    Reason.INVALID_MESSAGE_ID: "message_id is neither a UUID (non-nil) nor a ULID",
+    Reason.INVALID_TOPIC: "topic is not dot-separated [a-z0-9-]+ words of at most 255 bytes",
+    Reason.INVALID_PRIORITY: "priority is not one of emergency, high, normal, bulk",
+    Reason.INVALID_CLASSIFICATION: "classification is not one of public, internal, restricted",
+    Reason.INVALID_TIMESTAMP: "a timestamp is not RFC 3339 with a timezone",
+    Reason.INVALID_HEADER: "a header name is malformed or reserved (x-, fabric-), or its value "
+    "is not a string",
+    Reason.UNKNOWN_AUDIENCE: "audience is empty or names something that is not a stakeholder group",
+    Reason.EXPIRED: "expires_at is already in the past when the fabric receives the message",
+    Reason.TOO_LARGE: "the body or the encoded envelope exceeds 256 KiB (262144 bytes)",
+    Reason.DUPLICATE_MESSAGE_ID: "an earlier message in the same batch has the same message_id",
+    Reason.SOURCE_NOT_ALLOWED: "the authenticated source may not publish this topic",
+    Reason.AUDIENCE_NOT_ROUTABLE: "audience names a group the routing table does not route "
+    "this message to",
+    Reason.CLASSIFICATION_TOO_LOW: "the routing table requires a stricter classification for "
+    "this topic",
+    Reason.UNAVAILABLE: "neither RabbitMQ nor the SNS/SQS fallback could store the message",
+}
+
+_FIELDS = frozenset(
+    {
+        "version",
+        "message_id",
+        "topic",
+        "priority",
+        "classification",
+        "source",
+        "audience",
+        "headers",
+        "correlation_id",
+        "reply_to",
+        "occurred_at",
+        "expires_at",
+        "embargo_until",
+        "payload",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A valid `fabric.envelope/1` message; build it with `validate_envelope` or `from_wire`.
+
+    `audience` is None when the producer left routing to the table. Timestamps are timezone-aware.
+    The dataclass is frozen but `payload` and `headers` are plain containers: do not mutate them.
+    """
+
+    message_id: str
+    topic: str
+    source: str
+    payload: JsonValue
+    priority: Priority = Priority.NORMAL
+    classification: Classification = Classification.INTERNAL
+    audience: frozenset[Stakeholder] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    occurred_at: datetime | None = None
+    expires_at: datetime | None = None
+    embargo_until: datetime | None = None
+
+    def to_dict(self) -> dict[str, JsonValue]:
+        """The envelope as a JSON object; absent optional fields and empty headers are omitted."""
+        out: dict[str, JsonValue] = {
+            "version": VERSION,
+            "message_id": self.message_id,
+            "topic": self.topic,
+            "source": self.source,
+            "priority": str(self.priority),
+            "classification": str(self.classification),
+            "payload": self.payload,
+        }
+        if self.audience is not None:
+            out["audience"] = [str(group) for group in sorted(self.audience)]
+        if self.headers:
+            out["headers"] = dict(self.headers)
+        for name in ("correlation_id", "reply_to"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        for name in ("occurred_at", "expires_at", "embargo_until"):
+            moment = getattr(self, name)
+            if moment is not None:
+                out[name] = format_timestamp(moment)
+        return out
+
+    def to_json_bytes(self) -> bytes:
+        """Canonical wire form: compact UTF-8 JSON with sorted keys (stable for hashing)."""
+        return _canonical(self.to_dict())
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why one message was refused; `message_id` is set when the input carried a valid one."""
+
+    reason: Reason
+    message: str
+    message_id: str | None = None
+
+
+ValidationResult: TypeAlias = Envelope | Rejection
+
+
+class _Invalid(Exception):
+    """Internal short-circuit carrying a rejection out of nested checks."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def format_timestamp(moment: datetime) -> str:
+    """Render an aware datetime as RFC 3339 in UTC with a `Z` suffix (microseconds if any)."""
+    utc = moment.astimezone(UTC)
+    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
+    if utc.microsecond:
+        text += f".{utc.microsecond:06d}".rstrip("0")
+    return text + "Z"
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse an RFC 3339 timestamp that carries a timezone (`Z` or `±hh:mm`).
+
+    Fractional seconds beyond microseconds are truncated. Leap seconds (`:60`) are refused.
+
+    Raises:
+        ValueError: the text is not RFC 3339 with a timezone, or names an impossible moment.
+    """
+    match = _RFC3339_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 timestamp with timezone: {text!r}")
+    year, month, day, hour, minute, second, frac, zulu, sign, off_h, off_m = match.groups()
+    if zulu:
+        tz = UTC
+    else:
+        offset = timedelta(hours=int(off_h), minutes=int(off_m))
+        if offset >= timedelta(hours=24):
+            raise ValueError(f"timezone offset out of range: {text!r}")
+        tz = timezone(-offset if sign == "-" else offset)
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    return datetime(
+        int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz
+    )
+
+
+def new_message_id() -> str:
+    """A fresh message id for messages that arrive without one (random UUID version 4)."""
+    return str(uuid.uuid4())
+
+
+def normalize_message_id(value: str) -> str | None:
+    """The canonical form of a UUID (lowercase) or ULID (uppercase), or None if it is neither.
+
+    The nil UUID is refused: it is a placeholder, and as an idempotency key it would make
+    unrelated messages look like duplicates.
+    """
+    if _UUID_RE.fullmatch(value):
+        lowered = value.lower()
+        return None if lowered == _NIL_UUID else lowered
+    if _ULID_RE.fullmatch(value):
+        return value.upper()
+    return None
+
+
+def validate_envelope(
+    raw: bytes | str | JsonValue, source: str, *, now: datetime | None = None
+) -> ValidationResult:
+    """Validate one incoming message and return an Envelope, or a Rejection saying why not.
+
+    `raw` is the body as bytes or text, or an already-decoded JSON value (e.g. one element of a
+    router batch). `source` is the authenticated caller (a stakeholder group or service identity);
+    any `source` field in the body is ignored and replaced by it. `now` is the clock used for the
+    expiry check (default: the current UTC time). Never raises for bad input.
+
+    Raises:
+        ValueError: `source` is empty (a caller bug, not bad input).
+    """
+    if not source:
+        raise ValueError("source must be the authenticated caller's identity")
+    if isinstance(raw, bytes | str):
+        size = len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw)
+        if size > MAX_ENVELOPE_BYTES:
+            return Rejection(Reason.TOO_LARGE, f"body is {size} bytes, limit {MAX_ENVELOPE_BYTES}")
+    try:
+        obj = _decode(raw)
+    except _Invalid as bad:
+        return Rejection(bad.reason, bad.message)
+    return _build(obj, source=source, now=now or datetime.now(UTC), check_expiry=True)
+
+
+def validate_batch(
+    items: Sequence[bytes | str | JsonValue], source: str, *, now: datetime | None = None
+) -> list[ValidationResult]:
+    """Validate a batch: one result per item, in input order.
+
+    A valid message whose `message_id` equals an earlier *valid* message of the same batch is
+    rejected as `duplicate_message_id` (the first occurrence wins; a rejected first occurrence
+    never entered the fabric, so it does not block a later valid one).
+
+    Raises:
+        ValueError: `source` is empty.
+    """
+    moment = now or datetime.now(UTC)
+    seen: set[str] = set()
+    results: list[ValidationResult] = []
+    for item in items:
+        result = validate_envelope(item, source, now=moment)
+        if isinstance(result, Envelope):
+            if result.message_id in seen:
+                result = Rejection(
+                    Reason.DUPLICATE_MESSAGE_ID,
+                    f"message_id {result.message_id} already appears earlier in this batch",
+                    result.message_id,
+                )
+            else:
+                seen.add(result.message_id)
+        results.append(result)
+    return results
+
+
+def from_wire(data: bytes | str) -> Envelope:
+    """Parse an envelope the fabric itself produced (broker, fallback queue, archive).
+
+    The wire form carries `version` and `source`; expiry is not checked (the consumer decides
+    what to do with a message that expired while queued).
+
+    Raises:
+        MessageRejected: the data is not a valid `fabric.envelope/1` wire envelope.
+    """
+    try:
+        obj = _decode(data)
+        if not isinstance(obj, dict):
+            raise _Invalid(Reason.NOT_AN_OBJECT, "envelope must be a JSON object")
+        for required in ("version", "source"):
+            if required not in obj:
+                raise _Invalid(Reason.MISSING_FIELD, f"wire envelope has no {required!r}")
+        source = obj["source"]
+        if not isinstance(source, str) or not source:
+            raise _Invalid(Reason.INVALID_FIELD_TYPE, "source must be a non-empty string")
+    except _Invalid as bad:
+        raise MessageRejected(Rejection(bad.reason, bad.message)) from None
+    result = _build(obj, source=source, now=datetime.now(UTC), check_expiry=False)
+    if isinstance(result, Rejection):
+        raise MessageRejected(result)
+    return result
+
+
+def _canonical(value: JsonValue) -> bytes:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        keys = [key for key, _ in pairs]
+        duplicate = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"duplicate key {duplicate!r}")
+    return obj
+
+
+def _decode(raw: bytes | str | JsonValue) -> JsonValue:
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Invalid(Reason.INVALID_UTF8, f"body is not UTF-8 at byte {exc.start}") from None
+    if not isinstance(raw, str):
+        return raw
+    if not raw.strip():
+        raise _Invalid(Reason.EMPTY_BODY, "body is empty")
+    try:
+        decoded: JsonValue = json.loads(
+            raw, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+        )
+    except (ValueError, RecursionError) as exc:
+        raise _Invalid(Reason.MALFORMED_JSON, f"body is not valid JSON: {exc}") from None
+    return decoded
+
+
+def _build(obj: JsonValue, *, source: str, now: datetime, check_expiry: bool) -> ValidationResult:
+    if not isinstance(obj, dict):
+        return Rejection(Reason.NOT_AN_OBJECT, "envelope must be a JSON object")
+    message_id: str | None = None
+    try:
+        message_id = _message_id(obj.get("message_id"))
+        unknown = sorted(set(obj) - _FIELDS)
+        if unknown:
+            raise _Invalid(Reason.UNKNOWN_FIELD, f"unknown field(s): {', '.join(unknown)}")
+        version = obj.get("version")
+        if version is not None and version != VERSION:
+            raise _Invalid(Reason.UNSUPPORTED_VERSION, f"version must be {VERSION!r}")
+        for required in ("topic", "payload"):
+            if required not in obj:
+                raise _Invalid(Reason.MISSING_FIELD, f"{required!r} is required")
+        envelope = Envelope(
+            message_id=message_id or new_message_id(),
+            topic=_topic(obj["topic"]),
+            source=source,
+            payload=obj["payload"],
+            priority=_choice(obj, "priority", Priority, Reason.INVALID_PRIORITY),
+            classification=_choice(
+                obj, "classification", Classification, Reason.INVALID_CLASSIFICATION
+            ),
+            audience=_audience(obj.get("audience")),
+            headers=_headers(obj.get("headers")),
+            correlation_id=_short_string(obj, "correlation_id"),
+            reply_to=_short_string(obj, "reply_to"),
+            occurred_at=_timestamp(obj, "occurred_at"),
+            expires_at=_timestamp(obj, "expires_at"),
+            embargo_until=_timestamp(obj, "embargo_until"),
+        )
+        if check_expiry and envelope.expires_at is not None and envelope.expires_at <= now:
+            raise _Invalid(Reason.EXPIRED, f"expired at {format_timestamp(envelope.expires_at)}")
+        size = len(envelope.to_json_bytes())
+        if size > MAX_ENVELOPE_BYTES:
+            raise _Invalid(
+                Reason.TOO_LARGE,
+                f"encoded envelope is {size} bytes, limit {MAX_ENVELOPE_BYTES}; "
+                "send large payloads by claim-check",
+            )
+    except _Invalid as bad:
+        return Rejection(bad.reason, bad.message, message_id)
+    return envelope
+
+
+def _message_id(value: JsonValue) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(Reason.INVALID_MESSAGE_ID, "message_id must be a UUID or ULID string")
+    normalized = normalize_message_id(value)
+    if normalized is None:
+        raise _Invalid(Reason.INVALID_MESSAGE_ID, "message_id must be a non-nil UUID or a ULID")
+    return normalized
+
+
+def _topic(value: JsonValue) -> str:
+    if not isinstance(value, str) or not TOPIC_RE.fullmatch(value):
+        raise _Invalid(
+            Reason.INVALID_TOPIC, "topic must be dot-separated lowercase words [a-z0-9-]+"
+        )
+    if len(value) > MAX_TOPIC_BYTES:  # the regex admits ASCII only, so chars == bytes
+        raise _Invalid(Reason.INVALID_TOPIC, f"topic exceeds {MAX_TOPIC_BYTES} bytes")
+    return value
+
+
+_E = TypeVar("_E", bound=StrEnum)
+_DEFAULTS = {"priority": Priority.NORMAL.value, "classification": Classification.INTERNAL.value}
+
+
+def _choice(obj: dict[str, JsonValue], name: str, kind: type[_E], reason: Reason) -> _E:
+    value = obj.get(name)
+    if value is None:
+        return kind(_DEFAULTS[name])
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    allowed = ", ".join(member.value for member in kind)
+    raise _Invalid(reason, f"{name} must be one of {allowed}")
+
+
+def _audience(value: JsonValue) -> frozenset[Stakeholder] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise _Invalid(Reason.INVALID_FIELD_TYPE, "audience must be a list of stakeholder groups")
+    if not value:
+        raise _Invalid(Reason.UNKNOWN_AUDIENCE, "audience, when given, must name a group")
+    groups: set[Stakeholder] = set()
+    for item in value:
+        if not isinstance(item, str) or item not in _GROUP_NAMES:
+            known = ", ".join(sorted(_GROUP_NAMES))
+            raise _Invalid(Reason.UNKNOWN_AUDIENCE, f"audience {item!r} is not one of {known}")
+        groups.add(Stakeholder(item))
+    return frozenset(groups)
+
+
+_GROUP_NAMES = frozenset(group.value for group in Stakeholder)
+
+
+def _headers(value: JsonValue) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _Invalid(Reason.INVALID_FIELD_TYPE, "headers must be an object of strings")
+    headers: dict[str, str] = {}
+    for name, item in value.items():
+        problem = header_name_problem(name)
+        if problem is not None:
+            raise _Invalid(Reason.INVALID_HEADER, problem)
+        if not isinstance(item, str):
+            raise _Invalid(Reason.INVALID_HEADER, f"header {name!r} must have a string value")
+        headers[name] = item
+    return headers
+
+
+def header_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a routing header (None if it can); shared with the routing table."""
+    if not HEADER_NAME_RE.fullmatch(name):
+        return f"header name {name!r} must match {HEADER_NAME_RE.pattern}"
+    if name.startswith(RESERVED_HEADER_PREFIXES):
+        return f"header name {name!r} uses a reserved prefix {RESERVED_HEADER_PREFIXES}"
+    return None
+
+
+def _short_string(obj: dict[str, JsonValue], name: str) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value.encode("utf-8")) > MAX_SHORT_STRING:
+        raise _Invalid(
+            Reason.INVALID_FIELD_TYPE, f"{name} must be a string of 1..{MAX_SHORT_STRING} bytes"
+        )
+    return value
+
+
+def _timestamp(obj: dict[str, JsonValue], name: str) -> datetime | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(Reason.INVALID_TIMESTAMP, f"{name} must be an RFC 3339 string")
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise _Invalid(Reason.INVALID_TIMESTAMP, f"{name}: {exc}") from None

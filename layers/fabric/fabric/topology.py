@@ -1,0 +1,331 @@
+"""RabbitMQ topology (management-API definitions) and SNS filter policies from the routing table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fabric.envelope import Envelope
+from fabric.routing import Route, RoutingTable
+from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+
+# Exchanges live under `fabric.x.`, queues directly under `fabric.`, so a permission regex on
+# queue names (which RabbitMQ also applies to exchange names) can never reach an exchange.
+INGRESS_EXCHANGE = "fabric.x.ingress"
+UNROUTED_EXCHANGE = "fabric.x.unrouted"
+EMERGENCY_EXCHANGE = "fabric.x.emergency"
+DEAD_LETTER_EXCHANGE = "fabric.x.dlx"
+REDELIVER_EXCHANGE = "fabric.x.redeliver"
+AUDIT_EXCHANGE = "fabric.x.audit"
+UNROUTED_QUEUE = "fabric.unrouted"
+AUDIT_QUEUE = "fabric.audit"
+PLATFORM_USER = "fabric-platform"
+
+# Audience gate: every group queue sits behind a headers exchange that admits a message carrying
+# `fabric-audience: all` (no audience given: the bindings alone decide) or `fabric-to-<group>:
+# yes` (the producer's audience names the group). `delivery_headers` sets them.
+AUDIENCE_HEADER = "fabric-audience"
+ALL_AUDIENCE = "all"
+SNS_AUDIENCE_ATTRIBUTE = "audience"
+
+RETRY_TIERS_SECONDS = (5, 30, 300)
+EMERGENCY_RETRY_TIERS_SECONDS = (1, 5, 30)
+
+# RabbitMQ 3.10 has no default delivery limit and 4.x defaults to 20; set it explicitly.
+DELIVERY_LIMIT = 10
+# Terminal queues (DLQs, unrouted, audit) have nowhere to dead-letter to. "Unlimited" (-1) is a
+# 4.x notion, so a high explicit limit keeps 3.10 and 4.x identical; operators alarm on
+# redeliveries long before it is reached.
+TERMINAL_DELIVERY_LIMIT = 1000
+MAX_LENGTH = 500_000
+EMERGENCY_MAX_LENGTH = 100_000
+TERMINAL_MAX_LENGTH = 1_000_000
+MAX_LENGTH_BYTES = 2 * 1024**3
+
+
+def queue_name(group: Stakeholder, *, emergency: bool = False) -> str:
+    """The work queue a group consumes: `fabric.<group>` or `fabric.<group>.emergency`."""
+    return f"fabric.{group}.emergency" if emergency else f"fabric.{group}"
+
+
+def dead_letter_queue_name(group: Stakeholder, *, emergency: bool = False) -> str:
+    """The dead-letter queue behind a work queue: `<work queue>.dlq`."""
+    return queue_name(group, emergency=emergency) + ".dlq"
+
+
+def retry_exchange_name(group: Stakeholder) -> str:
+    """The exchange a group's consumers publish retries to: `fabric.x.retry.<group>`."""
+    return f"fabric.x.retry.{group}"
+
+
+def retry_queue_name(group: Stakeholder, seconds: int, *, emergency: bool = False) -> str:
+    """A delay-tier queue that returns messages to their work queue after `seconds`.
+
+    Publish to `retry_exchange_name(group)` with this name as routing key.
+
+    Raises:
+        ValueError: `seconds` is not one of the tiers for that path.
+    """
+    tiers = EMERGENCY_RETRY_TIERS_SECONDS if emergency else RETRY_TIERS_SECONDS
+    if seconds not in tiers:
+        raise ValueError(f"retry tier {seconds}s is not one of {tiers}")
+    return f"{queue_name(group, emergency=emergency)}.retry.{seconds}s"
+
+
+def group_exchange_name(group: Stakeholder, *, emergency: bool = False) -> str:
+    """The audience gate in front of a group queue: `fabric.x.group.<group>[.emergency]`."""
+    suffix = ".emergency" if emergency else ""
+    return f"fabric.x.group.{group}{suffix}"
+
+
+def route_exchange_name(route: Route) -> str:
+    """The headers exchange that evaluates a header route: `fabric.x.route.<route name>`."""
+    return f"fabric.x.route.{route.name}"
+
+
+def user_name(group: Stakeholder) -> str:
+    """The broker user of a stakeholder group: `fabric-<group>`."""
+    return f"fabric-{group}"
+
+
+def audience_gate_header(group: Stakeholder) -> str:
+    """The header that admits a message with an audience through a group's gate."""
+    return f"fabric-to-{group}"
+
+
+def delivery_headers(envelope: Envelope) -> dict[str, str]:
+    """The AMQP headers to publish an envelope with: its own headers plus the audience gate.
+
+    They cannot clash: envelope headers may not start with `fabric-`.
+    """
+    headers = dict(envelope.headers)
+    if envelope.audience is None:
+        headers[AUDIENCE_HEADER] = ALL_AUDIENCE
+    else:
+        headers.update({audience_gate_header(group): "yes" for group in envelope.audience})
+    return headers
+
+
+def sns_filter_policy(group: Stakeholder) -> dict[str, list[str]]:
+    """The SNS subscription filter policy of a group's fallback queue.
+
+    The router sets the `audience` message attribute (String.Array) to the groups
+    `RoutingTable.resolve` returns, so this is the fallback twin of the group's bindings.
+    """
+    return {SNS_AUDIENCE_ATTRIBUTE: [group.value]}
+
+
+def _queue(name: str, vhost: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "vhost": vhost,
+        "durable": True,
+        "auto_delete": False,
+        "arguments": {"x-queue-type": "quorum", **arguments},
+    }
+
+
+def _work_queue_arguments(name: str, max_length: int) -> dict[str, Any]:
+    return {
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-routing-key": name,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-max-length": max_length,
+        "x-max-length-bytes": MAX_LENGTH_BYTES,
+    }
+
+
+def _terminal_queue_arguments() -> dict[str, Any]:
+    return {
+        "x-delivery-limit": TERMINAL_DELIVERY_LIMIT,
+        "x-overflow": "reject-publish",
+        "x-max-length": TERMINAL_MAX_LENGTH,
+        "x-max-length-bytes": MAX_LENGTH_BYTES,
+    }
+
+
+def _exchange(
+    name: str,
+    kind: str,
+    vhost: str,
+    *,
+    internal: bool = False,
+    arguments: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "vhost": vhost,
+        "type": kind,
+        "durable": True,
+        "auto_delete": False,
+        "internal": internal,
+        "arguments": arguments or {},
+    }
+
+
+def _binding(
+    source: str,
+    destination: str,
+    vhost: str,
+    *,
+    to_queue: bool,
+    routing_key: str = "",
+    arguments: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "source": source,
+        "vhost": vhost,
+        "destination": destination,
+        "destination_type": "queue" if to_queue else "exchange",
+        "routing_key": routing_key,
+        "arguments": arguments or {},
+    }
+
+
+def _escape(name: str) -> str:
+    return name.replace(".", r"\.")
+
+
+def definitions(table: RoutingTable, *, vhost: str = "/") -> dict[str, Any]:
+    """The complete topology as a RabbitMQ definitions document for one vhost.
+
+    Contains exchanges, quorum queues (with explicit arguments), bindings, users (no password
+    fields: the applier adds credentials from its secret store) and permissions. Deterministic:
+    the same table always yields the same document. Uses nothing newer than RabbitMQ 3.10.
+    """
+    exchanges = [
+        _exchange(
+            INGRESS_EXCHANGE, "topic", vhost, arguments={"alternate-exchange": UNROUTED_EXCHANGE}
+        ),
+        _exchange(UNROUTED_EXCHANGE, "fanout", vhost),
+        # Publishable, so a producer path can target it directly; what matches no emergency
+        # route still lands in the unrouted queue.
+        _exchange(
+            EMERGENCY_EXCHANGE, "topic", vhost, arguments={"alternate-exchange": UNROUTED_EXCHANGE}
+        ),
+        _exchange(DEAD_LETTER_EXCHANGE, "direct", vhost),
+        _exchange(REDELIVER_EXCHANGE, "direct", vhost),
+        _exchange(AUDIT_EXCHANGE, "topic", vhost),
+    ]
+    queues = [
+        _queue(UNROUTED_QUEUE, vhost, _terminal_queue_arguments()),
+        _queue(AUDIT_QUEUE, vhost, _terminal_queue_arguments()),
+    ]
+    bindings = [
+        _binding(UNROUTED_EXCHANGE, UNROUTED_QUEUE, vhost, to_queue=True),
+        _binding(AUDIT_EXCHANGE, AUDIT_QUEUE, vhost, to_queue=True, routing_key="#"),
+    ]
+    users: list[dict[str, Any]] = [{"name": PLATFORM_USER, "tags": []}]
+    permissions = [
+        {
+            "user": PLATFORM_USER,
+            "vhost": vhost,
+            "configure": r"^fabric\.",
+            "write": r"^fabric\.",
+            "read": r"^fabric\.",
+        }
+    ]
+    for group in STAKEHOLDERS:
+        _add_group(group, vhost, exchanges, queues, bindings)
+        users.append({"name": user_name(group), "tags": []})
+        own_queues = "|".join(_escape(queue_name(group, emergency=e)) for e in (False, True))
+        permissions.append(
+            {
+                "user": user_name(group),
+                "vhost": vhost,
+                "configure": "^$",
+                "write": f"^{_escape(retry_exchange_name(group))}$",
+                "read": f"^(?:{own_queues})$",
+            }
+        )
+    bindings.extend(_route_bindings(table, vhost, exchanges))
+    return {
+        "vhosts": [{"name": vhost}],
+        "users": users,
+        "permissions": permissions,
+        "exchanges": exchanges,
+        "queues": queues,
+        "bindings": _unique(bindings),
+    }
+
+
+def _add_group(
+    group: Stakeholder,
+    vhost: str,
+    exchanges: list[dict[str, Any]],
+    queues: list[dict[str, Any]],
+    bindings: list[dict[str, Any]],
+) -> None:
+    retry_exchange = retry_exchange_name(group)
+    exchanges.append(_exchange(retry_exchange, "direct", vhost))
+    gate = {"x-match": "any", AUDIENCE_HEADER: ALL_AUDIENCE, audience_gate_header(group): "yes"}
+    for emergency in (False, True):
+        work = queue_name(group, emergency=emergency)
+        dlq = dead_letter_queue_name(group, emergency=emergency)
+        gate_exchange = group_exchange_name(group, emergency=emergency)
+        exchanges.append(_exchange(gate_exchange, "headers", vhost, internal=True))
+        max_length = EMERGENCY_MAX_LENGTH if emergency else MAX_LENGTH
+        queues.append(_queue(work, vhost, _work_queue_arguments(work, max_length)))
+        queues.append(_queue(dlq, vhost, _terminal_queue_arguments()))
+        bindings.append(_binding(gate_exchange, work, vhost, to_queue=True, arguments=gate))
+        bindings.append(_binding(DEAD_LETTER_EXCHANGE, dlq, vhost, to_queue=True, routing_key=work))
+        bindings.append(_binding(REDELIVER_EXCHANGE, work, vhost, to_queue=True, routing_key=work))
+        tiers = EMERGENCY_RETRY_TIERS_SECONDS if emergency else RETRY_TIERS_SECONDS
+        for seconds in tiers:
+            retry = retry_queue_name(group, seconds, emergency=emergency)
+            arguments = _work_queue_arguments(work, max_length)
+            # Expired retries dead-letter back to their origin work queue, not to the DLQ.
+            arguments["x-dead-letter-exchange"] = REDELIVER_EXCHANGE
+            arguments["x-message-ttl"] = seconds * 1000
+            queues.append(_queue(retry, vhost, arguments))
+            bindings.append(
+                _binding(retry_exchange, retry, vhost, to_queue=True, routing_key=retry)
+            )
+
+
+def _route_bindings(
+    table: RoutingTable, vhost: str, exchanges: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    bindings: list[dict[str, Any]] = []
+    for route in table.routes:
+        entry = INGRESS_EXCHANGE
+        if route.emergency:
+            entry = EMERGENCY_EXCHANGE
+            bindings.append(
+                _binding(
+                    INGRESS_EXCHANGE,
+                    EMERGENCY_EXCHANGE,
+                    vhost,
+                    to_queue=False,
+                    routing_key=route.pattern,
+                )
+            )
+        gates = [group_exchange_name(g, emergency=route.emergency) for g in sorted(route.groups)]
+        if route.headers is None:
+            bindings.extend(
+                _binding(entry, gate, vhost, to_queue=False, routing_key=route.pattern)
+                for gate in gates
+            )
+            continue
+        route_exchange = route_exchange_name(route)
+        exchanges.append(_exchange(route_exchange, "headers", vhost, internal=True))
+        bindings.append(
+            _binding(entry, route_exchange, vhost, to_queue=False, routing_key=route.pattern)
+        )
+        match = {"x-match": route.headers.mode.value, **dict(route.headers.values)}
+        bindings.extend(
+            _binding(route_exchange, gate, vhost, to_queue=False, arguments=match) for gate in gates
+        )
+    return bindings
+
+
+def _unique(bindings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for binding in bindings:
+        key = repr(sorted((k, repr(v)) for k, v in binding.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(binding)
+    return out
