@@ -1,0 +1,223 @@
+"""PayloadCipher on the AWS Encryption SDK and KMS: key-committing AES-256-GCM, cached data keys."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fabric.errors import ConfigError, DecryptionFailed, EncryptionUnavailable
+from fabric.protection import MESSAGE_ID_KEY
+
+DEFAULT_CACHE_CAPACITY = 100
+DEFAULT_MAX_AGE_SECONDS = 300.0
+DEFAULT_MAX_MESSAGES_ENCRYPTED = 10_000
+
+# Keys that differ on every message. The caching CMM keys its cache on the whole encryption
+# context, so one of these reaching it would mean one KMS GenerateDataKey per message. They are
+# kept out of what the cache and KMS see and put back into the message header, which the data
+# key authenticates: they stay bound to the ciphertext, only not to the KMS-wrapped data key.
+_MESSAGE_SCOPED_KEYS = frozenset({MESSAGE_ID_KEY})
+
+_KEY_ARN = re.compile(r"^arn:aws[a-z-]*:kms:(?P<region>[a-z0-9-]+):\d{12}:key/[A-Za-z0-9-]+$")
+
+
+class EsdkCipher:
+    """Encrypts restricted payloads with the AWS Encryption SDK under one KMS key.
+
+    - Suite ``AES_256_GCM_HKDF_SHA512_COMMIT_KEY`` (committing, unsigned) with commitment policy
+      REQUIRE_ENCRYPT_REQUIRE_DECRYPT. Unsigned because every reader and writer is a fabric
+      component trusted with the key: a signature would only stop a holder of kms:Decrypt from
+      forging messages, and ECDSA P-384 would cost more than the rest of the routing.
+    - ``StrictAwsKmsMasterKeyProvider`` for ``key_arn`` only (a full key ARN: the data keys'
+      provider info is the key ARN, so an alias would never decrypt), behind a
+      ``CachingCryptoMaterialsManager`` on a ``LocalCryptoMaterialsCache``: a data key serves at
+      most ``max_messages_encrypted`` messages for at most ``max_age_seconds`` (defaults 10,000
+      and 5 minutes, i.e. a few KMS calls per container per 5 minutes and per source), and
+      decryption materials are cached the same way. ``cache_capacity`` bounds the entries
+      (one per source for encryption, one per data key for decryption).
+    - At most one encrypted data key per message is accepted on decrypt.
+
+    ``client_factory()`` builds the boto3 KMS client on first use (never at construction, so
+    moto can be started first); the default builds one for the key ARN's region, which is the
+    only region the key lives in. The SDK itself is imported on first use too (~0.4 s).
+    """
+
+    def __init__(
+        self,
+        key_arn: str,
+        *,
+        client_factory: Callable[[], Any] | None = None,
+        cache_capacity: int = DEFAULT_CACHE_CAPACITY,
+        max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
+        max_messages_encrypted: int = DEFAULT_MAX_MESSAGES_ENCRYPTED,
+    ) -> None:
+        """Check the settings; nothing is imported or connected yet.
+
+        Raises:
+            ConfigError: ``key_arn`` is not a KMS key ARN, or a cache setting is not positive.
+        """
+        match = _KEY_ARN.match(key_arn)
+        if match is None:
+            raise ConfigError(f"messages key must be a KMS key ARN, got {key_arn!r}")
+        if cache_capacity < 1 or max_age_seconds <= 0 or max_messages_encrypted < 1:
+            raise ConfigError("cipher cache capacity, max age and max messages must be positive")
+        region = match["region"]
+        self._key_arn = key_arn
+        self._client_factory = client_factory or (lambda: _boto3_kms_client(region))
+        self._cache_capacity = cache_capacity
+        self._max_age_seconds = float(max_age_seconds)
+        self._max_messages_encrypted = max_messages_encrypted
+        self._engine: _Engine | None = None
+
+    def encrypt(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
+        """Encrypt ``plaintext`` as one ESDK message bound to ``context``.
+
+        Raises:
+            EncryptionUnavailable: KMS cannot be reached, throttles, or refuses the key
+                (disabled, access denied), or the SDK cannot produce a message.
+        """
+        engine = self._ready()
+        try:
+            ciphertext, _header = engine.client.encrypt(
+                source=plaintext,
+                encryption_context=dict(context),
+                materials_manager=engine.cmm,
+                algorithm=engine.algorithm,
+            )
+        except engine.encrypt_errors as exc:
+            raise EncryptionUnavailable(
+                f"cannot encrypt under {self._key_arn}: {type(exc).__name__}"
+            ) from exc
+        return bytes(ciphertext)
+
+    def decrypt(self, ciphertext: bytes, expected_context: Mapping[str, str]) -> bytes:
+        """Decrypt one ESDK message and check that its header context contains every expected
+        key with the same value (extra keys, such as the SDK's own, are ignored).
+
+        Raises:
+            DecryptionFailed: the bytes are not a valid message, are tampered with, are under
+                another key, or the context lacks or contradicts an expected key. KMS errors
+                are reported here too: the SDK does not keep their cause.
+            EncryptionUnavailable: KMS could not be reached at all (no response: network,
+                timeout), which says nothing about the message.
+        """
+        engine = self._ready()
+        try:
+            plaintext, header = engine.client.decrypt(
+                source=ciphertext, materials_manager=engine.cmm
+            )
+        except engine.network_errors as exc:
+            raise EncryptionUnavailable(
+                f"cannot reach KMS to decrypt under {self._key_arn}: {type(exc).__name__}"
+            ) from exc
+        except Exception as exc:  # untrusted bytes: any parse or crypto failure means "bad message"
+            raise DecryptionFailed(f"cannot decrypt payload: {type(exc).__name__}") from exc
+        stored = header.encryption_context
+        mismatched = sorted(k for k, v in expected_context.items() if stored.get(k) != v)
+        if mismatched:
+            raise DecryptionFailed(f"encryption context does not match on {mismatched}")
+        return bytes(plaintext)
+
+    def _ready(self) -> _Engine:
+        if self._engine is None:
+            self._engine = _build_engine(
+                self._key_arn,
+                self._client_factory,
+                capacity=self._cache_capacity,
+                max_age=self._max_age_seconds,
+                max_messages=self._max_messages_encrypted,
+            )
+        return self._engine
+
+
+@dataclass(frozen=True)
+class _Engine:
+    client: Any
+    cmm: Any
+    algorithm: Any
+    encrypt_errors: tuple[type[BaseException], ...]
+    network_errors: tuple[type[BaseException], ...]
+
+
+def _build_engine(
+    key_arn: str,
+    client_factory: Callable[[], Any],
+    *,
+    capacity: int,
+    max_age: float,
+    max_messages: int,
+) -> _Engine:
+    # Heavy imports (the SDK pulls in boto3 and cryptography) are paid on the first restricted
+    # message, not on every cold start.
+    import attr
+    import aws_encryption_sdk
+    import botocore.exceptions
+    from aws_encryption_sdk.caches.local import LocalCryptoMaterialsCache
+    from aws_encryption_sdk.exceptions import AWSEncryptionSDKClientError
+    from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
+    from aws_encryption_sdk.materials_managers.base import CryptoMaterialsManager
+    from aws_encryption_sdk.materials_managers.caching import CachingCryptoMaterialsManager
+
+    class InjectedClientProvider(aws_encryption_sdk.StrictAwsKmsMasterKeyProvider):  # type: ignore[misc]
+        """The SDK's strict provider, with KMS clients from ``client_factory``."""
+
+        def add_regional_client(self, region_name: str) -> None:
+            if region_name not in self._regional_clients:
+                client = client_factory()
+                self._register_client(client, region_name)  # as the SDK's own method does
+                self._regional_clients[region_name] = client
+
+    class MessageScopedContextCmm(CryptoMaterialsManager):  # type: ignore[misc]
+        """Hides message-scoped context keys from the caching CMM and KMS, keeps them in the
+        header (see ``_MESSAGE_SCOPED_KEYS``)."""
+
+        def __init__(self, inner: Any) -> None:
+            self._inner = inner
+
+        def get_encryption_materials(self, request: Any) -> Any:
+            scoped, shared = _split(request.encryption_context)
+            materials = self._inner.get_encryption_materials(
+                attr.evolve(request, encryption_context=shared)
+            )
+            return attr.evolve(
+                materials, encryption_context={**materials.encryption_context, **scoped}
+            )
+
+        def decrypt_materials(self, request: Any) -> Any:
+            _scoped, shared = _split(request.encryption_context)
+            return self._inner.decrypt_materials(attr.evolve(request, encryption_context=shared))
+
+    caching = CachingCryptoMaterialsManager(
+        master_key_provider=InjectedClientProvider(key_ids=[key_arn]),
+        cache=LocalCryptoMaterialsCache(capacity),
+        max_age=max_age,
+        max_messages_encrypted=max_messages,
+    )
+    return _Engine(
+        client=aws_encryption_sdk.EncryptionSDKClient(
+            commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT,
+            max_encrypted_data_keys=1,
+        ),
+        cmm=MessageScopedContextCmm(caching),
+        algorithm=Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
+        encrypt_errors=(
+            AWSEncryptionSDKClientError,
+            botocore.exceptions.BotoCoreError,
+            botocore.exceptions.ClientError,
+        ),
+        network_errors=(botocore.exceptions.BotoCoreError,),
+    )
+
+
+def _split(context: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    scoped = {k: v for k, v in context.items() if k in _MESSAGE_SCOPED_KEYS}
+    shared = {k: v for k, v in context.items() if k not in _MESSAGE_SCOPED_KEYS}
+    return scoped, shared
+
+
+def _boto3_kms_client(region: str) -> Any:
+    import boto3
+
+    return boto3.client("kms", region_name=region)

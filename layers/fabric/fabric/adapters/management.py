@@ -1,0 +1,429 @@
+"""RabbitMQ management HTTP API client (stdlib only): Amazon MQ's one way to configure a broker."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import logging
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+from fabric.errors import (
+    ConfigError,
+    ManagementApiError,
+    ManagementRequestRejected,
+    ManagementUnavailable,
+)
+
+_LOG = logging.getLogger(__name__)
+
+JsonObject = dict[str, Any]
+
+# Throttled or timed out at the server: the same request may succeed later.
+_RETRYABLE_4XX = frozenset({408, 429})
+_NOT_FOUND = 404
+_QUEUE_COLUMNS = "name,durable,auto_delete,arguments,messages"
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Refuse redirects: urllib would replay the Authorization header to wherever they point."""
+
+    def redirect_request(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+
+class ManagementClient:
+    """A thin client for the management API endpoints the topology applier needs.
+
+    Names and vhosts are percent-encoded in every path (vhost ``/`` is ``%2F``). Every failure
+    is translated into ``ManagementApiError`` subclasses: ``ManagementUnavailable`` for refused
+    connections, timeouts, TLS failures, 5xx, 408 and 429; ``ManagementRequestRejected`` (with
+    the HTTP status and the API's ``reason``) for other 4xx. Credentials never appear in
+    exceptions, logs or ``repr``. ``get_*`` return ``None`` and ``delete_*`` return ``False``
+    when the object does not exist.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        username: str,
+        password: str,
+        *,
+        timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """Check the URL and build the opener; no request is made.
+
+        ``base_url`` is where the API lives without ``/api`` (``http://127.0.0.1:15672``, or the
+        broker's ``https://…mq.<region>.amazonaws.com`` console URL). HTTPS verifies the server
+        with the system's CA bundle unless ``ssl_context`` says otherwise.
+
+        Raises:
+            ConfigError: ``base_url`` is not an http(s) URL with a host, or carries credentials.
+        """
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("management base_url must be an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError("management base_url must not carry credentials")
+        self._base_url = base_url.rstrip("/")
+        self._username = username
+        self._password = password
+        token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        self._authorization = f"Basic {token}"
+        self._timeout = timeout
+        context = ssl_context
+        if context is None and parts.scheme == "https":
+            context = ssl.create_default_context()
+        self._opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=context), _NoRedirect()
+        )
+
+    def __repr__(self) -> str:
+        return f"ManagementClient({self._base_url!r}, username={self._username!r})"
+
+    @property
+    def username(self) -> str:
+        """The user this client authenticates as."""
+        return self._username
+
+    # --- broker ---------------------------------------------------------------------------
+
+    def overview(self) -> JsonObject:
+        """The broker's overview (``rabbitmq_version``, ``management_version``, cluster name…).
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        result: JsonObject = self._call("GET", ("overview",))
+        return result
+
+    def server_version(self) -> str:
+        """The RabbitMQ version the broker reports, e.g. ``3.10.8`` or ``3.13.7``.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        return str(self.overview().get("rabbitmq_version", ""))
+
+    # --- vhosts ---------------------------------------------------------------------------
+
+    def get_vhost(self, name: str) -> JsonObject | None:
+        """The vhost, or ``None`` if it does not exist.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        return self._get_or_none(("vhosts", name))
+
+    def put_vhost(self, name: str) -> None:
+        """Create the vhost (no-op if it exists).
+
+        RabbitMQ grants the user creating a vhost through this API full permissions on it.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        self._call("PUT", ("vhosts", name), body={})
+
+    def delete_vhost(self, name: str) -> bool:
+        """Delete the vhost **with everything in it**; ``False`` if it did not exist.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        return self._delete(("vhosts", name))
+
+    # --- exchanges ------------------------------------------------------------------------
+
+    def list_exchanges(self, vhost: str) -> list[JsonObject]:
+        """Every exchange of the vhost, built-in ones (``""``, ``amq.*``) included.
+
+        Raises:
+            ManagementRequestRejected: status 404 when the vhost does not exist.
+            ManagementApiError: see the class docstring.
+        """
+        result: list[JsonObject] = self._call("GET", ("exchanges", vhost))
+        return result
+
+    def put_exchange(
+        self,
+        vhost: str,
+        name: str,
+        *,
+        exchange_type: str,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: Mapping[str, Any],
+    ) -> None:
+        """Declare the exchange (``exchange_type`` ``topic``, ``fanout``, ``headers``…).
+
+        Raises:
+            ManagementRequestRejected: status 400 when it exists with other properties.
+            ManagementApiError: see the class docstring.
+        """
+        body = {
+            "type": exchange_type,
+            "durable": durable,
+            "auto_delete": auto_delete,
+            "internal": internal,
+            "arguments": dict(arguments),
+        }
+        self._call("PUT", ("exchanges", vhost, name), body=body)
+
+    def delete_exchange(self, vhost: str, name: str) -> bool:
+        """Delete the exchange and every binding to or from it; ``False`` if it did not exist.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        return self._delete(("exchanges", vhost, name))
+
+    # --- queues ---------------------------------------------------------------------------
+
+    def list_queues(self, vhost: str) -> list[JsonObject]:
+        """The vhost's queues: ``name``, ``durable``, ``auto_delete``, ``arguments``, ``messages``.
+
+        ``messages`` (ready + unacknowledged) comes from the management statistics, sampled
+        every few seconds; it is absent until the first sample of a new queue.
+
+        Raises:
+            ManagementRequestRejected: status 404 when the vhost does not exist.
+            ManagementApiError: see the class docstring.
+        """
+        result: list[JsonObject] = self._call(
+            "GET", ("queues", vhost), query={"columns": _QUEUE_COLUMNS}
+        )
+        return result
+
+    def get_queue(self, vhost: str, name: str) -> JsonObject | None:
+        """The queue (same fields as ``list_queues``), or ``None`` if it does not exist.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        return self._get_or_none(("queues", vhost, name), query={"columns": _QUEUE_COLUMNS})
+
+    def put_queue(
+        self,
+        vhost: str,
+        name: str,
+        *,
+        durable: bool,
+        auto_delete: bool,
+        arguments: Mapping[str, Any],
+    ) -> None:
+        """Declare the queue (``x-queue-type`` in ``arguments`` picks quorum, classic…).
+
+        Raises:
+            ManagementRequestRejected: status 400 when it exists with other properties.
+            ManagementApiError: see the class docstring.
+        """
+        body = {"durable": durable, "auto_delete": auto_delete, "arguments": dict(arguments)}
+        self._call("PUT", ("queues", vhost, name), body=body)
+
+    def delete_queue(self, vhost: str, name: str) -> bool:
+        """Delete the queue **and its messages**; ``False`` if it did not exist.
+
+        There is no ``if-empty`` option: quorum queues refuse it.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        return self._delete(("queues", vhost, name))
+
+    # --- bindings -------------------------------------------------------------------------
+
+    def list_bindings(self, vhost: str) -> list[JsonObject]:
+        """Every binding of the vhost, the default exchange's implicit ones (source ``""``) too.
+
+        Raises:
+            ManagementRequestRejected: status 404 when the vhost does not exist.
+            ManagementApiError: see the class docstring.
+        """
+        result: list[JsonObject] = self._call("GET", ("bindings", vhost))
+        return result
+
+    def create_binding(
+        self,
+        vhost: str,
+        *,
+        source: str,
+        destination: str,
+        destination_type: str,
+        routing_key: str,
+        arguments: Mapping[str, Any],
+    ) -> None:
+        """Bind ``destination`` (``destination_type`` ``queue`` or ``exchange``) to ``source``.
+
+        Creating a binding that exists already changes nothing.
+
+        Raises:
+            ManagementRequestRejected: status 404 when source or destination does not exist.
+            ManagementApiError: see the class docstring.
+            ValueError: ``destination_type`` is neither ``queue`` nor ``exchange``.
+        """
+        kind = {"queue": "q", "exchange": "e"}.get(destination_type)
+        if kind is None:
+            raise ValueError(
+                f"destination_type must be queue or exchange, not {destination_type!r}"
+            )
+        body = {"routing_key": routing_key, "arguments": dict(arguments)}
+        self._call("POST", ("bindings", vhost, "e", source, kind, destination), body=body)
+
+    # --- users and permissions ------------------------------------------------------------
+
+    def get_user(self, name: str) -> JsonObject | None:
+        """The user (``tags``, ``password_hash``, ``hashing_algorithm``), or ``None``.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        return self._get_or_none(("users", name))
+
+    def put_user(self, name: str, *, password: str, tags: list[str]) -> None:
+        """Create or update the user with this password and exactly these tags.
+
+        Amazon MQ requires the password (or its hash) on every PUT; without one RabbitMQ would
+        leave the user unable to log in with a password.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        # A comma-separated string is the one tag format every version from 3.10 to 4.x accepts.
+        body = {"password": password, "tags": ",".join(tags)}
+        self._call("PUT", ("users", name), body=body, redact=(password,))
+
+    def delete_user(self, name: str) -> bool:
+        """Delete the user and all its permissions; ``False`` if it did not exist.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        return self._delete(("users", name))
+
+    def list_permissions(self, vhost: str) -> list[JsonObject]:
+        """Every user's permissions on the vhost (``user``, ``configure``, ``write``, ``read``).
+
+        Raises:
+            ManagementRequestRejected: status 404 when the vhost does not exist.
+            ManagementApiError: see the class docstring.
+        """
+        result: list[JsonObject] = self._call("GET", ("vhosts", vhost, "permissions"))
+        return result
+
+    def put_permissions(
+        self, vhost: str, user: str, *, configure: str, write: str, read: str
+    ) -> None:
+        """Set the user's permission regexes on the vhost.
+
+        Raises:
+            ManagementRequestRejected: status 400 when the user or vhost does not exist.
+            ManagementApiError: see the class docstring.
+        """
+        body = {"configure": configure, "write": write, "read": read}
+        self._call("PUT", ("permissions", vhost, user), body=body)
+
+    def delete_permissions(self, vhost: str, user: str) -> bool:
+        """Remove the user's permissions on the vhost; ``False`` if it had none.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        return self._delete(("permissions", vhost, user))
+
+    # --- transport ------------------------------------------------------------------------
+
+    def _get_or_none(
+        self, segments: tuple[str, ...], query: Mapping[str, str] | None = None
+    ) -> JsonObject | None:
+        try:
+            result: JsonObject = self._call("GET", segments, query=query)
+        except ManagementRequestRejected as exc:
+            if exc.status == _NOT_FOUND:
+                return None
+            raise
+        return result
+
+    def _delete(self, segments: tuple[str, ...]) -> bool:
+        try:
+            self._call("DELETE", segments)
+        except ManagementRequestRejected as exc:
+            if exc.status == _NOT_FOUND:
+                return False
+            raise
+        return True
+
+    def _call(
+        self,
+        method: str,
+        segments: tuple[str, ...],
+        *,
+        body: Mapping[str, Any] | None = None,
+        query: Mapping[str, str] | None = None,
+        redact: tuple[str, ...] = (),
+    ) -> Any:
+        path = "/api/" + "/".join(urllib.parse.quote(s, safe="") for s in segments)
+        url = self._base_url + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        request = urllib.request.Request(  # noqa: S310 (scheme checked in __init__)
+            url,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={
+                "Authorization": self._authorization,
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+            },
+        )
+        try:
+            with self._opener.open(request, timeout=self._timeout) as response:
+                status = response.status
+                data = response.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                raise self._http_error(method, path, exc, redact) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            # URLError (refused, DNS, TLS), TimeoutError and dropped connections alike.
+            raise ManagementUnavailable(
+                f"cannot reach the management API: {type(exc).__name__}", method=method, path=path
+            ) from exc
+        _LOG.debug("management API %s %s -> %s", method, path, status)
+        if not data:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ManagementApiError("answer is not JSON", method=method, path=path) from exc
+
+    def _http_error(
+        self, method: str, path: str, exc: urllib.error.HTTPError, redact: tuple[str, ...]
+    ) -> ManagementApiError:
+        status = exc.code
+        if status >= 500 or status in _RETRYABLE_4XX:
+            return ManagementUnavailable(f"HTTP {status}", method=method, path=path)
+        if status < 400:
+            return ManagementApiError(f"unexpected HTTP {status}", method=method, path=path)
+        return ManagementRequestRejected(
+            method=method, path=path, status=status, reason=self._reason(exc, redact)
+        )
+
+    def _reason(self, exc: urllib.error.HTTPError, redact: tuple[str, ...]) -> str:
+        try:
+            payload = json.loads(exc.read() or b"{}")
+        except (OSError, ValueError, http.client.HTTPException):
+            payload = {}
+        reason = payload.get("reason") if isinstance(payload, dict) else None
+        text = str(reason) if reason else (exc.reason or "")
+        # Defence in depth: an echoed request must not carry a password into a log.
+        for secret in (self._password, *redact):
+            if secret:
+                text = text.replace(secret, "***")
+        return text

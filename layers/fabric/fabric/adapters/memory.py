@@ -1,0 +1,53 @@
+"""In-memory Transport and AuditSink: the fabric's test doubles, shipped with the library."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from fabric.audit import AuditRecord
+from fabric.ports import Failure, OutboundMessage, Outcome
+
+
+@dataclass
+class MemoryTransport:
+    """Stores what it is given in ``published``; ``failure`` makes every publish fail that way.
+
+    ``fail_ids`` fails only the named message ids, to exercise partial failures.
+    """
+
+    name: str = "memory"
+    failure: Failure | None = None
+    fail_ids: set[str] = field(default_factory=set)
+    published: list[OutboundMessage] = field(default_factory=list)
+
+    def publish(self, messages: Sequence[OutboundMessage]) -> list[Outcome]:
+        """Store each message unless told to fail it; one Outcome per message, in order."""
+        outcomes = []
+        for message in messages:
+            failure = self.failure or (
+                Failure.NACKED if message.message_id in self.fail_ids else None
+            )
+            if failure is None:
+                self.published.append(message)
+                outcomes.append(Outcome(message.message_id, transport=self.name))
+            else:
+                outcomes.append(Outcome(message.message_id, failure=failure))
+        return outcomes
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+@dataclass
+class MemoryAuditSink:
+    """Keeps audit records in ``records``; ``available=False`` simulates a lost audit path."""
+
+    available: bool = True
+    records: list[AuditRecord] = field(default_factory=list)
+
+    def emit(self, records: Sequence[AuditRecord]) -> bool:
+        """Keep the records when available."""
+        if self.available:
+            self.records.extend(records)
+        return self.available

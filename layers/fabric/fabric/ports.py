@@ -1,0 +1,110 @@
+"""Narrow ports between the fabric's logic and its adapters (transports, ciphers)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+from fabric.audit import AuditRecord
+from fabric.stakeholders import Stakeholder
+
+
+class MessageKind(StrEnum):
+    """What an OutboundMessage carries."""
+
+    MESSAGE = "message"
+    AUDIT = "audit"
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """One encoded envelope, ready for a transport, with what routing decided about it.
+
+    ``body`` is the wire form of the envelope (restricted payloads already encrypted);
+    ``audience`` is what the routing table resolved (empty: unroutable, the transport must still
+    store it where nothing is dropped); ``emergency`` selects the emergency path. ``kind`` tells
+    a message apart from a batch of audit records, which travels on the audit path.
+    """
+
+    message_id: str
+    topic: str
+    body: bytes
+    audience: frozenset[Stakeholder]
+    emergency: bool = False
+    kind: MessageKind = field(default_factory=lambda: MessageKind.MESSAGE)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    correlation_id: str | None = None
+    reply_to: str | None = None
+
+
+class Failure(StrEnum):
+    """Why a transport did not take a message; every one of these means "try the fallback"."""
+
+    UNAVAILABLE = "unavailable"  # no connection, connection lost, blocked, channel closed
+    NACKED = "nacked"  # the broker refused to store it (e.g. queue full with reject-publish)
+    RETURNED = "returned"  # mandatory message that no queue took
+    TIMEOUT = "timeout"  # no confirm within the confirm timeout: fate unknown, store it elsewhere
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one OutboundMessage: stored by ``transport``, or ``failure``."""
+
+    message_id: str
+    transport: str | None = None
+    failure: Failure | None = None
+
+    @property
+    def stored(self) -> bool:
+        """True only when the transport confirmed the message is durably stored."""
+        return self.failure is None and self.transport is not None
+
+
+class Transport(Protocol):
+    """Publishes messages and reports, per message and in order, whether each is stored.
+
+    A transport never raises for a broker or network problem: it reports ``Failure`` outcomes,
+    so that the caller can send exactly those messages elsewhere.
+    """
+
+    name: str
+
+    def publish(self, messages: Sequence[OutboundMessage]) -> list[Outcome]:
+        """Publish and wait for confirmation; one Outcome per message, same order."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; the transport may be used again (it reconnects)."""
+        ...
+
+
+class PayloadCipher(Protocol):
+    """Message-level encryption of restricted payloads, bound to an encryption context."""
+
+    def encrypt(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
+        """Encrypt ``plaintext``; ``context`` is authenticated and must match on decrypt.
+
+        Raises:
+            EncryptionUnavailable: the key service cannot be reached or refuses the key.
+        """
+        ...
+
+    def decrypt(self, ciphertext: bytes, expected_context: Mapping[str, str]) -> bytes:
+        """Decrypt and check that the stored context contains ``expected_context``.
+
+        Raises:
+            DecryptionFailed: the ciphertext is corrupt, the key is not allowed, or the context
+                does not match (the message is bad: dead-letter it).
+            EncryptionUnavailable: the key service cannot be reached (retry later).
+        """
+        ...
+
+
+class AuditSink(Protocol):
+    """Stores audit records durably (batched; one call per router batch)."""
+
+    def emit(self, records: Sequence[AuditRecord]) -> bool:
+        """Store ``records``; True only when they are durably stored. Never raises for I/O."""
+        ...

@@ -1,0 +1,96 @@
+"""The RabbitMQ transport against the real broker: confirmed means stored, and failures say so."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
+from fabric.ports import Failure, OutboundMessage
+from tests.integration.conftest import AMQP, management
+
+pytestmark = pytest.mark.integration
+
+
+def transport(vhost: str, exchange: str, **overrides: Any) -> RabbitMqTransport:
+    settings = RabbitSettings(
+        host=AMQP[0],
+        port=overrides.pop("port", AMQP[1]),
+        credentials=lambda: ("guest", "guest"),
+        vhost=vhost,
+        connection_name=f"fabric-test-{uuid.uuid4().hex[:8]}",
+        **overrides,
+    )
+    return RabbitMqTransport(settings, exchange_for=lambda _m: exchange)
+
+
+def messages(count: int, topic: str = "work.item") -> list[OutboundMessage]:
+    return [
+        OutboundMessage(str(uuid.uuid4()), topic, b'{"n": %d}' % i, frozenset())
+        for i in range(count)
+    ]
+
+
+def quorum_queue(channel: Any, name: str, exchange: str, **arguments: Any) -> None:
+    channel.exchange_declare(exchange, "topic", durable=True)
+    channel.queue_declare(name, durable=True, arguments={"x-queue-type": "quorum", **arguments})
+    channel.queue_bind(name, exchange, "#")
+
+
+def test_every_confirmed_message_is_in_the_queue(vhost: str, channel: Any) -> None:
+    quorum_queue(channel, "work", "ingress")
+    sender = transport(vhost, "ingress", confirm_window=50)
+    batch = messages(1000)
+    outcomes = sender.publish(batch)
+    assert [o.message_id for o in outcomes] == [m.message_id for m in batch]
+    assert all(o.stored and o.transport == "rabbitmq" for o in outcomes)
+    assert channel.queue_declare("work", passive=True).method.message_count == 1000
+    _method, properties, body = channel.basic_get("work", auto_ack=True)
+    assert properties.delivery_mode == 2
+    assert properties.message_id == batch[0].message_id
+    assert body == batch[0].body
+    sender.close()
+
+
+def test_a_message_no_queue_takes_is_returned_not_accepted(vhost: str, channel: Any) -> None:
+    channel.exchange_declare("empty", "topic", durable=True)
+    (outcome,) = transport(vhost, "empty").publish(messages(1))
+    assert outcome.failure is Failure.RETURNED
+    assert not outcome.stored
+
+
+def test_a_full_queue_with_reject_publish_nacks_the_overflow(vhost: str, channel: Any) -> None:
+    quorum_queue(channel, "small", "ingress", **{"x-max-length": 5, "x-overflow": "reject-publish"})
+    sender = transport(vhost, "ingress")
+    # One at a time: a quorum queue applies its limit as appends are committed, so a burst that
+    # is already in flight can overshoot it; later publishes are refused.
+    outcomes = [sender.publish([message])[0] for message in messages(20)]
+    stored = [o.stored for o in outcomes].count(True)
+    assert 5 <= stored < 10
+    assert {o.failure for o in outcomes if not o.stored} == {Failure.NACKED}
+    assert channel.queue_declare("small", passive=True).method.message_count == stored
+
+
+def test_an_unreachable_broker_is_reported_within_the_connect_timeout(vhost: str) -> None:
+    started = time.monotonic()
+    outcomes = transport(vhost, "ingress", port=1, connect_timeout=0.5).publish(messages(3))
+    assert [o.failure for o in outcomes] == [Failure.UNAVAILABLE] * 3
+    assert time.monotonic() - started < 3
+
+
+def test_a_connection_closed_behind_its_back_is_replaced_on_next_use(
+    vhost: str, channel: Any
+) -> None:
+    quorum_queue(channel, "work", "ingress")
+    sender = transport(vhost, "ingress")
+    assert all(o.stored for o in sender.publish(messages(5)))
+    name = sender._settings.connection_name
+    for connection in management("GET", "connections"):
+        if connection.get("client_properties", {}).get("connection_name") == name:
+            management("DELETE", f"connections/{connection['name']}")
+    time.sleep(0.5)
+    assert all(o.stored for o in sender.publish(messages(5)))
+    assert channel.queue_declare("work", passive=True).method.message_count == 10
