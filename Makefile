@@ -17,7 +17,7 @@ export CDK_DISABLE_CLI_TELEMETRY := true
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup run test lint typecheck unit infra integration bench synth lock clean
+.PHONY: help setup assets run test lint typecheck unit infra integration bench synth lock clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,11 +38,16 @@ $(STAMP)/node: package.json package-lock.json
 
 setup: $(STAMP)/python $(STAMP)/node  ## install what is missing (venv, pinned packages, CDK CLI)
 
-synth: setup  ## synthesize every environment through the CDK CLI, compliance gates on
+assets: setup  ## build the Lambda layers for arm64 / Python 3.14 without Docker
+	$(PY) scripts/build_assets.py
+
+synth: assets  ## synthesize every environment through the CDK CLI, compliance gates on
 	npx --no-install cdk synth --quiet --no-notices > /dev/null
 
-run: synth  ## the main job: synthesize dev, staging, prod with the gates, lint them, summarize
+run: synth  ## the main job: synth + gates + summary, then the local fabric scenario
 	$(PY) scripts/synth_summary.py cdk.out
+	bash scripts/ensure_rabbitmq.sh
+	$(PY) scripts/local_fabric.py cdk.out
 
 lint: setup  ## ruff lint + format check
 	$(VENV)/bin/ruff check .
@@ -51,21 +56,21 @@ lint: setup  ## ruff lint + format check
 typecheck: setup  ## mypy on stacks/ and the fabric library
 	$(VENV)/bin/mypy
 
-test: lint typecheck  ## install, then lint, types and the whole test suite
+test: lint typecheck assets  ## install, then lint, types and the whole test suite
 	bash scripts/ensure_rabbitmq.sh
 	$(PY) -m pytest
 
 unit: setup  ## fast tests only (no network, no synth)
 	$(PY) -m pytest tests/unit
 
-infra: setup  ## template assertions and the compliance gates
+infra: assets  ## template assertions and the compliance gates
 	$(PY) -m pytest tests/infra
 
 integration: setup  ## tests against the real local RabbitMQ and moto
 	bash scripts/ensure_rabbitmq.sh
 	$(PY) -m pytest tests/integration
 
-bench: setup  ## benchmarks: one `BENCH <name> <value> <unit>` line per figure
+bench: assets  ## benchmarks: one `BENCH <name> <value> <unit>` line per figure
 	$(PY) scripts/bench.py
 
 lock:  ## re-pin requirements.txt from requirements.in in a clean venv

@@ -12,7 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fabric.stakeholders import STAKEHOLDERS
+
 ENVIRONMENT_NAMES = ("dev", "staging", "prod")
+GROUPS = tuple(group.value for group in STAKEHOLDERS)
 DEFAULT_REGION = "ap-southeast-3"
 # The lowest RabbitMQ engine line the fabric is built for (quorum-queue delivery limits,
 # at-least-once dead-lettering); Amazon MQ offers 3.13 and 4.x.
@@ -126,6 +129,23 @@ class AuditConfig(_Model):
         return self.lock_days if self.lock_days is not None else 365 * (self.lock_years or 0)
 
 
+class ApiConfig(_Model):
+    """The HTTPS entry point: who issues the producers' JWTs and which claim names their group."""
+
+    jwt_issuer: str = Field(pattern=r"^https://[^\s]+$")
+    jwt_audience: tuple[str, ...] = Field(min_length=1)
+    identity_claim: str = Field(min_length=1)
+    throttle_rate: int = Field(ge=1)
+    throttle_burst: int = Field(ge=1)
+
+
+class RouterConfig(_Model):
+    """Capacity of the router function."""
+
+    reserved_concurrency: int = Field(ge=1)
+    memory_mb: int = Field(ge=128, le=10240)
+
+
 class EnvironmentConfig(_Model):
     """Everything that differs between dev, staging and prod."""
 
@@ -139,6 +159,24 @@ class EnvironmentConfig(_Model):
     removal_policy: RemovalPolicy = Field(strict=False)
     log_retention_days: int = Field(ge=1)
     termination_protection: bool
+    api: ApiConfig
+    router: RouterConfig
+    # IAM role ARNs allowed to invoke the router directly, per stakeholder group (its alias).
+    producers: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+    @field_validator("producers")
+    @classmethod
+    def _known_groups(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        unknown = sorted(set(value) - set(GROUPS))
+        if unknown:
+            raise ValueError(f"unknown stakeholder group(s): {', '.join(unknown)}")
+        for group, arns in value.items():
+            bad = [
+                arn for arn in arns if not re.match(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/", arn)
+            ]
+            if bad:
+                raise ValueError(f"{group}: not IAM role ARNs: {', '.join(bad)}")
+        return value
 
     @field_validator("log_retention_days")
     @classmethod
@@ -168,6 +206,7 @@ class AppConfig:
     environments: tuple[EnvironmentConfig, ...]
 
 
+_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/")
 _ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
 
 
@@ -198,6 +237,15 @@ def parse_environment(
     # JSON has no tuples; accept lists where the model keeps tuples.
     if isinstance(data.get("allowed_regions"), list):
         data["allowed_regions"] = tuple(data["allowed_regions"])
+    api = data.get("api")
+    if isinstance(api, Mapping) and isinstance(api.get("jwt_audience"), list):
+        data["api"] = {**api, "jwt_audience": tuple(api["jwt_audience"])}
+    producers = data.get("producers")
+    if isinstance(producers, Mapping):
+        data["producers"] = {
+            group: tuple(arns) if isinstance(arns, list) else arns
+            for group, arns in producers.items()
+        }
     try:
         env = EnvironmentConfig.model_validate(data)
     except ValidationError as exc:

@@ -8,8 +8,9 @@ from constructs import Construct
 
 from stacks.config import LOG_RETENTION_DAYS, EnvironmentConfig
 from stacks.constructs.audit_storage import AuditStorage
-from stacks.constructs.broker import Broker
+from stacks.constructs.broker import Broker, BrokerUsers
 from stacks.constructs.fallback import FallbackPath
+from stacks.constructs.ingest import IngestQueues
 from stacks.constructs.keys import FabricKeys
 from stacks.constructs.network import FabricNetwork
 
@@ -22,7 +23,14 @@ class StatefulStack(Stack):
     and the local tooling read (``CfnOutput`` values, listed in docs/outputs.md).
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, config: EnvironmentConfig) -> None:
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: EnvironmentConfig,
+        broker_usernames: tuple[str, ...],
+    ) -> None:
         super().__init__(
             scope,
             construct_id,
@@ -36,6 +44,8 @@ class StatefulStack(Stack):
             else RemovalPolicy.RETAIN
         )
         log_retention = _retention(config.log_retention_days)
+        self.removal = removal
+        self.log_retention = log_retention
 
         self.keys = FabricKeys(self, "Keys", env_name=config.name, removal_policy=removal)
         self.network = FabricNetwork(
@@ -60,6 +70,17 @@ class StatefulStack(Stack):
             secrets_key=self.keys.secrets,
             log_retention=log_retention,
             removal_policy=removal,
+        )
+        self.broker_users = BrokerUsers(
+            self,
+            "BrokerUsers",
+            env_name=config.name,
+            usernames=list(broker_usernames),
+            secrets_key=self.keys.secrets,
+            removal_policy=removal,
+        )
+        self.ingest = IngestQueues(
+            self, "Ingest", env_name=config.name, key=self.keys.queues, removal_policy=removal
         )
         self.fallback = FallbackPath(
             self,
@@ -88,6 +109,11 @@ class StatefulStack(Stack):
             outputs[f"{purpose.capitalize()}KeyArn"] = key.key_arn
         for flow, topic in self.fallback.topics.items():
             outputs[f"{flow.capitalize()}TopicArn"] = topic.topic_arn
+        for group, queue in self.ingest.queues.items():
+            outputs[f"Ingest{group.value.capitalize()}QueueUrl"] = queue.queue_url
+        for username, secret in self.broker_users.secrets.items():
+            name = "".join(part.capitalize() for part in username.split("-"))
+            outputs[f"{name}SecretArn"] = secret.secret_arn
         for (flow, group), queues in self.fallback.queues.items():
             prefix = f"{flow.capitalize()}{group.value.capitalize()}"
             outputs[f"{prefix}QueueUrl"] = queues.queue.queue_url

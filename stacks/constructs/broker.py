@@ -18,6 +18,18 @@ ADMIN_USERNAME = "fabric-admin"
 # out characters that need quoting in AMQP URIs and shells.
 _EXCLUDED_PASSWORD_CHARACTERS = ",:=/@\"'\\`%&*?#[]{}()<>|;$ "  # noqa: S105 (a character set, not a secret)
 
+_ROTATION_RULES = (
+    "AwsSolutions-SMG4",
+    "HIPAA.Security-SecretsManagerRotationEnabled",
+    "NIST.800.53.R5-SecretsManagerRotationEnabled",
+)
+_ROTATION_REASON = (
+    "RabbitMQ users live in RabbitMQ, not in Amazon MQ's API, and change only through the "
+    "management API. Rotation is the runbook's 'rotate-user' procedure (new password through the "
+    "management API, then this secret, then the functions' next cold start), not a Secrets Manager "
+    "rotation Lambda, which cannot reach the broker's user store."
+)
+
 
 class Broker(Construct):
     """The RabbitMQ broker of one environment.
@@ -61,18 +73,8 @@ class Broker(Construct):
                 exclude_characters=_EXCLUDED_PASSWORD_CHARACTERS,
             ),
         )
-        rotation_reason = (
-            "Amazon MQ for RabbitMQ only sets the admin user at broker creation; afterwards users "
-            "live in RabbitMQ and change through its management API. Rotation is the runbook's "
-            "'rotate-admin' procedure (new password through the management API, then this secret), "
-            "not a Secrets Manager rotation Lambda that cannot reach the broker's user store."
-        )
-        for rule in (
-            "AwsSolutions-SMG4",
-            "HIPAA.Security-SecretsManagerRotationEnabled",
-            "NIST.800.53.R5-SecretsManagerRotationEnabled",
-        ):
-            acknowledge(self.admin_secret, rule, rotation_reason)
+        for rule in _ROTATION_RULES:
+            acknowledge(self.admin_secret, rule, _ROTATION_REASON)
 
         all_subnets = vpc.select_subnets(
             subnet_type=subnets.subnet_type, one_per_az=True
@@ -121,9 +123,13 @@ class Broker(Construct):
         )
         self._acknowledge_log_retention_provider()
 
-        # Endpoints are lists (one per node); the first is the load-balanced endpoint of a cluster.
-        self.amqp_endpoint = Fn.select(0, self.broker.attr_amqp_endpoints)
-        self.management_url = Fn.select(0, self.broker.attr_console_ur_ls)
+        # Amazon MQ names every RabbitMQ endpoint after the broker id: AMQPS on
+        # <id>.mq.<region>.amazonaws.com:5671 and the console and management API on https://<same>
+        # (for a cluster, the load balancer in front of the nodes). Built from the id, a plain
+        # string, because the endpoint attributes are lists, which cannot cross stacks.
+        self.host = Fn.join("", [self.broker.ref, ".mq.", Stack.of(self).region, ".amazonaws.com"])
+        self.amqp_endpoint = Fn.join("", ["amqps://", self.host, ":5671"])
+        self.management_url = Fn.join("", ["https://", self.host])
         self.broker_arn = self.broker.attr_arn
         self.broker_id = self.broker.ref
 
@@ -148,3 +154,41 @@ class Broker(Construct):
             acknowledge(provider, rule, why)
         # CDK adds a DependsOn on the role next to a GetAtt of it; cfn-lint calls that redundant.
         ignore_cfn_lint(provider.node.find_child("Resource"), "W3005")
+
+
+class BrokerUsers(Construct):
+    """One generated secret per RabbitMQ user the topology creates (``{"username", "password"}``).
+
+    The topology custom resource reads them to create the users through the management API; each
+    function reads only the secret of the user it connects as.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        env_name: str,
+        usernames: list[str],
+        secrets_key: kms.IKey,
+        removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.secrets: dict[str, secretsmanager.Secret] = {}
+        for username in usernames:
+            secret = secretsmanager.Secret(
+                self,
+                username,
+                description=f"Messaging Fabric {env_name}: RabbitMQ user {username}",
+                encryption_key=secrets_key,
+                removal_policy=removal_policy,
+                generate_secret_string=secretsmanager.SecretStringGenerator(
+                    secret_string_template=f'{{"username": "{username}"}}',
+                    generate_string_key="password",
+                    password_length=32,
+                    exclude_characters=_EXCLUDED_PASSWORD_CHARACTERS,
+                ),
+            )
+            for rule in _ROTATION_RULES:
+                acknowledge(secret, rule, _ROTATION_REASON)
+            self.secrets[username] = secret

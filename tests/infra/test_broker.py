@@ -57,9 +57,8 @@ def test_admin_password_reaches_cloudformation_only_as_a_dynamic_reference(
     rendered = json.dumps(user["Password"])
     assert "{{resolve:secretsmanager:" in rendered
     assert ":SecretString:password" in rendered
-    (secret_id,) = env.resources("AWS::SecretsManager::Secret")
-    assert user["Password"]["Fn::Join"][1][1] == {"Ref": secret_id}
-    (secret,) = env.resources("AWS::SecretsManager::Secret").values()
+    secret_id = user["Password"]["Fn::Join"][1][1]["Ref"]
+    secret = env.resources("AWS::SecretsManager::Secret")[secret_id]
     assert "GenerateSecretString" in secret["Properties"]
     assert "SecretString" not in secret["Properties"]
     assert "KmsKeyId" in secret["Properties"]

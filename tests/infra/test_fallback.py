@@ -11,9 +11,12 @@ FLOWS = ("fallback", "emergency")
 
 
 def _queues_by_name(env: Synthesized) -> dict[str, tuple[str, dict]]:
+    """The fallback path's queues (named fabric-<env>-fallback-... / -emergency-...)."""
+    prefixes = tuple(f"fabric-{env.stage.stage_name}-{flow}-" for flow in FLOWS)
     return {
         q["Properties"]["QueueName"]: (logical_id, q)
         for logical_id, q in env.resources("AWS::SQS::Queue").items()
+        if q["Properties"].get("QueueName", "").startswith(prefixes)
     }
 
 

@@ -1,0 +1,87 @@
+"""The composition root: the only place where adapters are chosen and wired to the logic."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fabric import topology
+from fabric.adapters.esdk import EsdkCipher
+from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
+from fabric.adapters.secrets import SecretCredentials
+from fabric.audit_sink import TransportAuditSink
+from fabric.ports import MessageKind, OutboundMessage
+from fabric.router import Router
+from fabric.routing import default_routing_table
+from fabric.settings import RouterSettings
+
+
+@dataclass(frozen=True)
+class RouterRuntime:
+    """What the router handler needs: the router and the settings of its entry points."""
+
+    router: Router
+    settings: RouterSettings
+
+
+def exchange_for(message: OutboundMessage) -> str:
+    """The RabbitMQ exchange of a message: audit batches to the audit exchange, unroutable
+    messages to the unrouted exchange, every other message to the ingress exchange, whose
+    bindings (generated from the routing table) take emergencies to the internal emergency
+    exchange and everything else to the group queues."""
+    if message.kind is MessageKind.AUDIT:
+        return topology.AUDIT_EXCHANGE
+    if not message.audience:
+        # Nothing in the table routes it. Straight to the unrouted queue: through the ingress
+        # exchange a topic that matches a header route's pattern but not its headers would
+        # reach no queue at all.
+        return topology.UNROUTED_EXCHANGE
+    return topology.INGRESS_EXCHANGE
+
+
+def build_router_runtime(
+    settings: RouterSettings, *, client_factory: Callable[[str], Any] | None = None
+) -> RouterRuntime:
+    """Wire the router from settings. Nothing touches the network until the first message.
+
+    ``client_factory(service_name)`` builds boto3 clients (default: ``boto3.client``, imported
+    lazily so that cold starts do not pay for boto3 before it is needed).
+    """
+    make_client = client_factory or _boto3_client
+    rabbit = RabbitMqTransport(
+        RabbitSettings(
+            host=settings.rabbitmq_host,
+            port=settings.rabbitmq_port,
+            credentials=SecretCredentials(
+                settings.rabbitmq_secret_arn, lambda: make_client("secretsmanager")
+            ),
+            vhost=settings.rabbitmq_vhost,
+            use_tls=settings.rabbitmq_tls,
+        ),
+        exchange_for=exchange_for,
+    )
+    router = Router(
+        table=default_routing_table(),
+        transports=[rabbit],
+        cipher=EsdkCipher(settings.messages_key_arn, client_factory=lambda: make_client("kms")),
+        audit=TransportAuditSink([rabbit], emitted_by="router"),
+        environment=settings.environment,
+    )
+    return RouterRuntime(router=router, settings=settings)
+
+
+def router_runtime(environ: Mapping[str, str] | None = None) -> RouterRuntime:
+    """The router of this process, from its environment variables.
+
+    Raises:
+        ConfigError: a variable is missing or malformed (the message names it).
+    """
+    return build_router_runtime(RouterSettings.from_env(os.environ if environ is None else environ))
+
+
+def _boto3_client(service_name: str) -> Any:
+    import boto3
+
+    return boto3.client(service_name)

@@ -1,0 +1,61 @@
+"""CloudFormation custom-resource plumbing: run an action, always answer CloudFormation.
+
+CloudFormation waits (up to an hour) for a response at the event's pre-signed ``ResponseURL``;
+a handler that crashes without answering stalls the deploy. ``respond`` therefore catches every
+error, answers FAILED with the error's class and message, and re-raises nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Any
+
+_LOG = logging.getLogger(__name__)
+# Reason strings are shown in the CloudFormation console; keep them short and secret-free.
+_MAX_REASON = 1000
+
+
+def respond(
+    event: Mapping[str, Any],
+    log_stream_name: str,
+    action: Callable[[str, Mapping[str, Any]], tuple[str, dict[str, str]]],
+    *,
+    send: Callable[[str, bytes], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``action(request_type, properties)`` → (physical id, data) and report the result.
+
+    Returns the response document that was sent (for tests and logs).
+    """
+    physical_id = str(event.get("PhysicalResourceId") or event.get("LogicalResourceId", "resource"))
+    status, reason = "SUCCESS", "OK"
+    data: dict[str, str] = {}
+    try:
+        physical_id, data = action(str(event["RequestType"]), event.get("ResourceProperties", {}))
+    except Exception as exc:  # CloudFormation must always get an answer
+        _LOG.exception("custom resource %s failed", event.get("RequestType"))
+        status, reason = "FAILED", f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
+    document = {
+        "Status": status,
+        "Reason": f"{reason} (log stream {log_stream_name})",
+        "PhysicalResourceId": physical_id,
+        "StackId": event.get("StackId"),
+        "RequestId": event.get("RequestId"),
+        "LogicalResourceId": event.get("LogicalResourceId"),
+        "NoEcho": False,
+        "Data": data,
+    }
+    (send or _put)(str(event["ResponseURL"]), json.dumps(document).encode())
+    return document
+
+
+def _put(url: str, body: bytes) -> None:
+    if not url.startswith("https://"):
+        raise ValueError("CloudFormation response URLs are https")
+    request = urllib.request.Request(  # noqa: S310 (https checked above)
+        url, data=body, method="PUT", headers={"content-type": "", "content-length": str(len(body))}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 (https checked)
+        response.read()

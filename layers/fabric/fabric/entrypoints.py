@@ -1,0 +1,219 @@
+"""The router's three entry points: direct invoke, HTTPS (API Gateway HTTP API), SQS ingest.
+
+Each turns its event into (raw messages, authenticated source), calls the router once, and
+shapes the answer its caller expects. The source always comes from the authenticated channel:
+
+- direct invoke: the alias the caller invoked (``...:function:<name>:<group>``); each group's
+  alias has its own resource policy, so IAM decides who may speak for a group;
+- HTTPS: a claim of the JWT that API Gateway's authorizer verified (``FABRIC_IDENTITY_CLAIM``);
+- SQS: the ingest queue (``<prefix><group>``) whose queue policy admits only that group.
+
+A ``source`` field in an envelope is never trusted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from fabric.envelope import Reason
+from fabric.router import REJECTED, BatchResult, MessageResult, Router
+from fabric.stakeholders import Stakeholder
+
+if TYPE_CHECKING:
+    from fabric.bootstrap import RouterRuntime
+
+MAX_REQUEST_BYTES = 5 * 1024 * 1024
+MAX_BATCH = 500
+_JSON = {"content-type": "application/json"}
+_GROUPS = frozenset(group.value for group in Stakeholder)
+
+
+class BadRequest(Exception):
+    """The request (not one message in it) is malformed; ``status`` says which HTTP status."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+    def body(self) -> dict[str, object]:
+        """The error as a response body, same shape as a batch result plus ``error``."""
+        return {
+            "results": [],
+            "accepted": 0,
+            "rejected": 0,
+            "error": {"reason": self.reason, "detail": self.detail},
+        }
+
+
+# -- direct invoke ------------------------------------------------------------------------------
+
+
+def handle_direct(event: object, invoked_function_arn: str, router: Router) -> dict[str, object]:
+    """``{"messages": [...]}`` → ``{"results": [...], "accepted": n, "rejected": m}``.
+
+    A malformed event or an invocation without a stakeholder alias returns ``error`` instead of
+    results; nothing is routed then.
+    """
+    try:
+        source = _alias_group(invoked_function_arn)
+        items = _messages_of(event)
+    except BadRequest as bad:
+        return bad.body()
+    return router.route(items, source=source).to_dict()
+
+
+def _alias_group(invoked_function_arn: str) -> str:
+    parts = invoked_function_arn.split(":")
+    qualifier = parts[7] if len(parts) == 8 else ""
+    if qualifier not in _GROUPS:
+        raise BadRequest(
+            401,
+            "unauthenticated",
+            "invoke the router through the alias of your stakeholder group "
+            f"({', '.join(sorted(_GROUPS))})",
+        )
+    return qualifier
+
+
+def _messages_of(event: object) -> Sequence[Any]:
+    if not isinstance(event, Mapping) or not isinstance(event.get("messages"), list):
+        raise BadRequest(400, "malformed_request", 'expected {"messages": [<envelope>, ...]}')
+    messages: list[Any] = event["messages"]
+    if not messages:
+        raise BadRequest(400, "malformed_request", "messages is empty")
+    if len(messages) > MAX_BATCH:
+        raise BadRequest(413, "too_large", f"at most {MAX_BATCH} messages per request")
+    return messages
+
+
+# -- HTTPS ----------------------------------------------------------------------------------------
+
+
+def handle_http(event: Mapping[str, Any], router: Router, *, identity_claim: str) -> dict[str, Any]:
+    """``POST /v1/messages`` with one envelope or ``{"messages": [...]}``.
+
+    202 all accepted; 207 some rejected; 400 malformed request (or a single invalid envelope);
+    401 no verified identity; 403 unknown group or topic not permitted; 413 too large; 503
+    nothing could be stored. The body is the batch result (plus ``error`` for request errors).
+    """
+    try:
+        source = _jwt_group(event, identity_claim)
+        raw = _http_body(event)
+        single, items = _http_messages(raw)
+    except BadRequest as bad:
+        return _response(bad.status, bad.body())
+    result = router.route(items, source=source)
+    return _response(_http_status(result, single=single), result.to_dict())
+
+
+def _jwt_group(event: Mapping[str, Any], claim: str) -> str:
+    context = event.get("requestContext") or {}
+    claims = ((context.get("authorizer") or {}).get("jwt") or {}).get("claims") or {}
+    value = claims.get(claim)
+    if not value:
+        raise BadRequest(401, "unauthenticated", "no verified identity on the request")
+    if value not in _GROUPS:
+        raise BadRequest(403, "forbidden", f"{claim} does not name a stakeholder group")
+    return str(value)
+
+
+def _http_body(event: Mapping[str, Any]) -> bytes:
+    body = event.get("body")
+    if body is None or body == "":
+        return b""
+    if event.get("isBase64Encoded"):
+        try:
+            data = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest(400, "malformed_request", "body is not valid base64") from None
+    else:
+        data = body.encode("utf-8", "surrogatepass")
+    if len(data) > MAX_REQUEST_BYTES:
+        raise BadRequest(413, "too_large", f"request body exceeds {MAX_REQUEST_BYTES} bytes")
+    return data
+
+
+def _http_messages(raw: bytes) -> tuple[bool, Sequence[Any]]:
+    """(single, items): a batch object is unpacked; anything else is one message as raw bytes,
+    so that the router reports its exact problem (empty, bad UTF-8, bad JSON...)."""
+    try:
+        decoded = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return True, [raw]
+    if isinstance(decoded, dict) and "messages" in decoded and "topic" not in decoded:
+        return False, _messages_of(decoded)
+    return True, [raw]
+
+
+def _http_status(result: BatchResult, *, single: bool) -> int:
+    if result.rejected == 0:
+        return 202
+    rejected = [r for r in result.results if r.status == REJECTED]
+    reasons = {r.reason for r in rejected}
+    if result.accepted == 0:
+        if reasons == {Reason.UNAVAILABLE}:
+            return 503
+        if reasons == {Reason.SOURCE_NOT_ALLOWED}:
+            return 403
+        if single:
+            return 413 if reasons == {Reason.TOO_LARGE} else 400
+    return 207
+
+
+def _response(status: int, body: Mapping[str, object]) -> dict[str, Any]:
+    return {"statusCode": status, "headers": _JSON, "body": json.dumps(body)}
+
+
+# -- SQS ingest -----------------------------------------------------------------------------------
+
+
+def handle_sqs(event: Mapping[str, Any], router: Router, *, queue_prefix: str) -> dict[str, Any]:
+    """An SQS batch from the per-group ingest queues; partial batch failures.
+
+    A rejected message is a final answer (audited, deleted from the queue); only messages that
+    could not be stored (``unavailable``) are reported as failures, so SQS retries them later.
+
+    Raises:
+        ValueError: a record comes from a queue that is not an ingest queue (a wiring error:
+            the whole batch is retried and ends in the DLQ rather than being routed as nobody).
+    """
+    records = event.get("Records") or []
+    by_source: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        by_source.setdefault(_queue_group(record, queue_prefix), []).append(index)
+    failures: list[dict[str, str]] = []
+    for source, indices in by_source.items():
+        result = router.route([records[i].get("body", "") for i in indices], source=source)
+        for index, outcome in zip(indices, result.results, strict=True):
+            if _retry(outcome):
+                failures.append({"itemIdentifier": records[index]["messageId"]})
+    return {"batchItemFailures": failures}
+
+
+def _queue_group(record: Mapping[str, Any], prefix: str) -> str:
+    queue = str(record.get("eventSourceARN", "")).rsplit(":", 1)[-1]
+    group = queue.removeprefix(prefix)
+    if not queue.startswith(prefix) or group not in _GROUPS:
+        raise ValueError(f"record from {queue!r}, which is not a {prefix}<group> ingest queue")
+    return group
+
+
+def _retry(result: MessageResult) -> bool:
+    return result.status == REJECTED and result.reason is Reason.UNAVAILABLE
+
+
+def dispatch(event: Mapping[str, Any], invoked_function_arn: str, runtime: RouterRuntime) -> Any:
+    """Pick the entry point from the event's shape and handle it."""
+    settings = runtime.settings
+    if "requestContext" in event and "routeKey" in event:
+        return handle_http(event, runtime.router, identity_claim=settings.identity_claim)
+    records = event.get("Records")
+    if isinstance(records, list) and records and records[0].get("eventSource") == "aws:sqs":
+        return handle_sqs(event, runtime.router, queue_prefix=settings.ingest_queue_prefix)
+    return handle_direct(event, invoked_function_arn, runtime.router)

@@ -1,0 +1,270 @@
+"""The router: validate, admit, protect and publish a batch; one result per message, in order.
+
+A message is ``accepted`` only when a transport confirmed it durably stored; everything else is
+``rejected`` with a reason code. Every message, accepted or rejected, leaves one audit record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from fabric.audit import AuditEvent, AuditRecord, sha256_hex
+from fabric.envelope import (
+    MAX_ENVELOPE_BYTES,
+    Classification,
+    Envelope,
+    JsonValue,
+    Reason,
+    Rejection,
+    validate_batch,
+)
+from fabric.ports import AuditSink, OutboundMessage, PayloadCipher, Transport
+from fabric.protection import encryption_context, seal_payload
+from fabric.routing import RoutingTable
+from fabric.topology import delivery_headers
+
+_LOG = logging.getLogger(__name__)
+
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageResult:
+    """The router's answer for one input message (the public result shape of DESIGN §4)."""
+
+    message_id: str | None
+    status: str
+    transport: str | None = None
+    reason: Reason | None = None
+    detail: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        """``{"message_id", "status", "transport"?, "reason"?, "detail"?}``."""
+        out: dict[str, str | None] = {"message_id": self.message_id, "status": self.status}
+        if self.transport is not None:
+            out["transport"] = self.transport
+        if self.reason is not None:
+            out["reason"] = str(self.reason)
+        if self.detail is not None:
+            out["detail"] = self.detail
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """All results of one router call, in input order."""
+
+    results: tuple[MessageResult, ...]
+
+    @property
+    def accepted(self) -> int:
+        """How many messages are durably stored."""
+        return sum(r.status == ACCEPTED for r in self.results)
+
+    @property
+    def rejected(self) -> int:
+        """How many messages were refused or could not be stored."""
+        return len(self.results) - self.accepted
+
+    def to_dict(self) -> dict[str, object]:
+        """``{"results": [...], "accepted": n, "rejected": m}``."""
+        return {
+            "results": [r.to_dict() for r in self.results],
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    index: int
+    envelope: Envelope
+    outbound: OutboundMessage
+    encrypted: bool
+
+
+class Router:
+    """Routes batches of raw messages from one authenticated source.
+
+    ``transports`` are tried in order for the messages the previous one could not store (the
+    broker first, then the fallback path); a message none of them stores is rejected with
+    ``unavailable``.
+    """
+
+    def __init__(
+        self,
+        *,
+        table: RoutingTable,
+        transports: Sequence[Transport],
+        cipher: PayloadCipher,
+        audit: AuditSink,
+        environment: str,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if not transports:
+            raise ValueError("the router needs at least one transport")
+        self._table = table
+        self._transports = tuple(transports)
+        self._cipher = cipher
+        self._audit = audit
+        self._environment = environment
+        self._clock = clock
+
+    def route(self, items: Sequence[bytes | str | JsonValue], *, source: str) -> BatchResult:
+        """Validate, admit, encrypt restricted payloads, publish; one result per item, in order.
+
+        Never raises for bad input or for transport trouble.
+
+        Raises:
+            ValueError: ``source`` is empty (the caller's identity is missing: a wiring bug).
+            EncryptionUnavailable: KMS cannot be used, so restricted messages cannot be
+                protected; the whole call fails rather than storing child data unencrypted.
+        """
+        now = self._clock()
+        results: list[MessageResult | None] = [None] * len(items)
+        records: list[AuditRecord] = []
+        admitted: list[_Admitted] = []
+        for index, checked in enumerate(validate_batch(items, source, now=now)):
+            if isinstance(checked, Envelope):
+                rejection = self._table.admit(checked)
+                if rejection is None:
+                    candidate = self._prepare(index, checked)
+                    if isinstance(candidate, _Admitted):
+                        admitted.append(candidate)
+                        continue
+                    rejection = candidate
+                topic = checked.topic
+            else:
+                rejection, topic = checked, None
+            results[index] = MessageResult(
+                rejection.message_id, REJECTED, reason=rejection.reason, detail=rejection.message
+            )
+            records.append(
+                AuditRecord(
+                    event=AuditEvent.REJECTED,
+                    at=now,
+                    message_id=rejection.message_id,
+                    source=source,
+                    topic=topic,
+                    reason=str(rejection.reason),
+                    body_sha256=_raw_digest(items[index]),
+                )
+            )
+        self._publish(admitted, results, records, now)
+        self._emit(records)
+        return BatchResult(tuple(r for r in results if r is not None))
+
+    def _prepare(self, index: int, envelope: Envelope) -> _Admitted | Rejection:
+        deliveries = self._table.deliveries(envelope)
+        encrypted = envelope.classification is Classification.RESTRICTED
+        if encrypted:
+            context = encryption_context(
+                message_id=envelope.message_id,
+                source=envelope.source,
+                environment=self._environment,
+            )
+            sealed = seal_payload(self._cipher, _json_payload(envelope.payload), context)
+            envelope = dataclasses.replace(envelope, payload=sealed)
+        body = envelope.to_json_bytes()
+        if len(body) > MAX_ENVELOPE_BYTES:
+            return Rejection(
+                Reason.TOO_LARGE,
+                f"encoded envelope is {len(body)} bytes, limit {MAX_ENVELOPE_BYTES}",
+                envelope.message_id,
+            )
+        outbound = OutboundMessage(
+            message_id=envelope.message_id,
+            topic=envelope.topic,
+            body=body,
+            audience=frozenset(d.group for d in deliveries),
+            emergency=any(d.emergency for d in deliveries),
+            headers=delivery_headers(envelope),
+            correlation_id=envelope.correlation_id,
+            reply_to=envelope.reply_to,
+        )
+        return _Admitted(index, envelope, outbound, encrypted)
+
+    def _publish(
+        self,
+        admitted: list[_Admitted],
+        results: list[MessageResult | None],
+        records: list[AuditRecord],
+        now: datetime,
+    ) -> None:
+        waiting = admitted
+        for transport in self._transports:
+            if not waiting:
+                break
+            outcomes = transport.publish([a.outbound for a in waiting])
+            still: list[_Admitted] = []
+            for item, outcome in zip(waiting, outcomes, strict=True):
+                if not outcome.stored:
+                    still.append(item)
+                    continue
+                results[item.index] = MessageResult(
+                    item.envelope.message_id, ACCEPTED, transport=outcome.transport
+                )
+                records.append(self._accepted_record(item, outcome.transport, now))
+            if still:
+                _LOG.warning("%s could not store %d message(s)", transport.name, len(still))
+            waiting = still
+        for item in waiting:
+            results[item.index] = MessageResult(
+                item.envelope.message_id,
+                REJECTED,
+                reason=Reason.UNAVAILABLE,
+                detail=Reason.UNAVAILABLE.meaning,
+            )
+            records.append(
+                AuditRecord(
+                    event=AuditEvent.REJECTED,
+                    at=now,
+                    message_id=item.envelope.message_id,
+                    source=item.envelope.source,
+                    topic=item.envelope.topic,
+                    reason=str(Reason.UNAVAILABLE),
+                    body_sha256=sha256_hex(item.outbound.body),
+                )
+            )
+
+    def _accepted_record(
+        self, item: _Admitted, transport: str | None, now: datetime
+    ) -> AuditRecord:
+        envelope = item.envelope
+        return AuditRecord(
+            event=AuditEvent.ACCEPTED,
+            at=now,
+            message_id=envelope.message_id,
+            source=envelope.source,
+            topic=envelope.topic,
+            body_sha256=sha256_hex(item.outbound.body),
+            transport=transport,
+            classification=str(envelope.classification),
+            priority=str(envelope.priority),
+            groups=tuple(sorted(item.outbound.audience)),
+            encrypted=item.encrypted,
+        )
+
+    def _emit(self, records: list[AuditRecord]) -> None:
+        if records and not self._audit.emit(records):
+            # The messages themselves are stored (or rejected) already; a lost audit batch is an
+            # operational alarm, not a reason to tell producers something false.
+            _LOG.error("audit batch of %d record(s) could not be stored", len(records))
+
+
+def _json_payload(payload: JsonValue) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+
+
+def _raw_digest(item: bytes | str | JsonValue) -> str:
+    if isinstance(item, bytes):
+        return sha256_hex(item)
+    if isinstance(item, str):
+        return sha256_hex(item.encode("utf-8", "surrogatepass"))
+    return sha256_hex(_json_payload(item))

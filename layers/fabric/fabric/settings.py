@@ -1,0 +1,72 @@
+"""Typed runtime settings of the fabric's functions, read once from environment variables."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fabric.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """What the router function needs; the CDK stack sets exactly these variables.
+
+    ``FABRIC_ENV``: environment name, part of every encryption context.
+    ``RABBITMQ_HOST`` / ``RABBITMQ_PORT`` / ``RABBITMQ_TLS`` / ``RABBITMQ_VHOST``: the broker.
+    ``RABBITMQ_SECRET_ARN``: Secrets Manager secret holding the router's ``username`` and
+    ``password`` (never the credentials themselves in the environment).
+    ``MESSAGES_KEY_ARN``: the KMS key for restricted payloads.
+    ``FABRIC_IDENTITY_CLAIM``: the JWT claim that names the caller's stakeholder group.
+    ``FABRIC_INGEST_QUEUE_PREFIX``: SQS ingest queues are ``<prefix><group>``.
+    """
+
+    environment: str
+    rabbitmq_host: str
+    rabbitmq_port: int
+    rabbitmq_tls: bool
+    rabbitmq_vhost: str
+    rabbitmq_secret_arn: str
+    messages_key_arn: str
+    identity_claim: str
+    ingest_queue_prefix: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> RouterSettings:
+        """Read and check the variables.
+
+        Raises:
+            ConfigError: a variable is missing or malformed; the message names it.
+        """
+        return cls(
+            environment=_required(environ, "FABRIC_ENV"),
+            rabbitmq_host=_required(environ, "RABBITMQ_HOST"),
+            rabbitmq_port=_port(environ, "RABBITMQ_PORT"),
+            rabbitmq_tls=_flag(environ, "RABBITMQ_TLS"),
+            rabbitmq_vhost=environ.get("RABBITMQ_VHOST", "/") or "/",
+            rabbitmq_secret_arn=_required(environ, "RABBITMQ_SECRET_ARN"),
+            messages_key_arn=_required(environ, "MESSAGES_KEY_ARN"),
+            identity_claim=environ.get("FABRIC_IDENTITY_CLAIM", "fabric:group") or "fabric:group",
+            ingest_queue_prefix=_required(environ, "FABRIC_INGEST_QUEUE_PREFIX"),
+        )
+
+
+def _required(environ: Mapping[str, str], name: str) -> str:
+    value = environ.get(name, "").strip()
+    if not value:
+        raise ConfigError(f"environment variable {name} is required")
+    return value
+
+
+def _port(environ: Mapping[str, str], name: str) -> int:
+    raw = _required(environ, name)
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ConfigError(f"environment variable {name} must be a TCP port, got {raw!r}")
+    return int(raw)
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "true").strip().lower()
+    if raw not in {"true", "false"}:
+        raise ConfigError(f"environment variable {name} must be true or false, got {raw!r}")
+    return raw == "true"

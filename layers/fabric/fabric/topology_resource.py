@@ -1,0 +1,63 @@
+"""The topology custom resource's logic: apply, update or remove the broker topology.
+
+Settings come from the function's environment (set by the stack): ``MANAGEMENT_URL`` (the
+broker's console URL), ``ADMIN_SECRET_ARN`` (the broker admin), ``USER_SECRET_ARNS`` (JSON
+object: broker user name -> secret ARN), ``FABRIC_ENV`` and, optionally, ``RABBITMQ_VHOST``
+(default ``/``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fabric.adapters.management import ManagementClient
+from fabric.adapters.secrets import SecretCredentials
+from fabric.errors import ConfigError
+from fabric.routing import default_routing_table
+from fabric.topology import definitions
+from fabric.topology_apply import ApplyReport, ManagementApi, apply_topology, delete_topology
+
+
+def on_event(
+    request_type: str,
+    environ: Mapping[str, str],
+    *,
+    client_factory: Callable[[str, str, str], ManagementApi] = ManagementClient,
+    secrets_client: Callable[[], Any] | None = None,
+) -> tuple[str, dict[str, str]]:
+    """Handle one CloudFormation request; returns (physical id, response data).
+
+    Raises:
+        ConfigError: a setting is missing, or a definition differs in a way that needs an
+            operator (a quorum queue argument changed: ``fabric topology diff`` explains).
+        ManagementApiError: the broker's management API refused or could not be reached.
+    """
+    try:
+        url = environ["MANAGEMENT_URL"]
+        user_secrets: dict[str, str] = json.loads(environ["USER_SECRET_ARNS"])
+        environment = environ["FABRIC_ENV"]
+        admin_arn = environ["ADMIN_SECRET_ARN"]
+        vhost = environ.get("RABBITMQ_VHOST") or "/"
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"topology resource setting missing or malformed: {exc}") from None
+    make_secrets = secrets_client or _secrets_manager
+    admin_user, admin_password = SecretCredentials(admin_arn, make_secrets)()
+    client = client_factory(url, admin_user, admin_password)
+    document = definitions(default_routing_table(), vhost=vhost)
+    physical_id = f"fabric-{environment}-topology"
+    if request_type == "Delete":
+        report = delete_topology(client, document, vhost)
+        return physical_id, {"Deleted": str(len(report.deleted)), "Kept": str(len(report.kept))}
+    passwords = {
+        name: SecretCredentials(arn, make_secrets)()[1] for name, arn in user_secrets.items()
+    }
+    applied: ApplyReport = apply_topology(client, document, passwords=passwords, vhost=vhost)
+    return physical_id, {"Changes": str(len(applied.applied)), "Extra": str(len(applied.extra))}
+
+
+def _secrets_manager() -> Any:
+    import boto3
+
+    return boto3.client("secretsmanager")

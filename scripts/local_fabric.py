@@ -1,0 +1,492 @@
+"""The local fabric: the dev router in-process on the real local RabbitMQ and an embedded moto.
+
+What it does, in order:
+
+1. starts moto's server on a free loopback port (the AWS emulator) and points boto3 at it;
+2. reads the synthesized dev templates and creates in moto what the router needs from them: the
+   messages KMS key and one Secrets Manager secret per broker user;
+3. applies the topology generated from the routing table to the local RabbitMQ, in its own
+   vhost, with those users' passwords, through the management API (as the custom resource does);
+4. builds the router from the environment variables the dev template gives the router function,
+   with the broker's address replaced by the local one (printed);
+5. plays a scenario through the three entry points, consumes every stakeholder queue as that
+   stakeholder's own broker user, and prints what arrived where, with latencies, and every
+   rejection with its reason.
+
+Usage: python scripts/local_fabric.py [cdk.out] [--keep]   (--keep leaves the vhost for a look)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+
+ROOT = Path(__file__).resolve().parent.parent
+REGION = "ap-southeast-3"
+LOCAL_VHOST = "fabric-dev-local"
+MANAGEMENT_URL = "http://127.0.0.1:15672"
+ROUTER_DESCRIPTION = "validates, protects and routes messages"
+
+
+# -- the synthesized templates ----------------------------------------------------------------
+
+
+def dev_templates(assembly: Path) -> dict[str, dict[str, Any]]:
+    """The dev stage's templates by stack id (``Stateful``, ``Services``)."""
+    stage = assembly / "assembly-dev"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    templates = {}
+    for artifact in manifest["artifacts"].values():
+        if artifact["type"] == "aws:cloudformation:stack":
+            stack_id = artifact["displayName"].split("/")[-1]
+            path = stage / artifact["properties"]["templateFile"]
+            templates[stack_id] = json.loads(path.read_text())
+    return templates
+
+
+class Resolver:
+    """Resolves the intrinsics of the router's environment against local stand-ins."""
+
+    def __init__(self, templates: dict[str, dict[str, Any]], physical: dict[str, str]) -> None:
+        self._templates = templates
+        self._physical = physical  # logical id -> local ARN / value
+
+    def resolve(self, value: Any) -> Any:
+        if isinstance(value, str | int | float):
+            return str(value)
+        (function, argument), *_ = value.items()
+        if function == "Ref":
+            return {"AWS::Region": REGION, "AWS::URLSuffix": "amazonaws.com"}.get(
+                argument, self._physical.get(argument, f"<{argument}>")
+            )
+        if function == "Fn::GetAtt":
+            return self._physical.get(argument[0], f"<{argument[0]}.{argument[1]}>")
+        if function == "Fn::Join":
+            return argument[0].join(self.resolve(part) for part in argument[1])
+        if function == "Fn::GetStackOutput":
+            output = self._templates["Stateful"]["Outputs"][argument["OutputName"]]
+            return self.resolve(output["Value"])
+        if function == "Fn::ImportValue":
+            for output in self._templates["Stateful"]["Outputs"].values():
+                if output.get("Export", {}).get("Name") == argument:
+                    return self.resolve(output["Value"])
+        raise ValueError(f"cannot resolve {function} locally")
+
+
+def router_environment(templates: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The raw ``Environment.Variables`` of the router function in the Services template."""
+    for resource in templates["Services"]["Resources"].values():
+        props = resource.get("Properties", {})
+        if resource["Type"] == "AWS::Lambda::Function" and ROUTER_DESCRIPTION in str(
+            props.get("Description")
+        ):
+            return dict(props["Environment"]["Variables"])
+    raise LookupError("no router function in the dev Services template")
+
+
+# -- moto --------------------------------------------------------------------------------------
+
+
+def start_moto() -> Any:
+    """Start moto's server on a free loopback port and point boto3 at it (fake credentials)."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per AWS call
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "local",
+            "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_REGION": REGION,
+        }
+    )
+    return server
+
+
+def create_aws_resources(
+    templates: dict[str, dict[str, Any]],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Create the messages key and the broker users' secrets; (logical id -> ARN, user -> pwd)."""
+    import boto3
+
+    stateful = templates["Stateful"]["Resources"]
+    kms = boto3.client("kms")
+    manager = boto3.client("secretsmanager")
+    physical: dict[str, str] = {}
+    passwords: dict[str, str] = {}
+    for logical_id, resource in stateful.items():
+        props = resource.get("Properties", {})
+        if resource["Type"] == "AWS::KMS::Key" and "restricted payloads" in props.get(
+            "Description", ""
+        ):
+            physical[logical_id] = kms.create_key(Description=props["Description"])["KeyMetadata"][
+                "Arn"
+            ]
+        if resource["Type"] == "AWS::SecretsManager::Secret":
+            template = json.loads(props["GenerateSecretString"]["SecretStringTemplate"])
+            username = template["username"]
+            password = secrets.token_urlsafe(24)
+            passwords[username] = password
+            arn = manager.create_secret(
+                Name=f"fabric-dev-local/{username}",
+                SecretString=json.dumps({"username": username, "password": password}),
+            )["ARN"]
+            physical[logical_id] = arn
+    return physical, passwords
+
+
+# -- the broker ----------------------------------------------------------------------------------
+
+
+def apply_local_topology(passwords: dict[str, str]) -> dict[str, Any]:
+    """Apply the routing table's topology to LOCAL_VHOST on the local broker (fresh each run)."""
+    from fabric.adapters.management import ManagementClient
+    from fabric.routing import default_routing_table
+    from fabric.topology import definitions
+    from fabric.topology_apply import apply_topology
+
+    client = ManagementClient(MANAGEMENT_URL, "guest", "guest")
+    client.delete_vhost(LOCAL_VHOST)
+    document = definitions(default_routing_table(), vhost=LOCAL_VHOST)
+    known = {user["name"] for user in document["users"]}
+    apply_topology(
+        client,
+        document,
+        passwords={name: pwd for name, pwd in passwords.items() if name in known},
+        vhost=LOCAL_VHOST,
+    )
+    return document
+
+
+def drop_local_topology(document: dict[str, Any]) -> None:
+    """Remove the local vhost and the users the run created."""
+    from fabric.adapters.management import ManagementClient
+
+    client = ManagementClient(MANAGEMENT_URL, "guest", "guest")
+    client.delete_vhost(LOCAL_VHOST)
+    for user in document["users"]:
+        client.delete_user(user["name"])
+
+
+# -- the scenario --------------------------------------------------------------------------------
+
+
+def envelope(topic: str, payload: Any, **fields: Any) -> dict[str, Any]:
+    return {"message_id": str(uuid.uuid4()), "topic": topic, "payload": payload, **fields}
+
+
+def http_event(body: Any, group: str) -> dict[str, Any]:
+    return {
+        "version": "2.0",
+        "routeKey": "POST /v1/messages",
+        "requestContext": {"authorizer": {"jwt": {"claims": {"fabric:group": group}}}},
+        "body": body if isinstance(body, str) else json.dumps(body),
+        "isBase64Encoded": False,
+    }
+
+
+def sqs_event(bodies: list[str], group: str, prefix: str) -> dict[str, Any]:
+    arn = f"arn:aws:sqs:{REGION}:000000000000:{prefix}{group}"
+    return {
+        "Records": [
+            {"messageId": f"sqs-{i}", "body": body, "eventSource": "aws:sqs", "eventSourceARN": arn}
+            for i, body in enumerate(bodies)
+        ]
+    }
+
+
+def play(runtime: Any, function_arn: str) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
+    """Run the scenario; (message id -> time it was handed to the router, rejections)."""
+    from fabric.entrypoints import dispatch
+
+    sent: dict[str, float] = {}
+    rejected: list[tuple[str, str, str]] = []
+    prefix = runtime.settings.ingest_queue_prefix
+    now = datetime.now(UTC)
+
+    def record(
+        label: str, items: list[dict[str, Any]], results: list[dict[str, Any]], at: float
+    ) -> None:
+        for _item, result in zip(items, results, strict=True):
+            if result["status"] == "accepted":
+                sent[result["message_id"]] = at
+            else:
+                rejected.append(
+                    (label, result.get("reason", "?"), str(result.get("detail", ""))[:70])
+                )
+
+    # 1. An emergency: a child reported missing, from a community worker's app over HTTPS.
+    alert = envelope(
+        "child-safety.incident.reported",
+        {"summary": "child reported missing near SDN 05 school", "child_name": "Siti R.", "age": 9},
+        priority="emergency",
+        classification="restricted",
+        occurred_at=now.isoformat(),
+    )
+    started = time.monotonic()
+    response = dispatch(http_event(alert, "community"), function_arn, runtime)
+    record("https/community", [alert], json.loads(response["body"])["results"], started)
+    print(f"  emergency alert over HTTPS: HTTP {response['statusCode']}")
+
+    # 2. A restricted case update from the government case system, by direct invoke (its alias).
+    update = envelope(
+        "case.assessment.updated",
+        {"case": "C-2026-0001", "risk": "high", "social_worker": "W-118"},
+        classification="restricted",
+    )
+    started = time.monotonic()
+    result = dispatch({"messages": [update]}, f"{function_arn}:government", runtime)
+    record("direct/government", [update], result["results"], started)
+    print(f"  restricted case update by direct invoke: {result['accepted']} accepted")
+
+    # 3. A bulk volunteer campaign from business partners over SQS ingest, 300 messages.
+    campaign = [
+        envelope(
+            "volunteer.opportunity.posted", {"role": "reading buddy", "slot": i}, priority="bulk"
+        )
+        for i in range(300)
+    ]
+    bodies = [json.dumps(m) for m in campaign]
+    for start in range(0, len(bodies), 10):
+        batch = bodies[start : start + 10]
+        started = time.monotonic()
+        failures = dispatch(sqs_event(batch, "business", prefix), function_arn, runtime)
+        if failures["batchItemFailures"]:
+            raise RuntimeError(f"SQS batch failures: {failures}")
+        for body in batch:
+            sent[json.loads(body)["message_id"]] = started
+    print(f"  bulk volunteer campaign over SQS ingest: {len(campaign)} messages, no batch failures")
+
+    # 4. A media story under embargo, from the government press office.
+    story = envelope(
+        "media.story.published",
+        {"headline": "New child-protection hotline for Jakarta"},
+        classification="public",
+        embargo_until=(now + timedelta(hours=6)).isoformat(),
+    )
+    started = time.monotonic()
+    result = dispatch({"messages": [story]}, f"{function_arn}:government", runtime)
+    record("direct/government", [story], result["results"], started)
+
+    # 5. A second emergency, now that connections and data keys are warm: a public alert to all.
+    public_alert = envelope(
+        "child-safety.alert.public",
+        {"message": "AMBER alert lifted: the child has been found safe"},
+        priority="emergency",
+        classification="public",
+    )
+    started = time.monotonic()
+    result = dispatch({"messages": [public_alert]}, f"{function_arn}:government", runtime)
+    record("direct/government", [public_alert], result["results"], started)
+
+    # 6. What producers get wrong.
+    duplicate = envelope("donation.received", {"amount_idr": 250000})
+    invalid = [
+        envelope("donation.received", {"amount_idr": 100000}, priority="urgent"),
+        {"topic": "Donation Received", "payload": {}},
+        envelope("case.assessment.updated", {"case": "C-1"}, classification="restricted"),
+        envelope("research.dataset.synced", {"blob": "x" * 270_000}),
+        duplicate,
+        duplicate,
+    ]
+    started = time.monotonic()
+    response = dispatch(http_event({"messages": invalid}, "community"), function_arn, runtime)
+    record("https/community", invalid, json.loads(response["body"])["results"], started)
+    response = dispatch(http_event("{not json", "business"), function_arn, runtime)
+    record("https/business", [{}], json.loads(response["body"])["results"], started)
+    print(f"  invalid messages over HTTPS: HTTP {response['statusCode']} for the malformed body")
+    return sent, rejected
+
+
+class Consumers:
+    """One consumer thread per stakeholder group, as that group's own broker user, recording
+    when each message arrives (for end-to-end latency from the router call)."""
+
+    def __init__(self, passwords: dict[str, str]) -> None:
+        from fabric.stakeholders import STAKEHOLDERS
+
+        self.arrived: dict[str, list[tuple[str, dict[str, Any], float]]] = defaultdict(list)
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(group, passwords), daemon=True)
+            for group in STAKEHOLDERS
+        ]
+        self._ready = threading.Barrier(len(self._threads) + 1)
+
+    def __enter__(self) -> Consumers:
+        for thread in self._threads:
+            thread.start()
+        self._ready.wait(timeout=10)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def wait_for(self, message_ids: set[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = {mid for queue in list(self.arrived.values()) for mid, _, _ in list(queue)}
+            if message_ids <= seen:
+                return
+            time.sleep(0.05)
+
+    def _run(self, group: Any, passwords: dict[str, str]) -> None:
+        from fabric.topology import queue_name, user_name
+
+        user = user_name(group)
+        connection = pika.BlockingConnection(
+            pika.ConnectionParameters(
+                "127.0.0.1", 5672, LOCAL_VHOST, pika.PlainCredentials(user, passwords[user])
+            )
+        )
+        channel = connection.channel()
+        for emergency in (True, False):
+            queue = queue_name(group, emergency=emergency)
+
+            def on_message(
+                ch: Any, method: Any, properties: Any, body: bytes, queue: str = queue
+            ) -> None:
+                self.arrived[queue].append(
+                    (properties.message_id, json.loads(body), time.monotonic())
+                )
+                ch.basic_ack(method.delivery_tag)
+
+            channel.basic_consume(queue, on_message)
+        self._ready.wait(timeout=10)
+        while not self._stop.is_set():
+            connection.process_data_events(time_limit=0.02)
+        connection.close()
+
+
+def access_refused(passwords: dict[str, str]) -> bool:
+    """Whether the media user is refused the government queue (it must be)."""
+    from fabric.stakeholders import Stakeholder
+    from fabric.topology import queue_name, user_name
+
+    user = user_name(Stakeholder.MEDIA)
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            "127.0.0.1", 5672, LOCAL_VHOST, pika.PlainCredentials(user, passwords[user])
+        )
+    )
+    try:
+        connection.channel().basic_get(queue_name(Stakeholder.GOVERNMENT), auto_ack=False)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        return exc.reply_code == 403
+    finally:
+        if connection.is_open:
+            connection.close()
+    return False
+
+
+def main(argv: list[str]) -> int:
+    """Run the local fabric once and print the report; exit 1 if anything was lost."""
+    assembly = Path(next((a for a in argv[1:] if not a.startswith("--")), "cdk.out"))
+    templates = dev_templates(assembly)
+    server = start_moto()
+    document: dict[str, Any] | None = None
+    try:
+        physical, passwords = create_aws_resources(templates)
+        document = apply_local_topology(passwords)
+        raw_environment = router_environment(templates)
+        resolver = Resolver(templates, physical)
+        environment = {name: resolver.resolve(value) for name, value in raw_environment.items()}
+        local = {
+            "RABBITMQ_HOST": "127.0.0.1",
+            "RABBITMQ_PORT": "5672",
+            "RABBITMQ_TLS": "false",
+            "RABBITMQ_VHOST": LOCAL_VHOST,
+        }
+        print("== local fabric (dev template, local RabbitMQ, embedded moto)")
+        for name, value in sorted(environment.items()):
+            shown = local.get(name, value)
+            note = f"   (template: {value})" if name in local else ""
+            print(f"   {name}={shown}{note}")
+        environment.update(local)
+
+        from fabric.bootstrap import router_runtime
+        from fabric.protection import encryption_context, open_payload
+
+        runtime = router_runtime(environment)
+        function_arn = f"arn:aws:lambda:{REGION}:000000000000:function:fabric-dev-router"
+        print("== scenario")
+        with Consumers(passwords) as consumers:
+            sent, rejected = play(runtime, function_arn)
+            consumers.wait_for(set(sent), timeout=10)
+        arrived = consumers.arrived
+        report(arrived, sent, rejected)
+
+        cipher = runtime.router._cipher
+        for _, message, _ in arrived.get("fabric.government.emergency", [])[:1]:
+            context = encryption_context(
+                message_id=message["message_id"], source=message["source"], environment="dev"
+            )
+            payload = json.loads(open_payload(cipher, message["payload"], context))
+            print(f"   government decrypts the emergency alert: summary={payload['summary']!r}")
+        print(f"   media user reading the government queue is refused: {access_refused(passwords)}")
+
+        delivered = {message_id for queue in arrived.values() for message_id, _, _ in queue}
+        lost = set(sent) - delivered
+        delivered_count = len(sent) - len(lost)
+        print(f"== accepted {len(sent)}, delivered to a queue {delivered_count}, lost {len(lost)}")
+        return 1 if lost else 0
+    finally:
+        if document is not None and "--keep" not in argv:
+            drop_local_topology(document)
+        server.stop()
+
+
+def report(
+    arrived: dict[str, list[tuple[str, dict[str, Any], float]]],
+    sent: dict[str, float],
+    rejected: list[tuple[str, str, str]],
+) -> None:
+    """Print per queue what arrived (by topic) with latency from router call to consumer."""
+    print("== delivered, per stakeholder queue (consumed as that stakeholder's broker user)")
+    print("   latency: router call to consumer; the first message of the run also pays the cold")
+    print("   start (broker connection, KMS data key, Encryption SDK import)")
+    for queue in sorted(arrived):
+        messages = arrived[queue]
+        topics = Counter(message["topic"] for _, message, _ in messages)
+        latencies = [(at - sent[mid]) * 1000 for mid, _, at in messages if mid in sent]
+        encrypted = sum(
+            isinstance(m["payload"], dict) and "encrypted" in m["payload"] for _, m, _ in messages
+        )
+        summary = ", ".join(f"{topic} x{count}" for topic, count in sorted(topics.items()))
+        lat = (
+            f"latency p50 {statistics.median(latencies):.1f} ms, max {max(latencies):.1f} ms"
+            if latencies
+            else ""
+        )
+        print(f"   {queue:32s} {len(messages):4d}  {summary}  [{lat}; encrypted {encrypted}]")
+    print("== rejected (reason, detail)")
+    for label, reason, detail in rejected:
+        print(f"   {label:20s} {reason:24s} {detail}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

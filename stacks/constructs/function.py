@@ -1,0 +1,206 @@
+"""Lambda defaults in one place: every fabric function is built by ``FabricFunction``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from stacks.nag import acknowledge, ignore_cfn_lint
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNTIME = lambda_.Runtime.PYTHON_3_14
+ARCHITECTURE = lambda_.Architecture.ARM_64
+# Built by scripts/build_assets.py (pip --platform, no Docker) before any synth.
+DEPS_LAYER_DIR = ROOT / "build" / "layers" / "deps"
+FABRIC_LAYER_DIR = ROOT / "build" / "layers" / "fabric"
+
+
+@dataclass(frozen=True)
+class FunctionPlatform:
+    """What every function shares: network, layers, keys for logs and queues, log retention."""
+
+    vpc: ec2.IVpc
+    subnets: ec2.SubnetSelection
+    security_group: ec2.ISecurityGroup
+    layers: tuple[lambda_.ILayerVersion, ...]
+    logs_key: kms.IKey
+    queues_key: kms.IKey
+    log_retention: logs.RetentionDays
+    removal_policy: RemovalPolicy
+
+
+def build_layers(scope: Construct, env_name: str) -> tuple[lambda_.ILayerVersion, ...]:
+    """The dependency layer and the fabric library layer, from the prebuilt directories.
+
+    Raises:
+        FileNotFoundError: the layers were not built (run ``make assets``).
+    """
+    for directory in (DEPS_LAYER_DIR, FABRIC_LAYER_DIR):
+        if not (directory / "python").is_dir():
+            raise FileNotFoundError(f"{directory} is missing: run `make assets` first")
+    return tuple(
+        lambda_.LayerVersion(
+            scope,
+            name,
+            code=lambda_.Code.from_asset(str(directory)),
+            compatible_runtimes=[RUNTIME],
+            compatible_architectures=[ARCHITECTURE],
+            description=f"Messaging Fabric {env_name}: {what}",
+        )
+        for name, directory, what in (
+            ("DepsLayer", DEPS_LAYER_DIR, "pinned runtime dependencies (pika, Encryption SDK)"),
+            ("FabricLayer", FABRIC_LAYER_DIR, "the fabric library"),
+        )
+    )
+
+
+class FabricFunction(Construct):
+    """A fabric Lambda function with the platform defaults.
+
+    Python 3.14 on arm64; JSON logs into its own KMS-encrypted log group with the environment's
+    retention; X-Ray tracing; inside the VPC's private subnets with the functions' security group;
+    reserved concurrency; a KMS-encrypted dead-letter queue for failed asynchronous invocations;
+    its own role, whose only AWS-side permissions are the ENI actions Lambda needs in a VPC and
+    writing to its own log group. Everything else is granted by the stack that uses it.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        platform: FunctionPlatform,
+        code_dir: str,
+        description: str,
+        environment: dict[str, str],
+        reserved_concurrency: int,
+        timeout: Duration,
+        memory_size: int = 512,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.log_group = logs.LogGroup(
+            self,
+            "Logs",
+            encryption_key=platform.logs_key,
+            retention=platform.log_retention,
+            removal_policy=platform.removal_policy,
+        )
+        self.dead_letter_queue = sqs.Queue(
+            self,
+            "AsyncDlq",
+            encryption=sqs.QueueEncryption.KMS,
+            encryption_master_key=platform.queues_key,
+            enforce_ssl=True,
+            retention_period=Duration.days(14),
+            removal_policy=platform.removal_policy,
+        )
+        acknowledge(
+            self.dead_letter_queue,
+            "AwsSolutions-SQS3",
+            "This queue is itself the dead-letter queue of a Lambda function's asynchronous "
+            "invocations; the function's DeadLetterConfig points here, which cdk-nag does not see.",
+        )
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"{description} (Lambda execution role)",
+        )
+        iam.ManagedPolicy(
+            self,
+            "Basics",
+            roles=[self.role],
+            statements=[
+                iam.PolicyStatement(
+                    sid="OwnLogGroup",
+                    actions=["logs:CreateLogStream", "logs:PutLogEvents"],
+                    resources=[self.log_group.log_group_arn],
+                ),
+                iam.PolicyStatement(
+                    sid="VpcNetworkInterfaces",
+                    actions=[
+                        "ec2:CreateNetworkInterface",
+                        "ec2:DescribeNetworkInterfaces",
+                        "ec2:DeleteNetworkInterface",
+                        "ec2:AssignPrivateIpAddresses",
+                        "ec2:UnassignPrivateIpAddresses",
+                    ],
+                    resources=["*"],
+                ),
+            ],
+        )
+        acknowledge(
+            self,
+            "AwsSolutions-IAM5[Resource::*]",
+            "Only for actions that support no resource-level permissions: the EC2 "
+            "network-interface actions Lambda needs to run in a VPC, and X-Ray's "
+            "PutTraceSegments and PutTelemetryRecords for tracing.",
+        )
+        for rule in ("HIPAA.Security-IAMNoInlinePolicy", "NIST.800.53.R5-IAMNoInlinePolicy"):
+            acknowledge(
+                self.role,
+                rule,
+                "The inline default policy holds only CDK grants for this one function, each "
+                "scoped to the exact resource it uses; a managed policy per grant adds nothing.",
+            )
+        self.function = lambda_.Function(
+            self,
+            "Function",
+            runtime=RUNTIME,
+            architecture=ARCHITECTURE,
+            handler="handler.handler",
+            code=lambda_.Code.from_asset(str(ROOT / code_dir), exclude=["__pycache__"]),
+            description=description,
+            layers=list(platform.layers),
+            environment=environment,
+            role=self.role,
+            vpc=platform.vpc,
+            vpc_subnets=platform.subnets,
+            security_groups=[platform.security_group],
+            allow_public_subnet=False,
+            reserved_concurrent_executions=reserved_concurrency,
+            timeout=timeout,
+            memory_size=memory_size,
+            tracing=lambda_.Tracing.ACTIVE,
+            logging_format=lambda_.LoggingFormat.JSON,
+            log_group=self.log_group,
+            dead_letter_queue=self.dead_letter_queue,
+        )
+        # CDK makes the function depend on its role next to a GetAtt of the role's ARN.
+        ignore_cfn_lint(self.function.node.find_child("Resource"), "W3005")
+
+    def allow_secret_read(self, secret: secretsmanager.ISecret, key: kms.IKey) -> None:
+        """Let the function read ``secret``, encrypted with ``key``, through Secrets Manager.
+
+        Written as identity-policy statements on the function's role: CDK's ``grant_read``
+        would put the KMS part into the key's policy (a ViaService principal cannot carry an
+        identity statement), and the key lives in the stateful stack, which must not refer back
+        to the functions' stack.
+        """
+        self.role.add_to_principal_policy(
+            iam.PolicyStatement(
+                actions=["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"],
+                resources=[secret.secret_arn],
+            )
+        )
+        self.role.add_to_principal_policy(
+            iam.PolicyStatement(
+                actions=["kms:Decrypt"],
+                resources=[key.key_arn],
+                conditions={
+                    "StringEquals": {
+                        "kms:ViaService": f"secretsmanager.{Stack.of(self).region}.amazonaws.com"
+                    }
+                },
+            )
+        )

@@ -1,0 +1,74 @@
+"""SQS ingest: one queue per stakeholder group, whose identity the router takes from the queue."""
+
+from __future__ import annotations
+
+from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+
+# Messages that stay `unavailable` (both transports down) are retried this many times, spaced by
+# the visibility timeout, before they are parked in the DLQ.
+_MAX_RECEIVE_COUNT = 20
+# Six times the router's timeout, as AWS recommends for Lambda event sources.
+_VISIBILITY_TIMEOUT = Duration.seconds(180)
+
+
+class IngestQueues(Construct):
+    """``fabric-<env>-ingest-<group>`` queues, each with a DLQ that admits only its source.
+
+    Producers of a group are given ``sqs:SendMessage`` on their group's queue only; the router
+    reads the group from the queue a record came from, never from the message body.
+    """
+
+    prefix_template = "fabric-{env}-ingest-"
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        env_name: str,
+        key: kms.IKey,
+        removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.prefix = self.prefix_template.format(env=env_name)
+        self.queues: dict[Stakeholder, sqs.Queue] = {}
+        for group in STAKEHOLDERS:
+            name = f"{self.prefix}{group.value}"
+            construct = group.value.capitalize()
+            source = sqs.Queue.from_queue_arn(self, f"{construct}Source", self._arn(name))
+            dead_letter_queue = sqs.Queue(
+                self,
+                f"{construct}Dlq",
+                queue_name=f"{name}-dlq",
+                encryption=sqs.QueueEncryption.KMS,
+                encryption_master_key=key,
+                enforce_ssl=True,
+                retention_period=Duration.days(14),
+                redrive_allow_policy=sqs.RedriveAllowPolicy(
+                    redrive_permission=sqs.RedrivePermission.BY_QUEUE, source_queues=[source]
+                ),
+                removal_policy=removal_policy,
+            )
+            self.queues[group] = sqs.Queue(
+                self,
+                construct,
+                queue_name=name,
+                encryption=sqs.QueueEncryption.KMS,
+                encryption_master_key=key,
+                data_key_reuse=Duration.minutes(5),
+                enforce_ssl=True,
+                retention_period=Duration.days(14),
+                visibility_timeout=_VISIBILITY_TIMEOUT,
+                dead_letter_queue=sqs.DeadLetterQueue(
+                    queue=dead_letter_queue, max_receive_count=_MAX_RECEIVE_COUNT
+                ),
+                removal_policy=removal_policy,
+            )
+
+    def _arn(self, name: str) -> str:
+        return Stack.of(self).format_arn(service="sqs", resource=name)

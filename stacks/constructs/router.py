@@ -1,0 +1,171 @@
+"""The router function and its three entry points: aliases, the HTTPS API, SQS ingest."""
+
+from __future__ import annotations
+
+import jsii
+from aws_cdk import Duration
+from aws_cdk import aws_apigateway as apigw_v1
+from aws_cdk import aws_apigatewayv2 as apigw
+from aws_cdk import aws_apigatewayv2_authorizers as authorizers
+from aws_cdk import aws_apigatewayv2_integrations as integrations
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_lambda_event_sources as event_sources
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+from stacks.config import ApiConfig, RouterConfig
+from stacks.constructs.function import FabricFunction, FunctionPlatform
+
+AMQPS_PORT = "5671"
+ROUTER_TIMEOUT = Duration.seconds(30)
+
+
+class Router(Construct):
+    """The router Lambda (``lambdas/router``), reachable three ways, each naming the caller.
+
+    - **Direct invoke** through the alias of a stakeholder group (``<function>:<group>``); only
+      the IAM roles configured as that group's producers may invoke it.
+    - **HTTPS**: ``POST /v1/messages`` on an HTTP API with a JWT authorizer; the group is a claim
+      of the verified token.
+    - **SQS**: one event source per group's ingest queue, with partial batch failures.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        env_name: str,
+        platform: FunctionPlatform,
+        config: RouterConfig,
+        api: ApiConfig,
+        producers: dict[str, tuple[str, ...]],
+        broker_host: str,
+        broker_secret: secretsmanager.ISecret,
+        secrets_key: kms.IKey,
+        messages_key: kms.IKey,
+        ingest_queues: dict[Stakeholder, sqs.IQueue],
+        ingest_prefix: str,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.function = FabricFunction(
+            self,
+            "Router",
+            platform=platform,
+            code_dir="lambdas/router",
+            description=f"Messaging Fabric {env_name}: validates, protects and routes messages",
+            environment={
+                "FABRIC_ENV": env_name,
+                "RABBITMQ_HOST": broker_host,
+                "RABBITMQ_PORT": AMQPS_PORT,
+                "RABBITMQ_TLS": "true",
+                "RABBITMQ_VHOST": "/",
+                "RABBITMQ_SECRET_ARN": broker_secret.secret_arn,
+                "MESSAGES_KEY_ARN": messages_key.key_arn,
+                "FABRIC_IDENTITY_CLAIM": api.identity_claim,
+                "FABRIC_INGEST_QUEUE_PREFIX": ingest_prefix,
+            },
+            reserved_concurrency=config.reserved_concurrency,
+            timeout=ROUTER_TIMEOUT,
+            memory_size=config.memory_mb,
+        )
+        function = self.function.function
+        self.function.allow_secret_read(broker_secret, secrets_key)
+        messages_key.grant(function, "kms:GenerateDataKey")
+
+        version = function.current_version
+        for group in STAKEHOLDERS:
+            alias = lambda_.Alias(
+                self, f"{group.value.capitalize()}Alias", alias_name=group.value, version=version
+            )
+            for index, role_arn in enumerate(producers.get(group.value, ())):
+                producer = iam.Role.from_role_arn(self, f"{group.value}Producer{index}", role_arn)
+                alias.grant_invoke(producer)
+
+        for queue in ingest_queues.values():
+            function.add_event_source(
+                event_sources.SqsEventSource(
+                    queue,
+                    batch_size=10,
+                    max_batching_window=Duration.seconds(1),
+                    report_batch_item_failures=True,
+                )
+            )
+
+        self.api = self._http_api(env_name, api, function, platform)
+
+    def _http_api(
+        self, env_name: str, api: ApiConfig, function: lambda_.IFunction, platform: FunctionPlatform
+    ) -> apigw.HttpApi:
+        authorizer = authorizers.HttpJwtAuthorizer(
+            "Jwt",
+            jwt_issuer=api.jwt_issuer,
+            jwt_audience=list(api.jwt_audience),
+            identity_source=["$request.header.Authorization"],
+        )
+        http_api = apigw.HttpApi(
+            self,
+            "Api",
+            api_name=f"fabric-{env_name}",
+            description=f"Messaging Fabric {env_name}: producers' HTTPS entry point",
+            create_default_stage=False,
+            disable_execute_api_endpoint=False,
+        )
+        http_api.add_routes(
+            path="/v1/messages",
+            methods=[apigw.HttpMethod.POST],
+            integration=integrations.HttpLambdaIntegration("Router", function),
+            authorizer=authorizer,
+        )
+        access_logs = logs.LogGroup(
+            self,
+            "ApiAccessLogs",
+            encryption_key=platform.logs_key,
+            retention=platform.log_retention,
+            removal_policy=platform.removal_policy,
+        )
+        apigw.HttpStage(
+            self,
+            "Stage",
+            http_api=http_api,
+            stage_name="$default",
+            auto_deploy=True,
+            throttle=apigw.ThrottleSettings(
+                rate_limit=api.throttle_rate, burst_limit=api.throttle_burst
+            ),
+            access_log_settings=_AccessLogs(
+                apigw.LogGroupLogDestination(access_logs),
+                apigw_v1.AccessLogFormat.custom(
+                    '{"requestId":"$context.requestId","ip":"$context.identity.sourceIp",'
+                    '"requestTime":"$context.requestTime","routeKey":"$context.routeKey",'
+                    '"status":"$context.status","responseLength":"$context.responseLength",'
+                    '"integrationStatus":"$context.integrationStatus",'
+                    '"principal":"$context.authorizer.claims.sub"}'
+                ),
+            ),
+        )
+        return http_api
+
+
+@jsii.implements(apigw.IAccessLogSettings)
+class _AccessLogs:
+    """Access-log settings of an HTTP API stage (a jsii interface, so a small class)."""
+
+    def __init__(
+        self, destination: apigw.IAccessLogDestination, log_format: apigw_v1.AccessLogFormat
+    ) -> None:
+        self._destination = destination
+        self._format = log_format
+
+    @property
+    def destination(self) -> apigw.IAccessLogDestination:
+        return self._destination
+
+    @property
+    def format(self) -> apigw_v1.AccessLogFormat:
+        return self._format

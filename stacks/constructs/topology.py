@@ -1,0 +1,66 @@
+"""The topology custom resource: applies the broker's exchanges, queues and users at deploy time."""
+
+from __future__ import annotations
+
+import json
+
+from aws_cdk import CustomResource, Duration
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_secretsmanager as secretsmanager
+from constructs import Construct
+
+from stacks.constructs.function import FabricFunction, FunctionPlatform
+
+
+class BrokerTopology(Construct):
+    """A Lambda-backed custom resource running ``lambdas/topology``.
+
+    On create and update it applies the topology generated from the routing table, with the
+    users' passwords from their secrets, through the RabbitMQ management API (the only way
+    Amazon MQ offers); on delete it removes users and permissions and leaves queues that still
+    hold messages. ``topology_digest`` changes whenever the generated topology does, so that
+    CloudFormation re-applies it.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        env_name: str,
+        platform: FunctionPlatform,
+        management_url: str,
+        admin_secret: secretsmanager.ISecret,
+        user_secrets: dict[str, secretsmanager.ISecret],
+        secrets_key: kms.IKey,
+        topology_digest: str,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.function = FabricFunction(
+            self,
+            "Apply",
+            platform=platform,
+            code_dir="lambdas/topology",
+            description=f"Messaging Fabric {env_name}: applies the RabbitMQ topology",
+            environment={
+                "FABRIC_ENV": env_name,
+                "MANAGEMENT_URL": management_url,
+                "ADMIN_SECRET_ARN": admin_secret.secret_arn,
+                "USER_SECRET_ARNS": json.dumps(
+                    {name: secret.secret_arn for name, secret in sorted(user_secrets.items())}
+                ),
+            },
+            reserved_concurrency=1,
+            timeout=Duration.minutes(5),
+            memory_size=256,
+        )
+        function = self.function.function
+        for secret in (admin_secret, *user_secrets.values()):
+            self.function.allow_secret_read(secret, secrets_key)
+        self.resource = CustomResource(
+            self,
+            "Topology",
+            service_token=function.function_arn,
+            resource_type="Custom::FabricTopology",
+            properties={"TopologyDigest": topology_digest},
+        )

@@ -1,0 +1,83 @@
+"""The stateless stack: the fabric's functions, their entry points, and the topology resource."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from aws_cdk import Environment, Fn, Stack
+from constructs import Construct
+
+from stacks.config import EnvironmentConfig
+from stacks.constructs.function import FunctionPlatform, build_layers
+from stacks.constructs.router import Router
+from stacks.constructs.topology import BrokerTopology
+from stacks.stateful_stack import StatefulStack
+
+
+class ServicesStack(Stack):
+    """Functions, APIs and deploy-time custom resources; receives stateful resources as props.
+
+    Deleting and redeploying this stack loses no data: everything that holds messages, keys or
+    credentials lives in the stateful stack.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: EnvironmentConfig,
+        stateful: StatefulStack,
+        topology: dict[str, object],
+        router_user: str,
+    ) -> None:
+        super().__init__(
+            scope,
+            construct_id,
+            env=Environment(account=config.account, region=config.region),
+            description=f"Messaging Fabric {config.name}: functions and entry points",
+            termination_protection=config.termination_protection,
+        )
+        platform = FunctionPlatform(
+            vpc=stateful.network.vpc,
+            subnets=stateful.network.subnets,
+            security_group=stateful.network.functions_security_group,
+            layers=build_layers(self, config.name),
+            logs_key=stateful.keys.logs,
+            queues_key=stateful.keys.queues,
+            log_retention=stateful.log_retention,
+            removal_policy=stateful.removal,
+        )
+        user_secrets = stateful.broker_users.secrets
+        self.topology = BrokerTopology(
+            self,
+            "Topology",
+            env_name=config.name,
+            platform=platform,
+            management_url=stateful.broker.management_url,
+            admin_secret=stateful.broker.admin_secret,
+            user_secrets=dict(user_secrets),
+            secrets_key=stateful.keys.secrets,
+            topology_digest=hashlib.sha256(
+                json.dumps(topology, sort_keys=True).encode()
+            ).hexdigest(),
+        )
+        self.router = Router(
+            self,
+            "Router",
+            env_name=config.name,
+            platform=platform,
+            config=config.router,
+            api=config.api,
+            producers=config.producers,
+            broker_host=stateful.broker.host,
+            broker_secret=user_secrets[router_user],
+            secrets_key=stateful.keys.secrets,
+            messages_key=stateful.keys.messages,
+            ingest_queues=dict(stateful.ingest.queues),
+            ingest_prefix=stateful.ingest.prefix,
+        )
+        # Messages must not reach a broker whose topology is not applied yet.
+        self.router.function.function.node.add_dependency(self.topology.resource)
+        self.api_url = Fn.join("", [self.router.api.api_endpoint, "/v1/messages"])

@@ -1,0 +1,185 @@
+"""The router's entry points: who the caller is, and what each kind of caller is answered."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
+from fabric.adapters.memory_cipher import LocalCipher
+from fabric.bootstrap import RouterRuntime
+from fabric.entrypoints import MAX_BATCH, dispatch
+from fabric.ports import Failure
+from fabric.router import Router
+from fabric.routing import default_routing_table
+from fabric.settings import RouterSettings
+
+EVENTS = Path(__file__).resolve().parents[1] / "events"
+FUNCTION = "arn:aws:lambda:ap-southeast-3:111111111111:function:fabric-dev-router"
+
+
+def event(name: str) -> dict[str, Any]:
+    return json.loads((EVENTS / name).read_text())  # type: ignore[no-any-return]
+
+
+def runtime(transport: MemoryTransport | None = None) -> RouterRuntime:
+    settings = RouterSettings(
+        environment="test",
+        rabbitmq_host="unused",
+        rabbitmq_port=5671,
+        rabbitmq_tls=True,
+        rabbitmq_vhost="/",
+        rabbitmq_secret_arn="unused",  # noqa: S106 (an ARN, and never read here)
+        messages_key_arn="unused",
+        identity_claim="fabric:group",
+        ingest_queue_prefix="fabric-dev-ingest-",
+    )
+    router = Router(
+        table=default_routing_table(),
+        transports=[transport or MemoryTransport()],
+        cipher=LocalCipher(),
+        audit=MemoryAuditSink(),
+        environment="test",
+    )
+    return RouterRuntime(router=router, settings=settings)
+
+
+def http(
+    body: str | bytes | None, *, claims: dict[str, str] | None = None, b64: bool = False
+) -> Any:
+    request = event("http_single.json")
+    if isinstance(body, bytes):
+        body = base64.b64encode(body).decode() if b64 else body.decode()
+    request["body"] = body
+    request["isBase64Encoded"] = b64
+    if claims is not None:
+        request["requestContext"]["authorizer"]["jwt"]["claims"] = claims
+    response = dispatch(request, FUNCTION, runtime())
+    return response["statusCode"], json.loads(response["body"])
+
+
+def single() -> dict[str, Any]:
+    return json.loads(event("http_single.json")["body"])  # type: ignore[no-any-return]
+
+
+# -- HTTPS --------------------------------------------------------------------------------------
+
+
+def test_https_all_accepted_is_202_with_one_result() -> None:
+    status, body = http(json.dumps(single()))
+    assert status == 202
+    assert body["accepted"] == 1
+    assert body["results"][0]["status"] == "accepted"
+
+
+def test_https_batch_with_some_rejected_is_207_in_input_order() -> None:
+    good = single()
+    bad = {**single(), "message_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "priority": "urgent"}
+    status, body = http(json.dumps({"messages": [good, bad]}))
+    assert status == 207
+    assert [r["status"] for r in body["results"]] == ["accepted", "rejected"]
+    assert body["results"][1]["reason"] == "invalid_priority"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"", "empty_body"),
+        (b"{not json", "malformed_json"),
+        (b"\xff\xfe{}", "invalid_utf8"),
+        (b"[1, 2]", "not_an_object"),
+        (b'{"payload": {}}', "missing_field"),
+    ],
+)
+def test_https_a_single_bad_envelope_is_400_with_its_reason(raw: bytes, reason: str) -> None:
+    status, body = http(raw, b64=True)
+    assert status == 400
+    assert body["results"][0]["reason"] == reason
+
+
+def test_https_a_malformed_batch_request_is_400() -> None:
+    assert http(json.dumps({"messages": "all of them"}))[0] == 400
+    assert http(json.dumps({"messages": []}))[0] == 400
+    assert http("!!!not base64!!!", b64=True)[0] == 400
+
+
+def test_https_without_a_verified_identity_is_401() -> None:
+    status, body = http(json.dumps(single()), claims={})
+    assert status == 401
+    assert body["error"]["reason"] == "unauthenticated"
+
+
+def test_https_an_identity_that_is_no_stakeholder_group_is_403() -> None:
+    assert http(json.dumps(single()), claims={"fabric:group": "hackers"})[0] == 403
+
+
+def test_https_a_topic_the_caller_may_not_publish_is_403() -> None:
+    status, body = http(json.dumps(single()), claims={"fabric:group": "media"})
+    assert status == 403
+    assert body["results"][0]["reason"] == "source_not_allowed"
+
+
+def test_https_too_large_is_413() -> None:
+    big = {**single(), "payload": {"blob": "x" * 300_000}}
+    assert http(json.dumps(big))[0] == 413
+    many = {"messages": [single()] * (MAX_BATCH + 1)}
+    assert http(json.dumps(many))[0] == 413
+
+
+def test_https_nothing_stored_is_503_and_never_accepted() -> None:
+    request = event("http_single.json")
+    response = dispatch(request, FUNCTION, runtime(MemoryTransport(failure=Failure.TIMEOUT)))
+    assert response["statusCode"] == 503
+    body = json.loads(response["body"])
+    assert body["accepted"] == 0
+    assert body["results"][0]["reason"] == "unavailable"
+
+
+# -- SQS --------------------------------------------------------------------------------------
+
+
+def test_sqs_rejected_messages_are_final_and_only_unstored_ones_are_retried() -> None:
+    records = event("sqs_ingest.json")
+    transport = MemoryTransport(fail_ids={"6ecd8c99-4036-403d-bf84-cf8400f67836"})
+    response = dispatch(records, FUNCTION, runtime(transport))
+    assert response == {"batchItemFailures": [{"itemIdentifier": "m-2"}]}
+    (stored,) = transport.published
+    assert json.loads(stored.body)["source"] == "business"
+
+
+def test_sqs_records_from_a_queue_that_is_not_an_ingest_queue_fail_the_batch() -> None:
+    records = event("sqs_ingest.json")
+    records["Records"][0]["eventSourceARN"] = "arn:aws:sqs:ap-southeast-3:111111111111:other"
+    with pytest.raises(ValueError, match="ingest queue"):
+        dispatch(records, FUNCTION, runtime())
+
+
+# -- direct invoke ------------------------------------------------------------------------------
+
+
+def test_direct_invoke_takes_the_group_from_the_alias() -> None:
+    transport = MemoryTransport()
+    response = dispatch(event("direct_invoke.json"), f"{FUNCTION}:academic", runtime(transport))
+    assert response["accepted"] == 1
+    assert json.loads(transport.published[0].body)["source"] == "academic"
+
+
+def test_direct_invoke_without_a_group_alias_routes_nothing() -> None:
+    transport = MemoryTransport()
+    response = dispatch(event("direct_invoke.json"), FUNCTION, runtime(transport))
+    assert response["error"]["reason"] == "unauthenticated"
+    assert transport.published == []
+
+
+def test_direct_invoke_with_a_malformed_event_says_so() -> None:
+    response = dispatch({"message": []}, f"{FUNCTION}:academic", runtime())
+    assert response["error"]["reason"] == "malformed_request"
+    bad = copy.deepcopy(event("direct_invoke.json"))
+    bad["messages"].append({"topic": "research.dataset.synced"})
+    response = dispatch(bad, f"{FUNCTION}:academic", runtime())
+    assert [r["status"] for r in response["results"]] == ["accepted", "rejected"]

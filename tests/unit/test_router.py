@@ -1,0 +1,148 @@
+"""The router: one result per message in order, accepted only when stored, audited, encrypted."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
+from fabric.adapters.memory_cipher import LocalCipher
+from fabric.audit import AuditEvent
+from fabric.envelope import Reason
+from fabric.ports import Failure
+from fabric.protection import encryption_context, open_payload
+from fabric.router import ACCEPTED, REJECTED, Router
+from fabric.routing import default_routing_table
+
+CANARY = "CANARY-child-name-Siti-Rahayu"
+NOW = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
+
+
+def _router(*transports: MemoryTransport, audit: MemoryAuditSink | None = None) -> Router:
+    return Router(
+        table=default_routing_table(),
+        transports=list(transports) or [MemoryTransport()],
+        cipher=LocalCipher(),
+        audit=audit or MemoryAuditSink(),
+        environment="test",
+        clock=lambda: NOW,
+    )
+
+
+def incident(**overrides: object) -> dict[str, object]:
+    message: dict[str, object] = {
+        "message_id": "0f8fad5b-d9cb-469f-a165-70867728950e",
+        "topic": "child-safety.incident.reported",
+        "priority": "emergency",
+        "classification": "restricted",
+        "payload": {"child": CANARY, "location": "Jakarta Timur"},
+    }
+    message.update(overrides)
+    return message
+
+
+def test_an_accepted_message_is_stored_with_the_callers_identity_not_the_bodys() -> None:
+    transport = MemoryTransport()
+    result = _router(transport).route([incident(source="media")], source="community")
+    assert result.to_dict()["accepted"] == 1
+    assert result.results[0].transport == "memory"
+    (stored,) = transport.published
+    assert json.loads(stored.body)["source"] == "community"
+
+
+def test_results_come_one_per_message_in_input_order() -> None:
+    items = [
+        incident(message_id="0f8fad5b-d9cb-469f-a165-70867728950e"),
+        b"{not json",
+        incident(message_id="7c9e6679-7425-40de-944b-e07fc1f90ae7", topic="Bad Topic"),
+        incident(message_id="16fd2706-8baf-433b-82eb-8c7fada847da"),
+    ]
+    result = _router().route(items, source="community")
+    assert [(r.status, r.reason) for r in result.results] == [
+        (ACCEPTED, None),
+        (REJECTED, Reason.MALFORMED_JSON),
+        (REJECTED, Reason.INVALID_TOPIC),
+        (ACCEPTED, None),
+    ]
+    assert result.results[3].message_id == "16fd2706-8baf-433b-82eb-8c7fada847da"
+    assert (result.accepted, result.rejected) == (2, 2)
+
+
+def test_a_source_may_only_publish_the_topics_the_table_allows() -> None:
+    result = _router().route([incident()], source="media")
+    assert result.results[0].reason is Reason.SOURCE_NOT_ALLOWED
+
+
+def test_restricted_payloads_are_stored_only_as_ciphertext_bound_to_their_context() -> None:
+    transport = MemoryTransport()
+    router = _router(transport)
+    router.route([incident()], source="community")
+    (stored,) = transport.published
+    assert CANARY.encode() not in stored.body
+    envelope = json.loads(stored.body)
+    context = encryption_context(
+        message_id=envelope["message_id"], source="community", environment="test"
+    )
+    plaintext = open_payload(router._cipher, envelope["payload"], context)
+    assert json.loads(plaintext)["child"] == CANARY
+
+
+def test_emergency_routes_take_the_emergency_path() -> None:
+    transport = MemoryTransport()
+    _router(transport).route([incident()], source="community")
+    (stored,) = transport.published
+    assert stored.emergency is True
+    assert {g.value for g in stored.audience} >= {"government", "community"}
+
+
+def test_nothing_is_accepted_when_no_transport_stores_it() -> None:
+    audit = MemoryAuditSink()
+    result = _router(MemoryTransport(failure=Failure.UNAVAILABLE), audit=audit).route(
+        [incident()], source="community"
+    )
+    assert result.results[0].status == REJECTED
+    assert result.results[0].reason is Reason.UNAVAILABLE
+    assert [r.event for r in audit.records] == [AuditEvent.REJECTED]
+
+
+def test_messages_the_first_transport_refuses_go_to_the_next() -> None:
+    broker = MemoryTransport(name="rabbitmq", fail_ids={"7c9e6679-7425-40de-944b-e07fc1f90ae7"})
+    fallback = MemoryTransport(name="fallback")
+    items = [incident(), incident(message_id="7c9e6679-7425-40de-944b-e07fc1f90ae7")]
+    result = _router(broker, fallback).route(items, source="community")
+    assert [r.transport for r in result.results] == ["rabbitmq", "fallback"]
+    assert [m.message_id for m in fallback.published] == ["7c9e6679-7425-40de-944b-e07fc1f90ae7"]
+
+
+def test_every_message_leaves_exactly_one_audit_record_without_plaintext() -> None:
+    audit = MemoryAuditSink()
+    items = [incident(), b"", incident(topic="UPPER")]
+    _router(audit=audit).route(items, source="community")
+    assert [(r.event, r.reason) for r in audit.records] == [
+        (AuditEvent.REJECTED, "empty_body"),
+        (AuditEvent.REJECTED, "invalid_topic"),
+        (AuditEvent.ACCEPTED, None),
+    ]
+    for record in audit.records:
+        assert record.body_sha256 is not None
+        assert len(record.body_sha256) == 64
+        assert CANARY not in json.dumps(record.to_dict())
+    assert audit.records[2].encrypted is True
+
+
+def test_a_lost_audit_batch_does_not_change_what_producers_are_told() -> None:
+    result = _router(audit=MemoryAuditSink(available=False)).route([incident()], source="community")
+    assert result.results[0].status == ACCEPTED
+
+
+def test_an_envelope_that_grows_past_the_limit_when_encrypted_is_rejected_too_large() -> None:
+    payload = {"note": "x" * 200_000}
+    result = _router().route([incident(payload=payload)], source="community")
+    assert result.results[0].reason is Reason.TOO_LARGE
+
+
+def test_a_missing_source_is_a_wiring_error_not_a_rejection() -> None:
+    with pytest.raises(ValueError, match="source"):
+        _router().route([incident()], source="")

@@ -1,0 +1,104 @@
+"""The topology custom resource: applies, keeps messages on delete, always answers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from fabric.adapters.memory_management import MemoryManagementClient
+from fabric.custom_resource import respond
+from fabric.errors import ConfigError
+from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+from fabric.topology import AUDIT_QUEUE, INGRESS_EXCHANGE, PLATFORM_USER, queue_name, user_name
+from fabric.topology_resource import on_event
+
+USERS = [PLATFORM_USER, *(user_name(g) for g in STAKEHOLDERS)]
+ENVIRON = {
+    "MANAGEMENT_URL": "https://b-1.mq.ap-southeast-3.amazonaws.com",
+    "ADMIN_SECRET_ARN": "arn:admin",
+    "USER_SECRET_ARNS": json.dumps({name: f"arn:{name}" for name in USERS}),
+    "FABRIC_ENV": "dev",
+}
+
+
+class FakeSecrets:
+    """Secrets Manager's GetSecretValue answers for the ARNs above."""
+
+    def get_secret_value(self, SecretId: str) -> dict[str, str]:
+        name = SecretId.removeprefix("arn:")
+        return {"SecretString": json.dumps({"username": name, "password": f"pw-{name}-0123456789"})}
+
+
+@pytest.fixture
+def broker() -> MemoryManagementClient:
+    return MemoryManagementClient(username="admin")
+
+
+def run(request: str, broker: MemoryManagementClient, environ: dict[str, str] = ENVIRON) -> Any:
+    return on_event(request, environ, client_factory=lambda *_: broker, secrets_client=FakeSecrets)
+
+
+def test_create_applies_the_whole_topology_with_every_users_password(
+    broker: MemoryManagementClient,
+) -> None:
+    physical_id, data = run("Create", broker)
+    assert physical_id == "fabric-dev-topology"
+    assert int(data["Changes"]) > 50
+    assert {q["name"] for q in broker.list_queues("/")} >= {
+        AUDIT_QUEUE,
+        queue_name(Stakeholder.GOVERNMENT, emergency=True),
+    }
+    assert INGRESS_EXCHANGE in {e["name"] for e in broker.list_exchanges("/")}
+    for name in USERS:
+        assert broker.get_user(name) is not None
+
+
+def test_update_with_nothing_changed_changes_nothing(broker: MemoryManagementClient) -> None:
+    run("Create", broker)
+    _, data = run("Update", broker)
+    assert data["Changes"] == "0"
+
+
+def test_delete_keeps_a_queue_that_still_holds_messages(broker: MemoryManagementClient) -> None:
+    run("Create", broker)
+    broker.set_messages("/", queue_name(Stakeholder.GOVERNMENT), 3)
+    _, data = run("Delete", broker)
+    assert int(data["Kept"]) > 0
+    assert queue_name(Stakeholder.GOVERNMENT) in {q["name"] for q in broker.list_queues("/")}
+    assert broker.get_user(user_name(Stakeholder.MEDIA)) is None
+
+
+def test_a_missing_setting_is_a_config_error_naming_it(broker: MemoryManagementClient) -> None:
+    with pytest.raises(ConfigError, match="MANAGEMENT_URL"):
+        run("Create", broker, {k: v for k, v in ENVIRON.items() if k != "MANAGEMENT_URL"})
+
+
+def test_cloudformation_always_gets_an_answer_even_when_the_action_fails() -> None:
+    sent: list[tuple[str, bytes]] = []
+    event = {
+        "RequestType": "Create",
+        "ResponseURL": "https://cloudformation-response.example/presigned",
+        "StackId": "stack",
+        "RequestId": "req",
+        "LogicalResourceId": "Topology",
+    }
+
+    def explode(_request: str, _props: Any) -> tuple[str, dict[str, str]]:
+        raise ConfigError("broker says no")
+
+    document = respond(event, "stream-1", explode, send=lambda url, body: sent.append((url, body)))
+    assert document["Status"] == "FAILED"
+    assert "ConfigError: broker says no" in document["Reason"]
+    ((url, body),) = sent
+    assert url == event["ResponseURL"]
+    assert json.loads(body)["RequestId"] == "req"
+    ok = respond(
+        event,
+        "stream-1",
+        lambda *_: ("fabric-dev-topology", {"Changes": "1"}),
+        send=lambda *_: None,
+    )
+    assert ok["Status"] == "SUCCESS"
+    assert ok["PhysicalResourceId"] == "fabric-dev-topology"
