@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import bench_router  # scripts/ is on sys.path when this file runs as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 Figure = tuple[str, float, str]
 
@@ -48,6 +50,7 @@ def bench_synth_all_envs(runs: int = 3) -> Iterator[Figure]:
 
 BENCHMARKS: dict[str, Callable[[], Iterator[Figure]]] = {
     "synth_all_envs": bench_synth_all_envs,
+    **bench_router.BENCHMARKS,
 }
 
 

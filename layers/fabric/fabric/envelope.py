@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
@@ -164,6 +165,9 @@ class Envelope:
     occurred_at: datetime | None = None
     expires_at: datetime | None = None
     embargo_until: datetime | None = None
+    # The wire form, computed once (validation needs its size, the router its bytes). Not an
+    # init field, so `dataclasses.replace` (e.g. sealing the payload) starts without it.
+    _wire: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, JsonValue]:
         """The envelope as a JSON object; absent optional fields and empty headers are omitted."""
@@ -192,7 +196,9 @@ class Envelope:
 
     def to_json_bytes(self) -> bytes:
         """Canonical wire form: compact UTF-8 JSON with sorted keys (stable for hashing)."""
-        return _canonical(self.to_dict())
+        if self._wire is None:
+            object.__setattr__(self, "_wire", _canonical(self.to_dict()))
+        return self._wire  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +222,7 @@ class _Invalid(Exception):
         self.message = message
 
 
+@functools.lru_cache(maxsize=256)
 def format_timestamp(moment: datetime) -> str:
     """Render an aware datetime as RFC 3339 in UTC with a `Z` suffix (microseconds if any)."""
     utc = moment.astimezone(UTC)
@@ -307,9 +314,19 @@ def validate_batch(
     Raises:
         ValueError: `source` is empty.
     """
+    return list(iter_validated(items, source, now=now))
+
+
+def iter_validated(
+    items: Iterable[bytes | str | JsonValue], source: str, *, now: datetime | None = None
+) -> Iterator[ValidationResult]:
+    """`validate_batch`, one result at a time (so a caller can act on each as it comes).
+
+    Raises:
+        ValueError: `source` is empty.
+    """
     moment = now or datetime.now(UTC)
     seen: set[str] = set()
-    results: list[ValidationResult] = []
     for item in items:
         result = validate_envelope(item, source, now=moment)
         if isinstance(result, Envelope):
@@ -321,8 +338,7 @@ def validate_batch(
                 )
             else:
                 seen.add(result.message_id)
-        results.append(result)
-    return results
+        yield result
 
 
 def from_wire(data: bytes | str) -> Envelope:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -71,8 +71,12 @@ class Transport(Protocol):
 
     name: str
 
-    def publish(self, messages: Sequence[OutboundMessage]) -> list[Outcome]:
-        """Publish and wait for confirmation; one Outcome per message, same order."""
+    def publish(self, messages: Iterable[OutboundMessage]) -> list[Outcome]:
+        """Publish and wait for confirmation; one Outcome per message, in iteration order.
+
+        ``messages`` may be a generator: a transport may consume it lazily, so that preparing
+        later messages overlaps with the broker storing earlier ones.
+        """
         ...
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -21,9 +21,9 @@ from fabric.envelope import (
     JsonValue,
     Reason,
     Rejection,
-    validate_batch,
+    iter_validated,
 )
-from fabric.ports import AuditSink, OutboundMessage, PayloadCipher, Transport
+from fabric.ports import AuditSink, OutboundMessage, Outcome, PayloadCipher, Transport
 from fabric.protection import encryption_context, seal_payload
 from fabric.routing import RoutingTable
 from fabric.topology import delivery_headers
@@ -126,37 +126,56 @@ class Router:
             EncryptionUnavailable: KMS cannot be used, so restricted messages cannot be
                 protected; the whole call fails rather than storing child data unencrypted.
         """
+        if not source:
+            raise ValueError("source must be the authenticated caller's identity")
         now = self._clock()
         results: list[MessageResult | None] = [None] * len(items)
         records: list[AuditRecord] = []
         admitted: list[_Admitted] = []
-        for index, checked in enumerate(validate_batch(items, source, now=now)):
-            if isinstance(checked, Envelope):
-                rejection = self._table.admit(checked)
-                if rejection is None:
-                    candidate = self._prepare(index, checked)
-                    if isinstance(candidate, _Admitted):
-                        admitted.append(candidate)
-                        continue
-                    rejection = candidate
-                topic = checked.topic
-            else:
-                rejection, topic = checked, None
-            results[index] = MessageResult(
-                rejection.message_id, REJECTED, reason=rejection.reason, detail=rejection.message
-            )
-            records.append(
-                AuditRecord(
-                    event=AuditEvent.REJECTED,
-                    at=now,
-                    message_id=rejection.message_id,
-                    source=source,
-                    topic=topic,
-                    reason=str(rejection.reason),
-                    body_sha256=_raw_digest(items[index]),
+
+        def admit_as_published() -> Iterator[OutboundMessage]:
+            # Consumed by the first transport as its confirm window has room, so validating and
+            # encrypting later messages overlaps with the broker storing earlier ones.
+            for index, checked in enumerate(iter_validated(items, source, now=now)):
+                if isinstance(checked, Envelope):
+                    rejection = self._table.admit(checked)
+                    if rejection is None:
+                        candidate = self._prepare(index, checked)
+                        if isinstance(candidate, _Admitted):
+                            admitted.append(candidate)
+                            yield candidate.outbound
+                            continue
+                        rejection = candidate
+                    topic = checked.topic
+                else:
+                    rejection, topic = checked, None
+                results[index] = MessageResult(
+                    rejection.message_id,
+                    REJECTED,
+                    reason=rejection.reason,
+                    detail=rejection.message,
                 )
-            )
-        self._publish(admitted, results, records, now)
+                records.append(
+                    AuditRecord(
+                        event=AuditEvent.REJECTED,
+                        at=now,
+                        message_id=rejection.message_id,
+                        source=source,
+                        topic=topic,
+                        reason=str(rejection.reason),
+                        body_sha256=_raw_digest(items[index]),
+                    )
+                )
+
+        first, *others = self._transports
+        outcomes = first.publish(admit_as_published())
+        waiting = self._settle(admitted, outcomes, results, records, now)
+        for transport in others:
+            if not waiting:
+                break
+            outcomes = transport.publish([item.outbound for item in waiting])
+            waiting = self._settle(waiting, outcomes, results, records, now)
+        self._reject_unstored(waiting, results, records, now)
         self._emit(records)
         return BatchResult(tuple(r for r in results if r is not None))
 
@@ -190,31 +209,36 @@ class Router:
         )
         return _Admitted(index, envelope, outbound, encrypted)
 
-    def _publish(
+    def _settle(
         self,
-        admitted: list[_Admitted],
+        items: list[_Admitted],
+        outcomes: list[Outcome],
+        results: list[MessageResult | None],
+        records: list[AuditRecord],
+        now: datetime,
+    ) -> list[_Admitted]:
+        """Record the stored ones as accepted; return those still waiting for a transport."""
+        waiting: list[_Admitted] = []
+        for item, outcome in zip(items, outcomes, strict=True):
+            if not outcome.stored:
+                waiting.append(item)
+                continue
+            results[item.index] = MessageResult(
+                item.envelope.message_id, ACCEPTED, transport=outcome.transport
+            )
+            records.append(self._accepted_record(item, outcome.transport, now))
+        if waiting:
+            _LOG.warning("a transport could not store %d message(s)", len(waiting))
+        return waiting
+
+    def _reject_unstored(
+        self,
+        items: list[_Admitted],
         results: list[MessageResult | None],
         records: list[AuditRecord],
         now: datetime,
     ) -> None:
-        waiting = admitted
-        for transport in self._transports:
-            if not waiting:
-                break
-            outcomes = transport.publish([a.outbound for a in waiting])
-            still: list[_Admitted] = []
-            for item, outcome in zip(waiting, outcomes, strict=True):
-                if not outcome.stored:
-                    still.append(item)
-                    continue
-                results[item.index] = MessageResult(
-                    item.envelope.message_id, ACCEPTED, transport=outcome.transport
-                )
-                records.append(self._accepted_record(item, outcome.transport, now))
-            if still:
-                _LOG.warning("%s could not store %d message(s)", transport.name, len(still))
-            waiting = still
-        for item in waiting:
+        for item in items:
             results[item.index] = MessageResult(
                 item.envelope.message_id,
                 REJECTED,

@@ -7,7 +7,7 @@ import itertools
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -225,6 +225,9 @@ class Delivery(NamedTuple):
     emergency: bool
 
 
+_CACHE_LIMIT = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class RoutingTable:
     """A validated routing table; build it with `parse_routing_table` or `load_routing_table`."""
@@ -232,10 +235,26 @@ class RoutingTable:
     version: int
     routes: tuple[Route, ...]
     publish: tuple[PublishRule, ...]
+    # Per-topic answers, filled on first use: a router sees the same few topics again and again,
+    # and matching every pattern of the table for every message is the router's hottest path.
+    _by_topic: dict[str, tuple[Route, ...]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+    _publishers: dict[tuple[str, str], bool] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     def matching_routes(self, envelope: Envelope) -> tuple[Route, ...]:
         """The routes the envelope's topic and headers match, in table order."""
-        return tuple(r for r in self.routes if r.matches(envelope.topic, envelope.headers))
+        by_topic = self._by_topic.get(envelope.topic)
+        if by_topic is None:
+            if len(self._by_topic) >= _CACHE_LIMIT:
+                self._by_topic.clear()
+            by_topic = tuple(r for r in self.routes if topic_matches(r.pattern, envelope.topic))
+            self._by_topic[envelope.topic] = by_topic
+        return tuple(
+            r for r in by_topic if r.headers is None or r.headers.matches(envelope.headers)
+        )
 
     def deliveries(self, envelope: Envelope) -> frozenset[Delivery]:
         """Every (group, emergency) destination of the envelope, narrowed by its audience.
@@ -259,6 +278,15 @@ class RoutingTable:
     def may_publish(self, source: str, topic: str) -> bool:
         """Whether `source` (a stakeholder group name) may publish `topic`; unknown sources
         may publish nothing."""
+        key = (source, topic)
+        allowed = self._publishers.get(key)
+        if allowed is None:
+            if len(self._publishers) >= _CACHE_LIMIT:
+                self._publishers.clear()
+            allowed = self._publishers[key] = self._may_publish(source, topic)
+        return allowed
+
+    def _may_publish(self, source: str, topic: str) -> bool:
         return any(
             rule.source.value == source and any(topic_matches(p, topic) for p in rule.patterns)
             for rule in self.publish

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fabric.audit import AuditRecord
@@ -21,7 +21,7 @@ class MemoryTransport:
     fail_ids: set[str] = field(default_factory=set)
     published: list[OutboundMessage] = field(default_factory=list)
 
-    def publish(self, messages: Sequence[OutboundMessage]) -> list[Outcome]:
+    def publish(self, messages: Iterable[OutboundMessage]) -> list[Outcome]:
         """Store each message unless told to fail it; one Outcome per message, in order."""
         outcomes = []
         for message in messages:

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,8 @@ from fabric.ports import Failure, OutboundMessage, Outcome
 
 _LOG = logging.getLogger(__name__)
 TRANSPORT_NAME = "rabbitmq"
+# Messages published per turn of the I/O loop (see _Batch.pump).
+_PUMP_CHUNK = 50
 
 
 @dataclass(frozen=True)
@@ -92,19 +94,24 @@ class RabbitMqTransport:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def publish(self, messages: Sequence[OutboundMessage]) -> list[Outcome]:
+    def publish(self, messages: Iterable[OutboundMessage]) -> list[Outcome]:
         """Publish ``messages``; one Outcome per message, in order. Never raises for I/O trouble.
+
+        ``messages`` is consumed lazily, as the confirm window has room, so a caller that
+        prepares messages in a generator overlaps its work with the broker's.
 
         A message whose connection dies before its confirm is published once more on a new
         connection (the stale-connection case); if that fails too, it is reported
         ``UNAVAILABLE``. Messages without a confirm within the confirm timeout are ``TIMEOUT``
         and the connection is dropped, because it can no longer be trusted.
+
+        Raises:
+            Exception: whatever iterating ``messages`` raises (the connection is dropped first).
         """
-        outcomes: list[Outcome | None] = [None] * len(messages)
-        pending = list(range(len(messages)))
+        source = iter(messages)
+        batch_state = _Taken()
+        pending: list[int] = []
         for attempt in range(2):
-            if not pending:
-                break
             if self._blocked:
                 break
             try:
@@ -114,13 +121,17 @@ class RabbitMqTransport:
                 if attempt == 0:
                     continue
                 break
-            pending = self._publish_batch(messages, pending, outcomes)
-            if pending:
-                self._reset()
-        failure = Failure.UNAVAILABLE
+            pending = self._publish_batch(source, batch_state, pending)
+            if batch_state.gave_up or (not pending and batch_state.exhausted):
+                break
+            self._reset()
+        for message in source:  # never published: the caller sends them elsewhere
+            batch_state.take(message)
         return [
-            outcome if outcome is not None else Outcome(messages[i].message_id, failure=failure)
-            for i, outcome in enumerate(outcomes)
+            outcome
+            if outcome is not None
+            else Outcome(batch_state.messages[i].message_id, failure=Failure.UNAVAILABLE)
+            for i, outcome in enumerate(batch_state.outcomes)
         ]
 
     def close(self) -> None:
@@ -259,24 +270,23 @@ class RabbitMqTransport:
     # -- publishing ---------------------------------------------------------------------------
 
     def _publish_batch(
-        self,
-        messages: Sequence[OutboundMessage],
-        indices: list[int],
-        outcomes: list[Outcome | None],
+        self, source: Iterator[OutboundMessage], taken: _Taken, retry: list[int]
     ) -> list[int]:
-        """Publish ``indices`` with a confirm window; return those lost with the connection."""
+        """Publish ``retry`` then what ``source`` yields, with a confirm window; return the
+        indices lost with the connection (to publish again on a new one)."""
         if self._connection is None or self._channel is None:
-            return indices
+            return retry
         loop = self._connection.ioloop
         batch = _Batch(
-            messages,
-            indices,
-            outcomes,
+            source,
+            taken,
+            retry,
             channel=self._channel,
             first_tag=self._published + 1,
             window=self._settings.confirm_window,
             exchange_for=self._exchange_for,
             on_settled=loop.stop,
+            schedule=lambda callback: loop.call_later(0, callback),
         )
         self._batch = batch
         timeout = self._settings.confirm_timeout
@@ -299,6 +309,9 @@ class RabbitMqTransport:
             if not batch.settled:
                 loop.call_later(0, watchdog)
                 loop.start()
+        except BaseException:
+            self._discard()
+            raise
         finally:
             self._batch = None
             self._published = batch.next_tag - 1
@@ -306,7 +319,9 @@ class RabbitMqTransport:
         if batch.timed_out or self._blocked:
             failure = Failure.TIMEOUT if batch.timed_out else Failure.UNAVAILABLE
             for i in batch.unresolved():
-                outcomes[i] = Outcome(messages[i].message_id, failure=failure)
+                taken.outcomes[i] = Outcome(taken.messages[i].message_id, failure=failure)
+            # The broker is slow or blocked: the rest goes elsewhere rather than wait again.
+            taken.gave_up = True
             self._discard()
             return []
         return batch.unresolved() if batch.lost else []
@@ -351,30 +366,47 @@ class RabbitMqTransport:
         self._blocked = False
 
 
+class _Taken:
+    """The messages a publish call has pulled from its source so far, with their outcomes."""
+
+    def __init__(self) -> None:
+        self.messages: list[OutboundMessage] = []
+        self.outcomes: list[Outcome | None] = []
+        self.exhausted = False
+        self.gave_up = False
+
+    def take(self, message: OutboundMessage) -> int:
+        self.messages.append(message)
+        self.outcomes.append(None)
+        return len(self.messages) - 1
+
+
 class _Batch:
-    """Book-keeping of one publish call: delivery tags in flight, returns, outcomes."""
+    """Book-keeping of one pass over a connection: delivery tags in flight, returns, outcomes."""
 
     def __init__(
         self,
-        messages: Sequence[OutboundMessage],
-        indices: list[int],
-        outcomes: list[Outcome | None],
+        source: Iterator[OutboundMessage],
+        taken: _Taken,
+        retry: list[int],
         *,
         channel: Channel,
         first_tag: int,
         window: int,
         exchange_for: Callable[[OutboundMessage], str],
         on_settled: Callable[[], None],
+        schedule: Callable[[Callable[[], None]], None],
     ) -> None:
+        self.schedule = schedule
+        self.pump_scheduled = False
+        self.source = source
+        self.taken = taken
         self.on_settled = on_settled
-        self.messages = messages
-        self.outcomes = outcomes
         self.channel = channel
         self.window = window
         self.exchange_for = exchange_for
-        self.queue = list(reversed(indices))
+        self.queue = list(reversed(retry))
         self.in_flight: dict[int, int] = {}  # delivery tag -> message index
-        self.by_message_id: dict[str, int] = {}
         self.returned_ids: set[str] = set()
         self.next_tag = first_tag
         self.confirmed = 0
@@ -384,7 +416,19 @@ class _Batch:
     @property
     def settled(self) -> bool:
         """Every message has an outcome, or the rest cannot get one on this connection."""
-        return (not self.queue and not self.in_flight) or self.lost or self.timed_out
+        drained = not self.queue and not self.in_flight and self.taken.exhausted
+        return drained or self.lost or self.timed_out
+
+    def _next(self) -> int | None:
+        if self.queue:
+            return self.queue.pop()
+        if self.taken.exhausted:
+            return None
+        message = next(self.source, None)
+        if message is None:
+            self.taken.exhausted = True
+            return None
+        return self.taken.take(message)
 
     def lose(self) -> None:
         """The channel or connection is gone: what is unconfirmed stays without an outcome."""
@@ -392,17 +436,26 @@ class _Batch:
         self.on_settled()
 
     def pump(self) -> None:
-        """Publish until the window is full or nothing is left."""
-        while self.queue and len(self.in_flight) < self.window and not self.lost:
-            index = self.queue.pop()
-            message = self.messages[index]
-            properties = _properties(message)
+        """Publish until the window is full or nothing is left, a chunk at a time.
+
+        Between chunks the I/O loop runs: pika only writes buffered frames to the socket from
+        the loop, so chunking lets the broker store earlier messages while later ones are still
+        being prepared (the source may be a generator that validates and encrypts).
+        """
+        self.pump_scheduled = False
+        for _ in range(_PUMP_CHUNK):
+            if len(self.in_flight) >= self.window or self.lost:
+                return
+            index = self._next()
+            if index is None:
+                return
+            message = self.taken.messages[index]
             try:
                 self.channel.basic_publish(
                     exchange=self.exchange_for(message),
                     routing_key=message.topic,
                     body=message.body,
-                    properties=properties,
+                    properties=_properties(message),
                     mandatory=True,
                 )
             except (pika.exceptions.AMQPError, OSError):
@@ -410,23 +463,34 @@ class _Batch:
                 self.lose()
                 return
             self.in_flight[self.next_tag] = index
-            self.by_message_id[message.message_id] = index
             self.next_tag += 1
+        if not self.pump_scheduled:
+            self.pump_scheduled = True
+            self.schedule(self.pump)
 
     def confirm(self, tag: int, *, multiple: bool, ack: bool) -> None:
-        tags = [t for t in self.in_flight if t <= tag] if multiple else [tag]
+        if multiple:
+            # Tags are inserted in increasing order, so the acknowledged ones are at the front.
+            tags = []
+            for t in self.in_flight:
+                if t > tag:
+                    break
+                tags.append(t)
+        else:
+            tags = [tag]
         for t in tags:
             index = self.in_flight.pop(t, None)
             if index is None:
                 continue
-            message = self.messages[index]
+            message = self.taken.messages[index]
             self.confirmed += 1
             if not ack:
-                self.outcomes[index] = Outcome(message.message_id, failure=Failure.NACKED)
+                outcome = Outcome(message.message_id, failure=Failure.NACKED)
             elif message.message_id in self.returned_ids:
-                self.outcomes[index] = Outcome(message.message_id, failure=Failure.RETURNED)
+                outcome = Outcome(message.message_id, failure=Failure.RETURNED)
             else:
-                self.outcomes[index] = Outcome(message.message_id, transport=TRANSPORT_NAME)
+                outcome = Outcome(message.message_id, transport=TRANSPORT_NAME)
+            self.taken.outcomes[index] = outcome
         self.pump()
         if self.settled:
             self.on_settled()

@@ -1,0 +1,433 @@
+"""Router benchmarks on the real local RabbitMQ (and moto's KMS for the Encryption SDK).
+
+Each benchmark works in a fresh vhost holding the fabric's generated topology and removes it
+afterwards; nothing else on the shared broker is touched. Figures (see BENCHMARKS.md):
+
+- ``router_msgs_per_s`` / ``raw_publish_msgs_per_s`` / ``router_vs_raw_publish`` (and
+  ``transport_*``: the router's RabbitMQ transport alone, prebuilt messages): 1 KiB internal
+  messages through ``Router.route`` in batches of 500, against the best raw pika publisher
+  (SelectConnection, a window of unconfirmed publishes) sending the same bodies, with the same
+  headers, to the same exchange and so the same two quorum queues. Same run, alternating sides.
+- ``router_restricted_msgs_per_s`` / ``esdk_encrypt_msgs_per_s`` / ``router_restricted_vs_esdk``:
+  1 KiB restricted messages through the router (Encryption SDK + publish), against the
+  Encryption SDK's encryption of the same payloads with the same contexts alone.
+- ``emergency_p50_ms`` / ``emergency_p99_ms``: an emergency message's time from the router call
+  to its consumer, while a 100,000-message bulk backlog is being drained by another consumer.
+- ``router_cold_init_ms``: importing the router handler and building its object graph in a fresh
+  interpreter (median of 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import queue as queue_module
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pika
+
+ROOT = Path(__file__).resolve().parent.parent
+Figure = tuple[str, float, str]
+MANAGEMENT_URL = "http://127.0.0.1:15672"
+REGION = "ap-southeast-3"
+BULK_TOPIC = "media.story.published"  # routed to one group (media)
+FANOUT_TOPIC = "research.dataset.synced"  # routed to academic and government
+EMERGENCY_TOPIC = "child-safety.incident.reported"  # emergency path, government and community
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def fabric_vhost() -> Iterator[str]:
+    """A fresh vhost with the generated topology (its users renamed and removed afterwards)."""
+    from fabric.adapters.management import ManagementClient
+    from fabric.routing import default_routing_table
+    from fabric.topology import definitions
+    from fabric.topology_apply import apply_topology
+
+    vhost = f"fabric-bench-{uuid.uuid4().hex[:8]}"
+    client = ManagementClient(MANAGEMENT_URL, "guest", "guest")
+    document = definitions(default_routing_table(), vhost=vhost)
+    # Users are broker-wide: give the bench its own, so it never changes anyone else's.
+    rename = {u["name"]: f"{vhost}-{u['name']}" for u in document["users"]}
+    document["users"] = [{**u, "name": rename[u["name"]]} for u in document["users"]]
+    document["permissions"] = [{**p, "user": rename[p["user"]]} for p in document["permissions"]]
+    client.put_vhost(vhost)
+    client.put_permissions(vhost, "guest", configure=".*", write=".*", read=".*")
+    try:
+        apply_topology(
+            client, document, passwords={n: uuid.uuid4().hex for n in rename.values()}, vhost=vhost
+        )
+        yield vhost
+    finally:
+        client.delete_vhost(vhost)
+        for name in rename.values():
+            client.delete_user(name)
+
+
+@contextmanager
+def moto_kms() -> Iterator[str]:
+    """moto's KMS in-process; yields a symmetric key ARN."""
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": REGION,
+        }
+    )
+    from moto import mock_aws
+
+    with mock_aws():
+        import boto3
+
+        yield boto3.client("kms", region_name=REGION).create_key()["KeyMetadata"]["Arn"]
+
+
+def build_router(vhost: str, key_arn: str) -> Any:
+    from fabric.adapters.esdk import EsdkCipher
+    from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
+    from fabric.audit_sink import TransportAuditSink
+    from fabric.bootstrap import exchange_for
+    from fabric.router import Router
+    from fabric.routing import default_routing_table
+
+    transport = RabbitMqTransport(
+        RabbitSettings("127.0.0.1", 5672, lambda: ("guest", "guest"), vhost=vhost),
+        exchange_for=exchange_for,
+    )
+    return Router(
+        table=default_routing_table(),
+        transports=[transport],
+        cipher=EsdkCipher(key_arn),
+        audit=TransportAuditSink([transport], emitted_by="bench"),
+        environment="bench",
+    )
+
+
+def message(topic: str, size: int = 1024, **fields: Any) -> dict[str, Any]:
+    return {
+        "message_id": str(uuid.uuid4()),
+        "topic": topic,
+        "payload": {"data": "x" * size},
+        **fields,
+    }
+
+
+def purge(vhost: str, queues: list[str]) -> None:
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", virtual_host=vhost))
+    channel = connection.channel()
+    for queue in queues:
+        channel.queue_purge(queue)
+    connection.close()
+
+
+# -- raw pika, the best a client can do ---------------------------------------------------------
+
+
+def raw_publish(
+    vhost: str,
+    *,
+    exchange: str,
+    routing_key: str,
+    bodies: list[bytes],
+    headers: dict[str, str],
+    window: int = 2000,
+) -> float:
+    """Publish ``bodies`` with persistent delivery, mandatory, and a confirm window; msgs/s.
+
+    Each message carries the properties a fabric message has (persistent, JSON, its own
+    message id, the routing headers), so both sides put the same AMQP messages on the wire.
+    """
+    from pika.adapters.select_connection import SelectConnection
+
+    state: dict[str, Any] = {"next": 0, "acked": 0, "tag": 0}
+    message_ids = [str(uuid.uuid4()) for _ in bodies]
+
+    def pump(channel: Any) -> None:
+        while state["next"] < len(bodies) and state["tag"] - state["acked"] < window:
+            index = state["next"]
+            properties = pika.BasicProperties(
+                content_type="application/json",
+                delivery_mode=2,
+                message_id=message_ids[index],
+                headers=dict(headers),
+            )
+            channel.basic_publish(exchange, routing_key, bodies[index], properties, mandatory=True)
+            state["next"] += 1
+            state["tag"] += 1
+
+    def on_confirm(frame: Any) -> None:
+        tag = frame.method.delivery_tag
+        state["acked"] = tag if frame.method.multiple else max(state["acked"], tag)
+        if state["acked"] >= len(bodies):
+            connection.close()
+        else:
+            pump(state["channel"])
+
+    def on_channel(channel: Any) -> None:
+        state["channel"] = channel
+        channel.confirm_delivery(on_confirm, callback=lambda _f: start(channel))
+
+    def start(channel: Any) -> None:
+        state["started"] = time.perf_counter()
+        pump(channel)
+
+    connection = SelectConnection(
+        pika.ConnectionParameters("127.0.0.1", virtual_host=vhost),
+        on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
+        on_close_callback=lambda *_: connection.ioloop.stop(),
+    )
+    connection.ioloop.start()
+    return len(bodies) / (time.perf_counter() - state["started"])
+
+
+# -- benchmarks ------------------------------------------------------------------------------------
+
+
+def bench_router_vs_raw(count: int = 20_000, rounds: int = 2) -> Iterator[Figure]:
+    """Router throughput against raw pika to the same exchange and queues, same run."""
+    from fabric.envelope import validate_envelope
+    from fabric.ports import OutboundMessage
+    from fabric.stakeholders import Stakeholder
+    from fabric.topology import INGRESS_EXCHANGE, delivery_headers
+
+    with fabric_vhost() as vhost, moto_kms() as key:
+        router = build_router(vhost, key)
+        queues = ["fabric.academic", "fabric.government", "fabric.audit"]
+        items = [message(FANOUT_TOPIC, classification="internal") for _ in range(count)]
+        envelopes = [validate_envelope(item, "academic") for item in items]
+        bodies = [envelope.to_json_bytes() for envelope in envelopes]  # type: ignore[union-attr]
+        headers = delivery_headers(envelopes[0])  # type: ignore[arg-type]
+        router.route(items[:100], source="academic")  # connect and warm up
+        transport = router._transports[0]
+        router_groups = frozenset({Stakeholder.ACADEMIC, Stakeholder.GOVERNMENT})
+        prepared = [
+            OutboundMessage(str(uuid.uuid4()), FANOUT_TOPIC, body, router_groups, headers=headers)
+            for body in bodies
+        ]
+        raw_rates, router_rates, transport_rates = [], [], []
+        for _ in range(rounds):
+            purge(vhost, queues)
+            started = time.perf_counter()
+            for start in range(0, count, 500):
+                transport.publish(prepared[start : start + 500])
+            transport_rates.append(count / (time.perf_counter() - started))
+            purge(vhost, queues)
+            raw_rates.append(
+                raw_publish(
+                    vhost,
+                    exchange=INGRESS_EXCHANGE,
+                    routing_key=FANOUT_TOPIC,
+                    bodies=bodies,
+                    headers=headers,
+                )
+            )
+            purge(vhost, queues)
+            started = time.perf_counter()
+            for start in range(0, count, 500):
+                result = router.route(items[start : start + 500], source="academic")
+                if result.rejected:
+                    raise RuntimeError(
+                        f"router rejected messages: {result.to_dict()['results'][:2]}"
+                    )
+            router_rates.append(count / (time.perf_counter() - started))
+    raw, routed, transported = max(raw_rates), max(router_rates), max(transport_rates)
+    yield "raw_publish_msgs_per_s", raw, "msg/s"
+    yield "transport_msgs_per_s", transported, "msg/s"
+    yield "router_msgs_per_s", routed, "msg/s"
+    yield "transport_vs_raw_publish", transported / raw, "ratio"
+    yield "router_vs_raw_publish", routed / raw, "ratio"
+
+
+def bench_restricted_vs_esdk(count: int = 3_000) -> Iterator[Figure]:
+    """Restricted messages through the router against Encryption SDK encryption alone."""
+    from fabric.adapters.esdk import EsdkCipher
+    from fabric.protection import encryption_context
+
+    with fabric_vhost() as vhost, moto_kms() as key:
+        router = build_router(vhost, key)
+        items = [
+            message("case.assessment.updated", classification="restricted") for _ in range(count)
+        ]
+        router.route(items[:50], source="government")  # connect, import the SDK, cache a key
+        cipher = EsdkCipher(key)
+        payloads = [json.dumps(item["payload"]).encode() for item in items]
+        contexts = [
+            encryption_context(message_id=i["message_id"], source="government", environment="b")
+            for i in items
+        ]
+        cipher.encrypt(payloads[0], contexts[0])
+        started = time.perf_counter()
+        for payload, context in zip(payloads, contexts, strict=True):
+            cipher.encrypt(payload, context)
+        esdk = count / (time.perf_counter() - started)
+        purge(vhost, ["fabric.government", "fabric.audit"])
+        started = time.perf_counter()
+        for start in range(0, count, 500):
+            router.route(items[start : start + 500], source="government")
+        routed = count / (time.perf_counter() - started)
+    yield "esdk_encrypt_msgs_per_s", esdk, "msg/s"
+    yield "router_restricted_msgs_per_s", routed, "msg/s"
+    yield "router_restricted_vs_esdk", routed / esdk, "ratio"
+
+
+def _drain(vhost: str, queue: str, stop: Any, drained: Any) -> None:
+    """Another process: consume the bulk backlog as fast as a consumer does (prefetch 500)."""
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", virtual_host=vhost))
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=500)
+
+    def on_message(ch: Any, method: Any, _properties: Any, _body: bytes) -> None:
+        ch.basic_ack(method.delivery_tag)
+        with drained.get_lock():
+            drained.value += 1
+
+    channel.basic_consume(queue, on_message)
+    while not stop.is_set():
+        connection.process_data_events(time_limit=0.1)
+    connection.close()
+
+
+def _consume_emergencies(vhost: str, ready: Any, stop: Any, arrivals: Any) -> None:
+    """Another process, as a stakeholder's consumer is: report when each emergency arrives.
+
+    Times are ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in every process).
+    """
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", virtual_host=vhost))
+    channel = connection.channel()
+
+    def on_message(ch: Any, method: Any, properties: Any, _body: bytes) -> None:
+        arrivals.put((properties.message_id, time.monotonic()))
+        ch.basic_ack(method.delivery_tag)
+
+    channel.basic_consume("fabric.government.emergency", on_message)
+    ready.set()
+    while not stop.is_set():
+        connection.process_data_events(time_limit=0.05)
+    connection.close()
+
+
+def _load_backlog(vhost: str, backlog: int) -> None:
+    from fabric.envelope import validate_envelope
+    from fabric.topology import INGRESS_EXCHANGE, delivery_headers
+
+    envelope = validate_envelope(
+        message(BULK_TOPIC, priority="bulk", classification="public"), "government"
+    )
+    raw_publish(
+        vhost,
+        exchange=INGRESS_EXCHANGE,
+        routing_key=BULK_TOPIC,
+        bodies=[envelope.to_json_bytes()] * backlog,  # type: ignore[union-attr]
+        headers=delivery_headers(envelope),  # type: ignore[arg-type]
+    )
+
+
+def bench_emergency_latency(backlog: int = 100_000, alerts: int = 300) -> Iterator[Figure]:
+    """Emergency end-to-end latency while a 100,000-message bulk backlog is being drained."""
+    with fabric_vhost() as vhost, moto_kms() as key:
+        _load_backlog(vhost, backlog)
+        router = build_router(vhost, key)
+        ready, stop_consumer = multiprocessing.Event(), multiprocessing.Event()
+        queue: Any = multiprocessing.Queue()
+        consumer = multiprocessing.Process(
+            target=_consume_emergencies, args=(vhost, ready, stop_consumer, queue)
+        )
+        consumer.start()
+        ready.wait(10)
+        stop_drain = multiprocessing.Event()
+        drained = multiprocessing.Value("i", 0)
+        drainer = multiprocessing.Process(
+            target=_drain, args=(vhost, "fabric.media", stop_drain, drained)
+        )
+        drainer.start()
+        router.route(
+            [message(EMERGENCY_TOPIC, priority="emergency", classification="restricted")],
+            source="community",
+        )  # warm: connection, data key
+        sent: dict[str, float] = {}
+        for _ in range(alerts):
+            alert = message(EMERGENCY_TOPIC, 512, priority="emergency", classification="restricted")
+            started = time.monotonic()
+            if router.route([alert], source="community").accepted != 1:
+                raise RuntimeError("an emergency was not accepted")
+            sent[alert["message_id"]] = started
+            time.sleep(0.01)
+        arrivals: dict[str, float] = {}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not set(sent) <= set(arrivals):
+            with contextlib.suppress(queue_module.Empty):
+                message_id, at = queue.get(timeout=0.1)
+                arrivals.setdefault(message_id, at)
+        draining_during = drained.value
+        stop_drain.set()
+        drainer.join(10)
+        stop_consumer.set()
+        consumer.join(5)
+    latencies = sorted((arrivals[m] - t) * 1000 for m, t in sent.items() if m in arrivals)
+    if len(latencies) < alerts:
+        raise RuntimeError(f"only {len(latencies)} of {alerts} emergencies arrived")
+    if draining_during == 0 or draining_during >= backlog:
+        raise RuntimeError(f"backlog was not being drained during the run ({draining_during})")
+    yield "emergency_p50_ms", statistics.median(latencies), "ms"
+    yield "emergency_p99_ms", latencies[int(len(latencies) * 0.99) - 1], "ms"
+    yield "emergency_backlog_drained_during_run", float(draining_during), "msgs"
+
+
+_COLD_INIT = """
+import os, sys, time
+sys.path[:0] = [{fabric!r}, {handler!r}]
+os.environ.update({env!r})
+started = time.perf_counter()
+import handler
+print((time.perf_counter() - started) * 1000)
+"""
+
+
+def bench_cold_init(runs: int = 5) -> Iterator[Figure]:
+    """Import of the router handler + bootstrap in a fresh interpreter; median of ``runs``."""
+    env = {
+        "FABRIC_ENV": "bench",
+        "RABBITMQ_HOST": "b-0000.mq.ap-southeast-3.amazonaws.com",
+        "RABBITMQ_PORT": "5671",
+        "RABBITMQ_TLS": "true",
+        "RABBITMQ_SECRET_ARN": f"arn:aws:secretsmanager:{REGION}:111111111111:secret:platform",
+        "MESSAGES_KEY_ARN": f"arn:aws:kms:{REGION}:111111111111:key/{uuid.uuid4()}",
+        "FABRIC_IDENTITY_CLAIM": "fabric:group",
+        "FABRIC_INGEST_QUEUE_PREFIX": "fabric-bench-ingest-",
+    }
+    code = _COLD_INIT.format(
+        fabric=str(ROOT / "build" / "layers" / "fabric" / "python"),
+        handler=str(ROOT / "lambdas" / "router"),
+        env=env,
+    )
+    timings = []
+    for _ in range(runs):
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        )
+        timings.append(float(result.stdout.strip().splitlines()[-1]))
+    yield "router_cold_init_ms", statistics.median(timings), "ms"
+
+
+BENCHMARKS: dict[str, Callable[[], Iterator[Figure]]] = {
+    "router_vs_raw_publish": bench_router_vs_raw,
+    "router_restricted_vs_esdk": bench_restricted_vs_esdk,
+    "emergency_latency": bench_emergency_latency,
+    "router_cold_init": bench_cold_init,
+}
