@@ -1,0 +1,167 @@
+"""The functions' stack: Lambda defaults, the router's entry points, least privilege, topology."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from cfnlint.api import lint
+
+from tests.conftest import ROOT
+from tests.infra.conftest import Assembly, Synthesized
+
+CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]["environments"]
+GROUPS = ("government", "business", "academic", "community", "media")
+
+
+def services(env: Synthesized, assembly: Assembly) -> dict[str, Any]:
+    stack = env.stage.services
+    path = assembly.outdir / env.stage.artifact_id / stack.template_file
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def of_type(template: dict[str, Any], resource_type: str) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in template["Resources"].items() if v["Type"] == resource_type}
+
+
+def router(template: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    (item,) = (
+        (k, v)
+        for k, v in of_type(template, "AWS::Lambda::Function").items()
+        if "routes messages" in v["Properties"].get("Description", "")
+    )
+    return item
+
+
+def fabric_functions(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        k: v
+        for k, v in of_type(template, "AWS::Lambda::Function").items()
+        if "Messaging Fabric" in v["Properties"].get("Description", "")
+    }
+
+
+def test_every_fabric_function_gets_the_platform_defaults(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    template = services(env, assembly)
+    functions = fabric_functions(template)
+    assert len(functions) == 2
+    for logical_id, function in functions.items():
+        props = function["Properties"]
+        assert props["Runtime"] == "python3.14", logical_id
+        assert props["Architectures"] == ["arm64"]
+        assert props["TracingConfig"] == {"Mode": "Active"}
+        assert props["LoggingConfig"]["LogFormat"] == "JSON"
+        assert len(props["Layers"]) == 2
+        assert props["ReservedConcurrentExecutions"] >= 1
+        assert "TargetArn" in props["DeadLetterConfig"]
+        vpc = props["VpcConfig"]
+        assert len(vpc["SecurityGroupIds"]) == 1
+        assert len(vpc["SubnetIds"]) == CONTEXT[env.stage.stage_name]["max_azs"]
+        group = template["Resources"][props["LoggingConfig"]["LogGroup"]["Ref"]]["Properties"]
+        assert "KmsKeyId" in group
+        assert group["RetentionInDays"] == CONTEXT[env.stage.stage_name]["log_retention_days"]
+
+
+def test_the_router_is_configured_from_cdk_json_and_holds_no_secret(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    name = env.stage.stage_name
+    _, function = router(services(env, assembly))
+    props = function["Properties"]
+    variables = props["Environment"]["Variables"]
+    assert props["ReservedConcurrentExecutions"] == CONTEXT[name]["router"]["reserved_concurrency"]
+    assert variables["FABRIC_ENV"] == name
+    assert variables["RABBITMQ_PORT"] == "5671"
+    assert variables["RABBITMQ_TLS"] == "true"
+    assert variables["FABRIC_IDENTITY_CLAIM"] == CONTEXT[name]["api"]["identity_claim"]
+    assert variables["FABRIC_INGEST_QUEUE_PREFIX"] == f"fabric-{name}-ingest-"
+    assert ".mq." in json.dumps(variables["RABBITMQ_HOST"])
+    assert "password" not in json.dumps(variables).lower()
+
+
+def test_the_router_may_read_only_the_platform_users_secret(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    template = services(env, assembly)
+    logical_id, function = router(template)
+    role = function["Properties"]["Role"]["Fn::GetAtt"][0]
+    statements = [
+        statement
+        for policy in of_type(template, "AWS::IAM::Policy").values()
+        if {"Ref": role} in policy["Properties"]["Roles"]
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+    ]
+    secret_reads = [s for s in statements if "secretsmanager:GetSecretValue" in s["Action"]]
+    assert len(secret_reads) == 1
+    secret = json.dumps(secret_reads[0]["Resource"])
+    assert "BrokerUsersfabricplatform" in secret
+    # The secrets key only through Secrets Manager; other keys (the ingest queues') directly.
+    secrets_key = [s for s in statements if "KeysSecrets" in json.dumps(s["Resource"])]
+    assert secrets_key
+    assert all("kms:ViaService" in json.dumps(s.get("Condition")) for s in secrets_key)
+    generate = [s for s in statements if "kms:GenerateDataKey" in json.dumps(s["Action"])]
+    assert [s["Action"] for s in generate] == ["kms:GenerateDataKey"]
+    for statement in statements:
+        actions = (
+            statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        )
+        assert "*" not in actions, (logical_id, statement)
+        if statement["Resource"] == "*":
+            assert all(a.startswith(("xray:", "ec2:")) for a in actions), statement
+
+
+def test_each_stakeholder_group_has_its_own_router_alias(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    aliases = of_type(services(env, assembly), "AWS::Lambda::Alias")
+    assert sorted(a["Properties"]["Name"] for a in aliases.values()) == sorted(GROUPS)
+
+
+def test_sqs_ingest_reports_partial_batch_failures(env: Synthesized, assembly: Assembly) -> None:
+    mappings = of_type(services(env, assembly), "AWS::Lambda::EventSourceMapping")
+    assert len(mappings) == len(GROUPS)
+    for mapping in mappings.values():
+        assert mapping["Properties"]["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+
+
+def test_https_needs_a_jwt_from_the_configured_issuer(env: Synthesized, assembly: Assembly) -> None:
+    template = services(env, assembly)
+    api = CONTEXT[env.stage.stage_name]["api"]
+    (authorizer,) = of_type(template, "AWS::ApiGatewayV2::Authorizer").values()
+    props = authorizer["Properties"]
+    assert props["AuthorizerType"] == "JWT"
+    assert props["JwtConfiguration"] == {
+        "Issuer": api["jwt_issuer"],
+        "Audience": api["jwt_audience"],
+    }
+    assert props["IdentitySource"] == ["$request.header.Authorization"]
+    (route,) = of_type(template, "AWS::ApiGatewayV2::Route").values()
+    assert route["Properties"]["RouteKey"] == "POST /v1/messages"
+    assert route["Properties"]["AuthorizationType"] == "JWT"
+    (stage,) = of_type(template, "AWS::ApiGatewayV2::Stage").values()
+    settings = stage["Properties"]["DefaultRouteSettings"]
+    assert settings["ThrottlingRateLimit"] == api["throttle_rate"]
+    assert settings["ThrottlingBurstLimit"] == api["throttle_burst"]
+    assert "DestinationArn" in stage["Properties"]["AccessLogSettings"]
+
+
+def test_no_message_reaches_a_broker_before_its_topology_is_applied(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    template = services(env, assembly)
+    (resource_id, resource) = next(iter(of_type(template, "Custom::FabricTopology").items()))
+    assert len(resource["Properties"]["TopologyDigest"]) == 64
+    _, function = router(template)
+    assert resource_id in function["DependsOn"]
+
+
+@pytest.mark.parametrize("name", ["dev", "prod"])
+def test_the_functions_template_is_cfn_lint_clean(assembly: Assembly, name: str) -> None:
+    env = assembly.envs[name]
+    stack = env.stage.services
+    path = assembly.outdir / env.stage.artifact_id / stack.template_file
+    findings = lint(path.read_text(), regions=[env.region])
+    assert [f"{m.rule.id} {m.message}" for m in findings] == []
