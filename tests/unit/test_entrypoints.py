@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +184,43 @@ def test_direct_invoke_with_a_malformed_event_says_so() -> None:
     bad["messages"].append({"topic": "research.dataset.synced"})
     response = dispatch(bad, f"{FUNCTION}:academic", runtime())
     assert [r["status"] for r in response["results"]] == ["accepted", "rejected"]
+
+
+def _incident(**fields: Any) -> dict[str, Any]:
+    return {**single(), "message_id": str(uuid.uuid4()), **fields}
+
+
+BAD_INPUT: list[tuple[Any, str]] = [
+    ("", "empty_body"),
+    (b"\xc3\x28", "invalid_utf8"),
+    ("{nope", "malformed_json"),
+    ([1, 2], "not_an_object"),
+    ({"payload": {}}, "missing_field"),
+    (_incident(priorty="high"), "unknown_field"),
+    (_incident(version="fabric.envelope/2"), "unsupported_version"),
+    (_incident(headers="not a map"), "invalid_field_type"),
+    (_incident(message_id="not-an-id"), "invalid_message_id"),
+    (_incident(topic="Child.Safety"), "invalid_topic"),
+    (_incident(priority="urgent"), "invalid_priority"),
+    (_incident(classification="secret"), "invalid_classification"),
+    (_incident(occurred_at="yesterday"), "invalid_timestamp"),
+    (_incident(headers={"x-match": "all"}), "invalid_header"),
+    (_incident(audience=["aliens"]), "unknown_audience"),
+    (_incident(expires_at="2001-01-01T00:00:00Z"), "expired"),
+    (_incident(payload={"blob": "x" * 270_000}), "too_large"),
+    (_incident(topic="research.dataset.synced", classification="public"), "source_not_allowed"),
+    (_incident(audience=["media"]), "audience_not_routable"),
+    (_incident(classification="internal"), "classification_too_low"),
+]
+
+
+def test_every_reason_code_reaches_the_producer_through_direct_invoke() -> None:
+    duplicate = _incident()
+    items = [item for item, _ in BAD_INPUT] + [duplicate, duplicate]
+    expected = [reason for _, reason in BAD_INPUT] + [None, "duplicate_message_id"]
+    transport = MemoryTransport()
+    response = dispatch({"messages": items}, f"{FUNCTION}:community", runtime(transport))
+    assert [r.get("reason") for r in response["results"]] == expected
+    assert [json.loads(m.body)["message_id"] for m in transport.published] == [
+        duplicate["message_id"]
+    ]
