@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from aws_cdk import Fn, RemovalPolicy, Stack
 from aws_cdk import aws_amazonmq as amazonmq
 from aws_cdk import aws_ec2 as ec2
@@ -29,6 +31,34 @@ _ROTATION_REASON = (
     "management API, then this secret, then the functions' next cold start), not a Secrets Manager "
     "rotation Lambda, which cannot reach the broker's user store."
 )
+
+
+def user_secret(
+    scope: Construct,
+    construct_id: str,
+    *,
+    username: str,
+    description: str,
+    key: kms.IKey,
+    removal_policy: RemovalPolicy,
+) -> secretsmanager.Secret:
+    """A generated ``{"username", "password"}`` secret for one RabbitMQ user, under ``key``."""
+    secret = secretsmanager.Secret(
+        scope,
+        construct_id,
+        description=description,
+        encryption_key=key,
+        removal_policy=removal_policy,
+        generate_secret_string=secretsmanager.SecretStringGenerator(
+            secret_string_template=json.dumps({"username": username}),
+            generate_string_key="password",
+            password_length=32,
+            exclude_characters=_EXCLUDED_PASSWORD_CHARACTERS,
+        ),
+    )
+    for rule in _ROTATION_RULES:
+        acknowledge(secret, rule, _ROTATION_REASON)
+    return secret
 
 
 class Broker(Construct):
@@ -60,21 +90,14 @@ class Broker(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
 
-        self.admin_secret = secretsmanager.Secret(
+        self.admin_secret = user_secret(
             self,
             "AdminSecret",
+            username=ADMIN_USERNAME,
             description=f"Messaging Fabric {env_name}: RabbitMQ broker administrator",
-            encryption_key=secrets_key,
+            key=secrets_key,
             removal_policy=removal_policy,
-            generate_secret_string=secretsmanager.SecretStringGenerator(
-                secret_string_template=f'{{"username": "{ADMIN_USERNAME}"}}',
-                generate_string_key="password",
-                password_length=32,
-                exclude_characters=_EXCLUDED_PASSWORD_CHARACTERS,
-            ),
         )
-        for rule in _ROTATION_RULES:
-            acknowledge(self.admin_secret, rule, _ROTATION_REASON)
 
         all_subnets = vpc.select_subnets(
             subnet_type=subnets.subnet_type, one_per_az=True
@@ -176,19 +199,11 @@ class BrokerUsers(Construct):
         super().__init__(scope, construct_id)
         self.secrets: dict[str, secretsmanager.Secret] = {}
         for username in usernames:
-            secret = secretsmanager.Secret(
+            self.secrets[username] = user_secret(
                 self,
                 username,
+                username=username,
                 description=f"Messaging Fabric {env_name}: RabbitMQ user {username}",
-                encryption_key=secrets_key,
+                key=secrets_key,
                 removal_policy=removal_policy,
-                generate_secret_string=secretsmanager.SecretStringGenerator(
-                    secret_string_template=f'{{"username": "{username}"}}',
-                    generate_string_key="password",
-                    password_length=32,
-                    exclude_characters=_EXCLUDED_PASSWORD_CHARACTERS,
-                ),
             )
-            for rule in _ROTATION_RULES:
-                acknowledge(secret, rule, _ROTATION_REASON)
-            self.secrets[username] = secret

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
@@ -12,11 +12,9 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+from stacks.constructs.queues import encrypted_queue, queue_with_dlq
 from stacks.nag import acknowledge
 
-# SQS keeps messages at most 14 days: the longest broker outage the fallback can absorb before a
-# drain must have run.
-_RETENTION = Duration.days(14)
 # Receives before a fallback message is parked in its DLQ (each failed drain attempt is one).
 _MAX_RECEIVE_COUNT = 10
 # Longer than the drain function's per-message confirm wait, so a message being drained is not
@@ -96,24 +94,25 @@ class FallbackPath(Construct):
         key: kms.IKey,
         removal_policy: RemovalPolicy,
     ) -> FallbackQueues:
-        queue_arn = Stack.of(self).format_arn(service="sqs", resource=name)
-        dead_letter_queue = self._queue(
-            f"{construct_id}Dlq",
-            f"{name}-dlq",
-            key,
-            removal_policy,
-            redrive_allow=sqs.RedriveAllowPolicy(
-                redrive_permission=sqs.RedrivePermission.BY_QUEUE,
-                source_queues=[sqs.Queue.from_queue_arn(self, f"{construct_id}Source", queue_arn)],
-            ),
+        queue, dead_letter_queue = queue_with_dlq(
+            self,
+            construct_id,
+            name=name,
+            key=key,
+            removal_policy=removal_policy,
+            max_receive_count=_MAX_RECEIVE_COUNT,
+            visibility_timeout=_VISIBILITY_TIMEOUT,
         )
-        subscription_dead_letter_queue = self._queue(
+        subscription_dead_letter_queue = encrypted_queue(
+            self,
             f"{construct_id}SubscriptionDlq",
-            f"{name}-sub-dlq",
-            key,
-            removal_policy,
+            name=f"{name}-sub-dlq",
+            key=key,
+            removal_policy=removal_policy,
             # Only SNS writes here; no SQS queue may use it as its dead-letter queue.
-            redrive_allow=sqs.RedriveAllowPolicy(redrive_permission=sqs.RedrivePermission.DENY_ALL),
+            redrive_allow_policy=sqs.RedriveAllowPolicy(
+                redrive_permission=sqs.RedrivePermission.DENY_ALL
+            ),
         )
         acknowledge(
             subscription_dead_letter_queue,
@@ -122,21 +121,6 @@ class FallbackPath(Construct):
                 f"This queue is the dead-letter queue of the SNS subscription of {name}; SNS "
                 "references it in the subscription's RedrivePolicy, which cdk-nag does not see."
             ),
-        )
-        queue = sqs.Queue(
-            self,
-            construct_id,
-            queue_name=name,
-            encryption=sqs.QueueEncryption.KMS,
-            encryption_master_key=key,
-            data_key_reuse=Duration.minutes(5),
-            enforce_ssl=True,
-            retention_period=_RETENTION,
-            visibility_timeout=_VISIBILITY_TIMEOUT,
-            dead_letter_queue=sqs.DeadLetterQueue(
-                queue=dead_letter_queue, max_receive_count=_MAX_RECEIVE_COUNT
-            ),
-            removal_policy=removal_policy,
         )
         topic.add_subscription(
             subscriptions.SqsSubscription(
@@ -151,25 +135,3 @@ class FallbackPath(Construct):
             )
         )
         return FallbackQueues(queue, dead_letter_queue, subscription_dead_letter_queue)
-
-    def _queue(
-        self,
-        construct_id: str,
-        name: str,
-        key: kms.IKey,
-        removal_policy: RemovalPolicy,
-        *,
-        redrive_allow: sqs.RedriveAllowPolicy,
-    ) -> sqs.Queue:
-        return sqs.Queue(
-            self,
-            construct_id,
-            queue_name=name,
-            encryption=sqs.QueueEncryption.KMS,
-            encryption_master_key=key,
-            data_key_reuse=Duration.minutes(5),
-            enforce_ssl=True,
-            retention_period=_RETENTION,
-            redrive_allow_policy=redrive_allow,
-            removal_policy=removal_policy,
-        )

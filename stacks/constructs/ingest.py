@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+from stacks.constructs.queues import queue_with_dlq
 
 # Messages that stay `unavailable` (both transports down) are retried this many times, spaced by
 # the visibility timeout, before they are parked in the DLQ.
@@ -38,37 +39,12 @@ class IngestQueues(Construct):
         self.prefix = self.prefix_template.format(env=env_name)
         self.queues: dict[Stakeholder, sqs.Queue] = {}
         for group in STAKEHOLDERS:
-            name = f"{self.prefix}{group.value}"
-            construct = group.value.capitalize()
-            source = sqs.Queue.from_queue_arn(self, f"{construct}Source", self._arn(name))
-            dead_letter_queue = sqs.Queue(
+            self.queues[group], _ = queue_with_dlq(
                 self,
-                f"{construct}Dlq",
-                queue_name=f"{name}-dlq",
-                encryption=sqs.QueueEncryption.KMS,
-                encryption_master_key=key,
-                enforce_ssl=True,
-                retention_period=Duration.days(14),
-                redrive_allow_policy=sqs.RedriveAllowPolicy(
-                    redrive_permission=sqs.RedrivePermission.BY_QUEUE, source_queues=[source]
-                ),
+                group.value.capitalize(),
+                name=f"{self.prefix}{group.value}",
+                key=key,
                 removal_policy=removal_policy,
-            )
-            self.queues[group] = sqs.Queue(
-                self,
-                construct,
-                queue_name=name,
-                encryption=sqs.QueueEncryption.KMS,
-                encryption_master_key=key,
-                data_key_reuse=Duration.minutes(5),
-                enforce_ssl=True,
-                retention_period=Duration.days(14),
+                max_receive_count=_MAX_RECEIVE_COUNT,
                 visibility_timeout=_VISIBILITY_TIMEOUT,
-                dead_letter_queue=sqs.DeadLetterQueue(
-                    queue=dead_letter_queue, max_receive_count=_MAX_RECEIVE_COUNT
-                ),
-                removal_policy=removal_policy,
             )
-
-    def _arn(self, name: str) -> str:
-        return Stack.of(self).format_arn(service="sqs", resource=name)
