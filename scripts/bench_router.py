@@ -406,6 +406,8 @@ def bench_cold_init(runs: int = 5) -> Iterator[Figure]:
         "MESSAGES_KEY_ARN": f"arn:aws:kms:{REGION}:111111111111:key/{uuid.uuid4()}",
         "FABRIC_IDENTITY_CLAIM": "fabric:group",
         "FABRIC_INGEST_QUEUE_PREFIX": "fabric-bench-ingest-",
+        "FALLBACK_TOPIC_ARN": f"arn:aws:sns:{REGION}:111111111111:fabric-bench-fallback",
+        "EMERGENCY_TOPIC_ARN": f"arn:aws:sns:{REGION}:111111111111:fabric-bench-emergency",
     }
     code = _COLD_INIT.format(
         fabric=str(ROOT / "build" / "layers" / "fabric" / "python"),

@@ -128,32 +128,51 @@ def start_moto() -> Any:
 def create_aws_resources(
     templates: dict[str, dict[str, Any]],
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """Create the messages key and the broker users' secrets; (logical id -> ARN, user -> pwd)."""
+    """Create in moto what the router uses: the messages key, the broker users' secrets, the
+    fallback topics with their filtered group queues. (logical id -> ARN, user -> password)."""
     import boto3
 
     stateful = templates["Stateful"]["Resources"]
     kms = boto3.client("kms")
     manager = boto3.client("secretsmanager")
+    sns = boto3.client("sns")
+    sqs = boto3.client("sqs")
     physical: dict[str, str] = {}
     passwords: dict[str, str] = {}
     for logical_id, resource in stateful.items():
         props = resource.get("Properties", {})
-        if resource["Type"] == "AWS::KMS::Key" and "restricted payloads" in props.get(
-            "Description", ""
-        ):
+        kind = resource["Type"]
+        if kind == "AWS::KMS::Key" and "restricted payloads" in props.get("Description", ""):
             physical[logical_id] = kms.create_key(Description=props["Description"])["KeyMetadata"][
                 "Arn"
             ]
-        if resource["Type"] == "AWS::SecretsManager::Secret":
-            template = json.loads(props["GenerateSecretString"]["SecretStringTemplate"])
-            username = template["username"]
+        elif kind == "AWS::SecretsManager::Secret":
+            username = json.loads(props["GenerateSecretString"]["SecretStringTemplate"])["username"]
             password = secrets.token_urlsafe(24)
             passwords[username] = password
-            arn = manager.create_secret(
+            physical[logical_id] = manager.create_secret(
                 Name=f"fabric-dev-local/{username}",
                 SecretString=json.dumps({"username": username, "password": password}),
             )["ARN"]
-            physical[logical_id] = arn
+        elif kind == "AWS::SNS::Topic":
+            physical[logical_id] = sns.create_topic(Name=props["TopicName"])["TopicArn"]
+        elif kind == "AWS::SQS::Queue" and "QueueName" in props:
+            url = sqs.create_queue(QueueName=props["QueueName"])["QueueUrl"]
+            physical[logical_id] = sqs.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["QueueArn"]
+            )["Attributes"]["QueueArn"]
+    for resource in stateful.values():
+        if resource["Type"] == "AWS::SNS::Subscription":
+            props = resource["Properties"]
+            sns.subscribe(
+                TopicArn=physical[props["TopicArn"]["Ref"]],
+                Protocol="sqs",
+                Endpoint=physical[props["Endpoint"]["Fn::GetAtt"][0]],
+                Attributes={
+                    "RawMessageDelivery": "true",
+                    "FilterPolicy": json.dumps(props["FilterPolicy"]),
+                },
+            )
     return physical, passwords
 
 

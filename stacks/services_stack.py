@@ -76,6 +76,8 @@ class ServicesStack(Stack):
             secrets_key=stateful.keys.secrets,
             messages_key=stateful.keys.messages,
             ingest_queues=dict(stateful.ingest.queues),
+            fallback_topics=dict(stateful.fallback.topics),
+            topics_key=stateful.keys.topics,
             ingest_prefix=stateful.ingest.prefix,
         )
         # Messages must not reach a broker whose topology is not applied yet.

@@ -14,6 +14,7 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_event_sources as event_sources
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
@@ -50,6 +51,8 @@ class Router(Construct):
         secrets_key: kms.IKey,
         messages_key: kms.IKey,
         ingest_queues: dict[Stakeholder, sqs.IQueue],
+        fallback_topics: dict[str, sns.ITopic],
+        topics_key: kms.IKey,
         ingest_prefix: str,
     ) -> None:
         super().__init__(scope, construct_id)
@@ -69,6 +72,8 @@ class Router(Construct):
                 "MESSAGES_KEY_ARN": messages_key.key_arn,
                 "FABRIC_IDENTITY_CLAIM": api.identity_claim,
                 "FABRIC_INGEST_QUEUE_PREFIX": ingest_prefix,
+                "FALLBACK_TOPIC_ARN": fallback_topics["fallback"].topic_arn,
+                "EMERGENCY_TOPIC_ARN": fallback_topics["emergency"].topic_arn,
             },
             reserved_concurrency=config.reserved_concurrency,
             timeout=ROUTER_TIMEOUT,
@@ -77,6 +82,15 @@ class Router(Construct):
         function = self.function.function
         self.function.allow_secret_read(broker_secret, secrets_key)
         messages_key.grant(function, "kms:GenerateDataKey")
+        # Publishing to a topic encrypted with a customer key needs that key; named actions
+        # rather than grant_publish's GenerateDataKey* wildcard.
+        function.add_to_role_policy(
+            iam.PolicyStatement(
+                actions=["sns:Publish"],
+                resources=[topic.topic_arn for topic in fallback_topics.values()],
+            )
+        )
+        topics_key.grant(function, "kms:GenerateDataKey", "kms:Decrypt")
 
         version = function.current_version
         for group in STAKEHOLDERS:

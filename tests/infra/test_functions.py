@@ -78,6 +78,8 @@ def test_the_router_is_configured_from_cdk_json_and_holds_no_secret(
     assert variables["RABBITMQ_TLS"] == "true"
     assert variables["FABRIC_IDENTITY_CLAIM"] == CONTEXT[name]["api"]["identity_claim"]
     assert variables["FABRIC_INGEST_QUEUE_PREFIX"] == f"fabric-{name}-ingest-"
+    assert "FallbackTopic" in json.dumps(variables["FALLBACK_TOPIC_ARN"])
+    assert "EmergencyTopic" in json.dumps(variables["EMERGENCY_TOPIC_ARN"])
     assert ".mq." in json.dumps(variables["RABBITMQ_HOST"])
     assert "password" not in json.dumps(variables).lower()
 
@@ -102,8 +104,11 @@ def test_the_router_may_read_only_the_platform_users_secret(
     secrets_key = [s for s in statements if "KeysSecrets" in json.dumps(s["Resource"])]
     assert secrets_key
     assert all("kms:ViaService" in json.dumps(s.get("Condition")) for s in secrets_key)
-    generate = [s for s in statements if "kms:GenerateDataKey" in json.dumps(s["Action"])]
+    generate = [s for s in statements if "KeysMessages" in json.dumps(s["Resource"])]
     assert [s["Action"] for s in generate] == ["kms:GenerateDataKey"]
+    (publish,) = [s for s in statements if "sns:Publish" in json.dumps(s["Action"])]
+    assert publish["Action"] == "sns:Publish"
+    assert len(publish["Resource"]) == 2
     for statement in statements:
         actions = (
             statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]

@@ -67,7 +67,14 @@ def fabric(vhost: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamesp
                 Name="platform",
                 SecretString=json.dumps({"username": platform, "password": passwords[platform]}),
             )["ARN"]
+            sns = boto3.client("sns", region_name=REGION)
+            topics = {
+                flow: sns.create_topic(Name=f"fabric-test-{flow}")["TopicArn"]
+                for flow in ("fallback", "emergency")
+            }
             for name, value in {
+                "FALLBACK_TOPIC_ARN": topics["fallback"],
+                "EMERGENCY_TOPIC_ARN": topics["emergency"],
                 "FABRIC_ENV": "test",
                 "RABBITMQ_HOST": AMQP[0],
                 "RABBITMQ_PORT": str(AMQP[1]),

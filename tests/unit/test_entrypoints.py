@@ -39,6 +39,8 @@ def runtime(transport: MemoryTransport | None = None) -> RouterRuntime:
         messages_key_arn="unused",
         identity_claim="fabric:group",
         ingest_queue_prefix="fabric-dev-ingest-",
+        fallback_topic_arn="unused",
+        emergency_topic_arn="unused",
     )
     router = Router(
         table=default_routing_table(),

@@ -11,7 +11,9 @@ from fabric import topology
 from fabric.adapters.esdk import EsdkCipher
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.secrets import SecretCredentials
+from fabric.adapters.sns import SnsFallbackTransport
 from fabric.audit_sink import TransportAuditSink
+from fabric.breaker import BreakerTransport
 from fabric.ports import MessageKind, OutboundMessage
 from fabric.router import Router
 from fabric.routing import default_routing_table
@@ -62,9 +64,16 @@ def build_router_runtime(
         ),
         exchange_for=exchange_for,
     )
+    fallback = SnsFallbackTransport(
+        fallback_topic_arn=settings.fallback_topic_arn,
+        emergency_topic_arn=settings.emergency_topic_arn,
+        client_factory=lambda: make_client("sns"),
+    )
     router = Router(
         table=default_routing_table(),
-        transports=[rabbit],
+        # The breaker stops a dead broker from costing its timeout on every call; what RabbitMQ
+        # does not store goes to SNS/SQS.
+        transports=[BreakerTransport(rabbit), fallback],
         cipher=EsdkCipher(settings.messages_key_arn, client_factory=lambda: make_client("kms")),
         audit=TransportAuditSink([rabbit], emitted_by="router"),
         environment=settings.environment,
@@ -83,5 +92,11 @@ def router_runtime(environ: Mapping[str, str] | None = None) -> RouterRuntime:
 
 def _boto3_client(service_name: str) -> Any:
     import boto3
+    from botocore.config import Config
 
-    return boto3.client(service_name)
+    # Bounded, so a failing AWS endpoint is noticed in about a second, not after the SDK's
+    # default minute of retries: the router must answer an emergency within a second.
+    config = Config(
+        connect_timeout=1, read_timeout=2, retries={"max_attempts": 2, "mode": "standard"}
+    )
+    return boto3.client(service_name, config=config)

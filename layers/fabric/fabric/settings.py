@@ -19,6 +19,7 @@ class RouterSettings:
     ``MESSAGES_KEY_ARN``: the KMS key for restricted payloads.
     ``FABRIC_IDENTITY_CLAIM``: the JWT claim that names the caller's stakeholder group.
     ``FABRIC_INGEST_QUEUE_PREFIX``: SQS ingest queues are ``<prefix><group>``.
+    ``FALLBACK_TOPIC_ARN`` / ``EMERGENCY_TOPIC_ARN``: the SNS topics of the fallback path.
     """
 
     environment: str
@@ -30,6 +31,8 @@ class RouterSettings:
     messages_key_arn: str
     identity_claim: str
     ingest_queue_prefix: str
+    fallback_topic_arn: str
+    emergency_topic_arn: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> RouterSettings:
@@ -48,6 +51,8 @@ class RouterSettings:
             messages_key_arn=_required(environ, "MESSAGES_KEY_ARN"),
             identity_claim=environ.get("FABRIC_IDENTITY_CLAIM", "fabric:group") or "fabric:group",
             ingest_queue_prefix=_required(environ, "FABRIC_INGEST_QUEUE_PREFIX"),
+            fallback_topic_arn=_required(environ, "FALLBACK_TOPIC_ARN"),
+            emergency_topic_arn=_required(environ, "EMERGENCY_TOPIC_ARN"),
         )
 
 

@@ -1,0 +1,130 @@
+"""The SNS/SQS fallback transport: messages RabbitMQ could not take, to SNS, filtered to SQS.
+
+Each message is published to the ``fallback`` topic (the ``emergency`` topic for emergencies)
+with the groups the routing table resolved in the ``audience`` message attribute; every group's
+SQS queue is subscribed with a filter on its own name, so SNS delivers exactly what RabbitMQ
+would have. ``PublishBatch`` sends up to 10 entries per call and every entry's result is checked:
+a message is stored only when SNS listed it as successful.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fabric.ports import Failure, MessageKind, OutboundMessage, Outcome
+
+_LOG = logging.getLogger(__name__)
+TRANSPORT_NAME = "fallback"
+AUDIENCE_ATTRIBUTE = "audience"
+MESSAGE_ID_ATTRIBUTE = "fabric-message-id"
+TOPIC_ATTRIBUTE = "fabric-topic"
+HEADERS_ATTRIBUTE = "fabric-headers"
+_MAX_ENTRIES = 10
+# SNS limits a whole PublishBatch request (bodies and attributes) to 256 KiB.
+_MAX_BATCH_BYTES = 262_144
+_ATTRIBUTE_ALLOWANCE = 1_024
+
+
+class SnsFallbackTransport:
+    """A ``Transport`` onto the SNS fallback and emergency topics.
+
+    Refuses (as ``UNAVAILABLE``, never a false success) what the fallback cannot deliver: a
+    message no group would receive (SNS would accept and drop it) and audit batches (their
+    fallback path arrives with the audit trail).
+    """
+
+    name = TRANSPORT_NAME
+
+    def __init__(
+        self,
+        *,
+        fallback_topic_arn: str,
+        emergency_topic_arn: str,
+        client_factory: Callable[[], Any],
+    ) -> None:
+        self._topics = {False: fallback_topic_arn, True: emergency_topic_arn}
+        self._client_factory = client_factory
+        self._client: Any = None
+
+    def publish(self, messages: Iterable[OutboundMessage]) -> list[Outcome]:
+        """Publish in batches of at most 10 (and 256 KiB); one Outcome per message, in order."""
+        taken = list(messages)
+        outcomes: dict[int, Outcome] = {}
+        batches: dict[bool, list[list[int]]] = {False: [], True: []}
+        sizes: dict[bool, int] = {False: 0, True: 0}
+        for index, message in enumerate(taken):
+            if message.kind is not MessageKind.MESSAGE or not message.audience:
+                outcomes[index] = Outcome(message.message_id, failure=Failure.UNAVAILABLE)
+                continue
+            size = len(message.body) + _ATTRIBUTE_ALLOWANCE
+            groups = batches[message.emergency]
+            if (
+                not groups
+                or len(groups[-1]) >= _MAX_ENTRIES
+                or sizes[message.emergency] + size > _MAX_BATCH_BYTES
+            ):
+                groups.append([])
+                sizes[message.emergency] = 0
+            groups[-1].append(index)
+            sizes[message.emergency] += size
+        for emergency, groups in batches.items():
+            for group in groups:
+                outcomes.update(self._send(self._topics[emergency], taken, group))
+        return [outcomes[i] for i in range(len(taken))]
+
+    def close(self) -> None:
+        """Nothing to release (the HTTP client pools its connections)."""
+
+    def _send(
+        self, topic_arn: str, messages: list[OutboundMessage], indices: list[int]
+    ) -> dict[int, Outcome]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        entries = [_entry(str(i), messages[i]) for i in indices]
+        try:
+            if self._client is None:
+                self._client = self._client_factory()
+            response = self._client.publish_batch(
+                TopicArn=topic_arn, PublishBatchRequestEntries=entries
+            )
+        except (BotoCoreError, ClientError) as exc:
+            _LOG.warning(
+                "SNS publish failed for %d message(s): %s", len(indices), type(exc).__name__
+            )
+            return {
+                i: Outcome(messages[i].message_id, failure=Failure.UNAVAILABLE) for i in indices
+            }
+        stored = {int(item["Id"]) for item in response.get("Successful", [])}
+        failed = response.get("Failed", [])
+        if failed:
+            _LOG.warning("SNS refused %d message(s): %s", len(failed), failed[0].get("Code"))
+        return {
+            i: Outcome(messages[i].message_id, transport=TRANSPORT_NAME)
+            if i in stored
+            else Outcome(messages[i].message_id, failure=Failure.UNAVAILABLE)
+            for i in indices
+        }
+
+
+def _entry(entry_id: str, message: OutboundMessage) -> dict[str, Any]:
+    attributes: dict[str, Any] = {
+        AUDIENCE_ATTRIBUTE: {
+            "DataType": "String.Array",
+            "StringValue": json.dumps(sorted(group.value for group in message.audience)),
+        },
+        MESSAGE_ID_ATTRIBUTE: {"DataType": "String", "StringValue": message.message_id},
+        TOPIC_ATTRIBUTE: {"DataType": "String", "StringValue": message.topic},
+    }
+    if message.headers:
+        attributes[HEADERS_ATTRIBUTE] = {
+            "DataType": "String",
+            "StringValue": json.dumps(dict(message.headers), sort_keys=True),
+        }
+    return {
+        "Id": entry_id,
+        "Message": message.body.decode("utf-8"),
+        "MessageAttributes": attributes,
+    }

@@ -1,0 +1,194 @@
+"""The SNS/SQS fallback transport on moto: filtered delivery per group, every entry checked."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from fabric.adapters.sns import SnsFallbackTransport
+from fabric.ports import Failure, MessageKind, OutboundMessage
+from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+from fabric.topology import sns_filter_policy
+
+pytestmark = pytest.mark.integration
+REGION = "ap-southeast-3"
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """moto with the fallback path of the stateful stack: 2 topics, a filtered queue per group."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        sns = boto3.client("sns", region_name=REGION)
+        sqs = boto3.client("sqs", region_name=REGION)
+        topics, queues = {}, {}
+        for flow in ("fallback", "emergency"):
+            topics[flow] = sns.create_topic(Name=f"fabric-test-{flow}")["TopicArn"]
+            for group in STAKEHOLDERS:
+                url = sqs.create_queue(QueueName=f"fabric-test-{flow}-{group.value}")["QueueUrl"]
+                arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])[
+                    "Attributes"
+                ]["QueueArn"]
+                sns.subscribe(
+                    TopicArn=topics[flow],
+                    Protocol="sqs",
+                    Endpoint=arn,
+                    Attributes={
+                        "RawMessageDelivery": "true",
+                        "FilterPolicy": json.dumps(sns_filter_policy(group)),
+                    },
+                )
+                queues[(flow, group)] = url
+        yield {"topics": topics, "queues": queues, "sqs": sqs}
+
+
+def transport(aws: dict[str, Any]) -> SnsFallbackTransport:
+    return SnsFallbackTransport(
+        fallback_topic_arn=aws["topics"]["fallback"],
+        emergency_topic_arn=aws["topics"]["emergency"],
+        client_factory=lambda: boto3.client("sns", region_name=REGION),
+    )
+
+
+def message(*groups: Stakeholder, emergency: bool = False, **fields: Any) -> OutboundMessage:
+    message_id = str(uuid.uuid4())
+    body = json.dumps({"message_id": message_id, "topic": "t.x", "payload": {}}).encode()
+    return OutboundMessage(
+        message_id, "t.x", body, frozenset(groups), emergency=emergency, **fields
+    )
+
+
+def received(aws: dict[str, Any], flow: str, group: Stakeholder) -> list[dict[str, Any]]:
+    response = aws["sqs"].receive_message(
+        QueueUrl=aws["queues"][(flow, group)],
+        MaxNumberOfMessages=10,
+        MessageAttributeNames=["All"],
+    )
+    return list(response.get("Messages", []))
+
+
+def test_each_group_queue_gets_exactly_the_messages_routed_to_it(aws: dict[str, Any]) -> None:
+    both = message(Stakeholder.GOVERNMENT, Stakeholder.COMMUNITY)
+    media = message(Stakeholder.MEDIA)
+    alarm = message(Stakeholder.GOVERNMENT, emergency=True)
+    outcomes = transport(aws).publish([both, media, alarm])
+    assert [o.transport for o in outcomes] == ["fallback"] * 3
+    ids = {
+        (flow, group): [json.loads(m["Body"])["message_id"] for m in received(aws, flow, group)]
+        for flow in ("fallback", "emergency")
+        for group in STAKEHOLDERS
+    }
+    assert ids[("fallback", Stakeholder.GOVERNMENT)] == [both.message_id]
+    assert ids[("fallback", Stakeholder.COMMUNITY)] == [both.message_id]
+    assert ids[("fallback", Stakeholder.MEDIA)] == [media.message_id]
+    assert ids[("emergency", Stakeholder.GOVERNMENT)] == [alarm.message_id]
+    assert sum(len(v) for v in ids.values()) == 4
+
+
+def test_the_message_id_and_topic_travel_as_attributes_for_the_drain(aws: dict[str, Any]) -> None:
+    sent = message(Stakeholder.ACADEMIC, headers={"fabric-audience": "all"})
+    transport(aws).publish([sent])
+    (got,) = received(aws, "fallback", Stakeholder.ACADEMIC)
+    attributes = got["MessageAttributes"]
+    assert attributes["fabric-message-id"]["StringValue"] == sent.message_id
+    assert attributes["fabric-topic"]["StringValue"] == "t.x"
+    assert json.loads(attributes["fabric-headers"]["StringValue"]) == {"fabric-audience": "all"}
+
+
+def test_batches_of_more_than_ten_are_split_and_all_stored(aws: dict[str, Any]) -> None:
+    batch = [message(Stakeholder.BUSINESS) for _ in range(23)]
+    outcomes = transport(aws).publish(batch)
+    assert all(o.stored for o in outcomes)
+    assert [o.message_id for o in outcomes] == [m.message_id for m in batch]
+
+
+def test_what_no_group_would_receive_is_refused_not_falsely_stored(aws: dict[str, Any]) -> None:
+    nobody = message()
+    audit = message(Stakeholder.GOVERNMENT, kind=MessageKind.AUDIT)
+    outcomes = transport(aws).publish([nobody, audit])
+    assert [o.failure for o in outcomes] == [Failure.UNAVAILABLE, Failure.UNAVAILABLE]
+
+
+class _PartlyFailing:
+    """SNS answering a PublishBatch with one entry failed (as it does under throttling)."""
+
+    def publish_batch(self, TopicArn: str, PublishBatchRequestEntries: list[Any]) -> Any:
+        entries = PublishBatchRequestEntries
+        return {
+            "Successful": [{"Id": e["Id"], "MessageId": "x"} for e in entries[1:]],
+            "Failed": [{"Id": entries[0]["Id"], "Code": "Throttled", "SenderFault": False}],
+        }
+
+
+def test_every_entry_of_a_batch_is_checked() -> None:
+    sender = SnsFallbackTransport(
+        fallback_topic_arn="arn:f", emergency_topic_arn="arn:e", client_factory=_PartlyFailing
+    )
+    outcomes = sender.publish([message(Stakeholder.MEDIA) for _ in range(3)])
+    assert [o.stored for o in outcomes] == [False, True, True]
+
+
+def test_sns_down_means_unavailable_for_the_whole_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    sender = SnsFallbackTransport(
+        fallback_topic_arn=f"arn:aws:sns:{REGION}:111111111111:nope",
+        emergency_topic_arn=f"arn:aws:sns:{REGION}:111111111111:nope",
+        client_factory=lambda: boto3.client(
+            "sns", region_name=REGION, endpoint_url="http://127.0.0.1:1"
+        ),
+    )
+    outcomes = sender.publish([message(Stakeholder.MEDIA)])
+    assert outcomes[0].failure is Failure.UNAVAILABLE
+
+
+def test_with_the_broker_down_the_router_stores_through_the_fallback(
+    aws: dict[str, Any],
+) -> None:
+    from fabric.bootstrap import build_router_runtime
+    from fabric.settings import RouterSettings
+
+    key = boto3.client("kms", region_name=REGION).create_key()["KeyMetadata"]["Arn"]
+    secret = boto3.client("secretsmanager", region_name=REGION).create_secret(
+        Name="platform", SecretString=json.dumps({"username": "u", "password": "p"})
+    )["ARN"]
+    settings = RouterSettings(
+        environment="test",
+        rabbitmq_host="127.0.0.1",
+        rabbitmq_port=1,  # nothing listens: the broker is down before the first connect
+        rabbitmq_tls=False,
+        rabbitmq_vhost="/",
+        rabbitmq_secret_arn=secret,
+        messages_key_arn=key,
+        identity_claim="fabric:group",
+        ingest_queue_prefix="fabric-test-ingest-",
+        fallback_topic_arn=aws["topics"]["fallback"],
+        emergency_topic_arn=aws["topics"]["emergency"],
+    )
+    router = build_router_runtime(settings).router
+    alert = {
+        "message_id": str(uuid.uuid4()),
+        "topic": "child-safety.incident.reported",
+        "priority": "emergency",
+        "classification": "restricted",
+        "payload": {"child": "CANARY-in-fallback"},
+    }
+    (result,) = router.route([alert], source="community").results
+    assert (result.status, result.transport) == ("accepted", "fallback")
+    for group in (Stakeholder.GOVERNMENT, Stakeholder.COMMUNITY):
+        (got,) = received(aws, "emergency", group)
+        assert json.loads(got["Body"])["message_id"] == alert["message_id"]
+        assert "CANARY-in-fallback" not in got["Body"]
+    assert received(aws, "emergency", Stakeholder.MEDIA) == []

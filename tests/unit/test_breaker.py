@@ -1,0 +1,58 @@
+"""The circuit breaker: fail fast during an outage, probe, close again when the broker is back."""
+
+from __future__ import annotations
+
+from fabric.adapters.memory import MemoryTransport
+from fabric.breaker import BreakerTransport, State
+from fabric.ports import Failure, OutboundMessage
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def msg(n: int) -> OutboundMessage:
+    return OutboundMessage(f"m{n}", "t.x", b"{}", frozenset())
+
+
+def test_after_an_outage_calls_fail_fast_without_touching_the_broker() -> None:
+    broker, clock = MemoryTransport(failure=Failure.TIMEOUT), Clock()
+    breaker = BreakerTransport(broker, open_seconds=5, clock=clock)
+    assert breaker.publish([msg(1)])[0].failure is Failure.TIMEOUT
+    assert breaker.state is State.OPEN
+    broker.failure = None  # it would work now, but the breaker does not ask it yet
+    assert breaker.publish([msg(2)])[0].failure is Failure.UNAVAILABLE
+    assert broker.published == []
+
+
+def test_a_successful_probe_closes_the_circuit() -> None:
+    broker, clock = MemoryTransport(failure=Failure.UNAVAILABLE), Clock()
+    breaker = BreakerTransport(broker, open_seconds=5, clock=clock)
+    breaker.publish([msg(1)])
+    broker.failure = None
+    clock.now += 5
+    assert breaker.state is State.HALF_OPEN
+    assert breaker.publish([msg(2)])[0].stored
+    assert breaker.state is State.CLOSED
+    assert [m.message_id for m in broker.published] == ["m2"]
+
+
+def test_a_failed_probe_keeps_it_open_for_another_period() -> None:
+    broker, clock = MemoryTransport(failure=Failure.UNAVAILABLE), Clock()
+    breaker = BreakerTransport(broker, open_seconds=5, clock=clock)
+    breaker.publish([msg(1)])
+    clock.now += 5
+    breaker.publish([msg(2)])
+    clock.now += 4
+    assert breaker.state is State.OPEN
+
+
+def test_a_nacked_message_does_not_open_the_circuit() -> None:
+    broker = MemoryTransport(fail_ids={"m1"})
+    breaker = BreakerTransport(broker, open_seconds=5, clock=Clock())
+    assert breaker.publish([msg(1)])[0].failure is Failure.NACKED
+    assert breaker.state is State.CLOSED
