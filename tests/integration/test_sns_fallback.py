@@ -4,54 +4,17 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from fabric.adapters.sns import SnsFallbackTransport
 from fabric.ports import Failure, MessageKind, OutboundMessage
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
-from fabric.topology import sns_filter_policy
 
 pytestmark = pytest.mark.integration
 REGION = "ap-southeast-3"
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """moto with the fallback path of the stateful stack: 2 topics, a filtered queue per group."""
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        sns = boto3.client("sns", region_name=REGION)
-        sqs = boto3.client("sqs", region_name=REGION)
-        topics, queues = {}, {}
-        for flow in ("fallback", "emergency"):
-            topics[flow] = sns.create_topic(Name=f"fabric-test-{flow}")["TopicArn"]
-            for group in STAKEHOLDERS:
-                url = sqs.create_queue(QueueName=f"fabric-test-{flow}-{group.value}")["QueueUrl"]
-                arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])[
-                    "Attributes"
-                ]["QueueArn"]
-                sns.subscribe(
-                    TopicArn=topics[flow],
-                    Protocol="sqs",
-                    Endpoint=arn,
-                    Attributes={
-                        "RawMessageDelivery": "true",
-                        "FilterPolicy": json.dumps(sns_filter_policy(group)),
-                    },
-                )
-                queues[(flow, group)] = url
-        yield {"topics": topics, "queues": queues, "sqs": sqs}
 
 
 def transport(aws: dict[str, Any]) -> SnsFallbackTransport:

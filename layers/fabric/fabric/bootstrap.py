@@ -12,12 +12,15 @@ from fabric.adapters.esdk import EsdkCipher
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.secrets import SecretCredentials
 from fabric.adapters.sns import SnsFallbackTransport
+from fabric.adapters.sqs import SqsFallbackSource
 from fabric.audit_sink import TransportAuditSink
 from fabric.breaker import BreakerTransport
+from fabric.drain import Drainer, FallbackQueue
 from fabric.ports import MessageKind, OutboundMessage
 from fabric.router import Router
 from fabric.routing import default_routing_table
-from fabric.settings import RouterSettings
+from fabric.settings import DrainSettings, RouterSettings
+from fabric.stakeholders import Stakeholder
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ def exchange_for(message: OutboundMessage) -> str:
     exchange and everything else to the group queues."""
     if message.kind is MessageKind.AUDIT:
         return topology.AUDIT_EXCHANGE
+    if message.redeliver_to is not None:
+        return topology.REDELIVER_EXCHANGE
     if not message.audience:
         # Nothing in the table routes it. Straight to the unrouted queue: through the ingress
         # exchange a topic that matches a header route's pattern but not its headers would
@@ -52,18 +57,7 @@ def build_router_runtime(
     lazily so that cold starts do not pay for boto3 before it is needed).
     """
     make_client = client_factory or _boto3_client
-    rabbit = RabbitMqTransport(
-        RabbitSettings(
-            host=settings.rabbitmq_host,
-            port=settings.rabbitmq_port,
-            credentials=SecretCredentials(
-                settings.rabbitmq_secret_arn, lambda: make_client("secretsmanager")
-            ),
-            vhost=settings.rabbitmq_vhost,
-            use_tls=settings.rabbitmq_tls,
-        ),
-        exchange_for=exchange_for,
-    )
+    rabbit = _rabbit(settings, make_client)
     fallback = SnsFallbackTransport(
         fallback_topic_arn=settings.fallback_topic_arn,
         emergency_topic_arn=settings.emergency_topic_arn,
@@ -79,6 +73,49 @@ def build_router_runtime(
         environment=settings.environment,
     )
     return RouterRuntime(router=router, settings=settings)
+
+
+def _rabbit(
+    settings: RouterSettings | DrainSettings, make_client: Callable[[str], Any]
+) -> RabbitMqTransport:
+    return RabbitMqTransport(
+        RabbitSettings(
+            host=settings.rabbitmq_host,
+            port=settings.rabbitmq_port,
+            credentials=SecretCredentials(
+                settings.rabbitmq_secret_arn, lambda: make_client("secretsmanager")
+            ),
+            vhost=settings.rabbitmq_vhost,
+            use_tls=settings.rabbitmq_tls,
+        ),
+        exchange_for=exchange_for,
+    )
+
+
+def build_drainer(
+    settings: DrainSettings, *, client_factory: Callable[[str], Any] | None = None
+) -> Drainer:
+    """Wire the drain from settings. Nothing touches the network until it runs."""
+    make_client = client_factory or _boto3_client
+    rabbit = _rabbit(settings, make_client)
+    return Drainer(
+        queues=[
+            FallbackQueue(url=url, group=Stakeholder(group), emergency=emergency)
+            for url, group, emergency in settings.queues
+        ],
+        source=SqsFallbackSource(lambda: make_client("sqs")),
+        broker=rabbit,
+        audit=TransportAuditSink([rabbit], emitted_by="drain"),
+    )
+
+
+def drainer_from_environment(environ: Mapping[str, str] | None = None) -> Drainer:
+    """The drain of this process, from its environment variables.
+
+    Raises:
+        ConfigError: a variable is missing or malformed (the message names it).
+    """
+    return build_drainer(DrainSettings.from_env(os.environ if environ is None else environ))
 
 
 def router_runtime(environ: Mapping[str, str] | None = None) -> RouterRuntime:

@@ -34,6 +34,8 @@ class OutboundMessage:
     audience: frozenset[Stakeholder]
     emergency: bool = False
     kind: MessageKind = field(default_factory=lambda: MessageKind.MESSAGE)
+    # Deliver to this one group work queue only (drain, redrive), instead of routing by topic.
+    redeliver_to: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     correlation_id: str | None = None
     reply_to: str | None = None
@@ -111,4 +113,31 @@ class AuditSink(Protocol):
 
     def emit(self, records: Sequence[AuditRecord]) -> bool:
         """Store ``records``; True only when they are durably stored. Never raises for I/O."""
+        ...
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message taken from a fallback queue, with what the drain needs to put it back."""
+
+    handle: str
+    body: bytes
+    message_id: str
+    topic: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class FallbackSource(Protocol):
+    """The fallback queues, seen from the drain: receive, and delete what is safe elsewhere."""
+
+    def receive(self, queue: str, limit: int) -> list[Received]:
+        """Up to ``limit`` messages, hidden from other receivers for the queue's visibility time.
+
+        Raises:
+            TransportUnavailable: the queue service cannot be reached.
+        """
+        ...
+
+    def delete(self, queue: str, handles: Sequence[str]) -> set[str]:
+        """Delete by receive handle; returns the handles actually deleted (every entry checked)."""
         ...

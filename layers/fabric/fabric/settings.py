@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -75,3 +76,56 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
     if raw not in {"true", "false"}:
         raise ConfigError(f"environment variable {name} must be true or false, got {raw!r}")
     return raw == "true"
+
+
+@dataclass(frozen=True)
+class DrainSettings:
+    """What the drain function needs (set by the stack).
+
+    ``RABBITMQ_*``, ``FABRIC_ENV`` as for the router; ``FALLBACK_QUEUES``: JSON list of
+    ``{"url", "group", "emergency"}``; ``DRAIN_MAX_MESSAGES`` (default 10000) and
+    ``DRAIN_MAX_SECONDS`` (default 240) bound one run.
+    """
+
+    environment: str
+    rabbitmq_host: str
+    rabbitmq_port: int
+    rabbitmq_tls: bool
+    rabbitmq_vhost: str
+    rabbitmq_secret_arn: str
+    queues: tuple[tuple[str, str, bool], ...]
+    max_messages: int
+    max_seconds: float
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> DrainSettings:
+        """Read and check the variables.
+
+        Raises:
+            ConfigError: a variable is missing or malformed; the message names it.
+        """
+        try:
+            raw = json.loads(_required(environ, "FALLBACK_QUEUES"))
+            queues = tuple((str(q["url"]), str(q["group"]), bool(q["emergency"])) for q in raw)
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(
+                'FALLBACK_QUEUES must be a JSON list of {"url", "group", "emergency"}'
+            ) from None
+        return cls(
+            environment=_required(environ, "FABRIC_ENV"),
+            rabbitmq_host=_required(environ, "RABBITMQ_HOST"),
+            rabbitmq_port=_port(environ, "RABBITMQ_PORT"),
+            rabbitmq_tls=_flag(environ, "RABBITMQ_TLS"),
+            rabbitmq_vhost=environ.get("RABBITMQ_VHOST", "/") or "/",
+            rabbitmq_secret_arn=_required(environ, "RABBITMQ_SECRET_ARN"),
+            queues=queues,
+            max_messages=_positive(environ, "DRAIN_MAX_MESSAGES", 10_000),
+            max_seconds=float(_positive(environ, "DRAIN_MAX_SECONDS", 240)),
+        )
+
+
+def _positive(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, str(default)).strip()
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"environment variable {name} must be a positive integer, got {raw!r}")
+    return int(raw)

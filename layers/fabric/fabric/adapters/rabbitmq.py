@@ -453,7 +453,7 @@ class _Batch:
             try:
                 self.channel.basic_publish(
                     exchange=self.exchange_for(message),
-                    routing_key=message.topic,
+                    routing_key=message.redeliver_to or message.topic,
                     body=message.body,
                     properties=_properties(message),
                     mandatory=True,

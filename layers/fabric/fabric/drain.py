@@ -1,0 +1,138 @@
+"""The drain: move messages from the fallback queues back into RabbitMQ once it is healthy.
+
+Each fallback queue belongs to one stakeholder group (and path), and holds that group's copy of
+a message. The drain republishes each copy to that group's own work queue only (through the
+redeliver exchange, never through routing, which would hand the other groups a second copy),
+with the same body, message id and headers, and deletes it from SQS only after RabbitMQ
+confirmed it. A message whose confirm does not come stays in SQS and reappears after its
+visibility timeout; two drains running at once never see the same message at the same time,
+and a duplicate after a crash carries the same message id, which consumers deduplicate on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from fabric.audit import AuditEvent, AuditRecord, sha256_hex
+from fabric.errors import TransportUnavailable
+from fabric.ports import AuditSink, FallbackSource, OutboundMessage, Received, Transport
+from fabric.stakeholders import Stakeholder
+from fabric.topology import queue_name
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FallbackQueue:
+    """A fallback queue (its URL) and the group work queue its messages belong in."""
+
+    url: str
+    group: Stakeholder
+    emergency: bool
+
+    @property
+    def work_queue(self) -> str:
+        """The RabbitMQ queue this queue's messages are drained into."""
+        return queue_name(self.group, emergency=self.emergency)
+
+
+@dataclass
+class DrainReport:
+    """What one drain run did, per work queue, and why it stopped."""
+
+    moved: dict[str, int] = field(default_factory=dict)
+    left: int = 0
+    stopped: str = "empty"
+
+    @property
+    def total(self) -> int:
+        """Messages moved into RabbitMQ and deleted from SQS."""
+        return sum(self.moved.values())
+
+
+class Drainer:
+    """Drains ``queues`` into ``broker``; emergencies first, then the rest."""
+
+    def __init__(
+        self,
+        *,
+        queues: Sequence[FallbackQueue],
+        source: FallbackSource,
+        broker: Transport,
+        audit: AuditSink,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._queues = sorted(queues, key=lambda q: not q.emergency)
+        self._source = source
+        self._broker = broker
+        self._audit = audit
+        self._clock = clock
+
+    def drain(self, *, max_messages: int = 10_000, max_seconds: float = 60.0) -> DrainReport:
+        """Move up to ``max_messages`` within ``max_seconds``; stop at the first broker failure.
+
+        Never raises for broker or SQS trouble: the report says why it stopped.
+        """
+        report = DrainReport()
+        deadline = self._clock() + max_seconds
+        for queue in self._queues:
+            while report.total < max_messages:
+                if self._clock() >= deadline:
+                    report.stopped = "time limit"
+                    return report
+                try:
+                    batch = self._source.receive(queue.url, min(10, max_messages - report.total))
+                except TransportUnavailable as exc:
+                    _LOG.warning("fallback queue unavailable: %s", exc)
+                    report.stopped = "fallback queue unavailable"
+                    return report
+                if not batch:
+                    break
+                if not self._move(queue, batch, report):
+                    report.stopped = "broker unavailable"
+                    return report
+        if report.total >= max_messages:
+            report.stopped = "message limit"
+        return report
+
+    def _move(self, queue: FallbackQueue, batch: list[Received], report: DrainReport) -> bool:
+        outbound = [
+            OutboundMessage(
+                message_id=item.message_id,
+                topic=item.topic,
+                body=item.body,
+                audience=frozenset({queue.group}),
+                emergency=queue.emergency,
+                headers=dict(item.headers),
+                redeliver_to=queue.work_queue,
+            )
+            for item in batch
+        ]
+        outcomes = self._broker.publish(outbound)
+        confirmed = [item for item, outcome in zip(batch, outcomes, strict=True) if outcome.stored]
+        deleted = self._source.delete(queue.url, [item.handle for item in confirmed])
+        moved = [item for item in confirmed if item.handle in deleted]
+        report.moved[queue.work_queue] = report.moved.get(queue.work_queue, 0) + len(moved)
+        report.left += len(batch) - len(moved)
+        now = datetime.now(UTC)
+        if moved:
+            self._audit.emit(
+                [
+                    AuditRecord(
+                        event=AuditEvent.DRAINED,
+                        at=now,
+                        message_id=item.message_id,
+                        source="drain",
+                        topic=item.topic,
+                        body_sha256=sha256_hex(item.body),
+                        transport="rabbitmq",
+                        groups=(queue.group.value,),
+                    )
+                    for item in moved
+                ]
+            )
+        return len(confirmed) == len(batch)

@@ -1,0 +1,147 @@
+"""The drain on moto SQS and the real RabbitMQ: each copy to its own queue once, deleted after."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pika
+import pytest
+
+from fabric.adapters.management import ManagementClient
+from fabric.adapters.memory import MemoryAuditSink
+from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
+from fabric.adapters.sns import SnsFallbackTransport
+from fabric.adapters.sqs import SqsFallbackSource
+from fabric.bootstrap import exchange_for
+from fabric.drain import Drainer, FallbackQueue
+from fabric.ports import OutboundMessage
+from fabric.routing import default_routing_table
+from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+from fabric.topology import definitions, queue_name
+from fabric.topology_apply import apply_topology
+from tests.integration.conftest import AMQP, MANAGEMENT, REGION
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def broker_vhost(vhost: str) -> Iterator[str]:
+    """The generated topology in the test's vhost, without its (broker-wide) users."""
+    document = definitions(default_routing_table(), vhost=vhost)
+    document["users"], document["permissions"] = [], []
+    apply_topology(
+        ManagementClient(MANAGEMENT, "guest", "guest"), document, passwords={}, vhost=vhost
+    )
+    return vhost
+
+
+def rabbit(vhost: str, port: int = AMQP[1]) -> RabbitMqTransport:
+    settings = RabbitSettings(
+        AMQP[0], port, lambda: ("guest", "guest"), vhost=vhost, connect_timeout=0.5
+    )
+    return RabbitMqTransport(settings, exchange_for=exchange_for)
+
+
+def fallback_queues(aws: dict[str, Any]) -> list[FallbackQueue]:
+    return [
+        FallbackQueue(url=aws["queues"][(flow, group)], group=group, emergency=flow == "emergency")
+        for flow in ("fallback", "emergency")
+        for group in STAKEHOLDERS
+    ]
+
+
+def park(aws: dict[str, Any], *messages: OutboundMessage) -> None:
+    sender = SnsFallbackTransport(
+        fallback_topic_arn=aws["topics"]["fallback"],
+        emergency_topic_arn=aws["topics"]["emergency"],
+        client_factory=lambda: boto3.client("sns", region_name=REGION),
+    )
+    assert all(o.stored for o in sender.publish(list(messages)))
+
+
+def message(*groups: Stakeholder, emergency: bool = False) -> OutboundMessage:
+    message_id = str(uuid.uuid4())
+    body = json.dumps({"message_id": message_id, "topic": "donation.received"}).encode()
+    return OutboundMessage(
+        message_id,
+        "donation.received",
+        body,
+        frozenset(groups),
+        emergency=emergency,
+        headers={"fabric-audience": "all"},
+    )
+
+
+def in_rabbitmq(vhost: str) -> dict[str, list[str]]:
+    connection = pika.BlockingConnection(pika.ConnectionParameters(*AMQP, virtual_host=vhost))
+    channel = connection.channel()
+    found: dict[str, list[str]] = {}
+    for group in STAKEHOLDERS:
+        for emergency in (False, True):
+            queue = queue_name(group, emergency=emergency)
+            while True:
+                method, properties, _body = channel.basic_get(queue, auto_ack=True)
+                if method is None:
+                    break
+                found.setdefault(queue, []).append(properties.message_id)
+    connection.close()
+    return found
+
+
+def left_in_sqs(aws: dict[str, Any]) -> int:
+    total = 0
+    for url in aws["queues"].values():
+        attributes = aws["sqs"].get_queue_attributes(
+            QueueUrl=url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        total += sum(int(v) for v in attributes.values())
+    return total
+
+
+def test_each_copy_goes_back_to_its_own_group_queue_once_then_leaves_sqs(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    both = message(Stakeholder.BUSINESS, Stakeholder.COMMUNITY)
+    alarm = message(Stakeholder.GOVERNMENT, emergency=True)
+    park(aws, both, alarm)
+    audit = MemoryAuditSink()
+    drainer = Drainer(
+        queues=fallback_queues(aws),
+        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        broker=rabbit(broker_vhost),
+        audit=audit,
+    )
+    report = drainer.drain()
+    assert report.total == 3
+    assert report.stopped == "empty"
+    assert in_rabbitmq(broker_vhost) == {
+        "fabric.business": [both.message_id],
+        "fabric.community": [both.message_id],
+        "fabric.government.emergency": [alarm.message_id],
+    }
+    assert left_in_sqs(aws) == 0
+    assert sorted(r.message_id for r in audit.records) == sorted(
+        [both.message_id, both.message_id, alarm.message_id]
+    )
+    assert drainer.drain().total == 0
+
+
+def test_nothing_leaves_sqs_while_the_broker_cannot_confirm(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    park(aws, message(Stakeholder.MEDIA), message(Stakeholder.ACADEMIC))
+    drainer = Drainer(
+        queues=fallback_queues(aws),
+        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        broker=rabbit(broker_vhost, port=1),
+        audit=MemoryAuditSink(),
+    )
+    report = drainer.drain()
+    assert report.total == 0
+    assert report.stopped == "broker unavailable"
+    assert left_in_sqs(aws) == 2
