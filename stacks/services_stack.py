@@ -9,6 +9,7 @@ from aws_cdk import Environment, Fn, Stack
 from constructs import Construct
 
 from stacks.config import EnvironmentConfig
+from stacks.constructs.drain import Drain
 from stacks.constructs.function import FunctionPlatform, build_layers
 from stacks.constructs.router import Router
 from stacks.constructs.topology import BrokerTopology
@@ -80,6 +81,20 @@ class ServicesStack(Stack):
             topics_key=stateful.keys.topics,
             ingest_prefix=stateful.ingest.prefix,
         )
+        self.drain = Drain(
+            self,
+            "Drain",
+            env_name=config.name,
+            platform=platform,
+            broker_host=stateful.broker.host,
+            broker_secret=user_secrets[router_user],
+            secrets_key=stateful.keys.secrets,
+            queues={
+                (flow, group.value): queues
+                for (flow, group), queues in stateful.fallback.queues.items()
+            },
+        )
+        self.drain.function.function.node.add_dependency(self.topology.resource)
         # Messages must not reach a broker whose topology is not applied yet.
         self.router.function.function.node.add_dependency(self.topology.resource)
         self.api_url = Fn.join("", [self.router.api.api_endpoint, "/v1/messages"])

@@ -47,7 +47,7 @@ def test_every_fabric_function_gets_the_platform_defaults(
 ) -> None:
     template = services(env, assembly)
     functions = fabric_functions(template)
-    assert len(functions) == 2
+    assert len(functions) == 3  # router, topology, drain
     for logical_id, function in functions.items():
         props = function["Properties"]
         assert props["Runtime"] == "python3.14", logical_id
@@ -170,3 +170,31 @@ def test_the_functions_template_is_cfn_lint_clean(assembly: Assembly, name: str)
     path = assembly.outdir / env.stage.artifact_id / stack.template_file
     findings = lint(path.read_text(), regions=[env.region])
     assert [f"{m.rule.id} {m.message}" for m in findings] == []
+
+
+def test_the_drain_runs_every_minute_two_at_most_on_the_fallback_queues_only(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    template = services(env, assembly)
+    ((drain_id, drain),) = [
+        (k, v)
+        for k, v in fabric_functions(template).items()
+        if "drains the fallback" in v["Properties"]["Description"]
+    ]
+    assert drain["Properties"]["ReservedConcurrentExecutions"] == 2
+    queues = json.loads(json.dumps(drain["Properties"]["Environment"]["Variables"]))
+    assert "FALLBACK_QUEUES" in queues
+    (rule,) = of_type(template, "AWS::Events::Rule").values()
+    assert rule["Properties"]["ScheduleExpression"] == "rate(1 minute)"
+    assert rule["Properties"]["Targets"][0]["Arn"] == {"Fn::GetAtt": [drain_id, "Arn"]}
+    role = drain["Properties"]["Role"]["Fn::GetAtt"][0]
+    consumed = [
+        statement
+        for policy in of_type(template, "AWS::IAM::Policy").values()
+        if {"Ref": role} in policy["Properties"]["Roles"]
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+        if "sqs:DeleteMessage" in statement["Action"]
+    ]
+    resources = json.dumps([s["Resource"] for s in consumed])
+    assert resources.count("Fallback") + resources.count("Emergency") >= 10
+    assert "Ingest" not in resources

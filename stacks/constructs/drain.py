@@ -1,0 +1,76 @@
+"""The drain function: every minute, fallback-queue messages go back into RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+
+from aws_cdk import Duration
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_secretsmanager as secretsmanager
+from constructs import Construct
+
+from stacks.constructs.fallback import FallbackQueues
+from stacks.constructs.function import FabricFunction, FunctionPlatform
+from stacks.constructs.router import AMQPS_PORT
+
+# Two at once are safe (SQS hides a message from the other while one moves it); more would only
+# compete for the same broker.
+_CONCURRENCY = 2
+
+
+class Drain(Construct):
+    """``lambdas/drain`` on a one-minute schedule; also invocable on demand (runbook).
+
+    It may receive and delete on the fallback queues only, read the platform broker user's
+    secret, and nothing else.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        env_name: str,
+        platform: FunctionPlatform,
+        broker_host: str,
+        broker_secret: secretsmanager.ISecret,
+        secrets_key: kms.IKey,
+        queues: dict[tuple[str, str], FallbackQueues],
+    ) -> None:
+        super().__init__(scope, construct_id)
+        described = [
+            {"url": q.queue.queue_url, "group": group, "emergency": flow == "emergency"}
+            for (flow, group), q in sorted(queues.items())
+        ]
+        self.function = FabricFunction(
+            self,
+            "Drain",
+            platform=platform,
+            code_dir="lambdas/drain",
+            description=f"Messaging Fabric {env_name}: drains the fallback queues into RabbitMQ",
+            environment={
+                "FABRIC_ENV": env_name,
+                "RABBITMQ_HOST": broker_host,
+                "RABBITMQ_PORT": AMQPS_PORT,
+                "RABBITMQ_TLS": "true",
+                "RABBITMQ_VHOST": "/",
+                "RABBITMQ_SECRET_ARN": broker_secret.secret_arn,
+                "FALLBACK_QUEUES": json.dumps(described),
+                "DRAIN_MAX_SECONDS": "240",
+            },
+            reserved_concurrency=_CONCURRENCY,
+            timeout=Duration.minutes(5),
+            memory_size=512,
+        )
+        self.function.allow_secret_read(broker_secret, secrets_key)
+        for fallback in queues.values():
+            fallback.queue.grant_consume_messages(self.function.function)
+        events.Rule(
+            self,
+            "EveryMinute",
+            description=f"Messaging Fabric {env_name}: drain the fallback queues",
+            schedule=events.Schedule.rate(Duration.minutes(1)),
+            targets=[targets.LambdaFunction(self.function.function, retry_attempts=0)],
+        )
