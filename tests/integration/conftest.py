@@ -17,8 +17,11 @@ import pika
 import pytest
 from moto import mock_aws
 
+from fabric.adapters.management import ManagementClient
+from fabric.routing import default_routing_table
 from fabric.stakeholders import STAKEHOLDERS
-from fabric.topology import sns_filter_policy
+from fabric.topology import definitions, sns_filter_policy
+from fabric.topology_apply import apply_topology
 
 AMQP = ("127.0.0.1", 5672)
 MANAGEMENT = "http://127.0.0.1:15672"
@@ -115,3 +118,14 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
                 )
                 queues[(flow, group)] = url
         yield {"topics": topics, "queues": queues, "sqs": sqs}
+
+
+@pytest.fixture
+def broker_vhost(vhost: str) -> Iterator[str]:
+    """The generated topology in the test's vhost, without its (broker-wide) users."""
+    document = definitions(default_routing_table(), vhost=vhost)
+    document["users"], document["permissions"] = [], []
+    apply_topology(
+        ManagementClient(MANAGEMENT, "guest", "guest"), document, passwords={}, vhost=vhost
+    )
+    return vhost

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pika
 import pytest
 
-from fabric.adapters.management import ManagementClient
 from fabric.adapters.memory import MemoryAuditSink
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.sns import SnsFallbackTransport
@@ -19,24 +17,11 @@ from fabric.adapters.sqs import SqsFallbackSource
 from fabric.bootstrap import exchange_for
 from fabric.drain import Drainer, FallbackQueue
 from fabric.ports import OutboundMessage
-from fabric.routing import default_routing_table
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
-from fabric.topology import definitions, queue_name
-from fabric.topology_apply import apply_topology
-from tests.integration.conftest import AMQP, MANAGEMENT, REGION
+from fabric.topology import queue_name
+from tests.integration.conftest import AMQP, REGION
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def broker_vhost(vhost: str) -> Iterator[str]:
-    """The generated topology in the test's vhost, without its (broker-wide) users."""
-    document = definitions(default_routing_table(), vhost=vhost)
-    document["users"], document["permissions"] = [], []
-    apply_topology(
-        ManagementClient(MANAGEMENT, "guest", "guest"), document, passwords={}, vhost=vhost
-    )
-    return vhost
 
 
 def rabbit(vhost: str, port: int = AMQP[1]) -> RabbitMqTransport:
