@@ -39,8 +39,8 @@ _PUMP_CHUNK = 50
 class RabbitSettings:
     """How to reach the broker, and the timeouts that bound how long a failure takes to notice.
 
-    Defaults: ``connect_timeout`` 2 s (TCP + TLS + AMQP handshake), ``confirm_timeout`` 1 s without
-    any confirm while messages are outstanding, ``heartbeat`` 10 s, ``blocked_timeout`` 2 s
+    Defaults: ``connect_timeout`` 2 s (TCP + TLS + AMQP handshake), ``confirm_timeout`` 0.5 s
+    without any confirm while messages are outstanding, ``heartbeat`` 10 s, ``blocked_timeout`` 2 s
     under a memory or disk alarm. A connection idle for longer than the heartbeat (a frozen
     Lambda) is replaced before use rather than trusted.
     """
@@ -51,7 +51,7 @@ class RabbitSettings:
     vhost: str = "/"
     use_tls: bool = False
     connect_timeout: float = 2.0
-    confirm_timeout: float = 1.0
+    confirm_timeout: float = 0.5
     heartbeat: int = 10
     blocked_timeout: float = 2.0
     confirm_window: int = 2000
@@ -214,9 +214,11 @@ class RabbitMqTransport:
         self._blocked = False
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        # pika's own stack timeout (connect_timeout) ends a stuck handshake and reports it
+        # through on_open_error; wait a little longer than that so it always can.
         self._run_until(
             lambda: "ready" in state or "error" in state or connection.is_closed,
-            self._settings.connect_timeout,
+            self._settings.connect_timeout + 0.5,
         )
         if "ready" not in state:
             _LOG.warning("rabbitmq connect failed: %s", type(state.get("error")).__name__)
@@ -229,6 +231,10 @@ class RabbitMqTransport:
     def _discard(self) -> None:
         connection = self._connection
         self._reset()
+        if connection is not None and not (connection.is_open or connection.is_closing):
+            # Still handshaking: pika cannot close a connection mid-workflow (it asserts), so
+            # it is dropped; its own stack timeout or the broker ends the socket.
+            return
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(pika.exceptions.AMQPError):
                 connection.close()
