@@ -437,34 +437,18 @@ def moto_fallback() -> Iterator[dict[str, Any]]:
             "AWS_DEFAULT_REGION": REGION,
         }
     )
+    sys.path.insert(0, str(ROOT))
     from moto import mock_aws
 
-    from fabric.stakeholders import STAKEHOLDERS
-    from fabric.topology import sns_filter_policy
+    from tests.integration.aws_fallback import create_fallback_path
 
     with mock_aws():
         import boto3
 
-        sns, sqs = boto3.client("sns", region_name=REGION), boto3.client("sqs", region_name=REGION)
-        topics, queues = {}, {}
-        for flow in ("fallback", "emergency"):
-            topics[flow] = sns.create_topic(Name=f"bench-{flow}")["TopicArn"]
-            for group in STAKEHOLDERS:
-                url = sqs.create_queue(QueueName=f"bench-{flow}-{group.value}")["QueueUrl"]
-                arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])[
-                    "Attributes"
-                ]["QueueArn"]
-                sns.subscribe(
-                    TopicArn=topics[flow],
-                    Protocol="sqs",
-                    Endpoint=arn,
-                    Attributes={
-                        "RawMessageDelivery": "true",
-                        "FilterPolicy": json.dumps(sns_filter_policy(group)),
-                    },
-                )
-                queues[(flow, group)] = url
-        yield {"topics": topics, "queues": queues, "kms": boto3.client("kms", region_name=REGION)}
+        yield {
+            **create_fallback_path("bench"),
+            "kms": boto3.client("kms", region_name=REGION),
+        }
 
 
 def bench_failover(alerts: int = 20) -> Iterator[Figure]:

@@ -13,7 +13,7 @@ from constructs import Construct
 
 from stacks.constructs.fallback import FallbackQueues
 from stacks.constructs.function import FabricFunction, FunctionPlatform
-from stacks.constructs.router import AMQPS_PORT
+from stacks.constructs.router import broker_environment
 
 # Two at once are safe (SQS hides a message from the other while one moves it); more would only
 # compete for the same broker.
@@ -51,12 +51,7 @@ class Drain(Construct):
             code_dir="lambdas/drain",
             description=f"Messaging Fabric {env_name}: drains the fallback queues into RabbitMQ",
             environment={
-                "FABRIC_ENV": env_name,
-                "RABBITMQ_HOST": broker_host,
-                "RABBITMQ_PORT": AMQPS_PORT,
-                "RABBITMQ_TLS": "true",
-                "RABBITMQ_VHOST": "/",
-                "RABBITMQ_SECRET_ARN": broker_secret.secret_arn,
+                **broker_environment(env_name, broker_host, broker_secret),
                 "FALLBACK_QUEUES": json.dumps(described),
                 "DRAIN_MAX_SECONDS": "240",
             },

@@ -26,6 +26,20 @@ AMQPS_PORT = "5671"
 ROUTER_TIMEOUT = Duration.seconds(30)
 
 
+def broker_environment(
+    env_name: str, broker_host: str, broker_secret: secretsmanager.ISecret
+) -> dict[str, str]:
+    """How a fabric function reaches the broker: AMQPS, as the user whose secret it may read."""
+    return {
+        "FABRIC_ENV": env_name,
+        "RABBITMQ_HOST": broker_host,
+        "RABBITMQ_PORT": AMQPS_PORT,
+        "RABBITMQ_TLS": "true",
+        "RABBITMQ_VHOST": "/",
+        "RABBITMQ_SECRET_ARN": broker_secret.secret_arn,
+    }
+
+
 class Router(Construct):
     """The router Lambda (``lambdas/router``), reachable three ways, each naming the caller.
 
@@ -63,12 +77,7 @@ class Router(Construct):
             code_dir="lambdas/router",
             description=f"Messaging Fabric {env_name}: validates, protects and routes messages",
             environment={
-                "FABRIC_ENV": env_name,
-                "RABBITMQ_HOST": broker_host,
-                "RABBITMQ_PORT": AMQPS_PORT,
-                "RABBITMQ_TLS": "true",
-                "RABBITMQ_VHOST": "/",
-                "RABBITMQ_SECRET_ARN": broker_secret.secret_arn,
+                **broker_environment(env_name, broker_host, broker_secret),
                 "MESSAGES_KEY_ARN": messages_key.key_arn,
                 "FABRIC_IDENTITY_CLAIM": api.identity_claim,
                 "FABRIC_INGEST_QUEUE_PREFIX": ingest_prefix,

@@ -12,16 +12,15 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pika
 import pytest
 from moto import mock_aws
 
 from fabric.adapters.management import ManagementClient
 from fabric.routing import default_routing_table
-from fabric.stakeholders import STAKEHOLDERS
-from fabric.topology import definitions, sns_filter_policy
+from fabric.topology import definitions
 from fabric.topology_apply import apply_topology
+from tests.integration.aws_fallback import REGION, create_fallback_path
 
 AMQP = ("127.0.0.1", 5672)
 MANAGEMENT = "http://127.0.0.1:15672"
@@ -83,9 +82,6 @@ def channel(vhost: str) -> Iterator[Any]:
     connection.close()
 
 
-REGION = "ap-southeast-3"
-
-
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """moto with the fallback path of the stateful stack: 2 topics, a filtered queue per group."""
@@ -97,31 +93,11 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with mock_aws():
-        sns = boto3.client("sns", region_name=REGION)
-        sqs = boto3.client("sqs", region_name=REGION)
-        topics, queues = {}, {}
-        for flow in ("fallback", "emergency"):
-            topics[flow] = sns.create_topic(Name=f"fabric-test-{flow}")["TopicArn"]
-            for group in STAKEHOLDERS:
-                url = sqs.create_queue(QueueName=f"fabric-test-{flow}-{group.value}")["QueueUrl"]
-                arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])[
-                    "Attributes"
-                ]["QueueArn"]
-                sns.subscribe(
-                    TopicArn=topics[flow],
-                    Protocol="sqs",
-                    Endpoint=arn,
-                    Attributes={
-                        "RawMessageDelivery": "true",
-                        "FilterPolicy": json.dumps(sns_filter_policy(group)),
-                    },
-                )
-                queues[(flow, group)] = url
-        yield {"topics": topics, "queues": queues, "sqs": sqs}
+        yield create_fallback_path("fabric-test")
 
 
 @pytest.fixture
-def broker_vhost(vhost: str) -> Iterator[str]:
+def broker_vhost(vhost: str) -> str:
     """The generated topology in the test's vhost, without its (broker-wide) users."""
     document = definitions(default_routing_table(), vhost=vhost)
     document["users"], document["permissions"] = [], []
