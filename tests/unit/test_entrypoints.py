@@ -15,6 +15,7 @@ from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
 from fabric.adapters.memory_cipher import LocalCipher
 from fabric.bootstrap import RouterRuntime
 from fabric.entrypoints import MAX_BATCH, dispatch
+from fabric.errors import EncryptionUnavailable
 from fabric.ports import Failure
 from fabric.router import Router
 from fabric.routing import default_routing_table
@@ -226,3 +227,27 @@ def test_every_reason_code_reaches_the_producer_through_direct_invoke() -> None:
     assert [json.loads(m.body)["message_id"] for m in transport.published] == [
         duplicate["message_id"]
     ]
+
+
+class _KmsDown(LocalCipher):
+    def encrypt(self, plaintext: bytes, context: Any) -> bytes:
+        raise EncryptionUnavailable("kms unreachable")
+
+
+def test_with_kms_down_restricted_messages_get_503_and_nothing_is_stored() -> None:
+    transport = MemoryTransport()
+    built = runtime(transport)
+    keyless = RouterRuntime(
+        router=Router(
+            table=default_routing_table(),
+            transports=[transport],
+            cipher=_KmsDown(),
+            audit=MemoryAuditSink(),
+            environment="test",
+        ),
+        settings=built.settings,
+    )
+    response = dispatch(event("http_single.json"), FUNCTION, keyless)
+    assert response["statusCode"] == 503
+    assert json.loads(response["body"])["error"]["reason"] == "unavailable"
+    assert transport.published == []

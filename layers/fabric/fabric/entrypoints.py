@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fabric.envelope import Reason
+from fabric.errors import EncryptionUnavailable
 from fabric.router import REJECTED, BatchResult, MessageResult, Router
 from fabric.stakeholders import Stakeholder
 
@@ -51,6 +52,13 @@ class BadRequest(Exception):
         }
 
 
+# Restricted payloads cannot be protected while KMS is unusable. The call gets no per-message
+# results; messages of the batch published before the failure may be stored, so the producer's
+# retry (same message ids) can duplicate them, which consumers remove by message id. SQS ingest
+# instead fails the batch, so SQS delivers it again later.
+_KEYS_DOWN = BadRequest(503, "unavailable", "message encryption is unavailable; retry later")
+
+
 # -- direct invoke ------------------------------------------------------------------------------
 
 
@@ -63,9 +71,11 @@ def handle_direct(event: object, invoked_function_arn: str, router: Router) -> d
     try:
         source = _alias_group(invoked_function_arn)
         items = _messages_of(event)
+        return router.route(items, source=source).to_dict()
     except BadRequest as bad:
         return bad.body()
-    return router.route(items, source=source).to_dict()
+    except EncryptionUnavailable:
+        return _KEYS_DOWN.body()
 
 
 def _alias_group(invoked_function_arn: str) -> str:
@@ -106,9 +116,11 @@ def handle_http(event: Mapping[str, Any], router: Router, *, identity_claim: str
         source = _jwt_group(event, identity_claim)
         raw = _http_body(event)
         single, items = _http_messages(raw)
+        result = router.route(items, source=source)
     except BadRequest as bad:
         return _response(bad.status, bad.body())
-    result = router.route(items, source=source)
+    except EncryptionUnavailable:
+        return _response(503, _KEYS_DOWN.body())
     return _response(_http_status(result, single=single), result.to_dict())
 
 
