@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fabric import topology
+from fabric.adapters.emf import EmfMetrics
 from fabric.adapters.esdk import EsdkCipher
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.secrets import SecretCredentials
@@ -71,6 +72,7 @@ def build_router_runtime(
         cipher=EsdkCipher(settings.messages_key_arn, client_factory=lambda: make_client("kms")),
         audit=TransportAuditSink([rabbit], emitted_by="router"),
         environment=settings.environment,
+        metrics=EmfMetrics(environment=settings.environment, emitted_by="router"),
     )
     return RouterRuntime(router=router, settings=settings)
 
@@ -106,6 +108,7 @@ def build_drainer(
         source=SqsFallbackSource(lambda: make_client("sqs")),
         broker=rabbit,
         audit=TransportAuditSink([rabbit], emitted_by="drain"),
+        metrics=EmfMetrics(environment=settings.environment, emitted_by="drain"),
     )
 
 

@@ -17,9 +17,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from fabric import metrics as metric_names
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.errors import TransportUnavailable
-from fabric.ports import AuditSink, FallbackSource, OutboundMessage, Received, Transport
+from fabric.ports import (
+    AuditSink,
+    FallbackSource,
+    Metrics,
+    OutboundMessage,
+    Received,
+    Transport,
+)
 from fabric.stakeholders import Stakeholder
 from fabric.topology import queue_name
 
@@ -64,9 +72,11 @@ class Drainer:
         source: FallbackSource,
         broker: Transport,
         audit: AuditSink,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._queues = sorted(queues, key=lambda q: not q.emergency)
+        self._metrics = metrics
         self._source = source
         self._broker = broker
         self._audit = audit
@@ -77,6 +87,12 @@ class Drainer:
 
         Never raises for broker or SQS trouble: the report says why it stopped.
         """
+        report = self._drain(max_messages, max_seconds)
+        if self._metrics is not None:
+            self._metrics.count({metric_names.DRAINED: report.total})
+        return report
+
+    def _drain(self, max_messages: int, max_seconds: float) -> DrainReport:
         report = DrainReport()
         deadline = self._clock() + max_seconds
         for queue in self._queues:

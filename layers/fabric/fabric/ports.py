@@ -116,6 +116,14 @@ class AuditSink(Protocol):
         ...
 
 
+class Metrics(Protocol):
+    """Operational counters (names in ``fabric.metrics``), published once per call."""
+
+    def count(self, counts: Mapping[str, int]) -> None:
+        """Publish ``counts`` (metric name to count). Never raises: metrics are best effort."""
+        ...
+
+
 @dataclass(frozen=True)
 class Received:
     """One message taken from a fallback queue, with what the drain needs to put it back."""

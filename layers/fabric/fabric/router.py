@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from fabric import metrics
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.envelope import (
     MAX_ENVELOPE_BYTES,
@@ -23,7 +24,7 @@ from fabric.envelope import (
     Rejection,
     iter_validated,
 )
-from fabric.ports import AuditSink, OutboundMessage, Outcome, PayloadCipher, Transport
+from fabric.ports import AuditSink, Metrics, OutboundMessage, Outcome, PayloadCipher, Transport
 from fabric.protection import encryption_context, seal_payload
 from fabric.routing import RoutingTable
 from fabric.topology import delivery_headers
@@ -94,7 +95,9 @@ class Router:
 
     ``transports`` are tried in order for the messages the previous one could not store (the
     broker first, then the fallback path); a message none of them stores is rejected with
-    ``unavailable``.
+    ``unavailable``. ``metrics``, when given, receives the call's counts per outcome (see
+    ``fabric.metrics``): how many went to the broker, to the fallback, were refused, or could
+    not be stored at all.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class Router:
         cipher: PayloadCipher,
         audit: AuditSink,
         environment: str,
+        metrics: Metrics | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         if not transports:
@@ -114,6 +118,7 @@ class Router:
         self._cipher = cipher
         self._audit = audit
         self._environment = environment
+        self._metrics = metrics
         self._clock = clock
 
     def route(self, items: Sequence[bytes | str | JsonValue], *, source: str) -> BatchResult:
@@ -177,7 +182,10 @@ class Router:
             waiting = self._settle(waiting, outcomes, results, records, now)
         self._reject_unstored(waiting, results, records, now)
         self._emit(records)
-        return BatchResult(tuple(r for r in results if r is not None))
+        batch = BatchResult(tuple(r for r in results if r is not None))
+        if self._metrics is not None and batch.results:
+            self._metrics.count(_counts(batch))
+        return batch
 
     def _prepare(self, index: int, envelope: Envelope) -> _Admitted | Rejection:
         deliveries = self._table.deliveries(envelope)
@@ -280,6 +288,16 @@ class Router:
             # The messages themselves are stored (or rejected) already; a lost audit batch is an
             # operational alarm, not a reason to tell producers something false.
             _LOG.error("audit batch of %d record(s) could not be stored", len(records))
+
+
+def _counts(batch: BatchResult) -> dict[str, int]:
+    by_broker = sum(r.transport == "rabbitmq" for r in batch.results)
+    return {
+        metrics.ACCEPTED_BY_BROKER: by_broker,
+        metrics.ACCEPTED_BY_FALLBACK: batch.accepted - by_broker,
+        metrics.REJECTED: batch.rejected,
+        metrics.REJECTED_UNAVAILABLE: sum(r.reason is Reason.UNAVAILABLE for r in batch.results),
+    }
 
 
 def _json_payload(payload: JsonValue) -> bytes:

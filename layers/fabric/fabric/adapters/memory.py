@@ -1,8 +1,9 @@
-"""In-memory Transport and AuditSink: the fabric's test doubles, shipped with the library."""
+"""In-memory Transport, AuditSink and Metrics: test doubles shipped with the library."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fabric.audit import AuditRecord
@@ -51,3 +52,16 @@ class MemoryAuditSink:
         if self.available:
             self.records.extend(records)
         return self.available
+
+
+@dataclass
+class MemoryMetrics:
+    """Adds up every published count in ``totals``; ``calls`` counts the publications."""
+
+    totals: Counter[str] = field(default_factory=Counter)
+    calls: int = 0
+
+    def count(self, counts: Mapping[str, int]) -> None:
+        """Add ``counts`` to the totals."""
+        self.totals.update(counts)
+        self.calls += 1

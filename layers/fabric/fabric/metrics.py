@@ -1,0 +1,22 @@
+"""The fabric's operational metric names: one list for the code that emits them and the alarms.
+
+Published to CloudWatch namespace ``MessagingFabric`` with one dimension, ``Environment``.
+Every router call publishes all four router counts (zeros too), so an alarm sees ``0`` rather
+than missing data while traffic flows.
+"""
+
+from __future__ import annotations
+
+NAMESPACE = "MessagingFabric"
+DIMENSION = "Environment"
+
+ACCEPTED_BY_BROKER = "AcceptedByBroker"
+"""Messages RabbitMQ confirmed."""
+ACCEPTED_BY_FALLBACK = "AcceptedByFallback"
+"""Messages stored on the SNS/SQS fallback path: above zero means "fallback active"."""
+REJECTED = "Rejected"
+"""Messages refused, for any reason (bad input, permission, size, unavailable)."""
+REJECTED_UNAVAILABLE = "RejectedUnavailable"
+"""Messages neither path could store: the producer got an error (both paths down)."""
+DRAINED = "Drained"
+"""Messages moved from the fallback queues back into RabbitMQ."""
