@@ -146,6 +146,13 @@ class RouterConfig(_Model):
     memory_mb: int = Field(ge=128, le=10240)
 
 
+class AlarmsConfig(_Model):
+    """Alarm thresholds. The drain runs every minute, so an old fallback message means the broker
+    has been unavailable that long, or the drain is failing."""
+
+    fallback_queue_age_seconds: int = Field(ge=60, le=86400)
+
+
 class EnvironmentConfig(_Model):
     """Everything that differs between dev, staging and prod."""
 
@@ -161,6 +168,7 @@ class EnvironmentConfig(_Model):
     termination_protection: bool
     api: ApiConfig
     router: RouterConfig
+    alarms: AlarmsConfig
     # IAM role ARNs allowed to invoke the router directly, per stakeholder group (its alias).
     producers: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 

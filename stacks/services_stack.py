@@ -9,6 +9,7 @@ from aws_cdk import Environment, Fn, Stack
 from constructs import Construct
 
 from stacks.config import EnvironmentConfig
+from stacks.constructs.alarms import FailoverAlarms
 from stacks.constructs.drain import Drain
 from stacks.constructs.function import FunctionPlatform, build_layers
 from stacks.constructs.router import Router
@@ -93,6 +94,15 @@ class ServicesStack(Stack):
                 (flow, group.value): queues
                 for (flow, group), queues in stateful.fallback.queues.items()
             },
+        )
+        self.alarms = FailoverAlarms(
+            self,
+            "FailoverAlarms",
+            env_name=config.name,
+            config=config.alarms,
+            fallback_queues=[q.queue for q in stateful.fallback.queues.values()],
+            topics_key=stateful.keys.topics,
+            removal_policy=stateful.removal,
         )
         self.drain.function.function.node.add_dependency(self.topology.resource)
         # Messages must not reach a broker whose topology is not applied yet.
