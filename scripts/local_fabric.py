@@ -11,7 +11,11 @@ What it does, in order:
    with the broker's address replaced by the local one (printed);
 5. plays a scenario through the three entry points, consumes every stakeholder queue as that
    stakeholder's own broker user, and prints what arrived where, with latencies, and every
-   rejection with its reason.
+   rejection with its reason;
+6. plays the failover act: the broker becomes unreachable (a fault-injecting loopback proxy
+   turns into a silent black hole), messages are accepted through the SNS/SQS fallback, the
+   broker returns, the drain function's code moves them back, and the summary shows counts per
+   transport and that nothing was lost (exit 1 if anything was).
 
 Usage: python scripts/local_fabric.py [cdk.out] [--keep]   (--keep leaves the vhost for a look)
 """
@@ -41,6 +45,7 @@ REGION = "ap-southeast-3"
 LOCAL_VHOST = "fabric-dev-local"
 MANAGEMENT_URL = "http://127.0.0.1:15672"
 ROUTER_DESCRIPTION = "validates, protects and routes messages"
+DRAIN_DESCRIPTION = "drains the fallback queues into RabbitMQ"
 
 
 # -- the synthesized templates ----------------------------------------------------------------
@@ -75,7 +80,8 @@ class Resolver:
                 argument, self._physical.get(argument, f"<{argument}>")
             )
         if function == "Fn::GetAtt":
-            return self._physical.get(argument[0], f"<{argument[0]}.{argument[1]}>")
+            name = f"{argument[0]}.{argument[1]}"
+            return self._physical.get(name, self._physical.get(argument[0], f"<{name}>"))
         if function == "Fn::Join":
             return argument[0].join(self.resolve(part) for part in argument[1])
         if function == "Fn::GetStackOutput":
@@ -88,15 +94,18 @@ class Resolver:
         raise ValueError(f"cannot resolve {function} locally")
 
 
-def router_environment(templates: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The raw ``Environment.Variables`` of the router function in the Services template."""
+def function_environment(
+    templates: dict[str, dict[str, Any]], description: str = ROUTER_DESCRIPTION
+) -> dict[str, Any]:
+    """The raw ``Environment.Variables`` of the function in the Services template whose
+    description contains ``description`` (the router's by default)."""
     for resource in templates["Services"]["Resources"].values():
         props = resource.get("Properties", {})
-        if resource["Type"] == "AWS::Lambda::Function" and ROUTER_DESCRIPTION in str(
+        if resource["Type"] == "AWS::Lambda::Function" and description in str(
             props.get("Description")
         ):
             return dict(props["Environment"]["Variables"])
-    raise LookupError("no router function in the dev Services template")
+    raise LookupError(f"no function that {description} in the dev Services template")
 
 
 # -- moto --------------------------------------------------------------------------------------
@@ -158,7 +167,8 @@ def create_aws_resources(
             physical[logical_id] = sns.create_topic(Name=props["TopicName"])["TopicArn"]
         elif kind == "AWS::SQS::Queue" and "QueueName" in props:
             url = sqs.create_queue(QueueName=props["QueueName"])["QueueUrl"]
-            physical[logical_id] = sqs.get_queue_attributes(
+            physical[logical_id] = url
+            physical[f"{logical_id}.Arn"] = sqs.get_queue_attributes(
                 QueueUrl=url, AttributeNames=["QueueArn"]
             )["Attributes"]["QueueArn"]
     for resource in stateful.values():
@@ -167,7 +177,7 @@ def create_aws_resources(
             sns.subscribe(
                 TopicArn=physical[props["TopicArn"]["Ref"]],
                 Protocol="sqs",
-                Endpoint=physical[props["Endpoint"]["Fn::GetAtt"][0]],
+                Endpoint=physical[f"{props['Endpoint']['Fn::GetAtt'][0]}.Arn"],
                 Attributes={
                     "RawMessageDelivery": "true",
                     "FilterPolicy": json.dumps(props["FilterPolicy"]),
@@ -401,6 +411,129 @@ class Consumers:
         connection.close()
 
 
+def failover(
+    router_env: dict[str, str], drain_env: dict[str, str], function_arn: str, consumers: Consumers
+) -> set[str]:
+    """The failover act; returns the accepted message ids that were never delivered.
+
+    The router and the drain reach RabbitMQ through a fault-injecting loopback proxy (the shared
+    broker itself is never touched): the proxy turns into a silent black hole mid-scenario, the
+    router keeps accepting through SNS/SQS, the broker comes back, and the drain moves the
+    fallback messages into the stakeholder queues.
+    """
+    from fabric.adapters.memory import MemoryMetrics
+    from fabric.bootstrap import build_drainer, build_router_runtime
+    from fabric.entrypoints import dispatch
+    from fabric.metrics import ACCEPTED_BY_FALLBACK, DRAINED
+    from fabric.settings import DrainSettings, RouterSettings
+
+    sys.path.insert(0, str(ROOT))  # the drills' fault-injecting proxy
+    from tests.integration.faults import FaultProxy
+
+    proxy = FaultProxy(("127.0.0.1", 5672))
+    through_proxy = {"RABBITMQ_PORT": str(proxy.port)}
+    metrics = MemoryMetrics()
+    runtime = build_router_runtime(
+        RouterSettings.from_env({**router_env, **through_proxy}), metrics=metrics
+    )
+    drainer = build_drainer(DrainSettings.from_env({**drain_env, **through_proxy}), metrics=metrics)
+    by_transport: Counter[str] = Counter()
+    accepted: set[str] = set()
+    refused: list[dict[str, Any]] = []
+
+    def publish(donations: int, *, alerts: int = 0) -> float:
+        batches = [
+            (
+                "community",
+                [
+                    envelope(
+                        "child-safety.incident.reported",
+                        {"summary": "drill"},
+                        priority="emergency",
+                        classification="restricted",
+                    )
+                    for _ in range(alerts)
+                ],
+            ),
+            (
+                "business",
+                [
+                    envelope("donation.pledge.received", {"amount_idr": 50000 + i})
+                    for i in range(donations)
+                ],
+            ),
+        ]
+        started = time.monotonic()
+        first = 0.0
+        for group, messages in batches:
+            if not messages:
+                continue
+            result = dispatch({"messages": messages}, f"{function_arn}:{group}", runtime)
+            first = first or (time.monotonic() - started) * 1000
+            for item in result["results"]:
+                if item["status"] == "accepted":
+                    accepted.add(item["message_id"])
+                    by_transport[item["transport"]] += 1
+                else:
+                    refused.append(item)
+        return first
+
+    try:
+        publish(100, alerts=1)
+        print(f"  broker healthy: {dict(by_transport)}")
+        proxy.blackhole()
+        first_accept_ms = publish(0, alerts=1)
+        for _ in range(4):
+            publish(30, alerts=1)
+        print(
+            "  broker unreachable (silent black hole): first emergency accepted through the"
+            f" fallback after {first_accept_ms:.0f} ms; so far {dict(by_transport)}"
+        )
+        print(
+            f"  metric {ACCEPTED_BY_FALLBACK} = {metrics.totals[ACCEPTED_BY_FALLBACK]}"
+            " (the FallbackActive alarm fires at 1)"
+        )
+        proxy.reset()
+        proxy.restore()
+        time.sleep(5.2)  # the router's circuit breaker probes the broker after 5 s open
+        publish(50, alerts=1)
+        print(f"  broker back, breaker closed after its probe: {dict(by_transport)}")
+        report = drainer.drain(max_seconds=120)
+        print(
+            f"  drain: {report.total} copies moved into RabbitMQ, deleted from SQS after confirm"
+            f" (stopped: {report.stopped}; metric {DRAINED} = {metrics.totals[DRAINED]})"
+        )
+        consumers.wait_for(accepted, timeout=20)
+    finally:
+        proxy.close()
+    return tally(accepted, by_transport, refused, consumers)
+
+
+def tally(
+    accepted: set[str],
+    by_transport: Counter[str],
+    refused: list[dict[str, Any]],
+    consumers: Consumers,
+) -> set[str]:
+    """Print the failover act's counts; return the ids accepted and not delivered, or refused."""
+    copies = Counter(
+        (queue, mid)
+        for queue, items in list(consumers.arrived.items())
+        for mid, _, _ in items
+        if mid in accepted
+    )
+    delivered = {mid for _, mid in copies}
+    duplicates = sum(n - 1 for n in copies.values())
+    lost = accepted - delivered
+    transports = ", ".join(f"{name} {n}" for name, n in sorted(by_transport.items()))
+    print(
+        f"  accepted {len(accepted)} ({transports}), refused {len(refused)},"
+        f" delivered {len(accepted & delivered)}, lost {len(lost)},"
+        f" duplicate copies {duplicates} (removable by message id)"
+    )
+    return lost | {str(item.get("message_id")) for item in refused}
+
+
 def access_refused(passwords: dict[str, str]) -> bool:
     """Whether the media user is refused the government queue (it must be)."""
     from fabric.stakeholders import Stakeholder
@@ -431,7 +564,7 @@ def main(argv: list[str]) -> int:
     try:
         physical, passwords = create_aws_resources(templates)
         document = apply_local_topology(passwords)
-        raw_environment = router_environment(templates)
+        raw_environment = function_environment(templates)
         resolver = Resolver(templates, physical)
         environment = {name: resolver.resolve(value) for name, value in raw_environment.items()}
         local = {
@@ -450,29 +583,40 @@ def main(argv: list[str]) -> int:
         from fabric.bootstrap import router_runtime
         from fabric.protection import encryption_context, open_payload
 
+        drain_environment = {
+            name: resolver.resolve(value)
+            for name, value in function_environment(templates, DRAIN_DESCRIPTION).items()
+        }
+        drain_environment.update(local)
         runtime = router_runtime(environment)
         function_arn = f"arn:aws:lambda:{REGION}:000000000000:function:fabric-dev-router"
         print("== scenario")
         with Consumers(passwords) as consumers:
             sent, rejected = play(runtime, function_arn)
             consumers.wait_for(set(sent), timeout=10)
-        arrived = consumers.arrived
-        report(arrived, sent, rejected)
+            arrived = {queue: list(items) for queue, items in consumers.arrived.items()}
+            report(arrived, sent, rejected)
 
-        cipher = runtime.router._cipher
-        for _, message, _ in arrived.get("fabric.government.emergency", [])[:1]:
-            context = encryption_context(
-                message_id=message["message_id"], source=message["source"], environment="dev"
+            cipher = runtime.router._cipher
+            for _, message, _ in arrived.get("fabric.government.emergency", [])[:1]:
+                context = encryption_context(
+                    message_id=message["message_id"], source=message["source"], environment="dev"
+                )
+                payload = json.loads(open_payload(cipher, message["payload"], context))
+                print(f"   government decrypts the emergency alert: summary={payload['summary']!r}")
+            refused = access_refused(passwords)
+            print(f"   media user reading the government queue is refused: {refused}")
+
+            delivered = {message_id for queue in arrived.values() for message_id, _, _ in queue}
+            lost = set(sent) - delivered
+            print(
+                f"== accepted {len(sent)}, delivered to a queue {len(sent) - len(lost)},"
+                f" lost {len(lost)}"
             )
-            payload = json.loads(open_payload(cipher, message["payload"], context))
-            print(f"   government decrypts the emergency alert: summary={payload['summary']!r}")
-        print(f"   media user reading the government queue is refused: {access_refused(passwords)}")
-
-        delivered = {message_id for queue in arrived.values() for message_id, _, _ in queue}
-        lost = set(sent) - delivered
-        delivered_count = len(sent) - len(lost)
-        print(f"== accepted {len(sent)}, delivered to a queue {delivered_count}, lost {len(lost)}")
-        return 1 if lost else 0
+            print("== failover act (the broker becomes unreachable mid-scenario)")
+            lost |= failover(environment, drain_environment, function_arn, consumers)
+        print(f"== {'NOTHING LOST' if not lost else f'LOST {len(lost)} message(s)'}")
+        return 1 if lost or not refused else 0
     finally:
         if document is not None and "--keep" not in argv:
             drop_local_topology(document)

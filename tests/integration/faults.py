@@ -21,6 +21,7 @@ class FaultProxy:
         self.target = target
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
+        self.attempts = 0  # connections clients tried to open, refused ones included
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
         self._forwarding = threading.Event()
@@ -65,6 +66,7 @@ class FaultProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            self.attempts += 1
             if not self._accepting:
                 client.close()
                 continue

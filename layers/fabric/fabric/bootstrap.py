@@ -17,7 +17,7 @@ from fabric.adapters.sqs import SqsFallbackSource
 from fabric.audit_sink import TransportAuditSink
 from fabric.breaker import BreakerTransport
 from fabric.drain import Drainer, FallbackQueue
-from fabric.ports import MessageKind, OutboundMessage
+from fabric.ports import MessageKind, Metrics, OutboundMessage
 from fabric.router import Router
 from fabric.routing import default_routing_table
 from fabric.settings import DrainSettings, RouterSettings
@@ -50,12 +50,16 @@ def exchange_for(message: OutboundMessage) -> str:
 
 
 def build_router_runtime(
-    settings: RouterSettings, *, client_factory: Callable[[str], Any] | None = None
+    settings: RouterSettings,
+    *,
+    client_factory: Callable[[str], Any] | None = None,
+    metrics: Metrics | None = None,
 ) -> RouterRuntime:
     """Wire the router from settings. Nothing touches the network until the first message.
 
     ``client_factory(service_name)`` builds boto3 clients (default: ``boto3.client``, imported
-    lazily so that cold starts do not pay for boto3 before it is needed).
+    lazily so that cold starts do not pay for boto3 before it is needed). ``metrics`` defaults
+    to CloudWatch EMF lines on stdout.
     """
     make_client = client_factory or _boto3_client
     rabbit = _rabbit(settings, make_client)
@@ -64,15 +68,17 @@ def build_router_runtime(
         emergency_topic_arn=settings.emergency_topic_arn,
         client_factory=lambda: make_client("sns"),
     )
+    # The breaker stops a dead broker from costing its timeout on every call, for messages and
+    # audit batches alike (an audit batch sent around it would hold every reply during an outage
+    # for two connect timeouts); what RabbitMQ does not store goes to SNS/SQS.
+    broker = BreakerTransport(rabbit)
     router = Router(
         table=default_routing_table(),
-        # The breaker stops a dead broker from costing its timeout on every call; what RabbitMQ
-        # does not store goes to SNS/SQS.
-        transports=[BreakerTransport(rabbit), fallback],
+        transports=[broker, fallback],
         cipher=EsdkCipher(settings.messages_key_arn, client_factory=lambda: make_client("kms")),
-        audit=TransportAuditSink([rabbit], emitted_by="router"),
+        audit=TransportAuditSink([broker], emitted_by="router"),
         environment=settings.environment,
-        metrics=EmfMetrics(environment=settings.environment, emitted_by="router"),
+        metrics=metrics or EmfMetrics(environment=settings.environment, emitted_by="router"),
     )
     return RouterRuntime(router=router, settings=settings)
 
@@ -95,7 +101,10 @@ def _rabbit(
 
 
 def build_drainer(
-    settings: DrainSettings, *, client_factory: Callable[[str], Any] | None = None
+    settings: DrainSettings,
+    *,
+    client_factory: Callable[[str], Any] | None = None,
+    metrics: Metrics | None = None,
 ) -> Drainer:
     """Wire the drain from settings. Nothing touches the network until it runs."""
     make_client = client_factory or _boto3_client
@@ -108,7 +117,7 @@ def build_drainer(
         source=SqsFallbackSource(lambda: make_client("sqs")),
         broker=rabbit,
         audit=TransportAuditSink([rabbit], emitted_by="drain"),
-        metrics=EmfMetrics(environment=settings.environment, emitted_by="drain"),
+        metrics=metrics or EmfMetrics(environment=settings.environment, emitted_by="drain"),
     )
 
 
