@@ -10,10 +10,12 @@ DRAINER = drainer_from_environment()
 
 
 def handler(event: dict[str, Any], _context: Any) -> dict[str, Any]:
-    """``{"max_messages"?: n}`` → ``{"moved": {queue: n}, "total", "left", "stopped"}``."""
+    """``{"max_messages"?: n}`` or a scheduled event → ``{"moved": {queue: n}, "total", "left",
+    "stopped"}``; a bad ``max_messages`` → ``{"error": ...}`` and nothing is moved."""
     limit = event.get("max_messages") if isinstance(event, dict) else None
-    options = {"max_messages": limit} if isinstance(limit, int) and limit > 0 else {}
-    report = DRAINER.drain(**options)
+    if limit is not None and (type(limit) is not int or limit < 1):
+        return {"error": "max_messages must be a positive whole number"}
+    report = DRAINER.drain(max_messages=limit)
     return {
         "moved": report.moved,
         "total": report.total,

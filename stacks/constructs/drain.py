@@ -11,6 +11,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
+from fabric.naming import drain_function_name
 from stacks.constructs.fallback import FallbackQueues
 from stacks.constructs.function import FabricFunction, FunctionPlatform
 from stacks.constructs.router import broker_environment
@@ -49,6 +50,8 @@ class Drain(Construct):
             "Drain",
             platform=platform,
             code_dir="lambdas/drain",
+            # Named, so the runbook finds it: `python scripts/runbook.py drain --env <env>`.
+            function_name=drain_function_name(env_name),
             description=f"Messaging Fabric {env_name}: drains the fallback queues into RabbitMQ",
             environment={
                 **broker_environment(env_name, broker_host, broker_secret),

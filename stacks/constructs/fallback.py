@@ -11,6 +11,7 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from fabric.naming import FALLBACK_FLOWS, fallback_queue_name
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from stacks.constructs.queues import encrypted_queue, queue_with_dlq
 from stacks.nag import acknowledge
@@ -22,8 +23,6 @@ _MAX_RECEIVE_COUNT = 10
 _VISIBILITY_TIMEOUT = Duration.seconds(120)
 # SNS subscription filter attribute carrying the groups that the routing table resolved.
 AUDIENCE_ATTRIBUTE = "audience"
-
-_FLOWS = ("fallback", "emergency")
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class FallbackPath(Construct):
         self.topics: dict[str, sns.Topic] = {}
         self.queues: dict[tuple[str, Stakeholder], FallbackQueues] = {}
 
-        for flow in _FLOWS:
+        for flow in FALLBACK_FLOWS:
             topic = sns.Topic(
                 self,
                 f"{flow.capitalize()}Topic",
@@ -77,7 +76,7 @@ class FallbackPath(Construct):
             for group in STAKEHOLDERS:
                 self.queues[(flow, group)] = self._subscribe(
                     topic,
-                    name=f"fabric-{env_name}-{flow}-{group.value}",
+                    name=fallback_queue_name(env_name, flow, group),
                     construct_id=f"{flow.capitalize()}{group.value.capitalize()}",
                     group=group,
                     key=queues_key,

@@ -86,6 +86,7 @@ class FabricFunction(Construct):
         reserved_concurrency: int,
         timeout: Duration,
         memory_size: int = 512,
+        function_name: str | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.log_group = logs.LogGroup(
@@ -156,6 +157,7 @@ class FabricFunction(Construct):
         self.function = lambda_.Function(
             self,
             "Function",
+            function_name=function_name,
             runtime=RUNTIME,
             architecture=ARCHITECTURE,
             handler="handler.handler",

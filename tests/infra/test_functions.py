@@ -182,6 +182,8 @@ def test_the_drain_runs_every_minute_two_at_most_on_the_fallback_queues_only(
         if "drains the fallback" in v["Properties"]["Description"]
     ]
     assert drain["Properties"]["ReservedConcurrentExecutions"] == 2
+    # The runbook invokes it by this name (scripts/runbook.py drain --env <env>).
+    assert drain["Properties"]["FunctionName"] == f"fabric-{env.stage.stage_name}-drain"
     queues = json.loads(json.dumps(drain["Properties"]["Environment"]["Variables"]))
     assert "FALLBACK_QUEUES" in queues
     (rule,) = of_type(template, "AWS::Events::Rule").values()

@@ -118,6 +118,8 @@ def build_drainer(
         broker=rabbit,
         audit=TransportAuditSink([rabbit], emitted_by="drain"),
         metrics=metrics or EmfMetrics(environment=settings.environment, emitted_by="drain"),
+        max_messages=settings.max_messages,
+        max_seconds=settings.max_seconds,
     )
 
 

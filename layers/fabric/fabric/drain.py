@@ -73,8 +73,12 @@ class Drainer:
         broker: Transport,
         audit: AuditSink,
         metrics: Metrics | None = None,
+        max_messages: int = 10_000,
+        max_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._max_messages = max_messages
+        self._max_seconds = max_seconds
         self._queues = sorted(queues, key=lambda q: not q.emergency)
         self._metrics = metrics
         self._source = source
@@ -82,12 +86,15 @@ class Drainer:
         self._audit = audit
         self._clock = clock
 
-    def drain(self, *, max_messages: int = 10_000, max_seconds: float = 60.0) -> DrainReport:
-        """Move up to ``max_messages`` within ``max_seconds``; stop at the first broker failure.
+    def drain(
+        self, *, max_messages: int | None = None, max_seconds: float | None = None
+    ) -> DrainReport:
+        """Move up to ``max_messages`` within ``max_seconds`` (default: the limits this drainer
+        was built with); stop at the first broker failure.
 
         Never raises for broker or SQS trouble: the report says why it stopped.
         """
-        report = self._drain(max_messages, max_seconds)
+        report = self._drain(max_messages or self._max_messages, max_seconds or self._max_seconds)
         if self._metrics is not None:
             self._metrics.count({metric_names.DRAINED: report.total})
         return report

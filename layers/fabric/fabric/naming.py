@@ -1,0 +1,27 @@
+"""Deterministic AWS resource names, shared by the CDK constructs and the runbook."""
+
+from __future__ import annotations
+
+from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+
+FALLBACK_FLOWS = ("fallback", "emergency")
+"""The two SNS topics of the fallback path; each has one SQS queue per stakeholder group."""
+
+
+def fallback_queue_name(env_name: str, flow: str, group: Stakeholder) -> str:
+    """``fabric-<env>-<flow>-<group>``: the SQS queue of ``group`` on fallback topic ``flow``."""
+    return f"fabric-{env_name}-{flow}-{group.value}"
+
+
+def fallback_queue_names(env_name: str) -> list[tuple[str, Stakeholder, str]]:
+    """Every fallback queue of an environment as ``(flow, group, name)``, emergencies first."""
+    return [
+        (flow, group, fallback_queue_name(env_name, flow, group))
+        for flow in sorted(FALLBACK_FLOWS, key=lambda f: f != "emergency")
+        for group in STAKEHOLDERS
+    ]
+
+
+def drain_function_name(env_name: str) -> str:
+    """``fabric-<env>-drain``: the drain function, which the runbook invokes on demand."""
+    return f"fabric-{env_name}-drain"

@@ -1,0 +1,55 @@
+"""The drain function's entry point: bad input is refused with a reason, limits come from config."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from types import ModuleType
+
+import pytest
+
+from tests.conftest import ROOT
+
+ENVIRONMENT = {
+    "FABRIC_ENV": "test",
+    "RABBITMQ_HOST": "127.0.0.1",
+    "RABBITMQ_PORT": "1",
+    "RABBITMQ_TLS": "false",
+    "RABBITMQ_SECRET_ARN": "arn:aws:secretsmanager:ap-southeast-3:111111111111:secret:x",
+    "FALLBACK_QUEUES": "[]",
+    "DRAIN_MAX_MESSAGES": "25",
+    "DRAIN_MAX_SECONDS": "240",
+}
+
+
+@pytest.fixture
+def drain_handler(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    for name, value in ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location(
+        "drain_handler", ROOT / "lambdas/drain/handler.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "drain_handler", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("limit", [0, -3, "10", 2.5, True, None])
+def test_a_bad_max_messages_is_refused_and_nothing_is_drained(
+    drain_handler: ModuleType, limit: object
+) -> None:
+    answer = drain_handler.handler({"max_messages": limit} if limit is not None else [], None)
+    if limit is None:  # not a dict at all: a scheduled run with defaults, nothing to move
+        assert answer["stopped"] == "empty"
+        return
+    assert answer == {"error": "max_messages must be a positive whole number"}
+
+
+def test_the_deployed_limits_reach_the_drainer(drain_handler: ModuleType) -> None:
+    drainer = drain_handler.DRAINER
+    assert (drainer._max_messages, drainer._max_seconds) == (25, 240.0)
+    answer = drain_handler.handler({"version": "0", "source": "aws.events"}, None)
+    assert answer == {"moved": {}, "total": 0, "left": 0, "stopped": "empty"}
