@@ -124,7 +124,10 @@ class RabbitMqTransport:
             pending = self._publish_batch(source, batch_state, pending)
             if batch_state.gave_up or (not pending and batch_state.exhausted):
                 break
-            self._reset()
+            # Not _reset: a channel the broker closed (e.g. 404 on a deleted exchange) leaves
+            # its connection closing, and only running the loop sends that close; dropped
+            # unclosed, it stays open on the broker until its heartbeat times out.
+            self._discard()
         for message in source:  # never published: the caller sends them elsewhere
             batch_state.take(message)
         return [
