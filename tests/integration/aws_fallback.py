@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import boto3
@@ -40,3 +41,29 @@ def create_fallback_path(prefix: str) -> dict[str, Any]:
             )
             queues[(flow, group)] = url
     return {"topics": topics, "queues": queues, "sqs": sqs}
+
+
+def bootstrapped_router(aws: dict[str, Any], *, port: int) -> Any:
+    """The router exactly as ``fabric.bootstrap`` wires it, for a broker on loopback ``port``,
+    with a messages key and a platform secret in moto and ``aws``'s fallback topics."""
+    from fabric.bootstrap import build_router_runtime
+    from fabric.settings import RouterSettings
+
+    secret = boto3.client("secretsmanager", region_name=REGION).create_secret(
+        Name=f"platform-{uuid.uuid4().hex[:8]}",
+        SecretString=json.dumps({"username": "u", "password": "p"}),
+    )["ARN"]
+    settings = RouterSettings(
+        environment="test",
+        rabbitmq_host="127.0.0.1",
+        rabbitmq_port=port,
+        rabbitmq_tls=False,
+        rabbitmq_vhost="/",
+        rabbitmq_secret_arn=secret,
+        messages_key_arn=boto3.client("kms", region_name=REGION).create_key()["KeyMetadata"]["Arn"],
+        identity_claim="fabric:group",
+        ingest_queue_prefix="fabric-test-ingest-",
+        fallback_topic_arn=aws["topics"]["fallback"],
+        emergency_topic_arn=aws["topics"]["emergency"],
+    )
+    return build_router_runtime(settings).router

@@ -28,6 +28,7 @@ from fabric.router import Router
 from fabric.routing import default_routing_table
 from fabric.stakeholders import STAKEHOLDERS
 from fabric.topology import queue_name
+from tests.integration.aws_fallback import bootstrapped_router
 from tests.integration.conftest import AMQP, REGION
 from tests.integration.faults import FaultProxy
 
@@ -163,26 +164,7 @@ def test_with_broker_and_fallback_both_down_nothing_is_acknowledged(
 def test_while_the_circuit_is_open_neither_messages_nor_audit_batches_wait_for_the_broker(
     proxy: FaultProxy, aws: dict[str, Any]
 ) -> None:
-    from fabric.bootstrap import build_router_runtime
-    from fabric.settings import RouterSettings
-
-    secret = boto3.client("secretsmanager", region_name=REGION).create_secret(
-        Name="platform-breaker", SecretString=json.dumps({"username": "u", "password": "p"})
-    )["ARN"]
-    settings = RouterSettings(
-        environment="test",
-        rabbitmq_host="127.0.0.1",
-        rabbitmq_port=proxy.port,
-        rabbitmq_tls=False,
-        rabbitmq_vhost="/",
-        rabbitmq_secret_arn=secret,
-        messages_key_arn=boto3.client("kms", region_name=REGION).create_key()["KeyMetadata"]["Arn"],
-        identity_claim="fabric:group",
-        ingest_queue_prefix="fabric-test-ingest-",
-        fallback_topic_arn=aws["topics"]["fallback"],
-        emergency_topic_arn=aws["topics"]["emergency"],
-    )
-    fabric = build_router_runtime(settings).router
+    fabric = bootstrapped_router(aws, port=proxy.port)
     proxy.refuse()
     first = fabric.route([alert()], source="community").results
     assert (first[0].status, first[0].transport) == ("accepted", "fallback")

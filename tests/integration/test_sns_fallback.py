@@ -12,6 +12,7 @@ import pytest
 from fabric.adapters.sns import SnsFallbackTransport
 from fabric.ports import Failure, MessageKind, OutboundMessage
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+from tests.integration.aws_fallback import bootstrapped_router
 
 pytestmark = pytest.mark.integration
 REGION = "ap-southeast-3"
@@ -120,27 +121,8 @@ def test_sns_down_means_unavailable_for_the_whole_batch(monkeypatch: pytest.Monk
 def test_with_the_broker_down_the_router_stores_through_the_fallback(
     aws: dict[str, Any],
 ) -> None:
-    from fabric.bootstrap import build_router_runtime
-    from fabric.settings import RouterSettings
-
-    key = boto3.client("kms", region_name=REGION).create_key()["KeyMetadata"]["Arn"]
-    secret = boto3.client("secretsmanager", region_name=REGION).create_secret(
-        Name="platform", SecretString=json.dumps({"username": "u", "password": "p"})
-    )["ARN"]
-    settings = RouterSettings(
-        environment="test",
-        rabbitmq_host="127.0.0.1",
-        rabbitmq_port=1,  # nothing listens: the broker is down before the first connect
-        rabbitmq_tls=False,
-        rabbitmq_vhost="/",
-        rabbitmq_secret_arn=secret,
-        messages_key_arn=key,
-        identity_claim="fabric:group",
-        ingest_queue_prefix="fabric-test-ingest-",
-        fallback_topic_arn=aws["topics"]["fallback"],
-        emergency_topic_arn=aws["topics"]["emergency"],
-    )
-    router = build_router_runtime(settings).router
+    # Port 1: nothing listens, the broker is down before the first connect.
+    router = bootstrapped_router(aws, port=1)
     alert = {
         "message_id": str(uuid.uuid4()),
         "topic": "child-safety.incident.reported",
