@@ -25,3 +25,14 @@ def fallback_queue_names(env_name: str) -> list[tuple[str, Stakeholder, str]]:
 def drain_function_name(env_name: str) -> str:
     """``fabric-<env>-drain``: the drain function, which the runbook invokes on demand."""
     return f"fabric-{env_name}-drain"
+
+
+def redrive_function_name(env_name: str) -> str:
+    """``fabric-<env>-redrive``: the redrive function, which the runbook invokes on demand."""
+    return f"fabric-{env_name}-redrive"
+
+
+def idempotency_table_name(env_name: str) -> str:
+    """``fabric-<env>-idempotency``: the DynamoDB table of consumer idempotency records and
+    the redrive ledger (partition key ``id``, expiry attribute ``expiration``)."""
+    return f"fabric-{env_name}-idempotency"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
@@ -148,4 +149,75 @@ class FallbackSource(Protocol):
 
     def delete(self, queue: str, handles: Sequence[str]) -> set[str]:
         """Delete by receive handle; returns the handles actually deleted (every entry checked)."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One message held in a dead-letter queue, with what the redrive needs to put it back.
+
+    ``handle`` is the source's own (an AMQP delivery tag, an SQS receipt handle); ``origin`` is
+    where it goes back to (a RabbitMQ work queue, an SQS source queue URL); ``reason`` says why
+    it was dead-lettered; ``redrives`` counts earlier redrives of this message from this queue.
+    """
+
+    handle: str
+    message_id: str
+    topic: str
+    body: bytes
+    origin: str
+    reason: str
+    dead_lettered_at: datetime | None
+    redrives: int = 0
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class DeadLetterQueue(Protocol):
+    """A dead-letter queue, seen from the redrive: look, put back, then remove.
+
+    Letters returned by ``peek`` are held (hidden from other readers) until ``remove`` or
+    ``release``; a crash releases them by itself (channel closed, visibility timeout).
+    """
+
+    name: str
+
+    def peek(self, limit: int) -> list[DeadLetter]:
+        """Up to ``limit`` letters not yet seen in this run; empty when none are left.
+
+        Raises:
+            TransportUnavailable: the queue cannot be reached.
+        """
+        ...
+
+    def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+        """Put ``letters`` back at their origin (redrive count + 1, headers kept); returns the
+        ones the origin confirmed stored. They are still in the dead-letter queue."""
+        ...
+
+    def remove(self, letters: Sequence[DeadLetter]) -> set[str]:
+        """Remove ``letters`` from the dead-letter queue; the handles actually removed."""
+        ...
+
+    def release(self) -> None:
+        """Give back every held letter not removed (end of a run, or a dry run)."""
+        ...
+
+
+class RedriveLedger(Protocol):
+    """Which dead letters a redrive already put back, so a re-run never moves one twice."""
+
+    def moved(self, keys: Sequence[str]) -> set[str]:
+        """The ``keys`` recorded as moved.
+
+        Raises:
+            TransportUnavailable: the ledger cannot be read (nothing may be moved then).
+        """
+        ...
+
+    def record(self, keys: Sequence[str]) -> None:
+        """Record ``keys`` as moved (kept for the dead-letter retention period, 14 days).
+
+        Raises:
+            TransportUnavailable: the ledger cannot be written.
+        """
         ...

@@ -124,6 +124,78 @@ class DrainSettings:
         )
 
 
+@dataclass(frozen=True)
+class SqsDeadLetterQueue:
+    """An SQS dead-letter queue the redrive may move messages out of, and its source queue."""
+
+    name: str
+    dlq_url: str
+    dlq_arn: str
+    source_url: str
+    source_arn: str
+
+
+@dataclass(frozen=True)
+class RedriveSettings:
+    """What the redrive function needs (set by the stack).
+
+    ``RABBITMQ_*``, ``FABRIC_ENV`` as for the router (the platform user: it reads every DLQ and
+    publishes to the redeliver exchange); ``IDEMPOTENCY_TABLE``: the DynamoDB table that holds
+    the redrive ledger; ``SQS_REDRIVE_SOURCES``: JSON list of the SQS queues whose dead-letter
+    queue (``<name>-dlq``) may be redriven; ``SQS_URL_PREFIX`` (``https://sqs.<region>.<suffix>/
+    <account>/``) and ``SQS_ARN_PREFIX`` (``arn:<partition>:sqs:<region>:<account>:``) turn the
+    names into URLs and ARNs (the list stays far inside Lambda's 4 KB of environment);
+    ``REDRIVE_MAX_SECONDS`` (default 840) bounds one run, inside the function's 15-minute timeout.
+    """
+
+    environment: str
+    rabbitmq_host: str
+    rabbitmq_port: int
+    rabbitmq_tls: bool
+    rabbitmq_vhost: str
+    rabbitmq_secret_arn: str
+    idempotency_table: str
+    sqs_dead_letter_queues: tuple[SqsDeadLetterQueue, ...]
+    max_seconds: float
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> RedriveSettings:
+        """Read and check the variables.
+
+        Raises:
+            ConfigError: a variable is missing or malformed; the message names it.
+        """
+        url_prefix = _required(environ, "SQS_URL_PREFIX")
+        arn_prefix = _required(environ, "SQS_ARN_PREFIX")
+        try:
+            names = json.loads(_required(environ, "SQS_REDRIVE_SOURCES"))
+            if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+                raise TypeError
+        except (ValueError, TypeError):
+            raise ConfigError("SQS_REDRIVE_SOURCES must be a JSON list of queue names") from None
+        queues = tuple(
+            SqsDeadLetterQueue(
+                name=name,
+                dlq_url=f"{url_prefix}{name}-dlq",
+                dlq_arn=f"{arn_prefix}{name}-dlq",
+                source_url=f"{url_prefix}{name}",
+                source_arn=f"{arn_prefix}{name}",
+            )
+            for name in names
+        )
+        return cls(
+            environment=_required(environ, "FABRIC_ENV"),
+            rabbitmq_host=_required(environ, "RABBITMQ_HOST"),
+            rabbitmq_port=_port(environ, "RABBITMQ_PORT"),
+            rabbitmq_tls=_flag(environ, "RABBITMQ_TLS"),
+            rabbitmq_vhost=environ.get("RABBITMQ_VHOST", "/") or "/",
+            rabbitmq_secret_arn=_required(environ, "RABBITMQ_SECRET_ARN"),
+            idempotency_table=_required(environ, "IDEMPOTENCY_TABLE"),
+            sqs_dead_letter_queues=queues,
+            max_seconds=float(_positive(environ, "REDRIVE_MAX_SECONDS", 840)),
+        )
+
+
 def _positive(environ: Mapping[str, str], name: str, default: int) -> int:
     raw = environ.get(name, str(default)).strip()
     if not raw.isdigit() or int(raw) < 1:

@@ -30,6 +30,14 @@ SNS_AUDIENCE_ATTRIBUTE = "audience"
 RETRY_TIERS_SECONDS = (5, 30, 300)
 EMERGENCY_RETRY_TIERS_SECONDS = (1, 5, 30)
 
+# Headers the consumer toolkit and the redrive put on messages they republish (producers may not
+# set `fabric-` headers, so these cannot be forged through the router).
+ATTEMPT_HEADER = "fabric-attempt"  # the attempt a delivery is (1 = first), set on retries
+DEAD_LETTER_REASON_HEADER = "fabric-dead-letter-reason"  # why a consumer parked it
+DEAD_LETTERED_AT_HEADER = "fabric-dead-lettered-at"  # when, epoch seconds
+ERROR_HEADER = "fabric-error"  # the exception class that failed the last attempt
+REDRIVES_HEADER = "fabric-redrives"  # how many times it was redriven
+
 # RabbitMQ 3.10 has no default delivery limit and 4.x defaults to 20; set it explicitly.
 DELIVERY_LIMIT = 10
 # Terminal queues (DLQs, unrouted, audit) have nowhere to dead-letter to. "Unlimited" (-1) is a
@@ -52,6 +60,24 @@ def dead_letter_queue_name(group: Stakeholder, *, emergency: bool = False) -> st
     return queue_name(group, emergency=emergency) + ".dlq"
 
 
+def work_queue_of(dead_letter_queue: str) -> str:
+    """The work queue whose dead letters ``dead_letter_queue`` holds.
+
+    Raises:
+        ValueError: the name is not a group's dead-letter queue.
+    """
+    for group in STAKEHOLDERS:
+        for emergency in (False, True):
+            if dead_letter_queue_name(group, emergency=emergency) == dead_letter_queue:
+                return queue_name(group, emergency=emergency)
+    raise ValueError(f"{dead_letter_queue!r} is not a dead-letter queue of the fabric")
+
+
+def retry_tiers(*, emergency: bool) -> tuple[int, ...]:
+    """The delay tiers, in seconds, of the normal or the emergency path."""
+    return EMERGENCY_RETRY_TIERS_SECONDS if emergency else RETRY_TIERS_SECONDS
+
+
 def retry_exchange_name(group: Stakeholder) -> str:
     """The exchange a group's consumers publish retries to: `fabric.x.retry.<group>`."""
     return f"fabric.x.retry.{group}"
@@ -65,7 +91,7 @@ def retry_queue_name(group: Stakeholder, seconds: int, *, emergency: bool = Fals
     Raises:
         ValueError: `seconds` is not one of the tiers for that path.
     """
-    tiers = EMERGENCY_RETRY_TIERS_SECONDS if emergency else RETRY_TIERS_SECONDS
+    tiers = retry_tiers(emergency=emergency)
     if seconds not in tiers:
         raise ValueError(f"retry tier {seconds}s is not one of {tiers}")
     return f"{queue_name(group, emergency=emergency)}.retry.{seconds}s"
@@ -271,8 +297,10 @@ def _add_group(
         bindings.append(_binding(gate_exchange, work, vhost, to_queue=True, arguments=gate))
         bindings.append(_binding(DEAD_LETTER_EXCHANGE, dlq, vhost, to_queue=True, routing_key=work))
         bindings.append(_binding(REDELIVER_EXCHANGE, work, vhost, to_queue=True, routing_key=work))
-        tiers = EMERGENCY_RETRY_TIERS_SECONDS if emergency else RETRY_TIERS_SECONDS
-        for seconds in tiers:
+        # A consumer parks a message it gave up on in its own DLQ through its retry exchange (a
+        # Lambda consumer cannot reject one message of a batch); it cannot reach another's.
+        bindings.append(_binding(retry_exchange, dlq, vhost, to_queue=True, routing_key=dlq))
+        for seconds in retry_tiers(emergency=emergency):
             retry = retry_queue_name(group, seconds, emergency=emergency)
             arguments = _work_queue_arguments(work, max_length)
             # Expired retries dead-letter back to their origin work queue, not to the DLQ.

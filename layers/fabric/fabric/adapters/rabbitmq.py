@@ -62,6 +62,32 @@ class RabbitSettings:
         return f"RabbitSettings({scheme}://{self.host}:{self.port}/{self.vhost})"
 
 
+def connection_parameters(settings: RabbitSettings) -> pika.ConnectionParameters:
+    """pika parameters for ``settings``; reads the credentials now.
+
+    Raises:
+        TransportUnavailable: the credentials cannot be read.
+    """
+    username, password = settings.credentials()
+    ssl_options = None
+    if settings.use_tls:
+        context = ssl.create_default_context()
+        ssl_options = pika.SSLOptions(context, server_hostname=settings.host)
+    return pika.ConnectionParameters(
+        host=settings.host,
+        port=settings.port,
+        virtual_host=settings.vhost,
+        credentials=pika.PlainCredentials(username, password),
+        heartbeat=settings.heartbeat,
+        blocked_connection_timeout=settings.blocked_timeout,
+        connection_attempts=1,
+        socket_timeout=settings.connect_timeout,
+        stack_timeout=settings.connect_timeout,
+        ssl_options=ssl_options,
+        client_properties={"connection_name": settings.connection_name},
+    )
+
+
 class _ConnectFailed(Exception):
     pass
 
@@ -146,6 +172,11 @@ class RabbitMqTransport:
         self._reset()
 
     @property
+    def settings(self) -> RabbitSettings:
+        """How this transport reaches the broker."""
+        return self._settings
+
+    @property
     def is_open(self) -> bool:
         """Whether a usable channel is open right now (no I/O is done to check)."""
         return (
@@ -158,27 +189,6 @@ class RabbitMqTransport:
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _parameters(self) -> pika.ConnectionParameters:
-        settings = self._settings
-        username, password = settings.credentials()
-        ssl_options = None
-        if settings.use_tls:
-            context = ssl.create_default_context()
-            ssl_options = pika.SSLOptions(context, server_hostname=settings.host)
-        return pika.ConnectionParameters(
-            host=settings.host,
-            port=settings.port,
-            virtual_host=settings.vhost,
-            credentials=pika.PlainCredentials(username, password),
-            heartbeat=settings.heartbeat,
-            blocked_connection_timeout=settings.blocked_timeout,
-            connection_attempts=1,
-            socket_timeout=settings.connect_timeout,
-            stack_timeout=settings.connect_timeout,
-            ssl_options=ssl_options,
-            client_properties={"connection_name": settings.connection_name},
-        )
-
     def _ensure_open(self) -> None:
         idle = self._clock() - self._last_used
         if self.is_open and idle <= self._settings.heartbeat:
@@ -189,7 +199,7 @@ class RabbitMqTransport:
             self._discard()
         state: dict[str, Any] = {}
         try:
-            parameters = self._parameters()
+            parameters = connection_parameters(self._settings)
         except TransportUnavailable as exc:
             _LOG.warning("rabbitmq credentials unavailable: %s", exc)
             raise _ConnectFailed from exc

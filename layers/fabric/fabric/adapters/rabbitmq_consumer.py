@@ -1,0 +1,135 @@
+"""A long-running consumer of one work queue on pika, for the consumer toolkit.
+
+Manual acknowledgements with a prefetch window: a message is acknowledged only after its handler
+completed, or after its retry or dead letter was confirmed stored by the broker. A consumer that
+dies before acknowledging leaves the message to RabbitMQ, which redelivers it (and, after the
+queue's delivery limit, dead-letters it itself with an ``x-death`` record).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pika
+import pika.exceptions
+
+from fabric import topology
+from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings, connection_parameters
+from fabric.consumer import (
+    Decision,
+    Delivery,
+    MessageProcessor,
+    RabbitMqSettler,
+    Verdict,
+    rabbitmq_delivery,
+)
+from fabric.ports import Transport
+from fabric.stakeholders import Stakeholder
+
+_LOG = logging.getLogger(__name__)
+
+
+def retry_transport(settings: RabbitSettings, group: Stakeholder) -> Transport:
+    """A confirming publisher to ``group``'s retry exchange (routing key: ``redeliver_to``)."""
+    exchange = topology.retry_exchange_name(group)
+    return RabbitMqTransport(settings, exchange_for=lambda _message: exchange)
+
+
+class RabbitMqConsumer:
+    """Consumes ``queue`` with ``processor``; retries and dead letters go through ``settler``."""
+
+    def __init__(
+        self,
+        settings: RabbitSettings,
+        queue: str,
+        processor: MessageProcessor,
+        *,
+        prefetch: int = 20,
+        settler: RabbitMqSettler | None = None,
+        backoff_s: float = 1.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._settings = settings
+        self._queue = queue
+        self._processor = processor
+        self._prefetch = prefetch
+        transports: dict[Stakeholder, Transport] = {}
+        self._settler = settler or RabbitMqSettler(
+            lambda group: transports.setdefault(group, retry_transport(settings, group))
+        )
+        self._backoff_s = backoff_s
+        self._sleep = sleep
+
+    def run(
+        self,
+        *,
+        max_messages: int | None = None,
+        idle_timeout_s: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> Counter[str]:
+        """Consume until ``max_messages`` were settled, nothing arrived for ``idle_timeout_s``,
+        or ``stop`` is set; returns the count per verdict.
+
+        Raises:
+            pika.exceptions.AMQPError: the connection failed (what was not acknowledged is
+                redelivered to the next consumer).
+        """
+        counts: Counter[str] = Counter()
+        connection = pika.BlockingConnection(connection_parameters(self._settings))
+        try:
+            channel = connection.channel()
+            channel.basic_qos(prefetch_count=self._prefetch)
+            idle_since = time.monotonic()
+            for method, properties, body in channel.consume(
+                self._queue, auto_ack=False, inactivity_timeout=0.1
+            ):
+                if stop is not None and stop.is_set():
+                    break
+                if method is None:
+                    if (
+                        idle_timeout_s is not None
+                        and time.monotonic() - idle_since > idle_timeout_s
+                    ):
+                        break
+                    continue
+                idle_since = time.monotonic()
+                delivery = rabbitmq_delivery(
+                    self._queue,
+                    message_id=properties.message_id,
+                    topic=properties.type,
+                    body=body,
+                    headers=properties.headers,
+                    correlation_id=properties.correlation_id,
+                    redelivered=bool(method.redelivered),
+                )
+                decision = self._processor.process(delivery)
+                if self._settled(delivery, decision):
+                    channel.basic_ack(method.delivery_tag)
+                    counts[str(decision.verdict)] += 1
+                else:
+                    # Not settled: back to the queue (its delivery count rises), after a pause
+                    # so that a consumer whose dependency is down does not spin.
+                    channel.basic_nack(method.delivery_tag, requeue=True)
+                    counts[str(Verdict.SYSTEMIC)] += 1
+                    self._sleep(self._backoff_s)
+                if max_messages is not None and sum(counts.values()) >= max_messages:
+                    break
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                channel.cancel()
+        finally:
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                if connection.is_open:
+                    connection.close()
+        return counts
+
+    def _settled(self, delivery: Delivery, decision: Decision) -> bool:
+        if decision.verdict is Verdict.DONE:
+            return True
+        if decision.verdict is Verdict.SYSTEMIC:
+            return False
+        return self._settler.settle([(delivery, decision)])[0]

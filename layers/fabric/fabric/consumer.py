@@ -1,0 +1,460 @@
+"""The consumer toolkit: process fabric messages once, retry with spacing, park what cannot be.
+
+A consumer team writes one function, ``handler(delivery)``, and picks an entry point:
+
+- ``RabbitMqConsumer``: a long-running consumer on its group's work queue (pika);
+- ``rabbitmq_batch_handler``: a Lambda function behind an Amazon MQ event source;
+- ``sqs_batch_handler``: a Lambda function behind an SQS event source (partial batch failures).
+
+What the handler's outcome means:
+
+- returns: done, the message is acknowledged;
+- raises ``Retry`` or any other exception: the attempt failed. The message is republished to its
+  group's delay tier for this attempt (RabbitMQ: TTL queues that dead-letter back to the work
+  queue, no plugin needed) and acknowledged; after ``max_attempts`` attempts it is parked in the
+  group's dead-letter queue instead, with the reason, time and failing exception class in its
+  headers (never the exception's text, which may hold child data);
+- raises ``Poison``: parked at once, without retries;
+- raises ``Systemic``: the consumer itself cannot work (its database is down). Nothing of the
+  batch is settled: it comes back as a whole (RabbitMQ event sources have no partial batch
+  response) and the broker's delivery limit bounds how often.
+
+``Idempotency`` (Powertools on DynamoDB, keyed on consumer name + ``message_id``) makes a
+handler run at most once to completion per message, whether a copy is redelivered after a crash,
+delivered twice, or delivered to two instances at the same moment (the second is retried later).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from fabric import topology
+from fabric.envelope import Envelope, from_wire
+from fabric.errors import FabricError
+from fabric.ports import OutboundMessage, Transport
+from fabric.stakeholders import Stakeholder
+
+_LOG = logging.getLogger(__name__)
+# Every tier once, then the DLQ: 1 first attempt + 3 retries.
+DEFAULT_MAX_ATTEMPTS = 4
+
+
+class Retry(FabricError):
+    """Raised by a handler: this attempt failed, try the message again after the next delay."""
+
+
+class Poison(FabricError):
+    """Raised by a handler: this message can never be processed; park it now."""
+
+
+class Systemic(FabricError):
+    """Raised by a handler: the consumer cannot process anything now; settle nothing."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as a consumer handler receives it.
+
+    ``queue`` is the work queue (RabbitMQ) or queue ARN (SQS) it came from; ``attempt`` counts
+    from 1 across retry tiers (SQS: the receive count); ``headers`` are the string headers.
+    """
+
+    message_id: str
+    topic: str
+    body: bytes
+    queue: str
+    attempt: int = 1
+    headers: Mapping[str, str] = field(default_factory=dict)
+    correlation_id: str | None = None
+    redelivered: bool = False
+
+    def envelope(self) -> Envelope:
+        """The envelope of the body (restricted payloads still sealed: see fabric.protection).
+
+        Raises:
+            MessageRejected: the body is not a fabric envelope.
+        """
+        return from_wire(self.body)
+
+
+Handler = Callable[[Delivery], object]
+
+
+class Verdict(StrEnum):
+    """What to do with a delivery after its handler ran."""
+
+    DONE = "done"
+    RETRY = "retry"
+    DEAD_LETTER = "dead-letter"
+    SYSTEMIC = "systemic"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A verdict, with the delay tier (retry: 0 is the shortest) or the reason (dead letter)."""
+
+    verdict: Verdict
+    tier: int = 0
+    reason: str | None = None
+    error: str | None = None
+
+
+class _Deadline:
+    """What Powertools asks a Lambda context for: how long an in-progress record may stand."""
+
+    def __init__(self, seconds: float) -> None:
+        self._until = time.monotonic() + seconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._until - time.monotonic()) * 1000))
+
+
+class Idempotency:
+    """Runs a handler at most once to completion per (consumer, message id), on DynamoDB.
+
+    Built on Powertools idempotency (the table: partition key ``id``, TTL ``expiration``). A
+    record in progress blocks other copies for ``processing_timeout_s`` (or the Lambda's remaining
+    time); a handler that raises leaves no record, so its retry runs again.
+    """
+
+    def __init__(
+        self,
+        table_name: str,
+        *,
+        consumer: str,
+        client: Any = None,
+        expires_after_s: int = 14 * 24 * 3600,
+        processing_timeout_s: float = 60.0,
+    ) -> None:
+        from aws_lambda_powertools.utilities.idempotency import (
+            DynamoDBPersistenceLayer,
+            IdempotencyConfig,
+            idempotent_function,
+        )
+
+        self._config = IdempotencyConfig(
+            event_key_jmespath="message_id",
+            raise_on_no_idempotency_key=True,
+            expires_after_seconds=expires_after_s,
+        )
+        self._timeout = processing_timeout_s
+        store = DynamoDBPersistenceLayer(table_name=table_name, boto3_client=client)
+
+        @idempotent_function(  # type: ignore[untyped-decorator]
+            data_keyword_argument="key",
+            persistence_store=store,
+            config=self._config,
+            key_prefix=f"consumer#{consumer}",
+        )
+        def once(*, key: dict[str, str], handler: Handler, delivery: Delivery) -> None:
+            handler(delivery)
+
+        self._once = once
+
+    def run(self, handler: Handler, delivery: Delivery, context: Any = None) -> None:
+        """``handler(delivery)`` unless a copy of this message already completed.
+
+        Raises:
+            Retry: another copy is being processed right now.
+            Systemic: the table cannot be reached.
+            Exception: whatever the handler raises.
+        """
+        from aws_lambda_powertools.utilities.idempotency.exceptions import (
+            IdempotencyAlreadyInProgressError,
+            IdempotencyPersistenceLayerError,
+        )
+
+        # Outside Lambda, a deadline object stands in for the context Powertools asks for.
+        self._config.register_lambda_context(context or _Deadline(self._timeout))  # type: ignore[arg-type]
+        try:
+            self._once(key={"message_id": delivery.message_id}, handler=handler, delivery=delivery)
+        except IdempotencyAlreadyInProgressError:
+            raise Retry("another copy of this message is being processed") from None
+        except IdempotencyPersistenceLayerError as exc:
+            raise Systemic("the idempotency table cannot be reached") from exc
+
+
+@dataclass(frozen=True)
+class MessageProcessor:
+    """Runs a handler for one delivery and decides what becomes of it."""
+
+    handler: Handler
+    idempotency: Idempotency | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+    def process(self, delivery: Delivery, context: Any = None) -> Decision:
+        """Never raises: every outcome of the handler is a Decision."""
+        if not delivery.message_id:
+            return Decision(Verdict.DEAD_LETTER, reason="no-message-id")
+        try:
+            if self.idempotency is None:
+                self.handler(delivery)
+            else:
+                self.idempotency.run(self.handler, delivery, context)
+        except Systemic as exc:
+            _LOG.warning("systemic failure on %s: %s", delivery.message_id, type(exc).__name__)
+            return Decision(Verdict.SYSTEMIC, error=type(exc).__name__)
+        except Poison:
+            return Decision(Verdict.DEAD_LETTER, reason="poison", error="Poison")
+        except Exception as exc:
+            error = type(exc).__name__
+            _LOG.warning(
+                "attempt %d of %s failed: %s", delivery.attempt, delivery.message_id, error
+            )
+            if delivery.attempt >= self.max_attempts:
+                return Decision(Verdict.DEAD_LETTER, reason="max-attempts", error=error)
+            # Attempt n waits in tier n-1: the tiers grow about sixfold (5 s, 30 s, 300 s);
+            # attempts past the last tier wait in the last.
+            return Decision(Verdict.RETRY, tier=delivery.attempt - 1, error=error)
+        return Decision(Verdict.DONE)
+
+
+# -- RabbitMQ ---------------------------------------------------------------------------------
+
+
+def _group_of(work_queue: str) -> tuple[Stakeholder, bool]:
+    """The group and path of a work queue name (``fabric.<group>[.emergency]``).
+
+    Raises:
+        ValueError: not a work queue of the fabric.
+    """
+    for group in Stakeholder:
+        for emergency in (False, True):
+            if topology.queue_name(group, emergency=emergency) == work_queue:
+                return group, emergency
+    raise ValueError(f"{work_queue!r} is not a work queue of the fabric")
+
+
+def _text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def string_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
+    """The headers a consumer sees and a republish keeps: strings and numbers, not ``x-*``."""
+    return {
+        name: text
+        for name, value in (headers or {}).items()
+        if not name.startswith("x-") and (text := _text(value)) is not None
+    }
+
+
+def rabbitmq_delivery(
+    queue: str,
+    *,
+    message_id: str | None,
+    topic: str | None,
+    body: bytes,
+    headers: Mapping[str, Any] | None,
+    correlation_id: str | None = None,
+    redelivered: bool = False,
+) -> Delivery:
+    """A Delivery from AMQP properties (the attempt comes from ``fabric-attempt``)."""
+    kept = string_headers(headers)
+    attempt = kept.get(topology.ATTEMPT_HEADER, "1")
+    return Delivery(
+        message_id=message_id or "",
+        topic=topic or "",
+        body=body,
+        queue=queue,
+        attempt=int(attempt) if attempt.isdigit() and int(attempt) > 0 else 1,
+        headers=kept,
+        correlation_id=correlation_id,
+        redelivered=redelivered,
+    )
+
+
+class RabbitMqSettler:
+    """Carries out retry and dead-letter decisions on RabbitMQ, through the group's retry
+    exchange (the only exchange a stakeholder user may publish to), with confirms."""
+
+    def __init__(self, transport_for: Callable[[Stakeholder], Transport]) -> None:
+        """``transport_for(group)`` publishes to ``fabric.x.retry.<group>`` with the message's
+        ``redeliver_to`` as routing key."""
+        self._transport_for = transport_for
+
+    def settle(self, items: Sequence[tuple[Delivery, Decision]]) -> list[bool]:
+        """Republish each RETRY / DEAD_LETTER item; True where it is stored (DONE: True, no
+        publish; SYSTEMIC: False). Order kept."""
+        stored = [decision.verdict is Verdict.DONE for _, decision in items]
+        by_group: dict[Stakeholder, list[tuple[int, OutboundMessage]]] = {}
+        for index, (delivery, decision) in enumerate(items):
+            if decision.verdict in (Verdict.RETRY, Verdict.DEAD_LETTER):
+                group, emergency = _group_of(delivery.queue)
+                by_group.setdefault(group, []).append(
+                    (index, _republished(delivery, decision, group, emergency))
+                )
+        for group, entries in by_group.items():
+            outcomes = self._transport_for(group).publish(message for _, message in entries)
+            for (index, _), outcome in zip(entries, outcomes, strict=True):
+                stored[index] = outcome.stored
+        return stored
+
+
+def _republished(
+    delivery: Delivery, decision: Decision, group: Stakeholder, emergency: bool
+) -> OutboundMessage:
+    headers = dict(delivery.headers)
+    headers[topology.ERROR_HEADER] = decision.error or "unknown"
+    if decision.verdict is Verdict.RETRY:
+        tiers = topology.retry_tiers(emergency=emergency)
+        seconds = tiers[min(decision.tier, len(tiers) - 1)]
+        destination = topology.retry_queue_name(group, seconds, emergency=emergency)
+        headers[topology.ATTEMPT_HEADER] = str(delivery.attempt + 1)
+    else:
+        destination = topology.dead_letter_queue_name(group, emergency=emergency)
+        headers[topology.DEAD_LETTER_REASON_HEADER] = decision.reason or "unknown"
+        headers[topology.DEAD_LETTERED_AT_HEADER] = str(int(time.time()))
+    return OutboundMessage(
+        message_id=delivery.message_id,
+        topic=delivery.topic,
+        body=delivery.body,
+        audience=frozenset({group}),
+        emergency=emergency,
+        headers=headers,
+        correlation_id=delivery.correlation_id,
+        redeliver_to=destination,
+    )
+
+
+class BatchFailed(FabricError):
+    """Raised by the Amazon MQ batch handler so that the event source redelivers the batch."""
+
+
+def rabbitmq_batch_handler(
+    processor: MessageProcessor, settler: RabbitMqSettler
+) -> Callable[[Mapping[str, Any], Any], dict[str, int]]:
+    """A Lambda handler for an Amazon MQ for RabbitMQ event source.
+
+    Each message is processed on its own; failures go to their retry tier or DLQ before the
+    function returns, so one bad message never fails its batch. Returns the counts per verdict.
+
+    Raises:
+        BatchFailed: a systemic failure, or a retry/dead letter that could not be stored; the
+            event source then redelivers the whole batch (handlers are idempotent).
+    """
+
+    def handler(event: Mapping[str, Any], context: Any) -> dict[str, int]:
+        deliveries = list(_amazon_mq_deliveries(event))
+        decisions: list[tuple[Delivery, Decision]] = []
+        for delivery in deliveries:
+            decision = processor.process(delivery, context)
+            if decision.verdict is Verdict.SYSTEMIC:
+                raise BatchFailed(f"systemic failure: {decision.error}")
+            decisions.append((delivery, decision))
+        if not all(settler.settle(decisions)):
+            raise BatchFailed("a retry or dead letter could not be stored")
+        counts = {str(verdict): 0 for verdict in Verdict if verdict is not Verdict.SYSTEMIC}
+        for _, decision in decisions:
+            counts[str(decision.verdict)] += 1
+        return counts
+
+    return handler
+
+
+def _amazon_mq_deliveries(event: Mapping[str, Any]) -> Iterable[Delivery]:
+    """Deliveries of an ``aws:rmq`` event: ``rmqMessagesByQueue`` maps ``queue::vhost`` to
+    messages with ``basicProperties`` (headers: strings as ``{"bytes": [...]}``) and base64
+    ``data``.
+
+    Raises:
+        ValueError: the event is not an Amazon MQ for RabbitMQ event.
+    """
+    by_queue = event.get("rmqMessagesByQueue")
+    if event.get("eventSource") != "aws:rmq" or not isinstance(by_queue, Mapping):
+        raise ValueError("not an Amazon MQ for RabbitMQ event")
+    for key, messages in by_queue.items():
+        queue = str(key).split("::", 1)[0]
+        for message in messages:
+            properties = message.get("basicProperties") or {}
+            headers = {
+                name: bytes(value["bytes"]) if isinstance(value, Mapping) else value
+                for name, value in (properties.get("headers") or {}).items()
+            }
+            yield rabbitmq_delivery(
+                queue,
+                message_id=properties.get("messageId"),
+                topic=properties.get("type"),
+                body=base64.b64decode(message.get("data", "")),
+                headers=headers,
+                correlation_id=properties.get("correlationId"),
+                redelivered=bool(message.get("redelivered")),
+            )
+
+
+# -- SQS --------------------------------------------------------------------------------------
+
+
+class RecordFailed(FabricError):
+    """One SQS record failed; SQS retries it after its visibility timeout."""
+
+
+def sqs_batch_handler(
+    processor: MessageProcessor,
+) -> Callable[[Mapping[str, Any], Any], dict[str, Any]]:
+    """A Lambda handler for an SQS event source with ``ReportBatchItemFailures``.
+
+    Returns exactly the failed records in ``batchItemFailures``. SQS spaces the retries by the
+    queue's visibility timeout and parks a record in the queue's DLQ after ``maxReceiveCount``
+    receives, so RETRY and DEAD_LETTER both report the record as failed here.
+    """
+    from aws_lambda_powertools.utilities.batch import (
+        BatchProcessor,
+        EventType,
+        process_partial_response,
+    )
+    from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+    batch = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
+
+    def record_handler(record: SQSRecord) -> None:
+        decision = processor.process(_sqs_delivery(record), None)
+        if decision.verdict is not Verdict.DONE:
+            raise RecordFailed(f"{decision.verdict}: {decision.error or decision.reason}")
+
+    def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+        response = process_partial_response(
+            event=dict(event), record_handler=record_handler, processor=batch, context=context
+        )
+        return dict(response)
+
+    return handler
+
+
+def _sqs_delivery(record: Any) -> Delivery:
+    from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
+
+    attributes = {name: value.string_value for name, value in record.message_attributes.items()}
+    body = record.body.encode("utf-8")
+    message_id = attributes.get(MESSAGE_ID_ATTRIBUTE)
+    topic = attributes.get(TOPIC_ATTRIBUTE)
+    headers_text = attributes.get(HEADERS_ATTRIBUTE)
+    if not message_id or not topic:
+        try:
+            envelope = from_wire(body)
+            message_id, topic = message_id or envelope.message_id, topic or envelope.topic
+        except FabricError:
+            message_id = message_id or ""
+    receive_count = record.attributes.approximate_receive_count
+    return Delivery(
+        message_id=message_id or "",
+        topic=topic or "",
+        body=body,
+        queue=record.event_source_arn,
+        attempt=int(receive_count) if receive_count else 1,
+        headers=json.loads(headers_text) if headers_text else {},
+    )

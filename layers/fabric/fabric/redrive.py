@@ -1,0 +1,399 @@
+"""Redrive: send dead letters back to where they came from, once the cause is fixed.
+
+A run scans one dead-letter queue, picks the letters that match its filter, and for each batch:
+asks the ledger which of them an earlier run already put back (an interrupted run's leftovers:
+those are only removed), puts the rest back at their origin, records them in the ledger once the
+origin confirmed them, then removes them from the dead-letter queue and writes one ``redriven``
+audit record per message. Letters that do not match are held until the run ends and then given
+back untouched, so a run never sees a letter twice and never reorders what it leaves.
+
+Exactly once at the origin, by message id: a letter is removed only after the origin confirmed
+it and the ledger recorded it, and a letter the ledger knows is never put back again. The one
+window left is a crash between the origin's confirm and the ledger write (milliseconds); a
+letter caught in it arrives twice with the same message id, which consumers deduplicate on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from fabric.audit import AuditEvent, AuditRecord, sha256_hex
+from fabric.errors import TransportUnavailable
+from fabric.ports import AuditSink, DeadLetter, DeadLetterQueue, RedriveLedger
+from fabric.routing import pattern_problem, topic_matches
+
+_LOG = logging.getLogger(__name__)
+_BATCH = 100
+
+
+@dataclass(frozen=True)
+class RedriveFilter:
+    """Which letters to move; an empty field admits everything.
+
+    ``topics``: RabbitMQ-style patterns (``*`` one word, ``#`` any number); ``reasons``: why it
+    was dead-lettered; ``older_than_s`` / ``newer_than_s``: age since dead-lettering (or since it
+    was sent, where the queue does not know); ``message_ids``: exact ids.
+    """
+
+    topics: tuple[str, ...] = ()
+    reasons: frozenset[str] = frozenset()
+    older_than_s: float | None = None
+    newer_than_s: float | None = None
+    message_ids: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for pattern in self.topics:
+            problem = pattern_problem(pattern)
+            if problem is not None:
+                raise ValueError(f"topic filter {pattern!r}: {problem}")
+        for name in ("older_than_s", "newer_than_s"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must not be negative")
+
+    def admits(self, letter: DeadLetter, now: datetime) -> bool:
+        """Whether ``letter`` matches every given criterion."""
+        return (
+            (not self.message_ids or letter.message_id in self.message_ids)
+            and (not self.reasons or letter.reason in self.reasons)
+            and (not self.topics or any(topic_matches(p, letter.topic) for p in self.topics))
+            and self._age_admits(letter, now)
+        )
+
+    def _age_admits(self, letter: DeadLetter, now: datetime) -> bool:
+        if self.older_than_s is None and self.newer_than_s is None:
+            return True
+        if letter.dead_lettered_at is None:
+            return False  # age unknown: an age filter cannot vouch for it
+        age = (now - letter.dead_lettered_at).total_seconds()
+        if self.older_than_s is not None and age < self.older_than_s:
+            return False
+        return self.newer_than_s is None or age <= self.newer_than_s
+
+
+@dataclass(frozen=True)
+class RedrivePlan:
+    """One run's bounds: what to move, whether to only list it, how many, how fast, how long.
+
+    Raises:
+        ValueError: ``max_messages``, ``rate_per_s`` or ``max_seconds`` is not positive.
+    """
+
+    selection: RedriveFilter = field(default_factory=RedriveFilter)
+    dry_run: bool = False
+    max_messages: int = 1000
+    rate_per_s: float | None = None
+    max_seconds: float = 840.0
+
+    def __post_init__(self) -> None:
+        if self.max_messages < 1 or self.max_seconds <= 0:
+            raise ValueError("max_messages and max_seconds must be positive")
+        if self.rate_per_s is not None and self.rate_per_s <= 0:
+            raise ValueError("rate_per_s must be positive")
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A letter as a dry run (or the report) shows it."""
+
+    message_id: str
+    topic: str
+    reason: str
+    origin: str
+    age_s: float | None
+    redrives: int
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready."""
+        return {
+            "message_id": self.message_id,
+            "topic": self.topic,
+            "reason": self.reason,
+            "origin": self.origin,
+            "age_s": None if self.age_s is None else round(self.age_s, 1),
+            "redrives": self.redrives,
+        }
+
+
+@dataclass
+class RedriveReport:
+    """What one run did. ``stopped``: empty, message limit, time limit, or what failed."""
+
+    queue: str
+    dry_run: bool
+    scanned: int = 0
+    matched: int = 0
+    moved: int = 0
+    already_moved: int = 0
+    stopped: str = "empty"
+    listed: list[Listed] = field(default_factory=list)
+
+    def to_dict(self, *, listed_limit: int = 100) -> dict[str, object]:
+        """JSON-ready, with at most ``listed_limit`` listed letters."""
+        return {
+            "queue": self.queue,
+            "dry_run": self.dry_run,
+            "scanned": self.scanned,
+            "matched": self.matched,
+            "moved": self.moved,
+            "already_moved": self.already_moved,
+            "stopped": self.stopped,
+            "listed": [item.to_dict() for item in self.listed[:listed_limit]],
+        }
+
+
+Progress = Callable[[RedriveReport], None]
+
+
+def ledger_key(queue: str, letter: DeadLetter) -> str:
+    """The ledger entry of one dead-lettering of one message: a message dead-lettered again
+    after a redrive carries a higher redrive count, so it gets a new key and can move again."""
+    return f"redrive#{queue}#{letter.message_id}#{letter.redrives}"
+
+
+class Redriver:
+    """Moves matching letters of one dead-letter queue back to their origin."""
+
+    def __init__(
+        self,
+        *,
+        ledger: RedriveLedger,
+        audit: AuditSink,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._ledger = ledger
+        self._audit = audit
+        self._clock = clock
+        self._sleep = sleep
+        self._now = now
+
+    def run(
+        self,
+        queue: DeadLetterQueue,
+        plan: RedrivePlan | None = None,
+        *,
+        progress: Progress | None = None,
+    ) -> RedriveReport:
+        """Move (or, dry run, list) up to ``plan.max_messages`` matching letters, at most
+        ``plan.rate_per_s`` a second, within ``plan.max_seconds``; ``progress(report)`` after
+        every batch and at the end.
+
+        Never raises for queue or ledger trouble: the report says why it stopped. Every letter
+        the run held and did not remove is given back at the end.
+        """
+        plan = plan or RedrivePlan()
+        report = RedriveReport(queue=queue.name, dry_run=plan.dry_run)
+        try:
+            self._run(queue, plan, report, progress)
+        finally:
+            queue.release()
+        if progress is not None:
+            progress(report)
+        return report
+
+    def _run(
+        self,
+        queue: DeadLetterQueue,
+        plan: RedrivePlan,
+        report: RedriveReport,
+        progress: Progress | None,
+    ) -> None:
+        started = self._clock()
+        deadline = started + plan.max_seconds
+        rate_per_s, max_messages = plan.rate_per_s, plan.max_messages
+        batch_size = _BATCH if rate_per_s is None else max(1, min(_BATCH, int(rate_per_s)))
+        while report.matched < max_messages:
+            if self._clock() >= deadline:
+                report.stopped = "time limit"
+                return
+            if rate_per_s is not None:
+                # Pace by what was moved so far: the run never gets ahead of the rate.
+                ahead = report.moved / rate_per_s - (self._clock() - started)
+                if ahead > 0:
+                    self._sleep(ahead)
+            try:
+                letters = queue.peek(batch_size)
+            except TransportUnavailable as exc:
+                _LOG.warning("dead-letter queue unavailable: %s", exc)
+                report.stopped = "dead-letter queue unavailable"
+                return
+            if not letters:
+                return
+            report.scanned += len(letters)
+            now = self._now()
+            chosen = [letter for letter in letters if plan.selection.admits(letter, now)]
+            chosen = chosen[: max_messages - report.matched]
+            report.matched += len(chosen)
+            if plan.dry_run:
+                report.listed.extend(_listed(letter, now) for letter in chosen)
+            elif chosen and not self._move(queue, chosen, report):
+                return
+            if progress is not None:
+                progress(report)
+        report.stopped = "message limit"
+
+    def _move(
+        self, queue: DeadLetterQueue, letters: list[DeadLetter], report: RedriveReport
+    ) -> bool:
+        keys = {letter.handle: ledger_key(queue.name, letter) for letter in letters}
+        try:
+            known = self._ledger.moved(list(keys.values()))
+        except TransportUnavailable as exc:
+            _LOG.warning("redrive ledger unavailable: %s", exc)
+            report.stopped = "ledger unavailable"
+            return False
+        done = [letter for letter in letters if keys[letter.handle] in known]
+        if done:
+            # Put back by an earlier, interrupted run: only the dead-letter copy is left to go.
+            report.already_moved += len(queue.remove(done))
+        pending = [letter for letter in letters if keys[letter.handle] not in known]
+        moved = queue.move(pending) if pending else []
+        if moved:
+            try:
+                self._ledger.record([keys[letter.handle] for letter in moved])
+            except TransportUnavailable as exc:
+                # Stored at the origin but not recorded: leave the dead-letter copies, a re-run
+                # may move them again (same message id, consumers deduplicate).
+                _LOG.warning("redrive ledger unavailable after a move: %s", exc)
+                report.stopped = "ledger unavailable"
+                return False
+            report.moved += len(moved)
+            # Audited before removal: a run killed now leaves letters a re-run only removes.
+            self._audit_moved(queue.name, moved)
+            removed = queue.remove(moved)
+            if len(removed) < len(moved):
+                _LOG.warning(
+                    "%d redriven letters stay in %s until a re-run removes them",
+                    len(moved) - len(removed),
+                    queue.name,
+                )
+        if len(moved) < len(pending):
+            report.stopped = "origin unavailable"
+            return False
+        return True
+
+    def _audit_moved(self, queue: str, moved: Sequence[DeadLetter]) -> None:
+        at = self._now()
+        stored = self._audit.emit(
+            [
+                AuditRecord(
+                    event=AuditEvent.REDRIVEN,
+                    at=at,
+                    message_id=letter.message_id,
+                    source="redrive",
+                    topic=letter.topic,
+                    body_sha256=sha256_hex(letter.body),
+                    reason=letter.reason,
+                    transport=queue,
+                )
+                for letter in moved
+            ]
+        )
+        if not stored:
+            _LOG.error("audit records of %d redriven letters were not stored", len(moved))
+
+
+def _listed(letter: DeadLetter, now: datetime) -> Listed:
+    age = (
+        None if letter.dead_lettered_at is None else (now - letter.dead_lettered_at).total_seconds()
+    )
+    return Listed(
+        message_id=letter.message_id,
+        topic=letter.topic,
+        reason=letter.reason,
+        origin=letter.origin,
+        age_s=age,
+        redrives=letter.redrives,
+    )
+
+
+@dataclass(frozen=True)
+class RedriveRequest:
+    """What an operator asked for: which dead-letter queue, and the plan of the run."""
+
+    source: str  # "rabbitmq" or "sqs"
+    queue: str
+    plan: RedrivePlan
+
+
+_REQUEST_FIELDS = frozenset(
+    {
+        "source",
+        "queue",
+        "dry_run",
+        "max_messages",
+        "rate_per_s",
+        "max_seconds",
+        "topics",
+        "reasons",
+        "older_than_s",
+        "newer_than_s",
+        "message_ids",
+    }
+)
+
+
+def parse_request(event: object, *, max_seconds: float = 840.0) -> RedriveRequest:
+    """The redrive function's event (the runbook builds it): ``{"source": "rabbitmq"|"sqs",
+    "queue", "dry_run"?, "max_messages"?, "rate_per_s"?, "topics"?, "reasons"?,
+    "older_than_s"?, "newer_than_s"?, "message_ids"?}``.
+
+    Raises:
+        ValueError: the event is malformed; the message says what is wrong.
+    """
+    if not isinstance(event, dict):
+        raise ValueError("the event must be a JSON object")
+    unknown = sorted(set(event) - _REQUEST_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fields: {', '.join(unknown)}")
+    source, queue = event.get("source"), event.get("queue")
+    if source not in ("rabbitmq", "sqs"):
+        raise ValueError('source must be "rabbitmq" or "sqs"')
+    if not isinstance(queue, str) or not queue:
+        raise ValueError("queue must name a dead-letter queue")
+    dry_run = event.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise ValueError("dry_run must be true or false")
+    max_messages = event.get("max_messages", 1000)
+    if type(max_messages) is not int or max_messages < 1:
+        raise ValueError("max_messages must be a positive whole number")
+    selection = RedriveFilter(
+        topics=tuple(_strings(event, "topics")),
+        reasons=frozenset(_strings(event, "reasons")),
+        older_than_s=_seconds(event, "older_than_s"),
+        newer_than_s=_seconds(event, "newer_than_s"),
+        message_ids=frozenset(_strings(event, "message_ids")),
+    )
+    return RedriveRequest(
+        source=str(source),
+        queue=queue,
+        plan=RedrivePlan(
+            selection=selection,
+            dry_run=dry_run,
+            max_messages=max_messages,
+            rate_per_s=_seconds(event, "rate_per_s"),
+            max_seconds=min(max_seconds, _seconds(event, "max_seconds") or max_seconds),
+        ),
+    )
+
+
+def _strings(event: dict[str, object], name: str) -> list[str]:
+    value = event.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{name} must be a list of non-empty strings")
+    return list(value)
+
+
+def _seconds(event: dict[str, object], name: str) -> float | None:
+    value = event.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{name} must be a positive number")
+    return float(value)

@@ -1,0 +1,415 @@
+"""Dead-letter drills on the real local RabbitMQ (and moto's DynamoDB for idempotency).
+
+Retries with spacing, dead letters after exactly the limit, the broker's own delivery limit, a
+missing DLQ, a consumer that dies before acking, one side effect for duplicate and concurrent
+deliveries, and redrive runs (filters, dry run, interrupted and re-run).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import pika
+import pytest
+from moto import mock_aws
+
+from fabric import topology
+from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
+from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
+from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
+from fabric.audit import AuditEvent, AuditRecord
+from fabric.bootstrap import exchange_for
+from fabric.consumer import Delivery, Idempotency, MessageProcessor, Verdict
+from fabric.ports import DeadLetter
+from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
+from fabric.stakeholders import Stakeholder
+from tests.integration.aws_fallback import REGION
+from tests.integration.conftest import AMQP, GUEST, management
+
+GROUP = Stakeholder.COMMUNITY
+WORK = topology.queue_name(GROUP)
+DLQ = topology.dead_letter_queue_name(GROUP)
+EMERGENCY_WORK = topology.queue_name(GROUP, emergency=True)
+EMERGENCY_DLQ = topology.dead_letter_queue_name(GROUP, emergency=True)
+
+
+def settings(vhost: str) -> RabbitSettings:
+    return RabbitSettings(host=AMQP[0], port=AMQP[1], credentials=lambda: GUEST, vhost=vhost)
+
+
+@pytest.fixture
+def amqp(broker_vhost: str) -> Iterator[Any]:
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            *AMQP, virtual_host=broker_vhost, credentials=pika.PlainCredentials(*GUEST)
+        )
+    )
+    channel = connection.channel()
+    channel.confirm_delivery()
+    yield channel
+    connection.close()
+
+
+@pytest.fixture
+def table(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An idempotency table of the infra's schema (``id``, TTL ``expiration``) in moto."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        client = boto3.client("dynamodb", region_name=REGION)
+        client.create_table(
+            TableName="fabric-test-idempotency",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        yield "fabric-test-idempotency"
+
+
+def publish(channel: Any, queue: str, message_id: str, *, topic: str = "community.update") -> None:
+    channel.basic_publish(
+        topology.REDELIVER_EXCHANGE,
+        queue,
+        b'{"note": "not child data"}',
+        pika.BasicProperties(
+            message_id=message_id,
+            type=topic,
+            delivery_mode=2,
+            headers={"fabric-audience": "all", "case-region": "north"},
+        ),
+        mandatory=True,
+    )
+
+
+def depth(channel: Any, queue: str) -> int:
+    return int(channel.queue_declare(queue, passive=True).method.message_count)
+
+
+def drain_ids(channel: Any, queue: str) -> list[str]:
+    ids = []
+    while True:
+        method, properties, _ = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            return ids
+        ids.append(properties.message_id)
+
+
+class Ledger:
+    """The ledger port in memory (these drills are about the broker side)."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+
+    def moved(self, keys: list[str]) -> set[str]:
+        return self.keys & set(keys)
+
+    def record(self, keys: list[str]) -> None:
+        self.keys.update(keys)
+
+
+class Audit:
+    def __init__(self) -> None:
+        self.records: list[AuditRecord] = []
+
+    def emit(self, records: list[AuditRecord]) -> bool:
+        self.records.extend(records)
+        return True
+
+
+def dead_letter_queue(vhost: str, queue: str = DLQ) -> RabbitMqDeadLetterQueue:
+    origin = RabbitMqTransport(settings(vhost), exchange_for=exchange_for)
+    return RabbitMqDeadLetterQueue(settings(vhost), queue, origin=origin)
+
+
+# -- retries and dead letters -----------------------------------------------------------------
+
+
+def test_poison_message_is_retried_with_growing_spacing_then_dead_lettered_after_the_limit(
+    broker_vhost: str, amqp: Any
+) -> None:
+    attempts: list[float] = []
+
+    def handler(_delivery: Delivery) -> None:
+        attempts.append(time.monotonic())
+        raise ValueError("cannot parse")
+
+    publish(amqp, EMERGENCY_WORK, "poison-1")
+    consumer = RabbitMqConsumer(
+        settings(broker_vhost), EMERGENCY_WORK, MessageProcessor(handler, max_attempts=3)
+    )
+    counts = consumer.run(max_messages=3, idle_timeout_s=15)
+
+    assert len(attempts) == 3, "exactly max_attempts attempts"
+    assert counts == {"retry": 2, "dead-letter": 1}
+    first_gap, second_gap = attempts[1] - attempts[0], attempts[2] - attempts[1]
+    tiers = topology.EMERGENCY_RETRY_TIERS_SECONDS
+    assert first_gap >= tiers[0] - 0.1
+    assert second_gap >= tiers[1] - 0.1
+    assert second_gap > first_gap
+    assert depth(amqp, EMERGENCY_WORK) == 0
+    for seconds in tiers:
+        assert depth(amqp, topology.retry_queue_name(GROUP, seconds, emergency=True)) == 0
+    method, properties, _ = amqp.basic_get(EMERGENCY_DLQ, auto_ack=True)
+    assert method is not None
+    assert properties.message_id == "poison-1"
+    assert properties.headers[topology.DEAD_LETTER_REASON_HEADER] == "max-attempts"
+    assert properties.headers[topology.ERROR_HEADER] == "ValueError"
+    assert properties.headers["case-region"] == "north", "application headers travel along"
+
+
+def test_a_consumer_that_keeps_crashing_hits_the_broker_delivery_limit(
+    broker_vhost: str, amqp: Any
+) -> None:
+    publish(amqp, WORK, "crash-loop")
+    for _ in range(topology.DELIVERY_LIMIT + 1):
+        method, _, _ = amqp.basic_get(WORK)
+        if method is None:
+            break
+        amqp.basic_nack(method.delivery_tag, requeue=True)  # what a crashed consumer leaves
+    time.sleep(0.3)
+
+    letters = dead_letter_queue(broker_vhost).peek(10)
+
+    assert [letter.message_id for letter in letters] == ["crash-loop"]
+    assert letters[0].reason == "delivery_limit"
+    assert letters[0].origin == WORK
+    assert letters[0].dead_lettered_at is not None
+    assert depth(amqp, WORK) == 0
+
+
+def test_a_missing_dlq_keeps_the_message_in_its_work_queue(broker_vhost: str, amqp: Any) -> None:
+    vhost = urllib.parse.quote(broker_vhost, safe="")
+    management("DELETE", f"queues/{vhost}/{DLQ}")
+    publish(amqp, WORK, "nowhere-to-park")
+
+    def poison(_delivery: Delivery) -> None:
+        raise ValueError("bad")
+
+    consumer = RabbitMqConsumer(
+        settings(broker_vhost), WORK, MessageProcessor(poison, max_attempts=1), backoff_s=0
+    )
+    counts = consumer.run(max_messages=1, idle_timeout_s=5)
+
+    assert counts == {"systemic": 1}, "the park was refused, so nothing was settled"
+    assert drain_ids(amqp, WORK) == ["nowhere-to-park"]
+
+
+def test_a_consumer_that_dies_before_acking_gets_it_again_and_processes_once(
+    broker_vhost: str, amqp: Any, table: str
+) -> None:
+    side_effects: list[str] = []
+
+    class Died(BaseException):
+        """The process is killed between its handler and its ack."""
+
+    class DiesBeforeAck(MessageProcessor):
+        def process(self, delivery: Delivery, context: Any = None) -> Any:
+            super().process(delivery, context)
+            raise Died
+
+    def handler(delivery: Delivery) -> None:
+        side_effects.append(delivery.message_id)
+
+    publish(amqp, WORK, "once-only")
+    with pytest.raises(Died):
+        RabbitMqConsumer(
+            settings(broker_vhost),
+            WORK,
+            DiesBeforeAck(handler, idempotency=Idempotency(table, consumer="drill")),
+        ).run(max_messages=1, idle_timeout_s=5)
+    counts = RabbitMqConsumer(
+        settings(broker_vhost),
+        WORK,
+        MessageProcessor(handler, idempotency=Idempotency(table, consumer="drill")),
+    ).run(max_messages=1, idle_timeout_s=5)
+
+    assert counts == {"done": 1}
+    assert side_effects == ["once-only"]
+    assert depth(amqp, WORK) == 0
+
+
+def test_the_same_message_twice_and_concurrently_has_one_side_effect(table: str) -> None:
+    side_effects: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(delivery: Delivery) -> None:
+        inside.set()
+        release.wait(5)
+        side_effects.append(delivery.message_id)
+
+    delivery = Delivery(message_id="dup-1", topic="t", body=b"{}", queue=WORK)
+    # Two instances, as two Lambda environments would be: their own store, the same table.
+    first = MessageProcessor(slow, idempotency=Idempotency(table, consumer="drill"))
+    second = MessageProcessor(slow, idempotency=Idempotency(table, consumer="drill"))
+    results: dict[str, Verdict] = {}
+    worker = threading.Thread(target=lambda: results.update(a=first.process(delivery).verdict))
+    worker.start()
+    assert inside.wait(5)
+    concurrent = second.process(delivery)
+    release.set()
+    worker.join(5)
+    later = second.process(delivery)
+
+    assert results["a"] is Verdict.DONE
+    assert concurrent.verdict is Verdict.RETRY, "the concurrent copy is retried later"
+    assert later.verdict is Verdict.DONE
+    assert side_effects == ["dup-1"]
+
+
+# -- redrive ----------------------------------------------------------------------------------
+
+
+def park(channel: Any, count: int, *, prefix: str, topic: str = "community.update") -> list[str]:
+    """Dead letters as the consumer toolkit parks them (through the group's retry exchange)."""
+    ids = [f"{prefix}-{i:04d}" for i in range(count)]
+    for message_id in ids:
+        channel.basic_publish(
+            topology.retry_exchange_name(GROUP),
+            DLQ,
+            b'{"note": "not child data"}',
+            pika.BasicProperties(
+                message_id=message_id,
+                type=topic,
+                delivery_mode=2,
+                headers={
+                    "fabric-audience": "all",
+                    topology.DEAD_LETTER_REASON_HEADER: "max-attempts",
+                    topology.DEAD_LETTERED_AT_HEADER: str(int(time.time()) - 3600),
+                    topology.ATTEMPT_HEADER: "4",
+                },
+            ),
+            mandatory=True,
+        )
+    return ids
+
+
+def test_redrive_moves_matching_letters_back_to_their_work_queue_with_audit(
+    broker_vhost: str, amqp: Any
+) -> None:
+    moved_ids = park(amqp, 5, prefix="case", topic="community.case.update")
+    kept_ids = park(amqp, 3, prefix="media", topic="community.media.story")
+    audit = Audit()
+
+    report = Redriver(ledger=Ledger(), audit=audit).run(
+        dead_letter_queue(broker_vhost),
+        RedrivePlan(selection=RedriveFilter(topics=("community.case.#",))),
+    )
+
+    assert (report.scanned, report.matched, report.moved) == (8, 5, 5)
+    method, properties, _ = amqp.basic_get(WORK, auto_ack=True)
+    assert method is not None
+    assert properties.headers[topology.REDRIVES_HEADER] == "1"
+    assert topology.ATTEMPT_HEADER not in properties.headers, "a redriven message starts afresh"
+    assert sorted([properties.message_id, *drain_ids(amqp, WORK)]) == moved_ids
+    assert sorted(drain_ids(amqp, DLQ)) == kept_ids, "the rest is given back untouched"
+    assert [r.message_id for r in audit.records] == moved_ids
+    assert {r.event for r in audit.records} == {AuditEvent.REDRIVEN}
+
+
+def test_redrive_dry_run_lists_and_moves_nothing(broker_vhost: str, amqp: Any) -> None:
+    ids = park(amqp, 4, prefix="dry")
+
+    report = Redriver(ledger=Ledger(), audit=Audit()).run(
+        dead_letter_queue(broker_vhost),
+        RedrivePlan(
+            selection=RedriveFilter(reasons=frozenset({"max-attempts"}), older_than_s=600),
+            dry_run=True,
+        ),
+    )
+
+    assert [item.message_id for item in report.listed] == ids
+    assert all(item.age_s is not None and item.age_s >= 3600 for item in report.listed)
+    assert report.moved == 0
+    assert depth(amqp, WORK) == 0
+    assert depth(amqp, DLQ) == 4
+
+
+def test_an_interrupted_redrive_rerun_delivers_every_message_exactly_once(
+    broker_vhost: str, amqp: Any
+) -> None:
+    ids = park(amqp, 300, prefix="bulk")
+    ledger, audit = Ledger(), Audit()
+
+    class Killed(BaseException):
+        """The run is killed after its second batch was put back and before it was removed."""
+
+    class KilledMidway(RabbitMqDeadLetterQueue):
+        removes = 0
+
+        def remove(self, letters: list[DeadLetter]) -> set[str]:  # type: ignore[override]
+            self.removes += 1
+            if self.removes == 2:
+                raise Killed
+            return super().remove(letters)
+
+    origin = RabbitMqTransport(settings(broker_vhost), exchange_for=exchange_for)
+    with pytest.raises(Killed):
+        Redriver(ledger=ledger, audit=audit).run(
+            KilledMidway(settings(broker_vhost), DLQ, origin=origin)
+        )
+    assert depth(amqp, WORK) == 200
+    rerun = Redriver(ledger=ledger, audit=audit).run(dead_letter_queue(broker_vhost))
+
+    assert rerun.already_moved == 100, "the killed batch is only removed, not sent again"
+    assert rerun.moved == 100
+    arrived = drain_ids(amqp, WORK)
+    assert sorted(arrived) == ids, "every message exactly once at the destination"
+    assert depth(amqp, DLQ) == 0
+    assert sorted(r.message_id or "" for r in audit.records) == ids
+
+
+def test_a_message_dead_lettered_again_after_a_redrive_can_be_redriven_again(
+    broker_vhost: str, amqp: Any
+) -> None:
+    park(amqp, 1, prefix="again")
+    ledger = Ledger()
+    redriver = Redriver(ledger=ledger, audit=Audit())
+    assert redriver.run(dead_letter_queue(broker_vhost)).moved == 1
+
+    def still_broken(_delivery: Delivery) -> None:
+        raise ValueError("still broken")
+
+    RabbitMqConsumer(
+        settings(broker_vhost), WORK, MessageProcessor(still_broken, max_attempts=1)
+    ).run(max_messages=1, idle_timeout_s=5)
+    second = redriver.run(dead_letter_queue(broker_vhost))
+
+    assert second.moved == 1
+    _, properties, _ = amqp.basic_get(WORK, auto_ack=True)
+    assert properties.headers[topology.REDRIVES_HEADER] == "2"
+
+
+def test_age_filter_skips_letters_newer_than_asked(broker_vhost: str, amqp: Any) -> None:
+    park(amqp, 2, prefix="old")
+    now = datetime.now(UTC).timestamp()
+    amqp.basic_publish(
+        topology.retry_exchange_name(GROUP),
+        DLQ,
+        b"{}",
+        pika.BasicProperties(
+            message_id=f"new-{uuid.uuid4().hex[:6]}",
+            type="community.update",
+            delivery_mode=2,
+            headers={topology.DEAD_LETTERED_AT_HEADER: str(int(now))},
+        ),
+        mandatory=True,
+    )
+
+    report = Redriver(ledger=Ledger(), audit=Audit()).run(
+        dead_letter_queue(broker_vhost),
+        RedrivePlan(selection=RedriveFilter(older_than_s=600)),
+    )
+
+    assert report.moved == 2
+    assert depth(amqp, DLQ) == 1

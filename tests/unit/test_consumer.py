@@ -1,0 +1,181 @@
+"""The consumer toolkit's decisions and its two Lambda batch handlers (no broker needed)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+
+from fabric import topology
+from fabric.adapters.memory import MemoryTransport
+from fabric.adapters.sns import MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
+from fabric.consumer import (
+    BatchFailed,
+    Delivery,
+    MessageProcessor,
+    Poison,
+    RabbitMqSettler,
+    Systemic,
+    Verdict,
+    rabbitmq_batch_handler,
+    sqs_batch_handler,
+)
+from fabric.stakeholders import Stakeholder
+
+WORK = topology.queue_name(Stakeholder.MEDIA)
+
+
+def delivery(message_id: str = "m-1", attempt: int = 1, queue: str = WORK) -> Delivery:
+    return Delivery(
+        message_id=message_id,
+        topic="media.story.published",
+        body=b"{}",
+        queue=queue,
+        attempt=attempt,
+    )
+
+
+def failing(exc: BaseException) -> Any:
+    def handler(_delivery: Delivery) -> None:
+        raise exc
+
+    return handler
+
+
+def test_a_failed_attempt_waits_in_the_tier_of_its_attempt_number() -> None:
+    processor = MessageProcessor(failing(ValueError("x")), max_attempts=4)
+    tiers = [processor.process(delivery(attempt=n)).tier for n in (1, 2, 3)]
+    assert tiers == [0, 1, 2]
+    last = processor.process(delivery(attempt=4))
+    assert (last.verdict, last.reason, last.error) == (
+        Verdict.DEAD_LETTER,
+        "max-attempts",
+        "ValueError",
+    )
+
+
+def test_poison_skips_the_retries_and_systemic_settles_nothing() -> None:
+    assert (
+        MessageProcessor(failing(Poison("no"))).process(delivery()).verdict is Verdict.DEAD_LETTER
+    )
+    assert MessageProcessor(failing(Systemic("db"))).process(delivery()).verdict is Verdict.SYSTEMIC
+
+
+def test_a_delivery_without_message_id_is_parked_not_processed() -> None:
+    calls: list[Delivery] = []
+    decision = MessageProcessor(calls.append).process(delivery(message_id=""))
+    assert (decision.verdict, decision.reason) == (Verdict.DEAD_LETTER, "no-message-id")
+    assert calls == []
+
+
+def test_the_settler_sends_retries_to_their_tier_and_dead_letters_to_the_group_dlq() -> None:
+    transport = MemoryTransport()
+    settler = RabbitMqSettler(lambda _group: transport)
+    processor = MessageProcessor(failing(ValueError("x")), max_attempts=2)
+    items = [
+        (delivery("a", attempt=1), processor.process(delivery("a", attempt=1))),
+        (delivery("b", attempt=2), processor.process(delivery("b", attempt=2))),
+    ]
+    assert settler.settle(items) == [True, True]
+    retry, parked = transport.published
+    assert retry.redeliver_to == topology.retry_queue_name(Stakeholder.MEDIA, 5)
+    assert retry.headers[topology.ATTEMPT_HEADER] == "2"
+    assert parked.redeliver_to == topology.dead_letter_queue_name(Stakeholder.MEDIA)
+    assert parked.headers[topology.DEAD_LETTER_REASON_HEADER] == "max-attempts"
+
+
+def amazon_mq_event(count: int) -> dict[str, Any]:
+    messages = [
+        {
+            "basicProperties": {
+                "messageId": f"m-{i}",
+                "type": "media.story.published",
+                "headers": {
+                    "case-region": {"bytes": list(b"north")},
+                    topology.ATTEMPT_HEADER: {"bytes": list(b"1")},
+                },
+            },
+            "redelivered": False,
+            "data": base64.b64encode(b'{"n": %d}' % i).decode(),
+        }
+        for i in range(count)
+    ]
+    return {"eventSource": "aws:rmq", "rmqMessagesByQueue": {f"{WORK}::/": messages}}
+
+
+def test_the_amazon_mq_handler_isolates_a_bad_message_from_its_batch() -> None:
+    seen: list[Delivery] = []
+
+    def handler(item: Delivery) -> None:
+        seen.append(item)
+        if item.message_id == "m-2":
+            raise ValueError("bad")
+
+    transport = MemoryTransport()
+    handle = rabbitmq_batch_handler(
+        MessageProcessor(handler), RabbitMqSettler(lambda _g: transport)
+    )
+    assert handle(amazon_mq_event(5), None) == {"done": 4, "retry": 1, "dead-letter": 0}
+    assert [d.message_id for d in seen] == ["m-0", "m-1", "m-2", "m-3", "m-4"]
+    assert seen[0].headers["case-region"] == "north"
+    assert seen[0].body == b'{"n": 0}'
+    assert [m.message_id for m in transport.published] == ["m-2"]
+
+
+def test_the_amazon_mq_handler_fails_the_whole_batch_when_a_retry_cannot_be_stored() -> None:
+    transport = MemoryTransport(fail_ids={"m-1"})
+    handle = rabbitmq_batch_handler(
+        MessageProcessor(failing(ValueError("x"))), RabbitMqSettler(lambda _g: transport)
+    )
+    with pytest.raises(BatchFailed):
+        handle(amazon_mq_event(3), None)
+
+
+def test_the_amazon_mq_handler_fails_the_batch_on_a_systemic_error() -> None:
+    handle = rabbitmq_batch_handler(
+        MessageProcessor(failing(Systemic("db down"))),
+        RabbitMqSettler(lambda _g: MemoryTransport()),
+    )
+    with pytest.raises(BatchFailed):
+        handle(amazon_mq_event(2), None)
+
+
+def test_the_amazon_mq_handler_refuses_another_event_shape() -> None:
+    handle = rabbitmq_batch_handler(
+        MessageProcessor(lambda _d: None), RabbitMqSettler(lambda _g: MemoryTransport())
+    )
+    with pytest.raises(ValueError, match="Amazon MQ"):
+        handle({"Records": []}, None)
+
+
+def test_an_sqs_batch_of_ten_with_three_failures_reports_exactly_those_three() -> None:
+    bad = {"m-2", "m-5", "m-9"}
+    processed: list[str] = []
+
+    def handler(item: Delivery) -> None:
+        if item.message_id in bad:
+            raise ValueError("bad")
+        processed.append(item.message_id)
+
+    records = [
+        {
+            "messageId": f"sqs-{i}",
+            "receiptHandle": f"h-{i}",
+            "body": json.dumps({"n": i}),
+            "attributes": {"ApproximateReceiveCount": "1"},
+            "messageAttributes": {
+                MESSAGE_ID_ATTRIBUTE: {"stringValue": f"m-{i}", "dataType": "String"},
+                TOPIC_ATTRIBUTE: {"stringValue": "media.story.published", "dataType": "String"},
+            },
+            "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:ap-southeast-3:123456789012:fabric-dev-fallback-media",
+        }
+        for i in range(10)
+    ]
+    response = sqs_batch_handler(MessageProcessor(handler))({"Records": records}, None)
+
+    failed = {item["itemIdentifier"] for item in response["batchItemFailures"]}
+    assert failed == {"sqs-2", "sqs-5", "sqs-9"}
+    assert len(processed) == 7

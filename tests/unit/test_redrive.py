@@ -1,0 +1,169 @@
+"""The redrive's request validation, filters, pacing and failure handling, on an in-memory DLQ."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from fabric.adapters.memory import MemoryAuditSink
+from fabric.errors import TransportUnavailable
+from fabric.ports import DeadLetter
+from fabric.redrive import RedriveFilter, RedrivePlan, Redriver, parse_request
+
+NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+
+
+def letter(
+    i: int, *, topic: str = "case.updated", reason: str = "rejected", age_s: float = 60
+) -> DeadLetter:
+    return DeadLetter(
+        handle=str(i),
+        message_id=f"m-{i}",
+        topic=topic,
+        body=b"{}",
+        origin="fabric.government",
+        reason=reason,
+        dead_lettered_at=NOW - timedelta(seconds=age_s),
+    )
+
+
+class MemoryDeadLetterQueue:
+    name = "fabric.government.dlq"
+
+    def __init__(self, letters: list[DeadLetter], *, origin_fails: set[str] | None = None) -> None:
+        self.letters = list(letters)
+        self.origin: list[DeadLetter] = []
+        self.origin_fails = origin_fails or set()
+        self._cursor = 0
+        self.released = 0
+
+    def peek(self, limit: int) -> list[DeadLetter]:
+        taken = self.letters[self._cursor : self._cursor + limit]
+        self._cursor += len(taken)
+        return taken
+
+    def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+        moved = [item for item in letters if item.message_id not in self.origin_fails]
+        self.origin.extend(moved)
+        return moved
+
+    def remove(self, letters: Sequence[DeadLetter]) -> set[str]:
+        handles = {item.handle for item in letters}
+        self.letters = [item for item in self.letters if item.handle not in handles]
+        self._cursor -= len(handles)
+        return handles
+
+    def release(self) -> None:
+        self._cursor = 0
+        self.released += 1
+
+
+class Ledger:
+    def __init__(self, *, broken: bool = False) -> None:
+        self.keys: set[str] = set()
+        self.broken = broken
+
+    def moved(self, keys: Sequence[str]) -> set[str]:
+        if self.broken:
+            raise TransportUnavailable("ledger down")
+        return self.keys & set(keys)
+
+    def record(self, keys: Sequence[str]) -> None:
+        self.keys.update(keys)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def redriver(ledger: Ledger | None = None, clock: Clock | None = None) -> Redriver:
+    clock = clock or Clock()
+    return Redriver(
+        ledger=ledger or Ledger(),
+        audit=MemoryAuditSink(),
+        clock=clock,
+        sleep=clock.sleep,
+        now=lambda: NOW,
+    )
+
+
+def test_filters_combine_topic_reason_age_and_ids() -> None:
+    selection = RedriveFilter(
+        topics=("case.#",), reasons=frozenset({"rejected"}), older_than_s=30, newer_than_s=3600
+    )
+    assert selection.admits(letter(1), NOW)
+    assert not selection.admits(letter(2, topic="media.story"), NOW)
+    assert not selection.admits(letter(3, reason="delivery_limit"), NOW)
+    assert not selection.admits(letter(4, age_s=5), NOW)
+    assert not selection.admits(letter(5, age_s=7200), NOW)
+    assert RedriveFilter(message_ids=frozenset({"m-6"})).admits(letter(6), NOW)
+    assert not RedriveFilter(message_ids=frozenset({"m-6"})).admits(letter(7), NOW)
+
+
+def test_the_rate_limit_paces_the_run() -> None:
+    clock = Clock()
+    queue = MemoryDeadLetterQueue([letter(i) for i in range(250)])
+    report = redriver(clock=clock).run(queue, RedrivePlan(rate_per_s=50))
+    assert report.moved == 250
+    assert clock.now >= 250 / 50 - 1, "250 messages at 50/s take about five seconds"
+    assert queue.letters == []
+
+
+def test_max_messages_stops_the_run_and_leaves_the_rest() -> None:
+    queue = MemoryDeadLetterQueue([letter(i) for i in range(30)])
+    report = redriver().run(queue, RedrivePlan(max_messages=12))
+    assert (report.moved, report.stopped) == (12, "message limit")
+    assert len(queue.letters) == 18
+    assert queue.released == 1
+
+
+def test_an_origin_that_refuses_stops_the_run_and_keeps_the_refused_letters() -> None:
+    queue = MemoryDeadLetterQueue([letter(i) for i in range(5)], origin_fails={"m-3"})
+    report = redriver().run(queue)
+    assert report.stopped == "origin unavailable"
+    assert [item.message_id for item in queue.letters] == ["m-3"]
+
+
+def test_a_ledger_that_cannot_be_read_moves_nothing() -> None:
+    queue = MemoryDeadLetterQueue([letter(i) for i in range(5)])
+    report = redriver(Ledger(broken=True)).run(queue)
+    assert (report.moved, report.stopped) == (0, "ledger unavailable")
+    assert queue.origin == []
+    assert len(queue.letters) == 5
+
+
+@pytest.mark.parametrize(
+    ("event", "problem"),
+    [
+        ([], "JSON object"),
+        ({"source": "kafka", "queue": "q"}, "source"),
+        ({"source": "sqs"}, "queue"),
+        ({"source": "sqs", "queue": "q", "max_messages": 0}, "max_messages"),
+        ({"source": "sqs", "queue": "q", "max_messages": True}, "max_messages"),
+        ({"source": "sqs", "queue": "q", "dry_run": "yes"}, "dry_run"),
+        ({"source": "sqs", "queue": "q", "topics": "case.#"}, "topics"),
+        ({"source": "sqs", "queue": "q", "topics": ["case..x"]}, "topic filter"),
+        ({"source": "sqs", "queue": "q", "rate_per_s": -1}, "rate_per_s"),
+        ({"source": "sqs", "queue": "q", "older_than_s": "1h"}, "older_than_s"),
+        ({"source": "sqs", "queue": "q", "everything": True}, "unknown fields: everything"),
+    ],
+)
+def test_a_malformed_request_is_refused_with_its_reason(event: object, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        parse_request(event)
+
+
+def test_a_request_is_bounded_by_the_functions_time() -> None:
+    request = parse_request(
+        {"source": "rabbitmq", "queue": "fabric.media.dlq", "max_seconds": 5000}, max_seconds=840
+    )
+    assert request.plan.max_seconds == 840
