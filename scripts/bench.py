@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import bench_router  # scripts/ is on sys.path when this file runs as a script
+import bench_redrive  # scripts/ is on sys.path when this file runs as a script
+import bench_router
 
 ROOT = Path(__file__).resolve().parent.parent
 Figure = tuple[str, float, str]
@@ -51,6 +52,7 @@ def bench_synth_all_envs(runs: int = 3) -> Iterator[Figure]:
 BENCHMARKS: dict[str, Callable[[], Iterator[Figure]]] = {
     "synth_all_envs": bench_synth_all_envs,
     **bench_router.BENCHMARKS,
+    **bench_redrive.BENCHMARKS,
 }
 
 

@@ -12,7 +12,11 @@ What it does, in order:
 5. plays a scenario through the three entry points, consumes every stakeholder queue as that
    stakeholder's own broker user, and prints what arrived where, with latencies, and every
    rejection with its reason;
-6. plays the failover act: the broker becomes unreachable (a fault-injecting loopback proxy
+6. plays the poison-message act: a consumer (the consumer toolkit, as a stakeholder's broker
+   user, idempotent on DynamoDB) fails on a message, which is retried in growing delay tiers,
+   dead-lettered after the attempt limit, redriven by the redrive function's code after the
+   "fix", and processed exactly once (exit 1 otherwise);
+7. plays the failover act: the broker becomes unreachable (a fault-injecting loopback proxy
    turns into a silent black hole), messages are accepted through the SNS/SQS fallback, the
    broker returns, the drain function's code moves them back, and the summary shows counts per
    transport and that nothing was lost (exit 1 if anything was).
@@ -46,6 +50,8 @@ LOCAL_VHOST = "fabric-dev-local"
 MANAGEMENT_URL = "http://127.0.0.1:15672"
 ROUTER_DESCRIPTION = "validates, protects and routes messages"
 DRAIN_DESCRIPTION = "drains the fallback queues into RabbitMQ"
+REDRIVE_DESCRIPTION = "redrives dead letters to where they came from"
+MOTO_ACCOUNT = "123456789012"
 
 
 # -- the synthesized templates ----------------------------------------------------------------
@@ -76,9 +82,13 @@ class Resolver:
             return str(value)
         (function, argument), *_ = value.items()
         if function == "Ref":
-            return {"AWS::Region": REGION, "AWS::URLSuffix": "amazonaws.com"}.get(
-                argument, self._physical.get(argument, f"<{argument}>")
-            )
+            pseudo = {
+                "AWS::Region": REGION,
+                "AWS::URLSuffix": "amazonaws.com",
+                "AWS::AccountId": MOTO_ACCOUNT,
+                "AWS::Partition": "aws",
+            }
+            return pseudo.get(argument, self._physical.get(argument, f"<{argument}>"))
         if function == "Fn::GetAtt":
             name = f"{argument[0]}.{argument[1]}"
             return self._physical.get(name, self._physical.get(argument[0], f"<{name}>"))
@@ -146,6 +156,7 @@ def create_aws_resources(
     manager = boto3.client("secretsmanager")
     sns = boto3.client("sns")
     sqs = boto3.client("sqs")
+    dynamodb = boto3.client("dynamodb")
     physical: dict[str, str] = {}
     passwords: dict[str, str] = {}
     for logical_id, resource in stateful.items():
@@ -165,6 +176,14 @@ def create_aws_resources(
             )["ARN"]
         elif kind == "AWS::SNS::Topic":
             physical[logical_id] = sns.create_topic(Name=props["TopicName"])["TopicArn"]
+        elif kind == "AWS::DynamoDB::Table":
+            dynamodb.create_table(
+                TableName=props["TableName"],
+                KeySchema=props["KeySchema"],
+                AttributeDefinitions=props["AttributeDefinitions"],
+                BillingMode="PAY_PER_REQUEST",
+            )
+            physical[logical_id] = props["TableName"]
         elif kind == "AWS::SQS::Queue" and "QueueName" in props:
             url = sqs.create_queue(QueueName=props["QueueName"])["QueueUrl"]
             physical[logical_id] = url
@@ -547,6 +566,100 @@ def access_refused(passwords: dict[str, str]) -> bool:
     return False
 
 
+def poison_act(
+    runtime: Any,
+    *,
+    function_arn: str,
+    passwords: dict[str, str],
+    templates: dict[str, dict[str, Any]],
+    resolver: Resolver,
+    local: dict[str, str],
+) -> bool:
+    """A community consumer cannot process an emergency alert until it is "fixed"; True when
+    the alert was retried, dead-lettered, redriven and then processed exactly once."""
+    from fabric.adapters.rabbitmq import RabbitSettings
+    from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
+    from fabric.bootstrap import build_redrive
+    from fabric.consumer import Delivery, Idempotency, MessageProcessor
+    from fabric.entrypoints import dispatch
+    from fabric.redrive import parse_request
+    from fabric.settings import RedriveSettings
+    from fabric.stakeholders import Stakeholder
+    from fabric.topology import dead_letter_queue_name, queue_name, user_name
+
+    logging.getLogger("fabric.consumer").setLevel(logging.ERROR)  # the act prints the attempts
+    group = Stakeholder.COMMUNITY
+    user = user_name(group)
+    work, dlq = queue_name(group, emergency=True), dead_letter_queue_name(group, emergency=True)
+    redrive_env = {
+        name: resolver.resolve(value)
+        for name, value in function_environment(templates, REDRIVE_DESCRIPTION).items()
+    }
+    redrive_env.update(local)
+    settings = RabbitSettings(
+        host="127.0.0.1",
+        port=5672,
+        credentials=lambda: (user, passwords[user]),
+        vhost=LOCAL_VHOST,
+        connection_name="community-consumer",
+    )
+    alert = envelope(
+        "child-safety.incident.reported",
+        {"summary": "a shelter reports a missing child"},
+        priority="emergency",
+        classification="restricted",
+        audience=["community"],
+    )
+    result = dispatch({"messages": [alert]}, f"{function_arn}:government", runtime)
+    print(f"   government publishes an emergency alert to community: {result['results'][0]}")
+    started = time.monotonic()
+    fixed, attempts, processed = False, [], []
+
+    def handler(delivery: Delivery) -> None:
+        attempts.append(time.monotonic() - started)
+        if not fixed:
+            raise ValueError("the community system cannot parse this alert")
+        processed.append(delivery.message_id)
+
+    processor = MessageProcessor(
+        handler,
+        idempotency=Idempotency(redrive_env["IDEMPOTENCY_TABLE"], consumer="community-alerts"),
+        max_attempts=3,
+    )
+    consumer = RabbitMqConsumer(settings, work, processor)
+    counts = consumer.run(max_messages=3, idle_timeout_s=20)
+    spacing = ", ".join(f"{at:.1f} s" for at in attempts)
+    print(f"   attempts at {spacing} after publish: {dict(counts)}; parked in {dlq}")
+    runtime_redrive = build_redrive(RedriveSettings.from_env(redrive_env))
+    dry = runtime_redrive.redriver.run(
+        runtime_redrive.queue("rabbitmq", dlq),
+        parse_request({"source": "rabbitmq", "queue": dlq, "dry_run": True}).plan,
+    )
+    for item in dry.listed:
+        print(f"   dry run lists {item.message_id} ({item.topic}, reason {item.reason})")
+    fixed = True
+    print("   the community team ships a fix; the operator redrives the DLQ")
+    report = runtime_redrive.redriver.run(
+        runtime_redrive.queue("rabbitmq", dlq),
+        parse_request({"source": "rabbitmq", "queue": dlq}).plan,
+    )
+    print(f"   redrive: moved {report.moved}, stopped: {report.stopped}")
+    again = runtime_redrive.redriver.run(runtime_redrive.queue("rabbitmq", dlq))
+    print(f"   a second redrive finds {again.scanned} letters (nothing moves twice)")
+    counts = consumer.run(max_messages=1, idle_timeout_s=10)
+    ok = (
+        len(attempts) == 4
+        and processed == [alert["message_id"]]
+        and report.moved == 1
+        and again.scanned == 0
+    )
+    print(
+        f"   after the redrive: {dict(counts)}; processed {len(processed)} time(s)"
+        f" -> {'OK' if ok else 'FAILED'}"
+    )
+    return ok
+
+
 def main(argv: list[str]) -> int:
     """Run the local fabric once and print the report; exit 1 if anything was lost."""
     assembly = Path(next((a for a in argv[1:] if not a.startswith("--")), "cdk.out"))
@@ -605,10 +718,20 @@ def main(argv: list[str]) -> int:
                 f"== accepted {len(sent)}, delivered to a queue {len(sent) - len(lost)},"
                 f" lost {len(lost)}"
             )
+        print("== poison-message act (retry tiers, dead letter, redrive, processed once)")
+        poisoned = poison_act(
+            runtime,
+            function_arn=function_arn,
+            passwords=passwords,
+            templates=templates,
+            resolver=resolver,
+            local=local,
+        )
+        with Consumers(passwords) as consumers:
             print("== failover act (the broker becomes unreachable mid-scenario)")
             lost |= failover(environment, drain_environment, function_arn, consumers)
         print(f"== {'NOTHING LOST' if not lost else f'LOST {len(lost)} message(s)'}")
-        return 1 if lost or not refused else 0
+        return 1 if lost or not refused or not poisoned else 0
     finally:
         if document is not None and "--keep" not in argv:
             drop_local_topology(document)

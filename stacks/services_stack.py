@@ -8,11 +8,15 @@ import json
 from aws_cdk import Environment, Fn, Stack
 from constructs import Construct
 
+from fabric.stakeholders import STAKEHOLDERS
+from fabric.topology import dead_letter_queue_name
 from stacks.config import EnvironmentConfig
-from stacks.constructs.alarms import FailoverAlarms
+from stacks.constructs.alarms import DeadLetterAlarms, FailoverAlarms
 from stacks.constructs.drain import Drain
 from stacks.constructs.function import FunctionPlatform, build_layers
-from stacks.constructs.router import Router
+from stacks.constructs.queues import physical_name
+from stacks.constructs.redrive import DeadLetterPair, Redrive
+from stacks.constructs.router import VIRTUAL_HOST, Router
 from stacks.constructs.topology import BrokerTopology
 from stacks.stateful_stack import StatefulStack
 
@@ -95,6 +99,27 @@ class ServicesStack(Stack):
                 for (flow, group), queues in stateful.fallback.queues.items()
             },
         )
+        fallback = stateful.fallback.queues.values()
+        ingest = stateful.ingest
+        self.redrive = Redrive(
+            self,
+            "Redrive",
+            env_name=config.name,
+            platform=platform,
+            broker_host=stateful.broker.host,
+            broker_secret=user_secrets[router_user],
+            secrets_key=stateful.keys.secrets,
+            pairs=[
+                *(DeadLetterPair(q.queue, q.dead_letter_queue) for q in fallback),
+                *(
+                    DeadLetterPair(ingest.queues[group], ingest.dead_letter_queues[group])
+                    for group in STAKEHOLDERS
+                ),
+            ],
+            queues_key=stateful.keys.queues,
+            table=stateful.idempotency.table,
+            table_key=stateful.idempotency.key,
+        )
         self.alarms = FailoverAlarms(
             self,
             "FailoverAlarms",
@@ -104,7 +129,28 @@ class ServicesStack(Stack):
             topics_key=stateful.keys.topics,
             removal_policy=stateful.removal,
         )
+        functions = (self.topology.function, self.router.function, self.drain.function)
+        self.dead_letter_alarms = DeadLetterAlarms(
+            self,
+            "DeadLetterAlarms",
+            topic=self.alarms.topic,
+            # Stateful queues by their literal names: no cross-stack output per queue.
+            fallback_dlqs=[physical_name(q.dead_letter_queue) for q in fallback],
+            subscription_dlqs=[physical_name(q.subscription_dead_letter_queue) for q in fallback],
+            ingest_dlqs=[physical_name(q) for q in ingest.dead_letter_queues.values()],
+            function_dlqs=[
+                f.dead_letter_queue.queue_name for f in (*functions, self.redrive.function)
+            ],
+            broker_name=stateful.broker.broker_name,
+            virtual_host=VIRTUAL_HOST,
+            broker_dlqs=[
+                dead_letter_queue_name(group, emergency=emergency)
+                for emergency in (False, True)
+                for group in STAKEHOLDERS
+            ],
+        )
         self.drain.function.function.node.add_dependency(self.topology.resource)
+        self.redrive.function.function.node.add_dependency(self.topology.resource)
         # Messages must not reach a broker whose topology is not applied yet.
         self.router.function.function.node.add_dependency(self.topology.resource)
         self.api_url = Fn.join("", [self.router.api.api_endpoint, "/v1/messages"])

@@ -1,4 +1,4 @@
-"""The stateful stack: network, keys, audit storage, broker and the fallback path."""
+"""The stateful stack: network, keys, audit storage, broker, queues and the idempotency table."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from stacks.config import LOG_RETENTION_DAYS, EnvironmentConfig
 from stacks.constructs.audit_storage import AuditStorage
 from stacks.constructs.broker import Broker, BrokerUsers
 from stacks.constructs.fallback import FallbackPath
+from stacks.constructs.idempotency import IdempotencyTable
 from stacks.constructs.ingest import IngestQueues
 from stacks.constructs.keys import FabricKeys
 from stacks.constructs.network import FabricNetwork
@@ -90,6 +91,13 @@ class StatefulStack(Stack):
             queues_key=self.keys.queues,
             removal_policy=removal,
         )
+        self.idempotency = IdempotencyTable(
+            self,
+            "Idempotency",
+            env_name=config.name,
+            key=self.keys.tables,
+            removal_policy=removal,
+        )
         self._outputs()
 
     def _outputs(self) -> None:
@@ -101,6 +109,7 @@ class StatefulStack(Stack):
             "BrokerAdminSecretArn": self.broker.admin_secret.secret_arn,
             "AuditBucketName": self.audit.audit_bucket.bucket_name,
             "ReportsBucketName": self.audit.reports_bucket.bucket_name,
+            "IdempotencyTableName": self.idempotency.table.table_name,
             "SigningKeyArn": self.keys.signing.key_arn,
             "VpcId": self.network.vpc.vpc_id,
             "FunctionsSecurityGroupId": self.network.functions_security_group.security_group_id,
@@ -111,6 +120,8 @@ class StatefulStack(Stack):
             outputs[f"{flow.capitalize()}TopicArn"] = topic.topic_arn
         for group, queue in self.ingest.queues.items():
             outputs[f"Ingest{group.value.capitalize()}QueueUrl"] = queue.queue_url
+            dead_letter_queue = self.ingest.dead_letter_queues[group]
+            outputs[f"Ingest{group.value.capitalize()}DlqUrl"] = dead_letter_queue.queue_url
         for username, secret in self.broker_users.secrets.items():
             name = "".join(part.capitalize() for part in username.split("-"))
             outputs[f"{name}SecretArn"] = secret.secret_arn

@@ -1,4 +1,4 @@
-"""Failover alarms: the fallback path is in use, its queues are not draining, or both are down."""
+"""On-call alarms: the fallback in use, not draining or both paths down; dead letters waiting."""
 
 from __future__ import annotations
 
@@ -130,3 +130,145 @@ class FailoverAlarms(Construct):
         alarm.add_alarm_action(actions.SnsAction(self.topic))
         alarm.add_ok_action(actions.SnsAction(self.topic))
         return alarm
+
+
+# A CloudWatch alarm evaluates at most ten metrics (metric math included).
+_MAX_METRICS_PER_ALARM = 10
+SQS_DEPTH_METRIC = "ApproximateNumberOfMessagesVisible"
+AMAZON_MQ_NAMESPACE = "AWS/AmazonMQ"
+# Ready plus unacknowledged messages of one queue (RabbitMQ queue metrics of Amazon MQ,
+# dimensions Broker, VirtualHost, Queue).
+AMAZON_MQ_DEPTH_METRIC = "MessageCount"
+
+
+class DeadLetterAlarms(Construct):
+    """An alarm per kind of dead-letter queue: it fires when any of them holds a message.
+
+    On the on-call topic of ``FailoverAlarms`` (``topic``), notifying on ALARM and on OK. A
+    group of more than ten queues is split into alarms ``<Name>1``, ``<Name>2``… of ten each.
+
+    - ``FallbackDlqDepth``: a fallback or emergency queue parked a message after 10 failed
+      drains (``ApproximateNumberOfMessagesVisible``, Maximum, 1 min).
+    - ``SubscriptionDlqDepth``: SNS could not deliver a fallback message to its queue.
+    - ``IngestDlqDepth``: the router gave up on an SQS ingest message after 20 receives.
+    - ``FunctionDlqDepth``: a function's asynchronous invocation failed all its attempts.
+    - ``BrokerDlqDepth``: a RabbitMQ work queue dead-lettered a message (consumer gave up, or
+      the delivery limit was reached): AmazonMQ ``MessageCount``, Maximum over 5 minutes, since
+      Amazon MQ polls the broker and pushes once a minute, late at times; a longer period keeps
+      a DLQ that holds messages in ALARM instead of flapping.
+
+    Missing data counts as empty: SQS publishes no metrics for an idle empty queue.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        topic: sns.ITopic,
+        fallback_dlqs: list[str],
+        subscription_dlqs: list[str],
+        ingest_dlqs: list[str],
+        function_dlqs: list[str],
+        broker_name: str,
+        virtual_host: str,
+        broker_dlqs: list[str],
+    ) -> None:
+        """Queue arguments are queue names (SQS) or RabbitMQ queue names (``broker_dlqs``)."""
+        super().__init__(scope, construct_id)
+        self.topic = topic
+        self.alarms: dict[str, cloudwatch.Alarm] = {}
+        then = "First: find the cause, then see docs/runbook.md (redrive)."
+        sqs_groups = (
+            (
+                "FallbackDlqDepth",
+                fallback_dlqs,
+                "A fallback-path message could not be drained into RabbitMQ 10 times and was "
+                "parked in its DLQ. " + then,
+            ),
+            (
+                "SubscriptionDlqDepth",
+                subscription_dlqs,
+                "SNS could not deliver a fallback message to its SQS queue (queue policy or key "
+                "problem); it is in the subscription DLQ. Fix delivery first; SNS messages are "
+                "moved back by hand (docs/runbook.md).",
+            ),
+            (
+                "IngestDlqDepth",
+                ingest_dlqs,
+                "The router gave up on an SQS ingest message after 20 receives (both paths "
+                "down, or the message is bad). " + then,
+            ),
+            (
+                "FunctionDlqDepth",
+                function_dlqs,
+                "A fabric function's asynchronous invocation failed every attempt; its event is "
+                "in the function's DLQ. Read the function's logs (docs/runbook.md).",
+            ),
+        )
+        for name, queues, description in sqs_groups:
+            self._depth_alarms(
+                name,
+                [
+                    cloudwatch.Metric(
+                        namespace="AWS/SQS",
+                        metric_name=SQS_DEPTH_METRIC,
+                        dimensions_map={"QueueName": queue},
+                        statistic="Maximum",
+                        period=Duration.minutes(1),
+                    )
+                    for queue in queues
+                ],
+                description,
+            )
+        self._depth_alarms(
+            "BrokerDlqDepth",
+            [
+                cloudwatch.Metric(
+                    namespace=AMAZON_MQ_NAMESPACE,
+                    metric_name=AMAZON_MQ_DEPTH_METRIC,
+                    dimensions_map={
+                        "Broker": broker_name,
+                        "VirtualHost": virtual_host,
+                        "Queue": queue,
+                    },
+                    statistic="Maximum",
+                    period=Duration.minutes(5),
+                )
+                for queue in broker_dlqs
+            ],
+            "A RabbitMQ work queue dead-lettered a message: a consumer gave up on it, or it "
+            "reached the delivery limit. " + then,
+        )
+
+    def _depth_alarms(self, name: str, depths: list[cloudwatch.Metric], description: str) -> None:
+        if not depths:
+            return
+        chunks = [
+            depths[start : start + _MAX_METRICS_PER_ALARM]
+            for start in range(0, len(depths), _MAX_METRICS_PER_ALARM)
+        ]
+        for index, chunk in enumerate(chunks, start=1):
+            alarm_id = name if len(chunks) == 1 else f"{name}{index}"
+            metrics_by_id = {f"q{i}": metric for i, metric in enumerate(chunk)}
+            deepest = cloudwatch.MathExpression(
+                expression=f"MAX([{', '.join(metrics_by_id)}])",
+                using_metrics=metrics_by_id,
+                label="messages in the deepest dead-letter queue",
+                period=chunk[0].period,
+            )
+            alarm = cloudwatch.Alarm(
+                self,
+                alarm_id,
+                metric=deepest,
+                threshold=1,
+                comparison_operator=(
+                    cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
+                ),
+                evaluation_periods=1,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                alarm_description=description,
+            )
+            alarm.add_alarm_action(actions.SnsAction(self.topic))
+            alarm.add_ok_action(actions.SnsAction(self.topic))
+            self.alarms[alarm_id] = alarm

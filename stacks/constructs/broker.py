@@ -108,10 +108,12 @@ class Broker(Construct):
             else all_subnets[:1]
         )
         window = config.maintenance_window
+        # Literal, so the AmazonMQ queue metrics' Broker dimension can name it in any stack.
+        self.broker_name = f"fabric-{env_name}"
         self.broker = amazonmq.CfnBroker(
             self,
             "Broker",
-            broker_name=f"fabric-{env_name}",
+            broker_name=self.broker_name,
             engine_type="RABBITMQ",
             engine_version=config.engine_version,
             host_instance_type=config.instance_type,

@@ -58,7 +58,11 @@ def build_layers(scope: Construct, env_name: str) -> tuple[lambda_.ILayerVersion
             description=f"Messaging Fabric {env_name}: {what}",
         )
         for name, directory, what in (
-            ("DepsLayer", DEPS_LAYER_DIR, "pinned runtime dependencies (pika, Encryption SDK)"),
+            (
+                "DepsLayer",
+                DEPS_LAYER_DIR,
+                "pinned runtime dependencies (pika, Encryption SDK, Powertools)",
+            ),
             ("FabricLayer", FABRIC_LAYER_DIR, "the fabric library"),
         )
     )
@@ -70,8 +74,9 @@ class FabricFunction(Construct):
     Python 3.14 on arm64; JSON logs into its own KMS-encrypted log group with the environment's
     retention; X-Ray tracing; inside the VPC's private subnets with the functions' security group;
     reserved concurrency; a KMS-encrypted dead-letter queue for failed asynchronous invocations;
-    its own role, whose only AWS-side permissions are the ENI actions Lambda needs in a VPC and
-    writing to its own log group. Everything else is granted by the stack that uses it.
+    its own role, whose only AWS-side permissions are the ENI actions Lambda needs in a VPC,
+    writing to its own log group, and the queues key through SQS (for writing to its own DLQ).
+    Everything else is granted by the stack that uses it.
     """
 
     def __init__(
@@ -126,6 +131,19 @@ class FabricFunction(Construct):
                     sid="OwnLogGroup",
                     actions=["logs:CreateLogStream", "logs:PutLogEvents"],
                     resources=[self.log_group.log_group_arn],
+                ),
+                # Lambda writes a failed asynchronous event to the DLQ as this role; the DLQ is
+                # SSE-KMS, so sending needs a data key of the queues key (CDK grants only
+                # sqs:SendMessage).
+                iam.PolicyStatement(
+                    sid="OwnDeadLetterQueueKey",
+                    actions=["kms:GenerateDataKey", "kms:Decrypt"],
+                    resources=[platform.queues_key.key_arn],
+                    conditions={
+                        "StringEquals": {
+                            "kms:ViaService": f"sqs.{Stack.of(self).region}.amazonaws.com"
+                        }
+                    },
                 ),
                 iam.PolicyStatement(
                     sid="VpcNetworkInterfaces",

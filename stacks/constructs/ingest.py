@@ -21,7 +21,9 @@ class IngestQueues(Construct):
     """``fabric-<env>-ingest-<group>`` queues, each with a DLQ that admits only its source.
 
     Producers of a group are given ``sqs:SendMessage`` on their group's queue only; the router
-    reads the group from the queue a record came from, never from the message body.
+    reads the group from the queue a record came from, never from the message body. The DLQs
+    (``dead_letter_queues``, ``fabric-<env>-ingest-<group>-dlq``) are kept for the redrive and
+    the dead-letter alarms.
     """
 
     prefix_template = "fabric-{env}-ingest-"
@@ -38,8 +40,9 @@ class IngestQueues(Construct):
         super().__init__(scope, construct_id)
         self.prefix = self.prefix_template.format(env=env_name)
         self.queues: dict[Stakeholder, sqs.Queue] = {}
+        self.dead_letter_queues: dict[Stakeholder, sqs.Queue] = {}
         for group in STAKEHOLDERS:
-            self.queues[group], _ = queue_with_dlq(
+            self.queues[group], self.dead_letter_queues[group] = queue_with_dlq(
                 self,
                 group.value.capitalize(),
                 name=f"{self.prefix}{group.value}",

@@ -22,6 +22,7 @@ class FabricKeys(Construct):
     - ``audit``: the audit and reports buckets (always retained: locked objects must stay
       readable for their whole retention, whatever the environment's removal policy);
     - ``secrets``: Secrets Manager secrets (broker and stakeholder credentials);
+    - ``tables``: DynamoDB tables (consumer idempotency records and the redrive ledger);
     - ``logs``: CloudWatch Logs groups (flow logs, function logs);
     - ``signing``: asymmetric ECC_NIST_P256 key that signs audit checkpoints.
 
@@ -57,6 +58,9 @@ class FabricKeys(Construct):
         )
         self.audit = symmetric("audit", "audit trail and compliance reports", RemovalPolicy.RETAIN)
         self.secrets = symmetric("secrets", "broker and stakeholder credentials", removal_policy)
+        self.tables = symmetric(
+            "tables", "DynamoDB idempotency records and the redrive ledger", removal_policy
+        )
         self.logs = symmetric("logs", "CloudWatch Logs log groups", removal_policy)
 
         stack = Stack.of(self)
@@ -135,5 +139,6 @@ class FabricKeys(Construct):
             "queues": self.queues,
             "audit": self.audit,
             "secrets": self.secrets,
+            "tables": self.tables,
             "logs": self.logs,
         }

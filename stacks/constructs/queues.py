@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, cast
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import Duration, RemovalPolicy, Stack, Token
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
@@ -76,3 +77,44 @@ def queue_with_dlq(
         ),
     )
     return queue, dead_letter_queue
+
+
+@dataclass(frozen=True)
+class QueueAddress:
+    """A named queue as any stack of its environment addresses it: name, ARN and URL."""
+
+    name: str
+    arn: str
+    url: str
+
+
+def physical_name(queue: sqs.IQueue) -> str:
+    """The literal name ``queue`` was created with.
+
+    Raises:
+        ValueError: the queue has no literal name (CloudFormation names it at deploy time).
+    """
+    resource = queue.node.default_child
+    name = cast(sqs.CfnQueue, resource).queue_name if resource is not None else None
+    if name is None or Token.is_unresolved(name):
+        raise ValueError(f"{queue.node.path} has no literal queue name")
+    return name
+
+
+def address(scope: Construct, queue: sqs.IQueue) -> QueueAddress:
+    """The ARN and URL of named ``queue``, built in ``scope``'s stack from its name.
+
+    For another stack of the same account and region, this names the queue without a
+    cross-stack output per attribute (a template holds at most 200 outputs) and renders the
+    same values as the queue's own ``Arn`` and ``QueueUrl``.
+
+    Raises:
+        ValueError: the queue has no literal name.
+    """
+    name = physical_name(queue)
+    stack = Stack.of(scope)
+    return QueueAddress(
+        name=name,
+        arn=stack.format_arn(service="sqs", resource=name),
+        url=f"https://sqs.{stack.region}.{stack.url_suffix}/{stack.account}/{name}",
+    )

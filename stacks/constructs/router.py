@@ -23,6 +23,8 @@ from stacks.config import ApiConfig, RouterConfig
 from stacks.constructs.function import FabricFunction, FunctionPlatform
 
 AMQPS_PORT = "5671"
+# The one RabbitMQ virtual host the topology is applied to and every function connects to.
+VIRTUAL_HOST = "/"
 ROUTER_TIMEOUT = Duration.seconds(30)
 
 
@@ -35,7 +37,7 @@ def broker_environment(
         "RABBITMQ_HOST": broker_host,
         "RABBITMQ_PORT": AMQPS_PORT,
         "RABBITMQ_TLS": "true",
-        "RABBITMQ_VHOST": "/",
+        "RABBITMQ_VHOST": VIRTUAL_HOST,
         "RABBITMQ_SECRET_ARN": broker_secret.secret_arn,
     }
 

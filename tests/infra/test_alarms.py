@@ -1,4 +1,4 @@
-"""Failover alarms: on-call hears when the fallback carries traffic, stops draining, or fails."""
+"""On-call alarms: the fallback carries traffic, stops draining or fails; dead letters wait."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import json
 from typing import Any
 
 from fabric import metrics
+from fabric.stakeholders import STAKEHOLDERS
+from fabric.topology import dead_letter_queue_name
 from tests.conftest import ROOT
 from tests.infra.conftest import Assembly, Synthesized
+from tests.infra.resolve import queue_key
 from tests.infra.test_functions import of_type, services
 
 CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]["environments"]
@@ -88,3 +91,139 @@ def test_only_this_accounts_alarms_may_use_the_topics_key(env: Synthesized) -> N
         "aws:SourceAccount": CONTEXT[env.stage.stage_name]["account"]
     }
     assert "aws:SourceArn" in statement["Condition"]["ArnLike"]
+
+
+def dead_letter_alarms(env: Synthesized, assembly: Assembly) -> dict[str, dict[str, Any]]:
+    return {
+        logical_id: alarm["Properties"]
+        for logical_id, alarm in of_type(services(env, assembly), "AWS::CloudWatch::Alarm").items()
+        if logical_id.startswith("DeadLetterAlarms")
+    }
+
+
+def watched_metrics(alarm: dict[str, Any]) -> list[dict[str, Any]]:
+    queries = alarm.get("Metrics", [])
+    return [q["MetricStat"]["Metric"] for q in queries if "MetricStat" in q]
+
+
+def dimension(metric: dict[str, Any], name: str) -> Any:
+    (value,) = [d["Value"] for d in metric["Dimensions"] if d["Name"] == name]
+    return value
+
+
+def _dead_letter_queues(template: dict[str, Any]) -> set[tuple[str, str]]:
+    """The dead-letter queues of ``template`` (named ``*-dlq``, or the target of a queue's or a
+    subscription's redrive policy or of a function's DeadLetterConfig), as ``queue_key`` names
+    them: by queue name, or by logical id where the queue has no name."""
+    queues = of_type(template, "AWS::SQS::Queue")
+    found = {
+        logical_id
+        for logical_id, queue in queues.items()
+        if str(queue["Properties"].get("QueueName", "")).endswith("-dlq")
+    }
+    targets = [
+        q["Properties"].get("RedrivePolicy", {}).get("deadLetterTargetArn") for q in queues.values()
+    ]
+    targets += [
+        s["Properties"].get("RedrivePolicy", {}).get("deadLetterTargetArn")
+        for s in of_type(template, "AWS::SNS::Subscription").values()
+    ]
+    targets += [
+        f["Properties"].get("DeadLetterConfig", {}).get("TargetArn")
+        for f in of_type(template, "AWS::Lambda::Function").values()
+    ]
+    for target in targets:
+        if (
+            isinstance(target, dict)
+            and "Fn::GetAtt" in target
+            and target["Fn::GetAtt"][0] in queues
+        ):
+            found.add(target["Fn::GetAtt"][0])
+    keys = set()
+    for logical_id in found:
+        name = queues[logical_id]["Properties"].get("QueueName")
+        keys.add(("name", name) if isinstance(name, str) else ("services", logical_id))
+    return keys
+
+
+def test_every_dead_letter_queue_is_watched_by_a_depth_alarm(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    """A DLQ added without an alarm fails here: the set of DLQs in both templates must equal
+    the set of queues the alarms watch."""
+    template = services(env, assembly)
+    stateful = env.json
+    in_stateful = _dead_letter_queues(stateful)
+    # The stateful stack names every queue (alarms in the other stack name them literally).
+    assert all(kind == "name" for kind, _ in in_stateful)
+    dead_letter_queues = in_stateful | _dead_letter_queues(template)
+    watched = {
+        queue_key(dimension(metric, "QueueName"), services=template, stateful=stateful)
+        for alarm in dead_letter_alarms(env, assembly).values()
+        for metric in watched_metrics(alarm)
+        if metric["Namespace"] == "AWS/SQS"
+    }
+    # 10 fallback DLQs, 10 subscription DLQs, 5 ingest DLQs, 4 functions' async DLQs.
+    assert len(dead_letter_queues) == 29
+    assert dead_letter_queues == watched
+    for alarm in dead_letter_alarms(env, assembly).values():
+        for metric in watched_metrics(alarm):
+            if metric["Namespace"] == "AWS/SQS":
+                assert metric["MetricName"] == "ApproximateNumberOfMessagesVisible"
+
+
+def test_the_ten_rabbitmq_dead_letter_queues_are_watched_on_amazon_mq(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    name = env.stage.stage_name
+    broker = [
+        metric
+        for alarm in dead_letter_alarms(env, assembly).values()
+        for metric in watched_metrics(alarm)
+        if metric["Namespace"] == "AWS/AmazonMQ"
+    ]
+    expected = {
+        dead_letter_queue_name(group, emergency=emergency)
+        for group in STAKEHOLDERS
+        for emergency in (False, True)
+    }
+    assert {dimension(m, "Queue") for m in broker} == expected
+    assert len(broker) == 10
+    for metric in broker:
+        assert metric["MetricName"] == "MessageCount"
+        assert dimension(metric, "Broker") == f"fabric-{name}"
+        assert dimension(metric, "VirtualHost") == "/"
+    brokers = env.resources("AWS::AmazonMQ::Broker").values()
+    assert [b["Properties"]["BrokerName"] for b in brokers] == [f"fabric-{name}"]
+
+
+def test_a_dead_letter_alarm_fires_on_one_message_and_pages_and_recovers(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    template = services(env, assembly)
+    ((topic_id, _),) = of_type(template, "AWS::SNS::Topic").items()
+    found = dead_letter_alarms(env, assembly)
+    names = {logical_id.removeprefix("DeadLetterAlarms")[:-8] for logical_id in found}
+    assert names == {
+        "FallbackDlqDepth",
+        "SubscriptionDlqDepth",
+        "IngestDlqDepth",
+        "FunctionDlqDepth",
+        "BrokerDlqDepth",
+    }
+    for logical_id, alarm in found.items():
+        assert (alarm["Threshold"], alarm["EvaluationPeriods"]) == (1, 1), logical_id
+        assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+        assert alarm["TreatMissingData"] == "notBreaching"
+        assert alarm["AlarmActions"] == [{"Ref": topic_id}]
+        assert alarm["OKActions"] == [{"Ref": topic_id}]
+        assert "docs/runbook.md" in alarm["AlarmDescription"]
+        # A CloudWatch alarm takes at most ten metrics.
+        assert 1 <= len(watched_metrics(alarm)) <= 10, logical_id
+        (expression,) = [q for q in alarm["Metrics"] if "Expression" in q]
+        assert expression["Expression"].startswith("MAX(")
+        periods = {q["MetricStat"]["Period"] for q in alarm["Metrics"] if "MetricStat" in q}
+        stats = {q["MetricStat"]["Stat"] for q in alarm["Metrics"] if "MetricStat" in q}
+        assert stats == {"Maximum"}
+        # SQS publishes every minute; Amazon MQ pushes once a minute, late at times.
+        assert periods == ({300} if "BrokerDlqDepth" in logical_id else {60}), logical_id

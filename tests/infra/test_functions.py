@@ -47,7 +47,7 @@ def test_every_fabric_function_gets_the_platform_defaults(
 ) -> None:
     template = services(env, assembly)
     functions = fabric_functions(template)
-    assert len(functions) == 3  # router, topology, drain
+    assert len(functions) == 4  # router, topology, drain, redrive
     for logical_id, function in functions.items():
         props = function["Properties"]
         assert props["Runtime"] == "python3.14", logical_id
@@ -200,3 +200,23 @@ def test_the_drain_runs_every_minute_two_at_most_on_the_fallback_queues_only(
     resources = json.dumps([s["Resource"] for s in consumed])
     assert resources.count("Fallback") + resources.count("Emergency") >= 10
     assert "Ingest" not in resources
+
+
+def test_every_function_may_write_its_failed_events_to_its_encrypted_dlq(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    template = services(env, assembly)
+    for logical_id, function in fabric_functions(template).items():
+        role = function["Properties"]["Role"]["Fn::GetAtt"][0]
+        statements = [
+            statement
+            for policy in of_type(template, "AWS::IAM::ManagedPolicy").values()
+            if {"Ref": role} in policy["Properties"]["Roles"]
+            for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+        ]
+        (key,) = [s for s in statements if s.get("Sid") == "OwnDeadLetterQueueKey"]
+        assert sorted(key["Action"]) == ["kms:Decrypt", "kms:GenerateDataKey"], logical_id
+        assert "KeysQueues" in json.dumps(key["Resource"])
+        assert key["Condition"] == {
+            "StringEquals": {"kms:ViaService": f"sqs.{env.region}.amazonaws.com"}
+        }

@@ -6,7 +6,7 @@ from typing import Any
 
 from tests.infra.conftest import Assembly, Synthesized
 
-PURPOSES = ("messages", "topics", "queues", "audit", "secrets", "logs")
+PURPOSES = ("messages", "topics", "queues", "audit", "secrets", "tables", "logs")
 
 
 def _keys_by_alias(env: Synthesized) -> dict[str, dict[str, Any]]:

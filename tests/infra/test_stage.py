@@ -20,6 +20,10 @@ REQUIRED_OUTPUTS = {
     "FallbackGovernmentQueueUrl",
     "EmergencyMediaQueueUrl",
     "EmergencyMediaDlqUrl",
+    "IngestCommunityQueueUrl",
+    "IngestCommunityDlqUrl",
+    "IdempotencyTableName",
+    "TablesKeyArn",
 }
 
 

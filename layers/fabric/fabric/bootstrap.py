@@ -17,10 +17,11 @@ from fabric.adapters.sqs import SqsFallbackSource
 from fabric.audit_sink import TransportAuditSink
 from fabric.breaker import BreakerTransport
 from fabric.drain import Drainer, FallbackQueue
-from fabric.ports import MessageKind, Metrics, OutboundMessage
+from fabric.ports import DeadLetterQueue, MessageKind, Metrics, OutboundMessage
+from fabric.redrive import Redriver
 from fabric.router import Router
 from fabric.routing import default_routing_table
-from fabric.settings import DrainSettings, RouterSettings
+from fabric.settings import DrainSettings, RedriveSettings, RouterSettings
 from fabric.stakeholders import Stakeholder
 
 
@@ -84,7 +85,7 @@ def build_router_runtime(
 
 
 def _rabbit(
-    settings: RouterSettings | DrainSettings, make_client: Callable[[str], Any]
+    settings: RouterSettings | DrainSettings | RedriveSettings, make_client: Callable[[str], Any]
 ) -> RabbitMqTransport:
     return RabbitMqTransport(
         RabbitSettings(
@@ -121,6 +122,67 @@ def build_drainer(
         max_messages=settings.max_messages,
         max_seconds=settings.max_seconds,
     )
+
+
+@dataclass(frozen=True)
+class RedriveRuntime:
+    """The redrive function's parts: the redriver, and the dead-letter queues it may drain."""
+
+    redriver: Redriver
+    settings: RedriveSettings
+    open_queue: Callable[[str, str], DeadLetterQueue]
+
+    def queue(self, source: str, name: str) -> DeadLetterQueue:
+        """The dead-letter queue ``name`` of ``source`` ("rabbitmq" or "sqs").
+
+        Raises:
+            ValueError: no such dead-letter queue in this environment.
+        """
+        return self.open_queue(source, name)
+
+
+def build_redrive(
+    settings: RedriveSettings, *, client_factory: Callable[[str], Any] | None = None
+) -> RedriveRuntime:
+    """Wire the redrive from settings. Nothing touches the network until it runs."""
+    from fabric.adapters.dynamodb_ledger import DynamoDbRedriveLedger
+    from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
+    from fabric.adapters.sqs_dlq import SqsDeadLetterQueue
+
+    make_client = client_factory or _boto3_client
+    rabbit = _rabbit(settings, make_client)
+    sqs_queues = {q.name: q for q in settings.sqs_dead_letter_queues}
+
+    def open_queue(source: str, name: str) -> DeadLetterQueue:
+        if source == "rabbitmq":
+            # Its own publisher per run: the source's channel and the origin's confirms apart.
+            origin = _rabbit(settings, make_client)
+            return RabbitMqDeadLetterQueue(rabbit.settings, name, origin=origin)
+        # The source queue's name or its DLQ's name, as operators see either.
+        queue = sqs_queues.get(name.removesuffix("-dlq"))
+        if queue is None:
+            raise ValueError(f"{name!r} is not a redrivable SQS queue of this environment")
+        return SqsDeadLetterQueue(queue, lambda: make_client("sqs"))
+
+    return RedriveRuntime(
+        redriver=Redriver(
+            ledger=DynamoDbRedriveLedger(
+                settings.idempotency_table, lambda: make_client("dynamodb")
+            ),
+            audit=TransportAuditSink([rabbit], emitted_by="redrive"),
+        ),
+        settings=settings,
+        open_queue=open_queue,
+    )
+
+
+def redrive_from_environment(environ: Mapping[str, str] | None = None) -> RedriveRuntime:
+    """The redrive of this process, from its environment variables.
+
+    Raises:
+        ConfigError: a variable is missing or malformed (the message names it).
+    """
+    return build_redrive(RedriveSettings.from_env(os.environ if environ is None else environ))
 
 
 def drainer_from_environment(environ: Mapping[str, str] | None = None) -> Drainer:

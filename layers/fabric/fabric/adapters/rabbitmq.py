@@ -117,6 +117,7 @@ class RabbitMqTransport:
         self._last_used = 0.0
         self._blocked = False
         self._batch: _Batch | None = None
+        self._closing = False  # close() in progress: the channel's close is ours
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -167,8 +168,10 @@ class RabbitMqTransport:
         """Close the connection; the next publish opens a new one."""
         connection = self._connection
         if connection is not None and connection.is_open:
+            self._closing = True
             connection.close()
             self._run_until(lambda: connection.is_closed, self._settings.connect_timeout)
+            self._closing = False
         self._reset()
 
     @property
@@ -361,7 +364,12 @@ class RabbitMqTransport:
             self._batch.returned(properties.message_id)
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
-        _LOG.warning("rabbitmq channel closed: %s", reason)
+        normal = isinstance(reason, pika.exceptions.ChannelClosedByClient) or (
+            self._closing and isinstance(reason, pika.exceptions.ChannelClosed)
+        )
+        _LOG.log(
+            logging.DEBUG if normal else logging.WARNING, "rabbitmq channel closed: %s", reason
+        )
         if self._batch is not None:
             self._batch.lose()
         if self._connection is not None and self._connection.is_open:
@@ -370,7 +378,9 @@ class RabbitMqTransport:
     def _on_connection_closed(
         self, _connection: pika.BaseConnection, reason: BaseException
     ) -> None:
-        _LOG.warning("rabbitmq connection closed: %s", type(reason).__name__)
+        normal = isinstance(reason, pika.exceptions.ConnectionClosedByClient)
+        level = logging.DEBUG if normal else logging.WARNING
+        _LOG.log(level, "rabbitmq connection closed: %s", type(reason).__name__)
         if self._batch is not None:
             self._batch.lose()
         self._channel = None

@@ -1,0 +1,166 @@
+"""The redrive function: on demand, dead letters go back to where they came from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from aws_cdk import Duration, Stack
+from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from fabric.naming import redrive_function_name
+from stacks.constructs.function import FabricFunction, FunctionPlatform
+from stacks.constructs.queues import address
+from stacks.constructs.router import broker_environment
+
+# One redrive at a time per environment. A run holds the letters it looked at (unacknowledged
+# in RabbitMQ, invisible in SQS) until it ends, and asks the ledger before it moves a letter; a
+# second run at the same time would see only what the first left, race it between the ledger
+# check and the move, and compete with live traffic for the broker. SQS also allows only one
+# message-move task per queue. A second invoke is throttled, which the runbook reports.
+_CONCURRENCY = 1
+# Lambda's longest timeout; REDRIVE_MAX_SECONDS stops a run a minute before it.
+_TIMEOUT = Duration.minutes(15)
+_MAX_SECONDS = "840"
+
+# What the redrive does on a dead-letter queue: read and hold letters, remove the ones it put
+# back, give back the rest, and run SQS's own message-move tasks (these three are authorised on
+# the dead-letter queue, the task's source; AWS also checks receive, delete and get-attributes
+# there, and send on the destination).
+_READ_DEAD_LETTERS = [
+    "sqs:ReceiveMessage",
+    "sqs:DeleteMessage",
+    "sqs:ChangeMessageVisibility",
+    "sqs:GetQueueAttributes",
+]
+_MOVE_TASKS = [
+    "sqs:StartMessageMoveTask",
+    "sqs:ListMessageMoveTasks",
+    "sqs:CancelMessageMoveTask",
+]
+# Items of the ledger only: the items Powertools' idempotency reads and writes, and the batches
+# the ledger adapter reads and writes; no Scan, no Query, no table administration.
+_LEDGER = [
+    "dynamodb:GetItem",
+    "dynamodb:PutItem",
+    "dynamodb:UpdateItem",
+    "dynamodb:DeleteItem",
+    "dynamodb:BatchGetItem",
+    "dynamodb:BatchWriteItem",
+]
+
+
+@dataclass(frozen=True)
+class DeadLetterPair:
+    """An SQS queue and its dead-letter queue ``<name>-dlq``, both with literal names."""
+
+    source: sqs.IQueue
+    dead_letter_queue: sqs.IQueue
+
+
+class Redrive(Construct):
+    """``lambdas/redrive``, invoked on demand only (``python scripts/runbook.py redrive``).
+
+    No schedule: moving dead letters back is an operator's decision, taken once the cause is
+    fixed. It reads every RabbitMQ DLQ as the platform user (AMQP; its secret is the only one it
+    may read), and on each SQS dead-letter queue of ``pairs`` it may read, hold, remove and run
+    message-move tasks, sending only to that queue's source. It reads and writes ledger items
+    of the idempotency table. The queues key and the table's key only through SQS and DynamoDB.
+    Asynchronous invocations are not retried: a failed run is the operator's to look at (its
+    event lands in the function's alarmed async DLQ), and a re-run is safe.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        env_name: str,
+        platform: FunctionPlatform,
+        broker_host: str,
+        broker_secret: secretsmanager.ISecret,
+        secrets_key: kms.IKey,
+        pairs: list[DeadLetterPair],
+        queues_key: kms.IKey,
+        table: dynamodb.ITable,
+        table_key: kms.IKey,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        addressed = sorted(
+            ((address(self, p.source), address(self, p.dead_letter_queue)) for p in pairs),
+            key=lambda pair: pair[0].name,
+        )
+        for source, dlq in addressed:
+            # The function derives each DLQ from its source's name (fabric.settings).
+            if dlq.name != f"{source.name}-dlq":
+                raise ValueError(f"{dlq.name} is not named {source.name}-dlq")
+        # Names only, and the prefixes that make them URLs and ARNs: the same values as
+        # address() builds, and far inside Lambda's 4 KB of environment.
+        stack = Stack.of(self)
+        url_prefix = f"https://sqs.{stack.region}.{stack.url_suffix}/{stack.account}/"
+        arn_prefix = f"arn:{stack.partition}:sqs:{stack.region}:{stack.account}:"
+        self.function = FabricFunction(
+            self,
+            "Redrive",
+            platform=platform,
+            code_dir="lambdas/redrive",
+            # Named, so the runbook finds it: `python scripts/runbook.py redrive --env <env>`.
+            function_name=redrive_function_name(env_name),
+            description=(
+                f"Messaging Fabric {env_name}: redrives dead letters to where they came from"
+            ),
+            environment={
+                **broker_environment(env_name, broker_host, broker_secret),
+                "IDEMPOTENCY_TABLE": table.table_name,
+                "SQS_REDRIVE_SOURCES": json.dumps([source.name for source, _ in addressed]),
+                "SQS_URL_PREFIX": url_prefix,
+                "SQS_ARN_PREFIX": arn_prefix,
+                "REDRIVE_MAX_SECONDS": _MAX_SECONDS,
+            },
+            reserved_concurrency=_CONCURRENCY,
+            timeout=_TIMEOUT,
+            memory_size=512,
+        )
+        function = self.function.function
+        function.configure_async_invoke(retry_attempts=0)
+        self.function.allow_secret_read(broker_secret, secrets_key)
+
+        dead_letter_arns = [dlq.arn for _, dlq in addressed]
+        region = stack.region
+        role = self.function.role
+        for sid, actions, resources in (
+            ("ReadDeadLetters", _READ_DEAD_LETTERS, dead_letter_arns),
+            ("MoveDeadLetters", _MOVE_TASKS, dead_letter_arns),
+            ("PutBackAtSource", ["sqs:SendMessage"], [source.arn for source, _ in addressed]),
+            ("Ledger", _LEDGER, [table.table_arn]),
+        ):
+            role.add_to_principal_policy(
+                iam.PolicyStatement(sid=sid, actions=actions, resources=resources)
+            )
+        # SQS SSE-KMS: receiving decrypts, sending generates a data key. DynamoDB decrypts its
+        # table key with the caller's permission. Identity statements (the keys live in the
+        # stateful stack), usable only through the service that holds the data.
+        for sid, key, actions, service in (
+            ("QueuesKeyThroughSqs", queues_key, ["kms:Decrypt", "kms:GenerateDataKey"], "sqs"),
+            (
+                "TableKeyThroughDynamoDb",
+                table_key,
+                ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
+                "dynamodb",
+            ),
+        ):
+            role.add_to_principal_policy(
+                iam.PolicyStatement(
+                    sid=sid,
+                    actions=actions,
+                    resources=[key.key_arn],
+                    conditions={
+                        "StringEquals": {"kms:ViaService": f"{service}.{region}.amazonaws.com"}
+                    },
+                )
+            )
