@@ -1,0 +1,51 @@
+"""Checkpoint signatures with the asymmetric KMS key (``fabric.audit_chain.Signer``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+ALGORITHM = "ECDSA_SHA_256"  # the signing key is ECC_NIST_P256, SIGN_VERIFY
+
+
+class KmsSigner:
+    """Signs with KMS ``Sign`` (the private key never leaves KMS) and checks with ``Verify``."""
+
+    def __init__(self, key_id: str, client_factory: Callable[[], Any]) -> None:
+        self.key_id = key_id
+        self._client_factory = client_factory
+        self._client: Any = None
+
+    def _kms(self) -> Any:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def sign(self, message: bytes) -> bytes:
+        """The signature of ``message`` (KMS hashes it: MessageType RAW, at most 4096 bytes).
+
+        Raises:
+            botocore.exceptions.ClientError: KMS refused (disabled key, no permission).
+        """
+        response = self._kms().sign(
+            KeyId=self.key_id, Message=message, MessageType="RAW", SigningAlgorithm=ALGORITHM
+        )
+        return bytes(response["Signature"])
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """Whether KMS accepts ``signature`` for ``message``; False for a bad signature."""
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self._kms().verify(
+                KeyId=self.key_id,
+                Message=message,
+                MessageType="RAW",
+                Signature=signature,
+                SigningAlgorithm=ALGORITHM,
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "KMSInvalidSignatureException":
+                return False
+            raise
+        return bool(response["SignatureValid"])

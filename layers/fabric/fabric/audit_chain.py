@@ -1,0 +1,284 @@
+"""The tamper-evident audit trail: hash-chained records, batch objects, signed checkpoints.
+
+A writer numbers its records 1, 2, 3, ... and puts into each the SHA-256 of the previous one
+(``prev``), so removing, reordering or changing a record breaks the chain after it. Records are
+stored in batch objects (JSON lines). A checkpoint names the objects written since the previous
+checkpoint with their SHA-256, seals them with an RFC 6962 Merkle root (domain-separated: leaf
+``0x00``, node ``0x01``), carries the previous checkpoint's signature, and is signed itself
+(``Signer``: the asymmetric KMS key in AWS). The verifier (``verify_trail``) checks all of it
+and names the first bad record, object or checkpoint.
+
+This is CloudTrail's digest design, at message granularity.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+CHECKPOINT_VERSION = "fabric.audit-checkpoint/1"
+GENESIS = "0" * 64  # the ``prev`` of a writer's first record
+
+
+def canonical(value: Mapping[str, Any]) -> bytes:
+    """The one byte form a record or checkpoint is hashed and signed in."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def record_hash(record: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a chained record's canonical form."""
+    return hashlib.sha256(canonical(record)).hexdigest()
+
+
+def merkle_root(leaves: Sequence[bytes]) -> str:
+    """RFC 6962 Merkle tree hash (hex) of ``leaves``; the empty tree is SHA-256 of nothing."""
+    if not leaves:
+        return hashlib.sha256(b"").hexdigest()
+    return _mth(list(leaves)).hex()
+
+
+def _mth(leaves: list[bytes]) -> bytes:
+    if len(leaves) == 1:
+        return hashlib.sha256(b"\x00" + leaves[0]).digest()
+    split = 1 << ((len(leaves) - 1).bit_length() - 1)  # largest power of two below n
+    return hashlib.sha256(b"\x01" + _mth(leaves[:split]) + _mth(leaves[split:])).digest()
+
+
+class Signer(Protocol):
+    """Signs and verifies checkpoint bytes (the asymmetric KMS key in AWS)."""
+
+    key_id: str
+
+    def sign(self, message: bytes) -> bytes:
+        """The signature of ``message``."""
+        ...
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` is this key's signature of ``message``."""
+        ...
+
+
+@dataclass
+class Chain:
+    """One writer's position in its chain: the last sequence number and record hash."""
+
+    writer: str
+    seq: int = 0
+    last_hash: str = GENESIS
+
+    def link(self, records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """``records`` numbered and chained after the current position (which moves on)."""
+        out = []
+        for record in records:
+            chained = {**record, "writer": self.writer, "seq": self.seq + 1, "prev": self.last_hash}
+            self.seq += 1
+            self.last_hash = record_hash(chained)
+            out.append(chained)
+        return out
+
+
+def encode_object(records: Sequence[Mapping[str, Any]]) -> bytes:
+    """A batch object: one canonical record per line."""
+    return b"".join(canonical(record) + b"\n" for record in records)
+
+
+def decode_object(data: bytes) -> list[dict[str, Any]]:
+    """The records of a batch object.
+
+    Raises:
+        ValueError: a line is not a JSON object.
+    """
+    records = []
+    for line in data.splitlines():
+        value = json.loads(line)
+        if not isinstance(value, dict):
+            raise ValueError("a record line is not a JSON object")
+        records.append(value)
+    return records
+
+
+def make_checkpoint(
+    *,
+    writer: str,
+    sequence: int,
+    objects: Sequence[tuple[str, bytes]],
+    last_seq: int,
+    last_hash: str,
+    previous_signature: str | None,
+    at: str,
+    signer: Signer,
+) -> dict[str, Any]:
+    """Checkpoint ``sequence`` of ``writer`` over ``objects`` (key, bytes) written since the
+    previous checkpoint, signed by ``signer``. An empty ``objects`` still makes a checkpoint: a
+    quiet hour is proven quiet."""
+    body: dict[str, Any] = {
+        "version": CHECKPOINT_VERSION,
+        "writer": writer,
+        "checkpoint": sequence,
+        "at": at,
+        "objects": [
+            {"key": key, "sha256": hashlib.sha256(data).hexdigest()} for key, data in objects
+        ],
+        "merkle_root": merkle_root([hashlib.sha256(data).digest() for _, data in objects]),
+        "last_seq": last_seq,
+        "last_hash": last_hash,
+        "previous_signature": previous_signature,
+        "key_id": signer.key_id,
+    }
+    body["signature"] = base64.b64encode(signer.sign(canonical(body))).decode()
+    return body
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The first place where the trail is not what was written, and why."""
+
+    where: str  # an object key, "<key> record <seq>", or a checkpoint key
+    why: str
+
+
+@dataclass
+class Verification:
+    """The verifier's result: counts, and the first problem (None: the trail verifies)."""
+
+    records: int = 0
+    objects: int = 0
+    checkpoints: int = 0
+    problem: Problem | None = None
+    message_ids: dict[str, set[str]] = field(default_factory=dict)  # event -> message ids
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong."""
+        return self.problem is None
+
+
+def verify_trail(
+    *,
+    objects: Mapping[str, bytes],
+    checkpoints: Sequence[tuple[str, Mapping[str, Any]]],
+    signer: Signer,
+    writer: str,
+) -> Verification:
+    """Check one writer's trail: every checkpoint's signature and chain, that the objects it
+    names exist with their hashes and Merkle root, that every object is covered by a checkpoint
+    (except those after the last one), and the records' sequence and hash chain across objects.
+
+    ``checkpoints`` in checkpoint order (key, body); ``objects`` by key, ordered by key.
+    Stops at the first problem and names it.
+    """
+    result = Verification()
+    covered: list[str] = []
+    previous_signature: str | None = None
+    for expected, (key, checkpoint) in enumerate(checkpoints, start=1):
+        problem = _check_checkpoint(
+            key, checkpoint, expected, previous_signature, objects, signer=signer
+        )
+        if problem is not None:
+            result.problem = problem
+            return result
+        previous_signature = str(checkpoint["signature"])
+        covered.extend(item["key"] for item in checkpoint["objects"])
+        result.checkpoints += 1
+    ordered = sorted(objects)
+    uncovered_tail = ordered[len(covered) :]
+    if ordered[: len(covered)] != covered:
+        # Every named object exists (checked above), so the first difference is an extra one.
+        first = next(k for k, c in zip(ordered, covered, strict=False) if k != c)
+        result.problem = Problem(first, "an object no checkpoint names, among sealed ones")
+        return result
+    chain = Chain(writer)
+    for key in [*covered, *uncovered_tail]:
+        try:
+            records = decode_object(objects[key])
+        except ValueError as exc:
+            result.problem = Problem(key, f"not a batch object: {exc}")
+            return result
+        for record in records:
+            problem = _check_record(key, record, chain)
+            if problem is not None:
+                result.problem = problem
+                return result
+            result.records += 1
+            event, message_id = record.get("event"), record.get("message_id")
+            if isinstance(event, str) and isinstance(message_id, str):
+                result.message_ids.setdefault(event, set()).add(message_id)
+        result.objects += 1
+    if checkpoints:
+        last = checkpoints[-1][1]
+        if not uncovered_tail and (chain.seq, chain.last_hash) != (
+            last["last_seq"],
+            last["last_hash"],
+        ):
+            result.problem = Problem(
+                checkpoints[-1][0], f"the trail ends at record {chain.seq}, not {last['last_seq']}"
+            )
+    return result
+
+
+def _check_checkpoint(
+    key: str,
+    checkpoint: Mapping[str, Any],
+    expected: int,
+    previous_signature: str | None,
+    objects: Mapping[str, bytes],
+    *,
+    signer: Signer,
+) -> Problem | None:
+    return _check_seal(key, checkpoint, expected, previous_signature, signer) or _check_objects(
+        key, checkpoint, objects
+    )
+
+
+def _check_seal(
+    key: str,
+    checkpoint: Mapping[str, Any],
+    expected: int,
+    previous_signature: str | None,
+    signer: Signer,
+) -> Problem | None:
+    unsigned = {name: value for name, value in checkpoint.items() if name != "signature"}
+    try:
+        signature = base64.b64decode(str(checkpoint["signature"]), validate=True)
+    except (KeyError, ValueError):
+        return Problem(key, "no valid signature")
+    if not signer.verify(canonical(unsigned), signature):
+        return Problem(key, "the signature does not match the checkpoint")
+    if checkpoint.get("checkpoint") != expected:
+        return Problem(key, f"checkpoint {checkpoint.get('checkpoint')}, expected {expected}")
+    if checkpoint.get("previous_signature") != previous_signature:
+        return Problem(key, "does not chain to the previous checkpoint's signature")
+    return None
+
+
+def _check_objects(
+    key: str, checkpoint: Mapping[str, Any], objects: Mapping[str, bytes]
+) -> Problem | None:
+    leaves = []
+    for item in checkpoint["objects"]:
+        data = objects.get(item["key"])
+        if data is None:
+            return Problem(item["key"], f"named by {key} but missing")
+        if hashlib.sha256(data).hexdigest() != item["sha256"]:
+            return Problem(item["key"], "its SHA-256 differs from the checkpoint's")
+        leaves.append(hashlib.sha256(data).digest())
+    if merkle_root(leaves) != checkpoint["merkle_root"]:
+        return Problem(key, "the Merkle root does not match its objects")
+    return None
+
+
+def _check_record(key: str, record: Mapping[str, Any], chain: Chain) -> Problem | None:
+    where = f"{key} record {record.get('seq')}"
+    if record.get("writer") != chain.writer:
+        return Problem(where, f"written by {record.get('writer')!r}, not {chain.writer!r}")
+    if record.get("seq") != chain.seq + 1:
+        return Problem(where, f"sequence gap: expected record {chain.seq + 1}")
+    if record.get("prev") != chain.last_hash:
+        return Problem(where, "its prev hash does not match the record before it")
+    chain.seq += 1
+    chain.last_hash = record_hash(record)
+    return None
