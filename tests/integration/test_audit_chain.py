@@ -49,7 +49,7 @@ def build_trail(signer: KmsSigner, records: int = 10_000) -> Trail:
     chain = Chain(WRITER)
     objects: dict[str, bytes] = {}
     checkpoints: list[tuple[str, dict[str, Any]]] = []
-    pending: list[tuple[str, bytes]] = []
+    pending: list[tuple[str, str]] = []
     for index in range(records // PER_OBJECT):
         batch = chain.link(
             {
@@ -60,7 +60,7 @@ def build_trail(signer: KmsSigner, records: int = 10_000) -> Trail:
             for i in range(PER_OBJECT)
         )
         objects[object_key(index)] = encode_object(batch)
-        pending.append((object_key(index), objects[object_key(index)]))
+        pending.append((object_key(index), hashlib.sha256(objects[object_key(index)]).hexdigest()))
         if len(pending) == OBJECTS_PER_CHECKPOINT:
             previous = checkpoints[-1][1]["signature"] if checkpoints else None
             checkpoint = make_checkpoint(

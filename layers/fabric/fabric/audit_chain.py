@@ -105,14 +105,14 @@ def make_checkpoint(
     *,
     writer: str,
     sequence: int,
-    objects: Sequence[tuple[str, bytes]],
+    objects: Sequence[tuple[str, str]],
     last_seq: int,
     last_hash: str,
     previous_signature: str | None,
     at: str,
     signer: Signer,
 ) -> dict[str, Any]:
-    """Checkpoint ``sequence`` of ``writer`` over ``objects`` (key, bytes) written since the
+    """Checkpoint ``sequence`` of ``writer`` over ``objects`` (key, SHA-256 hex) written since the
     previous checkpoint, signed by ``signer``. An empty ``objects`` still makes a checkpoint: a
     quiet hour is proven quiet."""
     body: dict[str, Any] = {
@@ -120,10 +120,8 @@ def make_checkpoint(
         "writer": writer,
         "checkpoint": sequence,
         "at": at,
-        "objects": [
-            {"key": key, "sha256": hashlib.sha256(data).hexdigest()} for key, data in objects
-        ],
-        "merkle_root": merkle_root([hashlib.sha256(data).digest() for _, data in objects]),
+        "objects": [{"key": key, "sha256": digest} for key, digest in objects],
+        "merkle_root": merkle_root([bytes.fromhex(digest) for _, digest in objects]),
         "last_seq": last_seq,
         "last_hash": last_hash,
         "previous_signature": previous_signature,

@@ -1,0 +1,176 @@
+"""Where the audit writer keeps things: objects in the Object Lock bucket (S3), chain states and
+written batch ids in the idempotency table (DynamoDB)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fabric.audit_writer import ChainState
+from fabric.errors import TransportUnavailable
+
+# A redelivered audit batch arrives within the queue's retention (14 days at most).
+BATCH_MARK_TTL_SECONDS = 14 * 24 * 3600
+
+
+class S3ObjectStore:
+    """Objects in the audit bucket; its default Object Lock retention applies to each version."""
+
+    def __init__(self, bucket: str, client_factory: Callable[[], Any]) -> None:
+        self._bucket = bucket
+        self._client_factory = client_factory
+        self._client: Any = None
+
+    def _s3(self) -> Any:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store one object, with a SHA-256 checksum S3 checks on arrival.
+
+        Raises:
+            TransportUnavailable: S3 cannot be reached or refuses the object.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._s3().put_object(
+                Bucket=self._bucket,
+                Key=key,
+                Body=data,
+                ContentType="application/json",
+                ChecksumAlgorithm="SHA256",
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise TransportUnavailable(f"cannot store {key}: {type(exc).__name__}") from exc
+
+    def get(self, key: str) -> bytes:
+        """The newest version of ``key``."""
+        return bytes(self._s3().get_object(Bucket=self._bucket, Key=key)["Body"].read())
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``, in key order."""
+        keys: list[str] = []
+        for page in (
+            self._s3().get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=prefix)
+        ):
+            keys.extend(item["Key"] for item in page.get("Contents", []))
+        return sorted(keys)
+
+
+class DynamoDbChainStore:
+    """Chain states as items ``audit-chain#<writer>`` (no expiry) and written batch ids as
+    ``audit-batch#<id>`` (expiring after 14 days), updated together in one transaction."""
+
+    def __init__(self, table: str, client_factory: Callable[[], Any]) -> None:
+        self._table = table
+        self._client_factory = client_factory
+        self._client: Any = None
+
+    def _dynamodb(self) -> Any:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def load(self, writer: str) -> ChainState:
+        """The stored state, or a new chain."""
+        item = self._call(
+            "get_item",
+            TableName=self._table,
+            Key={"id": {"S": f"audit-chain#{writer}"}},
+            ConsistentRead=True,
+        ).get("Item")
+        if item is None:
+            return ChainState()
+        state = json.loads(item["state"]["S"])
+        return ChainState(
+            seq=state["seq"],
+            last_hash=state["last_hash"],
+            pending=[(key, digest) for key, digest in state["pending"]],
+            checkpoints=state["checkpoints"],
+            last_signature=state["last_signature"],
+            version=int(item["version"]["N"]),
+        )
+
+    def save(self, writer: str, state: ChainState, *, batch_ids: Sequence[str]) -> bool:
+        """One transaction: the state if its version is unchanged, and the batch marks."""
+        from botocore.exceptions import ClientError
+
+        document = {
+            "seq": state.seq,
+            "last_hash": state.last_hash,
+            "pending": state.pending,
+            "checkpoints": state.checkpoints,
+            "last_signature": state.last_signature,
+        }
+        condition: dict[str, Any] = (
+            {"ConditionExpression": "attribute_not_exists(id)"}
+            if state.version == 0
+            else {
+                "ConditionExpression": "version = :expected",
+                "ExpressionAttributeValues": {":expected": {"N": str(state.version)}},
+            }
+        )
+        expiration = str(int(time.time()) + BATCH_MARK_TTL_SECONDS)
+        items: list[dict[str, Any]] = [
+            {
+                "Put": {
+                    "TableName": self._table,
+                    "Item": {
+                        "id": {"S": f"audit-chain#{writer}"},
+                        "state": {"S": json.dumps(document, separators=(",", ":"))},
+                        "version": {"N": str(state.version + 1)},
+                    },
+                    **condition,
+                }
+            },
+            *(
+                {
+                    "Put": {
+                        "TableName": self._table,
+                        "Item": {
+                            "id": {"S": f"audit-batch#{batch_id}"},
+                            "expiration": {"N": expiration},
+                        },
+                    }
+                }
+                for batch_id in dict.fromkeys(batch_ids)
+            ),
+        ]
+        try:
+            self._dynamodb().transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "TransactionCanceledException":
+                return False
+            raise TransportUnavailable(f"cannot save the chain of {writer}") from exc
+        state.version += 1
+        return True
+
+    def written(self, batch_ids: Sequence[str]) -> set[str]:
+        """Which ``batch_ids`` carry a mark."""
+        found: set[str] = set()
+        unique = list(dict.fromkeys(batch_ids))
+        for start in range(0, len(unique), 100):
+            keys = [{"id": {"S": f"audit-batch#{b}"}} for b in unique[start : start + 100]]
+            response = self._call(
+                "batch_get_item",
+                RequestItems={self._table: {"Keys": keys, "ConsistentRead": True}},
+            )
+            found.update(
+                item["id"]["S"].removeprefix("audit-batch#")
+                for item in response["Responses"].get(self._table, [])
+            )
+            if response.get("UnprocessedKeys"):
+                raise TransportUnavailable("the batch marks could not all be read")
+        return found
+
+    def _call(self, operation: str, **arguments: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self._dynamodb(), operation)(**arguments)
+        except (BotoCoreError, ClientError) as exc:
+            raise TransportUnavailable(f"the chain store: {type(exc).__name__}") from exc

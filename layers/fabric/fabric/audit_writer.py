@@ -1,0 +1,157 @@
+"""The audit writer: audit batches in, one chained object per call out; checkpoints on demand.
+
+Each call of ``write`` takes the audit batches a consumer received (each with its own id), drops
+batches already written (redelivery), chains the records after the writer's last one, stores
+them as **one** object in the Object Lock bucket, and only then advances the writer's chain state
+together with the written batch ids, in one conditional update. A crash before that update
+leaves an object version that the state does not know; the retry writes the same key again, and
+the newest version is the one the chain continues from. ``checkpoint`` seals the objects written
+since the last checkpoint (also none: a quiet hour is proven quiet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from fabric.audit_chain import GENESIS, Chain, Signer, canonical, encode_object, make_checkpoint
+from fabric.envelope import format_timestamp
+from fabric.errors import FabricError
+
+
+class ChainConflict(FabricError):
+    """Another writer advanced the same chain: this call's object is not part of the trail."""
+
+
+@dataclass
+class ChainState:
+    """Where a writer's chain stands, and what the next checkpoint must seal."""
+
+    seq: int = 0
+    last_hash: str = GENESIS
+    pending: list[tuple[str, str]] = field(default_factory=list)  # (object key, SHA-256 hex)
+    checkpoints: int = 0
+    last_signature: str | None = None
+    version: int = 0  # for the conditional update
+
+
+class ChainStore(Protocol):
+    """The writers' chain states and the batch ids already written."""
+
+    def load(self, writer: str) -> ChainState:
+        """The state of ``writer`` (a fresh one for a new writer)."""
+        ...
+
+    def save(self, writer: str, state: ChainState, *, batch_ids: Sequence[str]) -> bool:
+        """Store ``state`` (version + 1) and mark ``batch_ids`` written, only if the stored
+        version is still ``state.version``; False when another writer got there first."""
+        ...
+
+    def written(self, batch_ids: Sequence[str]) -> set[str]:
+        """The ``batch_ids`` already written."""
+        ...
+
+
+class ObjectStore(Protocol):
+    """The Object Lock bucket (retention comes from the bucket's default)."""
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` at ``key`` (a new version if the key exists)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Written:
+    """What one ``write`` call stored."""
+
+    key: str | None
+    records: int
+    duplicate_batches: int
+
+
+def object_key(writer: str, first: int, last: int, at: datetime) -> str:
+    """``audit/<writer>/<yyyy>/<mm>/<dd>/<first seq>-<last seq>.jsonl``: ordered by key."""
+    return f"audit/{writer}/{at:%Y/%m/%d}/{first:012d}-{last:012d}.jsonl"
+
+
+def checkpoint_key(writer: str, sequence: int) -> str:
+    """``checkpoints/<writer>/<n>.json``."""
+    return f"checkpoints/{writer}/{sequence:08d}.json"
+
+
+class AuditWriter:
+    """One writer of the trail (run it with reserved concurrency 1 per writer name)."""
+
+    def __init__(
+        self,
+        writer: str,
+        *,
+        chains: ChainStore,
+        objects: ObjectStore,
+        signer: Signer,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._writer = writer
+        self._chains = chains
+        self._objects = objects
+        self._signer = signer
+        self._now = now
+
+    def write(self, batches: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> Written:
+        """Chain and store the records of ``batches`` (batch id, records) not written before.
+
+        Raises:
+            ChainConflict: another writer advanced the chain meanwhile (retry the batch).
+            TransportUnavailable: the bucket or the state table cannot be reached.
+        """
+        done = self._chains.written([batch_id for batch_id, _ in batches])
+        fresh = [(batch_id, records) for batch_id, records in batches if batch_id not in done]
+        records = [
+            {**record, "batch": batch_id} for batch_id, records in fresh for record in records
+        ]
+        if not records:
+            if fresh:  # empty batches: remember them so a redelivery is a no-op
+                self._save(self._chains.load(self._writer), [b for b, _ in fresh])
+            return Written(key=None, records=0, duplicate_batches=len(batches) - len(fresh))
+        state = self._chains.load(self._writer)
+        chain = Chain(self._writer, state.seq, state.last_hash)
+        linked = chain.link(records)
+        data = encode_object(linked)
+        key = object_key(self._writer, state.seq + 1, chain.seq, self._now())
+        self._objects.put(key, data)
+        state.seq, state.last_hash = chain.seq, chain.last_hash
+        state.pending.append((key, hashlib.sha256(data).hexdigest()))
+        self._save(state, [batch_id for batch_id, _ in fresh])
+        return Written(key=key, records=len(linked), duplicate_batches=len(batches) - len(fresh))
+
+    def checkpoint(self) -> str:
+        """Seal the objects written since the last checkpoint; the checkpoint's key.
+
+        Raises:
+            ChainConflict: another writer advanced the chain meanwhile.
+        """
+        state = self._chains.load(self._writer)
+        sequence = state.checkpoints + 1
+        body = make_checkpoint(
+            writer=self._writer,
+            sequence=sequence,
+            objects=state.pending,
+            last_seq=state.seq,
+            last_hash=state.last_hash,
+            previous_signature=state.last_signature,
+            at=format_timestamp(self._now()),
+            signer=self._signer,
+        )
+        key = checkpoint_key(self._writer, sequence)
+        self._objects.put(key, canonical(body))
+        state.pending, state.checkpoints = [], sequence
+        state.last_signature = str(body["signature"])
+        self._save(state, [])
+        return key
+
+    def _save(self, state: ChainState, batch_ids: list[str]) -> None:
+        if not self._chains.save(self._writer, state, batch_ids=batch_ids):
+            raise ChainConflict(f"the chain of {self._writer} moved on meanwhile")

@@ -1,0 +1,152 @@
+"""The audit writer on moto: an Object Lock bucket, the idempotency table, a KMS signing key."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+from moto import mock_aws
+
+from fabric.adapters.audit_storage import DynamoDbChainStore, S3ObjectStore
+from fabric.adapters.kms_signer import KmsSigner
+from fabric.audit_chain import decode_object, verify_trail
+from fabric.audit_writer import AuditWriter, ChainConflict
+from tests.integration.aws_fallback import REGION
+
+BUCKET = "fabric-test-audit"
+TABLE = "fabric-test-idempotency"
+WRITER = "writer-a"
+
+
+@pytest.fixture
+def aws_audit(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "moto",
+        "AWS_SECRET_ACCESS_KEY": "moto",
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        s3 = boto3.client("s3", region_name=REGION)
+        s3.create_bucket(
+            Bucket=BUCKET,
+            CreateBucketConfiguration={"LocationConstraint": REGION},
+            ObjectLockEnabledForBucket=True,
+        )
+        s3.put_object_lock_configuration(
+            Bucket=BUCKET,
+            ObjectLockConfiguration={
+                "ObjectLockEnabled": "Enabled",
+                "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Years": 7}},
+            },
+        )
+        dynamodb = boto3.client("dynamodb", region_name=REGION)
+        dynamodb.create_table(
+            TableName=TABLE,
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        kms = boto3.client("kms", region_name=REGION)
+        key = kms.create_key(KeyUsage="SIGN_VERIFY", KeySpec="ECC_NIST_P256")["KeyMetadata"]
+        yield {"s3": s3, "dynamodb": dynamodb, "signer": KmsSigner(key["Arn"], lambda: kms)}
+
+
+def writer(aws: dict[str, Any]) -> AuditWriter:
+    return AuditWriter(
+        WRITER,
+        chains=DynamoDbChainStore(TABLE, lambda: aws["dynamodb"]),
+        objects=S3ObjectStore(BUCKET, lambda: aws["s3"]),
+        signer=aws["signer"],
+    )
+
+
+def batch(batch_id: str, count: int) -> tuple[str, list[dict[str, Any]]]:
+    return batch_id, [
+        {"event": "accepted", "message_id": f"{batch_id}-{i}", "source": "router"}
+        for i in range(count)
+    ]
+
+
+def read_trail(aws: dict[str, Any]) -> Any:
+    store = S3ObjectStore(BUCKET, lambda: aws["s3"])
+    objects = {key: store.get(key) for key in store.keys(f"audit/{WRITER}/")}
+    checkpoints = [
+        (key, json.loads(store.get(key))) for key in store.keys(f"checkpoints/{WRITER}/")
+    ]
+    return verify_trail(
+        objects=objects, checkpoints=checkpoints, signer=aws["signer"], writer=WRITER
+    )
+
+
+def test_one_object_per_call_chained_and_sealed(aws_audit: dict[str, Any]) -> None:
+    audit = writer(aws_audit)
+    first = audit.write([batch("b1", 3), batch("b2", 2)])
+    second = audit.write([batch("b3", 4)])
+    audit.checkpoint()
+
+    assert (first.records, second.records) == (5, 4)
+    assert first.key is not None
+    assert first.key.endswith("000000000001-000000000005.jsonl")
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert (result.records, result.objects, result.checkpoints) == (9, 2, 1)
+
+
+def test_a_redelivered_batch_is_written_once(aws_audit: dict[str, Any]) -> None:
+    audit = writer(aws_audit)
+    audit.write([batch("b1", 3)])
+    again = writer(aws_audit).write([batch("b1", 3), batch("b2", 1)])
+
+    assert (again.records, again.duplicate_batches) == (1, 1)
+    audit.checkpoint()
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert result.records == 4
+
+
+def test_a_quiet_hour_still_gets_a_checkpoint(aws_audit: dict[str, Any]) -> None:
+    audit = writer(aws_audit)
+    audit.write([batch("b1", 1)])
+    audit.checkpoint()
+    audit.checkpoint()  # nothing happened in between
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert result.checkpoints == 2
+
+
+def test_two_writers_on_one_chain_conflict_instead_of_forking_it(aws_audit: dict[str, Any]) -> None:
+    class Slow(DynamoDbChainStore):
+        """Loads, then lets the other writer go first."""
+
+        def load(self, name: str) -> Any:
+            state = super().load(name)
+            if not hasattr(self, "raced"):
+                self.raced = True
+                writer(aws_audit).write([batch("other", 1)])
+            return state
+
+    racer = AuditWriter(
+        WRITER,
+        chains=Slow(TABLE, lambda: aws_audit["dynamodb"]),
+        objects=S3ObjectStore(BUCKET, lambda: aws_audit["s3"]),
+        signer=aws_audit["signer"],
+    )
+    with pytest.raises(ChainConflict):
+        racer.write([batch("mine", 1)])
+
+
+def test_a_locked_object_version_cannot_be_deleted(aws_audit: dict[str, Any]) -> None:
+    written = writer(aws_audit).write([batch("b1", 2)])
+    s3 = aws_audit["s3"]
+    version = s3.head_object(Bucket=BUCKET, Key=written.key)["VersionId"]
+    with pytest.raises(ClientError) as refused:
+        s3.delete_object(Bucket=BUCKET, Key=written.key, VersionId=version)
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+    body = s3.get_object(Bucket=BUCKET, Key=written.key)["Body"].read()
+    assert len(decode_object(body)) == 2
