@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import bench_redrive  # scripts/ is on sys.path when this file runs as a script
+import bench_audit  # scripts/ is on sys.path when this file runs as a script
+import bench_redrive
 import bench_router
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +54,7 @@ BENCHMARKS: dict[str, Callable[[], Iterator[Figure]]] = {
     "synth_all_envs": bench_synth_all_envs,
     **bench_router.BENCHMARKS,
     **bench_redrive.BENCHMARKS,
+    **bench_audit.BENCHMARKS,
 }
 
 

@@ -19,7 +19,11 @@ What it does, in order:
 7. plays the failover act: the broker becomes unreachable (a fault-injecting loopback proxy
    turns into a silent black hole), messages are accepted through the SNS/SQS fallback, the
    broker returns, the drain function's code moves them back, and the summary shows counts per
-   transport and that nothing was lost (exit 1 if anything was).
+   transport and that nothing was lost (exit 1 if anything was);
+8. writes the audit trail: every audit batch the run's components put on the audit queue goes
+   through the audit writer into the Object Lock audit bucket (as the dev template declares it),
+   is sealed by a checkpoint signed with the signing key, read back and verified (exit 1 if the
+   verifier finds anything).
 
 Usage: python scripts/local_fabric.py [cdk.out] [--keep]   (--keep leaves the vhost for a look)
 """
@@ -37,6 +41,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -176,6 +181,24 @@ def create_aws_resources(
             )["ARN"]
         elif kind == "AWS::SNS::Topic":
             physical[logical_id] = sns.create_topic(Name=props["TopicName"])["TopicArn"]
+        elif kind == "AWS::KMS::Key" and props.get("KeyUsage") == "SIGN_VERIFY":
+            physical[logical_id] = kms.create_key(
+                Description=props.get("Description", ""),
+                KeyUsage="SIGN_VERIFY",
+                KeySpec=props["KeySpec"],
+            )["KeyMetadata"]["Arn"]
+        elif kind == "AWS::S3::Bucket" and props.get("ObjectLockEnabled"):
+            name = f"fabric-dev-local-{logical_id.lower()}"
+            s3 = boto3.client("s3")
+            s3.create_bucket(
+                Bucket=name,
+                CreateBucketConfiguration={"LocationConstraint": REGION},
+                ObjectLockEnabledForBucket=True,
+            )
+            s3.put_object_lock_configuration(
+                Bucket=name, ObjectLockConfiguration=props["ObjectLockConfiguration"]
+            )
+            physical[logical_id] = name
         elif kind == "AWS::DynamoDB::Table":
             dynamodb.create_table(
                 TableName=props["TableName"],
@@ -660,6 +683,79 @@ def poison_act(
     return ok
 
 
+def audit_act(
+    templates: dict[str, dict[str, Any]], physical: dict[str, str], passwords: dict[str, str]
+) -> bool:
+    """Write the run's audit batches into the audit bucket, seal, read back, verify."""
+    print("== audit trail (audit queue -> audit writer -> Object Lock bucket, verified)")
+    import boto3
+
+    from fabric.adapters.audit_storage import DynamoDbChainStore, S3ObjectStore
+    from fabric.adapters.kms_signer import KmsSigner
+    from fabric.audit import decode_audit_batch
+    from fabric.audit_chain import verify_trail
+    from fabric.audit_writer import AuditWriter
+    from fabric.topology import AUDIT_QUEUE, PLATFORM_USER
+
+    stateful = templates["Stateful"]["Resources"]
+
+    def local(kind: str, test: Callable[[dict[str, Any]], bool]) -> str:
+        return next(
+            physical[logical_id]
+            for logical_id, resource in stateful.items()
+            if resource["Type"] == kind and test(resource.get("Properties", {}))
+        )
+
+    bucket = local("AWS::S3::Bucket", lambda p: bool(p.get("ObjectLockEnabled")))
+    key = local("AWS::KMS::Key", lambda p: p.get("KeyUsage") == "SIGN_VERIFY")
+    table = local("AWS::DynamoDB::Table", lambda _p: True)
+    s3, kms, dynamodb = boto3.client("s3"), boto3.client("kms"), boto3.client("dynamodb")
+    signer = KmsSigner(key, lambda: kms)
+    store = S3ObjectStore(bucket, lambda: s3)
+    writer = AuditWriter(
+        "local-writer",
+        chains=DynamoDbChainStore(table, lambda: dynamodb),
+        objects=store,
+        signer=signer,
+    )
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            "127.0.0.1",
+            5672,
+            LOCAL_VHOST,
+            pika.PlainCredentials(PLATFORM_USER, passwords[PLATFORM_USER]),
+        )
+    )
+    channel = connection.channel()
+    batches: list[tuple[str, list[dict[str, Any]]]] = []
+    last_tag = 0
+    while True:
+        method, properties, body = channel.basic_get(AUDIT_QUEUE)
+        if method is not None:
+            batches.append((str(properties.message_id), decode_audit_batch(body)))
+            last_tag = method.delivery_tag
+        if batches and (method is None or len(batches) == 50):
+            writer.write(batches)  # one object per call; acknowledged once stored
+            channel.basic_ack(last_tag, multiple=True)
+            batches = []
+        if method is None:
+            break
+    connection.close()
+    checkpoint = writer.checkpoint()
+    objects = {k: store.get(k) for k in store.keys("audit/local-writer/")}
+    checkpoints = [(k, json.loads(store.get(k))) for k in store.keys("checkpoints/local-writer/")]
+    result = verify_trail(
+        objects=objects, checkpoints=checkpoints, signer=signer, writer="local-writer"
+    )
+    events = {event: len(ids) for event, ids in sorted(result.message_ids.items())}
+    print(f"   {result.records} records in {result.objects} objects of s3://{bucket}/audit/")
+    print(f"   message ids per event: {events}")
+    print(f"   sealed by {checkpoint} (ECDSA P-256 signature by the signing key)")
+    verdict = "verified" if result.ok else f"FAILED at {result.problem}"
+    print(f"   verifier: {verdict}")
+    return result.ok
+
+
 def main(argv: list[str]) -> int:
     """Run the local fabric once and print the report; exit 1 if anything was lost."""
     assembly = Path(next((a for a in argv[1:] if not a.startswith("--")), "cdk.out"))
@@ -730,8 +826,9 @@ def main(argv: list[str]) -> int:
         with Consumers(passwords) as consumers:
             print("== failover act (the broker becomes unreachable mid-scenario)")
             lost |= failover(environment, drain_environment, function_arn, consumers)
+        verified = audit_act(templates, physical, passwords)
         print(f"== {'NOTHING LOST' if not lost else f'LOST {len(lost)} message(s)'}")
-        return 1 if lost or not refused or not poisoned else 0
+        return 1 if lost or not refused or not poisoned or not verified else 0
     finally:
         if document is not None and "--keep" not in argv:
             drop_local_topology(document)

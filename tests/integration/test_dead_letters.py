@@ -96,6 +96,15 @@ def depth(channel: Any, queue: str) -> int:
     return int(channel.queue_declare(queue, passive=True).method.message_count)
 
 
+def settled_depth(channel: Any, queue: str, expected: int, timeout: float = 5.0) -> int:
+    """The queue's depth once it reaches ``expected`` (or after ``timeout``): letters a run gives
+    back return to a quorum queue asynchronously, just after the run's channel closes."""
+    deadline = time.monotonic() + timeout
+    while (found := depth(channel, queue)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
 def drain_ids(channel: Any, queue: str) -> list[str]:
     ids = []
     while True:
@@ -312,6 +321,7 @@ def test_redrive_moves_matching_letters_back_to_their_work_queue_with_audit(
     assert properties.headers[topology.REDRIVES_HEADER] == "1"
     assert topology.ATTEMPT_HEADER not in properties.headers, "a redriven message starts afresh"
     assert sorted([properties.message_id, *drain_ids(amqp, WORK)]) == moved_ids
+    assert settled_depth(amqp, DLQ, len(kept_ids)) == len(kept_ids)
     assert sorted(drain_ids(amqp, DLQ)) == kept_ids, "the rest is given back untouched"
     assert [r.message_id for r in audit.records] == moved_ids
     assert {r.event for r in audit.records} == {AuditEvent.REDRIVEN}
@@ -332,7 +342,7 @@ def test_redrive_dry_run_lists_and_moves_nothing(broker_vhost: str, amqp: Any) -
     assert all(item.age_s is not None and item.age_s >= 3600 for item in report.listed)
     assert report.moved == 0
     assert depth(amqp, WORK) == 0
-    assert depth(amqp, DLQ) == 4
+    assert settled_depth(amqp, DLQ, 4) == 4
 
 
 def test_an_interrupted_redrive_rerun_delivers_every_message_exactly_once(
@@ -358,7 +368,8 @@ def test_an_interrupted_redrive_rerun_delivers_every_message_exactly_once(
         Redriver(ledger=ledger, audit=audit).run(
             KilledMidway(settings(broker_vhost), DLQ, origin=origin)
         )
-    assert depth(amqp, WORK) == 200
+    assert settled_depth(amqp, WORK, 200) == 200
+    assert settled_depth(amqp, DLQ, 200) == 200, "the killed run gave back what it held"
     rerun = Redriver(ledger=ledger, audit=audit).run(dead_letter_queue(broker_vhost))
 
     assert rerun.already_moved == 100, "the killed batch is only removed, not sent again"
@@ -412,4 +423,4 @@ def test_age_filter_skips_letters_newer_than_asked(broker_vhost: str, amqp: Any)
     )
 
     assert report.moved == 2
-    assert depth(amqp, DLQ) == 1
+    assert settled_depth(amqp, DLQ, 1) == 1

@@ -90,3 +90,18 @@ def encode_audit_batch(records: list[AuditRecord], *, emitted_by: str) -> bytes:
         separators=(",", ":"),
         sort_keys=True,
     ).encode("utf-8")
+
+
+def decode_audit_batch(body: bytes) -> list[dict[str, object]]:
+    """The records of an audit batch message, each with the batch's ``emitted_by``.
+
+    Raises:
+        ValueError: the body is not a ``fabric.audit-batch/1`` document.
+    """
+    document = json.loads(body)
+    if not isinstance(document, dict) or document.get("version") != AUDIT_BATCH_VERSION:
+        raise ValueError("not a fabric.audit-batch/1 document")
+    records = document.get("records")
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError("an audit batch holds a list of record objects")
+    return [{**record, "emitted_by": document.get("emitted_by")} for record in records]

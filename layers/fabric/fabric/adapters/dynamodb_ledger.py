@@ -1,8 +1,17 @@
 """The redrive ledger on the idempotency table (``fabric.ports.RedriveLedger``).
 
-Items ``{"id": "redrive#...", "status": "COMPLETED", "expiration": <epoch s>}``: the table's
-Powertools schema (partition key ``id``, TTL ``expiration``); the ``redrive#`` prefix never
-collides with Powertools' ``consumer#<name>#<hash>`` keys.
+One item per moved letter, ``{"id": "redrive#...", "status": "COMPLETED", "expiration": <epoch
+s>}``, in the table's AWS Lambda Powertools idempotency schema (partition key ``id``, TTL
+attribute ``expiration``). Every id starts with ``redrive#`` (``LEDGER_PREFIX``; added to a key
+that lacks it), which never collides with Powertools' ``consumer#<name>#<hash>`` ids, and the
+``COMPLETED`` status makes Powertools-style tooling read an entry as a finished record. Entries
+expire after ``LEDGER_TTL_SECONDS`` (14 days): no dead letter outlives that (SQS keeps a message
+at most 14 days, counted from its first send, also in a DLQ).
+
+Reads are strongly consistent, so a re-run sees what the previous run wrote. Calls go in
+DynamoDB's batch sizes (100 keys per ``BatchGetItem``, 25 items per ``BatchWriteItem``);
+what DynamoDB leaves unprocessed (throttling) is retried with backoff a few times, and then the
+call fails as unavailable: the redrive moves nothing it cannot check or record.
 """
 
 from __future__ import annotations
@@ -13,15 +22,22 @@ from typing import Any
 
 from fabric.errors import TransportUnavailable
 
+LEDGER_PREFIX = "redrive#"
 # The longest a dead letter lives (SQS keeps a message 14 days); after that a key is moot.
 LEDGER_TTL_SECONDS = 14 * 24 * 3600
-_GET_CHUNK = 100
-_WRITE_CHUNK = 25
+COMPLETED = "COMPLETED"
+# The Powertools DynamoDBPersistenceLayer defaults (stacks/constructs/idempotency.py).
+_KEY = "id"
+_EXPIRATION = "expiration"
+_STATUS = "status"
+_GET_CHUNK = 100  # BatchGetItem's limit
+_WRITE_CHUNK = 25  # BatchWriteItem's limit
 _ATTEMPTS = 5
+_BACKOFF_S = 0.05
 
 
 class DynamoDbRedriveLedger:
-    """Which dead letters were put back, kept in the idempotency table."""
+    """Which dead letters were put back, kept in the idempotency table ``table_name``."""
 
     def __init__(
         self,
@@ -29,11 +45,15 @@ class DynamoDbRedriveLedger:
         client_factory: Callable[[], Any],
         *,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``client_factory`` makes the boto3 DynamoDB client on first use; ``sleep`` spaces the
+        retries of unprocessed keys; ``clock`` (epoch seconds) sets the expiration."""
         self._table = table_name
         self._client_factory = client_factory
         self._client: Any = None
         self._sleep = sleep
+        self._clock = clock
 
     def _dynamodb(self) -> Any:
         if self._client is None:
@@ -41,53 +61,66 @@ class DynamoDbRedriveLedger:
         return self._client
 
     def moved(self, keys: Sequence[str]) -> set[str]:
-        """The ``keys`` recorded as moved (``BatchGetItem``, 100 at a time).
+        """The ``keys`` recorded as moved (``BatchGetItem``, 100 at a time, consistent reads).
 
         Raises:
-            TransportUnavailable: DynamoDB cannot be reached or keeps keys unprocessed.
+            TransportUnavailable: DynamoDB cannot be reached, refuses the call, or keeps keys
+                unprocessed after retries.
         """
+        ids: dict[
+            str, list[str]
+        ] = {}  # item id -> the keys naming it (DynamoDB refuses duplicates)
+        for key in keys:
+            ids.setdefault(_item_id(key), []).append(key)
+        unique = list(ids)
         found: set[str] = set()
-        unique = list(dict.fromkeys(keys))
         for start in range(0, len(unique), _GET_CHUNK):
             request: dict[str, Any] = {
                 self._table: {
-                    "Keys": [{"id": {"S": key}} for key in unique[start : start + _GET_CHUNK]],
-                    "ProjectionExpression": "id",
+                    "Keys": [
+                        {_KEY: {"S": item_id}} for item_id in unique[start : start + _GET_CHUNK]
+                    ],
+                    "ProjectionExpression": "#id",
+                    "ExpressionAttributeNames": {"#id": _KEY},
                     "ConsistentRead": True,
                 }
             }
             for attempt in range(_ATTEMPTS):
                 response = self._call("batch_get_item", RequestItems=request)
-                found.update(item["id"]["S"] for item in response["Responses"].get(self._table, []))
+                for item in response.get("Responses", {}).get(self._table, []):
+                    found.update(ids.get(item.get(_KEY, {}).get("S", ""), []))
                 request = response.get("UnprocessedKeys") or {}
                 if not request:
                     break
-                self._sleep(0.05 * 2**attempt)
+                if attempt < _ATTEMPTS - 1:
+                    self._sleep(_BACKOFF_S * 2**attempt)
             if request:
-                raise TransportUnavailable("the redrive ledger kept keys unprocessed")
+                raise TransportUnavailable("the redrive ledger left keys unprocessed (throttled)")
         return found
 
     def record(self, keys: Sequence[str]) -> None:
-        """Record ``keys`` as moved (``BatchWriteItem``, 25 at a time).
+        """Record ``keys`` as moved (``BatchWriteItem``, 25 at a time), each expiring
+        ``LEDGER_TTL_SECONDS`` from now; recording a key again only renews it.
 
         Raises:
-            TransportUnavailable: DynamoDB cannot be reached or keeps items unprocessed.
+            TransportUnavailable: DynamoDB cannot be reached, refuses the call, or keeps items
+                unprocessed after retries (the items written so far stay written).
         """
-        expiration = str(int(time.time()) + LEDGER_TTL_SECONDS)
-        unique = list(dict.fromkeys(keys))
+        expiration = str(int(self._clock()) + LEDGER_TTL_SECONDS)
+        unique = list(dict.fromkeys(_item_id(key) for key in keys))
         for start in range(0, len(unique), _WRITE_CHUNK):
             request: dict[str, Any] = {
                 self._table: [
                     {
                         "PutRequest": {
                             "Item": {
-                                "id": {"S": key},
-                                "status": {"S": "COMPLETED"},
-                                "expiration": {"N": expiration},
+                                _KEY: {"S": item_id},
+                                _STATUS: {"S": COMPLETED},
+                                _EXPIRATION: {"N": expiration},
                             }
                         }
                     }
-                    for key in unique[start : start + _WRITE_CHUNK]
+                    for item_id in unique[start : start + _WRITE_CHUNK]
                 ]
             }
             for attempt in range(_ATTEMPTS):
@@ -95,14 +128,22 @@ class DynamoDbRedriveLedger:
                 request = response.get("UnprocessedItems") or {}
                 if not request:
                     break
-                self._sleep(0.05 * 2**attempt)
+                if attempt < _ATTEMPTS - 1:
+                    self._sleep(_BACKOFF_S * 2**attempt)
             if request:
-                raise TransportUnavailable("the redrive ledger kept items unprocessed")
+                raise TransportUnavailable("the redrive ledger left items unprocessed (throttled)")
 
     def _call(self, operation: str, **arguments: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return getattr(self._dynamodb(), operation)(**arguments)
-        except (BotoCoreError, ClientError) as exc:
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "Unknown")
+            raise TransportUnavailable(f"the redrive ledger: {operation} {code}") from exc
+        except BotoCoreError as exc:
             raise TransportUnavailable(f"the redrive ledger: {type(exc).__name__}") from exc
+
+
+def _item_id(key: str) -> str:
+    return key if key.startswith(LEDGER_PREFIX) else LEDGER_PREFIX + key

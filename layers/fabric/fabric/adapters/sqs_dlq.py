@@ -1,44 +1,97 @@
 """SQS dead-letter queues as the redrive sees them (``fabric.ports.DeadLetterQueue``), and SQS's
 native message-move tasks behind a small wrapper.
 
-The manual mover receives a letter (hidden for ``hold_seconds``), re-sends its body and every
-message attribute to the source queue, and deletes it from the DLQ only once SQS accepted the
-send. It filters, dry-runs and audits per message, and it runs under moto. The native move task
+The manual mover (``SqsDeadLetterQueue``) receives letters, hiding each for ``hold_seconds``,
+re-sends body and message attributes to the source queue, and deletes a letter from the DLQ only
+when the redrive asks (after SQS accepted the send and the ledger recorded it). It filters,
+dry-runs and audits per message, and it runs under moto. The native move task
 (``SqsMessageMoveTasks``) moves a whole queue inside SQS, without filters or per-message audit.
+
+Message attributes the mover reads (besides the SNS fallback path's, ``fabric.adapters.sns``):
+
+- ``fabric-redrives`` (``REDRIVES_ATTRIBUTE``, Number): earlier redrives; 0 when absent. A move
+  sets it to one more.
+- ``fabric-dead-letter-reason`` (``DEAD_LETTER_REASON_ATTRIBUTE``, String): why the message was
+  dead-lettered, for a producer that parks a message in a DLQ itself. SQS moves a message to a
+  DLQ for one reason only, too many receives, so absent means ``max-receive-count``.
+- ``fabric-dead-lettered-at`` (``DEAD_LETTERED_AT_ATTRIBUTE``, epoch seconds): when, likewise.
+
+The attribute names are the RabbitMQ side's header names (``fabric.topology``), so a letter
+reads the same on either side. The two that describe one dead-lettering are not sent back: a
+redriven message starts afresh, as it does on RabbitMQ.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from fabric import topology
 from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
-from fabric.errors import TransportUnavailable
+from fabric.errors import FabricError, TransportUnavailable
 from fabric.ports import DeadLetter
 from fabric.settings import SqsDeadLetterQueue as QueueSettings
 
-# How often a message was redriven; SQS moves a message to a DLQ only for too many receives.
-REDRIVES_ATTRIBUTE = "fabric-redrives"
+_LOG = logging.getLogger(__name__)
+REDRIVES_ATTRIBUTE = topology.REDRIVES_HEADER
+DEAD_LETTER_REASON_ATTRIBUTE = topology.DEAD_LETTER_REASON_HEADER
+DEAD_LETTERED_AT_ATTRIBUTE = topology.DEAD_LETTERED_AT_HEADER
+# The only reason SQS itself dead-letters a message: its redrive policy's maxReceiveCount.
 SQS_DEAD_LETTER_REASON = "max-receive-count"
-_MAX_ATTRIBUTES = 10  # SQS refuses more message attributes than this
+DEFAULT_HOLD_SECONDS = 300
+_MAX_HOLD_SECONDS = 43_200  # SQS's longest visibility timeout (12 hours)
+_MAX_ENTRIES = 10  # SQS's batch calls and ReceiveMessage take at most 10
+_MAX_ATTRIBUTES = 10  # SQS refuses a message with more message attributes than this
+# SQS limits a whole SendMessageBatch request (bodies and attributes) to 256 KiB on queues with
+# the classic maximum message size; a larger letter travels alone.
+_MAX_BATCH_BYTES = 262_144
+# Per dead-lettering, not per message: dropped on the way back (the counter is replaced).
+_NOT_SENT_BACK = frozenset(
+    {REDRIVES_ATTRIBUTE, DEAD_LETTER_REASON_ATTRIBUTE, DEAD_LETTERED_AT_ATTRIBUTE}
+)
+_ATTRIBUTE_FIELDS = ("DataType", "StringValue", "BinaryValue")
+
+
+@dataclass
+class _Held:
+    """A letter this run holds: its SQS message id, its newest receipt, its raw attributes."""
+
+    sqs_id: str
+    receipt: str
+    attributes: dict[str, dict[str, Any]]
 
 
 class SqsDeadLetterQueue:
-    """One SQS DLQ and the source queue its letters go back to."""
+    """One SQS DLQ (``<source>-dlq``, the stack's naming) and the source queue its letters go
+    back to; ``name`` is the DLQ's name, as operators and the ledger's keys know it."""
 
     def __init__(
-        self, queue: QueueSettings, client_factory: Callable[[], Any], *, hold_seconds: int = 300
+        self,
+        queue: QueueSettings,
+        client_factory: Callable[[], Any],
+        *,
+        hold_seconds: int = DEFAULT_HOLD_SECONDS,
     ) -> None:
-        self.name = queue.name + "-dlq"
+        """``client_factory`` makes the boto3 SQS client on first use; ``hold_seconds`` is how
+        long a peeked letter stays hidden from other readers if the run never releases it.
+
+        Raises:
+            ValueError: ``hold_seconds`` is not between 1 and 43200 (SQS's limits).
+        """
+        if not 1 <= hold_seconds <= _MAX_HOLD_SECONDS:
+            raise ValueError(f"hold_seconds must be between 1 and {_MAX_HOLD_SECONDS}")
+        self.name = f"{queue.name}-dlq"
         self._queue = queue
         self._client_factory = client_factory
         self._client: Any = None
         self._hold_seconds = hold_seconds
-        self._held: dict[str, dict[str, Any]] = {}  # handle -> message attributes
-        self._seen: set[str] = set()  # SQS message ids taken in this run
+        self._held: dict[str, _Held] = {}  # letter handle (its first receipt) -> what is held
+        self._by_sqs_id: dict[str, str] = {}  # SQS message id -> letter handle, this run
 
     def _sqs(self) -> Any:
         if self._client is None:
@@ -46,11 +99,17 @@ class SqsDeadLetterQueue:
         return self._client
 
     def peek(self, limit: int) -> list[DeadLetter]:
-        """Up to ``limit`` letters, each hidden for ``hold_seconds``; ages are from the time the
-        message was first sent (SQS keeps ``SentTimestamp`` when it dead-letters).
+        """Up to ``limit`` letters not yet seen in this run, each hidden for ``hold_seconds``.
+
+        Receives 10 at a time until ``limit`` letters or a receive with nothing new (SQS may
+        return a letter again once its hold ran out: it is held anew, not returned twice).
+        ``dead_lettered_at`` is the ``fabric-dead-lettered-at`` attribute where a producer set
+        it, else ``SentTimestamp``: SQS keeps a message's original send time when it moves it to
+        a DLQ, so ages (and age filters) count from when the message was first sent.
 
         Raises:
-            TransportUnavailable: SQS cannot be reached or refuses the call.
+            TransportUnavailable: SQS cannot be reached or refuses the call (also: the queue
+                does not exist) before any letter was taken in this call.
         """
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -59,35 +118,66 @@ class SqsDeadLetterQueue:
             try:
                 response = self._sqs().receive_message(
                     QueueUrl=self._queue.dlq_url,
-                    MaxNumberOfMessages=max(1, min(10, limit - len(letters))),
+                    MaxNumberOfMessages=max(1, min(_MAX_ENTRIES, limit - len(letters))),
                     WaitTimeSeconds=0,
                     VisibilityTimeout=self._hold_seconds,
                     MessageAttributeNames=["All"],
-                    MessageSystemAttributeNames=["SentTimestamp"],
+                    MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
                 )
             except (BotoCoreError, ClientError) as exc:
-                raise TransportUnavailable(f"cannot receive from {self.name}") from exc
-            fresh = [m for m in response.get("Messages", []) if m["MessageId"] not in self._seen]
+                if letters:
+                    # Hand over what is held already; the next peek reports the outage.
+                    _LOG.warning("receive from %s failed: %s", self.name, type(exc).__name__)
+                    break
+                raise TransportUnavailable(
+                    f"cannot receive from {self.name}: {type(exc).__name__}"
+                ) from exc
+            fresh = 0
+            for message in response.get("Messages", []):
+                sqs_id, receipt = str(message["MessageId"]), str(message["ReceiptHandle"])
+                handle = self._by_sqs_id.get(sqs_id)
+                if handle is not None:
+                    # Seen in this run: SQS honours only the newest receipt handle of a message.
+                    if handle in self._held:
+                        self._held[handle].receipt = receipt
+                    else:  # removed, yet delivered again: give it back at release
+                        self._by_sqs_id[sqs_id] = receipt
+                        self._held[receipt] = _Held(sqs_id, receipt, {})
+                    continue
+                fresh += 1
+                self._by_sqs_id[sqs_id] = receipt
+                self._held[receipt] = _Held(
+                    sqs_id, receipt, dict(message.get("MessageAttributes", {}))
+                )
+                letters.append(self._letter(message))
             if not fresh:
                 break
-            for message in fresh:
-                self._seen.add(message["MessageId"])
-                self._held[message["ReceiptHandle"]] = message.get("MessageAttributes", {})
-                letters.append(self._letter(message))
         return letters
 
     def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
-        """Send to the source queue, 10 at a time; the letters SQS accepted."""
+        """Send to the source queue with the same body and every message attribute (with its
+        DataType), ``fabric-redrives`` raised by one; returns the letters SQS accepted.
+
+        Batches hold at most 10 entries and 256 KiB. A batch SQS refuses as a whole, or an
+        entry it lists as failed, is not moved (the letter stays in the DLQ); never raises for
+        I/O. A letter this run does not hold (released, removed, or from another run) is not
+        moved either: its attributes are not known.
+        """
         from botocore.exceptions import BotoCoreError, ClientError
 
+        movable = [letter for letter in letters if letter.handle in self._held]
+        if len(movable) < len(letters):
+            _LOG.warning(
+                "%d letter(s) not held by this run, not moved", len(letters) - len(movable)
+            )
         moved: list[DeadLetter] = []
-        for start in range(0, len(letters), 10):
-            chunk = list(letters[start : start + 10])
+        outgoing = {letter.handle: self._attributes(letter) for letter in movable}
+        for chunk in _batches(movable, outgoing):
             entries = [
                 {
                     "Id": str(i),
                     "MessageBody": letter.body.decode("utf-8"),
-                    "MessageAttributes": self._attributes(letter),
+                    "MessageAttributes": outgoing[letter.handle],
                 }
                 for i, letter in enumerate(chunk)
             ]
@@ -95,25 +185,44 @@ class SqsDeadLetterQueue:
                 response = self._sqs().send_message_batch(
                     QueueUrl=self._queue.source_url, Entries=entries
                 )
-            except (BotoCoreError, ClientError):
-                continue  # not moved: it stays in the DLQ
+            except (BotoCoreError, ClientError) as exc:
+                _LOG.warning(
+                    "send to the source of %s failed for %d letter(s): %s",
+                    self.name,
+                    len(chunk),
+                    type(exc).__name__,
+                )
+                continue  # not moved: they stay in the DLQ
+            failed = response.get("Failed", [])
+            if failed:
+                _LOG.warning(
+                    "the source of %s refused %d letter(s): %s",
+                    self.name,
+                    len(failed),
+                    failed[0].get("Code"),
+                )
             moved.extend(chunk[int(item["Id"])] for item in response.get("Successful", []))
         return moved
 
     def remove(self, letters: Sequence[DeadLetter]) -> set[str]:
-        """Delete from the DLQ, 10 at a time; the handles SQS confirmed deleted."""
+        """Delete from the DLQ, 10 at a time (by each letter's newest receipt); returns the
+        handles SQS confirmed deleted. Never raises for I/O: what is not deleted stays."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         removed: set[str] = set()
-        handles = [letter.handle for letter in letters]
-        for start in range(0, len(handles), 10):
-            chunk = handles[start : start + 10]
-            entries = [{"Id": str(i), "ReceiptHandle": h} for i, h in enumerate(chunk)]
+        handles = list(dict.fromkeys(letter.handle for letter in letters))
+        for start in range(0, len(handles), _MAX_ENTRIES):
+            chunk = handles[start : start + _MAX_ENTRIES]
+            entries = [
+                {"Id": str(i), "ReceiptHandle": self._receipt(handle)}
+                for i, handle in enumerate(chunk)
+            ]
             try:
                 response = self._sqs().delete_message_batch(
                     QueueUrl=self._queue.dlq_url, Entries=entries
                 )
-            except (BotoCoreError, ClientError):
+            except (BotoCoreError, ClientError) as exc:
+                _LOG.warning("delete in %s failed: %s", self.name, type(exc).__name__)
                 continue
             removed.update(chunk[int(item["Id"])] for item in response.get("Successful", []))
         for handle in removed:
@@ -121,26 +230,42 @@ class SqsDeadLetterQueue:
         return removed
 
     def release(self) -> None:
-        """Make every held letter visible again at once (else: after ``hold_seconds``)."""
+        """Make every held letter not removed visible again at once (visibility timeout 0);
+        whatever SQS does not confirm comes back by itself after ``hold_seconds``. Ends the run:
+        the next ``peek`` sees every letter again."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        handles = list(self._held)
+        receipts = [held.receipt for held in self._held.values()]
         self._held.clear()
-        self._seen.clear()
-        for start in range(0, len(handles), 10):
+        self._by_sqs_id.clear()
+        failed = 0
+        for start in range(0, len(receipts), _MAX_ENTRIES):
+            chunk = receipts[start : start + _MAX_ENTRIES]
             entries = [
-                {"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0}
-                for i, h in enumerate(handles[start : start + 10])
+                {"Id": str(i), "ReceiptHandle": receipt, "VisibilityTimeout": 0}
+                for i, receipt in enumerate(chunk)
             ]
             try:
-                self._sqs().change_message_visibility_batch(
+                response = self._sqs().change_message_visibility_batch(
                     QueueUrl=self._queue.dlq_url, Entries=entries
                 )
             except (BotoCoreError, ClientError):
-                continue  # visible again after hold_seconds anyway
+                failed += len(chunk)
+                continue
+            failed += len(response.get("Failed", []))
+        if failed:
+            _LOG.warning(
+                "%d letter(s) of %s reappear only after %ds", failed, self.name, self._hold_seconds
+            )
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _receipt(self, handle: str) -> str:
+        held = self._held.get(handle)
+        return held.receipt if held is not None else handle
 
     def _letter(self, message: dict[str, Any]) -> DeadLetter:
-        attributes = message.get("MessageAttributes", {})
+        attributes: dict[str, Any] = message.get("MessageAttributes", {})
 
         def attribute(name: str) -> str | None:
             value = attributes.get(name, {}).get("StringValue")
@@ -149,91 +274,218 @@ class SqsDeadLetterQueue:
         body = str(message["Body"])
         message_id, topic = attribute(MESSAGE_ID_ATTRIBUTE), attribute(TOPIC_ATTRIBUTE)
         if message_id is None or topic is None:
-            try:
+            # Not sent through our SNS transport: read what the envelope says.
+            envelope: Any = {}
+            with contextlib.suppress(ValueError):
                 envelope = json.loads(body)
-            except ValueError:
-                envelope = {}
             envelope = envelope if isinstance(envelope, dict) else {}
             message_id = message_id or str(envelope.get("message_id") or message["MessageId"])
             topic = topic or str(envelope.get("topic") or "")
-        sent = message.get("Attributes", {}).get("SentTimestamp")
-        redrives = attribute(REDRIVES_ATTRIBUTE) or "0"
-        headers_text = attribute(HEADERS_ATTRIBUTE)
         return DeadLetter(
             handle=str(message["ReceiptHandle"]),
             message_id=message_id,
             topic=topic,
             body=body.encode("utf-8"),
             origin=self._queue.source_url,
-            reason=SQS_DEAD_LETTER_REASON,
-            dead_lettered_at=(
-                datetime.fromtimestamp(int(sent) / 1000, UTC) if sent and sent.isdigit() else None
+            reason=attribute(DEAD_LETTER_REASON_ATTRIBUTE) or SQS_DEAD_LETTER_REASON,
+            dead_lettered_at=_dead_lettered_at(
+                attribute(DEAD_LETTERED_AT_ATTRIBUTE),
+                message.get("Attributes", {}).get("SentTimestamp"),
             ),
-            redrives=int(redrives) if redrives.isdigit() else 0,
-            headers=json.loads(headers_text) if headers_text else {},
+            redrives=_count(attribute(REDRIVES_ATTRIBUTE)),
+            headers=_headers(attribute(HEADERS_ATTRIBUTE)),
         )
 
     def _attributes(self, letter: DeadLetter) -> dict[str, Any]:
         kept = {
-            name: {
-                k: v for k, v in value.items() if k in ("DataType", "StringValue", "BinaryValue")
-            }
-            for name, value in self._held.get(letter.handle, {}).items()
-            if name != REDRIVES_ATTRIBUTE
+            name: {k: v for k, v in value.items() if k in _ATTRIBUTE_FIELDS}
+            for name, value in self._held[letter.handle].attributes.items()
+            if name not in _NOT_SENT_BACK
         }
-        if len(kept) < _MAX_ATTRIBUTES:  # else the originals win; the counter is informational
+        # SQS refuses an 11th attribute. A letter that already carries 10 of its own goes back
+        # with exactly those and without the counter: the message and its attributes matter
+        # more than the count. Its redrive count then stays where it was, so should it be
+        # dead-lettered and redriven again within the ledger's 14 days, the ledger (keyed on the
+        # count) takes it for already moved: hence the warning.
+        if len(kept) < _MAX_ATTRIBUTES:
             kept[REDRIVES_ATTRIBUTE] = {
                 "DataType": "Number",
                 "StringValue": str(letter.redrives + 1),
             }
+        else:
+            _LOG.warning(
+                "a letter of %s has %d message attributes: sent back without %s",
+                self.name,
+                len(kept),
+                REDRIVES_ATTRIBUTE,
+            )
         return kept
+
+
+def _batches(
+    letters: Sequence[DeadLetter], attributes: dict[str, dict[str, Any]]
+) -> list[list[DeadLetter]]:
+    """At most 10 letters and 256 KiB a batch, in order; a larger letter alone."""
+    batches: list[list[DeadLetter]] = []
+    size = 0
+    for letter in letters:
+        letter_size = len(letter.body) + _attributes_size(attributes[letter.handle])
+        if not batches or len(batches[-1]) >= _MAX_ENTRIES or size + letter_size > _MAX_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(letter)
+        size += letter_size
+    return batches
+
+
+def _attributes_size(attributes: dict[str, Any]) -> int:
+    """What SQS counts toward the message size: each attribute's name, type and value."""
+    size = 0
+    for name, value in attributes.items():
+        size += len(name.encode()) + len(str(value.get("DataType", "")).encode())
+        if "StringValue" in value:
+            size += len(str(value["StringValue"]).encode())
+        if "BinaryValue" in value:
+            size += len(value["BinaryValue"])
+    return size
+
+
+def _count(text: str | None) -> int:
+    try:
+        return max(0, int(float(text))) if text is not None else 0
+    except (ValueError, OverflowError):
+        return 0
+
+
+def _headers(text: str | None) -> dict[str, str]:
+    if not text:
+        return {}
+    try:
+        decoded = json.loads(text)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in decoded.items()} if isinstance(decoded, dict) else {}
+
+
+def _dead_lettered_at(stamp_s: str | None, sent_ms: str | None) -> datetime | None:
+    for text, scale in ((stamp_s, 1.0), (sent_ms, 1000.0)):
+        if text is None:
+            continue
+        with contextlib.suppress(ValueError, OverflowError, OSError):
+            return datetime.fromtimestamp(float(text) / scale, UTC)
+    return None
+
+
+# -- SQS's native message-move tasks ----------------------------------------------------------
+
+
+class MoveTaskRefused(FabricError):
+    """SQS refused a message-move task call (not a DLQ, no such task, one already running,
+    access denied); ``code`` is SQS's error code. Retrying the same call will not help."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(f"{message}: {code}")
+        self.code = code
 
 
 @dataclass(frozen=True)
 class MoveTask:
-    """One SQS message-move task, as ``ListMessageMoveTasks`` reports it."""
+    """One SQS message-move task, as ``ListMessageMoveTasks`` reports it.
+
+    ``handle`` is set only while the task runs (it is what ``cancel`` takes); ``status`` is
+    ``RUNNING``, ``COMPLETED``, ``CANCELLING``, ``CANCELLED`` or ``FAILED`` (``failure`` says
+    why); ``moved`` / ``to_move`` are SQS's approximate counts (``to_move`` unknown at first).
+    """
 
     handle: str | None
     status: str
     moved: int
     to_move: int | None
     failure: str | None
+    rate_per_s: int | None = None
+    started_at: datetime | None = None
+
+
+# SQS's codes for "try again later"; every other client error is a refusal.
+_TRANSIENT_CODES = frozenset({"RequestThrottled", "ThrottlingException", "ServiceUnavailable"})
+_MAX_RATE_PER_S = 500  # StartMessageMoveTask's MaxNumberOfMessagesPerSecond limit
 
 
 class SqsMessageMoveTasks:
     """SQS's native redrive (``StartMessageMoveTask``): a whole DLQ back to its source, inside
-    SQS, at up to ``rate_per_s`` messages a second. moto 5.2.5 does not implement it."""
+    SQS, at up to ``rate_per_s`` messages a second. SQS runs one task per queue at a time.
+
+    moto 5.2.5 does not implement these calls (they raise ``NotImplementedError`` under
+    ``mock_aws``), so the manual mover is what the redrive uses and tests.
+    """
 
     def __init__(self, client_factory: Callable[[], Any]) -> None:
         self._client_factory = client_factory
+        self._client: Any = None
 
     def start(self, queue: QueueSettings, *, rate_per_s: int | None = None) -> str:
-        """Start moving ``queue``'s DLQ to its source; the task handle."""
-        arguments: dict[str, Any] = {
-            "SourceArn": queue.dlq_arn,
-            "DestinationArn": queue.source_arn,
-        }
+        """Start moving ``queue``'s DLQ to its source queue; returns the task handle.
+
+        Raises:
+            ValueError: ``rate_per_s`` is not between 1 and 500.
+            MoveTaskRefused: SQS refused (e.g. a task already runs on this DLQ).
+            TransportUnavailable: SQS cannot be reached or throttles the call.
+        """
+        arguments: dict[str, Any] = {"SourceArn": queue.dlq_arn, "DestinationArn": queue.source_arn}
         if rate_per_s is not None:
+            if not 1 <= rate_per_s <= _MAX_RATE_PER_S:
+                raise ValueError(f"rate_per_s must be between 1 and {_MAX_RATE_PER_S}")
             arguments["MaxNumberOfMessagesPerSecond"] = rate_per_s
-        return str(self._client_factory().start_message_move_task(**arguments)["TaskHandle"])
+        response = self._call("start_message_move_task", **arguments)
+        return str(response["TaskHandle"])
 
     def tasks(self, queue: QueueSettings) -> list[MoveTask]:
-        """The recent move tasks of ``queue``'s DLQ, newest first."""
-        response = self._client_factory().list_message_move_tasks(
-            SourceArn=queue.dlq_arn, MaxResults=10
-        )
-        return [
-            MoveTask(
-                handle=item.get("TaskHandle"),
-                status=str(item["Status"]),
-                moved=int(item.get("ApproximateNumberOfMessagesMoved", 0)),
-                to_move=item.get("ApproximateNumberOfMessagesToMove"),
-                failure=item.get("FailureReason"),
-            )
-            for item in response.get("Results", [])
-        ]
+        """The recent move tasks of ``queue``'s DLQ (up to 10), newest first.
+
+        Raises:
+            MoveTaskRefused: SQS refused (e.g. the queue does not exist).
+            TransportUnavailable: SQS cannot be reached or throttles the call.
+        """
+        response = self._call("list_message_move_tasks", SourceArn=queue.dlq_arn, MaxResults=10)
+        return [_task(item) for item in response.get("Results", [])]
 
     def cancel(self, handle: str) -> int:
-        """Cancel a running task; how many messages it had moved."""
-        response = self._client_factory().cancel_message_move_task(TaskHandle=handle)
+        """Cancel a running task; returns how many messages it had moved (approximately).
+
+        Raises:
+            MoveTaskRefused: SQS refused (no such task, or it is not running).
+            TransportUnavailable: SQS cannot be reached or throttles the call.
+        """
+        response = self._call("cancel_message_move_task", TaskHandle=handle)
         return int(response.get("ApproximateNumberOfMessagesMoved", 0))
+
+    def _call(self, operation: str, **arguments: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            if self._client is None:
+                self._client = self._client_factory()
+            return getattr(self._client, operation)(**arguments)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if code in _TRANSIENT_CODES or status >= 500:
+                raise TransportUnavailable(f"SQS {operation}: {code}") from exc
+            raise MoveTaskRefused(f"SQS {operation}", code=code) from exc
+        except BotoCoreError as exc:
+            raise TransportUnavailable(f"SQS {operation}: {type(exc).__name__}") from exc
+
+
+def _task(item: dict[str, Any]) -> MoveTask:
+    started = item.get("StartedTimestamp")
+    to_move = item.get("ApproximateNumberOfMessagesToMove")
+    rate = item.get("MaxNumberOfMessagesPerSecond")
+    return MoveTask(
+        handle=item.get("TaskHandle"),
+        status=str(item["Status"]),
+        moved=int(item.get("ApproximateNumberOfMessagesMoved", 0)),
+        to_move=None if to_move is None else int(to_move),
+        failure=item.get("FailureReason"),
+        rate_per_s=None if rate is None else int(rate),
+        started_at=None if started is None else datetime.fromtimestamp(started / 1000, UTC),
+    )
