@@ -1,5 +1,6 @@
-"""The SQS side of the redrive on moto: the manual mover, the DynamoDB ledger, the runbook
-command driving the redrive function's code, and the native move task's moto gap."""
+"""The redrive of SQS dead letters end to end on moto (the Redriver with the manual mover and the
+DynamoDB ledger), and the runbook command driving the redrive function's code. The adapters on
+their own: test_sqs_dead_letters.py and test_dynamodb_ledger.py."""
 
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.stub import Stubber
 from moto import mock_aws
 
-from fabric.adapters.dynamodb_ledger import LEDGER_TTL_SECONDS, DynamoDbRedriveLedger
+from fabric.adapters.dynamodb_ledger import DynamoDbRedriveLedger
 from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
-from fabric.adapters.sqs_dlq import REDRIVES_ATTRIBUTE, SqsDeadLetterQueue, SqsMessageMoveTasks
-from fabric.errors import TransportUnavailable
+from fabric.adapters.sqs_dlq import REDRIVES_ATTRIBUTE, SqsDeadLetterQueue
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
 from fabric.settings import SqsDeadLetterQueue as QueueSettings
 from tests.integration.aws_fallback import REGION
@@ -96,7 +95,9 @@ def received(client: Any, url: str) -> list[dict[str, Any]]:
     return out
 
 
-def test_the_manual_mover_puts_letters_back_with_their_attributes(sqs: dict[str, Any]) -> None:
+def test_a_redrive_run_puts_sqs_letters_back_with_their_attributes_and_audits_them(
+    sqs: dict[str, Any],
+) -> None:
     client, settings = sqs["client"], sqs["settings"]
     ids = park(client, settings, 25)
     ledger = DynamoDbRedriveLedger(TABLE, lambda: boto3.client("dynamodb", region_name=REGION))
@@ -127,70 +128,6 @@ def test_a_filtered_run_gives_the_rest_back_at_once(sqs: dict[str, Any]) -> None
 
     assert (report.scanned, report.moved) == (5, 2)
     assert len(received(client, settings.dlq_url)) == 3, "visible again without waiting"
-
-
-def test_peek_on_a_missing_queue_is_unavailable(sqs: dict[str, Any]) -> None:
-    client, settings = sqs["client"], sqs["settings"]
-    client.delete_queue(QueueUrl=settings.dlq_url)
-    with pytest.raises(TransportUnavailable):
-        SqsDeadLetterQueue(settings, lambda: client).peek(10)
-
-
-def test_the_ledger_records_and_finds_keys_past_its_chunk_sizes(sqs: dict[str, Any]) -> None:
-    dynamodb = boto3.client("dynamodb", region_name=REGION)
-    ledger = DynamoDbRedriveLedger(TABLE, lambda: dynamodb)
-    keys = [f"redrive#q#m-{i}#0" for i in range(150)]
-    ledger.record(keys)
-    assert ledger.moved([*keys, "redrive#q#other#0"]) == set(keys)
-    item = dynamodb.get_item(TableName=TABLE, Key={"id": {"S": keys[0]}})["Item"]
-    import time
-
-    assert abs(int(item["expiration"]["N"]) - (time.time() + LEDGER_TTL_SECONDS)) < 60
-
-
-def test_the_move_task_wrapper_speaks_the_sqs_api(sqs: dict[str, Any]) -> None:
-    settings = sqs["settings"]
-    client = boto3.client("sqs", region_name=REGION)
-    with Stubber(client) as stub:
-        stub.add_response(
-            "start_message_move_task",
-            {"TaskHandle": "task-1"},
-            {
-                "SourceArn": settings.dlq_arn,
-                "DestinationArn": settings.source_arn,
-                "MaxNumberOfMessagesPerSecond": 50,
-            },
-        )
-        stub.add_response(
-            "list_message_move_tasks",
-            {
-                "Results": [
-                    {
-                        "TaskHandle": "task-1",
-                        "Status": "RUNNING",
-                        "ApproximateNumberOfMessagesMoved": 7,
-                        "ApproximateNumberOfMessagesToMove": 20,
-                    }
-                ]
-            },
-            {"SourceArn": settings.dlq_arn, "MaxResults": 10},
-        )
-        tasks = SqsMessageMoveTasks(lambda: client)
-        assert tasks.start(settings, rate_per_s=50) == "task-1"
-        (task,) = tasks.tasks(settings)
-    assert (task.status, task.moved, task.to_move) == ("RUNNING", 7, 20)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="moto 5.2.5 has no SQS message-move tasks (StartMessageMoveTask is not implemented); "
-    "strict, so this fails once moto adds them and the wrapper can be tested on moto itself",
-)
-def test_the_native_move_task_on_moto(sqs: dict[str, Any]) -> None:
-    client, settings = sqs["client"], sqs["settings"]
-    park(client, settings, 2)
-    SqsMessageMoveTasks(lambda: client).start(settings)
-    assert len(received(client, settings.source_url)) == 2
 
 
 # -- the runbook command, with the redrive function's own code behind the invoke -----------------
