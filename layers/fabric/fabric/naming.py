@@ -36,3 +36,9 @@ def idempotency_table_name(env_name: str) -> str:
     """``fabric-<env>-idempotency``: the DynamoDB table of consumer idempotency records and
     the redrive ledger (partition key ``id``, expiry attribute ``expiration``)."""
     return f"fabric-{env_name}-idempotency"
+
+
+def audit_queue_name(env_name: str) -> str:
+    """``fabric-<env>-audit``: the SQS queue that takes audit batches while RabbitMQ cannot
+    (the audit writer reads it and the RabbitMQ audit queue)."""
+    return f"fabric-{env_name}-audit"
