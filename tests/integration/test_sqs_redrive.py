@@ -209,3 +209,25 @@ def test_the_runbook_reports_a_refused_request(sqs: dict[str, Any]) -> None:
     status, output, _ = runbook_redrive(sqs, queue="fabric-test-unknown")
     assert status == 2
     assert "not a redrivable SQS queue" in output
+
+
+def test_a_letter_without_room_for_the_counter_can_be_redriven_again(sqs: dict[str, Any]) -> None:
+    client, settings = sqs["client"], sqs["settings"]
+    full = {f"a{i}": {"DataType": "String", "StringValue": str(i)} for i in range(9)}
+    full[MESSAGE_ID_ATTRIBUTE] = {"DataType": "String", "StringValue": "m-full"}
+    client.send_message(QueueUrl=settings.dlq_url, MessageBody="{}", MessageAttributes=full)
+    redriver = Redriver(
+        ledger=DynamoDbRedriveLedger(TABLE, lambda: boto3.client("dynamodb")), audit=Audit()
+    )
+    assert redriver.run(SqsDeadLetterQueue(settings, lambda: client)).moved == 1
+    (back,) = received(client, settings.source_url)
+    assert REDRIVES_ATTRIBUTE not in back["MessageAttributes"], "no room for the counter"
+    # Dead-lettered again: the same attributes, so the same redrive count, as a new SQS message.
+    client.send_message(
+        QueueUrl=settings.dlq_url, MessageBody="{}", MessageAttributes=back["MessageAttributes"]
+    )
+
+    again = redriver.run(SqsDeadLetterQueue(settings, lambda: client))
+
+    assert (again.moved, again.already_moved) == (1, 0), "moved again, not dropped as done"
+    assert len(received(client, settings.source_url)) == 1

@@ -158,7 +158,9 @@ class DeadLetter:
 
     ``handle`` is the source's own (an AMQP delivery tag, an SQS receipt handle); ``origin`` is
     where it goes back to (a RabbitMQ work queue, an SQS source queue URL); ``reason`` says why
-    it was dead-lettered; ``redrives`` counts earlier redrives of this message from this queue.
+    it was dead-lettered; ``redrives`` counts earlier redrives of this message from this queue;
+    ``copy_id`` names this dead-letter copy where the queue has such an id (SQS: every redrive
+    sends a new message, so a message dead-lettered again arrives under a new id).
     """
 
     handle: str
@@ -170,6 +172,7 @@ class DeadLetter:
     dead_lettered_at: datetime | None
     redrives: int = 0
     headers: Mapping[str, str] = field(default_factory=dict)
+    copy_id: str | None = None
 
 
 class DeadLetterQueue(Protocol):

@@ -150,9 +150,11 @@ Progress = Callable[[RedriveReport], None]
 
 
 def ledger_key(queue: str, letter: DeadLetter) -> str:
-    """The ledger entry of one dead-lettering of one message: a message dead-lettered again
-    after a redrive carries a higher redrive count, so it gets a new key and can move again."""
-    return f"redrive#{queue}#{letter.message_id}#{letter.redrives}"
+    """The ledger entry of one dead-lettering of one message. A message dead-lettered again after
+    a redrive gets a new key, so it can move again: by its new copy id (SQS), or else by its
+    raised redrive count (RabbitMQ, where the redrive always sets the count)."""
+    occurrence = letter.copy_id or str(letter.redrives)
+    return f"redrive#{queue}#{letter.message_id}#{occurrence}"
 
 
 class Redriver:

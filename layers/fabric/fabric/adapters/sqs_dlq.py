@@ -294,6 +294,8 @@ class SqsDeadLetterQueue:
             ),
             redrives=_count(attribute(REDRIVES_ATTRIBUTE)),
             headers=_headers(attribute(HEADERS_ATTRIBUTE)),
+            # The ledger keys on it: the redrive counter may not fit in 10 attributes.
+            copy_id=str(message["MessageId"]),
         )
 
     def _attributes(self, letter: DeadLetter) -> dict[str, Any]:
