@@ -43,7 +43,9 @@ def create_fallback_path(prefix: str) -> dict[str, Any]:
     return {"topics": topics, "queues": queues, "sqs": sqs}
 
 
-def bootstrapped_router(aws: dict[str, Any], *, port: int) -> Any:
+def bootstrapped_router(
+    aws: dict[str, Any], *, port: int, audit_queue_url: str | None = None
+) -> Any:
     """The router exactly as ``fabric.bootstrap`` wires it, for a broker on loopback ``port``,
     with a messages key and a platform secret in moto and ``aws``'s fallback topics."""
     from fabric.bootstrap import build_router_runtime
@@ -65,5 +67,6 @@ def bootstrapped_router(aws: dict[str, Any], *, port: int) -> Any:
         ingest_queue_prefix="fabric-test-ingest-",
         fallback_topic_arn=aws["topics"]["fallback"],
         emergency_topic_arn=aws["topics"]["emergency"],
+        audit_queue_url=audit_queue_url,
     )
     return build_router_runtime(settings).router

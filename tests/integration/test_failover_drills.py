@@ -173,3 +173,23 @@ def test_while_the_circuit_is_open_neither_messages_nor_audit_batches_wait_for_t
     during = fabric.route([alert(), donation()], source="community").results
     assert [(r.status, r.transport) for r in during] == [("accepted", "fallback")] * 2
     assert proxy.attempts == tried  # no connect for the messages, none for their audit batch
+
+
+def test_audit_batches_of_an_outage_go_to_the_sqs_audit_queue(
+    proxy: FaultProxy, aws: dict[str, Any]
+) -> None:
+    from fabric.audit import decode_audit_batch
+
+    sqs = boto3.client("sqs", region_name=REGION)
+    audit_queue = sqs.create_queue(QueueName="fabric-test-audit")["QueueUrl"]
+    fabric = bootstrapped_router(aws, port=proxy.port, audit_queue_url=audit_queue)
+    proxy.refuse()
+    sent = alert()
+    result = fabric.route([sent], source="community").results[0]
+    assert (result.status, result.transport) == ("accepted", "fallback")
+
+    (message,) = sqs.receive_message(QueueUrl=audit_queue, MaxNumberOfMessages=10)["Messages"]
+    (record,) = decode_audit_batch(message["Body"].encode())
+    assert (record["event"], record["message_id"]) == ("accepted", sent["message_id"])
+    assert record["transport"] == "fallback"
+    assert record["emitted_by"] == "router"

@@ -14,10 +14,11 @@ from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.secrets import SecretCredentials
 from fabric.adapters.sns import SnsFallbackTransport
 from fabric.adapters.sqs import SqsFallbackSource
+from fabric.adapters.sqs_audit import SqsAuditTransport
 from fabric.audit_sink import TransportAuditSink
 from fabric.breaker import BreakerTransport
 from fabric.drain import Drainer, FallbackQueue
-from fabric.ports import DeadLetterQueue, MessageKind, Metrics, OutboundMessage
+from fabric.ports import DeadLetterQueue, MessageKind, Metrics, OutboundMessage, Transport
 from fabric.redrive import Redriver
 from fabric.router import Router
 from fabric.routing import default_routing_table
@@ -77,7 +78,7 @@ def build_router_runtime(
         table=default_routing_table(),
         transports=[broker, fallback],
         cipher=EsdkCipher(settings.messages_key_arn, client_factory=lambda: make_client("kms")),
-        audit=TransportAuditSink([broker], emitted_by="router"),
+        audit=_audit_sink(settings, broker, make_client, emitted_by="router"),
         environment=settings.environment,
         metrics=metrics or EmfMetrics(environment=settings.environment, emitted_by="router"),
     )
@@ -101,6 +102,21 @@ def _rabbit(
     )
 
 
+def _audit_sink(
+    settings: RouterSettings | DrainSettings | RedriveSettings,
+    broker: Transport,
+    make_client: Callable[[str], Any],
+    *,
+    emitted_by: str,
+) -> TransportAuditSink:
+    """Audit batches to RabbitMQ's audit exchange, or, when it cannot take them, to the SQS
+    audit queue (the audit writer reads both and deduplicates by batch id)."""
+    transports: list[Transport] = [broker]
+    if settings.audit_queue_url is not None:
+        transports.append(SqsAuditTransport(settings.audit_queue_url, lambda: make_client("sqs")))
+    return TransportAuditSink(transports, emitted_by=emitted_by)
+
+
 def build_drainer(
     settings: DrainSettings,
     *,
@@ -117,7 +133,7 @@ def build_drainer(
         ],
         source=SqsFallbackSource(lambda: make_client("sqs")),
         broker=rabbit,
-        audit=TransportAuditSink([rabbit], emitted_by="drain"),
+        audit=_audit_sink(settings, rabbit, make_client, emitted_by="drain"),
         metrics=metrics or EmfMetrics(environment=settings.environment, emitted_by="drain"),
         max_messages=settings.max_messages,
         max_seconds=settings.max_seconds,
@@ -169,7 +185,7 @@ def build_redrive(
             ledger=DynamoDbRedriveLedger(
                 settings.idempotency_table, lambda: make_client("dynamodb")
             ),
-            audit=TransportAuditSink([rabbit], emitted_by="redrive"),
+            audit=_audit_sink(settings, rabbit, make_client, emitted_by="redrive"),
         ),
         settings=settings,
         open_queue=open_queue,

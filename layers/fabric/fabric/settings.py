@@ -21,6 +21,8 @@ class RouterSettings:
     ``FABRIC_IDENTITY_CLAIM``: the JWT claim that names the caller's stakeholder group.
     ``FABRIC_INGEST_QUEUE_PREFIX``: SQS ingest queues are ``<prefix><group>``.
     ``FALLBACK_TOPIC_ARN`` / ``EMERGENCY_TOPIC_ARN``: the SNS topics of the fallback path.
+    ``AUDIT_QUEUE_URL`` (optional; every deployed function has it): the SQS queue that takes
+    audit batches while RabbitMQ cannot (the router, drain and redrive all read it).
     """
 
     environment: str
@@ -34,6 +36,7 @@ class RouterSettings:
     ingest_queue_prefix: str
     fallback_topic_arn: str
     emergency_topic_arn: str
+    audit_queue_url: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> RouterSettings:
@@ -54,6 +57,7 @@ class RouterSettings:
             ingest_queue_prefix=_required(environ, "FABRIC_INGEST_QUEUE_PREFIX"),
             fallback_topic_arn=_required(environ, "FALLBACK_TOPIC_ARN"),
             emergency_topic_arn=_required(environ, "EMERGENCY_TOPIC_ARN"),
+            audit_queue_url=_optional(environ, "AUDIT_QUEUE_URL"),
         )
 
 
@@ -62,6 +66,10 @@ def _required(environ: Mapping[str, str], name: str) -> str:
     if not value:
         raise ConfigError(f"environment variable {name} is required")
     return value
+
+
+def _optional(environ: Mapping[str, str], name: str) -> str | None:
+    return environ.get(name, "").strip() or None
 
 
 def _port(environ: Mapping[str, str], name: str) -> int:
@@ -96,6 +104,7 @@ class DrainSettings:
     queues: tuple[tuple[str, str, bool], ...]
     max_messages: int
     max_seconds: float
+    audit_queue_url: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> DrainSettings:
@@ -121,6 +130,7 @@ class DrainSettings:
             queues=queues,
             max_messages=_positive(environ, "DRAIN_MAX_MESSAGES", 10_000),
             max_seconds=float(_positive(environ, "DRAIN_MAX_SECONDS", 240)),
+            audit_queue_url=_optional(environ, "AUDIT_QUEUE_URL"),
         )
 
 
@@ -157,6 +167,7 @@ class RedriveSettings:
     idempotency_table: str
     sqs_dead_letter_queues: tuple[SqsDeadLetterQueue, ...]
     max_seconds: float
+    audit_queue_url: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> RedriveSettings:
@@ -193,6 +204,7 @@ class RedriveSettings:
             idempotency_table=_required(environ, "IDEMPOTENCY_TABLE"),
             sqs_dead_letter_queues=queues,
             max_seconds=float(_positive(environ, "REDRIVE_MAX_SECONDS", 840)),
+            audit_queue_url=_optional(environ, "AUDIT_QUEUE_URL"),
         )
 
 
