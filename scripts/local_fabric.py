@@ -683,6 +683,73 @@ def poison_act(
     return ok
 
 
+def _write_from_rabbitmq(writer: Any, passwords: dict[str, str]) -> int:
+    """Every batch on the RabbitMQ audit queue through ``writer``; how many batches."""
+    from fabric.audit import decode_audit_batch
+    from fabric.topology import AUDIT_QUEUE, PLATFORM_USER
+
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            "127.0.0.1",
+            5672,
+            LOCAL_VHOST,
+            pika.PlainCredentials(PLATFORM_USER, passwords[PLATFORM_USER]),
+        )
+    )
+    channel = connection.channel()
+    batches: list[tuple[str, list[dict[str, Any]]]] = []
+    count = 0
+    last_tag = 0
+    while True:
+        method, properties, body = channel.basic_get(AUDIT_QUEUE)
+        if method is not None:
+            batches.append((str(properties.message_id), decode_audit_batch(body)))
+            last_tag = method.delivery_tag
+            count += 1
+        if batches and (method is None or len(batches) == 50):
+            writer.write(batches)  # one object per call; acknowledged once stored
+            channel.basic_ack(last_tag, multiple=True)
+            batches = []
+        if method is None:
+            break
+    connection.close()
+    return count
+
+
+def _write_from_sqs(writer: Any) -> int:
+    """Every batch on the SQS audit queue through ``writer``; how many batches."""
+    import boto3
+
+    from fabric.adapters.sns import MESSAGE_ID_ATTRIBUTE
+    from fabric.audit import decode_audit_batch
+    from fabric.naming import audit_queue_name
+
+    # What the components sent while RabbitMQ could not take it (the failover act's outage).
+    sqs = boto3.client("sqs")
+    from_sqs = 0
+    url = sqs.get_queue_url(QueueName=audit_queue_name("dev"))["QueueUrl"]
+    while received := sqs.receive_message(
+        QueueUrl=url, MaxNumberOfMessages=10, MessageAttributeNames=["All"]
+    ).get("Messages", []):
+        writer.write(
+            [
+                (
+                    m["MessageAttributes"][MESSAGE_ID_ATTRIBUTE]["StringValue"],
+                    decode_audit_batch(m["Body"].encode()),
+                )
+                for m in received
+            ]
+        )
+        sqs.delete_message_batch(
+            QueueUrl=url,
+            Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(received)
+            ],
+        )
+        from_sqs += len(received)
+    return from_sqs
+
+
 def audit_act(
     templates: dict[str, dict[str, Any]], physical: dict[str, str], passwords: dict[str, str]
 ) -> bool:
@@ -692,10 +759,8 @@ def audit_act(
 
     from fabric.adapters.audit_storage import DynamoDbChainStore, S3ObjectStore
     from fabric.adapters.kms_signer import KmsSigner
-    from fabric.audit import decode_audit_batch
     from fabric.audit_chain import verify_trail
     from fabric.audit_writer import AuditWriter
-    from fabric.topology import AUDIT_QUEUE, PLATFORM_USER
 
     stateful = templates["Stateful"]["Resources"]
 
@@ -718,29 +783,8 @@ def audit_act(
         objects=store,
         signer=signer,
     )
-    connection = pika.BlockingConnection(
-        pika.ConnectionParameters(
-            "127.0.0.1",
-            5672,
-            LOCAL_VHOST,
-            pika.PlainCredentials(PLATFORM_USER, passwords[PLATFORM_USER]),
-        )
-    )
-    channel = connection.channel()
-    batches: list[tuple[str, list[dict[str, Any]]]] = []
-    last_tag = 0
-    while True:
-        method, properties, body = channel.basic_get(AUDIT_QUEUE)
-        if method is not None:
-            batches.append((str(properties.message_id), decode_audit_batch(body)))
-            last_tag = method.delivery_tag
-        if batches and (method is None or len(batches) == 50):
-            writer.write(batches)  # one object per call; acknowledged once stored
-            channel.basic_ack(last_tag, multiple=True)
-            batches = []
-        if method is None:
-            break
-    connection.close()
+    from_rabbitmq = _write_from_rabbitmq(writer, passwords)
+    from_sqs = _write_from_sqs(writer)
     checkpoint = writer.checkpoint()
     objects = {k: store.get(k) for k in store.keys("audit/local-writer/")}
     checkpoints = [(k, json.loads(store.get(k))) for k in store.keys("checkpoints/local-writer/")]
@@ -749,6 +793,10 @@ def audit_act(
     )
     events = {event: len(ids) for event, ids in sorted(result.message_ids.items())}
     print(f"   {result.records} records in {result.objects} objects of s3://{bucket}/audit/")
+    print(
+        f"   audit batches: {from_rabbitmq} from the RabbitMQ audit queue, {from_sqs} from the"
+        " SQS audit queue (sent during the outage)"
+    )
     print(f"   message ids per event: {events}")
     print(f"   sealed by {checkpoint} (ECDSA P-256 signature by the signing key)")
     verdict = "verified" if result.ok else f"FAILED at {result.problem}"

@@ -14,7 +14,7 @@ from stacks.config import EnvironmentConfig
 from stacks.constructs.alarms import DeadLetterAlarms, FailoverAlarms
 from stacks.constructs.drain import Drain
 from stacks.constructs.function import FunctionPlatform, build_layers
-from stacks.constructs.queues import physical_name
+from stacks.constructs.queues import address, physical_name
 from stacks.constructs.redrive import DeadLetterPair, Redrive
 from stacks.constructs.router import VIRTUAL_HOST, Router
 from stacks.constructs.topology import BrokerTopology
@@ -56,6 +56,8 @@ class ServicesStack(Stack):
             removal_policy=stateful.removal,
         )
         user_secrets = stateful.broker_users.secrets
+        # The stateful audit queue by its literal name: no cross-stack output for its URL or ARN.
+        audit_queue = address(self, stateful.audit_queue.queue)
         self.topology = BrokerTopology(
             self,
             "Topology",
@@ -85,6 +87,7 @@ class ServicesStack(Stack):
             fallback_topics=dict(stateful.fallback.topics),
             topics_key=stateful.keys.topics,
             ingest_prefix=stateful.ingest.prefix,
+            audit_queue=audit_queue,
         )
         self.drain = Drain(
             self,
@@ -98,6 +101,7 @@ class ServicesStack(Stack):
                 (flow, group.value): queues
                 for (flow, group), queues in stateful.fallback.queues.items()
             },
+            audit_queue=audit_queue,
         )
         fallback = stateful.fallback.queues.values()
         ingest = stateful.ingest
@@ -115,10 +119,12 @@ class ServicesStack(Stack):
                     DeadLetterPair(ingest.queues[group], ingest.dead_letter_queues[group])
                     for group in STAKEHOLDERS
                 ),
+                DeadLetterPair(stateful.audit_queue.queue, stateful.audit_queue.dead_letter_queue),
             ],
             queues_key=stateful.keys.queues,
             table=stateful.idempotency.table,
             table_key=stateful.idempotency.key,
+            audit_queue=audit_queue,
         )
         self.alarms = FailoverAlarms(
             self,
@@ -138,6 +144,7 @@ class ServicesStack(Stack):
             fallback_dlqs=[physical_name(q.dead_letter_queue) for q in fallback],
             subscription_dlqs=[physical_name(q.subscription_dead_letter_queue) for q in fallback],
             ingest_dlqs=[physical_name(q) for q in ingest.dead_letter_queues.values()],
+            audit_dlqs=[physical_name(stateful.audit_queue.dead_letter_queue)],
             function_dlqs=[
                 f.dead_letter_queue.queue_name for f in (*functions, self.redrive.function)
             ],

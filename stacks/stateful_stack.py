@@ -1,4 +1,4 @@
-"""The stateful stack: network, keys, audit storage, broker, queues and the idempotency table."""
+"""The stateful stack: network, keys, audit storage and queue, broker, queues, idempotency table."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from stacks.config import LOG_RETENTION_DAYS, EnvironmentConfig
+from stacks.constructs.audit_queue import AuditQueue
 from stacks.constructs.audit_storage import AuditStorage
 from stacks.constructs.broker import Broker, BrokerUsers
 from stacks.constructs.fallback import FallbackPath
@@ -21,7 +22,7 @@ class StatefulStack(Stack):
 
     Stateless resources (functions, APIs, alarms) live in their own stacks and receive these
     resources as typed props; this stack only composes constructs and exports what the runbook
-    and the local tooling read (``CfnOutput`` values, listed in docs/outputs.md).
+    and the local tooling read (``CfnOutput`` values, listed in docs/infrastructure.md).
     """
 
     def __init__(
@@ -59,6 +60,9 @@ class StatefulStack(Stack):
         )
         self.audit = AuditStorage(
             self, "AuditStorage", config=config.audit, key=self.keys.audit, removal_policy=removal
+        )
+        self.audit_queue = AuditQueue(
+            self, "AuditQueue", env_name=config.name, key=self.keys.queues, removal_policy=removal
         )
         self.broker = Broker(
             self,
@@ -109,6 +113,8 @@ class StatefulStack(Stack):
             "BrokerAdminSecretArn": self.broker.admin_secret.secret_arn,
             "AuditBucketName": self.audit.audit_bucket.bucket_name,
             "ReportsBucketName": self.audit.reports_bucket.bucket_name,
+            "AuditQueueUrl": self.audit_queue.queue.queue_url,
+            "AuditDlqUrl": self.audit_queue.dead_letter_queue.queue_url,
             "IdempotencyTableName": self.idempotency.table.table_name,
             "SigningKeyArn": self.keys.signing.key_arn,
             "VpcId": self.network.vpc.vpc_id,

@@ -151,6 +151,8 @@ class DeadLetterAlarms(Construct):
       drains (``ApproximateNumberOfMessagesVisible``, Maximum, 1 min).
     - ``SubscriptionDlqDepth``: SNS could not deliver a fallback message to its queue.
     - ``IngestDlqDepth``: the router gave up on an SQS ingest message after 20 receives.
+    - ``AuditDlqDepth``: the audit writer failed 10 times to write an audit batch that was sent
+      to the SQS audit queue while the broker was down.
     - ``FunctionDlqDepth``: a function's asynchronous invocation failed all its attempts.
     - ``BrokerDlqDepth``: a RabbitMQ work queue dead-lettered a message (consumer gave up, or
       the delivery limit was reached): AmazonMQ ``MessageCount``, Maximum over 5 minutes, since
@@ -169,6 +171,7 @@ class DeadLetterAlarms(Construct):
         fallback_dlqs: list[str],
         subscription_dlqs: list[str],
         ingest_dlqs: list[str],
+        audit_dlqs: list[str],
         function_dlqs: list[str],
         broker_name: str,
         virtual_host: str,
@@ -198,6 +201,13 @@ class DeadLetterAlarms(Construct):
                 ingest_dlqs,
                 "The router gave up on an SQS ingest message after 20 receives (both paths "
                 "down, or the message is bad). " + then,
+            ),
+            (
+                "AuditDlqDepth",
+                audit_dlqs,
+                "An audit batch sent to the SQS audit queue while RabbitMQ was down could not be "
+                "written by the audit writer 10 times and was parked in its DLQ. Check the audit "
+                "writer's logs, then see docs/runbook.md (redrive).",
             ),
             (
                 "FunctionDlqDepth",

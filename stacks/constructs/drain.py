@@ -12,8 +12,10 @@ from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
 from fabric.naming import drain_function_name
+from stacks.constructs.audit_queue import audit_environment
 from stacks.constructs.fallback import FallbackQueues
 from stacks.constructs.function import FabricFunction, FunctionPlatform
+from stacks.constructs.queues import QueueAddress
 from stacks.constructs.router import broker_environment
 
 # Two at once are safe (SQS hides a message from the other while one moves it); more would only
@@ -24,8 +26,9 @@ _CONCURRENCY = 2
 class Drain(Construct):
     """``lambdas/drain`` on a one-minute schedule; also invocable on demand (runbook).
 
-    It may receive and delete on the fallback queues only, read the platform broker user's
-    secret, and nothing else.
+    It may receive and delete on the fallback queues only, send its audit batches to the SQS
+    audit queue (while the broker cannot take them), read the platform broker user's secret, and
+    nothing else.
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class Drain(Construct):
         broker_secret: secretsmanager.ISecret,
         secrets_key: kms.IKey,
         queues: dict[tuple[str, str], FallbackQueues],
+        audit_queue: QueueAddress,
     ) -> None:
         super().__init__(scope, construct_id)
         described = [
@@ -57,12 +61,14 @@ class Drain(Construct):
                 **broker_environment(env_name, broker_host, broker_secret),
                 "FALLBACK_QUEUES": json.dumps(described),
                 "DRAIN_MAX_SECONDS": "240",
+                **audit_environment(audit_queue),
             },
             reserved_concurrency=_CONCURRENCY,
             timeout=Duration.minutes(5),
             memory_size=512,
         )
         self.function.allow_secret_read(broker_secret, secrets_key)
+        self.function.allow_send(audit_queue, sid="AuditBatches")
         for fallback in queues.values():
             fallback.queue.grant_consume_messages(self.function.function)
         events.Rule(

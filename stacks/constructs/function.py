@@ -15,6 +15,7 @@ from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from stacks.constructs.queues import QueueAddress
 from stacks.nag import acknowledge, ignore_cfn_lint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,8 +76,9 @@ class FabricFunction(Construct):
     retention; X-Ray tracing; inside the VPC's private subnets with the functions' security group;
     reserved concurrency; a KMS-encrypted dead-letter queue for failed asynchronous invocations;
     its own role, whose only AWS-side permissions are the ENI actions Lambda needs in a VPC,
-    writing to its own log group, and the queues key through SQS (for writing to its own DLQ).
-    Everything else is granted by the stack that uses it.
+    writing to its own log group, and the queues key through SQS (for writing to its own DLQ,
+    and to any queue of that key it is allowed to send to, ``allow_send``). Everything else is
+    granted by the stack that uses it.
     """
 
     def __init__(
@@ -134,7 +136,8 @@ class FabricFunction(Construct):
                 ),
                 # Lambda writes a failed asynchronous event to the DLQ as this role; the DLQ is
                 # SSE-KMS, so sending needs a data key of the queues key (CDK grants only
-                # sqs:SendMessage).
+                # sqs:SendMessage). The same covers every other queue of the queues key that
+                # the function may send to (allow_send).
                 iam.PolicyStatement(
                     sid="OwnDeadLetterQueueKey",
                     actions=["kms:GenerateDataKey", "kms:Decrypt"],
@@ -198,6 +201,18 @@ class FabricFunction(Construct):
         )
         # CDK makes the function depend on its role next to a GetAtt of the role's ARN.
         ignore_cfn_lint(self.function.node.find_child("Resource"), "W3005")
+
+    def allow_send(self, queue: QueueAddress, *, sid: str) -> None:
+        """Let the function send to ``queue``, a named queue encrypted with the queues key.
+
+        ``sqs:SendMessage`` on that one queue, named by its literal-name address (no cross-stack
+        output). The data key that sending to an SSE-KMS queue needs is already granted on the
+        queues key, through SQS only (``OwnDeadLetterQueueKey``). A statement id of its own
+        keeps the grant apart from others when CDK minimizes the policy.
+        """
+        self.role.add_to_principal_policy(
+            iam.PolicyStatement(sid=sid, actions=["sqs:SendMessage"], resources=[queue.arn])
+        )
 
     def allow_secret_read(self, secret: secretsmanager.ISecret, key: kms.IKey) -> None:
         """Let the function read ``secret``, encrypted with ``key``, through Secrets Manager.

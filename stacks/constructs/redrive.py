@@ -14,8 +14,9 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from fabric.naming import redrive_function_name
+from stacks.constructs.audit_queue import audit_environment
 from stacks.constructs.function import FabricFunction, FunctionPlatform
-from stacks.constructs.queues import address
+from stacks.constructs.queues import QueueAddress, address
 from stacks.constructs.router import broker_environment
 
 # One redrive at a time per environment. A run holds the letters it looked at (unacknowledged
@@ -69,8 +70,11 @@ class Redrive(Construct):
     No schedule: moving dead letters back is an operator's decision, taken once the cause is
     fixed. It reads every RabbitMQ DLQ as the platform user (AMQP; its secret is the only one it
     may read), and on each SQS dead-letter queue of ``pairs`` it may read, hold, remove and run
-    message-move tasks, sending only to that queue's source. It reads and writes ledger items
-    of the idempotency table. The queues key and the table's key only through SQS and DynamoDB.
+    message-move tasks, sending only to that queue's source. It sends its audit batches (the
+    ``redriven`` records) to the SQS audit queue while the broker cannot take them (granted on
+    its own, whether or not the audit queue is also one of ``pairs``). It reads and writes ledger
+    items of the idempotency table. The queues key and the table's key only through SQS and
+    DynamoDB.
     Asynchronous invocations are not retried: a failed run is the operator's to look at (its
     event lands in the function's alarmed async DLQ), and a re-run is safe.
     """
@@ -89,6 +93,7 @@ class Redrive(Construct):
         queues_key: kms.IKey,
         table: dynamodb.ITable,
         table_key: kms.IKey,
+        audit_queue: QueueAddress,
     ) -> None:
         super().__init__(scope, construct_id)
         addressed = sorted(
@@ -121,6 +126,7 @@ class Redrive(Construct):
                 "SQS_URL_PREFIX": url_prefix,
                 "SQS_ARN_PREFIX": arn_prefix,
                 "REDRIVE_MAX_SECONDS": _MAX_SECONDS,
+                **audit_environment(audit_queue),
             },
             reserved_concurrency=_CONCURRENCY,
             timeout=_TIMEOUT,
@@ -129,6 +135,7 @@ class Redrive(Construct):
         function = self.function.function
         function.configure_async_invoke(retry_attempts=0)
         self.function.allow_secret_read(broker_secret, secrets_key)
+        self.function.allow_send(audit_queue, sid="AuditBatches")
 
         dead_letter_arns = [dlq.arn for _, dlq in addressed]
         region = stack.region

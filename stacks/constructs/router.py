@@ -20,7 +20,9 @@ from constructs import Construct
 
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from stacks.config import ApiConfig, RouterConfig
+from stacks.constructs.audit_queue import audit_environment
 from stacks.constructs.function import FabricFunction, FunctionPlatform
+from stacks.constructs.queues import QueueAddress
 
 AMQPS_PORT = "5671"
 # The one RabbitMQ virtual host the topology is applied to and every function connects to.
@@ -50,6 +52,9 @@ class Router(Construct):
     - **HTTPS**: ``POST /v1/messages`` on an HTTP API with a JWT authorizer; the group is a claim
       of the verified token.
     - **SQS**: one event source per group's ingest queue, with partial batch failures.
+
+    Its audit batches go to RabbitMQ's audit exchange, or to the SQS audit queue
+    (``audit_queue``, ``AUDIT_QUEUE_URL``) while the broker cannot take them.
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class Router(Construct):
         fallback_topics: dict[str, sns.ITopic],
         topics_key: kms.IKey,
         ingest_prefix: str,
+        audit_queue: QueueAddress,
     ) -> None:
         super().__init__(scope, construct_id)
         self.function = FabricFunction(
@@ -85,6 +91,7 @@ class Router(Construct):
                 "FABRIC_INGEST_QUEUE_PREFIX": ingest_prefix,
                 "FALLBACK_TOPIC_ARN": fallback_topics["fallback"].topic_arn,
                 "EMERGENCY_TOPIC_ARN": fallback_topics["emergency"].topic_arn,
+                **audit_environment(audit_queue),
             },
             reserved_concurrency=config.reserved_concurrency,
             timeout=ROUTER_TIMEOUT,
@@ -92,6 +99,7 @@ class Router(Construct):
         )
         function = self.function.function
         self.function.allow_secret_read(broker_secret, secrets_key)
+        self.function.allow_send(audit_queue, sid="AuditBatches")
         messages_key.grant(function, "kms:GenerateDataKey")
         # Publishing to a topic encrypted with a customer key needs that key; named actions
         # rather than grant_publish's GenerateDataKey* wildcard.

@@ -163,8 +163,9 @@ def test_every_dead_letter_queue_is_watched_by_a_depth_alarm(
         for metric in watched_metrics(alarm)
         if metric["Namespace"] == "AWS/SQS"
     }
-    # 10 fallback DLQs, 10 subscription DLQs, 5 ingest DLQs, 4 functions' async DLQs.
-    assert len(dead_letter_queues) == 29
+    # 10 fallback DLQs, 10 subscription DLQs, 5 ingest DLQs, the audit DLQ, 4 functions' async
+    # DLQs.
+    assert len(dead_letter_queues) == 30
     assert dead_letter_queues == watched
     for alarm in dead_letter_alarms(env, assembly).values():
         for metric in watched_metrics(alarm):
@@ -208,6 +209,7 @@ def test_a_dead_letter_alarm_fires_on_one_message_and_pages_and_recovers(
         "FallbackDlqDepth",
         "SubscriptionDlqDepth",
         "IngestDlqDepth",
+        "AuditDlqDepth",
         "FunctionDlqDepth",
         "BrokerDlqDepth",
     }
@@ -227,3 +229,18 @@ def test_a_dead_letter_alarm_fires_on_one_message_and_pages_and_recovers(
         assert stats == {"Maximum"}
         # SQS publishes every minute; Amazon MQ pushes once a minute, late at times.
         assert periods == ({300} if "BrokerDlqDepth" in logical_id else {60}), logical_id
+
+
+def test_the_audit_dlq_has_an_alarm_of_its_own(env: Synthesized, assembly: Assembly) -> None:
+    (alarm,) = [
+        alarm
+        for logical_id, alarm in dead_letter_alarms(env, assembly).items()
+        if logical_id.startswith("DeadLetterAlarmsAuditDlqDepth")
+    ]
+    (metric,) = watched_metrics(alarm)
+    assert (metric["Namespace"], metric["MetricName"]) == (
+        "AWS/SQS",
+        "ApproximateNumberOfMessagesVisible",
+    )
+    assert dimension(metric, "QueueName") == f"fabric-{env.stage.stage_name}-audit-dlq"
+    assert "audit writer" in alarm["AlarmDescription"]

@@ -7,7 +7,7 @@ from typing import Any
 
 from aws_cdk import aws_sqs as sqs
 
-from fabric.naming import fallback_queue_names
+from fabric.naming import audit_queue_name, fallback_queue_names
 from fabric.stakeholders import STAKEHOLDERS
 from stacks.constructs.queues import address
 from tests.infra.conftest import Assembly, Synthesized
@@ -59,13 +59,14 @@ def redrive_sources(env: Synthesized, assembly: Assembly) -> tuple[list[str], st
 
 
 def redriven_queues(env: Synthesized) -> list[sqs.IQueue]:
-    """The 15 sources and their 15 DLQs, as constructs of the stateful stack."""
+    """The 16 sources and their 16 DLQs, as constructs of the stateful stack."""
     stateful = env.stage.stateful
     queues: list[sqs.IQueue] = []
     for fallback in stateful.fallback.queues.values():
         queues += [fallback.queue, fallback.dead_letter_queue]
     for group in STAKEHOLDERS:
         queues += [stateful.ingest.queues[group], stateful.ingest.dead_letter_queues[group]]
+    queues += [stateful.audit_queue.queue, stateful.audit_queue.dead_letter_queue]
     return queues
 
 
@@ -98,6 +99,7 @@ def test_the_redrive_gets_exactly_the_variables_its_settings_read(
         "SQS_URL_PREFIX",
         "SQS_ARN_PREFIX",
         "REDRIVE_MAX_SECONDS",
+        "AUDIT_QUEUE_URL",
     }
     assert variables["FABRIC_ENV"] == env.stage.stage_name
     assert (variables["RABBITMQ_PORT"], variables["RABBITMQ_TLS"]) == ("5671", "true")
@@ -116,8 +118,9 @@ def test_every_sqs_dead_letter_queue_is_listed_by_its_source(
     names, _, _ = redrive_sources(env, assembly)
     expected = [n for _, _, n in fallback_queue_names(name)]
     expected += [f"fabric-{name}-ingest-{group.value}" for group in STAKEHOLDERS]
+    expected += [audit_queue_name(name)]
     assert sorted(names) == sorted(expected)
-    assert len(names) == len(set(names)) == 15
+    assert len(names) == len(set(names)) == 16
 
     queues = {
         q["Properties"]["QueueName"]: (logical_id, q["Properties"])
@@ -196,7 +199,7 @@ def test_message_moves_and_reads_are_scoped_to_the_dead_letter_queues(
     names, _, arn_prefix = redrive_sources(env, assembly)
     dlq_arns = {f"{arn_prefix}{name}-dlq" for name in names}
     source_arns = {f"{arn_prefix}{name}" for name in names}
-    assert len(dlq_arns) == len(source_arns) == 15
+    assert len(dlq_arns) == len(source_arns) == 16
     granted = statements(template, function)
 
     def resources_of(action: str) -> set[str]:

@@ -1,0 +1,55 @@
+"""The SQS audit queue: where audit batches go while RabbitMQ's audit exchange cannot take them."""
+
+from __future__ import annotations
+
+from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import aws_kms as kms
+from constructs import Construct
+
+from fabric.naming import audit_queue_name
+from stacks.constructs.queues import QueueAddress, queue_with_dlq
+
+# Attempts of the audit writer at one batch before it is parked in the DLQ.
+_MAX_RECEIVE_COUNT = 10
+# Longer than the audit writer needs for one batch (a chained object in the Object Lock bucket
+# and one DynamoDB transaction), so a batch being written is not handed to a second writer.
+_VISIBILITY_TIMEOUT = Duration.seconds(120)
+# The variable the fabric's functions read the queue from (fabric.settings, optional there).
+AUDIT_QUEUE_URL = "AUDIT_QUEUE_URL"
+
+
+class AuditQueue(Construct):
+    """``fabric-<env>-audit`` (``fabric.naming.audit_queue_name``) and its DLQ ``...-dlq``.
+
+    The router, the drain and the redrive emit audit batches to RabbitMQ's audit exchange; while
+    the broker cannot take them they send them here instead, so no audit record is lost in an
+    outage. The audit writer reads this queue as well as the RabbitMQ audit queue (deduplicating
+    by the batch's message id). After 10 failed writes a batch is parked in the DLQ, whose
+    redrive-allow policy admits only this queue; the redrive puts it back once the writer is
+    fixed. KMS (queues key), TLS only, 14 days, like every fabric queue.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        env_name: str,
+        key: kms.IKey,
+        removal_policy: RemovalPolicy,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        self.queue, self.dead_letter_queue = queue_with_dlq(
+            self,
+            "Audit",
+            name=audit_queue_name(env_name),
+            key=key,
+            removal_policy=removal_policy,
+            max_receive_count=_MAX_RECEIVE_COUNT,
+            visibility_timeout=_VISIBILITY_TIMEOUT,
+        )
+
+
+def audit_environment(queue: QueueAddress) -> dict[str, str]:
+    """How a fabric function finds the audit queue: its URL (built from the literal name)."""
+    return {AUDIT_QUEUE_URL: queue.url}
