@@ -11,6 +11,7 @@ since the last checkpoint (also none: a quiet hour is proven quiet).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -155,3 +156,53 @@ class AuditWriter:
     def _save(self, state: ChainState, batch_ids: list[str]) -> None:
         if not self._chains.save(self._writer, state, batch_ids=batch_ids):
             raise ChainConflict(f"the chain of {self._writer} moved on meanwhile")
+
+
+def batches_from_event(event: Mapping[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The audit batches of an Amazon MQ for RabbitMQ event (``fabric.audit``) or an SQS event
+    (the audit queue), as (batch id, records).
+
+    A body that is not an audit batch is not dropped: it becomes one ``unreadable-batch`` record
+    carrying the SHA-256 of the body, so the trail shows that something arrived and what.
+
+    Raises:
+        ValueError: the event is neither.
+    """
+    from fabric.adapters.sns import MESSAGE_ID_ATTRIBUTE
+
+    items: list[tuple[str, bytes]] = []
+    if event.get("eventSource") == "aws:rmq":
+        for messages in event.get("rmqMessagesByQueue", {}).values():
+            for message in messages:
+                properties = message.get("basicProperties") or {}
+                body = base64.b64decode(message.get("data", ""))
+                items.append((str(properties.get("messageId") or _digest(body)), body))
+    elif isinstance(event.get("Records"), list):
+        for record in event["Records"]:
+            attributes = record.get("messageAttributes") or {}
+            body = str(record.get("body", "")).encode("utf-8")
+            batch_id = (attributes.get(MESSAGE_ID_ATTRIBUTE) or {}).get("stringValue")
+            items.append((str(batch_id or _digest(body)), body))
+    else:
+        raise ValueError("not an Amazon MQ or SQS event")
+    return [(batch_id, _records(body)) for batch_id, body in items]
+
+
+def _digest(body: bytes) -> str:
+    return "sha256-" + hashlib.sha256(body).hexdigest()
+
+
+def _records(body: bytes) -> list[dict[str, Any]]:
+    from fabric.audit import decode_audit_batch
+
+    try:
+        return decode_audit_batch(body)
+    except (ValueError, UnicodeDecodeError):
+        return [
+            {
+                "event": "unreadable-batch",
+                "at": format_timestamp(datetime.now(UTC)),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+                "reason": "not a fabric.audit-batch/1 document",
+            }
+        ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fabric import topology
 from fabric.adapters.emf import EmfMetrics
@@ -22,8 +22,11 @@ from fabric.ports import DeadLetterQueue, MessageKind, Metrics, OutboundMessage,
 from fabric.redrive import Redriver
 from fabric.router import Router
 from fabric.routing import default_routing_table
-from fabric.settings import DrainSettings, RedriveSettings, RouterSettings
+from fabric.settings import AuditWriterSettings, DrainSettings, RedriveSettings, RouterSettings
 from fabric.stakeholders import Stakeholder
+
+if TYPE_CHECKING:
+    from fabric.audit_writer import AuditWriter
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,34 @@ def redrive_from_environment(environ: Mapping[str, str] | None = None) -> Redriv
         ConfigError: a variable is missing or malformed (the message names it).
     """
     return build_redrive(RedriveSettings.from_env(os.environ if environ is None else environ))
+
+
+def build_audit_writer(
+    settings: AuditWriterSettings, *, client_factory: Callable[[str], Any] | None = None
+) -> AuditWriter:
+    """Wire the audit writer from settings. Nothing touches the network until it writes."""
+    from fabric.adapters.audit_storage import DynamoDbChainStore, S3ObjectStore
+    from fabric.adapters.kms_signer import KmsSigner
+    from fabric.audit_writer import AuditWriter
+
+    make_client = client_factory or _boto3_client
+    return AuditWriter(
+        settings.writer,
+        chains=DynamoDbChainStore(settings.table, lambda: make_client("dynamodb")),
+        objects=S3ObjectStore(settings.bucket, lambda: make_client("s3")),
+        signer=KmsSigner(settings.signing_key_arn, lambda: make_client("kms")),
+    )
+
+
+def audit_writer_from_environment(environ: Mapping[str, str] | None = None) -> AuditWriter:
+    """The audit writer of this process, from its environment variables.
+
+    Raises:
+        ConfigError: a variable is missing (the message names it).
+    """
+    return build_audit_writer(
+        AuditWriterSettings.from_env(os.environ if environ is None else environ)
+    )
 
 
 def drainer_from_environment(environ: Mapping[str, str] | None = None) -> Drainer:

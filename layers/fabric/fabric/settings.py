@@ -213,3 +213,34 @@ def _positive(environ: Mapping[str, str], name: str, default: int) -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError(f"environment variable {name} must be a positive integer, got {raw!r}")
     return int(raw)
+
+
+@dataclass(frozen=True)
+class AuditWriterSettings:
+    """What the audit writer function needs (set by the stack).
+
+    ``FABRIC_ENV``; ``AUDIT_BUCKET``: the Object Lock bucket; ``IDEMPOTENCY_TABLE``: chain
+    states and batch marks; ``SIGNING_KEY_ARN``: the asymmetric key that signs checkpoints;
+    ``AUDIT_WRITER_NAME``: the chain this function writes.
+    """
+
+    environment: str
+    bucket: str
+    table: str
+    signing_key_arn: str
+    writer: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> AuditWriterSettings:
+        """Read and check the variables.
+
+        Raises:
+            ConfigError: a variable is missing; the message names it.
+        """
+        return cls(
+            environment=_required(environ, "FABRIC_ENV"),
+            bucket=_required(environ, "AUDIT_BUCKET"),
+            table=_required(environ, "IDEMPOTENCY_TABLE"),
+            signing_key_arn=_required(environ, "SIGNING_KEY_ARN"),
+            writer=_required(environ, "AUDIT_WRITER_NAME"),
+        )

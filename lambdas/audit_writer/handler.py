@@ -1,0 +1,33 @@
+"""Audit writer Lambda: audit batches from RabbitMQ's audit queue (Amazon MQ event source) and
+the SQS audit queue into the Object Lock bucket; an hourly checkpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fabric.audit_writer import batches_from_event
+from fabric.bootstrap import audit_writer_from_environment
+
+WRITER = audit_writer_from_environment()
+
+
+def handler(event: dict[str, Any], _context: Any) -> dict[str, Any]:
+    """``{"checkpoint": true}`` (the hourly schedule) → ``{"checkpoint": key}``; an Amazon MQ or
+    SQS event → ``{"object", "records", "duplicate_batches"}`` (one object for the whole event);
+    anything else → ``{"error": ...}``.
+
+    A failure to store raises, so the event source delivers the whole event again; the writer
+    drops batches it already wrote.
+    """
+    if isinstance(event, dict) and event.get("checkpoint") is True:
+        return {"checkpoint": WRITER.checkpoint()}
+    try:
+        batches = batches_from_event(event if isinstance(event, dict) else {})
+    except ValueError as exc:
+        return {"error": str(exc)}
+    written = WRITER.write(batches)
+    return {
+        "object": written.key,
+        "records": written.records,
+        "duplicate_batches": written.duplicate_batches,
+    }

@@ -1,0 +1,118 @@
+"""The audit writer function's entry points on moto: Amazon MQ and SQS events, the hourly
+checkpoint, bad input; the trail it writes verifies."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import sys
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from fabric.adapters.audit_storage import S3ObjectStore
+from fabric.adapters.sns import MESSAGE_ID_ATTRIBUTE
+from fabric.audit import AuditEvent, AuditRecord, encode_audit_batch
+from fabric.audit_chain import verify_trail
+from tests.conftest import ROOT
+from tests.integration.test_audit_writer import BUCKET, TABLE, aws_audit  # noqa: F401 (fixture)
+
+WRITER = "fabric-test-audit-writer"
+
+
+@pytest.fixture
+def handler(aws_audit: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> ModuleType:  # noqa: F811
+    for name, value in {
+        "FABRIC_ENV": "test",
+        "AUDIT_BUCKET": BUCKET,
+        "IDEMPOTENCY_TABLE": TABLE,
+        "SIGNING_KEY_ARN": aws_audit["signer"].key_id,
+        "AUDIT_WRITER_NAME": WRITER,
+    }.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location(
+        "audit_writer_handler", ROOT / "lambdas/audit_writer/handler.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "audit_writer_handler", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def body(*message_ids: str) -> bytes:
+    from datetime import UTC, datetime
+
+    records = [
+        AuditRecord(event=AuditEvent.ACCEPTED, at=datetime.now(UTC), message_id=m, source="t")
+        for m in message_ids
+    ]
+    return encode_audit_batch(records, emitted_by="router")
+
+
+def amazon_mq(*bodies: tuple[str, bytes]) -> dict[str, Any]:
+    return {
+        "eventSource": "aws:rmq",
+        "rmqMessagesByQueue": {
+            "fabric.audit::/": [
+                {
+                    "basicProperties": {"messageId": batch_id},
+                    "data": base64.b64encode(data).decode(),
+                }
+                for batch_id, data in bodies
+            ]
+        },
+    }
+
+
+def sqs(*bodies: tuple[str, bytes]) -> dict[str, Any]:
+    return {
+        "Records": [
+            {
+                "messageId": f"sqs-{i}",
+                "body": data.decode(),
+                "messageAttributes": {
+                    MESSAGE_ID_ATTRIBUTE: {"stringValue": batch_id, "dataType": "String"}
+                },
+                "eventSource": "aws:sqs",
+            }
+            for i, (batch_id, data) in enumerate(bodies)
+        ]
+    }
+
+
+def test_both_event_sources_and_the_checkpoint_make_a_trail_that_verifies(
+    handler: ModuleType,
+    aws_audit: dict[str, Any],  # noqa: F811
+) -> None:
+    first = handler.handler(amazon_mq(("b1", body("m1", "m2")), ("junk", b"\xff not json")), None)
+    second = handler.handler(sqs(("b2", body("m3")), ("b1", body("m1", "m2"))), None)
+    sealed = handler.handler({"checkpoint": True}, None)
+
+    assert (first["records"], second["records"], second["duplicate_batches"]) == (3, 1, 1)
+    assert sealed["checkpoint"].startswith(f"checkpoints/{WRITER}/")
+    store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
+    result = verify_trail(
+        objects={k: store.get(k) for k in store.keys(f"audit/{WRITER}/")},
+        checkpoints=[(k, json.loads(store.get(k))) for k in store.keys(f"checkpoints/{WRITER}/")],
+        signer=aws_audit["signer"],
+        writer=WRITER,
+    )
+    assert result.ok, result.problem
+    assert result.records == 4
+    assert result.message_ids["accepted"] == {"m1", "m2", "m3"}
+    unreadable = [
+        json.loads(line)
+        for key in store.keys(f"audit/{WRITER}/")
+        for line in store.get(key).splitlines()
+        if b"unreadable-batch" in line
+    ]
+    assert len(unreadable) == 1, "a body that is no audit batch is recorded, not dropped"
+    assert unreadable[0]["batch"] == "junk"
+
+
+def test_an_event_of_another_shape_is_refused(handler: ModuleType) -> None:
+    assert handler.handler({"hello": "world"}, None) == {"error": "not an Amazon MQ or SQS event"}
