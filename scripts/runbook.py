@@ -4,6 +4,7 @@
     python scripts/runbook.py redrive --env prod --source rabbitmq|sqs --queue NAME
         [--topic PATTERN]... [--reason R]... [--message-id ID]... [--older-than AGE]
         [--newer-than AGE] [--max-messages N] [--rate N] [--dry-run]
+    python scripts/runbook.py verify --env prod [--writer NAME] [--bucket B] [--signing-key ARN]
 
 ``drain`` shows every fallback queue's depth and oldest message, then invokes the deployed
 drain function (``fabric-<env>-drain``) once and prints what it moved and why it stopped. The
@@ -17,6 +18,11 @@ the DLQ's name) to its source queue. ``--dry-run`` lists what would move and mov
 runs go in chunks (``--chunk``, default 500 messages an invocation) with a progress line after
 each; a re-run after an interruption never moves a letter twice (the function keeps a ledger).
 AGE is a number with ``s``, ``m``, ``h`` or ``d``.
+
+``verify`` reads one writer's audit trail (objects and checkpoints) from the audit bucket and
+checks signatures, chains, Merkle roots and sequence gaps; on failure it names the first bad
+record, object or checkpoint. The bucket and signing key come from the ``<env>-Stateful`` stack's
+outputs unless given.
 
 AWS credentials and the region come from the usual boto3 chain (``AWS_PROFILE``,
 ``AWS_REGION``); the region defaults to the environment's in cdk.json. Exit status: 0 done,
@@ -159,6 +165,40 @@ def redrive(
     return 0 if body["stopped"] in FINISHED else 1
 
 
+def verify(
+    *, bucket: str, signing_key: str, writer: str, client: Callable[[str], Any], out: TextIO
+) -> int:
+    """The ``verify`` command; returns the exit status (0 verified, 1 not)."""
+    from fabric.adapters.audit_storage import S3ObjectStore
+    from fabric.adapters.kms_signer import KmsSigner
+    from fabric.audit_chain import verify_trail
+
+    s3, kms = client("s3"), client("kms")
+    store = S3ObjectStore(bucket, lambda: s3)
+    keys = store.keys(f"audit/{writer}/")
+    print(f"reading {len(keys)} objects of {writer} from s3://{bucket} ...", file=out)
+    result = verify_trail(
+        objects={key: store.get(key) for key in keys},
+        checkpoints=[(k, json.loads(store.get(k))) for k in store.keys(f"checkpoints/{writer}/")],
+        signer=KmsSigner(signing_key, lambda: kms),
+        writer=writer,
+    )
+    print(
+        f"{result.records} records, {result.objects} objects, {result.checkpoints} checkpoints",
+        file=out,
+    )
+    if result.problem is not None:
+        print(f"NOT VERIFIED: {result.problem.where}: {result.problem.why}", file=out)
+        return 1
+    print("verified: signatures, chains, Merkle roots and sequence all hold", file=out)
+    return 0
+
+
+def _stack_output(client: Callable[[str], Any], stack: str, name: str) -> str:
+    (described,) = client("cloudformation").describe_stacks(StackName=stack)["Stacks"]
+    return next(o["OutputValue"] for o in described["Outputs"] if o["OutputKey"] == name)
+
+
 def _age(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     number, unit = text[:-1], text[-1:]
@@ -210,6 +250,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     redrive_parser.add_argument("--rate", type=_positive, help="at most N messages a second")
     redrive_parser.add_argument("--chunk", type=_positive, default=500)
     redrive_parser.add_argument("--dry-run", action="store_true", help="list, move nothing")
+    verify_parser = commands.add_parser("verify", help="verify an audit trail")
+    verify_parser.add_argument("--env", required=True, help="dev, staging or prod (cdk.json)")
+    verify_parser.add_argument("--writer", help="the chain (default fabric-<env>-audit-writer)")
+    verify_parser.add_argument("--bucket", help="the audit bucket (default: stack output)")
+    verify_parser.add_argument("--signing-key", help="the signing key (default: stack output)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -229,6 +274,15 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return _client(service, region)
 
     try:
+        if args.command == "verify":
+            stack = f"{args.env}-Stateful"
+            return verify(
+                bucket=args.bucket or _stack_output(client, stack, "AuditBucketName"),
+                signing_key=args.signing_key or _stack_output(client, stack, "SigningKeyArn"),
+                writer=args.writer or f"fabric-{args.env}-audit-writer",
+                client=client,
+                out=out,
+            )
         if args.command == "redrive":
             return redrive(
                 args.env, client=client, request=_redrive_request(args), chunk=args.chunk, out=out

@@ -150,3 +150,44 @@ def test_a_locked_object_version_cannot_be_deleted(aws_audit: dict[str, Any]) ->
     assert refused.value.response["Error"]["Code"] == "AccessDenied"
     body = s3.get_object(Bucket=BUCKET, Key=written.key)["Body"].read()
     assert len(decode_object(body)) == 2
+
+
+def test_the_runbook_verifies_the_trail_and_names_an_overwritten_object(
+    aws_audit: dict[str, Any],
+) -> None:
+    import io
+
+    from scripts import runbook
+
+    audit = writer(aws_audit)
+    written = audit.write([batch("b1", 3)])
+    audit.write([batch("b2", 2)])
+    audit.checkpoint()
+    kms = aws_audit["signer"]._kms()
+    clients = {"s3": aws_audit["s3"], "kms": kms}.__getitem__
+
+    def run() -> tuple[int, str]:
+        out = io.StringIO()
+        status = runbook.verify(
+            bucket=BUCKET,
+            signing_key=aws_audit["signer"].key_id,
+            writer=WRITER,
+            client=clients,
+            out=out,
+        )
+        return status, out.getvalue()
+
+    assert run() == (
+        0,
+        f"reading 2 objects of {WRITER} from s3://{BUCKET} ...\n"
+        "5 records, 2 objects, 1 checkpoints\n"
+        "verified: signatures, chains, Merkle roots and sequence all hold\n",
+    )
+    # Object Lock keeps every version, but a new version can still be put over a key.
+    original = aws_audit["s3"].get_object(Bucket=BUCKET, Key=written.key)["Body"].read()
+    aws_audit["s3"].put_object(
+        Bucket=BUCKET, Key=written.key, Body=original.replace(b"b1-0", b"b1-X")
+    )
+    status, output = run()
+    assert status == 1
+    assert f"NOT VERIFIED: {written.key}: its SHA-256 differs from the checkpoint's" in output
