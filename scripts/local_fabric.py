@@ -801,7 +801,39 @@ def audit_act(
     print(f"   sealed by {checkpoint} (ECDSA P-256 signature by the signing key)")
     verdict = "verified" if result.ok else f"FAILED at {result.problem}"
     print(f"   verifier: {verdict}")
+    path = write_report(objects, result, lambda key: s3.head_object(Bucket=bucket, Key=key))
+    print(f"   compliance report: {path} (and .json, .csv beside it)")
     return result.ok
+
+
+def write_report(objects: dict[str, bytes], result: Any, head: Callable[[str], Any]) -> Path:
+    """The compliance report of the run's trail, written under build/reports; the HTML path."""
+    from fabric.audit_chain import decode_object
+    from fabric.compliance import ObjectLock, build_report, render_csv, render_html
+    from fabric.envelope import format_timestamp
+
+    locks = []
+    for key in objects:
+        described = head(key)
+        until = described.get("ObjectLockRetainUntilDate")
+        locks.append(ObjectLock(key, described.get("ObjectLockMode"), until and until.isoformat()))
+    now = datetime.now(UTC)
+    report = build_report(
+        environment="dev (local)",
+        period=(format_timestamp(now - timedelta(days=1)), format_timestamp(now)),
+        records=[record for data in objects.values() for record in decode_object(data)],
+        locks=locks,
+        verified=result.ok,
+        problem=None if result.problem is None else f"{result.problem.where}: {result.problem.why}",
+        generated_at=format_timestamp(now),
+    )
+    folder = ROOT / "build" / "reports"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "compliance-dev.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "compliance-dev.csv").write_text(render_csv(report))
+    page = folder / "compliance-dev.html"
+    page.write_text(render_html(report))
+    return page
 
 
 def main(argv: list[str]) -> int:
