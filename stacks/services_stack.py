@@ -12,6 +12,7 @@ from fabric.stakeholders import STAKEHOLDERS
 from fabric.topology import dead_letter_queue_name
 from stacks.config import EnvironmentConfig
 from stacks.constructs.alarms import DeadLetterAlarms, FailoverAlarms
+from stacks.constructs.audit_writer import AuditWriter
 from stacks.constructs.drain import Drain
 from stacks.constructs.function import FunctionPlatform, build_layers
 from stacks.constructs.queues import address, physical_name
@@ -135,7 +136,28 @@ class ServicesStack(Stack):
             topics_key=stateful.keys.topics,
             removal_policy=stateful.removal,
         )
-        functions = (self.topology.function, self.router.function, self.drain.function)
+        self.audit_writer = AuditWriter(
+            self,
+            "AuditWriter",
+            env_name=config.name,
+            platform=platform,
+            broker_arn=stateful.broker.broker_arn,
+            broker_secret=user_secrets[router_user],
+            secrets_key=stateful.keys.secrets,
+            audit_queue=audit_queue,
+            bucket=stateful.audit.audit_bucket,
+            bucket_key=stateful.keys.audit,
+            table=stateful.idempotency.table,
+            table_key=stateful.idempotency.key,
+            signing_key=stateful.keys.signing,
+            alarm_topic=self.alarms.topic,
+        )
+        functions = (
+            self.topology.function,
+            self.router.function,
+            self.drain.function,
+            self.audit_writer.function,
+        )
         self.dead_letter_alarms = DeadLetterAlarms(
             self,
             "DeadLetterAlarms",
@@ -158,6 +180,9 @@ class ServicesStack(Stack):
         )
         self.drain.function.function.node.add_dependency(self.topology.resource)
         self.redrive.function.function.node.add_dependency(self.topology.resource)
+        # The broker event source reads `fabric.audit` as the platform user: both exist only
+        # once the topology is applied.
+        self.audit_writer.function.function.node.add_dependency(self.topology.resource)
         # Messages must not reach a broker whose topology is not applied yet.
         self.router.function.function.node.add_dependency(self.topology.resource)
         self.api_url = Fn.join("", [self.router.api.api_endpoint, "/v1/messages"])

@@ -11,9 +11,14 @@ from stacks.constructs.queues import QueueAddress, queue_with_dlq
 
 # Attempts of the audit writer at one batch before it is parked in the DLQ.
 _MAX_RECEIVE_COUNT = 10
-# Longer than the audit writer needs for one batch (a chained object in the Object Lock bucket
-# and one DynamoDB transaction), so a batch being written is not handed to a second writer.
-_VISIBILITY_TIMEOUT = Duration.seconds(120)
+# The audit writer's timeout (stacks/constructs/audit_writer.py); this queue is its SQS event
+# source, so its visibility timeout derives from it.
+WRITER_TIMEOUT = Duration.minutes(5)
+# Six times the writer's timeout, as AWS recommends for an SQS event source: Lambda refuses a
+# mapping whose queue hides a message for less than the function's timeout, and the writer runs
+# one instance at a time (reserved concurrency 1), so a batch its poller received may wait while
+# the broker's batches or the checkpoint hold that instance, without being handed out again.
+_VISIBILITY_TIMEOUT = Duration.seconds(6 * WRITER_TIMEOUT.to_seconds())
 # The variable the fabric's functions read the queue from (fabric.settings, optional there).
 AUDIT_QUEUE_URL = "AUDIT_QUEUE_URL"
 

@@ -7,6 +7,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct
 
+from stacks.constructs.audit_writer import checkpoint_rule_name
 from stacks.nag import acknowledge
 
 
@@ -26,10 +27,12 @@ class FabricKeys(Construct):
     - ``logs``: CloudWatch Logs groups (flow logs, function logs);
     - ``signing``: asymmetric ECC_NIST_P256 key that signs audit checkpoints.
 
-    The key policies keep CDK's default (the account may delegate use through IAM); the only
-    service principal granted directly is CloudWatch Logs on the logs key, scoped by encryption
-    context to this account's log groups. Everything else is granted by the stacks with
-    ``grant_*`` on the roles that use a key.
+    The key policies keep CDK's default (the account may delegate use through IAM); the service
+    principals granted directly, each under a condition, are CloudWatch Logs on the logs key
+    (encryption context of this account's log groups), CloudWatch alarms of this account on the
+    topics key, and EventBridge on the queues key for the audit checkpoint rule only (its
+    undeliverable events go to the audit writer's SSE-KMS DLQ). Everything else is granted by the
+    stacks on the roles that use a key.
     """
 
     def __init__(
@@ -106,6 +109,27 @@ class FabricKeys(Construct):
                             arn_format=ArnFormat.COLON_RESOURCE_NAME,
                         )
                     },
+                },
+            )
+        )
+
+        # EventBridge writes an event it could not deliver to the audit writer's checkpoint
+        # (after the target's retries) to the writer's SSE-KMS async DLQ, which needs the
+        # queues key in EventBridge's own name: for that one named rule only.
+        self.queues.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="AllowEventBridgeDeadLettersOfTheAuditCheckpoint",
+                principals=[iam.ServicePrincipal("events.amazonaws.com")],
+                actions=["kms:Decrypt", "kms:GenerateDataKey"],
+                resources=["*"],
+                conditions={
+                    "ArnEquals": {
+                        "aws:SourceArn": stack.format_arn(
+                            service="events",
+                            resource="rule",
+                            resource_name=checkpoint_rule_name(env_name),
+                        )
+                    }
                 },
             )
         )

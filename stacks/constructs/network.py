@@ -14,7 +14,9 @@ AMQPS_PORT = 5671
 HTTPS_PORT = 443
 
 # Interface endpoints the fabric's functions need with no route to the internet: the fallback
-# path (SNS, SQS), message encryption (KMS), credentials (Secrets Manager, STS) and logs.
+# path (SNS, SQS), message encryption (KMS), credentials (Secrets Manager, STS) and logs; and
+# Lambda, which the Amazon MQ event source's pollers invoke the audit writer through from the
+# broker's subnets (they also use the STS and Secrets Manager endpoints).
 _INTERFACE_ENDPOINTS = {
     "Sqs": ec2.InterfaceVpcEndpointAwsService.SQS,
     "Sns": ec2.InterfaceVpcEndpointAwsService.SNS,
@@ -22,6 +24,7 @@ _INTERFACE_ENDPOINTS = {
     "SecretsManager": ec2.InterfaceVpcEndpointAwsService.SECRETS_MANAGER,
     "Logs": ec2.InterfaceVpcEndpointAwsService.CLOUDWATCH_LOGS,
     "Sts": ec2.InterfaceVpcEndpointAwsService.STS,
+    "Lambda": ec2.InterfaceVpcEndpointAwsService.LAMBDA_,
 }
 
 
@@ -30,7 +33,9 @@ class FabricNetwork(Construct):
 
     Functions reach AWS through the endpoints and the broker through ``broker_security_group``.
     ``functions_security_group`` is the one security group every fabric function uses; the
-    broker accepts AMQPS and the management API only from it.
+    broker accepts AMQPS and the management API only from it, and AMQPS from its own group,
+    which Lambda's Amazon MQ event source pollers use in the broker's subnets (they also reach
+    the Lambda, STS and Secrets Manager endpoints).
     """
 
     def __init__(
@@ -120,6 +125,29 @@ class FabricNetwork(Construct):
             self.functions_security_group,
             ec2.Port.tcp(HTTPS_PORT),
             "AWS APIs from fabric functions",
+        )
+        # Lambda's Amazon MQ event source (the audit writer's) places its pollers' ENIs in the
+        # broker's subnets with the broker's security group: they reach the broker over AMQPS
+        # from that group itself, and Lambda, STS and Secrets Manager through the endpoints.
+        self.broker_security_group.add_ingress_rule(
+            self.broker_security_group,
+            ec2.Port.tcp(AMQPS_PORT),
+            "AMQP over TLS from Lambda's event source pollers",
+        )
+        self.broker_security_group.add_egress_rule(
+            self.broker_security_group,
+            ec2.Port.tcp(AMQPS_PORT),
+            "AMQP over TLS from Lambda's event source pollers to the broker",
+        )
+        self.broker_security_group.add_egress_rule(
+            endpoint_security_group,
+            ec2.Port.tcp(HTTPS_PORT),
+            "Lambda, STS and Secrets Manager endpoints for the event source pollers",
+        )
+        endpoint_security_group.add_ingress_rule(
+            self.broker_security_group,
+            ec2.Port.tcp(HTTPS_PORT),
+            "AWS APIs from Lambda's event source pollers in the broker's subnets",
         )
         # The S3 and DynamoDB gateway endpoints are reached through AWS-managed prefix lists whose
         # ids differ per region and cannot be read in a template; the VPC has no internet route, so

@@ -157,7 +157,11 @@ def render_html(report: Mapping[str, Any]) -> str:
         ("Fallback activations (messages)", str(report["fallback_activations"])),
         ("Encryption coverage of restricted", _percent(report["encryption"]["coverage"])),
         ("Emergency latency p50 / p95 / p99", "not recorded yet"),
-        ("Audit objects / Object Lock modes", f"{lock['objects']} / {lock['modes']}"),
+        (
+            "Audit objects / Object Lock modes",
+            f"{lock['objects']} / "
+            + ", ".join(f"{mode} {count}" for mode, count in lock["modes"].items()),
+        ),
         ("Earliest retain-until", str(lock["earliest_retain_until"])),
     ]
     table = "".join(
