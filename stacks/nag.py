@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from aws_cdk import Acknowledgment, App, Aspects, CfnResource, Stage, Validations
+from aws_cdk import Acknowledgment, App, Aspects, CfnResource, Stack, Stage, Validations
 from cdk_nag import (
     AwsSolutionsChecks,
     HIPAASecurityChecks,
@@ -43,6 +45,38 @@ def acknowledge(scope: IConstruct, rule_id: str, reason: str) -> None:
     if len(reason.split()) < 8:
         raise ValueError(f"acknowledgment of {rule_id} needs a real reason, got {reason!r}")
     Validations.of(scope).acknowledge(Acknowledgment(id=rule_id, reason=reason))
+
+
+def wildcard_resource_finding(scope: IConstruct, resource: str) -> str:
+    """The ``AwsSolutions-IAM5`` finding id cdk-nag reports for ``resource``, a wildcard ARN.
+
+    cdk-nag names a wildcard resource by flattening its CloudFormation value (its
+    ``flattenCfnReference``: joins joined, ``Ref`` and ``GetAtt`` as ``<...>``, other intrinsics
+    as compact JSON); this renders ``resource`` the same way, in ``scope``'s stack. Only for
+    values whose cross-stack parts are explicit intrinsics (``Fn.get_stack_output``): CDK's own
+    cross-stack references are rewritten only after construction, when acknowledging is over.
+    """
+    return f"AwsSolutions-IAM5[Resource::{_flatten(Stack.of(scope).resolve(resource))}]"
+
+
+def _flatten(node: Any) -> str:
+    if isinstance(node, str):
+        return node.replace("${", "<").replace("}", ">")
+    if isinstance(node, dict) and len(node) == 1:
+        ((function, argument),) = node.items()
+        flatten = _FLATTEN.get(function)
+        if flatten is not None:
+            return flatten(argument)
+    return json.dumps(node, separators=(",", ":"))
+
+
+_FLATTEN: dict[str, Callable[[Any], str]] = {
+    "Fn::Join": lambda argument: str(argument[0]).join(_flatten(item) for item in argument[1]),
+    "Fn::Sub": _flatten,
+    "Fn::ImportValue": _flatten,
+    "Fn::GetAtt": lambda argument: f"<{_flatten(argument[0])}.{_flatten(argument[1])}>",
+    "Ref": lambda argument: f"<{_flatten(argument)}>",
+}
 
 
 def unacknowledged_findings(assembly_dir: str | Path) -> list[str]:

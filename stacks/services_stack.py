@@ -136,6 +136,8 @@ class ServicesStack(Stack):
             topics_key=stateful.keys.topics,
             removal_policy=stateful.removal,
         )
+        # The explicit Fn::GetStackOutput below is not a reference CDK tracks: say the order.
+        self.add_dependency(stateful, "the audit writer reads the AuditBucketName output")
         self.audit_writer = AuditWriter(
             self,
             "AuditWriter",
@@ -145,7 +147,8 @@ class ServicesStack(Stack):
             broker_secret=user_secrets[router_user],
             secrets_key=stateful.keys.secrets,
             audit_queue=audit_queue,
-            bucket=stateful.audit.audit_bucket,
+            # By the stateful stack's AuditBucketName output: see AuditWriter.
+            bucket_name=stateful.output("AuditBucketName"),
             bucket_key=stateful.keys.audit,
             table=stateful.idempotency.table,
             table_key=stateful.idempotency.key,

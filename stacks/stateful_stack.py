@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aws_cdk import CfnOutput, Environment, RemovalPolicy, Stack
+from aws_cdk import CfnOutput, Environment, Fn, RemovalPolicy, Stack
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
@@ -103,6 +103,18 @@ class StatefulStack(Stack):
             removal_policy=removal,
         )
         self._outputs()
+
+    def output(self, name: str) -> str:
+        """This stack's output ``name`` as another stack of its environment reads it
+        (``Fn::GetStackOutput``, the same as CDK's own cross-stack references, but explicit, so
+        the value is known while constructing: a wildcard ARN built on it can be acknowledged).
+
+        Raises:
+            KeyError: this stack has no such output.
+        """
+        if not isinstance(self.node.try_find_child(name), CfnOutput):
+            raise KeyError(f"{self.stack_name} has no output {name}")
+        return Fn.get_stack_output(self.stack_name, name, self.region)
 
     def _outputs(self) -> None:
         outputs: dict[str, str] = {

@@ -28,11 +28,12 @@ class FabricKeys(Construct):
     - ``signing``: asymmetric ECC_NIST_P256 key that signs audit checkpoints.
 
     The key policies keep CDK's default (the account may delegate use through IAM); the service
-    principals granted directly, each under a condition, are CloudWatch Logs on the logs key
+    principals granted here, each under a condition, are CloudWatch Logs on the logs key
     (encryption context of this account's log groups), CloudWatch alarms of this account on the
     topics key, and EventBridge on the queues key for the audit checkpoint rule only (its
-    undeliverable events go to the audit writer's SSE-KMS DLQ). Everything else is granted by the
-    stacks on the roles that use a key.
+    undeliverable events go to the audit writer's SSE-KMS DLQ); CDK adds SNS on the queues key
+    for the fallback subscriptions. Everything else is granted by the stacks on the roles that
+    use a key.
     """
 
     def __init__(

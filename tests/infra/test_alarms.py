@@ -163,9 +163,9 @@ def test_every_dead_letter_queue_is_watched_by_a_depth_alarm(
         for metric in watched_metrics(alarm)
         if metric["Namespace"] == "AWS/SQS"
     }
-    # 10 fallback DLQs, 10 subscription DLQs, 5 ingest DLQs, the audit DLQ, 4 functions' async
-    # DLQs.
-    assert len(dead_letter_queues) == 30
+    # 10 fallback DLQs, 10 subscription DLQs, 5 ingest DLQs, the audit DLQ, 5 functions' async
+    # DLQs (router, topology, drain, redrive, audit writer).
+    assert len(dead_letter_queues) == 31
     assert dead_letter_queues == watched
     for alarm in dead_letter_alarms(env, assembly).values():
         for metric in watched_metrics(alarm):

@@ -20,6 +20,8 @@ SENDERS = {
     "drain": "drains the fallback",
     "redrive": "redrives dead letters",
 }
+# The one function that reads the queue (its grants: tests/infra/test_audit_writer.py).
+CONSUMER = "writes audit batches"
 
 
 def _queues(env: Synthesized) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -53,7 +55,9 @@ def test_the_audit_queue_is_encrypted_and_dead_letters_after_ten_receives(
     for props in (queue["Properties"], dlq["Properties"]):
         assert props["KmsMasterKeyId"]["Fn::GetAtt"][0].startswith("KeysQueues")
         assert props["MessageRetentionPeriod"] == 14 * 24 * 3600
-    assert queue["Properties"]["VisibilityTimeout"] == 120
+    # Six times the audit writer's 5-minute timeout (AWS's advice for an SQS event source; Lambda
+    # refuses a mapping whose queue hides a message for less than the function's timeout).
+    assert queue["Properties"]["VisibilityTimeout"] == 1800
     assert queue["Properties"]["RedrivePolicy"] == {
         "deadLetterTargetArn": {"Fn::GetAtt": [dlq_id, "Arn"]},
         "maxReceiveCount": 10,
@@ -102,7 +106,7 @@ def test_no_other_function_is_given_the_audit_queue(env: Synthesized, assembly: 
     others = [
         f
         for f in fabric_functions(template).values()
-        if not any(what in f["Properties"]["Description"] for what in SENDERS.values())
+        if not any(what in f["Properties"]["Description"] for what in (*SENDERS.values(), CONSUMER))
     ]
     assert len(others) == 1  # the topology custom resource's function
     for function in others:

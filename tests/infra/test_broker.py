@@ -64,7 +64,11 @@ def test_admin_password_reaches_cloudformation_only_as_a_dynamic_reference(
     assert "KmsKeyId" in secret["Properties"]
 
 
-def test_broker_accepts_traffic_only_from_the_fabric_functions(env: Synthesized) -> None:
+def test_broker_accepts_traffic_only_from_the_fabric_functions_and_its_pollers(
+    env: Synthesized,
+) -> None:
+    """The functions' group: AMQPS and the management API. The broker's own group: AMQPS only,
+    for Lambda's Amazon MQ event source, whose pollers' ENIs use the broker's security group."""
     broker_sg = _broker(env)["SecurityGroups"][0]["Fn::GetAtt"][0]
     groups = env.resources("AWS::EC2::SecurityGroup")
     assert "SecurityGroupIngress" not in groups[broker_sg]["Properties"]
@@ -73,8 +77,33 @@ def test_broker_accepts_traffic_only_from_the_fabric_functions(env: Synthesized)
         for rule in env.resources("AWS::EC2::SecurityGroupIngress").values()
         if rule["Properties"]["GroupId"] == {"Fn::GetAtt": [broker_sg, "GroupId"]}
     ]
-    assert sorted(rule["FromPort"] for rule in ingress) == [443, 5671]
     for rule in ingress:
         assert "CidrIp" not in rule
         assert "SourceSecurityGroupId" in rule
-        assert rule["SourceSecurityGroupId"]["Fn::GetAtt"][0] != broker_sg
+    sources = sorted(
+        (rule["FromPort"], rule["SourceSecurityGroupId"]["Fn::GetAtt"][0] == broker_sg)
+        for rule in ingress
+    )
+    assert sources == [(443, False), (5671, False), (5671, True)]
+    # Out: AMQPS to itself and HTTPS to the interface endpoints (Lambda, STS, Secrets Manager),
+    # nothing else: no inline rule (CDK drops its "disallow all" placeholder once a rule exists,
+    # and CloudFormation strips the default allow-all rule when a group gets its first one).
+    assert groups[broker_sg]["Properties"].get("SecurityGroupEgress", []) == []
+    egress = [
+        rule["Properties"]
+        for rule in env.resources("AWS::EC2::SecurityGroupEgress").values()
+        if rule["Properties"]["GroupId"] == {"Fn::GetAtt": [broker_sg, "GroupId"]}
+    ]
+    endpoint_groups = {
+        sg["Fn::GetAtt"][0]
+        for endpoint in env.resources("AWS::EC2::VPCEndpoint").values()
+        for sg in endpoint["Properties"].get("SecurityGroupIds", [])
+    }
+    assert sorted(
+        (
+            rule["FromPort"],
+            rule["ToPort"],
+            rule["DestinationSecurityGroupId"]["Fn::GetAtt"][0] in {broker_sg, *endpoint_groups},
+        )
+        for rule in egress
+    ) == [(443, 443, True), (5671, 5671, True)]

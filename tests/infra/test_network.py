@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tests.infra.conftest import Synthesized
 
-INTERFACE_SERVICES = {"sqs", "sns", "kms", "secretsmanager", "logs", "sts"}
+# Lambda: the Amazon MQ event source's pollers invoke the audit writer through it.
+INTERFACE_SERVICES = {"sqs", "sns", "kms", "secretsmanager", "logs", "sts", "lambda"}
 GATEWAY_SERVICES = {"s3", "dynamodb"}
 
 
@@ -49,7 +50,9 @@ def test_all_traffic_is_flow_logged_to_an_encrypted_log_group(env: Synthesized) 
     )
 
 
-def test_interface_endpoints_admit_only_the_fabric_functions(env: Synthesized) -> None:
+def test_interface_endpoints_admit_only_the_fabric_functions_and_the_brokers_pollers(
+    env: Synthesized,
+) -> None:
     groups = {
         sg_id
         for e in env.resources("AWS::EC2::VPCEndpoint").values()
@@ -62,4 +65,13 @@ def test_interface_endpoints_admit_only_the_fabric_functions(env: Synthesized) -
         for r in env.resources("AWS::EC2::SecurityGroupIngress").values()
         if r["Properties"]["GroupId"] == {"Fn::GetAtt": [endpoint_sg, "GroupId"]}
     ]
-    assert [(r["FromPort"], "SourceSecurityGroupId" in r) for r in ingress] == [(443, True)]
+    groups_by_description = {
+        sg["Properties"]["GroupDescription"].split(":")[0]: logical_id
+        for logical_id, sg in env.resources("AWS::EC2::SecurityGroup").items()
+    }
+    functions = groups_by_description["Messaging Fabric functions"]
+    # Lambda's Amazon MQ event source places its pollers' ENIs in the broker's security group.
+    broker = groups_by_description["Amazon MQ broker"]
+    assert sorted(
+        (r["FromPort"], r["ToPort"], r["SourceSecurityGroupId"]["Fn::GetAtt"][0]) for r in ingress
+    ) == sorted([(443, 443, functions), (443, 443, broker)])
