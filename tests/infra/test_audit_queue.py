@@ -20,7 +20,7 @@ SENDERS = {
     "drain": "drains the fallback",
     "redrive": "redrives dead letters",
 }
-# The one function that reads the queue (its grants: tests/infra/test_audit_writer.py).
+# The one function that reads the queue (its grants: tests/infra/test_audit_writer_infra.py).
 CONSUMER = "writes audit batches"
 
 
