@@ -10,23 +10,12 @@ show how much of the time is the broker side.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from bench_router import fabric_vhost, purge, raw_publish
 
 Figure = tuple[str, float, str]
-
-
-class _MemoryLedger:
-    def __init__(self) -> None:
-        self.keys: set[str] = set()
-
-    def moved(self, keys: Sequence[str]) -> set[str]:
-        return self.keys & set(keys)
-
-    def record(self, keys: Sequence[str]) -> None:
-        self.keys.update(keys)
 
 
 def _dynamodb_ledger() -> Any:
@@ -81,9 +70,15 @@ def bench_redrive(count: int = 20_000) -> Iterator[Figure]:
     """Both ledgers in one run, each on a freshly parked DLQ."""
     from moto import mock_aws
 
+    from fabric.adapters.memory import MemoryRedriveLedger
+
     with fabric_vhost() as vhost, mock_aws():
         yield "redrive_msgs_per_s", _one_run(vhost, _dynamodb_ledger(), count), "msg/s"
-        yield "redrive_broker_bound_msgs_per_s", _one_run(vhost, _MemoryLedger(), count), "msg/s"
+        yield (
+            "redrive_broker_bound_msgs_per_s",
+            _one_run(vhost, MemoryRedriveLedger(), count),
+            "msg/s",
+        )
 
 
 BENCHMARKS: dict[str, Callable[[], Iterator[Figure]]] = {"redrive": bench_redrive}

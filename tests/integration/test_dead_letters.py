@@ -21,10 +21,11 @@ import pytest
 from moto import mock_aws
 
 from fabric import topology
+from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
 from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
-from fabric.audit import AuditEvent, AuditRecord
+from fabric.audit import AuditEvent
 from fabric.bootstrap import exchange_for
 from fabric.consumer import Delivery, Idempotency, MessageProcessor, Verdict
 from fabric.ports import DeadLetter
@@ -112,28 +113,6 @@ def drain_ids(channel: Any, queue: str) -> list[str]:
         if method is None:
             return ids
         ids.append(properties.message_id)
-
-
-class Ledger:
-    """The ledger port in memory (these drills are about the broker side)."""
-
-    def __init__(self) -> None:
-        self.keys: set[str] = set()
-
-    def moved(self, keys: list[str]) -> set[str]:
-        return self.keys & set(keys)
-
-    def record(self, keys: list[str]) -> None:
-        self.keys.update(keys)
-
-
-class Audit:
-    def __init__(self) -> None:
-        self.records: list[AuditRecord] = []
-
-    def emit(self, records: list[AuditRecord]) -> bool:
-        self.records.extend(records)
-        return True
 
 
 def dead_letter_queue(vhost: str, queue: str = DLQ) -> RabbitMqDeadLetterQueue:
@@ -308,9 +287,9 @@ def test_redrive_moves_matching_letters_back_to_their_work_queue_with_audit(
 ) -> None:
     moved_ids = park(amqp, 5, prefix="case", topic="community.case.update")
     kept_ids = park(amqp, 3, prefix="media", topic="community.media.story")
-    audit = Audit()
+    audit = MemoryAuditSink()
 
-    report = Redriver(ledger=Ledger(), audit=audit).run(
+    report = Redriver(ledger=MemoryRedriveLedger(), audit=audit).run(
         dead_letter_queue(broker_vhost),
         RedrivePlan(selection=RedriveFilter(topics=("community.case.#",))),
     )
@@ -330,7 +309,7 @@ def test_redrive_moves_matching_letters_back_to_their_work_queue_with_audit(
 def test_redrive_dry_run_lists_and_moves_nothing(broker_vhost: str, amqp: Any) -> None:
     ids = park(amqp, 4, prefix="dry")
 
-    report = Redriver(ledger=Ledger(), audit=Audit()).run(
+    report = Redriver(ledger=MemoryRedriveLedger(), audit=MemoryAuditSink()).run(
         dead_letter_queue(broker_vhost),
         RedrivePlan(
             selection=RedriveFilter(reasons=frozenset({"max-attempts"}), older_than_s=600),
@@ -349,7 +328,7 @@ def test_an_interrupted_redrive_rerun_delivers_every_message_exactly_once(
     broker_vhost: str, amqp: Any
 ) -> None:
     ids = park(amqp, 300, prefix="bulk")
-    ledger, audit = Ledger(), Audit()
+    ledger, audit = MemoryRedriveLedger(), MemoryAuditSink()
 
     class Killed(BaseException):
         """The run is killed after its second batch was put back and before it was removed."""
@@ -384,8 +363,8 @@ def test_a_message_dead_lettered_again_after_a_redrive_can_be_redriven_again(
     broker_vhost: str, amqp: Any
 ) -> None:
     park(amqp, 1, prefix="again")
-    ledger = Ledger()
-    redriver = Redriver(ledger=ledger, audit=Audit())
+    ledger = MemoryRedriveLedger()
+    redriver = Redriver(ledger=ledger, audit=MemoryAuditSink())
     assert redriver.run(dead_letter_queue(broker_vhost)).moved == 1
 
     def still_broken(_delivery: Delivery) -> None:
@@ -417,7 +396,7 @@ def test_age_filter_skips_letters_newer_than_asked(broker_vhost: str, amqp: Any)
         mandatory=True,
     )
 
-    report = Redriver(ledger=Ledger(), audit=Audit()).run(
+    report = Redriver(ledger=MemoryRedriveLedger(), audit=MemoryAuditSink()).run(
         dead_letter_queue(broker_vhost),
         RedrivePlan(selection=RedriveFilter(older_than_s=600)),
     )

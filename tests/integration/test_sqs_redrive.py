@@ -14,6 +14,7 @@ import pytest
 from moto import mock_aws
 
 from fabric.adapters.dynamodb_ledger import DynamoDbRedriveLedger
+from fabric.adapters.memory import MemoryAuditSink
 from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
 from fabric.adapters.sqs_dlq import REDRIVES_ATTRIBUTE, SqsDeadLetterQueue
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
@@ -22,15 +23,6 @@ from tests.integration.aws_fallback import REGION
 
 SOURCE = "fabric-test-fallback-media"
 TABLE = "fabric-test-idempotency"
-
-
-class Audit:
-    def __init__(self) -> None:
-        self.records: list[Any] = []
-
-    def emit(self, records: Any) -> bool:
-        self.records.extend(records)
-        return True
 
 
 @pytest.fixture
@@ -101,7 +93,7 @@ def test_a_redrive_run_puts_sqs_letters_back_with_their_attributes_and_audits_th
     client, settings = sqs["client"], sqs["settings"]
     ids = park(client, settings, 25)
     ledger = DynamoDbRedriveLedger(TABLE, lambda: boto3.client("dynamodb", region_name=REGION))
-    audit = Audit()
+    audit = MemoryAuditSink()
 
     report = Redriver(ledger=ledger, audit=audit).run(SqsDeadLetterQueue(settings, lambda: client))
 
@@ -123,7 +115,8 @@ def test_a_filtered_run_gives_the_rest_back_at_once(sqs: dict[str, Any]) -> None
     queue = SqsDeadLetterQueue(settings, lambda: client)
 
     report = Redriver(
-        ledger=DynamoDbRedriveLedger(TABLE, lambda: boto3.client("dynamodb")), audit=Audit()
+        ledger=DynamoDbRedriveLedger(TABLE, lambda: boto3.client("dynamodb")),
+        audit=MemoryAuditSink(),
     ).run(queue, RedrivePlan(selection=RedriveFilter(topics=("media.embargo.*",))))
 
     assert (report.scanned, report.moved) == (5, 2)
@@ -169,7 +162,8 @@ def runbook_redrive(sqs: dict[str, Any], **request: Any) -> tuple[int, str, Redr
 
     runtime = RedriveRuntime(
         redriver=Redriver(
-            ledger=DynamoDbRedriveLedger(TABLE, lambda: boto3.client("dynamodb")), audit=Audit()
+            ledger=DynamoDbRedriveLedger(TABLE, lambda: boto3.client("dynamodb")),
+            audit=MemoryAuditSink(),
         ),
         settings=None,  # type: ignore[arg-type]
         open_queue=open_queue,
@@ -217,7 +211,8 @@ def test_a_letter_without_room_for_the_counter_can_be_redriven_again(sqs: dict[s
     full[MESSAGE_ID_ATTRIBUTE] = {"DataType": "String", "StringValue": "m-full"}
     client.send_message(QueueUrl=settings.dlq_url, MessageBody="{}", MessageAttributes=full)
     redriver = Redriver(
-        ledger=DynamoDbRedriveLedger(TABLE, lambda: boto3.client("dynamodb")), audit=Audit()
+        ledger=DynamoDbRedriveLedger(TABLE, lambda: boto3.client("dynamodb")),
+        audit=MemoryAuditSink(),
     )
     assert redriver.run(SqsDeadLetterQueue(settings, lambda: client)).moved == 1
     (back,) = received(client, settings.source_url)

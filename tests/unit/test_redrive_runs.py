@@ -7,8 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from fabric.adapters.memory import MemoryAuditSink
-from fabric.errors import TransportUnavailable
+from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.ports import DeadLetter
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver, parse_request
 
@@ -60,20 +59,6 @@ class MemoryDeadLetterQueue:
         self.released += 1
 
 
-class Ledger:
-    def __init__(self, *, broken: bool = False) -> None:
-        self.keys: set[str] = set()
-        self.broken = broken
-
-    def moved(self, keys: Sequence[str]) -> set[str]:
-        if self.broken:
-            raise TransportUnavailable("ledger down")
-        return self.keys & set(keys)
-
-    def record(self, keys: Sequence[str]) -> None:
-        self.keys.update(keys)
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -85,10 +70,10 @@ class Clock:
         self.now += seconds
 
 
-def redriver(ledger: Ledger | None = None, clock: Clock | None = None) -> Redriver:
+def redriver(ledger: MemoryRedriveLedger | None = None, clock: Clock | None = None) -> Redriver:
     clock = clock or Clock()
     return Redriver(
-        ledger=ledger or Ledger(),
+        ledger=ledger or MemoryRedriveLedger(),
         audit=MemoryAuditSink(),
         clock=clock,
         sleep=clock.sleep,
@@ -135,7 +120,7 @@ def test_an_origin_that_refuses_stops_the_run_and_keeps_the_refused_letters() ->
 
 def test_a_ledger_that_cannot_be_read_moves_nothing() -> None:
     queue = MemoryDeadLetterQueue([letter(i) for i in range(5)])
-    report = redriver(Ledger(broken=True)).run(queue)
+    report = redriver(MemoryRedriveLedger(available=False)).run(queue)
     assert (report.moved, report.stopped) == (0, "ledger unavailable")
     assert queue.origin == []
     assert len(queue.letters) == 5

@@ -236,7 +236,8 @@ def _group_of(work_queue: str) -> tuple[Stakeholder, bool]:
     raise ValueError(f"{work_queue!r} is not a work queue of the fabric")
 
 
-def _text(value: object) -> str | None:
+def header_text(value: object) -> str | None:
+    """An AMQP header value as text (pika gives bytes or numbers); None for tables and lists."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     if isinstance(value, str | int | float) and not isinstance(value, bool):
@@ -249,7 +250,7 @@ def string_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
     return {
         name: text
         for name, value in (headers or {}).items()
-        if not name.startswith("x-") and (text := _text(value)) is not None
+        if not name.startswith("x-") and (text := header_text(value)) is not None
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fabric.errors import ConfigError
 
@@ -46,12 +47,7 @@ class RouterSettings:
             ConfigError: a variable is missing or malformed; the message names it.
         """
         return cls(
-            environment=_required(environ, "FABRIC_ENV"),
-            rabbitmq_host=_required(environ, "RABBITMQ_HOST"),
-            rabbitmq_port=_port(environ, "RABBITMQ_PORT"),
-            rabbitmq_tls=_flag(environ, "RABBITMQ_TLS"),
-            rabbitmq_vhost=environ.get("RABBITMQ_VHOST", "/") or "/",
-            rabbitmq_secret_arn=_required(environ, "RABBITMQ_SECRET_ARN"),
+            **_broker(environ),
             messages_key_arn=_required(environ, "MESSAGES_KEY_ARN"),
             identity_claim=environ.get("FABRIC_IDENTITY_CLAIM", "fabric:group") or "fabric:group",
             ingest_queue_prefix=_required(environ, "FABRIC_INGEST_QUEUE_PREFIX"),
@@ -66,6 +62,18 @@ def _required(environ: Mapping[str, str], name: str) -> str:
     if not value:
         raise ConfigError(f"environment variable {name} is required")
     return value
+
+
+def _broker(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``FABRIC_ENV`` and the ``RABBITMQ_*`` variables, which every broker client reads."""
+    return {
+        "environment": _required(environ, "FABRIC_ENV"),
+        "rabbitmq_host": _required(environ, "RABBITMQ_HOST"),
+        "rabbitmq_port": _port(environ, "RABBITMQ_PORT"),
+        "rabbitmq_tls": _flag(environ, "RABBITMQ_TLS"),
+        "rabbitmq_vhost": environ.get("RABBITMQ_VHOST", "/") or "/",
+        "rabbitmq_secret_arn": _required(environ, "RABBITMQ_SECRET_ARN"),
+    }
 
 
 def _optional(environ: Mapping[str, str], name: str) -> str | None:
@@ -121,12 +129,7 @@ class DrainSettings:
                 'FALLBACK_QUEUES must be a JSON list of {"url", "group", "emergency"}'
             ) from None
         return cls(
-            environment=_required(environ, "FABRIC_ENV"),
-            rabbitmq_host=_required(environ, "RABBITMQ_HOST"),
-            rabbitmq_port=_port(environ, "RABBITMQ_PORT"),
-            rabbitmq_tls=_flag(environ, "RABBITMQ_TLS"),
-            rabbitmq_vhost=environ.get("RABBITMQ_VHOST", "/") or "/",
-            rabbitmq_secret_arn=_required(environ, "RABBITMQ_SECRET_ARN"),
+            **_broker(environ),
             queues=queues,
             max_messages=_positive(environ, "DRAIN_MAX_MESSAGES", 10_000),
             max_seconds=float(_positive(environ, "DRAIN_MAX_SECONDS", 240)),
@@ -195,12 +198,7 @@ class RedriveSettings:
             for name in names
         )
         return cls(
-            environment=_required(environ, "FABRIC_ENV"),
-            rabbitmq_host=_required(environ, "RABBITMQ_HOST"),
-            rabbitmq_port=_port(environ, "RABBITMQ_PORT"),
-            rabbitmq_tls=_flag(environ, "RABBITMQ_TLS"),
-            rabbitmq_vhost=environ.get("RABBITMQ_VHOST", "/") or "/",
-            rabbitmq_secret_arn=_required(environ, "RABBITMQ_SECRET_ARN"),
+            **_broker(environ),
             idempotency_table=_required(environ, "IDEMPOTENCY_TABLE"),
             sqs_dead_letter_queues=queues,
             max_seconds=float(_positive(environ, "REDRIVE_MAX_SECONDS", 840)),

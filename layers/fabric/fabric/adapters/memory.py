@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fabric.audit import AuditRecord
+from fabric.errors import TransportUnavailable
 from fabric.ports import Failure, OutboundMessage, Outcome
 
 
@@ -65,3 +66,25 @@ class MemoryMetrics:
         """Add ``counts`` to the totals."""
         self.totals.update(counts)
         self.calls += 1
+
+
+@dataclass
+class MemoryRedriveLedger:
+    """The redrive ledger in memory; ``available=False`` simulates a ledger that cannot be read."""
+
+    available: bool = True
+    keys: set[str] = field(default_factory=set)
+
+    def moved(self, keys: Sequence[str]) -> set[str]:
+        """The recorded ``keys``.
+
+        Raises:
+            TransportUnavailable: when not available.
+        """
+        if not self.available:
+            raise TransportUnavailable("the ledger is unavailable")
+        return self.keys & set(keys)
+
+    def record(self, keys: Sequence[str]) -> None:
+        """Record ``keys``."""
+        self.keys.update(keys)

@@ -22,6 +22,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from fabric import topology
 from fabric.adapters.rabbitmq import RabbitSettings, connection_parameters
+from fabric.consumer import header_text, string_headers
 from fabric.errors import TransportUnavailable
 from fabric.ports import DeadLetter, OutboundMessage, Transport
 from fabric.stakeholders import Stakeholder
@@ -129,7 +130,7 @@ class RabbitMqDeadLetterQueue:
         headers: Mapping[str, Any] = properties.headers or {}
         deaths = headers.get("x-death") or []
         last_death: Mapping[str, Any] = deaths[0] if deaths else {}
-        reason = _text(headers.get(topology.DEAD_LETTER_REASON_HEADER)) or _text(
+        reason = header_text(headers.get(topology.DEAD_LETTER_REASON_HEADER)) or header_text(
             last_death.get("reason")
         )
         return DeadLetter(
@@ -143,10 +144,8 @@ class RabbitMqDeadLetterQueue:
             redrives=_count(headers.get(topology.REDRIVES_HEADER)),
             headers={
                 name: text
-                for name, value in headers.items()
-                if not name.startswith("x-")
-                and name not in _DROPPED_HEADERS
-                and (text := _text(value)) is not None
+                for name, text in string_headers(headers).items()
+                if name not in _DROPPED_HEADERS
             },
         )
 
@@ -162,21 +161,13 @@ class RabbitMqDeadLetterQueue:
         )
 
 
-def _text(value: object) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, str | int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
 def _count(value: object) -> int:
-    text = _text(value)
+    text = header_text(value)
     return int(text) if text is not None and text.isdigit() else 0
 
 
 def _dead_lettered_at(headers: Mapping[str, Any], last_death: Mapping[str, Any]) -> datetime | None:
-    stamp = _text(headers.get(topology.DEAD_LETTERED_AT_HEADER))
+    stamp = header_text(headers.get(topology.DEAD_LETTERED_AT_HEADER))
     if stamp is not None:
         with contextlib.suppress(ValueError, OverflowError):
             return datetime.fromtimestamp(float(stamp), UTC)
