@@ -37,8 +37,9 @@ _MEMORY_MB = 1024
 _BROKER_BATCH_SIZE = 100
 _BROKER_BATCHING_WINDOW_SECONDS = 5
 _QUEUE_BATCH_SIZE = 10
-# Where the writer puts objects (fabric.audit_writer.object_key and checkpoint_key).
-OBJECT_PREFIXES = ("audit/", "checkpoints/")
+# Where the writer puts objects (fabric.audit_writer.object_key, its archive twin, and
+# checkpoint_key).
+OBJECT_PREFIXES = ("audit/", "archive/", "checkpoints/")
 # The items the writer reads and writes (fabric.adapters.audit_storage.DynamoDbChainStore).
 CHAIN_ITEM_PREFIX = "audit-chain#"
 BATCH_ITEM_PREFIX = "audit-batch#"
@@ -70,9 +71,10 @@ class AuditWriter(Construct):
     conditional write; two instances at once would conflict on it, and the loser's batch would
     fail and be retried until it gave up.
 
-    Grants, each on its exact resource: ``s3:PutObject`` under ``audit/`` and ``checkpoints/``
-    of the audit bucket (nothing that sets or bypasses retention, puts a legal hold, deletes, or
-    changes the Object Lock configuration; retention comes from the bucket's default), the audit
+    Grants, each on its exact resource: ``s3:PutObject`` under ``audit/``, ``archive/`` and
+    ``checkpoints/`` of the audit bucket (nothing that sets or bypasses retention, puts a legal
+    hold, deletes, or changes the Object Lock configuration; retention comes from the bucket's
+    default), the audit
     key through S3 for that bucket only, ``kms:Sign``/``kms:Verify`` with ECDSA_SHA_256 on the
     signing key only, the chain and batch-mark items of the idempotency table (``GetItem``,
     ``BatchGetItem``, ``PutItem``, the last one also for the Puts of ``TransactWriteItems``), the

@@ -257,7 +257,9 @@ def test_the_writer_gets_exactly_the_variables_its_settings_read(trail: Trail) -
     assert table["Properties"]["TableName"] == f"fabric-{name}-idempotency"
 
 
-def test_the_writer_may_put_objects_only_under_audit_and_checkpoints(trail: Trail) -> None:
+def test_the_writer_may_put_objects_only_under_audit_archive_and_checkpoints(
+    trail: Trail,
+) -> None:
     _, function = writer(trail.services)
     granted = statements(trail.services, function)
     s3 = [s for s in granted if any(a.startswith("s3:") for a in listed(s["Action"]))]
@@ -265,6 +267,7 @@ def test_the_writer_may_put_objects_only_under_audit_and_checkpoints(trail: Trai
     assert listed(put["Action"]) == ["s3:PutObject"]
     assert "Condition" not in put
     assert sorted(trail.render(r) for r in listed(put["Resource"])) == [
+        f"{BUCKET_ARN}/archive/*",
         f"{BUCKET_ARN}/audit/*",
         f"{BUCKET_ARN}/checkpoints/*",
     ]
@@ -476,7 +479,11 @@ def test_an_hourly_rule_asks_for_a_checkpoint(trail: Trail) -> None:
 def test_writer_errors_page_on_the_alarms_topic(trail: Trail) -> None:
     template = trail.services
     writer_id, _ = writer(template)
-    ((topic_id, _),) = of_type(template, "AWS::SNS::Topic").items()
+    ((topic_id, _),) = [
+        (k, t)
+        for k, t in of_type(template, "AWS::SNS::Topic").items()
+        if t["Properties"]["TopicName"] == f"fabric-{trail.env.stage.stage_name}-alarms"
+    ]
     (alarm,) = [
         a["Properties"]
         for logical_id, a in of_type(template, "AWS::CloudWatch::Alarm").items()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import boto3
@@ -13,8 +15,15 @@ from moto import mock_aws
 
 from fabric.adapters.audit_storage import DynamoDbChainStore, S3ObjectStore
 from fabric.adapters.kms_signer import KmsSigner
+from fabric.audit import (
+    AuditBatch,
+    AuditEvent,
+    AuditRecord,
+    decode_audit_batch,
+    encode_audit_batch,
+)
 from fabric.audit_chain import decode_object, verify_trail
-from fabric.audit_writer import AuditWriter, ChainConflict
+from fabric.audit_writer import AuditWriter, ChainConflict, decode_archive
 from tests.integration.aws_fallback import REGION
 
 BUCKET = "fabric-test-audit"
@@ -66,11 +75,13 @@ def writer(aws: dict[str, Any]) -> AuditWriter:
     )
 
 
-def batch(batch_id: str, count: int) -> tuple[str, list[dict[str, Any]]]:
-    return batch_id, [
-        {"event": "accepted", "message_id": f"{batch_id}-{i}", "source": "router"}
-        for i in range(count)
-    ]
+def batch(batch_id: str, count: int) -> tuple[str, AuditBatch]:
+    return batch_id, AuditBatch(
+        [
+            {"event": "rejected", "message_id": f"{batch_id}-{i}", "source": "router"}
+            for i in range(count)
+        ]
+    )
 
 
 def read_trail(aws: dict[str, Any]) -> Any:
@@ -139,6 +150,45 @@ def test_two_writers_on_one_chain_conflict_instead_of_forking_it(aws_audit: dict
     )
     with pytest.raises(ChainConflict):
         racer.write([batch("mine", 1)])
+
+
+def test_the_bodies_a_batch_carries_are_archived_beside_its_records(
+    aws_audit: dict[str, Any],
+) -> None:
+    wire = b'{"message_id":"m-1","payload":{"sealed":"ciphertext"}}'
+    digest = hashlib.sha256(wire).hexdigest()
+    stray = b"a body no record names"
+    records = [{"event": "accepted", "message_id": "m-1", "body_sha256": digest}]
+    carried = AuditBatch(records, {digest: wire, hashlib.sha256(stray).hexdigest(): stray})
+
+    written = writer(aws_audit).write([("b1", carried)])
+
+    assert written.key is not None
+    assert written.archived == 1
+    archive_key = "archive/" + written.key.removeprefix("audit/")
+    stored = aws_audit["s3"].get_object(Bucket=BUCKET, Key=archive_key)["Body"].read()
+    assert decode_archive(stored) == {digest: wire}  # only what a record's hash names
+    # The archive is written before the records, and locked like them.
+    head = aws_audit["s3"].head_object(Bucket=BUCKET, Key=archive_key)
+    assert head["ObjectLockMode"] == "COMPLIANCE"
+
+
+def test_a_body_that_does_not_match_its_hash_is_not_archived() -> None:
+    wire = b"the stored bytes"
+    forged = encode_audit_batch(
+        [
+            AuditRecord(
+                event=AuditEvent.ACCEPTED,
+                at=datetime(2026, 12, 3, tzinfo=UTC),
+                message_id="m-1",
+                source="router",
+                body_sha256=hashlib.sha256(wire).hexdigest(),
+            )
+        ],
+        emitted_by="router",
+        bodies={hashlib.sha256(wire).hexdigest(): b"other bytes"},
+    )
+    assert decode_audit_batch(forged).bodies == {}
 
 
 def test_a_locked_object_version_cannot_be_deleted(aws_audit: dict[str, Any]) -> None:

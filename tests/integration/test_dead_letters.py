@@ -25,7 +25,7 @@ from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
 from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
-from fabric.audit import AuditEvent
+from fabric.audit import AuditEvent, decode_audit_batch
 from fabric.bootstrap import exchange_for
 from fabric.consumer import Delivery, Idempotency, MessageProcessor, Verdict
 from fabric.ports import DeadLetter
@@ -191,6 +191,35 @@ def test_a_missing_dlq_keeps_the_message_in_its_work_queue(broker_vhost: str, am
 
     assert counts == {"systemic": 1}, "the park was refused, so nothing was settled"
     assert drain_ids(amqp, WORK) == ["nowhere-to-park"]
+
+
+def test_the_consumer_audits_what_it_settled_on_the_audit_exchange_as_its_user(
+    broker_vhost: str, amqp: Any
+) -> None:
+    def handler(delivery: Delivery) -> None:
+        if delivery.message_id != "fine":
+            raise ValueError("cannot parse")
+
+    publish(amqp, WORK, "fine")
+    publish(amqp, WORK, "broken")
+    consumer = RabbitMqConsumer(
+        settings(broker_vhost), WORK, MessageProcessor(handler, max_attempts=1)
+    )
+    assert consumer.run(max_messages=2, idle_timeout_s=5) == {"done": 1, "dead-letter": 1}
+
+    batches = []
+    while True:
+        method, properties, body = amqp.basic_get(topology.AUDIT_QUEUE, auto_ack=True)
+        if method is None:
+            break
+        assert properties.user_id == GUEST[0]  # validated by the broker: the publisher
+        batches.append(decode_audit_batch(body))
+    records = {r["message_id"]: r for b in batches for r in b.records}
+    assert records["fine"]["event"] == "delivered"
+    assert records["fine"]["queues"] == [WORK]
+    assert records["broken"]["event"] == "dead-lettered"
+    assert (records["broken"]["reason"], records["broken"]["queues"]) == ("max-attempts", [DLQ])
+    assert {r["emitted_by"] for r in records.values()} == {f"consumer:{GROUP}"}
 
 
 def test_a_consumer_that_dies_before_acking_gets_it_again_and_processes_once(

@@ -189,7 +189,11 @@ def test_audit_batches_of_an_outage_go_to_the_sqs_audit_queue(
     assert (result.status, result.transport) == ("accepted", "fallback")
 
     (message,) = sqs.receive_message(QueueUrl=audit_queue, MaxNumberOfMessages=10)["Messages"]
-    (record,) = decode_audit_batch(message["Body"].encode())
+    batch = decode_audit_batch(message["Body"].encode())
+    record, fallback = batch.records
     assert (record["event"], record["message_id"]) == ("accepted", sent["message_id"])
     assert record["transport"] == "fallback"
     assert record["emitted_by"] == "router"
+    # Why it took the fallback path, and the stored bytes for the archive.
+    assert (fallback["event"], fallback["reason"]) == ("fallback", "unavailable")
+    assert list(batch.bodies) == [record["body_sha256"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import uuid
@@ -15,11 +16,13 @@ import pytest
 from moto import mock_aws
 
 from fabric.adapters.management import ManagementClient
+from fabric.audit import decode_audit_batch
 from fabric.envelope import validate_envelope
 from fabric.protection import encryption_context, open_payload
 from fabric.routing import default_routing_table, patterns_intersect, topic_matches
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from fabric.topology import (
+    AUDIT_EXCHANGE,
     AUDIT_QUEUE,
     INGRESS_EXCHANGE,
     PLATFORM_USER,
@@ -220,7 +223,25 @@ def test_restricted_child_data_is_never_on_the_broker_in_plaintext(fabric: Simpl
     assert json.loads(open_payload(cipher, received["payload"], context))["child"] == CANARY
 
 
-def test_sqs_ingest_and_every_message_leaves_one_audit_record(fabric: SimpleNamespace) -> None:
+def test_a_stakeholder_may_audit_as_itself_but_not_forge_the_platform_user(
+    fabric: SimpleNamespace,
+) -> None:
+    me = fabric.users[user_name(Stakeholder.MEDIA)]
+    media = channel_as(fabric, user_name(Stakeholder.MEDIA))
+    media.confirm_delivery()
+    media.basic_publish(AUDIT_EXCHANGE, "x", b"{}", pika.BasicProperties(user_id=me))
+    ((properties, _),) = drain(channel_as(fabric, None), AUDIT_QUEUE)
+    assert properties.user_id == me  # what the audit writer reads as the publisher
+    media = channel_as(fabric, user_name(Stakeholder.MEDIA))
+    media.confirm_delivery()  # the publish waits for the broker's answer
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+        media.basic_publish(AUDIT_EXCHANGE, "x", b"{}", pika.BasicProperties(user_id="guest"))
+    assert refused.value.reply_code == 406  # PRECONDITION_FAILED: user_id is not the user
+
+
+def test_sqs_ingest_audits_each_rejection_once_and_archives_the_accepted_body(
+    fabric: SimpleNamespace,
+) -> None:
     good = envelope("donation.pledge.received")
     bodies = [json.dumps(good), "{oops", json.dumps(envelope("donation.x", priority="urgent"))]
     event = {
@@ -235,14 +256,25 @@ def test_sqs_ingest_and_every_message_leaves_one_audit_record(fabric: SimpleName
         ]
     }
     assert invoke(fabric, event) == {"batchItemFailures": []}
-    batches = [json.loads(body) for _, body in drain(channel_as(fabric, None), AUDIT_QUEUE)]
-    records = [record for batch in batches for record in batch["records"]]
+    business = drain(
+        channel_as(fabric, user_name(Stakeholder.BUSINESS)), queue_name(Stakeholder.BUSINESS)
+    )
+    batches = [decode_audit_batch(b) for _, b in drain(channel_as(fabric, None), AUDIT_QUEUE)]
+    records = [record for batch in batches for record in batch.records]
     assert sorted((r["event"], r.get("reason")) for r in records) == [
         ("accepted", None),
         ("rejected", "invalid_priority"),
         ("rejected", "malformed_json"),
+        ("routed", None),
     ]
-    assert all(len(r["body_sha256"]) == 64 for r in records)
+    assert all(len(str(r["body_sha256"])) == 64 for r in records)
+    routed = next(r for r in records if r["event"] == "routed")
+    assert queue_name(Stakeholder.BUSINESS) in routed["queues"]  # type: ignore[operator]
+    # The archive copy is byte for byte what the stakeholder queue holds.
+    ((_, stored),) = business
+    assert {k: v for b in batches for k, v in b.bodies.items()} == {
+        hashlib.sha256(stored).hexdigest(): stored
+    }
 
 
 def _queues(vhost: str) -> list[str]:

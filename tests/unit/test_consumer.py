@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from fabric import topology
-from fabric.adapters.memory import MemoryTransport
+from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
 from fabric.adapters.sns import MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
+from fabric.audit import AuditEvent
 from fabric.consumer import (
     BatchFailed,
     Delivery,
@@ -174,8 +175,20 @@ def test_an_sqs_batch_of_ten_with_three_failures_reports_exactly_those_three() -
         }
         for i in range(10)
     ]
-    response = sqs_batch_handler(MessageProcessor(handler))({"Records": records}, None)
+    audit = MemoryAuditSink()
+    handle = sqs_batch_handler(MessageProcessor(handler), audit=audit, consumer="consumer:media")
+    response = handle({"Records": records}, None)
 
     failed = {item["itemIdentifier"] for item in response["batchItemFailures"]}
     assert failed == {"sqs-2", "sqs-5", "sqs-9"}
     assert len(processed) == 7
+    # Audited: seven delivered, three retried (SQS, not the toolkit, parks them later).
+    events = {r.message_id: (r.event, r.source, r.attempt) for r in audit.records}
+    assert events == {
+        f"m-{i}": (
+            AuditEvent.RETRIED if f"m-{i}" in bad else AuditEvent.DELIVERED,
+            "consumer:media",
+            1,
+        )
+        for i in range(10)
+    }

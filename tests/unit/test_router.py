@@ -15,6 +15,8 @@ from fabric.ports import Failure
 from fabric.protection import encryption_context, open_payload
 from fabric.router import ACCEPTED, REJECTED, Router
 from fabric.routing import default_routing_table
+from fabric.stakeholders import Stakeholder
+from fabric.topology import queue_name
 
 CANARY = "CANARY-child-name-Siti-Rahayu"
 NOW = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
@@ -116,20 +118,42 @@ def test_messages_the_first_transport_refuses_go_to_the_next() -> None:
     assert [m.message_id for m in fallback.published] == ["7c9e6679-7425-40de-944b-e07fc1f90ae7"]
 
 
-def test_every_message_leaves_exactly_one_audit_record_without_plaintext() -> None:
+def test_bad_input_leaves_one_record_and_an_accepted_message_its_route_without_plaintext() -> None:
     audit = MemoryAuditSink()
+    transport = MemoryTransport()
     items = [incident(), b"", incident(topic="UPPER")]
-    _router(audit=audit).route(items, source="community")
+    _router(transport, audit=audit).route(items, source="community")
     assert [(r.event, r.reason) for r in audit.records] == [
         (AuditEvent.REJECTED, "empty_body"),
         (AuditEvent.REJECTED, "invalid_topic"),
         (AuditEvent.ACCEPTED, None),
+        (AuditEvent.ROUTED, None),
     ]
     for record in audit.records:
         assert record.body_sha256 is not None
         assert len(record.body_sha256) == 64
         assert CANARY not in json.dumps(record.to_dict())
-    assert audit.records[2].encrypted is True
+    accepted, routed = audit.records[2:]
+    assert accepted.encrypted is True
+    (stored,) = transport.published
+    assert routed.queues == tuple(
+        sorted(queue_name(Stakeholder(g), emergency=stored.emergency) for g in accepted.groups)
+    )
+    # The archive gets the stored (encrypted) bytes, named by the records' hash.
+    assert audit.bodies == {accepted.body_sha256: stored.body}
+    assert CANARY.encode() not in stored.body
+
+
+def test_a_message_the_broker_refused_is_audited_as_fallback_with_the_reason() -> None:
+    audit = MemoryAuditSink()
+    broker = MemoryTransport(name="rabbitmq", failure=Failure.NACKED)
+    _router(broker, MemoryTransport(name="sns"), audit=audit).route(
+        [incident()], source="community"
+    )
+    assert [(r.event, r.transport, r.reason) for r in audit.records] == [
+        (AuditEvent.ACCEPTED, "sns", None),
+        (AuditEvent.FALLBACK, "sns", "nacked"),
+    ]
 
 
 def test_a_lost_audit_batch_does_not_change_what_producers_are_told() -> None:

@@ -228,7 +228,7 @@ ALL_RESOURCES = [*QUEUES, *EXCHANGES, "amq.default", "amq.topic"]
 
 
 @pytest.mark.parametrize("group", STAKEHOLDERS)
-def test_a_group_user_reads_only_its_own_queues_and_writes_only_its_retries(
+def test_a_group_user_reads_only_its_own_queues_and_writes_only_its_retries_and_audit(
     group: Stakeholder,
 ) -> None:
     permission = PERMISSIONS[topology.user_name(group)]
@@ -240,7 +240,7 @@ def test_a_group_user_reads_only_its_own_queues_and_writes_only_its_retries(
         topology.queue_name(group),
         topology.queue_name(group, emergency=True),
     }
-    assert writable == {topology.retry_exchange_name(group)}
+    assert writable == {topology.retry_exchange_name(group), topology.AUDIT_EXCHANGE}
     assert configurable == set()
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
@@ -25,6 +28,7 @@ class AuditEvent(StrEnum):
     DEAD_LETTERED = "dead-lettered"
     REDRIVEN = "redriven"
     REPLAYED = "replayed"
+    DELIVERED = "delivered"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,10 @@ class AuditRecord:
     priority: str | None = None
     groups: tuple[str, ...] = ()
     encrypted: bool = False
+    queues: tuple[str, ...] = ()
+    attempt: int | None = None
+    replay_id: str | None = None
+    archived: bool | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The record as a JSON object, absent fields omitted."""
@@ -64,10 +72,15 @@ class AuditRecord:
             "transport": self.transport,
             "classification": self.classification,
             "priority": self.priority,
+            "attempt": self.attempt,
+            "replay_id": self.replay_id,
+            "archived": self.archived,
         }
         out.update({key: value for key, value in optional.items() if value is not None})
         if self.groups:
             out["groups"] = list(self.groups)
+        if self.queues:
+            out["queues"] = list(self.queues)
         if self.encrypted:
             out["encrypted"] = True
         return out
@@ -78,22 +91,44 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def encode_audit_batch(records: list[AuditRecord], *, emitted_by: str) -> bytes:
-    """Many records as one message body: auditing costs one publish per batch, not per message."""
-    return json.dumps(
-        {
-            "version": AUDIT_BATCH_VERSION,
-            "emitted_by": emitted_by,
-            "emitted_at": format_timestamp(datetime.now(UTC)),
-            "records": [record.to_dict() for record in records],
-        },
-        separators=(",", ":"),
-        sort_keys=True,
-    ).encode("utf-8")
+@dataclass(frozen=True)
+class AuditBatch:
+    """A decoded audit batch: its records, each with the batch's ``emitted_by``, and the stored
+    bodies it carries for the archive (SHA-256 hex to bytes)."""
+
+    records: list[dict[str, object]]
+    bodies: dict[str, bytes] = field(default_factory=dict)
 
 
-def decode_audit_batch(body: bytes) -> list[dict[str, object]]:
-    """The records of an audit batch message, each with the batch's ``emitted_by``.
+def encode_audit_batch(
+    records: list[AuditRecord],
+    *,
+    emitted_by: str,
+    bodies: Mapping[str, bytes] | None = None,
+) -> bytes:
+    """Many records as one message body: auditing costs one publish per batch, not per message.
+
+    ``bodies`` (SHA-256 hex to the stored bytes) travel beside the records, base64-encoded, for
+    the archive replay reads; the records themselves hold only the hash.
+    """
+    document: dict[str, object] = {
+        "version": AUDIT_BATCH_VERSION,
+        "emitted_by": emitted_by,
+        "emitted_at": format_timestamp(datetime.now(UTC)),
+        "records": [record.to_dict() for record in records],
+    }
+    if bodies:
+        document["bodies"] = {
+            digest: base64.b64encode(body).decode("ascii") for digest, body in bodies.items()
+        }
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def decode_audit_batch(body: bytes) -> AuditBatch:
+    """The records and bodies of an audit batch message.
+
+    A body whose bytes do not hash to its key is left out: the archive holds only what the
+    records' hashes prove.
 
     Raises:
         ValueError: the body is not a ``fabric.audit-batch/1`` document.
@@ -104,4 +139,16 @@ def decode_audit_batch(body: bytes) -> list[dict[str, object]]:
     records = document.get("records")
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise ValueError("an audit batch holds a list of record objects")
-    return [{**record, "emitted_by": document.get("emitted_by")} for record in records]
+    encoded = document.get("bodies") or {}
+    if not isinstance(encoded, dict):
+        raise ValueError("an audit batch's bodies are an object of hash to base64")
+    bodies: dict[str, bytes] = {}
+    for digest, text in encoded.items():
+        try:
+            data = base64.b64decode(str(text), validate=True)
+        except binascii.Error:
+            continue
+        if sha256_hex(data) == digest:
+            bodies[digest] = data
+    emitted_by = document.get("emitted_by")
+    return AuditBatch([{**record, "emitted_by": emitted_by} for record in records], bodies)

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from fabric.audit import AuditBatch, decode_audit_batch
 from fabric.audit_chain import GENESIS, Chain, Signer, canonical, encode_object, make_checkpoint
 from fabric.envelope import format_timestamp
 from fabric.errors import FabricError
+from fabric.topology import PLATFORM_USER
 
 
 class ChainConflict(FabricError):
@@ -71,11 +74,16 @@ class Written:
     key: str | None
     records: int
     duplicate_batches: int
+    archived: int = 0  # bodies stored in the archive object
+
+
+AUDIT_PREFIX = "audit/"
+ARCHIVE_PREFIX = "archive/"
 
 
 def object_key(writer: str, first: int, last: int, at: datetime) -> str:
     """``audit/<writer>/<yyyy>/<mm>/<dd>/<first seq>-<last seq>.jsonl``: ordered by key."""
-    return f"audit/{writer}/{at:%Y/%m/%d}/{first:012d}-{last:012d}.jsonl"
+    return f"{AUDIT_PREFIX}{writer}/{at:%Y/%m/%d}/{first:012d}-{last:012d}.jsonl"
 
 
 def checkpoint_key(writer: str, sequence: int) -> str:
@@ -101,17 +109,20 @@ class AuditWriter:
         self._signer = signer
         self._now = now
 
-    def write(self, batches: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> Written:
-        """Chain and store the records of ``batches`` (batch id, records) not written before.
+    def write(self, batches: Sequence[tuple[str, AuditBatch]]) -> Written:
+        """Chain and store the records of ``batches`` (batch id, batch) not written before.
+
+        The bodies the new records name are archived first, as one object beside the audit
+        object (``archive/...``, same name): no record is stored before the body it names.
 
         Raises:
             ChainConflict: another writer advanced the chain meanwhile (retry the batch).
             TransportUnavailable: the bucket or the state table cannot be reached.
         """
         done = self._chains.written([batch_id for batch_id, _ in batches])
-        fresh = [(batch_id, records) for batch_id, records in batches if batch_id not in done]
+        fresh = [(batch_id, batch) for batch_id, batch in batches if batch_id not in done]
         records = [
-            {**record, "batch": batch_id} for batch_id, records in fresh for record in records
+            {**record, "batch": batch_id} for batch_id, batch in fresh for record in batch.records
         ]
         if not records:
             if fresh:  # empty batches: remember them so a redelivery is a no-op
@@ -122,11 +133,21 @@ class AuditWriter:
         linked = chain.link(records)
         data = encode_object(linked)
         key = object_key(self._writer, state.seq + 1, chain.seq, self._now())
+        bodies = _named_bodies(records, [batch for _, batch in fresh])
+        if bodies:
+            self._objects.put(
+                ARCHIVE_PREFIX + key.removeprefix(AUDIT_PREFIX), encode_archive(bodies)
+            )
         self._objects.put(key, data)
         state.seq, state.last_hash = chain.seq, chain.last_hash
         state.pending.append((key, hashlib.sha256(data).hexdigest()))
         self._save(state, [batch_id for batch_id, _ in fresh])
-        return Written(key=key, records=len(linked), duplicate_batches=len(batches) - len(fresh))
+        return Written(
+            key=key,
+            records=len(linked),
+            duplicate_batches=len(batches) - len(fresh),
+            archived=len(bodies),
+        )
 
     def checkpoint(self) -> str:
         """Seal the objects written since the last checkpoint; the checkpoint's key.
@@ -158,51 +179,112 @@ class AuditWriter:
             raise ChainConflict(f"the chain of {self._writer} moved on meanwhile")
 
 
-def batches_from_event(event: Mapping[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+def encode_archive(bodies: Mapping[str, bytes]) -> bytes:
+    """An archive object: JSON lines ``{"sha256", "body"}`` (base64), sorted by hash."""
+    return b"".join(
+        canonical({"sha256": digest, "body": base64.b64encode(bodies[digest]).decode("ascii")})
+        + b"\n"
+        for digest in sorted(bodies)
+    )
+
+
+def decode_archive(data: bytes) -> dict[str, bytes]:
+    """The bodies of an archive object, by SHA-256 hex (unchecked: check before use)."""
+    bodies: dict[str, bytes] = {}
+    for line in data.splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            bodies[str(entry["sha256"])] = base64.b64decode(entry["body"])
+    return bodies
+
+
+def _named_bodies(
+    records: Sequence[Mapping[str, Any]], batches: Sequence[AuditBatch]
+) -> dict[str, bytes]:
+    carried: dict[str, bytes] = {}
+    for batch in batches:
+        carried.update(batch.bodies)
+    named = {record.get("body_sha256") for record in records}
+    return {digest: body for digest, body in carried.items() if digest in named}
+
+
+# What a consumer (a stakeholder group's user) may record; the rest only the platform may.
+CONSUMER_EVENTS = frozenset({"delivered", "retried", "dead-lettered"})
+
+
+def batches_from_event(
+    event: Mapping[str, Any], *, trusted: frozenset[str] = frozenset({PLATFORM_USER})
+) -> list[tuple[str, AuditBatch]]:
     """The audit batches of an Amazon MQ for RabbitMQ event (``fabric.audit``) or an SQS event
-    (the audit queue), as (batch id, records).
+    (the audit queue), as (batch id, batch).
 
     A body that is not an audit batch is not dropped: it becomes one ``unreadable-batch`` record
     carrying the SHA-256 of the body, so the trail shows that something arrived and what.
+
+    On RabbitMQ, where stakeholder users may publish their consumers' records too, every record
+    gets ``publisher``: the batch's user-id, which the broker checked against the connection's
+    user. A batch from a publisher not in ``trusted`` that records anything but consumer events
+    becomes one ``refused-batch`` record instead (the SQS audit queue is written only by the
+    platform's functions: its IAM policy is the check there).
 
     Raises:
         ValueError: the event is neither.
     """
     from fabric.adapters.sns import MESSAGE_ID_ATTRIBUTE
 
-    items: list[tuple[str, bytes]] = []
+    batches: list[tuple[str, AuditBatch]] = []
     if event.get("eventSource") == "aws:rmq":
         for messages in event.get("rmqMessagesByQueue", {}).values():
             for message in messages:
                 properties = message.get("basicProperties") or {}
                 body = base64.b64decode(message.get("data", ""))
-                items.append((str(properties.get("messageId") or _digest(body)), body))
+                batch_id = str(properties.get("messageId") or _digest(body))
+                publisher = str(properties.get("userId") or "")
+                batches.append((batch_id, _published_by(publisher, body, trusted)))
     elif isinstance(event.get("Records"), list):
         for record in event["Records"]:
             attributes = record.get("messageAttributes") or {}
             body = str(record.get("body", "")).encode("utf-8")
-            batch_id = (attributes.get(MESSAGE_ID_ATTRIBUTE) or {}).get("stringValue")
-            items.append((str(batch_id or _digest(body)), body))
+            sent_id = (attributes.get(MESSAGE_ID_ATTRIBUTE) or {}).get("stringValue")
+            batches.append((str(sent_id or _digest(body)), _records(body)))
     else:
         raise ValueError("not an Amazon MQ or SQS event")
-    return [(batch_id, _records(body)) for batch_id, body in items]
+    return batches
+
+
+def _published_by(publisher: str, body: bytes, trusted: frozenset[str]) -> AuditBatch:
+    batch = _records(body)
+    if publisher not in trusted and any(
+        r.get("event") not in CONSUMER_EVENTS for r in batch.records
+    ):
+        return _stand_in(
+            body,
+            "refused-batch",
+            f"{publisher or 'no user-id'} may record only consumer events",
+            publisher,
+        )
+    return AuditBatch([{**r, "publisher": publisher} for r in batch.records], batch.bodies)
 
 
 def _digest(body: bytes) -> str:
     return "sha256-" + hashlib.sha256(body).hexdigest()
 
 
-def _records(body: bytes) -> list[dict[str, Any]]:
-    from fabric.audit import decode_audit_batch
-
+def _records(body: bytes) -> AuditBatch:
     try:
         return decode_audit_batch(body)
     except (ValueError, UnicodeDecodeError):
-        return [
-            {
-                "event": "unreadable-batch",
-                "at": format_timestamp(datetime.now(UTC)),
-                "body_sha256": hashlib.sha256(body).hexdigest(),
-                "reason": "not a fabric.audit-batch/1 document",
-            }
-        ]
+        return _stand_in(body, "unreadable-batch", "not a fabric.audit-batch/1 document")
+
+
+def _stand_in(body: bytes, event: str, reason: str, publisher: str | None = None) -> AuditBatch:
+    """One record in place of a batch the trail cannot take as it is: what arrived, and why."""
+    record: dict[str, object] = {
+        "event": event,
+        "at": format_timestamp(datetime.now(UTC)),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "reason": reason,
+    }
+    if publisher is not None:
+        record["publisher"] = publisher
+    return AuditBatch([record])

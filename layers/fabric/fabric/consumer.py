@@ -32,13 +32,15 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from fabric import topology
+from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.envelope import Envelope, from_wire
 from fabric.errors import FabricError
-from fabric.ports import OutboundMessage, Transport
+from fabric.ports import AuditSink, OutboundMessage, Transport
 from fabric.stakeholders import Stakeholder
 
 _LOG = logging.getLogger(__name__)
@@ -223,7 +225,7 @@ class MessageProcessor:
 # -- RabbitMQ ---------------------------------------------------------------------------------
 
 
-def _group_of(work_queue: str) -> tuple[Stakeholder, bool]:
+def group_of(work_queue: str) -> tuple[Stakeholder, bool]:
     """The group and path of a work queue name (``fabric.<group>[.emergency]``).
 
     Raises:
@@ -279,14 +281,89 @@ def rabbitmq_delivery(
     )
 
 
+def settlement_records(
+    items: Sequence[tuple[Delivery, Decision]], stored: Sequence[bool], *, consumer: str
+) -> list[AuditRecord]:
+    """The audit records of what was settled: ``delivered`` (done), ``retried`` (with the
+    attempt that failed and the delay queue), ``dead-lettered`` (with the reason and the DLQ).
+    Nothing for what was not settled: it comes back."""
+    now = datetime.now(UTC)
+    records = []
+    for (delivery, decision), done in zip(items, stored, strict=True):
+        event = _EVENTS.get(decision.verdict)
+        if not done or event is None:
+            continue
+        records.append(
+            AuditRecord(
+                event=event,
+                at=now,
+                message_id=delivery.message_id or None,
+                source=consumer,
+                topic=delivery.topic or None,
+                body_sha256=sha256_hex(delivery.body),
+                reason=decision.reason if event is AuditEvent.DEAD_LETTERED else decision.error,
+                attempt=delivery.attempt,
+                queues=(_destination(delivery, decision) or delivery.queue,),
+            )
+        )
+    return records
+
+
+_EVENTS = {
+    Verdict.DONE: AuditEvent.DELIVERED,
+    Verdict.RETRY: AuditEvent.RETRIED,
+    Verdict.DEAD_LETTER: AuditEvent.DEAD_LETTERED,
+}
+
+
+def _destination(delivery: Delivery, decision: Decision) -> str | None:
+    """Where a RabbitMQ retry or dead letter goes; None otherwise (done, or not a work queue)."""
+    if decision.verdict not in (Verdict.RETRY, Verdict.DEAD_LETTER):
+        return None
+    try:
+        group, emergency = group_of(delivery.queue)
+    except ValueError:
+        return None
+    if decision.verdict is Verdict.RETRY:
+        tiers = topology.retry_tiers(emergency=emergency)
+        seconds = tiers[min(decision.tier, len(tiers) - 1)]
+        return topology.retry_queue_name(group, seconds, emergency=emergency)
+    return topology.dead_letter_queue_name(group, emergency=emergency)
+
+
+def emit_settled(
+    audit: AuditSink | None,
+    items: Sequence[tuple[Delivery, Decision]],
+    stored: Sequence[bool],
+    *,
+    consumer: str,
+) -> None:
+    """Audit what was settled. A lost audit batch is logged, not a reason to undo a settlement
+    (the message itself is where it belongs)."""
+    if audit is None:
+        return
+    records = settlement_records(items, stored, consumer=consumer)
+    if records and not audit.emit(records):
+        _LOG.error("audit batch of %d consumer record(s) could not be stored", len(records))
+
+
 class RabbitMqSettler:
     """Carries out retry and dead-letter decisions on RabbitMQ, through the group's retry
-    exchange (the only exchange a stakeholder user may publish to), with confirms."""
+    exchange (the only exchange a stakeholder user may publish to, with the audit exchange),
+    with confirms; audits what it settled when given an ``audit`` sink."""
 
-    def __init__(self, transport_for: Callable[[Stakeholder], Transport]) -> None:
+    def __init__(
+        self,
+        transport_for: Callable[[Stakeholder], Transport],
+        *,
+        audit: AuditSink | None = None,
+        consumer: str = "consumer",
+    ) -> None:
         """``transport_for(group)`` publishes to ``fabric.x.retry.<group>`` with the message's
-        ``redeliver_to`` as routing key."""
+        ``redeliver_to`` as routing key; ``consumer`` names the consumer in audit records."""
         self._transport_for = transport_for
+        self._audit = audit
+        self._consumer = consumer
 
     def settle(self, items: Sequence[tuple[Delivery, Decision]]) -> list[bool]:
         """Republish each RETRY / DEAD_LETTER item; True where it is stored (DONE: True, no
@@ -295,7 +372,7 @@ class RabbitMqSettler:
         by_group: dict[Stakeholder, list[tuple[int, OutboundMessage]]] = {}
         for index, (delivery, decision) in enumerate(items):
             if decision.verdict in (Verdict.RETRY, Verdict.DEAD_LETTER):
-                group, emergency = _group_of(delivery.queue)
+                group, emergency = group_of(delivery.queue)
                 by_group.setdefault(group, []).append(
                     (index, _republished(delivery, decision, group, emergency))
                 )
@@ -303,6 +380,7 @@ class RabbitMqSettler:
             outcomes = self._transport_for(group).publish(message for _, message in entries)
             for (index, _), outcome in zip(entries, outcomes, strict=True):
                 stored[index] = outcome.stored
+        emit_settled(self._audit, items, stored, consumer=self._consumer)
         return stored
 
 
@@ -311,13 +389,10 @@ def _republished(
 ) -> OutboundMessage:
     headers = dict(delivery.headers)
     headers[topology.ERROR_HEADER] = decision.error or "unknown"
+    destination = _destination(delivery, decision)
     if decision.verdict is Verdict.RETRY:
-        tiers = topology.retry_tiers(emergency=emergency)
-        seconds = tiers[min(decision.tier, len(tiers) - 1)]
-        destination = topology.retry_queue_name(group, seconds, emergency=emergency)
         headers[topology.ATTEMPT_HEADER] = str(delivery.attempt + 1)
     else:
-        destination = topology.dead_letter_queue_name(group, emergency=emergency)
         headers[topology.DEAD_LETTER_REASON_HEADER] = decision.reason or "unknown"
         headers[topology.DEAD_LETTERED_AT_HEADER] = str(int(time.time()))
     return OutboundMessage(
@@ -406,12 +481,16 @@ class RecordFailed(FabricError):
 
 def sqs_batch_handler(
     processor: MessageProcessor,
+    *,
+    audit: AuditSink | None = None,
+    consumer: str = "consumer",
 ) -> Callable[[Mapping[str, Any], Any], dict[str, Any]]:
     """A Lambda handler for an SQS event source with ``ReportBatchItemFailures``.
 
     Returns exactly the failed records in ``batchItemFailures``. SQS spaces the retries by the
     queue's visibility timeout and parks a record in the queue's DLQ after ``maxReceiveCount``
-    receives, so RETRY and DEAD_LETTER both report the record as failed here.
+    receives, so RETRY and DEAD_LETTER both report the record as failed here, and are audited
+    as ``retried`` (SQS, not the toolkit, moves it to the DLQ).
     """
     from aws_lambda_powertools.utilities.batch import (
         BatchProcessor,
@@ -422,15 +501,23 @@ def sqs_batch_handler(
 
     batch = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
+    settled: list[tuple[Delivery, Decision]] = []
+
     def record_handler(record: SQSRecord) -> None:
-        decision = processor.process(_sqs_delivery(record), None)
+        delivery = _sqs_delivery(record)
+        decision = processor.process(delivery, None)
+        if decision.verdict is Verdict.DEAD_LETTER:
+            decision = Decision(Verdict.RETRY, reason=decision.reason, error=decision.error)
+        settled.append((delivery, decision))
         if decision.verdict is not Verdict.DONE:
             raise RecordFailed(f"{decision.verdict}: {decision.error or decision.reason}")
 
     def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
+        settled.clear()
         response = process_partial_response(
             event=dict(event), record_handler=record_handler, processor=batch, context=context
         )
+        emit_settled(audit, settled, [True] * len(settled), consumer=consumer)
         return dict(response)
 
     return handler

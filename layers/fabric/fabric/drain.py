@@ -143,6 +143,8 @@ class Drainer:
         report.left += len(batch) - len(moved)
         now = datetime.now(UTC)
         if moved:
+            # With the bodies: a message accepted on the fallback path is archived here too.
+            digests = [sha256_hex(item.body) for item in moved]
             self._audit.emit(
                 [
                     AuditRecord(
@@ -151,11 +153,13 @@ class Drainer:
                         message_id=item.message_id,
                         source="drain",
                         topic=item.topic,
-                        body_sha256=sha256_hex(item.body),
+                        body_sha256=digest,
                         transport="rabbitmq",
                         groups=(queue.group.value,),
+                        queues=(queue.work_queue,),
                     )
-                    for item in moved
-                ]
+                    for item, digest in zip(moved, digests, strict=True)
+                ],
+                dict(zip(digests, (item.body for item in moved), strict=True)),
             )
         return len(confirmed) == len(batch)

@@ -112,8 +112,11 @@ class PayloadCipher(Protocol):
 class AuditSink(Protocol):
     """Stores audit records durably (batched; one call per router batch)."""
 
-    def emit(self, records: Sequence[AuditRecord]) -> bool:
-        """Store ``records``; True only when they are durably stored. Never raises for I/O."""
+    def emit(
+        self, records: Sequence[AuditRecord], bodies: Mapping[str, bytes] | None = None
+    ) -> bool:
+        """Store ``records`` (and, for the archive, the stored ``bodies`` they name by SHA-256
+        hex); True only when they are durably stored. Never raises for I/O."""
         ...
 
 

@@ -24,10 +24,18 @@ from fabric.envelope import (
     Rejection,
     iter_validated,
 )
-from fabric.ports import AuditSink, Metrics, OutboundMessage, Outcome, PayloadCipher, Transport
+from fabric.ports import (
+    AuditSink,
+    Failure,
+    Metrics,
+    OutboundMessage,
+    Outcome,
+    PayloadCipher,
+    Transport,
+)
 from fabric.protection import encryption_context, seal_payload
 from fabric.routing import RoutingTable
-from fabric.topology import delivery_headers
+from fabric.topology import UNROUTED_QUEUE, delivery_headers, queue_name
 
 _LOG = logging.getLogger(__name__)
 
@@ -88,6 +96,8 @@ class _Admitted:
     envelope: Envelope
     outbound: OutboundMessage
     encrypted: bool
+    queues: tuple[str, ...]  # where the routing table sends it
+    digest: str  # SHA-256 hex of outbound.body, the stored bytes
 
 
 class Router:
@@ -174,14 +184,15 @@ class Router:
 
         first, *others = self._transports
         outcomes = first.publish(admit_as_published())
-        waiting = self._settle(admitted, outcomes, results, records, now)
+        failures: dict[int, Failure | None] = {}  # why the broker did not take a message
+        waiting = self._settle(admitted, outcomes, results, records, now, failures=failures)
         for transport in others:
             if not waiting:
                 break
             outcomes = transport.publish([item.outbound for item in waiting])
-            waiting = self._settle(waiting, outcomes, results, records, now)
+            waiting = self._settle(waiting, outcomes, results, records, now, failures=failures)
         self._reject_unstored(waiting, results, records, now)
-        self._emit(records)
+        self._emit(records, admitted)
         batch = BatchResult(tuple(r for r in results if r is not None))
         if self._metrics is not None and batch.results:
             self._metrics.count(_counts(batch))
@@ -215,7 +226,10 @@ class Router:
             correlation_id=envelope.correlation_id,
             reply_to=envelope.reply_to,
         )
-        return _Admitted(index, envelope, outbound, encrypted)
+        queues = tuple(sorted(queue_name(d.group, emergency=d.emergency) for d in deliveries))
+        return _Admitted(
+            index, envelope, outbound, encrypted, queues or (UNROUTED_QUEUE,), sha256_hex(body)
+        )
 
     def _settle(
         self,
@@ -224,17 +238,29 @@ class Router:
         results: list[MessageResult | None],
         records: list[AuditRecord],
         now: datetime,
+        *,
+        failures: dict[int, Failure | None],
     ) -> list[_Admitted]:
-        """Record the stored ones as accepted; return those still waiting for a transport."""
+        """Record the stored ones as accepted, and routed (or sent to the fallback path, and
+        why); return those still waiting for a transport."""
         waiting: list[_Admitted] = []
         for item, outcome in zip(items, outcomes, strict=True):
             if not outcome.stored:
+                failures.setdefault(item.index, outcome.failure)
                 waiting.append(item)
                 continue
             results[item.index] = MessageResult(
                 item.envelope.message_id, ACCEPTED, transport=outcome.transport
             )
-            records.append(self._accepted_record(item, outcome.transport, now))
+            accepted = self._accepted_record(item, outcome.transport, now)
+            records.append(accepted)
+            if item.index in failures:  # stored by a later transport: the fallback path
+                why = failures[item.index] or Failure.UNAVAILABLE
+                records.append(dataclasses.replace(accepted, event=AuditEvent.FALLBACK, reason=why))
+            else:
+                records.append(
+                    dataclasses.replace(accepted, event=AuditEvent.ROUTED, queues=item.queues)
+                )
         if waiting:
             _LOG.warning("a transport could not store %d message(s)", len(waiting))
         return waiting
@@ -261,7 +287,7 @@ class Router:
                     source=item.envelope.source,
                     topic=item.envelope.topic,
                     reason=str(Reason.UNAVAILABLE),
-                    body_sha256=sha256_hex(item.outbound.body),
+                    body_sha256=item.digest,
                 )
             )
 
@@ -275,7 +301,7 @@ class Router:
             message_id=envelope.message_id,
             source=envelope.source,
             topic=envelope.topic,
-            body_sha256=sha256_hex(item.outbound.body),
+            body_sha256=item.digest,
             transport=transport,
             classification=str(envelope.classification),
             priority=str(envelope.priority),
@@ -283,8 +309,11 @@ class Router:
             encrypted=item.encrypted,
         )
 
-    def _emit(self, records: list[AuditRecord]) -> None:
-        if records and not self._audit.emit(records):
+    def _emit(self, records: list[AuditRecord], admitted: list[_Admitted]) -> None:
+        # The stored bytes of what was accepted, for the archive replay reads.
+        accepted = {r.body_sha256 for r in records if r.event is AuditEvent.ACCEPTED}
+        bodies = {item.digest: item.outbound.body for item in admitted if item.digest in accepted}
+        if records and not self._audit.emit(records, bodies):
             # The messages themselves are stored (or rejected) already; a lost audit batch is an
             # operational alarm, not a reason to tell producers something false.
             _LOG.error("audit batch of %d record(s) could not be stored", len(records))

@@ -37,6 +37,7 @@ DEAD_LETTER_REASON_HEADER = "fabric-dead-letter-reason"  # why a consumer parked
 DEAD_LETTERED_AT_HEADER = "fabric-dead-lettered-at"  # when, epoch seconds
 ERROR_HEADER = "fabric-error"  # the exception class that failed the last attempt
 REDRIVES_HEADER = "fabric-redrives"  # how many times it was redriven
+REPLAY_HEADER = "fabric-replay"  # the replay id of a message re-published from the archive
 
 # RabbitMQ 3.10 has no default delivery limit and 4.x defaults to 20; set it explicitly.
 DELIVERY_LIMIT = 10
@@ -261,7 +262,9 @@ def definitions(table: RoutingTable, *, vhost: str = "/") -> dict[str, Any]:
                 "user": user_name(group),
                 "vhost": vhost,
                 "configure": "^$",
-                "write": f"^{_escape(retry_exchange_name(group))}$",
+                # Its retry exchange, and the audit exchange for the consumer toolkit's records
+                # (user-id validated: the audit writer takes only consumer events from it).
+                "write": f"^(?:{_escape(retry_exchange_name(group))}|{_escape(AUDIT_EXCHANGE)})$",
                 "read": f"^(?:{own_queues})$",
             }
         )

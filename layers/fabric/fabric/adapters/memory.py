@@ -47,11 +47,15 @@ class MemoryAuditSink:
 
     available: bool = True
     records: list[AuditRecord] = field(default_factory=list)
+    bodies: dict[str, bytes] = field(default_factory=dict)
 
-    def emit(self, records: Sequence[AuditRecord]) -> bool:
-        """Keep the records when available."""
+    def emit(
+        self, records: Sequence[AuditRecord], bodies: Mapping[str, bytes] | None = None
+    ) -> bool:
+        """Keep the records (and bodies) when available."""
         if self.available:
             self.records.extend(records)
+            self.bodies.update(bodies or {})
         return self.available
 
 

@@ -27,7 +27,7 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from fabric.errors import TransportUnavailable
-from fabric.ports import Failure, OutboundMessage, Outcome
+from fabric.ports import Failure, MessageKind, OutboundMessage, Outcome
 
 _LOG = logging.getLogger(__name__)
 TRANSPORT_NAME = "rabbitmq"
@@ -117,6 +117,7 @@ class RabbitMqTransport:
         self._last_used = 0.0
         self._blocked = False
         self._batch: _Batch | None = None
+        self._user = ""  # the connection's user, the user-id of audit batches
         self._closing = False  # close() in progress: the channel's close is ours
 
     # -- public API ---------------------------------------------------------------------------
@@ -206,6 +207,7 @@ class RabbitMqTransport:
         except TransportUnavailable as exc:
             _LOG.warning("rabbitmq credentials unavailable: %s", exc)
             raise _ConnectFailed from exc
+        self._user = str(getattr(parameters.credentials, "username", ""))
 
         def on_open(connection: pika.BaseConnection) -> None:
             connection.channel(on_open_callback=on_channel)
@@ -307,6 +309,7 @@ class RabbitMqTransport:
             first_tag=self._published + 1,
             window=self._settings.confirm_window,
             exchange_for=self._exchange_for,
+            user=self._user,
             on_settled=loop.stop,
             schedule=lambda callback: loop.call_later(0, callback),
         )
@@ -423,6 +426,7 @@ class _Batch:
         first_tag: int,
         window: int,
         exchange_for: Callable[[OutboundMessage], str],
+        user: str,
         on_settled: Callable[[], None],
         schedule: Callable[[Callable[[], None]], None],
     ) -> None:
@@ -434,6 +438,7 @@ class _Batch:
         self.channel = channel
         self.window = window
         self.exchange_for = exchange_for
+        self.user = user
         self.queue = list(reversed(retry))
         self.in_flight: dict[int, int] = {}  # delivery tag -> message index
         self.returned_ids: set[str] = set()
@@ -484,7 +489,7 @@ class _Batch:
                     exchange=self.exchange_for(message),
                     routing_key=message.redeliver_to or message.topic,
                     body=message.body,
-                    properties=_properties(message),
+                    properties=_properties(message, self.user),
                     mandatory=True,
                 )
             except (pika.exceptions.AMQPError, OSError):
@@ -531,9 +536,12 @@ class _Batch:
         return sorted({*self.in_flight.values(), *self.queue})
 
 
-def _properties(message: OutboundMessage) -> BasicProperties:
+def _properties(message: OutboundMessage, user: str) -> BasicProperties:
     headers = dict(message.headers)
     return BasicProperties(
+        # An audit batch names its publisher in user-id, which RabbitMQ checks against the
+        # connection's user: the audit writer can tell the platform's records from a consumer's.
+        user_id=user if message.kind is MessageKind.AUDIT and user else None,
         content_type="application/json",
         delivery_mode=pika.DeliveryMode.Persistent,
         message_id=message.message_id,

@@ -20,24 +20,44 @@ import pika.exceptions
 
 from fabric import topology
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings, connection_parameters
+from fabric.audit_sink import TransportAuditSink
 from fabric.consumer import (
     Decision,
     Delivery,
     MessageProcessor,
     RabbitMqSettler,
     Verdict,
+    group_of,
     rabbitmq_delivery,
 )
-from fabric.ports import Transport
+from fabric.ports import MessageKind, OutboundMessage, Transport
 from fabric.stakeholders import Stakeholder
 
 _LOG = logging.getLogger(__name__)
 
 
 def retry_transport(settings: RabbitSettings, group: Stakeholder) -> Transport:
-    """A confirming publisher to ``group``'s retry exchange (routing key: ``redeliver_to``)."""
+    """A confirming publisher to ``group``'s retry exchange (routing key: ``redeliver_to``),
+    and of audit batches to the audit exchange."""
     exchange = topology.retry_exchange_name(group)
-    return RabbitMqTransport(settings, exchange_for=lambda _message: exchange)
+
+    def exchange_for(message: OutboundMessage) -> str:
+        return topology.AUDIT_EXCHANGE if message.kind is MessageKind.AUDIT else exchange
+
+    return RabbitMqTransport(settings, exchange_for=exchange_for)
+
+
+def consumer_settler(settings: RabbitSettings, queue: str, *, consumer: str) -> RabbitMqSettler:
+    """The settler of a consumer of ``queue``: retries and dead letters through the group's
+    retry exchange, and an audit record of everything it settles on the audit exchange, both
+    over one connection as the group's user."""
+    group = group_of(queue)[0]
+    transport = retry_transport(settings, group)
+    return RabbitMqSettler(
+        lambda _group: transport,
+        audit=TransportAuditSink([transport], emitted_by=consumer),
+        consumer=consumer,
+    )
 
 
 class RabbitMqConsumer:
@@ -58,9 +78,8 @@ class RabbitMqConsumer:
         self._queue = queue
         self._processor = processor
         self._prefetch = prefetch
-        transports: dict[Stakeholder, Transport] = {}
-        self._settler = settler or RabbitMqSettler(
-            lambda group: transports.setdefault(group, retry_transport(settings, group))
+        self._settler = settler or consumer_settler(
+            settings, queue, consumer=f"consumer:{group_of(queue)[0]}"
         )
         self._backoff_s = backoff_s
         self._sleep = sleep
@@ -128,8 +147,6 @@ class RabbitMqConsumer:
         return counts
 
     def _settled(self, delivery: Delivery, decision: Decision) -> bool:
-        if decision.verdict is Verdict.DONE:
-            return True
         if decision.verdict is Verdict.SYSTEMIC:
             return False
-        return self._settler.settle([(delivery, decision)])[0]
+        return self._settler.settle([(delivery, decision)])[0]  # DONE: no publish, audited

@@ -20,6 +20,7 @@ class SqsAuditTransport:
     """Sends each audit batch as one SQS message; anything else is refused (``UNAVAILABLE``)."""
 
     name = TRANSPORT_NAME
+    max_message_bytes = 262_144  # SQS's limit: the audit sink splits batches to fit
 
     def __init__(self, queue_url: str, client_factory: Callable[[], Any]) -> None:
         self._queue_url = queue_url

@@ -1,0 +1,65 @@
+"""The audit sink: one message per batch, split to fit a transport's size limit, never lossy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from fabric.adapters.memory import MemoryTransport
+from fabric.audit import AuditEvent, AuditRecord, decode_audit_batch, sha256_hex
+from fabric.audit_sink import TransportAuditSink
+from fabric.ports import Failure
+
+
+@dataclass
+class LimitedTransport(MemoryTransport):
+    max_message_bytes: int = 4096
+
+
+def accepted(i: int, body: bytes) -> AuditRecord:
+    return AuditRecord(
+        event=AuditEvent.ACCEPTED,
+        at=datetime(2026, 12, 3, tzinfo=UTC),
+        message_id=f"m-{i}",
+        source="community",
+        body_sha256=sha256_hex(body),
+    )
+
+
+def test_a_batch_is_one_message_where_there_is_no_limit() -> None:
+    broker = MemoryTransport(name="rabbitmq")
+    bodies = {sha256_hex(b"x" * i): b"x" * i for i in range(1, 40)}
+    records = [accepted(i, b"x" * i) for i in range(1, 40)]
+    assert TransportAuditSink([broker], emitted_by="router").emit(records, bodies)
+    (message,) = broker.published
+    batch = decode_audit_batch(message.body)
+    assert [r["message_id"] for r in batch.records] == [f"m-{i}" for i in range(1, 40)]
+    assert batch.bodies == bodies
+
+
+def test_a_batch_too_big_for_the_limit_is_split_and_nothing_is_lost() -> None:
+    broker = MemoryTransport(name="rabbitmq", failure=Failure.UNAVAILABLE)
+    sqs = LimitedTransport(name="sqs-audit")
+    payloads = [bytes([i]) * 700 for i in range(30)]
+    records = [accepted(i, body) for i, body in enumerate(payloads)]
+    big = b"B" * 10_000  # cannot fit a 4 KiB message even alone
+    records.append(accepted(99, big))
+    bodies = {sha256_hex(b): b for b in [*payloads, big]}
+
+    assert TransportAuditSink([broker, sqs], emitted_by="router").emit(records, bodies)
+
+    assert len(sqs.published) > 1
+    assert all(len(m.body) <= sqs.max_message_bytes for m in sqs.published)
+    batches = [decode_audit_batch(m.body) for m in sqs.published]
+    got = [r for b in batches for r in b.records]
+    assert [r["message_id"] for r in got] == [r.message_id for r in records]
+    archived = {k: v for b in batches for k, v in b.bodies.items()}
+    assert archived == {sha256_hex(b): b for b in payloads}
+    assert got[-1]["archived"] is False  # said, not silently dropped
+    assert len({m.message_id for m in sqs.published}) == len(sqs.published)
+
+
+def test_false_when_no_transport_stores_the_batch() -> None:
+    down = MemoryTransport(failure=Failure.UNAVAILABLE)
+    sink = TransportAuditSink([down, LimitedTransport(failure=Failure.UNAVAILABLE)], emitted_by="x")
+    assert not sink.emit([accepted(1, b"a")], {sha256_hex(b"a"): b"a"})
