@@ -6,6 +6,13 @@ them once read from S3; signatures checked by moto's KMS in-process).
 ``audit_writer_records_per_s``: ``fabric.audit_writer.AuditWriter`` writing 100,000 records in
 calls of 5,000 (ten audit batches of 500 each), one Object Lock object per call, into moto's S3
 and DynamoDB in-process.
+``compliance_report_1m_s``: the compliance report function's ``ComplianceReporter.run`` (built by
+``fabric.bootstrap.build_compliance_reporter``, as the Lambda builds it) over a UTC day of one
+million records (1,000 Object Lock objects of 1,000 records in the audit writer's key layout,
+hourly signed checkpoints, the anchor before the day and the checkpoint after it), against moto's
+S3, KMS and SNS in-process: listing, reading every object with its Object Lock read back,
+verification from the anchor, the figures, the three files into the reports bucket (SSE-KMS)
+and the summary on the topic.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 Figure = tuple[str, float, str]
@@ -21,10 +29,11 @@ REGION = "ap-southeast-3"
 
 
 def _record(i: int) -> dict[str, Any]:
+    # The router's pairs: record 2n accepts message n, record 2n + 1 routes it.
     return {
-        "event": "accepted",
+        "event": "accepted" if i % 2 == 0 else "routed",
         "at": "2026-12-03T12:00:00.000Z",
-        "message_id": f"01JF{i:022d}",
+        "message_id": f"01JF{i // 2:022d}",
         "source": "government",
         "topic": "case.updated",
         "body_sha256": hashlib.sha256(i.to_bytes(8, "big")).hexdigest(),
@@ -94,6 +103,7 @@ def bench_audit_writer(records: int = 100_000, per_call: int = 5_000) -> Iterato
     from moto import mock_aws
 
     from fabric.adapters.audit_storage import DynamoDbChainStore, S3ObjectStore
+    from fabric.audit import AuditBatch
     from fabric.audit_writer import AuditWriter
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "moto")
@@ -119,7 +129,10 @@ def bench_audit_writer(records: int = 100_000, per_call: int = 5_000) -> Iterato
             signer=_signer(),
         )
         calls = [
-            [(f"batch-{c}-{b}", [_record(i) for i in range(500)]) for b in range(per_call // 500)]
+            [
+                (f"batch-{c}-{b}", AuditBatch([_record(i) for i in range(500)]))
+                for b in range(per_call // 500)
+            ]
             for c in range(records // per_call)
         ]
         started = time.perf_counter()
@@ -129,7 +142,144 @@ def bench_audit_writer(records: int = 100_000, per_call: int = 5_000) -> Iterato
     yield "audit_writer_records_per_s", records / elapsed, "records/s"
 
 
+def _life(i: int, at: datetime) -> dict[str, Any]:
+    """Record ``i`` of a day: each message is accepted, routed and delivered to two groups (4
+    records, a few ms apart); one in a hundred is an emergency, every other one restricted."""
+    from fabric.envelope import format_timestamp
+
+    message, step = divmod(i, 4)
+    group = ("government", "community")[step % 2]
+    record: dict[str, Any] = {
+        "event": ("accepted", "routed", "delivered", "delivered")[step],
+        "at": format_timestamp(at + timedelta(milliseconds=(step > 1) * (3 + message % 40) * step)),
+        "message_id": f"01JF{message:022d}",
+        "source": "government",
+        "topic": "case.updated",
+        "priority": "emergency" if message % 100 == 0 else "normal",
+        "body_sha256": hashlib.sha256(message.to_bytes(8, "big")).hexdigest(),
+    }
+    if step == 0:
+        restricted = message % 2 == 0
+        record.update(
+            transport="rabbitmq",
+            classification="restricted" if restricted else "internal",
+            encrypted=restricted,
+            groups=["government", "community"],
+        )
+    elif step == 1:
+        record["queues"] = ["fabric.government", "fabric.community"]
+    else:
+        record.update(groups=[group], queues=[f"fabric.{group}"], attempt=1)
+    return record
+
+
+def bench_compliance_report(records: int = 1_000_000, per_object: int = 1_000) -> Iterator[Figure]:
+    """Write a day of one million records into moto's Object Lock bucket, then time the report."""
+    import boto3
+    from moto import mock_aws
+
+    from fabric.adapters.audit_storage import S3ObjectStore
+    from fabric.audit_chain import Chain, canonical, encode_object, make_checkpoint
+    from fabric.audit_writer import checkpoint_key, object_key
+    from fabric.bootstrap import build_compliance_reporter
+    from fabric.compliance_run import Period
+    from fabric.envelope import format_timestamp
+    from fabric.settings import ComplianceReportSettings
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "moto")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "moto")
+    writer, day = "bench-writer", datetime(2026, 12, 2, tzinfo=UTC)
+    with mock_aws():
+        s3, audit_key, topic_arn = _report_aws()
+        signer = _signer()
+        store, chain = S3ObjectStore("bench-audit", lambda: s3), Chain(writer)
+        pending: list[tuple[str, str]] = []
+        sealed: list[str | None] = [None]
+
+        def seal(at: datetime) -> None:
+            body = make_checkpoint(
+                writer=writer,
+                sequence=len(sealed),
+                objects=pending,
+                last_seq=chain.seq,
+                last_hash=chain.last_hash,
+                previous_signature=sealed[-1],
+                at=format_timestamp(at),
+                signer=signer,
+            )
+            store.put(checkpoint_key(writer, len(sealed)), canonical(body))
+            sealed.append(str(body["signature"]))
+            pending.clear()
+
+        seal(day - timedelta(hours=1))  # the anchor: the day before's last checkpoint
+        count = records // per_object
+        for index in range(count):
+            at = day + timedelta(seconds=86_400 * index / count)
+            if pending and at >= day + timedelta(hours=len(sealed) - 1):
+                seal(day + timedelta(hours=len(sealed) - 1))
+            first = index * per_object
+            data = encode_object(chain.link(_life(i, at) for i in range(first, first + per_object)))
+            key = object_key(writer, chain.seq - per_object + 1, chain.seq, at)
+            store.put(key, data)
+            pending.append((key, hashlib.sha256(data).hexdigest()))
+        while len(sealed) - 1 <= 26:  # to 01:00 the next day: the late-arrival margin
+            seal(day + timedelta(hours=len(sealed) - 1))
+
+        reporter = build_compliance_reporter(
+            ComplianceReportSettings(
+                environment="bench",
+                audit_bucket="bench-audit",
+                writers=(writer,),
+                signing_key_arn=signer.key_id,
+                reports_bucket="bench-reports",
+                reports_key_arn=audit_key,
+                topic_arn=topic_arn,
+            ),
+            client_factory=lambda service: boto3.client(service, region_name=REGION),
+            metrics=_NoMetrics(),
+        )
+        started = time.perf_counter()
+        summary = reporter.run(Period.day(day.date()))
+        elapsed = time.perf_counter() - started
+    if not summary["verified"] or summary["records"] != records:
+        raise RuntimeError(f"the benchmark day did not report: {summary}")
+    yield "compliance_report_1m_s", elapsed, "s"
+
+
+def _report_aws() -> tuple[Any, str, str]:
+    """The audit bucket (Object Lock, COMPLIANCE 7 years), the reports bucket, the audit key and
+    the compliance topic, in moto: (S3 client, key ARN, topic ARN)."""
+    import boto3
+
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(
+        Bucket="bench-audit",
+        CreateBucketConfiguration={"LocationConstraint": REGION},
+        ObjectLockEnabledForBucket=True,
+    )
+    s3.put_object_lock_configuration(
+        Bucket="bench-audit",
+        ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Years": 7}},
+        },
+    )
+    s3.create_bucket(
+        Bucket="bench-reports", CreateBucketConfiguration={"LocationConstraint": REGION}
+    )
+    kms = boto3.client("kms", region_name=REGION)
+    audit_key = kms.create_key(Description="bench audit")["KeyMetadata"]["Arn"]
+    topic = boto3.client("sns", region_name=REGION).create_topic(Name="bench-compliance")
+    return s3, str(audit_key), str(topic["TopicArn"])
+
+
+class _NoMetrics:
+    def count(self, counts: Any) -> None:
+        """The benchmark prints only its BENCH line."""
+
+
 BENCHMARKS: dict[str, Callable[[], Iterator[Figure]]] = {
     "audit_verify": bench_audit_verify,
     "audit_writer": bench_audit_writer,
+    "compliance_report": bench_compliance_report,
 }

@@ -23,7 +23,9 @@ What it does, in order:
 8. writes the audit trail: every audit batch the run's components put on the audit queue goes
    through the audit writer into the Object Lock audit bucket (as the dev template declares it),
    is sealed by a checkpoint signed with the signing key, read back and verified (exit 1 if the
-   verifier finds anything).
+   verifier finds anything); then the compliance report function's handler reports the run's
+   day into the reports bucket and the compliance topic (both in moto, as the dev template
+   declares them) and the report is copied to build/reports/compliance-dev.{html,json,csv}.
 
 Usage: python scripts/local_fabric.py [cdk.out] [--keep]   (--keep leaves the vhost for a look)
 """
@@ -426,6 +428,9 @@ class Consumers:
             time.sleep(0.05)
 
     def _run(self, group: Any, passwords: dict[str, str]) -> None:
+        from fabric.adapters.rabbitmq import RabbitSettings
+        from fabric.adapters.rabbitmq_consumer import consumer_settler
+        from fabric.consumer import Decision, Verdict, rabbitmq_delivery
         from fabric.topology import queue_name, user_name
 
         user = user_name(group)
@@ -435,6 +440,18 @@ class Consumers:
             )
         )
         channel = connection.channel()
+        # The consumer toolkit's settler, as this group's user: a `delivered` audit record per
+        # message (the compliance report's emergency latency comes from them).
+        settler = consumer_settler(
+            RabbitSettings(
+                host="127.0.0.1",
+                port=5672,
+                vhost=LOCAL_VHOST,
+                credentials=lambda: (user, passwords[user]),
+            ),
+            queue_name(group),
+            consumer=f"consumer:{group}",
+        )
         for emergency in (True, False):
             queue = queue_name(group, emergency=emergency)
 
@@ -444,6 +461,14 @@ class Consumers:
                 self.arrived[queue].append(
                     (properties.message_id, json.loads(body), time.monotonic())
                 )
+                delivery = rabbitmq_delivery(
+                    queue,
+                    message_id=properties.message_id,
+                    topic=properties.type,
+                    body=body,
+                    headers=properties.headers,
+                )
+                settler.settle([(delivery, Decision(Verdict.DONE))])
                 ch.basic_ack(method.delivery_tag)
 
             channel.basic_consume(queue, on_message)
@@ -684,8 +709,12 @@ def poison_act(
 
 
 def _write_from_rabbitmq(writer: Any, passwords: dict[str, str]) -> int:
-    """Every batch on the RabbitMQ audit queue through ``writer``; how many batches."""
-    from fabric.audit import decode_audit_batch
+    """Every batch on the RabbitMQ audit queue through ``writer`` (read as the Amazon MQ event
+    source hands them to the function: a consumer's batch may record only consumer events);
+    how many batches."""
+    import base64
+
+    from fabric.audit_writer import batches_from_event
     from fabric.topology import AUDIT_QUEUE, PLATFORM_USER
 
     connection = pika.BlockingConnection(
@@ -697,17 +726,21 @@ def _write_from_rabbitmq(writer: Any, passwords: dict[str, str]) -> int:
         )
     )
     channel = connection.channel()
-    batches: list[tuple[str, list[dict[str, Any]]]] = []
+    batches: list[dict[str, Any]] = []
     count = 0
     last_tag = 0
     while True:
         method, properties, body = channel.basic_get(AUDIT_QUEUE)
         if method is not None:
-            batches.append((str(properties.message_id), decode_audit_batch(body)))
+            properties_seen = {"messageId": properties.message_id, "userId": properties.user_id}
+            batches.append(
+                {"basicProperties": properties_seen, "data": base64.b64encode(body).decode()}
+            )
             last_tag = method.delivery_tag
             count += 1
         if batches and (method is None or len(batches) == 50):
-            writer.write(batches)  # one object per call; acknowledged once stored
+            event = {"eventSource": "aws:rmq", "rmqMessagesByQueue": {AUDIT_QUEUE: batches}}
+            writer.write(batches_from_event(event))  # one object per call; acked once stored
             channel.basic_ack(last_tag, multiple=True)
             batches = []
         if method is None:
@@ -801,39 +834,133 @@ def audit_act(
     print(f"   sealed by {checkpoint} (ECDSA P-256 signature by the signing key)")
     verdict = "verified" if result.ok else f"FAILED at {result.problem}"
     print(f"   verifier: {verdict}")
-    path = write_report(objects, result, lambda key: s3.head_object(Bucket=bucket, Key=key))
-    print(f"   compliance report: {path} (and .json, .csv beside it)")
-    return result.ok
+    reported = write_report(templates, physical, writer="local-writer")
+    return result.ok and reported
 
 
-def write_report(objects: dict[str, bytes], result: Any, head: Callable[[str], Any]) -> Path:
-    """The compliance report of the run's trail, written under build/reports; the HTML path."""
-    from fabric.audit_chain import decode_object
-    from fabric.compliance import ObjectLock, build_report, render_csv, render_html
-    from fabric.envelope import format_timestamp
+REPORT_DESCRIPTION = "reports a period of the audit trail"
 
-    locks = []
-    for key in objects:
-        described = head(key)
-        until = described.get("ObjectLockRetainUntilDate")
-        locks.append(ObjectLock(key, described.get("ObjectLockMode"), until and until.isoformat()))
-    now = datetime.now(UTC)
-    report = build_report(
-        environment="dev (local)",
-        period=(format_timestamp(now - timedelta(days=1)), format_timestamp(now)),
-        records=[record for data in objects.values() for record in decode_object(data)],
-        locks=locks,
-        verified=result.ok,
-        problem=None if result.problem is None else f"{result.problem.where}: {result.problem.why}",
-        generated_at=format_timestamp(now),
-    )
+
+def write_report(
+    templates: dict[str, dict[str, Any]], physical: dict[str, str], *, writer: str
+) -> bool:
+    """The compliance report of the run's trail, by the report function's handler in-process:
+    the reports bucket and the compliance topic created in moto as the dev template declares
+    them, the function's environment from the template (only the chain's name replaced by the
+    local writer's), the three files read back from the reports bucket into build/reports.
+    True when the report says the trail verifies."""
+    import contextlib
+    import io
+
+    import boto3
+
+    s3, sqs = boto3.client("s3"), boto3.client("sqs")
+    inbox = _report_resources(templates, physical)
+    resolver = Resolver(templates, physical)
+    environment = {
+        name: resolver.resolve(value)
+        for name, value in function_environment(templates, REPORT_DESCRIPTION).items()
+    }
+    print(f"   compliance report function (template: AUDIT_WRITERS={environment['AUDIT_WRITERS']},")
+    print(f"   here the local chain: AUDIT_WRITERS={writer})")
+    environment["AUDIT_WRITERS"] = writer
+    handler = _report_handler(environment)
+    # The day up to this minute (the run's records are from its last minutes).
+    end = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+    period = {"start": (end - timedelta(days=1)).isoformat(), "end": end.isoformat()}
+    metrics = io.StringIO()
+    with contextlib.redirect_stdout(metrics):  # the function's EMF line, shown below
+        summary = handler.handler(period, None)
+    if "error" in summary:
+        print(f"   compliance report refused: {summary['error']}")
+        return False
+
     folder = ROOT / "build" / "reports"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "compliance-dev.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "compliance-dev.csv").write_text(render_csv(report))
-    page = folder / "compliance-dev.html"
-    page.write_text(render_html(report))
-    return page
+    files = summary["report"]
+    for kind in ("json", "csv", "html"):
+        data = s3.get_object(Bucket=files["bucket"], Key=files[kind])["Body"].read()
+        (folder / f"compliance-dev.{kind}").write_bytes(data)
+    latency = summary["emergency_latency_p99_ms"]
+    received = sqs.receive_message(QueueUrl=inbox, MaxNumberOfMessages=1).get("Messages", [])
+    subject = json.loads(received[0]["Body"])["Subject"] if received else "nothing received"
+    print(
+        f"   compliance report: {'verified' if summary['verified'] else 'NOT VERIFIED'},"
+        f" {summary['accepted']} accepted, emergency p99"
+        f" {'not recorded' if latency is None else f'{latency:.1f} ms'},"
+        f" {summary['objects']} objects read back locked"
+        f" ({summary['unlocked_objects']} unlocked)"
+    )
+    print(f"   written to s3://{files['bucket']}/{files['html']} (and .json, .csv)")
+    print(f"   the compliance topic says: {subject}")
+    for line in metrics.getvalue().splitlines():
+        counts = {k: v for k, v in json.loads(line).items() if isinstance(v, int)}
+        print(f"   metrics (CloudWatch EMF line on stdout): {counts}")
+    print(f"   compliance report: {folder / 'compliance-dev.html'} (and .json, .csv beside it)")
+    return bool(summary["verified"])
+
+
+def _report_resources(templates: dict[str, dict[str, Any]], physical: dict[str, str]) -> str:
+    """The audit key, the reports bucket (versioned, SSE-KMS with that key) and the compliance
+    topic in moto, added to ``physical``; the URL of a queue subscribed to the topic."""
+    import boto3
+
+    stateful, services = templates["Stateful"], templates["Services"]
+    s3, kms, sns, sqs = (boto3.client(name) for name in ("s3", "kms", "sns", "sqs"))
+    (audit_key,) = [
+        logical_id
+        for logical_id, r in stateful["Resources"].items()
+        if r["Type"] == "AWS::KMS::Key"
+        and "compliance reports" in r["Properties"].get("Description", "")
+    ]
+    description = stateful["Resources"][audit_key]["Properties"]["Description"]
+    physical[audit_key] = kms.create_key(Description=description)["KeyMetadata"]["Arn"]
+    reports_id = stateful["Outputs"]["ReportsBucketName"]["Value"]["Ref"]
+    reports = physical[reports_id] = f"fabric-dev-local-{reports_id.lower()}"
+    s3.create_bucket(Bucket=reports, CreateBucketConfiguration={"LocationConstraint": REGION})
+    s3.put_bucket_versioning(Bucket=reports, VersioningConfiguration={"Status": "Enabled"})
+    default = {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": physical[audit_key]}
+    s3.put_bucket_encryption(
+        Bucket=reports,
+        ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": default, "BucketKeyEnabled": True}]
+        },
+    )
+    ((topic_id, topic),) = [
+        (logical_id, resource)
+        for logical_id, resource in services["Resources"].items()
+        if resource["Type"] == "AWS::SNS::Topic"
+        and str(resource["Properties"].get("TopicName")).endswith("-compliance")
+    ]
+    arn = physical[topic_id] = sns.create_topic(Name=topic["Properties"]["TopicName"])["TopicArn"]
+    # A compliance officer's subscription, to show what the topic delivers.
+    inbox = sqs.create_queue(QueueName="fabric-dev-local-compliance-officer")["QueueUrl"]
+    inbox_arn = sqs.get_queue_attributes(QueueUrl=inbox, AttributeNames=["QueueArn"])
+    sns.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=inbox_arn["Attributes"]["QueueArn"])
+    return str(inbox)
+
+
+def _report_handler(environment: dict[str, str]) -> Any:
+    """``lambdas/compliance_report/handler.py`` imported as Lambda would, with ``environment``
+    as its variables (the handler builds its reporter at import; the variables are restored)."""
+    import importlib.util
+
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
+    try:
+        path = ROOT / "lambdas" / "compliance_report" / "handler.py"
+        spec = importlib.util.spec_from_file_location("compliance_report_handler", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot load {path}")
+        handler = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(handler)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return handler
 
 
 def main(argv: list[str]) -> int:

@@ -5,6 +5,10 @@
         [--topic PATTERN]... [--reason R]... [--message-id ID]... [--older-than AGE]
         [--newer-than AGE] [--max-messages N] [--rate N] [--dry-run]
     python scripts/runbook.py verify --env prod [--writer NAME] [--bucket B] [--signing-key ARN]
+    python scripts/runbook.py replay --env prod --start T --end T [--topic PATTERN]...
+        [--message-id ID]... [--source GROUP] [--max-messages N] [--rate N] [--chunk N]
+        [--dry-run] [--replay-id ID] [--after AT,ID] [--late-days N]
+    python scripts/runbook.py report --env prod [--date YYYY-MM-DD | --start T --end T]
 
 ``drain`` shows every fallback queue's depth and oldest message, then invokes the deployed
 drain function (``fabric-<env>-drain``) once and prints what it moved and why it stopped. The
@@ -23,6 +27,20 @@ AGE is a number with ``s``, ``m``, ``h`` or ``d``.
 checks signatures, chains, Merkle roots and sequence gaps; on failure it names the first bad
 record, object or checkpoint. The bucket and signing key come from the ``<env>-Stateful`` stack's
 outputs unless given.
+
+``replay`` invokes the deployed replay function (``fabric-<env>-replay``) to re-publish the
+archived messages accepted in ``[--start, --end)`` (RFC 3339, end exclusive) that match every
+given filter, as they were stored, with the same message id and the ``fabric-replay`` header.
+It goes in chunks (``--chunk``, default 500 an invocation) behind the cursor each chunk returns,
+so no message is replayed twice, with a progress line after each; a stopped replay prints the
+``--replay-id`` and ``--after`` that resume it. ``--dry-run`` lists and counts what would be
+replayed and publishes nothing. Exit 1 also when a message cannot be replayed (missing or
+corrupt body): each one is listed.
+
+``report`` invokes the deployed compliance report function (``fabric-<env>-compliance-report``)
+for one UTC day (``--date``; default yesterday) or ``[--start, --end)``, and prints its summary:
+the verdict, the figures, and the S3 keys of the JSON, HTML and CSV report. Exit 1 when the
+trail does not verify, 2 when the function refuses the request.
 
 AWS credentials and the region come from the usual boto3 chain (``AWS_PROFILE``,
 ``AWS_REGION``); the region defaults to the environment's in cdk.json. Exit status: 0 done,
@@ -165,6 +183,137 @@ def redrive(
     return 0 if body["stopped"] in FINISHED else 1
 
 
+# -- replay ------------------------------------------------------------------------------------
+
+# Why a replay chunk stops that means "go on with the next chunk".
+_REPLAY_GOES_ON = frozenset({"message limit", "time limit"})
+_REPLAY_PROBLEMS = ("missing_body", "corrupt", "unreadable", "failed")
+_REPLAY_LISTED = 100
+
+
+def replay(
+    env_name: str,
+    *,
+    client: Callable[[str], Any],
+    request: dict[str, Any],
+    chunk: int,
+    out: TextIO,
+    max_messages: int | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """The ``replay`` command; returns the exit status. ``max_messages`` bounds the whole
+    replay (None: everything the period holds), ``chunk`` one invocation."""
+    import uuid
+
+    from fabric.naming import replay_function_name
+
+    name = replay_function_name(env_name)
+    replay_id = request.get("replay_id") or str(uuid.uuid4())
+    dry_run = bool(request.get("dry_run"))
+    cursor = request.get("after")
+    totals = dict.fromkeys(("replayed", "would_replay", *_REPLAY_PROBLEMS), 0)
+    finished = listed = 0
+    started = clock()
+    body: dict[str, Any] = {}
+    print(f"replay {replay_id} of {request['start']} .. {request['end']} via {name}", file=out)
+    while max_messages is None or finished < max_messages:
+        event = {**request, "replay_id": replay_id}
+        if cursor is not None:
+            event["after"] = cursor
+        event["max_messages"] = (
+            chunk if max_messages is None else min(chunk, max_messages - finished)
+        )
+        answer = client("lambda").invoke(
+            FunctionName=name, InvocationType="RequestResponse", Payload=json.dumps(event).encode()
+        )
+        body = json.loads(answer["Payload"].read() or b"null")
+        if answer.get("FunctionError") or not isinstance(body, dict) or "error" in body:
+            print(f"the replay function refused or failed: {json.dumps(body)[:500]}", file=out)
+            if isinstance(body, dict) and "error" in body:
+                return 2
+            _resume_hint(replay_id, cursor, out)
+            return 1
+        for key in totals:
+            totals[key] += body[key]
+        finished += (
+            body["replayed"]
+            + body["would_replay"]
+            + sum(body[key] for key in _REPLAY_PROBLEMS if key != "failed")
+        )
+        for item in body["problems"]:
+            print(
+                f"  {item['outcome']:12s} {item['message_id']}  {item['at']}  {item['topic']}"
+                f"  {item.get('detail', '')}",
+                file=out,
+            )
+        if dry_run:
+            for item in body["messages"][: max(0, _REPLAY_LISTED - listed)]:
+                print(
+                    f"  would replay {item['message_id']}  {item['at']}  {item['topic']}"
+                    f"  -> {', '.join(item.get('groups', [])) or 'unrouted'}",
+                    file=out,
+                )
+            listed += len(body["messages"])
+        if body["cursor"] is not None:
+            cursor = body["cursor"]
+        rate = totals["replayed"] / max(clock() - started, 1e-9)
+        done = totals["would_replay"] if dry_run else totals["replayed"]
+        print(
+            f"progress: {'would replay' if dry_run else 'replayed'} {done}"
+            f" of {body['selected']} selected, {body['remaining']} to go,"
+            f" {sum(totals[key] for key in _REPLAY_PROBLEMS)} not replayable or failed,"
+            f" {rate:.0f} msg/s, this run stopped: {body['stopped']}",
+            file=out,
+        )
+        if body["stopped"] not in _REPLAY_GOES_ON:
+            break
+    if dry_run and listed > _REPLAY_LISTED:
+        print(f"  ... and {listed - _REPLAY_LISTED} more", file=out)
+    stopped = body.get("stopped", "message limit")
+    print(
+        f"summary: replay {replay_id}: "
+        + ("would replay" if dry_run else "replayed")
+        + f" {totals['would_replay'] if dry_run else totals['replayed']},"
+        + "".join(f" {key.replace('_', ' ')} {totals[key]}," for key in _REPLAY_PROBLEMS)
+        + f" stopped: {stopped}"
+        + (" (nothing published)" if dry_run else ""),
+        file=out,
+    )
+    bounded = max_messages is not None and finished >= max_messages
+    if stopped not in ("done", "message limit") and not bounded:
+        _resume_hint(replay_id, cursor, out)
+        return 1
+    problems = sum(totals[key] for key in _REPLAY_PROBLEMS)
+    return 1 if problems and not dry_run else 0
+
+
+def _resume_hint(replay_id: str, cursor: dict[str, str] | None, out: TextIO) -> None:
+    after = "" if cursor is None else f" --after {cursor['at']},{cursor['message_id']}"
+    print(f"resume with the same command and: --replay-id {replay_id}{after}", file=out)
+
+
+def _cursor(text: str) -> dict[str, str]:
+    at, _, message_id = text.rpartition(",")
+    if not at or not message_id:
+        raise argparse.ArgumentTypeError("a cursor is AT,MESSAGE_ID as a stopped replay prints it")
+    return {"at": at, "message_id": message_id}
+
+
+def _replay_request(args: argparse.Namespace) -> dict[str, Any]:
+    request: dict[str, Any] = {"start": args.start, "end": args.end, "dry_run": args.dry_run}
+    optional = {
+        "topics": args.topic,
+        "message_ids": args.message_id,
+        "source": args.source,
+        "rate_per_s": args.rate,
+        "replay_id": args.replay_id,
+        "after": args.after,
+        "late_days": args.late_days,
+    }
+    request.update({key: value for key, value in optional.items() if value is not None})
+    return request
+
+
 def verify(
     *, bucket: str, signing_key: str, writer: str, client: Callable[[str], Any], out: TextIO
 ) -> int:
@@ -226,7 +375,107 @@ def _redrive_request(args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+def _add_replay_command(commands: Any) -> None:
+    replay_parser = commands.add_parser(
+        "replay", help="re-publish archived messages of a period, marked as replays"
+    )
+    replay_parser.add_argument("--env", required=True, help="dev, staging or prod (cdk.json)")
+    replay_parser.add_argument("--start", required=True, help="RFC 3339, inclusive")
+    replay_parser.add_argument("--end", required=True, help="RFC 3339, exclusive")
+    replay_parser.add_argument("--topic", action="append", help="topic pattern (* and #)")
+    replay_parser.add_argument("--message-id", action="append", help="exact message id")
+    replay_parser.add_argument("--source", help="the stakeholder group that published it")
+    replay_parser.add_argument(
+        "--max-messages", type=_positive, help="bound the whole replay (default: all)"
+    )
+    replay_parser.add_argument("--rate", type=_positive, help="at most N messages a second")
+    replay_parser.add_argument("--chunk", type=_positive, default=500)
+    replay_parser.add_argument("--dry-run", action="store_true", help="list, publish nothing")
+    replay_parser.add_argument("--replay-id", help="resume this replay (default: a new id)")
+    replay_parser.add_argument("--after", type=_cursor, help="resume behind AT,MESSAGE_ID")
+    replay_parser.add_argument(
+        "--late-days", type=int, help="search objects written up to N days after --end (1)"
+    )
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def report(
+    env_name: str, *, client: Callable[[str], Any], request: dict[str, Any], out: TextIO
+) -> int:
+    """The ``report`` command; returns the exit status (0 verified, 1 not or failed, 2 refused)."""
+    from fabric.compliance_run import report_function_name
+
+    name = report_function_name(env_name)
+    print(f"invoking {name} {json.dumps(request)} ...", file=out)
+    answer = client("lambda").invoke(
+        FunctionName=name, InvocationType="RequestResponse", Payload=json.dumps(request).encode()
+    )
+    body = json.loads(answer["Payload"].read() or b"null")
+    if not answer.get("FunctionError") and isinstance(body, dict) and "error" in body:
+        print(f"refused: {body['error']}", file=out)
+        return 2
+    if answer.get("FunctionError") or not isinstance(body, dict) or "verified" not in body:
+        print(f"the report function failed: {json.dumps(body)[:500]}", file=out)
+        return 1
+    period = body["period"]
+    print(f"compliance report of {env_name}, {period['start']} to {period['end']}", file=out)
+    for label, value in (
+        ("records", body["records"]),
+        ("accepted", body["accepted"]),
+        ("rejected", body["rejected"]),
+        ("delivered", body["delivered"]),
+        ("delivery success rate", _share(body["delivery_success_rate"])),
+        ("emergency latency p99", _milliseconds(body["emergency_latency_p99_ms"])),
+        ("emergency messages", body["emergency_messages"]),
+        ("encryption coverage", _share(body["encryption_coverage"])),
+        ("fallback not drained", body["fallback_not_drained"]),
+        ("dead-lettered", body["dead_lettered"]),
+        ("objects read / unlocked", f"{body['objects']} / {body['unlocked_objects']}"),
+        ("earliest retain-until", body["earliest_retain_until"]),
+    ):
+        print(f"  {label:26s} {value}", file=out)
+    files = body["report"]
+    for kind in ("html", "json", "csv"):
+        print(f"  {kind:26s} s3://{files['bucket']}/{files[kind]}", file=out)
+    if not body["verified"]:
+        print(f"NOT VERIFIED: {body['problem']}", file=out)
+        return 1
+    print("summary: verified; report written and published to the compliance topic", file=out)
+    return 0
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:.2f} %"
+
+
+def _milliseconds(value: float | None) -> str:
+    return "not recorded" if value is None else f"{value:.1f} ms"
+
+
+def _report_request(args: argparse.Namespace) -> dict[str, Any]:
+    if args.start or args.end:
+        if not (args.start and args.end) or args.date:
+            sys.stderr.write("runbook report: give --date, or both --start and --end\n")
+            raise SystemExit(2)
+        return {"start": args.start, "end": args.end}
+    if args.date:
+        return {"date": args.date}
+    from datetime import UTC, datetime, timedelta
+
+    return {"date": f"{datetime.now(UTC).date() - timedelta(days=1)}"}
+
+
+def _add_report_command(commands: Any) -> None:
+    report_parser = commands.add_parser("report", help="the compliance report of a period")
+    report_parser.add_argument("--env", required=True, help="dev, staging or prod (cdk.json)")
+    report_parser.add_argument("--date", help="a UTC day, YYYY-MM-DD (default: yesterday)")
+    report_parser.add_argument("--start", help="RFC 3339 with a time zone, inclusive")
+    report_parser.add_argument("--end", help="RFC 3339 with a time zone, exclusive")
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  # noqa: PLR0911 (a dispatcher: one return per command)
     """Parse the command line and run one command."""
     out = out or sys.stdout
     parser = argparse.ArgumentParser(prog="runbook", description=__doc__.split("\n")[0])
@@ -250,6 +499,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     redrive_parser.add_argument("--rate", type=_positive, help="at most N messages a second")
     redrive_parser.add_argument("--chunk", type=_positive, default=500)
     redrive_parser.add_argument("--dry-run", action="store_true", help="list, move nothing")
+    _add_replay_command(commands)
+    _add_report_command(commands)
     verify_parser = commands.add_parser("verify", help="verify an audit trail")
     verify_parser.add_argument("--env", required=True, help="dev, staging or prod (cdk.json)")
     verify_parser.add_argument("--writer", help="the chain (default fabric-<env>-audit-writer)")
@@ -281,6 +532,17 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 signing_key=args.signing_key or _stack_output(client, stack, "SigningKeyArn"),
                 writer=args.writer or f"fabric-{args.env}-audit-writer",
                 client=client,
+                out=out,
+            )
+        if args.command == "report":
+            return report(args.env, client=client, request=_report_request(args), out=out)
+        if args.command == "replay":
+            return replay(
+                args.env,
+                client=client,
+                request=_replay_request(args),
+                chunk=args.chunk,
+                max_messages=args.max_messages,
                 out=out,
             )
         if args.command == "redrive":

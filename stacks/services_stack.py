@@ -12,11 +12,13 @@ from fabric.stakeholders import STAKEHOLDERS
 from fabric.topology import dead_letter_queue_name
 from stacks.config import EnvironmentConfig
 from stacks.constructs.alarms import DeadLetterAlarms, FailoverAlarms
-from stacks.constructs.audit_writer import AuditWriter
+from stacks.constructs.audit_writer import AuditWriter, audit_writer_name
+from stacks.constructs.compliance_report import ComplianceReport
 from stacks.constructs.drain import Drain
 from stacks.constructs.function import FunctionPlatform, build_layers
 from stacks.constructs.queues import address, physical_name
 from stacks.constructs.redrive import DeadLetterPair, Redrive
+from stacks.constructs.replay import Replay
 from stacks.constructs.router import VIRTUAL_HOST, Router
 from stacks.constructs.topology import BrokerTopology
 from stacks.stateful_stack import StatefulStack
@@ -155,11 +157,43 @@ class ServicesStack(Stack):
             signing_key=stateful.keys.signing,
             alarm_topic=self.alarms.topic,
         )
+        # Replay: archived messages of a period back into the fabric (on demand, runbook).
+        self.replay = Replay(
+            self,
+            "Replay",
+            env_name=config.name,
+            platform=platform,
+            broker_host=stateful.broker.host,
+            broker_secret=user_secrets[router_user],
+            secrets_key=stateful.keys.secrets,
+            audit_queue=audit_queue,
+            # By the stateful stack's AuditBucketName output, as for the audit writer.
+            bucket_name=stateful.output("AuditBucketName"),
+            bucket_key=stateful.keys.audit,
+            alarm_topic=self.alarms.topic,
+        )
+        self.replay.function.function.node.add_dependency(self.topology.resource)
+        # The compliance report: daily and on demand, read only on the audit writer's trail.
+        self.compliance_report = ComplianceReport(
+            self,
+            "ComplianceReport",
+            env_name=config.name,
+            platform=platform,
+            writers=[audit_writer_name(config.name)],
+            audit_bucket_name=stateful.output("AuditBucketName"),
+            reports_bucket_name=stateful.output("ReportsBucketName"),
+            audit_key=stateful.keys.audit,
+            signing_key=stateful.keys.signing,
+            topics_key=stateful.keys.topics,
+            alarm_topic=self.alarms.topic,
+            removal_policy=stateful.removal,
+        )
         functions = (
             self.topology.function,
             self.router.function,
             self.drain.function,
             self.audit_writer.function,
+            self.compliance_report.function,
         )
         self.dead_letter_alarms = DeadLetterAlarms(
             self,
@@ -171,7 +205,8 @@ class ServicesStack(Stack):
             ingest_dlqs=[physical_name(q) for q in ingest.dead_letter_queues.values()],
             audit_dlqs=[physical_name(stateful.audit_queue.dead_letter_queue)],
             function_dlqs=[
-                f.dead_letter_queue.queue_name for f in (*functions, self.redrive.function)
+                f.dead_letter_queue.queue_name
+                for f in (*functions, self.redrive.function, self.replay.function)
             ],
             broker_name=stateful.broker.broker_name,
             virtual_host=VIRTUAL_HOST,

@@ -3,18 +3,21 @@ the SQS audit queue into the Object Lock bucket; an hourly checkpoint."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fabric.audit_writer import batches_from_event
 from fabric.bootstrap import audit_writer_from_environment
+from fabric.settings import AuditWriterSettings
 
 WRITER = audit_writer_from_environment()
+TRUSTED = AuditWriterSettings.from_env(os.environ).trusted_publishers
 
 
 def handler(event: dict[str, Any], _context: Any) -> dict[str, Any]:
     """``{"checkpoint": true}`` (the hourly schedule) → ``{"checkpoint": key}``; an Amazon MQ or
-    SQS event → ``{"object", "records", "duplicate_batches"}`` (one object for the whole event);
-    anything else → ``{"error": ...}``.
+    SQS event → ``{"object", "records", "duplicate_batches", "archived"}`` (one object for the
+    whole event); anything else → ``{"error": ...}``.
 
     A failure to store raises, so the event source delivers the whole event again; the writer
     drops batches it already wrote.
@@ -22,7 +25,7 @@ def handler(event: dict[str, Any], _context: Any) -> dict[str, Any]:
     if isinstance(event, dict) and event.get("checkpoint") is True:
         return {"checkpoint": WRITER.checkpoint()}
     try:
-        batches = batches_from_event(event if isinstance(event, dict) else {})
+        batches = batches_from_event(event if isinstance(event, dict) else {}, trusted=TRUSTED)
     except ValueError as exc:
         return {"error": str(exc)}
     written = WRITER.write(batches)
@@ -30,4 +33,5 @@ def handler(event: dict[str, Any], _context: Any) -> dict[str, Any]:
         "object": written.key,
         "records": written.records,
         "duplicate_batches": written.duplicate_batches,
+        "archived": written.archived,
     }

@@ -82,8 +82,11 @@ def test_the_redrive_is_named_bounded_and_runs_one_at_a_time(
     assert props["ReservedConcurrentExecutions"] == 1
     assert props["Timeout"] == 900
     assert props["MemorySize"] == 512
-    (config,) = of_type(template, "AWS::Lambda::EventInvokeConfig").values()
-    assert config["Properties"]["FunctionName"] == {"Ref": logical_id}
+    (config,) = [
+        c
+        for c in of_type(template, "AWS::Lambda::EventInvokeConfig").values()
+        if c["Properties"]["FunctionName"] == {"Ref": logical_id}
+    ]
     assert config["Properties"]["MaximumRetryAttempts"] == 0
 
 

@@ -51,11 +51,12 @@ def build_trail(signer: KmsSigner, records: int = 10_000) -> Trail:
     checkpoints: list[tuple[str, dict[str, Any]]] = []
     pending: list[tuple[str, str]] = []
     for index in range(records // PER_OBJECT):
+        # The router's pairs: each message accepted, then routed to its queues.
         batch = chain.link(
             {
-                "event": "accepted",
-                "message_id": f"m-{index * PER_OBJECT + i:05d}",
-                "body_sha256": hashlib.sha256(str(i).encode()).hexdigest(),
+                "event": "accepted" if i % 2 == 0 else "routed",
+                "message_id": f"m-{(index * PER_OBJECT + i) // 2:05d}",
+                "body_sha256": hashlib.sha256(str(i // 2).encode()).hexdigest(),
             }
             for i in range(PER_OBJECT)
         )
@@ -94,7 +95,27 @@ def test_an_untouched_trail_verifies(signer: KmsSigner) -> None:
     result = verify(signer, build_trail(signer))
     assert result.ok, result.problem
     assert (result.records, result.objects, result.checkpoints) == (10_000, 100, 10)
-    assert len(result.message_ids["accepted"]) == 10_000
+    assert len(result.message_ids["accepted"]) == 5_000
+    assert result.message_ids["routed"] == result.message_ids["accepted"]
+
+
+def test_an_accepted_message_without_an_outcome_is_named(signer: KmsSigner) -> None:
+    # Not tampering after the fact: a component lost the routed record before the writer, so
+    # the chain is intact, and only the outcome check can tell.
+    chain = Chain(WRITER)
+    records = chain.link(
+        [
+            {"event": "accepted", "message_id": "m-1"},
+            {"event": "routed", "message_id": "m-1"},
+            {"event": "accepted", "message_id": "m-2"},
+            {"event": "rejected", "message_id": "m-3", "reason": "invalid_topic"},
+        ]
+    )
+    objects = {object_key(0): encode_object(records)}
+    problem = verify_trail(objects=objects, checkpoints=[], signer=signer, writer=WRITER).problem
+    assert problem is not None
+    assert problem.where == f"{object_key(0)} record 3"
+    assert problem.why == "accepted message m-2 has no outcome (routed or fallback)"
 
 
 def test_one_modified_byte_is_found(signer: KmsSigner) -> None:

@@ -24,6 +24,7 @@ from fabric.audit import (
 )
 from fabric.audit_chain import decode_object, verify_trail
 from fabric.audit_writer import AuditWriter, ChainConflict, decode_archive
+from tests.integration.aws_audit import create_audit_bucket, create_idempotency_table
 from tests.integration.aws_fallback import REGION
 
 BUCKET = "fabric-test-audit"
@@ -42,25 +43,9 @@ def aws_audit(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with mock_aws():
         s3 = boto3.client("s3", region_name=REGION)
-        s3.create_bucket(
-            Bucket=BUCKET,
-            CreateBucketConfiguration={"LocationConstraint": REGION},
-            ObjectLockEnabledForBucket=True,
-        )
-        s3.put_object_lock_configuration(
-            Bucket=BUCKET,
-            ObjectLockConfiguration={
-                "ObjectLockEnabled": "Enabled",
-                "Rule": {"DefaultRetention": {"Mode": "COMPLIANCE", "Years": 7}},
-            },
-        )
+        create_audit_bucket(s3, BUCKET)
         dynamodb = boto3.client("dynamodb", region_name=REGION)
-        dynamodb.create_table(
-            TableName=TABLE,
-            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        create_idempotency_table(dynamodb, TABLE)
         kms = boto3.client("kms", region_name=REGION)
         key = kms.create_key(KeyUsage="SIGN_VERIFY", KeySpec="ECC_NIST_P256")["KeyMetadata"]
         yield {"s3": s3, "dynamodb": dynamodb, "signer": KmsSigner(key["Arn"], lambda: kms)}

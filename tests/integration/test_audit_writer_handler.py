@@ -4,6 +4,7 @@ checkpoint, bad input; the trail it writes verifies."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import json
 import sys
@@ -15,7 +16,9 @@ import pytest
 from fabric.adapters.audit_storage import S3ObjectStore
 from fabric.adapters.sns import MESSAGE_ID_ATTRIBUTE
 from fabric.audit import AuditEvent, AuditRecord, encode_audit_batch
-from fabric.audit_chain import verify_trail
+from fabric.audit_chain import decode_object, verify_trail
+from fabric.stakeholders import Stakeholder
+from fabric.topology import PLATFORM_USER, user_name
 from tests.conftest import ROOT
 from tests.integration.test_audit_writer import BUCKET, TABLE, aws_audit  # noqa: F401 (fixture)
 
@@ -43,23 +46,23 @@ def handler(aws_audit: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Modul
     return module
 
 
-def body(*message_ids: str) -> bytes:
+def body(*message_ids: str, event: AuditEvent = AuditEvent.REJECTED) -> bytes:
     from datetime import UTC, datetime
 
     records = [
-        AuditRecord(event=AuditEvent.ACCEPTED, at=datetime.now(UTC), message_id=m, source="t")
+        AuditRecord(event=event, at=datetime.now(UTC), message_id=m, source="t")
         for m in message_ids
     ]
     return encode_audit_batch(records, emitted_by="router")
 
 
-def amazon_mq(*bodies: tuple[str, bytes]) -> dict[str, Any]:
+def amazon_mq(*bodies: tuple[str, bytes], user: str = PLATFORM_USER) -> dict[str, Any]:
     return {
         "eventSource": "aws:rmq",
         "rmqMessagesByQueue": {
             "fabric.audit::/": [
                 {
-                    "basicProperties": {"messageId": batch_id},
+                    "basicProperties": {"messageId": batch_id, "userId": user},
                     "data": base64.b64encode(data).decode(),
                 }
                 for batch_id, data in bodies
@@ -84,6 +87,26 @@ def sqs(*bodies: tuple[str, bytes]) -> dict[str, Any]:
     }
 
 
+def test_a_consumer_may_record_its_deliveries_but_not_platform_events(
+    handler: ModuleType,
+    aws_audit: dict[str, Any],  # noqa: F811
+) -> None:
+    consumer = user_name(Stakeholder.COMMUNITY)
+    forged = body("m2", event=AuditEvent.ACCEPTED)  # only the router accepts messages
+    handler.handler(
+        amazon_mq(("c1", body("m1", event=AuditEvent.DELIVERED)), ("c2", forged), user=consumer),
+        None,
+    )
+    store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
+    (key,) = store.keys(f"audit/{WRITER}/")
+    delivered, refused = decode_object(store.get(key))
+    assert (delivered["event"], delivered["publisher"]) == ("delivered", consumer)
+    assert refused["event"] == "refused-batch"
+    assert refused["publisher"] == consumer
+    assert refused["body_sha256"] == hashlib.sha256(forged).hexdigest()
+    assert "m2" not in json.dumps(refused)
+
+
 def test_both_event_sources_and_the_checkpoint_make_a_trail_that_verifies(
     handler: ModuleType,
     aws_audit: dict[str, Any],  # noqa: F811
@@ -103,7 +126,7 @@ def test_both_event_sources_and_the_checkpoint_make_a_trail_that_verifies(
     )
     assert result.ok, result.problem
     assert result.records == 4
-    assert result.message_ids["accepted"] == {"m1", "m2", "m3"}
+    assert result.message_ids["rejected"] == {"m1", "m2", "m3"}
     unreadable = [
         json.loads(line)
         for key in store.keys(f"audit/{WRITER}/")

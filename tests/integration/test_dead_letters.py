@@ -31,6 +31,7 @@ from fabric.consumer import Delivery, Idempotency, MessageProcessor, Verdict
 from fabric.ports import DeadLetter
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
 from fabric.stakeholders import Stakeholder
+from tests.integration.aws_audit import create_idempotency_table
 from tests.integration.aws_fallback import REGION
 from tests.integration.conftest import AMQP, GUEST, management
 
@@ -69,12 +70,7 @@ def table(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         monkeypatch.setenv(name, value)
     with mock_aws():
         client = boto3.client("dynamodb", region_name=REGION)
-        client.create_table(
-            TableName="fabric-test-idempotency",
-            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        create_idempotency_table(client, "fabric-test-idempotency")
         yield "fabric-test-idempotency"
 
 

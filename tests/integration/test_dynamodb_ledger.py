@@ -23,6 +23,7 @@ from fabric.adapters.dynamodb_ledger import (
 from fabric.errors import TransportUnavailable
 from fabric.ports import DeadLetter
 from fabric.redrive import ledger_key
+from tests.integration.aws_audit import create_idempotency_table
 
 pytestmark = pytest.mark.integration
 REGION = os.environ.get("AWS_REGION") or "ap-southeast-3"
@@ -42,12 +43,7 @@ def dynamodb(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with mock_aws():
         client = boto3.client("dynamodb", region_name=REGION)
-        client.create_table(
-            TableName=TABLE,
-            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        create_idempotency_table(client, TABLE)
         client.update_time_to_live(
             TableName=TABLE,
             TimeToLiveSpecification={"Enabled": True, "AttributeName": "expiration"},

@@ -19,6 +19,7 @@ from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_A
 from fabric.adapters.sqs_dlq import REDRIVES_ATTRIBUTE, SqsDeadLetterQueue
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
 from fabric.settings import SqsDeadLetterQueue as QueueSettings
+from tests.integration.aws_audit import create_idempotency_table
 from tests.integration.aws_fallback import REGION
 
 SOURCE = "fabric-test-fallback-media"
@@ -43,12 +44,7 @@ def sqs(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
             ]
             for n, u in urls.items()
         }
-        boto3.client("dynamodb", region_name=REGION).create_table(
-            TableName=TABLE,
-            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
+        create_idempotency_table(boto3.client("dynamodb", region_name=REGION), TABLE)
         settings = QueueSettings(
             name=SOURCE,
             dlq_url=urls[f"{SOURCE}-dlq"],

@@ -5,32 +5,35 @@ from __future__ import annotations
 import csv
 import io
 from html.parser import HTMLParser
+from typing import Any
 
-from fabric.compliance import ObjectLock, build_report, render_csv, render_html
+from fabric.compliance import ObjectLock, build_report, instant, render_csv, render_html
 
-PERIOD = ("2026-12-03T00:00:00.000Z", "2026-12-04T00:00:00.000Z")
+PERIOD = ("2026-12-03T00:00:00Z", "2026-12-04T00:00:00Z")
 
 
 def record(event: str, at: str = "2026-12-03T10:00:00.000Z", **fields: object) -> dict:
     return {"event": event, "at": at, **fields}
 
 
-def report(**overrides: object) -> dict:
-    records = [
-        record("accepted", transport="rabbitmq", classification="restricted", encrypted=True),
-        record("accepted", transport="rabbitmq", classification="restricted", encrypted=False),
-        record("accepted", transport="fallback", classification="public"),
-        record("rejected", reason="unavailable"),
-        record("rejected", reason="malformed_json"),
-        record("redriven"),
-        record("accepted", at="2026-12-02T23:59:59.999Z", transport="rabbitmq"),  # before
-    ]
+def report(records: list[dict] | None = None, **overrides: object) -> dict:
+    if records is None:
+        records = [
+            record("accepted", transport="rabbitmq", classification="restricted", encrypted=True),
+            record("accepted", transport="rabbitmq", classification="restricted", encrypted=False),
+            record("accepted", transport="sns", classification="public", message_id="f1"),
+            record("fallback", message_id="f1", groups=["media"], reason="broker unavailable"),
+            record("rejected", reason="unavailable"),
+            record("rejected", reason="malformed_json"),
+            record("redriven"),
+            record("accepted", at="2026-12-02T23:59:59.999Z", transport="rabbitmq"),  # before
+        ]
     arguments: dict = {
         "environment": "prod",
         "period": PERIOD,
         "records": records,
         "locks": [
-            ObjectLock("a", "COMPLIANCE", "2033-12-03T00:00:00+00:00"),
+            ObjectLock("a", "COMPLIANCE", "2033-12-03T00:00:00Z"),
             ObjectLock("b", None, None),
         ],
         "verified": True,
@@ -41,16 +44,145 @@ def report(**overrides: object) -> dict:
     return build_report(**arguments)
 
 
+def emergency(message_id: str, at: str, **fields: Any) -> dict:
+    return record(
+        "accepted", at=at, message_id=message_id, priority="emergency", transport="rabbitmq",
+        **fields,
+    )  # fmt: skip
+
+
+def delivered(message_id: str, at: str, group: str, priority: str = "emergency") -> dict:
+    return record("delivered", at=at, message_id=message_id, priority=priority, groups=[group])
+
+
 def test_the_figures_count_only_the_period() -> None:
     figures = report()
-    assert figures["outcomes"] == {"accepted": 3, "redriven": 1, "rejected": 2}
-    assert figures["accepted_by_transport"] == {"fallback": 1, "rabbitmq": 2}
+    assert figures["outcomes"] == {"accepted": 3, "fallback": 1, "redriven": 1, "rejected": 2}
+    assert figures["accepted_by_transport"] == {"rabbitmq": 2, "sns": 1}
     assert figures["fallback_activations"] == 1
     # 3 stored of the 4 valid messages offered (the malformed one is bad input, not a failure)
     assert figures["delivery_success_rate"] == 0.75
     assert figures["encryption"] == {"restricted_accepted": 2, "encrypted": 1, "coverage": 0.5}
     assert figures["object_lock"]["unlocked"] == ["b"], "an unlocked object is named"
     assert figures["object_lock"]["modes"] == {"COMPLIANCE": 1, "none": 1}
+
+
+def test_the_period_boundaries_hold_whatever_the_fraction_of_a_second() -> None:
+    # format_timestamp drops trailing zeros: ".5Z" sorts before "Z" as text, not in time.
+    inside = [
+        record("accepted", at="2026-12-03T00:00:00Z"),
+        record("accepted", at="2026-12-03T00:00:00.5Z"),
+        record("accepted", at="2026-12-03T23:59:59.999999Z"),
+        record("accepted", at="2026-12-03T08:00:00+07:00"),  # 01:00 UTC
+    ]
+    outside = [
+        record("accepted", at="2026-12-02T23:59:59.9Z"),
+        record("accepted", at="2026-12-04T00:00:00Z"),
+        record("accepted", at="2026-12-04T00:00:00.25Z"),
+        record("accepted", at="2026-12-04T06:00:00+07:00"),  # 23:00 UTC on the 3rd: inside
+    ]
+    assert report([*inside, *outside])["outcomes"] == {"accepted": 5}
+    assert instant("2026-12-03T00:00:00.5Z") > instant("2026-12-03T00:00:00Z")
+    assert instant("not a time") == ""
+
+
+def test_emergency_latency_runs_from_acceptance_to_the_first_delivery() -> None:
+    records = [
+        emergency("e1", "2026-12-03T10:00:00Z"),
+        delivered("e1", "2026-12-03T10:00:00.25Z", "community"),
+        delivered("e1", "2026-12-03T10:00:00.1Z", "government"),
+        delivered("e1", "2026-12-03T10:00:05Z", "government"),  # a redelivery: not the first
+        emergency("e2", "2026-12-03T23:59:59.9Z"),
+        # delivered after the period: still this period's emergency
+        delivered("e2", "2026-12-04T00:00:00.4Z", "government"),
+        emergency("e3", "2026-12-03T11:00:00Z"),  # never delivered
+        # accepted before the period: its delivery is not this period's latency
+        delivered("e0", "2026-12-03T00:00:01Z", "government"),
+        # not an emergency
+        record("accepted", message_id="n1", priority="normal", transport="rabbitmq"),
+        delivered("n1", "2026-12-03T10:00:01Z", "media", priority="normal"),
+    ]
+    latency = report(records)["emergency_latency_ms"]
+    assert latency["source"] == "delivered records"
+    assert (latency["count"], latency["p50"], latency["max"]) == (2, 100.0, 500.0)
+    assert (latency["emergencies_accepted"], latency["undelivered"]) == (3, 1)
+    assert latency["by_group"] == {
+        "community": {"count": 1, "p50": 250.0, "p95": 250.0, "p99": 250.0, "max": 250.0},
+        "government": {"count": 2, "p50": 100.0, "p95": 500.0, "p99": 500.0, "max": 500.0},
+    }
+
+
+def test_a_delivery_without_a_priority_is_paired_by_its_emergency_queue() -> None:
+    records = [
+        emergency("e1", "2026-12-03T10:00:00Z"),
+        record(
+            "delivered",
+            at="2026-12-03T10:00:00.03Z",
+            message_id="e1",
+            queues=["fabric.community.emergency"],
+        ),
+        record("accepted", message_id="n1", priority="normal", transport="rabbitmq"),
+        record("delivered", message_id="n1", queues=["fabric.media"]),  # not kept: no emergency
+    ]
+    latency = report(records)["emergency_latency_ms"]
+    assert (latency["count"], latency["p50"]) == (1, 30.0)
+    assert list(latency["by_group"]) == ["community"]
+
+
+def test_emergency_latency_percentiles_are_nearest_rank() -> None:
+    records = []
+    for i in range(1, 101):  # latencies 1 ms .. 100 ms
+        records.append(emergency(f"e{i}", "2026-12-03T10:00:00Z"))
+        records.append(delivered(f"e{i}", f"2026-12-03T10:00:00.{i:03d}Z", "government"))
+    latency = report(records)["emergency_latency_ms"]
+    assert (latency["p50"], latency["p95"], latency["p99"], latency["max"]) == (50, 95, 99, 100)
+
+
+def test_emergency_latency_says_not_recorded_only_without_pairs() -> None:
+    latency = report([emergency("e1", "2026-12-03T10:00:00Z")])["emergency_latency_ms"]
+    assert latency["source"] == "not recorded"
+    assert (latency["count"], latency["p99"], latency["undelivered"]) == (0, None, 1)
+    page = render_html(report([emergency("e1", "2026-12-03T10:00:00Z")]))
+    assert "not recorded" in page
+
+
+def test_a_fallback_message_is_drained_only_when_every_groups_copy_was_moved() -> None:
+    def fallback(message_id: str, *groups: str) -> dict:
+        return record("fallback", at="2026-12-03T10:00:00Z", message_id=message_id, groups=groups)
+
+    def drained(message_id: str, group: str, at: str = "2026-12-03T10:05:00Z") -> dict:
+        return record("drained", at=at, message_id=message_id, groups=[group])
+
+    records = [
+        fallback("both", "government", "media"),
+        drained("both", "government"),
+        drained("both", "media", at="2026-12-04T00:10:00Z"),  # after the period: still counts
+        fallback("half", "government", "media"),
+        drained("half", "government"),
+        fallback("none", "community"),
+        fallback("early", "business"),
+        drained("early", "business", at="2026-12-03T09:00:00Z"),  # before its fallback
+    ]
+    figures = report(records)
+    assert figures["fallback_activations"] == 4
+    assert figures["fallback_not_drained"] == {
+        "messages": 3,
+        "message_ids": ["early", "half", "none"],
+    }
+    assert figures["dead_letters"]["drained"] == 3  # those in the period
+
+
+def test_deliveries_retries_replays_and_unarchived_bodies_are_counted() -> None:
+    records = [
+        delivered("m1", "2026-12-03T10:00:00Z", "media", priority="normal"),
+        delivered("m2", "2026-12-03T10:00:00Z", "media", priority="normal"),
+        record("retried", message_id="m3", attempt=2),
+        record("replayed", message_id="m4", replay_id="r1"),
+        record("accepted", message_id="m5", transport="rabbitmq", archived=False),
+    ]
+    figures = report(records)
+    assert figures["deliveries"] == {"delivered": 2, "retried": 1, "replayed": 1}
+    assert figures["archive"] == {"records_not_archived": 1}
 
 
 def test_the_page_is_self_contained_and_says_the_verdict() -> None:
@@ -60,14 +192,38 @@ def test_the_page_is_self_contained_and_says_the_verdict() -> None:
     class Collect(HTMLParser):
         def handle_starttag(self, tag: str, attrs: list) -> None:
             tags.append(tag)
-            for _, value in attrs:
+            for name, value in attrs:
                 assert "http" not in (value or ""), "no external resource"
+                assert not name.startswith("on"), "no inline script"
 
     Collect().feed(page)
-    assert "script" not in tags
-    assert tags.count("svg") == 4
+    assert not {"script", "link", "img", "iframe", "object"} & set(tags)
+    assert "url(" not in page
+    assert "@import" not in page
+    assert tags.count("svg") == 5
     assert "NOT VERIFIED: audit/x record 7: sequence gap" in page
     assert "50.00 %" in page
+
+
+def test_the_page_shows_latency_per_group_and_the_trail_read() -> None:
+    records = [
+        emergency("e1", "2026-12-03T10:00:00Z"),
+        delivered("e1", "2026-12-03T10:00:00.0125Z", "government"),
+    ]
+    writers = [
+        {
+            "writer": "fabric-prod-audit-writer",
+            "records": 2,
+            "objects": 1,
+            "checkpoints": 25,
+            "unsealed_objects": 0,
+            "problem": None,
+        }
+    ]
+    page = render_html(report(records, writers=writers))
+    assert "12.5 ms / 12.5 ms / 12.5 ms (max 12.5 ms, 1 messages)" in page
+    assert "<th>government</th>" in page
+    assert "fabric-prod-audit-writer" in page
 
 
 def test_the_csv_has_every_figure() -> None:
@@ -75,4 +231,7 @@ def test_the_csv_has_every_figure() -> None:
     assert rows[0] == ["section", "name", "value"]
     assert ["outcomes", "accepted", "3"] in rows
     assert ["delivery", "success_rate", "0.75"] in rows
+    assert ["delivery", "fallback_not_drained", "1"] in rows
+    assert ["deliveries", "retried", "0"] in rows
+    assert ["emergency_latency_ms", "p99", ""] in rows
     assert ["verification", "verified", "True"] in rows

@@ -18,7 +18,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 CHECKPOINT_VERSION = "fabric.audit-checkpoint/1"
 GENESIS = "0" * 64  # the ``prev`` of a writer's first record
@@ -131,6 +131,10 @@ def make_checkpoint(
     return body
 
 
+# What every accepted message must also have in the trail: where it was stored.
+OUTCOME_EVENTS = ("routed", "fallback")
+
+
 @dataclass(frozen=True)
 class Problem:
     """The first place where the trail is not what was written, and why."""
@@ -161,18 +165,34 @@ def verify_trail(
     checkpoints: Sequence[tuple[str, Mapping[str, Any]]],
     signer: Signer,
     writer: str,
+    anchor: tuple[str, Mapping[str, Any]] | None = None,
 ) -> Verification:
     """Check one writer's trail: every checkpoint's signature and chain, that the objects it
     names exist with their hashes and Merkle root, that every object is covered by a checkpoint
     (except those after the last one), and the records' sequence and hash chain across objects.
 
     ``checkpoints`` in checkpoint order (key, body); ``objects`` by key, ordered by key.
+    ``anchor`` (key, body), to check a window of a long trail: the checkpoint just before
+    ``checkpoints``; its signature is checked, and the numbering, the signature link and the
+    record chain continue from it instead of from the start (what precedes it is not read).
     Stops at the first problem and names it.
     """
     result = Verification()
     covered: list[str] = []
     previous_signature: str | None = None
-    for expected, (key, checkpoint) in enumerate(checkpoints, start=1):
+    number, chain = 1, Chain(writer)
+    if anchor is not None:
+        key, body = anchor
+        # Its own number and link are taken as they are: only its signature can be checked.
+        number = cast(int, body.get("checkpoint"))
+        problem = _check_seal(key, body, number, body.get("previous_signature"), signer)
+        if problem is not None:
+            result.problem = problem
+            return result
+        previous_signature = str(body["signature"])
+        number = int(body["checkpoint"]) + 1
+        chain = Chain(writer, int(body["last_seq"]), str(body["last_hash"]))
+    for expected, (key, checkpoint) in enumerate(checkpoints, start=number):
         problem = _check_checkpoint(
             key, checkpoint, expected, previous_signature, objects, signer=signer
         )
@@ -189,23 +209,11 @@ def verify_trail(
         first = next(k for k, c in zip(ordered, covered, strict=False) if k != c)
         result.problem = Problem(first, "an object no checkpoint names, among sealed ones")
         return result
-    chain = Chain(writer)
-    for key in [*covered, *uncovered_tail]:
-        try:
-            records = decode_object(objects[key])
-        except ValueError as exc:
-            result.problem = Problem(key, f"not a batch object: {exc}")
-            return result
-        for record in records:
-            problem = _check_record(key, record, chain)
-            if problem is not None:
-                result.problem = problem
-                return result
-            result.records += 1
-            event, message_id = record.get("event"), record.get("message_id")
-            if isinstance(event, str) and isinstance(message_id, str):
-                result.message_ids.setdefault(event, set()).add(message_id)
-        result.objects += 1
+    first_accepted: dict[str, str] = {}  # message id -> where it was first accepted
+    problem = _walk_records([*covered, *uncovered_tail], objects, chain, result, first_accepted)
+    if problem is not None:
+        result.problem = problem
+        return result
     if checkpoints:
         last = checkpoints[-1][1]
         if not uncovered_tail and (chain.seq, chain.last_hash) != (
@@ -215,7 +223,51 @@ def verify_trail(
             result.problem = Problem(
                 checkpoints[-1][0], f"the trail ends at record {chain.seq}, not {last['last_seq']}"
             )
+            return result
+    result.problem = _without_outcome(first_accepted, result.message_ids)
     return result
+
+
+def _walk_records(
+    keys: Sequence[str],
+    objects: Mapping[str, bytes],
+    chain: Chain,
+    result: Verification,
+    first_accepted: dict[str, str],
+) -> Problem | None:
+    """Every record of ``keys`` in order: writer, sequence and hash chain; counts into
+    ``result``, accepted message ids (first place) into ``first_accepted``."""
+    for key in keys:
+        try:
+            records = decode_object(objects[key])
+        except ValueError as exc:
+            return Problem(key, f"not a batch object: {exc}")
+        for record in records:
+            problem = _check_record(key, record, chain)
+            if problem is not None:
+                return problem
+            result.records += 1
+            event, message_id = record.get("event"), record.get("message_id")
+            if isinstance(event, str) and isinstance(message_id, str):
+                result.message_ids.setdefault(event, set()).add(message_id)
+                if event == "accepted":
+                    first_accepted.setdefault(message_id, f"{key} record {record.get('seq')}")
+        result.objects += 1
+    return None
+
+
+def _without_outcome(
+    first_accepted: Mapping[str, str], message_ids: Mapping[str, set[str]]
+) -> Problem | None:
+    """The first accepted message the trail does not say where it went (``routed`` to its
+    queues, or stored on the ``fallback`` path): a component lost part of what it recorded."""
+    answered = set().union(*(message_ids.get(event, set()) for event in OUTCOME_EVENTS))
+    for message_id, where in first_accepted.items():
+        if message_id not in answered:
+            return Problem(
+                where, f"accepted message {message_id} has no outcome (routed or fallback)"
+            )
+    return None
 
 
 def _check_checkpoint(

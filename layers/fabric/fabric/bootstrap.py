@@ -22,11 +22,18 @@ from fabric.ports import DeadLetterQueue, MessageKind, Metrics, OutboundMessage,
 from fabric.redrive import Redriver
 from fabric.router import Router
 from fabric.routing import default_routing_table
-from fabric.settings import AuditWriterSettings, DrainSettings, RedriveSettings, RouterSettings
+from fabric.settings import (
+    AuditWriterSettings,
+    DrainSettings,
+    RedriveSettings,
+    ReplaySettings,
+    RouterSettings,
+)
 from fabric.stakeholders import Stakeholder
 
 if TYPE_CHECKING:
     from fabric.audit_writer import AuditWriter
+    from fabric.replay import Replayer
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,8 @@ def build_router_runtime(
 
 
 def _rabbit(
-    settings: RouterSettings | DrainSettings | RedriveSettings, make_client: Callable[[str], Any]
+    settings: RouterSettings | DrainSettings | RedriveSettings | ReplaySettings,
+    make_client: Callable[[str], Any],
 ) -> RabbitMqTransport:
     return RabbitMqTransport(
         RabbitSettings(
@@ -106,7 +114,7 @@ def _rabbit(
 
 
 def _audit_sink(
-    settings: RouterSettings | DrainSettings | RedriveSettings,
+    settings: RouterSettings | DrainSettings | RedriveSettings | ReplaySettings,
     broker: Transport,
     make_client: Callable[[str], Any],
     *,
@@ -232,6 +240,63 @@ def audit_writer_from_environment(environ: Mapping[str, str] | None = None) -> A
     )
 
 
+# -- replay ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplayRuntime:
+    """The replay function's parts: the replayer and its settings."""
+
+    replayer: Replayer
+    settings: ReplaySettings
+
+
+def build_replay(
+    settings: ReplaySettings, *, client_factory: Callable[[str], Any] | None = None
+) -> ReplayRuntime:
+    """Wire the replay from settings. Nothing touches the network until it runs.
+
+    RabbitMQ only (no fallback transport): see ``fabric.replay``. The audit bucket is read
+    only; audit batches go to RabbitMQ's audit exchange or the SQS audit queue.
+    """
+    from fabric.adapters.s3_archive import S3ArchiveReader
+    from fabric.replay import Replayer
+
+    make_client = client_factory or _boto3_client
+    read_client = client_factory or _archive_client
+    rabbit = _rabbit(settings, make_client)
+    return ReplayRuntime(
+        replayer=Replayer(
+            archive=S3ArchiveReader(settings.bucket, lambda: read_client("s3")),
+            broker=rabbit,
+            audit=_audit_sink(settings, rabbit, make_client, emitted_by="replay"),
+            table=default_routing_table(),
+        ),
+        settings=settings,
+    )
+
+
+def replay_from_environment(environ: Mapping[str, str] | None = None) -> ReplayRuntime:
+    """The replay of this process, from its environment variables.
+
+    Raises:
+        ConfigError: a variable is missing or malformed (the message names it).
+    """
+    return build_replay(ReplaySettings.from_env(os.environ if environ is None else environ))
+
+
+def _archive_client(service_name: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    # Reading the trail is not on a message's path: an archive object may take longer than the
+    # router's two seconds to arrive, and the SDK's retries are worth their time here.
+    config = Config(
+        connect_timeout=5, read_timeout=30, retries={"max_attempts": 5, "mode": "standard"}
+    )
+    return boto3.client(service_name, config=config)
+
+
 def drainer_from_environment(environ: Mapping[str, str] | None = None) -> Drainer:
     """The drain of this process, from its environment variables.
 
@@ -258,5 +323,73 @@ def _boto3_client(service_name: str) -> Any:
     # default minute of retries: the router must answer an emergency within a second.
     config = Config(
         connect_timeout=1, read_timeout=2, retries={"max_attempts": 2, "mode": "standard"}
+    )
+    return boto3.client(service_name, config=config)
+
+
+# -- compliance report -------------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from fabric.compliance_run import ComplianceReporter
+    from fabric.settings import ComplianceReportSettings
+
+
+def build_compliance_reporter(
+    settings: ComplianceReportSettings,
+    *,
+    client_factory: Callable[[str], Any] | None = None,
+    metrics: Metrics | None = None,
+) -> ComplianceReporter:
+    """Wire the compliance report from settings. Nothing touches the network until it runs.
+
+    ``client_factory`` defaults to boto3 clients sized for reading many objects in parallel.
+    """
+    from fabric.adapters.compliance_storage import S3ReportStore, S3TrailStore, SnsSummaryTopic
+    from fabric.adapters.kms_signer import KmsSigner
+    from fabric.compliance_run import ComplianceReporter
+
+    make_client = client_factory or _report_client
+    return ComplianceReporter(
+        environment=settings.environment,
+        writers=settings.writers,
+        trail=S3TrailStore(settings.audit_bucket, lambda: make_client("s3")),
+        # Only Verify is used: the report checks checkpoints, it never signs one.
+        signer=KmsSigner(settings.signing_key_arn, lambda: make_client("kms")),
+        reports=S3ReportStore(
+            settings.reports_bucket, settings.reports_key_arn, lambda: make_client("s3")
+        ),
+        topic=SnsSummaryTopic(settings.topic_arn, lambda: make_client("sns")),
+        metrics=metrics or EmfMetrics(environment=settings.environment, emitted_by="compliance"),
+    )
+
+
+def compliance_reporter_from_environment(
+    environ: Mapping[str, str] | None = None,
+) -> ComplianceReporter:
+    """The compliance report of this process, from its environment variables.
+
+    Raises:
+        ConfigError: a variable is missing (the message names it).
+    """
+    from fabric.settings import ComplianceReportSettings
+
+    return build_compliance_reporter(
+        ComplianceReportSettings.from_env(os.environ if environ is None else environ)
+    )
+
+
+def _report_client(service_name: str) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    from fabric.compliance_run import READ_WORKERS
+
+    # The report reads objects READ_WORKERS at a time: one pooled connection each. Its reads
+    # are not on a message's path, so the SDK's retries are kept.
+    config = Config(
+        max_pool_connections=READ_WORKERS + 4,
+        connect_timeout=5,
+        read_timeout=30,
+        retries={"max_attempts": 5, "mode": "standard"},
     )
     return boto3.client(service_name, config=config)

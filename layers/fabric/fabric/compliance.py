@@ -1,8 +1,12 @@
 """The compliance report: what the audit trail says about a period, for machines and people.
 
 ``build_report`` turns verified records (and what S3 says about each object's lock) into one
-JSON document; ``render_html`` makes a self-contained page (inline SVG charts, no external
-resources, no script); ``render_csv`` the same figures as rows.
+JSON document in a single pass over the records; ``render_html`` makes a self-contained page
+(inline SVG charts, no external resources, no script); ``render_csv`` the same figures as rows.
+
+Records are counted when their ``at`` lies in the period. Records after the period are read
+too (the loader adds a margin), but only to follow up messages of the period: an emergency's
+first delivery, a fallback copy's drain.
 """
 
 from __future__ import annotations
@@ -10,12 +14,21 @@ from __future__ import annotations
 import csv
 import html
 import io
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+from fabric import topology
+from fabric.stakeholders import Stakeholder
+
 REPORT_VERSION = "fabric.compliance-report/1"
+EMERGENCY = "emergency"
+# How many message ids a list in the report names at most (the count is always complete).
+LISTED_IDS = 20
+NOT_RECORDED = "not recorded"
 
 
 @dataclass(frozen=True)
@@ -27,6 +40,161 @@ class ObjectLock:
     retain_until: str | None
 
 
+def instant(at: str) -> str:
+    """``at`` (RFC 3339) as a fixed-width UTC string that sorts in time order.
+
+    The fabric writes ``...T10:00:00Z``, ``...T10:00:00.5Z`` or ``...T10:00:00.123456Z``
+    (``envelope.format_timestamp`` drops trailing zeros), which do not sort as text: ``.`` sorts
+    before ``Z``. Anything else is parsed.
+    """
+    if len(at) >= 20 and at[-1] == "Z" and at[10] == "T":
+        fraction = at[20:-1] if at[19] == "." else ""
+        return f"{at[:19]}.{fraction:0<6.6}"
+    try:
+        moment = datetime.fromisoformat(at)
+    except ValueError:
+        return ""  # sorts before every period: never counted
+    if moment.utcoffset() is None:
+        return ""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+class _Figures:
+    """The running totals of one pass over the records."""
+
+    def __init__(self, start: str, end: str) -> None:
+        self.start, self.end = instant(start), instant(end)
+        self.events: Counter[str] = Counter()
+        self.transports: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.restricted = self.encrypted = self.not_archived = 0
+        # message id -> accepted instant, for the period's emergencies
+        self.emergencies: dict[str, str] = {}
+        # (message id, group) -> first delivered instant, for emergency deliveries
+        self.first_delivery: dict[tuple[str, str], str] = {}
+        # message id -> (fallback instant, groups still to drain), for the period's fallbacks
+        self.fallbacks: dict[str, tuple[str, set[str]]] = {}
+        # drained copies seen: (message id, group) -> latest drained instant
+        self.drained: dict[tuple[str, str], str] = {}
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        at = instant(str(record.get("at", "")))
+        if at < self.start:
+            return
+        event = str(record.get("event"))
+        message_id = record.get("message_id")
+        if isinstance(message_id, str):
+            self._follow_up(event, message_id, at, record)
+        if at < self.end:  # after the period, a record only follows up the period's messages
+            self._count(event, message_id, at, record)
+
+    def _follow_up(self, event: str, message_id: str, at: str, record: Mapping[str, Any]) -> None:
+        if event == "delivered" and _emergency_delivery(record):
+            for group in _groups(record):
+                seen = self.first_delivery.get((message_id, str(group)))
+                if seen is None or at < seen:
+                    self.first_delivery[message_id, str(group)] = at
+        elif event == "drained":
+            # Under "" too: a fallback record that names no group is drained by any copy.
+            for group in (*(record.get("groups") or ()), ""):
+                key = (message_id, str(group))
+                self.drained[key] = max(at, self.drained.get(key, ""))
+
+    def _count(self, event: str, message_id: Any, at: str, record: Mapping[str, Any]) -> None:
+        self.events[event] += 1
+        if record.get("archived") is False:
+            self.not_archived += 1
+        if event == "accepted":
+            self.transports[str(record.get("transport"))] += 1
+            if record.get("classification") == "restricted":
+                self.restricted += 1
+                self.encrypted += bool(record.get("encrypted"))
+            if record.get("priority") == EMERGENCY and isinstance(message_id, str):
+                self.emergencies.setdefault(message_id, at)
+        elif event == "rejected":
+            self.reasons[str(record.get("reason"))] += 1
+        elif event == "fallback" and isinstance(message_id, str):
+            groups = {str(g) for g in record.get("groups") or ()} or {""}
+            self.fallbacks[message_id] = (at, groups)
+
+    def latency(self) -> dict[str, Any]:
+        """Emergency latency: accepted to the first delivery, overall and per group."""
+        overall: list[float] = []
+        by_group: dict[str, list[float]] = {}
+        firsts: dict[str, str] = {}
+        for (message_id, group), delivered in self.first_delivery.items():
+            accepted = self.emergencies.get(message_id)
+            if accepted is None:
+                continue
+            by_group.setdefault(group, []).append(_ms(accepted, delivered))
+            if message_id not in firsts or delivered < firsts[message_id]:
+                firsts[message_id] = delivered
+        for message_id, delivered in firsts.items():
+            overall.append(_ms(self.emergencies[message_id], delivered))
+        figures = _percentiles(overall)
+        return {
+            **figures,
+            "source": "delivered records" if overall else NOT_RECORDED,
+            "emergencies_accepted": len(self.emergencies),
+            "undelivered": len(self.emergencies) - len(firsts),
+            "by_group": {g: _percentiles(v) for g, v in sorted(by_group.items()) if g},
+        }
+
+    def not_drained(self) -> list[str]:
+        """The period's fallback messages with a group copy that no later drain moved."""
+        waiting = []
+        for message_id, (at, groups) in self.fallbacks.items():
+            if any(self.drained.get((message_id, group), "") < at for group in groups):
+                waiting.append(message_id)
+        return sorted(waiting)
+
+
+# Every work queue of the fabric: (group, emergency path).
+_WORK_QUEUES = {
+    topology.queue_name(group, emergency=emergency): (group.value, emergency)
+    for group in Stakeholder
+    for emergency in (False, True)
+}
+
+
+def _emergency_delivery(record: Mapping[str, Any]) -> bool:
+    """A delivery of an emergency: its ``priority`` says so, or, when it carries none, the
+    queue it was consumed from is an emergency queue (or unknown: paired by message id)."""
+    priority = record.get("priority")
+    if priority is not None:
+        return bool(priority == EMERGENCY)
+    queues = [q for q in record.get("queues") or () if q in _WORK_QUEUES]
+    return not queues or any(_WORK_QUEUES[q][1] for q in queues)
+
+
+def _groups(record: Mapping[str, Any]) -> list[str]:
+    """The consumer's group: the record's ``groups``, else the group of its work queue."""
+    groups = [str(g) for g in record.get("groups") or ()]
+    groups = groups or [_WORK_QUEUES[q][0] for q in record.get("queues") or () if q in _WORK_QUEUES]
+    return groups or [""]
+
+
+def _ms(start: str, end: str) -> float:
+    delta = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+    return round(delta.total_seconds() * 1000, 3)
+
+
+def _percentiles(values: list[float]) -> dict[str, Any]:
+    """Nearest-rank p50/p95/p99 and the maximum (None when there are no values)."""
+    ordered = sorted(values)
+
+    def rank(p: int) -> float | None:
+        return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] if ordered else None
+
+    return {
+        "count": len(ordered),
+        "p50": rank(50),
+        "p95": rank(95),
+        "p99": rank(99),
+        "max": ordered[-1] if ordered else None,
+    }
+
+
 def build_report(
     *,
     environment: str,
@@ -36,40 +204,41 @@ def build_report(
     verified: bool,
     problem: str | None,
     generated_at: str,
+    writers: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """The report's figures for ``period`` (ISO timestamps, start inclusive, end exclusive)."""
+    """The report's figures for ``period`` (RFC 3339, start inclusive, end exclusive).
+
+    ``records`` may be a generator (one pass); ``writers`` are the verifier's figures per writer
+    (``writer``, ``records``, ``objects``, ``checkpoints``, ``unsealed_objects``, ``problem``).
+    """
     start, end = period
-    events: Counter[str] = Counter()
-    transports: Counter[str] = Counter()
-    reasons: Counter[str] = Counter()
-    restricted = encrypted = 0
+    figures = _Figures(start, end)
     for record in records:
-        at = str(record.get("at", ""))
-        if not start <= at < end:
-            continue
-        event = str(record.get("event"))
-        events[event] += 1
-        if event == "accepted":
-            transports[str(record.get("transport"))] += 1
-            if record.get("classification") == "restricted":
-                restricted += 1
-                encrypted += bool(record.get("encrypted"))
-        elif event == "rejected":
-            reasons[str(record.get("reason"))] += 1
-    unavailable = reasons.get("unavailable", 0)
+        figures.add(record)
+    events = figures.events
+    unavailable = figures.reasons.get("unavailable", 0)
     offered = events["accepted"] + unavailable
     modes = Counter(lock.mode or "none" for lock in locks)
+    waiting = figures.not_drained()
+    restricted, encrypted = figures.restricted, figures.encrypted
     return {
         "version": REPORT_VERSION,
         "environment": environment,
         "period": {"start": start, "end": end},
         "generated_at": generated_at,
         "outcomes": dict(sorted(events.items())),
-        "accepted_by_transport": dict(sorted(transports.items())),
-        "rejected_by_reason": dict(sorted(reasons.items())),
+        "accepted_by_transport": dict(sorted(figures.transports.items())),
+        "rejected_by_reason": dict(sorted(figures.reasons.items())),
         # Valid messages the fabric could store, of those it was offered (bad input excluded).
         "delivery_success_rate": None if offered == 0 else events["accepted"] / offered,
-        "fallback_activations": transports.get("fallback", 0),
+        # Messages the router stored on SNS/SQS because RabbitMQ could not take them.
+        "fallback_activations": events.get("fallback", 0),
+        "fallback_not_drained": {"messages": len(waiting), "message_ids": waiting[:LISTED_IDS]},
+        "deliveries": {
+            "delivered": events.get("delivered", 0),
+            "retried": events.get("retried", 0),
+            "replayed": events.get("replayed", 0),
+        },
         "dead_letters": {
             "dead_lettered": events.get("dead-lettered", 0),
             "redriven": events.get("redriven", 0),
@@ -80,8 +249,8 @@ def build_report(
             "encrypted": encrypted,
             "coverage": None if restricted == 0 else encrypted / restricted,
         },
-        # Needs delivery records from consumers, which the trail does not hold yet.
-        "emergency_latency_ms": {"p50": None, "p95": None, "p99": None, "source": "not recorded"},
+        "archive": {"records_not_archived": figures.not_archived},
+        "emergency_latency_ms": figures.latency(),
         "object_lock": {
             "objects": len(locks),
             "modes": dict(sorted(modes.items())),
@@ -90,7 +259,7 @@ def build_report(
             ),
             "unlocked": [lock.key for lock in locks if lock.mode is None],
         },
-        "verification": {"verified": verified, "problem": problem},
+        "verification": {"verified": verified, "problem": problem, "writers": list(writers)},
     }
 
 
@@ -103,16 +272,30 @@ def render_csv(report: Mapping[str, Any]) -> str:
         "outcomes",
         "accepted_by_transport",
         "rejected_by_reason",
+        "deliveries",
         "dead_letters",
         "encryption",
+        "archive",
     ):
         for name, value in report[section].items():
             rows.writerow([section, name, value])
     rows.writerow(["delivery", "success_rate", report["delivery_success_rate"]])
     rows.writerow(["delivery", "fallback_activations", report["fallback_activations"]])
+    rows.writerow(["delivery", "fallback_not_drained", report["fallback_not_drained"]["messages"]])
+    latency = report["emergency_latency_ms"]
+    for name in ("count", "p50", "p95", "p99", "max"):
+        rows.writerow(["emergency_latency_ms", name, latency[name]])
+    for group, figures in latency["by_group"].items():
+        for name in ("count", "p50", "p95", "p99", "max"):
+            rows.writerow([f"emergency_latency_ms.{group}", name, figures[name]])
     for name, value in report["object_lock"]["modes"].items():
         rows.writerow(["object_lock", name, value])
-    rows.writerow(["verification", "verified", report["verification"]["verified"]])
+    rows.writerow(
+        ["object_lock", "earliest_retain_until", report["object_lock"]["earliest_retain_until"]]
+    )
+    verification = report["verification"]
+    rows.writerow(["verification", "verified", verification["verified"]])
+    rows.writerow(["verification", "problem", verification["problem"] or ""])
     return out.getvalue()
 
 
@@ -125,11 +308,11 @@ def _bars(title: str, values: Mapping[str, int]) -> str:
     parts = []
     for i, (name, value) in enumerate(values.items()):
         y = i * row
-        width = max(1, round(bar_w * value / top))
+        width = max(1, round(bar_w * value / top)) if value else 0
         parts.append(
             f'<text x="{label_w - 8}" y="{y + 17}" text-anchor="end">{html.escape(name)}</text>'
             f'<rect x="{label_w}" y="{y + 4}" width="{width}" height="18" rx="3"></rect>'
-            f'<text x="{label_w + width + 6}" y="{y + 17}">{value}</text>'
+            f'<text x="{label_w + width + 6}" y="{y + 17}">{value:,}</text>'
         )
     height = row * len(values)
     return (
@@ -143,6 +326,37 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 100:.2f} %"
 
 
+def _ms_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.1f} ms"
+
+
+def _latency_text(latency: Mapping[str, Any]) -> str:
+    if not latency["count"]:
+        return NOT_RECORDED
+    return (
+        f"{_ms_text(latency['p50'])} / {_ms_text(latency['p95'])} / {_ms_text(latency['p99'])}"
+        f" (max {_ms_text(latency['max'])}, {latency['count']:,} messages)"
+    )
+
+
+def _table(rows: Sequence[Sequence[str]], head: Sequence[str] | None = None) -> str:
+    header = (
+        "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead>"
+        if head
+        else ""
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<th>{html.escape(cell)}</th>" if i == 0 else f"<td>{html.escape(cell)}</td>"
+            for i, cell in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table>{header}<tbody>{body}</tbody></table>"
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """A self-contained page: no script, no external stylesheet, font or image."""
     verification = report["verification"]
@@ -152,20 +366,75 @@ def render_html(report: Mapping[str, Any]) -> str:
         else f'<p class="bad">NOT VERIFIED: {html.escape(str(verification["problem"]))}</p>'
     )
     lock = report["object_lock"]
+    latency = report["emergency_latency_ms"]
+    waiting = report["fallback_not_drained"]
+    unlocked = lock["unlocked"]
     summary = [
-        ("Delivery success rate", _percent(report["delivery_success_rate"])),
-        ("Fallback activations (messages)", str(report["fallback_activations"])),
+        ("Delivery success rate (stored of offered)", _percent(report["delivery_success_rate"])),
+        ("Emergency latency p50 / p95 / p99", _latency_text(latency)),
+        (
+            "Emergencies accepted / not yet delivered",
+            f"{latency['emergencies_accepted']:,} / {latency['undelivered']:,}",
+        ),
         ("Encryption coverage of restricted", _percent(report["encryption"]["coverage"])),
-        ("Emergency latency p50 / p95 / p99", "not recorded yet"),
+        ("Fallback activations (messages)", f"{report['fallback_activations']:,}"),
+        ("Fallback messages not yet drained", f"{waiting['messages']:,}"),
+        (
+            "Records whose body could not be archived",
+            f"{report['archive']['records_not_archived']:,}",
+        ),
         (
             "Audit objects / Object Lock modes",
-            f"{lock['objects']} / "
-            + ", ".join(f"{mode} {count}" for mode, count in lock["modes"].items()),
+            f"{lock['objects']:,} / "
+            + (", ".join(f"{mode} {count:,}" for mode, count in lock["modes"].items()) or "none"),
         ),
-        ("Earliest retain-until", str(lock["earliest_retain_until"])),
+        ("Earliest retain-until", str(lock["earliest_retain_until"] or "n/a")),
+        ("Unlocked objects", ", ".join(unlocked[:LISTED_IDS]) or "none"),
     ]
-    table = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary
+    groups = [
+        (
+            group,
+            f"{f['count']:,}",
+            _ms_text(f["p50"]),
+            _ms_text(f["p95"]),
+            _ms_text(f["p99"]),
+            _ms_text(f["max"]),
+        )
+        for group, f in latency["by_group"].items()
+    ]
+    by_group = (
+        "<h2>Emergency latency per stakeholder group</h2>"
+        "<p>From the router's acceptance to the group's consumer finishing the message.</p>"
+        + _table(groups, ("group", "messages", "p50", "p95", "p99", "max"))
+        if groups
+        else ""
+    )
+    writers = [
+        (
+            str(w["writer"]),
+            f"{w['records']:,}",
+            f"{w['objects']:,}",
+            f"{w['checkpoints']:,}",
+            f"{w['unsealed_objects']:,}",
+            "verified" if w["problem"] is None else f"NOT VERIFIED: {w['problem']}",
+        )
+        for w in verification.get("writers", [])
+    ]
+    trail = (
+        "<h2>Audit trail read for this report</h2>"
+        + _table(
+            writers,
+            ("writer", "records", "objects", "checkpoints", "not yet sealed", "verifier"),
+        )
+        if writers
+        else ""
+    )
+    waiting_ids = (
+        f"<p>Fallback messages not yet drained: {html.escape(', '.join(waiting['message_ids']))}"
+        + (" ..." if waiting["messages"] > len(waiting["message_ids"]) else "")
+        + "</p>"
+        if waiting["messages"]
+        else ""
     )
     period = report["period"]
     return f"""<!DOCTYPE html>
@@ -173,8 +442,12 @@ def render_html(report: Mapping[str, Any]) -> str:
 <title>Messaging Fabric compliance report {html.escape(report["environment"])}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #1b1b1b; max-width: 60rem; }}
-h1 {{ font-size: 1.5rem; }} th {{ text-align: left; padding-right: 2rem; font-weight: 600; }}
-td, th {{ padding: .25rem 0; border-bottom: 1px solid #ddd; }}
+h1 {{ font-size: 1.5rem; }} h2 {{ font-size: 1.15rem; margin-top: 2rem; }}
+table {{ border-collapse: collapse; }}
+th {{ text-align: left; padding-right: 2rem; font-weight: 600; }}
+td, th {{ padding: .25rem 1rem .25rem 0; border-bottom: 1px solid #ddd; vertical-align: top; }}
+td, p {{ overflow-wrap: anywhere; }}
+thead th {{ border-bottom: 2px solid #999; }}
 figure {{ margin: 1.5rem 0; }} figcaption {{ font-weight: 600; margin-bottom: .5rem; }}
 svg text {{ font-size: 13px; fill: #1b1b1b; }} svg rect {{ fill: #2f6db5; }}
 .ok {{ color: #116b2f; font-weight: 600; }} .bad {{ color: #a4161a; font-weight: 700; }}
@@ -183,10 +456,15 @@ svg text {{ font-size: 13px; fill: #1b1b1b; }} svg rect {{ fill: #2f6db5; }}
 <p>Period {html.escape(period["start"])} to {html.escape(period["end"])};
 generated {html.escape(report["generated_at"])}.</p>
 {verdict}
-<table>{table}</table>
+{_table(summary)}
+{waiting_ids}
+{by_group}
+<h2>Charts</h2>
 {_bars("Outcomes (audit records per event)", report["outcomes"])}
 {_bars("Accepted messages per transport", report["accepted_by_transport"])}
 {_bars("Rejections per reason", report["rejected_by_reason"])}
+{_bars("Deliveries, retries and replays", report["deliveries"])}
 {_bars("Dead letters", report["dead_letters"])}
+{trail}
 </body></html>
 """

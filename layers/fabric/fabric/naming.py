@@ -32,6 +32,11 @@ def redrive_function_name(env_name: str) -> str:
     return f"fabric-{env_name}-redrive"
 
 
+def replay_function_name(env_name: str) -> str:
+    """``fabric-<env>-replay``: the replay function, which the runbook invokes on demand."""
+    return f"fabric-{env_name}-replay"
+
+
 def idempotency_table_name(env_name: str) -> str:
     """``fabric-<env>-idempotency``: the DynamoDB table of consumer idempotency records and
     the redrive ledger (partition key ``id``, expiry attribute ``expiration``)."""

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.errors import TransportUnavailable
 from fabric.ports import AuditSink, DeadLetter, DeadLetterQueue, RedriveLedger
+from fabric.request_fields import positive, strings
 from fabric.routing import pattern_problem, topic_matches
 
 _LOG = logging.getLogger(__name__)
@@ -366,11 +367,11 @@ def parse_request(event: object, *, max_seconds: float = 840.0) -> RedriveReques
     if type(max_messages) is not int or max_messages < 1:
         raise ValueError("max_messages must be a positive whole number")
     selection = RedriveFilter(
-        topics=tuple(_strings(event, "topics")),
-        reasons=frozenset(_strings(event, "reasons")),
-        older_than_s=_seconds(event, "older_than_s"),
-        newer_than_s=_seconds(event, "newer_than_s"),
-        message_ids=frozenset(_strings(event, "message_ids")),
+        topics=tuple(strings(event, "topics")),
+        reasons=frozenset(strings(event, "reasons")),
+        older_than_s=positive(event, "older_than_s"),
+        newer_than_s=positive(event, "newer_than_s"),
+        message_ids=frozenset(strings(event, "message_ids")),
     )
     return RedriveRequest(
         source=str(source),
@@ -379,23 +380,7 @@ def parse_request(event: object, *, max_seconds: float = 840.0) -> RedriveReques
             selection=selection,
             dry_run=dry_run,
             max_messages=max_messages,
-            rate_per_s=_seconds(event, "rate_per_s"),
-            max_seconds=min(max_seconds, _seconds(event, "max_seconds") or max_seconds),
+            rate_per_s=positive(event, "rate_per_s"),
+            max_seconds=min(max_seconds, positive(event, "max_seconds") or max_seconds),
         ),
     )
-
-
-def _strings(event: dict[str, object], name: str) -> list[str]:
-    value = event.get(name, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"{name} must be a list of non-empty strings")
-    return list(value)
-
-
-def _seconds(event: dict[str, object], name: str) -> float | None:
-    value = event.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError(f"{name} must be a positive number")
-    return float(value)

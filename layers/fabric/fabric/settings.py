@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fabric.errors import ConfigError
+from fabric.topology import PLATFORM_USER
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,9 @@ class AuditWriterSettings:
 
     ``FABRIC_ENV``; ``AUDIT_BUCKET``: the Object Lock bucket; ``IDEMPOTENCY_TABLE``: chain
     states and batch marks; ``SIGNING_KEY_ARN``: the asymmetric key that signs checkpoints;
-    ``AUDIT_WRITER_NAME``: the chain this function writes.
+    ``AUDIT_WRITER_NAME``: the chain this function writes; ``AUDIT_TRUSTED_PUBLISHERS``
+    (optional, comma-separated, default the platform user): the RabbitMQ users whose audit
+    batches may record platform events (everyone else: consumer events only).
     """
 
     environment: str
@@ -227,6 +230,7 @@ class AuditWriterSettings:
     table: str
     signing_key_arn: str
     writer: str
+    trusted_publishers: frozenset[str] = frozenset({PLATFORM_USER})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> AuditWriterSettings:
@@ -241,4 +245,92 @@ class AuditWriterSettings:
             table=_required(environ, "IDEMPOTENCY_TABLE"),
             signing_key_arn=_required(environ, "SIGNING_KEY_ARN"),
             writer=_required(environ, "AUDIT_WRITER_NAME"),
+            trusted_publishers=frozenset(
+                name.strip()
+                for name in environ.get("AUDIT_TRUSTED_PUBLISHERS", PLATFORM_USER).split(",")
+                if name.strip()
+            ),
+        )
+
+
+# -- replay ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    """What the replay function needs (set by the stack).
+
+    ``RABBITMQ_*``, ``FABRIC_ENV`` as for the router (the platform user: it publishes to the
+    ingress and unrouted exchanges as the router does, and audit batches to the audit exchange);
+    ``AUDIT_BUCKET``: the Object Lock bucket it reads the trail and the archive from;
+    ``AUDIT_QUEUE_URL``: where its audit batches go while RabbitMQ cannot take them;
+    ``REPLAY_MAX_SECONDS`` (default 840) bounds one run, inside the function's 15-minute timeout.
+    """
+
+    environment: str
+    rabbitmq_host: str
+    rabbitmq_port: int
+    rabbitmq_tls: bool
+    rabbitmq_vhost: str
+    rabbitmq_secret_arn: str
+    bucket: str
+    max_seconds: float
+    audit_queue_url: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ReplaySettings:
+        """Read and check the variables.
+
+        Raises:
+            ConfigError: a variable is missing or malformed; the message names it.
+        """
+        return cls(
+            **_broker(environ),
+            bucket=_required(environ, "AUDIT_BUCKET"),
+            max_seconds=float(_positive(environ, "REPLAY_MAX_SECONDS", 840)),
+            audit_queue_url=_optional(environ, "AUDIT_QUEUE_URL"),
+        )
+
+
+# -- compliance report -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComplianceReportSettings:
+    """What the compliance report function needs (set by the stack).
+
+    ``FABRIC_ENV``; ``AUDIT_BUCKET``: the Object Lock bucket, read only; ``AUDIT_WRITERS``:
+    the writers (chains) the report covers, comma-separated; ``SIGNING_KEY_ARN``: the key whose
+    signatures the checkpoints carry; ``REPORTS_BUCKET`` and ``REPORTS_KEY_ARN``: where the
+    report files go, SSE-KMS with that key; ``COMPLIANCE_TOPIC_ARN``: the summary's SNS topic.
+    """
+
+    environment: str
+    audit_bucket: str
+    writers: tuple[str, ...]
+    signing_key_arn: str
+    reports_bucket: str
+    reports_key_arn: str
+    topic_arn: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ComplianceReportSettings:
+        """Read and check the variables.
+
+        Raises:
+            ConfigError: a variable is missing or empty; the message names it.
+        """
+        writers = tuple(
+            name.strip() for name in _required(environ, "AUDIT_WRITERS").split(",") if name.strip()
+        )
+        if not writers:
+            raise ConfigError("environment variable AUDIT_WRITERS must name at least one writer")
+        return cls(
+            environment=_required(environ, "FABRIC_ENV"),
+            audit_bucket=_required(environ, "AUDIT_BUCKET"),
+            writers=writers,
+            signing_key_arn=_required(environ, "SIGNING_KEY_ARN"),
+            reports_bucket=_required(environ, "REPORTS_BUCKET"),
+            reports_key_arn=_required(environ, "REPORTS_KEY_ARN"),
+            topic_arn=_required(environ, "COMPLIANCE_TOPIC_ARN"),
         )

@@ -1,0 +1,827 @@
+"""Replay: re-publish archived messages of a time range into the fabric, marked as replays.
+
+A run reads the audit trail of the period (the ``audit/`` objects of every writer, for the days
+the period's records can be written on), selects the ``accepted`` records of ``[start, end)``
+that match the filter (topic patterns with RabbitMQ semantics, message ids, source) — one per
+message id, its first acceptance — and takes them in ``(at, message_id)`` order. For each it
+finds the stored body by its SHA-256 in the archive (``archive/``, the object beside the
+record's audit object first, then every archive object of the period's days), checks the hash,
+parses the envelope, and publishes **the stored bytes as they are** (restricted payloads stay
+the ciphertext the router sealed: nothing is decrypted or re-encrypted) to RabbitMQ with
+publisher confirms, with the same message id, routed by today's routing table exactly as the
+router routes, and with the header ``fabric-replay: <replay id>``. One ``replayed`` audit
+record per message is emitted once the broker confirmed it.
+
+Nothing found is skipped silently: a body that is not in the archive (also when its record says
+``archived: false``) is reported ``missing-body``, a body whose hash differs ``corrupt``, a body
+that is not a fabric envelope ``unreadable``; none of them is published.
+
+A run is bounded (``max_messages``, ``max_seconds``) and paced (``rate_per_s``); it returns a
+cursor, the ``(at, message_id)`` of the last message it finished, from which the next run goes
+on without repeating one. Only the broker is used: a replay is recovery, not live traffic, so
+while RabbitMQ cannot take messages the run stops and is resumed from its cursor later, instead
+of filling the fallback path that live traffic needs during an outage.
+
+Consumers are idempotent on ``message_id`` (``fabric.consumer.Idempotency`` keeps a record for
+14 days): a consumer that already processed a message drops its replay unless that record has
+expired (or the consumer team removed it); ``fabric-replay`` tells a consumer that a delivery
+is a replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Protocol
+
+from fabric.audit import AuditEvent, AuditRecord, sha256_hex
+from fabric.audit_chain import decode_object
+from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX, decode_archive
+from fabric.envelope import (
+    Classification,
+    Envelope,
+    format_timestamp,
+    from_wire,
+    normalize_message_id,
+    parse_timestamp,
+)
+from fabric.errors import MessageRejected, TransportUnavailable
+from fabric.ports import AuditSink, Failure, OutboundMessage, Transport
+from fabric.request_fields import positive, strings
+from fabric.routing import RoutingTable, pattern_problem, topic_matches
+from fabric.stakeholders import Stakeholder
+from fabric.topology import REPLAY_HEADER, delivery_headers
+
+_LOG = logging.getLogger(__name__)
+_BATCH = 100
+# A period longer than this reads too much of the trail in one invocation: replay it in parts.
+MAX_PERIOD = timedelta(days=31)
+# Audit objects are named by the day they were written, which is the day of their records or a
+# little later (a batch waits seconds on the audit queue; longer only if the writer failed).
+DEFAULT_LATE_DAYS = 1
+MAX_LATE_DAYS = 14  # the audit queue's retention: a batch cannot be written later than that
+REPLAY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# Decoded archive objects kept in memory at once (each up to one writer call's bodies).
+_CACHED_ARCHIVES = 8
+
+REPLAYED = "replayed"
+WOULD_REPLAY = "would-replay"
+MISSING_BODY = "missing-body"
+CORRUPT = "corrupt"
+UNREADABLE = "unreadable"
+FAILED = "failed"
+
+
+class ArchiveReader(Protocol):
+    """The audit bucket, read only: the trail's audit objects and the archived bodies."""
+
+    def children(self, prefix: str) -> list[str]:
+        """The prefixes one level below ``prefix`` (``audit/`` → ``audit/<writer>/``), sorted.
+
+        Raises:
+            TransportUnavailable: the bucket cannot be read.
+        """
+        ...
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``, in key order.
+
+        Raises:
+            TransportUnavailable: the bucket cannot be read.
+        """
+        ...
+
+    def read(self, key: str) -> bytes | None:
+        """The newest version of ``key``; None when there is no such object.
+
+        Raises:
+            TransportUnavailable: the bucket cannot be read.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class ReplayFilter:
+    """Which accepted messages to replay; an empty field admits everything.
+
+    ``topics``: RabbitMQ-style patterns (``*`` one word, ``#`` any number); ``message_ids``:
+    exact ids (normalized as the envelope normalizes them); ``source``: the stakeholder group
+    that published it.
+
+    Raises:
+        ValueError: a pattern is not a valid topic pattern.
+    """
+
+    topics: tuple[str, ...] = ()
+    message_ids: frozenset[str] = frozenset()
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        for pattern in self.topics:
+            problem = pattern_problem(pattern)
+            if problem is not None:
+                raise ValueError(f"topic filter {pattern!r}: {problem}")
+
+    def admits(self, *, topic: str | None, message_id: str, source: str | None) -> bool:
+        """Whether an accepted message with these fields matches every given criterion."""
+        return (
+            (not self.message_ids or message_id in self.message_ids)
+            and (self.source is None or source == self.source)
+            and (
+                not self.topics
+                or (topic is not None and any(topic_matches(p, topic) for p in self.topics))
+            )
+        )
+
+
+@dataclass(frozen=True, order=True)
+class ReplayCursor:
+    """Where a replay stands: the ``(at, message_id)`` of the last message it finished."""
+
+    at: datetime
+    message_id: str
+
+    def to_dict(self) -> dict[str, str]:
+        """``{"at": RFC 3339, "message_id"}``, as ``parse_request`` reads it back (``after``)."""
+        return {"at": format_timestamp(self.at), "message_id": self.message_id}
+
+
+@dataclass(frozen=True)
+class ReplayRequest:
+    """One replay run: the period ``[start, end)``, the filter, and the run's bounds.
+
+    ``replay_id`` names the replay (one id for all runs of a chunked replay); ``after``
+    resumes behind a cursor; ``late_days`` widens the search to audit objects written that many
+    days after ``end``.
+
+    Raises:
+        ValueError: a bound is not positive, the period is empty, longer than 31 days or not
+            timezone-aware, or the replay id is malformed.
+    """
+
+    start: datetime
+    end: datetime
+    replay_id: str
+    selection: ReplayFilter = field(default_factory=ReplayFilter)
+    dry_run: bool = False
+    max_messages: int = 1000
+    rate_per_s: float | None = None
+    max_seconds: float = 840.0
+    after: ReplayCursor | None = None
+    late_days: int = DEFAULT_LATE_DAYS
+
+    def __post_init__(self) -> None:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise ValueError("start and end must carry a timezone")
+        if self.start >= self.end:
+            raise ValueError("start must be before end (end is exclusive)")
+        if self.end - self.start > MAX_PERIOD:
+            raise ValueError(f"a replay covers at most {MAX_PERIOD.days} days: split the period")
+        if not REPLAY_ID_RE.fullmatch(self.replay_id):
+            raise ValueError(f"replay_id must match {REPLAY_ID_RE.pattern}")
+        if self.max_messages < 1 or self.max_seconds <= 0:
+            raise ValueError("max_messages and max_seconds must be positive")
+        if self.rate_per_s is not None and self.rate_per_s <= 0:
+            raise ValueError("rate_per_s must be positive")
+        if not 0 <= self.late_days <= MAX_LATE_DAYS:
+            raise ValueError(f"late_days must be between 0 and {MAX_LATE_DAYS}")
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One message as the report shows it: what became of it, and why when it was not replayed.
+
+    ``groups`` are the groups today's routing table delivers it to (replayed or would be).
+    """
+
+    message_id: str
+    at: datetime
+    topic: str | None
+    outcome: str
+    groups: tuple[str, ...] = ()
+    detail: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready."""
+        out: dict[str, object] = {
+            "message_id": self.message_id,
+            "at": format_timestamp(self.at),
+            "topic": self.topic,
+            "outcome": self.outcome,
+        }
+        if self.groups:
+            out["groups"] = list(self.groups)
+        if self.detail is not None:
+            out["detail"] = self.detail
+        return out
+
+
+@dataclass
+class ReplayReport:
+    """What one run did.
+
+    ``selected``: messages of the period that match the filter; ``pending``: those of them
+    behind the cursor the run started from; ``remaining``: those still to do after the run.
+    ``stopped``: done, message limit, time limit, or what failed (broker unavailable, broker
+    refused, archive unavailable, audit unavailable). ``cursor`` is where the next run goes on.
+    """
+
+    replay_id: str
+    dry_run: bool
+    start: datetime
+    end: datetime
+    selected: int = 0
+    pending: int = 0
+    remaining: int = 0
+    replayed: int = 0
+    would_replay: int = 0
+    failed: int = 0
+    missing_body: int = 0
+    corrupt: int = 0
+    unreadable: int = 0
+    stopped: str = "done"
+    cursor: ReplayCursor | None = None
+    messages: list[Listed] = field(default_factory=list)
+    problems: list[Listed] = field(default_factory=list)
+    unreadable_objects: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        """Messages this run is done with: replayed (or listed, dry run) or reported."""
+        return (
+            self.replayed + self.would_replay + self.missing_body + self.corrupt + self.unreadable
+        )
+
+    def to_dict(
+        self, *, messages_limit: int = 100, problems_limit: int = 1000
+    ) -> dict[str, object]:
+        """JSON-ready, with at most ``messages_limit`` replayed (or would-be) messages and
+        ``problems_limit`` problems listed; the counts are always complete."""
+        return {
+            "replay_id": self.replay_id,
+            "dry_run": self.dry_run,
+            "start": format_timestamp(self.start),
+            "end": format_timestamp(self.end),
+            "selected": self.selected,
+            "pending": self.pending,
+            "remaining": self.remaining,
+            "replayed": self.replayed,
+            "would_replay": self.would_replay,
+            "failed": self.failed,
+            "missing_body": self.missing_body,
+            "corrupt": self.corrupt,
+            "unreadable": self.unreadable,
+            "stopped": self.stopped,
+            "cursor": None if self.cursor is None else self.cursor.to_dict(),
+            "messages": [item.to_dict() for item in self.messages[:messages_limit]],
+            "problems": [item.to_dict() for item in self.problems[:problems_limit]],
+            "unreadable_objects": list(self.unreadable_objects),
+        }
+
+
+Progress = Callable[[ReplayReport], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    """An accepted record chosen for replay, as much of it as the run needs."""
+
+    at: datetime
+    message_id: str
+    topic: str | None
+    body_sha256: str | None
+    archived: bool | None
+    audit_key: str
+    seq: int
+
+    @property
+    def position(self) -> ReplayCursor:
+        return ReplayCursor(self.at, self.message_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    candidate: _Candidate
+    envelope: Envelope
+    outbound: OutboundMessage
+
+
+class Replayer:
+    """Replays archived messages from the audit bucket into RabbitMQ (``broker``)."""
+
+    def __init__(
+        self,
+        *,
+        archive: ArchiveReader,
+        broker: Transport,
+        audit: AuditSink,
+        table: RoutingTable,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._archive = archive
+        self._broker = broker
+        self._audit = audit
+        self._table = table
+        self._clock = clock
+        self._sleep = sleep
+        self._now = now
+
+    def run(self, request: ReplayRequest, *, progress: Progress | None = None) -> ReplayReport:
+        """Replay (or, dry run, only list) up to ``request.max_messages`` messages behind
+        ``request.after``, at most ``request.rate_per_s`` a second, within
+        ``request.max_seconds``; ``progress(report)`` after every batch and at the end.
+
+        A dry run reads and checks everything a replay would (bodies, hashes, envelopes,
+        destinations), publishes nothing and emits no audit records.
+
+        Never raises for broker, bucket or audit trouble: the report says why it stopped, and
+        its cursor is where a re-run goes on.
+        """
+        report = ReplayReport(
+            replay_id=request.replay_id,
+            dry_run=request.dry_run,
+            start=request.start,
+            end=request.end,
+            cursor=request.after,
+        )
+        try:
+            self._run(request, report, progress)
+        except TransportUnavailable as exc:
+            _LOG.warning("the audit bucket cannot be read: %s", exc)
+            report.stopped = "archive unavailable"
+        if progress is not None:
+            progress(report)
+        # A dry run leaves no audit record: this line is its trace (ids and counts only).
+        _LOG.info(
+            "replay %s of %s..%s%s: %d selected, %d replayed, %d would replay, %d missing body, "
+            "%d corrupt, %d unreadable, %d failed; stopped: %s; cursor %s",
+            report.replay_id,
+            format_timestamp(report.start),
+            format_timestamp(report.end),
+            " (dry run)" if report.dry_run else "",
+            report.selected,
+            report.replayed,
+            report.would_replay,
+            report.missing_body,
+            report.corrupt,
+            report.unreadable,
+            report.failed,
+            report.stopped,
+            None if report.cursor is None else report.cursor.to_dict(),
+        )
+        return report
+
+    def _run(self, request: ReplayRequest, report: ReplayReport, progress: Progress | None) -> None:
+        started = self._clock()
+        deadline = started + request.max_seconds
+        days = _search_days(request)
+        candidates = self._select(request, days, report)
+        report.selected = len(candidates)
+        if request.after is not None:
+            after = request.after
+            candidates = [c for c in candidates if c.position > after]
+        report.pending = report.remaining = len(candidates)
+        bodies = _Bodies(self._archive, days, report)
+        rate = None if request.dry_run else request.rate_per_s
+        batch_size = _BATCH if rate is None else max(1, min(_BATCH, int(rate)))
+        index = 0
+        while index < len(candidates):
+            if report.finished >= request.max_messages:
+                report.stopped = "message limit"
+                return
+            if self._clock() >= deadline:
+                report.stopped = "time limit"
+                return
+            if rate is not None:
+                # Pace by what was published so far: the run never gets ahead of the rate.
+                ahead = report.replayed / rate - (self._clock() - started)
+                if ahead > 0:
+                    self._sleep(ahead)
+            size = min(batch_size, request.max_messages - report.finished)
+            batch = candidates[index : index + size]
+            done, go_on = self._replay(batch, request, bodies, report)
+            index += done
+            report.remaining = len(candidates) - index
+            if done:
+                report.cursor = batch[done - 1].position
+            if not go_on:
+                return  # report.stopped says why
+            if progress is not None:
+                progress(report)
+        report.stopped = "done"
+
+    # -- selection ------------------------------------------------------------------------------
+
+    def _select(
+        self, request: ReplayRequest, days: list[date], report: ReplayReport
+    ) -> list[_Candidate]:
+        """The first accepted record of every matching message of the period, in replay order.
+
+        Every object of the period's days is read on every run (also behind a cursor): which
+        acceptance of a message is its first can only be told from all of them.
+        """
+        first: dict[str, _Candidate] = {}
+        for key in _day_keys(self._archive, AUDIT_PREFIX, days):
+            data = self._archive.read(key)
+            if data is None:
+                continue
+            try:
+                records = decode_object(data)
+            except (ValueError, UnicodeDecodeError):
+                _LOG.warning("audit object %s is not readable", key)
+                report.unreadable_objects.append(key)
+                continue
+            for record in records:
+                candidate = _candidate(record, key, request)
+                if candidate is None:
+                    continue
+                known = first.get(candidate.message_id)
+                if known is None or (candidate.at, key, candidate.seq) < (
+                    known.at,
+                    known.audit_key,
+                    known.seq,
+                ):
+                    first[candidate.message_id] = candidate
+        return sorted(first.values(), key=lambda c: (c.at, c.message_id))
+
+    # -- one batch ------------------------------------------------------------------------------
+
+    def _replay(
+        self,
+        batch: list[_Candidate],
+        request: ReplayRequest,
+        bodies: _Bodies,
+        report: ReplayReport,
+    ) -> tuple[int, bool]:
+        """Replay ``batch``: how many of it (from the front) are finished, and whether the run
+        goes on (if not, ``report.stopped`` says why)."""
+        prepared: list[_Prepared] = []
+        # Where in the batch each prepared message is, so that a failure cuts the batch there.
+        positions: list[int] = []
+        for position, candidate in enumerate(batch):
+            try:
+                item = self._prepare(candidate, request.replay_id, bodies, report)
+            except TransportUnavailable as exc:
+                _LOG.warning("the archive cannot be read: %s", exc)
+                report.stopped = "archive unavailable"
+                finished, _ = self._publish(prepared, positions, request, report, cut=position)
+                return finished, False
+            if item is not None:
+                prepared.append(item)
+                positions.append(position)
+        return self._publish(prepared, positions, request, report, cut=len(batch))
+
+    def _publish(
+        self,
+        prepared: list[_Prepared],
+        positions: list[int],
+        request: ReplayRequest,
+        report: ReplayReport,
+        *,
+        cut: int,
+    ) -> tuple[int, bool]:
+        """Publish ``prepared`` (or list them, dry run): the batch is finished up to ``cut``, or
+        up to the first message the broker did not store; and whether the run goes on."""
+        if request.dry_run:
+            for item in prepared:
+                report.would_replay += 1
+                report.messages.append(_listed(item, WOULD_REPLAY))
+            return cut, True
+        if not prepared:
+            return cut, True
+        outcomes = self._broker.publish([item.outbound for item in prepared])
+        stored = [item for item, outcome in zip(prepared, outcomes, strict=True) if outcome.stored]
+        for item in stored:
+            report.replayed += 1
+            report.messages.append(_listed(item, REPLAYED))
+        finished, go_on = cut, True
+        first_failure = next((i for i, outcome in enumerate(outcomes) if not outcome.stored), None)
+        if first_failure is not None:
+            failure = outcomes[first_failure].failure
+            report.failed += 1
+            report.problems.append(_listed(prepared[first_failure], FAILED, detail=str(failure)))
+            report.stopped = "broker refused" if failure is Failure.NACKED else "broker unavailable"
+            # Everything from the first failure on is done again by the next run; a message
+            # after it that the broker did store then arrives twice, with the same message id.
+            finished, go_on = positions[first_failure], False
+        if stored and not self._emit(stored, request.replay_id):
+            # What the broker stored is replayed; going on would replay more without a trail.
+            report.stopped = "audit unavailable"
+            go_on = False
+        return finished, go_on
+
+    def _prepare(
+        self, candidate: _Candidate, replay_id: str, bodies: _Bodies, report: ReplayReport
+    ) -> _Prepared | None:
+        """The message to publish for ``candidate``, or None when it is reported instead.
+
+        Raises:
+            TransportUnavailable: the archive cannot be read.
+        """
+        digest = candidate.body_sha256
+        body = None if digest is None else bodies.find(digest, candidate.audit_key)
+        if body is None:
+            detail = (
+                "the record names no body"
+                if digest is None
+                else "not archived (its record says archived: false)"
+                if candidate.archived is False
+                else "no archive object of the period holds it"
+            )
+            report.missing_body += 1
+            report.problems.append(_problem(candidate, MISSING_BODY, detail))
+            return None
+        if sha256_hex(body) != digest:
+            report.corrupt += 1
+            report.problems.append(
+                _problem(candidate, CORRUPT, "the archived body does not match its SHA-256")
+            )
+            return None
+        try:
+            envelope = from_wire(body)
+        except MessageRejected as exc:
+            report.unreadable += 1
+            report.problems.append(
+                _problem(candidate, UNREADABLE, f"not a fabric envelope: {exc.rejection.reason}")
+            )
+            return None
+        if envelope.message_id != candidate.message_id:
+            report.corrupt += 1
+            report.problems.append(
+                _problem(candidate, CORRUPT, "the archived body is another message's envelope")
+            )
+            return None
+        deliveries = self._table.deliveries(envelope)
+        headers = delivery_headers(envelope)
+        headers[REPLAY_HEADER] = replay_id
+        outbound = OutboundMessage(
+            message_id=envelope.message_id,
+            topic=envelope.topic,
+            body=body,  # the stored bytes as they are: restricted payloads stay sealed
+            audience=frozenset(d.group for d in deliveries),
+            emergency=any(d.emergency for d in deliveries),
+            headers=headers,
+            correlation_id=envelope.correlation_id,
+            reply_to=envelope.reply_to,
+        )
+        return _Prepared(candidate, envelope, outbound)
+
+    def _emit(self, items: Sequence[_Prepared], replay_id: str) -> bool:
+        at = self._now()
+        stored = self._audit.emit(
+            [
+                AuditRecord(
+                    event=AuditEvent.REPLAYED,
+                    at=at,
+                    message_id=item.envelope.message_id,
+                    source="replay",
+                    topic=item.envelope.topic,
+                    body_sha256=item.candidate.body_sha256,
+                    transport="rabbitmq",
+                    classification=str(item.envelope.classification),
+                    priority=str(item.envelope.priority),
+                    groups=tuple(sorted(item.outbound.audience)),
+                    encrypted=item.envelope.classification is Classification.RESTRICTED,
+                    replay_id=replay_id,
+                )
+                for item in items
+            ]
+        )
+        if not stored:
+            _LOG.error("audit records of %d replayed messages were not stored", len(items))
+        return stored
+
+
+class _Bodies:
+    """Archived bodies by SHA-256: first in the archive object beside the record's audit object
+    (a body is archived in the same writer call as the record naming it), then in every archive
+    object of the period's days, each read once and indexed."""
+
+    def __init__(self, archive: ArchiveReader, days: list[date], report: ReplayReport) -> None:
+        self._archive = archive
+        self._days = days
+        self._report = report
+        self._cache: OrderedDict[str, dict[str, bytes]] = OrderedDict()
+        self._index: dict[str, str] = {}  # SHA-256 hex -> archive key
+        self._unread: Iterator[str] | None = None
+        self._read: set[str] = set()
+
+    def find(self, digest: str, audit_key: str) -> bytes | None:
+        """The archived bytes stored under ``digest`` (unchecked), or None.
+
+        Raises:
+            TransportUnavailable: the archive cannot be read.
+        """
+        sibling = ARCHIVE_PREFIX + audit_key.removeprefix(AUDIT_PREFIX)
+        for key in (sibling, self._index.get(digest)):
+            if key is not None:
+                body = self._load(key).get(digest)
+                if body is not None:
+                    return body
+        if self._unread is None:
+            self._unread = iter(_day_keys(self._archive, ARCHIVE_PREFIX, self._days))
+        for key in self._unread:
+            if key in self._read:
+                continue
+            body = self._load(key).get(digest)
+            if body is not None:
+                return body
+        return None
+
+    def _load(self, key: str) -> dict[str, bytes]:
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        data = self._archive.read(key)
+        self._read.add(key)
+        bodies: dict[str, bytes] = {}
+        if data is not None:
+            try:
+                bodies = decode_archive(data)
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                _LOG.warning("archive object %s is not readable", key)
+                self._report.unreadable_objects.append(key)
+        for digest in bodies:
+            self._index.setdefault(digest, key)
+        self._cache[key] = bodies
+        if len(self._cache) > _CACHED_ARCHIVES:
+            self._cache.popitem(last=False)
+        return bodies
+
+
+def _search_days(request: ReplayRequest) -> list[date]:
+    """The days whose objects can hold records of the period: written at or after a record's
+    time, at most ``late_days`` after the period ends."""
+    first = request.start.astimezone(UTC).date()
+    last = (request.end - timedelta(microseconds=1)).astimezone(UTC).date()
+    last += timedelta(days=request.late_days)
+    return [first + timedelta(days=n) for n in range((last - first).days + 1)]
+
+
+def _day_keys(archive: ArchiveReader, prefix: str, days: list[date]) -> Iterator[str]:
+    """The keys under ``prefix`` of every writer for ``days``, lazily, writer by writer.
+
+    Raises:
+        TransportUnavailable: the bucket cannot be read.
+    """
+    for writer in archive.children(prefix):
+        for day in days:
+            yield from archive.keys(f"{writer}{day:%Y/%m/%d}/")
+
+
+def _candidate(record: Mapping[str, Any], key: str, request: ReplayRequest) -> _Candidate | None:
+    """``record`` as a candidate when it is an acceptance of the period matching the filter."""
+    if record.get("event") != str(AuditEvent.ACCEPTED):
+        return None
+    message_id, at_text = record.get("message_id"), record.get("at")
+    if not isinstance(message_id, str) or not isinstance(at_text, str):
+        return None
+    try:
+        at = parse_timestamp(at_text)
+    except ValueError:
+        _LOG.warning("%s holds an accepted record with a bad time: %r", key, at_text)
+        return None
+    if not request.start <= at < request.end:
+        return None
+    topic, source = record.get("topic"), record.get("source")
+    if not request.selection.admits(
+        topic=topic if isinstance(topic, str) else None,
+        message_id=message_id,
+        source=source if isinstance(source, str) else None,
+    ):
+        return None
+    digest, archived, seq = record.get("body_sha256"), record.get("archived"), record.get("seq")
+    return _Candidate(
+        at=at,
+        message_id=message_id,
+        topic=topic if isinstance(topic, str) else None,
+        body_sha256=digest if isinstance(digest, str) else None,
+        archived=archived if isinstance(archived, bool) else None,
+        audit_key=key,
+        seq=seq if isinstance(seq, int) else 0,
+    )
+
+
+def _listed(item: _Prepared, outcome: str, *, detail: str | None = None) -> Listed:
+    return Listed(
+        message_id=item.candidate.message_id,
+        at=item.candidate.at,
+        topic=item.envelope.topic,
+        outcome=outcome,
+        groups=tuple(sorted(str(group) for group in item.outbound.audience)),
+        detail=detail,
+    )
+
+
+def _problem(candidate: _Candidate, outcome: str, detail: str) -> Listed:
+    return Listed(
+        message_id=candidate.message_id,
+        at=candidate.at,
+        topic=candidate.topic,
+        outcome=outcome,
+        detail=detail,
+    )
+
+
+# -- the function's request --------------------------------------------------------------------
+
+_REQUEST_FIELDS = frozenset(
+    {
+        "start",
+        "end",
+        "topics",
+        "message_ids",
+        "source",
+        "dry_run",
+        "max_messages",
+        "rate_per_s",
+        "max_seconds",
+        "replay_id",
+        "after",
+        "late_days",
+    }
+)
+_GROUP_NAMES = frozenset(group.value for group in Stakeholder)
+
+
+def parse_request(event: object, *, max_seconds: float = 840.0) -> ReplayRequest:
+    """The replay function's event (the runbook builds it): ``{"start", "end" (RFC 3339, end
+    exclusive), "topics"?, "message_ids"?, "source"?, "dry_run"?, "max_messages"? (1000),
+    "rate_per_s"?, "max_seconds"?, "replay_id"? (a new one if absent), "after"? ({"at",
+    "message_id"}: a cursor), "late_days"? (1)}``.
+
+    Raises:
+        ValueError: the event is malformed; the message says what is wrong.
+    """
+    if not isinstance(event, dict):
+        raise ValueError("the event must be a JSON object")
+    unknown = sorted(set(event) - _REQUEST_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fields: {', '.join(unknown)}")
+    start, end = _moment(event, "start"), _moment(event, "end")
+    dry_run = event.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise ValueError("dry_run must be true or false")
+    max_messages = event.get("max_messages", 1000)
+    if type(max_messages) is not int or max_messages < 1:
+        raise ValueError("max_messages must be a positive whole number")
+    late_days = event.get("late_days", DEFAULT_LATE_DAYS)
+    if type(late_days) is not int or not 0 <= late_days <= MAX_LATE_DAYS:
+        raise ValueError(f"late_days must be a whole number from 0 to {MAX_LATE_DAYS}")
+    source = event.get("source")
+    if source is not None and source not in _GROUP_NAMES:
+        raise ValueError(f"source must be one of {', '.join(sorted(_GROUP_NAMES))}")
+    replay_id = event.get("replay_id", str(uuid.uuid4()))
+    if not isinstance(replay_id, str) or not REPLAY_ID_RE.fullmatch(replay_id):
+        raise ValueError(f"replay_id must match {REPLAY_ID_RE.pattern}")
+    selection = ReplayFilter(
+        topics=tuple(strings(event, "topics")),
+        message_ids=frozenset(_message_id(v) for v in strings(event, "message_ids")),
+        source=source,
+    )
+    return ReplayRequest(
+        start=start,
+        end=end,
+        replay_id=replay_id,
+        selection=selection,
+        dry_run=dry_run,
+        max_messages=max_messages,
+        rate_per_s=positive(event, "rate_per_s"),
+        max_seconds=min(max_seconds, positive(event, "max_seconds") or max_seconds),
+        after=_cursor(event.get("after")),
+        late_days=late_days,
+    )
+
+
+def _moment(event: dict[str, object], name: str) -> datetime:
+    value = event.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be an RFC 3339 timestamp with a timezone")
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _cursor(value: object) -> ReplayCursor | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"at", "message_id"}:
+        raise ValueError('after must be a cursor {"at", "message_id"} from an earlier run')
+    return ReplayCursor(_moment(value, "at"), _message_id(value["message_id"]))
+
+
+def _message_id(value: object) -> str:
+    normalized = normalize_message_id(value) if isinstance(value, str) else None
+    if normalized is None:
+        raise ValueError(f"{value!r} is not a message id (a UUID or a ULID)")
+    return normalized

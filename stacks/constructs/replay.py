@@ -1,0 +1,157 @@
+"""The replay function: on demand, archived messages of a period go back into the fabric."""
+
+from __future__ import annotations
+
+from aws_cdk import Duration, Stack
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as actions
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_sns as sns
+from constructs import Construct
+
+from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX
+from fabric.naming import replay_function_name
+from stacks.constructs.audit_queue import audit_environment
+from stacks.constructs.function import FabricFunction, FunctionPlatform
+from stacks.constructs.queues import QueueAddress
+from stacks.constructs.router import broker_environment
+from stacks.nag import acknowledge, wildcard_resource_finding
+
+# One replay at a time per environment: a replay re-publishes into the stakeholders' queues,
+# where it competes with live traffic; two at once would double that, and two runs of one chunked
+# replay must not overlap (each goes on from the cursor the previous one returned). A second
+# invoke is throttled, which the runbook reports.
+_CONCURRENCY = 1
+# Lambda's longest timeout; REPLAY_MAX_SECONDS stops a run a minute before it.
+_TIMEOUT = Duration.minutes(15)
+_MAX_SECONDS = "840"
+# A run reads every audit object of the period's days and keeps the period's matching
+# acceptances in memory (fabric.replay), plus a few decoded archive objects.
+_MEMORY_MB = 2048
+# What the replay reads (fabric.replay): the trail's records and the archived bodies.
+READ_PREFIXES = (AUDIT_PREFIX, ARCHIVE_PREFIX)
+
+
+class Replay(Construct):
+    """``lambdas/replay``, invoked on demand only (``python scripts/runbook.py replay``).
+
+    No schedule: re-publishing archived messages is an operator's decision. It publishes to
+    RabbitMQ as the platform user (its secret is the only one it may read), through the same
+    exchanges as the router, and only there: no fallback topics (a replay stops while the
+    broker cannot take messages, and resumes from its cursor). Read-only on the audit bucket:
+    ``s3:ListBucket`` for keys under ``audit/`` and ``archive/`` and ``s3:GetObject`` on the
+    objects there, nothing that writes, deletes, or touches retention; the audit key only to
+    decrypt, through S3, for that bucket. It sends its audit batches (the ``replayed`` records)
+    to the SQS audit queue while the broker cannot take them. Errors alarm as ``ReplayErrors``;
+    asynchronous invocations are not retried (a re-run from the cursor is the operator's).
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        env_name: str,
+        platform: FunctionPlatform,
+        broker_host: str,
+        broker_secret: secretsmanager.ISecret,
+        secrets_key: kms.IKey,
+        audit_queue: QueueAddress,
+        bucket_name: str,
+        bucket_key: kms.IKey,
+        alarm_topic: sns.ITopic,
+    ) -> None:
+        super().__init__(scope, construct_id)
+        # By name (an explicit Fn::GetStackOutput from the stateful stack), so the object ARNs
+        # under the bucket are known here and their wildcard can be acknowledged exactly.
+        bucket = s3.Bucket.from_bucket_name(self, "AuditBucket", bucket_name)
+        self.function = FabricFunction(
+            self,
+            "Replay",
+            platform=platform,
+            code_dir="lambdas/replay",
+            # Named, so the runbook finds it: `python scripts/runbook.py replay --env <env>`.
+            function_name=replay_function_name(env_name),
+            description=(
+                f"Messaging Fabric {env_name}: replays archived messages of a period, marked "
+                "as replays"
+            ),
+            environment={
+                **broker_environment(env_name, broker_host, broker_secret),
+                "AUDIT_BUCKET": bucket.bucket_name,
+                "REPLAY_MAX_SECONDS": _MAX_SECONDS,
+                **audit_environment(audit_queue),
+            },
+            reserved_concurrency=_CONCURRENCY,
+            timeout=_TIMEOUT,
+            memory_size=_MEMORY_MB,
+        )
+        function = self.function.function
+        function.configure_async_invoke(retry_attempts=0)
+        self.function.allow_secret_read(broker_secret, secrets_key)
+        self.function.allow_send(audit_queue, sid="AuditBatches")
+        self._read_trail(bucket, bucket_key)
+
+        self.errors_alarm = cloudwatch.Alarm(
+            self,
+            "Errors",
+            metric=function.metric_errors(statistic="Sum", period=Duration.minutes(5)),
+            threshold=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            alarm_description=(
+                "The replay function failed: the replay it was running stopped without a "
+                "report. Read its logs, then resume with the runbook's --replay-id and --after "
+                "(docs/runbook.md)."
+            ),
+        )
+        self.errors_alarm.add_alarm_action(actions.SnsAction(alarm_topic))
+        self.errors_alarm.add_ok_action(actions.SnsAction(alarm_topic))
+
+    def _read_trail(self, bucket: s3.IBucket, bucket_key: kms.IKey) -> None:
+        """List and read under ``audit/`` and ``archive/``; decrypt their data keys via S3."""
+        region = Stack.of(self).region
+        objects = [bucket.arn_for_objects(f"{prefix}*") for prefix in READ_PREFIXES]
+        for sid, actions_, resources, conditions in (
+            # ListObjectsV2 is authorised on the bucket, narrowed to the prefixes it lists (a
+            # Delimiter listing of `audit/` names each writer's prefix; its s3:prefix is
+            # `audit/`, which `audit/*` matches).
+            (
+                "ListTheTrail",
+                ["s3:ListBucket"],
+                [bucket.bucket_arn],
+                {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in READ_PREFIXES]}},
+            ),
+            ("ReadTheTrail", ["s3:GetObject"], objects, None),
+            # SSE-KMS with a bucket key: reading decrypts the bucket key's data key in the
+            # reader's name, with the bucket's ARN as encryption context; decrypt only, and not
+            # for the reports bucket under the same key.
+            (
+                "AuditKeyThroughS3",
+                ["kms:Decrypt"],
+                [bucket_key.key_arn],
+                {
+                    "StringEquals": {
+                        "kms:ViaService": f"s3.{region}.amazonaws.com",
+                        "kms:EncryptionContext:aws:s3:arn": bucket.bucket_arn,
+                    }
+                },
+            ),
+        ):
+            self.function.role.add_to_principal_policy(
+                iam.PolicyStatement(
+                    sid=sid, actions=actions_, resources=resources, conditions=conditions
+                )
+            )
+        for resource in objects:
+            acknowledge(
+                self.function.role,
+                wildcard_resource_finding(self, resource),
+                "Audit and archive objects are named at write time by writer, date and sequence "
+                "number, so a replay of a period cannot name them in advance; GetObject only, "
+                "under these two prefixes of the audit bucket, and nothing that writes there.",
+            )

@@ -1,0 +1,541 @@
+"""Replay on an in-memory archive: selection, filters, dedupe, bad bodies, dry run, pace, cursor.
+
+The trail is what the router really emits (accepted records and the stored bytes, through an
+in-memory audit sink), written in the bucket's format: chained audit objects under ``audit/``
+and archive objects (``{"sha256", "body"}`` lines, sorted by hash) under ``archive/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
+from fabric.adapters.memory_archive import MemoryArchive
+from fabric.adapters.memory_cipher import LocalCipher
+from fabric.audit import AuditEvent
+from fabric.audit_chain import Chain, encode_object
+from fabric.envelope import format_timestamp
+from fabric.ports import Failure
+from fabric.replay import (
+    ReplayCursor,
+    Replayer,
+    ReplayFilter,
+    ReplayReport,
+    ReplayRequest,
+    parse_request,
+)
+from fabric.router import Router
+from fabric.routing import default_routing_table
+from fabric.stakeholders import Stakeholder
+from fabric.topology import ALL_AUDIENCE, AUDIENCE_HEADER, REPLAY_HEADER
+
+DAY = datetime(2026, 12, 1, tzinfo=UTC)
+CANARY = "CANARY-Siti-Rahayu-born-2017"
+REPLAY_ID = "replay-2026-12-03-incident-4711"
+
+
+class Trail:
+    """A writer's trail in a MemoryArchive, fed by a real router."""
+
+    def __init__(self, writer: str = "fabric-test-audit-writer") -> None:
+        self.archive = MemoryArchive()
+        self.writer = writer
+        self.chain = Chain(writer)
+        self.cipher = LocalCipher()
+
+    def route(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        source: str,
+        at: datetime,
+        written: datetime | None = None,
+        archive: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Route ``messages`` at ``at`` and write the call's records (and, if ``archive``,
+        bodies) as one object on the day of ``written`` (default: ``at``)."""
+        sink = MemoryAuditSink()
+        router = Router(
+            table=default_routing_table(),
+            transports=[MemoryTransport()],
+            cipher=self.cipher,
+            audit=sink,
+            environment="test",
+            clock=lambda: at,
+        )
+        router.route(list(messages), source=source)
+        records = [record.to_dict() for record in sink.records]
+        if not archive:
+            for record in records:
+                if record["event"] == "accepted":
+                    record["archived"] = False
+        self.write(records, sink.bodies if archive else {}, written or at)
+        return records
+
+    def write(
+        self, records: list[dict[str, Any]], bodies: Mapping[str, bytes], written: datetime
+    ) -> str:
+        first = self.chain.seq + 1
+        linked = self.chain.link(
+            [{**record, "batch": str(uuid.uuid4()), "emitted_by": "router"} for record in records]
+        )
+        name = f"{self.writer}/{written:%Y/%m/%d}/{first:012d}-{self.chain.seq:012d}.jsonl"
+        self.archive.put(f"audit/{name}", encode_object(linked))
+        if bodies:
+            self.archive.put(f"archive/{name}", archive_object(bodies))
+        return name
+
+
+def archive_object(bodies: Mapping[str, bytes]) -> bytes:
+    """The archive format: one ``{"sha256", "body"}`` JSON line per body, sorted by hash."""
+    return b"".join(
+        json.dumps(
+            {"sha256": digest, "body": base64.b64encode(bodies[digest]).decode()},
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+        + b"\n"
+        for digest in sorted(bodies)
+    )
+
+
+def donation(n: int, **overrides: object) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "message_id": str(uuid.UUID(int=n + 1)),
+        "topic": "donation.received",
+        "classification": "internal",
+        "payload": {"amount": n},
+    }
+    message.update(overrides)
+    return message
+
+
+def incident(n: int) -> dict[str, Any]:
+    return {
+        "message_id": str(uuid.UUID(int=1000 + n)),
+        "topic": "child-safety.incident.reported",
+        "priority": "emergency",
+        "classification": "restricted",
+        "payload": {"child": CANARY},
+    }
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        self.slept += seconds
+
+
+def replayer(
+    trail: Trail,
+    broker: MemoryTransport | None = None,
+    audit: MemoryAuditSink | None = None,
+    clock: Clock | None = None,
+) -> tuple[Replayer, MemoryTransport, MemoryAuditSink]:
+    broker = broker or MemoryTransport(name="rabbitmq")
+    audit = audit or MemoryAuditSink()
+    clock = clock or Clock()
+    return (
+        Replayer(
+            archive=trail.archive,
+            broker=broker,
+            audit=audit,
+            table=default_routing_table(),
+            clock=clock,
+            sleep=clock.sleep,
+            now=lambda: DAY + timedelta(days=2),
+        ),
+        broker,
+        audit,
+    )
+
+
+def request(**overrides: Any) -> ReplayRequest:
+    fields: dict[str, Any] = {
+        "start": DAY,
+        "end": DAY + timedelta(days=1),
+        "replay_id": REPLAY_ID,
+    }
+    fields.update(overrides)
+    return ReplayRequest(**fields)
+
+
+def ids(report: ReplayReport) -> list[str]:
+    return [item.message_id for item in report.messages]
+
+
+def test_the_stored_bytes_go_out_again_with_the_same_id_and_the_replay_header() -> None:
+    trail = Trail()
+    large = donation(1, headers={"amount-band": "large"})
+    trail.route([large], source="community", at=DAY + timedelta(hours=3))
+    run, broker, audit = replayer(trail)
+    report = run.run(request())
+
+    assert (report.selected, report.replayed, report.stopped) == (1, 1, "done")
+    (sent,) = broker.published
+    (archived,) = [v for k, v in trail.archive.objects.items() if k.startswith("archive/")]
+    (line,) = archived.splitlines()
+    assert sent.message_id == str(uuid.UUID(int=2))
+    assert sent.body == base64.b64decode(json.loads(line)["body"])
+    assert sent.headers[REPLAY_HEADER] == REPLAY_ID
+    assert sent.headers[AUDIENCE_HEADER] == ALL_AUDIENCE
+    assert sent.headers["amount-band"] == "large"
+    # Routed as the router routes it today: a large donation also goes to government.
+    assert sent.audience == {Stakeholder.BUSINESS, Stakeholder.COMMUNITY, Stakeholder.GOVERNMENT}
+    assert sent.redeliver_to is None
+    (record,) = audit.records
+    assert record.event is AuditEvent.REPLAYED
+    assert (record.message_id, record.replay_id, record.transport) == (
+        sent.message_id,
+        REPLAY_ID,
+        "rabbitmq",
+    )
+    assert record.body_sha256 == hashlib.sha256(sent.body).hexdigest()
+    assert record.groups == ("business", "community", "government")
+
+
+def test_a_restricted_message_is_replayed_as_the_ciphertext_it_was_stored_as() -> None:
+    trail = Trail()
+    (accepted, *_) = trail.route([incident(1)], source="community", at=DAY + timedelta(hours=1))
+    run, broker, audit = replayer(trail)
+    run.run(request())
+
+    (sent,) = broker.published
+    assert hashlib.sha256(sent.body).hexdigest() == accepted["body_sha256"]
+    assert CANARY.encode() not in sent.body
+    assert sent.emergency is True
+    (record,) = audit.records
+    assert record.encrypted is True
+    assert record.classification == "restricted"
+
+
+def test_only_acceptances_inside_the_period_are_selected_end_exclusive() -> None:
+    trail = Trail()
+    trail.route([donation(0)], source="community", at=DAY - timedelta(microseconds=1))
+    trail.route([donation(1)], source="community", at=DAY)
+    trail.route([donation(2)], source="community", at=DAY + timedelta(hours=23, minutes=59))
+    trail.route([donation(3)], source="community", at=DAY + timedelta(days=1))
+    trail.route([donation(4, topic="NOT A TOPIC")], source="community", at=DAY + timedelta(hours=2))
+    run, broker, _ = replayer(trail)
+    report = run.run(request())
+
+    assert ids(report) == [str(uuid.UUID(int=2)), str(uuid.UUID(int=3))]
+    assert [m.message_id for m in broker.published] == ids(report)
+
+
+def test_a_record_written_the_day_after_its_time_is_found_within_late_days() -> None:
+    trail = Trail()
+    late = DAY + timedelta(hours=23, minutes=59, seconds=59)
+    trail.route([donation(1)], source="community", at=late, written=DAY + timedelta(days=1))
+    trail.route([donation(2)], source="community", at=late, written=DAY + timedelta(days=2))
+    run, _, _ = replayer(trail)
+
+    assert ids(run.run(request())) == [str(uuid.UUID(int=2))]
+    assert ids(run.run(request(late_days=2))) == [str(uuid.UUID(int=2)), str(uuid.UUID(int=3))]
+    assert ids(run.run(request(late_days=0))) == []
+
+
+def test_topic_patterns_source_and_message_ids_narrow_the_selection() -> None:
+    trail = Trail()
+    at = DAY + timedelta(hours=5)
+    trail.route([donation(1), donation(2, topic="donation.pledged")], source="community", at=at)
+    trail.route([donation(3, topic="volunteer.match.made")], source="business", at=at)
+    trail.route([incident(4)], source="community", at=at)
+    run, _, _ = replayer(trail)
+
+    def chosen(selection: ReplayFilter) -> set[str]:
+        return set(ids(run.run(request(selection=selection))))
+
+    one, two, three, four = (str(uuid.UUID(int=n)) for n in (2, 3, 4, 1004))
+    assert chosen(ReplayFilter(topics=("donation.*",))) == {one, two}
+    assert chosen(ReplayFilter(topics=("donation.received", "volunteer.#"))) == {one, three}
+    assert chosen(ReplayFilter(topics=("child-safety.*",))) == set()  # * is one word
+    assert chosen(ReplayFilter(topics=("#.reported",))) == {four}
+    assert chosen(ReplayFilter(source="business")) == {three}
+    assert chosen(ReplayFilter(message_ids=frozenset({two, four}))) == {two, four}
+    assert chosen(ReplayFilter(topics=("donation.#",), source="business")) == set()
+
+
+def test_a_message_accepted_twice_is_replayed_once_from_its_first_acceptance() -> None:
+    trail = Trail()
+    trail.route([donation(1, payload="first")], source="community", at=DAY + timedelta(hours=9))
+    trail.route([donation(1, payload="again")], source="community", at=DAY + timedelta(hours=1))
+    run, broker, _ = replayer(trail)
+    report = run.run(request())
+
+    assert (report.selected, report.replayed) == (1, 1)
+    (sent,) = broker.published
+    assert json.loads(sent.body)["payload"] == "again"  # the earlier one in time
+
+
+def test_a_body_that_does_not_match_its_hash_is_reported_corrupt_and_not_published() -> None:
+    trail = Trail()
+    trail.route([donation(1), donation(2)], source="community", at=DAY + timedelta(hours=1))
+    (key,) = [k for k in trail.archive.objects if k.startswith("archive/")]
+    lines = trail.archive.objects[key].splitlines()
+    entry = json.loads(lines[0])
+    tampered = base64.b64decode(entry["body"]).replace(b'"amount"', b'"amounT"')
+    entry["body"] = base64.b64encode(tampered).decode()
+    lines[0] = json.dumps(entry).encode()
+    trail.archive.put(key, b"\n".join(lines) + b"\n")
+    run, broker, audit = replayer(trail)
+    report = run.run(request())
+
+    assert (report.replayed, report.corrupt, report.stopped) == (1, 1, "done")
+    (problem,) = report.problems
+    assert problem.outcome == "corrupt"
+    assert "SHA-256" in (problem.detail or "")
+    assert [m.message_id for m in broker.published] == [
+        m for m in ids(report) if m != problem.message_id
+    ]
+    assert len(audit.records) == 1
+
+
+def test_a_body_that_was_not_archived_is_reported_missing_never_skipped_silently() -> None:
+    trail = Trail()
+    trail.route([donation(1)], source="community", at=DAY + timedelta(hours=1), archive=False)
+    trail.route([donation(2)], source="community", at=DAY + timedelta(hours=2))
+    run, broker, _ = replayer(trail)
+    report = run.run(request())
+
+    assert (report.selected, report.replayed, report.missing_body) == (2, 1, 1)
+    (problem,) = report.problems
+    assert (problem.message_id, problem.outcome) == (str(uuid.UUID(int=2)), "missing-body")
+    assert "archived: false" in (problem.detail or "")
+    assert [m.message_id for m in broker.published] == [str(uuid.UUID(int=3))]
+    assert report.to_dict()["problems"] == [problem.to_dict()]
+
+
+def test_a_body_archived_by_a_later_call_is_found_in_the_periods_other_archive_objects() -> None:
+    # Accepted on the fallback path without its body (too big for the SQS audit message); the
+    # drain archived the same bytes later, in another writer call, the next day.
+    trail = Trail()
+    records = trail.route(
+        [donation(1)], source="community", at=DAY + timedelta(hours=23), archive=False
+    )
+    accepted = next(r for r in records if r["event"] == "accepted")
+    sink = MemoryAuditSink()
+    Router(
+        table=default_routing_table(),
+        transports=[MemoryTransport()],
+        cipher=trail.cipher,
+        audit=sink,
+        environment="test",
+        clock=lambda: DAY + timedelta(hours=23),
+    ).route([donation(1)], source="community")
+    drained = {
+        "event": "drained",
+        "at": format_timestamp(DAY + timedelta(days=1, hours=1)),
+        "message_id": accepted["message_id"],
+        "source": "drain",
+        "body_sha256": accepted["body_sha256"],
+    }
+    trail.write([drained], sink.bodies, DAY + timedelta(days=1, hours=1))
+    run, broker, _ = replayer(trail)
+    report = run.run(request())
+
+    assert (report.replayed, report.missing_body) == (1, 0)
+    assert hashlib.sha256(broker.published[0].body).hexdigest() == accepted["body_sha256"]
+
+
+def test_a_dry_run_lists_what_would_go_where_and_publishes_and_audits_nothing() -> None:
+    trail = Trail()
+    trail.route([donation(1), incident(2)], source="community", at=DAY + timedelta(hours=1))
+    trail.route([donation(3)], source="community", at=DAY + timedelta(hours=2), archive=False)
+    run, broker, audit = replayer(trail)
+    report = run.run(request(dry_run=True, rate_per_s=1))
+
+    assert broker.published == []
+    assert audit.records == []
+    assert (report.would_replay, report.replayed, report.missing_body) == (2, 0, 1)
+    listed = {item.message_id: item for item in report.messages}
+    assert listed[str(uuid.UUID(int=2))].groups == ("business", "community")
+    assert listed[str(uuid.UUID(int=1002))].groups == ("community", "government")
+    assert {item.outcome for item in report.messages} == {"would-replay"}
+    assert report.to_dict()["dry_run"] is True
+
+
+def test_the_rate_limit_paces_publishing() -> None:
+    trail = Trail()
+    at = DAY + timedelta(hours=1)
+    trail.route([donation(n) for n in range(25)], source="community", at=at)
+    clock = Clock()
+    run, broker, _ = replayer(trail, clock=clock)
+    report = run.run(request(rate_per_s=10))
+
+    assert report.replayed == len(broker.published) == 25
+    # 25 messages at 10 a second: the last batch starts after at least two seconds.
+    assert clock.slept >= 2.0
+    assert report.replayed / max(clock.now, 1e-9) <= 12.5
+
+
+def test_max_messages_stops_with_a_cursor_that_the_next_run_resumes_without_repeats() -> None:
+    trail = Trail()
+    for n in range(7):
+        trail.route([donation(n)], source="community", at=DAY + timedelta(minutes=n))
+    run, broker, _ = replayer(trail)
+    first = run.run(request(max_messages=3))
+    assert (first.replayed, first.remaining, first.stopped) == (3, 4, "message limit")
+    assert first.cursor == ReplayCursor(DAY + timedelta(minutes=2), str(uuid.UUID(int=3)))
+
+    # The cursor travels through the runbook as JSON and back.
+    resumed = parse_request(
+        {
+            "start": format_timestamp(DAY),
+            "end": format_timestamp(DAY + timedelta(days=1)),
+            "replay_id": first.replay_id,
+            "max_messages": 3,
+            "after": first.to_dict()["cursor"],
+        }
+    )
+    second = run.run(resumed)
+    third = run.run(dataclasses.replace(resumed, after=second.cursor))
+    assert (second.replayed, second.pending, second.stopped) == (3, 4, "message limit")
+    assert (third.replayed, third.remaining, third.stopped) == (1, 0, "done")
+    published = [m.message_id for m in broker.published]
+    assert published == [str(uuid.UUID(int=n + 1)) for n in range(7)]
+    assert run.run(dataclasses.replace(resumed, after=third.cursor)).pending == 0
+
+
+def test_a_broker_that_cannot_take_messages_stops_the_run_where_it_can_resume() -> None:
+    trail = Trail()
+    trail.route([donation(n) for n in range(3)], source="community", at=DAY + timedelta(hours=1))
+    run, _, audit = replayer(trail, broker=MemoryTransport(failure=Failure.UNAVAILABLE))
+    report = run.run(request())
+    assert (report.replayed, report.failed, report.stopped) == (0, 1, "broker unavailable")
+    assert report.cursor is None
+    assert audit.records == []
+
+    # A refused message in the middle: the cursor stops before it, the ones before are done.
+    refused = str(uuid.UUID(int=2))
+    run, broker, audit = replayer(trail, broker=MemoryTransport(fail_ids={refused}))
+    report = run.run(request())
+    assert report.stopped == "broker refused"
+    assert report.cursor == ReplayCursor(DAY + timedelta(hours=1), str(uuid.UUID(int=1)))
+    assert [r.message_id for r in audit.records] == [m.message_id for m in broker.published]
+    assert report.problems[0].message_id == refused
+
+
+def test_a_replay_that_cannot_be_audited_stops_after_what_the_broker_stored() -> None:
+    trail = Trail()
+    for n in range(150):
+        trail.route([donation(n)], source="community", at=DAY + timedelta(seconds=n))
+    run, broker, _ = replayer(trail, audit=MemoryAuditSink(available=False))
+    report = run.run(request())
+    assert report.stopped == "audit unavailable"
+    # One batch went out and is not repeated by a re-run; the rest waits.
+    assert report.replayed == len(broker.published) == 100
+    assert report.remaining == 50
+    assert report.cursor is not None
+    assert report.cursor.message_id == broker.published[-1].message_id
+
+
+def test_an_unreachable_bucket_stops_the_run_and_nothing_is_published() -> None:
+    trail = Trail()
+    trail.route([donation(1)], source="community", at=DAY + timedelta(hours=1))
+    trail.archive.available = False
+    run, broker, _ = replayer(trail)
+    report = run.run(request())
+    assert (report.stopped, report.selected) == ("archive unavailable", 0)
+    assert broker.published == []
+
+
+def test_an_unreadable_audit_object_is_named_in_the_report() -> None:
+    trail = Trail()
+    trail.route([donation(1)], source="community", at=DAY + timedelta(hours=1))
+    broken = f"audit/{trail.writer}/2026/12/01/000000000099-000000000099.jsonl"
+    trail.archive.put(broken, b"not json\n")
+    run, _, _ = replayer(trail)
+    report = run.run(request())
+    assert report.replayed == 1
+    assert report.unreadable_objects == [broken]
+
+
+def test_every_writers_trail_is_read() -> None:
+    first, second = Trail("writer-a"), Trail("writer-b")
+    second.archive = first.archive
+    first.route([donation(1)], source="community", at=DAY + timedelta(hours=1))
+    second.route([donation(2)], source="community", at=DAY + timedelta(hours=2))
+    run, _, _ = replayer(first)
+    assert ids(run.run(request())) == [str(uuid.UUID(int=2)), str(uuid.UUID(int=3))]
+
+
+def test_progress_is_reported_after_every_batch_and_at_the_end() -> None:
+    trail = Trail()
+    trail.route([donation(n) for n in range(250)], source="community", at=DAY + timedelta(hours=1))
+    seen: list[int] = []
+    run, _, _ = replayer(trail)
+    report = run.run(request(), progress=lambda r: seen.append(r.replayed))
+    assert seen == [100, 200, 250, 250]
+    assert len(report.to_dict(messages_limit=10)["messages"]) == 10  # type: ignore[arg-type]
+    assert report.to_dict()["replayed"] == 250
+
+
+# -- the request -------------------------------------------------------------------------------
+
+GOOD = {"start": "2026-12-01T00:00:00Z", "end": "2026-12-02T00:00:00+07:00"}
+
+
+def test_a_request_is_read_with_its_defaults() -> None:
+    parsed = parse_request(
+        {
+            **GOOD,
+            "topics": ["donation.#"],
+            "message_ids": ["0F8FAD5B-D9CB-469F-A165-70867728950E"],
+            "source": "community",
+            "rate_per_s": 50,
+            "max_seconds": 5000,
+        },
+        max_seconds=840,
+    )
+    assert parsed.start == DAY
+    assert parsed.end == datetime(2026, 12, 1, 17, tzinfo=UTC)
+    assert parsed.selection.message_ids == {"0f8fad5b-d9cb-469f-a165-70867728950e"}
+    assert (parsed.max_messages, parsed.max_seconds, parsed.rate_per_s) == (1000, 840, 50.0)
+    assert (parsed.dry_run, parsed.after, parsed.late_days) == (False, None, 1)
+    assert uuid.UUID(parsed.replay_id)  # a fresh one when none is given
+    assert parse_request(GOOD).replay_id != parsed.replay_id
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        ([], "must be a JSON object"),
+        ({**GOOD, "queue": "x"}, "unknown fields: queue"),
+        ({"end": GOOD["end"]}, "start must be an RFC 3339"),
+        ({**GOOD, "start": "2026-12-01 00:00"}, "start: not an RFC 3339"),
+        ({**GOOD, "end": "2026-12-01T00:00:00Z"}, "start must be before end"),
+        ({**GOOD, "end": "2027-01-15T00:00:00Z"}, "at most 31 days"),
+        ({**GOOD, "topics": ["Donation.#"]}, "topic filter 'Donation.#'"),
+        ({**GOOD, "topics": "donation.#"}, "topics must be a list"),
+        ({**GOOD, "message_ids": ["m-1"]}, "'m-1' is not a message id"),
+        ({**GOOD, "source": "router"}, "source must be one of academic"),
+        ({**GOOD, "dry_run": "yes"}, "dry_run must be true or false"),
+        ({**GOOD, "max_messages": 0}, "max_messages must be a positive whole number"),
+        ({**GOOD, "max_messages": True}, "max_messages must be a positive whole number"),
+        ({**GOOD, "rate_per_s": -1}, "rate_per_s must be a positive number"),
+        ({**GOOD, "replay_id": "has spaces"}, "replay_id must match"),
+        ({**GOOD, "late_days": 15}, "late_days must be a whole number from 0 to 14"),
+        ({**GOOD, "after": {"at": GOOD["start"]}}, "after must be a cursor"),
+        ({**GOOD, "after": {"at": "x", "message_id": "y"}}, "at: not an RFC 3339"),
+    ],
+)
+def test_a_malformed_request_is_refused_with_what_is_wrong(event: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        parse_request(event)
