@@ -112,6 +112,28 @@ def test_emergency_latency_runs_from_acceptance_to_the_first_delivery() -> None:
     }
 
 
+def test_emergency_latency_is_split_by_the_path_it_was_accepted_on() -> None:
+    records = [
+        emergency("e1", "2026-12-03T10:00:00Z"),
+        delivered("e1", "2026-12-03T10:00:00.02Z", "government"),
+        record(
+            "accepted",
+            at="2026-12-03T11:00:00Z",
+            message_id="e2",
+            priority="emergency",
+            transport="fallback",
+        ),
+        delivered("e2", "2026-12-03T11:00:30Z", "government"),  # after the drain
+    ]
+    latency = report(records)["emergency_latency_ms"]
+    assert latency["count"] == 2
+    assert (latency["by_path"]["broker"]["count"], latency["by_path"]["broker"]["p99"]) == (1, 20.0)
+    assert latency["by_path"]["fallback"]["p99"] == 30_000.0
+    page = render_html(report(records))
+    assert "accepted on the broker path" in page
+    assert "emergency_latency_ms.broker_path,p99,20.0" in render_csv(report(records))
+
+
 def test_a_delivery_without_a_priority_is_paired_by_its_emergency_queue() -> None:
     records = [
         emergency("e1", "2026-12-03T10:00:00Z"),
