@@ -218,6 +218,25 @@ def test_the_consumer_audits_what_it_settled_on_the_audit_exchange_as_its_user(
     assert {r["emitted_by"] for r in records.values()} == {f"consumer:{GROUP}"}
 
 
+def test_the_consumer_settles_a_window_of_messages_with_one_audit_batch(
+    broker_vhost: str, amqp: Any
+) -> None:
+    ids = [f"bulk-{i}" for i in range(10)]
+    for message_id in ids:
+        publish(amqp, WORK, message_id)
+    consumer = RabbitMqConsumer(
+        settings(broker_vhost), WORK, MessageProcessor(lambda _d: None), prefetch=20
+    )
+    assert consumer.run(max_messages=10, idle_timeout_s=5) == {"done": 10}
+
+    assert depth(amqp, WORK) == 0  # every one acknowledged
+    batches = []
+    while (got := amqp.basic_get(topology.AUDIT_QUEUE, auto_ack=True))[0] is not None:
+        batches.append(decode_audit_batch(got[2]))
+    assert sorted(r["message_id"] for b in batches for r in b.records) == sorted(ids)
+    assert len(batches) < len(ids)  # not one audit publish (and confirm) per message
+
+
 def test_a_consumer_that_dies_before_acking_gets_it_again_and_processes_once(
     broker_vhost: str, amqp: Any, table: str
 ) -> None:

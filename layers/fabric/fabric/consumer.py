@@ -27,6 +27,7 @@ delivered twice, or delivered to two instances at the same moment (the second is
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import time
@@ -100,12 +101,14 @@ class Verdict(StrEnum):
 
 @dataclass(frozen=True)
 class Decision:
-    """A verdict, with the delay tier (retry: 0 is the shortest) or the reason (dead letter)."""
+    """A verdict, with the delay tier (retry: 0 is the shortest) or the reason (dead letter),
+    and when it was reached (the ``at`` of its audit record, however late it is settled)."""
 
     verdict: Verdict
     tier: int = 0
     reason: str | None = None
     error: str | None = None
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 class _Deadline:
@@ -287,7 +290,6 @@ def settlement_records(
     """The audit records of what was settled: ``delivered`` (done), ``retried`` (with the
     attempt that failed and the delay queue), ``dead-lettered`` (with the reason and the DLQ).
     Nothing for what was not settled: it comes back."""
-    now = datetime.now(UTC)
     records = []
     for (delivery, decision), done in zip(items, stored, strict=True):
         event = _EVENTS.get(decision.verdict)
@@ -296,7 +298,7 @@ def settlement_records(
         records.append(
             AuditRecord(
                 event=event,
-                at=now,
+                at=decision.at,
                 message_id=delivery.message_id or None,
                 source=consumer,
                 topic=delivery.topic or None,
@@ -507,7 +509,7 @@ def sqs_batch_handler(
         delivery = _sqs_delivery(record)
         decision = processor.process(delivery, None)
         if decision.verdict is Verdict.DEAD_LETTER:
-            decision = Decision(Verdict.RETRY, reason=decision.reason, error=decision.error)
+            decision = dataclasses.replace(decision, verdict=Verdict.RETRY)
         settled.append((delivery, decision))
         if decision.verdict is not Verdict.DONE:
             raise RecordFailed(f"{decision.verdict}: {decision.error or decision.reason}")

@@ -1,7 +1,9 @@
 """A long-running consumer of one work queue on pika, for the consumer toolkit.
 
 Manual acknowledgements with a prefetch window: a message is acknowledged only after its handler
-completed, or after its retry or dead letter was confirmed stored by the broker. A consumer that
+completed, or after its retry or dead letter was confirmed stored by the broker. Decided
+messages are settled together, up to the prefetch or 50 ms at a time: one confirm window for
+their retries and parks, and one audit batch for all of them, before their acknowledgements. A consumer that
 dies before acknowledging leaves the message to RabbitMQ, which redelivers it (and, after the
 queue's delivery limit, dead-letters it itself with an ``x-death`` record).
 """
@@ -14,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -103,6 +106,7 @@ class RabbitMqConsumer:
         try:
             channel = connection.channel()
             channel.basic_qos(prefetch_count=self._prefetch)
+            pending = _Pending(channel, self._settler, counts, self._backoff, limit=self._prefetch)
             idle_since = time.monotonic()
             for method, properties, body in channel.consume(
                 self._queue, auto_ack=False, inactivity_timeout=0.1
@@ -110,6 +114,7 @@ class RabbitMqConsumer:
                 if stop is not None and stop.is_set():
                     break
                 if method is None:
+                    pending.flush()
                     if (
                         idle_timeout_s is not None
                         and time.monotonic() - idle_since > idle_timeout_s
@@ -126,18 +131,10 @@ class RabbitMqConsumer:
                     correlation_id=properties.correlation_id,
                     redelivered=bool(method.redelivered),
                 )
-                decision = self._processor.process(delivery)
-                if self._settled(delivery, decision):
-                    channel.basic_ack(method.delivery_tag)
-                    counts[str(decision.verdict)] += 1
-                else:
-                    # Not settled: back to the queue (its delivery count rises), after a pause
-                    # so that a consumer whose dependency is down does not spin.
-                    channel.basic_nack(method.delivery_tag, requeue=True)
-                    counts[str(Verdict.SYSTEMIC)] += 1
-                    self._sleep(self._backoff_s)
-                if max_messages is not None and sum(counts.values()) >= max_messages:
+                pending.add(method.delivery_tag, delivery, self._processor.process(delivery))
+                if max_messages is not None and pending.total >= max_messages:
                     break
+            pending.flush()
             with contextlib.suppress(pika.exceptions.AMQPError):
                 channel.cancel()
         finally:
@@ -146,7 +143,66 @@ class RabbitMqConsumer:
                     connection.close()
         return counts
 
-    def _settled(self, delivery: Delivery, decision: Decision) -> bool:
+    def _backoff(self) -> None:
+        # After something was not settled, so that a consumer whose dependency is down does
+        # not spin.
+        self._sleep(self._backoff_s)
+
+
+class _Pending:
+    """Decided deliveries not yet settled: settled together (one confirm window for the
+    retries and parks, one audit batch), then acknowledged; at most ``limit`` of them (the
+    prefetch) or ``max_age_s`` old. A delivery that is not settled, or a systemic verdict, is
+    rejected back to the queue (its delivery count rises)."""
+
+    def __init__(
+        self,
+        channel: Any,
+        settler: RabbitMqSettler,
+        counts: Counter[str],
+        backoff: Callable[[], None],
+        *,
+        limit: int,
+        max_age_s: float = 0.05,
+    ) -> None:
+        self._channel = channel
+        self._settler = settler
+        self._counts = counts
+        self._backoff = backoff
+        self._limit = limit
+        self._max_age_s = max_age_s
+        self._items: list[tuple[int, Delivery, Decision]] = []
+        self._since = 0.0
+
+    @property
+    def total(self) -> int:
+        """Settled or waiting: how many deliveries this run has taken."""
+        return sum(self._counts.values()) + len(self._items)
+
+    def add(self, tag: int, delivery: Delivery, decision: Decision) -> None:
         if decision.verdict is Verdict.SYSTEMIC:
-            return False
-        return self._settler.settle([(delivery, decision)])[0]  # DONE: no publish, audited
+            self.flush()
+            self._channel.basic_nack(tag, requeue=True)
+            self._counts[str(Verdict.SYSTEMIC)] += 1
+            self._backoff()
+            return
+        if not self._items:
+            self._since = time.monotonic()
+        self._items.append((tag, delivery, decision))
+        if len(self._items) >= self._limit or time.monotonic() - self._since > self._max_age_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        stored = self._settler.settle([(delivery, decision) for _, delivery, decision in items])
+        for (tag, _, decision), done in zip(items, stored, strict=True):
+            if done:
+                self._channel.basic_ack(tag)
+                self._counts[str(decision.verdict)] += 1
+            else:
+                self._channel.basic_nack(tag, requeue=True)
+                self._counts[str(Verdict.SYSTEMIC)] += 1
+        if not all(stored):
+            self._backoff()
