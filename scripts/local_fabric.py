@@ -21,8 +21,10 @@ What it does, in order:
    broker returns, the drain function's code moves them back, and the summary shows counts per
    transport and that nothing was lost (exit 1 if anything was);
 8. writes the audit trail: every audit batch the run's components put on the audit queue goes
-   through the audit writer into the Object Lock audit bucket (as the dev template declares it),
-   is sealed by a checkpoint signed with the signing key, read back and verified (exit 1 if the
+   through the audit writer into the Object Lock audit bucket (as the dev template declares it);
+   the replay function's code re-publishes the last hour's child-safety messages from the
+   archive those batches made (a dry run first), and its records are written too; the trail is
+   sealed by a checkpoint signed with the signing key, read back and verified (exit 1 if the
    verifier finds anything); then the compliance report function's handler reports the run's
    day into the reports bucket and the compliance topic (both in moto, as the dev template
    declares them) and the report is copied to build/reports/compliance-dev.{html,json,csv}.
@@ -58,6 +60,7 @@ MANAGEMENT_URL = "http://127.0.0.1:15672"
 ROUTER_DESCRIPTION = "validates, protects and routes messages"
 DRAIN_DESCRIPTION = "drains the fallback queues into RabbitMQ"
 REDRIVE_DESCRIPTION = "redrives dead letters to where they came from"
+REPLAY_DESCRIPTION = "replays archived messages of a period"
 MOTO_ACCOUNT = "123456789012"
 
 
@@ -783,10 +786,80 @@ def _write_from_sqs(writer: Any) -> int:
     return from_sqs
 
 
-def audit_act(
-    templates: dict[str, dict[str, Any]], physical: dict[str, str], passwords: dict[str, str]
+def replay_act(
+    templates: dict[str, dict[str, Any]],
+    resolver: Resolver,
+    local: dict[str, str],
+    passwords: dict[str, str],
 ) -> bool:
-    """Write the run's audit batches into the audit bucket, seal, read back, verify."""
+    """The replay function's code re-publishes the last hour's child-safety messages from the
+    audit archive: a dry run, then the replay; counts what reached the stakeholder queues with
+    the replay's header. True when every selected message was replayed."""
+    print("   replay (the replay function's code): the last hour's child-safety messages, from the")
+    print("   archive the writer just made")
+    from fabric.bootstrap import build_replay
+    from fabric.envelope import format_timestamp
+    from fabric.replay import parse_request
+    from fabric.settings import ReplaySettings
+    from fabric.stakeholders import STAKEHOLDERS
+    from fabric.topology import PLATFORM_USER, REPLAY_HEADER, queue_name
+
+    environment = {
+        name: resolver.resolve(value)
+        for name, value in function_environment(templates, REPLAY_DESCRIPTION).items()
+    }
+    environment.update(local)
+    replay = build_replay(ReplaySettings.from_env(environment)).replayer
+    end = datetime.now(UTC)
+    request = {
+        "start": format_timestamp(end - timedelta(hours=1)),
+        "end": format_timestamp(end),
+        "topics": ["child-safety.#"],
+    }
+    dry = replay.run(parse_request({**request, "dry_run": True}))
+    print(f"   replay dry run: {dry.would_replay} message(s) would be replayed; nothing published")
+    done = replay.run(parse_request({**request, "replay_id": dry.replay_id}))
+    problems = done.missing_body + done.corrupt + done.unreadable + done.failed
+    print(
+        f"   replay {done.replay_id}: {done.replayed} replayed (same message ids, stored bytes"
+        f" as they are), {problems} problem(s), stopped: {done.stopped}"
+    )
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            "127.0.0.1",
+            5672,
+            LOCAL_VHOST,
+            pika.PlainCredentials(PLATFORM_USER, passwords[PLATFORM_USER]),
+        )
+    )
+    channel, copies = connection.channel(), 0
+    for group in STAKEHOLDERS:
+        for emergency in (False, True):
+            while True:
+                method, properties, _ = channel.basic_get(
+                    queue_name(group, emergency=emergency), auto_ack=True
+                )
+                if method is None:
+                    break
+                copies += (properties.headers or {}).get(REPLAY_HEADER) == done.replay_id
+    connection.close()
+    print(f"   {copies} copies in the stakeholder queues carry {REPLAY_HEADER}: {done.replay_id}")
+    return (
+        done.stopped == "done"
+        and not problems
+        and done.replayed == dry.would_replay > 0
+        and copies >= done.replayed
+    )
+
+
+def audit_act(
+    templates: dict[str, dict[str, Any]],
+    physical: dict[str, str],
+    passwords: dict[str, str],
+    replay: Callable[[], bool],
+) -> bool:
+    """Write the run's audit batches into the audit bucket, run ``replay`` on the archive they
+    made and write its records too, seal, read back, verify, report."""
     print("== audit trail (audit queue -> audit writer -> Object Lock bucket, verified)")
     import boto3
 
@@ -818,6 +891,8 @@ def audit_act(
     )
     from_rabbitmq = _write_from_rabbitmq(writer, passwords)
     from_sqs = _write_from_sqs(writer)
+    replayed = replay()
+    from_rabbitmq += _write_from_rabbitmq(writer, passwords)  # the replay's records
     checkpoint = writer.checkpoint()
     objects = {k: store.get(k) for k in store.keys("audit/local-writer/")}
     checkpoints = [(k, json.loads(store.get(k))) for k in store.keys("checkpoints/local-writer/")]
@@ -835,7 +910,7 @@ def audit_act(
     verdict = "verified" if result.ok else f"FAILED at {result.problem}"
     print(f"   verifier: {verdict}")
     reported = write_report(templates, physical, writer="local-writer")
-    return result.ok and reported
+    return result.ok and reported and replayed
 
 
 REPORT_DESCRIPTION = "reports a period of the audit trail"
@@ -1033,7 +1108,12 @@ def main(argv: list[str]) -> int:
         with Consumers(passwords) as consumers:
             print("== failover act (the broker becomes unreachable mid-scenario)")
             lost |= failover(environment, drain_environment, function_arn, consumers)
-        verified = audit_act(templates, physical, passwords)
+        verified = audit_act(
+            templates,
+            physical,
+            passwords,
+            replay=lambda: replay_act(templates, resolver, local, passwords),
+        )
         print(f"== {'NOTHING LOST' if not lost else f'LOST {len(lost)} message(s)'}")
         return 1 if lost or not refused or not poisoned or not verified else 0
     finally:
