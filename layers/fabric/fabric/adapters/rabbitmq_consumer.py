@@ -3,9 +3,9 @@
 Manual acknowledgements with a prefetch window: a message is acknowledged only after its handler
 completed, or after its retry or dead letter was confirmed stored by the broker. Decided
 messages are settled together, up to the prefetch or 50 ms at a time: one confirm window for
-their retries and parks, and one audit batch for all of them, before their acknowledgements. A consumer that
-dies before acknowledging leaves the message to RabbitMQ, which redelivers it (and, after the
-queue's delivery limit, dead-letters it itself with an ``x-death`` record).
+their retries and parks, and one audit batch for all of them, before their acknowledgements. A
+consumer that dies before acknowledging leaves the message to RabbitMQ, which redelivers it
+(and, after the queue's delivery limit, dead-letters it itself with an ``x-death`` record).
 """
 
 from __future__ import annotations
