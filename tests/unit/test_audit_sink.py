@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from fabric.adapters.memory import MemoryTransport
 from fabric.audit import AuditEvent, AuditRecord, decode_audit_batch, sha256_hex
 from fabric.audit_sink import TransportAuditSink
-from fabric.ports import Failure
+from fabric.ports import Failure, OutboundMessage, Outcome
 
 
 @dataclass
@@ -63,3 +64,29 @@ def test_false_when_no_transport_stores_the_batch() -> None:
     down = MemoryTransport(failure=Failure.UNAVAILABLE)
     sink = TransportAuditSink([down, LimitedTransport(failure=Failure.UNAVAILABLE)], emitted_by="x")
     assert not sink.emit([accepted(1, b"a")], {sha256_hex(b"a"): b"a"})
+
+
+@dataclass
+class TimingOut(MemoryTransport):
+    """Stores what it is given but reports a timeout: its fate unknown to the sender."""
+
+    tried: list[str] | None = None
+
+    def publish(self, messages: Iterable[OutboundMessage]) -> list[Outcome]:
+        batch = list(messages)
+        self.tried = [m.message_id for m in batch]
+        return [Outcome(m.message_id, failure=Failure.TIMEOUT) for m in batch]
+
+
+def test_a_part_keeps_its_batch_id_on_the_next_path_so_the_writer_drops_the_copy() -> None:
+    broker = TimingOut(name="rabbitmq")
+    sqs = LimitedTransport(name="sqs-audit")
+    payloads = [bytes([i]) * 700 for i in range(30)]
+    records = [accepted(i, body) for i, body in enumerate(payloads)]
+
+    sink = TransportAuditSink([broker, sqs], emitted_by="router")
+    assert sink.emit(records, {sha256_hex(b): b for b in payloads})
+
+    # Split once, for the smaller limit: the same parts, the same ids, on both paths.
+    assert broker.tried == [m.message_id for m in sqs.published]
+    assert len(sqs.published) > 1
