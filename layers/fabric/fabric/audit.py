@@ -145,8 +145,8 @@ def assemble_audit_batch(
     return ("{" + ",".join(fields) + "}").encode("utf-8")
 
 
-def _dumps(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+# One encoder for every call: json.dumps with arguments builds a new one each time.
+_dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
 def decode_audit_batch(body: bytes) -> AuditBatch:

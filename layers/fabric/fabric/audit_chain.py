@@ -24,9 +24,13 @@ CHECKPOINT_VERSION = "fabric.audit-checkpoint/1"
 GENESIS = "0" * 64  # the ``prev`` of a writer's first record
 
 
+# One encoder for every call: json.dumps with arguments builds a new one each time.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical(value: Mapping[str, Any]) -> bytes:
     """The one byte form a record or checkpoint is hashed and signed in."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode(value).encode()
 
 
 def record_hash(record: Mapping[str, Any]) -> str:

@@ -368,10 +368,14 @@ def from_wire(data: bytes | str) -> Envelope:
     return result
 
 
+# One encoder for every call: json.dumps with arguments builds a new one each time.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def _canonical(value: JsonValue) -> bytes:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _CANONICAL.encode(value).encode("utf-8")
 
 
 def _reject_constant(name: str) -> Any:

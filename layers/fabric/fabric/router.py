@@ -329,8 +329,12 @@ def _counts(batch: BatchResult) -> dict[str, int]:
     }
 
 
+# One encoder for every call: json.dumps with arguments builds a new one each time.
+_PAYLOAD_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
 def _json_payload(payload: JsonValue) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode()
+    return _PAYLOAD_ENCODER.encode(payload).encode()
 
 
 def _raw_digest(item: bytes | str | JsonValue) -> str:
