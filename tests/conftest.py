@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+
+
+def load_handler(function: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``lambdas/<function>/handler.py`` imported fresh, as Lambda imports it (its module-level
+    bootstrap reads the environment the test set), registered as ``<function>_handler`` for
+    the test's duration."""
+    name = f"{function}_handler"
+    spec = importlib.util.spec_from_file_location(name, ROOT / "lambdas" / function / "handler.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from aws_cdk import Duration, Stack
-from aws_cdk import aws_cloudwatch as cloudwatch
-from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -165,21 +163,14 @@ class AuditWriter(Construct):
             ],
         )
 
-        self.errors_alarm = cloudwatch.Alarm(
+        self.errors_alarm = self.function.errors_alarm(
             self,
-            "Errors",
-            metric=function.metric_errors(statistic="Sum", period=Duration.minutes(5)),
-            threshold=1,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-            evaluation_periods=1,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-            alarm_description=(
+            alarm_topic,
+            description=(
                 "The audit writer failed: audit batches are waiting on the RabbitMQ or SQS audit "
                 "queue, or a checkpoint was not sealed. Read the writer's logs (docs/runbook.md)."
             ),
         )
-        self.errors_alarm.add_alarm_action(actions.SnsAction(alarm_topic))
-        self.errors_alarm.add_ok_action(actions.SnsAction(alarm_topic))
 
     def _grant_trail(
         self,
@@ -194,56 +185,53 @@ class AuditWriter(Construct):
         """The audit bucket (write only), its key, the signing key, the chain's table items."""
         region = Stack.of(self).region
         objects = [bucket.arn_for_objects(f"{prefix}*") for prefix in OBJECT_PREFIXES]
-        for sid, actions_, resources, conditions in (
-            ("WriteAuditObjects", ["s3:PutObject"], objects, None),
-            # SSE-KMS with a bucket key: S3 asks for a data key of the audit key in the
-            # writer's name, with the bucket's ARN as encryption context. The same key also
-            # encrypts the reports bucket, which this condition leaves out.
+        self.function.allow(
             (
-                "AuditKeyThroughS3",
-                ["kms:GenerateDataKey", "kms:Decrypt"],
-                [bucket_key.key_arn],
-                {
-                    "StringEquals": {
-                        "kms:ViaService": f"s3.{region}.amazonaws.com",
-                        "kms:EncryptionContext:aws:s3:arn": bucket.bucket_arn,
-                    }
-                },
-            ),
-            (
-                "SignCheckpoints",
-                ["kms:Sign", "kms:Verify"],
-                [signing_key.key_arn],
-                {"StringEquals": {"kms:SigningAlgorithm": SIGNING_ALGORITHM}},
-            ),
-            # TransactWriteItems is authorised per action: each Put as dynamodb:PutItem (a
-            # ConditionCheck action would need ConditionCheckItem; the writer uses none). Only
-            # this writer's chain item and the batch marks, never a consumer's or the ledger's.
-            (
-                "ChainItems",
-                ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem"],
-                [table.table_arn],
-                {
-                    "ForAllValues:StringLike": {
-                        "dynamodb:LeadingKeys": [
-                            f"{CHAIN_ITEM_PREFIX}{name}",
-                            f"{BATCH_ITEM_PREFIX}*",
-                        ]
-                    }
-                },
-            ),
-            (
-                "TableKeyThroughDynamoDb",
-                ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
-                [table_key.key_arn],
-                {"StringEquals": {"kms:ViaService": f"dynamodb.{region}.amazonaws.com"}},
-            ),
-        ):
-            self.function.role.add_to_principal_policy(
-                iam.PolicyStatement(
-                    sid=sid, actions=actions_, resources=resources, conditions=conditions
-                )
+                ("WriteAuditObjects", ["s3:PutObject"], objects, None),
+                # SSE-KMS with a bucket key: S3 asks for a data key of the audit key in the
+                # writer's name, with the bucket's ARN as encryption context. The same key also
+                # encrypts the reports bucket, which this condition leaves out.
+                (
+                    "AuditKeyThroughS3",
+                    ["kms:GenerateDataKey", "kms:Decrypt"],
+                    [bucket_key.key_arn],
+                    {
+                        "StringEquals": {
+                            "kms:ViaService": f"s3.{region}.amazonaws.com",
+                            "kms:EncryptionContext:aws:s3:arn": bucket.bucket_arn,
+                        }
+                    },
+                ),
+                (
+                    "SignCheckpoints",
+                    ["kms:Sign", "kms:Verify"],
+                    [signing_key.key_arn],
+                    {"StringEquals": {"kms:SigningAlgorithm": SIGNING_ALGORITHM}},
+                ),
+                # TransactWriteItems is authorised per action: each Put as dynamodb:PutItem (a
+                # ConditionCheck action would need ConditionCheckItem; the writer uses none). Only
+                # this writer's chain item and the batch marks, never a consumer's or the ledger's.
+                (
+                    "ChainItems",
+                    ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem"],
+                    [table.table_arn],
+                    {
+                        "ForAllValues:StringLike": {
+                            "dynamodb:LeadingKeys": [
+                                f"{CHAIN_ITEM_PREFIX}{name}",
+                                f"{BATCH_ITEM_PREFIX}*",
+                            ]
+                        }
+                    },
+                ),
+                (
+                    "TableKeyThroughDynamoDb",
+                    ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
+                    [table_key.key_arn],
+                    {"StringEquals": {"kms:ViaService": f"dynamodb.{region}.amazonaws.com"}},
+                ),
             )
+        )
         for resource in objects:
             acknowledge(
                 self.function.role,

@@ -9,7 +9,6 @@ from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
-from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sns as sns
@@ -229,43 +228,40 @@ class ComplianceReport(Construct):
                 }
             }
 
-        for sid, actions_, resources, conditions in (
+        self.function.allow(
             (
-                "ListTheTrail",
-                ["s3:ListBucket"],
-                [audit.bucket_arn],
-                {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in prefixes]}},
-            ),
-            # GetObjectRetention: S3 returns an object's lock headers only to a caller that
-            # holds it (fabric.adapters.compliance_storage.S3TrailStore).
-            ("ReadTheTrail", ["s3:GetObject", "s3:GetObjectRetention"], trail, None),
-            ("AuditKeyToRead", ["kms:Decrypt"], [audit_key.key_arn], via_s3(audit)),
-            ("WriteReports", ["s3:PutObject"], [written], None),
-            (
-                "AuditKeyToWriteReports",
-                ["kms:GenerateDataKey"],
-                [audit_key.key_arn],
-                via_s3(reports),
-            ),
-            (
-                "VerifyCheckpoints",
-                ["kms:Verify"],
-                [signing_key.key_arn],
-                {"StringEquals": {"kms:SigningAlgorithm": SIGNING_ALGORITHM}},
-            ),
-            ("PublishSummaries", ["sns:Publish"], [self.topic.topic_arn], None),
-            (
-                "TopicsKeyThroughSns",
-                ["kms:GenerateDataKey", "kms:Decrypt"],
-                [topics_key.key_arn],
-                {"StringEquals": {"kms:ViaService": f"sns.{region}.amazonaws.com"}},
-            ),
-        ):
-            self.function.role.add_to_principal_policy(
-                iam.PolicyStatement(
-                    sid=sid, actions=actions_, resources=resources, conditions=conditions
-                )
+                (
+                    "ListTheTrail",
+                    ["s3:ListBucket"],
+                    [audit.bucket_arn],
+                    {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in prefixes]}},
+                ),
+                # GetObjectRetention: S3 returns an object's lock headers only to a caller that
+                # holds it (fabric.adapters.compliance_storage.S3TrailStore).
+                ("ReadTheTrail", ["s3:GetObject", "s3:GetObjectRetention"], trail, None),
+                ("AuditKeyToRead", ["kms:Decrypt"], [audit_key.key_arn], via_s3(audit)),
+                ("WriteReports", ["s3:PutObject"], [written], None),
+                (
+                    "AuditKeyToWriteReports",
+                    ["kms:GenerateDataKey"],
+                    [audit_key.key_arn],
+                    via_s3(reports),
+                ),
+                (
+                    "VerifyCheckpoints",
+                    ["kms:Verify"],
+                    [signing_key.key_arn],
+                    {"StringEquals": {"kms:SigningAlgorithm": SIGNING_ALGORITHM}},
+                ),
+                ("PublishSummaries", ["sns:Publish"], [self.topic.topic_arn], None),
+                (
+                    "TopicsKeyThroughSns",
+                    ["kms:GenerateDataKey", "kms:Decrypt"],
+                    [topics_key.key_arn],
+                    {"StringEquals": {"kms:ViaService": f"sns.{region}.amazonaws.com"}},
+                ),
             )
+        )
         for resource in trail:
             acknowledge(
                 self.function.role,

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
+from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from stacks.constructs.queues import QueueAddress
 from stacks.nag import acknowledge, ignore_cfn_lint
+
+# An identity-policy statement: (sid, actions, resources, conditions or None).
+Statement = tuple[str, list[str], list[str], dict[str, Any] | None]
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = lambda_.Runtime.PYTHON_3_14
@@ -201,6 +209,34 @@ class FabricFunction(Construct):
         )
         # CDK makes the function depend on its role next to a GetAtt of the role's ARN.
         ignore_cfn_lint(self.function.node.find_child("Resource"), "W3005")
+
+    def allow(self, statements: Iterable[Statement]) -> None:
+        """Add ``(sid, actions, resources, conditions)`` statements to the function's role."""
+        for sid, allowed, resources, conditions in statements:
+            self.role.add_to_principal_policy(
+                iam.PolicyStatement(
+                    sid=sid, actions=allowed, resources=resources, conditions=conditions
+                )
+            )
+
+    def errors_alarm(
+        self, scope: Construct, topic: sns.ITopic, *, description: str
+    ) -> cloudwatch.Alarm:
+        """``Errors`` in ``scope``: the function failed at least once in five minutes; alarm
+        and OK to ``topic``."""
+        alarm = cloudwatch.Alarm(
+            scope,
+            "Errors",
+            metric=self.function.metric_errors(statistic="Sum", period=Duration.minutes(5)),
+            threshold=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            alarm_description=description,
+        )
+        alarm.add_alarm_action(actions.SnsAction(topic))
+        alarm.add_ok_action(actions.SnsAction(topic))
+        return alarm
 
     def allow_send(self, queue: QueueAddress, *, sid: str) -> None:
         """Let the function send to ``queue``, a named queue encrypted with the queues key.

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 from aws_cdk import Duration, Stack
-from aws_cdk import aws_cloudwatch as cloudwatch
-from aws_cdk import aws_cloudwatch_actions as actions
-from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_secretsmanager as secretsmanager
@@ -95,58 +92,48 @@ class Replay(Construct):
         self.function.allow_send(audit_queue, sid="AuditBatches")
         self._read_trail(bucket, bucket_key)
 
-        self.errors_alarm = cloudwatch.Alarm(
+        self.errors_alarm = self.function.errors_alarm(
             self,
-            "Errors",
-            metric=function.metric_errors(statistic="Sum", period=Duration.minutes(5)),
-            threshold=1,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-            evaluation_periods=1,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-            alarm_description=(
+            alarm_topic,
+            description=(
                 "The replay function failed: the replay it was running stopped without a "
                 "report. Read its logs, then resume with the runbook's --replay-id and --after "
                 "(docs/runbook.md)."
             ),
         )
-        self.errors_alarm.add_alarm_action(actions.SnsAction(alarm_topic))
-        self.errors_alarm.add_ok_action(actions.SnsAction(alarm_topic))
 
     def _read_trail(self, bucket: s3.IBucket, bucket_key: kms.IKey) -> None:
         """List and read under ``audit/`` and ``archive/``; decrypt their data keys via S3."""
         region = Stack.of(self).region
         objects = [bucket.arn_for_objects(f"{prefix}*") for prefix in READ_PREFIXES]
-        for sid, actions_, resources, conditions in (
-            # ListObjectsV2 is authorised on the bucket, narrowed to the prefixes it lists (a
-            # Delimiter listing of `audit/` names each writer's prefix; its s3:prefix is
-            # `audit/`, which `audit/*` matches).
+        self.function.allow(
             (
-                "ListTheTrail",
-                ["s3:ListBucket"],
-                [bucket.bucket_arn],
-                {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in READ_PREFIXES]}},
-            ),
-            ("ReadTheTrail", ["s3:GetObject"], objects, None),
-            # SSE-KMS with a bucket key: reading decrypts the bucket key's data key in the
-            # reader's name, with the bucket's ARN as encryption context; decrypt only, and not
-            # for the reports bucket under the same key.
-            (
-                "AuditKeyThroughS3",
-                ["kms:Decrypt"],
-                [bucket_key.key_arn],
-                {
-                    "StringEquals": {
-                        "kms:ViaService": f"s3.{region}.amazonaws.com",
-                        "kms:EncryptionContext:aws:s3:arn": bucket.bucket_arn,
-                    }
-                },
-            ),
-        ):
-            self.function.role.add_to_principal_policy(
-                iam.PolicyStatement(
-                    sid=sid, actions=actions_, resources=resources, conditions=conditions
-                )
+                # ListObjectsV2 is authorised on the bucket, narrowed to the prefixes it lists (a
+                # Delimiter listing of `audit/` names each writer's prefix; its s3:prefix is
+                # `audit/`, which `audit/*` matches).
+                (
+                    "ListTheTrail",
+                    ["s3:ListBucket"],
+                    [bucket.bucket_arn],
+                    {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in READ_PREFIXES]}},
+                ),
+                ("ReadTheTrail", ["s3:GetObject"], objects, None),
+                # SSE-KMS with a bucket key: reading decrypts the bucket key's data key in the
+                # reader's name, with the bucket's ARN as encryption context; decrypt only, and not
+                # for the reports bucket under the same key.
+                (
+                    "AuditKeyThroughS3",
+                    ["kms:Decrypt"],
+                    [bucket_key.key_arn],
+                    {
+                        "StringEquals": {
+                            "kms:ViaService": f"s3.{region}.amazonaws.com",
+                            "kms:EncryptionContext:aws:s3:arn": bucket.bucket_arn,
+                        }
+                    },
+                ),
             )
+        )
         for resource in objects:
             acknowledge(
                 self.function.role,

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
-import sys
 from types import ModuleType
 from typing import Any
 
@@ -19,7 +17,7 @@ from fabric.audit import AuditEvent, AuditRecord, encode_audit_batch
 from fabric.audit_chain import decode_object, verify_trail
 from fabric.stakeholders import Stakeholder
 from fabric.topology import PLATFORM_USER, user_name
-from tests.conftest import ROOT
+from tests.conftest import load_handler
 from tests.integration.test_audit_writer import BUCKET, TABLE, aws_audit  # noqa: F401 (fixture)
 
 WRITER = "fabric-test-audit-writer"
@@ -35,15 +33,7 @@ def handler(aws_audit: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Modul
         "AUDIT_WRITER_NAME": WRITER,
     }.items():
         monkeypatch.setenv(name, value)
-    spec = importlib.util.spec_from_file_location(
-        "audit_writer_handler", ROOT / "lambdas/audit_writer/handler.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "audit_writer_handler", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_handler("audit_writer", monkeypatch)
 
 
 def body(*message_ids: str, event: AuditEvent = AuditEvent.REJECTED) -> bytes:

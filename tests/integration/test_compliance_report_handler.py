@@ -5,10 +5,8 @@ the SNS topic; the schedule, on-demand periods, bad input, and a tampered trail.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from types import ModuleType
@@ -23,7 +21,7 @@ from fabric.adapters.kms_signer import KmsSigner
 from fabric.audit import AuditBatch, AuditEvent, AuditRecord
 from fabric.audit_chain import canonical, decode_object
 from fabric.audit_writer import AuditWriter
-from tests.conftest import ROOT
+from tests.conftest import load_handler
 from tests.integration.aws_audit import create_audit_bucket, create_idempotency_table
 from tests.integration.aws_fallback import REGION
 
@@ -100,15 +98,7 @@ def handler(aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> ModuleType:
         "COMPLIANCE_TOPIC_ARN": aws["topic"],
     }.items():
         monkeypatch.setenv(name, value)
-    spec = importlib.util.spec_from_file_location(
-        "compliance_report_handler", ROOT / "lambdas/compliance_report/handler.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "compliance_report_handler", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_handler("compliance_report", monkeypatch)
 
 
 def record(event: AuditEvent, at: datetime, message_id: str, **fields: Any) -> dict[str, Any]:

@@ -380,17 +380,17 @@ def test_a_broker_that_is_down_stops_the_replay_and_publishes_nothing(
 def test_the_bucket_reader_lists_writers_and_days_and_tells_missing_from_unreachable(
     fabric: SimpleNamespace,
 ) -> None:
-    from fabric.adapters.s3_archive import S3ArchiveReader
+    from fabric.adapters.audit_storage import S3ObjectStore
     from fabric.errors import TransportUnavailable
 
     for key in ("audit/w-a/2026/12/01/1.jsonl", "audit/w-b/2026/12/02/2.jsonl", "archive/w-a/x"):
         fabric.s3.put_object(Bucket=BUCKET, Key=key, Body=b"{}\n")
-    reader = S3ArchiveReader(BUCKET, lambda: fabric.s3)
+    reader = S3ObjectStore(BUCKET, lambda: fabric.s3)
     assert reader.children("audit/") == ["audit/w-a/", "audit/w-b/"]
     assert reader.keys("audit/w-b/2026/12/02/") == ["audit/w-b/2026/12/02/2.jsonl"]
     assert reader.read("audit/w-a/2026/12/01/1.jsonl") == b"{}\n"
     assert reader.read("audit/w-a/2026/12/01/none.jsonl") is None
-    gone = S3ArchiveReader("fabric-test-no-such-bucket", lambda: fabric.s3)
+    gone = S3ObjectStore("fabric-test-no-such-bucket", lambda: fabric.s3)
     with pytest.raises(TransportUnavailable):
         gone.keys("audit/")
     with pytest.raises(TransportUnavailable):

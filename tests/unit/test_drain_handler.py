@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from types import ModuleType
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_handler
 
 ENVIRONMENT = {
     "FABRIC_ENV": "test",
@@ -26,15 +24,7 @@ ENVIRONMENT = {
 def drain_handler(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     for name, value in ENVIRONMENT.items():
         monkeypatch.setenv(name, value)
-    spec = importlib.util.spec_from_file_location(
-        "drain_handler", ROOT / "lambdas/drain/handler.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "drain_handler", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_handler("drain", monkeypatch)
 
 
 @pytest.mark.parametrize("limit", [0, -3, "10", 2.5, True, None])

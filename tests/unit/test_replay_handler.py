@@ -3,8 +3,6 @@ config, and a valid request reads the bucket the stack names (moto, in-process).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -12,7 +10,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from tests.conftest import ROOT
+from tests.conftest import load_handler
 
 REGION = "ap-southeast-3"
 BUCKET = "fabric-test-audit"
@@ -39,14 +37,7 @@ def replay_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
         boto3.client("s3", region_name=REGION).create_bucket(
             Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION}
         )
-        spec = importlib.util.spec_from_file_location(
-            "replay_handler", ROOT / "lambdas/replay/handler.py"
-        )
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        monkeypatch.setitem(sys.modules, "replay_handler", module)
-        spec.loader.exec_module(module)
+        module = load_handler("replay", monkeypatch)
         yield module
 
 

@@ -259,7 +259,7 @@ def build_replay(
     RabbitMQ only (no fallback transport): see ``fabric.replay``. The audit bucket is read
     only; audit batches go to RabbitMQ's audit exchange or the SQS audit queue.
     """
-    from fabric.adapters.s3_archive import S3ArchiveReader
+    from fabric.adapters.audit_storage import S3ObjectStore
     from fabric.replay import Replayer
 
     make_client = client_factory or _boto3_client
@@ -267,7 +267,7 @@ def build_replay(
     rabbit = _rabbit(settings, make_client)
     return ReplayRuntime(
         replayer=Replayer(
-            archive=S3ArchiveReader(settings.bucket, lambda: read_client("s3")),
+            archive=S3ObjectStore(settings.bucket, lambda: read_client("s3")),
             broker=rabbit,
             audit=_audit_sink(settings, rabbit, make_client, emitted_by="replay"),
             table=default_routing_table(),

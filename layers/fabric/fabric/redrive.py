@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.errors import TransportUnavailable
+from fabric.pacing import Pace
 from fabric.ports import AuditSink, DeadLetter, DeadLetterQueue, RedriveLedger
 from fabric.request_fields import positive, strings
 from fabric.routing import pattern_problem, topic_matches
@@ -207,19 +208,19 @@ class Redriver:
         report: RedriveReport,
         progress: Progress | None,
     ) -> None:
-        started = self._clock()
-        deadline = started + plan.max_seconds
-        rate_per_s, max_messages = plan.rate_per_s, plan.max_messages
-        batch_size = _BATCH if rate_per_s is None else max(1, min(_BATCH, int(rate_per_s)))
+        pace = Pace(
+            rate_per_s=plan.rate_per_s,
+            max_seconds=plan.max_seconds,
+            clock=self._clock,
+            sleep=self._sleep,
+        )
+        max_messages = plan.max_messages
+        batch_size = pace.batch_size(_BATCH)
         while report.matched < max_messages:
-            if self._clock() >= deadline:
+            if pace.expired():
                 report.stopped = "time limit"
                 return
-            if rate_per_s is not None:
-                # Pace by what was moved so far: the run never gets ahead of the rate.
-                ahead = report.moved / rate_per_s - (self._clock() - started)
-                if ahead > 0:
-                    self._sleep(ahead)
+            pace.wait(report.moved)  # by what was moved so far
             try:
                 letters = queue.peek(batch_size)
             except TransportUnavailable as exc:

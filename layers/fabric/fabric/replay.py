@@ -52,6 +52,7 @@ from fabric.envelope import (
     parse_timestamp,
 )
 from fabric.errors import MessageRejected, TransportUnavailable
+from fabric.pacing import Pace
 from fabric.ports import AuditSink, Failure, OutboundMessage, Transport
 from fabric.request_fields import positive, strings
 from fabric.routing import RoutingTable, pattern_problem, topic_matches
@@ -380,8 +381,10 @@ class Replayer:
         return report
 
     def _run(self, request: ReplayRequest, report: ReplayReport, progress: Progress | None) -> None:
-        started = self._clock()
-        deadline = started + request.max_seconds
+        rate = None if request.dry_run else request.rate_per_s
+        pace = Pace(
+            rate_per_s=rate, max_seconds=request.max_seconds, clock=self._clock, sleep=self._sleep
+        )
         days = _search_days(request)
         candidates = self._select(request, days, report)
         report.selected = len(candidates)
@@ -390,21 +393,16 @@ class Replayer:
             candidates = [c for c in candidates if c.position > after]
         report.pending = report.remaining = len(candidates)
         bodies = _Bodies(self._archive, days, report)
-        rate = None if request.dry_run else request.rate_per_s
-        batch_size = _BATCH if rate is None else max(1, min(_BATCH, int(rate)))
+        batch_size = pace.batch_size(_BATCH)
         index = 0
         while index < len(candidates):
             if report.finished >= request.max_messages:
                 report.stopped = "message limit"
                 return
-            if self._clock() >= deadline:
+            if pace.expired():
                 report.stopped = "time limit"
                 return
-            if rate is not None:
-                # Pace by what was published so far: the run never gets ahead of the rate.
-                ahead = report.replayed / rate - (self._clock() - started)
-                if ahead > 0:
-                    self._sleep(ahead)
+            pace.wait(report.replayed)  # by what was published so far
             size = min(batch_size, request.max_messages - report.finished)
             batch = candidates[index : index + size]
             done, go_on = self._replay(batch, request, bodies, report)

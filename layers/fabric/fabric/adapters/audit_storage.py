@@ -16,7 +16,12 @@ BATCH_MARK_TTL_SECONDS = 14 * 24 * 3600
 
 
 class S3ObjectStore:
-    """Objects in the audit bucket; its default Object Lock retention applies to each version."""
+    """Objects in the audit bucket; its default Object Lock retention applies to each version.
+
+    The writer puts; the verifier, the compliance report and replay list and read (their roles
+    hold only the read grants). Every S3 error becomes ``TransportUnavailable``, except a key
+    that does not exist, which ``read`` and ``response`` give as None.
+    """
 
     def __init__(self, bucket: str, client_factory: Callable[[], Any]) -> None:
         self._bucket = bucket
@@ -48,17 +53,71 @@ class S3ObjectStore:
             raise TransportUnavailable(f"cannot store {key}: {type(exc).__name__}") from exc
 
     def get(self, key: str) -> bytes:
-        """The newest version of ``key``."""
-        return bytes(self._s3().get_object(Bucket=self._bucket, Key=key)["Body"].read())
+        """The newest version of ``key``.
+
+        Raises:
+            TransportUnavailable: there is no such key, or S3 refuses the read.
+        """
+        data = self.read(key)
+        if data is None:
+            raise TransportUnavailable(f"cannot read {key}: no such key")
+        return data
+
+    def read(self, key: str) -> bytes | None:
+        """The newest version of ``key``; None when there is no such key.
+
+        Raises:
+            TransportUnavailable: S3 cannot be reached or refuses the read.
+        """
+        response = self.response(key)
+        return None if response is None else bytes(response["Body"].read())
+
+    def response(self, key: str) -> dict[str, Any] | None:
+        """S3's GetObject response for ``key`` (body unread, Object Lock headers included when
+        the caller may read retention); None when there is no such key.
+
+        Raises:
+            TransportUnavailable: S3 cannot be reached or refuses the read.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return dict(self._s3().get_object(Bucket=self._bucket, Key=key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise TransportUnavailable(f"cannot read {key}: {type(exc).__name__}") from exc
+        except BotoCoreError as exc:
+            raise TransportUnavailable(f"cannot read {key}: {type(exc).__name__}") from exc
 
     def keys(self, prefix: str) -> list[str]:
-        """Every key under ``prefix``, in key order."""
-        keys: list[str] = []
-        for page in (
-            self._s3().get_paginator("list_objects_v2").paginate(Bucket=self._bucket, Prefix=prefix)
-        ):
-            keys.extend(item["Key"] for item in page.get("Contents", []))
-        return sorted(keys)
+        """Every key under ``prefix``, in key order.
+
+        Raises:
+            TransportUnavailable: the bucket cannot be listed.
+        """
+        pages = self._pages(Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def children(self, prefix: str) -> list[str]:
+        """The prefixes one level below ``prefix`` (``audit/`` → ``audit/<writer>/``), sorted.
+
+        Raises:
+            TransportUnavailable: the bucket cannot be listed.
+        """
+        pages = self._pages(Prefix=prefix, Delimiter="/")
+        return sorted(item["Prefix"] for page in pages for item in page.get("CommonPrefixes", []))
+
+    def _pages(self, **arguments: str) -> list[dict[str, Any]]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            paginator = self._s3().get_paginator("list_objects_v2")
+            return list(paginator.paginate(Bucket=self._bucket, **arguments))
+        except (BotoCoreError, ClientError) as exc:
+            raise TransportUnavailable(
+                f"cannot list {arguments.get('Prefix')}: {type(exc).__name__}"
+            ) from exc
 
 
 class DynamoDbChainStore:

@@ -13,7 +13,7 @@ from fabric.errors import TransportUnavailable
 
 
 class S3TrailStore:
-    """The audit bucket, read only: listing through ``S3ObjectStore``, objects with GetObject.
+    """The audit bucket, read only (``S3ObjectStore``): keys, and objects with their lock.
 
     The Object Lock mode and retain-until come from the headers of the same GET, one request
     per object. S3 sends those headers only to a caller allowed ``s3:GetObjectRetention`` on
@@ -22,15 +22,7 @@ class S3TrailStore:
     """
 
     def __init__(self, bucket: str, client_factory: Callable[[], Any]) -> None:
-        self._client_factory = client_factory
-        self._client: Any = None
-        self._listing = S3ObjectStore(bucket, self._s3)
-        self._bucket = bucket
-
-    def _s3(self) -> Any:
-        if self._client is None:
-            self._client = self._client_factory()
-        return self._client
+        self._objects = S3ObjectStore(bucket, client_factory)
 
     def keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix``, in key order.
@@ -38,12 +30,7 @@ class S3TrailStore:
         Raises:
             TransportUnavailable: the bucket cannot be listed.
         """
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return self._listing.keys(prefix)
-        except (BotoCoreError, ClientError) as exc:
-            raise TransportUnavailable(f"cannot list {prefix}: {type(exc).__name__}") from exc
+        return self._objects.keys(prefix)
 
     def read(self, key: str) -> StoredObject | None:
         """The newest version of ``key`` and its lock; None when the key does not exist.
@@ -51,20 +38,12 @@ class S3TrailStore:
         Raises:
             TransportUnavailable: S3 cannot be reached or refuses the read.
         """
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            response = self._s3().get_object(Bucket=self._bucket, Key=key)
-            data = bytes(response["Body"].read())
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise TransportUnavailable(f"cannot read {key}: {type(exc).__name__}") from exc
-        except BotoCoreError as exc:
-            raise TransportUnavailable(f"cannot read {key}: {type(exc).__name__}") from exc
+        response = self._objects.response(key)
+        if response is None:
+            return None
         until = response.get("ObjectLockRetainUntilDate")
         return StoredObject(
-            data=data,
+            data=bytes(response["Body"].read()),
             lock_mode=response.get("ObjectLockMode"),
             retain_until=None if until is None else format_timestamp(until),
         )
