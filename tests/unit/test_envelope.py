@@ -108,6 +108,31 @@ def test_json_that_other_parsers_read_differently_is_malformed(raw: bytes) -> No
 
 
 @pytest.mark.parametrize(
+    "payload",
+    [float("nan"), {"total": float("inf")}, ["\ud800"], {1: "one"}, {"at": NOW}, {"tags": {"a"}}],
+    ids=["nan", "infinity", "lone-surrogate", "integer-key", "datetime", "set"],
+)
+def test_an_object_handed_over_that_is_not_json_is_malformed_not_a_crash(payload: Any) -> None:
+    # A direct invoke hands over decoded objects; Lambda's own parser accepts NaN.
+    rejection = reject(envelope(payload=payload))
+    assert rejection.reason is Reason.MALFORMED_JSON
+    assert rejection.message.startswith("payload is not JSON")
+
+
+def test_a_number_too_large_for_a_float_is_malformed() -> None:
+    assert reject(b'{"topic": "donation.received", "payload": 1e400}').reason is (
+        Reason.MALFORMED_JSON
+    )
+
+
+def test_integers_beyond_64_bits_and_nulls_keep_their_value_on_the_wire() -> None:
+    payload = {"big": 2**70, "none": None, "small": 1e-7}
+    wire = accept(envelope(payload=payload)).to_json_bytes()
+    assert b'"big":1180591620717411303424' in wire
+    assert json.loads(wire)["payload"] == payload
+
+
+@pytest.mark.parametrize(
     ("fields", "reason"),
     [
         ({"headers": {"region": 7}}, Reason.INVALID_HEADER),

@@ -144,6 +144,27 @@ def test_bad_input_leaves_one_record_and_an_accepted_message_its_route_without_p
     assert CANARY.encode() not in stored.body
 
 
+def test_a_payload_that_is_not_json_is_rejected_alone_and_audited_once() -> None:
+    audit = MemoryAuditSink()
+    first, second = "7c9e6679-7425-40de-944b-e07fc1f90ae7", "0f8fad5b-d9cb-469f-a165-70867728950e"
+    items = [
+        incident(message_id=first),
+        incident(message_id="3b241101-e2bb-4255-8caf-4136c566a962", payload={"n": float("nan")}),
+        incident(message_id=second),
+    ]
+    result = _router(audit=audit).route(items, source="community")
+    assert [(r.status, r.reason) for r in result.results] == [
+        (ACCEPTED, None),
+        (REJECTED, Reason.MALFORMED_JSON),
+        (ACCEPTED, None),
+    ]
+    rejected = [r for r in audit.records if r.event is AuditEvent.REJECTED]
+    assert [(r.message_id, r.reason) for r in rejected] == [
+        ("3b241101-e2bb-4255-8caf-4136c566a962", "malformed_json")
+    ]
+    assert rejected[0].body_sha256 is not None
+
+
 def test_a_message_the_broker_refused_is_audited_as_fallback_with_the_reason() -> None:
     audit = MemoryAuditSink()
     broker = MemoryTransport(name="rabbitmq", failure=Failure.NACKED)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from fabric.envelope import format_timestamp
+from fabric.jsoncodec import canonical_json
 
 AUDIT_BATCH_VERSION = "fabric.audit-batch/1"
 
@@ -56,6 +57,15 @@ class AuditRecord:
     attempt: int | None = None
     replay_id: str | None = None
     archived: bool | None = None
+    # The canonical JSON, computed once (see ``encoded``). Not an init field, so
+    # ``dataclasses.replace`` starts without it.
+    _encoded: bytes | None = field(default=None, init=False, compare=False, repr=False)
+
+    def encoded(self) -> bytes:
+        """The record's canonical JSON, as an audit batch carries it (computed once)."""
+        if self._encoded is None:
+            object.__setattr__(self, "_encoded", canonical_json(self.to_dict()))
+        return self._encoded  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, object]:
         """The record as a JSON object, absent fields omitted."""
@@ -65,18 +75,26 @@ class AuditRecord:
             "message_id": self.message_id,
             "source": self.source,
         }
-        optional = {
-            "topic": self.topic,
-            "body_sha256": self.body_sha256,
-            "reason": self.reason,
-            "transport": self.transport,
-            "classification": self.classification,
-            "priority": self.priority,
-            "attempt": self.attempt,
-            "replay_id": self.replay_id,
-            "archived": self.archived,
-        }
-        out.update({key: value for key, value in optional.items() if value is not None})
+        # Plain ifs, not a dict of optional fields filtered: the router builds two records a
+        # message, so this is on its hottest path.
+        if self.topic is not None:
+            out["topic"] = self.topic
+        if self.body_sha256 is not None:
+            out["body_sha256"] = self.body_sha256
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.transport is not None:
+            out["transport"] = self.transport
+        if self.classification is not None:
+            out["classification"] = self.classification
+        if self.priority is not None:
+            out["priority"] = self.priority
+        if self.attempt is not None:
+            out["attempt"] = self.attempt
+        if self.replay_id is not None:
+            out["replay_id"] = self.replay_id
+        if self.archived is not None:
+            out["archived"] = self.archived
         if self.groups:
             out["groups"] = list(self.groups)
         if self.queues:
@@ -118,35 +136,33 @@ def encode_audit_batch(
     )
 
 
-def encode_record(record: AuditRecord) -> str:
-    """A record's JSON (sorted keys, no spaces), as an audit batch carries it."""
-    return _dumps(record.to_dict())
+def encode_record(record: AuditRecord) -> bytes:
+    """A record's canonical JSON, as an audit batch carries it."""
+    return record.encoded()
 
 
-def encode_body(body: bytes) -> str:
+def encode_body(body: bytes) -> bytes:
     """A stored body as an audit batch carries it (base64)."""
-    return base64.b64encode(body).decode("ascii")
+    return base64.b64encode(body)
 
 
 def assemble_audit_batch(
-    records: Sequence[str], *, emitted_by: str, bodies: Mapping[str, str]
+    records: Sequence[bytes], *, emitted_by: str, bodies: Mapping[str, bytes]
 ) -> bytes:
     """The ``fabric.audit-batch/1`` document of records and bodies already encoded
-    (``encode_record``, ``encode_body``): the bytes ``json.dumps`` with sorted keys and no
-    spaces would give the whole document, without encoding a record twice when a batch is
-    sized and split."""
+    (``encode_record``, ``encode_body``): the canonical JSON of the whole document, without
+    encoding a record twice when a batch is sized and split."""
     fields = []
     if bodies:
-        fields.append(f'"bodies":{_dumps(dict(bodies))}')
-    fields.append(f'"emitted_at":{_dumps(format_timestamp(datetime.now(UTC)))}')
-    fields.append(f'"emitted_by":{_dumps(emitted_by)}')
-    fields.append(f'"records":[{",".join(records)}]')
-    fields.append(f'"version":{_dumps(AUDIT_BATCH_VERSION)}')
-    return ("{" + ",".join(fields) + "}").encode("utf-8")
-
-
-# One encoder for every call: json.dumps with arguments builds a new one each time.
-_dumps = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+        encoded = b",".join(
+            canonical_json(digest) + b':"' + body + b'"' for digest, body in sorted(bodies.items())
+        )
+        fields.append(b'"bodies":{' + encoded + b"}")
+    fields.append(b'"emitted_at":' + canonical_json(format_timestamp(datetime.now(UTC))))
+    fields.append(b'"emitted_by":' + canonical_json(emitted_by))
+    fields.append(b'"records":[' + b",".join(records) + b"]")
+    fields.append(b'"version":' + canonical_json(AUDIT_BATCH_VERSION))
+    return b"{" + b",".join(fields) + b"}"
 
 
 def decode_audit_batch(body: bytes) -> AuditBatch:

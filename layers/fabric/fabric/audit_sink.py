@@ -57,7 +57,7 @@ class TransportAuditSink:
                 return True
         return False
 
-    def _message(self, records: list[str], bodies: dict[str, str]) -> OutboundMessage:
+    def _message(self, records: list[bytes], bodies: dict[str, bytes]) -> OutboundMessage:
         return OutboundMessage(
             message_id=new_message_id(),
             topic=AUDIT_TOPIC,
@@ -68,14 +68,14 @@ class TransportAuditSink:
 
 
 def _split(
-    records: list[AuditRecord], bodies: dict[str, str], *, limit: int
-) -> list[tuple[list[str], dict[str, str]]]:
+    records: list[AuditRecord], bodies: dict[str, bytes], *, limit: int
+) -> list[tuple[list[bytes], dict[str, bytes]]]:
     """The records, encoded, with the (base64) bodies they name, as parts whose encoded size
     stays under ``limit``; each record is encoded once."""
     budget = limit - _ENVELOPE_ROOM
-    parts: list[tuple[list[str], dict[str, str]]] = []
-    part_records: list[str] = []
-    part_bodies: dict[str, str] = {}
+    parts: list[tuple[list[bytes], dict[str, bytes]]] = []
+    part_records: list[bytes] = []
+    part_bodies: dict[str, bytes] = {}
     used = 0
     for record in records:
         digest = record.body_sha256 or ""

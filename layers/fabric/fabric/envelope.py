@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Any, TypeAlias, TypeVar
 
 from fabric.errors import MessageRejected
+from fabric.jsoncodec import canonical_json
 from fabric.stakeholders import Stakeholder
 
 JsonValue: TypeAlias = bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"] | None
@@ -197,7 +198,7 @@ class Envelope:
     def to_json_bytes(self) -> bytes:
         """Canonical wire form: compact UTF-8 JSON with sorted keys (stable for hashing)."""
         if self._wire is None:
-            object.__setattr__(self, "_wire", _canonical(self.to_dict()))
+            object.__setattr__(self, "_wire", canonical_json(self.to_dict()))
         return self._wire  # type: ignore[return-value]
 
 
@@ -368,16 +369,6 @@ def from_wire(data: bytes | str) -> Envelope:
     return result
 
 
-# One encoder for every call: json.dumps with arguments builds a new one each time.
-_CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-)
-
-
-def _canonical(value: JsonValue) -> bytes:
-    return _CANONICAL.encode(value).encode("utf-8")
-
-
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -444,7 +435,10 @@ def _build(obj: JsonValue, *, source: str, now: datetime, check_expiry: bool) ->
         )
         if check_expiry and envelope.expires_at is not None and envelope.expires_at <= now:
             raise _Invalid(Reason.EXPIRED, f"expired at {format_timestamp(envelope.expires_at)}")
-        size = len(envelope.to_json_bytes())
+        try:
+            size = len(envelope.to_json_bytes())
+        except ValueError as exc:  # e.g. NaN in a payload handed over as an object, not text
+            raise _Invalid(Reason.MALFORMED_JSON, f"payload is {exc}") from None
         if size > MAX_ENVELOPE_BYTES:
             raise _Invalid(
                 Reason.TOO_LARGE,
@@ -479,17 +473,19 @@ def _topic(value: JsonValue) -> str:
 
 _E = TypeVar("_E", bound=StrEnum)
 _DEFAULTS = {"priority": Priority.NORMAL.value, "classification": Classification.INTERNAL.value}
+_MEMBERS: dict[type[StrEnum], dict[str, StrEnum]] = {
+    kind: {member.value: member for member in kind} for kind in (Priority, Classification)
+}
 
 
 def _choice(obj: dict[str, JsonValue], name: str, kind: type[_E], reason: Reason) -> _E:
     value = obj.get(name)
     if value is None:
-        return kind(_DEFAULTS[name])
-    if isinstance(value, str):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
+        value = _DEFAULTS[name]
+    # A dict lookup: calling the enum costs a microsecond, twice a message.
+    member = _MEMBERS[kind].get(value) if isinstance(value, str) else None
+    if member is not None:
+        return member  # type: ignore[return-value]
     allowed = ", ".join(member.value for member in kind)
     raise _Invalid(reason, f"{name} must be one of {allowed}")
 

@@ -7,7 +7,6 @@ A message is ``accepted`` only when a transport confirmed it durably stored; eve
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from fabric.envelope import (
     Rejection,
     iter_validated,
 )
+from fabric.jsoncodec import canonical_json
 from fabric.ports import (
     AuditSink,
     Failure,
@@ -34,13 +34,15 @@ from fabric.ports import (
     Transport,
 )
 from fabric.protection import encryption_context, seal_payload
-from fabric.routing import RoutingTable
+from fabric.routing import Delivery, RoutingTable
+from fabric.stakeholders import Stakeholder
 from fabric.topology import UNROUTED_QUEUE, delivery_headers, queue_name
 
 _LOG = logging.getLogger(__name__)
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
+_PLAN_CACHE_LIMIT = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,13 +93,38 @@ class BatchResult:
 
 
 @dataclass(frozen=True, slots=True)
+class _Plan:
+    """Where one set of deliveries goes; a router sees few distinct sets, so each is worked
+    out once (see ``Router._plan``)."""
+
+    audience: frozenset[Stakeholder]
+    groups: tuple[str, ...]  # sorted, as audit records list them
+    emergency: bool
+    queues: tuple[str, ...]  # sorted; the unrouted queue when the table routes it nowhere
+
+    @classmethod
+    def of(cls, deliveries: frozenset[Delivery]) -> _Plan:
+        audience = frozenset(d.group for d in deliveries)
+        queues = sorted(queue_name(d.group, emergency=d.emergency) for d in deliveries)
+        return cls(
+            audience=audience,
+            groups=tuple(sorted(audience)),
+            emergency=any(d.emergency for d in deliveries),
+            queues=tuple(queues) or (UNROUTED_QUEUE,),
+        )
+
+
+@dataclass(slots=True)
 class _Admitted:
     index: int
     envelope: Envelope
     outbound: OutboundMessage
     encrypted: bool
-    queues: tuple[str, ...]  # where the routing table sends it
+    plan: _Plan  # where the routing table sends it
     digest: str  # SHA-256 hex of outbound.body, the stored bytes
+    # Its accepted and routed records if the first transport stores it, encoded while the
+    # broker is still storing earlier messages rather than after the last confirm.
+    expected: tuple[AuditRecord, ...] = ()
 
 
 class Router:
@@ -130,6 +157,7 @@ class Router:
         self._environment = environment
         self._metrics = metrics
         self._clock = clock
+        self._plans: dict[frozenset[Delivery], _Plan] = {}
 
     def route(self, items: Sequence[bytes | str | JsonValue], *, source: str) -> BatchResult:
         """Validate, admit, encrypt restricted payloads, publish; one result per item, in order.
@@ -147,6 +175,7 @@ class Router:
         results: list[MessageResult | None] = [None] * len(items)
         records: list[AuditRecord] = []
         admitted: list[_Admitted] = []
+        first, *others = self._transports
 
         def admit_as_published() -> Iterator[OutboundMessage]:
             # Consumed by the first transport as its confirm window has room, so validating and
@@ -155,7 +184,7 @@ class Router:
                 if isinstance(checked, Envelope):
                     rejection = self._table.admit(checked)
                     if rejection is None:
-                        candidate = self._prepare(index, checked)
+                        candidate = self._prepare(index, checked, now, first.name)
                         if isinstance(candidate, _Admitted):
                             admitted.append(candidate)
                             yield candidate.outbound
@@ -182,7 +211,6 @@ class Router:
                     )
                 )
 
-        first, *others = self._transports
         outcomes = first.publish(admit_as_published())
         failures: dict[int, Failure | None] = {}  # why the broker did not take a message
         waiting = self._settle(admitted, outcomes, results, records, now, failures=failures)
@@ -198,7 +226,9 @@ class Router:
             self._metrics.count(_counts(batch))
         return batch
 
-    def _prepare(self, index: int, envelope: Envelope) -> _Admitted | Rejection:
+    def _prepare(
+        self, index: int, envelope: Envelope, now: datetime, transport: str
+    ) -> _Admitted | Rejection:
         deliveries = self._table.deliveries(envelope)
         encrypted = envelope.classification is Classification.RESTRICTED
         if encrypted:
@@ -207,7 +237,7 @@ class Router:
                 source=envelope.source,
                 environment=self._environment,
             )
-            sealed = seal_payload(self._cipher, _json_payload(envelope.payload), context)
+            sealed = seal_payload(self._cipher, canonical_json(envelope.payload), context)
             envelope = dataclasses.replace(envelope, payload=sealed)
         body = envelope.to_json_bytes()
         if len(body) > MAX_ENVELOPE_BYTES:
@@ -216,20 +246,29 @@ class Router:
                 f"encoded envelope is {len(body)} bytes, limit {MAX_ENVELOPE_BYTES}",
                 envelope.message_id,
             )
+        plan = self._plans.get(deliveries)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE_LIMIT:
+                self._plans.clear()
+            plan = self._plans[deliveries] = _Plan.of(deliveries)
         outbound = OutboundMessage(
             message_id=envelope.message_id,
             topic=envelope.topic,
             body=body,
-            audience=frozenset(d.group for d in deliveries),
-            emergency=any(d.emergency for d in deliveries),
+            audience=plan.audience,
+            emergency=plan.emergency,
             headers=delivery_headers(envelope),
             correlation_id=envelope.correlation_id,
             reply_to=envelope.reply_to,
         )
-        queues = tuple(sorted(queue_name(d.group, emergency=d.emergency) for d in deliveries))
-        return _Admitted(
-            index, envelope, outbound, encrypted, queues or (UNROUTED_QUEUE,), sha256_hex(body)
+        item = _Admitted(index, envelope, outbound, encrypted, plan, sha256_hex(body))
+        item.expected = (
+            self._record(AuditEvent.ACCEPTED, item, transport, now),
+            self._record(AuditEvent.ROUTED, item, transport, now, queues=plan.queues),
         )
+        for record in item.expected:
+            record.encoded()
+        return item
 
     def _settle(
         self,
@@ -252,14 +291,20 @@ class Router:
             results[item.index] = MessageResult(
                 item.envelope.message_id, ACCEPTED, transport=outcome.transport
             )
-            accepted = self._accepted_record(item, outcome.transport, now)
-            records.append(accepted)
+            if item.index not in failures and outcome.transport == item.expected[0].transport:
+                records.extend(item.expected)
+                continue
+            records.append(self._record(AuditEvent.ACCEPTED, item, outcome.transport, now))
             if item.index in failures:  # stored by a later transport: the fallback path
                 why = failures[item.index] or Failure.UNAVAILABLE
-                records.append(dataclasses.replace(accepted, event=AuditEvent.FALLBACK, reason=why))
+                records.append(
+                    self._record(AuditEvent.FALLBACK, item, outcome.transport, now, reason=why)
+                )
             else:
                 records.append(
-                    dataclasses.replace(accepted, event=AuditEvent.ROUTED, queues=item.queues)
+                    self._record(
+                        AuditEvent.ROUTED, item, outcome.transport, now, queues=item.plan.queues
+                    )
                 )
         if waiting:
             _LOG.warning("a transport could not store %d message(s)", len(waiting))
@@ -291,22 +336,31 @@ class Router:
                 )
             )
 
-    def _accepted_record(
-        self, item: _Admitted, transport: str | None, now: datetime
+    def _record(
+        self,
+        event: AuditEvent,
+        item: _Admitted,
+        transport: str | None,
+        now: datetime,
+        *,
+        reason: str | None = None,
+        queues: tuple[str, ...] = (),
     ) -> AuditRecord:
         envelope = item.envelope
         return AuditRecord(
-            event=AuditEvent.ACCEPTED,
+            event=event,
             at=now,
             message_id=envelope.message_id,
             source=envelope.source,
             topic=envelope.topic,
             body_sha256=item.digest,
+            reason=reason,
             transport=transport,
-            classification=str(envelope.classification),
-            priority=str(envelope.priority),
-            groups=tuple(sorted(item.outbound.audience)),
+            classification=envelope.classification,
+            priority=envelope.priority,
+            groups=item.plan.groups,
             encrypted=item.encrypted,
+            queues=queues,
         )
 
     def _emit(self, records: list[AuditRecord], admitted: list[_Admitted]) -> None:
@@ -329,17 +383,12 @@ def _counts(batch: BatchResult) -> dict[str, int]:
     }
 
 
-# One encoder for every call: json.dumps with arguments builds a new one each time.
-_PAYLOAD_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-
-
-def _json_payload(payload: JsonValue) -> bytes:
-    return _PAYLOAD_ENCODER.encode(payload).encode()
-
-
 def _raw_digest(item: bytes | str | JsonValue) -> str:
     if isinstance(item, bytes):
         return sha256_hex(item)
     if isinstance(item, str):
         return sha256_hex(item.encode("utf-8", "surrogatepass"))
-    return sha256_hex(_json_payload(item))
+    try:
+        return sha256_hex(canonical_json(item))
+    except ValueError:  # refused because it is not JSON (NaN, a lone surrogate): hash its repr
+        return sha256_hex(repr(item).encode("utf-8", "surrogatepass"))

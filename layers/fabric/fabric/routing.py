@@ -237,30 +237,43 @@ class RoutingTable:
     publish: tuple[PublishRule, ...]
     # Per-topic answers, filled on first use: a router sees the same few topics again and again,
     # and matching every pattern of the table for every message is the router's hottest path.
-    _by_topic: dict[str, tuple[Route, ...]] = field(
+    _by_topic: dict[str, tuple[tuple[Route, ...], bool]] = field(
         default_factory=dict, compare=False, hash=False, repr=False
-    )
+    )  # topic -> (its routes, whether none of them looks at headers)
+    _deliveries: dict[tuple[str, frozenset[Stakeholder] | None], frozenset[Delivery]] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )  # (topic, audience) -> deliveries, for topics whose routes never look at headers
     _publishers: dict[tuple[str, str], bool] = field(
         default_factory=dict, compare=False, hash=False, repr=False
     )
 
     def matching_routes(self, envelope: Envelope) -> tuple[Route, ...]:
         """The routes the envelope's topic and headers match, in table order."""
-        by_topic = self._by_topic.get(envelope.topic)
-        if by_topic is None:
-            if len(self._by_topic) >= _CACHE_LIMIT:
-                self._by_topic.clear()
-            by_topic = tuple(r for r in self.routes if topic_matches(r.pattern, envelope.topic))
-            self._by_topic[envelope.topic] = by_topic
+        by_topic, header_free = self._topic_routes(envelope.topic)
+        if header_free:
+            return by_topic
         return tuple(
             r for r in by_topic if r.headers is None or r.headers.matches(envelope.headers)
         )
+
+    def _topic_routes(self, topic: str) -> tuple[tuple[Route, ...], bool]:
+        known = self._by_topic.get(topic)
+        if known is None:
+            if len(self._by_topic) >= _CACHE_LIMIT:
+                self._by_topic.clear()
+            routes = tuple(r for r in self.routes if topic_matches(r.pattern, topic))
+            known = self._by_topic[topic] = (routes, all(r.headers is None for r in routes))
+        return known
 
     def deliveries(self, envelope: Envelope) -> frozenset[Delivery]:
         """Every (group, emergency) destination of the envelope, narrowed by its audience.
 
         Empty means unroutable: the message belongs in the unrouted queue.
         """
+        key = (envelope.topic, envelope.audience)
+        cached = self._deliveries.get(key)
+        if cached is not None:
+            return cached
         found = {
             Delivery(group, route.emergency)
             for route in self.matching_routes(envelope)
@@ -268,7 +281,12 @@ class RoutingTable:
         }
         if envelope.audience is not None:
             found = {d for d in found if d.group in envelope.audience}
-        return frozenset(found)
+        deliveries = frozenset(found)
+        if self._topic_routes(envelope.topic)[1]:  # headers cannot change the answer
+            if len(self._deliveries) >= _CACHE_LIMIT:
+                self._deliveries.clear()
+            self._deliveries[key] = deliveries
+        return deliveries
 
     def resolve(self, envelope: Envelope) -> frozenset[Stakeholder]:
         """The groups that receive the envelope: the union of its matching routes' groups,

@@ -1,0 +1,46 @@
+"""Canonical JSON: compact UTF-8, keys sorted, no ASCII escaping, strict.
+
+The fabric stores, hashes and encrypts this encoding. orjson writes it, about fifteen times
+faster than the standard library, which matters on the router's path (an envelope and two audit
+records per message). The standard library writes what orjson cannot (integers beyond 64 bits);
+both give the same bytes for strings, integers, booleans, null, lists and objects, and the same
+shortest round-trip digits for floats (orjson spells small exponents ``1e-7``, not ``1e-07``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+
+_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+_STRICT = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
+def canonical_json(value: object) -> bytes:
+    """``value`` as canonical JSON bytes.
+
+    Raises:
+        ValueError: ``value`` is not strict JSON: a NaN or infinite number, an object key that
+            is not a string, text that is not Unicode (a lone surrogate), a value of a type JSON
+            does not have (a datetime, a set), or nesting deeper than 254 levels.
+    """
+    try:
+        out = orjson.dumps(value, option=_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        if "Integer exceeds 64-bit range" not in str(exc):
+            raise ValueError(f"not JSON: {exc}") from None
+        return _stdlib(value)
+    if b"null" in out:
+        # orjson writes NaN and the infinities as null; only a strict encoder tells them apart.
+        _stdlib(value)
+    return out
+
+
+def _stdlib(value: object) -> bytes:
+    try:
+        return _STRICT.encode(value).encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ValueError(f"not JSON: {exc}") from None

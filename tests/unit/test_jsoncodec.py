@@ -1,0 +1,47 @@
+"""Canonical JSON: the bytes the fabric stores and hashes, whichever encoder writes them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fabric.jsoncodec import canonical_json
+
+_STDLIB = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+# Every JSON value but floats: orjson and the standard library write these byte for byte alike.
+exact_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(st.characters(exclude_categories=["Cs"])),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(st.characters(exclude_categories=["Cs"])), children, max_size=4)
+    ),
+    max_leaves=16,
+)
+
+
+@given(exact_values)
+def test_canonical_json_is_the_standard_librarys_compact_sorted_utf8(value: object) -> None:
+    assert canonical_json(value) == _STDLIB.encode(value).encode("utf-8")
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_floats_keep_their_exact_value(number: float) -> None:
+    assert json.loads(canonical_json({"n": number})) == {"n": number}
+
+
+def test_control_characters_and_quotes_are_escaped_and_the_rest_is_utf8() -> None:
+    assert canonical_json('\n\t"\\\x01é😀') == '"\\n\\t\\"\\\\\\u0001é😀"'.encode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [float("nan"), [None, float("-inf")], {"a": None, "b": float("inf")}, {1: 2}, "\udc00"],
+    ids=["nan", "infinity-beside-null", "infinity-in-object", "integer-key", "surrogate"],
+)
+def test_what_is_not_strict_json_is_refused(value: object) -> None:
+    with pytest.raises(ValueError, match="not JSON"):
+        canonical_json(value)
