@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,20 @@ import pika
 
 ROOT = Path(__file__).resolve().parent.parent
 Figure = tuple[str, float, str]
-MANAGEMENT_URL = "http://127.0.0.1:15672"
+
+
+@dataclass(frozen=True)
+class Broker:
+    """Where a benchmark's RabbitMQ is: the shared local broker unless it says otherwise."""
+
+    amqp_port: int = 5672
+    management_url: str = "http://127.0.0.1:15672"
+
+    def parameters(self, vhost: str) -> pika.ConnectionParameters:
+        return pika.ConnectionParameters("127.0.0.1", self.amqp_port, virtual_host=vhost)
+
+
+SHARED = Broker()
 REGION = "ap-southeast-3"
 BULK_TOPIC = "media.story.published"  # routed to one group (media)
 FANOUT_TOPIC = "research.dataset.synced"  # routed to academic and government
@@ -49,7 +63,7 @@ EMERGENCY_TOPIC = "child-safety.incident.reported"  # emergency path, government
 
 
 @contextmanager
-def fabric_vhost() -> Iterator[str]:
+def fabric_vhost(broker: Broker = SHARED) -> Iterator[str]:
     """A fresh vhost with the generated topology (its users renamed and removed afterwards)."""
     from fabric.adapters.management import ManagementClient
     from fabric.routing import default_routing_table
@@ -57,7 +71,7 @@ def fabric_vhost() -> Iterator[str]:
     from fabric.topology_apply import apply_topology
 
     vhost = f"fabric-bench-{uuid.uuid4().hex[:8]}"
-    client = ManagementClient(MANAGEMENT_URL, "guest", "guest")
+    client = ManagementClient(broker.management_url, "guest", "guest")
     document = definitions(default_routing_table(), vhost=vhost)
     # Users are broker-wide: give the bench its own, so it never changes anyone else's.
     rename = {u["name"]: f"{vhost}-{u['name']}" for u in document["users"]}
@@ -94,7 +108,7 @@ def moto_kms() -> Iterator[str]:
         yield boto3.client("kms", region_name=REGION).create_key()["KeyMetadata"]["Arn"]
 
 
-def build_router(vhost: str, key_arn: str) -> Any:
+def build_router(vhost: str, key_arn: str, broker: Broker = SHARED) -> Any:
     from fabric.adapters.esdk import EsdkCipher
     from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
     from fabric.audit_sink import TransportAuditSink
@@ -103,7 +117,7 @@ def build_router(vhost: str, key_arn: str) -> Any:
     from fabric.routing import default_routing_table
 
     transport = RabbitMqTransport(
-        RabbitSettings("127.0.0.1", 5672, lambda: ("guest", "guest"), vhost=vhost),
+        RabbitSettings("127.0.0.1", broker.amqp_port, lambda: ("guest", "guest"), vhost=vhost),
         exchange_for=exchange_for,
     )
     return Router(
@@ -124,8 +138,8 @@ def message(topic: str, size: int = 1024, **fields: Any) -> dict[str, Any]:
     }
 
 
-def purge(vhost: str, queues: list[str]) -> None:
-    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", virtual_host=vhost))
+def purge(vhost: str, queues: list[str], broker: Broker = SHARED) -> None:
+    connection = pika.BlockingConnection(broker.parameters(vhost))
     channel = connection.channel()
     for queue in queues:
         channel.queue_purge(queue)
@@ -143,6 +157,7 @@ def raw_publish(
     bodies: list[bytes],
     headers: dict[str, str],
     window: int = 2000,
+    broker: Broker = SHARED,
 ) -> float:
     """Publish ``bodies`` with persistent delivery, mandatory, and a confirm window; msgs/s.
 
@@ -184,7 +199,7 @@ def raw_publish(
         pump(channel)
 
     connection = SelectConnection(
-        pika.ConnectionParameters("127.0.0.1", virtual_host=vhost),
+        broker.parameters(vhost),
         on_open_callback=lambda c: c.channel(on_open_callback=on_channel),
         on_close_callback=lambda *_: connection.ioloop.stop(),
     )
@@ -197,13 +212,55 @@ def raw_publish(
 
 def bench_router_vs_raw(count: int = 20_000, rounds: int = 2) -> Iterator[Figure]:
     """Router throughput against raw pika to the same exchange and queues, same run."""
+    rates = _router_and_raw(SHARED, count=count, rounds=rounds, instances=(1, 2))
+    raw = rates["raw"]
+    yield "raw_publish_msgs_per_s", raw, "msg/s"
+    yield "transport_msgs_per_s", rates["transport"], "msg/s"
+    yield "router_msgs_per_s", rates["router"], "msg/s"
+    yield "router_2_instances_msgs_per_s", rates["router_2"], "msg/s"
+    yield "transport_vs_raw_publish", rates["transport"] / raw, "ratio"
+    yield "router_vs_raw_publish", rates["router"] / raw, "ratio"
+    yield "router_2_instances_vs_raw_publish", rates["router_2"] / raw, "ratio"
+
+
+def bench_router_vs_raw_own_core(count: int = 20_000, rounds: int = 3) -> Iterator[Figure]:
+    """The same comparison with the broker on a core of its own, as on Amazon MQ, where the
+    broker runs on hosts of its own: a private RabbitMQ node (same version, same topology)
+    pinned to CPU 0, and this process, both sides of the ratio, pinned to CPU 1."""
+    sys.path.insert(0, str(ROOT))  # the drills' private node
+    from tests.integration.private_node import private_node
+
+    ours = os.sched_getaffinity(0)
+    with private_node() as node:
+        pid = node.pid
+        if pid is None:
+            raise RuntimeError("the private node wrote no pid file")
+        for thread in os.listdir(f"/proc/{pid}/task"):  # threads started later inherit it
+            os.sched_setaffinity(int(thread), {0})
+        os.sched_setaffinity(0, {1})
+        try:
+            broker = Broker(node.amqp_port, node.management_url)
+            rates = _router_and_raw(broker, count=count, rounds=rounds, instances=(1,))
+        finally:
+            os.sched_setaffinity(0, ours)
+    yield "own_core_raw_publish_msgs_per_s", rates["raw"], "msg/s"
+    yield "own_core_router_msgs_per_s", rates["router"], "msg/s"
+    yield "own_core_router_vs_raw_publish", rates["router"] / rates["raw"], "ratio"
+
+
+def _router_and_raw(
+    broker: Broker, *, count: int, rounds: int, instances: tuple[int, ...]
+) -> dict[str, float]:
+    """The best of ``rounds`` alternating rounds: the router's transport alone with prebuilt
+    messages, raw pika, and the router (one instance, and more at once if ``instances`` says
+    so), each after the queues are purged; msgs/s by side."""
     from fabric.envelope import validate_envelope
     from fabric.ports import OutboundMessage
     from fabric.stakeholders import Stakeholder
     from fabric.topology import INGRESS_EXCHANGE, delivery_headers
 
-    with fabric_vhost() as vhost, moto_kms() as key:
-        router = build_router(vhost, key)
+    with fabric_vhost(broker) as vhost, moto_kms() as key:
+        router = build_router(vhost, key, broker)
         queues = ["fabric.academic", "fabric.government", "fabric.audit"]
         items = [message(FANOUT_TOPIC, classification="internal") for _ in range(count)]
         envelopes = [validate_envelope(item, "academic") for item in items]
@@ -216,24 +273,24 @@ def bench_router_vs_raw(count: int = 20_000, rounds: int = 2) -> Iterator[Figure
             OutboundMessage(str(uuid.uuid4()), FANOUT_TOPIC, body, router_groups, headers=headers)
             for body in bodies
         ]
-        raw_rates, router_rates, transport_rates, pair_rates = [], [], [], []
+        rates: dict[str, list[float]] = {}
         for _ in range(rounds):
-            purge(vhost, queues)
+            purge(vhost, queues, broker)
             started = time.perf_counter()
             for start in range(0, count, 500):
                 transport.publish(prepared[start : start + 500])
-            transport_rates.append(count / (time.perf_counter() - started))
-            purge(vhost, queues)
-            raw_rates.append(
-                raw_publish(
-                    vhost,
-                    exchange=INGRESS_EXCHANGE,
-                    routing_key=FANOUT_TOPIC,
-                    bodies=bodies,
-                    headers=headers,
-                )
+            rates.setdefault("transport", []).append(count / (time.perf_counter() - started))
+            purge(vhost, queues, broker)
+            raw = raw_publish(
+                vhost,
+                exchange=INGRESS_EXCHANGE,
+                routing_key=FANOUT_TOPIC,
+                bodies=bodies,
+                headers=headers,
+                broker=broker,
             )
-            purge(vhost, queues)
+            rates.setdefault("raw", []).append(raw)
+            purge(vhost, queues, broker)
             started = time.perf_counter()
             for start in range(0, count, 500):
                 result = router.route(items[start : start + 500], source="academic")
@@ -241,21 +298,17 @@ def bench_router_vs_raw(count: int = 20_000, rounds: int = 2) -> Iterator[Figure
                     raise RuntimeError(
                         f"router rejected messages: {result.to_dict()['results'][:2]}"
                     )
-            router_rates.append(count / (time.perf_counter() - started))
-            purge(vhost, queues)
-            pair_rates.append(_route_concurrently(vhost, key, items, instances=2))
-    raw, routed, transported = max(raw_rates), max(router_rates), max(transport_rates)
-    pair = max(pair_rates)
-    yield "raw_publish_msgs_per_s", raw, "msg/s"
-    yield "transport_msgs_per_s", transported, "msg/s"
-    yield "router_msgs_per_s", routed, "msg/s"
-    yield "router_2_instances_msgs_per_s", pair, "msg/s"
-    yield "transport_vs_raw_publish", transported / raw, "ratio"
-    yield "router_vs_raw_publish", routed / raw, "ratio"
-    yield "router_2_instances_vs_raw_publish", pair / raw, "ratio"
+            rates.setdefault("router", []).append(count / (time.perf_counter() - started))
+            for n in instances[1:]:
+                purge(vhost, queues, broker)
+                rate = _route_concurrently(vhost, key, items, instances=n, broker=broker)
+                rates.setdefault(f"router_{n}", []).append(rate)
+    return {side: max(values) for side, values in rates.items()}
 
 
-def _route_concurrently(vhost: str, key: str, items: list[Any], *, instances: int) -> float:
+def _route_concurrently(
+    vhost: str, key: str, items: list[Any], *, instances: int, broker: Broker
+) -> float:
     """``items`` split over ``instances`` router processes routing at the same time, as
     concurrent Lambda invocations do; msgs/s of them together, from the common start to the
     last one's end. Each connects and warms up before the clock starts."""
@@ -264,7 +317,13 @@ def _route_concurrently(vhost: str, key: str, items: list[Any], *, instances: in
     workers = [
         multiprocessing.Process(
             target=_route_share,
-            args=(vhost, key, items[i * share : (i + 1) * share], start, results),
+            args=(vhost, key),
+            kwargs={
+                "broker": broker,
+                "items": items[i * share : (i + 1) * share],
+                "start": start,
+                "results": results,
+            },
         )
         for i in range(instances)
     ]
@@ -282,8 +341,10 @@ def _route_concurrently(vhost: str, key: str, items: list[Any], *, instances: in
     return share * instances / (max(finished) - started)
 
 
-def _route_share(vhost: str, key: str, items: list[Any], start: Any, results: Any) -> None:
-    router = build_router(vhost, key)
+def _route_share(
+    vhost: str, key: str, *, broker: Broker, items: list[Any], start: Any, results: Any
+) -> None:
+    router = build_router(vhost, key, broker)
     router.route([message(FANOUT_TOPIC, classification="internal")], source="academic")
     results.put("ready")
     start.wait()
@@ -634,6 +695,7 @@ def bench_failover(alerts: int = 20) -> Iterator[Figure]:
 
 BENCHMARKS: dict[str, Callable[[], Iterator[Figure]]] = {
     "router_vs_raw_publish": bench_router_vs_raw,
+    "router_vs_raw_publish_own_core": bench_router_vs_raw_own_core,
     "router_restricted_vs_esdk": bench_restricted_vs_esdk,
     "emergency_latency": bench_emergency_latency,
     "router_cold_init": bench_cold_init,
