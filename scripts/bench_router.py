@@ -19,6 +19,7 @@ afterwards; nothing else on the shared broker is touched. Figures (see BENCHMARK
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import multiprocessing
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -221,6 +223,9 @@ def bench_router_vs_raw(count: int = 20_000, rounds: int = 2) -> Iterator[Figure
     yield "transport_vs_raw_publish", rates["transport"] / raw, "ratio"
     yield "router_vs_raw_publish", rates["router"] / raw, "ratio"
     yield "router_2_instances_vs_raw_publish", rates["router_2"] / raw, "ratio"
+    for side in ("raw", "router"):
+        yield f"{side}_client_cpu_us_per_msg", rates[f"{side}_client_cpu_us"], "us/msg"
+        yield f"{side}_broker_cpu_us_per_msg", rates[f"{side}_broker_cpu_us"], "us/msg"
 
 
 def bench_router_vs_raw_own_core(count: int = 20_000, rounds: int = 3) -> Iterator[Figure]:
@@ -274,6 +279,7 @@ def _router_and_raw(
             for body in bodies
         ]
         rates: dict[str, list[float]] = {}
+        cpu = _CpuMeter(_broker_pid(broker))
         for _ in range(rounds):
             purge(vhost, queues, broker)
             started = time.perf_counter()
@@ -281,29 +287,73 @@ def _router_and_raw(
                 transport.publish(prepared[start : start + 500])
             rates.setdefault("transport", []).append(count / (time.perf_counter() - started))
             purge(vhost, queues, broker)
-            raw = raw_publish(
-                vhost,
-                exchange=INGRESS_EXCHANGE,
-                routing_key=FANOUT_TOPIC,
-                bodies=bodies,
-                headers=headers,
-                broker=broker,
-            )
+            with cpu.measure("raw", count):
+                raw = raw_publish(
+                    vhost,
+                    exchange=INGRESS_EXCHANGE,
+                    routing_key=FANOUT_TOPIC,
+                    bodies=bodies,
+                    headers=headers,
+                    broker=broker,
+                )
             rates.setdefault("raw", []).append(raw)
             purge(vhost, queues, broker)
-            started = time.perf_counter()
-            for start in range(0, count, 500):
-                result = router.route(items[start : start + 500], source="academic")
-                if result.rejected:
-                    raise RuntimeError(
-                        f"router rejected messages: {result.to_dict()['results'][:2]}"
-                    )
-            rates.setdefault("router", []).append(count / (time.perf_counter() - started))
+            with cpu.measure("router", count):
+                started = time.perf_counter()
+                for start in range(0, count, 500):
+                    result = router.route(items[start : start + 500], source="academic")
+                    if result.rejected:
+                        raise RuntimeError(
+                            f"router rejected messages: {result.to_dict()['results'][:2]}"
+                        )
+                rates.setdefault("router", []).append(count / (time.perf_counter() - started))
             for n in instances[1:]:
                 purge(vhost, queues, broker)
                 rate = _route_concurrently(vhost, key, items, instances=n, broker=broker)
                 rates.setdefault(f"router_{n}", []).append(rate)
-    return {side: max(values) for side, values in rates.items()}
+    return {side: max(values) for side, values in rates.items()} | cpu.per_message()
+
+
+def _broker_pid(broker: Broker) -> int:
+    """The OS pid of the broker's Erlang VM, as its management API reports it."""
+    request = urllib.request.Request(  # noqa: S310 (loopback only)
+        f"{broker.management_url}/api/nodes",
+        headers={"authorization": "Basic " + base64.b64encode(b"guest:guest").decode()},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+        (node,) = json.load(response)
+    return int(node["os_pid"])
+
+
+class _CpuMeter:
+    """CPU seconds of this process and of the broker's VM (``/proc/<pid>/stat``) while a side
+    runs, per message over all its rounds."""
+
+    def __init__(self, broker_pid: int) -> None:
+        self._broker_pid = broker_pid
+        self._spent: dict[str, list[float]] = {}  # side -> [client s, broker s, messages]
+
+    @contextmanager
+    def measure(self, side: str, messages: int) -> Iterator[None]:
+        client, broker = time.process_time(), self._broker_seconds()
+        yield
+        spent = self._spent.setdefault(side, [0.0, 0.0, 0])
+        spent[0] += time.process_time() - client
+        spent[1] += self._broker_seconds() - broker
+        spent[2] += messages
+
+    def per_message(self) -> dict[str, float]:
+        """``<side>_client_cpu_us`` and ``<side>_broker_cpu_us`` per message."""
+        out = {}
+        for side, (client, broker, messages) in self._spent.items():
+            out[f"{side}_client_cpu_us"] = client / messages * 1e6
+            out[f"{side}_broker_cpu_us"] = broker / messages * 1e6
+        return out
+
+    def _broker_seconds(self) -> float:
+        with open(f"/proc/{self._broker_pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _route_concurrently(
@@ -476,11 +526,11 @@ def bench_emergency_latency(backlog: int = 100_000, alerts: int = 300) -> Iterat
             if router.route([alert], source="community").accepted != 1:
                 raise RuntimeError("an emergency was not accepted")
             sent[alert["message_id"]] = started
-            time.sleep(0.01)
+            time.sleep(0.005)
             message_id = str(uuid.uuid4())
             raw_sent[message_id] = time.monotonic()
             raw.publish(message_id)
-            time.sleep(0.01)
+            time.sleep(0.005)
         raw.close()
         sent_ids = set(sent) | set(raw_sent)
         arrivals: dict[str, float] = {}
