@@ -49,6 +49,7 @@ class Broker:
 
     amqp_port: int = 5672
     management_url: str = "http://127.0.0.1:15672"
+    pid: int | None = None  # its Erlang VM's; None: ask its management API
 
     def parameters(self, vhost: str) -> pika.ConnectionParameters:
         return pika.ConnectionParameters("127.0.0.1", self.amqp_port, virtual_host=vhost)
@@ -244,7 +245,7 @@ def bench_router_vs_raw_own_core(count: int = 20_000, rounds: int = 3) -> Iterat
             os.sched_setaffinity(int(thread), {0})
         os.sched_setaffinity(0, {1})
         try:
-            broker = Broker(node.amqp_port, node.management_url)
+            broker = Broker(node.amqp_port, node.management_url, pid)
             rates = _router_and_raw(broker, count=count, rounds=rounds, instances=(1,))
         finally:
             os.sched_setaffinity(0, ours)
@@ -315,14 +316,21 @@ def _router_and_raw(
 
 
 def _broker_pid(broker: Broker) -> int:
-    """The OS pid of the broker's Erlang VM, as its management API reports it."""
+    """The OS pid of the broker's Erlang VM: given, or as its management API reports it (a
+    node's statistics, which hold it, arrive some seconds after it starts)."""
+    if broker.pid is not None:
+        return broker.pid
     request = urllib.request.Request(  # noqa: S310 (loopback only)
         f"{broker.management_url}/api/nodes",
         headers={"authorization": "Basic " + base64.b64encode(b"guest:guest").decode()},
     )
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-        (node,) = json.load(response)
-    return int(node["os_pid"])
+    for _ in range(30):
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            (node,) = json.load(response)
+        if "os_pid" in node:
+            return int(node["os_pid"])
+        time.sleep(1)
+    raise RuntimeError(f"{broker.management_url} reports no os_pid for its node")
 
 
 class _CpuMeter:
