@@ -95,7 +95,7 @@ class BatchResult:
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """Where one set of deliveries goes; a router sees few distinct sets, so each is worked
-    out once (see ``Router._plan``)."""
+    out once (see ``Router._plan_for``)."""
 
     audience: frozenset[Stakeholder]
     groups: tuple[str, ...]  # sorted, as audit records list them
@@ -246,11 +246,7 @@ class Router:
                 f"encoded envelope is {len(body)} bytes, limit {MAX_ENVELOPE_BYTES}",
                 envelope.message_id,
             )
-        plan = self._plans.get(deliveries)
-        if plan is None:
-            if len(self._plans) >= _PLAN_CACHE_LIMIT:
-                self._plans.clear()
-            plan = self._plans[deliveries] = _Plan.of(deliveries)
+        plan = self._plan_for(deliveries)
         outbound = OutboundMessage(
             message_id=envelope.message_id,
             topic=envelope.topic,
@@ -269,6 +265,14 @@ class Router:
         for record in item.expected:
             record.encoded()
         return item
+
+    def _plan_for(self, deliveries: frozenset[Delivery]) -> _Plan:
+        plan = self._plans.get(deliveries)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE_LIMIT:
+                self._plans.clear()
+            plan = self._plans[deliveries] = _Plan.of(deliveries)
+        return plan
 
     def _settle(
         self,
