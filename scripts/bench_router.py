@@ -447,7 +447,7 @@ def bench_restricted_vs_esdk(count: int = 3_000) -> Iterator[Figure]:
 
 def _drain(vhost: str, queue: str, stop: Any, drained: Any) -> None:
     """Another process: consume the bulk backlog as fast as a consumer does (prefetch 500)."""
-    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", virtual_host=vhost))
+    connection = pika.BlockingConnection(SHARED.parameters(vhost))
     channel = connection.channel()
     channel.basic_qos(prefetch_count=500)
 
@@ -467,7 +467,7 @@ def _consume_emergencies(vhost: str, ready: Any, stop: Any, arrivals: Any) -> No
 
     Times are ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in every process).
     """
-    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", virtual_host=vhost))
+    connection = pika.BlockingConnection(SHARED.parameters(vhost))
     channel = connection.channel()
 
     def on_message(ch: Any, method: Any, properties: Any, _body: bytes) -> None:
@@ -587,9 +587,7 @@ class _RawEmergencyPublisher:
         self._body = envelope.to_json_bytes()
         self._headers = delivery_headers(envelope)
         self._exchange = EMERGENCY_EXCHANGE
-        self._connection = pika.BlockingConnection(
-            pika.ConnectionParameters("127.0.0.1", virtual_host=vhost)
-        )
+        self._connection = pika.BlockingConnection(SHARED.parameters(vhost))
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
 
@@ -694,7 +692,7 @@ def bench_failover(alerts: int = 20) -> Iterator[Figure]:
     from tests.integration.faults import FaultProxy
 
     with fabric_vhost() as vhost, moto_fallback() as aws:
-        proxy = FaultProxy(("127.0.0.1", 5672))
+        proxy = FaultProxy(("127.0.0.1", SHARED.amqp_port))
         rabbit = RabbitMqTransport(
             RabbitSettings("127.0.0.1", proxy.port, lambda: ("guest", "guest"), vhost=vhost),
             exchange_for=exchange_for,
@@ -737,7 +735,9 @@ def bench_failover(alerts: int = 20) -> Iterator[Figure]:
             ],
             source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
             broker=RabbitMqTransport(
-                RabbitSettings("127.0.0.1", 5672, lambda: ("guest", "guest"), vhost=vhost),
+                RabbitSettings(
+                    "127.0.0.1", SHARED.amqp_port, lambda: ("guest", "guest"), vhost=vhost
+                ),
                 exchange_for=exchange_for,
             ),
             audit=MemoryAuditSink(),

@@ -286,15 +286,14 @@ def replay_from_environment(environ: Mapping[str, str] | None = None) -> ReplayR
 
 
 def _archive_client(service_name: str) -> Any:
-    import boto3
-    from botocore.config import Config
-
     # Reading the trail is not on a message's path: an archive object may take longer than the
     # router's two seconds to arrive, and the SDK's retries are worth their time here.
-    config = Config(
-        connect_timeout=5, read_timeout=30, retries={"max_attempts": 5, "mode": "standard"}
+    return _aws_client(
+        service_name,
+        connect_timeout=5,
+        read_timeout=30,
+        retries={"max_attempts": 5, "mode": "standard"},
     )
-    return boto3.client(service_name, config=config)
 
 
 def drainer_from_environment(environ: Mapping[str, str] | None = None) -> Drainer:
@@ -316,15 +315,22 @@ def router_runtime(environ: Mapping[str, str] | None = None) -> RouterRuntime:
 
 
 def _boto3_client(service_name: str) -> Any:
+    # Bounded, so a failing AWS endpoint is noticed in about a second, not after the SDK's
+    # default minute of retries: the router must answer an emergency within a second.
+    return _aws_client(
+        service_name,
+        connect_timeout=1,
+        read_timeout=2,
+        retries={"max_attempts": 2, "mode": "standard"},
+    )
+
+
+def _aws_client(service_name: str, **config: Any) -> Any:
+    """A boto3 client with this botocore ``Config``; boto3 is imported on first use."""
     import boto3
     from botocore.config import Config
 
-    # Bounded, so a failing AWS endpoint is noticed in about a second, not after the SDK's
-    # default minute of retries: the router must answer an emergency within a second.
-    config = Config(
-        connect_timeout=1, read_timeout=2, retries={"max_attempts": 2, "mode": "standard"}
-    )
-    return boto3.client(service_name, config=config)
+    return boto3.client(service_name, config=Config(**config))
 
 
 # -- compliance report -------------------------------------------------------------------------
@@ -379,17 +385,14 @@ def compliance_reporter_from_environment(
 
 
 def _report_client(service_name: str) -> Any:
-    import boto3
-    from botocore.config import Config
-
     from fabric.compliance_run import READ_WORKERS
 
     # The report reads objects READ_WORKERS at a time: one pooled connection each. Its reads
     # are not on a message's path, so the SDK's retries are kept.
-    config = Config(
+    return _aws_client(
+        service_name,
         max_pool_connections=READ_WORKERS + 4,
         connect_timeout=5,
         read_timeout=30,
         retries={"max_attempts": 5, "mode": "standard"},
     )
-    return boto3.client(service_name, config=config)
