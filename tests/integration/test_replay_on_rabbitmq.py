@@ -13,6 +13,7 @@ import base64
 import hashlib
 import io
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from fabric.topology import AUDIT_QUEUE, REPLAY_HEADER, queue_name
 from tests.integration.aws_audit import create_audit_bucket, create_idempotency_table
 from tests.integration.aws_fallback import REGION
 from tests.integration.conftest import AMQP, GUEST
+from tests.integration.faults import FaultProxy
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +48,7 @@ BUCKET = "fabric-test-audit"
 TABLE = "fabric-test-idempotency"
 WRITER = "fabric-test-audit-writer"
 CANARY = "CANARY-Siti-Rahayu-born-2017"
+STALL = 1.5  # seconds: above the router's confirm timeout, below the replay's
 
 
 @pytest.fixture
@@ -212,7 +215,7 @@ def test_a_period_and_topic_filter_replay_the_stored_bytes_into_the_stakeholder_
         0,
         0,
         "done",
-    )
+    ), report.problems
     replayed = take(fabric)
     chosen = {gift["message_id"], alarm["message_id"]}
     expected = {
@@ -375,6 +378,42 @@ def test_a_broker_that_is_down_stops_the_replay_and_publishes_nothing(
     assert "  failed" in out.getvalue()
     assert "stopped: broker unavailable" in out.getvalue()
     assert "resume with the same command and: --replay-id replay-it-2" in out.getvalue()
+
+
+def test_a_broker_stall_holds_the_replay_up_but_does_not_stop_it(fabric: SimpleNamespace) -> None:
+    # The broker goes silent for longer than the router's confirm timeout (0.5 s, after which
+    # the router fails over) but shorter than the replay's: the replay, which has no fallback,
+    # waits for the confirms instead of stopping for a re-run.
+    periods = []
+    for _ in range(2):
+        start = moment()
+        fabric.router.route([donation()], source="community")
+        periods.append({"start": format_timestamp(start), "end": format_timestamp(moment())})
+    write_audit_queue(fabric)
+    take(fabric)
+    proxy = FaultProxy(AMQP)
+    try:
+        replay = build_replay(
+            ReplaySettings(
+                **{**fabric.broker, "rabbitmq_port": proxy.port}, bucket=BUCKET, max_seconds=60
+            )
+        )
+        first = replay.replayer.run(parse_request(periods[0]))
+        assert (first.replayed, first.stopped) == (1, "done"), first.problems
+        proxy.blackhole()  # the connection stays open, and silent
+        threading.Timer(STALL, proxy.restore).start()
+        began = time.monotonic()
+        second = replay.replayer.run(parse_request(periods[1]))
+        waited = time.monotonic() - began
+    finally:
+        proxy.close()
+    assert (second.replayed, second.failed, second.stopped) == (1, 0, "done"), second.problems
+    assert waited >= STALL  # it did wait the stall out
+    arrived = take(fabric)
+    assert {queue: len(items) for queue, items in arrived.items()} == {
+        "fabric.business": 2,
+        "fabric.community": 2,
+    }
 
 
 def test_the_bucket_reader_lists_writers_and_days_and_tells_missing_from_unreachable(

@@ -95,10 +95,17 @@ def build_router_runtime(
     return RouterRuntime(router=router, settings=settings)
 
 
+# The drain, the redrive and the replay have no fallback: a confirm timeout stops their run, to
+# be done again. They wait out a broker stall (a quorum WAL roll-over, a GC) that the router,
+# which has a fallback and a latency goal, hands to SNS/SQS after RabbitSettings' 0.5 s.
+_TOOL_CONFIRM_TIMEOUT = 5.0
+
+
 def _rabbit(
     settings: RouterSettings | DrainSettings | RedriveSettings | ReplaySettings,
     make_client: Callable[[str], Any],
 ) -> RabbitMqTransport:
+    router = isinstance(settings, RouterSettings)
     return RabbitMqTransport(
         RabbitSettings(
             host=settings.rabbitmq_host,
@@ -108,6 +115,7 @@ def _rabbit(
             ),
             vhost=settings.rabbitmq_vhost,
             use_tls=settings.rabbitmq_tls,
+            confirm_timeout=RabbitSettings.confirm_timeout if router else _TOOL_CONFIRM_TIMEOUT,
         ),
         exchange_for=exchange_for,
     )
