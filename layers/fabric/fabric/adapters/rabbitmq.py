@@ -26,6 +26,7 @@ from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
+from fabric.adapters.amqp_frames import PublishFrames
 from fabric.errors import TransportUnavailable
 from fabric.ports import Failure, MessageKind, OutboundMessage, Outcome
 
@@ -100,8 +101,10 @@ class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika shi
     system calls a message, and as many small TCP segments for the broker to read. Inside
     ``coalesced()`` the frames are held and handed over joined when the block ends, so a chunk
     of the confirm window costs one. Outside it (handshake, heartbeats, close) nothing changes.
-    Relies on ``_adapter_emit_data``, pika's one way out for frames (pika is pinned, and the
-    integration tests run every publish through it against the real broker).
+    ``send_frames`` takes publishes encoded by ``PublishFrames`` instead of by pika.
+    Relies on ``_adapter_emit_data``, pika's one way out for frames, and on the frame size and
+    byte count pika keeps (pika is pinned, and the integration tests run every publish through
+    this against the real broker).
     """
 
     _held: list[bytes] | None = None
@@ -122,6 +125,15 @@ class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika shi
             held, self._held = self._held, None
             if held and self.is_open:  # a connection lost meanwhile has no transport to write to
                 super()._adapter_emit_data(b"".join(held))
+
+    @property
+    def body_max(self) -> int:
+        """The largest body frame payload this connection negotiated."""
+        return int(self._body_max_length)
+
+    def send_frames(self, frames: bytes) -> None:
+        """Send already-encoded frames, counted where pika's heartbeat looks for traffic."""
+        self._output_marshaled_frames((frames,))
 
 
 class RabbitMqTransport:
@@ -146,6 +158,7 @@ class RabbitMqTransport:
         self._published = 0  # publishes on the current channel = its last delivery tag
         self._connection: _CoalescingConnection | None = None
         self._channel: Channel | None = None
+        self._send_one: Callable[[OutboundMessage], None] | None = None  # on self._channel
         self._last_used = 0.0
         self._blocked = False
         self._batch: _Batch | None = None
@@ -275,6 +288,7 @@ class RabbitMqTransport:
             self._discard()
             raise _ConnectFailed
         self._channel = state["ready"]
+        self._send_one = self._publisher(connection, state["ready"])
         self._published = 0
         self._last_used = self._clock()
 
@@ -294,6 +308,7 @@ class RabbitMqTransport:
     def _reset(self) -> None:
         self._connection = None
         self._channel = None
+        self._send_one = None
         self._blocked = False
 
     def _run_until(
@@ -330,18 +345,16 @@ class RabbitMqTransport:
     ) -> list[int]:
         """Publish ``retry`` then what ``source`` yields, with a confirm window; return the
         indices lost with the connection (to publish again on a new one)."""
-        if self._connection is None or self._channel is None:
+        if self._connection is None or self._send_one is None:
             return retry
         loop = self._connection.ioloop
         batch = _Batch(
             source,
             taken,
             retry,
-            channel=self._channel,
+            publish=self._send_one,
             first_tag=self._published + 1,
             window=self._settings.confirm_window,
-            exchange_for=self._exchange_for,
-            user=self._user,
             coalesced=self._connection.coalesced,
             on_settled=loop.stop,
             schedule=lambda callback: loop.call_later(0, callback),
@@ -383,6 +396,32 @@ class RabbitMqTransport:
             self._discard()
             return []
         return batch.unresolved() if batch.lost else []
+
+    def _publisher(
+        self, connection: _CoalescingConnection, channel: Channel
+    ) -> Callable[[OutboundMessage], None]:
+        """Publishes one message on ``channel``: persistent, mandatory, frames encoded by
+        ``PublishFrames`` (the bytes pika's ``basic_publish`` would send)."""
+        frames = PublishFrames(channel.channel_number, connection.body_max)
+        exchange_for, send = self._exchange_for, connection.send_frames
+        # An audit batch names its publisher in user-id, which RabbitMQ checks against the
+        # connection's user: the audit writer can tell the platform's records from a consumer's.
+        audit_user = self._user or None
+
+        def publish(message: OutboundMessage) -> None:
+            if not channel.is_open:
+                raise pika.exceptions.ChannelWrongStateError("channel is closed")
+            send(
+                frames.encode(
+                    message,
+                    exchange=exchange_for(message),
+                    routing_key=message.redeliver_to or message.topic,
+                    timestamp=int(time.time()),
+                    user_id=audit_user if message.kind is MessageKind.AUDIT else None,
+                )
+            )
+
+        return publish
 
     # -- callbacks ----------------------------------------------------------------------------
 
@@ -455,11 +494,9 @@ class _Batch:
         taken: _Taken,
         retry: list[int],
         *,
-        channel: Channel,
+        publish: Callable[[OutboundMessage], None],
         first_tag: int,
         window: int,
-        exchange_for: Callable[[OutboundMessage], str],
-        user: str,
         coalesced: Callable[[], contextlib.AbstractContextManager[None]],
         on_settled: Callable[[], None],
         schedule: Callable[[Callable[[], None]], None],
@@ -470,10 +507,8 @@ class _Batch:
         self.source = source
         self.taken = taken
         self.on_settled = on_settled
-        self.channel = channel
+        self.publish = publish
         self.window = window
-        self.exchange_for = exchange_for
-        self.user = user
         self.queue = list(reversed(retry))
         self.in_flight: dict[int, int] = {}  # delivery tag -> message index
         self.returned_ids: set[str] = set()
@@ -521,13 +556,7 @@ class _Batch:
                     return
                 message = self.taken.messages[index]
                 try:
-                    self.channel.basic_publish(
-                        exchange=self.exchange_for(message),
-                        routing_key=message.redeliver_to or message.topic,
-                        body=message.body,
-                        properties=_properties(message, self.user),
-                        mandatory=True,
-                    )
+                    self.publish(message)
                 except (pika.exceptions.AMQPError, OSError):
                     self.queue.append(index)
                     self.lose()
@@ -570,20 +599,3 @@ class _Batch:
 
     def unresolved(self) -> list[int]:
         return sorted({*self.in_flight.values(), *self.queue})
-
-
-def _properties(message: OutboundMessage, user: str) -> BasicProperties:
-    headers = dict(message.headers)
-    return BasicProperties(
-        # An audit batch names its publisher in user-id, which RabbitMQ checks against the
-        # connection's user: the audit writer can tell the platform's records from a consumer's.
-        user_id=user if message.kind is MessageKind.AUDIT and user else None,
-        content_type="application/json",
-        delivery_mode=pika.DeliveryMode.Persistent,
-        message_id=message.message_id,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        timestamp=int(time.time()),
-        type=message.topic,
-        headers=headers or None,
-    )
