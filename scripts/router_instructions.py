@@ -36,6 +36,7 @@ def _route(count: int) -> None:
 
     from fabric.adapters.memory_cipher import LocalCipher
     from fabric.audit_sink import TransportAuditSink
+    from fabric.bootstrap import settle_after_init
     from fabric.router import Router
     from fabric.routing import default_routing_table
 
@@ -47,6 +48,7 @@ def _route(count: int) -> None:
         audit=TransportAuditSink([transport], emitted_by="bench"),  # type: ignore[list-item]
         environment="bench",
     )
+    settle_after_init()  # as the router function does at the end of its init
     items = [
         bench_router.message(bench_router.FANOUT_TOPIC, classification="internal")
         for _ in range(MESSAGES)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -20,10 +22,28 @@ def load_handler(function: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     bootstrap reads the environment the test set), registered as ``<function>_handler`` for
     the test's duration."""
     name = f"{function}_handler"
+
+    def register(module: ModuleType) -> None:
+        monkeypatch.setitem(sys.modules, name, module)
+
+    return import_handler(function, name, register=register)
+
+
+def import_handler(
+    function: str, name: str, *, register: Callable[[ModuleType], None] = lambda _m: None
+) -> ModuleType:
+    """``lambdas/<function>/handler.py`` executed as module ``name`` (``register`` sees it
+    before it runs). The garbage collector is left as it was: a handler tunes it for a Lambda
+    process (``fabric.bootstrap.settle_after_init``), not for the test session."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "lambdas" / function / "handler.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    spec.loader.exec_module(module)
+    register(module)
+    threshold = gc.get_threshold()
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
     return module

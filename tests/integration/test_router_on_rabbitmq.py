@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import uuid
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from fabric.topology import (
     user_name,
 )
 from fabric.topology_apply import apply_topology
-from tests.conftest import ROOT
+from tests.conftest import import_handler
 from tests.integration.conftest import AMQP, MANAGEMENT
 
 pytestmark = pytest.mark.integration
@@ -98,14 +97,7 @@ def fabric(vhost: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[SimpleNamesp
 
 
 def _import_handler() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        f"router_handler_{uuid.uuid4().hex}", ROOT / "lambdas" / "router" / "handler.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_handler("router", f"router_handler_{uuid.uuid4().hex}")
 
 
 def invoke(fabric: SimpleNamespace, event: dict[str, Any], arn: str = FUNCTION) -> Any:

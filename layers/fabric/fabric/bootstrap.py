@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -94,6 +95,10 @@ def build_router_runtime(
     )
     return RouterRuntime(router=router, settings=settings)
 
+
+# Objects allocated, less those freed, between young collections once a function has settled
+# (see settle_after_init); CPython's default is 700.
+_YOUNG_GENERATION_THRESHOLD = 20_000
 
 # The drain, the redrive and the replay have no fallback: a confirm timeout stops their run, to
 # be done again. They wait out a broker stall (a quorum WAL roll-over, a GC) that the router,
@@ -311,6 +316,23 @@ def drainer_from_environment(environ: Mapping[str, str] | None = None) -> Draine
         ConfigError: a variable is missing or malformed (the message names it).
     """
     return build_drainer(DrainSettings.from_env(os.environ if environ is None else environ))
+
+
+def settle_after_init() -> None:
+    """Set the cyclic garbage collector up for invocations: call once, at the end of init.
+
+    The router makes tens of objects a message that live until its call returns and are then
+    freed by reference counting, never by the collector (a call leaves no cycles). At CPython's
+    young threshold of 700, a 500-message call ran five or six young collections, every second
+    call a middle one and every twentieth a full one, and they freed nothing: 5 to 15 µs of CPU
+    a message in ``router_vs_raw_publish``. At 20,000 a call runs about one young collection in
+    ten, and cycles, should any appear, are still collected. ``gc.freeze`` first takes what init
+    built (about 25,000 objects: pika, the routing table, the Encryption SDK's parts) out of
+    every later collection, since it lives as long as the process.
+    """
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_YOUNG_GENERATION_THRESHOLD, older, oldest)
 
 
 def router_runtime(environ: Mapping[str, str] | None = None) -> RouterRuntime:
