@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from fabric.adapters.memory import MemoryTransport
-from fabric.audit import AuditEvent, AuditRecord, decode_audit_batch, sha256_hex
+from fabric.audit import (
+    AuditEvent,
+    AuditRecord,
+    decode_audit_batch,
+    encode_audit_batch,
+    sha256_hex,
+)
 from fabric.audit_sink import TransportAuditSink
+from fabric.jsoncodec import canonical_json
 from fabric.ports import Failure, OutboundMessage, Outcome
 
 
@@ -90,3 +98,22 @@ def test_a_part_keeps_its_batch_id_on_the_next_path_so_the_writer_drops_the_copy
     # Split once, for the smaller limit: the same parts, the same ids, on both paths.
     assert broker.tried == [m.message_id for m in sqs.published]
     assert len(sqs.published) > 1
+
+
+def test_a_batch_is_the_canonical_json_of_its_document_whatever_it_holds() -> None:
+    one = b'{"payload":"\xc3\xbc"}'
+    shapes = [
+        ([], {}),
+        ([accepted(1, one)], {}),
+        ([accepted(1, one)], {sha256_hex(one): one}),
+        (
+            [accepted(i, bytes([i])) for i in range(5)],
+            {sha256_hex(bytes([i])): bytes([i]) for i in range(5)},
+        ),
+    ]
+    for records, bodies in shapes:
+        body = encode_audit_batch(records, emitted_by="router", bodies=bodies)
+        document = json.loads(body)
+        assert canonical_json(document) == body
+        assert document["records"] == [r.to_dict() for r in records]
+        assert decode_audit_batch(body).bodies == bodies

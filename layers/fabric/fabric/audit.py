@@ -156,18 +156,30 @@ def assemble_audit_batch(
 ) -> bytes:
     """The ``fabric.audit-batch/1`` document of records and bodies already encoded
     (``encode_record``, ``encode_body``): the canonical JSON of the whole document, without
-    encoding a record twice when a batch is sized and split."""
-    fields = []
+    encoding a record twice when a batch is sized and split.
+
+    Written as one list of pieces joined once: a batch is up to a MiB, and every intermediate
+    ``bytes`` would copy all of it again.
+    """
+    pieces = [b"{"]
     if bodies:
-        encoded = b",".join(
-            canonical_json(digest) + b':"' + body + b'"' for digest, body in sorted(bodies.items())
-        )
-        fields.append(b'"bodies":{' + encoded + b"}")
-    fields.append(b'"emitted_at":' + canonical_json(format_timestamp(datetime.now(UTC))))
-    fields.append(b'"emitted_by":' + canonical_json(emitted_by))
-    fields.append(b'"records":[' + b",".join(records) + b"]")
-    fields.append(b'"version":' + canonical_json(AUDIT_BATCH_VERSION))
-    return b"{" + b",".join(fields) + b"}"
+        pieces.append(b'"bodies":{')
+        for digest, body in sorted(bodies.items()):
+            pieces += (canonical_json(digest), b':"', body, b'",')
+        pieces[-1] = b'"},'  # the last body's closing quote, and the object's end
+    pieces += (
+        b'"emitted_at":',
+        canonical_json(format_timestamp(datetime.now(UTC))),
+        b',"emitted_by":',
+        canonical_json(emitted_by),
+        b',"records":[',
+    )
+    for record in records:
+        pieces += (record, b",")
+    if records:
+        pieces.pop()
+    pieces += (b'],"version":', canonical_json(AUDIT_BATCH_VERSION), b"}")
+    return b"".join(pieces)
 
 
 def decode_audit_batch(body: bytes) -> AuditBatch:

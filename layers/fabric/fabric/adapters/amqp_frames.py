@@ -117,7 +117,7 @@ class PublishFrames:
         encoded = b"".join(properties)
         body = message.body
         size = len(body)
-        frames = [
+        frames: list[bytes | memoryview] = [
             self._method(exchange, routing_key),
             _FRAME.pack(_HEADER, self._channel, _CONTENT_HEADER.size + len(encoded)),
             _CONTENT_HEADER.pack(BasicProperties.INDEX, size, flags),
@@ -125,9 +125,14 @@ class PublishFrames:
             _FRAME_END,
         ]
         step = self._body_max
-        for start in range(0, size, step):
-            chunk = body[start : start + step] if size > step else body
-            frames += (_FRAME.pack(_BODY, self._channel, len(chunk)), chunk, _FRAME_END)
+        if size <= step:
+            if size:
+                frames += (_FRAME.pack(_BODY, self._channel, size), body, _FRAME_END)
+        else:  # a large body (an audit batch): split without copying it once more per frame
+            whole = memoryview(body)
+            for start in range(0, size, step):
+                chunk = whole[start : start + step]
+                frames += (_FRAME.pack(_BODY, self._channel, len(chunk)), chunk, _FRAME_END)
         return b"".join(frames)
 
     def _method(self, exchange: str, routing_key: str) -> bytes:
