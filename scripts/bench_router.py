@@ -218,7 +218,7 @@ def raw_publish(
 # -- benchmarks ------------------------------------------------------------------------------------
 
 
-def bench_router_vs_raw(count: int = 20_000, rounds: int = 2) -> Iterator[Figure]:
+def bench_router_vs_raw(count: int = 20_000, rounds: int = 3) -> Iterator[Figure]:
     """Router throughput against raw pika to the same exchange and queues, same run."""
     rates = _router_and_raw(SHARED, count=count, rounds=rounds, instances=(1, 2))
     raw = rates["raw"]
