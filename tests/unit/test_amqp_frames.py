@@ -86,10 +86,10 @@ def test_a_real_frame_size_body_splits_where_pika_splits_it() -> None:
         assert ours == pika_frames(message, channel=1, **where, user_id=None, body_max=body_max)
 
 
-def test_many_exchanges_and_keys_all_encode_correctly_past_the_cache() -> None:
+def test_many_exchanges_keys_and_headers_all_encode_correctly_past_the_caches() -> None:
     encoder = PublishFrames(1, BODY_MAX)
-    message = outbound(10, {}, None)
-    for n in range(1_100):  # more pairs than the method cache keeps
+    for n in range(1_100):  # more of each than the caches keep
+        message = outbound(10, {"fabric-to-media": "yes", "n": str(n % 1_050)}, None)
         where = {"exchange": f"x.{n % 3}", "routing_key": f"topic.{n}", "timestamp": n}
         expected = pika_frames(message, channel=1, **where, user_id=None, body_max=BODY_MAX)
         assert encoder.encode(message, **where) == expected

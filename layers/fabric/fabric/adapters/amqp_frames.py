@@ -33,7 +33,7 @@ _ALWAYS = (
     | BasicProperties.FLAG_TIMESTAMP
     | BasicProperties.FLAG_TYPE
 )
-_METHOD_CACHE_LIMIT = 1024  # distinct (exchange, routing key) pairs kept encoded
+_CACHE_LIMIT = 1024  # distinct method frames, and header tables, kept encoded
 
 
 def short_string(value: str) -> bytes:
@@ -75,6 +75,7 @@ class PublishFrames:
         self._channel = channel_number
         self._body_max = body_max
         self._methods: dict[tuple[str, str], bytes] = {}
+        self._tables: dict[tuple[tuple[str, str], ...], bytes] = {}
         self._content_type = short_string("application/json")
 
     def encode(
@@ -100,7 +101,7 @@ class PublishFrames:
         properties = [self._content_type]
         if message.headers:
             flags |= BasicProperties.FLAG_HEADERS
-            properties.append(string_table(message.headers))
+            properties.append(self._table(message.headers))
         properties.append(_PERSISTENT)
         if message.correlation_id is not None:
             flags |= BasicProperties.FLAG_CORRELATION_ID
@@ -139,7 +140,7 @@ class PublishFrames:
         key = (exchange, routing_key)
         frame = self._methods.get(key)
         if frame is None:
-            if len(self._methods) >= _METHOD_CACHE_LIMIT:
+            if len(self._methods) >= _CACHE_LIMIT:
                 self._methods.clear()
             payload = b"".join(
                 (
@@ -153,3 +154,14 @@ class PublishFrames:
             frame = _FRAME.pack(_METHOD, self._channel, len(payload)) + payload + _FRAME_END
             self._methods[key] = frame
         return frame
+
+    def _table(self, headers: Mapping[str, str]) -> bytes:
+        # Messages of a route share their headers (the audience gate, mostly), so most tables
+        # are encoded once.
+        key = tuple(headers.items())
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= _CACHE_LIMIT:
+                self._tables.clear()
+            table = self._tables[key] = string_table(headers)
+        return table
