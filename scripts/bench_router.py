@@ -12,7 +12,8 @@ afterwards; nothing else on the shared broker is touched. Figures (see BENCHMARK
   1 KiB restricted messages through the router (Encryption SDK + publish), against the
   Encryption SDK's encryption of the same payloads with the same contexts alone.
 - ``emergency_p50_ms`` / ``emergency_p99_ms``: an emergency message's time from the router call
-  to its consumer, while a 100,000-message bulk backlog is being drained by another consumer.
+  to its consumer, while a bulk backlog of at least 100,000 messages is being drained by another
+  consumer.
 - ``router_cold_init_ms``: importing the router handler and building its object graph in a fresh
   interpreter (median of 5).
 """
@@ -518,15 +519,21 @@ def _load_backlog(vhost: str, backlog: int) -> None:
     )
 
 
-# The stored size of the router's alerts: a 512-byte payload, encrypted (Encryption SDK message
-# with a signature, base64) inside its envelope.
+# The stored size of the router's alerts: a 512-byte payload, encrypted (an unsigned Encryption
+# SDK message, base64) inside its envelope.
 _SEALED_ALERT_BYTES = 1572
 
 
+# Loaded on top of the backlog the measurement must keep: the bulk consumer drains up to about
+# 20,000 msg/s on this machine, and the alerts take 4 to 6 s.
+_DRAIN_HEADROOM = 100_000
+
+
 def bench_emergency_latency(backlog: int = 100_000, alerts: int = 300) -> Iterator[Figure]:
-    """Emergency end-to-end latency while a 100,000-message bulk backlog is being drained."""
+    """Emergency end-to-end latency while a bulk backlog of at least 100,000 messages is being
+    drained: ``backlog`` plus the headroom the consumer may drain during the run is loaded."""
     with fabric_vhost() as vhost, moto_kms() as key:
-        _load_backlog(vhost, backlog)
+        _load_backlog(vhost, backlog + _DRAIN_HEADROOM)
         router = build_router(vhost, key)
         ready, stop_consumer = multiprocessing.Event(), multiprocessing.Event()
         queue: Any = multiprocessing.Queue()
@@ -573,8 +580,10 @@ def bench_emergency_latency(backlog: int = 100_000, alerts: int = 300) -> Iterat
         drainer.join(10)
         stop_consumer.set()
         consumer.join(5)
-    if draining_during == 0 or draining_during >= backlog:
-        raise RuntimeError(f"backlog was not being drained during the run ({draining_during})")
+    if draining_during == 0 or draining_during >= _DRAIN_HEADROOM:
+        raise RuntimeError(
+            f"the backlog was not drained, or fell below {backlog:,} ({draining_during} drained)"
+        )
     latencies = _latencies(sent, arrivals)
     raw_latencies = _latencies(raw_sent, arrivals)
     yield "emergency_p50_ms", statistics.median(latencies), "ms"
