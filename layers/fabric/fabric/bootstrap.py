@@ -327,8 +327,9 @@ def settle_after_init() -> None:
     call a middle one and every twentieth a full one, and they freed nothing: 5 to 15 µs of CPU
     a message in ``router_vs_raw_publish``. At 20,000 a call runs about one young collection in
     ten, and cycles, should any appear, are still collected. ``gc.freeze`` first takes what init
-    built (about 25,000 objects: pika, the routing table, the Encryption SDK's parts) out of
-    every later collection, since it lives as long as the process.
+    built (about 25,000 objects at the router's: the modules, pika, the routing table) out of
+    every later collection, since it lives as long as the process. What loads on first use (the
+    Encryption SDK, the AWS clients) is not frozen and is walked by the rare full collection.
     """
     gc.freeze()
     _, older, oldest = gc.get_threshold()

@@ -1,9 +1,10 @@
 """The frames of an AMQP 0-9-1 ``basic.publish``, encoded the way pika encodes them, only cheaper.
 
 pika builds a method object, a properties object and a frame object per part of every publish,
-and marshals each through generic encoders: about 9 µs a message, a tenth of the router's client
-CPU. ``PublishFrames`` writes the same bytes directly and encodes what repeats from message to
-message (the method frame of an exchange and routing key, the content type) once. The unit tests
+and marshals each through generic encoders: about 9 µs a message by a micro-benchmark, a sixth
+of the router's client CPU. ``PublishFrames`` writes the same bytes directly, about three times
+faster, and encodes what repeats from message to message (the method frame of an exchange and
+routing key, the header tables, the content type) once. The unit tests
 hold its output to pika's own marshalling, byte for byte, for every property and body size it
 handles, so the broker sees exactly what it saw before.
 """
