@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fabric.jsoncodec import canonical_json
+from fabric.jsoncodec import canonical_json, canonical_json_unchecked
 
 _STDLIB = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -26,6 +26,25 @@ exact_values = st.recursive(
 @given(exact_values)
 def test_canonical_json_is_the_standard_librarys_compact_sorted_utf8(value: object) -> None:
     assert canonical_json(value) == _STDLIB.encode(value).encode("utf-8")
+
+
+# What the fabric builds itself (audit records, names): no floats, integers within 64 bits.
+own_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.text(st.characters(exclude_categories=["Cs"])),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(st.characters(exclude_categories=["Cs"])), children, max_size=4)
+    ),
+    max_leaves=16,
+)
+
+
+@given(own_values)
+def test_the_unchecked_encoding_of_the_fabrics_own_values_is_the_same_bytes(value: object) -> None:
+    assert canonical_json_unchecked(value) == canonical_json(value)
 
 
 @given(st.floats(allow_nan=False, allow_infinity=False))

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from fabric.envelope import format_timestamp
-from fabric.jsoncodec import canonical_json
+from fabric.jsoncodec import canonical_json_unchecked
 
 AUDIT_BATCH_VERSION = "fabric.audit-batch/1"
 
@@ -69,7 +69,7 @@ class AuditRecord:
     def encoded(self) -> bytes:
         """The record's canonical JSON, as an audit batch carries it (computed once)."""
         if self._encoded is None:
-            self._encoded = canonical_json(self.to_dict())
+            self._encoded = canonical_json_unchecked(self.to_dict())
         return self._encoded
 
     def to_dict(self) -> dict[str, object]:
@@ -165,20 +165,20 @@ def assemble_audit_batch(
     if bodies:
         pieces.append(b'"bodies":{')
         for digest, body in sorted(bodies.items()):
-            pieces += (canonical_json(digest), b':"', body, b'",')
+            pieces += (canonical_json_unchecked(digest), b':"', body, b'",')
         pieces[-1] = b'"},'  # the last body's closing quote, and the object's end
     pieces += (
         b'"emitted_at":',
-        canonical_json(format_timestamp(datetime.now(UTC))),
+        canonical_json_unchecked(format_timestamp(datetime.now(UTC))),
         b',"emitted_by":',
-        canonical_json(emitted_by),
+        canonical_json_unchecked(emitted_by),
         b',"records":[',
     )
     for record in records:
         pieces += (record, b",")
     if records:
         pieces.pop()
-    pieces += (b'],"version":', canonical_json(AUDIT_BATCH_VERSION), b"}")
+    pieces += (b'],"version":', canonical_json_unchecked(AUDIT_BATCH_VERSION), b"}")
     return b"".join(pieces)
 
 
