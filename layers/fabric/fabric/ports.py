@@ -19,7 +19,7 @@ class MessageKind(StrEnum):
     AUDIT = "audit"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OutboundMessage:
     """One encoded envelope, ready for a transport, with what routing decided about it.
 
@@ -34,7 +34,7 @@ class OutboundMessage:
     body: bytes
     audience: frozenset[Stakeholder]
     emergency: bool = False
-    kind: MessageKind = field(default_factory=lambda: MessageKind.MESSAGE)
+    kind: MessageKind = MessageKind.MESSAGE
     # Deliver to this one group work queue only (drain, redrive), instead of routing by topic.
     redeliver_to: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -51,7 +51,7 @@ class Failure(StrEnum):
     TIMEOUT = "timeout"  # no confirm within the confirm timeout: fate unknown, store it elsewhere
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What happened to one OutboundMessage: stored by ``transport``, or ``failure``."""
 
