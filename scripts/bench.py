@@ -5,7 +5,6 @@ Usage: python scripts/bench.py [name ...]   (no names: run them all)
 
 from __future__ import annotations
 
-import gc
 import os
 import platform
 import shutil
@@ -15,12 +14,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import bench_audit  # scripts/ is on sys.path when this file runs as a script
 import bench_redrive
 import bench_router
+
+from fabric.bootstrap import collector_kept
 
 ROOT = Path(__file__).resolve().parent.parent
 Figure = tuple[str, float, str]
@@ -72,22 +72,10 @@ def main(argv: list[str]) -> int:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"# machine: {machine}", flush=True)
     for name in names:
-        with _collector_as_it_was():
+        with collector_kept():  # a benchmark that builds a router settles the collector
             for figure, value, unit in BENCHMARKS[name]():
                 print(f"BENCH {figure} {value:.3f} {unit}", flush=True)
     return 0
-
-
-@contextmanager
-def _collector_as_it_was() -> Iterator[None]:
-    """The garbage collector's settings as they were before: a benchmark that builds a router
-    sets them as the router function does (``fabric.bootstrap.settle_after_init``)."""
-    threshold = gc.get_threshold()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*threshold)
 
 
 if __name__ == "__main__":

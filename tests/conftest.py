@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import os
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from fabric.bootstrap import collector_kept
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,10 +41,6 @@ def import_handler(
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     register(module)
-    threshold = gc.get_threshold()
-    try:
+    with collector_kept():
         spec.loader.exec_module(module)
-    finally:
-        gc.unfreeze()
-        gc.set_threshold(*threshold)
     return module

@@ -12,34 +12,28 @@ from fabric.jsoncodec import canonical_json, canonical_json_unchecked
 
 _STDLIB = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
+
+def json_values(integers: st.SearchStrategy[int]) -> st.SearchStrategy[object]:
+    """JSON values without floats, with ``integers`` for numbers and no lone surrogates."""
+    text = st.text(st.characters(exclude_categories=["Cs"]))
+    return st.recursive(
+        st.none() | st.booleans() | integers | text,
+        lambda children: (
+            st.lists(children, max_size=4) | st.dictionaries(text, children, max_size=4)
+        ),
+        max_leaves=16,
+    )
+
+
 # Every JSON value but floats: orjson and the standard library write these byte for byte alike.
-exact_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(st.characters(exclude_categories=["Cs"])),
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(st.text(st.characters(exclude_categories=["Cs"])), children, max_size=4)
-    ),
-    max_leaves=16,
-)
+exact_values = json_values(st.integers())
+# What the fabric builds itself (audit records, names): integers within 64 bits too.
+own_values = json_values(st.integers(min_value=-(2**63), max_value=2**63 - 1))
 
 
 @given(exact_values)
 def test_canonical_json_is_the_standard_librarys_compact_sorted_utf8(value: object) -> None:
     assert canonical_json(value) == _STDLIB.encode(value).encode("utf-8")
-
-
-# What the fabric builds itself (audit records, names): no floats, integers within 64 bits.
-own_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.text(st.characters(exclude_categories=["Cs"])),
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.dictionaries(st.text(st.characters(exclude_categories=["Cs"])), children, max_size=4)
-    ),
-    max_leaves=16,
-)
 
 
 @given(own_values)

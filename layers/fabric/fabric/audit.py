@@ -158,8 +158,8 @@ def assemble_audit_batch(
     (``encode_record``, ``encode_body``): the canonical JSON of the whole document, without
     encoding a record twice when a batch is sized and split.
 
-    Written as one list of pieces joined once: a batch is up to a MiB, and every intermediate
-    ``bytes`` would copy all of it again.
+    Written as one list of pieces joined once: a batch is up to a MiB, mostly bodies, and every
+    intermediate ``bytes`` would copy all of it again.
     """
     pieces = [b"{"]
     if bodies:
@@ -173,12 +173,11 @@ def assemble_audit_batch(
         b',"emitted_by":',
         canonical_json_unchecked(emitted_by),
         b',"records":[',
+        b",".join(records),
+        b'],"version":',
+        canonical_json_unchecked(AUDIT_BATCH_VERSION),
+        b"}",
     )
-    for record in records:
-        pieces += (record, b",")
-    if records:
-        pieces.pop()
-    pieces += (b'],"version":', canonical_json_unchecked(AUDIT_BATCH_VERSION), b"}")
     return b"".join(pieces)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -334,6 +335,19 @@ def settle_after_init() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(_YOUNG_GENERATION_THRESHOLD, older, oldest)
+
+
+@contextlib.contextmanager
+def collector_kept() -> Iterator[None]:
+    """The collector's settings as they were before the block, whatever ``settle_after_init``
+    did in it: for processes that build a function's runtime but are not that function (the
+    tests, the benchmarks)."""
+    threshold = gc.get_threshold()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 def router_runtime(environ: Mapping[str, str] | None = None) -> RouterRuntime:
