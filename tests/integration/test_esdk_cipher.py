@@ -134,6 +134,14 @@ def test_data_keys_are_cached_across_messages_with_different_ids(kms: Any) -> No
     assert clients.calls["Decrypt"] == 1
 
 
+def test_a_data_key_serves_at_most_max_messages_encrypted_messages(kms: Any) -> None:
+    clients = CountingClients()
+    cipher = EsdkCipher(new_key(kms), client_factory=clients, max_messages_encrypted=10)
+    for n in range(25):
+        cipher.encrypt(PAYLOAD, context(f"message-{n}"))
+    assert clients.calls["GenerateDataKey"] == 3
+
+
 @pytest.mark.parametrize(
     ("code", "message"),
     [

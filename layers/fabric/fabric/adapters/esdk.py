@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fabric.adapters.esdk_message import (
+    FRAME_LENGTH,
+    MESSAGE_ID_BYTES,
+    serialize_context,
+    serialize_data_keys,
+    write_message,
+)
 from fabric.errors import ConfigError, DecryptionFailed, EncryptionUnavailable
 from fabric.protection import MESSAGE_ID_KEY
 
@@ -38,6 +46,9 @@ class EsdkCipher:
       decryption materials are cached the same way. ``cache_capacity`` bounds the entries
       (one per source for encryption, one per data key for decryption).
     - At most one encrypted data key per message is accepted on decrypt.
+    - Encryption asks the SDK's caching CMM for the materials of every message (so its limits
+      count every message) and writes the message with ``fabric.adapters.esdk_message``: the
+      bytes the SDK's own encryptor writes, at a third of its cost. Decryption is the SDK's.
 
     ``client_factory()`` builds the boto3 KMS client on first use (never at construction, so
     moto can be started first); the default builds one for the key ARN's region, which is the
@@ -79,18 +90,20 @@ class EsdkCipher:
                 (disabled, access denied), or the SDK cannot produce a message.
         """
         engine = self._ready()
+        scoped, shared = _split(context)
         try:
-            ciphertext, _header = engine.client.encrypt(
-                source=plaintext,
-                encryption_context=dict(context),
-                materials_manager=engine.cmm,
-                algorithm=engine.algorithm,
-            )
+            data_key, materials_context, data_keys = engine.materials(shared, len(plaintext))
         except engine.encrypt_errors as exc:
             raise EncryptionUnavailable(
                 f"cannot encrypt under {self._key_arn}: {type(exc).__name__}"
             ) from exc
-        return bytes(ciphertext)
+        return write_message(
+            data_key=data_key,
+            message_id=os.urandom(MESSAGE_ID_BYTES),
+            context=serialize_context({**materials_context, **scoped}),
+            data_keys=data_keys,
+            plaintext=plaintext,
+        )
 
     def decrypt(self, ciphertext: bytes, expected_context: Mapping[str, str]) -> bytes:
         """Decrypt one ESDK message and check that its header context contains every expected
@@ -132,11 +145,16 @@ class EsdkCipher:
         return self._engine
 
 
+# What encryption needs of one message's materials: the plaintext data key, the materials'
+# encryption context, and the encrypted data keys as the header stores them.
+_Materials = tuple[bytes, dict[str, str], bytes]
+
+
 @dataclass(frozen=True)
 class _Engine:
     client: Any
-    cmm: Any
-    algorithm: Any
+    cmm: Any  # for decryption
+    materials: Callable[[dict[str, str], int], _Materials]
     encrypt_errors: tuple[type[BaseException], ...]
     network_errors: tuple[type[BaseException], ...]
 
@@ -157,6 +175,7 @@ def _build_engine(
     from aws_encryption_sdk.caches.local import LocalCryptoMaterialsCache
     from aws_encryption_sdk.exceptions import AWSEncryptionSDKClientError
     from aws_encryption_sdk.identifiers import Algorithm, CommitmentPolicy
+    from aws_encryption_sdk.materials_managers import EncryptionMaterialsRequest
     from aws_encryption_sdk.materials_managers.base import CryptoMaterialsManager
     from aws_encryption_sdk.materials_managers.caching import CachingCryptoMaterialsManager
 
@@ -170,38 +189,54 @@ def _build_engine(
                 self._regional_clients[region_name] = client
 
     class MessageScopedContextCmm(CryptoMaterialsManager):  # type: ignore[misc]
-        """Hides message-scoped context keys from the caching CMM and KMS, keeps them in the
-        header (see ``_MESSAGE_SCOPED_KEYS``)."""
+        """Decryption materials with message-scoped context keys hidden from the caching CMM
+        and KMS (see ``_MESSAGE_SCOPED_KEYS``); encryption goes through ``materials``."""
 
         def __init__(self, inner: Any) -> None:
             self._inner = inner
 
         def get_encryption_materials(self, request: Any) -> Any:
-            scoped, shared = _split(request.encryption_context)
-            materials = self._inner.get_encryption_materials(
-                attr.evolve(request, encryption_context=shared)
-            )
-            return attr.evolve(
-                materials, encryption_context={**materials.encryption_context, **scoped}
-            )
+            raise NotImplementedError("EsdkCipher.encrypt writes its messages itself")
 
         def decrypt_materials(self, request: Any) -> Any:
             _scoped, shared = _split(request.encryption_context)
             return self._inner.decrypt_materials(attr.evolve(request, encryption_context=shared))
 
+    algorithm = Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
+    policy = CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT
     caching = CachingCryptoMaterialsManager(
         master_key_provider=InjectedClientProvider(key_ids=[key_arn]),
         cache=LocalCryptoMaterialsCache(capacity),
         max_age=max_age,
         max_messages_encrypted=max_messages,
     )
+
+    def materials(shared: dict[str, str], plaintext_length: int) -> _Materials:
+        found = caching.get_encryption_materials(
+            EncryptionMaterialsRequest(
+                encryption_context=shared,
+                frame_length=FRAME_LENGTH,
+                algorithm=algorithm,
+                plaintext_length=plaintext_length,
+                commitment_policy=policy,
+            )
+        )
+        keys = found.encrypted_data_keys
+        if found.algorithm is not algorithm or found.signing_key is not None or len(keys) != 1:
+            raise EncryptionUnavailable("the materials are not for the committing unsigned suite")
+        data_keys = serialize_data_keys(
+            (k.key_provider.provider_id, k.key_provider.key_info, k.encrypted_data_key)
+            for k in keys
+        )
+        return found.data_encryption_key.data_key, found.encryption_context, data_keys
+
     return _Engine(
         client=aws_encryption_sdk.EncryptionSDKClient(
-            commitment_policy=CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT,
+            commitment_policy=policy,
             max_encrypted_data_keys=1,
         ),
         cmm=MessageScopedContextCmm(caching),
-        algorithm=Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY,
+        materials=materials,
         encrypt_errors=(
             AWSEncryptionSDKClientError,
             botocore.exceptions.BotoCoreError,
