@@ -8,13 +8,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fabric.adapters.esdk_message import (
-    FRAME_LENGTH,
-    MESSAGE_ID_BYTES,
-    serialize_context,
-    serialize_data_keys,
-    write_message,
-)
 from fabric.errors import ConfigError, DecryptionFailed, EncryptionUnavailable
 from fabric.protection import MESSAGE_ID_KEY
 
@@ -92,18 +85,11 @@ class EsdkCipher:
         engine = self._ready()
         scoped, shared = _split(context)
         try:
-            data_key, materials_context, data_keys = engine.materials(shared, len(plaintext))
+            return engine.encrypt(plaintext, shared, scoped)
         except engine.encrypt_errors as exc:
             raise EncryptionUnavailable(
                 f"cannot encrypt under {self._key_arn}: {type(exc).__name__}"
             ) from exc
-        return write_message(
-            data_key=data_key,
-            message_id=os.urandom(MESSAGE_ID_BYTES),
-            context=serialize_context({**materials_context, **scoped}),
-            data_keys=data_keys,
-            plaintext=plaintext,
-        )
 
     def decrypt(self, ciphertext: bytes, expected_context: Mapping[str, str]) -> bytes:
         """Decrypt one ESDK message and check that its header context contains every expected
@@ -145,16 +131,12 @@ class EsdkCipher:
         return self._engine
 
 
-# What encryption needs of one message's materials: the plaintext data key, the materials'
-# encryption context, and the encrypted data keys as the header stores them.
-_Materials = tuple[bytes, dict[str, str], bytes]
-
-
 @dataclass(frozen=True)
 class _Engine:
     client: Any
     cmm: Any  # for decryption
-    materials: Callable[[dict[str, str], int], _Materials]
+    # (plaintext, context the cache and KMS see, message-scoped context) -> one message
+    encrypt: Callable[[bytes, dict[str, str], dict[str, str]], bytes]
     encrypt_errors: tuple[type[BaseException], ...]
     network_errors: tuple[type[BaseException], ...]
 
@@ -178,6 +160,14 @@ def _build_engine(
     from aws_encryption_sdk.materials_managers import EncryptionMaterialsRequest
     from aws_encryption_sdk.materials_managers.base import CryptoMaterialsManager
     from aws_encryption_sdk.materials_managers.caching import CachingCryptoMaterialsManager
+
+    from fabric.adapters.esdk_message import (
+        FRAME_LENGTH,
+        MESSAGE_ID_BYTES,
+        serialize_context,
+        serialize_data_keys,
+        write_message,
+    )
 
     class InjectedClientProvider(aws_encryption_sdk.StrictAwsKmsMasterKeyProvider):  # type: ignore[misc]
         """The SDK's strict provider, with KMS clients from ``client_factory``."""
@@ -211,24 +201,29 @@ def _build_engine(
         max_messages_encrypted=max_messages,
     )
 
-    def materials(shared: dict[str, str], plaintext_length: int) -> _Materials:
+    def encrypt(plaintext: bytes, shared: dict[str, str], scoped: dict[str, str]) -> bytes:
         found = caching.get_encryption_materials(
             EncryptionMaterialsRequest(
                 encryption_context=shared,
                 frame_length=FRAME_LENGTH,
                 algorithm=algorithm,
-                plaintext_length=plaintext_length,
+                plaintext_length=len(plaintext),
                 commitment_policy=policy,
             )
         )
         keys = found.encrypted_data_keys
         if found.algorithm is not algorithm or found.signing_key is not None or len(keys) != 1:
             raise EncryptionUnavailable("the materials are not for the committing unsigned suite")
-        data_keys = serialize_data_keys(
-            (k.key_provider.provider_id, k.key_provider.key_info, k.encrypted_data_key)
-            for k in keys
+        return write_message(
+            data_key=found.data_encryption_key.data_key,
+            message_id=os.urandom(MESSAGE_ID_BYTES),
+            context=serialize_context({**found.encryption_context, **scoped}),
+            data_keys=serialize_data_keys(
+                (k.key_provider.provider_id, k.key_provider.key_info, k.encrypted_data_key)
+                for k in keys
+            ),
+            plaintext=plaintext,
         )
-        return found.data_encryption_key.data_key, found.encryption_context, data_keys
 
     return _Engine(
         client=aws_encryption_sdk.EncryptionSDKClient(
@@ -236,7 +231,7 @@ def _build_engine(
             max_encrypted_data_keys=1,
         ),
         cmm=MessageScopedContextCmm(caching),
-        materials=materials,
+        encrypt=encrypt,
         encrypt_errors=(
             AWSEncryptionSDKClientError,
             botocore.exceptions.BotoCoreError,
