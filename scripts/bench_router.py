@@ -516,7 +516,6 @@ def sdk_encryptor(key_arn: str) -> Callable[[bytes, dict[str, str]], bytes]:
     from aws_encryption_sdk.materials_managers.caching import CachingCryptoMaterialsManager
 
     from fabric.adapters import esdk
-    from fabric.protection import MESSAGE_ID_KEY
 
     caching = CachingCryptoMaterialsManager(
         master_key_provider=aws_encryption_sdk.StrictAwsKmsMasterKeyProvider(key_ids=[key_arn]),
@@ -527,9 +526,7 @@ def sdk_encryptor(key_arn: str) -> Callable[[bytes, dict[str, str]], bytes]:
 
     class MessageScoped(CryptoMaterialsManager):  # type: ignore[misc]
         def get_encryption_materials(self, request: Any) -> Any:
-            context = request.encryption_context
-            scoped = {k: v for k, v in context.items() if k == MESSAGE_ID_KEY}
-            shared = {k: v for k, v in context.items() if k != MESSAGE_ID_KEY}
+            scoped, shared = esdk._split(request.encryption_context)  # as the cipher splits it
             found = caching.get_encryption_materials(
                 attr.evolve(request, encryption_context=shared)
             )

@@ -180,7 +180,7 @@ def _build_engine(
 
     class MessageScopedContextCmm(CryptoMaterialsManager):  # type: ignore[misc]
         """Decryption materials with message-scoped context keys hidden from the caching CMM
-        and KMS (see ``_MESSAGE_SCOPED_KEYS``); encryption goes through ``materials``."""
+        and KMS (see ``_MESSAGE_SCOPED_KEYS``); encryption goes through ``encrypt`` below."""
 
         def __init__(self, inner: Any) -> None:
             self._inner = inner
