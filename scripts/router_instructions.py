@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,10 +25,15 @@ MESSAGES = 5_000  # built in both runs, so building them cancels out
 class _StoresNothing:
     name = "rabbitmq"
 
-    def publish(self, messages: Iterable[object]) -> list[object]:
+    def publish(
+        self, messages: Iterable[object], *, meanwhile: Callable[[], None] | None = None
+    ) -> list[object]:
         from fabric.ports import Outcome
 
-        return [Outcome(m.message_id, transport=self.name) for m in messages]  # type: ignore[attr-defined]
+        outcomes = [Outcome(m.message_id, transport=self.name) for m in messages]  # type: ignore[attr-defined]
+        if meanwhile is not None:
+            meanwhile()
+        return outcomes
 
 
 def _route(count: int) -> None:

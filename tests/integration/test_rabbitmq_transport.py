@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -111,5 +112,52 @@ def test_a_connection_closed_behind_its_back_is_replaced_on_next_use(
         if connection.get("client_properties", {}).get("connection_name") == name:
             management("DELETE", f"connections/{connection['name']}")
     time.sleep(0.5)
+    assert all(o.stored for o in sender.publish(messages(5)))
+    assert channel.queue_declare("work", passive=True).method.message_count == 10
+
+
+def test_meanwhile_runs_once_after_every_message_reached_the_broker(
+    vhost: str, channel: Any
+) -> None:
+    # It runs while the transport waits for confirms: by then every message must already be on
+    # its way, or the broker could not store the last chunk while the caller's work goes on.
+    quorum_queue(channel, "work", "ingress")
+    batch = messages(1000)
+    sent: list[int] = []
+    queued: list[int] = []
+
+    def produce() -> Iterator[OutboundMessage]:
+        for message in batch:
+            sent.append(1)
+            yield message
+
+    def meanwhile() -> None:
+        queued.append(len(sent))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the I/O loop is ours: nothing more is sent now
+            count = channel.queue_declare("work", passive=True).method.message_count
+            if count == len(batch):
+                break
+            time.sleep(0.05)
+        queued.append(count)
+
+    sender = transport(vhost, "ingress")
+    outcomes = sender.publish(produce(), meanwhile=meanwhile)
+    assert queued == [1000, 1000]  # called once, with every message taken and in the queue
+    assert all(o.stored for o in outcomes)
+    sender.close()
+
+
+def test_a_failing_meanwhile_fails_the_call_and_the_next_call_reconnects(
+    vhost: str, channel: Any
+) -> None:
+    quorum_queue(channel, "work", "ingress")
+    sender = transport(vhost, "ingress")
+
+    def broken() -> None:
+        raise RuntimeError("the caller's own bug")
+
+    with pytest.raises(RuntimeError, match="own bug"):
+        sender.publish(messages(5), meanwhile=broken)
     assert all(o.stored for o in sender.publish(messages(5)))
     assert channel.queue_declare("work", passive=True).method.message_count == 10

@@ -117,3 +117,40 @@ def test_a_batch_is_the_canonical_json_of_its_document_whatever_it_holds() -> No
         assert canonical_json(document) == body
         assert document["records"] == [r.to_dict() for r in records]
         assert decode_audit_batch(body).bodies == bodies
+
+
+def test_a_batch_prepared_from_the_same_records_is_sent_as_it_was_prepared() -> None:
+    broker = MemoryTransport(name="rabbitmq")
+    sink = TransportAuditSink([broker], emitted_by="router")
+    records = [accepted(i, bytes([i])) for i in range(3)]
+    bodies = {sha256_hex(bytes([i])): bytes([i]) for i in range(3)}
+    prepared = sink.prepare(records, bodies)
+
+    assert sink.emit(records, dict(bodies), prepared=prepared)
+
+    assert broker.published == list(prepared.encoded)  # not encoded a second time
+    assert [r["message_id"] for r in decode_audit_batch(broker.published[0].body).records] == [
+        "m-0",
+        "m-1",
+        "m-2",
+    ]
+
+
+def test_a_batch_prepared_from_other_records_is_not_sent() -> None:
+    broker = MemoryTransport(name="rabbitmq")
+    sink = TransportAuditSink([broker], emitted_by="router")
+    records = [accepted(i, bytes([i])) for i in range(3)]
+    bodies = {sha256_hex(bytes([i])): bytes([i]) for i in range(3)}
+    stale = [
+        sink.prepare(records[:2], bodies),  # a record fewer
+        sink.prepare([*records[:2], accepted(2, bytes([2]))], bodies),  # an equal copy of one
+        sink.prepare(records, {**bodies, sha256_hex(b"x"): b"x"}),  # a body more
+    ]
+    for prepared in stale:
+        broker.published.clear()
+        assert sink.emit(records, bodies, prepared=prepared)
+        (message,) = broker.published
+        assert message not in prepared.encoded
+        batch = decode_audit_batch(message.body)
+        assert [r["message_id"] for r in batch.records] == ["m-0", "m-1", "m-2"]
+        assert batch.bodies == bodies

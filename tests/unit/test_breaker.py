@@ -56,3 +56,14 @@ def test_a_nacked_message_does_not_open_the_circuit() -> None:
     breaker = BreakerTransport(broker, open_seconds=5, clock=Clock())
     assert breaker.publish([msg(1)])[0].failure is Failure.NACKED
     assert breaker.state is State.CLOSED
+
+
+def test_the_callers_meanwhile_reaches_the_broker_only_when_the_broker_is_asked() -> None:
+    broker, clock = MemoryTransport(), Clock()
+    breaker = BreakerTransport(broker, open_seconds=5, clock=clock)
+    calls: list[str] = []
+    assert breaker.publish([msg(1)], meanwhile=lambda: calls.append("closed"))[0].stored
+    broker.failure = Failure.TIMEOUT
+    breaker.publish([msg(2)], meanwhile=lambda: calls.append("failing"))
+    breaker.publish([msg(3)], meanwhile=lambda: calls.append("open"))  # fails fast: no wait
+    assert calls == ["closed", "failing"]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import pytest
 
 from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
 from fabric.adapters.memory_cipher import LocalCipher
-from fabric.audit import AuditEvent
+from fabric.audit import AuditEvent, AuditRecord, decode_audit_batch
+from fabric.audit_sink import TransportAuditSink
 from fabric.envelope import Reason
-from fabric.ports import Failure
+from fabric.ports import Failure, PreparedAudit
 from fabric.protection import encryption_context, open_payload
 from fabric.router import ACCEPTED, REJECTED, Router
 from fabric.routing import default_routing_table
@@ -191,3 +193,70 @@ def test_an_envelope_that_grows_past_the_limit_when_encrypted_is_rejected_too_la
 def test_a_missing_source_is_a_wiring_error_not_a_rejection() -> None:
     with pytest.raises(ValueError, match="source"):
         _router().route([incident()], source="")
+
+
+class _Spy(TransportAuditSink):
+    """The production sink, remembering what it prepared."""
+
+    prepared: list[PreparedAudit]
+
+    def prepare(
+        self, records: Sequence[AuditRecord], bodies: Mapping[str, bytes] | None = None
+    ) -> PreparedAudit:
+        prepared = super().prepare(records, bodies)
+        self.prepared.append(prepared)
+        return prepared
+
+
+def _audited(broker: MemoryTransport, *fallback: MemoryTransport) -> tuple[_Spy, MemoryTransport]:
+    audit_path = MemoryTransport(name="rabbitmq")
+    sink = _Spy([audit_path], emitted_by="router")
+    sink.prepared = []
+    router = Router(
+        table=default_routing_table(),
+        transports=[broker, *fallback],
+        cipher=LocalCipher(),
+        audit=sink,
+        environment="test",
+        clock=lambda: NOW,
+    )
+    items = [
+        incident(message_id="0f8fad5b-d9cb-469f-a165-70867728950e"),
+        b"{not json",
+        incident(message_id="16fd2706-8baf-433b-82eb-8c7fada847da"),
+    ]
+    router.route(items, source="community")
+    return sink, audit_path
+
+
+def _events(audit_path: MemoryTransport) -> list[tuple[str, str | None]]:
+    records = [r for m in audit_path.published for r in decode_audit_batch(m.body).records]
+    return [(str(r["event"]), str(r.get("transport"))) for r in records]
+
+
+def test_the_audit_batch_prepared_while_the_broker_stores_is_the_one_emitted() -> None:
+    sink, audit_path = _audited(MemoryTransport(name="rabbitmq"))
+    (prepared,) = sink.prepared
+    assert audit_path.published == list(prepared.encoded)
+    assert _events(audit_path) == [
+        ("rejected", "None"),
+        ("accepted", "rabbitmq"),
+        ("routed", "rabbitmq"),
+        ("accepted", "rabbitmq"),
+        ("routed", "rabbitmq"),
+    ]
+
+
+def test_a_prepared_audit_batch_is_dropped_when_a_message_goes_to_the_fallback() -> None:
+    broker = MemoryTransport(name="rabbitmq", fail_ids={"16fd2706-8baf-433b-82eb-8c7fada847da"})
+    sink, audit_path = _audited(broker, MemoryTransport(name="sns"))
+    ahead, at_emit = sink.prepared  # the batch prepared ahead no longer says what happened
+    assert audit_path.published == list(at_emit.encoded)
+    assert not {m.message_id for m in audit_path.published} & {m.message_id for m in ahead.encoded}
+    assert _events(audit_path) == [
+        ("rejected", "None"),
+        ("accepted", "rabbitmq"),
+        ("routed", "rabbitmq"),
+        ("accepted", "sns"),
+        ("fallback", "sns"),
+    ]

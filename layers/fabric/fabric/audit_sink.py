@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from fabric.audit import AuditRecord, assemble_audit_batch, encode_body, encode_record
 from fabric.envelope import new_message_id
-from fabric.ports import MessageKind, OutboundMessage, Transport
+from fabric.ports import MessageKind, OutboundMessage, PreparedAudit, Transport
 
 AUDIT_TOPIC = "fabric.audit.records"
 DEFAULT_MESSAGE_BYTES = 1_048_576  # a transport without its own max_message_bytes
@@ -39,15 +39,29 @@ class TransportAuditSink:
             for transport in self._transports
         )
 
-    def emit(
+    def prepare(
         self, records: Sequence[AuditRecord], bodies: Mapping[str, bytes] | None = None
-    ) -> bool:
-        """True once a transport confirmed every part of the batch stored."""
-        encoded = {digest: encode_body(body) for digest, body in (bodies or {}).items()}
-        waiting = [
+    ) -> PreparedAudit:
+        """The batch's messages, encoded and split, for a later ``emit`` of the same objects."""
+        bodies = bodies or {}
+        encoded = {digest: encode_body(body) for digest, body in bodies.items()}
+        messages = [
             self._message(part_records, part_bodies)
             for part_records, part_bodies in _split(list(records), encoded, limit=self._limit)
         ]
+        return PreparedAudit(records, bodies, messages)
+
+    def emit(
+        self,
+        records: Sequence[AuditRecord],
+        bodies: Mapping[str, bytes] | None = None,
+        *,
+        prepared: PreparedAudit | None = None,
+    ) -> bool:
+        """True once a transport confirmed every part of the batch stored."""
+        if prepared is None or not prepared.made_from(records, bodies or {}):
+            prepared = self.prepare(records, bodies)
+        waiting = list(prepared.encoded)
         for transport in self._transports:
             outcomes = transport.publish(waiting)
             waiting = [

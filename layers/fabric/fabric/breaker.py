@@ -55,11 +55,16 @@ class BreakerTransport:
             return State.HALF_OPEN
         return State.OPEN
 
-    def publish(self, messages: Iterable[OutboundMessage]) -> list[Outcome]:
+    def publish(
+        self,
+        messages: Iterable[OutboundMessage],
+        *,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list[Outcome]:
         """Publish through ``inner`` unless the circuit is open (then: all ``UNAVAILABLE``)."""
         if self.state is State.OPEN:
             return [Outcome(m.message_id, failure=Failure.UNAVAILABLE) for m in messages]
-        outcomes = self._inner.publish(messages)
+        outcomes = self._inner.publish(messages, meanwhile=meanwhile)
         if any(o.failure in SYSTEMIC for o in outcomes):
             if self._opened_at is None:
                 _LOG.warning("%s failing: circuit open for %.1f s", self.name, self._open_seconds)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -74,11 +74,19 @@ class Transport(Protocol):
 
     name: str
 
-    def publish(self, messages: Iterable[OutboundMessage]) -> list[Outcome]:
+    def publish(
+        self,
+        messages: Iterable[OutboundMessage],
+        *,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list[Outcome]:
         """Publish and wait for confirmation; one Outcome per message, in iteration order.
 
         ``messages`` may be a generator: a transport may consume it lazily, so that preparing
-        later messages overlaps with the broker storing earlier ones.
+        later messages overlaps with the broker storing earlier ones. ``meanwhile``, if given,
+        is called at most once, after the last message was sent and while the transport waits
+        for outcomes, so that the caller's work overlaps with the broker's; a transport with no
+        such wait may call it before returning, or not at all.
         """
         ...
 
@@ -109,14 +117,49 @@ class PayloadCipher(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class PreparedAudit:
+    """An audit batch encoded ahead of its ``emit`` by ``AuditSink.prepare``: the records and
+    bodies it was made from, and the sink's encoded form of them."""
+
+    records: Sequence[AuditRecord]
+    bodies: Mapping[str, bytes]
+    encoded: Sequence[OutboundMessage] = ()
+
+    def made_from(self, records: Sequence[AuditRecord], bodies: Mapping[str, bytes]) -> bool:
+        """Whether it was prepared from these very objects (identity, not equality: the check
+        costs a pointer comparison a record, and an equal copy is no reason to trust it)."""
+        return (
+            len(records) == len(self.records)
+            and len(bodies) == len(self.bodies)
+            and all(mine is theirs for mine, theirs in zip(self.records, records, strict=True))
+            and all(self.bodies.get(digest) is body for digest, body in bodies.items())
+        )
+
+
 class AuditSink(Protocol):
     """Stores audit records durably (batched; one call per router batch)."""
 
-    def emit(
+    def prepare(
         self, records: Sequence[AuditRecord], bodies: Mapping[str, bytes] | None = None
+    ) -> PreparedAudit:
+        """Encode what ``emit`` would send for ``records`` and ``bodies``, without I/O, so
+        that a caller can do it while a broker is still storing its messages."""
+        ...
+
+    def emit(
+        self,
+        records: Sequence[AuditRecord],
+        bodies: Mapping[str, bytes] | None = None,
+        *,
+        prepared: PreparedAudit | None = None,
     ) -> bool:
         """Store ``records`` (and, for the archive, the stored ``bodies`` they name by SHA-256
-        hex); True only when they are durably stored. Never raises for I/O."""
+        hex); True only when they are durably stored. Never raises for I/O.
+
+        ``prepared`` is used when it was made from these same records and bodies
+        (``PreparedAudit.made_from``), and ignored otherwise.
+        """
         ...
 
 

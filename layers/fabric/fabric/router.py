@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -31,6 +31,7 @@ from fabric.ports import (
     OutboundMessage,
     Outcome,
     PayloadCipher,
+    PreparedAudit,
     Transport,
 )
 from fabric.protection import encryption_context, seal_payload
@@ -211,7 +212,16 @@ class Router:
                     )
                 )
 
-        outcomes = first.publish(admit_as_published())
+        prepared: PreparedAudit | None = None
+
+        def prepare_audit() -> None:
+            # While the broker stores the last of the batch: encode the audit batch the call
+            # will emit if the broker stores every message, as it nearly always does.
+            nonlocal prepared
+            expected = [*records, *(record for item in admitted for record in item.expected)]
+            prepared = self._audit.prepare(expected, _bodies(admitted))
+
+        outcomes = first.publish(admit_as_published(), meanwhile=prepare_audit)
         failures: dict[int, Failure | None] = {}  # why the broker did not take a message
         waiting = self._settle(admitted, outcomes, results, records, now, failures=failures)
         for transport in others:
@@ -220,7 +230,7 @@ class Router:
             outcomes = transport.publish([item.outbound for item in waiting])
             waiting = self._settle(waiting, outcomes, results, records, now, failures=failures)
         self._reject_unstored(waiting, results, records, now)
-        self._emit(records, admitted)
+        self._emit(records, admitted, prepared)
         batch = BatchResult(tuple(r for r in results if r is not None))
         if self._metrics is not None and batch.results:
             self._metrics.count(_counts(batch))
@@ -367,11 +377,16 @@ class Router:
             queues=queues,
         )
 
-    def _emit(self, records: list[AuditRecord], admitted: list[_Admitted]) -> None:
+    def _emit(
+        self,
+        records: list[AuditRecord],
+        admitted: list[_Admitted],
+        prepared: PreparedAudit | None,
+    ) -> None:
         # The stored bytes of what was accepted, for the archive replay reads.
         accepted = {r.body_sha256 for r in records if r.event is AuditEvent.ACCEPTED}
-        bodies = {item.digest: item.outbound.body for item in admitted if item.digest in accepted}
-        if records and not self._audit.emit(records, bodies):
+        bodies = _bodies(item for item in admitted if item.digest in accepted)
+        if records and not self._audit.emit(records, bodies, prepared=prepared):
             # The messages themselves are stored (or rejected) already; a lost audit batch is an
             # operational alarm, not a reason to tell producers something false.
             _LOG.error("audit batch of %d record(s) could not be stored", len(records))
@@ -385,6 +400,10 @@ def _counts(batch: BatchResult) -> dict[str, int]:
         metrics.REJECTED: batch.rejected,
         metrics.REJECTED_UNAVAILABLE: sum(r.reason is Reason.UNAVAILABLE for r in batch.results),
     }
+
+
+def _bodies(items: Iterable[_Admitted]) -> dict[str, bytes]:
+    return {item.digest: item.outbound.body for item in items}
 
 
 def _raw_digest(item: bytes | str | JsonValue) -> str:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fabric.audit import AuditRecord
 from fabric.errors import TransportUnavailable
-from fabric.ports import Failure, OutboundMessage, Outcome
+from fabric.ports import Failure, OutboundMessage, Outcome, PreparedAudit
 
 
 @dataclass
@@ -23,8 +23,16 @@ class MemoryTransport:
     fail_ids: set[str] = field(default_factory=set)
     published: list[OutboundMessage] = field(default_factory=list)
 
-    def publish(self, messages: Iterable[OutboundMessage]) -> list[Outcome]:
-        """Store each message unless told to fail it; one Outcome per message, in order."""
+    def publish(
+        self,
+        messages: Iterable[OutboundMessage],
+        *,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list[Outcome]:
+        """Store each message unless told to fail it; one Outcome per message, in order.
+
+        ``meanwhile`` runs once every message is taken, before the outcomes are returned.
+        """
         outcomes = []
         for message in messages:
             failure = self.failure or (
@@ -35,6 +43,8 @@ class MemoryTransport:
                 outcomes.append(Outcome(message.message_id, transport=self.name))
             else:
                 outcomes.append(Outcome(message.message_id, failure=failure))
+        if meanwhile is not None:
+            meanwhile()
         return outcomes
 
     def close(self) -> None:
@@ -49,8 +59,18 @@ class MemoryAuditSink:
     records: list[AuditRecord] = field(default_factory=list)
     bodies: dict[str, bytes] = field(default_factory=dict)
 
-    def emit(
+    def prepare(
         self, records: Sequence[AuditRecord], bodies: Mapping[str, bytes] | None = None
+    ) -> PreparedAudit:
+        """Nothing to encode: the records are kept as they are."""
+        return PreparedAudit(records, bodies or {})
+
+    def emit(
+        self,
+        records: Sequence[AuditRecord],
+        bodies: Mapping[str, bytes] | None = None,
+        *,
+        prepared: PreparedAudit | None = None,
     ) -> bool:
         """Keep the records (and bodies) when available."""
         if self.available:

@@ -167,11 +167,18 @@ class RabbitMqTransport:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def publish(self, messages: Iterable[OutboundMessage]) -> list[Outcome]:
+    def publish(
+        self,
+        messages: Iterable[OutboundMessage],
+        *,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list[Outcome]:
         """Publish ``messages``; one Outcome per message, in order. Never raises for I/O trouble.
 
         ``messages`` is consumed lazily, as the confirm window has room, so a caller that
-        prepares messages in a generator overlaps its work with the broker's.
+        prepares messages in a generator overlaps its work with the broker's. ``meanwhile``
+        runs once the last message is written to the socket, while the broker is still storing
+        and confirming the window (on a busy broker, most of it).
 
         A message whose connection dies before its confirm is published once more on a new
         connection (the stale-connection case); if that fails too, it is reported
@@ -179,10 +186,11 @@ class RabbitMqTransport:
         and the connection is dropped, because it can no longer be trusted.
 
         Raises:
-            Exception: whatever iterating ``messages`` raises (the connection is dropped first).
+            Exception: whatever iterating ``messages`` or ``meanwhile`` raises (the connection
+                is dropped first).
         """
         source = iter(messages)
-        batch_state = _Taken()
+        batch_state = _Taken(meanwhile)
         pending: list[int] = []
         for attempt in range(2):
             if self._blocked:
@@ -384,6 +392,8 @@ class RabbitMqTransport:
             self._discard()
             raise
         finally:
+            if batch.meanwhile_timer is not None:  # settled before it ran: not into a later call
+                loop.remove_timeout(batch.meanwhile_timer)
             self._batch = None
             self._published = batch.next_tag - 1
             self._last_used = self._clock()
@@ -471,13 +481,15 @@ class RabbitMqTransport:
 
 
 class _Taken:
-    """The messages a publish call has pulled from its source so far, with their outcomes."""
+    """The messages a publish call has pulled from its source so far, with their outcomes, and
+    the caller's ``meanwhile`` until it has run."""
 
-    def __init__(self) -> None:
+    def __init__(self, meanwhile: Callable[[], None] | None) -> None:
         self.messages: list[OutboundMessage] = []
         self.outcomes: list[Outcome | None] = []
         self.exhausted = False
         self.gave_up = False
+        self.meanwhile = meanwhile
 
     def take(self, message: OutboundMessage) -> int:
         self.messages.append(message)
@@ -499,11 +511,12 @@ class _Batch:
         window: int,
         coalesced: Callable[[], contextlib.AbstractContextManager[None]],
         on_settled: Callable[[], None],
-        schedule: Callable[[Callable[[], None]], None],
+        schedule: Callable[[Callable[[], None]], object],
     ) -> None:
         self.coalesced = coalesced
         self.schedule = schedule
         self.pump_scheduled = False
+        self.meanwhile_timer: object | None = None  # the scheduled meanwhile, until it runs
         self.source = source
         self.taken = taken
         self.on_settled = on_settled
@@ -548,24 +561,39 @@ class _Batch:
         """
         self.pump_scheduled = False
         with self.coalesced():
-            for _ in range(_PUMP_CHUNK):
-                if len(self.in_flight) >= self.window or self.lost:
-                    return
-                index = self._next()
-                if index is None:
-                    return
-                message = self.taken.messages[index]
-                try:
-                    self.publish(message)
-                except (pika.exceptions.AMQPError, OSError):
-                    self.queue.append(index)
-                    self.lose()
-                    return
-                self.in_flight[self.next_tag] = index
-                self.next_tag += 1
-        if not self.pump_scheduled:
-            self.pump_scheduled = True
-            self.schedule(self.pump)
+            more = self._publish_chunk()
+        if more:
+            if not self.pump_scheduled:
+                self.pump_scheduled = True
+                self.schedule(self.pump)
+        elif self.taken.exhausted and self.taken.meanwhile and not self.meanwhile_timer:
+            # Runs after this turn of the loop has written the last chunk to the socket.
+            self.meanwhile_timer = self.schedule(self._run_meanwhile)
+
+    def _publish_chunk(self) -> bool:
+        """Publish up to a chunk; False once the window is full or nothing is left to send."""
+        for _ in range(_PUMP_CHUNK):
+            if len(self.in_flight) >= self.window or self.lost:
+                return False
+            index = self._next()
+            if index is None:
+                return False
+            message = self.taken.messages[index]
+            try:
+                self.publish(message)
+            except (pika.exceptions.AMQPError, OSError):
+                self.queue.append(index)
+                self.lose()
+                return False
+            self.in_flight[self.next_tag] = index
+            self.next_tag += 1
+        return True
+
+    def _run_meanwhile(self) -> None:
+        self.meanwhile_timer = None
+        meanwhile, self.taken.meanwhile = self.taken.meanwhile, None
+        if meanwhile is not None:
+            meanwhile()
 
     def confirm(self, tag: int, *, multiple: bool, ack: bool) -> None:
         if multiple:

@@ -49,8 +49,14 @@ class SnsFallbackTransport:
         self._client_factory = client_factory
         self._client: Any = None
 
-    def publish(self, messages: Iterable[OutboundMessage]) -> list[Outcome]:
+    def publish(
+        self,
+        messages: Iterable[OutboundMessage],
+        *,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list[Outcome]:
         """Publish in batches of at most 10 (and 256 KiB); one Outcome per message, in order."""
+        del meanwhile  # each request returns once stored: no wait to overlap with
         taken = list(messages)
         outcomes: dict[int, Outcome] = {}
         batches: dict[bool, list[list[int]]] = {False: [], True: []}

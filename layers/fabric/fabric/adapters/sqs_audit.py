@@ -27,8 +27,14 @@ class SqsAuditTransport:
         self._client_factory = client_factory
         self._client: Any = None
 
-    def publish(self, messages: Iterable[OutboundMessage]) -> list[Outcome]:
+    def publish(
+        self,
+        messages: Iterable[OutboundMessage],
+        *,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> list[Outcome]:
         """One ``SendMessage`` per audit batch; never raises for SQS trouble."""
+        del meanwhile  # each request returns once stored: no wait to overlap with
         from botocore.exceptions import BotoCoreError, ClientError
 
         outcomes = []
