@@ -142,6 +142,67 @@ def test_a_data_key_serves_at_most_max_messages_encrypted_messages(kms: Any) -> 
     assert clients.calls["GenerateDataKey"] == 3
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_data_key_serves_at_most_max_age_seconds(kms: Any) -> None:
+    clients, clock = CountingClients(), Clock()
+    cipher = EsdkCipher(new_key(kms), client_factory=clients, max_age_seconds=60, clock=clock)
+    cipher.encrypt(PAYLOAD, context("message-1"))
+    clock.now += 60
+    cipher.encrypt(PAYLOAD, context("message-2"))
+    assert clients.calls["GenerateDataKey"] == 1  # 60 s old: still within its age
+    clock.now += 0.5
+    cipher.encrypt(PAYLOAD, context("message-3"))
+    assert clients.calls["GenerateDataKey"] == 2
+
+
+def test_each_source_has_its_own_data_key_bound_to_it(kms: Any) -> None:
+    key_arn = new_key(kms)
+    clients = CountingClients()
+    cipher = EsdkCipher(key_arn, client_factory=clients, cache_capacity=2)
+    sources = ["community", "government", "community", "government"]
+    contexts = [
+        encryption_context(message_id=f"message-{n}", source=source, environment="test")
+        for n, source in enumerate(sources)
+    ]
+    sealed = [cipher.encrypt(PAYLOAD, c) for c in contexts]
+    assert clients.calls["GenerateDataKey"] == 2
+    reader = EsdkCipher(key_arn)
+    assert [reader.decrypt(s, c) for s, c in zip(sealed, contexts, strict=True)] == [PAYLOAD] * 4
+    with pytest.raises(DecryptionFailed):  # under the community key's context, not government's
+        reader.decrypt(sealed[0], contexts[1] | {"fabric:message_id": "message-0"})
+
+
+def test_past_its_capacity_the_cache_forgets_the_oldest_source(kms: Any) -> None:
+    clients = CountingClients()
+    cipher = EsdkCipher(new_key(kms), client_factory=clients, cache_capacity=1)
+    for n, source in enumerate(["community", "government", "community"]):
+        cipher.encrypt(
+            PAYLOAD, encryption_context(message_id=f"m-{n}", source=source, environment="test")
+        )
+    assert clients.calls["GenerateDataKey"] == 3
+
+
+def test_a_data_key_kms_refused_is_asked_for_again_on_the_next_message(kms: Any) -> None:
+    throttled = [kms_error("ThrottlingException", "Rate exceeded")]
+
+    def throttle_once(**kwargs: Any) -> Any:
+        return throttled.pop()(**kwargs) if throttled else None  # None: the call goes on
+
+    cipher = EsdkCipher(
+        new_key(kms), client_factory=CountingClients({"GenerateDataKey": throttle_once})
+    )
+    with pytest.raises(EncryptionUnavailable):
+        cipher.encrypt(PAYLOAD, context("message-1"))
+    assert cipher.decrypt(cipher.encrypt(PAYLOAD, context("message-2")), context("message-2"))
+
+
 @pytest.mark.parametrize(
     ("code", "message"),
     [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,16 +34,17 @@ class EsdkCipher:
       component trusted with the key: a signature would only stop a holder of kms:Decrypt from
       forging messages, and ECDSA P-384 would cost more than the rest of the routing.
     - ``StrictAwsKmsMasterKeyProvider`` for ``key_arn`` only (a full key ARN: the data keys'
-      provider info is the key ARN, so an alias would never decrypt), behind a
-      ``CachingCryptoMaterialsManager`` on a ``LocalCryptoMaterialsCache``: a data key serves at
-      most ``max_messages_encrypted`` messages for at most ``max_age_seconds`` (defaults 10,000
-      and 5 minutes, i.e. a few KMS calls per container per 5 minutes and per source), and
-      decryption materials are cached the same way. ``cache_capacity`` bounds the entries
-      (one per source for encryption, one per data key for decryption).
+      provider info is the key ARN, so an alias would never decrypt). A data key serves at most
+      ``max_messages_encrypted`` messages for at most ``max_age_seconds`` (defaults 10,000 and
+      5 minutes, i.e. a few KMS calls per container per 5 minutes and per source): on
+      encryption ``_DataKeys`` counts them, on decryption the SDK's
+      ``CachingCryptoMaterialsManager`` caches the decrypted data keys for the same age.
+      ``cache_capacity`` bounds the entries (one per source for encryption, one per data key
+      for decryption).
     - At most one encrypted data key per message is accepted on decrypt.
-    - Encryption asks the SDK's caching CMM for the materials of every message (so its limits
-      count every message) and writes the message with ``fabric.adapters.esdk_message``: the
-      bytes the SDK's own encryptor writes, at a third of its cost. Decryption is the SDK's.
+    - Encryption takes the materials from ``_DataKeys`` and writes the message with
+      ``fabric.adapters.esdk_message``: the bytes the SDK's own encryptor writes, at a sixth
+      of its cost. Decryption is the SDK's.
 
     ``client_factory()`` builds the boto3 KMS client on first use (never at construction, so
     moto can be started first); the default builds one for the key ARN's region, which is the
@@ -56,6 +59,7 @@ class EsdkCipher:
         cache_capacity: int = DEFAULT_CACHE_CAPACITY,
         max_age_seconds: float = DEFAULT_MAX_AGE_SECONDS,
         max_messages_encrypted: int = DEFAULT_MAX_MESSAGES_ENCRYPTED,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Check the settings; nothing is imported or connected yet.
 
@@ -73,6 +77,7 @@ class EsdkCipher:
         self._cache_capacity = cache_capacity
         self._max_age_seconds = float(max_age_seconds)
         self._max_messages_encrypted = max_messages_encrypted
+        self._clock = clock
         self._engine: _Engine | None = None
 
     def encrypt(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
@@ -127,6 +132,7 @@ class EsdkCipher:
                 capacity=self._cache_capacity,
                 max_age=self._max_age_seconds,
                 max_messages=self._max_messages_encrypted,
+                clock=self._clock,
             )
         return self._engine
 
@@ -148,6 +154,7 @@ def _build_engine(
     capacity: int,
     max_age: float,
     max_messages: int,
+    clock: Callable[[], float],
 ) -> _Engine:
     # Heavy imports (the SDK pulls in boto3 and cryptography) are paid on the first restricted
     # message, not on every cold start.
@@ -160,6 +167,7 @@ def _build_engine(
     from aws_encryption_sdk.materials_managers import EncryptionMaterialsRequest
     from aws_encryption_sdk.materials_managers.base import CryptoMaterialsManager
     from aws_encryption_sdk.materials_managers.caching import CachingCryptoMaterialsManager
+    from aws_encryption_sdk.materials_managers.default import DefaultCryptoMaterialsManager
 
     from fabric.adapters.esdk_message import (
         FRAME_LENGTH,
@@ -194,36 +202,52 @@ def _build_engine(
 
     algorithm = Algorithm.AES_256_GCM_HKDF_SHA512_COMMIT_KEY
     policy = CommitmentPolicy.REQUIRE_ENCRYPT_REQUIRE_DECRYPT
-    caching = CachingCryptoMaterialsManager(
-        master_key_provider=InjectedClientProvider(key_ids=[key_arn]),
-        cache=LocalCryptoMaterialsCache(capacity),
-        max_age=max_age,
-        max_messages_encrypted=max_messages,
-    )
+    provider = InjectedClientProvider(key_ids=[key_arn])
+    backing = DefaultCryptoMaterialsManager(provider)
 
-    def encrypt(plaintext: bytes, shared: dict[str, str], scoped: dict[str, str]) -> bytes:
-        found = caching.get_encryption_materials(
+    def generate(shared: dict[str, str]) -> _DataKey:
+        # A new data key from KMS, through the SDK's default CMM (as its caching CMM would).
+        found = backing.get_encryption_materials(
             EncryptionMaterialsRequest(
                 encryption_context=shared,
                 frame_length=FRAME_LENGTH,
                 algorithm=algorithm,
-                plaintext_length=len(plaintext),
                 commitment_policy=policy,
             )
         )
         keys = found.encrypted_data_keys
         if found.algorithm is not algorithm or found.signing_key is not None or len(keys) != 1:
             raise EncryptionUnavailable("the materials are not for the committing unsigned suite")
-        return write_message(
-            data_key=found.data_encryption_key.data_key,
-            message_id=os.urandom(MESSAGE_ID_BYTES),
-            context=serialize_context({**found.encryption_context, **scoped}),
-            data_keys=serialize_data_keys(
+        return _DataKey(
+            key=found.data_encryption_key.data_key,
+            context=dict(found.encryption_context),
+            header=serialize_data_keys(
                 (k.key_provider.provider_id, k.key_provider.key_info, k.encrypted_data_key)
                 for k in keys
             ),
+            born=clock(),
+        )
+
+    data_keys = _DataKeys(
+        generate, capacity=capacity, max_age=max_age, max_messages=max_messages, clock=clock
+    )
+
+    def encrypt(plaintext: bytes, shared: dict[str, str], scoped: dict[str, str]) -> bytes:
+        found = data_keys.take(shared)
+        return write_message(
+            data_key=found.key,
+            message_id=os.urandom(MESSAGE_ID_BYTES),
+            context=serialize_context({**found.context, **scoped}),
+            data_keys=found.header,
             plaintext=plaintext,
         )
+
+    caching = CachingCryptoMaterialsManager(  # decryption: decrypted data keys, for max_age
+        master_key_provider=provider,
+        cache=LocalCryptoMaterialsCache(capacity),
+        max_age=max_age,
+        max_messages_encrypted=max_messages,
+    )
 
     return _Engine(
         client=aws_encryption_sdk.EncryptionSDKClient(
@@ -239,6 +263,69 @@ def _build_engine(
         ),
         network_errors=(botocore.exceptions.BotoCoreError,),
     )
+
+
+@dataclass
+class _DataKey:
+    """One data key's encryption materials, with the data key header it writes."""
+
+    key: bytes  # the plaintext data key
+    context: dict[str, str]  # the encryption context KMS bound it to
+    header: bytes  # its encrypted data keys, serialized (esdk_message.serialize_data_keys)
+    born: float  # clock() when KMS generated it
+    messages: int = 0  # messages it has encrypted
+
+
+class _DataKeys:
+    """Data keys for encryption, one per encryption context (so per source), each used for at
+    most ``max_messages`` messages and ``max_age`` seconds, then replaced by a new one from
+    ``generate``; at most ``capacity`` contexts are kept (the oldest entry goes first).
+
+    The limits of the SDK's ``CachingCryptoMaterialsManager``, counted as it counts them, at
+    the cost of a dictionary look-up: the SDK's manager hashes the serialized context with
+    SHA-512 and validates two request objects on every message, 12 of the 27 us a message
+    took with it (BENCHMARKS.md). The SDK's byte limit is not set by the fabric (its default
+    is 2^63 - 1 bytes), so it is not counted. Safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        generate: Callable[[dict[str, str]], _DataKey],
+        *,
+        capacity: int,
+        max_age: float,
+        max_messages: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self._generate = generate
+        self._capacity = capacity
+        self._max_age = max_age
+        self._max_messages = max_messages
+        self._clock = clock
+        self._keys: dict[tuple[tuple[str, str], ...], _DataKey] = {}
+        self._lock = threading.Lock()
+
+    def take(self, context: dict[str, str]) -> _DataKey:
+        """The data key for one more message under ``context`` (counted).
+
+        Raises:
+            Exception: whatever ``generate`` raises (KMS errors); nothing is cached then.
+        """
+        name = tuple(sorted(context.items()))
+        with self._lock:
+            found = self._keys.get(name)
+            if (
+                found is None
+                or found.messages >= self._max_messages
+                or self._clock() - found.born > self._max_age
+            ):
+                found = self._generate(context)
+                self._keys.pop(name, None)
+                if len(self._keys) >= self._capacity:
+                    del self._keys[next(iter(self._keys))]
+                self._keys[name] = found
+            found.messages += 1
+            return found
 
 
 def _split(context: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
