@@ -142,22 +142,16 @@ def test_a_data_key_serves_at_most_max_messages_encrypted_messages(kms: Any) -> 
     assert clients.calls["GenerateDataKey"] == 3
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_data_key_serves_at_most_max_age_seconds(kms: Any) -> None:
-    clients, clock = CountingClients(), Clock()
-    cipher = EsdkCipher(new_key(kms), client_factory=clients, max_age_seconds=60, clock=clock)
+    clients, now = CountingClients(), [1000.0]
+    cipher = EsdkCipher(
+        new_key(kms), client_factory=clients, max_age_seconds=60, clock=lambda: now[0]
+    )
     cipher.encrypt(PAYLOAD, context("message-1"))
-    clock.now += 60
+    now[0] += 60
     cipher.encrypt(PAYLOAD, context("message-2"))
     assert clients.calls["GenerateDataKey"] == 1  # 60 s old: still within its age
-    clock.now += 0.5
+    now[0] += 0.5
     cipher.encrypt(PAYLOAD, context("message-3"))
     assert clients.calls["GenerateDataKey"] == 2
 
