@@ -503,11 +503,11 @@ def _restricted_and_esdk(broker: Broker, *, count: int, rounds: int) -> dict[str
 
 
 def sdk_encryptor(key_arn: str) -> Callable[[bytes, dict[str, str]], bytes]:
-    """The Encryption SDK's own encryptor (``EncryptionSDKClient.encrypt``) with the materials
-    ``EsdkCipher`` uses: the same suite, strict KMS provider and caching CMM limits, with
-    ``fabric:message_id`` kept out of the cache key and KMS as the cipher keeps it, so one data
-    key serves the whole run on both sides. ``EsdkCipher.encrypt`` did exactly this until it
-    wrote its messages itself."""
+    """The Encryption SDK's own encryptor (``EncryptionSDKClient.encrypt``) behind the SDK's
+    caching CMM at ``EsdkCipher``'s settings: the same suite, strict KMS provider and data-key
+    limits, with ``fabric:message_id`` kept out of the cache key and KMS as the cipher keeps
+    it, so one data key serves the whole run on both sides. ``EsdkCipher.encrypt`` did exactly
+    this until it wrote its messages itself."""
     import attr
     import aws_encryption_sdk
     from aws_encryption_sdk.caches.local import LocalCryptoMaterialsCache

@@ -246,7 +246,6 @@ def _build_engine(
         master_key_provider=provider,
         cache=LocalCryptoMaterialsCache(capacity),
         max_age=max_age,
-        max_messages_encrypted=max_messages,
     )
 
     return _Engine(
