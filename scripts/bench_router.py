@@ -553,9 +553,9 @@ def sdk_encryptor(key_arn: str) -> Callable[[bytes, dict[str, str]], bytes]:
     return encrypt
 
 
-def _drain(vhost: str, queue: str, stop: Any, drained: Any) -> None:
+def _drain(vhost: str, queue: str, stop: Any, drained: Any, broker: Broker) -> None:
     """Another process: consume the bulk backlog as fast as a consumer does (prefetch 500)."""
-    connection = pika.BlockingConnection(SHARED.parameters(vhost))
+    connection = pika.BlockingConnection(broker.parameters(vhost))
     channel = connection.channel()
     channel.basic_qos(prefetch_count=500)
 
@@ -570,12 +570,12 @@ def _drain(vhost: str, queue: str, stop: Any, drained: Any) -> None:
     connection.close()
 
 
-def _consume_emergencies(vhost: str, ready: Any, stop: Any, arrivals: Any) -> None:
+def _consume_emergencies(vhost: str, ready: Any, stop: Any, arrivals: Any, broker: Broker) -> None:
     """Another process, as a stakeholder's consumer is: report when each emergency arrives.
 
     Times are ``time.monotonic()`` (CLOCK_MONOTONIC, the same clock in every process).
     """
-    connection = pika.BlockingConnection(SHARED.parameters(vhost))
+    connection = pika.BlockingConnection(broker.parameters(vhost))
     channel = connection.channel()
 
     def on_message(ch: Any, method: Any, properties: Any, _body: bytes) -> None:
@@ -589,7 +589,7 @@ def _consume_emergencies(vhost: str, ready: Any, stop: Any, arrivals: Any) -> No
     connection.close()
 
 
-def _load_backlog(vhost: str, backlog: int) -> None:
+def _load_backlog(vhost: str, backlog: int, broker: Broker) -> None:
     from fabric.envelope import validate_envelope
     from fabric.topology import INGRESS_EXCHANGE, delivery_headers
 
@@ -602,6 +602,7 @@ def _load_backlog(vhost: str, backlog: int) -> None:
         routing_key=BULK_TOPIC,
         bodies=[envelope.to_json_bytes()] * backlog,  # type: ignore[union-attr]
         headers=delivery_headers(envelope),  # type: ignore[arg-type]
+        broker=broker,
     )
 
 
@@ -618,27 +619,39 @@ _DRAIN_HEADROOM = 100_000
 def bench_emergency_latency(backlog: int = 100_000, alerts: int = 300) -> Iterator[Figure]:
     """Emergency end-to-end latency while a bulk backlog of at least 100,000 messages is being
     drained: ``backlog`` plus a headroom is loaded, and the queue must not run empty."""
-    with fabric_vhost() as vhost, moto_kms() as key:
-        _load_backlog(vhost, backlog + _DRAIN_HEADROOM)
-        router = build_router(vhost, key)
+    yield from _emergency_latency(SHARED, backlog=backlog, alerts=alerts)
+
+
+def bench_emergency_latency_own_core(backlog: int = 100_000, alerts: int = 300) -> Iterator[Figure]:
+    """The same with the broker on a core of its own (see ``own_core``); the router, raw pika,
+    the emergency consumer and the bulk consumer share the other core."""
+    with own_core() as broker:
+        for name, value, unit in _emergency_latency(broker, backlog=backlog, alerts=alerts):
+            yield f"own_core_{name}", value, unit
+
+
+def _emergency_latency(broker: Broker, *, backlog: int, alerts: int) -> Iterator[Figure]:
+    with fabric_vhost(broker) as vhost, moto_kms() as key:
+        _load_backlog(vhost, backlog + _DRAIN_HEADROOM, broker)
+        router = build_router(vhost, key, broker)
         ready, stop_consumer = multiprocessing.Event(), multiprocessing.Event()
         queue: Any = multiprocessing.Queue()
         consumer = multiprocessing.Process(
-            target=_consume_emergencies, args=(vhost, ready, stop_consumer, queue)
+            target=_consume_emergencies, args=(vhost, ready, stop_consumer, queue, broker)
         )
         consumer.start()
         ready.wait(10)
         stop_drain = multiprocessing.Event()
         drained = multiprocessing.Value("i", 0)
         drainer = multiprocessing.Process(
-            target=_drain, args=(vhost, "fabric.media", stop_drain, drained)
+            target=_drain, args=(vhost, "fabric.media", stop_drain, drained, broker)
         )
         drainer.start()
         router.route(
             [message(EMERGENCY_TOPIC, priority="emergency", classification="restricted")],
             source="community",
         )  # warm: connection, data key
-        raw = _RawEmergencyPublisher(vhost, body_bytes=_SEALED_ALERT_BYTES)
+        raw = _RawEmergencyPublisher(vhost, body_bytes=_SEALED_ALERT_BYTES, broker=broker)
         sent: dict[str, float] = {}
         raw_sent: dict[str, float] = {}
         for _ in range(alerts):
@@ -689,7 +702,7 @@ class _RawEmergencyPublisher:
     a single message can get), to the same exchange with the same headers, so into the same
     emergency queues, with a body the size of the router's encrypted alerts."""
 
-    def __init__(self, vhost: str, *, body_bytes: int) -> None:
+    def __init__(self, vhost: str, *, body_bytes: int, broker: Broker) -> None:
         from fabric.envelope import validate_envelope
         from fabric.topology import EMERGENCY_EXCHANGE, delivery_headers
 
@@ -701,7 +714,7 @@ class _RawEmergencyPublisher:
         self._body = envelope.to_json_bytes()
         self._headers = delivery_headers(envelope)
         self._exchange = EMERGENCY_EXCHANGE
-        self._connection = pika.BlockingConnection(SHARED.parameters(vhost))
+        self._connection = pika.BlockingConnection(broker.parameters(vhost))
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
 
@@ -871,6 +884,7 @@ BENCHMARKS: dict[str, Callable[[], Iterator[Figure]]] = {
     "router_restricted_vs_esdk": bench_restricted_vs_esdk,
     "router_restricted_vs_esdk_own_core": bench_restricted_vs_esdk_own_core,
     "emergency_latency": bench_emergency_latency,
+    "emergency_latency_own_core": bench_emergency_latency_own_core,
     "router_cold_init": bench_cold_init,
     "failover": bench_failover,
 }
