@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import bench_audit  # scripts/ is on sys.path when this file runs as a script
+import bench_consumer
 import bench_redrive
 import bench_router
 
@@ -56,6 +57,7 @@ BENCHMARKS: dict[str, Callable[[], Iterator[Figure]]] = {
     "synth_all_envs": bench_synth_all_envs,
     **bench_router.BENCHMARKS,
     **bench_redrive.BENCHMARKS,
+    **bench_consumer.BENCHMARKS,
     **bench_audit.BENCHMARKS,
 }
 

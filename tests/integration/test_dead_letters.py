@@ -237,6 +237,50 @@ def test_the_consumer_settles_a_window_of_messages_with_one_audit_batch(
     assert len(batches) < len(ids)  # not one audit publish (and confirm) per message
 
 
+def test_a_consumer_stopped_mid_window_acknowledges_only_what_it_settled(
+    broker_vhost: str, amqp: Any
+) -> None:
+    # The group's acknowledgement covers every delivery up to its last tag: the 25 the broker
+    # has already pushed into the prefetch window, unhandled, must not be among them.
+    ids = [f"window-{i:02d}" for i in range(30)]
+    for message_id in ids:
+        publish(amqp, WORK, message_id)
+    handled: list[str] = []
+    consumer = RabbitMqConsumer(
+        settings(broker_vhost),
+        WORK,
+        MessageProcessor(lambda delivery: handled.append(delivery.message_id)),
+        prefetch=20,
+    )
+
+    assert consumer.run(max_messages=5, idle_timeout_s=5) == {"done": 5}
+
+    assert handled == ids[:5]
+    assert settled_depth(amqp, WORK, 25) == 25
+    assert sorted(drain_ids(amqp, WORK)) == ids[5:]
+
+
+def test_a_group_with_one_unsettled_message_acknowledges_the_others_and_requeues_it(
+    broker_vhost: str, amqp: Any
+) -> None:
+    vhost = urllib.parse.quote(broker_vhost, safe="")
+    management("DELETE", f"queues/{vhost}/{DLQ}")
+    publish(amqp, WORK, "fine")
+    publish(amqp, WORK, "nowhere-to-park")
+
+    def handler(delivery: Delivery) -> None:
+        if delivery.message_id != "fine":
+            raise ValueError("bad")
+
+    consumer = RabbitMqConsumer(
+        settings(broker_vhost), WORK, MessageProcessor(handler, max_attempts=1), backoff_s=0
+    )
+
+    assert consumer.run(max_messages=2, idle_timeout_s=5) == {"done": 1, "systemic": 1}
+    assert settled_depth(amqp, WORK, 1) == 1
+    assert drain_ids(amqp, WORK) == ["nowhere-to-park"]
+
+
 def test_a_consumer_that_dies_before_acking_gets_it_again_and_processes_once(
     broker_vhost: str, amqp: Any, table: str
 ) -> None:
