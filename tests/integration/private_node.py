@@ -43,7 +43,7 @@ class PrivateNode:
     AMQP, the management API and Erlang distribution. Run the CLI against it with ``ctl``.
     """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, config: str = "") -> None:
         self.base = base
         self.name = f"fabricdrill{secrets.token_hex(4)}@localhost"
         self.amqp_port = free_port()
@@ -55,7 +55,7 @@ class PrivateNode:
             f"management.tcp.ip = 127.0.0.1\n"
             f"management.tcp.port = {self.management_port}\n"
             # Connections show up in the management API within half a second, not five.
-            "collect_statistics_interval = 500\n"
+            "collect_statistics_interval = 500\n" + config
         )
         (base / "rabbitmq-env.conf").write_text("")
         (base / "enabled_plugins").write_text("[rabbitmq_management].\n")
@@ -237,10 +237,13 @@ class PrivateNode:
 
 
 @contextlib.contextmanager
-def private_node() -> Iterator[PrivateNode]:
-    """A started private node; stopped and its directory removed afterwards, even on failure."""
+def private_node(config: str = "") -> Iterator[PrivateNode]:
+    """A started private node; stopped and its directory removed afterwards, even on failure.
+
+    ``config``: more ``rabbitmq.conf`` lines (e.g. a TLS listener).
+    """
     base = Path(tempfile.mkdtemp(prefix="fabric-drill-node-"))
-    node = PrivateNode(base)
+    node = PrivateNode(base, config=config)
     try:
         node.start()
         yield node

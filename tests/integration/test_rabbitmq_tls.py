@@ -1,0 +1,239 @@
+"""The RabbitMQ transport over TLS, as it runs in AWS (Amazon MQ listens on 5671 only).
+
+A private node gets an AMQPS listener with a certificate for ``localhost`` from a certificate
+authority made for the test; the client trusts that authority through ``SSL_CERT_FILE``, which
+the transport's default TLS context reads, as it reads the system's store in Lambda.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
+from fabric.ports import Failure, OutboundMessage
+from tests.integration.private_node import GUEST, PrivateNode, free_port, private_node
+
+EXCHANGE = "amq.topic"
+TOPIC = "tls.check"
+QUEUE = "tls-check"
+
+
+@dataclass(frozen=True)
+class Authority:
+    """A certificate authority made for the test: its certificate and key."""
+
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def create(cls, name: str) -> Authority:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        certificate = (
+            _builder(subject, subject, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_usage(cert_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(certificate, key)
+
+    def issue(self, dns_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """A server certificate for ``dns_name`` only, and its key."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)])
+        certificate = (
+            _builder(subject, self.certificate.subject, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_usage(cert_sign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return certificate, key
+
+    def write(self, path: Path) -> Path:
+        path.write_bytes(self.certificate.public_bytes(serialization.Encoding.PEM))
+        return path
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: Any) -> x509.CertificateBuilder:
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+
+
+def _usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+@dataclass(frozen=True)
+class TlsBroker:
+    node: PrivateNode
+    tls_port: int
+    trusted: Path  # the authority that issued the node's certificate, as a PEM file
+    untrusted: Path  # another authority's certificate
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
+    folder = tmp_path_factory.mktemp("tls")
+    authority = Authority.create("fabric test authority")
+    certificate, key = authority.issue("localhost")
+    (folder / "server.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    trusted = authority.write(folder / "authority.pem")
+    untrusted = Authority.create("another authority").write(folder / "other.pem")
+    tls_port = free_port()
+    config = (
+        f"listeners.ssl.default = 127.0.0.1:{tls_port}\n"
+        f"ssl_options.cacertfile = {trusted}\n"
+        f"ssl_options.certfile = {folder / 'server.pem'}\n"
+        f"ssl_options.keyfile = {folder / 'server.key'}\n"
+        "ssl_options.verify = verify_none\n"
+        "ssl_options.fail_if_no_peer_cert = false\n"
+    )
+    with private_node(config) as node:
+        connection = pika.BlockingConnection(
+            pika.ConnectionParameters(
+                "127.0.0.1", node.amqp_port, credentials=pika.PlainCredentials(*GUEST)
+            )
+        )
+        channel = connection.channel()
+        channel.queue_declare(QUEUE)
+        channel.queue_bind(QUEUE, EXCHANGE, TOPIC)
+        connection.close()
+        yield TlsBroker(node, tls_port, trusted, untrusted)
+
+
+def transport(broker: TlsBroker, host: str, name: str) -> RabbitMqTransport:
+    # A generous connect timeout: the first TLS handshake of a node that has just started
+    # is slow on a busy machine, and timing is not what these tests are about.
+    settings = RabbitSettings(
+        host,
+        broker.tls_port,
+        lambda: GUEST,
+        use_tls=True,
+        connect_timeout=10,
+        connection_name=name,
+    )
+    return RabbitMqTransport(settings, exchange_for=lambda _message: EXCHANGE)
+
+
+def messages(count: int) -> list[OutboundMessage]:
+    return [
+        OutboundMessage(str(uuid.uuid4()), TOPIC, f'{{"n": {n}}}'.encode(), frozenset())
+        for n in range(count)
+    ]
+
+
+def drain(broker: TlsBroker) -> list[bytes]:
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            "127.0.0.1", broker.node.amqp_port, credentials=pika.PlainCredentials(*GUEST)
+        )
+    )
+    channel = connection.channel()
+    bodies = []
+    while (got := channel.basic_get(QUEUE, auto_ack=True))[0] is not None:
+        bodies.append(got[2])
+    connection.close()
+    return bodies
+
+
+def connection_named(broker: TlsBroker, name: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for found in broker.node.management("GET", "connections"):
+            if found.get("client_properties", {}).get("connection_name") == name:
+                return dict(found)
+        time.sleep(0.2)
+    raise AssertionError(f"no connection named {name} on the broker")
+
+
+@pytest.fixture(autouse=True)
+def empty_queue(tls_broker: TlsBroker) -> None:
+    """Each test starts with nothing in the queue, whatever the test before it left."""
+    drain(tls_broker)
+
+
+def test_the_transport_publishes_over_tls_with_confirms_to_a_verified_broker(
+    tls_broker: TlsBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_broker.trusted))
+    sent = messages(300)
+    publisher = transport(tls_broker, "localhost", "tls-verified")
+    try:
+        outcomes = publisher.publish(sent)
+        seen = connection_named(tls_broker, "tls-verified")
+    finally:
+        publisher.close()
+
+    assert all(outcome.stored for outcome in outcomes)
+    assert drain(tls_broker) == [message.body for message in sent]
+    assert seen["ssl"] is True
+    assert seen["port"] == tls_broker.tls_port
+    assert seen["ssl_protocol"] in {"tlsv1.2", "tlsv1.3"}
+
+
+def test_a_broker_certificate_from_an_unknown_authority_is_refused(
+    tls_broker: TlsBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_broker.untrusted))
+
+    outcomes = transport(tls_broker, "localhost", "tls-untrusted").publish(messages(3))
+
+    assert [outcome.failure for outcome in outcomes] == [Failure.UNAVAILABLE] * 3
+    assert drain(tls_broker) == []
+
+
+def test_a_broker_certificate_for_another_name_is_refused(
+    tls_broker: TlsBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_broker.trusted))
+
+    # The certificate names localhost only; the same listener reached as 127.0.0.1 is refused.
+    outcomes = transport(tls_broker, "127.0.0.1", "tls-misnamed").publish(messages(3))
+
+    assert [outcome.failure for outcome in outcomes] == [Failure.UNAVAILABLE] * 3
+    assert drain(tls_broker) == []
