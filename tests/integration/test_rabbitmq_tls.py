@@ -1,8 +1,10 @@
-"""The RabbitMQ transport over TLS, as it runs in AWS (Amazon MQ listens on 5671 only).
+"""RabbitMQ over TLS, as the fabric reaches it in AWS: AMQPS on 5671 (Amazon MQ listens on
+nothing else) and the management API over HTTPS.
 
-A private node gets an AMQPS listener with a certificate for ``localhost`` from a certificate
-authority made for the test; the client trusts that authority through ``SSL_CERT_FILE``, which
-the transport's default TLS context reads, as it reads the system's store in Lambda.
+A private node gets an AMQPS and an HTTPS management listener with a certificate for
+``localhost`` from a certificate authority made for the test; the client trusts that authority
+through ``SSL_CERT_FILE``, which the default TLS contexts of the transport and the management
+client read, as they read the system's store in Lambda.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import datetime
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fabric.adapters.management import ManagementClient
+from fabric.adapters.memory import MemoryAuditSink
+from fabric.adapters.memory_cipher import LocalCipher
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
+from fabric.bootstrap import exchange_for as fabric_exchanges
+from fabric.errors import ManagementUnavailable
 from fabric.ports import Failure, OutboundMessage
+from fabric.router import Router
+from fabric.routing import default_routing_table
+from fabric.topology import definitions
+from fabric.topology_apply import apply_topology
 from tests.integration.private_node import GUEST, PrivateNode, free_port, private_node
 
 EXCHANGE = "amq.topic"
@@ -105,6 +116,7 @@ def _usage(*, cert_sign: bool) -> x509.KeyUsage:
 class TlsBroker:
     node: PrivateNode
     tls_port: int
+    https_port: int  # the management API's
     trusted: Path  # the authority that issued the node's certificate, as a PEM file
     untrusted: Path  # another authority's certificate
 
@@ -124,14 +136,20 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     )
     trusted = authority.write(folder / "authority.pem")
     untrusted = Authority.create("another authority").write(folder / "other.pem")
-    tls_port = free_port()
+    tls_port, https_port = free_port(), free_port()
+    files = (
+        f"cacertfile = {trusted}\n"
+        f"certfile = {folder / 'server.pem'}\n"
+        f"keyfile = {folder / 'server.key'}\n"
+    )
     config = (
         f"listeners.ssl.default = 127.0.0.1:{tls_port}\n"
-        f"ssl_options.cacertfile = {trusted}\n"
-        f"ssl_options.certfile = {folder / 'server.pem'}\n"
-        f"ssl_options.keyfile = {folder / 'server.key'}\n"
-        "ssl_options.verify = verify_none\n"
+        + "".join(f"ssl_options.{line}\n" for line in files.splitlines())
+        + "ssl_options.verify = verify_none\n"
         "ssl_options.fail_if_no_peer_cert = false\n"
+        f"management.ssl.port = {https_port}\n"
+        "management.ssl.ip = 127.0.0.1\n"
+        + "".join(f"management.ssl.{line}\n" for line in files.splitlines())
     )
     with private_node(config) as node:
         connection = pika.BlockingConnection(
@@ -143,10 +161,17 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
         channel.queue_declare(QUEUE)
         channel.queue_bind(QUEUE, EXCHANGE, TOPIC)
         connection.close()
-        yield TlsBroker(node, tls_port, trusted, untrusted)
+        yield TlsBroker(node, tls_port, https_port, trusted, untrusted)
 
 
-def transport(broker: TlsBroker, host: str, name: str) -> RabbitMqTransport:
+def transport(
+    broker: TlsBroker,
+    host: str,
+    name: str,
+    *,
+    vhost: str = "/",
+    exchange_for: Callable[[OutboundMessage], str] = lambda _message: EXCHANGE,
+) -> RabbitMqTransport:
     # A generous connect timeout: the first TLS handshake of a node that has just started
     # is slow on a busy machine, and timing is not what these tests are about.
     settings = RabbitSettings(
@@ -154,10 +179,11 @@ def transport(broker: TlsBroker, host: str, name: str) -> RabbitMqTransport:
         broker.tls_port,
         lambda: GUEST,
         use_tls=True,
+        vhost=vhost,
         connect_timeout=10,
         connection_name=name,
     )
-    return RabbitMqTransport(settings, exchange_for=lambda _message: EXCHANGE)
+    return RabbitMqTransport(settings, exchange_for=exchange_for)
 
 
 def messages(count: int) -> list[OutboundMessage]:
@@ -165,6 +191,24 @@ def messages(count: int) -> list[OutboundMessage]:
         OutboundMessage(str(uuid.uuid4()), TOPIC, f'{{"n": {n}}}'.encode(), frozenset())
         for n in range(count)
     ]
+
+
+def delivered(broker: TlsBroker, vhost: str, queue: str) -> list[str]:
+    """The message ids waiting in ``queue`` of ``vhost`` (taken out)."""
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            "127.0.0.1",
+            broker.node.amqp_port,
+            virtual_host=vhost,
+            credentials=pika.PlainCredentials(*GUEST),
+        )
+    )
+    channel = connection.channel()
+    ids = []
+    while (got := channel.basic_get(queue, auto_ack=True))[0] is not None:
+        ids.append(got[1].message_id)
+    connection.close()
+    return ids
 
 
 def drain(broker: TlsBroker) -> list[bytes]:
@@ -237,3 +281,55 @@ def test_a_broker_certificate_for_another_name_is_refused(
 
     assert [outcome.failure for outcome in outcomes] == [Failure.UNAVAILABLE] * 3
     assert drain(tls_broker) == []
+
+
+def test_the_topology_goes_over_https_and_a_routed_message_over_amqps(
+    tls_broker: TlsBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The two ways the fabric reaches Amazon MQ, end to end: the custom resource applies the
+    # generated topology through the management API, the router publishes into it.
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_broker.trusted))
+    vhost = f"fabric-tls-{uuid.uuid4().hex[:8]}"
+    management = ManagementClient(f"https://localhost:{tls_broker.https_port}", *GUEST)
+    management.put_vhost(vhost)
+    tls_broker.node.add_vhost(vhost)  # guest's permissions in it
+    document = definitions(default_routing_table(), vhost=vhost)
+    document["users"], document["permissions"] = [], []
+    apply_topology(management, document, passwords={}, vhost=vhost)
+    publisher = transport(
+        tls_broker, "localhost", "tls-router", vhost=vhost, exchange_for=fabric_exchanges
+    )
+    router = Router(
+        table=default_routing_table(),
+        transports=[publisher],
+        cipher=LocalCipher(),
+        audit=MemoryAuditSink(),
+        environment="test",
+    )
+    message: dict[str, Any] = {
+        "message_id": str(uuid.uuid4()),
+        "topic": "research.dataset.synced",
+        "classification": "internal",
+        "payload": {"dataset": "attendance-2026"},
+    }
+    try:
+        result = router.route([message], source="academic")
+    finally:
+        publisher.close()
+
+    assert result.to_dict()["results"] == [
+        {"message_id": message["message_id"], "status": "accepted", "transport": "rabbitmq"}
+    ]
+    assert delivered(tls_broker, vhost, "fabric.academic") == [message["message_id"]]
+    assert delivered(tls_broker, vhost, "fabric.government") == [message["message_id"]]
+    assert delivered(tls_broker, vhost, "fabric.media") == []
+
+
+def test_the_management_api_refuses_a_certificate_from_an_unknown_authority(
+    tls_broker: TlsBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_broker.untrusted))
+    management = ManagementClient(f"https://localhost:{tls_broker.https_port}", *GUEST)
+
+    with pytest.raises(ManagementUnavailable):
+        management.overview()
