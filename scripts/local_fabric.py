@@ -293,11 +293,29 @@ def sqs_event(bodies: list[str], group: str, prefix: str) -> dict[str, Any]:
     }
 
 
-def play(runtime: Any, function_arn: str) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
-    """Run the scenario; (message id -> time it was handed to the router, rejections)."""
+def routed_queues(item: dict[str, Any], source: str) -> set[str]:
+    """The stakeholder queues the routing table sends an accepted message to: where a copy of it
+    must arrive."""
+    from fabric.envelope import Envelope, validate_envelope
+    from fabric.routing import default_routing_table
+    from fabric.topology import UNROUTED_QUEUE, queue_name
+
+    checked = validate_envelope(item, source)
+    if not isinstance(checked, Envelope):
+        raise RuntimeError(f"an accepted message does not validate: {checked}")
+    deliveries = default_routing_table().deliveries(checked)
+    return {queue_name(d.group, emergency=d.emergency) for d in deliveries} or {UNROUTED_QUEUE}
+
+
+def play(
+    runtime: Any, function_arn: str
+) -> tuple[dict[str, float], dict[str, set[str]], list[tuple[str, str, str]]]:
+    """Run the scenario; (message id -> time it was handed to the router, message id -> the
+    queues it must arrive in, rejections)."""
     from fabric.entrypoints import dispatch
 
     sent: dict[str, float] = {}
+    copies: dict[str, set[str]] = {}
     rejected: list[tuple[str, str, str]] = []
     prefix = runtime.settings.ingest_queue_prefix
     now = datetime.now(UTC)
@@ -305,9 +323,10 @@ def play(runtime: Any, function_arn: str) -> tuple[dict[str, float], list[tuple[
     def record(
         label: str, items: list[dict[str, Any]], results: list[dict[str, Any]], at: float
     ) -> None:
-        for _item, result in zip(items, results, strict=True):
+        for item, result in zip(items, results, strict=True):
             if result["status"] == "accepted":
                 sent[result["message_id"]] = at
+                copies[result["message_id"]] = routed_queues(item, label.split("/", 1)[1])
             else:
                 rejected.append(
                     (label, result.get("reason", "?"), str(result.get("detail", ""))[:70])
@@ -351,8 +370,9 @@ def play(runtime: Any, function_arn: str) -> tuple[dict[str, float], list[tuple[
         failures = dispatch(sqs_event(batch, "business", prefix), function_arn, runtime)
         if failures["batchItemFailures"]:
             raise RuntimeError(f"SQS batch failures: {failures}")
-        for body in batch:
-            sent[json.loads(body)["message_id"]] = started
+        for item in map(json.loads, batch):
+            sent[item["message_id"]] = started
+            copies[item["message_id"]] = routed_queues(item, "business")
     print(f"  bulk volunteer campaign over SQS ingest: {len(campaign)} messages, no batch failures")
 
     # 4. A media story under embargo, from the government press office.
@@ -393,12 +413,14 @@ def play(runtime: Any, function_arn: str) -> tuple[dict[str, float], list[tuple[
     response = dispatch(http_event("{not json", "business"), function_arn, runtime)
     record("https/business", [{}], json.loads(response["body"])["results"], started)
     print(f"  invalid messages over HTTPS: HTTP {response['statusCode']} for the malformed body")
-    return sent, rejected
+    return sent, copies, rejected
 
 
 class Consumers:
-    """One consumer thread per stakeholder group, as that group's own broker user, recording
-    when each message arrives (for end-to-end latency from the router call)."""
+    """One consumer thread per stakeholder queue, as the group's own broker user, recording when
+    each message arrives (for end-to-end latency from the router call). A group's emergency
+    queue has a consumer of its own, as the fabric's consumers do, so an alert never waits
+    behind the bulk deliveries of the same group."""
 
     def __init__(self, passwords: dict[str, str]) -> None:
         from fabric.stakeholders import STAKEHOLDERS
@@ -406,8 +428,9 @@ class Consumers:
         self.arrived: dict[str, list[tuple[str, dict[str, Any], float]]] = defaultdict(list)
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._run, args=(group, passwords), daemon=True)
+            threading.Thread(target=self._run, args=(group, emergency, passwords), daemon=True)
             for group in STAKEHOLDERS
+            for emergency in (True, False)
         ]
         self._ready = threading.Barrier(len(self._threads) + 1)
 
@@ -422,6 +445,17 @@ class Consumers:
         for thread in self._threads:
             thread.join(timeout=5)
 
+    def wait_for_copies(self, copies: dict[str, set[str]], timeout: float) -> None:
+        """Until every message has arrived in every queue it was routed to (or ``timeout``)."""
+        expected = {(mid, queue) for mid, queues in copies.items() for queue in queues}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not expected <= self.copies():
+            time.sleep(0.05)
+
+    def copies(self) -> set[tuple[str, str]]:
+        """(message id, queue) of everything that arrived so far."""
+        return {(mid, queue) for queue, items in list(self.arrived.items()) for mid, _, _ in items}
+
     def wait_for(self, message_ids: set[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -430,7 +464,7 @@ class Consumers:
                 return
             time.sleep(0.05)
 
-    def _run(self, group: Any, passwords: dict[str, str]) -> None:
+    def _run(self, group: Any, emergency: bool, passwords: dict[str, str]) -> None:
         from fabric.adapters.rabbitmq import RabbitSettings
         from fabric.adapters.rabbitmq_consumer import consumer_settler
         from fabric.consumer import Decision, Verdict, rabbitmq_delivery
@@ -443,6 +477,7 @@ class Consumers:
             )
         )
         channel = connection.channel()
+        queue = queue_name(group, emergency=emergency)
         # The consumer toolkit's settler, as this group's user: a `delivered` audit record per
         # message (the compliance report's emergency latency comes from them).
         settler = consumer_settler(
@@ -452,29 +487,23 @@ class Consumers:
                 vhost=LOCAL_VHOST,
                 credentials=lambda: (user, passwords[user]),
             ),
-            queue_name(group),
+            queue,
             consumer=f"consumer:{group}",
         )
-        for emergency in (True, False):
-            queue = queue_name(group, emergency=emergency)
 
-            def on_message(
-                ch: Any, method: Any, properties: Any, body: bytes, queue: str = queue
-            ) -> None:
-                self.arrived[queue].append(
-                    (properties.message_id, json.loads(body), time.monotonic())
-                )
-                delivery = rabbitmq_delivery(
-                    queue,
-                    message_id=properties.message_id,
-                    topic=properties.type,
-                    body=body,
-                    headers=properties.headers,
-                )
-                settler.settle([(delivery, Decision(Verdict.DONE))])
-                ch.basic_ack(method.delivery_tag)
+        def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
+            self.arrived[queue].append((properties.message_id, json.loads(body), time.monotonic()))
+            delivery = rabbitmq_delivery(
+                queue,
+                message_id=properties.message_id,
+                topic=properties.type,
+                body=body,
+                headers=properties.headers,
+            )
+            settler.settle([(delivery, Decision(Verdict.DONE))])
+            ch.basic_ack(method.delivery_tag)
 
-            channel.basic_consume(queue, on_message)
+        channel.basic_consume(queue, on_message)
         self._ready.wait(timeout=10)
         while not self._stop.is_set():
             connection.process_data_events(time_limit=0.02)
@@ -1075,10 +1104,10 @@ def main(argv: list[str]) -> int:
         function_arn = f"arn:aws:lambda:{REGION}:000000000000:function:fabric-dev-router"
         print("== scenario")
         with Consumers(passwords) as consumers:
-            sent, rejected = play(runtime, function_arn)
-            consumers.wait_for(set(sent), timeout=10)
+            sent, copies, rejected = play(runtime, function_arn)
+            consumers.wait_for_copies(copies, timeout=10)
             arrived = {queue: list(items) for queue, items in consumers.arrived.items()}
-            report(arrived, sent, rejected)
+            report(arrived, sent, copies, rejected)
 
             cipher = runtime.router._cipher
             for _, message, _ in arrived.get("fabric.government.emergency", [])[:1]:
@@ -1090,12 +1119,7 @@ def main(argv: list[str]) -> int:
             refused = access_refused(passwords)
             print(f"   media user reading the government queue is refused: {refused}")
 
-            delivered = {message_id for queue in arrived.values() for message_id, _, _ in queue}
-            lost = set(sent) - delivered
-            print(
-                f"== accepted {len(sent)}, delivered to a queue {len(sent) - len(lost)},"
-                f" lost {len(lost)}"
-            )
+            lost = missing_copies(copies, consumers)
         print("== poison-message act (retry tiers, dead letter, redrive, processed once)")
         poisoned = poison_act(
             runtime,
@@ -1122,17 +1146,31 @@ def main(argv: list[str]) -> int:
         server.stop()
 
 
+def missing_copies(copies: dict[str, set[str]], consumers: Consumers) -> set[str]:
+    """Print how many of the routed copies arrived; the ids of messages with a copy missing."""
+    missing = {(m, q) for m, queues in copies.items() for q in queues} - consumers.copies()
+    routed = sum(len(queues) for queues in copies.values())
+    print(
+        f"== accepted {len(copies)}: {routed} copies routed to stakeholder queues,"
+        f" {routed - len(missing)} delivered, lost {len(missing)}"
+    )
+    return {mid for mid, _ in missing}
+
+
 def report(
     arrived: dict[str, list[tuple[str, dict[str, Any], float]]],
     sent: dict[str, float],
+    copies: dict[str, set[str]],
     rejected: list[tuple[str, str, str]],
 ) -> None:
-    """Print per queue what arrived (by topic) with latency from router call to consumer."""
+    """Print per queue what arrived (by topic) against what the routing table sent there, with
+    latency from router call to consumer."""
     print("== delivered, per stakeholder queue (consumed as that stakeholder's broker user)")
-    print("   latency: router call to consumer; the first message of the run also pays the cold")
-    print("   start (broker connection, KMS data key, Encryption SDK import)")
-    for queue in sorted(arrived):
-        messages = arrived[queue]
+    print("   arrived/routed there; latency: router call to consumer; the first message of the run")
+    print("   also pays the cold start (broker connection, KMS data key, Encryption SDK import)")
+    routed = Counter(queue for queues in copies.values() for queue in queues)
+    for queue in sorted(set(arrived) | set(routed)):
+        messages = arrived.get(queue, [])
         topics = Counter(message["topic"] for _, message, _ in messages)
         latencies = [(at - sent[mid]) * 1000 for mid, _, at in messages if mid in sent]
         encrypted = sum(
@@ -1144,7 +1182,8 @@ def report(
             if latencies
             else ""
         )
-        print(f"   {queue:32s} {len(messages):4d}  {summary}  [{lat}; encrypted {encrypted}]")
+        count = f"{len(messages)}/{routed[queue]}"
+        print(f"   {queue:32s} {count:>9s}  {summary}  [{lat}; encrypted {encrypted}]")
     print("== rejected (reason, detail)")
     for label, reason, detail in rejected:
         print(f"   {label:20s} {reason:24s} {detail}")
