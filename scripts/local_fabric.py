@@ -456,14 +456,6 @@ class Consumers:
         """(message id, queue) of everything that arrived so far."""
         return {(mid, queue) for queue, items in list(self.arrived.items()) for mid, _, _ in items}
 
-    def wait_for(self, message_ids: set[str], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            seen = {mid for queue in list(self.arrived.values()) for mid, _, _ in list(queue)}
-            if message_ids <= seen:
-                return
-            time.sleep(0.05)
-
     def _run(self, group: Any, emergency: bool, passwords: dict[str, str]) -> None:
         from fabric.adapters.rabbitmq import RabbitSettings
         from fabric.adapters.rabbitmq_consumer import consumer_settler
@@ -537,7 +529,7 @@ def failover(
     )
     drainer = build_drainer(DrainSettings.from_env({**drain_env, **through_proxy}), metrics=metrics)
     by_transport: Counter[str] = Counter()
-    accepted: set[str] = set()
+    copies: dict[str, set[str]] = {}  # accepted message id -> the queues it was routed to
     refused: list[dict[str, Any]] = []
 
     def alert() -> dict[str, Any]:
@@ -558,9 +550,9 @@ def failover(
         started = time.monotonic()
         result = dispatch({"messages": messages}, f"{function_arn}:{group}", runtime)
         elapsed_ms = (time.monotonic() - started) * 1000
-        for item in result["results"]:
+        for message, item in zip(messages, result["results"], strict=True):
             if item["status"] == "accepted":
-                accepted.add(item["message_id"])
+                copies[item["message_id"]] = routed_queues(message, group)
                 by_transport[item["transport"]] += 1
             else:
                 refused.append(item)
@@ -594,35 +586,36 @@ def failover(
             f"  drain: {report.total} copies moved into RabbitMQ, deleted from SQS after confirm"
             f" (stopped: {report.stopped}; metric {DRAINED} = {metrics.totals[DRAINED]})"
         )
-        consumers.wait_for(accepted, timeout=20)
+        consumers.wait_for_copies(copies, timeout=20)
     finally:
         proxy.close()
-    return tally(accepted, by_transport, refused, consumers)
+    return tally(copies, by_transport, refused, consumers)
 
 
 def tally(
-    accepted: set[str],
+    copies: dict[str, set[str]],
     by_transport: Counter[str],
     refused: list[dict[str, Any]],
     consumers: Consumers,
 ) -> set[str]:
-    """Print the failover act's counts; return the ids accepted and not delivered, or refused."""
-    copies = Counter(
-        (queue, mid)
+    """Print the failover act's counts; return the ids accepted with a routed copy that never
+    arrived, and the refused ones."""
+    arrived = Counter(
+        (mid, queue)
         for queue, items in list(consumers.arrived.items())
         for mid, _, _ in items
-        if mid in accepted
+        if mid in copies
     )
-    delivered = {mid for _, mid in copies}
-    duplicates = sum(n - 1 for n in copies.values())
-    lost = accepted - delivered
+    missing = {(mid, queue) for mid, queues in copies.items() for queue in queues} - set(arrived)
+    routed = sum(len(queues) for queues in copies.values())
+    duplicates = sum(n - 1 for n in arrived.values())
     transports = ", ".join(f"{name} {n}" for name, n in sorted(by_transport.items()))
     print(
-        f"  accepted {len(accepted)} ({transports}), refused {len(refused)},"
-        f" delivered {len(accepted & delivered)}, lost {len(lost)},"
+        f"  accepted {len(copies)} ({transports}), refused {len(refused)}; {routed} copies"
+        f" routed, {routed - len(missing)} delivered, lost {len(missing)},"
         f" duplicate copies {duplicates} (removable by message id)"
     )
-    return lost | {str(item.get("message_id")) for item in refused}
+    return {mid for mid, _ in missing} | {str(item.get("message_id")) for item in refused}
 
 
 def access_refused(passwords: dict[str, str]) -> bool:
