@@ -193,8 +193,9 @@ def messages(count: int) -> list[OutboundMessage]:
     ]
 
 
-def delivered(broker: TlsBroker, vhost: str, queue: str) -> list[str]:
-    """The message ids waiting in ``queue`` of ``vhost`` (taken out)."""
+def take(broker: TlsBroker, queue: str = QUEUE, vhost: str = "/") -> list[tuple[str, bytes]]:
+    """(message id, body) of each message waiting in ``queue`` of ``vhost``, taken out over the
+    node's plain AMQP listener."""
     connection = pika.BlockingConnection(
         pika.ConnectionParameters(
             "127.0.0.1",
@@ -204,25 +205,11 @@ def delivered(broker: TlsBroker, vhost: str, queue: str) -> list[str]:
         )
     )
     channel = connection.channel()
-    ids = []
+    taken = []
     while (got := channel.basic_get(queue, auto_ack=True))[0] is not None:
-        ids.append(got[1].message_id)
+        taken.append((got[1].message_id, got[2]))
     connection.close()
-    return ids
-
-
-def drain(broker: TlsBroker) -> list[bytes]:
-    connection = pika.BlockingConnection(
-        pika.ConnectionParameters(
-            "127.0.0.1", broker.node.amqp_port, credentials=pika.PlainCredentials(*GUEST)
-        )
-    )
-    channel = connection.channel()
-    bodies = []
-    while (got := channel.basic_get(QUEUE, auto_ack=True))[0] is not None:
-        bodies.append(got[2])
-    connection.close()
-    return bodies
+    return taken
 
 
 def connection_named(broker: TlsBroker, name: str) -> dict[str, Any]:
@@ -238,7 +225,7 @@ def connection_named(broker: TlsBroker, name: str) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def empty_queue(tls_broker: TlsBroker) -> None:
     """Each test starts with nothing in the queue, whatever the test before it left."""
-    drain(tls_broker)
+    take(tls_broker)
 
 
 def test_the_transport_publishes_over_tls_with_confirms_to_a_verified_broker(
@@ -254,33 +241,27 @@ def test_the_transport_publishes_over_tls_with_confirms_to_a_verified_broker(
         publisher.close()
 
     assert all(outcome.stored for outcome in outcomes)
-    assert drain(tls_broker) == [message.body for message in sent]
+    assert take(tls_broker) == [(message.message_id, message.body) for message in sent]
     assert seen["ssl"] is True
     assert seen["port"] == tls_broker.tls_port
     assert seen["ssl_protocol"] in {"tlsv1.2", "tlsv1.3"}
 
 
-def test_a_broker_certificate_from_an_unknown_authority_is_refused(
-    tls_broker: TlsBroker, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("authority", "host"),
+    [("untrusted", "localhost"), ("trusted", "127.0.0.1")],
+    ids=["from-an-unknown-authority", "for-another-name"],
+)
+def test_a_broker_certificate_that_does_not_verify_is_refused(
+    tls_broker: TlsBroker, monkeypatch: pytest.MonkeyPatch, authority: str, host: str
 ) -> None:
-    monkeypatch.setenv("SSL_CERT_FILE", str(tls_broker.untrusted))
+    # The certificate names localhost only: reached as 127.0.0.1, the same listener is refused.
+    monkeypatch.setenv("SSL_CERT_FILE", str(getattr(tls_broker, authority)))
 
-    outcomes = transport(tls_broker, "localhost", "tls-untrusted").publish(messages(3))
+    outcomes = transport(tls_broker, host, f"tls-{authority}-{host}").publish(messages(3))
 
     assert [outcome.failure for outcome in outcomes] == [Failure.UNAVAILABLE] * 3
-    assert drain(tls_broker) == []
-
-
-def test_a_broker_certificate_for_another_name_is_refused(
-    tls_broker: TlsBroker, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SSL_CERT_FILE", str(tls_broker.trusted))
-
-    # The certificate names localhost only; the same listener reached as 127.0.0.1 is refused.
-    outcomes = transport(tls_broker, "127.0.0.1", "tls-misnamed").publish(messages(3))
-
-    assert [outcome.failure for outcome in outcomes] == [Failure.UNAVAILABLE] * 3
-    assert drain(tls_broker) == []
+    assert take(tls_broker) == []
 
 
 def test_the_topology_goes_over_https_and_a_routed_message_over_amqps(
@@ -320,9 +301,9 @@ def test_the_topology_goes_over_https_and_a_routed_message_over_amqps(
     assert result.to_dict()["results"] == [
         {"message_id": message["message_id"], "status": "accepted", "transport": "rabbitmq"}
     ]
-    assert delivered(tls_broker, vhost, "fabric.academic") == [message["message_id"]]
-    assert delivered(tls_broker, vhost, "fabric.government") == [message["message_id"]]
-    assert delivered(tls_broker, vhost, "fabric.media") == []
+    for queue in ("fabric.academic", "fabric.government"):
+        assert [mid for mid, _ in take(tls_broker, queue, vhost)] == [message["message_id"]]
+    assert take(tls_broker, "fabric.media", vhost) == []
 
 
 def test_the_management_api_refuses_a_certificate_from_an_unknown_authority(
