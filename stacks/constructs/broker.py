@@ -27,9 +27,10 @@ _ROTATION_RULES = (
 )
 _ROTATION_REASON = (
     "RabbitMQ users live in RabbitMQ, not in Amazon MQ's API, and change only through the "
-    "management API. Rotation is the runbook's 'rotate-user' procedure (new password through the "
-    "management API, then this secret, then the functions' next cold start), not a Secrets Manager "
-    "rotation Lambda, which cannot reach the broker's user store."
+    "management API. Rotation is the runbook's procedure 'Rotating a broker user's password' (new "
+    "password through the management API, then into this secret; the functions read the secret "
+    "again when the broker refuses the old one), not a Secrets Manager rotation Lambda, which "
+    "cannot reach the broker's user store."
 )
 
 

@@ -89,6 +89,35 @@ def connection_parameters(settings: RabbitSettings) -> pika.ConnectionParameters
     )
 
 
+_REFUSED_CREDENTIALS = (
+    pika.exceptions.ProbableAuthenticationError,
+    pika.exceptions.AuthenticationError,
+)
+
+
+def forget_refused_credentials(settings: RabbitSettings, error: object) -> None:
+    """After the broker refused the credentials (``error``), drop the ones ``settings`` keep,
+    so that the next connection reads the secret again: a password rotated in Secrets Manager
+    reaches warm containers at their next connection, not when they are recycled."""
+    forget = getattr(settings.credentials, "forget", None)
+    if isinstance(error, _REFUSED_CREDENTIALS) and forget is not None:
+        forget()
+
+
+def open_blocking_connection(settings: RabbitSettings) -> pika.BlockingConnection:
+    """A ``BlockingConnection`` for ``settings`` (see ``forget_refused_credentials``).
+
+    Raises:
+        pika.exceptions.AMQPError: the broker cannot be reached or refused the connection.
+        TransportUnavailable: the credentials cannot be read.
+    """
+    try:
+        return pika.BlockingConnection(connection_parameters(settings))
+    except _REFUSED_CREDENTIALS as exc:
+        forget_refused_credentials(settings, exc)
+        raise
+
+
 class _ConnectFailed(Exception):
     pass
 
@@ -293,6 +322,8 @@ class RabbitMqTransport:
         )
         if "ready" not in state:
             _LOG.warning("rabbitmq connect failed: %s", type(state.get("error")).__name__)
+            # publish() tries a second connection, which then reads a rotated password.
+            forget_refused_credentials(self._settings, state.get("error"))
             self._discard()
             raise _ConnectFailed
         self._channel = state["ready"]

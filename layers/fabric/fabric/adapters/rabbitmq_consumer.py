@@ -23,7 +23,11 @@ import pika
 import pika.exceptions
 
 from fabric import topology
-from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings, connection_parameters
+from fabric.adapters.rabbitmq import (
+    RabbitMqTransport,
+    RabbitSettings,
+    open_blocking_connection,
+)
 from fabric.audit_sink import TransportAuditSink
 from fabric.consumer import (
     Decision,
@@ -103,7 +107,7 @@ class RabbitMqConsumer:
                 redelivered to the next consumer).
         """
         counts: Counter[str] = Counter()
-        connection = pika.BlockingConnection(connection_parameters(self._settings))
+        connection = open_blocking_connection(self._settings)
         try:
             channel = connection.channel()
             channel.basic_qos(prefetch_count=self._prefetch)

@@ -21,7 +21,7 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from fabric import topology
-from fabric.adapters.rabbitmq import RabbitSettings, connection_parameters
+from fabric.adapters.rabbitmq import RabbitSettings, open_blocking_connection
 from fabric.consumer import header_text, string_headers
 from fabric.errors import TransportUnavailable
 from fabric.ports import DeadLetter, OutboundMessage, Transport
@@ -113,7 +113,7 @@ class RabbitMqDeadLetterQueue:
             return self._channel
         self._close()
         try:
-            self._connection = pika.BlockingConnection(connection_parameters(self._settings))
+            self._connection = open_blocking_connection(self._settings)
             self._channel = self._connection.channel()
         except _DELIVERY_ERRORS as exc:
             self._close()

@@ -1,4 +1,5 @@
-"""Credentials from AWS Secrets Manager, fetched on first use and kept for the container's life."""
+"""Credentials from AWS Secrets Manager, fetched on first use and kept until the broker refuses
+them (then read again: see ``fabric.adapters.rabbitmq.forget_refused_credentials``)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,8 @@ class SecretCredentials:
                     "the broker secret must be JSON with username and password"
                 ) from None
         return self._value
+
+    def forget(self) -> None:
+        """Drop the pair read so far: the next call reads the secret again (after the broker
+        refused it, e.g. once the password was rotated)."""
+        self._value = None
