@@ -95,7 +95,7 @@ _REFUSED_CREDENTIALS = (
 )
 
 
-def forget_refused_credentials(settings: RabbitSettings, error: object) -> None:
+def _forget_refused_credentials(settings: RabbitSettings, error: object) -> None:
     """After the broker refused the credentials (``error``), drop the ones ``settings`` keep,
     so that the next connection reads the secret again: a password rotated in Secrets Manager
     reaches warm containers at their next connection, not when they are recycled."""
@@ -105,7 +105,7 @@ def forget_refused_credentials(settings: RabbitSettings, error: object) -> None:
 
 
 def open_blocking_connection(settings: RabbitSettings) -> pika.BlockingConnection:
-    """A ``BlockingConnection`` for ``settings`` (see ``forget_refused_credentials``).
+    """A ``BlockingConnection`` for ``settings`` (see ``_forget_refused_credentials``).
 
     Raises:
         pika.exceptions.AMQPError: the broker cannot be reached or refused the connection.
@@ -114,7 +114,7 @@ def open_blocking_connection(settings: RabbitSettings) -> pika.BlockingConnectio
     try:
         return pika.BlockingConnection(connection_parameters(settings))
     except _REFUSED_CREDENTIALS as exc:
-        forget_refused_credentials(settings, exc)
+        _forget_refused_credentials(settings, exc)
         raise
 
 
@@ -323,7 +323,7 @@ class RabbitMqTransport:
         if "ready" not in state:
             _LOG.warning("rabbitmq connect failed: %s", type(state.get("error")).__name__)
             # publish() tries a second connection, which then reads a rotated password.
-            forget_refused_credentials(self._settings, state.get("error"))
+            _forget_refused_credentials(self._settings, state.get("error"))
             self._discard()
             raise _ConnectFailed
         self._channel = state["ready"]

@@ -1,5 +1,5 @@
 """Credentials from AWS Secrets Manager, fetched on first use and kept until the broker refuses
-them (then read again: see ``fabric.adapters.rabbitmq.forget_refused_credentials``)."""
+them, then read again (see ``fabric.adapters.rabbitmq``)."""
 
 from __future__ import annotations
 
