@@ -296,15 +296,14 @@ def sqs_event(bodies: list[str], group: str, prefix: str) -> dict[str, Any]:
 def routed_queues(item: dict[str, Any], source: str) -> set[str]:
     """The stakeholder queues the routing table sends an accepted message to: where a copy of it
     must arrive."""
+    from fabric import topology
     from fabric.envelope import Envelope, validate_envelope
     from fabric.routing import default_routing_table
-    from fabric.topology import UNROUTED_QUEUE, queue_name
 
     checked = validate_envelope(item, source)
     if not isinstance(checked, Envelope):
         raise RuntimeError(f"an accepted message does not validate: {checked}")
-    deliveries = default_routing_table().deliveries(checked)
-    return {queue_name(d.group, emergency=d.emergency) for d in deliveries} or {UNROUTED_QUEUE}
+    return set(topology.routed_queues(default_routing_table().deliveries(checked)))
 
 
 def play(

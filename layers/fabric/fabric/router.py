@@ -37,7 +37,7 @@ from fabric.ports import (
 from fabric.protection import encryption_context, seal_payload
 from fabric.routing import Delivery, RoutingTable
 from fabric.stakeholders import Stakeholder
-from fabric.topology import UNROUTED_QUEUE, delivery_headers, queue_name
+from fabric.topology import delivery_headers, routed_queues
 
 _LOG = logging.getLogger(__name__)
 
@@ -106,12 +106,11 @@ class _Plan:
     @classmethod
     def of(cls, deliveries: frozenset[Delivery]) -> _Plan:
         audience = frozenset(d.group for d in deliveries)
-        queues = sorted(queue_name(d.group, emergency=d.emergency) for d in deliveries)
         return cls(
             audience=audience,
             groups=tuple(sorted(audience)),
             emergency=any(d.emergency for d in deliveries),
-            queues=tuple(queues) or (UNROUTED_QUEUE,),
+            queues=routed_queues(deliveries),
         )
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from fabric.envelope import Envelope
-from fabric.routing import Route, RoutingTable
+from fabric.routing import Delivery, Route, RoutingTable
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 
 # Exchanges live under `fabric.x.`, queues directly under `fabric.`, so a permission regex on
@@ -54,6 +55,14 @@ MAX_LENGTH_BYTES = 2 * 1024**3
 def queue_name(group: Stakeholder, *, emergency: bool = False) -> str:
     """The work queue a group consumes: `fabric.<group>` or `fabric.<group>.emergency`."""
     return f"fabric.{group}.emergency" if emergency else f"fabric.{group}"
+
+
+def routed_queues(deliveries: Iterable[Delivery]) -> tuple[str, ...]:
+    """The queues the broker's bindings put a message with these deliveries in, sorted: the
+    unrouted queue when there are none (the ingress exchange's alternate exchange)."""
+    return tuple(sorted(queue_name(d.group, emergency=d.emergency) for d in deliveries)) or (
+        UNROUTED_QUEUE,
+    )
 
 
 def dead_letter_queue_name(group: Stakeholder, *, emergency: bool = False) -> str:

@@ -597,7 +597,7 @@ class _Batch:
             if not self.pump_scheduled:
                 self.pump_scheduled = True
                 self.schedule(self.pump)
-        elif self.taken.exhausted and self.taken.meanwhile and not self.meanwhile_timer:
+        elif self.taken.exhausted and self.taken.meanwhile and self.meanwhile_timer is None:
             # Runs after this turn of the loop has written the last chunk to the socket.
             self.meanwhile_timer = self.schedule(self._run_meanwhile)
 
