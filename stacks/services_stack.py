@@ -1,4 +1,5 @@
-"""The stateless stack: the fabric's functions, their entry points, and the topology resource."""
+"""The stateless stack: the fabric's functions, their entry points, the topology resource and
+the broker passwords' rotation."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from stacks.constructs.function import FunctionPlatform, build_layers
 from stacks.constructs.queues import address, physical_name
 from stacks.constructs.redrive import DeadLetterPair, Redrive
 from stacks.constructs.replay import Replay
+from stacks.constructs.rotation import PasswordRotation
 from stacks.constructs.router import VIRTUAL_HOST, Router
 from stacks.constructs.topology import BrokerTopology
 from stacks.stateful_stack import StatefulStack
@@ -138,6 +140,18 @@ class ServicesStack(Stack):
             topics_key=stateful.keys.topics,
             removal_policy=stateful.removal,
         )
+        self.rotation = PasswordRotation(
+            self,
+            "PasswordRotation",
+            env_name=config.name,
+            platform=platform,
+            management_url=stateful.broker.management_url,
+            admin_secret=stateful.broker.admin_secret,
+            user_secrets=dict(user_secrets),
+            secrets_key=stateful.keys.secrets,
+            topology=self.topology.resource,
+            alarm_topic=self.alarms.topic,
+        )
         # The explicit Fn::GetStackOutput below is not a reference CDK tracks: say the order.
         self.add_dependency(stateful, "the audit writer reads the AuditBucketName output")
         self.audit_writer = AuditWriter(
@@ -194,6 +208,7 @@ class ServicesStack(Stack):
             self.drain.function,
             self.audit_writer.function,
             self.compliance_report.function,
+            self.rotation.function,
         )
         self.dead_letter_alarms = DeadLetterAlarms(
             self,

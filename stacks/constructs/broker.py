@@ -12,25 +12,28 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
+from fabric.rotation import EXCLUDED_PASSWORD_CHARACTERS, PASSWORD_LENGTH
 from stacks.config import BrokerConfig, DeploymentMode
 from stacks.nag import acknowledge, ignore_cfn_lint
 
 ADMIN_USERNAME = "fabric-admin"
-# Amazon MQ passwords: at least 12 characters, no commas, colons or equal signs; we also leave
-# out characters that need quoting in AMQP URIs and shells.
-_EXCLUDED_PASSWORD_CHARACTERS = ",:=/@\"'\\`%&*?#[]{}()<>|;$ "  # noqa: S105 (a character set, not a secret)
 
 _ROTATION_RULES = (
     "AwsSolutions-SMG4",
     "HIPAA.Security-SecretsManagerRotationEnabled",
     "NIST.800.53.R5-SecretsManagerRotationEnabled",
 )
-_ROTATION_REASON = (
-    "RabbitMQ users live in RabbitMQ, not in Amazon MQ's API, and change only through the "
-    "management API. Rotation is the runbook's procedure 'Rotating a broker user's password' (new "
-    "password through the management API, then into this secret; the functions read the secret "
-    "again when the broker refuses the old one), not a Secrets Manager rotation Lambda, which "
-    "cannot reach the broker's user store."
+_ADMIN_ROTATION_REASON = (
+    "The broker administrator is the identity the rotation function and the topology function "
+    "log in as to change every other user; rotating it with that same function could lock the "
+    "fabric out of its own broker if a rotation stopped half-way. It is rotated by the runbook's "
+    "procedure 'Rotating the broker administrator' (docs/runbook.md)."
+)
+_USER_ROTATION_REASON = (
+    "Rotated automatically every 30 days by the rotation schedule on this secret in the "
+    "services stack (stacks/constructs/rotation.py, next to its function), which cdk-nag does "
+    "not see from this stack; tests/infra/test_rotation.py checks that every user's secret has "
+    "one."
 )
 
 
@@ -42,8 +45,10 @@ def user_secret(
     description: str,
     key: kms.IKey,
     removal_policy: RemovalPolicy,
+    rotation: str,
 ) -> secretsmanager.Secret:
-    """A generated ``{"username", "password"}`` secret for one RabbitMQ user, under ``key``."""
+    """A generated ``{"username", "password"}`` secret for one RabbitMQ user, under ``key``;
+    ``rotation`` says how it is rotated, for the gates' rotation rules."""
     secret = secretsmanager.Secret(
         scope,
         construct_id,
@@ -53,12 +58,12 @@ def user_secret(
         generate_secret_string=secretsmanager.SecretStringGenerator(
             secret_string_template=json.dumps({"username": username}),
             generate_string_key="password",
-            password_length=32,
-            exclude_characters=_EXCLUDED_PASSWORD_CHARACTERS,
+            password_length=PASSWORD_LENGTH,
+            exclude_characters=EXCLUDED_PASSWORD_CHARACTERS,
         ),
     )
     for rule in _ROTATION_RULES:
-        acknowledge(secret, rule, _ROTATION_REASON)
+        acknowledge(secret, rule, rotation)
     return secret
 
 
@@ -98,6 +103,7 @@ class Broker(Construct):
             description=f"Messaging Fabric {env_name}: RabbitMQ broker administrator",
             key=secrets_key,
             removal_policy=removal_policy,
+            rotation=_ADMIN_ROTATION_REASON,
         )
 
         all_subnets = vpc.select_subnets(
@@ -186,7 +192,8 @@ class BrokerUsers(Construct):
     """One generated secret per RabbitMQ user the topology creates (``{"username", "password"}``).
 
     The topology custom resource reads them to create the users through the management API; each
-    function reads only the secret of the user it connects as.
+    function reads only the secret of the user it connects as; the services stack's
+    ``PasswordRotation`` rotates them.
     """
 
     def __init__(
@@ -209,4 +216,5 @@ class BrokerUsers(Construct):
                 description=f"Messaging Fabric {env_name}: RabbitMQ user {username}",
                 key=secrets_key,
                 removal_policy=removal_policy,
+                rotation=_USER_ROTATION_REASON,
             )

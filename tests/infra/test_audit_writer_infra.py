@@ -457,7 +457,7 @@ def test_an_hourly_rule_asks_for_a_checkpoint(trail: Trail) -> None:
     (permission,) = [
         p
         for p in of_type(template, "AWS::Lambda::Permission").values()
-        if p["Properties"]["SourceArn"] == {"Fn::GetAtt": [rule_id, "Arn"]}
+        if p["Properties"].get("SourceArn") == {"Fn::GetAtt": [rule_id, "Arn"]}
     ]
     assert permission["Properties"]["Principal"] == "events.amazonaws.com"
     # ... which is SSE-KMS: the queues key lets EventBridge use it for this one rule.

@@ -198,7 +198,7 @@ def test_the_report_runs_every_day_for_the_day_before(trail: Trail) -> None:
     (permission,) = [
         p
         for p in of_type(template, "AWS::Lambda::Permission").values()
-        if p["Properties"]["SourceArn"] == {"Fn::GetAtt": [rule_id, "Arn"]}
+        if p["Properties"].get("SourceArn") == {"Fn::GetAtt": [rule_id, "Arn"]}
     ]
     assert permission["Properties"]["Principal"] == "events.amazonaws.com"
 

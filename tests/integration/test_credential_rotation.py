@@ -1,32 +1,43 @@
-"""A broker password rotated in Secrets Manager reaches warm processes at their next connection.
+"""Broker passwords rotated by the rotation function, and reaching warm processes.
 
-A broker user of the test's own, its secret in moto's Secrets Manager, read by the production
-``SecretCredentials``: the router's transport, a DLQ reader and the consumer toolkit keep the
-password they read until the broker refuses it, then read the secret again.
+A broker user of the test's own, its secret in moto's Secrets Manager:
+- the rotation function (``lambdas/rotation``) runs Secrets Manager's four steps against the
+  real broker's management API;
+- the production ``SecretCredentials`` of the router's transport, a DLQ reader and the consumer
+  toolkit keep the password they read until the broker refuses it, then read the secret again,
+  its pending version while a rotation is half done.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import time
+import urllib.error
 import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import boto3
 import pika
 import pika.exceptions
 import pytest
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.secretsmanager.models import secretsmanager_backends
 
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
 from fabric.adapters.secrets import SecretCredentials
 from fabric.consumer import MessageProcessor
+from fabric.errors import RotationError
 from fabric.ports import Failure, OutboundMessage
+from fabric.rotation import EXCLUDED_PASSWORD_CHARACTERS, PASSWORD_LENGTH, STEPS
+from tests.conftest import load_handler
 from tests.integration.aws_fallback import REGION
-from tests.integration.conftest import AMQP, management
+from tests.integration.conftest import AMQP, GUEST, MANAGEMENT, management
 
 pytestmark = pytest.mark.integration
 
@@ -69,6 +80,25 @@ class RotatingUser:
     def change_on_broker(self, password: str) -> None:
         management("PUT", f"users/{self.name}", {"password": password, "tags": ""})
 
+    def secret(self, stage: str = "AWSCURRENT") -> dict[str, str]:
+        response = boto3.client("secretsmanager", region_name=REGION).get_secret_value(
+            SecretId=self.secret_arn, VersionStage=stage
+        )
+        return dict(json.loads(response["SecretString"]))
+
+    def can_log_in(self, password: str) -> bool:
+        try:
+            pika.BlockingConnection(
+                pika.ConnectionParameters(
+                    *AMQP,
+                    virtual_host=self.vhost,
+                    credentials=pika.PlainCredentials(self.name, password),
+                )
+            ).close()
+        except pika.exceptions.ProbableAuthenticationError:
+            return False
+        return True
+
 
 @pytest.fixture
 def user(vhost: str, channel: Any, aws: dict[str, Any]) -> Iterator[RotatingUser]:
@@ -89,6 +119,38 @@ def user(vhost: str, channel: Any, aws: dict[str, Any]) -> Iterator[RotatingUser
     channel.queue_bind(QUEUE, EXCHANGE, "#")
     yield RotatingUser(name, arn, vhost)
     management("DELETE", f"users/{name}")
+
+
+@pytest.fixture
+def rotation(aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The rotation function's handler, authenticating to the real broker as its admin (guest)."""
+    admin_arn = boto3.client("secretsmanager", region_name=REGION).create_secret(
+        Name="fabric-test/admin",
+        SecretString=json.dumps({"username": GUEST[0], "password": GUEST[1]}),
+    )["ARN"]
+    monkeypatch.setenv("MANAGEMENT_URL", MANAGEMENT)
+    monkeypatch.setenv("ADMIN_SECRET_ARN", admin_arn)
+    return load_handler("rotation", monkeypatch)
+
+
+def start_rotation(secret_arn: str) -> str:
+    """What Secrets Manager does before it calls the rotation function: rotation on, and the new
+    version's id labelled AWSPENDING, with no value yet. (moto does it only inside RotateSecret,
+    which then runs the function in Docker, which this machine does not have.)"""
+    secret = secretsmanager_backends[DEFAULT_ACCOUNT_ID][REGION].secrets[secret_arn]
+    secret.rotation_requested = secret.rotation_enabled = True
+    token = str(uuid.uuid4())
+    secret.remove_version_stages_from_old_versions(["AWSPENDING"])
+    secret.versions[token] = {
+        "createdate": int(time.time()),
+        "version_id": token,
+        "version_stages": ["AWSPENDING"],
+    }
+    return token
+
+
+def step(rotation: ModuleType, secret_arn: str, token: str, name: str) -> None:
+    rotation.handler({"SecretId": secret_arn, "ClientRequestToken": token, "Step": name}, None)
 
 
 def messages(count: int) -> list[OutboundMessage]:
@@ -149,3 +211,146 @@ def test_a_consumer_refused_once_reads_the_rotated_password_on_its_next_run(
 
     assert counts == {"done": 1}
     assert channel.queue_declare(QUEUE, passive=True).method.message_count == 0
+
+
+# --- the rotation function -------------------------------------------------------------------
+
+
+def test_a_rotation_gives_the_user_a_new_password_on_the_broker_and_in_the_secret(
+    user: RotatingUser, rotation: ModuleType
+) -> None:
+    old = user.secret()["password"]
+    management("PUT", f"users/{user.name}", {"password": old, "tags": "monitoring"})
+    token = start_rotation(user.secret_arn)
+
+    for name in STEPS:
+        step(rotation, user.secret_arn, token, name)
+
+    new = user.secret()
+    assert new["username"] == user.name
+    assert new["password"] != old
+    assert len(new["password"]) == PASSWORD_LENGTH
+    assert not set(new["password"]) & set(EXCLUDED_PASSWORD_CHARACTERS)
+    assert user.can_log_in(new["password"])
+    assert not user.can_log_in(old)
+    assert management("GET", f"users/{user.name}")["tags"] in (["monitoring"], "monitoring")
+
+
+def test_every_step_run_twice_as_secrets_manager_retries_changes_nothing_more(
+    user: RotatingUser, rotation: ModuleType
+) -> None:
+    token = start_rotation(user.secret_arn)
+
+    step(rotation, user.secret_arn, token, "createSecret")
+    pending = user.secret("AWSPENDING")["password"]
+    for name in STEPS:
+        step(rotation, user.secret_arn, token, name)
+        step(rotation, user.secret_arn, token, name)
+
+    assert user.secret()["password"] == pending
+    assert user.can_log_in(pending)
+
+
+def test_clients_connect_all_through_a_rotation(
+    user: RotatingUser, rotation: ModuleType, channel: Any
+) -> None:
+    # After setSecret the broker has the new password and the secret's current version the old:
+    # a fresh connection is refused once, then made with the pending version.
+    publisher = RabbitMqTransport(user.settings(), exchange_for=lambda _m: EXCHANGE)
+    token = start_rotation(user.secret_arn)
+    stored = []
+    for name in STEPS:
+        step(rotation, user.secret_arn, token, name)
+        publisher.close()  # each call after a step starts on a new connection
+        stored += [outcome.stored for outcome in publisher.publish(messages(2))]
+
+    assert stored == [True] * 8
+    assert channel.queue_declare(QUEUE, passive=True).method.message_count == 8
+    publisher.close()
+
+
+def test_a_password_changed_on_the_broker_after_set_fails_the_test_step_and_keeps_current(
+    user: RotatingUser, rotation: ModuleType
+) -> None:
+    old = user.secret()["password"]
+    token = start_rotation(user.secret_arn)
+    step(rotation, user.secret_arn, token, "createSecret")
+    step(rotation, user.secret_arn, token, "setSecret")
+    user.change_on_broker(old)  # e.g. someone ran the runbook's manual procedure meanwhile
+
+    with pytest.raises(RotationError, match="does not hold the pending password"):
+        step(rotation, user.secret_arn, token, "testSecret")
+    assert user.secret()["password"] == old
+    assert user.can_log_in(old)
+
+
+def test_a_user_the_broker_does_not_have_is_not_created_by_a_rotation(
+    user: RotatingUser, rotation: ModuleType
+) -> None:
+    management("DELETE", f"users/{user.name}")
+    token = start_rotation(user.secret_arn)
+    step(rotation, user.secret_arn, token, "createSecret")
+
+    with pytest.raises(RotationError, match="has no user"):
+        step(rotation, user.secret_arn, token, "setSecret")
+    assert management_user(user.name) is None
+    management("PUT", f"users/{user.name}", {"password": "x" * 20, "tags": ""})  # for teardown
+
+
+def management_user(name: str) -> Any:
+    try:
+        return management("GET", f"users/{name}")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+def test_the_function_refuses_to_rotate_the_administrator_it_logs_in_as(
+    rotation: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    admin_arn = os.environ["ADMIN_SECRET_ARN"]
+    token = start_rotation(admin_arn)
+
+    with pytest.raises(RotationError, match="administrator"):
+        step(rotation, admin_arn, token, "createSecret")
+    assert user_can_still_manage()
+
+
+def user_can_still_manage() -> bool:
+    return management("GET", "whoami")["name"] == GUEST[0]
+
+
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [
+        ("not an object", "JSON object"),
+        ({"SecretId": "x", "ClientRequestToken": "t"}, "needs SecretId, ClientRequestToken"),
+        ({"SecretId": "x", "ClientRequestToken": "t", "Step": "dropSecret"}, "unknown rotation"),
+    ],
+)
+def test_an_event_that_is_not_a_rotation_request_is_refused(
+    rotation: ModuleType, event: Any, reason: str
+) -> None:
+    with pytest.raises(RotationError, match=reason):
+        rotation.handler(event, None)
+
+
+def test_a_token_that_is_not_the_pending_version_is_refused(
+    user: RotatingUser, rotation: ModuleType
+) -> None:
+    start_rotation(user.secret_arn)
+    old = user.secret()["password"]
+
+    with pytest.raises(RotationError, match="no stage to rotate"):
+        step(rotation, user.secret_arn, str(uuid.uuid4()), "createSecret")
+    assert user.secret()["password"] == old
+
+
+def test_a_secret_without_rotation_enabled_is_refused(
+    user: RotatingUser, rotation: ModuleType
+) -> None:
+    with pytest.raises(RotationError, match="not enabled"):
+        step(rotation, user.secret_arn, str(uuid.uuid4()), "createSecret")

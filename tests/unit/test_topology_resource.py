@@ -26,7 +26,8 @@ ENVIRON = {
 class FakeSecrets:
     """Secrets Manager's GetSecretValue answers for the ARNs above."""
 
-    def get_secret_value(self, SecretId: str) -> dict[str, str]:
+    def get_secret_value(self, SecretId: str, VersionStage: str) -> dict[str, str]:
+        assert VersionStage == "AWSCURRENT"
         name = SecretId.removeprefix("arn:")
         return {"SecretString": json.dumps({"username": name, "password": f"pw-{name}-0123456789"})}
 

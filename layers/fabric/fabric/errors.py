@@ -65,6 +65,11 @@ class ManagementRequestRejected(ManagementApiError):
         self.reason = reason
 
 
+class RotationError(FabricError):
+    """A password rotation step cannot be done: the secret, its versions or the broker's user
+    are not what the step needs. Secrets Manager marks the rotation failed and retries it."""
+
+
 class TopologyConflict(FabricError):
     """The broker holds an exchange or queue whose properties differ from the definitions.
 

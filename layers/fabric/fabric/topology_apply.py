@@ -326,7 +326,8 @@ def _queue_properties(item: Mapping[str, Any]) -> JsonObject:
     }
 
 
-def _tags(value: Any) -> tuple[str, ...]:
+def user_tags(value: Any) -> tuple[str, ...]:
+    """A user's tags as the management API lists them, sorted, whatever the broker's version."""
     if isinstance(value, str):  # older versions list tags as one string, "a,b"
         value = value.split(",")
     return tuple(sorted({str(tag).strip() for tag in value or () if str(tag).strip()}))
@@ -364,7 +365,7 @@ def _parse(definitions: Mapping[str, Any]) -> _Document:
             raise ConfigError(f"definitions: bindings[{i}] destination_type must be queue/exchange")
         bindings.setdefault(binding.key, binding)
     users = tuple(
-        _User(_require(item, "name", "users", i), _tags(item.get("tags")))
+        _User(_require(item, "name", "users", i), user_tags(item.get("tags")))
         for i, item in enumerate(_items(definitions, "users"))
     )
     permissions = tuple(
@@ -402,7 +403,7 @@ def _differences(
     return found
 
 
-def _password_matches(user: Mapping[str, Any], password: str) -> bool:
+def password_matches(user: Mapping[str, Any], password: str) -> bool:
     """Whether ``password`` is the one behind the broker's salted hash; False if uncheckable."""
     algorithm = _PASSWORD_HASHES.get(str(user.get("hashing_algorithm")))
     stored = user.get("password_hash")
@@ -612,9 +613,9 @@ def _plan_users(
             plan.users.append(_Step(change, partial(put, user)))
             continue
         differences: dict[str, tuple[Any, Any]] = {}
-        if (tags := _tags(current.get("tags"))) != user.tags:
+        if (tags := user_tags(current.get("tags"))) != user.tags:
             differences["tags"] = (list(tags), list(user.tags))
-        if passwords is not None and not _password_matches(current, passwords[user.name]):
+        if passwords is not None and not password_matches(current, passwords[user.name]):
             differences["password"] = (_HIDDEN, _HIDDEN)
         if differences:
             change = Change(ChangeKind.UPDATE, Resource.USER, user.name, differences)

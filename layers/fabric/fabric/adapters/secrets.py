@@ -15,12 +15,19 @@ class SecretCredentials:
 
     ``client_factory`` builds a boto3 Secrets Manager client when first needed (moto must be
     active before a client exists in tests).
+
+    After the broker refused the pair (``forget``), the next call reads the secret again. If its
+    current version still holds the refused password, a rotation is under way: the broker may
+    already have the new password while the secret's ``AWSPENDING`` version holds it and
+    ``AWSCURRENT`` does not yet (``fabric.rotation``), so the pending pair is used if there is
+    one.
     """
 
     def __init__(self, secret_arn: str, client_factory: Callable[[], Any]) -> None:
         self._secret_arn = secret_arn
         self._client_factory = client_factory
         self._value: tuple[str, str] | None = None
+        self._refused: tuple[str, str] | None = None
 
     def __call__(self) -> tuple[str, str]:
         """The (username, password) pair.
@@ -30,22 +37,43 @@ class SecretCredentials:
             ConfigError: the secret exists but is not a JSON object with username and password.
         """
         if self._value is None:
-            from botocore.exceptions import BotoCoreError, ClientError
-
-            try:
-                response = self._client_factory().get_secret_value(SecretId=self._secret_arn)
-            except (BotoCoreError, ClientError) as exc:
-                raise TransportUnavailable("cannot read the broker credentials") from exc
-            try:
-                data = json.loads(response["SecretString"])
-                self._value = (str(data["username"]), str(data["password"]))
-            except (KeyError, TypeError, ValueError):
-                raise ConfigError(
-                    "the broker secret must be JSON with username and password"
-                ) from None
+            value = self._read("AWSCURRENT")
+            if value == self._refused:
+                value = self._pending() or value
+            self._value = value
         return self._value
 
     def forget(self) -> None:
-        """Drop the pair read so far: the next call reads the secret again (after the broker
-        refused it, e.g. once the password was rotated)."""
-        self._value = None
+        """Drop the pair read so far: the broker refused it (e.g. the password was rotated), so
+        the next call reads the secret again."""
+        self._refused, self._value = self._value, None
+
+    def _pending(self) -> tuple[str, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._read("AWSPENDING")
+        except TransportUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and _code(cause) == "ResourceNotFoundException":
+                return None  # no rotation under way
+            raise
+
+    def _read(self, stage: str) -> tuple[str, str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self._client_factory().get_secret_value(
+                SecretId=self._secret_arn, VersionStage=stage
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise TransportUnavailable("cannot read the broker credentials") from exc
+        try:
+            data = json.loads(response["SecretString"])
+            return (str(data["username"]), str(data["password"]))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError("the broker secret must be JSON with username and password") from None
+
+
+def _code(error: Any) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))

@@ -1,0 +1,249 @@
+"""Secrets Manager rotation of a RabbitMQ user's password, through the management API.
+
+Secrets Manager rotates a secret by calling its rotation function four times with the same
+``ClientRequestToken``, the id of the new version, which it has already labelled ``AWSPENDING``:
+
+1. ``createSecret``: a new password into that version, next to the unchanged username;
+2. ``setSecret``: the pending password onto the broker's user (tags kept);
+3. ``testSecret``: the broker's salted hash of the user's password checked against it;
+4. ``finishSecret``: ``AWSCURRENT`` moved to the new version.
+
+Every step can run again without harm, as Secrets Manager retries a failed one. Between steps
+2 and 4 the broker holds the pending password while the secret's current version still has the
+old one: ``fabric.adapters.secrets.SecretCredentials`` reads the pending version after the
+broker refused the current one, so clients connect throughout.
+
+The function authenticates as the broker's administrator (``ADMIN_SECRET_ARN``) and refuses to
+rotate that secret: it rotates only the fabric's users, which the topology creates.
+Settings come from the function's environment: ``MANAGEMENT_URL``, ``ADMIN_SECRET_ARN``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fabric.adapters.management import ManagementClient
+from fabric.adapters.secrets import SecretCredentials
+from fabric.errors import ConfigError, RotationError
+from fabric.topology_apply import JsonObject, password_matches, user_tags
+
+_LOG = logging.getLogger(__name__)
+
+STEPS = ("createSecret", "setSecret", "testSecret", "finishSecret")
+CURRENT, PENDING = "AWSCURRENT", "AWSPENDING"
+
+# Amazon MQ refuses commas, colons and equal signs; the rest need quoting in AMQP URIs or
+# shells. The CDK generator of the first passwords leaves out the same characters.
+EXCLUDED_PASSWORD_CHARACTERS = ",:=/@\"'\\`%&*?#[]{}()<>|;$ "  # noqa: S105 (not a secret)
+PASSWORD_LENGTH = 32
+_PUNCTUATION = "".join(c for c in string.punctuation if c not in EXCLUDED_PASSWORD_CHARACTERS)
+_CLASSES = (string.ascii_lowercase, string.ascii_uppercase, string.digits, _PUNCTUATION)
+_ALPHABET = "".join(_CLASSES)
+
+
+def new_password() -> str:
+    """32 characters from the OS's CSPRNG, at least one of each class, none excluded."""
+    while True:
+        password = "".join(secrets.choice(_ALPHABET) for _ in range(PASSWORD_LENGTH))
+        if all(any(c in chars for c in password) for chars in _CLASSES):
+            return password
+
+
+@dataclass(frozen=True)
+class RotationRequest:
+    """One call from Secrets Manager: which secret, which new version, which step."""
+
+    secret_id: str
+    token: str
+    step: str
+
+    @classmethod
+    def from_event(cls, event: Any) -> RotationRequest:
+        """Raises RotationError: the event is not a Secrets Manager rotation request."""
+        if not isinstance(event, Mapping):
+            raise RotationError("a rotation event is a JSON object")
+        fields = [event.get(key) for key in ("SecretId", "ClientRequestToken", "Step")]
+        secret_id, token, step = (value if isinstance(value, str) else "" for value in fields)
+        if not (secret_id and token and step):
+            raise RotationError("a rotation event needs SecretId, ClientRequestToken and Step")
+        request = cls(secret_id, token, step)
+        if request.step not in STEPS:
+            raise RotationError(f"unknown rotation step {request.step!r}; expected one of {STEPS}")
+        return request
+
+
+class BrokerUsers(Protocol):
+    """The management API calls a rotation needs (``ManagementClient`` has them)."""
+
+    def get_user(self, name: str) -> JsonObject | None: ...
+
+    def put_user(self, name: str, *, password: str, tags: list[str]) -> None: ...
+
+
+class PasswordRotation:
+    """Runs the steps of a rotation against one Secrets Manager client and one broker."""
+
+    def __init__(
+        self,
+        secrets_manager: Any,
+        broker: BrokerUsers,
+        *,
+        admin_secret_arn: str,
+        generate: Callable[[], str] = new_password,
+    ) -> None:
+        self._secrets = secrets_manager
+        self._broker = broker
+        self._admin_secret_arn = admin_secret_arn
+        self._generate = generate
+
+    def run(self, request: RotationRequest) -> None:
+        """Do ``request.step`` once; a step already done is done again without effect.
+
+        Raises:
+            RotationError: the secret is the administrator's, it is not being rotated with
+                this token, its value or the broker's user is not what a rotation needs, or the
+                broker does not hold the pending password at ``testSecret``.
+            ManagementApiError: the management API refused or could not be reached.
+            botocore.exceptions.ClientError: Secrets Manager refused a call.
+        """
+        metadata = self._secrets.describe_secret(SecretId=request.secret_id)
+        if metadata.get("ARN") == self._admin_secret_arn:
+            raise RotationError(
+                "the rotation function authenticates as the broker administrator and does not "
+                "rotate that secret (docs/runbook.md, 'Rotating the broker administrator')"
+            )
+        if not metadata.get("RotationEnabled"):
+            raise RotationError(f"rotation is not enabled for {request.secret_id}")
+        stages = metadata.get("VersionIdsToStages", {}).get(request.token)
+        if stages is None:
+            raise RotationError(f"version {request.token} of the secret has no stage to rotate")
+        if CURRENT in stages:
+            _LOG.info("rotation %s: version is already current", request.step)
+            return
+        if PENDING not in stages:
+            raise RotationError(f"version {request.token} of the secret is not {PENDING}")
+        step = {
+            "createSecret": self._create,
+            "setSecret": self._set,
+            "testSecret": self._test,
+            "finishSecret": self._finish,
+        }[request.step]
+        step(request, metadata)
+        _LOG.info("rotation %s done for %s", request.step, metadata.get("Name"))
+
+    def _create(self, request: RotationRequest, _metadata: Mapping[str, Any]) -> None:
+        current = self._value(request.secret_id, stage=CURRENT)
+        if self._pending_or_none(request) is not None:
+            return
+        pending = {**current, "password": self._generate()}
+        self._secrets.put_secret_value(
+            SecretId=request.secret_id,
+            ClientRequestToken=request.token,
+            SecretString=json.dumps(pending),
+            VersionStages=[PENDING],
+        )
+
+    def _set(self, request: RotationRequest, _metadata: Mapping[str, Any]) -> None:
+        username, password = self._pending_user(request)
+        user = self._user(username)
+        if not password_matches(user, password):
+            tags = list(user_tags(user.get("tags")))
+            self._broker.put_user(username, password=password, tags=tags)
+
+    def _test(self, request: RotationRequest, _metadata: Mapping[str, Any]) -> None:
+        username, password = self._pending_user(request)
+        if not password_matches(self._user(username), password):
+            raise RotationError(
+                f"the broker's user {username} does not hold the pending password "
+                "(changed since setSecret, or a hash this check cannot read)"
+            )
+
+    def _finish(self, request: RotationRequest, metadata: Mapping[str, Any]) -> None:
+        current = next(
+            version
+            for version, stages in metadata["VersionIdsToStages"].items()
+            if CURRENT in stages
+        )
+        self._secrets.update_secret_version_stage(
+            SecretId=request.secret_id,
+            VersionStage=CURRENT,
+            MoveToVersionId=request.token,
+            RemoveFromVersionId=current,
+        )
+
+    def _pending_user(self, request: RotationRequest) -> tuple[str, str]:
+        pending = self._pending_or_none(request)
+        if pending is None:
+            raise RotationError(f"version {request.token} has no value: createSecret did not run")
+        current = self._value(request.secret_id, stage=CURRENT)
+        if pending["username"] != current["username"]:
+            raise RotationError("the pending version names another user than the current one")
+        return pending["username"], pending["password"]
+
+    def _user(self, username: str) -> JsonObject:
+        user = self._broker.get_user(username)
+        if user is None:
+            raise RotationError(
+                f"the broker has no user {username}: the topology creates it, rotation only "
+                "changes its password"
+            )
+        return user
+
+    def _pending_or_none(self, request: RotationRequest) -> dict[str, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._value(request.secret_id, stage=PENDING, version=request.token)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ResourceNotFoundException":
+                return None
+            raise
+
+    def _value(self, secret_id: str, *, stage: str, version: str | None = None) -> dict[str, str]:
+        version_id = {"VersionId": version} if version else {}
+        response = self._secrets.get_secret_value(
+            SecretId=secret_id, VersionStage=stage, **version_id
+        )
+        try:
+            value = json.loads(response["SecretString"])
+            if isinstance(value.get("username"), str) and isinstance(value.get("password"), str):
+                return dict(value)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            pass
+        raise RotationError(f"the {stage} version is not JSON with a username and a password")
+
+
+def on_event(
+    event: Any,
+    environ: Mapping[str, str],
+    *,
+    client_factory: Callable[[str, str, str], BrokerUsers] = ManagementClient,
+    secrets_client: Callable[[], Any] | None = None,
+) -> None:
+    """Run one rotation step for the rotation function.
+
+    Raises:
+        ConfigError: a setting is missing.
+        RotationError: see ``PasswordRotation.run``.
+    """
+    request = RotationRequest.from_event(event)
+    try:
+        url, admin_arn = environ["MANAGEMENT_URL"], environ["ADMIN_SECRET_ARN"]
+    except KeyError as exc:
+        raise ConfigError(f"rotation function setting missing: {exc}") from None
+    client = (secrets_client or _secrets_manager)()
+    admin_user, admin_password = SecretCredentials(admin_arn, lambda: client)()
+    broker = client_factory(url, admin_user, admin_password)
+    PasswordRotation(client, broker, admin_secret_arn=admin_arn).run(request)
+
+
+def _secrets_manager() -> Any:
+    import boto3
+
+    return boto3.client("secretsmanager")
