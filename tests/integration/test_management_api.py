@@ -8,9 +8,11 @@ import json
 import secrets
 import threading
 import time
+import tomllib
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import pika
@@ -25,8 +27,9 @@ from fabric.errors import (
     ManagementUnavailable,
     TopologyConflict,
 )
-from fabric.routing import default_routing_table
+from fabric.routing import default_routing_table, parse_routing_table
 from fabric.topology_apply import (
+    ApplyReport,
     ChangeKind,
     Kept,
     Resource,
@@ -342,6 +345,43 @@ def test_the_generated_fabric_topology_applies_to_the_real_broker_idempotently(
     finally:
         for name in renamed.values():
             client.delete_user(name)
+
+
+def test_a_group_taken_off_a_route_gets_no_more_of_its_messages_after_apply(
+    client: ManagementClient, sandbox: Sandbox
+) -> None:
+    shipped = tomllib.loads(resources.files("fabric").joinpath("routing_table.toml").read_text())
+    narrowed = copy.deepcopy(shipped)
+    (donations,) = [r for r in narrowed["routes"] if r["name"] == "donations"]
+    donations["groups"] = ["business"]  # community no longer receives donations
+
+    def apply(table: dict[str, Any]) -> ApplyReport:
+        document = topology.definitions(parse_routing_table(table), vhost=sandbox.vhost)
+        document["users"], document["permissions"] = [], []  # broker-wide: not on a shared broker
+        return apply_topology(client, document, passwords={}, vhost=sandbox.vhost)
+
+    apply(shipped)
+    report = apply(narrowed)
+    client.put_permissions(sandbox.vhost, "guest", configure=".*", write=".*", read=".*")
+    connection = _connect(sandbox.vhost, "guest", "guest")
+    channel = connection.channel()
+    channel.confirm_delivery()
+    headers = {topology.AUDIENCE_HEADER: topology.ALL_AUDIENCE}
+    channel.basic_publish(
+        topology.INGRESS_EXCHANGE,
+        "donation.received",
+        b"{}",
+        pika.BasicProperties(delivery_mode=2, headers=headers),
+        mandatory=True,
+    )
+    counts = {
+        name: channel.queue_declare(name, passive=True).method.message_count
+        for name in ("fabric.business", "fabric.community")
+    }
+    connection.close()
+
+    assert [c.kind for c in report.applied] == [ChangeKind.DELETE]
+    assert counts == {"fabric.business": 1, "fabric.community": 0}
 
 
 def test_client_encodes_the_default_vhost_and_reads_the_version(client: ManagementClient) -> None:

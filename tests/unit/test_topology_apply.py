@@ -164,10 +164,10 @@ def test_objects_outside_the_definitions_are_reported_extra_and_left_alone(
     applied.put_queue(VHOST, "stray", durable=True, auto_delete=False, arguments={})
     applied.create_binding(
         VHOST,
-        source="ingress",
+        source="someone.else",
         destination="stray",
         destination_type="queue",
-        routing_key="#",
+        routing_key="",
         arguments={},
     )
     applied.put_user("intruder", password="x", tags=[])  # noqa: S106 (test value)
@@ -179,12 +179,50 @@ def test_objects_outside_the_definitions_are_reported_extra_and_left_alone(
     assert {(c.kind, c.resource, c.name) for c in report.extra} == {
         (ChangeKind.EXTRA, Resource.EXCHANGE, "someone.else"),
         (ChangeKind.EXTRA, Resource.QUEUE, "stray"),
-        (ChangeKind.EXTRA, Resource.BINDING, "ingress -> queue stray [#]"),
+        (ChangeKind.EXTRA, Resource.BINDING, "someone.else -> queue stray []"),
         (ChangeKind.EXTRA, Resource.PERMISSION, "intruder"),
     }
     assert not report.changed
     assert applied.calls == []
     assert {c.kind for c in diff_topology(applied, definitions(), VHOST)} == {ChangeKind.EXTRA}
+
+
+def test_a_route_the_document_no_longer_has_is_unbound_after_the_new_one_is_bound(
+    applied: MemoryManagementClient,
+) -> None:
+    # The routing table moved case.# from "work" to "work.dlq", and someone bound a queue of
+    # their own to the fabric's ingress: neither may go on receiving the fabric's messages.
+    applied.put_queue(VHOST, "tap", durable=True, auto_delete=False, arguments={})
+    applied.create_binding(
+        VHOST,
+        source="ingress",
+        destination="tap",
+        destination_type="queue",
+        routing_key="#",
+        arguments={},
+    )
+    narrowed = definitions()
+    narrowed["bindings"][0] = _binding("ingress", "work.dlq", "case.#")
+    applied.calls.clear()
+
+    report = apply_topology(applied, narrowed, passwords=PASSWORDS, vhost=VHOST)
+
+    first, *then = [(c.kind, c.name) for c in report.applied]
+    assert first == (ChangeKind.CREATE, "ingress -> queue work.dlq [case.#]")
+    assert sorted(then) == [
+        (ChangeKind.DELETE, "ingress -> queue tap [#]"),
+        (ChangeKind.DELETE, "ingress -> queue work [case.#]"),
+    ]
+    from_ingress = {
+        (b["destination"], b["routing_key"])
+        for b in applied.list_bindings(VHOST)
+        if b["source"] == "ingress"
+    }
+    assert from_ingress == {("work.dlq", "case.#")}
+    # The queue itself may hold messages: reported, left alone.
+    assert {(c.kind, c.name) for c in diff_topology(applied, narrowed, VHOST)} == {
+        (ChangeKind.EXTRA, "tap")
+    }
 
 
 def test_bindings_compare_as_sets_whatever_the_argument_order(

@@ -10,7 +10,10 @@ Rules the functions share:
   refuses to go on (naming it and what differs) unless told to recreate, and never recreates a
   queue that may hold messages.
 - What the broker has in the vhost but the document does not is reported as ``extra`` and left
-  alone. Built-in exchanges (``""``, ``amq.*``), the default exchange's implicit bindings and
+  alone, with one exception: a binding from one of the document's own exchanges that the
+  document no longer has is a route the routing table removed (a group taken off a topic), and
+  leaving it would go on delivering there; apply deletes it, after creating the new bindings.
+  Bindings hold no messages. Built-in exchanges (``""``, ``amq.*``), the default exchange's implicit bindings and
   the permissions of the user the client logs in as (RabbitMQ grants them to whoever creates a
   vhost through the API) are never reported.
 - Users are compared by tags and, when passwords are given, by password: the password is
@@ -136,6 +139,18 @@ class ManagementApi(Protocol):
         """Create a binding."""
         ...
 
+    def delete_binding(
+        self,
+        vhost: str,
+        *,
+        source: str,
+        destination: str,
+        destination_type: str,
+        properties_key: str,
+    ) -> bool:
+        """Delete the binding ``list_bindings`` named with this ``properties_key``."""
+        ...
+
     def get_user(self, name: str) -> JsonObject | None:
         """The user, or None."""
         ...
@@ -170,6 +185,7 @@ class ChangeKind(StrEnum):
     UPDATE = "update"  # differs and can change in place (users, permissions); apply updates it
     NEEDS_RECREATE = "needs_recreate"  # differs and cannot change in place (exchanges, queues)
     EXTRA = "extra"  # on the broker but not in the document; reported, never deleted by apply
+    DELETE = "delete"  # a binding from one of the document's exchanges that it no longer has
 
 
 class Resource(StrEnum):
@@ -259,6 +275,7 @@ class _Binding:
     destination_type: str
     routing_key: str
     arguments: JsonObject
+    properties_key: str = field(default="", compare=False)  # the broker's name for it
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -435,6 +452,7 @@ def _binding_from_broker(item: Mapping[str, Any]) -> _Binding:
         destination_type=str(item["destination_type"]),
         routing_key=str(item.get("routing_key", "")),
         arguments=dict(item.get("arguments") or {}),
+        properties_key=str(item.get("properties_key", "")),
     )
 
 
@@ -585,16 +603,35 @@ def _binding_steps(
             arguments=binding.arguments,
         )
 
+    def unbind(binding: _Binding) -> None:
+        client.delete_binding(
+            vhost,
+            source=binding.source,
+            destination=binding.destination,
+            destination_type=binding.destination_type,
+            properties_key=binding.properties_key,
+        )
+
     wanted = {binding.key for binding in doc.bindings}
+    own_exchanges = {exchange.name for exchange in doc.exchanges}
+    stale = [binding for key, binding in current.items() if key not in wanted]
     extra.extend(
         Change(ChangeKind.EXTRA, Resource.BINDING, str(binding))
-        for key, binding in current.items()
-        if key not in wanted
+        for binding in stale
+        if binding.source not in own_exchanges
     )
+    # New routes first, then the removed ones: a message routed meanwhile reaches both.
     return [
-        _Step(Change(ChangeKind.CREATE, Resource.BINDING, str(binding)), partial(bind, binding))
-        for binding in doc.bindings
-        if binding.key not in current
+        *(
+            _Step(Change(ChangeKind.CREATE, Resource.BINDING, str(b)), partial(bind, b))
+            for b in doc.bindings
+            if b.key not in current
+        ),
+        *(
+            _Step(Change(ChangeKind.DELETE, Resource.BINDING, str(b)), partial(unbind, b))
+            for b in stale
+            if b.source in own_exchanges
+        ),
     ]
 
 
@@ -701,7 +738,8 @@ def apply_topology(
     """Bring ``vhost`` to the document: create what is missing, update users and permissions.
 
     Idempotent; works in dependency order (vhost, exchanges, queues, bindings, users with
-    their passwords, permissions) and deletes nothing that is extra. An exchange or queue that
+    their passwords, permissions) and deletes nothing that is extra, except the document's
+    exchanges' bindings that it no longer has (see the module docstring). An exchange or queue that
     differs is deleted and declared again only with ``recreate_empty=True`` and, for a queue,
     only when the statistics show it holds no messages; bindings are re-created after.
     Everything is checked before the first change, so a refusal leaves the broker untouched.

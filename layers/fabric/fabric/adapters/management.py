@@ -277,6 +277,31 @@ class ManagementClient:
         body = {"routing_key": routing_key, "arguments": dict(arguments)}
         self._call("POST", ("bindings", vhost, "e", source, kind, destination), body=body)
 
+    def delete_binding(
+        self,
+        vhost: str,
+        *,
+        source: str,
+        destination: str,
+        destination_type: str,
+        properties_key: str,
+    ) -> bool:
+        """Delete one binding, named by the ``properties_key`` that ``list_bindings`` gave it;
+        ``False`` if it did not exist.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+            ValueError: ``destination_type`` is neither ``queue`` nor ``exchange``.
+        """
+        kind = {"queue": "q", "exchange": "e"}.get(destination_type)
+        if kind is None:
+            raise ValueError(
+                f"destination_type must be queue or exchange, not {destination_type!r}"
+            )
+        # The key is listed URL-encoded already, and is quoted once more as a path segment:
+        # that is the form the API matches (a routing key "a/b #" lists as "a%2Fb+%23").
+        return self._delete(("bindings", vhost, "e", source, kind, destination, properties_key))
+
     # --- users and permissions ------------------------------------------------------------
 
     def get_user(self, name: str) -> JsonObject | None:

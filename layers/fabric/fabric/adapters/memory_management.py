@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import json
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,6 +259,28 @@ class MemoryManagementClient:
             space.bindings.append(binding)
         self.calls.append(f"create_binding {source}->{destination}")
 
+    def delete_binding(
+        self,
+        vhost: str,
+        *,
+        source: str,
+        destination: str,
+        destination_type: str,
+        properties_key: str,
+    ) -> bool:
+        """Delete the binding ``list_bindings`` named so; ``False`` if there is none."""
+        space = self._vhost(vhost, f"bindings/{vhost}/e/{source}")
+        named = (source, destination, destination_type, properties_key)
+        kept = [
+            b
+            for b in space.bindings
+            if (b["source"], b["destination"], b["destination_type"], b["properties_key"]) != named
+        ]
+        deleted = len(kept) != len(space.bindings)
+        space.bindings = kept
+        self.calls.append(f"delete_binding {source}->{destination}")
+        return deleted
+
     # --- users and permissions ------------------------------------------------------------
 
     def get_user(self, name: str) -> JsonObject | None:
@@ -382,4 +406,14 @@ def _binding(
         "destination_type": destination_type,
         "routing_key": routing_key,
         "arguments": dict(arguments),
+        "properties_key": _properties_key(routing_key, arguments),
     }
+
+
+def _properties_key(routing_key: str, arguments: Mapping[str, Any]) -> str:
+    """RabbitMQ's name for a binding: the form-encoded key, ``~`` and an arguments hash."""
+    key = urllib.parse.quote_plus(routing_key, safe="")
+    if not arguments:
+        return key or "~"
+    canonical = json.dumps(dict(arguments), sort_keys=True).encode()
+    return f"{key}~{base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()[:4]).decode()}"
