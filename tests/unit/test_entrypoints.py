@@ -230,24 +230,88 @@ def test_every_reason_code_reaches_the_producer_through_direct_invoke() -> None:
 
 
 class _KmsDown(LocalCipher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
     def encrypt(self, plaintext: bytes, context: Any) -> bytes:
+        self.calls += 1
         raise EncryptionUnavailable("kms unreachable")
 
 
-def test_with_kms_down_restricted_messages_get_503_and_nothing_is_stored() -> None:
-    transport = MemoryTransport()
-    built = runtime(transport)
-    keyless = RouterRuntime(
-        router=Router(
-            table=default_routing_table(),
-            transports=[transport],
-            cipher=_KmsDown(),
-            audit=MemoryAuditSink(),
-            environment="test",
-        ),
-        settings=built.settings,
+def keyless(transport: MemoryTransport) -> tuple[RouterRuntime, _KmsDown, MemoryAuditSink]:
+    cipher, audit = _KmsDown(), MemoryAuditSink()
+    router = Router(
+        table=default_routing_table(),
+        transports=[transport],
+        cipher=cipher,
+        audit=audit,
+        environment="test",
     )
-    response = dispatch(event("http_single.json"), FUNCTION, keyless)
+    return RouterRuntime(router=router, settings=runtime().settings), cipher, audit
+
+
+def restricted_case() -> dict[str, Any]:
+    return {
+        "message_id": str(uuid.uuid4()),
+        "topic": "case.updated",
+        "classification": "restricted",
+        "payload": {"child": "canary"},
+    }
+
+
+def test_with_kms_down_a_restricted_message_is_503_unavailable_audited_and_not_stored() -> None:
+    transport = MemoryTransport()
+    built, _cipher, audit = keyless(transport)
+    request = event("http_single.json")
+    message = restricted_case()
+    request["body"] = json.dumps(message)
+    request["requestContext"]["authorizer"]["jwt"]["claims"]["fabric:group"] = "government"
+
+    response = dispatch(request, FUNCTION, built)
+
     assert response["statusCode"] == 503
-    assert json.loads(response["body"])["error"]["reason"] == "unavailable"
+    (result,) = json.loads(response["body"])["results"]
+    assert (result["message_id"], result["reason"]) == (message["message_id"], "unavailable")
+    assert "retry later" in result["detail"]
     assert transport.published == []
+    assert [(r.event.value, r.message_id, r.reason) for r in audit.records] == [
+        ("rejected", message["message_id"], "unavailable")
+    ]
+
+
+def test_with_kms_down_the_rest_of_an_sqs_batch_goes_on_and_only_restricted_ones_retry() -> None:
+    transport = MemoryTransport()
+    built, cipher, audit = keyless(transport)
+    alert = {
+        "message_id": str(uuid.uuid4()),
+        "topic": "child-safety.alert.public",
+        "priority": "emergency",
+        "payload": {"alert": "missing child"},
+    }
+    bodies = [restricted_case(), alert, "{broken", restricted_case()]
+    queue = "arn:aws:sqs:ap-southeast-3:111111111111:fabric-dev-ingest-government"
+    records = [
+        {
+            "messageId": f"m-{i}",
+            "body": body if isinstance(body, str) else json.dumps(body),
+            "eventSource": "aws:sqs",
+            "eventSourceARN": queue,
+        }
+        for i, body in enumerate(bodies)
+    ]
+
+    response = dispatch({"Records": records}, FUNCTION, built)
+
+    assert response == {
+        "batchItemFailures": [{"itemIdentifier": "m-0"}, {"itemIdentifier": "m-3"}]
+    }
+    assert [json.loads(m.body)["message_id"] for m in transport.published] == [alert["message_id"]]
+    assert cipher.calls == 1  # the key service is not asked again within the call
+    assert sorted(r.event.value for r in audit.records) == [
+        "accepted",
+        "rejected",
+        "rejected",
+        "rejected",
+        "routed",
+    ]

@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fabric.envelope import Reason
-from fabric.errors import EncryptionUnavailable
 from fabric.router import REJECTED, BatchResult, MessageResult, Router
 from fabric.stakeholders import Stakeholder
 
@@ -52,13 +51,6 @@ class BadRequest(Exception):
         }
 
 
-# Restricted payloads cannot be protected while KMS is unusable. The call gets no per-message
-# results; messages of the batch published before the failure may be stored, so the producer's
-# retry (same message ids) can duplicate them, which consumers remove by message id. SQS ingest
-# instead fails the batch, so SQS delivers it again later.
-_KEYS_DOWN = BadRequest(503, "unavailable", "message encryption is unavailable; retry later")
-
-
 # -- direct invoke ------------------------------------------------------------------------------
 
 
@@ -74,8 +66,6 @@ def handle_direct(event: object, invoked_function_arn: str, router: Router) -> d
         return router.route(items, source=source).to_dict()
     except BadRequest as bad:
         return bad.body()
-    except EncryptionUnavailable:
-        return _KEYS_DOWN.body()
 
 
 def _alias_group(invoked_function_arn: str) -> str:
@@ -119,8 +109,6 @@ def handle_http(event: Mapping[str, Any], router: Router, *, identity_claim: str
         result = router.route(items, source=source)
     except BadRequest as bad:
         return _response(bad.status, bad.body())
-    except EncryptionUnavailable:
-        return _response(503, _KEYS_DOWN.body())
     return _response(_http_status(result, single=single), result.to_dict())
 
 

@@ -122,7 +122,8 @@ _MEANINGS: dict[Reason, str] = {
     "this message to",
     Reason.CLASSIFICATION_TOO_LOW: "the routing table requires a stricter classification for "
     "this topic",
-    Reason.UNAVAILABLE: "neither RabbitMQ nor the SNS/SQS fallback could store the message",
+    Reason.UNAVAILABLE: "the message could not be stored now (neither RabbitMQ nor the SNS/SQS "
+    "fallback took it, or its restricted payload could not be encrypted); retry later",
 }
 
 _FIELDS = frozenset(

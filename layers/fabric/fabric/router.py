@@ -34,6 +34,7 @@ from fabric.ports import (
     PreparedAudit,
     Transport,
 )
+from fabric.errors import EncryptionUnavailable
 from fabric.protection import encryption_context, seal_payload
 from fabric.routing import Delivery, RoutingTable
 from fabric.stakeholders import Stakeholder
@@ -44,6 +45,7 @@ _LOG = logging.getLogger(__name__)
 ACCEPTED = "accepted"
 REJECTED = "rejected"
 _PLAN_CACHE_LIMIT = 1_000
+_KEYS_DOWN = "the key service cannot be used to encrypt this restricted message; retry later"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +117,13 @@ class _Plan:
 
 
 @dataclass(slots=True)
+class _Keys:
+    """Whether the key service failed earlier in this call."""
+
+    down: bool = False
+
+
+@dataclass(slots=True)
 class _Admitted:
     index: int
     envelope: Envelope
@@ -162,12 +171,13 @@ class Router:
     def route(self, items: Sequence[bytes | str | JsonValue], *, source: str) -> BatchResult:
         """Validate, admit, encrypt restricted payloads, publish; one result per item, in order.
 
-        Never raises for bad input or for transport trouble.
+        Never raises for bad input, for transport trouble or for a key service that cannot be
+        used: a restricted message that cannot be encrypted then is rejected ``unavailable``
+        (retry later), never stored in clear, and the rest of the call goes on. After the first
+        such failure the call's other restricted messages are not tried again.
 
         Raises:
             ValueError: ``source`` is empty (the caller's identity is missing: a wiring bug).
-            EncryptionUnavailable: KMS cannot be used, so restricted messages cannot be
-                protected; the whole call fails rather than storing child data unencrypted.
         """
         if not source:
             raise ValueError("source must be the authenticated caller's identity")
@@ -176,6 +186,7 @@ class Router:
         records: list[AuditRecord] = []
         admitted: list[_Admitted] = []
         first, *others = self._transports
+        keys = _Keys()
 
         def admit_as_published() -> Iterator[OutboundMessage]:
             # Consumed by the first transport as its confirm window has room, so validating and
@@ -184,7 +195,9 @@ class Router:
                 if isinstance(checked, Envelope):
                     rejection = self._table.admit(checked)
                     if rejection is None:
-                        candidate = self._prepare(index, checked, now, first.name)
+                        candidate = self._prepare_unless_keys_down(
+                            index, checked, now, first.name, keys
+                        )
                         if isinstance(candidate, _Admitted):
                             admitted.append(candidate)
                             yield candidate.outbound
@@ -234,6 +247,21 @@ class Router:
         if self._metrics is not None and batch.results:
             self._metrics.count(_counts(batch))
         return batch
+
+    def _prepare_unless_keys_down(
+        self, index: int, envelope: Envelope, now: datetime, transport: str, keys: _Keys
+    ) -> _Admitted | Rejection:
+        """``_prepare``, or ``unavailable`` for a restricted message the key service cannot
+        encrypt now; after one such failure, the call's other restricted messages are refused
+        without asking again (each ask may wait out the SDK's timeouts)."""
+        restricted = envelope.classification is Classification.RESTRICTED
+        if not (restricted and keys.down):
+            try:
+                return self._prepare(index, envelope, now, transport)
+            except EncryptionUnavailable as exc:
+                _LOG.warning("restricted messages cannot be encrypted now: %s", exc)
+                keys.down = True
+        return Rejection(Reason.UNAVAILABLE, _KEYS_DOWN, envelope.message_id)
 
     def _prepare(
         self, index: int, envelope: Envelope, now: datetime, transport: str
