@@ -303,9 +303,7 @@ def test_with_kms_down_the_rest_of_an_sqs_batch_goes_on_and_only_restricted_ones
 
     response = dispatch({"Records": records}, FUNCTION, built)
 
-    assert response == {
-        "batchItemFailures": [{"itemIdentifier": "m-0"}, {"itemIdentifier": "m-3"}]
-    }
+    assert response == {"batchItemFailures": [{"itemIdentifier": "m-0"}, {"itemIdentifier": "m-3"}]}
     assert [json.loads(m.body)["message_id"] for m in transport.published] == [alert["message_id"]]
     assert cipher.calls == 1  # the key service is not asked again within the call
     assert sorted(r.event.value for r in audit.records) == [

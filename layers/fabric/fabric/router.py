@@ -23,6 +23,7 @@ from fabric.envelope import (
     Rejection,
     iter_validated,
 )
+from fabric.errors import EncryptionUnavailable
 from fabric.jsoncodec import canonical_json
 from fabric.ports import (
     AuditSink,
@@ -34,7 +35,6 @@ from fabric.ports import (
     PreparedAudit,
     Transport,
 )
-from fabric.errors import EncryptionUnavailable
 from fabric.protection import encryption_context, seal_payload
 from fabric.routing import Delivery, RoutingTable
 from fabric.stakeholders import Stakeholder

@@ -13,9 +13,9 @@ Rules the functions share:
   alone, with one exception: a binding from one of the document's own exchanges that the
   document no longer has is a route the routing table removed (a group taken off a topic), and
   leaving it would go on delivering there; apply deletes it, after creating the new bindings.
-  Bindings hold no messages. Built-in exchanges (``""``, ``amq.*``), the default exchange's implicit bindings and
-  the permissions of the user the client logs in as (RabbitMQ grants them to whoever creates a
-  vhost through the API) are never reported.
+  Bindings hold no messages. Built-in exchanges (``""``, ``amq.*``), the default exchange's
+  implicit bindings and the permissions of the user the client logs in as (RabbitMQ grants them
+  to whoever creates a vhost through the API) are never reported.
 - Users are compared by tags and, when passwords are given, by password: the password is
   checked against the broker's salted hash locally, so re-applying never rewrites a password
   that is already right. A hash the applier cannot check counts as different.
