@@ -313,3 +313,32 @@ def test_with_kms_down_the_rest_of_an_sqs_batch_goes_on_and_only_restricted_ones
         "rejected",
         "routed",
     ]
+
+
+@pytest.mark.parametrize("payload", [[{"topic": "a"}], "messages", 42, None])
+def test_a_direct_invoke_payload_that_is_not_an_object_is_a_malformed_request(
+    payload: Any,
+) -> None:
+    transport = MemoryTransport()
+    response = dispatch(payload, f"{FUNCTION}:community", runtime(transport))
+    assert response["error"]["reason"] == "malformed_request"
+    assert transport.published == []
+
+
+def test_input_that_used_to_crash_validation_gets_reason_codes_and_the_batch_goes_on() -> None:
+    transport = MemoryTransport()
+    good = {"message_id": str(uuid.uuid4()), "topic": "donation.received", "payload": 1}
+    items = [
+        {"topic": "donation.received", "payload": 1, "occurred_at": "0001-01-01T00:00:00+01:00"},
+        '{"topic": "donation.received", "payload": 1, "correlation_id": "\\ud800"}',
+        '{"topic": "\ud800"}',
+        good,
+    ]
+    response = dispatch({"messages": items}, f"{FUNCTION}:business", runtime(transport))
+    assert [r.get("reason") for r in response["results"]] == [
+        "invalid_timestamp",
+        "malformed_json",
+        "invalid_utf8",
+        None,
+    ]
+    assert [json.loads(m.body)["message_id"] for m in transport.published] == [good["message_id"]]

@@ -150,10 +150,25 @@ def test_integers_beyond_64_bits_and_nulls_keep_their_value_on_the_wire() -> Non
         ({"embargo_until": "2026-02-30T00:00:00Z"}, Reason.INVALID_TIMESTAMP),
         ({"expires_at": "2026-11-22T08:00:60Z"}, Reason.INVALID_TIMESTAMP),
         ({"occurred_at": 1732262400}, Reason.INVALID_TIMESTAMP),
+        # Valid RFC 3339 whose moment in UTC is before year 1 or after year 9999.
+        ({"occurred_at": "0001-01-01T00:00:00+01:00"}, Reason.INVALID_TIMESTAMP),
+        ({"expires_at": "9999-12-31T23:59:59-01:00"}, Reason.INVALID_TIMESTAMP),
+        # Lone surrogates: JSON text may escape them ("\ud800"), JSON cannot encode them.
+        ({"correlation_id": "\ud800"}, Reason.MALFORMED_JSON),
+        ({"reply_to": "\udfff"}, Reason.MALFORMED_JSON),
+        ({"headers": {"region": "\ud800"}}, Reason.MALFORMED_JSON),
     ],
 )
 def test_field_rules(fields: dict[str, Any], reason: Reason) -> None:
     assert reject(envelope(**fields)).reason is reason
+
+
+def test_a_lone_surrogate_escape_is_refused_as_bytes_text_or_object() -> None:
+    text = '{"topic": "donation.received", "payload": 1, "correlation_id": "\\ud800"}'
+    for raw in (text, text.encode(), json.loads(text)):
+        assert reject(raw).reason is Reason.MALFORMED_JSON
+    # A body handed over as text that holds the surrogate itself cannot be UTF-8.
+    assert reject('{"topic": "\ud800"}').reason is Reason.INVALID_UTF8
 
 
 def test_topic_of_exactly_255_bytes_is_accepted() -> None:

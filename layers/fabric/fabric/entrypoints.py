@@ -208,9 +208,11 @@ def _retry(result: MessageResult) -> bool:
     return result.status == REJECTED and result.reason is Reason.UNAVAILABLE
 
 
-def dispatch(event: Mapping[str, Any], invoked_function_arn: str, runtime: RouterRuntime) -> Any:
+def dispatch(event: object, invoked_function_arn: str, runtime: RouterRuntime) -> Any:
     """Pick the entry point from the event's shape and handle it."""
     settings = runtime.settings
+    if not isinstance(event, Mapping):  # only a direct invoke can send anything else
+        return handle_direct(event, invoked_function_arn, runtime.router)
     if "requestContext" in event and "routeKey" in event:
         return handle_http(event, runtime.router, identity_claim=settings.identity_claim)
     records = event.get("Records")

@@ -254,9 +254,15 @@ def parse_timestamp(text: str) -> datetime:
             raise ValueError(f"timezone offset out of range: {text!r}")
         tz = timezone(-offset if sign == "-" else offset)
     micro = int((frac or "0")[:6].ljust(6, "0"))
-    return datetime(
+    moment = datetime(
         int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz
     )
+    if tz is not UTC:
+        try:  # 0001-01-01T00:00:00+01:00 is before the first moment Python can hold in UTC
+            moment.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(f"timestamp out of range: {text!r}") from None
+    return moment
 
 
 def new_message_id() -> str:
@@ -294,7 +300,10 @@ def validate_envelope(
     if not source:
         raise ValueError("source must be the authenticated caller's identity")
     if isinstance(raw, bytes | str):
-        size = len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw)
+        try:
+            size = len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw)
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a "\ud800" escape
+            return Rejection(Reason.INVALID_UTF8, f"body is not UTF-8 at character {exc.start}")
         if size > MAX_ENVELOPE_BYTES:
             return Rejection(Reason.TOO_LARGE, f"body is {size} bytes, limit {MAX_ENVELOPE_BYTES}")
     try:
@@ -539,7 +548,15 @@ def _short_string(obj: dict[str, JsonValue], name: str) -> str | None:
     value = obj.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value.encode("utf-8")) > MAX_SHORT_STRING:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(
+            Reason.INVALID_FIELD_TYPE, f"{name} must be a string of 1..{MAX_SHORT_STRING} bytes"
+        )
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate, as in the payload: not JSON text
+        raise _Invalid(Reason.MALFORMED_JSON, f"{name} is not JSON: a lone surrogate") from None
+    if size > MAX_SHORT_STRING:
         raise _Invalid(
             Reason.INVALID_FIELD_TYPE, f"{name} must be a string of 1..{MAX_SHORT_STRING} bytes"
         )
