@@ -16,7 +16,7 @@ from moto import mock_aws
 
 from fabric.adapters.management import ManagementClient
 from fabric.audit import decode_audit_batch
-from fabric.envelope import validate_envelope
+from fabric.envelope import MAX_HEADERS_BYTES, validate_envelope
 from fabric.protection import encryption_context, open_payload
 from fabric.routing import default_routing_table, patterns_intersect, topic_matches
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
@@ -295,3 +295,24 @@ def _concrete(pattern: str, source: Stakeholder, table: Any) -> str:
 
 def _matches(pattern: str, topic: str) -> bool:
     return topic_matches(pattern, topic)
+
+
+def test_a_message_with_the_largest_headers_and_body_is_stored_and_one_over_is_refused(
+    fabric: SimpleNamespace,
+) -> None:
+    # Unbounded headers once broke the AMQP content-header frame (frame_too_large) and with it
+    # every message of the call; validation bounds them, and the largest allowed go through.
+    headers = {f"h{i:03d}": "v" * 40 for i in range(80)}
+    headers["region"] = ""
+    headers["region"] = "j" * (MAX_HEADERS_BYTES - len(json.dumps(headers, separators=(",", ":"))))
+    biggest = envelope("donation.received", headers=headers, payload="x" * 240_000)
+    over = envelope("donation.received", headers={**headers, "one": "more"})
+    follower = envelope("donation.received")
+
+    result = invoke(fabric, {"messages": [biggest, over, follower]}, f"{FUNCTION}:business")
+
+    assert [r["status"] for r in result["results"]] == ["accepted", "rejected", "accepted"]
+    assert result["results"][1]["reason"] == "invalid_header"
+    stored = drain(channel_as(fabric, None), queue_name(Stakeholder.BUSINESS))
+    assert [p.message_id for p, _ in stored] == [biggest["message_id"], follower["message_id"]]
+    assert stored[0][0].headers["region"] == headers["region"]

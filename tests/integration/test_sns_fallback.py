@@ -9,9 +9,11 @@ from typing import Any
 import boto3
 import pytest
 
-from fabric.adapters.sns import SnsFallbackTransport
+from fabric.adapters.sns import SnsFallbackTransport, entry_bytes
+from fabric.envelope import MAX_ENCODED_BYTES, MAX_HEADERS_BYTES, Envelope, validate_envelope
 from fabric.ports import Failure, MessageKind, OutboundMessage
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+from fabric.topology import delivery_headers
 from tests.integration.aws_fallback import bootstrapped_router
 
 pytestmark = pytest.mark.integration
@@ -137,3 +139,58 @@ def test_with_the_broker_down_the_router_stores_through_the_fallback(
         assert json.loads(got["Body"])["message_id"] == alert["message_id"]
         assert "CANARY-in-fallback" not in got["Body"]
     assert received(aws, "emergency", Stakeholder.MEDIA) == []
+
+
+_REQUESTS: list[list[dict[str, Any]]] = []
+
+
+class _Recording:
+    """An SNS client that keeps what it is asked to publish (in _REQUESTS) and stores it all."""
+
+    def publish_batch(self, *, TopicArn: str, PublishBatchRequestEntries: Any) -> Any:
+        _REQUESTS.append(PublishBatchRequestEntries)
+        return {"Successful": [{"Id": e["Id"]} for e in PublishBatchRequestEntries]}
+
+
+def largest_acceptable(group_count: int = 5) -> OutboundMessage:
+    """The largest envelope validation accepts, with the largest headers, to every group."""
+    headers = {f"h{i:03d}": "v" * 40 for i in range(80)}
+    while len(json.dumps(headers, separators=(",", ":"))) < MAX_HEADERS_BYTES:
+        headers["zz"] = headers.get("zz", "") + "v"
+    del headers["zz"]
+    topic = ("a" * 63 + ".") * 3 + "a" * 63
+    groups = sorted(STAKEHOLDERS, key=str)[:group_count]
+    fields = {"topic": topic, "headers": headers, "audience": [g.value for g in groups]}
+    size = len(json.dumps({**fields, "payload": ""}, separators=(",", ":")))
+    envelope = None
+    for extra in range(200):  # the padding that lands exactly on the limit
+        payload = "x" * (MAX_ENCODED_BYTES - size - extra)
+        result = validate_envelope({**fields, "payload": payload}, "government")
+        if isinstance(result, Envelope) and len(result.to_json_bytes()) == MAX_ENCODED_BYTES:
+            envelope = result
+            break
+    assert envelope is not None
+    return OutboundMessage(
+        envelope.message_id,
+        envelope.topic,
+        envelope.to_json_bytes(),
+        frozenset(groups),
+        headers=delivery_headers(envelope),
+    )
+
+
+def test_the_largest_message_validation_accepts_fits_sns_with_its_attributes() -> None:
+    # SNS counts attributes (name, type, value) in its 256 KiB; moto counts the body only.
+    biggest = largest_acceptable()
+    _REQUESTS.clear()
+    sender = SnsFallbackTransport(
+        fallback_topic_arn="arn:f", emergency_topic_arn="arn:e", client_factory=_Recording
+    )
+
+    outcomes = sender.publish([biggest, largest_acceptable()])
+
+    assert [o.stored for o in outcomes] == [True, True]
+    assert [len(request) for request in _REQUESTS] == [1, 1]  # one a request
+    for (entry,) in _REQUESTS:
+        assert entry_bytes(entry) <= 262_144
+        assert entry_bytes(entry) > MAX_ENCODED_BYTES + MAX_HEADERS_BYTES  # headers counted

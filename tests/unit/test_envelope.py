@@ -13,7 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fabric.envelope import (
+    MAX_ENCODED_BYTES,
     MAX_ENVELOPE_BYTES,
+    MAX_HEADERS_BYTES,
     VERSION,
     Classification,
     Envelope,
@@ -238,6 +240,26 @@ def test_bytes_text_and_decoded_input_give_the_same_envelope() -> None:
     body = envelope(message_id=ULID, headers={"region": "jakarta"})
     text = json.dumps(body)
     assert accept(text) == accept(text.encode()) == accept(body)
+
+
+def test_headers_are_limited_to_4096_bytes_as_compact_json() -> None:
+    def headers_of(size: int) -> dict[str, str]:
+        headers = {"region": ""}
+        headers["region"] = "j" * (size - len(json.dumps(headers, separators=(",", ":"))))
+        return headers
+
+    assert accept(envelope(headers=headers_of(MAX_HEADERS_BYTES))).headers
+    rejection = reject(envelope(headers=headers_of(MAX_HEADERS_BYTES + 1)))
+    assert rejection.reason is Reason.INVALID_HEADER
+    assert "4096" in rejection.message
+
+
+def test_the_encoded_envelope_may_be_248_kib_leaving_the_fallback_room() -> None:
+    base = len(accept(envelope(message_id=ULID, payload="")).to_json_bytes())
+    fits = envelope(message_id=ULID, payload="x" * (MAX_ENCODED_BYTES - base))
+    assert len(accept(fits).to_json_bytes()) == MAX_ENCODED_BYTES == 253_952
+    over = envelope(message_id=ULID, payload="x" * (MAX_ENCODED_BYTES - base + 1))
+    assert reject(over).reason is Reason.TOO_LARGE
 
 
 def test_body_over_256_kib_is_too_large_before_parsing() -> None:

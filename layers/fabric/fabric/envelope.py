@@ -19,7 +19,13 @@ from fabric.stakeholders import Stakeholder
 JsonValue: TypeAlias = bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"] | None
 
 VERSION = "fabric.envelope/1"
-MAX_ENVELOPE_BYTES = 262_144  # 256 KiB, the SNS/SQS message limit, so both transports fit
+MAX_ENVELOPE_BYTES = 262_144  # 256 KiB, the SNS/SQS message limit: the largest body read
+MAX_HEADERS_BYTES = 4_096  # the envelope's headers as compact JSON: routing values, not data
+# SNS counts message attributes in its 256 KiB. The fallback sends the message id, topic,
+# audience and delivery headers (the envelope's, plus the audience gate) as attributes; 8 KiB
+# covers them, so an envelope of at most MAX_ENCODED_BYTES fits both transports.
+FALLBACK_ATTRIBUTE_BYTES = 8_192
+MAX_ENCODED_BYTES = MAX_ENVELOPE_BYTES - FALLBACK_ATTRIBUTE_BYTES  # 248 KiB
 MAX_TOPIC_BYTES = 255  # an AMQP routing key is a shortstr
 MAX_SHORT_STRING = 255  # correlation_id and reply_to travel as AMQP shortstr properties
 
@@ -111,11 +117,12 @@ _MEANINGS: dict[Reason, str] = {
     Reason.INVALID_PRIORITY: "priority is not one of emergency, high, normal, bulk",
     Reason.INVALID_CLASSIFICATION: "classification is not one of public, internal, restricted",
     Reason.INVALID_TIMESTAMP: "a timestamp is not RFC 3339 with a timezone",
-    Reason.INVALID_HEADER: "a header name is malformed or reserved (x-, fabric-), or its value "
-    "is not a string",
+    Reason.INVALID_HEADER: "a header name is malformed or reserved (x-, fabric-), its value is "
+    "not a string, or the headers exceed 4096 bytes as JSON",
     Reason.UNKNOWN_AUDIENCE: "audience is empty or names something that is not a stakeholder group",
     Reason.EXPIRED: "expires_at is already in the past when the fabric receives the message",
-    Reason.TOO_LARGE: "the body or the encoded envelope exceeds 256 KiB (262144 bytes)",
+    Reason.TOO_LARGE: "the body exceeds 256 KiB (262144 bytes), or the encoded envelope 248 "
+    "KiB (253952 bytes), which leaves the SNS fallback room for its message attributes",
     Reason.DUPLICATE_MESSAGE_ID: "an earlier message in the same batch has the same message_id",
     Reason.SOURCE_NOT_ALLOWED: "the authenticated source may not publish this topic",
     Reason.AUDIENCE_NOT_ROUTABLE: "audience names a group the routing table does not route "
@@ -449,10 +456,10 @@ def _build(obj: JsonValue, *, source: str, now: datetime, check_expiry: bool) ->
             size = len(envelope.to_json_bytes())
         except ValueError as exc:  # e.g. NaN in a payload handed over as an object, not text
             raise _Invalid(Reason.MALFORMED_JSON, f"payload is {exc}") from None
-        if size > MAX_ENVELOPE_BYTES:
+        if size > MAX_ENCODED_BYTES:
             raise _Invalid(
                 Reason.TOO_LARGE,
-                f"encoded envelope is {size} bytes, limit {MAX_ENVELOPE_BYTES}; "
+                f"encoded envelope is {size} bytes, limit {MAX_ENCODED_BYTES}; "
                 "send large payloads by claim-check",
             )
     except _Invalid as bad:
@@ -532,6 +539,15 @@ def _headers(value: JsonValue) -> dict[str, str]:
         if not isinstance(item, str):
             raise _Invalid(Reason.INVALID_HEADER, f"header {name!r} must have a string value")
         headers[name] = item
+    if headers:
+        try:
+            size = len(canonical_json(headers))
+        except ValueError as exc:  # a lone surrogate in a value
+            raise _Invalid(Reason.MALFORMED_JSON, f"headers are {exc}") from None
+        if size > MAX_HEADERS_BYTES:
+            raise _Invalid(
+                Reason.INVALID_HEADER, f"headers exceed {MAX_HEADERS_BYTES} bytes as JSON"
+            )
     return headers
 
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from fabric import metrics
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.envelope import (
-    MAX_ENVELOPE_BYTES,
+    MAX_ENCODED_BYTES,
     Classification,
     Envelope,
     JsonValue,
@@ -277,10 +277,10 @@ class Router:
             sealed = seal_payload(self._cipher, canonical_json(envelope.payload), context)
             envelope = dataclasses.replace(envelope, payload=sealed)
         body = envelope.to_json_bytes()
-        if len(body) > MAX_ENVELOPE_BYTES:
+        if len(body) > MAX_ENCODED_BYTES:
             return Rejection(
                 Reason.TOO_LARGE,
-                f"encoded envelope is {len(body)} bytes, limit {MAX_ENVELOPE_BYTES}",
+                f"encoded envelope is {len(body)} bytes, limit {MAX_ENCODED_BYTES}",
                 envelope.message_id,
             )
         plan = self._plan_for(deliveries)

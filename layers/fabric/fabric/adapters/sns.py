@@ -25,7 +25,6 @@ HEADERS_ATTRIBUTE = "fabric-headers"
 _MAX_ENTRIES = 10
 # SNS limits a whole PublishBatch request (bodies and attributes) to 256 KiB.
 _MAX_BATCH_BYTES = 262_144
-_ATTRIBUTE_ALLOWANCE = 1_024
 
 
 class SnsFallbackTransport:
@@ -59,13 +58,15 @@ class SnsFallbackTransport:
         del meanwhile  # each request returns once stored: no wait to overlap with
         taken = list(messages)
         outcomes: dict[int, Outcome] = {}
+        entries: dict[int, dict[str, Any]] = {}
         batches: dict[bool, list[list[int]]] = {False: [], True: []}
         sizes: dict[bool, int] = {False: 0, True: 0}
         for index, message in enumerate(taken):
             if message.kind is not MessageKind.MESSAGE or not message.audience:
                 outcomes[index] = Outcome(message.message_id, failure=Failure.UNAVAILABLE)
                 continue
-            size = len(message.body) + _ATTRIBUTE_ALLOWANCE
+            entries[index] = entry = _entry(str(index), message)
+            size = entry_bytes(entry)
             groups = batches[message.emergency]
             if (
                 not groups
@@ -78,23 +79,26 @@ class SnsFallbackTransport:
             sizes[message.emergency] += size
         for emergency, groups in batches.items():
             for group in groups:
-                outcomes.update(self._send(self._topics[emergency], taken, group))
+                outcomes.update(self._send(self._topics[emergency], taken, group, entries))
         return [outcomes[i] for i in range(len(taken))]
 
     def close(self) -> None:
         """Nothing to release (the HTTP client pools its connections)."""
 
     def _send(
-        self, topic_arn: str, messages: list[OutboundMessage], indices: list[int]
+        self,
+        topic_arn: str,
+        messages: list[OutboundMessage],
+        indices: list[int],
+        entries: dict[int, dict[str, Any]],
     ) -> dict[int, Outcome]:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        entries = [_entry(str(i), messages[i]) for i in indices]
         try:
             if self._client is None:
                 self._client = self._client_factory()
             response = self._client.publish_batch(
-                TopicArn=topic_arn, PublishBatchRequestEntries=entries
+                TopicArn=topic_arn, PublishBatchRequestEntries=[entries[i] for i in indices]
             )
         except (BotoCoreError, ClientError) as exc:
             _LOG.warning(
@@ -127,10 +131,22 @@ def _entry(entry_id: str, message: OutboundMessage) -> dict[str, Any]:
     if message.headers:
         attributes[HEADERS_ATTRIBUTE] = {
             "DataType": "String",
-            "StringValue": json.dumps(dict(message.headers), sort_keys=True),
+            "StringValue": json.dumps(
+                dict(message.headers), sort_keys=True, ensure_ascii=False, separators=(",", ":")
+            ),
         }
     return {
         "Id": entry_id,
         "Message": message.body.decode("utf-8"),
         "MessageAttributes": attributes,
     }
+
+
+def entry_bytes(entry: dict[str, Any]) -> int:
+    """What SNS counts of one entry against its 256 KiB: the message, and each attribute's
+    name, data type and value, in UTF-8."""
+    attributes = entry["MessageAttributes"]
+    return len(entry["Message"].encode("utf-8")) + sum(
+        len(f"{name}{value['DataType']}{value['StringValue']}".encode())
+        for name, value in attributes.items()
+    )
