@@ -12,6 +12,7 @@ import pytest
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.ports import Failure, OutboundMessage
 from tests.integration.conftest import AMQP, management
+from tests.integration.faults import FaultProxy
 
 pytestmark = pytest.mark.integration
 
@@ -99,6 +100,24 @@ def test_an_unreachable_broker_is_reported_within_the_connect_timeout(vhost: str
     outcomes = transport(vhost, "ingress", port=1, connect_timeout=0.5).publish(messages(3))
     assert [o.failure for o in outcomes] == [Failure.UNAVAILABLE] * 3
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("fault", ["blackhole", "refuse"])
+def test_a_broker_that_does_not_answer_costs_one_connection_attempt(vhost: str, fault: str) -> None:
+    # A second connection in the same call would only wait out the same timeout again: an
+    # emergency that probes a dead broker would be answered after 2 s instead of 1.
+    proxy = FaultProxy(AMQP)
+    getattr(proxy, fault)()
+    sender = transport(vhost, "ingress", port=proxy.port, connect_timeout=1.0)
+    started = time.monotonic()
+    try:
+        outcomes = sender.publish(messages(3))
+        elapsed = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert [o.failure for o in outcomes] == [Failure.UNAVAILABLE] * 3
+    assert proxy.attempts == 1
+    assert elapsed < 1.9
 
 
 def test_a_connection_closed_behind_its_back_is_replaced_on_next_use(

@@ -95,13 +95,16 @@ _REFUSED_CREDENTIALS = (
 )
 
 
-def _forget_refused_credentials(settings: RabbitSettings, error: object) -> None:
+def _forget_refused_credentials(settings: RabbitSettings, error: object) -> bool:
     """After the broker refused the credentials (``error``), drop the ones ``settings`` keep,
     so that the next connection reads the secret again: a password rotated in Secrets Manager
-    reaches warm containers at their next connection, not when they are recycled."""
+    reaches warm containers at their next connection, not when they are recycled. Returns
+    whether they were dropped (a new connection may then succeed at once)."""
     forget = getattr(settings.credentials, "forget", None)
     if isinstance(error, _REFUSED_CREDENTIALS) and forget is not None:
         forget()
+        return True
+    return False
 
 
 def open_blocking_connection(settings: RabbitSettings) -> pika.BlockingConnection:
@@ -119,7 +122,13 @@ def open_blocking_connection(settings: RabbitSettings) -> pika.BlockingConnectio
 
 
 class _ConnectFailed(Exception):
-    pass
+    """No channel could be opened; ``retry`` when a second connection may get one (the
+    credentials were refused and will be read again), not after a timeout or a refusal of the
+    socket, which a second try would only wait out again."""
+
+    def __init__(self, *, retry: bool = False) -> None:
+        super().__init__()
+        self.retry = retry
 
 
 class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika ships no types
@@ -212,7 +221,10 @@ class RabbitMqTransport:
         A message whose connection dies before its confirm is published once more on a new
         connection (the stale-connection case); if that fails too, it is reported
         ``UNAVAILABLE``. Messages without a confirm within the confirm timeout are ``TIMEOUT``
-        and the connection is dropped, because it can no longer be trusted.
+        and the connection is dropped, because it can no longer be trusted. A connection that
+        cannot be opened is tried once more only when the broker refused the credentials (they
+        are read again, as after a rotation): a broker that does not answer costs one connect
+        timeout.
 
         Raises:
             Exception: whatever iterating ``messages`` or ``meanwhile`` raises (the connection
@@ -226,9 +238,9 @@ class RabbitMqTransport:
                 break
             try:
                 self._ensure_open()
-            except _ConnectFailed:
+            except _ConnectFailed as failed:
                 self._reset()
-                if attempt == 0:
+                if attempt == 0 and failed.retry:
                     continue
                 break
             pending = self._publish_batch(source, batch_state, pending)
@@ -323,9 +335,9 @@ class RabbitMqTransport:
         if "ready" not in state:
             _LOG.warning("rabbitmq connect failed: %s", type(state.get("error")).__name__)
             # publish() tries a second connection, which then reads a rotated password.
-            _forget_refused_credentials(self._settings, state.get("error"))
+            retry = _forget_refused_credentials(self._settings, state.get("error"))
             self._discard()
-            raise _ConnectFailed
+            raise _ConnectFailed(retry=retry)
         self._channel = state["ready"]
         self._send_one = self._publisher(connection, state["ready"])
         self._published = 0
