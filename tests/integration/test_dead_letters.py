@@ -447,6 +447,38 @@ def test_an_interrupted_redrive_rerun_delivers_every_message_exactly_once(
     assert sorted(r.message_id or "" for r in audit.records) == ids
 
 
+def test_letters_without_a_message_id_are_each_moved_not_taken_for_one_another(
+    broker_vhost: str, amqp: Any
+) -> None:
+    bodies = [b'{"note": "first"}', b'{"note": "second"}', b'{"note": "third"}']
+    for body in bodies:  # what the toolkit parks as no-message-id
+        amqp.basic_publish(
+            topology.retry_exchange_name(GROUP),
+            DLQ,
+            body,
+            pika.BasicProperties(
+                delivery_mode=2,
+                headers={"fabric-audience": "all", topology.DEAD_LETTER_REASON_HEADER: "x"},
+            ),
+            mandatory=True,
+        )
+    ledger = MemoryRedriveLedger()
+    redriver = Redriver(ledger=ledger, audit=MemoryAuditSink())
+
+    # One letter a run, as batches and reruns meet them: each is new to the ledger.
+    reports = [
+        redriver.run(dead_letter_queue(broker_vhost), RedrivePlan(max_messages=1))
+        for _ in bodies
+    ]
+
+    assert [(r.moved, r.already_moved) for r in reports] == [(1, 0)] * 3
+    arrived = []
+    while (got := amqp.basic_get(WORK, auto_ack=True))[0] is not None:
+        arrived.append(got[2])
+    assert sorted(arrived) == sorted(bodies)
+    assert depth(amqp, DLQ) == 0
+
+
 def test_a_message_dead_lettered_again_after_a_redrive_can_be_redriven_again(
     broker_vhost: str, amqp: Any
 ) -> None:

@@ -154,9 +154,14 @@ Progress = Callable[[RedriveReport], None]
 def ledger_key(queue: str, letter: DeadLetter) -> str:
     """The ledger entry of one dead-lettering of one message. A message dead-lettered again after
     a redrive gets a new key, so it can move again: by its new copy id (SQS), or else by its
-    raised redrive count (RabbitMQ, where the redrive always sets the count)."""
+    raised redrive count (RabbitMQ, where the redrive always sets the count).
+
+    A letter without a message id (the consumer toolkit parks those as ``no-message-id``) is
+    known by its body's SHA-256: with one shared empty id, every such letter after the first
+    would count as moved already and be removed without being moved."""
+    identity = letter.message_id or f"sha256:{sha256_hex(letter.body)}"
     occurrence = letter.copy_id or str(letter.redrives)
-    return f"redrive#{queue}#{letter.message_id}#{occurrence}"
+    return f"redrive#{queue}#{identity}#{occurrence}"
 
 
 class Redriver:
