@@ -16,6 +16,7 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from fabric.audit_writer import MAX_BATCHES_PER_WRITE
 from fabric.topology import AUDIT_QUEUE
 from stacks.constructs.audit_queue import WRITER_TIMEOUT
 from stacks.constructs.function import FabricFunction, FunctionPlatform
@@ -30,9 +31,11 @@ from stacks.nag import acknowledge, wildcard_resource_finding
 # anyway; the SQS event source and the hourly checkpoint take turns with it (throttled, retried).
 _CONCURRENCY = 1
 _MEMORY_MB = 1024
-# Up to 100 audit batches per invocation from RabbitMQ, collected for at most 5 seconds: one
-# object in the bucket per invocation, so bigger batches mean fewer, larger objects.
-_BROKER_BATCH_SIZE = 100
+# Up to 99 audit batches per invocation from RabbitMQ, collected for at most 5 seconds: one
+# object in the bucket per invocation, so bigger batches mean fewer, larger objects. 99, not the
+# event source's 100: the writer saves its chain and a mark per batch in one DynamoDB
+# transaction of at most 100 actions (fabric.audit_writer.MAX_BATCHES_PER_WRITE).
+_BROKER_BATCH_SIZE = MAX_BATCHES_PER_WRITE
 _BROKER_BATCHING_WINDOW_SECONDS = 5
 _QUEUE_BATCH_SIZE = 10
 # Where the writer puts objects (fabric.audit_writer.object_key, its archive twin, and

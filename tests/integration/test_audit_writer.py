@@ -94,6 +94,41 @@ def test_one_object_per_call_chained_and_sealed(aws_audit: dict[str, Any]) -> No
     assert (result.records, result.objects, result.checkpoints) == (9, 2, 1)
 
 
+def test_ninety_nine_batches_are_one_write_and_a_hundred_are_refused_before_anything_is_stored(
+    aws_audit: dict[str, Any],
+) -> None:
+    audit = writer(aws_audit)
+    written = audit.write([batch(f"b{i}", 1) for i in range(99)])
+    assert written.records == 99
+    with pytest.raises(ValueError, match="at most 99"):
+        audit.write([batch(f"c{i}", 1) for i in range(100)])
+    audit.checkpoint()
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert (result.records, result.objects) == (99, 1)
+
+
+def test_a_checkpoint_is_made_every_n_objects_so_the_pending_list_stays_bounded(
+    aws_audit: dict[str, Any],
+) -> None:
+    audit = AuditWriter(
+        WRITER,
+        chains=DynamoDbChainStore(TABLE, lambda: aws_audit["dynamodb"]),
+        objects=S3ObjectStore(BUCKET, lambda: aws_audit["s3"]),
+        signer=aws_audit["signer"],
+        seal_every=3,
+    )
+    for i in range(7):
+        audit.write([batch(f"b{i}", 2)])
+    state = DynamoDbChainStore(TABLE, lambda: aws_audit["dynamodb"]).load(WRITER)
+
+    assert (state.checkpoints, len(state.pending)) == (2, 1)
+    audit.checkpoint()
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert (result.records, result.objects, result.checkpoints) == (14, 7, 3)
+
+
 def test_a_redelivered_batch_is_written_once(aws_audit: dict[str, Any]) -> None:
     audit = writer(aws_audit)
     audit.write([batch("b1", 3)])

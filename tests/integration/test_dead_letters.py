@@ -467,8 +467,7 @@ def test_letters_without_a_message_id_are_each_moved_not_taken_for_one_another(
 
     # One letter a run, as batches and reruns meet them: each is new to the ledger.
     reports = [
-        redriver.run(dead_letter_queue(broker_vhost), RedrivePlan(max_messages=1))
-        for _ in bodies
+        redriver.run(dead_letter_queue(broker_vhost), RedrivePlan(max_messages=1)) for _ in bodies
     ]
 
     assert [(r.moved, r.already_moved) for r in reports] == [(1, 0)] * 3

@@ -79,6 +79,11 @@ class Written:
 
 AUDIT_PREFIX = "audit/"
 ARCHIVE_PREFIX = "archive/"
+# One DynamoDB transaction saves the chain state and a mark per new batch: at most 100 actions.
+MAX_BATCHES_PER_WRITE = 99
+# A checkpoint is made after this many objects even within the hour, so the objects awaiting
+# one stay a bounded list in the chain item (about 160 bytes each, under DynamoDB's 400 KB).
+SEAL_EVERY_OBJECTS = 1_000
 
 
 def object_key(writer: str, first: int, last: int, at: datetime) -> str:
@@ -102,23 +107,32 @@ class AuditWriter:
         objects: ObjectStore,
         signer: Signer,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        seal_every: int = SEAL_EVERY_OBJECTS,
     ) -> None:
         self._writer = writer
         self._chains = chains
         self._objects = objects
         self._signer = signer
         self._now = now
+        self._seal_every = seal_every
 
     def write(self, batches: Sequence[tuple[str, AuditBatch]]) -> Written:
         """Chain and store the records of ``batches`` (batch id, batch) not written before.
 
         The bodies the new records name are archived first, as one object beside the audit
         object (``archive/...``, same name): no record is stored before the body it names.
+        After ``seal_every`` objects without a checkpoint, one is made at once.
 
         Raises:
             ChainConflict: another writer advanced the chain meanwhile (retry the batch).
             TransportUnavailable: the bucket or the state table cannot be reached.
+            ValueError: more than ``MAX_BATCHES_PER_WRITE`` batches (a wiring error: the event
+                source's batch size).
         """
+        if len(batches) > MAX_BATCHES_PER_WRITE:
+            raise ValueError(
+                f"{len(batches)} audit batches in one call; at most {MAX_BATCHES_PER_WRITE}"
+            )
         done = self._chains.written([batch_id for batch_id, _ in batches])
         fresh = [(batch_id, batch) for batch_id, batch in batches if batch_id not in done]
         records = [
@@ -142,6 +156,8 @@ class AuditWriter:
         state.seq, state.last_hash = chain.seq, chain.last_hash
         state.pending.append((key, hashlib.sha256(data).hexdigest()))
         self._save(state, [batch_id for batch_id, _ in fresh])
+        if len(state.pending) >= self._seal_every:
+            self.checkpoint()
         return Written(
             key=key,
             records=len(linked),
