@@ -127,5 +127,49 @@ def test_both_event_sources_and_the_checkpoint_make_a_trail_that_verifies(
     assert unreadable[0]["batch"] == "junk"
 
 
+def test_a_batch_the_trail_cannot_hold_is_recorded_unreadable_and_the_others_are_written(
+    handler: ModuleType,
+    aws_audit: dict[str, Any],  # noqa: F811
+) -> None:
+    # A stakeholder's consumer may publish to fabric.audit: what it sends must not stop the trail.
+    template = json.loads(body("m1", event=AuditEvent.DELIVERED))
+    lone = json.dumps(template).replace('"m1"', '"\\ud800"').encode()
+    deep = (
+        json.dumps({**template, "records": [{"x": [[]] * 1}]})
+        .replace("[[]]", "[" * 100_000 + "]" * 100_000)
+        .encode()
+    )
+    nan = json.dumps(template).replace('"m1"', "NaN").encode()
+    consumer = user_name(Stakeholder.COMMUNITY)
+    event = amazon_mq(
+        ("lone", lone),
+        ("deep", deep),
+        ("nan", nan),
+        ("good", body("m2", event=AuditEvent.DELIVERED)),
+        user=consumer,
+    )
+
+    written = handler.handler(event, None)
+    handler.handler({"checkpoint": True}, None)
+
+    assert written["records"] == 4
+    store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
+    (key,) = store.keys(f"audit/{WRITER}/")
+    records = decode_object(store.get(key))
+    assert [(r["batch"], r["event"]) for r in records] == [
+        ("lone", "unreadable-batch"),
+        ("deep", "unreadable-batch"),
+        ("nan", "unreadable-batch"),
+        ("good", "delivered"),
+    ]
+    result = verify_trail(
+        objects={k: store.get(k) for k in store.keys(f"audit/{WRITER}/")},
+        checkpoints=[(k, json.loads(store.get(k))) for k in store.keys(f"checkpoints/{WRITER}/")],
+        signer=aws_audit["signer"],
+        writer=WRITER,
+    )
+    assert result.ok, result.problem
+
+
 def test_an_event_of_another_shape_is_refused(handler: ModuleType) -> None:
     assert handler.handler({"hello": "world"}, None) == {"error": "not an Amazon MQ or SQS event"}

@@ -181,6 +181,10 @@ def assemble_audit_batch(
     return b"".join(pieces)
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode_audit_batch(body: bytes) -> AuditBatch:
     """The records and bodies of an audit batch message.
 
@@ -190,7 +194,7 @@ def decode_audit_batch(body: bytes) -> AuditBatch:
     Raises:
         ValueError: the body is not a ``fabric.audit-batch/1`` document.
     """
-    document = json.loads(body)
+    document = json.loads(body, parse_constant=_no_constant)
     if not isinstance(document, dict) or document.get("version") != AUDIT_BATCH_VERSION:
         raise ValueError("not a fabric.audit-batch/1 document")
     records = document.get("records")

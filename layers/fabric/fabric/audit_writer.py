@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -262,16 +263,18 @@ def batches_from_event(
             attributes = record.get("messageAttributes") or {}
             body = str(record.get("body", "")).encode("utf-8")
             sent_id = (attributes.get(MESSAGE_ID_ATTRIBUTE) or {}).get("stringValue")
-            batches.append((str(sent_id or _digest(body)), _records(body)))
+            batches.append((str(sent_id or _digest(body)), _records(body)[0]))
     else:
         raise ValueError("not an Amazon MQ or SQS event")
     return batches
 
 
 def _published_by(publisher: str, body: bytes, trusted: frozenset[str]) -> AuditBatch:
-    batch = _records(body)
-    if publisher not in trusted and any(
-        r.get("event") not in CONSUMER_EVENTS for r in batch.records
+    batch, readable = _records(body)
+    if (
+        readable
+        and publisher not in trusted
+        and any(r.get("event") not in CONSUMER_EVENTS for r in batch.records)
     ):
         return _stand_in(
             body,
@@ -286,11 +289,22 @@ def _digest(body: bytes) -> str:
     return "sha256-" + hashlib.sha256(body).hexdigest()
 
 
-def _records(body: bytes) -> AuditBatch:
+# A JSON escape of a UTF-16 surrogate: in a valid pair, or alone, which no UTF-8 can hold.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _records(body: bytes) -> tuple[AuditBatch, bool]:
+    """(the batch, True), or (an ``unreadable-batch`` stand-in, False) for anything the trail
+    cannot hold as it is: not a batch, nested beyond the parser, a NaN, or text no UTF-8 can
+    hold (a lone surrogate), which would otherwise fail the whole call's object, the other
+    batches with it."""
     try:
-        return decode_audit_batch(body)
-    except (ValueError, UnicodeDecodeError):
-        return _stand_in(body, "unreadable-batch", "not a fabric.audit-batch/1 document")
+        batch = decode_audit_batch(body)
+        if _SURROGATE_ESCAPE.search(body):  # rare: check that the records encode
+            canonical({"records": batch.records})
+        return batch, True
+    except (ValueError, UnicodeError, RecursionError):
+        return _stand_in(body, "unreadable-batch", "not a fabric.audit-batch/1 document"), False
 
 
 def _stand_in(body: bytes, event: str, reason: str, publisher: str | None = None) -> AuditBatch:
