@@ -11,7 +11,8 @@ DRAINER = drainer_from_environment()
 
 def handler(event: dict[str, Any], _context: Any) -> dict[str, Any]:
     """``{"max_messages"?: n}`` or a scheduled event → ``{"moved": {queue: n}, "total", "left",
-    "stopped"}``; a bad ``max_messages`` → ``{"error": ...}`` and nothing is moved."""
+    "stopped", "refused": [work queues that refused messages]}``; a bad ``max_messages`` →
+    ``{"error": ...}`` and nothing is moved."""
     limit = event.get("max_messages") if isinstance(event, dict) else None
     if limit is not None and (type(limit) is not int or limit < 1):
         return {"error": "max_messages must be a positive whole number"}
@@ -21,4 +22,5 @@ def handler(event: dict[str, Any], _context: Any) -> dict[str, Any]:
         "total": report.total,
         "left": report.left,
         "stopped": report.stopped,
+        "refused": report.refused,
     }

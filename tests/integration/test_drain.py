@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+import urllib.parse
 import uuid
 from typing import Any
 
@@ -19,7 +21,7 @@ from fabric.drain import Drainer, FallbackQueue
 from fabric.ports import OutboundMessage
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from fabric.topology import queue_name
-from tests.integration.conftest import AMQP, REGION
+from tests.integration.conftest import AMQP, REGION, management
 
 pytestmark = pytest.mark.integration
 
@@ -130,3 +132,69 @@ def test_nothing_leaves_sqs_while_the_broker_cannot_confirm(
     assert report.total == 0
     assert report.stopped == "broker unavailable"
     assert left_in_sqs(aws) == 2
+
+
+def test_with_the_broker_down_the_drain_receives_nothing_so_no_message_nears_its_dlq(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    # Every receive counts towards the fallback queues' redrive policy (10, then the DLQ): a
+    # drain that received first would park messages after about 20 minutes of outage.
+    park(aws, message(Stakeholder.MEDIA), message(Stakeholder.ACADEMIC))
+    down = rabbit(broker_vhost, port=1)
+    drainer = Drainer(
+        queues=fallback_queues(aws),
+        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        broker=down,
+        audit=MemoryAuditSink(),
+        connect=down.connect,
+    )
+
+    reports = [drainer.drain() for _ in range(3)]
+
+    assert [r.stopped for r in reports] == ["broker unavailable"] * 3
+    counts = []
+    for group in (Stakeholder.MEDIA, Stakeholder.ACADEMIC):
+        (got,) = aws["sqs"].receive_message(
+            QueueUrl=aws["queues"][("fallback", group)], AttributeNames=["All"]
+        )["Messages"]
+        counts.append(got["Attributes"]["ApproximateReceiveCount"])
+    assert counts == ["1", "1"]  # this receive is each message's first
+
+
+def test_a_full_group_queue_stops_its_own_drain_not_the_other_groups(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    # academic's work queue is full after about one message (a policy in the test's vhost): its
+    # refusals must not keep government's messages, drained after it, in SQS.
+    management(
+        "PUT",
+        f"policies/{urllib.parse.quote(broker_vhost, safe='')}/full",
+        {"pattern": "^fabric\\.academic$", "definition": {"max-length": 1}, "apply-to": "queues"},
+    )
+    queue_path = f"queues/{urllib.parse.quote(broker_vhost, safe='')}/fabric.academic"
+    deadline = time.monotonic() + 10
+    while management("GET", queue_path).get("policy") != "full":
+        assert time.monotonic() < deadline, "the policy was not applied"
+        time.sleep(0.1)
+    academic = [message(Stakeholder.ACADEMIC) for _ in range(30)]
+    government = [message(Stakeholder.GOVERNMENT) for _ in range(2)]
+    park(aws, *academic, *government)
+    broker = rabbit(broker_vhost)
+    drainer = Drainer(
+        queues=fallback_queues(aws),
+        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        broker=broker,
+        audit=MemoryAuditSink(),
+        connect=broker.connect,
+    )
+
+    report = drainer.drain()
+
+    assert report.refused == ["fabric.academic"]
+    assert report.moved["fabric.government"] == 2
+    moved = report.moved["fabric.academic"]
+    assert moved < len(academic)  # a quorum queue takes a burst in flight before it refuses
+    found = in_rabbitmq(broker_vhost)
+    assert sorted(found["fabric.government"]) == sorted(m.message_id for m in government)
+    assert len(found["fabric.academic"]) == moved
+    assert left_in_sqs(aws) == len(academic) - moved  # they wait in SQS for room

@@ -162,6 +162,7 @@ def build_drainer(
         metrics=metrics or EmfMetrics(environment=settings.environment, emitted_by="drain"),
         max_messages=settings.max_messages,
         max_seconds=settings.max_seconds,
+        connect=rabbit.connect,
     )
 
 

@@ -7,6 +7,11 @@ with the same body, message id and headers, and deletes it from SQS only after R
 confirmed it. A message whose confirm does not come stays in SQS and reappears after its
 visibility timeout; two drains running at once never see the same message at the same time,
 and a duplicate after a crash carries the same message id, which consumers deduplicate on.
+
+Each receive counts towards a fallback queue's redrive policy (10 receives, then its DLQ), so
+the drain takes nothing it cannot hand on: it opens the broker connection before it receives
+anything, and a work queue that refuses messages (full: ``reject-publish``) stops the drain of
+that queue only, not of the other groups' queues behind it.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from datetime import UTC, datetime
 
 from fabric import metrics as metric_names
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
+from fabric.breaker import SYSTEMIC
 from fabric.errors import TransportUnavailable
 from fabric.ports import (
     AuditSink,
+    Failure,
     FallbackSource,
     Metrics,
     OutboundMessage,
@@ -55,6 +62,7 @@ class DrainReport:
     moved: dict[str, int] = field(default_factory=dict)
     left: int = 0
     stopped: str = "empty"
+    refused: list[str] = field(default_factory=list)  # work queues that refused messages
 
     @property
     def total(self) -> int:
@@ -76,7 +84,9 @@ class Drainer:
         max_messages: int = 10_000,
         max_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        connect: Callable[[], bool] | None = None,
     ) -> None:
+        self._connect = connect
         self._max_messages = max_messages
         self._max_seconds = max_seconds
         self._queues = sorted(queues, key=lambda q: not q.emergency)
@@ -102,6 +112,9 @@ class Drainer:
     def _drain(self, max_messages: int, max_seconds: float) -> DrainReport:
         report = DrainReport()
         deadline = self._clock() + max_seconds
+        if self._connect is not None and not self._connect():
+            report.stopped = "broker unavailable"  # before a receive counts against anything
+            return report
         for queue in self._queues:
             while report.total < max_messages:
                 if self._clock() >= deadline:
@@ -115,14 +128,22 @@ class Drainer:
                     return report
                 if not batch:
                     break
-                if not self._move(queue, batch, report):
+                failures = self._move(queue, batch, report)
+                if failures & SYSTEMIC:
                     report.stopped = "broker unavailable"
                     return report
+                if failures:  # this work queue refused (full): the next queues still drain
+                    _LOG.warning("%s refused messages; draining the other queues", queue.work_queue)
+                    report.refused.append(queue.work_queue)
+                    break
         if report.total >= max_messages:
             report.stopped = "message limit"
         return report
 
-    def _move(self, queue: FallbackQueue, batch: list[Received], report: DrainReport) -> bool:
+    def _move(
+        self, queue: FallbackQueue, batch: list[Received], report: DrainReport
+    ) -> set[Failure]:
+        """Publish, delete what the broker confirmed, audit what moved; the failures met."""
         outbound = [
             OutboundMessage(
                 message_id=item.message_id,
@@ -162,4 +183,4 @@ class Drainer:
                 ],
                 dict(zip(digests, (item.body for item in moved), strict=True)),
             )
-        return len(confirmed) == len(batch)
+        return {outcome.failure for outcome in outcomes if outcome.failure is not None}

@@ -274,6 +274,22 @@ class RabbitMqTransport:
         """How this transport reaches the broker."""
         return self._settings
 
+    def connect(self) -> bool:
+        """Open the connection now, as ``publish`` would; whether a channel is open. For callers
+        that must not take work they could not hand on (the drain, before it receives)."""
+        for attempt in range(2):
+            if self._blocked:
+                return False
+            try:
+                self._ensure_open()
+            except _ConnectFailed as failed:
+                self._reset()
+                if attempt == 0 and failed.retry:
+                    continue
+                return False
+            return True
+        return False
+
     @property
     def is_open(self) -> bool:
         """Whether a usable channel is open right now (no I/O is done to check)."""
