@@ -97,6 +97,43 @@ def test_a_consumer_may_record_its_deliveries_but_not_platform_events(
     assert "m2" not in json.dumps(refused)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("groups", 5, "groups that is not a list of text"),
+        ("queues", ["fabric.media", 7], "queues that is not a list of text"),
+        ("at", "2026-12-02T00:00:00.abcZ", "not RFC 3339"),
+        ("at", 1764633600, "not RFC 3339"),
+        ("message_id", {"id": 1}, "message_id that is not text"),
+        ("attempt", "3", "attempt that is not a whole number"),
+    ],
+)
+def test_a_consumer_record_the_trails_readers_cannot_take_is_refused(
+    handler: ModuleType,
+    aws_audit: dict[str, Any],  # noqa: F811
+    field: str,
+    value: object,
+    why: str,
+) -> None:
+    # The compliance report reads these; one malformed delivery stopped its whole day.
+    document = json.loads(body("m1", event=AuditEvent.DELIVERED))
+    document["records"][0][field] = value
+    malformed = json.dumps(document).encode()
+    consumer = user_name(Stakeholder.MEDIA)
+    handler.handler(
+        amazon_mq(
+            ("bad", malformed), ("good", body("m2", event=AuditEvent.DELIVERED)), user=consumer
+        ),
+        None,
+    )
+    store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
+    (key,) = store.keys(f"audit/{WRITER}/")
+    refused, delivered = decode_object(store.get(key))
+    assert (refused["event"], refused["batch"]) == ("refused-batch", "bad")
+    assert why in refused["reason"]
+    assert (delivered["event"], delivered["message_id"]) == ("delivered", "m2")
+
+
 def test_both_event_sources_and_the_checkpoint_make_a_trail_that_verifies(
     handler: ModuleType,
     aws_audit: dict[str, Any],  # noqa: F811

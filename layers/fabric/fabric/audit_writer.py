@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from fabric.audit import AuditBatch, decode_audit_batch
 from fabric.audit_chain import GENESIS, Chain, Signer, canonical, encode_object, make_checkpoint
-from fabric.envelope import format_timestamp
+from fabric.envelope import format_timestamp, parse_timestamp
 from fabric.errors import FabricError
 from fabric.topology import PLATFORM_USER
 
@@ -271,18 +271,44 @@ def batches_from_event(
 
 def _published_by(publisher: str, body: bytes, trusted: frozenset[str]) -> AuditBatch:
     batch, readable = _records(body)
-    if (
-        readable
-        and publisher not in trusted
-        and any(r.get("event") not in CONSUMER_EVENTS for r in batch.records)
-    ):
-        return _stand_in(
-            body,
-            "refused-batch",
-            f"{publisher or 'no user-id'} may record only consumer events",
-            publisher,
-        )
+    if readable and publisher not in trusted:
+        if any(r.get("event") not in CONSUMER_EVENTS for r in batch.records):
+            why: str | None = "may record only consumer events"
+        else:
+            why = next(filter(None, map(_consumer_record_problem, batch.records)), None)
+        if why is not None:
+            return _stand_in(body, "refused-batch", f"{publisher or 'no user-id'} {why}", publisher)
     return AuditBatch([{**r, "publisher": publisher} for r in batch.records], batch.bodies)
+
+
+_TEXT_FIELDS = ("message_id", "source", "topic", "body_sha256", "reason", "transport", "priority")
+_LIST_FIELDS = ("groups", "queues")
+
+
+def _consumer_record_problem(record: Mapping[str, Any]) -> str | None:
+    """Why a stakeholder consumer's record is not one the trail's readers can take (the
+    compliance report, replay): the fields the fabric's own records have, with their types, and
+    ``at`` an RFC 3339 instant; None when it is one."""
+    at = record.get("at")
+    try:
+        if not isinstance(at, str):
+            raise ValueError
+        parse_timestamp(at)
+    except ValueError:
+        return "recorded a time that is not RFC 3339 with a timezone"
+    for name in _TEXT_FIELDS:
+        if record.get(name) is not None and not isinstance(record[name], str):
+            return f"recorded {name} that is not text"
+    for name in _LIST_FIELDS:
+        value = record.get(name)
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(item, str) for item in value)
+        ):
+            return f"recorded {name} that is not a list of text"
+    attempt = record.get("attempt")
+    if attempt is not None and (type(attempt) is not int or attempt < 0):
+        return "recorded an attempt that is not a whole number"
+    return None
 
 
 def _digest(body: bytes) -> str:
