@@ -478,6 +478,36 @@ def test_letters_without_a_message_id_are_each_moved_not_taken_for_one_another(
     assert depth(amqp, DLQ) == 0
 
 
+def test_a_redriven_letter_keeps_its_correlation_id_and_reply_to(
+    broker_vhost: str, amqp: Any
+) -> None:
+    amqp.basic_publish(
+        topology.retry_exchange_name(GROUP),
+        DLQ,
+        b"{}",
+        pika.BasicProperties(
+            message_id="with-reply",
+            type="community.update",
+            correlation_id="case-42",
+            reply_to="fabric.community",
+            delivery_mode=2,
+            headers={"fabric-audience": "all", topology.DEAD_LETTER_REASON_HEADER: "poison"},
+        ),
+        mandatory=True,
+    )
+
+    Redriver(ledger=MemoryRedriveLedger(), audit=MemoryAuditSink()).run(
+        dead_letter_queue(broker_vhost)
+    )
+
+    _, properties, _ = amqp.basic_get(WORK, auto_ack=True)
+    assert (properties.message_id, properties.correlation_id, properties.reply_to) == (
+        "with-reply",
+        "case-42",
+        "fabric.community",
+    )
+
+
 def test_a_message_dead_lettered_again_after_a_redrive_can_be_redriven_again(
     broker_vhost: str, amqp: Any
 ) -> None:

@@ -198,3 +198,41 @@ def test_a_full_group_queue_stops_its_own_drain_not_the_other_groups(
     assert sorted(found["fabric.government"]) == sorted(m.message_id for m in government)
     assert len(found["fabric.academic"]) == moved
     assert left_in_sqs(aws) == len(academic) - moved  # they wait in SQS for room
+
+
+def test_correlation_id_and_reply_to_come_back_as_amqp_properties(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    # The router publishes them as properties; SNS carries the body only, which holds them.
+    message_id = str(uuid.uuid4())
+    body = json.dumps(
+        {
+            "message_id": message_id,
+            "topic": "donation.received",
+            "correlation_id": "case-42",
+            "reply_to": "fabric.business",
+        }
+    ).encode()
+    park(
+        aws,
+        OutboundMessage(message_id, "donation.received", body, frozenset({Stakeholder.BUSINESS})),
+    )
+    broker = rabbit(broker_vhost)
+    Drainer(
+        queues=fallback_queues(aws),
+        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        broker=broker,
+        audit=MemoryAuditSink(),
+        connect=broker.connect,
+    ).drain()
+
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(*AMQP, virtual_host=broker_vhost)
+    )
+    _, properties, _ = connection.channel().basic_get("fabric.business", auto_ack=True)
+    connection.close()
+    assert (properties.message_id, properties.correlation_id, properties.reply_to) == (
+        message_id,
+        "case-42",
+        "fabric.business",
+    )

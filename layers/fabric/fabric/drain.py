@@ -16,6 +16,7 @@ that queue only, not of the other groups' queues behind it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -68,6 +69,22 @@ class DrainReport:
     def total(self) -> int:
         """Messages moved into RabbitMQ and deleted from SQS."""
         return sum(self.moved.values())
+
+
+def _reply_properties(body: bytes) -> tuple[str | None, str | None]:
+    """``correlation_id`` and ``reply_to`` of a stored envelope, which the router publishes as
+    AMQP properties too; SNS carries only the body, so the drain reads them there."""
+    try:
+        envelope = json.loads(body)
+    except ValueError:
+        return None, None
+    if not isinstance(envelope, dict):
+        return None, None
+    correlation_id, reply_to = envelope.get("correlation_id"), envelope.get("reply_to")
+    return (
+        correlation_id if isinstance(correlation_id, str) and correlation_id else None,
+        reply_to if isinstance(reply_to, str) and reply_to else None,
+    )
 
 
 class Drainer:
@@ -153,8 +170,11 @@ class Drainer:
                 emergency=queue.emergency,
                 headers=dict(item.headers),
                 redeliver_to=queue.work_queue,
+                correlation_id=correlation_id,
+                reply_to=reply_to,
             )
             for item in batch
+            for correlation_id, reply_to in [_reply_properties(item.body)]
         ]
         outcomes = self._broker.publish(outbound)
         confirmed = [item for item, outcome in zip(batch, outcomes, strict=True) if outcome.stored]

@@ -207,6 +207,7 @@ class DeadLetter:
     it was dead-lettered; ``redrives`` counts earlier redrives of this message from this queue;
     ``copy_id`` names this dead-letter copy where the queue has such an id (SQS: every redrive
     sends a new message, so a message dead-lettered again arrives under a new id).
+    ``correlation_id`` and ``reply_to`` are the message's AMQP properties, kept on the way back.
     """
 
     handle: str
@@ -219,6 +220,8 @@ class DeadLetter:
     redrives: int = 0
     headers: Mapping[str, str] = field(default_factory=dict)
     copy_id: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
 
 
 class DeadLetterQueue(Protocol):

@@ -142,6 +142,8 @@ class RabbitMqDeadLetterQueue:
             reason=reason or "unknown",
             dead_lettered_at=_dead_lettered_at(headers, last_death),
             redrives=_count(headers.get(topology.REDRIVES_HEADER)),
+            correlation_id=properties.correlation_id,
+            reply_to=properties.reply_to,
             headers={
                 name: text
                 for name, text in string_headers(headers).items()
@@ -158,6 +160,8 @@ class RabbitMqDeadLetterQueue:
             emergency=self._emergency,
             headers={**letter.headers, topology.REDRIVES_HEADER: str(letter.redrives + 1)},
             redeliver_to=letter.origin,
+            correlation_id=letter.correlation_id,
+            reply_to=letter.reply_to,
         )
 
 
