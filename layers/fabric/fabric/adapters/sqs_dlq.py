@@ -43,7 +43,10 @@ DEAD_LETTER_REASON_ATTRIBUTE = topology.DEAD_LETTER_REASON_HEADER
 DEAD_LETTERED_AT_ATTRIBUTE = topology.DEAD_LETTERED_AT_HEADER
 # The only reason SQS itself dead-letters a message: its redrive policy's maxReceiveCount.
 SQS_DEAD_LETTER_REASON = "max-receive-count"
-DEFAULT_HOLD_SECONDS = 300
+# Longer than a run can last (the function's 15 minutes): a letter the run looked at and
+# skipped must not come back into view mid-run, where the run would meet only letters it has
+# seen and end as if the queue were empty. The run gives back what it holds when it ends.
+DEFAULT_HOLD_SECONDS = 960
 _MAX_HOLD_SECONDS = 43_200  # SQS's longest visibility timeout (12 hours)
 _MAX_ENTRIES = 10  # SQS's batch calls and ReceiveMessage take at most 10
 _MAX_ATTRIBUTES = 10  # SQS refuses a message with more message attributes than this
@@ -119,7 +122,9 @@ class SqsDeadLetterQueue:
                 response = self._sqs().receive_message(
                     QueueUrl=self._queue.dlq_url,
                     MaxNumberOfMessages=max(1, min(_MAX_ENTRIES, limit - len(letters))),
-                    WaitTimeSeconds=0,
+                    # Long polling asks every SQS server: a short poll may answer empty while
+                    # letters remain, which would end the run as if the queue were empty.
+                    WaitTimeSeconds=1,
                     VisibilityTimeout=self._hold_seconds,
                     MessageAttributeNames=["All"],
                     MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
