@@ -290,6 +290,7 @@ def test_a_deleted_checkpoint_in_the_day_fails_and_is_named(trail: Trail) -> Non
     [
         "000000000100-000000000100.jsonl",  # a sequence number inside the day's sealed range
         "000000000999-000000000999.jsonl",  # one beyond it, dated a day that is sealed
+        "000000000001-000000000001.jsonl",  # one the days before sealed, dated this day
     ],
 )
 def test_an_object_no_checkpoint_names_fails_and_is_named(trail: Trail, name: str) -> None:

@@ -317,6 +317,7 @@ def load_window(
     window.locks = [checkpoints.lock(i) for i in indices]
     named = {item["key"] for _, body in window.checkpoints for item in body["objects"]}
     floor = int(window.anchor[1]["last_seq"]) if window.anchor else 0
+    anchor_day = _at(window.anchor[1]).date() if window.anchor else None
     last = window.checkpoints[-1][1] if window.checkpoints else (window.anchor or (None, {}))[1]
     sealed_to = int(last.get("last_seq", 0))
     # Everything written before the window's last checkpoint's day is sealed by it or earlier.
@@ -326,10 +327,11 @@ def load_window(
         seq, day = _first_seq(key), _day(key)
         if seq is None or day is None:
             window.problem = window.problem or Problem(key, "not an audit object key")
-        elif (
-            key not in named
-            and seq > floor
-            and (seq <= sealed_to or (sealed_day is not None and day < sealed_day))
+        elif key not in named and (
+            (seq > floor and (seq <= sealed_to or (sealed_day is not None and day < sealed_day)))
+            # At or below the anchor's last sequence, yet written after the anchor's day: the
+            # anchor sealed everything that old, so no such object can be genuine.
+            or (seq <= floor and anchor_day is not None and day > anchor_day)
         ):
             window.problem = window.problem or Problem(
                 key, "an object no checkpoint names, among sealed ones"
