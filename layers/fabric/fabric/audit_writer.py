@@ -4,8 +4,10 @@ Each call of ``write`` takes the audit batches a consumer received (each with it
 batches already written (redelivery), chains the records after the writer's last one, stores
 them as **one** object in the Object Lock bucket, and only then advances the writer's chain state
 together with the written batch ids, in one conditional update. A crash before that update
-leaves an object version that the state does not know; the retry writes the same key again, and
-the newest version is the one the chain continues from. ``checkpoint`` seals the objects written
+leaves an object version that the state does not know; a retry with the same batches on the same
+UTC day writes the same key again, and the newest version is the one the chain continues from
+(a retry with other batches, or after midnight, leaves the first object unnamed: see
+docs/audit-trail.md). ``checkpoint`` seals the objects written
 since the last checkpoint (also none: a quiet hour is proven quiet).
 """
 
