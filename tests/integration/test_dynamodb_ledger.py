@@ -103,14 +103,14 @@ def test_recorded_keys_are_found_and_no_others_past_the_batch_sizes(dynamodb: An
     assert dynamodb.scan(TableName=TABLE, Select="COUNT")["Count"] == 150
 
 
-def test_an_entry_is_a_completed_record_expiring_after_fourteen_days(dynamodb: Any) -> None:
+def test_an_entry_is_a_completed_record_expiring_after_four_hundred_days(dynamodb: Any) -> None:
     DynamoDbRedriveLedger(TABLE, lambda: dynamodb).record(keys(1))
 
     item = dynamodb.get_item(TableName=TABLE, Key={"id": {"S": keys(1)[0]}}, ConsistentRead=True)[
         "Item"
     ]
     assert item["status"] == {"S": COMPLETED}
-    assert LEDGER_TTL_SECONDS == 14 * 24 * 3600
+    assert LEDGER_TTL_SECONDS == 400 * 24 * 3600  # RabbitMQ DLQs keep letters indefinitely
     assert abs(int(item["expiration"]["N"]) - (time.time() + LEDGER_TTL_SECONDS)) < 60
 
 

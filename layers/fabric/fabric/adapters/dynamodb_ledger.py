@@ -5,8 +5,10 @@ s>}``, in the table's AWS Lambda Powertools idempotency schema (partition key ``
 attribute ``expiration``). Every id starts with ``redrive#`` (``LEDGER_PREFIX``; added to a key
 that lacks it), which never collides with Powertools' ``consumer#<name>#<hash>`` ids, and the
 ``COMPLETED`` status makes Powertools-style tooling read an entry as a finished record. Entries
-expire after ``LEDGER_TTL_SECONDS`` (14 days): no dead letter outlives that (SQS keeps a message
-at most 14 days, counted from its first send, also in a DLQ).
+expire after ``LEDGER_TTL_SECONDS`` (400 days). SQS keeps a dead letter at most 14 days, but a
+RabbitMQ dead-letter queue keeps it until someone acts: a letter moved and recorded whose
+acknowledgement was lost comes back in the DLQ, and a run months later must still find it
+recorded (the consumers' own idempotency records are gone after 14 days).
 
 Reads are strongly consistent, so a re-run sees what the previous run wrote. Calls go in
 DynamoDB's batch sizes (100 keys per ``BatchGetItem``, 25 items per ``BatchWriteItem``);
@@ -23,8 +25,9 @@ from typing import Any
 from fabric.errors import TransportUnavailable
 
 LEDGER_PREFIX = "redrive#"
-# The longest a dead letter lives (SQS keeps a message 14 days); after that a key is moot.
-LEDGER_TTL_SECONDS = 14 * 24 * 3600
+# Longer than a RabbitMQ dead letter is left alone (its DLQ keeps it until acted on; the depth
+# alarm fires at one): an entry is a few dozen bytes.
+LEDGER_TTL_SECONDS = 400 * 24 * 3600
 COMPLETED = "COMPLETED"
 # The Powertools DynamoDBPersistenceLayer defaults (stacks/constructs/idempotency.py).
 _KEY = "id"
