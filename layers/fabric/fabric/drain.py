@@ -186,7 +186,7 @@ class Drainer:
         if moved:
             # With the bodies: a message accepted on the fallback path is archived here too.
             digests = [sha256_hex(item.body) for item in moved]
-            self._audit.emit(
+            stored = self._audit.emit(
                 [
                     AuditRecord(
                         event=AuditEvent.DRAINED,
@@ -203,4 +203,6 @@ class Drainer:
                 ],
                 dict(zip(digests, (item.body for item in moved), strict=True)),
             )
+            if not stored:  # the messages moved; a lost audit batch is an operator's alarm
+                _LOG.error("audit batch of %d drained message(s) could not be stored", len(moved))
         return {outcome.failure for outcome in outcomes if outcome.failure is not None}
