@@ -233,15 +233,8 @@ class RabbitMqTransport:
         source = iter(messages)
         batch_state = _Taken(meanwhile)
         pending: list[int] = []
-        for attempt in range(2):
-            if self._blocked:
-                break
-            try:
-                self._ensure_open()
-            except _ConnectFailed as failed:
-                self._reset()
-                if attempt == 0 and failed.retry:
-                    continue
+        for _attempt in range(2):
+            if not self.connect():
                 break
             pending = self._publish_batch(source, batch_state, pending)
             if batch_state.gave_up or (not pending and batch_state.exhausted):
