@@ -24,6 +24,7 @@ from fabric.audit import (
 )
 from fabric.audit_chain import decode_object, verify_trail
 from fabric.audit_writer import AuditWriter, ChainConflict, decode_archive
+from fabric.errors import TransportUnavailable
 from tests.integration.aws_audit import create_audit_bucket, create_idempotency_table
 from tests.integration.aws_fallback import REGION
 
@@ -127,6 +128,51 @@ def test_a_checkpoint_is_made_every_n_objects_so_the_pending_list_stays_bounded(
     result = read_trail(aws_audit)
     assert result.ok, result.problem
     assert (result.records, result.objects, result.checkpoints) == (14, 7, 3)
+
+
+class _SaveFailsOnce(DynamoDbChainStore):
+    """The state update after an object was stored fails once (throttling, a timeout)."""
+
+    failures = 1
+
+    def save(self, writer: str, state: Any, *, batch_ids: Any) -> bool:
+        if batch_ids and self.failures:
+            self.failures -= 1
+            raise TransportUnavailable("the chain store: ProvisionedThroughputExceeded")
+        return super().save(writer, state, batch_ids=batch_ids)
+
+
+def test_a_write_retried_with_other_batches_names_its_first_attempt_and_still_verifies(
+    aws_audit: dict[str, Any],
+) -> None:
+    store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
+    audit = AuditWriter(
+        WRITER,
+        chains=_SaveFailsOnce(TABLE, lambda: aws_audit["dynamodb"]),
+        objects=store,
+        signer=aws_audit["signer"],
+    )
+    with pytest.raises(TransportUnavailable):
+        audit.write([batch("b1", 3), batch("b2", 2)])  # stored, but the chain did not move
+    first_attempt = store.keys(f"audit/{WRITER}/")
+    # The event source regroups: the retry carries other batches, so another key.
+    retried = audit.write([batch("b2", 2), batch("b3", 1)])
+    audit.write([batch("b1", 3)])
+
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert result.records == 6  # b2, b3, b1 once each: the abandoned attempt is not chained
+    (abandoned,) = first_attempt
+    assert retried.key != abandoned
+    checkpoint = json.loads(store.get(f"checkpoints/{WRITER}/00000001.json"))
+    assert [item["key"] for item in checkpoint["abandoned"]] == [abandoned]
+    assert checkpoint["abandoned"][0]["sha256"] == hashlib.sha256(store.get(abandoned)).hexdigest()
+
+    forged = abandoned.replace("000000000001-000000000005", "000000000001-000000000004")
+    store.put(forged, store.get(abandoned))  # an unnamed object is still found
+    problem = read_trail(aws_audit).problem
+    assert problem is not None
+    assert problem.where.startswith(forged)
 
 
 def test_a_redelivered_batch_is_written_once(aws_audit: dict[str, Any]) -> None:

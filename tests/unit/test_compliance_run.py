@@ -3,6 +3,7 @@ trail a period reads (its days, not the years before), what it finds, and what i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -44,15 +45,7 @@ class MemoryChains:
         self.marks: set[str] = set()
 
     def load(self, writer: str) -> ChainState:
-        state = self.states.get(writer, ChainState())
-        return ChainState(
-            state.seq,
-            state.last_hash,
-            list(state.pending),
-            state.checkpoints,
-            state.last_signature,
-            state.version,
-        )
+        return self.load_from(self.states.get(writer, ChainState()))
 
     def save(self, writer: str, state: ChainState, *, batch_ids: Sequence[str]) -> bool:
         if self.states.get(writer, ChainState()).version != state.version:
@@ -64,13 +57,8 @@ class MemoryChains:
 
     @staticmethod
     def load_from(state: ChainState) -> ChainState:
-        return ChainState(
-            state.seq,
-            state.last_hash,
-            list(state.pending),
-            state.checkpoints,
-            state.last_signature,
-            state.version,
+        return dataclasses.replace(
+            state, pending=list(state.pending), abandoned=list(state.abandoned)
         )
 
     def written(self, batch_ids: Sequence[str]) -> set[str]:
@@ -298,6 +286,31 @@ def test_an_object_no_checkpoint_names_fails_and_is_named(trail: Trail, name: st
     trail.store.put(forged, b'{"event":"accepted"}\n')
     problem = reporter(trail)[0].report(Period.day(DAY))["verification"]["problem"]
     assert problem == f"{forged}: an object no checkpoint names, among sealed ones"
+
+
+def test_a_write_the_writer_abandoned_is_named_and_the_day_still_verifies() -> None:
+    trail = Trail()
+    trail.hours(datetime(2026, 12, 1, tzinfo=UTC), 24)
+    chains = trail.writer._chains
+    save = chains.save
+    failed: list[bool] = []
+
+    def fails_once(writer: str, state: ChainState, *, batch_ids: Sequence[str]) -> bool:
+        if batch_ids and not failed:
+            failed.append(True)
+            raise TimeoutError("the state update after the object was stored")
+        return save(writer, state, batch_ids=batch_ids)
+
+    chains.save = fails_once  # type: ignore[method-assign]
+    at = datetime(2026, 12, 2, 0, 10, tzinfo=UTC)
+    with pytest.raises(TimeoutError):
+        trail.write(at, *accepted_and_routed("m-lost-attempt"))
+    trail.write(at, *accepted_and_routed("m-lost-attempt"), *accepted_and_routed("m-other"))
+    trail.hours(datetime(2026, 12, 2, 1, tzinfo=UTC), 47)
+
+    report = reporter(trail)[0].report(Period.day(DAY))
+
+    assert report["verification"]["problem"] is None
 
 
 def test_a_stray_key_in_the_trail_fails_and_is_named(trail: Trail) -> None:

@@ -115,10 +115,13 @@ def make_checkpoint(
     previous_signature: str | None,
     at: str,
     signer: Signer,
+    abandoned: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """Checkpoint ``sequence`` of ``writer`` over ``objects`` (key, SHA-256 hex) written since the
     previous checkpoint, signed by ``signer``. An empty ``objects`` still makes a checkpoint: a
-    quiet hour is proven quiet."""
+    quiet hour is proven quiet. ``abandoned`` (key, SHA-256 hex): objects an attempt of the
+    writer may have stored and that are not part of the chain (a write whose state update
+    failed, retried under another key); listed only when there are any."""
     body: dict[str, Any] = {
         "version": CHECKPOINT_VERSION,
         "writer": writer,
@@ -131,6 +134,8 @@ def make_checkpoint(
         "previous_signature": previous_signature,
         "key_id": signer.key_id,
     }
+    if abandoned:
+        body["abandoned"] = [{"key": key, "sha256": digest} for key, digest in abandoned]
     body["signature"] = base64.b64encode(signer.sign(canonical(body))).decode()
     return body
 
@@ -196,17 +201,19 @@ def verify_trail(
         previous_signature = str(body["signature"])
         number = int(body["checkpoint"]) + 1
         chain = Chain(writer, int(body["last_seq"]), str(body["last_hash"]))
+    abandoned: set[str] = set()
     for expected, (key, checkpoint) in enumerate(checkpoints, start=number):
         problem = _check_checkpoint(
             key, checkpoint, expected, previous_signature, objects, signer=signer
-        )
+        ) or _check_abandoned(checkpoint, objects)
         if problem is not None:
             result.problem = problem
             return result
         previous_signature = str(checkpoint["signature"])
         covered.extend(item["key"] for item in checkpoint["objects"])
+        abandoned.update(item["key"] for item in checkpoint.get("abandoned", ()))
         result.checkpoints += 1
-    ordered = sorted(objects)
+    ordered = sorted(key for key in objects if key not in abandoned)
     uncovered_tail = ordered[len(covered) :]
     if ordered[: len(covered)] != covered:
         # Every named object exists (checked above), so the first difference is an extra one.
@@ -286,6 +293,16 @@ def _check_checkpoint(
     return _check_seal(key, checkpoint, expected, previous_signature, signer) or _check_objects(
         key, checkpoint, objects
     )
+
+
+def _check_abandoned(checkpoint: Mapping[str, Any], objects: Mapping[str, bytes]) -> Problem | None:
+    """An abandoned attempt a checkpoint names may be missing (it never got stored); if stored,
+    it must be the object the writer meant to store, by its SHA-256."""
+    for item in checkpoint.get("abandoned", ()):
+        data = objects.get(item["key"])
+        if data is not None and hashlib.sha256(data).hexdigest() != item["sha256"]:
+            return Problem(item["key"], "an abandoned attempt whose SHA-256 differs")
+    return None
 
 
 def _check_seal(

@@ -3,12 +3,13 @@
 Each call of ``write`` takes the audit batches a consumer received (each with its own id), drops
 batches already written (redelivery), chains the records after the writer's last one, stores
 them as **one** object in the Object Lock bucket, and only then advances the writer's chain state
-together with the written batch ids, in one conditional update. A crash before that update
-leaves an object version that the state does not know; a retry with the same batches on the same
-UTC day writes the same key again, and the newest version is the one the chain continues from
-(a retry with other batches, or after midnight, leaves the first object unnamed: see
-docs/audit-trail.md). ``checkpoint`` seals the objects written
-since the last checkpoint (also none: a quiet hour is proven quiet).
+together with the written batch ids, in one conditional update; before storing, it saves which
+object it is about to store (``ChainState.intent``). A crash before the update leaves an object
+version that the state does not know: a retry with the same batches on the same UTC day writes
+the same key again, and the newest version is the one the chain continues from; a retry under
+another key moves the intent to ``abandoned``, which the next checkpoint names with its hash.
+``checkpoint`` seals the objects written since the last checkpoint (also none: a quiet hour is
+proven quiet).
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ class ChainState:
     checkpoints: int = 0
     last_signature: str | None = None
     version: int = 0  # for the conditional update
+    # The object a write is about to store (key, SHA-256 hex), saved before it stores it; still
+    # set at the next write means that write's state update never happened.
+    intent: tuple[str, str] | None = None
+    # Objects such a write may have stored under a key the chain does not continue from: the
+    # next checkpoint names them as abandoned (``fabric.audit_chain.make_checkpoint``).
+    abandoned: list[tuple[str, str]] = field(default_factory=list)
 
 
 class ChainStore(Protocol):
@@ -150,6 +157,13 @@ class AuditWriter:
         linked = chain.link(records)
         data = encode_object(linked)
         key = object_key(self._writer, state.seq + 1, chain.seq, self._now())
+        digest = hashlib.sha256(data).hexdigest()
+        if state.intent is not None and state.intent[0] != key:
+            # An earlier attempt's state update failed; it may have stored its object, which
+            # this retry (other batches, or past midnight) does not overwrite.
+            state.abandoned.append(state.intent)
+        state.intent = (key, digest)
+        self._save(state, [])  # write-ahead: which object this call is about to store
         bodies = _named_bodies(records, [batch for _, batch in fresh])
         if bodies:
             self._objects.put(
@@ -157,10 +171,11 @@ class AuditWriter:
             )
         self._objects.put(key, data)
         state.seq, state.last_hash = chain.seq, chain.last_hash
-        state.pending.append((key, hashlib.sha256(data).hexdigest()))
+        state.pending.append((key, digest))
+        state.intent = None
         self._save(state, [batch_id for batch_id, _ in fresh])
-        if len(state.pending) >= self._seal_every:
-            self.checkpoint()
+        if state.abandoned or len(state.pending) >= self._seal_every:
+            self.checkpoint()  # at once after an abandoned attempt: the tail verifies again
         return Written(
             key=key,
             records=len(linked),
@@ -185,10 +200,11 @@ class AuditWriter:
             previous_signature=state.last_signature,
             at=format_timestamp(self._now()),
             signer=self._signer,
+            abandoned=state.abandoned,
         )
         key = checkpoint_key(self._writer, sequence)
         self._objects.put(key, canonical(body))
-        state.pending, state.checkpoints = [], sequence
+        state.pending, state.abandoned, state.checkpoints = [], [], sequence
         state.last_signature = str(body["signature"])
         self._save(state, [])
         return key

@@ -316,6 +316,10 @@ def load_window(
     window.checkpoints = [(checkpoints.keys[i], checkpoints.body(i)) for i in range(low, high)]
     window.locks = [checkpoints.lock(i) for i in indices]
     named = {item["key"] for _, body in window.checkpoints for item in body["objects"]}
+    # A write's attempt the writer gave up on (its state update failed): named, never chained.
+    abandoned = {
+        item["key"] for _, body in window.checkpoints for item in body.get("abandoned", ())
+    }
     floor = int(window.anchor[1]["last_seq"]) if window.anchor else 0
     anchor_day = _at(window.anchor[1]).date() if window.anchor else None
     last = window.checkpoints[-1][1] if window.checkpoints else (window.anchor or (None, {}))[1]
@@ -327,11 +331,18 @@ def load_window(
         seq, day = _first_seq(key), _day(key)
         if seq is None or day is None:
             window.problem = window.problem or Problem(key, "not an audit object key")
-        elif key not in named and (
-            (seq > floor and (seq <= sealed_to or (sealed_day is not None and day < sealed_day)))
-            # At or below the anchor's last sequence, yet written after the anchor's day: the
-            # anchor sealed everything that old, so no such object can be genuine.
-            or (seq <= floor and anchor_day is not None and day > anchor_day)
+        elif (
+            key not in named
+            and key not in abandoned
+            and (
+                (
+                    seq > floor
+                    and (seq <= sealed_to or (sealed_day is not None and day < sealed_day))
+                )
+                # At or below the anchor's last sequence, yet written after the anchor's day: the
+                # anchor sealed everything that old, so no such object can be genuine.
+                or (seq <= floor and anchor_day is not None and day > anchor_day)
+            )
         ):
             window.problem = window.problem or Problem(
                 key, "an object no checkpoint names, among sealed ones"

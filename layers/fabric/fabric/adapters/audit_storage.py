@@ -152,6 +152,8 @@ class DynamoDbChainStore:
             checkpoints=state["checkpoints"],
             last_signature=state["last_signature"],
             version=int(item["version"]["N"]),
+            intent=(state["intent"][0], state["intent"][1]) if state.get("intent") else None,
+            abandoned=[(key, digest) for key, digest in state.get("abandoned", [])],
         )
 
     def save(self, writer: str, state: ChainState, *, batch_ids: Sequence[str]) -> bool:
@@ -164,6 +166,8 @@ class DynamoDbChainStore:
             "pending": state.pending,
             "checkpoints": state.checkpoints,
             "last_signature": state.last_signature,
+            "intent": state.intent,
+            "abandoned": state.abandoned,
         }
         condition: dict[str, Any] = (
             {"ConditionExpression": "attribute_not_exists(id)"}
