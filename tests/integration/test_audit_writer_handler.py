@@ -46,6 +46,16 @@ def body(*message_ids: str, event: AuditEvent = AuditEvent.REJECTED) -> bytes:
     return encode_audit_batch(records, emitted_by="router")
 
 
+def verified(store: S3ObjectStore, signer: Any) -> Any:
+    """The writer's trail as the bucket holds it, verified."""
+    return verify_trail(
+        objects={k: store.get(k) for k in store.keys(f"audit/{WRITER}/")},
+        checkpoints=[(k, json.loads(store.get(k))) for k in store.keys(f"checkpoints/{WRITER}/")],
+        signer=signer,
+        writer=WRITER,
+    )
+
+
 def amazon_mq(*bodies: tuple[str, bytes], user: str = PLATFORM_USER) -> dict[str, Any]:
     return {
         "eventSource": "aws:rmq",
@@ -145,12 +155,7 @@ def test_both_event_sources_and_the_checkpoint_make_a_trail_that_verifies(
     assert (first["records"], second["records"], second["duplicate_batches"]) == (3, 1, 1)
     assert sealed["checkpoint"].startswith(f"checkpoints/{WRITER}/")
     store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
-    result = verify_trail(
-        objects={k: store.get(k) for k in store.keys(f"audit/{WRITER}/")},
-        checkpoints=[(k, json.loads(store.get(k))) for k in store.keys(f"checkpoints/{WRITER}/")],
-        signer=aws_audit["signer"],
-        writer=WRITER,
-    )
+    result = verified(store, aws_audit["signer"])
     assert result.ok, result.problem
     assert result.records == 4
     assert result.message_ids["rejected"] == {"m1", "m2", "m3"}
@@ -199,12 +204,7 @@ def test_a_batch_the_trail_cannot_hold_is_recorded_unreadable_and_the_others_are
         ("nan", "unreadable-batch"),
         ("good", "delivered"),
     ]
-    result = verify_trail(
-        objects={k: store.get(k) for k in store.keys(f"audit/{WRITER}/")},
-        checkpoints=[(k, json.loads(store.get(k))) for k in store.keys(f"checkpoints/{WRITER}/")],
-        signer=aws_audit["signer"],
-        writer=WRITER,
-    )
+    result = verified(store, aws_audit["signer"])
     assert result.ok, result.problem
 
 

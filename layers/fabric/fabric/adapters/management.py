@@ -269,11 +269,7 @@ class ManagementClient:
             ManagementApiError: see the class docstring.
             ValueError: ``destination_type`` is neither ``queue`` nor ``exchange``.
         """
-        kind = {"queue": "q", "exchange": "e"}.get(destination_type)
-        if kind is None:
-            raise ValueError(
-                f"destination_type must be queue or exchange, not {destination_type!r}"
-            )
+        kind = _destination_kind(destination_type)
         body = {"routing_key": routing_key, "arguments": dict(arguments)}
         self._call("POST", ("bindings", vhost, "e", source, kind, destination), body=body)
 
@@ -293,11 +289,7 @@ class ManagementClient:
             ManagementApiError: see the class docstring.
             ValueError: ``destination_type`` is neither ``queue`` nor ``exchange``.
         """
-        kind = {"queue": "q", "exchange": "e"}.get(destination_type)
-        if kind is None:
-            raise ValueError(
-                f"destination_type must be queue or exchange, not {destination_type!r}"
-            )
+        kind = _destination_kind(destination_type)
         # The key is listed URL-encoded already, and is quoted once more as a path segment:
         # that is the form the API matches (a routing key "a/b #" lists as "a%2Fb+%23").
         return self._delete(("bindings", vhost, "e", source, kind, destination, properties_key))
@@ -452,3 +444,15 @@ class ManagementClient:
             if secret:
                 text = text.replace(secret, "***")
         return text
+
+
+def _destination_kind(destination_type: str) -> str:
+    """The API's path letter for a binding's destination: ``q`` or ``e``.
+
+    Raises:
+        ValueError: ``destination_type`` is neither ``queue`` nor ``exchange``.
+    """
+    kind = {"queue": "q", "exchange": "e"}.get(destination_type)
+    if kind is None:
+        raise ValueError(f"destination_type must be queue or exchange, not {destination_type!r}")
+    return kind
