@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as actions
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
@@ -49,7 +50,30 @@ class FailoverAlarms(Construct):
             master_key=topics_key,
             enforce_ssl=True,
         )
-        # The topics key's policy lets this account's CloudWatch alarms encrypt (see Keys).
+        # The topic's policy (enforce_ssl makes one) replaces SNS's default policy, so it must
+        # allow CloudWatch itself: alarms publish as cloudwatch.amazonaws.com, which no IAM
+        # grant covers. This account's alarms only. The topics key's policy lets them encrypt
+        # (see Keys).
+        stack = Stack.of(self)
+        self.topic.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="AllowCloudWatchAlarmsOfThisAccount",
+                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+                actions=["sns:Publish"],
+                resources=[self.topic.topic_arn],
+                conditions={
+                    "StringEquals": {"aws:SourceAccount": stack.account},
+                    "ArnLike": {
+                        "aws:SourceArn": stack.format_arn(
+                            service="cloudwatch",
+                            resource="alarm",
+                            resource_name="*",
+                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                        )
+                    },
+                },
+            )
+        )
         self.topic.apply_removal_policy(removal_policy)
 
         def router_sum(name: str) -> cloudwatch.Metric:

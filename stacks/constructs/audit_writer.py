@@ -300,4 +300,4 @@ class AuditWriter(Construct):
             ],
         )
         # Lambda checks the role's permissions when it creates the mapping.
-        self.broker_mapping.node.add_dependency(polling, self.function.role)
+        self.broker_mapping.node.add_dependency(polling, self.function.role, self.function.basics)

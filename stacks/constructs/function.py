@@ -132,7 +132,7 @@ class FabricFunction(Construct):
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             description=f"{description} (Lambda execution role)",
         )
-        iam.ManagedPolicy(
+        self.basics = iam.ManagedPolicy(
             self,
             "Basics",
             roles=[self.role],
@@ -209,6 +209,9 @@ class FabricFunction(Construct):
         )
         # CDK makes the function depend on its role next to a GetAtt of the role's ARN.
         ignore_cfn_lint(self.function.node.find_child("Resource"), "W3005")
+        # Lambda checks, when it creates a function in a VPC, that the role may manage network
+        # interfaces: those permissions are in Basics, which nothing else makes it wait for.
+        self.function.node.add_dependency(self.basics)
 
     def allow(self, statements: Iterable[Statement]) -> None:
         """Add ``(sid, actions, resources, conditions)`` statements to the function's role."""

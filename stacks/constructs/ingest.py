@@ -20,8 +20,9 @@ _VISIBILITY_TIMEOUT = Duration.seconds(180)
 class IngestQueues(Construct):
     """``fabric-<env>-ingest-<group>`` queues, each with a DLQ that admits only its source.
 
-    Producers of a group are given ``sqs:SendMessage`` on their group's queue only; the router
-    reads the group from the queue a record came from, never from the message body. The DLQs
+    A producer needs ``sqs:SendMessage`` on its group's queue only, and the queues key through
+    SQS (docs/infrastructure.md, "Ingest queues"); the router reads the group from the queue a
+    record came from, never from the message body. The DLQs
     (``dead_letter_queues``, ``fabric-<env>-ingest-<group>-dlq``) are kept for the redrive and
     the dead-letter alarms.
     """

@@ -79,6 +79,15 @@ def test_every_alarm_pages_and_recovers_on_an_encrypted_tls_only_topic(
         s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Deny"
     ]
     assert any(s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} for s in denied)
+    # A topic policy replaces SNS's default one: CloudWatch must be allowed in it to publish.
+    (allowed,) = [
+        s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Allow"
+    ]
+    assert allowed["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    assert allowed["Action"] == "sns:Publish"
+    assert allowed["Resource"] == {"Ref": topic_id}
+    assert allowed["Condition"]["StringEquals"] == {"aws:SourceAccount": env.stage.services.account}
+    assert ":alarm:*" in json.dumps(allowed["Condition"]["ArnLike"]["aws:SourceArn"])
     for alarm in alarms(env, assembly).values():
         assert alarm["AlarmActions"] == [{"Ref": topic_id}]
         assert alarm["OKActions"] == [{"Ref": topic_id}]

@@ -64,6 +64,15 @@ def test_every_fabric_function_gets_the_platform_defaults(
         group = template["Resources"][props["LoggingConfig"]["LogGroup"]["Ref"]]["Properties"]
         assert "KmsKeyId" in group
         assert group["RetentionInDays"] == CONTEXT[env.stage.stage_name]["log_retention_days"]
+        # Created only once its role may manage network interfaces (Lambda checks, in a VPC).
+        role = props["Role"]["Fn::GetAtt"][0]
+        (basics,) = [
+            k
+            for k, p in of_type(template, "AWS::IAM::ManagedPolicy").items()
+            if {"Ref": role} in p["Properties"]["Roles"]
+            and "ec2:CreateNetworkInterface" in json.dumps(p["Properties"]["PolicyDocument"])
+        ]
+        assert basics in function["DependsOn"], logical_id
 
 
 def test_the_router_is_configured_from_cdk_json_and_holds_no_secret(
