@@ -187,7 +187,7 @@ def redrive(
 
 # Why a replay chunk stops that means "go on with the next chunk".
 _REPLAY_GOES_ON = frozenset({"message limit", "time limit"})
-_REPLAY_PROBLEMS = ("missing_body", "corrupt", "unreadable", "failed")
+_REPLAY_PROBLEMS = ("missing_body", "corrupt", "unreadable", "refused", "failed")
 _REPLAY_LISTED = 100
 
 
@@ -279,8 +279,10 @@ def replay(
         + (" (nothing published)" if dry_run else ""),
         file=out,
     )
+    # Reaching --max-messages mid-chunk ends the last chunk on its time or message limit, which
+    # is no failure; any other stop (broker, archive, audit) is one, bounded or not.
     bounded = max_messages is not None and finished >= max_messages
-    if stopped not in ("done", "message limit") and not bounded:
+    if stopped not in ("done", "message limit") and not (bounded and stopped in _REPLAY_GOES_ON):
         _resume_hint(replay_id, cursor, out)
         return 1
     problems = sum(totals[key] for key in _REPLAY_PROBLEMS)

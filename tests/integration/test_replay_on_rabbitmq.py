@@ -329,7 +329,10 @@ def test_the_runbook_replays_in_chunks_behind_the_cursor_without_repeating_one(
     assert len({event["replay_id"] for _, event in function.events}) == 1
     assert output.count("progress: replayed") == 3
     assert "summary: replay" in output
-    assert "replayed 5, missing body 0, corrupt 0, unreadable 0, failed 0, stopped: done" in output
+    assert (
+        "replayed 5, missing body 0, corrupt 0, unreadable 0, refused 0, failed 0, stopped: done"
+        in output
+    )
     arrived = take(fabric)
     for queue in ("fabric.business", "fabric.community"):
         assert [p.message_id for p, _ in arrived[queue]] == [g["message_id"] for g in gifts]

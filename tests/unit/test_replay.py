@@ -11,9 +11,11 @@ import base64
 import dataclasses
 import hashlib
 import json
+import tomllib
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from typing import Any
 
 import pytest
@@ -34,7 +36,7 @@ from fabric.replay import (
     parse_request,
 )
 from fabric.router import Router
-from fabric.routing import default_routing_table
+from fabric.routing import default_routing_table, parse_routing_table
 from fabric.stakeholders import Stakeholder
 from fabric.topology import ALL_AUDIENCE, AUDIENCE_HEADER, REPLAY_HEADER
 
@@ -208,6 +210,36 @@ def test_the_stored_bytes_go_out_again_with_the_same_id_and_the_replay_header() 
     )
     assert record.body_sha256 == hashlib.sha256(sent.body).hexdigest()
     assert record.groups == ("business", "community", "government")
+
+
+def test_what_todays_routing_table_would_refuse_is_reported_refused_and_not_published() -> None:
+    # Since the donations were stored, community lost the right to publish them: the router
+    # would refuse them today, and so does a replay.
+    trail = Trail()
+    trail.route([donation(1), donation(2)], source="community", at=DAY + timedelta(hours=3))
+    data = tomllib.loads(resources.files("fabric").joinpath("routing_table.toml").read_text())
+    for rule in data["publish"]:
+        if rule["source"] == "community":
+            rule["topics"] = [t for t in rule["topics"] if not t.startswith("donation")]
+    revoked = parse_routing_table(data)  # its own table: tables keep per-table caches
+    broker, audit, clock = MemoryTransport(name="rabbitmq"), MemoryAuditSink(), Clock()
+    run = Replayer(
+        archive=trail.archive,
+        broker=broker,
+        audit=audit,
+        table=revoked,
+        clock=clock,
+        sleep=clock.sleep,
+        now=lambda: DAY + timedelta(days=2),
+    )
+
+    report = run.run(request())
+
+    assert (report.selected, report.replayed, report.refused) == (2, 0, 2)
+    assert {item.outcome for item in report.problems} == {"refused"}
+    assert all(item.detail.startswith("source_not_allowed") for item in report.problems)
+    assert broker.published == []
+    assert audit.records == []
 
 
 def test_a_restricted_message_is_replayed_as_the_ciphertext_it_was_stored_as() -> None:

@@ -14,7 +14,9 @@ record per message is emitted once the broker confirmed it.
 
 Nothing found is skipped silently: a body that is not in the archive (also when its record says
 ``archived: false``) is reported ``missing-body``, a body whose hash differs ``corrupt``, a body
-that is not a fabric envelope ``unreadable``; none of them is published.
+that is not a fabric envelope ``unreadable``, and a message today's routing table would refuse
+(its source may no longer publish the topic, or the route now requires a stricter
+classification) ``refused``; none of them is published.
 
 A run is bounded (``max_messages``, ``max_seconds``) and paced (``rate_per_s``); it returns a
 cursor, the ``(at, message_id)`` of the last message it finished, from which the next run goes
@@ -76,6 +78,7 @@ WOULD_REPLAY = "would-replay"
 MISSING_BODY = "missing-body"
 CORRUPT = "corrupt"
 UNREADABLE = "unreadable"
+REFUSED = "refused"
 FAILED = "failed"
 
 
@@ -246,6 +249,7 @@ class ReplayReport:
     missing_body: int = 0
     corrupt: int = 0
     unreadable: int = 0
+    refused: int = 0  # today's routing table would refuse it: its source, or its classification
     stopped: str = "done"
     cursor: ReplayCursor | None = None
     messages: list[Listed] = field(default_factory=list)
@@ -256,7 +260,12 @@ class ReplayReport:
     def finished(self) -> int:
         """Messages this run is done with: replayed (or listed, dry run) or reported."""
         return (
-            self.replayed + self.would_replay + self.missing_body + self.corrupt + self.unreadable
+            self.replayed
+            + self.would_replay
+            + self.missing_body
+            + self.corrupt
+            + self.unreadable
+            + self.refused
         )
 
     def to_dict(
@@ -278,6 +287,7 @@ class ReplayReport:
             "missing_body": self.missing_body,
             "corrupt": self.corrupt,
             "unreadable": self.unreadable,
+            "refused": self.refused,
             "stopped": self.stopped,
             "cursor": None if self.cursor is None else self.cursor.to_dict(),
             "messages": [item.to_dict() for item in self.messages[:messages_limit]],
@@ -555,6 +565,13 @@ class Replayer:
             report.corrupt += 1
             report.problems.append(
                 _problem(candidate, CORRUPT, "the archived body is another message's envelope")
+            )
+            return None
+        rejection = self._table.admit(envelope)
+        if rejection is not None:  # as the router would today: a revoked source, a stricter floor
+            report.refused += 1
+            report.problems.append(
+                _problem(candidate, REFUSED, f"{rejection.reason}: {rejection.message}")
             )
             return None
         deliveries = self._table.deliveries(envelope)

@@ -1,0 +1,71 @@
+"""The runbook's replay command: its exit status says whether the replay is complete."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+
+from scripts import runbook
+
+
+class _Lambda:
+    """A replay function that answers every invocation with ``body`` (its counts filled in)."""
+
+    def __init__(self, **body: Any) -> None:
+        self.body = {
+            "selected": 100,
+            "remaining": 0,
+            "replayed": 0,
+            "would_replay": 0,
+            "missing_body": 0,
+            "corrupt": 0,
+            "unreadable": 0,
+            "refused": 0,
+            "failed": 0,
+            "cursor": {"at": "2026-12-01T03:00:00Z", "message_id": "m-100"},
+            "messages": [],
+            "problems": [],
+            **body,
+        }
+
+    def invoke(self, **_: Any) -> dict[str, Any]:
+        return {"Payload": io.BytesIO(json.dumps(self.body).encode())}
+
+
+def replay(function: _Lambda, max_messages: int) -> tuple[int, str]:
+    out = io.StringIO()
+    status = runbook.replay(
+        "test",
+        client=lambda _service: function,
+        request={"start": "2026-12-01T00:00:00Z", "end": "2026-12-02T00:00:00Z"},
+        chunk=500,
+        out=out,
+        max_messages=max_messages,
+    )
+    return status, out.getvalue()
+
+
+@pytest.mark.parametrize("stopped", ["audit unavailable", "broker unavailable"])
+def test_a_bounded_replay_that_stopped_on_a_failure_exits_1_with_where_to_resume(
+    stopped: str,
+) -> None:
+    # All 100 asked for were published, but their replayed records were not stored (or the
+    # broker failed on the last one): the replay is not complete, whatever the count says.
+    status, output = replay(_Lambda(replayed=100, stopped=stopped), max_messages=100)
+    assert status == 1, output
+    assert f"stopped: {stopped}" in output
+    assert "resume with the same command and: --replay-id" in output
+
+
+def test_a_bounded_replay_that_reached_its_bound_exits_0() -> None:
+    status, output = replay(_Lambda(replayed=100, stopped="message limit"), max_messages=100)
+    assert status == 0, output
+
+
+def test_refused_messages_are_counted_as_not_replayable_and_exit_1() -> None:
+    status, output = replay(_Lambda(replayed=98, refused=2, stopped="done"), max_messages=1000)
+    assert status == 1, output
+    assert "refused 2," in output
