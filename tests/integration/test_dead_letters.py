@@ -27,7 +27,7 @@ from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
 from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
 from fabric.audit import AuditEvent, decode_audit_batch
 from fabric.bootstrap import exchange_for
-from fabric.consumer import Delivery, Idempotency, MessageProcessor, Verdict
+from fabric.consumer import Delivery, Idempotency, MessageProcessor, Systemic, Verdict
 from fabric.ports import DeadLetter
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
 from fabric.stakeholders import Stakeholder
@@ -169,6 +169,33 @@ def test_a_consumer_that_keeps_crashing_hits_the_broker_delivery_limit(
     assert letters[0].reason == "delivery_limit"
     assert letters[0].origin == WORK
     assert letters[0].dead_lettered_at is not None
+    assert depth(amqp, WORK) == 0
+
+
+def test_a_dependency_outage_pauses_the_consumer_without_using_up_the_delivery_limit(
+    broker_vhost: str, amqp: Any
+) -> None:
+    # More systemic failures in a row than the queue's delivery limit (10): handed back each
+    # time, the message would be dead-lettered as delivery_limit while nothing is wrong with it.
+    publish(amqp, WORK, "alert-during-outage")
+    failures: list[str] = []
+
+    def handler(delivery: Delivery) -> None:
+        if len(failures) < 12:
+            failures.append(delivery.message_id)
+            raise Systemic("the database is down")
+
+    consumer = RabbitMqConsumer(
+        settings(broker_vhost),
+        WORK,
+        MessageProcessor(handler),
+        backoff_s=0.001,
+        max_backoff_s=0.01,
+    )
+    counts = consumer.run(max_messages=1, idle_timeout_s=5)
+
+    assert counts == {"systemic": 12, "done": 1}
+    assert depth(amqp, DLQ) == 0
     assert depth(amqp, WORK) == 0
 
 

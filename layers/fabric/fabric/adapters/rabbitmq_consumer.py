@@ -7,6 +7,12 @@ their retries and parks, and one audit batch for all of them, before their ackno
 (one ``basic.ack`` with ``multiple`` for the group when all of it was settled). A
 consumer that dies before acknowledging leaves the message to RabbitMQ, which redelivers it
 (and, after the queue's delivery limit, dead-letters it itself with an ``x-death`` record).
+
+A systemic failure (the handler's dependency is down: ``Systemic``) pauses the consumer instead
+of handing the message back: it keeps the message, takes nothing new, and tries it again after
+waits that double from ``backoff_s`` to ``max_backoff_s``, with the connection kept alive
+meanwhile. Handing it back would raise its delivery count each time, and the queue's delivery
+limit would dead-letter healthy messages (emergencies among them) within seconds of an outage.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class RabbitMqConsumer:
         prefetch: int = 20,
         settler: RabbitMqSettler | None = None,
         backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._settings = settings
@@ -90,6 +97,7 @@ class RabbitMqConsumer:
             settings, queue, consumer=f"consumer:{group_of(queue)[0]}"
         )
         self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
         self._sleep = sleep
 
     def run(
@@ -136,7 +144,17 @@ class RabbitMqConsumer:
                     correlation_id=properties.correlation_id,
                     redelivered=bool(method.redelivered),
                 )
-                pending.add(method.delivery_tag, delivery, self._processor.process(delivery))
+                decision = self._processor.process(delivery)
+                wait = self._backoff_s
+                while decision.verdict is Verdict.SYSTEMIC and not (
+                    stop is not None and stop.is_set()
+                ):
+                    pending.flush()  # what was decided before is settled first
+                    counts[str(Verdict.SYSTEMIC)] += 1
+                    connection.sleep(wait)  # serves heartbeats while it waits
+                    wait = min(max(wait * 2, 0.01), self._max_backoff_s)
+                    decision = self._processor.process(delivery)
+                pending.add(method.delivery_tag, delivery, decision)
                 if max_messages is not None and pending.total >= max_messages:
                     break
             pending.flush()
@@ -204,7 +222,7 @@ class _Pending:
         stored = self._settler.settle([(delivery, decision) for _, delivery, decision in items])
         if all(stored):
             # ``items`` are all the deliveries this channel has handed out and not settled
-            # (a systemic one is refused as it comes; those still prefetched have higher tags),
+            # (a systemic one waits before it joins; those still prefetched have higher tags),
             # so one acknowledgement covers them: a quarter less of the broker's CPU per
             # drained message than one acknowledgement each (BENCHMARKS.md, consumer_drain).
             self._channel.basic_ack(items[-1][0], multiple=True)
