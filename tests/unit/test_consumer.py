@@ -192,3 +192,34 @@ def test_an_sqs_batch_of_ten_with_three_failures_reports_exactly_those_three() -
         )
         for i in range(10)
     }
+
+
+def test_the_sqs_entry_point_hands_the_invocations_context_to_idempotency() -> None:
+    # With it, a record in progress stands for the invocation's remaining time; without it,
+    # for 60 s, after which a copy of a message still being processed was processed again.
+    seen: list[Any] = []
+
+    class Recording:
+        def run(self, handler: Any, delivery: Delivery, context: Any) -> None:
+            seen.append(context)
+            handler(delivery)
+
+    record = {
+        "messageId": "sqs-0",
+        "receiptHandle": "h-0",
+        "body": "{}",
+        "attributes": {"ApproximateReceiveCount": "1"},
+        "messageAttributes": {
+            MESSAGE_ID_ATTRIBUTE: {"stringValue": "m-0", "dataType": "String"},
+            TOPIC_ATTRIBUTE: {"stringValue": "media.story.published", "dataType": "String"},
+        },
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:ap-southeast-3:123456789012:fabric-dev-fallback-media",
+    }
+    context = object()
+    processor = MessageProcessor(lambda _d: None, idempotency=Recording())  # type: ignore[arg-type]
+
+    response = sqs_batch_handler(processor)({"Records": [record]}, context)
+
+    assert response == {"batchItemFailures": []}
+    assert seen == [context]

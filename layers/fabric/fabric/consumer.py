@@ -505,9 +505,12 @@ def sqs_batch_handler(
 
     settled: list[tuple[Delivery, Decision]] = []
 
-    def record_handler(record: SQSRecord) -> None:
+    def record_handler(record: SQSRecord, lambda_context: Any = None) -> None:
+        # Powertools passes the invocation's context to a handler that names ``lambda_context``:
+        # an idempotency record in progress then stands for the invocation's remaining time,
+        # not the 60 s default, so a copy arriving meanwhile is not processed a second time.
         delivery = _sqs_delivery(record)
-        decision = processor.process(delivery, None)
+        decision = processor.process(delivery, lambda_context)
         if decision.verdict is Verdict.DEAD_LETTER:
             decision = dataclasses.replace(decision, verdict=Verdict.RETRY)
         settled.append((delivery, decision))
