@@ -231,5 +231,28 @@ def test_kms_out_of_reach_on_decrypt_is_unavailable_not_a_bad_message(kms: Any) 
         reader.decrypt(ciphertext, context())
 
 
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        ("ThrottlingException", "Rate exceeded"),
+        ("DisabledException", "key is disabled"),
+        ("AccessDeniedException", "not authorized to perform kms:Decrypt"),
+    ],
+)
+def test_kms_refusing_to_decrypt_now_is_unavailable_not_a_bad_message(
+    kms: Any, code: str, message: str
+) -> None:
+    # A consumer parks a DecryptionFailed message as poison: a throttled KMS must not make a
+    # good restricted message look like one.
+    key_arn = new_key(kms)
+    ciphertext = EsdkCipher(key_arn).encrypt(PAYLOAD, context())
+    reader = EsdkCipher(
+        key_arn, client_factory=CountingClients({"Decrypt": kms_error(code, message)})
+    )
+    with pytest.raises(EncryptionUnavailable, match=code):
+        reader.decrypt(ciphertext, context())
+    assert EsdkCipher(key_arn).decrypt(ciphertext, context()) == PAYLOAD  # the message was fine
+
+
 def _unreachable(**_: Any) -> None:
     raise EndpointConnectionError(endpoint_url=f"https://kms.{REGION}.amazonaws.com/")

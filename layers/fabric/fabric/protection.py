@@ -66,8 +66,8 @@ def open_payload(
     Raises:
         DecryptionFailed: ``sealed`` is not an ``esdk/v1`` object with base64 ciphertext, or the
             ciphertext is corrupt, under another key, or bound to another context.
-        EncryptionUnavailable: the key service cannot be reached (retry later; the message may
-            be fine).
+        EncryptionUnavailable: the key service cannot be reached, or will not decrypt now
+            (throttled, key disabled, access denied): retry later, the message may be fine.
     """
     if not isinstance(sealed, dict) or sealed.get("encrypted") != SCHEME:
         raise DecryptionFailed(f"payload is not sealed with {SCHEME}")

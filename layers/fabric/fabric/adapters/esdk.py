@@ -102,12 +102,13 @@ class EsdkCipher:
 
         Raises:
             DecryptionFailed: the bytes are not a valid message, are tampered with, are under
-                another key, or the context lacks or contradicts an expected key. KMS errors
-                are reported here too: the SDK does not keep their cause.
-            EncryptionUnavailable: KMS could not be reached at all (no response: network,
-                timeout), which says nothing about the message.
+                another key, or the context lacks or contradicts an expected key.
+            EncryptionUnavailable: KMS could not be reached (network, timeout), or answered
+                but would not decrypt now (throttled, key disabled, access denied): nothing
+                that says the message is bad.
         """
         engine = self._ready()
+        engine.refusals.code = None
         try:
             plaintext, header = engine.client.decrypt(
                 source=ciphertext, materials_manager=engine.cmm
@@ -117,6 +118,13 @@ class EsdkCipher:
                 f"cannot reach KMS to decrypt under {self._key_arn}: {type(exc).__name__}"
             ) from exc
         except Exception as exc:  # untrusted bytes: any parse or crypto failure means "bad message"
+            code = getattr(engine.refusals, "code", None)
+            if code is not None and code not in _BAD_CIPHERTEXT_CODES:
+                # KMS answered but would not decrypt now (throttled, key disabled, no access):
+                # nothing is wrong with the message, so retry it later rather than park it.
+                raise EncryptionUnavailable(
+                    f"KMS refused to decrypt under {self._key_arn}: {code}"
+                ) from exc
             raise DecryptionFailed(f"cannot decrypt payload: {type(exc).__name__}") from exc
         stored = header.encryption_context
         mismatched = sorted(k for k, v in expected_context.items() if stored.get(k) != v)
@@ -145,6 +153,9 @@ class _Engine:
     encrypt: Callable[[bytes, dict[str, str], dict[str, str]], bytes]
     encrypt_errors: tuple[type[BaseException], ...]
     network_errors: tuple[type[BaseException], ...]
+    # The code of the last error KMS answered a Decrypt with, in this thread: the SDK turns it
+    # into an error of its own that does not keep it.
+    refusals: threading.local
 
 
 def _build_engine(
@@ -177,12 +188,20 @@ def _build_engine(
         write_message,
     )
 
+    refusals = threading.local()
+
+    def remember_refusal(parsed: Any = None, **_: Any) -> None:
+        error = (parsed or {}).get("Error") if isinstance(parsed, dict) else None
+        if error:
+            refusals.code = str(error.get("Code", ""))
+
     class InjectedClientProvider(aws_encryption_sdk.StrictAwsKmsMasterKeyProvider):  # type: ignore[misc]
         """The SDK's strict provider, with KMS clients from ``client_factory``."""
 
         def add_regional_client(self, region_name: str) -> None:
             if region_name not in self._regional_clients:
                 client = client_factory()
+                client.meta.events.register("after-call.kms.Decrypt", remember_refusal)
                 self._register_client(client, region_name)  # as the SDK's own method does
                 self._regional_clients[region_name] = client
 
@@ -261,6 +280,7 @@ def _build_engine(
             botocore.exceptions.ClientError,
         ),
         network_errors=(botocore.exceptions.BotoCoreError,),
+        refusals=refusals,
     )
 
 
@@ -337,3 +357,7 @@ def _boto3_kms_client(region: str) -> Any:
     import boto3
 
     return boto3.client("kms", region_name=region)
+
+
+# What KMS answers when the ciphertext itself is wrong: that is the message's fault.
+_BAD_CIPHERTEXT_CODES = frozenset({"InvalidCiphertextException", "IncorrectKeyException"})
