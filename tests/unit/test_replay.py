@@ -508,6 +508,19 @@ def test_every_writers_trail_is_read() -> None:
     assert ids(run.run(request())) == [str(uuid.UUID(int=2)), str(uuid.UUID(int=3))]
 
 
+def test_a_rate_too_low_for_the_time_limit_stops_at_the_limit_instead_of_sleeping_past_it() -> None:
+    trail = Trail()
+    trail.route([donation(1), donation(2)], source="community", at=DAY + timedelta(hours=3))
+    clock = Clock()
+    run, broker, _ = replayer(trail, clock=clock)
+
+    report = run.run(request(rate_per_s=0.001, max_seconds=60))
+
+    assert report.stopped == "time limit"
+    assert clock.slept <= 60  # never past the function's time
+    assert len(broker.published) == 1
+
+
 def test_progress_is_reported_after_every_batch_and_at_the_end() -> None:
     trail = Trail()
     trail.route([donation(n) for n in range(250)], source="community", at=DAY + timedelta(hours=1))
@@ -558,6 +571,9 @@ def test_a_request_is_read_with_its_defaults() -> None:
         ({**GOOD, "topics": "donation.#"}, "topics must be a list"),
         ({**GOOD, "message_ids": ["m-1"]}, "'m-1' is not a message id"),
         ({**GOOD, "source": "router"}, "source must be one of academic"),
+        ({**GOOD, "source": ["community"]}, "source must be one of academic"),
+        ({**GOOD, "rate_per_s": float("nan")}, "rate_per_s must be a positive number"),
+        ({**GOOD, "rate_per_s": float("inf")}, "rate_per_s must be a positive number"),
         ({**GOOD, "dry_run": "yes"}, "dry_run must be true or false"),
         ({**GOOD, "max_messages": 0}, "max_messages must be a positive whole number"),
         ({**GOOD, "max_messages": True}, "max_messages must be a positive whole number"),

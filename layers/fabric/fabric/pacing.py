@@ -35,8 +35,10 @@ class Pace:
         return self._clock() >= self._deadline
 
     def wait(self, done: int) -> None:
-        """Sleep while ``done`` messages are ahead of the rate."""
+        """Sleep while ``done`` messages are ahead of the rate, never past the time limit (a
+        very low rate would otherwise sleep through the function's timeout)."""
         if self._rate is not None:
-            ahead = done / self._rate - (self._clock() - self._started)
+            now = self._clock()
+            ahead = min(done / self._rate - (now - self._started), self._deadline - now)
             if ahead > 0:
                 self._sleep(ahead)

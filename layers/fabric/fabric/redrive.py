@@ -222,10 +222,10 @@ class Redriver:
         max_messages = plan.max_messages
         batch_size = pace.batch_size(_BATCH)
         while report.matched < max_messages:
+            pace.wait(report.moved)  # by what was moved so far, never past the limit
             if pace.expired():
                 report.stopped = "time limit"
                 return
-            pace.wait(report.moved)  # by what was moved so far
             try:
                 letters = queue.peek(batch_size)
             except TransportUnavailable as exc:

@@ -409,10 +409,10 @@ class Replayer:
             if report.finished >= request.max_messages:
                 report.stopped = "message limit"
                 return
+            pace.wait(report.replayed)  # by what was published so far, never past the limit
             if pace.expired():
                 report.stopped = "time limit"
                 return
-            pace.wait(report.replayed)  # by what was published so far
             size = min(batch_size, request.max_messages - report.finished)
             batch = candidates[index : index + size]
             done, go_on = self._replay(batch, request, bodies, report)
@@ -793,7 +793,7 @@ def parse_request(event: object, *, max_seconds: float = 840.0) -> ReplayRequest
     if type(late_days) is not int or not 0 <= late_days <= MAX_LATE_DAYS:
         raise ValueError(f"late_days must be a whole number from 0 to {MAX_LATE_DAYS}")
     source = event.get("source")
-    if source is not None and source not in _GROUP_NAMES:
+    if source is not None and (not isinstance(source, str) or source not in _GROUP_NAMES):
         raise ValueError(f"source must be one of {', '.join(sorted(_GROUP_NAMES))}")
     replay_id = event.get("replay_id", str(uuid.uuid4()))
     if not isinstance(replay_id, str) or not REPLAY_ID_RE.fullmatch(replay_id):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def strings(event: dict[str, object], name: str) -> list[str]:
     """``event[name]``: a list of non-empty strings (absent: empty).
@@ -16,14 +18,19 @@ def strings(event: dict[str, object], name: str) -> list[str]:
 
 
 def positive(event: dict[str, object], name: str) -> float | None:
-    """``event[name]``: a positive number (absent: None).
+    """``event[name]``: a positive finite number (absent: None).
 
     Raises:
-        ValueError: anything else, booleans included.
+        ValueError: anything else, booleans, NaN and infinity included.
     """
     value = event.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         raise ValueError(f"{name} must be a positive number")
     return float(value)
