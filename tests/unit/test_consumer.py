@@ -143,6 +143,57 @@ def test_the_amazon_mq_handler_fails_the_batch_on_a_systemic_error() -> None:
         handle(amazon_mq_event(2), None)
 
 
+class _Invocation:
+    """A Lambda context whose remaining time runs down with the handler's sleeps."""
+
+    def __init__(self, seconds: float) -> None:
+        self.left = seconds
+        self.slept: list[float] = []
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int(self.left * 1000)
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.left -= seconds
+
+
+def test_the_amazon_mq_handler_waits_out_a_short_outage_within_the_invocation() -> None:
+    # Each failed invocation is one more delivery of the batch; ten, and the queue's limit
+    # parks healthy messages. A dependency back within the invocation costs none.
+    outage = [Systemic("db down")] * 4
+    done: list[str] = []
+
+    def handler(delivery: Delivery) -> None:
+        if outage:
+            raise outage.pop()
+        done.append(delivery.message_id)
+
+    invocation = _Invocation(300)
+    handle = rabbitmq_batch_handler(
+        MessageProcessor(handler),
+        RabbitMqSettler(lambda _g: MemoryTransport()),
+        sleep=invocation.sleep,
+    )
+
+    assert handle(amazon_mq_event(2), invocation)["done"] == 2
+    assert invocation.slept == [1.0, 2.0, 4.0, 8.0]
+    assert len(done) == 2
+
+
+def test_the_amazon_mq_handler_fails_the_batch_when_the_outage_outlasts_the_invocation() -> None:
+    invocation = _Invocation(100)
+    handle = rabbitmq_batch_handler(
+        MessageProcessor(failing(Systemic("db down"))),
+        RabbitMqSettler(lambda _g: MemoryTransport()),
+        sleep=invocation.sleep,
+    )
+    with pytest.raises(BatchFailed):
+        handle(amazon_mq_event(2), invocation)
+    # 63 s of waits; the next (60 s) would not leave its 10 s margin in the 37 s left.
+    assert invocation.slept == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+
+
 def test_the_amazon_mq_handler_refuses_another_event_shape() -> None:
     handle = rabbitmq_batch_handler(
         MessageProcessor(lambda _d: None), RabbitMqSettler(lambda _g: MemoryTransport())

@@ -414,16 +414,27 @@ class BatchFailed(FabricError):
 
 
 def rabbitmq_batch_handler(
-    processor: MessageProcessor, settler: RabbitMqSettler
+    processor: MessageProcessor,
+    settler: RabbitMqSettler,
+    *,
+    backoff_s: float = 1.0,
+    max_backoff_s: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Callable[[Mapping[str, Any], Any], dict[str, int]]:
     """A Lambda handler for an Amazon MQ for RabbitMQ event source.
 
     Each message is processed on its own; failures go to their retry tier or DLQ before the
     function returns, so one bad message never fails its batch. Returns the counts per verdict.
 
+    A systemic failure is tried again within the invocation, after waits doubling from
+    ``backoff_s`` to ``max_backoff_s``, while the invocation has time left for another wait
+    and a margin: every failed invocation is one more delivery of the whole batch, and the
+    queue's delivery limit (10) would dead-letter healthy messages after ten quick failures.
+
     Raises:
-        BatchFailed: a systemic failure, or a retry/dead letter that could not be stored; the
-            event source then redelivers the whole batch (handlers are idempotent).
+        BatchFailed: a systemic failure that outlasted the invocation, or a retry/dead letter
+            that could not be stored; the event source then redelivers the whole batch
+            (handlers are idempotent).
     """
 
     def handler(event: Mapping[str, Any], context: Any) -> dict[str, int]:
@@ -431,6 +442,11 @@ def rabbitmq_batch_handler(
         decisions: list[tuple[Delivery, Decision]] = []
         for delivery in deliveries:
             decision = processor.process(delivery, context)
+            wait = backoff_s
+            while decision.verdict is Verdict.SYSTEMIC and wait + _MARGIN_S < _left(context):
+                sleep(wait)
+                wait = min(wait * 2, max_backoff_s)
+                decision = processor.process(delivery, context)
             if decision.verdict is Verdict.SYSTEMIC:
                 raise BatchFailed(f"systemic failure: {decision.error}")
             decisions.append((delivery, decision))
@@ -442,6 +458,16 @@ def rabbitmq_batch_handler(
         return counts
 
     return handler
+
+
+# Time kept back from a Lambda invocation's end for settling and answering.
+_MARGIN_S = 10.0
+
+
+def _left(context: Any) -> float:
+    """Seconds the invocation has left (0 without a Lambda context)."""
+    remaining = getattr(context, "get_remaining_time_in_millis", None)
+    return remaining() / 1000 if callable(remaining) else 0.0
 
 
 def _amazon_mq_deliveries(event: Mapping[str, Any]) -> Iterable[Delivery]:
