@@ -342,3 +342,32 @@ def test_input_that_used_to_crash_validation_gets_reason_codes_and_the_batch_goe
         None,
     ]
     assert [json.loads(m.body)["message_id"] for m in transport.published] == [good["message_id"]]
+
+
+INGEST = "arn:aws:sqs:ap-southeast-3:111111111111:fabric-dev-ingest-"
+
+
+def test_an_event_shaped_like_https_or_sqs_sent_to_a_groups_alias_cannot_choose_its_group() -> None:
+    # A media producer may invoke only the media alias. The shape of what it sends must not let
+    # it speak for government: a JWT claim or an ingest queue in the event is not an identity.
+    transport = MemoryTransport()
+    built = runtime(transport)
+    case = json.dumps({"topic": "case.opened", "classification": "restricted", "payload": {}})
+    as_https = event("http_single.json")
+    as_https["body"] = case
+    as_https["requestContext"]["authorizer"]["jwt"]["claims"]["fabric:group"] = "government"
+    as_sqs = {
+        "Records": [
+            {
+                "messageId": "m-0",
+                "body": case,
+                "eventSource": "aws:sqs",
+                "eventSourceARN": f"{INGEST}government",
+            }
+        ]
+    }
+
+    answers = [dispatch(forged, f"{FUNCTION}:media", built) for forged in (as_https, as_sqs)]
+
+    assert [a["error"]["reason"] for a in answers] == ["malformed_request"] * 2
+    assert transport.published == []

@@ -6,7 +6,9 @@ shapes the answer its caller expects. The source always comes from the authentic
 - direct invoke: the alias the caller invoked (``...:function:<name>:<group>``); each group's
   alias has its own resource policy, so IAM decides who may speak for a group;
 - HTTPS: a claim of the JWT that API Gateway's authorizer verified (``FABRIC_IDENTITY_CLAIM``);
-- SQS: the ingest queue (``<prefix><group>``) whose queue policy admits only that group.
+- SQS: the ingest queue (``<prefix><group>``); who may send to it is for IAM to decide.
+
+An invocation through an alias is always the direct entry point (``dispatch``).
 
 A ``source`` field in an envelope is never trusted.
 """
@@ -68,9 +70,14 @@ def handle_direct(event: object, invoked_function_arn: str, router: Router) -> d
         return bad.body()
 
 
-def _alias_group(invoked_function_arn: str) -> str:
+def _qualifier(invoked_function_arn: str) -> str:
+    """The alias or version an invocation named (``...:function:<name>:<qualifier>``), or ""."""
     parts = invoked_function_arn.split(":")
-    qualifier = parts[7] if len(parts) == 8 else ""
+    return parts[7] if len(parts) == 8 else ""
+
+
+def _alias_group(invoked_function_arn: str) -> str:
+    qualifier = _qualifier(invoked_function_arn)
     if qualifier not in _GROUPS:
         raise BadRequest(
             401,
@@ -209,9 +216,16 @@ def _retry(result: MessageResult) -> bool:
 
 
 def dispatch(event: object, invoked_function_arn: str, runtime: RouterRuntime) -> Any:
-    """Pick the entry point from the event's shape and handle it."""
+    """Pick the entry point and handle the event.
+
+    An invocation through a qualifier (a stakeholder group's alias) is a producer's direct
+    invoke, whatever the event looks like: a producer may invoke only its own group's alias,
+    and an event shaped like an HTTP request (with a JWT claim in it) or an SQS batch (naming
+    another group's ingest queue) would otherwise choose its own identity. API Gateway and the
+    SQS event source invoke the function itself, unqualified; only then is the shape looked at.
+    """
     settings = runtime.settings
-    if not isinstance(event, Mapping):  # only a direct invoke can send anything else
+    if _qualifier(invoked_function_arn) or not isinstance(event, Mapping):
         return handle_direct(event, invoked_function_arn, runtime.router)
     if "requestContext" in event and "routeKey" in event:
         return handle_http(event, runtime.router, identity_claim=settings.identity_claim)
