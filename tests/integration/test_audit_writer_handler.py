@@ -144,6 +144,59 @@ def test_a_consumer_record_the_trails_readers_cannot_take_is_refused(
     assert (delivered["event"], delivered["message_id"]) == ("delivered", "m2")
 
 
+@pytest.mark.parametrize(
+    ("user", "record", "why"),
+    [
+        # The broker checks a user-id only when there is one: an anonymous batch is refused.
+        ("", {}, "not a stakeholder group's user"),
+        (user_name(Stakeholder.MEDIA), {"groups": ["government"]}, "another group's delivery"),
+        (user_name(Stakeholder.MEDIA), {"queues": ["fabric.government"]}, "another group's queue"),
+        (
+            user_name(Stakeholder.MEDIA),
+            {"queues": ["fabric.government.emergency"]},
+            "another group's queue",
+        ),
+    ],
+)
+def test_a_consumer_cannot_record_deliveries_for_another_group(
+    handler: ModuleType,
+    aws_audit: dict[str, Any],  # noqa: F811
+    user: str,
+    record: dict[str, Any],
+    why: str,
+) -> None:
+    # A forged delivery for government would make the compliance report count an emergency as
+    # delivered that never was.
+    document = json.loads(body("m1", event=AuditEvent.DELIVERED))
+    document["records"][0].update(record)
+    event = amazon_mq(("forged", json.dumps(document).encode()), user=user)
+    handler.handler(event, None)
+    store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
+    (key,) = store.keys(f"audit/{WRITER}/")
+    (refused,) = decode_object(store.get(key))
+    assert refused["event"] == "refused-batch"
+    assert why in refused["reason"]
+
+
+def test_a_consumer_records_its_own_queues_deliveries(
+    handler: ModuleType,
+    aws_audit: dict[str, Any],  # noqa: F811
+) -> None:
+    document = json.loads(body("m1", event=AuditEvent.DELIVERED))
+    document["records"][0]["queues"] = ["fabric.media.emergency"]
+    sqs_copy = json.loads(body("m2", event=AuditEvent.DELIVERED))
+    sqs_copy["records"][0]["queues"] = ["arn:aws:sqs:ap-southeast-3:1:fabric-dev-fallback-media"]
+    event = amazon_mq(
+        ("own", json.dumps(document).encode()),
+        ("own-sqs", json.dumps(sqs_copy).encode()),
+        user=user_name(Stakeholder.MEDIA),
+    )
+    handler.handler(event, None)
+    store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
+    (key,) = store.keys(f"audit/{WRITER}/")
+    assert [r["event"] for r in decode_object(store.get(key))] == ["delivered", "delivered"]
+
+
 def test_both_event_sources_and_the_checkpoint_make_a_trail_that_verifies(
     handler: ModuleType,
     aws_audit: dict[str, Any],  # noqa: F811

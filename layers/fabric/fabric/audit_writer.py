@@ -27,7 +27,8 @@ from fabric.audit import AuditBatch, decode_audit_batch
 from fabric.audit_chain import GENESIS, Chain, Signer, canonical, encode_object, make_checkpoint
 from fabric.envelope import format_timestamp, parse_timestamp
 from fabric.errors import FabricError
-from fabric.topology import PLATFORM_USER
+from fabric.stakeholders import Stakeholder
+from fabric.topology import PLATFORM_USER, user_name
 
 
 class ChainConflict(FabricError):
@@ -290,10 +291,15 @@ def batches_from_event(
 def _published_by(publisher: str, body: bytes, trusted: frozenset[str]) -> AuditBatch:
     batch, readable = _records(body)
     if readable and publisher not in trusted:
-        if any(r.get("event") not in CONSUMER_EVENTS for r in batch.records):
-            why: str | None = "may record only consumer events"
+        group = _GROUP_OF_USER.get(publisher)
+        if group is None:  # the broker checks a user-id only when there is one
+            why: str | None = "is not a stakeholder group's user (or gave no user-id)"
+        elif any(r.get("event") not in CONSUMER_EVENTS for r in batch.records):
+            why = "may record only consumer events"
         else:
-            why = next(filter(None, map(_consumer_record_problem, batch.records)), None)
+            why = next(
+                filter(None, (_consumer_record_problem(r, group) for r in batch.records)), None
+            )
         if why is not None:
             return _stand_in(body, "refused-batch", f"{publisher or 'no user-id'} {why}", publisher)
     return AuditBatch([{**r, "publisher": publisher} for r in batch.records], batch.bodies)
@@ -303,10 +309,22 @@ _TEXT_FIELDS = ("message_id", "source", "topic", "body_sha256", "reason", "trans
 _LIST_FIELDS = ("groups", "queues")
 
 
-def _consumer_record_problem(record: Mapping[str, Any]) -> str | None:
-    """Why a stakeholder consumer's record is not one the trail's readers can take (the
-    compliance report, replay): the fields the fabric's own records have, with their types, and
-    ``at`` an RFC 3339 instant; None when it is one."""
+def _consumer_record_problem(record: Mapping[str, Any], group: str) -> str | None:
+    """Why a record of ``group``'s consumer is not one the trail's readers can take (the
+    compliance report, replay): the fields the fabric's own records have, with their types,
+    ``at`` an RFC 3339 instant, and only ``group``'s own groups and queues (a group may not
+    record deliveries for another); None when it is one."""
+    problem = _record_types_problem(record)
+    if problem is not None:
+        return problem
+    if any(other != group for other in record.get("groups") or ()):
+        return "recorded another group's delivery"
+    if not all(_queue_of(group, queue) for queue in record.get("queues") or ()):
+        return "recorded another group's queue"
+    return None
+
+
+def _record_types_problem(record: Mapping[str, Any]) -> str | None:
     at = record.get("at")
     try:
         if not isinstance(at, str):
@@ -327,6 +345,21 @@ def _consumer_record_problem(record: Mapping[str, Any]) -> str | None:
     if attempt is not None and (type(attempt) is not int or attempt < 0):
         return "recorded an attempt that is not a whole number"
     return None
+
+
+def _queue_of(group: str, queue: str) -> bool:
+    """Whether ``queue`` (a RabbitMQ queue name, or an SQS queue's name or ARN) is ``group``'s:
+    ``fabric.<group>`` and its emergency, retry and dead-letter queues, or an SQS queue named
+    ``...-<group>`` or ``...-<group>-dlq``."""
+    name = queue.rsplit(":", 1)[-1]
+    return (
+        name == f"fabric.{group}"
+        or name.startswith(f"fabric.{group}.")
+        or name.endswith((f"-{group}", f"-{group}-dlq"))
+    )
+
+
+_GROUP_OF_USER = {user_name(group): group.value for group in Stakeholder}
 
 
 def _digest(body: bytes) -> str:
