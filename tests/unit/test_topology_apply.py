@@ -225,6 +225,30 @@ def test_a_route_the_document_no_longer_has_is_unbound_after_the_new_one_is_boun
     }
 
 
+def test_a_removed_groups_user_loses_its_vhost_permissions_and_others_are_left_alone(
+    applied: MemoryManagementClient,
+) -> None:
+    # The routing table dropped a group: its broker user must not go on reading what its
+    # queues still hold. A user outside the fabric's naming, and the administrator, stay.
+    for user in ("fabric-removed", "fabric-admin", "operator"):
+        applied.put_user(user, password="x" * 12, tags=[])
+        applied.put_permissions(VHOST, user, configure=".*", write=".*", read=".*")
+    applied.calls.clear()
+
+    report = apply_topology(applied, definitions(), passwords=PASSWORDS, vhost=VHOST)
+
+    assert [(c.kind, c.resource, c.name) for c in report.applied] == [
+        (ChangeKind.DELETE, Resource.PERMISSION, "fabric-removed")
+    ]
+    left = {item["user"] for item in applied.list_permissions(VHOST)}
+    assert "fabric-removed" not in left
+    assert {"fabric-admin", "operator"} <= left
+    assert {(c.kind, c.name) for c in report.extra} >= {
+        (ChangeKind.EXTRA, "fabric-admin"),
+        (ChangeKind.EXTRA, "operator"),
+    }
+
+
 def test_bindings_compare_as_sets_whatever_the_argument_order(
     applied: MemoryManagementClient,
 ) -> None:

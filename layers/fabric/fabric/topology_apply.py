@@ -10,12 +10,14 @@ Rules the functions share:
   refuses to go on (naming it and what differs) unless told to recreate, and never recreates a
   queue that may hold messages.
 - What the broker has in the vhost but the document does not is reported as ``extra`` and left
-  alone, with one exception: a binding from one of the document's own exchanges that the
+  alone, with two exceptions. A binding from one of the document's own exchanges that the
   document no longer has is a route the routing table removed (a group taken off a topic), and
   leaving it would go on delivering there; apply deletes it, after creating the new bindings.
-  Bindings hold no messages. Built-in exchanges (``""``, ``amq.*``), the default exchange's
-  implicit bindings and the permissions of the user the client logs in as (RabbitMQ grants them
-  to whoever creates a vhost through the API) are never reported.
+  Bindings hold no messages. And the vhost permissions of a ``fabric-*`` user (not the
+  administrator) that the document no longer has: a removed group's user loses its access.
+  Built-in exchanges (``""``, ``amq.*``), the default exchange's implicit bindings and the
+  permissions of the user the client logs in as (RabbitMQ grants them to whoever creates a
+  vhost through the API) are never reported.
 - Users are compared by tags and, when passwords are given, by password: the password is
   checked against the broker's salted hash locally, so re-applying never rewrites a password
   that is already right. A hash the applier cannot check counts as different.
@@ -45,6 +47,8 @@ _LOG = logging.getLogger(__name__)
 JsonObject = dict[str, Any]
 
 _HIDDEN = "(hidden)"
+FABRIC_USER_PREFIX = "fabric-"
+ADMIN_USER = "fabric-admin"  # stacks/constructs/broker.py ADMIN_USERNAME
 _DEFAULT_VHOST = "/"
 _PASSWORD_HASHES: dict[str, Callable[[bytes], Any]] = {
     "rabbit_password_hashing_sha256": hashlib.sha256,
@@ -185,7 +189,7 @@ class ChangeKind(StrEnum):
     UPDATE = "update"  # differs and can change in place (users, permissions); apply updates it
     NEEDS_RECREATE = "needs_recreate"  # differs and cannot change in place (exchanges, queues)
     EXTRA = "extra"  # on the broker but not in the document; reported, never deleted by apply
-    DELETE = "delete"  # a binding from one of the document's exchanges that it no longer has
+    DELETE = "delete"  # a binding or a fabric user's permission that the document no longer has
 
 
 class Resource(StrEnum):
@@ -459,7 +463,7 @@ def _binding_from_broker(item: Mapping[str, Any]) -> _Binding:
 @dataclass(frozen=True)
 class _Step:
     change: Change
-    run: Callable[[], None]
+    run: Callable[[], object]
 
 
 @dataclass
@@ -692,11 +696,28 @@ def _plan_permissions(
             continue
         plan.permissions.append(_Step(change, partial(grant, permission)))
     wanted = {permission.user for permission in doc.permissions} | {client.username}
+    stale = [user for user in current if user not in wanted]
     plan.extra.extend(
         Change(ChangeKind.EXTRA, Resource.PERMISSION, user)
-        for user in current
-        if user not in wanted
+        for user in stale
+        if not _fabric_user(user)
     )
+    # A user of the fabric's own naming that the document no longer has is a group the routing
+    # table removed: left in place, its user could go on reading what its queues still hold.
+    plan.permissions.extend(
+        _Step(
+            Change(ChangeKind.DELETE, Resource.PERMISSION, user),
+            partial(client.delete_permissions, vhost, user),
+        )
+        for user in stale
+        if _fabric_user(user)
+    )
+
+
+def _fabric_user(name: str) -> bool:
+    """A broker user the topology itself names (``fabric-<group>``, ``fabric-platform``), not
+    the administrator the applier logs in as."""
+    return name.startswith(FABRIC_USER_PREFIX) and name != ADMIN_USER
 
 
 # --- the operations ------------------------------------------------------------------------
