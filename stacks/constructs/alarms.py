@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
+from aws_cdk import Duration, RemovalPolicy, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_iam as iam
@@ -13,6 +13,7 @@ from constructs import Construct
 
 from fabric import metrics
 from stacks.config import AlarmsConfig
+from stacks.constructs.keys import alarms_of_this_account
 
 
 class FailoverAlarms(Construct):
@@ -54,24 +55,13 @@ class FailoverAlarms(Construct):
         # allow CloudWatch itself: alarms publish as cloudwatch.amazonaws.com, which no IAM
         # grant covers. This account's alarms only. The topics key's policy lets them encrypt
         # (see Keys).
-        stack = Stack.of(self)
         self.topic.add_to_resource_policy(
             iam.PolicyStatement(
                 sid="AllowCloudWatchAlarmsOfThisAccount",
                 principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
                 actions=["sns:Publish"],
                 resources=[self.topic.topic_arn],
-                conditions={
-                    "StringEquals": {"aws:SourceAccount": stack.account},
-                    "ArnLike": {
-                        "aws:SourceArn": stack.format_arn(
-                            service="cloudwatch",
-                            resource="alarm",
-                            resource_name="*",
-                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
-                        )
-                    },
-                },
+                conditions=alarms_of_this_account(Stack.of(self)),
             )
         )
         self.topic.apply_removal_policy(removal_policy)

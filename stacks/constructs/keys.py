@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aws_cdk import ArnFormat, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -9,6 +11,22 @@ from constructs import Construct
 
 from stacks.constructs.audit_writer import checkpoint_rule_name
 from stacks.nag import acknowledge
+
+
+def alarms_of_this_account(stack: Stack) -> dict[str, Any]:
+    """Policy conditions that admit ``cloudwatch.amazonaws.com`` only for this account's
+    alarms (confused-deputy protection)."""
+    return {
+        "StringEquals": {"aws:SourceAccount": stack.account},
+        "ArnLike": {
+            "aws:SourceArn": stack.format_arn(
+                service="cloudwatch",
+                resource="alarm",
+                resource_name="*",
+                arn_format=ArnFormat.COLON_RESOURCE_NAME,
+            )
+        },
+    }
 
 
 class FabricKeys(Construct):
@@ -100,17 +118,7 @@ class FabricKeys(Construct):
                 principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
                 actions=["kms:Decrypt", "kms:GenerateDataKey*"],
                 resources=["*"],
-                conditions={
-                    "StringEquals": {"aws:SourceAccount": stack.account},
-                    "ArnLike": {
-                        "aws:SourceArn": stack.format_arn(
-                            service="cloudwatch",
-                            resource="alarm",
-                            resource_name="*",
-                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
-                        )
-                    },
-                },
+                conditions=alarms_of_this_account(stack),
             )
         )
 
