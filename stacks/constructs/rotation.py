@@ -108,8 +108,7 @@ class PasswordRotation(Construct):
             )
             # Secrets Manager's invoke permission, the role's policy, and the users to rotate.
             schedule.node.add_dependency(permission, self.function.role, topology)
-            permission = function.node.find_child("SecretsManager")
-        self.schedules[name] = schedule
+            self.schedules[name] = schedule
         self.errors_alarm = self.function.errors_alarm(
             self,
             alarm_topic,

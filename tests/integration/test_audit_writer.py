@@ -175,6 +175,30 @@ def test_a_write_retried_with_other_batches_names_its_first_attempt_and_still_ve
     assert problem.where.startswith(forged)
 
 
+def test_a_key_abandoned_once_and_written_again_by_a_later_attempt_is_the_chains(
+    aws_audit: dict[str, Any],
+) -> None:
+    store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
+    chains = _SaveFailsOnce(TABLE, lambda: aws_audit["dynamodb"])
+    chains.failures = 2
+    audit = AuditWriter(WRITER, chains=chains, objects=store, signer=aws_audit["signer"])
+    with pytest.raises(TransportUnavailable):
+        audit.write([batch("b1", 3), batch("b2", 2)])  # key 1-5, state not saved
+    with pytest.raises(TransportUnavailable):
+        audit.write([batch("b2", 2), batch("b3", 1)])  # key 1-3: 1-5 abandoned
+    again = audit.write([batch("b1", 3), batch("b2", 2)])  # key 1-5 once more: the chain's
+    audit.checkpoint()
+
+    assert again.key is not None
+    assert again.key.endswith("000000000001-000000000005.jsonl")
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert result.records == 5
+    checkpoints = [json.loads(store.get(k)) for k in store.keys(f"checkpoints/{WRITER}/")]
+    abandoned = [item["key"] for c in checkpoints for item in c.get("abandoned", [])]
+    assert [k.rsplit("/", 1)[-1] for k in abandoned] == ["000000000001-000000000003.jsonl"]
+
+
 def test_a_redelivered_batch_is_written_once(aws_audit: dict[str, Any]) -> None:
     audit = writer(aws_audit)
     audit.write([batch("b1", 3)])

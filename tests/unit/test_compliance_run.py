@@ -309,8 +309,17 @@ def test_a_write_the_writer_abandoned_is_named_and_the_day_still_verifies() -> N
     trail.hours(datetime(2026, 12, 2, 1, tzinfo=UTC), 47)
 
     report = reporter(trail)[0].report(Period.day(DAY))
-
     assert report["verification"]["problem"] is None
+
+    # A new version of the abandoned object is not the attempt the checkpoint named.
+    (abandoned,) = [
+        item["key"]
+        for key in trail.store.keys(f"checkpoints/{WRITER}/")
+        for item in json.loads(trail.store.read(key).data).get("abandoned", [])  # type: ignore[union-attr]
+    ]
+    trail.store.put(abandoned, b'{"forged":true}\n')
+    problem = reporter(trail)[0].report(Period.day(DAY))["verification"]["problem"]
+    assert problem == f"{abandoned}: an abandoned attempt whose SHA-256 differs"
 
 
 def test_a_stray_key_in_the_trail_fails_and_is_named(trail: Trail) -> None:

@@ -262,6 +262,21 @@ def test_the_encoded_envelope_may_be_248_kib_leaving_the_fallback_room() -> None
     assert reject(over).reason is Reason.TOO_LARGE
 
 
+def test_a_stored_envelope_keeps_the_limits_it_was_accepted_under() -> None:
+    # Queues, DLQs and the archive hold messages accepted before the 4 KiB header and 248 KiB
+    # limits: reading them back (a consumer, replay) must not refuse them.
+    headers = {"region": "j" * 5_000}
+    big = accept(envelope(message_id=ULID, payload="")).to_json_bytes()
+    padding = MAX_ENCODED_BYTES + 1_000 - len(big)
+    stored = json.loads(big)
+    stored.update(headers=headers, payload="x" * (padding - len(json.dumps(headers)) - 20))
+    wire = json.dumps(stored, sort_keys=True, separators=(",", ":")).encode()
+    assert MAX_ENCODED_BYTES < len(wire) <= MAX_ENVELOPE_BYTES
+
+    assert from_wire(wire).headers == headers
+    assert reject(json.loads(wire)).reason in (Reason.INVALID_HEADER, Reason.TOO_LARGE)
+
+
 def test_body_over_256_kib_is_too_large_before_parsing() -> None:
     raw = b" " * MAX_ENVELOPE_BYTES + b"{}"
     assert reject(raw).reason is Reason.TOO_LARGE

@@ -201,24 +201,27 @@ def verify_trail(
         previous_signature = str(body["signature"])
         number = int(body["checkpoint"]) + 1
         chain = Chain(writer, int(body["last_seq"]), str(body["last_hash"]))
-    abandoned: set[str] = set()
+    abandoned: dict[str, str] = {}  # key -> SHA-256 of the attempt the writer gave up on
     for expected, (key, checkpoint) in enumerate(checkpoints, start=number):
         problem = _check_checkpoint(
             key, checkpoint, expected, previous_signature, objects, signer=signer
-        ) or _check_abandoned(checkpoint, objects)
+        )
         if problem is not None:
             result.problem = problem
             return result
         previous_signature = str(checkpoint["signature"])
         covered.extend(item["key"] for item in checkpoint["objects"])
-        abandoned.update(item["key"] for item in checkpoint.get("abandoned", ()))
+        abandoned.update(
+            (str(item["key"]), str(item["sha256"])) for item in checkpoint.get("abandoned", ())
+        )
         result.checkpoints += 1
+    for key in covered:  # written again later: the chain's object, checked as such above
+        abandoned.pop(key, None)
     ordered = sorted(key for key in objects if key not in abandoned)
     uncovered_tail = ordered[len(covered) :]
-    if ordered[: len(covered)] != covered:
-        # Every named object exists (checked above), so the first difference is an extra one.
-        first = next(k for k, c in zip(ordered, covered, strict=False) if k != c)
-        result.problem = Problem(first, "an object no checkpoint names, among sealed ones")
+    problem = _check_abandoned(abandoned, objects) or _extra_among_sealed(ordered, covered)
+    if problem is not None:
+        result.problem = problem
         return result
     first_accepted: dict[str, str] = {}  # message id -> where it was first accepted
     problem = _walk_records([*covered, *uncovered_tail], objects, chain, result, first_accepted)
@@ -295,13 +298,22 @@ def _check_checkpoint(
     )
 
 
-def _check_abandoned(checkpoint: Mapping[str, Any], objects: Mapping[str, bytes]) -> Problem | None:
+def _extra_among_sealed(ordered: Sequence[str], covered: Sequence[str]) -> Problem | None:
+    """The first object among the sealed ones that no checkpoint names, if any (every named
+    object exists, checked before, so the first difference is an extra one)."""
+    if list(ordered[: len(covered)]) == list(covered):
+        return None
+    first = next((k for k, c in zip(ordered, covered, strict=False) if k != c), None)
+    return Problem(first or covered[-1], "an object no checkpoint names, among sealed ones")
+
+
+def _check_abandoned(abandoned: Mapping[str, str], objects: Mapping[str, bytes]) -> Problem | None:
     """An abandoned attempt a checkpoint names may be missing (it never got stored); if stored,
     it must be the object the writer meant to store, by its SHA-256."""
-    for item in checkpoint.get("abandoned", ()):
-        data = objects.get(item["key"])
-        if data is not None and hashlib.sha256(data).hexdigest() != item["sha256"]:
-            return Problem(item["key"], "an abandoned attempt whose SHA-256 differs")
+    for key, digest in abandoned.items():
+        data = objects.get(key)
+        if data is not None and hashlib.sha256(data).hexdigest() != digest:
+            return Problem(key, "an abandoned attempt whose SHA-256 differs")
     return None
 
 

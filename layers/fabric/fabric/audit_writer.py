@@ -163,6 +163,9 @@ class AuditWriter:
             # An earlier attempt's state update failed; it may have stored its object, which
             # this retry (other batches, or past midnight) does not overwrite.
             state.abandoned.append(state.intent)
+        # A key an earlier attempt abandoned, written again now: its newest version is this
+        # call's object, which the chain continues from, so it is abandoned no more.
+        state.abandoned = [item for item in state.abandoned if item[0] != key]
         state.intent = (key, digest)
         self._save(state, [])  # write-ahead: which object this call is about to store
         bodies = _named_bodies(records, [batch for _, batch in fresh])

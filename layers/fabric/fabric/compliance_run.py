@@ -350,7 +350,7 @@ def load_window(
         elif seq > sealed_to and after is None:
             unsealed.append(key)  # written after the writer's last checkpoint
     window.unsealed = len(unsealed)
-    wanted = sorted({*named, *unsealed})
+    wanted = sorted({*named, *unsealed, *(abandoned - named)})  # abandoned: hash checked
     with ThreadPoolExecutor(workers) as pool:
         for key, stored in zip(wanted, pool.map(store.read, wanted), strict=True):
             if stored is not None:  # a missing object is named by the verifier

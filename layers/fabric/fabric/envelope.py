@@ -317,7 +317,7 @@ def validate_envelope(
         obj = _decode(raw)
     except _Invalid as bad:
         return Rejection(bad.reason, bad.message)
-    return _build(obj, source=source, now=now or datetime.now(UTC), check_expiry=True)
+    return _build(obj, source=source, now=now or datetime.now(UTC), ingress=True)
 
 
 def validate_batch(
@@ -380,7 +380,8 @@ def from_wire(data: bytes | str) -> Envelope:
             raise _Invalid(Reason.INVALID_FIELD_TYPE, "source must be a non-empty string")
     except _Invalid as bad:
         raise MessageRejected(Rejection(bad.reason, bad.message)) from None
-    result = _build(obj, source=source, now=datetime.now(UTC), check_expiry=False)
+    # Stored before today's ingress limits, perhaps: only the wire's own limit applies.
+    result = _build(obj, source=source, now=datetime.now(UTC), ingress=False)
     if isinstance(result, Rejection):
         raise MessageRejected(result)
     return result
@@ -418,7 +419,10 @@ def _decode(raw: bytes | str | JsonValue) -> JsonValue:
     return decoded
 
 
-def _build(obj: JsonValue, *, source: str, now: datetime, check_expiry: bool) -> ValidationResult:
+def _build(obj: JsonValue, *, source: str, now: datetime, ingress: bool) -> ValidationResult:
+    """The envelope, or why not. ``ingress``: a producer's message, so its expiry and the
+    limits new messages must keep (headers, the encoded size the fallback can carry) are
+    checked; otherwise a stored one, which keeps the limits it was accepted under."""
     if not isinstance(obj, dict):
         return Rejection(Reason.NOT_AN_OBJECT, "envelope must be a JSON object")
     message_id: str | None = None
@@ -443,23 +447,24 @@ def _build(obj: JsonValue, *, source: str, now: datetime, check_expiry: bool) ->
                 obj, "classification", Classification, Reason.INVALID_CLASSIFICATION
             ),
             audience=_audience(obj.get("audience")),
-            headers=_headers(obj.get("headers")),
+            headers=_headers(obj.get("headers"), limit=ingress),
             correlation_id=_short_string(obj, "correlation_id"),
             reply_to=_short_string(obj, "reply_to"),
             occurred_at=_timestamp(obj, "occurred_at"),
             expires_at=_timestamp(obj, "expires_at"),
             embargo_until=_timestamp(obj, "embargo_until"),
         )
-        if check_expiry and envelope.expires_at is not None and envelope.expires_at <= now:
+        if ingress and envelope.expires_at is not None and envelope.expires_at <= now:
             raise _Invalid(Reason.EXPIRED, f"expired at {format_timestamp(envelope.expires_at)}")
         try:
             size = len(envelope.to_json_bytes())
         except ValueError as exc:  # e.g. NaN in a payload handed over as an object, not text
             raise _Invalid(Reason.MALFORMED_JSON, f"payload is {exc}") from None
-        if size > MAX_ENCODED_BYTES:
+        limit = MAX_ENCODED_BYTES if ingress else MAX_ENVELOPE_BYTES
+        if size > limit:
             raise _Invalid(
                 Reason.TOO_LARGE,
-                f"encoded envelope is {size} bytes, limit {MAX_ENCODED_BYTES}; "
+                f"encoded envelope is {size} bytes, limit {limit}; "
                 "send large payloads by claim-check",
             )
     except _Invalid as bad:
@@ -526,7 +531,7 @@ def _audience(value: JsonValue) -> frozenset[Stakeholder] | None:
 _GROUP_NAMES = frozenset(group.value for group in Stakeholder)
 
 
-def _headers(value: JsonValue) -> dict[str, str]:
+def _headers(value: JsonValue, *, limit: bool = True) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -539,7 +544,7 @@ def _headers(value: JsonValue) -> dict[str, str]:
         if not isinstance(item, str):
             raise _Invalid(Reason.INVALID_HEADER, f"header {name!r} must have a string value")
         headers[name] = item
-    if headers:
+    if headers and limit:
         try:
             size = len(canonical_json(headers))
         except ValueError as exc:  # a lone surrogate in a value
