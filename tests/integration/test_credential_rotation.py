@@ -269,6 +269,19 @@ def test_clients_connect_all_through_a_rotation(
     publisher.close()
 
 
+def test_a_new_schedules_test_alone_checks_the_current_password(
+    user: RotatingUser, rotation: ModuleType
+) -> None:
+    # With RotateImmediatelyOnUpdate false, Secrets Manager only runs testSecret on a pending
+    # version that no createSecret filled: it must pass while broker and secret agree...
+    token = start_rotation(user.secret_arn)
+    step(rotation, user.secret_arn, token, "testSecret")
+    # ... and fail when they do not.
+    user.change_on_broker(secrets.token_urlsafe(24))
+    with pytest.raises(RotationError, match="does not hold the current password"):
+        step(rotation, user.secret_arn, token, "testSecret")
+
+
 def test_a_password_changed_on_the_broker_after_set_fails_the_test_step_and_keeps_current(
     user: RotatingUser, rotation: ModuleType
 ) -> None:

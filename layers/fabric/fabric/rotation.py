@@ -157,10 +157,19 @@ class PasswordRotation:
             self._broker.put_user(username, password=password, tags=tags)
 
     def _test(self, request: RotationRequest, _metadata: Mapping[str, Any]) -> None:
-        username, password = self._pending_user(request)
+        if self._pending_or_none(request) is None:
+            # Secrets Manager's check of a new schedule that does not rotate at once: it calls
+            # testSecret alone, on a pending version no createSecret filled. What can be tested
+            # then is that the broker and the secret agree on the current password.
+            current = self._value(request.secret_id, stage=CURRENT)
+            username, password = current["username"], current["password"]
+            what = "current"
+        else:
+            username, password = self._pending_user(request)
+            what = "pending"
         if not password_matches(self._user(username), password):
             raise RotationError(
-                f"the broker's user {username} does not hold the pending password "
+                f"the broker's user {username} does not hold the {what} password "
                 "(changed since setSecret, or a hash this check cannot read)"
             )
 
