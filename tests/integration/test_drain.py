@@ -41,6 +41,24 @@ def fallback_queues(aws: dict[str, Any]) -> list[FallbackQueue]:
     ]
 
 
+def draining(
+    aws: dict[str, Any],
+    broker: RabbitMqTransport,
+    audit: MemoryAuditSink | None = None,
+    *,
+    probe: bool = True,
+) -> Drainer:
+    """The drain of the fallback queues into ``broker``; ``probe``: it connects before it
+    receives, as bootstrap wires it."""
+    return Drainer(
+        queues=fallback_queues(aws),
+        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        broker=broker,
+        audit=audit or MemoryAuditSink(),
+        connect=broker.connect if probe else None,
+    )
+
+
 def park(aws: dict[str, Any], *messages: OutboundMessage) -> None:
     sender = SnsFallbackTransport(
         fallback_topic_arn=aws["topics"]["fallback"],
@@ -97,12 +115,7 @@ def test_each_copy_goes_back_to_its_own_group_queue_once_then_leaves_sqs(
     alarm = message(Stakeholder.GOVERNMENT, emergency=True)
     park(aws, both, alarm)
     audit = MemoryAuditSink()
-    drainer = Drainer(
-        queues=fallback_queues(aws),
-        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
-        broker=rabbit(broker_vhost),
-        audit=audit,
-    )
+    drainer = draining(aws, rabbit(broker_vhost), audit, probe=False)
     report = drainer.drain()
     assert report.total == 3
     assert report.stopped == "empty"
@@ -122,12 +135,7 @@ def test_nothing_leaves_sqs_while_the_broker_cannot_confirm(
     aws: dict[str, Any], broker_vhost: str
 ) -> None:
     park(aws, message(Stakeholder.MEDIA), message(Stakeholder.ACADEMIC))
-    drainer = Drainer(
-        queues=fallback_queues(aws),
-        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
-        broker=rabbit(broker_vhost, port=1),
-        audit=MemoryAuditSink(),
-    )
+    drainer = draining(aws, rabbit(broker_vhost, port=1), probe=False)
     report = drainer.drain()
     assert report.total == 0
     assert report.stopped == "broker unavailable"
@@ -141,13 +149,7 @@ def test_with_the_broker_down_the_drain_receives_nothing_so_no_message_nears_its
     # drain that received first would park messages after about 20 minutes of outage.
     park(aws, message(Stakeholder.MEDIA), message(Stakeholder.ACADEMIC))
     down = rabbit(broker_vhost, port=1)
-    drainer = Drainer(
-        queues=fallback_queues(aws),
-        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
-        broker=down,
-        audit=MemoryAuditSink(),
-        connect=down.connect,
-    )
+    drainer = draining(aws, down)
 
     reports = [drainer.drain() for _ in range(3)]
 
@@ -180,13 +182,7 @@ def test_a_full_group_queue_stops_its_own_drain_not_the_other_groups(
     government = [message(Stakeholder.GOVERNMENT) for _ in range(2)]
     park(aws, *academic, *government)
     broker = rabbit(broker_vhost)
-    drainer = Drainer(
-        queues=fallback_queues(aws),
-        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
-        broker=broker,
-        audit=MemoryAuditSink(),
-        connect=broker.connect,
-    )
+    drainer = draining(aws, broker)
 
     report = drainer.drain()
 
@@ -218,13 +214,7 @@ def test_correlation_id_and_reply_to_come_back_as_amqp_properties(
         OutboundMessage(message_id, "donation.received", body, frozenset({Stakeholder.BUSINESS})),
     )
     broker = rabbit(broker_vhost)
-    Drainer(
-        queues=fallback_queues(aws),
-        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
-        broker=broker,
-        audit=MemoryAuditSink(),
-        connect=broker.connect,
-    ).drain()
+    draining(aws, broker).drain()
 
     connection = pika.BlockingConnection(
         pika.ConnectionParameters(*AMQP, virtual_host=broker_vhost)

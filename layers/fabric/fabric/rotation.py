@@ -157,7 +157,8 @@ class PasswordRotation:
             self._broker.put_user(username, password=password, tags=tags)
 
     def _test(self, request: RotationRequest, _metadata: Mapping[str, Any]) -> None:
-        if self._pending_or_none(request) is None:
+        pending = self._pending_or_none(request)
+        if pending is None:
             # Secrets Manager's check of a new schedule that does not rotate at once: it calls
             # testSecret alone, on a pending version no createSecret filled. What can be tested
             # then is that the broker and the secret agree on the current password.
@@ -165,7 +166,7 @@ class PasswordRotation:
             username, password = current["username"], current["password"]
             what = "current"
         else:
-            username, password = self._pending_user(request)
+            username, password = self._pending_user(request, pending)
             what = "pending"
         if not password_matches(self._user(username), password):
             raise RotationError(
@@ -186,8 +187,12 @@ class PasswordRotation:
             RemoveFromVersionId=current,
         )
 
-    def _pending_user(self, request: RotationRequest) -> tuple[str, str]:
-        pending = self._pending_or_none(request)
+    def _pending_user(
+        self, request: RotationRequest, pending: dict[str, str] | None = None
+    ) -> tuple[str, str]:
+        """The pending version's user and password (``pending``, if already read), checked to
+        name the same user as the current version."""
+        pending = pending or self._pending_or_none(request)
         if pending is None:
             raise RotationError(f"version {request.token} has no value: createSecret did not run")
         current = self._value(request.secret_id, stage=CURRENT)

@@ -37,9 +37,10 @@ class SecretCredentials:
             ConfigError: the secret exists but is not a JSON object with username and password.
         """
         if self._value is None:
-            value = self._read("AWSCURRENT")
+            value = _pair(self._get("AWSCURRENT"))
             if value == self._refused:
-                value = self._pending() or value
+                pending = self._get("AWSPENDING", missing_ok=True)  # a rotation under way
+                value = value if pending is None else _pair(pending)
             self._value = value
         return self._value
 
@@ -48,32 +49,26 @@ class SecretCredentials:
         the next call reads the secret again."""
         self._refused, self._value = self._value, None
 
-    def _pending(self) -> tuple[str, str] | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            return self._read("AWSPENDING")
-        except TransportUnavailable as exc:
-            cause = exc.__cause__
-            if isinstance(cause, ClientError) and _code(cause) == "ResourceNotFoundException":
-                return None  # no rotation under way
-            raise
-
-    def _read(self, stage: str) -> tuple[str, str]:
+    def _get(self, stage: str, *, missing_ok: bool = False) -> Any:
+        """The secret's version labelled ``stage``; None if it has none and ``missing_ok``."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            response = self._client_factory().get_secret_value(
+            return self._client_factory().get_secret_value(
                 SecretId=self._secret_arn, VersionStage=stage
             )
-        except (BotoCoreError, ClientError) as exc:
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if missing_ok and code == "ResourceNotFoundException":
+                return None
             raise TransportUnavailable("cannot read the broker credentials") from exc
-        try:
-            data = json.loads(response["SecretString"])
-            return (str(data["username"]), str(data["password"]))
-        except (KeyError, TypeError, ValueError):
-            raise ConfigError("the broker secret must be JSON with username and password") from None
+        except BotoCoreError as exc:
+            raise TransportUnavailable("cannot read the broker credentials") from exc
 
 
-def _code(error: Any) -> str:
-    return str(error.response.get("Error", {}).get("Code", ""))
+def _pair(response: Any) -> tuple[str, str]:
+    try:
+        data = json.loads(response["SecretString"])
+        return (str(data["username"]), str(data["password"]))
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError("the broker secret must be JSON with username and password") from None
