@@ -61,6 +61,8 @@ ROUTER_DESCRIPTION = "validates, protects and routes messages"
 DRAIN_DESCRIPTION = "drains the fallback queues into RabbitMQ"
 REDRIVE_DESCRIPTION = "redrives dead letters to where they came from"
 REPLAY_DESCRIPTION = "replays archived messages of a period"
+# The audit writer of this run: its own chain in the local audit bucket.
+LOCAL_WRITER = "local-writer"
 MOTO_ACCOUNT = "123456789012"
 
 
@@ -830,6 +832,8 @@ def replay_act(
         for name, value in function_environment(templates, REPLAY_DESCRIPTION).items()
     }
     environment.update(local)
+    # The template names the deployed writer's chain; this run's trail is the local writer's.
+    environment["AUDIT_WRITERS"] = LOCAL_WRITER
     replay = build_replay(ReplaySettings.from_env(environment)).replayer
     end = datetime.now(UTC)
     request = {
@@ -842,9 +846,12 @@ def replay_act(
     done = replay.run(parse_request({**request, "replay_id": dry.replay_id}))
     problems = done.missing_body + done.corrupt + done.unreadable + done.failed
     print(
-        f"   replay {done.replay_id}: {done.replayed} replayed (same message ids, stored bytes"
-        f" as they are), {problems} problem(s), stopped: {done.stopped}"
+        f"   replay {done.replay_id}: trail {'verified' if not done.trail_problems else 'NOT'}"
+        f" verified first; {done.replayed} replayed (same message ids, stored bytes as they"
+        f" are), {problems} problem(s), stopped: {done.stopped}"
     )
+    for problem in done.trail_problems:
+        print(f"   trail problem: {problem}")
     connection = pika.BlockingConnection(
         pika.ConnectionParameters(
             "127.0.0.1",
@@ -905,7 +912,7 @@ def audit_act(
     signer = KmsSigner(key, lambda: kms)
     store = S3ObjectStore(bucket, lambda: s3)
     writer = AuditWriter(
-        "local-writer",
+        LOCAL_WRITER,
         chains=DynamoDbChainStore(table, lambda: dynamodb),
         objects=store,
         signer=signer,
@@ -915,10 +922,12 @@ def audit_act(
     replayed = replay()
     from_rabbitmq += _write_from_rabbitmq(writer, passwords)  # the replay's records
     checkpoint = writer.checkpoint()
-    objects = {k: store.get(k) for k in store.keys("audit/local-writer/")}
-    checkpoints = [(k, json.loads(store.get(k))) for k in store.keys("checkpoints/local-writer/")]
+    objects = {k: store.get(k) for k in store.keys(f"audit/{LOCAL_WRITER}/")}
+    checkpoints = [
+        (k, json.loads(store.get(k))) for k in store.keys(f"checkpoints/{LOCAL_WRITER}/")
+    ]
     result = verify_trail(
-        objects=objects, checkpoints=checkpoints, signer=signer, writer="local-writer"
+        objects=objects, checkpoints=checkpoints, signer=signer, writer=LOCAL_WRITER
     )
     events = {event: len(ids) for event, ids in sorted(result.message_ids.items())}
     print(f"   {result.records} records in {result.objects} objects of s3://{bucket}/audit/")
@@ -930,7 +939,7 @@ def audit_act(
     print(f"   sealed by {checkpoint} (ECDSA P-256 signature by the signing key)")
     verdict = "verified" if result.ok else f"FAILED at {result.problem}"
     print(f"   verifier: {verdict}")
-    reported = write_report(templates, physical, writer="local-writer")
+    reported = write_report(templates, physical, writer=LOCAL_WRITER)
     return result.ok and reported and replayed
 
 

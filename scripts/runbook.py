@@ -34,8 +34,9 @@ given filter, as they were stored, with the same message id and the ``fabric-rep
 It goes in chunks (``--chunk``, default 500 an invocation) behind the cursor each chunk returns,
 so no message is replayed twice, with a progress line after each; a stopped replay prints the
 ``--replay-id`` and ``--after`` that resume it. ``--dry-run`` lists and counts what would be
-replayed and publishes nothing. Exit 1 also when a message cannot be replayed (missing or
-corrupt body): each one is listed.
+replayed and publishes nothing. Each chunk first verifies the period's trail; when it does not
+verify, nothing is listed or published, the problem is printed, and the exit status is 1. Exit
+1 also when a message cannot be replayed (missing or corrupt body): each one is listed.
 
 ``report`` invokes the deployed compliance report function (``fabric-<env>-compliance-report``)
 for one UTC day (``--date``; default yesterday) or ``[--start, --end)``, and prints its summary:
@@ -240,12 +241,7 @@ def replay(
             + body["would_replay"]
             + sum(body[key] for key in _REPLAY_PROBLEMS if key != "failed")
         )
-        for item in body["problems"]:
-            print(
-                f"  {item['outcome']:12s} {item['message_id']}  {item['at']}  {item['topic']}"
-                f"  {item.get('detail', '')}",
-                file=out,
-            )
+        _print_problems(body, out)
         if dry_run:
             for item in body["messages"][: max(0, _REPLAY_LISTED - listed)]:
                 print(
@@ -287,6 +283,19 @@ def replay(
         return 1
     problems = sum(totals[key] for key in _REPLAY_PROBLEMS)
     return 1 if problems and not dry_run else 0
+
+
+def _print_problems(body: dict[str, Any], out: TextIO) -> None:
+    """What a replay chunk could not do: the trail's problems (it is verified first), then
+    each message that cannot be replayed."""
+    for problem in body.get("trail_problems", ()):  # absent from a function older than this
+        print(f"  trail does not verify: {problem}", file=out)
+    for item in body["problems"]:
+        print(
+            f"  {item['outcome']:12s} {item['message_id']}  {item['at']}  {item['topic']}"
+            f"  {item.get('detail', '')}",
+            file=out,
+        )
 
 
 def _resume_hint(replay_id: str, cursor: dict[str, str] | None, out: TextIO) -> None:

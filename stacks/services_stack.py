@@ -184,6 +184,8 @@ class ServicesStack(Stack):
             # By the stateful stack's AuditBucketName output, as for the audit writer.
             bucket_name=stateful.output("AuditBucketName"),
             bucket_key=stateful.keys.audit,
+            writers=[audit_writer_name(config.name)],
+            signing_key=stateful.keys.signing,
             alarm_topic=self.alarms.topic,
         )
         self.replay.function.function.node.add_dependency(self.topology.resource)

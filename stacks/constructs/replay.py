@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import Duration, Stack
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
@@ -9,9 +11,9 @@ from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX
 from fabric.naming import replay_function_name
 from stacks.constructs.audit_queue import audit_environment
+from stacks.constructs.audit_writer import SIGNING_ALGORITHM
 from stacks.constructs.function import FabricFunction, FunctionPlatform
 from stacks.constructs.queues import QueueAddress
 from stacks.constructs.router import broker_environment
@@ -25,11 +27,12 @@ _CONCURRENCY = 1
 # Lambda's longest timeout; REPLAY_MAX_SECONDS stops a run a minute before it.
 _TIMEOUT = Duration.minutes(15)
 _MAX_SECONDS = "840"
-# A run reads every audit object of the period's days and keeps the period's matching
-# acceptances in memory (fabric.replay), plus a few decoded archive objects.
+# A run holds one writer's audit objects of the period while it verifies them, the period's
+# matching acceptances, and a few decoded archive objects (fabric.replay).
 _MEMORY_MB = 2048
-# What the replay reads (fabric.replay): the trail's records and the archived bodies.
-READ_PREFIXES = (AUDIT_PREFIX, ARCHIVE_PREFIX)
+# What the replay reads of each writer (fabric.replay): its records, its checkpoints (to verify
+# the records) and the archived bodies.
+READ_ROOTS = ("audit", "checkpoints", "archive")
 
 
 class Replay(Construct):
@@ -38,12 +41,14 @@ class Replay(Construct):
     No schedule: re-publishing archived messages is an operator's decision. It publishes to
     RabbitMQ as the platform user (its secret is the only one it may read), through the same
     exchanges as the router, and only there: no fallback topics (a replay stops while the
-    broker cannot take messages, and resumes from its cursor). Read-only on the audit bucket:
-    ``s3:ListBucket`` for keys under ``audit/`` and ``archive/`` and ``s3:GetObject`` on the
-    objects there, nothing that writes, deletes, or touches retention; the audit key only to
-    decrypt, through S3, for that bucket. It sends its audit batches (the ``replayed`` records)
-    to the SQS audit queue while the broker cannot take them. Errors alarm as ``ReplayErrors``;
-    asynchronous invocations are not retried (a re-run from the cursor is the operator's).
+    broker cannot take messages, and resumes from its cursor). Read-only on the audit writers'
+    trails: ``s3:ListBucket`` for keys under ``audit/<writer>/``, ``checkpoints/<writer>/`` and
+    ``archive/<writer>/`` and ``s3:GetObject`` on the objects there, nothing that writes,
+    deletes, or touches retention; the audit key only to decrypt, through S3, for that bucket;
+    ``kms:Verify`` on the signing key, to verify the trail before any of it is replayed. It
+    sends its audit batches (the ``replayed`` records) to the SQS audit queue while the broker
+    cannot take them. Errors alarm as ``ReplayErrors``; asynchronous invocations are not
+    retried (a re-run from the cursor is the operator's).
     """
 
     def __init__(
@@ -59,6 +64,8 @@ class Replay(Construct):
         audit_queue: QueueAddress,
         bucket_name: str,
         bucket_key: kms.IKey,
+        writers: Sequence[str],
+        signing_key: kms.IKey,
         alarm_topic: sns.ITopic,
     ) -> None:
         super().__init__(scope, construct_id)
@@ -79,6 +86,8 @@ class Replay(Construct):
             environment={
                 **broker_environment(env_name, broker_host, broker_secret),
                 "AUDIT_BUCKET": bucket.bucket_name,
+                "AUDIT_WRITERS": ",".join(writers),
+                "SIGNING_KEY_ARN": signing_key.key_arn,
                 "REPLAY_MAX_SECONDS": _MAX_SECONDS,
                 **audit_environment(audit_queue),
             },
@@ -90,7 +99,7 @@ class Replay(Construct):
         function.configure_async_invoke(retry_attempts=0)
         self.function.allow_secret_read(broker_secret, secrets_key)
         self.function.allow_send(audit_queue, sid="AuditBatches")
-        self._read_trail(bucket, bucket_key)
+        self._read_trail(bucket, bucket_key, writers, signing_key)
 
         self.errors_alarm = self.function.errors_alarm(
             self,
@@ -102,20 +111,26 @@ class Replay(Construct):
             ),
         )
 
-    def _read_trail(self, bucket: s3.IBucket, bucket_key: kms.IKey) -> None:
-        """List and read under ``audit/`` and ``archive/``; decrypt their data keys via S3."""
+    def _read_trail(
+        self,
+        bucket: s3.IBucket,
+        bucket_key: kms.IKey,
+        writers: Sequence[str],
+        signing_key: kms.IKey,
+    ) -> None:
+        """List and read the writers' records, checkpoints and archives; decrypt their data
+        keys via S3; verify checkpoint signatures."""
         region = Stack.of(self).region
-        objects = [bucket.arn_for_objects(f"{prefix}*") for prefix in READ_PREFIXES]
+        prefixes = [f"{root}/{writer}/" for writer in writers for root in READ_ROOTS]
+        objects = [bucket.arn_for_objects(f"{prefix}*") for prefix in prefixes]
         self.function.allow(
             (
-                # ListObjectsV2 is authorised on the bucket, narrowed to the prefixes it lists (a
-                # Delimiter listing of `audit/` names each writer's prefix; its s3:prefix is
-                # `audit/`, which `audit/*` matches).
+                # ListObjectsV2 is authorised on the bucket, narrowed to the prefixes it lists.
                 (
                     "ListTheTrail",
                     ["s3:ListBucket"],
                     [bucket.bucket_arn],
-                    {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in READ_PREFIXES]}},
+                    {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in prefixes]}},
                 ),
                 ("ReadTheTrail", ["s3:GetObject"], objects, None),
                 # SSE-KMS with a bucket key: reading decrypts the bucket key's data key in the
@@ -132,13 +147,19 @@ class Replay(Construct):
                         }
                     },
                 ),
+                (
+                    "VerifyCheckpoints",
+                    ["kms:Verify"],
+                    [signing_key.key_arn],
+                    {"StringEquals": {"kms:SigningAlgorithm": SIGNING_ALGORITHM}},
+                ),
             )
         )
         for resource in objects:
             acknowledge(
                 self.function.role,
                 wildcard_resource_finding(self, resource),
-                "Audit and archive objects are named at write time by writer, date and sequence "
-                "number, so a replay of a period cannot name them in advance; GetObject only, "
-                "under these two prefixes of the audit bucket, and nothing that writes there.",
+                "Audit objects, checkpoints and archive objects are named at write time by "
+                "writer, date and sequence number, so a replay of a period cannot name them in "
+                "advance; GetObject only, one prefix per writer and kind, nothing that writes.",
             )

@@ -72,9 +72,14 @@ def test_the_replay_gets_exactly_the_variables_its_settings_read(trail: Trail) -
     assert set(variables) == {
         *BROKER_VARIABLES,
         "AUDIT_BUCKET",
+        "AUDIT_WRITERS",
+        "SIGNING_KEY_ARN",
         "REPLAY_MAX_SECONDS",
         "AUDIT_QUEUE_URL",
     }
+    # It verifies the deployed writer's trail, with the key that writer signs checkpoints with.
+    assert variables["AUDIT_WRITERS"] == f"fabric-{trail.env.stage.stage_name}-audit-writer"
+    assert trail.render(variables["SIGNING_KEY_ARN"]) == trail.signing_key_arn
     assert variables["FABRIC_ENV"] == trail.env.stage.stage_name
     assert (variables["RABBITMQ_PORT"], variables["RABBITMQ_TLS"]) == ("5671", "true")
     assert trail.render(variables["AUDIT_BUCKET"]) == BUCKET
@@ -96,23 +101,30 @@ def test_nothing_invokes_the_replay_but_an_operator(trail: Trail) -> None:
         assert mapping["Properties"]["FunctionName"] != {"Ref": logical_id}
 
 
-def test_the_replay_lists_and_reads_only_audit_and_archive_objects(trail: Trail) -> None:
+def test_the_replay_lists_and_reads_only_the_writers_records_checkpoints_and_archive(
+    trail: Trail,
+) -> None:
     _, function = replay(trail.services)
     granted = statements(trail.services, function)
+    writer = f"fabric-{trail.env.stage.stage_name}-audit-writer"
+    prefixes = [f"{root}/{writer}/" for root in ("audit", "checkpoints", "archive")]
     s3 = [s for s in granted if any(a.startswith("s3:") for a in listed(s["Action"]))]
     by_action = {tuple(listed(s["Action"])): s for s in s3}
     assert set(by_action) == {("s3:ListBucket",), ("s3:GetObject",)}
     listing = by_action[("s3:ListBucket",)]
     assert trail.render(listing["Resource"]) == BUCKET_ARN
-    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["audit/*", "archive/*"]}}
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"{p}*" for p in prefixes]}}
     reading = by_action[("s3:GetObject",)]
     assert "Condition" not in reading
-    assert sorted(trail.render(r) for r in listed(reading["Resource"])) == [
-        f"{BUCKET_ARN}/archive/*",
-        f"{BUCKET_ARN}/audit/*",
-    ]
-    # Not the checkpoints, nor any other object of the bucket.
-    for key in ("checkpoints/fabric-x-audit-writer/00000001.json", "reports/2026.json"):
+    assert sorted(trail.render(r) for r in listed(reading["Resource"])) == sorted(
+        f"{BUCKET_ARN}/{p}*" for p in prefixes
+    )
+    # No other writer's trail, nor any other object of the bucket.
+    for key in (
+        "audit/fabric-x-audit-writer/2026/12/01/000000000001-000000000001.jsonl",
+        "checkpoints/fabric-x-audit-writer/00000001.json",
+        "reports/2026.json",
+    ):
         assert not any(
             _allows(s, "s3:GetObject", [f"{BUCKET_ARN}/{key}"], trail, stateful=False)
             for s in granted
@@ -131,11 +143,19 @@ def test_the_replay_can_change_nothing_in_the_audit_bucket(trail: Trail) -> None
             )
 
 
-def test_the_replay_uses_each_key_only_to_decrypt_through_its_service(trail: Trail) -> None:
+def test_the_replay_uses_each_key_only_to_decrypt_through_its_service_and_to_verify(
+    trail: Trail,
+) -> None:
     _, function = replay(trail.services)
     granted = statements(trail.services, function)
     region = trail.region
     by_sid = {s.get("Sid"): s for s in granted}
+    # Checkpoints are verified with the signing key: Verify only, with the writer's algorithm.
+    verify = by_sid.pop("VerifyCheckpoints")
+    assert listed(verify["Action"]) == ["kms:Verify"]
+    assert trail.render(verify["Resource"]) == trail.signing_key_arn
+    assert verify["Condition"] == {"StringEquals": {"kms:SigningAlgorithm": "ECDSA_SHA_256"}}
+    granted = [s for s in granted if s is not verify]
     audit_key = by_sid["AuditKeyThroughS3"]
     assert listed(audit_key["Action"]) == ["kms:Decrypt"]
     key_id, _ = trail.stateful_resource(audit_key["Resource"])

@@ -95,10 +95,12 @@ def fabric(aws: dict[str, Any], broker_vhost: str) -> Iterator[SimpleNamespace]:
             *AMQP, virtual_host=broker_vhost, credentials=pika.PlainCredentials(*GUEST)
         )
     )
+    trail = {"bucket": BUCKET, "writers": (WRITER,), "signing_key_arn": signing["Arn"]}
     yield SimpleNamespace(
         router=router,
-        replay=build_replay(ReplaySettings(**broker, bucket=BUCKET, max_seconds=60)),
+        replay=build_replay(ReplaySettings(**broker, **trail, max_seconds=60)),
         broker=broker,
+        trail=trail,
         writer=writer,
         signer=signer,
         s3=s3,
@@ -187,6 +189,7 @@ def test_a_period_and_topic_filter_replay_the_stored_bytes_into_the_stakeholder_
     end = moment()
     assert fabric.router.route([donation()], source="community").accepted == 1  # after the end
     trail = write_audit_queue(fabric)
+    fabric.writer.checkpoint()  # the replay verifies the KMS signature of this checkpoint
     accepted = {r["message_id"]: r for r in trail if r["event"] == "accepted"}
     original = {
         queue: [(p.message_id, body) for p, body in items] for queue, items in take(fabric).items()
@@ -359,7 +362,7 @@ def test_a_broker_that_is_down_stops_the_replay_and_publishes_nothing(
     write_audit_queue(fabric)
     take(fabric)
     down = build_replay(
-        ReplaySettings(**{**fabric.broker, "rabbitmq_port": 1}, bucket=BUCKET, max_seconds=60)
+        ReplaySettings(**{**fabric.broker, "rabbitmq_port": 1}, **fabric.trail, max_seconds=60)
     )
     period = {"start": format_timestamp(start), "end": format_timestamp(end)}
     report = down.replayer.run(parse_request(period))
@@ -398,7 +401,7 @@ def test_a_broker_stall_holds_the_replay_up_but_does_not_stop_it(fabric: SimpleN
     try:
         replay = build_replay(
             ReplaySettings(
-                **{**fabric.broker, "rabbitmq_port": proxy.port}, bucket=BUCKET, max_seconds=60
+                **{**fabric.broker, "rabbitmq_port": proxy.port}, **fabric.trail, max_seconds=60
             )
         )
         first = replay.replayer.run(parse_request(periods[0]))
@@ -419,6 +422,38 @@ def test_a_broker_stall_holds_the_replay_up_but_does_not_stop_it(fabric: SimpleN
     }
 
 
+def test_an_object_slipped_into_the_sealed_trail_stops_the_replay_before_it_publishes(
+    fabric: SimpleNamespace,
+) -> None:
+    start = moment()
+    fabric.router.route([donation()], source="community")
+    fabric.router.route([donation()], source="community")
+    end = moment()
+    written = [r for r in write_audit_queue(fabric) if r["event"] == "accepted"]
+    take(fabric)
+    fabric.writer.checkpoint()
+    # A copy of the sealed object under the next free sequence numbers, put there by someone
+    # who can write to the bucket but cannot sign a checkpoint.
+    (sealed,) = fabric.s3.list_objects_v2(Bucket=BUCKET, Prefix=f"audit/{WRITER}/")["Contents"]
+    first, last = (
+        int(n) for n in sealed["Key"].rsplit("/", 1)[1].removesuffix(".jsonl").split("-")
+    )
+    copy = sealed["Key"].replace(f"{first:012d}-{last:012d}", f"{first:012d}-{last + 1:012d}")
+    data = fabric.s3.get_object(Bucket=BUCKET, Key=sealed["Key"])["Body"].read()
+    fabric.s3.put_object(Bucket=BUCKET, Key=copy, Body=data)
+    period = {"start": format_timestamp(start), "end": format_timestamp(end)}
+
+    report = fabric.replay.replayer.run(parse_request(period))
+
+    assert (report.stopped, report.selected, report.replayed) == ("trail not verified", 0, 0)
+    assert report.trail_problems == [
+        f"{WRITER}: {copy}: an object no checkpoint names, among sealed ones"
+    ]
+    assert take(fabric) == {}
+    assert audit_waiting(fabric) == 0
+    assert len(written) == 2
+
+
 def test_the_bucket_reader_lists_writers_and_days_and_tells_missing_from_unreachable(
     fabric: SimpleNamespace,
 ) -> None:
@@ -428,7 +463,7 @@ def test_the_bucket_reader_lists_writers_and_days_and_tells_missing_from_unreach
     for key in ("audit/w-a/2026/12/01/1.jsonl", "audit/w-b/2026/12/02/2.jsonl", "archive/w-a/x"):
         fabric.s3.put_object(Bucket=BUCKET, Key=key, Body=b"{}\n")
     reader = S3ObjectStore(BUCKET, lambda: fabric.s3)
-    assert reader.children("audit/") == ["audit/w-a/", "audit/w-b/"]
+    assert reader.keys("audit/") == ["audit/w-a/2026/12/01/1.jsonl", "audit/w-b/2026/12/02/2.jsonl"]
     assert reader.keys("audit/w-b/2026/12/02/") == ["audit/w-b/2026/12/02/2.jsonl"]
     assert reader.read("audit/w-a/2026/12/01/1.jsonl") == b"{}\n"
     assert reader.read("audit/w-a/2026/12/01/none.jsonl") is None

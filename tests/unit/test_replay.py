@@ -1,8 +1,10 @@
-"""Replay on an in-memory archive: selection, filters, dedupe, bad bodies, dry run, pace, cursor.
+"""Replay on an in-memory archive: the trail verified first, selection, filters, dedupe, bad
+bodies, dry run, pace, cursor.
 
 The trail is what the router really emits (accepted records and the stored bytes, through an
-in-memory audit sink), written in the bucket's format: chained audit objects under ``audit/``
-and archive objects (``{"sha256", "body"}`` lines, sorted by hash) under ``archive/``.
+in-memory audit sink), written into the in-memory bucket by the real audit writer: chained
+audit objects under ``audit/``, archive objects under ``archive/``, signed checkpoints under
+``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from typing import Any
 
 import pytest
 
+from fabric.adapters.compliance_memory import MemorySigner
 from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
 from fabric.adapters.memory_archive import MemoryArchive
 from fabric.adapters.memory_cipher import LocalCipher
-from fabric.audit import AuditEvent
+from fabric.audit import AuditBatch, AuditEvent
 from fabric.audit_chain import Chain, encode_object
+from fabric.audit_writer import AuditWriter, encode_archive
 from fabric.envelope import format_timestamp
 from fabric.ports import Failure
 from fabric.replay import (
@@ -36,9 +40,10 @@ from fabric.replay import (
     parse_request,
 )
 from fabric.router import Router
-from fabric.routing import default_routing_table, parse_routing_table
+from fabric.routing import RoutingTable, default_routing_table, parse_routing_table
 from fabric.stakeholders import Stakeholder
 from fabric.topology import ALL_AUDIENCE, AUDIENCE_HEADER, REPLAY_HEADER
+from tests.unit.test_compliance_run import MemoryChains
 
 DAY = datetime(2026, 12, 1, tzinfo=UTC)
 CANARY = "CANARY-Siti-Rahayu-born-2017"
@@ -46,13 +51,28 @@ REPLAY_ID = "replay-2026-12-03-incident-4711"
 
 
 class Trail:
-    """A writer's trail in a MemoryArchive, fed by a real router."""
+    """A writer's trail in a MemoryArchive, fed by a real router, written by the real audit
+    writer (``seal`` makes a signed checkpoint)."""
 
-    def __init__(self, writer: str = "fabric-test-audit-writer") -> None:
-        self.archive = MemoryArchive()
+    def __init__(
+        self,
+        writer: str = "fabric-test-audit-writer",
+        *,
+        archive: MemoryArchive | None = None,
+        signer: MemorySigner | None = None,
+    ) -> None:
+        self.archive = archive or MemoryArchive()
         self.writer = writer
-        self.chain = Chain(writer)
+        self.signer = signer or MemorySigner()
         self.cipher = LocalCipher()
+        self.clock = DAY
+        self.audit_writer = AuditWriter(
+            writer,
+            chains=MemoryChains(),
+            objects=self.archive,
+            signer=self.signer,
+            now=lambda: self.clock,
+        )
 
     def route(
         self,
@@ -86,28 +106,17 @@ class Trail:
     def write(
         self, records: list[dict[str, Any]], bodies: Mapping[str, bytes], written: datetime
     ) -> str:
-        first = self.chain.seq + 1
-        linked = self.chain.link(
-            [{**record, "batch": str(uuid.uuid4()), "emitted_by": "router"} for record in records]
-        )
-        name = f"{self.writer}/{written:%Y/%m/%d}/{first:012d}-{self.chain.seq:012d}.jsonl"
-        self.archive.put(f"audit/{name}", encode_object(linked))
-        if bodies:
-            self.archive.put(f"archive/{name}", archive_object(bodies))
-        return name
+        """One writer call at ``written``: the audit object's key."""
+        self.clock = written
+        batch = AuditBatch([{**r, "emitted_by": "router"} for r in records], dict(bodies))
+        key = self.audit_writer.write([(str(uuid.uuid4()), batch)]).key
+        assert key is not None
+        return key
 
-
-def archive_object(bodies: Mapping[str, bytes]) -> bytes:
-    """The archive format: one ``{"sha256", "body"}`` JSON line per body, sorted by hash."""
-    return b"".join(
-        json.dumps(
-            {"sha256": digest, "body": base64.b64encode(bodies[digest]).decode()},
-            sort_keys=True,
-            separators=(",", ":"),
-        ).encode()
-        + b"\n"
-        for digest in sorted(bodies)
-    )
+    def seal(self, at: datetime) -> str:
+        """A signed checkpoint at ``at`` of what was written since the last one."""
+        self.clock = at
+        return self.audit_writer.checkpoint()
 
 
 def donation(n: int, **overrides: object) -> dict[str, Any]:
@@ -146,9 +155,12 @@ class Clock:
 
 def replayer(
     trail: Trail,
+    *,
     broker: MemoryTransport | None = None,
     audit: MemoryAuditSink | None = None,
     clock: Clock | None = None,
+    writers: Sequence[str] | None = None,
+    table: RoutingTable | None = None,
 ) -> tuple[Replayer, MemoryTransport, MemoryAuditSink]:
     broker = broker or MemoryTransport(name="rabbitmq")
     audit = audit or MemoryAuditSink()
@@ -156,9 +168,11 @@ def replayer(
     return (
         Replayer(
             archive=trail.archive,
+            writers=writers or (trail.writer,),
+            signer=trail.signer,
             broker=broker,
             audit=audit,
-            table=default_routing_table(),
+            table=table or default_routing_table(),
             clock=clock,
             sleep=clock.sleep,
             now=lambda: DAY + timedelta(days=2),
@@ -222,16 +236,7 @@ def test_what_todays_routing_table_would_refuse_is_reported_refused_and_not_publ
         if rule["source"] == "community":
             rule["topics"] = [t for t in rule["topics"] if not t.startswith("donation")]
     revoked = parse_routing_table(data)  # its own table: tables keep per-table caches
-    broker, audit, clock = MemoryTransport(name="rabbitmq"), MemoryAuditSink(), Clock()
-    run = Replayer(
-        archive=trail.archive,
-        broker=broker,
-        audit=audit,
-        table=revoked,
-        clock=clock,
-        sleep=clock.sleep,
-        now=lambda: DAY + timedelta(days=2),
-    )
+    run, broker, audit = replayer(trail, table=revoked)
 
     report = run.run(request())
 
@@ -261,9 +266,9 @@ def test_only_acceptances_inside_the_period_are_selected_end_exclusive() -> None
     trail = Trail()
     trail.route([donation(0)], source="community", at=DAY - timedelta(microseconds=1))
     trail.route([donation(1)], source="community", at=DAY)
+    trail.route([donation(4, topic="NOT A TOPIC")], source="community", at=DAY + timedelta(hours=2))
     trail.route([donation(2)], source="community", at=DAY + timedelta(hours=23, minutes=59))
     trail.route([donation(3)], source="community", at=DAY + timedelta(days=1))
-    trail.route([donation(4, topic="NOT A TOPIC")], source="community", at=DAY + timedelta(hours=2))
     run, broker, _ = replayer(trail)
     report = run.run(request())
 
@@ -271,16 +276,18 @@ def test_only_acceptances_inside_the_period_are_selected_end_exclusive() -> None
     assert [m.message_id for m in broker.published] == ids(report)
 
 
-def test_a_record_written_the_day_after_its_time_is_found_within_late_days() -> None:
+def test_records_written_up_to_late_days_after_the_end_are_found() -> None:
+    # Both were accepted in the period's last second; one reached the writer minutes later, the
+    # other a day later (its batch waited on the audit queue). Each was sealed two hours after.
     trail = Trail()
     late = DAY + timedelta(hours=23, minutes=59, seconds=59)
-    trail.route([donation(1)], source="community", at=late, written=DAY + timedelta(days=1))
-    trail.route([donation(2)], source="community", at=late, written=DAY + timedelta(days=2))
+    for n, written in ((1, DAY + timedelta(days=1, seconds=30)), (2, DAY + timedelta(days=2))):
+        trail.route([donation(n)], source="community", at=late, written=written)
+        trail.seal(written + timedelta(hours=2))
     run, _, _ = replayer(trail)
 
-    assert ids(run.run(request())) == [str(uuid.UUID(int=2))]
-    assert ids(run.run(request(late_days=2))) == [str(uuid.UUID(int=2)), str(uuid.UUID(int=3))]
-    assert ids(run.run(request(late_days=0))) == []
+    assert ids(run.run(request(late_days=0))) == [str(uuid.UUID(int=2))]
+    assert ids(run.run(request())) == [str(uuid.UUID(int=2)), str(uuid.UUID(int=3))]
 
 
 def test_topic_patterns_source_and_message_ids_narrow_the_selection() -> None:
@@ -488,23 +495,150 @@ def test_an_unreachable_bucket_stops_the_run_and_nothing_is_published() -> None:
     assert broker.published == []
 
 
-def test_an_unreadable_audit_object_is_named_in_the_report() -> None:
+def forged_emergency(trail: Trail, key: str, *, first_seq: int, prev: str) -> str:
+    """An object at ``key`` that is not the writer's: a chained acceptance of an emergency that
+    was never published, with its body in an archive object beside it. Its message id."""
+    envelope = {
+        "schema": "fabric.envelope/1",
+        "message_id": str(uuid.UUID(int=666)),
+        "topic": "child-safety.incident.reported",
+        "priority": "emergency",
+        "classification": "internal",
+        "source": "government",
+        "timestamp": format_timestamp(DAY + timedelta(hours=5)),
+        "headers": {},
+        "payload": {"forged": True},
+    }
+    body = json.dumps(envelope).encode()
+    digest = hashlib.sha256(body).hexdigest()
+    base = {"at": format_timestamp(DAY + timedelta(hours=5)), "message_id": envelope["message_id"]}
+    chain = Chain(trail.writer, first_seq - 1, prev)
+    records = chain.link(
+        [
+            {**base, "event": "accepted", "topic": envelope["topic"], "source": "government",
+             "body_sha256": digest, "archived": True, "batch": "forged", "emitted_by": "router"},
+            {**base, "event": "routed", "queues": ["fabric.government.emergency"],
+             "batch": "forged", "emitted_by": "router"},
+        ]
+    )  # fmt: skip
+    trail.archive.put(key, encode_object(records))
+    trail.archive.put("archive/" + key.removeprefix("audit/"), encode_archive({digest: body}))
+    return str(envelope["message_id"])
+
+
+def sealed_trail() -> tuple[Trail, str]:
+    """Two calls of genuine traffic, sealed at 03:00; the sealed object's key."""
+    trail = Trail()
+    trail.route([donation(1)], source="community", at=DAY + timedelta(hours=1))
+    trail.route([donation(2)], source="community", at=DAY + timedelta(hours=2))
+    trail.seal(DAY + timedelta(hours=3))
+    (sealed, *_) = sorted(k for k in trail.archive.objects if k.startswith("audit/"))
+    return trail, sealed
+
+
+def test_an_object_no_checkpoint_names_among_sealed_ones_stops_the_run_before_anything() -> None:
+    trail, _ = sealed_trail()
+    # Slipped in between the sealed objects by someone who is not the writer.
+    key = f"audit/{trail.writer}/2026/12/01/000000000002-000000000003.jsonl"
+    forged = forged_emergency(trail, key, first_seq=2, prev="0" * 64)
+    for dry_run in (False, True):
+        run, broker, audit = replayer(trail)
+        report = run.run(request(dry_run=dry_run))
+
+        assert report.stopped == "trail not verified"
+        assert (report.selected, report.replayed, report.would_replay) == (0, 0, 0)
+        assert broker.published == []
+        assert audit.records == []
+        assert forged not in ids(report)
+        (problem,) = report.trail_problems
+        assert problem.startswith(f"{trail.writer}: {key}: an object no checkpoint names")
+        assert report.to_dict()["trail_problems"] == [problem]
+
+
+def test_a_sealed_object_edited_after_its_checkpoint_stops_the_run() -> None:
+    trail, sealed = sealed_trail()
+    edited = trail.archive.objects[sealed].replace(b"donation.received", b"donation.refunded")
+    trail.archive.put(sealed, edited)
+    run, broker, _ = replayer(trail)
+    report = run.run(request())
+
+    assert (report.stopped, broker.published) == ("trail not verified", [])
+    (problem,) = report.trail_problems
+    assert f"{sealed}: its SHA-256 differs" in problem
+
+
+def test_an_unsealed_object_that_breaks_the_hash_chain_stops_the_run() -> None:
+    trail, _ = sealed_trail()
+    trail.route([donation(3)], source="community", at=DAY + timedelta(hours=4))  # unsealed
+    key = f"audit/{trail.writer}/2026/12/01/000000000007-000000000008.jsonl"
+    forged_emergency(trail, key, first_seq=7, prev="0" * 64)
+    run, broker, _ = replayer(trail)
+    report = run.run(request())
+
+    assert (report.stopped, broker.published) == ("trail not verified", [])
+    (problem,) = report.trail_problems
+    assert "prev hash does not match" in problem
+
+
+def test_an_unreadable_audit_object_stops_the_run_and_is_named() -> None:
     trail = Trail()
     trail.route([donation(1)], source="community", at=DAY + timedelta(hours=1))
     broken = f"audit/{trail.writer}/2026/12/01/000000000099-000000000099.jsonl"
     trail.archive.put(broken, b"not json\n")
+    run, broker, _ = replayer(trail)
+    report = run.run(request())
+    assert (report.stopped, broker.published) == ("trail not verified", [])
+    (problem,) = report.trail_problems
+    assert problem.startswith(f"{trail.writer}: {broken}: not a batch object")
+
+
+def test_the_unsealed_tail_of_the_writers_own_chain_is_replayed_and_counted() -> None:
+    trail, _ = sealed_trail()
+    trail.route([donation(3)], source="community", at=DAY + timedelta(hours=4))  # unsealed
     run, _, _ = replayer(trail)
     report = run.run(request())
-    assert report.replayed == 1
-    assert report.unreadable_objects == [broken]
+
+    assert (report.stopped, report.trail_problems) == ("done", [])
+    assert report.replayed == 3
+    assert report.unsealed_objects == 1
 
 
-def test_every_writers_trail_is_read() -> None:
-    first, second = Trail("writer-a"), Trail("writer-b")
-    second.archive = first.archive
+def test_an_authentic_but_incomplete_trail_is_named_and_the_message_still_replayed() -> None:
+    # The accepted record reached the trail, its outcome did not: exactly what replay recovers.
+    trail = Trail()
+    records = trail.route([donation(1)], source="community", at=DAY + timedelta(hours=1))
+    sink = MemoryAuditSink()
+    Router(
+        table=default_routing_table(),
+        transports=[MemoryTransport()],
+        cipher=trail.cipher,
+        audit=sink,
+        environment="test",
+        clock=lambda: DAY + timedelta(hours=2),
+    ).route([donation(2)], source="community")
+    accepted_only = [r.to_dict() for r in sink.records if r.event is AuditEvent.ACCEPTED]
+    trail.write(accepted_only, sink.bodies, DAY + timedelta(hours=2))
+    trail.seal(DAY + timedelta(hours=3))
+    run, broker, _ = replayer(trail)
+    report = run.run(request())
+
+    assert report.stopped == "done"
+    assert [m.message_id for m in broker.published] == [
+        records[0]["message_id"],
+        str(uuid.UUID(int=3)),
+    ]
+    (problem,) = report.trail_problems
+    assert f"accepted message {uuid.UUID(int=3)} has no outcome" in problem
+
+
+def test_every_configured_writers_trail_is_read_and_no_other() -> None:
+    first = Trail("writer-a")
+    second = Trail("writer-b", archive=first.archive, signer=first.signer)
+    stranger = Trail("writer-c", archive=first.archive, signer=first.signer)
     first.route([donation(1)], source="community", at=DAY + timedelta(hours=1))
     second.route([donation(2)], source="community", at=DAY + timedelta(hours=2))
-    run, _, _ = replayer(first)
+    stranger.route([donation(3)], source="community", at=DAY + timedelta(hours=3))
+    run, _, _ = replayer(first, writers=("writer-a", "writer-b"))
     assert ids(run.run(request())) == [str(uuid.UUID(int=2)), str(uuid.UUID(int=3))]
 
 

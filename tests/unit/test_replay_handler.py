@@ -21,6 +21,8 @@ ENVIRONMENT = {
     "RABBITMQ_TLS": "false",
     "RABBITMQ_SECRET_ARN": "arn:aws:secretsmanager:ap-southeast-3:111111111111:secret:x",
     "AUDIT_BUCKET": BUCKET,
+    "AUDIT_WRITERS": "fabric-test-audit-writer",
+    "SIGNING_KEY_ARN": "arn:aws:kms:ap-southeast-3:111111111111:key/unused-by-these-tests",
     "REPLAY_MAX_SECONDS": "120",
     "AWS_ACCESS_KEY_ID": "test",
     "AWS_SECRET_ACCESS_KEY": "test",

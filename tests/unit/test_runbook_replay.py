@@ -69,3 +69,26 @@ def test_refused_messages_are_counted_as_not_replayable_and_exit_1() -> None:
     status, output = replay(_Lambda(replayed=98, refused=2, stopped="done"), max_messages=1000)
     assert status == 1, output
     assert "refused 2," in output
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_trail_that_does_not_verify_is_printed_and_exits_1(dry_run: bool) -> None:
+    problem = "fabric-prod-audit-writer: audit/x.jsonl: an object no checkpoint names"
+    function = _Lambda(
+        selected=0, cursor=None, stopped="trail not verified", trail_problems=[problem]
+    )
+    out = io.StringIO()
+    status = runbook.replay(
+        "test",
+        client=lambda _service: function,
+        request={
+            "start": "2026-12-01T00:00:00Z",
+            "end": "2026-12-02T00:00:00Z",
+            "dry_run": dry_run,
+        },
+        chunk=500,
+        out=out,
+    )
+    assert status == 1, out.getvalue()
+    assert f"  trail does not verify: {problem}" in out.getvalue()
+    assert "stopped: trail not verified" in out.getvalue()

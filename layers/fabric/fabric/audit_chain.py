@@ -150,6 +150,9 @@ class Problem:
 
     where: str  # an object key, "<key> record <seq>", or a checkpoint key
     why: str
+    # False for a gap found after every checkpoint, object and record checked out as written
+    # (an accepted message without an outcome): the trail is incomplete, not forged.
+    authentic: bool = True
 
 
 @dataclass
@@ -279,7 +282,9 @@ def _without_outcome(
     for message_id, where in first_accepted.items():
         if message_id not in answered:
             return Problem(
-                where, f"accepted message {message_id} has no outcome (routed or fallback)"
+                where,
+                f"accepted message {message_id} has no outcome (routed or fallback)",
+                authentic=False,
             )
     return None
 

@@ -272,17 +272,22 @@ def build_replay(
     """Wire the replay from settings. Nothing touches the network until it runs.
 
     RabbitMQ only (no fallback transport): see ``fabric.replay``. The audit bucket is read
-    only; audit batches go to RabbitMQ's audit exchange or the SQS audit queue.
+    only, and its checkpoints are verified with KMS; audit batches go to RabbitMQ's audit
+    exchange or the SQS audit queue.
     """
     from fabric.adapters.audit_storage import S3ObjectStore
+    from fabric.adapters.kms_signer import KmsSigner
     from fabric.replay import Replayer
 
     make_client = client_factory or _boto3_client
-    read_client = client_factory or _archive_client
+    read_client = client_factory or _reader_client
     rabbit = _rabbit(settings, make_client)
     return ReplayRuntime(
         replayer=Replayer(
             archive=S3ObjectStore(settings.bucket, lambda: read_client("s3")),
+            writers=settings.writers,
+            # Only Verify is used: the replay checks checkpoints, it never signs one.
+            signer=KmsSigner(settings.signing_key_arn, lambda: read_client("kms")),
             broker=rabbit,
             audit=_audit_sink(settings, rabbit, make_client, emitted_by="replay"),
             table=default_routing_table(),
@@ -300,11 +305,16 @@ def replay_from_environment(environ: Mapping[str, str] | None = None) -> ReplayR
     return build_replay(ReplaySettings.from_env(os.environ if environ is None else environ))
 
 
-def _archive_client(service_name: str) -> Any:
-    # Reading the trail is not on a message's path: an archive object may take longer than the
-    # router's two seconds to arrive, and the SDK's retries are worth their time here.
+def _reader_client(service_name: str) -> Any:
+    from fabric.compliance_run import READ_WORKERS
+
+    # For the replay and the compliance report. Reading the trail is not on a message's path:
+    # an object may take longer than the router's two seconds to arrive, and the SDK's retries
+    # are worth their time here. The trail is read READ_WORKERS objects at a time
+    # (fabric.compliance_run.load_window): one pooled connection each.
     return _aws_client(
         service_name,
+        max_pool_connections=READ_WORKERS + 4,
         connect_timeout=5,
         read_timeout=30,
         retries={"max_attempts": 5, "mode": "standard"},
@@ -400,7 +410,7 @@ def build_compliance_reporter(
     from fabric.adapters.kms_signer import KmsSigner
     from fabric.compliance_run import ComplianceReporter
 
-    make_client = client_factory or _report_client
+    make_client = client_factory or _reader_client
     return ComplianceReporter(
         environment=settings.environment,
         writers=settings.writers,
@@ -427,18 +437,4 @@ def compliance_reporter_from_environment(
 
     return build_compliance_reporter(
         ComplianceReportSettings.from_env(os.environ if environ is None else environ)
-    )
-
-
-def _report_client(service_name: str) -> Any:
-    from fabric.compliance_run import READ_WORKERS
-
-    # The report reads objects READ_WORKERS at a time: one pooled connection each. Its reads
-    # are not on a message's path, so the SDK's retries are kept.
-    return _aws_client(
-        service_name,
-        max_pool_connections=READ_WORKERS + 4,
-        connect_timeout=5,
-        read_timeout=30,
-        retries={"max_attempts": 5, "mode": "standard"},
     )

@@ -1,8 +1,17 @@
 """Replay: re-publish archived messages of a time range into the fabric, marked as replays.
 
-A run reads the audit trail of the period (the ``audit/`` objects of every writer, for the days
-the period's records can be written on), selects the ``accepted`` records of ``[start, end)``
-that match the filter (topic patterns with RabbitMQ semantics, message ids, source) — one per
+A run first reads and **verifies** the audit trail of the period, writer by writer, as the
+compliance report does (``fabric.compliance_run.load_window`` and ``check_window``: the signed
+checkpoints around the period, every object they name, the hash chain of every record, and the
+objects written after the last checkpoint, which only the hash chain protects). A trail that
+does not verify stops the run before anything is listed or published (``trail not verified``,
+with the problem named): what is not proved to be what the writer wrote is not re-published as
+child-welfare traffic. A trail that is authentic but incomplete (an accepted message without an
+outcome) is named in the report and does not stop the run: replay is how such a message is
+recovered. Only the writers the function is configured with (``AUDIT_WRITERS``) are read.
+
+From the verified objects it selects the ``accepted`` records of ``[start, end)`` that match
+the filter (topic patterns with RabbitMQ semantics, message ids, source) — one per
 message id, its first acceptance — and takes them in ``(at, message_id)`` order. For each it
 finds the stored body by its SHA-256 in the archive (``archive/``, the object beside the
 record's audit object first, then every archive object of the period's days), checks the hash,
@@ -43,8 +52,9 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
-from fabric.audit_chain import decode_object
+from fabric.audit_chain import Signer, decode_object
 from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX, decode_archive
+from fabric.compliance_run import LATE_ARRIVAL, Period, StoredObject, check_window, load_window
 from fabric.envelope import (
     Classification,
     Envelope,
@@ -65,8 +75,8 @@ _LOG = logging.getLogger(__name__)
 _BATCH = 100
 # A period longer than this reads too much of the trail in one invocation: replay it in parts.
 MAX_PERIOD = timedelta(days=31)
-# Audit objects are named by the day they were written, which is the day of their records or a
-# little later (a batch waits seconds on the audit queue; longer only if the writer failed).
+# Records reach the trail seconds after their time as a rule; longer only if the writer failed.
+# A run reads what was written up to late_days (and the compliance report's hour) after the end.
 DEFAULT_LATE_DAYS = 1
 MAX_LATE_DAYS = 14  # the audit queue's retention: a batch cannot be written later than that
 REPLAY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -83,15 +93,7 @@ FAILED = "failed"
 
 
 class ArchiveReader(Protocol):
-    """The audit bucket, read only: the trail's audit objects and the archived bodies."""
-
-    def children(self, prefix: str) -> list[str]:
-        """The prefixes one level below ``prefix`` (``audit/`` → ``audit/<writer>/``), sorted.
-
-        Raises:
-            TransportUnavailable: the bucket cannot be read.
-        """
-        ...
+    """The audit bucket, read only: the trail (audit objects, checkpoints) and the archive."""
 
     def keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix``, in key order.
@@ -232,8 +234,11 @@ class ReplayReport:
 
     ``selected``: messages of the period that match the filter; ``pending``: those of them
     behind the cursor the run started from; ``remaining``: those still to do after the run.
-    ``stopped``: done, message limit, time limit, or what failed (broker unavailable, broker
-    refused, archive unavailable, audit unavailable). ``cursor`` is where the next run goes on.
+    ``stopped``: done, message limit, time limit, or what failed (trail not verified, broker
+    unavailable, broker refused, archive unavailable, audit unavailable). ``cursor`` is where the
+    next run goes on. ``trail_problems``: per writer, what verifying the trail found (one that
+    is not authentic stops the run); ``unsealed_objects``: objects written after a writer's last
+    checkpoint, which only the hash chain protects.
     """
 
     replay_id: str
@@ -255,6 +260,8 @@ class ReplayReport:
     messages: list[Listed] = field(default_factory=list)
     problems: list[Listed] = field(default_factory=list)
     unreadable_objects: list[str] = field(default_factory=list)
+    trail_problems: list[str] = field(default_factory=list)
+    unsealed_objects: int = 0
 
     @property
     def finished(self) -> int:
@@ -293,6 +300,8 @@ class ReplayReport:
             "messages": [item.to_dict() for item in self.messages[:messages_limit]],
             "problems": [item.to_dict() for item in self.problems[:problems_limit]],
             "unreadable_objects": list(self.unreadable_objects),
+            "trail_problems": list(self.trail_problems),
+            "unsealed_objects": self.unsealed_objects,
         }
 
 
@@ -324,12 +333,15 @@ class _Prepared:
 
 
 class Replayer:
-    """Replays archived messages from the audit bucket into RabbitMQ (``broker``)."""
+    """Replays archived messages from the audit bucket into RabbitMQ (``broker``), from the
+    verified trails of ``writers`` (checkpoint signatures checked with ``signer``)."""
 
     def __init__(
         self,
         *,
         archive: ArchiveReader,
+        writers: Sequence[str],
+        signer: Signer,
         broker: Transport,
         audit: AuditSink,
         table: RoutingTable,
@@ -338,6 +350,8 @@ class Replayer:
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._archive = archive
+        self._writers = tuple(writers)
+        self._signer = signer
         self._broker = broker
         self._audit = audit
         self._table = table
@@ -395,14 +409,16 @@ class Replayer:
         pace = Pace(
             rate_per_s=rate, max_seconds=request.max_seconds, clock=self._clock, sleep=self._sleep
         )
-        days = _search_days(request)
-        candidates = self._select(request, days, report)
+        candidates = self._select(request, report)
+        if candidates is None:
+            report.stopped = "trail not verified"
+            return
         report.selected = len(candidates)
         if request.after is not None:
             after = request.after
             candidates = [c for c in candidates if c.position > after]
         report.pending = report.remaining = len(candidates)
-        bodies = _Bodies(self._archive, days, report)
+        bodies = _Bodies(self._archive, self._writers, _search_days(request), report)
         batch_size = pace.batch_size(_BATCH)
         index = 0
         while index < len(candidates):
@@ -428,37 +444,66 @@ class Replayer:
 
     # -- selection ------------------------------------------------------------------------------
 
-    def _select(
-        self, request: ReplayRequest, days: list[date], report: ReplayReport
-    ) -> list[_Candidate]:
-        """The first accepted record of every matching message of the period, in replay order.
+    def _select(self, request: ReplayRequest, report: ReplayReport) -> list[_Candidate] | None:
+        """The first accepted record of every matching message of the period, in replay order;
+        None when a writer's trail is not authentic (``report.trail_problems`` says where).
 
-        Every object of the period's days is read on every run (also behind a cursor): which
-        acceptance of a message is its first can only be told from all of them.
+        Every run reads and verifies the whole period (also behind a cursor): which acceptance
+        of a message is its first can only be told from all of them. One writer's objects are
+        held in memory at a time.
+
+        Raises:
+            TransportUnavailable: the bucket cannot be read.
         """
         first: dict[str, _Candidate] = {}
-        for key in _day_keys(self._archive, AUDIT_PREFIX, days):
-            data = self._archive.read(key)
-            if data is None:
+        period = Period(request.start, request.end)
+        late = LATE_ARRIVAL + timedelta(days=request.late_days)
+        trail = _Trail(self._archive)
+        authentic = True
+        for writer in self._writers:
+            window = load_window(trail, writer, period, late=late)
+            check = check_window(window, self._signer)
+            report.unsealed_objects += window.unsealed
+            problem = window.problem or check.problem
+            if problem is not None:
+                _LOG.warning("the trail of %s does not verify: %s", writer, problem)
+                report.trail_problems.append(f"{writer}: {problem.where}: {problem.why}")
+                authentic = authentic and window.problem is None and not problem.authentic
+            if not authentic:
                 continue
-            try:
-                records = decode_object(data)
-            except (ValueError, UnicodeDecodeError):
-                _LOG.warning("audit object %s is not readable", key)
-                report.unreadable_objects.append(key)
-                continue
-            for record in records:
-                candidate = _candidate(record, key, request)
-                if candidate is None:
-                    continue
-                known = first.get(candidate.message_id)
-                if known is None or (candidate.at, key, candidate.seq) < (
-                    known.at,
-                    known.audit_key,
-                    known.seq,
-                ):
-                    first[candidate.message_id] = candidate
+            for key in sorted(window.objects):
+                self._consider(key, window.objects[key], request, report, first)
+        if not authentic:
+            return None
         return sorted(first.values(), key=lambda c: (c.at, c.message_id))
+
+    @staticmethod
+    def _consider(
+        key: str,
+        data: bytes,
+        request: ReplayRequest,
+        report: ReplayReport,
+        first: dict[str, _Candidate],
+    ) -> None:
+        """Keep in ``first`` each matching acceptance of object ``key`` that is earlier than
+        the one kept for its message."""
+        try:
+            records = decode_object(data)
+        except (ValueError, UnicodeDecodeError):
+            _LOG.warning("audit object %s is not readable", key)
+            report.unreadable_objects.append(key)
+            return
+        for record in records:
+            candidate = _candidate(record, key, request)
+            if candidate is None:
+                continue
+            known = first.get(candidate.message_id)
+            if known is None or (candidate.at, key, candidate.seq) < (
+                known.at,
+                known.audit_key,
+                known.seq,
+            ):
+                first[candidate.message_id] = candidate
 
     # -- one batch ------------------------------------------------------------------------------
 
@@ -620,8 +665,15 @@ class _Bodies:
     (a body is archived in the same writer call as the record naming it), then in every archive
     object of the period's days, each read once and indexed."""
 
-    def __init__(self, archive: ArchiveReader, days: list[date], report: ReplayReport) -> None:
+    def __init__(
+        self,
+        archive: ArchiveReader,
+        writers: Sequence[str],
+        days: list[date],
+        report: ReplayReport,
+    ) -> None:
         self._archive = archive
+        self._writers = writers
         self._days = days
         self._report = report
         self._cache: OrderedDict[str, dict[str, bytes]] = OrderedDict()
@@ -642,7 +694,7 @@ class _Bodies:
                 if body is not None:
                     return body
         if self._unread is None:
-            self._unread = iter(_day_keys(self._archive, ARCHIVE_PREFIX, self._days))
+            self._unread = iter(_day_keys(self._archive, self._writers, self._days))
         for key in self._unread:
             if key in self._read:
                 continue
@@ -682,15 +734,30 @@ def _search_days(request: ReplayRequest) -> list[date]:
     return [first + timedelta(days=n) for n in range((last - first).days + 1)]
 
 
-def _day_keys(archive: ArchiveReader, prefix: str, days: list[date]) -> Iterator[str]:
-    """The keys under ``prefix`` of every writer for ``days``, lazily, writer by writer.
+def _day_keys(archive: ArchiveReader, writers: Sequence[str], days: list[date]) -> Iterator[str]:
+    """The archive objects of ``writers`` for ``days``, lazily, writer by writer.
 
     Raises:
         TransportUnavailable: the bucket cannot be read.
     """
-    for writer in archive.children(prefix):
+    for writer in writers:
         for day in days:
-            yield from archive.keys(f"{writer}{day:%Y/%m/%d}/")
+            yield from archive.keys(f"{ARCHIVE_PREFIX}{writer}/{day:%Y/%m/%d}/")
+
+
+class _Trail:
+    """The bucket as the trail's verifier reads it (``fabric.compliance_run.TrailStore``):
+    replay needs no Object Lock headers, so none are read."""
+
+    def __init__(self, archive: ArchiveReader) -> None:
+        self._archive = archive
+
+    def keys(self, prefix: str) -> list[str]:
+        return self._archive.keys(prefix)
+
+    def read(self, key: str) -> StoredObject | None:
+        data = self._archive.read(key)
+        return None if data is None else StoredObject(data, None, None)
 
 
 def _candidate(record: Mapping[str, Any], key: str, request: ReplayRequest) -> _Candidate | None:

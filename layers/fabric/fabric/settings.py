@@ -263,6 +263,8 @@ class ReplaySettings:
     ``RABBITMQ_*``, ``FABRIC_ENV`` as for the router (the platform user: it publishes to the
     ingress and unrouted exchanges as the router does, and audit batches to the audit exchange);
     ``AUDIT_BUCKET``: the Object Lock bucket it reads the trail and the archive from;
+    ``AUDIT_WRITERS`` and ``SIGNING_KEY_ARN``: the writers whose trails it verifies and reads,
+    and the key their checkpoints are signed with (as for the compliance report);
     ``AUDIT_QUEUE_URL``: where its audit batches go while RabbitMQ cannot take them;
     ``REPLAY_MAX_SECONDS`` (default 840) bounds one run, inside the function's 15-minute timeout.
     """
@@ -274,6 +276,8 @@ class ReplaySettings:
     rabbitmq_vhost: str
     rabbitmq_secret_arn: str
     bucket: str
+    writers: tuple[str, ...]
+    signing_key_arn: str
     max_seconds: float
     audit_queue_url: str | None = None
 
@@ -287,6 +291,8 @@ class ReplaySettings:
         return cls(
             **_broker(environ),
             bucket=_required(environ, "AUDIT_BUCKET"),
+            writers=_writers(environ),
+            signing_key_arn=_required(environ, "SIGNING_KEY_ARN"),
             max_seconds=float(_positive(environ, "REPLAY_MAX_SECONDS", 840)),
             audit_queue_url=_optional(environ, "AUDIT_QUEUE_URL"),
         )
@@ -320,17 +326,22 @@ class ComplianceReportSettings:
         Raises:
             ConfigError: a variable is missing or empty; the message names it.
         """
-        writers = tuple(
-            name.strip() for name in _required(environ, "AUDIT_WRITERS").split(",") if name.strip()
-        )
-        if not writers:
-            raise ConfigError("environment variable AUDIT_WRITERS must name at least one writer")
         return cls(
             environment=_required(environ, "FABRIC_ENV"),
             audit_bucket=_required(environ, "AUDIT_BUCKET"),
-            writers=writers,
+            writers=_writers(environ),
             signing_key_arn=_required(environ, "SIGNING_KEY_ARN"),
             reports_bucket=_required(environ, "REPORTS_BUCKET"),
             reports_key_arn=_required(environ, "REPORTS_KEY_ARN"),
             topic_arn=_required(environ, "COMPLIANCE_TOPIC_ARN"),
         )
+
+
+def _writers(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """``AUDIT_WRITERS``: the audit writers (one chain each), comma-separated, at least one."""
+    writers = tuple(
+        name.strip() for name in _required(environ, "AUDIT_WRITERS").split(",") if name.strip()
+    )
+    if not writers:
+        raise ConfigError("environment variable AUDIT_WRITERS must name at least one writer")
+    return writers

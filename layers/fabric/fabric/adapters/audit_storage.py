@@ -99,15 +99,6 @@ class S3ObjectStore:
         pages = self._pages(Prefix=prefix)
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
-    def children(self, prefix: str) -> list[str]:
-        """The prefixes one level below ``prefix`` (``audit/`` → ``audit/<writer>/``), sorted.
-
-        Raises:
-            TransportUnavailable: the bucket cannot be listed.
-        """
-        pages = self._pages(Prefix=prefix, Delimiter="/")
-        return sorted(item["Prefix"] for page in pages for item in page.get("CommonPrefixes", []))
-
     def _pages(self, **arguments: str) -> list[dict[str, Any]]:
         from botocore.exceptions import BotoCoreError, ClientError
 

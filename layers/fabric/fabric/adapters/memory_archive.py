@@ -20,20 +20,6 @@ class MemoryArchive:
         """Store ``data`` at ``key`` (replacing it: the newest version is the one read)."""
         self.objects[key] = data
 
-    def children(self, prefix: str) -> list[str]:
-        """The prefixes one level below ``prefix``, sorted.
-
-        Raises:
-            TransportUnavailable: when not available.
-        """
-        self._check()
-        found = {
-            prefix + key[len(prefix) :].split("/", 1)[0] + "/"
-            for key in self.objects
-            if key.startswith(prefix) and "/" in key[len(prefix) :]
-        }
-        return sorted(found)
-
     def keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix``, in key order.
 
