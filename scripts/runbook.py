@@ -122,8 +122,14 @@ def drain(
         return 1
     for queue, moved in sorted(body["moved"].items()):
         print(f"  moved {moved:7d} into {queue}", file=out)
-    print(f"summary: moved {body['total']}, stopped: {body['stopped']}", file=out)
-    return 0 if body["stopped"] in FINISHED else 1
+    refused, left = body.get("refused") or [], int(body.get("left") or 0)
+    for queue in refused:  # full: its messages stay in SQS, the other queues were drained
+        print(f"  {queue} refused messages (full?): they stay in the fallback queue", file=out)
+    print(
+        f"summary: moved {body['total']}, left in SQS {left}, stopped: {body['stopped']}",
+        file=out,
+    )
+    return 0 if body["stopped"] in FINISHED and not refused and not left else 1
 
 
 def redrive(
@@ -236,20 +242,15 @@ def replay(
             return 1
         for key in totals:
             totals[key] += body[key]
-        finished += (
+        progress = (
             body["replayed"]
             + body["would_replay"]
             + sum(body[key] for key in _REPLAY_PROBLEMS if key != "failed")
         )
+        finished += progress
         _print_problems(body, out)
         if dry_run:
-            for item in body["messages"][: max(0, _REPLAY_LISTED - listed)]:
-                print(
-                    f"  would replay {item['message_id']}  {item['at']}  {item['topic']}"
-                    f"  -> {', '.join(item.get('groups', [])) or 'unrouted'}",
-                    file=out,
-                )
-            listed += len(body["messages"])
+            listed = _list_would_replay(body, listed, out)
         if body["cursor"] is not None:
             cursor = body["cursor"]
         rate = totals["replayed"] / max(clock() - started, 1e-9)
@@ -262,6 +263,14 @@ def replay(
             file=out,
         )
         if body["stopped"] not in _REPLAY_GOES_ON:
+            break
+        if not progress:  # reading and verifying the period took the whole run: no end to it
+            print(
+                "  a run finished no message within its time: the period is too large to read"
+                " and verify in one invocation; replay it in shorter periods",
+                file=out,
+            )
+            body["stopped"] = "no progress"
             break
     if dry_run and listed > _REPLAY_LISTED:
         print(f"  ... and {listed - _REPLAY_LISTED} more", file=out)
@@ -278,11 +287,27 @@ def replay(
     # Reaching --max-messages mid-chunk ends the last chunk on its time or message limit, which
     # is no failure; any other stop (broker, archive, audit) is one, bounded or not.
     bounded = max_messages is not None and finished >= max_messages
-    if stopped not in ("done", "message limit") and not (bounded and stopped in _REPLAY_GOES_ON):
+    failed = stopped not in ("done", "message limit") and not (
+        bounded and stopped in _REPLAY_GOES_ON
+    )
+    if failed or body.get("remaining"):  # also where --max-messages left the rest
         _resume_hint(replay_id, cursor, out)
+    if failed:
         return 1
     problems = sum(totals[key] for key in _REPLAY_PROBLEMS)
     return 1 if problems and not dry_run else 0
+
+
+def _list_would_replay(body: dict[str, Any], listed: int, out: TextIO) -> int:
+    """Print a dry-run chunk's messages, up to ``_REPLAY_LISTED`` in all; how many were
+    listed so far."""
+    for item in body["messages"][: max(0, _REPLAY_LISTED - listed)]:
+        print(
+            f"  would replay {item['message_id']}  {item['at']}  {item['topic']}"
+            f"  -> {', '.join(item.get('groups', [])) or 'unrouted'}",
+            file=out,
+        )
+    return listed + len(body["messages"])
 
 
 def _print_problems(body: dict[str, Any], out: TextIO) -> None:
@@ -336,10 +361,14 @@ def verify(
     s3, kms = client("s3"), client("kms")
     store = S3ObjectStore(bucket, lambda: s3)
     keys = store.keys(f"audit/{writer}/")
+    sealed = store.keys(f"checkpoints/{writer}/")
     print(f"reading {len(keys)} objects of {writer} from s3://{bucket} ...", file=out)
+    if not keys and not sealed:  # a mistyped writer or bucket must not read as "verified"
+        print(f"NOT VERIFIED: no trail under audit/{writer}/ in s3://{bucket}", file=out)
+        return 1
     result = verify_trail(
         objects={key: store.get(key) for key in keys},
-        checkpoints=[(k, json.loads(store.get(k))) for k in store.keys(f"checkpoints/{writer}/")],
+        checkpoints=[(k, json.loads(store.get(k))) for k in sealed],
         signer=KmsSigner(signing_key, lambda: kms),
         writer=writer,
     )
@@ -356,7 +385,10 @@ def verify(
 
 def _stack_output(client: Callable[[str], Any], stack: str, name: str) -> str:
     (described,) = client("cloudformation").describe_stacks(StackName=stack)["Stacks"]
-    return next(o["OutputValue"] for o in described["Outputs"] if o["OutputKey"] == name)
+    for output in described.get("Outputs", []):
+        if output["OutputKey"] == name:
+            return str(output["OutputValue"])
+    raise LookupError(f"stack {stack} has no output {name}: pass it explicitly")
 
 
 def _age(text: str) -> float:
@@ -522,6 +554,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
     sys.path.insert(0, str(ROOT))
     from botocore.exceptions import BotoCoreError, ClientError
 
+    from fabric.errors import TransportUnavailable
     from stacks.config import ConfigError, load_app_config, read_cdk_context
 
     try:
@@ -563,7 +596,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
         return drain(
             args.env, client=client, max_messages=args.max_messages, dry_run=args.dry_run, out=out
         )
-    except (BotoCoreError, ClientError) as exc:
+    except (BotoCoreError, ClientError, TransportUnavailable, LookupError) as exc:
         print(f"AWS error: {exc}", file=out)
         return 1
 
@@ -579,8 +612,13 @@ def _client(service: str, region: str) -> Any:
     import boto3
     from botocore.config import Config
 
-    # The drain function may run for up to 5 minutes, the redrive for 15: wait for them.
-    return boto3.client(service, region_name=region, config=Config(read_timeout=930))
+    # The drain function may run for up to 5 minutes, the redrive and the replay for 15: wait
+    # for them, with TCP keepalives so a quiet connection is not dropped on the way. An invoke
+    # is never retried by the SDK: a retried replay chunk would run twice from the same cursor
+    # (or be throttled while the first one runs on, unseen); the command says what to re-run.
+    once = {"retries": {"total_max_attempts": 1}} if service == "lambda" else {}
+    config = Config(read_timeout=930, tcp_keepalive=True, **once)
+    return boto3.client(service, region_name=region, config=config)
 
 
 if __name__ == "__main__":

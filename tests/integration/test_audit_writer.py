@@ -331,3 +331,23 @@ def test_the_runbook_verifies_the_trail_and_names_an_overwritten_object(
     status, output = run()
     assert status == 1
     assert f"NOT VERIFIED: {written.key}: its SHA-256 differs from the checkpoint's" in output
+
+
+def test_the_runbook_does_not_call_an_empty_or_mistyped_trail_verified(
+    aws_audit: dict[str, Any],
+) -> None:
+    import io
+
+    from scripts import runbook
+
+    writer(aws_audit).write([batch("b1", 3)])
+    out = io.StringIO()
+    status = runbook.verify(
+        bucket=BUCKET,
+        signing_key=aws_audit["signer"].key_id,
+        writer=WRITER + "-typo",
+        client={"s3": aws_audit["s3"], "kms": aws_audit["signer"]._kms()}.__getitem__,
+        out=out,
+    )
+    assert status == 1
+    assert f"NOT VERIFIED: no trail under audit/{WRITER}-typo/ in s3://{BUCKET}" in out.getvalue()

@@ -72,7 +72,25 @@ def test_a_drain_invokes_the_environments_function_and_reports_what_moved(
     assert status == 0
     assert function.calls == [("fabric-test-drain", {"max_messages": 50})]
     assert "moved       2 into fabric.media" in output
-    assert "summary: moved 2, stopped: empty" in output
+    assert "summary: moved 2, left in SQS 0, stopped: empty" in output
+
+
+def test_a_drain_that_a_full_work_queue_refused_exits_1_and_says_what_stays_in_sqs(
+    aws: dict[str, Any],
+) -> None:
+    # The drain ran to "empty" for the other queues; fabric.community was full, so its 10
+    # messages are still in the fallback queue: the operator must not read that as done.
+    report = {
+        "moved": {"fabric.media": 2},
+        "total": 2,
+        "left": 10,
+        "stopped": "empty",
+        "refused": ["fabric.community"],
+    }
+    status, output = run(DrainFunction(report), max_messages=None, dry_run=False)
+    assert status == 1
+    assert "fabric.community refused messages (full?): they stay in the fallback queue" in output
+    assert "summary: moved 2, left in SQS 10, stopped: empty" in output
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,10 @@ ENVIRONMENT = {
     "RABBITMQ_PORT": "1",
     "RABBITMQ_TLS": "false",
     "RABBITMQ_SECRET_ARN": "arn:aws:secretsmanager:ap-southeast-3:111111111111:secret:x",
-    "FALLBACK_QUEUES": "[]",
+    "FALLBACK_QUEUES": (
+        '[{"url": "https://sqs.ap-southeast-3.amazonaws.com/111111111111/fabric-test-fallback-media",'
+        ' "group": "media", "emergency": false}]'
+    ),
     "DRAIN_MAX_MESSAGES": "25",
     "DRAIN_MAX_SECONDS": "240",
     "AWS_EC2_METADATA_DISABLED": "true",  # no credentials: the secret read fails at once

@@ -92,3 +92,40 @@ def test_a_trail_that_does_not_verify_is_printed_and_exits_1(dry_run: bool) -> N
     assert status == 1, out.getvalue()
     assert f"  trail does not verify: {problem}" in out.getvalue()
     assert "stopped: trail not verified" in out.getvalue()
+
+
+def test_a_replay_whose_runs_finish_nothing_stops_instead_of_invoking_forever() -> None:
+    # Reading and verifying the period took each run's whole time: no cursor, nothing done.
+    function = _Lambda(selected=3, remaining=3, cursor=None, stopped="time limit")
+    calls = []
+    original = function.invoke
+
+    def invoke(**arguments: Any) -> dict[str, Any]:
+        calls.append(arguments)
+        return original(**arguments)
+
+    function.invoke = invoke  # type: ignore[method-assign]
+    status, output = replay(function, max_messages=1000)
+    assert status == 1, output
+    assert len(calls) == 1
+    assert "the period is too large to read and verify in one invocation" in output
+
+
+def test_a_replay_that_reached_max_messages_prints_where_to_go_on() -> None:
+    status, output = replay(
+        _Lambda(replayed=100, remaining=900, stopped="message limit"), max_messages=100
+    )
+    assert status == 0, output
+    assert "resume with the same command and: --replay-id" in output
+    assert "--after 2026-12-01T03:00:00Z,m-100" in output
+
+
+def test_the_cli_never_lets_the_sdk_invoke_a_function_twice() -> None:
+    lambda_client = runbook._client("lambda", "ap-southeast-3")
+    assert lambda_client.meta.config.retries["total_max_attempts"] == 1
+    assert lambda_client.meta.config.tcp_keepalive is True
+    assert lambda_client.meta.config.read_timeout == 930
+    # Reads (S3, KMS, CloudFormation) keep the SDK's retries.
+    assert "total_max_attempts" not in (
+        runbook._client("s3", "ap-southeast-3").meta.config.retries or {}
+    )

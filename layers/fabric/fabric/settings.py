@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fabric.errors import ConfigError
+from fabric.stakeholders import Stakeholder
 from fabric.topology import PLATFORM_USER
 
 
@@ -83,7 +84,7 @@ def _optional(environ: Mapping[str, str], name: str) -> str | None:
 
 def _port(environ: Mapping[str, str], name: str) -> int:
     raw = _required(environ, name)
-    if not raw.isdigit() or not 0 < int(raw) < 65536:
+    if not (raw.isascii() and raw.isdigit()) or not 0 < int(raw) < 65536:
         raise ConfigError(f"environment variable {name} must be a TCP port, got {raw!r}")
     return int(raw)
 
@@ -122,13 +123,21 @@ class DrainSettings:
         Raises:
             ConfigError: a variable is missing or malformed; the message names it.
         """
+        problem = (
+            'FALLBACK_QUEUES must be a non-empty JSON list of {"url", "group", "emergency"}, '
+            f"with a group of {', '.join(sorted(g.value for g in Stakeholder))} and a JSON "
+            "true or false"
+        )
         try:
             raw = json.loads(_required(environ, "FALLBACK_QUEUES"))
-            queues = tuple((str(q["url"]), str(q["group"]), bool(q["emergency"])) for q in raw)
+            queues = tuple(
+                (str(q["url"]), Stakeholder(q["group"]).value, q["emergency"]) for q in raw
+            )
         except (ValueError, KeyError, TypeError):
-            raise ConfigError(
-                'FALLBACK_QUEUES must be a JSON list of {"url", "group", "emergency"}'
-            ) from None
+            raise ConfigError(problem) from None
+        # "false" is a true value to bool(): it would drain into the emergency work queue.
+        if not queues or not all(isinstance(emergency, bool) for _, _, emergency in queues):
+            raise ConfigError(problem)
         return cls(
             **_broker(environ),
             queues=queues,
@@ -239,17 +248,20 @@ class AuditWriterSettings:
         Raises:
             ConfigError: a variable is missing; the message names it.
         """
+        trusted = frozenset(
+            name.strip()
+            for name in environ.get("AUDIT_TRUSTED_PUBLISHERS", PLATFORM_USER).split(",")
+            if name.strip()
+        )
+        if not trusted:  # every platform batch would then be refused
+            raise ConfigError("environment variable AUDIT_TRUSTED_PUBLISHERS names no user")
         return cls(
             environment=_required(environ, "FABRIC_ENV"),
             bucket=_required(environ, "AUDIT_BUCKET"),
             table=_required(environ, "IDEMPOTENCY_TABLE"),
             signing_key_arn=_required(environ, "SIGNING_KEY_ARN"),
             writer=_required(environ, "AUDIT_WRITER_NAME"),
-            trusted_publishers=frozenset(
-                name.strip()
-                for name in environ.get("AUDIT_TRUSTED_PUBLISHERS", PLATFORM_USER).split(",")
-                if name.strip()
-            ),
+            trusted_publishers=trusted,
         )
 
 

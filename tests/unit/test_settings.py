@@ -1,0 +1,73 @@
+"""Function settings from environment variables: a malformed value is a ConfigError that names
+the variable, never a silently different configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fabric.errors import ConfigError
+from fabric.settings import AuditWriterSettings, DrainSettings
+
+BROKER = {
+    "FABRIC_ENV": "test",
+    "RABBITMQ_HOST": "broker.internal",
+    "RABBITMQ_PORT": "5671",
+    "RABBITMQ_SECRET_ARN": "arn:aws:secretsmanager:ap-southeast-3:111111111111:secret:x",
+}
+QUEUE = {"url": "https://sqs.example/fabric-test-emergency-government", "group": "government"}
+WRITER = {
+    "FABRIC_ENV": "test",
+    "AUDIT_BUCKET": "fabric-test-audit",
+    "IDEMPOTENCY_TABLE": "fabric-test-idempotency",
+    "SIGNING_KEY_ARN": "arn:aws:kms:ap-southeast-3:111111111111:key/k",
+    "AUDIT_WRITER_NAME": "fabric-test-audit-writer",
+}
+
+
+def drain(queues: object, **extra: str) -> DrainSettings:
+    return DrainSettings.from_env({**BROKER, "FALLBACK_QUEUES": json.dumps(queues), **extra})
+
+
+def test_fallback_queues_are_read_with_their_group_and_flow() -> None:
+    settings = drain([{**QUEUE, "emergency": True}, {**QUEUE, "emergency": False}])
+    assert settings.queues == (
+        (QUEUE["url"], "government", True),
+        (QUEUE["url"], "government", False),
+    )
+    assert settings.rabbitmq_port == 5671
+
+
+@pytest.mark.parametrize(
+    "queues",
+    [
+        [{**QUEUE, "emergency": "false"}],  # bool("false") is True: the wrong work queue
+        [{**QUEUE, "emergency": 0}],
+        [{**QUEUE, "group": "press", "emergency": False}],  # no such group
+        [],  # a drain of nothing, silently
+        [{"url": QUEUE["url"], "emergency": False}],
+        {"url": QUEUE["url"]},
+    ],
+)
+def test_malformed_fallback_queues_are_refused_naming_the_variable(queues: object) -> None:
+    with pytest.raises(ConfigError, match="FALLBACK_QUEUES must be a non-empty JSON list"):
+        drain(queues)
+
+
+@pytest.mark.parametrize("port", ["5671²", "0", "65536", "56 71", ""])
+def test_a_port_that_is_not_a_tcp_port_is_refused_naming_the_variable(port: str) -> None:
+    with pytest.raises(ConfigError, match="RABBITMQ_PORT"):
+        drain([{**QUEUE, "emergency": True}], RABBITMQ_PORT=port)
+
+
+def test_the_audit_writer_trusts_the_platform_user_unless_told_otherwise() -> None:
+    assert AuditWriterSettings.from_env(WRITER).trusted_publishers == {"fabric-platform"}
+    named = AuditWriterSettings.from_env({**WRITER, "AUDIT_TRUSTED_PUBLISHERS": "a, b"})
+    assert named.trusted_publishers == {"a", "b"}
+
+
+@pytest.mark.parametrize("value", ["", " , "])
+def test_an_audit_writer_that_would_trust_no_publisher_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="AUDIT_TRUSTED_PUBLISHERS names no user"):
+        AuditWriterSettings.from_env({**WRITER, "AUDIT_TRUSTED_PUBLISHERS": value})
