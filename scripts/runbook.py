@@ -469,13 +469,20 @@ def report(
         ("accepted", body["accepted"]),
         ("rejected", body["rejected"]),
         ("delivered", body["delivered"]),
+        ("acceptance rate", _share(body["acceptance_rate"])),
         ("delivery success rate", _share(body["delivery_success_rate"])),
+        ("copies not delivered", body["copies_undelivered"]),
+        ("emergencies accepted", body["emergencies_accepted"]),
+        ("emergency copies not del.", body["emergency_copies_undelivered"]),
         ("emergency latency p99", _milliseconds(body["emergency_latency_p99_ms"])),
-        ("emergency messages", body["emergency_messages"]),
         ("encryption coverage", _share(body["encryption_coverage"])),
         ("fallback not drained", body["fallback_not_drained"]),
         ("dead-lettered", body["dead_lettered"]),
-        ("objects read / unlocked", f"{body['objects']} / {body['unlocked_objects']}"),
+        (
+            "objects read / unlocked",
+            f"{body['objects']} / {body['unlocked_objects']}"
+            f" (retention expired: {body['expired_objects']})",
+        ),
         ("earliest retain-until", body["earliest_retain_until"]),
     ):
         print(f"  {label:26s} {value}", file=out)

@@ -115,7 +115,8 @@ def test_an_accepted_message_without_an_outcome_is_named(signer: KmsSigner) -> N
     problem = verify_trail(objects=objects, checkpoints=[], signer=signer, writer=WRITER).problem
     assert problem is not None
     assert problem.where == f"{object_key(0)} record 3"
-    assert problem.why == "accepted message m-2 has no outcome (routed or fallback)"
+    assert problem.why == "an accepted message has no outcome (routed or fallback)"
+    assert problem.authentic is False  # incomplete, not forged
 
 
 def test_one_modified_byte_is_found(signer: KmsSigner) -> None:

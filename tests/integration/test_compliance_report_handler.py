@@ -157,9 +157,17 @@ class Fabric:
                     priority="normal",
                     classification="restricted",
                     encrypted=True,
+                    groups=("government",),
                 ),
                 record(AuditEvent.ROUTED, at, case, queues=("fabric.government",)),
-                record(AuditEvent.ACCEPTED, at, fallback, transport="sns", priority="high"),
+                record(
+                    AuditEvent.ACCEPTED,
+                    at,
+                    fallback,
+                    transport="sns",
+                    priority="high",
+                    groups=("media",),
+                ),
                 record(AuditEvent.FALLBACK, at, fallback, groups=("media",), reason="timeout"),
                 record(AuditEvent.REJECTED, at, f"bad-{tag}", reason="malformed_json"),
             ],
@@ -242,7 +250,10 @@ def test_the_schedule_reports_yesterday_into_the_reports_bucket_and_tells_the_to
         "rejected": 24,
         "routed": 48,
     }
-    assert report["delivery_success_rate"] == 1.0
+    assert report["acceptance_rate"] == 1.0
+    # Only the emergencies' consumers recorded their deliveries: one copy in three.
+    assert report["delivery_success_rate"] == 24 / 72
+    assert (report["copies"]["addressed"], report["copies"]["undelivered"]) == (72, 48)
     assert report["encryption"] == {"restricted_accepted": 48, "encrypted": 48, "coverage": 1.0}
     latency = report["emergency_latency_ms"]
     assert (latency["count"], latency["p50"], latency["p99"]) == (24, 40.0, 40.0)

@@ -44,10 +44,11 @@ def report(records: list[dict] | None = None, **overrides: object) -> dict:
     return build_report(**arguments)
 
 
-def emergency(message_id: str, at: str, **fields: Any) -> dict:
+def emergency(message_id: str, at: str, *groups: str, **fields: Any) -> dict:
+    """An emergency the router accepted for ``groups`` (government and community unless named)."""
     return record(
         "accepted", at=at, message_id=message_id, priority="emergency", transport="rabbitmq",
-        **fields,
+        groups=list(groups or ("community", "government")), **fields,
     )  # fmt: skip
 
 
@@ -61,7 +62,8 @@ def test_the_figures_count_only_the_period() -> None:
     assert figures["accepted_by_transport"] == {"rabbitmq": 2, "sns": 1}
     assert figures["fallback_activations"] == 1
     # 3 stored of the 4 valid messages offered (the malformed one is bad input, not a failure)
-    assert figures["delivery_success_rate"] == 0.75
+    assert figures["acceptance_rate"] == 0.75
+    assert figures["delivery_success_rate"] is None  # they name no groups: no copies
     assert figures["encryption"] == {"restricted_accepted": 2, "encrypted": 1, "coverage": 0.5}
     assert figures["object_lock"]["unlocked"] == ["b"], "an unlocked object is named"
     assert figures["object_lock"]["modes"] == {"COMPLIANCE": 1, "none": 1}
@@ -86,16 +88,16 @@ def test_the_period_boundaries_hold_whatever_the_fraction_of_a_second() -> None:
     assert instant("not a time") == ""
 
 
-def test_emergency_latency_runs_from_acceptance_to_the_first_delivery() -> None:
+def test_emergency_latency_runs_from_acceptance_to_each_groups_first_delivery() -> None:
     records = [
         emergency("e1", "2026-12-03T10:00:00Z"),
         delivered("e1", "2026-12-03T10:00:00.25Z", "community"),
         delivered("e1", "2026-12-03T10:00:00.1Z", "government"),
         delivered("e1", "2026-12-03T10:00:05Z", "government"),  # a redelivery: not the first
-        emergency("e2", "2026-12-03T23:59:59.9Z"),
+        emergency("e2", "2026-12-03T23:59:59.9Z", "government"),
         # delivered after the period: still this period's emergency
         delivered("e2", "2026-12-04T00:00:00.4Z", "government"),
-        emergency("e3", "2026-12-03T11:00:00Z"),  # never delivered
+        emergency("e3", "2026-12-03T11:00:00Z", "government"),  # never delivered
         # accepted before the period: its delivery is not this period's latency
         delivered("e0", "2026-12-03T00:00:01Z", "government"),
         # not an emergency
@@ -104,8 +106,10 @@ def test_emergency_latency_runs_from_acceptance_to_the_first_delivery() -> None:
     ]
     latency = report(records)["emergency_latency_ms"]
     assert latency["source"] == "delivered records"
-    assert (latency["count"], latency["p50"], latency["max"]) == (2, 100.0, 500.0)
-    assert (latency["emergencies_accepted"], latency["undelivered"]) == (3, 1)
+    # One figure per copy: e1 for community and for government, e2 for government.
+    assert (latency["count"], latency["p50"], latency["max"]) == (3, 250.0, 500.0)
+    assert (latency["emergencies_accepted"], latency["copies"]) == (3, 4)
+    assert (latency["undelivered_copies"], latency["undelivered_message_ids"]) == (1, ["e3"])
     assert latency["by_group"] == {
         "community": {"count": 1, "p50": 250.0, "p95": 250.0, "p99": 250.0, "max": 250.0},
         "government": {"count": 2, "p50": 100.0, "p95": 500.0, "p99": 500.0, "max": 500.0},
@@ -163,7 +167,7 @@ def test_emergency_latency_percentiles_are_nearest_rank() -> None:
 def test_emergency_latency_says_not_recorded_only_without_pairs() -> None:
     latency = report([emergency("e1", "2026-12-03T10:00:00Z")])["emergency_latency_ms"]
     assert latency["source"] == "not recorded"
-    assert (latency["count"], latency["p99"], latency["undelivered"]) == (0, None, 1)
+    assert (latency["count"], latency["p99"], latency["undelivered_copies"]) == (0, None, 2)
     page = render_html(report([emergency("e1", "2026-12-03T10:00:00Z")]))
     assert "not recorded" in page
 
@@ -225,6 +229,7 @@ def test_the_page_is_self_contained_and_says_the_verdict() -> None:
     assert tags.count("svg") == 5
     assert "NOT VERIFIED: audit/x record 7: sequence gap" in page
     assert "50.00 %" in page
+    assert "Acceptance rate (stored of offered)" in page
 
 
 def test_the_page_shows_latency_per_group_and_the_trail_read() -> None:
@@ -243,7 +248,9 @@ def test_the_page_shows_latency_per_group_and_the_trail_read() -> None:
         }
     ]
     page = render_html(report(records, writers=writers))
-    assert "12.5 ms / 12.5 ms / 12.5 ms (max 12.5 ms, 1 messages)" in page
+    assert "12.5 ms / 12.5 ms / 12.5 ms (max 12.5 ms, 1 copies)" in page
+    # Community's copy was never delivered: the page names the message.
+    assert "<th>Emergencies with a copy not delivered</th><td>e1</td>" in page
     assert "<th>government</th>" in page
     assert "fabric-prod-audit-writer" in page
 
@@ -252,8 +259,78 @@ def test_the_csv_has_every_figure() -> None:
     rows = list(csv.reader(io.StringIO(render_csv(report()))))
     assert rows[0] == ["section", "name", "value"]
     assert ["outcomes", "accepted", "3"] in rows
-    assert ["delivery", "success_rate", "0.75"] in rows
+    assert ["delivery", "acceptance_rate", "0.75"] in rows
+    assert ["delivery", "success_rate", ""] in rows
     assert ["delivery", "fallback_not_drained", "1"] in rows
     assert ["deliveries", "retried", "0"] in rows
     assert ["emergency_latency_ms", "p99", ""] in rows
     assert ["verification", "verified", "True"] in rows
+
+
+def test_one_groups_delivery_never_stands_in_for_another_groups_copy() -> None:
+    records = [
+        emergency("e1", "2026-12-03T10:00:00Z", "government", "media"),
+        delivered("e1", "2026-12-03T10:00:00.02Z", "government"),  # media never consumed it
+        emergency("e2", "2026-12-03T10:00:00Z", "media"),
+        # a consumer of a group the message was not addressed to (or naming none at all)
+        delivered("e2", "2026-12-03T10:00:00.02Z", "community"),
+        record("delivered", at="2026-12-03T10:00:00.03Z", message_id="e2", priority="emergency"),
+    ]
+    figures = report(records)
+    latency = figures["emergency_latency_ms"]
+    assert (latency["count"], latency["copies"], latency["undelivered_copies"]) == (1, 3, 2)
+    assert latency["undelivered_message_ids"] == ["e1", "e2"]
+    assert list(latency["by_group"]) == ["government"]
+    assert figures["copies"] == {
+        "addressed": 3,
+        "delivered": 1,
+        "undelivered": 2,
+        "undelivered_messages": 2,
+        "undelivered_message_ids": ["e1", "e2"],
+    }
+    assert figures["delivery_success_rate"] == 1 / 3
+
+
+def test_delivery_success_counts_each_copy_once_whatever_the_redeliveries() -> None:
+    def accepted(message_id: str, *groups: str) -> dict:
+        return record("accepted", message_id=message_id, transport="rabbitmq", groups=groups)
+
+    records = [
+        accepted("m1", "media"),
+        delivered("m1", "2026-12-03T10:00:01Z", "media", priority="normal"),
+        delivered("m1", "2026-12-03T10:00:02Z", "media", priority="normal"),  # at least once
+        accepted("m2", "business", "community"),
+        delivered("m2", "2026-12-03T10:00:01Z", "business", priority="normal"),
+        accepted("m3", "media"),  # dead-lettered: stored, never delivered
+        record("dead-lettered", message_id="m3"),
+    ]
+    figures = report(records)
+    assert figures["acceptance_rate"] == 1.0
+    assert (figures["copies"]["addressed"], figures["copies"]["delivered"]) == (4, 2)
+    assert figures["delivery_success_rate"] == 0.5
+    assert figures["deliveries"]["delivered"] == 3  # the records, redelivery included
+
+
+def test_a_delivery_stamped_before_its_acceptance_is_counted_as_clock_skew() -> None:
+    records = [
+        emergency("e1", "2026-12-03T10:00:05Z", "government"),
+        delivered("e1", "2026-12-03T10:00:00Z", "government"),
+    ]
+    latency = report(records)["emergency_latency_ms"]
+    assert (latency["p50"], latency["delivered_before_acceptance"]) == (-5000.0, 1)
+    assert "Emergency deliveries stamped before acceptance (clock skew)</th><td>1<" in render_html(
+        report(records)
+    )
+
+
+def test_objects_whose_retention_has_passed_are_named() -> None:
+    locks = [
+        ObjectLock("fresh", "COMPLIANCE", "2033-12-03T00:00:00Z"),
+        ObjectLock("lapsed", "COMPLIANCE", "2020-01-01T00:00:00Z"),
+        ObjectLock("open", None, None),
+    ]
+    lock = report(locks=locks)["object_lock"]
+    assert (lock["expired"], lock["unlocked"]) == (["lapsed"], ["open"])
+    assert ["object_lock", "expired", "1"] in list(
+        csv.reader(io.StringIO(render_csv(report(locks=locks))))
+    )

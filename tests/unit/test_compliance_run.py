@@ -80,7 +80,13 @@ class CountingStore(MemoryTrailStore):
 def accepted_and_routed(message_id: str, **fields: Any) -> tuple[dict[str, Any], ...]:
     """What the router records for a message RabbitMQ stored (one audit batch)."""
     return (
-        {"event": "accepted", "message_id": message_id, "transport": "rabbitmq", **fields},
+        {
+            "event": "accepted",
+            "message_id": message_id,
+            "transport": "rabbitmq",
+            "groups": ["media"],
+            **fields,
+        },
         {"event": "routed", "message_id": message_id, "queues": ["fabric.media"], **fields},
     )
 
@@ -310,6 +316,10 @@ def test_a_write_the_writer_abandoned_is_named_and_the_day_still_verifies() -> N
 
     report = reporter(trail)[0].report(Period.day(DAY))
     assert report["verification"]["problem"] is None
+    # The abandoned attempt's records are read for its hash, and counted only where chained:
+    # 23 hours of two messages, and the two of the retried write.
+    assert report["outcomes"]["accepted"] == 48
+    assert report["copies"]["addressed"] == 48
 
     # A new version of the abandoned object is not the attempt the checkpoint named.
     (abandoned,) = [
@@ -388,7 +398,7 @@ def test_a_run_writes_three_files_then_publishes_a_summary_without_content(trail
         keys.csv: "text/csv; charset=utf-8",
     }
     document = json.loads(reports.files[keys.json][0])
-    assert document["version"] == "fabric.compliance-report/1"
+    assert document["version"] == "fabric.compliance-report/2"
     assert b"<svg" in reports.files[keys.html][0]
     ((subject, message, attributes),) = topic.published
     assert subject == "Messaging Fabric test compliance 2026-12-02: verified"
@@ -403,6 +413,9 @@ def test_a_run_writes_three_files_then_publishes_a_summary_without_content(trail
         "csv": keys.csv,
     }
     assert "m-02" not in message, "no message ids in the summary"
+    assert (summary["emergencies_accepted"], summary["emergency_copies_undelivered"]) == (0, 0)
+    assert (summary["acceptance_rate"], summary["delivery_success_rate"]) == (1.0, 0.0)
+    assert summary["copies_undelivered"] == 48  # nobody consumed them in this trail
     assert metrics.totals == {"ComplianceReports": 1, "TrailNotVerified": 0}
 
 

@@ -5,8 +5,12 @@ JSON document in a single pass over the records; ``render_html`` makes a self-co
 (inline SVG charts, no external resources, no script); ``render_csv`` the same figures as rows.
 
 Records are counted when their ``at`` lies in the period. Records after the period are read
-too (the loader adds a margin), but only to follow up messages of the period: an emergency's
-first delivery, a fallback copy's drain.
+too (the loader adds a margin), but only to follow up messages of the period: a copy's first
+delivery, a fallback copy's drain.
+
+A **copy** is one message for one of the groups its ``accepted`` record addresses (``groups``):
+deliveries are counted per copy, once, and only for the groups the message was addressed to,
+so one group's delivery never stands in for another's, and a redelivery is not a second one.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 from fabric import topology
 from fabric.stakeholders import Stakeholder
 
-REPORT_VERSION = "fabric.compliance-report/1"
+REPORT_VERSION = "fabric.compliance-report/2"
 EMERGENCY = "emergency"
 # How many message ids a list in the report names at most (the count is always complete).
 LISTED_IDS = 20
@@ -68,12 +72,15 @@ class _Figures:
         self.transports: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         self.restricted = self.encrypted = self.not_archived = 0
+        # message id -> the groups its first acceptance in the period addressed
+        self.addressed: dict[str, frozenset[str]] = {}
         # message id -> accepted instant, for the period's emergencies
         self.emergencies: dict[str, str] = {}
         # message id -> "broker" or "fallback": the path the emergency was accepted on
         self.paths: dict[str, str] = {}
-        # (message id, group) -> first delivered instant, for emergency deliveries
+        # (message id, group) -> first delivered instant; message id -> the groups delivered
         self.first_delivery: dict[tuple[str, str], str] = {}
+        self.delivered_groups: dict[str, set[str]] = {}
         # message id -> (fallback instant, groups still to drain), for the period's fallbacks
         self.fallbacks: dict[str, tuple[str, set[str]]] = {}
         # drained copies seen: (message id, group) -> latest drained instant
@@ -91,11 +98,12 @@ class _Figures:
             self._count(event, message_id, at, record)
 
     def _follow_up(self, event: str, message_id: str, at: str, record: Mapping[str, Any]) -> None:
-        if event == "delivered" and _emergency_delivery(record):
+        if event == "delivered":
             for group in _groups(record):
-                seen = self.first_delivery.get((message_id, str(group)))
+                seen = self.first_delivery.get((message_id, group))
                 if seen is None or at < seen:
-                    self.first_delivery[message_id, str(group)] = at
+                    self.first_delivery[message_id, group] = at
+                self.delivered_groups.setdefault(message_id, set()).add(group)
         elif event == "drained":
             # Under "" too: a fallback record that names no group is drained by any copy.
             for group in (*(record.get("groups") or ()), ""):
@@ -108,6 +116,9 @@ class _Figures:
             self.not_archived += 1
         if event == "accepted":
             self.transports[str(record.get("transport"))] += 1
+            if isinstance(message_id, str):
+                addressed = frozenset(str(g) for g in record.get("groups") or ())
+                self.addressed.setdefault(message_id, addressed)
             if record.get("classification") == "restricted":
                 self.restricted += 1
                 self.encrypted += bool(record.get("encrypted"))
@@ -121,28 +132,64 @@ class _Figures:
             groups = {str(g) for g in record.get("groups") or ()} or {""}
             self.fallbacks[message_id] = (at, groups)
 
+    def _groups_of(self, message_id: str) -> frozenset[str]:
+        """The groups a message was addressed to; for an acceptance that names none (a record
+        from before acceptances named them), the groups that delivered it."""
+        return self.addressed.get(message_id) or frozenset(
+            self.delivered_groups.get(message_id, ())
+        )
+
+    def copies(self) -> dict[str, Any]:
+        """The period's accepted messages per addressed group: delivered (a consumer recorded
+        it, by the end of what was read) or not."""
+        addressed = delivered = 0
+        undelivered: list[str] = []
+        for message_id, groups in self.addressed.items():
+            done = sum((message_id, group) in self.first_delivery for group in groups)
+            addressed, delivered = addressed + len(groups), delivered + done
+            if done < len(groups):
+                undelivered.append(message_id)
+        return {
+            "addressed": addressed,
+            "delivered": delivered,
+            "undelivered": addressed - delivered,
+            "undelivered_messages": len(undelivered),
+            "undelivered_message_ids": sorted(undelivered)[:LISTED_IDS],
+        }
+
     def latency(self) -> dict[str, Any]:
-        """Emergency latency: accepted to the first delivery, overall and per group."""
+        """Emergency latency per copy: accepted to the group's first delivery, overall, per
+        group and per path; the copies not delivered."""
         overall: list[float] = []
         by_group: dict[str, list[float]] = {}
-        firsts: dict[str, str] = {}
-        for (message_id, group), delivered in self.first_delivery.items():
-            accepted = self.emergencies.get(message_id)
-            if accepted is None:
-                continue
-            by_group.setdefault(group, []).append(_ms(accepted, delivered))
-            if message_id not in firsts or delivered < firsts[message_id]:
-                firsts[message_id] = delivered
         by_path: dict[str, list[float]] = {"broker": [], "fallback": []}
-        for message_id, delivered in firsts.items():
-            overall.append(_ms(self.emergencies[message_id], delivered))
-            by_path[self.paths[message_id]].append(overall[-1])
-        figures = _percentiles(overall)
+        copies = before = 0
+        undelivered: list[str] = []
+        for message_id, accepted in self.emergencies.items():
+            groups = self._groups_of(message_id)
+            missing = not groups
+            for group in sorted(groups):
+                copies += 1
+                delivered = self.first_delivery.get((message_id, group))
+                if delivered is None:
+                    missing = True
+                    continue
+                ms = _ms(accepted, delivered)
+                before += ms < 0  # stamped before its acceptance: a consumer's clock is off
+                overall.append(ms)
+                by_group.setdefault(group, []).append(ms)
+                by_path[self.paths[message_id]].append(ms)
+            if missing:
+                undelivered.append(message_id)
         return {
-            **figures,
+            **_percentiles(overall),
             "source": "delivered records" if overall else NOT_RECORDED,
             "emergencies_accepted": len(self.emergencies),
-            "undelivered": len(self.emergencies) - len(firsts),
+            "copies": copies,
+            "undelivered_copies": copies - len(overall),
+            "undelivered_messages": len(undelivered),
+            "undelivered_message_ids": sorted(undelivered)[:LISTED_IDS],
+            "delivered_before_acceptance": before,
             "by_group": {g: _percentiles(v) for g, v in sorted(by_group.items()) if g},
             # The broker path is what the one-second promise is about; a message accepted on
             # the fallback path waits for the drain, by design.
@@ -158,28 +205,18 @@ class _Figures:
         return sorted(waiting)
 
 
-# Every work queue of the fabric: (group, emergency path).
+# Every work queue of the fabric, and its group.
 _WORK_QUEUES = {
-    topology.queue_name(group, emergency=emergency): (group.value, emergency)
+    topology.queue_name(group, emergency=emergency): group.value
     for group in Stakeholder
     for emergency in (False, True)
 }
 
 
-def _emergency_delivery(record: Mapping[str, Any]) -> bool:
-    """A delivery of an emergency: its ``priority`` says so, or, when it carries none, the
-    queue it was consumed from is an emergency queue (or unknown: paired by message id)."""
-    priority = record.get("priority")
-    if priority is not None:
-        return bool(priority == EMERGENCY)
-    queues = [q for q in record.get("queues") or () if q in _WORK_QUEUES]
-    return not queues or any(_WORK_QUEUES[q][1] for q in queues)
-
-
 def _groups(record: Mapping[str, Any]) -> list[str]:
     """The consumer's group: the record's ``groups``, else the group of its work queue."""
     groups = [str(g) for g in record.get("groups") or ()]
-    groups = groups or [_WORK_QUEUES[q][0] for q in record.get("queues") or () if q in _WORK_QUEUES]
+    groups = groups or [_WORK_QUEUES[q] for q in record.get("queues") or () if q in _WORK_QUEUES]
     return groups or [""]
 
 
@@ -227,7 +264,9 @@ def build_report(
     events = figures.events
     unavailable = figures.reasons.get("unavailable", 0)
     offered = events["accepted"] + unavailable
+    copies = figures.copies()
     modes = Counter(lock.mode or "none" for lock in locks)
+    now = instant(generated_at)
     waiting = figures.not_drained()
     restricted, encrypted = figures.restricted, figures.encrypted
     return {
@@ -239,7 +278,12 @@ def build_report(
         "accepted_by_transport": dict(sorted(figures.transports.items())),
         "rejected_by_reason": dict(sorted(figures.reasons.items())),
         # Valid messages the fabric could store, of those it was offered (bad input excluded).
-        "delivery_success_rate": None if offered == 0 else events["accepted"] / offered,
+        "acceptance_rate": None if offered == 0 else events["accepted"] / offered,
+        # Copies a consumer recorded as delivered, of the copies the period's messages addressed.
+        "delivery_success_rate": (
+            None if copies["addressed"] == 0 else copies["delivered"] / copies["addressed"]
+        ),
+        "copies": copies,
         # Messages the router stored on SNS/SQS because RabbitMQ could not take them.
         "fallback_activations": events.get("fallback", 0),
         "fallback_not_drained": {"messages": len(waiting), "message_ids": waiting[:LISTED_IDS]},
@@ -267,6 +311,12 @@ def build_report(
                 (lock.retain_until for lock in locks if lock.retain_until), default=None
             ),
             "unlocked": [lock.key for lock in locks if lock.mode is None],
+            # Locked, but no longer: its retain-until has passed.
+            "expired": [
+                lock.key
+                for lock in locks
+                if lock.mode is not None and lock.retain_until and instant(lock.retain_until) < now
+            ],
         },
         "verification": {"verified": verified, "problem": problem, "writers": list(writers)},
     }
@@ -288,12 +338,23 @@ def render_csv(report: Mapping[str, Any]) -> str:
     ):
         for name, value in report[section].items():
             rows.writerow([section, name, value])
+    rows.writerow(["delivery", "acceptance_rate", report["acceptance_rate"]])
     rows.writerow(["delivery", "success_rate", report["delivery_success_rate"]])
+    for name in ("addressed", "delivered", "undelivered", "undelivered_messages"):
+        rows.writerow(["copies", name, report["copies"][name]])
     rows.writerow(["delivery", "fallback_activations", report["fallback_activations"]])
     rows.writerow(["delivery", "fallback_not_drained", report["fallback_not_drained"]["messages"]])
     latency = report["emergency_latency_ms"]
     for name in ("count", "p50", "p95", "p99", "max"):
         rows.writerow(["emergency_latency_ms", name, latency[name]])
+    for name in (
+        "emergencies_accepted",
+        "copies",
+        "undelivered_copies",
+        "undelivered_messages",
+        "delivered_before_acceptance",
+    ):
+        rows.writerow(["emergency", name, latency[name]])
     for group, figures in latency["by_group"].items():
         for name in ("count", "p50", "p95", "p99", "max"):
             rows.writerow([f"emergency_latency_ms.{group}", name, figures[name]])
@@ -305,6 +366,7 @@ def render_csv(report: Mapping[str, Any]) -> str:
     rows.writerow(
         ["object_lock", "earliest_retain_until", report["object_lock"]["earliest_retain_until"]]
     )
+    rows.writerow(["object_lock", "expired", len(report["object_lock"]["expired"])])
     verification = report["verification"]
     rows.writerow(["verification", "verified", verification["verified"]])
     rows.writerow(["verification", "problem", verification["problem"] or ""])
@@ -347,7 +409,7 @@ def _latency_text(latency: Mapping[str, Any]) -> str:
         return NOT_RECORDED
     return (
         f"{_ms_text(latency['p50'])} / {_ms_text(latency['p95'])} / {_ms_text(latency['p99'])}"
-        f" (max {_ms_text(latency['max'])}, {latency['count']:,} messages)"
+        f" (max {_ms_text(latency['max'])}, {latency['count']:,} copies)"
     )
 
 
@@ -381,8 +443,15 @@ def render_html(report: Mapping[str, Any]) -> str:
     latency = report["emergency_latency_ms"]
     waiting = report["fallback_not_drained"]
     unlocked = lock["unlocked"]
+    copies = report["copies"]
     summary = [
-        ("Delivery success rate (stored of offered)", _percent(report["delivery_success_rate"])),
+        ("Acceptance rate (stored of offered)", _percent(report["acceptance_rate"])),
+        (
+            "Delivery success rate (copies delivered of addressed)",
+            f"{_percent(report['delivery_success_rate'])}: {copies['delivered']:,} of"
+            f" {copies['addressed']:,}; {copies['undelivered_messages']:,} messages with a copy"
+            " not delivered",
+        ),
         ("Emergency latency p50 / p95 / p99", _latency_text(latency)),
         ("… accepted on the broker path", _latency_text(latency["by_path"]["broker"])),
         (
@@ -390,8 +459,17 @@ def render_html(report: Mapping[str, Any]) -> str:
             _latency_text(latency["by_path"]["fallback"]),
         ),
         (
-            "Emergencies accepted / not yet delivered",
-            f"{latency['emergencies_accepted']:,} / {latency['undelivered']:,}",
+            "Emergencies accepted / copies / copies not delivered",
+            f"{latency['emergencies_accepted']:,} / {latency['copies']:,} /"
+            f" {latency['undelivered_copies']:,}",
+        ),
+        (
+            "Emergencies with a copy not delivered",
+            ", ".join(latency["undelivered_message_ids"]) or "none",
+        ),
+        (
+            "Emergency deliveries stamped before acceptance (clock skew)",
+            f"{latency['delivered_before_acceptance']:,}",
         ),
         ("Encryption coverage of restricted", _percent(report["encryption"]["coverage"])),
         ("Fallback activations (messages)", f"{report['fallback_activations']:,}"),
@@ -407,6 +485,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         ),
         ("Earliest retain-until", str(lock["earliest_retain_until"] or "n/a")),
         ("Unlocked objects", ", ".join(unlocked[:LISTED_IDS]) or "none"),
+        ("Objects whose retention has expired", ", ".join(lock["expired"][:LISTED_IDS]) or "none"),
     ]
     groups = [
         (
@@ -422,7 +501,7 @@ def render_html(report: Mapping[str, Any]) -> str:
     by_group = (
         "<h2>Emergency latency per stakeholder group</h2>"
         "<p>From the router's acceptance to the group's consumer finishing the message.</p>"
-        + _table(groups, ("group", "messages", "p50", "p95", "p99", "max"))
+        + _table(groups, ("group", "copies", "p50", "p95", "p99", "max"))
         if groups
         else ""
     )

@@ -48,7 +48,7 @@ from fabric.envelope import format_timestamp
 from fabric.errors import FabricError
 from fabric.ports import Metrics
 
-SUMMARY_VERSION = "fabric.compliance-summary/1"
+SUMMARY_VERSION = "fabric.compliance-summary/2"
 DAY = timedelta(days=1)
 # How long after its event a record may reach the writer and still count in its period's report.
 LATE_ARRIVAL = timedelta(hours=1)
@@ -220,6 +220,8 @@ class Window:
     locks: list[ObjectLock] = field(default_factory=list)
     unsealed: int = 0
     problem: Problem | None = None  # found while reading, before the verifier ran
+    # Attempts the writer gave up on (read for their hash): their records are the chain's too.
+    abandoned: set[str] = field(default_factory=set)
 
 
 class _Unreadable(Exception):
@@ -350,7 +352,8 @@ def load_window(
         elif seq > sealed_to and after is None:
             unsealed.append(key)  # written after the writer's last checkpoint
     window.unsealed = len(unsealed)
-    wanted = sorted({*named, *unsealed, *(abandoned - named)})  # abandoned: hash checked
+    window.abandoned = abandoned - named
+    wanted = sorted({*named, *unsealed, *window.abandoned})  # abandoned: hash checked
     with ThreadPoolExecutor(workers) as pool:
         for key, stored in zip(wanted, pool.map(store.read, wanted), strict=True):
             if stored is not None:  # a missing object is named by the verifier
@@ -447,7 +450,7 @@ def check_window(window: Window, signer: Signer) -> WriterCheck:
 
 def _records(windows: Sequence[Window]) -> Iterator[dict[str, Any]]:
     for window in windows:
-        for key in sorted(window.objects):
+        for key in sorted(window.objects.keys() - window.abandoned):  # counted where chained
             try:
                 yield from decode_object(window.objects[key])
             except ValueError:
@@ -578,14 +581,18 @@ def summarize(report: Mapping[str, Any], *, bucket: str, keys: ReportKeys) -> di
         "accepted": outcomes.get("accepted", 0),
         "rejected": outcomes.get("rejected", 0),
         "delivered": report["deliveries"]["delivered"],
+        "acceptance_rate": report["acceptance_rate"],
         "delivery_success_rate": report["delivery_success_rate"],
-        "emergency_messages": latency["count"],
+        "copies_undelivered": report["copies"]["undelivered"],
+        "emergencies_accepted": latency["emergencies_accepted"],
+        "emergency_copies_undelivered": latency["undelivered_copies"],
         "emergency_latency_p99_ms": latency["p99"],
         "encryption_coverage": report["encryption"]["coverage"],
         "fallback_not_drained": report["fallback_not_drained"]["messages"],
         "dead_lettered": report["dead_letters"]["dead_lettered"],
         "objects": lock["objects"],
         "unlocked_objects": len(lock["unlocked"]),
+        "expired_objects": len(lock["expired"]),
         "earliest_retain_until": lock["earliest_retain_until"],
         "report": {"bucket": bucket, "json": keys.json, "html": keys.html, "csv": keys.csv},
     }
