@@ -4,8 +4,9 @@
 objects of 5,000 records, 10 signed checkpoints; the objects in memory, as the verifier holds
 them once read from S3; signatures checked by moto's KMS in-process).
 ``audit_writer_records_per_s``: ``fabric.audit_writer.AuditWriter`` writing 100,000 records in
-calls of 5,000 (ten audit batches of 500 each), one Object Lock object per call, into moto's S3
-and DynamoDB in-process.
+calls of 5,000, each the audit batches of ten router calls of 250 restricted messages (two records
+a message, and the stored bodies), one Object Lock object and one archive object per call, into
+moto's S3 and DynamoDB in-process.
 ``compliance_report_1m_s``: the compliance report function's ``ComplianceReporter.run`` (built by
 ``fabric.bootstrap.build_compliance_reporter``, as the Lambda builds it) over a UTC day of one
 million records (1,000 Object Lock objects of 1,000 records in the audit writer's key layout,
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -98,12 +100,13 @@ def bench_audit_verify(records: int = 1_000_000, per_object: int = 5_000) -> Ite
 
 
 def bench_audit_writer(records: int = 100_000, per_call: int = 5_000) -> Iterator[Figure]:
-    """The writer into moto's S3 (Object Lock bucket) and DynamoDB, in-process."""
+    """The writer into moto's S3 (Object Lock bucket) and DynamoDB, in-process, given the audit
+    batches the router emits (``_router_batches``): each call stores an audit object and the
+    archive object of the bodies its records name."""
     import boto3
     from moto import mock_aws
 
     from fabric.adapters.audit_storage import DynamoDbChainStore, S3ObjectStore
-    from fabric.audit import AuditBatch
     from fabric.audit_writer import AuditWriter
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "moto")
@@ -128,18 +131,64 @@ def bench_audit_writer(records: int = 100_000, per_call: int = 5_000) -> Iterato
             objects=S3ObjectStore("bench-audit", lambda: s3),
             signer=_signer(),
         )
-        calls = [
-            [
-                (f"batch-{c}-{b}", AuditBatch([_record(i) for i in range(500)]))
-                for b in range(per_call // 500)
-            ]
-            for c in range(records // per_call)
-        ]
+        calls = _router_batches(records // per_call, per_call)
         started = time.perf_counter()
-        for batches in calls:
-            writer.write(batches)
+        written = [writer.write(batches) for batches in calls]
         elapsed = time.perf_counter() - started
+    stored = sum(w.records for w in written)
+    archived = sum(w.archived for w in written)
+    if stored != records or archived != records // 2:
+        raise RuntimeError(f"the writer stored {stored} records and archived {archived} bodies")
     yield "audit_writer_records_per_s", records / elapsed, "records/s"
+
+
+def _router_batches(calls: int, per_call: int) -> list[list[tuple[str, Any]]]:
+    """``calls`` lists of (batch id, ``AuditBatch``) of ``per_call`` records, as the writer gets
+    them from the router: each router call of 250 restricted 1 KiB case updates (moto's KMS)
+    emits an ``accepted`` and a ``routed`` record a message and carries the stored bodies for
+    the archive, split into audit messages as the router's audit sink splits them."""
+    import boto3
+
+    from fabric.adapters.esdk import EsdkCipher
+    from fabric.adapters.memory import MemoryTransport
+    from fabric.audit import decode_audit_batch
+    from fabric.audit_sink import TransportAuditSink
+    from fabric.ports import MessageKind
+    from fabric.router import Router
+    from fabric.routing import default_routing_table
+
+    key = boto3.client("kms", region_name=REGION).create_key()["KeyMetadata"]["Arn"]
+    transport = MemoryTransport(name="rabbitmq")
+    router = Router(
+        table=default_routing_table(),
+        transports=[transport],
+        cipher=EsdkCipher(key),
+        audit=TransportAuditSink([transport], emitted_by="router"),
+        environment="bench",
+    )
+    out: list[list[tuple[str, Any]]] = []
+    for _ in range(calls):
+        transport.published.clear()
+        for _ in range(per_call // 500):
+            items = [
+                {
+                    "message_id": str(uuid.uuid4()),
+                    "topic": "case.assessment.updated",
+                    "classification": "restricted",
+                    "payload": {"data": "x" * 1024},
+                }
+                for _ in range(250)
+            ]
+            if router.route(items, source="government").rejected:
+                raise RuntimeError("the router rejected the benchmark's messages")
+        out.append(
+            [
+                (m.message_id, decode_audit_batch(m.body))
+                for m in transport.published
+                if m.kind is MessageKind.AUDIT
+            ]
+        )
+    return out
 
 
 def _life(i: int, at: datetime) -> dict[str, Any]:
