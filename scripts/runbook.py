@@ -7,7 +7,7 @@
     python scripts/runbook.py verify --env prod [--writer NAME] [--bucket B] [--signing-key ARN]
     python scripts/runbook.py replay --env prod --start T --end T [--topic PATTERN]...
         [--message-id ID]... [--source GROUP] [--max-messages N] [--rate N] [--chunk N]
-        [--dry-run] [--replay-id ID] [--after AT,ID] [--late-days N]
+        [--dry-run] [--replay-id ID] [--after AT,ID] [--late-days N] [--include-unsealed]
     python scripts/runbook.py report --env prod [--date YYYY-MM-DD | --start T --end T]
 
 ``drain`` shows every fallback queue's depth and oldest message, then invokes the deployed
@@ -194,7 +194,7 @@ def redrive(
 
 # Why a replay chunk stops that means "go on with the next chunk".
 _REPLAY_GOES_ON = frozenset({"message limit", "time limit"})
-_REPLAY_PROBLEMS = ("missing_body", "corrupt", "unreadable", "refused", "failed")
+_REPLAY_PROBLEMS = ("unsealed", "missing_body", "corrupt", "unreadable", "refused", "failed")
 _REPLAY_LISTED = 100
 
 
@@ -241,7 +241,7 @@ def replay(
             _resume_hint(replay_id, cursor, out)
             return 1
         for key in totals:
-            totals[key] += body[key]
+            totals[key] += body.get(key, 0)  # "unsealed": absent from an older function
         progress = (
             body["replayed"]
             + body["would_replay"]
@@ -290,7 +290,9 @@ def replay(
     failed = stopped not in ("done", "message limit") and not (
         bounded and stopped in _REPLAY_GOES_ON
     )
-    if failed or body.get("remaining"):  # also where --max-messages left the rest
+    # Also where --max-messages left the rest; not when the trail does not verify (find why
+    # before replaying anything of it).
+    if (failed or body.get("remaining")) and stopped != "trail not verified":
         _resume_hint(replay_id, cursor, out)
     if failed:
         return 1
@@ -315,6 +317,8 @@ def _print_problems(body: dict[str, Any], out: TextIO) -> None:
     each message that cannot be replayed."""
     for problem in body.get("trail_problems", ()):  # absent from a function older than this
         print(f"  trail does not verify: {problem}", file=out)
+    for gap in body.get("trail_incomplete", ()):
+        print(f"  trail incomplete (replayed anyway): {gap}", file=out)
     for item in body["problems"]:
         print(
             f"  {item['outcome']:12s} {item['message_id']}  {item['at']}  {item['topic']}"
@@ -337,6 +341,8 @@ def _cursor(text: str) -> dict[str, str]:
 
 def _replay_request(args: argparse.Namespace) -> dict[str, Any]:
     request: dict[str, Any] = {"start": args.start, "end": args.end, "dry_run": args.dry_run}
+    if args.include_unsealed:
+        request["include_unsealed"] = True
     optional = {
         "topics": args.topic,
         "message_ids": args.message_id,
@@ -438,6 +444,11 @@ def _add_replay_command(commands: Any) -> None:
     replay_parser.add_argument("--after", type=_cursor, help="resume behind AT,MESSAGE_ID")
     replay_parser.add_argument(
         "--late-days", type=int, help="search objects written up to N days after --end (1)"
+    )
+    replay_parser.add_argument(
+        "--include-unsealed",
+        action="store_true",
+        help="also replay what was written after the last checkpoint (hash chain only)",
     )
 
 

@@ -82,9 +82,11 @@ class Trail:
         at: datetime,
         written: datetime | None = None,
         archive: bool = True,
+        seal: bool = True,
     ) -> list[dict[str, Any]]:
         """Route ``messages`` at ``at`` and write the call's records (and, if ``archive``,
-        bodies) as one object on the day of ``written`` (default: ``at``)."""
+        bodies) as one object on the day of ``written`` (default: ``at``), sealed by a
+        checkpoint at once unless ``seal`` is false."""
         sink = MemoryAuditSink()
         router = Router(
             table=default_routing_table(),
@@ -101,6 +103,8 @@ class Trail:
                 if record["event"] == "accepted":
                     record["archived"] = False
         self.write(records, sink.bodies if archive else {}, written or at)
+        if seal:
+            self.seal(written or at)
         return records
 
     def write(
@@ -495,23 +499,31 @@ def test_an_unreachable_bucket_stops_the_run_and_nothing_is_published() -> None:
     assert broker.published == []
 
 
-def forged_emergency(trail: Trail, key: str, *, first_seq: int, prev: str) -> str:
+def forged_emergency(
+    trail: Trail,
+    key: str,
+    *,
+    first_seq: int,
+    prev: str,
+    message_id: str = str(uuid.UUID(int=666)),
+    at: datetime = DAY + timedelta(hours=5),
+) -> str:
     """An object at ``key`` that is not the writer's: a chained acceptance of an emergency that
     was never published, with its body in an archive object beside it. Its message id."""
     envelope = {
         "schema": "fabric.envelope/1",
-        "message_id": str(uuid.UUID(int=666)),
+        "message_id": message_id,
         "topic": "child-safety.incident.reported",
         "priority": "emergency",
         "classification": "internal",
         "source": "government",
-        "timestamp": format_timestamp(DAY + timedelta(hours=5)),
+        "timestamp": format_timestamp(at),
         "headers": {},
         "payload": {"forged": True},
     }
     body = json.dumps(envelope).encode()
     digest = hashlib.sha256(body).hexdigest()
-    base = {"at": format_timestamp(DAY + timedelta(hours=5)), "message_id": envelope["message_id"]}
+    base = {"at": format_timestamp(at), "message_id": envelope["message_id"]}
     chain = Chain(trail.writer, first_seq - 1, prev)
     records = chain.link(
         [
@@ -592,15 +604,54 @@ def test_an_unreadable_audit_object_stops_the_run_and_is_named() -> None:
     assert problem.startswith(f"{trail.writer}: {broken}: not a batch object")
 
 
-def test_the_unsealed_tail_of_the_writers_own_chain_is_replayed_and_counted() -> None:
+def test_an_acceptance_not_yet_sealed_is_held_back_unless_the_request_includes_it() -> None:
     trail, _ = sealed_trail()
-    trail.route([donation(3)], source="community", at=DAY + timedelta(hours=4))  # unsealed
-    run, _, _ = replayer(trail)
+    trail.route([donation(3)], source="community", at=DAY + timedelta(hours=4), seal=False)
+    run, broker, _ = replayer(trail)
+    report = run.run(request())
+
+    assert (report.stopped, report.trail_problems, report.unsealed_objects) == ("done", [], 1)
+    assert (report.replayed, report.unsealed) == (2, 1)
+    (held,) = report.problems
+    assert (held.message_id, held.outcome) == (str(uuid.UUID(int=4)), "unsealed")
+    assert str(uuid.UUID(int=4)) not in [m.message_id for m in broker.published]
+
+    run, broker, _ = replayer(trail)
+    report = run.run(request(include_unsealed=True))
+    assert (report.replayed, report.unsealed) == (3, 0)
+
+
+def test_a_correctly_chained_forgery_after_the_last_checkpoint_is_never_published() -> None:
+    # Anyone who can put an object after the last checkpoint can extend the unkeyed hash
+    # chain: its acceptances are held back, and it cannot displace a sealed acceptance.
+    trail, _ = sealed_trail()
+    last = trail.audit_writer._chains.load(trail.writer)
+    key = f"audit/{trail.writer}/2026/12/01/{last.seq + 1:012d}-{last.seq + 2:012d}.jsonl"
+    forged = forged_emergency(trail, key, first_seq=last.seq + 1, prev=last.last_hash)
+    run, broker, _ = replayer(trail)
     report = run.run(request())
 
     assert (report.stopped, report.trail_problems) == ("done", [])
-    assert report.replayed == 3
-    assert report.unsealed_objects == 1
+    assert forged not in [m.message_id for m in broker.published]
+    assert [item.message_id for item in report.problems if item.outcome == "unsealed"] == [forged]
+    assert report.replayed == 2  # the sealed ones
+
+
+def test_an_unsealed_acceptance_never_displaces_a_sealed_one_of_the_same_message() -> None:
+    trail, _ = sealed_trail()
+    last = trail.audit_writer._chains.load(trail.writer)
+    key = f"audit/{trail.writer}/2026/12/01/{last.seq + 1:012d}-{last.seq + 2:012d}.jsonl"
+    genuine = str(uuid.UUID(int=2))  # donation(1), accepted and sealed at 01:00
+    at = DAY + timedelta(minutes=30)
+    forged_emergency(
+        trail, key, first_seq=last.seq + 1, prev=last.last_hash, message_id=genuine, at=at
+    )
+    run, broker, _ = replayer(trail)
+    report = run.run(request(include_unsealed=True))
+
+    (sent,) = [m for m in broker.published if m.message_id == genuine]
+    assert json.loads(sent.body)["payload"] == {"amount": 1}
+    assert report.replayed == 2
 
 
 def test_an_authentic_but_incomplete_trail_is_named_and_the_message_still_replayed() -> None:
@@ -627,8 +678,9 @@ def test_an_authentic_but_incomplete_trail_is_named_and_the_message_still_replay
         records[0]["message_id"],
         str(uuid.UUID(int=3)),
     ]
-    (problem,) = report.trail_problems
-    assert problem.endswith("record 3: an accepted message has no outcome (routed or fallback)")
+    assert report.trail_problems == []
+    (problem,) = report.trail_incomplete
+    assert problem.endswith(": an accepted message has no outcome (routed or fallback)")
 
 
 def test_every_configured_writers_trail_is_read_and_no_other() -> None:
@@ -708,7 +760,8 @@ def test_a_request_is_read_with_its_defaults() -> None:
         ({**GOOD, "source": ["community"]}, "source must be one of academic"),
         ({**GOOD, "rate_per_s": float("nan")}, "rate_per_s must be a positive number"),
         ({**GOOD, "rate_per_s": float("inf")}, "rate_per_s must be a positive number"),
-        ({**GOOD, "dry_run": "yes"}, "dry_run must be true or false"),
+        ({**GOOD, "dry_run": "yes"}, "dry_run and include_unsealed must be true or false"),
+        ({**GOOD, "include_unsealed": 1}, "dry_run and include_unsealed must be true or false"),
         ({**GOOD, "max_messages": 0}, "max_messages must be a positive whole number"),
         ({**GOOD, "max_messages": True}, "max_messages must be a positive whole number"),
         ({**GOOD, "rate_per_s": -1}, "rate_per_s must be a positive number"),

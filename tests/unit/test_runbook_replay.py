@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 from typing import Any
@@ -24,6 +25,7 @@ class _Lambda:
             "corrupt": 0,
             "unreadable": 0,
             "refused": 0,
+            "unsealed": 0,
             "failed": 0,
             "cursor": {"at": "2026-12-01T03:00:00Z", "message_id": "m-100"},
             "messages": [],
@@ -92,6 +94,32 @@ def test_a_trail_that_does_not_verify_is_printed_and_exits_1(dry_run: bool) -> N
     assert status == 1, out.getvalue()
     assert f"  trail does not verify: {problem}" in out.getvalue()
     assert "stopped: trail not verified" in out.getvalue()
+    assert "resume with" not in out.getvalue()  # find the cause first
+
+
+def test_an_incomplete_but_authentic_trail_is_named_as_such_and_the_replay_goes_on() -> None:
+    gap = "fabric-prod-audit-writer: audit/x.jsonl record 3: an accepted message has no outcome"
+    status, output = replay(
+        _Lambda(replayed=100, stopped="done", trail_incomplete=[gap]), max_messages=1000
+    )
+    assert status == 0, output
+    assert f"  trail incomplete (replayed anyway): {gap}" in output
+    assert "does not verify" not in output
+
+
+def test_acceptances_held_back_as_unsealed_exit_1_and_the_flag_asks_for_them() -> None:
+    status, output = replay(_Lambda(replayed=98, unsealed=2, stopped="done"), max_messages=1000)
+    assert status == 1, output
+    assert "unsealed 2," in output
+    fields = dict.fromkeys(
+        ("topic", "message_id", "source", "rate", "replay_id", "after", "late_days")
+    )
+    common = {"start": "a", "end": "b", "dry_run": False, **fields}
+    asked = argparse.Namespace(**common, include_unsealed=True)
+    assert runbook._replay_request(asked)["include_unsealed"] is True
+    assert "include_unsealed" not in runbook._replay_request(
+        argparse.Namespace(**common, include_unsealed=False)
+    )
 
 
 def test_a_replay_whose_runs_finish_nothing_stops_instead_of_invoking_forever() -> None:

@@ -218,7 +218,8 @@ class Window:
     checkpoints: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     objects: dict[str, bytes] = field(default_factory=dict)
     locks: list[ObjectLock] = field(default_factory=list)
-    unsealed: int = 0
+    # Objects written after the writer's last checkpoint: only the hash chain protects them.
+    unsealed_keys: set[str] = field(default_factory=set)
     problem: Problem | None = None  # found while reading, before the verifier ran
     # Attempts the writer gave up on (read for their hash): their records are the chain's too.
     abandoned: set[str] = field(default_factory=set)
@@ -351,7 +352,7 @@ def load_window(
             )
         elif seq > sealed_to and after is None:
             unsealed.append(key)  # written after the writer's last checkpoint
-    window.unsealed = len(unsealed)
+    window.unsealed_keys = set(unsealed)
     window.abandoned = abandoned - named
     wanted = sorted({*named, *unsealed, *window.abandoned})  # abandoned: hash checked
     with ThreadPoolExecutor(workers) as pool:
@@ -430,7 +431,7 @@ def check_window(window: Window, signer: Signer) -> WriterCheck:
     """Verify ``window`` from its anchor (``verify_trail``); the first problem, if any."""
     if window.problem is not None and not window.checkpoints and not window.objects:
         # Reading stopped at an unreadable checkpoint: there is nothing to verify.
-        return WriterCheck(window.writer, 0, 0, 0, window.unsealed, window.problem)
+        return WriterCheck(window.writer, 0, 0, 0, len(window.unsealed_keys), window.problem)
     result = verify_trail(
         objects=window.objects,
         checkpoints=window.checkpoints,
@@ -443,7 +444,7 @@ def check_window(window: Window, signer: Signer) -> WriterCheck:
         result.records,
         result.objects,
         result.checkpoints,
-        window.unsealed,
+        len(window.unsealed_keys),
         result.problem or window.problem,
     )
 

@@ -7,8 +7,12 @@ objects written after the last checkpoint, which only the hash chain protects). 
 does not verify stops the run before anything is listed or published (``trail not verified``,
 with the problem named): what is not proved to be what the writer wrote is not re-published as
 child-welfare traffic. A trail that is authentic but incomplete (an accepted message without an
-outcome) is named in the report and does not stop the run: replay is how such a message is
-recovered. Only the writers the function is configured with (``AUDIT_WRITERS``) are read.
+outcome) is named in the report (``trail_incomplete``) and does not stop the run: replay is how
+such a message is recovered. Only the writers the function is configured with
+(``AUDIT_WRITERS``) are read. An acceptance in an object written after its writer's last
+checkpoint is protected by the unkeyed hash chain only (anyone able to put an object there
+could extend it), so it is reported ``unsealed`` and not published unless the request says
+``include_unsealed``; a sealed acceptance of the same message is preferred to an unsealed one.
 
 From the verified objects it selects the ``accepted`` records of ``[start, end)`` that match
 the filter (topic patterns with RabbitMQ semantics, message ids, source) — one per
@@ -21,8 +25,9 @@ publisher confirms, with the same message id, routed by today's routing table ex
 router routes, and with the header ``fabric-replay: <replay id>``. One ``replayed`` audit
 record per message is emitted once the broker confirmed it.
 
-Nothing found is skipped silently: a body that is not in the archive (also when its record says
-``archived: false``) is reported ``missing-body``, a body whose hash differs ``corrupt``, a body
+Nothing found is skipped silently: an acceptance not yet sealed is reported ``unsealed``, a body
+that is not in the archive (also when its record says ``archived: false``) ``missing-body``, a
+body whose hash differs ``corrupt``, a body
 that is not a fabric envelope ``unreadable``, and a message today's routing table would refuse
 (its source may no longer publish the topic, or the route now requires a stricter
 classification) ``refused``; none of them is published.
@@ -89,6 +94,11 @@ MISSING_BODY = "missing-body"
 CORRUPT = "corrupt"
 UNREADABLE = "unreadable"
 REFUSED = "refused"
+UNSEALED = "unsealed"
+_UNSEALED_DETAIL = (
+    "written after its writer's last checkpoint (hash chain only): replay it after the next"
+    " checkpoint, or with include_unsealed"
+)
 FAILED = "failed"
 
 
@@ -164,7 +174,8 @@ class ReplayRequest:
 
     ``replay_id`` names the replay (one id for all runs of a chunked replay); ``after``
     resumes behind a cursor; ``late_days`` widens the search to audit objects written that many
-    days after ``end``.
+    days after ``end``; ``include_unsealed`` publishes acceptances written after the last
+    checkpoint too (only the hash chain protects them).
 
     Raises:
         ValueError: a bound is not positive, the period is empty, longer than 31 days or not
@@ -181,6 +192,7 @@ class ReplayRequest:
     max_seconds: float = 840.0
     after: ReplayCursor | None = None
     late_days: int = DEFAULT_LATE_DAYS
+    include_unsealed: bool = False
 
     def __post_init__(self) -> None:
         if self.start.tzinfo is None or self.end.tzinfo is None:
@@ -236,9 +248,10 @@ class ReplayReport:
     behind the cursor the run started from; ``remaining``: those still to do after the run.
     ``stopped``: done, message limit, time limit, or what failed (trail not verified, broker
     unavailable, broker refused, archive unavailable, audit unavailable). ``cursor`` is where the
-    next run goes on. ``trail_problems``: per writer, what verifying the trail found (one that
-    is not authentic stops the run); ``unsealed_objects``: objects written after a writer's last
-    checkpoint, which only the hash chain protects.
+    next run goes on. ``trail_problems``: per writer, why its trail is not authentic (the run
+    stopped); ``trail_incomplete``: per writer, an authentic trail's gap (replayed anyway);
+    ``unsealed_objects``: objects written after a writer's last checkpoint, which only the hash
+    chain protects (``unsealed``: the acceptances in them held back).
     """
 
     replay_id: str
@@ -255,12 +268,14 @@ class ReplayReport:
     corrupt: int = 0
     unreadable: int = 0
     refused: int = 0  # today's routing table would refuse it: its source, or its classification
+    unsealed: int = 0  # accepted in an object no checkpoint seals yet: held back
     stopped: str = "done"
     cursor: ReplayCursor | None = None
     messages: list[Listed] = field(default_factory=list)
     problems: list[Listed] = field(default_factory=list)
     unreadable_objects: list[str] = field(default_factory=list)
     trail_problems: list[str] = field(default_factory=list)
+    trail_incomplete: list[str] = field(default_factory=list)
     unsealed_objects: int = 0
 
     @property
@@ -273,6 +288,7 @@ class ReplayReport:
             + self.corrupt
             + self.unreadable
             + self.refused
+            + self.unsealed
         )
 
     def to_dict(
@@ -295,12 +311,14 @@ class ReplayReport:
             "corrupt": self.corrupt,
             "unreadable": self.unreadable,
             "refused": self.refused,
+            "unsealed": self.unsealed,
             "stopped": self.stopped,
             "cursor": None if self.cursor is None else self.cursor.to_dict(),
             "messages": [item.to_dict() for item in self.messages[:messages_limit]],
             "problems": [item.to_dict() for item in self.problems[:problems_limit]],
             "unreadable_objects": list(self.unreadable_objects),
             "trail_problems": list(self.trail_problems),
+            "trail_incomplete": list(self.trail_incomplete),
             "unsealed_objects": self.unsealed_objects,
         }
 
@@ -319,6 +337,7 @@ class _Candidate:
     archived: bool | None
     audit_key: str
     seq: int
+    sealed: bool
 
     @property
     def position(self) -> ReplayCursor:
@@ -463,16 +482,24 @@ class Replayer:
         for writer in self._writers:
             window = load_window(trail, writer, period, late=late)
             check = check_window(window, self._signer)
-            report.unsealed_objects += window.unsealed
+            report.unsealed_objects += len(window.unsealed_keys)
             problem = window.problem or check.problem
             if problem is not None:
-                _LOG.warning("the trail of %s does not verify: %s", writer, problem)
-                report.trail_problems.append(f"{writer}: {problem.where}: {problem.why}")
-                authentic = authentic and window.problem is None and not problem.authentic
+                text = f"{writer}: {problem.where}: {problem.why}"
+                if window.problem is None and not problem.authentic:
+                    report.trail_incomplete.append(text)
+                else:
+                    _LOG.warning("the trail of %s does not verify: %s", writer, problem)
+                    report.trail_problems.append(text)
+                    authentic = False
             if not authentic:
                 continue
             for key in sorted(window.objects):
-                self._consider(key, window.objects[key], request, report, first)
+                sealed = key not in window.unsealed_keys
+                self._consider(
+                    key, window.objects[key], sealed=sealed, request=request, report=report,
+                    first=first,
+                )  # fmt: skip
         if not authentic:
             return None
         return sorted(first.values(), key=lambda c: (c.at, c.message_id))
@@ -481,12 +508,14 @@ class Replayer:
     def _consider(
         key: str,
         data: bytes,
+        *,
+        sealed: bool,
         request: ReplayRequest,
         report: ReplayReport,
         first: dict[str, _Candidate],
     ) -> None:
-        """Keep in ``first`` each matching acceptance of object ``key`` that is earlier than
-        the one kept for its message."""
+        """Keep in ``first`` each matching acceptance of object ``key`` that comes before the
+        one kept for its message: sealed before unsealed, then earlier."""
         try:
             records = decode_object(data)
         except (ValueError, UnicodeDecodeError):
@@ -494,15 +523,11 @@ class Replayer:
             report.unreadable_objects.append(key)
             return
         for record in records:
-            candidate = _candidate(record, key, request)
+            candidate = _candidate(record, key, sealed, request)
             if candidate is None:
                 continue
             known = first.get(candidate.message_id)
-            if known is None or (candidate.at, key, candidate.seq) < (
-                known.at,
-                known.audit_key,
-                known.seq,
-            ):
+            if known is None or _rank(candidate) < _rank(known):
                 first[candidate.message_id] = candidate
 
     # -- one batch ------------------------------------------------------------------------------
@@ -520,8 +545,12 @@ class Replayer:
         # Where in the batch each prepared message is, so that a failure cuts the batch there.
         positions: list[int] = []
         for position, candidate in enumerate(batch):
+            if not (candidate.sealed or request.include_unsealed):
+                report.unsealed += 1
+                report.problems.append(_problem(candidate, UNSEALED, _UNSEALED_DETAIL))
+                continue
             try:
-                item = self._prepare(candidate, request.replay_id, bodies, report)
+                item = self._prepare(candidate, request, bodies, report)
             except TransportUnavailable as exc:
                 _LOG.warning("the archive cannot be read: %s", exc)
                 report.stopped = "archive unavailable"
@@ -572,7 +601,11 @@ class Replayer:
         return finished, go_on
 
     def _prepare(
-        self, candidate: _Candidate, replay_id: str, bodies: _Bodies, report: ReplayReport
+        self,
+        candidate: _Candidate,
+        request: ReplayRequest,
+        bodies: _Bodies,
+        report: ReplayReport,
     ) -> _Prepared | None:
         """The message to publish for ``candidate``, or None when it is reported instead.
 
@@ -621,7 +654,7 @@ class Replayer:
             return None
         deliveries = self._table.deliveries(envelope)
         headers = delivery_headers(envelope)
-        headers[REPLAY_HEADER] = replay_id
+        headers[REPLAY_HEADER] = request.replay_id
         outbound = OutboundMessage(
             message_id=envelope.message_id,
             topic=envelope.topic,
@@ -760,7 +793,15 @@ class _Trail:
         return None if data is None else StoredObject(data, None, None)
 
 
-def _candidate(record: Mapping[str, Any], key: str, request: ReplayRequest) -> _Candidate | None:
+def _rank(candidate: _Candidate) -> tuple[bool, datetime, str, int]:
+    """Which acceptance of a message is replayed: a sealed one before an unsealed one (which a
+    forger could have chained on), then the first."""
+    return (not candidate.sealed, candidate.at, candidate.audit_key, candidate.seq)
+
+
+def _candidate(
+    record: Mapping[str, Any], key: str, sealed: bool, request: ReplayRequest
+) -> _Candidate | None:
     """``record`` as a candidate when it is an acceptance of the period matching the filter."""
     if record.get("event") != str(AuditEvent.ACCEPTED):
         return None
@@ -790,6 +831,7 @@ def _candidate(record: Mapping[str, Any], key: str, request: ReplayRequest) -> _
         archived=archived if isinstance(archived, bool) else None,
         audit_key=key,
         seq=seq if isinstance(seq, int) else 0,
+        sealed=sealed,
     )
 
 
@@ -830,6 +872,7 @@ _REQUEST_FIELDS = frozenset(
         "replay_id",
         "after",
         "late_days",
+        "include_unsealed",
     }
 )
 _GROUP_NAMES = frozenset(group.value for group in Stakeholder)
@@ -839,7 +882,7 @@ def parse_request(event: object, *, max_seconds: float = 840.0) -> ReplayRequest
     """The replay function's event (the runbook builds it): ``{"start", "end" (RFC 3339, end
     exclusive), "topics"?, "message_ids"?, "source"?, "dry_run"?, "max_messages"? (1000),
     "rate_per_s"?, "max_seconds"?, "replay_id"? (a new one if absent), "after"? ({"at",
-    "message_id"}: a cursor), "late_days"? (1)}``.
+    "message_id"}: a cursor), "late_days"? (1), "include_unsealed"? (false)}``.
 
     Raises:
         ValueError: the event is malformed; the message says what is wrong.
@@ -850,9 +893,9 @@ def parse_request(event: object, *, max_seconds: float = 840.0) -> ReplayRequest
     if unknown:
         raise ValueError(f"unknown fields: {', '.join(unknown)}")
     start, end = _moment(event, "start"), _moment(event, "end")
-    dry_run = event.get("dry_run", False)
-    if not isinstance(dry_run, bool):
-        raise ValueError("dry_run must be true or false")
+    dry_run, include_unsealed = event.get("dry_run", False), event.get("include_unsealed", False)
+    if not isinstance(dry_run, bool) or not isinstance(include_unsealed, bool):
+        raise ValueError("dry_run and include_unsealed must be true or false")
     max_messages = event.get("max_messages", 1000)
     if type(max_messages) is not int or max_messages < 1:
         raise ValueError("max_messages must be a positive whole number")
@@ -881,6 +924,7 @@ def parse_request(event: object, *, max_seconds: float = 840.0) -> ReplayRequest
         max_seconds=min(max_seconds, positive(event, "max_seconds") or max_seconds),
         after=_cursor(event.get("after")),
         late_days=late_days,
+        include_unsealed=include_unsealed,
     )
 
 
