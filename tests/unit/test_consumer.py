@@ -274,3 +274,35 @@ def test_the_sqs_entry_point_hands_the_invocations_context_to_idempotency() -> N
 
     assert response == {"batchItemFailures": []}
     assert seen == [context]
+
+
+def test_the_sqs_entry_point_audits_a_failure_on_the_last_receive_as_dead_lettered() -> None:
+    # SQS parks a record in its DLQ after maxReceiveCount receives: the trail must say so.
+    def handler(delivery: Delivery) -> None:
+        raise ValueError("poison")
+
+    def record(i: int, receives: int) -> dict[str, Any]:
+        return {
+            "messageId": f"sqs-{i}",
+            "receiptHandle": f"h-{i}",
+            "body": "{}",
+            "attributes": {"ApproximateReceiveCount": str(receives)},
+            "messageAttributes": {
+                MESSAGE_ID_ATTRIBUTE: {"stringValue": f"m-{i}", "dataType": "String"},
+                TOPIC_ATTRIBUTE: {"stringValue": "media.story.published", "dataType": "String"},
+            },
+            "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:ap-southeast-3:123456789012:fabric-dev-fallback-media",
+        }
+
+    audit = MemoryAuditSink()
+    handle = sqs_batch_handler(MessageProcessor(handler), audit=audit, max_receives=5)
+    response = handle({"Records": [record(0, 4), record(1, 5)]}, None)
+
+    assert {item["itemIdentifier"] for item in response["batchItemFailures"]} == {"sqs-0", "sqs-1"}
+    events = {r.message_id: (r.event, r.attempt) for r in audit.records}
+    assert events == {"m-0": (AuditEvent.RETRIED, 4), "m-1": (AuditEvent.DEAD_LETTERED, 5)}
+    (parked,) = [r for r in audit.records if r.event is AuditEvent.DEAD_LETTERED]
+    assert parked.reason
+    with pytest.raises(ValueError, match="maxReceiveCount"):
+        sqs_batch_handler(MessageProcessor(handler), max_receives=0)

@@ -512,14 +512,22 @@ def sqs_batch_handler(
     *,
     audit: AuditSink | None = None,
     consumer: str = "consumer",
+    max_receives: int | None = None,
 ) -> Callable[[Mapping[str, Any], Any], dict[str, Any]]:
     """A Lambda handler for an SQS event source with ``ReportBatchItemFailures``.
 
     Returns exactly the failed records in ``batchItemFailures``. SQS spaces the retries by the
     queue's visibility timeout and parks a record in the queue's DLQ after ``maxReceiveCount``
     receives, so RETRY and DEAD_LETTER both report the record as failed here, and are audited
-    as ``retried`` (SQS, not the toolkit, moves it to the DLQ).
+    as ``retried`` (SQS, not the toolkit, moves it to the DLQ), except on the last receive:
+    given the queue's ``maxReceiveCount`` as ``max_receives``, a record that fails its last
+    receive is audited ``dead-lettered`` (SQS parks it next), so the trail says where it went.
+
+    Raises:
+        ValueError: ``max_receives`` is not positive.
     """
+    if max_receives is not None and max_receives < 1:
+        raise ValueError("max_receives must be the queue's maxReceiveCount, at least 1")
     from aws_lambda_powertools.utilities.batch import (
         BatchProcessor,
         EventType,
@@ -537,7 +545,11 @@ def sqs_batch_handler(
         # not the 60 s default, so a copy arriving meanwhile is not processed a second time.
         delivery = _sqs_delivery(record)
         decision = processor.process(delivery, lambda_context)
-        if decision.verdict is Verdict.DEAD_LETTER:
+        last = max_receives is not None and delivery.attempt >= max_receives
+        if last and decision.verdict in (Verdict.RETRY, Verdict.DEAD_LETTER):
+            reason = decision.reason or "max-receives"  # SQS parks it after this receive
+            decision = dataclasses.replace(decision, verdict=Verdict.DEAD_LETTER, reason=reason)
+        elif decision.verdict is Verdict.DEAD_LETTER:
             decision = dataclasses.replace(decision, verdict=Verdict.RETRY)
         settled.append((delivery, decision))
         if decision.verdict is not Verdict.DONE:
