@@ -1118,7 +1118,7 @@ def replay_act(
     dry = replay.run(parse_request({**request, "dry_run": True}))
     print(f"   replay dry run: {dry.would_replay} message(s) would be replayed; nothing published")
     done = replay.run(parse_request({**request, "replay_id": dry.replay_id}))
-    problems = done.missing_body + done.corrupt + done.unreadable + done.failed
+    problems = done.finished - done.replayed + done.failed  # every outcome but replayed
     print(
         f"   replay {done.replay_id}: trail"
         f" {'verified' if not done.trail_problems else 'NOT verified'} first;"

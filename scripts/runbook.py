@@ -220,6 +220,7 @@ def replay(
     cursor = request.get("after")
     totals = dict.fromkeys(("replayed", "would_replay", *_REPLAY_PROBLEMS), 0)
     finished = listed = 0
+    held: list[str] = []  # acceptances not sealed yet: the cursor passes them
     started = clock()
     body: dict[str, Any] = {}
     print(f"replay {replay_id} of {request['start']} .. {request['end']} via {name}", file=out)
@@ -245,10 +246,11 @@ def replay(
         progress = (
             body["replayed"]
             + body["would_replay"]
-            + sum(body[key] for key in _REPLAY_PROBLEMS if key != "failed")
+            + sum(body.get(key, 0) for key in _REPLAY_PROBLEMS if key != "failed")
         )
         finished += progress
         _print_problems(body, out)
+        held += [p["message_id"] for p in body["problems"] if p["outcome"] == "unsealed"]
         if dry_run:
             listed = _list_would_replay(body, listed, out)
         if body["cursor"] is not None:
@@ -272,18 +274,8 @@ def replay(
             )
             body["stopped"] = "no progress"
             break
-    if dry_run and listed > _REPLAY_LISTED:
-        print(f"  ... and {listed - _REPLAY_LISTED} more", file=out)
     stopped = body.get("stopped", "message limit")
-    print(
-        f"summary: replay {replay_id}: "
-        + ("would replay" if dry_run else "replayed")
-        + f" {totals['would_replay'] if dry_run else totals['replayed']},"
-        + "".join(f" {key.replace('_', ' ')} {totals[key]}," for key in _REPLAY_PROBLEMS)
-        + f" stopped: {stopped}"
-        + (" (nothing published)" if dry_run else ""),
-        file=out,
-    )
+    _replay_summary(replay_id, totals, stopped, dry_run=dry_run, listed=listed, out=out)
     # Reaching --max-messages mid-chunk ends the last chunk on its time or message limit, which
     # is no failure; any other stop (broker, archive, audit) is one, bounded or not.
     bounded = max_messages is not None and finished >= max_messages
@@ -294,10 +286,42 @@ def replay(
     # before replaying anything of it).
     if (failed or body.get("remaining")) and stopped != "trail not verified":
         _resume_hint(replay_id, cursor, out)
-    if failed:
-        return 1
+    _held_hint(replay_id, [] if dry_run else held, out)
     problems = sum(totals[key] for key in _REPLAY_PROBLEMS)
-    return 1 if problems and not dry_run else 0
+    return 1 if failed or (problems and not dry_run) else 0
+
+
+def _replay_summary(
+    replay_id: str,
+    totals: dict[str, int],
+    stopped: str,
+    *,
+    dry_run: bool,
+    listed: int,
+    out: TextIO,
+) -> None:
+    if dry_run and listed > _REPLAY_LISTED:
+        print(f"  ... and {listed - _REPLAY_LISTED} more", file=out)
+    print(
+        f"summary: replay {replay_id}: "
+        + ("would replay" if dry_run else "replayed")
+        + f" {totals['would_replay'] if dry_run else totals['replayed']},"
+        + "".join(f" {key.replace('_', ' ')} {totals[key]}," for key in _REPLAY_PROBLEMS)
+        + f" stopped: {stopped}"
+        + (" (nothing published)" if dry_run else ""),
+        file=out,
+    )
+
+
+def _held_hint(replay_id: str, held: list[str], out: TextIO) -> None:
+    """How to replay the acceptances held back as not sealed yet (the cursor passed them)."""
+    if held:
+        print(
+            f"{len(held)} acceptance(s) were not sealed yet; after the next checkpoint (hourly),"
+            f" replay them with the same --start and --end and: --replay-id {replay_id} "
+            + " ".join(f"--message-id {message_id}" for message_id in held),
+            file=out,
+        )
 
 
 def _list_would_replay(body: dict[str, Any], listed: int, out: TextIO) -> int:

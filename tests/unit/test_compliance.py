@@ -334,3 +334,29 @@ def test_objects_whose_retention_has_passed_are_named() -> None:
     assert ["object_lock", "expired", "1"] in list(
         csv.reader(io.StringIO(render_csv(report(locks=locks))))
     )
+
+
+def test_a_delivery_consumed_from_a_groups_sqs_queue_counts_for_that_group() -> None:
+    # The SQS entry point records the queue's ARN and no groups; the audit writer accepts such
+    # a record from a group's consumer only for that group's queues (named ...-<group>).
+    arn = "arn:aws:sqs:ap-southeast-3:123456789012:fabric-prod-emergency-government"
+    records = [
+        emergency("e1", "2026-12-03T10:00:00Z", "government"),
+        record("delivered", at="2026-12-03T10:00:00.05Z", message_id="e1", queues=[arn]),
+    ]
+    figures = report(records)
+    assert figures["delivery_success_rate"] == 1.0
+    latency = figures["emergency_latency_ms"]
+    assert (latency["count"], latency["p50"], latency["undelivered_copies"]) == (1, 50.0, 0)
+    assert list(latency["by_group"]) == ["government"]
+
+
+def test_an_acceptance_that_names_no_groups_counts_alike_in_copies_and_latency() -> None:
+    # Records from before acceptances named their groups: the groups that delivered them.
+    records = [
+        record("accepted", message_id="e1", priority="emergency", transport="rabbitmq"),
+        delivered("e1", "2026-12-03T10:00:00.05Z", "government"),
+    ]
+    figures = report(records)
+    assert figures["copies"]["addressed"] == figures["emergency_latency_ms"]["copies"] == 1
+    assert figures["delivery_success_rate"] == 1.0

@@ -302,6 +302,17 @@ def test_the_sqs_entry_point_audits_a_failure_on_the_last_receive_as_dead_letter
     assert {item["itemIdentifier"] for item in response["batchItemFailures"]} == {"sqs-0", "sqs-1"}
     events = {r.message_id: (r.event, r.attempt) for r in audit.records}
     assert events == {"m-0": (AuditEvent.RETRIED, 4), "m-1": (AuditEvent.DEAD_LETTERED, 5)}
+
+    # A systemic failure (a dependency down) on the last receive is parked by SQS all the same.
+    def unavailable(delivery: Delivery) -> None:
+        raise Systemic("the case system is down")
+
+    audit = MemoryAuditSink()
+    handle = sqs_batch_handler(MessageProcessor(unavailable), audit=audit, max_receives=5)
+    handle({"Records": [record(2, 5)]}, None)
+    assert [(r.event, r.reason) for r in audit.records] == [
+        (AuditEvent.DEAD_LETTERED, "max-receives")
+    ]
     (parked,) = [r for r in audit.records if r.event is AuditEvent.DEAD_LETTERED]
     assert parked.reason
     with pytest.raises(ValueError, match="maxReceiveCount"):

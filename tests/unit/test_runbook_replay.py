@@ -157,3 +157,16 @@ def test_the_cli_never_lets_the_sdk_invoke_a_function_twice() -> None:
     assert "total_max_attempts" not in (
         runbook._client("s3", "ap-southeast-3").meta.config.retries or {}
     )
+
+
+def test_acceptances_held_back_as_unsealed_get_a_command_that_replays_just_them() -> None:
+    # The cursor passes them, so resuming from it never reaches them: they are named instead.
+    held = [
+        {"message_id": f"m-{n}", "at": "t", "topic": "x", "outcome": "unsealed"} for n in (7, 9)
+    ]
+    status, output = replay(
+        _Lambda(replayed=98, unsealed=2, stopped="done", problems=held), max_messages=1000
+    )
+    assert status == 1, output
+    assert "2 acceptance(s) were not sealed yet" in output
+    assert "--message-id m-7 --message-id m-9" in output

@@ -144,7 +144,8 @@ class _Figures:
         it, by the end of what was read) or not."""
         addressed = delivered = 0
         undelivered: list[str] = []
-        for message_id, groups in self.addressed.items():
+        for message_id in self.addressed:
+            groups = self._groups_of(message_id)
             done = sum((message_id, group) in self.first_delivery for group in groups)
             addressed, delivered = addressed + len(groups), delivered + done
             if done < len(groups):
@@ -214,10 +215,21 @@ _WORK_QUEUES = {
 
 
 def _groups(record: Mapping[str, Any]) -> list[str]:
-    """The consumer's group: the record's ``groups``, else the group of its work queue."""
+    """The consumer's group: the record's ``groups``, else the group of the queue it was
+    consumed from: a work queue (``fabric.<group>[.emergency]``), or an SQS queue, which the
+    audit writer accepts from a group's consumer only when it is named ``...-<group>`` or
+    ``...-<group>-dlq`` (by name or ARN)."""
     groups = [str(g) for g in record.get("groups") or ()]
-    groups = groups or [_WORK_QUEUES[q] for q in record.get("queues") or () if q in _WORK_QUEUES]
+    for queue in () if groups else record.get("queues") or ():
+        group = _WORK_QUEUES.get(str(queue)) or _sqs_queue_group(str(queue))
+        if group is not None:
+            groups.append(group)
     return groups or [""]
+
+
+def _sqs_queue_group(queue: str) -> str | None:
+    name = queue.rsplit(":", 1)[-1].removesuffix("-dlq")
+    return next((g.value for g in Stakeholder if name.endswith(f"-{g.value}")), None)
 
 
 def _ms(start: str, end: str) -> float:

@@ -546,8 +546,8 @@ def sqs_batch_handler(
         delivery = _sqs_delivery(record)
         decision = processor.process(delivery, lambda_context)
         last = max_receives is not None and delivery.attempt >= max_receives
-        if last and decision.verdict in (Verdict.RETRY, Verdict.DEAD_LETTER):
-            reason = decision.reason or "max-receives"  # SQS parks it after this receive
+        if last and decision.verdict is not Verdict.DONE:  # SQS parks it after this receive
+            reason = decision.reason or "max-receives"
             decision = dataclasses.replace(decision, verdict=Verdict.DEAD_LETTER, reason=reason)
         elif decision.verdict is Verdict.DEAD_LETTER:
             decision = dataclasses.replace(decision, verdict=Verdict.RETRY)

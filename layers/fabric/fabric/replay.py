@@ -494,12 +494,12 @@ class Replayer:
                     authentic = False
             if not authentic:
                 continue
-            for key in sorted(window.objects):
+            # An abandoned attempt is read for its hash; its records are the chain's elsewhere.
+            for key in sorted(window.objects.keys() - window.abandoned):
                 sealed = key not in window.unsealed_keys
                 self._consider(
-                    key, window.objects[key], sealed=sealed, request=request, report=report,
-                    first=first,
-                )  # fmt: skip
+                    key, window.objects[key], sealed=sealed, request=request, first=first
+                )
         if not authentic:
             return None
         return sorted(first.values(), key=lambda c: (c.at, c.message_id))
@@ -511,18 +511,11 @@ class Replayer:
         *,
         sealed: bool,
         request: ReplayRequest,
-        report: ReplayReport,
         first: dict[str, _Candidate],
     ) -> None:
-        """Keep in ``first`` each matching acceptance of object ``key`` that comes before the
-        one kept for its message: sealed before unsealed, then earlier."""
-        try:
-            records = decode_object(data)
-        except (ValueError, UnicodeDecodeError):
-            _LOG.warning("audit object %s is not readable", key)
-            report.unreadable_objects.append(key)
-            return
-        for record in records:
+        """Keep in ``first`` each matching acceptance of object ``key`` (verified: it decodes)
+        that comes before the one kept for its message: sealed before unsealed, then earlier."""
+        for record in decode_object(data):
             candidate = _candidate(record, key, sealed, request)
             if candidate is None:
                 continue
