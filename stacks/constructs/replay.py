@@ -27,7 +27,7 @@ _CONCURRENCY = 1
 # Lambda's longest timeout; REPLAY_MAX_SECONDS stops a run a minute before it.
 _TIMEOUT = Duration.minutes(15)
 _MAX_SECONDS = "840"
-# A run holds one writer's audit objects of the period while it verifies them, the period's
+# A run holds one checkpoint interval's audit objects while it verifies them, the period's
 # matching acceptances, and a few decoded archive objects (fabric.replay).
 _MEMORY_MB = 2048
 # What the replay reads of each writer (fabric.replay): its records, its checkpoints (to verify

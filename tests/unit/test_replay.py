@@ -774,3 +774,33 @@ def test_a_request_is_read_with_its_defaults() -> None:
 def test_a_malformed_request_is_refused_with_what_is_wrong(event: object, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         parse_request(event)
+
+
+def test_a_write_the_writer_abandoned_verifies_and_its_messages_are_replayed_once() -> None:
+    # The state update after an object was stored failed; the retry wrote the same records
+    # under another key, and the checkpoint names the first attempt as abandoned.
+    trail = Trail()
+    trail.route([donation(1)], source="community", at=DAY + timedelta(hours=1))
+    chains = trail.audit_writer._chains
+    save = chains.save
+    failed: list[bool] = []
+
+    def fails_once(writer: str, state: Any, *, batch_ids: Sequence[str]) -> bool:
+        if batch_ids and not failed:
+            failed.append(True)
+            raise TimeoutError("the state update after the object was stored")
+        return bool(save(writer, state, batch_ids=batch_ids))
+
+    chains.save = fails_once  # type: ignore[method-assign]
+    with pytest.raises(TimeoutError):
+        trail.route([donation(2)], source="community", at=DAY + timedelta(hours=2), seal=False)
+    trail.route([donation(2), donation(3)], source="community", at=DAY + timedelta(hours=2))
+    checkpoints = [k for k in trail.archive.objects if k.startswith("checkpoints/")]
+    assert any(b'"abandoned":[{' in trail.archive.objects[k] for k in checkpoints)
+    run, broker, _ = replayer(trail)
+    report = run.run(request())
+
+    assert (report.stopped, report.trail_problems, report.trail_incomplete) == ("done", [], [])
+    assert sorted(m.message_id for m in broker.published) == [
+        str(uuid.UUID(int=n)) for n in (2, 3, 4)
+    ]

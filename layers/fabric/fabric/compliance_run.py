@@ -223,6 +223,7 @@ class Window:
     problem: Problem | None = None  # found while reading, before the verifier ran
     # Attempts the writer gave up on (read for their hash): their records are the chain's too.
     abandoned: set[str] = field(default_factory=set)
+    wanted: list[str] = field(default_factory=list)  # the objects verifying the window reads
 
 
 class _Unreadable(Exception):
@@ -296,7 +297,45 @@ def load_window(
     late: timedelta = LATE_ARRIVAL,
     workers: int = READ_WORKERS,
 ) -> Window:
-    """Read what verifying and reporting ``period`` of ``writer``'s trail needs.
+    """Read what verifying and reporting ``period`` of ``writer``'s trail needs: the window's
+    checkpoints (``plan_window``), then every object it needs.
+
+    Raises:
+        TransportUnavailable: the bucket cannot be listed or read.
+    """
+    window = plan_window(store, writer, period, late=late, workers=workers)
+    for key, stored in read_objects(store, window.wanted, workers).items():
+        window.objects[key] = stored.data
+        window.locks.append(ObjectLock(key, stored.lock_mode, stored.retain_until))
+    return window
+
+
+def read_objects(
+    store: TrailStore, keys: Sequence[str], workers: int = READ_WORKERS
+) -> dict[str, StoredObject]:
+    """``keys`` read ``workers`` at a time; a missing one is left out (the verifier names it).
+
+    Raises:
+        TransportUnavailable: an object cannot be read.
+    """
+    with ThreadPoolExecutor(workers) as pool:
+        return {
+            key: stored
+            for key, stored in zip(keys, pool.map(store.read, keys), strict=True)
+            if stored is not None
+        }
+
+
+def plan_window(
+    store: TrailStore,
+    writer: str,
+    period: Period,
+    *,
+    late: timedelta = LATE_ARRIVAL,
+    workers: int = READ_WORKERS,
+) -> Window:
+    """The window of ``period`` of ``writer``'s trail without its objects: the checkpoints,
+    their locks, the listing's problems, and the keys of the objects to read (``wanted``).
 
     Raises:
         TransportUnavailable: the bucket cannot be listed or read.
@@ -354,12 +393,7 @@ def load_window(
             unsealed.append(key)  # written after the writer's last checkpoint
     window.unsealed_keys = set(unsealed)
     window.abandoned = abandoned - named
-    wanted = sorted({*named, *unsealed, *window.abandoned})  # abandoned: hash checked
-    with ThreadPoolExecutor(workers) as pool:
-        for key, stored in zip(wanted, pool.map(store.read, wanted), strict=True):
-            if stored is not None:  # a missing object is named by the verifier
-                window.objects[key] = stored.data
-                window.locks.append(ObjectLock(key, stored.lock_mode, stored.retain_until))
+    window.wanted = sorted({*named, *unsealed, *window.abandoned})  # abandoned: hash checked
     return window
 
 

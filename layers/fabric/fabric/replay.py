@@ -57,9 +57,16 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
-from fabric.audit_chain import Signer, decode_object
+from fabric.audit_chain import Signer, decode_object, verify_trail
 from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX, decode_archive
-from fabric.compliance_run import LATE_ARRIVAL, Period, StoredObject, check_window, load_window
+from fabric.compliance_run import (
+    LATE_ARRIVAL,
+    Period,
+    StoredObject,
+    Window,
+    plan_window,
+    read_objects,
+)
 from fabric.envelope import (
     Classification,
     Envelope,
@@ -468,8 +475,8 @@ class Replayer:
         None when a writer's trail is not authentic (``report.trail_problems`` says where).
 
         Every run reads and verifies the whole period (also behind a cursor): which acceptance
-        of a message is its first can only be told from all of them. One writer's objects are
-        held in memory at a time.
+        of a message is its first can only be told from all of them. It goes checkpoint by
+        checkpoint, so only one interval's objects are held in memory at a time.
 
         Raises:
             TransportUnavailable: the bucket cannot be read.
@@ -478,29 +485,31 @@ class Replayer:
         period = Period(request.start, request.end)
         late = LATE_ARRIVAL + timedelta(days=request.late_days)
         trail = _Trail(self._archive)
-        authentic = True
         for writer in self._writers:
-            window = load_window(trail, writer, period, late=late)
-            check = check_window(window, self._signer)
+            window = plan_window(trail, writer, period, late=late)
             report.unsealed_objects += len(window.unsealed_keys)
-            problem = window.problem or check.problem
+            problem = window.problem
+            for anchor, checkpoints, keys, abandoned in [] if problem else _intervals(window):
+                objects = {key: stored.data for key, stored in read_objects(trail, keys).items()}
+                problem = verify_trail(
+                    objects=objects,
+                    checkpoints=checkpoints,
+                    signer=self._signer,
+                    writer=writer,
+                    anchor=anchor,
+                ).problem
+                if problem is not None and problem.authentic:
+                    break
+                if problem is not None:  # authentic, but a record of it is missing
+                    report.trail_incomplete.append(f"{writer}: {problem.where}: {problem.why}")
+                    problem = None
+                for key in sorted(objects.keys() - abandoned):  # abandoned: chained elsewhere
+                    sealed = key not in window.unsealed_keys
+                    self._consider(key, objects[key], sealed=sealed, request=request, first=first)
             if problem is not None:
-                text = f"{writer}: {problem.where}: {problem.why}"
-                if window.problem is None and not problem.authentic:
-                    report.trail_incomplete.append(text)
-                else:
-                    _LOG.warning("the trail of %s does not verify: %s", writer, problem)
-                    report.trail_problems.append(text)
-                    authentic = False
-            if not authentic:
-                continue
-            # An abandoned attempt is read for its hash; its records are the chain's elsewhere.
-            for key in sorted(window.objects.keys() - window.abandoned):
-                sealed = key not in window.unsealed_keys
-                self._consider(
-                    key, window.objects[key], sealed=sealed, request=request, first=first
-                )
-        if not authentic:
+                _LOG.warning("the trail of %s does not verify: %s", writer, problem)
+                report.trail_problems.append(f"{writer}: {problem.where}: {problem.why}")
+        if report.trail_problems:
             return None
         return sorted(first.values(), key=lambda c: (c.at, c.message_id))
 
@@ -769,6 +778,26 @@ def _day_keys(archive: ArchiveReader, writers: Sequence[str], days: list[date]) 
     for writer in writers:
         for day in days:
             yield from archive.keys(f"{ARCHIVE_PREFIX}{writer}/{day:%Y/%m/%d}/")
+
+
+_Checkpoint = tuple[str, dict[str, Any]]
+
+
+def _intervals(
+    window: Window,
+) -> Iterator[tuple[_Checkpoint | None, list[_Checkpoint], list[str], set[str]]]:
+    """The window in the pieces it is verified in: each checkpoint with the one before it (its
+    anchor), the objects it names and the attempts it abandoned (read for their hash); then the
+    objects written after the last checkpoint, anchored on it (a young trail's, on nothing).
+    Each piece is ``(anchor, checkpoints, keys to read, abandoned keys)``."""
+    anchor = window.anchor
+    for checkpoint in window.checkpoints:
+        named = [str(item["key"]) for item in checkpoint[1]["objects"]]
+        abandoned = {str(item["key"]) for item in checkpoint[1].get("abandoned", ())}
+        yield anchor, [checkpoint], sorted({*named, *abandoned}), abandoned - set(named)
+        anchor = checkpoint
+    if window.unsealed_keys:
+        yield anchor, [], sorted(window.unsealed_keys), set()
 
 
 class _Trail:
