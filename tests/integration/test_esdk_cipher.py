@@ -256,3 +256,30 @@ def test_kms_refusing_to_decrypt_now_is_unavailable_not_a_bad_message(
 
 def _unreachable(**_: Any) -> None:
     raise EndpointConnectionError(endpoint_url=f"https://kms.{REGION}.amazonaws.com/")
+
+
+def test_a_cipher_that_cannot_be_set_up_is_unavailable_not_a_crash() -> None:
+    # The SDK's key provider makes its KMS client when it is built: with no region (or no
+    # credentials configuration), that fails before any message; the router must answer
+    # "unavailable" per message, and a consumer retry it, rather than fail the whole call.
+    from botocore.exceptions import NoRegionError
+
+    def no_region() -> Any:
+        raise NoRegionError
+
+    cipher = EsdkCipher(
+        "arn:aws:kms:ap-southeast-3:111111111111:key/00000000-0000-0000-0000-000000000000",
+        client_factory=no_region,
+    )
+    context = encryption_context(message_id="m-1", source="government", environment="test")
+    with pytest.raises(EncryptionUnavailable, match="cannot set up encryption"):
+        cipher.encrypt(b'{"child":"x"}', context)
+    with pytest.raises(EncryptionUnavailable, match="cannot set up encryption"):
+        cipher.decrypt(b"not even a message", context)
+
+
+def test_a_data_key_never_shows_in_a_repr() -> None:
+    from fabric.adapters.esdk import _DataKey
+
+    key = _DataKey(key=b"\x01" * 32, context={"fabric:source": "government"}, header=b"", born=0)
+    assert "\\x01" not in repr(key)

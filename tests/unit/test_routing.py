@@ -286,11 +286,30 @@ def test_emergency_route_overlapping_a_normal_route_for_the_same_group_is_refuse
     assert "all-events" in str(error)
 
 
-def test_emergency_and_normal_routes_may_overlap_for_different_groups() -> None:
-    data = base_table()
-    data["routes"].append({"name": "research", "pattern": "#.reported", "groups": ["academic"]})
-    data["publish"][0]["topics"].append("x.reported")
-    assert parse_routing_table(data).routes[-1].name == "research"
+def test_emergency_and_normal_routes_may_not_overlap_even_for_different_groups() -> None:
+    # RabbitMQ would route one message to government's emergency queue and academic's normal
+    # one, but the fallback path carries a message on one SNS topic, one path: academic's copy
+    # would end up in academic's emergency queue after the drain.
+    def research(data: dict[str, Any]) -> None:
+        data["routes"].append({"name": "research", "pattern": "#.reported", "groups": ["academic"]})
+        data["publish"][0]["topics"].append("x.reported")
+
+    error = refused(research)
+    assert error.route == "incidents"
+    assert "overlaps non-emergency route 'research'" in str(error)
+    assert "fallback path cannot carry apart" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where"),
+    [
+        (lambda d: d["routes"][0].update(groups=[["government"]]), "incidents"),
+        (lambda d: d["routes"][0].update(min_classification=["restricted"]), "incidents"),
+        (lambda d: d["publish"][0].update(source=["government"]), "publish[0]"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_naming_where(mutate: Any, where: str) -> None:
+    assert refused(mutate).route == where
 
 
 def test_emergency_and_normal_header_routes_that_exclude_each_other_may_coexist() -> None:

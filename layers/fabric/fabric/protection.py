@@ -14,6 +14,11 @@ Convention (``fabric.envelope/1``, ``classification: restricted``), public like 
   the payload unless every value matches, so a ciphertext cannot be moved to another message,
   source or environment. ``fabric:message_id`` is authenticated by the message header but not
   sent to KMS (see ``fabric.adapters.esdk``): the other three are, and key policies may use them.
+  That keeps one data key per source for many messages, instead of a KMS call per message, and
+  it means a plain AWS Encryption SDK ``decrypt`` with a KMS key provider or keyring fails
+  (it sends the whole header context to KMS). Decrypt with ``open_payload`` and ``EsdkCipher``
+  (the consumer toolkit does); in another language, with a materials manager that leaves
+  ``fabric:message_id`` out of the context it sends to KMS, then check every value as above.
 - An unknown ``encrypted`` value is refused: a new scheme gets a new value, never a silent change.
 
 In unit tests the same object carries a ``LocalCipher`` message instead; it never leaves a test.

@@ -428,7 +428,7 @@ def _groups(raw: object, where: str) -> frozenset[Stakeholder]:
     if not isinstance(raw, list) or not raw:
         raise RoutingTableError("groups must be a non-empty list", route=where)
     for item in raw:
-        if item not in _GROUP_NAMES:
+        if not isinstance(item, str) or item not in _GROUP_NAMES:
             known = ", ".join(sorted(_GROUP_NAMES))
             raise RoutingTableError(f"unknown group {item!r} (known: {known})", route=where)
     return frozenset(Stakeholder(item) for item in raw)
@@ -454,7 +454,9 @@ def _parse_route(raw: object, index: int) -> Route:
     if not isinstance(description, str):
         raise RoutingTableError("description must be a string", route=name)
     floor = raw.get("min_classification")
-    if floor is not None and floor not in {c.value for c in Classification}:
+    if floor is not None and (
+        not isinstance(floor, str) or floor not in {c.value for c in Classification}
+    ):
         raise RoutingTableError(f"unknown min_classification {floor!r}", route=name)
     return Route(
         name=name,
@@ -493,7 +495,7 @@ def _parse_publish(raw: object, index: int) -> PublishRule:
         raise RoutingTableError("must be a table", route=where)
     _no_unknown_keys(raw, _PUBLISH_KEYS, where)
     source = raw.get("source")
-    if source not in _GROUP_NAMES:
+    if not isinstance(source, str) or source not in _GROUP_NAMES:
         raise RoutingTableError(f"unknown source group {source!r}", route=where)
     topics = raw.get("topics")
     if not isinstance(topics, list) or not topics:
@@ -561,14 +563,22 @@ def overlaps(first: Route, second: Route) -> bool:
 
 
 def _check_emergency_overlap(routes: tuple[Route, ...]) -> None:
+    """A message is an emergency or not, for every group it reaches: on RabbitMQ one message
+    could go down both paths, but the fallback path (one SNS topic per message) and the drain
+    carry it down one only, so an overlap is refused whatever the groups."""
     for first, second in itertools.combinations(routes, 2):
-        shared = first.groups & second.groups
-        if first.emergency != second.emergency and shared and overlaps(first, second):
+        if first.emergency != second.emergency and overlaps(first, second):
             emergency, normal = (first, second) if first.emergency else (second, first)
+            shared = first.groups & second.groups
+            what = (
+                f"the emergency and the normal queue of {', '.join(sorted(shared))}"
+                if shared
+                else "emergency queues of some groups and normal queues of others, which the "
+                "fallback path cannot carry apart"
+            )
             raise RoutingTableError(
-                f"emergency route overlaps non-emergency route {normal.name!r} for "
-                f"{', '.join(sorted(shared))}: one message would reach both the emergency and "
-                "the normal queue of the same group",
+                f"emergency route overlaps non-emergency route {normal.name!r}: one message "
+                f"would reach {what}",
                 route=emergency.name,
             )
 

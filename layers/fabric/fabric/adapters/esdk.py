@@ -7,7 +7,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fabric.errors import ConfigError, DecryptionFailed, EncryptionUnavailable
@@ -87,7 +87,7 @@ class EsdkCipher:
             EncryptionUnavailable: KMS cannot be reached, throttles, or refuses the key
                 (disabled, access denied), or the SDK cannot produce a message.
         """
-        engine = self._ready()
+        engine = self._ready()  # raises EncryptionUnavailable itself
         scoped, shared = _split(context)
         try:
             return engine.encrypt(plaintext, shared, scoped)
@@ -133,15 +133,28 @@ class EsdkCipher:
         return bytes(plaintext)
 
     def _ready(self) -> _Engine:
+        """The SDK's parts, built on first use.
+
+        Raises:
+            EncryptionUnavailable: they cannot be built (the SDK's key provider makes its KMS
+                client here: no region, no credentials configuration, a missing module). That
+                says nothing about any message, so a message that needed it is retried, never
+                refused or parked.
+        """
         if self._engine is None:
-            self._engine = _build_engine(
-                self._key_arn,
-                self._client_factory,
-                capacity=self._cache_capacity,
-                max_age=self._max_age_seconds,
-                max_messages=self._max_messages_encrypted,
-                clock=self._clock,
-            )
+            try:
+                self._engine = _build_engine(
+                    self._key_arn,
+                    self._client_factory,
+                    capacity=self._cache_capacity,
+                    max_age=self._max_age_seconds,
+                    max_messages=self._max_messages_encrypted,
+                    clock=self._clock,
+                )
+            except Exception as exc:  # configuration, not a message: see the docstring
+                raise EncryptionUnavailable(
+                    f"cannot set up encryption under {self._key_arn}: {type(exc).__name__}"
+                ) from exc
         return self._engine
 
 
@@ -288,7 +301,7 @@ def _build_engine(
 class _DataKey:
     """One data key's encryption materials, with the data key header it writes."""
 
-    key: bytes  # the plaintext data key
+    key: bytes = field(repr=False)  # the plaintext data key: never in a repr or a traceback
     context: dict[str, str]  # the encryption context KMS bound it to
     header: bytes  # its encrypted data keys, serialized (esdk_message.serialize_data_keys)
     born: float  # clock() when KMS generated it
