@@ -157,9 +157,11 @@ class FabricKeys(Construct):
             self.signing,
             "NIST.800.53.R5-KMSBackingKeyRotationEnabled",
             (
-                "KMS cannot rotate asymmetric keys automatically. Each audit checkpoint records "
-                "the key id that signed it; rotation is a new key behind the same alias "
-                "(runbook), and the old key is retained so old checkpoints still verify."
+                "KMS cannot rotate asymmetric keys automatically, and this key is not rotated: "
+                "the verifiers check every checkpoint against the one configured key, so a "
+                "trail spanning two keys would not verify. Each checkpoint records the key id "
+                "that signed it, for the per-checkpoint key choice a rotation needs first "
+                "(docs/audit-trail.md). The key is retained and cannot be scheduled for deletion."
             ),
         )
 

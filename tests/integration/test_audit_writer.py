@@ -351,3 +351,110 @@ def test_the_runbook_does_not_call_an_empty_or_mistyped_trail_verified(
     )
     assert status == 1
     assert f"NOT VERIFIED: no trail under audit/{WRITER}-typo/ in s3://{BUCKET}" in out.getvalue()
+
+
+class _AuditPutFailsOnce(S3ObjectStore):
+    """The put of the next audit object fails (the archive put before it went through)."""
+
+    failures = 0
+
+    def put(self, key: str, data: bytes) -> None:
+        if key.startswith("audit/") and self.failures:
+            self.failures -= 1
+            raise TransportUnavailable("the audit bucket: SlowDown")
+        super().put(key, data)
+
+
+def test_a_retry_under_the_same_key_that_fails_before_its_put_leaves_a_trail_that_verifies(
+    aws_audit: dict[str, Any],
+) -> None:
+    # Attempt 1 stores 1-5, its state update fails; attempt 2 (regrouped: other records, the
+    # same count) gets key 1-5 too, and its put fails, so S3 still holds attempt 1's bytes;
+    # attempt 3 writes 1-3. Before, the checkpoint named 1-5 with attempt 2's hash: the trail
+    # could never verify again (the objects are locked).
+    chains = _SaveFailsOnce(TABLE, lambda: aws_audit["dynamodb"])
+    store = _AuditPutFailsOnce(BUCKET, lambda: aws_audit["s3"])
+    audit = AuditWriter(WRITER, chains=chains, objects=store, signer=aws_audit["signer"])
+    with pytest.raises(TransportUnavailable):
+        audit.write([batch("b1", 3), batch("b2", 2)])
+    store.failures = 1
+    with pytest.raises(TransportUnavailable):
+        audit.write([batch("b2", 2), batch("b3", 3)])
+    audit.write([batch("b1", 3)])
+    audit.write([batch("b2", 2)])
+    audit.write([batch("b3", 3)])
+    audit.checkpoint()
+
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert result.records == 8  # b1, b2, b3 once each
+
+
+class _SignerFailsOnce:
+    """KMS throttles the next signature."""
+
+    def __init__(self, inner: KmsSigner) -> None:
+        self.inner, self.key_id, self.failures = inner, inner.key_id, 0
+
+    def sign(self, message: bytes) -> bytes:
+        if self.failures:
+            self.failures -= 1
+            raise TransportUnavailable("KMS: ThrottlingException")
+        return self.inner.sign(message)
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        return self.inner.verify(message, signature)
+
+
+def test_a_redelivery_of_written_batches_makes_the_checkpoint_an_abandoned_attempt_needs(
+    aws_audit: dict[str, Any],
+) -> None:
+    # The write that abandons an attempt seals at once; that checkpoint failed, and the event
+    # source redelivers batches that are all written. Before, nothing sealed the abandoned
+    # object until the hourly checkpoint, and the trail read as forged meanwhile.
+    signer = _SignerFailsOnce(aws_audit["signer"])
+    chains = _SaveFailsOnce(TABLE, lambda: aws_audit["dynamodb"])
+    store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
+    audit = AuditWriter(WRITER, chains=chains, objects=store, signer=signer)
+    with pytest.raises(TransportUnavailable):
+        audit.write([batch("b1", 3), batch("b2", 2)])
+    signer.failures = 1
+    with pytest.raises(TransportUnavailable):
+        audit.write([batch("b2", 2), batch("b3", 1)])  # written; its checkpoint is not
+    again = audit.write([batch("b2", 2), batch("b3", 1)])
+
+    assert (again.key, again.duplicate_batches) == (None, 2)
+    assert store.keys(f"checkpoints/{WRITER}/") == [f"checkpoints/{WRITER}/00000001.json"]
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+
+
+def test_a_write_whose_clock_stepped_back_past_midnight_still_verifies(
+    aws_audit: dict[str, Any],
+) -> None:
+    # Half a second of clock skew between two Lambda hosts: the later write is keyed on the
+    # day before; the chain's order is the sequence in the names, not the day folders.
+    times = iter(
+        [
+            datetime(2026, 12, 6, 0, 0, 0, 400000, tzinfo=UTC),
+            datetime(2026, 12, 5, 23, 59, 59, 900000, tzinfo=UTC),
+            datetime(2026, 12, 6, 0, 1, tzinfo=UTC),
+        ]
+    )
+    audit = AuditWriter(
+        WRITER,
+        chains=DynamoDbChainStore(TABLE, lambda: aws_audit["dynamodb"]),
+        objects=S3ObjectStore(BUCKET, lambda: aws_audit["s3"]),
+        signer=aws_audit["signer"],
+        now=lambda: next(times),
+    )
+    first, second = audit.write([batch("b1", 1)]), audit.write([batch("b2", 1)])
+    audit.checkpoint()
+
+    assert first.key is not None
+    assert "/2026/12/06/" in first.key
+    assert second.key is not None
+    assert "/2026/12/05/" in second.key
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert result.records == 2

@@ -235,11 +235,13 @@ def test_a_batch_the_trail_cannot_hold_is_recorded_unreadable_and_the_others_are
         .encode()
     )
     nan = json.dumps(template).replace('"m1"', "NaN").encode()
+    huge = json.dumps(template).replace('"m1"', "1e400").encode()  # JSON, but infinite
     consumer = user_name(Stakeholder.COMMUNITY)
     event = amazon_mq(
         ("lone", lone),
         ("deep", deep),
         ("nan", nan),
+        ("huge", huge),
         ("good", body("m2", event=AuditEvent.DELIVERED)),
         user=consumer,
     )
@@ -247,7 +249,7 @@ def test_a_batch_the_trail_cannot_hold_is_recorded_unreadable_and_the_others_are
     written = handler.handler(event, None)
     handler.handler({"checkpoint": True}, None)
 
-    assert written["records"] == 4
+    assert written["records"] == 5
     store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
     (key,) = store.keys(f"audit/{WRITER}/")
     records = decode_object(store.get(key))
@@ -255,6 +257,7 @@ def test_a_batch_the_trail_cannot_hold_is_recorded_unreadable_and_the_others_are
         ("lone", "unreadable-batch"),
         ("deep", "unreadable-batch"),
         ("nan", "unreadable-batch"),
+        ("huge", "unreadable-batch"),
         ("good", "delivered"),
     ]
     result = verified(store, aws_audit["signer"])

@@ -360,3 +360,11 @@ def test_an_acceptance_that_names_no_groups_counts_alike_in_copies_and_latency()
     figures = report(records)
     assert figures["copies"]["addressed"] == figures["emergency_latency_ms"]["copies"] == 1
     assert figures["delivery_success_rate"] == 1.0
+
+
+def test_a_consumers_record_cannot_claim_a_body_was_not_archived() -> None:
+    records = [
+        record("accepted", message_id="m1", transport="rabbitmq", archived=False),
+        record("delivered", message_id="m1", groups=["media"], archived=False),
+    ]
+    assert report(records)["archive"] == {"records_not_archived": 1}

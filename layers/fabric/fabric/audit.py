@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -185,6 +186,13 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: JSON syntax, but no number a reader can hold
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def decode_audit_batch(body: bytes) -> AuditBatch:
     """The records and bodies of an audit batch message.
 
@@ -194,7 +202,7 @@ def decode_audit_batch(body: bytes) -> AuditBatch:
     Raises:
         ValueError: the body is not a ``fabric.audit-batch/1`` document.
     """
-    document = json.loads(body, parse_constant=_no_constant)
+    document = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
     if not isinstance(document, dict) or document.get("version") != AUDIT_BATCH_VERSION:
         raise ValueError("not a fabric.audit-batch/1 document")
     records = document.get("records")

@@ -204,7 +204,8 @@ def verify_trail(
         previous_signature = str(body["signature"])
         number = int(body["checkpoint"]) + 1
         chain = Chain(writer, int(body["last_seq"]), str(body["last_hash"]))
-    abandoned: dict[str, str] = {}  # key -> SHA-256 of the attempt the writer gave up on
+    # key -> SHA-256s of the attempts the writer gave up on under it (any may be the stored one)
+    abandoned: dict[str, set[str]] = {}
     for expected, (key, checkpoint) in enumerate(checkpoints, start=number):
         problem = _check_checkpoint(
             key, checkpoint, expected, previous_signature, objects, signer=signer
@@ -214,13 +215,12 @@ def verify_trail(
             return result
         previous_signature = str(checkpoint["signature"])
         covered.extend(item["key"] for item in checkpoint["objects"])
-        abandoned.update(
-            (str(item["key"]), str(item["sha256"])) for item in checkpoint.get("abandoned", ())
-        )
+        for item in checkpoint.get("abandoned", ()):
+            abandoned.setdefault(str(item["key"]), set()).add(str(item["sha256"]))
         result.checkpoints += 1
     for key in covered:  # written again later: the chain's object, checked as such above
         abandoned.pop(key, None)
-    ordered = sorted(key for key in objects if key not in abandoned)
+    ordered = sorted((key for key in objects if key not in abandoned), key=sequence_order)
     uncovered_tail = ordered[len(covered) :]
     problem = _check_abandoned(abandoned, objects) or _extra_among_sealed(ordered, covered)
     if problem is not None:
@@ -311,12 +311,21 @@ def _extra_among_sealed(ordered: Sequence[str], covered: Sequence[str]) -> Probl
     return Problem(first or covered[-1], "an object no checkpoint names, among sealed ones")
 
 
-def _check_abandoned(abandoned: Mapping[str, str], objects: Mapping[str, bytes]) -> Problem | None:
+def sequence_order(key: str) -> tuple[str, str]:
+    """Sorts audit object keys by the sequence numbers in their names (``<first>-<last>.jsonl``,
+    zero-padded), not by the day folder: a write at 23:59:59.9 by a clock half a second behind
+    the previous write's 00:00:00.4 is later in the chain, though its day is earlier."""
+    return key.rsplit("/", 1)[-1], key
+
+
+def _check_abandoned(
+    abandoned: Mapping[str, set[str]], objects: Mapping[str, bytes]
+) -> Problem | None:
     """An abandoned attempt a checkpoint names may be missing (it never got stored); if stored,
-    it must be the object the writer meant to store, by its SHA-256."""
-    for key, digest in abandoned.items():
+    it must be one of the objects the writer meant to store there, by its SHA-256."""
+    for key, digests in abandoned.items():
         data = objects.get(key)
-        if data is not None and hashlib.sha256(data).hexdigest() != digest:
+        if data is not None and hashlib.sha256(data).hexdigest() not in digests:
             return Problem(key, "an abandoned attempt whose SHA-256 differs")
     return None
 

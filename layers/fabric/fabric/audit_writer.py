@@ -150,8 +150,11 @@ class AuditWriter:
             {**record, "batch": batch_id} for batch_id, batch in fresh for record in batch.records
         ]
         if not records:
+            state = self._chains.load(self._writer)
             if fresh:  # empty batches: remember them so a redelivery is a no-op
-                self._save(self._chains.load(self._writer), [b for b, _ in fresh])
+                self._save(state, [b for b, _ in fresh])
+            if state.abandoned:  # the checkpoint after an abandoned attempt failed: make it now
+                self.checkpoint()
             return Written(key=None, records=0, duplicate_batches=len(batches) - len(fresh))
         state = self._chains.load(self._writer)
         chain = Chain(self._writer, state.seq, state.last_hash)
@@ -159,13 +162,12 @@ class AuditWriter:
         data = encode_object(linked)
         key = object_key(self._writer, state.seq + 1, chain.seq, self._now())
         digest = hashlib.sha256(data).hexdigest()
-        if state.intent is not None and state.intent[0] != key:
-            # An earlier attempt's state update failed; it may have stored its object, which
-            # this retry (other batches, or past midnight) does not overwrite.
+        if state.intent is not None and state.intent != (key, digest):
+            # An earlier attempt's state update failed; it may have stored its object. Under
+            # another key (other batches, past midnight) this call does not overwrite it; under
+            # the same key with other bytes (a stand-in's time differs) this call's put may
+            # fail too and leave it there. Either way it may be what S3 holds.
             state.abandoned.append(state.intent)
-        # A key an earlier attempt abandoned, written again now: its newest version is this
-        # call's object, which the chain continues from, so it is abandoned no more.
-        state.abandoned = [item for item in state.abandoned if item[0] != key]
         state.intent = (key, digest)
         self._save(state, [])  # write-ahead: which object this call is about to store
         bodies = _named_bodies(records, [batch for _, batch in fresh])
@@ -174,6 +176,9 @@ class AuditWriter:
                 ARCHIVE_PREFIX + key.removeprefix(AUDIT_PREFIX), encode_archive(bodies)
             )
         self._objects.put(key, data)
+        # This call's object is now the newest version of its key, which the chain continues
+        # from: no earlier attempt under that key is abandoned any more.
+        state.abandoned = [item for item in state.abandoned if item[0] != key]
         state.seq, state.last_hash = chain.seq, chain.last_hash
         state.pending.append((key, digest))
         state.intent = None

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fabric import topology
+from fabric.audit_writer import CONSUMER_EVENTS
 from fabric.stakeholders import Stakeholder
 
 REPORT_VERSION = "fabric.compliance-report/2"
@@ -112,7 +113,9 @@ class _Figures:
 
     def _count(self, event: str, message_id: Any, at: str, record: Mapping[str, Any]) -> None:
         self.events[event] += 1
-        if record.get("archived") is False:
+        # Only the platform's records carry bodies; a consumer's (a stakeholder may publish
+        # those) cannot claim one was lost.
+        if record.get("archived") is False and event not in CONSUMER_EVENTS:
             self.not_archived += 1
         if event == "accepted":
             self.transports[str(record.get("transport"))] += 1
