@@ -226,3 +226,50 @@ def test_correlation_id_and_reply_to_come_back_as_amqp_properties(
         "case-42",
         "fabric.business",
     )
+
+
+def test_a_message_that_is_no_fabric_envelope_is_left_and_the_rest_are_drained(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    # Sent to the emergency queue by hand (an operator's console): before, its parse error
+    # failed every drain run, and the good emergencies beside it went to the DLQ with it.
+    good = [message(Stakeholder.GOVERNMENT, emergency=True) for _ in range(3)]
+    park(aws, *good)
+    sqs = boto3.client("sqs", region_name=REGION)
+    emergency = aws["queues"][("emergency", Stakeholder.GOVERNMENT)]
+    sqs.send_message(QueueUrl=emergency, MessageBody="not an envelope")
+
+    report = draining(aws, rabbit(broker_vhost)).drain()
+
+    assert report.moved == {queue_name(Stakeholder.GOVERNMENT, emergency=True): 3}
+    arrived = in_rabbitmq(broker_vhost)[queue_name(Stakeholder.GOVERNMENT, emergency=True)]
+    assert sorted(arrived) == sorted(m.message_id for m in good)
+    assert left_in_sqs(aws) == 1  # the stray one, for the queue's dead-letter queue
+
+
+class _DeleteFails(SqsFallbackSource):
+    def delete(self, queue: str, handles: Any) -> set[str]:
+        return set()  # SQS refused the delete: the copies come back after their timeout
+
+
+def test_a_copy_the_broker_confirmed_is_audited_drained_even_if_sqs_kept_it(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    parked = message(Stakeholder.MEDIA)
+    park(aws, parked)
+    audit = MemoryAuditSink()
+    broker = rabbit(broker_vhost)
+    drainer = Drainer(
+        queues=fallback_queues(aws),
+        source=_DeleteFails(lambda: boto3.client("sqs", region_name=REGION)),
+        broker=broker,
+        audit=audit,
+        connect=broker.connect,
+    )
+    report = drainer.drain(max_messages=1)
+
+    assert report.left == 1  # not deleted from SQS
+    assert in_rabbitmq(broker_vhost)[queue_name(Stakeholder.MEDIA)] == [parked.message_id]
+    assert [(r.event.value, r.message_id) for r in audit.records] == [
+        ("drained", parked.message_id)
+    ]

@@ -194,3 +194,29 @@ def test_the_largest_message_validation_accepts_fits_sns_with_its_attributes() -
     for (entry,) in _REQUESTS:
         assert entry_bytes(entry) <= 262_144
         assert entry_bytes(entry) > MAX_ENCODED_BYTES + MAX_HEADERS_BYTES  # headers counted
+
+
+class _Recording:
+    """SNS storing every entry, recording the topic of each PublishBatch call in order."""
+
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+
+    def publish_batch(self, TopicArn: str, PublishBatchRequestEntries: list[Any]) -> Any:
+        self.topics.append(TopicArn)
+        return {
+            "Successful": [{"Id": e["Id"], "MessageId": "x"} for e in PublishBatchRequestEntries]
+        }
+
+
+def test_an_emergency_is_sent_before_the_bulk_of_the_same_call() -> None:
+    # During an outage a call of 200 bulk messages and one emergency (last) must not make the
+    # emergency wait for twenty bulk requests, each of which may take seconds to fail.
+    sns = _Recording()
+    sender = SnsFallbackTransport(
+        fallback_topic_arn="arn:f", emergency_topic_arn="arn:e", client_factory=lambda: sns
+    )
+    bulk = [message(Stakeholder.MEDIA) for _ in range(200)]
+    outcomes = sender.publish([*bulk, message(Stakeholder.GOVERNMENT, emergency=True)])
+    assert all(o.stored for o in outcomes)
+    assert sns.topics == ["arn:e"] + ["arn:f"] * 20

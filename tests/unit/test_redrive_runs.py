@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
+from fabric.audit import AuditEvent
+from fabric.errors import TransportUnavailable
 from fabric.ports import DeadLetter
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver, parse_request
 
@@ -152,3 +156,38 @@ def test_a_request_is_bounded_by_the_functions_time() -> None:
         {"source": "rabbitmq", "queue": "fabric.media.dlq", "max_seconds": 5000}, max_seconds=840
     )
     assert request.plan.max_seconds == 840
+
+
+@dataclass
+class _LedgerWriteFails(MemoryRedriveLedger):
+    """The ledger can be read, but recording fails (throttled) until ``available`` again."""
+
+    failing: bool = True
+
+    def record(self, keys: Any) -> None:
+        if self.failing:
+            raise TransportUnavailable("the ledger: ProvisionedThroughputExceeded")
+        super().record(keys)
+
+
+def test_letters_back_at_their_origin_are_audited_even_when_the_ledger_write_fails() -> None:
+    # Before, the run stopped before auditing, and the re-run removed the dead-letter copies
+    # as "already moved": messages back at their origin with no redriven record at all.
+    queue = MemoryDeadLetterQueue([letter(i) for i in range(5)])
+    ledger = _LedgerWriteFails()
+    audit = MemoryAuditSink()
+    run = Redriver(ledger=ledger, audit=audit, clock=Clock(), sleep=Clock().sleep, now=lambda: NOW)
+    report = run.run(queue)
+
+    assert (report.moved, report.stopped) == (5, "ledger unavailable")
+    assert sorted(r.message_id for r in audit.records if r.event is AuditEvent.REDRIVEN) == [
+        f"m-{i}" for i in range(5)
+    ]
+    assert len(queue.letters) == 5  # the dead-letter copies stay until a run can record them
+
+    ledger.failing = False
+    again = run.run(queue)
+    assert again.stopped == "empty"
+    assert queue.letters == []
+    redriven = [r.message_id for r in audit.records if r.event is AuditEvent.REDRIVEN]
+    assert set(redriven) == {f"m-{i}" for i in range(5)}  # each has a record (a re-move: two)

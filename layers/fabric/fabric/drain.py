@@ -183,9 +183,11 @@ class Drainer:
         report.moved[queue.work_queue] = report.moved.get(queue.work_queue, 0) + len(moved)
         report.left += len(batch) - len(moved)
         now = datetime.now(UTC)
-        if moved:
-            # With the bodies: a message accepted on the fallback path is archived here too.
-            digests = [sha256_hex(item.body) for item in moved]
+        if confirmed:
+            # Every copy the broker confirmed is in its work queue, deleted from SQS or not (a
+            # copy not deleted comes back and is drained again: same message id). With the
+            # bodies: a message accepted on the fallback path is archived here too.
+            digests = [sha256_hex(item.body) for item in confirmed]
             stored = self._audit.emit(
                 [
                     AuditRecord(
@@ -199,10 +201,12 @@ class Drainer:
                         groups=(queue.group.value,),
                         queues=(queue.work_queue,),
                     )
-                    for item, digest in zip(moved, digests, strict=True)
+                    for item, digest in zip(confirmed, digests, strict=True)
                 ],
-                dict(zip(digests, (item.body for item in moved), strict=True)),
+                dict(zip(digests, (item.body for item in confirmed), strict=True)),
             )
             if not stored:  # the messages moved; a lost audit batch is an operator's alarm
-                _LOG.error("audit batch of %d drained message(s) could not be stored", len(moved))
+                _LOG.error(
+                    "audit batch of %d drained message(s) could not be stored", len(confirmed)
+                )
         return {outcome.failure for outcome in outcomes if outcome.failure is not None}

@@ -264,17 +264,20 @@ class Redriver:
         pending = [letter for letter in letters if keys[letter.handle] not in known]
         moved = queue.move(pending) if pending else []
         if moved:
+            # Audited as soon as the origin confirmed, before the ledger: a run that stops after
+            # this (the ledger unavailable, or killed) leaves letters a re-run only removes, or
+            # moves again with a record of their own (same message id, consumers deduplicate),
+            # never a message back at its origin without a record.
+            report.moved += len(moved)
+            self._audit_moved(queue.name, moved)
             try:
                 self._ledger.record([keys[letter.handle] for letter in moved])
             except TransportUnavailable as exc:
                 # Stored at the origin but not recorded: leave the dead-letter copies, a re-run
-                # may move them again (same message id, consumers deduplicate).
+                # may move them again.
                 _LOG.warning("redrive ledger unavailable after a move: %s", exc)
                 report.stopped = "ledger unavailable"
                 return False
-            report.moved += len(moved)
-            # Audited before removal: a run killed now leaves letters a re-run only removes.
-            self._audit_moved(queue.name, moved)
             removed = queue.remove(moved)
             if len(removed) < len(moved):
                 _LOG.warning(

@@ -77,8 +77,8 @@ class SnsFallbackTransport:
                 sizes[message.emergency] = 0
             groups[-1].append(index)
             sizes[message.emergency] += size
-        for emergency, groups in batches.items():
-            for group in groups:
+        for emergency in (True, False):  # emergencies first: never behind a bulk call's
+            for group in batches[emergency]:
                 outcomes.update(self._send(self._topics[emergency], taken, group, entries))
         return [outcomes[i] for i in range(len(taken))]
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
 from fabric.errors import TransportUnavailable
 from fabric.ports import Received
+
+_LOG = logging.getLogger(__name__)
 
 
 class SqsFallbackSource:
@@ -24,7 +27,15 @@ class SqsFallbackSource:
         return self._client
 
     def receive(self, queue: str, limit: int) -> list[Received]:
-        """Up to ``limit`` (at most 10) messages, without waiting for more to arrive.
+        """Up to ``limit`` (at most 10) messages, waiting at most a second for one to arrive.
+
+        A short poll (no wait) samples only some of SQS's servers and may answer nothing while
+        messages remain, which the drain would take for an empty queue and leave emergencies
+        for its next run; a one-second long poll asks them all, at the cost of a second per
+        queue found empty. A message that is not a fabric envelope (sent to the queue by
+        anything but the fabric's SNS transport) is left where it is, logged: it reaches the
+        queue's dead-letter queue after its receives, and its alarm, instead of stopping every
+        drain run.
 
         Raises:
             TransportUnavailable: SQS cannot be reached or refuses the call.
@@ -36,11 +47,22 @@ class SqsFallbackSource:
                 QueueUrl=queue,
                 MaxNumberOfMessages=max(1, min(limit, 10)),
                 MessageAttributeNames=["All"],
-                WaitTimeSeconds=0,
+                WaitTimeSeconds=1,
             )
         except (BotoCoreError, ClientError) as exc:
             raise TransportUnavailable(f"cannot receive from {queue}") from exc
-        return [_received(item) for item in response.get("Messages", [])]
+        received = []
+        for item in response.get("Messages", []):
+            try:
+                received.append(_received(item))
+            except (ValueError, TypeError, AttributeError) as exc:
+                _LOG.warning(
+                    "%s in %s is not a fabric message (%s): left for the dead-letter queue",
+                    item.get("MessageId"),
+                    queue,
+                    type(exc).__name__,
+                )
+        return received
 
     def delete(self, queue: str, handles: Sequence[str]) -> set[str]:
         """Delete in batches of 10; returns the handles SQS confirmed deleted."""
@@ -74,10 +96,13 @@ def _received(item: dict[str, Any]) -> Received:
         message_id = message_id or str(envelope.get("message_id", item["MessageId"]))
         topic = topic or str(envelope.get("topic", ""))
     headers_text = attribute(HEADERS_ATTRIBUTE)
+    headers = json.loads(headers_text) if headers_text else {}
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise TypeError("the headers attribute is not an object of text values")
     return Received(
         handle=str(item["ReceiptHandle"]),
         body=body.encode("utf-8"),
         message_id=message_id,
         topic=topic,
-        headers=json.loads(headers_text) if headers_text else {},
+        headers=headers,
     )
