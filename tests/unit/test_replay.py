@@ -87,6 +87,22 @@ class Trail:
         """Route ``messages`` at ``at`` and write the call's records (and, if ``archive``,
         bodies) as one object on the day of ``written`` (default: ``at``), sealed by a
         checkpoint at once unless ``seal`` is false."""
+        sink = self.recorded(messages, source=source, at=at)
+        records = [record.to_dict() for record in sink.records]
+        if not archive:
+            for record in records:
+                if record["event"] == "accepted":
+                    record["archived"] = False
+        self.write(records, sink.bodies if archive else {}, written or at)
+        if seal:
+            self.seal(written or at)
+        return records
+
+    def recorded(
+        self, messages: Sequence[dict[str, Any]], *, source: str, at: datetime
+    ) -> MemoryAuditSink:
+        """What a real router records for ``messages`` at ``at`` (its audit records and stored
+        bodies), nothing written yet."""
         sink = MemoryAuditSink()
         router = Router(
             table=default_routing_table(),
@@ -97,15 +113,7 @@ class Trail:
             clock=lambda: at,
         )
         router.route(list(messages), source=source)
-        records = [record.to_dict() for record in sink.records]
-        if not archive:
-            for record in records:
-                if record["event"] == "accepted":
-                    record["archived"] = False
-        self.write(records, sink.bodies if archive else {}, written or at)
-        if seal:
-            self.seal(written or at)
-        return records
+        return sink
 
     def write(
         self, records: list[dict[str, Any]], bodies: Mapping[str, bytes], written: datetime
@@ -373,15 +381,7 @@ def test_a_body_archived_by_a_later_call_is_found_in_the_periods_other_archive_o
         [donation(1)], source="community", at=DAY + timedelta(hours=23), archive=False
     )
     accepted = next(r for r in records if r["event"] == "accepted")
-    sink = MemoryAuditSink()
-    Router(
-        table=default_routing_table(),
-        transports=[MemoryTransport()],
-        cipher=trail.cipher,
-        audit=sink,
-        environment="test",
-        clock=lambda: DAY + timedelta(hours=23),
-    ).route([donation(1)], source="community")
+    sink = trail.recorded([donation(1)], source="community", at=DAY + timedelta(hours=23))
     drained = {
         "event": "drained",
         "at": format_timestamp(DAY + timedelta(days=1, hours=1)),
@@ -658,15 +658,7 @@ def test_an_authentic_but_incomplete_trail_is_named_and_the_message_still_replay
     # The accepted record reached the trail, its outcome did not: exactly what replay recovers.
     trail = Trail()
     records = trail.route([donation(1)], source="community", at=DAY + timedelta(hours=1))
-    sink = MemoryAuditSink()
-    Router(
-        table=default_routing_table(),
-        transports=[MemoryTransport()],
-        cipher=trail.cipher,
-        audit=sink,
-        environment="test",
-        clock=lambda: DAY + timedelta(hours=2),
-    ).route([donation(2)], source="community")
+    sink = trail.recorded([donation(2)], source="community", at=DAY + timedelta(hours=2))
     accepted_only = [r.to_dict() for r in sink.records if r.event is AuditEvent.ACCEPTED]
     trail.write(accepted_only, sink.bodies, DAY + timedelta(hours=2))
     trail.seal(DAY + timedelta(hours=3))
