@@ -579,3 +579,48 @@ def test_age_filter_skips_letters_newer_than_asked(broker_vhost: str, amqp: Any)
 
     assert report.moved == 2
     assert settled_depth(amqp, DLQ, 1) == 1
+
+
+def test_a_pause_ends_when_the_broker_takes_the_message_back(
+    broker_vhost: str, amqp: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The broker closes the channel during a long pause (as consumer_timeout does) and hands
+    # the message back: the consumer must stop, not keep running the handler for a message it
+    # no longer holds, looking healthy while it consumes nothing.
+    from fabric.adapters import rabbitmq_consumer
+
+    opened = rabbitmq_consumer.open_blocking_connection
+    channels: list[Any] = []
+
+    def opening(parameters: Any) -> Any:
+        connection = opened(parameters)
+        make_channel, sleep = connection.channel, connection.sleep
+
+        def channel() -> Any:
+            channels.append(make_channel())
+            return channels[-1]
+
+        def sleeping(seconds: float) -> None:
+            if channels[-1].is_open:  # a channel error: the broker closes the channel
+                channels[-1].basic_publish("fabric.test.no-such-exchange", "x", b"")
+            sleep(seconds)
+
+        connection.channel, connection.sleep = channel, sleeping
+        return connection
+
+    monkeypatch.setattr(rabbitmq_consumer, "open_blocking_connection", opening)
+    publish(amqp, WORK, "held-during-outage")
+    calls: list[str] = []
+
+    def handler(delivery: Delivery) -> None:
+        calls.append(delivery.message_id)
+        if len(calls) < 10:  # the outage ends after ten tries
+            raise Systemic("the database is down")
+
+    consumer = RabbitMqConsumer(
+        settings(broker_vhost), WORK, MessageProcessor(handler), backoff_s=0.1, max_backoff_s=0.1
+    )
+    with pytest.raises(pika.exceptions.AMQPError):
+        consumer.run(max_messages=1, idle_timeout_s=3)
+    assert len(calls) <= 2  # the first try, and at most the one under way as it closed
+    assert depth(amqp, WORK) == 1  # back in its queue, for the next consumer

@@ -15,6 +15,7 @@ from fabric.audit import AuditEvent
 from fabric.consumer import (
     BatchFailed,
     Delivery,
+    InProgress,
     MessageProcessor,
     Poison,
     RabbitMqSettler,
@@ -317,3 +318,28 @@ def test_the_sqs_entry_point_audits_a_failure_on_the_last_receive_as_dead_letter
     assert parked.reason
     with pytest.raises(ValueError, match="maxReceiveCount"):
         sqs_batch_handler(MessageProcessor(handler), max_receives=0)
+
+
+class _HeldByACrashedCopy:
+    """Idempotency whose record for every message is still "in progress": the consumer that
+    held it died mid-handler, and the record stands until it expires."""
+
+    def run(self, handler: Any, delivery: Delivery, context: Any = None) -> None:
+        raise InProgress("another copy of this message is being processed")
+
+
+def test_a_copy_held_by_a_crashed_consumer_is_retried_without_spending_an_attempt() -> None:
+    # Before, each clash was a failed attempt: an emergency reached max-attempts after its
+    # 1 s, 5 s and 30 s tiers and was parked before its handler ever ran again.
+    emergency_queue = topology.queue_name(Stakeholder.GOVERNMENT, emergency=True)
+    processor = MessageProcessor(failing(ValueError("never called")), _HeldByACrashedCopy(), 4)
+    transport = MemoryTransport()
+    settler = RabbitMqSettler(lambda _group: transport)
+    for attempt in (1, 4, 9):  # also past max_attempts: a clash is never the message's fault
+        held = delivery("alert-1", attempt=attempt, queue=emergency_queue)
+        decision = processor.process(held)
+        assert (decision.verdict, decision.error) == (Verdict.RETRY, "InProgress")
+        assert settler.settle([(held, decision)]) == [True]
+        (retry,) = transport.published
+        assert retry.headers[topology.ATTEMPT_HEADER] == str(attempt)  # not attempt + 1
+        transport.published.clear()

@@ -53,6 +53,14 @@ class Retry(FabricError):
     """Raised by a handler: this attempt failed, try the message again after the next delay."""
 
 
+class InProgress(Retry):
+    """Another copy of the message holds its idempotency record: not an attempt of this one.
+
+    After a consumer died mid-handler the record stands until it expires; counting each clash
+    as a failed attempt parked an emergency as ``max-attempts`` before its handler ever ran
+    again. A clash is retried on the message's current delay tier, without counting."""
+
+
 class Poison(FabricError):
     """Raised by a handler: this message can never be processed; park it now."""
 
@@ -109,6 +117,7 @@ class Decision:
     reason: str | None = None
     error: str | None = None
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    counted: bool = True  # a retry that is an attempt of the message (an ``InProgress`` is not)
 
 
 class _Deadline:
@@ -181,7 +190,7 @@ class Idempotency:
         try:
             self._once(key={"message_id": delivery.message_id}, handler=handler, delivery=delivery)
         except IdempotencyAlreadyInProgressError:
-            raise Retry("another copy of this message is being processed") from None
+            raise InProgress("another copy of this message is being processed") from None
         except IdempotencyPersistenceLayerError as exc:
             raise Systemic("the idempotency table cannot be reached") from exc
 
@@ -207,22 +216,26 @@ class MessageProcessor:
                 self.handler(delivery)
             else:
                 self.idempotency.run(self.handler, delivery, context)
-        except Systemic as exc:
-            _LOG.warning("systemic failure on %s: %s", delivery.message_id, type(exc).__name__)
-            return Decision(Verdict.SYSTEMIC, error=type(exc).__name__)
-        except Poison:
-            return Decision(Verdict.DEAD_LETTER, reason="poison", error="Poison")
         except Exception as exc:
-            error = type(exc).__name__
-            _LOG.warning(
-                "attempt %d of %s failed: %s", delivery.attempt, delivery.message_id, error
-            )
-            if delivery.attempt >= self.max_attempts:
-                return Decision(Verdict.DEAD_LETTER, reason="max-attempts", error=error)
-            # Attempt n waits in tier n-1: the tiers grow about sixfold (5 s, 30 s, 300 s);
-            # attempts past the last tier wait in the last.
-            return Decision(Verdict.RETRY, tier=delivery.attempt - 1, error=error)
+            return self._failed(delivery, exc)
         return Decision(Verdict.DONE)
+
+    def _failed(self, delivery: Delivery, exc: Exception) -> Decision:
+        error = type(exc).__name__
+        if isinstance(exc, Systemic):
+            _LOG.warning("systemic failure on %s: %s", delivery.message_id, error)
+            return Decision(Verdict.SYSTEMIC, error=error)
+        if isinstance(exc, Poison):
+            return Decision(Verdict.DEAD_LETTER, reason="poison", error=error)
+        # Attempt n waits in tier n-1: the tiers grow about sixfold (5 s, 30 s, 300 s);
+        # attempts past the last tier wait in the last.
+        tier = max(0, delivery.attempt - 1)
+        if isinstance(exc, InProgress):  # not this message's failure: its attempts unspent
+            return Decision(Verdict.RETRY, tier=tier, error=error, counted=False)
+        _LOG.warning("attempt %d of %s failed: %s", delivery.attempt, delivery.message_id, error)
+        if delivery.attempt >= self.max_attempts:
+            return Decision(Verdict.DEAD_LETTER, reason="max-attempts", error=error)
+        return Decision(Verdict.RETRY, tier=tier, error=error)
 
 
 # -- RabbitMQ ---------------------------------------------------------------------------------
@@ -393,7 +406,7 @@ def _republished(
     headers[topology.ERROR_HEADER] = decision.error or "unknown"
     destination = _destination(delivery, decision)
     if decision.verdict is Verdict.RETRY:
-        headers[topology.ATTEMPT_HEADER] = str(delivery.attempt + 1)
+        headers[topology.ATTEMPT_HEADER] = str(delivery.attempt + int(decision.counted))
     else:
         headers[topology.DEAD_LETTER_REASON_HEADER] = decision.reason or "unknown"
         headers[topology.DEAD_LETTERED_AT_HEADER] = str(int(time.time()))

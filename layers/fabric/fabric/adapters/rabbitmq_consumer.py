@@ -149,6 +149,8 @@ class RabbitMqConsumer:
                 while decision.verdict is Verdict.SYSTEMIC and not (
                     stop is not None and stop.is_set()
                 ):
+                    if not channel.is_open:  # the broker took the message back (consumer_timeout)
+                        raise pika.exceptions.ChannelClosed(406, "closed during a systemic pause")
                     pending.flush()  # what was decided before is settled first
                     counts[str(Verdict.SYSTEMIC)] += 1
                     connection.sleep(wait)  # serves heartbeats while it waits
