@@ -196,7 +196,7 @@ def test_the_largest_message_validation_accepts_fits_sns_with_its_attributes() -
         assert entry_bytes(entry) > MAX_ENCODED_BYTES + MAX_HEADERS_BYTES  # headers counted
 
 
-class _Recording:
+class _TopicsInOrder:
     """SNS storing every entry, recording the topic of each PublishBatch call in order."""
 
     def __init__(self) -> None:
@@ -212,7 +212,7 @@ class _Recording:
 def test_an_emergency_is_sent_before_the_bulk_of_the_same_call() -> None:
     # During an outage a call of 200 bulk messages and one emergency (last) must not make the
     # emergency wait for twenty bulk requests, each of which may take seconds to fail.
-    sns = _Recording()
+    sns = _TopicsInOrder()
     sender = SnsFallbackTransport(
         fallback_topic_arn="arn:f", emergency_topic_arn="arn:e", client_factory=lambda: sns
     )
