@@ -239,9 +239,10 @@ class AuditWriter(Construct):
             acknowledge(
                 self.function.role,
                 wildcard_resource_finding(self, resource),
-                "Audit objects and checkpoints are new keys named at write time by writer, "
-                "date and sequence number; PutObject is scoped to their two prefixes, and the "
-                "bucket's Object Lock default retention applies to every version.",
+                "Audit objects, their archived bodies and checkpoints are new keys named at "
+                "write time by writer, date and sequence number; PutObject is scoped to their "
+                "prefixes, and the bucket's Object Lock default retention applies to every "
+                "version.",
             )
 
     def _broker_source(

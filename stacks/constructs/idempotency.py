@@ -16,9 +16,11 @@ PARTITION_KEY = "id"
 TTL_ATTRIBUTE = "expiration"
 
 _NO_BACKUP_PLAN = (
-    "Every item expires by TTL (consumer records after their idempotency window, ledger entries "
-    "after the 14-day dead-letter retention); point-in-time recovery restores any second of the "
-    "last 35 days, longer than anything the table holds, so an AWS Backup plan adds nothing."
+    "Point-in-time recovery restores any second of the last 35 days, which covers the consumer "
+    "records and the audit writer's batch marks (14 days, TTL). The redrive ledger (400 days) "
+    "only prevents a second move, which consumers deduplicate anyway; the audit chain's state "
+    "(no expiry) is the position the Object Lock trail itself records (its last checkpoint and "
+    "the objects after it), so the 7-year record of truth is the bucket, not this table."
 )
 
 

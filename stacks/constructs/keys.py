@@ -161,7 +161,7 @@ class FabricKeys(Construct):
                 "the verifiers check every checkpoint against the one configured key, so a "
                 "trail spanning two keys would not verify. Each checkpoint records the key id "
                 "that signed it, for the per-checkpoint key choice a rotation needs first "
-                "(docs/audit-trail.md). The key is retained and cannot be scheduled for deletion."
+                "(docs/audit-trail.md). The key is retained on stack deletion."
             ),
         )
 

@@ -13,6 +13,7 @@ from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from fabric.adapters.dynamodb_ledger import LEDGER_PREFIX
 from fabric.naming import redrive_function_name
 from stacks.constructs.audit_queue import audit_environment
 from stacks.constructs.function import FabricFunction, FunctionPlatform
@@ -44,16 +45,11 @@ _MOVE_TASKS = [
     "sqs:ListMessageMoveTasks",
     "sqs:CancelMessageMoveTask",
 ]
-# Items of the ledger only: the items Powertools' idempotency reads and writes, and the batches
-# the ledger adapter reads and writes; no Scan, no Query, no table administration.
-_LEDGER = [
-    "dynamodb:GetItem",
-    "dynamodb:PutItem",
-    "dynamodb:UpdateItem",
-    "dynamodb:DeleteItem",
-    "dynamodb:BatchGetItem",
-    "dynamodb:BatchWriteItem",
-]
+# The ledger adapter's batches (fabric.adapters.dynamodb_ledger), on ``redrive#`` items only:
+# the table also holds the audit chain's state and the consumers' idempotency records, which a
+# redrive (it handles untrusted dead letters) must not touch. No Scan, Query or administration.
+_LEDGER = ["dynamodb:BatchGetItem", "dynamodb:BatchWriteItem"]
+_LEDGER_ITEMS = {"ForAllValues:StringLike": {"dynamodb:LeadingKeys": [f"{LEDGER_PREFIX}*"]}}
 
 
 @dataclass(frozen=True)
@@ -140,14 +136,16 @@ class Redrive(Construct):
         dead_letter_arns = [dlq.arn for _, dlq in addressed]
         region = stack.region
         role = self.function.role
-        for sid, actions, resources in (
-            ("ReadDeadLetters", _READ_DEAD_LETTERS, dead_letter_arns),
-            ("MoveDeadLetters", _MOVE_TASKS, dead_letter_arns),
-            ("PutBackAtSource", ["sqs:SendMessage"], [source.arn for source, _ in addressed]),
-            ("Ledger", _LEDGER, [table.table_arn]),
+        for sid, actions, resources, conditions in (
+            ("ReadDeadLetters", _READ_DEAD_LETTERS, dead_letter_arns, None),
+            ("MoveDeadLetters", _MOVE_TASKS, dead_letter_arns, None),
+            ("PutBackAtSource", ["sqs:SendMessage"], [s.arn for s, _ in addressed], None),
+            ("Ledger", _LEDGER, [table.table_arn], _LEDGER_ITEMS),
         ):
             role.add_to_principal_policy(
-                iam.PolicyStatement(sid=sid, actions=actions, resources=resources)
+                iam.PolicyStatement(
+                    sid=sid, actions=actions, resources=resources, conditions=conditions
+                )
             )
         # SQS SSE-KMS: receiving decrypts, sending generates a data key. DynamoDB decrypts its
         # table key with the caller's permission. Identity statements (the keys live in the

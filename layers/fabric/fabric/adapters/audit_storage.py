@@ -84,11 +84,27 @@ class S3ObjectStore:
         try:
             return dict(self._s3().get_object(Bucket=self._bucket, Key=key))
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            code = exc.response.get("Error", {}).get("Code")
+            # S3 answers a missing key with 404 only to a caller it lets list the bucket, and
+            # the readers may list only their prefixes (a condition GetObject does not carry):
+            # to them it is 403. A listing of the key itself tells the two apart.
+            if code in ("NoSuchKey", "404") or (code == "AccessDenied" and not self._exists(key)):
                 return None
             raise TransportUnavailable(f"cannot read {key}: {type(exc).__name__}") from exc
         except BotoCoreError as exc:
             raise TransportUnavailable(f"cannot read {key}: {type(exc).__name__}") from exc
+
+    def _exists(self, key: str) -> bool:
+        """Whether ``key`` is listed (True also when the listing fails: then the read's refusal
+        stands).
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            listed = self._s3().list_objects_v2(Bucket=self._bucket, Prefix=key, MaxKeys=1)
+        except (BotoCoreError, ClientError):
+            return True
+        return any(item.get("Key") == key for item in listed.get("Contents", []))
 
     def keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix``, in key order.
