@@ -106,6 +106,24 @@ def test_https_a_single_bad_envelope_is_400_with_its_reason(raw: bytes, reason: 
     assert body["results"][0]["reason"] == reason
 
 
+def test_https_a_batch_is_read_as_strictly_as_an_envelope() -> None:
+    # "Last one wins" on a duplicate key would route what a gateway, a WAF or a log reader
+    # that keeps the first value never saw.
+    text = json.dumps({"messages": [single()]})
+    duplicated = text.replace('"classification":', '"classification": "public", "classification":')
+    assert duplicated != text
+    status, body = http(duplicated)
+    assert status == 400
+    assert [r["reason"] for r in body["results"]] == ["malformed_json"]
+
+
+def test_https_json_nested_too_deeply_is_malformed_not_a_crash() -> None:
+    nested = '{"topic": "volunteer.shift.offered", "payload": ' + "[" * 1100 + "]" * 1100 + "}"
+    status, body = http(nested)
+    assert status == 400
+    assert [r["reason"] for r in body["results"]] == ["malformed_json"]
+
+
 def test_https_a_malformed_batch_request_is_400() -> None:
     assert http(json.dumps({"messages": "all of them"}))[0] == 400
     assert http(json.dumps({"messages": []}))[0] == 400

@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fabric.envelope import Reason
+from fabric.envelope import Reason, strict_json
 from fabric.router import REJECTED, BatchResult, MessageResult, Router
 from fabric.stakeholders import Stakeholder
 
@@ -148,10 +148,12 @@ def _http_body(event: Mapping[str, Any]) -> bytes:
 
 def _http_messages(raw: bytes) -> tuple[bool, Sequence[Any]]:
     """(single, items): a batch object is unpacked; anything else is one message as raw bytes,
-    so that the router reports its exact problem (empty, bad UTF-8, bad JSON...)."""
+    so that the router reports its exact problem (empty, bad UTF-8, bad JSON...). The batch is
+    read as strictly as an envelope: a duplicate key or a NaN anywhere in it makes the whole
+    body ``malformed_json``, never a "last one wins" that another reader would see otherwise."""
     try:
-        decoded = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        decoded = strict_json(raw)
+    except ValueError:  # UnicodeDecodeError is one
         return True, [raw]
     if isinstance(decoded, dict) and "messages" in decoded and "topic" not in decoded:
         return False, _messages_of(decoded)

@@ -400,6 +400,21 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def strict_json(text: str | bytes) -> JsonValue:
+    """``text`` parsed as the contract reads JSON: no duplicate keys, no NaN or Infinity.
+
+    Raises:
+        ValueError: it is not such JSON (also: too deeply nested for the parser, or not UTF-8).
+    """
+    try:
+        decoded: JsonValue = json.loads(
+            text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+        )
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    return decoded
+
+
 def _decode(raw: bytes | str | JsonValue) -> JsonValue:
     if isinstance(raw, bytes):
         try:
@@ -411,12 +426,9 @@ def _decode(raw: bytes | str | JsonValue) -> JsonValue:
     if not raw.strip():
         raise _Invalid(Reason.EMPTY_BODY, "body is empty")
     try:
-        decoded: JsonValue = json.loads(
-            raw, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
-        )
-    except (ValueError, RecursionError) as exc:
+        return strict_json(raw)
+    except ValueError as exc:
         raise _Invalid(Reason.MALFORMED_JSON, f"body is not valid JSON: {exc}") from None
-    return decoded
 
 
 def _build(obj: JsonValue, *, source: str, now: datetime, ingress: bool) -> ValidationResult:
