@@ -1,9 +1,10 @@
 """Replay: re-publish archived messages of a time range into the fabric, marked as replays.
 
-A run first reads and **verifies** the audit trail of the period, writer by writer, as the
-compliance report does (``fabric.compliance_run.load_window`` and ``check_window``: the signed
-checkpoints around the period, every object they name, the hash chain of every record, and the
-objects written after the last checkpoint, which only the hash chain protects). A trail that
+A run first reads and **verifies** the audit trail of the period, writer by writer, over the
+window the compliance report reads (``fabric.compliance_run.plan_window``: the signed
+checkpoints around the period, every object they name, and the objects written after the last
+checkpoint, which only the hash chain protects), checkpoint by checkpoint with
+``fabric.audit_chain.verify_trail`` (signatures, Merkle roots, the hash chain of every record). A trail that
 does not verify stops the run before anything is listed or published (``trail not verified``,
 with the problem named): what is not proved to be what the writer wrote is not re-published as
 child-welfare traffic. A trail that is authentic but incomplete (an accepted message without an
