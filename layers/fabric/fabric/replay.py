@@ -4,15 +4,15 @@ A run first reads and **verifies** the audit trail of the period, writer by writ
 window the compliance report reads (``fabric.compliance_run.plan_window``: the signed
 checkpoints around the period, every object they name, and the objects written after the last
 checkpoint, which only the hash chain protects), checkpoint by checkpoint with
-``fabric.audit_chain.verify_trail`` (signatures, Merkle roots, the hash chain of every record). A trail that
-does not verify stops the run before anything is listed or published (``trail not verified``,
-with the problem named): what is not proved to be what the writer wrote is not re-published as
-child-welfare traffic. A trail that is authentic but incomplete (an accepted message without an
-outcome) is named in the report (``trail_incomplete``) and does not stop the run: replay is how
-such a message is recovered. Only the writers the function is configured with
+``fabric.audit_chain.verify_trail`` (signatures, Merkle roots, the hash chain of every record).
+A trail that does not verify stops the run before anything is listed or published (``trail not
+verified``, with the problem named): what is not proved to be what the writer wrote is not
+re-published as child-welfare traffic. A trail that is authentic but incomplete (an accepted
+message without an outcome) is named in the report (``trail_incomplete``) and does not stop the
+run: replay is how such a message is recovered. Only the writers the function is configured with
 (``AUDIT_WRITERS``) are read. An acceptance in an object written after its writer's last
-checkpoint is protected by the unkeyed hash chain only (anyone able to put an object there
-could extend it), so it is reported ``unsealed`` and not published unless the request says
+checkpoint is protected by the unkeyed hash chain only (anyone able to put an object there could
+extend it), so it is reported ``unsealed`` and not published unless the request says
 ``include_unsealed``; a sealed acceptance of the same message is preferred to an unsealed one.
 
 From the verified objects it selects the ``accepted`` records of ``[start, end)`` that match
