@@ -149,6 +149,9 @@ def test_https_a_topic_the_caller_may_not_publish_is_403() -> None:
 def test_https_too_large_is_413() -> None:
     big = {**single(), "payload": {"blob": "x" * 300_000}}
     assert http(json.dumps(big))[0] == 413
+    # Over 4 MiB: base64-encoded (a third larger), the largest body Lambda still hands over.
+    status, body = http(b"x" * (4 * 1024 * 1024 + 1), b64=True)
+    assert (status, body["error"]["reason"]) == (413, "too_large")
     many = {"messages": [single()] * (MAX_BATCH + 1)}
     assert http(json.dumps(many))[0] == 413
 

@@ -402,3 +402,20 @@ def test_the_contract_document_lists_every_reason_code_with_its_meaning() -> Non
     doc = (Path(__file__).parents[2] / "docs/message-contract.md").read_text(encoding="utf-8")
     for reason in Reason:
         assert f"| `{reason}` | {reason.meaning} |" in doc, reason
+
+
+def test_an_in_process_callers_non_string_keys_are_rejected_not_a_crash() -> None:
+    # Lambda's JSON always has string keys; a caller of router.route in the same process may
+    # hand over any dict, and still gets a reason, never a TypeError.
+    assert reject({**envelope(), 1: "a"}).reason is Reason.MALFORMED_JSON
+    assert reject(envelope(headers={1: "a"})).reason is Reason.INVALID_HEADER
+
+
+def test_a_payload_holding_a_big_integer_keeps_the_nesting_limit() -> None:
+    # Beyond 64 bits the encoder falls back to the standard library's, which has no depth cap.
+    nested: Any = []
+    for _ in range(300):
+        nested = [nested]
+    # The big integer first: the fast encoder gives up on it before it meets the depth.
+    assert reject(envelope(payload=[2**70, nested])).reason is Reason.MALFORMED_JSON
+    assert accept(envelope(payload=[[2**70]])).payload == [[2**70]]

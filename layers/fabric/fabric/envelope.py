@@ -440,6 +440,8 @@ def _build(obj: JsonValue, *, source: str, now: datetime, ingress: bool) -> Vali
     message_id: str | None = None
     try:
         message_id = _message_id(obj.get("message_id"))
+        if not all(isinstance(key, str) for key in obj):  # an in-process caller's dict
+            raise _Invalid(Reason.MALFORMED_JSON, "object keys must be strings")
         unknown = sorted(set(obj) - _FIELDS)
         if unknown:
             raise _Invalid(Reason.UNKNOWN_FIELD, f"unknown field(s): {', '.join(unknown)}")
@@ -550,6 +552,8 @@ def _headers(value: JsonValue, *, limit: bool = True) -> dict[str, str]:
         raise _Invalid(Reason.INVALID_FIELD_TYPE, "headers must be an object of strings")
     headers: dict[str, str] = {}
     for name, item in value.items():
+        if not isinstance(name, str):  # an in-process caller's dict
+            raise _Invalid(Reason.INVALID_HEADER, "header names must be strings")
         problem = header_name_problem(name)
         if problem is not None:
             raise _Invalid(Reason.INVALID_HEADER, problem)

@@ -40,10 +40,29 @@ def canonical_json(value: object) -> bytes:
 
 
 def _stdlib(value: object) -> bytes:
+    if _depth(value) > _MAX_DEPTH:  # orjson's limit, which the standard encoder does not keep
+        raise ValueError(f"not JSON: nested deeper than {_MAX_DEPTH} levels")
     try:
         return _STRICT.encode(value).encode("utf-8")
     except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise ValueError(f"not JSON: {exc}") from None
+
+
+_MAX_DEPTH = 254
+
+
+def _depth(value: object) -> int:
+    """How deeply ``value``'s lists and objects nest (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        )
+        if children is not None:
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def canonical_json_unchecked(value: object) -> bytes:
