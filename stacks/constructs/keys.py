@@ -18,15 +18,18 @@ def alarms_of_this_account(stack: Stack) -> dict[str, Any]:
     alarms (confused-deputy protection)."""
     return {
         "StringEquals": {"aws:SourceAccount": stack.account},
-        "ArnLike": {
-            "aws:SourceArn": stack.format_arn(
-                service="cloudwatch",
-                resource="alarm",
-                resource_name="*",
-                arn_format=ArnFormat.COLON_RESOURCE_NAME,
-            )
-        },
+        "ArnLike": {"aws:SourceArn": _every(stack, "cloudwatch", "alarm")},
     }
+
+
+def _every(stack: Stack, service: str, resource: str) -> str:
+    """The ARN pattern of every ``resource`` of ``service`` in this account and region."""
+    return stack.format_arn(
+        service=service,
+        resource=resource,
+        resource_name="*",
+        arn_format=ArnFormat.COLON_RESOURCE_NAME,
+    )
 
 
 class FabricKeys(Construct):
@@ -100,12 +103,7 @@ class FabricKeys(Construct):
                 resources=["*"],
                 conditions={
                     "ArnLike": {
-                        "kms:EncryptionContext:aws:logs:arn": stack.format_arn(
-                            service="logs",
-                            resource="log-group",
-                            resource_name="*",
-                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
-                        )
+                        "kms:EncryptionContext:aws:logs:arn": _every(stack, "logs", "log-group")
                     }
                 },
             )

@@ -66,9 +66,10 @@ class Trail:
         self.signer = signer or MemorySigner()
         self.cipher = LocalCipher()
         self.clock = DAY
+        self.chains = MemoryChains()
         self.audit_writer = AuditWriter(
             writer,
-            chains=MemoryChains(),
+            chains=self.chains,
             objects=self.archive,
             signer=self.signer,
             now=lambda: self.clock,
@@ -625,7 +626,7 @@ def test_a_correctly_chained_forgery_after_the_last_checkpoint_is_never_publishe
     # Anyone who can put an object after the last checkpoint can extend the unkeyed hash
     # chain: its acceptances are held back, and it cannot displace a sealed acceptance.
     trail, _ = sealed_trail()
-    last = trail.audit_writer._chains.load(trail.writer)
+    last = trail.chains.load(trail.writer)
     key = f"audit/{trail.writer}/2026/12/01/{last.seq + 1:012d}-{last.seq + 2:012d}.jsonl"
     forged = forged_emergency(trail, key, first_seq=last.seq + 1, prev=last.last_hash)
     run, broker, _ = replayer(trail)
@@ -639,7 +640,7 @@ def test_a_correctly_chained_forgery_after_the_last_checkpoint_is_never_publishe
 
 def test_an_unsealed_acceptance_never_displaces_a_sealed_one_of_the_same_message() -> None:
     trail, _ = sealed_trail()
-    last = trail.audit_writer._chains.load(trail.writer)
+    last = trail.chains.load(trail.writer)
     key = f"audit/{trail.writer}/2026/12/01/{last.seq + 1:012d}-{last.seq + 2:012d}.jsonl"
     genuine = str(uuid.UUID(int=2))  # donation(1), accepted and sealed at 01:00
     at = DAY + timedelta(minutes=30)
@@ -773,17 +774,7 @@ def test_a_write_the_writer_abandoned_verifies_and_its_messages_are_replayed_onc
     # under another key, and the checkpoint names the first attempt as abandoned.
     trail = Trail()
     trail.route([donation(1)], source="community", at=DAY + timedelta(hours=1))
-    chains = trail.audit_writer._chains
-    save = chains.save
-    failed: list[bool] = []
-
-    def fails_once(writer: str, state: Any, *, batch_ids: Sequence[str]) -> bool:
-        if batch_ids and not failed:
-            failed.append(True)
-            raise TimeoutError("the state update after the object was stored")
-        return bool(save(writer, state, batch_ids=batch_ids))
-
-    chains.save = fails_once  # type: ignore[method-assign]
+    trail.chains.failures = 1
     with pytest.raises(TimeoutError):
         trail.route([donation(2)], source="community", at=DAY + timedelta(hours=2), seal=False)
     trail.route([donation(2), donation(3)], source="community", at=DAY + timedelta(hours=2))

@@ -327,7 +327,7 @@ def _consumer_record_problem(record: Mapping[str, Any], group: str) -> str | Non
         return problem
     if any(other != group for other in record.get("groups") or ()):
         return "recorded another group's delivery"
-    if not all(_queue_of(group, queue) for queue in record.get("queues") or ()):
+    if not all(group_owns(group, queue) for queue in record.get("queues") or ()):
         return "recorded another group's queue"
     return None
 
@@ -355,7 +355,7 @@ def _record_types_problem(record: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _queue_of(group: str, queue: str) -> bool:
+def group_owns(group: str, queue: str) -> bool:
     """Whether ``queue`` (a RabbitMQ queue name, or an SQS queue's name or ARN) is ``group``'s:
     ``fabric.<group>`` and its emergency, retry and dead-letter queues, or an SQS queue named
     ``...-<group>`` or ``...-<group>-dlq``."""

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from fabric import topology
-from fabric.audit_writer import CONSUMER_EVENTS
+from fabric.audit_writer import CONSUMER_EVENTS, group_owns
 from fabric.stakeholders import Stakeholder
 
 REPORT_VERSION = "fabric.compliance-report/2"
@@ -209,30 +208,17 @@ class _Figures:
         return sorted(waiting)
 
 
-# Every work queue of the fabric, and its group.
-_WORK_QUEUES = {
-    topology.queue_name(group, emergency=emergency): group.value
-    for group in Stakeholder
-    for emergency in (False, True)
-}
-
-
 def _groups(record: Mapping[str, Any]) -> list[str]:
-    """The consumer's group: the record's ``groups``, else the group of the queue it was
-    consumed from: a work queue (``fabric.<group>[.emergency]``), or an SQS queue, which the
-    audit writer accepts from a group's consumer only when it is named ``...-<group>`` or
-    ``...-<group>-dlq`` (by name or ARN)."""
+    """The consumer's group: the record's ``groups``, else the group owning the queue it was
+    consumed from, by the rule the audit writer holds a group's consumer records to
+    (``fabric.audit_writer.group_owns``: ``fabric.<group>...`` on RabbitMQ, ``...-<group>`` on
+    SQS, by name or ARN)."""
     groups = [str(g) for g in record.get("groups") or ()]
     for queue in () if groups else record.get("queues") or ():
-        group = _WORK_QUEUES.get(str(queue)) or _sqs_queue_group(str(queue))
-        if group is not None:
-            groups.append(group)
+        owner = next((g.value for g in Stakeholder if group_owns(g.value, str(queue))), None)
+        if owner is not None:
+            groups.append(owner)
     return groups or [""]
-
-
-def _sqs_queue_group(queue: str) -> str | None:
-    name = queue.rsplit(":", 1)[-1].removesuffix("-dlq")
-    return next((g.value for g in Stakeholder if name.endswith(f"-{g.value}")), None)
 
 
 def _ms(start: str, end: str) -> float:

@@ -440,11 +440,12 @@ def _build(obj: JsonValue, *, source: str, now: datetime, ingress: bool) -> Vali
     message_id: str | None = None
     try:
         message_id = _message_id(obj.get("message_id"))
-        if not all(isinstance(key, str) for key in obj):  # an in-process caller's dict
-            raise _Invalid(Reason.MALFORMED_JSON, "object keys must be strings")
-        unknown = sorted(set(obj) - _FIELDS)
+        unknown = set(obj) - _FIELDS
         if unknown:
-            raise _Invalid(Reason.UNKNOWN_FIELD, f"unknown field(s): {', '.join(unknown)}")
+            if not all(isinstance(key, str) for key in unknown):  # an in-process caller's dict
+                raise _Invalid(Reason.MALFORMED_JSON, "object keys must be strings")
+            names = ", ".join(sorted(unknown))
+            raise _Invalid(Reason.UNKNOWN_FIELD, f"unknown field(s): {names}")
         version = obj.get("version")
         if version is not None and version != VERSION:
             raise _Invalid(Reason.UNSUPPORTED_VERSION, f"version must be {VERSION!r}")
