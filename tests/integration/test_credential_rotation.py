@@ -297,6 +297,24 @@ def test_a_password_changed_on_the_broker_after_set_fails_the_test_step_and_keep
     assert user.can_log_in(old)
 
 
+def test_a_password_reset_on_the_broker_after_test_fails_the_finish_step_and_keeps_current(
+    user: RotatingUser, rotation: ModuleType
+) -> None:
+    # A deploy's topology resource read AWSCURRENT before the rotation began and set it on the
+    # broker again after testSecret: moving AWSCURRENT now would leave every client with a
+    # password the broker does not accept (and no pending version to fall back on).
+    old = user.secret()["password"]
+    token = start_rotation(user.secret_arn)
+    for name in ("createSecret", "setSecret", "testSecret"):
+        step(rotation, user.secret_arn, token, name)
+    user.change_on_broker(old)
+
+    with pytest.raises(RotationError, match="does not hold the pending password"):
+        step(rotation, user.secret_arn, token, "finishSecret")
+    assert user.secret()["password"] == old
+    assert user.can_log_in(old)
+
+
 def test_a_user_the_broker_does_not_have_is_not_created_by_a_rotation(
     user: RotatingUser, rotation: ModuleType
 ) -> None:

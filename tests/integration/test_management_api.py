@@ -9,6 +9,7 @@ import secrets
 import threading
 import time
 import tomllib
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from fabric.topology_apply import (
     delete_topology,
     diff_topology,
 )
-from tests.integration.conftest import AMQP, MANAGEMENT
+from tests.integration.conftest import AMQP, MANAGEMENT, management
 
 pytestmark = pytest.mark.integration
 
@@ -300,6 +301,58 @@ def test_a_user_consumes_its_own_queue_and_is_refused_any_other(
     assert "ACCESS_REFUSED" in refused.value.reply_text
 
 
+@pytest.mark.parametrize("change", ["removed", "narrowed"])
+def test_a_consumer_whose_permission_apply_revokes_or_narrows_gets_nothing_more(
+    client: ManagementClient, sandbox: Sandbox, change: str
+) -> None:
+    # RabbitMQ checks read permission when a consumer starts, not per delivery: a consumer
+    # already running would go on reading the queue after its user lost the right to.
+    _apply(client, sandbox)
+    connection = _connect(sandbox.vhost, sandbox.consumer, sandbox.passwords[sandbox.consumer])
+    received: list[bytes] = []
+    connection.channel().basic_consume(
+        WORK, lambda _ch, _method, _props, body: received.append(body), auto_ack=True
+    )
+    _publish(sandbox, "case.opened", b"before")
+    _wait_until_listed(sandbox.vhost, sandbox.consumer, connection)
+    assert received == [b"before"]
+    document = copy.deepcopy(sandbox.document)
+    if change == "removed":  # the group left the routing table: user and permission gone
+        document["users"] = [u for u in document["users"] if u["name"] != sandbox.consumer]
+        document["permissions"] = [
+            p for p in document["permissions"] if p["user"] != sandbox.consumer
+        ]
+        expected = (ChangeKind.DELETE, Resource.PERMISSION, sandbox.consumer)
+    else:  # the user may read its dead letters only
+        document["permissions"][0]["read"] = r"^fabric\.work\.dlq$"
+        expected = (ChangeKind.UPDATE, Resource.PERMISSION, sandbox.consumer)
+    passwords = {user["name"]: sandbox.passwords[user["name"]] for user in document["users"]}
+
+    report = apply_topology(client, document, passwords=passwords, vhost=sandbox.vhost)
+
+    assert [(c.kind, c.resource, c.name) for c in report.applied] == [expected]
+    _publish(sandbox, "case.opened", b"after")
+    try:
+        connection.process_data_events(time_limit=3)
+    except pika.exceptions.AMQPError:
+        pass  # closed by the broker: the point
+    finally:
+        if connection.is_open:
+            connection.close()
+    assert received == [b"before"]
+    assert _take_as_guest(client, sandbox.vhost, WORK) == b"after"
+
+
+def _wait_until_listed(vhost: str, user: str, connection: pika.BlockingConnection) -> None:
+    """Serve the connection until the management API lists it (it does after a stats sample)."""
+    deadline = time.monotonic() + 30
+    path = f"vhosts/{urllib.parse.quote(vhost, safe='')}/connections"
+    while user not in {item["user"] for item in management("GET", path)}:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the management API never listed the connection of {user}")
+        connection.process_data_events(time_limit=0.25)
+
+
 def test_delete_topology_keeps_a_queue_holding_messages_and_reports_it(
     client: ManagementClient, sandbox: Sandbox
 ) -> None:
@@ -463,6 +516,36 @@ def test_a_server_error_raises_unavailable(stub_api: Callable[..., str]) -> None
 
     with pytest.raises(ManagementUnavailable, match="HTTP 503"):
         client.overview()
+
+
+@pytest.mark.parametrize("status", [502, 503, 429])
+def test_a_transient_refusal_is_retried_and_the_call_succeeds(status: int) -> None:
+    # A broker node restarting behind the load balancer, or throttling: one such answer must
+    # not fail a deploy's whole topology apply.
+    answers = [status, 200]
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.path)
+            self.send_response(answers.pop(0) if len(answers) > 1 else answers[0])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            return
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = ManagementClient(f"http://127.0.0.1:{server.server_port}", "admin", "pw")
+        client.put_vhost("fabric")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert seen == ["/api/vhosts/fabric", "/api/vhosts/fabric"]
 
 
 def test_a_redirect_is_not_followed_with_the_credentials(stub_api: Callable[..., str]) -> None:

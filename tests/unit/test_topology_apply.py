@@ -249,6 +249,30 @@ def test_a_removed_groups_user_loses_its_vhost_permissions_and_others_are_left_a
     }
 
 
+def test_a_user_whose_permissions_are_revoked_or_changed_is_disconnected_and_no_other(
+    applied: MemoryManagementClient,
+) -> None:
+    # RabbitMQ does not take a running consumer away when its permissions go or narrow.
+    applied.put_user("fabric-removed", password="x" * 12, tags=[])
+    applied.put_permissions(VHOST, "fabric-removed", configure="^$", write="^$", read=".*")
+    removed = applied.open_connection(VHOST, "fabric-removed")
+    consumer = applied.open_connection(VHOST, "consumer")
+    publisher = applied.open_connection(VHOST, "publisher")
+    changed = definitions()
+    changed["permissions"][0]["read"] = r"^work\.dlq$"
+    applied.calls.clear()
+
+    apply_topology(applied, changed, passwords=PASSWORDS, vhost=VHOST)
+
+    assert applied.calls == [
+        "put_permissions consumer",
+        f"close_connection {consumer}",
+        "delete_permissions fabric-removed",
+        f"close_connection {removed}",
+    ]
+    assert applied.list_connections(VHOST) == [{"name": publisher, "user": "publisher"}]
+
+
 def test_bindings_compare_as_sets_whatever_the_argument_order(
     applied: MemoryManagementClient,
 ) -> None:

@@ -6,7 +6,7 @@ Secrets Manager rotates a secret by calling its rotation function four times wit
 1. ``createSecret``: a new password into that version, next to the unchanged username;
 2. ``setSecret``: the pending password onto the broker's user (tags kept);
 3. ``testSecret``: the broker's salted hash of the user's password checked against it;
-4. ``finishSecret``: ``AWSCURRENT`` moved to the new version.
+4. ``finishSecret``: the same check again, then ``AWSCURRENT`` moved to the new version.
 
 Every step can run again without harm, as Secrets Manager retries a failed one. Between steps
 2 and 4 the broker holds the pending password while the secret's current version still has the
@@ -108,7 +108,7 @@ class PasswordRotation:
         Raises:
             RotationError: the secret is the administrator's, it is not being rotated with
                 this token, its value or the broker's user is not what a rotation needs, or the
-                broker does not hold the pending password at ``testSecret``.
+                broker does not hold the pending password at ``testSecret`` or ``finishSecret``.
             ManagementApiError: the management API refused or could not be reached.
             botocore.exceptions.ClientError: Secrets Manager refused a call.
         """
@@ -168,13 +168,13 @@ class PasswordRotation:
         else:
             username, password = self._pending_user(request, pending)
             what = "pending"
-        if not password_matches(self._user(username), password):
-            raise RotationError(
-                f"the broker's user {username} does not hold the {what} password "
-                "(changed since setSecret, or a hash this check cannot read)"
-            )
+        self._check_broker_holds(username, password, what)
 
     def _finish(self, request: RotationRequest, metadata: Mapping[str, Any]) -> None:
+        # Checked again: something may have set the old password since testSecret (a deploy's
+        # topology resource that read AWSCURRENT before setSecret). Moving AWSCURRENT then
+        # would leave every client with a password the broker refuses.
+        self._check_broker_holds(*self._pending_user(request), "pending")
         current = next(
             version
             for version, stages in metadata["VersionIdsToStages"].items()
@@ -199,6 +199,13 @@ class PasswordRotation:
         if pending["username"] != current["username"]:
             raise RotationError("the pending version names another user than the current one")
         return pending["username"], pending["password"]
+
+    def _check_broker_holds(self, username: str, password: str, what: str) -> None:
+        if not password_matches(self._user(username), password):
+            raise RotationError(
+                f"the broker's user {username} does not hold the {what} password "
+                "(changed since setSecret, or a hash this check cannot read)"
+            )
 
     def _user(self, username: str) -> JsonObject:
         user = self._broker.get_user(username)

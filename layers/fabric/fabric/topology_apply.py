@@ -15,6 +15,8 @@ Rules the functions share:
   leaving it would go on delivering there; apply deletes it, after creating the new bindings.
   Bindings hold no messages. And the vhost permissions of a ``fabric-*`` user (not the
   administrator) that the document no longer has: a removed group's user loses its access.
+  Because RabbitMQ checks a consumer's permission only when it starts, apply closes the
+  connections to the vhost of a user whose permissions it removed or changed.
   Built-in exchanges (``""``, ``amq.*``), the default exchange's implicit bindings and the
   permissions of the user the client logs in as (RabbitMQ grants them to whoever creates a
   vhost through the API) are never reported.
@@ -179,6 +181,14 @@ class ManagementApi(Protocol):
 
     def delete_permissions(self, vhost: str, user: str) -> bool:
         """Remove a user's permissions on the vhost."""
+        ...
+
+    def list_connections(self, vhost: str) -> list[JsonObject]:
+        """Every client connection to the vhost (``name``, ``user``)."""
+        ...
+
+    def close_connection(self, name: str, *, reason: str) -> bool:
+        """Close a client connection."""
         ...
 
 
@@ -671,7 +681,7 @@ def _plan_permissions(
         for item in (client.list_permissions(vhost) if exists else [])
     }
 
-    def grant(permission: _Permission) -> None:
+    def grant(permission: _Permission, *, reconnect: bool) -> None:
         regexes = permission.regexes
         client.put_permissions(
             vhost,
@@ -680,6 +690,12 @@ def _plan_permissions(
             write=regexes["write"],
             read=regexes["read"],
         )
+        if reconnect:
+            _close_connections(client, vhost, permission.user, "permissions changed")
+
+    def revoke(user: str) -> None:
+        client.delete_permissions(vhost, user)
+        _close_connections(client, vhost, user, "permissions revoked")
 
     for permission in doc.permissions:
         now = current.get(permission.user)
@@ -694,7 +710,8 @@ def _plan_permissions(
             change = Change(ChangeKind.UPDATE, Resource.PERMISSION, permission.user, differences)
         else:
             continue
-        plan.permissions.append(_Step(change, partial(grant, permission)))
+        reconnect = change.kind is ChangeKind.UPDATE
+        plan.permissions.append(_Step(change, partial(grant, permission, reconnect=reconnect)))
     wanted = {permission.user for permission in doc.permissions} | {client.username}
     stale = [user for user in current if user not in wanted]
     plan.extra.extend(
@@ -705,13 +722,24 @@ def _plan_permissions(
     # A user of the fabric's own naming that the document no longer has is a group the routing
     # table removed: left in place, its user could go on reading what its queues still hold.
     plan.permissions.extend(
-        _Step(
-            Change(ChangeKind.DELETE, Resource.PERMISSION, user),
-            partial(client.delete_permissions, vhost, user),
-        )
+        _Step(Change(ChangeKind.DELETE, Resource.PERMISSION, user), partial(revoke, user))
         for user in stale
         if _fabric_user(user)
     )
+
+
+def _close_connections(client: ManagementApi, vhost: str, user: str, reason: str) -> None:
+    """Close ``user``'s connections to ``vhost`` after its permissions changed or went.
+
+    RabbitMQ checks read permission when a consumer starts, not per delivery: a consumer
+    started before the change would go on receiving from a queue it may no longer read.
+    Reconnecting, a client gets the new permissions (or, revoked, is refused the vhost).
+    """
+    for connection in client.list_connections(vhost):
+        if connection.get("user") == user and client.close_connection(
+            str(connection["name"]), reason=f"fabric topology: {reason}"
+        ):
+            _LOG.info("topology: closed connection %r of %r (%s)", connection["name"], user, reason)
 
 
 def _fabric_user(name: str) -> bool:

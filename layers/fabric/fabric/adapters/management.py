@@ -7,6 +7,7 @@ import http.client
 import json
 import logging
 import ssl
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -42,10 +43,10 @@ class ManagementClient:
 
     Names and vhosts are percent-encoded in every path (vhost ``/`` is ``%2F``). Every failure
     is translated into ``ManagementApiError`` subclasses: ``ManagementUnavailable`` for refused
-    connections, timeouts, TLS failures, 5xx, 408 and 429; ``ManagementRequestRejected`` (with
-    the HTTP status and the API's ``reason``) for other 4xx. Credentials never appear in
-    exceptions, logs or ``repr``. ``get_*`` return ``None`` and ``delete_*`` return ``False``
-    when the object does not exist.
+    connections, timeouts, TLS failures, 5xx, 408 and 429 (the transient ones once retries are
+    spent, see ``__init__``); ``ManagementRequestRejected`` (with the HTTP status and the API's
+    ``reason``) for other 4xx. Credentials never appear in exceptions, logs or ``repr``.
+    ``get_*`` return ``None`` and ``delete_*`` return ``False`` when the object does not exist.
     """
 
     def __init__(
@@ -56,12 +57,16 @@ class ManagementClient:
         *,
         timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
+        retries: int = 2,
+        backoff: float = 0.5,
     ) -> None:
         """Check the URL and build the opener; no request is made.
 
         ``base_url`` is where the API lives without ``/api`` (``http://127.0.0.1:15672``, or the
         broker's ``https://…mq.<region>.amazonaws.com`` console URL). HTTPS verifies the server
-        with the system's CA bundle unless ``ssl_context`` says otherwise.
+        with the system's CA bundle unless ``ssl_context`` says otherwise. A call the API
+        answers with 5xx, 408 or 429, or whose connection is refused or dropped, is tried again
+        up to ``retries`` times, ``backoff`` seconds later, then twice that, and so on.
 
         Raises:
             ConfigError: ``base_url`` is not an http(s) URL with a host, or carries credentials.
@@ -77,6 +82,8 @@ class ManagementClient:
         token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
         self._authorization = f"Basic {token}"
         self._timeout = timeout
+        self._retries = retries
+        self._backoff = backoff
         context = ssl_context
         if context is None and parts.scheme == "https":
             context = ssl.create_default_context()
@@ -355,6 +362,29 @@ class ManagementClient:
         """
         return self._delete(("permissions", vhost, user))
 
+    # --- connections ----------------------------------------------------------------------
+
+    def list_connections(self, vhost: str) -> list[JsonObject]:
+        """The client connections to the vhost: ``name`` and ``user`` of each.
+
+        Raises:
+            ManagementRequestRejected: status 404 when the vhost does not exist.
+            ManagementApiError: see the class docstring.
+        """
+        result: list[JsonObject] = self._call(
+            "GET", ("vhosts", vhost, "connections"), query={"columns": "name,user"}
+        )
+        return result
+
+    def close_connection(self, name: str, *, reason: str) -> bool:
+        """Close the connection ``list_connections`` named so, telling the client ``reason``;
+        ``False`` if it was closed already.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        return self._delete(("connections", name), headers={"X-Reason": reason})
+
     # --- transport ------------------------------------------------------------------------
 
     def _get_or_none(
@@ -368,9 +398,9 @@ class ManagementClient:
             raise
         return result
 
-    def _delete(self, segments: tuple[str, ...]) -> bool:
+    def _delete(self, segments: tuple[str, ...], headers: Mapping[str, str] | None = None) -> bool:
         try:
-            self._call("DELETE", segments)
+            self._call("DELETE", segments, headers=headers)
         except ManagementRequestRejected as exc:
             if exc.status == _NOT_FOUND:
                 return False
@@ -385,6 +415,31 @@ class ManagementClient:
         body: Mapping[str, Any] | None = None,
         query: Mapping[str, str] | None = None,
         redact: tuple[str, ...] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        # Every request the client makes is idempotent (PUTs, DELETEs, and a binding POST that
+        # changes nothing when the binding exists), so a refusal that says "not now" is retried.
+        for attempt in range(self._retries + 1):
+            try:
+                return self._send(
+                    method, segments, body=body, query=query, redact=redact, headers=headers
+                )
+            except ManagementUnavailable as exc:
+                if attempt == self._retries or not _transient(exc):
+                    raise
+                _LOG.info("management API %s %s: %s; retrying", method, exc.path, exc)
+                time.sleep(self._backoff * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send(
+        self,
+        method: str,
+        segments: tuple[str, ...],
+        *,
+        body: Mapping[str, Any] | None,
+        query: Mapping[str, str] | None,
+        redact: tuple[str, ...],
+        headers: Mapping[str, str] | None,
     ) -> Any:
         path = "/api/" + "/".join(urllib.parse.quote(s, safe="") for s in segments)
         url = self._base_url + path
@@ -398,6 +453,7 @@ class ManagementClient:
                 "Authorization": self._authorization,
                 "Content-Type": "application/json",
                 "Accept": "application/json",
+                **(headers or {}),
             },
         )
         try:
@@ -444,6 +500,20 @@ class ManagementClient:
             if secret:
                 text = text.replace(secret, "***")
         return text
+
+
+def _transient(error: ManagementUnavailable) -> bool:
+    """A 5xx, 408 or 429 answer, or a connection refused or dropped: worth another try soon.
+
+    Not a timeout (the server is slow, and each try costs the whole timeout again) nor a TLS
+    failure (it will fail the same way).
+    """
+    cause = error.__cause__
+    if isinstance(cause, urllib.error.HTTPError):
+        return True
+    if isinstance(cause, urllib.error.URLError):
+        cause = cause.reason if isinstance(cause.reason, BaseException) else None
+    return isinstance(cause, ConnectionError)
 
 
 def _destination_kind(destination_type: str) -> str:

@@ -34,6 +34,7 @@ class _VHost:
     messages: dict[str, int | None] = field(default_factory=dict)
     bindings: list[JsonObject] = field(default_factory=list)
     permissions: dict[str, JsonObject] = field(default_factory=dict)
+    connections: dict[str, str] = field(default_factory=dict)  # name -> user
 
 
 class MemoryManagementClient:
@@ -43,8 +44,10 @@ class MemoryManagementClient:
     with the built-in exchanges; lists an implicit default-exchange binding per queue; answers
     404 for missing objects and 400 for a redeclaration with other properties; drops bindings
     with the exchange or queue they involve and permissions with their user; stores salted
-    SHA-256 password hashes. ``calls`` records every change as ``"<method> <name>"`` in order;
-    ``set_messages`` sets what the statistics report for a queue (``None``: not sampled yet).
+    SHA-256 password hashes; closes a user's connections when the user or its vhost goes (not
+    when its permissions do). ``calls`` records every change as ``"<method> <name>"`` in order;
+    ``set_messages`` sets what the statistics report for a queue (``None``: not sampled yet);
+    ``open_connection`` plays a client connecting.
     """
 
     def __init__(self, username: str = "admin") -> None:
@@ -52,6 +55,7 @@ class MemoryManagementClient:
         self._username = username
         self._vhosts: dict[str, _VHost] = {}
         self._users: dict[str, JsonObject] = {}
+        self._connections_opened = 0
         self.calls: list[str] = []
 
     @property
@@ -69,6 +73,18 @@ class MemoryManagementClient:
         if queue not in space.queues:
             raise _not_found(f"queues/{vhost}/{queue}")
         space.messages[queue] = count
+
+    def open_connection(self, vhost: str, user: str) -> str:
+        """A client of ``user`` connects to the vhost; returns the connection's name.
+
+        Raises:
+            ManagementRequestRejected: 404 when the vhost does not exist.
+        """
+        space = self._vhost(vhost, f"vhosts/{vhost}/connections")
+        self._connections_opened += 1
+        name = f"127.0.0.1:{50000 + self._connections_opened} -> 127.0.0.1:5672"
+        space.connections[name] = user
+        return name
 
     # --- vhosts ---------------------------------------------------------------------------
 
@@ -306,6 +322,7 @@ class MemoryManagementClient:
         self.calls.append(f"delete_user {name}")
         for space in self._vhosts.values():
             space.permissions.pop(name, None)
+            space.connections = {c: u for c, u in space.connections.items() if u != name}
         return self._users.pop(name, None) is not None
 
     def list_permissions(self, vhost: str) -> list[JsonObject]:
@@ -344,6 +361,22 @@ class MemoryManagementClient:
         self.calls.append(f"delete_permissions {user}")
         space = self._vhosts.get(vhost)
         return space is not None and space.permissions.pop(user, None) is not None
+
+    # --- connections ----------------------------------------------------------------------
+
+    def list_connections(self, vhost: str) -> list[JsonObject]:
+        """The client connections to the vhost (``name``, ``user``).
+
+        Raises:
+            ManagementRequestRejected: 404 when the vhost does not exist.
+        """
+        space = self._vhost(vhost, f"vhosts/{vhost}/connections")
+        return [{"name": name, "user": user} for name, user in space.connections.items()]
+
+    def close_connection(self, name: str, *, reason: str) -> bool:
+        """Close the connection; ``False`` if there is none of that name."""
+        self.calls.append(f"close_connection {name}")
+        return any(space.connections.pop(name, None) is not None for space in self._vhosts.values())
 
     def _vhost(self, vhost: str, path: str) -> _VHost:
         space = self._vhosts.get(vhost)
