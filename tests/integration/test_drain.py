@@ -273,3 +273,75 @@ def test_a_copy_the_broker_confirmed_is_audited_drained_even_if_sqs_kept_it(
     assert [(r.event.value, r.message_id) for r in audit.records] == [
         ("drained", parked.message_id)
     ]
+
+
+def test_a_copy_whose_drained_record_cannot_be_stored_stays_in_sqs_and_the_run_stops(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    # Neither audit path takes the batch: a copy deleted from SQS now would be in its work queue
+    # with no record of how it got there, and its body never archived (the compliance report
+    # would count it "not drained"). Left in SQS, the next run moves it again, with its record.
+    parked = [message(Stakeholder.MEDIA) for _ in range(3)]
+    other = message(Stakeholder.ACADEMIC)
+    park(aws, *parked, other)
+    broker = rabbit(broker_vhost)
+    source = _Recording(lambda: boto3.client("sqs", region_name=REGION))
+    drainer = Drainer(
+        queues=fallback_queues(aws),
+        source=source,
+        broker=broker,
+        audit=MemoryAuditSink(available=False),
+        connect=broker.connect,
+    )
+    report = drainer.drain()
+
+    assert report.stopped == "audit unavailable"
+    assert report.total == 0
+    assert len(source.received) in (1, 3)  # one queue's batch, then the run stopped
+    assert left_in_sqs(aws) == 4
+
+    for url, handle in source.received:  # what the run took comes back at once
+        aws["sqs"].change_message_visibility(
+            QueueUrl=url, ReceiptHandle=handle, VisibilityTimeout=0
+        )
+    audit = MemoryAuditSink()
+    again = draining(aws, broker, audit).drain()
+    assert (again.stopped, again.total) == ("empty", 4)
+    assert left_in_sqs(aws) == 0
+    assert {r.message_id for r in audit.records} == {m.message_id for m in [*parked, other]}
+
+
+class _Recording(SqsFallbackSource):
+    def __init__(self, client_factory: Any) -> None:
+        super().__init__(client_factory)
+        self.received: list[tuple[str, str]] = []
+
+    def receive(self, queue: str, limit: int) -> Any:
+        got = super().receive(queue, limit)
+        self.received += [(queue, item.handle) for item in got]
+        return got
+
+
+def test_a_run_whose_deletes_fail_stops_instead_of_moving_every_queue_it_cannot_clear(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    # A copy SQS did not delete comes back after its visibility timeout and is moved again: a
+    # run that went on would put every fallback message into RabbitMQ twice (and count a
+    # receive against each, towards its DLQ) while SQS refuses deletes.
+    media = [message(Stakeholder.MEDIA) for _ in range(3)]
+    academic = [message(Stakeholder.ACADEMIC) for _ in range(3)]
+    park(aws, *media, *academic)
+    broker = rabbit(broker_vhost)
+    drainer = Drainer(
+        queues=fallback_queues(aws),
+        source=_DeleteFails(lambda: boto3.client("sqs", region_name=REGION)),
+        broker=broker,
+        audit=MemoryAuditSink(),
+        connect=broker.connect,
+    )
+    report = drainer.drain()
+
+    assert report.stopped == "fallback queue unavailable"
+    moved = sum(len(ids) for ids in in_rabbitmq(broker_vhost).values())
+    assert moved == 3  # the first batch, whose deletes failed; nothing after it
+    assert report.left == 3

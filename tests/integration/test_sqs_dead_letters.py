@@ -406,6 +406,41 @@ def test_a_batch_sqs_refuses_is_not_moved_and_the_rest_is(aws: dict[str, Any]) -
     assert depth(sqs, settings.dlq_url) == 12
 
 
+def test_an_entry_sqs_failed_on_its_side_is_sent_again_and_a_refused_one_is_not(
+    aws: dict[str, Any],
+) -> None:
+    # SendMessageBatch answers per entry: an entry SQS failed on its side (SenderFault false:
+    # throttled, an internal error) was not stored and may simply be sent again; one it refused
+    # (SenderFault true) would be refused again. Not resending the first stopped the whole
+    # redrive run ("origin unavailable") for a transient hiccup of one entry.
+    sqs, settings = aws["sqs"], aws["settings"]
+    dead_letter_via_fallback(aws, 4)
+    calls: list[list[str]] = []
+
+    def send_message_batch(**kwargs: Any) -> Any:
+        entries = kwargs["Entries"]
+        calls.append([entry["Id"] for entry in entries])
+        if len(calls) > 1:
+            return sqs.send_message_batch(**kwargs)
+        failed = [
+            {"Id": "1", "SenderFault": False, "Code": "InternalError", "Message": "retry"},
+            {"Id": "2", "SenderFault": True, "Code": "InvalidParameterValue", "Message": "no"},
+        ]
+        kept = [entry for entry in entries if entry["Id"] not in ("1", "2")]
+        response = sqs.send_message_batch(QueueUrl=kwargs["QueueUrl"], Entries=kept)
+        return {"Successful": response["Successful"], "Failed": failed}
+
+    queue = SqsDeadLetterQueue(settings, lambda: Faulty(sqs, send_message_batch=send_message_batch))
+    letters = queue.peek(10)
+
+    moved = queue.move(letters)
+
+    assert moved == [letters[0], letters[3], letters[1]]
+    assert len(calls) == 2
+    assert len(calls[1]) == 1  # only the entry SQS failed on its side, once
+    assert len(receive_all(sqs, settings.source_url)) == 3
+
+
 def test_move_to_a_missing_source_moves_nothing_and_does_not_raise(aws: dict[str, Any]) -> None:
     sqs, settings = aws["sqs"], aws["settings"]
     dead_letter_via_fallback(aws, 3)

@@ -4,9 +4,10 @@ Each fallback queue belongs to one stakeholder group (and path), and holds that 
 a message. The drain republishes each copy to that group's own work queue only (through the
 redeliver exchange, never through routing, which would hand the other groups a second copy),
 with the same body, message id and headers, and deletes it from SQS only after RabbitMQ
-confirmed it. A message whose confirm does not come stays in SQS and reappears after its
-visibility timeout; two drains running at once never see the same message at the same time,
-and a duplicate after a crash carries the same message id, which consumers deduplicate on.
+confirmed it and its ``drained`` record is stored on an audit path. A message whose confirm (or
+record) does not come stays in SQS and reappears after its visibility timeout; two drains
+running at once never see the same message at the same time, and a duplicate after a crash
+carries the same message id, which consumers deduplicate on.
 
 Each receive counts towards a fallback queue's redrive policy (10 receives, then its DLQ), so
 the drain takes nothing it cannot hand on: it opens the broker connection before it receives
@@ -146,6 +147,8 @@ class Drainer:
                 if not batch:
                     break
                 failures = self._move(queue, batch, report)
+                if report.stopped != "empty":  # the audit paths, or SQS's deletes, failed
+                    return report
                 if failures & SYSTEMIC:
                     report.stopped = "broker unavailable"
                     return report
@@ -160,7 +163,14 @@ class Drainer:
     def _move(
         self, queue: FallbackQueue, batch: list[Received], report: DrainReport
     ) -> set[Failure]:
-        """Publish, delete what the broker confirmed, audit what moved; the failures met."""
+        """Publish, audit what the broker confirmed, then delete it from SQS; the failures met.
+
+        A copy is deleted only once its ``drained`` record is stored: if neither audit path takes
+        the batch, the copies stay in SQS (they come back and are moved again, same message id,
+        with their record then) and the run stops (``audit unavailable``). A copy SQS does not
+        delete stops the run too (``fallback queue unavailable``): it comes back and is moved
+        again, so a run that went on would move every queue twice while SQS refuses deletes.
+        """
         outbound = [
             OutboundMessage(
                 message_id=item.message_id,
@@ -178,35 +188,48 @@ class Drainer:
         ]
         outcomes = self._broker.publish(outbound)
         confirmed = [item for item, outcome in zip(batch, outcomes, strict=True) if outcome.stored]
+        failures = {outcome.failure for outcome in outcomes if outcome.failure is not None}
+        if confirmed and not self._audit_drained(queue, confirmed):
+            _LOG.error(
+                "audit batch of %d drained message(s) could not be stored: left in SQS",
+                len(confirmed),
+            )
+            report.left += len(batch)
+            report.stopped = "audit unavailable"
+            return failures
         deleted = self._source.delete(queue.url, [item.handle for item in confirmed])
         moved = [item for item in confirmed if item.handle in deleted]
         report.moved[queue.work_queue] = report.moved.get(queue.work_queue, 0) + len(moved)
         report.left += len(batch) - len(moved)
-        now = datetime.now(UTC)
-        if confirmed:
-            # Every copy the broker confirmed is in its work queue, deleted from SQS or not (a
-            # copy not deleted comes back and is drained again: same message id). With the
-            # bodies: a message accepted on the fallback path is archived here too.
-            digests = [sha256_hex(item.body) for item in confirmed]
-            stored = self._audit.emit(
-                [
-                    AuditRecord(
-                        event=AuditEvent.DRAINED,
-                        at=now,
-                        message_id=item.message_id,
-                        source="drain",
-                        topic=item.topic,
-                        body_sha256=digest,
-                        transport="rabbitmq",
-                        groups=(queue.group.value,),
-                        queues=(queue.work_queue,),
-                    )
-                    for item, digest in zip(confirmed, digests, strict=True)
-                ],
-                dict(zip(digests, (item.body for item in confirmed), strict=True)),
+        if len(moved) < len(confirmed):
+            _LOG.warning(
+                "%d moved message(s) not deleted from %s: they come back and move again",
+                len(confirmed) - len(moved),
+                queue.url,
             )
-            if not stored:  # the messages moved; a lost audit batch is an operator's alarm
-                _LOG.error(
-                    "audit batch of %d drained message(s) could not be stored", len(confirmed)
+            report.stopped = "fallback queue unavailable"
+        return failures
+
+    def _audit_drained(self, queue: FallbackQueue, confirmed: list[Received]) -> bool:
+        """Audit every copy the broker confirmed (it is in its work queue, deleted from SQS or
+        not: a copy not deleted comes back and is drained again, same message id), with the
+        bodies: a message accepted on the fallback path is archived here too."""
+        now = datetime.now(UTC)
+        digests = [sha256_hex(item.body) for item in confirmed]
+        return self._audit.emit(
+            [
+                AuditRecord(
+                    event=AuditEvent.DRAINED,
+                    at=now,
+                    message_id=item.message_id,
+                    source="drain",
+                    topic=item.topic,
+                    body_sha256=digest,
+                    transport="rabbitmq",
+                    groups=(queue.group.value,),
+                    queues=(queue.work_queue,),
                 )
-        return {outcome.failure for outcome in outcomes if outcome.failure is not None}
+                for item, digest in zip(confirmed, digests, strict=True)
+            ],
+            dict(zip(digests, (item.body for item in confirmed), strict=True)),
+        )

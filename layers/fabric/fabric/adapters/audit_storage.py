@@ -15,12 +15,32 @@ from fabric.errors import TransportUnavailable
 BATCH_MARK_TTL_SECONDS = 14 * 24 * 3600
 
 
+class _Body:
+    """A GetObject body whose read raises ``TransportUnavailable`` for S3 trouble."""
+
+    def __init__(self, key: str, stream: Any) -> None:
+        self._key = key
+        self._stream = stream
+
+    def read(self, *size: int) -> bytes:
+        from botocore.exceptions import BotoCoreError
+
+        try:
+            return bytes(self._stream.read(*size))
+        except BotoCoreError as exc:
+            raise TransportUnavailable(f"cannot read {self._key}: {type(exc).__name__}") from exc
+
+    def close(self) -> None:
+        self._stream.close()
+
+
 class S3ObjectStore:
     """Objects in the audit bucket; its default Object Lock retention applies to each version.
 
     The writer puts; the verifier, the compliance report and replay list and read (their roles
-    hold only the read grants). Every S3 error becomes ``TransportUnavailable``, except a key
-    that does not exist, which ``read`` and ``response`` give as None.
+    hold only the read grants). Every S3 error becomes ``TransportUnavailable`` (also one while a
+    body streams), except a key that does not exist, which ``read`` and ``response`` give as
+    None.
     """
 
     def __init__(self, bucket: str, client_factory: Callable[[], Any]) -> None:
@@ -82,7 +102,7 @@ class S3ObjectStore:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            return dict(self._s3().get_object(Bucket=self._bucket, Key=key))
+            response = dict(self._s3().get_object(Bucket=self._bucket, Key=key))
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code")
             # S3 answers a missing key with 404 only to a caller it lets list the bucket, and
@@ -93,6 +113,11 @@ class S3ObjectStore:
             raise TransportUnavailable(f"cannot read {key}: {type(exc).__name__}") from exc
         except BotoCoreError as exc:
             raise TransportUnavailable(f"cannot read {key}: {type(exc).__name__}") from exc
+        # The body streams after the headers: a connection that drops meanwhile is an outage
+        # too (its botocore error would escape the callers, which catch TransportUnavailable).
+        if "Body" in response:
+            response["Body"] = _Body(key, response["Body"])
+        return response
 
     def _exists(self, key: str) -> bool:
         """Whether ``key`` is listed (True also when the listing fails: then the read's refusal
@@ -125,6 +150,29 @@ class S3ObjectStore:
             raise TransportUnavailable(
                 f"cannot list {arguments.get('Prefix')}: {type(exc).__name__}"
             ) from exc
+
+
+def _cancellation(exc: Any) -> str:
+    """The error code, with a cancelled transaction's reasons (one per action, in order)."""
+    code = str(exc.response.get("Error", {}).get("Code"))
+    reasons = [str(r.get("Code")) for r in exc.response.get("CancellationReasons") or ()]
+    return f"{code} ({', '.join(reasons)})" if reasons else code
+
+
+def _lost_the_race(exc: Any) -> bool:
+    """Whether a failed save means another writer advanced the chain: the chain item's version
+    check failed, or another transaction held it. A transaction cancelled because it was
+    throttled, or for a refused item, is the table's trouble, not a conflict: the writer must
+    not report a second writer that does not exist."""
+    if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+        return False
+    reasons = exc.response.get("CancellationReasons")
+    if not reasons:  # reasons not given: the version check is the only condition in it
+        return True
+    codes = [str(reason.get("Code")) for reason in reasons]
+    # The chain item comes first and holds the only condition; a concurrent transaction on any
+    # item (the same batch's mark, written by another attempt) is a race as well.
+    return codes[0] == "ConditionalCheckFailed" or "TransactionConflict" in codes
 
 
 class DynamoDbChainStore:
@@ -165,7 +213,7 @@ class DynamoDbChainStore:
 
     def save(self, writer: str, state: ChainState, *, batch_ids: Sequence[str]) -> bool:
         """One transaction: the state if its version is unchanged, and the batch marks."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         document = {
             "seq": state.seq,
@@ -213,9 +261,15 @@ class DynamoDbChainStore:
         try:
             self._dynamodb().transact_write_items(TransactItems=items)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "TransactionCanceledException":
+            if _lost_the_race(exc):
                 return False
-            raise TransportUnavailable(f"cannot save the chain of {writer}") from exc
+            raise TransportUnavailable(
+                f"cannot save the chain of {writer}: {_cancellation(exc)}"
+            ) from exc
+        except BotoCoreError as exc:
+            raise TransportUnavailable(
+                f"cannot save the chain of {writer}: {type(exc).__name__}"
+            ) from exc
         state.version += 1
         return True
 

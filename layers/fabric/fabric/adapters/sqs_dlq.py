@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,6 +54,9 @@ _MAX_ATTRIBUTES = 10  # SQS refuses a message with more message attributes than 
 # SQS limits a whole SendMessageBatch request (bodies and attributes) to 256 KiB on queues with
 # the classic maximum message size; a larger letter travels alone.
 _MAX_BATCH_BYTES = 262_144
+# An entry SQS failed on its side (not a sender fault) was not stored: sent again, after a pause.
+_SEND_ATTEMPTS = 3
+_RESEND_PAUSE_S = 0.2
 # Per dead-lettering, not per message: dropped on the way back (the counter is replaced).
 _NOT_SENT_BACK = frozenset(
     {REDRIVES_ATTRIBUTE, DEAD_LETTER_REASON_ATTRIBUTE, DEAD_LETTERED_AT_ATTRIBUTE}
@@ -163,13 +167,12 @@ class SqsDeadLetterQueue:
         """Send to the source queue with the same body and every message attribute (with its
         DataType), ``fabric-redrives`` raised by one; returns the letters SQS accepted.
 
-        Batches hold at most 10 entries and 256 KiB. A batch SQS refuses as a whole, or an
-        entry it lists as failed, is not moved (the letter stays in the DLQ); never raises for
-        I/O. A letter this run does not hold (released, removed, or from another run) is not
-        moved either: its attributes are not known.
+        Batches hold at most 10 entries and 256 KiB. An entry SQS lists as failed on its side
+        (``SenderFault`` false) is sent again, up to ``_SEND_ATTEMPTS`` sends in all; a batch
+        SQS refuses as a whole, or an entry it refused, is not moved (the letter stays in the
+        DLQ); never raises for I/O. A letter this run does not hold (released, removed, or
+        from another run) is not moved either: its attributes are not known.
         """
-        from botocore.exceptions import BotoCoreError, ClientError
-
         movable = [letter for letter in letters if letter.handle in self._held]
         if len(movable) < len(letters):
             _LOG.warning(
@@ -178,36 +181,55 @@ class SqsDeadLetterQueue:
         moved: list[DeadLetter] = []
         outgoing = {letter.handle: self._attributes(letter) for letter in movable}
         for chunk in _batches(movable, outgoing):
-            entries = [
-                {
-                    "Id": str(i),
-                    "MessageBody": letter.body.decode("utf-8"),
-                    "MessageAttributes": outgoing[letter.handle],
-                }
-                for i, letter in enumerate(chunk)
-            ]
-            try:
-                response = self._sqs().send_message_batch(
-                    QueueUrl=self._queue.source_url, Entries=entries
-                )
-            except (BotoCoreError, ClientError) as exc:
-                _LOG.warning(
-                    "send to the source of %s failed for %d letter(s): %s",
-                    self.name,
-                    len(chunk),
-                    type(exc).__name__,
-                )
-                continue  # not moved: they stay in the DLQ
-            failed = response.get("Failed", [])
-            if failed:
-                _LOG.warning(
-                    "the source of %s refused %d letter(s): %s",
-                    self.name,
-                    len(failed),
-                    failed[0].get("Code"),
-                )
-            moved.extend(chunk[int(item["Id"])] for item in response.get("Successful", []))
+            waiting = chunk
+            for attempt in range(_SEND_ATTEMPTS):
+                sent, waiting = self._send(waiting, outgoing)
+                moved.extend(sent)
+                if not waiting:
+                    break
+                if attempt + 1 < _SEND_ATTEMPTS:
+                    time.sleep(_RESEND_PAUSE_S * (attempt + 1))
         return moved
+
+    def _send(
+        self, chunk: list[DeadLetter], outgoing: dict[str, dict[str, Any]]
+    ) -> tuple[list[DeadLetter], list[DeadLetter]]:
+        """One SendMessageBatch: the letters SQS accepted, and those it failed on its side
+        (``SenderFault`` false: throttled, an internal error), which may be sent again. A
+        letter SQS refused, or a whole batch it refused, is neither: not moved."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        entries = [
+            {
+                "Id": str(i),
+                "MessageBody": letter.body.decode("utf-8"),
+                "MessageAttributes": outgoing[letter.handle],
+            }
+            for i, letter in enumerate(chunk)
+        ]
+        try:
+            response = self._sqs().send_message_batch(
+                QueueUrl=self._queue.source_url, Entries=entries
+            )
+        except (BotoCoreError, ClientError) as exc:
+            _LOG.warning(
+                "send to the source of %s failed for %d letter(s): %s",
+                self.name,
+                len(chunk),
+                type(exc).__name__,
+            )
+            return [], []  # not moved: they stay in the DLQ
+        failed = response.get("Failed", [])
+        if failed:
+            _LOG.warning(
+                "the source of %s failed %d letter(s): %s",
+                self.name,
+                len(failed),
+                failed[0].get("Code"),
+            )
+        sent = [chunk[int(item["Id"])] for item in response.get("Successful", [])]
+        again = [chunk[int(item["Id"])] for item in failed if not item.get("SenderFault", True)]
+        return sent, again
 
     def remove(self, letters: Sequence[DeadLetter]) -> set[str]:
         """Delete from the DLQ, 10 at a time (by each letter's newest receipt); returns the
