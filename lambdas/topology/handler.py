@@ -13,5 +13,9 @@ from fabric.topology_resource import on_event
 def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """Answer CloudFormation, always (SUCCESS or FAILED with the reason)."""
     return respond(
-        event, context.log_stream_name, lambda request, _props: on_event(request, os.environ)
+        event,
+        context.log_stream_name,
+        lambda request, _props: on_event(
+            request, os.environ, physical_id=event.get("PhysicalResourceId")
+        ),
     )

@@ -63,4 +63,7 @@ class BrokerTopology(Construct):
             service_token=function.function_arn,
             resource_type="Custom::FabricTopology",
             properties={"TopologyDigest": topology_digest},
+            # A function that never answers (killed at its 5-minute timeout) fails the deploy
+            # after one retry's worth of time, not CloudFormation's default hour.
+            service_timeout=Duration.minutes(15),
         )

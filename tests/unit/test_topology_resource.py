@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+from botocore.exceptions import ClientError
 
 from fabric.adapters.memory_management import MemoryManagementClient
 from fabric.custom_resource import respond
 from fabric.errors import ConfigError
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from fabric.topology import AUDIT_QUEUE, INGRESS_EXCHANGE, PLATFORM_USER, queue_name, user_name
+from fabric.topology_apply import password_matches
 from fabric.topology_resource import on_event
 
 USERS = [PLATFORM_USER, *(user_name(g) for g in STAKEHOLDERS)]
@@ -24,12 +26,21 @@ ENVIRON = {
 
 
 class FakeSecrets:
-    """Secrets Manager's GetSecretValue answers for the ARNs above."""
+    """Secrets Manager's GetSecretValue answers for the ARNs above; a rotation's pending
+    password for the users in ``pending``."""
+
+    pending: ClassVar[dict[str, str]] = {}
 
     def get_secret_value(self, SecretId: str, VersionStage: str) -> dict[str, str]:
-        assert VersionStage == "AWSCURRENT"
         name = SecretId.removeprefix("arn:")
-        return {"SecretString": json.dumps({"username": name, "password": f"pw-{name}-0123456789"})}
+        if VersionStage == "AWSPENDING":
+            if name not in self.pending:
+                raise ClientError({"Error": {"Code": "ResourceNotFoundException"}}, "Get")
+            password = self.pending[name]
+        else:
+            assert VersionStage == "AWSCURRENT"
+            password = f"pw-{name}-0123456789"
+        return {"SecretString": json.dumps({"username": name, "password": password})}
 
 
 @pytest.fixture
@@ -37,8 +48,19 @@ def broker() -> MemoryManagementClient:
     return MemoryManagementClient(username="admin")
 
 
-def run(request: str, broker: MemoryManagementClient, environ: dict[str, str] = ENVIRON) -> Any:
-    return on_event(request, environ, client_factory=lambda *_: broker, secrets_client=FakeSecrets)
+def run(
+    request: str,
+    broker: MemoryManagementClient,
+    environ: dict[str, str] = ENVIRON,
+    physical_id: str | None = "fabric-dev-topology",
+) -> Any:
+    return on_event(
+        request,
+        environ,
+        client_factory=lambda *_: broker,
+        secrets_client=FakeSecrets,
+        physical_id=None if request == "Create" else physical_id,
+    )
 
 
 def test_create_applies_the_whole_topology_with_every_users_password(
@@ -103,3 +125,68 @@ def test_cloudformation_always_gets_an_answer_even_when_the_action_fails() -> No
     )
     assert ok["Status"] == "SUCCESS"
     assert ok["PhysicalResourceId"] == "fabric-dev-topology"
+
+
+def test_the_rollback_of_a_failed_create_leaves_the_topology_already_on_the_broker(
+    broker: MemoryManagementClient,
+) -> None:
+    # A healthy topology from an earlier resource (another stack, or before a replacement).
+    run("Create", broker)
+    before = {q["name"] for q in broker.list_queues("/")}
+    event = {
+        "RequestType": "Create",
+        "ResponseURL": "https://cloudformation-response.example/presigned",
+        "StackId": "stack",
+        "RequestId": "req-7",
+        "LogicalResourceId": "Topology",
+    }
+
+    def create_fails(_request: str, _props: Any) -> tuple[str, dict[str, str]]:
+        raise ConfigError("a quorum queue's arguments differ")
+
+    failed = respond(event, "stream-1", create_fails, send=lambda *_: None)
+    assert failed["Status"] == "FAILED"
+    assert failed["PhysicalResourceId"] == "Topology-create-failed-req-7"
+
+    # CloudFormation's rollback deletes what the failed Create answered.
+    rollback = respond(
+        {**event, "RequestType": "Delete", "PhysicalResourceId": failed["PhysicalResourceId"]},
+        "stream-1",
+        lambda request, _props: run(request, broker, physical_id=failed["PhysicalResourceId"]),
+        send=lambda *_: None,
+    )
+
+    assert rollback["Status"] == "SUCCESS"
+    assert rollback["PhysicalResourceId"] == "Topology-create-failed-req-7"
+    assert {q["name"] for q in broker.list_queues("/")} == before
+    assert broker.get_user(PLATFORM_USER) is not None
+
+
+def test_an_update_during_a_rotation_keeps_the_pending_password_the_broker_already_has(
+    broker: MemoryManagementClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run("Create", broker)
+    media = user_name(Stakeholder.MEDIA)
+    # The rotation's setSecret: the broker has the pending password; finishSecret is to come.
+    rotated = "pw-rotated-9876543210"
+    monkeypatch.setitem(FakeSecrets.pending, media, rotated)
+    broker.put_user(media, password=rotated, tags=[])
+
+    _, data = run("Update", broker)
+
+    assert data["Changes"] == "0"
+    assert password_matches(broker.get_user(media) or {}, rotated)
+
+
+def test_a_pending_password_the_broker_does_not_have_is_not_applied(
+    broker: MemoryManagementClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run("Create", broker)
+    media = user_name(Stakeholder.MEDIA)
+    # A rotation that stopped before its setSecret: AWSPENDING exists, the broker never had it.
+    monkeypatch.setitem(FakeSecrets.pending, media, "pw-abandoned-9876543210")
+
+    _, data = run("Update", broker)
+
+    assert data["Changes"] == "0"
+    assert password_matches(broker.get_user(media) or {}, f"pw-{media}-0123456789")

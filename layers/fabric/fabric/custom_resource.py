@@ -3,6 +3,10 @@
 CloudFormation waits (up to an hour) for a response at the event's pre-signed ``ResponseURL``;
 a handler that crashes without answering stalls the deploy. ``respond`` therefore catches every
 error, answers FAILED with the error's class and message, and re-raises nothing.
+
+A Create that fails answers with a physical id of its own (``FAILED_CREATE`` in it): the
+rollback then sends a Delete with that id, and the action can tell that nothing was created
+under it, instead of removing what an earlier, healthy resource manages.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 _LOG = logging.getLogger(__name__)
 # Reason strings are shown in the CloudFormation console; keep them short and secret-free.
 _MAX_REASON = 1000
+FAILED_CREATE = "-create-failed-"
 
 
 def respond(
@@ -37,6 +42,8 @@ def respond(
     except Exception as exc:  # CloudFormation must always get an answer
         _LOG.exception("custom resource %s failed", event.get("RequestType"))
         status, reason = "FAILED", f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
+        if event.get("RequestType") == "Create":
+            physical_id = f"{event.get('LogicalResourceId')}{FAILED_CREATE}{event.get('RequestId')}"
     document = {
         "Status": status,
         "Reason": f"{reason} (log stream {log_stream_name})",

@@ -17,7 +17,13 @@ from fabric.adapters.secrets import SecretCredentials
 from fabric.errors import ConfigError
 from fabric.routing import default_routing_table
 from fabric.topology import definitions
-from fabric.topology_apply import ApplyReport, ManagementApi, apply_topology, delete_topology
+from fabric.topology_apply import (
+    ApplyReport,
+    ManagementApi,
+    apply_topology,
+    delete_topology,
+    password_matches,
+)
 
 
 def on_event(
@@ -26,8 +32,13 @@ def on_event(
     *,
     client_factory: Callable[[str, str, str], ManagementApi] = ManagementClient,
     secrets_client: Callable[[], Any] | None = None,
+    physical_id: str | None = None,
 ) -> tuple[str, dict[str, str]]:
     """Handle one CloudFormation request; returns (physical id, response data).
+
+    ``physical_id``: the request's (Update and Delete). A Delete of any other id than the one
+    a Create answers (a failed Create's, whose rollback sends it) removes nothing: the topology
+    on the broker is not that resource's.
 
     Raises:
         ConfigError: a setting is missing, or a definition differs in a way that needs an
@@ -42,19 +53,35 @@ def on_event(
         vhost = environ.get("RABBITMQ_VHOST") or "/"
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"topology resource setting missing or malformed: {exc}") from None
+    ours = f"fabric-{environment}-topology"
+    if request_type == "Delete" and physical_id != ours:
+        return str(physical_id), {"Deleted": "0", "Kept": "0"}
     make_secrets = secrets_client or _secrets_manager
     admin_user, admin_password = SecretCredentials(admin_arn, make_secrets)()
     client = client_factory(url, admin_user, admin_password)
     document = definitions(default_routing_table(), vhost=vhost)
-    physical_id = f"fabric-{environment}-topology"
     if request_type == "Delete":
         report = delete_topology(client, document, vhost)
-        return physical_id, {"Deleted": str(len(report.deleted)), "Kept": str(len(report.kept))}
+        return ours, {"Deleted": str(len(report.deleted)), "Kept": str(len(report.kept))}
     passwords = {
-        name: SecretCredentials(arn, make_secrets)()[1] for name, arn in user_secrets.items()
+        name: _password(client, name, SecretCredentials(arn, make_secrets))
+        for name, arn in user_secrets.items()
     }
     applied: ApplyReport = apply_topology(client, document, passwords=passwords, vhost=vhost)
-    return physical_id, {"Changes": str(len(applied.applied)), "Extra": str(len(applied.extra))}
+    return ours, {"Changes": str(len(applied.applied)), "Extra": str(len(applied.extra))}
+
+
+def _password(client: ManagementApi, name: str, credentials: SecretCredentials) -> str:
+    """The password ``name`` must have: the secret's current one, unless a rotation has set its
+    pending one on the broker and not finished yet (``fabric.rotation``). Applying the current
+    one then would put the old password back after the rotation's test, and its finish would
+    leave the secret and the broker apart."""
+    current = credentials()[1]
+    pending = credentials.pending()
+    if pending is None or pending[1] == current:
+        return current
+    user = client.get_user(name)
+    return pending[1] if user is not None and password_matches(user, pending[1]) else current
 
 
 def _secrets_manager() -> Any:

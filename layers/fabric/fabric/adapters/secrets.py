@@ -44,6 +44,17 @@ class SecretCredentials:
             self._value = value
         return self._value
 
+    def pending(self) -> tuple[str, str] | None:
+        """The pair of the secret's ``AWSPENDING`` version (a rotation under way, or one that
+        stopped), or None if it has none.
+
+        Raises:
+            TransportUnavailable: Secrets Manager cannot be reached.
+            ConfigError: the pending version is not a JSON object with username and password.
+        """
+        pending = self._get("AWSPENDING", missing_ok=True)
+        return None if pending is None else _pair(pending)
+
     def forget(self) -> None:
         """Drop the pair read so far: the broker refused it (e.g. the password was rotated), so
         the next call reads the secret again."""
