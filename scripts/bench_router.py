@@ -34,7 +34,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -872,6 +872,8 @@ class _RawEmergencyPublisher:
 # handler and the layers are the only places imports come from besides the standard library.
 _COLD_INIT = """
 import os, sys, time
+if sys.version_info[:2] != (3, 14):
+    raise SystemExit(f"Python {{sys.version}}, not Lambda's 3.14")
 sys.dont_write_bytecode = True  # /var/task and /opt are read-only on Lambda
 sys.pycache_prefix = {pycache_prefix!r}
 sys.path[:0] = {path!r}
@@ -888,17 +890,20 @@ print(elapsed)
 
 
 def bench_cold_init(runs: int = 5) -> Iterator[Figure]:
-    """Import of the router handler + bootstrap in a fresh interpreter, from the built layers,
-    as Lambda's cold start does it; median of ``runs``.
+    """Import of the router handler + bootstrap in a fresh CPython 3.14 (Lambda's runtime
+    version, see scripts/build_assets.py), from the built layers, as Lambda's cold start does
+    it; median of ``runs``.
 
-    ``router_cold_init_ms``: the layers as built, which hold no bytecode (see
-    scripts/build_assets.py), so every module of theirs is compiled, and the standard library's
-    own bytecode used, as in Lambda's runtime. ``router_cold_init_nocache_ms``: nothing
-    precompiled at all, the standard library's modules compiled too (an empty pycache prefix):
-    an upper bound, not what Lambda pays."""
+    ``router_cold_init_ms``: the layers as built, with their 3.14 bytecode, and the standard
+    library's own, as in Lambda's runtime. ``router_cold_init_nocache_ms``: nothing
+    precompiled at all, every module compiled (an empty pycache prefix): what a layer without
+    bytecode would cost, an upper bound."""
     import build_assets  # scripts/ is on sys.path when bench.py runs
 
-    # The deps layer is for arm64 and Python 3.14; its pins installed for this interpreter.
+    runtime = build_assets.runtime_python()
+    if runtime is None:
+        raise RuntimeError("no CPython 3.14 to measure the cold start with (build_assets)")
+    # The deps layer is for arm64; its pins for this machine's CPU, compiled alike.
     layers = [build_assets.build_fabric(), build_assets.build_host_dependencies()]
     with tempfile.TemporaryDirectory(prefix="bench-cold-init-") as scratch:
         task = Path(scratch) / "task"  # the function's code alone, as in /var/task
@@ -906,16 +911,19 @@ def bench_cold_init(runs: int = 5) -> Iterator[Figure]:
         shutil.copy(ROOT / "lambdas" / "router" / "handler.py", task)
         path = [str(task), *(str(layer / "python") for layer in layers)]
         for layer in layers:
-            if next(layer.rglob("*.pyc"), None) is not None:
-                raise RuntimeError(f"{layer} holds bytecode that Lambda would not have")
+            if next(layer.rglob(f"*.{build_assets.CACHE_TAG}.pyc"), None) is None:
+                raise RuntimeError(f"{layer} holds no bytecode for Lambda's Python 3.14")
         empty = Path(scratch) / "pycache"
         empty.mkdir()
-        yield "router_cold_init_ms", _cold_init_ms(path, None, runs), "ms"
-        yield "router_cold_init_nocache_ms", _cold_init_ms(path, str(empty), runs), "ms"
+        yield "router_cold_init_ms", _cold_init_ms(runtime, path, None, runs), "ms"
+        yield "router_cold_init_nocache_ms", _cold_init_ms(runtime, path, str(empty), runs), "ms"
 
 
-def _cold_init_ms(path: list[str], pycache_prefix: str | None, runs: int) -> float:
-    """The median of ``runs`` cold inits with ``path`` before the standard library."""
+def _cold_init_ms(
+    runtime: Sequence[str], path: list[str], pycache_prefix: str | None, runs: int
+) -> float:
+    """The median of ``runs`` cold inits by ``runtime`` with ``path`` before the standard
+    library."""
     env = {
         "FABRIC_ENV": "bench",
         "RABBITMQ_HOST": "b-0000.mq.ap-southeast-3.amazonaws.com",
@@ -932,7 +940,7 @@ def _cold_init_ms(path: list[str], pycache_prefix: str | None, runs: int) -> flo
     timings = []
     for _ in range(runs):
         result = subprocess.run(
-            [sys.executable, "-I", "-S", "-c", code],
+            [*runtime, "-I", "-S", "-c", code],
             capture_output=True,
             text=True,
             check=False,
