@@ -18,6 +18,7 @@ from typing import Any
 import boto3
 import pika
 import pytest
+from botocore.exceptions import ClientError
 from moto import mock_aws
 
 from fabric import topology
@@ -27,7 +28,7 @@ from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
 from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
 from fabric.audit import AuditEvent, decode_audit_batch
 from fabric.bootstrap import exchange_for
-from fabric.consumer import Delivery, Idempotency, MessageProcessor, Systemic, Verdict
+from fabric.consumer import Delivery, Idempotency, MessageProcessor, Poison, Systemic, Verdict
 from fabric.ports import DeadLetter
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
 from fabric.stakeholders import Stakeholder
@@ -216,6 +217,42 @@ def test_a_missing_dlq_keeps_the_message_in_its_work_queue(broker_vhost: str, am
     assert drain_ids(amqp, WORK) == ["nowhere-to-park"]
 
 
+def test_a_retried_and_a_parked_message_keep_their_reply_to_and_correlation_id(
+    broker_vhost: str, amqp: Any
+) -> None:
+    # Before, the toolkit's republish dropped reply_to: a request that failed once lost the
+    # address its answer goes to, though the redrive kept it for what it moved.
+    amqp.basic_publish(
+        topology.REDELIVER_EXCHANGE,
+        EMERGENCY_WORK,
+        b"{}",
+        pika.BasicProperties(
+            message_id="request-1",
+            type="community.update",
+            correlation_id="case-7",
+            reply_to="fabric.government",
+            delivery_mode=2,
+            headers={"fabric-audience": "all"},
+        ),
+        mandatory=True,
+    )
+    seen: list[tuple[str | None, str | None]] = []
+
+    def handler(delivery: Delivery) -> None:
+        seen.append((delivery.correlation_id, delivery.reply_to))
+        raise ValueError("the case system refused it")
+
+    consumer = RabbitMqConsumer(
+        settings(broker_vhost), EMERGENCY_WORK, MessageProcessor(handler, max_attempts=2)
+    )
+    assert consumer.run(max_messages=2, idle_timeout_s=5) == {"retry": 1, "dead-letter": 1}
+
+    assert seen == [("case-7", "fabric.government")] * 2, "the retried copy keeps them"
+    method, properties, _ = amqp.basic_get(EMERGENCY_DLQ, auto_ack=True)
+    assert method is not None
+    assert (properties.correlation_id, properties.reply_to) == ("case-7", "fabric.government")
+
+
 def test_the_consumer_audits_what_it_settled_on_the_audit_exchange_as_its_user(
     broker_vhost: str, amqp: Any
 ) -> None:
@@ -370,6 +407,52 @@ def test_the_same_message_twice_and_concurrently_has_one_side_effect(table: str)
     assert side_effects == ["dup-1"]
 
 
+class _SuccessNotSaved:
+    """A DynamoDB client whose first ``update_item`` (Powertools' save of the COMPLETED
+    record, after the handler returned) fails, as a throttle or a network error would."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.failures = 1
+
+    def update_item(self, **arguments: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise ClientError(
+                {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "x"}},
+                "UpdateItem",
+            )
+        return self._client.update_item(**arguments)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def test_a_handler_that_finished_is_settled_done_when_its_record_cannot_be_saved(
+    broker_vhost: str, amqp: Any, table: str
+) -> None:
+    # Before, the failed save was Systemic: the consumer held the message and tried it again,
+    # met the record still "in progress", sent it to a retry tier, and ran the handler a second
+    # time once that record expired (processing_timeout_s): the side effect done twice.
+    side_effects: list[str] = []
+    client = _SuccessNotSaved(boto3.client("dynamodb", region_name=REGION))
+    idempotency = Idempotency(table, consumer="drill", client=client, processing_timeout_s=1)
+    publish(amqp, EMERGENCY_WORK, "saved-late")
+
+    counts = RabbitMqConsumer(
+        settings(broker_vhost),
+        EMERGENCY_WORK,
+        MessageProcessor(lambda d: side_effects.append(d.message_id), idempotency=idempotency),
+        backoff_s=0.01,
+        max_backoff_s=0.01,
+    ).run(max_messages=10, idle_timeout_s=4)
+
+    assert client.failures == 0, "the save did fail"
+    assert side_effects == ["saved-late"]
+    assert counts == {"done": 1}
+    assert depth(amqp, EMERGENCY_WORK) == 0
+
+
 # -- redrive ----------------------------------------------------------------------------------
 
 
@@ -472,6 +555,55 @@ def test_an_interrupted_redrive_rerun_delivers_every_message_exactly_once(
     assert sorted(arrived) == ids, "every message exactly once at the destination"
     assert depth(amqp, DLQ) == 0
     assert sorted(r.message_id or "" for r in audit.records) == ids
+
+
+def test_two_dead_letter_copies_of_one_message_go_back_once(broker_vhost: str, amqp: Any) -> None:
+    # A consumer that parked a message and died before acknowledging it parks it again on
+    # redelivery: the DLQ holds two copies with one message id and one redrive count.
+    park(amqp, 1, prefix="twin")
+    park(amqp, 1, prefix="twin")
+    audit = MemoryAuditSink()
+
+    report = Redriver(ledger=MemoryRedriveLedger(), audit=audit).run(
+        dead_letter_queue(broker_vhost)
+    )
+
+    assert (report.moved, report.already_moved) == (1, 1)
+    assert drain_ids(amqp, WORK) == ["twin-0000"]
+    assert settled_depth(amqp, DLQ, 0) == 0
+    assert [r.message_id for r in audit.records] == ["twin-0000"]
+
+
+def test_a_poison_letter_parked_again_during_a_run_is_not_sent_round_again(
+    broker_vhost: str, amqp: Any
+) -> None:
+    # The consumer parks the redriven letter again at once; before, the same run met the new
+    # copy at the DLQ's tail and sent it round again, up to max_messages times.
+    park(amqp, 1, prefix="still-poison")
+    handled: list[str] = []
+
+    def poison(delivery: Delivery) -> None:
+        handled.append(delivery.message_id)
+        raise Poison("still cannot be parsed")
+
+    stop = threading.Event()
+    consumer = RabbitMqConsumer(settings(broker_vhost), WORK, MessageProcessor(poison))
+    worker = threading.Thread(target=lambda: consumer.run(stop=stop, idle_timeout_s=20))
+    worker.start()
+    try:
+        report = Redriver(ledger=MemoryRedriveLedger(), audit=MemoryAuditSink()).run(
+            dead_letter_queue(broker_vhost), RedrivePlan(max_messages=5, rate_per_s=2)
+        )
+        deadline = time.monotonic() + 5
+        while not handled and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join(10)
+
+    assert report.moved == 1
+    assert handled == ["still-poison-0000"]
+    assert settled_depth(amqp, DLQ, 1) == 1, "parked again, for a later run"
 
 
 def test_letters_without_a_message_id_are_each_moved_not_taken_for_one_another(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -222,3 +223,26 @@ def test_a_missing_table_makes_the_ledger_unavailable(dynamodb: Any) -> None:
         ledger.moved(keys(1))
     with pytest.raises(TransportUnavailable, match="ResourceNotFoundException"):
         ledger.record(keys(1))
+
+
+def test_a_letter_with_an_overlong_message_id_is_recorded_and_found(dynamodb: Any) -> None:
+    # An SQS dead letter's message id is whatever its body said (a producer's raw message on an
+    # ingest queue). Past DynamoDB's 2048-byte key limit, every call was a ValidationException:
+    # "ledger unavailable", and each run stopped at that letter, leaving the DLQ stuck behind it.
+    letter = DeadLetter(
+        handle="h",
+        message_id="x" * 3000,
+        topic="t",
+        body=b"{}",
+        origin="https://sqs.ap-southeast-3.amazonaws.com/123456789012/fabric-dev-ingest",
+        reason="max-receive-count",
+        dead_lettered_at=datetime.now(UTC),
+        copy_id="6f1c2d3e-0000-4000-8000-000000000001",
+    )
+    key = ledger_key("fabric-dev-ingest-dlq", letter)
+    other = ledger_key("fabric-dev-ingest-dlq", replace(letter, message_id="x" * 2999 + "y"))
+    ledger = DynamoDbRedriveLedger(TABLE, lambda: dynamodb)
+
+    ledger.record([key, *keys(2)])
+
+    assert ledger.moved([key, other, *keys(2)]) == {key, *keys(2)}

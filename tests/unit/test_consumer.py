@@ -24,6 +24,8 @@ from fabric.consumer import (
     rabbitmq_batch_handler,
     sqs_batch_handler,
 )
+from fabric.envelope import Reason, Rejection
+from fabric.errors import DecryptionFailed, MessageRejected
 from fabric.stakeholders import Stakeholder
 
 WORK = topology.queue_name(Stakeholder.MEDIA)
@@ -343,3 +345,68 @@ def test_a_copy_held_by_a_crashed_consumer_is_retried_without_spending_an_attemp
         (retry,) = transport.published
         assert retry.headers[topology.ATTEMPT_HEADER] == str(attempt)  # not attempt + 1
         transport.published.clear()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        DecryptionFailed("ciphertext is corrupt or under another key"),
+        MessageRejected(Rejection(reason=Reason.MALFORMED_JSON, message="not JSON")),
+    ],
+)
+def test_a_message_that_cannot_be_opened_is_parked_at_once_not_retried(bad: Exception) -> None:
+    # DecryptionFailed (open_payload) and MessageRejected (Delivery.envelope) never succeed on
+    # retry: before, they went through every tier (5 s, 30 s, 300 s) as ordinary failures and
+    # were parked as max-attempts, their real cause hidden.
+    decision = MessageProcessor(failing(bad), max_attempts=4).process(delivery(attempt=1))
+    assert (decision.verdict, decision.reason, decision.error) == (
+        Verdict.DEAD_LETTER,
+        "poison",
+        type(bad).__name__,
+    )
+
+
+def test_audit_records_the_audit_path_refused_are_sent_again_with_the_next_batch() -> None:
+    # Before, a refused audit batch was only logged while its messages were acknowledged:
+    # settled messages with no record at all, the trail short of what happened.
+    audit = MemoryAuditSink(available=False)
+    settler = RabbitMqSettler(lambda _group: MemoryTransport(), audit=audit, consumer="c")
+    done = MessageProcessor(lambda _d: None)
+
+    assert settler.settle([(delivery("a"), done.process(delivery("a")))]) == [True]
+    assert audit.records == []
+    audit.available = True
+    assert settler.settle([(delivery("b"), done.process(delivery("b")))]) == [True]
+
+    assert [(r.message_id, r.event) for r in audit.records] == [
+        ("a", AuditEvent.DELIVERED),
+        ("b", AuditEvent.DELIVERED),
+    ]
+    settler.settle([(delivery("c"), done.process(delivery("c")))])
+    assert [r.message_id for r in audit.records] == ["a", "b", "c"], "sent once when stored"
+
+
+def test_the_sqs_entry_point_sends_records_an_invocation_could_not_store_with_the_next() -> None:
+    def record(i: int) -> dict[str, Any]:
+        return {
+            "messageId": f"sqs-{i}",
+            "receiptHandle": f"h-{i}",
+            "body": "{}",
+            "attributes": {"ApproximateReceiveCount": "1"},
+            "messageAttributes": {
+                MESSAGE_ID_ATTRIBUTE: {"stringValue": f"m-{i}", "dataType": "String"},
+                TOPIC_ATTRIBUTE: {"stringValue": "media.story.published", "dataType": "String"},
+            },
+            "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:ap-southeast-3:123456789012:fabric-dev-fallback-media",
+        }
+
+    audit = MemoryAuditSink(available=False)
+    handle = sqs_batch_handler(MessageProcessor(lambda _d: None), audit=audit)
+    assert handle({"Records": [record(0)]}, None) == {"batchItemFailures": []}
+    audit.available = True
+    handle({"Records": [record(1)]}, None)
+    assert [(r.message_id, r.event) for r in audit.records] == [
+        ("m-0", AuditEvent.DELIVERED),
+        ("m-1", AuditEvent.DELIVERED),
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -13,7 +14,7 @@ from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.audit import AuditEvent
 from fabric.errors import TransportUnavailable
 from fabric.ports import DeadLetter
-from fabric.redrive import RedriveFilter, RedrivePlan, Redriver, parse_request
+from fabric.redrive import RedriveFilter, RedrivePlan, Redriver, ledger_key, parse_request
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
@@ -191,3 +192,87 @@ def test_letters_back_at_their_origin_are_audited_even_when_the_ledger_write_fai
     assert queue.letters == []
     redriven = [r.message_id for r in audit.records if r.event is AuditEvent.REDRIVEN]
     assert set(redriven) == {f"m-{i}" for i in range(5)}  # each has a record (a re-move: two)
+
+
+def test_two_dead_letter_copies_of_one_message_in_a_batch_go_back_once() -> None:
+    # A consumer that parked a message and died before its ack parks it again on redelivery:
+    # two copies, one ledger key. Both were moved (two copies at the origin, two "redriven"
+    # records); across batches the second was already only removed.
+    first, second = letter(1), dataclasses.replace(letter(1), handle="2")
+    queue = MemoryDeadLetterQueue([first, second, letter(3)])
+    audit = MemoryAuditSink()
+    run = Redriver(
+        ledger=MemoryRedriveLedger(),
+        audit=audit,
+        clock=Clock(),
+        sleep=Clock().sleep,
+        now=lambda: NOW,
+    )
+
+    report = run.run(queue)
+
+    assert [item.message_id for item in queue.origin] == ["m-1", "m-3"]
+    assert (report.moved, report.already_moved, report.stopped) == (2, 1, "empty")
+    assert queue.letters == []
+    assert [r.message_id for r in audit.records] == ["m-1", "m-3"]
+
+
+def test_a_copy_is_kept_when_its_twin_could_not_be_put_back() -> None:
+    first, second = letter(1), dataclasses.replace(letter(1), handle="2")
+    queue = MemoryDeadLetterQueue([first, second], origin_fails={"m-1"})
+    report = redriver().run(queue)
+    assert (report.moved, report.already_moved, report.stopped) == (0, 0, "origin unavailable")
+    assert [item.handle for item in queue.letters] == ["1", "2"]
+
+
+class ReparkingDeadLetterQueue(MemoryDeadLetterQueue):
+    """A consumer that parks what comes back at once (still poison): every letter put back is
+    dead-lettered again, at the tail of the DLQ, with its redrive count raised."""
+
+    def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+        moved = super().move(letters)
+        for item in moved:
+            self.letters.append(
+                dataclasses.replace(
+                    item, handle=f"{item.handle}+", redrives=item.redrives + 1, reason="poison"
+                )
+            )
+        return moved
+
+
+def test_a_letter_dead_lettered_again_during_the_run_is_not_moved_again_by_it() -> None:
+    # Before, the run met the new copy at the DLQ's tail and moved it again, and again: one
+    # poison message sent round up to max_messages times, a "redriven" record each time.
+    queue = ReparkingDeadLetterQueue([letter(1), letter(2)])
+    report = redriver().run(queue, RedrivePlan(max_messages=50))
+
+    assert [item.message_id for item in queue.origin] == ["m-1", "m-2"]
+    assert (report.moved, report.stopped) == (2, "empty")
+    assert sorted(item.message_id for item in queue.letters) == ["m-1", "m-2"], "left for later"
+
+
+def test_letters_whose_redriven_records_cannot_be_stored_stay_in_the_dlq_and_the_run_stops() -> (
+    None
+):
+    # Before, the run went on: ledger written, letters removed, "empty" reported, and the
+    # messages were back at their origin with no record at all.
+    queue = MemoryDeadLetterQueue([letter(i) for i in range(5)])
+    ledger, audit = MemoryRedriveLedger(), MemoryAuditSink(available=False)
+    run = Redriver(ledger=ledger, audit=audit, clock=Clock(), sleep=Clock().sleep, now=lambda: NOW)
+
+    report = run.run(queue)
+
+    assert report.stopped == "audit unavailable"
+    assert len(queue.letters) == 5  # a re-run moves them again, with their records
+    assert not ledger.moved([ledger_key(queue.name, item) for item in queue.letters])
+
+    audit.available = True
+    again = run.run(queue)
+    assert again.stopped == "empty"
+    assert queue.letters == []
+    records = [r for r in audit.records if r.event is AuditEvent.REDRIVEN]
+    assert sorted(r.message_id for r in records) == [f"m-{i}" for i in range(5)]
+    # Each says where the letter went, beside the DLQ it came from.
+    assert {(r.transport, r.queues) for r in records} == {
+        ("fabric.government.dlq", ("fabric.government",))
+    }

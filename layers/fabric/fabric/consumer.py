@@ -14,7 +14,8 @@ What the handler's outcome means:
   queue, no plugin needed) and acknowledged; after ``max_attempts`` attempts it is parked in the
   group's dead-letter queue instead, with the reason, time and failing exception class in its
   headers (never the exception's text, which may hold child data);
-- raises ``Poison``: parked at once, without retries;
+- raises ``Poison`` (or ``DecryptionFailed``, ``MessageRejected``: the message itself is bad):
+  parked at once, without retries;
 - raises ``Systemic``: the consumer itself cannot work (its database is down). Nothing of the
   batch is settled: it comes back as a whole (RabbitMQ event sources have no partial batch
   response) and the broker's delivery limit bounds how often.
@@ -40,7 +41,7 @@ from typing import Any
 from fabric import topology
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.envelope import Envelope, from_wire
-from fabric.errors import FabricError
+from fabric.errors import DecryptionFailed, FabricError, MessageRejected
 from fabric.ports import AuditSink, OutboundMessage, Transport
 from fabric.stakeholders import Stakeholder
 
@@ -74,7 +75,8 @@ class Delivery:
     """One message as a consumer handler receives it.
 
     ``queue`` is the work queue (RabbitMQ) or queue ARN (SQS) it came from; ``attempt`` counts
-    from 1 across retry tiers (SQS: the receive count); ``headers`` are the string headers.
+    from 1 across retry tiers (SQS: the receive count); ``headers`` are the string headers;
+    ``correlation_id`` and ``reply_to`` are the AMQP properties, kept on retries and parks.
     """
 
     message_id: str
@@ -85,6 +87,7 @@ class Delivery:
     headers: Mapping[str, str] = field(default_factory=dict)
     correlation_id: str | None = None
     redelivered: bool = False
+    reply_to: str | None = None
 
     def envelope(self) -> Envelope:
         """The envelope of the body (restricted payloads still sealed: see fabric.protection).
@@ -187,11 +190,27 @@ class Idempotency:
 
         # Outside Lambda, a deadline object stands in for the context Powertools asks for.
         self._config.register_lambda_context(context or _Deadline(self._timeout))  # type: ignore[arg-type]
+        finished: list[bool] = []
+
+        def watched(item: Delivery) -> None:
+            handler(item)
+            finished.append(True)
+
         try:
-            self._once(key={"message_id": delivery.message_id}, handler=handler, delivery=delivery)
+            self._once(key={"message_id": delivery.message_id}, handler=watched, delivery=delivery)
         except IdempotencyAlreadyInProgressError:
             raise InProgress("another copy of this message is being processed") from None
         except IdempotencyPersistenceLayerError as exc:
+            if finished:
+                # The handler's side effect is done; only its COMPLETED record was not saved.
+                # Handing the message back (Systemic) ran the handler a second time once the
+                # in-progress record expired: settle it as done instead.
+                _LOG.error(
+                    "%s was processed but its idempotency record not saved: %s",
+                    delivery.message_id,
+                    type(exc.__cause__ or exc).__name__,
+                )
+                return
             raise Systemic("the idempotency table cannot be reached") from exc
 
 
@@ -225,7 +244,9 @@ class MessageProcessor:
         if isinstance(exc, Systemic):
             _LOG.warning("systemic failure on %s: %s", delivery.message_id, error)
             return Decision(Verdict.SYSTEMIC, error=error)
-        if isinstance(exc, Poison):
+        if isinstance(exc, Poison | DecryptionFailed | MessageRejected):
+            # DecryptionFailed (fabric.protection.open_payload) and MessageRejected
+            # (Delivery.envelope) say the message itself is bad: no retry can succeed.
             return Decision(Verdict.DEAD_LETTER, reason="poison", error=error)
         # Attempt n waits in tier n-1: the tiers grow about sixfold (5 s, 30 s, 300 s);
         # attempts past the last tier wait in the last.
@@ -281,6 +302,7 @@ def rabbitmq_delivery(
     headers: Mapping[str, Any] | None,
     correlation_id: str | None = None,
     redelivered: bool = False,
+    reply_to: str | None = None,
 ) -> Delivery:
     """A Delivery from AMQP properties (the attempt comes from ``fabric-attempt``)."""
     kept = string_headers(headers)
@@ -294,6 +316,7 @@ def rabbitmq_delivery(
         headers=kept,
         correlation_id=correlation_id,
         redelivered=redelivered,
+        reply_to=reply_to,
     )
 
 
@@ -362,6 +385,35 @@ def emit_settled(
         _LOG.error("audit batch of %d consumer record(s) could not be stored", len(records))
 
 
+# Audit records kept for the next batch while the audit path refuses them (bounded memory).
+MAX_UNSENT_AUDIT_RECORDS = 10_000
+
+
+class _AuditBacklog:
+    """Emits settlement records, with those an earlier batch could not store: a settlement is
+    never undone for its audit batch, but its records go out again with the next batch (up to
+    ``MAX_UNSENT_AUDIT_RECORDS``; a process that ends meanwhile loses them, as the log says)."""
+
+    def __init__(self, audit: AuditSink | None) -> None:
+        self._audit = audit
+        self._unsent: list[AuditRecord] = []
+
+    def emit(self, records: list[AuditRecord]) -> None:
+        if self._audit is None:
+            return
+        batch, self._unsent = self._unsent + records, []
+        if not batch or self._audit.emit(batch):
+            return
+        self._unsent = batch[-MAX_UNSENT_AUDIT_RECORDS:]
+        _LOG.error(
+            "audit batch of %d consumer record(s) could not be stored; %d kept for the next, "
+            "%d dropped",
+            len(batch),
+            len(self._unsent),
+            len(batch) - len(self._unsent),
+        )
+
+
 class RabbitMqSettler:
     """Carries out retry and dead-letter decisions on RabbitMQ, through the group's retry
     exchange (the only exchange a stakeholder user may publish to, with the audit exchange),
@@ -377,12 +429,17 @@ class RabbitMqSettler:
         """``transport_for(group)`` publishes to ``fabric.x.retry.<group>`` with the message's
         ``redeliver_to`` as routing key; ``consumer`` names the consumer in audit records."""
         self._transport_for = transport_for
-        self._audit = audit
+        self._backlog = _AuditBacklog(audit)
         self._consumer = consumer
 
     def settle(self, items: Sequence[tuple[Delivery, Decision]]) -> list[bool]:
         """Republish each RETRY / DEAD_LETTER item; True where it is stored (DONE: True, no
-        publish; SYSTEMIC: False). Order kept."""
+        publish; SYSTEMIC: False). Order kept.
+
+        The audit records of what was settled go out with those an earlier call could not
+        store: a settlement is never undone for its audit batch (the message is where it
+        belongs), but its records are sent again with the next batch (up to
+        ``MAX_UNSENT_AUDIT_RECORDS`` of them) instead of being dropped."""
         stored = [decision.verdict is Verdict.DONE for _, decision in items]
         by_group: dict[Stakeholder, list[tuple[int, OutboundMessage]]] = {}
         for index, (delivery, decision) in enumerate(items):
@@ -395,7 +452,7 @@ class RabbitMqSettler:
             outcomes = self._transport_for(group).publish(message for _, message in entries)
             for (index, _), outcome in zip(entries, outcomes, strict=True):
                 stored[index] = outcome.stored
-        emit_settled(self._audit, items, stored, consumer=self._consumer)
+        self._backlog.emit(settlement_records(items, stored, consumer=self._consumer))
         return stored
 
 
@@ -418,6 +475,7 @@ def _republished(
         emergency=emergency,
         headers=headers,
         correlation_id=delivery.correlation_id,
+        reply_to=delivery.reply_to,
         redeliver_to=destination,
     )
 
@@ -510,6 +568,7 @@ def _amazon_mq_deliveries(event: Mapping[str, Any]) -> Iterable[Delivery]:
                 headers=headers,
                 correlation_id=properties.get("correlationId"),
                 redelivered=bool(message.get("redelivered")),
+                reply_to=properties.get("replyTo"),
             )
 
 
@@ -551,6 +610,7 @@ def sqs_batch_handler(
     batch = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
     settled: list[tuple[Delivery, Decision]] = []
+    backlog = _AuditBacklog(audit)  # a warm function sends what an invocation could not
 
     def record_handler(record: SQSRecord, lambda_context: Any = None) -> None:
         # Powertools passes the invocation's context to a handler that names ``lambda_context``:
@@ -573,7 +633,7 @@ def sqs_batch_handler(
         response = process_partial_response(
             event=dict(event), record_handler=record_handler, processor=batch, context=context
         )
-        emit_settled(audit, settled, [True] * len(settled), consumer=consumer)
+        backlog.emit(settlement_records(settled, [True] * len(settled), consumer=consumer))
         return dict(response)
 
     return handler

@@ -5,7 +5,8 @@ asks the ledger which of them an earlier run already put back (an interrupted ru
 those are only removed), puts the rest back at their origin, records them in the ledger once the
 origin confirmed them, then removes them from the dead-letter queue and writes one ``redriven``
 audit record per message. Letters that do not match are held until the run ends and then given
-back untouched, so a run never sees a letter twice and never reorders what it leaves.
+back untouched, so a run never sees a letter twice and never reorders what it leaves; a message
+parked again while the run walks the queue (still poison) is left for the next run.
 
 Exactly once at the origin, by message id: a letter is removed only after the origin confirmed
 it and the ledger recorded it, and a letter the ledger knows is never put back again. The one
@@ -159,9 +160,13 @@ def ledger_key(queue: str, letter: DeadLetter) -> str:
     A letter without a message id (the consumer toolkit parks those as ``no-message-id``) is
     known by its body's SHA-256: with one shared empty id, every such letter after the first
     would count as moved already and be removed without being moved."""
-    identity = letter.message_id or f"sha256:{sha256_hex(letter.body)}"
     occurrence = letter.copy_id or str(letter.redrives)
-    return f"redrive#{queue}#{identity}#{occurrence}"
+    return f"redrive#{queue}#{_identity(letter)}#{occurrence}"
+
+
+def _identity(letter: DeadLetter) -> str:
+    """The message a letter is a copy of: its id, or its body's digest when it has none."""
+    return letter.message_id or f"sha256:{sha256_hex(letter.body)}"
 
 
 class Redriver:
@@ -221,6 +226,10 @@ class Redriver:
         )
         max_messages = plan.max_messages
         batch_size = pace.batch_size(_BATCH)
+        # Messages this run took already: one that fails again at once (still poison) comes
+        # back at the tail of the DLQ while the run walks it, and was sent round again and
+        # again, up to max_messages times. It waits for the next run instead.
+        taken: set[str] = set()
         while report.matched < max_messages:
             pace.wait(report.moved)  # by what was moved so far, never past the limit
             if pace.expired():
@@ -236,8 +245,14 @@ class Redriver:
                 return
             report.scanned += len(letters)
             now = self._now()
-            chosen = [letter for letter in letters if plan.selection.admits(letter, now)]
+            chosen = [
+                letter
+                for letter in letters
+                if _identity(letter) not in taken and plan.selection.admits(letter, now)
+            ]
             chosen = chosen[: max_messages - report.matched]
+            if not plan.dry_run:
+                taken.update(_identity(letter) for letter in chosen)
             report.matched += len(chosen)
             if plan.dry_run:
                 report.listed.extend(_listed(letter, now) for letter in chosen)
@@ -261,7 +276,17 @@ class Redriver:
         if done:
             # Put back by an earlier, interrupted run: only the dead-letter copy is left to go.
             report.already_moved += len(queue.remove(done))
-        pending = [letter for letter in letters if keys[letter.handle] not in known]
+        # One copy per ledger key goes back: two dead-letter copies of one message (a consumer
+        # that parked it and died before its ack parks it again) are one message; the twin is
+        # only removed, once the copy that went back is recorded, as a later batch would.
+        pending: list[DeadLetter] = []
+        twins: list[DeadLetter] = []
+        going: set[str] = set()
+        for letter in letters:
+            key = keys[letter.handle]
+            if key not in known:
+                (twins if key in going else pending).append(letter)
+                going.add(key)
         moved = queue.move(pending) if pending else []
         if moved:
             # Audited as soon as the origin confirmed, before the ledger: a run that stops after
@@ -269,7 +294,11 @@ class Redriver:
             # moves again with a record of their own (same message id, consumers deduplicate),
             # never a message back at its origin without a record.
             report.moved += len(moved)
-            self._audit_moved(queue.name, moved)
+            if not self._audit_moved(queue.name, moved):
+                # Back at the origin without a record: leave the dead-letter copies and stop, so
+                # a re-run moves them again with their records (same message id).
+                report.stopped = "audit unavailable"
+                return False
             try:
                 self._ledger.record([keys[letter.handle] for letter in moved])
             except TransportUnavailable as exc:
@@ -279,6 +308,10 @@ class Redriver:
                 report.stopped = "ledger unavailable"
                 return False
             removed = queue.remove(moved)
+            recorded = {keys[letter.handle] for letter in moved}
+            twins = [letter for letter in twins if keys[letter.handle] in recorded]
+            if twins and len(removed) == len(moved):
+                report.already_moved += len(queue.remove(twins))
             if len(removed) < len(moved):
                 _LOG.warning(
                     "%d redriven letters stay in %s until a re-run removes them",
@@ -290,7 +323,8 @@ class Redriver:
             return False
         return True
 
-    def _audit_moved(self, queue: str, moved: Sequence[DeadLetter]) -> None:
+    def _audit_moved(self, queue: str, moved: Sequence[DeadLetter]) -> bool:
+        """Record the letters put back (from ``queue`` to their origin); whether it is stored."""
         at = self._now()
         stored = self._audit.emit(
             [
@@ -303,12 +337,14 @@ class Redriver:
                     body_sha256=sha256_hex(letter.body),
                     reason=letter.reason,
                     transport=queue,
+                    queues=(letter.origin,),
                 )
                 for letter in moved
             ]
         )
         if not stored:
             _LOG.error("audit records of %d redriven letters were not stored", len(moved))
+        return stored
 
 
 def _listed(letter: DeadLetter, now: datetime) -> Listed:

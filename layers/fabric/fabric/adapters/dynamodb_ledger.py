@@ -4,7 +4,9 @@ One item per moved letter, ``{"id": "redrive#...", "status": "COMPLETED", "expir
 s>}``, in the table's AWS Lambda Powertools idempotency schema (partition key ``id``, TTL
 attribute ``expiration``). Every id starts with ``redrive#`` (``LEDGER_PREFIX``; added to a key
 that lacks it), which never collides with Powertools' ``consumer#<name>#<hash>`` ids, and the
-``COMPLETED`` status makes Powertools-style tooling read an entry as a finished record. Entries
+``COMPLETED`` status makes Powertools-style tooling read an entry as a finished record. A key
+longer than 1 KiB (an SQS letter whose body gave an overlong message id) is stored as
+``redrive#sha256:<its digest>``: a partition key holds at most 2048 bytes. Entries
 expire after ``LEDGER_TTL_SECONDS`` (400 days). SQS keeps a dead letter at most 14 days, but a
 RabbitMQ dead-letter queue keeps it until someone acts: a letter moved and recorded whose
 acknowledgement was lost comes back in the DLQ, and a run months later must still find it
@@ -18,6 +20,7 @@ call fails as unavailable: the redrive moves nothing it cannot check or record.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,6 +39,7 @@ _STATUS = "status"
 _GET_CHUNK = 100  # BatchGetItem's limit
 _WRITE_CHUNK = 25  # BatchWriteItem's limit
 _ATTEMPTS = 5
+_MAX_ID_BYTES = 1024  # well inside DynamoDB's 2048-byte partition key
 _BACKOFF_S = 0.05
 
 
@@ -149,4 +153,9 @@ class DynamoDbRedriveLedger:
 
 
 def _item_id(key: str) -> str:
-    return key if key.startswith(LEDGER_PREFIX) else LEDGER_PREFIX + key
+    item_id = key if key.startswith(LEDGER_PREFIX) else LEDGER_PREFIX + key
+    if len(item_id.encode("utf-8")) <= _MAX_ID_BYTES:
+        return item_id
+    # A partition key holds at most 2048 bytes: past that, every call is a ValidationException,
+    # and the run stops at that letter each time. A longer key is known by its digest.
+    return f"{LEDGER_PREFIX}sha256:{hashlib.sha256(item_id.encode('utf-8')).hexdigest()}"

@@ -143,6 +143,7 @@ class RabbitMqConsumer:
                     headers=properties.headers,
                     correlation_id=properties.correlation_id,
                     redelivered=bool(method.redelivered),
+                    reply_to=properties.reply_to,
                 )
                 decision = self._processor.process(delivery)
                 wait = self._backoff_s
@@ -177,8 +178,9 @@ class RabbitMqConsumer:
 class _Pending:
     """Decided deliveries not yet settled: settled together (one confirm window for the
     retries and parks, one audit batch), then acknowledged; at most ``limit`` of them (the
-    prefetch) or ``max_age_s`` old. A delivery that is not settled, or a systemic verdict, is
-    rejected back to the queue (its delivery count rises)."""
+    prefetch) or ``max_age_s`` old. A delivery that is not settled is rejected back to the
+    queue (its delivery count rises, on every RabbitMQ version); a systemic verdict is nacked
+    back (RabbitMQ 4.3 and later do not count that against the delivery limit)."""
 
     def __init__(
         self,
@@ -235,6 +237,9 @@ class _Pending:
                 self._channel.basic_ack(tag)
                 self._counts[str(decision.verdict)] += 1
             else:
-                self._channel.basic_nack(tag, requeue=True)
+                # A reject, not a nack: RabbitMQ 4.3 counts only a reject against the queue's
+                # delivery limit, which must bound a message whose retry or park keeps being
+                # refused (3.10-4.2 count both).
+                self._channel.basic_reject(tag, requeue=True)
                 self._counts[str(Verdict.SYSTEMIC)] += 1
         self._backoff()

@@ -1,0 +1,72 @@
+"""How the long-running consumer hands back what it could not settle (no broker needed)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from fabric import topology
+from fabric.adapters.rabbitmq_consumer import _Pending
+from fabric.consumer import Decision, Delivery, Verdict
+from fabric.stakeholders import Stakeholder
+
+WORK = topology.queue_name(Stakeholder.MEDIA)
+
+
+class RecordingChannel:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def basic_ack(self, tag: int, multiple: bool = False) -> None:
+        self.calls.append(("ack", tag, multiple))
+
+    def basic_nack(self, tag: int, multiple: bool = False, requeue: bool = True) -> None:
+        self.calls.append(("nack", tag, requeue))
+
+    def basic_reject(self, tag: int, requeue: bool = True) -> None:
+        self.calls.append(("reject", tag, requeue))
+
+
+class RefusingSettler:
+    """Stores every retry and park except the ones named (a full tier, a missing DLQ)."""
+
+    def __init__(self, refused: set[str]) -> None:
+        self.refused = refused
+
+    def settle(self, items: Sequence[tuple[Delivery, Decision]]) -> list[bool]:
+        return [delivery.message_id not in self.refused for delivery, _ in items]
+
+
+def delivery(message_id: str) -> Delivery:
+    return Delivery(message_id=message_id, topic="media.story", body=b"{}", queue=WORK)
+
+
+def test_a_failed_message_whose_retry_was_refused_is_rejected_so_the_delivery_limit_counts_it() -> (
+    None
+):
+    # RabbitMQ 4.3 counts a requeue against the quorum queue's delivery limit only for
+    # basic.reject, not for basic.nack (rabbitmq-server#15387). A poison message whose park
+    # kept being refused was nacked back, run and refused again every second, forever; the
+    # docs promise the delivery limit bounds it (as on 3.10-4.2, where both count).
+    channel = RecordingChannel()
+    counts: Counter[str] = Counter()
+    settler: Any = RefusingSettler({"b"})
+    pending = _Pending(channel, settler, counts, lambda: None, limit=10)
+    pending.add(1, delivery("a"), Decision(Verdict.DONE))
+    pending.add(2, delivery("b"), Decision(Verdict.DEAD_LETTER, reason="poison"))
+
+    pending.flush()
+
+    assert channel.calls == [("ack", 1, False), ("reject", 2, True)]
+    assert counts == {"done": 1, "systemic": 1}
+
+
+def test_a_message_held_through_an_outage_is_handed_back_without_counting_a_delivery() -> None:
+    # A systemic verdict (stop set during a pause) is the consumer's trouble, not the
+    # message's: a nack, which RabbitMQ 4.3 does not count against the delivery limit.
+    channel = RecordingChannel()
+    settler: Any = RefusingSettler(set())
+    pending = _Pending(channel, settler, Counter(), lambda: None, limit=10)
+    pending.add(7, delivery("c"), Decision(Verdict.SYSTEMIC))
+    assert channel.calls == [("nack", 7, True)]
