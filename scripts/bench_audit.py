@@ -60,7 +60,7 @@ def bench_audit_verify(records: int = 1_000_000, per_object: int = 5_000) -> Ite
     """Build a one-million-record trail, then time only its verification."""
     from moto import mock_aws
 
-    from fabric.audit_chain import Chain, encode_object, make_checkpoint, verify_trail
+    from fabric.audit_chain import Chain, Keyring, encode_object, make_checkpoint, verify_trail
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "moto")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "moto")
@@ -91,7 +91,7 @@ def bench_audit_verify(records: int = 1_000_000, per_object: int = 5_000) -> Ite
                 pending = []
         started = time.perf_counter()
         result = verify_trail(
-            objects=objects, checkpoints=checkpoints, signer=signer, writer="bench"
+            objects=objects, checkpoints=checkpoints, keys=Keyring([signer]), writer="bench"
         )
         elapsed = time.perf_counter() - started
     if not result.ok or result.records != records:

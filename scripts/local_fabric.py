@@ -1188,7 +1188,7 @@ def audit_act(
     import boto3
 
     from fabric.adapters.audit_storage import S3ObjectStore
-    from fabric.adapters.kms_signer import KmsSigner
+    from fabric.adapters.kms_signer import kms_keyring
     from fabric.audit_chain import verify_trail
     from fabric.audit_writer import batches_from_event
     from fabric.bootstrap import build_audit_writer
@@ -1220,14 +1220,15 @@ def audit_act(
     )
     from_rabbitmq += _write_from_rabbitmq(write, passwords, sizes["aws:rmq"])  # the replay's
     checkpoints_made.append(writer.checkpoint())
-    signer = KmsSigner(settings.signing_key_arn, lambda: clients["kms"])
+    # The dev template names one signing key; the verifiers trust the keys a rotation retired too.
+    keys = kms_keyring([settings.signing_key_arn], lambda: clients["kms"])
     store = S3ObjectStore(settings.bucket, lambda: clients["s3"])
     objects = {k: store.get(k) for k in store.keys(f"audit/{settings.writer}/")}
     checkpoints = [
         (k, json.loads(store.get(k))) for k in store.keys(f"checkpoints/{settings.writer}/")
     ]
     result = verify_trail(
-        objects=objects, checkpoints=checkpoints, signer=signer, writer=settings.writer
+        objects=objects, checkpoints=checkpoints, keys=keys, writer=settings.writer
     )
     print(
         f"   {result.records} records in {result.objects} objects of s3://{settings.bucket}/audit/"

@@ -4,7 +4,7 @@
     python scripts/runbook.py redrive --env prod --source rabbitmq|sqs --queue NAME
         [--topic PATTERN]... [--reason R]... [--message-id ID]... [--older-than AGE]
         [--newer-than AGE] [--max-messages N] [--rate N] [--dry-run]
-    python scripts/runbook.py verify --env prod [--writer NAME] [--bucket B] [--signing-key ARN]
+    python scripts/runbook.py verify --env prod [--writer NAME] [--bucket B] [--signing-key ARN]...
     python scripts/runbook.py replay --env prod --start T --end T [--topic PATTERN]...
         [--message-id ID]... [--source GROUP] [--max-messages N] [--rate N] [--chunk N]
         [--dry-run] [--replay-id ID] [--after AT,ID] [--late-days N] [--include-unsealed]
@@ -25,8 +25,9 @@ AGE is a number with ``s``, ``m``, ``h`` or ``d``.
 
 ``verify`` reads one writer's audit trail (objects and checkpoints) from the audit bucket and
 checks signatures, chains, Merkle roots and sequence gaps; on failure it names the first bad
-record, object or checkpoint. The bucket and signing key come from the ``<env>-Stateful`` stack's
-outputs unless given.
+record, object or checkpoint. The bucket and the signing keys come from the ``<env>-Stateful``
+stack's outputs unless given (``--signing-key`` once per key, oldest first: the keys a rotation
+retired, then the current one).
 
 ``replay`` invokes the deployed replay function (``fabric-<env>-replay``) to re-publish the
 archived messages accepted in ``[--start, --end)`` (RFC 3339, end exclusive) that match every
@@ -381,11 +382,16 @@ def _replay_request(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def verify(
-    *, bucket: str, signing_key: str, writer: str, client: Callable[[str], Any], out: TextIO
+    *,
+    bucket: str,
+    signing_keys: Sequence[str],
+    writer: str,
+    client: Callable[[str], Any],
+    out: TextIO,
 ) -> int:
     """The ``verify`` command; returns the exit status (0 verified, 1 not)."""
     from fabric.adapters.audit_storage import S3ObjectStore
-    from fabric.adapters.kms_signer import KmsSigner
+    from fabric.adapters.kms_signer import kms_keyring
     from fabric.audit_chain import verify_trail
 
     s3, kms = client("s3"), client("kms")
@@ -399,7 +405,7 @@ def verify(
     result = verify_trail(
         objects={key: store.get(key) for key in keys},
         checkpoints=[(k, json.loads(store.get(k))) for k in sealed],
-        signer=KmsSigner(signing_key, lambda: kms),
+        keys=kms_keyring(signing_keys, lambda: kms),
         writer=writer,
     )
     print(
@@ -590,7 +596,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
     verify_parser.add_argument("--env", required=True, help="dev, staging or prod (cdk.json)")
     verify_parser.add_argument("--writer", help="the chain (default fabric-<env>-audit-writer)")
     verify_parser.add_argument("--bucket", help="the audit bucket (default: stack output)")
-    verify_parser.add_argument("--signing-key", help="the signing key (default: stack output)")
+    verify_parser.add_argument(
+        "--signing-key",
+        action="append",
+        help="a trusted checkpoint-signing key; once per key, oldest first (default: stack output)",
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -615,7 +625,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
             stack = f"{args.env}-Stateful"
             return verify(
                 bucket=args.bucket or _stack_output(client, stack, "AuditBucketName"),
-                signing_key=args.signing_key or _stack_output(client, stack, "SigningKeyArn"),
+                signing_keys=args.signing_key
+                or _stack_output(client, stack, "TrustedSigningKeyArns").split(","),
                 writer=args.writer or f"fabric-{args.env}-audit-writer",
                 client=client,
                 out=out,

@@ -14,6 +14,7 @@ from moto import mock_aws
 from fabric.adapters.kms_signer import KmsSigner
 from fabric.audit_chain import (
     Chain,
+    Keyring,
     decode_object,
     encode_object,
     make_checkpoint,
@@ -83,7 +84,9 @@ def build_trail(signer: KmsSigner, records: int = 10_000) -> Trail:
 
 def verify(signer: KmsSigner, trail: Trail) -> Any:
     objects, checkpoints = trail
-    return verify_trail(objects=objects, checkpoints=checkpoints, signer=signer, writer=WRITER)
+    return verify_trail(
+        objects=objects, checkpoints=checkpoints, keys=Keyring([signer]), writer=WRITER
+    )
 
 
 def rewrite(objects: dict[str, bytes], key: str, change: Any) -> None:
@@ -112,7 +115,9 @@ def test_an_accepted_message_without_an_outcome_is_named(signer: KmsSigner) -> N
         ]
     )
     objects = {object_key(0): encode_object(records)}
-    problem = verify_trail(objects=objects, checkpoints=[], signer=signer, writer=WRITER).problem
+    problem = verify_trail(
+        objects=objects, checkpoints=[], keys=Keyring([signer]), writer=WRITER
+    ).problem
     assert problem is not None
     assert problem.where == f"{object_key(0)} record 3"
     assert problem.why == "an accepted message has no outcome (routed or fallback)"
@@ -234,3 +239,34 @@ def test_merkle_root_follows_rfc_6962() -> None:
     assert merkle_root(d[:1]) == leaf(d[0]).hex()
     assert merkle_root(d) == node(node(leaf(d[0]), leaf(d[1])), leaf(d[2])).hex()
     assert json.dumps(merkle_root(d))  # a plain hex string
+
+
+def test_another_writers_checkpoint_in_place_of_this_ones_is_found(signer: KmsSigner) -> None:
+    # Every writer signs with the same key. A young trail's only checkpoint replaced by a new
+    # version holding another writer's first one (a quiet hour's: nothing named, no previous
+    # signature) passed every check: the objects it sealed read as written after it.
+    objects, checkpoints = build_trail(signer, records=1_000)
+    other = make_checkpoint(
+        writer="audit-writer-2",
+        sequence=1,
+        objects=[],
+        last_seq=0,
+        last_hash="0" * 64,
+        previous_signature=None,
+        at="2026-12-03T12:00:00Z",
+        signer=signer,
+    )
+    ((key, _),) = checkpoints
+    result = verify(signer, (objects, [(key, other)]))
+    assert not result.ok
+    assert result.problem is not None
+    assert (result.problem.where, result.problem.why) == (
+        key,
+        "a checkpoint of 'audit-writer-2', not 'audit-writer-1'",
+    )
+    # As the anchor of a window too.
+    anchored = verify_trail(
+        objects={}, checkpoints=[], keys=Keyring([signer]), writer=WRITER, anchor=(key, other)
+    )
+    assert anchored.problem is not None
+    assert anchored.problem.why == "a checkpoint of 'audit-writer-2', not 'audit-writer-1'"

@@ -22,7 +22,7 @@ from fabric.audit import (
     decode_audit_batch,
     encode_audit_batch,
 )
-from fabric.audit_chain import decode_object, verify_trail
+from fabric.audit_chain import Keyring, decode_object, verify_trail
 from fabric.audit_writer import AuditWriter, ChainConflict, decode_archive
 from fabric.errors import TransportUnavailable
 from tests.integration.aws_audit import create_audit_bucket, create_idempotency_table
@@ -77,7 +77,7 @@ def read_trail(aws: dict[str, Any]) -> Any:
         (key, json.loads(store.get(key))) for key in store.keys(f"checkpoints/{WRITER}/")
     ]
     return verify_trail(
-        objects=objects, checkpoints=checkpoints, signer=aws["signer"], writer=WRITER
+        objects=objects, checkpoints=checkpoints, keys=Keyring([aws["signer"]]), writer=WRITER
     )
 
 
@@ -310,7 +310,7 @@ def test_the_runbook_verifies_the_trail_and_names_an_overwritten_object(
         out = io.StringIO()
         status = runbook.verify(
             bucket=BUCKET,
-            signing_key=aws_audit["signer"].key_id,
+            signing_keys=[aws_audit["signer"].key_id],
             writer=WRITER,
             client=clients,
             out=out,
@@ -344,7 +344,7 @@ def test_the_runbook_does_not_call_an_empty_or_mistyped_trail_verified(
     out = io.StringIO()
     status = runbook.verify(
         bucket=BUCKET,
-        signing_key=aws_audit["signer"].key_id,
+        signing_keys=[aws_audit["signer"].key_id],
         writer=WRITER + "-typo",
         client={"s3": aws_audit["s3"], "kms": aws_audit["signer"]._kms()}.__getitem__,
         out=out,

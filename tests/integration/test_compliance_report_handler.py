@@ -352,3 +352,59 @@ def test_a_report_of_a_day_far_from_the_trails_start_reads_only_its_window(
     day_before = handler.handler({"date": "2026-11-19"}, None)
     assert day_before["verified"] is False
     assert day_before["problem"].startswith(first)
+
+
+@pytest.fixture
+def prod_handler(aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The function as production configures it (``FABRIC_ENV=prod``)."""
+    for name, value in {
+        "FABRIC_ENV": "prod",
+        "AUDIT_BUCKET": AUDIT_BUCKET,
+        "AUDIT_WRITERS": WRITER,
+        "SIGNING_KEY_ARN": aws["signer"].key_id,
+        "REPORTS_BUCKET": REPORTS_BUCKET,
+        "REPORTS_KEY_ARN": aws["audit_key"],
+        "COMPLIANCE_TOPIC_ARN": aws["topic"],
+    }.items():
+        monkeypatch.setenv(name, value)
+    return load_handler("compliance_report", monkeypatch)
+
+
+def test_in_production_the_stacks_compliance_lock_verifies(
+    prod_handler: ModuleType, fabric: Fabric, aws: dict[str, Any]
+) -> None:
+    summary = prod_handler.handler({"date": "2026-11-20"}, None)
+    assert (summary["verified"], summary["noncompliant_objects"]) == (True, 0)
+    report = json.loads(read(aws, summary["report"]["json"]))
+    assert report["object_lock"]["required"] == {"mode": "COMPLIANCE", "retention_days": 2555}
+
+
+def test_in_production_objects_stored_under_governance_fail_the_report(
+    prod_handler: ModuleType, aws: dict[str, Any]
+) -> None:
+    # A bucket deployed with staging's lock mode: seven years, but GOVERNANCE (a role allowed
+    # s3:BypassGovernanceRetention could delete the trail).
+    aws["s3"].put_object_lock_configuration(
+        Bucket=AUDIT_BUCKET,
+        ObjectLockConfiguration={
+            "ObjectLockEnabled": "Enabled",
+            "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Years": 7}},
+        },
+    )
+    fabric = Fabric(aws)
+    start = DAY - timedelta(hours=1)
+    for hour in range(28):
+        fabric.hour(start + timedelta(hours=hour))
+
+    summary = prod_handler.handler({"date": "2026-11-20"}, None)
+
+    assert summary["verified"] is False
+    assert summary["problem"].endswith(": Object Lock GOVERNANCE, COMPLIANCE required")
+    report = json.loads(read(aws, summary["report"]["json"]))
+    lock = report["object_lock"]
+    assert lock["modes"] == {"GOVERNANCE": lock["objects"]}
+    assert lock["noncompliant"] == summary["noncompliant_objects"] == lock["objects"]
+    (writer,) = report["verification"]["writers"]
+    assert writer["problem"] is None, "the trail itself is authentic"
+    (envelope,) = summaries(aws)
+    assert envelope["Subject"].endswith("2026-11-20: NOT VERIFIED")

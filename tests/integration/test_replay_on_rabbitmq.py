@@ -28,7 +28,7 @@ import pytest
 from fabric.adapters.audit_storage import DynamoDbChainStore, S3ObjectStore
 from fabric.adapters.esdk import EsdkCipher
 from fabric.adapters.kms_signer import KmsSigner
-from fabric.audit_chain import decode_object, verify_trail
+from fabric.audit_chain import Keyring, decode_object, verify_trail
 from fabric.audit_writer import AuditWriter, batches_from_event
 from fabric.bootstrap import ReplayRuntime, build_replay, build_router_runtime
 from fabric.envelope import format_timestamp, from_wire
@@ -266,7 +266,7 @@ def test_a_period_and_topic_filter_replay_the_stored_bytes_into_the_stakeholder_
     verified = verify_trail(
         objects={key: store.get(key) for key in store.keys(f"audit/{WRITER}/")},
         checkpoints=[(k, json.loads(store.get(k))) for k in store.keys(f"checkpoints/{WRITER}/")],
-        signer=fabric.signer,
+        keys=Keyring([fabric.signer]),
         writer=WRITER,
     )
     assert verified.ok, verified.problem

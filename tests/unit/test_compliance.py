@@ -7,7 +7,14 @@ import io
 from html.parser import HTMLParser
 from typing import Any
 
-from fabric.compliance import ObjectLock, build_report, instant, render_csv, render_html
+from fabric.compliance import (
+    IdSet,
+    ObjectLock,
+    build_report,
+    instant,
+    render_csv,
+    render_html,
+)
 
 PERIOD = ("2026-12-03T00:00:00Z", "2026-12-04T00:00:00Z")
 
@@ -368,3 +375,25 @@ def test_a_consumers_record_cannot_claim_a_body_was_not_archived() -> None:
         record("delivered", message_id="m1", groups=["media"], archived=False),
     ]
     assert report(records)["archive"] == {"records_not_archived": 1}
+
+
+def test_the_earliest_retain_until_is_compared_as_an_instant() -> None:
+    # S3's dates lose their trailing zeros: as text, "...:00.5Z" sorts before "...:00Z".
+    locks = [
+        ObjectLock("a", "COMPLIANCE", "2033-12-03T10:00:00.5Z"),
+        ObjectLock("b", "COMPLIANCE", "2033-12-03T10:00:00Z"),
+        ObjectLock("c", "COMPLIANCE", "2033-12-03T10:00:01Z"),
+    ]
+    lock = report(locks=locks)["object_lock"]
+    assert lock["earliest_retain_until"] == "2033-12-03T10:00:00Z"
+
+
+def test_a_message_id_set_holds_exactly_its_ids_across_merges() -> None:
+    ids = IdSet()
+    added = [f"m-{n}" for n in range(0, 20_000, 2)]
+    assert all(ids.add(message_id) for message_id in added)
+    assert not any(ids.add(message_id) for message_id in added[::7])
+    assert len(ids) == len(added)
+    assert all(message_id in ids for message_id in added)
+    assert not any(f"m-{n}" in ids for n in range(1, 20_000, 2))
+    assert 7 not in ids

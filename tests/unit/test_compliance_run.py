@@ -19,7 +19,7 @@ from fabric.adapters.compliance_memory import (
 )
 from fabric.adapters.memory import MemoryMetrics
 from fabric.audit import AuditBatch
-from fabric.audit_chain import canonical
+from fabric.audit_chain import Keyring, canonical
 from fabric.audit_writer import AuditWriter, ChainState
 from fabric.compliance_run import (
     ComplianceReporter,
@@ -143,7 +143,7 @@ def reporter(trail: Trail, **options: Any) -> tuple[ComplianceReporter, Any, Any
             environment="test",
             writers=[WRITER],
             trail=trail.store,
-            signer=trail.signer,
+            keys=Keyring([trail.signer]),
             reports=reports,
             topic=topic,
             metrics=metrics,

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fabric.errors import ConfigError
-from fabric.settings import AuditWriterSettings, DrainSettings
+from fabric.settings import AuditWriterSettings, ComplianceReportSettings, DrainSettings
 
 BROKER = {
     "FABRIC_ENV": "test",
@@ -71,3 +71,31 @@ def test_the_audit_writer_trusts_the_platform_user_unless_told_otherwise() -> No
 def test_an_audit_writer_that_would_trust_no_publisher_is_refused(value: str) -> None:
     with pytest.raises(ConfigError, match="AUDIT_TRUSTED_PUBLISHERS names no user"):
         AuditWriterSettings.from_env({**WRITER, "AUDIT_TRUSTED_PUBLISHERS": value})
+
+
+REPORT = {
+    "FABRIC_ENV": "test",
+    "AUDIT_BUCKET": "fabric-test-audit",
+    "AUDIT_WRITERS": "fabric-test-audit-writer",
+    "SIGNING_KEY_ARN": "arn:aws:kms:ap-southeast-3:111111111111:key/k3",
+    "REPORTS_BUCKET": "fabric-test-reports",
+    "REPORTS_KEY_ARN": "arn:aws:kms:ap-southeast-3:111111111111:key/r",
+    "COMPLIANCE_TOPIC_ARN": "arn:aws:sns:ap-southeast-3:111111111111:fabric-test-compliance",
+}
+
+
+def test_the_verifiers_trust_the_retired_signing_keys_then_the_current_one() -> None:
+    arn = "arn:aws:kms:ap-southeast-3:111111111111:key/"
+    settings = ComplianceReportSettings.from_env(
+        {**REPORT, "RETIRED_SIGNING_KEY_ARNS": f"{arn}k1, {arn}k2"}
+    )
+    assert settings.signing_key_arns == (f"{arn}k1", f"{arn}k2", f"{arn}k3")
+    assert ComplianceReportSettings.from_env(REPORT).signing_key_arns == (f"{arn}k3",)
+
+
+@pytest.mark.parametrize(
+    "retired", ["key/k1,key/k1", "arn:aws:kms:ap-southeast-3:111111111111:key/k3"]
+)
+def test_a_retired_signing_key_named_twice_or_still_current_is_refused(retired: str) -> None:
+    with pytest.raises(ConfigError, match="RETIRED_SIGNING_KEY_ARNS"):
+        ComplianceReportSettings.from_env({**REPORT, "RETIRED_SIGNING_KEY_ARNS": retired})

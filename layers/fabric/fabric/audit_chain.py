@@ -5,8 +5,9 @@ A writer numbers its records 1, 2, 3, ... and puts into each the SHA-256 of the 
 stored in batch objects (JSON lines). A checkpoint names the objects written since the previous
 checkpoint with their SHA-256, seals them with an RFC 6962 Merkle root (domain-separated: leaf
 ``0x00``, node ``0x01``), carries the previous checkpoint's signature, and is signed itself
-(``Signer``: the asymmetric KMS key in AWS). The verifier (``verify_trail``) checks all of it
-and names the first bad record, object or checkpoint.
+(``Signer``: the asymmetric KMS key in AWS) and names that key. The verifier (``verify_trail``)
+checks all of it against the keys it trusts (``Keyring``) and names the first bad record,
+object or checkpoint.
 
 This is CloudTrail's digest design, at message granularity.
 """
@@ -64,6 +65,36 @@ class Signer(Protocol):
     def verify(self, message: bytes, signature: bytes) -> bool:
         """Whether ``signature`` is this key's signature of ``message``."""
         ...
+
+
+class Keyring:
+    """The keys whose checkpoint signatures a verifier trusts, in the order the environment put
+    them in service: retired keys first, the current key last.
+
+    KMS cannot rotate an asymmetric key, so a rotation puts a new key in service and keeps the
+    old one for verifying. A checkpoint must name one of these keys (its ``key_id``, covered by
+    its signature), and no checkpoint may name a key older than its predecessor's: once a trail
+    has moved to a newer key, a later checkpoint signed with a retired key was not made by the
+    writer (whose grants name only the current key), however valid the signature.
+    """
+
+    def __init__(self, signers: Sequence[Signer]) -> None:
+        """``signers`` oldest first; at least one, each key once.
+
+        Raises:
+            ValueError: no key, or a key named twice.
+        """
+        self._by_id: dict[str, tuple[int, Signer]] = {}
+        for rank, signer in enumerate(signers):
+            if signer.key_id in self._by_id:
+                raise ValueError(f"the signing key {signer.key_id} is named twice")
+            self._by_id[signer.key_id] = (rank, signer)
+        if not self._by_id:
+            raise ValueError("a keyring needs at least one signing key")
+
+    def find(self, key_id: object) -> tuple[int, Signer] | None:
+        """The rank (0 the oldest) and the key named ``key_id``, or None if not trusted."""
+        return self._by_id.get(key_id) if isinstance(key_id, str) else None
 
 
 @dataclass
@@ -175,13 +206,14 @@ def verify_trail(
     *,
     objects: Mapping[str, bytes],
     checkpoints: Sequence[tuple[str, Mapping[str, Any]]],
-    signer: Signer,
+    keys: Keyring,
     writer: str,
     anchor: tuple[str, Mapping[str, Any]] | None = None,
 ) -> Verification:
-    """Check one writer's trail: every checkpoint's signature and chain, that the objects it
-    names exist with their hashes and Merkle root, that every object is covered by a checkpoint
-    (except those after the last one), and the records' sequence and hash chain across objects.
+    """Check one writer's trail: every checkpoint's signature (by a key of ``keys``, never an
+    older one than its predecessor's) and chain, that the objects it names exist with their
+    hashes and Merkle root, that every object is covered by a checkpoint (except those after
+    the last one), and the records' sequence and hash chain across objects.
 
     ``checkpoints`` in checkpoint order (key, body); ``objects`` by key, ordered by key.
     ``anchor`` (key, body), to check a window of a long trail: the checkpoint just before
@@ -192,12 +224,20 @@ def verify_trail(
     result = Verification()
     covered: list[str] = []
     previous_signature: str | None = None
-    number, chain = 1, Chain(writer)
+    number, chain, rank = 1, Chain(writer), 0
     if anchor is not None:
         key, body = anchor
         # Its own number and link are taken as they are: only its signature can be checked.
         number = cast(int, body.get("checkpoint"))
-        problem = _check_seal(key, body, number, body.get("previous_signature"), signer)
+        problem, rank = _seal(
+            key,
+            body,
+            number,
+            body.get("previous_signature"),
+            keys=keys,
+            newest_rank=rank,
+            writer=writer,
+        )
         if problem is not None:
             result.problem = problem
             return result
@@ -207,9 +247,16 @@ def verify_trail(
     # key -> SHA-256s of the attempts the writer gave up on under it (any may be the stored one)
     abandoned: dict[str, set[str]] = {}
     for expected, (key, checkpoint) in enumerate(checkpoints, start=number):
-        problem = _check_checkpoint(
-            key, checkpoint, expected, previous_signature, objects, signer=signer
+        problem, rank = _seal(
+            key,
+            checkpoint,
+            expected,
+            previous_signature,
+            keys=keys,
+            newest_rank=rank,
+            writer=writer,
         )
+        problem = problem or _check_objects(key, checkpoint, objects)
         if problem is not None:
             result.problem = problem
             return result
@@ -288,20 +335,6 @@ def _without_outcome(
     return None
 
 
-def _check_checkpoint(
-    key: str,
-    checkpoint: Mapping[str, Any],
-    expected: int,
-    previous_signature: str | None,
-    objects: Mapping[str, bytes],
-    *,
-    signer: Signer,
-) -> Problem | None:
-    return _check_seal(key, checkpoint, expected, previous_signature, signer) or _check_objects(
-        key, checkpoint, objects
-    )
-
-
 def _extra_among_sealed(ordered: Sequence[str], covered: Sequence[str]) -> Problem | None:
     """The first object among the sealed ones that no checkpoint names, if any (every named
     object exists, checked before, so the first difference is an extra one)."""
@@ -328,6 +361,33 @@ def _check_abandoned(
         if data is not None and hashlib.sha256(data).hexdigest() not in digests:
             return Problem(key, "an abandoned attempt whose SHA-256 differs")
     return None
+
+
+def _seal(
+    key: str,
+    checkpoint: Mapping[str, Any],
+    expected: int,
+    previous_signature: str | None,
+    *,
+    keys: Keyring,
+    newest_rank: int,
+    writer: str,
+) -> tuple[Problem | None, int]:
+    """The problem with ``checkpoint``'s seal, if any, and the rank of the key that signed it.
+
+    The key must be trusted and not older than ``newest_rank`` (the previous checkpoint's);
+    then its signature, number and link are checked, and that it is ``writer``'s (every writer
+    signs with the same key: another's checkpoint is validly signed)."""
+    found = keys.find(checkpoint.get("key_id"))
+    if found is None:
+        return Problem(key, "signed by a key that is not trusted"), newest_rank
+    rank, signer = found
+    if rank < newest_rank:
+        return Problem(key, "signed by a retired key after a newer one"), newest_rank
+    problem = _check_seal(key, checkpoint, expected, previous_signature, signer)
+    if problem is None and checkpoint.get("writer") != writer:
+        problem = Problem(key, f"a checkpoint of {checkpoint.get('writer')!r}, not {writer!r}")
+    return problem, rank
 
 
 def _check_seal(

@@ -144,8 +144,14 @@ class AuditWriter:
             raise ValueError(
                 f"{len(batches)} audit batches in one call; at most {MAX_BATCHES_PER_WRITE}"
             )
-        done = self._chains.written([batch_id for batch_id, _ in batches])
-        fresh = [(batch_id, batch) for batch_id, batch in batches if batch_id not in done]
+        done = set(self._chains.written([batch_id for batch_id, _ in batches]))
+        # A batch id twice in one call (an at-least-once redelivery, a re-sent batch) is written
+        # once: the marks that drop a copy are saved only after the object.
+        fresh: list[tuple[str, AuditBatch]] = []
+        for batch_id, batch in batches:
+            if batch_id not in done:
+                fresh.append((batch_id, batch))
+                done.add(batch_id)
         records = [
             {**record, "batch": batch_id} for batch_id, batch in fresh for record in batch.records
         ]
@@ -153,7 +159,7 @@ class AuditWriter:
             state = self._chains.load(self._writer)
             if fresh:  # empty batches: remember them so a redelivery is a no-op
                 self._save(state, [b for b, _ in fresh])
-            if state.abandoned:  # the checkpoint after an abandoned attempt failed: make it now
+            if _settled(state):  # the checkpoint after an abandoned attempt failed: make it now
                 self.checkpoint()
             return Written(key=None, records=0, duplicate_batches=len(batches) - len(fresh))
         state = self._chains.load(self._writer)
@@ -183,7 +189,7 @@ class AuditWriter:
         state.pending.append((key, digest))
         state.intent = None
         self._save(state, [batch_id for batch_id, _ in fresh])
-        if state.abandoned or len(state.pending) >= self._seal_every:
+        if _settled(state) or len(state.pending) >= self._seal_every:
             self.checkpoint()  # at once after an abandoned attempt: the tail verifies again
         return Written(
             key=key,
@@ -200,6 +206,7 @@ class AuditWriter:
         """
         state = self._chains.load(self._writer)
         sequence = state.checkpoints + 1
+        settled = _settled(state)
         body = make_checkpoint(
             writer=self._writer,
             sequence=sequence,
@@ -209,11 +216,12 @@ class AuditWriter:
             previous_signature=state.last_signature,
             at=format_timestamp(self._now()),
             signer=self._signer,
-            abandoned=state.abandoned,
+            abandoned=settled,
         )
         key = checkpoint_key(self._writer, sequence)
         self._objects.put(key, canonical(body))
-        state.pending, state.abandoned, state.checkpoints = [], [], sequence
+        state.pending, state.checkpoints = [], sequence
+        state.abandoned = [item for item in state.abandoned if item not in settled]
         state.last_signature = str(body["signature"])
         self._save(state, [])
         return key
@@ -221,6 +229,17 @@ class AuditWriter:
     def _save(self, state: ChainState, batch_ids: list[str]) -> None:
         if not self._chains.save(self._writer, state, batch_ids=batch_ids):
             raise ChainConflict(f"the chain of {self._writer} moved on meanwhile")
+
+
+def _settled(state: ChainState) -> list[tuple[str, str]]:
+    """The abandoned attempts the next checkpoint names: not those under the key of a write
+    still to be retried (``intent``). Its retry may yet store the chain's object there, or
+    abandon the key with another hash; named now, a later checkpoint would name the same key
+    as the chain's or with another hash, and a window holding only one of the two checkpoints
+    could not tell the bytes stored there from a forgery. Held back, they are named together
+    once the key is settled (a retry under another key), or dropped (the chain's object)."""
+    pending = state.intent[0] if state.intent is not None else None
+    return [item for item in state.abandoned if item[0] != pending]
 
 
 def encode_archive(bodies: Mapping[str, bytes]) -> bytes:
@@ -281,7 +300,10 @@ def batches_from_event(
         for messages in event.get("rmqMessagesByQueue", {}).values():
             for message in messages:
                 properties = message.get("basicProperties") or {}
-                body = base64.b64decode(message.get("data", ""))
+                try:
+                    body = base64.b64decode(message.get("data", ""))
+                except ValueError:  # recorded as it arrived, not the whole event dropped
+                    body = str(message.get("data", "")).encode("utf-8", "surrogatepass")
                 batch_id = str(properties.get("messageId") or _digest(body))
                 publisher = str(properties.get("userId") or "")
                 batches.append((batch_id, _published_by(publisher, body, trusted)))

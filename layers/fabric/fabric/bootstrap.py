@@ -15,13 +15,10 @@ from fabric.adapters.esdk import EsdkCipher
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.secrets import SecretCredentials
 from fabric.adapters.sns import SnsFallbackTransport
-from fabric.adapters.sqs import SqsFallbackSource
 from fabric.adapters.sqs_audit import SqsAuditTransport
 from fabric.audit_sink import TransportAuditSink
 from fabric.breaker import BreakerTransport
-from fabric.drain import Drainer, FallbackQueue
 from fabric.ports import DeadLetterQueue, MessageKind, Metrics, OutboundMessage, Transport
-from fabric.redrive import Redriver
 from fabric.router import Router
 from fabric.routing import default_routing_table
 from fabric.settings import (
@@ -33,8 +30,10 @@ from fabric.settings import (
 )
 from fabric.stakeholders import Stakeholder
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported where built: the router's cold start needs none of them
     from fabric.audit_writer import AuditWriter
+    from fabric.drain import Drainer
+    from fabric.redrive import Redriver
     from fabric.replay import Replayer
 
 
@@ -149,6 +148,9 @@ def build_drainer(
     metrics: Metrics | None = None,
 ) -> Drainer:
     """Wire the drain from settings. Nothing touches the network until it runs."""
+    from fabric.adapters.sqs import SqsFallbackSource
+    from fabric.drain import Drainer, FallbackQueue
+
     make_client = client_factory or _boto3_client
     rabbit = _rabbit(settings, make_client)
     return Drainer(
@@ -190,6 +192,7 @@ def build_redrive(
     from fabric.adapters.dynamodb_ledger import DynamoDbRedriveLedger
     from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
     from fabric.adapters.sqs_dlq import SqsDeadLetterQueue
+    from fabric.redrive import Redriver
 
     make_client = client_factory or _boto3_client
     rabbit = _rabbit(settings, make_client)
@@ -276,7 +279,7 @@ def build_replay(
     exchange or the SQS audit queue.
     """
     from fabric.adapters.audit_storage import S3ObjectStore
-    from fabric.adapters.kms_signer import KmsSigner
+    from fabric.adapters.kms_signer import kms_keyring
     from fabric.replay import Replayer
 
     make_client = client_factory or _boto3_client
@@ -287,7 +290,7 @@ def build_replay(
             archive=S3ObjectStore(settings.bucket, lambda: read_client("s3")),
             writers=settings.writers,
             # Only Verify is used: the replay checks checkpoints, it never signs one.
-            signer=KmsSigner(settings.signing_key_arn, lambda: read_client("kms")),
+            keys=kms_keyring(settings.signing_key_arns, lambda: read_client("kms")),
             broker=rabbit,
             audit=_audit_sink(settings, rabbit, make_client, emitted_by="replay"),
             table=default_routing_table(),
@@ -407,7 +410,7 @@ def build_compliance_reporter(
     ``client_factory`` defaults to boto3 clients sized for reading many objects in parallel.
     """
     from fabric.adapters.compliance_storage import S3ReportStore, S3TrailStore, SnsSummaryTopic
-    from fabric.adapters.kms_signer import KmsSigner
+    from fabric.adapters.kms_signer import kms_keyring
     from fabric.compliance_run import ComplianceReporter
 
     make_client = client_factory or _reader_client
@@ -416,7 +419,7 @@ def build_compliance_reporter(
         writers=settings.writers,
         trail=S3TrailStore(settings.audit_bucket, lambda: make_client("s3")),
         # Only Verify is used: the report checks checkpoints, it never signs one.
-        signer=KmsSigner(settings.signing_key_arn, lambda: make_client("kms")),
+        keys=kms_keyring(settings.signing_key_arns, lambda: make_client("kms")),
         reports=S3ReportStore(
             settings.reports_bucket, settings.reports_key_arn, lambda: make_client("s3")
         ),

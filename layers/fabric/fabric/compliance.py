@@ -1,8 +1,11 @@
 """The compliance report: what the audit trail says about a period, for machines and people.
 
-``build_report`` turns verified records (and what S3 says about each object's lock) into one
-JSON document in a single pass over the records; ``render_html`` makes a self-contained page
-(inline SVG charts, no external resources, no script); ``render_csv`` the same figures as rows.
+``Figures`` takes the records one at a time, in any order, holding per message only what its
+figures still need (see the class); ``report_document`` turns them (and what S3 says about each
+object's lock, and what the environment requires of it: ``required_lock``) into one JSON
+document; ``build_report`` does both for an iterable of records. ``render_html`` makes a
+self-contained page (inline SVG charts, no external resources, no script); ``render_csv`` the
+same figures as rows.
 
 Records are counted when their ``at`` lies in the period. Records after the period are read
 too (the loader adds a margin), but only to follow up messages of the period: a copy's first
@@ -15,14 +18,18 @@ so one group's delivery never stands in for another's, and a redelivery is not a
 
 from __future__ import annotations
 
+import bisect
 import csv
+import hashlib
 import html
 import io
 import math
+import secrets
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fabric.audit_writer import CONSUMER_EVENTS, group_owns
@@ -42,6 +49,51 @@ class ObjectLock:
     key: str
     mode: str | None
     retain_until: str | None
+    # When it was written (RFC 3339; an audit object's day from its key): for ``LockPolicy``.
+    written: str | None = None
+
+
+@dataclass(frozen=True)
+class LockPolicy:
+    """The Object Lock every audit object of an environment must carry: ``mode``, retained at
+    least ``days`` after it was written (a day's slack for the writer's and S3's clocks)."""
+
+    mode: str
+    days: int
+
+    def problem(self, lock: ObjectLock) -> str | None:
+        """Why ``lock`` falls short of the policy, or None."""
+        if lock.mode is None:
+            return f"no Object Lock ({self.mode} required)"
+        if lock.mode != self.mode:
+            return f"Object Lock {lock.mode}, {self.mode} required"
+        if not lock.retain_until:
+            return f"no retain-until date ({self.days} days required)"
+        until, written = instant(lock.retain_until), instant(lock.written or "")
+        if not until or not written:
+            return f"retain-until {lock.retain_until!r} or written {lock.written!r} unreadable"
+        needed = datetime.fromisoformat(written) + timedelta(days=self.days - 1)
+        if datetime.fromisoformat(until) < needed:
+            return f"retained until {lock.retain_until}, less than the {self.days} days required"
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        """As the report carries it."""
+        return {"mode": self.mode, "retention_days": self.days}
+
+
+# The production audit bucket's default retention (cdk.json, context.environments.prod.audit:
+# COMPLIANCE, seven years, a year counted as 365 days as ``stacks.config.AuditConfig`` does).
+# Under GOVERNANCE a role with s3:BypassGovernanceRetention could delete or shorten it.
+PRODUCTION = "prod"
+PRODUCTION_LOCK = LockPolicy("COMPLIANCE", 7 * 365)
+
+
+def required_lock(environment: str) -> LockPolicy | None:
+    """The Object Lock the report holds ``environment``'s audit objects to: production's
+    (``PRODUCTION_LOCK``); None elsewhere (dev and staging keep theirs short, under GOVERNANCE).
+    """
+    return PRODUCTION_LOCK if environment == PRODUCTION else None
 
 
 def instant(at: str) -> str:
@@ -63,30 +115,110 @@ def instant(at: str) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
 
 
-class _Figures:
-    """The running totals of one pass over the records."""
+class IdSet:
+    """A set of message ids in about 16 bytes each, for the ids a report must remember to the
+    end of its period (a second acceptance of a message is not a new message).
+
+    An id is held as its 128-bit BLAKE2b digest, keyed per set (so no producer can choose ids
+    that collide; two distinct ids collide with probability about n²/2¹²⁹, never in practice):
+    the newest in a Python set, the rest in two sorted arrays that the newest are merged into
+    when they reach a quarter of them.
+    """
+
+    _MERGE_AT = 1024  # at least this many new ids before a merge
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(16)
+        self._new: set[int] = set()
+        self._high = array("Q")
+        self._low = array("Q")
+
+    def __len__(self) -> int:
+        return len(self._new) + len(self._high)
+
+    def _digest(self, message_id: str) -> int:
+        digest = hashlib.blake2b(message_id.encode(), digest_size=16, key=self._key).digest()
+        return int.from_bytes(digest, "big")
+
+    def __contains__(self, message_id: object) -> bool:
+        if not isinstance(message_id, str):
+            return False
+        digest = self._digest(message_id)
+        if digest in self._new:
+            return True
+        high, low = digest >> 64, digest & _LOW
+        index = bisect.bisect_left(self._high, high)
+        while index < len(self._high) and self._high[index] == high:
+            if self._low[index] == low:
+                return True
+            index += 1
+        return False
+
+    def add(self, message_id: str) -> bool:
+        """Hold ``message_id``; whether it is new (False: it was held already)."""
+        if message_id in self:
+            return False
+        self._new.add(self._digest(message_id))
+        if len(self._new) >= max(self._MERGE_AT, len(self._high) // 4):
+            merged = sorted(
+                [*((h << 64) | o for h, o in zip(self._high, self._low, strict=True)), *self._new]
+            )
+            self._high = array("Q", (d >> 64 for d in merged))
+            self._low = array("Q", (d & _LOW for d in merged))
+            self._new = set()
+        return True
+
+
+_LOW = (1 << 64) - 1
+
+
+class Figures:
+    """The running totals of one pass over the records, and the little each message needs
+    until the figures are final.
+
+    What is held per message, and until when (everything else is a counter):
+
+    - every message accepted in the period, so a second acceptance of it is not counted again
+      (the least an exact count of copies must hold): about 16 bytes each (``IdSet``);
+    - a message's groups not yet delivered, until the last is (``_open``);
+    - the groups delivered of a message whose acceptance is not read yet (a delivery recorded
+      before it, or of a message accepted before or after the period), to the end;
+    - for an emergency, or an acceptance that names no groups, each group's first delivery, to
+      the end (the latency and the copies are computed from them);
+    - a fallback message's groups and the drains read, to the end.
+
+    Records and bodies are never held: ``add`` takes one record at a time.
+    """
 
     def __init__(self, start: str, end: str) -> None:
+        self.period = (start, end)
         self.start, self.end = instant(start), instant(end)
         self.events: Counter[str] = Counter()
         self.transports: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         self.restricted = self.encrypted = self.not_archived = 0
-        # message id -> the groups its first acceptance in the period addressed
-        self.addressed: dict[str, frozenset[str]] = {}
-        # message id -> accepted instant, for the period's emergencies
-        self.emergencies: dict[str, str] = {}
-        # message id -> "broker" or "fallback": the path the emergency was accepted on
-        self.paths: dict[str, str] = {}
-        # (message id, group) -> first delivered instant; message id -> the groups delivered
-        self.first_delivery: dict[tuple[str, str], str] = {}
-        self.delivered_groups: dict[str, set[str]] = {}
+        # Every message accepted in the period (its first acceptance decides its groups).
+        self._accepted = IdSet()
+        # Copies addressed and delivered, of the messages whose acceptance named its groups.
+        self._addressed = self._delivered = 0
+        # message id -> the groups of its first acceptance not delivered yet
+        self._open: dict[str, set[str]] = {}
+        # message id -> group -> first delivered instant: for the messages whose acceptance in
+        # the period is not read yet, the emergencies, and the acceptances naming no groups
+        self._deliveries: dict[str, dict[str, str]] = {}
+        # message ids accepted in the period naming no groups: their groups are those delivered
+        self._unnamed: set[str] = set()
+        # message id -> (accepted instant, path "broker" or "fallback"), the period's emergencies
+        self.emergencies: dict[str, tuple[str, str]] = {}
+        # message id -> the groups its first acceptance named (emergencies only)
+        self._emergency_groups: dict[str, frozenset[str]] = {}
         # message id -> (fallback instant, groups still to drain), for the period's fallbacks
         self.fallbacks: dict[str, tuple[str, set[str]]] = {}
         # drained copies seen: (message id, group) -> latest drained instant
         self.drained: dict[tuple[str, str], str] = {}
 
     def add(self, record: Mapping[str, Any]) -> None:
+        """Count one record (records may come in any order)."""
         at = instant(str(record.get("at", "")))
         if at < self.start:
             return
@@ -100,15 +232,27 @@ class _Figures:
     def _follow_up(self, event: str, message_id: str, at: str, record: Mapping[str, Any]) -> None:
         if event == "delivered":
             for group in _groups(record):
-                seen = self.first_delivery.get((message_id, group))
-                if seen is None or at < seen:
-                    self.first_delivery[message_id, group] = at
-                self.delivered_groups.setdefault(message_id, set()).add(group)
+                self._deliver(message_id, group, at)
         elif event == "drained":
             # Under "" too: a fallback record that names no group is drained by any copy.
             for group in (*(record.get("groups") or ()), ""):
                 key = (message_id, str(group))
                 self.drained[key] = max(at, self.drained.get(key, ""))
+
+    def _deliver(self, message_id: str, group: str, at: str) -> None:
+        waiting = self._open.get(message_id)
+        if waiting is not None and group in waiting:
+            self._delivered += 1
+            waiting.discard(group)
+            if not waiting:
+                del self._open[message_id]
+        if message_id in self._accepted and not (
+            message_id in self.emergencies or message_id in self._unnamed
+        ):
+            return  # its copies are counted: nothing more to hold
+        seen = self._deliveries.setdefault(message_id, {})
+        if group not in seen or at < seen[group]:
+            seen[group] = at
 
     def _count(self, event: str, message_id: Any, at: str, record: Mapping[str, Any]) -> None:
         self.events[event] += 1
@@ -119,45 +263,64 @@ class _Figures:
         if event == "accepted":
             self.transports[str(record.get("transport"))] += 1
             if isinstance(message_id, str):
-                addressed = frozenset(str(g) for g in record.get("groups") or ())
-                self.addressed.setdefault(message_id, addressed)
+                self._accept(message_id, at, record)
             if record.get("classification") == "restricted":
                 self.restricted += 1
                 self.encrypted += bool(record.get("encrypted"))
-            if record.get("priority") == EMERGENCY and isinstance(message_id, str):
-                self.emergencies.setdefault(message_id, at)
-                path = "broker" if record.get("transport") == "rabbitmq" else "fallback"
-                self.paths.setdefault(message_id, path)
         elif event == "rejected":
             self.reasons[str(record.get("reason"))] += 1
         elif event == "fallback" and isinstance(message_id, str):
             groups = {str(g) for g in record.get("groups") or ()} or {""}
             self.fallbacks[message_id] = (at, groups)
 
+    def _accept(self, message_id: str, at: str, record: Mapping[str, Any]) -> None:
+        groups = frozenset(str(g) for g in record.get("groups") or ())
+        first = self._accepted.add(message_id)
+        emergency = record.get("priority") == EMERGENCY and message_id not in self.emergencies
+        if emergency:
+            path = "broker" if record.get("transport") == "rabbitmq" else "fallback"
+            self.emergencies[message_id] = (at, path)
+        if not first:
+            if emergency:
+                # A second acceptance of the message is its first as an emergency: the copies of
+                # its own groups, delivered as recorded from here on (what came before is counted
+                # and gone; a producer re-sends the same message with the same priority).
+                self._emergency_groups[message_id] = groups
+                self._deliveries.setdefault(message_id, {})
+            return
+        seen = self._deliveries.get(message_id, {})
+        if not groups:
+            self._unnamed.add(message_id)
+        else:
+            self._addressed += len(groups)
+            done = sum(group in seen for group in groups)
+            self._delivered += done
+            if done < len(groups):
+                self._open[message_id] = {group for group in groups if group not in seen}
+        if message_id in self.emergencies:
+            self._emergency_groups[message_id] = groups
+        elif groups:
+            self._deliveries.pop(message_id, None)  # counted: nothing more to hold
+
     def _groups_of(self, message_id: str) -> frozenset[str]:
-        """The groups a message was addressed to; for an acceptance that names none (a record
-        from before acceptances named them), the groups that delivered it."""
-        return self.addressed.get(message_id) or frozenset(
-            self.delivered_groups.get(message_id, ())
+        """An emergency's groups; for an acceptance that names none (a record from before
+        acceptances named them), the groups that delivered it."""
+        return self._emergency_groups.get(message_id) or frozenset(
+            self._deliveries.get(message_id, ())
         )
 
     def copies(self) -> dict[str, Any]:
         """The period's accepted messages per addressed group: delivered (a consumer recorded
         it, by the end of what was read) or not."""
-        addressed = delivered = 0
-        undelivered: list[str] = []
-        for message_id in self.addressed:
-            groups = self._groups_of(message_id)
-            done = sum((message_id, group) in self.first_delivery for group in groups)
-            addressed, delivered = addressed + len(groups), delivered + done
-            if done < len(groups):
-                undelivered.append(message_id)
+        # An acceptance naming no groups addresses the groups that delivered it: all delivered.
+        unnamed = sum(len(self._deliveries.get(message_id, ())) for message_id in self._unnamed)
+        addressed, delivered = self._addressed + unnamed, self._delivered + unnamed
         return {
             "addressed": addressed,
             "delivered": delivered,
             "undelivered": addressed - delivered,
-            "undelivered_messages": len(undelivered),
-            "undelivered_message_ids": sorted(undelivered)[:LISTED_IDS],
+            "undelivered_messages": len(self._open),
+            "undelivered_message_ids": sorted(self._open)[:LISTED_IDS],
         }
 
     def latency(self) -> dict[str, Any]:
@@ -168,12 +331,13 @@ class _Figures:
         by_path: dict[str, list[float]] = {"broker": [], "fallback": []}
         copies = before = 0
         undelivered: list[str] = []
-        for message_id, accepted in self.emergencies.items():
+        for message_id, (accepted, path) in self.emergencies.items():
             groups = self._groups_of(message_id)
+            first_delivery = self._deliveries.get(message_id, {})
             missing = not groups
             for group in sorted(groups):
                 copies += 1
-                delivered = self.first_delivery.get((message_id, group))
+                delivered = first_delivery.get(group)
                 if delivered is None:
                     missing = True
                     continue
@@ -181,7 +345,7 @@ class _Figures:
                 before += ms < 0  # stamped before its acceptance: a consumer's clock is off
                 overall.append(ms)
                 by_group.setdefault(group, []).append(ms)
-                by_path[self.paths[message_id]].append(ms)
+                by_path[path].append(ms)
             if missing:
                 undelivered.append(message_id)
         return {
@@ -252,16 +416,45 @@ def build_report(
     problem: str | None,
     generated_at: str,
     writers: Sequence[Mapping[str, Any]] = (),
+    required: LockPolicy | None = None,
 ) -> dict[str, Any]:
     """The report's figures for ``period`` (RFC 3339, start inclusive, end exclusive).
 
     ``records`` may be a generator (one pass); ``writers`` are the verifier's figures per writer
-    (``writer``, ``records``, ``objects``, ``checkpoints``, ``unsealed_objects``, ``problem``).
+    (``writer``, ``records``, ``objects``, ``checkpoints``, ``unsealed_objects``, ``problem``);
+    ``required``: the Object Lock every object must have (``required_lock``), if any.
     """
-    start, end = period
-    figures = _Figures(start, end)
+    figures = Figures(*period)
     for record in records:
         figures.add(record)
+    return report_document(
+        figures,
+        environment=environment,
+        locks=locks,
+        verified=verified,
+        problem=problem,
+        generated_at=generated_at,
+        writers=writers,
+        required=required,
+    )
+
+
+def report_document(
+    figures: Figures,
+    *,
+    environment: str,
+    locks: Sequence[ObjectLock],
+    verified: bool,
+    problem: str | None,
+    generated_at: str,
+    writers: Sequence[Mapping[str, Any]] = (),
+    required: LockPolicy | None = None,
+) -> dict[str, Any]:
+    """The report of ``figures`` (every record of the period added), as ``build_report``.
+
+    Objects not locked as ``required`` make the report not verified: the trail's own problem
+    is named first, else the first such object.
+    """
     events = figures.events
     unavailable = figures.reasons.get("unavailable", 0)
     offered = events["accepted"] + unavailable
@@ -270,10 +463,13 @@ def build_report(
     now = instant(generated_at)
     waiting = figures.not_drained()
     restricted, encrypted = figures.restricted, figures.encrypted
+    retain = [lock.retain_until for lock in locks if lock.retain_until]
+    wrong = [] if required is None else [(lock.key, required.problem(lock)) for lock in locks]
+    noncompliant = [f"{key}: {why}" for key, why in wrong if why is not None]
     return {
         "version": REPORT_VERSION,
         "environment": environment,
-        "period": {"start": start, "end": end},
+        "period": {"start": figures.period[0], "end": figures.period[1]},
         "generated_at": generated_at,
         "outcomes": dict(sorted(events.items())),
         "accepted_by_transport": dict(sorted(figures.transports.items())),
@@ -308,9 +504,8 @@ def build_report(
         "object_lock": {
             "objects": len(locks),
             "modes": dict(sorted(modes.items())),
-            "earliest_retain_until": min(
-                (lock.retain_until for lock in locks if lock.retain_until), default=None
-            ),
+            # Compared as instants: S3's dates lose their trailing zeros (``...:00Z``, ``.5Z``).
+            "earliest_retain_until": min(retain, key=instant, default=None),
             "unlocked": [lock.key for lock in locks if lock.mode is None],
             # Locked, but no longer: its retain-until has passed.
             "expired": [
@@ -318,8 +513,16 @@ def build_report(
                 for lock in locks
                 if lock.mode is not None and lock.retain_until and instant(lock.retain_until) < now
             ],
+            # What this environment requires of every object, and the objects without it.
+            "required": None if required is None else required.as_dict(),
+            "noncompliant": len(noncompliant),
+            "noncompliant_objects": noncompliant[:LISTED_IDS],
         },
-        "verification": {"verified": verified, "problem": problem, "writers": list(writers)},
+        "verification": {
+            "verified": verified and not noncompliant,
+            "problem": problem or (noncompliant[0] if noncompliant else None),
+            "writers": list(writers),
+        },
     }
 
 
@@ -368,6 +571,7 @@ def render_csv(report: Mapping[str, Any]) -> str:
         ["object_lock", "earliest_retain_until", report["object_lock"]["earliest_retain_until"]]
     )
     rows.writerow(["object_lock", "expired", len(report["object_lock"]["expired"])])
+    rows.writerow(["object_lock", "noncompliant", report["object_lock"]["noncompliant"]])
     verification = report["verification"]
     rows.writerow(["verification", "verified", verification["verified"]])
     rows.writerow(["verification", "problem", verification["problem"] or ""])
@@ -487,6 +691,17 @@ def render_html(report: Mapping[str, Any]) -> str:
         ("Earliest retain-until", str(lock["earliest_retain_until"] or "n/a")),
         ("Unlocked objects", ", ".join(unlocked[:LISTED_IDS]) or "none"),
         ("Objects whose retention has expired", ", ".join(lock["expired"][:LISTED_IDS]) or "none"),
+        (
+            "Objects not locked as this environment requires"
+            + (
+                f" ({lock['required']['mode']}, {lock['required']['retention_days']:,} days)"
+                if lock["required"]
+                else " (nothing required here)"
+            ),
+            f"{lock['noncompliant']:,}: " + "; ".join(lock["noncompliant_objects"])
+            if lock["noncompliant"]
+            else "none",
+        ),
     ]
     groups = [
         (

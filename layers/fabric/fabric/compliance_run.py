@@ -24,8 +24,16 @@ while a later checkpoint exists, a key that is not an audit object's, and a chec
 cannot be read. Objects written after the writer's last checkpoint (the current hour) are
 protected by the hash chain only.
 
+**How it is read**: the window's checkpoints first (``plan_window``), then interval by interval
+(``scan_window``): a checkpoint's objects are read, verified against it from the checkpoint
+before it, counted into the figures and dropped, so memory holds one interval, whatever the
+period; the verdict is the one ``verify_trail`` gives over the whole window (``load_window`` and
+``check_window``, which read it all at once, are the reference it is tested against).
+
 **Object Lock** mode and retain-until are read back from S3 for every object the report reads
-(audit objects and checkpoints), from the headers of the same GET.
+(audit objects and checkpoints), from the headers of the same GET. In production every one must
+be under COMPLIANCE for seven years (``fabric.compliance.required_lock``), or the report is not
+verified.
 
 The report goes to the reports bucket as JSON, HTML and CSV (``report_keys``), then a short
 summary, with no message content, to the compliance topic.
@@ -33,17 +41,34 @@ summary, with no message content, to the compliance topic.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Protocol
 
 from fabric import metrics as metric_names
-from fabric.audit_chain import Problem, Signer, decode_object, verify_trail
-from fabric.compliance import ObjectLock, build_report, render_csv, render_html
+from fabric.audit_chain import (
+    OUTCOME_EVENTS,
+    Keyring,
+    Problem,
+    Verification,
+    decode_object,
+    sequence_order,
+    verify_trail,
+)
+from fabric.compliance import (
+    Figures,
+    IdSet,
+    ObjectLock,
+    render_csv,
+    render_html,
+    report_document,
+    required_lock,
+)
 from fabric.envelope import format_timestamp
 from fabric.errors import FabricError
 from fabric.ports import Metrics
@@ -253,8 +278,8 @@ class _Checkpoints:
 
     def lock(self, index: int) -> ObjectLock:
         key = self.keys[index]
-        stored = self._read[key][1]
-        return ObjectLock(key, stored.lock_mode, stored.retain_until)
+        body, stored = self._read[key]
+        return ObjectLock(key, stored.lock_mode, stored.retain_until, str(body["at"]))
 
     def _load(self, key: str, stored: StoredObject | None) -> None:
         if stored is None:
@@ -266,7 +291,12 @@ class _Checkpoints:
             at = datetime.fromisoformat(str(body["at"]))
             named = body["objects"]
             int(body["last_seq"])
-            if at.utcoffset() is None or not all(isinstance(i["key"], str) for i in named):
+            # Read before the signature is checked: an abandoned list of another shape is
+            # named as this checkpoint's problem, not a crash of the whole report.
+            listed = [*named, *body.get("abandoned", ())]
+            if at.utcoffset() is None or not all(
+                isinstance(i["key"], str) and isinstance(i["sha256"], str) for i in listed
+            ):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise _Unreadable(
@@ -306,8 +336,15 @@ def load_window(
     window = plan_window(store, writer, period, late=late, workers=workers)
     for key, stored in read_objects(store, window.wanted, workers).items():
         window.objects[key] = stored.data
-        window.locks.append(ObjectLock(key, stored.lock_mode, stored.retain_until))
+        window.locks.append(_object_lock(key, stored))
     return window
+
+
+def _object_lock(key: str, stored: StoredObject) -> ObjectLock:
+    """An audit object's lock, written on the day its key names (the writer's clock)."""
+    day = _day(key)
+    written = None if day is None else f"{day:%Y-%m-%d}T00:00:00Z"
+    return ObjectLock(key, stored.lock_mode, stored.retain_until, written)
 
 
 def read_objects(
@@ -461,7 +498,7 @@ def _problem_text(problem: Problem) -> str:
     return f"{problem.where}: {problem.why}"
 
 
-def check_window(window: Window, signer: Signer) -> WriterCheck:
+def check_window(window: Window, keys: Keyring) -> WriterCheck:
     """Verify ``window`` from its anchor (``verify_trail``); the first problem, if any."""
     if window.problem is not None and not window.checkpoints and not window.objects:
         # Reading stopped at an unreadable checkpoint: there is nothing to verify.
@@ -469,7 +506,7 @@ def check_window(window: Window, signer: Signer) -> WriterCheck:
     result = verify_trail(
         objects=window.objects,
         checkpoints=window.checkpoints,
-        signer=signer,
+        keys=keys,
         writer=window.writer,
         anchor=window.anchor,
     )
@@ -483,13 +520,215 @@ def check_window(window: Window, signer: Signer) -> WriterCheck:
     )
 
 
-def _records(windows: Sequence[Window]) -> Iterator[dict[str, Any]]:
-    for window in windows:
-        for key in sorted(window.objects.keys() - window.abandoned):  # counted where chained
+# -- the window interval by interval -------------------------------------------------------
+
+_Checkpoint = tuple[str, dict[str, Any]]
+_NO_OUTCOME = "an accepted message has no outcome (routed or fallback)"
+_ABANDONED_DIFFERS = "an abandoned attempt whose SHA-256 differs"
+_UNNAMED = "an object no checkpoint names, among sealed ones"
+
+
+@dataclass(frozen=True)
+class _Interval:
+    """One piece of a window: a checkpoint with the one before it (its anchor) and the objects
+    it names, in its order; or the objects after the last checkpoint (no checkpoint, in sequence
+    order). ``abandoned``: the attempts it is the first to name, read for their hash only."""
+
+    anchor: _Checkpoint | None
+    checkpoints: list[_Checkpoint]
+    named: list[str]
+    abandoned: list[str]
+
+
+def _intervals(window: Window) -> Iterator[_Interval]:
+    anchor, listed = window.anchor, set()
+    for checkpoint in window.checkpoints:
+        named = [str(item["key"]) for item in checkpoint[1]["objects"]]
+        abandoned = [
+            key
+            for key in dict.fromkeys(str(i["key"]) for i in checkpoint[1].get("abandoned", ()))
+            if key in window.abandoned and key not in listed
+        ]
+        listed.update(abandoned)
+        yield _Interval(anchor, [checkpoint], named, abandoned)
+        anchor = checkpoint
+    if window.unsealed_keys or not window.checkpoints:
+        yield _Interval(anchor, [], sorted(window.unsealed_keys, key=sequence_order), [])
+
+
+class _Outcomes:
+    """The accepted messages of a writer's window without an outcome so far (``routed`` or
+    ``fallback``): the verifier's last check, across intervals. Held: the ids with an outcome
+    (an acceptance after it needs none), and the acceptances still waiting for one."""
+
+    def __init__(self) -> None:
+        self._answered = IdSet()
+        # message id -> (place in the walk, "<key> record <seq>") of its first acceptance
+        self._waiting: dict[str, tuple[tuple[int, int, int], str]] = {}
+
+    def add(self, record: Mapping[str, Any], place: tuple[int, int, int], key: str) -> None:
+        event, message_id = record.get("event"), record.get("message_id")
+        if not isinstance(message_id, str) or not isinstance(event, str):
+            return
+        if event in OUTCOME_EVENTS:
+            self._answered.add(message_id)
+            self._waiting.pop(message_id, None)
+        elif event == "accepted" and message_id not in self._answered:
+            known = self._waiting.get(message_id)
+            if known is None or place < known[0]:
+                self._waiting[message_id] = (place, f"{key} record {record.get('seq')}")
+
+    def problem(self) -> Problem | None:
+        if not self._waiting:
+            return None
+        _, where = min(self._waiting.values())
+        return Problem(where, _NO_OUTCOME, authentic=False)
+
+
+def scan_window(
+    store: TrailStore,
+    window: Window,
+    keys: Keyring,
+    figures: Figures,
+    *,
+    workers: int = READ_WORKERS,
+) -> tuple[WriterCheck, list[ObjectLock]]:
+    """Verify and count ``window`` (``plan_window``) checkpoint by checkpoint: each interval's
+    objects are read, verified against their checkpoint from the one before it
+    (``verify_trail``), their records added to ``figures``, and dropped, so memory holds one
+    interval and what ``figures`` keeps. The verdict, counts and problem are those
+    ``check_window`` finds over the whole window (``load_window``), whose checks come in this
+    order: the checkpoints (signatures, numbers, links, the objects' hashes and Merkle roots),
+    the abandoned attempts, an unnamed object among the sealed ones, the records, and last an
+    acceptance without an outcome. The locks: the checkpoints', then the objects' by key.
+
+    Raises:
+        TransportUnavailable: the bucket cannot be read.
+    """
+    scan = _Scan(window, figures)
+    for index, interval in enumerate(_intervals(window)):
+        stored = read_objects(store, [*interval.named, *interval.abandoned], workers)
+        if window.problem is not None and not window.checkpoints and not stored:
+            # Reading stopped at an unreadable checkpoint, or nothing was there to read.
+            check = WriterCheck(window.writer, 0, 0, 0, len(window.unsealed_keys), window.problem)
+            return check, list(window.locks)
+        chained = scan.read(interval, stored)
+        del stored
+        result = verify_trail(
+            objects=chained,
+            checkpoints=interval.checkpoints,
+            keys=keys,
+            writer=window.writer,
+            anchor=interval.anchor,
+        )
+        scan.verified(interval, chained, result)
+        scan.count(index, interval, chained)
+    return scan.check(), [*window.locks, *(scan.locks[key] for key in sorted(scan.locks))]
+
+
+class _Scan:
+    """What ``scan_window`` gathers interval by interval."""
+
+    def __init__(self, window: Window, figures: Figures) -> None:
+        self.window, self.figures = window, figures
+        self.digests: dict[str, set[str]] = {key: set() for key in window.abandoned}
+        for _, body in window.checkpoints:
+            for item in body.get("abandoned", ()):
+                if str(item["key"]) in self.digests:
+                    self.digests[str(item["key"])].add(str(item["sha256"]))
+        self.locks: dict[str, ObjectLock] = {}
+        self.seals: Problem | None = None  # the first bad checkpoint (or anchor)
+        self.sealed_before = 0  # the checkpoints before it
+        self.abandoned: Problem | None = None
+        self.walk: Problem | None = None  # the first bad record or object
+        self.records = self.objects = self.passed = 0
+        self.covered: list[str] = []
+        self.present: set[str] = set()
+        self.counted: set[str] = set()
+        self.outcomes = _Outcomes()
+
+    def read(self, interval: _Interval, stored: Mapping[str, StoredObject]) -> dict[str, bytes]:
+        """Note the locks and check the abandoned attempts of what was read; the chained
+        objects."""
+        for key, item in stored.items():
+            self.locks.setdefault(key, _object_lock(key, item))
+        for key in interval.abandoned:
+            digest = hashlib.sha256(stored[key].data).hexdigest() if key in stored else None
+            if digest is not None and digest not in self.digests[key]:
+                self.abandoned = self.abandoned or Problem(key, _ABANDONED_DIFFERS)
+        chained = {key: stored[key].data for key in interval.named if key in stored}
+        self.covered.extend(interval.named if interval.checkpoints else ())
+        self.present.update(chained)
+        return chained
+
+    def verified(
+        self, interval: _Interval, chained: Mapping[str, bytes], result: Verification
+    ) -> None:
+        """Place the interval's problem among the window's checks (an acceptance without an
+        outcome is looked for across intervals, by ``_Outcomes``)."""
+        problem = result.problem if result.problem and result.problem.authentic else None
+        anchor = interval.anchor[0] if interval.anchor else None
+        if problem is None:
+            pass
+        elif (interval.checkpoints and result.checkpoints == 0) or problem.where == anchor:
+            if self.seals is None:
+                self.seals, self.sealed_before = problem, self.passed
+            problem = None
+        elif interval.checkpoints and _unnamed(chained, interval.named) is not None:
+            problem = None  # an object out of its checkpoint's order: found over the window
+        if self.walk is None:
+            self.records += result.records
+            self.objects += result.objects
+            self.walk = problem
+        self.passed += len(interval.checkpoints)
+
+    def count(self, index: int, interval: _Interval, chained: dict[str, bytes]) -> None:
+        """Add the interval's records to the figures (by key, as the objects sort) and to the
+        acceptances awaiting an outcome (in the verifier's order), dropping each object."""
+        order = {key: n for n, key in reversed(list(enumerate(interval.named)))}
+        for key in sorted(chained):
+            data = chained.pop(key)
+            if key in self.counted:
+                continue
+            self.counted.add(key)
             try:
-                yield from decode_object(window.objects[key])
+                records = decode_object(data)
             except ValueError:
                 continue  # the verifier named it; the figures skip what cannot be read
+            for number, record in enumerate(records):
+                self.outcomes.add(record, (index, order[key], number), key)
+                self.figures.add(record)
+
+    def check(self) -> WriterCheck:
+        """The window's verdict and counts, as ``check_window`` gives them."""
+        records, objects, passed = self.records, self.objects, self.passed
+        problem: Problem | None
+        if self.seals is not None:
+            problem, records, objects, passed = self.seals, 0, 0, self.sealed_before
+        elif self.abandoned is not None:
+            problem, records, objects = self.abandoned, 0, 0
+        elif (extra := _unnamed(self.present, self.covered)) is not None:
+            problem, records, objects = extra, 0, 0
+        else:
+            problem = self.walk or self.outcomes.problem()
+        return WriterCheck(
+            self.window.writer,
+            records,
+            objects,
+            passed,
+            len(self.window.unsealed_keys),
+            problem or self.window.problem,
+        )
+
+
+def _unnamed(objects: Iterable[str], covered: Sequence[str]) -> Problem | None:
+    """The first object among the sealed ones that no checkpoint names (as the verifier finds
+    it: the objects in sequence order, against the checkpoints' lists in their order)."""
+    ordered = sorted(objects, key=sequence_order)
+    if ordered[: len(covered)] == list(covered):
+        return None
+    first = next((k for k, c in zip(ordered, covered, strict=False) if k != c), None)
+    return Problem(first or covered[-1], _UNNAMED)
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -526,7 +765,7 @@ class ComplianceReporter:
         environment: str,
         writers: Sequence[str],
         trail: TrailStore,
-        signer: Signer,
+        keys: Keyring,
         reports: ReportStore,
         topic: SummaryTopic,
         metrics: Metrics | None = None,
@@ -536,7 +775,7 @@ class ComplianceReporter:
         self._environment = environment
         self._writers = tuple(writers)
         self._trail = trail
-        self._signer = signer
+        self._keys = keys
         self._reports = reports
         self._topic = topic
         self._metrics = metrics
@@ -549,21 +788,26 @@ class ComplianceReporter:
         Raises:
             TransportUnavailable: the audit bucket cannot be read.
         """
-        windows = [
-            load_window(self._trail, writer, period, workers=self._workers)
-            for writer in self._writers
-        ]
-        checks = [check_window(window, self._signer) for window in windows]
+        figures = Figures(*period.bounds)
+        checks: list[WriterCheck] = []
+        locks: list[ObjectLock] = []
+        for writer in self._writers:
+            window = plan_window(self._trail, writer, period, workers=self._workers)
+            check, read = scan_window(
+                self._trail, window, self._keys, figures, workers=self._workers
+            )
+            checks.append(check)
+            locks.extend(read)
         problems = [check.problem for check in checks if check.problem is not None]
-        return build_report(
+        return report_document(
+            figures,
             environment=self._environment,
-            period=period.bounds,
-            records=_records(windows),
-            locks=[lock for window in windows for lock in window.locks],
+            locks=locks,
             verified=not problems,
             problem=_problem_text(problems[0]) if problems else None,
             generated_at=format_timestamp(self._clock()),
             writers=[check.as_dict() for check in checks],
+            required=required_lock(self._environment),
         )
 
     def run(self, period: Period) -> dict[str, Any]:
@@ -628,6 +872,7 @@ def summarize(report: Mapping[str, Any], *, bucket: str, keys: ReportKeys) -> di
         "objects": lock["objects"],
         "unlocked_objects": len(lock["unlocked"]),
         "expired_objects": len(lock["expired"]),
+        "noncompliant_objects": lock["noncompliant"],
         "earliest_retain_until": lock["earliest_retain_until"],
         "report": {"bucket": bucket, "json": keys.json, "html": keys.html, "csv": keys.csv},
     }

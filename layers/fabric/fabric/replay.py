@@ -47,6 +47,7 @@ is a replay.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -58,7 +59,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
-from fabric.audit_chain import Signer, decode_object, verify_trail
+from fabric.audit_chain import Keyring, Problem, decode_object, verify_trail
 from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX, decode_archive
 from fabric.compliance_run import (
     LATE_ARRIVAL,
@@ -346,10 +347,14 @@ class _Candidate:
     audit_key: str
     seq: int
     sealed: bool
+    # The message's first acceptance of the period, sealed or not: its place in the replay. Not
+    # ``at`` (the acceptance replayed, a sealed one first): an earlier acceptance sealed between
+    # two chunks would move the message behind the cursor, and no chunk would replay it.
+    first_at: datetime
 
     @property
     def position(self) -> ReplayCursor:
-        return ReplayCursor(self.at, self.message_id)
+        return ReplayCursor(self.first_at, self.message_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,14 +366,14 @@ class _Prepared:
 
 class Replayer:
     """Replays archived messages from the audit bucket into RabbitMQ (``broker``), from the
-    verified trails of ``writers`` (checkpoint signatures checked with ``signer``)."""
+    verified trails of ``writers`` (checkpoint signatures checked with ``keys``)."""
 
     def __init__(
         self,
         *,
         archive: ArchiveReader,
         writers: Sequence[str],
-        signer: Signer,
+        keys: Keyring,
         broker: Transport,
         audit: AuditSink,
         table: RoutingTable,
@@ -378,7 +383,7 @@ class Replayer:
     ) -> None:
         self._archive = archive
         self._writers = tuple(writers)
-        self._signer = signer
+        self._keys = keys
         self._broker = broker
         self._audit = audit
         self._table = table
@@ -490,21 +495,25 @@ class Replayer:
             window = plan_window(trail, writer, period, late=late)
             report.unsealed_objects += len(window.unsealed_keys)
             problem = window.problem
-            for anchor, checkpoints, keys, abandoned in [] if problem else _intervals(window):
-                objects = {key: stored.data for key, stored in read_objects(trail, keys).items()}
+            digests = _abandoned_digests(window)
+            for anchor, checkpoints, named, abandoned in [] if problem else _intervals(window):
+                stored = read_objects(trail, [*named, *abandoned])
+                objects = {key: stored[key].data for key in named if key in stored}
                 problem = verify_trail(
                     objects=objects,
                     checkpoints=checkpoints,
-                    signer=self._signer,
+                    keys=self._keys,
                     writer=writer,
                     anchor=anchor,
                 ).problem
+                if problem is None or not problem.authentic:
+                    problem = _abandoned_problem(abandoned, stored, digests) or problem
                 if problem is not None and problem.authentic:
                     break
                 if problem is not None:  # authentic, but a record of it is missing
                     report.trail_incomplete.append(f"{writer}: {problem.where}: {problem.why}")
                     problem = None
-                for key in sorted(objects.keys() - abandoned):  # abandoned: chained elsewhere
+                for key in sorted(objects):  # the chain's: abandoned attempts are never read
                     sealed = key not in window.unsealed_keys
                     self._consider(key, objects[key], sealed=sealed, request=request, first=first)
             if problem is not None:
@@ -512,7 +521,7 @@ class Replayer:
                 report.trail_problems.append(f"{writer}: {problem.where}: {problem.why}")
         if report.trail_problems:
             return None
-        return sorted(first.values(), key=lambda c: (c.at, c.message_id))
+        return sorted(first.values(), key=lambda c: c.position)
 
     @staticmethod
     def _consider(
@@ -524,14 +533,20 @@ class Replayer:
         first: dict[str, _Candidate],
     ) -> None:
         """Keep in ``first`` each matching acceptance of object ``key`` (verified: it decodes)
-        that comes before the one kept for its message: sealed before unsealed, then earlier."""
+        that comes before the one kept for its message: sealed before unsealed, then earlier;
+        and the message's earliest acceptance time (its place in the replay)."""
         for record in decode_object(data):
             candidate = _candidate(record, key, sealed, request)
             if candidate is None:
                 continue
             known = first.get(candidate.message_id)
-            if known is None or _rank(candidate) < _rank(known):
+            if known is None:
                 first[candidate.message_id] = candidate
+                continue
+            chosen = candidate if _rank(candidate) < _rank(known) else known
+            first_at = min(candidate.first_at, known.first_at)
+            if chosen is not known or first_at != known.first_at:
+                first[candidate.message_id] = dataclasses.replace(chosen, first_at=first_at)
 
     # -- one batch ------------------------------------------------------------------------------
 
@@ -786,19 +801,50 @@ _Checkpoint = tuple[str, dict[str, Any]]
 
 def _intervals(
     window: Window,
-) -> Iterator[tuple[_Checkpoint | None, list[_Checkpoint], list[str], set[str]]]:
+) -> Iterator[tuple[_Checkpoint | None, list[_Checkpoint], list[str], list[str]]]:
     """The window in the pieces it is verified in: each checkpoint with the one before it (its
-    anchor), the objects it names and the attempts it abandoned (read for their hash); then the
-    objects written after the last checkpoint, anchored on it (a young trail's, on nothing).
-    Each piece is ``(anchor, checkpoints, keys to read, abandoned keys)``."""
-    anchor = window.anchor
+    anchor), the objects it names and the attempts it is the first to name as abandoned (read
+    for their hash only); then the objects written after the last checkpoint, anchored on it (a
+    young trail's, on nothing). Each piece is ``(anchor, checkpoints, named, abandoned)``.
+
+    As the compliance report reads a window (``fabric.compliance_run``): an attempt is
+    abandoned only if no checkpoint of the window names its key as the chain's (a later attempt
+    under the same key may be), and its hash is checked against every hash the window's
+    checkpoints name for it (one key can be abandoned by two checkpoints, with other bytes)."""
+    anchor, listed = window.anchor, set()
     for checkpoint in window.checkpoints:
         named = [str(item["key"]) for item in checkpoint[1]["objects"]]
-        abandoned = {str(item["key"]) for item in checkpoint[1].get("abandoned", ())}
-        yield anchor, [checkpoint], sorted({*named, *abandoned}), abandoned - set(named)
+        abandoned = [
+            key
+            for key in dict.fromkeys(str(i["key"]) for i in checkpoint[1].get("abandoned", ()))
+            if key in window.abandoned and key not in listed
+        ]
+        listed.update(abandoned)
+        yield anchor, [checkpoint], named, abandoned
         anchor = checkpoint
     if window.unsealed_keys:
-        yield anchor, [], sorted(window.unsealed_keys), set()
+        yield anchor, [], sorted(window.unsealed_keys), []
+
+
+def _abandoned_digests(window: Window) -> dict[str, set[str]]:
+    """Every SHA-256 the window's checkpoints name for each abandoned attempt's key."""
+    digests: dict[str, set[str]] = {key: set() for key in window.abandoned}
+    for _, body in window.checkpoints:
+        for item in body.get("abandoned", ()):
+            if str(item["key"]) in digests:
+                digests[str(item["key"])].add(str(item["sha256"]))
+    return digests
+
+
+def _abandoned_problem(
+    keys: Sequence[str], stored: Mapping[str, StoredObject], digests: Mapping[str, set[str]]
+) -> Problem | None:
+    """The first abandoned attempt of ``keys`` stored with bytes the writer never meant to store
+    there (one that was never stored is not a problem)."""
+    for key in keys:
+        if key in stored and sha256_hex(stored[key].data) not in digests[key]:
+            return Problem(key, "an abandoned attempt whose SHA-256 differs")
+    return None
 
 
 class _Trail:
@@ -855,13 +901,14 @@ def _candidate(
         audit_key=key,
         seq=seq if isinstance(seq, int) else 0,
         sealed=sealed,
+        first_at=at,
     )
 
 
 def _listed(item: _Prepared, outcome: str, *, detail: str | None = None) -> Listed:
     return Listed(
         message_id=item.candidate.message_id,
-        at=item.candidate.at,
+        at=item.candidate.first_at,
         topic=item.envelope.topic,
         outcome=outcome,
         groups=tuple(sorted(str(group) for group in item.outbound.audience)),
@@ -872,7 +919,7 @@ def _listed(item: _Prepared, outcome: str, *, detail: str | None = None) -> List
 def _problem(candidate: _Candidate, outcome: str, detail: str) -> Listed:
     return Listed(
         message_id=candidate.message_id,
-        at=candidate.at,
+        at=candidate.first_at,
         topic=candidate.topic,
         outcome=outcome,
         detail=detail,

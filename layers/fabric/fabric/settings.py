@@ -275,8 +275,9 @@ class ReplaySettings:
     ``RABBITMQ_*``, ``FABRIC_ENV`` as for the router (the platform user: it publishes to the
     ingress and unrouted exchanges as the router does, and audit batches to the audit exchange);
     ``AUDIT_BUCKET``: the Object Lock bucket it reads the trail and the archive from;
-    ``AUDIT_WRITERS`` and ``SIGNING_KEY_ARN``: the writers whose trails it verifies and reads,
-    and the key their checkpoints are signed with (as for the compliance report);
+    ``AUDIT_WRITERS``, ``SIGNING_KEY_ARN`` and ``RETIRED_SIGNING_KEY_ARNS``: the writers whose
+    trails it verifies and reads, and the keys their checkpoints are signed with (as for the
+    compliance report);
     ``AUDIT_QUEUE_URL``: where its audit batches go while RabbitMQ cannot take them;
     ``REPLAY_MAX_SECONDS`` (default 840) bounds one run, inside the function's 15-minute timeout.
     """
@@ -292,6 +293,12 @@ class ReplaySettings:
     signing_key_arn: str
     max_seconds: float
     audit_queue_url: str | None = None
+    retired_signing_key_arns: tuple[str, ...] = ()
+
+    @property
+    def signing_key_arns(self) -> tuple[str, ...]:
+        """The keys trusted to have signed checkpoints, oldest first (``fabric.audit_chain``)."""
+        return (*self.retired_signing_key_arns, self.signing_key_arn)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ReplaySettings:
@@ -307,6 +314,7 @@ class ReplaySettings:
             signing_key_arn=_required(environ, "SIGNING_KEY_ARN"),
             max_seconds=float(_positive(environ, "REPLAY_MAX_SECONDS", 840)),
             audit_queue_url=_optional(environ, "AUDIT_QUEUE_URL"),
+            retired_signing_key_arns=_retired_keys(environ),
         )
 
 
@@ -318,9 +326,11 @@ class ComplianceReportSettings:
     """What the compliance report function needs (set by the stack).
 
     ``FABRIC_ENV``; ``AUDIT_BUCKET``: the Object Lock bucket, read only; ``AUDIT_WRITERS``:
-    the writers (chains) the report covers, comma-separated; ``SIGNING_KEY_ARN``: the key whose
-    signatures the checkpoints carry; ``REPORTS_BUCKET`` and ``REPORTS_KEY_ARN``: where the
-    report files go, SSE-KMS with that key; ``COMPLIANCE_TOPIC_ARN``: the summary's SNS topic.
+    the writers (chains) the report covers, comma-separated; ``SIGNING_KEY_ARN``: the key that
+    signs checkpoints now; ``RETIRED_SIGNING_KEY_ARNS`` (optional, comma-separated, oldest
+    first): the keys that signed them before a rotation; ``REPORTS_BUCKET`` and
+    ``REPORTS_KEY_ARN``: where the report files go, SSE-KMS with that key;
+    ``COMPLIANCE_TOPIC_ARN``: the summary's SNS topic.
     """
 
     environment: str
@@ -330,6 +340,12 @@ class ComplianceReportSettings:
     reports_bucket: str
     reports_key_arn: str
     topic_arn: str
+    retired_signing_key_arns: tuple[str, ...] = ()
+
+    @property
+    def signing_key_arns(self) -> tuple[str, ...]:
+        """The keys trusted to have signed checkpoints, oldest first (``fabric.audit_chain``)."""
+        return (*self.retired_signing_key_arns, self.signing_key_arn)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ComplianceReportSettings:
@@ -346,6 +362,7 @@ class ComplianceReportSettings:
             reports_bucket=_required(environ, "REPORTS_BUCKET"),
             reports_key_arn=_required(environ, "REPORTS_KEY_ARN"),
             topic_arn=_required(environ, "COMPLIANCE_TOPIC_ARN"),
+            retired_signing_key_arns=_retired_keys(environ),
         )
 
 
@@ -357,3 +374,16 @@ def _writers(environ: Mapping[str, str]) -> tuple[str, ...]:
     if not writers:
         raise ConfigError("environment variable AUDIT_WRITERS must name at least one writer")
     return writers
+
+
+def _retired_keys(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """``RETIRED_SIGNING_KEY_ARNS``: the signing keys a rotation retired, oldest first (none if
+    unset); none of them twice, and not the current ``SIGNING_KEY_ARN``."""
+    retired = tuple(
+        arn.strip() for arn in environ.get("RETIRED_SIGNING_KEY_ARNS", "").split(",") if arn.strip()
+    )
+    if len(set(retired)) != len(retired) or environ.get("SIGNING_KEY_ARN", "").strip() in retired:
+        raise ConfigError(
+            "environment variable RETIRED_SIGNING_KEY_ARNS names a key twice, or the current one"
+        )
+    return retired

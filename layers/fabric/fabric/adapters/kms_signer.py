@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from fabric.audit_chain import Keyring
 
 ALGORITHM = "ECDSA_SHA_256"  # the signing key is ECC_NIST_P256, SIGN_VERIFY
 
@@ -59,3 +61,19 @@ class KmsSigner:
                 return False
             raise
         return bool(response["SignatureValid"])
+
+
+def kms_keyring(key_arns: Sequence[str], client_factory: Callable[[], Any]) -> Keyring:
+    """The keys ``key_arns`` (oldest first) as a verifier's keyring, sharing one KMS client.
+
+    Raises:
+        ValueError: no key, or a key named twice.
+    """
+    shared: list[Any] = []
+
+    def client() -> Any:
+        if not shared:
+            shared.append(client_factory())
+        return shared[0]
+
+    return Keyring([KmsSigner(arn, client) for arn in key_arns])
