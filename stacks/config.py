@@ -111,11 +111,14 @@ class BrokerConfig(_Model):
 
 
 class AuditConfig(_Model):
-    """Object Lock default retention of the audit bucket: exactly one of days or years."""
+    """Object Lock default retention of the audit bucket: exactly one of days or years; and how
+    many checkpoint-signing keys the environment has put in service (raising it by one rotates
+    the key: the new one signs, the older ones stay, retired, for verifying)."""
 
     lock_mode: LockMode = Field(strict=False)
     lock_days: int | None = Field(default=None, ge=1, le=36500)
     lock_years: int | None = Field(default=None, ge=1, le=100)
+    signing_keys: int = Field(default=1, ge=1, le=20)
 
     @model_validator(mode="after")
     def _one_period(self) -> AuditConfig:

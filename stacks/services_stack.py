@@ -185,7 +185,7 @@ class ServicesStack(Stack):
             bucket_name=stateful.output("AuditBucketName"),
             bucket_key=stateful.keys.audit,
             writers=[audit_writer_name(config.name)],
-            signing_key=stateful.keys.signing,
+            signing_keys=stateful.keys.signing_keys,
             alarm_topic=self.alarms.topic,
         )
         self.replay.function.function.node.add_dependency(self.topology.resource)
@@ -199,7 +199,7 @@ class ServicesStack(Stack):
             audit_bucket_name=stateful.output("AuditBucketName"),
             reports_bucket_name=stateful.output("ReportsBucketName"),
             audit_key=stateful.keys.audit,
-            signing_key=stateful.keys.signing,
+            signing_keys=stateful.keys.signing_keys,
             topics_key=stateful.keys.topics,
             alarm_topic=self.alarms.topic,
             removal_policy=stateful.removal,

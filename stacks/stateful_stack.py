@@ -49,7 +49,13 @@ class StatefulStack(Stack):
         self.removal = removal
         self.log_retention = log_retention
 
-        self.keys = FabricKeys(self, "Keys", env_name=config.name, removal_policy=removal)
+        self.keys = FabricKeys(
+            self,
+            "Keys",
+            env_name=config.name,
+            removal_policy=removal,
+            signing_keys=config.audit.signing_keys,
+        )
         self.network = FabricNetwork(
             self,
             "Network",
@@ -85,7 +91,12 @@ class StatefulStack(Stack):
             removal_policy=removal,
         )
         self.ingest = IngestQueues(
-            self, "Ingest", env_name=config.name, key=self.keys.queues, removal_policy=removal
+            self,
+            "Ingest",
+            env_name=config.name,
+            key=self.keys.queues,
+            removal_policy=removal,
+            producers=config.producers,
         )
         self.fallback = FallbackPath(
             self,
@@ -129,6 +140,8 @@ class StatefulStack(Stack):
             "AuditDlqUrl": self.audit_queue.dead_letter_queue.queue_url,
             "IdempotencyTableName": self.idempotency.table.table_name,
             "SigningKeyArn": self.keys.signing.key_arn,
+            # Oldest first, the current key last: what every verifier trusts (the runbook).
+            "TrustedSigningKeyArns": ",".join(key.key_arn for key in self.keys.signing_keys),
             "VpcId": self.network.vpc.vpc_id,
             "FunctionsSecurityGroupId": self.network.functions_security_group.security_group_id,
         }

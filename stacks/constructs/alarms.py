@@ -13,6 +13,7 @@ from constructs import Construct
 
 from fabric import metrics
 from stacks.config import AlarmsConfig
+from stacks.constructs.fallback import deny_without_tls
 from stacks.constructs.keys import alarms_of_this_account
 
 
@@ -49,9 +50,9 @@ class FailoverAlarms(Construct):
             topic_name=f"fabric-{env_name}-alarms",
             display_name=f"Messaging Fabric {env_name} alarms",
             master_key=topics_key,
-            enforce_ssl=True,
         )
-        # The topic's policy (enforce_ssl makes one) replaces SNS's default policy, so it must
+        deny_without_tls(self.topic)
+        # The topic's policy (deny_without_tls makes one) replaces SNS's default policy, so it must
         # allow CloudWatch itself: alarms publish as cloudwatch.amazonaws.com, which no IAM
         # grant covers. This account's alarms only. The topics key's policy lets them encrypt
         # (see Keys).

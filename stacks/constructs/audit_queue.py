@@ -6,8 +6,14 @@ from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_kms as kms
 from constructs import Construct
 
-from fabric.naming import audit_queue_name
-from stacks.constructs.queues import QueueAddress, queue_with_dlq
+from fabric.naming import (
+    audit_queue_name,
+    drain_function_name,
+    redrive_function_name,
+    replay_function_name,
+)
+from stacks.constructs.function import role_arn, router_role_name
+from stacks.constructs.queues import QueueAddress, deny_other_senders, queue_with_dlq
 
 # Attempts of the audit writer at one batch before it is parked in the DLQ.
 _MAX_RECEIVE_COUNT = 10
@@ -23,6 +29,18 @@ _VISIBILITY_TIMEOUT = Duration.seconds(6 * WRITER_TIMEOUT.to_seconds())
 AUDIT_QUEUE_URL = "AUDIT_QUEUE_URL"
 
 
+def audit_sender_roles(env_name: str) -> tuple[str, ...]:
+    """The roles that send audit batches here: router, drain, redrive (its ``redriven``
+    records, and audit batches it puts back from the DLQ) and replay (``replayed`` records).
+    Each function's role is named like it (``FabricFunction``); the router's is named apart."""
+    return (
+        router_role_name(env_name),
+        drain_function_name(env_name),
+        redrive_function_name(env_name),
+        replay_function_name(env_name),
+    )
+
+
 class AuditQueue(Construct):
     """``fabric-<env>-audit`` (``fabric.naming.audit_queue_name``) and its DLQ ``...-dlq``.
 
@@ -31,7 +49,9 @@ class AuditQueue(Construct):
     outage. The audit writer reads this queue as well as the RabbitMQ audit queue (deduplicating
     by the batch's message id). After 10 failed writes a batch is parked in the DLQ, whose
     redrive-allow policy admits only this queue; the redrive puts it back once the writer is
-    fixed. KMS (queues key), TLS only, 14 days, like every fabric queue.
+    fixed. KMS (queues key), TLS only, 14 days, like every fabric queue. Its policy denies
+    ``sqs:SendMessage`` to every principal but the roles of ``audit_sender_roles``: a forged
+    audit batch would enter the trail as the audit writer's.
     """
 
     def __init__(
@@ -52,6 +72,9 @@ class AuditQueue(Construct):
             removal_policy=removal_policy,
             max_receive_count=_MAX_RECEIVE_COUNT,
             visibility_timeout=_VISIBILITY_TIMEOUT,
+        )
+        deny_other_senders(
+            self.queue, roles=[role_arn(self, name) for name in audit_sender_roles(env_name)]
         )
 
 

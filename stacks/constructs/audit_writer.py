@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from aws_cdk import Duration, Stack
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
@@ -46,6 +48,16 @@ CHAIN_ITEM_PREFIX = "audit-chain#"
 BATCH_ITEM_PREFIX = "audit-batch#"
 # fabric.adapters.kms_signer.ALGORITHM: the signing key is ECC_NIST_P256, SIGN_VERIFY.
 SIGNING_ALGORITHM = "ECDSA_SHA_256"
+
+
+def signing_environment(signing_keys: Sequence[kms.IKey]) -> dict[str, str]:
+    """A verifier's variables (``fabric.settings``) for ``signing_keys``, oldest first:
+    ``SIGNING_KEY_ARN`` the current key, ``RETIRED_SIGNING_KEY_ARNS`` the ones before it."""
+    *retired, current = signing_keys
+    variables = {"SIGNING_KEY_ARN": current.key_arn}
+    if retired:
+        variables["RETIRED_SIGNING_KEY_ARNS"] = ",".join(key.key_arn for key in retired)
+    return variables
 
 
 def audit_writer_name(env_name: str) -> str:

@@ -16,7 +16,8 @@ from constructs import Construct
 
 from fabric import metrics
 from fabric.compliance_run import report_function_name
-from stacks.constructs.audit_writer import SIGNING_ALGORITHM
+from stacks.constructs.audit_writer import SIGNING_ALGORITHM, signing_environment
+from stacks.constructs.fallback import deny_without_tls
 from stacks.constructs.function import FabricFunction, FunctionPlatform
 from stacks.nag import acknowledge, wildcard_resource_finding
 
@@ -74,7 +75,7 @@ class ComplianceReport(Construct):
         audit_bucket_name: str,
         reports_bucket_name: str,
         audit_key: kms.IKey,
-        signing_key: kms.IKey,
+        signing_keys: Sequence[kms.IKey],
         topics_key: kms.IKey,
         alarm_topic: sns.ITopic,
         removal_policy: RemovalPolicy,
@@ -91,8 +92,8 @@ class ComplianceReport(Construct):
             topic_name=compliance_topic_name(env_name),
             display_name=f"Messaging Fabric {env_name} compliance",
             master_key=topics_key,
-            enforce_ssl=True,
         )
+        deny_without_tls(self.topic)  # every action, not only Publish (enforce_ssl's)
         self.topic.apply_removal_policy(removal_policy)
         self.function = FabricFunction(
             self,
@@ -107,7 +108,7 @@ class ComplianceReport(Construct):
                 "FABRIC_ENV": env_name,
                 "AUDIT_BUCKET": audit.bucket_name,
                 "AUDIT_WRITERS": ",".join(writers),
-                "SIGNING_KEY_ARN": signing_key.key_arn,
+                **signing_environment(signing_keys),
                 "REPORTS_BUCKET": reports.bucket_name,
                 "REPORTS_KEY_ARN": audit_key.key_arn,
                 "COMPLIANCE_TOPIC_ARN": self.topic.topic_arn,
@@ -121,7 +122,7 @@ class ComplianceReport(Construct):
             audit=audit,
             reports=reports,
             audit_key=audit_key,
-            signing_key=signing_key,
+            signing_keys=signing_keys,
             topics_key=topics_key,
         )
         function = self.function.function
@@ -210,7 +211,7 @@ class ComplianceReport(Construct):
         audit: s3.IBucket,
         reports: s3.IBucket,
         audit_key: kms.IKey,
-        signing_key: kms.IKey,
+        signing_keys: Sequence[kms.IKey],
         topics_key: kms.IKey,
     ) -> None:
         """Read only on the writers' trails, write only under compliance/<env>/, verify only."""
@@ -250,7 +251,7 @@ class ComplianceReport(Construct):
                 (
                     "VerifyCheckpoints",
                     ["kms:Verify"],
-                    [signing_key.key_arn],
+                    [key.key_arn for key in signing_keys],
                     {"StringEquals": {"kms:SigningAlgorithm": SIGNING_ALGORITHM}},
                 ),
                 ("PublishSummaries", ["sns:Publish"], [self.topic.topic_arn], None),

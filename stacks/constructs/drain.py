@@ -15,7 +15,7 @@ from fabric.naming import drain_function_name
 from stacks.constructs.audit_queue import audit_environment
 from stacks.constructs.fallback import FallbackQueues
 from stacks.constructs.function import FabricFunction, FunctionPlatform
-from stacks.constructs.queues import QueueAddress
+from stacks.constructs.queues import QueueAddress, address
 from stacks.constructs.router import broker_environment
 
 # Two at once are safe (SQS hides a message from the other while one moves it); more would only
@@ -26,7 +26,8 @@ _CONCURRENCY = 2
 class Drain(Construct):
     """``lambdas/drain`` on a one-minute schedule; also invocable on demand (runbook).
 
-    It may receive and delete on the fallback queues only, send its audit batches to the SQS
+    It may receive and delete on the fallback queues only (nothing on the queues key but its use
+    through SQS), send its audit batches to the SQS
     audit queue (while the broker cannot take them), read the platform broker user's secret, and
     nothing else.
     """
@@ -69,8 +70,20 @@ class Drain(Construct):
         )
         self.function.allow_secret_read(broker_secret, secrets_key)
         self.function.allow_send(audit_queue, sid="AuditBatches")
-        for fallback in queues.values():
-            fallback.queue.grant_consume_messages(self.function.function)
+        # What the drain calls (fabric.adapters.sqs: ReceiveMessage, DeleteMessageBatch), on the
+        # fallback queues by their literal-name ARNs. Not grant_consume_messages: it adds
+        # kms:Decrypt on the queues key without a condition, where the function's managed policy
+        # already allows the key through SQS only (OwnDeadLetterQueueKey).
+        self.function.allow(
+            [
+                (
+                    "DrainFallbackQueues",
+                    ["sqs:ReceiveMessage", "sqs:DeleteMessage"],
+                    [address(self, q.queue).arn for q in queues.values()],
+                    None,
+                )
+            ]
+        )
         events.Rule(
             self,
             "EveryMinute",

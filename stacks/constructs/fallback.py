@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from fabric.naming import FALLBACK_FLOWS, fallback_queue_name
+from fabric.naming import FALLBACK_FLOWS, fallback_queue_name, redrive_function_name
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
-from stacks.constructs.queues import encrypted_queue, queue_with_dlq
+from stacks.constructs.function import role_arn
+from stacks.constructs.queues import deny_other_senders, encrypted_queue, queue_with_dlq
 from stacks.nag import acknowledge
 
 # Receives before a fallback message is parked in its DLQ (each failed drain attempt is one).
@@ -23,6 +25,40 @@ _MAX_RECEIVE_COUNT = 10
 _VISIBILITY_TIMEOUT = Duration.seconds(120)
 # SNS subscription filter attribute carrying the groups that the routing table resolved.
 AUDIENCE_ATTRIBUTE = "audience"
+# Every action SNS documents as valid in a topic policy ("Amazon SNS API permissions: Actions
+# and resources reference"); it refuses a topic policy naming any other action ("Policy
+# statement action out of service scope").
+TOPIC_POLICY_ACTIONS = (
+    "sns:AddPermission",
+    "sns:DeleteTopic",
+    "sns:GetDataProtectionPolicy",
+    "sns:GetTopicAttributes",
+    "sns:ListSubscriptionsByTopic",
+    "sns:ListTagsForResource",
+    "sns:Publish",
+    "sns:PutDataProtectionPolicy",
+    "sns:RemovePermission",
+    "sns:SetTopicAttributes",
+    "sns:Subscribe",
+)
+
+
+def deny_without_tls(topic: sns.Topic) -> None:
+    """Refuse every request on ``topic`` that is not over TLS.
+
+    CDK's ``enforce_ssl`` denies only ``sns:Publish``; a subscription, a read of the topic's
+    attributes or subscriptions, or a change of its policy over plain HTTP would still pass.
+    """
+    topic.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid="DenyWithoutTls",
+            effect=iam.Effect.DENY,
+            principals=[iam.AnyPrincipal()],
+            actions=list(TOPIC_POLICY_ACTIONS),
+            resources=[topic.topic_arn],
+            conditions={"Bool": {"aws:SecureTransport": "false"}},
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -42,6 +78,9 @@ class FallbackPath(Construct):
     Subscriptions filter on the ``audience`` message attribute, so SNS delivers exactly the groups
     the routing table computed, as RabbitMQ would have. Raw delivery keeps the envelope as the
     SQS body and the SNS message attributes as SQS message attributes, for the drain.
+
+    Topics refuse every action without TLS; a queue accepts messages only from its topic and
+    the redrive, a subscription's DLQ only from its topic (``deny_other_senders``).
 
     Queue names are deterministic (``fabric-<env>-<flow>-<group>[-dlq|-sub-dlq]``): the runbook
     finds them by name, and a queue's DLQ can name its source in its redrive-allow policy without a
@@ -69,8 +108,8 @@ class FallbackPath(Construct):
                 topic_name=f"fabric-{env_name}-{flow}",
                 display_name=f"Messaging Fabric {env_name} {flow} path",
                 master_key=topics_key,
-                enforce_ssl=True,
             )
+            deny_without_tls(topic)
             topic.apply_removal_policy(removal_policy)
             self.topics[flow] = topic
             for group in STAKEHOLDERS:
@@ -81,6 +120,7 @@ class FallbackPath(Construct):
                     group=group,
                     key=queues_key,
                     removal_policy=removal_policy,
+                    redrive_role=role_arn(self, redrive_function_name(env_name)),
                 )
 
     def _subscribe(
@@ -92,6 +132,7 @@ class FallbackPath(Construct):
         group: Stakeholder,
         key: kms.IKey,
         removal_policy: RemovalPolicy,
+        redrive_role: str,
     ) -> FallbackQueues:
         queue, dead_letter_queue = queue_with_dlq(
             self,
@@ -102,6 +143,9 @@ class FallbackPath(Construct):
             max_receive_count=_MAX_RECEIVE_COUNT,
             visibility_timeout=_VISIBILITY_TIMEOUT,
         )
+        # Only the topic's deliveries and the redrive (which puts dead letters back) may send:
+        # the drain hands whatever is here to RabbitMQ as the group's traffic.
+        deny_other_senders(queue, roles=[redrive_role], topics=[topic.topic_arn])
         subscription_dead_letter_queue = encrypted_queue(
             self,
             f"{construct_id}SubscriptionDlq",
@@ -113,6 +157,8 @@ class FallbackPath(Construct):
                 redrive_permission=sqs.RedrivePermission.DENY_ALL
             ),
         )
+        # Only SNS's dead letters of this topic: the runbook moves these back by hand.
+        deny_other_senders(subscription_dead_letter_queue, roles=[], topics=[topic.topic_arn])
         acknowledge(
             subscription_dead_letter_queue,
             "AwsSolutions-SQS3",

@@ -34,6 +34,22 @@ DEPS_LAYER_DIR = ROOT / "build" / "layers" / "deps"
 FABRIC_LAYER_DIR = ROOT / "build" / "layers" / "fabric"
 
 
+def router_role_name(env_name: str) -> str:
+    """The router's execution role (the router function itself has a generated name)."""
+    return f"fabric-{env_name}-router"
+
+
+def role_arn(scope: Construct, role_name: str) -> str:
+    """The ARN of IAM role ``role_name`` (path ``/``) in ``scope``'s account, from its name.
+
+    The stateful stack names the functions' roles this way in its queue policies: a reference to
+    a role of the services stack would make each stack depend on the other.
+    """
+    return Stack.of(scope).format_arn(
+        service="iam", region="", resource="role", resource_name=role_name
+    )
+
+
 @dataclass(frozen=True)
 class FunctionPlatform:
     """What every function shares: network, layers, keys for logs and queues, log retention."""
@@ -83,10 +99,11 @@ class FabricFunction(Construct):
     Python 3.14 on arm64; JSON logs into its own KMS-encrypted log group with the environment's
     retention; X-Ray tracing; inside the VPC's private subnets with the functions' security group;
     reserved concurrency; a KMS-encrypted dead-letter queue for failed asynchronous invocations;
-    its own role, whose only AWS-side permissions are the ENI actions Lambda needs in a VPC,
-    writing to its own log group, and the queues key through SQS (for writing to its own DLQ,
-    and to any queue of that key it is allowed to send to, ``allow_send``). Everything else is
-    granted by the stack that uses it.
+    its own role (named like the function when the function is named, or ``role_name``), whose
+    only AWS-side permissions are the ENI actions Lambda needs in a VPC, writing to its own log
+    group, and the queues key through SQS (for writing to its own DLQ, and to any queue of that
+    key it may send to or consume, ``allow_send``). Everything else is granted by the stack
+    that uses it.
     """
 
     def __init__(
@@ -102,7 +119,13 @@ class FabricFunction(Construct):
         timeout: Duration,
         memory_size: int = 512,
         function_name: str | None = None,
+        role_name: str | None = None,
     ) -> None:
+        """``role_name`` names the execution role (default: ``function_name``, if given).
+
+        A named role can be referred to from the stateful stack by its ARN, built from the name
+        (``role_arn``), as the queue policies that admit only named senders do.
+        """
         super().__init__(scope, construct_id)
         self.log_group = logs.LogGroup(
             self,
@@ -129,6 +152,7 @@ class FabricFunction(Construct):
         self.role = iam.Role(
             self,
             "Role",
+            role_name=role_name or function_name,
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             description=f"{description} (Lambda execution role)",
         )

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from fabric.naming import redrive_function_name
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
-from stacks.constructs.queues import queue_with_dlq
+from stacks.constructs.function import role_arn
+from stacks.constructs.queues import deny_other_senders, queue_with_dlq
 
 # Messages that stay `unavailable` (both transports down) are retried this many times, spaced by
 # the visibility timeout, before they are parked in the DLQ.
@@ -22,7 +26,10 @@ class IngestQueues(Construct):
 
     A producer needs ``sqs:SendMessage`` on its group's queue only, and the queues key through
     SQS (docs/infrastructure.md, "Ingest queues"); the router reads the group from the queue a
-    record came from, never from the message body. The DLQs
+    record came from, never from the message body. So a queue's policy denies sending to every
+    principal but its group's ``producers`` (the role ARNs of ``cdk.json``, the same that may
+    invoke the group's router alias) and the redrive (which puts dead letters back): any
+    other sender would speak as that group. The DLQs
     (``dead_letter_queues``, ``fabric-<env>-ingest-<group>-dlq``) are kept for the redrive and
     the dead-letter alarms.
     """
@@ -37,6 +44,7 @@ class IngestQueues(Construct):
         env_name: str,
         key: kms.IKey,
         removal_policy: RemovalPolicy,
+        producers: Mapping[str, Sequence[str]],
     ) -> None:
         super().__init__(scope, construct_id)
         self.prefix = self.prefix_template.format(env=env_name)
@@ -51,4 +59,11 @@ class IngestQueues(Construct):
                 removal_policy=removal_policy,
                 max_receive_count=_MAX_RECEIVE_COUNT,
                 visibility_timeout=_VISIBILITY_TIMEOUT,
+            )
+            deny_other_senders(
+                self.queues[group],
+                roles=[
+                    *producers.get(group.value, ()),
+                    role_arn(self, redrive_function_name(env_name)),
+                ],
             )

@@ -48,6 +48,12 @@ class FabricKeys(Construct):
     - ``logs``: CloudWatch Logs groups (flow logs, function logs);
     - ``signing``: asymmetric ECC_NIST_P256 key that signs audit checkpoints.
 
+    KMS cannot rotate an asymmetric key, so ``signing_keys`` (the environment's
+    ``audit.signing_keys``) says how many it has put in service: raising it by one adds a new
+    key, which signs from then on (``signing``), and keeps the older ones (``retired_signing``)
+    for the verifiers; a retired key's policy denies ``kms:Sign`` to every principal, so
+    nothing can sign a checkpoint with it again.
+
     The key policies keep CDK's default (the account may delegate use through IAM); the service
     principals granted here, each under a condition, are CloudWatch Logs on the logs key
     (encryption context of this account's log groups), CloudWatch alarms of this account on the
@@ -58,7 +64,13 @@ class FabricKeys(Construct):
     """
 
     def __init__(
-        self, scope: Construct, construct_id: str, *, env_name: str, removal_policy: RemovalPolicy
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        env_name: str,
+        removal_policy: RemovalPolicy,
+        signing_keys: int = 1,
     ) -> None:
         super().__init__(scope, construct_id)
 
@@ -141,27 +153,49 @@ class FabricKeys(Construct):
             )
         )
 
-        self.signing = kms.Key(
+        # Oldest first. The first keeps the construct id and alias it had before rotation
+        # existed; each later one gets its own alias (an alias cannot move between keys in one
+        # CloudFormation update without a name clash).
+        self.signing_keys = [
+            self._signing_key(env_name, generation) for generation in range(1, signing_keys + 1)
+        ]
+        self.signing = self.signing_keys[-1]
+        self.retired_signing = self.signing_keys[:-1]
+        for retired in self.retired_signing:
+            retired.add_to_resource_policy(
+                iam.PolicyStatement(
+                    sid="RetiredNeverSignsAgain",
+                    effect=iam.Effect.DENY,
+                    principals=[iam.AnyPrincipal()],
+                    actions=["kms:Sign"],
+                    resources=["*"],
+                )
+            )
+
+    def _signing_key(self, env_name: str, generation: int) -> kms.Key:
+        suffix = "" if generation == 1 else f"-{generation}"
+        key = kms.Key(
             self,
-            "Signing",
-            alias=f"alias/fabric/{env_name}/audit-signing",
-            description=f"Messaging Fabric {env_name}: signs audit checkpoints",
+            "Signing" if generation == 1 else f"Signing{generation}",
+            alias=f"alias/fabric/{env_name}/audit-signing{suffix}",
+            description=f"Messaging Fabric {env_name}: signs audit checkpoints"
+            + ("" if generation == 1 else f" (key {generation})"),
             key_spec=kms.KeySpec.ECC_NIST_P256,
             key_usage=kms.KeyUsage.SIGN_VERIFY,
             removal_policy=RemovalPolicy.RETAIN,
             pending_window=Duration.days(30),
         )
         acknowledge(
-            self.signing,
+            key,
             "NIST.800.53.R5-KMSBackingKeyRotationEnabled",
             (
-                "KMS cannot rotate asymmetric keys automatically, and this key is not rotated: "
-                "the verifiers check every checkpoint against the one configured key, so a "
-                "trail spanning two keys would not verify. Each checkpoint records the key id "
-                "that signed it, for the per-checkpoint key choice a rotation needs first "
-                "(docs/audit-trail.md). The key is retained on stack deletion."
+                "KMS cannot rotate asymmetric keys automatically: the environment rotates the "
+                "signing key by putting a new one in service (audit.signing_keys in cdk.json, "
+                "docs/audit-trail.md), and the verifiers trust each checkpoint's own key among "
+                "the current and retired ones. The key is retained on stack deletion."
             ),
         )
+        return key
 
     @property
     def symmetric_keys(self) -> dict[str, kms.Key]:

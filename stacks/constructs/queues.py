@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 from aws_cdk import Duration, RemovalPolicy, Stack, Token
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
@@ -77,6 +79,39 @@ def queue_with_dlq(
         ),
     )
     return queue, dead_letter_queue
+
+
+def deny_other_senders(
+    queue: sqs.Queue, *, roles: Sequence[str], topics: Sequence[str] = ()
+) -> None:
+    """Refuse ``sqs:SendMessage`` on ``queue`` to every principal but ``roles`` and ``topics``.
+
+    ``roles`` are IAM role ARNs, matched as ``aws:PrincipalArn`` (the role behind any of its
+    sessions); ``topics`` are SNS topic ARNs, whose deliveries SNS makes with the topic as
+    ``aws:SourceArn``. The queue policy denies, so no identity policy of the account (an
+    administrator's ``sqs:*`` included) and no other account can add a sender. The action also
+    covers ``SendMessageBatch``. The senders need their own ``Allow`` (the roles an identity
+    statement, the topics the subscription's queue policy statement).
+    """
+    if not roles and not topics:
+        raise ValueError(f"{queue.node.path}: a queue needs at least one sender")
+    # A request is denied only if every key differs: a topic's delivery is no role, but is
+    # admitted. A key absent from the request counts as differing (negated operator).
+    not_a_sender: dict[str, list[str]] = {}
+    if roles:
+        not_a_sender["aws:PrincipalArn"] = list(roles)
+    if topics:
+        not_a_sender["aws:SourceArn"] = list(topics)
+    queue.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid="DenySendExceptNamedSenders",
+            effect=iam.Effect.DENY,
+            principals=[iam.AnyPrincipal()],
+            actions=["sqs:SendMessage"],
+            resources=[queue.queue_arn],
+            conditions={"ArnNotEquals": not_a_sender},
+        )
+    )
 
 
 @dataclass(frozen=True)

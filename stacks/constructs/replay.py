@@ -13,7 +13,7 @@ from constructs import Construct
 
 from fabric.naming import replay_function_name
 from stacks.constructs.audit_queue import audit_environment
-from stacks.constructs.audit_writer import SIGNING_ALGORITHM
+from stacks.constructs.audit_writer import SIGNING_ALGORITHM, signing_environment
 from stacks.constructs.function import FabricFunction, FunctionPlatform
 from stacks.constructs.queues import QueueAddress
 from stacks.constructs.router import broker_environment
@@ -65,9 +65,11 @@ class Replay(Construct):
         bucket_name: str,
         bucket_key: kms.IKey,
         writers: Sequence[str],
-        signing_key: kms.IKey,
+        signing_keys: Sequence[kms.IKey],
         alarm_topic: sns.ITopic,
     ) -> None:
+        """``signing_keys``: every key that has signed checkpoints, oldest first (the last
+        signs now)."""
         super().__init__(scope, construct_id)
         # By name (an explicit Fn::GetStackOutput from the stateful stack), so the object ARNs
         # under the bucket are known here and their wildcard can be acknowledged exactly.
@@ -87,7 +89,7 @@ class Replay(Construct):
                 **broker_environment(env_name, broker_host, broker_secret),
                 "AUDIT_BUCKET": bucket.bucket_name,
                 "AUDIT_WRITERS": ",".join(writers),
-                "SIGNING_KEY_ARN": signing_key.key_arn,
+                **signing_environment(signing_keys),
                 "REPLAY_MAX_SECONDS": _MAX_SECONDS,
                 **audit_environment(audit_queue),
             },
@@ -99,7 +101,7 @@ class Replay(Construct):
         function.configure_async_invoke(retry_attempts=0)
         self.function.allow_secret_read(broker_secret, secrets_key)
         self.function.allow_send(audit_queue, sid="AuditBatches")
-        self._read_trail(bucket, bucket_key, writers, signing_key)
+        self._read_trail(bucket, bucket_key, writers, signing_keys)
 
         self.errors_alarm = self.function.errors_alarm(
             self,
@@ -116,7 +118,7 @@ class Replay(Construct):
         bucket: s3.IBucket,
         bucket_key: kms.IKey,
         writers: Sequence[str],
-        signing_key: kms.IKey,
+        signing_keys: Sequence[kms.IKey],
     ) -> None:
         """List and read the writers' records, checkpoints and archives; decrypt their data
         keys via S3; verify checkpoint signatures."""
@@ -150,7 +152,7 @@ class Replay(Construct):
                 (
                     "VerifyCheckpoints",
                     ["kms:Verify"],
-                    [signing_key.key_arn],
+                    [key.key_arn for key in signing_keys],
                     {"StringEquals": {"kms:SigningAlgorithm": SIGNING_ALGORITHM}},
                 ),
             )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import jsii
-from aws_cdk import Duration
+from aws_cdk import Duration, Names, Stack
 from aws_cdk import aws_apigateway as apigw_v1
 from aws_cdk import aws_apigatewayv2 as apigw
 from aws_cdk import aws_apigatewayv2_authorizers as authorizers
@@ -11,7 +11,6 @@ from aws_cdk import aws_apigatewayv2_integrations as integrations
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_lambda_event_sources as event_sources
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sns as sns
@@ -21,13 +20,23 @@ from constructs import Construct
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from stacks.config import ApiConfig, RouterConfig
 from stacks.constructs.audit_queue import audit_environment
-from stacks.constructs.function import FabricFunction, FunctionPlatform
-from stacks.constructs.queues import QueueAddress
+from stacks.constructs.function import FabricFunction, FunctionPlatform, router_role_name
+from stacks.constructs.queues import QueueAddress, address
 
 AMQPS_PORT = "5671"
 # The one RabbitMQ virtual host the topology is applied to and every function connects to.
 VIRTUAL_HOST = "/"
 ROUTER_TIMEOUT = Duration.seconds(30)
+# What Lambda's SQS poller does on an ingest queue as the router's role (the same actions as
+# CDK's grant_consume_messages, without its unconditioned kms:Decrypt: the queues key is usable
+# through SQS only, OwnDeadLetterQueueKey).
+_CONSUME = [
+    "sqs:ReceiveMessage",
+    "sqs:ChangeMessageVisibility",
+    "sqs:GetQueueUrl",
+    "sqs:DeleteMessage",
+    "sqs:GetQueueAttributes",
+]
 
 
 def broker_environment(
@@ -96,20 +105,33 @@ class Router(Construct):
             reserved_concurrency=config.reserved_concurrency,
             timeout=ROUTER_TIMEOUT,
             memory_size=config.memory_mb,
+            # Named: the audit queue's policy admits it as a sender by this name.
+            role_name=router_role_name(env_name),
         )
         function = self.function.function
         self.function.allow_secret_read(broker_secret, secrets_key)
         self.function.allow_send(audit_queue, sid="AuditBatches")
         messages_key.grant(function, "kms:GenerateDataKey")
         # Publishing to a topic encrypted with a customer key needs that key; named actions
-        # rather than grant_publish's GenerateDataKey* wildcard.
+        # rather than grant_publish's GenerateDataKey* wildcard, through SNS and for these two
+        # topics only (SNS's encryption context names the topic).
+        topic_arns = [topic.topic_arn for topic in fallback_topics.values()]
+        function.add_to_role_policy(
+            iam.PolicyStatement(actions=["sns:Publish"], resources=topic_arns)
+        )
         function.add_to_role_policy(
             iam.PolicyStatement(
-                actions=["sns:Publish"],
-                resources=[topic.topic_arn for topic in fallback_topics.values()],
+                sid="TopicsKeyThroughSns",
+                actions=["kms:GenerateDataKey", "kms:Decrypt"],
+                resources=[topics_key.key_arn],
+                conditions={
+                    "StringEquals": {
+                        "kms:ViaService": f"sns.{Stack.of(self).region}.amazonaws.com",
+                        "kms:EncryptionContext:aws:sns:topicArn": topic_arns,
+                    }
+                },
             )
         )
-        topics_key.grant(function, "kms:GenerateDataKey", "kms:Decrypt")
 
         version = function.current_version
         for group in STAKEHOLDERS:
@@ -120,14 +142,28 @@ class Router(Construct):
                 producer = iam.Role.from_role_arn(self, f"{group.value}Producer{index}", role_arn)
                 alias.grant_invoke(producer)
 
-        for queue in ingest_queues.values():
-            function.add_event_source(
-                event_sources.SqsEventSource(
-                    queue,
-                    batch_size=10,
-                    max_batching_window=Duration.seconds(1),
-                    report_batch_item_failures=True,
+        # Mappings rather than SqsEventSource, whose grant_consume_messages adds kms:Decrypt on
+        # the queues key without a condition. The same construct ids and properties as
+        # SqsEventSource's, so a deployed mapping is kept, not replaced (Lambda refuses a second
+        # mapping of one queue to one function). The grant names the queues by their literal-name
+        # ARNs.
+        self.function.allow(
+            [
+                (
+                    "ConsumeIngest",
+                    _CONSUME,
+                    [address(self, queue).arn for queue in ingest_queues.values()],
+                    None,
                 )
+            ]
+        )
+        for queue in ingest_queues.values():
+            function.add_event_source_mapping(
+                f"SqsEventSource:{Names.node_unique_id(queue.node)}",
+                event_source_arn=queue.queue_arn,
+                batch_size=10,
+                max_batching_window=Duration.seconds(1),
+                report_batch_item_failures=True,
             )
 
         self.api = self._http_api(env_name, api, function, platform)

@@ -75,9 +75,15 @@ def test_the_audit_queue_is_encrypted_and_dead_letters_after_ten_receives(
             for p in env.resources("AWS::SQS::QueuePolicy").values()
             if p["Properties"]["Queues"] == [{"Ref": logical_id}]
         ]
-        (deny,) = policy["Properties"]["PolicyDocument"]["Statement"]
+        (deny,) = [
+            s
+            for s in policy["Properties"]["PolicyDocument"]["Statement"]
+            if "aws:SecureTransport" in json.dumps(s)
+        ]
         assert deny["Effect"] == "Deny"
+        assert deny["Action"] == "sqs:*"
         assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    # Who may send: tests/infra/test_queue_policies.py.
 
 
 def test_the_audit_queue_and_its_dlq_are_outputs(env: Synthesized) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from fabric import metrics
+from stacks.constructs.fallback import TOPIC_POLICY_ACTIONS
 from tests.infra.conftest import Assembly, Synthesized
 from tests.infra.test_audit_writer_infra import (
     BUCKET,
@@ -222,7 +223,11 @@ def test_the_summary_goes_to_an_encrypted_tls_only_topic_only(trail: Trail) -> N
     denied = [
         s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Deny"
     ]
-    assert any(s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} for s in denied)
+    (without_tls,) = [
+        s for s in denied if s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    ]
+    # Every action a topic policy takes, not only Publish: a subscription over plain HTTP too.
+    assert sorted(listed(without_tls["Action"])) == sorted(TOPIC_POLICY_ACTIONS)
     published = [s for s in statements(template, function) if "sns:Publish" in listed(s["Action"])]
     assert [s["Resource"] for s in published] == [{"Ref": topic_id}]
     # Prod keeps the topic (and its subscriptions) when the stack goes.

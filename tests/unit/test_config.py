@@ -84,6 +84,11 @@ def test_unknown_env_names_the_known_ones(context: dict[str, Any]) -> None:
             r"context\.environments\.dev\.audit: .*exactly one of lock_days or lock_years",
         ),
         (
+            ("audit", "signing_keys"),
+            0,
+            r"context\.environments\.dev\.audit\.signing_keys: Input should be greater than",
+        ),
+        (
             ("max_azs",),
             "2",
             r"context\.environments\.dev\.max_azs: Input should be a valid integer",
