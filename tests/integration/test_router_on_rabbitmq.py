@@ -316,3 +316,58 @@ def test_a_message_with_the_largest_headers_and_body_is_stored_and_one_over_is_r
     stored = drain(channel_as(fabric, None), queue_name(Stakeholder.BUSINESS))
     assert [p.message_id for p, _ in stored] == [biggest["message_id"], follower["message_id"]]
     assert stored[0][0].headers["region"] == headers["region"]
+
+
+def test_sqs_ingest_stores_a_corrected_copy_that_follows_a_refused_one_in_the_same_batch(
+    fabric: SimpleNamespace,
+) -> None:
+    # Both answers are final (the records are deleted): the corrected copy must not be told
+    # duplicate_message_id because of a copy the routing table refused, or it is lost.
+    corrected = envelope("donation.received")
+    refused = {**corrected, "topic": "case.updated"}  # business may not publish case.#
+    bodies = [refused, corrected, {**corrected, "payload": {"n": 2}}]
+    queue = f"arn:aws:sqs:{REGION}:111111111111:fabric-test-ingest-business"
+    event = {
+        "Records": [
+            {
+                "messageId": f"m{i}",
+                "body": json.dumps(body),
+                "eventSource": "aws:sqs",
+                "eventSourceARN": queue,
+            }
+            for i, body in enumerate(bodies)
+        ]
+    }
+    assert invoke(fabric, event) == {"batchItemFailures": []}
+    stored = drain(channel_as(fabric, None), queue_name(Stakeholder.BUSINESS))
+    assert [(p.message_id, json.loads(b)["payload"]) for p, b in stored] == [
+        (corrected["message_id"], {"n": 1})
+    ]
+    batches = [decode_audit_batch(b) for _, b in drain(channel_as(fabric, None), AUDIT_QUEUE)]
+    assert sorted((r["event"], r.get("reason")) for b in batches for r in b.records) == [
+        ("accepted", None),
+        ("rejected", "duplicate_message_id"),
+        ("rejected", "source_not_allowed"),
+        ("routed", None),
+    ]
+
+
+def test_sqs_ingest_gives_a_message_without_an_id_its_sqs_message_id(
+    fabric: SimpleNamespace,
+) -> None:
+    # The same on every delivery of the SQS message, so a copy stored before a lost confirm and
+    # the redelivered one are one message to the consumers.
+    sqs_id = str(uuid.uuid4())
+    event = {
+        "Records": [
+            {
+                "messageId": sqs_id,
+                "body": json.dumps({"topic": "donation.received", "payload": {"n": 1}}),
+                "eventSource": "aws:sqs",
+                "eventSourceARN": f"arn:aws:sqs:{REGION}:111111111111:fabric-test-ingest-business",
+            }
+        ]
+    }
+    assert invoke(fabric, event) == {"batchItemFailures": []}
+    stored = drain(channel_as(fabric, None), queue_name(Stakeholder.BUSINESS))
+    assert [(p.message_id, json.loads(b)["message_id"]) for p, b in stored] == [(sqs_id, sqs_id)]

@@ -14,9 +14,9 @@ import pytest
 from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
 from fabric.adapters.memory_cipher import LocalCipher
 from fabric.bootstrap import RouterRuntime
-from fabric.entrypoints import MAX_BATCH, dispatch
+from fabric.entrypoints import MAX_BATCH, MAX_REQUEST_BYTES, dispatch
 from fabric.errors import EncryptionUnavailable
-from fabric.ports import Failure
+from fabric.ports import Failure, Outcome
 from fabric.router import Router
 from fabric.routing import default_routing_table
 from fabric.settings import RouterSettings
@@ -117,6 +117,26 @@ def test_https_a_batch_is_read_as_strictly_as_an_envelope() -> None:
     assert [r["reason"] for r in body["results"]] == ["malformed_json"]
 
 
+@pytest.mark.parametrize(
+    ("encoding", "reason"),
+    [
+        ("utf-16", "invalid_utf8"),  # the byte order mark is not UTF-8
+        ("utf-32", "invalid_utf8"),
+        ("utf-16-le", "malformed_json"),  # without one, it is UTF-8 with a NUL in every pair
+    ],
+)
+def test_https_a_batch_that_is_not_utf8_is_refused_as_a_single_envelope_would_be(
+    encoding: str, reason: str
+) -> None:
+    # JSON between systems is UTF-8. Python's json reads UTF-16 and UTF-32 bytes as well, and
+    # so such a batch was routed, while the same envelope alone was refused.
+    text = json.dumps({"messages": [single()]})
+    for body in (json.dumps(single()), text):
+        status, answer = http(body.encode(encoding), b64=True)
+        assert status == 400
+        assert [r["reason"] for r in answer["results"]] == [reason]
+
+
 def test_https_json_nested_too_deeply_is_malformed_not_a_crash() -> None:
     nested = '{"topic": "volunteer.shift.offered", "payload": ' + "[" * 1100 + "]" * 1100 + "}"
     status, body = http(nested)
@@ -140,6 +160,13 @@ def test_https_an_identity_that_is_no_stakeholder_group_is_403() -> None:
     assert http(json.dumps(single()), claims={"fabric:group": "hackers"})[0] == 403
 
 
+@pytest.mark.parametrize("claim", [["government"], {"group": "government"}, 7, True])
+def test_https_an_identity_claim_that_is_not_a_string_is_403_not_a_crash(claim: Any) -> None:
+    status, body = http(json.dumps(single()), claims={"fabric:group": claim})
+    assert status == 403
+    assert body["error"]["reason"] == "forbidden"
+
+
 def test_https_a_topic_the_caller_may_not_publish_is_403() -> None:
     status, body = http(json.dumps(single()), claims={"fabric:group": "media"})
     assert status == 403
@@ -156,6 +183,22 @@ def test_https_too_large_is_413() -> None:
     assert http(json.dumps(many))[0] == 413
 
 
+def test_https_the_answer_to_a_batch_of_the_largest_request_fits_a_lambda_response() -> None:
+    # Rejection messages that quoted a producer's field names whole made the answer three
+    # times the request (JSON escapes each non-ASCII character in six bytes): past Lambda's
+    # 6 MB response limit, the call failed and the accepted message's result never arrived.
+    odd = {"topic": "donation.received", "payload": 1, "\u00e9" * 120_000: 1}
+    body = json.dumps({"messages": [single()] + [odd] * 15}, ensure_ascii=False)
+    assert len(body.encode()) <= MAX_REQUEST_BYTES
+    request = event("http_single.json")
+    request["body"] = body
+    response = dispatch(request, FUNCTION, runtime())
+    assert response["statusCode"] == 207
+    assert len(response["body"]) < 100_000
+    results = json.loads(response["body"])["results"]
+    assert [r.get("reason") for r in results] == [None] + ["unknown_field"] * 15
+
+
 def test_https_nothing_stored_is_503_and_never_accepted() -> None:
     request = event("http_single.json")
     response = dispatch(request, FUNCTION, runtime(MemoryTransport(failure=Failure.TIMEOUT)))
@@ -163,6 +206,17 @@ def test_https_nothing_stored_is_503_and_never_accepted() -> None:
     body = json.loads(response["body"])
     assert body["accepted"] == 0
     assert body["results"][0]["reason"] == "unavailable"
+
+
+def test_https_nothing_stored_is_503_also_when_the_batch_repeats_a_message() -> None:
+    # The repeat is a duplicate of a message that could not be stored: nothing was stored, and
+    # the answer to retry is the same as for the message alone.
+    request = event("http_single.json")
+    request["body"] = json.dumps({"messages": [single(), single()]})
+    response = dispatch(request, FUNCTION, runtime(MemoryTransport(failure=Failure.TIMEOUT)))
+    assert response["statusCode"] == 503
+    body = json.loads(response["body"])
+    assert [r["reason"] for r in body["results"]] == ["unavailable", "duplicate_message_id"]
 
 
 # -- SQS --------------------------------------------------------------------------------------
@@ -392,3 +446,48 @@ def test_an_event_shaped_like_https_or_sqs_sent_to_a_groups_alias_cannot_choose_
 
     assert [a["error"]["reason"] for a in answers] == ["malformed_request"] * 2
     assert transport.published == []
+
+
+class _StoredButUnconfirmed(MemoryTransport):
+    """The broker stores the first call's messages, but their confirms never arrive."""
+
+    def publish(self, messages: Any, *, meanwhile: Any = None) -> list[Outcome]:
+        outcomes = super().publish(messages, meanwhile=meanwhile)
+        if len(self.published) > len(outcomes):  # a later call: confirmed
+            return outcomes
+        return [Outcome(o.message_id, failure=Failure.TIMEOUT) for o in outcomes]
+
+
+def test_sqs_a_message_without_an_id_keeps_one_id_across_its_redeliveries() -> None:
+    # A confirm timeout leaves a message's fate unknown: the broker may have stored it, and SQS
+    # delivers it again. Given a new random id each time, the copies could not be told apart by
+    # the consumers, who remove duplicates by message_id; the SQS message id stays the same.
+    transport = _StoredButUnconfirmed()
+    built = runtime(transport)
+    sqs_id = "059f36b4-87a3-44ab-83d2-661975830a7d"
+    body = json.dumps({"topic": "donation.received", "payload": {"amount": 1}})
+    records = {
+        "Records": [
+            {
+                "messageId": sqs_id,
+                "body": body,
+                "eventSource": "aws:sqs",
+                "eventSourceARN": f"{INGEST}business",
+            }
+        ]
+    }
+    first = dispatch(records, FUNCTION, built)
+    assert first == {"batchItemFailures": [{"itemIdentifier": sqs_id}]}
+    assert dispatch(records, FUNCTION, built) == {"batchItemFailures": []}
+    ids = [json.loads(m.body)["message_id"] for m in transport.published]
+    assert ids == [sqs_id, sqs_id]
+
+
+def test_sqs_a_message_with_its_own_id_keeps_it() -> None:
+    transport = MemoryTransport()
+    records = event("sqs_ingest.json")
+    records["Records"][0]["messageId"] = "059f36b4-87a3-44ab-83d2-661975830a7d"
+    dispatch(records, FUNCTION, runtime(transport))
+    assert json.loads(transport.published[0].body)["message_id"] == (
+        "1b4e28ba-2fa1-41d2-883f-0016d3cca427"
+    )

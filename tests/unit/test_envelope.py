@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -155,6 +156,10 @@ def test_integers_beyond_64_bits_and_nulls_keep_their_value_on_the_wire() -> Non
         # Valid RFC 3339 whose moment in UTC is before year 1 or after year 9999.
         ({"occurred_at": "0001-01-01T00:00:00+01:00"}, Reason.INVALID_TIMESTAMP),
         ({"expires_at": "9999-12-31T23:59:59-01:00"}, Reason.INVALID_TIMESTAMP),
+        # RFC 3339 digits are ASCII, and an offset's minutes are 00-59.
+        ({"occurred_at": "\uff12\uff10\uff12\uff16-11-22T08:00:00Z"}, Reason.INVALID_TIMESTAMP),
+        ({"occurred_at": "2026-11-22T\u0660\u0668:00:00Z"}, Reason.INVALID_TIMESTAMP),
+        ({"occurred_at": "2026-11-22T08:00:00+05:75"}, Reason.INVALID_TIMESTAMP),
         # Lone surrogates: JSON text may escape them ("\ud800"), JSON cannot encode them.
         ({"correlation_id": "\ud800"}, Reason.MALFORMED_JSON),
         ({"reply_to": "\udfff"}, Reason.MALFORMED_JSON),
@@ -419,3 +424,44 @@ def test_a_payload_holding_a_big_integer_keeps_the_nesting_limit() -> None:
     # The big integer first: the fast encoder gives up on it before it meets the depth.
     assert reject(envelope(payload=[2**70, nested])).reason is Reason.MALFORMED_JSON
     assert accept(envelope(payload=[[2**70]])).payload == [[2**70]]
+
+
+def test_a_duplicate_key_is_found_in_linear_time() -> None:
+    # Finding the duplicate by counting every key was quadratic: the last of 24,000 keys
+    # repeated, in a body within the 256 KiB limit, took 5 s to refuse (a 4 MiB HTTPS batch,
+    # read whole, hours), holding the function until its timeout and an SQS batch with it.
+    keys = ",".join(f'"k{i}":0' for i in range(24_000))
+    body = '{"topic":"donation.received","payload":{' + keys + ',"k23999":1}}'
+    assert len(body.encode()) <= MAX_ENVELOPE_BYTES
+    started = time.perf_counter()
+    rejection = reject(body)
+    assert time.perf_counter() - started < 1.0
+    assert rejection.reason is Reason.MALFORMED_JSON
+    assert "'k23999'" in rejection.message
+
+
+LONG = "\u00e9" * 100_000  # 200 KB as UTF-8, 600 KB once JSON-escaped in a response
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (envelope(**{LONG: 1}), Reason.UNKNOWN_FIELD),
+        (envelope(**{f"{LONG}{i}": 1 for i in range(20)}), Reason.UNKNOWN_FIELD),
+        (envelope(headers={LONG: "x"}), Reason.INVALID_HEADER),
+        (envelope(audience=[LONG]), Reason.UNKNOWN_AUDIENCE),
+        (envelope(audience=[[LONG]]), Reason.UNKNOWN_AUDIENCE),
+        (envelope(occurred_at=LONG), Reason.INVALID_TIMESTAMP),
+        (
+            '{"payload": 1, "' + LONG[:60_000] + '": 1, "' + LONG[:60_000] + '": 2}',
+            Reason.MALFORMED_JSON,
+        ),
+    ],
+)
+def test_a_rejection_quotes_at_most_a_bounded_part_of_the_input(raw: Any, reason: Reason) -> None:
+    # The message goes back in the response: quoted whole, 200 KB field names pushed the answer
+    # of a 4 MiB batch past Lambda's 6 MB response limit, and the producer got an error instead
+    # of the results of the messages that were stored.
+    rejection = reject(raw)
+    assert rejection.reason is reason
+    assert len(rejection.message) < 400, rejection.message[:400]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import pytest
@@ -13,9 +14,10 @@ from fabric.adapters.memory_cipher import LocalCipher
 from fabric.audit import AuditEvent, AuditRecord, decode_audit_batch
 from fabric.audit_sink import TransportAuditSink
 from fabric.envelope import Reason
+from fabric.errors import EncryptionUnavailable
 from fabric.ports import Failure, PreparedAudit
 from fabric.protection import encryption_context, open_payload
-from fabric.router import ACCEPTED, REJECTED, Router
+from fabric.router import ACCEPTED, REJECTED, BatchResult, Router
 from fabric.routing import default_routing_table
 from fabric.stakeholders import Stakeholder
 from fabric.topology import queue_name
@@ -260,3 +262,130 @@ def test_a_prepared_audit_batch_is_dropped_when_a_message_goes_to_the_fallback()
         ("accepted", "sns"),
         ("fallback", "sns"),
     ]
+
+
+# -- duplicates: decided after admission -----------------------------------------------------
+
+RETRIED = "3b241101-e2bb-4255-8caf-4136c566a962"
+
+
+@pytest.mark.parametrize(
+    ("refused", "reason"),
+    [
+        (incident(message_id=RETRIED, topic="case.updated"), Reason.SOURCE_NOT_ALLOWED),
+        (incident(message_id=RETRIED, audience=["media"]), Reason.AUDIENCE_NOT_ROUTABLE),
+        (incident(message_id=RETRIED, classification="internal"), Reason.CLASSIFICATION_TOO_LOW),
+        # Fits before encryption, not after it (base64 makes it a third larger).
+        (incident(message_id=RETRIED, payload={"note": "x" * 200_000}), Reason.TOO_LARGE),
+    ],
+)
+def test_a_copy_the_router_refused_does_not_block_its_corrected_retry_in_the_same_batch(
+    refused: dict[str, object], reason: Reason
+) -> None:
+    transport, audit = MemoryTransport(), MemoryAuditSink()
+    result = _router(transport, audit=audit).route(
+        [refused, incident(message_id=RETRIED)], source="community"
+    )
+    assert [(r.status, r.reason) for r in result.results] == [
+        (REJECTED, reason),
+        (ACCEPTED, None),
+    ]
+    assert [m.message_id for m in transport.published] == [RETRIED]
+    assert [(r.event, r.reason) for r in audit.records] == [
+        (AuditEvent.REJECTED, str(reason)),
+        (AuditEvent.ACCEPTED, None),
+        (AuditEvent.ROUTED, None),
+    ]
+
+
+def test_a_copy_the_key_service_could_not_encrypt_holds_its_id_for_its_retry() -> None:
+    # `unavailable` is no final answer: the producer (or SQS) retries that copy, so a later copy
+    # in the same call is a duplicate, as it would be of one the broker stored.
+    class _KmsDown(LocalCipher):
+        def encrypt(self, plaintext: bytes, context: Mapping[str, str]) -> bytes:
+            raise EncryptionUnavailable("kms unreachable")
+
+    transport = MemoryTransport()
+    router = _router(transport)
+    router._cipher = _KmsDown()
+    alert = {
+        "message_id": RETRIED,
+        "topic": "child-safety.alert.public",
+        "classification": "public",
+        "payload": {"alert": "missing child"},
+    }
+    result = router.route([incident(message_id=RETRIED), alert], source="government")
+    assert [(r.status, r.reason) for r in result.results] == [
+        (REJECTED, Reason.UNAVAILABLE),
+        (REJECTED, Reason.DUPLICATE_MESSAGE_ID),
+    ]
+    assert transport.published == []
+
+
+def test_two_admitted_copies_of_one_message_id_are_one_accepted_and_one_duplicate() -> None:
+    transport, audit = MemoryTransport(), MemoryAuditSink()
+    items = [
+        incident(message_id=RETRIED),
+        incident(message_id=RETRIED.upper(), payload={"other": "body"}),
+        incident(message_id=RETRIED, topic="case.updated"),  # refused for what it is
+    ]
+    result = _router(transport, audit=audit).route(items, source="community")
+    assert [(r.status, r.reason, r.message_id) for r in result.results] == [
+        (ACCEPTED, None, RETRIED),
+        (REJECTED, Reason.DUPLICATE_MESSAGE_ID, RETRIED),
+        (REJECTED, Reason.SOURCE_NOT_ALLOWED, RETRIED),
+    ]
+    assert [m.message_id for m in transport.published] == [RETRIED]
+    rejected = [(r.reason, r.topic) for r in audit.records if r.event is AuditEvent.REJECTED]
+    assert rejected == [
+        ("duplicate_message_id", "child-safety.incident.reported"),
+        ("source_not_allowed", "case.updated"),
+    ]
+
+
+def test_a_taken_copy_no_transport_stored_still_makes_a_later_one_a_duplicate() -> None:
+    # The same call would hand the later copy to the same transports; the first copy's
+    # `unavailable` is the answer to retry, and retrying it never meets a duplicate.
+    result = _router(MemoryTransport(failure=Failure.UNAVAILABLE)).route(
+        [incident(message_id=RETRIED), incident(message_id=RETRIED)], source="community"
+    )
+    assert [r.reason for r in result.results] == [Reason.UNAVAILABLE, Reason.DUPLICATE_MESSAGE_ID]
+
+
+def _deepest_list_json_reads() -> object:
+    """The most deeply nested list ``json.loads`` reads here: what Lambda's runtime could hand
+    over in a direct invoke's event."""
+    depth = sys.getrecursionlimit()
+    while True:
+        try:
+            return json.loads("[" * depth + "]" * depth)
+        except RecursionError:
+            depth -= 5
+
+
+def _deeper(frames: int, call: Callable[[], object]) -> object:
+    return call() if frames == 0 else _deeper(frames - 1, call)
+
+
+def test_input_nested_as_deeply_as_the_event_parser_allows_is_rejected_not_a_crash() -> None:
+    # The router runs deeper on the stack than the runtime's parser did (the handler, the
+    # transport's I/O loop, the generator), and quoting or hashing such a value with repr()
+    # ran out of recursion there: the call failed, results and audit records lost with it.
+    nested = _deepest_list_json_reads()
+    audit = MemoryAuditSink()
+    items = [
+        {"topic": "donation.received", "payload": 1, "audience": [nested]},
+        {"topic": "donation.received", "payload": nested},
+        nested,
+        {"topic": "donation.received", "payload": 1},
+    ]
+    result = _deeper(60, lambda: _router(audit=audit).route(items, source="community"))
+    assert isinstance(result, BatchResult)
+    assert [r.reason for r in result.results] == [
+        Reason.UNKNOWN_AUDIENCE,
+        Reason.MALFORMED_JSON,
+        Reason.NOT_AN_OBJECT,
+        None,
+    ]
+    rejected = [r for r in audit.records if r.event is AuditEvent.REJECTED]
+    assert len({r.body_sha256 for r in rejected}) == 3

@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from fabric.envelope import Reason, strict_json
+from fabric.envelope import Reason, normalize_message_id, strict_json
 from fabric.router import REJECTED, BatchResult, MessageResult, Router
 from fabric.stakeholders import Stakeholder
 
@@ -127,9 +127,9 @@ def _jwt_group(event: Mapping[str, Any], claim: str) -> str:
     value = claims.get(claim)
     if not value:
         raise BadRequest(401, "unauthenticated", "no verified identity on the request")
-    if value not in _GROUPS:
+    if not isinstance(value, str) or value not in _GROUPS:  # a list claim is unhashable
         raise BadRequest(403, "forbidden", f"{claim} does not name a stakeholder group")
-    return str(value)
+    return value
 
 
 def _http_body(event: Mapping[str, Any]) -> bytes:
@@ -168,7 +168,8 @@ def _http_status(result: BatchResult, *, single: bool) -> int:
     rejected = [r for r in result.results if r.status == REJECTED]
     reasons = {r.reason for r in rejected}
     if result.accepted == 0:
-        if reasons == {Reason.UNAVAILABLE}:
+        # With nothing accepted, a duplicate repeats a message that could not be stored.
+        if reasons - {Reason.DUPLICATE_MESSAGE_ID} == {Reason.UNAVAILABLE}:
             return 503
         if reasons == {Reason.SOURCE_NOT_ALLOWED}:
             return 403
@@ -189,6 +190,8 @@ def handle_sqs(event: Mapping[str, Any], router: Router, *, queue_prefix: str) -
 
     A rejected message is a final answer (audited, deleted from the queue); only messages that
     could not be stored (``unavailable``) are reported as failures, so SQS retries them later.
+    A message without a ``message_id`` is given its SQS message id, the same on every delivery:
+    a copy that a timed-out broker did store and its redelivery are one message to consumers.
 
     Raises:
         ValueError: a record comes from a queue that is not an ingest queue (a wiring error:
@@ -200,7 +203,11 @@ def handle_sqs(event: Mapping[str, Any], router: Router, *, queue_prefix: str) -
         by_source.setdefault(_queue_group(record, queue_prefix), []).append(index)
     failures: list[dict[str, str]] = []
     for source, indices in by_source.items():
-        result = router.route([records[i].get("body", "") for i in indices], source=source)
+        result = router.route(
+            [records[i].get("body", "") for i in indices],
+            source=source,
+            default_ids=[normalize_message_id(str(records[i].get("messageId"))) for i in indices],
+        )
         for index, outcome in zip(indices, result.results, strict=True):
             if _retry(outcome):
                 failures.append({"itemIdentifier": records[index]["messageId"]})

@@ -37,8 +37,9 @@ RESERVED_HEADER_PREFIXES = ("x-", "fabric-")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 _ULID_RE = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.I)
 _NIL_UUID = "00000000-0000-0000-0000-000000000000"
-_RFC3339_RE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+_RFC3339_RE = re.compile(  # ASCII: \d would take any Unicode digit, and int() reads them
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
 )
 
 
@@ -123,7 +124,8 @@ _MEANINGS: dict[Reason, str] = {
     Reason.EXPIRED: "expires_at is already in the past when the fabric receives the message",
     Reason.TOO_LARGE: "the body exceeds 256 KiB (262144 bytes), or the encoded envelope 248 "
     "KiB (253952 bytes), which leaves the SNS fallback room for its message attributes",
-    Reason.DUPLICATE_MESSAGE_ID: "an earlier message in the same batch has the same message_id",
+    Reason.DUPLICATE_MESSAGE_ID: "an earlier message of the same batch with the same message_id "
+    "was taken (a copy refused for good does not count)",
     Reason.SOURCE_NOT_ALLOWED: "the authenticated source may not publish this topic",
     Reason.AUDIENCE_NOT_ROUTABLE: "audience names a group the routing table does not route "
     "this message to",
@@ -251,14 +253,14 @@ def parse_timestamp(text: str) -> datetime:
     """
     match = _RFC3339_RE.fullmatch(text)
     if match is None:
-        raise ValueError(f"not an RFC 3339 timestamp with timezone: {text!r}")
+        raise ValueError(f"not an RFC 3339 timestamp with timezone: {_quoted(text)}")
     year, month, day, hour, minute, second, frac, zulu, sign, off_h, off_m = match.groups()
     if zulu:
         tz = UTC
     else:
         offset = timedelta(hours=int(off_h), minutes=int(off_m))
-        if offset >= timedelta(hours=24):
-            raise ValueError(f"timezone offset out of range: {text!r}")
+        if offset >= timedelta(hours=24) or int(off_m) > 59:
+            raise ValueError(f"timezone offset out of range: {_quoted(text)}")
         tz = timezone(-offset if sign == "-" else offset)
     micro = int((frac or "0")[:6].ljust(6, "0"))
     moment = datetime(
@@ -268,8 +270,25 @@ def parse_timestamp(text: str) -> datetime:
         try:  # 0001-01-01T00:00:00+01:00 is before the first moment Python can hold in UTC
             moment.astimezone(UTC)
         except OverflowError:
-            raise ValueError(f"timestamp out of range: {text!r}") from None
+            raise ValueError(f"timestamp out of range: {_quoted(text)}") from None
     return moment
+
+
+_QUOTED_CHARS = 60
+
+
+def _quoted(value: object) -> str:
+    """``repr(value)`` for a rejection message, cut to a few dozen characters.
+
+    Rejection messages go back to the producer in the response: a field name of 200 KB quoted
+    whole (six bytes a character once JSON escapes it) would push a batch's answer past
+    Lambda's 6 MB response limit.
+    """
+    try:
+        text = repr(value)
+    except RecursionError:  # nested about as deeply as the event's parser could go
+        return f"<{type(value).__name__} nested too deeply to quote>"
+    return text if len(text) <= _QUOTED_CHARS else f"{text[: _QUOTED_CHARS - 4]}...{text[-1]}"
 
 
 def new_message_id() -> str:
@@ -292,14 +311,20 @@ def normalize_message_id(value: str) -> str | None:
 
 
 def validate_envelope(
-    raw: bytes | str | JsonValue, source: str, *, now: datetime | None = None
+    raw: bytes | str | JsonValue,
+    source: str,
+    *,
+    now: datetime | None = None,
+    default_id: str | None = None,
 ) -> ValidationResult:
     """Validate one incoming message and return an Envelope, or a Rejection saying why not.
 
     `raw` is the body as bytes or text, or an already-decoded JSON value (e.g. one element of a
     router batch). `source` is the authenticated caller (a stakeholder group or service identity);
     any `source` field in the body is ignored and replaced by it. `now` is the clock used for the
-    expiry check (default: the current UTC time). Never raises for bad input.
+    expiry check (default: the current UTC time). `default_id` (normalized, see
+    `normalize_message_id`) is the message id of a message without one, instead of a random one:
+    an SQS ingest message's own id, the same on every delivery of it. Never raises for bad input.
 
     Raises:
         ValueError: `source` is empty (a caller bug, not bad input).
@@ -317,7 +342,9 @@ def validate_envelope(
         obj = _decode(raw)
     except _Invalid as bad:
         return Rejection(bad.reason, bad.message)
-    return _build(obj, source=source, now=now or datetime.now(UTC), ingress=True)
+    return _build(
+        obj, source=source, now=now or datetime.now(UTC), ingress=True, default_id=default_id
+    )
 
 
 def validate_batch(
@@ -327,7 +354,9 @@ def validate_batch(
 
     A valid message whose `message_id` equals an earlier *valid* message of the same batch is
     rejected as `duplicate_message_id` (the first occurrence wins; a rejected first occurrence
-    never entered the fabric, so it does not block a later valid one).
+    never entered the fabric, so it does not block a later valid one). This is the envelope's
+    view only: the router decides duplicates after the routing table, so that a copy refused
+    there does not block a corrected one either (`fabric.router`).
 
     Raises:
         ValueError: `source` is empty.
@@ -394,9 +423,11 @@ def _reject_constant(name: str) -> Any:
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        keys = [key for key, _ in pairs]
-        duplicate = next(key for key in keys if keys.count(key) > 1)
-        raise ValueError(f"duplicate key {duplicate!r}")
+        seen: set[str] = set()
+        for key, _ in pairs:  # linear: counting each key's occurrences was quadratic
+            if key in seen:
+                raise ValueError(f"duplicate key {_quoted(key)}")
+            seen.add(key)
     return obj
 
 
@@ -406,6 +437,8 @@ def strict_json(text: str | bytes) -> JsonValue:
     Raises:
         ValueError: it is not such JSON (also: too deeply nested for the parser, or not UTF-8).
     """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")  # json.loads would read UTF-16 and UTF-32 bytes too
     try:
         decoded: JsonValue = json.loads(
             text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
@@ -431,7 +464,9 @@ def _decode(raw: bytes | str | JsonValue) -> JsonValue:
         raise _Invalid(Reason.MALFORMED_JSON, f"body is not valid JSON: {exc}") from None
 
 
-def _build(obj: JsonValue, *, source: str, now: datetime, ingress: bool) -> ValidationResult:
+def _build(
+    obj: JsonValue, *, source: str, now: datetime, ingress: bool, default_id: str | None = None
+) -> ValidationResult:
     """The envelope, or why not. ``ingress``: a producer's message, so its expiry and the
     limits new messages must keep (headers, the encoded size the fallback can carry) are
     checked; otherwise a stored one, which keeps the limits it was accepted under."""
@@ -444,8 +479,10 @@ def _build(obj: JsonValue, *, source: str, now: datetime, ingress: bool) -> Vali
         if unknown:
             if not all(isinstance(key, str) for key in unknown):  # an in-process caller's dict
                 raise _Invalid(Reason.MALFORMED_JSON, "object keys must be strings")
-            names = ", ".join(sorted(unknown))
-            raise _Invalid(Reason.UNKNOWN_FIELD, f"unknown field(s): {names}")
+            names = [_plain(name) for name in sorted(unknown)[:_LISTED]]
+            if len(unknown) > _LISTED:
+                names.append(f"and {len(unknown) - _LISTED} more")
+            raise _Invalid(Reason.UNKNOWN_FIELD, f"unknown field(s): {', '.join(names)}")
         version = obj.get("version")
         if version is not None and version != VERSION:
             raise _Invalid(Reason.UNSUPPORTED_VERSION, f"version must be {VERSION!r}")
@@ -453,7 +490,7 @@ def _build(obj: JsonValue, *, source: str, now: datetime, ingress: bool) -> Vali
             if required not in obj:
                 raise _Invalid(Reason.MISSING_FIELD, f"{required!r} is required")
         envelope = Envelope(
-            message_id=message_id or new_message_id(),
+            message_id=message_id or default_id or new_message_id(),
             topic=_topic(obj["topic"]),
             source=source,
             payload=obj["payload"],
@@ -485,6 +522,14 @@ def _build(obj: JsonValue, *, source: str, now: datetime, ingress: bool) -> Vali
     except _Invalid as bad:
         return Rejection(bad.reason, bad.message, message_id)
     return envelope
+
+
+_LISTED = 5  # unknown field names named in a rejection
+
+
+def _plain(name: str) -> str:
+    """A field name as rejection messages list it: as is, unless it is long (then ``_quoted``)."""
+    return name if len(name) <= _QUOTED_CHARS else _quoted(name)
 
 
 def _message_id(value: JsonValue) -> str | None:
@@ -538,7 +583,9 @@ def _audience(value: JsonValue) -> frozenset[Stakeholder] | None:
     for item in value:
         if not isinstance(item, str) or item not in _GROUP_NAMES:
             known = ", ".join(sorted(_GROUP_NAMES))
-            raise _Invalid(Reason.UNKNOWN_AUDIENCE, f"audience {item!r} is not one of {known}")
+            raise _Invalid(
+                Reason.UNKNOWN_AUDIENCE, f"audience {_quoted(item)} is not one of {known}"
+            )
         groups.add(Stakeholder(item))
     return frozenset(groups)
 
@@ -576,9 +623,9 @@ def _headers(value: JsonValue, *, limit: bool = True) -> dict[str, str]:
 def header_name_problem(name: str) -> str | None:
     """Why `name` cannot be a routing header (None if it can); shared with the routing table."""
     if not HEADER_NAME_RE.fullmatch(name):
-        return f"header name {name!r} must match {HEADER_NAME_RE.pattern}"
+        return f"header name {_quoted(name)} must match {HEADER_NAME_RE.pattern}"
     if name.startswith(RESERVED_HEADER_PREFIXES):
-        return f"header name {name!r} uses a reserved prefix {RESERVED_HEADER_PREFIXES}"
+        return f"header name {_quoted(name)} uses a reserved prefix {RESERVED_HEADER_PREFIXES}"
     return None
 
 

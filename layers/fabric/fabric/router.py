@@ -7,6 +7,7 @@ A message is ``accepted`` only when a transport confirmed it durably stored; eve
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from fabric.envelope import (
     JsonValue,
     Reason,
     Rejection,
-    iter_validated,
+    validate_envelope,
 )
 from fabric.errors import EncryptionUnavailable
 from fabric.jsoncodec import canonical_json
@@ -168,8 +169,17 @@ class Router:
         self._clock = clock
         self._plans: dict[frozenset[Delivery], _Plan] = {}
 
-    def route(self, items: Sequence[bytes | str | JsonValue], *, source: str) -> BatchResult:
+    def route(
+        self,
+        items: Sequence[bytes | str | JsonValue],
+        *,
+        source: str,
+        default_ids: Sequence[str | None] | None = None,
+    ) -> BatchResult:
         """Validate, admit, encrypt restricted payloads, publish; one result per item, in order.
+
+        ``default_ids``, one per item when given, is the message id of an item that carries
+        none (a normalized id, or None for a random one); see ``validate_envelope``.
 
         Never raises for bad input, for transport trouble or for a key service that cannot be
         used: a restricted message that cannot be encrypted then is rejected ``unavailable``
@@ -191,17 +201,28 @@ class Router:
         def admit_as_published() -> Iterator[OutboundMessage]:
             # Consumed by the first transport as its confirm window has room, so validating and
             # encrypting later messages overlaps with the broker storing earlier ones.
-            for index, checked in enumerate(iter_validated(items, source, now=now)):
+            # The message ids this call took: handed to a transport, or `unavailable` for want
+            # of encryption (to be retried). A copy refused for good never entered the fabric,
+            # so it does not block a corrected one later in the batch.
+            taken: set[str] = set()
+            for index, item in enumerate(items):
+                default_id = default_ids[index] if default_ids is not None else None
+                checked = validate_envelope(item, source, now=now, default_id=default_id)
                 if isinstance(checked, Envelope):
                     rejection = self._table.admit(checked)
+                    if rejection is None and checked.message_id in taken:
+                        rejection = _duplicate(checked.message_id)
                     if rejection is None:
                         candidate = self._prepare_unless_keys_down(
                             index, checked, now, first.name, keys
                         )
                         if isinstance(candidate, _Admitted):
+                            taken.add(checked.message_id)
                             admitted.append(candidate)
                             yield candidate.outbound
                             continue
+                        if candidate.reason is Reason.UNAVAILABLE:
+                            taken.add(checked.message_id)
                         rejection = candidate
                     topic = checked.topic
                 else:
@@ -220,7 +241,7 @@ class Router:
                         source=source,
                         topic=topic,
                         reason=str(rejection.reason),
-                        body_sha256=_raw_digest(items[index]),
+                        body_sha256=_raw_digest(item),
                     )
                 )
 
@@ -419,6 +440,14 @@ class Router:
             _LOG.error("audit batch of %d record(s) could not be stored", len(records))
 
 
+def _duplicate(message_id: str) -> Rejection:
+    return Rejection(
+        Reason.DUPLICATE_MESSAGE_ID,
+        f"message_id {message_id} was already taken earlier in this batch",
+        message_id,
+    )
+
+
 def _counts(batch: BatchResult) -> dict[str, int]:
     by_broker = sum(r.transport == "rabbitmq" for r in batch.results)
     return {
@@ -441,4 +470,27 @@ def _raw_digest(item: bytes | str | JsonValue) -> str:
     try:
         return sha256_hex(canonical_json(item))
     except ValueError:  # refused because it is not JSON (NaN, a lone surrogate): hash its repr
+        pass
+    try:
         return sha256_hex(repr(item).encode("utf-8", "surrogatepass"))
+    except RecursionError:  # nested deeper than repr() can go from here
+        return _walked_digest(item)
+
+
+def _walked_digest(item: object) -> str:
+    """SHA-256 hex of ``item``'s lists, objects and the reprs of its scalars, walked without
+    recursion, for a value nested too deeply for ``repr``."""
+    digest = hashlib.sha256()
+    stack = [item]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            digest.update(b"{%d:" % len(value))
+            for key, child in reversed(value.items()):
+                stack.extend((child, key))
+        elif isinstance(value, list):
+            digest.update(b"[%d:" % len(value))
+            stack.extend(reversed(value))
+        else:
+            digest.update(repr(value).encode("utf-8", "surrogatepass") + b",")
+    return digest.hexdigest()
