@@ -389,3 +389,17 @@ def test_input_nested_as_deeply_as_the_event_parser_allows_is_rejected_not_a_cra
     ]
     rejected = [r for r in audit.records if r.event is AuditEvent.REJECTED]
     assert len({r.body_sha256 for r in rejected}) == 3
+
+
+class _StopsReading(MemoryTransport):
+    """A transport that stores the first message and stops reading the batch (a defect)."""
+
+    def publish(self, messages, *, meanwhile=None):  # type: ignore[no-untyped-def]
+        return super().publish([next(iter(messages))], meanwhile=meanwhile)
+
+
+def test_a_call_whose_transport_stopped_reading_fails_instead_of_answering_for_fewer() -> None:
+    three = [incident(message_id=f"0f8fad5b-d9cb-469f-a165-7086772895{i:02d}") for i in range(3)]
+
+    with pytest.raises(RuntimeError, match="2 message"):
+        _router(_StopsReading()).route(three, source="government")

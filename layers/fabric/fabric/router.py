@@ -264,7 +264,7 @@ class Router:
             waiting = self._settle(waiting, outcomes, results, records, now, failures=failures)
         self._reject_unstored(waiting, results, records, now)
         self._emit(records, admitted, prepared)
-        batch = BatchResult(tuple(r for r in results if r is not None))
+        batch = _complete(results)
         if self._metrics is not None and batch.results:
             self._metrics.count(_counts(batch))
         return batch
@@ -438,6 +438,20 @@ class Router:
             # The messages themselves are stored (or rejected) already; a lost audit batch is an
             # operational alarm, not a reason to tell producers something false.
             _LOG.error("audit batch of %d record(s) could not be stored", len(records))
+
+
+def _complete(results: Sequence[MessageResult | None]) -> BatchResult:
+    """The call's results, one per message.
+
+    Raises:
+        RuntimeError: a message got none (a transport stopped reading the batch): answering for
+            fewer messages than given would read as "all accepted" (202) with some stored
+            nowhere. The call fails instead; the producer retries it, same message ids.
+    """
+    complete = tuple(r for r in results if r is not None)
+    if len(complete) < len(results):
+        raise RuntimeError(f"{len(results) - len(complete)} message(s) of the call got no result")
+    return BatchResult(complete)
 
 
 def _duplicate(message_id: str) -> Rejection:

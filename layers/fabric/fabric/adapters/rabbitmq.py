@@ -34,6 +34,9 @@ _LOG = logging.getLogger(__name__)
 TRANSPORT_NAME = "rabbitmq"
 # Messages published per turn of the I/O loop (see _Batch.pump).
 _PUMP_CHUNK = 50
+# Raised while encoding a message whose routing key or a property AMQP cannot carry (a short
+# string over 255 bytes, text that is not UTF-8): a failure of that message alone.
+_UNFRAMEABLE = (pika.exceptions.ShortStringTooLong, UnicodeEncodeError)
 
 
 @dataclass(frozen=True)
@@ -224,7 +227,8 @@ class RabbitMqTransport:
         and the connection is dropped, because it can no longer be trusted. A connection that
         cannot be opened is tried once more only when the broker refused the credentials (they
         are read again, as after a rotation): a broker that does not answer costs one connect
-        timeout.
+        timeout. A message AMQP cannot carry (a routing key or property over 255 bytes, text
+        that is not UTF-8) is ``NACKED`` on its own; the others are published as usual.
 
         Raises:
             Exception: whatever iterating ``messages`` or ``meanwhile`` raises (the connection
@@ -418,28 +422,40 @@ class RabbitMqTransport:
             coalesced=self._connection.coalesced,
             on_settled=loop.stop,
             schedule=lambda callback: loop.call_later(0, callback),
+            clock=self._clock,
         )
         self._batch = batch
         timeout = self._settings.confirm_timeout
-        seen = -1
+        overdue = False
 
         def watchdog() -> None:
-            # Re-armed while confirms keep arriving; fires once a full timeout passes without one.
-            nonlocal seen
+            # Fires once a full timeout has passed since the last confirm (or since the publish
+            # that left a message outstanding when none was), not since its own last look: that
+            # let a stall go unnoticed for up to twice the timeout.
+            nonlocal overdue
             if batch.settled:
                 return
-            if batch.confirmed == seen:
+            wait = batch.progress_at + timeout - self._clock()
+            if wait > 0 or not batch.in_flight:  # nothing outstanding: the source is slow
+                overdue = False
+                loop.call_later(wait if wait > 0 else timeout, watchdog)
+            elif not overdue:
+                # The loop may have been busy in the caller's code (a confirm callback pulls the
+                # next messages from the source) with confirms unread on the socket: look again
+                # after the loop has read it.
+                overdue = True
+                loop.call_later(0, watchdog)
+            else:
                 batch.timed_out = True
                 loop.stop()
-                return
-            seen = batch.confirmed
-            loop.call_later(timeout, watchdog)
 
         try:
             batch.pump()
             if not batch.settled:
                 loop.call_later(0, watchdog)
                 loop.start()
+            if batch.error is not None:  # raised by the caller's code inside a pika callback
+                raise batch.error
         except BaseException:
             self._discard()
             raise
@@ -497,7 +513,9 @@ class RabbitMqTransport:
     def _on_return(
         self, _channel: Channel, _method: Basic.Return, properties: BasicProperties, _body: bytes
     ) -> None:
-        if self._batch is not None and properties.message_id:
+        # Any message id, "" included (a redriven dead letter may carry none): a return that
+        # went unmatched would let the ack that follows it count as stored.
+        if self._batch is not None:
             self._batch.returned(properties.message_id)
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
@@ -564,6 +582,7 @@ class _Batch:
         coalesced: Callable[[], contextlib.AbstractContextManager[None]],
         on_settled: Callable[[], None],
         schedule: Callable[[Callable[[], None]], object],
+        clock: Callable[[], float],
     ) -> None:
         self.coalesced = coalesced
         self.schedule = schedule
@@ -576,17 +595,24 @@ class _Batch:
         self.window = window
         self.queue = list(reversed(retry))
         self.in_flight: dict[int, int] = {}  # delivery tag -> message index
-        self.returned_ids: set[str] = set()
+        self.returned_ids: set[str | None] = set()
         self.next_tag = first_tag
-        self.confirmed = 0
+        self.clock = clock
+        # When the last confirm came, or the publish that left a message outstanding when none
+        # was: the confirm timeout counts from there.
+        self.progress_at = clock()
         self.lost = False
         self.timed_out = False
+        # What the caller's code (the source, via pump) raised inside a pika callback. pika
+        # catches exceptions of its callbacks and only aborts the connection, so the call
+        # would go on as if the source had ended: it is carried out of the loop instead.
+        self.error: BaseException | None = None
 
     @property
     def settled(self) -> bool:
         """Every message has an outcome, or the rest cannot get one on this connection."""
         drained = not self.queue and not self.in_flight and self.taken.exhausted
-        return drained or self.lost or self.timed_out
+        return drained or self.lost or self.timed_out or self.error is not None
 
     def _next(self) -> int | None:
         if self.queue:
@@ -633,10 +659,22 @@ class _Batch:
             message = self.taken.messages[index]
             try:
                 self.publish(message)
+            except _UNFRAMEABLE as exc:
+                # This message, not the connection: nothing of it was sent. The drain and the
+                # redrive publish what anyone may have put in their queues.
+                _LOG.warning(
+                    "message %r cannot be sent over AMQP: %s",
+                    message.message_id,
+                    type(exc).__name__,
+                )
+                self.taken.outcomes[index] = Outcome(message.message_id, failure=Failure.NACKED)
+                continue
             except (pika.exceptions.AMQPError, OSError):
                 self.queue.append(index)
                 self.lose()
                 return False
+            if not self.in_flight:
+                self.progress_at = self.clock()
             self.in_flight[self.next_tag] = index
             self.next_tag += 1
         return True
@@ -662,7 +700,6 @@ class _Batch:
             if index is None:
                 continue
             message = self.taken.messages[index]
-            self.confirmed += 1
             if not ack:
                 outcome = Outcome(message.message_id, failure=Failure.NACKED)
             elif message.message_id in self.returned_ids:
@@ -670,11 +707,17 @@ class _Batch:
             else:
                 outcome = Outcome(message.message_id, transport=TRANSPORT_NAME)
             self.taken.outcomes[index] = outcome
-        self.pump()
+        self.progress_at = self.clock()
+        if self.error is not None:
+            return
+        try:
+            self.pump()
+        except BaseException as exc:  # see ``error``
+            self.error = exc
         if self.settled:
             self.on_settled()
 
-    def returned(self, message_id: str) -> None:
+    def returned(self, message_id: str | None) -> None:
         self.returned_ids.add(message_id)
 
     def unresolved(self) -> list[int]:
