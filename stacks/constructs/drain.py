@@ -26,8 +26,8 @@ _CONCURRENCY = 2
 class Drain(Construct):
     """``lambdas/drain`` on a one-minute schedule; also invocable on demand (runbook).
 
-    It may receive and delete on the fallback queues only (nothing on the queues key but its use
-    through SQS), send its audit batches to the SQS
+    It may receive and delete on the fallback queues and their subscriptions' DLQs only (nothing
+    on the queues key but its use through SQS), send its audit batches to the SQS
     audit queue (while the broker cannot take them), read the platform broker user's secret, and
     nothing else.
     """
@@ -46,9 +46,12 @@ class Drain(Construct):
         audit_queue: QueueAddress,
     ) -> None:
         super().__init__(scope, construct_id)
+        # Each fallback queue, and its subscription's DLQ: what SNS could not deliver to the
+        # queue was accepted all the same (SNS stored it), so it goes to the work queue too.
         described = [
-            {"url": q.queue.queue_url, "group": group, "emergency": flow == "emergency"}
+            {"url": url, "group": group, "emergency": flow == "emergency"}
             for (flow, group), q in sorted(queues.items())
+            for url in (q.queue.queue_url, q.subscription_dead_letter_queue.queue_url)
         ]
         self.function = FabricFunction(
             self,
@@ -79,7 +82,11 @@ class Drain(Construct):
                 (
                     "DrainFallbackQueues",
                     ["sqs:ReceiveMessage", "sqs:DeleteMessage"],
-                    [address(self, q.queue).arn for q in queues.values()],
+                    [
+                        address(self, queue).arn
+                        for q in queues.values()
+                        for queue in (q.queue, q.subscription_dead_letter_queue)
+                    ],
                     None,
                 )
             ]

@@ -157,7 +157,7 @@ class FallbackPath(Construct):
                 redrive_permission=sqs.RedrivePermission.DENY_ALL
             ),
         )
-        # Only SNS's dead letters of this topic: the runbook moves these back by hand.
+        # Only SNS's dead letters of this topic; the drain takes them to the work queue.
         deny_other_senders(subscription_dead_letter_queue, roles=[], topics=[topic.topic_arn])
         acknowledge(
             subscription_dead_letter_queue,

@@ -223,9 +223,14 @@ def test_the_drain_runs_every_minute_two_at_most_on_the_fallback_queues_only(
     assert drained["Sid"] == "DrainFallbackQueues"
     assert sorted(drained["Action"]) == ["sqs:DeleteMessage", "sqs:ReceiveMessage"]
     account, stage = env.stage.services.account, env.stage.stage_name
+    # The fallback queues and their subscriptions' DLQs (what SNS could not deliver there).
     assert {render(r) for r in drained["Resource"]} == {
-        f"arn:aws:sqs:{env.region}:{account}:{name}" for _, _, name in fallback_queue_names(stage)
+        f"arn:aws:sqs:{env.region}:{account}:{name}{suffix}"
+        for _, _, name in fallback_queue_names(stage)
+        for suffix in ("", "-sub-dlq")
     }
+    described = json.dumps(queues["FALLBACK_QUEUES"])
+    assert described.count("SubscriptionDlq") == len(fallback_queue_names(stage))
 
 
 def test_every_function_may_write_its_failed_events_to_its_encrypted_dlq(

@@ -14,7 +14,12 @@ import pytest
 
 from fabric.adapters.memory import MemoryAuditSink
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
-from fabric.adapters.sns import SnsFallbackTransport
+from fabric.adapters.sns import (
+    HEADERS_ATTRIBUTE,
+    MESSAGE_ID_ATTRIBUTE,
+    TOPIC_ATTRIBUTE,
+    SnsFallbackTransport,
+)
 from fabric.adapters.sqs import SqsFallbackSource
 from fabric.bootstrap import exchange_for
 from fabric.drain import Drainer, FallbackQueue
@@ -345,3 +350,70 @@ def test_a_run_whose_deletes_fail_stops_instead_of_moving_every_queue_it_cannot_
     moved = sum(len(ids) for ids in in_rabbitmq(broker_vhost).values())
     assert moved == 3  # the first batch, whose deletes failed; nothing after it
     assert report.left == 3
+
+
+def test_what_sns_could_not_deliver_is_drained_from_the_subscription_dlq_in_either_form(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    # SNS could not deliver these to the government emergency queue (a key or policy fault):
+    # they sit in that subscription's DLQ. They were accepted (SNS stored them), so the drain
+    # takes them to the work queue like the fallback queue's own messages.
+    sub_dlq = aws["sqs"].create_queue(QueueName="fabric-test-emergency-government-sub-dlq")
+    url = sub_dlq["QueueUrl"]
+    raw, wrapped = (message(Stakeholder.GOVERNMENT, emergency=True) for _ in range(2))
+    published = {
+        MESSAGE_ID_ATTRIBUTE: raw.message_id,
+        TOPIC_ATTRIBUTE: raw.topic,
+        HEADERS_ATTRIBUTE: json.dumps(raw.headers),
+    }
+    aws["sqs"].send_message(  # as delivered raw
+        QueueUrl=url,
+        MessageBody=raw.body.decode(),
+        MessageAttributes={
+            name: {"DataType": "String", "StringValue": value} for name, value in published.items()
+        },
+    )
+    notification = {  # as SNS's JSON notification, attributes inside
+        "Type": "Notification",
+        "MessageId": str(uuid.uuid4()),
+        "TopicArn": aws["topics"]["emergency"],
+        "Message": wrapped.body.decode(),
+        "MessageAttributes": {
+            MESSAGE_ID_ATTRIBUTE: {"Type": "String", "Value": wrapped.message_id},
+            TOPIC_ATTRIBUTE: {"Type": "String", "Value": wrapped.topic},
+            HEADERS_ATTRIBUTE: {"Type": "String", "Value": json.dumps(wrapped.headers)},
+        },
+    }
+    aws["sqs"].send_message(QueueUrl=url, MessageBody=json.dumps(notification))
+    broker = rabbit(broker_vhost)
+    drainer = Drainer(
+        queues=[FallbackQueue(url=url, group=Stakeholder.GOVERNMENT, emergency=True)],
+        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        broker=broker,
+        audit=MemoryAuditSink(),
+    )
+
+    report = drainer.drain()
+
+    assert (report.total, report.stopped) == (2, "empty")
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(*AMQP, virtual_host=broker_vhost)
+    )
+    channel = connection.channel()
+    arrived = {}
+    for _ in range(2):
+        method, properties, body = channel.basic_get(
+            queue_name(Stakeholder.GOVERNMENT, emergency=True), auto_ack=True
+        )
+        assert method is not None
+        arrived[properties.message_id] = (body, properties.headers.get("fabric-audience"))
+    connection.close()
+    assert arrived == {
+        raw.message_id: (raw.body, "all"),
+        wrapped.message_id: (wrapped.body, "all"),  # the envelope, not SNS's wrapper
+    }
+    remaining = aws["sqs"].get_queue_attributes(
+        QueueUrl=url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    assert sum(int(v) for v in remaining.values()) == 0

@@ -80,14 +80,39 @@ class SqsFallbackSource:
         return deleted
 
 
+def _published(item: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The body and message attributes as SNS published them: delivered raw (the fallback
+    queues' subscriptions), or inside SNS's JSON notification (``Message``, and attributes as
+    ``{"Type", "Value"}``), the form a subscription's dead-letter queue may hold them in."""
+    body, attributes = str(item["Body"]), item.get("MessageAttributes", {})
+    if MESSAGE_ID_ATTRIBUTE in attributes or not body.startswith("{"):
+        return body, attributes
+    try:
+        notification = json.loads(body)
+    except ValueError:
+        return body, attributes
+    if not (
+        isinstance(notification, dict)
+        and notification.get("Type") == "Notification"
+        and isinstance(notification.get("Message"), str)
+        and isinstance(notification.get("MessageAttributes", {}), dict)
+    ):
+        return body, attributes
+    published = {
+        name: {"StringValue": value.get("Value")}
+        for name, value in notification.get("MessageAttributes", {}).items()
+        if isinstance(value, dict)
+    }
+    return notification["Message"], published
+
+
 def _received(item: dict[str, Any]) -> Received:
-    attributes = item.get("MessageAttributes", {})
+    body, attributes = _published(item)
 
     def attribute(name: str) -> str | None:
         value = attributes.get(name, {}).get("StringValue")
         return str(value) if value is not None else None
 
-    body = str(item["Body"])
     message_id = attribute(MESSAGE_ID_ATTRIBUTE)
     topic = attribute(TOPIC_ATTRIBUTE)
     if message_id is None or topic is None:
