@@ -10,7 +10,7 @@
         [--dry-run] [--replay-id ID] [--after AT,ID] [--late-days N] [--include-unsealed]
     python scripts/runbook.py report --env prod [--date YYYY-MM-DD | --start T --end T]
 
-``drain`` shows every fallback queue's depth and oldest message, then invokes the deployed
+``drain`` shows every fallback queue's depth (and its subscription DLQ's), then invokes the deployed
 drain function (``fabric-<env>-drain``) once and prints what it moved and why it stopped. The
 broker is private, so the drain runs inside the VPC and never from the operator's machine.
 ``--dry-run`` only shows the queues.
@@ -65,26 +65,30 @@ FINISHED = frozenset({"empty", "message limit"})
 
 
 def queue_depths(env_name: str, sqs: Any) -> list[dict[str, Any]]:
-    """Depth (visible, in flight) and age of the oldest message of every fallback queue."""
+    """Depth (visible, in flight) of every fallback queue and of its subscription's DLQ (what
+    SNS could not deliver to it): the drain moves both."""
     from fabric.naming import fallback_queue_names
 
     rows = []
-    for flow, group, name in fallback_queue_names(env_name):
-        url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
-        attributes = sqs.get_queue_attributes(
-            QueueUrl=url,
-            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-        )["Attributes"]
-        rows.append(
-            {
-                "queue": name,
-                "flow": flow,
-                "group": group.value,
-                "visible": int(attributes["ApproximateNumberOfMessages"]),
-                "in_flight": int(attributes["ApproximateNumberOfMessagesNotVisible"]),
-            }
-        )
+    for flow, group, queue in fallback_queue_names(env_name):
+        for name in (queue, f"{queue}-sub-dlq"):
+            rows.append(_depth(sqs, name, flow, group.value))
     return rows
+
+
+def _depth(sqs: Any, name: str, flow: str, group: str) -> dict[str, Any]:
+    url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    attributes = sqs.get_queue_attributes(
+        QueueUrl=url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return {
+        "queue": name,
+        "flow": flow,
+        "group": group,
+        "visible": int(attributes["ApproximateNumberOfMessages"]),
+        "in_flight": int(attributes["ApproximateNumberOfMessagesNotVisible"]),
+    }
 
 
 def drain(

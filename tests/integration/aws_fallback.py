@@ -16,7 +16,8 @@ REGION = "ap-southeast-3"
 
 def create_fallback_path(prefix: str) -> dict[str, Any]:
     """Topics ``<prefix>-fallback``/``-emergency`` and, per group, a queue subscribed to each with
-    raw delivery and the group's filter policy. Call inside ``mock_aws``.
+    raw delivery, the group's filter policy and a subscription DLQ (``<queue>-sub-dlq``). Call
+    inside ``mock_aws``.
 
     Returns ``{"topics": {flow: arn}, "queues": {(flow, group): url}, "sqs": client}``.
     """
@@ -30,6 +31,11 @@ def create_fallback_path(prefix: str) -> dict[str, Any]:
             arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"][
                 "QueueArn"
             ]
+            # What SNS cannot deliver to the queue goes to the subscription's own DLQ.
+            sub_dlq = sqs.create_queue(QueueName=f"{prefix}-{flow}-{group.value}-sub-dlq")
+            sub_dlq_arn = sqs.get_queue_attributes(
+                QueueUrl=sub_dlq["QueueUrl"], AttributeNames=["QueueArn"]
+            )["Attributes"]["QueueArn"]
             sns.subscribe(
                 TopicArn=topics[flow],
                 Protocol="sqs",
@@ -37,6 +43,7 @@ def create_fallback_path(prefix: str) -> dict[str, Any]:
                 Attributes={
                     "RawMessageDelivery": "true",
                     "FilterPolicy": json.dumps(sns_filter_policy(group)),
+                    "RedrivePolicy": json.dumps({"deadLetterTargetArn": sub_dlq_arn}),
                 },
             )
             queues[(flow, group)] = url

@@ -53,8 +53,9 @@ def test_a_dry_run_shows_every_fallback_queue_and_moves_nothing(aws: dict[str, A
     assert status == 0
     assert function.calls == []
     lines = [line for line in output.splitlines() if line.startswith("  fabric-test-")]
-    assert len(lines) == 10
+    assert len(lines) == 20  # each fallback queue and its subscription's DLQ
     assert lines[0].split()[:2] == ["fabric-test-emergency-government", "3"]  # emergencies first
+    assert lines[1].split()[:2] == ["fabric-test-emergency-government-sub-dlq", "0"]
     assert "up to 5 message copies; nothing moved" in output
     left = aws["sqs"].get_queue_attributes(
         QueueUrl=aws["queues"][("fallback", Stakeholder.MEDIA)],
