@@ -397,3 +397,54 @@ def test_a_message_id_set_holds_exactly_its_ids_across_merges() -> None:
     assert all(message_id in ids for message_id in added)
     assert not any(f"m-{n}" in ids for n in range(1, 20_000, 2))
     assert 7 not in ids
+
+
+def test_a_refused_requests_record_counts_once_and_leaves_the_message_figures_alone() -> None:
+    # The records a refused request leaves (Router.refuse_request, as the entry points call
+    # it): no message id, no topic. Each counts once, as one refused request, whatever the
+    # number of messages in it; the acceptance, delivery and encryption figures are unmoved.
+    from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
+    from fabric.adapters.memory_cipher import LocalCipher
+    from fabric.router import Router
+    from fabric.routing import default_routing_table
+
+    audit = MemoryAuditSink()
+    router = Router(
+        table=default_routing_table(),
+        transports=[MemoryTransport()],
+        cipher=LocalCipher(),
+        audit=audit,
+        environment="prod",
+    )
+    router.refuse_request(b"{}" * 10_000, reason="too_large", source="media")
+    router.refuse_request(b"", reason="unauthenticated", source=None)
+    refused = [{**r.to_dict(), "at": "2026-12-03T11:00:00Z"} for r in audit.records]
+    assert [r["message_id"] for r in refused] == [None, None]
+
+    before, after = report(), report([*report_records(), *refused])
+    assert after["outcomes"] == {**before["outcomes"], "rejected": 4}
+    assert after["rejected_by_reason"] == {
+        **before["rejected_by_reason"],
+        "too_large": 1,
+        "unauthenticated": 1,
+    }
+    for figure in ("acceptance_rate", "delivery_success_rate", "copies", "encryption"):
+        assert after[figure] == before[figure], figure
+    assert "unauthenticated" in render_html(after)
+    assert ["rejected_by_reason", "unauthenticated", "1"] in list(
+        csv.reader(io.StringIO(render_csv(after)))
+    )
+
+
+def report_records() -> list[dict]:
+    """The records ``report()`` reads by default."""
+    return [
+        record("accepted", transport="rabbitmq", classification="restricted", encrypted=True),
+        record("accepted", transport="rabbitmq", classification="restricted", encrypted=False),
+        record("accepted", transport="sns", classification="public", message_id="f1"),
+        record("fallback", message_id="f1", groups=["media"], reason="broker unavailable"),
+        record("rejected", reason="unavailable"),
+        record("rejected", reason="malformed_json"),
+        record("redriven"),
+        record("accepted", at="2026-12-02T23:59:59.999Z", transport="rabbitmq"),
+    ]

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from fabric import topology
-from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
+from fabric import consumer, metrics, topology
+from fabric.adapters.memory import MemoryAuditSink, MemoryMetrics, MemoryTransport
 from fabric.adapters.sns import MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
 from fabric.audit import AuditEvent
 from fabric.consumer import (
@@ -410,3 +410,46 @@ def test_the_sqs_entry_point_sends_records_an_invocation_could_not_store_with_th
         ("m-0", AuditEvent.DELIVERED),
         ("m-1", AuditEvent.DELIVERED),
     ]
+
+
+def test_audit_records_the_audit_path_refused_are_counted_kept_or_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before, a refused consumer audit batch reached only the log: no metric to alarm on.
+    monkeypatch.setattr(consumer, "MAX_UNSENT_AUDIT_RECORDS", 2)
+    audit, sink = MemoryAuditSink(available=False), MemoryMetrics()
+    settler = RabbitMqSettler(
+        lambda _group: MemoryTransport(), audit=audit, consumer="c", metrics=sink
+    )
+    done = MessageProcessor(lambda _d: None)
+
+    settler.settle([(delivery("a"), done.process(delivery("a")))])
+    assert sink.totals == {metrics.AUDIT_RECORDS_UNSENT: 1, metrics.AUDIT_RECORDS_LOST: 0}
+    settler.settle([(delivery(i), done.process(delivery(i))) for i in ("b", "c")])
+    # a, b and c refused: two kept for the next batch, the oldest dropped for good.
+    assert sink.totals == {metrics.AUDIT_RECORDS_UNSENT: 3, metrics.AUDIT_RECORDS_LOST: 1}
+    audit.available = True
+    settler.settle([(delivery("d"), done.process(delivery("d")))])
+    assert sink.calls == 2, "nothing counted once the audit path stores again"
+    assert [r.message_id for r in audit.records] == ["b", "c", "d"]
+
+
+def test_the_sqs_entry_point_counts_audit_records_the_audit_path_refused() -> None:
+    record = {
+        "messageId": "sqs-0",
+        "receiptHandle": "h-0",
+        "body": "{}",
+        "attributes": {"ApproximateReceiveCount": "1"},
+        "messageAttributes": {
+            MESSAGE_ID_ATTRIBUTE: {"stringValue": "m-0", "dataType": "String"},
+            TOPIC_ATTRIBUTE: {"stringValue": "media.story.published", "dataType": "String"},
+        },
+        "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:ap-southeast-3:123456789012:fabric-dev-fallback-media",
+    }
+    sink = MemoryMetrics()
+    handle = sqs_batch_handler(
+        MessageProcessor(lambda _d: None), audit=MemoryAuditSink(available=False), metrics=sink
+    )
+    assert handle({"Records": [record]}, None) == {"batchItemFailures": []}
+    assert sink.totals == {metrics.AUDIT_RECORDS_UNSENT: 1, metrics.AUDIT_RECORDS_LOST: 0}

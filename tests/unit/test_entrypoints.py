@@ -11,11 +11,14 @@ from typing import Any
 
 import pytest
 
-from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
+from fabric import metrics
+from fabric.adapters.memory import MemoryAuditSink, MemoryMetrics, MemoryTransport
 from fabric.adapters.memory_cipher import LocalCipher
+from fabric.audit import AuditEvent, sha256_hex
 from fabric.bootstrap import RouterRuntime
 from fabric.entrypoints import MAX_BATCH, MAX_REQUEST_BYTES, dispatch
 from fabric.errors import EncryptionUnavailable
+from fabric.jsoncodec import canonical_json
 from fabric.ports import Failure, Outcome
 from fabric.router import Router
 from fabric.routing import default_routing_table
@@ -491,3 +494,185 @@ def test_sqs_a_message_with_its_own_id_keeps_it() -> None:
     assert json.loads(transport.published[0].body)["message_id"] == (
         "1b4e28ba-2fa1-41d2-883f-0016d3cca427"
     )
+
+
+# -- requests refused as a whole: one audit record each ---------------------------------------
+
+CANARY = "CANARY-child-name-Siti-Rahayu"
+
+
+def audited() -> tuple[RouterRuntime, MemoryTransport, MemoryAuditSink]:
+    transport, audit = MemoryTransport(), MemoryAuditSink()
+    router = Router(
+        table=default_routing_table(),
+        transports=[transport],
+        cipher=LocalCipher(),
+        audit=audit,
+        environment="test",
+    )
+    return RouterRuntime(router=router, settings=runtime().settings), transport, audit
+
+
+def _canary_case() -> dict[str, Any]:
+    return {**single(), "message_id": str(uuid.uuid4()), "payload": {"child": CANARY}}
+
+
+def _the_refusal(audit: MemoryAuditSink, *, reason: str, source: str, digest: str) -> None:
+    """Exactly one record: rejected, for the request (no message id, no topic), its reason,
+    the hash of what was received, the group (or the marker), and nothing of the body."""
+    (record,) = audit.records
+    assert (record.event, record.message_id, record.topic) == (AuditEvent.REJECTED, None, None)
+    assert (record.reason, record.source, record.body_sha256) == (reason, source, digest)
+    assert audit.bodies == {}
+    assert CANARY.encode() not in record.encoded()
+    assert b"secret-token" not in record.encoded()
+
+
+def _direct_refusal(payload: Any, arn: str, *, reason: str, source: str) -> None:
+    built, transport, audit = audited()
+    response = dispatch(payload, arn, built)
+    assert response["error"]["reason"] == reason
+    assert transport.published == []
+    # The event as canonical JSON (the function never sees the invocation's bytes); text as is.
+    received = payload.encode() if isinstance(payload, str) else canonical_json(payload)
+    _the_refusal(audit, reason=reason, source=source, digest=sha256_hex(received))
+
+
+def test_a_direct_invoke_without_a_group_alias_is_audited_as_unauthenticated() -> None:
+    payload = {"messages": [_canary_case()]}
+    _direct_refusal(payload, FUNCTION, reason="unauthenticated", source="unauthenticated")
+    _direct_refusal(
+        payload, f"{FUNCTION}:$LATEST", reason="unauthenticated", source="unauthenticated"
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"message": [{"child": CANARY}]},
+        {"messages": []},
+        {"messages": "all of them"},
+        [{"topic": "a", "payload": CANARY}],
+        CANARY,
+        None,
+    ],
+)
+def test_a_malformed_direct_invoke_is_audited_once_under_its_group(payload: Any) -> None:
+    _direct_refusal(payload, f"{FUNCTION}:academic", reason="malformed_request", source="academic")
+
+
+def test_a_direct_invoke_of_too_many_messages_is_audited_once_as_too_large() -> None:
+    payload = {"messages": [_canary_case() for _ in range(MAX_BATCH + 1)]}
+    _direct_refusal(payload, f"{FUNCTION}:community", reason="too_large", source="community")
+
+
+def _http_refusal(
+    body: str,
+    *,
+    b64: bool = False,
+    claims: dict[str, Any] | None = None,
+    status: int,
+    reason: str,
+    source: str,
+    received: bytes,
+) -> None:
+    built, transport, audit = audited()
+    request = event("http_single.json")
+    request["body"] = body
+    request["isBase64Encoded"] = b64
+    request["headers"]["authorization"] = "Bearer secret-token"
+    if claims is not None:
+        request["requestContext"]["authorizer"]["jwt"]["claims"] = claims
+    response = dispatch(request, FUNCTION, built)
+    assert response["statusCode"] == status
+    assert json.loads(response["body"])["error"]["reason"] == reason
+    assert transport.published == []
+    _the_refusal(audit, reason=reason, source=source, digest=sha256_hex(received))
+
+
+def test_an_https_request_without_identity_is_audited_as_unauthenticated() -> None:
+    body = json.dumps(_canary_case())
+    _http_refusal(
+        body,
+        claims={},
+        status=401,
+        reason="unauthenticated",
+        source="unauthenticated",
+        received=body.encode(),
+    )
+
+
+@pytest.mark.parametrize("claim", ["hackers", ["government"], 7])
+def test_an_https_identity_that_is_no_group_is_audited_without_the_claim(claim: Any) -> None:
+    raw = json.dumps(_canary_case()).encode()
+    _http_refusal(
+        base64.b64encode(raw).decode(),
+        b64=True,
+        claims={"fabric:group": claim},
+        status=403,
+        reason="forbidden",
+        source="unauthenticated",
+        received=raw,  # the bytes the producer sent, not their base64
+    )
+
+
+def test_an_https_body_that_is_not_base64_is_audited_under_its_group() -> None:
+    body = f"!!!{CANARY}!!!"
+    _http_refusal(
+        body,
+        b64=True,
+        status=400,
+        reason="malformed_request",
+        source="community",
+        received=body.encode(),
+    )
+
+
+def test_an_https_body_over_4_mib_is_audited_as_too_large() -> None:
+    raw = CANARY.encode() * (MAX_REQUEST_BYTES // len(CANARY) + 1)
+    _http_refusal(
+        base64.b64encode(raw).decode(),
+        b64=True,
+        status=413,
+        reason="too_large",
+        source="community",
+        received=raw,
+    )
+
+
+@pytest.mark.parametrize(
+    ("batch", "status", "reason"),
+    [
+        ({"messages": CANARY}, 400, "malformed_request"),
+        ({"messages": []}, 400, "malformed_request"),
+        ({"messages": [{"payload": CANARY}] * (MAX_BATCH + 1)}, 413, "too_large"),
+    ],
+)
+def test_a_malformed_https_batch_is_audited_once(
+    batch: dict[str, Any], status: int, reason: str
+) -> None:
+    body = json.dumps(batch)
+    _http_refusal(body, status=status, reason=reason, source="community", received=body.encode())
+
+
+def test_a_refused_request_whose_record_is_lost_still_gets_its_answer_and_is_counted() -> None:
+    audit, sink = MemoryAuditSink(available=False), MemoryMetrics()
+    router = Router(
+        table=default_routing_table(),
+        transports=[MemoryTransport()],
+        cipher=LocalCipher(),
+        audit=audit,
+        environment="test",
+        metrics=sink,
+    )
+    built = RouterRuntime(router=router, settings=runtime().settings)
+    response = dispatch({"messages": []}, f"{FUNCTION}:media", built)
+    assert response["error"]["reason"] == "malformed_request"
+    assert sink.totals == {metrics.AUDIT_RECORDS_LOST: 1}
+
+
+def test_a_routed_request_leaves_no_request_level_record() -> None:
+    built, _transport, audit = audited()
+    dispatch(event("direct_invoke.json"), f"{FUNCTION}:academic", built)
+    assert [r.event for r in audit.records] == [AuditEvent.ACCEPTED, AuditEvent.ROUTED]
+    assert all(r.message_id is not None for r in audit.records)

@@ -66,3 +66,51 @@ def test_an_emf_line_names_each_count_as_a_metric_of_the_environment() -> None:
     assert {m["Name"] for m in directive["Metrics"]} == {"AcceptedByFallback", "Rejected"}
     assert (document["Environment"], document["AcceptedByFallback"]) == ("prod", 4)
     assert document["_aws"]["Timestamp"] == 1500
+
+
+def test_an_audit_batch_no_path_could_store_is_counted_as_records_lost() -> None:
+    # Before, a lost audit batch only reached the log: no metric, so no alarm could page.
+    sink = MemoryMetrics()
+    built = Router(
+        table=default_routing_table(),
+        transports=[MemoryTransport(name="rabbitmq")],
+        cipher=LocalCipher(),
+        audit=MemoryAuditSink(available=False),
+        environment="test",
+        metrics=sink,
+    )
+    result = built.route([donation(), donation(), b"{broken"], source="business")
+    assert result.accepted == 2  # the messages are stored: the producer is told so
+    # Two accepted (accepted + routed each) and one rejected: five records lost.
+    assert sink.totals[metrics.AUDIT_RECORDS_LOST] == 5
+    assert sink.totals[metrics.ACCEPTED_BY_BROKER] == 2
+
+
+def test_a_stored_audit_batch_writes_no_records_lost_metric() -> None:
+    sink = MemoryMetrics()
+    router(MemoryTransport(), sink=sink).route([donation()], source="business")
+    assert metrics.AUDIT_RECORDS_LOST not in sink.totals
+    assert sink.calls == 1  # the valid call's metrics are as before: one line
+
+
+def test_the_lost_audit_metric_is_an_emf_line_of_the_environment() -> None:
+    out = io.StringIO()
+    built = Router(
+        table=default_routing_table(),
+        transports=[MemoryTransport()],
+        cipher=LocalCipher(),
+        audit=MemoryAuditSink(available=False),
+        environment="prod",
+        metrics=EmfMetrics(environment="prod", emitted_by="router", stream=out),
+    )
+    built.refuse_request(b"{}", reason="malformed_request", source="media")
+    (line,) = out.getvalue().splitlines()
+    document = json.loads(line)
+    (directive,) = document["_aws"]["CloudWatchMetrics"]
+    assert (directive["Namespace"], directive["Dimensions"]) == (
+        metrics.NAMESPACE,
+        [[metrics.DIMENSION]],
+    )
+    assert directive["Metrics"] == [{"Name": "AuditRecordsLost", "Unit": "Count"}]
+    assert (document["Environment"], document["AuditRecordsLost"]) == ("prod", 1)
+    assert document["emitted_by"] == "router"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -403,3 +404,37 @@ def test_a_call_whose_transport_stopped_reading_fails_instead_of_answering_for_f
 
     with pytest.raises(RuntimeError, match="2 message"):
         _router(_StopsReading()).route(three, source="government")
+
+
+def test_a_refused_request_is_one_rejected_record_with_its_hash_and_nothing_of_it() -> None:
+    audit = MemoryAuditSink()
+    raw = json.dumps({"messages": [incident()]}).encode()
+    assert _router(audit=audit).refuse_request(raw, reason="too_large", source="government")
+    (record,) = audit.records
+    assert record.to_dict() == {
+        "event": "rejected",
+        "at": "2026-11-22T09:00:00Z",
+        "message_id": None,
+        "source": "government",
+        "reason": "too_large",
+        "body_sha256": hashlib.sha256(raw).hexdigest(),
+    }
+    assert CANARY.encode() not in record.encoded()
+
+
+def test_a_refused_request_without_a_group_is_recorded_as_unauthenticated() -> None:
+    audit = MemoryAuditSink()
+    _router(audit=audit).refuse_request(None, reason="unauthenticated", source=None)
+    (record,) = audit.records
+    assert (record.source, record.body_sha256) == (
+        "unauthenticated",
+        hashlib.sha256(b"null").hexdigest(),
+    )
+
+
+def test_a_refused_request_whose_record_cannot_be_stored_says_so_and_never_raises() -> None:
+    audit = MemoryAuditSink(available=False)
+    deep: list[object] = []
+    for _ in range(100_000):  # deeper than JSON or repr can go: hashed all the same
+        deep = [deep]
+    assert not _router(audit=audit).refuse_request(deep, reason="malformed_request", source=None)

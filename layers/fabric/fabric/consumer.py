@@ -38,11 +38,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from fabric import metrics as metric_names
 from fabric import topology
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.envelope import Envelope, from_wire
 from fabric.errors import DecryptionFailed, FabricError, MessageRejected
-from fabric.ports import AuditSink, OutboundMessage, Transport
+from fabric.ports import AuditSink, Metrics, OutboundMessage, Transport
 from fabric.stakeholders import Stakeholder
 
 _LOG = logging.getLogger(__name__)
@@ -392,10 +393,15 @@ MAX_UNSENT_AUDIT_RECORDS = 10_000
 class _AuditBacklog:
     """Emits settlement records, with those an earlier batch could not store: a settlement is
     never undone for its audit batch, but its records go out again with the next batch (up to
-    ``MAX_UNSENT_AUDIT_RECORDS``; a process that ends meanwhile loses them, as the log says)."""
+    ``MAX_UNSENT_AUDIT_RECORDS``; a process that ends meanwhile loses them, as the log says).
 
-    def __init__(self, audit: AuditSink | None) -> None:
+    A refused batch is logged (``audit batch of ... could not be stored``: alarm on it) and,
+    given ``metrics``, counted: ``AuditRecordsUnsent`` (kept for the next batch) and
+    ``AuditRecordsLost`` (dropped beyond the bound)."""
+
+    def __init__(self, audit: AuditSink | None, metrics: Metrics | None = None) -> None:
         self._audit = audit
+        self._metrics = metrics
         self._unsent: list[AuditRecord] = []
 
     def emit(self, records: list[AuditRecord]) -> None:
@@ -412,6 +418,13 @@ class _AuditBacklog:
             len(self._unsent),
             len(batch) - len(self._unsent),
         )
+        if self._metrics is not None:
+            self._metrics.count(
+                {
+                    metric_names.AUDIT_RECORDS_UNSENT: len(self._unsent),
+                    metric_names.AUDIT_RECORDS_LOST: len(batch) - len(self._unsent),
+                }
+            )
 
 
 class RabbitMqSettler:
@@ -425,11 +438,14 @@ class RabbitMqSettler:
         *,
         audit: AuditSink | None = None,
         consumer: str = "consumer",
+        metrics: Metrics | None = None,
     ) -> None:
         """``transport_for(group)`` publishes to ``fabric.x.retry.<group>`` with the message's
-        ``redeliver_to`` as routing key; ``consumer`` names the consumer in audit records."""
+        ``redeliver_to`` as routing key; ``consumer`` names the consumer in audit records;
+        ``metrics`` (``fabric.adapters.emf.EmfMetrics``, say) counts the audit records the
+        audit path refused (``AuditRecordsUnsent``, ``AuditRecordsLost``)."""
         self._transport_for = transport_for
-        self._backlog = _AuditBacklog(audit)
+        self._backlog = _AuditBacklog(audit, metrics)
         self._consumer = consumer
 
     def settle(self, items: Sequence[tuple[Delivery, Decision]]) -> list[bool]:
@@ -585,6 +601,7 @@ def sqs_batch_handler(
     audit: AuditSink | None = None,
     consumer: str = "consumer",
     max_receives: int | None = None,
+    metrics: Metrics | None = None,
 ) -> Callable[[Mapping[str, Any], Any], dict[str, Any]]:
     """A Lambda handler for an SQS event source with ``ReportBatchItemFailures``.
 
@@ -594,6 +611,7 @@ def sqs_batch_handler(
     as ``retried`` (SQS, not the toolkit, moves it to the DLQ), except on the last receive:
     given the queue's ``maxReceiveCount`` as ``max_receives``, a record that fails its last
     receive is audited ``dead-lettered`` (SQS parks it next), so the trail says where it went.
+    ``metrics`` counts the audit records the audit path refused (see ``RabbitMqSettler``).
 
     Raises:
         ValueError: ``max_receives`` is not positive.
@@ -610,7 +628,7 @@ def sqs_batch_handler(
     batch = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
 
     settled: list[tuple[Delivery, Decision]] = []
-    backlog = _AuditBacklog(audit)  # a warm function sends what an invocation could not
+    backlog = _AuditBacklog(audit, metrics)  # a warm function sends what an invocation could not
 
     def record_handler(record: SQSRecord, lambda_context: Any = None) -> None:
         # Powertools passes the invocation's context to a handler that names ``lambda_context``:

@@ -62,13 +62,16 @@ def handle_direct(event: object, invoked_function_arn: str, router: Router) -> d
     """``{"messages": [...]}`` → ``{"results": [...], "accepted": n, "rejected": m}``.
 
     A malformed event or an invocation without a stakeholder alias returns ``error`` instead of
-    results; nothing is routed then.
+    results; nothing is routed then, and the refusal leaves one audit record (the hash of the
+    event as canonical JSON: the function never sees the invocation's raw bytes).
     """
+    source: str | None = None
     try:
         source = _alias_group(invoked_function_arn)
         items = _messages_of(event)
         return router.route(items, source=source).to_dict()
     except BadRequest as bad:
+        router.refuse_request(event, reason=bad.reason, source=source)
         return bad.body()
 
 
@@ -110,13 +113,16 @@ def handle_http(event: Mapping[str, Any], router: Router, *, identity_claim: str
     202 all accepted; 207 some rejected; 400 malformed request (or a single invalid envelope);
     401 no verified identity; 403 unknown group or topic not permitted; 413 too large; 503
     nothing could be stored. The body is the batch result (plus ``error`` for request errors).
+    A request refused as a whole leaves one audit record (see ``Router.refuse_request``).
     """
+    source: str | None = None
     try:
         source = _jwt_group(event, identity_claim)
         raw = _http_body(event)
         single, items = _http_messages(raw)
         result = router.route(items, source=source)
     except BadRequest as bad:
+        router.refuse_request(_received_body(event), reason=bad.reason, source=source)
         return _response(bad.status, bad.body())
     return _response(_http_status(result, single=single), result.to_dict())
 
@@ -146,6 +152,21 @@ def _http_body(event: Mapping[str, Any]) -> bytes:
     if len(data) > MAX_REQUEST_BYTES:
         raise BadRequest(413, "too_large", f"request body exceeds {MAX_REQUEST_BYTES} bytes")
     return data
+
+
+def _received_body(event: Mapping[str, Any]) -> object:
+    """The body of a refused request as the producer sent it, for its audit record's hash:
+    the bytes a base64 body decodes to (as a rejected envelope's hash is of those bytes), else
+    the text as it arrived (also a base64 body that does not decode)."""
+    body = event.get("body")
+    if body is None:
+        return b""
+    if isinstance(body, str) and event.get("isBase64Encoded"):
+        try:
+            return base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    return body
 
 
 def _http_messages(raw: bytes) -> tuple[bool, Sequence[Any]]:

@@ -18,6 +18,12 @@ REJECTED = "Rejected"
 """Messages refused, for any reason (bad input, permission, size, unavailable)."""
 REJECTED_UNAVAILABLE = "RejectedUnavailable"
 """Messages neither path could store: the producer got an error (both paths down)."""
+AUDIT_RECORDS_LOST = "AuditRecordsLost"
+"""Audit records that no audit path could store (the router's, or those a consumer toolkit
+dropped from its backlog): the trail is missing them. Written only when it happens."""
+AUDIT_RECORDS_UNSENT = "AuditRecordsUnsent"
+"""Consumer toolkit: audit records the audit path refused, kept to go out with the next batch
+(lost if the process ends first). Written only when it happens."""
 DRAINED = "Drained"
 """Messages moved from the fallback queues back into RabbitMQ."""
 COMPLIANCE_REPORTS = "ComplianceReports"

@@ -45,6 +45,8 @@ _LOG = logging.getLogger(__name__)
 
 ACCEPTED = "accepted"
 REJECTED = "rejected"
+UNAUTHENTICATED_SOURCE = "unauthenticated"
+"""The ``source`` of a refused request's audit record when it named no stakeholder group."""
 _PLAN_CACHE_LIMIT = 1_000
 _KEYS_DOWN = "the key service cannot be used to encrypt this restricted message; retry later"
 
@@ -269,6 +271,27 @@ class Router:
             self._metrics.count(_counts(batch))
         return batch
 
+    def refuse_request(self, request: object, *, reason: str, source: str | None) -> bool:
+        """Audit a request refused as a whole (an entry point's 400/401/403/413), none of its
+        messages routed: one ``rejected`` record with ``message_id`` None and no topic (the
+        ids of a refused request are unverified input, and the record stands for the request,
+        not for its messages), ``reason`` the request-level code, ``body_sha256`` the SHA-256
+        of ``request`` as received (bytes and text as they are, anything else as canonical
+        JSON, as for a rejected message's raw input), ``source`` the authenticated group or
+        ``UNAUTHENTICATED_SOURCE``. Nothing of the request itself goes into the record.
+
+        Whether the record was stored (a lost one is logged and counted, as for ``route``).
+        Never raises for the request's content."""
+        record = AuditRecord(
+            event=AuditEvent.REJECTED,
+            at=self._clock(),
+            message_id=None,
+            source=source or UNAUTHENTICATED_SOURCE,
+            reason=reason,
+            body_sha256=_raw_digest(request),
+        )
+        return self._emit([record], [], None)
+
     def _prepare_unless_keys_down(
         self, index: int, envelope: Envelope, now: datetime, transport: str, keys: _Keys
     ) -> _Admitted | Rejection:
@@ -430,14 +453,20 @@ class Router:
         records: list[AuditRecord],
         admitted: list[_Admitted],
         prepared: PreparedAudit | None,
-    ) -> None:
+    ) -> bool:
+        """Emit the call's records; whether they are stored (True when there are none)."""
         # The stored bytes of what was accepted, for the archive replay reads.
         accepted = {r.body_sha256 for r in records if r.event is AuditEvent.ACCEPTED}
         bodies = _bodies(item for item in admitted if item.digest in accepted)
-        if records and not self._audit.emit(records, bodies, prepared=prepared):
-            # The messages themselves are stored (or rejected) already; a lost audit batch is an
-            # operational alarm, not a reason to tell producers something false.
-            _LOG.error("audit batch of %d record(s) could not be stored", len(records))
+        if not records or self._audit.emit(records, bodies, prepared=prepared):
+            return True
+        # The messages themselves are stored (or rejected) already; a lost audit batch is an
+        # operational alarm (metric ``AuditRecordsLost``), not a reason to tell producers
+        # something false.
+        _LOG.error("audit batch of %d record(s) could not be stored", len(records))
+        if self._metrics is not None:
+            self._metrics.count({metrics.AUDIT_RECORDS_LOST: len(records)})
+        return False
 
 
 def _complete(results: Sequence[MessageResult | None]) -> BatchResult:
@@ -476,7 +505,7 @@ def _bodies(items: Iterable[_Admitted]) -> dict[str, bytes]:
     return {item.digest: item.outbound.body for item in items}
 
 
-def _raw_digest(item: bytes | str | JsonValue) -> str:
+def _raw_digest(item: object) -> str:
     if isinstance(item, bytes):
         return sha256_hex(item)
     if isinstance(item, str):
