@@ -10,7 +10,7 @@ from aws_cdk import Environment, Fn, Stack
 from constructs import Construct
 
 from fabric.stakeholders import STAKEHOLDERS
-from fabric.topology import dead_letter_queue_name
+from fabric.topology import OVERFLOW_QUEUE, dead_letter_queue_name
 from stacks.config import EnvironmentConfig
 from stacks.constructs.alarms import DeadLetterAlarms, FailoverAlarms
 from stacks.constructs.audit_writer import AuditWriter, audit_writer_name
@@ -232,6 +232,7 @@ class ServicesStack(Stack):
                 for emergency in (False, True)
                 for group in STAKEHOLDERS
             ],
+            broker_overflow_queues=[OVERFLOW_QUEUE],
         )
         self.drain.function.function.node.add_dependency(self.topology.resource)
         self.redrive.function.function.node.add_dependency(self.topology.resource)

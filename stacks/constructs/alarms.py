@@ -18,7 +18,7 @@ from stacks.constructs.keys import alarms_of_this_account
 
 
 class FailoverAlarms(Construct):
-    """Three alarms on an encrypted on-call topic (subscribe the paging system to ``topic``).
+    """Alarms on an encrypted on-call topic (subscribe the paging system to ``topic``).
 
     - ``FallbackActive``: at least one message was stored on SNS/SQS in the last minute, so
       RabbitMQ could not take it (router metric ``AcceptedByFallback``).
@@ -26,6 +26,8 @@ class FailoverAlarms(Construct):
       environment's threshold, so the drain is not bringing messages back.
     - ``NothingStored``: producers were refused with ``unavailable`` because neither path could
       store their messages (router metric ``RejectedUnavailable``).
+    - ``AuditRecordsLost``: an audit batch could not be stored on any path, so the trail is
+      missing records (router metric ``AuditRecordsLost``).
 
     Each alarm also notifies when it returns to OK, so on-call sees the recovery.
     """
@@ -119,6 +121,18 @@ class FailoverAlarms(Construct):
                 ),
             ),
         }
+        # Any audit record no path could store: the trail is missing it (DESIGN §7).
+        self.alarms["AuditRecordsLost"] = self._alarm(
+            "AuditRecordsLost",
+            router_sum(metrics.AUDIT_RECORDS_LOST),
+            threshold=1,
+            description=(
+                "Audit records could not be stored on any path (neither the RabbitMQ audit "
+                "exchange nor the SQS audit queue took them): the audit trail is missing them. "
+                "Page immediately; check the broker and the audit queue, and the router's log "
+                "('audit batch of N record(s) could not be stored')."
+            ),
+        )
 
     def _alarm(
         self,
@@ -173,6 +187,9 @@ class DeadLetterAlarms(Construct):
       the delivery limit was reached): AmazonMQ ``MessageCount``, Maximum over 5 minutes, since
       Amazon MQ polls the broker and pushes once a minute, late at times; a longer period keeps
       a DLQ that holds messages in ALARM instead of flapping.
+    - ``BrokerOverflowDepth``: a RabbitMQ terminal queue (a DLQ, ``fabric.unrouted``,
+      ``fabric.audit``) handed a message back up to its delivery limit, and the broker
+      dead-lettered it into ``fabric.overflow``, which nothing reads (same metric and period).
 
     Missing data counts as empty: SQS publishes no metrics for an idle empty queue.
     """
@@ -191,8 +208,10 @@ class DeadLetterAlarms(Construct):
         broker_name: str,
         virtual_host: str,
         broker_dlqs: list[str],
+        broker_overflow_queues: list[str],
     ) -> None:
-        """Queue arguments are queue names (SQS) or RabbitMQ queue names (``broker_dlqs``)."""
+        """Queue arguments are queue names (SQS) or RabbitMQ queue names (``broker_dlqs``,
+        ``broker_overflow_queues``)."""
         super().__init__(scope, construct_id)
         self.topic = topic
         self.alarms: dict[str, cloudwatch.Alarm] = {}
@@ -246,9 +265,9 @@ class DeadLetterAlarms(Construct):
                 ],
                 description,
             )
-        self._depth_alarms(
-            "BrokerDlqDepth",
-            [
+
+        def broker_depths(queues: list[str]) -> list[cloudwatch.Metric]:
+            return [
                 cloudwatch.Metric(
                     namespace=AMAZON_MQ_NAMESPACE,
                     metric_name=AMAZON_MQ_DEPTH_METRIC,
@@ -260,10 +279,23 @@ class DeadLetterAlarms(Construct):
                     statistic="Maximum",
                     period=Duration.minutes(5),
                 )
-                for queue in broker_dlqs
-            ],
+                for queue in queues
+            ]
+
+        self._depth_alarms(
+            "BrokerDlqDepth",
+            broker_depths(broker_dlqs),
             "A RabbitMQ work queue dead-lettered a message: a consumer gave up on it, or it "
             "reached the delivery limit. " + then,
+        )
+        self._depth_alarms(
+            "BrokerOverflowDepth",
+            broker_depths(broker_overflow_queues),
+            "A message was handed back by redrive runs, an audit writer or an operator until it "
+            "reached the delivery limit of its RabbitMQ DLQ, unrouted or audit queue, and the "
+            "broker moved it to the overflow queue, which nothing reads. Nothing is lost, but "
+            "it waits for an operator: see docs/runbook.md and docs/dead-letters.md (overflow) "
+            "to move it back to the queue it came from.",
         )
 
     def _depth_alarms(self, name: str, depths: list[cloudwatch.Metric], description: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from fabric import metrics
 from fabric.stakeholders import STAKEHOLDERS
-from fabric.topology import dead_letter_queue_name
+from fabric.topology import OVERFLOW_QUEUE, dead_letter_queue_name
 from tests.conftest import ROOT
 from tests.infra.conftest import Assembly, Synthesized
 from tests.infra.resolve import queue_key
@@ -195,7 +195,8 @@ def test_the_ten_rabbitmq_dead_letter_queues_are_watched_on_amazon_mq(
     name = env.stage.stage_name
     broker = [
         metric
-        for alarm in dead_letter_alarms(env, assembly).values()
+        for logical_id, alarm in dead_letter_alarms(env, assembly).items()
+        if logical_id.startswith("DeadLetterAlarmsBrokerDlqDepth")
         for metric in watched_metrics(alarm)
         if metric["Namespace"] == "AWS/AmazonMQ"
     ]
@@ -232,6 +233,7 @@ def test_a_dead_letter_alarm_fires_on_one_message_and_pages_and_recovers(
         "AuditDlqDepth",
         "FunctionDlqDepth",
         "BrokerDlqDepth",
+        "BrokerOverflowDepth",
     }
     for logical_id, alarm in found.items():
         assert (alarm["Threshold"], alarm["EvaluationPeriods"]) == (1, 1), logical_id
@@ -248,7 +250,31 @@ def test_a_dead_letter_alarm_fires_on_one_message_and_pages_and_recovers(
         stats = {q["MetricStat"]["Stat"] for q in alarm["Metrics"] if "MetricStat" in q}
         assert stats == {"Maximum"}
         # SQS publishes every minute; Amazon MQ pushes once a minute, late at times.
-        assert periods == ({300} if "BrokerDlqDepth" in logical_id else {60}), logical_id
+        broker = logical_id.startswith("DeadLetterAlarmsBroker")
+        assert periods == ({300} if broker else {60}), logical_id
+
+
+def test_the_rabbitmq_overflow_queue_pages_when_it_holds_a_message(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    """A terminal queue's letter that reached its delivery limit waits in ``fabric.overflow``,
+    which nothing reads: its depth alone tells anyone it is there."""
+    name = env.stage.stage_name
+    (alarm,) = [
+        alarm
+        for logical_id, alarm in dead_letter_alarms(env, assembly).items()
+        if logical_id.startswith("DeadLetterAlarmsBrokerOverflowDepth")
+    ]
+    (metric,) = watched_metrics(alarm)
+    assert (metric["Namespace"], metric["MetricName"]) == ("AWS/AmazonMQ", "MessageCount")
+    assert dimension(metric, "Queue") == OVERFLOW_QUEUE == "fabric.overflow"
+    assert dimension(metric, "Broker") == f"fabric-{name}"
+    assert dimension(metric, "VirtualHost") == "/"
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (
+        1,
+        "GreaterThanOrEqualToThreshold",
+    )
+    assert "overflow" in alarm["AlarmDescription"]
 
 
 def test_the_audit_dlq_has_an_alarm_of_its_own(env: Synthesized, assembly: Assembly) -> None:
@@ -264,3 +290,31 @@ def test_the_audit_dlq_has_an_alarm_of_its_own(env: Synthesized, assembly: Assem
     )
     assert dimension(metric, "QueueName") == f"fabric-{env.stage.stage_name}-audit-dlq"
     assert "audit writer" in alarm["AlarmDescription"]
+
+
+def test_any_audit_record_the_router_could_not_store_pages(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    template = services(env, assembly)
+    (alarm,) = [
+        a["Properties"]
+        for logical_id, a in of_type(template, "AWS::CloudWatch::Alarm").items()
+        if logical_id.startswith("FailoverAlarmsAuditRecordsLost")
+    ]
+    # As the router's EMF line names it (fabric.adapters.emf): namespace, metric, dimension.
+    assert (alarm["Namespace"], alarm["MetricName"]) == (
+        metrics.NAMESPACE,
+        metrics.AUDIT_RECORDS_LOST,
+    )
+    assert alarm["Dimensions"] == [{"Name": metrics.DIMENSION, "Value": env.stage.stage_name}]
+    assert (alarm["Statistic"], alarm["Period"], alarm["Threshold"]) == ("Sum", 60, 1)
+    assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    assert alarm["EvaluationPeriods"] == 1
+    assert alarm["TreatMissingData"] == "notBreaching"  # written only when records are lost
+    ((topic_id, _topic),) = [
+        (k, t)
+        for k, t in of_type(template, "AWS::SNS::Topic").items()
+        if t["Properties"]["TopicName"] == f"fabric-{env.stage.stage_name}-alarms"
+    ]
+    assert alarm["AlarmActions"] == [{"Ref": topic_id}]
+    assert alarm["OKActions"] == [{"Ref": topic_id}]

@@ -276,3 +276,71 @@ def test_delivery_headers_open_every_gate_unless_an_audience_names_groups() -> N
     assert topology.delivery_headers(envelope("research.sync", audience=["academic"])) == {
         "fabric-to-academic": "yes"
     }
+
+
+TERMINAL_QUEUES = [
+    topology.UNROUTED_QUEUE,
+    topology.AUDIT_QUEUE,
+    *(topology.dead_letter_queue_name(g, emergency=e) for g in STAKEHOLDERS for e in (False, True)),
+]
+
+
+@pytest.mark.parametrize("name", TERMINAL_QUEUES)
+def test_a_terminal_queue_dead_letters_at_its_delivery_limit_into_the_overflow_queue(
+    name: str,
+) -> None:
+    # Every redrive run (dry runs, filtered runs, chunks) and every failed audit-writer batch
+    # hands letters back, and each hand-back counts as a delivery: at the limit the broker
+    # would drop a letter of a queue without a dead-letter exchange.
+    arguments = QUEUES[name]["arguments"]
+    assert arguments["x-delivery-limit"] == topology.TERMINAL_DELIVERY_LIMIT
+    assert arguments["x-dead-letter-exchange"] == topology.OVERFLOW_EXCHANGE
+    assert arguments["x-dead-letter-strategy"] == "at-least-once"
+    assert arguments["x-overflow"] == "reject-publish"  # at-least-once needs it
+    assert arguments["x-dead-letter-routing-key"] == name
+    landed = BROKER.publish(
+        arguments["x-dead-letter-exchange"], arguments["x-dead-letter-routing-key"], {}
+    )
+    assert landed == {topology.OVERFLOW_QUEUE}
+    # The way back an operator's shovel takes: the letter's routing key names its queue.
+    back = BROKER.publish(
+        topology.OVERFLOW_RETURN_EXCHANGE, arguments["x-dead-letter-routing-key"], {}
+    )
+    assert back == {name}
+
+
+def test_the_overflow_queue_is_the_only_queue_without_a_dead_letter_exchange() -> None:
+    assert set(topology.terminal_queues()) == set(TERMINAL_QUEUES)
+    without = {n for n, q in QUEUES.items() if "x-dead-letter-exchange" not in q["arguments"]}
+    assert without == {topology.OVERFLOW_QUEUE}
+    arguments = QUEUES[topology.OVERFLOW_QUEUE]["arguments"]
+    assert arguments == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": topology.TERMINAL_DELIVERY_LIMIT,  # explicit: 4.x defaults to 20
+        "x-overflow": "reject-publish",
+        "x-max-length": topology.TERMINAL_MAX_LENGTH,
+        "x-max-length-bytes": topology.MAX_LENGTH_BYTES,
+    }
+    assert EXCHANGES[topology.OVERFLOW_EXCHANGE]["type"] == "fanout"
+    assert EXCHANGES[topology.OVERFLOW_RETURN_EXCHANGE]["type"] == "direct"
+    into_overflow = [
+        b for b in DEFINITIONS["bindings"] if b["destination"] == topology.OVERFLOW_QUEUE
+    ]
+    assert [b["source"] for b in into_overflow] == [topology.OVERFLOW_EXCHANGE]
+    # The redrive refuses it (it is no group's DLQ), and no group user can read (or peek) it.
+    with pytest.raises(ValueError, match="not a dead-letter queue"):
+        topology.work_queue_of(topology.OVERFLOW_QUEUE)
+    for group in STAKEHOLDERS:
+        assert not re.search(
+            PERMISSIONS[topology.user_name(group)]["read"], topology.OVERFLOW_QUEUE
+        )
+
+
+def test_a_lower_terminal_delivery_limit_changes_only_the_terminal_and_overflow_queues() -> None:
+    lowered = topology.definitions(TABLE, terminal_delivery_limit=2)
+    limits = {q["name"]: q["arguments"]["x-delivery-limit"] for q in lowered["queues"]}
+    for name, limit in limits.items():
+        terminal = name in TERMINAL_QUEUES or name == topology.OVERFLOW_QUEUE
+        assert limit == (2 if terminal else topology.DELIVERY_LIMIT), name
+    with pytest.raises(ValueError, match="not positive"):
+        topology.definitions(TABLE, terminal_delivery_limit=0)

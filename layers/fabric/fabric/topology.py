@@ -17,8 +17,12 @@ EMERGENCY_EXCHANGE = "fabric.x.emergency"
 DEAD_LETTER_EXCHANGE = "fabric.x.dlx"
 REDELIVER_EXCHANGE = "fabric.x.redeliver"
 AUDIT_EXCHANGE = "fabric.x.audit"
+# Where a terminal queue's letter goes when it reaches the delivery limit, and the way back.
+OVERFLOW_EXCHANGE = "fabric.x.overflow"
+OVERFLOW_RETURN_EXCHANGE = "fabric.x.overflow.return"
 UNROUTED_QUEUE = "fabric.unrouted"
 AUDIT_QUEUE = "fabric.audit"
+OVERFLOW_QUEUE = "fabric.overflow"
 PLATFORM_USER = "fabric-platform"
 
 # Audience gate: every group queue sits behind a headers exchange that admits a message carrying
@@ -42,9 +46,11 @@ REPLAY_HEADER = "fabric-replay"  # the replay id of a message re-published from 
 
 # RabbitMQ 3.10 has no default delivery limit and 4.x defaults to 20; set it explicitly.
 DELIVERY_LIMIT = 10
-# Terminal queues (DLQs, unrouted, audit) have nowhere to dead-letter to. "Unlimited" (-1) is a
-# 4.x notion, so a high explicit limit keeps 3.10 and 4.x identical; operators alarm on
-# redeliveries long before it is reached.
+# Terminal queues (DLQs, unrouted, audit) are read again and again: every redrive run, dry run or
+# audit writer failure hands letters back, and each hand-back counts as a delivery. "Unlimited"
+# (-1) is a 4.x notion (3.10 refuses it, and 4.x defaults to 20 without a limit), so the limit
+# is a high explicit one, and a letter that reaches it is dead-lettered, at least once, into the
+# overflow queue instead of being dropped (alarmed on; nothing reads it).
 TERMINAL_DELIVERY_LIMIT = 1000
 MAX_LENGTH = 500_000
 EMERGENCY_MAX_LENGTH = 100_000
@@ -172,13 +178,37 @@ def _work_queue_arguments(name: str, max_length: int) -> dict[str, Any]:
     }
 
 
-def _terminal_queue_arguments() -> dict[str, Any]:
+def _terminal_queue_arguments(name: str, delivery_limit: int) -> dict[str, Any]:
+    # The routing key names the queue, so the return exchange can put the letter back there.
     return {
-        "x-delivery-limit": TERMINAL_DELIVERY_LIMIT,
+        **_overflow_queue_arguments(delivery_limit),
+        "x-dead-letter-exchange": OVERFLOW_EXCHANGE,
+        "x-dead-letter-routing-key": name,
+        "x-dead-letter-strategy": "at-least-once",
+    }
+
+
+def _overflow_queue_arguments(delivery_limit: int) -> dict[str, Any]:
+    return {
+        "x-delivery-limit": delivery_limit,
         "x-overflow": "reject-publish",
         "x-max-length": TERMINAL_MAX_LENGTH,
         "x-max-length-bytes": MAX_LENGTH_BYTES,
     }
+
+
+def terminal_queues() -> tuple[str, ...]:
+    """The queues that dead-letter into the overflow queue when a letter reaches their delivery
+    limit: the unrouted and audit queues and every dead-letter queue."""
+    return (
+        UNROUTED_QUEUE,
+        AUDIT_QUEUE,
+        *(
+            dead_letter_queue_name(group, emergency=emergency)
+            for group in STAKEHOLDERS
+            for emergency in (False, True)
+        ),
+    )
 
 
 def _exchange(
@@ -223,13 +253,26 @@ def _escape(name: str) -> str:
     return name.replace(".", r"\.")
 
 
-def definitions(table: RoutingTable, *, vhost: str = "/") -> dict[str, Any]:
+def definitions(
+    table: RoutingTable,
+    *,
+    vhost: str = "/",
+    terminal_delivery_limit: int = TERMINAL_DELIVERY_LIMIT,
+) -> dict[str, Any]:
     """The complete topology as a RabbitMQ definitions document for one vhost.
 
     Contains exchanges, quorum queues (with explicit arguments), bindings, users (no password
     fields: the applier adds credentials from its secret store) and permissions. Deterministic:
     the same table always yields the same document. Uses nothing newer than RabbitMQ 3.10.
+    ``terminal_delivery_limit`` is the delivery limit of the terminal and overflow queues
+    (drills lower it to reach it quickly; deployments keep the default).
+
+    Raises:
+        ValueError: ``terminal_delivery_limit`` is less than 1.
     """
+    if terminal_delivery_limit < 1:
+        raise ValueError(f"terminal delivery limit {terminal_delivery_limit} is not positive")
+    limit = terminal_delivery_limit
     exchanges = [
         _exchange(
             INGRESS_EXCHANGE, "topic", vhost, arguments={"alternate-exchange": UNROUTED_EXCHANGE}
@@ -243,14 +286,25 @@ def definitions(table: RoutingTable, *, vhost: str = "/") -> dict[str, Any]:
         _exchange(DEAD_LETTER_EXCHANGE, "direct", vhost),
         _exchange(REDELIVER_EXCHANGE, "direct", vhost),
         _exchange(AUDIT_EXCHANGE, "topic", vhost),
+        _exchange(OVERFLOW_EXCHANGE, "fanout", vhost),
+        # Nothing publishes here in normal operation: an operator's shovel from the overflow
+        # queue does, keeping each letter's routing key (the terminal queue it came from).
+        _exchange(OVERFLOW_RETURN_EXCHANGE, "direct", vhost),
     ]
     queues = [
-        _queue(UNROUTED_QUEUE, vhost, _terminal_queue_arguments()),
-        _queue(AUDIT_QUEUE, vhost, _terminal_queue_arguments()),
+        _queue(UNROUTED_QUEUE, vhost, _terminal_queue_arguments(UNROUTED_QUEUE, limit)),
+        _queue(AUDIT_QUEUE, vhost, _terminal_queue_arguments(AUDIT_QUEUE, limit)),
+        # The end of the line: no dead-letter exchange, and nothing consumes or peeks it.
+        _queue(OVERFLOW_QUEUE, vhost, _overflow_queue_arguments(limit)),
     ]
     bindings = [
         _binding(UNROUTED_EXCHANGE, UNROUTED_QUEUE, vhost, to_queue=True),
         _binding(AUDIT_EXCHANGE, AUDIT_QUEUE, vhost, to_queue=True, routing_key="#"),
+        _binding(OVERFLOW_EXCHANGE, OVERFLOW_QUEUE, vhost, to_queue=True),
+        *(
+            _binding(OVERFLOW_RETURN_EXCHANGE, name, vhost, to_queue=True, routing_key=name)
+            for name in terminal_queues()
+        ),
     ]
     users: list[dict[str, Any]] = [{"name": PLATFORM_USER, "tags": []}]
     permissions = [
@@ -263,7 +317,7 @@ def definitions(table: RoutingTable, *, vhost: str = "/") -> dict[str, Any]:
         }
     ]
     for group in STAKEHOLDERS:
-        _add_group(group, vhost, exchanges, queues, bindings)
+        _add_group(group, vhost, exchanges, queues, bindings, terminal_delivery_limit=limit)
         users.append({"name": user_name(group), "tags": []})
         own_queues = "|".join(_escape(queue_name(group, emergency=e)) for e in (False, True))
         permissions.append(
@@ -294,6 +348,8 @@ def _add_group(
     exchanges: list[dict[str, Any]],
     queues: list[dict[str, Any]],
     bindings: list[dict[str, Any]],
+    *,
+    terminal_delivery_limit: int,
 ) -> None:
     retry_exchange = retry_exchange_name(group)
     exchanges.append(_exchange(retry_exchange, "direct", vhost))
@@ -305,7 +361,7 @@ def _add_group(
         exchanges.append(_exchange(gate_exchange, "headers", vhost, internal=True))
         max_length = EMERGENCY_MAX_LENGTH if emergency else MAX_LENGTH
         queues.append(_queue(work, vhost, _work_queue_arguments(work, max_length)))
-        queues.append(_queue(dlq, vhost, _terminal_queue_arguments()))
+        queues.append(_queue(dlq, vhost, _terminal_queue_arguments(dlq, terminal_delivery_limit)))
         bindings.append(_binding(gate_exchange, work, vhost, to_queue=True, arguments=gate))
         bindings.append(_binding(DEAD_LETTER_EXCHANGE, dlq, vhost, to_queue=True, routing_key=work))
         bindings.append(_binding(REDELIVER_EXCHANGE, work, vhost, to_queue=True, routing_key=work))
