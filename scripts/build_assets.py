@@ -64,7 +64,7 @@ RUNTIME_PACKAGES = (
 
 def _digest(paths: list[Path], target: str = f"{PLATFORM} {PYTHON_VERSION}") -> str:
     """The inputs' hash, with the target and whether the layer gets bytecode."""
-    compiled = "bytecode" if runtime_python() is not None else "source only"
+    compiled = "bytecode of /opt/python" if runtime_python() is not None else "source only"
     digest = hashlib.sha256(f"{target} {compiled}".encode())
     for path in sorted(paths):
         digest.update(str(path.relative_to(ROOT)).encode())
@@ -100,7 +100,7 @@ def runtime_python() -> tuple[str, ...] | None:
             _unpack_runtime()
             # The standard library's bytecode, as Lambda's runtime image has it.
             _compile(command, RUNTIME / "usr" / "lib" / "python3.14", invalidation="timestamp")
-        except (OSError, subprocess.CalledProcessError) as exc:
+        except (OSError, subprocess.SubprocessError) as exc:  # also a download that timed out
             print(
                 f"build_assets: no CPython 3.14 ({exc}); the layers are built without "
                 "bytecode, and every cold start will compile them",
@@ -112,8 +112,9 @@ def runtime_python() -> tuple[str, ...] | None:
 
 
 def _unpack_runtime() -> None:
-    """Download RUNTIME_PACKAGES from Debian's RUNTIME_SUITE with apt-get (its own lists and
-    cache under ``build/``, nothing of the system's changed) and unpack them into RUNTIME."""
+    """Download RUNTIME_PACKAGES from Debian's RUNTIME_SUITE with apt-get (its own sources,
+    lists, cache and an empty configuration under ``build/``: the system's apt settings and
+    hooks are not read, nothing of the system's is changed) and unpack them into RUNTIME."""
     shutil.rmtree(RUNTIME, ignore_errors=True)
     apt = RUNTIME / "apt"
     (apt / "lists" / "partial").mkdir(parents=True)
@@ -127,6 +128,9 @@ def _unpack_runtime() -> None:
         "-qq",
         "-o", f"Dir::Etc::SourceList={sources}",
         "-o", "Dir::Etc::SourceParts=/dev/null",
+        "-o", "Dir::Etc::Parts=/dev/null",
+        "-o", "Dir::Etc::Preferences=/dev/null",
+        "-o", "Dir::Etc::PreferencesParts=/dev/null",
         "-o", f"Dir::State::Lists={apt / 'lists'}",
         "-o", f"Dir::State::Status={apt / 'status'}",
         "-o", f"Dir::Cache={apt / 'cache'}",
@@ -144,21 +148,36 @@ def _unpack_runtime() -> None:
     shutil.rmtree(apt)
 
 
-def _compile(runtime: tuple[str, ...], tree: Path, *, invalidation: str) -> None:
+def _compile(
+    runtime: tuple[str, ...], tree: Path, *, invalidation: str, shown_as: str | None = None
+) -> None:
     """Compile every module under ``tree`` with ``runtime``, in one process (compileall's
-    workers would start the bare binary, without the unpacked C library)."""
-    subprocess.run(
-        [*runtime, "-I", "-m", "compileall", "-q", "--invalidation-mode", invalidation, str(tree)],
-        check=True,
-        stdout=subprocess.DEVNULL,
+    workers would start the bare binary, without the unpacked C library). ``shown_as``: the
+    directory the bytecode names as its source's (so it does not depend on this checkout's
+    path, and tracebacks name the path on Lambda).
+
+    Raises:
+        subprocess.CalledProcessError: a module does not compile (compileall's output shown).
+    """
+    names = ["-d", shown_as] if shown_as else []
+    command = [*runtime, "-I", "-m", "compileall", "-q", *names]
+    result = subprocess.run(
+        [*command, "--invalidation-mode", invalidation, str(tree)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        result.check_returncode()
 
 
 def _with_bytecode(target: Path) -> None:
-    """Ship ``target``'s modules compiled for Lambda's Python, if there is one to compile with."""
+    """Ship ``target``'s modules compiled for Lambda's Python, if there is one to compile with.
+    The layer's ``python/`` is ``/opt/python`` on Lambda."""
     runtime = runtime_python()
     if runtime is not None:
-        _compile(runtime, target / "python", invalidation="unchecked-hash")
+        _compile(runtime, target / "python", invalidation="unchecked-hash", shown_as="/opt/python")
 
 
 def _pip_install(target: Path, digest: str, options: list[str]) -> Path:

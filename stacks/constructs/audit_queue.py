@@ -32,7 +32,8 @@ AUDIT_QUEUE_URL = "AUDIT_QUEUE_URL"
 def audit_sender_roles(env_name: str) -> tuple[str, ...]:
     """The roles that send audit batches here: router, drain, redrive (its ``redriven``
     records, and audit batches it puts back from the DLQ) and replay (``replayed`` records).
-    Each function's role is named like it (``FabricFunction``); the router's is named apart."""
+    The drain's, redrive's and replay's roles are named like their functions; the router's
+    (whose function has a generated name) is named apart."""
     return (
         router_role_name(env_name),
         drain_function_name(env_name),

@@ -60,6 +60,8 @@ class Drain(Construct):
             code_dir="lambdas/drain",
             # Named, so the runbook finds it: `python scripts/runbook.py drain --env <env>`.
             function_name=drain_function_name(env_name),
+            # Named like the function: the audit queue's policy admits it as a sender.
+            role_name=drain_function_name(env_name),
             description=f"Messaging Fabric {env_name}: drains the fallback queues into RabbitMQ",
             environment={
                 **broker_environment(env_name, broker_host, broker_secret),

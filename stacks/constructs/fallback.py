@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aws_cdk import Duration, RemovalPolicy
@@ -14,7 +15,7 @@ from constructs import Construct
 
 from fabric.naming import FALLBACK_FLOWS, fallback_queue_name, redrive_function_name
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
-from stacks.constructs.function import role_arn
+from stacks.constructs.function import role_arn, router_role_name
 from stacks.constructs.queues import deny_other_senders, encrypted_queue, queue_with_dlq
 from stacks.nag import acknowledge
 
@@ -57,6 +58,22 @@ def deny_without_tls(topic: sns.Topic) -> None:
             actions=list(TOPIC_POLICY_ACTIONS),
             resources=[topic.topic_arn],
             conditions={"Bool": {"aws:SecureTransport": "false"}},
+        )
+    )
+
+
+def deny_other_publishers(topic: sns.Topic, *, roles: Sequence[str]) -> None:
+    """Refuse ``sns:Publish`` on ``topic`` to every principal but ``roles`` (IAM role ARNs,
+    matched as ``aws:PrincipalArn``): what the topic delivers, its queues take as the groups'
+    traffic, so the queues' own sender rules would be bypassed through an open topic."""
+    topic.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid="DenyPublishExceptNamedPublishers",
+            effect=iam.Effect.DENY,
+            principals=[iam.AnyPrincipal()],
+            actions=["sns:Publish"],
+            resources=[topic.topic_arn],
+            conditions={"ArnNotEquals": {"aws:PrincipalArn": list(roles)}},
         )
     )
 
@@ -110,6 +127,7 @@ class FallbackPath(Construct):
                 master_key=topics_key,
             )
             deny_without_tls(topic)
+            deny_other_publishers(topic, roles=[role_arn(self, router_role_name(env_name))])
             topic.apply_removal_policy(removal_policy)
             self.topics[flow] = topic
             for group in STAKEHOLDERS:
@@ -152,6 +170,8 @@ class FallbackPath(Construct):
             name=f"{name}-sub-dlq",
             key=key,
             removal_policy=removal_policy,
+            # The drain reads it as it reads the queue: a message it takes stays hidden as long.
+            visibility_timeout=_VISIBILITY_TIMEOUT,
             # Only SNS writes here; no SQS queue may use it as its dead-letter queue.
             redrive_allow_policy=sqs.RedriveAllowPolicy(
                 redrive_permission=sqs.RedrivePermission.DENY_ALL

@@ -99,7 +99,7 @@ class FabricFunction(Construct):
     Python 3.14 on arm64; JSON logs into its own KMS-encrypted log group with the environment's
     retention; X-Ray tracing; inside the VPC's private subnets with the functions' security group;
     reserved concurrency; a KMS-encrypted dead-letter queue for failed asynchronous invocations;
-    its own role (named like the function when the function is named, or ``role_name``), whose
+    its own role (named ``role_name`` if given), whose
     only AWS-side permissions are the ENI actions Lambda needs in a VPC, writing to its own log
     group, and the queues key through SQS (for writing to its own DLQ, and to any queue of that
     key it may send to or consume, ``allow_send``). Everything else is granted by the stack
@@ -121,10 +121,11 @@ class FabricFunction(Construct):
         function_name: str | None = None,
         role_name: str | None = None,
     ) -> None:
-        """``role_name`` names the execution role (default: ``function_name``, if given).
+        """``role_name`` names the execution role (default: a generated name).
 
         A named role can be referred to from the stateful stack by its ARN, built from the name
-        (``role_arn``), as the queue policies that admit only named senders do.
+        (``role_arn``), as the queue policies that admit only named senders do; only those
+        senders' roles are named (a renamed role is replaced on deploy).
         """
         super().__init__(scope, construct_id)
         self.log_group = logs.LogGroup(
@@ -152,7 +153,7 @@ class FabricFunction(Construct):
         self.role = iam.Role(
             self,
             "Role",
-            role_name=role_name or function_name,
+            role_name=role_name,
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             description=f"{description} (Lambda execution role)",
         )

@@ -51,8 +51,8 @@ class FabricKeys(Construct):
     KMS cannot rotate an asymmetric key, so ``signing_keys`` (the environment's
     ``audit.signing_keys``) says how many it has put in service: raising it by one adds a new
     key, which signs from then on (``signing``), and keeps the older ones (``retired_signing``)
-    for the verifiers; a retired key's policy denies ``kms:Sign`` to every principal, so
-    nothing can sign a checkpoint with it again.
+    for the verifiers; from the rotation after its own, a retired key's policy denies
+    ``kms:Sign`` to every principal, so nothing can sign a checkpoint with it again.
 
     The key policies keep CDK's default (the account may delegate use through IAM); the service
     principals granted here, each under a condition, are CloudWatch Logs on the logs key
@@ -161,7 +161,10 @@ class FabricKeys(Construct):
         ]
         self.signing = self.signing_keys[-1]
         self.retired_signing = self.signing_keys[:-1]
-        for retired in self.retired_signing:
+        # The key retired last may still sign until the services stack (deployed after this
+        # one) moves the audit writer to its successor: denied from the next rotation on. The
+        # verifiers refuse its checkpoints after a newer key's anyway.
+        for retired in self.signing_keys[:-2]:
             retired.add_to_resource_policy(
                 iam.PolicyStatement(
                     sid="RetiredNeverSignsAgain",

@@ -112,6 +112,8 @@ class Redrive(Construct):
             code_dir="lambdas/redrive",
             # Named, so the runbook finds it: `python scripts/runbook.py redrive --env <env>`.
             function_name=redrive_function_name(env_name),
+            # Named like the function: the audit queue's policy admits it as a sender.
+            role_name=redrive_function_name(env_name),
             description=(
                 f"Messaging Fabric {env_name}: redrives dead letters to where they came from"
             ),

@@ -81,6 +81,8 @@ class Replay(Construct):
             code_dir="lambdas/replay",
             # Named, so the runbook finds it: `python scripts/runbook.py replay --env <env>`.
             function_name=replay_function_name(env_name),
+            # Named like the function: the audit queue's policy admits it as a sender.
+            role_name=replay_function_name(env_name),
             description=(
                 f"Messaging Fabric {env_name}: replays archived messages of a period, marked "
                 "as replays"

@@ -55,6 +55,9 @@ class BrokerTopology(Construct):
             memory_size=256,
         )
         function = self.function.function
+        # CloudFormation invokes it asynchronously: one retry (Lambda's default is two), so a
+        # run killed at its 5-minute timeout is retried once within the ServiceTimeout below.
+        function.configure_async_invoke(retry_attempts=1)
         for secret in (admin_secret, *user_secrets.values()):
             self.function.allow_secret_read(secret, secrets_key)
         self.resource = CustomResource(
@@ -63,7 +66,8 @@ class BrokerTopology(Construct):
             service_token=function.function_arn,
             resource_type="Custom::FabricTopology",
             properties={"TopologyDigest": topology_digest},
-            # A function that never answers (killed at its 5-minute timeout) fails the deploy
-            # after one retry's worth of time, not CloudFormation's default hour.
+            # A function that never answers (killed at its 5-minute timeout, then its one retry
+            # after about a minute) fails the deploy within 15 minutes, not CloudFormation's
+            # default hour.
             service_timeout=Duration.minutes(15),
         )

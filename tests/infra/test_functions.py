@@ -182,6 +182,23 @@ def test_no_message_reaches_a_broker_before_its_topology_is_applied(
     assert resource_id in function["DependsOn"]
 
 
+def test_a_topology_apply_that_never_answers_fails_the_deploy_within_15_minutes(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    template = services(env, assembly)
+    (resource,) = of_type(template, "Custom::FabricTopology").values()
+    # Not CloudFormation's default hour: the function's 5-minute timeout and one retry fit.
+    assert int(resource["Properties"]["ServiceTimeout"]) == 900
+    function_id = resource["Properties"]["ServiceToken"]["Fn::GetAtt"][0]
+    assert template["Resources"][function_id]["Properties"]["Timeout"] == 300
+    (config,) = [
+        c
+        for c in of_type(template, "AWS::Lambda::EventInvokeConfig").values()
+        if c["Properties"]["FunctionName"] == {"Ref": function_id}
+    ]
+    assert config["Properties"]["MaximumRetryAttempts"] == 1
+
+
 @pytest.mark.parametrize("name", ["dev", "prod"])
 def test_the_functions_template_is_cfn_lint_clean(assembly: Assembly, name: str) -> None:
     env = assembly.envs[name]

@@ -179,6 +179,36 @@ def test_every_role_that_may_send_to_a_protected_queue_is_admitted_by_it(
     assert stateful_roles - producers <= set(named.values())
 
 
+def test_only_the_router_may_publish_to_the_fallback_topics(env: Synthesized) -> None:
+    # What a fallback topic delivers, the drain hands to the groups as their traffic: an open
+    # topic would bypass its queues' sender rules.
+    router_role = _role_arn(env, f"fabric-{env.stage.stage_name}-router")
+    for flow in FLOWS:
+        ((logical_id, _),) = [
+            (k, t)
+            for k, t in env.resources("AWS::SNS::Topic").items()
+            if t["Properties"]["TopicName"] == f"fabric-{env.stage.stage_name}-{flow}"
+        ]
+        (policy,) = [
+            p
+            for p in env.resources("AWS::SNS::TopicPolicy").values()
+            if p["Properties"]["Topics"] == [{"Ref": logical_id}]
+        ]
+        (deny,) = [
+            s
+            for s in policy["Properties"]["PolicyDocument"]["Statement"]
+            if s.get("Sid") == "DenyPublishExceptNamedPublishers"
+        ]
+        assert (deny["Effect"], deny["Principal"], deny["Action"]) == (
+            "Deny",
+            {"AWS": "*"},
+            "sns:Publish",
+        )
+        assert deny["Resource"] == {"Ref": logical_id}
+        admitted = deny["Condition"]["ArnNotEquals"]["aws:PrincipalArn"]
+        assert {render(arn) for arn in listed(admitted)} == {router_role}
+
+
 def test_the_fabric_topics_refuse_every_action_without_tls(
     env: Synthesized, assembly: Assembly
 ) -> None:
@@ -200,7 +230,8 @@ def test_the_fabric_topics_refuse_every_action_without_tls(
                 if p["Properties"]["Topics"] == [{"Ref": logical_id}]
             ]
             document = policy["Properties"]["PolicyDocument"]["Statement"]
-            (deny,) = [s for s in document if s["Effect"] == "Deny"]
+            (deny,) = [s for s in document if s.get("Sid") == "DenyWithoutTls"]
+            assert deny["Effect"] == "Deny"
             assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
             assert deny["Principal"] in ("*", {"AWS": "*"})
             assert deny["Resource"] == {"Ref": logical_id}

@@ -33,9 +33,9 @@ class SqsFallbackSource:
         messages remain, which the drain would take for an empty queue and leave emergencies
         for its next run; a one-second long poll asks them all, at the cost of a second per
         queue found empty. A message that is not a fabric envelope (sent to the queue by
-        anything but the fabric's SNS transport) is left where it is, logged: it reaches the
-        queue's dead-letter queue after its receives, and its alarm, instead of stopping every
-        drain run.
+        anything but the fabric's SNS transport) is left where it is, logged, instead of stopping
+        every drain run: a fallback queue's dead-letter queue takes it after its receives, a
+        subscription DLQ keeps it; both are alarmed.
 
         Raises:
             TransportUnavailable: SQS cannot be reached or refuses the call.
@@ -57,7 +57,7 @@ class SqsFallbackSource:
                 received.append(_received(item))
             except (ValueError, TypeError, AttributeError) as exc:
                 _LOG.warning(
-                    "%s in %s is not a fabric message (%s): left for the dead-letter queue",
+                    "%s in %s is not a fabric message (%s): left in the queue",
                     item.get("MessageId"),
                     queue,
                     type(exc).__name__,
