@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -199,4 +200,27 @@ def test_a_message_amqp_cannot_carry_fails_alone(
     assert not outcomes[1].stored
     assert outcomes[1].failure not in SYSTEMIC
     assert channel.queue_declare("work", passive=True).method.message_count == 2
+    sender.close()
+
+
+def test_a_call_whose_last_chunks_hold_only_unsendable_messages_returns(
+    vhost: str, channel: Any
+) -> None:
+    # Messages AMQP cannot carry fail without a publish, so no confirm comes for them. When a
+    # whole chunk the loop pumps is such messages, nothing else stopped the loop: the call hung
+    # (a redrive or replay of 100 until its Lambda timed out).
+    quorum_queue(channel, "work", "ingress")
+    (good,) = messages(1)
+    unsendable = [OutboundMessage(f"poison-{i}", "a" * 300, b"{}", frozenset()) for i in range(150)]
+    sender = transport(vhost, "ingress")
+    outcome: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: outcome.extend(sender.publish([good, *unsendable])), daemon=True
+    )
+    worker.start()
+    worker.join(timeout=10)
+
+    assert not worker.is_alive(), "publish did not return"
+    assert outcome[0].stored
+    assert [o.failure for o in outcome[1:]] == [Failure.NACKED] * 150
     sender.close()

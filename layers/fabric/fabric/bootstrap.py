@@ -314,7 +314,7 @@ def _reader_client(service_name: str) -> Any:
     # For the replay and the compliance report. Reading the trail is not on a message's path:
     # an object may take longer than the router's two seconds to arrive, and the SDK's retries
     # are worth their time here. The trail is read READ_WORKERS objects at a time
-    # (fabric.compliance_run.load_window): one pooled connection each.
+    # (fabric.compliance_run.read_objects): one pooled connection each.
     return _aws_client(
         service_name,
         max_pool_connections=READ_WORKERS + 4,

@@ -1,6 +1,7 @@
 """The compliance report run: a period of the audit trail read back, verified, reported, sent.
 
-**What is read** for a period [start, end), per writer (``load_window``):
+**What is read** for a period [start, end), per writer (``plan_window``, then ``scan_window``
+interval by interval):
 
 - the checkpoints around it: the first one written at or after ``start``, through the first one
   written at or after ``end + LATE_ARRIVAL`` (found by a binary search over

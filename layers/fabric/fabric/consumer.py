@@ -370,22 +370,6 @@ def _destination(delivery: Delivery, decision: Decision) -> str | None:
     return topology.dead_letter_queue_name(group, emergency=emergency)
 
 
-def emit_settled(
-    audit: AuditSink | None,
-    items: Sequence[tuple[Delivery, Decision]],
-    stored: Sequence[bool],
-    *,
-    consumer: str,
-) -> None:
-    """Audit what was settled. A lost audit batch is logged, not a reason to undo a settlement
-    (the message itself is where it belongs)."""
-    if audit is None:
-        return
-    records = settlement_records(items, stored, consumer=consumer)
-    if records and not audit.emit(records):
-        _LOG.error("audit batch of %d consumer record(s) could not be stored", len(records))
-
-
 # Audit records kept for the next batch while the audit path refuses them (bounded memory).
 MAX_UNSENT_AUDIT_RECORDS = 10_000
 

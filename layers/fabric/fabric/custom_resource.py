@@ -4,9 +4,10 @@ CloudFormation waits (up to an hour) for a response at the event's pre-signed ``
 a handler that crashes without answering stalls the deploy. ``respond`` therefore catches every
 error, answers FAILED with the error's class and message, and re-raises nothing.
 
-A Create that fails answers with a physical id of its own (``FAILED_CREATE`` in it): the
-rollback then sends a Delete with that id, and the action can tell that nothing was created
-under it, instead of removing what an earlier, healthy resource manages.
+A Create that fails answers with a physical id of its own (``<logical id>-create-failed-<request
+id>``), never the id a successful Create answers: the rollback then sends a Delete with that id,
+and the action (which deletes only under its own id) removes nothing an earlier, healthy
+resource manages.
 """
 
 from __future__ import annotations

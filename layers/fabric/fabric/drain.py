@@ -118,7 +118,9 @@ class Drainer:
         self, *, max_messages: int | None = None, max_seconds: float | None = None
     ) -> DrainReport:
         """Move up to ``max_messages`` within ``max_seconds`` (default: the limits this drainer
-        was built with); stop at the first broker failure.
+        was built with); stop at the first broker failure, when the ``drained`` records cannot
+        be stored (``audit unavailable``), or when SQS will not delete what was moved
+        (``fallback queue unavailable``).
 
         Never raises for broker or SQS trouble: the report says why it stopped.
         """

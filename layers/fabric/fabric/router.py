@@ -190,6 +190,10 @@ class Router:
 
         Raises:
             ValueError: ``source`` is empty (the caller's identity is missing: a wiring bug).
+            RuntimeError: a transport stopped reading the call's messages (a defect): the call
+                fails rather than answer for fewer messages than it was given.
+            Whatever the code that prepares a message raises inside the confirm wait (a
+                defect too): the call fails, never a partial answer.
         """
         if not source:
             raise ValueError("source must be the authenticated caller's identity")

@@ -412,6 +412,13 @@ class RabbitMqTransport:
         if self._connection is None or self._send_one is None:
             return retry
         loop = self._connection.ioloop
+
+        def stop_if_current() -> None:
+            # A timer of an earlier call (a scheduled pump, a watchdog) may run in this call's
+            # loop: only this call's batch may stop it.
+            if self._batch is batch:
+                loop.stop()
+
         batch = _Batch(
             source,
             taken,
@@ -420,7 +427,7 @@ class RabbitMqTransport:
             first_tag=self._published + 1,
             window=self._settings.confirm_window,
             coalesced=self._connection.coalesced,
-            on_settled=loop.stop,
+            on_settled=stop_if_current,
             schedule=lambda callback: loop.call_later(0, callback),
             clock=self._clock,
         )
@@ -433,10 +440,11 @@ class RabbitMqTransport:
             # that left a message outstanding when none was), not since its own last look: that
             # let a stall go unnoticed for up to twice the timeout.
             nonlocal overdue
-            if batch.settled:
+            if batch.settled:  # also by a scheduled pump that sent nothing (see _pump_later)
+                stop_if_current()
                 return
             wait = batch.progress_at + timeout - self._clock()
-            if wait > 0 or not batch.in_flight:  # nothing outstanding: the source is slow
+            if wait > 0 or not batch.in_flight:  # nothing outstanding: nothing to wait for yet
                 overdue = False
                 loop.call_later(wait if wait > 0 else timeout, watchdog)
             elif not overdue:
@@ -643,10 +651,21 @@ class _Batch:
         if more:
             if not self.pump_scheduled:
                 self.pump_scheduled = True
-                self.schedule(self.pump)
+                self.schedule(self._pump_later)
         elif self.taken.exhausted and self.taken.meanwhile and self.meanwhile_timer is None:
             # Runs after this turn of the loop has written the last chunk to the socket.
             self.meanwhile_timer = self.schedule(self._run_meanwhile)
+
+    def _pump_later(self) -> None:
+        """``pump`` as the loop runs it between chunks. It may settle the batch with nothing
+        left to confirm (the rest were messages AMQP cannot carry, failed without a publish):
+        then no confirm comes to stop the loop, so it stops it itself."""
+        try:
+            self.pump()
+        except BaseException as exc:  # see ``error``
+            self.error = exc
+        if self.settled:
+            self.on_settled()
 
     def _publish_chunk(self) -> bool:
         """Publish up to a chunk; False once the window is full or nothing is left to send."""
@@ -664,7 +683,7 @@ class _Batch:
                 # redrive publish what anyone may have put in their queues.
                 _LOG.warning(
                     "message %r cannot be sent over AMQP: %s",
-                    message.message_id,
+                    message.message_id[:80],
                     type(exc).__name__,
                 )
                 self.taken.outcomes[index] = Outcome(message.message_id, failure=Failure.NACKED)
