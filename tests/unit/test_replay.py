@@ -942,3 +942,22 @@ def test_a_message_whose_earlier_acceptance_is_sealed_between_two_chunks_is_repl
         for r in (json.loads(line) for line in v.splitlines())
         if r["event"] == "accepted"
     }
+
+
+def test_unsealed_objects_across_midnight_are_read_in_chain_order_not_by_day_folder() -> None:
+    # A write at 00:00:00.4 and the next at 23:59:59.9 by a host clock half a second behind:
+    # the later object sits in the earlier day's folder. Read by key as text, the chain would
+    # break and an honest trail read "not verified": it is read by sequence number.
+    trail = Trail()
+    midnight = DAY + timedelta(days=1)
+    trail.route([donation(1)], source="community", at=midnight + timedelta(seconds=0.4), seal=False)
+    trail.route([donation(2)], source="community", at=midnight - timedelta(seconds=0.1), seal=False)
+    run, broker, _ = replayer(trail)
+
+    report = run.run(request(start=DAY, end=midnight + timedelta(days=1), include_unsealed=True))
+
+    assert (report.stopped, report.trail_problems) == ("done", [])
+    assert sorted(m.message_id for m in broker.published) == [
+        str(uuid.UUID(int=2)),
+        str(uuid.UUID(int=3)),
+    ]

@@ -530,7 +530,7 @@ _UNNAMED = "an object no checkpoint names, among sealed ones"
 
 
 @dataclass(frozen=True)
-class _Interval:
+class Interval:
     """One piece of a window: a checkpoint with the one before it (its anchor) and the objects
     it names, in its order; or the objects after the last checkpoint (no checkpoint, in sequence
     order). ``abandoned``: the attempts it is the first to name, read for their hash only."""
@@ -541,7 +541,8 @@ class _Interval:
     abandoned: list[str]
 
 
-def _intervals(window: Window) -> Iterator[_Interval]:
+def intervals(window: Window) -> Iterator[Interval]:
+    """The window in the pieces it is verified in, in chain order (replay reads it so too)."""
     anchor, listed = window.anchor, set()
     for checkpoint in window.checkpoints:
         named = [str(item["key"]) for item in checkpoint[1]["objects"]]
@@ -551,10 +552,10 @@ def _intervals(window: Window) -> Iterator[_Interval]:
             if key in window.abandoned and key not in listed
         ]
         listed.update(abandoned)
-        yield _Interval(anchor, [checkpoint], named, abandoned)
+        yield Interval(anchor, [checkpoint], named, abandoned)
         anchor = checkpoint
     if window.unsealed_keys or not window.checkpoints:
-        yield _Interval(anchor, [], sorted(window.unsealed_keys, key=sequence_order), [])
+        yield Interval(anchor, [], sorted(window.unsealed_keys, key=sequence_order), [])
 
 
 class _Outcomes:
@@ -607,7 +608,7 @@ def scan_window(
         TransportUnavailable: the bucket cannot be read.
     """
     scan = _Scan(window, figures)
-    for index, interval in enumerate(_intervals(window)):
+    for index, interval in enumerate(intervals(window)):
         stored = read_objects(store, [*interval.named, *interval.abandoned], workers)
         if window.problem is not None and not window.checkpoints and not stored:
             # Reading stopped at an unreadable checkpoint, or nothing was there to read.
@@ -648,7 +649,7 @@ class _Scan:
         self.counted: set[str] = set()
         self.outcomes = _Outcomes()
 
-    def read(self, interval: _Interval, stored: Mapping[str, StoredObject]) -> dict[str, bytes]:
+    def read(self, interval: Interval, stored: Mapping[str, StoredObject]) -> dict[str, bytes]:
         """Note the locks and check the abandoned attempts of what was read; the chained
         objects."""
         for key, item in stored.items():
@@ -663,7 +664,7 @@ class _Scan:
         return chained
 
     def verified(
-        self, interval: _Interval, chained: Mapping[str, bytes], result: Verification
+        self, interval: Interval, chained: Mapping[str, bytes], result: Verification
     ) -> None:
         """Place the interval's problem among the window's checks (an acceptance without an
         outcome is looked for across intervals, by ``_Outcomes``)."""
@@ -683,7 +684,7 @@ class _Scan:
             self.walk = problem
         self.passed += len(interval.checkpoints)
 
-    def count(self, index: int, interval: _Interval, chained: dict[str, bytes]) -> None:
+    def count(self, index: int, interval: Interval, chained: dict[str, bytes]) -> None:
         """Add the interval's records to the figures (by key, as the objects sort) and to the
         acceptances awaiting an outcome (in the verifier's order), dropping each object."""
         order = {key: n for n, key in reversed(list(enumerate(interval.named)))}

@@ -66,6 +66,7 @@ from fabric.compliance_run import (
     Period,
     StoredObject,
     Window,
+    intervals,
     plan_window,
     read_objects,
 )
@@ -496,18 +497,21 @@ class Replayer:
             report.unsealed_objects += len(window.unsealed_keys)
             problem = window.problem
             digests = _abandoned_digests(window)
-            for anchor, checkpoints, named, abandoned in [] if problem else _intervals(window):
-                stored = read_objects(trail, [*named, *abandoned])
-                objects = {key: stored[key].data for key in named if key in stored}
+            # Checkpoint by checkpoint, as the compliance report reads a window: an attempt is
+            # abandoned only if no checkpoint of the window names its key as the chain's, and
+            # its hash is checked against every hash the window names for it.
+            for interval in [] if problem else intervals(window):
+                stored = read_objects(trail, [*interval.named, *interval.abandoned])
+                objects = {key: stored[key].data for key in interval.named if key in stored}
                 problem = verify_trail(
                     objects=objects,
-                    checkpoints=checkpoints,
+                    checkpoints=interval.checkpoints,
                     keys=self._keys,
                     writer=writer,
-                    anchor=anchor,
+                    anchor=interval.anchor,
                 ).problem
                 if problem is None or not problem.authentic:
-                    problem = _abandoned_problem(abandoned, stored, digests) or problem
+                    problem = _abandoned_problem(interval.abandoned, stored, digests) or problem
                 if problem is not None and problem.authentic:
                     break
                 if problem is not None:  # authentic, but a record of it is missing
@@ -796,34 +800,6 @@ def _day_keys(archive: ArchiveReader, writers: Sequence[str], days: list[date]) 
             yield from archive.keys(f"{ARCHIVE_PREFIX}{writer}/{day:%Y/%m/%d}/")
 
 
-_Checkpoint = tuple[str, dict[str, Any]]
-
-
-def _intervals(
-    window: Window,
-) -> Iterator[tuple[_Checkpoint | None, list[_Checkpoint], list[str], list[str]]]:
-    """The window in the pieces it is verified in: each checkpoint with the one before it (its
-    anchor), the objects it names and the attempts it is the first to name as abandoned (read
-    for their hash only); then the objects written after the last checkpoint, anchored on it (a
-    young trail's, on nothing). Each piece is ``(anchor, checkpoints, named, abandoned)``.
-
-    As the compliance report reads a window (``fabric.compliance_run``): an attempt is
-    abandoned only if no checkpoint of the window names its key as the chain's (a later attempt
-    under the same key may be), and its hash is checked against every hash the window's
-    checkpoints name for it (one key can be abandoned by two checkpoints, with other bytes)."""
-    anchor, listed = window.anchor, set()
-    for checkpoint in window.checkpoints:
-        named = [str(item["key"]) for item in checkpoint[1]["objects"]]
-        abandoned = [
-            key
-            for key in dict.fromkeys(str(i["key"]) for i in checkpoint[1].get("abandoned", ()))
-            if key in window.abandoned and key not in listed
-        ]
-        listed.update(abandoned)
-        yield anchor, [checkpoint], named, abandoned
-        anchor = checkpoint
-    if window.unsealed_keys:
-        yield anchor, [], sorted(window.unsealed_keys), []
 
 
 def _abandoned_digests(window: Window) -> dict[str, set[str]]:
