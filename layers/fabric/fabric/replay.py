@@ -800,8 +800,6 @@ def _day_keys(archive: ArchiveReader, writers: Sequence[str], days: list[date]) 
             yield from archive.keys(f"{ARCHIVE_PREFIX}{writer}/{day:%Y/%m/%d}/")
 
 
-
-
 def _abandoned_digests(window: Window) -> dict[str, set[str]]:
     """Every SHA-256 the window's checkpoints name for each abandoned attempt's key."""
     digests: dict[str, set[str]] = {key: set() for key in window.abandoned}
