@@ -28,6 +28,7 @@ Usage: python scripts/build_assets.py
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import shutil
 import subprocess
@@ -124,24 +125,36 @@ def _unpack_runtime() -> None:
         "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
         f"http://deb.debian.org/debian {RUNTIME_SUITE} main\n"
     )
-    options = [
-        "-qq",
-        "-o", f"Dir::Etc::SourceList={sources}",
-        "-o", "Dir::Etc::SourceParts=/dev/null",
-        "-o", "Dir::Etc::Parts=/dev/null",
-        "-o", "Dir::Etc::Preferences=/dev/null",
-        "-o", "Dir::Etc::PreferencesParts=/dev/null",
-        "-o", f"Dir::State::Lists={apt / 'lists'}",
-        "-o", f"Dir::State::Status={apt / 'status'}",
-        "-o", f"Dir::Cache={apt / 'cache'}",
-        "-o", "APT::Sandbox::User=root",
-    ]  # fmt: skip
+    # APT_CONFIG is read before anything else: with Dir::Etc::Main and ::Parts emptied, the
+    # host's apt.conf and apt.conf.d (settings, update hooks run as root) are never read.
+    settings = {
+        "Dir::Etc::Main": "/dev/null",
+        "Dir::Etc::Parts": "/dev/null",
+        "Dir::Etc::SourceList": str(sources),
+        "Dir::Etc::SourceParts": "/dev/null",
+        "Dir::Etc::Preferences": "/dev/null",
+        "Dir::Etc::PreferencesParts": "/dev/null",
+        "Dir::State::Lists": str(apt / "lists"),
+        "Dir::State::Status": str(apt / "status"),
+        "Dir::Cache": str(apt / "cache"),
+        "APT::Sandbox::User": "root",
+        # The Debian mirror this machine reaches serves a frozen snapshot whose Release files
+        # are past their Valid-Until date; their signatures are still checked.
+        "Acquire::Check-Valid-Until": "false",
+    }
+    config = apt / "apt.conf"
+    config.write_text("".join(f'{name} "{value}";\n' for name, value in settings.items()))
+    environment = {**os.environ, "APT_CONFIG": str(config)}
     (apt / "status").write_text("")
-    subprocess.run(["apt-get", *options, "update"], check=True, timeout=600)
+    subprocess.run(["apt-get", "-qq", "update"], check=True, timeout=600, env=environment)
     debs = apt / "debs"
     debs.mkdir()
     subprocess.run(
-        ["apt-get", *options, "download", *RUNTIME_PACKAGES], cwd=debs, check=True, timeout=600
+        ["apt-get", "-qq", "download", *RUNTIME_PACKAGES],
+        cwd=debs,
+        check=True,
+        timeout=600,
+        env=environment,
     )
     for deb in sorted(debs.glob("*.deb")):
         subprocess.run(["dpkg-deb", "-x", str(deb), str(RUNTIME)], check=True)

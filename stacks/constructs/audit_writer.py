@@ -126,6 +126,8 @@ class AuditWriter(Construct):
             platform=platform,
             code_dir="lambdas/audit_writer",
             function_name=name,
+            # Named like the function: the signing key retired last admits only this role.
+            role_name=name,
             description=(
                 f"Messaging Fabric {env_name}: writes audit batches to the Object Lock bucket"
             ),

@@ -9,7 +9,8 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct
 
-from stacks.constructs.audit_writer import checkpoint_rule_name
+from stacks.constructs.audit_writer import audit_writer_name, checkpoint_rule_name
+from stacks.constructs.function import role_arn
 from stacks.nag import acknowledge
 
 
@@ -51,8 +52,9 @@ class FabricKeys(Construct):
     KMS cannot rotate an asymmetric key, so ``signing_keys`` (the environment's
     ``audit.signing_keys``) says how many it has put in service: raising it by one adds a new
     key, which signs from then on (``signing``), and keeps the older ones (``retired_signing``)
-    for the verifiers; from the rotation after its own, a retired key's policy denies
-    ``kms:Sign`` to every principal, so nothing can sign a checkpoint with it again.
+    for the verifiers; a retired key's policy denies ``kms:Sign`` to every principal, except,
+    for the key retired last, the audit writer's role (named), which signs with it until the
+    services stack moves it to the new key.
 
     The key policies keep CDK's default (the account may delegate use through IAM); the service
     principals granted here, each under a condition, are CloudWatch Logs on the logs key
@@ -161,10 +163,12 @@ class FabricKeys(Construct):
         ]
         self.signing = self.signing_keys[-1]
         self.retired_signing = self.signing_keys[:-1]
-        # The key retired last may still sign until the services stack (deployed after this
-        # one) moves the audit writer to its successor: denied from the next rotation on. The
-        # verifiers refuse its checkpoints after a newer key's anyway.
-        for retired in self.signing_keys[:-2]:
+        for retired in self.retired_signing:
+            # The key retired last still signs for the audit writer until the services stack
+            # (deployed after this one) moves the writer to its successor, and for nobody else;
+            # the keys before it for nobody at all.
+            last = retired is self.retired_signing[-1]
+            writer = role_arn(self, audit_writer_name(env_name))
             retired.add_to_resource_policy(
                 iam.PolicyStatement(
                     sid="RetiredNeverSignsAgain",
@@ -172,6 +176,7 @@ class FabricKeys(Construct):
                     principals=[iam.AnyPrincipal()],
                     actions=["kms:Sign"],
                     resources=["*"],
+                    conditions={"ArnNotEquals": {"aws:PrincipalArn": writer}} if last else None,
                 )
             )
 

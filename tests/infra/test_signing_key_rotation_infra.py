@@ -15,6 +15,7 @@ from app import build_app
 from stacks.config import read_cdk_context
 from stacks.nag import unacknowledged_findings
 from tests.conftest import ROOT
+from tests.infra.resolve import render
 from tests.infra.test_functions import fabric_functions
 
 KEYS = 3  # two rotations
@@ -107,38 +108,43 @@ def test_each_signing_key_is_retained_under_its_own_alias_and_the_first_keeps_it
     assert not order[0].startswith("KeysSigning2")
 
 
-def test_the_writer_signs_with_the_current_key_and_keys_retired_before_the_last_never_again(
-    rotated: Rotated,
-) -> None:
-    # The key retired last may sign until the services stack moves the writer off it (the
-    # stateful stack deploys first): denied from the next rotation on.
-    *retired, _last, current = rotated.keys_of(
+def test_only_the_writer_signs_and_a_retired_key_for_nobody_else(rotated: Rotated) -> None:
+    # The key retired last still signs for the audit writer until the services stack moves it
+    # to the new key (the stateful stack deploys first), and for nobody else; older ones for
+    # nobody at all.
+    *older, last, current = rotated.keys_of(
         rotated.stateful["Outputs"]["TrustedSigningKeyArns"]["Value"]
     )
-    assert len(retired) == KEYS - 2
+    assert len(older) == KEYS - 2
     resources = rotated.stateful["Resources"]
-    for key in rotated.keys:
-        denies = [
-            s
-            for s in resources[key]["Properties"]["KeyPolicy"]["Statement"]
-            if s["Effect"] == "Deny"
-        ]
-        if key in retired:
-            assert denies == [
-                {
-                    "Sid": "RetiredNeverSignsAgain",
-                    "Effect": "Deny",
-                    "Principal": {"AWS": "*"},
-                    "Action": "kms:Sign",
-                    "Resource": "*",
-                }
-            ]
-        else:
-            assert denies == []
+    deny = {
+        "Sid": "RetiredNeverSignsAgain",
+        "Effect": "Deny",
+        "Principal": {"AWS": "*"},
+        "Action": "kms:Sign",
+        "Resource": "*",
+    }
+
+    def denies(key: str) -> list[dict[str, Any]]:
+        statements = resources[key]["Properties"]["KeyPolicy"]["Statement"]
+        return [s for s in statements if s["Effect"] == "Deny"]
+
+    for key in older:
+        assert denies(key) == [deny]
+    (last_deny,) = denies(last)
+    writer_role = last_deny.pop("Condition")["ArnNotEquals"]["aws:PrincipalArn"]
+    assert last_deny == deny
+    assert render(writer_role).endswith(":role/fabric-dev-audit-writer")
+    assert denies(current) == []
     writer = rotated.function("writes audit batches")
     assert (
         rotated.key(writer["Properties"]["Environment"]["Variables"]["SIGNING_KEY_ARN"]) == current
     )
+    assert writer["Properties"]["Role"]["Fn::GetAtt"][0] in {
+        k
+        for k, r in rotated.services["Resources"].items()
+        if r["Properties"].get("RoleName") == "fabric-dev-audit-writer"
+    }
     sign = rotated.statement("SignCheckpoints", "AuditWriter")
     assert rotated.key(sign["Resource"]) == current
 

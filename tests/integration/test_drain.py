@@ -252,6 +252,26 @@ def test_a_message_that_is_no_fabric_envelope_is_left_and_the_rest_are_drained(
     assert left_in_sqs(aws) == 1  # the stray one, for the queue's dead-letter queue
 
 
+def test_a_receive_of_only_foreign_messages_does_not_end_the_queues_drain(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    # Ten strays first, then an emergency: a receive that brought only strays read as an empty
+    # queue, and the emergency behind them waited for the next run.
+    sqs = boto3.client("sqs", region_name=REGION)
+    emergency = aws["queues"][("emergency", Stakeholder.GOVERNMENT)]
+    for i in range(10):
+        sqs.send_message(QueueUrl=emergency, MessageBody=f"not an envelope {i}")
+    alert = message(Stakeholder.GOVERNMENT, emergency=True)
+    park(aws, alert)
+
+    report = draining(aws, rabbit(broker_vhost)).drain()
+
+    assert report.moved == {queue_name(Stakeholder.GOVERNMENT, emergency=True): 1}
+    assert in_rabbitmq(broker_vhost)[queue_name(Stakeholder.GOVERNMENT, emergency=True)] == [
+        alert.message_id
+    ]
+
+
 class _DeleteFails(SqsFallbackSource):
     def delete(self, queue: str, handles: Any) -> set[str]:
         return set()  # SQS refused the delete: the copies come back after their timeout

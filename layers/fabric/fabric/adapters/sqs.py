@@ -12,6 +12,8 @@ from fabric.errors import TransportUnavailable
 from fabric.ports import Received
 
 _LOG = logging.getLogger(__name__)
+# Receives in a row that may bring only foreign messages before a queue counts as drained.
+_RECEIVES_PAST_FOREIGN = 5
 
 
 class SqsFallbackSource:
@@ -42,27 +44,23 @@ class SqsFallbackSource:
         """
         from botocore.exceptions import BotoCoreError, ClientError
 
-        try:
-            response = self._sqs().receive_message(
-                QueueUrl=queue,
-                MaxNumberOfMessages=max(1, min(limit, 10)),
-                MessageAttributeNames=["All"],
-                WaitTimeSeconds=1,
-            )
-        except (BotoCoreError, ClientError) as exc:
-            raise TransportUnavailable(f"cannot receive from {queue}") from exc
-        received = []
-        for item in response.get("Messages", []):
+        # A receive of nothing but such messages is not an empty queue: the next receive gets
+        # the messages behind them (those stay hidden meanwhile), a few times at most.
+        for _ in range(_RECEIVES_PAST_FOREIGN):
             try:
-                received.append(_received(item))
-            except (ValueError, TypeError, AttributeError) as exc:
-                _LOG.warning(
-                    "%s in %s is not a fabric message (%s): left in the queue",
-                    item.get("MessageId"),
-                    queue,
-                    type(exc).__name__,
+                response = self._sqs().receive_message(
+                    QueueUrl=queue,
+                    MaxNumberOfMessages=max(1, min(limit, 10)),
+                    MessageAttributeNames=["All"],
+                    WaitTimeSeconds=1,
                 )
-        return received
+            except (BotoCoreError, ClientError) as exc:
+                raise TransportUnavailable(f"cannot receive from {queue}") from exc
+            items = response.get("Messages", [])
+            received = [message for message in map(_usable(queue), items) if message]
+            if received or not items:
+                return received
+        return []
 
     def delete(self, queue: str, handles: Sequence[str]) -> set[str]:
         """Delete in batches of 10; returns the handles SQS confirmed deleted."""
@@ -78,6 +76,22 @@ class SqsFallbackSource:
                 continue  # not deleted: it reappears after its visibility timeout
             deleted.update(chunk[int(item["Id"])] for item in response.get("Successful", []))
         return deleted
+
+
+def _usable(queue: str) -> Callable[[dict[str, Any]], Received | None]:
+    def usable(item: dict[str, Any]) -> Received | None:
+        try:
+            return _received(item)
+        except (ValueError, TypeError, AttributeError) as exc:
+            _LOG.warning(
+                "%s in %s is not a fabric message (%s): left in the queue",
+                item.get("MessageId"),
+                queue,
+                type(exc).__name__,
+            )
+            return None
+
+    return usable
 
 
 def _published(item: dict[str, Any]) -> tuple[str, dict[str, Any]]:
