@@ -163,12 +163,12 @@ class FabricKeys(Construct):
         ]
         self.signing = self.signing_keys[-1]
         self.retired_signing = self.signing_keys[:-1]
+        writer = role_arn(self, audit_writer_name(env_name))
         for retired in self.retired_signing:
             # The key retired last still signs for the audit writer until the services stack
             # (deployed after this one) moves the writer to its successor, and for nobody else;
             # the keys before it for nobody at all.
             last = retired is self.retired_signing[-1]
-            writer = role_arn(self, audit_writer_name(env_name))
             retired.add_to_resource_policy(
                 iam.PolicyStatement(
                     sid="RetiredNeverSignsAgain",

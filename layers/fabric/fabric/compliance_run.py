@@ -628,16 +628,34 @@ def scan_window(
     return scan.check(), [*window.locks, *(scan.locks[key] for key in sorted(scan.locks))]
 
 
+def abandoned_digests(window: Window) -> dict[str, set[str]]:
+    """Every SHA-256 the window's checkpoints name for each abandoned attempt's key (one key
+    can be abandoned by two checkpoints, with other bytes)."""
+    digests: dict[str, set[str]] = {key: set() for key in window.abandoned}
+    for _, body in window.checkpoints:
+        for item in body.get("abandoned", ()):
+            if str(item["key"]) in digests:
+                digests[str(item["key"])].add(str(item["sha256"]))
+    return digests
+
+
+def abandoned_problem(
+    keys: Sequence[str], stored: Mapping[str, StoredObject], digests: Mapping[str, set[str]]
+) -> Problem | None:
+    """The first abandoned attempt of ``keys`` stored with bytes the writer never meant to store
+    there (one that was never stored is not a problem)."""
+    for key in keys:
+        if key in stored and hashlib.sha256(stored[key].data).hexdigest() not in digests[key]:
+            return Problem(key, _ABANDONED_DIFFERS)
+    return None
+
+
 class _Scan:
     """What ``scan_window`` gathers interval by interval."""
 
     def __init__(self, window: Window, figures: Figures) -> None:
         self.window, self.figures = window, figures
-        self.digests: dict[str, set[str]] = {key: set() for key in window.abandoned}
-        for _, body in window.checkpoints:
-            for item in body.get("abandoned", ()):
-                if str(item["key"]) in self.digests:
-                    self.digests[str(item["key"])].add(str(item["sha256"]))
+        self.digests = abandoned_digests(window)
         self.locks: dict[str, ObjectLock] = {}
         self.seals: Problem | None = None  # the first bad checkpoint (or anchor)
         self.sealed_before = 0  # the checkpoints before it
@@ -654,10 +672,9 @@ class _Scan:
         objects."""
         for key, item in stored.items():
             self.locks.setdefault(key, _object_lock(key, item))
-        for key in interval.abandoned:
-            digest = hashlib.sha256(stored[key].data).hexdigest() if key in stored else None
-            if digest is not None and digest not in self.digests[key]:
-                self.abandoned = self.abandoned or Problem(key, _ABANDONED_DIFFERS)
+        self.abandoned = self.abandoned or abandoned_problem(
+            interval.abandoned, stored, self.digests
+        )
         chained = {key: stored[key].data for key in interval.named if key in stored}
         self.covered.extend(interval.named if interval.checkpoints else ())
         self.present.update(chained)

@@ -59,13 +59,14 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
-from fabric.audit_chain import Keyring, Problem, decode_object, verify_trail
+from fabric.audit_chain import Keyring, decode_object, verify_trail
 from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX, decode_archive
 from fabric.compliance_run import (
     LATE_ARRIVAL,
     Period,
     StoredObject,
-    Window,
+    abandoned_digests,
+    abandoned_problem,
     intervals,
     plan_window,
     read_objects,
@@ -496,7 +497,7 @@ class Replayer:
             window = plan_window(trail, writer, period, late=late)
             report.unsealed_objects += len(window.unsealed_keys)
             problem = window.problem
-            digests = _abandoned_digests(window)
+            digests = abandoned_digests(window)
             # Checkpoint by checkpoint, as the compliance report reads a window: an attempt is
             # abandoned only if no checkpoint of the window names its key as the chain's, and
             # its hash is checked against every hash the window names for it.
@@ -511,7 +512,7 @@ class Replayer:
                     anchor=interval.anchor,
                 ).problem
                 if problem is None or not problem.authentic:
-                    problem = _abandoned_problem(interval.abandoned, stored, digests) or problem
+                    problem = abandoned_problem(interval.abandoned, stored, digests) or problem
                 if problem is not None and problem.authentic:
                     break
                 if problem is not None:  # authentic, but a record of it is missing
@@ -798,27 +799,6 @@ def _day_keys(archive: ArchiveReader, writers: Sequence[str], days: list[date]) 
     for writer in writers:
         for day in days:
             yield from archive.keys(f"{ARCHIVE_PREFIX}{writer}/{day:%Y/%m/%d}/")
-
-
-def _abandoned_digests(window: Window) -> dict[str, set[str]]:
-    """Every SHA-256 the window's checkpoints name for each abandoned attempt's key."""
-    digests: dict[str, set[str]] = {key: set() for key in window.abandoned}
-    for _, body in window.checkpoints:
-        for item in body.get("abandoned", ()):
-            if str(item["key"]) in digests:
-                digests[str(item["key"])].add(str(item["sha256"]))
-    return digests
-
-
-def _abandoned_problem(
-    keys: Sequence[str], stored: Mapping[str, StoredObject], digests: Mapping[str, set[str]]
-) -> Problem | None:
-    """The first abandoned attempt of ``keys`` stored with bytes the writer never meant to store
-    there (one that was never stored is not a problem)."""
-    for key in keys:
-        if key in stored and sha256_hex(stored[key].data) not in digests[key]:
-            return Problem(key, "an abandoned attempt whose SHA-256 differs")
-    return None
 
 
 class _Trail:
