@@ -153,6 +153,18 @@ def test_https_a_malformed_batch_request_is_400() -> None:
     assert http("!!!not base64!!!", b64=True)[0] == 400
 
 
+def test_a_batch_request_with_a_field_beside_messages_is_malformed_not_ignored() -> None:
+    # A producer who sets "classification" once for the batch meant it for every message;
+    # dropped silently, the messages travelled as internal.
+    batch = {"messages": [single()], "classification": "restricted"}
+    status, body = http(json.dumps(batch))
+    assert (status, body["error"]["reason"]) == (400, "malformed_request")
+    transport = MemoryTransport()
+    response = dispatch(batch, f"{FUNCTION}:community", runtime(transport))
+    assert response["error"]["reason"] == "malformed_request"
+    assert transport.published == []
+
+
 def test_https_without_a_verified_identity_is_401() -> None:
     status, body = http(json.dumps(single()), claims={})
     assert status == 401
@@ -222,6 +234,20 @@ def test_https_nothing_stored_is_503_also_when_the_batch_repeats_a_message() -> 
     assert [r["reason"] for r in body["results"]] == ["unavailable", "duplicate_message_id"]
 
 
+def test_https_nothing_stored_is_503_also_beside_messages_refused_for_good() -> None:
+    # Nothing was stored, and the outage is why for one of them: 207 read as "done, some
+    # refused" to a client that retries on 5xx only, and the storable message was never sent
+    # again. The body still says which message was refused for what.
+    bad = {**single(), "message_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "priority": "urgent"}
+    request = event("http_single.json")
+    request["body"] = json.dumps({"messages": [single(), bad]})
+    response = dispatch(request, FUNCTION, runtime(MemoryTransport(failure=Failure.TIMEOUT)))
+    assert response["statusCode"] == 503
+    body = json.loads(response["body"])
+    assert [r["reason"] for r in body["results"]] == ["unavailable", "invalid_priority"]
+    assert (body["accepted"], body["rejected"]) == (0, 2)
+
+
 # -- SQS --------------------------------------------------------------------------------------
 
 
@@ -232,6 +258,24 @@ def test_sqs_rejected_messages_are_final_and_only_unstored_ones_are_retried() ->
     assert response == {"batchItemFailures": [{"itemIdentifier": "m-2"}]}
     (stored,) = transport.published
     assert json.loads(stored.body)["source"] == "business"
+
+
+def test_sqs_messages_whose_audit_records_were_lost_stay_on_the_queue() -> None:
+    # Deleted with their records lost, the refused message would be gone without any trace and
+    # the accepted one stored without its audit record or archived body. Kept, each comes back
+    # and is routed again with its records (the stored copy is removed by message_id).
+    audit, transport = MemoryAuditSink(available=False), MemoryTransport()
+    router = Router(
+        table=default_routing_table(),
+        transports=[transport],
+        cipher=LocalCipher(),
+        audit=audit,
+        environment="test",
+    )
+    built = RouterRuntime(router=router, settings=runtime().settings)
+    response = dispatch(event("sqs_ingest.json"), FUNCTION, built)
+    assert response == {"batchItemFailures": [{"itemIdentifier": f"m-{i}"} for i in range(3)]}
+    assert len(transport.published) == 2
 
 
 def test_sqs_records_from_a_queue_that_is_not_an_ingest_queue_fail_the_batch() -> None:

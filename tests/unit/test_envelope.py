@@ -216,6 +216,19 @@ def test_message_ids_are_normalized_uuid_lowercase_ulid_uppercase() -> None:
     assert accept(envelope(message_id=ULID.lower())).message_id == ULID
 
 
+@pytest.mark.parametrize(
+    "look_alike",
+    [
+        ULID.replace("K", "\u212a"),  # KELVIN SIGN: matched K under IGNORECASE
+        ULID.replace("Y", "\u017f"),  # LATIN SMALL LETTER LONG S: matched S, upper() is "S"
+    ],
+)
+def test_a_ulid_with_a_non_ascii_look_alike_letter_is_not_a_message_id(look_alike: str) -> None:
+    # The Kelvin sign was kept in the id: an idempotency key that no ULID library can read and
+    # that differs from the same ULID typed with a K.
+    assert reject(envelope(message_id=look_alike)).reason is Reason.INVALID_MESSAGE_ID
+
+
 def test_rejection_carries_the_message_id_when_it_was_valid() -> None:
     assert reject(envelope(message_id=ULID, topic="Bad")).message_id == ULID
     assert reject(envelope(message_id="nope")).message_id is None
@@ -225,6 +238,33 @@ def test_timestamps_are_parsed_with_their_offset_and_written_in_utc() -> None:
     result = accept(envelope(occurred_at="2026-11-22T15:00:00.1234567+07:00"))
     assert result.occurred_at == datetime(2026, 11, 22, 8, 0, 0, 123456, tzinfo=UTC)
     assert result.to_dict()["occurred_at"] == "2026-11-22T08:00:00.123456Z"
+
+
+def test_a_year_before_1000_is_written_with_four_digits_and_reads_back() -> None:
+    # strftime wrote "99-01-01T00:00:00Z": accepted, then unreadable by every consumer, the
+    # drain and the replay (from_wire refused it as invalid_timestamp).
+    result = accept(envelope(occurred_at="0099-01-01T00:00:00Z"))
+    wire = result.to_json_bytes()
+    assert json.loads(wire)["occurred_at"] == "0099-01-01T00:00:00Z"
+    assert from_wire(wire) == result
+
+
+@pytest.mark.parametrize(
+    "leap",
+    ["2016-12-31T23:59:60Z", "2016-12-31t23:59:60.5z", "2016-12-31T15:59:60.123-08:00"],
+)
+def test_a_leap_second_is_accepted_as_the_last_moment_of_its_minute(leap: str) -> None:
+    # RFC 3339 allows 23:59:60 in UTC (JSON Schema's date-time too); refusing it turned a valid
+    # child-safety alert into invalid_timestamp. Python holds no 60th second: it is written as
+    # the last microsecond of the minute, so it still sorts between :59 and the next minute.
+    result = accept(envelope(occurred_at=leap))
+    assert result.to_dict()["occurred_at"] == "2016-12-31T23:59:59.999999Z"
+    assert from_wire(result.to_json_bytes()) == result
+
+
+@pytest.mark.parametrize("wrong", ["2016-12-31T22:59:60Z", "2016-12-31T23:58:60Z"])
+def test_a_sixtieth_second_anywhere_but_23_59_utc_is_invalid(wrong: str) -> None:
+    assert reject(envelope(occurred_at=wrong)).reason is Reason.INVALID_TIMESTAMP
 
 
 def test_a_message_expiring_later_is_accepted_and_keeps_its_embargo() -> None:

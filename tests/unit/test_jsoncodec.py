@@ -46,6 +46,24 @@ def test_floats_keep_their_exact_value(number: float) -> None:
     assert json.loads(canonical_json({"n": number})) == {"n": number}
 
 
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_a_float_is_spelled_the_same_beside_an_integer_beyond_64_bits(number: float) -> None:
+    # The standard library wrote such a value whole, with its own spelling of small exponents
+    # (1e-07, 1.5e-05): one payload had two canonical forms, and a consumer that rebuilt the
+    # form to check a hash got another one.
+    alone = canonical_json({"n": number})
+    assert (
+        canonical_json({"big": 2**70, "n": number})
+        == b'{"big":1180591620717411303424,' + (alone[1:])
+    )
+
+
+def test_integers_beyond_64_bits_keep_every_digit_at_any_depth() -> None:
+    value = {"a": [-(2**64), 2**64 - 1, -(2**63), [2**200]], "b": True, "f": 1e-7}
+    assert json.loads(canonical_json(value)) == value
+    assert b'"f":1e-7' in canonical_json(value)
+
+
 def test_control_characters_and_quotes_are_escaped_and_the_rest_is_utf8() -> None:
     assert canonical_json('\n\t"\\\x01é😀') == '"\\n\\t\\"\\\\\\u0001é😀"'.encode()
 

@@ -185,6 +185,9 @@ def test_a_message_the_broker_refused_is_audited_as_fallback_with_the_reason() -
 def test_a_lost_audit_batch_does_not_change_what_producers_are_told() -> None:
     result = _router(audit=MemoryAuditSink(available=False)).route([incident()], source="community")
     assert result.results[0].status == ACCEPTED
+    # The entry points learn it (SQS ingest keeps the messages); producers' answers do not.
+    assert result.audited is False
+    assert "audited" not in result.to_dict()
 
 
 def test_an_envelope_that_grows_past_the_limit_when_encrypted_is_rejected_too_large() -> None:

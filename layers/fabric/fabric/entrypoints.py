@@ -96,6 +96,10 @@ def _alias_group(invoked_function_arn: str) -> str:
 def _messages_of(event: object) -> Sequence[Any]:
     if not isinstance(event, Mapping) or not isinstance(event.get("messages"), list):
         raise BadRequest(400, "malformed_request", 'expected {"messages": [<envelope>, ...]}')
+    if len(event) > 1:
+        # As in an envelope: a batch-wide "priority" or "classification" the producer meant for
+        # every message must not be silently dropped.
+        raise BadRequest(400, "malformed_request", "a batch request has no field but messages")
     messages: list[Any] = event["messages"]
     if not messages:
         raise BadRequest(400, "malformed_request", "messages is empty")
@@ -112,7 +116,8 @@ def handle_http(event: Mapping[str, Any], router: Router, *, identity_claim: str
 
     202 all accepted; 207 some rejected; 400 malformed request (or a single invalid envelope);
     401 no verified identity; 403 unknown group or topic not permitted; 413 too large; 503
-    nothing could be stored. The body is the batch result (plus ``error`` for request errors).
+    nothing accepted and some message ``unavailable``. The body is the batch result (plus
+    ``error`` for request errors).
     A request refused as a whole leaves one audit record (see ``Router.refuse_request``).
     """
     source: str | None = None
@@ -189,8 +194,9 @@ def _http_status(result: BatchResult, *, single: bool) -> int:
     rejected = [r for r in result.results if r.status == REJECTED]
     reasons = {r.reason for r in rejected}
     if result.accepted == 0:
-        # With nothing accepted, a duplicate repeats a message that could not be stored.
-        if reasons - {Reason.DUPLICATE_MESSAGE_ID} == {Reason.UNAVAILABLE}:
+        # Nothing stored, and for some of it the fabric, not the input, is why: "retry later"
+        # is the answer, even beside messages refused for good (they are refused again).
+        if Reason.UNAVAILABLE in reasons:
             return 503
         if reasons == {Reason.SOURCE_NOT_ALLOWED}:
             return 403
@@ -211,6 +217,9 @@ def handle_sqs(event: Mapping[str, Any], router: Router, *, queue_prefix: str) -
 
     A rejected message is a final answer (audited, deleted from the queue); only messages that
     could not be stored (``unavailable``) are reported as failures, so SQS retries them later.
+    When the audit records of a group's messages could not be stored on any path, all of them
+    are reported as failures: SQS keeps each message until it is routed with its record (an
+    accepted one is published again then; consumers remove the copy by ``message_id``).
     A message without a ``message_id`` is given its SQS message id, the same on every delivery:
     a copy that a timed-out broker did store and its redelivery are one message to consumers.
 
@@ -230,7 +239,7 @@ def handle_sqs(event: Mapping[str, Any], router: Router, *, queue_prefix: str) -
             default_ids=[normalize_message_id(str(records[i].get("messageId"))) for i in indices],
         )
         for index, outcome in zip(indices, result.results, strict=True):
-            if _retry(outcome):
+            if not result.audited or _retry(outcome):
                 failures.append({"itemIdentifier": records[index]["messageId"]})
     return {"batchItemFailures": failures}
 

@@ -34,8 +34,11 @@ HEADER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 # RabbitMQ ignores `x-` headers when matching; `fabric-` headers are set by the fabric itself.
 RESERVED_HEADER_PREFIXES = ("x-", "fabric-")
 
-_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
-_ULID_RE = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.I)
+# ASCII: with IGNORECASE alone, the Kelvin sign and the long s match K and S.
+_UUID_RE = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I | re.ASCII
+)
+_ULID_RE = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}", re.I | re.ASCII)
 _NIL_UUID = "00000000-0000-0000-0000-000000000000"
 _RFC3339_RE = re.compile(  # ASCII: \d would take any Unicode digit, and int() reads them
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
@@ -237,7 +240,8 @@ class _Invalid(Exception):
 def format_timestamp(moment: datetime) -> str:
     """Render an aware datetime as RFC 3339 in UTC with a `Z` suffix (microseconds if any)."""
     utc = moment.astimezone(UTC)
-    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
+    # Not strftime: its %Y writes the year 99 as "99", which no RFC 3339 reader takes back.
+    text = utc.replace(tzinfo=None).isoformat(timespec="seconds")
     if utc.microsecond:
         text += f".{utc.microsecond:06d}".rstrip("0")
     return text + "Z"
@@ -246,7 +250,9 @@ def format_timestamp(moment: datetime) -> str:
 def parse_timestamp(text: str) -> datetime:
     """Parse an RFC 3339 timestamp that carries a timezone (`Z` or `±hh:mm`).
 
-    Fractional seconds beyond microseconds are truncated. Leap seconds (`:60`) are refused.
+    Fractional seconds beyond microseconds are truncated. A leap second is `23:59:60` in UTC
+    (RFC 3339 §5.7; any other `:60` is refused): Python's datetime has no 60th second, so it
+    reads as 23:59:59.999999, after every other moment of that minute and before the next.
 
     Raises:
         ValueError: the text is not RFC 3339 with a timezone, or names an impossible moment.
@@ -262,15 +268,18 @@ def parse_timestamp(text: str) -> datetime:
         if offset >= timedelta(hours=24) or int(off_m) > 59:
             raise ValueError(f"timezone offset out of range: {_quoted(text)}")
         tz = timezone(-offset if sign == "-" else offset)
-    micro = int((frac or "0")[:6].ljust(6, "0"))
+    leap = second == "60"
+    whole, micro = (59, 999_999) if leap else (int(second), int((frac or "0")[:6].ljust(6, "0")))
     moment = datetime(
-        int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz
+        int(year), int(month), int(day), int(hour), int(minute), whole, micro, tzinfo=tz
     )
-    if tz is not UTC:
+    if tz is not UTC or leap:
         try:  # 0001-01-01T00:00:00+01:00 is before the first moment Python can hold in UTC
-            moment.astimezone(UTC)
+            utc = moment.astimezone(UTC)
         except OverflowError:
             raise ValueError(f"timestamp out of range: {_quoted(text)}") from None
+        if leap and (utc.hour, utc.minute) != (23, 59):
+            raise ValueError(f"a leap second is 23:59:60 in UTC: {_quoted(text)}")
     return moment
 
 

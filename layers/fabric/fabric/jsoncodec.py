@@ -2,9 +2,11 @@
 
 The fabric stores, hashes and encrypts this encoding. orjson writes it, about fifteen times
 faster than the standard library, which matters on the router's path (an envelope and two audit
-records per message). The standard library writes what orjson cannot (integers beyond 64 bits);
-both give the same bytes for strings, integers, booleans, null, lists and objects, and the same
-shortest round-trip digits for floats (orjson spells small exponents ``1e-7``, not ``1e-07``).
+records per message). Integers beyond 64 bits, which orjson refuses, go in as fragments of their
+decimal digits, so a value's floats are spelled the same with or without one (orjson's
+``1e-7`` and ``0.000015``, never the standard library's ``1e-07`` and ``1.5e-05``). The standard
+library still checks what orjson lets through (NaN and the infinities, which orjson writes as
+null).
 """
 
 from __future__ import annotations
@@ -32,20 +34,34 @@ def canonical_json(value: object) -> bytes:
     except orjson.JSONEncodeError as exc:
         if "Integer exceeds 64-bit range" not in str(exc):
             raise ValueError(f"not JSON: {exc}") from None
-        return _stdlib(value)
+        _check(value)
+        return orjson.dumps(_big_integers_as_fragments(value), option=_OPTIONS)
     if b"null" in out:
         # orjson writes NaN and the infinities as null; only a strict encoder tells them apart.
-        _stdlib(value)
+        _check(value)
     return out
 
 
-def _stdlib(value: object) -> bytes:
+def _check(value: object) -> None:
+    """Raise ValueError unless the standard library's strict encoder takes ``value``."""
     if _depth(value) > _MAX_DEPTH:  # orjson's limit, which the standard encoder does not keep
         raise ValueError(f"not JSON: nested deeper than {_MAX_DEPTH} levels")
     try:
-        return _STRICT.encode(value).encode("utf-8")
+        _STRICT.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise ValueError(f"not JSON: {exc}") from None
+
+
+def _big_integers_as_fragments(value: object) -> object:
+    """``value`` with each integer orjson cannot write replaced by its digits as a fragment
+    (recursive: ``_check`` has bounded the nesting)."""
+    if isinstance(value, dict):
+        return {key: _big_integers_as_fragments(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_big_integers_as_fragments(item) for item in value]
+    if type(value) is int and not -(2**63) <= value < 2**64:
+        return orjson.Fragment(str(value))
+    return value
 
 
 _MAX_DEPTH = 254

@@ -75,9 +75,16 @@ class MessageResult:
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """All results of one router call, in input order."""
+    """All results of one router call, in input order.
+
+    ``audited`` is False when the call's audit records could not be stored on any path: the
+    answers stand (a producer is never told something false), but an entry point that can
+    still say "not done", as SQS ingest can, does not let the messages go without their records.
+    It is not part of the answer producers receive.
+    """
 
     results: tuple[MessageResult, ...]
+    audited: bool = True
 
     @property
     def accepted(self) -> int:
@@ -269,8 +276,8 @@ class Router:
             outcomes = transport.publish([item.outbound for item in waiting])
             waiting = self._settle(waiting, outcomes, results, records, now, failures=failures)
         self._reject_unstored(waiting, results, records, now)
-        self._emit(records, admitted, prepared)
-        batch = _complete(results)
+        audited = self._emit(records, admitted, prepared)
+        batch = _complete(results, audited=audited)
         if self._metrics is not None and batch.results:
             self._metrics.count(_counts(batch))
         return batch
@@ -473,7 +480,7 @@ class Router:
         return False
 
 
-def _complete(results: Sequence[MessageResult | None]) -> BatchResult:
+def _complete(results: Sequence[MessageResult | None], *, audited: bool) -> BatchResult:
     """The call's results, one per message.
 
     Raises:
@@ -484,7 +491,7 @@ def _complete(results: Sequence[MessageResult | None]) -> BatchResult:
     complete = tuple(r for r in results if r is not None)
     if len(complete) < len(results):
         raise RuntimeError(f"{len(results) - len(complete)} message(s) of the call got no result")
-    return BatchResult(complete)
+    return BatchResult(complete, audited)
 
 
 def _duplicate(message_id: str) -> Rejection:
