@@ -278,6 +278,39 @@ def test_sqs_messages_whose_audit_records_were_lost_stay_on_the_queue() -> None:
     assert len(transport.published) == 2
 
 
+@pytest.mark.parametrize(
+    "body",
+    ["{not json", '"a string"', '{"topic": "Bad Topic", "payload": {}}', '{"message_id": "x"}'],
+)
+def test_sqs_a_refused_message_without_a_readable_id_is_audited_under_its_sqs_id(
+    body: str,
+) -> None:
+    # Deleted from the queue as a final answer, it must stay traceable: its audit record names
+    # the SQS message, the id SQS ingest gives a message without one.
+    audit = MemoryAuditSink()
+    router = Router(
+        table=default_routing_table(),
+        transports=[MemoryTransport()],
+        cipher=LocalCipher(),
+        audit=audit,
+        environment="test",
+    )
+    sqs_id = "059f36b4-87a3-44ab-83d2-661975830a7d"
+    records = {
+        "Records": [
+            {
+                "messageId": sqs_id,
+                "body": body,
+                "eventSource": "aws:sqs",
+                "eventSourceARN": f"{INGEST}business",
+            }
+        ]
+    }
+    built = RouterRuntime(router=router, settings=runtime().settings)
+    assert dispatch(records, FUNCTION, built) == {"batchItemFailures": []}
+    assert [(r.event, r.message_id) for r in audit.records] == [(AuditEvent.REJECTED, sqs_id)]
+
+
 def test_sqs_records_from_a_queue_that_is_not_an_ingest_queue_fail_the_batch() -> None:
     records = event("sqs_ingest.json")
     records["Records"][0]["eventSourceARN"] = "arn:aws:sqs:ap-southeast-3:111111111111:other"

@@ -333,7 +333,9 @@ def validate_envelope(
     any `source` field in the body is ignored and replaced by it. `now` is the clock used for the
     expiry check (default: the current UTC time). `default_id` (normalized, see
     `normalize_message_id`) is the message id of a message without one, instead of a random one:
-    an SQS ingest message's own id, the same on every delivery of it. Never raises for bad input.
+    an SQS ingest message's own id, the same on every delivery of it; a rejection of a message
+    without a readable id carries it too, so its audit record names the SQS message. Never
+    raises for bad input.
 
     Raises:
         ValueError: `source` is empty (a caller bug, not bad input).
@@ -344,13 +346,17 @@ def validate_envelope(
         try:
             size = len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw)
         except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a "\ud800" escape
-            return Rejection(Reason.INVALID_UTF8, f"body is not UTF-8 at character {exc.start}")
+            return Rejection(
+                Reason.INVALID_UTF8, f"body is not UTF-8 at character {exc.start}", default_id
+            )
         if size > MAX_ENVELOPE_BYTES:
-            return Rejection(Reason.TOO_LARGE, f"body is {size} bytes, limit {MAX_ENVELOPE_BYTES}")
+            return Rejection(
+                Reason.TOO_LARGE, f"body is {size} bytes, limit {MAX_ENVELOPE_BYTES}", default_id
+            )
     try:
         obj = _decode(raw)
     except _Invalid as bad:
-        return Rejection(bad.reason, bad.message)
+        return Rejection(bad.reason, bad.message, default_id)
     return _build(
         obj, source=source, now=now or datetime.now(UTC), ingress=True, default_id=default_id
     )
@@ -480,7 +486,7 @@ def _build(
     limits new messages must keep (headers, the encoded size the fallback can carry) are
     checked; otherwise a stored one, which keeps the limits it was accepted under."""
     if not isinstance(obj, dict):
-        return Rejection(Reason.NOT_AN_OBJECT, "envelope must be a JSON object")
+        return Rejection(Reason.NOT_AN_OBJECT, "envelope must be a JSON object", default_id)
     message_id: str | None = None
     try:
         message_id = _message_id(obj.get("message_id"))
@@ -529,7 +535,7 @@ def _build(
                 "send large payloads by claim-check",
             )
     except _Invalid as bad:
-        return Rejection(bad.reason, bad.message, message_id)
+        return Rejection(bad.reason, bad.message, message_id or default_id)
     return envelope
 
 
