@@ -548,14 +548,19 @@ class RabbitMqTransport:
             self._batch.lose()
         self._channel = None
 
-    def _on_blocked(self, _connection: pika.BaseConnection, _frame: Any) -> None:
+    def _on_blocked(self, connection: pika.BaseConnection, _frame: Any) -> None:
         _LOG.warning("rabbitmq connection blocked by a resource alarm")
+        if connection is not self._connection:
+            # A connection being dropped (its loop runs while _discard closes it): marking the
+            # transport blocked would keep connect() from ever opening the next one.
+            return
         self._blocked = True
         if self._batch is not None:
             self._batch.lose()
 
-    def _on_unblocked(self, _connection: pika.BaseConnection, _frame: Any) -> None:
-        self._blocked = False
+    def _on_unblocked(self, connection: pika.BaseConnection, _frame: Any) -> None:
+        if connection is self._connection:
+            self._blocked = False
 
 
 class _Taken:
