@@ -56,7 +56,7 @@ class ComplianceReport(Construct):
     changes a lock); the audit key through S3 with the audit bucket as encryption context to
     decrypt, and with the reports bucket as context to encrypt; ``s3:PutObject`` under
     ``compliance/<env>/`` of the reports bucket; ``kms:Verify`` with ECDSA_SHA_256 on the
-    signing key; ``sns:Publish`` on its topic and the topics key through SNS.
+    signing key; ``sns:Publish`` on its topic and the topics key through SNS for that topic.
 
     Alarms on the on-call topic: ``ComplianceReportErrors`` (the function failed),
     ``TrailNotVerified`` (a report found the trail not verified) and ``ComplianceReportMissing``
@@ -259,7 +259,13 @@ class ComplianceReport(Construct):
                     "TopicsKeyThroughSns",
                     ["kms:GenerateDataKey", "kms:Decrypt"],
                     [topics_key.key_arn],
-                    {"StringEquals": {"kms:ViaService": f"sns.{region}.amazonaws.com"}},
+                    # Through SNS and for this topic only (SNS's encryption context names it).
+                    {
+                        "StringEquals": {
+                            "kms:ViaService": f"sns.{region}.amazonaws.com",
+                            "kms:EncryptionContext:aws:sns:topicArn": self.topic.topic_arn,
+                        }
+                    },
                 ),
             )
         )

@@ -279,7 +279,8 @@ class FabricFunction(Construct):
         )
 
     def allow_secret_read(self, secret: secretsmanager.ISecret, key: kms.IKey) -> None:
-        """Let the function read ``secret``, encrypted with ``key``, through Secrets Manager.
+        """Let the function read ``secret``, encrypted with ``key``, through Secrets Manager,
+        and use ``key`` for that secret only (``kms:EncryptionContext:SecretARN``).
 
         Written as identity-policy statements on the function's role: CDK's ``grant_read``
         would put the KMS part into the key's policy (a ViaService principal cannot carry an
@@ -292,13 +293,15 @@ class FabricFunction(Construct):
                 resources=[secret.secret_arn],
             )
         )
+        # For this secret only: Secrets Manager names it in its encryption context.
         self.role.add_to_principal_policy(
             iam.PolicyStatement(
                 actions=["kms:Decrypt"],
                 resources=[key.key_arn],
                 conditions={
                     "StringEquals": {
-                        "kms:ViaService": f"secretsmanager.{Stack.of(self).region}.amazonaws.com"
+                        "kms:ViaService": f"secretsmanager.{Stack.of(self).region}.amazonaws.com",
+                        "kms:EncryptionContext:SecretARN": secret.secret_arn,
                     }
                 },
             )

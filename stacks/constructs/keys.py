@@ -23,6 +23,41 @@ def alarms_of_this_account(stack: Stack) -> dict[str, Any]:
     }
 
 
+# What the topics and queues keys deny outside their service: every cryptographic operation,
+# never key administration (the account root keeps kms:PutKeyPolicy, kms:ScheduleKeyDeletion...).
+CRYPTO_ACTIONS = ["kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*"]
+
+
+def only_through(key: kms.Key, *, sid: str, service: str, direct_callers: list[str]) -> None:
+    """Deny ``key``'s cryptographic operations to every caller who neither comes through
+    ``service`` (``kms:ViaService``) nor is one of the service principals ``direct_callers``
+    (``aws:PrincipalServiceName``), which call KMS in their own name.
+
+    Both keys are negated, and a negated operator counts a key the request lacks as differing,
+    so the deny needs both to miss: an IAM role calling KMS itself has neither key (denied);
+    a role's request that SQS or SNS makes for it carries ``kms:ViaService`` (admitted); a
+    service principal has no ``kms:ViaService`` but its own name (admitted if named, and then
+    still only as far as its allow statement in the key's policy goes). Only an explicit deny
+    stops the account's IAM policies, which the default statement lets use the key.
+    """
+    stack = Stack.of(key)
+    key.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid=sid,
+            effect=iam.Effect.DENY,
+            principals=[iam.AnyPrincipal()],
+            actions=CRYPTO_ACTIONS,
+            resources=["*"],
+            conditions={
+                "StringNotEquals": {
+                    "kms:ViaService": f"{service}.{stack.region}.amazonaws.com",
+                    "aws:PrincipalServiceName": direct_callers,
+                }
+            },
+        )
+    )
+
+
 def _every(stack: Stack, service: str, resource: str) -> str:
     """The ARN pattern of every ``resource`` of ``service`` in this account and region."""
     return stack.format_arn(
@@ -62,7 +97,9 @@ class FabricKeys(Construct):
     topics key, and EventBridge on the queues key for the audit checkpoint rule only (its
     undeliverable events go to the audit writer's SSE-KMS DLQ); CDK adds SNS on the queues key
     for the fallback subscriptions. Everything else is granted by the stacks on the roles that
-    use a key.
+    use a key. The topics and queues keys also deny their cryptographic operations to any
+    caller that comes neither through SNS (topics) or SQS (queues) nor as one of those service
+    principals (``only_through``), whatever an IAM policy of the account allows.
     """
 
     def __init__(
@@ -153,6 +190,22 @@ class FabricKeys(Construct):
                     }
                 },
             )
+        )
+
+        # Used by roles only through SNS and SQS. The service principals that use them in their
+        # own name are exactly those the allow statements above (and CDK's for the fallback
+        # subscriptions) admit, each under its own condition.
+        only_through(
+            self.topics,
+            sid="DenyUseExceptThroughSns",
+            service="sns",
+            direct_callers=["cloudwatch.amazonaws.com"],
+        )
+        only_through(
+            self.queues,
+            sid="DenyUseExceptThroughSqs",
+            service="sqs",
+            direct_callers=["events.amazonaws.com", "sns.amazonaws.com"],
         )
 
         # Oldest first. The first keeps the construct id and alias it had before rotation

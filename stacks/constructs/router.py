@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jsii
 from aws_cdk import Duration, Names, Stack
 from aws_cdk import aws_apigateway as apigw_v1
@@ -17,6 +19,7 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from fabric.protection import CLASSIFICATION_KEY, ENVIRONMENT_KEY, SOURCE_KEY
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from stacks.config import ApiConfig, RouterConfig
 from stacks.constructs.audit_queue import audit_environment
@@ -37,6 +40,28 @@ _CONSUME = [
     "sqs:DeleteMessage",
     "sqs:GetQueueAttributes",
 ]
+
+
+def restricted_payload_context(env_name: str) -> dict[str, Any]:
+    """Conditions that admit a data key of the messages key only for a restricted payload of
+    this environment: the context KMS sees is exactly ``fabric:source``,
+    ``fabric:classification`` (``restricted``) and ``fabric:environment`` (``env_name``).
+
+    ``fabric:message_id`` is also in the payload's context, but the Encryption SDK adapter
+    keeps it out of what KMS sees (``fabric.adapters.esdk``); the suite is unsigned, so the SDK
+    adds no ``aws-crypto-public-key``. ``ForAllValues`` alone would admit an empty context, so
+    each of the three keys is also required.
+    """
+    return {
+        "StringEquals": {
+            f"kms:EncryptionContext:{CLASSIFICATION_KEY}": "restricted",
+            f"kms:EncryptionContext:{ENVIRONMENT_KEY}": env_name,
+        },
+        "Null": {f"kms:EncryptionContext:{SOURCE_KEY}": "false"},
+        "ForAllValues:StringEquals": {
+            "kms:EncryptionContextKeys": [SOURCE_KEY, CLASSIFICATION_KEY, ENVIRONMENT_KEY]
+        },
+    }
 
 
 def broker_environment(
@@ -111,7 +136,14 @@ class Router(Construct):
         function = self.function.function
         self.function.allow_secret_read(broker_secret, secrets_key)
         self.function.allow_send(audit_queue, sid="AuditBatches")
-        messages_key.grant(function, "kms:GenerateDataKey")
+        function.add_to_role_policy(
+            iam.PolicyStatement(
+                sid="MessagesKeyForRestrictedPayloads",
+                actions=["kms:GenerateDataKey"],
+                resources=[messages_key.key_arn],
+                conditions=restricted_payload_context(env_name),
+            )
+        )
         # Publishing to a topic encrypted with a customer key needs that key; named actions
         # rather than grant_publish's GenerateDataKey* wildcard, through SNS and for these two
         # topics only (SNS's encryption context names the topic).

@@ -164,7 +164,10 @@ def test_the_report_uses_each_key_only_as_it_must(trail: Trail) -> None:
     assert sorted(listed(topics["Action"])) == ["kms:Decrypt", "kms:GenerateDataKey"]
     assert trail.stateful_resource(topics["Resource"])[0].startswith("KeysTopics")
     assert topics["Condition"] == {
-        "StringEquals": {"kms:ViaService": f"sns.{region}.amazonaws.com"}
+        "StringEquals": {
+            "kms:ViaService": f"sns.{region}.amazonaws.com",
+            "kms:EncryptionContext:aws:sns:topicArn": by_sid["PublishSummaries"]["Resource"],
+        }
     }
 
     for statement in granted:
