@@ -128,6 +128,24 @@ def test_the_amazon_mq_handler_isolates_a_bad_message_from_its_batch() -> None:
     assert [m.message_id for m in transport.published] == ["m-2"]
 
 
+def test_a_table_or_forged_attempt_header_does_not_fail_the_amazon_mq_batch() -> None:
+    # A table header (no "bytes") raised KeyError, and "²" passed isdigit() but not int():
+    # either failed the whole batch on every delivery, until the delivery limit parked the
+    # healthy messages of the batch with it.
+    event = amazon_mq_event(3)
+    headers = event["rmqMessagesByQueue"][f"{WORK}::/"][1]["basicProperties"]["headers"]
+    headers["case-meta"] = {"region": "north"}
+    headers[topology.ATTEMPT_HEADER] = {"bytes": list("\u00b2".encode())}
+    seen: list[tuple[str, int]] = []
+    handle = rabbitmq_batch_handler(
+        MessageProcessor(lambda d: seen.append((d.message_id, d.attempt))),
+        RabbitMqSettler(lambda _g: MemoryTransport()),
+    )
+
+    assert handle(event, None) == {"done": 3, "retry": 0, "dead-letter": 0}
+    assert seen == [("m-0", 1), ("m-1", 1), ("m-2", 1)]
+
+
 def test_the_amazon_mq_handler_fails_the_whole_batch_when_a_retry_cannot_be_stored() -> None:
     transport = MemoryTransport(fail_ids={"m-1"})
     handle = rabbitmq_batch_handler(
@@ -334,7 +352,8 @@ def test_a_copy_held_by_a_crashed_consumer_is_retried_without_spending_an_attemp
     # Before, each clash was a failed attempt: an emergency reached max-attempts after its
     # 1 s, 5 s and 30 s tiers and was parked before its handler ever ran again.
     emergency_queue = topology.queue_name(Stakeholder.GOVERNMENT, emergency=True)
-    processor = MessageProcessor(failing(ValueError("never called")), _HeldByACrashedCopy(), 4)
+    held: Any = _HeldByACrashedCopy()
+    processor = MessageProcessor(failing(ValueError("never called")), held, 4)
     transport = MemoryTransport()
     settler = RabbitMqSettler(lambda _group: transport)
     for attempt in (1, 4, 9):  # also past max_attempts: a clash is never the message's fault

@@ -307,18 +307,30 @@ def rabbitmq_delivery(
 ) -> Delivery:
     """A Delivery from AMQP properties (the attempt comes from ``fabric-attempt``)."""
     kept = string_headers(headers)
-    attempt = kept.get(topology.ATTEMPT_HEADER, "1")
     return Delivery(
         message_id=message_id or "",
         topic=topic or "",
         body=body,
         queue=queue,
-        attempt=int(attempt) if attempt.isdigit() and int(attempt) > 0 else 1,
+        attempt=_attempt(kept.get(topology.ATTEMPT_HEADER, "1")),
         headers=kept,
         correlation_id=correlation_id,
         redelivered=redelivered,
         reply_to=reply_to,
     )
+
+
+def _attempt(text: str) -> int:
+    """The attempt a ``fabric-attempt`` header names; 1 for anything the toolkit does not write.
+
+    ``str.isdigit`` passes "²" and digit strings longer than ``int`` converts (4,300 digits):
+    either raised in the consume loop, which then stopped at that message each time."""
+    if text.isascii() and text.isdigit() and len(text) <= _MAX_ATTEMPT_DIGITS:
+        return max(1, int(text))
+    return 1
+
+
+_MAX_ATTEMPT_DIGITS = 9
 
 
 def settlement_records(
@@ -556,8 +568,10 @@ def _amazon_mq_deliveries(event: Mapping[str, Any]) -> Iterable[Delivery]:
         queue = str(key).split("::", 1)[0]
         for message in messages:
             properties = message.get("basicProperties") or {}
-            headers = {
-                name: bytes(value["bytes"]) if isinstance(value, Mapping) else value
+            headers = {  # a table (no "bytes") stays a mapping, which string_headers leaves out
+                name: bytes(value["bytes"])
+                if isinstance(value, Mapping) and isinstance(value.get("bytes"), list)
+                else value
                 for name, value in (properties.get("headers") or {}).items()
             }
             yield rabbitmq_delivery(
@@ -618,8 +632,13 @@ def sqs_batch_handler(
         # Powertools passes the invocation's context to a handler that names ``lambda_context``:
         # an idempotency record in progress then stands for the invocation's remaining time,
         # not the 60 s default, so a copy arriving meanwhile is not processed a second time.
-        delivery = _sqs_delivery(record)
-        decision = processor.process(delivery, lambda_context)
+        delivery, malformed = _sqs_delivery(record)
+        if malformed:  # not the fabric's: the handler would read headers it never sent
+            decision = Decision(
+                Verdict.DEAD_LETTER, reason="malformed-headers", error="MessageRejected"
+            )
+        else:
+            decision = processor.process(delivery, lambda_context)
         last = max_receives is not None and delivery.attempt >= max_receives
         if last and decision.verdict is not Verdict.DONE:  # SQS parks it after this receive
             reason = decision.reason or "max-receives"
@@ -641,7 +660,9 @@ def sqs_batch_handler(
     return handler
 
 
-def _sqs_delivery(record: Any) -> Delivery:
+def _sqs_delivery(record: Any) -> tuple[Delivery, bool]:
+    """The delivery of an SQS record, and whether its ``fabric-headers`` attribute is malformed
+    (not a JSON object of strings: its headers are then left out)."""
     from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
 
     attributes = {name: value.string_value for name, value in record.message_attributes.items()}
@@ -655,12 +676,27 @@ def _sqs_delivery(record: Any) -> Delivery:
             message_id, topic = message_id or envelope.message_id, topic or envelope.topic
         except FabricError:
             message_id = message_id or ""
+    headers = _json_headers(headers_text) if headers_text else {}
     receive_count = record.attributes.approximate_receive_count
-    return Delivery(
+    delivery = Delivery(
         message_id=message_id or "",
         topic=topic or "",
         body=body,
         queue=record.event_source_arn,
         attempt=int(receive_count) if receive_count else 1,
-        headers=json.loads(headers_text) if headers_text else {},
+        headers=headers or {},
     )
+    return delivery, headers is None
+
+
+def _json_headers(text: str) -> dict[str, str] | None:
+    """A JSON object of string values, or None. Before, a record whose headers did not parse
+    raised before it was decided: failed on every receive, and parked by SQS without an
+    audit record."""
+    try:
+        headers = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        return None
+    return headers

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pika
@@ -112,10 +112,12 @@ class RabbitMqConsumer:
 
         Raises:
             pika.exceptions.AMQPError: the connection failed (what was not acknowledged is
-                redelivered to the next consumer).
+                redelivered to the next consumer); ``ConsumerCancelled`` when the broker
+                cancelled the consumer (its queue was deleted): run it again.
         """
         counts: Counter[str] = Counter()
         connection = open_blocking_connection(self._settings)
+        keeper = _HeartbeatKeeper(connection, every_s=self._settings.heartbeat / 4)
         try:
             channel = connection.channel()
             channel.basic_qos(prefetch_count=self._prefetch)
@@ -145,7 +147,8 @@ class RabbitMqConsumer:
                     redelivered=bool(method.redelivered),
                     reply_to=properties.reply_to,
                 )
-                decision = self._processor.process(delivery)
+                with keeper.serving():
+                    decision = self._processor.process(delivery)
                 wait = self._backoff_s
                 while decision.verdict is Verdict.SYSTEMIC and not (
                     stop is not None and stop.is_set()
@@ -156,14 +159,24 @@ class RabbitMqConsumer:
                     counts[str(Verdict.SYSTEMIC)] += 1
                     connection.sleep(wait)  # serves heartbeats while it waits
                     wait = min(max(wait * 2, 0.01), self._max_backoff_s)
-                    decision = self._processor.process(delivery)
+                    with keeper.serving():
+                        decision = self._processor.process(delivery)
                 pending.add(method.delivery_tag, delivery, decision)
                 if max_messages is not None and pending.total >= max_messages:
                     break
+            else:
+                # pika's generator ends only when the broker cancelled the consumer (its queue
+                # deleted or its node lost): returning counts would look like a finished run
+                # while nothing consumes the queue any more.
+                pending.flush()
+                raise pika.exceptions.ConsumerCancelled(
+                    f"the broker cancelled the consumer of {self._queue}"
+                )
             pending.flush()
             with contextlib.suppress(pika.exceptions.AMQPError):
                 channel.cancel()
         finally:
+            keeper.stop()
             with contextlib.suppress(pika.exceptions.AMQPError, OSError):
                 if connection.is_open:
                     connection.close()
@@ -173,6 +186,52 @@ class RabbitMqConsumer:
         # After something was not settled, so that a consumer whose dependency is down does
         # not spin.
         self._sleep(self._backoff_s)
+
+
+class _HeartbeatKeeper:
+    """Serves the connection (heartbeats) from a helper thread while a handler runs.
+
+    pika's blocking connection sends and reads heartbeats only while its own thread is inside
+    pika: a handler that ran past about twice the heartbeat lost the connection, and the message
+    and every prefetched one came back one delivery nearer the delivery limit. pika is not
+    thread-safe, so the consumer's thread holds ``_lock`` whenever it may touch the connection
+    and lets go of it only around the handler; the helper touches the connection only while it
+    holds the lock. A quick handler costs a lock release and acquire, not a thread handoff."""
+
+    def __init__(self, connection: Any, *, every_s: float) -> None:
+        self._connection = connection
+        self._every_s = max(every_s, 0.05)
+        self._lock = threading.Lock()
+        self._lock.acquire()  # the consumer's thread holds it outside handlers
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="heartbeats", daemon=True)
+        if every_s > 0:  # heartbeat 0: none negotiated, nothing to serve
+            self._thread.start()
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()  # waits out a pass of the helper under way
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _serve(self) -> None:
+        while not self._stopped.wait(self._every_s):
+            if not self._lock.acquire(blocking=False):
+                continue  # the consumer's thread is in pika itself
+            try:
+                if self._connection.is_open:
+                    self._connection.process_data_events(time_limit=0)
+            except (pika.exceptions.AMQPError, OSError):
+                pass  # a lost connection: the consumer's next call on it raises
+            finally:
+                self._lock.release()
 
 
 class _Pending:
