@@ -17,10 +17,12 @@ broker is private, so the drain runs inside the VPC and never from the operator'
 
 ``redrive`` invokes the deployed redrive function (``fabric-<env>-redrive``) to move the dead
 letters of one queue that match every given filter back to where they came from: a RabbitMQ DLQ
-(``fabric.<group>[.emergency].dlq``) to its work queue, an SQS DLQ (give the source queue's or
-the DLQ's name) to its source queue. ``--dry-run`` lists what would move and moves nothing. Long
-runs go in chunks (``--chunk``, default 500 messages an invocation) with a progress line after
-each; a re-run after an interruption never moves a letter twice (the function keeps a ledger).
+(``fabric.<group>[.emergency].dlq``) to its work queue, RabbitMQ's ``fabric.overflow`` to the
+terminal queue each letter came from (its DLQ, ``fabric.unrouted`` or ``fabric.audit``), an SQS
+DLQ (give the source queue's or the DLQ's name) to its source queue. ``--dry-run`` lists what
+would move and moves nothing. Long runs go in chunks (``--chunk``, default 500 messages an
+invocation) with a progress line after each; a re-run after an interruption never moves a
+letter twice (the function keeps a ledger).
 AGE is a number with ``s``, ``m``, ``h`` or ``d``.
 
 ``verify`` reads one writer's audit trail (objects and checkpoints) from the audit bucket and
@@ -584,7 +586,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
     )
     redrive_parser.add_argument("--env", required=True, help="dev, staging or prod (cdk.json)")
     redrive_parser.add_argument("--source", required=True, choices=["rabbitmq", "sqs"])
-    redrive_parser.add_argument("--queue", required=True, help="the dead-letter queue")
+    redrive_parser.add_argument(
+        "--queue", required=True, help="the dead-letter queue, or fabric.overflow"
+    )
     redrive_parser.add_argument("--topic", action="append", help="topic pattern (* and #)")
     redrive_parser.add_argument("--reason", action="append", help="dead-letter reason")
     redrive_parser.add_argument("--message-id", action="append", help="exact message id")

@@ -189,7 +189,8 @@ class DeadLetterAlarms(Construct):
       a DLQ that holds messages in ALARM instead of flapping.
     - ``BrokerOverflowDepth``: a RabbitMQ terminal queue (a DLQ, ``fabric.unrouted``,
       ``fabric.audit``) handed a message back up to its delivery limit, and the broker
-      dead-lettered it into ``fabric.overflow``, which nothing reads (same metric and period).
+      dead-lettered it into ``fabric.overflow``, where it waits until the redrive of
+      ``fabric.overflow`` moves it back (same metric and period).
 
     Missing data counts as empty: SQS publishes no metrics for an idle empty queue.
     """
@@ -293,9 +294,9 @@ class DeadLetterAlarms(Construct):
             broker_depths(broker_overflow_queues),
             "A message was handed back by redrive runs, an audit writer or an operator until it "
             "reached the delivery limit of its RabbitMQ DLQ, unrouted or audit queue, and the "
-            "broker moved it to the overflow queue, which nothing reads. Nothing is lost, but "
-            "it waits for an operator: see docs/runbook.md and docs/dead-letters.md (overflow) "
-            "to move it back to the queue it came from.",
+            "broker moved it to the overflow queue. Nothing is lost, but it waits for an "
+            "operator: redrive fabric.overflow to move it back to the queue it came from "
+            "(docs/runbook.md, docs/dead-letters.md, overflow).",
         )
 
     def _depth_alarms(self, name: str, depths: list[cloudwatch.Metric], description: str) -> None:

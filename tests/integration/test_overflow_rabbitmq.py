@@ -5,7 +5,8 @@ filtered runs, chunks); a failing audit writer hands its batch back; each hand-b
 delivery. The generated topology is applied with a terminal delivery limit of 3 instead of
 1000 (``definitions(terminal_delivery_limit=...)``: the same arguments otherwise) so the limit
 is reached in a few runs. A letter that reaches it must land in ``fabric.overflow`` with what
-the runbook needs to send it back, not vanish.
+the redrive needs to send it back, not vanish (the redrive of the overflow queue itself:
+``test_overflow_redrive.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fabric.adapters.management import ManagementClient
 from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
+from fabric.adapters.rabbitmq_overflow import RabbitMqOverflowQueue
 from fabric.bootstrap import exchange_for
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
 from fabric.routing import default_routing_table
@@ -139,12 +141,13 @@ def test_a_letter_that_dry_runs_peek_past_the_limit_moves_to_the_overflow_queue(
     assert headers["x-death"][0]["queue"] == DLQ
     assert headers["x-death"][0]["reason"] == "delivery_limit"
 
-    # The hand procedure (docs/dead-letters.md): a shovel from the overflow queue to the return
-    # exchange, keeping the routing key, puts it back in its DLQ; then the redrive as usual.
-    amqp.basic_publish(
-        topology.OVERFLOW_RETURN_EXCHANGE, method.routing_key, body, properties, mandatory=True
+    # The way back (docs/dead-letters.md): the redrive of the overflow queue puts it back in
+    # its DLQ, then the redrive of the DLQ as usual.
+    amqp.basic_nack(method.delivery_tag, requeue=True)
+    back = Redriver(ledger=MemoryRedriveLedger(), audit=MemoryAuditSink()).run(
+        RabbitMqOverflowQueue(settings(overflow_vhost))
     )
-    amqp.basic_ack(method.delivery_tag)
+    assert back.moved == 1
     assert settled_depth(amqp, DLQ, 1) == 1
     assert depth(amqp, topology.OVERFLOW_QUEUE) == 0
     moved = Redriver(ledger=MemoryRedriveLedger(), audit=MemoryAuditSink()).run(

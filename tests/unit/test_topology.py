@@ -302,7 +302,7 @@ def test_a_terminal_queue_dead_letters_at_its_delivery_limit_into_the_overflow_q
         arguments["x-dead-letter-exchange"], arguments["x-dead-letter-routing-key"], {}
     )
     assert landed == {topology.OVERFLOW_QUEUE}
-    # The way back an operator's shovel takes: the letter's routing key names its queue.
+    # The way back the redrive of the overflow queue takes: the routing key names the queue.
     back = BROKER.publish(
         topology.OVERFLOW_RETURN_EXCHANGE, arguments["x-dead-letter-routing-key"], {}
     )
@@ -316,7 +316,9 @@ def test_the_overflow_queue_is_the_only_queue_without_a_dead_letter_exchange() -
     arguments = QUEUES[topology.OVERFLOW_QUEUE]["arguments"]
     assert arguments == {
         "x-queue-type": "quorum",
-        "x-delivery-limit": topology.TERMINAL_DELIVERY_LIMIT,  # explicit: 4.x defaults to 20
+        # Explicit (4.x defaults to 20) and far beyond what the redrive's peeks could use up:
+        # nothing would take a letter dropped at it.
+        "x-delivery-limit": topology.OVERFLOW_DELIVERY_LIMIT,
         "x-overflow": "reject-publish",
         "x-max-length": topology.TERMINAL_MAX_LENGTH,
         "x-max-length-bytes": topology.MAX_LENGTH_BYTES,
@@ -327,20 +329,28 @@ def test_the_overflow_queue_is_the_only_queue_without_a_dead_letter_exchange() -
         b for b in DEFINITIONS["bindings"] if b["destination"] == topology.OVERFLOW_QUEUE
     ]
     assert [b["source"] for b in into_overflow] == [topology.OVERFLOW_EXCHANGE]
-    # The redrive refuses it (it is no group's DLQ), and no group user can read (or peek) it.
+    assert topology.OVERFLOW_DELIVERY_LIMIT >= 1_000_000 * topology.TERMINAL_DELIVERY_LIMIT
+    # It is no group's DLQ, and no group user can read (or peek) it: only the platform's redrive.
     with pytest.raises(ValueError, match="not a dead-letter queue"):
         topology.work_queue_of(topology.OVERFLOW_QUEUE)
+    assert re.search(PERMISSIONS[topology.PLATFORM_USER]["read"], topology.OVERFLOW_QUEUE)
+    assert re.search(
+        PERMISSIONS[topology.PLATFORM_USER]["write"], topology.OVERFLOW_RETURN_EXCHANGE
+    )
     for group in STAKEHOLDERS:
         assert not re.search(
             PERMISSIONS[topology.user_name(group)]["read"], topology.OVERFLOW_QUEUE
         )
 
 
-def test_a_lower_terminal_delivery_limit_changes_only_the_terminal_and_overflow_queues() -> None:
+def test_a_lower_terminal_delivery_limit_changes_only_the_terminal_queues() -> None:
     lowered = topology.definitions(TABLE, terminal_delivery_limit=2)
     limits = {q["name"]: q["arguments"]["x-delivery-limit"] for q in lowered["queues"]}
     for name, limit in limits.items():
-        terminal = name in TERMINAL_QUEUES or name == topology.OVERFLOW_QUEUE
-        assert limit == (2 if terminal else topology.DELIVERY_LIMIT), name
+        if name == topology.OVERFLOW_QUEUE:
+            # A drill that peeks the overflow queue must not drop what it peeks.
+            assert limit == topology.OVERFLOW_DELIVERY_LIMIT
+        else:
+            assert limit == (2 if name in TERMINAL_QUEUES else topology.DELIVERY_LIMIT), name
     with pytest.raises(ValueError, match="not positive"):
         topology.definitions(TABLE, terminal_delivery_limit=0)

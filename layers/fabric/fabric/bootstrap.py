@@ -177,7 +177,8 @@ class RedriveRuntime:
     open_queue: Callable[[str, str], DeadLetterQueue]
 
     def queue(self, source: str, name: str) -> DeadLetterQueue:
-        """The dead-letter queue ``name`` of ``source`` ("rabbitmq" or "sqs").
+        """The dead-letter queue ``name`` of ``source`` ("rabbitmq" or "sqs"); on RabbitMQ also
+        the overflow queue, whose letters go back to the terminal queues they came from.
 
         Raises:
             ValueError: no such dead-letter queue in this environment.
@@ -191,6 +192,7 @@ def build_redrive(
     """Wire the redrive from settings. Nothing touches the network until it runs."""
     from fabric.adapters.dynamodb_ledger import DynamoDbRedriveLedger
     from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
+    from fabric.adapters.rabbitmq_overflow import RabbitMqOverflowQueue
     from fabric.adapters.sqs_dlq import SqsDeadLetterQueue
     from fabric.redrive import Redriver
 
@@ -199,6 +201,9 @@ def build_redrive(
     sqs_queues = {q.name: q for q in settings.sqs_dead_letter_queues}
 
     def open_queue(source: str, name: str) -> DeadLetterQueue:
+        if source == "rabbitmq" and name == topology.OVERFLOW_QUEUE:
+            # Back to each letter's terminal queue, on a channel of the run's own connection.
+            return RabbitMqOverflowQueue(rabbit.settings)
         if source == "rabbitmq":
             # Its own publisher per run: the source's channel and the origin's confirms apart.
             origin = _rabbit(settings, make_client)

@@ -163,8 +163,9 @@ class RedriveSettings:
     """What the redrive function needs (set by the stack).
 
     ``RABBITMQ_*``, ``FABRIC_ENV`` as for the router (the platform user: it reads every DLQ and
-    publishes to the redeliver exchange); ``IDEMPOTENCY_TABLE``: the DynamoDB table that holds
-    the redrive ledger; ``SQS_REDRIVE_SOURCES``: JSON list of the SQS queues whose dead-letter
+    ``fabric.overflow``, and publishes to the redeliver and overflow return exchanges);
+    ``IDEMPOTENCY_TABLE``: the DynamoDB table that holds the redrive ledger;
+    ``SQS_REDRIVE_SOURCES``: JSON list of the SQS queues whose dead-letter
     queue (``<name>-dlq``) may be redriven; ``SQS_URL_PREFIX`` (``https://sqs.<region>.<suffix>/
     <account>/``) and ``SQS_ARN_PREFIX`` (``arn:<partition>:sqs:<region>:<account>:``) turn the
     names into URLs and ARNs (the list stays far inside Lambda's 4 KB of environment);

@@ -50,8 +50,13 @@ DELIVERY_LIMIT = 10
 # audit writer failure hands letters back, and each hand-back counts as a delivery. "Unlimited"
 # (-1) is a 4.x notion (3.10 refuses it, and 4.x defaults to 20 without a limit), so the limit
 # is a high explicit one, and a letter that reaches it is dead-lettered, at least once, into the
-# overflow queue instead of being dropped (alarmed on; nothing reads it).
+# overflow queue instead of being dropped (alarmed on; the redrive puts it back).
 TERMINAL_DELIVERY_LIMIT = 1000
+# The overflow queue has nowhere to dead-letter to, so its limit must never be reached; yet every
+# redrive run of it (dry runs, filtered runs, chunks) hands letters back. One billion: a dry run
+# every second would take 31 years to drop a letter. 3.10, which has no "unlimited", takes any
+# non-negative integer (checked on the drills' 3.10.8); this one fits a signed 32-bit field too.
+OVERFLOW_DELIVERY_LIMIT = 1_000_000_000
 MAX_LENGTH = 500_000
 EMERGENCY_MAX_LENGTH = 100_000
 TERMINAL_MAX_LENGTH = 1_000_000
@@ -181,14 +186,16 @@ def _work_queue_arguments(name: str, max_length: int) -> dict[str, Any]:
 def _terminal_queue_arguments(name: str, delivery_limit: int) -> dict[str, Any]:
     # The routing key names the queue, so the return exchange can put the letter back there.
     return {
-        **_overflow_queue_arguments(delivery_limit),
+        **_end_queue_arguments(delivery_limit),
         "x-dead-letter-exchange": OVERFLOW_EXCHANGE,
         "x-dead-letter-routing-key": name,
         "x-dead-letter-strategy": "at-least-once",
     }
 
 
-def _overflow_queue_arguments(delivery_limit: int) -> dict[str, Any]:
+def _end_queue_arguments(delivery_limit: int) -> dict[str, Any]:
+    """What the terminal queues and the overflow queue share: the length limits, and a delivery
+    limit that is explicit (4.x would give 20 without one)."""
     return {
         "x-delivery-limit": delivery_limit,
         "x-overflow": "reject-publish",
@@ -264,8 +271,9 @@ def definitions(
     Contains exchanges, quorum queues (with explicit arguments), bindings, users (no password
     fields: the applier adds credentials from its secret store) and permissions. Deterministic:
     the same table always yields the same document. Uses nothing newer than RabbitMQ 3.10.
-    ``terminal_delivery_limit`` is the delivery limit of the terminal and overflow queues
-    (drills lower it to reach it quickly; deployments keep the default).
+    ``terminal_delivery_limit`` is the delivery limit of the terminal queues (drills lower it
+    to reach it quickly; deployments keep the default); the overflow queue's stays
+    ``OVERFLOW_DELIVERY_LIMIT``.
 
     Raises:
         ValueError: ``terminal_delivery_limit`` is less than 1.
@@ -287,15 +295,16 @@ def definitions(
         _exchange(REDELIVER_EXCHANGE, "direct", vhost),
         _exchange(AUDIT_EXCHANGE, "topic", vhost),
         _exchange(OVERFLOW_EXCHANGE, "fanout", vhost),
-        # Nothing publishes here in normal operation: an operator's shovel from the overflow
-        # queue does, keeping each letter's routing key (the terminal queue it came from).
+        # Nothing publishes here in normal operation: the redrive of the overflow queue does,
+        # with each letter's routing key (the terminal queue it came from).
         _exchange(OVERFLOW_RETURN_EXCHANGE, "direct", vhost),
     ]
     queues = [
         _queue(UNROUTED_QUEUE, vhost, _terminal_queue_arguments(UNROUTED_QUEUE, limit)),
         _queue(AUDIT_QUEUE, vhost, _terminal_queue_arguments(AUDIT_QUEUE, limit)),
-        # The end of the line: no dead-letter exchange, and nothing consumes or peeks it.
-        _queue(OVERFLOW_QUEUE, vhost, _overflow_queue_arguments(limit)),
+        # The end of the line: no dead-letter exchange, and nothing consumes it; only the
+        # redrive peeks it, which its own, far higher, delivery limit allows for.
+        _queue(OVERFLOW_QUEUE, vhost, _end_queue_arguments(OVERFLOW_DELIVERY_LIMIT)),
     ]
     bindings = [
         _binding(UNROUTED_EXCHANGE, UNROUTED_QUEUE, vhost, to_queue=True),

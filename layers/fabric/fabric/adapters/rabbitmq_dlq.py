@@ -41,6 +41,95 @@ _DROPPED_HEADERS = frozenset(
 _DELIVERY_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 
+class HeldLetters:
+    """One queue read with ``basic.get`` and left unacknowledged on one connection of one run.
+
+    What ``get`` took stays held until ``ack`` or ``close``; a lost connection gives it all
+    back. Shared by the dead-letter queues and the overflow queue (``rabbitmq_overflow``).
+    """
+
+    def __init__(self, settings: RabbitSettings, queue: str) -> None:
+        self.queue = queue
+        self._settings = settings
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+
+    def get(self, limit: int) -> list[tuple[str, str, pika.BasicProperties, bytes]]:
+        """Up to ``limit`` letters as (handle, routing key, properties, body), held.
+
+        Raises:
+            TransportUnavailable: the broker cannot be reached or the queue does not exist.
+        """
+        channel = self._open()
+        taken: list[tuple[str, str, pika.BasicProperties, bytes]] = []
+        try:
+            while len(taken) < limit:
+                method, properties, body = channel.basic_get(self.queue, auto_ack=False)
+                if method is None:
+                    break
+                taken.append((str(method.delivery_tag), method.routing_key, properties, body))
+        except _DELIVERY_ERRORS as exc:
+            self.close()
+            raise TransportUnavailable(f"cannot read {self.queue}: {type(exc).__name__}") from exc
+        return taken
+
+    def ack(self, handles: Sequence[str]) -> set[str]:
+        """Acknowledge (remove) held letters; a lost channel means nothing more was removed."""
+        removed: set[str] = set()
+        if self._channel is None:
+            return removed
+        try:
+            for handle in handles:
+                self._channel.basic_ack(int(handle))
+                removed.add(handle)
+            # An ack has no reply; a cheap round trip makes sure the broker has read them.
+            self._channel.queue_declare(self.queue, passive=True)
+        except _DELIVERY_ERRORS as exc:
+            _LOG.warning("letters not acknowledged in %s: %s", self.queue, type(exc).__name__)
+            self.close()
+            return set()
+        return removed
+
+    @property
+    def holding(self) -> bool:
+        """Whether the connection that took the letters is still open (holding them)."""
+        return self._connection is not None and self._connection.is_open
+
+    def side_channel(self) -> BlockingChannel:
+        """A new channel on the connection that holds the letters, never on a new one: once
+        that connection is lost, the letters are back in the queue and must not be moved.
+
+        Raises:
+            TransportUnavailable: the connection is gone, or the channel cannot be opened.
+        """
+        if self._connection is None or not self._connection.is_open:
+            raise TransportUnavailable(f"the letters of {self.queue} are no longer held")
+        try:
+            return self._connection.channel()
+        except _DELIVERY_ERRORS as exc:
+            self.close()
+            raise TransportUnavailable(f"cannot open a channel: {type(exc).__name__}") from exc
+
+    def close(self) -> None:
+        """Close the connection: RabbitMQ gives every unacknowledged letter back to the queue."""
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            with contextlib.suppress(*_DELIVERY_ERRORS):
+                connection.close()
+
+    def _open(self) -> BlockingChannel:
+        if self._channel is not None and self._channel.is_open:
+            return self._channel
+        self.close()
+        try:
+            self._connection = open_blocking_connection(self._settings)
+            self._channel = self._connection.channel()
+        except _DELIVERY_ERRORS as exc:
+            self.close()
+            raise TransportUnavailable(f"cannot open {self.queue}: {type(exc).__name__}") from exc
+        return self._channel
+
+
 class RabbitMqDeadLetterQueue:
     """One group's dead-letter queue (``fabric.<group>[.emergency].dlq``) and its way back."""
 
@@ -55,10 +144,8 @@ class RabbitMqDeadLetterQueue:
         self._work_queue = topology.work_queue_of(queue)
         self._group = Stakeholder(queue.split(".")[1])
         self._emergency = self._work_queue.endswith(".emergency")
-        self._settings = settings
+        self._held = HeldLetters(settings, queue)
         self._origin = origin
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
 
     def peek(self, limit: int) -> list[DeadLetter]:
         """Up to ``limit`` letters, held unacknowledged on this run's channel.
@@ -66,18 +153,10 @@ class RabbitMqDeadLetterQueue:
         Raises:
             TransportUnavailable: the broker cannot be reached or the queue does not exist.
         """
-        channel = self._open()
-        letters: list[DeadLetter] = []
-        try:
-            while len(letters) < limit:
-                method, properties, body = channel.basic_get(self.name, auto_ack=False)
-                if method is None:
-                    break
-                letters.append(self._letter(str(method.delivery_tag), properties, body))
-        except _DELIVERY_ERRORS as exc:
-            self._close()
-            raise TransportUnavailable(f"cannot read {self.name}: {type(exc).__name__}") from exc
-        return letters
+        return [
+            self._letter(handle, properties, body)
+            for handle, _, properties, body in self._held.get(limit)
+        ]
 
     def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
         """Republish to the work queue with confirms; returns the letters confirmed stored."""
@@ -86,45 +165,14 @@ class RabbitMqDeadLetterQueue:
 
     def remove(self, letters: Sequence[DeadLetter]) -> set[str]:
         """Acknowledge in the DLQ; a lost channel means nothing more was removed."""
-        removed: set[str] = set()
-        if self._channel is None:
-            return removed
-        try:
-            for letter in letters:
-                self._channel.basic_ack(int(letter.handle))
-                removed.add(letter.handle)
-            # An ack has no reply; a cheap round trip makes sure the broker has read them.
-            self._channel.queue_declare(self.name, passive=True)
-        except _DELIVERY_ERRORS as exc:
-            _LOG.warning("dead letters not acknowledged in %s: %s", self.name, type(exc).__name__)
-            self._close()
-            return set()
-        return removed
+        return self._held.ack([letter.handle for letter in letters])
 
     def release(self) -> None:
         """Close the channel: RabbitMQ gives every unacknowledged letter back to the queue."""
-        self._close()
+        self._held.close()
         self._origin.close()
 
     # -- internals ----------------------------------------------------------------------------
-
-    def _open(self) -> BlockingChannel:
-        if self._channel is not None and self._channel.is_open:
-            return self._channel
-        self._close()
-        try:
-            self._connection = open_blocking_connection(self._settings)
-            self._channel = self._connection.channel()
-        except _DELIVERY_ERRORS as exc:
-            self._close()
-            raise TransportUnavailable(f"cannot open {self.name}: {type(exc).__name__}") from exc
-        return self._channel
-
-    def _close(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
-            with contextlib.suppress(*_DELIVERY_ERRORS):
-                connection.close()
 
     def _letter(self, handle: str, properties: pika.BasicProperties, body: bytes) -> DeadLetter:
         headers: Mapping[str, Any] = properties.headers or {}
@@ -140,8 +188,8 @@ class RabbitMqDeadLetterQueue:
             body=body,
             origin=self._work_queue,
             reason=reason or "unknown",
-            dead_lettered_at=_dead_lettered_at(headers, last_death),
-            redrives=_count(headers.get(topology.REDRIVES_HEADER)),
+            dead_lettered_at=dead_lettered_at(headers, last_death),
+            redrives=count(headers.get(topology.REDRIVES_HEADER)),
             correlation_id=properties.correlation_id,
             reply_to=properties.reply_to,
             headers={
@@ -165,15 +213,18 @@ class RabbitMqDeadLetterQueue:
         )
 
 
-def _count(value: object) -> int:
+def count(value: object) -> int:
+    """A counter header (``fabric-redrives``, ...) as a number; 0 when absent or not one."""
     text = header_text(value)
     return int(text) if text is not None and text.isdigit() else 0
 
 
-def _dead_lettered_at(headers: Mapping[str, Any], last_death: Mapping[str, Any]) -> datetime | None:
+def dead_lettered_at(headers: Mapping[str, Any], death: Mapping[str, Any]) -> datetime | None:
+    """When a letter was dead-lettered: ``fabric-dead-lettered-at``, else the time of the
+    ``x-death`` record ``death``."""
     stamp = header_text(headers.get(topology.DEAD_LETTERED_AT_HEADER))
     if stamp is not None:
         with contextlib.suppress(ValueError, OverflowError):
             return datetime.fromtimestamp(float(stamp), UTC)
-    moment = last_death.get("time")
+    moment = death.get("time")
     return moment if isinstance(moment, datetime) else None
