@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 from typing import Any
 
 import pytest
 
 from fabric import consumer, metrics, topology
 from fabric.adapters.memory import MemoryAuditSink, MemoryMetrics, MemoryTransport
+from fabric.adapters.rabbitmq import RabbitSettings
+from fabric.adapters.rabbitmq_consumer import consumer_settler
 from fabric.adapters.sns import MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
 from fabric.audit import AuditEvent
 from fabric.consumer import (
@@ -451,6 +454,20 @@ def test_audit_records_the_audit_path_refused_are_counted_kept_or_lost(
     settler.settle([(delivery("d"), done.process(delivery("d")))])
     assert sink.calls == 2, "nothing counted once the audit path stores again"
     assert [r.message_id for r in audit.records] == ["b", "c", "d"]
+
+
+def test_the_ready_made_settler_counts_audit_records_it_could_not_send() -> None:
+    # consumer_settler is what RabbitMqConsumer and the Amazon MQ Lambdas use; without a way
+    # to pass metrics, their refused audit records reached only the log.
+    with socket.socket() as probe:  # a loopback port nothing listens on: the broker is down
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = RabbitSettings("127.0.0.1", port, lambda: ("guest", "guest"), connect_timeout=0.5)
+    sink = MemoryMetrics()
+    settler = consumer_settler(settings, "fabric.media", consumer="c", metrics=sink)
+    done = MessageProcessor(lambda _d: None)
+    settler.settle([(delivery("a"), done.process(delivery("a")))])
+    assert sink.totals == {metrics.AUDIT_RECORDS_UNSENT: 1, metrics.AUDIT_RECORDS_LOST: 0}
 
 
 def test_the_sqs_entry_point_counts_audit_records_the_audit_path_refused() -> None:

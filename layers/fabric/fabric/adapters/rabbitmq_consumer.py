@@ -44,7 +44,7 @@ from fabric.consumer import (
     group_of,
     rabbitmq_delivery,
 )
-from fabric.ports import MessageKind, OutboundMessage, Transport
+from fabric.ports import MessageKind, Metrics, OutboundMessage, Transport
 from fabric.stakeholders import Stakeholder
 
 _LOG = logging.getLogger(__name__)
@@ -61,16 +61,20 @@ def retry_transport(settings: RabbitSettings, group: Stakeholder) -> Transport:
     return RabbitMqTransport(settings, exchange_for=exchange_for)
 
 
-def consumer_settler(settings: RabbitSettings, queue: str, *, consumer: str) -> RabbitMqSettler:
+def consumer_settler(
+    settings: RabbitSettings, queue: str, *, consumer: str, metrics: Metrics | None = None
+) -> RabbitMqSettler:
     """The settler of a consumer of ``queue``: retries and dead letters through the group's
     retry exchange, and an audit record of everything it settles on the audit exchange, both
-    over one connection as the group's user."""
+    over one connection as the group's user. ``metrics`` counts audit records kept for a later
+    batch or lost (``RabbitMqSettler``)."""
     group = group_of(queue)[0]
     transport = retry_transport(settings, group)
     return RabbitMqSettler(
         lambda _group: transport,
         audit=TransportAuditSink([transport], emitted_by=consumer),
         consumer=consumer,
+        metrics=metrics,
     )
 
 
