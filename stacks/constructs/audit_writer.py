@@ -245,7 +245,13 @@ class AuditWriter(Construct):
                     "TableKeyThroughDynamoDb",
                     ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
                     [table_key.key_arn],
-                    {"StringEquals": {"kms:ViaService": f"dynamodb.{region}.amazonaws.com"}},
+                    # DynamoDB names the table in its encryption context: this one only.
+                    {
+                        "StringEquals": {
+                            "kms:ViaService": f"dynamodb.{region}.amazonaws.com",
+                            "kms:EncryptionContext:aws:dynamodb:tableName": table.table_name,
+                        }
+                    },
                 ),
             )
         )

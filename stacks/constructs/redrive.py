@@ -152,13 +152,15 @@ class Redrive(Construct):
         # SQS SSE-KMS: receiving decrypts, sending generates a data key. DynamoDB decrypts its
         # table key with the caller's permission. Identity statements (the keys live in the
         # stateful stack), usable only through the service that holds the data.
-        for sid, key, actions, service in (
-            ("QueuesKeyThroughSqs", queues_key, ["kms:Decrypt", "kms:GenerateDataKey"], "sqs"),
+        # DynamoDB names the table in its encryption context: the ledger's only.
+        for sid, key, actions, service, context in (
+            ("QueuesKeyThroughSqs", queues_key, ["kms:Decrypt", "kms:GenerateDataKey"], "sqs", {}),
             (
                 "TableKeyThroughDynamoDb",
                 table_key,
                 ["kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey"],
                 "dynamodb",
+                {"kms:EncryptionContext:aws:dynamodb:tableName": table.table_name},
             ),
         ):
             role.add_to_principal_policy(
@@ -167,7 +169,10 @@ class Redrive(Construct):
                     actions=actions,
                     resources=[key.key_arn],
                     conditions={
-                        "StringEquals": {"kms:ViaService": f"{service}.{region}.amazonaws.com"}
+                        "StringEquals": {
+                            "kms:ViaService": f"{service}.{region}.amazonaws.com",
+                            **context,
+                        }
                     },
                 )
             )

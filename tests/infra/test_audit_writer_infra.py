@@ -294,10 +294,13 @@ def test_the_writer_uses_each_key_only_as_it_must(trail: Trail) -> None:
     assert trail.render(sign["Resource"]) == trail.signing_key_arn
     assert sign["Condition"] == {"StringEquals": {"kms:SigningAlgorithm": "ECDSA_SHA_256"}}
 
+    # Through DynamoDB, for the writer's table only (its name is DynamoDB's encryption context).
     table_key = by_sid["TableKeyThroughDynamoDb"]
-    assert table_key["Condition"] == {
-        "StringEquals": {"kms:ViaService": f"dynamodb.{region}.amazonaws.com"}
-    }
+    condition = table_key["Condition"]["StringEquals"]
+    assert condition["kms:ViaService"] == f"dynamodb.{region}.amazonaws.com"
+    _, function = writer(trail.services)
+    table = function["Properties"]["Environment"]["Variables"]["IDEMPOTENCY_TABLE"]
+    assert condition["kms:EncryptionContext:aws:dynamodb:tableName"] == table
     # Nothing else on the signing key, and no KMS action on every key.
     for statement in granted:
         actions = listed(statement["Action"])

@@ -261,6 +261,13 @@ def test_the_redrive_reads_and_writes_ledger_items_only(
     assert {via for resource, via in vias.items() if "KeysTables" in resource} == {
         f"dynamodb.{region}.amazonaws.com"
     }
+    # The table key for the ledger's table only (DynamoDB's encryption context names it).
+    table = function["Properties"]["Environment"]["Variables"]["IDEMPOTENCY_TABLE"]
+    assert [
+        s["Condition"]["StringEquals"]["kms:EncryptionContext:aws:dynamodb:tableName"]
+        for s in keys
+        if "KeysTables" in json.dumps(s["Resource"])
+    ] == [table]
     assert {via for resource, via in vias.items() if "KeysQueues" in resource} == {
         f"sqs.{region}.amazonaws.com"
     }
