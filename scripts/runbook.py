@@ -171,15 +171,11 @@ def redrive(
                 f"dry run on {body['queue']}: {body['matched']} of {body['scanned']} match",
                 file=out,
             )
-            for item in body["listed"]:
-                age = "?" if item["age_s"] is None else f"{item['age_s']:.0f}s"
-                print(
-                    f"  {item['message_id']}  {item['topic']}  {item['reason']}  age {age}"
-                    f"  redrives {item['redrives']}  -> {item['origin']}",
-                    file=out,
-                )
-            if body["matched"] > len(body["listed"]):
-                print(f"  ... and {body['matched'] - len(body['listed'])} more", file=out)
+            _print_letters(body["listed"], out)
+            unlisted = body["matched"] + body["left"] - len(body["listed"])
+            if unlisted > 0:
+                print(f"  ... and {unlisted} more", file=out)
+            _print_left(body, out)
             print("nothing moved", file=out)
             return 0
         moved += body["moved"]
@@ -193,8 +189,30 @@ def redrive(
         )
         if body["stopped"] != "message limit" or moved + already >= wanted:
             break
+    _print_letters([item for item in body["listed"] if item["stays"]], out)
+    _print_left(body, out)
     print(f"summary: moved {moved}, stopped: {body['stopped']}", file=out)
-    return 0 if body["stopped"] in FINISHED else 1
+    return 0 if body["stopped"] in FINISHED and not body["left"] else 1
+
+
+def _print_letters(listed: list[dict[str, Any]], out: TextIO) -> None:
+    for item in listed:
+        age = "?" if item["age_s"] is None else f"{item['age_s']:.0f}s"
+        where = f"stays: {item['stays']}" if item["stays"] else f"-> {item['origin']}"
+        print(
+            f"  {item['message_id']}  {item['topic']}  {item['reason']}  age {age}"
+            f"  redrives {item['redrives']}  {where}",
+            file=out,
+        )
+
+
+def _print_left(body: dict[str, Any], out: TextIO) -> None:
+    if body["left"]:
+        print(
+            f"{body['left']} matching letter(s) cannot go back by themselves and stay in"
+            f" {body['queue']} (docs/dead-letters.md)",
+            file=out,
+        )
 
 
 # -- replay ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ or ``fabric.audit`` into the overflow queue. Each test has a vhost of its own.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import urllib.parse
@@ -381,22 +382,89 @@ def test_letters_that_cannot_go_back_stay_in_the_overflow_queue(
     audit = MemoryAuditSink()
     redriver = Redriver(ledger=MemoryRedriveLedger(), audit=audit)
 
-    listed = redriver.run(the_overflow_queue(overflow_vhost), RedrivePlan(dry_run=True)).listed
-    origins = {item.message_id: item.origin for item in listed}
-    assert origins["fine-1"] == topology.UNROUTED_QUEUE
-    assert listed[0].message_id == "fine-1", "published last, listed first: those that stay wait"
-    assert "'fabric.retired.dlq' is not a terminal queue" in origins["orphan-1"]
-    assert f"published as '{other_user[0]}'" in origins["their-batch"]
-    assert all(origins[i].startswith(f"stays in {OVERFLOW}") for i in ("orphan-1", "their-batch"))
+    dry = redriver.run(the_overflow_queue(overflow_vhost), RedrivePlan(dry_run=True))
+    assert (dry.matched, dry.left) == (1, 2)
+    stays = {item.message_id: item.stays for item in dry.listed}
+    assert stays["fine-1"] is None
+    assert "'fabric.retired.dlq' is not a terminal queue" in str(stays["orphan-1"])
+    assert f"published as '{other_user[0]}'" in str(stays["their-batch"])
 
-    for _ in range(2):  # every run moves what it can, and leaves the rest
+    for _ in range(2):  # every run moves what it can, and counts and lists the rest
         report = redriver.run(the_overflow_queue(overflow_vhost))
-        assert report.stopped == "origin unavailable"
+        assert (report.stopped, report.left) == ("empty", 2)
+        assert sorted(item.message_id for item in report.listed) == ["orphan-1", "their-batch"]
         assert settled_depth(amqp, OVERFLOW, 2) == 2
     assert [r.message_id for r in audit.records] == ["fine-1"]
     assert settled_depth(amqp, topology.UNROUTED_QUEUE, 1) == 1
     assert depth(amqp, topology.AUDIT_QUEUE) == 0
     assert sorted(take(amqp, OVERFLOW)) == ["orphan-1", "their-batch"]
+
+
+def test_letters_that_stay_are_read_a_batch_at_a_time_and_do_not_hide_the_rest(
+    overflow_vhost: str, amqp: Any
+) -> None:
+    # A long audit-writer outage overflows many batches that cannot go back: a run must not
+    # read them all at once, and must still reach the letters behind them.
+    for i in range(250):
+        amqp.basic_publish(
+            topology.OVERFLOW_EXCHANGE,
+            "fabric.retired.dlq",
+            BODY,
+            pika.BasicProperties(message_id=f"orphan-{i}", delivery_mode=2),
+            mandatory=True,
+        )
+    amqp.basic_publish(
+        topology.OVERFLOW_EXCHANGE,
+        topology.UNROUTED_QUEUE,
+        BODY,
+        pika.BasicProperties(message_id="behind-1", delivery_mode=2),
+        mandatory=True,
+    )
+    assert settled_depth(amqp, OVERFLOW, 251) == 251
+    looking = the_overflow_queue(overflow_vhost)
+    assert [letter.stays is not None for letter in looking.peek(100)] == [True] * 100
+    assert settled_depth(amqp, OVERFLOW, 151) == 151, "one peek holds what it returns, no more"
+    looking.release()
+
+    report = Redriver(ledger=MemoryRedriveLedger(), audit=MemoryAuditSink()).run(
+        the_overflow_queue(overflow_vhost)
+    )
+
+    assert (report.moved, report.left, report.stopped) == (1, 250, "empty")
+    assert len(report.listed) == 100, "the first hundred that stay are listed, all are counted"
+    assert settled_depth(amqp, topology.UNROUTED_QUEUE, 1) == 1
+    assert settled_depth(amqp, OVERFLOW, 250) == 250
+
+
+def test_one_message_overflowed_from_two_dlqs_in_far_apart_batches_goes_back_to_both(
+    overflow_vhost: str, amqp: Any
+) -> None:
+    # The same message parked by two groups, their DLQs overflowing at different times: the
+    # second letter comes more than a peek batch later, and is a letter of its own.
+    other_dlq = topology.dead_letter_queue_name(Stakeholder.GOVERNMENT)
+
+    def letter(queue: str, message_id: str) -> None:
+        amqp.basic_publish(
+            topology.OVERFLOW_EXCHANGE,
+            queue,
+            BODY,
+            pika.BasicProperties(message_id=message_id, delivery_mode=2),
+            mandatory=True,
+        )
+
+    letter(DLQ, "shared-1")
+    for i in range(120):
+        letter(topology.UNROUTED_QUEUE, f"filler-{i}")
+    letter(other_dlq, "shared-1")
+    assert settled_depth(amqp, OVERFLOW, 122) == 122
+
+    report = Redriver(ledger=MemoryRedriveLedger(), audit=MemoryAuditSink()).run(
+        the_overflow_queue(overflow_vhost)
+    )
+
+    assert (report.moved, report.stopped) == (122, "empty")
+    assert settled_depth(amqp, other_dlq, 1) == 1
+    assert depth(amqp, OVERFLOW) == 0
 
 
 def test_a_letter_its_queue_does_not_take_stays_in_the_overflow_queue(
@@ -484,3 +552,40 @@ def test_the_redrive_function_takes_the_overflow_queue(
     )
     with pytest.raises(ValueError, match="not a dead-letter queue"):
         runtime.queue("rabbitmq", "fabric.elsewhere")
+
+
+def test_the_runbook_says_which_letters_stay_and_fails(overflow_vhost: str, amqp: Any) -> None:
+    # An operator who runs the redrive must not read "stopped: empty" as "all moved back".
+    from fabric.bootstrap import RedriveRuntime
+    from scripts import runbook
+    from tests.integration.test_sqs_redrive import RedriveFunction
+
+    for routing_key, message_id in (("fabric.retired.dlq", "orphan-1"), (DLQ, "fine-1")):
+        amqp.basic_publish(
+            topology.OVERFLOW_EXCHANGE,
+            routing_key,
+            BODY,
+            pika.BasicProperties(message_id=message_id, delivery_mode=2),
+            mandatory=True,
+        )
+    assert settled_depth(amqp, OVERFLOW, 2) == 2
+    runtime = RedriveRuntime(
+        redriver=Redriver(ledger=MemoryRedriveLedger(), audit=MemoryAuditSink()),
+        settings=None,  # type: ignore[arg-type]
+        open_queue=lambda _source, _name: the_overflow_queue(overflow_vhost),
+    )
+    out = io.StringIO()
+    status = runbook.redrive(
+        "test",
+        client={"lambda": RedriveFunction(runtime)}.__getitem__,
+        request={"source": "rabbitmq", "queue": OVERFLOW},
+        chunk=10,
+        out=out,
+    )
+
+    assert status == 1
+    assert "orphan-1" in out.getvalue()
+    assert "stays: its routing key 'fabric.retired.dlq' is not a terminal queue" in out.getvalue()
+    assert "1 matching letter(s) cannot go back by themselves" in out.getvalue()
+    assert "summary: moved 1, stopped: empty" in out.getvalue()
+    assert settled_depth(amqp, DLQ, 1) == 1

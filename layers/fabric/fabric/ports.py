@@ -208,6 +208,8 @@ class DeadLetter:
     ``copy_id`` names this dead-letter copy where the queue has such an id (SQS: every redrive
     sends a new message, so a message dead-lettered again arrives under a new id).
     ``correlation_id`` and ``reply_to`` are the message's AMQP properties, kept on the way back.
+    ``stays`` says why a letter cannot go back by itself (its queue keeps it; the redrive counts
+    and lists it, and moves the others).
     """
 
     handle: str
@@ -222,6 +224,7 @@ class DeadLetter:
     copy_id: str | None = None
     correlation_id: str | None = None
     reply_to: str | None = None
+    stays: str | None = None
 
 
 class DeadLetterQueue(Protocol):

@@ -6,7 +6,8 @@ those are only removed), puts the rest back at their origin, records them in the
 origin confirmed them, then removes them from the dead-letter queue and writes one ``redriven``
 audit record per message. Letters that do not match are held until the run ends and then given
 back untouched, so a run never sees a letter twice and never reorders what it leaves; a message
-parked again while the run walks the queue (still poison) is left for the next run.
+parked again while the run walks the queue (still poison) is left for the next run. A letter
+the queue says cannot go back by itself (``DeadLetter.stays``) is counted and listed, and stays.
 
 Exactly once at the origin, by message id: a letter is removed only after the origin confirmed
 it and the ledger recorded it, and a letter the ledger knows is never put back again. The one
@@ -31,6 +32,7 @@ from fabric.routing import pattern_problem, topic_matches
 
 _LOG = logging.getLogger(__name__)
 _BATCH = 100
+_LISTED_STAYING = 100  # letters that cannot go back, listed per run (all are counted)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class Listed:
     origin: str
     age_s: float | None
     redrives: int
+    stays: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready."""
@@ -119,12 +122,17 @@ class Listed:
             "origin": self.origin,
             "age_s": None if self.age_s is None else round(self.age_s, 1),
             "redrives": self.redrives,
+            "stays": self.stays,
         }
 
 
 @dataclass
 class RedriveReport:
-    """What one run did. ``stopped``: empty, message limit, time limit, or what failed."""
+    """What one run did. ``stopped``: empty, message limit, time limit, or what failed.
+
+    ``left`` counts matching letters that cannot go back by themselves (``DeadLetter.stays``):
+    the queue keeps them, and ``listed`` shows the first of them with the reason, in every run.
+    """
 
     queue: str
     dry_run: bool
@@ -132,6 +140,7 @@ class RedriveReport:
     matched: int = 0
     moved: int = 0
     already_moved: int = 0
+    left: int = 0
     stopped: str = "empty"
     listed: list[Listed] = field(default_factory=list)
 
@@ -144,6 +153,7 @@ class RedriveReport:
             "matched": self.matched,
             "moved": self.moved,
             "already_moved": self.already_moved,
+            "left": self.left,
             "stopped": self.stopped,
             "listed": [item.to_dict() for item in self.listed[:listed_limit]],
         }
@@ -226,10 +236,11 @@ class Redriver:
         )
         max_messages = plan.max_messages
         batch_size = pace.batch_size(_BATCH)
-        # Messages this run took already: one that fails again at once (still poison) comes
-        # back at the tail of the DLQ while the run walks it, and was sent round again and
-        # again, up to max_messages times. It waits for the next run instead.
-        taken: set[str] = set()
+        # Messages this run took already, by origin: one that fails again at once (still poison)
+        # comes back at the tail of the DLQ while the run walks it, and was sent round again and
+        # again, up to max_messages times. It waits for the next run instead. (By origin: the
+        # overflow queue holds one letter per DLQ a message overflowed from, each its own.)
+        taken: set[tuple[str, str]] = set()
         while report.matched < max_messages:
             pace.wait(report.moved)  # by what was moved so far, never past the limit
             if pace.expired():
@@ -245,14 +256,20 @@ class Redriver:
                 return
             report.scanned += len(letters)
             now = self._now()
-            chosen = [
+            matching = [
                 letter
                 for letter in letters
-                if _identity(letter) not in taken and plan.selection.admits(letter, now)
+                if (letter.origin, _identity(letter)) not in taken
+                and plan.selection.admits(letter, now)
             ]
+            staying = [letter for letter in matching if letter.stays is not None]
+            room = max(_LISTED_STAYING - report.left, 0)
+            report.listed.extend(_listed(letter, now) for letter in staying[:room])
+            report.left += len(staying)
+            chosen = [letter for letter in matching if letter.stays is None]
             chosen = chosen[: max_messages - report.matched]
             if not plan.dry_run:
-                taken.update(_identity(letter) for letter in chosen)
+                taken.update((letter.origin, _identity(letter)) for letter in chosen)
             report.matched += len(chosen)
             if plan.dry_run:
                 report.listed.extend(_listed(letter, now) for letter in chosen)
@@ -358,6 +375,7 @@ def _listed(letter: DeadLetter, now: datetime) -> Listed:
         origin=letter.origin,
         age_s=age,
         redrives=letter.redrives,
+        stays=letter.stays,
     )
 
 

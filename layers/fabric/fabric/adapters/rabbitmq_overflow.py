@@ -24,9 +24,8 @@ back (one whose confirm was lost may then arrive twice, with the same message id
 A letter that cannot go back is never moved and never removed: its routing key (or the queue of
 its newest ``x-death`` record) is not a terminal queue of this topology, or it carries a user-id
 other than this connection's user (RabbitMQ lets only that user publish it, and publishing it
-without one would make an audit batch unreadable to the audit writer). ``peek`` returns such
-letters only once the queue holds nothing else, with an ``origin`` that says why they stay, so a
-run moves everything else first, then stops ("origin unavailable") on them.
+without one would make an audit batch unreadable to the audit writer). ``peek`` returns it in
+its place with ``stays`` saying why; the redrive counts and lists it, and moves the others.
 """
 
 from __future__ import annotations
@@ -65,35 +64,23 @@ class RabbitMqOverflowQueue:
         self._terminal = frozenset(topology.terminal_queues())
         # What goes back, by handle: (terminal queue, properties to publish, body).
         self._returns: dict[str, tuple[str, pika.BasicProperties, bytes]] = {}
-        self._stuck: list[DeadLetter] = []
         self._publisher: BlockingChannel | None = None
 
     def peek(self, limit: int) -> list[DeadLetter]:
-        """Up to ``limit`` letters, held unacknowledged; those that cannot go back come last.
+        """Up to ``limit`` letters, held unacknowledged; one that cannot go back says why
+        (``stays``).
 
         Raises:
             TransportUnavailable: the broker cannot be reached or the queue does not exist.
         """
         if not self._held.holding:  # a new connection: whatever was held went back
             self._returns.clear()
-            self._stuck.clear()
-        letters: list[DeadLetter] = []
-        while len(letters) < limit:
-            taken = self._held.get(limit - len(letters))
-            if not taken:
-                room = limit - len(letters)
-                letters.extend(self._stuck[:room])
-                del self._stuck[:room]
-                break
-            user = self._settings.credentials()[0]
-            for handle, routing_key, properties, body in taken:
-                letter = self._letter(handle, routing_key, properties, body, user)
-                if letter.origin in self._terminal:
-                    letters.append(letter)
-                else:
-                    _LOG.warning("letter %r %s", letter.message_id, letter.origin)
-                    self._stuck.append(letter)
-        return letters
+        taken = self._held.get(limit)
+        user = self._settings.credentials()[0] if taken else ""
+        return [
+            self._letter(handle, routing_key, properties, body, user)
+            for handle, routing_key, properties, body in taken
+        ]
 
     def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
         """Publish each letter to the return exchange (confirmed, mandatory); returns the ones
@@ -133,7 +120,6 @@ class RabbitMqOverflowQueue:
         self._held.close()
         self._publisher = None
         self._returns.clear()
-        self._stuck.clear()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -164,19 +150,17 @@ class RabbitMqOverflowQueue:
             or "unknown"
         )
         returns = count(headers.get(RETURNS_HEADER))
-        origin = routing_key
         problem = _problem(routing_key, overflowed, properties.user_id, user, self._terminal)
         if problem is None:
             self._returns[handle] = (routing_key, _returned(properties, original, returns), body)
         else:
             self._returns.pop(handle, None)
-            origin = f"stays in {self.name}: {problem}"
         return DeadLetter(
             handle=handle,
             message_id=str(properties.message_id or ""),
             topic=str(properties.type or ""),
             body=body,
-            origin=origin,
+            origin=routing_key,
             reason=reason,
             dead_lettered_at=dead_lettered_at(headers, original or overflowed),
             redrives=returns,
@@ -186,6 +170,7 @@ class RabbitMqOverflowQueue:
             copy_id=f"{routing_key}#{returns}",
             correlation_id=properties.correlation_id,
             reply_to=properties.reply_to,
+            stays=problem,
         )
 
 
