@@ -76,3 +76,12 @@ def test_control_characters_and_quotes_are_escaped_and_the_rest_is_utf8() -> Non
 def test_what_is_not_strict_json_is_refused(value: object) -> None:
     with pytest.raises(ValueError, match="not JSON"):
         canonical_json(value)
+
+
+def test_integers_beyond_64_bits_inside_a_tuple_are_written_like_in_a_list() -> None:
+    assert canonical_json({"a": (2**70,)}) == canonical_json({"a": [2**70]})
+
+
+def test_a_non_string_key_beside_an_integer_beyond_64_bits_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="not JSON"):
+        canonical_json({"a": 2**70, "c": {1: 2}})

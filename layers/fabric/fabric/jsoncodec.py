@@ -35,7 +35,10 @@ def canonical_json(value: object) -> bytes:
         if "Integer exceeds 64-bit range" not in str(exc):
             raise ValueError(f"not JSON: {exc}") from None
         _check(value)
-        return orjson.dumps(_big_integers_as_fragments(value), option=_OPTIONS)
+        try:
+            return orjson.dumps(_big_integers_as_fragments(value), option=_OPTIONS)
+        except orjson.JSONEncodeError as again:  # e.g. a non-string key the standard one takes
+            raise ValueError(f"not JSON: {again}") from None
     if b"null" in out:
         # orjson writes NaN and the infinities as null; only a strict encoder tells them apart.
         _check(value)
@@ -57,7 +60,7 @@ def _big_integers_as_fragments(value: object) -> object:
     (recursive: ``_check`` has bounded the nesting)."""
     if isinstance(value, dict):
         return {key: _big_integers_as_fragments(item) for key, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_big_integers_as_fragments(item) for item in value]
     if type(value) is int and not -(2**63) <= value < 2**64:
         return orjson.Fragment(str(value))
