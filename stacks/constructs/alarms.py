@@ -179,7 +179,8 @@ class DeadLetterAlarms(Construct):
     - ``FallbackDlqDepth``: a fallback or emergency queue parked a message after 10 failed
       drains (``ApproximateNumberOfMessagesVisible``, Maximum, 1 min).
     - ``SubscriptionDlqDepth``: SNS could not deliver a fallback message to its queue.
-    - ``IngestDlqDepth``: the router gave up on an SQS ingest message after 20 receives.
+    - ``IngestDlqDepth``: the router gave up on an SQS ingest message after 20 receives (both
+      transports down, or its call's audit records lost every time).
     - ``AuditDlqDepth``: the audit writer failed 10 times to write an audit batch that was sent
       to the SQS audit queue while the broker was down.
     - ``FunctionDlqDepth``: a function's asynchronous invocation failed all its attempts.
@@ -235,7 +236,8 @@ class DeadLetterAlarms(Construct):
                 "IngestDlqDepth",
                 ingest_dlqs,
                 "The router gave up on an SQS ingest message after 20 receives (both paths "
-                "down, or the message is bad). " + then,
+                "down, or its call's audit records could not be stored: then it may have been "
+                "delivered already, and a redrive sends it again). " + then,
             ),
             (
                 "AuditDlqDepth",
