@@ -205,6 +205,18 @@ def test_a_fallback_message_is_drained_only_when_every_groups_copy_was_moved() -
     assert figures["dead_letters"]["drained"] == 3  # those in the period
 
 
+def test_letters_put_back_from_the_overflow_queue_are_not_counted_as_redriven() -> None:
+    # Back in their DLQ they are still dead letters; only a move to their origin is a redrive.
+    records = [
+        record("redriven", message_id="m1", transport="fabric.community.dlq"),
+        record("redriven", message_id="m2", transport="fabric.overflow"),
+        record("redriven", message_id="batch-1", transport="fabric.overflow"),
+    ]
+    figures = report(records)
+    assert figures["dead_letters"]["redriven"] == 1
+    assert figures["dead_letters"]["returned_from_overflow"] == 2
+
+
 def test_deliveries_retries_replays_and_unarchived_bodies_are_counted() -> None:
     records = [
         delivered("m1", "2026-12-03T10:00:00Z", "media", priority="normal"),

@@ -37,6 +37,7 @@ from fabric.compliance_run import (
     load_window,
 )
 from fabric.envelope import format_timestamp
+from fabric.topology import OVERFLOW_QUEUE
 from tests.unit.test_compliance_run import NOW, WRITER, Trail, accepted_and_routed, reporter
 
 DAY = date(2026, 12, 2)
@@ -54,6 +55,7 @@ class _BeforeFigures:
         self.transports: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         self.restricted = self.encrypted = self.not_archived = 0
+        self.overflow_returns = 0  # added since: the same rule as Figures, not part of the change
         self.addressed: dict[str, frozenset[str]] = {}
         self.emergencies: dict[str, str] = {}
         self.paths: dict[str, str] = {}
@@ -89,6 +91,8 @@ class _BeforeFigures:
         self.events[event] += 1
         if record.get("archived") is False and event not in CONSUMER_EVENTS:
             self.not_archived += 1
+        if event == "redriven" and record.get("transport") == OVERFLOW_QUEUE:
+            self.overflow_returns += 1
         if event == "accepted":
             self.transports[str(record.get("transport"))] += 1
             if isinstance(message_id, str):

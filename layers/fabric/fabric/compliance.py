@@ -34,6 +34,7 @@ from typing import Any
 
 from fabric.audit_writer import CONSUMER_EVENTS, group_owns
 from fabric.stakeholders import Stakeholder
+from fabric.topology import OVERFLOW_QUEUE
 
 REPORT_VERSION = "fabric.compliance-report/2"
 EMERGENCY = "emergency"
@@ -197,6 +198,9 @@ class Figures:
         self.transports: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
         self.restricted = self.encrypted = self.not_archived = 0
+        # Letters the overflow redrive put back in their terminal queue: still dead letters (or
+        # audit batches), not messages back at their origin.
+        self.overflow_returns = 0
         # Every message accepted in the period (its first acceptance decides its groups).
         self._accepted = IdSet()
         # Copies addressed and delivered, of the messages whose acceptance named its groups.
@@ -269,6 +273,8 @@ class Figures:
                 self.encrypted += bool(record.get("encrypted"))
         elif event == "rejected":
             self.reasons[str(record.get("reason"))] += 1
+        elif event == "redriven" and record.get("transport") == OVERFLOW_QUEUE:
+            self.overflow_returns += 1
         elif event == "fallback" and isinstance(message_id, str):
             groups = {str(g) for g in record.get("groups") or ()} or {""}
             self.fallbacks[message_id] = (at, groups)
@@ -491,7 +497,8 @@ def report_document(
         },
         "dead_letters": {
             "dead_lettered": events.get("dead-lettered", 0),
-            "redriven": events.get("redriven", 0),
+            "redriven": events.get("redriven", 0) - figures.overflow_returns,
+            "returned_from_overflow": figures.overflow_returns,
             "drained": events.get("drained", 0),
         },
         "encryption": {
