@@ -248,7 +248,9 @@ def test_the_bodies_a_batch_carries_are_archived_beside_its_records(
     wire = b'{"message_id":"m-1","payload":{"sealed":"ciphertext"}}'
     digest = hashlib.sha256(wire).hexdigest()
     stray = b"a body no record names"
-    records = [{"event": "accepted", "message_id": "m-1", "body_sha256": digest}]
+    records: list[dict[str, object]] = [
+        {"event": "accepted", "message_id": "m-1", "body_sha256": digest}
+    ]
     carried = AuditBatch(records, {digest: wire, hashlib.sha256(stray).hexdigest(): stray})
 
     written = writer(aws_audit).write([("b1", carried)])

@@ -200,9 +200,12 @@ def decode_audit_batch(body: bytes) -> AuditBatch:
     records' hashes prove.
 
     Raises:
-        ValueError: the body is not a ``fabric.audit-batch/1`` document.
+        ValueError: the body is not a ``fabric.audit-batch/1`` document (in UTF-8).
     """
-    document = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
+    # Decoded strictly here: json.loads would read bytes as UTF-16 or UTF-32 too, and with
+    # "surrogatepass", so a lone surrogate in raw bytes would pass as text no UTF-8 can hold.
+    text = body.decode("utf-8")
+    document = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     if not isinstance(document, dict) or document.get("version") != AUDIT_BATCH_VERSION:
         raise ValueError("not a fabric.audit-batch/1 document")
     records = document.get("records")

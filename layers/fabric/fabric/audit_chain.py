@@ -306,6 +306,8 @@ def _walk_records(
             records = decode_object(objects[key])
         except ValueError as exc:
             return Problem(key, f"not a batch object: {exc}")
+        except RecursionError:  # an unsealed object is read before anything vouches for it
+            return Problem(key, "not a batch object: nested deeper than the parser")
         for record in records:
             problem = _check_record(key, record, chain)
             if problem is not None:

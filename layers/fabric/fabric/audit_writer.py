@@ -288,7 +288,8 @@ def batches_from_event(
     gets ``publisher``: the batch's user-id, which the broker checked against the connection's
     user. A batch from a publisher not in ``trusted`` that records anything but consumer events
     becomes one ``refused-batch`` record instead (the SQS audit queue is written only by the
-    platform's functions: its IAM policy is the check there).
+    platform's functions: its IAM policy is the check there); the bodies such a publisher's
+    batch carries are not archived.
 
     Raises:
         ValueError: the event is neither.
@@ -332,6 +333,9 @@ def _published_by(publisher: str, body: bytes, trusted: frozenset[str]) -> Audit
             )
         if why is not None:
             return _stand_in(body, "refused-batch", f"{publisher or 'no user-id'} {why}", publisher)
+        # Only the platform archives stored bodies (the consumer toolkit sends none): a
+        # consumer's would sit in the locked archive for the retention period, whatever they are.
+        return AuditBatch([{**r, "publisher": publisher} for r in batch.records])
     return AuditBatch([{**r, "publisher": publisher} for r in batch.records], batch.bodies)
 
 

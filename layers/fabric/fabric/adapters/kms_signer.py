@@ -9,6 +9,8 @@ from typing import Any
 from fabric.audit_chain import Keyring
 
 ALGORITHM = "ECDSA_SHA_256"  # the signing key is ECC_NIST_P256, SIGN_VERIFY
+# The signature lengths KMS Verify takes; it refuses any other (ValidationException).
+_SIGNATURE_BYTES = range(1, 6145)
 
 
 class KmsSigner:
@@ -48,6 +50,8 @@ class KmsSigner:
         """Whether KMS accepts ``signature`` for ``message``; False for a bad signature."""
         from botocore.exceptions import ClientError
 
+        if len(signature) not in _SIGNATURE_BYTES:  # a request KMS refuses: no signature of it
+            return False
         try:
             response = self._kms().verify(
                 KeyId=self.key_id,
