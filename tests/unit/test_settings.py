@@ -99,3 +99,17 @@ def test_the_verifiers_trust_the_retired_signing_keys_then_the_current_one() -> 
 def test_a_retired_signing_key_named_twice_or_still_current_is_refused(retired: str) -> None:
     with pytest.raises(ConfigError, match="RETIRED_SIGNING_KEY_ARNS"):
         ComplianceReportSettings.from_env({**REPORT, "RETIRED_SIGNING_KEY_ARNS": retired})
+
+
+def test_the_audit_writer_waits_for_megabyte_archive_puts_longer_than_the_router(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With the router's two-second read bound a slow archive put failed the event and sent its
+    # batches round again; the writer is not on a message's path and may wait.
+    from fabric.bootstrap import audit_writer_from_environment
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-southeast-3")
+    writer = audit_writer_from_environment(WRITER)
+    config = writer._objects._s3().meta.config  # type: ignore[attr-defined]
+    assert (config.connect_timeout, config.read_timeout) == (5, 30)
+    assert config.retries["total_max_attempts"] == 6  # botocore: the first try and 5 retries

@@ -243,7 +243,7 @@ def build_audit_writer(
     from fabric.adapters.kms_signer import KmsSigner
     from fabric.audit_writer import AuditWriter
 
-    make_client = client_factory or _boto3_client
+    make_client = client_factory or _writer_client
     return AuditWriter(
         settings.writer,
         chains=DynamoDbChainStore(settings.table, lambda: make_client("dynamodb")),
@@ -311,6 +311,18 @@ def replay_from_environment(environ: Mapping[str, str] | None = None) -> ReplayR
         ConfigError: a variable is missing or malformed (the message names it).
     """
     return build_replay(ReplaySettings.from_env(os.environ if environ is None else environ))
+
+
+def _writer_client(service_name: str) -> Any:
+    # For the audit writer: not on a message's path either, and its archive puts carry megabytes.
+    # With the router's one- and two-second bounds, a slow put failed the event (no loss: the
+    # write-ahead intent recovers it) and sent the batches round again.
+    return _aws_client(
+        service_name,
+        connect_timeout=5,
+        read_timeout=30,
+        retries={"max_attempts": 5, "mode": "standard"},
+    )
 
 
 def _reader_client(service_name: str) -> Any:
