@@ -55,8 +55,9 @@ class BrokerTopology(Construct):
             memory_size=256,
         )
         function = self.function.function
-        # CloudFormation invokes it asynchronously: one retry (Lambda's default is two), so a
-        # run killed at its 5-minute timeout is retried once within the ServiceTimeout below.
+        # CloudFormation invokes it asynchronously: one retry (Lambda's default is two). The
+        # function answers FAILED about 40 s before its 5-minute timeout on its own; the retry
+        # is the backstop for a run killed anyway, within the ServiceTimeout below.
         function.configure_async_invoke(retry_attempts=1)
         for secret in (admin_secret, *user_secrets.values()):
             self.function.allow_secret_read(secret, secrets_key)
@@ -66,8 +67,8 @@ class BrokerTopology(Construct):
             service_token=function.function_arn,
             resource_type="Custom::FabricTopology",
             properties={"TopologyDigest": topology_digest},
-            # A function that never answers (killed at its 5-minute timeout, then its one retry
-            # after about a minute) fails the deploy within 15 minutes, not CloudFormation's
-            # default hour.
+            # A function that never answers all the same (killed at its 5-minute timeout, then its
+            # one retry after about a minute) fails the deploy within 15 minutes, not
+            # CloudFormation's default hour.
             service_timeout=Duration.minutes(15),
         )

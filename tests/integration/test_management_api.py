@@ -196,7 +196,7 @@ def _take_as_guest(client: ManagementClient, vhost: str, queue: str) -> bytes | 
         _method, _properties, body = connection.channel().basic_get(queue, auto_ack=True)
     finally:
         connection.close()
-    return body
+    return bytes(body) if body is not None else None
 
 
 def _wait_for_sampled_counts(

@@ -273,6 +273,30 @@ def test_a_user_whose_permissions_are_revoked_or_changed_is_disconnected_and_no_
     assert applied.list_connections(VHOST) == [{"name": publisher, "user": "publisher"}]
 
 
+def test_apply_disconnects_only_consumers_of_queues_their_user_may_no_longer_read(
+    applied: MemoryManagementClient,
+) -> None:
+    # Permissions changed by an earlier run that stopped before closing the connections.
+    applied.put_user("fabric-removed", password="x" * 12, tags=[])
+    allowed = applied.open_connection(VHOST, "consumer")
+    applied.consume(VHOST, allowed, "work")
+    stray = applied.open_connection(VHOST, "consumer")
+    applied.consume(VHOST, stray, "work.dlq")
+    removed = applied.open_connection(VHOST, "fabric-removed")
+    applied.consume(VHOST, removed, "work")
+    outsider = applied.open_connection(VHOST, "operator")
+    applied.consume(VHOST, outsider, "work")
+    applied.calls.clear()
+
+    report = apply_topology(applied, definitions(), passwords=PASSWORDS, vhost=VHOST)
+
+    assert report.applied == ()
+    assert sorted(applied.calls) == sorted(
+        [f"close_connection {stray}", f"close_connection {removed}"]
+    )
+    assert {c["name"] for c in applied.list_connections(VHOST)} == {allowed, outsider}
+
+
 def test_bindings_compare_as_sets_whatever_the_argument_order(
     applied: MemoryManagementClient,
 ) -> None:

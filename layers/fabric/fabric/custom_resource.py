@@ -22,6 +22,8 @@ _LOG = logging.getLogger(__name__)
 # Reason strings are shown in the CloudFormation console; keep them short and secret-free.
 _MAX_REASON = 1000
 FAILED_CREATE = "-create-failed-"
+# Kept free before the function's timeout for the answer itself (``_put`` waits up to 30 s).
+ANSWER_MARGIN_S = 40.0
 
 
 def respond(

@@ -16,7 +16,9 @@ Rules the functions share:
   Bindings hold no messages. And the vhost permissions of a ``fabric-*`` user (not the
   administrator) that the document no longer has: a removed group's user loses its access.
   Because RabbitMQ checks a consumer's permission only when it starts, apply closes the
-  connections to the vhost of a user whose permissions it removed or changed.
+  connections to the vhost of a user whose permissions it removed or changed, and, on every
+  run, those of a document or ``fabric-*`` user consuming a queue its permissions no longer let
+  it read (a run that stopped between a change and its close).
   Built-in exchanges (``""``, ``amq.*``), the default exchange's implicit bindings and the
   permissions of the user the client logs in as (RabbitMQ grants them to whoever creates a
   vhost through the API) are never reported.
@@ -36,6 +38,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -185,6 +188,11 @@ class ManagementApi(Protocol):
 
     def list_connections(self, vhost: str) -> list[JsonObject]:
         """Every client connection to the vhost (``name``, ``user``)."""
+        ...
+
+    def list_consumers(self, vhost: str) -> list[JsonObject]:
+        """Every consumer on the vhost (``queue.name``, ``channel_details.connection_name``
+        and ``channel_details.user``)."""
         ...
 
     def close_connection(self, name: str, *, reason: str) -> bool:
@@ -742,6 +750,52 @@ def _close_connections(client: ManagementApi, vhost: str, user: str, reason: str
             _LOG.info("topology: closed connection %r of %r (%s)", connection["name"], user, reason)
 
 
+def _close_stray_consumers(client: ManagementApi, doc: _Document, vhost: str) -> None:
+    """Close the connections of the document's and the fabric's users that consume a queue
+    their permissions on ``vhost`` no longer let them read.
+
+    A permission step closes the user's connections right after changing its permissions. A run
+    that stopped in between (a management API error, the Lambda's timeout) left the permission
+    changed, so the next run plans no step for it, and a consumer started before the change would
+    go on receiving for good. The consumers themselves are therefore checked on every apply.
+    """
+    managed = {user.name for user in doc.users} | {p.user for p in doc.permissions}
+    readable = {
+        str(item["user"]): str(item.get("read") or "") for item in client.list_permissions(vhost)
+    }
+    stray: dict[str, str] = {}
+    for consumer in client.list_consumers(vhost):
+        channel = consumer.get("channel_details") or {}
+        user, connection = str(channel.get("user", "")), channel.get("connection_name")
+        queue = str((consumer.get("queue") or {}).get("name", ""))
+        if (
+            connection is not None
+            and (user in managed or _fabric_user(user))
+            and user != client.username
+            and not _may_read(readable.get(user), queue)
+        ):
+            stray[str(connection)] = user
+    for connection, user in stray.items():
+        if client.close_connection(connection, reason="fabric topology: permissions changed"):
+            _LOG.info(
+                "topology: closed connection %r of %r (reads %r no more)", connection, user, vhost
+            )
+
+
+def _may_read(regex: str | None, queue: str) -> bool:
+    """Whether RabbitMQ lets a user with this read regex (None: no permission) read ``queue``.
+
+    RabbitMQ searches the regex in the name (anchors are the regex's own), and an empty one
+    matches nothing. A regex Python cannot read counts as allowing: closing is for certain cases.
+    """
+    if not regex:
+        return False
+    try:
+        return re.search(regex, queue) is not None
+    except re.error:
+        return True
+
+
 def _fabric_user(name: str) -> bool:
     """A broker user the topology itself names (``fabric-<group>``, ``fabric-platform``), not
     the administrator the applier logs in as."""
@@ -814,6 +868,7 @@ def apply_topology(
     bindings = _binding_steps(client, doc, vhost, True, []) if recreated else plan.bindings
     for step in [*bindings, *plan.users, *plan.permissions]:
         _run(step, applied)
+    _close_stray_consumers(client, doc, vhost)
     return ApplyReport(vhost=vhost, applied=tuple(applied), extra=tuple(plan.extra))
 
 

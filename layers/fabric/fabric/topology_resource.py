@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from fabric.adapters.management import ManagementClient
@@ -30,15 +31,20 @@ def on_event(
     request_type: str,
     environ: Mapping[str, str],
     *,
-    client_factory: Callable[[str, str, str], ManagementApi] = ManagementClient,
+    client_factory: Callable[[str, str, str], ManagementApi] | None = None,
     secrets_client: Callable[[], Any] | None = None,
     physical_id: str | None = None,
+    deadline: float | None = None,
 ) -> tuple[str, dict[str, str]]:
     """Handle one CloudFormation request; returns (physical id, response data).
 
     ``physical_id``: the request's (Update and Delete). A Delete of any other id than the one
     a Create answers (a failed Create's, whose rollback sends it) removes nothing: the topology
     on the broker is not that resource's.
+
+    ``deadline`` (``time.monotonic()``) bounds every management API call: a run that has not
+    finished by then fails with ``ManagementUnavailable`` (the function can still answer
+    CloudFormation before its own timeout); what was applied stays, and the next run resumes.
 
     Raises:
         ConfigError: a setting is missing, or a definition differs in a way that needs an
@@ -58,7 +64,8 @@ def on_event(
         return str(physical_id), {"Deleted": "0", "Kept": "0"}
     make_secrets = secrets_client or _secrets_manager
     admin_user, admin_password = SecretCredentials(admin_arn, make_secrets)()
-    client = client_factory(url, admin_user, admin_password)
+    make_client = client_factory or partial(ManagementClient, deadline=deadline)
+    client = make_client(url, admin_user, admin_password)
     document = definitions(default_routing_table(), vhost=vhost)
     if request_type == "Delete":
         report = delete_topology(client, document, vhost)
@@ -86,5 +93,11 @@ def _password(client: ManagementApi, name: str, credentials: SecretCredentials) 
 
 def _secrets_manager() -> Any:
     import boto3
+    from botocore.config import Config
 
-    return boto3.client("secretsmanager")
+    # botocore's defaults (60 s to connect, 60 s to read, several attempts) could outlast the
+    # function's timeout on their own, and CloudFormation would get no answer at all.
+    return boto3.client(
+        "secretsmanager",
+        config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3}),
+    )

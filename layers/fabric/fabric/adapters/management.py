@@ -59,6 +59,7 @@ class ManagementClient:
         ssl_context: ssl.SSLContext | None = None,
         retries: int = 2,
         backoff: float = 0.5,
+        deadline: float | None = None,
     ) -> None:
         """Check the URL and build the opener; no request is made.
 
@@ -67,6 +68,9 @@ class ManagementClient:
         with the system's CA bundle unless ``ssl_context`` says otherwise. A call the API
         answers with 5xx, 408 or 429, or whose connection is refused or dropped, is tried again
         up to ``retries`` times, ``backoff`` seconds later, then twice that, and so on.
+        ``deadline`` (a ``time.monotonic()`` value) bounds every call, waits and retries
+        included: a call that would end after it raises ``ManagementUnavailable`` instead (a
+        Lambda that must answer before its own timeout).
 
         Raises:
             ConfigError: ``base_url`` is not an http(s) URL with a host, or carries credentials.
@@ -84,6 +88,7 @@ class ManagementClient:
         self._timeout = timeout
         self._retries = retries
         self._backoff = backoff
+        self._deadline = deadline
         context = ssl_context
         if context is None and parts.scheme == "https":
             context = ssl.create_default_context()
@@ -376,6 +381,21 @@ class ManagementClient:
         )
         return result
 
+    def list_consumers(self, vhost: str) -> list[JsonObject]:
+        """The consumers on the vhost: ``queue.name`` and the ``channel_details``
+        (``connection_name``, ``user``) of each.
+
+        Raises:
+            ManagementRequestRejected: status 404 when the vhost does not exist.
+            ManagementApiError: see the class docstring.
+        """
+        result: list[JsonObject] = self._call(
+            "GET",
+            ("consumers", vhost),
+            query={"columns": "queue.name,channel_details.connection_name,channel_details.user"},
+        )
+        return result
+
     def close_connection(self, name: str, *, reason: str) -> bool:
         """Close the connection ``list_connections`` named so, telling the client ``reason``;
         ``False`` if it was closed already.
@@ -425,10 +445,11 @@ class ManagementClient:
                     method, segments, body=body, query=query, redact=redact, headers=headers
                 )
             except ManagementUnavailable as exc:
-                if attempt == self._retries or not _transient(exc):
+                pause = self._backoff * 2**attempt
+                if attempt == self._retries or not _transient(exc) or self._left() <= pause:
                     raise
                 _LOG.info("management API %s %s: %s; retrying", method, exc.path, exc)
-                time.sleep(self._backoff * 2**attempt)
+                time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _send(
@@ -456,8 +477,13 @@ class ManagementClient:
                 **(headers or {}),
             },
         )
+        timeout = min(self._timeout, self._left())
+        if timeout <= 0:
+            raise ManagementUnavailable(
+                "no time left before the deadline", method=method, path=path
+            )
         try:
-            with self._opener.open(request, timeout=self._timeout) as response:
+            with self._opener.open(request, timeout=timeout) as response:
                 status = response.status
                 data = response.read()
         except urllib.error.HTTPError as exc:
@@ -465,9 +491,10 @@ class ManagementClient:
                 raise self._http_error(method, path, exc, redact) from exc
         except (OSError, http.client.HTTPException) as exc:
             # URLError (refused, DNS, TLS), TimeoutError and dropped connections alike.
-            raise ManagementUnavailable(
-                f"cannot reach the management API: {type(exc).__name__}", method=method, path=path
-            ) from exc
+            problem = f"cannot reach the management API: {type(exc).__name__}"
+            if self._left() <= 0:
+                problem = f"no answer before the deadline ({type(exc).__name__})"
+            raise ManagementUnavailable(problem, method=method, path=path) from exc
         _LOG.debug("management API %s %s -> %s", method, path, status)
         if not data:
             return None
@@ -475,6 +502,10 @@ class ManagementClient:
             return json.loads(data)
         except ValueError as exc:
             raise ManagementApiError("answer is not JSON", method=method, path=path) from exc
+
+    def _left(self) -> float:
+        """Seconds until the deadline (infinite without one)."""
+        return float("inf") if self._deadline is None else self._deadline - time.monotonic()
 
     def _http_error(
         self, method: str, path: str, exc: urllib.error.HTTPError, redact: tuple[str, ...]

@@ -35,6 +35,7 @@ class _VHost:
     bindings: list[JsonObject] = field(default_factory=list)
     permissions: dict[str, JsonObject] = field(default_factory=dict)
     connections: dict[str, str] = field(default_factory=dict)  # name -> user
+    consumers: list[tuple[str, str]] = field(default_factory=list)  # (connection, queue)
 
 
 class MemoryManagementClient:
@@ -47,7 +48,7 @@ class MemoryManagementClient:
     SHA-256 password hashes; closes a user's connections when the user or its vhost goes (not
     when its permissions do). ``calls`` records every change as ``"<method> <name>"`` in order;
     ``set_messages`` sets what the statistics report for a queue (``None``: not sampled yet);
-    ``open_connection`` plays a client connecting.
+    ``open_connection`` plays a client connecting and ``consume`` one of its consumers.
     """
 
     def __init__(self, username: str = "admin") -> None:
@@ -85,6 +86,15 @@ class MemoryManagementClient:
         name = f"127.0.0.1:{50000 + self._connections_opened} -> 127.0.0.1:5672"
         space.connections[name] = user
         return name
+
+    def consume(self, vhost: str, connection: str, queue: str) -> None:
+        """The client on ``connection`` starts a consumer on ``queue`` (no permission check:
+        RabbitMQ checks when a consumer starts, which is not what these tests look at).
+
+        Raises:
+            ManagementRequestRejected: 404 when the vhost does not exist.
+        """
+        self._vhost(vhost, f"consumers/{vhost}").consumers.append((connection, queue))
 
     # --- vhosts ---------------------------------------------------------------------------
 
@@ -372,6 +382,22 @@ class MemoryManagementClient:
         """
         space = self._vhost(vhost, f"vhosts/{vhost}/connections")
         return [{"name": name, "user": user} for name, user in space.connections.items()]
+
+    def list_consumers(self, vhost: str) -> list[JsonObject]:
+        """The consumers of the vhost's open connections, shaped as RabbitMQ lists them.
+
+        Raises:
+            ManagementRequestRejected: 404 when the vhost does not exist.
+        """
+        space = self._vhost(vhost, f"consumers/{vhost}")
+        return [
+            {
+                "queue": {"name": queue, "vhost": vhost},
+                "channel_details": {"connection_name": name, "user": space.connections[name]},
+            }
+            for name, queue in space.consumers
+            if name in space.connections
+        ]
 
     def close_connection(self, name: str, *, reason: str) -> bool:
         """Close the connection; ``False`` if there is none of that name."""
