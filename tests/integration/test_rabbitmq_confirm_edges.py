@@ -175,6 +175,27 @@ def test_a_slow_source_is_not_a_broker_timeout(vhost: str, channel: Any, window:
     sender.close()
 
 
+def test_a_slow_source_in_the_middle_of_a_chunk_is_not_a_broker_timeout(
+    vhost: str, channel: Any
+) -> None:
+    # The messages a chunk published before a slow source call are written to the socket only
+    # once the chunk ends: the time spent in the source must not count against the broker. It
+    # did, and one turn of the loop was all the broker had left to confirm them.
+    quorum_queue(channel, "work", "ingress")
+    sender = transport(vhost, "ingress")
+    batch = messages(300)
+
+    def produce() -> Iterator[OutboundMessage]:
+        for n, message in enumerate(batch):
+            if n == 10:  # in the first chunk (50 messages), after ten published
+                time.sleep(0.8)  # e.g. GenerateDataKey for the first restricted message
+            yield message
+
+    outcomes = sender.publish(produce())
+    assert all(o.stored for o in outcomes), {o.failure for o in outcomes}
+    sender.close()
+
+
 @pytest.mark.parametrize(
     "bad",
     [

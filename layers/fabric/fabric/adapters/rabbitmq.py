@@ -651,8 +651,17 @@ class _Batch:
         being prepared (the source may be a generator that validates and encrypts).
         """
         self.pump_scheduled = False
+        waiting, started = bool(self.in_flight), self.clock()
         with self.coalesced():
             more = self._publish_chunk()
+        # The confirm timeout runs while the loop can hear the broker. Time spent here, in the
+        # caller's source (validating, encrypting, a KMS call for a new data key), is not the
+        # broker's: nothing was written to the socket or read from it meanwhile, and the
+        # chunk's frames are written only after it.
+        if waiting:
+            self.progress_at += self.clock() - started
+        elif self.in_flight:
+            self.progress_at = self.clock()
         if more:
             if not self.pump_scheduled:
                 self.pump_scheduled = True
@@ -697,8 +706,6 @@ class _Batch:
                 self.queue.append(index)
                 self.lose()
                 return False
-            if not self.in_flight:
-                self.progress_at = self.clock()
             self.in_flight[self.next_tag] = index
             self.next_tag += 1
         return True
