@@ -26,7 +26,8 @@ from fabric.drain import Drainer, FallbackQueue
 from fabric.ports import OutboundMessage
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from fabric.topology import queue_name
-from tests.integration.conftest import AMQP, REGION, management
+from tests.integration.aws_fallback import REGION
+from tests.integration.conftest import AMQP, management
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +131,7 @@ def test_each_copy_goes_back_to_its_own_group_queue_once_then_leaves_sqs(
         "fabric.government.emergency": [alarm.message_id],
     }
     assert left_in_sqs(aws) == 0
-    assert sorted(r.message_id for r in audit.records) == sorted(
+    assert sorted(str(r.message_id) for r in audit.records) == sorted(
         [both.message_id, both.message_id, alarm.message_id]
     )
     assert drainer.drain().total == 0

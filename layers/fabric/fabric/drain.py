@@ -10,9 +10,11 @@ running at once never see the same message at the same time, and a duplicate aft
 carries the same message id, which consumers deduplicate on.
 
 Each receive counts towards a fallback queue's redrive policy (10 receives, then its DLQ), so
-the drain takes nothing it cannot hand on: it opens the broker connection before it receives
-anything, and a work queue that refuses messages (full: ``reject-publish``) stops the drain of
-that queue only, not of the other groups' queues behind it.
+the drain takes nothing it cannot hand on: before it receives anything it opens the broker
+connection and publishes probes that no queue takes (a memory or disk alarm blocks a connection
+only once it publishes, so a fresh one looks healthy), and a work queue that refuses messages
+(full: ``reject-publish``) stops the drain of that queue only, not of the other groups' queues
+behind it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +44,9 @@ from fabric.stakeholders import Stakeholder
 from fabric.topology import queue_name
 
 _LOG = logging.getLogger(__name__)
+# The routing key of the drain's probe: no queue is bound under it on the redeliver exchange, so
+# a broker that takes publishes returns the probe (mandatory) and stores nothing.
+PROBE_ROUTING_KEY = "fabric.drain.probe"
 
 
 @dataclass(frozen=True)
@@ -132,11 +138,13 @@ class Drainer:
     def _drain(self, max_messages: int, max_seconds: float) -> DrainReport:
         report = DrainReport()
         deadline = self._clock() + max_seconds
-        if self._connect is not None and not self._connect():
+        if self._connect is not None and not (self._connect() and self._takes_publishes()):
             report.stopped = "broker unavailable"  # before a receive counts against anything
             return report
         for queue in self._queues:
-            while report.total < max_messages:
+            # A subscription's DLQ drains into the same work queue as its fallback queue: once
+            # that refused, taking more for it only counts receives against them.
+            while report.total < max_messages and queue.work_queue not in report.refused:
                 if self._clock() >= deadline:
                     report.stopped = "time limit"
                     return report
@@ -161,6 +169,30 @@ class Drainer:
         if report.total >= max_messages:
             report.stopped = "message limit"
         return report
+
+    def _takes_publishes(self) -> bool:
+        """Whether the broker takes publishes now, asked with two probes no queue is bound to
+        receive: a broker that takes them returns them (mandatory) and stores nothing. Under a
+        memory or disk alarm RabbitMQ blocks a connection only when it publishes, and still
+        handles the publish that blocked it: the second probe is the one refused."""
+        probes = [
+            OutboundMessage(
+                message_id=f"drain-probe-{uuid.uuid4()}",
+                topic=PROBE_ROUTING_KEY,
+                body=b"",
+                audience=frozenset(),
+                redeliver_to=PROBE_ROUTING_KEY,
+            )
+            for _ in range(2)
+        ]
+        refused = {outcome.failure for outcome in self._broker.publish(probes)} & SYSTEMIC
+        if refused:
+            _LOG.warning(
+                "the broker takes no publishes (%s): nothing received",
+                ", ".join(sorted(failure.value for failure in refused if failure is not None)),
+            )
+            return False
+        return True
 
     def _move(
         self, queue: FallbackQueue, batch: list[Received], report: DrainReport

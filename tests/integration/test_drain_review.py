@@ -1,0 +1,175 @@
+"""Drain review: what a run takes from SQS while RabbitMQ cannot take it, and emergencies first.
+
+The resource-alarm drill runs on a private node (never on the shared broker).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+
+from fabric.adapters.memory import MemoryAuditSink
+from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
+from fabric.adapters.sqs import SqsFallbackSource
+from fabric.drain import Drainer, FallbackQueue
+from fabric.stakeholders import Stakeholder
+from fabric.topology import queue_name
+from tests.integration.aws_fallback import REGION
+from tests.integration.conftest import management
+from tests.integration.private_node import PrivateNode, private_node
+from tests.integration.test_broker_drills import apply, topology
+from tests.integration.test_drain import (
+    draining,
+    fallback_queues,
+    in_rabbitmq,
+    left_in_sqs,
+    message,
+    park,
+    rabbit,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[PrivateNode]:
+    with private_node() as started:
+        yield started
+
+
+@pytest.fixture
+def node_vhost(node: PrivateNode) -> Iterator[str]:
+    name = f"fabric-drain-{uuid.uuid4().hex[:12]}"
+    node.add_vhost(name)
+    apply(node, name, topology(name))
+    yield name
+    node.delete_vhost(name)
+
+
+def memory_alarm(node: PrivateNode) -> bool:
+    return "memory" in node.ctl("eval", "rabbit_alarm:get_alarms().").stdout
+
+
+def wait_for(condition: Any, within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {within} s")
+        time.sleep(0.1)
+
+
+def receive_counts(aws: dict[str, Any], url: str) -> list[str]:
+    got = aws["sqs"].receive_message(
+        QueueUrl=url, MaxNumberOfMessages=10, AttributeNames=["ApproximateReceiveCount"]
+    )
+    return [m["Attributes"]["ApproximateReceiveCount"] for m in got.get("Messages", [])]
+
+
+def test_under_a_resource_alarm_the_drain_receives_nothing_so_no_emergency_nears_its_dlq(
+    aws: dict[str, Any], node: PrivateNode, node_vhost: str
+) -> None:
+    # A memory or disk alarm blocks a connection only once it publishes: a fresh connection
+    # looks healthy. A drain that received before it knew counted a receive against its first
+    # batch (the emergencies) every other run, and after ten (about 20 minutes of alarm) they
+    # sat in the fallback DLQ, which nothing drains by itself.
+    alert = message(Stakeholder.GOVERNMENT, emergency=True)
+    park(aws, alert)
+    drainer = draining(aws, rabbit(node_vhost, port=node.amqp_port))
+    try:
+        node.ctl("set_vm_memory_high_watermark", "0.000001")
+        wait_for(lambda: memory_alarm(node), within=10, what="the memory alarm")
+        reports = [drainer.drain() for _ in range(2)]
+    finally:
+        node.ctl("set_vm_memory_high_watermark", "0.4", check=False)
+    wait_for(lambda: not memory_alarm(node), within=10, what="clearing the memory alarm")
+
+    assert [(r.stopped, r.total) for r in reports] == [("broker unavailable", 0)] * 2
+    url = aws["queues"][("emergency", Stakeholder.GOVERNMENT)]
+    assert receive_counts(aws, url) == ["1"]  # this receive is its first
+
+    aws["sqs"].purge_queue(QueueUrl=url)  # the receive above hid it; the alarm is over
+    again = message(Stakeholder.GOVERNMENT, emergency=True)
+    park(aws, again)
+    after = drainer.drain()
+    assert (after.stopped, after.total) == ("empty", 1)
+
+
+def test_emergencies_are_drained_before_the_bulk_whatever_order_the_queues_are_given_in(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    # fallback_queues lists the bulk queues first; a run with room for one message takes the
+    # emergency, so a bulk backlog never holds an emergency back for a later run.
+    bulk = message(Stakeholder.GOVERNMENT)
+    alert = message(Stakeholder.GOVERNMENT, emergency=True)
+    park(aws, bulk, alert)
+    assert not fallback_queues(aws)[0].emergency
+
+    report = draining(aws, rabbit(broker_vhost)).drain(max_messages=1)
+
+    assert (report.stopped, report.moved) == (
+        "message limit",
+        {queue_name(Stakeholder.GOVERNMENT, emergency=True): 1},
+    )
+    assert in_rabbitmq(broker_vhost) == {
+        queue_name(Stakeholder.GOVERNMENT, emergency=True): [alert.message_id]
+    }
+    assert left_in_sqs(aws) == 1
+
+
+def test_a_full_work_queue_is_refused_once_and_its_subscription_dlq_is_left_alone(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    # The fallback queue and its subscription's DLQ drain into the same work queue: once it
+    # refused, a receive from the DLQ could only be refused too (and listed it a second time).
+    management(
+        "PUT",
+        f"policies/{urllib.parse.quote(broker_vhost, safe='')}/full",
+        {"pattern": "^fabric\\.academic$", "definition": {"max-length": 1}, "apply-to": "queues"},
+    )
+    queue_path = f"queues/{urllib.parse.quote(broker_vhost, safe='')}/fabric.academic"
+    deadline = time.monotonic() + 10
+    while management("GET", queue_path).get("policy") != "full":
+        assert time.monotonic() < deadline, "the policy was not applied"
+        time.sleep(0.1)
+    park(aws, *(message(Stakeholder.ACADEMIC) for _ in range(30)))
+    sub_dlq = aws["sqs"].get_queue_url(QueueName="fabric-test-fallback-academic-sub-dlq")
+    undelivered = [message(Stakeholder.ACADEMIC) for _ in range(3)]
+    for item in undelivered:  # what SNS could not deliver, as delivered raw
+        aws["sqs"].send_message(
+            QueueUrl=sub_dlq["QueueUrl"],
+            MessageBody=item.body.decode(),
+            MessageAttributes={
+                name: {"DataType": "String", "StringValue": value}
+                for name, value in {
+                    MESSAGE_ID_ATTRIBUTE: item.message_id,
+                    TOPIC_ATTRIBUTE: item.topic,
+                    HEADERS_ATTRIBUTE: json.dumps(item.headers),
+                }.items()
+            },
+        )
+    broker = rabbit(broker_vhost)
+    drainer = Drainer(
+        queues=[
+            FallbackQueue(url=url, group=Stakeholder.ACADEMIC, emergency=False)
+            for url in (aws["queues"][("fallback", Stakeholder.ACADEMIC)], sub_dlq["QueueUrl"])
+        ],
+        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        broker=broker,
+        audit=MemoryAuditSink(),
+        connect=broker.connect,
+    )
+
+    report = drainer.drain()
+
+    assert report.refused == ["fabric.academic"]
+    counts = aws["sqs"].receive_message(
+        QueueUrl=sub_dlq["QueueUrl"], MaxNumberOfMessages=10, AttributeNames=["All"]
+    )["Messages"]
+    assert sorted(m["Attributes"]["ApproximateReceiveCount"] for m in counts) == ["1"] * 3
