@@ -9,6 +9,9 @@
         [--message-id ID]... [--source GROUP] [--max-messages N] [--rate N] [--chunk N]
         [--dry-run] [--replay-id ID] [--after AT,ID] [--late-days N] [--include-unsealed]
     python scripts/runbook.py report --env prod [--date YYYY-MM-DD | --start T --end T]
+    python scripts/runbook.py topology diff --env prod
+    python scripts/runbook.py topology apply --env prod [--recreate-empty] [--dry-run]
+    python scripts/runbook.py topology diff|apply --management-url URL [--vhost V] ...
 
 ``drain`` shows every fallback queue's depth (and its subscription DLQ's), then invokes the deployed
 drain function (``fabric-<env>-drain``) once and prints what it moved and why it stopped. The
@@ -46,6 +49,18 @@ for one UTC day (``--date``; default yesterday) or ``[--start, --end)``, and pri
 the verdict, the figures, and the S3 keys of the JSON, HTML and CSV report. Exit 1 when the
 trail does not verify, 2 when the function refuses the request.
 
+``topology diff`` compares the broker with the topology the routing table generates and lists
+what is missing, changed, needs recreating (an exchange or queue cannot change in place), is
+obsolete (routes and group permissions the table removed) or extra (left alone); exit 1 when
+apply would change anything. ``topology apply`` brings the broker to it (``--recreate-empty``:
+also delete and declare again what cannot change in place, queues only when empty; ``--dry-run``
+is ``diff``); exit 1 when it could not apply everything. With ``--env`` both invoke the deployed
+topology function (``fabric-<env>-topology``, the custom resource's, inside the VPC); with
+``--management-url`` they run here against a broker this machine reaches, as the administrator
+named by ``FABRIC_MANAGEMENT_USER`` and ``FABRIC_MANAGEMENT_PASSWORD``, with the broker users'
+passwords from the JSON file ``FABRIC_USER_PASSWORDS_FILE`` (apply refuses without it; diff
+then compares users by tags only).
+
 AWS credentials and the region come from the usual boto3 chain (``AWS_PROFILE``,
 ``AWS_REGION``); the region defaults to the environment's in cdk.json. Exit status: 0 done,
 1 the run stopped early or failed, 2 bad usage, configuration or request.
@@ -55,9 +70,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -506,6 +522,220 @@ def _add_replay_command(commands: Any) -> None:
     )
 
 
+# -- topology --------------------------------------------------------------------------------
+
+# A diff's groups, in apply's order, as the command prints them.
+_TOPOLOGY_GROUPS = (
+    ("missing", "missing"),
+    ("changed", "changed"),
+    ("needs_recreate", "needs recreating"),
+    ("obsolete", "obsolete"),
+    ("extra", "extra (left alone)"),
+)
+
+
+def topology(
+    env_name: str, *, client: Callable[[str], Any], request: dict[str, Any], out: TextIO
+) -> int:
+    """The ``topology`` command through the deployed topology function; returns the exit status
+    (0 in sync or all applied, 1 differences, not all applied or failed, 2 refused)."""
+    from fabric.naming import topology_function_name
+
+    name = topology_function_name(env_name)
+    print(f"invoking {name} {json.dumps(request)} ...", file=out)
+    answer = client("lambda").invoke(
+        FunctionName=name, InvocationType="RequestResponse", Payload=json.dumps(request).encode()
+    )
+    body = json.loads(answer["Payload"].read() or b"null")
+    if not answer.get("FunctionError") and isinstance(body, dict) and "error" in body:
+        print(f"refused: {body['error']}", file=out)
+        return 2
+    if answer.get("FunctionError") or not isinstance(body, dict) or "action" not in body:
+        print(f"the topology function failed: {json.dumps(body)[:500]}", file=out)
+        return 1
+    return _print_topology(body, out)
+
+
+def topology_local(
+    url: str,
+    *,
+    vhost: str,
+    request: dict[str, Any],
+    environ: Mapping[str, str],
+    out: TextIO,
+) -> int:
+    """The ``topology`` command in-process against the management API at ``url``: the
+    administrator from ``FABRIC_MANAGEMENT_USER`` / ``FABRIC_MANAGEMENT_PASSWORD``, the broker
+    users' passwords from the JSON file ``FABRIC_USER_PASSWORDS_FILE`` (apply needs it: users
+    are broker-wide, and a password this command made up would lock their owners out).
+    Returns the exit status as ``topology`` does.
+
+    Raises:
+        ManagementApiError: the management API failed.
+    """
+    from fabric.adapters.management import ManagementClient
+    from fabric.errors import ConfigError
+    from fabric.topology_resource import parse_request, run_request
+
+    parsed = parse_request(request)
+    user, password = (environ.get(f"FABRIC_MANAGEMENT_{key}") for key in ("USER", "PASSWORD"))
+    if not user or not password:
+        print(
+            "refused: set FABRIC_MANAGEMENT_USER and FABRIC_MANAGEMENT_PASSWORD to the broker"
+            " administrator's (never on the command line)",
+            file=out,
+        )
+        return 2
+    try:
+        passwords = _user_passwords(environ.get("FABRIC_USER_PASSWORDS_FILE"))
+        if parsed.action == "apply" and passwords is None:
+            raise ConfigError(
+                "apply creates and updates the broker's users (broker-wide): give their"
+                " passwords in the JSON file named by FABRIC_USER_PASSWORDS_FILE"
+            )
+        client = ManagementClient(url, user, password)
+        print(f"{parsed.action} on {url}, vhost {vhost!r}, as {user} ...", file=out)
+        if passwords is None:
+            print("  no FABRIC_USER_PASSWORDS_FILE: users compared by tags only", file=out)
+        body = run_request(parsed, client, vhost, passwords=passwords)
+    except ConfigError as exc:
+        print(f"refused: {exc}", file=out)
+        return 2
+    return _print_topology(body, out)
+
+
+def _user_passwords(path: str | None) -> dict[str, str] | None:
+    """``{"user": "password", ...}`` from the file; None without one.
+
+    Raises:
+        ConfigError: the file cannot be read or is not such an object (no value is named).
+    """
+    from fabric.errors import ConfigError
+
+    if not path:
+        return None
+    try:
+        passwords = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"FABRIC_USER_PASSWORDS_FILE {path}: {type(exc).__name__}") from None
+    if not isinstance(passwords, dict) or not all(
+        isinstance(value, str) and value for value in passwords.values()
+    ):
+        raise ConfigError(
+            f"FABRIC_USER_PASSWORDS_FILE {path}: must be a JSON object of user -> password"
+        )
+    return {str(name): value for name, value in passwords.items()}
+
+
+def _print_topology(body: dict[str, Any], out: TextIO) -> int:
+    vhost = body["vhost"]
+    if body["action"] == "diff":
+        for key, label in _TOPOLOGY_GROUPS:
+            for item in body[key]:
+                print(f"  {label:18s} {_topology_item(item)}", file=out)
+        counts = ", ".join(f"{len(body[key])} {label}" for key, label in _TOPOLOGY_GROUPS)
+        print(f"summary: vhost {vhost!r}: {counts}", file=out)
+        if body["needs_recreate"]:
+            print(_RECREATE_HINT, file=out)
+        if body["in_sync"]:
+            print("in sync: apply would change nothing", file=out)
+            return 0
+        return 1
+    for item in body["applied"]:
+        print(f"  {item['kind']:18s} {_topology_item(item)}", file=out)
+    for item in body["extra"]:
+        print(f"  {'extra (left alone)':18s} {_topology_item(item)}", file=out)
+    if body["conflict"]:
+        for item in body["needs_recreate"]:
+            print(f"  {'needs recreating':18s} {_topology_item(item)}", file=out)
+        print(f"NOT APPLIED: {body['conflict']}", file=out)
+        print(_RECREATE_HINT, file=out)
+        print(
+            f"summary: vhost {vhost!r}: nothing applied (apply checks before it changes)", file=out
+        )
+        return 1
+    print(
+        f"summary: vhost {vhost!r}: applied {len(body['applied'])} change(s),"
+        f" {len(body['extra'])} extra left alone",
+        file=out,
+    )
+    return 0
+
+
+_RECREATE_HINT = (
+    "an exchange or queue that needs recreating cannot change in place: empty the queue first,"
+    " then `topology apply --recreate-empty` (it recreates only queues the broker shows empty;"
+    " docs/runbook.md)"
+)
+
+
+def _topology_item(item: dict[str, Any]) -> str:
+    text = f"{item['resource']} {item['name']!r}"
+    differences = item.get("differences") or {}
+    if differences:
+        text += ": " + ", ".join(
+            f"{key} {current!r} -> {wanted!r}" for key, (current, wanted) in differences.items()
+        )
+    return text
+
+
+def _add_topology_command(commands: Any) -> None:
+    topology_parser = commands.add_parser(
+        "topology", help="compare or apply the broker topology the routing table generates"
+    )
+    actions = topology_parser.add_subparsers(dest="action", required=True)
+    for action, what in (
+        ("diff", "what apply would change; changes nothing"),
+        ("apply", "bring the broker to the routing table's topology"),
+    ):
+        parser = actions.add_parser(action, help=what)
+        where = parser.add_mutually_exclusive_group(required=True)
+        where.add_argument("--env", help="invoke fabric-<env>-topology (dev, staging or prod)")
+        where.add_argument(
+            "--management-url",
+            help="run here against this management API (http://127.0.0.1:15672)",
+        )
+        parser.add_argument("--vhost", help="with --management-url: the vhost (default /)")
+        if action == "apply":
+            parser.add_argument(
+                "--recreate-empty",
+                action="store_true",
+                help="delete and declare again what cannot change in place (queues only if empty)",
+            )
+            parser.add_argument("--dry-run", action="store_true", help="the same as diff")
+
+
+def _topology_here(args: argparse.Namespace, out: TextIO) -> int:
+    from fabric.errors import ManagementApiError
+
+    try:
+        return topology_local(
+            args.management_url,
+            vhost=args.vhost or "/",
+            request=_topology_request(args),
+            environ=os.environ,
+            out=out,
+        )
+    except ManagementApiError as exc:
+        print(f"management API error: {exc}", file=out)
+        return 1
+
+
+def _topology_request(args: argparse.Namespace) -> dict[str, Any]:
+    if args.env is not None and args.vhost is not None:
+        sys.stderr.write(
+            f"runbook topology {args.action}: --vhost goes with --management-url"
+            " (the function applies its environment's vhost)\n"
+        )
+        raise SystemExit(2)
+    if args.action == "apply" and args.dry_run:
+        return {"action": "diff"}
+    request: dict[str, Any] = {"action": args.action}
+    if args.action == "apply" and args.recreate_empty:
+        request["recreate_empty"] = True
+    return request
+
+
 # -- report ----------------------------------------------------------------------------------
 
 
@@ -590,6 +820,18 @@ def _add_report_command(commands: Any) -> None:
     report_parser.add_argument("--end", help="RFC 3339 with a time zone, exclusive")
 
 
+def _add_verify_command(commands: Any) -> None:
+    verify_parser = commands.add_parser("verify", help="verify an audit trail")
+    verify_parser.add_argument("--env", required=True, help="dev, staging or prod (cdk.json)")
+    verify_parser.add_argument("--writer", help="the chain (default fabric-<env>-audit-writer)")
+    verify_parser.add_argument("--bucket", help="the audit bucket (default: stack output)")
+    verify_parser.add_argument(
+        "--signing-key",
+        action="append",
+        help="a trusted checkpoint-signing key; once per key, oldest first (default: stack output)",
+    )
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  # noqa: PLR0911 (a dispatcher: one return per command)
     """Parse the command line and run one command."""
     out = out or sys.stdout
@@ -618,21 +860,17 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
     redrive_parser.add_argument("--dry-run", action="store_true", help="list, move nothing")
     _add_replay_command(commands)
     _add_report_command(commands)
-    verify_parser = commands.add_parser("verify", help="verify an audit trail")
-    verify_parser.add_argument("--env", required=True, help="dev, staging or prod (cdk.json)")
-    verify_parser.add_argument("--writer", help="the chain (default fabric-<env>-audit-writer)")
-    verify_parser.add_argument("--bucket", help="the audit bucket (default: stack output)")
-    verify_parser.add_argument(
-        "--signing-key",
-        action="append",
-        help="a trusted checkpoint-signing key; once per key, oldest first (default: stack output)",
-    )
+    _add_topology_command(commands)
+    _add_verify_command(commands)
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
     from botocore.exceptions import BotoCoreError, ClientError
 
     from fabric.errors import TransportUnavailable
+
+    if args.command == "topology" and args.env is None:
+        return _topology_here(args, out)
     from stacks.config import ConfigError, load_app_config, read_cdk_context
 
     try:
@@ -659,6 +897,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
             )
         if args.command == "report":
             return report(args.env, client=client, request=_report_request(args), out=out)
+        if args.command == "topology":
+            return topology(args.env, client=client, request=_topology_request(args), out=out)
         if args.command == "replay":
             return replay(
                 args.env,

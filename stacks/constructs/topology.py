@@ -9,6 +9,7 @@ from aws_cdk import aws_kms as kms
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
+from fabric.naming import topology_function_name
 from stacks.constructs.function import FabricFunction, FunctionPlatform
 
 
@@ -19,7 +20,8 @@ class BrokerTopology(Construct):
     users' passwords from their secrets, through the RabbitMQ management API (the only way
     Amazon MQ offers); on delete it removes users and permissions and leaves queues that still
     hold messages. ``topology_digest`` changes whenever the generated topology does, so that
-    CloudFormation re-applies it.
+    CloudFormation re-applies it. The function is named ``fabric-<env>-topology``: the runbook
+    invokes it too (``topology diff``, ``topology apply``).
     """
 
     def __init__(
@@ -53,6 +55,8 @@ class BrokerTopology(Construct):
             reserved_concurrency=1,
             timeout=Duration.minutes(5),
             memory_size=256,
+            # The runbook invokes it by this name (`topology diff` and `topology apply`).
+            function_name=topology_function_name(env_name),
         )
         function = self.function.function
         # CloudFormation invokes it asynchronously: one retry (Lambda's default is two). The

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from cfnlint.api import lint
 
-from fabric.naming import fallback_queue_names
+from fabric.naming import fallback_queue_names, topology_function_name
 from tests.conftest import ROOT
 from tests.infra.conftest import Assembly, Synthesized
 from tests.infra.resolve import render
@@ -197,6 +197,18 @@ def test_a_topology_apply_that_never_answers_fails_the_deploy_within_15_minutes(
         if c["Properties"]["FunctionName"] == {"Ref": function_id}
     ]
     assert config["Properties"]["MaximumRetryAttempts"] == 1
+
+
+def test_the_runbook_finds_the_topology_function_by_its_name(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    template = services(env, assembly)
+    (resource,) = of_type(template, "Custom::FabricTopology").values()
+    function_id = resource["Properties"]["ServiceToken"]["Fn::GetAtt"][0]
+    # scripts/runbook.py topology diff|apply --env <env> invokes it by this name.
+    name = template["Resources"][function_id]["Properties"]["FunctionName"]
+    assert name == topology_function_name(env.stage.stage_name)
+    assert name == f"fabric-{env.stage.stage_name}-topology"
 
 
 @pytest.mark.parametrize("name", ["dev", "prod"])

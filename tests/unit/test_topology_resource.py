@@ -14,7 +14,14 @@ from fabric.errors import ConfigError
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from fabric.topology import AUDIT_QUEUE, INGRESS_EXCHANGE, PLATFORM_USER, queue_name, user_name
 from fabric.topology_apply import password_matches
-from fabric.topology_resource import on_event
+from fabric.topology_resource import (
+    TopologyRequest,
+    is_cloudformation_event,
+    on_event,
+    on_request,
+    run_request,
+)
+from tests.conftest import load_handler
 
 USERS = [PLATFORM_USER, *(user_name(g) for g in STAKEHOLDERS)]
 ENVIRON = {
@@ -190,3 +197,182 @@ def test_a_pending_password_the_broker_does_not_have_is_not_applied(
 
     assert data["Changes"] == "0"
     assert password_matches(broker.get_user(media) or {}, f"pw-{media}-0123456789")
+
+
+# --- the runbook's requests (``topology diff`` / ``topology apply``) ----------------------------
+
+
+def operate(event: Any, broker: MemoryManagementClient) -> dict[str, Any]:
+    return on_request(event, ENVIRON, client_factory=lambda *_: broker, secrets_client=FakeSecrets)
+
+
+@pytest.mark.parametrize(
+    ("event", "why"),
+    [
+        ({"action": "destroy"}, "'action' must be 'diff' or 'apply'"),
+        ({}, "'action' must be 'diff' or 'apply'"),
+        ({"action": "apply", "recreate": True}, "unknown field(s) ['recreate']"),
+        ({"action": "apply", "recreate_empty": "yes"}, "'recreate_empty' must be true or false"),
+        ({"action": "diff", "recreate_empty": True}, "'recreate_empty' goes with 'apply' only"),
+        # A CloudFormation request without its ResponseURL is no operator request either.
+        ({"RequestType": "Create"}, "unknown field(s) ['RequestType']"),
+        (["apply"], "a topology request is a JSON object"),
+    ],
+)
+def test_a_malformed_operator_request_is_refused_and_changes_nothing(
+    broker: MemoryManagementClient, event: Any, why: str
+) -> None:
+    answer = operate(event, broker)
+
+    assert set(answer) == {"error"}
+    assert why in answer["error"]
+    assert broker.calls == []
+    assert broker.get_vhost("/") is None
+
+
+def test_only_a_request_with_request_type_and_response_url_is_cloudformations() -> None:
+    cloudformation = {"RequestType": "Update", "ResponseURL": "https://x.example/", "StackId": "s"}
+    assert is_cloudformation_event(cloudformation)
+    assert not is_cloudformation_event({"action": "apply"})
+    assert not is_cloudformation_event({"RequestType": "Create"})
+    assert not is_cloudformation_event("apply")
+
+
+def test_a_diff_of_an_empty_broker_lists_everything_missing_and_changes_nothing(
+    broker: MemoryManagementClient,
+) -> None:
+    report = operate({"action": "diff"}, broker)
+
+    assert report["action"] == "diff"
+    assert report["vhost"] == "/"
+    assert report["in_sync"] is False
+    missing = {(item["resource"], item["name"]) for item in report["missing"]}
+    assert ("vhost", "/") in missing
+    assert ("queue", AUDIT_QUEUE) in missing
+    assert ("exchange", INGRESS_EXCHANGE) in missing
+    assert {("user", name) for name in USERS} <= missing
+    assert report["changed"] == report["needs_recreate"] == report["obsolete"] == []
+    assert report["extra"] == []
+    assert broker.calls == []
+    assert json.loads(json.dumps(report)) == report  # the function's answer is JSON
+
+
+def test_an_apply_reports_what_it_did_and_a_diff_then_finds_the_broker_in_sync(
+    broker: MemoryManagementClient,
+) -> None:
+    broker.put_vhost("/")
+    broker.put_queue("/", "left.over", durable=True, auto_delete=False, arguments={})
+
+    applied = operate({"action": "apply"}, broker)
+
+    assert applied["complete"] is True
+    assert applied["conflict"] is None
+    kinds = {(item["kind"], item["resource"], item["name"]) for item in applied["applied"]}
+    assert ("create", "queue", AUDIT_QUEUE) in kinds
+    assert ("create", "user", PLATFORM_USER) in kinds
+    assert applied["extra"] == [{"resource": "queue", "name": "left.over"}]
+    for name in USERS:  # each user got its secret's password
+        assert password_matches(broker.get_user(name) or {}, f"pw-{name}-0123456789")
+    again = operate({"action": "diff"}, broker)
+    assert again["in_sync"] is True
+    assert again["missing"] == again["changed"] == again["needs_recreate"] == []
+    assert again["extra"] == [{"resource": "queue", "name": "left.over"}]
+
+
+def test_a_diff_shows_a_changed_password_without_showing_any_password(
+    broker: MemoryManagementClient,
+) -> None:
+    operate({"action": "apply"}, broker)
+    media = user_name(Stakeholder.MEDIA)
+    by_hand = "set-by-hand-0123456789"
+    broker.put_user(media, password=by_hand, tags=[])
+
+    report = operate({"action": "diff"}, broker)
+
+    assert report["changed"] == [
+        {"resource": "user", "name": media, "differences": {"password": ["(hidden)", "(hidden)"]}}
+    ]
+    assert report["in_sync"] is False
+    assert "0123456789" not in json.dumps(report)
+
+
+def test_an_operator_apply_during_a_rotation_keeps_the_pending_password_the_broker_has(
+    broker: MemoryManagementClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    operate({"action": "apply"}, broker)
+    media = user_name(Stakeholder.MEDIA)
+    rotated = "pw-rotated-9876543210"
+    monkeypatch.setitem(FakeSecrets.pending, media, rotated)
+    broker.put_user(media, password=rotated, tags=[])
+
+    assert operate({"action": "diff"}, broker)["in_sync"] is True
+    assert operate({"action": "apply"}, broker)["applied"] == []
+    assert password_matches(broker.get_user(media) or {}, rotated)
+
+
+def test_a_queue_that_cannot_change_in_place_is_reported_and_recreated_only_when_asked(
+    broker: MemoryManagementClient,
+) -> None:
+    operate({"action": "apply"}, broker)
+    broker.delete_queue("/", AUDIT_QUEUE)
+    broker.put_queue("/", AUDIT_QUEUE, durable=True, auto_delete=False, arguments={})
+
+    diff = operate({"action": "diff"}, broker)
+    (item,) = diff["needs_recreate"]
+    assert (item["resource"], item["name"]) == ("queue", AUDIT_QUEUE)
+    assert item["differences"]["x-queue-type"] == ["classic", "quorum"]
+
+    before = list(broker.calls)
+    refused = operate({"action": "apply"}, broker)
+    assert refused["complete"] is False
+    assert AUDIT_QUEUE in refused["conflict"]
+    assert [i["name"] for i in refused["needs_recreate"]] == [AUDIT_QUEUE]
+    assert refused["applied"] == []
+    assert broker.calls == before, "a refused apply changes nothing"
+
+    recreated = operate({"action": "apply", "recreate_empty": True}, broker)
+    assert recreated["complete"] is True
+    assert ("needs_recreate", "queue", AUDIT_QUEUE) in {
+        (i["kind"], i["resource"], i["name"]) for i in recreated["applied"]
+    }
+    assert operate({"action": "diff"}, broker)["in_sync"] is True
+
+
+def test_recreate_empty_leaves_a_queue_that_holds_messages(broker: MemoryManagementClient) -> None:
+    operate({"action": "apply"}, broker)
+    broker.delete_queue("/", AUDIT_QUEUE)
+    broker.put_queue("/", AUDIT_QUEUE, durable=True, auto_delete=False, arguments={})
+    broker.set_messages("/", AUDIT_QUEUE, 4)
+
+    report = operate({"action": "apply", "recreate_empty": True}, broker)
+
+    assert report["complete"] is False
+    assert "holds 4 messages" in report["conflict"]
+    arguments = {q["name"]: q["arguments"] for q in broker.list_queues("/")}
+    assert arguments[AUDIT_QUEUE] == {}, "kept as it was, with its messages"
+
+
+def test_an_apply_without_passwords_is_refused(broker: MemoryManagementClient) -> None:
+    with pytest.raises(ConfigError, match="password"):
+        run_request(TopologyRequest("apply"), broker, "/", passwords=None)
+    assert broker.calls == []
+
+
+def test_the_functions_handler_answers_an_operator_request_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Context:
+        log_stream_name = "stream-1"
+
+        @staticmethod
+        def get_remaining_time_in_millis() -> int:
+            return 300_000
+
+    handler = load_handler("topology", monkeypatch)
+
+    answer = handler.handler({"action": "apply", "force": True}, Context())
+
+    assert answer == {
+        "error": "unknown field(s) ['force']: a topology request has 'action' and, for apply,"
+        " 'recreate_empty'"
+    }

@@ -37,6 +37,12 @@ def replay_function_name(env_name: str) -> str:
     return f"fabric-{env_name}-replay"
 
 
+def topology_function_name(env_name: str) -> str:
+    """``fabric-<env>-topology``: the topology function (the custom resource's), which the
+    runbook invokes for ``topology diff`` and ``topology apply``."""
+    return f"fabric-{env_name}-topology"
+
+
 def idempotency_table_name(env_name: str) -> str:
     """``fabric-<env>-idempotency``: the DynamoDB table of consumer idempotency records and
     the redrive ledger (partition key ``id``, expiry attribute ``expiration``)."""

@@ -1,4 +1,5 @@
-"""The topology custom resource's logic: apply, update or remove the broker topology.
+"""The topology function's logic: the custom resource (apply, update or remove the broker
+topology at deploy time) and the runbook's requests (``topology diff``, ``topology apply``).
 
 Settings come from the function's environment (set by the stack): ``MANAGEMENT_URL`` (the
 broker's console URL), ``ADMIN_SECRET_ARN`` (the broker admin), ``USER_SECRET_ARNS`` (JSON
@@ -9,22 +10,96 @@ object: broker user name -> secret ARN), ``FABRIC_ENV`` and, optionally, ``RABBI
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from fabric.adapters.management import ManagementClient
 from fabric.adapters.secrets import SecretCredentials
-from fabric.errors import ConfigError
+from fabric.errors import ConfigError, TopologyConflict
 from fabric.routing import default_routing_table
 from fabric.topology import definitions
 from fabric.topology_apply import (
     ApplyReport,
+    Change,
+    ChangeKind,
     ManagementApi,
     apply_topology,
     delete_topology,
+    diff_topology,
     password_matches,
 )
+
+_LOG = logging.getLogger(__name__)
+
+# A diff report's groups: what ``apply`` would do with each kind of difference.
+DIFF_GROUPS = {
+    ChangeKind.CREATE: "missing",
+    ChangeKind.UPDATE: "changed",
+    ChangeKind.NEEDS_RECREATE: "needs_recreate",
+    ChangeKind.DELETE: "obsolete",
+    ChangeKind.EXTRA: "extra",
+}
+
+
+@dataclass(frozen=True)
+class _Settings:
+    url: str
+    user_secrets: dict[str, str]
+    environment: str
+    admin_arn: str
+    vhost: str
+
+
+@dataclass(frozen=True)
+class TopologyRequest:
+    """An operator's request (the runbook's ``topology`` command): ``diff``, or ``apply``;
+    ``recreate_empty`` lets apply delete and declare again the exchanges and the empty queues
+    that cannot change in place."""
+
+    action: str
+    recreate_empty: bool = False
+
+
+def topology_document(vhost: str) -> dict[str, Any]:
+    """The routing table's topology for ``vhost``: what the custom resource and the runbook
+    apply."""
+    return definitions(default_routing_table(), vhost=vhost)
+
+
+def is_cloudformation_event(event: object) -> bool:
+    """Whether ``event`` is a CloudFormation custom-resource request (it always carries
+    ``RequestType`` and ``ResponseURL``); the runbook's requests carry neither."""
+    return isinstance(event, Mapping) and "RequestType" in event and "ResponseURL" in event
+
+
+def parse_request(event: object) -> TopologyRequest:
+    """The operator's request: ``{"action": "diff"}`` or ``{"action": "apply"}``, the latter
+    with an optional ``"recreate_empty": true``.
+
+    Raises:
+        ValueError: not an object, an unknown field, an unknown action, or a ``recreate_empty``
+            that is not a boolean or does not go with ``apply``; the message says which.
+    """
+    if not isinstance(event, Mapping):
+        raise ValueError("a topology request is a JSON object")
+    unknown = sorted(str(key) for key in event if key not in ("action", "recreate_empty"))
+    if unknown:
+        raise ValueError(
+            f"unknown field(s) {unknown}: a topology request has 'action' and, for apply,"
+            " 'recreate_empty'"
+        )
+    action = event.get("action")
+    if action not in ("diff", "apply"):
+        raise ValueError(f"'action' must be 'diff' or 'apply', not {action!r}")
+    recreate_empty = event.get("recreate_empty", False)
+    if not isinstance(recreate_empty, bool):
+        raise ValueError("'recreate_empty' must be true or false")
+    if recreate_empty and action != "apply":
+        raise ValueError("'recreate_empty' goes with 'apply' only")
+    return TopologyRequest(action, recreate_empty)
 
 
 def on_event(
@@ -48,34 +123,178 @@ def on_event(
 
     Raises:
         ConfigError: a setting is missing, or a definition differs in a way that needs an
-            operator (a quorum queue argument changed: ``fabric topology diff`` explains).
+            operator (a quorum queue argument changed: ``runbook.py topology diff`` explains).
         ManagementApiError: the broker's management API refused or could not be reached.
     """
-    try:
-        url = environ["MANAGEMENT_URL"]
-        user_secrets: dict[str, str] = json.loads(environ["USER_SECRET_ARNS"])
-        environment = environ["FABRIC_ENV"]
-        admin_arn = environ["ADMIN_SECRET_ARN"]
-        vhost = environ.get("RABBITMQ_VHOST") or "/"
-    except (KeyError, ValueError) as exc:
-        raise ConfigError(f"topology resource setting missing or malformed: {exc}") from None
-    ours = f"fabric-{environment}-topology"
+    settings = _settings(environ)
+    ours = f"fabric-{settings.environment}-topology"
     if request_type == "Delete" and physical_id != ours:
         return str(physical_id), {"Deleted": "0", "Kept": "0"}
     make_secrets = secrets_client or _secrets_manager
-    admin_user, admin_password = SecretCredentials(admin_arn, make_secrets)()
-    make_client = client_factory or partial(ManagementClient, deadline=deadline)
-    client = make_client(url, admin_user, admin_password)
-    document = definitions(default_routing_table(), vhost=vhost)
+    client = _admin_client(settings, make_secrets, client_factory, deadline)
+    document = topology_document(settings.vhost)
     if request_type == "Delete":
-        report = delete_topology(client, document, vhost)
+        report = delete_topology(client, document, settings.vhost)
         return ours, {"Deleted": str(len(report.deleted)), "Kept": str(len(report.kept))}
-    passwords = {
+    passwords = _passwords(client, settings.user_secrets, make_secrets)
+    applied: ApplyReport = apply_topology(
+        client, document, passwords=passwords, vhost=settings.vhost
+    )
+    return ours, {"Changes": str(len(applied.applied)), "Extra": str(len(applied.extra))}
+
+
+def on_request(
+    event: object,
+    environ: Mapping[str, str],
+    *,
+    client_factory: Callable[[str, str, str], ManagementApi] | None = None,
+    secrets_client: Callable[[], Any] | None = None,
+    deadline: float | None = None,
+) -> dict[str, Any]:
+    """Handle one operator request (``parse_request``) with the custom resource's settings,
+    administrator and passwords; returns ``run_request``'s report, or ``{"error": ...}`` for a
+    malformed request (nothing read, nothing changed).
+
+    ``deadline`` bounds every management API call as in ``on_event``.
+
+    Raises:
+        ConfigError: a setting is missing or malformed, or a secret is not a username and
+            password.
+        TransportUnavailable: Secrets Manager could not be read.
+        ManagementApiError: the broker's management API refused or could not be reached
+            (what apply changed before stays; applying again resumes).
+    """
+    try:
+        request = parse_request(event)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    settings = _settings(environ)
+    make_secrets = secrets_client or _secrets_manager
+    client = _admin_client(settings, make_secrets, client_factory, deadline)
+    passwords = _passwords(client, settings.user_secrets, make_secrets)
+    _LOG.info("topology: operator request %s on vhost %r", request, settings.vhost)
+    return run_request(request, client, settings.vhost, passwords=passwords)
+
+
+def run_request(
+    request: TopologyRequest,
+    client: ManagementApi,
+    vhost: str,
+    *,
+    passwords: Mapping[str, str] | None,
+) -> dict[str, Any]:
+    """Diff or apply the routing table's topology on ``vhost``; a JSON-ready report, with no
+    password in it.
+
+    Each item is ``{"resource", "name"}`` plus, where something differs, ``"differences"``
+    (property or argument -> ``[broker, document]``; passwords show as ``(hidden)``).
+
+    diff: ``in_sync`` (apply would change nothing) and the differences grouped as
+    ``missing``, ``changed`` (users and permissions, updated in place), ``needs_recreate``
+    (exchanges and queues that cannot change in place), ``obsolete`` (bindings and ``fabric-*``
+    permissions apply deletes) and ``extra`` (left alone). Without ``passwords`` users are
+    compared by tags only.
+
+    apply: ``complete``, ``applied`` (each item with its ``kind``, in order), ``extra``, and,
+    when it refused (a ``TopologyConflict``: apply checks everything first, so nothing
+    changed), ``conflict`` (the reason) with the ``needs_recreate`` items.
+
+    Raises:
+        ConfigError: apply without ``passwords``, or a user of the topology has none.
+        ManagementApiError: the management API failed.
+    """
+    document = topology_document(vhost)
+    if request.action == "diff":
+        changes = diff_topology(client, document, vhost, passwords=passwords)
+        report: dict[str, Any] = {"action": "diff", "vhost": vhost}
+        for kind, group in DIFF_GROUPS.items():
+            report[group] = _items(change for change in changes if change.kind is kind)
+        report["in_sync"] = not any(
+            report[group] for kind, group in DIFF_GROUPS.items() if kind is not ChangeKind.EXTRA
+        )
+        return report
+    if passwords is None:
+        raise ConfigError("apply needs the password of every broker user of the topology")
+    try:
+        applied = apply_topology(
+            client,
+            document,
+            passwords=passwords,
+            vhost=vhost,
+            recreate_empty=request.recreate_empty,
+        )
+    except TopologyConflict as exc:
+        changes = diff_topology(client, document, vhost, passwords=passwords)
+        return {
+            "action": "apply",
+            "vhost": vhost,
+            "complete": False,
+            "conflict": str(exc),
+            "applied": [],
+            "needs_recreate": _items(c for c in changes if c.kind is ChangeKind.NEEDS_RECREATE),
+            "extra": _items(c for c in changes if c.kind is ChangeKind.EXTRA),
+        }
+    return {
+        "action": "apply",
+        "vhost": vhost,
+        "complete": True,
+        "conflict": None,
+        "applied": _items(applied.applied, kind=True),
+        "needs_recreate": [],
+        "extra": _items(applied.extra),
+    }
+
+
+def _items(changes: Iterable[Change], *, kind: bool = False) -> list[dict[str, Any]]:
+    items = []
+    for change in changes:
+        item: dict[str, Any] = {"resource": str(change.resource), "name": change.name}
+        if kind:
+            item["kind"] = str(change.kind)
+        if change.differences:
+            item["differences"] = {
+                key: [current, wanted] for key, (current, wanted) in change.differences.items()
+            }
+        items.append(item)
+    return items
+
+
+def _settings(environ: Mapping[str, str]) -> _Settings:
+    try:
+        user_secrets = json.loads(environ["USER_SECRET_ARNS"])
+        if not isinstance(user_secrets, dict):
+            raise TypeError("USER_SECRET_ARNS is not a JSON object")
+        return _Settings(
+            url=environ["MANAGEMENT_URL"],
+            user_secrets={str(name): str(arn) for name, arn in user_secrets.items()},
+            environment=environ["FABRIC_ENV"],
+            admin_arn=environ["ADMIN_SECRET_ARN"],
+            vhost=environ.get("RABBITMQ_VHOST") or "/",
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"topology resource setting missing or malformed: {exc}") from None
+
+
+def _admin_client(
+    settings: _Settings,
+    make_secrets: Callable[[], Any],
+    client_factory: Callable[[str, str, str], ManagementApi] | None,
+    deadline: float | None,
+) -> ManagementApi:
+    admin_user, admin_password = SecretCredentials(settings.admin_arn, make_secrets)()
+    make_client = client_factory or partial(ManagementClient, deadline=deadline)
+    return make_client(settings.url, admin_user, admin_password)
+
+
+def _passwords(
+    client: ManagementApi, user_secrets: Mapping[str, str], make_secrets: Callable[[], Any]
+) -> dict[str, str]:
+    """Every user's password from its secret: the users' secrets are their one source, so no
+    run ever makes one up (a rotation owns the next one)."""
+    return {
         name: _password(client, name, SecretCredentials(arn, make_secrets))
         for name, arn in user_secrets.items()
     }
-    applied: ApplyReport = apply_topology(client, document, passwords=passwords, vhost=vhost)
-    return ours, {"Changes": str(len(applied.applied)), "Extra": str(len(applied.extra))}
 
 
 def _password(client: ManagementApi, name: str, credentials: SecretCredentials) -> str:
