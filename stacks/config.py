@@ -20,6 +20,13 @@ DEFAULT_REGION = "ap-southeast-3"
 # The lowest RabbitMQ engine line the fabric is built for (quorum-queue delivery limits,
 # at-least-once dead-lettering); Amazon MQ offers 3.13 and 4.x.
 MIN_ENGINE_VERSION = (3, 13)
+# Amazon MQ publishes no per-queue CloudWatch metrics for RabbitMQ 4 brokers (only broker-level
+# ones), and the BrokerDlqDepth and BrokerOverflowDepth alarms read exactly those: on 4.x they
+# would never fire, and dead letters would wait unseen. So the fabric stays below 4.
+FIRST_UNSUPPORTED_MAJOR = 4
+# Instance families Amazon MQ offers for RabbitMQ 3.13 (RabbitMQ 4 runs on mq.m7g only); mq.t3
+# in one size, micro.
+INSTANCE_FAMILIES = ("t3", "m5", "m7g")
 # The retention periods that CloudWatch Logs accepts.
 LOG_RETENTION_DAYS = (
     1,
@@ -97,10 +104,33 @@ class BrokerConfig(_Model):
     @field_validator("engine_version")
     @classmethod
     def _supported_engine(cls, value: str) -> str:
-        major, minor = (int(part) for part in value.split(".")[:2])
+        major, minor, *patch = (int(part) for part in value.split("."))
         if (major, minor) < MIN_ENGINE_VERSION:
             lowest = ".".join(map(str, MIN_ENGINE_VERSION))
             raise ValueError(f"RabbitMQ {value} is older than the supported {lowest}")
+        if patch:
+            # From 3.13 on, Amazon MQ names engine versions major.minor and applies the patch
+            # versions itself, in the maintenance window (auto minor version upgrade).
+            raise ValueError(
+                f"Amazon MQ takes RabbitMQ {major}.{minor} without a patch version and applies "
+                f"patches itself: use {major}.{minor}, not {value}"
+            )
+        if major >= FIRST_UNSUPPORTED_MAJOR:
+            raise ValueError(
+                f"RabbitMQ {value}: Amazon MQ publishes no per-queue metrics for RabbitMQ "
+                f"{major} brokers, so the broker dead-letter alarms (BrokerDlqDepth, "
+                "BrokerOverflowDepth) would never fire; use 3.13"
+            )
+        return value
+
+    @field_validator("instance_type")
+    @classmethod
+    def _rabbitmq_instance(cls, value: str) -> str:
+        family, size = value.split(".")[1:]
+        if family not in INSTANCE_FAMILIES or (family == "t3" and size != "micro"):
+            raise ValueError(
+                f"Amazon MQ does not run RabbitMQ on {value}; use mq.t3.micro, mq.m5.* or mq.m7g.*"
+            )
         return value
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 from aws_cdk import Environment, Fn, Stack
 from constructs import Construct
@@ -60,6 +61,11 @@ class ServicesStack(Stack):
             log_retention=stateful.log_retention,
             removal_policy=stateful.removal,
         )
+        # Each function carries the one security group for the broker port it uses: AMQPS
+        # (platform, the functions' group), the management API, or none.
+        network = stateful.network
+        admin = replace(platform, security_group=network.broker_admin_security_group)
+        no_broker = replace(platform, security_group=network.no_broker_security_group)
         user_secrets = stateful.broker_users.secrets
         # The stateful audit queue by its literal name: no cross-stack output for its URL or ARN.
         audit_queue = address(self, stateful.audit_queue.queue)
@@ -67,7 +73,7 @@ class ServicesStack(Stack):
             self,
             "Topology",
             env_name=config.name,
-            platform=platform,
+            platform=admin,
             management_url=stateful.broker.management_url,
             admin_secret=stateful.broker.admin_secret,
             user_secrets=dict(user_secrets),
@@ -144,7 +150,7 @@ class ServicesStack(Stack):
             self,
             "PasswordRotation",
             env_name=config.name,
-            platform=platform,
+            platform=admin,
             management_url=stateful.broker.management_url,
             admin_secret=stateful.broker.admin_secret,
             user_secrets=dict(user_secrets),
@@ -158,7 +164,7 @@ class ServicesStack(Stack):
             self,
             "AuditWriter",
             env_name=config.name,
-            platform=platform,
+            platform=no_broker,
             broker_arn=stateful.broker.broker_arn,
             broker_secret=user_secrets[router_user],
             secrets_key=stateful.keys.secrets,
@@ -194,7 +200,7 @@ class ServicesStack(Stack):
             self,
             "ComplianceReport",
             env_name=config.name,
-            platform=platform,
+            platform=no_broker,
             writers=[audit_writer_name(config.name)],
             audit_bucket_name=stateful.output("AuditBucketName"),
             reports_bucket_name=stateful.output("ReportsBucketName"),

@@ -176,14 +176,22 @@ class Broker(Construct):
             "set the retention of the broker's general log group, whose name contains the broker "
             "id and so cannot be created or scoped in advance."
         )
-        for rule in (
+        # Each on the resource it is about: the managed policy on the role, the wildcard and the
+        # inline policy on the role's default policy.
+        role = provider.node.find_child("ServiceRole")
+        policy = role.node.find_child("DefaultPolicy").node.find_child("Resource")
+        acknowledge(
+            role.node.find_child("Resource"),
             "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
             "AWSLambdaBasicExecutionRole]",
+            why,
+        )
+        for rule in (
             "AwsSolutions-IAM5[Resource::*]",
             "HIPAA.Security-IAMNoInlinePolicy",
             "NIST.800.53.R5-IAMNoInlinePolicy",
         ):
-            acknowledge(provider, rule, why)
+            acknowledge(policy, rule, why)
         # CDK adds a DependsOn on the role next to a GetAtt of it; cfn-lint calls that redundant.
         ignore_cfn_lint(provider.node.find_child("Resource"), "W3005")
 

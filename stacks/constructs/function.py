@@ -52,7 +52,12 @@ def role_arn(scope: Construct, role_name: str) -> str:
 
 @dataclass(frozen=True)
 class FunctionPlatform:
-    """What every function shares: network, layers, keys for logs and queues, log retention."""
+    """What every function shares: network, layers, keys for logs and queues, log retention.
+
+    ``security_group`` is the function's one group, which decides the broker port it reaches
+    (``FabricNetwork``: AMQPS, the management API, or none); the services stack gives each
+    function a copy with its own.
+    """
 
     vpc: ec2.IVpc
     subnets: ec2.SubnetSelection
@@ -97,7 +102,7 @@ class FabricFunction(Construct):
     """A fabric Lambda function with the platform defaults.
 
     Python 3.14 on arm64; JSON logs into its own KMS-encrypted log group with the environment's
-    retention; X-Ray tracing; inside the VPC's private subnets with the functions' security group;
+    retention; X-Ray tracing; inside the VPC's private subnets with the platform's security group;
     reserved concurrency; a KMS-encrypted dead-letter queue for failed asynchronous invocations;
     its own role (named ``role_name`` if given), whose
     only AWS-side permissions are the ENI actions Lambda needs in a VPC, writing to its own log
@@ -194,19 +199,20 @@ class FabricFunction(Construct):
                 ),
             ],
         )
+        # The ENI actions' wildcard, on the one policy that holds it (X-Ray's: below).
         acknowledge(
-            self,
+            self.basics,
             "AwsSolutions-IAM5[Resource::*]",
-            "Only for actions that support no resource-level permissions: the EC2 "
-            "network-interface actions Lambda needs to run in a VPC, and X-Ray's "
-            "PutTraceSegments and PutTelemetryRecords for tracing.",
+            "Only the EC2 network-interface actions Lambda needs to run a function in a VPC, "
+            "which support no resource-level permissions.",
         )
         for rule in ("HIPAA.Security-IAMNoInlinePolicy", "NIST.800.53.R5-IAMNoInlinePolicy"):
             acknowledge(
                 self.role,
                 rule,
-                "The inline default policy holds only CDK grants for this one function, each "
-                "scoped to the exact resource it uses; a managed policy per grant adds nothing.",
+                "The inline default policy holds only the grants of this one function, each "
+                "scoped to the exact resource it uses (but X-Ray's two tracing actions, which "
+                "take no resource); a managed policy per grant adds nothing.",
             )
         self.function = lambda_.Function(
             self,
@@ -231,6 +237,14 @@ class FabricFunction(Construct):
             logging_format=lambda_.LoggingFormat.JSON,
             log_group=self.log_group,
             dead_letter_queue=self.dead_letter_queue,
+        )
+        # Active tracing made CDK put X-Ray's two actions, on any resource, into the role's
+        # default policy: acknowledged there, not on the function's other resources.
+        acknowledge(
+            self.role.node.find_child("DefaultPolicy"),
+            "AwsSolutions-IAM5[Resource::*]",
+            "Only X-Ray's PutTraceSegments and PutTelemetryRecords, which CDK grants for active "
+            "tracing and which support no resource-level permissions.",
         )
         # CDK makes the function depend on its role next to a GetAtt of the role's ARN.
         ignore_cfn_lint(self.function.node.find_child("Resource"), "W3005")

@@ -31,11 +31,14 @@ _INTERFACE_ENDPOINTS = {
 class FabricNetwork(Construct):
     """VPC with isolated private subnets only (no internet gateway, no NAT).
 
-    Functions reach AWS through the endpoints and the broker through ``broker_security_group``.
-    ``functions_security_group`` is the one security group every fabric function uses; the
-    broker accepts AMQPS and the management API only from it, and AMQPS from its own group,
-    which Lambda's Amazon MQ event source pollers use in the broker's subnets (they also reach
-    the Lambda, STS and Secrets Manager endpoints).
+    Functions reach AWS through the endpoints, and the broker only on the port they use, by the
+    one security group each carries: ``functions_security_group`` for AMQPS (the router, the
+    drain, the redrive, the replay, and consumers in other stacks), ``broker_admin_security_group``
+    for the management API (the topology and the rotation), ``no_broker_security_group`` for
+    none (the audit writer, the compliance report). The broker accepts AMQPS from the first, the
+    management API from the second, and AMQPS from its own group, which Lambda's Amazon MQ
+    event source pollers use in the broker's subnets (they also reach the Lambda, STS and
+    Secrets Manager endpoints).
     """
 
     def __init__(
@@ -92,11 +95,27 @@ class FabricNetwork(Construct):
         ignore_cfn_lint(provider.node.find_child("Handler"), "W3005")
         self.subnets = ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_ISOLATED)
 
+        # The description of a security group cannot change without replacing it, and a group
+        # that Lambda's ENIs hold is slow to replace: "Functions" keeps its first one.
         self.functions_security_group = ec2.SecurityGroup(
             self,
             "Functions",
             vpc=self.vpc,
             description="Messaging Fabric functions",
+            allow_all_outbound=False,
+        )
+        self.broker_admin_security_group = ec2.SecurityGroup(
+            self,
+            "BrokerAdmin",
+            vpc=self.vpc,
+            description="Messaging Fabric broker administration: the RabbitMQ management API",
+            allow_all_outbound=False,
+        )
+        self.no_broker_security_group = ec2.SecurityGroup(
+            self,
+            "NoBroker",
+            vpc=self.vpc,
+            description="Messaging Fabric functions that never connect to the broker",
             allow_all_outbound=False,
         )
         self.broker_security_group = ec2.SecurityGroup(
@@ -114,18 +133,19 @@ class FabricNetwork(Construct):
             allow_all_outbound=False,
         )
 
-        for port, what in ((AMQPS_PORT, "AMQP over TLS"), (HTTPS_PORT, "RabbitMQ management API")):
+        # Each client group reaches the broker on its one port only: a function that handles
+        # producers' messages or dead letters never reaches the management API, and one that
+        # writes or reports the audit trail reaches neither.
+        for clients, port, what in (
+            (self.functions_security_group, AMQPS_PORT, "AMQP over TLS"),
+            (self.broker_admin_security_group, HTTPS_PORT, "RabbitMQ management API"),
+        ):
             self.broker_security_group.add_ingress_rule(
-                self.functions_security_group, ec2.Port.tcp(port), f"{what} from fabric functions"
+                clients, ec2.Port.tcp(port), f"{what} from fabric functions"
             )
-            self.functions_security_group.add_egress_rule(
+            clients.add_egress_rule(
                 self.broker_security_group, ec2.Port.tcp(port), f"{what} to the broker"
             )
-        endpoint_security_group.add_ingress_rule(
-            self.functions_security_group,
-            ec2.Port.tcp(HTTPS_PORT),
-            "AWS APIs from fabric functions",
-        )
         # Lambda's Amazon MQ event source (the audit writer's) places its pollers' ENIs in the
         # broker's subnets with the broker's security group: they reach the broker over AMQPS
         # from that group itself, and Lambda, STS and Secrets Manager through the endpoints.
@@ -152,11 +172,19 @@ class FabricNetwork(Construct):
         # The S3 and DynamoDB gateway endpoints are reached through AWS-managed prefix lists whose
         # ids differ per region and cannot be read in a template; the VPC has no internet route, so
         # HTTPS egress to any address reaches only the endpoints and nothing outside AWS.
-        self.functions_security_group.add_egress_rule(
-            ec2.Peer.any_ipv4(),
-            ec2.Port.tcp(HTTPS_PORT),
-            "HTTPS to VPC endpoints (the VPC has no route to the internet)",
-        )
+        for clients in (
+            self.functions_security_group,
+            self.broker_admin_security_group,
+            self.no_broker_security_group,
+        ):
+            endpoint_security_group.add_ingress_rule(
+                clients, ec2.Port.tcp(HTTPS_PORT), "AWS APIs from fabric functions"
+            )
+            clients.add_egress_rule(
+                ec2.Peer.any_ipv4(),
+                ec2.Port.tcp(HTTPS_PORT),
+                "HTTPS to VPC endpoints (the VPC has no route to the internet)",
+            )
 
         for name, service in _INTERFACE_ENDPOINTS.items():
             self.vpc.add_interface_endpoint(

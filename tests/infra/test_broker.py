@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
+import pytest
+
+from stacks.config import ConfigError, load_app_config, read_cdk_context
+from tests.conftest import ROOT
 from tests.infra.conftest import Assembly, Synthesized
 
 EXPECTED_MODE = {"dev": "SINGLE_INSTANCE", "staging": "SINGLE_INSTANCE", "prod": "CLUSTER_MULTI_AZ"}
@@ -67,8 +72,9 @@ def test_admin_password_reaches_cloudformation_only_as_a_dynamic_reference(
 def test_broker_accepts_traffic_only_from_the_fabric_functions_and_its_pollers(
     env: Synthesized,
 ) -> None:
-    """The functions' group: AMQPS and the management API. The broker's own group: AMQPS only,
-    for Lambda's Amazon MQ event source, whose pollers' ENIs use the broker's security group."""
+    """The functions' group: AMQPS; the broker administration's group: the management API. The
+    broker's own group: AMQPS only, for Lambda's Amazon MQ event source, whose pollers' ENIs use
+    the broker's security group."""
     broker_sg = _broker(env)["SecurityGroups"][0]["Fn::GetAtt"][0]
     groups = env.resources("AWS::EC2::SecurityGroup")
     assert "SecurityGroupIngress" not in groups[broker_sg]["Properties"]
@@ -80,11 +86,18 @@ def test_broker_accepts_traffic_only_from_the_fabric_functions_and_its_pollers(
     for rule in ingress:
         assert "CidrIp" not in rule
         assert "SourceSecurityGroupId" in rule
+    described = {
+        logical_id: sg["Properties"]["GroupDescription"] for logical_id, sg in groups.items()
+    }
     sources = sorted(
-        (rule["FromPort"], rule["SourceSecurityGroupId"]["Fn::GetAtt"][0] == broker_sg)
+        (rule["FromPort"], described[rule["SourceSecurityGroupId"]["Fn::GetAtt"][0]])
         for rule in ingress
     )
-    assert sources == [(443, False), (5671, False), (5671, True)]
+    assert sources == [
+        (443, "Messaging Fabric broker administration: the RabbitMQ management API"),
+        (5671, described[broker_sg]),
+        (5671, "Messaging Fabric functions"),
+    ]
     # Out: AMQPS to itself and HTTPS to the interface endpoints (Lambda, STS, Secrets Manager),
     # nothing else: no inline rule (CDK drops its "disallow all" placeholder once a rule exists,
     # and CloudFormation strips the default allow-all rule when a group gets its first one).
@@ -107,3 +120,84 @@ def test_broker_accepts_traffic_only_from_the_fabric_functions_and_its_pollers(
         )
         for rule in egress
     ) == [(443, 443, True), (5671, 5671, True)]
+
+
+# What each fabric function (by its description) does on the broker: AMQPS to publish and read
+# queues, the management API to apply the topology and rotate passwords, or nothing.
+BROKER_PORTS_BY_FUNCTION = {
+    "validates, protects and routes messages": {5671},
+    "drains the fallback queues into RabbitMQ": {5671},
+    "redrives dead letters to where they came from": {5671},
+    "replays archived messages of a period": {5671},
+    "applies the RabbitMQ topology": {443},
+    "rotates the RabbitMQ users' passwords": {443},
+    "writes audit batches to the Object Lock bucket": set(),
+    "reports a period of the audit trail for compliance": set(),
+}
+
+
+def test_each_function_reaches_only_the_broker_port_it_uses(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    """A function that routes producers' messages or handles dead letters cannot reach the
+    management API, and the audit writer and the compliance report cannot reach the broker at
+    all: the broker's ingress admits each security group on one port only."""
+    stateful = env.json
+    services_path = assembly.outdir / env.stage.artifact_id / env.stage.services.template_file
+    services = json.loads(services_path.read_text())
+    broker_sg = _broker(env)["SecurityGroups"][0]["Fn::GetAtt"][0]
+    admitted: dict[str, set[int]] = {}
+    for rule in env.resources("AWS::EC2::SecurityGroupIngress").values():
+        props = rule["Properties"]
+        if props["GroupId"] == {"Fn::GetAtt": [broker_sg, "GroupId"]}:
+            source = props["SourceSecurityGroupId"]["Fn::GetAtt"][0]
+            admitted.setdefault(source, set()).update(range(props["FromPort"], props["ToPort"] + 1))
+    reached = {}
+    for function in services["Resources"].values():
+        props = function["Properties"]
+        if function["Type"] != "AWS::Lambda::Function" or "Messaging Fabric" not in props.get(
+            "Description", ""
+        ):
+            continue
+        (what,) = [d for d in BROKER_PORTS_BY_FUNCTION if d in props["Description"]]
+        ports: set[int] = set()
+        for group in props["VpcConfig"]["SecurityGroupIds"]:
+            output = group["Fn::GetStackOutput"]["OutputName"]
+            source = stateful["Outputs"][output]["Value"]["Fn::GetAtt"][0]
+            ports |= admitted.get(source, set())
+        reached[what] = ports
+    assert reached == BROKER_PORTS_BY_FUNCTION
+
+
+def _prod_broker(**broker: str) -> None:
+    """Load the repository's cdk.json with prod's broker settings changed to ``broker``."""
+    context = copy.deepcopy(read_cdk_context(ROOT))
+    context["environments"]["prod"]["broker"].update(broker)
+    load_app_config(context)
+
+
+def test_rabbitmq_4_is_refused_because_its_queues_would_go_unalarmed() -> None:
+    """Amazon MQ publishes no per-queue metrics for RabbitMQ 4 brokers, which the broker
+    dead-letter alarms read: a synth on 4.x would deploy alarms that can never fire."""
+    with pytest.raises(ConfigError, match=r"prod\.broker\.engine_version: .*no per-queue metrics"):
+        _prod_broker(engine_version="4.2", instance_type="mq.m7g.large")
+
+
+def test_a_patch_engine_version_is_refused_with_the_version_to_use() -> None:
+    with pytest.raises(ConfigError, match=r"engine_version: .*use 3\.13, not 3\.13\.7"):
+        _prod_broker(engine_version="3.13.7")
+
+
+@pytest.mark.parametrize("instance_type", ["mq.m4.large", "mq.r5.large", "mq.t3.small"])
+def test_an_instance_type_amazon_mq_does_not_offer_for_rabbitmq_is_refused(
+    instance_type: str,
+) -> None:
+    with pytest.raises(ConfigError, match=rf"instance_type: .*not run RabbitMQ on {instance_type}"):
+        _prod_broker(instance_type=instance_type)
+
+
+@pytest.mark.parametrize("instance_type", ["mq.m5.large", "mq.m7g.large", "mq.m7g.4xlarge"])
+def test_the_instance_types_amazon_mq_offers_for_rabbitmq_313_are_accepted(
+    instance_type: str,
+) -> None:
+    _prod_broker(engine_version="3.13", instance_type=instance_type)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from aws_cdk import App, Stack
@@ -72,3 +73,40 @@ def test_the_cli_gate_lists_unacknowledged_findings_from_the_report(tmp_path) ->
 def test_cfn_lint_finds_nothing_for_the_target_region(env: Synthesized) -> None:
     findings = lint(env.template_path.read_text(), regions=[env.region])
     assert [f"{m.rule.id} {m.message}" for m in findings] == []
+
+
+def _statements(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    properties = resource["Properties"]
+    documents = [properties.get("PolicyDocument")] + [
+        policy["PolicyDocument"] for policy in properties.get("Policies", [])
+    ]
+    return [statement for document in documents if document for statement in document["Statement"]]
+
+
+def _listed(value: object) -> list[object]:
+    return value if isinstance(value, list) else [value]
+
+
+def test_a_wildcard_resource_is_acknowledged_only_where_a_policy_holds_one(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    """``AwsSolutions-IAM5[Resource::*]`` sits on each policy with a ``"*"`` resource, and on
+    nothing else: not on a function, its log group, queue or role, where it would tell an
+    auditor that a wildcard there was reviewed, and would hide one added later."""
+    stage = env.stage
+    templates = [
+        json.loads((assembly.outdir / stage.artifact_id / stack.template_file).read_text())
+        for stack in (stage.stateful, stage.services)
+    ]
+    acknowledged, holding = set(), set()
+    for template in templates:
+        for logical_id, resource in template["Resources"].items():
+            rules = resource.get("Metadata", {}).get("cdk_nag", {}).get("rules_to_suppress", [])
+            if any(rule["id"] == "AwsSolutions-IAM5[Resource::*]" for rule in rules):
+                acknowledged.add(logical_id)
+            if resource["Type"].startswith("AWS::IAM::") and any(
+                "*" in _listed(statement.get("Resource", [])) for statement in _statements(resource)
+            ):
+                holding.add(logical_id)
+    assert holding
+    assert acknowledged == holding

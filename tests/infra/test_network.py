@@ -69,9 +69,17 @@ def test_interface_endpoints_admit_only_the_fabric_functions_and_the_brokers_pol
         sg["Properties"]["GroupDescription"].split(":")[0]: logical_id
         for logical_id, sg in env.resources("AWS::EC2::SecurityGroup").items()
     }
-    functions = groups_by_description["Messaging Fabric functions"]
-    # Lambda's Amazon MQ event source places its pollers' ENIs in the broker's security group.
-    broker = groups_by_description["Amazon MQ broker"]
+    # The three groups fabric functions carry (AMQPS, management API, no broker), and the
+    # broker's: Lambda's Amazon MQ event source places its pollers' ENIs in it.
+    sources = [
+        groups_by_description[description]
+        for description in (
+            "Messaging Fabric functions",
+            "Messaging Fabric broker administration",
+            "Messaging Fabric functions that never connect to the broker",
+            "Amazon MQ broker",
+        )
+    ]
     assert sorted(
         (r["FromPort"], r["ToPort"], r["SourceSecurityGroupId"]["Fn::GetAtt"][0]) for r in ingress
-    ) == sorted([(443, 443, functions), (443, 443, broker)])
+    ) == sorted((443, 443, source) for source in sources)
