@@ -651,16 +651,15 @@ class _Batch:
         being prepared (the source may be a generator that validates and encrypts).
         """
         self.pump_scheduled = False
-        waiting, started = bool(self.in_flight), self.clock()
+        idle = not self.in_flight
         with self.coalesced():
             more = self._publish_chunk()
-        # The confirm timeout runs while the loop can hear the broker. Time spent here, in the
-        # caller's source (validating, encrypting, a KMS call for a new data key), is not the
-        # broker's: nothing was written to the socket or read from it meanwhile, and the
-        # chunk's frames are written only after it.
-        if waiting:
-            self.progress_at += self.clock() - started
-        elif self.in_flight:
+        if idle and self.in_flight:
+            # Nothing was outstanding: the broker's time starts when this chunk's frames are
+            # written, after it, not at its first publish. The caller's source may have spent
+            # longer than the timeout in between (validating, encrypting, a KMS call for a new
+            # data key). Time spent here with messages outstanding is not credited: those were
+            # written before, and their confirms wait on the socket for the watchdog's look.
             self.progress_at = self.clock()
         if more:
             if not self.pump_scheduled:
