@@ -10,7 +10,7 @@ from botocore.exceptions import ClientError
 
 from fabric.adapters.memory_management import MemoryManagementClient
 from fabric.custom_resource import respond
-from fabric.errors import ConfigError
+from fabric.errors import ConfigError, TransportUnavailable
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from fabric.topology import AUDIT_QUEUE, INGRESS_EXCHANGE, PLATFORM_USER, queue_name, user_name
 from fabric.topology_apply import password_matches
@@ -98,6 +98,35 @@ def test_delete_keeps_a_queue_that_still_holds_messages(broker: MemoryManagement
     assert int(data["Kept"]) > 0
     assert queue_name(Stakeholder.GOVERNMENT) in {q["name"] for q in broker.list_queues("/")}
     assert broker.get_user(user_name(Stakeholder.MEDIA)) is None
+
+
+def test_secret_reads_stop_at_the_deadline_so_cloudformation_still_gets_an_answer(
+    broker: MemoryManagementClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Thirteen secret reads, each up to half a minute when Secrets Manager is slow, could
+    # outlast the function: no read may start past the deadline.
+    reads: list[str] = []
+    read = FakeSecrets.get_secret_value
+
+    def counted(self: FakeSecrets, SecretId: str, VersionStage: str) -> dict[str, str]:
+        reads.append(SecretId)
+        clock[0] += 100.0  # every read is slow
+        return read(self, SecretId, VersionStage)
+
+    clock = [0.0]
+    monkeypatch.setattr(FakeSecrets, "get_secret_value", counted)
+    monkeypatch.setattr("fabric.topology_resource.time.monotonic", lambda: clock[0])
+    with pytest.raises(TransportUnavailable, match="deadline"):
+        on_event(
+            "Create",
+            ENVIRON,
+            client_factory=lambda *_: broker,
+            secrets_client=FakeSecrets,
+            physical_id=None,
+            deadline=250.0,
+        )
+    assert len(reads) == 3, "the admin's secret and the first user's two versions, no more"
+    assert broker.get_vhost("/") is None, "nothing applied"
 
 
 def test_a_missing_setting_is_a_config_error_naming_it(broker: MemoryManagementClient) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +19,7 @@ from typing import Any
 
 from fabric.adapters.management import ManagementClient
 from fabric.adapters.secrets import SecretCredentials
-from fabric.errors import ConfigError, TopologyConflict
+from fabric.errors import ConfigError, TopologyConflict, TransportUnavailable
 from fabric.routing import default_routing_table
 from fabric.topology import definitions
 from fabric.topology_apply import (
@@ -136,7 +137,7 @@ def on_event(
     if request_type == "Delete":
         report = delete_topology(client, document, settings.vhost)
         return ours, {"Deleted": str(len(report.deleted)), "Kept": str(len(report.kept))}
-    passwords = _passwords(client, settings.user_secrets, make_secrets)
+    passwords = _passwords(client, settings.user_secrets, make_secrets, deadline)
     applied: ApplyReport = apply_topology(
         client, document, passwords=passwords, vhost=settings.vhost
     )
@@ -171,7 +172,7 @@ def on_request(
     settings = _settings(environ)
     make_secrets = secrets_client or _secrets_manager
     client = _admin_client(settings, make_secrets, client_factory, deadline)
-    passwords = _passwords(client, settings.user_secrets, make_secrets)
+    passwords = _passwords(client, settings.user_secrets, make_secrets, deadline)
     _LOG.info("topology: operator request %s on vhost %r", request, settings.vhost)
     return run_request(request, client, settings.vhost, passwords=passwords)
 
@@ -281,20 +282,36 @@ def _admin_client(
     client_factory: Callable[[str, str, str], ManagementApi] | None,
     deadline: float | None,
 ) -> ManagementApi:
+    _in_time(deadline)
     admin_user, admin_password = SecretCredentials(settings.admin_arn, make_secrets)()
     make_client = client_factory or partial(ManagementClient, deadline=deadline)
     return make_client(settings.url, admin_user, admin_password)
 
 
 def _passwords(
-    client: ManagementApi, user_secrets: Mapping[str, str], make_secrets: Callable[[], Any]
+    client: ManagementApi,
+    user_secrets: Mapping[str, str],
+    make_secrets: Callable[[], Any],
+    deadline: float | None = None,
 ) -> dict[str, str]:
     """Every user's password from its secret: the users' secrets are their one source, so no
     run ever makes one up (a rotation owns the next one)."""
-    return {
-        name: _password(client, name, SecretCredentials(arn, make_secrets))
-        for name, arn in user_secrets.items()
-    }
+    passwords = {}
+    for name, arn in user_secrets.items():
+        _in_time(deadline)
+        passwords[name] = _password(client, name, SecretCredentials(arn, make_secrets))
+    return passwords
+
+
+def _in_time(deadline: float | None) -> None:
+    """Raise before a secret read that would start past ``deadline``: thirteen slow reads
+    could otherwise outlast the function, which must still answer CloudFormation.
+
+    Raises:
+        TransportUnavailable: the deadline has passed.
+    """
+    if deadline is not None and time.monotonic() >= deadline:
+        raise TransportUnavailable("no time left before the deadline to read the secrets")
 
 
 def _password(client: ManagementApi, name: str, credentials: SecretCredentials) -> str:
@@ -315,8 +332,10 @@ def _secrets_manager() -> Any:
     from botocore.config import Config
 
     # botocore's defaults (60 s to connect, 60 s to read, several attempts) could outlast the
-    # function's timeout on their own, and CloudFormation would get no answer at all.
+    # function's timeout on their own, and CloudFormation would get no answer at all. One read
+    # takes at most 2 x (5 + 10) s (one retry): inside the answer margin left after the deadline,
+    # which is checked before each read (``_in_time``).
     return boto3.client(
         "secretsmanager",
-        config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3}),
+        config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 1}),
     )
