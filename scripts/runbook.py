@@ -541,7 +541,23 @@ def topology(
     (0 in sync or all applied, 1 differences, not all applied or failed, 2 refused)."""
     from fabric.naming import topology_function_name
 
-    name = topology_function_name(env_name)
+    body = _invoke(
+        client, topology_function_name(env_name), request, out, answers="action", kind="topology"
+    )
+    return body if isinstance(body, int) else _print_topology(body, out)
+
+
+def _invoke(
+    client: Callable[[str], Any],
+    name: str,
+    request: dict[str, Any],
+    out: TextIO,
+    *,
+    answers: str,
+    kind: str,
+) -> dict[str, Any] | int:
+    """Invoke the function ``name`` with ``request``: its answer (a JSON object holding
+    ``answers``), or the exit status once it refused the request (2) or failed (1)."""
     print(f"invoking {name} {json.dumps(request)} ...", file=out)
     answer = client("lambda").invoke(
         FunctionName=name, InvocationType="RequestResponse", Payload=json.dumps(request).encode()
@@ -550,10 +566,10 @@ def topology(
     if not answer.get("FunctionError") and isinstance(body, dict) and "error" in body:
         print(f"refused: {body['error']}", file=out)
         return 2
-    if answer.get("FunctionError") or not isinstance(body, dict) or "action" not in body:
-        print(f"the topology function failed: {json.dumps(body)[:500]}", file=out)
+    if answer.get("FunctionError") or not isinstance(body, dict) or answers not in body:
+        print(f"the {kind} function failed: {json.dumps(body)[:500]}", file=out)
         return 1
-    return _print_topology(body, out)
+    return body
 
 
 def topology_local(
@@ -745,18 +761,11 @@ def report(
     """The ``report`` command; returns the exit status (0 verified, 1 not or failed, 2 refused)."""
     from fabric.compliance_run import report_function_name
 
-    name = report_function_name(env_name)
-    print(f"invoking {name} {json.dumps(request)} ...", file=out)
-    answer = client("lambda").invoke(
-        FunctionName=name, InvocationType="RequestResponse", Payload=json.dumps(request).encode()
+    body = _invoke(
+        client, report_function_name(env_name), request, out, answers="verified", kind="report"
     )
-    body = json.loads(answer["Payload"].read() or b"null")
-    if not answer.get("FunctionError") and isinstance(body, dict) and "error" in body:
-        print(f"refused: {body['error']}", file=out)
-        return 2
-    if answer.get("FunctionError") or not isinstance(body, dict) or "verified" not in body:
-        print(f"the report function failed: {json.dumps(body)[:500]}", file=out)
-        return 1
+    if isinstance(body, int):
+        return body
     period = body["period"]
     print(f"compliance report of {env_name}, {period['start']} to {period['end']}", file=out)
     for label, value in (
