@@ -196,6 +196,33 @@ def test_a_slow_source_in_the_middle_of_a_chunk_is_not_a_broker_timeout(
     sender.close()
 
 
+def test_a_stall_behind_a_slow_source_is_noticed_before_the_whole_batch_is_written_into_it(
+    vhost: str, channel: Any
+) -> None:
+    # The broker stops confirming while the source takes 10 ms a message. Everything written
+    # into the stall is reported not stored (failed over, yet stored here: a duplicate), so the
+    # publisher must give up about a timeout after the last confirm, not once the source ends.
+    quorum_queue(channel, "work", "ingress")
+    proxy = FaultProxy(AMQP)
+    sender = transport(vhost, "ingress", port=proxy.port)
+
+    def produce() -> Iterator[OutboundMessage]:
+        for message in messages(500):
+            time.sleep(0.01)  # validating and encrypting
+            yield message
+
+    try:
+        assert all(o.stored for o in sender.publish(messages(3)))  # connected, warm
+        proxy.hold_replies(until=lambda _frame: False)  # confirms stop coming back
+        outcomes = sender.publish(produce())
+    finally:
+        sender.close()
+        proxy.close()
+    written = [o for o in outcomes if o.failure is Failure.TIMEOUT]
+    assert not any(o.stored for o in outcomes)
+    assert len(written) < 250, f"{len(written)} of 500 written into the stall"
+
+
 @pytest.mark.parametrize(
     "bad",
     [
