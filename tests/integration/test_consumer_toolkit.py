@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -17,35 +16,18 @@ from moto import mock_aws
 
 from fabric import topology
 from fabric.adapters.memory import MemoryAuditSink
-from fabric.adapters.rabbitmq import RabbitSettings
 from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
 from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
 from fabric.audit import AuditEvent
 from fabric.consumer import Delivery, MessageProcessor, sqs_batch_handler
 from fabric.stakeholders import Stakeholder
+from tests.integration import test_dead_letters as dead_letters
 from tests.integration.aws_fallback import REGION
-from tests.integration.conftest import AMQP, GUEST
 
 GROUP = Stakeholder.COMMUNITY
 WORK = topology.queue_name(GROUP)
 DLQ = topology.dead_letter_queue_name(GROUP)
-
-
-def settings(vhost: str) -> RabbitSettings:
-    return RabbitSettings(host=AMQP[0], port=AMQP[1], credentials=lambda: GUEST, vhost=vhost)
-
-
-@pytest.fixture
-def amqp(broker_vhost: str) -> Iterator[Any]:
-    connection = pika.BlockingConnection(
-        pika.ConnectionParameters(
-            *AMQP, virtual_host=broker_vhost, credentials=pika.PlainCredentials(*GUEST)
-        )
-    )
-    channel = connection.channel()
-    channel.confirm_delivery()
-    yield channel
-    connection.close()
+amqp, settings = dead_letters.amqp, dead_letters.settings  # the broker's fixture and settings
 
 
 def publish(channel: Any, message_id: str, headers: dict[str, Any] | None = None) -> None:

@@ -440,7 +440,7 @@ class RabbitMqTransport:
             # that left a message outstanding when none was), not since its own last look: that
             # let a stall go unnoticed for up to twice the timeout.
             nonlocal overdue
-            if batch.settled:  # also by a scheduled pump that sent nothing (see _pump_later)
+            if batch.settled:  # also by a scheduled pump that sent nothing (see _pump_and_settle)
                 stop_if_current()
                 return
             wait = batch.progress_at + timeout - self._clock()
@@ -664,15 +664,15 @@ class _Batch:
         if more:
             if not self.pump_scheduled:
                 self.pump_scheduled = True
-                self.schedule(self._pump_later)
+                self.schedule(self._pump_and_settle)
         elif self.taken.exhausted and self.taken.meanwhile and self.meanwhile_timer is None:
             # Runs after this turn of the loop has written the last chunk to the socket.
             self.meanwhile_timer = self.schedule(self._run_meanwhile)
 
-    def _pump_later(self) -> None:
-        """``pump`` as the loop runs it between chunks. It may settle the batch with nothing
-        left to confirm (the rest were messages AMQP cannot carry, failed without a publish):
-        then no confirm comes to stop the loop, so it stops it itself."""
+    def _pump_and_settle(self) -> None:
+        """``pump`` as the loop runs it: between chunks, or after a confirm. It may settle the
+        batch with nothing left to confirm (the rest were messages AMQP cannot carry, failed
+        without a publish): then no confirm comes to stop the loop, so it stops it itself."""
         try:
             self.pump()
         except BaseException as exc:  # see ``error``
@@ -738,14 +738,8 @@ class _Batch:
                 outcome = Outcome(message.message_id, transport=TRANSPORT_NAME)
             self.taken.outcomes[index] = outcome
         self.progress_at = self.clock()
-        if self.error is not None:
-            return
-        try:
-            self.pump()
-        except BaseException as exc:  # see ``error``
-            self.error = exc
-        if self.settled:
-            self.on_settled()
+        if self.error is None:
+            self._pump_and_settle()
 
     def returned(self, message_id: str | None) -> None:
         self.returned_ids.add(message_id)
