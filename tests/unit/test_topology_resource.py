@@ -11,7 +11,7 @@ from botocore.exceptions import ClientError
 from fabric.adapters.memory_management import MemoryManagementClient
 from fabric.custom_resource import respond
 from fabric.errors import ConfigError, TransportUnavailable
-from fabric.stakeholders import STAKEHOLDERS, Stakeholder
+from fabric.stakeholders import Stakeholder
 from fabric.topology import AUDIT_QUEUE, INGRESS_EXCHANGE, PLATFORM_USER, queue_name, user_name
 from fabric.topology_apply import password_matches
 from fabric.topology_resource import (
@@ -20,10 +20,12 @@ from fabric.topology_resource import (
     on_event,
     on_request,
     run_request,
+    topology_document,
 )
 from tests.conftest import load_handler
 
-USERS = [PLATFORM_USER, *(user_name(g) for g in STAKEHOLDERS)]
+# Every broker user the topology declares has a secret (the stack gives the function them all).
+USERS = [str(user["name"]) for user in topology_document("/")["users"]]
 ENVIRON = {
     "MANAGEMENT_URL": "https://b-1.mq.ap-southeast-3.amazonaws.com",
     "ADMIN_SECRET_ARN": "arn:admin",
@@ -194,6 +196,36 @@ def test_the_rollback_of_a_failed_create_leaves_the_topology_already_on_the_brok
 
     assert rollback["Status"] == "SUCCESS"
     assert rollback["PhysicalResourceId"] == "Topology-create-failed-req-7"
+    assert {q["name"] for q in broker.list_queues("/")} == before
+    assert broker.get_user(PLATFORM_USER) is not None
+
+
+def test_a_delete_without_a_physical_id_removes_nothing_and_answers_a_real_id(
+    broker: MemoryManagementClient,
+) -> None:
+    # CloudFormation always sends the id with a Delete; a request without one names no resource
+    # this function created, so the live topology stays, and the answer carries the logical id
+    # (a physical id must be a non-empty string), not the text "None".
+    run("Create", broker)
+    before = {q["name"] for q in broker.list_queues("/")}
+    event = {
+        "RequestType": "Delete",
+        "ResponseURL": "https://cloudformation-response.example/presigned",
+        "StackId": "stack",
+        "RequestId": "req-8",
+        "LogicalResourceId": "Topology",
+    }
+    sent: list[bytes] = []
+
+    answer = respond(
+        event,
+        "stream-1",
+        lambda request, _props: run(request, broker, physical_id=event.get("PhysicalResourceId")),
+        send=lambda _url, body: sent.append(body),
+    )
+
+    assert answer["Status"] == "SUCCESS"
+    assert json.loads(sent[0])["PhysicalResourceId"] == "Topology"
     assert {q["name"] for q in broker.list_queues("/")} == before
     assert broker.get_user(PLATFORM_USER) is not None
 

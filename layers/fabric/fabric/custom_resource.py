@@ -7,7 +7,12 @@ error, answers FAILED with the error's class and message, and re-raises nothing.
 A Create that fails answers with a physical id of its own (``<logical id>-create-failed-<request
 id>``), never the id a successful Create answers: the rollback then sends a Delete with that id,
 and the action (which deletes only under its own id) removes nothing an earlier, healthy
-resource manages.
+resource manages. Every other answer carries the id CloudFormation sent (it wants the same id
+in every response for a resource; a Delete never changes it), or the logical id when a request
+has none (CloudFormation always sends one with Update and Delete).
+
+CloudFormation refuses a response body over 4096 bytes: the ``Reason`` is cut so that the whole
+encoded document fits (JSON escapes a non-ASCII character into 6 or 12 bytes).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any
 _LOG = logging.getLogger(__name__)
 # Reason strings are shown in the CloudFormation console; keep them short and secret-free.
 _MAX_REASON = 1000
+# CloudFormation's limit on the whole response body.
+MAX_RESPONSE_BYTES = 4096
 FAILED_CREATE = "-create-failed-"
 # Kept free before the function's timeout for the answer itself (``_put`` waits up to 30 s).
 ANSWER_MARGIN_S = 40.0
@@ -35,13 +42,16 @@ def respond(
 ) -> dict[str, Any]:
     """Run ``action(request_type, properties)`` → (physical id, data) and report the result.
 
+    The action's physical id answers a Create or an Update; a Delete answers the request's.
     Returns the response document that was sent (for tests and logs).
     """
     physical_id = str(event.get("PhysicalResourceId") or event.get("LogicalResourceId", "resource"))
     status, reason = "SUCCESS", "OK"
     data: dict[str, str] = {}
     try:
-        physical_id, data = action(str(event["RequestType"]), event.get("ResourceProperties", {}))
+        answered, data = action(str(event["RequestType"]), event.get("ResourceProperties", {}))
+        if event.get("RequestType") != "Delete":
+            physical_id = answered
     except Exception as exc:  # CloudFormation must always get an answer
         _LOG.exception("custom resource %s failed", event.get("RequestType"))
         status, reason = "FAILED", f"{type(exc).__name__}: {exc}"[:_MAX_REASON]
@@ -49,7 +59,7 @@ def respond(
             physical_id = f"{event.get('LogicalResourceId')}{FAILED_CREATE}{event.get('RequestId')}"
     document = {
         "Status": status,
-        "Reason": f"{reason} (log stream {log_stream_name})",
+        "Reason": "",
         "PhysicalResourceId": physical_id,
         "StackId": event.get("StackId"),
         "RequestId": event.get("RequestId"),
@@ -57,8 +67,24 @@ def respond(
         "NoEcho": False,
         "Data": data,
     }
-    (send or _put)(str(event["ResponseURL"]), json.dumps(document).encode())
+    body = _fitted(document, reason, f" (log stream {log_stream_name})")
+    (send or _put)(str(event["ResponseURL"]), body)
     return document
+
+
+def _fitted(document: dict[str, Any], reason: str, suffix: str) -> bytes:
+    """The encoded ``document`` with ``reason + suffix`` as its ``Reason``, ``reason`` cut to
+    what fits in ``MAX_RESPONSE_BYTES`` (the log stream in ``suffix`` always stays)."""
+    document["Reason"] = suffix
+    room = MAX_RESPONSE_BYTES - len(json.dumps(document).encode())
+    kept = 0
+    for character in reason:
+        room -= len(json.dumps(character)) - 2  # its size inside a JSON string
+        if room < 0:
+            break
+        kept += 1
+    document["Reason"] = reason[:kept] + suffix
+    return json.dumps(document).encode()
 
 
 def _put(url: str, body: bytes) -> None:

@@ -46,7 +46,9 @@ class ManagementClient:
     connections, timeouts, TLS failures, 5xx, 408 and 429 (the transient ones once retries are
     spent, see ``__init__``); ``ManagementRequestRejected`` (with the HTTP status and the API's
     ``reason``) for other 4xx. Credentials never appear in exceptions, logs or ``repr``.
-    ``get_*`` return ``None`` and ``delete_*`` return ``False`` when the object does not exist.
+    ``get_*`` return ``None`` and ``delete_*`` return ``False`` when the object does not exist;
+    a DELETE tried again after a 5xx or a dropped connection (the broker may have carried it out
+    and lost the answer) that then finds the object gone returns ``True``.
     """
 
     def __init__(
@@ -439,16 +441,23 @@ class ManagementClient:
     ) -> Any:
         # Every request the client makes is idempotent (PUTs, DELETEs, and a binding POST that
         # changes nothing when the binding exists), so a refusal that says "not now" is retried.
+        maybe_done = False  # an earlier attempt may have been carried out, its answer lost
         for attempt in range(self._retries + 1):
             try:
                 return self._send(
                     method, segments, body=body, query=query, redact=redact, headers=headers
                 )
+            except ManagementRequestRejected as exc:
+                # The object a retried DELETE finds gone is the one the lost attempt deleted.
+                if method == "DELETE" and maybe_done and exc.status == _NOT_FOUND:
+                    return None
+                raise
             except ManagementUnavailable as exc:
                 pause = self._backoff * 2**attempt
                 if attempt == self._retries or not _transient(exc) or self._left() <= pause:
                     raise
                 _LOG.info("management API %s %s: %s; retrying", method, exc.path, exc)
+                maybe_done = maybe_done or not _refused(exc)
                 time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -545,6 +554,15 @@ def _transient(error: ManagementUnavailable) -> bool:
     if isinstance(cause, urllib.error.URLError):
         cause = cause.reason if isinstance(cause.reason, BaseException) else None
     return isinstance(cause, ConnectionError)
+
+
+def _refused(error: ManagementUnavailable) -> bool:
+    """A connection refused: the request never reached the API (a 5xx answer or a dropped
+    connection may come after the broker carried it out)."""
+    cause = error.__cause__
+    if isinstance(cause, urllib.error.URLError):
+        cause = cause.reason if isinstance(cause.reason, BaseException) else None
+    return isinstance(cause, ConnectionRefusedError)
 
 
 def _destination_kind(destination_type: str) -> str:

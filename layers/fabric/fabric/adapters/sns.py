@@ -4,13 +4,15 @@ Each message is published to the ``fallback`` topic (the ``emergency`` topic for
 with the groups the routing table resolved in the ``audience`` message attribute; every group's
 SQS queue is subscribed with a filter on its own name, so SNS delivers exactly what RabbitMQ
 would have. ``PublishBatch`` sends up to 10 entries per call and every entry's result is checked:
-a message is stored only when SNS listed it as successful.
+a message is stored only when SNS listed it as successful. Entries SNS refused for its own
+reasons (throttling, an internal error) are sent once more, alone, a moment later.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -25,6 +27,12 @@ HEADERS_ATTRIBUTE = "fabric-headers"
 _MAX_ENTRIES = 10
 # SNS limits a whole PublishBatch request (bodies and attributes) to 256 KiB.
 _MAX_BATCH_BYTES = 262_144
+# An entry SNS refused without blaming the sender (``SenderFault`` false: Throttling,
+# InternalError, KMSThrottling) is sent once more this long after the refusal, if the publish
+# call is still inside its retry window: the router answers within seconds (an emergency within
+# one), and a refused entry is only ``unavailable``, never lost, when the window has passed.
+RETRY_BACKOFF_S = 0.1
+RETRY_WINDOW_S = 2.0
 
 
 class SnsFallbackTransport:
@@ -56,6 +64,7 @@ class SnsFallbackTransport:
     ) -> list[Outcome]:
         """Publish in batches of at most 10 (and 256 KiB); one Outcome per message, in order."""
         del meanwhile  # each request returns once stored: no wait to overlap with
+        retry_until = time.monotonic() + RETRY_WINDOW_S
         taken = list(messages)
         outcomes: dict[int, Outcome] = {}
         entries: dict[int, dict[str, Any]] = {}
@@ -79,7 +88,9 @@ class SnsFallbackTransport:
             sizes[message.emergency] += size
         for emergency in (True, False):  # emergencies first: never behind a bulk call's
             for group in batches[emergency]:
-                outcomes.update(self._send(self._topics[emergency], taken, group, entries))
+                outcomes.update(
+                    self._send(self._topics[emergency], taken, group, entries, retry_until)
+                )
         return [outcomes[i] for i in range(len(taken))]
 
     def close(self) -> None:
@@ -91,32 +102,42 @@ class SnsFallbackTransport:
         messages: list[OutboundMessage],
         indices: list[int],
         entries: dict[int, dict[str, Any]],
+        retry_until: float,
     ) -> dict[int, Outcome]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            if self._client is None:
-                self._client = self._client_factory()
-            response = self._client.publish_batch(
-                TopicArn=topic_arn, PublishBatchRequestEntries=[entries[i] for i in indices]
-            )
-        except (BotoCoreError, ClientError) as exc:
-            _LOG.warning(
-                "SNS publish failed for %d message(s): %s", len(indices), type(exc).__name__
-            )
-            return {
-                i: Outcome(messages[i].message_id, failure=Failure.UNAVAILABLE) for i in indices
-            }
-        stored = {int(item["Id"]) for item in response.get("Successful", [])}
-        failed = response.get("Failed", [])
-        if failed:
-            _LOG.warning("SNS refused %d message(s): %s", len(failed), failed[0].get("Code"))
+        stored, refused = self._publish_batch(topic_arn, [entries[i] for i in indices])
+        # Only the refused entries go again: one SNS accepted would be delivered twice.
+        if refused and time.monotonic() + RETRY_BACKOFF_S <= retry_until:
+            time.sleep(RETRY_BACKOFF_S)
+            stored |= self._publish_batch(topic_arn, [entries[i] for i in refused])[0]
         return {
             i: Outcome(messages[i].message_id, transport=TRANSPORT_NAME)
             if i in stored
             else Outcome(messages[i].message_id, failure=Failure.UNAVAILABLE)
             for i in indices
         }
+
+    def _publish_batch(
+        self, topic_arn: str, batch: list[dict[str, Any]]
+    ) -> tuple[set[int], list[int]]:
+        """One PublishBatch: the indices SNS stored, and those it refused without blaming the
+        sender (worth another try). A failed call stores nothing and is not tried again here:
+        the client's own retries have already been spent on it."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            if self._client is None:
+                self._client = self._client_factory()
+            response = self._client.publish_batch(
+                TopicArn=topic_arn, PublishBatchRequestEntries=batch
+            )
+        except (BotoCoreError, ClientError) as exc:
+            _LOG.warning("SNS publish failed for %d message(s): %s", len(batch), type(exc).__name__)
+            return set(), []
+        stored = {int(item["Id"]) for item in response.get("Successful", [])}
+        failed = response.get("Failed", [])
+        if failed:
+            _LOG.warning("SNS refused %d message(s): %s", len(failed), failed[0].get("Code"))
+        return stored, [int(item["Id"]) for item in failed if not item.get("SenderFault", True)]
 
 
 def _entry(entry_id: str, message: OutboundMessage) -> dict[str, Any]:
