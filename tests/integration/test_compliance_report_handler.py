@@ -343,12 +343,14 @@ def test_a_tampered_trail_is_reported_not_verified_naming_the_place(
 def test_a_report_of_a_day_far_from_the_trails_start_reads_only_its_window(
     handler: ModuleType, fabric: Fabric, aws: dict[str, Any]
 ) -> None:
-    # Damage far before the day (the trail's first hour): the day's report does not read it,
-    # its own day's report does; runbook.py verify checks the whole trail.
+    # Damage far before the period (the trail's first hour): the period's report does not read
+    # it, its own day's report does; runbook.py verify checks the whole trail. (The trail ends at
+    # 03:00 on Nov 21: its first two hours are what the checkpoint of 03:00 seals.)
     store = S3ObjectStore(AUDIT_BUCKET, lambda: aws["s3"])
     first = store.keys(f"audit/{WRITER}/2026/11/19/")[0]
     store.put(first, b"{}\n")
-    assert handler.handler({"date": "2026-11-21"}, None)["verified"] is True
+    period = {"start": "2026-11-21T00:00:00Z", "end": "2026-11-21T02:00:00Z"}
+    assert handler.handler(period, None)["verified"] is True
     day_before = handler.handler({"date": "2026-11-19"}, None)
     assert day_before["verified"] is False
     assert day_before["problem"].startswith(first)

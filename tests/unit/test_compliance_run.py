@@ -136,7 +136,9 @@ class Trail:
             self.checkpoint(start + timedelta(hours=1))
 
 
-def reporter(trail: Trail, **options: Any) -> tuple[ComplianceReporter, Any, Any, Any]:
+def reporter(
+    trail: Trail, now: datetime = NOW, **options: Any
+) -> tuple[ComplianceReporter, Any, Any, Any]:
     reports, topic, metrics = MemoryReportStore("reports"), MemorySummaryTopic(), MemoryMetrics()
     return (
         ComplianceReporter(
@@ -147,7 +149,7 @@ def reporter(trail: Trail, **options: Any) -> tuple[ComplianceReporter, Any, Any
             reports=reports,
             topic=topic,
             metrics=metrics,
-            clock=lambda: NOW,
+            clock=lambda: now,
             **options,
         ),
         reports,
@@ -345,7 +347,8 @@ def test_today_so_far_is_verified_by_its_chain_and_counted_as_not_yet_sealed() -
     trail = Trail()
     trail.hours(datetime(2026, 12, 4, tzinfo=UTC), 2)
     trail.write(datetime(2026, 12, 4, 2, 5, tzinfo=UTC), *accepted_and_routed("x"))
-    report = reporter(trail)[0].report(Period.day(date(2026, 12, 4)))
+    now = datetime(2026, 12, 4, 2, 10, tzinfo=UTC)
+    report = reporter(trail, now)[0].report(Period.day(date(2026, 12, 4)))
     (writer,) = report["verification"]["writers"]
     assert report["verification"]["verified"] is True
     assert (writer["unsealed_objects"], writer["records"]) == (1, 10)
@@ -354,7 +357,7 @@ def test_today_so_far_is_verified_by_its_chain_and_counted_as_not_yet_sealed() -
 def test_a_young_trail_without_a_checkpoint_is_read_whole_and_verifies() -> None:
     trail = Trail()
     trail.write(datetime(2026, 12, 2, 9, tzinfo=UTC), *accepted_and_routed("x"))
-    report = reporter(trail)[0].report(Period.day(DAY))
+    report = reporter(trail, datetime(2026, 12, 2, 9, 30, tzinfo=UTC))[0].report(Period.day(DAY))
     assert report["verification"]["verified"] is True
     assert report["outcomes"] == {"accepted": 1, "routed": 1}
 

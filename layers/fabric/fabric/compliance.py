@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fabric.audit_writer import CONSUMER_EVENTS, group_owns
+from fabric.envelope import parse_timestamp
 from fabric.stakeholders import Stakeholder
 from fabric.topology import OVERFLOW_QUEUE
 
@@ -102,15 +103,20 @@ def instant(at: str) -> str:
 
     The fabric writes ``...T10:00:00Z``, ``...T10:00:00.5Z`` or ``...T10:00:00.123456Z``
     (``envelope.format_timestamp`` drops trailing zeros), which do not sort as text: ``.`` sorts
-    before ``Z``. Anything else is parsed.
+    before ``Z``. Anything else is parsed as the audit writer checks a consumer's ``at``
+    (``envelope.parse_timestamp``: lowercase ``t`` and ``z``, an offset, a leap second, which
+    Python holds as ``23:59:59.999999``), else as Python reads ISO 8601.
     """
-    if len(at) >= 20 and at[-1] == "Z" and at[10] == "T":
+    if len(at) >= 20 and at[-1] == "Z" and at[10] == "T" and at[17:19] != "60":
         fraction = at[20:-1] if at[19] == "." else ""
         return f"{at[:19]}.{fraction:0<6.6}"
     try:
-        moment = datetime.fromisoformat(at)
+        moment = parse_timestamp(at)
     except ValueError:
-        return ""  # sorts before every period: never counted
+        try:
+            moment = datetime.fromisoformat(at)
+        except ValueError:
+            return ""  # sorts before every period: never counted
     if moment.utcoffset() is None:
         return ""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")

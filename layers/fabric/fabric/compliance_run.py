@@ -21,9 +21,10 @@ interval by interval):
 **What fails verification** inside the window: everything ``verify_trail`` detects (a modified,
 missing, reordered or inserted record, object or checkpoint, a bad signature, a broken chain, an
 accepted message without an outcome), an object of the window's days that no checkpoint names
-while a later checkpoint exists, a key that is not an audit object's, and a checkpoint that
-cannot be read. Objects written after the writer's last checkpoint (the current hour) are
-protected by the hash chain only.
+while a later checkpoint exists, a key that is not an audit object's, a checkpoint that
+cannot be read, and, once its seal is due (``SEAL_DUE`` after the end and margin), a period that
+no checkpoint at or after its end and margin seals. Objects written after the writer's last
+checkpoint (the current hour) are protected by the hash chain only.
 
 **How it is read**: the window's checkpoints first (``plan_window``), then interval by interval
 (``scan_window``): a checkpoint's objects are read, verified against it from the checkpoint
@@ -42,6 +43,7 @@ summary, with no message content, to the compliance topic.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -78,6 +80,10 @@ SUMMARY_VERSION = "fabric.compliance-summary/2"
 DAY = timedelta(days=1)
 # How long after its event a record may reach the writer and still count in its period's report.
 LATE_ARRIVAL = timedelta(hours=1)
+# How long after the period's end and LATE_ARRIVAL a checkpoint must seal it: the writer's hourly
+# checkpoint (rate(1 hour) fires once in every hour) and a quarter hour for it to run. A report
+# run later on a writer without one is not verified (``_not_sealed``).
+SEAL_DUE = timedelta(hours=1, minutes=15)
 # One invocation reads, verifies and reports the period within Lambda's 15 minutes.
 MAX_PERIOD = timedelta(days=31)
 READ_WORKERS = 16
@@ -136,6 +142,16 @@ def requested_period(event: Any, *, now: datetime | None = None) -> Period:
     now = now or datetime.now(UTC)
     if not isinstance(event, Mapping):
         raise InvalidReportRequest("the request must be a JSON object")
+    try:
+        period = _period(event)
+    except OverflowError:  # a day before 0001-01-02 or after 9999-12-30, or an offset past it
+        raise InvalidReportRequest("the period is out of range of the calendar") from None
+    if period.start >= now:
+        raise InvalidReportRequest(f"the period starts in the future ({period.bounds[0]})")
+    return period
+
+
+def _period(event: Mapping[str, Any]) -> Period:
     if event.get("source") == "aws.events" and event.get("detail-type") == "Scheduled Event":
         return Period.day(_moment(event.get("time"), "time").date() - DAY)
     if set(event) == {"date"}:
@@ -157,8 +173,6 @@ def requested_period(event: Any, *, now: datetime | None = None) -> Period:
             'give {"date": "YYYY-MM-DD"} or {"start": ..., "end": ...} (RFC 3339), '
             f"got the fields {sorted(map(str, event))}"
         )
-    if period.start >= now:
-        raise InvalidReportRequest(f"the period starts in the future ({period.bounds[0]})")
     return period
 
 
@@ -444,8 +458,14 @@ def _listed(
     checkpoint is listed whole."""
     if window.anchor is None and not window.checkpoints:
         return store.keys(f"audit/{writer}/")
-    since = _at(window.anchor[1]).date() if window.anchor else period.start.date()
-    until = _at(window.checkpoints[-1][1]).date() if sealed else (period.end + late).date()
+    # UTC days, as the keys are: a replay's period may come in any offset (06:00+07:00 is the
+    # day before in the bucket).
+    since = _at(window.anchor[1]).date() if window.anchor else period.start.astimezone(UTC).date()
+    until = (
+        _at(window.checkpoints[-1][1]).date()
+        if sealed
+        else (period.end + late).astimezone(UTC).date()
+    )
     days = [since + timedelta(days=n) for n in range(max(0, (until - since).days) + 1)]
     return [key for day in days for key in store.keys(f"audit/{writer}/{day:%Y/%m/%d}/")]
 
@@ -810,11 +830,14 @@ class ComplianceReporter:
         figures = Figures(*period.bounds)
         checks: list[WriterCheck] = []
         locks: list[ObjectLock] = []
+        now = self._clock()
         for writer in self._writers:
             window = plan_window(self._trail, writer, period, workers=self._workers)
             check, read = scan_window(
                 self._trail, window, self._keys, figures, workers=self._workers
             )
+            if check.problem is None and now >= period.end + LATE_ARRIVAL + SEAL_DUE:
+                check = dataclasses.replace(check, problem=_not_sealed(window, period))
             checks.append(check)
             locks.extend(read)
         problems = [check.problem for check in checks if check.problem is not None]
@@ -824,7 +847,7 @@ class ComplianceReporter:
             locks=locks,
             verified=not problems,
             problem=_problem_text(problems[0]) if problems else None,
-            generated_at=format_timestamp(self._clock()),
+            generated_at=format_timestamp(now),
             writers=[check.as_dict() for check in checks],
             required=required_lock(self._environment),
         )
@@ -860,6 +883,21 @@ class ComplianceReporter:
                 }
             )
         return summary
+
+
+def _not_sealed(window: Window, period: Period) -> Problem | None:
+    """Why ``window`` leaves ``period`` unsealed when its closing checkpoint is due: no
+    checkpoint at or after the period's end and margin (the writer stopped sealing, or the
+    trail's end is gone); None when one is there."""
+    due = period.end + LATE_ARRIVAL
+    last = window.checkpoints[-1] if window.checkpoints else window.anchor
+    if last is not None and _at(last[1]) >= due:
+        return None
+    if last is None:
+        where, since = f"checkpoints/{window.writer}/", "no checkpoint"
+    else:
+        where, since = last[0], f"the last checkpoint ({last[1]['at']}); none"
+    return Problem(where, f"{since} at or after {format_timestamp(due)} seals the period")
 
 
 def summarize(report: Mapping[str, Any], *, bucket: str, keys: ReportKeys) -> dict[str, Any]:

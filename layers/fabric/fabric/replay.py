@@ -902,11 +902,14 @@ _REQUEST_FIELDS = frozenset(
 _GROUP_NAMES = frozenset(group.value for group in Stakeholder)
 
 
-def parse_request(event: object, *, max_seconds: float = 840.0) -> ReplayRequest:
-    """The replay function's event (the runbook builds it): ``{"start", "end" (RFC 3339, end
-    exclusive), "topics"?, "message_ids"?, "source"?, "dry_run"?, "max_messages"? (1000),
-    "rate_per_s"?, "max_seconds"?, "replay_id"? (a new one if absent), "after"? ({"at",
-    "message_id"}: a cursor), "late_days"? (1), "include_unsealed"? (false)}``.
+def parse_request(
+    event: object, *, max_seconds: float = 840.0, now: datetime | None = None
+) -> ReplayRequest:
+    """The replay function's event (the runbook builds it): ``{"start" (before ``now``),
+    "end" (RFC 3339, end exclusive), "topics"?, "message_ids"?, "source"?, "dry_run"?,
+    "max_messages"? (1000), "rate_per_s"?, "max_seconds"?, "replay_id"? (a new one if
+    absent), "after"? ({"at", "message_id"}: a cursor), "late_days"? (1), "include_unsealed"?
+    (false)}``.
 
     Raises:
         ValueError: the event is malformed; the message says what is wrong.
@@ -917,6 +920,10 @@ def parse_request(event: object, *, max_seconds: float = 840.0) -> ReplayRequest
     if unknown:
         raise ValueError(f"unknown fields: {', '.join(unknown)}")
     start, end = _moment(event, "start"), _moment(event, "end")
+    # Nothing is archived yet for a period that starts later, and one near the calendar's end
+    # would overflow the days searched after it.
+    if start >= (now or datetime.now(UTC)):
+        raise ValueError(f"the period starts in the future ({format_timestamp(start)})")
     dry_run, include_unsealed = event.get("dry_run", False), event.get("include_unsealed", False)
     if not isinstance(dry_run, bool) or not isinstance(include_unsealed, bool):
         raise ValueError("dry_run and include_unsealed must be true or false")
