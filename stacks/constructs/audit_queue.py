@@ -15,8 +15,6 @@ from fabric.naming import (
 from stacks.constructs.function import role_arn, router_role_name
 from stacks.constructs.queues import QueueAddress, deny_other_senders, queue_with_dlq
 
-# Attempts of the audit writer at one batch before it is parked in the DLQ.
-_MAX_RECEIVE_COUNT = 10
 # The audit writer's timeout (stacks/constructs/audit_writer.py); this queue is its SQS event
 # source, so its visibility timeout derives from it.
 WRITER_TIMEOUT = Duration.minutes(5)
@@ -25,6 +23,13 @@ WRITER_TIMEOUT = Duration.minutes(5)
 # one instance at a time (reserved concurrency 1), so a batch its poller received may wait while
 # the broker's batches or the checkpoint hold that instance, without being handed out again.
 _VISIBILITY_TIMEOUT = Duration.seconds(6 * WRITER_TIMEOUT.to_seconds())
+# Receives of one batch before it is parked in the DLQ: a day's worth at one receive per
+# visibility timeout (48). SQS counts every receive, also one whose invocation Lambda throttled
+# until the visibility timeout ran out: with one writer instance, which the broker's batches and
+# the checkpoint also hold, ten receives (5 hours) could park valid batches that the writer
+# never failed. A batch it does fail alarms at once (AuditWriterErrors); after a day it is set
+# aside with 13 of its 14 days left in the DLQ for the operator.
+_MAX_RECEIVE_COUNT = int(Duration.days(1).to_seconds() // _VISIBILITY_TIMEOUT.to_seconds())
 # The variable the fabric's functions read the queue from (fabric.settings, optional there).
 AUDIT_QUEUE_URL = "AUDIT_QUEUE_URL"
 
@@ -48,7 +53,7 @@ class AuditQueue(Construct):
     The router, the drain and the redrive emit audit batches to RabbitMQ's audit exchange; while
     the broker cannot take them they send them here instead, so no audit record is lost in an
     outage. The audit writer reads this queue as well as the RabbitMQ audit queue (deduplicating
-    by the batch's message id). After 10 failed writes a batch is parked in the DLQ, whose
+    by the batch's message id). After a day of receives (48) a batch is parked in the DLQ, whose
     redrive-allow policy admits only this queue; the redrive puts it back once the writer is
     fixed. KMS (queues key), TLS only, 14 days, like every fabric queue. Its policy denies
     ``sqs:SendMessage`` to every principal but the roles of ``audit_sender_roles``: a forged

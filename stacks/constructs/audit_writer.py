@@ -32,6 +32,12 @@ from stacks.nag import acknowledge, wildcard_resource_finding
 # ChainConflict over and over. Amazon MQ's RabbitMQ event source runs one instance at a time
 # anyway; the SQS event source and the hourly checkpoint take turns with it (throttled, retried).
 _CONCURRENCY = 1
+# The SQS event source's maximum concurrency: the lowest Lambda accepts (it cannot be 1). AWS
+# advises a maximum at or below the reserved concurrency, so that the pollers stop receiving
+# batches the function cannot take; without one they scale to five or more batches in flight,
+# all but one throttled, and every receive counts towards the queue's maxReceiveCount (which
+# stacks/constructs/audit_queue.py sets to a day's worth for the throttles that remain).
+_QUEUE_MAX_CONCURRENCY = 2
 _MEMORY_MB = 1024
 # Up to 99 audit batches per invocation from RabbitMQ, collected for at most 5 seconds: one
 # object in the bucket per invocation, so bigger batches mean fewer, larger objects. 99, not the
@@ -82,7 +88,8 @@ class AuditWriter(Construct):
 
     Reserved concurrency 1: one writer per chain. The chain state is one item advanced by a
     conditional write; two instances at once would conflict on it, and the loser's batch would
-    fail and be retried until it gave up.
+    fail and be retried until it gave up. The SQS event source has the lowest maximum
+    concurrency Lambda allows (2), so its pollers hold few batches the one instance cannot take.
 
     Grants, each on its exact resource: ``s3:PutObject`` under ``audit/``, ``archive/`` and
     ``checkpoints/`` of the audit bucket (nothing that sets or bypasses retention, puts a legal
@@ -158,7 +165,10 @@ class AuditWriter(Construct):
         queue = sqs.Queue.from_queue_arn(self, "AuditQueue", audit_queue.arn)
         function.add_event_source(
             event_sources.SqsEventSource(
-                queue, batch_size=_QUEUE_BATCH_SIZE, report_batch_item_failures=True
+                queue,
+                batch_size=_QUEUE_BATCH_SIZE,
+                report_batch_item_failures=True,
+                max_concurrency=_QUEUE_MAX_CONCURRENCY,
             )
         )
 

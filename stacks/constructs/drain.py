@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import json
-
-from aws_cdk import Duration
+from aws_cdk import Duration, Stack
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
-from fabric.naming import drain_function_name
+from fabric.naming import (
+    drain_function_name,
+    fallback_queue_names,
+    subscription_dead_letter_queue_name,
+)
 from stacks.constructs.audit_queue import audit_environment
 from stacks.constructs.fallback import FallbackQueues
 from stacks.constructs.function import FabricFunction, FunctionPlatform
-from stacks.constructs.queues import QueueAddress, address
+from stacks.constructs.queues import QueueAddress, address, physical_name
 from stacks.constructs.router import broker_environment
 
 # Two at once are safe (SQS hides a message from the other while one moves it); more would only
@@ -46,13 +48,21 @@ class Drain(Construct):
         audit_queue: QueueAddress,
     ) -> None:
         super().__init__(scope, construct_id)
-        # Each fallback queue, and its subscription's DLQ: what SNS could not deliver to the
-        # queue was accepted all the same (SNS stored it), so it goes to the work queue too.
-        described = [
-            {"url": url, "group": group, "emergency": flow == "emergency"}
-            for (flow, group), q in sorted(queues.items())
-            for url in (q.queue.queue_url, q.subscription_dead_letter_queue.queue_url)
-        ]
+        # The function derives the queues it drains from the environment name (fabric.settings:
+        # each fallback queue, and its subscription's DLQ), so its environment holds one URL
+        # prefix, not twenty URLs with their group and flow (3.5 KB of Lambda's 4 KB). They
+        # must be these queues, each of its own group and flow.
+        named = {
+            key: (physical_name(q.queue), physical_name(q.subscription_dead_letter_queue))
+            for key, q in queues.items()
+        }
+        derived = {
+            (flow, group.value): (name, subscription_dead_letter_queue_name(name))
+            for flow, group, name in fallback_queue_names(env_name)
+        }
+        if named != derived:
+            raise ValueError(f"the drain derives the fallback queues {derived}, not {named}")
+        stack = Stack.of(self)
         self.function = FabricFunction(
             self,
             "Drain",
@@ -65,7 +75,8 @@ class Drain(Construct):
             description=f"Messaging Fabric {env_name}: drains the fallback queues into RabbitMQ",
             environment={
                 **broker_environment(env_name, broker_host, broker_secret),
-                "FALLBACK_QUEUES": json.dumps(described),
+                # The same URLs as address() builds, without the names.
+                "SQS_URL_PREFIX": f"https://sqs.{stack.region}.{stack.url_suffix}/{stack.account}/",
                 "DRAIN_MAX_SECONDS": "240",
                 **audit_environment(audit_queue),
             },

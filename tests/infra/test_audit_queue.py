@@ -46,7 +46,7 @@ def _arn(env: Synthesized, name: str) -> str:
     return f"arn:aws:sqs:{env.region}:{env.stage.stateful.account}:{name}"
 
 
-def test_the_audit_queue_is_encrypted_and_dead_letters_after_ten_receives(
+def test_the_audit_queue_is_encrypted_and_dead_letters_after_a_day_of_receives(
     env: Synthesized,
 ) -> None:
     name = audit_queue_name(env.stage.stage_name)
@@ -60,10 +60,13 @@ def test_the_audit_queue_is_encrypted_and_dead_letters_after_ten_receives(
     # Six times the audit writer's 5-minute timeout (AWS's advice for an SQS event source; Lambda
     # refuses a mapping whose queue hides a message for less than the function's timeout).
     assert queue["Properties"]["VisibilityTimeout"] == 1800
+    # SQS counts every receive, also those of batches Lambda throttled (the writer runs one
+    # instance at a time): a batch is parked after a day of receives, not after 5 hours.
     assert queue["Properties"]["RedrivePolicy"] == {
         "deadLetterTargetArn": {"Fn::GetAtt": [dlq_id, "Arn"]},
-        "maxReceiveCount": 10,
+        "maxReceiveCount": 48,
     }
+    assert 48 * queue["Properties"]["VisibilityTimeout"] == 24 * 3600
     assert dlq["Properties"]["RedriveAllowPolicy"] == {
         "redrivePermission": "byQueue",
         "sourceQueueArns": [_arn(env, name)],

@@ -421,6 +421,10 @@ def test_the_writer_consumes_the_sqs_audit_queue_with_partial_batch_failures(
     assert props["EventSourceArn"] == arn
     assert props["BatchSize"] == 10
     assert props["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    # At most two batches in flight (the lowest Lambda accepts) for the one writer instance,
+    # not the five or more its pollers would receive, all but one throttled.
+    assert props["ScalingConfig"] == {"MaximumConcurrency": 2}
+    assert function["Properties"]["ReservedConcurrentExecutions"] == 1
     on_queue = [s for s in statements(template, function) if arn in listed(s["Resource"])]
     assert {a for s in on_queue for a in listed(s["Action"])} == {
         "sqs:ReceiveMessage",

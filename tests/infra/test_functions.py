@@ -9,6 +9,7 @@ import pytest
 from cfnlint.api import lint
 
 from fabric.naming import fallback_queue_names, topology_function_name
+from fabric.settings import DrainSettings
 from tests.conftest import ROOT
 from tests.infra.conftest import Assembly, Synthesized
 from tests.infra.resolve import render
@@ -232,8 +233,7 @@ def test_the_drain_runs_every_minute_two_at_most_on_the_fallback_queues_only(
     assert drain["Properties"]["ReservedConcurrentExecutions"] == 2
     # The runbook invokes it by this name (scripts/runbook.py drain --env <env>).
     assert drain["Properties"]["FunctionName"] == f"fabric-{env.stage.stage_name}-drain"
-    queues = json.loads(json.dumps(drain["Properties"]["Environment"]["Variables"]))
-    assert "FALLBACK_QUEUES" in queues
+    variables = drain["Properties"]["Environment"]["Variables"]
     (rule,) = [
         r
         for r in of_type(template, "AWS::Events::Rule").values()
@@ -258,8 +258,16 @@ def test_the_drain_runs_every_minute_two_at_most_on_the_fallback_queues_only(
         for _, _, name in fallback_queue_names(stage)
         for suffix in ("", "-sub-dlq")
     }
-    described = json.dumps(queues["FALLBACK_QUEUES"])
-    assert described.count("SubscriptionDlq") == len(fallback_queue_names(stage))
+    # It derives the same queues from its environment: names at the URL prefix.
+    prefix = render(variables["SQS_URL_PREFIX"])
+    assert prefix == f"https://sqs.{env.region}.amazonaws.com/{account}/"
+    deployed = {k: v if isinstance(v, str) else "<deploy-time>" for k, v in variables.items()}
+    drained = DrainSettings.from_env({**deployed, "SQS_URL_PREFIX": prefix}).queues
+    assert {url for url, _, _ in drained} == {
+        f"{prefix}{name}{suffix}"
+        for _, _, name in fallback_queue_names(stage)
+        for suffix in ("", "-sub-dlq")
+    }
 
 
 def test_every_function_may_write_its_failed_events_to_its_encrypted_dlq(

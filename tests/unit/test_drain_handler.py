@@ -14,10 +14,7 @@ ENVIRONMENT = {
     "RABBITMQ_PORT": "1",
     "RABBITMQ_TLS": "false",
     "RABBITMQ_SECRET_ARN": "arn:aws:secretsmanager:ap-southeast-3:111111111111:secret:x",
-    "FALLBACK_QUEUES": (
-        '[{"url": "https://sqs.ap-southeast-3.amazonaws.com/111111111111/fabric-test-fallback-media",'
-        ' "group": "media", "emergency": false}]'
-    ),
+    "SQS_URL_PREFIX": "https://sqs.ap-southeast-3.amazonaws.com/111111111111/",
     "DRAIN_MAX_MESSAGES": "25",
     "DRAIN_MAX_SECONDS": "240",
     "AWS_EC2_METADATA_DISABLED": "true",  # no credentials: the secret read fails at once
@@ -45,6 +42,11 @@ def test_a_bad_max_messages_is_refused_and_nothing_is_drained(
 def test_the_deployed_limits_reach_the_drainer(drain_handler: ModuleType) -> None:
     drainer = drain_handler.DRAINER
     assert (drainer._max_messages, drainer._max_seconds) == (25, 240.0)
+    # Every fallback queue of FABRIC_ENV and its subscription's DLQ, at SQS_URL_PREFIX.
+    assert len(drainer._queues) == 20
+    (media,) = [q for q in drainer._queues if q.url.endswith("/fabric-test-fallback-media")]
+    assert media.url == f"{ENVIRONMENT['SQS_URL_PREFIX']}fabric-test-fallback-media"
+    assert (media.group.value, media.emergency) == ("media", False)
     answer = drain_handler.handler({"version": "0", "source": "aws.events"}, None)
     # Port 1: the drain finds the broker down before it receives anything.
     assert answer == {

@@ -3,8 +3,6 @@ the variable, never a silently different configuration."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from fabric.errors import ConfigError
@@ -16,7 +14,7 @@ BROKER = {
     "RABBITMQ_PORT": "5671",
     "RABBITMQ_SECRET_ARN": "arn:aws:secretsmanager:ap-southeast-3:111111111111:secret:x",
 }
-QUEUE = {"url": "https://sqs.example/fabric-test-emergency-government", "group": "government"}
+PREFIX = "https://sqs.ap-southeast-3.amazonaws.com/111111111111/"
 WRITER = {
     "FABRIC_ENV": "test",
     "AUDIT_BUCKET": "fabric-test-audit",
@@ -26,39 +24,47 @@ WRITER = {
 }
 
 
-def drain(queues: object, **extra: str) -> DrainSettings:
-    return DrainSettings.from_env({**BROKER, "FALLBACK_QUEUES": json.dumps(queues), **extra})
+def drain(**extra: str) -> DrainSettings:
+    return DrainSettings.from_env({**BROKER, "SQS_URL_PREFIX": PREFIX, **extra})
 
 
-def test_fallback_queues_are_read_with_their_group_and_flow() -> None:
-    settings = drain([{**QUEUE, "emergency": True}, {**QUEUE, "emergency": False}])
-    assert settings.queues == (
-        (QUEUE["url"], "government", True),
-        (QUEUE["url"], "government", False),
+def test_the_drain_empties_every_fallback_queue_and_subscription_dlq_of_its_environment() -> None:
+    queues = drain().queues
+    # Two flows, five groups, each queue and its subscription's DLQ.
+    assert len(queues) == len(set(queues)) == 20
+    assert queues[:2] == (
+        (f"{PREFIX}fabric-test-emergency-government", "government", True),
+        (f"{PREFIX}fabric-test-emergency-government-sub-dlq", "government", True),
     )
-    assert settings.rabbitmq_port == 5671
+    assert (f"{PREFIX}fabric-test-fallback-media-sub-dlq", "media", False) in queues
+    # The flow decides the work queue: an emergency queue is never drained as routine traffic.
+    assert all(("-emergency-" in url) == emergency for url, _, emergency in queues)
+    assert all(f"-{group}" in url for url, group, _ in queues)
+    assert drain().rabbitmq_port == 5671
 
 
 @pytest.mark.parametrize(
-    "queues",
+    "prefix",
     [
-        [{**QUEUE, "emergency": "false"}],  # bool("false") is True: the wrong work queue
-        [{**QUEUE, "emergency": 0}],
-        [{**QUEUE, "group": "press", "emergency": False}],  # no such group
-        [],  # a drain of nothing, silently
-        [{"url": QUEUE["url"], "emergency": False}],
-        {"url": QUEUE["url"]},
+        "https://sqs.ap-southeast-3.amazonaws.com/111111111111",  # every name would run on
+        "https://sqs.ap-southeast-3.amazonaws.com/",  # no account
+        "sqs.ap-southeast-3.amazonaws.com/111111111111/",
+        "http://sqs.ap-southeast-3.amazonaws.com/111111111111/",
+        "https://sqs.ap-southeast-3.amazonaws.com/111111111111/fabric-test-",
+        "",
     ],
 )
-def test_malformed_fallback_queues_are_refused_naming_the_variable(queues: object) -> None:
-    with pytest.raises(ConfigError, match="FALLBACK_QUEUES must be a non-empty JSON list"):
-        drain(queues)
+def test_an_sqs_url_prefix_that_makes_no_queue_url_is_refused_naming_the_variable(
+    prefix: str,
+) -> None:
+    with pytest.raises(ConfigError, match="SQS_URL_PREFIX"):
+        drain(SQS_URL_PREFIX=prefix)
 
 
 @pytest.mark.parametrize("port", ["5671²", "0", "65536", "56 71", ""])
 def test_a_port_that_is_not_a_tcp_port_is_refused_naming_the_variable(port: str) -> None:
     with pytest.raises(ConfigError, match="RABBITMQ_PORT"):
-        drain([{**QUEUE, "emergency": True}], RABBITMQ_PORT=port)
+        drain(RABBITMQ_PORT=port)
 
 
 def test_the_audit_writer_trusts_the_platform_user_unless_told_otherwise() -> None:

@@ -22,6 +22,23 @@ def fallback_queue_names(env_name: str) -> list[tuple[str, Stakeholder, str]]:
     ]
 
 
+def subscription_dead_letter_queue_name(queue_name: str) -> str:
+    """``<queue>-sub-dlq``: the dead-letter queue of the SNS subscription of fallback queue
+    ``queue_name``, where SNS puts what it could not deliver there."""
+    return f"{queue_name}-sub-dlq"
+
+
+def drained_queue_names(env_name: str) -> list[tuple[str, Stakeholder, bool]]:
+    """Every queue the drain empties, as ``(name, group, emergency)``, emergencies first: each
+    fallback queue and its subscription's dead-letter queue (what SNS could not deliver to
+    the queue was accepted all the same, so it goes to the group's work queue too)."""
+    return [
+        (name, group, flow == "emergency")
+        for flow, group, queue in fallback_queue_names(env_name)
+        for name in (queue, subscription_dead_letter_queue_name(queue))
+    ]
+
+
 def drain_function_name(env_name: str) -> str:
     """``fabric-<env>-drain``: the drain function, which the runbook invokes on demand."""
     return f"fabric-{env_name}-drain"
