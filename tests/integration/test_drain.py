@@ -342,8 +342,8 @@ class _Recording(SqsFallbackSource):
         super().__init__(client_factory)
         self.received: list[tuple[str, str]] = []
 
-    def receive(self, queue: str, limit: int) -> Any:
-        got = super().receive(queue, limit)
+    def receive(self, queue: str, limit: int, *, wait: bool = True) -> Any:
+        got = super().receive(queue, limit, wait=wait)
         self.received += [(queue, item.handle) for item in got]
         return got
 

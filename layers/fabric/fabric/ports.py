@@ -185,8 +185,11 @@ class Received:
 class FallbackSource(Protocol):
     """The fallback queues, seen from the drain: receive, and delete what is safe elsewhere."""
 
-    def receive(self, queue: str, limit: int) -> list[Received]:
+    def receive(self, queue: str, limit: int, *, wait: bool = True) -> list[Received]:
         """Up to ``limit`` messages, hidden from other receivers for the queue's visibility time.
+
+        ``wait``: wait a moment for messages, so that an empty answer means an empty queue;
+        ``False`` answers at once and may miss messages (a cheap look that is asked again).
 
         Raises:
             TransportUnavailable: the queue service cannot be reached.

@@ -1,4 +1,5 @@
-"""In-memory Transport, AuditSink and Metrics: test doubles shipped with the library."""
+"""In-memory Transport, AuditSink, Metrics and FallbackSource: test doubles shipped with the
+library."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 
 from fabric.audit import AuditRecord
 from fabric.errors import TransportUnavailable
-from fabric.ports import Failure, OutboundMessage, Outcome, PreparedAudit
+from fabric.ports import Failure, OutboundMessage, Outcome, PreparedAudit, Received
 
 
 @dataclass
@@ -112,3 +113,32 @@ class MemoryRedriveLedger:
     def record(self, keys: Sequence[str]) -> None:
         """Record ``keys``."""
         self.keys.update(keys)
+
+
+@dataclass
+class MemoryFallbackSource:
+    """Fallback queues in memory, by queue name: ``queues`` holds what waits in each.
+
+    A received message is hidden until deleted (a visibility timeout longer than any test);
+    ``receives`` lists every receive as ``(queue, wait)``.
+    """
+
+    queues: dict[str, list[Received]] = field(default_factory=dict)
+    receives: list[tuple[str, bool]] = field(default_factory=list)
+    _hidden: dict[str, Received] = field(default_factory=dict, repr=False)
+
+    def send(self, queue: str, *messages: Received) -> None:
+        """Put ``messages`` at the back of ``queue``."""
+        self.queues.setdefault(queue, []).extend(messages)
+
+    def receive(self, queue: str, limit: int, *, wait: bool = True) -> list[Received]:
+        """Up to ``limit`` (at most 10) messages from the front of ``queue``, now hidden."""
+        self.receives.append((queue, wait))
+        waiting = self.queues.setdefault(queue, [])
+        taken, waiting[:] = waiting[: min(limit, 10)], waiting[min(limit, 10) :]
+        self._hidden.update((item.handle, item) for item in taken)
+        return taken
+
+    def delete(self, queue: str, handles: Sequence[str]) -> set[str]:
+        """Forget the received messages with these handles; returns the handles deleted."""
+        return {handle for handle in handles if self._hidden.pop(handle, None) is not None}

@@ -28,16 +28,19 @@ class SqsFallbackSource:
             self._client = self._client_factory()
         return self._client
 
-    def receive(self, queue: str, limit: int) -> list[Received]:
+    def receive(self, queue: str, limit: int, *, wait: bool = True) -> list[Received]:
         """Up to ``limit`` (at most 10) messages, waiting at most a second for one to arrive.
 
         A short poll (no wait) samples only some of SQS's servers and may answer nothing while
         messages remain, which the drain would take for an empty queue and leave emergencies
         for its next run; a one-second long poll asks them all, at the cost of a second per
-        queue found empty. A message that is not a fabric envelope (sent to the queue by
-        anything but the fabric's SNS transport) is left where it is, logged, instead of stopping
-        every drain run: a fallback queue's dead-letter queue takes it after its receives, a
-        subscription DLQ keeps it; both are alarmed.
+        queue found empty. ``wait=False`` is that short poll, for the drain's re-check of the
+        emergency queues, which asks again a second later: a miss costs a second.
+
+        A message that is not a fabric envelope (sent to the queue by anything but the fabric's
+        SNS transport) is left where it is, logged, instead of stopping every drain run: a
+        fallback queue's dead-letter queue takes it after its receives, a subscription DLQ
+        keeps it; both are alarmed.
 
         Raises:
             TransportUnavailable: SQS cannot be reached or refuses the call.
@@ -52,7 +55,7 @@ class SqsFallbackSource:
                     QueueUrl=queue,
                     MaxNumberOfMessages=max(1, min(limit, 10)),
                     MessageAttributeNames=["All"],
-                    WaitTimeSeconds=1,
+                    WaitTimeSeconds=1 if wait else 0,
                 )
             except (BotoCoreError, ClientError) as exc:
                 raise TransportUnavailable(f"cannot receive from {queue}") from exc
