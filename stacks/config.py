@@ -18,15 +18,18 @@ ENVIRONMENT_NAMES = ("dev", "staging", "prod")
 GROUPS = tuple(group.value for group in STAKEHOLDERS)
 DEFAULT_REGION = "ap-southeast-3"
 # The lowest RabbitMQ engine line the fabric is built for (quorum-queue delivery limits,
-# at-least-once dead-lettering); Amazon MQ offers 3.13 and 4.x.
+# at-least-once dead-lettering).
 MIN_ENGINE_VERSION = (3, 13)
-# Amazon MQ publishes no per-queue CloudWatch metrics for RabbitMQ 4 brokers (only broker-level
-# ones), and the BrokerDlqDepth and BrokerOverflowDepth alarms read exactly those: on 4.x they
-# would never fire, and dead letters would wait unseen. So the fabric stays below 4.
-FIRST_UNSUPPORTED_MAJOR = 4
-# Instance families Amazon MQ offers for RabbitMQ 3.13 (RabbitMQ 4 runs on mq.m7g only); mq.t3
-# in one size, micro.
+# The RabbitMQ versions Amazon MQ offers from 3.13 on, and the fabric runs on. The broker
+# dead-letter alarms read the fabric's own queue-depth metrics (stacks/constructs/
+# broker_metrics.py), since Amazon MQ publishes no per-queue metrics for RabbitMQ 4. A new
+# version is added here once its changes are checked (4.3, for one, no longer counts a
+# basic.nack against the delivery limit: docs/dead-letters.md).
+ENGINE_VERSIONS = ((3, 13), (4, 2))
+# Instance families Amazon MQ offers for RabbitMQ 3.13; mq.t3 in one size, micro.
 INSTANCE_FAMILIES = ("t3", "m5", "m7g")
+# RabbitMQ 4 runs on mq.m7g only.
+INSTANCE_FAMILIES_FROM_4 = ("m7g",)
 # The retention periods that CloudWatch Logs accepts.
 LOG_RETENTION_DAYS = (
     1,
@@ -115,12 +118,9 @@ class BrokerConfig(_Model):
                 f"Amazon MQ takes RabbitMQ {major}.{minor} without a patch version and applies "
                 f"patches itself: use {major}.{minor}, not {value}"
             )
-        if major >= FIRST_UNSUPPORTED_MAJOR:
-            raise ValueError(
-                f"RabbitMQ {value}: Amazon MQ publishes no per-queue metrics for RabbitMQ "
-                f"{major} brokers, so the broker dead-letter alarms (BrokerDlqDepth, "
-                "BrokerOverflowDepth) would never fire; use 3.13"
-            )
+        if (major, minor) not in ENGINE_VERSIONS:
+            offered = " or ".join(f"{a}.{b}" for a, b in ENGINE_VERSIONS)
+            raise ValueError(f"Amazon MQ runs the fabric on RabbitMQ {offered}, not {value}")
         return value
 
     @field_validator("instance_type")
@@ -138,6 +138,21 @@ class BrokerConfig(_Model):
         if self.deployment_mode is DeploymentMode.CLUSTER_MULTI_AZ and "t3" in self.instance_type:
             raise ValueError("CLUSTER_MULTI_AZ brokers cannot use burstable mq.t3 instances")
         return self
+
+    @model_validator(mode="after")
+    def _instance_for_engine(self) -> BrokerConfig:
+        family = self.instance_type.split(".")[1]
+        if self.engine_major >= 4 and family not in INSTANCE_FAMILIES_FROM_4:
+            raise ValueError(
+                f"Amazon MQ runs RabbitMQ {self.engine_version} on mq.m7g.* only, not on "
+                f"{self.instance_type}"
+            )
+        return self
+
+    @property
+    def engine_major(self) -> int:
+        """The engine's major version (3 or 4)."""
+        return int(self.engine_version.split(".")[0])
 
 
 class AuditConfig(_Model):

@@ -1,5 +1,5 @@
-"""The stateless stack: the fabric's functions, their entry points, the topology resource and
-the broker passwords' rotation."""
+"""The stateless stack: the fabric's functions, their entry points, the topology resource, the
+broker passwords' rotation and the broker's queue-depth metrics."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from aws_cdk import Environment, Fn, Stack
 from constructs import Construct
 
 from fabric.stakeholders import STAKEHOLDERS
-from fabric.topology import OVERFLOW_QUEUE, dead_letter_queue_name
+from fabric.topology import MONITOR_USER, OVERFLOW_QUEUE, dead_letter_queue_name
 from stacks.config import EnvironmentConfig
-from stacks.constructs.alarms import DeadLetterAlarms, FailoverAlarms
+from stacks.constructs.alarms import DeadLetterAlarms, FailoverAlarms, FunctionErrorAlarms
 from stacks.constructs.audit_writer import AuditWriter, audit_writer_name
+from stacks.constructs.broker_metrics import BrokerMetrics
 from stacks.constructs.compliance_report import ComplianceReport
 from stacks.constructs.drain import Drain
 from stacks.constructs.function import FunctionPlatform, build_layers
@@ -210,6 +211,28 @@ class ServicesStack(Stack):
             alarm_topic=self.alarms.topic,
             removal_policy=stateful.removal,
         )
+        # What the broker dead-letter alarms watch, measured every minute through the management
+        # API (Amazon MQ has no per-queue metrics for RabbitMQ 4): the same list for both.
+        broker_dlqs = [
+            dead_letter_queue_name(group, emergency=emergency)
+            for emergency in (False, True)
+            for group in STAKEHOLDERS
+        ]
+        broker_overflow_queues = [OVERFLOW_QUEUE]
+        self.broker_metrics = BrokerMetrics(
+            self,
+            "BrokerMetrics",
+            env_name=config.name,
+            platform=admin,
+            management_url=stateful.broker.management_url,
+            vhost=VIRTUAL_HOST,
+            monitor_secret=user_secrets[MONITOR_USER],
+            secrets_key=stateful.keys.secrets,
+            queues=[*broker_dlqs, *broker_overflow_queues],
+            alarm_topic=self.alarms.topic,
+        )
+        # The monitor user exists once the topology is applied.
+        self.broker_metrics.function.function.node.add_dependency(self.topology.resource)
         functions = (
             self.topology.function,
             self.router.function,
@@ -217,6 +240,7 @@ class ServicesStack(Stack):
             self.audit_writer.function,
             self.compliance_report.function,
             self.rotation.function,
+            self.broker_metrics.function,
         )
         self.dead_letter_alarms = DeadLetterAlarms(
             self,
@@ -231,14 +255,34 @@ class ServicesStack(Stack):
                 f.dead_letter_queue.queue_name
                 for f in (*functions, self.redrive.function, self.replay.function)
             ],
-            broker_name=stateful.broker.broker_name,
-            virtual_host=VIRTUAL_HOST,
-            broker_dlqs=[
-                dead_letter_queue_name(group, emergency=emergency)
-                for emergency in (False, True)
-                for group in STAKEHOLDERS
-            ],
-            broker_overflow_queues=[OVERFLOW_QUEUE],
+            env_name=config.name,
+            broker_dlqs=broker_dlqs,
+            broker_overflow_queues=broker_overflow_queues,
+        )
+        self.function_errors = FunctionErrorAlarms(
+            self,
+            "FunctionErrors",
+            topic=self.alarms.topic,
+            functions={
+                "Router": (
+                    self.router.function,
+                    "The router failed an invocation: a direct invoke got an error, an HTTPS "
+                    "request a 5xx, or an SQS ingest batch went back to its queue whole. Read "
+                    "the router's logs (docs/runbook.md, 'When a function fails').",
+                ),
+                "Topology": (
+                    self.topology.function,
+                    "The topology function failed: a deploy's custom resource or a runbook "
+                    "`topology diff|apply` got no answer. Read its logs, then run `topology "
+                    "diff` (docs/runbook.md, 'When a function fails').",
+                ),
+                "Drain": (
+                    self.drain.function,
+                    "A drain run failed: fallback messages stay in SQS (nothing is lost) until "
+                    "a run succeeds; FallbackQueueAge follows if it goes on. Read the drain's "
+                    "logs (docs/runbook.md, 'When a function fails').",
+                ),
+            },
         )
         self.drain.function.function.node.add_dependency(self.topology.resource)
         self.redrive.function.function.node.add_dependency(self.topology.resource)

@@ -1,4 +1,5 @@
-"""On-call alarms: the fallback in use, not draining or both paths down; dead letters waiting."""
+"""On-call alarms: the fallback in use, not draining or both paths down; dead letters waiting;
+functions failing."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from fabric import metrics
+from fabric import broker_depth, metrics
 from stacks.config import AlarmsConfig
 from stacks.constructs.fallback import deny_without_tls
+from stacks.constructs.function import FabricFunction
 from stacks.constructs.keys import alarms_of_this_account
 
 
@@ -164,10 +166,6 @@ class FailoverAlarms(Construct):
 # A CloudWatch alarm evaluates at most ten metrics (metric math included).
 _MAX_METRICS_PER_ALARM = 10
 SQS_DEPTH_METRIC = "ApproximateNumberOfMessagesVisible"
-AMAZON_MQ_NAMESPACE = "AWS/AmazonMQ"
-# Ready plus unacknowledged messages of one queue (RabbitMQ queue metrics of Amazon MQ,
-# dimensions Broker, VirtualHost, Queue).
-AMAZON_MQ_DEPTH_METRIC = "MessageCount"
 
 
 class DeadLetterAlarms(Construct):
@@ -181,19 +179,24 @@ class DeadLetterAlarms(Construct):
     - ``SubscriptionDlqDepth``: SNS could not deliver a fallback message to its queue.
     - ``IngestDlqDepth``: the router gave up on an SQS ingest message after 20 receives (both
       transports down, or its call's audit records lost every time).
-    - ``AuditDlqDepth``: the audit writer failed 10 times to write an audit batch that was sent
-      to the SQS audit queue while the broker was down.
+    - ``AuditDlqDepth``: the audit writer could not write, for a day (48 receives, throttled ones
+      included), an audit batch that was sent to the SQS audit queue while the broker was down.
     - ``FunctionDlqDepth``: a function's asynchronous invocation failed all its attempts.
     - ``BrokerDlqDepth``: a RabbitMQ work queue dead-lettered a message (consumer gave up, or
-      the delivery limit was reached): AmazonMQ ``MessageCount``, Maximum over 5 minutes, since
-      Amazon MQ polls the broker and pushes once a minute, late at times; a longer period keeps
-      a DLQ that holds messages in ALARM instead of flapping.
+      the delivery limit was reached): ``MessagingFabric/Broker`` ``QueueDepth`` (the broker
+      metrics function's, every minute, on every engine version: Amazon MQ has no per-queue
+      metrics for RabbitMQ 4), Maximum over 5 minutes, so that a run that comes late or fails
+      once does not flap a DLQ that holds messages to OK.
     - ``BrokerOverflowDepth``: a RabbitMQ terminal queue (a DLQ, ``fabric.unrouted``,
       ``fabric.audit``) handed a message back up to its delivery limit, and the broker
       dead-lettered it into ``fabric.overflow``, where it waits until the redrive of
       ``fabric.overflow`` moves it back (same metric and period).
 
-    Missing data counts as empty: SQS publishes no metrics for an idle empty queue.
+    Missing SQS data counts as empty: SQS publishes no metrics for an idle empty queue. Missing
+    broker data keeps the alarm's state: the broker metrics function publishes every queue
+    every minute, so silence means it failed, which its own alarms report
+    (``BrokerMetricsErrors``, ``BrokerMetricsUnmeasured``); an empty DLQ must not read as
+    healthy, nor one that holds letters as recovered, because nobody measured it.
     """
 
     def __init__(
@@ -207,13 +210,12 @@ class DeadLetterAlarms(Construct):
         ingest_dlqs: list[str],
         audit_dlqs: list[str],
         function_dlqs: list[str],
-        broker_name: str,
-        virtual_host: str,
+        env_name: str,
         broker_dlqs: list[str],
         broker_overflow_queues: list[str],
     ) -> None:
         """Queue arguments are queue names (SQS) or RabbitMQ queue names (``broker_dlqs``,
-        ``broker_overflow_queues``)."""
+        ``broker_overflow_queues``: the broker metrics function must measure them)."""
         super().__init__(scope, construct_id)
         self.topic = topic
         self.alarms: dict[str, cloudwatch.Alarm] = {}
@@ -243,8 +245,8 @@ class DeadLetterAlarms(Construct):
                 "AuditDlqDepth",
                 audit_dlqs,
                 "An audit batch sent to the SQS audit queue while RabbitMQ was down could not be "
-                "written by the audit writer 10 times and was parked in its DLQ. Check the audit "
-                "writer's logs, then see docs/runbook.md (redrive).",
+                "written by the audit writer for a day (48 receives) and was parked in its DLQ. "
+                "Check the audit writer's logs, then see docs/runbook.md (redrive).",
             ),
             (
                 "FunctionDlqDepth",
@@ -267,17 +269,17 @@ class DeadLetterAlarms(Construct):
                     for queue in queues
                 ],
                 description,
+                missing=cloudwatch.TreatMissingData.NOT_BREACHING,
             )
 
         def broker_depths(queues: list[str]) -> list[cloudwatch.Metric]:
             return [
                 cloudwatch.Metric(
-                    namespace=AMAZON_MQ_NAMESPACE,
-                    metric_name=AMAZON_MQ_DEPTH_METRIC,
+                    namespace=broker_depth.NAMESPACE,
+                    metric_name=broker_depth.QUEUE_DEPTH,
                     dimensions_map={
-                        "Broker": broker_name,
-                        "VirtualHost": virtual_host,
-                        "Queue": queue,
+                        broker_depth.ENVIRONMENT_DIMENSION: env_name,
+                        broker_depth.QUEUE_DIMENSION: queue,
                     },
                     statistic="Maximum",
                     period=Duration.minutes(5),
@@ -290,6 +292,7 @@ class DeadLetterAlarms(Construct):
             broker_depths(broker_dlqs),
             "A RabbitMQ work queue dead-lettered a message: a consumer gave up on it, or it "
             "reached the delivery limit. " + then,
+            missing=cloudwatch.TreatMissingData.IGNORE,
         )
         self._depth_alarms(
             "BrokerOverflowDepth",
@@ -299,9 +302,17 @@ class DeadLetterAlarms(Construct):
             "broker moved it to the overflow queue. Nothing is lost, but it waits for an "
             "operator: redrive fabric.overflow to move it back to the queue it came from "
             "(docs/runbook.md, docs/dead-letters.md, overflow).",
+            missing=cloudwatch.TreatMissingData.IGNORE,
         )
 
-    def _depth_alarms(self, name: str, depths: list[cloudwatch.Metric], description: str) -> None:
+    def _depth_alarms(
+        self,
+        name: str,
+        depths: list[cloudwatch.Metric],
+        description: str,
+        *,
+        missing: cloudwatch.TreatMissingData,
+    ) -> None:
         if not depths:
             return
         chunks = [
@@ -326,9 +337,34 @@ class DeadLetterAlarms(Construct):
                     cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
                 ),
                 evaluation_periods=1,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                treat_missing_data=missing,
                 alarm_description=description,
             )
             alarm.add_alarm_action(actions.SnsAction(self.topic))
             alarm.add_ok_action(actions.SnsAction(self.topic))
             self.alarms[alarm_id] = alarm
+
+
+class FunctionErrorAlarms(Construct):
+    """An ``Errors`` alarm (``FabricFunction.errors_alarm``: Sum over 5 minutes ≥ 1) on
+    ``topic`` for each of ``functions``, by name: ``<construct id><name>Errors``.
+
+    For the functions whose constructs raise no such alarm themselves (the router, the
+    topology, the drain); the others (audit writer, replay, compliance report, rotation, broker
+    metrics) have theirs next to their function.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        topic: sns.ITopic,
+        functions: dict[str, tuple[FabricFunction, str]],
+    ) -> None:
+        """``functions``: name -> (function, what its failure means and what to do)."""
+        super().__init__(scope, construct_id)
+        self.alarms = {
+            name: function.errors_alarm(Construct(self, name), topic, description=description)
+            for name, (function, description) in functions.items()
+        }

@@ -115,7 +115,7 @@ class Broker(Construct):
             else all_subnets[:1]
         )
         window = config.maintenance_window
-        # Literal, so the AmazonMQ queue metrics' Broker dimension can name it in any stack.
+        # Literal, so any stack (and an operator) can name it: `fabric-<env>`.
         self.broker_name = f"fabric-{env_name}"
         self.broker = amazonmq.CfnBroker(
             self,

@@ -189,30 +189,47 @@ def test_every_dead_letter_queue_is_watched_by_a_depth_alarm(
                 assert metric["MetricName"] == "ApproximateNumberOfMessagesVisible"
 
 
-def test_the_ten_rabbitmq_dead_letter_queues_are_watched_on_amazon_mq(
+def broker_metrics_function(template: dict[str, Any]) -> dict[str, Any]:
+    (function,) = [
+        f
+        for f in of_type(template, "AWS::Lambda::Function").values()
+        if str(f["Properties"].get("FunctionName", "")).endswith("-broker-metrics")
+    ]
+    return function
+
+
+def test_the_ten_rabbitmq_dead_letter_queues_are_watched_on_the_fabrics_own_depth_metric(
     env: Synthesized, assembly: Assembly
 ) -> None:
+    """On every engine version: Amazon MQ publishes no per-queue metrics for RabbitMQ 4, so the
+    alarms read what the broker metrics function measures, and it measures what they watch."""
     name = env.stage.stage_name
     broker = [
         metric
         for logical_id, alarm in dead_letter_alarms(env, assembly).items()
-        if logical_id.startswith("DeadLetterAlarmsBrokerDlqDepth")
+        if logical_id.startswith("DeadLetterAlarmsBroker")
         for metric in watched_metrics(alarm)
-        if metric["Namespace"] == "AWS/AmazonMQ"
     ]
-    expected = {
+    dead_letter_queues = {
         dead_letter_queue_name(group, emergency=emergency)
         for group in STAKEHOLDERS
         for emergency in (False, True)
     }
-    assert {dimension(m, "Queue") for m in broker} == expected
-    assert len(broker) == 10
+    assert {dimension(m, "Queue") for m in broker} == dead_letter_queues | {OVERFLOW_QUEUE}
+    assert len(broker) == 11
     for metric in broker:
-        assert metric["MetricName"] == "MessageCount"
-        assert dimension(metric, "Broker") == f"fabric-{name}"
-        assert dimension(metric, "VirtualHost") == "/"
-    brokers = env.resources("AWS::AmazonMQ::Broker").values()
-    assert [b["Properties"]["BrokerName"] for b in brokers] == [f"fabric-{name}"]
+        assert (metric["Namespace"], metric["MetricName"]) == (
+            "MessagingFabric/Broker",
+            "QueueDepth",
+        )
+        assert dimension(metric, "Environment") == name
+        assert len(metric["Dimensions"]) == 2
+    variables = broker_metrics_function(services(env, assembly))["Properties"]["Environment"]
+    measured = json.loads(variables["Variables"]["BROKER_DEPTH_QUEUES"])
+    assert sorted(measured) == sorted({dimension(m, "Queue") for m in broker})
+    assert not any(
+        "AWS/AmazonMQ" in json.dumps(alarm) for alarm in dead_letter_alarms(env, assembly).values()
+    )
 
 
 def test_a_dead_letter_alarm_fires_on_one_message_and_pages_and_recovers(
@@ -236,9 +253,12 @@ def test_a_dead_letter_alarm_fires_on_one_message_and_pages_and_recovers(
         "BrokerOverflowDepth",
     }
     for logical_id, alarm in found.items():
+        broker = logical_id.startswith("DeadLetterAlarmsBroker")
         assert (alarm["Threshold"], alarm["EvaluationPeriods"]) == (1, 1), logical_id
         assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
-        assert alarm["TreatMissingData"] == "notBreaching"
+        # No SQS data: an idle empty queue. No broker data: the broker metrics function did not
+        # run (its own alarms say so), and nobody knows the depth: keep the state.
+        assert alarm["TreatMissingData"] == ("ignore" if broker else "notBreaching"), logical_id
         assert alarm["AlarmActions"] == [{"Ref": topic_id}]
         assert alarm["OKActions"] == [{"Ref": topic_id}]
         assert "docs/runbook.md" in alarm["AlarmDescription"]
@@ -249,8 +269,8 @@ def test_a_dead_letter_alarm_fires_on_one_message_and_pages_and_recovers(
         periods = {q["MetricStat"]["Period"] for q in alarm["Metrics"] if "MetricStat" in q}
         stats = {q["MetricStat"]["Stat"] for q in alarm["Metrics"] if "MetricStat" in q}
         assert stats == {"Maximum"}
-        # SQS publishes every minute; Amazon MQ pushes once a minute, late at times.
-        broker = logical_id.startswith("DeadLetterAlarmsBroker")
+        # SQS publishes every minute; the broker metrics function measures once a minute, late
+        # at times.
         assert periods == ({300} if broker else {60}), logical_id
 
 
@@ -266,10 +286,9 @@ def test_the_rabbitmq_overflow_queue_pages_when_it_holds_a_message(
         if logical_id.startswith("DeadLetterAlarmsBrokerOverflowDepth")
     ]
     (metric,) = watched_metrics(alarm)
-    assert (metric["Namespace"], metric["MetricName"]) == ("AWS/AmazonMQ", "MessageCount")
+    assert (metric["Namespace"], metric["MetricName"]) == ("MessagingFabric/Broker", "QueueDepth")
     assert dimension(metric, "Queue") == OVERFLOW_QUEUE == "fabric.overflow"
-    assert dimension(metric, "Broker") == f"fabric-{name}"
-    assert dimension(metric, "VirtualHost") == "/"
+    assert dimension(metric, "Environment") == name
     assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (
         1,
         "GreaterThanOrEqualToThreshold",
@@ -318,3 +337,52 @@ def test_any_audit_record_the_router_could_not_store_pages(
     ]
     assert alarm["AlarmActions"] == [{"Ref": topic_id}]
     assert alarm["OKActions"] == [{"Ref": topic_id}]
+
+
+def test_the_router_topology_drain_and_broker_metrics_failures_page_and_recover(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    template = services(env, assembly)
+    ((topic_id, _topic),) = [
+        (k, t)
+        for k, t in of_type(template, "AWS::SNS::Topic").items()
+        if t["Properties"]["TopicName"] == f"fabric-{env.stage.stage_name}-alarms"
+    ]
+    functions = of_type(template, "AWS::Lambda::Function")
+    described = {
+        "Router": "routes messages",
+        "Topology": "applies the RabbitMQ topology",
+        "Drain": "drains the fallback queues",
+    }
+    errors = {
+        logical_id: a["Properties"]
+        for logical_id, a in of_type(template, "AWS::CloudWatch::Alarm").items()
+        if a["Properties"].get("MetricName") == "Errors"
+    }
+    for name, description in {
+        **{f"FunctionErrors{k}": v for k, v in described.items()},
+        "BrokerMetrics": "dead-letter queues",
+    }.items():
+        (alarm,) = [a for logical_id, a in errors.items() if logical_id.startswith(name + "Errors")]
+        assert (alarm["Namespace"], alarm["Statistic"], alarm["Period"]) == (
+            "AWS/Lambda",
+            "Sum",
+            300,
+        )
+        assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (
+            1,
+            "GreaterThanOrEqualToThreshold",
+        )
+        ((function_ref,),) = [[d["Value"] for d in alarm["Dimensions"]]]
+        function = functions[function_ref["Ref"]]
+        assert description in function["Properties"]["Description"], name
+        assert alarm["AlarmActions"] == [{"Ref": topic_id}]
+        assert alarm["OKActions"] == [{"Ref": topic_id}]
+        assert "docs/runbook.md" in alarm["AlarmDescription"]
+    # Every fabric function has its Errors alarm (the others' constructs raise theirs).
+    alarmed = {a["Dimensions"][0]["Value"]["Ref"] for a in errors.values()}
+    assert set(fabric_functions(template)) - alarmed == {
+        logical_id
+        for logical_id, f in fabric_functions(template).items()
+        if "redrives dead letters" in f["Properties"]["Description"]
+    }

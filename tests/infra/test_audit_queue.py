@@ -119,8 +119,9 @@ def test_no_other_function_is_given_the_audit_queue(env: Synthesized, assembly: 
         for f in fabric_functions(template).values()
         if not any(what in f["Properties"]["Description"] for what in (*SENDERS.values(), CONSUMER))
     ]
-    # the topology custom resource's function, the compliance report, the password rotation
-    assert len(others) == 3
+    # the topology custom resource's function, the compliance report, the password rotation,
+    # the broker metrics
+    assert len(others) == 4
     for function in others:
         assert "AUDIT_QUEUE_URL" not in function["Properties"]["Environment"]["Variables"]
         # The queue (or its DLQ) as the end of an ARN or URL; the writer's name

@@ -6,7 +6,10 @@ import copy
 import json
 
 import pytest
+from aws_cdk import App
+from aws_cdk.assertions import Template
 
+from app import build_app
 from stacks.config import ConfigError, load_app_config, read_cdk_context
 from tests.conftest import ROOT
 from tests.infra.conftest import Assembly, Synthesized
@@ -131,6 +134,7 @@ BROKER_PORTS_BY_FUNCTION = {
     "replays archived messages of a period": {5671},
     "applies the RabbitMQ topology": {443},
     "rotates the RabbitMQ users' passwords": {443},
+    "publishes the depth of the broker's dead-letter queues": {443},
     "writes audit batches to the Object Lock bucket": set(),
     "reports a period of the audit trail for compliance": set(),
 }
@@ -176,11 +180,49 @@ def _prod_broker(**broker: str) -> None:
     load_app_config(context)
 
 
-def test_rabbitmq_4_is_refused_because_its_queues_would_go_unalarmed() -> None:
-    """Amazon MQ publishes no per-queue metrics for RabbitMQ 4 brokers, which the broker
-    dead-letter alarms read: a synth on 4.x would deploy alarms that can never fire."""
-    with pytest.raises(ConfigError, match=r"prod\.broker\.engine_version: .*no per-queue metrics"):
-        _prod_broker(engine_version="4.2", instance_type="mq.m7g.large")
+@pytest.mark.parametrize("engine_version", ["3.13", "4.2"])
+def test_both_rabbitmq_versions_amazon_mq_offers_synthesize_with_the_same_alarms(
+    engine_version: str,
+) -> None:
+    """The broker dead-letter alarms read the fabric's own depth metrics on every version, so a
+    4.2 broker (no per-queue metrics from Amazon MQ) is watched exactly as a 3.13 one."""
+    context = copy.deepcopy(read_cdk_context(ROOT))
+    context["env"] = "prod"
+    context["environments"]["prod"]["broker"].update(
+        engine_version=engine_version, instance_type="mq.m7g.large"
+    )
+    app = App(context=context)
+    (stage,) = build_app(app)
+    broker = Template.from_stack(stage.stateful).find_resources("AWS::AmazonMQ::Broker")
+    ((_, resource),) = broker.items()
+    assert resource["Properties"]["EngineVersion"] == engine_version
+    assert resource["Properties"]["HostInstanceType"] == "mq.m7g.large"
+    alarms = Template.from_stack(stage.services).find_resources("AWS::CloudWatch::Alarm")
+    watched = json.dumps([a for k, a in alarms.items() if k.startswith("DeadLetterAlarmsBroker")])
+    assert watched.count('"MetricName": "QueueDepth"') == 11
+    assert "AWS/AmazonMQ" not in watched
+
+
+@pytest.mark.parametrize("instance_type", ["mq.m5.large", "mq.m5.4xlarge", "mq.t3.micro"])
+def test_rabbitmq_4_is_refused_on_anything_but_m7g(instance_type: str) -> None:
+    deployment = "SINGLE_INSTANCE" if "t3" in instance_type else "CLUSTER_MULTI_AZ"
+    with pytest.raises(
+        ConfigError, match=rf"prod\.broker: .*mq\.m7g\.\* only, not on {instance_type}"
+    ):
+        _prod_broker(engine_version="4.2", instance_type=instance_type, deployment_mode=deployment)
+
+
+@pytest.mark.parametrize("engine_version", ["4.0", "4.1", "4.3", "3.14", "5.0"])
+def test_a_rabbitmq_version_amazon_mq_does_not_offer_is_refused(engine_version: str) -> None:
+    with pytest.raises(
+        ConfigError, match=rf"engine_version: .*on RabbitMQ 3\.13 or 4\.2, not {engine_version}"
+    ):
+        _prod_broker(engine_version=engine_version, instance_type="mq.m7g.large")
+
+
+def test_a_patch_of_rabbitmq_4_is_refused_with_the_version_to_use() -> None:
+    with pytest.raises(ConfigError, match=r"engine_version: .*use 4\.2, not 4\.2\.1"):
+        _prod_broker(engine_version="4.2.1", instance_type="mq.m7g.large")
 
 
 def test_a_patch_engine_version_is_refused_with_the_version_to_use() -> None:

@@ -50,8 +50,9 @@ def test_every_fabric_function_gets_the_platform_defaults(
 ) -> None:
     template = services(env, assembly)
     functions = fabric_functions(template)
-    # router, topology, drain, redrive, audit writer, replay, compliance report, rotation
-    assert len(functions) == 8
+    # router, topology, drain, redrive, audit writer, replay, compliance report, rotation,
+    # broker metrics
+    assert len(functions) == 9
     for logical_id, function in functions.items():
         props = function["Properties"]
         assert props["Runtime"] == "python3.14", logical_id

@@ -351,7 +351,8 @@ def test_the_secrets_key_decrypts_only_the_secrets_a_function_may_read(
                 logical_id,
                 statement,
             )
-    assert readers == 7  # router, drain, redrive, replay, audit writer, topology, rotation
+    # router, drain, redrive, replay, audit writer, topology, rotation, broker metrics
+    assert readers == 8
 
 
 def _written(granted: list[dict[str, Any]]) -> set[str]:

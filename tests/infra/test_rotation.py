@@ -57,7 +57,7 @@ def test_every_broker_users_secret_rotates_every_30_days_and_the_admins_does_not
 
     users = sorted(k for k, description in secrets.items() if "RabbitMQ user " in description)
     assert rotated == users
-    assert len(users) == 6  # fabric-platform and one per stakeholder group
+    assert len(users) == 7  # fabric-platform, one per stakeholder group, fabric-monitor
     assert not [k for k in rotated if "administrator" in secrets[k]]
     for schedule in schedules:
         properties = schedule["Properties"]

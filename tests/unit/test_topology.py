@@ -246,7 +246,11 @@ def test_a_group_user_reads_only_its_own_queues_and_writes_only_its_retries_and_
 
 def test_users_carry_no_credentials_and_the_platform_user_is_separate() -> None:
     names = [u["name"] for u in DEFINITIONS["users"]]
-    assert names == [topology.PLATFORM_USER, *(topology.user_name(g) for g in STAKEHOLDERS)]
+    assert names == [
+        topology.PLATFORM_USER,
+        *(topology.user_name(g) for g in STAKEHOLDERS),
+        topology.MONITOR_USER,
+    ]
     assert all(set(user) == {"name", "tags"} for user in DEFINITIONS["users"])
     assert re.search(PERMISSIONS[topology.PLATFORM_USER]["write"], topology.INGRESS_EXCHANGE)
 

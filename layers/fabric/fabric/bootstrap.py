@@ -458,3 +458,51 @@ def compliance_reporter_from_environment(
     return build_compliance_reporter(
         ComplianceReportSettings.from_env(os.environ if environ is None else environ)
     )
+
+
+# -- broker metrics ----------------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from fabric.broker_depth import BrokerDepthMonitor, DepthMetrics
+    from fabric.settings import BrokerMetricsSettings
+
+
+def build_broker_metrics(
+    settings: BrokerMetricsSettings,
+    *,
+    client_factory: Callable[[str], Any] | None = None,
+    metrics: DepthMetrics | None = None,
+) -> BrokerDepthMonitor:
+    """Wire the broker depth measurement from settings. Nothing touches the network until it
+    runs: then one management API call as the monitor user, whose secret is read on first use.
+
+    ``metrics`` defaults to EMF lines on stdout.
+    """
+    from fabric.adapters.broker_metrics import EmfDepthMetrics, SecretQueueLister
+    from fabric.broker_depth import BrokerDepthMonitor
+
+    make_client = client_factory or _boto3_client
+    credentials = SecretCredentials(
+        settings.monitor_secret_arn, lambda: make_client("secretsmanager")
+    )
+    return BrokerDepthMonitor(
+        api=SecretQueueLister(settings.management_url, credentials, credentials.forget),
+        metrics=metrics or EmfDepthMetrics(environment=settings.environment),
+        vhost=settings.vhost,
+        queues=settings.queues,
+    )
+
+
+def broker_metrics_from_environment(
+    environ: Mapping[str, str] | None = None,
+) -> BrokerDepthMonitor:
+    """The broker depth measurement of this process, from its environment variables.
+
+    Raises:
+        ConfigError: a variable is missing or malformed (the message names it).
+    """
+    from fabric.settings import BrokerMetricsSettings
+
+    return build_broker_metrics(
+        BrokerMetricsSettings.from_env(os.environ if environ is None else environ)
+    )

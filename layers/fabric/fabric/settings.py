@@ -393,3 +393,46 @@ def _retired_keys(environ: Mapping[str, str]) -> tuple[str, ...]:
             "environment variable RETIRED_SIGNING_KEY_ARNS names a key twice, or the current one"
         )
     return retired
+
+
+# -- broker metrics ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerMetricsSettings:
+    """What the broker metrics function needs (set by the stack).
+
+    ``FABRIC_ENV``; ``MANAGEMENT_URL``: the broker's management API (console URL);
+    ``MONITOR_SECRET_ARN``: the secret of the broker user it reads queue depths as
+    (``fabric-monitor``); ``RABBITMQ_VHOST`` (default ``/``); ``BROKER_DEPTH_QUEUES``: JSON list
+    of the queues to measure, the ones the dead-letter alarms watch.
+    """
+
+    environment: str
+    management_url: str
+    monitor_secret_arn: str
+    vhost: str
+    queues: tuple[str, ...]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> BrokerMetricsSettings:
+        """Read and check the variables.
+
+        Raises:
+            ConfigError: a variable is missing or malformed; the message names it.
+        """
+        try:
+            queues = json.loads(_required(environ, "BROKER_DEPTH_QUEUES"))
+            if not isinstance(queues, list) or not all(isinstance(q, str) and q for q in queues):
+                raise TypeError
+        except (ValueError, TypeError):
+            raise ConfigError("BROKER_DEPTH_QUEUES must be a JSON list of queue names") from None
+        if not queues or len(set(queues)) != len(queues):
+            raise ConfigError("BROKER_DEPTH_QUEUES must name at least one queue, each once")
+        return cls(
+            environment=_required(environ, "FABRIC_ENV"),
+            management_url=_required(environ, "MANAGEMENT_URL"),
+            monitor_secret_arn=_required(environ, "MONITOR_SECRET_ARN"),
+            vhost=environ.get("RABBITMQ_VHOST", "/") or "/",
+            queues=tuple(queues),
+        )

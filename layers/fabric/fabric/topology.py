@@ -24,6 +24,14 @@ UNROUTED_QUEUE = "fabric.unrouted"
 AUDIT_QUEUE = "fabric.audit"
 OVERFLOW_QUEUE = "fabric.overflow"
 PLATFORM_USER = "fabric-platform"
+# Reads queue depths for the dead-letter alarms (fabric.broker_depth), nothing else: tag
+# `management` (the management API, own vhosts only; `monitoring` would add every vhost's
+# connections and channels and the node's details) and permissions that match no name. RabbitMQ
+# lists a vhost's queues only to a user with some permission on it (checked on 3.10: 401
+# without one), and `^$` lets it configure, write and read nothing.
+MONITOR_USER = "fabric-monitor"
+MONITOR_TAGS = ("management",)
+NO_RESOURCE = "^$"
 
 # Audience gate: every group queue sits behind a headers exchange that admits a message carrying
 # `fabric-audience: all` (no audience given: the bindings alone decide) or `fabric-to-<group>:
@@ -268,9 +276,10 @@ def definitions(
 ) -> dict[str, Any]:
     """The complete topology as a RabbitMQ definitions document for one vhost.
 
-    Contains exchanges, quorum queues (with explicit arguments), bindings, users (no password
-    fields: the applier adds credentials from its secret store) and permissions. Deterministic:
-    the same table always yields the same document. Uses nothing newer than RabbitMQ 3.10.
+    Contains exchanges, quorum queues (with explicit arguments), bindings, users (the platform
+    user, one per group, and the monitor; no password fields: the applier adds credentials from
+    its secret store) and permissions. Deterministic: the same table always yields the same
+    document. Uses nothing newer than RabbitMQ 3.10.
     ``terminal_delivery_limit`` is the delivery limit of the terminal queues (drills lower it
     to reach it quickly; deployments keep the default); the overflow queue's stays
     ``OVERFLOW_DELIVERY_LIMIT``.
@@ -340,6 +349,16 @@ def definitions(
                 "read": f"^(?:{own_queues})$",
             }
         )
+    users.append({"name": MONITOR_USER, "tags": list(MONITOR_TAGS)})
+    permissions.append(
+        {
+            "user": MONITOR_USER,
+            "vhost": vhost,
+            "configure": NO_RESOURCE,
+            "write": NO_RESOURCE,
+            "read": NO_RESOURCE,
+        }
+    )
     bindings.extend(_route_bindings(table, vhost, exchanges))
     return {
         "vhosts": [{"name": vhost}],

@@ -797,8 +797,8 @@ def _may_read(regex: str | None, queue: str) -> bool:
 
 
 def _fabric_user(name: str) -> bool:
-    """A broker user the topology itself names (``fabric-<group>``, ``fabric-platform``), not
-    the administrator the applier logs in as."""
+    """A broker user the topology itself names (``fabric-<group>``, ``fabric-platform``,
+    ``fabric-monitor``), not the administrator the applier logs in as."""
     return name.startswith(FABRIC_USER_PREFIX) and name != ADMIN_USER
 
 
