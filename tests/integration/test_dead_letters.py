@@ -433,10 +433,10 @@ def test_a_handler_that_finished_is_settled_done_when_its_record_cannot_be_saved
 ) -> None:
     # Before, the failed save was Systemic: the consumer held the message and tried it again,
     # met the record still "in progress", sent it to a retry tier, and ran the handler a second
-    # time once that record expired (processing_timeout_s): the side effect done twice.
+    # time once that record expired (emergency_timeout_s here): the side effect done twice.
     side_effects: list[str] = []
     client = _SuccessNotSaved(boto3.client("dynamodb", region_name=REGION))
-    idempotency = Idempotency(table, consumer="drill", client=client, processing_timeout_s=1)
+    idempotency = Idempotency(table, consumer="drill", client=client, emergency_timeout_s=1)
     publish(amqp, EMERGENCY_WORK, "saved-late")
 
     counts = RabbitMqConsumer(

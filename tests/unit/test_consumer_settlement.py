@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
 from fabric import topology
-from fabric.adapters.rabbitmq_consumer import _Pending
+from fabric.adapters.rabbitmq_consumer import _Arrivals, _Pending
 from fabric.consumer import Decision, Delivery, Verdict
 from fabric.stakeholders import Stakeholder
 
@@ -70,3 +73,24 @@ def test_a_message_held_through_an_outage_is_handed_back_without_counting_a_deli
     pending = _Pending(channel, settler, Counter(), lambda: None, limit=10)
     pending.add(7, delivery("c"), Decision(Verdict.SYSTEMIC))
     assert channel.calls == [("nack", 7, True)]
+
+
+def test_a_delivery_counts_as_waiting_since_the_settlement_that_made_room_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The consumer_timeout guard's bound: with a prefetch of 2, the consumer's third delivery
+    # can only have come once its first was settled, and its fourth once its second was. It
+    # errs long (the start, or when a settlement started), never short: a short bound let
+    # deliveries wait out the broker's consumer_timeout.
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    arrivals = _Arrivals(2)
+    now[0] = 101.0
+    # A consumer started after a hand-back: the channel's tags go on from where they were.
+    assert (arrivals.waited(5), arrivals.waited(6)) == (1.0, 1.0)
+    now[0] = 102.0
+    arrivals.settled(1)
+    now[0] = 103.0
+    arrivals.settled(1)
+    now[0] = 110.0
+    assert (arrivals.waited(7), arrivals.waited(8)) == (8.0, 7.0)

@@ -125,21 +125,37 @@ class Decision:
 
 
 class _Deadline:
-    """What Powertools asks a Lambda context for: how long an in-progress record may stand."""
+    """What Powertools asks a Lambda context for: how long an in-progress record may stand.
 
-    def __init__(self, seconds: float) -> None:
+    ``seconds``, or less when the Lambda invocation ``context`` ends sooner: a record must never
+    outlive the invocation that holds it."""
+
+    def __init__(self, seconds: float, context: Any = None) -> None:
+        remaining = getattr(context, "get_remaining_time_in_millis", None)
+        if callable(remaining):
+            seconds = min(seconds, remaining() / 1000)
         self._until = time.monotonic() + seconds
 
     def get_remaining_time_in_millis(self) -> int:
         return max(0, int((self._until - time.monotonic()) * 1000))
 
 
+# The longest an emergency handler may run, and so how long a record in progress blocks the
+# other copies of an emergency after its consumer crashed (docs/dead-letters.md, Idempotency).
+EMERGENCY_PROCESSING_TIMEOUT_S = 5.0
+
+
 class Idempotency:
     """Runs a handler at most once to completion per (consumer, message id), on DynamoDB.
 
     Built on Powertools idempotency (the table: partition key ``id``, TTL ``expiration``). A
-    record in progress blocks other copies for ``processing_timeout_s`` (or the Lambda's remaining
-    time); a handler that raises leaves no record, so its retry runs again.
+    record in progress blocks other copies of the message for as long as its handler may run: an
+    emergency's (from a ``fabric.<group>.emergency`` work queue) ``emergency_timeout_s``, inside
+    Lambda too (capped by the invocation's remaining time); any other message's
+    ``processing_timeout_s`` outside Lambda, or the invocation's remaining time inside. That is
+    also how long a consumer that crashed mid-handler blocks the message. A handler that runs
+    past its window is logged: a copy delivered after the window may run too. A handler that
+    raises leaves no record, so its retry runs again.
     """
 
     def __init__(
@@ -150,6 +166,7 @@ class Idempotency:
         client: Any = None,
         expires_after_s: int = 14 * 24 * 3600,
         processing_timeout_s: float = 60.0,
+        emergency_timeout_s: float = EMERGENCY_PROCESSING_TIMEOUT_S,
     ) -> None:
         from aws_lambda_powertools.utilities.idempotency import (
             DynamoDBPersistenceLayer,
@@ -163,6 +180,7 @@ class Idempotency:
             expires_after_seconds=expires_after_s,
         )
         self._timeout = processing_timeout_s
+        self._emergency_timeout = emergency_timeout_s
         store = DynamoDBPersistenceLayer(table_name=table_name, boto3_client=client)
 
         @idempotent_function(  # type: ignore[untyped-decorator]
@@ -189,13 +207,30 @@ class Idempotency:
             IdempotencyPersistenceLayerError,
         )
 
-        # Outside Lambda, a deadline object stands in for the context Powertools asks for.
-        self._config.register_lambda_context(context or _Deadline(self._timeout))  # type: ignore[arg-type]
+        deadline: Any
+        if is_emergency(delivery.queue):
+            # An emergency's handler must be done within seconds: a Lambda's remaining time (up
+            # to its timeout, minutes) blocked the alert that long after a crash.
+            deadline = _Deadline(self._emergency_timeout, context)
+        else:  # outside Lambda, a deadline object stands in for the context
+            deadline = context or _Deadline(self._timeout)
+        self._config.register_lambda_context(deadline)
+        window_s = deadline.get_remaining_time_in_millis() / 1000
         finished: list[bool] = []
 
         def watched(item: Delivery) -> None:
+            started = time.monotonic()
             handler(item)
             finished.append(True)
+            took = time.monotonic() - started
+            if took > window_s:
+                _LOG.warning(
+                    "the handler of %s ran %.1f s, past its in-progress window of %.1f s: a copy "
+                    "delivered after the window may have been processed too",
+                    item.message_id,
+                    took,
+                    window_s,
+                )
 
         try:
             self._once(key={"message_id": delivery.message_id}, handler=watched, delivery=delivery)
@@ -274,6 +309,14 @@ def group_of(work_queue: str) -> tuple[Stakeholder, bool]:
             if topology.queue_name(group, emergency=emergency) == work_queue:
                 return group, emergency
     raise ValueError(f"{work_queue!r} is not a work queue of the fabric")
+
+
+def is_emergency(queue: str) -> bool:
+    """Whether ``queue`` is an emergency work queue (``fabric.<group>.emergency``)."""
+    try:
+        return group_of(queue)[1]
+    except ValueError:  # an SQS queue, or a queue of the consumer's own
+        return False
 
 
 def header_text(value: object) -> str | None:

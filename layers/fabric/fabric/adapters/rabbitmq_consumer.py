@@ -13,6 +13,13 @@ of handing the message back: it keeps the message, takes nothing new, and tries 
 waits that double from ``backoff_s`` to ``max_backoff_s``, with the connection kept alive
 meanwhile. Handing it back would raise its delivery count each time, and the queue's delivery
 limit would dead-letter healthy messages (emergencies among them) within seconds of an outage.
+
+The broker's ``consumer_timeout`` (30 minutes by default, on Amazon MQ too) closes the channel
+when a delivery stays unacknowledged longer, and a delivery waiting in the prefetch window behind
+slow handlers counts. Before a handler starts, the consumer works out how long its delivery may
+have waited (from the prefetch credit, ``_Arrivals``); from half the timeout on, it hands that
+delivery and every one prefetched behind it back with one ``basic.nack`` and halves its prefetch
+(``consumer_timeout_s``; docs/dead-letters.md).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -48,6 +55,8 @@ from fabric.ports import MessageKind, Metrics, OutboundMessage, Transport
 from fabric.stakeholders import Stakeholder
 
 _LOG = logging.getLogger(__name__)
+# RabbitMQ's consumer_timeout default (and Amazon MQ's): 30 minutes.
+DEFAULT_CONSUMER_TIMEOUT_S = 1800.0
 
 
 def retry_transport(settings: RabbitSettings, group: Stakeholder) -> Transport:
@@ -92,7 +101,17 @@ class RabbitMqConsumer:
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
+        consumer_timeout_s: float = DEFAULT_CONSUMER_TIMEOUT_S,
     ) -> None:
+        """``consumer_timeout_s`` is the broker's ``consumer_timeout`` (or the queue's
+        ``x-consumer-timeout``, RabbitMQ 3.12 and later), in seconds: a delivery that may have
+        waited half of it is handed back before its handler starts.
+
+        Raises:
+            ValueError: ``prefetch`` or ``consumer_timeout_s`` is not positive.
+        """
+        if prefetch < 1 or consumer_timeout_s <= 0:
+            raise ValueError("prefetch and consumer_timeout_s must be positive")
         self._settings = settings
         self._queue = queue
         self._processor = processor
@@ -103,6 +122,7 @@ class RabbitMqConsumer:
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._sleep = sleep
+        self._consumer_timeout_s = consumer_timeout_s
 
     def run(
         self,
@@ -124,12 +144,11 @@ class RabbitMqConsumer:
         keeper = _HeartbeatKeeper(connection, every_s=self._settings.heartbeat / 4)
         try:
             channel = connection.channel()
-            channel.basic_qos(prefetch_count=self._prefetch)
             pending = _Pending(channel, self._settler, counts, self._backoff, limit=self._prefetch)
             idle_since = time.monotonic()
-            for method, properties, body in channel.consume(
-                self._queue, auto_ack=False, inactivity_timeout=0.1
-            ):
+            messages = self._consume(channel, self._prefetch)
+            while (item := next(messages, None)) is not None:
+                method, properties, body = item
                 if stop is not None and stop.is_set():
                     break
                 if method is None:
@@ -141,6 +160,13 @@ class RabbitMqConsumer:
                         break
                     continue
                 idle_since = time.monotonic()
+                # The broker's consumer_timeout counts the wait in the prefetch window too.
+                waited = pending.arrivals.waited(method.delivery_tag)
+                if waited >= self._consumer_timeout_s / 2:
+                    messages = self._hand_back(
+                        channel, messages, method.delivery_tag, pending, waited
+                    )
+                    continue
                 delivery = rabbitmq_delivery(
                     self._queue,
                     message_id=properties.message_id,
@@ -185,6 +211,44 @@ class RabbitMqConsumer:
                 if connection.is_open:
                     connection.close()
         return counts
+
+    def _consume(self, channel: Any, prefetch: int) -> Iterator[Any]:
+        """The deliveries of a new consumer of the queue with ``prefetch`` (RabbitMQ applies a
+        prefetch to the consumers that start after it)."""
+        channel.basic_qos(prefetch_count=prefetch)
+        return channel.consume(self._queue, auto_ack=False, inactivity_timeout=0.1)  # type: ignore[no-any-return]
+
+    def _hand_back(
+        self, channel: Any, messages: Iterator[Any], tag: int, pending: _Pending, waited: float
+    ) -> Iterator[Any]:
+        """Hands delivery ``tag`` and every one prefetched behind it back to the queue, and
+        consumes again with half the prefetch (RabbitMQ applies a prefetch to consumers that
+        start after it): the window held more than the handlers get through in half the
+        consumer timeout. Returns the new consumer's deliveries.
+
+        One ``basic.nack`` (multiple, requeue) covers them: RabbitMQ 4.3 and later do not count
+        a nack against the delivery limit; 3.10 to 4.2 count it, as they count the channel
+        closure the timeout would bring, which would also lose the acknowledgement of the
+        handler under way and stop the run."""
+        pending.flush()  # what was decided is settled first: the nack covers every lower tag
+        last, returned = tag, 1
+        for _ in range(channel.get_waiting_message_count()):
+            last = next(messages)[0].delivery_tag
+            returned += 1
+        channel.basic_nack(last, multiple=True, requeue=True)
+        channel.cancel()  # rejects, with requeue, what arrived since: none but in a race
+        pending.limit = max(1, pending.limit // 2)
+        pending.arrivals = _Arrivals(pending.limit)
+        _LOG.warning(
+            "%s: a delivery may have waited %.0f s of the consumer timeout (%.0f s) in the "
+            "prefetch window; %d handed back to the queue, prefetch now %d",
+            self._queue,
+            waited,
+            self._consumer_timeout_s,
+            returned,
+            pending.limit,
+        )
+        return self._consume(channel, pending.limit)
 
     def _backoff(self) -> None:
         # After something was not settled, so that a consumer whose dependency is down does
@@ -238,12 +302,45 @@ class _HeartbeatKeeper:
                 self._lock.release()
 
 
+class _Arrivals:
+    """The longest each delivery of a consumer may have waited, from its prefetch credit.
+
+    The broker sends the consumer's ``n``-th delivery only while fewer than ``prefetch`` of its
+    deliveries are unsettled, that is once ``n - prefetch`` were settled: the delivery can have
+    arrived no earlier than that settlement, or than the consumer's start. Settlements are
+    noted when they start, before the broker has them: the bound errs long, never short."""
+
+    def __init__(self, prefetch: int) -> None:
+        self._prefetch = prefetch
+        self._first_tag: int | None = None  # the channel numbers deliveries, not the consumer
+        self._settled = 0
+        # (deliveries settled so far, when): both only grow.
+        self._times: deque[tuple[int, float]] = deque([(0, time.monotonic())])
+
+    def settled(self, count: int) -> None:
+        """``count`` more deliveries were acknowledged, rejected or nacked."""
+        self._settled += count
+        self._times.append((self._settled, time.monotonic()))
+
+    def waited(self, tag: int) -> float:
+        """How long delivery ``tag`` may have waited; called in the order of the tags."""
+        if self._first_tag is None:
+            self._first_tag = tag
+        needed = tag - self._first_tag + 1 - self._prefetch
+        # The first settlement to reach ``needed``; the ones before it serve no later tag.
+        while len(self._times) > 1 and self._times[0][0] < needed:
+            self._times.popleft()
+        return time.monotonic() - self._times[0][1]
+
+
 class _Pending:
     """Decided deliveries not yet settled: settled together (one confirm window for the
     retries and parks, one audit batch), then acknowledged; at most ``limit`` of them (the
     prefetch) or ``max_age_s`` old. A delivery that is not settled is rejected back to the
     queue (its delivery count rises, on every RabbitMQ version); a systemic verdict is nacked
-    back (RabbitMQ 4.3 and later do not count that against the delivery limit)."""
+    back (RabbitMQ 4.3 and later do not count that against the delivery limit). ``arrivals``
+    follows its settlements; it and ``limit`` are renewed when the consumer hands deliveries
+    back with a smaller prefetch."""
 
     def __init__(
         self,
@@ -259,7 +356,8 @@ class _Pending:
         self._settler = settler
         self._counts = counts
         self._backoff = backoff
-        self._limit = limit
+        self.limit = limit
+        self.arrivals = _Arrivals(limit)
         self._max_age_s = max_age_s
         self._items: list[tuple[int, Delivery, Decision]] = []
         self._since = 0.0
@@ -273,13 +371,14 @@ class _Pending:
         if decision.verdict is Verdict.SYSTEMIC:
             self.flush()
             self._channel.basic_nack(tag, requeue=True)
+            self.arrivals.settled(1)
             self._counts[str(Verdict.SYSTEMIC)] += 1
             self._backoff()
             return
         if not self._items:
             self._since = time.monotonic()
         self._items.append((tag, delivery, decision))
-        if len(self._items) >= self._limit or time.monotonic() - self._since > self._max_age_s:
+        if len(self._items) >= self.limit or time.monotonic() - self._since > self._max_age_s:
             self.flush()
 
     def flush(self) -> None:
@@ -287,6 +386,7 @@ class _Pending:
             return
         items, self._items = self._items, []
         stored = self._settler.settle([(delivery, decision) for _, delivery, decision in items])
+        self.arrivals.settled(len(items))  # acknowledged or rejected below
         if all(stored):
             # ``items`` are all the deliveries this channel has handed out and not settled
             # (a systemic one waits before it joins; those still prefetched have higher tags),
