@@ -35,9 +35,11 @@ classification) ``refused``; none of them is published.
 
 A run is bounded (``max_messages``, ``max_seconds``) and paced (``rate_per_s``); it returns a
 cursor, the ``(at, message_id)`` of the last message it finished, from which the next run goes
-on without repeating one. Only the broker is used: a replay is recovery, not live traffic, so
-while RabbitMQ cannot take messages the run stops and is resumed from its cursor later, instead
-of filling the fallback path that live traffic needs during an outage.
+on without repeating one. Its memory follows ``max_messages``, not the period: of the messages
+behind the first ones it takes it holds only their ids (``_Selection``). Only the broker is
+used: a replay is recovery, not live traffic, so while RabbitMQ cannot take messages the run
+stops and is resumed from its cursor later, instead of filling the fallback path that live
+traffic needs during an outage.
 
 Consumers are idempotent on ``message_id`` (``fabric.consumer.Idempotency`` keeps a record for
 14 days): a consumer that already processed a message drops its replay unless that record has
@@ -47,6 +49,7 @@ is a replay.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import re
@@ -59,12 +62,15 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
-from fabric.audit_chain import Keyring, decode_object, verify_trail
+from fabric.audit_chain import Keyring, Problem, decode_object, verify_trail
 from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX, decode_archive
+from fabric.compliance import IdSet
 from fabric.compliance_run import (
     LATE_ARRIVAL,
+    Interval,
     Period,
     StoredObject,
+    Window,
     abandoned_digests,
     abandoned_problem,
     intervals,
@@ -443,15 +449,13 @@ class Replayer:
         pace = Pace(
             rate_per_s=rate, max_seconds=request.max_seconds, clock=self._clock, sleep=self._sleep
         )
-        candidates = self._select(request, report)
-        if candidates is None:
+        selection = self._select(request, report)
+        if selection is None:
             report.stopped = "trail not verified"
             return
-        report.selected = len(candidates)
-        if request.after is not None:
-            after = request.after
-            candidates = [c for c in candidates if c.position > after]
-        report.pending = report.remaining = len(candidates)
+        report.selected = selection.selected
+        report.pending = report.remaining = selection.pending
+        candidates = selection.taken()
         bodies = _Bodies(self._archive, self._writers, _search_days(request), report)
         batch_size = pace.batch_size(_BATCH)
         index = 0
@@ -467,91 +471,114 @@ class Replayer:
             batch = candidates[index : index + size]
             done, go_on = self._replay(batch, request, bodies, report)
             index += done
-            report.remaining = len(candidates) - index
+            report.remaining = report.pending - index
             if done:
                 report.cursor = batch[done - 1].position
             if not go_on:
                 return  # report.stopped says why
             if progress is not None:
                 progress(report)
-        report.stopped = "done"
+        # The selection holds the run's messages, not every pending one: what is left behind
+        # the last of them is the next run's.
+        report.stopped = "done" if report.remaining == 0 else "message limit"
 
     # -- selection ------------------------------------------------------------------------------
 
-    def _select(self, request: ReplayRequest, report: ReplayReport) -> list[_Candidate] | None:
-        """The first accepted record of every matching message of the period, in replay order;
-        None when a writer's trail is not authentic (``report.trail_problems`` says where).
+    def _select(self, request: ReplayRequest, report: ReplayReport) -> _Selection | None:
+        """The messages of the period this run takes (``_Selection``); None when a writer's
+        trail is not authentic (``report.trail_problems`` says where).
 
         Every run reads and verifies the whole period (also behind a cursor): which acceptance
-        of a message is its first can only be told from all of them. It goes checkpoint by
-        checkpoint, so only one interval's objects are held in memory at a time.
+        of a message is its first can only be told from all of them. When the selection comes
+        out short (messages it kept turned out to be accepted before the cursor too, after it
+        had set others aside for them), the period is read once more, knowing which messages
+        are done, so that the run still takes ``max_messages`` of them.
 
         Raises:
             TransportUnavailable: the bucket cannot be read.
         """
-        first: dict[str, _Candidate] = {}
+        selection = _Selection(request)
+        if not self._read(request, report, selection):
+            return None
+        if selection.short:
+            _LOG.info("replay %s reads the period again to fill its selection", request.replay_id)
+            report.trail_incomplete.clear()
+            report.unsealed_objects = 0
+            selection = _Selection(request, done=selection.done)
+            if not self._read(request, report, selection):
+                return None
+        return selection
+
+    def _read(self, request: ReplayRequest, report: ReplayReport, selection: _Selection) -> bool:
+        """Read and verify every writer's window of the period, feeding the acceptances of its
+        verified objects to ``selection``; False when a writer's trail is not authentic.
+
+        It goes checkpoint by checkpoint, so only one interval's objects are held in memory at
+        a time. Every writer's objects after its last checkpoint (the unsealed ones) are read
+        first, then the sealed ones writer by writer in chain order: ``_Selection`` relies on
+        that order, and the problems and gaps are reported in chain order all the same.
+
+        Raises:
+            TransportUnavailable: the bucket cannot be read.
+        """
         period = Period(request.start, request.end)
         late = LATE_ARRIVAL + timedelta(days=request.late_days)
         trail = _Trail(self._archive)
-        for writer in self._writers:
-            window = plan_window(trail, writer, period, late=late)
+        windows = [plan_window(trail, writer, period, late=late) for writer in self._writers]
+        pieces = [[] if window.problem else list(intervals(window)) for window in windows]
+        tails: dict[int, Problem | None] = {}  # per window: its objects after the last checkpoint
+        for index, (window, parts) in enumerate(zip(windows, pieces, strict=True)):
             report.unsealed_objects += len(window.unsealed_keys)
-            problem = window.problem
-            digests = abandoned_digests(window)
+            for interval in parts:
+                if not interval.checkpoints:  # the last one, if any
+                    tails[index] = self._verify(trail, window, interval, selection)
+        for index, (window, parts) in enumerate(zip(windows, pieces, strict=True)):
+            writer, problem = window.writer, window.problem
             # Checkpoint by checkpoint, as the compliance report reads a window: an attempt is
             # abandoned only if no checkpoint of the window names its key as the chain's, and
             # its hash is checked against every hash the window names for it.
-            for interval in [] if problem else intervals(window):
-                stored = read_objects(trail, [*interval.named, *interval.abandoned])
-                objects = {key: stored[key].data for key in interval.named if key in stored}
-                problem = verify_trail(
-                    objects=objects,
-                    checkpoints=interval.checkpoints,
-                    keys=self._keys,
-                    writer=writer,
-                    anchor=interval.anchor,
-                ).problem
-                if problem is None or not problem.authentic:
-                    problem = abandoned_problem(interval.abandoned, stored, digests) or problem
+            for interval in parts:
+                problem = (
+                    self._verify(trail, window, interval, selection)
+                    if interval.checkpoints
+                    else tails[index]
+                )
                 if problem is not None and problem.authentic:
                     break
                 if problem is not None:  # authentic, but a record of it is missing
                     report.trail_incomplete.append(f"{writer}: {problem.where}: {problem.why}")
                     problem = None
-                for key in sorted(objects):  # the chain's: abandoned attempts are never read
-                    sealed = key not in window.unsealed_keys
-                    self._consider(key, objects[key], sealed=sealed, request=request, first=first)
             if problem is not None:
                 _LOG.warning("the trail of %s does not verify: %s", writer, problem)
                 report.trail_problems.append(f"{writer}: {problem.where}: {problem.why}")
-        if report.trail_problems:
-            return None
-        return sorted(first.values(), key=lambda c: c.position)
+        return not report.trail_problems
 
-    @staticmethod
-    def _consider(
-        key: str,
-        data: bytes,
-        *,
-        sealed: bool,
-        request: ReplayRequest,
-        first: dict[str, _Candidate],
-    ) -> None:
-        """Keep in ``first`` each matching acceptance of object ``key`` (verified: it decodes)
-        that comes before the one kept for its message: sealed before unsealed, then earlier;
-        and the message's earliest acceptance time (its place in the replay)."""
-        for record in decode_object(data):
-            candidate = _candidate(record, key, sealed, request)
-            if candidate is None:
-                continue
-            known = first.get(candidate.message_id)
-            if known is None:
-                first[candidate.message_id] = candidate
-                continue
-            chosen = candidate if _rank(candidate) < _rank(known) else known
-            first_at = min(candidate.first_at, known.first_at)
-            if chosen is not known or first_at != known.first_at:
-                first[candidate.message_id] = dataclasses.replace(chosen, first_at=first_at)
+    def _verify(
+        self, trail: _Trail, window: Window, interval: Interval, selection: _Selection
+    ) -> Problem | None:
+        """Read and verify one interval of ``window``, and give the acceptances of its objects
+        to ``selection`` unless it is not authentic; what is wrong with it, if anything.
+
+        Raises:
+            TransportUnavailable: the bucket cannot be read.
+        """
+        stored = read_objects(trail, [*interval.named, *interval.abandoned])
+        objects = {key: stored[key].data for key in interval.named if key in stored}
+        problem = verify_trail(
+            objects=objects,
+            checkpoints=interval.checkpoints,
+            keys=self._keys,
+            writer=window.writer,
+            anchor=interval.anchor,
+        ).problem
+        if problem is None or not problem.authentic:
+            digests = abandoned_digests(window) if interval.abandoned else {}
+            problem = abandoned_problem(interval.abandoned, stored, digests) or problem
+        if problem is not None and problem.authentic:
+            return problem
+        for key in sorted(objects):  # the chain's: abandoned attempts are never read
+            selection.consider(key, objects[key], sealed=key not in window.unsealed_keys)
+        return problem
 
     # -- one batch ------------------------------------------------------------------------------
 
@@ -814,6 +841,97 @@ class _Trail:
     def read(self, key: str) -> StoredObject | None:
         data = self._archive.read(key)
         return None if data is None else StoredObject(data, None, None)
+
+
+class _Selection:
+    """The messages one run takes, chosen as the verified trail is read, in memory that grows
+    with the run's ``max_messages``, not with the period.
+
+    For every matching message of the period it holds its id in an ``IdSet`` (about 25 bytes:
+    ``selected``), and those accepted at or before the cursor once more (``done``: ``pending``
+    is the rest); the whole acceptance only for the pending messages with the first positions,
+    at most twice ``max_messages`` (``taken``): the run takes at most ``max_messages`` of them,
+    the others are room for kept messages found done later. A message with a later position
+    is set aside, and every position from the first one set aside (``_bound``) on is then left
+    to a later run: a message set aside loses the acceptances read so far, so it can come back
+    only by an earlier acceptance (its place in the replay), read later.
+
+    Kept are therefore exactly the pending messages before ``_bound``, each at its first
+    acceptance, with the acceptance ``_rank`` prefers among all of them, provided the
+    unsealed objects are read before the sealed ones (``Replayer._read``): an acceptance that
+    comes back after a sealed one was set aside is itself sealed and earlier, so preferred.
+    ``short``: fewer kept than the run could take while some pending message was set aside.
+    """
+
+    def __init__(self, request: ReplayRequest, *, done: IdSet | None = None) -> None:
+        self._request = request
+        self._room = 2 * request.max_messages
+        self._matching = IdSet()
+        self.done = IdSet() if done is None else done
+        self._kept: dict[str, _Candidate] = {}
+        self._order: list[ReplayCursor] = []  # the kept messages' positions, sorted
+        self._bound: ReplayCursor | None = None
+
+    @property
+    def selected(self) -> int:
+        """The matching messages of the period."""
+        return len(self._matching)
+
+    @property
+    def pending(self) -> int:
+        """The matching messages after the cursor."""
+        return len(self._matching) - len(self.done)
+
+    @property
+    def short(self) -> bool:
+        """Whether the run could take more than it kept: read again, knowing ``done``."""
+        return self._bound is not None and len(self._kept) < min(
+            self._request.max_messages, self.pending
+        )
+
+    def taken(self) -> list[_Candidate]:
+        """The kept messages in replay order: the first pending ones."""
+        return [self._kept[position.message_id] for position in self._order]
+
+    def consider(self, key: str, data: bytes, *, sealed: bool) -> None:
+        """Take in each matching acceptance of object ``key`` (verified: it decodes)."""
+        for record in decode_object(data):
+            candidate = _candidate(record, key, sealed, self._request)
+            if candidate is not None:
+                self._add(candidate)
+
+    def _add(self, candidate: _Candidate) -> None:
+        message_id, position, after = candidate.message_id, candidate.position, self._request.after
+        self._matching.add(message_id)
+        if after is not None and position <= after:
+            self.done.add(message_id)
+            if message_id in self._kept:
+                self._remove(self._kept.pop(message_id).position)
+            return
+        known = self._kept.get(message_id)
+        if known is not None:
+            # The acceptance replayed: sealed before unsealed, then the first; its place: the
+            # message's first acceptance, sealed or not.
+            chosen = candidate if _rank(candidate) < _rank(known) else known
+            first_at = min(candidate.first_at, known.first_at)
+            if first_at != known.first_at:
+                self._remove(known.position)
+                bisect.insort(self._order, position)
+            if chosen is not known or first_at != known.first_at:
+                self._kept[message_id] = dataclasses.replace(chosen, first_at=first_at)
+            return
+        if self._bound is not None and position >= self._bound:
+            return
+        if after is not None and message_id in self.done:
+            return
+        self._kept[message_id] = candidate
+        bisect.insort(self._order, position)
+        if len(self._order) > self._room:
+            self._bound = self._order.pop()
+            del self._kept[self._bound.message_id]
+
+    def _remove(self, position: ReplayCursor) -> None:
+        del self._order[bisect.bisect_left(self._order, position)]
 
 
 def _rank(candidate: _Candidate) -> tuple[bool, datetime, str, int]:
