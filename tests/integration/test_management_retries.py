@@ -25,7 +25,8 @@ class LosingProxy:
     """Forwards HTTP to the real management API; the answers to the first DELETEs (one per
     entry of ``faults``) are lost after the broker has carried them out: ``drop`` closes the
     connection without an answer, ``bad_gateway`` answers 502 (a load balancer that lost the
-    broker's answer)."""
+    broker's answer). ``too_many`` answers 429 without forwarding: the server refused it before
+    doing anything."""
 
     def __init__(self, faults: list[str], port: int = 0) -> None:
         self.faults = faults
@@ -45,13 +46,18 @@ class LosingProxy:
 
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                fault = proxy.faults.pop(0) if self.command == "DELETE" and proxy.faults else None
+                if fault == "too_many":
+                    self.send_response(429)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 upstream = http.client.HTTPConnection(*UPSTREAM, timeout=10)
                 headers = {name: self.headers[name] for name in _FORWARDED if name in self.headers}
                 upstream.request(self.command, self.path, body=body or None, headers=headers)
                 answer = upstream.getresponse()
                 data = answer.read()
                 upstream.close()
-                fault = proxy.faults.pop(0) if self.command == "DELETE" and proxy.faults else None
                 if fault == "drop":
                     self.close_connection = True
                     return
@@ -151,3 +157,15 @@ def test_a_retry_after_a_refused_connection_that_finds_nothing_reports_false(
     finally:
         starter.join()
     assert losing[0].deletes == [f"/api/queues/{vhost}/never-declared"]
+
+
+def test_a_retry_after_too_many_requests_that_finds_nothing_reports_false(
+    vhost: str, losing: list[LosingProxy]
+) -> None:
+    # A 429 (or 408) is the server saying "not now" before doing anything: the retry's 404
+    # means the queue was not there, not that the first attempt deleted it.
+    proxy = LosingProxy(["too_many"])
+    losing.append(proxy)
+
+    assert through(proxy).delete_queue(vhost, "never-declared") is False
+    assert len(proxy.deletes) == 2

@@ -48,7 +48,8 @@ class ManagementClient:
     ``reason``) for other 4xx. Credentials never appear in exceptions, logs or ``repr``.
     ``get_*`` return ``None`` and ``delete_*`` return ``False`` when the object does not exist;
     a DELETE tried again after a 5xx or a dropped connection (the broker may have carried it out
-    and lost the answer) that then finds the object gone returns ``True``.
+    and lost the answer; not after a 408, a 429 or a refused connection) that then finds the
+    object gone returns ``True``.
     """
 
     def __init__(
@@ -457,7 +458,7 @@ class ManagementClient:
                 if attempt == self._retries or not _transient(exc) or self._left() <= pause:
                     raise
                 _LOG.info("management API %s %s: %s; retrying", method, exc.path, exc)
-                maybe_done = maybe_done or not _refused(exc)
+                maybe_done = maybe_done or not _not_carried_out(exc)
                 time.sleep(pause)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -556,10 +557,13 @@ def _transient(error: ManagementUnavailable) -> bool:
     return isinstance(cause, ConnectionError)
 
 
-def _refused(error: ManagementUnavailable) -> bool:
-    """A connection refused: the request never reached the API (a 5xx answer or a dropped
-    connection may come after the broker carried it out)."""
+def _not_carried_out(error: ManagementUnavailable) -> bool:
+    """A connection refused (the request never reached the API), or a 408 or 429 (the server
+    said "not now" before doing anything). A 5xx answer or a dropped connection may come after
+    the broker carried the request out."""
     cause = error.__cause__
+    if isinstance(cause, urllib.error.HTTPError):
+        return cause.code in _RETRYABLE_4XX
     if isinstance(cause, urllib.error.URLError):
         cause = cause.reason if isinstance(cause.reason, BaseException) else None
     return isinstance(cause, ConnectionRefusedError)
