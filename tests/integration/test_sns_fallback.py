@@ -73,6 +73,19 @@ def test_the_message_id_and_topic_travel_as_attributes_for_the_drain(aws: dict[s
     assert json.loads(attributes["fabric-headers"]["StringValue"]) == {"fabric-audience": "all"}
 
 
+def test_header_values_sqs_would_refuse_travel_escaped_and_read_back_the_same(
+    aws: dict[str, Any],
+) -> None:
+    # SQS refuses U+FFFE and U+FFFF in an attribute value as in a body (moto stores them): the
+    # headers attribute is canonical JSON, which writes them as escapes.
+    sent = message(Stakeholder.MEDIA, headers={"memo": "a\ufffeb\uffff"})
+    transport(aws).publish([sent])
+    (got,) = received(aws, "fallback", Stakeholder.MEDIA)
+    text = got["MessageAttributes"]["fabric-headers"]["StringValue"]
+    assert text == '{"memo":"a\\ufffeb\\uffff"}'
+    assert json.loads(text) == {"memo": "a\ufffeb\uffff"}
+
+
 def test_batches_of_more_than_ten_are_split_and_all_stored(aws: dict[str, Any]) -> None:
     batch = [message(Stakeholder.BUSINESS) for _ in range(23)]
     outcomes = transport(aws).publish(batch)
@@ -160,7 +173,11 @@ def largest_acceptable(group_count: int = 5) -> OutboundMessage:
     del headers["zz"]
     topic = ("a" * 63 + ".") * 3 + "a" * 63
     groups = sorted(STAKEHOLDERS, key=str)[:group_count]
-    fields = {"topic": topic, "headers": headers, "audience": [g.value for g in groups]}
+    fields: dict[str, Any] = {
+        "topic": topic,
+        "headers": headers,
+        "audience": [g.value for g in groups],
+    }
     size = len(json.dumps({**fields, "payload": ""}, separators=(",", ":")))
     envelope = None
     for extra in range(200):  # the padding that lands exactly on the limit

@@ -337,6 +337,25 @@ def test_wire_form_is_canonical_compact_sorted_and_versioned() -> None:
     assert wire == json.dumps(decoded, sort_keys=True, separators=(",", ":")).encode()
 
 
+@pytest.mark.parametrize("raw", [True, False], ids=["bytes", "object"])
+def test_noncharacters_sqs_refuses_are_accepted_and_escaped_on_the_wire(raw: bool) -> None:
+    # U+FFFE and U+FFFF are valid JSON text, so producers may send them; the fallback path
+    # (SNS, then SQS) must never hold them raw, since SQS refuses them in a body or attribute.
+    fields = envelope(
+        payload={"note\uffff": "a\ufffeb"},
+        headers={"region": "x\uffff"},
+        correlation_id="c\ufffe",
+        reply_to="r\uffff",
+    )
+    result = accept(json.dumps(fields).encode() if raw else fields)
+    wire = result.to_json_bytes()
+    assert not {"\ufffe", "\uffff"} & set(wire.decode())
+    assert rb'"note\uffff":"a\ufffeb"' in wire
+    assert result.payload == {"note\uffff": "a\ufffeb"}
+    assert json.loads(wire)["headers"] == {"region": "x\uffff"}
+    assert from_wire(wire) == result
+
+
 def test_from_wire_round_trips_and_keeps_the_recorded_source() -> None:
     original = accept(envelope(message_id=ULID, expires_at="2026-11-22T09:00:00Z"))
     assert from_wire(original.to_json_bytes()) == original

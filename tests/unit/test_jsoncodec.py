@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -31,9 +33,15 @@ exact_values = json_values(st.integers())
 own_values = json_values(st.integers(min_value=-(2**63), max_value=2**63 - 1))
 
 
+def stdlib_canonical(value: object) -> bytes:
+    """The standard library's compact, sorted UTF-8, with U+FFFE and U+FFFF escaped."""
+    text = _STDLIB.encode(value).replace("\ufffe", "\\ufffe").replace("\uffff", "\\uffff")
+    return text.encode("utf-8")
+
+
 @given(exact_values)
 def test_canonical_json_is_the_standard_librarys_compact_sorted_utf8(value: object) -> None:
-    assert canonical_json(value) == _STDLIB.encode(value).encode("utf-8")
+    assert canonical_json(value) == stdlib_canonical(value)
 
 
 @given(own_values)
@@ -66,6 +74,40 @@ def test_integers_beyond_64_bits_keep_every_digit_at_any_depth() -> None:
 
 def test_control_characters_and_quotes_are_escaped_and_the_rest_is_utf8() -> None:
     assert canonical_json('\n\t"\\\x01é😀') == '"\\n\\t\\"\\\\\\u0001é😀"'.encode()
+
+
+# Every character SQS takes in a message body or attribute value (the XML 1.0 Char production).
+_SQS_CHARACTER = re.compile("[\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]*")
+
+
+@pytest.mark.parametrize("encode", [canonical_json, canonical_json_unchecked])
+def test_the_noncharacters_sqs_refuses_are_escaped_and_keep_their_value(
+    encode: Callable[[object], bytes],
+) -> None:
+    # U+FFFE and U+FFFF are valid in a JSON string, but SQS refuses them: a body holding them
+    # raw, taken by SNS on the fallback path, would be lost on delivery to the queues.
+    value = {"k\uffff": ["a\ufffeb", "\uffff\ufffd\uffef\U0010ffff"]}
+    out = encode(value)
+    assert out == b'{"k\\uffff":["a\\ufffeb","\\uffff' + "\ufffd\uffef\U0010ffff".encode() + b'"]}'
+    assert json.loads(out) == value
+
+
+def test_noncharacters_beside_an_integer_beyond_64_bits_are_escaped_too() -> None:
+    assert canonical_json({"big": 2**70, "t": "\uffff"}) == (
+        b'{"big":1180591620717411303424,"t":"\\uffff"}'
+    )
+
+
+@given(exact_values)
+def test_every_character_of_the_encoding_is_one_sqs_takes(value: object) -> None:
+    assert _SQS_CHARACTER.fullmatch(canonical_json(value).decode("utf-8"))
+
+
+@given(st.text(st.sampled_from('\ufffe\uffff\\"aé\uffef\U0001fffe')))
+def test_text_of_noncharacters_beside_escapes_reads_back_the_same(text: str) -> None:
+    out = canonical_json({"t": text})
+    assert json.loads(out) == {"t": text}
+    assert out == stdlib_canonical({"t": text})
 
 
 @pytest.mark.parametrize(

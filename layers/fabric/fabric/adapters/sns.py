@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from fabric.jsoncodec import canonical_json
 from fabric.ports import Failure, MessageKind, OutboundMessage, Outcome
 
 _LOG = logging.getLogger(__name__)
@@ -150,11 +151,11 @@ def _entry(entry_id: str, message: OutboundMessage) -> dict[str, Any]:
         TOPIC_ATTRIBUTE: {"DataType": "String", "StringValue": message.topic},
     }
     if message.headers:
+        # Canonical JSON, as the envelope's own headers: U+FFFE and U+FFFF in a header value are
+        # escaped, since SQS refuses them in an attribute as in a body (``fabric.jsoncodec``).
         attributes[HEADERS_ATTRIBUTE] = {
             "DataType": "String",
-            "StringValue": json.dumps(
-                dict(message.headers), sort_keys=True, ensure_ascii=False, separators=(",", ":")
-            ),
+            "StringValue": canonical_json(dict(message.headers)).decode("utf-8"),
         }
     return {
         "Id": entry_id,
