@@ -18,8 +18,9 @@ What it does, in order:
    rejection with its reason;
 7. plays the poison-message act: a consumer (the consumer toolkit, as a stakeholder's broker
    user, idempotent on DynamoDB) fails on a message, which is retried in growing delay tiers,
-   dead-lettered after the attempt limit, redriven by the redrive function's code after the
-   "fix", and processed exactly once;
+   dead-lettered after the attempt limit, measured there by the broker metrics function's
+   handler (the EMF depth lines the dead-letter alarms read), redriven by the redrive
+   function's code after the "fix", measured again (empty), and processed exactly once;
 8. plays the failover act: the broker becomes unreachable (a fault-injecting loopback proxy
    turns into a silent black hole), messages are accepted through the SNS/SQS fallback, the
    broker returns, the drain function's code moves them back, and the summary shows counts per
@@ -37,11 +38,11 @@ What it does, in order:
 Every act checks what it did, and a failed check prints a ``FAIL:`` line: a routed copy that
 never arrived, a copy in a queue the routing table does not send it to, a copy that arrived
 twice (only a message accepted through the fallback may, see ``failover``), a rejection with
-another reason or HTTP status than the scenario states, a replay that is not exactly the
-child-safety messages in exactly their queues, an audit trail that does not verify or lacks a
-message id of an event the acts caused. The last line is ``== PASS`` (exit 0) or ``== FAIL``
-(exit 1). The vhost and the users are removed at the end, also after an error, Ctrl-C or
-SIGTERM.
+another reason or HTTP status than the scenario states, a broker metrics depth other than the
+one the poison act left, a replay that is not exactly the child-safety messages in exactly
+their queues, an audit trail that does not verify or lacks a message id of an event the acts
+caused. The last line is ``== PASS`` (exit 0) or ``== FAIL`` (exit 1). The vhost and the users
+are removed at the end, also after an error, Ctrl-C or SIGTERM.
 
 Usage: python scripts/local_fabric.py [cdk.out] [--keep]   (--keep leaves the vhost for a look)
 """
@@ -85,6 +86,7 @@ REDRIVE_DESCRIPTION = "redrives dead letters to where they came from"
 REPLAY_DESCRIPTION = "replays archived messages of a period"
 AUDIT_WRITER_DESCRIPTION = "writes audit batches to the Object Lock bucket"
 REPORT_DESCRIPTION = "reports a period of the audit trail"
+BROKER_METRICS_DESCRIPTION = "publishes the depth of the broker's dead-letter queues"
 MOTO_ACCOUNT = "123456789012"  # the account moto's server answers for
 FUNCTION_ARN = f"arn:aws:lambda:{REGION}:{MOTO_ACCOUNT}:function:fabric-dev-router"
 # The functions that reach the broker reach the local one: the only values not from the template.
@@ -94,6 +96,9 @@ LOCAL_BROKER = {
     "RABBITMQ_TLS": "false",
     "RABBITMQ_VHOST": LOCAL_VHOST,
 }
+# The broker metrics function reads the local management API instead; its MONITOR_SECRET_ARN
+# resolves, like every secret, to the moto secret of that user (fabric-monitor).
+LOCAL_MANAGEMENT = {"MANAGEMENT_URL": MANAGEMENT_URL, "RABBITMQ_VHOST": LOCAL_VHOST}
 
 
 class Checks:
@@ -893,11 +898,13 @@ def poison_act(
     *,
     passwords: dict[str, str],
     redrive_env: dict[str, str],
+    measure: Callable[[dict[str, int]], None],
     ledger: Ledger,
     checks: Checks,
 ) -> None:
     """A community consumer cannot process an emergency alert until it is "fixed"; checks that
-    the alert was retried, dead-lettered, redriven and then processed exactly once."""
+    the alert was retried, dead-lettered (and measured there by ``measure``, the broker metrics
+    function), redriven (and measured gone) and then processed exactly once."""
     from fabric.adapters.rabbitmq import RabbitSettings
     from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
     from fabric.bootstrap import build_redrive
@@ -951,6 +958,7 @@ def poison_act(
     counts = consumer.run(max_messages=3, idle_timeout_s=20)
     spacing = ", ".join(f"{at:.1f} s" for at in attempts)
     print(f"   attempts at {spacing} after publish: {dict(counts)}; dead-letter queue {dlq}")
+    measure({dlq: 1})
     runtime_redrive = build_redrive(RedriveSettings.from_env(redrive_env))
     dry = runtime_redrive.redriver.run(
         runtime_redrive.queue("rabbitmq", dlq),
@@ -980,6 +988,7 @@ def poison_act(
         again.scanned == 0 and again.stopped == "empty",
         f"poison act: a second redrive scanned {again.scanned}, stopped: {again.stopped}",
     )
+    measure({dlq: 0})
     counts = consumer.run(max_messages=1, idle_timeout_s=10)
     print(f"   after the redrive: {dict(counts)}; processed {len(processed)} time(s)")
     checks.expect(
@@ -987,6 +996,77 @@ def poison_act(
         f"poison act: {len(attempts)} attempts (expected 3 failing, then 1 after the redrive),"
         f" processed {len(processed)} time(s) (expected once)",
     )
+
+
+def broker_metrics(environment: dict[str, str], checks: Checks) -> Callable[[dict[str, int]], None]:
+    """The broker metrics function's handler with ``environment``, imported once like a warm
+    function's; each call of the result is a run of it checked by ``measure_depths`` (queue ->
+    messages the act left there) against the queues the environment names."""
+    from fabric.settings import BrokerMetricsSettings
+
+    handler = _lambda_handler("broker_metrics", environment)
+    queues = BrokerMetricsSettings.from_env(environment).queues
+    return lambda left: measure_depths(handler, queues, left, checks)
+
+
+def measure_depths(
+    handler: Any,
+    queues: Iterable[str],
+    left: dict[str, int],
+    checks: Checks,
+    *,
+    patience: float = 30.0,
+    interval: float = 1.0,
+) -> None:
+    """Invoke the broker metrics function's ``handler`` (a scheduled event) and check the depths
+    in the EMF lines it writes: ``left`` (queue -> messages the act left there), every other of
+    the measured ``queues`` empty, none unmeasured. The management API samples queue statistics
+    every 5 s, so a run just after a dead-letter or a redrive may still read the depth before
+    it: runs follow each other every ``interval`` seconds for up to ``patience`` seconds, the
+    last one is the verdict."""
+    import contextlib
+    import io
+
+    from fabric.topology import OVERFLOW_QUEUE
+
+    expected = {queue: left.get(queue, 0) for queue in queues}
+    deadline = time.monotonic() + patience
+    runs = 0
+    while True:
+        lines = io.StringIO()
+        with contextlib.redirect_stdout(lines):  # the function's EMF lines
+            handler.handler({"source": "aws.events", "detail-type": "Scheduled Event"}, None)
+        runs += 1
+        depths, unmeasured = emitted_depths(lines.getvalue())
+        ok = depths == expected and unmeasured == 0
+        if ok or time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    others = sum(depths.get(q, 0) for q in expected if q not in left and q != OVERFLOW_QUEUE)
+    named = ", ".join(f"{q} {depths.get(q, '-')}" for q in left)
+    print(
+        f"   broker metrics (EMF lines of the last of {runs} run(s)): {named}, other DLQs {others},"
+        f" {OVERFLOW_QUEUE} {depths.get(OVERFLOW_QUEUE, '-')}, unmeasured {unmeasured}"
+    )
+    wrong = {q: (depths.get(q), n) for q, n in expected.items() if depths.get(q) != n}
+    checks.expect(
+        ok,
+        f"broker metrics: (measured, left by the act) {wrong}, {unmeasured} queue(s) unmeasured",
+    )
+
+
+def emitted_depths(lines: str) -> tuple[dict[str, int], int]:
+    """(queue -> ``QueueDepth``, ``QueuesUnmeasured``) of the broker metrics' EMF ``lines``."""
+    from fabric.broker_depth import QUEUE_DEPTH, QUEUE_DIMENSION, QUEUES_UNMEASURED
+
+    depths: dict[str, int] = {}
+    unmeasured = 0
+    for line in lines.splitlines():
+        document = json.loads(line)
+        if QUEUE_DEPTH in document:
+            depths[document[QUEUE_DIMENSION]] = document[QUEUE_DEPTH]
+        unmeasured += document.get(QUEUES_UNMEASURED, 0)
+    return depths, unmeasured
 
 
 # -- the audit trail -----------------------------------------------------------------------------
@@ -1414,6 +1494,10 @@ def run(templates: dict[str, dict[str, Any]], checks: Checks) -> None:
         runtime,
         passwords=passwords,
         redrive_env=local_environment(templates, resolver, REDRIVE_DESCRIPTION, LOCAL_BROKER),
+        measure=broker_metrics(
+            local_environment(templates, resolver, BROKER_METRICS_DESCRIPTION, LOCAL_MANAGEMENT),
+            checks,
+        ),
         ledger=ledger,
         checks=checks,
     )

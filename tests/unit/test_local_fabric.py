@@ -1,4 +1,5 @@
-"""The local fabric's own checks: strict template resolution and the copy comparison."""
+"""The local fabric's own checks: strict template resolution, the copy comparison and the
+broker metrics depths."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from fabric.adapters.broker_metrics import EmfDepthMetrics
+from fabric.broker_depth import DepthReport
 from scripts import local_fabric
 
 TEMPLATES: dict[str, dict[str, Any]] = {
@@ -102,4 +105,68 @@ def test_only_a_message_that_may_repeat_may_arrive_twice() -> None:
 
     assert _compare(arrived, may_repeat=frozenset({"m1"})) == [
         "act: 1 copies arrived more than once: [('m2', 'q.a')]"
+    ]
+
+
+DLQ = "fabric.community.emergency.dlq"
+MEASURED = ["fabric.government.dlq", DLQ, "fabric.overflow"]
+
+
+class _BrokerMetricsHandler:
+    """The broker metrics function's handler as the act invokes it: each run writes the EMF
+    lines of the next report (the last one again once they run out)."""
+
+    def __init__(self, *reports: DepthReport) -> None:
+        self._reports = list(reports)
+        self.runs = 0
+
+    def handler(self, _event: Any, _context: Any) -> dict[str, Any]:
+        report = self._reports[min(self.runs, len(self._reports) - 1)]
+        self.runs += 1
+        EmfDepthMetrics(environment="dev").publish(report)  # on stdout, as in Lambda
+        return {}
+
+
+def _measure(handler: _BrokerMetricsHandler, left: dict[str, int], **kwargs: Any) -> list[str]:
+    checks = local_fabric.Checks()
+    local_fabric.measure_depths(handler, MEASURED, left, checks, **kwargs)
+    return checks.failures
+
+
+def test_the_depth_the_act_left_in_the_dlq_is_reported_from_the_emf_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    parked = DepthReport({"fabric.government.dlq": 0, DLQ: 1, "fabric.overflow": 0})
+
+    assert _measure(_BrokerMetricsHandler(parked), {DLQ: 1}) == []
+    assert capsys.readouterr().out == (
+        "   broker metrics (EMF lines of the last of 1 run(s)): fabric.community.emergency.dlq 1,"
+        " other DLQs 0, fabric.overflow 0, unmeasured 0\n"
+    )
+
+
+def test_a_stale_reading_is_measured_again_until_the_statistics_catch_up() -> None:
+    stale = DepthReport({"fabric.government.dlq": 0, DLQ: 0, "fabric.overflow": 0})
+    parked = DepthReport({"fabric.government.dlq": 0, DLQ: 1, "fabric.overflow": 0})
+    handler = _BrokerMetricsHandler(stale, stale, parked)
+
+    assert _measure(handler, {DLQ: 1}, interval=0) == []
+    assert handler.runs == 3
+
+
+def test_a_depth_other_than_the_act_left_fails_the_act() -> None:
+    elsewhere = DepthReport({"fabric.government.dlq": 1, DLQ: 0, "fabric.overflow": 0})
+
+    assert _measure(_BrokerMetricsHandler(elsewhere), {DLQ: 1}, patience=0) == [
+        "broker metrics: (measured, left by the act) {'fabric.government.dlq': (1, 0),"
+        " 'fabric.community.emergency.dlq': (0, 1)}, 0 queue(s) unmeasured"
+    ]
+
+
+def test_a_queue_the_function_could_not_measure_fails_the_act() -> None:
+    missing = DepthReport({DLQ: 0, "fabric.overflow": 0}, missing=("fabric.government.dlq",))
+
+    assert _measure(_BrokerMetricsHandler(missing), {DLQ: 0}, patience=0) == [
+        "broker metrics: (measured, left by the act) {'fabric.government.dlq': (None, 0)},"
+        " 1 queue(s) unmeasured"
     ]
