@@ -296,12 +296,14 @@ def test_an_entry_sns_refuses_in_a_publish_batch_is_rejected_never_accepted(
     broker_vhost: str, proxy: FaultProxy, aws: dict[str, Any]
 ) -> None:
     # RabbitMQ is gone; SNS stores two of the three entries of the PublishBatch and reports the
-    # third failed (a throttled or KMS-refused entry): that one must come back "unavailable"
-    # with its rejected record, the others accepted on the fallback path.
+    # third failed (a throttled or KMS-refused entry), and refuses it again when it is sent once
+    # more alone: that one must come back "unavailable" with its rejected record, the others
+    # accepted on the fallback path.
     refused: list[str] = []
 
     def fail_one_entry(parsed: dict[str, Any], **_: Any) -> None:
-        entry = parsed["Successful"].pop(1)
+        # The batch's second entry; in the retry, the entry sent again (alone).
+        entry = parsed["Successful"].pop(1 if not refused else 0)
         refused.append(entry["Id"])
         parsed.setdefault("Failed", []).append(
             {"Id": entry["Id"], "Code": "KMSThrottling", "SenderFault": False}
@@ -331,7 +333,7 @@ def test_an_entry_sns_refuses_in_a_publish_batch_is_rejected_never_accepted(
     sent = [donation() for _ in range(3)]
     results = router.route(sent, source="business").results
 
-    assert refused == ["1"]
+    assert refused == ["1", "1"]  # refused, and refused again when sent once more
     assert [(r.status, r.transport or r.reason) for r in results] == [
         ("accepted", "fallback"),
         ("rejected", "unavailable"),
