@@ -155,6 +155,10 @@ def drain(
     return 0 if body["stopped"] in FINISHED and not refused and not left else 1
 
 
+# Why a redrive chunk stops that means "go on with the next chunk" (when it moved something).
+_REDRIVE_GOES_ON = frozenset({"message limit", "time limit"})
+
+
 def redrive(
     env_name: str,
     *,
@@ -163,15 +167,23 @@ def redrive(
     chunk: int,
     out: TextIO,
     clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """The ``redrive`` command; returns the exit status."""
     from fabric.naming import redrive_function_name
 
     name = redrive_function_name(env_name)
     wanted = int(request.get("max_messages", 1000))
+    rate = request.get("rate_per_s")
     started = clock()
     moved = already = 0
     while True:
+        if rate is not None:
+            # A chunk paces itself from its own start, at full speed at first: chunks back to
+            # back went faster than --rate (a chunk smaller than a second's worth, unpaced).
+            ahead = moved / rate - (clock() - started)
+            if ahead > 0:
+                sleep(ahead)
         event = dict(request)
         if not request.get("dry_run"):
             event["max_messages"] = min(chunk, wanted - moved - already)
@@ -183,32 +195,45 @@ def redrive(
             print(f"the redrive function refused or failed: {json.dumps(body)[:500]}", file=out)
             return 2 if isinstance(body, dict) and "error" in body else 1
         if body["dry_run"]:
-            print(
-                f"dry run on {body['queue']}: {body['matched']} of {body['scanned']} match",
-                file=out,
-            )
-            _print_letters(body["listed"], out)
-            unlisted = body["matched"] + body["left"] - len(body["listed"])
-            if unlisted > 0:
-                print(f"  ... and {unlisted} more", file=out)
-            _print_left(body, out)
-            print("nothing moved", file=out)
-            return 0
+            return _redrive_listed(body, out)
         moved += body["moved"]
         already += body["already_moved"]
-        rate = moved / max(clock() - started, 1e-9)
+        stopped = body["stopped"]
+        rate_now = moved / max(clock() - started, 1e-9)
         print(
             f"progress: moved {moved}/{wanted} from {body['queue']}"
-            f" ({already} left over from an earlier run removed), {rate:.0f} msg/s,"
-            f" this run stopped: {body['stopped']}",
+            f" ({already} left over from an earlier run removed), {rate_now:.0f} msg/s,"
+            f" this run stopped: {stopped}",
             file=out,
         )
-        if body["stopped"] != "message limit" or moved + already >= wanted:
+        if stopped not in _REDRIVE_GOES_ON or moved + already >= wanted:
+            break
+        if not body["moved"] and not body["already_moved"]:
+            # Matching letters neither moved nor removed (a DLQ that refuses deletes): another
+            # chunk would do the same, for ever.
+            print("  this run moved and removed nothing: stopping", file=out)
+            stopped = "no progress"
             break
     _print_letters([item for item in body["listed"] if item["stays"]], out)
     _print_left(body, out)
-    print(f"summary: moved {moved}, stopped: {body['stopped']}", file=out)
-    return 0 if body["stopped"] in FINISHED and not body["left"] else 1
+    print(f"summary: moved {moved}, stopped: {stopped}", file=out)
+    return 0 if stopped in FINISHED and not body["left"] else 1
+
+
+def _redrive_listed(body: dict[str, Any], out: TextIO) -> int:
+    """Print a dry run's answer; the exit status (1 when it could not look at every letter)."""
+    print(f"dry run on {body['queue']}: {body['matched']} of {body['scanned']} match", file=out)
+    _print_letters(body["listed"], out)
+    unlisted = body["matched"] + body["left"] - len(body["listed"])
+    if unlisted > 0:
+        print(f"  ... and {unlisted} more", file=out)
+    _print_left(body, out)
+    if body["stopped"] not in FINISHED:
+        # Not every letter was looked at: "0 of 0 match" must not read as an empty queue.
+        print(f"nothing moved; the listing is incomplete, stopped: {body['stopped']}", file=out)
+        return 1
+    print("nothing moved", file=out)
+    return 0
 
 
 def _print_letters(listed: list[dict[str, Any]], out: TextIO) -> None:

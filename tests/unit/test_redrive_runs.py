@@ -195,9 +195,9 @@ def test_letters_back_at_their_origin_are_audited_even_when_the_ledger_write_fai
 
 
 def test_two_dead_letter_copies_of_one_message_in_a_batch_go_back_once() -> None:
-    # A consumer that parked a message and died before its ack parks it again on redelivery:
-    # two copies, one ledger key. Both were moved (two copies at the origin, two "redriven"
-    # records); across batches the second was already only removed.
+    # Two copies of one dead-lettering (same id, redrive count and time): one ledger key. Both
+    # were moved (two copies at the origin, two "redriven" records); across batches the second
+    # was already only removed.
     first, second = letter(1), dataclasses.replace(letter(1), handle="2")
     queue = MemoryDeadLetterQueue([first, second, letter(3)])
     audit = MemoryAuditSink()

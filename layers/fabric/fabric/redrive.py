@@ -165,12 +165,19 @@ Progress = Callable[[RedriveReport], None]
 def ledger_key(queue: str, letter: DeadLetter) -> str:
     """The ledger entry of one dead-lettering of one message. A message dead-lettered again after
     a redrive gets a new key, so it can move again: by its new copy id (SQS), or else by its
-    raised redrive count (RabbitMQ, where the redrive always sets the count).
+    raised redrive count (RabbitMQ, where the redrive always sets the count), and by when it
+    was dead-lettered (second precision). The time is what tells a new dead-lettering of a
+    message that came again without the redrive count (a replay, its producer sending the same
+    id again) from the letter an earlier run moved: with the count alone (0 both times) it was
+    taken for moved already and removed without being put back. The same letter read again (its
+    removal lost) has the same time, so the ledger still knows it.
 
     A letter without a message id (the consumer toolkit parks those as ``no-message-id``) is
     known by its body's SHA-256: with one shared empty id, every such letter after the first
     would count as moved already and be removed without being moved."""
     occurrence = letter.copy_id or str(letter.redrives)
+    if letter.dead_lettered_at is not None:
+        occurrence += f"@{int(letter.dead_lettered_at.timestamp())}"
     return f"redrive#{queue}#{_identity(letter)}#{occurrence}"
 
 
@@ -293,9 +300,9 @@ class Redriver:
         if done:
             # Put back by an earlier, interrupted run: only the dead-letter copy is left to go.
             report.already_moved += len(queue.remove(done))
-        # One copy per ledger key goes back: two dead-letter copies of one message (a consumer
-        # that parked it and died before its ack parks it again) are one message; the twin is
-        # only removed, once the copy that went back is recorded, as a later batch would.
+        # One copy per ledger key goes back: two dead-letter copies of one dead-lettering (same
+        # id, redrive count and time) are one message; the twin is only removed, once the copy
+        # that went back is recorded, as a later batch would.
         pending: list[DeadLetter] = []
         twins: list[DeadLetter] = []
         going: set[str] = set()

@@ -176,8 +176,8 @@ class RabbitMqDeadLetterQueue:
 
     def _letter(self, handle: str, properties: pika.BasicProperties, body: bytes) -> DeadLetter:
         headers: Mapping[str, Any] = properties.headers or {}
-        deaths = headers.get("x-death") or []
-        last_death: Mapping[str, Any] = deaths[0] if deaths else {}
+        records = deaths(headers)
+        last_death: Mapping[str, Any] = records[0] if records else {}
         reason = header_text(headers.get(topology.DEAD_LETTER_REASON_HEADER)) or header_text(
             last_death.get("reason")
         )
@@ -213,10 +213,26 @@ class RabbitMqDeadLetterQueue:
         )
 
 
+# Headers a letter carries are anyone's (a client may publish ``x-death`` and ``fabric-*``
+# headers on RabbitMQ 3.10): reading one that is malformed must not stop a run at that letter,
+# which would keep every letter behind it in the queue. A bad value reads as absent.
+_MAX_COUNT_DIGITS = 18  # int() refuses past 4300 digits; a real count has a few
+
+
+def deaths(headers: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A letter's ``x-death`` records, newest first; none when the header is not a list."""
+    records = headers.get("x-death")
+    if not isinstance(records, list):
+        return []
+    return [record for record in records if isinstance(record, Mapping)]
+
+
 def count(value: object) -> int:
     """A counter header (``fabric-redrives``, ...) as a number; 0 when absent or not one."""
     text = header_text(value)
-    return int(text) if text is not None and text.isdigit() else 0
+    if text is None or not text.isascii() or not text.isdigit():
+        return 0  # "²" is a digit to isdigit() and not a number to int()
+    return int(text) if len(text) <= _MAX_COUNT_DIGITS else 0
 
 
 def dead_lettered_at(headers: Mapping[str, Any], death: Mapping[str, Any]) -> datetime | None:
@@ -224,7 +240,8 @@ def dead_lettered_at(headers: Mapping[str, Any], death: Mapping[str, Any]) -> da
     ``x-death`` record ``death``."""
     stamp = header_text(headers.get(topology.DEAD_LETTERED_AT_HEADER))
     if stamp is not None:
-        with contextlib.suppress(ValueError, OverflowError):
+        # Out of range: ValueError (year), OverflowError or OSError (time_t), by magnitude.
+        with contextlib.suppress(ValueError, OverflowError, OSError):
             return datetime.fromtimestamp(float(stamp), UTC)
     moment = death.get("time")
     return moment if isinstance(moment, datetime) else None

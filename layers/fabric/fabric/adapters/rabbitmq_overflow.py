@@ -42,7 +42,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from fabric import topology
 from fabric.adapters.rabbitmq import RabbitSettings
-from fabric.adapters.rabbitmq_dlq import HeldLetters, count, dead_lettered_at
+from fabric.adapters.rabbitmq_dlq import HeldLetters, count, dead_lettered_at, deaths
 from fabric.consumer import header_text, string_headers
 from fabric.errors import TransportUnavailable
 from fabric.ports import DeadLetter
@@ -139,10 +139,10 @@ class RabbitMqOverflowQueue:
         user: str,
     ) -> DeadLetter:
         headers: Mapping[str, Any] = properties.headers or {}
-        deaths = [d for d in headers.get("x-death") or [] if isinstance(d, Mapping)]
-        overflowed: Mapping[str, Any] = deaths[0] if deaths else {}
+        records = deaths(headers)
+        overflowed: Mapping[str, Any] = records[0] if records else {}
         original = next(
-            (d for d in deaths if header_text(d.get("queue")) not in self._terminal), None
+            (d for d in records if header_text(d.get("queue")) not in self._terminal), None
         )
         reason = (
             header_text(headers.get(topology.DEAD_LETTER_REASON_HEADER))
