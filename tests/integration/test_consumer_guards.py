@@ -1,9 +1,11 @@
 """The consumer toolkit's two time guards, on the real local RabbitMQ and moto's DynamoDB.
 
 An emergency whose consumer crashed mid-handler is blocked by its record in progress for the
-emergency handler's deadline (seconds), not a minute or a Lambda's whole timeout; and the
+emergency handler's deadline (seconds), not a minute or a Lambda's whole timeout; the
 long-running consumer hands prefetched deliveries back before they wait out the broker's
-``consumer_timeout`` behind slow handlers.
+``consumer_timeout`` behind slow handlers (one delivery counted each, and never a fresh delivery
+to a consumer that was idle); and it acknowledges a finished message before a slow handler
+after it runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import boto3
 import pytest
 
+from fabric.adapters import rabbitmq_consumer
 from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
 from fabric.consumer import (
     EMERGENCY_PROCESSING_TIMEOUT_S,
@@ -23,6 +26,7 @@ from fabric.consumer import (
     Idempotency,
     InProgress,
     MessageProcessor,
+    rabbitmq_delivery,
 )
 from tests.integration import test_dead_letters as dead_letters
 from tests.integration.aws_fallback import REGION
@@ -168,14 +172,32 @@ def test_an_emergency_handler_past_its_deadline_is_logged_as_no_longer_guarded(
 # -- consumer_timeout ---------------------------------------------------------------------------
 
 
+def delivery_counts(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """The broker's ``x-delivery-count`` of each delivery the consumer takes, per message id
+    (the toolkit keeps string headers only, so a handler does not see it)."""
+    counts: dict[str, list[int]] = {}
+
+    def recording(queue: str, **fields: Any) -> Delivery:
+        count = (fields["headers"] or {}).get("x-delivery-count", 0)
+        counts.setdefault(fields["message_id"], []).append(count)
+        return rabbitmq_delivery(queue, **fields)
+
+    monkeypatch.setattr(rabbitmq_consumer, "rabbitmq_delivery", recording)
+    return counts
+
+
 def test_deliveries_waiting_behind_slow_handlers_go_back_before_the_consumer_timeout(
-    broker_vhost: str, amqp: Any, caplog: pytest.LogCaptureFixture
+    broker_vhost: str,
+    amqp: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The broker closes the channel when a delivery stays unacknowledged past its
     # consumer_timeout, and the time a delivery waits in the prefetch window counts: every
     # prefetched message came back one delivery nearer the delivery limit, the acknowledgement
     # of the handler under way was lost, and run() raised. The local broker's timeout is 30
     # minutes; the guard is shown against a consumer_timeout_s of 2 s (it acts at half).
+    deliveries = delivery_counts(monkeypatch)
     ids = [f"slow-{i:02d}" for i in range(10)]
     for message_id in ids:
         publish(amqp, WORK, message_id)
@@ -202,7 +224,76 @@ def test_deliveries_waiting_behind_slow_handlers_go_back_before_the_consumer_tim
     assert seen[:3] == [(message_id, False) for message_id in ids[:3]]
     assert dict(seen)[ids[3]] is True, "handed back, then handled on its next delivery"
     assert caplog.text.count("handed back to the queue, prefetch now 3") == 1
+    # One hand-back costs each message it returns one delivery of the queue's limit. Before, the
+    # nack gave the consumer credit while it was still consuming, the broker sent the messages
+    # straight back to it, and its cancel returned them again: two deliveries each.
+    # (A delivery handed back never reaches a handler: each message is taken once.)
+    returned = {m: counts for m, counts in deliveries.items() if counts != [0]}
+    assert ids[3] in returned
+    assert all(counts == [1] for counts in returned.values()), returned
     assert depth(amqp, WORK) == 0
+
+
+def test_a_consumer_idle_past_half_the_consumer_timeout_handles_its_next_message(
+    broker_vhost: str, amqp: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # From the prefetch credit alone, the first delivery after a quiet spell looked as old as
+    # the spell: every quiet quarter of an hour (nights; emergency queues are idle most of the
+    # time) handed a fresh message back, spent one of its deliveries, logged a warning and
+    # halved the prefetch, down to 1.
+    handled: list[tuple[str, bool]] = []
+    stop = threading.Event()
+
+    def handler(delivery: Delivery) -> None:
+        handled.append((delivery.message_id, delivery.redelivered))
+        stop.set()
+
+    consumer = RabbitMqConsumer(
+        settings(broker_vhost), WORK, MessageProcessor(handler), consumer_timeout_s=2.0
+    )
+    with caplog.at_level(logging.WARNING, logger="fabric.adapters.rabbitmq_consumer"):
+        running = threading.Thread(target=lambda: consumer.run(stop=stop, idle_timeout_s=10))
+        running.start()
+        time.sleep(2.5)  # quiet past the whole consumer timeout, not just half
+        publish(amqp, WORK, "after-a-quiet-night")
+        running.join(10)
+
+    assert handled == [("after-a-quiet-night", False)], "handled once, on its first delivery"
+    assert "handed back" not in caplog.text
+
+
+class Died(BaseException):
+    """The consumer's process dies mid-handler (nothing catches it)."""
+
+
+def test_a_finished_message_is_acknowledged_before_the_next_slow_handler_runs(
+    broker_vhost: str, amqp: Any
+) -> None:
+    # A finished message waited for its acknowledgement until the next handler ended (the
+    # group was settled on the next message's add): a consumer that died in a slow handler
+    # handed the message before it back too, and its handler ran again.
+    for message_id in ("first", "second"):
+        publish(amqp, WORK, message_id)
+
+    def slow(delivery: Delivery) -> None:
+        time.sleep(1.0)
+        if delivery.message_id == "second":
+            raise Died
+
+    with pytest.raises(Died):
+        RabbitMqConsumer(settings(broker_vhost), WORK, MessageProcessor(slow)).run(
+            max_messages=2, idle_timeout_s=5
+        )
+
+    handled_again: list[str] = []
+    counts = RabbitMqConsumer(
+        settings(broker_vhost),
+        WORK,
+        MessageProcessor(lambda d: handled_again.append(d.message_id)),
+    ).run(idle_timeout_s=1)
+
+    assert handled_again == ["second"], "the finished first message was acknowledged"
+    assert counts == {"done": 1}
 
 
 def test_a_quick_consumer_never_hands_deliveries_back(broker_vhost: str, amqp: Any) -> None:

@@ -94,3 +94,50 @@ def test_a_delivery_counts_as_waiting_since_the_settlement_that_made_room_for_it
     arrivals.settled(1)
     now[0] = 110.0
     assert (arrivals.waited(7), arrivals.waited(8)) == (8.0, 7.0)
+
+
+def test_a_delivery_after_the_consumer_found_nothing_to_take_counts_as_waiting_since_then(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # From the credit alone, the first delivery after a quiet spell looked as old as the spell,
+    # and was handed back: every quiet quarter of an hour in production.
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    arrivals = _Arrivals(2)
+    arrivals.settled(1)
+    now[0] = 1000.0
+    arrivals.quiet()  # the consumer read the connection and held nothing
+    now[0] = 1000.5
+    assert arrivals.waited(1) == 0.5
+    now[0] = 2000.0
+    arrivals.settled(1)
+    now[0] = 2001.0
+    assert arrivals.waited(4) == 1.0, "after the quiet spell, the credit bounds it again"
+
+
+def test_a_decided_message_is_acknowledged_before_a_slow_handler_starts_not_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The group was settled only on the next add: a finished message stayed unacknowledged for
+    # the whole next handler. Quick handlers keep their groups (one audit batch, one ack).
+    now = [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    channel = RecordingChannel()
+    settler: Any = RefusingSettler(set())
+    pending = _Pending(channel, settler, Counter(), lambda: None, limit=10)
+    for tag in (1, 2, 3):  # quick handlers: 1 ms each
+        pending.handler_starts()
+        now[0] += 0.001
+        pending.add(tag, delivery(f"quick-{tag}"), Decision(Verdict.DONE))
+    pending.handler_starts()
+    assert channel.calls == [], "quick handlers keep their group"
+    now[0] += 1.0  # a slow handler
+    pending.add(4, delivery("slow"), Decision(Verdict.DONE))
+    assert channel.calls == [("ack", 4, True)]
+    pending.handler_starts()  # the next handler may be as slow
+    assert channel.calls == [("ack", 4, True)], "nothing else was pending"
+    now[0] += 1.0
+    pending.add(5, delivery("slow-2"), Decision(Verdict.DONE))
+    assert channel.calls == [("ack", 4, True)]
+    pending.handler_starts()
+    assert channel.calls == [("ack", 4, True), ("ack", 5, True)], "acknowledged before it runs"

@@ -4,9 +4,11 @@ Manual acknowledgements with a prefetch window: a message is acknowledged only a
 completed, or after its retry or dead letter was confirmed stored by the broker. Decided
 messages are settled together, up to the prefetch or 50 ms at a time: one confirm window for
 their retries and parks, and one audit batch for all of them, before their acknowledgements
-(one ``basic.ack`` with ``multiple`` for the group when all of it was settled). A
-consumer that dies before acknowledging leaves the message to RabbitMQ, which redelivers it
-(and, after the queue's delivery limit, dead-letters it itself with an ``x-death`` record).
+(one ``basic.ack`` with ``multiple`` for the group when all of it was settled). A group that
+the next handler would keep past 50 ms (judged by the last handler's time) is settled before
+that handler starts. A consumer that dies before acknowledging leaves the message to RabbitMQ,
+which redelivers it (and, after the queue's delivery limit, dead-letters it itself with an
+``x-death`` record).
 
 A systemic failure (the handler's dependency is down: ``Systemic``) pauses the consumer instead
 of handing the message back: it keeps the message, takes nothing new, and tries it again after
@@ -17,9 +19,10 @@ limit would dead-letter healthy messages (emergencies among them) within seconds
 The broker's ``consumer_timeout`` (30 minutes by default, on Amazon MQ too) closes the channel
 when a delivery stays unacknowledged longer, and a delivery waiting in the prefetch window behind
 slow handlers counts. Before a handler starts, the consumer works out how long its delivery may
-have waited (from the prefetch credit, ``_Arrivals``); from half the timeout on, it hands that
-delivery and every one prefetched behind it back with one ``basic.nack`` and halves its prefetch
-(``consumer_timeout_s``; docs/dead-letters.md).
+have waited (from the prefetch credit and the last time it found nothing to take,
+``_Arrivals``); from half the timeout on, it cancels, hands that delivery and every one
+prefetched behind it back with one ``basic.nack`` (one delivery counted each) and consumes
+again with half the prefetch (``consumer_timeout_s``; docs/dead-letters.md).
 """
 
 from __future__ import annotations
@@ -152,7 +155,7 @@ class RabbitMqConsumer:
                 if stop is not None and stop.is_set():
                     break
                 if method is None:
-                    pending.flush()
+                    pending.idle()
                     if (
                         idle_timeout_s is not None
                         and time.monotonic() - idle_since > idle_timeout_s
@@ -161,8 +164,9 @@ class RabbitMqConsumer:
                     continue
                 idle_since = time.monotonic()
                 # The broker's consumer_timeout counts the wait in the prefetch window too.
-                waited = pending.arrivals.waited(method.delivery_tag)
-                if waited >= self._consumer_timeout_s / 2:
+                if (waited := pending.arrivals.waited(method.delivery_tag)) >= (
+                    self._consumer_timeout_s / 2
+                ):
                     messages = self._hand_back(
                         channel, messages, method.delivery_tag, pending, waited
                     )
@@ -177,6 +181,7 @@ class RabbitMqConsumer:
                     redelivered=bool(method.redelivered),
                     reply_to=properties.reply_to,
                 )
+                pending.handler_starts()
                 with keeper.serving():
                     decision = self._processor.process(delivery)
                 wait = self._backoff_s
@@ -226,17 +231,23 @@ class RabbitMqConsumer:
         start after it): the window held more than the handlers get through in half the
         consumer timeout. Returns the new consumer's deliveries.
 
-        One ``basic.nack`` (multiple, requeue) covers them: RabbitMQ 4.3 and later do not count
-        a nack against the delivery limit; 3.10 to 4.2 count it, as they count the channel
-        closure the timeout would bring, which would also lose the acknowledgement of the
-        handler under way and stop the run."""
-        pending.flush()  # what was decided is settled first: the nack covers every lower tag
+        One ``basic.nack`` (multiple, requeue) covers them, each counted once: RabbitMQ 4.3 and
+        later do not count a nack against the delivery limit; 3.10 to 4.2 count it, as they
+        count the channel closure the timeout would bring, which would also lose the
+        acknowledgement of the handler under way and stop the run."""
         last, returned = tag, 1
         for _ in range(channel.get_waiting_message_count()):
             last = next(messages)[0].delivery_tag
             returned += 1
+        # The consumer goes first: a nack (or an acknowledgement) while it was active gave it
+        # credit, the broker sent the returned messages straight back to it, and the cancel
+        # returned them again (two deliveries counted each). pika's cancel rejects, with
+        # requeue, what reaches the consumer before the broker confirms it (deliveries the
+        # last acknowledgement made room for, still unread): tags above ``last``, which the
+        # nack does not cover, so each returned message is counted once either way.
+        channel.cancel()
+        pending.flush()  # what was decided is settled before the nack, which covers lower tags
         channel.basic_nack(last, multiple=True, requeue=True)
-        channel.cancel()  # rejects, with requeue, what arrived since: none but in a race
         pending.limit = max(1, pending.limit // 2)
         pending.arrivals = _Arrivals(pending.limit)
         _LOG.warning(
@@ -303,12 +314,18 @@ class _HeartbeatKeeper:
 
 
 class _Arrivals:
-    """The longest each delivery of a consumer may have waited, from its prefetch credit.
+    """The longest each delivery of a consumer may have waited, from its prefetch credit and
+    from the last time the consumer found nothing to take.
 
     The broker sends the consumer's ``n``-th delivery only while fewer than ``prefetch`` of its
     deliveries are unsettled, that is once ``n - prefetch`` were settled: the delivery can have
     arrived no earlier than that settlement, or than the consumer's start. Settlements are
-    noted when they start, before the broker has them: the bound errs long, never short."""
+    noted when they start, before the broker has them: the bound errs long, never short.
+
+    From the credit alone, the first delivery after a quiet spell looked as old as the spell
+    (a quiet night handed back a message every 15 minutes and halved the prefetch each time).
+    A delivery that comes after the consumer read the connection and held none (``quiet``)
+    was sent after that, however long ago the last settlement was."""
 
     def __init__(self, prefetch: int) -> None:
         self._prefetch = prefetch
@@ -316,6 +333,12 @@ class _Arrivals:
         self._settled = 0
         # (deliveries settled so far, when): both only grow.
         self._times: deque[tuple[int, float]] = deque([(0, time.monotonic())])
+        self._quiet_at = self._times[0][1]
+
+    def quiet(self) -> None:
+        """The consumer read the connection and holds no delivery it has not taken: the ones
+        it gets from now on were sent after now."""
+        self._quiet_at = time.monotonic()
 
     def settled(self, count: int) -> None:
         """``count`` more deliveries were acknowledged, rejected or nacked."""
@@ -330,17 +353,18 @@ class _Arrivals:
         # The first settlement to reach ``needed``; the ones before it serve no later tag.
         while len(self._times) > 1 and self._times[0][0] < needed:
             self._times.popleft()
-        return time.monotonic() - self._times[0][1]
+        return time.monotonic() - max(self._times[0][1], self._quiet_at)
 
 
 class _Pending:
     """Decided deliveries not yet settled: settled together (one confirm window for the
     retries and parks, one audit batch), then acknowledged; at most ``limit`` of them (the
-    prefetch) or ``max_age_s`` old. A delivery that is not settled is rejected back to the
-    queue (its delivery count rises, on every RabbitMQ version); a systemic verdict is nacked
-    back (RabbitMQ 4.3 and later do not count that against the delivery limit). ``arrivals``
-    follows its settlements; it and ``limit`` are renewed when the consumer hands deliveries
-    back with a smaller prefetch."""
+    prefetch) or ``max_age_s`` old, and settled before a handler that would keep them past
+    ``max_age_s`` starts (``handler_starts``). A delivery that is not settled is
+    rejected back to the queue (its delivery count rises, on every RabbitMQ version); a
+    systemic verdict is nacked back (RabbitMQ 4.3 and later do not count that against the
+    delivery limit). ``arrivals`` follows its settlements; it and ``limit`` are renewed when
+    the consumer hands deliveries back with a smaller prefetch."""
 
     def __init__(
         self,
@@ -361,13 +385,33 @@ class _Pending:
         self._max_age_s = max_age_s
         self._items: list[tuple[int, Delivery, Decision]] = []
         self._since = 0.0
+        self._handler_started = 0.0
+        self._handler_s = 0.0  # the last handler's time: what the next one likely takes
 
     @property
     def total(self) -> int:
         """Settled or waiting: how many deliveries this run has taken."""
         return sum(self._counts.values()) + len(self._items)
 
+    def idle(self) -> None:
+        """The consumer read the connection and holds no delivery: whatever comes next was sent
+        after now (``_Arrivals.quiet``); what was decided is settled."""
+        self.arrivals.quiet()
+        self.flush()
+
+    def handler_starts(self) -> None:
+        """Settles now what the next ``add`` would find past ``max_age_s``, judging the handler
+        about to start by the last one's time (from its start to its ``add``). Before, a
+        decided delivery waited for the next ``add``: unacknowledged for a whole next handler,
+        however slow. Quick handlers keep their groups: one is settled a handler early at
+        most."""
+        now = time.monotonic()
+        if self._items and now - self._since + self._handler_s > self._max_age_s:
+            self.flush()
+        self._handler_started = time.monotonic()
+
     def add(self, tag: int, delivery: Delivery, decision: Decision) -> None:
+        self._handler_s = time.monotonic() - self._handler_started
         if decision.verdict is Verdict.SYSTEMIC:
             self.flush()
             self._channel.basic_nack(tag, requeue=True)
