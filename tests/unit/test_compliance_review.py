@@ -1,6 +1,7 @@
 """Compliance report review: records a consumer may write (a leap second, lowercase RFC 3339)
 are counted and never stop the report, a past period that no checkpoint seals is not reported
-verified, and a request for a date the calendar cannot hold is refused with a reason."""
+verified (unless its writer stopped, having sealed all it wrote, while another seals it), and a
+request for a date the calendar cannot hold is refused with a reason."""
 
 from __future__ import annotations
 
@@ -122,6 +123,91 @@ def test_a_period_whose_closing_checkpoint_is_not_due_yet_verifies_by_its_chain(
     assert writer["unsealed_objects"] == 2
     assert report["outcomes"] == {"accepted": 48, "routed": 48}
     assert report["verification"]["verified"] is verified
+
+
+RETIRED = "fabric-test-audit-writer-old"
+
+
+def renamed_on_dec_1() -> tuple[Trail, Trail]:
+    """Writer "old" wrote and sealed hourly until Dec 1 12:00, nothing after; its successor
+    writes from then on, sealed hourly until Dec 5 02:00 (``NOW`` is 02:30)."""
+    old = Trail(RETIRED)
+    old.hours(datetime(2026, 12, 1, tzinfo=UTC), 12)
+    new = Trail(beside=old)
+    new.hours(datetime(2026, 12, 1, 12, tzinfo=UTC), 24 * 3 + 14)
+    return old, new
+
+
+def both_writers(trail: Trail) -> ComplianceReporter:
+    """The report of the old and the new writer (both stay configured: the old one's days)."""
+    return ComplianceReporter(
+        environment="test",
+        writers=[WRITER, RETIRED],
+        trail=trail.store,
+        keys=Keyring([trail.signer]),
+        reports=MemoryReportStore(),
+        topic=MemorySummaryTopic(),
+        clock=lambda: NOW,
+    )
+
+
+def test_a_writer_that_stopped_having_sealed_all_it_wrote_needs_no_later_seal() -> None:
+    # After a writer rename both writers stay in AUDIT_WRITERS. The old one's last checkpoint
+    # sealed everything it wrote: the day it stopped and every later day verify (before, every
+    # later report paged NOT VERIFIED for good), and a day long after it stopped lists only
+    # that day's folders of it, not one folder per day since.
+    _, new = renamed_on_dec_1()
+    run = both_writers(new)
+
+    reports = {day: run.report(Period.day(date(2026, 12, day))) for day in (1, 2)}
+    new.store.listed.clear()
+    reports[4] = run.report(Period.day(date(2026, 12, 4)))
+
+    assert {day: r["verification"]["problem"] for day, r in reports.items()} == {
+        1: None,
+        2: None,
+        4: None,
+    }
+    assert reports[1]["outcomes"] == {"accepted": 48, "routed": 48}  # both writers' halves
+    assert [p for p in new.store.listed if p.startswith(f"audit/{RETIRED}/")] == [
+        f"audit/{RETIRED}/2026/12/04/",
+        f"audit/{RETIRED}/2026/12/05/",
+    ]
+
+
+def test_a_writer_with_objects_after_its_last_checkpoint_leaves_their_days_not_verified() -> None:
+    # The old writer wrote once more after its last checkpoint (it stopped sealing, then
+    # stopped): that day is not proved. A later day it wrote nothing on verifies; an object
+    # put after its end (only the unkeyed hash chain holds it) makes that day not verified.
+    old, new = renamed_on_dec_1()
+    old.write(datetime(2026, 12, 1, 12, 30, tzinfo=UTC), *accepted_and_routed("unsealed"))
+    run = both_writers(new)
+    last = old.store.keys(f"checkpoints/{RETIRED}/")[-1]
+
+    dec1 = run.report(Period.day(date(2026, 12, 1)))
+    assert dec1["verification"]["problem"] == (
+        f"{last}: the last checkpoint (2026-12-01T12:00:00Z); none at or after"
+        " 2026-12-02T01:00:00Z seals the period"
+    )
+    assert run.report(Period.day(date(2026, 12, 3)))["verification"]["verified"] is True
+
+    old.write(datetime(2026, 12, 3, 9, tzinfo=UTC), *accepted_and_routed("put-later"))
+    dec3 = run.report(Period.day(date(2026, 12, 3)))
+    assert dec3["verification"]["verified"] is False
+    assert dec3["verification"]["problem"].startswith(f"{last}: the last checkpoint")
+
+
+def test_a_past_day_no_writer_seals_is_not_verified_even_if_nothing_was_written_after() -> None:
+    # The only writer sealed all it wrote and then stopped altogether (its function failed, so
+    # did its checkpoints): the day after is not proved quiet, nothing seals it.
+    quiet = Trail()
+    quiet.hours(datetime(2026, 12, 2, tzinfo=UTC), 12)
+    report = reporter(quiet)[0].report(Period.day(date(2026, 12, 3)))
+    last = quiet.store.keys("checkpoints/")[-1]
+    assert report["verification"]["problem"] == (
+        f"{last}: the last checkpoint (2026-12-02T12:00:00Z); none at or after"
+        " 2026-12-04T01:00:00Z seals the period"
+    )
 
 
 def test_a_day_sealed_by_the_checkpoint_after_its_margin_verifies() -> None:

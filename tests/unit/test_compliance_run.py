@@ -70,15 +70,20 @@ class MemoryChains:
 
 
 class CountingStore(MemoryTrailStore):
-    """Remembers which keys were read."""
+    """Remembers which keys were read and which prefixes listed."""
 
     def __init__(self) -> None:
         super().__init__()
         self.reads: list[str] = []
+        self.listed: list[str] = []
 
     def read(self, key: str) -> StoredObject | None:
         self.reads.append(key)
         return super().read(key)
+
+    def keys(self, prefix: str) -> list[str]:
+        self.listed.append(prefix)
+        return super().keys(prefix)
 
 
 def accepted_and_routed(message_id: str, **fields: Any) -> tuple[dict[str, Any], ...]:
@@ -96,15 +101,16 @@ def accepted_and_routed(message_id: str, **fields: Any) -> tuple[dict[str, Any],
 
 
 class Trail:
-    """A writer's trail written by the real AuditWriter, with a clock the test moves."""
+    """A writer's trail written by the real AuditWriter, with a clock the test moves (another
+    writer's trail can share the bucket and the signing key of ``beside``)."""
 
-    def __init__(self) -> None:
-        self.store = CountingStore()
-        self.signer = MemorySigner()
+    def __init__(self, name: str = WRITER, *, beside: Trail | None = None) -> None:
+        self.store: CountingStore = CountingStore() if beside is None else beside.store
+        self.signer: MemorySigner = MemorySigner() if beside is None else beside.signer
         self.clock = datetime(2026, 12, 1, tzinfo=UTC)
         self.chains = MemoryChains()
         self.writer = AuditWriter(
-            WRITER,
+            name,
             chains=self.chains,
             objects=self.store,
             signer=self.signer,

@@ -12,7 +12,8 @@ interval by interval):
 - every audit object those checkpoints name, and, when no checkpoint follows the margin yet, the
   objects written after the writer's last checkpoint (counted as not yet sealed);
 - the listings of the days from the anchor's to the last checkpoint's
-  (``audit/<writer>/<yyyy>/<mm>/<dd>/``), to find objects that no checkpoint names;
+  (``audit/<writer>/<yyyy>/<mm>/<dd>/``), to find objects that no checkpoint names (of a writer
+  whose last checkpoint is before the period, the period's days only, unless it wrote on them);
 - nothing older. The anchor's signature proves where the window starts, and ``verify_trail``
   continues the numbering, the signature chain and the record chain from it, so a daily report
   reads a day and about two hours of the trail, not seven years of it. What precedes the anchor
@@ -23,8 +24,9 @@ missing, reordered or inserted record, object or checkpoint, a bad signature, a 
 accepted message without an outcome), an object of the window's days that no checkpoint names
 while a later checkpoint exists, a key that is not an audit object's, a checkpoint that
 cannot be read, and, once its seal is due (``SEAL_DUE`` after the end and margin), a period that
-no checkpoint at or after its end and margin seals. Objects written after the writer's last
-checkpoint (the current hour) are protected by the hash chain only.
+no checkpoint at or after its end and margin seals, unless its writer stopped (``_not_sealed``).
+Objects written after the writer's last checkpoint (the current hour) are protected by the hash
+chain only.
 
 **How it is read**: the window's checkpoints first (``plan_window``), then interval by interval
 (``scan_window``): a checkpoint's objects are read, verified against it from the checkpoint
@@ -455,17 +457,30 @@ def _listed(
     """The audit object keys of the days the window's objects were written on: from the
     anchor's day (else the period's first) to the last checkpoint's day (sealed) or the end of
     the margin (unsealed: the objects after the last checkpoint). A young trail without any
-    checkpoint is listed whole."""
+    checkpoint is listed whole. When the writer's last checkpoint is before the period (it
+    stopped, or stopped sealing), the days before the period are listed only if it wrote on the
+    period's days: what it wrote before belongs to those days' reports, and a writer retired
+    long ago costs the period's few listings, not one per day since."""
     if window.anchor is None and not window.checkpoints:
         return store.keys(f"audit/{writer}/")
     # UTC days, as the keys are: a replay's period may come in any offset (06:00+07:00 is the
     # day before in the bucket).
-    since = _at(window.anchor[1]).date() if window.anchor else period.start.astimezone(UTC).date()
+    first = period.start.astimezone(UTC).date()
+    since = _at(window.anchor[1]).date() if window.anchor else first
     until = (
         _at(window.checkpoints[-1][1]).date()
         if sealed
         else (period.end + late).astimezone(UTC).date()
     )
+    if window.checkpoints or since >= first:
+        return _day_keys(store, writer, since, until)
+    recent = _day_keys(store, writer, first, until)
+    # Objects of the period after a checkpoint before it: the days between chain them to it.
+    return _day_keys(store, writer, since, first - DAY) + recent if recent else []
+
+
+def _day_keys(store: TrailStore, writer: str, since: date, until: date) -> list[str]:
+    """The audit object keys of ``writer`` on the days ``since`` to ``until``."""
     days = [since + timedelta(days=n) for n in range(max(0, (until - since).days) + 1)]
     return [key for day in days for key in store.keys(f"audit/{writer}/{day:%Y/%m/%d}/")]
 
@@ -828,18 +843,28 @@ class ComplianceReporter:
             TransportUnavailable: the audit bucket cannot be read.
         """
         figures = Figures(*period.bounds)
-        checks: list[WriterCheck] = []
+        read: list[tuple[Window, WriterCheck]] = []
         locks: list[ObjectLock] = []
         now = self._clock()
         for writer in self._writers:
             window = plan_window(self._trail, writer, period, workers=self._workers)
-            check, read = scan_window(
+            check, window_locks = scan_window(
                 self._trail, window, self._keys, figures, workers=self._workers
             )
-            if check.problem is None and now >= period.end + LATE_ARRIVAL + SEAL_DUE:
-                check = dataclasses.replace(check, problem=_not_sealed(window, period))
-            checks.append(check)
-            locks.extend(read)
+            read.append((window, check))
+            locks.extend(window_locks)
+        checks = [check for _, check in read]
+        if now >= period.end + LATE_ARRIVAL + SEAL_DUE:
+            # Due: each writer must seal the period, unless it stopped (``_not_sealed``).
+            sealed = any(_seals(window, period) for window, _ in read)
+            checks = [
+                check
+                if check.problem
+                else dataclasses.replace(
+                    check, problem=_not_sealed(window, period, trail_sealed=sealed)
+                )
+                for window, check in read
+            ]
         problems = [check.problem for check in checks if check.problem is not None]
         return report_document(
             figures,
@@ -885,14 +910,28 @@ class ComplianceReporter:
         return summary
 
 
-def _not_sealed(window: Window, period: Period) -> Problem | None:
+def _seals(window: Window, period: Period) -> bool:
+    """Whether a checkpoint of ``window`` at or after the period's end and margin seals it."""
+    last = window.checkpoints[-1] if window.checkpoints else window.anchor
+    return last is not None and _at(last[1]) >= period.end + LATE_ARRIVAL
+
+
+def _not_sealed(window: Window, period: Period, *, trail_sealed: bool) -> Problem | None:
     """Why ``window`` leaves ``period`` unsealed when its closing checkpoint is due: no
     checkpoint at or after the period's end and margin (the writer stopped sealing, or the
-    trail's end is gone); None when one is there."""
+    trail's end is gone); None when one is there, or when the writer stopped writing: another
+    writer seals the period (``trail_sealed``: the trail's sealing goes on) and this one wrote
+    nothing from the period's first day on that its last checkpoint does not seal (a writer
+    renamed or retired sealed all it wrote; one that stopped sealing, or an object put after
+    its end, leaves an object after its last checkpoint)."""
+    if _seals(window, period):
+        return None
+    first = period.start.astimezone(UTC).date()
+    wrote = any(day is None or day >= first for day in map(_day, window.unsealed_keys))
+    if trail_sealed and not wrote:
+        return None
     due = period.end + LATE_ARRIVAL
     last = window.checkpoints[-1] if window.checkpoints else window.anchor
-    if last is not None and _at(last[1]) >= due:
-        return None
     if last is None:
         where, since = f"checkpoints/{window.writer}/", "no checkpoint"
     else:

@@ -34,12 +34,14 @@ that is not a fabric envelope ``unreadable``, and a message today's routing tabl
 classification) ``refused``; none of them is published.
 
 A run is bounded (``max_messages``, ``max_seconds``) and paced (``rate_per_s``); it returns a
-cursor, the ``(at, message_id)`` of the last message it finished, from which the next run goes
-on without repeating one. Its memory follows ``max_messages``, not the period: of the messages
-behind the first ones it takes it holds only their ids (``_Selection``). Only the broker is
-used: a replay is recovery, not live traffic, so while RabbitMQ cannot take messages the run
-stops and is resumed from its cursor later, instead of filling the fallback path that live
-traffic needs during an outage.
+cursor, the ``(at, message_id)`` up to which every message is finished (normally the last one it
+finished), from which the next run goes on without repeating one. It reads the period a second
+time only when that fits in its time (``Replayer._select``). Its memory follows
+``max_messages``, not the period: of the messages behind the first ones it takes it holds only
+their ids (``_Selection``), and of the archived bodies it searches only its own messages' hashes
+(``_Bodies``). Only the broker is used: a replay is recovery, not live traffic, so while
+RabbitMQ cannot take messages the run stops and is resumed from its cursor later, instead of
+filling the fallback path that live traffic needs during an outage.
 
 Consumers are idempotent on ``message_id`` (``fabric.consumer.Idempotency`` keeps a record for
 14 days): a consumer that already processed a message drops its replay unless that record has
@@ -446,17 +448,24 @@ class Replayer:
 
     def _run(self, request: ReplayRequest, report: ReplayReport, progress: Progress | None) -> None:
         rate = None if request.dry_run else request.rate_per_s
+        started = self._clock()
         pace = Pace(
             rate_per_s=rate, max_seconds=request.max_seconds, clock=self._clock, sleep=self._sleep
         )
-        selection = self._select(request, report)
+        selection = self._select(request, report, started)
         if selection is None:
             report.stopped = "trail not verified"
             return
         report.selected = selection.selected
         report.pending = report.remaining = selection.pending
         candidates = selection.taken()
-        bodies = _Bodies(self._archive, self._writers, _search_days(request), report)
+        if selection.short and not candidates:
+            # No time to read the period again, and nothing kept to publish: the next run goes
+            # on from a finished message's place, past every one this run found done.
+            report.cursor = selection.resume or report.cursor
+            report.stopped = "time limit"
+            return
+        bodies = _Bodies(self._archive, self._writers, _search_days(request), report, candidates)
         batch_size = pace.batch_size(_BATCH)
         index = 0
         while index < len(candidates):
@@ -484,7 +493,9 @@ class Replayer:
 
     # -- selection ------------------------------------------------------------------------------
 
-    def _select(self, request: ReplayRequest, report: ReplayReport) -> _Selection | None:
+    def _select(
+        self, request: ReplayRequest, report: ReplayReport, started: float
+    ) -> _Selection | None:
         """The messages of the period this run takes (``_Selection``); None when a writer's
         trail is not authentic (``report.trail_problems`` says where).
 
@@ -492,7 +503,10 @@ class Replayer:
         of a message is its first can only be told from all of them. When the selection comes
         out short (messages it kept turned out to be accepted before the cursor too, after it
         had set others aside for them), the period is read once more, knowing which messages
-        are done, so that the run still takes ``max_messages`` of them.
+        are done, so that the run still takes ``max_messages`` of them; but only when a second
+        read, as long as the first (the run ``started`` then), fits in the time left. Otherwise
+        the short selection stands: what it kept are the right first messages, and with
+        nothing kept its ``resume`` is where the next run goes on.
 
         Raises:
             TransportUnavailable: the bucket cannot be read.
@@ -500,7 +514,16 @@ class Replayer:
         selection = _Selection(request)
         if not self._read(request, report, selection):
             return None
-        if selection.short:
+        spent = self._clock() - started
+        if selection.short and spent > request.max_seconds - spent:
+            # Reading again would leave no time to publish, or run past the function's
+            # timeout and return no report (and no cursor) at all.
+            _LOG.info(
+                "replay %s has no time to read the period again (%.0f s spent reading)",
+                request.replay_id,
+                spent,
+            )
+        elif selection.short:
             _LOG.info("replay %s reads the period again to fill its selection", request.replay_id)
             report.trail_incomplete.clear()
             report.unsealed_objects = 0
@@ -746,7 +769,9 @@ class Replayer:
 class _Bodies:
     """Archived bodies by SHA-256: first in the archive object beside the record's audit object
     (a body is archived in the same writer call as the record naming it), then in every archive
-    object of the period's days, each read once and indexed."""
+    object of the period's days, each read once. Only the bodies of ``candidates`` (the run's
+    messages) are ever looked up, so only theirs are indexed: memory follows the run, not the
+    archive objects read."""
 
     def __init__(
         self,
@@ -754,15 +779,19 @@ class _Bodies:
         writers: Sequence[str],
         days: list[date],
         report: ReplayReport,
+        candidates: Sequence[_Candidate],
     ) -> None:
         self._archive = archive
         self._writers = writers
         self._days = days
         self._report = report
+        self._wanted = {c.body_sha256 for c in candidates if c.body_sha256 is not None}
         self._cache: OrderedDict[str, dict[str, bytes]] = OrderedDict()
-        self._index: dict[str, str] = {}  # SHA-256 hex -> archive key
+        self._index: dict[str, str] = {}  # SHA-256 hex of a wanted body -> archive key
         self._unread: Iterator[str] | None = None
-        self._read: set[str] = set()
+        # Read beside a record, so skipped when the search of the period's days reaches them
+        # (the search itself goes through each key once).
+        self._siblings: set[str] = set()
 
     def find(self, digest: str, audit_key: str) -> bytes | None:
         """The archived bytes stored under ``digest`` (unchecked), or None.
@@ -771,6 +800,7 @@ class _Bodies:
             TransportUnavailable: the archive cannot be read.
         """
         sibling = ARCHIVE_PREFIX + audit_key.removeprefix(AUDIT_PREFIX)
+        self._siblings.add(sibling)
         for key in (sibling, self._index.get(digest)):
             if key is not None:
                 body = self._load(key).get(digest)
@@ -779,7 +809,7 @@ class _Bodies:
         if self._unread is None:
             self._unread = iter(_day_keys(self._archive, self._writers, self._days))
         for key in self._unread:
-            if key in self._read:
+            if key in self._siblings:
                 continue
             body = self._load(key).get(digest)
             if body is not None:
@@ -792,7 +822,6 @@ class _Bodies:
             self._cache.move_to_end(key)
             return cached
         data = self._archive.read(key)
-        self._read.add(key)
         bodies: dict[str, bytes] = {}
         if data is not None:
             try:
@@ -800,7 +829,7 @@ class _Bodies:
             except (ValueError, KeyError, TypeError, UnicodeDecodeError):
                 _LOG.warning("archive object %s is not readable", key)
                 self._report.unreadable_objects.append(key)
-        for digest in bodies:
+        for digest in self._wanted.intersection(bodies):
             self._index.setdefault(digest, key)
         self._cache[key] = bodies
         if len(self._cache) > _CACHED_ARCHIVES:
@@ -871,6 +900,7 @@ class _Selection:
         self._kept: dict[str, _Candidate] = {}
         self._order: list[ReplayCursor] = []  # the kept messages' positions, sorted
         self._bound: ReplayCursor | None = None
+        self._below: ReplayCursor | None = None  # the last position kept when _bound was set
 
     @property
     def selected(self) -> int:
@@ -888,6 +918,18 @@ class _Selection:
         return self._bound is not None and len(self._kept) < min(
             self._request.max_messages, self.pending
         )
+
+    @property
+    def resume(self) -> ReplayCursor | None:
+        """When something was set aside and nothing is kept: a place after the cursor that
+        every pending message lies after, from which the next run goes on.
+
+        Kept are the pending messages before ``_bound``: none, so every pending message is at
+        or after it. The last position kept when ``_bound`` was set lies between the cursor and
+        it, and its message, dropped since, was found done. A run that resumes there finds the
+        acceptances up to it done at once; if it too keeps nothing, its own ``resume`` lies at
+        least twice ``max_messages`` kept positions further on."""
+        return None if self._kept else self._below
 
     def taken(self) -> list[_Candidate]:
         """The kept messages in replay order: the first pending ones."""
@@ -928,6 +970,7 @@ class _Selection:
         bisect.insort(self._order, position)
         if len(self._order) > self._room:
             self._bound = self._order.pop()
+            self._below = self._order[-1]
             del self._kept[self._bound.message_id]
 
     def _remove(self, position: ReplayCursor) -> None:
