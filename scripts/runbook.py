@@ -319,8 +319,8 @@ def replay(
         held += [p["message_id"] for p in body["problems"] if p["outcome"] == "unsealed"]
         if dry_run:
             listed = _list_would_replay(body, listed, out)
-        if body["cursor"] is not None:
-            cursor = body["cursor"]
+        moved = body["cursor"] not in (None, cursor)
+        cursor = body["cursor"] or cursor
         rate = totals["replayed"] / max(clock() - started, 1e-9)
         done = totals["would_replay"] if dry_run else totals["replayed"]
         print(
@@ -332,7 +332,9 @@ def replay(
         )
         if body["stopped"] not in _REPLAY_GOES_ON:
             break
-        if not progress:  # reading and verifying the period took the whole run: no end to it
+        # Reading and verifying the period took the whole run: no end to it. (A run that kept
+        # only messages done before its cursor moves the cursor past them: that is progress.)
+        if not progress and not moved:
             print(
                 "  a run finished no message within its time: the period is too large to read"
                 " and verify in one invocation; replay it in shorter periods",

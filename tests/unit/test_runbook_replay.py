@@ -170,3 +170,30 @@ def test_acceptances_held_back_as_unsealed_get_a_command_that_replays_just_them(
     assert status == 1, output
     assert "2 acceptance(s) were not sealed yet" in output
     assert "--message-id m-7 --message-id m-9" in output
+
+
+def test_a_run_that_finished_nothing_but_moved_its_cursor_is_progress() -> None:
+    # A run that kept only messages done before its cursor (replayed by an earlier chunk) moves
+    # the cursor past them and stops on its time limit: the next run goes on from there.
+    answers = [
+        _Lambda(
+            selected=3,
+            remaining=3,
+            stopped="time limit",
+            cursor={"at": "2026-12-01T01:00:00Z", "message_id": "m-010"},
+        ).body,
+        _Lambda(selected=3, remaining=0, replayed=3, stopped="done").body,
+    ]
+    events: list[dict[str, Any]] = []
+
+    class _Sequence:
+        def invoke(self, **arguments: Any) -> dict[str, Any]:
+            events.append(json.loads(arguments["Payload"]))
+            return {"Payload": io.BytesIO(json.dumps(answers[len(events) - 1]).encode())}
+
+    status, output = replay(_Sequence(), max_messages=1000)  # type: ignore[arg-type]
+
+    assert status == 0, output
+    assert len(events) == 2
+    assert events[1]["after"] == {"at": "2026-12-01T01:00:00Z", "message_id": "m-010"}
+    assert "too large to read" not in output
