@@ -6,14 +6,29 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
 
+import pika
+import pytest
+
+from fabric import topology
 from fabric.adapters.audit_storage import S3ObjectStore
-from fabric.audit import AuditEvent
+from fabric.adapters.management import ManagementClient
+from fabric.adapters.rabbitmq import RabbitSettings
+from fabric.adapters.rabbitmq_consumer import consumer_settler
+from fabric.audit import AuditEvent, AuditRecord, encode_audit_batch
 from fabric.audit_chain import decode_object
+from fabric.consumer import Delivery, MessageProcessor
+from fabric.envelope import new_message_id
+from fabric.routing import default_routing_table
 from fabric.stakeholders import Stakeholder
 from fabric.topology import user_name
+from fabric.topology_apply import apply_topology
+from tests.integration.conftest import AMQP, MANAGEMENT
 from tests.integration.test_audit_writer import (  # noqa: F401 (fixture)
     BUCKET,
     aws_audit,
@@ -29,6 +44,8 @@ from tests.integration.test_audit_writer_handler import (  # noqa: F401 (fixture
     verified,
 )
 
+CHILD = "Siti Rahayu"  # stands for child data: it must reach no stored object
+
 
 def test_raw_surrogate_bytes_are_an_unreadable_batch_not_a_stopped_trail(
     handler: ModuleType,  # noqa: F811
@@ -37,15 +54,18 @@ def test_raw_surrogate_bytes_are_an_unreadable_batch_not_a_stopped_trail(
     # json.loads reads bytes with "surrogatepass": a lone surrogate as raw UTF-8 bytes (or in a
     # UTF-16 document) passed as a batch, then no record of the call could be encoded, and the
     # whole event, every other component's batch in it, failed on every redelivery.
-    template = json.dumps(json.loads(body("m1", event=AuditEvent.DELIVERED)))
-    raw = template.replace('"m1"', '"m1\\u0000"').encode().replace(b"\\u0000", b"\xed\xa0\x80")
-    utf16 = template.replace('"m1"', '"\\ud800"').encode().decode("unicode_escape")
+    first = new_message_id()
+    template = json.dumps(json.loads(body(first, event=AuditEvent.DELIVERED)))
+    raw = (
+        template.replace(f'"{first}"', '"m1\\u0000"').encode().replace(b"\\u0000", b"\xed\xa0\x80")
+    )
+    utf16 = template.replace(f'"{first}"', '"\\ud800"').encode().decode("unicode_escape")
     wide = utf16.encode("utf-16-le", "surrogatepass")
     consumer = user_name(Stakeholder.COMMUNITY)
     event = amazon_mq(
         ("raw", raw),
         ("wide", wide),
-        ("good", body("m2", event=AuditEvent.DELIVERED)),
+        ("good", body(new_message_id(), event=AuditEvent.DELIVERED)),
         user=consumer,
     )
 
@@ -75,7 +95,7 @@ def test_a_consumers_batch_puts_no_bytes_into_the_locked_archive(
     # child data too), though no record of the platform names them.
     smuggled = b"anything a stakeholder wants kept out of reach for seven years"
     digest = hashlib.sha256(smuggled).hexdigest()
-    document = json.loads(body("m1", event=AuditEvent.DELIVERED))
+    document = json.loads(body(new_message_id(), event=AuditEvent.DELIVERED))
     document["records"][0]["body_sha256"] = digest
     document["bodies"] = {digest: base64.b64encode(smuggled).decode()}
     consumer = user_name(Stakeholder.MEDIA)
@@ -124,3 +144,119 @@ def test_an_unsealed_object_nested_beyond_the_parser_is_named_not_a_crash(
     assert problem is not None
     assert problem.where == forged
     assert problem.why.startswith("not a batch object")
+
+
+@pytest.fixture
+def media_user(vhost: str) -> Iterator[tuple[str, str]]:
+    """The generated topology in the test's vhost with the media group's user only, renamed for
+    this test (users are broker-wide): (name, password). Deleted afterwards."""
+    group = user_name(Stakeholder.MEDIA)
+    name, password = f"t{vhost.removeprefix('fabric-test-')}-{group}", uuid.uuid4().hex
+    document = topology.definitions(default_routing_table(), vhost=vhost)
+    document["users"] = [{**u, "name": name} for u in document["users"] if u["name"] == group]
+    document["permissions"] = [
+        {**p, "user": name} for p in document["permissions"] if p["user"] == group
+    ]
+    client = ManagementClient(MANAGEMENT, "guest", "guest")
+    apply_topology(client, document, passwords={name: password}, vhost=vhost)
+    yield name, password
+    client.delete_user(name)
+
+
+def test_a_custom_consumers_free_text_never_reaches_the_locked_trail(
+    handler: ModuleType,  # noqa: F811
+    aws_audit: dict[str, Any],  # noqa: F811
+    vhost: str,
+    media_user: tuple[str, str],
+) -> None:
+    # The writer stored every key a group's batch had, text of any length: a custom consumer
+    # (not the toolkit) could put a child's name or case notes in an object nobody can erase
+    # for seven years. Its batches are refused whole; the toolkit's own are stored.
+    name, password = media_user
+    work = topology.queue_name(Stakeholder.MEDIA)
+    settings = RabbitSettings(*AMQP, lambda: (name, password), vhost=vhost)
+    settler = consumer_settler(settings, work, consumer="consumer:media")
+    odd = Delivery(message_id=CHILD, topic=CHILD, body=b"{}", queue=work)  # not the router's
+    fine = Delivery(
+        message_id=new_message_id(), topic="media.story.published", body=b"{}", queue=work
+    )
+
+    def fails(_delivery: Delivery) -> None:
+        raise ValueError(CHILD)
+
+    items = [
+        (odd, MessageProcessor(lambda _d: None).process(odd)),
+        (fine, MessageProcessor(fails).process(fine)),
+    ]
+    assert settler.settle(items) == [True, True]
+
+    def custom(**fields: Any) -> bytes:
+        record = AuditRecord(
+            event=AuditEvent.RETRIED,
+            at=datetime.now(UTC),
+            message_id=fine.message_id,
+            source="case-desk",
+            reason="ValueError",
+            queues=(work,),
+        ).to_dict()
+        document = json.loads(encode_audit_batch([], emitted_by="case-desk"))
+        document["records"] = [{**record, **fields}]
+        return json.dumps(document).encode()
+
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters(
+            *AMQP, virtual_host=vhost, credentials=pika.PlainCredentials(name, password)
+        )
+    )
+    channel = connection.channel()
+    channel.confirm_delivery()
+    for batch_id, data in (
+        ("notes", custom(notes=f"{CHILD} was seen at Pasar Minggu with a bruise")),
+        ("spaced", custom(reason=f"{CHILD} hit by her father")),
+    ):
+        channel.basic_publish(
+            topology.AUDIT_EXCHANGE,
+            "consumer",
+            data,
+            pika.BasicProperties(message_id=batch_id, user_id=name, delivery_mode=2),
+            mandatory=True,
+        )
+    connection.close()
+
+    # What the Amazon MQ event source hands the writer, the test's user named as the deployed
+    # broker names the group's (the broker checked the user-id against the connection's user).
+    guest = pika.BlockingConnection(pika.ConnectionParameters(*AMQP, virtual_host=vhost))
+    reader = guest.channel()
+    messages = []
+    while (got := reader.basic_get(topology.AUDIT_QUEUE, auto_ack=True))[0] is not None:
+        _, properties, data = got
+        assert properties.user_id == name
+        messages.append(
+            {
+                "basicProperties": {
+                    "messageId": properties.message_id,
+                    "userId": user_name(Stakeholder.MEDIA),
+                },
+                "data": base64.b64encode(data).decode(),
+            }
+        )
+    guest.close()
+    event = {"eventSource": "aws:rmq", "rmqMessagesByQueue": {"fabric.audit::/": messages}}
+
+    written = handler.handler(event, None)
+
+    stored = aws_audit["s3"].get_object(Bucket=BUCKET, Key=written["object"])["Body"].read()
+    records = decode_object(stored)
+    assert [(r["event"], r.get("reason")) for r in records[:2]] == [
+        ("delivered", None),
+        ("retried", "ValueError"),
+    ]
+    assert records[0]["message_id"] is None  # the odd delivery: its id was not the fabric's
+    assert {r["publisher"] for r in records} == {user_name(Stakeholder.MEDIA)}
+    refused = {r["batch"]: r for r in records[2:]}
+    assert sorted(refused) == ["notes", "spaced"]
+    assert {r["event"] for r in refused.values()} == {"refused-batch"}
+    assert "a field the fabric's consumer records do not have" in refused["notes"]["reason"]
+    assert "a reason its event does not have" in refused["spaced"]["reason"]
+    assert CHILD.encode() not in stored
+    assert b"bruise" not in stored

@@ -21,6 +21,8 @@ from tests.conftest import load_handler
 from tests.integration.test_audit_writer import BUCKET, TABLE, aws_audit  # noqa: F401 (fixture)
 
 WRITER = "fabric-test-audit-writer"
+# Message ids of consumer records: the writer refuses a consumer's id not in the envelope's syntax.
+M1, M2 = "0190d7e6-1f2c-4b3a-9d4e-5f6a7b8c9d01", "0190d7e6-1f2c-4b3a-9d4e-5f6a7b8c9d02"
 
 
 @pytest.fixture
@@ -92,9 +94,9 @@ def test_a_consumer_may_record_its_deliveries_but_not_platform_events(
     aws_audit: dict[str, Any],  # noqa: F811
 ) -> None:
     consumer = user_name(Stakeholder.COMMUNITY)
-    forged = body("m2", event=AuditEvent.ACCEPTED)  # only the router accepts messages
+    forged = body(M2, event=AuditEvent.ACCEPTED)  # only the router accepts messages
     handler.handler(
-        amazon_mq(("c1", body("m1", event=AuditEvent.DELIVERED)), ("c2", forged), user=consumer),
+        amazon_mq(("c1", body(M1, event=AuditEvent.DELIVERED)), ("c2", forged), user=consumer),
         None,
     )
     store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
@@ -104,7 +106,7 @@ def test_a_consumer_may_record_its_deliveries_but_not_platform_events(
     assert refused["event"] == "refused-batch"
     assert refused["publisher"] == consumer
     assert refused["body_sha256"] == hashlib.sha256(forged).hexdigest()
-    assert "m2" not in json.dumps(refused)
+    assert M2 not in json.dumps(refused)
 
 
 @pytest.mark.parametrize(
@@ -126,13 +128,13 @@ def test_a_consumer_record_the_trails_readers_cannot_take_is_refused(
     why: str,
 ) -> None:
     # The compliance report reads these; one malformed delivery stopped its whole day.
-    document = json.loads(body("m1", event=AuditEvent.DELIVERED))
+    document = json.loads(body(M1, event=AuditEvent.DELIVERED))
     document["records"][0][field] = value
     malformed = json.dumps(document).encode()
     consumer = user_name(Stakeholder.MEDIA)
     handler.handler(
         amazon_mq(
-            ("bad", malformed), ("good", body("m2", event=AuditEvent.DELIVERED)), user=consumer
+            ("bad", malformed), ("good", body(M2, event=AuditEvent.DELIVERED)), user=consumer
         ),
         None,
     )
@@ -141,7 +143,7 @@ def test_a_consumer_record_the_trails_readers_cannot_take_is_refused(
     refused, delivered = decode_object(store.get(key))
     assert (refused["event"], refused["batch"]) == ("refused-batch", "bad")
     assert why in refused["reason"]
-    assert (delivered["event"], delivered["message_id"]) == ("delivered", "m2")
+    assert (delivered["event"], delivered["message_id"]) == ("delivered", M2)
 
 
 @pytest.mark.parametrize(
@@ -167,7 +169,7 @@ def test_a_consumer_cannot_record_deliveries_for_another_group(
 ) -> None:
     # A forged delivery for government would make the compliance report count an emergency as
     # delivered that never was.
-    document = json.loads(body("m1", event=AuditEvent.DELIVERED))
+    document = json.loads(body(M1, event=AuditEvent.DELIVERED))
     document["records"][0].update(record)
     event = amazon_mq(("forged", json.dumps(document).encode()), user=user)
     handler.handler(event, None)
@@ -182,10 +184,12 @@ def test_a_consumer_records_its_own_queues_deliveries(
     handler: ModuleType,
     aws_audit: dict[str, Any],  # noqa: F811
 ) -> None:
-    document = json.loads(body("m1", event=AuditEvent.DELIVERED))
+    document = json.loads(body(M1, event=AuditEvent.DELIVERED))
     document["records"][0]["queues"] = ["fabric.media.emergency"]
-    sqs_copy = json.loads(body("m2", event=AuditEvent.DELIVERED))
-    sqs_copy["records"][0]["queues"] = ["arn:aws:sqs:ap-southeast-3:1:fabric-dev-fallback-media"]
+    sqs_copy = json.loads(body(M2, event=AuditEvent.DELIVERED))
+    sqs_copy["records"][0]["queues"] = [
+        "arn:aws:sqs:ap-southeast-3:123456789012:fabric-dev-fallback-media"
+    ]
     event = amazon_mq(
         ("own", json.dumps(document).encode()),
         ("own-sqs", json.dumps(sqs_copy).encode()),
@@ -227,22 +231,22 @@ def test_a_batch_the_trail_cannot_hold_is_recorded_unreadable_and_the_others_are
     aws_audit: dict[str, Any],  # noqa: F811
 ) -> None:
     # A stakeholder's consumer may publish to fabric.audit: what it sends must not stop the trail.
-    template = json.loads(body("m1", event=AuditEvent.DELIVERED))
-    lone = json.dumps(template).replace('"m1"', '"\\ud800"').encode()
+    template = json.loads(body(M1, event=AuditEvent.DELIVERED))
+    lone = json.dumps(template).replace(f'"{M1}"', '"\\ud800"').encode()
     deep = (
         json.dumps({**template, "records": [{"x": [[]] * 1}]})
         .replace("[[]]", "[" * 100_000 + "]" * 100_000)
         .encode()
     )
-    nan = json.dumps(template).replace('"m1"', "NaN").encode()
-    huge = json.dumps(template).replace('"m1"', "1e400").encode()  # JSON, but infinite
+    nan = json.dumps(template).replace(f'"{M1}"', "NaN").encode()
+    huge = json.dumps(template).replace(f'"{M1}"', "1e400").encode()  # JSON, but infinite
     consumer = user_name(Stakeholder.COMMUNITY)
     event = amazon_mq(
         ("lone", lone),
         ("deep", deep),
         ("nan", nan),
         ("huge", huge),
-        ("good", body("m2", event=AuditEvent.DELIVERED)),
+        ("good", body(M2, event=AuditEvent.DELIVERED)),
         user=consumer,
     )
 

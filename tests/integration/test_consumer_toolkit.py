@@ -20,6 +20,7 @@ from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
 from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
 from fabric.audit import AuditEvent
 from fabric.consumer import Delivery, MessageProcessor, sqs_batch_handler
+from fabric.envelope import new_message_id
 from fabric.stakeholders import Stakeholder
 from tests.integration import test_dead_letters as dead_letters
 from tests.integration.aws_fallback import REGION
@@ -200,9 +201,11 @@ def test_an_sqs_record_with_malformed_headers_is_failed_and_audited_not_lost_fro
                 },
             )
 
-        send("garbled", '{"case-region": "north"')
-        send("not-strings", '{"case-region": ["north"]}')
-        send("healthy", '{"case-region":"north"}')
+        # Valid ids: the toolkit records only those.
+        garbled, not_strings, healthy = (new_message_id() for _ in range(3))
+        send(garbled, '{"case-region": "north"')
+        send(not_strings, '{"case-region": ["north"]}')
+        send(healthy, '{"case-region":"north"}')
         seen: list[tuple[str, dict[str, str]]] = []
         audit = MemoryAuditSink()
         handle = sqs_batch_handler(
@@ -218,13 +221,13 @@ def test_an_sqs_record_with_malformed_headers_is_failed_and_audited_not_lost_fro
         }
         response = handle(event, None)
 
-    assert seen == [("healthy", {"case-region": "north"})]
+    assert seen == [(healthy, {"case-region": "north"})]
     assert {f["itemIdentifier"] for f in response["batchItemFailures"]} == {
-        ids["garbled"]["messageId"],
-        ids["not-strings"]["messageId"],
+        ids[garbled]["messageId"],
+        ids[not_strings]["messageId"],
     }
-    assert sorted((r.message_id, r.event, r.reason) for r in audit.records) == [
-        ("garbled", AuditEvent.DEAD_LETTERED, "malformed-headers"),
-        ("healthy", AuditEvent.DELIVERED, None),
-        ("not-strings", AuditEvent.DEAD_LETTERED, "malformed-headers"),
-    ]
+    assert {r.message_id: (r.event, r.reason) for r in audit.records} == {
+        garbled: (AuditEvent.DEAD_LETTERED, "malformed-headers"),
+        healthy: (AuditEvent.DELIVERED, None),
+        not_strings: (AuditEvent.DEAD_LETTERED, "malformed-headers"),
+    }

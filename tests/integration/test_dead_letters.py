@@ -29,6 +29,7 @@ from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
 from fabric.audit import AuditEvent, decode_audit_batch
 from fabric.bootstrap import exchange_for
 from fabric.consumer import Delivery, Idempotency, MessageProcessor, Poison, Systemic, Verdict
+from fabric.envelope import new_message_id
 from fabric.ports import DeadLetter
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
 from fabric.stakeholders import Stakeholder
@@ -256,12 +257,14 @@ def test_a_retried_and_a_parked_message_keep_their_reply_to_and_correlation_id(
 def test_the_consumer_audits_what_it_settled_on_the_audit_exchange_as_its_user(
     broker_vhost: str, amqp: Any
 ) -> None:
+    fine, broken = new_message_id(), new_message_id()  # the toolkit records only valid ids
+
     def handler(delivery: Delivery) -> None:
-        if delivery.message_id != "fine":
+        if delivery.message_id != fine:
             raise ValueError("cannot parse")
 
-    publish(amqp, WORK, "fine")
-    publish(amqp, WORK, "broken")
+    publish(amqp, WORK, fine)
+    publish(amqp, WORK, broken)
     consumer = RabbitMqConsumer(
         settings(broker_vhost), WORK, MessageProcessor(handler, max_attempts=1)
     )
@@ -275,17 +278,17 @@ def test_the_consumer_audits_what_it_settled_on_the_audit_exchange_as_its_user(
         assert properties.user_id == GUEST[0]  # validated by the broker: the publisher
         batches.append(decode_audit_batch(body))
     records = {r["message_id"]: r for b in batches for r in b.records}
-    assert records["fine"]["event"] == "delivered"
-    assert records["fine"]["queues"] == [WORK]
-    assert records["broken"]["event"] == "dead-lettered"
-    assert (records["broken"]["reason"], records["broken"]["queues"]) == ("max-attempts", [DLQ])
+    assert records[fine]["event"] == "delivered"
+    assert records[fine]["queues"] == [WORK]
+    assert records[broken]["event"] == "dead-lettered"
+    assert (records[broken]["reason"], records[broken]["queues"]) == ("max-attempts", [DLQ])
     assert {r["emitted_by"] for r in records.values()} == {f"consumer:{GROUP}"}
 
 
 def test_the_consumer_settles_a_window_of_messages_with_one_audit_batch(
     broker_vhost: str, amqp: Any
 ) -> None:
-    ids = [f"bulk-{i}" for i in range(10)]
+    ids = [new_message_id() for _ in range(10)]  # the toolkit records only valid ids
     for message_id in ids:
         publish(amqp, WORK, message_id)
     consumer = RabbitMqConsumer(

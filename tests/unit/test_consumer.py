@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import uuid
 from typing import Any
 
 import pytest
@@ -42,6 +43,12 @@ def delivery(message_id: str = "m-1", attempt: int = 1, queue: str = WORK) -> De
         queue=queue,
         attempt=attempt,
     )
+
+
+def mid(name: str) -> str:
+    """A message id in the envelope's syntax standing for ``name``: the toolkit records only
+    those (``fabric.consumer.settlement_records``)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, name))
 
 
 def failing(exc: BaseException) -> Any:
@@ -227,7 +234,7 @@ def test_the_amazon_mq_handler_refuses_another_event_shape() -> None:
 
 
 def test_an_sqs_batch_of_ten_with_three_failures_reports_exactly_those_three() -> None:
-    bad = {"m-2", "m-5", "m-9"}
+    bad = {mid("m-2"), mid("m-5"), mid("m-9")}
     processed: list[str] = []
 
     def handler(item: Delivery) -> None:
@@ -242,7 +249,7 @@ def test_an_sqs_batch_of_ten_with_three_failures_reports_exactly_those_three() -
             "body": json.dumps({"n": i}),
             "attributes": {"ApproximateReceiveCount": "1"},
             "messageAttributes": {
-                MESSAGE_ID_ATTRIBUTE: {"stringValue": f"m-{i}", "dataType": "String"},
+                MESSAGE_ID_ATTRIBUTE: {"stringValue": mid(f"m-{i}"), "dataType": "String"},
                 TOPIC_ATTRIBUTE: {"stringValue": "media.story.published", "dataType": "String"},
             },
             "eventSource": "aws:sqs",
@@ -260,8 +267,8 @@ def test_an_sqs_batch_of_ten_with_three_failures_reports_exactly_those_three() -
     # Audited: seven delivered, three retried (SQS, not the toolkit, parks them later).
     events = {r.message_id: (r.event, r.source, r.attempt) for r in audit.records}
     assert events == {
-        f"m-{i}": (
-            AuditEvent.RETRIED if f"m-{i}" in bad else AuditEvent.DELIVERED,
+        mid(f"m-{i}"): (
+            AuditEvent.RETRIED if mid(f"m-{i}") in bad else AuditEvent.DELIVERED,
             "consumer:media",
             1,
         )
@@ -312,7 +319,7 @@ def test_the_sqs_entry_point_audits_a_failure_on_the_last_receive_as_dead_letter
             "body": "{}",
             "attributes": {"ApproximateReceiveCount": str(receives)},
             "messageAttributes": {
-                MESSAGE_ID_ATTRIBUTE: {"stringValue": f"m-{i}", "dataType": "String"},
+                MESSAGE_ID_ATTRIBUTE: {"stringValue": mid(f"m-{i}"), "dataType": "String"},
                 TOPIC_ATTRIBUTE: {"stringValue": "media.story.published", "dataType": "String"},
             },
             "eventSource": "aws:sqs",
@@ -325,7 +332,10 @@ def test_the_sqs_entry_point_audits_a_failure_on_the_last_receive_as_dead_letter
 
     assert {item["itemIdentifier"] for item in response["batchItemFailures"]} == {"sqs-0", "sqs-1"}
     events = {r.message_id: (r.event, r.attempt) for r in audit.records}
-    assert events == {"m-0": (AuditEvent.RETRIED, 4), "m-1": (AuditEvent.DEAD_LETTERED, 5)}
+    assert events == {
+        mid("m-0"): (AuditEvent.RETRIED, 4),
+        mid("m-1"): (AuditEvent.DEAD_LETTERED, 5),
+    }
 
     # A systemic failure (a dependency down) on the last receive is parked by SQS all the same.
     def unavailable(delivery: Delivery) -> None:
@@ -395,17 +405,19 @@ def test_audit_records_the_audit_path_refused_are_sent_again_with_the_next_batch
     settler = RabbitMqSettler(lambda _group: MemoryTransport(), audit=audit, consumer="c")
     done = MessageProcessor(lambda _d: None)
 
-    assert settler.settle([(delivery("a"), done.process(delivery("a")))]) == [True]
+    assert settler.settle([(delivery(mid("a")), done.process(delivery(mid("a"))))]) == [True]
     assert audit.records == []
     audit.available = True
-    assert settler.settle([(delivery("b"), done.process(delivery("b")))]) == [True]
+    assert settler.settle([(delivery(mid("b")), done.process(delivery(mid("b"))))]) == [True]
 
     assert [(r.message_id, r.event) for r in audit.records] == [
-        ("a", AuditEvent.DELIVERED),
-        ("b", AuditEvent.DELIVERED),
+        (mid("a"), AuditEvent.DELIVERED),
+        (mid("b"), AuditEvent.DELIVERED),
     ]
-    settler.settle([(delivery("c"), done.process(delivery("c")))])
-    assert [r.message_id for r in audit.records] == ["a", "b", "c"], "sent once when stored"
+    settler.settle([(delivery(mid("c")), done.process(delivery(mid("c"))))])
+    assert [r.message_id for r in audit.records] == [mid("a"), mid("b"), mid("c")], (
+        "sent once when stored"
+    )
 
 
 def test_the_sqs_entry_point_sends_records_an_invocation_could_not_store_with_the_next() -> None:
@@ -416,7 +428,7 @@ def test_the_sqs_entry_point_sends_records_an_invocation_could_not_store_with_th
             "body": "{}",
             "attributes": {"ApproximateReceiveCount": "1"},
             "messageAttributes": {
-                MESSAGE_ID_ATTRIBUTE: {"stringValue": f"m-{i}", "dataType": "String"},
+                MESSAGE_ID_ATTRIBUTE: {"stringValue": mid(f"m-{i}"), "dataType": "String"},
                 TOPIC_ATTRIBUTE: {"stringValue": "media.story.published", "dataType": "String"},
             },
             "eventSource": "aws:sqs",
@@ -429,8 +441,8 @@ def test_the_sqs_entry_point_sends_records_an_invocation_could_not_store_with_th
     audit.available = True
     handle({"Records": [record(1)]}, None)
     assert [(r.message_id, r.event) for r in audit.records] == [
-        ("m-0", AuditEvent.DELIVERED),
-        ("m-1", AuditEvent.DELIVERED),
+        (mid("m-0"), AuditEvent.DELIVERED),
+        (mid("m-1"), AuditEvent.DELIVERED),
     ]
 
 
@@ -445,15 +457,15 @@ def test_audit_records_the_audit_path_refused_are_counted_kept_or_lost(
     )
     done = MessageProcessor(lambda _d: None)
 
-    settler.settle([(delivery("a"), done.process(delivery("a")))])
+    settler.settle([(delivery(mid("a")), done.process(delivery(mid("a"))))])
     assert sink.totals == {metrics.AUDIT_RECORDS_UNSENT: 1, metrics.AUDIT_RECORDS_LOST: 0}
-    settler.settle([(delivery(i), done.process(delivery(i))) for i in ("b", "c")])
+    settler.settle([(delivery(mid(i)), done.process(delivery(mid(i)))) for i in ("b", "c")])
     # a, b and c refused: two kept for the next batch, the oldest dropped for good.
     assert sink.totals == {metrics.AUDIT_RECORDS_UNSENT: 3, metrics.AUDIT_RECORDS_LOST: 1}
     audit.available = True
-    settler.settle([(delivery("d"), done.process(delivery("d")))])
+    settler.settle([(delivery(mid("d")), done.process(delivery(mid("d"))))])
     assert sink.calls == 2, "nothing counted once the audit path stores again"
-    assert [r.message_id for r in audit.records] == ["b", "c", "d"]
+    assert [r.message_id for r in audit.records] == [mid("b"), mid("c"), mid("d")]
 
 
 def test_the_ready_made_settler_counts_audit_records_it_could_not_send() -> None:

@@ -149,6 +149,39 @@ def test_bad_input_leaves_one_record_and_an_accepted_message_its_route_without_p
     assert CANARY.encode() not in stored.body
 
 
+def test_a_rejected_messages_record_holds_no_text_the_producer_sent() -> None:
+    # The trail is locked for seven years: a rejected message's topic, id or field names are
+    # whatever the producer sent (a child's name, say), so its record keeps only the reason
+    # code, the hash of the input, and the id when the input had a valid one (the compliance
+    # report counts rejections by id).
+    audit = MemoryAuditSink()
+    valid = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
+    items = [
+        incident(message_id=valid, topic=f"child-safety.{CANARY} hurt"),
+        incident(message_id=f"{CANARY} case 7"),
+        incident(message_id=valid, **{f"{CANARY} notes": "x"}),
+        incident(message_id=valid, priority=CANARY),
+        f'{{"topic": "{CANARY}", "payload": ',
+    ]
+    result = _router(audit=audit).route(items, source="community")
+    assert [r.reason for r in result.results] == [
+        Reason.INVALID_TOPIC,
+        Reason.INVALID_MESSAGE_ID,
+        Reason.UNKNOWN_FIELD,
+        Reason.INVALID_PRIORITY,
+        Reason.MALFORMED_JSON,
+    ]
+    assert [(r.event, r.message_id, r.topic) for r in audit.records] == [
+        (AuditEvent.REJECTED, valid, None),
+        (AuditEvent.REJECTED, None, None),
+        (AuditEvent.REJECTED, valid, None),
+        (AuditEvent.REJECTED, valid, None),
+        (AuditEvent.REJECTED, None, None),
+    ]
+    for record in audit.records:
+        assert CANARY not in json.dumps(record.to_dict())
+
+
 def test_a_payload_that_is_not_json_is_rejected_alone_and_audited_once() -> None:
     audit = MemoryAuditSink()
     first, second = "7c9e6679-7425-40de-944b-e07fc1f90ae7", "0f8fad5b-d9cb-469f-a165-70867728950e"

@@ -25,10 +25,23 @@ from typing import Any, Protocol
 
 from fabric.audit import AuditBatch, decode_audit_batch
 from fabric.audit_chain import GENESIS, Chain, Signer, canonical, encode_object, make_checkpoint
-from fabric.envelope import format_timestamp, parse_timestamp
+from fabric.envelope import (
+    MAX_TOPIC_BYTES,
+    TOPIC_RE,
+    format_timestamp,
+    normalize_message_id,
+    parse_timestamp,
+)
 from fabric.errors import FabricError
 from fabric.stakeholders import Stakeholder
-from fabric.topology import PLATFORM_USER, user_name
+from fabric.topology import (
+    PLATFORM_USER,
+    dead_letter_queue_name,
+    queue_name,
+    retry_queue_name,
+    retry_tiers,
+    user_name,
+)
 
 
 class ChainConflict(FabricError):
@@ -339,29 +352,81 @@ def _published_by(publisher: str, body: bytes, trusted: frozenset[str]) -> Audit
     return AuditBatch([{**r, "publisher": publisher} for r in batch.records], batch.bodies)
 
 
-_TEXT_FIELDS = ("message_id", "source", "topic", "body_sha256", "reason", "transport", "priority")
+# What a stakeholder's consumer may put in the trail: the fields of the consumer toolkit's records
+# (``fabric.consumer.settlement_records``), each in its format, and ``groups`` (its own group
+# only). The trail is locked for seven years and nobody can erase it: a field of free text (a
+# note, an exception's message) would keep a child's name there for good. So every field is an
+# id, a hash, a code, a number or a name of the fabric's; a batch with anything else is refused.
+CONSUMER_RECORD_FIELDS = frozenset(
+    {
+        "event",
+        "at",
+        "message_id",
+        "source",
+        "topic",
+        "body_sha256",
+        "reason",
+        "attempt",
+        "queues",
+        "groups",
+        "emitted_by",  # the batch's, which ``decode_audit_batch`` puts in each record
+    }
+)
+# Why the toolkit parks a message: a ``dead-lettered`` record's reason.
+DEAD_LETTER_REASONS = frozenset(
+    {"max-attempts", "poison", "no-message-id", "malformed-headers", "max-receives"}
+)
+# A failed attempt's reason (``retried``): the name of the exception's class, never its text.
+ERROR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# A consumer's name (``source``, and ``emitted_by`` of its batches): a code, not a sentence.
+CONSUMER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# Nine digits: the most the toolkit reads from a ``fabric-attempt`` header.
+MAX_ATTEMPT = 999_999_999
+_MAX_TIMESTAMP_CHARS = 40  # RFC 3339 with nanoseconds and an offset is 35
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# An SQS queue as the toolkit names it: the event source's ARN (or a queue name), in SQS's
+# own charset for names.
+_SQS_QUEUE = re.compile(
+    r"(?:arn:aws[a-z-]{0,16}:sqs:[a-z0-9-]{1,32}:[0-9]{12}:)?[A-Za-z0-9_-]{1,80}"
+)
+_TEXT_FIELDS = ("message_id", "source", "topic", "body_sha256", "reason", "emitted_by")
 _LIST_FIELDS = ("groups", "queues")
 
 
+def is_topic(text: str) -> bool:
+    """Whether ``text`` is a topic in the envelope's syntax (``fabric.envelope``)."""
+    # The pattern admits ASCII only, so characters are bytes.
+    return len(text) <= MAX_TOPIC_BYTES and TOPIC_RE.fullmatch(text) is not None
+
+
 def _consumer_record_problem(record: Mapping[str, Any], group: str) -> str | None:
-    """Why a record of ``group``'s consumer is not one the trail's readers can take (the
-    compliance report, replay): the fields the fabric's own records have, with their types,
-    ``at`` an RFC 3339 instant, and only ``group``'s own groups and queues (a group may not
-    record deliveries for another); None when it is one."""
-    problem = _record_types_problem(record)
+    """Why a record of ``group``'s consumer is not one the trail may hold: only the fields the
+    fabric's consumer records have (``CONSUMER_RECORD_FIELDS``), each of its type (the
+    compliance report and replay read them) and format, and only ``group``'s own groups and
+    queues (a group may not record deliveries for another); None when it is one. The record's
+    event is one of ``CONSUMER_EVENTS`` (checked before).
+
+    The problem never quotes the record: it is stored in the trail itself."""
+    if not CONSUMER_RECORD_FIELDS.issuperset(record):
+        # Not named: a field's name can be the free text as well as its value.
+        return "recorded a field the fabric's consumer records do not have"
+    problem = _record_types_problem(record) or _record_format_problem(record)
     if problem is not None:
         return problem
     if any(other != group for other in record.get("groups") or ()):
         return "recorded another group's delivery"
-    if not all(group_owns(group, queue) for queue in record.get("queues") or ()):
+    queues = record.get("queues") or ()
+    if not all(group_owns(group, queue) for queue in queues):
         return "recorded another group's queue"
+    if not all(queue in _RABBITMQ_QUEUES[group] or _SQS_QUEUE.fullmatch(queue) for queue in queues):
+        return "recorded a queue that is not one of the fabric's queue names"
     return None
 
 
 def _record_types_problem(record: Mapping[str, Any]) -> str | None:
     at = record.get("at")
     try:
-        if not isinstance(at, str):
+        if not isinstance(at, str) or len(at) > _MAX_TIMESTAMP_CHARS:
             raise ValueError
         parse_timestamp(at)
     except ValueError:
@@ -376,9 +441,54 @@ def _record_types_problem(record: Mapping[str, Any]) -> str | None:
         ):
             return f"recorded {name} that is not a list of text"
     attempt = record.get("attempt")
-    if attempt is not None and (type(attempt) is not int or attempt < 0):
-        return "recorded an attempt that is not a whole number"
+    if attempt is not None and (type(attempt) is not int or not 1 <= attempt <= MAX_ATTEMPT):
+        return f"recorded an attempt that is not a whole number from 1 to {MAX_ATTEMPT}"
     return None
+
+
+def _record_format_problem(record: Mapping[str, Any]) -> str | None:
+    """The text fields of a consumer record (types already checked) against their formats."""
+    for name, fits, problem in _FORMATS:
+        value = record.get(name)
+        if value is not None and not fits(value):
+            return problem
+    reason = record.get("reason")
+    if reason is not None and not _REASON_FITS[record["event"]](reason):
+        return "recorded a reason its event does not have"
+    return None
+
+
+_NAME_PROBLEM = "that is not a consumer name (at most 64 of A-Z a-z 0-9 . _ : -)"
+_FORMATS: tuple[tuple[str, Callable[[str], bool], str], ...] = (
+    (
+        "message_id",
+        lambda value: normalize_message_id(value) == value,
+        "recorded a message_id that is not a fabric message id (UUID or ULID)",
+    ),
+    ("topic", is_topic, "recorded a topic that is not a fabric topic"),
+    (
+        "body_sha256",
+        lambda value: _SHA256_HEX.fullmatch(value) is not None,
+        "recorded a body_sha256 that is not 64 lowercase hex digits",
+    ),
+    (
+        "source",
+        lambda value: CONSUMER_NAME.fullmatch(value) is not None,
+        f"recorded source {_NAME_PROBLEM}",
+    ),
+    (
+        "emitted_by",
+        lambda value: CONSUMER_NAME.fullmatch(value) is not None,
+        f"recorded emitted_by {_NAME_PROBLEM}",
+    ),
+)
+# The reason each consumer event may have: why the toolkit parked it (dead-lettered), the class
+# of the exception that failed the attempt (retried); none for a delivery.
+_REASON_FITS: dict[str, Callable[[str], bool]] = {
+    "dead-lettered": DEAD_LETTER_REASONS.__contains__,
+    "retried": lambda reason: ERROR_NAME.fullmatch(reason) is not None,
+    "delivered": lambda reason: False,
+}
 
 
 def group_owns(group: str, queue: str) -> bool:
@@ -394,6 +504,22 @@ def group_owns(group: str, queue: str) -> bool:
 
 
 _GROUP_OF_USER = {user_name(group): group.value for group in Stakeholder}
+# A group's RabbitMQ queues: the work queues, their delay tiers and dead-letter queues.
+_RABBITMQ_QUEUES = {
+    group.value: frozenset(
+        name
+        for emergency in (False, True)
+        for name in (
+            queue_name(group, emergency=emergency),
+            dead_letter_queue_name(group, emergency=emergency),
+            *(
+                retry_queue_name(group, seconds, emergency=emergency)
+                for seconds in retry_tiers(emergency=emergency)
+            ),
+        )
+    )
+    for group in Stakeholder
+}
 
 
 def _digest(body: bytes) -> str:

@@ -41,7 +41,8 @@ from typing import Any
 from fabric import metrics as metric_names
 from fabric import topology
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
-from fabric.envelope import Envelope, from_wire
+from fabric.audit_writer import CONSUMER_NAME, ERROR_NAME, is_topic
+from fabric.envelope import Envelope, from_wire, normalize_message_id
 from fabric.errors import DecryptionFailed, FabricError, MessageRejected
 from fabric.ports import AuditSink, Metrics, OutboundMessage, Transport
 from fabric.stakeholders import Stakeholder
@@ -276,7 +277,7 @@ class MessageProcessor:
         return Decision(Verdict.DONE)
 
     def _failed(self, delivery: Delivery, exc: Exception) -> Decision:
-        error = type(exc).__name__
+        error = error_name(exc)
         if isinstance(exc, Systemic):
             _LOG.warning("systemic failure on %s: %s", delivery.message_id, error)
             return Decision(Verdict.SYSTEMIC, error=error)
@@ -293,6 +294,26 @@ class MessageProcessor:
         if delivery.attempt >= self.max_attempts:
             return Decision(Verdict.DEAD_LETTER, reason="max-attempts", error=error)
         return Decision(Verdict.RETRY, tier=tier, error=error)
+
+
+def error_name(exc: BaseException) -> str:
+    """The class of ``exc`` as retry headers and audit records name it: its class's name, or
+    the nearest base class's when that name is not one the audit writer takes (``ERROR_NAME``:
+    ASCII, at most 64 characters; ``type()`` makes a class of any name). Never the exception's
+    text, which may hold child data."""
+    return next(cls.__name__ for cls in type(exc).__mro__ if ERROR_NAME.fullmatch(cls.__name__))
+
+
+def _consumer_name(consumer: str) -> str:
+    """``consumer``, checked: it is each audit record's ``source``, and the audit writer refuses
+    a batch whose name is not a code (``fabric.audit_writer.CONSUMER_NAME``).
+
+    Raises:
+        ValueError: it is not (at most 64 of A-Z a-z 0-9 . _ : -).
+    """
+    if not CONSUMER_NAME.fullmatch(consumer):
+        raise ValueError("a consumer name is at most 64 of A-Z a-z 0-9 . _ : - (no spaces)")
+    return consumer
 
 
 # -- RabbitMQ ---------------------------------------------------------------------------------
@@ -381,7 +402,11 @@ def settlement_records(
 ) -> list[AuditRecord]:
     """The audit records of what was settled: ``delivered`` (done), ``retried`` (with the
     attempt that failed and the delay queue), ``dead-lettered`` (with the reason and the DLQ).
-    Nothing for what was not settled: it comes back."""
+    Nothing for what was not settled: it comes back.
+
+    A message id or topic that is not in the envelope's syntax is recorded as absent: it is
+    whatever the message's publisher set, and the trail is locked for seven years (the fabric
+    itself only sends valid ones)."""
     records = []
     for (delivery, decision), done in zip(items, stored, strict=True):
         event = _EVENTS.get(decision.verdict)
@@ -391,9 +416,9 @@ def settlement_records(
             AuditRecord(
                 event=event,
                 at=decision.at,
-                message_id=delivery.message_id or None,
+                message_id=normalize_message_id(delivery.message_id),
                 source=consumer,
-                topic=delivery.topic or None,
+                topic=delivery.topic if is_topic(delivery.topic) else None,
                 body_sha256=sha256_hex(delivery.body),
                 reason=decision.reason if event is AuditEvent.DEAD_LETTERED else decision.error,
                 attempt=delivery.attempt,
@@ -482,10 +507,14 @@ class RabbitMqSettler:
         """``transport_for(group)`` publishes to ``fabric.x.retry.<group>`` with the message's
         ``redeliver_to`` as routing key; ``consumer`` names the consumer in audit records;
         ``metrics`` (``fabric.adapters.emf.EmfMetrics``, say) counts the audit records the
-        audit path refused (``AuditRecordsUnsent``, ``AuditRecordsLost``)."""
+        audit path refused (``AuditRecordsUnsent``, ``AuditRecordsLost``).
+
+        Raises:
+            ValueError: ``consumer`` is not a name the audit writer takes (``_consumer_name``).
+        """
         self._transport_for = transport_for
         self._backlog = _AuditBacklog(audit, metrics)
-        self._consumer = consumer
+        self._consumer = _consumer_name(consumer)
 
     def settle(self, items: Sequence[tuple[Delivery, Decision]]) -> list[bool]:
         """Republish each RETRY / DEAD_LETTER item; True where it is stored (DONE: True, no
@@ -655,10 +684,12 @@ def sqs_batch_handler(
     ``metrics`` counts the audit records the audit path refused (see ``RabbitMqSettler``).
 
     Raises:
-        ValueError: ``max_receives`` is not positive.
+        ValueError: ``max_receives`` is not positive, or ``consumer`` is not a name the audit
+            writer takes (``_consumer_name``).
     """
     if max_receives is not None and max_receives < 1:
         raise ValueError("max_receives must be the queue's maxReceiveCount, at least 1")
+    _consumer_name(consumer)
     from aws_lambda_powertools.utilities.batch import (
         BatchProcessor,
         EventType,
