@@ -1030,6 +1030,9 @@ def measure_depths(
     from fabric.topology import OVERFLOW_QUEUE
 
     expected = {queue: left.get(queue, 0) for queue in queues}
+    # A queue the act used that the function does not measure is one its alarm cannot see.
+    unwatched = sorted(set(left) - set(expected))
+    checks.expect(not unwatched, f"broker metrics: the function does not measure {unwatched}")
     deadline = time.monotonic() + patience
     runs = 0
     while True:

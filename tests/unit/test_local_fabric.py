@@ -170,3 +170,14 @@ def test_a_queue_the_function_could_not_measure_fails_the_act() -> None:
         "broker metrics: (measured, left by the act) {'fabric.government.dlq': (None, 0)},"
         " 1 queue(s) unmeasured"
     ]
+
+
+def test_a_dlq_the_function_does_not_measure_fails_the_act() -> None:
+    # The act parked its alert in a DLQ the function's BROKER_DEPTH_QUEUES lacks: that DLQ's
+    # alarm is blind, whatever the other depths say.
+    measured = DepthReport({"fabric.government.dlq": 0, DLQ: 0, "fabric.overflow": 0})
+    left = {"fabric.media.dlq": 1}
+
+    assert _measure(_BrokerMetricsHandler(measured), left, patience=0) == [
+        "broker metrics: the function does not measure ['fabric.media.dlq']"
+    ]
