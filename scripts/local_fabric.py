@@ -7,7 +7,7 @@ What it does, in order:
 2. starts moto's server on a free loopback port (the AWS emulator) and points boto3 at it;
 3. reads the synthesized dev templates and creates in moto what the functions need from them:
    the keys, one Secrets Manager secret per broker user, the fallback topics and queues, the
-   audit bucket and the chain table;
+   audit bucket and the idempotency table (which also holds the audit chain's state);
 4. applies the topology generated from the routing table to the local RabbitMQ, in its own
    vhost, with those users' passwords, through the management API (as the custom resource does);
 5. builds the router from the environment variables the dev template gives the router function,
@@ -309,7 +309,8 @@ def create_aws_resources(
     templates: dict[str, dict[str, Any]],
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Create in moto what the functions use: the keys, the broker users' secrets, the fallback
-    topics with their filtered group queues, the audit bucket, the chain table. (``Ref`` or
+    topics with their filtered group queues, the audit bucket, the idempotency table (the audit
+    chain's state too). (``Ref`` or
     ``<logical id>.Arn`` -> local value, user -> password)."""
     import boto3
 

@@ -27,8 +27,9 @@ _CONCURRENCY = 1
 # Lambda's longest timeout; REPLAY_MAX_SECONDS stops a run a minute before it.
 _TIMEOUT = Duration.minutes(15)
 _MAX_SECONDS = "840"
-# A run holds one checkpoint interval's audit objects while it verifies them, the period's
-# matching acceptances, and a few decoded archive objects (fabric.replay).
+# A run holds one checkpoint interval's audit objects while it verifies them, a compact id of
+# each matching message and the full acceptance of at most twice max_messages of them, and a
+# few decoded archive objects (fabric.replay; docs/audit-trail.md, "Costs and limits").
 _MEMORY_MB = 2048
 # What the replay reads of each writer (fabric.replay): its records, its checkpoints (to verify
 # the records) and the archived bodies.

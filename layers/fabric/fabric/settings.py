@@ -26,7 +26,7 @@ class RouterSettings:
     ``FABRIC_INGEST_QUEUE_PREFIX``: SQS ingest queues are ``<prefix><group>``.
     ``FALLBACK_TOPIC_ARN`` / ``EMERGENCY_TOPIC_ARN``: the SNS topics of the fallback path.
     ``AUDIT_QUEUE_URL`` (optional; every deployed function has it): the SQS queue that takes
-    audit batches while RabbitMQ cannot (the router, drain and redrive all read it).
+    audit batches while RabbitMQ cannot (the router, drain, redrive and replay all read it).
     """
 
     environment: str
