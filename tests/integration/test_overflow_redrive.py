@@ -36,6 +36,7 @@ from fabric.topology_apply import apply_topology
 from tests.integration.aws_audit import create_idempotency_table
 from tests.integration.aws_fallback import REGION
 from tests.integration.conftest import AMQP, GUEST, MANAGEMENT, management
+from tests.message_ids import msg_id
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +141,7 @@ def fill_the_overflow_queue(channel: Any) -> float:
         WORK,
         BODY,
         pika.BasicProperties(
-            message_id="rejected-1",
+            message_id=msg_id("rejected-1"),
             type="community.case.update",
             correlation_id="corr-1",
             reply_to="reply.queue",
@@ -160,7 +161,7 @@ def fill_the_overflow_queue(channel: Any) -> float:
         DLQ,
         BODY,
         pika.BasicProperties(
-            message_id="parked-1",
+            message_id=msg_id("parked-1"),
             type="community.case.close",
             delivery_mode=2,
             headers={
@@ -176,7 +177,7 @@ def fill_the_overflow_queue(channel: Any) -> float:
         "nobody.listens",
         BODY,
         pika.BasicProperties(
-            message_id="unrouted-1",
+            message_id=msg_id("unrouted-1"),
             type="nobody.listens",
             delivery_mode=2,
             headers={"fabric-audience": "all"},
@@ -190,7 +191,10 @@ def fill_the_overflow_queue(channel: Any) -> float:
         "router",
         b'{"records": []}',
         pika.BasicProperties(
-            message_id="batch-1", user_id="guest", content_type="application/json", delivery_mode=2
+            message_id=msg_id("batch-1"),
+            user_id="guest",
+            content_type="application/json",
+            delivery_mode=2,
         ),
         mandatory=True,
     )
@@ -211,12 +215,14 @@ def test_the_overflow_redrive_puts_every_letter_back_where_it_came_from_once(
 
     # A dry run lists each letter with the queue it goes back to, and moves nothing.
     listed = redriver.run(the_overflow_queue(overflow_vhost), RedrivePlan(dry_run=True)).listed
-    assert sorted((i.message_id, i.reason, i.origin) for i in listed) == [
-        ("batch-1", "delivery_limit", topology.AUDIT_QUEUE),
-        ("parked-1", "poison", DLQ),
-        ("rejected-1", "rejected", DLQ),
-        ("unrouted-1", "delivery_limit", topology.UNROUTED_QUEUE),
-    ]
+    assert sorted((i.message_id, i.reason, i.origin) for i in listed) == sorted(
+        [
+            (msg_id("batch-1"), "delivery_limit", topology.AUDIT_QUEUE),
+            (msg_id("parked-1"), "poison", DLQ),
+            (msg_id("rejected-1"), "rejected", DLQ),
+            (msg_id("unrouted-1"), "delivery_limit", topology.UNROUTED_QUEUE),
+        ]
+    )
     assert settled_depth(amqp, OVERFLOW, 4) == 4
     assert [depth(amqp, q) for q in (DLQ, topology.UNROUTED_QUEUE, topology.AUDIT_QUEUE)] == [
         0,
@@ -237,18 +243,20 @@ def test_the_overflow_redrive_puts_every_letter_back_where_it_came_from_once(
     rest = redriver.run(the_overflow_queue(overflow_vhost))
     assert (rest.moved, rest.already_moved, rest.stopped) == (3, 0, "empty")
     assert settled_depth(amqp, OVERFLOW, 0) == 0
-    assert redriven(audit, OVERFLOW) == [
-        ("batch-1", "delivery_limit", (topology.AUDIT_QUEUE,)),
-        ("parked-1", "poison", (DLQ,)),
-        ("rejected-1", "rejected", (DLQ,)),
-        ("unrouted-1", "delivery_limit", (topology.UNROUTED_QUEUE,)),
-    ]
+    assert redriven(audit, OVERFLOW) == sorted(
+        [
+            (msg_id("batch-1"), "delivery_limit", (topology.AUDIT_QUEUE,)),
+            (msg_id("parked-1"), "poison", (DLQ,)),
+            (msg_id("rejected-1"), "rejected", (DLQ,)),
+            (msg_id("unrouted-1"), "delivery_limit", (topology.UNROUTED_QUEUE,)),
+        ]
+    )
 
     # The audit batch, as the audit writer's event source will read it.
     assert settled_depth(amqp, topology.AUDIT_QUEUE, 1) == 1
     _, properties, body = amqp.basic_get(topology.AUDIT_QUEUE, auto_ack=True)
     assert (properties.message_id, properties.user_id, body) == (
-        "batch-1",
+        msg_id("batch-1"),
         "guest",
         b'{"records": []}',
     )
@@ -258,7 +266,7 @@ def test_the_overflow_redrive_puts_every_letter_back_where_it_came_from_once(
     # 4.x ignores the x-death a client publishes).
     assert settled_depth(amqp, DLQ, 2) == 2
     letters = take(amqp, DLQ)
-    rejected, body = letters["rejected-1"]
+    rejected, body = letters[msg_id("rejected-1")]
     assert body == BODY
     assert (rejected.type, rejected.correlation_id, rejected.reply_to) == (
         "community.case.update",
@@ -279,7 +287,7 @@ def test_the_overflow_redrive_puts_every_letter_back_where_it_came_from_once(
     assert headers[topology.DEAD_LETTER_REASON_HEADER] == "rejected"
     assert abs(int(headers[topology.DEAD_LETTERED_AT_HEADER]) - rejected_at) < 5
     assert headers[RETURNS_HEADER] == "1"
-    parked = letters["parked-1"][0].headers
+    parked = letters[msg_id("parked-1")][0].headers
     assert parked[topology.DEAD_LETTER_REASON_HEADER] == "poison"
     assert parked[topology.DEAD_LETTERED_AT_HEADER] == str(int(rejected_at) - 3600)
     amqp.basic_nack(0, multiple=True, requeue=True)
@@ -292,14 +300,13 @@ def test_the_overflow_redrive_puts_every_letter_back_where_it_came_from_once(
     )
     assert settled_depth(amqp, DLQ, 2) == 2
     assert redriver.run(dlq).moved == 2
-    assert redriven(audit, DLQ) == [
-        ("parked-1", "poison", (WORK,)),
-        ("rejected-1", "rejected", (WORK,)),
-    ]
+    assert redriven(audit, DLQ) == sorted(
+        [(msg_id("parked-1"), "poison", (WORK,)), (msg_id("rejected-1"), "rejected", (WORK,))]
+    )
     assert settled_depth(amqp, WORK, 2) == 2
     at_work = take(amqp, WORK)
-    assert sorted(at_work) == ["parked-1", "rejected-1"]
-    properties, body = at_work["rejected-1"]
+    assert sorted(at_work) == sorted([msg_id("parked-1"), msg_id("rejected-1")])
+    properties, body = at_work[msg_id("rejected-1")]
     assert (body, properties.correlation_id, properties.reply_to) == (BODY, "corr-1", "reply.queue")
     assert properties.headers["case-region"] == "north"
     assert properties.headers[topology.REDRIVES_HEADER] == "1"
@@ -312,11 +319,11 @@ def test_the_overflow_redrive_puts_every_letter_back_where_it_came_from_once(
     assert settled_depth(amqp, topology.UNROUTED_QUEUE, 1) == 1
     _, properties, body = amqp.basic_get(topology.UNROUTED_QUEUE, auto_ack=True)
     assert (properties.message_id, body, properties.headers[RETURNS_HEADER]) == (
-        "unrouted-1",
+        msg_id("unrouted-1"),
         BODY,
         "2",
     )
-    assert [r[0] for r in redriven(audit, OVERFLOW)].count("unrouted-1") == 2
+    assert [r[0] for r in redriven(audit, OVERFLOW)].count(msg_id("unrouted-1")) == 2
     assert depth(amqp, OVERFLOW) == 0
 
 
@@ -374,10 +381,10 @@ def test_letters_that_cannot_go_back_stay_in_the_overflow_queue(
 
     # A group's audit batch: only that group's user may publish it with its user-id.
     consumer = connect(overflow_vhost, other_user)
-    letter(consumer, topology.AUDIT_QUEUE, "their-batch", user=other_user[0])
+    letter(consumer, topology.AUDIT_QUEUE, msg_id("their-batch"), user=other_user[0])
     consumer.connection.close()
-    letter(amqp, "fabric.retired.dlq", "orphan-1")  # a queue the topology no longer has
-    letter(amqp, topology.UNROUTED_QUEUE, "fine-1")
+    letter(amqp, "fabric.retired.dlq", msg_id("orphan-1"))  # a queue the topology no longer has
+    letter(amqp, topology.UNROUTED_QUEUE, msg_id("fine-1"))
     assert settled_depth(amqp, OVERFLOW, 3) == 3
     audit = MemoryAuditSink()
     redriver = Redriver(ledger=MemoryRedriveLedger(), audit=audit)
@@ -385,19 +392,21 @@ def test_letters_that_cannot_go_back_stay_in_the_overflow_queue(
     dry = redriver.run(the_overflow_queue(overflow_vhost), RedrivePlan(dry_run=True))
     assert (dry.matched, dry.left) == (1, 2)
     stays = {item.message_id: item.stays for item in dry.listed}
-    assert stays["fine-1"] is None
-    assert "'fabric.retired.dlq' is not a terminal queue" in str(stays["orphan-1"])
-    assert f"published as '{other_user[0]}'" in str(stays["their-batch"])
+    assert stays[msg_id("fine-1")] is None
+    assert "'fabric.retired.dlq' is not a terminal queue" in str(stays[msg_id("orphan-1")])
+    assert f"published as '{other_user[0]}'" in str(stays[msg_id("their-batch")])
 
     for _ in range(2):  # every run moves what it can, and counts and lists the rest
         report = redriver.run(the_overflow_queue(overflow_vhost))
         assert (report.stopped, report.left) == ("empty", 2)
-        assert sorted(item.message_id for item in report.listed) == ["orphan-1", "their-batch"]
+        assert sorted(item.message_id for item in report.listed) == sorted(
+            [msg_id("orphan-1"), msg_id("their-batch")]
+        )
         assert settled_depth(amqp, OVERFLOW, 2) == 2
-    assert [r.message_id for r in audit.records] == ["fine-1"]
+    assert [r.message_id for r in audit.records] == [msg_id("fine-1")]
     assert settled_depth(amqp, topology.UNROUTED_QUEUE, 1) == 1
     assert depth(amqp, topology.AUDIT_QUEUE) == 0
-    assert sorted(take(amqp, OVERFLOW)) == ["orphan-1", "their-batch"]
+    assert sorted(take(amqp, OVERFLOW)) == sorted([msg_id("orphan-1"), msg_id("their-batch")])
 
 
 def test_letters_that_stay_are_read_a_batch_at_a_time_and_do_not_hide_the_rest(
@@ -532,7 +541,9 @@ def test_the_redrive_function_takes_the_overflow_queue(
             max_seconds=60.0,
         )
     )
-    amqp.basic_publish(topology.UNROUTED_EXCHANGE, "", BODY, pika.BasicProperties(message_id="u-1"))
+    amqp.basic_publish(
+        topology.UNROUTED_EXCHANGE, "", BODY, pika.BasicProperties(message_id=msg_id("u-1"))
+    )
     overflow(amqp, topology.UNROUTED_QUEUE, 1)
 
     report = runtime.redriver.run(runtime.queue("rabbitmq", OVERFLOW)).to_dict()
@@ -546,7 +557,7 @@ def test_the_redrive_function_takes_the_overflow_queue(
     (record,) = decode_audit_batch(body).records
     assert (record["event"], record["message_id"], record["transport"], record["queues"]) == (
         "redriven",
-        "u-1",
+        msg_id("u-1"),
         OVERFLOW,
         [topology.UNROUTED_QUEUE],
     )

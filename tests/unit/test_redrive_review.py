@@ -8,6 +8,7 @@ from datetime import timedelta
 from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.audit import AuditEvent
 from fabric.redrive import Redriver
+from tests.message_ids import msg_id
 from tests.unit.test_redrive_runs import NOW, Clock, MemoryDeadLetterQueue, letter
 
 
@@ -29,11 +30,10 @@ def test_a_message_dead_lettered_afresh_after_a_redrive_is_moved_not_dropped() -
     report = run.run(queue)
 
     assert (report.moved, report.already_moved) == (1, 0)
-    assert [item.message_id for item in queue.origin] == ["m-1"]
+    assert [item.message_id for item in queue.origin] == [msg_id("m-1")]
     assert [r.message_id for r in audit.records if r.event is AuditEvent.REDRIVEN] == [
-        "m-1",
-        "m-1",
-    ]
+        msg_id("m-1")
+    ] * 2
 
 
 def test_a_moved_letter_whose_removal_was_lost_is_only_removed_by_the_next_run() -> None:

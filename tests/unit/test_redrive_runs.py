@@ -15,6 +15,7 @@ from fabric.audit import AuditEvent
 from fabric.errors import TransportUnavailable
 from fabric.ports import DeadLetter
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver, ledger_key, parse_request
+from tests.message_ids import msg_id
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 
@@ -24,7 +25,7 @@ def letter(
 ) -> DeadLetter:
     return DeadLetter(
         handle=str(i),
-        message_id=f"m-{i}",
+        message_id=msg_id(f"m-{i}"),
         topic=topic,
         body=b"{}",
         origin="fabric.government",
@@ -95,8 +96,8 @@ def test_filters_combine_topic_reason_age_and_ids() -> None:
     assert not selection.admits(letter(3, reason="delivery_limit"), NOW)
     assert not selection.admits(letter(4, age_s=5), NOW)
     assert not selection.admits(letter(5, age_s=7200), NOW)
-    assert RedriveFilter(message_ids=frozenset({"m-6"})).admits(letter(6), NOW)
-    assert not RedriveFilter(message_ids=frozenset({"m-6"})).admits(letter(7), NOW)
+    assert RedriveFilter(message_ids=frozenset({msg_id("m-6")})).admits(letter(6), NOW)
+    assert not RedriveFilter(message_ids=frozenset({msg_id("m-6")})).admits(letter(7), NOW)
 
 
 def test_the_rate_limit_paces_the_run() -> None:
@@ -117,10 +118,10 @@ def test_max_messages_stops_the_run_and_leaves_the_rest() -> None:
 
 
 def test_an_origin_that_refuses_stops_the_run_and_keeps_the_refused_letters() -> None:
-    queue = MemoryDeadLetterQueue([letter(i) for i in range(5)], origin_fails={"m-3"})
+    queue = MemoryDeadLetterQueue([letter(i) for i in range(5)], origin_fails={msg_id("m-3")})
     report = redriver().run(queue)
     assert report.stopped == "origin unavailable"
-    assert [item.message_id for item in queue.letters] == ["m-3"]
+    assert [item.message_id for item in queue.letters] == [msg_id("m-3")]
 
 
 def test_a_ledger_that_cannot_be_read_moves_nothing() -> None:
@@ -181,9 +182,9 @@ def test_letters_back_at_their_origin_are_audited_even_when_the_ledger_write_fai
     report = run.run(queue)
 
     assert (report.moved, report.stopped) == (5, "ledger unavailable")
-    assert sorted(r.message_id for r in audit.records if r.event is AuditEvent.REDRIVEN) == [
-        f"m-{i}" for i in range(5)
-    ]
+    assert sorted(r.message_id for r in audit.records if r.event is AuditEvent.REDRIVEN) == sorted(
+        msg_id(f"m-{i}") for i in range(5)
+    )
     assert len(queue.letters) == 5  # the dead-letter copies stay until a run can record them
 
     ledger.failing = False
@@ -191,7 +192,9 @@ def test_letters_back_at_their_origin_are_audited_even_when_the_ledger_write_fai
     assert again.stopped == "empty"
     assert queue.letters == []
     redriven = [r.message_id for r in audit.records if r.event is AuditEvent.REDRIVEN]
-    assert set(redriven) == {f"m-{i}" for i in range(5)}  # each has a record (a re-move: two)
+    assert set(redriven) == {
+        msg_id(f"m-{i}") for i in range(5)
+    }  # each has a record (a re-move: two)
 
 
 def test_two_dead_letter_copies_of_one_message_in_a_batch_go_back_once() -> None:
@@ -211,15 +214,15 @@ def test_two_dead_letter_copies_of_one_message_in_a_batch_go_back_once() -> None
 
     report = run.run(queue)
 
-    assert [item.message_id for item in queue.origin] == ["m-1", "m-3"]
+    assert [item.message_id for item in queue.origin] == [msg_id("m-1"), msg_id("m-3")]
     assert (report.moved, report.already_moved, report.stopped) == (2, 1, "empty")
     assert queue.letters == []
-    assert [r.message_id for r in audit.records] == ["m-1", "m-3"]
+    assert [r.message_id for r in audit.records] == [msg_id("m-1"), msg_id("m-3")]
 
 
 def test_a_copy_is_kept_when_its_twin_could_not_be_put_back() -> None:
     first, second = letter(1), dataclasses.replace(letter(1), handle="2")
-    queue = MemoryDeadLetterQueue([first, second], origin_fails={"m-1"})
+    queue = MemoryDeadLetterQueue([first, second], origin_fails={msg_id("m-1")})
     report = redriver().run(queue)
     assert (report.moved, report.already_moved, report.stopped) == (0, 0, "origin unavailable")
     assert [item.handle for item in queue.letters] == ["1", "2"]
@@ -246,9 +249,11 @@ def test_a_letter_dead_lettered_again_during_the_run_is_not_moved_again_by_it() 
     queue = ReparkingDeadLetterQueue([letter(1), letter(2)])
     report = redriver().run(queue, RedrivePlan(max_messages=50))
 
-    assert [item.message_id for item in queue.origin] == ["m-1", "m-2"]
+    assert [item.message_id for item in queue.origin] == [msg_id("m-1"), msg_id("m-2")]
     assert (report.moved, report.stopped) == (2, "empty")
-    assert sorted(item.message_id for item in queue.letters) == ["m-1", "m-2"], "left for later"
+    assert sorted(item.message_id for item in queue.letters) == sorted(
+        [msg_id("m-1"), msg_id("m-2")]
+    ), "left for later"
 
 
 def test_letters_whose_redriven_records_cannot_be_stored_stay_in_the_dlq_and_the_run_stops() -> (
@@ -271,7 +276,7 @@ def test_letters_whose_redriven_records_cannot_be_stored_stay_in_the_dlq_and_the
     assert again.stopped == "empty"
     assert queue.letters == []
     records = [r for r in audit.records if r.event is AuditEvent.REDRIVEN]
-    assert sorted(r.message_id for r in records) == [f"m-{i}" for i in range(5)]
+    assert sorted(r.message_id for r in records) == sorted(msg_id(f"m-{i}") for i in range(5))
     # Each says where the letter went, beside the DLQ it came from.
     assert {(r.transport, r.queues) for r in records} == {
         ("fabric.government.dlq", ("fabric.government",))

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
+from fabric.audit_writer import DEAD_LETTER_REASONS, is_topic
+from fabric.envelope import normalize_message_id
 from fabric.errors import TransportUnavailable
 from fabric.pacing import Pace
 from fabric.ports import AuditSink, DeadLetter, DeadLetterQueue, RedriveLedger
@@ -355,11 +357,11 @@ class Redriver:
                 AuditRecord(
                     event=AuditEvent.REDRIVEN,
                     at=at,
-                    message_id=letter.message_id,
+                    message_id=normalize_message_id(letter.message_id),
                     source="redrive",
-                    topic=letter.topic,
+                    topic=letter.topic if is_topic(letter.topic) else None,
                     body_sha256=sha256_hex(letter.body),
-                    reason=letter.reason,
+                    reason=letter.reason if letter.reason in RECORDED_REASONS else "unknown",
                     transport=queue,
                     queues=(letter.origin,),
                 )
@@ -369,6 +371,24 @@ class Redriver:
         if not stored:
             _LOG.error("audit records of %d redriven letters were not stored", len(moved))
         return stored
+
+
+# The reasons a ``redriven`` record names: the consumer toolkit's, the broker's ``x-death``
+# reasons (RabbitMQ 3.10 to 4.2), SQS's redrive policy, and ``unknown`` (a letter that says
+# none). A group's user can park a message in its own DLQ (through its retry exchange) with any
+# id, type and reason header: what is not one of the fabric's codes or syntaxes never reaches
+# the locked trail, whose records hold codes and hashes, never text. So a record holds a
+# letter's id only in the router's canonical form (as the consumer toolkit records it: a
+# lowercase ULID as its uppercase self), its topic only in the envelope's syntax, each else
+# absent, and any other reason as ``unknown``. The run's report still shows the letter as it is.
+RECORDED_REASONS = DEAD_LETTER_REASONS | {
+    "rejected",
+    "expired",
+    "maxlen",
+    "delivery_limit",
+    "max-receive-count",
+    "unknown",
+}
 
 
 def _listed(letter: DeadLetter, now: datetime) -> Listed:
