@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import cast
 
 from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
@@ -26,10 +27,11 @@ class AuditStorage(Construct):
     """S3 buckets of the audit trail.
 
     ``audit_bucket`` has Object Lock on by default retention (mode and period from config),
-    versioning, SSE-KMS with a bucket key, TLS only, public access blocked, server access logs, and
-    is retained when its stack is deleted. Its only lifecycle rule moves objects to Glacier
-    Instant Retrieval; nothing expires objects (retention is enforced by Object Lock, and expiry
-    is a decision for the retention runbook, never a lifecycle default).
+    versioning, SSE-KMS with a bucket key, TLS only, public access blocked, server access logs, a
+    bucket policy that denies every principal ``s3:DeleteObject`` and ``s3:DeleteObjectVersion``
+    on every key, and is retained when its stack is deleted. Its only lifecycle rule moves
+    objects to Glacier Instant Retrieval; nothing expires objects (retention is enforced by
+    Object Lock, and expiry is a decision for the retention runbook, never a lifecycle default).
 
     ``reports_bucket`` holds compliance reports with the same protections minus Object Lock.
     """
@@ -133,6 +135,32 @@ class AuditStorage(Construct):
                 )
             ],
         )
+        # Nothing of the fabric deletes from the trail, and these deny it to every principal,
+        # the account's administrators too. Object Lock refuses to remove a locked version but
+        # not a plain DeleteObject: that adds a delete marker, and the listings and reads of the
+        # verifier, the report and replay no longer show the key although its version stays.
+        # The records a writer wrote after its last checkpoint are named by no checkpoint, so
+        # no checkpoint would miss them. DeleteObjectVersion removes a version without a trace:
+        # a GOVERNANCE lock (dev, staging) gives way with s3:BypassGovernanceRetention, and any
+        # lock once its retention ends; deleting trail data then is a decision made by changing
+        # this policy in a reviewed deploy, never a standing permission. A PutObject over an
+        # existing key stays allowed to the writer: its new version is listed and read in the
+        # old one's place (a checkpoint's hash, or the listing after the last checkpoint, shows
+        # it), and the writer puts a key again when it retries a write whose state update
+        # failed (fabric.audit_writer), so S3's conditional writes (If-None-Match) would stop it.
+        for sid, action in (
+            ("DeleteMarkersWouldHideLockedAuditRecords", "s3:DeleteObject"),
+            ("DeletingAnAuditVersionLeavesNoTrace", "s3:DeleteObjectVersion"),
+        ):
+            self.audit_bucket.add_to_resource_policy(
+                iam.PolicyStatement(
+                    sid=sid,
+                    effect=iam.Effect.DENY,
+                    principals=[iam.AnyPrincipal()],
+                    actions=[action],
+                    resources=[self.audit_bucket.arn_for_objects("*")],
+                )
+            )
         if config.lock_years is not None:
             # CDK renders any Duration as Days (7 years would become 2555 days, two leap days
             # short); Object Lock counts Years as calendar years.

@@ -50,8 +50,9 @@ class ComplianceReport(Construct):
     compliance officers subscribe (e-mail or HTTPS) by hand or through their own stack, and may
     filter on the ``verified`` message attribute.
 
-    Grants, each on its exact resource: on the audit bucket ``s3:ListBucket`` for the writers'
-    prefixes under ``audit/`` and ``checkpoints/`` only, ``s3:GetObject`` and
+    Grants, each on its exact resource: on the audit bucket ``s3:ListBucket`` and
+    ``s3:ListBucketVersions`` (delete markers) for the writers' prefixes under ``audit/`` and
+    ``checkpoints/`` only, ``s3:GetObject`` and
     ``s3:GetObjectRetention`` on those prefixes' objects (nothing that writes, deletes or
     changes a lock); the audit key through S3 with the audit bucket as encryption context to
     decrypt, and with the reports bucket as context to encrypt; ``s3:PutObject`` under
@@ -233,7 +234,9 @@ class ComplianceReport(Construct):
             (
                 (
                     "ListTheTrail",
-                    ["s3:ListBucket"],
+                    # ListBucketVersions: the report names delete markers, which hide a locked
+                    # record from a plain listing (fabric.compliance_run).
+                    ["s3:ListBucket", "s3:ListBucketVersions"],
                     [audit.bucket_arn],
                     {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in prefixes]}},
                 ),

@@ -81,6 +81,31 @@ def test_buckets_block_public_access_log_access_and_refuse_plain_http(
     )
 
 
+def _audit_policy(env: Synthesized) -> list[dict[str, Any]]:
+    logical_id, _ = _audit_bucket(env)
+    (statements,) = (
+        policy["Properties"]["PolicyDocument"]["Statement"]
+        for policy in env.resources("AWS::S3::BucketPolicy").values()
+        if policy["Properties"]["Bucket"] == {"Ref": logical_id}
+    )
+    return statements  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("action", ["s3:DeleteObject", "s3:DeleteObjectVersion"])
+def test_nobody_may_delete_from_the_audit_bucket(env: Synthesized, action: str) -> None:
+    # A plain DeleteObject succeeds under Object Lock (a delete marker hides the locked version
+    # from listings and reads); DeleteObjectVersion removes a version once a lock lets it.
+    logical_id, _ = _audit_bucket(env)
+    (deny,) = [s for s in _audit_policy(env) if s["Action"] == action]
+    assert deny["Effect"] == "Deny"
+    assert deny["Principal"] == {"AWS": "*"}
+    assert "Condition" not in deny  # whoever asks, over TLS or not
+    assert deny["Resource"] == {
+        "Fn::Join": ["", [{"Fn::GetAtt": [logical_id, "Arn"]}, "/*"]]
+    }  # every key: audit/, archive/ and checkpoints/ alike
+    assert not [s for s in _audit_policy(env) if s["Effect"] == "Allow"]
+
+
 def test_no_lifecycle_rule_expires_audit_objects_before_their_retention(env: Synthesized) -> None:
     _, bucket = _audit_bucket(env)
     retention = bucket["Properties"]["ObjectLockConfiguration"]["Rule"]["DefaultRetention"]

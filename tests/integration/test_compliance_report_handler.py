@@ -1,6 +1,7 @@
 """The compliance report function on moto: a trail written by the real audit writer into the
 Object Lock bucket, reported by the handler into the reports bucket (SSE-KMS) with a summary on
-the SNS topic; the schedule, on-demand periods, bad input, and a tampered trail."""
+the SNS topic; the schedule, on-demand periods, bad input, a tampered trail, and an object
+deleted (a delete marker) from under Object Lock."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from fabric.adapters.kms_signer import KmsSigner
 from fabric.audit import AuditBatch, AuditEvent, AuditRecord
 from fabric.audit_chain import canonical, decode_object
 from fabric.audit_writer import AuditWriter
+from fabric.errors import TransportUnavailable
 from tests.conftest import load_handler
 from tests.integration.aws_audit import create_audit_bucket, create_idempotency_table
 from tests.integration.aws_fallback import REGION
@@ -110,11 +112,12 @@ def record(event: AuditEvent, at: datetime, message_id: str, **fields: Any) -> d
 class Fabric:
     """Writes what the fabric would audit, hour by hour, through the real audit writer."""
 
-    def __init__(self, aws: dict[str, Any]) -> None:
+    def __init__(self, aws: dict[str, Any], name: str = WRITER, chains: Any = None) -> None:
         self.clock = DAY
+        self.name = name
         self.writer = AuditWriter(
-            WRITER,
-            chains=DynamoDbChainStore(TABLE, lambda: aws["dynamodb"]),
+            name,
+            chains=chains or DynamoDbChainStore(TABLE, lambda: aws["dynamodb"]),
             objects=S3ObjectStore(AUDIT_BUCKET, lambda: aws["s3"]),
             signer=aws["signer"],
             now=lambda: self.clock,
@@ -123,7 +126,7 @@ class Fabric:
 
     def write(self, at: datetime, records: list[dict[str, Any]]) -> str:
         self.clock, self.batches = at, self.batches + 1
-        written = self.writer.write([(f"batch-{self.batches}", AuditBatch(records))])
+        written = self.writer.write([(f"{self.name}-{self.batches}", AuditBatch(records))])
         assert written.key is not None
         return written.key
 
@@ -354,6 +357,103 @@ def test_a_report_of_a_day_far_from_the_trails_start_reads_only_its_window(
     day_before = handler.handler({"date": "2026-11-19"}, None)
     assert day_before["verified"] is False
     assert day_before["problem"].startswith(first)
+
+
+RETIRED = "fabric-test-audit-writer-old"
+
+
+def test_a_deleted_object_is_named_although_its_writer_stopped_sealing_before_it(
+    aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A writer rename on Nov 20 at noon: the old writer sealed hourly until 12:00 and wrote once
+    # more at 12:30, the new one seals from then on. A plain DeleteObject on the old writer's
+    # last object succeeds under Object Lock (a delete marker; the locked version stays), and
+    # nothing of the old writer is listed after its last checkpoint any more.
+    old, new = Fabric(aws, RETIRED), Fabric(aws)
+    for hour in range(13):
+        old.hour(DAY - timedelta(hours=1) + timedelta(hours=hour))
+    tail = old.write(
+        DAY + timedelta(hours=12, minutes=30),
+        [record(AuditEvent.REJECTED, DAY + timedelta(hours=12, minutes=30), "bad-tail")],
+    )
+    for hour in range(15):
+        new.hour(DAY + timedelta(hours=12 + hour))
+    monkeypatch.setenv("FABRIC_ENV", "test")
+    for name, value in {
+        "AUDIT_BUCKET": AUDIT_BUCKET,
+        "AUDIT_WRITERS": f"{RETIRED},{WRITER}",
+        "SIGNING_KEY_ARN": aws["signer"].key_id,
+        "REPORTS_BUCKET": REPORTS_BUCKET,
+        "REPORTS_KEY_ARN": aws["audit_key"],
+        "COMPLIANCE_TOPIC_ARN": aws["topic"],
+    }.items():
+        monkeypatch.setenv(name, value)
+    handler = load_handler("compliance_report", monkeypatch)
+    assert handler.handler({"date": "2026-11-20"}, None)["verified"] is False  # the tail
+
+    deleted = aws["s3"].delete_object(Bucket=AUDIT_BUCKET, Key=tail)
+    assert deleted["DeleteMarker"] is True
+    summary = handler.handler({"date": "2026-11-20"}, None)
+
+    assert summary["verified"] is False
+    assert summary["problem"] == (
+        f"{tail}: deleted after it was written (a delete marker among its versions)"
+    )
+    report = json.loads(read(aws, summary["report"]["json"]))
+    assert report["verification"]["problem"] == summary["problem"]
+
+
+def test_a_deleted_checkpoint_after_the_anchor_is_named(
+    handler: ModuleType, fabric: Fabric, aws: dict[str, Any]
+) -> None:
+    # The trail's last checkpoint (Nov 21 03:00) seals nothing the day needs, yet its delete
+    # marker is a deletion in the trail: the version listing starts after the anchor's key.
+    store = S3ObjectStore(AUDIT_BUCKET, lambda: aws["s3"])
+    last = store.keys(f"checkpoints/{WRITER}/")[-1]
+    assert handler.handler({"date": "2026-11-20"}, None)["verified"] is True
+    aws["s3"].delete_object(Bucket=AUDIT_BUCKET, Key=last)
+
+    summary = handler.handler({"date": "2026-11-20"}, None)
+    assert summary["problem"] == (
+        f"{last}: deleted after it was written (a delete marker among its versions)"
+    )
+
+
+class _StateUpdateFails(DynamoDbChainStore):
+    """The chain table, whose next state update after an object was stored times out once
+    ``failures`` is set."""
+
+    failures = 0
+
+    def save(self, writer: str, state: Any, *, batch_ids: Any) -> bool:
+        if batch_ids and self.failures:
+            self.failures -= 1
+            raise TransportUnavailable("the state update timed out")
+        return super().save(writer, state, batch_ids=batch_ids)
+
+
+def test_a_write_retried_under_the_same_key_leaves_two_versions_and_verifies(
+    handler: ModuleType, aws: dict[str, Any]
+) -> None:
+    # The writer puts the same key again when it retries a write whose state update failed:
+    # versions that are not current are the writer's own, not tampering (no delete marker).
+    chains = _StateUpdateFails(TABLE, lambda: aws["dynamodb"])
+    fabric = Fabric(aws, chains=chains)
+    fabric.hour(DAY - timedelta(hours=1))
+    at = DAY + timedelta(minutes=5)
+    batch = [("retried", AuditBatch([record(AuditEvent.REJECTED, at, "bad-retried")]))]
+    fabric.clock, chains.failures = at, 1
+    with pytest.raises(TransportUnavailable):
+        fabric.writer.write(batch)
+    key = fabric.writer.write(batch).key
+    versions = aws["s3"].list_object_versions(Bucket=AUDIT_BUCKET, Prefix=key)["Versions"]
+    assert len(versions) == 2
+    for hour in range(26):
+        fabric.hour(DAY + timedelta(hours=hour))
+
+    summary = handler.handler({"date": "2026-11-20"}, None)
+    assert (summary["verified"], summary["problem"]) == (True, None)
+    assert summary["rejected"] == 24 + 1
 
 
 @pytest.fixture

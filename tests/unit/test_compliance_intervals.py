@@ -399,6 +399,9 @@ class CopyingStore:
     def keys(self, prefix: str) -> list[str]:
         return self._store.keys(prefix)
 
+    def deleted(self, prefix: str, *, after: str = "") -> list[str]:
+        return self._store.deleted(prefix, after=after)
+
     def read(self, key: str) -> StoredObject | None:
         stored = self._store.objects.get(key)
         if stored is None:

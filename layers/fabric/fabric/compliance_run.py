@@ -24,9 +24,11 @@ missing, reordered or inserted record, object or checkpoint, a bad signature, a 
 accepted message without an outcome), an object of the window's days that no checkpoint names
 while a later checkpoint exists, a key that is not an audit object's, a checkpoint that
 cannot be read, and, once its seal is due (``SEAL_DUE`` after the end and margin), a period that
-no checkpoint at or after its end and margin seals, unless its writer stopped (``_not_sealed``).
-Objects written after the writer's last checkpoint (the current hour) are protected by the hash
-chain only.
+no checkpoint at or after its end and margin seals, unless its writer stopped (``_not_sealed``),
+and a **delete marker** among the versions of an audit object of the period's days (through its
+margin's) or of a checkpoint after the anchor (``_deleted``). Objects written after the writer's
+last checkpoint (the current hour) are protected by the hash chain only; a delete marker is
+what would hide one of them, so the report looks for markers itself.
 
 **How it is read**: the window's checkpoints first (``plan_window``), then interval by interval
 (``scan_window``): a checkpoint's objects are read, verified against it from the checkpoint
@@ -218,6 +220,23 @@ class TrailStore(Protocol):
 
         Raises:
             TransportUnavailable: the object cannot be read.
+        """
+        ...
+
+
+class ReportedTrail(TrailStore, Protocol):
+    """The audit bucket as the compliance report reads it: also the keys that were deleted.
+
+    A plain DeleteObject on a versioned bucket succeeds even under Object Lock: it adds a delete
+    marker, and listings and reads no longer show the key, although its locked versions stay.
+    """
+
+    def deleted(self, prefix: str, *, after: str = "") -> list[str]:
+        """The keys under ``prefix`` (only those after the key ``after``, if given) with a
+        delete marker among their versions, in key order.
+
+        Raises:
+            TransportUnavailable: the bucket's versions cannot be listed.
         """
         ...
 
@@ -818,7 +837,7 @@ class ComplianceReporter:
         *,
         environment: str,
         writers: Sequence[str],
-        trail: TrailStore,
+        trail: ReportedTrail,
         keys: Keyring,
         reports: ReportStore,
         topic: SummaryTopic,
@@ -851,6 +870,9 @@ class ComplianceReporter:
             check, window_locks = scan_window(
                 self._trail, window, self._keys, figures, workers=self._workers
             )
+            deleted = _deleted(self._trail, window, period)
+            if deleted is not None:  # the cause of whatever else the window shows missing
+                check = dataclasses.replace(check, problem=deleted)
             read.append((window, check))
             locks.extend(window_locks)
         checks = [check for _, check in read]
@@ -908,6 +930,34 @@ class ComplianceReporter:
                 }
             )
         return summary
+
+
+_DELETED = "deleted after it was written (a delete marker among its versions)"
+
+
+def _deleted(store: ReportedTrail, window: Window, period: Period) -> Problem | None:
+    """The first key of ``window``'s writer that someone deleted: a delete marker among the
+    versions of an audit object of the period's UTC days through its margin's, or of a
+    checkpoint after the anchor; None when there is none.
+
+    Nothing of the fabric deletes (the writer may only put, and the bucket policy denies
+    deletes to everyone), yet a delete marker would hide an object from every listing and read
+    the report goes by. A sealed object hidden so is missing from its checkpoint anyway; one
+    after the writer's last checkpoint is not: today's last objects, or the unsealed tail of a
+    writer that stopped (``_not_sealed`` excuses such a writer when nothing of it is listed
+    after its last checkpoint), would vanish with their records and the period read verified.
+    It costs a version listing per day and one of the checkpoints after the anchor: no more
+    pages than the report's own listings of those."""
+    first = period.start.astimezone(UTC).date()
+    last = (period.end + LATE_ARRIVAL).astimezone(UTC).date()
+    writer = window.writer
+    for day in (first + timedelta(days=n) for n in range((last - first).days + 1)):
+        objects = store.deleted(f"audit/{writer}/{day:%Y/%m/%d}/")
+        if objects:
+            return Problem(objects[0], _DELETED)
+    after = window.anchor[0] if window.anchor else ""
+    checkpoints = store.deleted(f"checkpoints/{writer}/", after=after)
+    return Problem(checkpoints[0], _DELETED) if checkpoints else None
 
 
 def _seals(window: Window, period: Period) -> bool:

@@ -38,9 +38,9 @@ class S3ObjectStore:
     """Objects in the audit bucket; its default Object Lock retention applies to each version.
 
     The writer puts; the verifier, the compliance report and replay list and read (their roles
-    hold only the read grants). Every S3 error becomes ``TransportUnavailable`` (also one while a
-    body streams), except a key that does not exist, which ``read`` and ``response`` give as
-    None.
+    hold only the read grants), and the report also lists delete markers (``deleted``). Every
+    S3 error becomes ``TransportUnavailable`` (also one while a body streams), except a key
+    that does not exist, which ``read`` and ``response`` give as None.
     """
 
     def __init__(self, bucket: str, client_factory: Callable[[], Any]) -> None:
@@ -137,14 +137,34 @@ class S3ObjectStore:
         Raises:
             TransportUnavailable: the bucket cannot be listed.
         """
-        pages = self._pages(Prefix=prefix)
+        pages = self._pages("list_objects_v2", Prefix=prefix)
         return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
-    def _pages(self, **arguments: str) -> list[dict[str, Any]]:
+    def deleted(self, prefix: str, *, after: str = "") -> list[str]:
+        """The keys under ``prefix`` (after the key ``after``, if given) with a delete marker
+        among their versions, in key order: ListObjectVersions, which needs
+        ``s3:ListBucketVersions``.
+
+        Raises:
+            TransportUnavailable: the versions cannot be listed.
+        """
+        start = {"KeyMarker": after} if after else {}
+        pages = self._pages("list_object_versions", Prefix=prefix, **start)
+        # S3 starts after KeyMarker; compared here too, for an emulator that starts at it.
+        return sorted(
+            {
+                str(marker["Key"])
+                for page in pages
+                for marker in page.get("DeleteMarkers", [])
+                if marker["Key"] > after
+            }
+        )
+
+    def _pages(self, operation: str, **arguments: str) -> list[dict[str, Any]]:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            paginator = self._s3().get_paginator("list_objects_v2")
+            paginator = self._s3().get_paginator(operation)
             return list(paginator.paginate(Bucket=self._bucket, **arguments))
         except (BotoCoreError, ClientError) as exc:
             raise TransportUnavailable(

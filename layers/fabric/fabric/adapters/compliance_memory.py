@@ -13,9 +13,11 @@ from fabric.compliance_run import StoredObject
 
 @dataclass
 class MemoryTrailStore:
-    """Objects by key with their lock; ``put`` stores (or replaces) one."""
+    """Objects by key with their lock; ``put`` stores (or replaces) one, ``delete`` hides one
+    behind a delete marker as S3 does (its key is then neither listed nor read)."""
 
     objects: dict[str, StoredObject] = field(default_factory=dict)
+    delete_markers: set[str] = field(default_factory=set)
 
     def put(
         self,
@@ -28,9 +30,18 @@ class MemoryTrailStore:
         """Store ``data`` at ``key`` with that lock."""
         self.objects[key] = StoredObject(data, lock_mode, retain_until)
 
+    def delete(self, key: str) -> None:
+        """A DeleteObject without a version id: a delete marker on ``key``."""
+        self.objects.pop(key, None)
+        self.delete_markers.add(key)
+
     def keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix``, in key order."""
         return sorted(key for key in self.objects if key.startswith(prefix))
+
+    def deleted(self, prefix: str, *, after: str = "") -> list[str]:
+        """The keys under ``prefix`` (after ``after``) that carry a delete marker."""
+        return sorted(k for k in self.delete_markers if k.startswith(prefix) and k > after)
 
     def read(self, key: str) -> StoredObject | None:
         """The object at ``key``, or None."""

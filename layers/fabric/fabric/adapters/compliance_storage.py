@@ -13,7 +13,8 @@ from fabric.errors import TransportUnavailable
 
 
 class S3TrailStore:
-    """The audit bucket, read only (``S3ObjectStore``): keys, and objects with their lock.
+    """The audit bucket, read only (``S3ObjectStore``): keys, deleted keys, and objects with
+    their lock.
 
     The Object Lock mode and retain-until come from the headers of the same GET, one request
     per object. S3 sends those headers only to a caller allowed ``s3:GetObjectRetention`` on
@@ -31,6 +32,15 @@ class S3TrailStore:
             TransportUnavailable: the bucket cannot be listed.
         """
         return self._objects.keys(prefix)
+
+    def deleted(self, prefix: str, *, after: str = "") -> list[str]:
+        """The keys under ``prefix`` (after ``after``) with a delete marker among their
+        versions, in key order (ListObjectVersions: the role needs ``s3:ListBucketVersions``).
+
+        Raises:
+            TransportUnavailable: the versions cannot be listed.
+        """
+        return self._objects.deleted(prefix, after=after)
 
     def read(self, key: str) -> StoredObject | None:
         """The newest version of ``key`` and its lock; None when the key does not exist.
