@@ -1290,7 +1290,11 @@ def audit_act(
 
     def write(event: dict[str, Any]) -> None:
         """What the audit writer function's handler does with an event source's event."""
-        writer.write(batches_from_event(event, trusted=settings.trusted_publishers))
+        writer.write(
+            batches_from_event(
+                event, trusted=settings.trusted_publishers, environment=settings.environment
+            )
+        )
 
     from_rabbitmq = _write_from_rabbitmq(write, passwords, sizes["aws:rmq"])
     from_sqs = _write_from_sqs(write, sizes["aws:sqs"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from aws_cdk import Duration, Stack
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -18,6 +20,7 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from fabric import metrics
 from fabric.audit_writer import MAX_BATCHES_PER_WRITE
 from fabric.topology import AUDIT_QUEUE
 from stacks.constructs.audit_queue import WRITER_TIMEOUT
@@ -100,8 +103,9 @@ class AuditWriter(Construct):
     ``BatchGetItem``, ``PutItem``, the last one also for the Puts of ``TransactWriteItems``), the
     tables key through DynamoDB, consuming the SQS audit queue, and what the Amazon MQ event
     source needs (the broker's description, the platform user's secret, the ENIs in the
-    broker's VPC). Errors alarm as ``AuditWriterErrors``; failed asynchronous invocations (the
-    checkpoint) land in the function's async DLQ, with ``FunctionDlqDepth``.
+    broker's VPC). Errors alarm as ``AuditWriterErrors``, refused audit batches as
+    ``AuditWriterBatchesRefused``; failed asynchronous invocations (the checkpoint) land in the
+    function's async DLQ, with ``FunctionDlqDepth``.
     """
 
     def __init__(
@@ -198,6 +202,39 @@ class AuditWriter(Construct):
                 "queue, or a checkpoint was not sealed. Read the writer's logs (docs/runbook.md)."
             ),
         )
+        self.refused_alarm = self._refused_alarm(env_name, alarm_topic)
+
+    def _refused_alarm(self, env_name: str, alarm_topic: sns.ITopic) -> cloudwatch.Alarm:
+        """``BatchesRefused``: the writer stored an audit batch as a ``refused-batch`` or
+        ``unreadable-batch`` record. Nobody else learns of it: the broker confirmed the batch,
+        so its sender counts it stored, and only the compliance report shows its copies
+        undelivered."""
+        alarm = cloudwatch.Alarm(
+            self,
+            "BatchesRefused",
+            metric=cloudwatch.Metric(
+                namespace=metrics.NAMESPACE,
+                metric_name=metrics.AUDIT_BATCHES_REFUSED,
+                dimensions_map={metrics.DIMENSION: env_name},
+                statistic="Sum",
+                period=Duration.minutes(5),
+            ),
+            threshold=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            evaluation_periods=1,
+            # Written only when a batch is refused: no data is the healthy state.
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            alarm_description=(
+                "The audit writer refused an audit batch (a consumer's record outside the "
+                "toolkit's set or format, a platform event from a stakeholder user, a body that "
+                "is not an audit batch): the trail holds one refused-batch or unreadable-batch "
+                "record instead of its records. Read the writer's log ('audit batch ... written "
+                "as') and docs/runbook.md."
+            ),
+        )
+        alarm.add_alarm_action(actions.SnsAction(alarm_topic))
+        alarm.add_ok_action(actions.SnsAction(alarm_topic))
+        return alarm
 
     def _grant_trail(
         self,

@@ -50,7 +50,8 @@ def queue_with_dlq(
     max_receive_count: int,
     visibility_timeout: Duration,
 ) -> tuple[sqs.Queue, sqs.Queue]:
-    """``name`` and its DLQ ``<name>-dlq``, whose redrive-allow policy admits only ``name``.
+    """``name`` and its DLQ ``<name>-dlq``, whose redrive-allow policy admits only ``name``
+    and whose queue policy denies ``sqs:SendMessage`` to every principal but AWS services.
 
     The DLQ names its source by ARN (built from the name), since a reference to the source
     queue would make a dependency cycle with the source's redrive policy.
@@ -66,6 +67,24 @@ def queue_with_dlq(
             redrive_permission=sqs.RedrivePermission.BY_QUEUE,
             source_queues=[sqs.Queue.from_queue_arn(scope, f"{construct_id}Source", source_arn)],
         ),
+    )
+    # No account principal sends to a DLQ. SQS moves a message there itself, under the
+    # redrive-allow policy (before that policy, any queue of the account could name any DLQ).
+    # The redrive takes letters out and sends them to the source, never here. A message sent
+    # here would go round its source's own sender check: the redrive would put it into the
+    # source as a parked one (the audit queue's: a batch the writer takes as the platform's; a
+    # fallback queue's: a message the drain hands the group). AWS service principals are left
+    # out of the deny: SQS's own move must never be the one refused, whatever principal AWS
+    # evaluates it as (this cannot be checked offline).
+    dead_letter_queue.add_to_resource_policy(
+        iam.PolicyStatement(
+            sid="DenyAllSenders",
+            effect=iam.Effect.DENY,
+            principals=[iam.AnyPrincipal()],
+            actions=["sqs:SendMessage"],
+            resources=[dead_letter_queue.queue_arn],
+            conditions={"Bool": {"aws:PrincipalIsAWSService": "false"}},
+        )
     )
     queue = encrypted_queue(
         scope,

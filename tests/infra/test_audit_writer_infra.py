@@ -506,6 +506,29 @@ def test_writer_errors_page_on_the_alarms_topic(trail: Trail) -> None:
     assert alarm["AlarmActions"] == alarm["OKActions"] == [{"Ref": topic_id}]
 
 
+def test_refused_audit_batches_page_on_the_alarms_topic(trail: Trail) -> None:
+    # A refused batch was confirmed by the broker, so its consumer counted it stored: the
+    # writer's metric and this alarm are the only ones to say its records are not in the trail.
+    template = trail.services
+    ((topic_id, _),) = [
+        (k, t)
+        for k, t in of_type(template, "AWS::SNS::Topic").items()
+        if t["Properties"]["TopicName"] == f"fabric-{trail.env.stage.stage_name}-alarms"
+    ]
+    (alarm,) = [
+        a["Properties"]
+        for logical_id, a in of_type(template, "AWS::CloudWatch::Alarm").items()
+        if logical_id.startswith("AuditWriterBatchesRefused")
+    ]
+    assert (alarm["Namespace"], alarm["MetricName"]) == ("MessagingFabric", "AuditBatchesRefused")
+    assert alarm["Dimensions"] == [{"Name": "Environment", "Value": trail.env.stage.stage_name}]
+    assert (alarm["Statistic"], alarm["Period"], alarm["EvaluationPeriods"]) == ("Sum", 300, 1)
+    assert alarm["Threshold"] == 1
+    assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    assert alarm["TreatMissingData"] == "notBreaching"
+    assert alarm["AlarmActions"] == alarm["OKActions"] == [{"Ref": topic_id}]
+
+
 def test_the_writers_async_dlq_is_watched_by_function_dlq_depth(trail: Trail) -> None:
     template = trail.services
     _, function = writer(template)

@@ -140,6 +140,42 @@ def test_a_fallback_queue_admits_only_its_topic_and_the_redrive(env: Synthesized
                 assert allowed["Condition"] == {"ArnEquals": {"aws:SourceArn": topic}}
 
 
+def test_no_principal_may_send_to_a_queues_own_dlq(env: Synthesized) -> None:
+    # SQS itself moves a message into a DLQ (no SendMessage); the redrive sends the letters to
+    # the source. A message sent to a DLQ would be redriven into its source as a parked one,
+    # around the source's own sender check: into the audit queue as a platform batch, into a
+    # fallback queue as a group's traffic.
+    stage = env.stage.stage_name
+    sources = [
+        audit_queue_name(stage),
+        *(f"fabric-{stage}-ingest-{g.value}" for g in STAKEHOLDERS),
+        *(fallback_queue_name(stage, flow, g) for flow in FLOWS for g in STAKEHOLDERS),
+    ]
+    for source in sources:
+        (deny,) = [
+            s
+            for s in _queue_statements(env.json, f"{source}-dlq")
+            if s.get("Sid") == "DenyAllSenders"
+        ]
+        assert (deny["Effect"], deny["Principal"], deny["Action"]) == (
+            "Deny",
+            {"AWS": "*"},
+            "sqs:SendMessage",
+        )
+        # Only account principals: SQS's own move into the DLQ is never the one refused.
+        assert deny["Condition"] == {"Bool": {"aws:PrincipalIsAWSService": "false"}}
+        # SQS's move stays governed by the redrive-allow policy: only the source may use it.
+        (dlq,) = [
+            q["Properties"]
+            for q in env.resources("AWS::SQS::Queue").values()
+            if q["Properties"].get("QueueName") == f"{source}-dlq"
+        ]
+        assert dlq["RedriveAllowPolicy"]["redrivePermission"] == "byQueue"
+        assert [render(arn) for arn in dlq["RedriveAllowPolicy"]["sourceQueueArns"]] == [
+            _queue_arn(env, source)
+        ]
+
+
 def test_every_role_that_may_send_to_a_protected_queue_is_admitted_by_it(
     env: Synthesized, assembly: Assembly
 ) -> None:

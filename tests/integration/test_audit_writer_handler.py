@@ -15,6 +15,7 @@ from fabric.adapters.audit_storage import S3ObjectStore
 from fabric.adapters.sns import MESSAGE_ID_ATTRIBUTE
 from fabric.audit import AuditEvent, AuditRecord, encode_audit_batch
 from fabric.audit_chain import Keyring, decode_object, verify_trail
+from fabric.envelope import new_message_id
 from fabric.stakeholders import Stakeholder
 from fabric.topology import PLATFORM_USER, user_name
 from tests.conftest import load_handler
@@ -46,6 +47,11 @@ def body(*message_ids: str, event: AuditEvent = AuditEvent.REJECTED) -> bytes:
         for m in message_ids
     ]
     return encode_audit_batch(records, emitted_by="router")
+
+
+def digest(data: bytes) -> str:
+    """The batch id the writer gives a batch sent without a usable id: its body's SHA-256."""
+    return "sha256-" + hashlib.sha256(data).hexdigest()
 
 
 def verified(store: S3ObjectStore, signer: Any) -> Any:
@@ -141,7 +147,7 @@ def test_a_consumer_record_the_trails_readers_cannot_take_is_refused(
     store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
     (key,) = store.keys(f"audit/{WRITER}/")
     refused, delivered = decode_object(store.get(key))
-    assert (refused["event"], refused["batch"]) == ("refused-batch", "bad")
+    assert (refused["event"], refused["batch"]) == ("refused-batch", digest(malformed))
     assert why in refused["reason"]
     assert (delivered["event"], delivered["message_id"]) == ("delivered", M2)
 
@@ -187,8 +193,8 @@ def test_a_consumer_records_its_own_queues_deliveries(
     document = json.loads(body(M1, event=AuditEvent.DELIVERED))
     document["records"][0]["queues"] = ["fabric.media.emergency"]
     sqs_copy = json.loads(body(M2, event=AuditEvent.DELIVERED))
-    sqs_copy["records"][0]["queues"] = [
-        "arn:aws:sqs:ap-southeast-3:123456789012:fabric-dev-fallback-media"
+    sqs_copy["records"][0]["queues"] = [  # the fixture's FABRIC_ENV is test
+        "arn:aws:sqs:ap-southeast-3:123456789012:fabric-test-fallback-media"
     ]
     event = amazon_mq(
         ("own", json.dumps(document).encode()),
@@ -246,7 +252,7 @@ def test_a_batch_the_trail_cannot_hold_is_recorded_unreadable_and_the_others_are
         ("deep", deep),
         ("nan", nan),
         ("huge", huge),
-        ("good", body(M2, event=AuditEvent.DELIVERED)),
+        ("good", good := body(M2, event=AuditEvent.DELIVERED)),
         user=consumer,
     )
 
@@ -258,11 +264,11 @@ def test_a_batch_the_trail_cannot_hold_is_recorded_unreadable_and_the_others_are
     (key,) = store.keys(f"audit/{WRITER}/")
     records = decode_object(store.get(key))
     assert [(r["batch"], r["event"]) for r in records] == [
-        ("lone", "unreadable-batch"),
-        ("deep", "unreadable-batch"),
-        ("nan", "unreadable-batch"),
-        ("huge", "unreadable-batch"),
-        ("good", "delivered"),
+        (digest(lone), "unreadable-batch"),
+        (digest(deep), "unreadable-batch"),
+        (digest(nan), "unreadable-batch"),
+        (digest(huge), "unreadable-batch"),
+        (digest(good), "delivered"),
     ]
     result = verified(store, aws_audit["signer"])
     assert result.ok, result.problem
@@ -310,3 +316,131 @@ def test_a_message_whose_data_is_not_base64_is_recorded_and_the_others_written(
     assert unreadable["event"] == "unreadable-batch"
     assert unreadable["body_sha256"] == hashlib.sha256(b"bm90IGJhc2U2NA").hexdigest()
     assert written["message_id"] == "m2"
+
+
+CHILD = "Siti Rahayu, 7, Jalan Melati 12, case note: bruises"  # stands for child data
+
+
+def test_a_stakeholders_batch_id_is_a_fabric_id_or_its_bodys_digest_never_its_text(
+    handler: ModuleType,
+    aws_audit: dict[str, Any],  # noqa: F811
+) -> None:
+    # A group's user sets the AMQP message id of its audit batches freely (up to 255 bytes);
+    # the writer stored it in every record of the batch as ``batch``, in a trail nobody can
+    # erase for seven years, whether it took the batch, refused it or could not read it.
+    consumer = user_name(Stakeholder.MEDIA)
+    toolkit_id = new_message_id()  # what the toolkit's sink sends
+    accepted = body(M1, event=AuditEvent.DELIVERED)
+    refused = body(M2, event=AuditEvent.ACCEPTED)  # only the router accepts
+    unreadable = b"not an audit batch"
+    lowercase_ulid = "01jdq3zp5g8y7k2m4n6r8t0v1w"  # a ULID, but not as the router writes it
+    other = body(M2, event=AuditEvent.DELIVERED)
+    own = body(new_message_id(), event=AuditEvent.DELIVERED)
+    anonymous = body(M1, event=AuditEvent.DELIVERED)
+    event = amazon_mq(
+        (CHILD, accepted),
+        (f"{CHILD} #2", refused),
+        (f"{CHILD} #3", unreadable),
+        (lowercase_ulid, other),
+        (toolkit_id, own),
+        user=consumer,
+    )
+    # No user-id at all (the broker checks one only when there is one): refused, id and all.
+    event["rmqMessagesByQueue"]["fabric.audit::/"] += amazon_mq(
+        (f"{CHILD} #4", anonymous), user=""
+    )["rmqMessagesByQueue"]["fabric.audit::/"]
+
+    written = handler.handler(event, None)
+    again = handler.handler(event, None)  # the event source delivers the event once more
+
+    store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
+    stored = store.get(written["object"])
+    assert [(r["event"], r["batch"]) for r in decode_object(stored)] == [
+        ("delivered", digest(accepted)),
+        ("refused-batch", digest(refused)),
+        ("unreadable-batch", digest(unreadable)),
+        ("delivered", digest(other)),
+        ("delivered", toolkit_id),
+        ("refused-batch", digest(anonymous)),
+    ]
+    assert lowercase_ulid not in stored.decode()
+    assert b"Siti" not in b"".join(store.get(key) for key in store.keys(""))
+    # Every batch, the toolkit's UUID and the digests alike, is dropped when it comes again.
+    assert (again["object"], again["records"], again["duplicate_batches"]) == (None, 0, 6)
+
+
+def test_a_platform_batch_keeps_the_id_it_was_sent_with(
+    handler: ModuleType,
+    aws_audit: dict[str, Any],  # noqa: F811
+) -> None:
+    written = handler.handler(amazon_mq(("router-batch-1", body("m1"))), None)
+
+    (record,) = decode_object(S3ObjectStore(BUCKET, lambda: aws_audit["s3"]).get(written["object"]))
+    assert record["batch"] == "router-batch-1"
+
+
+def test_a_refused_batch_is_logged_and_counted_for_its_alarm(
+    handler: ModuleType,
+    aws_audit: dict[str, Any],  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The broker confirmed the batch, so its consumer counted it stored; the writer said
+    # nothing, and only the compliance report showed the copies undelivered.
+    consumer = user_name(Stakeholder.COMMUNITY)
+    document = json.loads(body(M1, event=AuditEvent.DELIVERED))
+    document["records"][0]["notes"] = CHILD
+    noted = json.dumps(document).encode()
+    event = amazon_mq(
+        (new_message_id(), noted),
+        (new_message_id(), body(M2, event=AuditEvent.DELIVERED)),
+        (new_message_id(), b"\xff"),
+        user=consumer,
+    )
+
+    written = handler.handler(event, None)
+    handler.handler(event, None)  # a redelivery is no second refusal
+
+    assert written["refused"] == 2
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "_aws" in line]
+    assert [(line["AuditBatchesRefused"], line["Environment"]) for line in lines] == [(2, "test")]
+    (metric,) = lines[0]["_aws"]["CloudWatchMetrics"]
+    assert metric["Namespace"] == "MessagingFabric"
+    assert metric["Dimensions"] == [["Environment"]]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fabric.audit_writer"]
+    assert len(warnings) == 2
+    assert f"from {consumer} written as refused-batch" in warnings[0]
+    assert "recorded a field the fabric's consumer records do not have" in warnings[0]
+    assert "written as unreadable-batch" in warnings[1]
+    assert "Siti" not in " ".join(warnings)
+
+
+@pytest.mark.parametrize(
+    ("queue", "kept"),
+    [
+        ("arn:aws:sqs:ap-southeast-3:123456789012:fabric-test-emergency-media", True),
+        ("arn:aws-us-gov:sqs:us-gov-west-1:123456789012:fabric-test-fallback-media-dlq", True),
+        ("fabric-test-fallback-media", True),
+        # Another environment's queue, a flow the fabric has not, free text in the partition.
+        ("arn:aws:sqs:ap-southeast-3:123456789012:fabric-dev-fallback-media", False),
+        ("arn:aws:sqs:ap-southeast-3:123456789012:fabric-test-siti-media", False),
+        ("arn:aws-sitirahayu:sqs:ap-southeast-3:123456789012:fabric-test-fallback-media", False),
+        ("arn:aws:sqs:ap-southeast-3:123456789012:siti-rahayu-media", False),
+    ],
+)
+def test_a_consumers_sqs_queue_is_one_of_its_groups_fallback_queues_in_this_environment(
+    handler: ModuleType,
+    aws_audit: dict[str, Any],  # noqa: F811
+    queue: str,
+    kept: bool,
+) -> None:
+    document = json.loads(body(M1, event=AuditEvent.DELIVERED))
+    document["records"][0]["queues"] = [queue]
+    event = amazon_mq(
+        (new_message_id(), json.dumps(document).encode()), user=user_name(Stakeholder.MEDIA)
+    )
+
+    written = handler.handler(event, None)
+
+    (record,) = decode_object(S3ObjectStore(BUCKET, lambda: aws_audit["s3"]).get(written["object"]))
+    assert record["event"] == ("delivered" if kept else "refused-batch")

@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import pytest
+
 from fabric.adapters.memory import MemoryTransport
 from fabric.audit import (
     AuditEvent,
@@ -18,6 +20,7 @@ from fabric.audit import (
 from fabric.audit_sink import TransportAuditSink
 from fabric.jsoncodec import canonical_json
 from fabric.ports import Failure, OutboundMessage, Outcome
+from fabric.stakeholders import Stakeholder
 
 
 @dataclass
@@ -154,3 +157,16 @@ def test_a_batch_prepared_from_other_records_is_not_sent() -> None:
         batch = decode_audit_batch(message.body)
         assert [r["message_id"] for r in batch.records] == ["m-0", "m-1", "m-2"]
         assert batch.bodies == bodies
+
+
+def test_a_sink_named_so_the_writer_would_refuse_its_batches_is_not_built() -> None:
+    # A consumer's sink named "community case sync" sent every batch, the broker confirmed each
+    # (so emit said stored), and the audit writer refused them all: the group's deliveries were
+    # missing from the trail and nobody was told.
+    for name in ("community case sync", "", "c" * 65, "Siti's desk", "caf\u00e9"):
+        with pytest.raises(ValueError, match="emitted_by"):
+            TransportAuditSink([MemoryTransport()], emitted_by=name)
+    platform = ("router", "drain", "redrive", "replay", "bench")
+    consumers = tuple(f"consumer:{group.value}" for group in Stakeholder)
+    for name in (*platform, *consumers, "community-case-sync", "c" * 64):
+        TransportAuditSink([MemoryTransport()], emitted_by=name)

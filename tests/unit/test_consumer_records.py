@@ -286,6 +286,17 @@ def batch_of(*records: dict[str, Any], emitted_by: str = CONSUMER) -> bytes:
         ({"queues": [f"fabric.media.{CHILD}"]}, "not one of the fabric's queue names"),
         ({"queues": ["fabric.media.notes"]}, "not one of the fabric's queue names"),
         ({"queues": [f"arn:aws:sqs:x:123456789012:{CHILD}-media"]}, "queue names"),
+        # An SQS queue is one of the group's fallback queues (or their DLQs), in an AWS ARN.
+        ({"queues": ["arn:aws:sqs:ap-southeast-3:123456789012:fabric-prod-notes-media"]}, "names"),
+        ({"queues": ["arn:aws:sqs:ap-southeast-3:123456789012:siti-rahayu-media"]}, "names"),
+        (
+            {"queues": ["arn:aws-siti:sqs:ap-southeast-3:123456789012:fabric-prod-fallback-media"]},
+            "names",
+        ),
+        (
+            {"queues": ["arn:aws:sqs:siti-rahayu-seven:123456789012:fabric-prod-fallback-media"]},
+            "names",
+        ),
         ({"groups": ["media", "government"]}, "another group's delivery"),
     ],
 )

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 from fabric.audit import AuditRecord, assemble_audit_batch, encode_body, encode_record
+from fabric.audit_writer import CONSUMER_NAME
 from fabric.envelope import new_message_id
 from fabric.ports import MessageKind, OutboundMessage, PreparedAudit, Transport
 
@@ -30,6 +31,16 @@ class TransportAuditSink:
     """Publishes audit batches on the audit path of ``transports`` (tried in order)."""
 
     def __init__(self, transports: Sequence[Transport], *, emitted_by: str) -> None:
+        """``emitted_by`` names the component in every batch.
+
+        Raises:
+            ValueError: ``emitted_by`` is not a consumer name (``fabric.audit_writer.
+                CONSUMER_NAME``: at most 64 of A-Z a-z 0-9 . _ : -). The writer would refuse
+                every batch of a stakeholder's consumer named so, after the broker confirmed it,
+                and its records would be lost while ``emit`` said stored.
+        """
+        if not CONSUMER_NAME.fullmatch(emitted_by):
+            raise ValueError("emitted_by is at most 64 of A-Z a-z 0-9 . _ : - (no spaces)")
         self._transports = tuple(transports)
         self._emitted_by = emitted_by
         # Split for the smallest limit: every part fits every path, so a part keeps its batch id

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from fabric.envelope import (
     parse_timestamp,
 )
 from fabric.errors import FabricError
+from fabric.naming import FALLBACK_FLOWS, fallback_queue_name
 from fabric.stakeholders import Stakeholder
 from fabric.topology import (
     PLATFORM_USER,
@@ -42,6 +44,8 @@ from fabric.topology import (
     retry_tiers,
     user_name,
 )
+
+_LOG = logging.getLogger(__name__)
 
 
 class ChainConflict(FabricError):
@@ -99,6 +103,8 @@ class Written:
     records: int
     duplicate_batches: int
     archived: int = 0  # bodies stored in the archive object
+    # Batches stored as one ``refused-batch`` or ``unreadable-batch`` record instead of theirs.
+    refused: int = 0
 
 
 AUDIT_PREFIX = "audit/"
@@ -168,6 +174,7 @@ class AuditWriter:
         records = [
             {**record, "batch": batch_id} for batch_id, batch in fresh for record in batch.records
         ]
+        stand_ins = [(batch_id, batch.records[0]) for batch_id, batch in fresh if _stood_in(batch)]
         if not records:
             state = self._chains.load(self._writer)
             if fresh:  # empty batches: remember them so a redelivery is a no-op
@@ -202,6 +209,17 @@ class AuditWriter:
         state.pending.append((key, digest))
         state.intent = None
         self._save(state, [batch_id for batch_id, _ in fresh])
+        for batch_id, stand_in in stand_ins:
+            # Its sender was told stored (the broker confirmed the publish) and nobody else
+            # learns of it: said here once, when written, in the writer's own words only.
+            publisher = stand_in.get("publisher")
+            _LOG.warning(
+                "audit batch %s from %s written as %s, its records are not in the trail: %s",
+                batch_id,
+                "the SQS audit queue" if publisher is None else publisher or "no user-id",
+                stand_in["event"],
+                stand_in["reason"],
+            )
         if _settled(state) or len(state.pending) >= self._seal_every:
             self.checkpoint()  # at once after an abandoned attempt: the tail verifies again
         return Written(
@@ -209,6 +227,7 @@ class AuditWriter:
             records=len(linked),
             duplicate_batches=len(batches) - len(fresh),
             archived=len(bodies),
+            refused=len(stand_ins),
         )
 
     def checkpoint(self) -> str:
@@ -289,10 +308,21 @@ CONSUMER_EVENTS = frozenset({"delivered", "retried", "dead-lettered"})
 
 
 def batches_from_event(
-    event: Mapping[str, Any], *, trusted: frozenset[str] = frozenset({PLATFORM_USER})
+    event: Mapping[str, Any],
+    *,
+    trusted: frozenset[str] = frozenset({PLATFORM_USER}),
+    environment: str | None = None,
 ) -> list[tuple[str, AuditBatch]]:
     """The audit batches of an Amazon MQ for RabbitMQ event (``fabric.audit``) or an SQS event
     (the audit queue), as (batch id, batch).
+
+    The batch id is the id the batch was sent with (the AMQP ``message_id``, the SQS
+    ``fabric-message-id`` attribute), or the SHA-256 of its body when there is none: the writer
+    drops a batch id it already wrote, and stores it in every record as ``batch``. A stakeholder
+    user sets the AMQP message id freely (up to 255 bytes of text), so a batch from a publisher
+    not in ``trusted`` keeps its id only when it is a fabric message id in its canonical form
+    (``fabric.envelope.normalize_message_id``: the toolkit's sink sends a UUID), else the
+    digest of its body, which a redelivery has too.
 
     A body that is not an audit batch is not dropped: it becomes one ``unreadable-batch`` record
     carrying the SHA-256 of the body, so the trail shows that something arrived and what.
@@ -302,7 +332,8 @@ def batches_from_event(
     user. A batch from a publisher not in ``trusted`` that records anything but consumer events
     becomes one ``refused-batch`` record instead (the SQS audit queue is written only by the
     platform's functions: its IAM policy is the check there); the bodies such a publisher's
-    batch carries are not archived.
+    batch carries are not archived. ``environment`` (the writer's ``FABRIC_ENV``) names the
+    fallback queues a consumer's SQS records may name; None admits any environment's.
 
     Raises:
         ValueError: the event is neither.
@@ -318,21 +349,27 @@ def batches_from_event(
                     body = base64.b64decode(message.get("data", ""))
                 except ValueError:  # recorded as it arrived, not the whole event dropped
                     body = str(message.get("data", "")).encode("utf-8", "surrogatepass")
-                batch_id = str(properties.get("messageId") or _digest(body))
                 publisher = str(properties.get("userId") or "")
-                batches.append((batch_id, _published_by(publisher, body, trusted)))
+                sent_id = str(properties.get("messageId") or "")
+                if publisher not in trusted and normalize_message_id(sent_id) != sent_id:
+                    sent_id = ""
+                batch = _published_by(publisher, body, trusted, environment)
+                batches.append((sent_id or _digest(body), batch))
     elif isinstance(event.get("Records"), list):
         for record in event["Records"]:
             attributes = record.get("messageAttributes") or {}
             body = str(record.get("body", "")).encode("utf-8")
-            sent_id = (attributes.get(MESSAGE_ID_ATTRIBUTE) or {}).get("stringValue")
-            batches.append((str(sent_id or _digest(body)), _records(body)[0]))
+            # The platform's own id: only its functions may send to this queue (IAM).
+            sent_id = str((attributes.get(MESSAGE_ID_ATTRIBUTE) or {}).get("stringValue") or "")
+            batches.append((sent_id or _digest(body), _records(body)[0]))
     else:
         raise ValueError("not an Amazon MQ or SQS event")
     return batches
 
 
-def _published_by(publisher: str, body: bytes, trusted: frozenset[str]) -> AuditBatch:
+def _published_by(
+    publisher: str, body: bytes, trusted: frozenset[str], environment: str | None
+) -> AuditBatch:
     batch, readable = _records(body)
     if readable and publisher not in trusted:
         group = _GROUP_OF_USER.get(publisher)
@@ -342,7 +379,11 @@ def _published_by(publisher: str, body: bytes, trusted: frozenset[str]) -> Audit
             why = "may record only consumer events"
         else:
             why = next(
-                filter(None, (_consumer_record_problem(r, group) for r in batch.records)), None
+                filter(
+                    None,
+                    (_consumer_record_problem(r, group, environment) for r in batch.records),
+                ),
+                None,
             )
         if why is not None:
             return _stand_in(body, "refused-batch", f"{publisher or 'no user-id'} {why}", publisher)
@@ -384,11 +425,15 @@ CONSUMER_NAME = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 MAX_ATTEMPT = 999_999_999
 _MAX_TIMESTAMP_CHARS = 40  # RFC 3339 with nanoseconds and an offset is 35
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-# An SQS queue as the toolkit names it: the event source's ARN (or a queue name), in SQS's
-# own charset for names.
-_SQS_QUEUE = re.compile(
-    r"(?:arn:aws[a-z-]{0,16}:sqs:[a-z0-9-]{1,32}:[0-9]{12}:)?[A-Za-z0-9_-]{1,80}"
+# An SQS queue's ARN up to its name, as the toolkit records it (the event source's ARN): an
+# AWS partition, a region's shape, an account.
+_SQS_ARN_PREFIX = re.compile(
+    r"arn:aws(?:-cn|-us-gov|-iso|-iso-[a-z]|-eusc)?:sqs:"
+    r"[a-z]{2,4}(?:-[a-z]{2,9}){1,2}-[0-9]{1,2}:[0-9]{12}:"
 )
+# The environment in a fallback queue's name (``fabric-<env>-<flow>-<group>``), for a writer
+# that does not know its own (a local fabric, tests).
+_ANY_ENVIRONMENT = "[a-z0-9]{1,16}"
 _TEXT_FIELDS = ("message_id", "source", "topic", "body_sha256", "reason", "emitted_by")
 _LIST_FIELDS = ("groups", "queues")
 
@@ -399,7 +444,9 @@ def is_topic(text: str) -> bool:
     return len(text) <= MAX_TOPIC_BYTES and TOPIC_RE.fullmatch(text) is not None
 
 
-def _consumer_record_problem(record: Mapping[str, Any], group: str) -> str | None:
+def _consumer_record_problem(
+    record: Mapping[str, Any], group: str, environment: str | None
+) -> str | None:
     """Why a record of ``group``'s consumer is not one the trail may hold: only the fields the
     fabric's consumer records have (``CONSUMER_RECORD_FIELDS``), each of its type (the
     compliance report and replay read them) and format, and only ``group``'s own groups and
@@ -418,7 +465,10 @@ def _consumer_record_problem(record: Mapping[str, Any], group: str) -> str | Non
     queues = record.get("queues") or ()
     if not all(group_owns(group, queue) for queue in queues):
         return "recorded another group's queue"
-    if not all(queue in _RABBITMQ_QUEUES[group] or _SQS_QUEUE.fullmatch(queue) for queue in queues):
+    if not all(
+        queue in _RABBITMQ_QUEUES[group] or _is_fallback_queue(queue, group, environment)
+        for queue in queues
+    ):
         return "recorded a queue that is not one of the fabric's queue names"
     return None
 
@@ -503,6 +553,23 @@ def group_owns(group: str, queue: str) -> bool:
     )
 
 
+def _is_fallback_queue(queue: str, group: str, environment: str | None) -> bool:
+    """Whether ``queue`` (an SQS queue's name or ARN) is one of ``group``'s fallback queues
+    (``fabric.naming.fallback_queue_name``) or their dead-letter queues, in ``environment``
+    (any, when None): the SQS queues a group's consumer takes messages from."""
+    name = queue.rsplit(":", 1)[-1]
+    prefix = queue[: len(queue) - len(name)]
+    if prefix and _SQS_ARN_PREFIX.fullmatch(prefix) is None:
+        return False
+    if environment is not None:
+        own = {
+            fallback_queue_name(environment, flow, Stakeholder(group)) for flow in FALLBACK_FLOWS
+        }
+        return name.removesuffix("-dlq") in own
+    flows = "|".join(FALLBACK_FLOWS)
+    return re.fullmatch(f"fabric-{_ANY_ENVIRONMENT}-(?:{flows})-{group}(?:-dlq)?", name) is not None
+
+
 _GROUP_OF_USER = {user_name(group): group.value for group in Stakeholder}
 # A group's RabbitMQ queues: the work queues, their delay tiers and dead-letter queues.
 _RABBITMQ_QUEUES = {
@@ -542,6 +609,16 @@ def _records(body: bytes) -> tuple[AuditBatch, bool]:
         return batch, True
     except (ValueError, UnicodeError, RecursionError):
         return _stand_in(body, "unreadable-batch", "not a fabric.audit-batch/1 document"), False
+
+
+def _stood_in(batch: AuditBatch) -> bool:
+    """Whether ``batch`` is a stand-in (``_stand_in``): one record of a stand-in's event, and
+    without ``emitted_by``, which every record of a decoded batch has."""
+    return (
+        len(batch.records) == 1
+        and batch.records[0].get("event") in ("refused-batch", "unreadable-batch")
+        and "emitted_by" not in batch.records[0]
+    )
 
 
 def _stand_in(body: bytes, event: str, reason: str, publisher: str | None = None) -> AuditBatch:

@@ -34,7 +34,9 @@ from datetime import UTC, datetime
 
 from fabric import metrics as metric_names
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
+from fabric.audit_writer import is_topic
 from fabric.breaker import SYSTEMIC
+from fabric.envelope import normalize_message_id
 from fabric.errors import TransportUnavailable
 from fabric.ports import (
     AuditSink,
@@ -302,7 +304,12 @@ class Drainer:
     def _audit_drained(self, queue: FallbackQueue, confirmed: list[Received]) -> bool:
         """Audit every copy the broker confirmed (it is in its work queue, deleted from SQS or
         not: a copy not deleted comes back and is drained again, same message id), with the
-        bodies: a message accepted on the fallback path is archived here too."""
+        bodies: a message accepted on the fallback path is archived here too.
+
+        A message's id and topic are recorded only in the fabric's syntax (a canonical UUID or
+        ULID, an envelope topic), else absent, as the redrive records them: a message without
+        the router's attributes gives them from its body, whatever its sender wrote there, and
+        the trail is locked for seven years."""
         now = datetime.now(UTC)
         digests = [sha256_hex(item.body) for item in confirmed]
         return self._audit.emit(
@@ -310,9 +317,9 @@ class Drainer:
                 AuditRecord(
                     event=AuditEvent.DRAINED,
                     at=now,
-                    message_id=item.message_id,
+                    message_id=normalize_message_id(item.message_id),
                     source="drain",
-                    topic=item.topic,
+                    topic=item.topic if is_topic(item.topic) else None,
                     body_sha256=digest,
                     transport="rabbitmq",
                     groups=(queue.group.value,),

@@ -24,6 +24,11 @@ dropped from its backlog): the trail is missing them. Written only when it happe
 AUDIT_RECORDS_UNSENT = "AuditRecordsUnsent"
 """Consumer toolkit: audit records the audit path refused, kept to go out with the next batch
 (lost if the process ends first). Written only when it happens."""
+AUDIT_BATCHES_REFUSED = "AuditBatchesRefused"
+"""EMF metric (``MessagingFabric``, dimension ``Environment``) of the audit writer function:
+audit batches the writer stored as one ``refused-batch`` or ``unreadable-batch`` record instead
+of their records (``Written.refused``), so the trail holds none of them. Written only when it
+happens."""
 DRAINED = "Drained"
 """Messages moved from the fallback queues back into RabbitMQ."""
 COMPLIANCE_REPORTS = "ComplianceReports"
