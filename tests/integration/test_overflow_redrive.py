@@ -516,11 +516,9 @@ def moto_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
-def test_the_redrive_function_takes_the_overflow_queue(
-    overflow_vhost: str, amqp: Any, moto_aws: None
-) -> None:
-    """As the function is wired: the platform secret, the DynamoDB ledger, audit records to the
-    broker's audit exchange."""
+def deployed_redrive(vhost: str) -> Any:
+    """The redrive function's runtime as it is wired (in moto): the platform secret, the
+    DynamoDB ledger, audit records to the broker's audit exchange."""
     from fabric.bootstrap import build_redrive
     from fabric.settings import RedriveSettings
 
@@ -528,19 +526,26 @@ def test_the_redrive_function_takes_the_overflow_queue(
     secret = boto3.client("secretsmanager").create_secret(
         Name="platform", SecretString=json.dumps({"username": "guest", "password": "guest"})
     )["ARN"]
-    runtime = build_redrive(
+    return build_redrive(
         RedriveSettings(
             environment="test",
             rabbitmq_host=AMQP[0],
             rabbitmq_port=AMQP[1],
             rabbitmq_tls=False,
-            rabbitmq_vhost=overflow_vhost,
+            rabbitmq_vhost=vhost,
             rabbitmq_secret_arn=secret,
             idempotency_table="fabric-test-idempotency",
             sqs_dead_letter_queues=(),
             max_seconds=60.0,
         )
     )
+
+
+def test_the_redrive_function_takes_the_overflow_queue(
+    overflow_vhost: str, amqp: Any, moto_aws: None
+) -> None:
+    """As the function is wired."""
+    runtime = deployed_redrive(overflow_vhost)
     amqp.basic_publish(
         topology.UNROUTED_EXCHANGE, "", BODY, pika.BasicProperties(message_id=msg_id("u-1"))
     )
