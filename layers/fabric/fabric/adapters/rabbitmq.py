@@ -433,7 +433,9 @@ class RabbitMqTransport:
         )
         self._batch = batch
         timeout = self._settings.confirm_timeout
-        overdue = False
+        # The progress the watchdog found overdue, to look again at once the loop has read the
+        # socket; None when nothing is overdue.
+        overdue: float | None = None
 
         def watchdog() -> None:
             # Fires once a full timeout has passed since the last confirm (or since the publish
@@ -445,13 +447,14 @@ class RabbitMqTransport:
                 return
             wait = batch.progress_at + timeout - self._clock()
             if wait > 0 or not batch.in_flight:  # nothing outstanding: nothing to wait for yet
-                overdue = False
+                overdue = None
                 loop.call_later(wait if wait > 0 else timeout, watchdog)
-            elif not overdue:
+            elif overdue != batch.progress_at:
                 # The loop may have been busy in the caller's code (a confirm callback pulls the
                 # next messages from the source) with confirms unread on the socket: look again
-                # after the loop has read it.
-                overdue = True
+                # after the loop has read it. Also when a confirm came since the last look: the
+                # source then ran in its callback, and the socket was not read after it.
+                overdue = batch.progress_at
                 loop.call_later(0, watchdog)
             else:
                 batch.timed_out = True
