@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from aws_cdk import Duration, RemovalPolicy, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
-from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_sns as sns
@@ -15,7 +14,7 @@ from constructs import Construct
 from fabric import broker_depth, metrics
 from stacks.config import AlarmsConfig
 from stacks.constructs.fallback import deny_without_tls
-from stacks.constructs.function import FabricFunction
+from stacks.constructs.function import FabricFunction, paging_alarm
 from stacks.constructs.keys import alarms_of_this_account
 
 
@@ -147,20 +146,16 @@ class FailoverAlarms(Construct):
             cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
         ),
     ) -> cloudwatch.Alarm:
-        alarm = cloudwatch.Alarm(
+        # No traffic, no fallback: missing data is the healthy state.
+        return paging_alarm(
             self,
             name,
-            metric=metric,
+            metric,
+            topic=self.topic,
+            description=description,
             threshold=threshold,
-            comparison_operator=comparison,
-            evaluation_periods=1,
-            # No traffic, no fallback: missing data is the healthy state.
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-            alarm_description=description,
+            comparison=comparison,
         )
-        alarm.add_alarm_action(actions.SnsAction(self.topic))
-        alarm.add_ok_action(actions.SnsAction(self.topic))
-        return alarm
 
 
 # A CloudWatch alarm evaluates at most ten metrics (metric math included).
@@ -328,21 +323,14 @@ class DeadLetterAlarms(Construct):
                 label="messages in the deepest dead-letter queue",
                 period=chunk[0].period,
             )
-            alarm = cloudwatch.Alarm(
+            self.alarms[alarm_id] = paging_alarm(
                 self,
                 alarm_id,
-                metric=deepest,
-                threshold=1,
-                comparison_operator=(
-                    cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
-                ),
-                evaluation_periods=1,
-                treat_missing_data=missing,
-                alarm_description=description,
+                deepest,
+                topic=self.topic,
+                description=description,
+                missing=missing,
             )
-            alarm.add_alarm_action(actions.SnsAction(self.topic))
-            alarm.add_ok_action(actions.SnsAction(self.topic))
-            self.alarms[alarm_id] = alarm
 
 
 class FunctionErrorAlarms(Construct):

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 from aws_cdk import Duration, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
-from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -24,7 +23,7 @@ from fabric import metrics
 from fabric.audit_writer import MAX_BATCHES_PER_WRITE
 from fabric.topology import AUDIT_QUEUE
 from stacks.constructs.audit_queue import WRITER_TIMEOUT
-from stacks.constructs.function import FabricFunction, FunctionPlatform
+from stacks.constructs.function import FabricFunction, FunctionPlatform, paging_alarm
 from stacks.constructs.queues import QueueAddress
 from stacks.constructs.router import VIRTUAL_HOST
 from stacks.nag import acknowledge, wildcard_resource_finding
@@ -209,22 +208,19 @@ class AuditWriter(Construct):
         ``unreadable-batch`` record. Nobody else learns of it: the broker confirmed the batch,
         so its sender counts it stored, and only the compliance report shows its copies
         undelivered."""
-        alarm = cloudwatch.Alarm(
+        # Written only when a batch is refused: no data is the healthy state.
+        return paging_alarm(
             self,
             "BatchesRefused",
-            metric=cloudwatch.Metric(
+            cloudwatch.Metric(
                 namespace=metrics.NAMESPACE,
                 metric_name=metrics.AUDIT_BATCHES_REFUSED,
                 dimensions_map={metrics.DIMENSION: env_name},
                 statistic="Sum",
                 period=Duration.minutes(5),
             ),
-            threshold=1,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-            evaluation_periods=1,
-            # Written only when a batch is refused: no data is the healthy state.
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-            alarm_description=(
+            topic=alarm_topic,
+            description=(
                 "The audit writer refused an audit batch (a consumer's record outside the "
                 "toolkit's set or format, a platform event from a stakeholder user, a body that "
                 "is not an audit batch): the trail holds one refused-batch or unreadable-batch "
@@ -232,9 +228,6 @@ class AuditWriter(Construct):
                 "as') and docs/runbook.md."
             ),
         )
-        alarm.add_alarm_action(actions.SnsAction(alarm_topic))
-        alarm.add_ok_action(actions.SnsAction(alarm_topic))
-        return alarm
 
     def _grant_trail(
         self,

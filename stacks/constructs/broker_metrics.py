@@ -7,7 +7,6 @@ import json
 
 from aws_cdk import Duration
 from aws_cdk import aws_cloudwatch as cloudwatch
-from aws_cdk import aws_cloudwatch_actions as actions
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_kms as kms
@@ -16,7 +15,7 @@ from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from fabric import broker_depth
-from stacks.constructs.function import FabricFunction, FunctionPlatform
+from stacks.constructs.function import FabricFunction, FunctionPlatform, paging_alarm
 
 
 def broker_metrics_function_name(env_name: str) -> str:
@@ -109,17 +108,15 @@ class BrokerMetrics(Construct):
             statistic="Maximum",
             period=Duration.minutes(5),
         )
-        self.unmeasured_alarm = cloudwatch.Alarm(
+        self.unmeasured_alarm = paging_alarm(
             self,
             "Unmeasured",
-            metric=unmeasured,
-            threshold=1,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-            evaluation_periods=1,
+            unmeasured,
+            topic=alarm_topic,
             # No data: no run reached the broker in five minutes (failed, throttled, not
             # scheduled), and the dead-letter alarms are blind. Say so.
-            treat_missing_data=cloudwatch.TreatMissingData.BREACHING,
-            alarm_description=(
+            missing=cloudwatch.TreatMissingData.BREACHING,
+            description=(
                 "The depth of the broker's dead-letter or overflow queues was not measured in "
                 "the last five minutes: the broker metrics function did not run or failed, or a "
                 "queue is missing (deleted by hand) or has no statistics. BrokerDlqDepth and "
@@ -127,5 +124,3 @@ class BrokerMetrics(Construct):
                 "metrics)."
             ),
         )
-        self.unmeasured_alarm.add_alarm_action(actions.SnsAction(alarm_topic))
-        self.unmeasured_alarm.add_ok_action(actions.SnsAction(alarm_topic))

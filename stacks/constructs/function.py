@@ -266,19 +266,13 @@ class FabricFunction(Construct):
     ) -> cloudwatch.Alarm:
         """``Errors`` in ``scope``: the function failed at least once in five minutes; alarm
         and OK to ``topic``."""
-        alarm = cloudwatch.Alarm(
+        return paging_alarm(
             scope,
             "Errors",
-            metric=self.function.metric_errors(statistic="Sum", period=Duration.minutes(5)),
-            threshold=1,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-            evaluation_periods=1,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-            alarm_description=description,
+            self.function.metric_errors(statistic="Sum", period=Duration.minutes(5)),
+            topic=topic,
+            description=description,
         )
-        alarm.add_alarm_action(actions.SnsAction(topic))
-        alarm.add_ok_action(actions.SnsAction(topic))
-        return alarm
 
     def allow_send(self, queue: QueueAddress, *, sid: str) -> None:
         """Let the function send to ``queue``, a named queue encrypted with the queues key.
@@ -320,3 +314,33 @@ class FabricFunction(Construct):
                 },
             )
         )
+
+
+def paging_alarm(
+    scope: Construct,
+    construct_id: str,
+    metric: cloudwatch.IMetric,
+    *,
+    topic: sns.ITopic,
+    description: str,
+    threshold: float = 1,
+    comparison: cloudwatch.ComparisonOperator = (
+        cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
+    ),
+    missing: cloudwatch.TreatMissingData = cloudwatch.TreatMissingData.NOT_BREACHING,
+) -> cloudwatch.Alarm:
+    """An alarm on one period of ``metric`` that notifies ``topic`` on ALARM and on OK; missing
+    data is healthy unless ``missing`` says otherwise."""
+    alarm = cloudwatch.Alarm(
+        scope,
+        construct_id,
+        metric=metric,
+        threshold=threshold,
+        comparison_operator=comparison,
+        evaluation_periods=1,
+        treat_missing_data=missing,
+        alarm_description=description,
+    )
+    alarm.add_alarm_action(actions.SnsAction(topic))
+    alarm.add_ok_action(actions.SnsAction(topic))
+    return alarm
