@@ -30,9 +30,10 @@ AGE is a number with ``s``, ``m``, ``h`` or ``d``.
 
 ``verify`` reads one writer's audit trail (objects and checkpoints) from the audit bucket and
 checks signatures, chains, Merkle roots and sequence gaps; on failure it names the first bad
-record, object or checkpoint. The bucket and the signing keys come from the ``<env>-Stateful``
-stack's outputs unless given (``--signing-key`` once per key, oldest first: the keys a rotation
-retired, then the current one).
+record, object or checkpoint, or every key someone deleted (a delete marker among its versions,
+which hides it from the listings the check goes by). The bucket and the signing keys come from
+the ``<env>-Stateful`` stack's outputs unless given (``--signing-key`` once per key, oldest
+first: the keys a rotation retired, then the current one).
 
 ``replay`` invokes the deployed replay function (``fabric-<env>-replay``) to re-publish the
 archived messages accepted in ``[--start, --end)`` (RFC 3339, end exclusive) that match every
@@ -74,6 +75,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -319,7 +321,9 @@ def replay(
         held += [p["message_id"] for p in body["problems"] if p["outcome"] == "unsealed"]
         if dry_run:
             listed = _list_would_replay(body, listed, out)
-        moved = body["cursor"] not in (None, cursor)
+        moved = body["cursor"] is not None and (
+            cursor is None or _position(body["cursor"]) != _position(cursor)
+        )
         cursor = body["cursor"] or cursor
         rate = totals["replayed"] / max(clock() - started, 1e-9)
         done = totals["would_replay"] if dry_run else totals["replayed"]
@@ -424,10 +428,36 @@ def _resume_hint(replay_id: str, cursor: dict[str, str] | None, out: TextIO) -> 
     print(f"resume with the same command and: --replay-id {replay_id}{after}", file=out)
 
 
+def _position(cursor: Mapping[str, str]) -> tuple[datetime, str]:
+    """Where a cursor stands, whatever its spelling: the instant and the message id as the
+    replay function reads them. A hand-typed ``--after`` may spell the function's
+    ``2026-12-01T02:13:07.120Z`` as ``...07.12+00:00``, ``...07.120z`` or in another offset,
+    and a ULID in lowercase; compared as text, a first chunk that did not move the cursor
+    would read as progress, and "no progress" would cost a chunk more."""
+    from fabric.envelope import normalize_message_id, parse_timestamp
+
+    message_id = cursor["message_id"]
+    return parse_timestamp(cursor["at"]), normalize_message_id(message_id) or message_id
+
+
 def _cursor(text: str) -> dict[str, str]:
+    """``--after AT,MESSAGE_ID``, checked as the function checks it: a typo is a usage error
+    that names ``--after``, before anything is invoked."""
+    from fabric.envelope import normalize_message_id, parse_timestamp
+
     at, _, message_id = text.rpartition(",")
     if not at or not message_id:
         raise argparse.ArgumentTypeError("a cursor is AT,MESSAGE_ID as a stopped replay prints it")
+    try:
+        parse_timestamp(at)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"a cursor's AT must be RFC 3339 with a time zone: {exc}"
+        ) from None
+    if normalize_message_id(message_id) is None:
+        raise argparse.ArgumentTypeError(
+            f"a cursor's MESSAGE_ID must be a UUID or a ULID, not {message_id!r}"
+        )
     return {"at": at, "message_id": message_id}
 
 
@@ -465,7 +495,20 @@ def verify(
     store = S3ObjectStore(bucket, lambda: s3)
     keys = store.keys(f"audit/{writer}/")
     sealed = store.keys(f"checkpoints/{writer}/")
+    # Object Lock does not refuse a plain DeleteObject: it adds a delete marker, and listings
+    # and reads no longer show the key (its locked versions stay). The trail left could verify
+    # without a hidden tail object or last checkpoint, so the markers are looked for here.
+    deleted = store.deleted(f"audit/{writer}/") + store.deleted(f"checkpoints/{writer}/")
     print(f"reading {len(keys)} objects of {writer} from s3://{bucket} ...", file=out)
+    if deleted:  # also when they hide the whole trail: not just "no trail"
+        print(
+            f"NOT VERIFIED: {len(deleted)} key(s) of {writer} deleted after they were written"
+            " (a delete marker among their versions):",
+            file=out,
+        )
+        for key in deleted:
+            print(f"  {key}", file=out)
+        return 1
     if not keys and not sealed:  # a mistyped writer or bucket must not read as "verified"
         print(f"NOT VERIFIED: no trail under audit/{writer}/ in s3://{bucket}", file=out)
         return 1

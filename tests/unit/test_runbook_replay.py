@@ -197,3 +197,113 @@ def test_a_run_that_finished_nothing_but_moved_its_cursor_is_progress() -> None:
     assert len(events) == 2
     assert events[1]["after"] == {"at": "2026-12-01T01:00:00Z", "message_id": "m-010"}
     assert "too large to read" not in output
+
+
+_ULID = "01JEHZ8Q6K9V3T2B5N7M4C1XAD"
+
+
+@pytest.mark.parametrize(
+    ("at", "message_id"),
+    [
+        ("2026-12-01T03:00:00+00:00", _ULID),
+        ("2026-12-01t03:00:00z", _ULID.lower()),
+        ("2026-12-01T03:00:00.000Z", _ULID),
+        ("2026-12-01T10:00:00+07:00", _ULID),
+    ],
+)
+def test_a_hand_typed_cursor_spelled_otherwise_than_the_functions_is_the_same_place(
+    at: str, message_id: str
+) -> None:
+    # The function answers with its own spelling of the cursor it was given: nothing moved.
+    function = _Lambda(
+        selected=3,
+        remaining=3,
+        stopped="time limit",
+        cursor={"at": "2026-12-01T03:00:00Z", "message_id": _ULID},
+    )
+    calls = []
+    original = function.invoke
+
+    def invoke(**arguments: Any) -> dict[str, Any]:
+        calls.append(arguments)
+        return original(**arguments)
+
+    function.invoke = invoke  # type: ignore[method-assign]
+    out = io.StringIO()
+    status = runbook.replay(
+        "test",
+        client=lambda _service: function,
+        request={
+            "start": "2026-12-01T00:00:00Z",
+            "end": "2026-12-02T00:00:00Z",
+            "after": runbook._cursor(f"{at},{message_id}"),
+        },
+        chunk=500,
+        out=out,
+    )
+    assert status == 1, out.getvalue()
+    assert len(calls) == 1, out.getvalue()
+    assert "stopped: no progress" in out.getvalue()
+
+
+def test_a_cursor_moved_by_a_fraction_of_a_second_is_progress() -> None:
+    answers = [
+        _Lambda(
+            selected=3,
+            remaining=3,
+            stopped="time limit",
+            cursor={"at": "2026-12-01T03:00:00.5Z", "message_id": _ULID},
+        ).body,
+        _Lambda(selected=3, remaining=0, replayed=3, stopped="done").body,
+    ]
+    events: list[dict[str, Any]] = []
+
+    class _Sequence:
+        def invoke(self, **arguments: Any) -> dict[str, Any]:
+            events.append(json.loads(arguments["Payload"]))
+            return {"Payload": io.BytesIO(json.dumps(answers[len(events) - 1]).encode())}
+
+    out = io.StringIO()
+    status = runbook.replay(
+        "test",
+        client=lambda _service: _Sequence(),
+        request={
+            "start": "2026-12-01T00:00:00Z",
+            "end": "2026-12-02T00:00:00Z",
+            "after": {"at": "2026-12-01T03:00:00+00:00", "message_id": _ULID},
+        },
+        chunk=500,
+        out=out,
+    )
+    assert status == 0, out.getvalue()
+    assert len(events) == 2
+
+
+@pytest.mark.parametrize(
+    ("after", "why"),
+    [
+        (f"2026-12-01T03:00:00{_ULID}", "a cursor is AT,MESSAGE_ID"),
+        (f"2026-12-01T03:00:00,{_ULID}", "AT must be RFC 3339"),  # no time zone
+        (f"2026-12-01 03:00:00Z,{_ULID}", "AT must be RFC 3339"),
+        (f"2026-12-01T25:00:00Z,{_ULID}", "AT must be RFC 3339"),
+        ("2026-12-01T03:00:00Z,m-100", "MESSAGE_ID must be a UUID or a ULID"),
+    ],
+)
+def test_a_mistyped_after_is_a_usage_error_before_anything_is_invoked(
+    after: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    period = ["--start", "2026-12-01T00:00:00Z", "--end", "2026-12-02T00:00:00Z"]
+    with pytest.raises(SystemExit) as exited:
+        runbook.main(["replay", "--env", "dev", *period, "--after", after], out=io.StringIO())
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --after" in error
+    assert why in error
+
+
+def test_a_valid_after_goes_to_the_function_as_typed() -> None:
+    typed = f"2026-12-01T10:00:00.120+07:00,{_ULID.lower()}"
+    assert runbook._cursor(typed) == {
+        "at": "2026-12-01T10:00:00.120+07:00",
+        "message_id": _ULID.lower(),
+    }
