@@ -218,8 +218,10 @@ class RabbitMqTransport:
 
         ``messages`` is consumed lazily, as the confirm window has room, so a caller that
         prepares messages in a generator overlaps its work with the broker's. ``meanwhile``
-        runs once the last message is written to the socket, while the broker is still storing
-        and confirming the window (on a busy broker, most of it).
+        runs once the last message is taken from ``messages``, while the broker is still
+        storing and confirming the window (on a busy broker, most of it). When the last chunk
+        was taken in a confirm's callback, its frames may reach the socket only after
+        ``meanwhile`` returns: keep it short.
 
         A message whose connection dies before its confirm is published once more on a new
         connection (the stale-connection case); if that fails too, it is reported
@@ -669,7 +671,8 @@ class _Batch:
                 self.pump_scheduled = True
                 self.schedule(self._pump_and_settle)
         elif self.taken.exhausted and self.taken.meanwhile and self.meanwhile_timer is None:
-            # Runs after this turn of the loop has written the last chunk to the socket.
+            # A timer: from the first call's pump, after the loop has written the last chunk;
+            # from a confirm's callback, in the same turn (pika writes on the next one).
             self.meanwhile_timer = self.schedule(self._run_meanwhile)
 
     def _pump_and_settle(self) -> None:
