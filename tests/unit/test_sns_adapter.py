@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ReadTimeoutError
 from botocore.stub import ANY, Stubber
 
 from fabric.adapters.sns import SnsFallbackTransport
@@ -62,6 +66,34 @@ def expect(stubber: Stubber, ids: list[str], *, failed: dict[str, tuple[str, boo
             ],
         },
     )
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    """Set at the end of a test: ends every stalled call, even one the transport abandoned."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def stall(
+    client: Any, release: threading.Event, seconds: dict[int, float], *, unanswered: int = 0
+) -> list[int]:
+    """PublishBatch call ``n`` (from 1) waits ``seconds[n]`` (less once ``release`` is set)
+    before the stub answers, as a slow SNS would; call ``unanswered`` then ends as botocore ends
+    a call SNS never answered, after its timeouts and retries. Returns the calls made so far."""
+    made: list[int] = []
+    numbers = itertools.count(1)
+
+    def wait(**_: Any) -> None:
+        made.append(number := next(numbers))
+        release.wait(seconds.get(number, 0.0))
+        if number == unanswered:
+            raise ReadTimeoutError(endpoint_url="https://sns.ap-southeast-3.amazonaws.com/")
+
+    # The event before the Stubber's first one: the stub answers after the wait.
+    client.meta.events.register("provide-client-params.sns.PublishBatch", wait)
+    return made
 
 
 def transport(client: Any) -> SnsFallbackTransport:
@@ -124,3 +156,52 @@ def test_past_the_retry_window_a_throttled_entry_is_not_sent_again(
     outcomes = transport(client).publish(messages(2))
 
     assert [o.failure for o in outcomes] == [None, Failure.UNAVAILABLE]
+
+
+def test_a_retry_that_does_not_answer_within_the_window_leaves_its_entry_unavailable(
+    sns: tuple[Any, Stubber], release: threading.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The router's client would spend about 6 s on an SNS that does not answer (three attempts
+    # of a 2 s read timeout); the producer gets its answer when the window closes instead.
+    monkeypatch.setattr("fabric.adapters.sns.RETRY_WINDOW_S", 0.5)
+    client, stubber = sns
+    made = stall(client, release, {2: 3.0}, unanswered=2)
+    expect(stubber, ["0", "1"], failed={"1": ("Throttling", False)})
+
+    started = time.monotonic()
+    outcomes = transport(client).publish(messages(2))
+    elapsed = time.monotonic() - started
+
+    assert [o.failure for o in outcomes] == [None, Failure.UNAVAILABLE]
+    assert made == [1, 2]  # the retry was sent, and given up on
+    assert elapsed < 0.5 + 0.3
+
+
+def test_a_slow_retry_that_answers_within_the_window_is_stored(
+    sns: tuple[Any, Stubber], release: threading.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("fabric.adapters.sns.RETRY_WINDOW_S", 1.0)
+    client, stubber = sns
+    stall(client, release, {2: 0.3})
+    expect(stubber, ["0", "1"], failed={"1": ("Throttling", False)})
+    expect(stubber, ["1"], failed={})
+
+    outcomes = transport(client).publish(messages(2))
+
+    assert [o.transport for o in outcomes] == ["fallback", "fallback"]
+
+
+def test_a_first_call_slower_than_the_window_is_still_waited_for(
+    sns: tuple[Any, Stubber], release: threading.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The window bounds only the retry: the first call keeps the client's own timeouts, and
+    # what SNS stored in it is reported stored however long it took.
+    monkeypatch.setattr("fabric.adapters.sns.RETRY_WINDOW_S", 0.2)
+    client, stubber = sns
+    made = stall(client, release, {1: 0.5})
+    expect(stubber, ["0", "1"], failed={"1": ("Throttling", False)})
+
+    outcomes = transport(client).publish(messages(2))
+
+    assert [o.failure for o in outcomes] == [None, Failure.UNAVAILABLE]
+    assert made == [1]  # past the window: the throttled entry is not sent again

@@ -5,7 +5,8 @@ with the groups the routing table resolved in the ``audience`` message attribute
 SQS queue is subscribed with a filter on its own name, so SNS delivers exactly what RabbitMQ
 would have. ``PublishBatch`` sends up to 10 entries per call and every entry's result is checked:
 a message is stored only when SNS listed it as successful. Entries SNS refused for its own
-reasons (throttling, an internal error) are sent once more, alone, a moment later.
+reasons (throttling, an internal error) are sent once more, alone, a moment later, and waited
+for only until the call's retry window closes.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ _MAX_ENTRIES = 10
 _MAX_BATCH_BYTES = 262_144
 # An entry SNS refused without blaming the sender (``SenderFault`` false: Throttling,
 # InternalError, KMSThrottling) is sent once more this long after the refusal, if the publish
-# call is still inside its retry window: the router answers within seconds (an emergency within
-# one), and a refused entry is only ``unavailable``, never lost, when the window has passed.
+# call is still inside its retry window, and that second call is waited for only until the
+# window closes: the router answers within seconds (an emergency within one), and a refused
+# entry is only ``unavailable``, never lost, when the window has passed.
 RETRY_BACKOFF_S = 0.1
 RETRY_WINDOW_S = 2.0
 
@@ -109,13 +111,36 @@ class SnsFallbackTransport:
         # Only the refused entries go again: one SNS accepted would be delivered twice.
         if refused and time.monotonic() + RETRY_BACKOFF_S <= retry_until:
             time.sleep(RETRY_BACKOFF_S)
-            stored |= self._publish_batch(topic_arn, [entries[i] for i in refused])[0]
+            stored |= self._retry(topic_arn, [entries[i] for i in refused], retry_until)
         return {
             i: Outcome(messages[i].message_id, transport=TRANSPORT_NAME)
             if i in stored
             else Outcome(messages[i].message_id, failure=Failure.UNAVAILABLE)
             for i in indices
         }
+
+    def _retry(self, topic_arn: str, batch: list[dict[str, Any]], retry_until: float) -> set[int]:
+        """The refused entries' second PublishBatch: the indices SNS stored, if it answered
+        before ``retry_until``.
+
+        The client's timeouts and retries suit a first call; for the retry, the router's client
+        could hold the answer about 6 s past the window (three attempts of a 2 s read timeout
+        on an SNS that does not answer). So the call runs on a thread of its own and is
+        abandoned, its entries ``unavailable``, when the window closes: an exact bound, whatever
+        the client does (DNS, retries, backoff), and no second client for the composition root
+        to build. The abandoned call ends within the client's own bounds; should SNS still store
+        an entry, the producer's retry makes a duplicate, which consumers drop by ``message_id``.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sns-retry")
+        call = pool.submit(self._publish_batch, topic_arn, batch)
+        pool.shutdown(wait=False)  # the thread ends with its call, even one abandoned here
+        try:
+            return call.result(timeout=max(0.0, retry_until - time.monotonic()))[0]
+        except TimeoutError:
+            _LOG.warning("SNS retry of %d message(s) did not answer in time", len(batch))
+            return set()
 
     def _publish_batch(
         self, topic_arn: str, batch: list[dict[str, Any]]
