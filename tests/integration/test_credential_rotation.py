@@ -196,6 +196,26 @@ def test_a_password_the_secret_does_not_have_yet_is_unavailable_then_picked_up(
     publisher.close()
 
 
+def test_a_malformed_secret_makes_messages_unavailable_not_an_error(
+    user: RotatingUser, channel: Any
+) -> None:
+    # A secret hand-edited into something that is not {"username", "password"}: the router's
+    # transport must answer unavailable (its caller fails over to SNS), not raise out of the call.
+    sm = boto3.client("secretsmanager", region_name=REGION)
+    good = user.secret()
+    sm.put_secret_value(SecretId=user.secret_arn, SecretString='{"user": "x", "password": "y"}')
+    publisher = RabbitMqTransport(user.settings(), exchange_for=lambda _m: EXCHANGE)
+
+    refused = publisher.publish(messages(3))
+    sm.put_secret_value(SecretId=user.secret_arn, SecretString=json.dumps(good))
+    accepted = publisher.publish(messages(2))
+
+    assert [outcome.failure for outcome in refused] == [Failure.UNAVAILABLE] * 3
+    assert all(outcome.stored for outcome in accepted)
+    assert channel.queue_declare(QUEUE, passive=True).method.message_count == 2
+    publisher.close()
+
+
 def test_a_consumer_refused_once_reads_the_rotated_password_on_its_next_run(
     user: RotatingUser, channel: Any
 ) -> None:

@@ -27,7 +27,7 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from fabric.adapters.amqp_frames import PublishFrames
-from fabric.errors import TransportUnavailable
+from fabric.errors import ConfigError, TransportUnavailable
 from fabric.ports import Failure, MessageKind, OutboundMessage, Outcome
 
 _LOG = logging.getLogger(__name__)
@@ -70,9 +70,13 @@ def connection_parameters(settings: RabbitSettings) -> pika.ConnectionParameters
     """pika parameters for ``settings``; reads the credentials now.
 
     Raises:
-        TransportUnavailable: the credentials cannot be read.
+        TransportUnavailable: the credentials cannot be read, or the secret holding them is
+            malformed (a hand edit): the broker cannot be used, and a router fails over.
     """
-    username, password = settings.credentials()
+    try:
+        username, password = settings.credentials()
+    except ConfigError as exc:
+        raise TransportUnavailable(str(exc)) from None  # its text names no value
     ssl_options = None
     if settings.use_tls:
         context = ssl.create_default_context()
