@@ -397,7 +397,7 @@ def _boto3_client(service_name: str) -> Any:
         service_name,
         connect_timeout=1,
         read_timeout=2,
-        retries={"max_attempts": 2, "mode": "standard"},
+        retries={"total_max_attempts": 2, "mode": "standard"},  # "max_attempts" counts retries
     )
 
 
