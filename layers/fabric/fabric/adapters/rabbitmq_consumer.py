@@ -21,8 +21,9 @@ when a delivery stays unacknowledged longer, and a delivery waiting in the prefe
 slow handlers counts. Before a handler starts, the consumer works out how long its delivery may
 have waited (from the prefetch credit and the last time it found nothing to take,
 ``_Arrivals``); from half the timeout on, it cancels, hands that delivery and every one
-prefetched behind it back with one ``basic.nack`` (one delivery counted each) and consumes
-again with half the prefetch (``consumer_timeout_s``; docs/dead-letters.md).
+prefetched behind it (those in flight when the broker confirmed the cancel included) back with
+one ``basic.nack`` (one delivery counted each) and consumes again with half the prefetch
+(``consumer_timeout_s``; docs/dead-letters.md).
 """
 
 from __future__ import annotations
@@ -150,9 +151,11 @@ class RabbitMqConsumer:
             pending = _Pending(channel, self._settler, counts, self._backoff, limit=self._prefetch)
             idle_since = time.monotonic()
             messages = self._consume(channel, self._prefetch)
+            taken = None  # the delivery taken when ``stop`` was found set: never handled
             while (item := next(messages, None)) is not None:
                 method, properties, body = item
                 if stop is not None and stop.is_set():
+                    taken = method
                     break
                 if method is None:
                     pending.idle()
@@ -207,9 +210,7 @@ class RabbitMqConsumer:
                 raise pika.exceptions.ConsumerCancelled(
                     f"the broker cancelled the consumer of {self._queue}"
                 )
-            pending.flush()
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                channel.cancel()
+            self._finish(channel, messages, pending, taken)
         finally:
             keeper.stop()
             with contextlib.suppress(pika.exceptions.AMQPError, OSError):
@@ -234,20 +235,14 @@ class RabbitMqConsumer:
         One ``basic.nack`` (multiple, requeue) covers them, each counted once: RabbitMQ 4.3 and
         later do not count a nack against the delivery limit; 3.10 to 4.2 count it, as they
         count the channel closure the timeout would bring, which would also lose the
-        acknowledgement of the handler under way and stop the run."""
-        last, returned = tag, 1
-        for _ in range(channel.get_waiting_message_count()):
-            last = next(messages)[0].delivery_tag
-            returned += 1
+        acknowledgement of the handler under way and stop the run. It also covers the
+        deliveries that were in flight when the broker took the cancel (``_cancel``)."""
         # The consumer goes first: a nack (or an acknowledgement) while it was active gave it
         # credit, the broker sent the returned messages straight back to it, and the cancel
-        # returned them again (two deliveries counted each). pika's cancel rejects, with
-        # requeue, what reaches the consumer before the broker confirms it (deliveries the
-        # last acknowledgement made room for, still unread): tags above ``last``, which the
-        # nack does not cover, so each returned message is counted once either way.
-        channel.cancel()
+        # returned them again (two deliveries counted each).
+        back = [tag, *_cancel(channel, messages)]
         pending.flush()  # what was decided is settled before the nack, which covers lower tags
-        channel.basic_nack(last, multiple=True, requeue=True)
+        channel.basic_nack(back[-1], multiple=True, requeue=True)
         pending.limit = max(1, pending.limit // 2)
         pending.arrivals = _Arrivals(pending.limit)
         _LOG.warning(
@@ -256,15 +251,58 @@ class RabbitMqConsumer:
             self._queue,
             waited,
             self._consumer_timeout_s,
-            returned,
+            len(back),
             pending.limit,
         )
         return self._consume(channel, pending.limit)
+
+    def _finish(self, channel: Any, messages: Iterator[Any], pending: _Pending, taken: Any) -> None:
+        """Ends the run's consumer: cancels it, settles what was decided, and hands ``taken`` (a
+        delivery it took and did not handle, or None) and every delivery it still holds back
+        to the queue with one ``basic.nack`` (multiple, requeue), as a hand-back does. pika's
+        cancel rejected each (RabbitMQ 4.3: one failed delivery each, at every stop of a
+        consumer) and left ``taken`` to the connection's closure."""
+        try:
+            back = [] if taken is None else [taken.delivery_tag]
+            back += _cancel(channel, messages)
+        except pika.exceptions.AMQPError:
+            back = []  # the channel is gone, and what it held went back with it
+        pending.flush()  # after the cancel: acknowledgements no longer make room for more
+        if back:
+            channel.basic_nack(back[-1], multiple=True, requeue=True)
 
     def _backoff(self) -> None:
         # After something was not settled, so that a consumer whose dependency is down does
         # not spin.
         self._sleep(self._backoff_s)
+
+
+def _cancel(channel: Any, messages: Iterator[Any]) -> list[int]:
+    """Cancels the channel's consumer; returns the tags of the deliveries ``messages`` holds
+    that it has not yielded, those the broker sent before it confirmed the cancel included.
+
+    pika's own cancel rejects (``basic.reject``, requeue) every delivery that reaches it between
+    the ``basic.cancel`` and the broker's ``cancel-ok``: the ones in flight when the broker took
+    the cancel. RabbitMQ 4.3 counts a reject as a failed delivery against the queue's delivery
+    limit (rabbitmq-server#15387), and the hand-back's nack did not cover them. So the cancel
+    goes to the broker behind pika's back (``_impl._rpc``, pika 1.x), ``messages`` takes what
+    still comes until the ``cancel-ok`` (the broker sends nothing for the consumer after it),
+    and only then pika cancels too: the broker, which no longer knows the consumer, confirms
+    again, and nothing is left for pika to reject."""
+    (consumer_tag,) = channel.consumer_tags
+    confirmed: list[Any] = []
+    channel._impl._rpc(
+        pika.spec.Basic.Cancel(consumer_tag=consumer_tag),
+        confirmed.append,
+        [(pika.spec.Basic.CancelOk, {"consumer_tag": consumer_tag})],
+    )
+    while not confirmed:
+        if not channel.is_open:
+            raise pika.exceptions.ChannelClosed(406, "closed while cancelling the consumer")
+        channel.connection.process_data_events(time_limit=0.1)
+    tags = [next(messages)[0].delivery_tag for _ in range(channel.get_waiting_message_count())]
+    channel.cancel()
+    return tags
 
 
 class _HeartbeatKeeper:
