@@ -1464,7 +1464,7 @@ def _lambda_handler(function: str, environment: dict[str, str]) -> Any:
 def run(templates: dict[str, dict[str, Any]], checks: Checks) -> None:
     """Create the stand-ins, apply the topology and play every act, recording in ``checks``."""
     from fabric.bootstrap import router_runtime
-    from fabric.protection import encryption_context, open_payload
+    from fabric.protection import open_envelope
 
     physical, passwords = create_aws_resources(templates)
     apply_local_topology(passwords)
@@ -1488,10 +1488,7 @@ def run(templates: dict[str, dict[str, Any]], checks: Checks) -> None:
         cipher = runtime.router._cipher
         alerts = arrived.get("fabric.government.emergency", [])[:1]
         for _, message, _ in alerts:
-            context = encryption_context(
-                message_id=message["message_id"], source=message["source"], environment="dev"
-            )
-            payload = json.loads(open_payload(cipher, message["payload"], context))
+            payload = json.loads(open_envelope(cipher, message, environment="dev"))
             print(f"   government decrypts the emergency alert: summary={payload['summary']!r}")
         checks.expect(bool(alerts), "no emergency alert reached government to decrypt")
         refused = access_refused(passwords)

@@ -10,7 +10,7 @@ import pytest
 from fabric.adapters.memory_cipher import LocalCipher
 from fabric.envelope import JsonValue
 from fabric.errors import DecryptionFailed
-from fabric.protection import encryption_context, open_payload, seal_payload
+from fabric.protection import encryption_context, open_envelope, open_payload, seal_payload
 
 CANARY = "CANARY-child-name-Siti-Rahayu"
 PAYLOAD = json.dumps({"child": CANARY, "location": "Jakarta Timur"}).encode()
@@ -89,3 +89,41 @@ def test_a_payload_sealed_under_another_key_is_refused() -> None:
 def test_a_restricted_payload_that_is_not_a_valid_seal_is_refused(payload: JsonValue) -> None:
     with pytest.raises(DecryptionFailed):
         open_payload(LocalCipher(), payload, CONTEXT)
+
+
+@pytest.mark.parametrize(
+    "key", ["fabric:message_id", "fabric:source", "fabric:classification", "fabric:environment"]
+)
+@pytest.mark.parametrize("partial", ["left out", "empty"])
+def test_a_partial_expected_context_opens_nothing(key: str, partial: str) -> None:
+    # A consumer that forgets a key (or has it empty) must not open a ciphertext moved from
+    # another message, source or environment: the check would have nothing to compare.
+    cipher = LocalCipher()
+    sealed = seal_payload(cipher, PAYLOAD, CONTEXT)
+    expected = {k: v for k, v in CONTEXT.items() if k != key}
+    if partial == "empty":
+        expected[key] = ""
+    with pytest.raises(DecryptionFailed, match=key):
+        open_payload(cipher, sealed, expected)
+
+
+def test_an_envelope_opens_against_its_own_id_and_source_and_the_consumers_environment() -> None:
+    cipher = LocalCipher()
+    envelope: dict[str, JsonValue] = {
+        "message_id": CONTEXT["fabric:message_id"],
+        "source": CONTEXT["fabric:source"],
+        "classification": "restricted",
+        "payload": seal_payload(cipher, PAYLOAD, CONTEXT),
+    }
+    environment = CONTEXT["fabric:environment"]
+    assert open_envelope(cipher, envelope, environment) == PAYLOAD
+    with pytest.raises(DecryptionFailed, match=r"\['fabric:environment'\]"):
+        open_envelope(cipher, envelope, "staging")
+    with pytest.raises(DecryptionFailed, match=r"\['fabric:message_id'\]"):
+        open_envelope(cipher, {**envelope, "message_id": "01JDQ3ZP5G8Y7K2M4N6R8T0V1X"}, environment)
+    with pytest.raises(DecryptionFailed, match=r"\['fabric:source'\]"):
+        open_envelope(cipher, {**envelope, "source": "media"}, environment)
+    with pytest.raises(DecryptionFailed, match="restricted"):
+        open_envelope(cipher, {**envelope, "classification": "internal"}, environment)
+    with pytest.raises(DecryptionFailed, match="message_id or source"):
+        open_envelope(cipher, {k: v for k, v in envelope.items() if k != "source"}, environment)

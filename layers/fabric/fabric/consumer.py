@@ -42,9 +42,10 @@ from fabric import metrics as metric_names
 from fabric import topology
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.audit_writer import CONSUMER_NAME, ERROR_NAME, is_topic
-from fabric.envelope import Envelope, from_wire, normalize_message_id
+from fabric.envelope import Classification, Envelope, JsonValue, from_wire, normalize_message_id
 from fabric.errors import DecryptionFailed, FabricError, MessageRejected
-from fabric.ports import AuditSink, Metrics, OutboundMessage, Transport
+from fabric.ports import AuditSink, Metrics, OutboundMessage, PayloadCipher, Transport
+from fabric.protection import open_envelope
 from fabric.stakeholders import Stakeholder
 
 _LOG = logging.getLogger(__name__)
@@ -98,6 +99,22 @@ class Delivery:
             MessageRejected: the body is not a fabric envelope.
         """
         return from_wire(self.body)
+
+    def payload(self, cipher: PayloadCipher, environment: str) -> JsonValue:
+        """The envelope's payload, opened when it is ``restricted``: checked against the
+        context rebuilt from this envelope and ``environment`` (the consumer's own, never the
+        message's), see ``fabric.protection.open_envelope``.
+
+        Raises:
+            MessageRejected: the body is not a fabric envelope.
+            DecryptionFailed: the sealed payload does not open in that context.
+            EncryptionUnavailable: the key service cannot decrypt now (retry later).
+        """
+        envelope = self.envelope()
+        if envelope.classification is not Classification.RESTRICTED:
+            return envelope.payload
+        opened: JsonValue = json.loads(open_envelope(cipher, envelope.to_dict(), environment))
+        return opened
 
 
 Handler = Callable[[Delivery], object]
