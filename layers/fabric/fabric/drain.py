@@ -93,7 +93,9 @@ class DrainReport:
 
 def _reply_properties(body: bytes) -> tuple[str | None, str | None]:
     """``correlation_id`` and ``reply_to`` of a stored envelope, which the router publishes as
-    AMQP properties too; SNS carries only the body, so the drain reads them there."""
+    AMQP properties too; SNS carries only the body, so the drain reads them there. A reply-to
+    RabbitMQ reserves (stored before the router refused it) is left off by the transport's
+    encoder (``fabric.envelope.amqp_reply_to``): the message moves without it."""
     try:
         envelope = json.loads(body)
     except ValueError:

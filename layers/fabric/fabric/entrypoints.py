@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -176,16 +177,172 @@ def _received_body(event: Mapping[str, Any]) -> object:
 
 def _http_messages(raw: bytes) -> tuple[bool, Sequence[Any]]:
     """(single, items): a batch object is unpacked; anything else is one message as raw bytes,
-    so that the router reports its exact problem (empty, bad UTF-8, bad JSON...). The batch is
-    read as strictly as an envelope: a duplicate key or a NaN anywhere in it makes the whole
-    body ``malformed_json``, never a "last one wins" that another reader would see otherwise."""
+    so that the router reports its exact problem (bad JSON, too large...).
+
+    A body the contract's strict JSON refuses is read again leniently (``_lenient_messages``):
+    a batch with one bad message in it is still a batch, and only that message is refused."""
     try:
         decoded = strict_json(raw)
     except ValueError:  # UnicodeDecodeError is one
-        return True, [raw]
-    if isinstance(decoded, dict) and "messages" in decoded and "topic" not in decoded:
+        return _lenient_messages(raw)
+    if _is_batch(decoded):
         return False, _messages_of(decoded)
     return True, [raw]
+
+
+def _is_batch(decoded: object) -> bool:
+    return isinstance(decoded, dict) and "messages" in decoded and "topic" not in decoded
+
+
+def _lenient_messages(raw: bytes) -> tuple[bool, Sequence[Any]]:
+    """(single, items) of a body that is not strict JSON.
+
+    It is read again, letting through what the contract refuses in JSON that parses (NaN,
+    Infinity, integers too long to read, duplicate keys; nesting too deep for the parser). A
+    body that is not JSON even so (empty, not UTF-8, a syntax error), or that is no batch, is
+    one envelope: the router refuses it for its exact problem (``empty_body``,
+    ``invalid_utf8``, ``malformed_json``, ``too_large``). In a batch, each message's text is
+    found by the brackets, strings and commas alone (``_message_spans``), and the body with
+    each message replaced by ``null`` must be strict JSON; each message is then read on its
+    own: one that is not strict JSON goes to the router as its text, which refuses it
+    ``malformed_json`` (or ``too_large``, by its own size) in its place, and the others are
+    routed.
+
+    Raises:
+        BadRequest: a batch whose frame is not strict JSON.
+    """
+    try:
+        shape = _lenient_json(raw.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError is one
+        return True, [raw]
+    if shape is not None and not _is_batch(shape):
+        return True, [raw]
+    text = raw.decode("utf-8")
+    spans = _message_spans(text) or []
+    frame = _without_messages(text, spans)
+    try:
+        shape = _lenient_json(frame)
+    except ValueError:
+        return True, [raw]
+    if not _is_batch(shape):  # one envelope nested too deeply for the parser
+        return True, [raw]
+    _messages_of(shape)
+    try:
+        strict_json(frame)
+    except ValueError as exc:
+        raise BadRequest(400, "malformed_request", f"the batch is not valid JSON: {exc}") from None
+    return False, [_message(text[start:end]) for start, end in spans]
+
+
+def _message(text: str) -> Any:
+    """A batch's message read on its own: its value, or its text when that is not strict JSON
+    (the router refuses it with the reason and detail such a body gets)."""
+    try:
+        return strict_json(text)
+    except ValueError:
+        return text
+
+
+def _lenient_json(text: str) -> object:
+    """``text`` read as JSON, letting through what the contract refuses in JSON that parses
+    (NaN, Infinity, integers too long to read, duplicate keys); None when it is nested too
+    deeply for the parser.
+
+    Raises:
+        ValueError: ``text`` is not JSON.
+    """
+    try:
+        return json.loads(text, parse_constant=float, parse_int=float)
+    except RecursionError:
+        return None
+
+
+# What gives JSON text its structure: a whole string (which may hold any of the others), a run
+# of opening or of closing brackets, a comma or a colon. A quote that starts no whole string is
+# text that is not JSON. Where commas and colons do not matter (inside a message, or in a value
+# other than the messages), strings with no bracket between them are one piece.
+_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'
+_STRUCTURE = re.compile(_STRING + r'|[\[{]+|[\]}]+|[,:"]')
+_NESTED = re.compile(_STRING + r'(?:[^"\[\]{}]*' + _STRING + r')*|[\[{]+|[\]}]+|"')
+_JSON_SPACE = " \t\n\r"
+
+
+def _message_spans(text: str) -> list[tuple[int, int]] | None:
+    """Where each element of the ``messages`` array of the top-level object lies in ``text``,
+    however deeply nested and whatever values it holds; [] when there is no such array, None
+    when the brackets, quotes or commas show ``text`` is not JSON.
+
+    Brackets are counted, not matched by kind: a message whose brackets do not match is not
+    JSON on its own, and the body around the messages is parsed as JSON after this. The count
+    stops past ``MAX_BATCH`` messages: the request is too large then."""
+    spans: list[tuple[int, int]] = []
+    if not text.lstrip(_JSON_SPACE).startswith("{"):
+        return spans
+    depth = 0
+    key: object = None  # the last key of the top-level object
+    previous = ""
+    start = first = -1  # in the messages array: where its current and its first element start
+    at = 0
+    while len(spans) <= MAX_BATCH and (match := _next_piece(text, at, depth, start >= 0)):
+        piece, at = match.group(), match.end()
+        if piece[0] in "[{":
+            if depth == 1 and piece[0] == "[" and previous == ":" and key == "messages":
+                start = first = match.start() + 1
+            depth += len(piece)
+        elif piece[0] in "]}":
+            if start >= 0 and depth - len(piece) < 2:  # the messages array ends in this run
+                end = match.start() + depth - 2
+                if not _element(spans, text, start, end, none_yet=start == first):
+                    return None
+                start = -1
+            depth -= len(piece)
+        elif piece == "," and start >= 0 and depth == 2:  # an element of messages ends
+            if not _element(spans, text, start, match.start(), none_yet=False):
+                return None
+            start = at
+        elif piece == ":" and depth == 1 and previous.startswith('"'):
+            key = _key(previous)
+        if depth < 0 or piece == '"':  # a bracket closed too many, a string that never ends
+            return None
+        previous = piece
+    return spans if depth == 0 or len(spans) > MAX_BATCH else None
+
+
+def _next_piece(text: str, at: int, depth: int, in_messages: bool) -> re.Match[str] | None:
+    """The next piece of ``text`` from ``at``; commas and colons count only in the top-level
+    object and directly in the messages array."""
+    counted = depth == 1 or (depth == 2 and in_messages)
+    return (_STRUCTURE if counted else _NESTED).search(text, at)
+
+
+def _element(
+    spans: list[tuple[int, int]], text: str, start: int, end: int, *, none_yet: bool
+) -> bool:
+    """Adds the element ``text[start:end]`` to ``spans``; False when it is empty where JSON
+    needs a value ("[1,,2]", "[1,]"). Nothing at all before the end is an empty list."""
+    if text[start:end].strip(_JSON_SPACE):
+        spans.append((start, end))
+        return True
+    return none_yet
+
+
+def _key(piece: str) -> object:
+    """A string token as the text it means (a key may be written with escapes); None if none."""
+    try:
+        return strict_json(piece)
+    except ValueError:
+        return None
+
+
+def _without_messages(text: str, spans: Sequence[tuple[int, int]]) -> str:
+    """``text`` with each message (each span) replaced by ``null``: the frame of a batch."""
+    parts: list[str] = []
+    at = 0
+    for start, end in spans:
+        parts += (text[at:start], "null")
+        at = end
+    parts.append(text[at:])
+    return "".join(parts)
 
 
 def _http_status(result: BatchResult, *, single: bool) -> int:

@@ -33,6 +33,9 @@ TOPIC_RE = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*")
 HEADER_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 # RabbitMQ ignores `x-` headers when matching; `fabric-` headers are set by the fabric itself.
 RESERVED_HEADER_PREFIXES = ("x-", "fabric-")
+# RabbitMQ reserves `amq.` names; a publish whose reply-to is `amq.rabbitmq.reply-to` (its direct
+# reply-to) on a channel without a reply consumer has the broker close that channel (406).
+RESERVED_REPLY_TO_PREFIX = "amq."
 
 # ASCII: with IGNORECASE alone, the Kelvin sign and the long s match K and S.
 _UUID_RE = re.compile(
@@ -516,7 +519,7 @@ def _build(
             audience=_audience(obj.get("audience")),
             headers=_headers(obj.get("headers"), limit=ingress),
             correlation_id=_short_string(obj, "correlation_id"),
-            reply_to=_short_string(obj, "reply_to"),
+            reply_to=_reply_to(obj, ingress=ingress),
             occurred_at=_timestamp(obj, "occurred_at"),
             expires_at=_timestamp(obj, "expires_at"),
             embargo_until=_timestamp(obj, "embargo_until"),
@@ -660,6 +663,33 @@ def _short_string(obj: dict[str, JsonValue], name: str) -> str | None:
         raise _Invalid(
             Reason.INVALID_FIELD_TYPE, f"{name} must be a string of 1..{MAX_SHORT_STRING} bytes"
         )
+    return value
+
+
+def _reply_to(obj: dict[str, JsonValue], *, ingress: bool) -> str | None:
+    """``reply_to``; a new message's may not name an address RabbitMQ reserves (``amq.``). One
+    stored before this rule still reads (``amqp_reply_to`` leaves it off the broker)."""
+    value = _short_string(obj, "reply_to")
+    if ingress and value is not None and value.startswith(RESERVED_REPLY_TO_PREFIX):
+        raise _Invalid(
+            Reason.INVALID_FIELD_TYPE,
+            f"reply_to must not start with {RESERVED_REPLY_TO_PREFIX!r}: RabbitMQ reserves it",
+        )
+    return value
+
+
+def amqp_reply_to(value: str | None) -> str | None:
+    """``value`` as the reply-to property of a publish to RabbitMQ: None (no property) for a
+    name RabbitMQ reserves (``amq.``).
+
+    The router refuses such a ``reply_to``, but a message stored before that (in a fallback
+    queue, the archive, a dead-letter queue) still carries it. Published with it, the exact value
+    ``amq.rabbitmq.reply-to`` makes the broker close the publishing channel, so the message could
+    never be moved and took the messages in flight beside it down with it: every publish of a
+    stored or forwarded reply-to goes through here, and the message moves without it.
+    """
+    if value is None or value.startswith(RESERVED_REPLY_TO_PREFIX):
+        return None
     return value
 
 

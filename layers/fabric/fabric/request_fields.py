@@ -21,16 +21,18 @@ def positive(event: dict[str, object], name: str) -> float | None:
     """``event[name]``: a positive finite number (absent: None).
 
     Raises:
-        ValueError: anything else, booleans, NaN and infinity included.
+        ValueError: anything else, booleans, NaN, infinity and integers beyond a double included.
     """
     value = event.get(name)
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} must be a positive number")
-    return float(value)
+    problem = ValueError(f"{name} must be a positive number")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise problem
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a double
+        raise problem from None
+    if not math.isfinite(number) or number <= 0:
+        raise problem
+    return number

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import pika.exceptions
 from pika.spec import Basic, BasicProperties
 
+from fabric.envelope import amqp_reply_to
 from fabric.ports import OutboundMessage
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
@@ -91,8 +92,9 @@ class PublishFrames:
         """Every frame of ``message`` as one buffer: method, content header, body frames.
 
         Properties: content type ``application/json``, persistent, the message's id, topic
-        (as ``type``), headers (when there are any), correlation id and reply-to (when set),
-        ``timestamp`` (seconds) and ``user_id`` (when given).
+        (as ``type``), headers (when there are any), correlation id and reply-to (when set;
+        not a reply-to RabbitMQ reserves, see ``fabric.envelope.amqp_reply_to``), ``timestamp``
+        (seconds) and ``user_id`` (when given).
 
         Raises:
             pika.exceptions.ShortStringTooLong: a name or property is longer than 255 bytes.
@@ -107,9 +109,10 @@ class PublishFrames:
         if message.correlation_id is not None:
             flags |= BasicProperties.FLAG_CORRELATION_ID
             properties.append(short_string(message.correlation_id))
-        if message.reply_to is not None:
+        reply_to = amqp_reply_to(message.reply_to)
+        if reply_to is not None:
             flags |= BasicProperties.FLAG_REPLY_TO
-            properties.append(short_string(message.reply_to))
+            properties.append(short_string(reply_to))
         properties.append(short_string(message.message_id))
         properties.append(_TIMESTAMP.pack(timestamp))
         properties.append(short_string(message.topic))

@@ -4,8 +4,9 @@ Letters are taken with ``basic.get`` and left unacknowledged: RabbitMQ hands an 
 message to nobody else, and gives it back when the channel closes, so a run walks the queue once
 and whatever it does not remove returns by itself, also after a crash. Moving republishes a
 letter to its work queue through the redeliver exchange (never through routing, which would give
-the other groups a second copy), with its body, message id, correlation, topic and application
-headers, and the redrive counter raised; only then is it acknowledged in the DLQ.
+the other groups a second copy), with its body, message id, correlation, reply-to (not one
+RabbitMQ reserves: ``fabric.envelope.amqp_reply_to``), topic and application headers, and the
+redrive counter raised; only then is it acknowledged in the DLQ.
 """
 
 from __future__ import annotations

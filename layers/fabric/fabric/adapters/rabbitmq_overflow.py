@@ -4,7 +4,8 @@ A terminal queue (a group's DLQ, ``fabric.unrouted``, ``fabric.audit``) dead-let
 that reaches its delivery limit into the overflow queue with its own name as routing key. Moving
 puts each letter back in that queue through ``fabric.x.overflow.return``, as it was: the same
 body and properties (message id, type, correlation id, reply-to, content type and encoding,
-user-id, timestamp) and every header, ``x-death`` included, persistent. Two headers change:
+user-id, timestamp) and every header, ``x-death`` included, persistent (but for a reply-to
+RabbitMQ reserves, which is left off: ``fabric.envelope.amqp_reply_to``). Two headers change:
 
 - ``fabric-overflow-returns`` is raised by one. The ledger knows each overflow of a message by
   it, so a letter that overflows again after a return is a new occurrence that moves again,
@@ -44,6 +45,7 @@ from fabric import topology
 from fabric.adapters.rabbitmq import RabbitSettings
 from fabric.adapters.rabbitmq_dlq import HeldLetters, count, dead_lettered_at, deaths
 from fabric.consumer import header_text, string_headers
+from fabric.envelope import amqp_reply_to
 from fabric.errors import TransportUnavailable
 from fabric.ports import DeadLetter
 
@@ -196,7 +198,8 @@ def _returned(
     properties: pika.BasicProperties, original: Mapping[str, Any] | None, returns: int
 ) -> pika.BasicProperties:
     """The properties to put a letter back with: its own, persistent, the return counted, and
-    the original dead-letter reason and time in headers when only ``x-death`` had them."""
+    the original dead-letter reason and time in headers when only ``x-death`` had them. A
+    reply-to RabbitMQ reserves is left off (``fabric.envelope.amqp_reply_to``)."""
     headers = dict(properties.headers or {})
     headers[RETURNS_HEADER] = str(returns + 1)
     if original is not None:
@@ -208,5 +211,6 @@ def _returned(
             headers.setdefault(topology.DEAD_LETTERED_AT_HEADER, str(int(moment.timestamp())))
     returned = copy.copy(properties)
     returned.headers = headers
+    returned.reply_to = amqp_reply_to(properties.reply_to)
     returned.delivery_mode = pika.DeliveryMode.Persistent.value
     return returned
