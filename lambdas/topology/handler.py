@@ -27,7 +27,5 @@ def handler(event: Mapping[str, Any], context: Any) -> dict[str, Any]:
     return respond(
         event,
         context.log_stream_name,
-        lambda request, _props: on_event(
-            request, os.environ, physical_id=event.get("PhysicalResourceId"), deadline=deadline
-        ),
+        lambda _request, _props: on_event(event, os.environ, deadline=deadline),
     )

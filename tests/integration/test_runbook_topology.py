@@ -20,6 +20,7 @@ import pytest
 from moto import mock_aws
 
 from fabric import topology_resource
+from fabric.adapters import management as management_client
 from fabric.topology import AUDIT_QUEUE, PLATFORM_USER, UNROUTED_QUEUE
 from scripts import runbook
 from tests.conftest import load_handler
@@ -108,8 +109,10 @@ def logs_in(vhost: str, user: str, password: str) -> bool:
 
 
 def test_diff_and_apply_run_here_against_a_broker_this_machine_reaches(
-    vhost: str, users: dict[str, str], tmp_path: Path
+    vhost: str, users: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Nothing publishes here: the recreation's statistics wait need not be the broker's 15 s.
+    monkeypatch.setattr(management_client, "STATISTICS_INTERVAL_S", 0.2)
     passwords_file = tmp_path / "passwords.json"
     passwords_file.write_text(json.dumps(users))
     platform = f"{vhost}-{PLATFORM_USER}"
@@ -235,6 +238,8 @@ def function(
             ),
         }.items():
             monkeypatch.setenv(name, value)
+        # Nothing publishes here: the recreation's statistics wait need not be the broker's 15 s.
+        monkeypatch.setattr(management_client, "STATISTICS_INTERVAL_S", 0.2)
         yield TopologyFunction(load_handler("topology", monkeypatch))
 
 

@@ -255,6 +255,13 @@ def test_users_carry_no_credentials_and_the_platform_user_is_separate() -> None:
     assert re.search(PERMISSIONS[topology.PLATFORM_USER]["write"], topology.INGRESS_EXCHANGE)
 
 
+def test_the_platform_user_configures_nothing() -> None:
+    # Its functions publish, get, ack and declare passively; configure would let them delete a
+    # queue with its messages. The topology function declares as the administrator.
+    permission = PERMISSIONS[topology.PLATFORM_USER]
+    assert {r for r in ALL_RESOURCES if re.search(permission["configure"], r)} == set()
+
+
 def test_definitions_are_deterministic_json_and_self_consistent() -> None:
     again = topology.definitions(default_routing_table())
     assert json.dumps(again, sort_keys=True) == json.dumps(DEFINITIONS, sort_keys=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any, ClassVar
 
@@ -57,6 +58,29 @@ def broker() -> MemoryManagementClient:
     return MemoryManagementClient(username="admin")
 
 
+def cloudformation(
+    request: str,
+    physical_id: str | None = None,
+    *,
+    logical_id: str = "Topology",
+    stack: str = "dev-Services",
+) -> dict[str, Any]:
+    """A CloudFormation request as the function gets it (no physical id with a Create)."""
+    event: dict[str, Any] = {
+        "RequestType": request,
+        "ResponseURL": "https://cloudformation-response.example/presigned",
+        "StackId": f"arn:aws:cloudformation:ap-southeast-3:111111111111:stack/{stack}/1",
+        "LogicalResourceId": logical_id,
+        "RequestId": f"req-{next(REQUESTS)}",
+    }
+    if physical_id is not None:
+        event["PhysicalResourceId"] = physical_id
+    return event
+
+
+REQUESTS = itertools.count(1)
+
+
 def run(
     request: str,
     broker: MemoryManagementClient,
@@ -64,11 +88,10 @@ def run(
     physical_id: str | None = "fabric-dev-topology",
 ) -> Any:
     return on_event(
-        request,
+        cloudformation(request, None if request == "Create" else physical_id),
         environ,
         client_factory=lambda *_: broker,
         secrets_client=FakeSecrets,
-        physical_id=None if request == "Create" else physical_id,
     )
 
 
@@ -76,7 +99,7 @@ def test_create_applies_the_whole_topology_with_every_users_password(
     broker: MemoryManagementClient,
 ) -> None:
     physical_id, data = run("Create", broker)
-    assert physical_id == "fabric-dev-topology"
+    assert physical_id.startswith("fabric-dev-topology-")
     assert int(data["Changes"]) > 50
     assert {q["name"] for q in broker.list_queues("/")} >= {
         AUDIT_QUEUE,
@@ -88,15 +111,16 @@ def test_create_applies_the_whole_topology_with_every_users_password(
 
 
 def test_update_with_nothing_changed_changes_nothing(broker: MemoryManagementClient) -> None:
-    run("Create", broker)
-    _, data = run("Update", broker)
+    created, _ = run("Create", broker)
+    physical_id, data = run("Update", broker, physical_id=created)
     assert data["Changes"] == "0"
+    assert physical_id == created
 
 
 def test_delete_keeps_a_queue_that_still_holds_messages(broker: MemoryManagementClient) -> None:
-    run("Create", broker)
+    created, _ = run("Create", broker)
     broker.set_messages("/", queue_name(Stakeholder.GOVERNMENT), 3)
-    _, data = run("Delete", broker)
+    _, data = run("Delete", broker, physical_id=created)
     assert int(data["Kept"]) > 0
     assert queue_name(Stakeholder.GOVERNMENT) in {q["name"] for q in broker.list_queues("/")}
     assert broker.get_user(user_name(Stakeholder.MEDIA)) is None
@@ -120,11 +144,10 @@ def test_secret_reads_stop_at_the_deadline_so_cloudformation_still_gets_an_answe
     monkeypatch.setattr("fabric.topology_resource.time.monotonic", lambda: clock[0])
     with pytest.raises(TransportUnavailable, match="deadline"):
         on_event(
-            "Create",
+            cloudformation("Create"),
             ENVIRON,
             client_factory=lambda *_: broker,
             secrets_client=FakeSecrets,
-            physical_id=None,
             deadline=250.0,
         )
     assert len(reads) == 3, "the admin's secret and the first user's two versions, no more"

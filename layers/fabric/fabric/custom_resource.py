@@ -5,11 +5,12 @@ a handler that crashes without answering stalls the deploy. ``respond`` therefor
 error, answers FAILED with the error's class and message, and re-raises nothing.
 
 A Create that fails answers with a physical id of its own (``<logical id>-create-failed-<request
-id>``), never the id a successful Create answers: the rollback then sends a Delete with that id,
-and the action (which deletes only under its own id) removes nothing an earlier, healthy
-resource manages. Every other answer carries the id CloudFormation sent (it wants the same id
-in every response for a resource; a Delete never changes it), or the logical id when a request
-has none (CloudFormation always sends one with Update and Delete).
+id>``), never an id a successful Create answers: the rollback then sends a Delete with that id,
+and the action (which removes anything only under an id that a successful Create or Update
+answered) removes nothing an earlier, healthy resource manages. Every other answer carries the
+id CloudFormation sent (it wants the same id in every response for a resource; a Delete never
+changes it), or the logical id when a request has none (CloudFormation always sends one with
+Update and Delete).
 
 CloudFormation refuses a response body over 4096 bytes: the ``Reason`` is cut so that the whole
 encoded document fits (JSON escapes a non-ASCII character into 6 or 12 bytes).

@@ -27,7 +27,13 @@ Rules the functions share:
   that is already right. A hash the applier cannot check counts as different.
 - Queue message counts come from the management statistics, which RabbitMQ samples every few
   seconds (5 s by default); quorum queues refuse ``if-empty`` deletes, so these counts are the
-  only check there is. A queue whose count has not been sampled yet counts as not empty.
+  only check there is. A queue whose count has not been sampled yet counts as not empty. A
+  count can be seconds old, so before deleting a queue (a recreation, ``delete_topology``) the
+  applier cuts its inflow: it deletes every binding into it (not the default exchange's, which
+  cannot go; nothing of the fabric may publish there), waits for statistics sampled after that
+  (``ManagementApi.wait_for_statistics``) and keeps the queue, with its bindings back, unless
+  the new count is 0. What is routed to it meanwhile reaches only the message's other queues,
+  or none: producers must be stopped for a recreation or a stack Delete (docs/runbook.md).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
@@ -115,6 +121,10 @@ class ManagementApi(Protocol):
         """Every queue in the vhost, with ``messages`` once sampled."""
         ...
 
+    def wait_for_statistics(self) -> None:
+        """Return once the statistics show what each queue held when this was called."""
+        ...
+
     def put_queue(
         self,
         vhost: str,
@@ -184,6 +194,18 @@ class ManagementApi(Protocol):
 
     def delete_permissions(self, vhost: str, user: str) -> bool:
         """Remove a user's permissions on the vhost."""
+        ...
+
+    def get_global_parameter(self, name: str) -> Any:
+        """The broker-wide parameter's value, or None."""
+        ...
+
+    def put_global_parameter(self, name: str, value: Any) -> None:
+        """Set a broker-wide parameter."""
+        ...
+
+    def delete_global_parameter(self, name: str) -> bool:
+        """Remove a broker-wide parameter."""
         ...
 
     def list_connections(self, vhost: str) -> list[JsonObject]:
@@ -550,10 +572,22 @@ def _plan_exchanges(
         )
 
     def recreate(exchange: _Exchange) -> None:
-        # Deleting an exchange drops its bindings; the bindings phase runs after and restores
-        # those in the document.
+        # Deleting an exchange drops its bindings: restore the document's at once, a route
+        # missing meanwhile loses what it would carry. Not those into a queue that waits to be
+        # recreated (apply_topology cut its inflow); nor those to an object that does not exist
+        # yet, which the bindings phase creates.
         client.delete_exchange(vhost, exchange.name)
         declare(exchange)
+        waiting = {s.change.name for s in plan.queues if s.change.kind is ChangeKind.NEEDS_RECREATE}
+        exchanges = {str(item["name"]) for item in client.list_exchanges(vhost)}
+        queues = {str(item["name"]) for item in client.list_queues(vhost)} - waiting
+        for binding in doc.bindings:
+            targets = queues if binding.destination_type == "queue" else exchanges
+            touches = binding.source == exchange.name or (
+                binding.destination_type == "exchange" and binding.destination == exchange.name
+            )
+            if touches and binding.source in exchanges and binding.destination in targets:
+                _bind(client, vhost, binding)
 
     for exchange in doc.exchanges:
         if exchange.name not in current:
@@ -588,9 +622,13 @@ def _plan_queues(
         )
 
     def recreate(queue: _Queue) -> None:
-        # Only reached after apply_topology checked that the queue holds no messages.
+        # Only reached after apply_topology cut its inflow and checked that it holds no messages.
+        # Bound again at once: until then it receives nothing.
         client.delete_queue(vhost, queue.name)
         declare(queue)
+        for binding in doc.bindings:
+            if binding.destination_type == "queue" and binding.destination == queue.name:
+                _bind(client, vhost, binding)
 
     for queue in doc.queues:
         if queue.name not in current:
@@ -615,25 +653,6 @@ def _binding_steps(
         if binding.source != ""
     }
 
-    def bind(binding: _Binding) -> None:
-        client.create_binding(
-            vhost,
-            source=binding.source,
-            destination=binding.destination,
-            destination_type=binding.destination_type,
-            routing_key=binding.routing_key,
-            arguments=binding.arguments,
-        )
-
-    def unbind(binding: _Binding) -> None:
-        client.delete_binding(
-            vhost,
-            source=binding.source,
-            destination=binding.destination,
-            destination_type=binding.destination_type,
-            properties_key=binding.properties_key,
-        )
-
     wanted = {binding.key for binding in doc.bindings}
     own_exchanges = {exchange.name for exchange in doc.exchanges}
     stale = [binding for key, binding in current.items() if key not in wanted]
@@ -645,16 +664,86 @@ def _binding_steps(
     # New routes first, then the removed ones: a message routed meanwhile reaches both.
     return [
         *(
-            _Step(Change(ChangeKind.CREATE, Resource.BINDING, str(b)), partial(bind, b))
+            _Step(
+                Change(ChangeKind.CREATE, Resource.BINDING, str(b)),
+                partial(_bind, client, vhost, b),
+            )
             for b in doc.bindings
             if b.key not in current
         ),
         *(
-            _Step(Change(ChangeKind.DELETE, Resource.BINDING, str(b)), partial(unbind, b))
+            _Step(
+                Change(ChangeKind.DELETE, Resource.BINDING, str(b)),
+                partial(_unbind, client, vhost, b),
+            )
             for b in stale
             if b.source in own_exchanges
         ),
     ]
+
+
+def _bind(client: ManagementApi, vhost: str, binding: _Binding) -> None:
+    client.create_binding(
+        vhost,
+        source=binding.source,
+        destination=binding.destination,
+        destination_type=binding.destination_type,
+        routing_key=binding.routing_key,
+        arguments=binding.arguments,
+    )
+
+
+def _unbind(client: ManagementApi, vhost: str, binding: _Binding) -> bool:
+    return client.delete_binding(
+        vhost,
+        source=binding.source,
+        destination=binding.destination,
+        destination_type=binding.destination_type,
+        properties_key=binding.properties_key,
+    )
+
+
+def _recount_without_inflow(
+    client: ManagementApi, vhost: str, queues: Collection[str]
+) -> tuple[dict[str, int | None], list[_Binding]]:
+    """Cut the inflow of ``queues`` (delete every binding into them but the default exchange's,
+    which cannot be deleted), wait for statistics sampled after that, and return every queue's
+    count then (no entry: the queue is gone) with the bindings cut, to put back where a queue
+    stays. A message that reached a queue just before the cut shows in that count; one that
+    the previous sample missed would not show in it.
+
+    A failure before the counts are read puts the bindings back (as far as the management API
+    still answers) and raises.
+    """
+    cut: list[_Binding] = []
+    try:
+        for binding in map(_binding_from_broker, client.list_bindings(vhost)):
+            if (
+                binding.destination_type == "queue"
+                and binding.destination in queues
+                and binding.source != ""
+                and _unbind(client, vhost, binding)
+            ):
+                cut.append(binding)
+        client.wait_for_statistics()
+        counts = {str(item["name"]): item.get("messages") for item in client.list_queues(vhost)}
+    except Exception:
+        _restore(client, vhost, cut)
+        raise
+    return counts, cut
+
+
+def _restore(client: ManagementApi, vhost: str, bindings: Iterable[_Binding]) -> list[_Binding]:
+    """Put bindings back, as far as the management API answers (after a failure, that failure
+    is the one to report); returns those it could not."""
+    missed = []
+    for binding in bindings:
+        try:
+            _bind(client, vhost, binding)
+        except Exception:  # logged and returned: the caller decides
+            _LOG.warning("topology: could not put back binding %s", binding, exc_info=True)
+            missed.append(binding)
+    return missed
 
 
 def _plan_users(
@@ -844,8 +933,10 @@ def apply_topology(
     their passwords, permissions) and deletes nothing that is extra, except the document's
     exchanges' bindings that it no longer has (see the module docstring). An exchange or queue that
     differs is deleted and declared again only with ``recreate_empty=True`` and, for a queue,
-    only when the statistics show it holds no messages; bindings are re-created after.
-    Everything is checked before the first change, so a refusal leaves the broker untouched.
+    only when the statistics show it holds no messages, once before any change and again after
+    its inflow was cut (see the module docstring); each is bound again right after it is
+    declared. Everything is checked before the first change, so a refusal leaves the broker as
+    it was (the bindings cut for the second check put back).
 
     Raises:
         ConfigError: the document is malformed or spans several vhosts, or a user of the
@@ -859,12 +950,19 @@ def apply_topology(
     _check_passwords(doc, passwords)
     plan = _plan(client, doc, vhost, passwords)
     _check_recreations(plan, recreate_empty)
+    cut = _check_recreated_queues_again(client, plan, vhost)
     applied: list[Change] = []
-    recreated = False
-    for step in [*plan.vhost, *plan.exchanges, *plan.queues]:
-        _run(step, applied)
-        recreated |= step.change.kind is ChangeKind.NEEDS_RECREATE
-    # A recreated exchange or queue lost its bindings: compare them again.
+    recreated: set[str] = set()
+    try:
+        for step in [*plan.vhost, *plan.exchanges, *plan.queues]:
+            _run(step, applied)
+            if step.change.kind is ChangeKind.NEEDS_RECREATE:
+                recreated.add(step.change.name)
+    except Exception:
+        # A queue whose inflow was cut and that is not recreated yet must not stay unbound.
+        _restore(client, vhost, (b for b in cut if b.destination not in recreated))
+        raise
+    # What a recreated exchange or queue could not be bound to yet: compare bindings again.
     bindings = _binding_steps(client, doc, vhost, True, []) if recreated else plan.bindings
     for step in [*bindings, *plan.users, *plan.permissions]:
         _run(step, applied)
@@ -909,6 +1007,32 @@ def _check_recreations(plan: _Plan, recreate_empty: bool) -> None:
             )
 
 
+def _check_recreated_queues_again(client: ManagementApi, plan: _Plan, vhost: str) -> list[_Binding]:
+    """Cut the inflow of the queues to recreate and check them empty once more, on statistics
+    sampled after the cut (the plan's may be seconds old); returns the bindings cut, which stay
+    cut until each queue is recreated and bound again.
+
+    Raises:
+        TopologyConflict: a queue to recreate may hold messages; its bindings are back.
+    """
+    names = [s.change.name for s in plan.queues if s.change.kind is ChangeKind.NEEDS_RECREATE]
+    if not names:
+        return []
+    counts, cut = _recount_without_inflow(client, vhost, names)
+    holding = {name: counts.get(name) for name in names if _may_hold_messages(counts.get(name))}
+    if holding:
+        missed = _restore(client, vhost, cut)
+        described = "; ".join(
+            f"queue {name!r} holds {'an unsampled number of' if count is None else count} messages"
+            for name, count in holding.items()
+        )
+        problem = f"not recreating: once its inflow was cut, {described}"
+        if missed:
+            problem += f" (bindings not put back: {'; '.join(map(str, missed))})"
+        raise TopologyConflict(problem)
+    return cut
+
+
 def delete_topology(
     client: ManagementApi, definitions: Mapping[str, Any], vhost: str
 ) -> DeleteReport:
@@ -918,8 +1042,10 @@ def delete_topology(
     then its queues that hold no messages, then its exchanges. A queue that holds messages (or
     whose count is not sampled yet) is kept together with its onward path: its dead-letter
     exchange, alternate exchanges, and whatever those route to, so that nothing it holds can
-    be dropped later. The vhost itself goes only when the document declares it, it is not
-    ``/``, and no queue at all is left in it. Objects already gone are skipped.
+    be dropped later. A queue is found empty twice: on the statistics, then on statistics
+    sampled after its inflow was cut (see the module docstring); the queues kept are bound
+    again from the exchanges that stay. The vhost itself goes only when the document declares
+    it, it is not ``/``, and no queue at all is left in it. Objects already gone are skipped.
 
     Raises:
         ConfigError: the document is malformed or spans several vhosts.
@@ -983,6 +1109,22 @@ def _delete_vhost_objects(
         if queue.name in queues and _may_hold_messages(queue_messages := queues[queue.name])
     }
     reasons = _keep_reasons(doc, holding)
+    doomed = [
+        q.name for q in doc.queues if q.name in queues and (Resource.QUEUE, q.name) not in reasons
+    ]
+    cut: list[_Binding] = []
+    if doomed:
+        # The sampled counts may be seconds old: count the queues to delete again once nothing
+        # can reach them any more.
+        counts, cut = _recount_without_inflow(client, vhost, doomed)
+        holding.update(
+            (name, counts[name])
+            for name in doomed
+            if name in counts and _may_hold_messages(counts[name])
+        )
+        reasons = _keep_reasons(doc, holding)
+    if any(resource is Resource.QUEUE for resource, _name in reasons):
+        _restore_inflow(client, doc, vhost, cut, reasons)
     for queue in (queue for queue in doc.queues if queue.name in queues):
         removal.remove(
             Resource.QUEUE,
@@ -1005,6 +1147,32 @@ def _delete_vhost_objects(
             partial(client.delete_vhost, vhost),
             keep_because=f"still holds queues {remaining}" if remaining else None,
         )
+
+
+def _restore_inflow(
+    client: ManagementApi,
+    doc: _Document,
+    vhost: str,
+    cut: list[_Binding],
+    reasons: Mapping[tuple[Resource, str], str],
+) -> None:
+    """Bind the queues kept again: those whose inflow was cut, and the document's bindings into
+    any kept queue (an earlier run may have stopped between its cut and this), from an
+    exchange that exists and stays. A queue kept on the onward path of another must receive
+    what that one dead-letters or routes on."""
+    exchanges = {str(item["name"]) for item in client.list_exchanges(vhost)}
+    leaving = {e.name for e in doc.exchanges if (Resource.EXCHANGE, e.name) not in reasons}
+    current = {b.key for b in map(_binding_from_broker, client.list_bindings(vhost))}
+    for binding in [*cut, *doc.bindings]:
+        if (
+            binding.destination_type == "queue"
+            and (Resource.QUEUE, binding.destination) in reasons
+            and binding.source in exchanges
+            and binding.source not in leaving
+            and binding.key not in current
+        ):
+            _bind(client, vhost, binding)
+            current.add(binding.key)
 
 
 def _keep_reasons(

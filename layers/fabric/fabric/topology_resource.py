@@ -5,10 +5,26 @@ Settings come from the function's environment (set by the stack): ``MANAGEMENT_U
 broker's console URL), ``ADMIN_SECRET_ARN`` (the broker admin), ``USER_SECRET_ARNS`` (JSON
 object: broker user name -> secret ARN), ``FABRIC_ENV`` and, optionally, ``RABBITMQ_VHOST``
 (default ``/``).
+
+Who owns the topology. CloudFormation replaces a custom resource (a new logical id, a move to
+another stack) by creating the new one first and deleting the old one after; it rolls a
+replacement back by deleting the new one. Both Deletes come while another resource still
+manages the topology, so a Delete must not remove it just because the function handles it.
+Each Create therefore answers a physical id of its own (``fabric-<env>-topology-<hash>``, from
+the stack, logical and request ids), and the broker records the resources that applied the
+topology to a vhost and were not deleted since (``owners``: the broker-wide parameter
+``owner_parameter(vhost)``, a JSON object ``{"vhost", "owners"}``). A Create or an Update adds
+its id after applying; a Delete removes its id, and removes the topology only when its id was
+the last one. Resources deployed before the record existed have the id ``fabric-<env>-topology``
+(an Update keeps it and records it): a Delete under that id with no record at all removes the
+topology as before; a Create that finds the topology's platform user but no record counts that
+id among the owners too (the resource it replaces). A Delete under any other id (a failed
+Create's, none) removes nothing and does not even ask the broker.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -21,7 +37,7 @@ from fabric.adapters.management import ManagementClient
 from fabric.adapters.secrets import SecretCredentials
 from fabric.errors import ConfigError, TopologyConflict, TransportUnavailable
 from fabric.routing import default_routing_table
-from fabric.topology import definitions
+from fabric.topology import PLATFORM_USER, definitions
 from fabric.topology_apply import (
     ApplyReport,
     Change,
@@ -104,44 +120,129 @@ def parse_request(event: object) -> TopologyRequest:
 
 
 def on_event(
-    request_type: str,
+    event: Mapping[str, Any],
     environ: Mapping[str, str],
     *,
     client_factory: Callable[[str, str, str], ManagementApi] | None = None,
     secrets_client: Callable[[], Any] | None = None,
-    physical_id: str | None = None,
     deadline: float | None = None,
 ) -> tuple[str, dict[str, str]]:
-    """Handle one CloudFormation request; returns (physical id, response data).
+    """Handle one CloudFormation request (``event``: its ``RequestType``, ``PhysicalResourceId``,
+    ``StackId``, ``LogicalResourceId`` and ``RequestId``); returns (physical id, response data).
 
-    ``physical_id``: the request's (Update and Delete). A Delete of any other id than the one
-    a Create answers (a failed Create's, whose rollback sends it) removes nothing: the topology
-    on the broker is not that resource's.
+    Create answers a new id; Update answers the id it was sent (another one would be a
+    replacement); a Delete removes the topology only as the module docstring says.
 
     ``deadline`` (``time.monotonic()``) bounds every management API call: a run that has not
     finished by then fails with ``ManagementUnavailable`` (the function can still answer
     CloudFormation before its own timeout); what was applied stays, and the next run resumes.
 
     Raises:
-        ConfigError: a setting is missing, or a definition differs in a way that needs an
-            operator (a quorum queue argument changed: ``runbook.py topology diff`` explains).
+        ConfigError: a setting is missing, a definition differs in a way that needs an
+            operator (a quorum queue argument changed: ``runbook.py topology diff`` explains),
+            or the owner record is not what this function writes.
         ManagementApiError: the broker's management API refused or could not be reached.
     """
     settings = _settings(environ)
-    ours = f"fabric-{settings.environment}-topology"
-    if request_type == "Delete" and physical_id != ours:
-        return str(physical_id), {"Deleted": "0", "Kept": "0"}
+    request_type = str(event["RequestType"])
+    legacy = legacy_physical_id(settings.environment)
+    physical_id = str(event.get("PhysicalResourceId") or "")
+    if (
+        request_type == "Delete"
+        and physical_id != legacy
+        and not physical_id.startswith(f"{legacy}-")
+    ):
+        return physical_id, {"Deleted": "0", "Kept": "0"}
     make_secrets = secrets_client or _secrets_manager
     client = _admin_client(settings, make_secrets, client_factory, deadline)
     document = topology_document(settings.vhost)
+    owners = _owners(client, settings.vhost)
     if request_type == "Delete":
-        report = delete_topology(client, document, settings.vhost)
-        return ours, {"Deleted": str(len(report.deleted)), "Kept": str(len(report.kept))}
+        return physical_id, _delete(
+            client,
+            document,
+            settings.vhost,
+            physical_id=physical_id,
+            owners=owners,
+            legacy=legacy,
+        )
+    if request_type == "Create":
+        physical_id = _new_physical_id(legacy, event)
+        if owners is None and client.get_user(PLATFORM_USER) is not None:
+            owners = [legacy]  # a resource deployed before the record: the one replaced
+    physical_id = physical_id or legacy  # CloudFormation sends an Update its id
     passwords = _passwords(client, settings.user_secrets, make_secrets, deadline)
     applied: ApplyReport = apply_topology(
         client, document, passwords=passwords, vhost=settings.vhost
     )
-    return ours, {"Changes": str(len(applied.applied)), "Extra": str(len(applied.extra))}
+    if physical_id not in (owners or []):
+        _record_owners(client, settings.vhost, [*(owners or []), physical_id])
+    return physical_id, {"Changes": str(len(applied.applied)), "Extra": str(len(applied.extra))}
+
+
+def legacy_physical_id(environment: str) -> str:
+    """The physical id every Create answered before each got its own: deployed resources
+    keep it."""
+    return f"fabric-{environment}-topology"
+
+
+def owner_parameter(vhost: str) -> str:
+    """The broker-wide parameter that records the owners of the topology on ``vhost``."""
+    return f"fabric-topology-owners:{vhost}"
+
+
+def _new_physical_id(legacy: str, event: Mapping[str, Any]) -> str:
+    """A Create's own id: no other resource, in this stack or another, gets the same."""
+    ids = "\n".join(
+        str(event.get(key, "")) for key in ("StackId", "LogicalResourceId", "RequestId")
+    )
+    return f"{legacy}-{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
+
+
+def _owners(client: ManagementApi, vhost: str) -> list[str] | None:
+    """The recorded owners of the topology on ``vhost``; ``None`` when there is no record.
+
+    Raises:
+        ConfigError: the record is not what ``_record_owners`` writes (changed by hand).
+    """
+    value = client.get_global_parameter(owner_parameter(vhost))
+    if value is None:
+        return None
+    owners = value.get("owners") if isinstance(value, dict) else None
+    if not isinstance(owners, list) or not all(isinstance(owner, str) for owner in owners):
+        raise ConfigError(
+            f"broker parameter {owner_parameter(vhost)!r} is not an owner record: {value!r}"
+        )
+    return owners
+
+
+def _record_owners(client: ManagementApi, vhost: str, owners: list[str]) -> None:
+    client.put_global_parameter(owner_parameter(vhost), {"vhost": vhost, "owners": owners})
+    _LOG.info("topology: owners of vhost %r: %s", vhost, owners)
+
+
+def _delete(
+    client: ManagementApi,
+    document: Mapping[str, Any],
+    vhost: str,
+    *,
+    physical_id: str,
+    owners: list[str] | None,
+    legacy: str,
+) -> dict[str, str]:
+    """A Delete: the topology goes only with its last owner (or, with no record, under the
+    legacy id); the record goes after the topology, so a Delete that fails half-way and is
+    sent again resumes."""
+    last = physical_id == legacy if owners is None else owners == [physical_id]
+    if not last:
+        if owners is not None and physical_id in owners:
+            _record_owners(client, vhost, [owner for owner in owners if owner != physical_id])
+        _LOG.info("topology: %s is not the last owner of vhost %r; kept", physical_id, vhost)
+        return {"Deleted": "0", "Kept": "0"}
+    report = delete_topology(client, document, vhost)
+    if owners is not None:
+        client.delete_global_parameter(owner_parameter(vhost))
+    return {"Deleted": str(len(report.deleted)), "Kept": str(len(report.kept))}
 
 
 def on_request(

@@ -29,6 +29,9 @@ JsonObject = dict[str, Any]
 _RETRYABLE_4XX = frozenset({408, 429})
 _NOT_FOUND = 404
 _QUEUE_COLUMNS = "name,durable,auto_delete,arguments,messages"
+# RabbitMQ's collect_statistics_interval by default (Amazon MQ keeps it); the management API
+# does not tell it.
+STATISTICS_INTERVAL_S = 5.0
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -63,6 +66,7 @@ class ManagementClient:
         retries: int = 2,
         backoff: float = 0.5,
         deadline: float | None = None,
+        statistics_interval: float | None = None,
     ) -> None:
         """Check the URL and build the opener; no request is made.
 
@@ -73,7 +77,9 @@ class ManagementClient:
         up to ``retries`` times, ``backoff`` seconds later, then twice that, and so on.
         ``deadline`` (a ``time.monotonic()`` value) bounds every call, waits and retries
         included: a call that would end after it raises ``ManagementUnavailable`` instead (a
-        Lambda that must answer before its own timeout).
+        Lambda that must answer before its own timeout). ``statistics_interval`` is the broker's
+        ``collect_statistics_interval`` in seconds (``STATISTICS_INTERVAL_S`` when not given:
+        the API does not report it), which ``wait_for_statistics`` waits on.
 
         Raises:
             ConfigError: ``base_url`` is not an http(s) URL with a host, or carries credentials.
@@ -92,6 +98,9 @@ class ManagementClient:
         self._retries = retries
         self._backoff = backoff
         self._deadline = deadline
+        self._statistics_interval = (
+            STATISTICS_INTERVAL_S if statistics_interval is None else statistics_interval
+        )
         context = ssl_context
         if context is None and parts.scheme == "https":
             context = ssl.create_default_context()
@@ -216,6 +225,25 @@ class ManagementClient:
             "GET", ("queues", vhost), query={"columns": _QUEUE_COLUMNS}
         )
         return result
+
+    def wait_for_statistics(self) -> None:
+        """Return once the statistics show what each queue held when this was called.
+
+        A queue reports its length every interval (a quorum queue on its tick, 5 s by default
+        too) and the management plugin collects the reports every interval: a count can be two
+        intervals old. This waits three.
+
+        Raises:
+            ManagementUnavailable: the wait would end after the deadline (nothing is waited).
+        """
+        pause = 3 * self._statistics_interval
+        if self._left() <= pause:
+            raise ManagementUnavailable(
+                "no time left before the deadline to wait for fresh statistics",
+                method="WAIT",
+                path="statistics",
+            )
+        time.sleep(pause)
 
     def get_queue(self, vhost: str, name: str) -> JsonObject | None:
         """The queue (same fields as ``list_queues``), or ``None`` if it does not exist.
@@ -369,6 +397,33 @@ class ManagementClient:
             ManagementApiError: see the class docstring.
         """
         return self._delete(("permissions", vhost, user))
+
+    # --- global parameters ----------------------------------------------------------------
+
+    def get_global_parameter(self, name: str) -> Any:
+        """The value of the broker-wide parameter ``name``, or ``None`` if it is not set.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        found = self._get_or_none(("global-parameters", name))
+        return None if found is None else found.get("value")
+
+    def put_global_parameter(self, name: str, value: Any) -> None:
+        """Set the broker-wide parameter ``name`` to ``value`` (any JSON value).
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        self._call("PUT", ("global-parameters", name), body={"name": name, "value": value})
+
+    def delete_global_parameter(self, name: str) -> bool:
+        """Remove the broker-wide parameter ``name``; ``False`` if it was not set.
+
+        Raises:
+            ManagementApiError: see the class docstring.
+        """
+        return self._delete(("global-parameters", name))
 
     # --- connections ----------------------------------------------------------------------
 

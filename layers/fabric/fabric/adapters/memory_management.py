@@ -32,6 +32,7 @@ class _VHost:
     exchanges: dict[str, JsonObject] = field(default_factory=dict)
     queues: dict[str, JsonObject] = field(default_factory=dict)
     messages: dict[str, int | None] = field(default_factory=dict)
+    unsampled: dict[str, int] = field(default_factory=dict)  # held, not in the statistics yet
     bindings: list[JsonObject] = field(default_factory=list)
     permissions: dict[str, JsonObject] = field(default_factory=dict)
     connections: dict[str, str] = field(default_factory=dict)  # name -> user
@@ -46,8 +47,10 @@ class MemoryManagementClient:
     404 for missing objects and 400 for a redeclaration with other properties; drops bindings
     with the exchange or queue they involve and permissions with their user; stores salted
     SHA-256 password hashes; closes a user's connections when the user or its vhost goes (not
-    when its permissions do). ``calls`` records every change as ``"<method> <name>"`` in order;
-    ``set_messages`` sets what the statistics report for a queue (``None``: not sampled yet);
+    when its permissions do); keeps broker-wide parameters. ``calls`` records every change as
+    ``"<method> <name>"`` in order, and each ``wait_for_statistics``; ``set_messages`` sets what
+    the statistics report for a queue (``None``: not sampled yet), or, with ``sampled=False``,
+    what it holds that they report only after the next ``wait_for_statistics``;
     ``open_connection`` plays a client connecting and ``consume`` one of its consumers.
     """
 
@@ -56,6 +59,7 @@ class MemoryManagementClient:
         self._username = username
         self._vhosts: dict[str, _VHost] = {}
         self._users: dict[str, JsonObject] = {}
+        self._parameters: dict[str, Any] = {}
         self._connections_opened = 0
         self.calls: list[str] = []
 
@@ -64,8 +68,12 @@ class MemoryManagementClient:
         """The user this client logs in as."""
         return self._username
 
-    def set_messages(self, vhost: str, queue: str, count: int | None) -> None:
-        """Make the statistics report ``count`` messages in the queue (``None``: unsampled).
+    def set_messages(
+        self, vhost: str, queue: str, count: int | None, *, sampled: bool = True
+    ) -> None:
+        """Make the statistics report ``count`` messages in the queue (``None``: unsampled);
+        with ``sampled=False`` the queue holds ``count`` messages (arrived since the last
+        sample) and the statistics go on reporting the old count until ``wait_for_statistics``.
 
         Raises:
             ManagementRequestRejected: 404 when the vhost or queue does not exist.
@@ -73,7 +81,17 @@ class MemoryManagementClient:
         space = self._vhost(vhost, f"queues/{vhost}/{queue}")
         if queue not in space.queues:
             raise _not_found(f"queues/{vhost}/{queue}")
-        space.messages[queue] = count
+        if sampled:
+            space.messages[queue] = count
+        elif count is not None:
+            space.unsampled[queue] = count
+
+    def wait_for_statistics(self) -> None:
+        """A new sample: every count ``set_messages(..., sampled=False)`` left shows now."""
+        self.calls.append("wait_for_statistics")
+        for space in self._vhosts.values():
+            space.messages.update(space.unsampled)
+            space.unsampled.clear()
 
     def open_connection(self, vhost: str, user: str) -> str:
         """A client of ``user`` connects to the vhost; returns the connection's name.
@@ -236,6 +254,7 @@ class MemoryManagementClient:
         if space is None or space.queues.pop(name, None) is None:
             return False
         space.messages.pop(name, None)
+        space.unsampled.pop(name, None)
         space.bindings = [
             b
             for b in space.bindings
@@ -371,6 +390,22 @@ class MemoryManagementClient:
         self.calls.append(f"delete_permissions {user}")
         space = self._vhosts.get(vhost)
         return space is not None and space.permissions.pop(user, None) is not None
+
+    # --- global parameters ----------------------------------------------------------------
+
+    def get_global_parameter(self, name: str) -> Any:
+        """The parameter's value, or ``None``."""
+        return copy.deepcopy(self._parameters.get(name))
+
+    def put_global_parameter(self, name: str, value: Any) -> None:
+        """Set the parameter (a JSON value, stored as the broker would return it)."""
+        self._parameters[name] = json.loads(json.dumps(value))
+        self.calls.append(f"put_global_parameter {name}")
+
+    def delete_global_parameter(self, name: str) -> bool:
+        """Remove the parameter; ``False`` if it was not set."""
+        self.calls.append(f"delete_global_parameter {name}")
+        return self._parameters.pop(name, None) is not None
 
     # --- connections ----------------------------------------------------------------------
 

@@ -83,8 +83,11 @@ class HeldLetters:
             for handle in handles:
                 self._channel.basic_ack(int(handle))
                 removed.add(handle)
-            # An ack has no reply; a cheap round trip makes sure the broker has read them.
-            self._channel.queue_declare(self.queue, passive=True)
+            # An ack has no reply; a cheap round trip makes sure the broker has read them. Not a
+            # passive queue.declare: RabbitMQ 4.2.6 and 4.3.0 want configure permission for it,
+            # which the platform user does not have; basic.qos needs none (and only affects
+            # consumers, which this channel has none of: it takes letters with basic.get).
+            self._channel.basic_qos(prefetch_count=0)
         except _DELIVERY_ERRORS as exc:
             _LOG.warning("letters not acknowledged in %s: %s", self.queue, type(exc).__name__)
             self.close()

@@ -1,0 +1,351 @@
+"""What the topology code may take away, on the real local RabbitMQ: the custom resource's
+replacement (owner record), queues deleted on a statistics sample that missed a message,
+recreated queues and their routes, and what the platform user may configure."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pika
+import pika.exceptions
+import pytest
+from botocore.exceptions import ClientError
+
+from fabric import topology, topology_resource
+from fabric.adapters import management
+from fabric.adapters.management import ManagementClient
+from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
+from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
+from fabric.bootstrap import exchange_for
+from fabric.routing import default_routing_table
+from fabric.stakeholders import Stakeholder
+from fabric.topology_apply import Kept, Resource, apply_topology, delete_topology
+from fabric.topology_resource import on_event, owner_parameter
+from tests.integration import test_management_api as api
+from tests.integration.conftest import AMQP, GUEST, MANAGEMENT
+from tests.integration.test_management_api import (
+    DLX,
+    UNROUTED_QUEUE,
+    WORK,
+    WORK_DLQ,
+    Sandbox,
+    _apply,
+    _connect,
+    _publish,
+    _take_as_guest,
+    _wait_for_sampled_counts,
+)
+
+pytestmark = pytest.mark.integration
+
+client, sandbox = api.client, api.sandbox  # the real broker's fixtures
+
+
+def fast_client(interval: float = 0.2) -> ManagementClient:
+    """A client that waits little for the statistics: right where nothing publishes meanwhile."""
+    return ManagementClient(MANAGEMENT, *GUEST, statistics_interval=interval)
+
+
+# --- 1. the custom resource's owner record ------------------------------------------------------
+
+
+def test_the_owner_record_is_a_broker_wide_parameter_the_api_keeps(
+    client: ManagementClient,
+) -> None:
+    name = owner_parameter(f"/fabric-test-{uuid.uuid4().hex[:8]}")  # a "/" and a ":" in it
+    value = {"vhost": "/", "owners": ["fabric-test-topology-0123456789abcdef"]}
+    try:
+        client.put_global_parameter(name, value)
+
+        assert client.get_global_parameter(name) == value
+        assert client.delete_global_parameter(name) is True
+        assert client.get_global_parameter(name) is None
+        assert client.delete_global_parameter(name) is False
+    finally:
+        client.delete_global_parameter(name)
+
+
+@pytest.fixture
+def deployed(
+    monkeypatch: pytest.MonkeyPatch, client: ManagementClient
+) -> Iterator[SimpleNamespace]:
+    """The topology function's settings for a vhost of its own, its users renamed for this test
+    (users are broker-wide), their secrets in a fake Secrets Manager."""
+    vhost = f"fabric-test-{uuid.uuid4().hex[:12]}"
+    rename = {
+        str(user["name"]): f"{vhost}-{user['name']}"
+        for user in topology.definitions(default_routing_table())["users"]
+    }
+    passwords = {name: secrets.token_urlsafe(16) for name in rename.values()}
+    original = topology_resource.topology_document
+
+    def renamed(target: str) -> dict[str, Any]:
+        document = original(target)
+        document["users"] = [{**u, "name": rename[u["name"]]} for u in document["users"]]
+        document["permissions"] = [
+            {**p, "user": rename[p["user"]]} for p in document["permissions"]
+        ]
+        return document
+
+    class Secrets:
+        def get_secret_value(self, SecretId: str, VersionStage: str) -> dict[str, str]:
+            if VersionStage == "AWSPENDING":
+                raise ClientError({"Error": {"Code": "ResourceNotFoundException"}}, "Get")
+            user = SecretId.removeprefix("arn:")
+            password = GUEST[1] if user == GUEST[0] else passwords[user]
+            return {"SecretString": json.dumps({"username": user, "password": password})}
+
+    monkeypatch.setattr(topology_resource, "topology_document", renamed)
+    monkeypatch.setattr(topology_resource, "PLATFORM_USER", rename[topology.PLATFORM_USER])
+    # Nothing publishes while these run: a short statistics wait is as good as the real one.
+    monkeypatch.setattr(management, "STATISTICS_INTERVAL_S", 0.2)
+    environ = {
+        "MANAGEMENT_URL": MANAGEMENT,
+        "ADMIN_SECRET_ARN": f"arn:{GUEST[0]}",
+        "USER_SECRET_ARNS": json.dumps({name: f"arn:{name}" for name in rename.values()}),
+        "FABRIC_ENV": "itest",
+        "RABBITMQ_VHOST": vhost,
+    }
+    requests = iter(range(1, 100))
+
+    def request(kind: str, physical_id: str | None = None, **ids: str) -> tuple[str, Any]:
+        event = {
+            "RequestType": kind,
+            "StackId": f"arn:aws:cloudformation:ap-southeast-3:1:stack/{ids.get('stack', 'S')}/1",
+            "LogicalResourceId": ids.get("logical_id", "Topology"),
+            "RequestId": f"req-{next(requests)}",
+            **({"PhysicalResourceId": physical_id} if physical_id else {}),
+        }
+        return on_event(event, environ, secrets_client=Secrets)
+
+    yield SimpleNamespace(
+        vhost=vhost,
+        request=request,
+        platform=rename[topology.PLATFORM_USER],
+        password=passwords[rename[topology.PLATFORM_USER]],
+    )
+    try:
+        client.delete_vhost(vhost)
+        client.delete_global_parameter(owner_parameter(vhost))
+    finally:
+        for name in rename.values():
+            client.delete_user(name)
+
+
+def the_router_logs_in(vhost: str, user: str, password: str) -> bool:
+    """The router's login works and may read the fabric's queues (nothing is published: the
+    Delete after must find the queues empty)."""
+    connection = _connect(vhost, user, password)
+    try:
+        method, _properties, _body = connection.channel().basic_get(UNROUTED_QUEUE)
+    finally:
+        connection.close()
+    return method is None
+
+
+def test_replacing_the_topology_resource_keeps_the_routers_login_and_the_queues(
+    client: ManagementClient, deployed: SimpleNamespace
+) -> None:
+    old, _ = deployed.request("Create")
+    new, _ = deployed.request("Create", logical_id="TopologyV2")  # a refactor renamed it
+    queues = {q["name"] for q in client.list_queues(deployed.vhost)}
+
+    _, data = deployed.request("Delete", old)  # CloudFormation's cleanup of the old one
+
+    assert data == {"Deleted": "0", "Kept": "0"}
+    assert the_router_logs_in(deployed.vhost, deployed.platform, deployed.password)
+    assert {q["name"] for q in client.list_queues(deployed.vhost)} == queues
+    assert client.get_global_parameter(owner_parameter(deployed.vhost)) == {
+        "vhost": deployed.vhost,
+        "owners": [new],
+    }
+
+    _, data = deployed.request("Delete", new)  # the stack's Delete, later: the last owner
+
+    # The topology goes (queues whose count is not sampled yet stay, as always).
+    assert int(data["Deleted"]) > 0
+    assert client.get_user(deployed.platform) is None
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+        the_router_logs_in(deployed.vhost, deployed.platform, deployed.password)
+    assert client.get_global_parameter(owner_parameter(deployed.vhost)) is None
+
+
+# --- 2. deleting queues on a sample that missed a message ---------------------------------------
+
+
+def test_delete_keeps_a_queue_whose_confirmed_message_the_last_sample_missed(
+    client: ManagementClient, sandbox: Sandbox
+) -> None:
+    # The one test that waits the broker's real statistics interval (three times 5 s).
+    _apply(client, sandbox)
+    _wait_for_sampled_counts(client, sandbox.vhost, {WORK: 0, WORK_DLQ: 0, UNROUTED_QUEUE: 0})
+    _publish(sandbox, "case.opened", b"confirmed after the last sample")
+
+    report = delete_topology(ManagementClient(MANAGEMENT, *GUEST), sandbox.document, sandbox.vhost)
+
+    assert Kept(Resource.QUEUE, WORK, "holds 1 messages") in report.kept
+    assert (Resource.QUEUE, UNROUTED_QUEUE) in report.deleted
+    # Its dead letters still reach its DLQ: kept, and bound again after the count.
+    assert {(b["source"], b["destination"]) for b in client.list_bindings(sandbox.vhost)} >= {
+        (DLX, WORK_DLQ)
+    }
+    assert _take_as_guest(client, sandbox.vhost, WORK) == b"confirmed after the last sample"
+
+
+def fanout_document(vhost: str, exchange: str, queues: list[str], limit: int) -> dict[str, Any]:
+    return {
+        "exchanges": [
+            {
+                "name": exchange,
+                "vhost": vhost,
+                "type": "fanout",
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
+        ],
+        "queues": [
+            {
+                "name": name,
+                "vhost": vhost,
+                "durable": True,
+                "auto_delete": False,
+                # The first and the last are recreated when the limit changes.
+                "arguments": {
+                    "x-queue-type": "quorum",
+                    "x-delivery-limit": limit if name in (queues[0], queues[-1]) else 10,
+                },
+            }
+            for name in queues
+        ],
+        "bindings": [
+            {
+                "source": exchange,
+                "vhost": vhost,
+                "destination": name,
+                "destination_type": "queue",
+                "routing_key": "",
+                "arguments": {},
+            }
+            for name in queues
+        ],
+    }
+
+
+def test_a_recreated_queue_has_its_route_back_before_the_next_queue_is_recreated(
+    client: ManagementClient, sandbox: Sandbox
+) -> None:
+    vhost = sandbox.vhost
+    exchange, recreated, other, last = "fabric.x.fan", "fabric.a", "fabric.b", "fabric.z"
+    names = [recreated, other, last]
+    apply_topology(client, fanout_document(vhost, exchange, names, 10), passwords={}, vhost=vhost)
+    _wait_for_sampled_counts(client, vhost, dict.fromkeys(names, 0))
+    publisher = _connect(vhost, *GUEST)
+    channel = publisher.channel()
+    channel.confirm_delivery()
+
+    class PublishesMeanwhile(ManagementClient):
+        """A producer publishes while the last queue is being recreated."""
+
+        def delete_queue(self, target: str, name: str) -> bool:
+            if name == last:
+                channel.basic_publish(
+                    exchange,
+                    "",
+                    b"routed meanwhile",
+                    pika.BasicProperties(delivery_mode=2),
+                    mandatory=True,
+                )  # confirmed: some queue took it
+            return super().delete_queue(target, name)
+
+    try:
+        apply_topology(
+            PublishesMeanwhile(MANAGEMENT, *GUEST, statistics_interval=0.2),
+            fanout_document(vhost, exchange, names, 11),
+            passwords={},
+            vhost=vhost,
+            recreate_empty=True,
+        )
+    finally:
+        publisher.close()
+
+    assert _take_as_guest(client, vhost, other) == b"routed meanwhile"
+    assert _take_as_guest(client, vhost, recreated) == b"routed meanwhile"
+    recreated_queue = client.get_queue(vhost, recreated)
+    assert recreated_queue is not None
+    assert recreated_queue["arguments"]["x-delivery-limit"] == 11
+
+
+# --- 3. what the platform user may configure ----------------------------------------------------
+
+
+@pytest.fixture
+def platform(client: ManagementClient, sandbox: Sandbox) -> Iterator[SimpleNamespace]:
+    """The generated topology in the sandbox's vhost with its platform user (renamed: users
+    are broker-wide) and that user's generated permissions."""
+    vhost = sandbox.vhost
+    user, password = f"{vhost}-{topology.PLATFORM_USER}", secrets.token_urlsafe(16)
+    document = topology.definitions(default_routing_table(), vhost=vhost)
+    document["users"] = [{"name": user, "tags": []}]
+    document["permissions"] = [
+        {**p, "user": user} for p in document["permissions"] if p["user"] == topology.PLATFORM_USER
+    ]
+    apply_topology(fast_client(), document, passwords={user: password}, vhost=vhost)
+    try:
+        yield SimpleNamespace(vhost=vhost, user=user, password=password)
+    finally:
+        client.delete_user(user)
+
+
+def test_the_platform_user_redrives_a_dead_letter_but_cannot_delete_or_declare_a_queue(
+    client: ManagementClient, platform: SimpleNamespace
+) -> None:
+    group = Stakeholder.MEDIA
+    work, dlq = topology.queue_name(group), topology.dead_letter_queue_name(group)
+    guest = _connect(platform.vhost, *GUEST).channel()
+    guest.confirm_delivery()
+    guest.basic_publish(
+        topology.DEAD_LETTER_EXCHANGE,
+        work,  # how a rejected message of the work queue reaches its DLQ
+        b'{"note": "not child data"}',
+        pika.BasicProperties(delivery_mode=2, message_id=str(uuid.uuid4()), type="case.opened"),
+        mandatory=True,
+    )
+    settings = RabbitSettings(
+        host=AMQP[0],
+        port=AMQP[1],
+        credentials=lambda: (platform.user, platform.password),
+        vhost=platform.vhost,
+    )
+
+    # The redrive's whole path as the platform user: get, republish, ack (and its round trip).
+    letters = RabbitMqDeadLetterQueue(
+        settings, dlq, origin=RabbitMqTransport(settings, exchange_for=exchange_for)
+    )
+    try:
+        (letter,) = letters.peek(10)
+        assert letters.move([letter]) == [letter]
+        assert letters.remove([letter]) == {letter.handle}
+    finally:
+        letters.release()
+
+    depth = {q: guest.queue_declare(q, passive=True).method.message_count for q in (work, dlq)}
+    assert depth == {work: 1, dlq: 0}
+    connection = _connect(platform.vhost, platform.user, platform.password)
+    try:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as deleting:
+            connection.channel().queue_delete(work)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as declaring:
+            connection.channel().queue_declare("fabric.sneaky", durable=True)
+    finally:
+        connection.close()
+    assert (deleting.value.reply_code, declaring.value.reply_code) == (403, 403)
+    assert guest.queue_declare(work, passive=True).method.message_count == 1
+    guest.connection.close()
+    assert client.get_queue(platform.vhost, "fabric.sneaky") is None
