@@ -188,10 +188,38 @@ class ApiConfig(_Model):
 
 
 class RouterConfig(_Model):
-    """Capacity of the router function."""
+    """Capacity of the router function.
+
+    The reserved concurrency is shared by HTTPS, direct invokes and the SQS ingest queues' event
+    source mappings, one per group. Each mapping may run at most ``ingest_max_concurrency``
+    invocations (2 is the lowest Lambda accepts), and all of them together at most half of the
+    reserved concurrency: an ingest backlog must not take the capacity that HTTPS and direct
+    producers (their emergencies too) need. Without a maximum, a mapping's pollers also receive
+    more batches than the function may run, and each throttled batch costs its messages a
+    receive towards the queue's DLQ.
+    """
 
     reserved_concurrency: int = Field(ge=1)
+    ingest_max_concurrency: int = Field(ge=2, le=1000)
     memory_mb: int = Field(ge=128, le=10240)
+
+    @model_validator(mode="after")
+    def _room_for_https_and_direct(self) -> RouterConfig:
+        ingest = self.ingest_concurrency
+        if 2 * ingest > self.reserved_concurrency:
+            raise ValueError(
+                f"the {len(GROUPS)} SQS ingest queues may take {len(GROUPS)} x "
+                f"ingest_max_concurrency {self.ingest_max_concurrency} = {ingest} of the "
+                f"router's reserved_concurrency {self.reserved_concurrency}, more than half: "
+                f"raise reserved_concurrency to at least {2 * ingest} or lower "
+                "ingest_max_concurrency, so that HTTPS and direct invokes keep at least half"
+            )
+        return self
+
+    @property
+    def ingest_concurrency(self) -> int:
+        """The most router invocations the ingest queues' mappings run at once, all together."""
+        return len(GROUPS) * self.ingest_max_concurrency
 
 
 class AlarmsConfig(_Model):

@@ -13,7 +13,12 @@ from constructs import Construct
 from fabric.stakeholders import STAKEHOLDERS
 from fabric.topology import MONITOR_USER, OVERFLOW_QUEUE, dead_letter_queue_name
 from stacks.config import EnvironmentConfig
-from stacks.constructs.alarms import DeadLetterAlarms, FailoverAlarms, FunctionErrorAlarms
+from stacks.constructs.alarms import (
+    DeadLetterAlarms,
+    EventSourceQueueAgeAlarms,
+    FailoverAlarms,
+    FunctionErrorAlarms,
+)
 from stacks.constructs.audit_writer import AuditWriter, audit_writer_name
 from stacks.constructs.broker_metrics import BrokerMetrics
 from stacks.constructs.compliance_report import ComplianceReport
@@ -258,6 +263,15 @@ class ServicesStack(Stack):
             env_name=config.name,
             broker_dlqs=broker_dlqs,
             broker_overflow_queues=broker_overflow_queues,
+        )
+        # Queues that only event source mappings read: a mapping that stops receiving fails
+        # nothing else.
+        self.queue_age_alarms = EventSourceQueueAgeAlarms(
+            self,
+            "EventSources",
+            topic=self.alarms.topic,
+            ingest_queues=[ingest.queues[group] for group in STAKEHOLDERS],
+            audit_queue=stateful.audit_queue.queue,
         )
         self.function_errors = FunctionErrorAlarms(
             self,

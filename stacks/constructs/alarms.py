@@ -1,5 +1,5 @@
 """On-call alarms: the fallback in use, not draining or both paths down; dead letters waiting;
-functions failing."""
+event source queues not read; functions failing."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from stacks.config import AlarmsConfig
 from stacks.constructs.fallback import deny_without_tls
 from stacks.constructs.function import FabricFunction, paging_alarm
 from stacks.constructs.keys import alarms_of_this_account
+from stacks.constructs.queues import physical_name, visibility_timeout_seconds
 
 
 class FailoverAlarms(Construct):
@@ -173,7 +174,8 @@ class DeadLetterAlarms(Construct):
       drains (``ApproximateNumberOfMessagesVisible``, Maximum, 1 min).
     - ``SubscriptionDlqDepth``: SNS could not deliver a fallback message to its queue.
     - ``IngestDlqDepth``: the router gave up on an SQS ingest message after 20 receives (both
-      transports down, or its call's audit records lost every time).
+      transports down, its call's audit records lost every time, or the router throttled on
+      every receive because HTTPS and direct invokes held its whole reserved concurrency).
     - ``AuditDlqDepth``: the audit writer could not write, for a day (48 receives, throttled ones
       included), an audit batch that was sent to the SQS audit queue while the broker was down.
     - ``FunctionDlqDepth``: a function's asynchronous invocation failed all its attempts.
@@ -232,9 +234,11 @@ class DeadLetterAlarms(Construct):
             (
                 "IngestDlqDepth",
                 ingest_dlqs,
-                "The router gave up on an SQS ingest message after 20 receives (both paths "
-                "down, or its call's audit records could not be stored: then it may have been "
-                "delivered already, and a redrive sends it again). " + then,
+                "The router gave up on an SQS ingest message after 20 receives, an hour: both "
+                "paths down; its call's audit records could not be stored (then it may have been "
+                "delivered already, and a redrive sends it again); or every receive was "
+                "throttled, HTTPS and direct invokes holding the router's whole reserved "
+                "concurrency (its Throttles metric). " + then,
             ),
             (
                 "AuditDlqDepth",
@@ -356,3 +360,100 @@ class FunctionErrorAlarms(Construct):
             name: function.errors_alarm(Construct(self, name), topic, description=description)
             for name, (function, description) in functions.items()
         }
+
+
+# How many of a queue's visibility timeouts its oldest message may wait before the alarm pages.
+_AGE_IN_VISIBILITY_TIMEOUTS = 3
+
+
+class EventSourceQueueAgeAlarms(Construct):
+    """Alarms on the age of the oldest message in the queues that only Lambda event source
+    mappings read: if a mapping stops receiving (disabled, its role or the queues key refused),
+    nothing else fails, and SQS deletes the messages after 14 days.
+
+    - ``IngestQueueAge``: ``MAX`` over the ingest queues' ``ApproximateAgeOfOldestMessage``
+      (Maximum, 1 min) is above three visibility timeouts (the router's mappings).
+    - ``AuditQueueAge``: the same for the SQS audit queue (the audit writer's mapping), with its
+      own, longer, visibility timeout.
+
+    On ``topic``, ALARM and OK; missing data counts as healthy (SQS publishes nothing for an idle
+    empty queue). SQS leaves out of the metric a message received three times or more: one the
+    router keeps failing ages towards its DLQ and its alarm instead.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        topic: sns.ITopic,
+        ingest_queues: list[sqs.IQueue],
+        audit_queue: sqs.IQueue,
+    ) -> None:
+        """The queues are the stateful stack's, named by their literal names (no cross-stack
+        output per queue)."""
+        super().__init__(scope, construct_id)
+        self.topic = topic
+        ingest = self._threshold(ingest_queues)
+        audit = self._threshold([audit_queue])
+        self.alarms = {
+            "IngestQueueAge": self._age_alarm(
+                "IngestQueueAge",
+                ingest_queues,
+                ingest,
+                f"An SQS ingest message has waited more than {ingest} s (three visibility "
+                "timeouts): the router's event source mappings are not taking them (a mapping "
+                "disabled or failing, the router's role or the queues key refused), or the "
+                "router cannot run (throttled). SQS deletes them after 14 days. Check the "
+                "mappings' state and the router's logs (docs/runbook.md).",
+            ),
+            "AuditQueueAge": self._age_alarm(
+                "AuditQueueAge",
+                [audit_queue],
+                audit,
+                f"An audit batch has waited in the SQS audit queue more than {audit} s (three "
+                "visibility timeouts): the audit writer's SQS event source is not taking it (a "
+                "mapping disabled or failing, the writer's role or the queues key refused), or "
+                "the writer cannot keep up. The trail lacks its records until it is written, "
+                "and SQS deletes it after 14 days. Check the mapping and the writer's logs "
+                "(docs/runbook.md).",
+            ),
+        }
+
+    @staticmethod
+    def _threshold(queues: list[sqs.IQueue]) -> int:
+        timeouts = {visibility_timeout_seconds(queue) for queue in queues}
+        if len(timeouts) != 1:
+            raise ValueError("the queues of one age alarm need one visibility timeout")
+        return _AGE_IN_VISIBILITY_TIMEOUTS * timeouts.pop()
+
+    def _age_alarm(
+        self, name: str, queues: list[sqs.IQueue], threshold: int, description: str
+    ) -> cloudwatch.Alarm:
+        if len(queues) > _MAX_METRICS_PER_ALARM:
+            raise ValueError("a CloudWatch alarm takes at most ten metrics")
+        ages = {
+            f"q{index}": cloudwatch.Metric(
+                namespace="AWS/SQS",
+                metric_name="ApproximateAgeOfOldestMessage",
+                dimensions_map={"QueueName": physical_name(queue)},
+                statistic="Maximum",
+                period=Duration.minutes(1),
+            )
+            for index, queue in enumerate(queues)
+        }
+        oldest = cloudwatch.MathExpression(
+            expression=f"MAX([{', '.join(ages)}])",
+            using_metrics=ages,
+            label="oldest message (s)",
+            period=Duration.minutes(1),
+        )
+        return paging_alarm(
+            self,
+            name,
+            oldest,
+            topic=self.topic,
+            description=description,
+            threshold=threshold,
+            comparison=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+        )

@@ -32,6 +32,13 @@ _TIMEOUT = Duration.minutes(15)
 # A day of a million records is about 0.5 GB of objects held for the verifier, plus the
 # decoded batch in hand; memory also buys CPU (about 2.3 vCPUs at 4 GB).
 _MEMORY_MB = 4096
+_HOUR = Duration.hours(1)
+# ComplianceReportMissing: hours without a report. The daily run ends some minutes after 02:30,
+# or up to an hour later after Lambda's two retries: 24 hours and 2 of margin.
+_REPORT_MISSING_AFTER = 26
+# TrailNotVerified: each report's verdict, one datapoint. Two reports seldom end within five
+# minutes of each other; when they do, NOT VERIFIED wins (Maximum).
+_VERDICT_PERIOD = Duration.minutes(5)
 
 
 def compliance_topic_name(env_name: str) -> str:
@@ -60,9 +67,10 @@ class ComplianceReport(Construct):
     signing key; ``sns:Publish`` on its topic and the topics key through SNS for that topic.
 
     Alarms on the on-call topic: ``ComplianceReportErrors`` (the function failed),
-    ``TrailNotVerified`` (a report found the trail not verified) and ``ComplianceReportMissing``
-    (no report was written in a day, whatever the cause: also an event EventBridge could not
-    deliver, for which the rule has no DLQ of its own).
+    ``TrailNotVerified`` (the latest report found the trail not verified; a report that verifies
+    clears it) and ``ComplianceReportMissing`` (no report was written for 26 hours, whatever the
+    cause: also an event EventBridge could not deliver, for which the rule has no DLQ of its
+    own).
     """
 
     def __init__(
@@ -147,36 +155,44 @@ class ComplianceReport(Construct):
                     "report not stored or published. Read its logs (docs/runbook.md: report)."
                 ),
             ),
+            # The latest report's verdict (0 or 1). No data keeps the state, so only a report
+            # changes it: a clean re-run clears the alarm at once, NOT VERIFIED stays until one.
             "TrailNotVerified": self._alarm(
                 "TrailNotVerified",
-                self._metric(metrics.TRAIL_NOT_VERIFIED, "Maximum"),
+                self._metric(metrics.TRAIL_NOT_VERIFIED, "Maximum", _VERDICT_PERIOD),
                 alarm_topic,
+                missing=cloudwatch.TreatMissingData.IGNORE,
                 description=(
-                    "A compliance report found the audit trail NOT VERIFIED: a record, object or "
-                    "checkpoint is not what was written. The report and the compliance topic "
-                    "name the first bad place; run `runbook.py verify` (docs/runbook.md)."
+                    "The latest compliance report found the audit trail NOT VERIFIED: a record, "
+                    "object or checkpoint is not what was written. The report and the compliance "
+                    "topic name the first bad place; run `runbook.py verify` (docs/runbook.md). "
+                    "It stays in ALARM until a report verifies."
                 ),
             ),
+            # No report for _REPORT_MISSING_AFTER hours in a row: the day between two daily runs
+            # and their jitter (one day-long period flapped when a run ended later than the last).
             "ComplianceReportMissing": self._alarm(
                 "ReportMissing",
-                self._metric(metrics.COMPLIANCE_REPORTS, "Sum"),
+                self._metric(metrics.COMPLIANCE_REPORTS, "Sum", _HOUR),
                 alarm_topic,
                 comparison=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
                 missing=cloudwatch.TreatMissingData.BREACHING,
+                periods=_REPORT_MISSING_AFTER,
                 description=(
-                    "No compliance report was written in the last day: the daily run did not "
-                    "happen or failed. Run `runbook.py report` for the missing day."
+                    f"No compliance report was written in the last {_REPORT_MISSING_AFTER} "
+                    "hours: the daily run (02:30 UTC) did not happen or failed. Run "
+                    "`runbook.py report` for the missing day."
                 ),
             ),
         }
 
-    def _metric(self, name: str, statistic: str) -> cloudwatch.Metric:
+    def _metric(self, name: str, statistic: str, period: Duration) -> cloudwatch.Metric:
         return cloudwatch.Metric(
             namespace=metrics.NAMESPACE,
             metric_name=name,
             dimensions_map={metrics.DIMENSION: self._env_name},
             statistic=statistic,
-            period=Duration.days(1),
+            period=period,
         )
 
     def _alarm(
@@ -190,14 +206,17 @@ class ComplianceReport(Construct):
             cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
         ),
         missing: cloudwatch.TreatMissingData = cloudwatch.TreatMissingData.NOT_BREACHING,
+        periods: int = 1,
     ) -> cloudwatch.Alarm:
+        """An alarm on ``periods`` periods of ``metric``, every one of them breaching."""
         alarm = cloudwatch.Alarm(
             self,
             name,
             metric=metric,
             threshold=1,
             comparison_operator=comparison,
-            evaluation_periods=1,
+            evaluation_periods=periods,
+            datapoints_to_alarm=periods if periods > 1 else None,
             treat_missing_data=missing,
             alarm_description=description,
         )

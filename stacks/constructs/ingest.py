@@ -15,7 +15,11 @@ from stacks.constructs.function import role_arn
 from stacks.constructs.queues import deny_other_senders, queue_with_dlq
 
 # Messages that stay `unavailable` (both transports down) are retried this many times, spaced by
-# the visibility timeout, before they are parked in the DLQ.
+# the visibility timeout (an hour in all), before they are parked in the DLQ. SQS also counts a
+# receive whose invocation Lambda throttled. The router's mappings have a maximum concurrency
+# within its reserved concurrency (RouterConfig), so their pollers take no batch they may not
+# run; what still throttles them is HTTPS and direct invokes holding the whole reserved
+# concurrency, and for 20 receives that is an hour-long overload (IngestDlqDepth says so).
 _MAX_RECEIVE_COUNT = 20
 # Six times the router's timeout, as AWS recommends for Lambda event sources.
 _VISIBILITY_TIMEOUT = Duration.seconds(180)

@@ -155,6 +155,19 @@ def physical_name(queue: sqs.IQueue) -> str:
     return name
 
 
+def visibility_timeout_seconds(queue: sqs.IQueue) -> int:
+    """The visibility timeout ``queue`` was created with, in seconds.
+
+    Raises:
+        ValueError: the queue sets none (SQS's default) or not a literal one.
+    """
+    resource = queue.node.default_child
+    timeout = cast(sqs.CfnQueue, resource).visibility_timeout if resource is not None else None
+    if not isinstance(timeout, int | float) or Token.is_unresolved(timeout):
+        raise ValueError(f"{queue.node.path} has no literal visibility timeout")
+    return int(timeout)
+
+
 def address(scope: Construct, queue: sqs.IQueue) -> QueueAddress:
     """The ARN and URL of named ``queue``, built in ``scope``'s stack from its name.
 

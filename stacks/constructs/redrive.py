@@ -23,27 +23,21 @@ from stacks.constructs.router import broker_environment
 # One redrive at a time per environment. A run holds the letters it looked at (unacknowledged
 # in RabbitMQ, invisible in SQS) until it ends, and asks the ledger before it moves a letter; a
 # second run at the same time would see only what the first left, race it between the ledger
-# check and the move, and compete with live traffic for the broker. SQS also allows only one
-# message-move task per queue. A second invoke is throttled, which the runbook reports.
+# check and the move, and compete with live traffic for the broker. A second invoke is throttled,
+# which the runbook reports.
 _CONCURRENCY = 1
 # Lambda's longest timeout; REDRIVE_MAX_SECONDS stops a run a minute before it.
 _TIMEOUT = Duration.minutes(15)
 _MAX_SECONDS = "840"
 
-# What the redrive does on a dead-letter queue: read and hold letters, remove the ones it put
-# back, give back the rest, and run SQS's own message-move tasks (these three are authorised on
-# the dead-letter queue, the task's source; AWS also checks receive, delete and get-attributes
-# there, and send on the destination).
+# What the redrive does on a dead-letter queue (fabric.adapters.sqs_dlq): read and hold letters,
+# remove the ones it put back, give back the rest. It moves letters itself, one by one, to filter
+# and audit each: no SQS message-move task, so none of its actions.
 _READ_DEAD_LETTERS = [
     "sqs:ReceiveMessage",
     "sqs:DeleteMessage",
     "sqs:ChangeMessageVisibility",
     "sqs:GetQueueAttributes",
-]
-_MOVE_TASKS = [
-    "sqs:StartMessageMoveTask",
-    "sqs:ListMessageMoveTasks",
-    "sqs:CancelMessageMoveTask",
 ]
 # The ledger adapter's batches (fabric.adapters.dynamodb_ledger), on ``redrive#`` items only:
 # the table also holds the audit chain's state and the consumers' idempotency records, which a
@@ -65,8 +59,8 @@ class Redrive(Construct):
 
     No schedule: moving dead letters back is an operator's decision, taken once the cause is
     fixed. It reads every RabbitMQ DLQ as the platform user (AMQP; its secret is the only one it
-    may read), and on each SQS dead-letter queue of ``pairs`` it may read, hold, remove and run
-    message-move tasks, sending only to that queue's source. It sends its audit batches (the
+    may read), and on each SQS dead-letter queue of ``pairs`` it may read, hold and remove,
+    sending only to that queue's source. It sends its audit batches (the
     ``redriven`` records) to the SQS audit queue while the broker cannot take them (granted on
     its own, whether or not the audit queue is also one of ``pairs``). It reads and writes ledger
     items of the idempotency table. The queues key and the table's key only through SQS and
@@ -140,7 +134,6 @@ class Redrive(Construct):
         role = self.function.role
         for sid, actions, resources, conditions in (
             ("ReadDeadLetters", _READ_DEAD_LETTERS, dead_letter_arns, None),
-            ("MoveDeadLetters", _MOVE_TASKS, dead_letter_arns, None),
             ("PutBackAtSource", ["sqs:SendMessage"], [s.arn for s, _ in addressed], None),
             ("Ledger", _LEDGER, [table.table_arn], _LEDGER_ITEMS),
         ):

@@ -85,7 +85,8 @@ class Router(Construct):
       the IAM roles configured as that group's producers may invoke it.
     - **HTTPS**: ``POST /v1/messages`` on an HTTP API with a JWT authorizer; the group is a claim
       of the verified token.
-    - **SQS**: one event source per group's ingest queue, with partial batch failures.
+    - **SQS**: one event source per group's ingest queue, with partial batch failures, each
+      running at most ``config.ingest_max_concurrency`` invocations at once.
 
     Its audit batches go to RabbitMQ's audit exchange, or to the SQS audit queue
     (``audit_queue``, ``AUDIT_QUEUE_URL``) while the broker cannot take them.
@@ -170,9 +171,15 @@ class Router(Construct):
             alias = lambda_.Alias(
                 self, f"{group.value.capitalize()}Alias", alias_name=group.value, version=version
             )
+            # In the alias's resource policy, for a producer of this account or another alike:
+            # grant_invoke on an imported role of this account would write a policy onto that
+            # role, which belongs to the producer's team, not to this stack.
             for index, role_arn in enumerate(producers.get(group.value, ())):
-                producer = iam.Role.from_role_arn(self, f"{group.value}Producer{index}", role_arn)
-                alias.grant_invoke(producer)
+                alias.add_permission(
+                    f"Producer{index}",
+                    principal=iam.ArnPrincipal(role_arn),
+                    action="lambda:InvokeFunction",
+                )
 
         # Mappings rather than SqsEventSource, whose grant_consume_messages adds kms:Decrypt on
         # the queues key without a condition. The same construct ids and properties as
@@ -189,6 +196,8 @@ class Router(Construct):
                 )
             ]
         )
+        # Each mapping at most ingest_max_concurrency invocations: together they leave at least
+        # half of the reserved concurrency to HTTPS and direct invokes (RouterConfig).
         for queue in ingest_queues.values():
             function.add_event_source_mapping(
                 f"SqsEventSource:{Names.node_unique_id(queue.node)}",
@@ -196,6 +205,7 @@ class Router(Construct):
                 batch_size=10,
                 max_batching_window=Duration.seconds(1),
                 report_batch_item_failures=True,
+                max_concurrency=config.ingest_max_concurrency,
             )
 
         self.api = self._http_api(env_name, api, function, platform)

@@ -10,7 +10,7 @@ from fabric.stakeholders import STAKEHOLDERS
 from fabric.topology import OVERFLOW_QUEUE, dead_letter_queue_name
 from tests.conftest import ROOT
 from tests.infra.conftest import Assembly, Synthesized
-from tests.infra.resolve import queue_key
+from tests.infra.resolve import queue_key, render
 from tests.infra.test_functions import fabric_functions, of_type, services
 
 CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]["environments"]
@@ -386,3 +386,58 @@ def test_the_router_topology_drain_and_broker_metrics_failures_page_and_recover(
         for logical_id, f in fabric_functions(template).items()
         if "redrives dead letters" in f["Properties"]["Description"]
     }
+
+
+def test_a_queue_only_an_event_source_reads_pages_once_its_oldest_message_waits_too_long(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    """A mapping that stops receiving (disabled, its role or key refused) fails nothing else,
+    and SQS deletes what waits after 14 days: each queue an SQS event source reads has an age
+    alarm, at three of its visibility timeouts, that pages and recovers."""
+    template = services(env, assembly)
+    stateful = env.json
+    read: set[str] = set()
+    for mapping in of_type(template, "AWS::Lambda::EventSourceMapping").values():
+        props = mapping["Properties"]
+        if "Queues" in props:
+            continue  # the audit writer's Amazon MQ source: a RabbitMQ queue
+        arn = props["EventSourceArn"]
+        if isinstance(arn, dict) and "Fn::GetStackOutput" in arn:
+            read.add(queue_key(arn, services=template, stateful=stateful)[1])
+        else:
+            read.add(render(arn).rsplit(":", 1)[-1])
+    stage = env.stage.stage_name
+    assert read == {f"fabric-{stage}-ingest-{g.value}" for g in STAKEHOLDERS} | {
+        f"fabric-{stage}-audit"
+    }
+    visibility = {
+        q["Properties"]["QueueName"]: q["Properties"]["VisibilityTimeout"]
+        for q in env.resources("AWS::SQS::Queue").values()
+        if q["Properties"]["QueueName"] in read
+    }
+    ((topic_id, _),) = [
+        (k, t)
+        for k, t in of_type(template, "AWS::SNS::Topic").items()
+        if t["Properties"]["TopicName"] == f"fabric-{stage}-alarms"
+    ]
+    thresholds: dict[str, float] = {}
+    for alarm in of_type(template, "AWS::CloudWatch::Alarm").values():
+        props = alarm["Properties"]
+        for metric in watched_metrics(props):
+            if metric["MetricName"] != "ApproximateAgeOfOldestMessage":
+                continue
+            _, name = queue_key(
+                dimension(metric, "QueueName"), services=template, stateful=stateful
+            )
+            if name not in read:
+                continue
+            thresholds[name] = props["Threshold"]
+            assert props["ComparisonOperator"] == "GreaterThanThreshold"
+            assert props["EvaluationPeriods"] == 1
+            # An idle empty queue publishes nothing: no data is healthy.
+            assert props["TreatMissingData"] == "notBreaching"
+            assert props["AlarmActions"] == props["OKActions"] == [{"Ref": topic_id}]
+            assert "docs/runbook.md" in props["AlarmDescription"]
+            (expression,) = [q for q in props["Metrics"] if "Expression" in q]
+            assert expression["Expression"].startswith("MAX(")
+    assert thresholds == {name: 3 * visibility[name] for name in read}

@@ -4,6 +4,8 @@ verify-only on the signing key, a daily schedule, an encrypted TLS-only topic, i
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -249,20 +251,17 @@ def test_failures_a_bad_trail_and_a_missing_report_page_on_the_alarms_topic(
         for k, t in of_type(template, "AWS::SNS::Topic").items()
         if t["Properties"]["TopicName"] == f"fabric-{name}-alarms"
     ]
-    found = {
-        logical_id.removeprefix("ComplianceReport")[:-8]: a["Properties"]
-        for logical_id, a in of_type(template, "AWS::CloudWatch::Alarm").items()
-        if logical_id.startswith("ComplianceReport")
-    }
+    found = report_alarms(template)
     assert set(found) == {"Errors", "TrailNotVerified", "ReportMissing"}
     for alarm in found.values():
         assert alarm["AlarmActions"] == alarm["OKActions"] == [{"Ref": alarms_topic}]
-        assert (alarm["Threshold"], alarm["EvaluationPeriods"]) == (1, 1)
+        assert alarm["Threshold"] == 1
 
     errors = found["Errors"]
     assert (errors["Namespace"], errors["MetricName"]) == ("AWS/Lambda", "Errors")
     assert errors["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": function_id}}]
     assert errors["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    assert errors["EvaluationPeriods"] == 1
 
     dimensions = [{"Name": metrics.DIMENSION, "Value": name}]
     not_verified = found["TrailNotVerified"]
@@ -271,17 +270,136 @@ def test_failures_a_bad_trail_and_a_missing_report_page_on_the_alarms_topic(
         metrics.TRAIL_NOT_VERIFIED,
     )
     assert not_verified["Dimensions"] == dimensions
-    assert (not_verified["Statistic"], not_verified["Period"]) == ("Maximum", 86400)
+    assert not_verified["Statistic"] == "Maximum"
     assert not_verified["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
-    assert not_verified["TreatMissingData"] == "notBreaching"
 
     missing = found["ReportMissing"]
     assert missing["MetricName"] == metrics.COMPLIANCE_REPORTS
     assert missing["Dimensions"] == dimensions
-    assert (missing["Statistic"], missing["Period"]) == ("Sum", 86400)
+    assert missing["Statistic"] == "Sum"
     assert missing["ComparisonOperator"] == "LessThanThreshold"
     # No report at all (no data) is exactly what this alarm is for.
     assert missing["TreatMissingData"] == "breaching"
+
+
+def report_alarms(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The compliance report's alarms' properties, by the readable part of their logical ids."""
+    return {
+        logical_id.removeprefix("ComplianceReport")[:-8]: a["Properties"]
+        for logical_id, a in of_type(template, "AWS::CloudWatch::Alarm").items()
+        if logical_id.startswith("ComplianceReport")
+    }
+
+
+_STATISTICS: dict[str, Callable[[list[float]], float]] = {"Sum": sum, "Maximum": max}
+_BREACHES: dict[str, Callable[[float, float], bool]] = {
+    "GreaterThanOrEqualToThreshold": lambda value, threshold: value >= threshold,
+    "LessThanThreshold": lambda value, threshold: value < threshold,
+}
+
+
+def alarm_states(
+    alarm: dict[str, Any],
+    datapoints: list[tuple[datetime, float]],
+    times: list[datetime],
+    *,
+    aligned: bool,
+) -> dict[datetime, str]:
+    """The state of ``alarm`` (its synthesized properties) at each of ``times``, as CloudWatch
+    evaluates it: the latest ``EvaluationPeriods`` periods, ALARM when ``DatapointsToAlarm`` of
+    them breach, missing data treated as the alarm says (``ignore``: no data keeps the state).
+
+    ``aligned``: periods on multiples of their length, the newest one still open; otherwise
+    periods ending at the evaluation time (a sliding window).
+    """
+    period = timedelta(seconds=alarm["Period"])
+    count = alarm["EvaluationPeriods"]
+    needed = alarm.get("DatapointsToAlarm", count)
+    statistic = _STATISTICS[alarm["Statistic"]]
+    breaches = _BREACHES[alarm["ComparisonOperator"]]
+    missing = alarm["TreatMissingData"]
+    state, states = "INSUFFICIENT_DATA", {}
+    for now in times:
+        end = now
+        if aligned:
+            epoch = datetime(1970, 1, 1, tzinfo=UTC)
+            end = epoch + (now - epoch) // period * period + period
+        breached: list[bool] = []
+        for index in range(count):
+            start = end - (index + 1) * period
+            values = [v for when, v in datapoints if start <= when < min(start + period, now)]
+            if values:
+                breached.append(breaches(statistic(values), alarm["Threshold"]))
+            elif missing != "ignore":
+                breached.append(missing == "breaching")
+        if breached:
+            state = "ALARM" if sum(breached) >= min(needed, len(breached)) else "OK"
+        states[now] = state
+    return states
+
+
+def _minutes(start: datetime, end: datetime) -> list[datetime]:
+    return [start + timedelta(minutes=m) for m in range((end - start) // timedelta(minutes=1))]
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_a_daily_report_that_ends_later_than_the_day_before_raises_no_alarm(
+    trail: Trail, aligned: bool
+) -> None:
+    alarm = report_alarms(trail.services)["ReportMissing"]
+    # The 02:30 run ends some minutes later each day; on the 5th after Lambda's two retries.
+    ends = [
+        datetime(2026, 3, day, 2, 30, tzinfo=UTC) + timedelta(minutes=minutes)
+        for day, minutes in ((1, 2), (2, 3), (3, 11), (4, 3), (5, 52), (6, 4), (7, 15))
+    ]
+    states = alarm_states(
+        alarm,
+        [(end, 1.0) for end in ends],
+        _minutes(datetime(2026, 3, 2, tzinfo=UTC), datetime(2026, 3, 8, tzinfo=UTC)),
+        aligned=aligned,
+    )
+    assert {when for when, state in states.items() if state != "OK"} == set()
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_a_missed_daily_report_pages_the_next_morning_until_one_is_written(
+    trail: Trail, aligned: bool
+) -> None:
+    alarm = report_alarms(trail.services)["ReportMissing"]
+    last = datetime(2026, 3, 3, 2, 35, tzinfo=UTC)
+    rerun = datetime(2026, 3, 4, 9, 0, tzinfo=UTC)  # runbook.py report, once paged
+    reports = [(last - timedelta(days=days), 1.0) for days in range(3)] + [(rerun, 1.0)]
+    states = alarm_states(
+        alarm,
+        reports,
+        _minutes(datetime(2026, 3, 2, tzinfo=UTC), datetime(2026, 3, 5, tzinfo=UTC)),
+        aligned=aligned,
+    )
+    paged = min(when for when, state in states.items() if state == "ALARM")
+    # Not before a full day without a report; by the next morning, hours before the re-run.
+    assert last + timedelta(days=1) < paged <= datetime(2026, 3, 4, 5, 0, tzinfo=UTC)
+    assert states[rerun + timedelta(minutes=1)] == "OK"
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_a_clean_rerun_clears_trail_not_verified_and_nothing_else_does(
+    trail: Trail, aligned: bool
+) -> None:
+    alarm = report_alarms(trail.services)["TrailNotVerified"]
+    bad = datetime(2026, 3, 3, 2, 35, tzinfo=UTC)
+    clean = datetime(2026, 3, 3, 10, 0, tzinfo=UTC)  # after the operator fixed the cause
+
+    states = alarm_states(
+        alarm,
+        [(bad - timedelta(days=1), 0.0), (bad, 1.0), (clean, 0.0)],
+        _minutes(datetime(2026, 3, 2, 2, 30, tzinfo=UTC), datetime(2026, 3, 4, tzinfo=UTC)),
+        aligned=aligned,
+    )
+    assert states[bad - timedelta(minutes=5)] == "OK"
+    assert {states[bad + timedelta(minutes=m)] for m in range(1, 7 * 60)} == {"ALARM"}
+    assert {state for when, state in states.items() if when >= clean + timedelta(minutes=10)} == {
+        "OK"
+    }
 
 
 def test_the_reports_async_dlq_is_watched_by_function_dlq_depth(trail: Trail) -> None:

@@ -131,7 +131,7 @@ def test_every_legitimate_caller_of_the_topics_and_queues_keys_is_still_admitted
         ],
         "queues": [
             # Lambda's pollers (the function's role), a function's async DLQ, the router's
-            # audit batches, the drain, the redrive and its message-move tasks, producers.
+            # audit batches, the drain, the redrive, producers.
             via_sqs,
             {"aws:PrincipalServiceName": "sns.amazonaws.com"},  # fallback deliveries, sub DLQs
             {"aws:PrincipalServiceName": "events.amazonaws.com"},  # checkpoint dead letters

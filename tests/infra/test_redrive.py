@@ -198,7 +198,7 @@ def test_the_redrive_holds_no_wildcard_and_no_scan(env: Synthesized, assembly: A
             assert all(a.startswith(("xray:", "ec2:")) for a in actions), statement
 
 
-def test_message_moves_and_reads_are_scoped_to_the_dead_letter_queues(
+def test_dead_letter_reads_are_scoped_to_the_dead_letter_queues(
     env: Synthesized, assembly: Assembly
 ) -> None:
     template = services(env, assembly)
@@ -218,9 +218,6 @@ def test_message_moves_and_reads_are_scoped_to_the_dead_letter_queues(
         return found
 
     for action in (
-        "sqs:StartMessageMoveTask",
-        "sqs:ListMessageMoveTasks",
-        "sqs:CancelMessageMoveTask",
         "sqs:ReceiveMessage",
         "sqs:DeleteMessage",
         "sqs:ChangeMessageVisibility",
@@ -234,6 +231,10 @@ def test_message_moves_and_reads_are_scoped_to_the_dead_letter_queues(
         if listed(s["Action"]) == ["sqs:SendMessage"] and isinstance(s["Resource"], dict)
     ]
     assert "RedriveAsyncDlq" in json.dumps(own_dlq["Resource"])
+    # The redrive moves letters itself, to filter and audit each (fabric.adapters.sqs_dlq): SQS's
+    # message-move tasks, which move a whole DLQ unaudited, are not granted.
+    moves = [a for s in granted for a in listed(s["Action"]) if "MessageMoveTask" in a]
+    assert moves == []
 
 
 def test_the_redrive_reads_and_writes_ledger_items_only(

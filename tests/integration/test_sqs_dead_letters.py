@@ -1,7 +1,6 @@
 """The SQS dead-letter queue adapter on moto: letters that took the SNS fallback path and were
 dead-lettered by SQS's own redrive policy are peeked once, put back byte for byte with their
-attributes and a redrive count, removed, and given back at once; plus SQS's native message-move
-task wrapper (botocore Stubber, and its moto gap as a strict xfail)."""
+attributes and a redrive count, removed, and given back at once."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
-from botocore.stub import Stubber
 from moto import mock_aws
 
 from fabric.adapters.sns import (
@@ -31,10 +29,7 @@ from fabric.adapters.sqs_dlq import (
     DEAD_LETTERED_AT_ATTRIBUTE,
     REDRIVES_ATTRIBUTE,
     SQS_DEAD_LETTER_REASON,
-    MoveTask,
-    MoveTaskRefused,
     SqsDeadLetterQueue,
-    SqsMessageMoveTasks,
 )
 from fabric.errors import TransportUnavailable
 from fabric.ports import OutboundMessage
@@ -509,145 +504,3 @@ def test_after_release_the_next_run_sees_the_letters_again(aws: dict[str, Any]) 
     again = queue.peek(10)
 
     assert {letter.message_id for letter in again} == {letter.message_id for letter in first}
-
-
-# -- SQS's native message-move tasks --------------------------------------------------------------
-
-
-def stubbed(aws: dict[str, Any]) -> tuple[Any, Stubber]:
-    client = boto3.client("sqs", region_name=REGION)
-    return client, Stubber(client)
-
-
-def test_the_move_task_wrapper_starts_lists_and_cancels(aws: dict[str, Any]) -> None:
-    settings = aws["settings"]
-    client, stub = stubbed(aws)
-    stub.add_response(
-        "start_message_move_task",
-        {"TaskHandle": "task-1"},
-        {
-            "SourceArn": settings.dlq_arn,
-            "DestinationArn": settings.source_arn,
-            "MaxNumberOfMessagesPerSecond": 50,
-        },
-    )
-    stub.add_response(
-        "list_message_move_tasks",
-        {
-            "Results": [
-                {
-                    "TaskHandle": "task-1",
-                    "Status": "RUNNING",
-                    "SourceArn": settings.dlq_arn,
-                    "DestinationArn": settings.source_arn,
-                    "MaxNumberOfMessagesPerSecond": 50,
-                    "ApproximateNumberOfMessagesMoved": 7,
-                    "ApproximateNumberOfMessagesToMove": 20,
-                    "StartedTimestamp": 1_700_000_000_000,
-                },
-                {
-                    "Status": "FAILED",
-                    "ApproximateNumberOfMessagesMoved": 0,
-                    "FailureReason": "AWS.SimpleQueueService.NonExistentQueue",
-                },
-            ]
-        },
-        {"SourceArn": settings.dlq_arn, "MaxResults": 10},
-    )
-    stub.add_response(
-        "cancel_message_move_task",
-        {"ApproximateNumberOfMessagesMoved": 9},
-        {"TaskHandle": "task-1"},
-    )
-    tasks = SqsMessageMoveTasks(lambda: client)
-
-    with stub:
-        handle = tasks.start(settings, rate_per_s=50)
-        listed = tasks.tasks(settings)
-        cancelled = tasks.cancel(handle)
-        stub.assert_no_pending_responses()
-
-    assert handle == "task-1"
-    assert listed == [
-        MoveTask(
-            handle="task-1",
-            status="RUNNING",
-            moved=7,
-            to_move=20,
-            failure=None,
-            rate_per_s=50,
-            started_at=datetime.fromtimestamp(1_700_000_000, UTC),
-        ),
-        MoveTask(
-            handle=None,
-            status="FAILED",
-            moved=0,
-            to_move=None,
-            failure="AWS.SimpleQueueService.NonExistentQueue",
-        ),
-    ]
-    assert cancelled == 9
-
-
-def test_the_move_task_wrapper_starts_without_a_rate_limit(aws: dict[str, Any]) -> None:
-    settings = aws["settings"]
-    client, stub = stubbed(aws)
-    stub.add_response(
-        "start_message_move_task",
-        {"TaskHandle": "task-2"},
-        {"SourceArn": settings.dlq_arn, "DestinationArn": settings.source_arn},
-    )
-    with stub:
-        assert SqsMessageMoveTasks(lambda: client).start(settings) == "task-2"
-
-
-def test_the_move_task_wrapper_tells_refusals_from_outages(aws: dict[str, Any]) -> None:
-    settings = aws["settings"]
-    client, stub = stubbed(aws)
-    stub.add_client_error(
-        "start_message_move_task", service_error_code="UnsupportedOperation", http_status_code=400
-    )
-    stub.add_client_error(
-        "list_message_move_tasks", service_error_code="RequestThrottled", http_status_code=403
-    )
-    stub.add_client_error(
-        "cancel_message_move_task", service_error_code="InternalError", http_status_code=500
-    )
-    tasks = SqsMessageMoveTasks(lambda: client)
-    with stub:
-        with pytest.raises(MoveTaskRefused) as refused:
-            tasks.start(settings)
-        with pytest.raises(TransportUnavailable):
-            tasks.tasks(settings)
-        with pytest.raises(TransportUnavailable):
-            tasks.cancel("task-1")
-    assert refused.value.code == "UnsupportedOperation"
-
-
-def test_the_move_task_rate_must_be_one_sqs_accepts(aws: dict[str, Any]) -> None:
-    tasks = SqsMessageMoveTasks(lambda: pytest.fail("no call for a bad rate"))
-    for rate in (0, 501):
-        with pytest.raises(ValueError, match="rate_per_s"):
-            tasks.start(aws["settings"], rate_per_s=rate)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="moto 5.2.5 has no SQS message-move tasks (StartMessageMoveTask); under mock_aws the "
-    "call raises NotImplementedError. Strict: once moto implements them this passes, and the "
-    "wrapper can be tested on moto instead of the Stubber",
-)
-def test_the_native_move_task_moves_a_dlq_back_on_moto(aws: dict[str, Any]) -> None:
-    sqs, settings = aws["sqs"], aws["settings"]
-    dead_letter_via_fallback(aws, 3)
-    tasks = SqsMessageMoveTasks(lambda: sqs)
-
-    tasks.start(settings)
-
-    for _ in range(50):
-        if depth(sqs, settings.dlq_url) == 0:
-            break
-        time.sleep(0.1)
-    assert len(receive_all(sqs, settings.source_url)) == 3
-    assert tasks.tasks(settings)[0].status == "COMPLETED"

@@ -1,11 +1,10 @@
-"""SQS dead-letter queues as the redrive sees them (``fabric.ports.DeadLetterQueue``), and SQS's
-native message-move tasks behind a small wrapper.
+"""SQS dead-letter queues as the redrive sees them (``fabric.ports.DeadLetterQueue``).
 
 The manual mover (``SqsDeadLetterQueue``) receives letters, hiding each for ``hold_seconds``,
 re-sends body and message attributes to the source queue, and deletes a letter from the DLQ only
 when the redrive asks (after SQS accepted the send and the ledger recorded it). It filters,
-dry-runs and audits per message, and it runs under moto. The native move task
-(``SqsMessageMoveTasks``) moves a whole queue inside SQS, without filters or per-message audit.
+dry-runs and audits per message, which SQS's native message-move task (a whole queue, inside
+SQS, without filters or audit records) cannot, and it runs under moto.
 
 Message attributes the mover reads (besides the SNS fallback path's, ``fabric.adapters.sns``):
 
@@ -34,7 +33,7 @@ from typing import Any
 
 from fabric import topology
 from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
-from fabric.errors import FabricError, TransportUnavailable
+from fabric.errors import TransportUnavailable
 from fabric.ports import DeadLetter
 from fabric.settings import SqsDeadLetterQueue as QueueSettings
 
@@ -403,118 +402,3 @@ def _dead_lettered_at(stamp_s: str | None, sent_ms: str | None) -> datetime | No
         with contextlib.suppress(ValueError, OverflowError, OSError):
             return datetime.fromtimestamp(float(text) / scale, UTC)
     return None
-
-
-# -- SQS's native message-move tasks ----------------------------------------------------------
-
-
-class MoveTaskRefused(FabricError):
-    """SQS refused a message-move task call (not a DLQ, no such task, one already running,
-    access denied); ``code`` is SQS's error code. Retrying the same call will not help."""
-
-    def __init__(self, message: str, *, code: str) -> None:
-        super().__init__(f"{message}: {code}")
-        self.code = code
-
-
-@dataclass(frozen=True)
-class MoveTask:
-    """One SQS message-move task, as ``ListMessageMoveTasks`` reports it.
-
-    ``handle`` is set only while the task runs (it is what ``cancel`` takes); ``status`` is
-    ``RUNNING``, ``COMPLETED``, ``CANCELLING``, ``CANCELLED`` or ``FAILED`` (``failure`` says
-    why); ``moved`` / ``to_move`` are SQS's approximate counts (``to_move`` unknown at first).
-    """
-
-    handle: str | None
-    status: str
-    moved: int
-    to_move: int | None
-    failure: str | None
-    rate_per_s: int | None = None
-    started_at: datetime | None = None
-
-
-# SQS's codes for "try again later"; every other client error is a refusal.
-_TRANSIENT_CODES = frozenset({"RequestThrottled", "ThrottlingException", "ServiceUnavailable"})
-_MAX_RATE_PER_S = 500  # StartMessageMoveTask's MaxNumberOfMessagesPerSecond limit
-
-
-class SqsMessageMoveTasks:
-    """SQS's native redrive (``StartMessageMoveTask``): a whole DLQ back to its source, inside
-    SQS, at up to ``rate_per_s`` messages a second. SQS runs one task per queue at a time.
-
-    moto 5.2.5 does not implement these calls (they raise ``NotImplementedError`` under
-    ``mock_aws``), so the manual mover is what the redrive uses and tests.
-    """
-
-    def __init__(self, client_factory: Callable[[], Any]) -> None:
-        self._client_factory = client_factory
-        self._client: Any = None
-
-    def start(self, queue: QueueSettings, *, rate_per_s: int | None = None) -> str:
-        """Start moving ``queue``'s DLQ to its source queue; returns the task handle.
-
-        Raises:
-            ValueError: ``rate_per_s`` is not between 1 and 500.
-            MoveTaskRefused: SQS refused (e.g. a task already runs on this DLQ).
-            TransportUnavailable: SQS cannot be reached or throttles the call.
-        """
-        arguments: dict[str, Any] = {"SourceArn": queue.dlq_arn, "DestinationArn": queue.source_arn}
-        if rate_per_s is not None:
-            if not 1 <= rate_per_s <= _MAX_RATE_PER_S:
-                raise ValueError(f"rate_per_s must be between 1 and {_MAX_RATE_PER_S}")
-            arguments["MaxNumberOfMessagesPerSecond"] = rate_per_s
-        response = self._call("start_message_move_task", **arguments)
-        return str(response["TaskHandle"])
-
-    def tasks(self, queue: QueueSettings) -> list[MoveTask]:
-        """The recent move tasks of ``queue``'s DLQ (up to 10), newest first.
-
-        Raises:
-            MoveTaskRefused: SQS refused (e.g. the queue does not exist).
-            TransportUnavailable: SQS cannot be reached or throttles the call.
-        """
-        response = self._call("list_message_move_tasks", SourceArn=queue.dlq_arn, MaxResults=10)
-        return [_task(item) for item in response.get("Results", [])]
-
-    def cancel(self, handle: str) -> int:
-        """Cancel a running task; returns how many messages it had moved (approximately).
-
-        Raises:
-            MoveTaskRefused: SQS refused (no such task, or it is not running).
-            TransportUnavailable: SQS cannot be reached or throttles the call.
-        """
-        response = self._call("cancel_message_move_task", TaskHandle=handle)
-        return int(response.get("ApproximateNumberOfMessagesMoved", 0))
-
-    def _call(self, operation: str, **arguments: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            if self._client is None:
-                self._client = self._client_factory()
-            return getattr(self._client, operation)(**arguments)
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", "Unknown"))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-            if code in _TRANSIENT_CODES or status >= 500:
-                raise TransportUnavailable(f"SQS {operation}: {code}") from exc
-            raise MoveTaskRefused(f"SQS {operation}", code=code) from exc
-        except BotoCoreError as exc:
-            raise TransportUnavailable(f"SQS {operation}: {type(exc).__name__}") from exc
-
-
-def _task(item: dict[str, Any]) -> MoveTask:
-    started = item.get("StartedTimestamp")
-    to_move = item.get("ApproximateNumberOfMessagesToMove")
-    rate = item.get("MaxNumberOfMessagesPerSecond")
-    return MoveTask(
-        handle=item.get("TaskHandle"),
-        status=str(item["Status"]),
-        moved=int(item.get("ApproximateNumberOfMessagesMoved", 0)),
-        to_move=None if to_move is None else int(to_move),
-        failure=item.get("FailureReason"),
-        rate_per_s=None if rate is None else int(rate),
-        started_at=None if started is None else datetime.fromtimestamp(started / 1000, UTC),
-    )
