@@ -404,7 +404,8 @@ class EventSourceQueueAgeAlarms(Construct):
                 f"An SQS ingest message has waited more than {ingest} s (three visibility "
                 "timeouts): the router's event source mappings are not taking them (a mapping "
                 "disabled or failing, the router's role or the queues key refused), or the "
-                "router cannot run (throttled). SQS deletes them after 14 days. Check the "
+                "router cannot run (throttled), or a backlog is larger than the capped mappings "
+                "clear. SQS deletes them after 14 days. Check the "
                 "mappings' state and the router's logs (docs/runbook.md).",
             ),
             "AuditQueueAge": self._age_alarm(

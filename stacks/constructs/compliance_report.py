@@ -166,7 +166,8 @@ class ComplianceReport(Construct):
                     "The latest compliance report found the audit trail NOT VERIFIED: a record, "
                     "object or checkpoint is not what was written. The report and the compliance "
                     "topic name the first bad place; run `runbook.py verify` (docs/runbook.md). "
-                    "It stays in ALARM until a report verifies."
+                    "The next report of any period sets the state again (the next day's clean "
+                    "report clears it): act on this notification, not on the alarm's state."
                 ),
             ),
             # No report for _REPORT_MISSING_AFTER hours in a row: the day between two daily runs
