@@ -34,6 +34,9 @@ _MEMORY_MB = 2048
 # What the replay reads of each writer (fabric.replay): its records, its checkpoints (to verify
 # the records) and the archived bodies.
 READ_ROOTS = ("audit", "checkpoints", "archive")
+# Where it looks for delete markers, which hide a locked record or checkpoint from a plain
+# listing (fabric.replay._deleted): the trail, not the archive (a hidden body is missing-body).
+TRAIL_ROOTS = ("audit", "checkpoints")
 
 
 class Replay(Construct):
@@ -44,7 +47,8 @@ class Replay(Construct):
     exchanges as the router, and only there: no fallback topics (a replay stops while the
     broker cannot take messages, and resumes from its cursor). Read-only on the audit writers'
     trails: ``s3:ListBucket`` for keys under ``audit/<writer>/``, ``checkpoints/<writer>/`` and
-    ``archive/<writer>/`` and ``s3:GetObject`` on the objects there, nothing that writes,
+    ``archive/<writer>/``, ``s3:ListBucketVersions`` (delete markers) under the first two only,
+    and ``s3:GetObject`` on the objects there, nothing that writes,
     deletes, or touches retention; the audit key only to decrypt, through S3, for that bucket;
     ``kms:Verify`` on the signing key, to verify the trail before any of it is replayed. It
     sends its audit batches (the ``replayed`` records) to the SQS audit queue while the broker
@@ -123,10 +127,11 @@ class Replay(Construct):
         writers: Sequence[str],
         signing_keys: Sequence[kms.IKey],
     ) -> None:
-        """List and read the writers' records, checkpoints and archives; decrypt their data
-        keys via S3; verify checkpoint signatures."""
+        """List and read the writers' records, checkpoints and archives; list the trail's
+        delete markers; decrypt their data keys via S3; verify checkpoint signatures."""
         region = Stack.of(self).region
         prefixes = [f"{root}/{writer}/" for writer in writers for root in READ_ROOTS]
+        trail = [f"{root}/{writer}/" for writer in writers for root in TRAIL_ROOTS]
         objects = [bucket.arn_for_objects(f"{prefix}*") for prefix in prefixes]
         self.function.allow(
             (
@@ -136,6 +141,13 @@ class Replay(Construct):
                     ["s3:ListBucket"],
                     [bucket.bucket_arn],
                     {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in prefixes]}},
+                ),
+                # ListObjectVersions (ListBucketVersions) likewise, for the trail's prefixes.
+                (
+                    "ListTheTrailsVersions",
+                    ["s3:ListBucketVersions"],
+                    [bucket.bucket_arn],
+                    {"StringLike": {"s3:prefix": [f"{prefix}*" for prefix in trail]}},
                 ),
                 ("ReadTheTrail", ["s3:GetObject"], objects, None),
                 # SSE-KMS with a bucket key: reading decrypts the bucket key's data key in the

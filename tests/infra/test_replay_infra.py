@@ -110,10 +110,16 @@ def test_the_replay_lists_and_reads_only_the_writers_records_checkpoints_and_arc
     prefixes = [f"{root}/{writer}/" for root in ("audit", "checkpoints", "archive")]
     s3 = [s for s in granted if any(a.startswith("s3:") for a in listed(s["Action"]))]
     by_action = {tuple(listed(s["Action"])): s for s in s3}
-    assert set(by_action) == {("s3:ListBucket",), ("s3:GetObject",)}
+    assert set(by_action) == {("s3:ListBucket",), ("s3:ListBucketVersions",), ("s3:GetObject",)}
     listing = by_action[("s3:ListBucket",)]
     assert trail.render(listing["Resource"]) == BUCKET_ARN
     assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"{p}*" for p in prefixes]}}
+    # Delete markers (fabric.replay._deleted) are looked for in the records and checkpoints.
+    versions = by_action[("s3:ListBucketVersions",)]
+    assert trail.render(versions["Resource"]) == BUCKET_ARN
+    assert versions["Condition"] == {
+        "StringLike": {"s3:prefix": [f"audit/{writer}/*", f"checkpoints/{writer}/*"]}
+    }
     reading = by_action[("s3:GetObject",)]
     assert "Condition" not in reading
     assert sorted(trail.render(r) for r in listed(reading["Resource"])) == sorted(

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from fabric.adapters.audit_storage import S3ObjectStore
 from fabric.adapters.compliance_memory import MemorySigner
 from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
 from fabric.adapters.memory_archive import MemoryArchive
@@ -51,14 +52,14 @@ REPLAY_ID = "replay-2026-12-03-incident-4711"
 
 
 class Trail:
-    """A writer's trail in a MemoryArchive, fed by a real router, written by the real audit
-    writer (``seal`` makes a signed checkpoint)."""
+    """A writer's trail in a MemoryArchive (or moto's bucket through the S3 adapter), fed by
+    a real router, written by the real audit writer (``seal`` makes a signed checkpoint)."""
 
     def __init__(
         self,
         writer: str = "fabric-test-audit-writer",
         *,
-        archive: MemoryArchive | None = None,
+        archive: MemoryArchive | S3ObjectStore | None = None,
         signer: MemorySigner | None = None,
     ) -> None:
         self.archive = archive or MemoryArchive()

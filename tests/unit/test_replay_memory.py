@@ -19,12 +19,19 @@ from datetime import timedelta
 import pytest
 
 from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
-from fabric.adapters.memory_archive import MemoryArchive
 from fabric.audit_chain import Keyring
 from fabric.audit_writer import ARCHIVE_PREFIX
 from fabric.replay import ReplayCursor, Replayer, ReplayFilter, ReplayReport
 from fabric.routing import default_routing_table
-from tests.unit.test_replay import DAY, Clock, Trail, donation, replayer, request
+from tests.unit.test_replay import (
+    DAY,
+    Clock,
+    MemoryArchive,
+    Trail,
+    donation,
+    replayer,
+    request,
+)
 
 
 def test_a_run_over_a_large_period_holds_far_less_than_its_acceptances() -> None:
@@ -193,7 +200,7 @@ class SlowTrail(MemoryArchive):
     (a large period's trail: reading it is most of a run's time)."""
 
     def __init__(self, archive: MemoryArchive, clock: Clock) -> None:
-        super().__init__(objects=archive.objects)
+        super().__init__(objects=archive.objects, delete_markers=archive.delete_markers)
         self.clock = clock
 
     def read(self, key: str) -> bytes | None:

@@ -7,7 +7,11 @@ checkpoint, which only the hash chain protects), checkpoint by checkpoint with
 ``fabric.audit_chain.verify_trail`` (signatures, Merkle roots, the hash chain of every record).
 A trail that does not verify stops the run before anything is listed or published (``trail not
 verified``, with the problem named): what is not proved to be what the writer wrote is not
-re-published as child-welfare traffic. A trail that is authentic but incomplete (an accepted
+re-published as child-welfare traffic. So does a **delete marker** on a key of the window
+(``_deleted``): a DeleteObject succeeds on the Object Lock bucket and hides the key from every
+listing and read the run goes by, so a hidden last object would take its acceptances out of the
+replay unnoticed, and a hidden last checkpoint would hold the acceptances it sealed back as
+``unsealed``. A trail that is authentic but incomplete (an accepted
 message without an outcome) is named in the report (``trail_incomplete``) and does not stop the
 run: replay is how such a message is recovered. Only the writers the function is configured with
 (``AUDIT_WRITERS``) are read. An acceptance in an object written after its writer's last
@@ -137,6 +141,15 @@ class ArchiveReader(Protocol):
 
         Raises:
             TransportUnavailable: the bucket cannot be read.
+        """
+        ...
+
+    def deleted(self, prefix: str, *, after: str = "") -> list[str]:
+        """The keys under ``prefix`` (only those after the key ``after``, if given) with a
+        delete marker among their versions, in key order.
+
+        Raises:
+            TransportUnavailable: the bucket's versions cannot be listed.
         """
         ...
 
@@ -512,7 +525,7 @@ class Replayer:
             TransportUnavailable: the bucket cannot be read.
         """
         selection = _Selection(request)
-        if not self._read(request, report, selection):
+        if not self._read(request, report, selection, markers=True):
             return None
         spent = self._clock() - started
         if selection.short and spent > request.max_seconds - spent:
@@ -528,13 +541,23 @@ class Replayer:
             report.trail_incomplete.clear()
             report.unsealed_objects = 0
             selection = _Selection(request, done=selection.done)
-            if not self._read(request, report, selection):
+            if not self._read(request, report, selection, markers=False):
                 return None
         return selection
 
-    def _read(self, request: ReplayRequest, report: ReplayReport, selection: _Selection) -> bool:
+    def _read(
+        self,
+        request: ReplayRequest,
+        report: ReplayReport,
+        selection: _Selection,
+        *,
+        markers: bool,
+    ) -> bool:
         """Read and verify every writer's window of the period, feeding the acceptances of its
-        verified objects to ``selection``; False when a writer's trail is not authentic.
+        verified objects to ``selection``; False when a writer's trail is not authentic. With
+        ``markers`` (the run's first read; a second one finds what the first found), a writer
+        with a delete marker in its window (``_deleted``) is not read: the deleted key is its
+        problem.
 
         It goes checkpoint by checkpoint, so only one interval's objects are held in memory at
         a time. Every writer's objects after its last checkpoint (the unsealed ones) are read
@@ -548,6 +571,10 @@ class Replayer:
         late = LATE_ARRIVAL + timedelta(days=request.late_days)
         trail = _Trail(self._archive)
         windows = [plan_window(trail, writer, period, late=late) for writer in self._writers]
+        if markers:
+            for window in windows:
+                # The cause of whatever else the window shows missing: named before the rest.
+                window.problem = _deleted(self._archive, window, period, late) or window.problem
         pieces = [[] if window.problem else list(intervals(window)) for window in windows]
         tails: dict[int, Problem | None] = {}  # per window: its objects after the last checkpoint
         for index, (window, parts) in enumerate(zip(windows, pieces, strict=True)):
@@ -855,6 +882,40 @@ def _day_keys(archive: ArchiveReader, writers: Sequence[str], days: list[date]) 
     for writer in writers:
         for day in days:
             yield from archive.keys(f"{ARCHIVE_PREFIX}{writer}/{day:%Y/%m/%d}/")
+
+
+_DELETED = "deleted after it was written (a delete marker among its versions)"
+
+
+def _deleted(
+    archive: ArchiveReader, window: Window, period: Period, late: timedelta
+) -> Problem | None:
+    """The first key of ``window``'s writer that someone deleted: a delete marker among the
+    versions of an audit object of the period's UTC days through ``late`` after its end, or
+    of a checkpoint after the window's anchor; None when there is none.
+
+    Nothing of the fabric deletes (the bucket policy denies deletes to everyone), yet an older
+    deployment or a changed policy may have let a DeleteObject through. A sealed object hidden
+    so is missing from its checkpoint anyway; an object after the writer's last checkpoint is
+    not (the hash chain just ends one object earlier), and a hidden last checkpoint leaves the
+    objects it sealed after the one before it: the verifier finds nothing wrong with either.
+    Looked for as the compliance report looks (``fabric.compliance_run``), once per run: a
+    version listing per day of the period and its margin, and one of the checkpoints after the
+    anchor (no longer than the run's own listing of every checkpoint of the writer).
+
+    Raises:
+        TransportUnavailable: the bucket's versions cannot be listed.
+    """
+    first = period.start.astimezone(UTC).date()
+    last = (period.end + late).astimezone(UTC).date()
+    writer = window.writer
+    for day in (first + timedelta(days=n) for n in range((last - first).days + 1)):
+        objects = archive.deleted(f"{AUDIT_PREFIX}{writer}/{day:%Y/%m/%d}/")
+        if objects:
+            return Problem(objects[0], _DELETED)
+    after = window.anchor[0] if window.anchor else ""
+    checkpoints = archive.deleted(f"checkpoints/{writer}/", after=after)
+    return Problem(checkpoints[0], _DELETED) if checkpoints else None
 
 
 class _Trail:

@@ -9,10 +9,12 @@ from fabric.errors import TransportUnavailable
 
 @dataclass
 class MemoryArchive:
-    """Objects in ``objects`` (key to bytes); ``available=False`` makes every call fail as an
+    """Objects in ``objects`` (key to bytes); ``delete_markers``, the keys a delete marker hides
+    (none unless a test puts them there); ``available=False`` makes every call fail as an
     unreachable bucket would, and ``reads`` counts the objects read."""
 
     objects: dict[str, bytes] = field(default_factory=dict)
+    delete_markers: set[str] = field(default_factory=set)
     available: bool = True
     reads: int = 0
 
@@ -28,6 +30,15 @@ class MemoryArchive:
         """
         self._check()
         return sorted(key for key in self.objects if key.startswith(prefix))
+
+    def deleted(self, prefix: str, *, after: str = "") -> list[str]:
+        """The keys under ``prefix`` (after ``after``) behind a delete marker, in key order.
+
+        Raises:
+            TransportUnavailable: when not available.
+        """
+        self._check()
+        return sorted(k for k in self.delete_markers if k.startswith(prefix) and k > after)
 
     def read(self, key: str) -> bytes | None:
         """The object at ``key``, or None.
