@@ -9,6 +9,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := .make
+# Install markers live inside what they mark: deleting .venv or node_modules reinstalls it.
+PYTHON_READY := $(VENV)/.installed
+NODE_READY := node_modules/.installed
 
 # Synth needs no AWS account: no credentials, no instance metadata look-ups, no CLI telemetry.
 export AWS_REGION ?= ap-southeast-3
@@ -22,21 +25,19 @@ export PYTHONDONTWRITEBYTECODE := 1
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP)/python: requirements.txt layers/fabric/pyproject.toml
-	@mkdir -p $(STAMP)
+$(PYTHON_READY): requirements.txt layers/fabric/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e layers/fabric
 	@touch $@
 
-$(STAMP)/node: package.json package-lock.json
-	@mkdir -p $(STAMP)
+$(NODE_READY): package.json package-lock.json
 	@command -v npm >/dev/null || { echo "Node.js 20+ with npm is required (apt-get install nodejs npm)"; exit 1; }
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-setup: $(STAMP)/python $(STAMP)/node  ## install what is missing (venv, pinned packages, CDK CLI)
+setup: $(PYTHON_READY) $(NODE_READY)  ## install what is missing (venv, pinned packages, CDK CLI)
 
 assets: setup  ## build the Lambda layers for arm64 / Python 3.14 without Docker
 	$(PY) scripts/build_assets.py
@@ -53,7 +54,7 @@ lint: setup  ## ruff lint + format check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: setup  ## mypy on stacks/ and the fabric library
+typecheck: setup  ## mypy on stacks/, scripts/ and the fabric library
 	$(VENV)/bin/mypy
 
 test: lint typecheck assets  ## install, then lint, types and the whole test suite

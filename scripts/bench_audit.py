@@ -170,7 +170,7 @@ def _router_batches(calls: int, per_call: int) -> list[list[tuple[str, Any]]]:
     for _ in range(calls):
         transport.published.clear()
         for _ in range(per_call // 500):
-            items = [
+            items: list[Any] = [
                 {
                     "message_id": str(uuid.uuid4()),
                     "topic": "case.assessment.updated",

@@ -483,7 +483,8 @@ def _route_concurrently(
     """``items`` split over ``instances`` router processes routing at the same time, as
     concurrent Lambda invocations do; msgs/s of them together, from the common start to the
     last one's end. Each connects and warms up before the clock starts."""
-    start, results = multiprocessing.Event(), multiprocessing.Queue()
+    start = multiprocessing.Event()
+    results: Any = multiprocessing.Queue()  # "ready", then an end time or what failed
     share = len(items) // instances
     workers = [
         multiprocessing.Process(
@@ -507,7 +508,7 @@ def _route_concurrently(
                 raise RuntimeError(f"a router instance failed before the start: {ready}")
         started = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
         start.set()
-        finished = [results.get(timeout=300) for _ in workers]
+        finished: list[float | str] = [results.get(timeout=300) for _ in workers]
     finally:
         start.set()
         for worker in workers:
@@ -517,7 +518,8 @@ def _route_concurrently(
     failures = [end for end in finished if isinstance(end, str)]
     if failures:
         raise RuntimeError(f"a router instance failed: {failures}")
-    return share * instances / (max(finished) - started)
+    ends = [end for end in finished if isinstance(end, float)]
+    return share * instances / (max(ends) - started)
 
 
 def _route_share(

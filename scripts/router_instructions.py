@@ -30,7 +30,7 @@ class _StoresNothing:
     ) -> list[object]:
         from fabric.ports import Outcome
 
-        outcomes = [Outcome(m.message_id, transport=self.name) for m in messages]  # type: ignore[attr-defined]
+        outcomes: list[object] = [Outcome(m.message_id, transport=self.name) for m in messages]  # type: ignore[attr-defined]
         if meanwhile is not None:
             meanwhile()
         return outcomes

@@ -1,13 +1,15 @@
-"""Shared test setup: the repository root on sys.path (for `app` and `stacks`), quiet jsii."""
+"""Shared test setup: the repository root on sys.path (for `app` and `stacks`), quiet jsii, and
+SIGTERM handled like Ctrl-C."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 
 import pytest
 
@@ -16,6 +18,28 @@ from fabric.bootstrap import collector_kept
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+_SESSION_PID = os.getpid()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception. A KeyboardInterrupt, so that pytest stops the run as on Ctrl-C
+    (a SystemExit in a test only fails that test) and no ``except Exception`` swallows it."""
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM kills at once
+    if os.getpid() != _SESSION_PID:  # a forked child inherited the handler: die as before
+        os.kill(os.getpid(), signum)
+        return
+    raise Terminated("SIGTERM: the test run stops and tears down what it started")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (a CI timeout, a cancelled job) unwinds the run instead of ending it on the
+    spot: ``finally`` blocks and fixture teardowns run. Without this the private RabbitMQ nodes
+    of the drills (``tests/integration/private_node.py``, in a session of their own, which the
+    signal does not reach) would be left running."""
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 def load_handler(function: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:

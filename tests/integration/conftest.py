@@ -72,10 +72,14 @@ def vhost() -> Iterator[str]:
 
 @pytest.fixture
 def channel(vhost: str) -> Iterator[Any]:
-    """A blocking channel (guest) in the test's vhost, for declaring and inspecting."""
+    """A blocking channel (guest) in the test's vhost, for declaring and inspecting. A broker
+    that blocks publishers (memory or disk alarm) fails the test after 30 s, not never."""
     connection = pika.BlockingConnection(
         pika.ConnectionParameters(
-            *AMQP, virtual_host=vhost, credentials=pika.PlainCredentials(*GUEST)
+            *AMQP,
+            virtual_host=vhost,
+            credentials=pika.PlainCredentials(*GUEST),
+            blocked_connection_timeout=30,
         )
     )
     yield connection.channel()

@@ -109,7 +109,7 @@ class PrivateNode:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C of the test run reaches the node only via stop()
+            start_new_session=True,  # Ctrl-C / SIGTERM (tests/conftest.py) reach it only via stop()
         )
         log.close()
         self._servers.append(server)
