@@ -1,5 +1,6 @@
-"""Broker metrics Lambda: every minute, the depth of the broker's dead-letter and overflow
-queues as CloudWatch metrics, for the dead-letter alarms (``fabric.broker_depth``)."""
+"""Broker metrics Lambda: every minute, the depth of the broker's dead-letter, overflow and audit
+queues as CloudWatch metrics, for the dead-letter and audit backlog alarms
+(``fabric.broker_depth``)."""
 
 from __future__ import annotations
 

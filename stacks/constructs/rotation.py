@@ -22,6 +22,11 @@ class PasswordRotation(Construct):
     administrator), checked against the broker's hash, then made current (``fabric.rotation``).
     The administrator's own secret is not rotated here (docs/runbook.md).
 
+    A rotation that stops after setSecret leaves the broker with the pending password: clients
+    that fall back to ``AWSPENDING`` (``SecretCredentials``) keep working, those that read only
+    ``AWSCURRENT`` (Lambda's Amazon MQ event sources) are refused until it is finished. Its
+    ``Errors`` alarm says so and points to the runbook.
+
     The schedules live in this stack, next to the function, and are created once the topology
     (which creates the users) is applied; a new schedule does not rotate at deploy time. The role
     may change only the users' secrets and only read the administrator's; Secrets Manager of this
@@ -113,9 +118,13 @@ class PasswordRotation(Construct):
             self,
             alarm_topic,
             description=(
-                "A broker password rotation step failed. The user's current password still "
-                "works (or its pending one, after setSecret); Secrets Manager retries the "
-                "rotation. Read the function's logs, then docs/runbook.md, 'Rotating a broker "
-                "user's password'."
+                "A broker password rotation step failed. Before setSecret nothing changed. After "
+                "it the broker holds the pending password: the fabric's functions and consumer "
+                "toolkits fall back to it and keep working, but every client that reads only "
+                "the secret's AWSCURRENT version is refused until the rotation finishes: Lambda's "
+                "Amazon MQ event sources (the audit writer's on fabric.audit for "
+                "fabric-platform, a stakeholder's for its group's user). Read the function's "
+                "logs, fix the cause and finish the rotation now (rotate-secret): "
+                "docs/runbook.md, 'A failed rotation'."
             ),
         )

@@ -7,7 +7,7 @@ from typing import Any
 
 from fabric import metrics
 from fabric.stakeholders import STAKEHOLDERS
-from fabric.topology import OVERFLOW_QUEUE, dead_letter_queue_name
+from fabric.topology import AUDIT_QUEUE, OVERFLOW_QUEUE, dead_letter_queue_name
 from tests.conftest import ROOT
 from tests.infra.conftest import Assembly, Synthesized
 from tests.infra.resolve import queue_key, render
@@ -226,7 +226,8 @@ def test_the_ten_rabbitmq_dead_letter_queues_are_watched_on_the_fabrics_own_dept
         assert len(metric["Dimensions"]) == 2
     variables = broker_metrics_function(services(env, assembly))["Properties"]["Environment"]
     measured = json.loads(variables["Variables"]["BROKER_DEPTH_QUEUES"])
-    assert sorted(measured) == sorted({dimension(m, "Queue") for m in broker})
+    # And fabric.audit, for its backlog alarm (tests/infra/test_audit_backlog_alarm.py).
+    assert sorted(measured) == sorted({dimension(m, "Queue") for m in broker} | {AUDIT_QUEUE})
     assert not any(
         "AWS/AmazonMQ" in json.dumps(alarm) for alarm in dead_letter_alarms(env, assembly).values()
     )

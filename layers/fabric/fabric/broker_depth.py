@@ -1,5 +1,6 @@
-"""Queue depths of the broker's dead-letter and overflow queues, read from the management API
-and published as the fabric's own metrics, which the broker dead-letter alarms read.
+"""Queue depths of the broker's dead-letter, overflow and audit queues, read from the management
+API and published as the fabric's own metrics, which the broker dead-letter alarms and the audit
+backlog alarm read.
 
 Amazon MQ publishes no per-queue CloudWatch metrics for RabbitMQ 4 brokers, so the fabric
 measures the queues it alarms on itself, the same way on every engine version: one

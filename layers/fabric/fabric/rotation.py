@@ -11,7 +11,9 @@ Secrets Manager rotates a secret by calling its rotation function four times wit
 Every step can run again without harm, as Secrets Manager retries a failed one. Between steps
 2 and 4 the broker holds the pending password while the secret's current version still has the
 old one: ``fabric.adapters.secrets.SecretCredentials`` reads the pending version after the
-broker refused the current one, so clients connect throughout.
+broker refused the current one, so the fabric's clients connect throughout; a client that reads
+only ``AWSCURRENT`` (Lambda's Amazon MQ event sources) does not (docs/runbook.md, "A failed
+rotation").
 
 The function authenticates as the broker's administrator (``ADMIN_SECRET_ARN``) and refuses to
 rotate that secret: it rotates only the fabric's users, which the topology creates.
