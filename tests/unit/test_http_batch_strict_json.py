@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fabric import entrypoints
 from fabric.audit import AuditEvent, sha256_hex
 from fabric.entrypoints import MAX_BATCH, _http_messages, _lenient_messages, dispatch
 from tests.unit.test_entrypoints import FUNCTION, audited, event
@@ -171,12 +172,72 @@ def test_a_body_that_is_not_json_at_all_is_refused_as_one_envelope(
         '{"messages": [MSG], "messages": [MSG]}',
         '{"messages": [MSG], "priority": NaN}',
         '{"messages": [], "note": {"a": 1, "a": 2}}',
+        '{"note": 1, "messages": [MSG]}',
+        '{"": 0, "": 0, "messages": [MSG]}',
+        '{"\\u006dessages": [MSG], "messages": [MSG]}',
+        '{"messages": [MSG], "messa\\u0067es": [MSG]}',
+        '{"messages": [MSG], "messages": [MSG, MSG], "messages": [MSG]}',
     ],
 )
 def test_a_batch_whose_frame_is_not_strict_json_is_a_malformed_request(body: str) -> None:
     bad_message = '{"topic": "donation.received", "payload": NaN}'
     status, answer, published, _ = post(body.replace("MSG", bad_message))
     assert (status, answer["error"]["reason"], published) == (400, "malformed_request", [])
+
+
+def test_messages_written_with_escapes_is_still_a_batch() -> None:
+    first = good()
+    bad = '{"topic": "donation.received", "payload": NaN}'
+    status, answer, published, _ = post('{"\\u006dessa\\u0067es": [' + first + ", " + bad + "]}")
+    assert status == 207
+    assert results(answer) == [("accepted", None), ("rejected", "malformed_json")]
+    assert published == ids(first)
+
+
+def counted(monkeypatch: pytest.MonkeyPatch, name: str) -> list[object]:
+    """The calls (their arguments) the code under test makes to ``entrypoints.<name>``."""
+    calls: list[object] = []
+    real = getattr(entrypoints, name)
+
+    def counting(*args: Any) -> Any:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(entrypoints, name, counting)
+    return calls
+
+
+MANY = 2000
+CRAFTED = {
+    "keys before messages": "{" + '"": 0, ' * MANY + '"messages": [MSG]}',
+    "escaped keys before messages": "{" + '"\\u0061": 0, ' * MANY + '"messages": [MSG]}',
+    "keys after messages": '{"messages": [MSG], ' + '"": 0, ' * MANY + '"": 0}',
+    "messages again and again": "{" + '"messages": [], ' * MANY + '"messages": [MSG]}',
+    "escaped messages again": "{" + '"\\u006dessages": [], ' * MANY + '"messages": [MSG]}',
+}
+
+
+@pytest.mark.parametrize("body", CRAFTED.values(), ids=CRAFTED.keys())
+def test_a_body_of_many_keys_is_refused_without_reading_each_key(
+    body: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Past a batch's first key the answer is known. Parsing each key of a crafted 4 MiB body
+    # (or only reading on) took seconds, many times the JSON parse of the body itself.
+    parses = counted(monkeypatch, "strict_json")
+    pieces = counted(monkeypatch, "_next_piece")
+    bad_message = '{"topic": "donation.received", "payload": NaN}'
+    status, answer, published, _ = post(body.replace("MSG", bad_message))
+    assert (status, answer["error"]["reason"], published) == (400, "malformed_request", [])
+    assert len(parses) <= 3
+    assert len(pieces) <= 20
+
+
+def test_a_batch_too_deep_to_parse_with_another_field_is_refused_whole() -> None:
+    # Its messages are not read past the other field: the body is one envelope, too deep.
+    deep = "[" * 100_000 + "]" * 100_000
+    status, answer, published, audit = post('{"note": 0, "messages": [' + deep + "]}")
+    assert (status, answer["accepted"], published) == (400, 0, [])
+    assert len(audit.records) == 1
 
 
 def test_too_many_messages_with_a_bad_one_among_them_is_still_413() -> None:

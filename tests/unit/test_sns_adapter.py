@@ -161,7 +161,7 @@ def test_past_the_retry_window_a_throttled_entry_is_not_sent_again(
 def test_a_retry_that_does_not_answer_within_the_window_leaves_its_entry_unavailable(
     sns: tuple[Any, Stubber], release: threading.Event, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The router's client would spend about 6 s on an SNS that does not answer (three attempts
+    # The router's client would spend about 4 s on an SNS that does not answer (two attempts
     # of a 2 s read timeout); the producer gets its answer when the window closes instead.
     monkeypatch.setattr("fabric.adapters.sns.RETRY_WINDOW_S", 0.5)
     client, stubber = sns

@@ -256,7 +256,7 @@ def test_users_carry_no_credentials_and_the_platform_user_is_separate() -> None:
 
 
 def test_the_platform_user_configures_nothing() -> None:
-    # Its functions publish, get, ack and declare passively; configure would let them delete a
+    # Its functions publish, get and ack, and declare nothing; configure would let them delete a
     # queue with its messages. The topology function declares as the administrator.
     permission = PERMISSIONS[topology.PLATFORM_USER]
     assert {r for r in ALL_RESOURCES if re.search(permission["configure"], r)} == set()

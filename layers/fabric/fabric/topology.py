@@ -330,7 +330,7 @@ def definitions(
             "user": PLATFORM_USER,
             "vhost": vhost,
             # The topology function declares everything; at run time the platform's functions
-            # only publish, get, ack and declare passively. Configure would let them delete
+            # only publish, get and ack, and declare nothing. Configure would let them delete
             # any queue with its messages.
             "configure": "^$",
             "write": r"^fabric\.",

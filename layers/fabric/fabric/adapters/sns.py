@@ -124,7 +124,7 @@ class SnsFallbackTransport:
         before ``retry_until``.
 
         The client's timeouts and retries suit a first call; for the retry, the router's client
-        could hold the answer about 6 s past the window (three attempts of a 2 s read timeout
+        could hold the answer about 4 s past the window (two attempts of a 2 s read timeout
         on an SNS that does not answer). So the call runs on a thread of its own and is
         abandoned, its entries ``unavailable``, when the window closes: an exact bound, whatever
         the client does (DNS, retries, backoff), and no second client for the composition root
