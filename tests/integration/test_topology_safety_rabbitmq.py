@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,8 +23,11 @@ from fabric.adapters.management import ManagementClient
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
 from fabric.bootstrap import exchange_for
+from fabric.custom_resource import respond
+from fabric.errors import ManagementUnavailable
 from fabric.routing import default_routing_table
 from fabric.stakeholders import Stakeholder
+from fabric.topology import user_name
 from fabric.topology_apply import Kept, Resource, apply_topology, delete_topology
 from fabric.topology_resource import on_event, owner_parameter
 from tests.integration import test_management_api as api
@@ -113,19 +117,45 @@ def deployed(
     }
     requests = iter(range(1, 100))
 
-    def request(kind: str, physical_id: str | None = None, **ids: str) -> tuple[str, Any]:
-        event = {
+    def cloudformation(kind: str, physical_id: str | None, ids: dict[str, str]) -> dict[str, Any]:
+        return {
             "RequestType": kind,
+            "ResponseURL": "https://cloudformation-response.example/presigned",
             "StackId": f"arn:aws:cloudformation:ap-southeast-3:1:stack/{ids.get('stack', 'S')}/1",
             "LogicalResourceId": ids.get("logical_id", "Topology"),
             "RequestId": f"req-{next(requests)}",
             **({"PhysicalResourceId": physical_id} if physical_id else {}),
         }
-        return on_event(event, environ, secrets_client=Secrets)
+
+    def request(kind: str, physical_id: str | None = None, **ids: str) -> tuple[str, Any]:
+        return on_event(cloudformation(kind, physical_id, ids), environ, secrets_client=Secrets)
+
+    def answer(
+        kind: str,
+        physical_id: str | None = None,
+        *,
+        through: Callable[[ManagementClient], Any] = lambda broker: broker,
+        **ids: str,
+    ) -> dict[str, Any]:
+        """The function's answer to CloudFormation, its calls to the broker going ``through``."""
+        event = cloudformation(kind, physical_id, ids)
+        return respond(
+            event,
+            "stream-1",
+            lambda *_: on_event(
+                event,
+                environ,
+                client_factory=lambda *login: through(ManagementClient(*login)),
+                secrets_client=Secrets,
+            ),
+            send=lambda *_: None,
+        )
 
     yield SimpleNamespace(
         vhost=vhost,
         request=request,
+        answer=answer,
+        users=rename,
         platform=rename[topology.PLATFORM_USER],
         password=passwords[rename[topology.PLATFORM_USER]],
     )
@@ -172,6 +202,77 @@ def test_replacing_the_topology_resource_keeps_the_routers_login_and_the_queues(
     assert client.get_user(deployed.platform) is None
     with pytest.raises(pika.exceptions.ProbableAuthenticationError):
         the_router_logs_in(deployed.vhost, deployed.platform, deployed.password)
+    assert client.get_global_parameter(owner_parameter(deployed.vhost)) is None
+
+
+class Meddled:
+    """The real broker as one request reaches it, except for ``method``: ``instead`` runs
+    in its place, the first time."""
+
+    def __init__(self, broker: ManagementClient, method: str, instead: Callable[..., Any]) -> None:
+        self._broker, self._method, self._instead = broker, method, instead
+        self._done = False
+
+    @property
+    def username(self) -> str:
+        return self._broker.username
+
+    def __getattr__(self, name: str) -> Any:
+        if name != self._method or self._done:
+            return getattr(self._broker, name)
+        self._done = True
+        return partial(self._instead, getattr(self._broker, name))
+
+
+def test_the_old_stacks_delete_during_the_new_stacks_create_leaves_the_router_its_login(
+    client: ManagementClient, deployed: SimpleNamespace
+) -> None:
+    # A move to another stack, both stacks deployed at once: the old stack's Delete comes while
+    # the new stack's Create applies a change.
+    old, _ = deployed.request("Create")
+    assert client.delete_user(deployed.users[user_name(Stakeholder.MEDIA)])
+    deleted: list[Any] = []
+
+    def delete_old_first(put_user: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        deleted.append(deployed.request("Delete", old)[1])
+        put_user(*args, **kwargs)
+
+    new = deployed.answer(
+        "Create", through=lambda b: Meddled(b, "put_user", delete_old_first), stack="S2"
+    )
+
+    assert new["Status"] == "SUCCESS"
+    assert deleted == [{"Deleted": "0", "Kept": "0"}]
+    assert the_router_logs_in(deployed.vhost, deployed.platform, deployed.password)
+    assert client.get_global_parameter(owner_parameter(deployed.vhost)) == {
+        "vhost": deployed.vhost,
+        "owners": [new["PhysicalResourceId"]],
+    }
+
+
+def test_a_first_create_that_fails_part_way_leaves_the_next_resource_the_only_owner(
+    client: ManagementClient, deployed: SimpleNamespace
+) -> None:
+    def deadline_passed(*_args: Any, **_kwargs: Any) -> None:
+        raise ManagementUnavailable("deadline", method="PUT", path="permissions")
+
+    failed = deployed.answer(
+        "Create", through=lambda b: Meddled(b, "put_permissions", deadline_passed)
+    )
+    assert failed["Status"] == "FAILED"
+    assert client.get_user(deployed.platform) is not None  # made before it failed
+
+    rollback = deployed.answer("Delete", failed["PhysicalResourceId"])
+
+    assert rollback["Status"] == "SUCCESS"
+    assert client.get_user(deployed.platform) is None, "the rollback removed what it left"
+    owner, _ = deployed.request("Create")  # the next deploy
+    assert client.get_global_parameter(owner_parameter(deployed.vhost)) == {
+        "vhost": deployed.vhost,
+        "owners": [owner],
+    }
+    deployed.request("Delete", owner)  # the stack's Delete
+    assert client.get_user(deployed.platform) is None
     assert client.get_global_parameter(owner_parameter(deployed.vhost)) is None
 
 

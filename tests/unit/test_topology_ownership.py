@@ -8,6 +8,7 @@ the new one: neither Delete may take the live topology (the router's login among
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from fabric.adapters.memory_management import MemoryManagementClient
 from fabric.custom_resource import respond
 from fabric.errors import ConfigError, ManagementUnavailable
 from fabric.stakeholders import Stakeholder
-from fabric.topology import INGRESS_EXCHANGE, PLATFORM_USER, queue_name
+from fabric.topology import INGRESS_EXCHANGE, PLATFORM_USER, queue_name, user_name
 from fabric.topology_resource import on_event, on_request, owner_parameter
 from tests.unit.test_topology_resource import ENVIRON, FakeSecrets
 
@@ -244,3 +245,252 @@ def test_a_record_changed_by_hand_fails_the_delete_and_removes_nothing(
     assert answer["Status"] == "FAILED"
     assert ConfigError.__name__ in answer["Reason"]
     assert live(broker)
+
+
+# --- overlapping requests in one vhost ----------------------------------------------------------
+
+
+class During:
+    """The broker as one request sees it: the first time that request calls ``method``,
+    ``meanwhile`` (another stack's request, say) runs from start to end first."""
+
+    def __init__(self, inner: Any, method: str, meanwhile: Callable[[], dict[str, Any]]) -> None:
+        self._inner, self._method, self._meanwhile = inner, method, meanwhile
+        self.answer: dict[str, Any] | None = None
+
+    @property
+    def username(self) -> str:
+        return str(self._inner.username)
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._inner, name)
+        if name != self._method:
+            return attribute
+
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            if self.answer is None:
+                self.answer = self._meanwhile()
+            return attribute(*args, **kwargs)
+
+        return hooked
+
+
+class StaleRecord:
+    """The broker as a request sees it that read the owner record (``record``) before another
+    request wrote it, and writes it after: the management API has no compare-and-swap."""
+
+    def __init__(self, inner: MemoryManagementClient, record: Any) -> None:
+        self._inner, self._record = inner, record
+
+    @property
+    def username(self) -> str:
+        return self._inner.username
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def get_global_parameter(self, name: str) -> Any:
+        record, self._record = self._record, None
+        return record if record is not None else self._inner.get_global_parameter(name)
+
+
+def handle_on(client: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """``handle``, the function reaching the broker through ``client``."""
+    return respond(
+        request,
+        "stream-1",
+        lambda _type, _props: on_event(
+            request, ENVIRON, client_factory=lambda *_: client, secrets_client=FakeSecrets
+        ),
+        send=lambda *_: None,
+    )
+
+
+def owners(broker: MemoryManagementClient) -> list[str] | None:
+    record = broker.get_global_parameter(owner_parameter("/"))
+    return None if record is None else list(record["owners"])
+
+
+def a_change_to_apply(broker: MemoryManagementClient) -> None:
+    """The next Create has something to change (the move came with a routing change, say)."""
+    assert broker.delete_user(user_name(Stakeholder.MEDIA))
+
+
+def test_the_old_stacks_delete_during_the_new_stacks_create_keeps_the_topology(
+    broker: MemoryManagementClient,
+) -> None:
+    # A move to another stack, both deployed at once: the old stack's Delete comes while the
+    # new stack's Create applies.
+    old = create(broker)
+    a_change_to_apply(broker)
+    overlapping = During(broker, "put_user", lambda: handle(broker, event("Delete", old)))
+
+    answer = handle_on(overlapping, event("Create", stack="dev-Topology"))
+
+    assert answer["Status"] == "SUCCESS"
+    assert overlapping.answer is not None
+    # It removed nothing: the router's login never went away, not even for a moment.
+    assert overlapping.answer["Data"] == {"Deleted": "0", "Kept": "0"}
+    assert live(broker)
+    assert owners(broker) == [answer["PhysicalResourceId"]]
+    delete(broker, answer["PhysicalResourceId"])
+    assert gone(broker)
+
+
+def test_two_creates_that_overlap_both_stay_owners(broker: MemoryManagementClient) -> None:
+    # Two stacks deploying into one vhost at once: the second Create runs while the first applies.
+    overlapping = During(broker, "put_user", lambda: handle(broker, event("Create", stack="B")))
+
+    first = handle_on(overlapping, event("Create"))
+
+    assert overlapping.answer is not None
+    second = overlapping.answer["PhysicalResourceId"]
+    assert sorted(owners(broker) or []) == sorted([first["PhysicalResourceId"], second])
+    delete(broker, first["PhysicalResourceId"])
+    assert live(broker), "the other stack still uses the topology"
+    delete(broker, second)
+    assert gone(broker)
+
+
+def test_a_create_during_the_last_owners_delete_gets_the_whole_topology(
+    broker: MemoryManagementClient,
+) -> None:
+    # The old stack's Delete is already removing the topology when the new stack's Create comes.
+    old = create(broker)
+    new = event("Create", stack="dev-Topology")
+    overlapping = During(broker, "delete_user", lambda: handle(broker, new))
+
+    answer = handle_on(overlapping, event("Delete", old))
+
+    assert answer["Status"] == "SUCCESS"
+    assert overlapping.answer is not None
+    assert overlapping.answer["Status"] == "SUCCESS"
+    assert live(broker)
+    assert owners(broker) == [overlapping.answer["PhysicalResourceId"]]
+    delete(broker, overlapping.answer["PhysicalResourceId"])
+    assert gone(broker)
+
+
+def test_a_create_whose_entry_an_overlapping_delete_overwrote_applies_again_and_stays_owner(
+    broker: MemoryManagementClient,
+) -> None:
+    # The old stack's Delete read the record just before the new Create added itself, and wrote
+    # it (without its own id) just after: the Create's id is gone, the record looks empty, and
+    # the Delete removes the topology while the Create applies.
+    old = create(broker)
+    before = broker.get_global_parameter(owner_parameter("/"))
+    a_change_to_apply(broker)
+    overlapping = During(
+        broker, "put_user", lambda: handle_on(StaleRecord(broker, before), event("Delete", old))
+    )
+
+    answer = handle_on(overlapping, event("Create", stack="dev-Topology"))
+
+    assert overlapping.answer is not None
+    assert int(overlapping.answer["Data"]["Deleted"]) > 0
+    assert answer["Status"] == "SUCCESS"
+    assert live(broker)
+    assert owners(broker) == [answer["PhysicalResourceId"]]
+    delete(broker, answer["PhysicalResourceId"])
+    assert gone(broker)
+
+
+# --- a Create that fails part-way ---------------------------------------------------------------
+
+
+class Fails:
+    """A broker that refuses the request's first call of ``method`` and, with ``gone``, every
+    call after that too (the deadline has passed)."""
+
+    def __init__(self, inner: MemoryManagementClient, method: str, *, gone: bool = False) -> None:
+        self._inner, self._method, self._gone, self._failed = inner, method, gone, False
+
+    @property
+    def username(self) -> str:
+        return self._inner.username
+
+    def __getattr__(self, name: str) -> Any:
+        if name == self._method or (self._failed and self._gone):
+            self._failed = True
+            raise ManagementUnavailable("deadline", method="GET", path=name)
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize("cleans_up", [True, False], ids=["create-cleans-up", "broker-gone"])
+def test_a_first_create_that_fails_part_way_leaves_no_owner_behind(
+    broker: MemoryManagementClient, cleans_up: bool
+) -> None:
+    # It fails once its users are there (the broker no longer answers, or the deadline passed).
+    failed = handle_on(Fails(broker, "put_permissions", gone=not cleans_up), event("Create"))
+    assert failed["Status"] == "FAILED"
+    assert broker.get_user(PLATFORM_USER) is not None
+
+    rollback = handle(broker, event("Delete", failed["PhysicalResourceId"]))
+
+    assert rollback["Status"] == "SUCCESS"
+    assert gone(broker), "the rollback removes what the failed Create left"
+    # The next deploy's resource is then the only owner, and its Delete removes the topology.
+    owner = create(broker)
+    assert owners(broker) == [owner]
+    delete(broker, owner)
+    assert gone(broker)
+    assert broker.get_global_parameter(owner_parameter("/")) is None
+
+
+def test_a_failed_create_is_no_owner_even_when_its_rollback_cannot_reach_the_broker(
+    broker: MemoryManagementClient,
+) -> None:
+    failed = handle_on(Fails(broker, "put_permissions"), event("Create"))
+
+    def unreachable(*_args: Any) -> MemoryManagementClient:
+        raise ManagementUnavailable("refused", method="GET", path="/api/overview")
+
+    rollback = event("Delete", failed["PhysicalResourceId"])
+    answer = respond(
+        rollback,
+        "stream-1",
+        lambda _type, _props: on_event(
+            rollback, ENVIRON, client_factory=unreachable, secrets_client=FakeSecrets
+        ),
+        send=lambda *_: None,
+    )
+
+    assert (failed["Status"], answer["Status"]) == ("FAILED", "SUCCESS")
+    owner = create(broker)  # the next deploy: it owns what the failed Create left
+    assert owners(broker) == [owner]
+    delete(broker, owner)
+    assert gone(broker)
+
+
+def test_a_create_that_fails_next_to_a_live_topology_leaves_it_to_its_owner(
+    broker: MemoryManagementClient,
+) -> None:
+    owner = create(broker)
+
+    failed = handle_on(Fails(broker, "list_queues"), event("Create", logical_id="TopologyV2"))
+    rollback = handle(
+        broker, event("Delete", failed["PhysicalResourceId"], logical_id="TopologyV2")
+    )
+
+    assert (failed["Status"], rollback["Status"]) == ("FAILED", "SUCCESS")
+    assert live(broker)
+    assert owners(broker) == [owner]
+    delete(broker, owner)
+    assert gone(broker)
+
+
+def test_a_rollback_that_cannot_finish_succeeds_and_the_next_resource_owns_what_is_left(
+    broker: MemoryManagementClient,
+) -> None:
+    failed = handle_on(Fails(broker, "put_permissions", gone=True), event("Create"))
+    rollback = event("Delete", failed["PhysicalResourceId"])
+
+    # The broker stops answering half-way through the removal: the rollback still succeeds
+    # (CloudFormation must not wait on it), and the failed Create is no owner any more.
+    assert handle_on(Fails(broker, "delete_queue", gone=True), rollback)["Status"] == "SUCCESS"
+    assert any(q["name"].startswith("fabric.") for q in broker.list_queues("/"))
+
+    owner = create(broker)  # the next deploy
+    assert owners(broker) == [owner]
+    delete(broker, owner)
+    assert gone(broker)

@@ -11,15 +11,33 @@ another stack) by creating the new one first and deleting the old one after; it 
 replacement back by deleting the new one. Both Deletes come while another resource still
 manages the topology, so a Delete must not remove it just because the function handles it.
 Each Create therefore answers a physical id of its own (``fabric-<env>-topology-<hash>``, from
-the stack, logical and request ids), and the broker records the resources that applied the
-topology to a vhost and were not deleted since (``owners``: the broker-wide parameter
-``owner_parameter(vhost)``, a JSON object ``{"vhost", "owners"}``). A Create or an Update adds
-its id after applying; a Delete removes its id, and removes the topology only when its id was
-the last one. Resources deployed before the record existed have the id ``fabric-<env>-topology``
-(an Update keeps it and records it): a Delete under that id with no record at all removes the
-topology as before; a Create that finds the topology's platform user but no record counts that
-id among the owners too (the resource it replaces). A Delete under any other id (a failed
-Create's, none) removes nothing and does not even ask the broker.
+the stack, logical and request ids), and the broker records the resources that manage the
+topology of a vhost (``owners``: the broker-wide parameter ``owner_parameter(vhost)``, a JSON
+object ``{"vhost", "owners"}``). Every write re-reads the record just before and adds or takes
+off only its own id. A Create or an Update adds its id before it applies (so that a Delete
+running meanwhile sees it) and checks after that it is still there (an overlapping write may
+have dropped it: it adds it again and applies again); a Create that fails takes its id off
+again, as far as the broker answers. A Delete takes its id off, re-reads, and removes the
+topology only when no owner is left; it checks the record once more after the removal, and
+applies the topology again if an owner was added meanwhile (that owner's apply may have
+overlapped the removal); the record goes last, so a Delete that fails half-way and is sent
+again resumes. The management API has no compare-and-swap: a write that lands between another
+one's read and write (milliseconds apart) still loses that one's change, so deploys that apply
+or remove the topology of one vhost must not overlap.
+
+The rollback of a failed Create names ``respond``'s ``<logical id>-create-failed-<request id>``:
+it takes the failed Create's own id (computed again from that request id) off the record, as
+above, and removes whatever that Create left when no other owner is left; it is best-effort and
+always succeeds (within the deadline), so that a rollback never hangs on a broker it cannot
+reach. A Delete under any other id removes nothing and does not even ask the broker.
+
+Resources deployed before the record existed have the id ``fabric-<env>-topology`` (an Update
+keeps it and records it): a Delete under that id with no record at all removes the topology as
+before; a Create that finds the topology's platform user but no record counts that id among the
+owners too (the resource it replaces). That is only right while no Create of this code has run:
+each one writes the record before it changes anything and leaves it (empty, if need be) when it
+fails, and the record is deleted only after the topology was removed (platform user included).
+So the platform user without a record was left by a resource that never wrote one.
 """
 
 from __future__ import annotations
@@ -35,7 +53,13 @@ from typing import Any
 
 from fabric.adapters.management import ManagementClient
 from fabric.adapters.secrets import SecretCredentials
-from fabric.errors import ConfigError, TopologyConflict, TransportUnavailable
+from fabric.custom_resource import FAILED_CREATE
+from fabric.errors import (
+    ConfigError,
+    ManagementApiError,
+    TopologyConflict,
+    TransportUnavailable,
+)
 from fabric.routing import default_routing_table
 from fabric.topology import PLATFORM_USER, definitions
 from fabric.topology_apply import (
@@ -142,42 +166,39 @@ def on_event(
             operator (a quorum queue argument changed: ``runbook.py topology diff`` explains),
             or the owner record is not what this function writes.
         ManagementApiError: the broker's management API refused or could not be reached.
+        The rollback of a failed Create raises nothing.
     """
-    settings = _settings(environ)
     request_type = str(event["RequestType"])
-    legacy = legacy_physical_id(settings.environment)
     physical_id = str(event.get("PhysicalResourceId") or "")
-    if (
-        request_type == "Delete"
-        and physical_id != legacy
-        and not physical_id.startswith(f"{legacy}-")
-    ):
-        return physical_id, {"Deleted": "0", "Kept": "0"}
     make_secrets = secrets_client or _secrets_manager
-    client = _admin_client(settings, make_secrets, client_factory, deadline)
-    document = topology_document(settings.vhost)
-    owners = _owners(client, settings.vhost)
+
+    def connect(settings: _Settings) -> _Topology:
+        client = _admin_client(settings, make_secrets, client_factory, deadline)
+        return _Topology(client, settings, make_secrets, deadline)
+
+    failed_request = _failed_request(event) if request_type == "Delete" else None
+    if failed_request is not None:
+        try:
+            topology = connect(_settings(environ))
+            failed = _new_physical_id(topology.legacy, {**event, "RequestId": failed_request})
+            return physical_id, _delete(topology, failed)
+        except Exception:  # a rollback must never fail: the record keeps what it could not do
+            _LOG.warning("topology: the rollback of %s stopped", physical_id, exc_info=True)
+            return physical_id, dict(_NOTHING)
+    settings = _settings(environ)
+    legacy = legacy_physical_id(settings.environment)
     if request_type == "Delete":
-        return physical_id, _delete(
-            client,
-            document,
-            settings.vhost,
-            physical_id=physical_id,
-            owners=owners,
-            legacy=legacy,
-        )
+        if physical_id != legacy and not physical_id.startswith(f"{legacy}-"):
+            return physical_id, dict(_NOTHING)  # not an id a successful Create answered
+        return physical_id, _delete(connect(settings), physical_id)
     if request_type == "Create":
         physical_id = _new_physical_id(legacy, event)
-        if owners is None and client.get_user(PLATFORM_USER) is not None:
-            owners = [legacy]  # a resource deployed before the record: the one replaced
+        return physical_id, _create(connect(settings), physical_id)
     physical_id = physical_id or legacy  # CloudFormation sends an Update its id
-    passwords = _passwords(client, settings.user_secrets, make_secrets, deadline)
-    applied: ApplyReport = apply_topology(
-        client, document, passwords=passwords, vhost=settings.vhost
-    )
-    if physical_id not in (owners or []):
-        _record_owners(client, settings.vhost, [*(owners or []), physical_id])
-    return physical_id, {"Changes": str(len(applied.applied)), "Extra": str(len(applied.extra))}
+    return physical_id, _update(connect(settings), physical_id)
+
+
+_NOTHING = {"Deleted": "0", "Kept": "0"}
 
 
 def legacy_physical_id(environment: str) -> str:
@@ -199,50 +220,141 @@ def _new_physical_id(legacy: str, event: Mapping[str, Any]) -> str:
     return f"{legacy}-{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
 
 
-def _owners(client: ManagementApi, vhost: str) -> list[str] | None:
-    """The recorded owners of the topology on ``vhost``; ``None`` when there is no record.
+def _failed_request(event: Mapping[str, Any]) -> str | None:
+    """The request id of the failed Create whose answer (``respond``'s ``<logical
+    id>-create-failed-<request id>``) the Delete ``event`` names, or ``None``."""
+    prefix = f"{event.get('LogicalResourceId')}{FAILED_CREATE}"
+    physical_id = str(event.get("PhysicalResourceId") or "")
+    request_id = physical_id.removeprefix(prefix)
+    return request_id if physical_id.startswith(prefix) and request_id else None
 
-    Raises:
-        ConfigError: the record is not what ``_record_owners`` writes (changed by hand).
-    """
-    value = client.get_global_parameter(owner_parameter(vhost))
-    if value is None:
-        return None
-    owners = value.get("owners") if isinstance(value, dict) else None
-    if not isinstance(owners, list) or not all(isinstance(owner, str) for owner in owners):
-        raise ConfigError(
-            f"broker parameter {owner_parameter(vhost)!r} is not an owner record: {value!r}"
+
+@dataclass(frozen=True)
+class _Topology:
+    """The topology of the function's vhost, reached as the broker's administrator."""
+
+    client: ManagementApi
+    settings: _Settings
+    make_secrets: Callable[[], Any]
+    deadline: float | None
+
+    @property
+    def vhost(self) -> str:
+        return self.settings.vhost
+
+    @property
+    def legacy(self) -> str:
+        return legacy_physical_id(self.settings.environment)
+
+    def passwords(self) -> dict[str, str]:
+        return _passwords(self.client, self.settings.user_secrets, self.make_secrets, self.deadline)
+
+    def apply(self, passwords: Mapping[str, str]) -> ApplyReport:
+        return apply_topology(
+            self.client, topology_document(self.vhost), passwords=passwords, vhost=self.vhost
         )
-    return owners
+
+    def remove(self) -> dict[str, str]:
+        report = delete_topology(self.client, topology_document(self.vhost), self.vhost)
+        return {"Deleted": str(len(report.deleted)), "Kept": str(len(report.kept))}
+
+    def owners(self) -> list[str] | None:
+        """The recorded owners; ``None`` when there is no record.
+
+        Raises:
+            ConfigError: the record is not what this function writes (changed by hand).
+        """
+        name = owner_parameter(self.vhost)
+        value = self.client.get_global_parameter(name)
+        if value is None:
+            return None
+        owners = value.get("owners") if isinstance(value, dict) else None
+        if not isinstance(owners, list) or not all(isinstance(owner, str) for owner in owners):
+            raise ConfigError(f"broker parameter {name!r} is not an owner record: {value!r}")
+        return owners
+
+    def add_owner(self, owner: str, *, legacy: bool = False) -> bool:
+        """Record ``owner``, reading the record right before; with ``legacy``, also the
+        resource deployed before the record when there is no record but the platform user is
+        there. Whether ``owner`` was missing."""
+        deployed_before = legacy and self.client.get_user(PLATFORM_USER) is not None
+        owners = self.owners()  # the write follows at once: the window another write can hit
+        if owners is None:
+            owners = [self.legacy] if deployed_before else []
+        elif owner in owners:
+            return False
+        self._record([*owners, owner])
+        return True
+
+    def remove_owner(self, owner: str) -> list[str] | None:
+        """Take ``owner`` off the record, reading it right before; the owners left (``None``:
+        no record)."""
+        owners = self.owners()
+        if owners is not None and owner in owners:
+            owners = [other for other in owners if other != owner]
+            self._record(owners)
+        return owners
+
+    def _record(self, owners: list[str]) -> None:
+        self.client.put_global_parameter(
+            owner_parameter(self.vhost), {"vhost": self.vhost, "owners": owners}
+        )
+        _LOG.info("topology: owners of vhost %r: %s", self.vhost, owners)
 
 
-def _record_owners(client: ManagementApi, vhost: str, owners: list[str]) -> None:
-    client.put_global_parameter(owner_parameter(vhost), {"vhost": vhost, "owners": owners})
-    _LOG.info("topology: owners of vhost %r: %s", vhost, owners)
+def _create(topology: _Topology, physical_id: str) -> dict[str, str]:
+    """A Create: recorded before it applies; a failure takes its id off again, as far as the
+    broker answers (the rollback's Delete tries too)."""
+    passwords = topology.passwords()
+    topology.add_owner(physical_id, legacy=True)
+    try:
+        return _apply(topology, physical_id, passwords)
+    except Exception:
+        try:
+            topology.remove_owner(physical_id)
+        except (ConfigError, ManagementApiError) as exc:
+            _LOG.warning("topology: %s stays among the owners: %s", physical_id, exc)
+        raise
 
 
-def _delete(
-    client: ManagementApi,
-    document: Mapping[str, Any],
-    vhost: str,
-    *,
-    physical_id: str,
-    owners: list[str] | None,
-    legacy: str,
-) -> dict[str, str]:
-    """A Delete: the topology goes only with its last owner (or, with no record, under the
-    legacy id); the record goes after the topology, so a Delete that fails half-way and is
-    sent again resumes."""
-    last = physical_id == legacy if owners is None else owners == [physical_id]
-    if not last:
-        if owners is not None and physical_id in owners:
-            _record_owners(client, vhost, [owner for owner in owners if owner != physical_id])
-        _LOG.info("topology: %s is not the last owner of vhost %r; kept", physical_id, vhost)
-        return {"Deleted": "0", "Kept": "0"}
-    report = delete_topology(client, document, vhost)
-    if owners is not None:
-        client.delete_global_parameter(owner_parameter(vhost))
-    return {"Deleted": str(len(report.deleted)), "Kept": str(len(report.kept))}
+def _update(topology: _Topology, physical_id: str) -> dict[str, str]:
+    """An Update: recorded (a resource deployed before the record is recorded now), then
+    applied; the resource stays whatever happens, and so does its id."""
+    passwords = topology.passwords()
+    topology.add_owner(physical_id)
+    return _apply(topology, physical_id, passwords)
+
+
+def _apply(topology: _Topology, physical_id: str, passwords: Mapping[str, str]) -> dict[str, str]:
+    applied = topology.apply(passwords)
+    changes = len(applied.applied)
+    if topology.add_owner(physical_id):
+        # A write that overlapped this one's dropped the id: a Delete may have found no owner
+        # and removed the topology while it was being applied.
+        _LOG.warning("topology: %s was off the owners; applied again", physical_id)
+        applied = topology.apply(passwords)
+        changes += len(applied.applied)
+    return {"Changes": str(changes), "Extra": str(len(applied.extra))}
+
+
+def _delete(topology: _Topology, physical_id: str) -> dict[str, str]:
+    """A Delete: the topology goes only when no owner is left after this one (with no record
+    at all, only under the legacy id); the record goes after it, so a Delete that fails
+    half-way and is sent again resumes."""
+    if topology.remove_owner(physical_id) is None and physical_id != topology.legacy:
+        return dict(_NOTHING)  # no record: what it applied went with it (or never came)
+    left = topology.owners()
+    if left:
+        _LOG.info("topology: %s left the owners %s of %r", physical_id, left, topology.vhost)
+        return dict(_NOTHING)
+    removed = topology.remove()
+    left = topology.owners()
+    if left:
+        _LOG.warning("topology: %s became owners during the removal; applied again", left)
+        topology.apply(topology.passwords())
+    elif left is not None:
+        topology.client.delete_global_parameter(owner_parameter(topology.vhost))
+    return removed
 
 
 def on_request(
