@@ -26,11 +26,21 @@ class Terminated(KeyboardInterrupt):
     (a SystemExit in a test only fails that test) and no ``except Exception`` swallows it."""
 
 
+# How long the run may take to tear down after a SIGTERM before it is killed (SIGALRM's default
+# action): .ci/run's SIGKILL, two minutes after its SIGTERM, reaches make only.
+_TEARDOWN_S = 90
+
+
 def _terminate(signum: int, _frame: FrameType | None) -> None:
-    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM kills at once
     if os.getpid() != _SESSION_PID:  # a forked child inherited the handler: die as before
+        signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
+    # Further SIGTERMs are ignored while the run tears down: a signal to a whole process group
+    # reaches pytest twice (directly, and forwarded by make), and the second one killed it
+    # before its drill nodes were stopped. The teardown is bounded instead.
+    signal.signal(signum, signal.SIG_IGN)
+    signal.alarm(_TEARDOWN_S)
     raise Terminated("SIGTERM: the test run stops and tears down what it started")
 
 
