@@ -403,19 +403,24 @@ def test_a_deleted_object_is_named_although_its_writer_stopped_sealing_before_it
     assert report["verification"]["problem"] == summary["problem"]
 
 
-def test_a_deleted_checkpoint_after_the_anchor_is_named(
+def test_a_deleted_checkpoint_is_named_through_the_windows_closing_one(
     handler: ModuleType, fabric: Fabric, aws: dict[str, Any]
 ) -> None:
-    # The trail's last checkpoint (Nov 21 03:00) seals nothing the day needs, yet its delete
-    # marker is a deletion in the trail: the version listing starts after the anchor's key.
+    # Nov 20's window closes at Nov 21 01:00 (the first checkpoint at or after the end and
+    # margin). The trail's last checkpoint (03:00) is Nov 21's: its delete marker, which the
+    # bucket policy will not let anyone remove, must not fail Nov 20 for good. A hidden closing
+    # checkpoint makes 02:00 close the window: its key sorts before that, so it is named.
     store = S3ObjectStore(AUDIT_BUCKET, lambda: aws["s3"])
-    last = store.keys(f"checkpoints/{WRITER}/")[-1]
-    assert handler.handler({"date": "2026-11-20"}, None)["verified"] is True
+    *_, closing, _, last = store.keys(f"checkpoints/{WRITER}/")
+    assert json.loads(store.get(closing))["at"] == "2026-11-21T01:00:00Z"
     aws["s3"].delete_object(Bucket=AUDIT_BUCKET, Key=last)
+    assert handler.handler({"date": "2026-11-20"}, None)["verified"] is True
+
+    aws["s3"].delete_object(Bucket=AUDIT_BUCKET, Key=closing)
 
     summary = handler.handler({"date": "2026-11-20"}, None)
     assert summary["problem"] == (
-        f"{last}: deleted after it was written (a delete marker among its versions)"
+        f"{closing}: deleted after it was written (a delete marker among its versions)"
     )
 
 

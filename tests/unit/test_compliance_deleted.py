@@ -1,8 +1,8 @@
 """Compliance report: a delete marker hides an object from every listing and read, although
 Object Lock keeps its version. The report names a deleted audit object of the period's days or
-a deleted checkpoint after its anchor, so a deletion nothing else would catch (the unsealed tail
-of a writer that stopped, today's last object) does not read verified; an overwrite stays
-listed and is caught as before."""
+a deleted checkpoint after its anchor through its window's closing one, so a deletion nothing
+else would catch (the unsealed tail of a writer that stopped, today's last object) does not read
+verified; an overwrite stays listed and is caught as before."""
 
 from __future__ import annotations
 
@@ -107,3 +107,42 @@ def test_an_overwritten_object_of_a_writer_that_stopped_stays_listed_and_fails(w
         assert check["problem"] == f"{key}: its SHA-256 differs from the checkpoint's"
     else:  # the chain checks the forged record, then the stopped writer is not excused
         assert check["problem"].startswith(f"{key} record None: written by None")
+
+
+def around_dec_2() -> tuple[Trail, dict[str, str]]:
+    """A running writer sealing hourly from Dec 1 to Dec 4 02:00; of Dec 2's window, the
+    checkpoints of Dec 2 12:00 (inside it) and Dec 3 01:00 (the first at or after the end and
+    margin: it closes it), and the one of Dec 3 04:00 (after it, in Dec 3's): their keys."""
+    trail, checkpoints = Trail(), {}
+    for name, first, count in (
+        ("inside", datetime(2026, 12, 1, tzinfo=UTC), 36),
+        ("closing", datetime(2026, 12, 2, 12, tzinfo=UTC), 13),
+        ("later", datetime(2026, 12, 3, 1, tzinfo=UTC), 3),
+    ):
+        trail.hours(first, count)
+        checkpoints[name] = trail.store.keys(f"checkpoints/{WRITER}/")[-1]
+    trail.hours(datetime(2026, 12, 3, 4, tzinfo=UTC), 22)
+    return trail, checkpoints
+
+
+def test_a_deleted_checkpoint_after_the_closing_one_is_the_later_days_problem() -> None:
+    # The bucket policy denies removing a marker: counted, it failed Dec 2's report for good.
+    trail, checkpoints = around_dec_2()
+    run = reporter(trail)[0]
+    trail.store.delete(checkpoints["later"])
+
+    dec_2 = run.report(Period.day(date(2026, 12, 2)))["verification"]
+    dec_3 = run.report(Period.day(date(2026, 12, 3)))["verification"]
+
+    assert (dec_2["verified"], dec_2["problem"]) == (True, None)
+    assert dec_3["problem"] == f"{checkpoints['later']}: {DELETED}"
+
+
+@pytest.mark.parametrize("which", ["inside", "closing"])
+def test_a_deleted_checkpoint_in_or_closing_the_window_is_named(which: str) -> None:
+    # A hidden closing checkpoint makes the next one close the window: it sorts before that.
+    trail, checkpoints = around_dec_2()
+    trail.store.delete(checkpoints[which])
+
+    report = reporter(trail)[0].report(Period.day(date(2026, 12, 2)))
+    assert report["verification"]["problem"] == f"{checkpoints[which]}: {DELETED}"

@@ -172,3 +172,49 @@ def test_a_run_that_reads_the_period_twice_lists_the_markers_once() -> None:
     # Both of the two it takes: only a second read finds the second (one read keeps one).
     assert [m.message_id for m in broker.published] == [message(3), message(4)]
     assert archive.listings == 2 * (3 + 1)
+
+
+def around_the_window(s3: Any) -> tuple[Trail, dict[str, str]]:
+    """DAY's messages 0-1, sealed at 01:00; then checkpoints on Dec 2 (in DAY's window: its
+    late day), on Dec 5 (the first at or after the end, ``late_days`` and the hour: it closes
+    the window), on Dec 7, and on Dec 21, sealing message 7 of that day: their keys by name."""
+    trail = Trail(WRITER, archive=S3ObjectStore(BUCKET, lambda: s3))
+    trail.route([donation(0), donation(1)], source="community", at=DAY + timedelta(hours=1))
+    checkpoints = {
+        "inside": trail.seal(DAY + timedelta(days=1, hours=2)),
+        "closing": trail.seal(DAY + timedelta(days=4)),
+        "later": trail.seal(DAY + timedelta(days=6)),
+    }
+    trail.route([donation(7)], source="community", at=DAY + timedelta(days=20))
+    checkpoints["weeks later"] = trail.archive.keys(f"checkpoints/{WRITER}/")[-1]
+    return trail, checkpoints
+
+
+@pytest.mark.parametrize("which", ["later", "weeks later"])
+def test_a_deleted_checkpoint_after_the_closing_one_leaves_the_period_replayable(
+    s3: Any, which: str
+) -> None:
+    # The bucket policy denies removing a marker: counted, it refused DAY's replay for good.
+    # It is the replay of its own days that is refused, naming it.
+    trail, checkpoints = around_the_window(s3)
+    s3.delete_object(Bucket=BUCKET, Key=checkpoints[which])
+
+    report, published = replay(trail)
+
+    assert (report.stopped, report.trail_problems) == ("done", [])
+    assert published == [message(0), message(1)]
+    written = {"later": DAY + timedelta(days=6), "weeks later": DAY + timedelta(days=20)}[which]
+    run, broker, _ = replayer(trail)
+    own = run.run(request(start=written - timedelta(days=1), end=written + timedelta(days=1)))
+    refused(own, [m.message_id for m in broker.published], checkpoints[which])
+
+
+@pytest.mark.parametrize("which", ["inside", "closing"])
+def test_a_deleted_checkpoint_in_or_closing_the_window_still_refuses_it(
+    s3: Any, which: str
+) -> None:
+    # A hidden closing checkpoint makes the next one close the window: it sorts before that.
+    trail, checkpoints = around_the_window(s3)
+    s3.delete_object(Bucket=BUCKET, Key=checkpoints[which])
+
+    refused(*replay(trail), checkpoints[which])

@@ -26,9 +26,10 @@ while a later checkpoint exists, a key that is not an audit object's, a checkpoi
 cannot be read, and, once its seal is due (``SEAL_DUE`` after the end and margin), a period that
 no checkpoint at or after its end and margin seals, unless its writer stopped (``_not_sealed``),
 and a **delete marker** among the versions of an audit object of the period's days (through its
-margin's) or of a checkpoint after the anchor (``_deleted``). Objects written after the writer's
-last checkpoint (the current hour) are protected by the hash chain only; a delete marker is
-what would hide one of them, so the report looks for markers itself.
+margin's) or of a checkpoint after the anchor through the window's closing one (``_deleted``).
+Objects written after the writer's last checkpoint (the current hour) are protected by the hash
+chain only; a delete marker is what would hide one of them, so the report looks for markers
+itself.
 
 **How it is read**: the window's checkpoints first (``plan_window``), then interval by interval
 (``scan_window``): a checkpoint's objects are read, verified against it from the checkpoint
@@ -277,6 +278,9 @@ class Window:
     writer: str
     anchor: tuple[str, dict[str, Any]] | None = None
     checkpoints: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    # The last of them when it closes the window (the first at or after the end and margin);
+    # None while no checkpoint does: the window then runs to the writer's last one and past it.
+    closing: str | None = None
     objects: dict[str, bytes] = field(default_factory=dict)
     locks: list[ObjectLock] = field(default_factory=list)
     # Objects written after the writer's last checkpoint: only the hash chain protects them.
@@ -429,6 +433,7 @@ def plan_window(
     if low > 0:
         window.anchor = (checkpoints.keys[low - 1], checkpoints.body(low - 1))
     window.checkpoints = [(checkpoints.keys[i], checkpoints.body(i)) for i in range(low, high)]
+    window.closing = None if after is None else checkpoints.keys[after]
     window.locks = [checkpoints.lock(i) for i in indices]
     named = {item["key"] for _, body in window.checkpoints for item in body["objects"]}
     # A write's attempt the writer gave up on (its state update failed): named, never chained.
@@ -938,7 +943,8 @@ _DELETED = "deleted after it was written (a delete marker among its versions)"
 def _deleted(store: ReportedTrail, window: Window, period: Period) -> Problem | None:
     """The first key of ``window``'s writer that someone deleted: a delete marker among the
     versions of an audit object of the period's UTC days through its margin's, or of a
-    checkpoint after the anchor; None when there is none.
+    checkpoint after the anchor through the window's closing one (``Window.closing``; every
+    later one while none closes it); None when there is none.
 
     Nothing of the fabric deletes (the writer may only put, and the bucket policy denies
     deletes to everyone), yet a delete marker would hide an object from every listing and read
@@ -946,6 +952,10 @@ def _deleted(store: ReportedTrail, window: Window, period: Period) -> Problem | 
     after the writer's last checkpoint is not: today's last objects, or the unsealed tail of a
     writer that stopped (``_not_sealed`` excuses such a writer when nothing of it is listed
     after its last checkpoint), would vanish with their records and the period read verified.
+    A checkpoint deleted after the closing one is a later period's (whose report names it):
+    counted here, it would make this period unverifiable for good, since the bucket policy
+    denies removing the marker. A hidden checkpoint that would have closed the window sorts
+    before the one that closes it now, so it is still counted.
     It costs a version listing per day and one of the checkpoints after the anchor: no more
     pages than the report's own listings of those."""
     first = period.start.astimezone(UTC).date()
@@ -956,7 +966,11 @@ def _deleted(store: ReportedTrail, window: Window, period: Period) -> Problem | 
         if objects:
             return Problem(objects[0], _DELETED)
     after = window.anchor[0] if window.anchor else ""
-    checkpoints = store.deleted(f"checkpoints/{writer}/", after=after)
+    checkpoints = [
+        key
+        for key in store.deleted(f"checkpoints/{writer}/", after=after)
+        if window.closing is None or key <= window.closing
+    ]
     return Problem(checkpoints[0], _DELETED) if checkpoints else None
 
 

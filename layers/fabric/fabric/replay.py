@@ -892,13 +892,17 @@ def _deleted(
 ) -> Problem | None:
     """The first key of ``window``'s writer that someone deleted: a delete marker among the
     versions of an audit object of the period's UTC days through ``late`` after its end, or
-    of a checkpoint after the window's anchor; None when there is none.
+    of a checkpoint after the window's anchor through its closing one (``Window.closing``;
+    every later one while none closes it); None when there is none.
 
     Nothing of the fabric deletes (the bucket policy denies deletes to everyone), yet an older
     deployment or a changed policy may have let a DeleteObject through. A sealed object hidden
     so is missing from its checkpoint anyway; an object after the writer's last checkpoint is
     not (the hash chain just ends one object earlier), and a hidden last checkpoint leaves the
     objects it sealed after the one before it: the verifier finds nothing wrong with either.
+    A checkpoint deleted after the closing one is a later period's: counted here, it would
+    refuse this period for good (the bucket policy denies removing the marker). A hidden
+    checkpoint that would have closed the window sorts before the one that closes it now.
     Looked for as the compliance report looks (``fabric.compliance_run``), once per run: a
     version listing per day of the period and its margin, and one of the checkpoints after the
     anchor (no longer than the run's own listing of every checkpoint of the writer).
@@ -914,7 +918,11 @@ def _deleted(
         if objects:
             return Problem(objects[0], _DELETED)
     after = window.anchor[0] if window.anchor else ""
-    checkpoints = archive.deleted(f"checkpoints/{writer}/", after=after)
+    checkpoints = [
+        key
+        for key in archive.deleted(f"checkpoints/{writer}/", after=after)
+        if window.closing is None or key <= window.closing
+    ]
     return Problem(checkpoints[0], _DELETED) if checkpoints else None
 
 
