@@ -114,7 +114,8 @@ def test_the_replay_lists_and_reads_only_the_writers_records_checkpoints_and_arc
     listing = by_action[("s3:ListBucket",)]
     assert trail.render(listing["Resource"]) == BUCKET_ARN
     assert listing["Condition"] == {"StringLike": {"s3:prefix": [f"{p}*" for p in prefixes]}}
-    # Delete markers (fabric.replay._deleted) are looked for in the records and checkpoints.
+    # Delete markers (fabric.compliance_run.deleted_in_window) are looked for in the records
+    # and checkpoints.
     versions = by_action[("s3:ListBucketVersions",)]
     assert trail.render(versions["Resource"]) == BUCKET_ARN
     assert versions["Condition"] == {

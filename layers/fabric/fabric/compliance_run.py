@@ -26,7 +26,8 @@ while a later checkpoint exists, a key that is not an audit object's, a checkpoi
 cannot be read, and, once its seal is due (``SEAL_DUE`` after the end and margin), a period that
 no checkpoint at or after its end and margin seals, unless its writer stopped (``_not_sealed``),
 and a **delete marker** among the versions of an audit object of the period's days (through its
-margin's) or of a checkpoint after the anchor through the window's closing one (``_deleted``).
+margin's) or of a checkpoint after the anchor through the window's closing one
+(``deleted_in_window``).
 Objects written after the writer's last checkpoint (the current hour) are protected by the hash
 chain only; a delete marker is what would hide one of them, so the report looks for markers
 itself.
@@ -225,8 +226,8 @@ class TrailStore(Protocol):
         ...
 
 
-class ReportedTrail(TrailStore, Protocol):
-    """The audit bucket as the compliance report reads it: also the keys that were deleted.
+class DeleteMarkers(Protocol):
+    """The keys of the audit bucket that were deleted.
 
     A plain DeleteObject on a versioned bucket succeeds even under Object Lock: it adds a delete
     marker, and listings and reads no longer show the key, although its locked versions stay.
@@ -240,6 +241,10 @@ class ReportedTrail(TrailStore, Protocol):
             TransportUnavailable: the bucket's versions cannot be listed.
         """
         ...
+
+
+class ReportedTrail(TrailStore, DeleteMarkers, Protocol):
+    """The audit bucket as the compliance report reads it: also the keys that were deleted."""
 
 
 class ReportStore(Protocol):
@@ -875,7 +880,7 @@ class ComplianceReporter:
             check, window_locks = scan_window(
                 self._trail, window, self._keys, figures, workers=self._workers
             )
-            deleted = _deleted(self._trail, window, period)
+            deleted = deleted_in_window(self._trail, window, period)
             if deleted is not None:  # the cause of whatever else the window shows missing
                 check = dataclasses.replace(check, problem=deleted)
             read.append((window, check))
@@ -940,9 +945,12 @@ class ComplianceReporter:
 _DELETED = "deleted after it was written (a delete marker among its versions)"
 
 
-def _deleted(store: ReportedTrail, window: Window, period: Period) -> Problem | None:
+def deleted_in_window(
+    store: DeleteMarkers, window: Window, period: Period, late: timedelta = LATE_ARRIVAL
+) -> Problem | None:
     """The first key of ``window``'s writer that someone deleted: a delete marker among the
-    versions of an audit object of the period's UTC days through its margin's, or of a
+    versions of an audit object of the period's UTC days through ``late`` after its end (the
+    report's margin; the replay's own), or of a
     checkpoint after the anchor through the window's closing one (``Window.closing``; every
     later one while none closes it); None when there is none.
 
@@ -959,7 +967,7 @@ def _deleted(store: ReportedTrail, window: Window, period: Period) -> Problem | 
     It costs a version listing per day and one of the checkpoints after the anchor: no more
     pages than the report's own listings of those."""
     first = period.start.astimezone(UTC).date()
-    last = (period.end + LATE_ARRIVAL).astimezone(UTC).date()
+    last = (period.end + late).astimezone(UTC).date()
     writer = window.writer
     for day in (first + timedelta(days=n) for n in range((last - first).days + 1)):
         objects = store.deleted(f"audit/{writer}/{day:%Y/%m/%d}/")

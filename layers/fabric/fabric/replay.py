@@ -8,16 +8,17 @@ checkpoint, which only the hash chain protects), checkpoint by checkpoint with
 A trail that does not verify stops the run before anything is listed or published (``trail not
 verified``, with the problem named): what is not proved to be what the writer wrote is not
 re-published as child-welfare traffic. So does a **delete marker** on a key of the window
-(``_deleted``): a DeleteObject succeeds on the Object Lock bucket and hides the key from every
-listing and read the run goes by, so a hidden last object would take its acceptances out of the
-replay unnoticed, and a hidden last checkpoint would hold the acceptances it sealed back as
-``unsealed``. A trail that is authentic but incomplete (an accepted
-message without an outcome) is named in the report (``trail_incomplete``) and does not stop the
-run: replay is how such a message is recovered. Only the writers the function is configured with
-(``AUDIT_WRITERS``) are read. An acceptance in an object written after its writer's last
-checkpoint is protected by the unkeyed hash chain only (anyone able to put an object there could
-extend it), so it is reported ``unsealed`` and not published unless the request says
-``include_unsealed``; a sealed acceptance of the same message is preferred to an unsealed one.
+(``fabric.compliance_run.deleted_in_window``): a DeleteObject succeeds on the Object Lock bucket
+and hides the key from every listing and read the run goes by, so a hidden last object would
+take its acceptances out of the replay unnoticed, and a hidden last checkpoint would hold the
+acceptances it sealed back as ``unsealed``. A trail that is authentic but incomplete (an
+accepted message without an outcome) is named in the report (``trail_incomplete``) and does not
+stop the run: replay is how such a message is recovered. Only the writers the function is
+configured with (``AUDIT_WRITERS``) are read. An acceptance in an object written after its
+writer's last checkpoint is protected by the unkeyed hash chain only (anyone able to put an
+object there could extend it), so it is reported ``unsealed`` and not published unless the
+request says ``include_unsealed``; a sealed acceptance of the same message is preferred to an
+unsealed one.
 
 From the verified objects it selects the ``accepted`` records of ``[start, end)`` that match
 the filter (topic patterns with RabbitMQ semantics, message ids, source) — one per
@@ -79,6 +80,7 @@ from fabric.compliance_run import (
     Window,
     abandoned_digests,
     abandoned_problem,
+    deleted_in_window,
     intervals,
     plan_window,
     read_objects,
@@ -556,8 +558,8 @@ class Replayer:
         """Read and verify every writer's window of the period, feeding the acceptances of its
         verified objects to ``selection``; False when a writer's trail is not authentic. With
         ``markers`` (the run's first read; a second one finds what the first found), a writer
-        with a delete marker in its window (``_deleted``) is not read: the deleted key is its
-        problem.
+        with a delete marker in its window (``deleted_in_window``) is not read: the deleted key
+        is its problem.
 
         It goes checkpoint by checkpoint, so only one interval's objects are held in memory at
         a time. Every writer's objects after its last checkpoint (the unsealed ones) are read
@@ -574,7 +576,9 @@ class Replayer:
         if markers:
             for window in windows:
                 # The cause of whatever else the window shows missing: named before the rest.
-                window.problem = _deleted(self._archive, window, period, late) or window.problem
+                window.problem = (
+                    deleted_in_window(self._archive, window, period, late) or window.problem
+                )
         pieces = [[] if window.problem else list(intervals(window)) for window in windows]
         tails: dict[int, Problem | None] = {}  # per window: its objects after the last checkpoint
         for index, (window, parts) in enumerate(zip(windows, pieces, strict=True)):
@@ -882,48 +886,6 @@ def _day_keys(archive: ArchiveReader, writers: Sequence[str], days: list[date]) 
     for writer in writers:
         for day in days:
             yield from archive.keys(f"{ARCHIVE_PREFIX}{writer}/{day:%Y/%m/%d}/")
-
-
-_DELETED = "deleted after it was written (a delete marker among its versions)"
-
-
-def _deleted(
-    archive: ArchiveReader, window: Window, period: Period, late: timedelta
-) -> Problem | None:
-    """The first key of ``window``'s writer that someone deleted: a delete marker among the
-    versions of an audit object of the period's UTC days through ``late`` after its end, or
-    of a checkpoint after the window's anchor through its closing one (``Window.closing``;
-    every later one while none closes it); None when there is none.
-
-    Nothing of the fabric deletes (the bucket policy denies deletes to everyone), yet an older
-    deployment or a changed policy may have let a DeleteObject through. A sealed object hidden
-    so is missing from its checkpoint anyway; an object after the writer's last checkpoint is
-    not (the hash chain just ends one object earlier), and a hidden last checkpoint leaves the
-    objects it sealed after the one before it: the verifier finds nothing wrong with either.
-    A checkpoint deleted after the closing one is a later period's: counted here, it would
-    refuse this period for good (the bucket policy denies removing the marker). A hidden
-    checkpoint that would have closed the window sorts before the one that closes it now.
-    Looked for as the compliance report looks (``fabric.compliance_run``), once per run: a
-    version listing per day of the period and its margin, and one of the checkpoints after the
-    anchor (no longer than the run's own listing of every checkpoint of the writer).
-
-    Raises:
-        TransportUnavailable: the bucket's versions cannot be listed.
-    """
-    first = period.start.astimezone(UTC).date()
-    last = (period.end + late).astimezone(UTC).date()
-    writer = window.writer
-    for day in (first + timedelta(days=n) for n in range((last - first).days + 1)):
-        objects = archive.deleted(f"{AUDIT_PREFIX}{writer}/{day:%Y/%m/%d}/")
-        if objects:
-            return Problem(objects[0], _DELETED)
-    after = window.anchor[0] if window.anchor else ""
-    checkpoints = [
-        key
-        for key in archive.deleted(f"checkpoints/{writer}/", after=after)
-        if window.closing is None or key <= window.closing
-    ]
-    return Problem(checkpoints[0], _DELETED) if checkpoints else None
 
 
 class _Trail:
