@@ -7,7 +7,6 @@ the new one: neither Delete may take the live topology (the router's login among
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -20,33 +19,14 @@ from fabric.stakeholders import Stakeholder
 from fabric.topology import INGRESS_EXCHANGE, PLATFORM_USER, queue_name, user_name
 from fabric.topology_resource import on_event, on_request, owner_parameter
 from tests.unit.test_topology_resource import ENVIRON, FakeSecrets
+from tests.unit.test_topology_resource import cloudformation as event
 
 LEGACY_ID = "fabric-dev-topology"  # what every deployed resource answered before
-REQUESTS = itertools.count(1)
 
 
 @pytest.fixture
 def broker() -> MemoryManagementClient:
     return MemoryManagementClient(username="admin")
-
-
-def event(
-    request: str,
-    physical_id: str | None = None,
-    *,
-    logical_id: str = "Topology",
-    stack: str = "dev-Services",
-) -> dict[str, Any]:
-    cloudformation: dict[str, Any] = {
-        "RequestType": request,
-        "ResponseURL": "https://cloudformation-response.example/presigned",
-        "StackId": f"arn:aws:cloudformation:ap-southeast-3:111111111111:stack/{stack}/1",
-        "LogicalResourceId": logical_id,
-        "RequestId": f"req-{next(REQUESTS)}",
-    }
-    if physical_id is not None:
-        cloudformation["PhysicalResourceId"] = physical_id
-    return cloudformation
 
 
 def handle(broker: MemoryManagementClient, request: dict[str, Any]) -> dict[str, Any]:
