@@ -474,3 +474,106 @@ def test_a_rollback_that_cannot_finish_succeeds_and_the_next_resource_owns_what_
     assert owners(broker) == [owner]
     delete(broker, owner)
     assert gone(broker)
+
+
+# --- a Create CloudFormation gave up on -----------------------------------------------------------
+
+MADE_UP_ID = "dev-Services-Topology-1XZ2ABCDEF3G"  # how CloudFormation names such a resource
+
+
+def test_a_cancelled_creates_rollback_under_an_id_cloudformation_made_up_leaves_no_owner(
+    broker: MemoryManagementClient,
+) -> None:
+    # Another resource of the first deploy failed while the Create ran: CloudFormation cancels it
+    # ("Resource creation cancelled"), ignores its late answer and deletes the resource under an
+    # id of its own making. The function ran the Create to the end all the same.
+    create(broker)
+
+    rollback = delete(broker, MADE_UP_ID)
+
+    assert int(rollback["Data"]["Deleted"]) > 50
+    assert gone(broker)
+    assert owners(broker) is None
+    # The stack deployed again, and deleted later for good: nothing is left behind.
+    owner = create(broker)
+    assert owners(broker) == [owner]
+    delete(broker, owner)
+    assert gone(broker)
+
+
+@pytest.mark.parametrize(
+    "new",
+    [
+        {"LogicalResourceId": "TopologyV2"},
+        {"StackId": "arn:aws:cloudformation:ap-southeast-3:111111111111:stack/dev-Topology/1"},
+        # The same stack name, created again (another stack id).
+        {"StackId": "arn:aws:cloudformation:ap-southeast-3:111111111111:stack/dev-Services/2"},
+    ],
+    ids=["new-logical-id", "other-stack", "stack-created-again"],
+)
+def test_a_cancelled_replacements_rollback_keeps_the_resource_that_stays_the_only_owner(
+    broker: MemoryManagementClient, new: dict[str, str]
+) -> None:
+    old = create(broker)
+    assert handle(broker, {**event("Create"), **new})["Status"] == "SUCCESS"
+
+    # The update failed elsewhere while the new resource's Create ran: its Delete comes under an
+    # id CloudFormation made up.
+    rollback = handle(broker, {**event("Delete", MADE_UP_ID), **new})
+
+    assert rollback["Status"] == "SUCCESS"
+    assert live(broker)
+    assert owners(broker) == [old]
+    delete(broker, old)  # the stack's own Delete, later
+    assert gone(broker)
+
+
+def test_the_delete_of_a_cancelled_create_succeeds_while_the_broker_cannot_be_reached(
+    broker: MemoryManagementClient,
+) -> None:
+    def unreachable(*_args: Any) -> MemoryManagementClient:
+        raise ManagementUnavailable("refused", method="GET", path="/api/overview")
+
+    rollback = event("Delete", MADE_UP_ID)
+    answer = respond(
+        rollback,
+        "stream-1",
+        lambda _type, _props: on_event(
+            rollback, ENVIRON, client_factory=unreachable, secrets_client=FakeSecrets
+        ),
+        send=lambda *_: None,
+    )
+
+    assert answer["Status"] == "SUCCESS"  # a rollback never waits on the broker
+    assert answer["PhysicalResourceId"] == MADE_UP_ID
+
+
+def test_a_delete_under_an_id_the_version_before_answered_removes_the_topology(
+    broker: MemoryManagementClient,
+) -> None:
+    # Its Creates answered one hash of the stack, logical and request ids.
+    deployed = f"{LEGACY_ID}-0123456789abcdef"
+    legacy_deploy(broker)
+    broker.put_global_parameter(owner_parameter("/"), {"vhost": "/", "owners": [deployed]})
+
+    delete(broker, deployed)
+
+    assert gone(broker)
+    assert owners(broker) is None
+
+
+def test_an_update_under_a_failed_creates_answer_is_no_owner_after_the_stacks_delete(
+    broker: MemoryManagementClient,
+) -> None:
+    # The first Create failed (its id is off the record again); the resource stayed (no
+    # rollback), and the next deploy sent it an Update under the failed Create's answer.
+    failed = handle_on(Fails(broker, "put_permissions"), event("Create"))
+    assert failed["Status"] == "FAILED"
+    update = handle(broker, event("Update", failed["PhysicalResourceId"]))
+    assert update["Status"] == "SUCCESS"
+    assert live(broker)
+
+    delete(broker, failed["PhysicalResourceId"])  # the stack's Delete
+
+    assert gone(broker)
+    assert owners(broker) is None

@@ -960,9 +960,10 @@ def deleted_in_window(
     after the writer's last checkpoint is not: today's last objects, or the unsealed tail of a
     writer that stopped (``_not_sealed`` excuses such a writer when nothing of it is listed
     after its last checkpoint), would vanish with their records and the period read verified.
-    A checkpoint deleted after the closing one is a later period's (whose report names it):
-    counted here, it would make this period unverifiable for good, since the bucket policy
-    denies removing the marker. A hidden checkpoint that would have closed the window sorts
+    A checkpoint deleted after the closing one is a later period's (whose report names it when
+    run after the deletion; ``runbook.py verify`` names it whenever it runs): counted here,
+    it would make this period unverifiable for good, since the bucket policy denies removing
+    the marker. A hidden checkpoint that would have closed the window sorts
     before the one that closes it now, so it is still counted.
     It costs a version listing per day and one of the checkpoints after the anchor: no more
     pages than the report's own listings of those."""

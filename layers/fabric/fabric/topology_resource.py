@@ -10,8 +10,9 @@ Who owns the topology. CloudFormation replaces a custom resource (a new logical 
 another stack) by creating the new one first and deleting the old one after; it rolls a
 replacement back by deleting the new one. Both Deletes come while another resource still
 manages the topology, so a Delete must not remove it just because the function handles it.
-Each Create therefore answers a physical id of its own (``fabric-<env>-topology-<hash>``, from
-the stack, logical and request ids), and the broker records the resources that manage the
+Each Create therefore answers a physical id of its own (``fabric-<env>-topology-<hash of the
+stack and logical ids>-<hash of the request id>``; the version before answered one hash of all
+three, and those ids stay valid), and the broker records the resources that manage the
 topology of a vhost (``owners``: the broker-wide parameter ``owner_parameter(vhost)``, a JSON
 object ``{"vhost", "owners"}``). Every write re-reads the record just before and adds or takes
 off only its own id. A Create or an Update adds its id before it applies (so that a Delete
@@ -26,10 +27,17 @@ one's read and write (milliseconds apart) still loses that one's change, so depl
 or remove the topology of one vhost must not overlap.
 
 The rollback of a failed Create names ``respond``'s ``<logical id>-create-failed-<request id>``:
-it takes the failed Create's own id (computed again from that request id) off the record, as
-above, and removes whatever that Create left when no other owner is left; it is best-effort and
-always succeeds (within the deadline), so that a rollback never hangs on a broker it cannot
-reach. A Delete under any other id removes nothing and does not even ask the broker.
+it takes off the record the failed Create's own id (computed again from that request id) and
+that marker (an Update sent under it, a retry of the failed resource, recorded it), and goes on
+as above: it removes whatever that Create left when no other owner is left. A Delete under an
+id no Create answered (CloudFormation made it up: it cancelled the Create because another
+resource failed, or got no answer in time) may come after a Create the function still ran to
+the end and recorded: it takes off that id and every id of its stack and logical id (the first
+hash), and goes on as above. That is safe because one stack and logical id has one resource at
+a time (an Update keeps its id; a replacement has another logical id or stack, a stack created
+again under its name another stack id) and the function runs one request at a time (reserved
+concurrency 1). Both are best-effort and always succeed (within the deadline), so that a
+rollback never hangs on a broker it cannot reach. A Delete with no id at all changes nothing.
 
 Resources deployed before the record existed have the id ``fabric-<env>-topology`` (an Update
 keeps it and records it): a Delete under that id with no record at all removes the topology as
@@ -45,8 +53,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -166,7 +175,8 @@ def on_event(
             operator (a quorum queue argument changed: ``runbook.py topology diff`` explains),
             or the owner record is not what this function writes.
         ManagementApiError: the broker's management API refused or could not be reached.
-        The rollback of a failed Create raises nothing.
+        A Delete under a failed Create's answer or an id CloudFormation made up (a
+        rollback, as a rule) raises nothing.
     """
     request_type = str(event["RequestType"])
     physical_id = str(event.get("PhysicalResourceId") or "")
@@ -176,21 +186,10 @@ def on_event(
         client = _admin_client(settings, make_secrets, client_factory, deadline)
         return _Topology(client, settings, make_secrets, deadline)
 
-    failed_request = _failed_request(event) if request_type == "Delete" else None
-    if failed_request is not None:
-        try:
-            topology = connect(_settings(environ))
-            failed = _new_physical_id(topology.legacy, {**event, "RequestId": failed_request})
-            return physical_id, _delete(topology, failed)
-        except Exception:  # a rollback must never fail: the record keeps what it could not do
-            _LOG.warning("topology: the rollback of %s stopped", physical_id, exc_info=True)
-            return physical_id, dict(_NOTHING)
+    if request_type == "Delete":
+        return physical_id, _on_delete(event, physical_id, environ, connect)
     settings = _settings(environ)
     legacy = legacy_physical_id(settings.environment)
-    if request_type == "Delete":
-        if physical_id != legacy and not physical_id.startswith(f"{legacy}-"):
-            return physical_id, dict(_NOTHING)  # not an id a successful Create answered
-        return physical_id, _delete(connect(settings), physical_id)
     if request_type == "Create":
         physical_id = _new_physical_id(legacy, event)
         return physical_id, _create(connect(settings), physical_id)
@@ -214,10 +213,23 @@ def owner_parameter(vhost: str) -> str:
 
 def _new_physical_id(legacy: str, event: Mapping[str, Any]) -> str:
     """A Create's own id: no other resource, in this stack or another, gets the same."""
-    ids = "\n".join(
-        str(event.get(key, "")) for key in ("StackId", "LogicalResourceId", "RequestId")
-    )
-    return f"{legacy}-{hashlib.sha256(ids.encode()).hexdigest()[:16]}"
+    return f"{_resource_prefix(legacy, event)}{_digest(event.get('RequestId', ''))}"
+
+
+def _resource_prefix(legacy: str, event: Mapping[str, Any]) -> str:
+    """How the id of every Create of ``event``'s resource (its stack id, which is new for a
+    stack created again under the same name, and its logical id) begins."""
+    return f"{legacy}-{_digest(event.get('StackId', ''), event.get('LogicalResourceId', ''))}-"
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\n".join(map(str, parts)).encode()).hexdigest()[:16]
+
+
+def _answered(legacy: str, physical_id: str) -> bool:
+    """Whether a Create of this function answered ``physical_id``: the legacy id, one hash (the
+    version before) or two (``_new_physical_id``) after it."""
+    return re.fullmatch(rf"{re.escape(legacy)}(-[0-9a-f]{{16}}){{0,2}}", physical_id) is not None
 
 
 def _failed_request(event: Mapping[str, Any]) -> str | None:
@@ -286,14 +298,20 @@ class _Topology:
         self._record([*owners, owner])
         return True
 
-    def remove_owner(self, owner: str) -> list[str] | None:
-        """Take ``owner`` off the record, reading it right before; the owners left (``None``:
-        no record)."""
+    def remove_owners(self, ids: Collection[str], prefix: str | None = None) -> list[str] | None:
+        """Take ``ids`` off the record, and with ``prefix`` every id that begins with it,
+        reading it right before; the owners left (``None``: no record)."""
         owners = self.owners()
-        if owners is not None and owner in owners:
-            owners = [other for other in owners if other != owner]
-            self._record(owners)
-        return owners
+        if owners is None:
+            return None
+        left = [
+            owner
+            for owner in owners
+            if owner not in ids and not (prefix is not None and owner.startswith(prefix))
+        ]
+        if left != owners:
+            self._record(left)
+        return left
 
     def _record(self, owners: list[str]) -> None:
         self.client.put_global_parameter(
@@ -311,7 +329,7 @@ def _create(topology: _Topology, physical_id: str) -> dict[str, str]:
         return _apply(topology, physical_id, passwords)
     except Exception:
         try:
-            topology.remove_owner(physical_id)
+            topology.remove_owners([physical_id])
         except (ConfigError, ManagementApiError) as exc:
             _LOG.warning("topology: %s stays among the owners: %s", physical_id, exc)
         raise
@@ -337,11 +355,45 @@ def _apply(topology: _Topology, physical_id: str, passwords: Mapping[str, str]) 
     return {"Changes": str(changes), "Extra": str(len(applied.extra))}
 
 
-def _delete(topology: _Topology, physical_id: str) -> dict[str, str]:
-    """A Delete: the topology goes only when no owner is left after this one (with no record
-    at all, only under the legacy id); the record goes after it, so a Delete that fails
-    half-way and is sent again resumes."""
-    if topology.remove_owner(physical_id) is None and physical_id != topology.legacy:
+def _on_delete(
+    event: Mapping[str, Any],
+    physical_id: str,
+    environ: Mapping[str, str],
+    connect: Callable[[_Settings], _Topology],
+) -> dict[str, str]:
+    """A Delete (the module docstring): of a resource a Create answered, or, best-effort, of
+    one whose Create CloudFormation never saw succeed (a marker, or an id it made up)."""
+    failed_request = _failed_request(event)
+    if failed_request is None:
+        settings = _settings(environ)
+        if _answered(legacy_physical_id(settings.environment), physical_id):
+            return _delete(connect(settings), physical_id)
+        if not physical_id:  # CloudFormation always sends one: this request names no resource
+            return dict(_NOTHING)
+    try:
+        topology = connect(_settings(environ))
+        if failed_request is not None:
+            failed = _new_physical_id(topology.legacy, {**event, "RequestId": failed_request})
+            return _delete(topology, physical_id, also=[failed])
+        return _delete(topology, physical_id, prefix=_resource_prefix(topology.legacy, event))
+    except Exception:  # a rollback must never fail: the record keeps what it could not do
+        _LOG.warning("topology: the rollback of %s stopped", physical_id, exc_info=True)
+        return dict(_NOTHING)
+
+
+def _delete(
+    topology: _Topology,
+    physical_id: str,
+    *,
+    also: Collection[str] = (),
+    prefix: str | None = None,
+) -> dict[str, str]:
+    """A Delete: takes off ``physical_id``, the ids in ``also`` and those that begin with
+    ``prefix``; the topology goes only when no owner is left (with no record at all, only under
+    the legacy id); the record goes after it, so a Delete that fails half-way and is sent again
+    resumes."""
+    owners = topology.remove_owners([physical_id, *also], prefix)
+    if owners is None and physical_id != topology.legacy:
         return dict(_NOTHING)  # no record: what it applied went with it (or never came)
     left = topology.owners()
     if left:
