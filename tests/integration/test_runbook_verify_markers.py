@@ -4,64 +4,45 @@ DeleteObject, which Object Lock does not refuse) is named, and the trail is not 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
-from moto import mock_aws
 
 from fabric.adapters.audit_storage import DynamoDbChainStore, S3ObjectStore
-from fabric.adapters.kms_signer import KmsSigner
 from fabric.audit import AuditBatch
 from fabric.audit_writer import AuditWriter
 from scripts import runbook
-from tests.integration.aws_audit import create_audit_bucket, create_idempotency_table
 from tests.integration.aws_fallback import REGION
+from tests.integration.test_audit_writer import BUCKET, TABLE, aws_audit  # noqa: F401 (fixture)
 
-BUCKET = "fabric-test-audit"
-TABLE = "fabric-test-idempotency"
 WRITER = "writer-a"
 _DELETED = "deleted after they were written (a delete marker among their versions)"
 
 
 @pytest.fixture
-def trail(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+def trail(aws_audit: dict[str, Any]) -> dict[str, Any]:  # noqa: F811 (the fixture)
     """A writer's trail: two sealed objects, each under its own checkpoint, and an unsealed
     object after the last checkpoint (the current hour's)."""
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "moto",
-        "AWS_SECRET_ACCESS_KEY": "moto",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    with mock_aws():
-        s3 = boto3.client("s3", region_name=REGION)
-        create_audit_bucket(s3, BUCKET)
-        dynamodb = boto3.client("dynamodb", region_name=REGION)
-        create_idempotency_table(dynamodb, TABLE)
-        kms = boto3.client("kms", region_name=REGION)
-        key = kms.create_key(KeyUsage="SIGN_VERIFY", KeySpec="ECC_NIST_P256")["KeyMetadata"]
-        signer = KmsSigner(key["Arn"], lambda: kms)
-        audit = AuditWriter(
-            WRITER,
-            chains=DynamoDbChainStore(TABLE, lambda: dynamodb),
-            objects=S3ObjectStore(BUCKET, lambda: s3),
-            signer=signer,
-        )
-        objects, checkpoints = [], []
-        for batch_id in ("b1", "b2"):
-            objects.append(audit.write([_batch(batch_id)]).key)
-            checkpoints.append(audit.checkpoint())
-        objects.append(audit.write([_batch("b3")]).key)
-        yield {
-            "s3": s3,
-            "kms": kms,
-            "key_arn": key["Arn"],
-            "objects": objects,
-            "checkpoints": checkpoints,
-        }
+    s3, dynamodb, signer = aws_audit["s3"], aws_audit["dynamodb"], aws_audit["signer"]
+    audit = AuditWriter(
+        WRITER,
+        chains=DynamoDbChainStore(TABLE, lambda: dynamodb),
+        objects=S3ObjectStore(BUCKET, lambda: s3),
+        signer=signer,
+    )
+    objects, checkpoints = [], []
+    for batch_id in ("b1", "b2"):
+        objects.append(audit.write([_batch(batch_id)]).key)
+        checkpoints.append(audit.checkpoint())
+    objects.append(audit.write([_batch("b3")]).key)
+    return {
+        "s3": s3,
+        "kms": boto3.client("kms", region_name=REGION),
+        "key_arn": signer.key_id,
+        "objects": objects,
+        "checkpoints": checkpoints,
+    }
 
 
 def _batch(batch_id: str) -> tuple[str, AuditBatch]:
