@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import replace
 
-from aws_cdk import Environment, Fn, Stack
+from aws_cdk import CfnOutput, Environment, Fn, Stack
 from constructs import Construct
 
 from fabric.stakeholders import STAKEHOLDERS
@@ -305,4 +305,11 @@ class ServicesStack(Stack):
         self.audit_writer.function.function.node.add_dependency(self.topology.resource)
         # Messages must not reach a broker whose topology is not applied yet.
         self.router.function.function.node.add_dependency(self.topology.resource)
-        self.api_url = Fn.join("", [self.router.api.api_endpoint, "/v1/messages"])
+        # Where producers reach the router (README, docs/infrastructure.md "Outputs").
+        CfnOutput(
+            self,
+            "MessagesApiUrl",
+            value=Fn.join("", [self.router.api.api_endpoint, "/v1/messages"]),
+        )
+        for group, alias in self.router.aliases.items():
+            CfnOutput(self, f"{group.value.capitalize()}RouterAliasArn", value=alias.function_arn)

@@ -228,8 +228,9 @@ class DeadLetterAlarms(Construct):
                 "SubscriptionDlqDepth",
                 subscription_dlqs,
                 "SNS could not deliver a fallback message to its SQS queue (queue policy or key "
-                "problem); it is in the subscription DLQ. Fix delivery first; SNS messages are "
-                "moved back by hand (docs/runbook.md).",
+                "problem); it is in the subscription DLQ, already accepted. Fix the policy or "
+                "key: the drain moves it into its group's work queue on its next run "
+                "(docs/runbook.md).",
             ),
             (
                 "IngestDlqDepth",

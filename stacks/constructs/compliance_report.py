@@ -173,7 +173,7 @@ class ComplianceReport(Construct):
             # No report for _REPORT_MISSING_AFTER hours in a row: the day between two daily runs
             # and their jitter (one day-long period flapped when a run ended later than the last).
             "ComplianceReportMissing": self._alarm(
-                "ReportMissing",
+                "Missing",
                 self._metric(metrics.COMPLIANCE_REPORTS, "Sum", _HOUR),
                 alarm_topic,
                 comparison=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,

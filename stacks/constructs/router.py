@@ -167,10 +167,12 @@ class Router(Construct):
         )
 
         version = function.current_version
+        self.aliases: dict[Stakeholder, lambda_.Alias] = {}
         for group in STAKEHOLDERS:
             alias = lambda_.Alias(
                 self, f"{group.value.capitalize()}Alias", alias_name=group.value, version=version
             )
+            self.aliases[group] = alias
             # In the alias's resource policy, for a producer of this account or another alike:
             # grant_invoke on an imported role of this account would write a policy onto that
             # role, which belongs to the producer's team, not to this stack.

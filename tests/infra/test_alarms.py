@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from fabric import metrics
@@ -442,3 +443,31 @@ def test_a_queue_only_an_event_source_reads_pages_once_its_oldest_message_waits_
             (expression,) = [q for q in props["Metrics"] if "Expression" in q]
             assert expression["Expression"].startswith("MAX(")
     assert thresholds == {name: 3 * visibility[name] for name in read}
+
+
+# How the docs name an alarm: "the `X` alarm", "alarm `X`", or an alarm list's "- `X`: ...".
+_DOCUMENTED_ALARM = re.compile(
+    r"`([A-Z][A-Za-z0-9]+)` alarm|alarms? `([A-Z][A-Za-z0-9]+)`|^\s*- `([A-Z][A-Za-z0-9]+)`: ",
+    re.MULTILINE,
+)
+
+
+def test_every_alarm_the_docs_name_can_be_found_by_that_name(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    # The runbook says to search the CloudWatch alarm list for the name the docs give: the
+    # alarm's name holds its logical id, so each documented name must be part of one.
+    logical_ids = [
+        logical_id
+        for template in (services(env, assembly), json.loads(env.template_path.read_text()))
+        for logical_id in of_type(template, "AWS::CloudWatch::Alarm")
+    ]
+    documented = {
+        name
+        for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+        for match in _DOCUMENTED_ALARM.finditer(doc.read_text())
+        for name in match.groups()
+        if name
+    }
+    assert "ComplianceReportMissing" in documented  # the pattern reads the docs' lists
+    assert not {n for n in documented if not any(n in i for i in logical_ids)}

@@ -252,7 +252,7 @@ def test_failures_a_bad_trail_and_a_missing_report_page_on_the_alarms_topic(
         if t["Properties"]["TopicName"] == f"fabric-{name}-alarms"
     ]
     found = report_alarms(template)
-    assert set(found) == {"Errors", "TrailNotVerified", "ReportMissing"}
+    assert set(found) == {"Errors", "TrailNotVerified", "Missing"}
     for alarm in found.values():
         assert alarm["AlarmActions"] == alarm["OKActions"] == [{"Ref": alarms_topic}]
         assert alarm["Threshold"] == 1
@@ -273,7 +273,7 @@ def test_failures_a_bad_trail_and_a_missing_report_page_on_the_alarms_topic(
     assert not_verified["Statistic"] == "Maximum"
     assert not_verified["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
 
-    missing = found["ReportMissing"]
+    missing = found["Missing"]
     assert missing["MetricName"] == metrics.COMPLIANCE_REPORTS
     assert missing["Dimensions"] == dimensions
     assert missing["Statistic"] == "Sum"
@@ -346,7 +346,7 @@ def _minutes(start: datetime, end: datetime) -> list[datetime]:
 def test_a_daily_report_that_ends_later_than_the_day_before_raises_no_alarm(
     trail: Trail, aligned: bool
 ) -> None:
-    alarm = report_alarms(trail.services)["ReportMissing"]
+    alarm = report_alarms(trail.services)["Missing"]
     # The 02:30 run ends some minutes later each day; on the 5th after Lambda's two retries.
     ends = [
         datetime(2026, 3, day, 2, 30, tzinfo=UTC) + timedelta(minutes=minutes)
@@ -365,7 +365,7 @@ def test_a_daily_report_that_ends_later_than_the_day_before_raises_no_alarm(
 def test_a_missed_daily_report_pages_the_next_morning_until_one_is_written(
     trail: Trail, aligned: bool
 ) -> None:
-    alarm = report_alarms(trail.services)["ReportMissing"]
+    alarm = report_alarms(trail.services)["Missing"]
     last = datetime(2026, 3, 3, 2, 35, tzinfo=UTC)
     rerun = datetime(2026, 3, 4, 9, 0, tzinfo=UTC)  # runbook.py report, once paged
     reports = [(last - timedelta(days=days), 1.0) for days in range(3)] + [(rerun, 1.0)]

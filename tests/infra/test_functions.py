@@ -140,6 +140,24 @@ def test_each_stakeholder_group_has_its_own_router_alias(
     assert sorted(a["Properties"]["Name"] for a in aliases.values()) == sorted(GROUPS)
 
 
+def test_producers_find_the_https_url_and_their_groups_alias_in_the_outputs(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    template = services(env, assembly)
+    outputs = {name: o["Value"] for name, o in template["Outputs"].items()}
+    (api_id,) = of_type(template, "AWS::ApiGatewayV2::Api")
+    assert outputs["MessagesApiUrl"] == {
+        "Fn::Join": ["", [{"Fn::GetAtt": [api_id, "ApiEndpoint"]}, "/v1/messages"]]
+    }
+    alias_names = {
+        logical_id: a["Properties"]["Name"]
+        for logical_id, a in of_type(template, "AWS::Lambda::Alias").items()
+    }
+    for group in GROUPS:
+        (ref,) = outputs[f"{group.capitalize()}RouterAliasArn"].values()
+        assert alias_names[ref] == group
+
+
 def test_sqs_ingest_reports_partial_batch_failures(env: Synthesized, assembly: Assembly) -> None:
     template = services(env, assembly)
     router_id, _ = router(template)
