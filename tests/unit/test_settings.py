@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 
 from fabric.errors import ConfigError
-from fabric.settings import AuditWriterSettings, ComplianceReportSettings, DrainSettings
+from fabric.settings import (
+    AuditWriterSettings,
+    ComplianceReportSettings,
+    DrainSettings,
+    RouterSettings,
+)
 
 BROKER = {
     "FABRIC_ENV": "test",
@@ -119,3 +124,26 @@ def test_the_audit_writer_waits_for_megabyte_archive_puts_longer_than_the_router
     config = writer._objects._s3().meta.config  # type: ignore[attr-defined]
     assert (config.connect_timeout, config.read_timeout) == (5, 30)
     assert config.retries["total_max_attempts"] == 6  # botocore: the first try and 5 retries
+
+
+ROUTER = {
+    **BROKER,
+    "MESSAGES_KEY_ARN": "arn:aws:kms:ap-southeast-3:111111111111:key/m",
+    "FABRIC_INGEST_QUEUE_PREFIX": "fabric-test-ingest-",
+    "FALLBACK_TOPIC_ARN": "arn:aws:sns:ap-southeast-3:111111111111:fabric-test-fallback",
+    "EMERGENCY_TOPIC_ARN": "arn:aws:sns:ap-southeast-3:111111111111:fabric-test-emergency",
+}
+
+
+def test_the_routers_optional_variables_take_the_defaults_docs_router_md_lists() -> None:
+    settings = RouterSettings.from_env(ROUTER)
+    assert settings.rabbitmq_tls is True
+    assert settings.rabbitmq_vhost == "/"
+    assert settings.identity_claim == "fabric:group"
+    assert settings.audit_queue_url is None  # the stack sets it; local tools may not
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER))
+def test_a_missing_router_variable_stops_the_cold_start_naming_it(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        RouterSettings.from_env({k: v for k, v in ROUTER.items() if k != name})

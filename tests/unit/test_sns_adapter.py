@@ -205,3 +205,30 @@ def test_a_first_call_slower_than_the_window_is_still_waited_for(
 
     assert [o.failure for o in outcomes] == [None, Failure.UNAVAILABLE]
     assert made == [1]  # past the window: the throttled entry is not sent again
+
+
+def test_past_the_calls_budget_nothing_more_is_sent_and_the_request_in_flight_is_given_up(
+    sns: tuple[Any, Stubber], release: threading.Event, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SNS answers the first request (the emergency) and then stalls: the second is given up on
+    # when the budget runs out, and the third is never sent.
+    monkeypatch.setattr("fabric.adapters.sns.PUBLISH_BUDGET_S", 0.5)
+    client, stubber = sns
+    made = stall(client, release, {2: 3.0}, unanswered=2)
+    stubber.add_response(
+        "publish_batch",
+        {"Successful": [{"Id": "20", "MessageId": "sns-20"}], "Failed": []},
+        {"TopicArn": EMERGENCY, "PublishBatchRequestEntries": ANY},
+    )
+    alarm = OutboundMessage(
+        "alarm", "t.x", b"{}", frozenset({Stakeholder.GOVERNMENT}), emergency=True
+    )
+
+    started = time.monotonic()
+    outcomes = transport(client).publish([*messages(20), alarm])
+    elapsed = time.monotonic() - started
+
+    assert outcomes[-1].stored
+    assert [o.failure for o in outcomes[:-1]] == [Failure.UNAVAILABLE] * 20
+    assert made == [1, 2]
+    assert elapsed < 0.5 + 0.3

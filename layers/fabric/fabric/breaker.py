@@ -10,8 +10,9 @@ from enum import StrEnum
 from fabric.ports import Failure, OutboundMessage, Outcome, Transport
 
 _LOG = logging.getLogger(__name__)
-# Failures that say the transport itself is unwell. A nack or a return is about one message
-# (a full queue, a missing binding) and does not open the circuit.
+# Failures that may say the transport itself is unwell. A nack or a return is about one message
+# (a full queue, a missing binding) and does not open the circuit. The breaker reads a timeout
+# with the rest of its call (``failing``); a caller without a fallback may stop on either.
 SYSTEMIC = frozenset({Failure.UNAVAILABLE, Failure.TIMEOUT})
 
 
@@ -23,14 +24,32 @@ class State(StrEnum):
     HALF_OPEN = "half-open"
 
 
+def failing(outcomes: list[Outcome]) -> bool:
+    """Whether a call's outcomes say the transport is unwell: a message ``UNAVAILABLE`` (no
+    connection, a lost one, a blocked broker), or a confirm ``TIMEOUT`` in a call of which the
+    broker stored nothing.
+
+    A timeout beside stored messages is not the connection's fault: the broker confirmed
+    others of the same call, so one queue has stopped confirming (a quorum queue that lost its
+    majority). Opening the circuit for it would send every group's messages, emergencies
+    included, to the fallback, to wait there for the drain.
+    """
+    failures = {outcome.failure for outcome in outcomes}
+    if Failure.UNAVAILABLE in failures:
+        return True
+    return Failure.TIMEOUT in failures and not any(outcome.stored for outcome in outcomes)
+
+
 class BreakerTransport:
-    """Wraps ``inner``; after a systemic failure, fails fast for ``open_seconds``, then lets one
-    call through as a probe: if the probe stores its messages the circuit closes, otherwise it
-    stays open for another period.
+    """Wraps ``inner``; after a call that says the transport is unwell (``failing``), fails fast
+    for ``open_seconds``, then lets one call through as a probe: if the probe is not failing
+    (it stored messages, or the broker refused them one by one) the circuit closes, otherwise
+    it stays open for another period.
 
     While open, every message is reported ``UNAVAILABLE`` without touching the broker, so the
     router goes straight to the fallback transport: an emergency is not held up by a connect
-    or confirm timeout on every call during an outage.
+    or confirm timeout on every call during an outage. A message that timed out while others of
+    its call were stored goes to the fallback on its own, and the circuit stays closed.
     """
 
     def __init__(
@@ -65,7 +84,7 @@ class BreakerTransport:
         if self.state is State.OPEN:
             return [Outcome(m.message_id, failure=Failure.UNAVAILABLE) for m in messages]
         outcomes = self._inner.publish(messages, meanwhile=meanwhile)
-        if any(o.failure in SYSTEMIC for o in outcomes):
+        if failing(outcomes):
             if self._opened_at is None:
                 _LOG.warning("%s failing: circuit open for %.1f s", self.name, self._open_seconds)
             self._opened_at = self._clock()

@@ -18,15 +18,20 @@ class RouterSettings:
     """What the router function needs; the CDK stack sets exactly these variables.
 
     ``FABRIC_ENV``: environment name, part of every encryption context.
-    ``RABBITMQ_HOST`` / ``RABBITMQ_PORT`` / ``RABBITMQ_TLS`` / ``RABBITMQ_VHOST``: the broker.
+    ``RABBITMQ_HOST`` / ``RABBITMQ_PORT`` / ``RABBITMQ_TLS`` (default ``true``) /
+    ``RABBITMQ_VHOST`` (default ``/``): the broker.
     ``RABBITMQ_SECRET_ARN``: Secrets Manager secret holding the router's ``username`` and
     ``password`` (never the credentials themselves in the environment).
     ``MESSAGES_KEY_ARN``: the KMS key for restricted payloads.
-    ``FABRIC_IDENTITY_CLAIM``: the JWT claim that names the caller's stakeholder group.
+    ``FABRIC_IDENTITY_CLAIM`` (default ``fabric:group``): the JWT claim that names the caller's
+    stakeholder group.
     ``FABRIC_INGEST_QUEUE_PREFIX``: SQS ingest queues are ``<prefix><group>``.
     ``FALLBACK_TOPIC_ARN`` / ``EMERGENCY_TOPIC_ARN``: the SNS topics of the fallback path.
     ``AUDIT_QUEUE_URL`` (optional; every deployed function has it): the SQS queue that takes
     audit batches while RabbitMQ cannot (the router, drain, redrive and replay all read it).
+    Without it (local tools and tests build routers without one), RabbitMQ is the audit
+    batches' only path: a batch it cannot take is lost, logged and counted
+    (``AuditRecordsLost``). Optional rather than required so that those tools need no queue.
     """
 
     environment: str

@@ -6,7 +6,9 @@ SQS queue is subscribed with a filter on its own name, so SNS delivers exactly w
 would have. ``PublishBatch`` sends up to 10 entries per call and every entry's result is checked:
 a message is stored only when SNS listed it as successful. Entries SNS refused for its own
 reasons (throttling, an internal error) are sent once more, alone, a moment later, and waited
-for only until the call's retry window closes.
+for only until the call's retry window closes. The whole call answers within its budget: what is
+not sent by then is ``unavailable`` unsent, and a request SNS has not answered by then is given
+up on.
 """
 
 from __future__ import annotations
@@ -36,6 +38,17 @@ _MAX_BATCH_BYTES = 262_144
 # entry is only ``unavailable``, never lost, when the window has passed.
 RETRY_BACKOFF_S = 0.1
 RETRY_WINDOW_S = 2.0
+# How long one publish call may take in all. Requests go one after another, each bounded only
+# by the client's timeouts (about 4 s on an SNS that takes the connection and never answers):
+# 50 requests of a 500-message call would outlast the router function's 30 s timeout, which
+# kills the call before it answers or audits anything. Past the budget, the requests not sent
+# yet are not sent, and the one in flight is given up on: their messages are ``unavailable``.
+# A fixed budget rather than the function's remaining time: the stages around it are bounded
+# too, and with it a call that meets an outage everywhere still answers inside 30 s (one broker
+# connect timeout, 2 s, before it; the key service, once, and the audit batch's SQS path after
+# it, each at most the client's two attempts, about 7 s). A healthy SNS answers a request in
+# tens of milliseconds: a 500-message call takes one or two seconds of it.
+PUBLISH_BUDGET_S = 10.0
 
 
 class SnsFallbackTransport:
@@ -65,9 +78,14 @@ class SnsFallbackTransport:
         *,
         meanwhile: Callable[[], None] | None = None,
     ) -> list[Outcome]:
-        """Publish in batches of at most 10 (and 256 KiB); one Outcome per message, in order."""
+        """Publish in batches of at most 10 (and 256 KiB); one Outcome per message, in order.
+
+        Returns within ``PUBLISH_BUDGET_S`` (and a few milliseconds), whatever SNS does.
+        """
         del meanwhile  # each request returns once stored: no wait to overlap with
-        retry_until = time.monotonic() + RETRY_WINDOW_S
+        started = time.monotonic()
+        deadline = started + PUBLISH_BUDGET_S
+        retry_until = min(started + RETRY_WINDOW_S, deadline)
         taken = list(messages)
         outcomes: dict[int, Outcome] = {}
         entries: dict[int, dict[str, Any]] = {}
@@ -92,8 +110,18 @@ class SnsFallbackTransport:
         for emergency in (True, False):  # emergencies first: never behind a bulk call's
             for group in batches[emergency]:
                 outcomes.update(
-                    self._send(self._topics[emergency], taken, group, entries, retry_until)
+                    self._send(
+                        self._topics[emergency],
+                        taken,
+                        group,
+                        entries,
+                        retry_until=retry_until,
+                        deadline=deadline,
+                    )
                 )
+        unsent = sum(o.failure is not None for o in outcomes.values())
+        if unsent and time.monotonic() >= deadline:
+            _LOG.warning("SNS publish out of time: %d message(s) not stored", unsent)
         return [outcomes[i] for i in range(len(taken))]
 
     def close(self) -> None:
@@ -105,13 +133,18 @@ class SnsFallbackTransport:
         messages: list[OutboundMessage],
         indices: list[int],
         entries: dict[int, dict[str, Any]],
+        *,
         retry_until: float,
+        deadline: float,
     ) -> dict[int, Outcome]:
-        stored, refused = self._publish_batch(topic_arn, [entries[i] for i in indices])
+        stored: set[int] = set()
+        refused: list[int] = []
+        if time.monotonic() < deadline:  # past it, the batch is not sent at all
+            stored, refused = self._bounded(topic_arn, [entries[i] for i in indices], deadline)
         # Only the refused entries go again: one SNS accepted would be delivered twice.
         if refused and time.monotonic() + RETRY_BACKOFF_S <= retry_until:
             time.sleep(RETRY_BACKOFF_S)
-            stored |= self._retry(topic_arn, [entries[i] for i in refused], retry_until)
+            stored |= self._bounded(topic_arn, [entries[i] for i in refused], retry_until)[0]
         return {
             i: Outcome(messages[i].message_id, transport=TRANSPORT_NAME)
             if i in stored
@@ -119,28 +152,29 @@ class SnsFallbackTransport:
             for i in indices
         }
 
-    def _retry(self, topic_arn: str, batch: list[dict[str, Any]], retry_until: float) -> set[int]:
-        """The refused entries' second PublishBatch: the indices SNS stored, if it answered
-        before ``retry_until``.
+    def _bounded(
+        self, topic_arn: str, batch: list[dict[str, Any]], until: float
+    ) -> tuple[set[int], list[int]]:
+        """``_publish_batch``, if SNS answers before ``until``; else nothing stored.
 
-        The client's timeouts and retries suit a first call; for the retry, the router's client
-        could hold the answer about 4 s past the window (two attempts of a 2 s read timeout
-        on an SNS that does not answer). So the call runs on a thread of its own and is
-        abandoned, its entries ``unavailable``, when the window closes: an exact bound, whatever
-        the client does (DNS, retries, backoff), and no second client for the composition root
-        to build. The abandoned call ends within the client's own bounds; should SNS still store
-        an entry, the producer's retry makes a duplicate, which consumers drop by ``message_id``.
+        The client's timeouts and retries bound one request at about 4 s on an SNS that does not
+        answer (two attempts of a 2 s read timeout), more than is left of a retry window or of
+        the call's budget. So the request runs on a thread of its own and is abandoned, its
+        entries ``unavailable``, at ``until``: an exact bound, whatever the client does (DNS,
+        retries, backoff), and no second client for the composition root to build. The
+        abandoned request ends within the client's own bounds; should SNS still store an entry,
+        the producer's retry makes a duplicate, which consumers drop by ``message_id``.
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sns-retry")
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sns-publish")
         call = pool.submit(self._publish_batch, topic_arn, batch)
         pool.shutdown(wait=False)  # the thread ends with its call, even one abandoned here
         try:
-            return call.result(timeout=max(0.0, retry_until - time.monotonic()))[0]
+            return call.result(timeout=max(0.0, until - time.monotonic()))
         except TimeoutError:
-            _LOG.warning("SNS retry of %d message(s) did not answer in time", len(batch))
-            return set()
+            _LOG.warning("SNS publish of %d message(s) did not answer in time", len(batch))
+            return set(), []
 
     def _publish_batch(
         self, topic_arn: str, batch: list[dict[str, Any]]

@@ -1,0 +1,160 @@
+"""With the broker down and SNS taking connections but never answering, a router call still
+answers, and audits every message, within the fallback's budget: not after the client's
+timeouts on every request, which would outlast the function's 30 s."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
+from fabric.adapters.memory_cipher import LocalCipher
+from fabric.adapters.sns import SnsFallbackTransport
+from fabric.audit import AuditEvent
+from fabric.bootstrap import RouterRuntime, _boto3_client
+from fabric.entrypoints import dispatch
+from fabric.ports import Failure, OutboundMessage
+from fabric.router import Router
+from fabric.routing import default_routing_table
+from fabric.settings import RouterSettings
+from fabric.stakeholders import Stakeholder
+
+FALLBACK = "arn:aws:sns:ap-southeast-3:111111111111:fabric-test-fallback"
+EMERGENCY = "arn:aws:sns:ap-southeast-3:111111111111:fabric-test-emergency"
+FUNCTION = "arn:aws:lambda:ap-southeast-3:111111111111:function:fabric-test-router"
+BUDGET_S = 1.0
+SLACK_S = 0.5  # thread start-up and the router's own work, on a slow host
+
+
+@pytest.fixture
+def silent_sns(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[socket.socket]]:
+    """An SNS endpoint that takes every TCP connection and never answers, as the router's
+    clients reach it (``fabric.bootstrap``: connect 1 s, read 2 s, 2 attempts); yields the
+    connections it took. Closed at the end, which also ends the requests the transport gave up
+    on."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    taken: list[socket.socket] = []
+    done = threading.Event()
+
+    def take() -> None:
+        while not done.is_set():
+            try:
+                taken.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-southeast-3")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setattr("fabric.adapters.sns.PUBLISH_BUDGET_S", BUDGET_S)
+    yield taken
+    done.set()
+    thread.join()
+    server.close()
+    for connection in taken:
+        connection.close()
+
+
+def fallback() -> SnsFallbackTransport:
+    return SnsFallbackTransport(
+        fallback_topic_arn=FALLBACK,
+        emergency_topic_arn=EMERGENCY,
+        client_factory=lambda: _boto3_client("sns"),
+    )
+
+
+def outbound(*, emergency: bool) -> OutboundMessage:
+    message_id = str(uuid.uuid4())
+    return OutboundMessage(
+        message_id,
+        "t.x",
+        json.dumps({"message_id": message_id, "payload": {}}).encode(),
+        frozenset({Stakeholder.GOVERNMENT}),
+        emergency=emergency,
+    )
+
+
+def test_an_sns_that_never_answers_costs_the_publish_its_budget_not_every_requests_timeouts(
+    silent_sns: list[socket.socket],
+) -> None:
+    # Four requests: about 16 s at the client's own bounds, each of them paid in turn.
+    messages = [outbound(emergency=False) for _ in range(30)] + [outbound(emergency=True)]
+
+    started = time.monotonic()
+    outcomes = fallback().publish(messages)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < BUDGET_S + SLACK_S
+    assert [o.failure for o in outcomes] == [Failure.UNAVAILABLE] * len(messages)
+    assert [o.message_id for o in outcomes] == [m.message_id for m in messages]
+    # The emergency, last in the call, was the request sent first (and left waiting).
+    first = silent_sns[0]
+    first.settimeout(1.0)
+    assert b"emergency" in first.recv(65536)
+
+
+def test_the_router_answers_503_with_a_result_and_an_audit_record_for_every_message(
+    silent_sns: list[socket.socket],
+) -> None:
+    alert = {
+        "topic": "child-safety.incident.reported",
+        "priority": "emergency",
+        "classification": "restricted",
+        "payload": {"case": "C-1"},
+    }
+    pledges = [{"topic": "donation.pledge.received", "payload": {"n": i}} for i in range(40)]
+    messages = [{"message_id": str(uuid.uuid4()), **message} for message in [*pledges, alert]]
+    audit = MemoryAuditSink()
+    router = Router(
+        table=default_routing_table(),
+        transports=[MemoryTransport(failure=Failure.UNAVAILABLE), fallback()],  # broker down
+        cipher=LocalCipher(),
+        audit=audit,
+        environment="test",
+    )
+    request = {
+        "version": "2.0",
+        "routeKey": "POST /v1/messages",
+        "requestContext": {"authorizer": {"jwt": {"claims": {"fabric:group": "community"}}}},
+        "body": json.dumps({"messages": messages}),
+        "isBase64Encoded": False,
+    }
+
+    started = time.monotonic()
+    response = dispatch(request, FUNCTION, RouterRuntime(router, settings()))
+    elapsed = time.monotonic() - started
+
+    assert elapsed < BUDGET_S + SLACK_S
+    assert response["statusCode"] == 503
+    body = json.loads(response["body"])
+    ids = [str(m["message_id"]) for m in messages]
+    assert [r["message_id"] for r in body["results"]] == ids
+    assert {(r["status"], r["reason"]) for r in body["results"]} == {("rejected", "unavailable")}
+    assert sorted(r.message_id or "" for r in audit.records) == sorted(ids)
+    assert {(r.event, r.reason) for r in audit.records} == {(AuditEvent.REJECTED, "unavailable")}
+
+
+def settings() -> RouterSettings:
+    return RouterSettings(
+        environment="test",
+        rabbitmq_host="unused",
+        rabbitmq_port=5671,
+        rabbitmq_tls=True,
+        rabbitmq_vhost="/",
+        rabbitmq_secret_arn="unused",  # noqa: S106 (an ARN, and never read here)
+        messages_key_arn="unused",
+        identity_claim="fabric:group",
+        ingest_queue_prefix="fabric-test-ingest-",
+        fallback_topic_arn=FALLBACK,
+        emergency_topic_arn=EMERGENCY,
+    )
