@@ -841,7 +841,7 @@ class _RawEmergencyPublisher:
 
     def __init__(self, vhost: str, *, body_bytes: int, broker: Broker) -> None:
         from fabric.envelope import validate_envelope
-        from fabric.topology import EMERGENCY_EXCHANGE, delivery_headers
+        from fabric.topology import INGRESS_EXCHANGE, delivery_headers
 
         def alert(size: int) -> Any:
             item = message(EMERGENCY_TOPIC, size, priority="emergency", classification="restricted")
@@ -850,7 +850,7 @@ class _RawEmergencyPublisher:
         envelope = alert(body_bytes - len(alert(0).to_json_bytes()))
         self._body = envelope.to_json_bytes()
         self._headers = delivery_headers(envelope)
-        self._exchange = EMERGENCY_EXCHANGE
+        self._exchange = INGRESS_EXCHANGE  # the router's own first hop (bootstrap.exchange_for)
         self._connection = pika.BlockingConnection(broker.parameters(vhost))
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
