@@ -31,8 +31,11 @@ AGE is a number with ``s``, ``m``, ``h`` or ``d``.
 ``verify`` reads one writer's audit trail (objects and checkpoints) from the audit bucket and
 checks signatures, chains, Merkle roots and sequence gaps; on failure it names the first bad
 record, object or checkpoint, or every key someone deleted (a delete marker among its versions,
-which hides it from the listings the check goes by). The bucket and the signing keys come from
-the ``<env>-Stateful`` stack's outputs unless given (``--signing-key`` once per key, oldest
+which hides it from the listings the check goes by). It reads one checkpoint's objects at a
+time, each checked against the checkpoint before it (``fabric.audit_chain.verify_intervals``),
+so a trail of months fits in memory: the keys, the ids of the messages with an outcome (tens of
+bytes each) and one interval's objects. The bucket and the signing keys come from the
+``<env>-Stateful`` stack's outputs unless given (``--signing-key`` once per key, oldest
 first: the keys a rotation retired, then the current one).
 
 ``replay`` invokes the deployed replay function (``fabric-<env>-replay``) to re-publish the
@@ -62,9 +65,10 @@ named by ``FABRIC_MANAGEMENT_USER`` and ``FABRIC_MANAGEMENT_PASSWORD``, with the
 passwords from the JSON file ``FABRIC_USER_PASSWORDS_FILE`` (apply refuses without it; diff
 then compares users by tags only).
 
-AWS credentials and the region come from the usual boto3 chain (``AWS_PROFILE``,
-``AWS_REGION``); the region defaults to the environment's in cdk.json. Exit status: 0 done,
-1 the run stopped early or failed, 2 bad usage, configuration or request.
+AWS credentials come from the usual boto3 chain (``AWS_PROFILE``, the environment, SSO); the
+region is always the environment's in cdk.json (data residency), ``AWS_REGION`` and the
+profile's region are ignored. Exit status: 0 done, 1 the run stopped early or failed, 2 bad
+usage, configuration or request.
 """
 
 from __future__ import annotations
@@ -489,7 +493,7 @@ def verify(
     """The ``verify`` command; returns the exit status (0 verified, 1 not)."""
     from fabric.adapters.audit_storage import S3ObjectStore
     from fabric.adapters.kms_signer import kms_keyring
-    from fabric.audit_chain import verify_trail
+    from fabric.audit_chain import verify_intervals
 
     s3, kms = client("s3"), client("kms")
     store = S3ObjectStore(bucket, lambda: s3)
@@ -512,9 +516,11 @@ def verify(
     if not keys and not sealed:  # a mistyped writer or bucket must not read as "verified"
         print(f"NOT VERIFIED: no trail under audit/{writer}/ in s3://{bucket}", file=out)
         return 1
-    result = verify_trail(
-        objects={key: store.get(key) for key in keys},
-        checkpoints=[(k, json.loads(store.get(k))) for k in sealed],
+    # One checkpoint's objects at a time: a trail of years does not fit in memory at once.
+    result = verify_intervals(
+        object_keys=keys,
+        checkpoint_keys=sealed,
+        read=store.read,
         keys=kms_keyring(signing_keys, lambda: kms),
         writer=writer,
     )

@@ -84,7 +84,9 @@ class AuditWriter(Construct):
 
     Triggers: the RabbitMQ audit queue ``fabric.audit`` (Amazon MQ event source, as the
     platform user), the SQS audit queue ``fabric-<env>-audit`` (batches sent while the broker was
-    down; partial batch failures reported), and an hourly EventBridge rule with
+    down; all or nothing, like the broker's: the function writes an event's batches as one
+    object or raises, so the event comes back whole; it never reports single items, although the
+    event source has ReportBatchItemFailures on), and an hourly EventBridge rule with
     ``{"checkpoint": true}`` that seals the objects written since the last checkpoint with the
     asymmetric signing key.
 

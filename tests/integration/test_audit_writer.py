@@ -22,7 +22,7 @@ from fabric.audit import (
     decode_audit_batch,
     encode_audit_batch,
 )
-from fabric.audit_chain import Keyring, decode_object, verify_trail
+from fabric.audit_chain import Keyring, decode_object, verify_intervals, verify_trail
 from fabric.audit_writer import AuditWriter, ChainConflict, decode_archive
 from fabric.errors import TransportUnavailable
 from tests.integration.aws_audit import create_audit_bucket, create_idempotency_table
@@ -71,14 +71,28 @@ def batch(batch_id: str, count: int) -> tuple[str, AuditBatch]:
 
 
 def read_trail(aws: dict[str, Any]) -> Any:
+    """The trail verified at once; ``runbook verify``'s way, interval by interval, must find
+    the same."""
     store = S3ObjectStore(BUCKET, lambda: aws["s3"])
     objects = {key: store.get(key) for key in store.keys(f"audit/{WRITER}/")}
     checkpoints = [
         (key, json.loads(store.get(key))) for key in store.keys(f"checkpoints/{WRITER}/")
     ]
-    return verify_trail(
+    result = verify_trail(
         objects=objects, checkpoints=checkpoints, keys=Keyring([aws["signer"]]), writer=WRITER
     )
+    by_interval = verify_intervals(
+        object_keys=store.keys(f"audit/{WRITER}/"),
+        checkpoint_keys=store.keys(f"checkpoints/{WRITER}/"),
+        read=store.read,
+        keys=Keyring([aws["signer"]]),
+        writer=WRITER,
+    )
+    assert by_interval.problem == result.problem
+    if result.ok:
+        counts = (result.records, result.objects, result.checkpoints)
+        assert (by_interval.records, by_interval.objects, by_interval.checkpoints) == counts
+    return result
 
 
 def test_one_object_per_call_chained_and_sealed(aws_audit: dict[str, Any]) -> None:

@@ -107,3 +107,27 @@ def test_a_trail_hidden_whole_by_delete_markers_names_them_not_just_no_trail(
     assert f"reading 0 objects of {WRITER}" in output
     assert f"NOT VERIFIED: 5 key(s) of {WRITER} {_DELETED}:\n" in output
     assert "".join(f"  {key}\n" for key in sorted(keys)) in output
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'"x"', b"[" * 100_000])
+@pytest.mark.parametrize("which", [0, -1])
+def test_a_checkpoint_that_is_not_a_json_object_is_named_not_a_crash(
+    trail: dict[str, Any], body: bytes, which: int
+) -> None:
+    # It was a JSONDecodeError or AttributeError traceback: the operator learnt nothing.
+    key = trail["checkpoints"][which]  # the first is the next one's anchor too
+    trail["s3"].put_object(Bucket=BUCKET, Key=key, Body=body)
+    status, output = _verify(trail)
+    assert status == 1, output
+    assert output.endswith(f"NOT VERIFIED: {key}: not a checkpoint (not a JSON object)\n")
+
+
+def test_a_checkpoint_naming_a_key_that_is_not_trusted_is_named(trail: dict[str, Any]) -> None:
+    key = trail["checkpoints"][-1]
+    trail["s3"].put_object(Bucket=BUCKET, Key=key, Body=b'{"key_id": [1]}')
+    assert _verify(trail) == (
+        1,
+        f"reading 3 objects of {WRITER} from s3://{BUCKET} ...\n"
+        "2 records, 1 objects, 1 checkpoints\n"
+        f"NOT VERIFIED: {key}: signed by a key that is not trusted\n",
+    )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -173,6 +173,8 @@ def make_checkpoint(
 
 # What every accepted message must also have in the trail: where it was stored.
 OUTCOME_EVENTS = ("routed", "fallback")
+NOT_A_CHECKPOINT = "not a checkpoint (not a JSON object)"
+_NO_OUTCOME = "an accepted message has no outcome (routed or fallback)"
 
 
 @dataclass(frozen=True)
@@ -228,12 +230,13 @@ def verify_trail(
     if anchor is not None:
         key, body = anchor
         # Its own number and link are taken as they are: only its signature can be checked.
-        number = cast(int, body.get("checkpoint"))
+        own: Mapping[str, Any] = body if isinstance(body, Mapping) else {}  # else _seal names it
+        number = cast(int, own.get("checkpoint"))
         problem, rank = _seal(
             key,
             body,
             number,
-            body.get("previous_signature"),
+            own.get("previous_signature"),
             keys=keys,
             newest_rank=rank,
             writer=writer,
@@ -269,7 +272,7 @@ def verify_trail(
         abandoned.pop(key, None)
     ordered = sorted((key for key in objects if key not in abandoned), key=sequence_order)
     uncovered_tail = ordered[len(covered) :]
-    problem = _check_abandoned(abandoned, objects) or _extra_among_sealed(ordered, covered)
+    problem = _check_abandoned(abandoned, objects.get) or _extra_among_sealed(ordered, covered)
     if problem is not None:
         result.problem = problem
         return result
@@ -290,6 +293,169 @@ def verify_trail(
             return result
     result.problem = _without_outcome(first_accepted, result.message_ids)
     return result
+
+
+def _checkpoint_body(data: bytes) -> dict[str, Any] | None:
+    """A checkpoint object's body as stored, or None when it is not a JSON object (its
+    signature, checked by the verifier, tells whether it is a checkpoint)."""
+    try:
+        body = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def verify_intervals(
+    *,
+    object_keys: Sequence[str],
+    checkpoint_keys: Sequence[str],
+    read: Callable[[str], bytes | None],
+    keys: Keyring,
+    writer: str,
+) -> Verification:
+    """``verify_trail`` over a whole trail, one checkpoint's interval at a time, so memory holds
+    the objects of one interval, never the trail's records: one interval's objects, the keys,
+    and the ids of the messages with an outcome (a keyed digest each, ``fabric.compliance.IdSet``:
+    tens of bytes, against about 600 for a record read whole). ``message_ids`` of the result
+    stays empty.
+
+    ``checkpoint_keys`` and ``object_keys`` as listed (key order); ``read`` gives an object's
+    bytes, None when there is none. Each checkpoint is verified with the objects it names from
+    the checkpoint before it (the ``anchor``: the numbering, key rank, signature link and record
+    chain go on from it), and its records must end where it says; then the objects after the
+    last checkpoint. What spans intervals is checked across them: the abandoned attempts (read
+    for their hash once every checkpoint is read: a later one may name the key as the chain's),
+    an object among the sealed ones that no checkpoint names, and last an accepted message with
+    no outcome anywhere in the trail. Stops at the first problem and names it.
+    """
+    result = Verification()
+    outcomes = _Outcomes()
+    keys = _remembering(keys)  # each checkpoint is checked again as the next one's anchor
+    anchor: tuple[str, Mapping[str, Any]] | None = None
+    covered: list[str] = []
+    abandoned: dict[str, set[str]] = {}
+    for key in checkpoint_keys:
+        data = read(key)
+        checkpoint = None if data is None else _checkpoint_body(data)
+        if checkpoint is None:
+            result.problem = Problem(key, "listed but gone" if data is None else NOT_A_CHECKPOINT)
+            return result
+        named = _named(checkpoint)
+        interval = {name: stored for name in named if (stored := read(name)) is not None}
+        checked = verify_trail(
+            objects=interval,
+            checkpoints=[(key, checkpoint)],
+            keys=keys,
+            writer=writer,
+            anchor=anchor,
+        )
+        result.problem = _tally(result, checked, outcomes, named, interval)
+        if result.problem is not None:
+            return result
+        del interval
+        covered.extend(named)
+        for item in checkpoint.get("abandoned", ()):
+            abandoned.setdefault(str(item["key"]), set()).add(str(item["sha256"]))
+        anchor = (key, checkpoint)
+    for key in covered:  # written again later: the chain's object, checked as such
+        abandoned.pop(key, None)
+    ordered = sorted((key for key in object_keys if key not in abandoned), key=sequence_order)
+    result.problem = _check_abandoned(abandoned, read) or _extra_among_sealed(ordered, covered)
+    if result.problem is not None:
+        return result
+    tail = ordered[len(covered) :]
+    interval = {}
+    for key in tail:
+        stored = read(key)
+        if stored is None:
+            result.problem = Problem(key, "listed but gone")
+            return result
+        interval[key] = stored
+    checked = verify_trail(
+        objects=interval, checkpoints=[], keys=keys, writer=writer, anchor=anchor
+    )
+    result.problem = _tally(result, checked, outcomes, tail, interval) or outcomes.problem()
+    return result
+
+
+def _named(checkpoint: Mapping[str, Any]) -> list[str]:
+    """The object keys ``checkpoint`` names (read before its signature is checked: whatever
+    is not a list of keys reads as none, and the verifier names the checkpoint)."""
+    items = checkpoint.get("objects")
+    if not isinstance(items, list):
+        return []
+    return [str(item.get("key")) for item in items if isinstance(item, dict)]
+
+
+def _tally(
+    result: Verification,
+    checked: Verification,
+    outcomes: _Outcomes,
+    walked: Sequence[str],
+    objects: Mapping[str, bytes],
+) -> Problem | None:
+    """Add one interval's counts to ``result`` and its records' outcomes to ``outcomes``; its
+    problem, unless only an acceptance without an outcome (it may be in another interval)."""
+    result.records += checked.records
+    result.objects += checked.objects
+    result.checkpoints += checked.checkpoints
+    if checked.problem is not None and checked.problem.authentic:
+        return checked.problem
+    for key in walked:
+        outcomes.add(key, decode_object(objects[key]))
+    return None
+
+
+class _Outcomes:
+    """The accepted messages without an outcome (``routed`` or ``fallback``) so far, across
+    intervals: the ids with an outcome (an acceptance after it needs none), and the first
+    place of each acceptance still waiting for one."""
+
+    def __init__(self) -> None:
+        from fabric.compliance import IdSet  # not at the top: fabric.compliance imports this
+
+        self._answered = IdSet()
+        self._waiting: dict[str, str] = {}  # message id -> "<key> record <seq>", in trail order
+
+    def add(self, key: str, records: Iterable[Mapping[str, Any]]) -> None:
+        for record in records:
+            event, message_id = record.get("event"), record.get("message_id")
+            if not isinstance(event, str) or not isinstance(message_id, str):
+                continue
+            if event in OUTCOME_EVENTS:
+                self._answered.add(message_id)
+                self._waiting.pop(message_id, None)
+            elif event == "accepted" and message_id not in self._answered:
+                self._waiting.setdefault(message_id, f"{key} record {record.get('seq')}")
+
+    def problem(self) -> Problem | None:
+        where = next(iter(self._waiting.values()), None)
+        return None if where is None else Problem(where, _NO_OUTCOME, authentic=False)
+
+
+class _RememberedSigner:
+    """A signer that remembers the last signature it found good, so a checkpoint checked as
+    the next interval's anchor costs no second KMS call."""
+
+    def __init__(self, signer: Signer) -> None:
+        self.key_id, self._signer = signer.key_id, signer
+        self._good: tuple[bytes, bytes] | None = None
+
+    def sign(self, message: bytes) -> bytes:
+        return self._signer.sign(message)
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        if self._good == (message, signature):
+            return True
+        good = self._signer.verify(message, signature)
+        if good:
+            self._good = (message, signature)
+        return good
+
+
+def _remembering(keys: Keyring) -> Keyring:
+    ranked = sorted(keys._by_id.values(), key=lambda found: found[0])
+    return Keyring([_RememberedSigner(signer) for _, signer in ranked])
 
 
 def _walk_records(
@@ -331,9 +497,7 @@ def _without_outcome(
     for message_id, where in first_accepted.items():
         if message_id not in answered:
             # No message id here: problems go to the compliance topic's summary too.
-            return Problem(
-                where, "an accepted message has no outcome (routed or fallback)", authentic=False
-            )
+            return Problem(where, _NO_OUTCOME, authentic=False)
     return None
 
 
@@ -354,12 +518,12 @@ def sequence_order(key: str) -> tuple[str, str]:
 
 
 def _check_abandoned(
-    abandoned: Mapping[str, set[str]], objects: Mapping[str, bytes]
+    abandoned: Mapping[str, set[str]], read: Callable[[str], bytes | None]
 ) -> Problem | None:
     """An abandoned attempt a checkpoint names may be missing (it never got stored); if stored,
     it must be one of the objects the writer meant to store there, by its SHA-256."""
     for key, digests in abandoned.items():
-        data = objects.get(key)
+        data = read(key)
         if data is not None and hashlib.sha256(data).hexdigest() not in digests:
             return Problem(key, "an abandoned attempt whose SHA-256 differs")
     return None
@@ -380,6 +544,8 @@ def _seal(
     The key must be trusted and not older than ``newest_rank`` (the previous checkpoint's);
     then its signature, number and link are checked, and that it is ``writer``'s (every writer
     signs with the same key: another's checkpoint is validly signed)."""
+    if not isinstance(checkpoint, Mapping):  # what a JSON checkpoint object can be
+        return Problem(key, NOT_A_CHECKPOINT), newest_rank
     found = keys.find(checkpoint.get("key_id"))
     if found is None:
         return Problem(key, "signed by a key that is not trusted"), newest_rank

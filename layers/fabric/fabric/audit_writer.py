@@ -19,9 +19,11 @@ import hashlib
 import json
 import logging
 import re
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import PurePath
 from typing import Any, Protocol
 
 from fabric.audit import AuditBatch, decode_audit_batch
@@ -299,7 +301,7 @@ def _named_bodies(
     carried: dict[str, bytes] = {}
     for batch in batches:
         carried.update(batch.bodies)
-    named = {record.get("body_sha256") for record in records}
+    named = {digest for record in records if isinstance(digest := record.get("body_sha256"), str)}
     return {digest: body for digest, body in carried.items() if digest in named}
 
 
@@ -325,7 +327,9 @@ def batches_from_event(
     digest of its body, which a redelivery has too.
 
     A body that is not an audit batch is not dropped: it becomes one ``unreadable-batch`` record
-    carrying the SHA-256 of the body, so the trail shows that something arrived and what.
+    carrying the SHA-256 of the body, so the trail shows that something arrived and what. So
+    does a message whose reading fails in any way the checks did not foresee (``_unexpected``):
+    one message never fails the event, whose other batches are written.
 
     On RabbitMQ, where stakeholder users may publish their consumers' records too, every record
     gets ``publisher``: the batch's user-id, which the broker checked against the connection's
@@ -344,27 +348,66 @@ def batches_from_event(
     if event.get("eventSource") == "aws:rmq":
         for messages in event.get("rmqMessagesByQueue", {}).values():
             for message in messages:
-                properties = message.get("basicProperties") or {}
                 try:
-                    body = base64.b64decode(message.get("data", ""))
-                except ValueError:  # recorded as it arrived, not the whole event dropped
-                    body = str(message.get("data", "")).encode("utf-8", "surrogatepass")
-                publisher = str(properties.get("userId") or "")
-                sent_id = str(properties.get("messageId") or "")
-                if publisher not in trusted and normalize_message_id(sent_id) != sent_id:
-                    sent_id = ""
-                batch = _published_by(publisher, body, trusted, environment)
-                batches.append((sent_id or _digest(body), batch))
+                    batches.append(_from_rabbitmq(message, trusted, environment))
+                except Exception as error:  # one message never fails the event
+                    batches.append(_unexpected(message, "data", error))
     elif isinstance(event.get("Records"), list):
         for record in event["Records"]:
-            attributes = record.get("messageAttributes") or {}
-            body = str(record.get("body", "")).encode("utf-8")
-            # The platform's own id: only its functions may send to this queue (IAM).
-            sent_id = str((attributes.get(MESSAGE_ID_ATTRIBUTE) or {}).get("stringValue") or "")
-            batches.append((sent_id or _digest(body), _records(body)[0]))
+            try:
+                attributes = record.get("messageAttributes") or {}
+                body = str(record.get("body", "")).encode("utf-8")
+                # The platform's own id: only its functions may send to this queue (IAM).
+                sent_id = str((attributes.get(MESSAGE_ID_ATTRIBUTE) or {}).get("stringValue") or "")
+                batches.append((sent_id or _digest(body), _records(body)[0]))
+            except Exception as error:  # one message never fails the event
+                batches.append(_unexpected(record, "body", error))
     else:
         raise ValueError("not an Amazon MQ or SQS event")
     return batches
+
+
+def _from_rabbitmq(
+    message: Mapping[str, Any], trusted: frozenset[str], environment: str | None
+) -> tuple[str, AuditBatch]:
+    properties = message.get("basicProperties") or {}
+    try:
+        body = base64.b64decode(message.get("data", ""))
+    except ValueError:  # recorded as it arrived, not the whole event dropped
+        body = str(message.get("data", "")).encode("utf-8", "surrogatepass")
+    publisher = str(properties.get("userId") or "")
+    sent_id = str(properties.get("messageId") or "")
+    if publisher not in trusted and normalize_message_id(sent_id) != sent_id:
+        sent_id = ""
+    return sent_id or _digest(body), _published_by(publisher, body, trusted, environment)
+
+
+def _unexpected(message: object, field: str, error: Exception) -> tuple[str, AuditBatch]:
+    """One ``unreadable-batch`` record for a message whose reading failed in a way the checks
+    did not foresee (a shape nobody expected, a bug of the writer's): the event's other batches
+    are written, and this one is not delivered again and again until the event source gives
+    up on all of them. It carries the SHA-256 of the message's ``field`` (``data``, ``body``)
+    as the event carried it, or of the whole message as JSON. The log names the error's class
+    and where it was raised, never its text, which may quote what a consumer sent."""
+    where = traceback.extract_tb(error.__traceback__)[-1]
+    _LOG.error(
+        "an audit message could not be read (%s at %s:%s): written as one unreadable-batch record",
+        type(error).__name__,
+        PurePath(where.filename).name,
+        where.lineno,
+    )
+    carried = message.get(field) if isinstance(message, dict) else None
+    if isinstance(carried, str):
+        body = carried.encode("utf-8", "surrogatepass")
+    else:
+        body = json.dumps(message, sort_keys=True, default=repr).encode("utf-8", "surrogatepass")
+    properties = message.get("basicProperties") if isinstance(message, dict) else None
+    publisher = None
+    if field == "data":  # RabbitMQ: every record says who published it
+        publisher = str(properties.get("userId") or "") if isinstance(properties, dict) else ""
+    return _digest(body), _stand_in(
+        body, "unreadable-batch", "the writer failed to read the message", publisher
+    )
 
 
 def _published_by(
@@ -375,7 +418,7 @@ def _published_by(
         group = _GROUP_OF_USER.get(publisher)
         if group is None:  # the broker checks a user-id only when there is one
             why: str | None = "is not a stakeholder group's user (or gave no user-id)"
-        elif any(r.get("event") not in CONSUMER_EVENTS for r in batch.records):
+        elif not all(_is_consumer_event(r.get("event")) for r in batch.records):
             why = "may record only consumer events"
         else:
             why = next(
@@ -391,6 +434,11 @@ def _published_by(
         # consumer's would sit in the locked archive for the retention period, whatever they are.
         return AuditBatch([{**r, "publisher": publisher} for r in batch.records])
     return AuditBatch([{**r, "publisher": publisher} for r in batch.records], batch.bodies)
+
+
+def _is_consumer_event(event: object) -> bool:
+    # The type first: a list or an object is no event, and cannot be looked up in a set.
+    return isinstance(event, str) and event in CONSUMER_EVENTS
 
 
 # What a stakeholder's consumer may put in the trail: the fields of the consumer toolkit's records
