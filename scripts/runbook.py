@@ -152,8 +152,11 @@ def drain(
     for queue, moved in sorted(body["moved"].items()):
         print(f"  moved {moved:7d} into {queue}", file=out)
     refused, left = body.get("refused") or [], int(body.get("left") or 0)
-    for queue in refused:  # full: its messages stay in SQS, the other queues were drained
-        print(f"  {queue} refused messages (full?): they stay in the fallback queue", file=out)
+    for queue in refused:  # full or stalled: its messages stay in SQS, the others were drained
+        print(
+            f"  {queue} refused messages (full or stalled?): they stay in the fallback queue",
+            file=out,
+        )
     print(
         f"summary: moved {body['total']}, left in SQS {left}, stopped: {body['stopped']}",
         file=out,

@@ -13,14 +13,13 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
+from fabric.drain import FALLBACK_MAX_RECEIVES
 from fabric.naming import FALLBACK_FLOWS, fallback_queue_name, redrive_function_name
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from stacks.constructs.function import role_arn, router_role_name
 from stacks.constructs.queues import deny_other_senders, encrypted_queue, queue_with_dlq
 from stacks.nag import acknowledge
 
-# Receives before a fallback message is parked in its DLQ (each failed drain attempt is one).
-_MAX_RECEIVE_COUNT = 10
 # Longer than the drain function's per-message confirm wait, so a message being drained is not
 # handed to a second drainer.
 _VISIBILITY_TIMEOUT = Duration.seconds(120)
@@ -158,7 +157,7 @@ class FallbackPath(Construct):
             name=name,
             key=key,
             removal_policy=removal_policy,
-            max_receive_count=_MAX_RECEIVE_COUNT,
+            max_receive_count=FALLBACK_MAX_RECEIVES,
             visibility_timeout=_VISIBILITY_TIMEOUT,
         )
         # Only the topic's deliveries and the redrive (which puts dead letters back) may send:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import boto3
+import pika
 import pytest
 
 from fabric.adapters.memory import MemoryAuditSink
@@ -173,3 +174,92 @@ def test_a_full_work_queue_is_refused_once_and_its_subscription_dlq_is_left_alon
         QueueUrl=sub_dlq["QueueUrl"], MaxNumberOfMessages=10, AttributeNames=["All"]
     )["Messages"]
     assert sorted(m["Attributes"]["ApproximateReceiveCount"] for m in counts) == ["1"] * 3
+
+
+def stalled(node: PrivateNode, vhost: str, queue: str, *, stall: bool) -> None:
+    """Suspend (or resume) the Ra server of quorum queue ``queue``: it takes publishes and
+    confirms none, as a quorum queue that lost its majority, while every other queue works."""
+    node.ctl(
+        "eval",
+        f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"{vhost}">>, queue, <<"{queue}">>)),'
+        f" {{Name, _}} = amqqueue:get_pid(Q), sys:{'suspend' if stall else 'resume'}(Name).",
+    )
+
+
+def arrived(node: PrivateNode, vhost: str, queue: str) -> list[str]:
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters("127.0.0.1", node.amqp_port, virtual_host=vhost)
+    )
+    channel = connection.channel()
+    found = []
+    while True:
+        method, properties, _body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        found.append(properties.message_id)
+    connection.close()
+    return found
+
+
+def test_a_stalled_work_queue_keeps_only_its_own_messages_in_sqs_not_the_other_groups(
+    aws: dict[str, Any], node: PrivateNode, node_vhost: str
+) -> None:
+    # government's emergency queue confirms nothing (its quorum lost the majority). Before,
+    # the drain took its confirm timeout for a broker outage and ended every run there:
+    # community's emergency and business's bulk, drained after it, waited in SQS as long as the
+    # stall lasted (and government's first batch neared its DLQ by a receive each run).
+    government = queue_name(Stakeholder.GOVERNMENT, emergency=True)
+    alert, other_alert, bulk = (
+        message(Stakeholder.GOVERNMENT, emergency=True),
+        message(Stakeholder.COMMUNITY, emergency=True),
+        message(Stakeholder.BUSINESS),
+    )
+    park(aws, alert, other_alert, bulk)
+    url = aws["queues"][("emergency", Stakeholder.GOVERNMENT)]
+    # What a run took comes back at once: only the run's own skipping keeps it from a second
+    # receive.
+    aws["sqs"].set_queue_attributes(QueueUrl=url, Attributes={"VisibilityTimeout": "0"})
+    drainer = draining(aws, rabbit(node_vhost, port=node.amqp_port))
+    stalled(node, node_vhost, government, stall=True)
+    try:
+        report = drainer.drain()
+    finally:
+        stalled(node, node_vhost, government, stall=False)
+
+    assert (report.stopped, report.refused) == ("empty", [government])
+    assert report.moved == {
+        government: 0,
+        queue_name(Stakeholder.COMMUNITY, emergency=True): 1,
+        queue_name(Stakeholder.BUSINESS): 1,
+    }
+    assert arrived(node, node_vhost, queue_name(Stakeholder.COMMUNITY, emergency=True)) == [
+        other_alert.message_id
+    ]
+    assert arrived(node, node_vhost, queue_name(Stakeholder.BUSINESS)) == [bulk.message_id]
+    assert receive_counts(aws, url) == ["2"]  # the run's one receive, and this look
+
+    # The queue works again: the next run moves its message (the publish that timed out may
+    # have been stored meanwhile: then it arrives twice, with one message id).
+    again = drainer.drain()
+    assert (again.stopped, again.moved) == ("empty", {government: 1})
+    assert set(arrived(node, node_vhost, government)) == {alert.message_id}
+
+
+def test_the_emergency_queues_take_turns_so_one_groups_backlog_holds_no_other_back(
+    aws: dict[str, Any], broker_vhost: str
+) -> None:
+    # Drained one queue after the other, a run with room for eleven took them all from
+    # government's backlog, and community's emergency waited for a later run.
+    backlog = [message(Stakeholder.GOVERNMENT, emergency=True) for _ in range(25)]
+    alert = message(Stakeholder.COMMUNITY, emergency=True)
+    park(aws, *backlog, alert)
+
+    report = draining(aws, rabbit(broker_vhost)).drain(max_messages=11)
+
+    community = queue_name(Stakeholder.COMMUNITY, emergency=True)
+    assert (report.stopped, report.moved) == (
+        "message limit",
+        {queue_name(Stakeholder.GOVERNMENT, emergency=True): 10, community: 1},
+    )
+    assert in_rabbitmq(broker_vhost)[community] == [alert.message_id]
+    assert left_in_sqs(aws) == 15

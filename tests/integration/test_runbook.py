@@ -90,7 +90,10 @@ def test_a_drain_that_a_full_work_queue_refused_exits_1_and_says_what_stays_in_s
     }
     status, output = run(DrainFunction(report), max_messages=None, dry_run=False)
     assert status == 1
-    assert "fabric.community refused messages (full?): they stay in the fallback queue" in output
+    assert (
+        "fabric.community refused messages (full or stalled?): they stay in the fallback queue"
+        in output
+    )
     assert "summary: moved 2, left in SQS 10, stopped: empty" in output
 
 

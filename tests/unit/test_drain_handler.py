@@ -6,6 +6,7 @@ from types import ModuleType
 
 import pytest
 
+from fabric.drain import FALLBACK_MAX_RECEIVES
 from tests.conftest import load_handler
 
 ENVIRONMENT = {
@@ -47,6 +48,16 @@ def test_the_deployed_limits_reach_the_drainer(drain_handler: ModuleType) -> Non
     (media,) = [q for q in drainer._queues if q.url.endswith("/fabric-test-fallback-media")]
     assert media.url == f"{ENVIRONMENT['SQS_URL_PREFIX']}fabric-test-fallback-media"
     assert (media.group.value, media.emergency) == ("media", False)
+    # What the stack's redrive policies allow: a fallback queue's message goes to its DLQ after
+    # that many receives; a subscription's DLQ has no redrive policy.
+    assert {
+        q.url.rsplit("/", 1)[1]: q.max_receives for q in drainer._queues if "-media" in q.url
+    } == {
+        "fabric-test-fallback-media": FALLBACK_MAX_RECEIVES,
+        "fabric-test-fallback-media-sub-dlq": None,
+        "fabric-test-emergency-media": FALLBACK_MAX_RECEIVES,
+        "fabric-test-emergency-media-sub-dlq": None,
+    }
     answer = drain_handler.handler({"version": "0", "source": "aws.events"}, None)
     # Port 1: the drain finds the broker down before it receives anything.
     assert answer == {

@@ -222,3 +222,22 @@ def test_an_emergency_work_queue_that_refused_is_not_looked_at_again_in_the_run(
         1,
     )
     assert [queue for queue, wait in source.receives if not wait] == [EMERGENCY.url]
+
+
+def test_a_slow_emergency_backlog_holds_the_next_groups_emergency_back_one_batch_not_all() -> None:
+    # Each batch takes the broker BATCH_SECONDS. Drained one queue to its end after the other,
+    # community's one emergency waited for all of government's: 25 batches, 6.25 s here, and
+    # with a backlog of thousands (or a work queue slower than this) for whole runs.
+    clock = Clock()
+    source, broker = TimedSource(clock=clock), TimedBroker(clock)
+    community = FallbackQueue(
+        url="emergency-community", group=Stakeholder.COMMUNITY, emergency=True
+    )
+    source.send(EMERGENCY.url, *parked(250))
+    [alert] = parked()
+    source.send(community.url, alert)
+
+    report = drainer(clock, source, broker, [EMERGENCY, community]).drain()
+
+    assert (report.stopped, report.total) == ("empty", 251)
+    assert broker.at[alert.message_id] == 2 * BATCH_SECONDS  # right after government's first

@@ -149,13 +149,24 @@ def build_drainer(
 ) -> Drainer:
     """Wire the drain from settings. Nothing touches the network until it runs."""
     from fabric.adapters.sqs import SqsFallbackSource
-    from fabric.drain import Drainer, FallbackQueue
+    from fabric.drain import FALLBACK_MAX_RECEIVES, Drainer, FallbackQueue
+    from fabric.naming import subscription_dead_letter_queue_name
 
     make_client = client_factory or _boto3_client
     rabbit = _rabbit(settings, make_client)
     return Drainer(
         queues=[
-            FallbackQueue(url=url, group=Stakeholder(group), emergency=emergency)
+            FallbackQueue(
+                url=url,
+                group=Stakeholder(group),
+                emergency=emergency,
+                # A subscription's DLQ has no redrive policy: SQS never moves its messages on.
+                max_receives=(
+                    None
+                    if url.endswith(subscription_dead_letter_queue_name(""))
+                    else FALLBACK_MAX_RECEIVES
+                ),
+            )
             for url, group, emergency in settings.queues
         ],
         source=SqsFallbackSource(lambda: make_client("sqs")),

@@ -12,11 +12,15 @@ carries the same message id, which consumers deduplicate on.
 Each receive counts towards a fallback queue's redrive policy (10 receives, then its DLQ), so
 the drain takes nothing it cannot hand on: before it receives anything it opens the broker
 connection and publishes probes that no queue takes (a memory or disk alarm blocks a connection
-only once it publishes, so a fresh one looks healthy), and a work queue that refuses messages
-(full: ``reject-publish``) stops the drain of that queue only, not of the other groups' queues
-behind it.
+only once it publishes, so a fresh one looks healthy). A work queue that does not take a batch
+while the broker does (full: ``reject-publish`` nacks; stalled: a quorum queue without its
+majority never confirms, and its confirms time out while the probes still pass) stops the drain
+of that queue only, not of the other groups' queues; the run stops only when the broker itself
+takes nothing (its connection fails, or the probes fail too).
 
-While a run is on the bulk queues (up to its time limit), an emergency that reaches an
+The emergency queues are drained in turn, one batch from each per pass, so that one group's
+backlog (or slow work queue) never holds back another group's emergencies; the bulk queues
+follow. While a run is on the bulk queues (up to its time limit), an emergency that reaches an
 emergency queue meanwhile does not wait for the next run: between bulk batches, at most every
 ``RECHECK_SECONDS``, the run looks into each emergency queue again with a receive that does not
 wait, and moves what it finds first, the same way.
@@ -35,7 +39,6 @@ from datetime import UTC, datetime
 from fabric import metrics as metric_names
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.audit_writer import is_topic
-from fabric.breaker import SYSTEMIC
 from fabric.envelope import normalize_message_id
 from fabric.errors import TransportUnavailable
 from fabric.ports import (
@@ -60,6 +63,16 @@ PROBE_ROUTING_KEY = "fabric.drain.probe"
 # requests a second, about 2,400 in a run that spends its 240 s on bulk. An empty receive counts
 # towards no message's receives, so the looks bring no message nearer its DLQ.
 RECHECK_SECONDS = 1.0
+# Receives SQS allows a fallback queue's message before its redrive policy moves it to the
+# queue's DLQ (``maxReceiveCount``; the stack sets the policy from this): a copy the drain could
+# not hand on at its last receive goes there next, and is audited ``dead-lettered``.
+FALLBACK_MAX_RECEIVES = 10
+# A batch that meets these stops the run: the connection is gone or blocked.
+_BROKER_DOWN = frozenset({Failure.UNAVAILABLE})
+# A probe that meets these says the broker takes no publishes. A batch that meets only a confirm
+# timeout may be its work queue's alone (a quorum queue without its majority): the probes then
+# tell whether the run stops or only leaves that queue.
+_NO_PUBLISHES = frozenset({Failure.UNAVAILABLE, Failure.TIMEOUT})
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,9 @@ class FallbackQueue:
     url: str
     group: Stakeholder
     emergency: bool
+    # The receives SQS allows before it moves a message to this queue's DLQ; None: the queue
+    # has no redrive policy (a subscription's DLQ keeps its messages).
+    max_receives: int | None = None
 
     @property
     def work_queue(self) -> str:
@@ -109,6 +125,13 @@ def _reply_properties(body: bytes) -> tuple[str | None, str | None]:
     )
 
 
+def _log_id(item: Received) -> str:
+    """How a log line names a copy: its message id in the fabric's syntax, else the SHA-256 of
+    its body (a message without the router's attributes gives its id from its body, whatever
+    its sender wrote there; a log is no place for that text)."""
+    return normalize_message_id(item.message_id) or f"sha256:{sha256_hex(item.body)}"
+
+
 class Drainer:
     """Drains ``queues`` into ``broker``; emergencies first, then the rest."""
 
@@ -139,9 +162,10 @@ class Drainer:
         self, *, max_messages: int | None = None, max_seconds: float | None = None
     ) -> DrainReport:
         """Move up to ``max_messages`` within ``max_seconds`` (default: the limits this drainer
-        was built with); stop at the first broker failure, when the ``drained`` records cannot
-        be stored (``audit unavailable``), or when SQS will not delete what was moved
-        (``fallback queue unavailable``).
+        was built with); stop when the broker takes nothing (``broker unavailable``), when the
+        ``drained`` records cannot be stored (``audit unavailable``), or when SQS will not delete
+        what was moved (``fallback queue unavailable``). A work queue that alone does not take
+        its batch is listed in ``refused`` and the others still drain.
 
         Never raises for broker or SQS trouble: the report says why it stopped.
         """
@@ -157,24 +181,38 @@ class Drainer:
             report.stopped = "broker unavailable"  # before a receive counts against anything
             return report
         emergencies = [queue for queue in self._queues if queue.emergency]
-        recheck_at = 0.0
-        for queue in self._queues:
+        self._take_in_turn(emergencies, report, max_messages, deadline, wait=True)
+        recheck_at = self._clock() + RECHECK_SECONDS  # the emergency queues were just found empty
+        for queue in [queue for queue in self._queues if not queue.emergency]:
             while self._take(queue, report, max_messages, deadline, wait=True):
-                if not queue.emergency and self._clock() >= recheck_at:
+                if self._clock() >= recheck_at:
                     # Busy with bulk: what reached an emergency queue since goes first. A look
                     # that does not wait may miss a message; the next look, a second on, asks
                     # again.
-                    for urgent in emergencies:
-                        while self._take(urgent, report, max_messages, deadline, wait=False):
-                            pass
+                    self._take_in_turn(emergencies, report, max_messages, deadline, wait=False)
                     recheck_at = self._clock() + RECHECK_SECONDS
-            if report.stopped != "empty":
-                return report
-            if queue.emergency:  # emergencies are first: the last one was just found empty
-                recheck_at = self._clock() + RECHECK_SECONDS
-        if report.total >= max_messages:
+        if report.stopped == "empty" and report.total >= max_messages:
             report.stopped = "message limit"
         return report
+
+    def _take_in_turn(
+        self,
+        queues: list[FallbackQueue],
+        report: DrainReport,
+        max_messages: int,
+        deadline: float,
+        *,
+        wait: bool,
+    ) -> None:
+        """Move one batch from each of ``queues`` per pass, until each is empty (or refused) or
+        the run stops: a queue with a backlog, or whose work queue is slow, holds the others
+        back by one batch, not for the rest of the run."""
+        while queues:
+            queues = [
+                queue
+                for queue in queues
+                if self._take(queue, report, max_messages, deadline, wait=wait)
+            ]
 
     def _take(
         self,
@@ -186,17 +224,26 @@ class Drainer:
         wait: bool,
     ) -> bool:
         """Move one batch from ``queue``; whether it may hold more (``report.stopped`` says why
-        the run must stop, ``report.refused`` names a work queue that refused)."""
+        the run must stop, ``report.refused`` names a work queue that did not take its batch).
+
+        A batch the broker did not take stops the run only when the broker takes nothing: its
+        connection failed, or, after confirms that timed out, the probes fail too. Otherwise it
+        was this work queue alone (full, or a quorum queue that lost its majority and confirms
+        nothing), and the other queues still drain."""
         batch = self._receive(queue, report, max_messages, deadline, wait=wait)
         if not batch:
             return False
         failures = self._move(queue, batch, report)
         if report.stopped != "empty":  # the audit paths, or SQS's deletes, failed
             return False
-        if failures & SYSTEMIC:
+        if failures & _BROKER_DOWN or (failures & _NO_PUBLISHES and not self._broker_works()):
             report.stopped = "broker unavailable"
-        elif failures:  # this work queue refused (full): the next queues still drain
-            _LOG.warning("%s refused messages; draining the other queues", queue.work_queue)
+        elif failures:
+            _LOG.warning(
+                "%s did not take messages (%s); draining the other queues",
+                queue.work_queue,
+                ", ".join(sorted(failure.value for failure in failures)),
+            )
             report.refused.append(queue.work_queue)
         return not failures
 
@@ -229,6 +276,11 @@ class Drainer:
             report.stopped = "fallback queue unavailable"
             return []
 
+    def _broker_works(self) -> bool:
+        """Whether the broker takes publishes after some did not confirm in time: a connection
+        (the transport dropped the one that timed out) and the probes."""
+        return (self._connect is None or self._connect()) and self._takes_publishes()
+
     def _takes_publishes(self) -> bool:
         """Whether the broker takes publishes now, asked with two probes no queue is bound to
         receive: a broker that takes them returns them (mandatory) and stores nothing. Under a
@@ -244,10 +296,10 @@ class Drainer:
             )
             for _ in range(2)
         ]
-        refused = {outcome.failure for outcome in self._broker.publish(probes)} & SYSTEMIC
+        refused = {outcome.failure for outcome in self._broker.publish(probes)} & _NO_PUBLISHES
         if refused:
             _LOG.warning(
-                "the broker takes no publishes (%s): nothing received",
+                "the broker takes no publishes (%s): nothing more received",
                 ", ".join(sorted(failure.value for failure in refused if failure is not None)),
             )
             return False
@@ -281,7 +333,21 @@ class Drainer:
         ]
         outcomes = self._broker.publish(outbound)
         confirmed = [item for item, outcome in zip(batch, outcomes, strict=True) if outcome.stored]
-        failures = {outcome.failure for outcome in outcomes if outcome.failure is not None}
+        undelivered = [
+            (item, outcome.failure)
+            for item, outcome in zip(batch, outcomes, strict=True)
+            if outcome.failure is not None
+        ]
+        failures = {failure for _item, failure in undelivered}
+        for item, failure in undelivered:
+            _LOG.warning(
+                "%s not moved to %s (%s): left in %s",
+                _log_id(item),
+                queue.work_queue,
+                failure.value,
+                queue.url,
+            )
+        self._audit_dead_lettered(queue, undelivered)
         if confirmed and not self._audit_drained(queue, confirmed):
             _LOG.error(
                 "audit batch of %d drained message(s) could not be stored: left in SQS",
@@ -302,6 +368,46 @@ class Drainer:
             )
             report.stopped = "fallback queue unavailable"
         return failures
+
+    def _audit_dead_lettered(
+        self, queue: FallbackQueue, undelivered: list[tuple[Received, Failure]]
+    ) -> None:
+        """Audit ``dead-lettered`` each copy the broker did not take at the last receive its
+        queue's redrive policy allows: SQS moves it to the queue's DLQ when its visibility
+        timeout ends, and the trail says so and why (``drain-<failure>``). A copy with receives
+        left, or in a queue without a redrive policy, is not dead-lettered: no record. Best
+        effort: a record that cannot be stored is logged, and the copy goes to the DLQ all the
+        same."""
+        if queue.max_receives is None:
+            return
+        now = datetime.now(UTC)
+        records = [
+            AuditRecord(
+                event=AuditEvent.DEAD_LETTERED,
+                at=now,
+                message_id=normalize_message_id(item.message_id),
+                source="drain",
+                topic=item.topic if is_topic(item.topic) else None,
+                body_sha256=sha256_hex(item.body),
+                reason=f"drain-{failure.value}",
+                attempt=item.receives,
+                groups=(queue.group.value,),
+                queues=(queue.url.rsplit("/", 1)[-1],),
+            )
+            for item, failure in undelivered
+            if item.receives >= queue.max_receives
+        ]
+        if not records:
+            return
+        _LOG.warning(
+            "%d message(s) not moved at their last receive: SQS moves them to the DLQ of %s",
+            len(records),
+            queue.url,
+        )
+        if not self._audit.emit(records):
+            _LOG.error(
+                "audit batch of %d dead-lettered message(s) could not be stored", len(records)
+            )
 
     def _audit_drained(self, queue: FallbackQueue, confirmed: list[Received]) -> bool:
         """Audit every copy the broker confirmed (it is in its work queue, deleted from SQS or

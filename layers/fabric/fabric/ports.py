@@ -180,6 +180,9 @@ class Received:
     message_id: str
     topic: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    # The times the queue has handed it out, this receive included (SQS's
+    # ApproximateReceiveCount); 0 where the source does not say.
+    receives: int = 0
 
 
 class FallbackSource(Protocol):

@@ -55,6 +55,7 @@ class SqsFallbackSource:
                     QueueUrl=queue,
                     MaxNumberOfMessages=max(1, min(limit, 10)),
                     MessageAttributeNames=["All"],
+                    MessageSystemAttributeNames=["ApproximateReceiveCount"],
                     WaitTimeSeconds=1 if wait else 0,
                 )
             except (BotoCoreError, ClientError) as exc:
@@ -141,10 +142,12 @@ def _received(item: dict[str, Any]) -> Received:
     headers = json.loads(headers_text) if headers_text else {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise TypeError("the headers attribute is not an object of text values")
+    receives = str(item.get("Attributes", {}).get("ApproximateReceiveCount", ""))
     return Received(
         handle=str(item["ReceiptHandle"]),
         body=body.encode("utf-8"),
         message_id=message_id,
         topic=topic,
         headers=headers,
+        receives=int(receives) if receives.isdigit() else 0,
     )
