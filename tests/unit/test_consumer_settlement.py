@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import pika.exceptions
 import pytest
 
 from fabric import topology
@@ -20,6 +21,11 @@ WORK = topology.queue_name(Stakeholder.MEDIA)
 class RecordingChannel:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self.is_open = True
+        self.connection = self  # pika's channel.connection: read for a Channel.Close first
+
+    def process_data_events(self, time_limit: float | None = None) -> None:
+        pass
 
     def basic_ack(self, tag: int, multiple: bool = False) -> None:
         self.calls.append(("ack", tag, multiple))
@@ -141,3 +147,34 @@ def test_a_decided_message_is_acknowledged_before_a_slow_handler_starts_not_afte
     assert channel.calls == [("ack", 4, True)]
     pending.handler_starts()
     assert channel.calls == [("ack", 4, True), ("ack", 5, True)], "acknowledged before it runs"
+
+
+class CountingSettler(RefusingSettler):
+    def __init__(self) -> None:
+        super().__init__(set())
+        self.settled: list[str] = []
+
+    def settle(self, items: Sequence[tuple[Delivery, Decision]]) -> list[bool]:
+        self.settled += [delivery.message_id for delivery, _ in items]
+        return super().settle(items)
+
+
+def test_nothing_decided_is_settled_once_the_broker_closed_the_channel() -> None:
+    # The broker's consumer_timeout closed the channel during a handler and put its
+    # unacknowledged deliveries back in the queue: a park or retry published now is a second
+    # copy of a message that is back in its work queue (tests/integration/
+    # test_consumer_channel_loss.py shows it on a broker).
+    channel = RecordingChannel()
+    settler = CountingSettler()
+    counts: Counter[str] = Counter()
+    pending = _Pending(channel, settler, counts, lambda: None, limit=10)  # type: ignore[arg-type]
+    pending.add(1, delivery("a"), Decision(Verdict.DEAD_LETTER, reason="poison"))
+    channel.is_open = False
+
+    with pytest.raises(pika.exceptions.ChannelClosed):
+        pending.flush()
+
+    assert settler.settled == []
+    assert channel.calls == []
+    assert counts == {}
+    pending.flush()  # dropped: nothing left to settle

@@ -20,6 +20,12 @@ What the handler's outcome means:
   batch is settled: it comes back as a whole (RabbitMQ event sources have no partial batch
   response) and the broker's delivery limit bounds how often.
 
+Handlers are plain functions: an ``async def`` handler is refused when the processor is built,
+and a handler that returns an awaitable anyway is parked as poison (``HandlerReturnedAwaitable``).
+A RabbitMQ delivery that the queue's delivery limit would dead-letter if it failed once more (its
+consumers kept dying with it) is parked as ``max-receives`` before its handler runs, with its
+audit record, instead of by the broker without one (``_last_delivery``).
+
 ``Idempotency`` (Powertools on DynamoDB, keyed on consumer name + ``message_id``) makes a
 handler run at most once to completion per message, whether a copy is redelivered after a crash,
 delivered twice, or delivered to two instances at the same moment (the second is retried later).
@@ -29,6 +35,8 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 import time
@@ -73,13 +81,22 @@ class Systemic(FabricError):
     """Raised by a handler: the consumer cannot process anything now; settle nothing."""
 
 
+class HandlerReturnedAwaitable(TypeError):
+    """A handler returned an awaitable (a coroutine): the toolkit calls handlers synchronously,
+    so its body never ran. Before, the coroutine object was taken for a return value and the
+    message acknowledged and audited ``delivered``. The message is parked as poison under this
+    name (a redrive brings it back once the handler is a plain function)."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One message as a consumer handler receives it.
 
     ``queue`` is the work queue (RabbitMQ) or queue ARN (SQS) it came from; ``attempt`` counts
     from 1 across retry tiers (SQS: the receive count); ``headers`` are the string headers;
-    ``correlation_id`` and ``reply_to`` are the AMQP properties, kept on retries and parks.
+    ``correlation_id`` and ``reply_to`` are the AMQP properties, kept on retries and parks;
+    ``delivery_count`` is the quorum queue's ``x-delivery-count`` (RabbitMQ; 0 elsewhere): how
+    many earlier deliveries of the message it counted against its delivery limit.
     """
 
     message_id: str
@@ -91,6 +108,7 @@ class Delivery:
     correlation_id: str | None = None
     redelivered: bool = False
     reply_to: str | None = None
+    delivery_count: int = 0
 
     def envelope(self) -> Envelope:
         """The envelope of the body (restricted payloads still sealed: see fabric.protection).
@@ -270,7 +288,13 @@ class Idempotency:
 
 @dataclass(frozen=True)
 class MessageProcessor:
-    """Runs a handler for one delivery and decides what becomes of it."""
+    """Runs a handler for one delivery and decides what becomes of it.
+
+    Raises:
+        ValueError: ``max_attempts`` is less than 1.
+        TypeError: ``handler`` is an ``async def`` function (or an object whose ``__call__``
+            is): the toolkit calls handlers synchronously, and a coroutine's body never runs.
+    """
 
     handler: Handler
     idempotency: Idempotency | None = None
@@ -279,16 +303,33 @@ class MessageProcessor:
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if inspect.iscoroutinefunction(self.handler) or inspect.iscoroutinefunction(
+            type(self.handler).__call__  # an object with an async __call__
+        ):
+            raise TypeError(
+                "the handler is an async function: the consumer toolkit calls handlers "
+                "synchronously, so its body would never run; give it a plain function "
+                "(asyncio.run inside it, if it must await)"
+            )
 
     def process(self, delivery: Delivery, context: Any = None) -> Decision:
         """Never raises: every outcome of the handler is a Decision."""
         if not delivery.message_id:
             return Decision(Verdict.DEAD_LETTER, reason="no-message-id")
+        if _last_delivery(delivery):
+            _LOG.warning(
+                "%s was delivered %d times before without being settled (its consumers died "
+                "with it?): parked as max-receives before the delivery limit dead-letters it",
+                delivery.message_id,
+                delivery.delivery_count,
+            )
+            return Decision(Verdict.DEAD_LETTER, reason="max-receives")
+        handler = functools.partial(_call, self.handler)
         try:
             if self.idempotency is None:
-                self.handler(delivery)
+                handler(delivery)
             else:
-                self.idempotency.run(self.handler, delivery, context)
+                self.idempotency.run(handler, delivery, context)
         except Exception as exc:
             return self._failed(delivery, exc)
         return Decision(Verdict.DONE)
@@ -298,9 +339,10 @@ class MessageProcessor:
         if isinstance(exc, Systemic):
             _LOG.warning("systemic failure on %s: %s", delivery.message_id, error)
             return Decision(Verdict.SYSTEMIC, error=error)
-        if isinstance(exc, Poison | DecryptionFailed | MessageRejected):
+        if isinstance(exc, Poison | DecryptionFailed | MessageRejected | HandlerReturnedAwaitable):
             # DecryptionFailed (fabric.protection.open_payload) and MessageRejected
-            # (Delivery.envelope) say the message itself is bad: no retry can succeed.
+            # (Delivery.envelope) say the message itself is bad: no retry can succeed. Nor can
+            # one of a handler that returns an awaitable (its body never runs).
             return Decision(Verdict.DEAD_LETTER, reason="poison", error=error)
         # Attempt n waits in tier n-1: the tiers grow about sixfold (5 s, 30 s, 300 s);
         # attempts past the last tier wait in the last.
@@ -311,6 +353,53 @@ class MessageProcessor:
         if delivery.attempt >= self.max_attempts:
             return Decision(Verdict.DEAD_LETTER, reason="max-attempts", error=error)
         return Decision(Verdict.RETRY, tier=tier, error=error)
+
+
+def _call(handler: Handler, delivery: Delivery) -> None:
+    """``handler(delivery)``; an awaitable it returns is closed, never awaited.
+
+    Raises:
+        HandlerReturnedAwaitable: it returned one (inside ``Idempotency.run`` too, so that no
+            record says the message was processed).
+    """
+    result = handler(delivery)
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if callable(close):
+            close()  # no "coroutine was never awaited" warning, and nothing of it runs later
+        raise HandlerReturnedAwaitable(f"the handler returned {type(result).__name__}")
+
+
+def _last_delivery(delivery: Delivery) -> bool:
+    """Whether the broker dead-letters ``delivery`` itself, without an audit record, if this
+    delivery is not settled either: one of a fabric work queue whose ``x-delivery-count`` has
+    reached the queue's delivery limit (``topology.DELIVERY_LIMIT``).
+
+    A quorum queue counts the returns of a message (a nack or reject with requeue, a channel or
+    connection closed while it held the message unacknowledged: a crashed consumer) and, on the
+    return that takes the count past its ``x-delivery-limit`` *L* (``count > L`` in rabbit_fifo),
+    dead-letters it with ``x-death`` reason ``delivery_limit``. Each redelivery carries the count
+    so far as ``x-delivery-count`` (absent on the first): the deliveries carry 0, 1, ..., *L*,
+    and the one carrying *L* is the last (checked on RabbitMQ 3.10.8 with *L* = 10: eleven
+    deliveries, 0 to 10, and the eleventh return dead-letters it). The toolkit parks that last
+    one before its handler runs: the handler had *L* tries (counts 0 to *L* - 1, one fewer than
+    the broker would give, fewer still for each hand-back of the consumer_timeout guard), and
+    a park that cannot be stored is rejected and left to the broker's limit as before.
+
+    RabbitMQ 3.10 to 4.2 count every return, and ``x-delivery-count`` is that count. From 4.3
+    (rabbitmq-server#15387) only a failed delivery raises it (a reject, a consumer that went
+    down with the message), not a nack; but the header and the limit still share that count
+    (rabbit_fifo's ``return_one`` compares ``delivery_count`` with the limit, and the same
+    ``delivery_count`` becomes the header; 4.3's new ``x-acquired-count`` counts every
+    acquisition and is not read here), so the arithmetic holds there too. That is read in
+    RabbitMQ's source, not run: only 3.10 runs here (the local broker and the drills)."""
+    if delivery.delivery_count < topology.DELIVERY_LIMIT:
+        return False
+    try:
+        group_of(delivery.queue)
+    except ValueError:  # an SQS queue, or a queue of the consumer's own: its limit unknown
+        return False
+    return True
 
 
 def error_name(exc: BaseException) -> str:
@@ -386,8 +475,10 @@ def rabbitmq_delivery(
     redelivered: bool = False,
     reply_to: str | None = None,
 ) -> Delivery:
-    """A Delivery from AMQP properties (the attempt comes from ``fabric-attempt``)."""
+    """A Delivery from AMQP properties (the attempt comes from ``fabric-attempt``, the delivery
+    count from ``x-delivery-count``)."""
     kept = string_headers(headers)
+    count = (headers or {}).get("x-delivery-count")
     return Delivery(
         message_id=message_id or "",
         topic=topic or "",
@@ -398,6 +489,7 @@ def rabbitmq_delivery(
         correlation_id=correlation_id,
         redelivered=redelivered,
         reply_to=reply_to,
+        delivery_count=int(count) if isinstance(count, int) and not isinstance(count, bool) else 0,
     )
 
 

@@ -23,7 +23,9 @@ have waited (from the prefetch credit and the last time it found nothing to take
 ``_Arrivals``); from half the timeout on, it cancels, hands that delivery and every one
 prefetched behind it (those in flight when the broker confirmed the cancel included) back with
 one ``basic.nack`` (one delivery counted each) and consumes again with half the prefetch
-(``consumer_timeout_s``; docs/dead-letters.md).
+(``consumer_timeout_s``; docs/dead-letters.md). A handler that itself outlasts the timeout loses
+its channel: the broker takes the message (and the decided ones not yet acknowledged) back, and
+the consumer raises ``ChannelClosed`` without publishing their retries or parks (``_Pending``).
 """
 
 from __future__ import annotations
@@ -135,13 +137,16 @@ class RabbitMqConsumer:
         idle_timeout_s: float | None = None,
         stop: threading.Event | None = None,
     ) -> Counter[str]:
-        """Consume until ``max_messages`` were settled, nothing arrived for ``idle_timeout_s``,
-        or ``stop`` is set; returns the count per verdict.
+        """Consume until ``max_messages`` messages were taken and settled (or handed back),
+        nothing arrived for ``idle_timeout_s``, or ``stop`` is set; returns the count per
+        verdict (``systemic`` counts each failed try of a pause, not messages).
 
         Raises:
             pika.exceptions.AMQPError: the connection failed (what was not acknowledged is
-                redelivered to the next consumer); ``ConsumerCancelled`` when the broker
-                cancelled the consumer (its queue was deleted): run it again.
+                redelivered to the next consumer); ``ChannelClosed`` when the broker closed the
+                channel (its ``consumer_timeout`` fired during a handler) and took back what was
+                not acknowledged; ``ConsumerCancelled`` when the broker cancelled the consumer
+                (its queue was deleted): run it again.
         """
         counts: Counter[str] = Counter()
         connection = open_blocking_connection(self._settings)
@@ -200,7 +205,7 @@ class RabbitMqConsumer:
                     with keeper.serving():
                         decision = self._processor.process(delivery)
                 pending.add(method.delivery_tag, delivery, decision)
-                if max_messages is not None and pending.total >= max_messages:
+                if max_messages is not None and pending.taken >= max_messages:
                     break
             else:
                 # pika's generator ends only when the broker cancelled the consumer (its queue
@@ -288,7 +293,14 @@ def _cancel(channel: Any, messages: Iterator[Any]) -> list[int]:
     goes to the broker behind pika's back (``_impl._rpc``, pika 1.x), ``messages`` takes what
     still comes until the ``cancel-ok`` (the broker sends nothing for the consumer after it),
     and only then pika cancels too: the broker, which no longer knows the consumer, confirms
-    again, and nothing is left for pika to reject."""
+    again, and nothing is left for pika to reject.
+
+    Raises:
+        pika.exceptions.ChannelClosed: the channel is closed (the broker's consumer_timeout,
+            say): it has no consumer left, and the broker took back what it held.
+    """
+    if not channel.is_open:
+        raise pika.exceptions.ChannelClosed(406, "closed before the consumer was cancelled")
     (consumer_tag,) = channel.consumer_tags
     confirmed: list[Any] = []
     channel._impl._rpc(
@@ -402,7 +414,13 @@ class _Pending:
     rejected back to the queue (its delivery count rises, on every RabbitMQ version); a
     systemic verdict is nacked back (RabbitMQ 4.3 and later do not count that against the
     delivery limit). ``arrivals`` follows its settlements; it and ``limit`` are renewed when
-    the consumer hands deliveries back with a smaller prefetch."""
+    the consumer hands deliveries back with a smaller prefetch.
+
+    Nothing is settled on a closed channel: the broker took its unacknowledged deliveries back
+    to the queue (``consumer_timeout`` during a handler, a lost connection), so a retry or park
+    published then put a second copy beside the message, with its audit record (a poison
+    message both parked and back in the work queue, a failed one on two retry chains), and its
+    acknowledgement failed. ``flush`` drops them instead and raises ``ChannelClosed``."""
 
     def __init__(
         self,
@@ -422,14 +440,12 @@ class _Pending:
         self.arrivals = _Arrivals(limit)
         self._max_age_s = max_age_s
         self._items: list[tuple[int, Delivery, Decision]] = []
+        # Deliveries added: the messages this run took. Not the counts' sum, which has a
+        # ``systemic`` for each try of a pause (a run asked for 5 stopped after 2 of them).
+        self.taken = 0
         self._since = 0.0
         self._handler_started = 0.0
         self._handler_s = 0.0  # the last handler's time: what the next one likely takes
-
-    @property
-    def total(self) -> int:
-        """Settled or waiting: how many deliveries this run has taken."""
-        return sum(self._counts.values()) + len(self._items)
 
     def idle(self) -> None:
         """The consumer read the connection and holds no delivery: whatever comes next was sent
@@ -449,6 +465,7 @@ class _Pending:
         self._handler_started = time.monotonic()
 
     def add(self, tag: int, delivery: Delivery, decision: Decision) -> None:
+        self.taken += 1
         self._handler_s = time.monotonic() - self._handler_started
         if decision.verdict is Verdict.SYSTEMIC:
             self.flush()
@@ -464,9 +481,22 @@ class _Pending:
             self.flush()
 
     def flush(self) -> None:
+        """Settles the decided deliveries: retries and parks published and confirmed (with the
+        audit batch), then acknowledged.
+
+        Raises:
+            pika.exceptions.ChannelClosed: the channel closed: nothing published, the
+                deliveries dropped (the broker put them back in the queue).
+        """
         if not self._items:
             return
         items, self._items = self._items, []
+        if self._channel.is_open:  # reads a Channel.Close that came during the last handler
+            self._channel.connection.process_data_events(time_limit=0)
+        if not self._channel.is_open:
+            raise pika.exceptions.ChannelClosed(
+                406, f"closed with {len(items)} decided deliveries unacknowledged: requeued"
+            )
         stored = self._settler.settle([(delivery, decision) for _, delivery, decision in items])
         self.arrivals.settled(len(items))  # acknowledged or rejected below
         if all(stored):
