@@ -12,6 +12,10 @@ from fabric.stakeholders import STAKEHOLDERS
 from fabric.topology import sns_filter_policy
 
 REGION = "ap-southeast-3"
+# The drain's receive wait in tests (``SqsFallbackSource(long_poll_s=...)``; deployed: 1 s,
+# tests/unit/test_sqs_fallback_source.py). Moto's short poll answers every message a queue
+# holds, and its long poll only waits out the second on each empty queue: twenty a run.
+MOTO_POLL_S = 0
 
 
 def create_fallback_path(prefix: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from fabric.drain import Drainer, FallbackQueue
 from fabric.ports import OutboundMessage
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from fabric.topology import queue_name
-from tests.integration.aws_fallback import REGION
+from tests.integration.aws_fallback import MOTO_POLL_S, REGION
 from tests.integration.conftest import AMQP, management
 
 pytestmark = pytest.mark.integration
@@ -58,7 +58,9 @@ def draining(
     receives, as bootstrap wires it."""
     return Drainer(
         queues=fallback_queues(aws),
-        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        source=SqsFallbackSource(
+            lambda: boto3.client("sqs", region_name=REGION), long_poll_s=MOTO_POLL_S
+        ),
         broker=broker,
         audit=audit or MemoryAuditSink(),
         connect=broker.connect if probe else None,
@@ -287,7 +289,9 @@ def test_a_copy_the_broker_confirmed_is_audited_drained_even_if_sqs_kept_it(
     broker = rabbit(broker_vhost)
     drainer = Drainer(
         queues=fallback_queues(aws),
-        source=_DeleteFails(lambda: boto3.client("sqs", region_name=REGION)),
+        source=_DeleteFails(
+            lambda: boto3.client("sqs", region_name=REGION), long_poll_s=MOTO_POLL_S
+        ),
         broker=broker,
         audit=audit,
         connect=broker.connect,
@@ -311,7 +315,7 @@ def test_a_copy_whose_drained_record_cannot_be_stored_stays_in_sqs_and_the_run_s
     other = message(Stakeholder.ACADEMIC)
     park(aws, *parked, other)
     broker = rabbit(broker_vhost)
-    source = _Recording(lambda: boto3.client("sqs", region_name=REGION))
+    source = _Recording(lambda: boto3.client("sqs", region_name=REGION), long_poll_s=MOTO_POLL_S)
     drainer = Drainer(
         queues=fallback_queues(aws),
         source=source,
@@ -338,8 +342,8 @@ def test_a_copy_whose_drained_record_cannot_be_stored_stays_in_sqs_and_the_run_s
 
 
 class _Recording(SqsFallbackSource):
-    def __init__(self, client_factory: Any) -> None:
-        super().__init__(client_factory)
+    def __init__(self, client_factory: Any, *, long_poll_s: int) -> None:
+        super().__init__(client_factory, long_poll_s=long_poll_s)
         self.received: list[tuple[str, str]] = []
 
     def receive(self, queue: str, limit: int, *, wait: bool = True) -> Any:
@@ -360,7 +364,9 @@ def test_a_run_whose_deletes_fail_stops_instead_of_moving_every_queue_it_cannot_
     broker = rabbit(broker_vhost)
     drainer = Drainer(
         queues=fallback_queues(aws),
-        source=_DeleteFails(lambda: boto3.client("sqs", region_name=REGION)),
+        source=_DeleteFails(
+            lambda: boto3.client("sqs", region_name=REGION), long_poll_s=MOTO_POLL_S
+        ),
         broker=broker,
         audit=MemoryAuditSink(),
         connect=broker.connect,
@@ -409,7 +415,9 @@ def test_what_sns_could_not_deliver_is_drained_from_the_subscription_dlq_in_eith
     broker = rabbit(broker_vhost)
     drainer = Drainer(
         queues=[FallbackQueue(url=url, group=Stakeholder.GOVERNMENT, emergency=True)],
-        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        source=SqsFallbackSource(
+            lambda: boto3.client("sqs", region_name=REGION), long_poll_s=MOTO_POLL_S
+        ),
         broker=broker,
         audit=MemoryAuditSink(),
     )

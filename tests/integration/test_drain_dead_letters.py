@@ -18,7 +18,7 @@ from fabric.audit import AuditEvent
 from fabric.drain import FALLBACK_MAX_RECEIVES, Drainer, FallbackQueue
 from fabric.stakeholders import Stakeholder
 from fabric.topology import queue_name
-from tests.integration.aws_fallback import REGION
+from tests.integration.aws_fallback import MOTO_POLL_S, REGION
 from tests.integration.conftest import AMQP, management
 from tests.integration.test_drain import message, park, rabbit
 
@@ -93,7 +93,9 @@ def test_a_copy_refused_at_its_last_receive_is_audited_dead_lettered_as_sqs_park
                 url, Stakeholder.ACADEMIC, emergency=False, max_receives=FALLBACK_MAX_RECEIVES
             )
         ],
-        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        source=SqsFallbackSource(
+            lambda: boto3.client("sqs", region_name=REGION), long_poll_s=MOTO_POLL_S
+        ),
         broker=broker,
         audit=audit,
         connect=broker.connect,

@@ -15,7 +15,7 @@ from fabric.adapters.sqs import SqsFallbackSource
 from fabric.drain import RECHECK_SECONDS, Drainer, DrainReport, FallbackQueue
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from fabric.topology import queue_name
-from tests.integration.aws_fallback import REGION
+from tests.integration.aws_fallback import MOTO_POLL_S, REGION
 from tests.integration.conftest import AMQP
 from tests.integration.test_drain import fallback_queues, left_in_sqs, message, park, rabbit
 
@@ -51,7 +51,9 @@ def test_an_emergency_parked_mid_bulk_reaches_its_work_queue_before_the_bulk_dra
     broker = rabbit(broker_vhost)
     drainer = Drainer(
         queues=with_subscription_dlqs(aws),
-        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        source=SqsFallbackSource(
+            lambda: boto3.client("sqs", region_name=REGION), long_poll_s=MOTO_POLL_S
+        ),
         broker=broker,
         audit=MemoryAuditSink(),
         connect=broker.connect,

@@ -22,7 +22,7 @@ from fabric.adapters.sqs import SqsFallbackSource
 from fabric.drain import Drainer, FallbackQueue
 from fabric.stakeholders import Stakeholder
 from fabric.topology import queue_name
-from tests.integration.aws_fallback import REGION
+from tests.integration.aws_fallback import MOTO_POLL_S, REGION
 from tests.integration.conftest import management
 from tests.integration.private_node import PrivateNode, private_node
 from tests.integration.test_broker_drills import apply, topology
@@ -161,7 +161,9 @@ def test_a_full_work_queue_is_refused_once_and_its_subscription_dlq_is_left_alon
             FallbackQueue(url=url, group=Stakeholder.ACADEMIC, emergency=False)
             for url in (aws["queues"][("fallback", Stakeholder.ACADEMIC)], sub_dlq["QueueUrl"])
         ],
-        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        source=SqsFallbackSource(
+            lambda: boto3.client("sqs", region_name=REGION), long_poll_s=MOTO_POLL_S
+        ),
         broker=broker,
         audit=MemoryAuditSink(),
         connect=broker.connect,

@@ -21,7 +21,7 @@ from fabric.adapters.sqs import SqsFallbackSource
 from fabric.drain import Drainer, FallbackQueue
 from fabric.envelope import Envelope, validate_envelope
 from fabric.stakeholders import Stakeholder
-from tests.integration.aws_fallback import REGION, bootstrapped_router
+from tests.integration.aws_fallback import MOTO_POLL_S, REGION, bootstrapped_router
 from tests.integration.conftest import AMQP
 from tests.integration.test_drain import rabbit
 
@@ -67,7 +67,9 @@ def test_noncharacters_reach_the_stakeholder_queue_through_the_fallback_with_the
 
     report = Drainer(  # the two queues that hold it: each empty queue costs a 1 s receive
         queues=[FallbackQueue(aws["queues"][("fallback", g)], g, emergency=False) for g in _GROUPS],
-        source=SqsFallbackSource(lambda: boto3.client("sqs", region_name=REGION)),
+        source=SqsFallbackSource(
+            lambda: boto3.client("sqs", region_name=REGION), long_poll_s=MOTO_POLL_S
+        ),
         broker=rabbit(broker_vhost),
         audit=MemoryAuditSink(),
     ).drain()

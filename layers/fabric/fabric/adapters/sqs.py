@@ -17,11 +17,17 @@ _RECEIVES_PAST_FOREIGN = 5
 
 
 class SqsFallbackSource:
-    """Receives from and deletes in the fallback queues (by queue URL)."""
+    """Receives from and deletes in the fallback queues (by queue URL).
 
-    def __init__(self, client_factory: Callable[[], Any]) -> None:
+    ``long_poll_s``: how long a receive waits for a message (``receive``); the deployed drain
+    keeps the default. Tests against moto set 0: moto's short poll answers every message, and a
+    long poll there only costs its wait on each empty queue.
+    """
+
+    def __init__(self, client_factory: Callable[[], Any], *, long_poll_s: int = 1) -> None:
         self._client_factory = client_factory
         self._client: Any = None
+        self._long_poll_s = long_poll_s
 
     def _sqs(self) -> Any:
         if self._client is None:
@@ -56,7 +62,7 @@ class SqsFallbackSource:
                     MaxNumberOfMessages=max(1, min(limit, 10)),
                     MessageAttributeNames=["All"],
                     MessageSystemAttributeNames=["ApproximateReceiveCount"],
-                    WaitTimeSeconds=1 if wait else 0,
+                    WaitTimeSeconds=self._long_poll_s if wait else 0,
                 )
             except (BotoCoreError, ClientError) as exc:
                 raise TransportUnavailable(f"cannot receive from {queue}") from exc
