@@ -20,6 +20,7 @@ from fabric.adapters.management import ManagementClient
 from fabric.routing import default_routing_table
 from fabric.topology import definitions
 from fabric.topology_apply import apply_topology
+from fabric.topology_resource import owner_parameter
 from tests.integration.aws_fallback import REGION, create_fallback_path
 
 AMQP = ("127.0.0.1", 5672)
@@ -58,7 +59,8 @@ def rabbitmq_reachable() -> None:
 
 @pytest.fixture
 def vhost() -> Iterator[str]:
-    """A fresh vhost for one test, deleted afterwards: tests never touch the shared '/'."""
+    """A fresh vhost for one test, deleted afterwards with the broker-wide record of its topology's
+    owners (a topology function's Create leaves one): tests never touch the shared '/'."""
     name = f"fabric-test-{uuid.uuid4().hex[:12]}"
     management("PUT", f"vhosts/{urllib.parse.quote(name, safe='')}")
     management(
@@ -68,6 +70,7 @@ def vhost() -> Iterator[str]:
     )
     yield name
     management("DELETE", f"vhosts/{urllib.parse.quote(name, safe='')}")
+    ManagementClient(MANAGEMENT, *GUEST).delete_global_parameter(owner_parameter(name))
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from fabric.stakeholders import Stakeholder
 from tests.integration.aws_audit import create_idempotency_table
 from tests.integration.aws_fallback import REGION
 from tests.integration.conftest import AMQP, GUEST, management
+from tests.integration.queue_waits import depth, settled_depth, settled_empty
 from tests.message_ids import msg_id
 
 GROUP = Stakeholder.COMMUNITY
@@ -92,19 +93,6 @@ def publish(channel: Any, queue: str, message_id: str, *, topic: str = "communit
     )
 
 
-def depth(channel: Any, queue: str) -> int:
-    return int(channel.queue_declare(queue, passive=True).method.message_count)
-
-
-def settled_depth(channel: Any, queue: str, expected: int, timeout: float = 5.0) -> int:
-    """The queue's depth once it reaches ``expected`` (or after ``timeout``): letters a run gives
-    back return to a quorum queue asynchronously, just after the run's channel closes."""
-    deadline = time.monotonic() + timeout
-    while (found := depth(channel, queue)) != expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
-
-
 def drain_ids(channel: Any, queue: str) -> list[str]:
     ids = []
     while True:
@@ -144,9 +132,11 @@ def test_poison_message_is_retried_with_growing_spacing_then_dead_lettered_after
     assert first_gap >= tiers[0] - 0.1
     assert second_gap >= tiers[1] - 0.1
     assert second_gap > first_gap
-    assert depth(amqp, EMERGENCY_WORK) == 0
-    for seconds in tiers:
-        assert depth(amqp, topology.retry_queue_name(GROUP, seconds, emergency=True)) == 0
+    settled_empty(
+        amqp,
+        EMERGENCY_WORK,
+        *(topology.retry_queue_name(GROUP, seconds, emergency=True) for seconds in tiers),
+    )
     method, properties, _ = amqp.basic_get(EMERGENCY_DLQ, auto_ack=True)
     assert method is not None
     assert properties.message_id == "poison-1"
@@ -172,7 +162,7 @@ def test_a_consumer_that_keeps_crashing_hits_the_broker_delivery_limit(
     assert letters[0].reason == "delivery_limit"
     assert letters[0].origin == WORK
     assert letters[0].dead_lettered_at is not None
-    assert depth(amqp, WORK) == 0
+    settled_empty(amqp, WORK)
 
 
 def test_a_dependency_outage_pauses_the_consumer_without_using_up_the_delivery_limit(
@@ -198,8 +188,7 @@ def test_a_dependency_outage_pauses_the_consumer_without_using_up_the_delivery_l
     counts = consumer.run(max_messages=1, idle_timeout_s=5)
 
     assert counts == {"systemic": 12, "done": 1}
-    assert depth(amqp, DLQ) == 0
-    assert depth(amqp, WORK) == 0
+    settled_empty(amqp, DLQ, WORK)
 
 
 def test_a_missing_dlq_keeps_the_message_in_its_work_queue(broker_vhost: str, amqp: Any) -> None:
@@ -297,7 +286,7 @@ def test_the_consumer_settles_a_window_of_messages_with_one_audit_batch(
     )
     assert consumer.run(max_messages=10, idle_timeout_s=5) == {"done": 10}
 
-    assert depth(amqp, WORK) == 0  # every one acknowledged
+    settled_empty(amqp, WORK)  # every one acknowledged
     batches = []
     while (got := amqp.basic_get(topology.AUDIT_QUEUE, auto_ack=True))[0] is not None:
         batches.append(decode_audit_batch(got[2]))
@@ -380,7 +369,7 @@ def test_a_consumer_that_dies_before_acking_gets_it_again_and_processes_once(
 
     assert counts == {"done": 1}
     assert side_effects == ["once-only"]
-    assert depth(amqp, WORK) == 0
+    settled_empty(amqp, WORK)
 
 
 def test_the_same_message_twice_and_concurrently_has_one_side_effect(table: str) -> None:
@@ -454,7 +443,7 @@ def test_a_handler_that_finished_is_settled_done_when_its_record_cannot_be_saved
     assert client.failures == 0, "the save did fail"
     assert side_effects == ["saved-late"]
     assert counts == {"done": 1}
-    assert depth(amqp, EMERGENCY_WORK) == 0
+    settled_empty(amqp, EMERGENCY_WORK)
 
 
 # -- redrive ----------------------------------------------------------------------------------
@@ -531,7 +520,7 @@ def test_redrive_dry_run_lists_and_moves_nothing(broker_vhost: str, amqp: Any) -
     assert [item.message_id for item in report.listed] == ids
     assert all(item.age_s is not None and item.age_s >= 3600 for item in report.listed)
     assert report.moved == 0
-    assert depth(amqp, WORK) == 0
+    settled_empty(amqp, WORK)
     assert settled_depth(amqp, DLQ, 4) == 4
 
 
@@ -566,7 +555,7 @@ def test_an_interrupted_redrive_rerun_delivers_every_message_exactly_once(
     assert rerun.moved == 100
     arrived = drain_ids(amqp, WORK)
     assert sorted(arrived) == sorted(ids), "every message exactly once at the destination"
-    assert depth(amqp, DLQ) == 0
+    settled_empty(amqp, DLQ)
     assert sorted(r.message_id or "" for r in audit.records) == sorted(ids)
 
 
@@ -585,7 +574,7 @@ def test_two_dead_letter_copies_of_one_message_go_back_once(broker_vhost: str, a
 
     assert (report.moved, report.already_moved) == (1, 1)
     assert drain_ids(amqp, WORK) == [twin]
-    assert settled_depth(amqp, DLQ, 0) == 0
+    settled_empty(amqp, DLQ)
     assert [r.message_id for r in audit.records] == [twin]
 
 
@@ -649,7 +638,7 @@ def test_letters_without_a_message_id_are_each_moved_not_taken_for_one_another(
     while (got := amqp.basic_get(WORK, auto_ack=True))[0] is not None:
         arrived.append(got[2])
     assert sorted(arrived) == sorted(bodies)
-    assert depth(amqp, DLQ) == 0
+    settled_empty(amqp, DLQ)
 
 
 def test_a_redriven_letter_keeps_its_correlation_id_and_reply_to(

@@ -18,7 +18,8 @@ import pytest
 from fabric import topology
 from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.redrive import RedrivePlan, Redriver
-from tests.integration.test_dead_letters import DLQ, WORK, dead_letter_queue, settled_depth
+from tests.integration.queue_waits import settled_depth, settled_empty
+from tests.integration.test_dead_letters import DLQ, WORK, dead_letter_queue
 from tests.integration.test_overflow_redrive import connect, the_overflow_queue
 
 pytestmark = pytest.mark.integration
@@ -71,7 +72,7 @@ def test_a_dlq_letter_with_malformed_headers_is_listed_and_moved(
 
     assert (report.moved, report.stopped) == (2, "empty")
     assert settled_depth(amqp, WORK, 2) == 2
-    assert settled_depth(amqp, DLQ, 0) == 0
+    settled_empty(amqp, DLQ)
 
 
 @pytest.mark.parametrize("headers", MALFORMED)
@@ -86,4 +87,4 @@ def test_an_overflow_letter_with_malformed_headers_goes_back_to_its_queue(
 
     assert (report.moved, report.left, report.stopped) == (1, 0, "empty")
     assert settled_depth(amqp, DLQ, 1) == 1
-    assert settled_depth(amqp, topology.OVERFLOW_QUEUE, 0) == 0
+    settled_empty(amqp, topology.OVERFLOW_QUEUE)

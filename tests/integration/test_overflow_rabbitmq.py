@@ -30,6 +30,7 @@ from fabric.routing import default_routing_table
 from fabric.stakeholders import Stakeholder
 from fabric.topology_apply import apply_topology
 from tests.integration.conftest import AMQP, GUEST, MANAGEMENT
+from tests.integration.queue_waits import settled_depth, settled_empty, unheld_depth
 
 pytestmark = pytest.mark.integration
 
@@ -74,19 +75,6 @@ def dead_letter_queue(vhost: str) -> RabbitMqDeadLetterQueue:
     return RabbitMqDeadLetterQueue(settings(vhost), DLQ, origin=origin)
 
 
-def depth(channel: Any, queue: str) -> int:
-    return int(channel.queue_declare(queue, passive=True).method.message_count)
-
-
-def settled_depth(channel: Any, queue: str, expected: int, timeout: float = 5.0) -> int:
-    """The depth once it is ``expected`` (or after ``timeout``): hand-backs and at-least-once
-    dead-lettering reach a quorum queue asynchronously."""
-    deadline = time.monotonic() + timeout
-    while (found := depth(channel, queue)) != expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
-
-
 def park(channel: Any, message_id: str) -> None:
     """A dead letter as the consumer toolkit parks it (through the group's retry exchange)."""
     channel.basic_publish(
@@ -123,11 +111,11 @@ def test_a_letter_that_dry_runs_peek_past_the_limit_moves_to_the_overflow_queue(
         listed.append(len(report.listed))
         if not report.listed:
             break
-        settled_depth(amqp, DLQ, 1, timeout=1.0)
+        unheld_depth(amqp, DLQ)  # the letter the run held is back, or moved on
 
     assert listed[-1] == 0, "the limit was reached: the letter left the DLQ"
     assert settled_depth(amqp, topology.OVERFLOW_QUEUE, 1) == 1, "not dropped: in the overflow"
-    assert depth(amqp, DLQ) == 0
+    settled_empty(amqp, DLQ)
     method, properties, body = amqp.basic_get(topology.OVERFLOW_QUEUE, auto_ack=False)
     assert method.routing_key == DLQ, "its routing key names the queue it came from"
     assert body == b'{"note": "not child data"}'
@@ -149,7 +137,7 @@ def test_a_letter_that_dry_runs_peek_past_the_limit_moves_to_the_overflow_queue(
     )
     assert back.moved == 1
     assert settled_depth(amqp, DLQ, 1) == 1
-    assert depth(amqp, topology.OVERFLOW_QUEUE) == 0
+    settled_empty(amqp, topology.OVERFLOW_QUEUE)
     moved = Redriver(ledger=MemoryRedriveLedger(), audit=MemoryAuditSink()).run(
         dead_letter_queue(overflow_vhost)
     )
@@ -181,13 +169,13 @@ def test_a_letter_handed_back_past_the_limit_of_any_terminal_queue_is_kept(
         mandatory=True,
     )
     for _ in range(LIMIT + 3):
-        assert settled_depth(amqp, queue, 1, timeout=1.0) in (0, 1)
+        assert unheld_depth(amqp, queue) in (0, 1)  # handed back, or moved on
         method, _, _ = amqp.basic_get(queue, auto_ack=False)
         if method is None:
             break
         amqp.basic_nack(method.delivery_tag, requeue=True)
 
     assert settled_depth(amqp, topology.OVERFLOW_QUEUE, 1) == 1
-    assert depth(amqp, queue) == 0
+    settled_empty(amqp, queue)
     method, properties, body = amqp.basic_get(topology.OVERFLOW_QUEUE, auto_ack=True)
     assert (method.routing_key, properties.message_id, body) == (queue, f"{queue}-1", b"batch")

@@ -36,6 +36,7 @@ from fabric.topology_apply import apply_topology
 from tests.integration.aws_audit import create_idempotency_table
 from tests.integration.aws_fallback import REGION
 from tests.integration.conftest import AMQP, GUEST, MANAGEMENT, management
+from tests.integration.queue_waits import settled_depth, settled_empty, unheld_depth
 from tests.message_ids import msg_id
 
 pytestmark = pytest.mark.integration
@@ -83,23 +84,10 @@ def settings(vhost: str) -> RabbitSettings:
     return RabbitSettings(host=AMQP[0], port=AMQP[1], credentials=lambda: GUEST, vhost=vhost)
 
 
-def depth(channel: Any, queue: str) -> int:
-    return int(channel.queue_declare(queue, passive=True).method.message_count)
-
-
-def settled_depth(channel: Any, queue: str, expected: int, timeout: float = 5.0) -> int:
-    """The depth once it is ``expected`` (or after ``timeout``): hand-backs and at-least-once
-    dead-lettering reach a quorum queue asynchronously."""
-    deadline = time.monotonic() + timeout
-    while (found := depth(channel, queue)) != expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
-
-
-def overflow(channel: Any, queue: str, letters: int) -> None:
+def overflow(channel: Any, queue: str) -> None:
     """Hand ``queue``'s letters back (as repeated peeks do) until the broker moves them on."""
     for _ in range(LIMIT + 3):
-        settled_depth(channel, queue, letters, timeout=1.0)
+        unheld_depth(channel, queue)  # the letters handed back are back, or moved on
         tags = []
         while (method := channel.basic_get(queue, auto_ack=False)[0]) is not None:
             tags.append(method.delivery_tag)
@@ -107,7 +95,7 @@ def overflow(channel: Any, queue: str, letters: int) -> None:
             break
         for tag in tags:
             channel.basic_nack(tag, requeue=True)
-    assert settled_depth(channel, queue, 0) == 0, f"{queue} kept its letters"
+    settled_empty(channel, queue)
 
 
 def take(channel: Any, queue: str) -> dict[str, tuple[Any, bytes]]:
@@ -199,9 +187,9 @@ def fill_the_overflow_queue(channel: Any) -> float:
         mandatory=True,
     )
     assert settled_depth(channel, DLQ, 2) == 2
-    overflow(channel, DLQ, 2)
-    overflow(channel, topology.UNROUTED_QUEUE, 1)
-    overflow(channel, topology.AUDIT_QUEUE, 1)
+    overflow(channel, DLQ)
+    overflow(channel, topology.UNROUTED_QUEUE)
+    overflow(channel, topology.AUDIT_QUEUE)
     assert settled_depth(channel, OVERFLOW, 4) == 4
     return rejected_at
 
@@ -224,11 +212,7 @@ def test_the_overflow_redrive_puts_every_letter_back_where_it_came_from_once(
         ]
     )
     assert settled_depth(amqp, OVERFLOW, 4) == 4
-    assert [depth(amqp, q) for q in (DLQ, topology.UNROUTED_QUEUE, topology.AUDIT_QUEUE)] == [
-        0,
-        0,
-        0,
-    ]
+    settled_empty(amqp, DLQ, topology.UNROUTED_QUEUE, topology.AUDIT_QUEUE)
     assert audit.records == []
 
     # Filters: by topic, only the unrouted letter goes.
@@ -242,7 +226,7 @@ def test_the_overflow_redrive_puts_every_letter_back_where_it_came_from_once(
 
     rest = redriver.run(the_overflow_queue(overflow_vhost))
     assert (rest.moved, rest.already_moved, rest.stopped) == (3, 0, "empty")
-    assert settled_depth(amqp, OVERFLOW, 0) == 0
+    settled_empty(amqp, OVERFLOW)
     assert redriven(audit, OVERFLOW) == sorted(
         [
             (msg_id("batch-1"), "delivery_limit", (topology.AUDIT_QUEUE,)),
@@ -313,7 +297,7 @@ def test_the_overflow_redrive_puts_every_letter_back_where_it_came_from_once(
 
     # The unrouted letter overflows a second time: a new occurrence, moved again, not taken for
     # the one the ledger knows (and removed).
-    overflow(amqp, topology.UNROUTED_QUEUE, 1)
+    overflow(amqp, topology.UNROUTED_QUEUE)
     again = redriver.run(the_overflow_queue(overflow_vhost))
     assert (again.moved, again.already_moved) == (1, 0)
     assert settled_depth(amqp, topology.UNROUTED_QUEUE, 1) == 1
@@ -324,7 +308,7 @@ def test_the_overflow_redrive_puts_every_letter_back_where_it_came_from_once(
         "2",
     )
     assert [r[0] for r in redriven(audit, OVERFLOW)].count(msg_id("unrouted-1")) == 2
-    assert depth(amqp, OVERFLOW) == 0
+    settled_empty(amqp, OVERFLOW)
 
 
 def test_one_message_overflowed_from_two_dlqs_goes_back_to_both(
@@ -349,7 +333,7 @@ def test_one_message_overflowed_from_two_dlqs_goes_back_to_both(
     assert (report.moved, report.already_moved) == (2, 0)
     assert settled_depth(amqp, DLQ, 1) == 1
     assert settled_depth(amqp, other_dlq, 1) == 1
-    assert depth(amqp, OVERFLOW) == 0
+    settled_empty(amqp, OVERFLOW)
 
 
 @pytest.fixture
@@ -405,7 +389,7 @@ def test_letters_that_cannot_go_back_stay_in_the_overflow_queue(
         assert settled_depth(amqp, OVERFLOW, 2) == 2
     assert [r.message_id for r in audit.records] == [msg_id("fine-1")]
     assert settled_depth(amqp, topology.UNROUTED_QUEUE, 1) == 1
-    assert depth(amqp, topology.AUDIT_QUEUE) == 0
+    settled_empty(amqp, topology.AUDIT_QUEUE)
     assert sorted(take(amqp, OVERFLOW)) == sorted([msg_id("orphan-1"), msg_id("their-batch")])
 
 
@@ -473,7 +457,7 @@ def test_one_message_overflowed_from_two_dlqs_in_far_apart_batches_goes_back_to_
 
     assert (report.moved, report.stopped) == (122, "empty")
     assert settled_depth(amqp, other_dlq, 1) == 1
-    assert depth(amqp, OVERFLOW) == 0
+    settled_empty(amqp, OVERFLOW)
 
 
 def test_a_letter_its_queue_does_not_take_stays_in_the_overflow_queue(
@@ -549,13 +533,13 @@ def test_the_redrive_function_takes_the_overflow_queue(
     amqp.basic_publish(
         topology.UNROUTED_EXCHANGE, "", BODY, pika.BasicProperties(message_id=msg_id("u-1"))
     )
-    overflow(amqp, topology.UNROUTED_QUEUE, 1)
+    overflow(amqp, topology.UNROUTED_QUEUE)
 
     report = runtime.redriver.run(runtime.queue("rabbitmq", OVERFLOW)).to_dict()
 
     assert (report["queue"], report["moved"], report["stopped"]) == (OVERFLOW, 1, "empty")
     assert settled_depth(amqp, topology.UNROUTED_QUEUE, 1) == 1
-    assert depth(amqp, OVERFLOW) == 0
+    settled_empty(amqp, OVERFLOW)
     assert settled_depth(amqp, topology.AUDIT_QUEUE, 1) == 1
     _, properties, body = amqp.basic_get(topology.AUDIT_QUEUE, auto_ack=True)
     assert properties.user_id == "guest"  # the platform user: a record the writer trusts

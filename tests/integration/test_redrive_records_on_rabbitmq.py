@@ -13,12 +13,12 @@ from fabric.audit import decode_audit_batch
 from fabric.redrive import RedrivePlan
 from fabric.stakeholders import Stakeholder
 from tests.integration.conftest import GUEST
+from tests.integration.queue_waits import settled_depth, settled_empty
 from tests.integration.test_audit_review import media_user  # noqa: F401 (a fixture)
 from tests.integration.test_overflow_redrive import (
     connect,
     deployed_redrive,
     moto_aws,  # noqa: F401 (a fixture)
-    settled_depth,
 )
 
 pytestmark = pytest.mark.integration
@@ -63,6 +63,7 @@ def test_a_letter_a_group_parked_with_free_text_goes_back_and_its_record_holds_n
     report = runtime.redriver.run(runtime.queue("rabbitmq", DLQ))
 
     assert (report.moved, report.stopped) == (1, "empty")
+    settled_empty(platform, DLQ)  # moved, not copied
     method, properties, body = platform.basic_get(WORK, auto_ack=True)
     assert method is not None, "the letter is back in its work queue"
     assert (properties.message_id, properties.type, body) == (MESSAGE_ID, TYPE, BODY)

@@ -14,15 +14,14 @@ from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
 from fabric.consumer import Delivery, MessageProcessor, Poison
 from fabric.redrive import Redriver
+from tests.integration.queue_waits import settled_depth, settled_empty
 from tests.integration.test_dead_letters import (
     DLQ,
     WORK,
     dead_letter_queue,
-    depth,
     drain_ids,
     publish,
     settings,
-    settled_depth,
 )
 from tests.integration.test_overflow_redrive import connect
 
@@ -56,7 +55,7 @@ def test_a_replayed_message_parked_again_is_redriven_not_removed(
     consume_one(broker_vhost, poison=True)  # parked: fabric-redrives absent (0)
     assert redriver.run(dead_letter_queue(broker_vhost)).moved == 1
     consume_one(broker_vhost, poison=False)  # fixed, processed
-    assert (depth(amqp, WORK), depth(amqp, DLQ)) == (0, 0)
+    settled_empty(amqp, WORK, DLQ)
 
     time.sleep(1.1)  # the dead-lettering time has second precision
     publish(amqp, WORK, "case-7")  # replayed: the same id, no redrive counter
@@ -67,4 +66,4 @@ def test_a_replayed_message_parked_again_is_redriven_not_removed(
 
     assert (report.moved, report.already_moved) == (1, 0)
     assert drain_ids(amqp, WORK) == ["case-7"], "back in its work queue, not dropped"
-    assert settled_depth(amqp, DLQ, 0) == 0
+    settled_empty(amqp, DLQ)
