@@ -31,6 +31,7 @@ from fabric.consumer import Delivery, MessageProcessor, Poison
 from fabric.envelope import new_message_id
 from fabric.stakeholders import Stakeholder
 from tests.integration.private_node import GUEST, PrivateNode
+from tests.integration.queue_waits import depth, settled_depth, settled_empty
 from tests.integration.test_broker_drills import apply
 from tests.integration.test_broker_drills import topology as topology_document
 
@@ -103,10 +104,6 @@ def publish(channel: Any, message_id: str) -> None:
     )
 
 
-def depth(channel: Any, queue: str) -> int:
-    return int(channel.queue_declare(queue, passive=True).method.message_count)
-
-
 def audit_events(channel: Any) -> list[tuple[Any, Any]]:
     """The (event, reason) of every audit record the consumers sent, taken off the queue."""
     events: list[tuple[Any, Any]] = []
@@ -147,9 +144,9 @@ def test_a_poison_message_whose_handler_outlasted_the_timeout_is_parked_once_not
     with pytest.raises(pika.exceptions.AMQPError) as raised:
         slow.run(max_messages=1, idle_timeout_s=5)
 
-    assert depth(amqp, DLQ) == 0, "not parked: the broker had taken it back"
+    settled_empty(amqp, DLQ)  # not parked: the broker had taken it back
     assert audit_events(amqp) == []
-    assert depth(amqp, WORK) == 1
+    assert settled_depth(amqp, WORK, 1) == 1
     assert isinstance(raised.value, pika.exceptions.ChannelClosed)
 
     # The next run parks it, once.
@@ -158,7 +155,8 @@ def test_a_poison_message_whose_handler_outlasted_the_timeout_is_parked_once_not
 
     quick = RabbitMqConsumer(settings(node, vhost), WORK, MessageProcessor(poison))
     assert quick.run(max_messages=1, idle_timeout_s=5) == {"dead-letter": 1}
-    assert (depth(amqp, WORK), depth(amqp, DLQ)) == (0, 1)
+    settled_empty(amqp, WORK)
+    assert settled_depth(amqp, DLQ, 1) == 1
     assert audit_events(amqp) == [("dead-lettered", "poison")]
 
 
@@ -178,7 +176,7 @@ def test_a_failed_attempt_whose_handler_outlasted_the_timeout_starts_no_second_r
     with pytest.raises(pika.exceptions.AMQPError) as raised:
         consumer.run(idle_timeout_s=5)
 
-    assert depth(amqp, FIRST_TIER) == 0, "no retry copy beside the message in its work queue"
+    settled_empty(amqp, FIRST_TIER)  # no retry copy beside the message in its work queue
     assert audit_events(amqp) == [], "no retried record for an attempt that was given back"
-    assert depth(amqp, WORK) == 1
+    assert settled_depth(amqp, WORK, 1) == 1
     assert isinstance(raised.value, pika.exceptions.ChannelClosed)

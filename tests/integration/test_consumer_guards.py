@@ -30,6 +30,7 @@ from fabric.consumer import (
 )
 from tests.integration import test_dead_letters as dead_letters
 from tests.integration.aws_fallback import REGION
+from tests.integration.queue_waits import settled_empty
 
 WORK, EMERGENCY_WORK = dead_letters.WORK, dead_letters.EMERGENCY_WORK
 publish, depth = dead_letters.publish, dead_letters.depth
@@ -93,7 +94,7 @@ def test_an_emergency_whose_consumer_crashed_mid_handler_runs_again_within_secon
     assert attempt == 1, "waiting out the crashed copy spent none of the alert's attempts"
     assert counts["done"] == 1
     assert counts["retry"] >= 1
-    assert depth(amqp, EMERGENCY_WORK) == 0
+    settled_empty(amqp, EMERGENCY_WORK)
 
 
 class LambdaContext:
@@ -231,7 +232,7 @@ def test_deliveries_waiting_behind_slow_handlers_go_back_before_the_consumer_tim
     returned = {m: counts for m, counts in deliveries.items() if counts != [0]}
     assert ids[3] in returned
     assert all(counts == [1] for counts in returned.values()), returned
-    assert depth(amqp, WORK) == 0
+    settled_empty(amqp, WORK)
 
 
 def test_a_consumer_idle_past_half_the_consumer_timeout_handles_its_next_message(

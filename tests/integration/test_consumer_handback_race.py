@@ -34,6 +34,7 @@ from fabric.consumer import Delivery, MessageProcessor
 from tests.integration import test_dead_letters as dead_letters
 from tests.integration.conftest import AMQP, GUEST
 from tests.integration.faults import FaultProxy, Frame, is_method
+from tests.integration.queue_waits import settled_empty
 from tests.integration.test_consumer_guards import delivery_counts
 
 pytestmark = pytest.mark.integration
@@ -165,8 +166,7 @@ def test_deliveries_in_flight_at_the_cancel_go_back_with_the_hand_back_nack(
     # dead-lettered it at this queue's delivery limit of 1), and nothing was parked.
     assert max(count for each in deliveries.values() for count in each) <= 1, deliveries
     assert all(len(each) == 1 for each in deliveries.values()), "each taken once"
-    assert dead_letters.depth(amqp, dlq) == 0
-    assert dead_letters.depth(amqp, queue) == 0
+    settled_empty(amqp, dlq, queue)
 
 
 def test_a_stopped_consumer_hands_what_it_holds_back_with_one_nack(
@@ -216,4 +216,4 @@ def test_a_stopped_consumer_hands_what_it_holds_back_with_one_nack(
     while (got := amqp.basic_get(queue, auto_ack=True))[0] is not None:
         back[got[1].message_id] = got[1].headers["x-delivery-count"]
     assert back == dict.fromkeys(set(ids) - set(handled), 1)
-    assert dead_letters.depth(amqp, dlq) == 0
+    settled_empty(amqp, dlq)

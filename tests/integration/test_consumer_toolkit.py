@@ -24,6 +24,7 @@ from fabric.envelope import new_message_id
 from fabric.stakeholders import Stakeholder
 from tests.integration import test_dead_letters as dead_letters
 from tests.integration.aws_fallback import REGION
+from tests.integration.queue_waits import settled_empty
 
 GROUP = Stakeholder.COMMUNITY
 WORK = topology.queue_name(GROUP)
@@ -44,10 +45,6 @@ def publish(channel: Any, message_id: str, headers: dict[str, Any] | None = None
         ),
         mandatory=True,
     )
-
-
-def depth(channel: Any, queue: str) -> int:
-    return int(channel.queue_declare(queue, passive=True).method.message_count)
 
 
 def wait_for(condition: Any, timeout: float = 10.0) -> None:
@@ -112,7 +109,7 @@ def test_a_malformed_attempt_header_does_not_stop_the_consumer(
 
     assert counts == {"done": 2}
     assert seen == [("forged-attempt", 1), ("healthy", 1)]
-    assert depth(amqp, WORK) == 0
+    settled_empty(amqp, WORK)
 
 
 def test_a_handler_longer_than_the_heartbeat_keeps_the_connection_and_the_prefetched_messages(
@@ -138,7 +135,7 @@ def test_a_handler_longer_than_the_heartbeat_keeps_the_connection_and_the_prefet
 
     assert counts == {"done": 2}
     assert seen == [("slow", False), ("prefetched", False)]
-    assert depth(amqp, WORK) == 0
+    settled_empty(amqp, WORK)
 
 
 # -- SQS ----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from fabric.rotation import EXCLUDED_PASSWORD_CHARACTERS, PASSWORD_LENGTH, STEPS
 from tests.conftest import load_handler
 from tests.integration.aws_fallback import REGION
 from tests.integration.conftest import AMQP, GUEST, MANAGEMENT, management
+from tests.integration.queue_waits import settled_empty
 
 pytestmark = pytest.mark.integration
 
@@ -230,7 +231,7 @@ def test_a_consumer_refused_once_reads_the_rotated_password_on_its_next_run(
     counts = consumer.run(max_messages=1, idle_timeout_s=5)
 
     assert counts == {"done": 1}
-    assert channel.queue_declare(QUEUE, passive=True).method.message_count == 0
+    settled_empty(channel, QUEUE)
 
 
 # --- the rotation function -------------------------------------------------------------------
