@@ -129,6 +129,26 @@ def test_a_timeout_the_probes_meet_too_stops_the_run_before_another_receive() ->
     assert source.queues["emergency-community"] != []
 
 
+def test_a_second_work_queue_that_stalls_says_the_broker_does_and_stops_the_run() -> None:
+    # The node's queue storage stalls (a WAL or disk stall): the probes, which go to no queue,
+    # still pass, so each work queue would be left in turn, and every fallback queue's batch
+    # would spend a receive each run, to be parked after ten runs though the broker may well
+    # have stored it. Two work queues timing out in one run are the broker's stall.
+    source = MemoryFallbackSource()
+    broker = Broker(stalled={GOVERNMENT_EMERGENCY, COMMUNITY_EMERGENCY, BUSINESS_EMERGENCY})
+    for queue in ("emergency-government", "emergency-community", "emergency-business"):
+        source.send(queue, *parked())
+
+    report = drainer(source, broker).drain()
+
+    assert (report.stopped, report.total) == ("broker unavailable", 0)
+    assert [queue for queue, _wait in source.receives] == [
+        "emergency-government",
+        "emergency-community",
+    ]
+    assert source.queues["emergency-business"] != []
+
+
 def test_a_lost_connection_stops_the_run_at_once() -> None:
     source, broker = MemoryFallbackSource(), Broker()
     source.send("emergency-government", *parked())

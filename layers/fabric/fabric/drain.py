@@ -157,6 +157,7 @@ class Drainer:
         self._broker = broker
         self._audit = audit
         self._clock = clock
+        self._stalled: set[str] = set()  # the work queues whose confirms timed out this run
 
     def drain(
         self, *, max_messages: int | None = None, max_seconds: float | None = None
@@ -176,6 +177,7 @@ class Drainer:
 
     def _drain(self, max_messages: int, max_seconds: float) -> DrainReport:
         report = DrainReport()
+        self._stalled = set()
         deadline = self._clock() + max_seconds
         if self._connect is not None and not (self._connect() and self._takes_publishes()):
             report.stopped = "broker unavailable"  # before a receive counts against anything
@@ -227,16 +229,28 @@ class Drainer:
         the run must stop, ``report.refused`` names a work queue that did not take its batch).
 
         A batch the broker did not take stops the run only when the broker takes nothing: its
-        connection failed, or, after confirms that timed out, the probes fail too. Otherwise it
-        was this work queue alone (full, or a quorum queue that lost its majority and confirms
-        nothing), and the other queues still drain."""
+        connection failed, or, after confirms that timed out, the probes fail too, or another
+        work queue's confirms timed out earlier in the run. Otherwise it was this work queue
+        alone (full, or a quorum queue that lost its majority and confirms nothing), and the
+        other queues still drain.
+
+        The probes go to no queue, so they pass while the node's queue storage itself stalls (a
+        WAL or disk stall): then every work queue times out in turn, and leaving each for the
+        run would spend a receive on every fallback queue's batch, each run, and park them all
+        after ten runs. A second work queue that times out says the stall is the broker's."""
         batch = self._receive(queue, report, max_messages, deadline, wait=wait)
         if not batch:
             return False
         failures = self._move(queue, batch, report)
         if report.stopped != "empty":  # the audit paths, or SQS's deletes, failed
             return False
-        if failures & _BROKER_DOWN or (failures & _NO_PUBLISHES and not self._broker_works()):
+        if Failure.TIMEOUT in failures:
+            self._stalled.add(queue.work_queue)
+        if (
+            failures & _BROKER_DOWN
+            or len(self._stalled) > 1
+            or (failures & _NO_PUBLISHES and not self._broker_works())
+        ):
             report.stopped = "broker unavailable"
         elif failures:
             _LOG.warning(
