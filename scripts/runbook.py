@@ -500,8 +500,11 @@ def verify(
 
     s3, kms = client("s3"), client("kms")
     store = S3ObjectStore(bucket, lambda: s3)
-    keys = store.keys(f"audit/{writer}/")
+    # The checkpoints first: an object the writer writes and seals between the two listings is
+    # then listed after the last checkpoint listed (listed the other way round, it would be
+    # named by a checkpoint and not listed).
     sealed = store.keys(f"checkpoints/{writer}/")
+    keys = store.keys(f"audit/{writer}/")
     # Object Lock does not refuse a plain DeleteObject: it adds a delete marker, and listings
     # and reads no longer show the key (its locked versions stay). The trail left could verify
     # without a hidden tail object or last checkpoint, so the markers are looked for here.

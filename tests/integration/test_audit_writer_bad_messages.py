@@ -8,6 +8,7 @@ event's other batches are written, and the function never fails the event for on
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 from datetime import UTC, datetime
@@ -218,6 +219,35 @@ def test_a_message_of_a_shape_nobody_foresaw_stands_in_for_itself_and_the_rest_i
     handler.handler({"checkpoint": True}, None)
     result = verified(S3ObjectStore(BUCKET, lambda: aws_audit["s3"]), aws_audit["signer"])
     assert result.ok, result.problem
+
+
+def test_an_unforeseen_failure_stands_in_with_the_hash_of_the_bytes_and_the_id_sent(
+    handler: ModuleType,  # noqa: F811 (the fixture)
+    aws_audit: dict[str, Any],  # noqa: F811
+) -> None:
+    # Its stand-in hashed the base64 text, not the bytes (the same bytes had another hash than
+    # when a foreseen check failed), and dropped the id it was sent with (its sender could not
+    # find its batch).
+    data = b"not an audit batch"
+    foreseen = message(new_message_id(), data)
+    unforeseen = message(new_message_id(), data)
+    unforeseen["basicProperties"] = ["not", "properties"]
+    sent = new_message_id()
+    kept, dropped = message(sent, b""), message("not a message id", b"")
+    kept["data"] = dropped["data"] = 7  # not text: reading it fails unforeseen
+    answer = handler.handler(amazon_mq(foreseen, unforeseen, kept, dropped), None)
+
+    assert (answer["records"], answer["refused"]) == (4, 4)
+    by_batch = written(aws_audit)
+    digest = hashlib.sha256(data).hexdigest()
+    (as_foreseen,) = by_batch[foreseen["basicProperties"]["messageId"]]
+    (as_unforeseen,) = by_batch[f"sha256-{digest}"]
+    assert as_foreseen["body_sha256"] == as_unforeseen["body_sha256"] == digest
+    (stood_in,) = by_batch[sent]
+    assert (stood_in["event"], stood_in["publisher"]) == ("unreadable-batch", CONSUMER)
+    # A stakeholder user's id that is not a fabric message id is not kept, as for any batch.
+    assert "not a message id" not in by_batch
+    assert len(by_batch) == 4
 
 
 def test_a_failure_to_store_still_fails_the_event(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -32,6 +32,15 @@ _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_asci
 def canonical(value: Mapping[str, Any]) -> bytes:
     """The one byte form a record or checkpoint is hashed and signed in."""
     return _CANONICAL.encode(value).encode()
+
+
+def has_canonical_form(value: Mapping[str, Any]) -> bool:
+    """Whether ``value`` (read from JSON) has a canonical form (see ``NO_CANONICAL_FORM``)."""
+    try:
+        canonical(value)
+    except (UnicodeEncodeError, RecursionError):
+        return False
+    return True
 
 
 def record_hash(record: Mapping[str, Any]) -> str:
@@ -174,6 +183,9 @@ def make_checkpoint(
 # What every accepted message must also have in the trail: where it was stored.
 OUTCOME_EVENTS = ("routed", "fallback")
 NOT_A_CHECKPOINT = "not a checkpoint (not a JSON object)"
+# What JSON text can carry and the canonical form cannot (a lone surrogate, ``"\\ud800"``,
+# which no UTF-8 holds): no writer wrote it.
+NO_CANONICAL_FORM = "a lone surrogate, or nested deeper than the encoder"
 _NO_OUTCOME = "an accepted message has no outcome (routed or fallback)"
 
 
@@ -319,19 +331,25 @@ def verify_intervals(
     tens of bytes, against about 600 for a record read whole). ``message_ids`` of the result
     stays empty.
 
-    ``checkpoint_keys`` and ``object_keys`` as listed (key order); ``read`` gives an object's
-    bytes, None when there is none. Each checkpoint is verified with the objects it names from
-    the checkpoint before it (the ``anchor``: the numbering, key rank, signature link and record
-    chain go on from it), and its records must end where it says; then the objects after the
-    last checkpoint. What spans intervals is checked across them: the abandoned attempts (read
-    for their hash once every checkpoint is read: a later one may name the key as the chain's),
-    an object among the sealed ones that no checkpoint names, and last an accepted message with
-    no outcome anywhere in the trail. Stops at the first problem and names it.
+    ``checkpoint_keys`` and ``object_keys`` as listed (key order; the checkpoints listed first,
+    so an object sealed between the two listings is in both); ``read`` gives an object's bytes,
+    None when there is none. Each checkpoint's seal is checked before anything it names is read
+    (its signature, key, number and link to the checkpoint before it: a forged one names what
+    it likes), and what it names must be listed under ``audit/<writer>/`` (nothing else is
+    read); then it is verified with those objects from the checkpoint before it (the
+    ``anchor``: the numbering, key rank, signature link and record chain go on from it), and its
+    records must end where it says; then the objects after the last checkpoint. What spans
+    intervals is checked across them: the abandoned attempts (read for their hash, if listed,
+    once every checkpoint is read: a later one may name the key as the chain's), an object among
+    the sealed ones that no checkpoint names, and last an accepted message with no outcome
+    anywhere in the trail. Stops at the first problem and names it.
     """
     result = Verification()
     outcomes = _Outcomes()
-    keys = _remembering(keys)  # each checkpoint is checked again as the next one's anchor
+    keys = _remembering(keys)  # each checkpoint is checked again with its objects, and as anchor
+    listed, prefix = set(object_keys), f"audit/{writer}/"
     anchor: tuple[str, Mapping[str, Any]] | None = None
+    expected, previous_signature, rank = 1, None, 0
     covered: list[str] = []
     abandoned: dict[str, set[str]] = {}
     for key in checkpoint_keys:
@@ -340,7 +358,22 @@ def verify_intervals(
         if checkpoint is None:
             result.problem = Problem(key, "listed but gone" if data is None else NOT_A_CHECKPOINT)
             return result
-        named = _named(checkpoint)
+        # Its seal first: a forged checkpoint may name any key, any number of times; none of
+        # them is read, nor any key outside the writer's objects as listed.
+        problem, rank = _seal(
+            key,
+            checkpoint,
+            expected,
+            previous_signature,
+            keys=keys,
+            newest_rank=rank,
+            writer=writer,
+        )
+        named = [] if problem is not None else [str(i["key"]) for i in checkpoint["objects"]]
+        problem = problem or _unlisted(key, named, listed, prefix)
+        if problem is not None:
+            result.problem = problem
+            return result
         interval = {name: stored for name in named if (stored := read(name)) is not None}
         checked = verify_trail(
             objects=interval,
@@ -357,10 +390,17 @@ def verify_intervals(
         for item in checkpoint.get("abandoned", ()):
             abandoned.setdefault(str(item["key"]), set()).add(str(item["sha256"]))
         anchor = (key, checkpoint)
+        expected, previous_signature = expected + 1, str(checkpoint["signature"])
     for key in covered:  # written again later: the chain's object, checked as such
         abandoned.pop(key, None)
     ordered = sorted((key for key in object_keys if key not in abandoned), key=sequence_order)
-    result.problem = _check_abandoned(abandoned, read) or _extra_among_sealed(ordered, covered)
+
+    def listed_only(name: str) -> bytes | None:  # an abandoned attempt not listed: never stored
+        return read(name) if name in listed else None
+
+    result.problem = _check_abandoned(abandoned, listed_only) or _extra_among_sealed(
+        ordered, covered
+    )
     if result.problem is not None:
         return result
     tail = ordered[len(covered) :]
@@ -378,13 +418,15 @@ def verify_intervals(
     return result
 
 
-def _named(checkpoint: Mapping[str, Any]) -> list[str]:
-    """The object keys ``checkpoint`` names (read before its signature is checked: whatever
-    is not a list of keys reads as none, and the verifier names the checkpoint)."""
-    items = checkpoint.get("objects")
-    if not isinstance(items, list):
-        return []
-    return [str(item.get("key")) for item in items if isinstance(item, dict)]
+def _unlisted(key: str, named: Sequence[str], listed: Set[str], prefix: str) -> Problem | None:
+    """The first key checkpoint ``key`` names that is not to be read, if any: outside ``prefix``
+    (the writer's objects), or not in the listing ``listed`` (missing)."""
+    for name in named:
+        if not name.startswith(prefix):
+            return Problem(name, f"named by {key}, outside {prefix}")
+        if name not in listed:
+            return Problem(name, f"named by {key} but missing")
+    return None
 
 
 def _tally(
@@ -434,22 +476,23 @@ class _Outcomes:
 
 
 class _RememberedSigner:
-    """A signer that remembers the last signature it found good, so a checkpoint checked as
-    the next interval's anchor costs no second KMS call."""
+    """A signer that remembers the last two signatures it found good, so a checkpoint checked
+    again (its seal before its objects are read, then with them, then as the next interval's
+    anchor, beside that interval's checkpoint) costs no second KMS call."""
 
     def __init__(self, signer: Signer) -> None:
         self.key_id, self._signer = signer.key_id, signer
-        self._good: tuple[bytes, bytes] | None = None
+        self._good: list[tuple[bytes, bytes]] = []
 
     def sign(self, message: bytes) -> bytes:
         return self._signer.sign(message)
 
     def verify(self, message: bytes, signature: bytes) -> bool:
-        if self._good == (message, signature):
+        if (message, signature) in self._good:
             return True
         good = self._signer.verify(message, signature)
         if good:
-            self._good = (message, signature)
+            self._good = [*self._good[-1:], (message, signature)]
         return good
 
 
@@ -570,7 +613,11 @@ def _check_seal(
         signature = base64.b64decode(str(checkpoint["signature"]), validate=True)
     except (KeyError, ValueError):
         return Problem(key, "no valid signature")
-    if not signer.verify(canonical(unsigned), signature):
+    try:
+        message = canonical(unsigned)
+    except (UnicodeEncodeError, RecursionError):
+        return Problem(key, f"not a checkpoint ({NO_CANONICAL_FORM})")
+    if not signer.verify(message, signature):
         return Problem(key, "the signature does not match the checkpoint")
     if checkpoint.get("checkpoint") != expected:
         return Problem(key, f"checkpoint {checkpoint.get('checkpoint')}, expected {expected}")
@@ -603,6 +650,10 @@ def _check_record(key: str, record: Mapping[str, Any], chain: Chain) -> Problem 
         return Problem(where, f"sequence gap: expected record {chain.seq + 1}")
     if record.get("prev") != chain.last_hash:
         return Problem(where, "its prev hash does not match the record before it")
+    try:
+        last_hash = record_hash(record)
+    except (UnicodeEncodeError, RecursionError):  # only in the unsealed tail: nothing vouches
+        return Problem(where, f"not a record the writer could have written ({NO_CANONICAL_FORM})")
     chain.seq += 1
-    chain.last_hash = record_hash(record)
+    chain.last_hash = last_hash
     return None

@@ -351,7 +351,7 @@ def batches_from_event(
                 try:
                     batches.append(_from_rabbitmq(message, trusted, environment))
                 except Exception as error:  # one message never fails the event
-                    batches.append(_unexpected(message, "data", error))
+                    batches.append(_unexpected(message, "data", error, trusted))
     elif isinstance(event.get("Records"), list):
         for record in event["Records"]:
             try:
@@ -371,24 +371,46 @@ def _from_rabbitmq(
     message: Mapping[str, Any], trusted: frozenset[str], environment: str | None
 ) -> tuple[str, AuditBatch]:
     properties = message.get("basicProperties") or {}
-    try:
-        body = base64.b64decode(message.get("data", ""))
-    except ValueError:  # recorded as it arrived, not the whole event dropped
-        body = str(message.get("data", "")).encode("utf-8", "surrogatepass")
+    body = _rabbitmq_body(message.get("data", ""))
     publisher = str(properties.get("userId") or "")
-    sent_id = str(properties.get("messageId") or "")
-    if publisher not in trusted and normalize_message_id(sent_id) != sent_id:
-        sent_id = ""
+    sent_id = _sent_id(properties, publisher, trusted)
     return sent_id or _digest(body), _published_by(publisher, body, trusted, environment)
 
 
-def _unexpected(message: object, field: str, error: Exception) -> tuple[str, AuditBatch]:
+def _rabbitmq_body(data: Any) -> bytes:
+    """The bytes of a RabbitMQ message's ``data`` (base64), or its text as it arrived when it
+    is not base64: recorded, not the whole event dropped.
+
+    Raises:
+        TypeError: ``data`` is neither text nor bytes.
+    """
+    try:
+        return base64.b64decode(data)
+    except ValueError:
+        return str(data).encode("utf-8", "surrogatepass")
+
+
+def _sent_id(properties: Mapping[str, Any], publisher: str, trusted: frozenset[str]) -> str:
+    """The id a RabbitMQ batch was sent with, kept when its publisher is trusted or it is a
+    fabric message id in its canonical form; else "" (see ``batches_from_event``)."""
+    sent_id = str(properties.get("messageId") or "")
+    if publisher not in trusted and normalize_message_id(sent_id) != sent_id:
+        return ""
+    return sent_id
+
+
+def _unexpected(
+    message: object, field: str, error: Exception, trusted: frozenset[str] = frozenset()
+) -> tuple[str, AuditBatch]:
     """One ``unreadable-batch`` record for a message whose reading failed in a way the checks
     did not foresee (a shape nobody expected, a bug of the writer's): the event's other batches
     are written, and this one is not delivered again and again until the event source gives
-    up on all of them. It carries the SHA-256 of the message's ``field`` (``data``, ``body``)
-    as the event carried it, or of the whole message as JSON. The log names the error's class
-    and where it was raised, never its text, which may quote what a consumer sent."""
+    up on all of them. It carries the SHA-256 of what arrived, as a readable message's record
+    would: the bytes of a RabbitMQ message's ``data`` (base64-decoded when it decodes), the text
+    of an SQS message's ``body``, else the whole message as JSON. A RabbitMQ batch keeps the id
+    it was sent with by the rule ``_from_rabbitmq`` follows (``_sent_id``), when its properties
+    are an object; else its id is the digest. The log names the error's class and where it was
+    raised, never its text, which may quote what a consumer sent."""
     where = traceback.extract_tb(error.__traceback__)[-1]
     _LOG.error(
         "an audit message could not be read (%s at %s:%s): written as one unreadable-batch record",
@@ -398,14 +420,18 @@ def _unexpected(message: object, field: str, error: Exception) -> tuple[str, Aud
     )
     carried = message.get(field) if isinstance(message, dict) else None
     if isinstance(carried, str):
-        body = carried.encode("utf-8", "surrogatepass")
+        body = (
+            _rabbitmq_body(carried) if field == "data" else carried.encode("utf-8", "surrogatepass")
+        )
     else:
         body = json.dumps(message, sort_keys=True, default=repr).encode("utf-8", "surrogatepass")
-    properties = message.get("basicProperties") if isinstance(message, dict) else None
-    publisher = None
+    publisher, sent_id = None, ""
     if field == "data":  # RabbitMQ: every record says who published it
-        publisher = str(properties.get("userId") or "") if isinstance(properties, dict) else ""
-    return _digest(body), _stand_in(
+        properties = message.get("basicProperties") if isinstance(message, dict) else None
+        properties = properties if isinstance(properties, dict) else {}
+        publisher = str(properties.get("userId") or "")
+        sent_id = _sent_id(properties, publisher, trusted)
+    return sent_id or _digest(body), _stand_in(
         body, "unreadable-batch", "the writer failed to read the message", publisher
     )
 

@@ -61,11 +61,13 @@ from typing import Any, Protocol
 
 from fabric import metrics as metric_names
 from fabric.audit_chain import (
+    NO_CANONICAL_FORM,
     OUTCOME_EVENTS,
     Keyring,
     Problem,
     Verification,
     decode_object,
+    has_canonical_form,
     sequence_order,
     verify_trail,
 )
@@ -343,10 +345,14 @@ class _Checkpoints:
                 isinstance(i["key"], str) and isinstance(i["sha256"], str) for i in listed
             ):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise _Unreadable(
                 key, "not a checkpoint (a UTC at, named objects, a last_seq)"
             ) from None
+        # Its objects are read before its signature is checked: a key that no UTF-8 holds
+        # would fail the S3 client, the whole report with it.
+        if not has_canonical_form(body):
+            raise _Unreadable(key, f"not a checkpoint ({NO_CANONICAL_FORM})")
         self._read[key] = (body, stored)
 
     def at(self, index: int) -> datetime:
@@ -774,11 +780,7 @@ class _Scan:
             if key in self.counted:
                 continue
             self.counted.add(key)
-            try:
-                records = decode_object(data)
-            except ValueError:
-                continue  # the verifier named it; the figures skip what cannot be read
-            for number, record in enumerate(records):
+            for number, record in enumerate(_countable(data)):
                 self.outcomes.add(record, (index, order[key], number), key)
                 self.figures.add(record)
 
@@ -802,6 +804,23 @@ class _Scan:
             len(self.window.unsealed_keys),
             problem or self.window.problem,
         )
+
+
+# A JSON escape of a UTF-16 surrogate, in a valid pair or alone (``fabric.audit_writer``).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _countable(data: bytes) -> list[dict[str, Any]]:
+    """The records of an audit object the figures count: none of one that cannot be read, and
+    none the writer could not have written (a lone surrogate: its text cannot be reported). The
+    verifier names either."""
+    try:
+        records = decode_object(data)
+    except (ValueError, RecursionError):
+        return []
+    if _SURROGATE_ESCAPE.search(data):  # rare: keep the records that encode
+        return [record for record in records if has_canonical_form(record)]
+    return records
 
 
 def _unnamed(objects: Iterable[str], covered: Sequence[str]) -> Problem | None:
