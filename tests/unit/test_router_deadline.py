@@ -1,6 +1,6 @@
-"""With the broker down and SNS taking connections but never answering, a router call still
-answers, and audits every message, within the fallback's budget: not after the client's
-timeouts on every request, which would outlast the function's 30 s."""
+"""With the broker down and SNS (or the SQS audit queue) taking connections but never
+answering, a router call still answers within the fallback's (or the audit path's) budget: not
+after the client's timeouts on every request, which would outlast the function's 30 s."""
 
 from __future__ import annotations
 
@@ -13,13 +13,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
+from fabric.adapters.memory import MemoryAuditSink, MemoryMetrics, MemoryTransport
 from fabric.adapters.memory_cipher import LocalCipher
 from fabric.adapters.sns import SnsFallbackTransport
+from fabric.adapters.sqs_audit import SqsAuditTransport
 from fabric.audit import AuditEvent
+from fabric.audit_sink import AUDIT_TOPIC, TransportAuditSink
 from fabric.bootstrap import RouterRuntime, _boto3_client
 from fabric.entrypoints import dispatch
-from fabric.ports import Failure, OutboundMessage
+from fabric.metrics import AUDIT_RECORDS_LOST
+from fabric.ports import Failure, MessageKind, OutboundMessage
 from fabric.router import Router
 from fabric.routing import default_routing_table
 from fabric.settings import RouterSettings
@@ -28,16 +31,17 @@ from fabric.stakeholders import Stakeholder
 FALLBACK = "arn:aws:sns:ap-southeast-3:111111111111:fabric-test-fallback"
 EMERGENCY = "arn:aws:sns:ap-southeast-3:111111111111:fabric-test-emergency"
 FUNCTION = "arn:aws:lambda:ap-southeast-3:111111111111:function:fabric-test-router"
+AUDIT_QUEUE = "https://sqs.ap-southeast-3.amazonaws.com/111111111111/fabric-test-audit"
 BUDGET_S = 1.0
 SLACK_S = 0.5  # thread start-up and the router's own work, on a slow host
 
 
 @pytest.fixture
 def silent_sns(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[socket.socket]]:
-    """An SNS endpoint that takes every TCP connection and never answers, as the router's
-    clients reach it (``fabric.bootstrap``: connect 1 s, read 2 s, 2 attempts); yields the
-    connections it took. Closed at the end, which also ends the requests the transport gave up
-    on."""
+    """An AWS endpoint (SNS, SQS alike) that takes every TCP connection and never answers, as
+    the router's clients reach it (``fabric.bootstrap``: connect 1 s, read 2 s, 2 attempts);
+    yields the connections it took. Closed at the end, which also ends the requests the
+    transports gave up on."""
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.1)
     taken: list[socket.socket] = []
@@ -57,6 +61,7 @@ def silent_sns(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[socket.socket]]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setattr("fabric.adapters.sns.PUBLISH_BUDGET_S", BUDGET_S)
+    monkeypatch.setattr("fabric.adapters.sqs_audit.PUBLISH_BUDGET_S", BUDGET_S)
     yield taken
     done.set()
     thread.join()
@@ -84,6 +89,12 @@ def outbound(*, emergency: bool) -> OutboundMessage:
     )
 
 
+def audit_part() -> OutboundMessage:
+    return OutboundMessage(
+        str(uuid.uuid4()), AUDIT_TOPIC, b'{"records": []}', frozenset(), kind=MessageKind.AUDIT
+    )
+
+
 def test_an_sns_that_never_answers_costs_the_publish_its_budget_not_every_requests_timeouts(
     silent_sns: list[socket.socket],
 ) -> None:
@@ -101,6 +112,24 @@ def test_an_sns_that_never_answers_costs_the_publish_its_budget_not_every_reques
     first = silent_sns[0]
     first.settimeout(1.0)
     assert b"emergency" in first.recv(65536)
+
+
+def test_an_sqs_audit_queue_that_never_answers_costs_the_publish_its_budget_and_one_request(
+    silent_sns: list[socket.socket],
+) -> None:
+    parts = [audit_part() for _ in range(5)]  # about 20 s at the client's own bounds
+
+    started = time.monotonic()
+    outcomes = SqsAuditTransport(AUDIT_QUEUE, lambda: _boto3_client("sqs")).publish(parts)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < BUDGET_S + SLACK_S
+    assert [o.failure for o in outcomes] == [Failure.UNAVAILABLE] * len(parts)
+    assert [o.message_id for o in outcomes] == [p.message_id for p in parts]
+    # Only the first part was sent (and is still waiting for its read timeout): the others,
+    # past the budget, were not sent at all.
+    time.sleep(0.3)  # the listener's accept loop looks every 0.1 s
+    assert len(silent_sns) == 1
 
 
 def test_the_router_answers_503_with_a_result_and_an_audit_record_for_every_message(
@@ -142,6 +171,52 @@ def test_the_router_answers_503_with_a_result_and_an_audit_record_for_every_mess
     assert {(r["status"], r["reason"]) for r in body["results"]} == {("rejected", "unavailable")}
     assert sorted(r.message_id or "" for r in audit.records) == sorted(ids)
     assert {(r.event, r.reason) for r in audit.records} == {(AuditEvent.REJECTED, "unavailable")}
+
+
+def test_an_sqs_audit_queue_that_never_answers_costs_the_call_its_budget_and_the_answer_stands(
+    silent_sns: list[socket.socket],
+) -> None:
+    # RabbitMQ down, SNS well, the SQS audit queue silent: the audit batch of 40 messages with
+    # 10 KB bodies is three parts, each about 4 s at the client's own bounds, one after another.
+    messages = [
+        {
+            "message_id": str(uuid.uuid4()),
+            "topic": "media.story.published",
+            "payload": {"t": "x" * 10_000},
+        }
+        for _ in range(40)
+    ]
+    broker = MemoryTransport(failure=Failure.UNAVAILABLE)
+    audit_queue = SqsAuditTransport(AUDIT_QUEUE, lambda: _boto3_client("sqs"))
+    metrics = MemoryMetrics()
+    router = Router(
+        table=default_routing_table(),
+        transports=[broker, MemoryTransport(name="fallback")],
+        cipher=LocalCipher(),
+        audit=TransportAuditSink([broker, audit_queue], emitted_by="router"),
+        environment="test",
+        metrics=metrics,
+    )
+    request = {
+        "version": "2.0",
+        "routeKey": "POST /v1/messages",
+        "requestContext": {"authorizer": {"jwt": {"claims": {"fabric:group": "government"}}}},
+        "body": json.dumps({"messages": messages}),
+        "isBase64Encoded": False,
+    }
+
+    started = time.monotonic()
+    response = dispatch(request, FUNCTION, RouterRuntime(router, settings()))
+    elapsed = time.monotonic() - started
+
+    assert elapsed < BUDGET_S + SLACK_S
+    # The messages are stored: the producer is told so, whatever became of their records.
+    assert response["statusCode"] == 202
+    body = json.loads(response["body"])
+    assert [r["message_id"] for r in body["results"]] == [m["message_id"] for m in messages]
+    assert {(r["status"], r["transport"]) for r in body["results"]} == {("accepted", "fallback")}
+    # The records are counted lost: an accepted and a fallback record a message.
+    assert metrics.totals[AUDIT_RECORDS_LOST] == 2 * len(messages)
 
 
 def settings() -> RouterSettings:

@@ -44,9 +44,13 @@ RETRY_WINDOW_S = 2.0
 # kills the call before it answers or audits anything. Past the budget, the requests not sent
 # yet are not sent, and the one in flight is given up on: their messages are ``unavailable``.
 # A fixed budget rather than the function's remaining time: the stages around it are bounded
-# too, and with it a call that meets an outage everywhere still answers inside 30 s (one broker
-# connect timeout, 2 s, before it; the key service, once, and the audit batch's SQS path after
-# it, each at most the client's two attempts, about 7 s). A healthy SNS answers a request in
+# too, and with it a call that meets an outage everywhere still answers inside 30 s. In all, at
+# most: the broker about 5 s (a connect timeout, 2 s and the transport's 0.5 s margin, or the
+# credentials' read from Secrets Manager when a connection needs them anew, about 4.3 s; the
+# audit batch adds at most one reconnect, and nothing once the breaker is open), the key
+# service about 4.3 s (asked once: the client's two attempts of a 2 s read), SNS 10 s, and the
+# audit batch's SQS path 8 s (``fabric.adapters.sqs_audit.PUBLISH_BUDGET_S``): 27.3 s, and the
+# router's own work, well under a second for 500 messages. A healthy SNS answers a request in
 # tens of milliseconds: a 500-message call takes one or two seconds of it.
 PUBLISH_BUDGET_S = 10.0
 
