@@ -100,9 +100,11 @@ def build_router_runtime(
 # (see settle_after_init); CPython's default is 700.
 _YOUNG_GENERATION_THRESHOLD = 20_000
 
-# The drain, the redrive and the replay have no fallback: a confirm timeout stops their run, to
-# be done again. They wait out a broker stall (a quorum WAL roll-over, a GC) that the router,
-# which has a fallback and a latency goal, hands to SNS/SQS after RabbitSettings' 0.5 s.
+# The drain, the redrive and the replay have no fallback: they wait out a broker stall (a quorum
+# WAL roll-over, a GC) that the router, which has a fallback and a latency goal, hands to
+# SNS/SQS after RabbitSettings' 0.5 s. A confirm timeout past that stops a redrive or replay run,
+# to be done again; the drain leaves the one work queue that timed out for the run, and stops
+# at a second (fabric.drain: a stall of the node's queue storage times out every queue).
 _TOOL_CONFIRM_TIMEOUT = 5.0
 
 
