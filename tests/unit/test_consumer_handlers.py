@@ -1,5 +1,5 @@
 """What the toolkit does with a handler it cannot run as written, and with a delivery the broker's
-delivery limit is about to dead-letter (no broker needed)."""
+delivery limit would dead-letter on its next return (no broker needed)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from fabric.consumer import (
     MessageProcessor,
     RabbitMqSettler,
     Verdict,
+    delivery_count,
+    last_delivery,
     rabbitmq_batch_handler,
 )
 from fabric.envelope import new_message_id
@@ -149,12 +151,11 @@ def amazon_mq_event(queue: str, delivery_counts: list[int]) -> dict[str, Any]:
     return {"eventSource": "aws:rmq", "rmqMessagesByQueue": {f"{queue}::/": messages}}
 
 
-def test_a_delivery_the_delivery_limit_would_dead_letter_next_is_parked_before_its_handler() -> (
-    None
-):
-    # A batch that kept failing (a function that ran out of memory on it) was redelivered until
-    # the queue's delivery limit dead-lettered it without an audit record. The toolkit parks
-    # the last delivery the broker makes itself; the earlier ones still get their tries.
+def test_a_delivery_at_the_delivery_limit_reaches_its_handler() -> None:
+    # Returns that were no failure of the message (failed invocations of its batch, the end of
+    # a long-running consumer's run, on RabbitMQ 3.10 to 4.2) raise its x-delivery-count too.
+    # Before, the toolkit parked the delivery carrying the limit as max-receives before its
+    # handler ran, though the broker still gave it to the handler: a healthy message lost.
     limit = topology.DELIVERY_LIMIT
     ran: list[str] = []
     transport, audit = MemoryTransport(), MemoryAuditSink()
@@ -165,23 +166,20 @@ def test_a_delivery_the_delivery_limit_would_dead_letter_next_is_parked_before_i
 
     counts = handle(amazon_mq_event(WORK, [0, limit - 1, limit]), None)
 
-    assert counts == {"done": 2, "retry": 0, "dead-letter": 1}
-    assert ran == ["m-0", "m-1"]
-    (parked,) = transport.published
-    assert (parked.message_id, parked.redeliver_to) == ("m-2", DLQ)
-    assert parked.headers[topology.DEAD_LETTER_REASON_HEADER] == "max-receives"
-    assert [(r.event, r.reason) for r in audit.records if r.event is AuditEvent.DEAD_LETTERED] == [
-        (AuditEvent.DEAD_LETTERED, "max-receives")
-    ]
+    assert counts == {"done": 3, "retry": 0, "dead-letter": 0}
+    assert ran == ["m-0", "m-1", "m-2"]
+    assert transport.published == []
+    assert [r.event for r in audit.records] == [AuditEvent.DELIVERED] * 3
 
 
-def test_a_queue_of_the_consumers_own_keeps_its_redeliveries_for_its_handler() -> None:
-    # Its delivery limit is not the fabric's: the toolkit cannot tell its last delivery.
-    ran: list[str] = []
-    handle = rabbitmq_batch_handler(
-        MessageProcessor(lambda item: ran.append(item.message_id)),
-        RabbitMqSettler(lambda _group: MemoryTransport()),
-    )
-    event = amazon_mq_event("stories-own-queue", [topology.DELIVERY_LIMIT + 5])
-    assert handle(event, None)["done"] == 1
-    assert ran == ["m-0"]
+def test_only_a_fabric_work_queue_delivery_carrying_the_limit_is_its_last() -> None:
+    # The long-running consumer parks such a delivery instead of handing it back (the broker
+    # would dead-letter it without an audit record); a queue of the consumer's own has a limit
+    # the toolkit does not know.
+    limit = topology.DELIVERY_LIMIT
+    assert last_delivery(WORK, limit)
+    assert not last_delivery(WORK, limit - 1)
+    assert not last_delivery("stories-own-queue", limit + 5)
+    assert delivery_count({"x-delivery-count": limit}) == limit
+    assert delivery_count({"x-delivery-count": True}) == 0
+    assert delivery_count(None) == 0

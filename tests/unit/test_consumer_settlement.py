@@ -71,14 +71,20 @@ def test_a_failed_message_whose_retry_was_refused_is_rejected_so_the_delivery_li
     assert counts == {"done": 1, "systemic": 1}
 
 
-def test_a_message_held_through_an_outage_is_handed_back_without_counting_a_delivery() -> None:
-    # A systemic verdict (stop set during a pause) is the consumer's trouble, not the
-    # message's: a nack, which RabbitMQ 4.3 does not count against the delivery limit.
+def test_deliveries_parked_at_the_delivery_limit_are_acknowledged_one_by_one() -> None:
+    # Parked instead of handed back, before the hand-back's multiple nack: a multiple
+    # acknowledgement would have covered the lower tags that go back. A refused park is not
+    # acknowledged: it goes back with the others (and the broker dead-letters it).
     channel = RecordingChannel()
-    settler: Any = RefusingSettler(set())
-    pending = _Pending(channel, settler, Counter(), lambda: None, limit=10)
-    pending.add(7, delivery("c"), Decision(Verdict.SYSTEMIC))
-    assert channel.calls == [("nack", 7, True)]
+    counts: Counter[str] = Counter()
+    settler: Any = RefusingSettler({"refused"})
+    pending = _Pending(channel, settler, counts, lambda: None, limit=10)
+
+    parked = pending.park([(4, delivery("parked")), (6, delivery("refused")), (7, delivery("x"))])
+
+    assert parked == {4, 7}
+    assert channel.calls == [("ack", 4, False), ("ack", 7, False)]
+    assert counts == {"dead-letter": 2}
 
 
 def test_a_delivery_counts_as_waiting_since_the_settlement_that_made_room_for_it(

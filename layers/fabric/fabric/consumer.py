@@ -22,9 +22,10 @@ What the handler's outcome means:
 
 Handlers are plain functions: an ``async def`` handler is refused when the processor is built,
 and a handler that returns an awaitable anyway is parked as poison (``HandlerReturnedAwaitable``).
-A RabbitMQ delivery that the queue's delivery limit would dead-letter if it failed once more (its
-consumers kept dying with it) is parked as ``max-receives`` before its handler runs, with its
-audit record, instead of by the broker without one (``_last_delivery``).
+The handler runs on every delivery, whatever its ``x-delivery-count``. Where the long-running
+consumer hands deliveries back itself, one that the queue's delivery limit would dead-letter on
+that return (``last_delivery``) is parked as ``max-receives`` with its audit record instead
+(``fabric.adapters.rabbitmq_consumer``).
 
 ``Idempotency`` (Powertools on DynamoDB, keyed on consumer name + ``message_id``) makes a
 handler run at most once to completion per message, whether a copy is redelivered after a crash,
@@ -316,14 +317,6 @@ class MessageProcessor:
         """Never raises: every outcome of the handler is a Decision."""
         if not delivery.message_id:
             return Decision(Verdict.DEAD_LETTER, reason="no-message-id")
-        if _last_delivery(delivery):
-            _LOG.warning(
-                "%s was delivered %d times before without being settled (its consumers died "
-                "with it?): parked as max-receives before the delivery limit dead-letters it",
-                delivery.message_id,
-                delivery.delivery_count,
-            )
-            return Decision(Verdict.DEAD_LETTER, reason="max-receives")
         handler = functools.partial(_call, self.handler)
         try:
             if self.idempotency is None:
@@ -370,10 +363,11 @@ def _call(handler: Handler, delivery: Delivery) -> None:
         raise HandlerReturnedAwaitable(f"the handler returned {type(result).__name__}")
 
 
-def _last_delivery(delivery: Delivery) -> bool:
-    """Whether the broker dead-letters ``delivery`` itself, without an audit record, if this
-    delivery is not settled either: one of a fabric work queue whose ``x-delivery-count`` has
-    reached the queue's delivery limit (``topology.DELIVERY_LIMIT``).
+def last_delivery(queue: str, count: int) -> bool:
+    """Whether a delivery from ``queue`` whose ``x-delivery-count`` is ``count`` is the last the
+    queue's delivery limit allows: returned once more, the broker dead-letters it itself,
+    without an audit record. Only a fabric work queue's limit is known
+    (``topology.DELIVERY_LIMIT``, *L*); a queue of the consumer's own is never at it.
 
     A quorum queue counts the returns of a message (a nack or reject with requeue, a channel or
     connection closed while it held the message unacknowledged: a crashed consumer) and, on the
@@ -381,22 +375,22 @@ def _last_delivery(delivery: Delivery) -> bool:
     dead-letters it with ``x-death`` reason ``delivery_limit``. Each redelivery carries the count
     so far as ``x-delivery-count`` (absent on the first): the deliveries carry 0, 1, ..., *L*,
     and the one carrying *L* is the last (checked on RabbitMQ 3.10.8 with *L* = 10: eleven
-    deliveries, 0 to 10, and the eleventh return dead-letters it). The toolkit parks that last
-    one before its handler runs: the handler had *L* tries (counts 0 to *L* - 1, one fewer than
-    the broker would give, fewer still for each hand-back of the consumer_timeout guard), and
-    a park that cannot be stored is rejected and left to the broker's limit as before.
+    deliveries, 0 to 10, and the eleventh return dead-letters it). That last delivery still
+    reaches the handler; only a return of it is the toolkit's to avoid.
 
     RabbitMQ 3.10 to 4.2 count every return, and ``x-delivery-count`` is that count. From 4.3
     (rabbitmq-server#15387) only a failed delivery raises it (a reject, a consumer that went
     down with the message), not a nack; but the header and the limit still share that count
     (rabbit_fifo's ``return_one`` compares ``delivery_count`` with the limit, and the same
     ``delivery_count`` becomes the header; 4.3's new ``x-acquired-count`` counts every
-    acquisition and is not read here), so the arithmetic holds there too. That is read in
-    RabbitMQ's source, not run: only 3.10 runs here (the local broker and the drills)."""
-    if delivery.delivery_count < topology.DELIVERY_LIMIT:
+    acquisition and is not read here). There a nack at *L* would not dead-letter the message,
+    and the consumer's park comes one return early, for a message that *L* consumers went down
+    with. That is read in RabbitMQ's source, not run: only 3.10 runs here (the local broker and
+    the drills)."""
+    if count < topology.DELIVERY_LIMIT:
         return False
     try:
-        group_of(delivery.queue)
+        group_of(queue)
     except ValueError:  # an SQS queue, or a queue of the consumer's own: its limit unknown
         return False
     return True
@@ -478,7 +472,6 @@ def rabbitmq_delivery(
     """A Delivery from AMQP properties (the attempt comes from ``fabric-attempt``, the delivery
     count from ``x-delivery-count``)."""
     kept = string_headers(headers)
-    count = (headers or {}).get("x-delivery-count")
     return Delivery(
         message_id=message_id or "",
         topic=topic or "",
@@ -489,8 +482,15 @@ def rabbitmq_delivery(
         correlation_id=correlation_id,
         redelivered=redelivered,
         reply_to=reply_to,
-        delivery_count=int(count) if isinstance(count, int) and not isinstance(count, bool) else 0,
+        delivery_count=delivery_count(headers),
     )
+
+
+def delivery_count(headers: Mapping[str, Any] | None) -> int:
+    """A RabbitMQ delivery's ``x-delivery-count`` (a quorum queue's returns of the message so
+    far); 0 when it has none (its first delivery, or a classic queue)."""
+    count = (headers or {}).get("x-delivery-count")
+    return int(count) if isinstance(count, int) and not isinstance(count, bool) else 0
 
 
 def _attempt(text: str) -> int:

@@ -8,7 +8,14 @@ their retries and parks, and one audit batch for all of them, before their ackno
 the next handler would keep past 50 ms (judged by the last handler's time) is settled before
 that handler starts. A consumer that dies before acknowledging leaves the message to RabbitMQ,
 which redelivers it (and, after the queue's delivery limit, dead-letters it itself with an
-``x-death`` record).
+``x-death`` record and no audit record).
+
+The handler runs on every delivery, whatever its ``x-delivery-count``. Where the consumer hands
+deliveries back itself (the end of a run, a stop, the consumer_timeout guard below, an exception
+unwinding ``run``), it cancels first and returns them with one ``basic.nack`` (multiple,
+requeue), one delivery counted each; one the queue's delivery limit would dead-letter on that
+return (``fabric.consumer.last_delivery``) is parked as ``max-receives``, with its audit record,
+before the nack (``_give_back``).
 
 A systemic failure (the handler's dependency is down: ``Systemic``) pauses the consumer instead
 of handing the message back: it keeps the message, takes nothing new, and tries it again after
@@ -54,7 +61,9 @@ from fabric.consumer import (
     MessageProcessor,
     RabbitMqSettler,
     Verdict,
+    delivery_count,
     group_of,
+    last_delivery,
     rabbitmq_delivery,
 )
 from fabric.ports import MessageKind, Metrics, OutboundMessage, Transport
@@ -147,6 +156,9 @@ class RabbitMqConsumer:
                 channel (its ``consumer_timeout`` fired during a handler) and took back what was
                 not acknowledged; ``ConsumerCancelled`` when the broker cancelled the consumer
                 (its queue was deleted): run it again.
+            BaseException: whatever a handler raised that is no ``Exception``
+                (``KeyboardInterrupt``, ``SystemExit``), once what the consumer held went back
+                as at the end of a run (``_leave``).
         """
         counts: Counter[str] = Counter()
         connection = open_blocking_connection(self._settings)
@@ -156,66 +168,60 @@ class RabbitMqConsumer:
             pending = _Pending(channel, self._settler, counts, self._backoff, limit=self._prefetch)
             idle_since = time.monotonic()
             messages = self._consume(channel, self._prefetch)
-            taken = None  # the delivery taken when ``stop`` was found set: never handled
-            while (item := next(messages, None)) is not None:
-                method, properties, body = item
-                if stop is not None and stop.is_set():
-                    taken = method
-                    break
-                if method is None:
-                    pending.idle()
-                    if (
-                        idle_timeout_s is not None
-                        and time.monotonic() - idle_since > idle_timeout_s
-                    ):
+            held = None  # the delivery taken and not decided: its handler ran or never will
+            try:
+                while (item := next(messages, None)) is not None:
+                    method, _, _ = item
+                    if stop is not None and stop.is_set():
+                        held = None if method is None else item  # taken, never handled
                         break
-                    continue
-                idle_since = time.monotonic()
-                # The broker's consumer_timeout counts the wait in the prefetch window too.
-                if (waited := pending.arrivals.waited(method.delivery_tag)) >= (
-                    self._consumer_timeout_s / 2
-                ):
-                    messages = self._hand_back(
-                        channel, messages, method.delivery_tag, pending, waited
-                    )
-                    continue
-                delivery = rabbitmq_delivery(
-                    self._queue,
-                    message_id=properties.message_id,
-                    topic=properties.type,
-                    body=body,
-                    headers=properties.headers,
-                    correlation_id=properties.correlation_id,
-                    redelivered=bool(method.redelivered),
-                    reply_to=properties.reply_to,
-                )
-                pending.handler_starts()
-                with keeper.serving():
-                    decision = self._processor.process(delivery)
-                wait = self._backoff_s
-                while decision.verdict is Verdict.SYSTEMIC and not (
-                    stop is not None and stop.is_set()
-                ):
-                    if not channel.is_open:  # the broker took the message back (consumer_timeout)
-                        raise pika.exceptions.ChannelClosed(406, "closed during a systemic pause")
-                    pending.flush()  # what was decided before is settled first
-                    counts[str(Verdict.SYSTEMIC)] += 1
-                    connection.sleep(wait)  # serves heartbeats while it waits
-                    wait = min(max(wait * 2, 0.01), self._max_backoff_s)
+                    if method is None:
+                        pending.idle()
+                        if (
+                            idle_timeout_s is not None
+                            and time.monotonic() - idle_since > idle_timeout_s
+                        ):
+                            break
+                        continue
+                    idle_since = time.monotonic()
+                    # The broker's consumer_timeout counts the wait in the prefetch window too.
+                    if (waited := pending.arrivals.waited(method.delivery_tag)) >= (
+                        self._consumer_timeout_s / 2
+                    ):
+                        messages = self._hand_back(channel, messages, item, pending, waited)
+                        continue
+                    held = item
+                    delivery = self._delivery(item)
+                    pending.handler_starts()
                     with keeper.serving():
                         decision = self._processor.process(delivery)
-                pending.add(method.delivery_tag, delivery, decision)
-                if max_messages is not None and pending.taken >= max_messages:
-                    break
-            else:
-                # pika's generator ends only when the broker cancelled the consumer (its queue
-                # deleted or its node lost): returning counts would look like a finished run
-                # while nothing consumes the queue any more.
-                pending.flush()
-                raise pika.exceptions.ConsumerCancelled(
-                    f"the broker cancelled the consumer of {self._queue}"
-                )
-            self._finish(channel, messages, pending, taken)
+                    if decision.verdict is Verdict.SYSTEMIC:
+                        decision = self._pause(
+                            delivery,
+                            channel=channel,
+                            keeper=keeper,
+                            pending=pending,
+                            counts=counts,
+                            stop=stop,
+                        )
+                    if decision.verdict is Verdict.SYSTEMIC:  # stopped during a pause
+                        break  # ``held`` goes back with the rest: not the message's fault
+                    pending.add(method.delivery_tag, delivery, decision)
+                    held = None
+                    if max_messages is not None and pending.taken >= max_messages:
+                        break
+                else:
+                    # pika's generator ends only when the broker cancelled the consumer (its
+                    # queue deleted or its node lost): returning counts would look like a
+                    # finished run while nothing consumes the queue any more.
+                    pending.flush()
+                    raise pika.exceptions.ConsumerCancelled(
+                        f"the broker cancelled the consumer of {self._queue}"
+                    )
+            except BaseException:
+                self._leave(channel, messages, pending, held)
+                raise
+            self._finish(channel, messages, pending, held)
         finally:
             keeper.stop()
             with contextlib.suppress(pika.exceptions.AMQPError, OSError):
@@ -223,31 +229,76 @@ class RabbitMqConsumer:
                     connection.close()
         return counts
 
+    def _pause(
+        self,
+        delivery: Delivery,
+        *,
+        channel: Any,
+        keeper: _HeartbeatKeeper,
+        pending: _Pending,
+        counts: Counter[str],
+        stop: threading.Event | None,
+    ) -> Decision:
+        """The systemic pause of ``delivery``, whose handler just failed systemically: tries it
+        again after waits that double from ``backoff_s`` to ``max_backoff_s``, keeping it,
+        until its verdict is not systemic (returned) or ``stop`` is set (a systemic verdict
+        returned). Each failed try is counted ``systemic``.
+
+        Raises:
+            pika.exceptions.ChannelClosed: the broker closed the channel (its consumer_timeout)
+                and took the message back.
+        """
+        wait = self._backoff_s
+        while True:
+            counts[str(Verdict.SYSTEMIC)] += 1
+            if stop is not None and stop.is_set():
+                return Decision(Verdict.SYSTEMIC)
+            if not channel.is_open:  # the broker took the message back (consumer_timeout)
+                raise pika.exceptions.ChannelClosed(406, "closed during a systemic pause")
+            pending.flush()  # what was decided before is settled first
+            channel.connection.sleep(wait)  # serves heartbeats while it waits
+            wait = min(max(wait * 2, 0.01), self._max_backoff_s)
+            with keeper.serving():
+                decision = self._processor.process(delivery)
+            if decision.verdict is not Verdict.SYSTEMIC:
+                return decision
+
     def _consume(self, channel: Any, prefetch: int) -> Iterator[Any]:
         """The deliveries of a new consumer of the queue with ``prefetch`` (RabbitMQ applies a
         prefetch to the consumers that start after it)."""
         channel.basic_qos(prefetch_count=prefetch)
         return channel.consume(self._queue, auto_ack=False, inactivity_timeout=0.1)  # type: ignore[no-any-return]
 
+    def _delivery(self, item: Any) -> Delivery:
+        method, properties, body = item
+        return rabbitmq_delivery(
+            self._queue,
+            message_id=properties.message_id,
+            topic=properties.type,
+            body=body,
+            headers=properties.headers,
+            correlation_id=properties.correlation_id,
+            redelivered=bool(method.redelivered),
+            reply_to=properties.reply_to,
+        )
+
     def _hand_back(
-        self, channel: Any, messages: Iterator[Any], tag: int, pending: _Pending, waited: float
+        self, channel: Any, messages: Iterator[Any], item: Any, pending: _Pending, waited: float
     ) -> Iterator[Any]:
-        """Hands delivery ``tag`` and every one prefetched behind it back to the queue, and
+        """Hands delivery ``item`` and every one prefetched behind it back to the queue, and
         consumes again with half the prefetch (RabbitMQ applies a prefetch to consumers that
         start after it): the window held more than the handlers get through in half the
         consumer timeout. Returns the new consumer's deliveries.
 
-        One ``basic.nack`` (multiple, requeue) covers them, each counted once: RabbitMQ 4.3 and
-        later do not count a nack against the delivery limit; 3.10 to 4.2 count it, as they
-        count the channel closure the timeout would bring, which would also lose the
-        acknowledgement of the handler under way and stop the run. It also covers the
+        One ``basic.nack`` (multiple, requeue) covers them, each counted once (``_give_back``):
+        RabbitMQ 4.3 and later do not count a nack against the delivery limit; 3.10 to 4.2
+        count it, as they count the channel closure the timeout would bring, which would also
+        lose the acknowledgement of the handler under way and stop the run. It also covers the
         deliveries that were in flight when the broker took the cancel (``_cancel``)."""
         # The consumer goes first: a nack (or an acknowledgement) while it was active gave it
         # credit, the broker sent the returned messages straight back to it, and the cancel
         # returned them again (two deliveries counted each).
-        back = [tag, *_cancel(channel, messages)]
-        pending.flush()  # what was decided is settled before the nack, which covers lower tags
-        channel.basic_nack(back[-1], multiple=True, requeue=True)
+        back = self._give_back(channel, pending, [item, *_cancel(channel, messages)])
         pending.limit = max(1, pending.limit // 2)
         pending.arrivals = _Arrivals(pending.limit)
         _LOG.warning(
@@ -256,25 +307,64 @@ class RabbitMqConsumer:
             self._queue,
             waited,
             self._consumer_timeout_s,
-            len(back),
+            back,
             pending.limit,
         )
         return self._consume(channel, pending.limit)
 
-    def _finish(self, channel: Any, messages: Iterator[Any], pending: _Pending, taken: Any) -> None:
-        """Ends the run's consumer: cancels it, settles what was decided, and hands ``taken`` (a
-        delivery it took and did not handle, or None) and every delivery it still holds back
-        to the queue with one ``basic.nack`` (multiple, requeue), as a hand-back does. pika's
-        cancel rejected each (RabbitMQ 4.3: one failed delivery each, at every stop of a
-        consumer) and left ``taken`` to the connection's closure."""
+    def _finish(self, channel: Any, messages: Iterator[Any], pending: _Pending, held: Any) -> None:
+        """Ends the run's consumer: cancels it, settles what was decided, and gives ``held`` (a
+        delivery it took and did not decide, or None) and every delivery it still holds back
+        (``_give_back``), as a hand-back does. pika's cancel rejected each (RabbitMQ 4.3: one
+        failed delivery each, at every stop of a consumer) and left ``held`` to the
+        connection's closure."""
         try:
-            back = [] if taken is None else [taken.delivery_tag]
-            back += _cancel(channel, messages)
+            items = [] if held is None else [held]
+            items += _cancel(channel, messages)
         except pika.exceptions.AMQPError:
-            back = []  # the channel is gone, and what it held went back with it
-        pending.flush()  # after the cancel: acknowledgements no longer make room for more
+            items = []  # the channel is gone, and what it held went back with it
+        self._give_back(channel, pending, items)
+
+    def _leave(self, channel: Any, messages: Iterator[Any], pending: _Pending, held: Any) -> None:
+        """``_finish`` for an exception unwinding ``run`` (a handler's ``KeyboardInterrupt``, a
+        ``SystemExit`` from a SIGTERM handler, a lost connection): what the consumer holds goes
+        back once. Left to the connection's closure, it went back twice: pika rejected each
+        prefetched delivery while the consumer was still live, the broker sent them straight
+        back to it, and the closure returned them again. Whatever fails here is left to the
+        closure (one return each)."""
+        try:
+            self._finish(channel, messages, pending, held)
+        except Exception as exc:  # the exception under way is the one to raise
+            _LOG.warning(
+                "%s: what the consumer held goes back with its connection (%s)",
+                self._queue,
+                type(exc).__name__,
+            )
+
+    def _give_back(self, channel: Any, pending: _Pending, items: list[Any]) -> int:
+        """Settles what was decided, then hands ``items`` (deliveries the consumer took and did
+        not decide, in the order of their tags, its consumer cancelled) back to the queue with
+        one ``basic.nack`` (multiple, requeue). Returns how many went back.
+
+        One that the queue's delivery limit would dead-letter on this return (its
+        ``x-delivery-count`` has reached the limit: ``last_delivery``) is parked as
+        ``max-receives`` instead, with its audit record: returned, the broker dead-letters it
+        without one. Its handler ran on each of its deliveries that reached it; the others
+        (held behind another message at a hand-back, a stop or a crash) count all the same.
+        The parks are confirmed and acknowledged one by one before the nack, which covers
+        every lower tag not yet settled. A park that is not stored goes back with the others,
+        to the broker's dead letter."""
+        pending.flush()  # before the nack, which covers lower tags
+        last = [
+            (method.delivery_tag, self._delivery((method, properties, body)))
+            for method, properties, body in items
+            if last_delivery(self._queue, delivery_count(properties.headers))
+        ]
+        parked = pending.park(last)
+        back = [method.delivery_tag for method, _, _ in items if method.delivery_tag not in parked]
         if back:
             channel.basic_nack(back[-1], multiple=True, requeue=True)
+        return len(back)
 
     def _backoff(self) -> None:
         # After something was not settled, so that a consumer whose dependency is down does
@@ -282,9 +372,11 @@ class RabbitMqConsumer:
         self._sleep(self._backoff_s)
 
 
-def _cancel(channel: Any, messages: Iterator[Any]) -> list[int]:
-    """Cancels the channel's consumer; returns the tags of the deliveries ``messages`` holds
-    that it has not yielded, those the broker sent before it confirmed the cancel included.
+def _cancel(channel: Any, messages: Iterator[Any]) -> list[Any]:
+    """Cancels the channel's consumer; returns the deliveries ``messages`` holds that it has not
+    yielded (method, properties, body), those the broker sent before it confirmed the cancel
+    included. Nothing when the consumer is gone already (the broker cancelled it, or
+    ``_cancel`` ran before).
 
     pika's own cancel rejects (``basic.reject``, requeue) every delivery that reaches it between
     the ``basic.cancel`` and the broker's ``cancel-ok``: the ones in flight when the broker took
@@ -301,6 +393,8 @@ def _cancel(channel: Any, messages: Iterator[Any]) -> list[int]:
     """
     if not channel.is_open:
         raise pika.exceptions.ChannelClosed(406, "closed before the consumer was cancelled")
+    if not channel.consumer_tags:
+        return []
     (consumer_tag,) = channel.consumer_tags
     confirmed: list[Any] = []
     channel._impl._rpc(
@@ -312,9 +406,9 @@ def _cancel(channel: Any, messages: Iterator[Any]) -> list[int]:
         if not channel.is_open:
             raise pika.exceptions.ChannelClosed(406, "closed while cancelling the consumer")
         channel.connection.process_data_events(time_limit=0.1)
-    tags = [next(messages)[0].delivery_tag for _ in range(channel.get_waiting_message_count())]
+    held = [next(messages) for _ in range(channel.get_waiting_message_count())]
     channel.cancel()
-    return tags
+    return held
 
 
 class _HeartbeatKeeper:
@@ -412,9 +506,11 @@ class _Pending:
     prefetch) or ``max_age_s`` old, and settled before a handler that would keep them past
     ``max_age_s`` starts (``handler_starts``). A delivery that is not settled is
     rejected back to the queue (its delivery count rises, on every RabbitMQ version); a
-    systemic verdict is nacked back (RabbitMQ 4.3 and later do not count that against the
-    delivery limit). ``arrivals`` follows its settlements; it and ``limit`` are renewed when
-    the consumer hands deliveries back with a smaller prefetch.
+    message held through a systemic pause is not added: when the consumer stops, it goes back
+    with the consumer's hand-back nack (RabbitMQ 4.3 and later do not count that against the
+    delivery limit). Deliveries at the limit that a hand-back would return are parked here
+    (``park``). ``arrivals`` follows its settlements; it and ``limit`` are renewed when the
+    consumer hands deliveries back with a smaller prefetch.
 
     Nothing is settled on a closed channel: the broker took its unacknowledged deliveries back
     to the queue (``consumer_timeout`` during a handler, a lost connection), so a retry or park
@@ -465,15 +561,10 @@ class _Pending:
         self._handler_started = time.monotonic()
 
     def add(self, tag: int, delivery: Delivery, decision: Decision) -> None:
+        """Adds a decided delivery (done, retry or dead letter: a systemic one is held by the
+        consumer, not decided)."""
         self.taken += 1
         self._handler_s = time.monotonic() - self._handler_started
-        if decision.verdict is Verdict.SYSTEMIC:
-            self.flush()
-            self._channel.basic_nack(tag, requeue=True)
-            self.arrivals.settled(1)
-            self._counts[str(Verdict.SYSTEMIC)] += 1
-            self._backoff()
-            return
         if not self._items:
             self._since = time.monotonic()
         self._items.append((tag, delivery, decision))
@@ -518,3 +609,29 @@ class _Pending:
                 self._channel.basic_reject(tag, requeue=True)
                 self._counts[str(Verdict.SYSTEMIC)] += 1
         self._backoff()
+
+    def park(self, items: list[tuple[int, Delivery]]) -> set[int]:
+        """Parks ``items`` (tag, delivery: taken, not decided) as ``max-receives``, each
+        acknowledged on its own once stored; returns the tags parked. The caller hands the
+        others back (``RabbitMqConsumer._give_back``)."""
+        if not items:
+            return set()
+        decision = Decision(Verdict.DEAD_LETTER, reason="max-receives")
+        stored = self._settler.settle([(delivery, decision) for _, delivery in items])
+        parked = set()
+        for (tag, delivery), done in zip(items, stored, strict=True):
+            if done:
+                self._channel.basic_ack(tag)
+                self._counts[str(Verdict.DEAD_LETTER)] += 1
+                parked.add(tag)
+            _LOG.warning(
+                "%s: %s reached the delivery limit (%d returns); %s",
+                delivery.queue,
+                delivery.message_id,
+                delivery.delivery_count,
+                "parked as max-receives instead of handed back"
+                if done
+                else "its park was refused: handed back, the broker dead-letters it",
+            )
+        self.arrivals.settled(len(parked))
+        return parked
