@@ -123,12 +123,14 @@ def test_a_run_that_ends_holding_a_delivery_at_the_limit_parks_it_with_a_record(
     fresh = new_message_id()
     publish(amqp, WORK, fresh)  # behind the returned ones: a quorum queue serves returns first
     handled: list[tuple[str, int]] = []
+    stop = threading.Event()
 
     def handler(delivery: Delivery) -> None:
         handled.append((delivery.message_id, delivery.delivery_count))
+        stop.set()  # ends the run holding what it prefetched (max_messages would prefetch less)
 
     consumer = RabbitMqConsumer(settings(broker_vhost), WORK, MessageProcessor(handler))
-    counts = consumer.run(max_messages=1)
+    counts = consumer.run(stop=stop)
 
     assert counts == {"done": 1, "dead-letter": 1}
     ((first, count),) = handled
@@ -145,6 +147,29 @@ def test_a_run_that_ends_holding_a_delivery_at_the_limit_parks_it_with_a_record(
         ("delivered", first, None),
         ("dead-lettered", other, "max-receives"),
     ]
+    settled_empty(amqp, WORK, DLQ)
+
+
+def test_runs_asked_for_one_message_each_hand_back_no_more_than_one(
+    broker_vhost: str, amqp: Any
+) -> None:
+    # With the prefetch (20) taken whatever max_messages asked, each run of one message ended
+    # holding the next 19 and handed them back: in a loop of such runs the eleventh message had
+    # come back ten times before its turn and was parked unhandled. A run of N takes at most N.
+    message_ids = [new_message_id() for _ in range(LIMIT + 2)]
+    for message_id in message_ids:
+        publish(amqp, WORK, message_id)
+    handled: list[tuple[str, int]] = []
+
+    def handler(delivery: Delivery) -> None:
+        handled.append((delivery.message_id, delivery.delivery_count))
+
+    consumer = RabbitMqConsumer(settings(broker_vhost), WORK, MessageProcessor(handler))
+    for _ in message_ids:
+        assert consumer.run(max_messages=1, idle_timeout_s=5) == {"done": 1}
+
+    assert [message_id for message_id, _ in handled] == message_ids
+    assert max(count for _, count in handled) <= 1, handled
     settled_empty(amqp, WORK, DLQ)
 
 

@@ -165,9 +165,17 @@ class RabbitMqConsumer:
         keeper = _HeartbeatKeeper(connection, every_s=self._settings.heartbeat / 4)
         try:
             channel = connection.channel()
-            pending = _Pending(channel, self._settler, counts, self._backoff, limit=self._prefetch)
+            # A run asked for fewer messages than the prefetch takes no more: the rest would
+            # only go back at its end, each one delivery nearer the queue's delivery limit.
+            pending = _Pending(
+                channel,
+                self._settler,
+                counts,
+                self._backoff,
+                limit=(prefetch := min(self._prefetch, max_messages or self._prefetch)),
+            )
             idle_since = time.monotonic()
-            messages = self._consume(channel, self._prefetch)
+            messages = self._consume(channel, prefetch)
             held = None  # the delivery taken and not decided: its handler ran or never will
             try:
                 while (item := next(messages, None)) is not None:
