@@ -3,6 +3,7 @@ and a stuck queue's timeout on every message bound for it."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -10,15 +11,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import StrEnum
 
 from fabric.ports import Failure, MessageKind, OutboundMessage, Outcome, Transport
-from fabric.topology import AUDIT_QUEUE, UNROUTED_QUEUE
+from fabric.stakeholders import Stakeholder
+from fabric.topology import AUDIT_QUEUE, UNROUTED_QUEUE, queue_name
 
 _LOG = logging.getLogger(__name__)
 # Failures that may say the transport itself is unwell. A nack or a return is about one message
-# (a full queue, a missing binding) and does not open the circuit. The breaker opens everything
-# on ``UNAVAILABLE`` and only the messages' targets on ``TIMEOUT``; a caller without a fallback
-# may stop on either.
+# (a full queue, a missing binding) and does not open the circuit: it is an answer. The breaker
+# opens everything on ``UNAVAILABLE`` and the messages' queues on ``TIMEOUT``; a caller without
+# a fallback may stop on either.
 SYSTEMIC = frozenset({Failure.UNAVAILABLE, Failure.TIMEOUT})
-# The target an ``UNAVAILABLE`` opens: while it is open, every message fails fast.
+# What an ``UNAVAILABLE``, or a stall of the whole broker, opens: while it is open, every
+# message fails fast.
 EVERYTHING = "*"
 
 
@@ -31,13 +34,13 @@ class State(StrEnum):
 
 
 def targets(message: OutboundMessage) -> frozenset[str]:
-    """What the broker's confirm of ``message`` waits on, as the breaker keys a timeout.
+    """The queues the broker's confirm of ``message`` waits on, as the breaker keys a timeout.
 
-    A routed message is confirmed once every queue it reaches has stored it, so its targets are
-    the groups of its ``audience``; a group stands for its work and its emergency queue alike
-    (the message does not say which of the two each group's copy goes to). An audit batch's
-    target is the audit queue, a redelivered message's the one queue it names
-    (``redeliver_to``), and an unroutable message's the unrouted queue.
+    A routed message is confirmed once every queue it reaches has stored it: the work queue of
+    each group of its ``audience``, or each one's emergency queue for an emergency (routing
+    gives a message the same path for all its groups). An audit batch waits on the audit queue,
+    a redelivered message on the one queue it names (``redeliver_to``), and an unroutable
+    message on the unrouted queue.
     """
     if message.kind is MessageKind.AUDIT:
         return frozenset({AUDIT_QUEUE})
@@ -45,37 +48,61 @@ def targets(message: OutboundMessage) -> frozenset[str]:
         return frozenset({message.redeliver_to})
     if not message.audience:
         return frozenset({UNROUTED_QUEUE})
-    return message.audience
+    return _queues(message.audience, message.emergency)
+
+
+@functools.cache  # a few dozen audiences and two paths: no string building per message
+def _queues(audience: frozenset[Stakeholder], emergency: bool) -> frozenset[str]:
+    return frozenset(queue_name(group, emergency=emergency) for group in audience)
 
 
 class BreakerTransport:
-    """Wraps ``inner`` and fails fast where it has just failed: everywhere, or for one target.
+    """Wraps ``inner`` and fails fast where it has just failed: everywhere, or for some queues.
 
     ``UNAVAILABLE`` (no connection, a lost one, a blocked broker) opens the circuit for
-    everything. A confirm ``TIMEOUT`` opens it only for the targets of the messages that timed
-    out (``targets``), and not for a target a message of the same call was stored for: one
-    queue that stopped confirming (a quorum queue without its majority) sends its own messages
-    to the fallback, and every other group's, emergencies included, stay on the broker.
+    everything. A confirm ``TIMEOUT`` opens it for the queues the message that timed out waited
+    on (``targets``), but not for a queue some message was stored in within ``open_seconds``,
+    in this call or an earlier one: a queue that stores is presumed healthy, and the timeout is
+    blamed on the message's other queues. So one queue that stopped confirming (a quorum queue
+    without its majority) is pinned down by the messages for it alone, and a message for it and
+    for healthy queues does not open theirs. When every queue of a message that timed out was
+    stored in lately, none opens, and they are no longer presumed healthy: their next timeout
+    opens them.
+
+    A message is failed fast, reported ``UNAVAILABLE`` without touching the broker (the router
+    sends it straight to the fallback), only while everything is open or every one of its
+    queues is. A message with a queue still closed goes to ``inner``: its healthy queues get it
+    from the broker at once, and should its confirm time out the router sends it to the
+    fallback as well (consumers drop the duplicate by ``message_id``). The outcomes come back in
+    the messages' order.
+
+    A broker that takes publishes and confirms nothing (a stall of the node's queue storage)
+    opens everything too: at a call that answered nothing (nothing stored, nacked or returned)
+    and whose timeout opened a queue, while another queue, not one that message waited on,
+    was opened within ``open_seconds`` with no answer from the broker since. Two distinct
+    queues stuck and nothing stored between is the broker, not a queue (``fabric.drain`` stops
+    on the same evidence). From then on it costs one confirm timeout every ``open_seconds``,
+    not one per queue.
+
+    Each queue stays open for ``open_seconds``, then is half-open: the next call with a message
+    for it probes it. A message for it that is stored closes it, and a timeout opens it for
+    another period unless it was stored in lately; so does a message for it and for a closed
+    queue, which reaches the broker while it is still open.
+
+    Everything stays open for ``open_seconds``; then the next call that reaches ``inner``
+    probes it: it closes when that call had an answer (a nack is one) and nothing
+    ``UNAVAILABLE``, and opens for another period when the call answered nothing. A call that
+    answers nothing never closes it.
 
     When a call timed out and stored nothing, audit batches go around the broker too, for
     ``open_seconds`` or until a message is stored again: the transport drops its connection
     after a timeout, and should the broker have stopped answering altogether, the call's audit
     batch would hold the answer for a connect timeout to learn it, where the SQS audit path
-    (which the audit writer reads too) takes it at once. The audit target is not opened for it:
+    (which the audit writer reads too) takes it at once. The audit queue is not opened for it:
     messages stored meanwhile prove the connection, not the audit queue.
 
-    A message for an open target is reported ``UNAVAILABLE`` without touching the broker, so
-    the router sends it straight to the fallback; the call's other messages go to ``inner`` as
-    usual, and the outcomes come back in the messages' order. Each target stays open for
-    ``open_seconds``, then is half-open: the next call with a message for it probes it, a
-    message for it that is stored closes it, and a timeout opens it for another period; nothing
-    else about that call matters to it. The circuit as a whole is probed by the next call that
-    reaches ``inner``, and closes when that call had an answer and nothing ``UNAVAILABLE`` (a
-    nack is an answer).
-
-    A broker that takes publishes and confirms nothing costs each target one confirm timeout
-    before it opens. A call with no message for ``inner`` (none given, or all for open targets)
-    never reaches it: no connection is opened, and it probes nothing.
+    A call with no message for ``inner`` (none given, or all failed fast) never reaches it: no
+    connection is opened, and it probes nothing.
     """
 
     def __init__(
@@ -89,19 +116,22 @@ class BreakerTransport:
         self._inner = inner
         self._open_seconds = open_seconds
         self._clock = clock
-        self._opened: dict[str, float] = {}  # target (or EVERYTHING) -> when it last opened
+        self._opened: dict[str, float] = {}  # queue (or EVERYTHING) -> when it last opened
+        self._stored_at: dict[str, float] = {}  # queue -> when a message was last stored in it
+        # The queues opened, and when, by calls that answered nothing since the last answer.
+        self._unanswered: dict[str, float] = {}
         self._silent_at: float | None = None  # a call last timed out and stored nothing
 
     @property
     def state(self) -> State:
-        """The worst state now of any target (or of everything): ``OPEN`` while some message
-        would fail fast, ``HALF_OPEN`` while some target waits for its probe, else ``CLOSED``."""
+        """The worst state now of any queue (or of everything): ``OPEN`` while some message
+        would fail fast, ``HALF_OPEN`` while some queue waits for its probe, else ``CLOSED``."""
         now = self._clock()
         states = {self._state_at(target, now) for target in self._opened}
         return next((s for s in (State.OPEN, State.HALF_OPEN) if s in states), State.CLOSED)
 
     def state_for(self, target: str) -> State:
-        """The state now of one target (a value of ``targets``, or ``EVERYTHING``)."""
+        """The state now of one queue (a value of ``targets``), or of ``EVERYTHING``."""
         return self._state_at(target, self._clock())
 
     def publish(
@@ -110,7 +140,7 @@ class BreakerTransport:
         *,
         meanwhile: Callable[[], None] | None = None,
     ) -> list[Outcome]:
-        """Publish through ``inner`` what is not for an open target; the rest ``UNAVAILABLE``.
+        """Publish through ``inner`` what has a queue not open; the rest ``UNAVAILABLE``.
 
         ``messages`` is consumed lazily, as ``inner`` takes them.
         """
@@ -123,7 +153,7 @@ class BreakerTransport:
 
         def through() -> Iterator[OutboundMessage]:
             for message in messages:
-                if blocked and (EVERYTHING in blocked or not blocked.isdisjoint(targets(message))):
+                if blocked and (EVERYTHING in blocked or targets(message) <= blocked):
                     slots.append(Outcome(message.message_id, failure=Failure.UNAVAILABLE))
                     continue
                 slots.append(None)
@@ -150,30 +180,60 @@ class BreakerTransport:
         return State.HALF_OPEN if now - opened >= self._open_seconds else State.OPEN
 
     def _learn(self, messages: Sequence[OutboundMessage], outcomes: Sequence[Outcome]) -> None:
-        """Open and close targets after ``inner`` answered for ``messages``."""
+        """Open and close queues, and everything, after ``inner`` answered for ``messages``."""
         now = self._clock()
-        failures = {outcome.failure for outcome in outcomes}
-        if Failure.UNAVAILABLE in failures:
-            self._open(EVERYTHING, now)
-        elif outcomes:
-            self._close(EVERYTHING)
-        if Failure.TIMEOUT not in failures and not self._opened and self._silent_at is None:
-            return  # the usual call: nothing to open, nothing to close
-        timed_out: set[str] = set()
-        stored: set[str] = set()
+        timed_out: list[OutboundMessage] = []
+        answered = unavailable = stored = False
         for message, outcome in zip(messages, outcomes, strict=True):
             if outcome.stored:
-                stored |= targets(message)
+                stored = True
+                for target in targets(message):
+                    self._stored_at[target] = now
+                    self._close(target)
             elif outcome.failure is Failure.TIMEOUT:
-                timed_out |= targets(message)
+                timed_out.append(message)
+            elif outcome.failure is Failure.UNAVAILABLE:
+                unavailable = True
+            answered = answered or outcome.failure not in SYSTEMIC
+        stalled = bool(timed_out) and self._blame(timed_out, now, answered=answered)
+        if unavailable or stalled or (not answered and EVERYTHING in self._opened):
+            self._open(EVERYTHING, now)  # the last: everything's probe answered nothing
+        elif answered:
+            self._close(EVERYTHING)
+        if answered:
+            self._unanswered.clear()
         if stored:
             self._silent_at = None
         elif timed_out:  # nothing of the call stored: the broker may be gone
             self._silent_at = now
-        for target in stored:
-            self._close(target)
-        for target in timed_out - stored:
+
+    def _blame(self, timed_out: list[OutboundMessage], now: float, *, answered: bool) -> bool:
+        """Open the queues ``timed_out`` waited on that were not stored in lately; whether that
+        shows the whole broker stalled (see the class)."""
+        stored_lately = {
+            target for target, at in self._stored_at.items() if now - at < self._open_seconds
+        }
+        stuck_before = [
+            target for target, at in self._unanswered.items() if now - at < self._open_seconds
+        ]
+        opening: set[str] = set()
+        unblamed: set[str] = set()
+        stalled = False
+        for message in timed_out:
+            waited_on = targets(message)
+            suspects = waited_on - stored_lately
+            if not suspects:  # presumed healthy this once
+                unblamed |= waited_on
+                continue
+            opening |= suspects
+            stalled = stalled or (not answered and any(t not in waited_on for t in stuck_before))
+        for target in unblamed:
+            self._stored_at.pop(target, None)
+        for target in opening:
             self._open(target, now)
+            if not answered:
+                self._unanswered[target] = now
+        return stalled
 
     def _open(self, target: str, now: float) -> None:
         if target not in self._opened:
