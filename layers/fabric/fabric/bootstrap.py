@@ -106,6 +106,16 @@ _YOUNG_GENERATION_THRESHOLD = 20_000
 # to be done again; the drain leaves the one work queue that timed out for the run, and stops
 # at a second (fabric.drain: a stall of the node's queue storage times out every queue).
 _TOOL_CONFIRM_TIMEOUT = 5.0
+# How long one router publish call may wait on the broker from its first publish (the router's
+# own time preparing messages inside it not counted): a broker that confirms slowly but steadily
+# never lets the confirm timeout pass, and held a 500-message call for 500 confirms, past the
+# function's 30 s timeout. With a connect timeout (2 s and the transport's 0.5 s margin) before
+# it, the broker's stage of a call stays within the 5 s docs/router.md adds up; a healthy broker
+# confirms 500 messages in tens of milliseconds. What is unconfirmed by then goes to SNS/SQS.
+# The tools have no budget: without a fallback, a bound would stop a run while the broker still
+# stores, and their batches are small (10 or 100 messages) in runs that end a minute before
+# their function's timeout.
+_ROUTER_PUBLISH_BUDGET = 2.5
 
 
 def _rabbit(
@@ -123,6 +133,7 @@ def _rabbit(
             vhost=settings.rabbitmq_vhost,
             use_tls=settings.rabbitmq_tls,
             confirm_timeout=RabbitSettings.confirm_timeout if router else _TOOL_CONFIRM_TIMEOUT,
+            publish_budget=_ROUTER_PUBLISH_BUDGET if router else None,
         ),
         exchange_for=exchange_for,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -47,6 +48,13 @@ class RabbitSettings:
     without any confirm while messages are outstanding, ``heartbeat`` 10 s, ``blocked_timeout`` 2 s
     under a memory or disk alarm. A connection idle for longer than the heartbeat (a frozen
     Lambda) is replaced before use rather than trusted.
+
+    ``publish_budget`` bounds one publish call as a whole, in seconds from its first publish
+    (None: no bound). The confirm timeout counts from the last confirm, so a broker that
+    confirms slowly but steadily (flow control under load, a slow disk) never lets it pass, and
+    would hold a large call for as long as it takes to confirm every message. Time spent in the
+    caller's code (the source of the messages, ``meanwhile``) is not spent from it: that is the
+    caller's own stage, bounded by the caller.
     """
 
     host: str
@@ -60,6 +68,7 @@ class RabbitSettings:
     blocked_timeout: float = 2.0
     confirm_window: int = 2000
     connection_name: str = "fabric-router"
+    publish_budget: float | None = None
 
     def __repr__(self) -> str:  # never print credentials
         scheme = "amqps" if self.use_tls else "amqp"
@@ -230,7 +239,9 @@ class RabbitMqTransport:
         A message whose connection dies before its confirm is published once more on a new
         connection (the stale-connection case); if that fails too, it is reported
         ``UNAVAILABLE``. Messages without a confirm within the confirm timeout are ``TIMEOUT``
-        and the connection is dropped, because it can no longer be trusted. A connection that
+        and the connection is dropped, because it can no longer be trusted; so are those still
+        unconfirmed once the publish budget is spent, and the messages not published by then
+        are not published (``UNAVAILABLE``, as after any timeout). A connection that
         cannot be opened is tried once more only when the broker refused the credentials (they
         are read again, as after a rotation): a broker that does not answer costs one connect
         timeout. A message AMQP cannot carry (a routing key or property over 255 bytes, text
@@ -244,7 +255,7 @@ class RabbitMqTransport:
         batch_state = _Taken(meanwhile)
         pending: list[int] = []
         for _attempt in range(2):
-            if not self.connect():
+            if batch_state.spent(self._clock()) or not self.connect():
                 break
             pending = self._publish_batch(source, batch_state, pending)
             if batch_state.gave_up or (not pending and batch_state.exhausted):
@@ -438,6 +449,8 @@ class RabbitMqTransport:
             clock=self._clock,
         )
         self._batch = batch
+        if taken.deadline == math.inf and self._settings.publish_budget is not None:
+            taken.deadline = self._clock() + self._settings.publish_budget  # its first publish
         timeout = self._settings.confirm_timeout
         # The progress the watchdog found overdue, to look again at once the loop has read the
         # socket; None when nothing is overdue.
@@ -470,6 +483,8 @@ class RabbitMqTransport:
             batch.pump()
             if not batch.settled:
                 loop.call_later(0, watchdog)
+                if taken.deadline < math.inf:
+                    self._watch_budget(batch, loop, stop_if_current)
                 loop.start()
             if batch.error is not None:  # raised by the caller's code inside a pika callback
                 raise batch.error
@@ -491,6 +506,36 @@ class RabbitMqTransport:
             self._discard()
             return []
         return batch.unresolved() if batch.lost else []
+
+    def _watch_budget(self, batch: _Batch, loop: Any, stop_if_current: Callable[[], None]) -> None:
+        """Time ``batch`` out once its call's publish budget is spent (``_Taken.deadline``)."""
+        taken = batch.taken
+        # The deadline found passed, to look again once the loop has read the socket, as the
+        # watchdog does: confirms already there came in time.
+        passed: float | None = None
+
+        def look() -> None:
+            nonlocal passed
+            if batch.settled:
+                stop_if_current()
+                return
+            deadline = taken.deadline
+            wait = deadline - self._clock()
+            if wait > 0:  # moved on by time spent in the caller's code
+                loop.call_later(wait, look)
+            elif passed != deadline:
+                passed = deadline
+                loop.call_later(0, look)
+            else:
+                _LOG.warning(
+                    "rabbitmq publish budget of %.1f s spent: %d message(s) unconfirmed",
+                    self._settings.publish_budget,
+                    len(batch.unresolved()),
+                )
+                batch.timed_out = True
+                loop.stop()
+
+        loop.call_later(0, look)
 
     def _publisher(
         self, connection: _CoalescingConnection, channel: Channel
@@ -582,11 +627,22 @@ class _Taken:
         self.exhausted = False
         self.gave_up = False
         self.meanwhile = meanwhile
+        # When the publish budget is spent: its length after the call's first publish, moved on
+        # by the time spent in the caller's code since. Never without a budget.
+        self.deadline = math.inf
 
     def take(self, message: OutboundMessage) -> int:
         self.messages.append(message)
         self.outcomes.append(None)
         return len(self.messages) - 1
+
+    def spent(self, now: float) -> bool:
+        """Whether the publish budget is spent: nothing more is published."""
+        return now >= self.deadline
+
+    def caller_ran(self, seconds: float) -> None:
+        """The caller's code ran for ``seconds``: not the broker's time."""
+        self.deadline += seconds
 
 
 class _Batch:
@@ -641,7 +697,9 @@ class _Batch:
             return self.queue.pop()
         if self.taken.exhausted:
             return None
+        started = self.clock()
         message = next(self.source, None)
+        self.taken.caller_ran(self.clock() - started)
         if message is None:
             self.taken.exhausted = True
             return None
@@ -693,7 +751,7 @@ class _Batch:
     def _publish_chunk(self) -> bool:
         """Publish up to a chunk; False once the window is full or nothing is left to send."""
         for _ in range(_PUMP_CHUNK):
-            if len(self.in_flight) >= self.window or self.lost:
+            if len(self.in_flight) >= self.window or self.lost or self.taken.spent(self.clock()):
                 return False
             index = self._next()
             if index is None:
@@ -723,7 +781,9 @@ class _Batch:
         self.meanwhile_timer = None
         meanwhile, self.taken.meanwhile = self.taken.meanwhile, None
         if meanwhile is not None:
+            started = self.clock()
             meanwhile()
+            self.taken.caller_ran(self.clock() - started)
 
     def confirm(self, tag: int, *, multiple: bool, ack: bool) -> None:
         if multiple:
