@@ -46,7 +46,8 @@ RETRY_WINDOW_S = 2.0
 # A fixed budget rather than the function's remaining time: the stages around it are bounded
 # too, and with it a call that meets an outage everywhere still answers inside 30 s. In all, at
 # most: the broker about 5 s (a connect timeout, 2 s and the transport's 0.5 s margin, or the
-# credentials' read from Secrets Manager when a connection needs them anew, about 4.3 s; the
+# credentials' read from Secrets Manager when a connection needs them anew, about 4.3 s; a
+# publish then takes at most its budget, 2.5 s, ``bootstrap._ROUTER_PUBLISH_BUDGET``; the
 # audit batch adds at most one reconnect, and nothing once the breaker is open), the key
 # service about 4.3 s (asked once: the client's two attempts of a 2 s read), SNS 10 s, and the
 # audit batch's SQS path 8 s (``fabric.adapters.sqs_audit.PUBLISH_BUDGET_S``): 27.3 s, and the
