@@ -27,7 +27,8 @@ from stacks.nag import acknowledge, wildcard_resource_finding
 SCHEDULE = events.Schedule.cron(minute="30", hour="2")
 # One scheduled run and one on-demand run at the same time.
 _CONCURRENCY = 2
-# The whole period is read and verified in one invocation.
+# The whole period is read and verified in one invocation; a period that does not fit stops
+# with ANSWER_MARGIN_S left and says to report it in parts (fabric.compliance_run.PeriodTooLong).
 _TIMEOUT = Duration.minutes(15)
 # A day of a million records is about 0.5 GB of objects held for the verifier, plus the
 # decoded batch in hand; memory also buys CPU (about 2.3 vCPUs at 4 GB).

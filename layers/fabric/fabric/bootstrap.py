@@ -354,14 +354,16 @@ def _reader_client(service_name: str) -> Any:
 
     # For the replay and the compliance report. Reading the trail is not on a message's path:
     # an object may take longer than the router's two seconds to arrive, and the SDK's retries
-    # are worth their time here. The trail is read READ_WORKERS objects at a time
-    # (fabric.compliance_run.read_objects): one pooled connection each.
+    # are worth their time here, within bounds: one call that never answers gives up after
+    # about 30 s (three attempts of a 10 s read; before, 181 s, past the replay's 60 s and the
+    # report's 120 s margin before their function's timeout). The trail is read READ_WORKERS
+    # objects at a time (fabric.compliance_run.read_objects): one pooled connection each.
     return _aws_client(
         service_name,
         max_pool_connections=READ_WORKERS + 4,
         connect_timeout=5,
-        read_timeout=30,
-        retries={"max_attempts": 5, "mode": "standard"},
+        read_timeout=10,
+        retries={"total_max_attempts": 3, "mode": "standard"},
     )
 
 

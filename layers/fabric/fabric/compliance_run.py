@@ -45,6 +45,12 @@ verified.
 
 The report goes to the reports bucket as JSON, HTML and CSV (``report_keys``), then a short
 summary, with no message content, to the compliance topic.
+
+**Time.** The function runs at most 15 minutes, and a long period at a high volume takes longer
+to read. Given the time its invocation has left, a run looks at it before each writer and each
+interval; once only ``ANSWER_MARGIN_S`` is left it stops reading, writes nothing, and tells the
+compliance topic (and its caller, as an ``error``) that the period is too long and must be
+reported in shorter periods, instead of being ended by Lambda with nothing said.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +91,8 @@ from fabric.envelope import format_timestamp
 from fabric.errors import FabricError
 from fabric.ports import Metrics
 
+_LOG = logging.getLogger(__name__)
+
 SUMMARY_VERSION = "fabric.compliance-summary/2"
 DAY = timedelta(days=1)
 # How long after its event a record may reach the writer and still count in its period's report.
@@ -92,14 +101,25 @@ LATE_ARRIVAL = timedelta(hours=1)
 # checkpoint (rate(1 hour) fires once in every hour) and a quarter hour for it to run. A report
 # run later on a writer without one is not verified (``_not_sealed``).
 SEAL_DUE = timedelta(hours=1, minutes=15)
-# One invocation reads, verifies and reports the period within Lambda's 15 minutes.
+# The longest period a request may name. A day of a million records takes 22-67 s to read, so
+# at that volume a long period does not fit the function's 15 minutes: the run then stops when
+# only ANSWER_MARGIN_S is left (``PeriodTooLong``) and says to report the period in parts.
 MAX_PERIOD = timedelta(days=31)
+# What a run keeps of its function's time after its last look at the clock (before each
+# interval of each writer): that interval read, verified and counted (up to 1,000 objects, about
+# a minute at the benchmark's pace), the writer's delete-marker listings, and the report written
+# and published.
+ANSWER_MARGIN_S = 120.0
 READ_WORKERS = 16
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 class InvalidReportRequest(FabricError):
     """The request names no valid period; nothing was read or written."""
+
+
+class PeriodTooLong(FabricError):
+    """The period could not be read within the function's time; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -664,6 +684,7 @@ def scan_window(
     figures: Figures,
     *,
     workers: int = READ_WORKERS,
+    in_time: Callable[[], bool] = lambda: True,
 ) -> tuple[WriterCheck, list[ObjectLock]]:
     """Verify and count ``window`` (``plan_window``) checkpoint by checkpoint: each interval's
     objects are read, verified against their checkpoint from the one before it
@@ -673,12 +694,22 @@ def scan_window(
     order: the checkpoints (signatures, numbers, links, the objects' hashes and Merkle roots),
     the abandoned attempts, an unnamed object among the sealed ones, the records, and last an
     acceptance without an outcome. The locks: the checkpoints', then the objects' by key.
+    Before each interval it asks ``in_time`` whether there is time to read one more.
 
     Raises:
         TransportUnavailable: the bucket cannot be read.
+        PeriodTooLong: ``in_time`` said no; the message names where reading stopped.
     """
     scan = _Scan(window, figures)
     for index, interval in enumerate(intervals(window)):
+        if not in_time():
+            key, checkpoint = interval.checkpoints[0] if interval.checkpoints else ("", {})
+            where = (
+                f"the objects of {key}, sealed at {checkpoint['at']},"
+                if key
+                else "the objects after its last checkpoint"
+            )
+            raise PeriodTooLong(f"stopped at {where} in the trail of {window.writer}")
         stored = read_objects(store, [*interval.named, *interval.abandoned], workers)
         if window.problem is not None and not window.checkpoints and not stored:
             # Reading stopped at an unreadable checkpoint, or nothing was there to read.
@@ -884,20 +915,31 @@ class ComplianceReporter:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._workers = workers
 
-    def report(self, period: Period) -> dict[str, Any]:
-        """The report document of ``period`` (read and verified, nothing written).
+    def report(
+        self, period: Period, *, time_left: Callable[[], float] | None = None
+    ) -> dict[str, Any]:
+        """The report document of ``period`` (read and verified, nothing written). With
+        ``time_left`` (the seconds the function has left), reading stops once no more than
+        ``ANSWER_MARGIN_S`` are left, before the next writer or interval.
 
         Raises:
             TransportUnavailable: the audit bucket cannot be read.
+            PeriodTooLong: the time ran out; the message says where reading stopped.
         """
+
+        def in_time() -> bool:
+            return time_left is None or time_left() > ANSWER_MARGIN_S
+
         figures = Figures(*period.bounds)
         read: list[tuple[Window, WriterCheck]] = []
         locks: list[ObjectLock] = []
         now = self._clock()
         for writer in self._writers:
+            if not in_time():
+                raise PeriodTooLong(f"stopped before the trail of {writer}")
             window = plan_window(self._trail, writer, period, workers=self._workers)
             check, window_locks = scan_window(
-                self._trail, window, self._keys, figures, workers=self._workers
+                self._trail, window, self._keys, figures, workers=self._workers, in_time=in_time
             )
             deleted = deleted_in_window(self._trail, window, period)
             if deleted is not None:  # the cause of whatever else the window shows missing
@@ -928,15 +970,25 @@ class ComplianceReporter:
             required=required_lock(self._environment),
         )
 
-    def run(self, period: Period) -> dict[str, Any]:
+    def run(
+        self, period: Period, *, time_left: Callable[[], float] | None = None
+    ) -> dict[str, Any]:
         """Report ``period``: the three files into the reports bucket, then the summary to the
         compliance topic; the summary.
+
+        With ``time_left`` (the seconds the function has left), a period that cannot be read
+        in that time is not reported: no file is written, the compliance topic is told that
+        it is too long and must be reported in shorter periods, and the answer is
+        ``{"error": ...}`` saying so, as for a request refused.
 
         Raises:
             TransportUnavailable: the trail could not be read, or the report not written or
                 published (nothing is published before all three files are stored).
         """
-        report = self.report(period)
+        try:
+            report = self.report(period, time_left=time_left)
+        except PeriodTooLong as exc:
+            return self._too_long(period, str(exc))
         keys = report_keys(self._environment, period)
         self._reports.put(
             keys.json, json.dumps(report, indent=2).encode() + b"\n", "application/json"
@@ -959,6 +1011,29 @@ class ComplianceReporter:
                 }
             )
         return summary
+
+    def _too_long(self, period: Period, where: str) -> dict[str, str]:
+        """Tell the compliance topic that ``period`` was not reported: too long for one run."""
+        start, end = period.bounds
+        problem = (
+            f"the period {start} to {end} is too long to read within the function's time"
+            f" ({where}); nothing was written: report it in shorter periods"
+            " (runbook.py report --start/--end)"
+        )
+        _LOG.error("compliance report of %s not written: %s", period.label, problem)
+        notice = {
+            "environment": self._environment,
+            "period": {"start": start, "end": end},
+            "verified": False,
+            "reported": False,
+            "problem": problem,
+        }
+        self._topic.publish(
+            f"Messaging Fabric {self._environment} compliance {period.label}: NOT REPORTED",
+            json.dumps(notice, indent=2),
+            {"verified": "false", "environment": self._environment},
+        )
+        return {"error": problem}
 
 
 _DELETED = "deleted after it was written (a delete marker among its versions)"

@@ -24,7 +24,8 @@ From the verified objects it selects the ``accepted`` records of ``[start, end)`
 the filter (topic patterns with RabbitMQ semantics, message ids, source) — one per
 message id, its first acceptance — and takes them in ``(at, message_id)`` order. For each it
 finds the stored body by its SHA-256 in the archive (``archive/``, the object beside the
-record's audit object first, then every archive object of the period's days), checks the hash,
+record's audit object first, then, if a copy can be elsewhere, every archive object of the
+period's days: ``_elsewhere``), checks the hash,
 parses the envelope, and publishes **the stored bytes as they are** (restricted payloads stay
 the ciphertext the router sealed: nothing is decrypted or re-encrypted) to RabbitMQ with
 publisher confirms, with the same message id, routed by today's routing table exactly as the
@@ -40,7 +41,10 @@ classification) ``refused``; none of them is published.
 
 A run is bounded (``max_messages``, ``max_seconds``) and paced (``rate_per_s``); it returns a
 cursor, the ``(at, message_id)`` up to which every message is finished (normally the last one it
-finished), from which the next run goes on without repeating one. It reads the period a second
+finished), from which the next run goes on without repeating one. Its time limit also bounds the
+reading of the archive: no archive object is read after it, and a run whose time is up while a
+message's body is still to be read stops before that message (``time limit``), after publishing
+the ones before it. It reads the period a second
 time only when that fits in its time (``Replayer._select``). Its memory follows
 ``max_messages``, not the period: of the messages behind the first ones it takes it holds only
 their ids (``_Selection``), and of the archived bodies it searches only its own messages' hashes
@@ -109,6 +113,8 @@ MAX_PERIOD = timedelta(days=31)
 # A run reads what was written up to late_days (and the compliance report's hour) after the end.
 DEFAULT_LATE_DAYS = 1
 MAX_LATE_DAYS = 14  # the audit queue's retention: a batch cannot be written later than that
+# The transport an acceptance on the broker path records (``fabric.compliance`` tells paths so).
+_BROKER_TRANSPORT = "rabbitmq"
 REPLAY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # Decoded archive objects kept in memory at once (each up to one writer call's bodies).
 _CACHED_ARCHIVES = 8
@@ -369,6 +375,7 @@ class _Candidate:
     topic: str | None
     body_sha256: str | None
     archived: bool | None
+    transport: str | None
     audit_key: str
     seq: int
     sealed: bool
@@ -480,7 +487,14 @@ class Replayer:
             report.cursor = selection.resume or report.cursor
             report.stopped = "time limit"
             return
-        bodies = _Bodies(self._archive, self._writers, _search_days(request), report, candidates)
+        bodies = _Bodies(
+            self._archive,
+            self._writers,
+            _search_days(request),
+            report,
+            candidates,
+            expired=pace.expired,
+        )
         batch_size = pace.batch_size(_BATCH)
         index = 0
         while index < len(candidates):
@@ -644,7 +658,11 @@ class Replayer:
         report: ReplayReport,
     ) -> tuple[int, bool]:
         """Replay ``batch``: how many of it (from the front) are finished, and whether the run
-        goes on (if not, ``report.stopped`` says why)."""
+        goes on (if not, ``report.stopped`` says why).
+
+        The archive is read only within the run's time (``_Bodies``): once it is up, the batch is
+        cut before the message whose body was still to be read, what was prepared before it is
+        published, and the run stops on its time limit with the cursor there."""
         prepared: list[_Prepared] = []
         # Where in the batch each prepared message is, so that a failure cuts the batch there.
         positions: list[int] = []
@@ -658,11 +676,16 @@ class Replayer:
             except TransportUnavailable as exc:
                 _LOG.warning("the archive cannot be read: %s", exc)
                 report.stopped = "archive unavailable"
-                finished, _ = self._publish(prepared, positions, request, report, cut=position)
-                return finished, False
-            if item is not None:
-                prepared.append(item)
-                positions.append(position)
+            except _OutOfTime:
+                _LOG.info("replay %s: time is up while reading the archive", request.replay_id)
+                report.stopped = "time limit"
+            else:
+                if item is not None:
+                    prepared.append(item)
+                    positions.append(position)
+                continue
+            finished, _ = self._publish(prepared, positions, request, report, cut=position)
+            return finished, False
         return self._publish(prepared, positions, request, report, cut=len(batch))
 
     def _publish(
@@ -715,9 +738,14 @@ class Replayer:
 
         Raises:
             TransportUnavailable: the archive cannot be read.
+            _OutOfTime: the run's time is up before its body was found.
         """
         digest = candidate.body_sha256
-        body = None if digest is None else bodies.find(digest, candidate.audit_key)
+        body = (
+            None
+            if digest is None
+            else bodies.find(digest, candidate.audit_key, search=_elsewhere(candidate))
+        )
         if body is None:
             detail = (
                 "the record names no body"
@@ -782,7 +810,7 @@ class Replayer:
                     source="replay",
                     topic=item.envelope.topic,
                     body_sha256=item.candidate.body_sha256,
-                    transport="rabbitmq",
+                    transport=_BROKER_TRANSPORT,
                     classification=str(item.envelope.classification),
                     priority=str(item.envelope.priority),
                     groups=tuple(sorted(item.outbound.audience)),
@@ -797,12 +825,19 @@ class Replayer:
         return stored
 
 
+class _OutOfTime(Exception):
+    """The run's time limit passed before the archive object it was about to read."""
+
+
 class _Bodies:
     """Archived bodies by SHA-256: first in the archive object beside the record's audit object
-    (a body is archived in the same writer call as the record naming it), then in every archive
-    object of the period's days, each read once. Only the bodies of ``candidates`` (the run's
-    messages) are ever looked up, so only theirs are indexed: memory follows the run, not the
-    archive objects read."""
+    (a body is archived in the same writer call as the record naming it), then, when a copy can
+    be elsewhere (``_elsewhere``), in every archive object of the period's days, each read once
+    a run. Only the bodies of ``candidates`` (the run's messages) are ever looked up, so only
+    theirs are indexed: memory follows the run, not the archive objects read.
+
+    Every archive object is read only while the run has time (``expired``): the search of a
+    whole period's archive can take longer than the function may run."""
 
     def __init__(
         self,
@@ -811,8 +846,11 @@ class _Bodies:
         days: list[date],
         report: ReplayReport,
         candidates: Sequence[_Candidate],
+        *,
+        expired: Callable[[], bool],
     ) -> None:
         self._archive = archive
+        self._expired = expired
         self._writers = writers
         self._days = days
         self._report = report
@@ -824,11 +862,13 @@ class _Bodies:
         # (the search itself goes through each key once).
         self._siblings: set[str] = set()
 
-    def find(self, digest: str, audit_key: str) -> bytes | None:
-        """The archived bytes stored under ``digest`` (unchecked), or None.
+    def find(self, digest: str, audit_key: str, *, search: bool = True) -> bytes | None:
+        """The archived bytes stored under ``digest`` (unchecked), or None; beyond the object
+        beside ``audit_key`` and those already read, only with ``search``.
 
         Raises:
             TransportUnavailable: the archive cannot be read.
+            _OutOfTime: the run's time is up before the body was found.
         """
         sibling = ARCHIVE_PREFIX + audit_key.removeprefix(AUDIT_PREFIX)
         self._siblings.add(sibling)
@@ -837,6 +877,8 @@ class _Bodies:
                 body = self._load(key).get(digest)
                 if body is not None:
                     return body
+        if not search:
+            return None
         if self._unread is None:
             self._unread = iter(_day_keys(self._archive, self._writers, self._days))
         for key in self._unread:
@@ -852,6 +894,8 @@ class _Bodies:
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
+        if self._expired():
+            raise _OutOfTime(key)
         data = self._archive.read(key)
         bodies: dict[str, bytes] = {}
         if data is not None:
@@ -866,6 +910,20 @@ class _Bodies:
         if len(self._cache) > _CACHED_ARCHIVES:
             self._cache.popitem(last=False)
         return bodies
+
+
+def _elsewhere(candidate: _Candidate) -> bool:
+    """Whether the body of ``candidate`` can be in an archive object other than the one beside
+    its record, so that the period's archive is searched for it.
+
+    Archived (or not said otherwise), it is beside the record; should that object be lost or
+    unreadable, another acceptance of the same bytes (a producer's retry under the same id) or
+    the drain's copy (a message accepted on the fallback path is archived again when drained)
+    may hold it. Not archived (``archived: false``: too big for its audit message beside its
+    record), the drain may still have archived the bytes beside its own, differently sized
+    record; but nothing archives a message the broker took (``transport`` rabbitmq) again, so
+    the whole period's archive is not read for one that can be in none of it."""
+    return candidate.archived is not False or candidate.transport != _BROKER_TRANSPORT
 
 
 def _search_days(request: ReplayRequest) -> list[date]:
@@ -1038,12 +1096,14 @@ def _candidate(
     ):
         return None
     digest, archived, seq = record.get("body_sha256"), record.get("archived"), record.get("seq")
+    transport = record.get("transport")
     return _Candidate(
         at=at,
         message_id=message_id,
         topic=topic if isinstance(topic, str) else None,
         body_sha256=digest if isinstance(digest, str) else None,
         archived=archived if isinstance(archived, bool) else None,
+        transport=transport if isinstance(transport, str) else None,
         audit_key=key,
         seq=seq if isinstance(seq, int) else 0,
         sealed=sealed,

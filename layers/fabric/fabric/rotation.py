@@ -267,6 +267,10 @@ def on_event(
 
 
 def _secrets_manager() -> Any:
-    import boto3
+    # The topology function's bounded client (connect 5 s, read 10 s, one retry: at most 30 s
+    # a call). With botocore's defaults a call to an endpoint that never answers takes 180 s,
+    # three times this function's minute: Lambda ended it with "Task timed out" instead of the
+    # call's error, whose traceback shows the step and the call that failed.
+    from fabric.topology_resource import _secrets_manager as bounded
 
-    return boto3.client("secretsmanager")
+    return bounded()
