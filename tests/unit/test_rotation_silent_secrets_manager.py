@@ -13,6 +13,7 @@ import pytest
 
 from fabric.errors import TransportUnavailable
 from fabric.rotation import on_event
+from tests import silent_endpoint as endpoints
 
 FUNCTION_TIMEOUT_S = 60.0  # stacks/constructs/rotation.py
 EVENT = {
@@ -30,36 +31,17 @@ ENVIRON = {
 def silent_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[socket.socket]]:
     """AWS clients pointed at a local socket that accepts every connection and never answers;
     the connections it took."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.1)
-    taken: list[socket.socket] = []
-    done = threading.Event()
-
-    def accept() -> None:
-        while not done.is_set():
-            try:
-                connection, _ = server.accept()
-            except TimeoutError:
-                continue
-            taken.append(connection)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    for name, value in {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.getsockname()[1]}",
-        "AWS_DEFAULT_REGION": "ap-southeast-3",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-    }.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    yield taken
-    done.set()
-    thread.join()
-    for connection in taken:
-        connection.close()
-    server.close()
+    with endpoints.silent_endpoint() as (port, taken):
+        for name, value in {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_DEFAULT_REGION": "ap-southeast-3",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+        }.items():
+            monkeypatch.setenv(name, value)
+        for name in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_PROFILE"):
+            monkeypatch.delenv(name, raising=False)
+        yield taken
 
 
 def test_a_silent_secrets_manager_fails_the_step_within_the_functions_timeout(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from fabric.router import Router
 from fabric.routing import default_routing_table
 from fabric.settings import RouterSettings
 from fabric.stakeholders import Stakeholder
+from tests.silent_endpoint import silent_endpoint
 
 FALLBACK = "arn:aws:sns:ap-southeast-3:111111111111:fabric-test-fallback"
 EMERGENCY = "arn:aws:sns:ap-southeast-3:111111111111:fabric-test-emergency"
@@ -42,32 +42,14 @@ def silent_sns(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[socket.socket]]
     the router's clients reach it (``fabric.bootstrap``: connect 1 s, read 2 s, 2 attempts);
     yields the connections it took. Closed at the end, which also ends the requests the
     transports gave up on."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.1)
-    taken: list[socket.socket] = []
-    done = threading.Event()
-
-    def take() -> None:
-        while not done.is_set():
-            try:
-                taken.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=take, daemon=True)
-    thread.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-southeast-3")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setattr("fabric.adapters.sns.PUBLISH_BUDGET_S", BUDGET_S)
-    monkeypatch.setattr("fabric.adapters.sqs_audit.PUBLISH_BUDGET_S", BUDGET_S)
-    yield taken
-    done.set()
-    thread.join()
-    server.close()
-    for connection in taken:
-        connection.close()
+    with silent_endpoint() as (port, taken):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "ap-southeast-3")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setattr("fabric.adapters.sns.PUBLISH_BUDGET_S", BUDGET_S)
+        monkeypatch.setattr("fabric.adapters.sqs_audit.PUBLISH_BUDGET_S", BUDGET_S)
+        yield taken
 
 
 def fallback() -> SnsFallbackTransport:
