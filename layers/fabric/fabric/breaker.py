@@ -61,12 +61,12 @@ class BreakerTransport:
 
     ``UNAVAILABLE`` (no connection, a lost one, a blocked broker) opens the circuit for
     everything. A confirm ``TIMEOUT`` opens it for the queues the message that timed out waited
-    on (``targets``), but not for a queue some message was stored in within ``open_seconds``,
+    on (``targets``), but not for a queue some message was stored in since its last timeout,
     in this call or an earlier one: a queue that stores is presumed healthy, and the timeout is
     blamed on the message's other queues. So one queue that stopped confirming (a quorum queue
     without its majority) is pinned down by the messages for it alone, and a message for it and
     for healthy queues does not open theirs. When every queue of a message that timed out was
-    stored in lately, none opens, and they are no longer presumed healthy: their next timeout
+    presumed healthy, none opens, and they are no longer presumed healthy: their next timeout
     opens them.
 
     A message is failed fast, reported ``UNAVAILABLE`` without touching the broker (the router
@@ -86,7 +86,7 @@ class BreakerTransport:
 
     Each queue stays open for ``open_seconds``, then is half-open: the next call with a message
     for it probes it. A message for it that is stored closes it, and a timeout opens it for
-    another period unless it was stored in lately; so does a message for it and for a closed
+    another period unless it was stored in since; so does a message for it and for a closed
     queue, which reaches the broker while it is still open.
 
     Everything stays open for ``open_seconds``; then the next call that reaches ``inner``
@@ -94,12 +94,21 @@ class BreakerTransport:
     ``UNAVAILABLE``, and opens for another period when the call answered nothing. A call that
     answers nothing never closes it.
 
-    When a call timed out and stored nothing, audit batches go around the broker too, for
-    ``open_seconds`` or until a message is stored again: the transport drops its connection
-    after a timeout, and should the broker have stopped answering altogether, the call's audit
-    batch would hold the answer for a connect timeout to learn it, where the SQS audit path
-    (which the audit writer reads too) takes it at once. The audit queue is not opened for it:
-    messages stored meanwhile prove the connection, not the audit queue.
+    When a call timed out, or ran out of its publish budget (``out_of_budget`` of the inner
+    transport), audit batches go around the broker too, for ``open_seconds`` or until a call
+    stores without either: the transport drops its connection after a timeout, and should the
+    broker have stopped answering altogether, the call's audit batch would hold the answer for
+    a connect timeout to learn it; a broker too slow for one call's budget would hold it for
+    another budget; the SQS audit path (which the audit writer reads too) takes it at once. The
+    audit queue is not opened for it: messages stored meanwhile prove the connection, not the
+    audit queue.
+
+    What a timeout is blamed on: the queues of the message that timed out, but not one stored
+    in since its own last timeout (presumed healthy this once, however long ago that was:
+    emergency queues are quiet), and nothing for the messages left unconfirmed after the last
+    answer of a call that ran out of its publish budget (confirms come in publish order: a slow
+    broker's tail, not its queues). Only a queue that was its message's one suspect counts
+    towards a stall of the whole broker (two such queues, nothing stored between).
 
     A call with no message for ``inner`` (none given, or all failed fast) never reaches it: no
     connection is opened, and it probes nothing.
@@ -117,10 +126,11 @@ class BreakerTransport:
         self._open_seconds = open_seconds
         self._clock = clock
         self._opened: dict[str, float] = {}  # queue (or EVERYTHING) -> when it last opened
-        self._stored_at: dict[str, float] = {}  # queue -> when a message was last stored in it
-        # The queues opened, and when, by calls that answered nothing since the last answer.
+        self._healthy: set[str] = set()  # queues stored in since their last timeout
+        # The queues opened, and when, as a timed-out message's only suspect by calls that
+        # answered nothing, since the last answer.
         self._unanswered: dict[str, float] = {}
-        self._silent_at: float | None = None  # a call last timed out and stored nothing
+        self._silent_at: float | None = None  # a call last timed out or ran out of budget
 
     @property
     def state(self) -> State:
@@ -182,57 +192,69 @@ class BreakerTransport:
     def _learn(self, messages: Sequence[OutboundMessage], outcomes: Sequence[Outcome]) -> None:
         """Open and close queues, and everything, after ``inner`` answered for ``messages``."""
         now = self._clock()
-        timed_out: list[OutboundMessage] = []
+        blamed: list[OutboundMessage] = []  # timed out before one of the call's answers
+        tail: list[OutboundMessage] = []  # timed out since the call's last answer
         answered = unavailable = stored = False
         for message, outcome in zip(messages, outcomes, strict=True):
             if outcome.stored:
                 stored = True
                 for target in targets(message):
-                    self._stored_at[target] = now
+                    self._healthy.add(target)
                     self._close(target)
             elif outcome.failure is Failure.TIMEOUT:
-                timed_out.append(message)
+                tail.append(message)
             elif outcome.failure is Failure.UNAVAILABLE:
                 unavailable = True
-            answered = answered or outcome.failure not in SYSTEMIC
-        stalled = bool(timed_out) and self._blame(timed_out, now, answered=answered)
+            if outcome.failure not in SYSTEMIC:  # an answer: stored, nacked or returned
+                answered = True
+                blamed += tail
+                tail = []
+        # A call the publish budget cut off (``out_of_budget``: confirms trickling in, in
+        # publish order) leaves a slow tail unconfirmed: what timed out after its last answer
+        # says nothing about its queues, and none is blamed for it. What timed out before an
+        # answer was held up by its own queues; otherwise every timeout is blamed.
+        cut = getattr(self._inner, "out_of_budget", False)
+        suspects = blamed if cut else blamed + tail
+        stalled = bool(suspects) and self._blame(suspects, now, answered=answered)
         if unavailable or stalled or (not answered and EVERYTHING in self._opened):
             self._open(EVERYTHING, now)  # the last: everything's probe answered nothing
         elif answered:
             self._close(EVERYTHING)
         if answered:
             self._unanswered.clear()
-        if stored:
-            self._silent_at = None
-        elif timed_out:  # nothing of the call stored: the broker may be gone
+        if blamed or tail:
+            # A call that timed out (the transport dropped its connection: the broker may be
+            # gone) or ran out of its budget (a broker too slow to store a call in time): its
+            # audit batch would pay a reconnect or its own budget there.
             self._silent_at = now
+        elif stored:
+            self._silent_at = None
 
     def _blame(self, timed_out: list[OutboundMessage], now: float, *, answered: bool) -> bool:
-        """Open the queues ``timed_out`` waited on that were not stored in lately; whether that
+        """Open the queues ``timed_out`` waited on that are not presumed healthy; whether that
         shows the whole broker stalled (see the class)."""
-        stored_lately = {
-            target for target, at in self._stored_at.items() if now - at < self._open_seconds
-        }
         stuck_before = [
             target for target, at in self._unanswered.items() if now - at < self._open_seconds
         ]
         opening: set[str] = set()
         unblamed: set[str] = set()
+        sole: set[str] = set()
         stalled = False
         for message in timed_out:
             waited_on = targets(message)
-            suspects = waited_on - stored_lately
+            suspects = waited_on - self._healthy
             if not suspects:  # presumed healthy this once
                 unblamed |= waited_on
                 continue
             opening |= suspects
+            if not answered and len(suspects) == 1:  # the one queue that explains it
+                sole |= suspects
             stalled = stalled or (not answered and any(t not in waited_on for t in stuck_before))
-        for target in unblamed:
-            self._stored_at.pop(target, None)
+        self._healthy -= unblamed | opening
         for target in opening:
             self._open(target, now)
-            if not answered:
-                self._unanswered[target] = now
+        for target in sole:
+            self._unanswered[target] = now
         return stalled
 
     def _open(self, target: str, now: float) -> None:

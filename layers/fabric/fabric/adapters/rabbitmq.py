@@ -218,6 +218,7 @@ class RabbitMqTransport:
         self._batch: _Batch | None = None
         self._user = ""  # the connection's user, the user-id of audit batches
         self._closing = False  # close() in progress: the channel's close is ours
+        self.out_of_budget = False  # the last publish call ended at its publish budget
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -266,6 +267,9 @@ class RabbitMqTransport:
             self._discard()
         for message in source:  # never published: the caller sends them elsewhere
             batch_state.take(message)
+        # Whether this call's publish budget ended it (the breaker blames no queue for the
+        # messages left unconfirmed after its last confirm).
+        self.out_of_budget = batch_state.spent(self._clock())
         return [
             outcome
             if outcome is not None
