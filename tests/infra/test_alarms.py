@@ -445,9 +445,11 @@ def test_a_queue_only_an_event_source_reads_pages_once_its_oldest_message_waits_
     assert thresholds == {name: 3 * visibility[name] for name in read}
 
 
-# How the docs name an alarm: "the `X` alarm", "alarm `X`", or an alarm list's "- `X`: ...".
+# How the docs name an alarm: "the `X` alarm", "alarm `X`", or an alarm list's "- `X`: " and
+# the metric it watches.
 _DOCUMENTED_ALARM = re.compile(
-    r"`([A-Z][A-Za-z0-9]+)` alarm|alarms? `([A-Z][A-Za-z0-9]+)`|^\s*- `([A-Z][A-Za-z0-9]+)`: ",
+    r"`([A-Z][A-Za-z0-9]+)` alarm|alarms? `([A-Z][A-Za-z0-9]+)`"
+    r"|^\s*- `([A-Z][A-Za-z0-9]+)`: (?:`MessagingFabric/|`MAX`|the function's `Errors`)",
     re.MULTILINE,
 )
 
