@@ -11,8 +11,9 @@ import pika.exceptions
 import pytest
 
 from fabric import topology
-from fabric.adapters.rabbitmq_consumer import _Arrivals, _Pending
-from fabric.consumer import Decision, Delivery, Verdict
+from fabric.adapters.rabbitmq import RabbitSettings
+from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer, _Arrivals, _Pending
+from fabric.consumer import Decision, Delivery, MessageProcessor, Verdict
 from fabric.stakeholders import Stakeholder
 
 WORK = topology.queue_name(Stakeholder.MEDIA)
@@ -184,3 +185,93 @@ def test_nothing_decided_is_settled_once_the_broker_closed_the_channel() -> None
     assert channel.calls == []
     assert counts == {}
     pending.flush()  # dropped: nothing left to settle
+
+
+class InterruptedSettler(CountingSettler):
+    """Its first settlement stores everything, then the signal comes (``KeyboardInterrupt``)."""
+
+    def settle(self, items: Sequence[tuple[Delivery, Decision]]) -> list[bool]:
+        stored = super().settle(items)
+        if len(self.settled) == len(items):
+            raise KeyboardInterrupt
+        return stored
+
+
+def test_a_group_whose_settlement_was_interrupted_is_kept_to_be_settled_again() -> None:
+    # The group was taken out of the pending ones before its settlement: interrupted there, the
+    # consumer's exit had no record of it, and its hand-back (or the closing connection) put
+    # the messages back though their parks and delivered records were stored.
+    channel = RecordingChannel()
+    settler = InterruptedSettler()
+    counts: Counter[str] = Counter()
+    pending = _Pending(channel, settler, counts, lambda: None, limit=2)  # type: ignore[arg-type]
+    pending.add(1, delivery("a"), Decision(Verdict.DONE))
+    with pytest.raises(KeyboardInterrupt):
+        pending.add(2, delivery("b"), Decision(Verdict.DEAD_LETTER, reason="poison"))
+
+    assert channel.calls == []
+    assert pending.holds(1)
+    assert pending.holds(2)
+    pending.flush()  # the exit's hand-back settles first
+
+    assert settler.settled == ["a", "b", "a", "b"], "settled again: a second park at worst"
+    assert channel.calls == [("ack", 2, True)]
+    assert counts == {"done": 1, "dead-letter": 1}
+    assert not pending.holds(2)
+
+
+class InterruptedRejects(RecordingChannel):
+    """A channel whose first reject is interrupted before it is sent."""
+
+    def basic_reject(self, tag: int, requeue: bool = True) -> None:
+        if not any(call[0] == "interrupted" for call in self.calls):
+            self.calls.append(("interrupted", tag, requeue))
+            raise KeyboardInterrupt
+        super().basic_reject(tag, requeue)
+
+
+def test_an_interrupted_group_keeps_what_was_neither_acknowledged_nor_rejected() -> None:
+    # One by one (a park refused): what was acknowledged before the interrupt is not settled
+    # again, nor acknowledged twice (an unknown delivery tag closes the channel). The one whose
+    # reject was not sent is kept: dropped, the next group's multiple acknowledgement would
+    # have covered it, and a message whose park was refused would have been lost.
+    channel = InterruptedRejects()
+    settler = CountingSettler()
+    settler.refused = {"b"}
+    pending = _Pending(channel, settler, Counter(), lambda: None, limit=10)  # type: ignore[arg-type]
+    pending.add(1, delivery("a"), Decision(Verdict.DONE))
+    pending.add(2, delivery("b"), Decision(Verdict.DEAD_LETTER, reason="poison"))
+    pending.add(3, delivery("c"), Decision(Verdict.DONE))
+    with pytest.raises(KeyboardInterrupt):
+        pending.flush()
+    assert channel.calls == [("ack", 1, False), ("interrupted", 2, True)]
+    assert [pending.holds(tag) for tag in (1, 2, 3)] == [False, True, True]
+
+    settler.refused = set()  # its DLQ is back
+    pending.flush()
+    assert settler.settled == ["a", "b", "c", "b", "c"]
+    assert channel.calls[2:] == [("ack", 3, True)]
+
+
+def test_a_cancel_that_fails_for_a_reason_of_its_own_still_settles_what_was_decided(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The end of a run settled what was decided only after its cancel: a cancel that raised
+    # anything but a pika error (StopIteration from a consume generator an interrupt had
+    # finished, pika's internals changed) skipped the settlement, and the decided messages came
+    # back with the connection and ran again.
+    channel = RecordingChannel()  # no consumer pika knows of: the cancel fails
+    settler = CountingSettler()
+    consumer = RabbitMqConsumer(
+        RabbitSettings("127.0.0.1", 5672, lambda: ("user", "password")),
+        WORK,
+        MessageProcessor(lambda _delivery: None),
+        settler=settler,  # type: ignore[arg-type]
+    )
+    pending = _Pending(channel, settler, Counter(), lambda: None, limit=10)  # type: ignore[arg-type]
+    pending.add(1, delivery("a"), Decision(Verdict.DONE))
+
+    consumer._finish(channel, pending, None)
+
+    assert channel.calls == [("ack", 1, True)]
+    assert "could not be cancelled" in caplog.text

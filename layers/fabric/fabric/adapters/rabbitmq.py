@@ -387,8 +387,13 @@ class RabbitMqTransport:
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(pika.exceptions.AMQPError):
                 connection.close()
-            # Let the loop deliver the close so the socket is released.
-            self._run_until(lambda: connection.is_closed, 0.2, connection=connection)
+            # Let the loop deliver the close so the socket is released. pika's loop refuses to
+            # start (RuntimeError, "not reentrant") when it is marked running: an interrupt
+            # (KeyboardInterrupt, a SIGTERM handler's SystemExit) that came as it started, after
+            # it marked itself running, leaves it so. That error replaced the interrupt under
+            # way, and a shutdown ended as a crash: the connection is dropped unclosed instead.
+            with contextlib.suppress(RuntimeError):
+                self._run_until(lambda: connection.is_closed, 0.2, connection=connection)
 
     def _reset(self) -> None:
         self._connection = None

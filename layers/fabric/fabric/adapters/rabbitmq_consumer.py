@@ -15,7 +15,9 @@ deliveries back itself (the end of a run, a stop, the consumer_timeout guard bel
 unwinding ``run``), it cancels first and returns them with one ``basic.nack`` (multiple,
 requeue), one delivery counted each; one the queue's delivery limit would dead-letter on that
 return (``fabric.consumer.last_delivery``) is parked as ``max-receives``, with its audit record,
-before the nack (``_give_back``).
+before the nack (``_give_back``). A group whose settlement an exception interrupted is settled
+again before that nack (``_leave``); a cancel the broker does not confirm in time drops the
+connection (``_cancel``).
 
 A systemic failure (the handler's dependency is down: ``Systemic``) pauses the consumer instead
 of handing the message back: it keeps the message, takes nothing new, and tries it again after
@@ -138,6 +140,9 @@ class RabbitMqConsumer:
         self._max_backoff_s = max_backoff_s
         self._sleep = sleep
         self._consumer_timeout_s = consumer_timeout_s
+        # How long the broker may take to confirm a cancel: as long as a connection and a
+        # confirm may take.
+        self._cancel_timeout_s = settings.connect_timeout + settings.confirm_timeout
 
     def run(
         self,
@@ -196,7 +201,7 @@ class RabbitMqConsumer:
                     if (waited := pending.arrivals.waited(method.delivery_tag)) >= (
                         self._consumer_timeout_s / 2
                     ):
-                        messages = self._hand_back(channel, messages, item, pending, waited)
+                        messages = self._hand_back(channel, item, pending, waited)
                         continue
                     held = item
                     delivery = self._delivery(item)
@@ -226,10 +231,10 @@ class RabbitMqConsumer:
                     raise pika.exceptions.ConsumerCancelled(
                         f"the broker cancelled the consumer of {self._queue}"
                     )
+                self._finish(channel, pending, held)
             except BaseException:
-                self._leave(channel, messages, pending, held)
+                self._leave(channel, pending, held)
                 raise
-            self._finish(channel, messages, pending, held)
         finally:
             keeper.stop()
             with contextlib.suppress(pika.exceptions.AMQPError, OSError):
@@ -291,7 +296,7 @@ class RabbitMqConsumer:
         )
 
     def _hand_back(
-        self, channel: Any, messages: Iterator[Any], item: Any, pending: _Pending, waited: float
+        self, channel: Any, item: Any, pending: _Pending, waited: float
     ) -> Iterator[Any]:
         """Hands delivery ``item`` and every one prefetched behind it back to the queue, and
         consumes again with half the prefetch (RabbitMQ applies a prefetch to consumers that
@@ -306,7 +311,9 @@ class RabbitMqConsumer:
         # The consumer goes first: a nack (or an acknowledgement) while it was active gave it
         # credit, the broker sent the returned messages straight back to it, and the cancel
         # returned them again (two deliveries counted each).
-        back = self._give_back(channel, pending, [item, *_cancel(channel, messages)])
+        back = self._give_back(
+            channel, pending, [item, *_cancel(channel, pending, timeout_s=self._cancel_timeout_s)]
+        )
         pending.limit = max(1, pending.limit // 2)
         pending.arrivals = _Arrivals(pending.limit)
         _LOG.warning(
@@ -320,28 +327,45 @@ class RabbitMqConsumer:
         )
         return self._consume(channel, pending.limit)
 
-    def _finish(self, channel: Any, messages: Iterator[Any], pending: _Pending, held: Any) -> None:
+    def _finish(self, channel: Any, pending: _Pending, held: Any) -> None:
         """Ends the run's consumer: cancels it, settles what was decided, and gives ``held`` (a
         delivery it took and did not decide, or None) and every delivery it still holds back
         (``_give_back``), as a hand-back does. pika's cancel rejected each (RabbitMQ 4.3: one
         failed delivery each, at every stop of a consumer) and left ``held`` to the
-        connection's closure."""
+        connection's closure. A cancel that fails leaves what the consumer holds to the
+        connection, and what it decided is settled all the same."""
         try:
             items = [] if held is None else [held]
-            items += _cancel(channel, messages)
+            items += _cancel(channel, pending, timeout_s=self._cancel_timeout_s)
         except pika.exceptions.AMQPError:
             items = []  # the channel is gone, and what it held went back with it
+        except Exception:
+            _LOG.exception("%s: the consumer could not be cancelled", self._queue)
+            items = []
         self._give_back(channel, pending, items)
 
-    def _leave(self, channel: Any, messages: Iterator[Any], pending: _Pending, held: Any) -> None:
+    def _leave(self, channel: Any, pending: _Pending, held: Any) -> None:
         """``_finish`` for an exception unwinding ``run`` (a handler's ``KeyboardInterrupt``, a
         ``SystemExit`` from a SIGTERM handler, a lost connection): what the consumer holds goes
         back once. Left to the connection's closure, it went back twice: pika rejected each
         prefetched delivery while the consumer was still live, the broker sent them straight
         back to it, and the closure returned them again. Whatever fails here is left to the
-        closure (one return each)."""
+        closure (one return each). ``_finish`` may have run in part: what it did is not
+        done twice.
+
+        The exception may have come while a group was being settled (``_Pending.flush``):
+        its retries, parks and audit batch published, or some of them, or none, and nothing
+        acknowledged. The group is settled again here, before the hand-back's nack, which
+        would otherwise return it: a handled message ran twice (a second ``delivered``
+        record), a poison one was parked and back in its work queue. Settled again, a retry or
+        park already stored has a second copy (idempotency and the redrive take a message
+        once), and its audit records go out twice: at-least-once, with the least repeated.
+        Deferring the signal around the settlement instead is not the toolkit's to do: it
+        would have to install the process's signal handlers."""
+        if held is not None and pending.holds(held[0].delivery_tag):
+            held = None  # decided, and added when the exception came: settled with the rest
         try:
-            self._finish(channel, messages, pending, held)
+            self._finish(channel, pending, held)
         except Exception as exc:  # the exception under way is the one to raise
             _LOG.warning(
                 "%s: what the consumer held goes back with its connection (%s)",
@@ -380,43 +404,75 @@ class RabbitMqConsumer:
         self._sleep(self._backoff_s)
 
 
-def _cancel(channel: Any, messages: Iterator[Any]) -> list[Any]:
-    """Cancels the channel's consumer; returns the deliveries ``messages`` holds that it has not
-    yielded (method, properties, body), those the broker sent before it confirmed the cancel
-    included. Nothing when the consumer is gone already (the broker cancelled it, or
-    ``_cancel`` ran before).
+def _cancel(channel: Any, pending: _Pending, *, timeout_s: float) -> list[Any]:
+    """Cancels the channel's consumer; returns the deliveries it holds that the consume
+    generator has not yielded (method, properties, body), those the broker sent before it
+    confirmed the cancel included. Nothing when the consumer is gone already (the broker
+    cancelled it, or ``_cancel`` ran before).
 
     pika's own cancel rejects (``basic.reject``, requeue) every delivery that reaches it between
     the ``basic.cancel`` and the broker's ``cancel-ok``: the ones in flight when the broker took
     the cancel. RabbitMQ 4.3 counts a reject as a failed delivery against the queue's delivery
     limit (rabbitmq-server#15387), and the hand-back's nack did not cover them. So the cancel
-    goes to the broker behind pika's back (``_impl._rpc``, pika 1.x), ``messages`` takes what
-    still comes until the ``cancel-ok`` (the broker sends nothing for the consumer after it),
-    and only then pika cancels too: the broker, which no longer knows the consumer, confirms
-    again, and nothing is left for pika to reject.
+    goes to the broker behind pika's back (``_impl._rpc``, pika 1.x), what still comes until the
+    ``cancel-ok`` is taken (the broker sends nothing for the consumer after it), and only then
+    pika cancels too: the broker, which no longer knows the consumer, confirms again, and
+    nothing is left for pika to reject.
+
+    The deliveries are taken from the generator's buffer (``_queue_consumer_generator``, pika
+    1.x), not through the generator: an exception that came while the consumer waited inside it
+    (a ``KeyboardInterrupt``) finished it, and ``next`` raised ``StopIteration``; what was
+    decided was then never settled, and a delivery at the delivery limit was left to pika's
+    reject and the broker's silent dead letter.
 
     Raises:
         pika.exceptions.ChannelClosed: the channel is closed (the broker's consumer_timeout,
-            say): it has no consumer left, and the broker took back what it held.
+            say): it has no consumer left, and the broker took back what it held. Or the broker
+            did not confirm the cancel within ``timeout_s``: pika's close of the connection
+            would cancel the consumer again and wait for that confirmation as long, so what was
+            decided is settled (its acknowledgements need no reply) and the connection is
+            dropped: what the consumer holds goes back with it.
     """
     if not channel.is_open:
         raise pika.exceptions.ChannelClosed(406, "closed before the consumer was cancelled")
-    if not channel.consumer_tags:
+    consumer = channel._queue_consumer_generator
+    if consumer is None or not channel.consumer_tags:
         return []
-    (consumer_tag,) = channel.consumer_tags
     confirmed: list[Any] = []
     channel._impl._rpc(
-        pika.spec.Basic.Cancel(consumer_tag=consumer_tag),
+        pika.spec.Basic.Cancel(consumer_tag=consumer.consumer_tag),
         confirmed.append,
-        [(pika.spec.Basic.CancelOk, {"consumer_tag": consumer_tag})],
+        [(pika.spec.Basic.CancelOk, {"consumer_tag": consumer.consumer_tag})],
     )
+    deadline = time.monotonic() + timeout_s
     while not confirmed:
         if not channel.is_open:
             raise pika.exceptions.ChannelClosed(406, "closed while cancelling the consumer")
+        if time.monotonic() > deadline:
+            try:
+                pending.flush()
+            finally:
+                _drop(channel.connection)
+            raise pika.exceptions.ChannelClosed(
+                406, f"the broker did not confirm the cancel within {timeout_s:.1f} s"
+            )
         channel.connection.process_data_events(time_limit=0.1)
-    held = [next(messages) for _ in range(channel.get_waiting_message_count())]
+    waiting = consumer.pending_events
+    held = [waiting.popleft() for _ in range(channel.get_waiting_message_count())]
     channel.cancel()
-    return held
+    return [(event.method, event.properties, event.body) for event in held]
+
+
+def _drop(connection: Any) -> None:
+    """Ends ``connection`` without the AMQP close, as pika's heartbeat timeout does
+    (``_impl._terminate_stream``, pika 1.x): the broker takes back what it held."""
+    connection._impl._terminate_stream(
+        pika.exceptions.StreamLostError("dropped: the broker did not confirm a cancel")
+    )
+    deadline = time.monotonic() + 1.0
+    with contextlib.suppress(pika.exceptions.AMQPError):  # the loss it reports, as a rule
+        while connection.is_open and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=0.01)
 
 
 class _HeartbeatKeeper:
@@ -524,7 +580,9 @@ class _Pending:
     to the queue (``consumer_timeout`` during a handler, a lost connection), so a retry or park
     published then put a second copy beside the message, with its audit record (a poison
     message both parked and back in the work queue, a failed one on two retry chains), and its
-    acknowledgement failed. ``flush`` drops them instead and raises ``ChannelClosed``."""
+    acknowledgement failed. ``flush`` drops them instead and raises ``ChannelClosed``. A
+    settlement that an exception interrupts keeps its deliveries, for ``flush`` to settle them
+    again (``RabbitMqConsumer._leave``)."""
 
     def __init__(
         self,
@@ -579,6 +637,10 @@ class _Pending:
         if len(self._items) >= self.limit or time.monotonic() - self._since > self._max_age_s:
             self.flush()
 
+    def holds(self, tag: int) -> bool:
+        """Whether delivery ``tag`` was added and is not acknowledged yet."""
+        return any(held == tag for held, _, _ in self._items)
+
     def flush(self) -> None:
         """Settles the decided deliveries: retries and parks published and confirmed (with the
         audit batch), then acknowledged.
@@ -589,10 +651,18 @@ class _Pending:
         """
         if not self._items:
             return
-        items, self._items = self._items, []
+        # A delivery leaves ``_items`` once its acknowledgement (or reject) is sent: an
+        # exception that comes before (a KeyboardInterrupt during the settlement) leaves it to
+        # be settled again before the consumer hands anything back (``RabbitMqConsumer.
+        # _leave``). Taken out before, one whose reject was not sent could be covered by the
+        # next multiple acknowledgement: a message lost. Kept a moment too long, it is
+        # acknowledged twice at worst: the broker closes the channel and takes back what was
+        # not acknowledged.
+        items = list(self._items)
         if self._channel.is_open:  # reads a Channel.Close that came during the last handler
             self._channel.connection.process_data_events(time_limit=0)
         if not self._channel.is_open:
+            self._items = []
             raise pika.exceptions.ChannelClosed(
                 406, f"closed with {len(items)} decided deliveries unacknowledged: requeued"
             )
@@ -604,6 +674,7 @@ class _Pending:
             # so one acknowledgement covers them: a quarter less of the broker's CPU per
             # drained message than one acknowledgement each (BENCHMARKS.md, consumer_drain).
             self._channel.basic_ack(items[-1][0], multiple=True)
+            self._items = []
             self._counts.update(str(decision.verdict) for _, _, decision in items)
             return
         for (tag, _, decision), done in zip(items, stored, strict=True):
@@ -616,6 +687,7 @@ class _Pending:
                 # refused (3.10-4.2 count both).
                 self._channel.basic_reject(tag, requeue=True)
                 self._counts[str(Verdict.SYSTEMIC)] += 1
+            del self._items[0]
         self._backoff()
 
     def park(self, items: list[tuple[int, Delivery]]) -> set[int]:
