@@ -60,14 +60,14 @@ class BreakerTransport:
     """Wraps ``inner`` and fails fast where it has just failed: everywhere, or for some queues.
 
     ``UNAVAILABLE`` (no connection, a lost one, a blocked broker) opens the circuit for
-    everything. A confirm ``TIMEOUT`` opens it for the queues the message that timed out waited
-    on (``targets``), but not for a queue some message was stored in since its last timeout,
-    in this call or an earlier one: a queue that stores is presumed healthy, and the timeout is
-    blamed on the message's other queues. So one queue that stopped confirming (a quorum queue
-    without its majority) is pinned down by the messages for it alone, and a message for it and
-    for healthy queues does not open theirs. When every queue of a message that timed out was
-    presumed healthy, none opens, and they are no longer presumed healthy: their next timeout
-    opens them.
+    everything. A confirm ``TIMEOUT`` of a message that waited on one queue (``targets``) opens
+    it for that queue. A message that waited on several (an incident for two groups, a public
+    alert) opens none: its timeout does not say which queue held it up, and blaming them all
+    sent healthy queues' emergencies to the fallback. So one queue that stopped confirming (a
+    quorum queue without its majority) is pinned down by the messages for it alone. Messages
+    left unconfirmed after the last answer of a call that ran out of its publish budget
+    (``out_of_budget`` of the inner transport) open nothing either: confirms come in publish
+    order, and that tail is a slow broker's, not its queues'.
 
     A message is failed fast, reported ``UNAVAILABLE`` without touching the broker (the router
     sends it straight to the fallback), only while everything is open or every one of its
@@ -77,38 +77,27 @@ class BreakerTransport:
     the messages' order.
 
     A broker that takes publishes and confirms nothing (a stall of the node's queue storage)
-    opens everything too: at a call that answered nothing (nothing stored, nacked or returned)
-    and whose timeout opened a queue, while another queue, not one that message waited on,
-    was opened within ``open_seconds`` with no answer from the broker since. Two distinct
-    queues stuck and nothing stored between is the broker, not a queue (``fabric.drain`` stops
-    on the same evidence). From then on it costs one confirm timeout every ``open_seconds``,
-    not one per queue.
+    opens everything too: two messages that timed out in calls that answered nothing (nothing
+    stored, nacked or returned), within ``open_seconds``, on queues they do not share, cannot
+    be one stuck queue's doing (``fabric.drain`` stops on the same evidence). From then on it
+    costs one confirm timeout every ``open_seconds``.
 
     Each queue stays open for ``open_seconds``, then is half-open: the next call with a message
-    for it probes it. A message for it that is stored closes it, and a timeout opens it for
-    another period unless it was stored in since; so does a message for it and for a closed
-    queue, which reaches the broker while it is still open.
+    for it probes it. A message for it that is stored closes it, and a timeout of a message for
+    it alone opens it for another period.
 
     Everything stays open for ``open_seconds``; then the next call that reaches ``inner``
     probes it: it closes when that call had an answer (a nack is one) and nothing
     ``UNAVAILABLE``, and opens for another period when the call answered nothing. A call that
     answers nothing never closes it.
 
-    When a call timed out, or ran out of its publish budget (``out_of_budget`` of the inner
-    transport), audit batches go around the broker too, for ``open_seconds`` or until a call
-    stores without either: the transport drops its connection after a timeout, and should the
-    broker have stopped answering altogether, the call's audit batch would hold the answer for
-    a connect timeout to learn it; a broker too slow for one call's budget would hold it for
-    another budget; the SQS audit path (which the audit writer reads too) takes it at once. The
-    audit queue is not opened for it: messages stored meanwhile prove the connection, not the
-    audit queue.
-
-    What a timeout is blamed on: the queues of the message that timed out, but not one stored
-    in since its own last timeout (presumed healthy this once, however long ago that was:
-    emergency queues are quiet), and nothing for the messages left unconfirmed after the last
-    answer of a call that ran out of its publish budget (confirms come in publish order: a slow
-    broker's tail, not its queues). Only a queue that was its message's one suspect counts
-    towards a stall of the whole broker (two such queues, nothing stored between).
+    When a call timed out, or ran out of its publish budget, audit batches go around the broker
+    too, for ``open_seconds`` or until a call stores without either: the transport drops its
+    connection after a timeout, and should the broker have stopped answering altogether, the
+    call's audit batch would hold the answer for a connect timeout to learn it; a broker too
+    slow for one call's budget would hold it for another budget; the SQS audit path (which the
+    audit writer reads too) takes it at once. The audit queue is not opened for it: messages
+    stored meanwhile prove the connection, not the audit queue.
 
     A call with no message for ``inner`` (none given, or all failed fast) never reaches it: no
     connection is opened, and it probes nothing.
@@ -126,10 +115,9 @@ class BreakerTransport:
         self._open_seconds = open_seconds
         self._clock = clock
         self._opened: dict[str, float] = {}  # queue (or EVERYTHING) -> when it last opened
-        self._healthy: set[str] = set()  # queues stored in since their last timeout
-        # The queues opened, and when, as a timed-out message's only suspect by calls that
-        # answered nothing, since the last answer.
-        self._unanswered: dict[str, float] = {}
+        # The queues of the messages that timed out, and when, in calls that answered nothing,
+        # since the last answer.
+        self._unanswered: list[tuple[frozenset[str], float]] = []
         self._silent_at: float | None = None  # a call last timed out or ran out of budget
 
     @property
@@ -199,7 +187,6 @@ class BreakerTransport:
             if outcome.stored:
                 stored = True
                 for target in targets(message):
-                    self._healthy.add(target)
                     self._close(target)
             elif outcome.failure is Failure.TIMEOUT:
                 tail.append(message)
@@ -231,30 +218,19 @@ class BreakerTransport:
             self._silent_at = None
 
     def _blame(self, timed_out: list[OutboundMessage], now: float, *, answered: bool) -> bool:
-        """Open the queues ``timed_out`` waited on that are not presumed healthy; whether that
-        shows the whole broker stalled (see the class)."""
-        stuck_before = [
-            target for target, at in self._unanswered.items() if now - at < self._open_seconds
-        ]
-        opening: set[str] = set()
-        unblamed: set[str] = set()
-        sole: set[str] = set()
+        """Open the queue of each message in ``timed_out`` that had only one; whether the
+        timeouts show the whole broker stalled (see the class)."""
+        self._unanswered = [(q, at) for q, at in self._unanswered if now - at < self._open_seconds]
         stalled = False
         for message in timed_out:
             waited_on = targets(message)
-            suspects = waited_on - self._healthy
-            if not suspects:  # presumed healthy this once
-                unblamed |= waited_on
-                continue
-            opening |= suspects
-            if not answered and len(suspects) == 1:  # the one queue that explains it
-                sole |= suspects
-            stalled = stalled or (not answered and any(t not in waited_on for t in stuck_before))
-        self._healthy -= unblamed | opening
-        for target in opening:
-            self._open(target, now)
-        for target in sole:
-            self._unanswered[target] = now
+            if len(waited_on) == 1:  # the one queue that explains it
+                self._open(next(iter(waited_on)), now)
+            if not answered:
+                # Two messages that timed out with no answer between, whose queues share none,
+                # cannot be one stuck queue's doing: the broker stalled.
+                stalled = stalled or any(waited_on.isdisjoint(q) for q, _ in self._unanswered)
+                self._unanswered.append((waited_on, now))
         return stalled
 
     def _open(self, target: str, now: float) -> None:
