@@ -658,3 +658,19 @@ def test_a_broker_that_confirms_nothing_opens_everything_also_for_messages_of_se
     alert = to(*STAKEHOLDERS, emergency=True)
     assert breaker.publish([alert])[0].failure is Failure.UNAVAILABLE
     assert not broker.reached(alert)
+
+
+def test_one_pause_of_the_broker_that_times_out_a_whole_call_does_not_open_everything() -> None:
+    # A quorum WAL roll-over or a GC can hold every confirm of one call past its 0.5 s: its
+    # messages share no queue, but one call is no evidence of a stalled broker. Opening
+    # everything sent every group's emergencies to SQS for 5 s.
+    broker, clock = Broker(), Clock()
+    breaker = BreakerTransport(broker, open_seconds=5, clock=clock)
+    broker.silent = True
+    outcomes = breaker.publish([to(GOVERNMENT), to(COMMUNITY, BUSINESS)])
+    assert {o.failure for o in outcomes} == {Failure.TIMEOUT}
+    broker.silent = False
+    clock.now += 0.25
+    incident = to(GOVERNMENT, COMMUNITY, emergency=True)
+    assert breaker.publish([incident])[0].stored
+    assert breaker.state_for(EVERYTHING) is State.CLOSED

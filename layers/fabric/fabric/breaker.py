@@ -77,9 +77,10 @@ class BreakerTransport:
     the messages' order.
 
     A broker that takes publishes and confirms nothing (a stall of the node's queue storage)
-    opens everything too: two messages that timed out in calls that answered nothing (nothing
-    stored, nacked or returned), within ``open_seconds``, on queues they do not share, cannot
-    be one stuck queue's doing (``fabric.drain`` stops on the same evidence). From then on it
+    opens everything too: two messages that timed out in two calls that answered nothing
+    (nothing stored, nacked or returned), within ``open_seconds``, on queues they do not share,
+    cannot be one stuck queue's doing (``fabric.drain`` stops on the same evidence); one call
+    alone may be one pause of the broker. From then on it
     costs one confirm timeout every ``open_seconds``.
 
     Each queue stays open for ``open_seconds``, then is half-open: the next call with a message
@@ -115,9 +116,9 @@ class BreakerTransport:
         self._open_seconds = open_seconds
         self._clock = clock
         self._opened: dict[str, float] = {}  # queue (or EVERYTHING) -> when it last opened
-        # The queues of the messages that timed out, and when, in calls that answered nothing,
-        # since the last answer.
-        self._unanswered: list[tuple[frozenset[str], float]] = []
+        # The queue sets of the messages that timed out in calls that answered nothing since
+        # the last answer, and when.
+        self._unanswered: dict[frozenset[str], float] = {}
         self._silent_at: float | None = None  # a call last timed out or ran out of budget
 
     @property
@@ -220,17 +221,20 @@ class BreakerTransport:
     def _blame(self, timed_out: list[OutboundMessage], now: float, *, answered: bool) -> bool:
         """Open the queue of each message in ``timed_out`` that had only one; whether the
         timeouts show the whole broker stalled (see the class)."""
-        self._unanswered = [(q, at) for q, at in self._unanswered if now - at < self._open_seconds]
+        earlier = {q: at for q, at in self._unanswered.items() if now - at < self._open_seconds}
         stalled = False
         for message in timed_out:
             waited_on = targets(message)
             if len(waited_on) == 1:  # the one queue that explains it
                 self._open(next(iter(waited_on)), now)
             if not answered:
-                # Two messages that timed out with no answer between, whose queues share none,
-                # cannot be one stuck queue's doing: the broker stalled.
-                stalled = stalled or any(waited_on.isdisjoint(q) for q, _ in self._unanswered)
-                self._unanswered.append((waited_on, now))
+                # Two messages that timed out in calls that answered nothing, whose queues
+                # share none, cannot be one stuck queue's doing: the broker stalled. Only an
+                # earlier call counts: one pause of the broker may time out a whole call.
+                stalled = stalled or any(waited_on.isdisjoint(q) for q in earlier)
+        if not answered:
+            earlier.update((targets(message), now) for message in timed_out)
+        self._unanswered = earlier
         return stalled
 
     def _open(self, target: str, now: float) -> None:
