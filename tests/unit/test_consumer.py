@@ -468,6 +468,32 @@ def test_audit_records_the_audit_path_refused_are_counted_kept_or_lost(
     assert [r.message_id for r in audit.records] == [mid("b"), mid("c"), mid("d")]
 
 
+def test_an_interrupt_while_the_audit_batch_is_sent_keeps_the_records_kept_back() -> None:
+    # Before, the kept-back records were taken out of the backlog before the audit path was
+    # called: a KeyboardInterrupt there (a SIGTERM during a settlement) lost them for good,
+    # while the consumer's second settlement on the way out sent only the current batch again.
+    class InterruptOnce(MemoryAuditSink):
+        interrupt = False
+
+        def emit(self, records: Any, bodies: Any = None, *, prepared: Any = None) -> bool:
+            if self.interrupt:
+                self.interrupt = False
+                raise KeyboardInterrupt
+            return super().emit(records, bodies, prepared=prepared)
+
+    audit = InterruptOnce(available=False)
+    settler = RabbitMqSettler(lambda _group: MemoryTransport(), audit=audit, consumer="c")
+    done = MessageProcessor(lambda _d: None)
+
+    settler.settle([(delivery(mid("a")), done.process(delivery(mid("a"))))])  # refused: kept
+    audit.available, audit.interrupt = True, True
+    with pytest.raises(KeyboardInterrupt):
+        settler.settle([(delivery(mid("b")), done.process(delivery(mid("b"))))])
+    # the consumer's way out settles the interrupted group again
+    settler.settle([(delivery(mid("b")), done.process(delivery(mid("b"))))])
+    assert [r.message_id for r in audit.records] == [mid("a"), mid("b")]
+
+
 def test_the_ready_made_settler_counts_audit_records_it_could_not_send() -> None:
     # consumer_settler is what RabbitMqConsumer and the Amazon MQ Lambdas use; without a way
     # to pass metrics, their refused audit records reached only the log.

@@ -580,8 +580,12 @@ class _AuditBacklog:
     def emit(self, records: list[AuditRecord]) -> None:
         if self._audit is None:
             return
-        batch, self._unsent = self._unsent + records, []
+        # The kept-back records stay kept until the audit path has them: an interrupt during
+        # ``emit`` (a SIGTERM while a settlement is under way) then loses none of them, and the
+        # consumer's second settlement on its way out sends them with ``records`` again.
+        batch = self._unsent + records
         if not batch or self._audit.emit(batch):
+            self._unsent = []
             return
         self._unsent = batch[-MAX_UNSENT_AUDIT_RECORDS:]
         _LOG.error(
