@@ -346,11 +346,7 @@ def replay(
         # Reading and verifying the period took the whole run: no end to it. (A run that kept
         # only messages done before its cursor moves the cursor past them: that is progress.)
         if not progress and not moved:
-            print(
-                "  a run finished no message within its time: the period is too large to read"
-                " and verify in one invocation; replay it in shorter periods",
-                file=out,
-            )
+            print(f"  a run finished no message within its time:{_TOO_LONG[1:]}", file=out)
             body["stopped"] = "no progress"
             break
     stopped = body.get("stopped", "message limit")
@@ -361,10 +357,8 @@ def replay(
     failed = stopped not in ("done", "message limit") and not (
         bounded and stopped in _REPLAY_GOES_ON
     )
-    # Also where --max-messages left the rest; not when the trail does not verify (find why
-    # before replaying anything of it).
-    if (failed or body.get("remaining")) and stopped != "trail not verified":
-        _resume_hint(replay_id, cursor, out)
+    # A resume also where --max-messages left the rest.
+    _next_step(replay_id, cursor, stopped, failed or bool(body.get("remaining")), out)
     _held_hint(replay_id, [] if dry_run else held, out)
     problems = sum(totals[key] for key in _REPLAY_PROBLEMS)
     return 1 if failed or (problems and not dry_run) else 0
@@ -428,6 +422,27 @@ def _print_problems(body: dict[str, Any], out: TextIO) -> None:
             f"  {item.get('detail', '')}",
             file=out,
         )
+
+
+_TOO_LONG = (
+    "  the period is too large to read and verify in one invocation; nothing more was"
+    " replayed: replay it in shorter periods"
+)
+
+
+def _next_step(
+    replay_id: str, cursor: dict[str, str] | None, stopped: str, unfinished: bool, out: TextIO
+) -> None:
+    """What to run next: shorter periods when a run could not read its period (the same
+    command stops again), else where to resume an ``unfinished`` replay, except when its trail
+    does not verify (find why before replaying anything of it)."""
+    if stopped == "period too long":  # the function ran out of time reading the period
+        print(_TOO_LONG, file=out)
+    if stopped in ("period too long", "no progress"):
+        after = "" if cursor is None else f", from --after {cursor['at']},{cursor['message_id']}"
+        print(f"replay shorter periods of it{after}", file=out)
+    elif unfinished and stopped != "trail not verified":
+        _resume_hint(replay_id, cursor, out)
 
 
 def _resume_hint(replay_id: str, cursor: dict[str, str] | None, out: TextIO) -> None:

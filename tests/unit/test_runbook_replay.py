@@ -307,3 +307,15 @@ def test_a_valid_after_goes_to_the_function_as_typed() -> None:
         "at": "2026-12-01T10:00:00.120+07:00",
         "message_id": _ULID.lower(),
     }
+
+
+def test_a_period_too_long_to_read_in_one_run_says_to_split_it_not_to_resume() -> None:
+    # The function stopped before it had read and verified the period (`period too long`):
+    # the same command, resumed, stops again. Before, the runbook told the operator to resume
+    # with it.
+    function = _Lambda(selected=0, cursor=None, stopped="period too long")
+    status, output = replay(function, max_messages=1000)
+    assert status == 1, output
+    assert "replay it in shorter periods" in output
+    assert "resume with" not in output
+    assert output.rstrip().endswith("replay shorter periods of it")

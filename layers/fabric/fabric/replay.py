@@ -45,7 +45,12 @@ finished), from which the next run goes on without repeating one. Its time limit
 reading of the archive: no archive object is read after it, and a run whose time is up while a
 message's body is still to be read stops before that message (``time limit``), after publishing
 the ones before it. It reads the period a second
-time only when that fits in its time (``Replayer._select``). Its memory follows
+time only when that fits in its time (``Replayer._select``). The time limit bounds the reading
+and verifying of the trail as well, as the compliance report's does (``PeriodTooLong``): a run
+whose time is up before it has read the whole period stops before the next part of it (``period
+too long``), replays nothing and leaves its cursor where it started; runs of that length could
+never select from that period (and the function's timeout would end them with no report and no
+cursor), so it is replayed in shorter periods. Its memory follows
 ``max_messages``, not the period: of the messages behind the first ones it takes it holds only
 their ids (``_Selection``), and of the archived bodies it searches only its own messages' hashes
 (``_Bodies``). Only the broker is used: a replay is recovery, not live traffic, so while
@@ -286,12 +291,14 @@ class ReplayReport:
 
     ``selected``: messages of the period that match the filter; ``pending``: those of them
     behind the cursor the run started from; ``remaining``: those still to do after the run.
-    ``stopped``: done, message limit, time limit, or what failed (trail not verified, broker
-    unavailable, broker refused, archive unavailable, audit unavailable). ``cursor`` is where the
-    next run goes on. ``trail_problems``: per writer, why its trail is not authentic (the run
-    stopped); ``trail_incomplete``: per writer, an authentic trail's gap (replayed anyway);
-    ``unsealed_objects``: objects written after a writer's last checkpoint, which only the hash
-    chain protects (``unsealed``: the acceptances in them held back).
+    ``stopped``: done, message limit, time limit, or what failed (trail not verified, period too
+    long: the run's time was up before it had read and verified the period, nothing was
+    replayed, replay shorter periods; broker unavailable, broker refused, archive unavailable,
+    audit unavailable). ``cursor`` is where the next run goes on. ``trail_problems``: per
+    writer, why its trail is not authentic (the run stopped); ``trail_incomplete``: per writer,
+    an authentic trail's gap (replayed anyway); ``unsealed_objects``: objects written after a
+    writer's last checkpoint, which only the hash chain protects (``unsealed``: the acceptances
+    in them held back).
     """
 
     replay_id: str
@@ -474,10 +481,9 @@ class Replayer:
         pace = Pace(
             rate_per_s=rate, max_seconds=request.max_seconds, clock=self._clock, sleep=self._sleep
         )
-        selection = self._select(request, report, started)
+        selection = self._select(request, report, started, pace.expired)
         if selection is None:
-            report.stopped = "trail not verified"
-            return
+            return  # report.stopped says why: trail not verified, or period too long
         report.selected = selection.selected
         report.pending = report.remaining = selection.pending
         candidates = selection.taken()
@@ -523,10 +529,15 @@ class Replayer:
     # -- selection ------------------------------------------------------------------------------
 
     def _select(
-        self, request: ReplayRequest, report: ReplayReport, started: float
+        self,
+        request: ReplayRequest,
+        report: ReplayReport,
+        started: float,
+        expired: Callable[[], bool],
     ) -> _Selection | None:
         """The messages of the period this run takes (``_Selection``); None when a writer's
-        trail is not authentic (``report.trail_problems`` says where).
+        trail is not authentic (``trail not verified``: ``report.trail_problems`` says where)
+        or the run's time is up before the period is read (``period too long``).
 
         Every run reads and verifies the whole period (also behind a cursor): which acceptance
         of a message is its first can only be told from all of them. When the selection comes
@@ -537,11 +548,26 @@ class Replayer:
         the short selection stands: what it kept are the right first messages, and with
         nothing kept its ``resume`` is where the next run goes on.
 
+        Reading stops once the run's time is up (``expired``), before the next writer's window,
+        delete-marker listing or interval (``_read``), as the compliance report stops on
+        ``PeriodTooLong``: a period that cannot be read and verified within one run can never
+        be replayed by runs of that length, and the function's timeout would end it with no
+        report at all. The run then replays nothing and keeps its cursor (``period too long``:
+        replay shorter periods), unless a writer already read was found not authentic (``trail
+        not verified``: more time would not change that). A second read that runs out of time
+        leaves the first read's selection standing, as if it had not been started.
+
         Raises:
             TransportUnavailable: the bucket cannot be read.
         """
         selection = _Selection(request)
-        if not self._read(request, report, selection, markers=True):
+        try:
+            verified = self._read(request, report, selection, markers=True, expired=expired)
+        except _OutOfTime as exc:
+            _out_of_time(request, report, str(exc))
+            return None
+        if not verified:
+            report.stopped = "trail not verified"
             return None
         spent = self._clock() - started
         if selection.short and spent > request.max_seconds - spent:
@@ -554,11 +580,25 @@ class Replayer:
             )
         elif selection.short:
             _LOG.info("replay %s reads the period again to fill its selection", request.replay_id)
+            first_read = (list(report.trail_incomplete), report.unsealed_objects)
             report.trail_incomplete.clear()
             report.unsealed_objects = 0
-            selection = _Selection(request, done=selection.done)
-            if not self._read(request, report, selection, markers=False):
+            again = _Selection(request, done=selection.done)
+            try:
+                verified = self._read(request, report, again, markers=False, expired=expired)
+            except _OutOfTime as exc:
+                _LOG.info(
+                    "replay %s keeps its first selection: its time was up reading the period"
+                    " again (%s)",
+                    request.replay_id,
+                    exc,
+                )
+                report.trail_incomplete[:], report.unsealed_objects = first_read
+                verified, again = not report.trail_problems, selection
+            if not verified:
+                report.stopped = "trail not verified"
                 return None
+            selection = again
         return selection
 
     def _read(
@@ -568,6 +608,7 @@ class Replayer:
         selection: _Selection,
         *,
         markers: bool,
+        expired: Callable[[], bool],
     ) -> bool:
         """Read and verify every writer's window of the period, feeding the acceptances of its
         verified objects to ``selection``; False when a writer's trail is not authentic. With
@@ -580,15 +621,23 @@ class Replayer:
         first, then the sealed ones writer by writer in chain order: ``_Selection`` relies on
         that order, and the problems and gaps are reported in chain order all the same.
 
+        Before each writer's window, delete-marker listing and interval it looks at the run's
+        time (``expired``), as the compliance report does (``fabric.compliance_run.scan_window``).
+
         Raises:
             TransportUnavailable: the bucket cannot be read.
+            _OutOfTime: the run's time is up; the message names where reading stopped.
         """
         period = Period(request.start, request.end)
         late = LATE_ARRIVAL + timedelta(days=request.late_days)
         trail = _Trail(self._archive)
-        windows = [plan_window(trail, writer, period, late=late) for writer in self._writers]
+        windows: list[Window] = []
+        for writer in self._writers:
+            _in_time(expired, f"stopped before the trail of {writer}")
+            windows.append(plan_window(trail, writer, period, late=late))
         if markers:
             for window in windows:
+                _in_time(expired, f"stopped before the delete markers of {window.writer}")
                 # The cause of whatever else the window shows missing: named before the rest.
                 window.problem = (
                     deleted_in_window(self._archive, window, period, late) or window.problem
@@ -599,7 +648,7 @@ class Replayer:
             report.unsealed_objects += len(window.unsealed_keys)
             for interval in parts:
                 if not interval.checkpoints:  # the last one, if any
-                    tails[index] = self._verify(trail, window, interval, selection)
+                    tails[index] = self._verify(trail, window, interval, selection, expired)
         for index, (window, parts) in enumerate(zip(windows, pieces, strict=True)):
             writer, problem = window.writer, window.problem
             # Checkpoint by checkpoint, as the compliance report reads a window: an attempt is
@@ -607,7 +656,7 @@ class Replayer:
             # its hash is checked against every hash the window names for it.
             for interval in parts:
                 problem = (
-                    self._verify(trail, window, interval, selection)
+                    self._verify(trail, window, interval, selection, expired)
                     if interval.checkpoints
                     else tails[index]
                 )
@@ -622,14 +671,27 @@ class Replayer:
         return not report.trail_problems
 
     def _verify(
-        self, trail: _Trail, window: Window, interval: Interval, selection: _Selection
+        self,
+        trail: _Trail,
+        window: Window,
+        interval: Interval,
+        selection: _Selection,
+        expired: Callable[[], bool],
     ) -> Problem | None:
         """Read and verify one interval of ``window``, and give the acceptances of its objects
         to ``selection`` unless it is not authentic; what is wrong with it, if anything.
 
         Raises:
             TransportUnavailable: the bucket cannot be read.
+            _OutOfTime: the run's time was up before the interval was read.
         """
+        key, checkpoint = interval.checkpoints[0] if interval.checkpoints else ("", {})
+        where = (
+            f"the objects of {key}, sealed at {checkpoint['at']},"
+            if key
+            else "the objects after its last checkpoint"
+        )
+        _in_time(expired, f"stopped at {where} in the trail of {window.writer}")
         stored = read_objects(trail, [*interval.named, *interval.abandoned])
         objects = {key: stored[key].data for key in interval.named if key in stored}
         problem = verify_trail(
@@ -826,7 +888,38 @@ class Replayer:
 
 
 class _OutOfTime(Exception):
-    """The run's time limit passed before the archive object it was about to read."""
+    """The run's time limit passed before the object it was about to read (an archive object,
+    or the next part of the trail while selecting)."""
+
+
+def _out_of_time(request: ReplayRequest, report: ReplayReport, where: str) -> None:
+    """End a run whose time was up before it had read the period: ``period too long``, with
+    nothing of a partial read in the report (its cursor stays where the run started), or
+    ``trail not verified`` when a writer read so far was not authentic."""
+    if report.trail_problems:
+        report.stopped = "trail not verified"
+        return
+    report.stopped = "period too long"
+    report.trail_incomplete.clear()
+    report.unsealed_objects = 0
+    _LOG.warning(
+        "replay %s: the period %s to %s is too long to read and verify within the run's"
+        " time (%s); nothing was replayed: replay it in shorter periods",
+        request.replay_id,
+        format_timestamp(request.start),
+        format_timestamp(request.end),
+        where,
+    )
+
+
+def _in_time(expired: Callable[[], bool], where: str) -> None:
+    """Go on reading at ``where`` only while the run has time.
+
+    Raises:
+        _OutOfTime: ``expired`` says the time is up; the message is ``where``.
+    """
+    if expired():
+        raise _OutOfTime(where)
 
 
 class _Bodies:
