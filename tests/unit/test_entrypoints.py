@@ -372,6 +372,21 @@ BAD_INPUT: list[tuple[Any, str]] = [
 ]
 
 
+def test_a_direct_invoke_answer_naming_a_field_with_a_lone_surrogate_can_be_sent() -> None:
+    # Lambda's parser turns a "\\ud800" escape in a key into a lone surrogate, and Python 3.12+
+    # runtimes encode the answer as UTF-8 (ensure_ascii=False). Before, the unknown field's
+    # name went into the detail as it was: the answer could not be encoded, so the call failed
+    # after the batch's other message was stored.
+    transport = MemoryTransport()
+    good = event("direct_invoke.json")["messages"][0]
+    bad = {"topic": "research.dataset.synced", "payload": {}, "\ud800": None}
+    response = dispatch({"messages": [good, bad]}, f"{FUNCTION}:academic", runtime(transport))
+    assert [r["status"] for r in response["results"]] == ["accepted", "rejected"]
+    assert response["results"][1]["reason"] == "unknown_field"
+    assert "\\ud800" in response["results"][1]["detail"]
+    json.dumps(response, ensure_ascii=False).encode("utf-8")  # what the runtime sends
+
+
 def test_every_reason_code_reaches_the_producer_through_direct_invoke() -> None:
     duplicate = _incident()
     items = [item for item, _ in BAD_INPUT] + [duplicate, duplicate]

@@ -546,8 +546,11 @@ _LISTED = 5  # unknown field names named in a rejection
 
 
 def _plain(name: str) -> str:
-    """A field name as rejection messages list it: as is, unless it is long (then ``_quoted``)."""
-    return name if len(name) <= _QUOTED_CHARS else _quoted(name)
+    """A field name as rejection messages list it: as is, unless it is long or holds what is
+    not printable (then ``_quoted``, escaped). A lone surrogate (a direct invoke's event may
+    hold one in a key) put in an answer as is made the answer unencodable: Lambda's runtime
+    encodes it as UTF-8 after the batch's other messages were stored."""
+    return name if len(name) <= _QUOTED_CHARS and name.isprintable() else _quoted(name)
 
 
 def _message_id(value: JsonValue) -> str | None:
