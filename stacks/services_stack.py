@@ -24,6 +24,7 @@ from stacks.constructs.broker_metrics import BrokerMetrics
 from stacks.constructs.compliance_report import ComplianceReport
 from stacks.constructs.drain import Drain
 from stacks.constructs.function import FunctionPlatform, build_layers
+from stacks.constructs.key_state import KeyStateAlarm
 from stacks.constructs.queues import address, physical_name
 from stacks.constructs.redrive import DeadLetterPair, Redrive
 from stacks.constructs.replay import Replay
@@ -151,6 +152,14 @@ class ServicesStack(Stack):
             fallback_queues=[q.queue for q in stateful.fallback.queues.values()],
             topics_key=stateful.keys.topics,
             removal_policy=stateful.removal,
+        )
+        # Every fabric key, the retired signing keys too (they verify the trail).
+        self.key_state = KeyStateAlarm(
+            self,
+            "KeyState",
+            env_name=config.name,
+            keys=[*stateful.keys.symmetric_keys.values(), *stateful.keys.signing_keys],
+            topic=self.alarms.topic,
         )
         self.rotation = PasswordRotation(
             self,

@@ -11,6 +11,7 @@ from constructs import Construct
 
 from stacks.constructs.audit_writer import audit_writer_name, checkpoint_rule_name
 from stacks.constructs.function import role_arn
+from stacks.constructs.key_state import key_state_rule_arn
 from stacks.nag import acknowledge
 
 
@@ -94,12 +95,14 @@ class FabricKeys(Construct):
     The key policies keep CDK's default (the account may delegate use through IAM); the service
     principals granted here, each under a condition, are CloudWatch Logs on the logs key
     (encryption context of this account's log groups), CloudWatch alarms of this account on the
-    topics key, and EventBridge on the queues key for the audit checkpoint rule only (its
-    undeliverable events go to the audit writer's SSE-KMS DLQ); CDK adds SNS on the queues key
-    for the fallback subscriptions. Everything else is granted by the stacks on the roles that
-    use a key. The topics and queues keys also deny their cryptographic operations to any
-    caller that comes neither through SNS (topics) or SQS (queues) nor as one of those service
-    principals (``only_through``), whatever an IAM policy of the account allows.
+    topics key, EventBridge on the topics key for the key-state rule only (its notification goes
+    to the encrypted on-call topic, ``KeyStateAlarm``), and EventBridge on the queues key for the
+    audit checkpoint rule only (its undeliverable events go to the audit writer's SSE-KMS DLQ);
+    CDK adds SNS on the queues key for the fallback subscriptions. Everything else is granted by
+    the stacks on the roles that use a key. The topics and queues keys also deny their
+    cryptographic operations to any caller that comes neither through SNS (topics) or SQS
+    (queues) nor as one of those service principals (``only_through``), whatever an IAM policy
+    of the account allows.
     """
 
     def __init__(
@@ -170,6 +173,17 @@ class FabricKeys(Construct):
                 conditions=alarms_of_this_account(stack),
             )
         )
+        # The key-state rule (KeyStateAlarm) publishes to the same topic: for that one named
+        # rule only.
+        self.topics.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="AllowEventBridgeKeyStateNotification",
+                principals=[iam.ServicePrincipal("events.amazonaws.com")],
+                actions=["kms:Decrypt", "kms:GenerateDataKey*"],
+                resources=["*"],
+                conditions={"ArnEquals": {"aws:SourceArn": key_state_rule_arn(self, env_name)}},
+            )
+        )
 
         # EventBridge writes an event it could not deliver to the audit writer's checkpoint
         # (after the target's retries) to the writer's SSE-KMS async DLQ, which needs the
@@ -199,7 +213,7 @@ class FabricKeys(Construct):
             self.topics,
             sid="DenyUseExceptThroughSns",
             service="sns",
-            direct_callers=["cloudwatch.amazonaws.com"],
+            direct_callers=["cloudwatch.amazonaws.com", "events.amazonaws.com"],
         )
         only_through(
             self.queues,

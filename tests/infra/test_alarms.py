@@ -80,10 +80,16 @@ def test_every_alarm_pages_and_recovers_on_an_encrypted_tls_only_topic(
         s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Deny"
     ]
     assert any(s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}} for s in denied)
-    # A topic policy replaces SNS's default one: CloudWatch must be allowed in it to publish.
-    (allowed,) = [
+    # A topic policy replaces SNS's default one: CloudWatch must be allowed in it to publish
+    # (and EventBridge, for the key-state rule only: tests/infra/test_key_state_alarm.py).
+    allows = [
         s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Allow"
     ]
+    assert sorted(s["Principal"]["Service"] for s in allows) == [
+        "cloudwatch.amazonaws.com",
+        "events.amazonaws.com",
+    ]
+    (allowed,) = [s for s in allows if s["Principal"] == {"Service": "cloudwatch.amazonaws.com"}]
     assert allowed["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
     assert allowed["Action"] == "sns:Publish"
     assert allowed["Resource"] == {"Ref": topic_id}

@@ -87,7 +87,12 @@ def test_the_topics_and_queues_keys_deny_cryptography_outside_their_service(
     env: Synthesized,
 ) -> None:
     for purpose, sid, service, direct in (
-        ("topics", "DenyUseExceptThroughSns", "sns", ["cloudwatch.amazonaws.com"]),
+        (
+            "topics",
+            "DenyUseExceptThroughSns",
+            "sns",
+            ["cloudwatch.amazonaws.com", "events.amazonaws.com"],
+        ),
         ("queues", "DenyUseExceptThroughSqs", "sqs", ["events.amazonaws.com", "sns.amazonaws.com"]),
     ):
         assert _deny(env, purpose) == {
@@ -128,6 +133,7 @@ def test_every_legitimate_caller_of_the_topics_and_queues_keys_is_still_admitted
             via_sns,  # the router and the compliance report publishing to their topics
             {"aws:PrincipalServiceName": "cloudwatch.amazonaws.com"},  # alarms to on-call
             {**via_sns, "aws:PrincipalServiceName": "cloudwatch.amazonaws.com"},
+            {"aws:PrincipalServiceName": "events.amazonaws.com"},  # the key-state rule to on-call
         ],
         "queues": [
             # Lambda's pollers (the function's role), a function's async DLQ, the router's
@@ -143,7 +149,6 @@ def test_every_legitimate_caller_of_the_topics_and_queues_keys_is_still_admitted
             {},  # a role of the account calling KMS itself
             via_sqs,
             {"aws:PrincipalServiceName": "sns.amazonaws.com"},
-            {"aws:PrincipalServiceName": "events.amazonaws.com"},
         ],
         "queues": [{}, via_sns, {"aws:PrincipalServiceName": "cloudwatch.amazonaws.com"}],
     }
