@@ -41,7 +41,8 @@ STEPS = ("createSecret", "setSecret", "testSecret", "finishSecret")
 CURRENT, PENDING = "AWSCURRENT", "AWSPENDING"
 
 # Amazon MQ refuses commas, colons and equal signs; the rest need quoting in AMQP URIs or
-# shells. The CDK generator of the first passwords leaves out the same characters.
+# shells. The first passwords (stacks/constructs/broker.py) leave out the same characters, from
+# a fixed copy of their own: a change here changes only the passwords that rotations make.
 EXCLUDED_PASSWORD_CHARACTERS = ",:=/@\"'\\`%&*?#[]{}()<>|;$ "  # noqa: S105 (not a secret)
 PASSWORD_LENGTH = 32
 _PUNCTUATION = "".join(c for c in string.punctuation if c not in EXCLUDED_PASSWORD_CHARACTERS)
