@@ -221,6 +221,8 @@ def build_redrive(
     from fabric.redrive import Redriver
 
     make_client = client_factory or _boto3_client
+    # The SQS dead-letter queues' own client: a send made once (see _redrive_sqs_client).
+    dead_letter_client = (lambda: make_client("sqs")) if client_factory else _redrive_sqs_client
     rabbit = _rabbit(settings, make_client)
     sqs_queues = {q.name: q for q in settings.sqs_dead_letter_queues}
 
@@ -236,7 +238,7 @@ def build_redrive(
         queue = sqs_queues.get(name.removesuffix("-dlq"))
         if queue is None:
             raise ValueError(f"{name!r} is not a redrivable SQS queue of this environment")
-        return SqsDeadLetterQueue(queue, lambda: make_client("sqs"))
+        return SqsDeadLetterQueue(queue, dead_letter_client)
 
     return RedriveRuntime(
         redriver=Redriver(
@@ -425,6 +427,43 @@ def _boto3_client(service_name: str) -> Any:
         read_timeout=2,
         retries={"total_max_attempts": 2, "mode": "standard"},  # "max_attempts" counts retries
     )
+
+
+def _redrive_sqs_client() -> Any:
+    # For the redrive's SQS dead-letter queues (fabric.adapters.sqs_dlq). With the router's
+    # client, a SendMessageBatch that SQS stored but answered after its 2 s was made again by
+    # the SDK: every letter went back to its source twice under one record, and when both
+    # answers came late the letters were stored twice yet reported not moved (no record, no
+    # ledger entry), and the next run sent a third copy. A send is not idempotent, so it is made
+    # once: the adapter itself sends again only the entries SQS lists as failed, which SQS did
+    # not store. The redrive is not latency-bound, so SQS has 5 s to answer (tens of
+    # milliseconds when healthy), bounded by the 60 s a run keeps before its function's timeout
+    # (REDRIVE_MAX_SECONDS 840 of 900): a batch's 10 sends, none answered, give up within it.
+    # Only a send not answered in time is in doubt: not moved, it stays in the DLQ, and if SQS
+    # did store it, the next run puts it back a second time (same message id): a duplicate,
+    # never a loss. Receives, deletes and visibility changes keep the SDK's retries: one made
+    # again hides, deletes or shows letters the lost answer did already (a letter hidden by a
+    # lost receive comes back when its hold ends).
+    timeouts: dict[str, Any] = {"connect_timeout": 1, "read_timeout": 5}
+    return _SendsOnce(
+        sends=_aws_client("sqs", **timeouts, retries={"total_max_attempts": 1, "mode": "standard"}),
+        rest=_aws_client("sqs", **timeouts, retries={"total_max_attempts": 3, "mode": "standard"}),
+    )
+
+
+class _SendsOnce:
+    """An SQS client that makes ``send_message_batch`` with ``sends`` (no SDK retries) and every
+    other call with ``rest``."""
+
+    def __init__(self, *, sends: Any, rest: Any) -> None:
+        self._sends = sends
+        self._rest = rest
+
+    def send_message_batch(self, **kwargs: Any) -> Any:
+        return self._sends.send_message_batch(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rest, name)
 
 
 def _aws_client(service_name: str, **config: Any) -> Any:
