@@ -11,7 +11,12 @@ from aws_cdk import CfnOutput, Environment, Fn, Stack
 from constructs import Construct
 
 from fabric.stakeholders import STAKEHOLDERS
-from fabric.topology import MONITOR_USER, OVERFLOW_QUEUE, dead_letter_queue_name
+from fabric.topology import (
+    MONITOR_USER,
+    OVERFLOW_QUEUE,
+    UNROUTED_QUEUE,
+    dead_letter_queue_name,
+)
 from stacks.config import EnvironmentConfig
 from stacks.constructs.alarms import (
     DeadLetterAlarms,
@@ -233,6 +238,7 @@ class ServicesStack(Stack):
             for group in STAKEHOLDERS
         ]
         broker_overflow_queues = [OVERFLOW_QUEUE]
+        broker_unrouted_queues = [UNROUTED_QUEUE]
         self.broker_metrics = BrokerMetrics(
             self,
             "BrokerMetrics",
@@ -242,7 +248,7 @@ class ServicesStack(Stack):
             vhost=VIRTUAL_HOST,
             monitor_secret=user_secrets[MONITOR_USER],
             secrets_key=stateful.keys.secrets,
-            queues=[*broker_dlqs, *broker_overflow_queues],
+            queues=[*broker_dlqs, *broker_overflow_queues, *broker_unrouted_queues],
             alarm_topic=self.alarms.topic,
         )
         # The monitor user exists once the topology is applied.
@@ -272,6 +278,7 @@ class ServicesStack(Stack):
             env_name=config.name,
             broker_dlqs=broker_dlqs,
             broker_overflow_queues=broker_overflow_queues,
+            broker_unrouted_queues=broker_unrouted_queues,
         )
         # Queues that only event source mappings read: a mapping that stops receiving fails
         # nothing else.

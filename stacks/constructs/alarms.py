@@ -188,6 +188,10 @@ class DeadLetterAlarms(Construct):
       ``fabric.audit``) handed a message back up to its delivery limit, and the broker
       dead-lettered it into ``fabric.overflow``, where it waits until the redrive of
       ``fabric.overflow`` moves it back (same metric and period).
+    - ``BrokerUnroutedDepth``: the router accepted a message that the routing table sends to
+      no group (for example a topic matched only by a header route whose headers did not
+      match), so it waits in ``fabric.unrouted``, which no consumer reads (same metric and
+      period).
 
     Missing SQS data counts as empty: SQS publishes no metrics for an idle empty queue. Missing
     broker data keeps the alarm's state: the broker metrics function publishes every queue
@@ -210,9 +214,11 @@ class DeadLetterAlarms(Construct):
         env_name: str,
         broker_dlqs: list[str],
         broker_overflow_queues: list[str],
+        broker_unrouted_queues: list[str],
     ) -> None:
         """Queue arguments are queue names (SQS) or RabbitMQ queue names (``broker_dlqs``,
-        ``broker_overflow_queues``: the broker metrics function must measure them)."""
+        ``broker_overflow_queues``, ``broker_unrouted_queues``: the broker metrics function
+        must measure them)."""
         super().__init__(scope, construct_id)
         self.topic = topic
         self.alarms: dict[str, cloudwatch.Alarm] = {}
@@ -302,6 +308,15 @@ class DeadLetterAlarms(Construct):
             "broker moved it to the overflow queue. Nothing is lost, but it waits for an "
             "operator: redrive fabric.overflow to move it back to the queue it came from "
             "(docs/runbook.md, docs/dead-letters.md, overflow).",
+            missing=cloudwatch.TreatMissingData.IGNORE,
+        )
+        self._depth_alarms(
+            "BrokerUnroutedDepth",
+            broker_depths(broker_unrouted_queues),
+            "The router accepted a message that the routing table sends to no group, and it "
+            "waits in fabric.unrouted, which no consumer reads: no stakeholder has it. Find why "
+            "nothing routed it, fix the routing table or the producer, then see docs/runbook.md "
+            "(BrokerUnroutedDepth).",
             missing=cloudwatch.TreatMissingData.IGNORE,
         )
 

@@ -117,9 +117,9 @@ class BrokerMetrics(Construct):
             description=(
                 "The broker metrics function failed: it could not read the queue depths from "
                 "the broker's management API (or the monitor's secret). Until it runs again the "
-                "BrokerDlqDepth, BrokerOverflowDepth and BrokerMetricsAuditBacklog alarms see no "
-                "data, and BrokerMetricsUnmeasured fires. Read its logs; see docs/runbook.md "
-                "(broker metrics)."
+                "BrokerDlqDepth, BrokerOverflowDepth, BrokerUnroutedDepth and "
+                "BrokerMetricsAuditBacklog alarms see no data, and BrokerMetricsUnmeasured fires. "
+                "Read its logs; see docs/runbook.md (broker metrics)."
             ),
         )
         unmeasured = cloudwatch.Metric(
@@ -141,10 +141,11 @@ class BrokerMetrics(Construct):
             missing=cloudwatch.TreatMissingData.BREACHING,
             description=(
                 "No run in the last five minutes measured every one of the broker's dead-letter, "
-                "overflow and audit queues: the broker metrics function did not run or failed, "
-                "or a queue is missing (deleted by hand) or has had no statistics for five "
-                "minutes. BrokerDlqDepth, BrokerOverflowDepth and BrokerMetricsAuditBacklog "
-                "cannot fire meanwhile. See docs/runbook.md (broker metrics)."
+                "overflow, unrouted and audit queues: the broker metrics function did not run or "
+                "failed, or a queue is missing (deleted by hand) or has had no statistics for five "
+                "minutes. BrokerDlqDepth, BrokerOverflowDepth, BrokerUnroutedDepth and "
+                "BrokerMetricsAuditBacklog cannot fire meanwhile. See docs/runbook.md (broker "
+                "metrics)."
             ),
         )
         audit_depth = cloudwatch.Metric(

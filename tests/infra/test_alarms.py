@@ -8,7 +8,7 @@ from typing import Any
 
 from fabric import metrics
 from fabric.stakeholders import STAKEHOLDERS
-from fabric.topology import AUDIT_QUEUE, OVERFLOW_QUEUE, dead_letter_queue_name
+from fabric.topology import AUDIT_QUEUE, OVERFLOW_QUEUE, UNROUTED_QUEUE, dead_letter_queue_name
 from tests.conftest import ROOT
 from tests.infra.conftest import Assembly, Synthesized
 from tests.infra.resolve import queue_key, render
@@ -222,8 +222,11 @@ def test_the_ten_rabbitmq_dead_letter_queues_are_watched_on_the_fabrics_own_dept
         for group in STAKEHOLDERS
         for emergency in (False, True)
     }
-    assert {dimension(m, "Queue") for m in broker} == dead_letter_queues | {OVERFLOW_QUEUE}
-    assert len(broker) == 11
+    assert {dimension(m, "Queue") for m in broker} == dead_letter_queues | {
+        OVERFLOW_QUEUE,
+        UNROUTED_QUEUE,
+    }
+    assert len(broker) == 12
     for metric in broker:
         assert (metric["Namespace"], metric["MetricName"]) == (
             "MessagingFabric/Broker",
@@ -259,6 +262,7 @@ def test_a_dead_letter_alarm_fires_on_one_message_and_pages_and_recovers(
         "FunctionDlqDepth",
         "BrokerDlqDepth",
         "BrokerOverflowDepth",
+        "BrokerUnroutedDepth",
     }
     for logical_id, alarm in found.items():
         broker = logical_id.startswith("DeadLetterAlarmsBroker")
@@ -302,6 +306,28 @@ def test_the_rabbitmq_overflow_queue_pages_when_it_holds_a_message(
         "GreaterThanOrEqualToThreshold",
     )
     assert "overflow" in alarm["AlarmDescription"]
+
+
+def test_the_unrouted_queue_pages_when_it_holds_a_message(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    """A message the router accepted and the routing table sends to no group waits in
+    ``fabric.unrouted``, which no consumer reads: before, nothing measured it, and it waited
+    there unseen."""
+    (alarm,) = [
+        alarm
+        for logical_id, alarm in dead_letter_alarms(env, assembly).items()
+        if logical_id.startswith("DeadLetterAlarmsBrokerUnroutedDepth")
+    ]
+    (metric,) = watched_metrics(alarm)
+    assert (metric["Namespace"], metric["MetricName"]) == ("MessagingFabric/Broker", "QueueDepth")
+    assert dimension(metric, "Queue") == UNROUTED_QUEUE == "fabric.unrouted"
+    assert dimension(metric, "Environment") == env.stage.stage_name
+    assert (alarm["Threshold"], alarm["ComparisonOperator"]) == (
+        1,
+        "GreaterThanOrEqualToThreshold",
+    )
+    assert "fabric.unrouted" in alarm["AlarmDescription"]
 
 
 def test_the_audit_dlq_has_an_alarm_of_its_own(env: Synthesized, assembly: Assembly) -> None:
