@@ -1193,7 +1193,7 @@ def replay_act(
     from fabric.replay import REPLAYED, parse_request
     from fabric.settings import ReplaySettings
     from fabric.stakeholders import STAKEHOLDERS
-    from fabric.topology import PLATFORM_USER, REPLAY_HEADER, queue_name
+    from fabric.topology import REPLAY_HEADER, queue_name, user_name
 
     replay = build_replay(ReplaySettings.from_env(environment)).replayer
     end = datetime.now(UTC)
@@ -1228,18 +1228,17 @@ def replay_act(
         f" {len(selected)} child-safety messages; not replayed {sorted(selected - replayed)[:3]},"
         f" not the run's {sorted(replayed - selected)[:3]}",
     )
-    connection = pika.BlockingConnection(
-        pika.ConnectionParameters(
-            "127.0.0.1",
-            5672,
-            LOCAL_VHOST,
-            pika.PlainCredentials(PLATFORM_USER, passwords[PLATFORM_USER]),
-        )
-    )
-    channel = connection.channel()
     marked: Counter[tuple[str, str]] = Counter()
     unmarked: list[tuple[str, str]] = []
     for group in STAKEHOLDERS:
+        # As the group: the platform user reads only the DLQs, fabric.overflow and fabric.audit.
+        user = user_name(group)
+        connection = pika.BlockingConnection(
+            pika.ConnectionParameters(
+                "127.0.0.1", 5672, LOCAL_VHOST, pika.PlainCredentials(user, passwords[user])
+            )
+        )
+        channel = connection.channel()
         for emergency in (False, True):
             queue = queue_name(group, emergency=emergency)
             while True:
@@ -1250,7 +1249,7 @@ def replay_act(
                     marked[(properties.message_id, queue)] += 1
                 else:
                     unmarked.append((properties.message_id, queue))
-    connection.close()
+        connection.close()
     print(f"   {marked.total()} copies in the stakeholder queues carry {REPLAY_HEADER}")
     checks.expect(
         not unmarked,

@@ -1,6 +1,6 @@
 """What the topology code may take away, on the real local RabbitMQ: the custom resource's
 replacement (owner record), queues deleted on a statistics sample that missed a message,
-recreated queues and their routes, and what the platform user may configure."""
+recreated queues and their routes, and what the platform user may do."""
 
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ from fabric.adapters import management
 from fabric.adapters.management import ManagementClient
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
+from fabric.adapters.rabbitmq_overflow import RabbitMqOverflowQueue
 from fabric.bootstrap import exchange_for
 from fabric.custom_resource import respond
+from fabric.drain import PROBE_ROUTING_KEY
 from fabric.errors import ManagementUnavailable
+from fabric.ports import Failure, MessageKind, OutboundMessage
 from fabric.routing import default_routing_table
 from fabric.stakeholders import Stakeholder
 from fabric.topology import user_name
@@ -168,11 +171,11 @@ def deployed(
 
 
 def the_router_logs_in(vhost: str, user: str, password: str) -> bool:
-    """The router's login works and may read the fabric's queues (nothing is published: the
-    Delete after must find the queues empty)."""
+    """The platform's login works and may read the queues it reads, the audit queue among them
+    (nothing is published: the Delete after must find the queues empty)."""
     connection = _connect(vhost, user, password)
     try:
-        method, _properties, _body = connection.channel().basic_get(UNROUTED_QUEUE)
+        method, _properties, _body = connection.channel().basic_get(topology.AUDIT_QUEUE)
     finally:
         connection.close()
     return method is None
@@ -383,7 +386,7 @@ def test_a_recreated_queue_has_its_route_back_before_the_next_queue_is_recreated
     assert recreated_queue["arguments"]["x-delivery-limit"] == 11
 
 
-# --- 3. what the platform user may configure ----------------------------------------------------
+# --- 3. what the platform user may do -----------------------------------------------------------
 
 
 @pytest.fixture
@@ -404,7 +407,7 @@ def platform(client: ManagementClient, sandbox: Sandbox) -> Iterator[SimpleNames
         client.delete_user(user)
 
 
-def test_the_platform_user_redrives_a_dead_letter_but_cannot_delete_or_declare_a_queue(
+def test_the_platform_user_redrives_a_dead_letter_but_cannot_declare_delete_purge_or_rebind(
     client: ManagementClient, platform: SimpleNamespace
 ) -> None:
     group = Stakeholder.MEDIA
@@ -438,15 +441,169 @@ def test_the_platform_user_redrives_a_dead_letter_but_cannot_delete_or_declare_a
 
     depth = {q: guest.queue_declare(q, passive=True).method.message_count for q in (work, dlq)}
     assert depth == {work: 1, dlq: 0}
+    government = topology.queue_name(Stakeholder.GOVERNMENT)
+    emergency = topology.queue_name(Stakeholder.GOVERNMENT, emergency=True)
+    gate = topology.group_exchange_name(Stakeholder.GOVERNMENT, emergency=True)
+    (gate_binding,) = [
+        b
+        for b in topology.definitions(default_routing_table())["bindings"]
+        if (b["source"], b["destination"]) == (gate, emergency)
+    ]
+    for queue in (emergency, topology.UNROUTED_QUEUE):  # a message each that a purge would take
+        guest.basic_publish("", queue, b"kept", pika.BasicProperties(delivery_mode=2))
     connection = _connect(platform.vhost, platform.user, platform.password)
+
+    def reply_code(attempt: Callable[[Any], object]) -> int:
+        """The code the broker closes a new channel with for ``attempt``; 0: it was done."""
+        try:
+            attempt(connection.channel())
+        except pika.exceptions.ChannelClosedByBroker as closed:
+            return int(closed.reply_code)
+        return 0
+
     try:
-        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as deleting:
-            connection.channel().queue_delete(work)
-        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as declaring:
-            connection.channel().queue_declare("fabric.sneaky", durable=True)
+        codes = {
+            "queue.delete": reply_code(lambda c: c.queue_delete(work)),
+            "queue.declare": reply_code(lambda c: c.queue_declare("fabric.sneaky", durable=True)),
+            # Purge needs read on the queue; the platform reads none of these.
+            **{
+                f"queue.purge {queue}": reply_code(lambda c, q=queue: c.queue_purge(q))
+                for queue in (work, emergency, topology.UNROUTED_QUEUE)
+            },
+            # Binding and unbinding need read on the source exchange: no exchange grants it.
+            "queue.bind": reply_code(
+                lambda c: c.queue_bind(work, topology.INGRESS_EXCHANGE, "case.#")
+            ),
+            "queue.unbind": reply_code(
+                lambda c: c.queue_unbind(emergency, gate, arguments=gate_binding["arguments"])
+            ),
+            "exchange.bind": reply_code(
+                lambda c: c.exchange_bind(
+                    topology.group_exchange_name(group), topology.INGRESS_EXCHANGE, "case.#"
+                )
+            ),
+        }
     finally:
         connection.close()
-    assert (deleting.value.reply_code, declaring.value.reply_code) == (403, 403)
-    assert guest.queue_declare(work, passive=True).method.message_count == 1
+    assert codes == dict.fromkeys(codes, 403)  # ACCESS_REFUSED, each one
+
+    # Nothing purged, and the routing as generated: a restricted case reaches government alone,
+    # and government's emergency traffic still reaches its emergency queue.
+    everyone = pika.BasicProperties(
+        delivery_mode=2, headers={topology.AUDIENCE_HEADER: topology.ALL_AUDIENCE}
+    )
+    for topic in ("case.opened", "child-safety.alert.public"):
+        guest.basic_publish(topology.INGRESS_EXCHANGE, topic, b"{}", everyone, mandatory=True)
+    queues = (work, government, emergency, topology.UNROUTED_QUEUE)
+    depth = {q: guest.queue_declare(q, passive=True).method.message_count for q in queues}
+    assert depth == {work: 1, government: 1, emergency: 2, topology.UNROUTED_QUEUE: 1}
     guest.connection.close()
     assert client.get_queue(platform.vhost, "fabric.sneaky") is None
+
+
+def test_what_the_platform_functions_do_on_the_broker_its_permissions_allow(
+    platform: SimpleNamespace,
+) -> None:
+    # Every broker operation done with the platform's credentials, as its code does it: the
+    # router, drain and replay publish (fabric.bootstrap.exchange_for; the drain's probe comes
+    # back unrouted), the audit writer's event source consumes fabric.audit, the redrive takes
+    # a dead letter back to its work queue and an overflow letter back to its terminal queue.
+    settings = RabbitSettings(
+        host=AMQP[0],
+        port=AMQP[1],
+        credentials=lambda: (platform.user, platform.password),
+        vhost=platform.vhost,
+        confirm_timeout=5.0,
+    )
+    gov, media = Stakeholder.GOVERNMENT, Stakeholder.MEDIA
+    everyone = {topology.AUDIENCE_HEADER: topology.ALL_AUDIENCE}
+    messages = [
+        OutboundMessage("routed", "case.opened", b"{}", frozenset({gov}), headers=everyone),
+        OutboundMessage(
+            "emergency",
+            "child-safety.alert.public",
+            b"{}",
+            frozenset({gov}),
+            emergency=True,
+            headers=everyone,
+        ),
+        OutboundMessage("unroutable", "nothing.routes.this", b"{}", frozenset()),
+        # No binding takes it: the ingress exchange's alternate exchange does.
+        OutboundMessage(
+            "unbound", "nothing.routes.this", b"{}", frozenset({media}), headers=everyone
+        ),
+        OutboundMessage("audit", "audit", b"batch", frozenset(), kind=MessageKind.AUDIT),
+        OutboundMessage(
+            "redelivered",
+            "case.opened",
+            b"{}",
+            frozenset({media}),
+            redeliver_to=topology.queue_name(media),
+        ),
+    ]
+    probe = OutboundMessage(
+        "probe", PROBE_ROUTING_KEY, b"", frozenset(), redeliver_to=PROBE_ROUTING_KEY
+    )
+    publisher = RabbitMqTransport(settings, exchange_for=exchange_for)
+    try:
+        outcomes = publisher.publish(messages)
+        (probed,) = publisher.publish([probe])
+    finally:
+        publisher.close()
+    assert [o.message_id for o in outcomes if not o.stored] == []
+    assert probed.failure is Failure.RETURNED  # taken, and stored nowhere
+
+    guest = _connect(platform.vhost, *GUEST).channel()
+    guest.confirm_delivery()
+    work_dlq = topology.dead_letter_queue_name(media)
+    emergency_dlq = topology.dead_letter_queue_name(gov, emergency=True)
+    guest.basic_publish(
+        topology.DEAD_LETTER_EXCHANGE,
+        topology.queue_name(gov, emergency=True),
+        b"parked",
+        pika.BasicProperties(delivery_mode=2, message_id="dead", type="child-safety.alert.public"),
+        mandatory=True,
+    )
+    guest.basic_publish(
+        topology.OVERFLOW_EXCHANGE,
+        work_dlq,  # the terminal queue it came from
+        b"overflowed",
+        pika.BasicProperties(delivery_mode=2, message_id="overflowed", type="case.opened"),
+        mandatory=True,
+    )
+
+    consumer = _connect(platform.vhost, platform.user, platform.password)
+    try:
+        channel = consumer.channel()
+        method, properties, body = next(channel.consume(topology.AUDIT_QUEUE, inactivity_timeout=5))
+        channel.basic_ack(method.delivery_tag)
+        channel.cancel()
+    finally:
+        consumer.close()
+    assert (body, properties.user_id) == (b"batch", platform.user)
+
+    dead = RabbitMqDeadLetterQueue(
+        settings, emergency_dlq, origin=RabbitMqTransport(settings, exchange_for=exchange_for)
+    )
+    overflow = RabbitMqOverflowQueue(settings)
+    for queue in (dead, overflow):
+        try:
+            (letter,) = queue.peek(10)
+            assert queue.move([letter]) == [letter]
+            assert queue.remove([letter]) == {letter.handle}
+        finally:
+            queue.release()
+
+    queues = {
+        topology.queue_name(gov): 1,
+        topology.queue_name(gov, emergency=True): 2,  # the alert, and the letter redriven
+        topology.queue_name(media): 1,  # redelivered
+        topology.UNROUTED_QUEUE: 2,
+        topology.AUDIT_QUEUE: 0,
+        emergency_dlq: 0,
+        topology.OVERFLOW_QUEUE: 0,
+        work_dlq: 1,  # back from the overflow queue
+    }
+    depth = {q: guest.queue_declare(q, passive=True).method.message_count for q in queues}
+    guest.connection.close()
+    assert depth == queues

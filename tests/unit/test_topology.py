@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fabric import topology
+from fabric.bootstrap import exchange_for
 from fabric.envelope import Envelope, validate_envelope
+from fabric.ports import MessageKind, OutboundMessage
 from fabric.routing import RoutingTable, default_routing_table, topic_matches
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 
@@ -260,6 +262,37 @@ def test_the_platform_user_configures_nothing() -> None:
     # queue with its messages. The topology function declares as the administrator.
     permission = PERMISSIONS[topology.PLATFORM_USER]
     assert {r for r in ALL_RESOURCES if re.search(permission["configure"], r)} == set()
+
+
+def test_the_platform_user_writes_only_where_it_publishes_and_reads_only_what_it_takes() -> None:
+    permission = PERMISSIONS[topology.PLATFORM_USER]
+    readable = {r for r in ALL_RESOURCES if re.search(permission["read"], r)}
+    writable = {r for r in ALL_RESOURCES if re.search(permission["write"], r)}
+    # Where the router, the drain and the replay publish (a routed message, an unroutable one,
+    # an audit batch, a redelivered one), and the overflow redrive's way back.
+    published = {
+        exchange_for(OutboundMessage("m", "case.opened", b"", frozenset({Stakeholder.MEDIA}))),
+        exchange_for(OutboundMessage("m", "nothing.routes", b"", frozenset())),
+        exchange_for(OutboundMessage("m", "audit", b"", frozenset(), kind=MessageKind.AUDIT)),
+        exchange_for(OutboundMessage("m", "t", b"", frozenset(), redeliver_to="fabric.media")),
+        topology.OVERFLOW_RETURN_EXCHANGE,
+    }
+    assert writable == published == set(topology.PLATFORM_EXCHANGES)
+    # The redrive's queues (every DLQ, the overflow queue) and the audit writer's event source's
+    # (fabric.audit). RabbitMQ checks queue.purge against read, so those it can purge too.
+    assert readable == {
+        topology.AUDIT_QUEUE,
+        topology.OVERFLOW_QUEUE,
+        *(
+            topology.dead_letter_queue_name(g, emergency=e)
+            for g in STAKEHOLDERS
+            for e in (False, True)
+        ),
+    }
+    # No exchange: binding and unbinding need read on the source exchange, so it cannot rewire
+    # the routing (nor bind a queue, which needs write on it).
+    assert readable.isdisjoint(EXCHANGES)
+    assert writable.isdisjoint(QUEUES)
 
 
 def test_definitions_are_deterministic_json_and_self_consistent() -> None:

@@ -24,6 +24,16 @@ UNROUTED_QUEUE = "fabric.unrouted"
 AUDIT_QUEUE = "fabric.audit"
 OVERFLOW_QUEUE = "fabric.overflow"
 PLATFORM_USER = "fabric-platform"
+# What the platform user (the router, drain, redrive and replay) publishes to: routed messages,
+# unroutable ones, audit batches, redelivered letters and the drain's probes
+# (fabric.bootstrap.exchange_for), and overflow letters on their way back (the overflow redrive).
+PLATFORM_EXCHANGES = (
+    INGRESS_EXCHANGE,
+    UNROUTED_EXCHANGE,
+    AUDIT_EXCHANGE,
+    REDELIVER_EXCHANGE,
+    OVERFLOW_RETURN_EXCHANGE,
+)
 # Reads queue depths for the dead-letter alarms (fabric.broker_depth), nothing else: tag
 # `management` (the management API, own vhosts only; `monitoring` would add every vhost's
 # connections and channels and the node's details) and permissions that match no name. RabbitMQ
@@ -226,6 +236,20 @@ def terminal_queues() -> tuple[str, ...]:
     )
 
 
+def platform_queues() -> tuple[str, ...]:
+    """The queues the platform user reads: the audit queue (the audit writer's event source),
+    the overflow queue and every dead-letter queue (the redrive)."""
+    return (
+        AUDIT_QUEUE,
+        OVERFLOW_QUEUE,
+        *(
+            dead_letter_queue_name(group, emergency=emergency)
+            for group in STAKEHOLDERS
+            for emergency in (False, True)
+        ),
+    )
+
+
 def _exchange(
     name: str,
     kind: str,
@@ -266,6 +290,11 @@ def _binding(
 
 def _escape(name: str) -> str:
     return name.replace(".", r"\.")
+
+
+def _exactly(names: Iterable[str]) -> str:
+    """A permission regex that matches these names and nothing else."""
+    return f"^(?:{'|'.join(_escape(name) for name in names)})$"
 
 
 def definitions(
@@ -329,18 +358,20 @@ def definitions(
         {
             "user": PLATFORM_USER,
             "vhost": vhost,
-            # The topology function declares everything; at run time the platform's functions
-            # only publish, get and ack, and declare nothing. Configure would let them delete
-            # any queue with its messages.
-            "configure": "^$",
-            "write": r"^fabric\.",
-            "read": r"^fabric\.",
+            # The topology function declares everything as the administrator; the platform's
+            # functions publish, get, consume and acknowledge, and each permission names only
+            # what they use. Configure would let them delete a queue. Read lets them purge a
+            # queue too (RabbitMQ checks queue.purge against read): it names the queues they
+            # read and no exchange, as binding and unbinding need read on the source exchange
+            # (and write on the destination: it writes no queue), so they cannot rewire routes.
+            "configure": NO_RESOURCE,
+            "write": _exactly(PLATFORM_EXCHANGES),
+            "read": _exactly(platform_queues()),
         }
     ]
     for group in STAKEHOLDERS:
         _add_group(group, vhost, exchanges, queues, bindings, terminal_delivery_limit=limit)
         users.append({"name": user_name(group), "tags": []})
-        own_queues = "|".join(_escape(queue_name(group, emergency=e)) for e in (False, True))
         permissions.append(
             {
                 "user": user_name(group),
@@ -348,8 +379,8 @@ def definitions(
                 "configure": "^$",
                 # Its retry exchange, and the audit exchange for the consumer toolkit's records
                 # (user-id validated: the audit writer takes only consumer events from it).
-                "write": f"^(?:{_escape(retry_exchange_name(group))}|{_escape(AUDIT_EXCHANGE)})$",
-                "read": f"^(?:{own_queues})$",
+                "write": _exactly((retry_exchange_name(group), AUDIT_EXCHANGE)),
+                "read": _exactly(queue_name(group, emergency=e) for e in (False, True)),
             }
         )
     users.append({"name": MONITOR_USER, "tags": list(MONITOR_TAGS)})
