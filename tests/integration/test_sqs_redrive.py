@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import boto3
@@ -16,7 +17,7 @@ from moto import mock_aws
 from fabric.adapters.dynamodb_ledger import DynamoDbRedriveLedger
 from fabric.adapters.memory import MemoryAuditSink
 from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
-from fabric.adapters.sqs_dlq import REDRIVES_ATTRIBUTE, SqsDeadLetterQueue
+from fabric.adapters.sqs_dlq import REDRIVE_ID_ATTRIBUTE, REDRIVES_ATTRIBUTE, SqsDeadLetterQueue
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
 from fabric.settings import SqsDeadLetterQueue as QueueSettings
 from tests.integration.aws_audit import create_idempotency_table
@@ -129,10 +130,11 @@ class RedriveFunction:
     """Stands in for Lambda's invoke (moto cannot run functions without Docker) by running the
     redrive function's code in-process against moto."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Any, after: Callable[[], None] | None = None) -> None:
         from fabric.redrive import parse_request
 
         self.runtime, self.parse, self.events = runtime, parse_request, []
+        self.after = after  # what happens between two invocations
 
     def invoke(self, FunctionName: str, InvocationType: str, Payload: bytes) -> dict[str, Any]:
         event = json.loads(Payload)
@@ -144,10 +146,14 @@ class RedriveFunction:
             ).to_dict()
         except ValueError as exc:
             body = {"error": str(exc)}
+        if self.after is not None:
+            self.after()
         return {"Payload": io.BytesIO(json.dumps(body).encode())}
 
 
-def runbook_redrive(sqs: dict[str, Any], **request: Any) -> tuple[int, str, RedriveFunction]:
+def runbook_redrive(
+    sqs: dict[str, Any], after: Callable[[], None] | None = None, **request: Any
+) -> tuple[int, str, RedriveFunction]:
     from fabric.bootstrap import RedriveRuntime
     from fabric.redrive import Redriver
     from scripts import runbook
@@ -167,7 +173,7 @@ def runbook_redrive(sqs: dict[str, Any], **request: Any) -> tuple[int, str, Redr
         settings=None,  # type: ignore[arg-type]
         open_queue=open_queue,
     )
-    function, out = RedriveFunction(runtime), io.StringIO()
+    function, out = RedriveFunction(runtime, after), io.StringIO()
     status = runbook.redrive(
         "test",
         client={"lambda": function}.__getitem__,
@@ -225,3 +231,66 @@ def test_a_letter_without_room_for_the_counter_can_be_redriven_again(sqs: dict[s
 
     assert (again.moved, again.already_moved) == (1, 0), "moved again, not dropped as done"
     assert len(received(client, settings.source_url)) == 1
+
+
+def test_the_runbook_chunks_move_each_message_once_when_the_source_keeps_failing_it(
+    sqs: dict[str, Any],
+) -> None:
+    # The source's consumer still fails: SQS's redrive policy moves each message the redrive
+    # put back to the DLQ again, with its message attributes. Before, the next chunk moved those
+    # copies again (each chunk a redrive of its own), up to --max-messages moves, exit 0.
+    client, settings = sqs["client"], sqs["settings"]
+    park(client, settings, 25)
+    arrived: Counter[str] = Counter()
+
+    def still_failing() -> None:
+        for message in received(client, settings.source_url):
+            arrived[message["MessageAttributes"][MESSAGE_ID_ATTRIBUTE]["StringValue"]] += 1
+            client.send_message(
+                QueueUrl=settings.dlq_url,
+                MessageBody=message["Body"],
+                MessageAttributes=message["MessageAttributes"],
+            )
+            client.delete_message(
+                QueueUrl=settings.source_url, ReceiptHandle=message["ReceiptHandle"]
+            )
+
+    status, output, function = runbook_redrive(
+        sqs, after=still_failing, queue=SOURCE, max_messages=60
+    )
+
+    assert status == 1
+    assert sorted(arrived.values()) == [1] * 25, "each message moved once"
+    assert [e["max_messages"] for _, e in function.events] == [10, 10, 10]
+    assert "20 letter(s) were parked again while this redrive ran" in output
+    assert "summary: moved 25, stopped: parked again" in output
+    (redrive_id,) = {e["redrive_id"] for _, e in function.events}
+    parked = received(client, settings.dlq_url)
+    assert len(parked) == 25
+    assert {m["MessageAttributes"][REDRIVE_ID_ATTRIBUTE]["StringValue"] for m in parked} == {
+        redrive_id
+    }
+
+
+def test_the_redrives_mark_goes_before_the_counter_where_one_attribute_is_left(
+    sqs: dict[str, Any],
+) -> None:
+    client, settings = sqs["client"], sqs["settings"]
+    own = {f"a{i}": {"DataType": "String", "StringValue": str(i)} for i in range(8)}
+    own[MESSAGE_ID_ATTRIBUTE] = {"DataType": "String", "StringValue": "m-nine"}
+    client.send_message(QueueUrl=settings.dlq_url, MessageBody="{}", MessageAttributes=own)
+    redriver = Redriver(
+        ledger=DynamoDbRedriveLedger(TABLE, lambda: boto3.client("dynamodb")),
+        audit=MemoryAuditSink(),
+    )
+
+    report = redriver.run(
+        SqsDeadLetterQueue(settings, lambda: client), RedrivePlan(redrive_id="r9")
+    )
+
+    assert report.moved == 1
+    (back,) = received(client, settings.source_url)
+    assert back["MessageAttributes"] == {
+        **own,
+        REDRIVE_ID_ATTRIBUTE: {"DataType": "String", "StringValue": "r9"},
+    }

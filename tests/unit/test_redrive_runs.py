@@ -245,15 +245,17 @@ class ReparkingDeadLetterQueue(MemoryDeadLetterQueue):
 
 def test_a_letter_dead_lettered_again_during_the_run_is_not_moved_again_by_it() -> None:
     # Before, the run met the new copy at the DLQ's tail and moved it again, and again: one
-    # poison message sent round up to max_messages times, a "redriven" record each time.
+    # poison message sent round up to max_messages times, a "redriven" record each time. Then
+    # it left the copies unmoved but uncounted, and reported "empty": the operator's only sign
+    # that the cause is not fixed was hidden.
     queue = ReparkingDeadLetterQueue([letter(1), letter(2)])
     report = redriver().run(queue, RedrivePlan(max_messages=50))
 
     assert [item.message_id for item in queue.origin] == [msg_id("m-1"), msg_id("m-2")]
-    assert (report.moved, report.stopped) == (2, "empty")
+    assert (report.moved, report.parked_again, report.stopped) == (2, 2, "parked again")
     assert sorted(item.message_id for item in queue.letters) == sorted(
         [msg_id("m-1"), msg_id("m-2")]
-    ), "left for later"
+    ), "they stay in the DLQ"
 
 
 def test_letters_whose_redriven_records_cannot_be_stored_stay_in_the_dlq_and_the_run_stops() -> (

@@ -15,11 +15,13 @@ def answer(**fields: Any) -> dict[str, Any]:
     report: dict[str, Any] = {
         "queue": "fabric.community.dlq",
         "dry_run": False,
+        "redrive_id": "r-1",
         "scanned": 0,
         "matched": 0,
         "moved": 0,
         "already_moved": 0,
         "left": 0,
+        "parked_again": 0,
         "stopped": "empty",
         "listed": [],
     }
@@ -135,3 +137,49 @@ def test_a_chunk_that_ran_out_of_time_is_followed_by_the_next() -> None:
     assert status == 0
     assert [event["max_messages"] for event in function.events] == [1000, 1000]
     assert "summary: moved 1000, stopped: empty" in output
+
+
+def test_the_chunks_are_one_redrive() -> None:
+    # Each chunk was a redrive of its own: the next one moved the messages the last one had
+    # moved and the consumer had parked again (docs/dead-letters.md, "Redrive").
+    function = RedriveFunction(
+        answer(moved=5, matched=5, stopped="message limit"),
+        answer(moved=5, matched=5, stopped="message limit"),
+        answer(moved=1, matched=1, stopped="empty"),
+    )
+    status, output = run(function, chunk=5, max_messages=40)
+    assert status == 0
+    (redrive_id,) = {event["redrive_id"] for event in function.events}
+    assert output.startswith(
+        f"redrive {redrive_id} of fabric.community.dlq via fabric-prod-redrive"
+    )
+    another = RedriveFunction(answer(moved=1, matched=1))
+    run(another)
+    assert another.events[0]["redrive_id"] != redrive_id, "each command is a redrive of its own"
+
+
+def test_letters_parked_again_while_the_redrive_ran_exit_1_and_say_the_cause_is_not_fixed() -> None:
+    # Before, the command counted every move and exited 0; the chunks' copies parked again
+    # (the cause not fixed) were not reported at all.
+    function = RedriveFunction(
+        answer(moved=5, matched=5, stopped="message limit"),
+        answer(moved=3, matched=3, parked_again=5, stopped="parked again"),
+    )
+    status, output = run(function, chunk=5, max_messages=40)
+    assert status == 1
+    assert "5 parked again, this run stopped: parked again" in output
+    assert "5 letter(s) were parked again while this redrive ran: the cause is not fixed" in output
+    assert "summary: moved 8, stopped: parked again" in output
+
+
+def test_letters_parked_again_fail_a_redrive_that_reached_its_message_limit() -> None:
+    # A chunk that stopped at its limit met only part of the DLQ: the command reports the most
+    # any chunk met (they stay in the DLQ), not the last chunk's, nor a sum of counts.
+    function = RedriveFunction(
+        answer(moved=5, matched=5, parked_again=4, stopped="message limit"),
+        answer(moved=5, matched=5, parked_again=2, stopped="message limit"),
+    )
+    status, output = run(function, chunk=5, max_messages=10)
+    assert status == 1
+    assert "4 letter(s) were parked again" in output
+    assert "summary: moved 10, stopped: message limit" in output

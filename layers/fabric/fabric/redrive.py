@@ -5,9 +5,13 @@ asks the ledger which of them an earlier run already put back (an interrupted ru
 those are only removed), puts the rest back at their origin, records them in the ledger once the
 origin confirmed them, then removes them from the dead-letter queue and writes one ``redriven``
 audit record per message. Letters that do not match are held until the run ends and then given
-back untouched, so a run never sees a letter twice and never reorders what it leaves; a message
-parked again while the run walks the queue (still poison) is left for the next run. A letter
+back untouched, so a run never sees a letter twice and never reorders what it leaves. A letter
 the queue says cannot go back by itself (``DeadLetter.stays``) is counted and listed, and stays.
+
+A redrive (one runbook command, in as many runs as it has chunks) has an id, ``redrive_id``,
+and marks every message it puts back with it (``REDRIVE_ID_HEADER``). A letter that carries the
+mark is a message this redrive moved already and that was dead-lettered again (its cause is not
+fixed): no run of the redrive moves it again; it stays, counted as ``parked_again``.
 
 Exactly once at the origin, by message id: a letter is removed only after the origin confirmed
 it and the ledger recorded it, and a letter the ledger knows is never put back again. The one
@@ -18,10 +22,12 @@ letter caught in it arrives twice with the same message id, which consumers dedu
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.audit_writer import DEAD_LETTER_REASONS, is_topic
@@ -35,6 +41,18 @@ from fabric.routing import pattern_problem, topic_matches
 _LOG = logging.getLogger(__name__)
 _BATCH = 100
 _LISTED_STAYING = 100  # letters that cannot go back, listed per run (all are counted)
+# The header (on SQS: the message attribute) that marks a message with the redrive that put it
+# back. The consumer toolkit keeps a message's headers when it parks it, RabbitMQ when it
+# dead-letters it, SQS its attributes when its redrive policy moves it to the DLQ.
+REDRIVE_ID_HEADER = "fabric-redrive-id"
+REDRIVE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+# Times of dead-lettering are whole seconds (the toolkit's header, ``x-death``).
+_SECOND = timedelta(seconds=1)
+
+
+def new_redrive_id() -> str:
+    """A fresh redrive id."""
+    return str(uuid.uuid4())
 
 
 @dataclass(frozen=True)
@@ -84,10 +102,13 @@ class RedriveFilter:
 
 @dataclass(frozen=True)
 class RedrivePlan:
-    """One run's bounds: what to move, whether to only list it, how many, how fast, how long.
+    """One run's bounds: what to move, whether to only list it, how many, how fast, how long,
+    and the redrive it belongs to (``redrive_id``: every run of one runbook command has the
+    same; a run on its own gets a fresh one).
 
     Raises:
-        ValueError: ``max_messages``, ``rate_per_s`` or ``max_seconds`` is not positive.
+        ValueError: ``max_messages``, ``rate_per_s`` or ``max_seconds`` is not positive, or
+            ``redrive_id`` does not match ``REDRIVE_ID_RE``.
     """
 
     selection: RedriveFilter = field(default_factory=RedriveFilter)
@@ -95,12 +116,15 @@ class RedrivePlan:
     max_messages: int = 1000
     rate_per_s: float | None = None
     max_seconds: float = 840.0
+    redrive_id: str = field(default_factory=new_redrive_id)
 
     def __post_init__(self) -> None:
         if self.max_messages < 1 or self.max_seconds <= 0:
             raise ValueError("max_messages and max_seconds must be positive")
         if self.rate_per_s is not None and self.rate_per_s <= 0:
             raise ValueError("rate_per_s must be positive")
+        if not isinstance(self.redrive_id, str) or not REDRIVE_ID_RE.fullmatch(self.redrive_id):
+            raise ValueError(f"redrive_id must match {REDRIVE_ID_RE.pattern}")
 
 
 @dataclass(frozen=True)
@@ -130,19 +154,24 @@ class Listed:
 
 @dataclass
 class RedriveReport:
-    """What one run did. ``stopped``: empty, message limit, time limit, or what failed.
+    """What one run did. ``stopped``: empty, parked again (nothing left to move but letters
+    parked again), message limit, time limit, or what failed.
 
     ``left`` counts matching letters that cannot go back by themselves (``DeadLetter.stays``):
     the queue keeps them, and ``listed`` shows the first of them with the reason, in every run.
+    ``parked_again`` counts the letters this run met that its redrive had put back already and
+    that were dead-lettered again (whatever the filter): the queue keeps them too.
     """
 
     queue: str
     dry_run: bool
+    redrive_id: str = ""
     scanned: int = 0
     matched: int = 0
     moved: int = 0
     already_moved: int = 0
     left: int = 0
+    parked_again: int = 0
     stopped: str = "empty"
     listed: list[Listed] = field(default_factory=list)
 
@@ -151,11 +180,13 @@ class RedriveReport:
         return {
             "queue": self.queue,
             "dry_run": self.dry_run,
+            "redrive_id": self.redrive_id,
             "scanned": self.scanned,
             "matched": self.matched,
             "moved": self.moved,
             "already_moved": self.already_moved,
             "left": self.left,
+            "parked_again": self.parked_again,
             "stopped": self.stopped,
             "listed": [item.to_dict() for item in self.listed[:listed_limit]],
         }
@@ -186,6 +217,26 @@ def ledger_key(queue: str, letter: DeadLetter) -> str:
 def _identity(letter: DeadLetter) -> str:
     """The message a letter is a copy of: its id, or its body's digest when it has none."""
     return letter.message_id or f"sha256:{sha256_hex(letter.body)}"
+
+
+def _marked(letter: DeadLetter, redrive_id: str) -> DeadLetter:
+    """``letter`` with the redrive's mark among the headers it goes back with."""
+    return replace(letter, headers={**letter.headers, REDRIVE_ID_HEADER: redrive_id})
+
+
+def _came_back(letter: DeadLetter, redrive_id: str, taken: dict[tuple[str, str], datetime]) -> bool:
+    """Whether ``letter`` is a message this redrive put back that was dead-lettered again: it
+    carries the redrive's mark; or, unmarked (an SQS message with no room left for the mark),
+    this run moved its message and it was dead-lettered since. Another copy of that message
+    dead-lettered before the move (a consumer that parked it twice, a second failure of one
+    id) is not: it goes back too, under its own ledger key. Times are whole seconds, so the
+    second before the move counts as since, as does a letter that does not say when."""
+    if letter.headers.get(REDRIVE_ID_HEADER) == redrive_id:
+        return True
+    moved_at = taken.get((letter.origin, _identity(letter)))
+    if moved_at is None:
+        return False
+    return letter.dead_lettered_at is None or letter.dead_lettered_at > moved_at - _SECOND
 
 
 class Redriver:
@@ -221,7 +272,7 @@ class Redriver:
         the run held and did not remove is given back at the end.
         """
         plan = plan or RedrivePlan()
-        report = RedriveReport(queue=queue.name, dry_run=plan.dry_run)
+        report = RedriveReport(queue=queue.name, dry_run=plan.dry_run, redrive_id=plan.redrive_id)
         try:
             self._run(queue, plan, report, progress)
         finally:
@@ -245,11 +296,10 @@ class Redriver:
         )
         max_messages = plan.max_messages
         batch_size = pace.batch_size(_BATCH)
-        # Messages this run took already, by origin: one that fails again at once (still poison)
-        # comes back at the tail of the DLQ while the run walks it, and was sent round again and
-        # again, up to max_messages times. It waits for the next run instead. (By origin: the
-        # overflow queue holds one letter per DLQ a message overflowed from, each its own.)
-        taken: set[tuple[str, str]] = set()
+        # Messages this run took, by origin, with when: a copy that comes back without the mark
+        # (a queue that could not mark it) is known by them (``_came_back``). By origin: the
+        # overflow queue holds one letter per DLQ a message overflowed from, each its own.
+        taken: dict[tuple[str, str], datetime] = {}
         while report.matched < max_messages:
             pace.wait(report.moved)  # by what was moved so far, never past the limit
             if pace.expired():
@@ -262,15 +312,19 @@ class Redriver:
                 report.stopped = "dead-letter queue unavailable"
                 return
             if not letters:
+                # Not "empty" while letters parked again stay: their cause is not fixed.
+                report.stopped = "parked again" if report.parked_again else "empty"
                 return
             report.scanned += len(letters)
             now = self._now()
-            matching = [
-                letter
-                for letter in letters
-                if (letter.origin, _identity(letter)) not in taken
-                and plan.selection.admits(letter, now)
-            ]
+            matching: list[DeadLetter] = []
+            for letter in letters:
+                if _came_back(letter, plan.redrive_id, taken):
+                    # Its cause is not fixed: it stays. Moved again, it would go round once per
+                    # chunk (and within a run, again and again), up to max_messages times.
+                    report.parked_again += 1
+                elif plan.selection.admits(letter, now):
+                    matching.append(letter)
             staying = [letter for letter in matching if letter.stays is not None]
             room = max(_LISTED_STAYING - report.left, 0)
             report.listed.extend(_listed(letter, now) for letter in staying[:room])
@@ -278,18 +332,22 @@ class Redriver:
             chosen = [letter for letter in matching if letter.stays is None]
             chosen = chosen[: max_messages - report.matched]
             if not plan.dry_run:
-                taken.update((letter.origin, _identity(letter)) for letter in chosen)
+                taken.update({(letter.origin, _identity(letter)): now for letter in chosen})
             report.matched += len(chosen)
             if plan.dry_run:
                 report.listed.extend(_listed(letter, now) for letter in chosen)
-            elif chosen and not self._move(queue, chosen, report):
+            elif chosen and not self._move(queue, chosen, report, plan.redrive_id):
                 return
             if progress is not None:
                 progress(report)
         report.stopped = "message limit"
 
     def _move(
-        self, queue: DeadLetterQueue, letters: list[DeadLetter], report: RedriveReport
+        self,
+        queue: DeadLetterQueue,
+        letters: list[DeadLetter],
+        report: RedriveReport,
+        redrive_id: str,
     ) -> bool:
         keys = {letter.handle: ledger_key(queue.name, letter) for letter in letters}
         try:
@@ -313,7 +371,8 @@ class Redriver:
             if key not in known:
                 (twins if key in going else pending).append(letter)
                 going.add(key)
-        moved = queue.move(pending) if pending else []
+        # Marked with the redrive: should it be dead-lettered again, no run of it moves it again.
+        moved = queue.move([_marked(letter, redrive_id) for letter in pending]) if pending else []
         if moved:
             # Audited as soon as the origin confirmed, before the ledger: a run that stops after
             # this (the ledger unavailable, or killed) leaves letters a re-run only removes, or
@@ -428,6 +487,7 @@ _REQUEST_FIELDS = frozenset(
         "older_than_s",
         "newer_than_s",
         "message_ids",
+        "redrive_id",
     }
 )
 
@@ -435,7 +495,8 @@ _REQUEST_FIELDS = frozenset(
 def parse_request(event: object, *, max_seconds: float = 840.0) -> RedriveRequest:
     """The redrive function's event (the runbook builds it): ``{"source": "rabbitmq"|"sqs",
     "queue", "dry_run"?, "max_messages"?, "rate_per_s"?, "topics"?, "reasons"?,
-    "older_than_s"?, "newer_than_s"?, "message_ids"?}``.
+    "older_than_s"?, "newer_than_s"?, "message_ids"?, "redrive_id"?}``. Without a
+    ``redrive_id`` the run is a redrive of its own (a fresh id).
 
     Raises:
         ValueError: the event is malformed; the message says what is wrong.
@@ -456,6 +517,9 @@ def parse_request(event: object, *, max_seconds: float = 840.0) -> RedriveReques
     max_messages = event.get("max_messages", 1000)
     if type(max_messages) is not int or max_messages < 1:
         raise ValueError("max_messages must be a positive whole number")
+    redrive_id = event.get("redrive_id")
+    if redrive_id is None:
+        redrive_id = new_redrive_id()
     selection = RedriveFilter(
         topics=tuple(strings(event, "topics")),
         reasons=frozenset(strings(event, "reasons")),
@@ -472,5 +536,6 @@ def parse_request(event: object, *, max_seconds: float = 840.0) -> RedriveReques
             max_messages=max_messages,
             rate_per_s=positive(event, "rate_per_s"),
             max_seconds=min(max_seconds, positive(event, "max_seconds") or max_seconds),
+            redrive_id=redrive_id,
         ),
     )

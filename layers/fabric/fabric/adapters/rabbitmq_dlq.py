@@ -5,8 +5,10 @@ message to nobody else, and gives it back when the channel closes, so a run walk
 and whatever it does not remove returns by itself, also after a crash. Moving republishes a
 letter to its work queue through the redeliver exchange (never through routing, which would give
 the other groups a second copy), with its body, message id, correlation, reply-to (not one
-RabbitMQ reserves: ``fabric.envelope.amqp_reply_to``), topic and application headers, and the
-redrive counter raised; only then is it acknowledged in the DLQ.
+RabbitMQ reserves: ``fabric.envelope.amqp_reply_to``), topic and application headers (the
+letter's ``headers``, where the redrive sets its mark, ``fabric-redrive-id``: the toolkit and the
+broker keep it when they dead-letter the message again), and the redrive counter raised; only
+then is it acknowledged in the DLQ.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ Message attributes the mover reads (besides the SNS fallback path's, ``fabric.ad
   dead-lettered, for a producer that parks a message in a DLQ itself. SQS moves a message to a
   DLQ for one reason only, too many receives, so absent means ``max-receive-count``.
 - ``fabric-dead-lettered-at`` (``DEAD_LETTERED_AT_ATTRIBUTE``, epoch seconds): when, likewise.
+- ``fabric-redrive-id`` (``REDRIVE_ID_ATTRIBUTE``, String): the redrive that last put the
+  message back (``fabric.redrive.REDRIVE_ID_HEADER``); SQS keeps it when its redrive policy
+  moves the message to the DLQ again. A letter has it among its ``headers``; a move sends the
+  one the redrive sets there.
 
 The attribute names are the RabbitMQ side's header names (``fabric.topology``), so a letter
 reads the same on either side. The two that describe one dead-lettering are not sent back: a
@@ -35,12 +39,14 @@ from fabric import topology
 from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
 from fabric.errors import TransportUnavailable
 from fabric.ports import DeadLetter
+from fabric.redrive import REDRIVE_ID_HEADER
 from fabric.settings import SqsDeadLetterQueue as QueueSettings
 
 _LOG = logging.getLogger(__name__)
 REDRIVES_ATTRIBUTE = topology.REDRIVES_HEADER
 DEAD_LETTER_REASON_ATTRIBUTE = topology.DEAD_LETTER_REASON_HEADER
 DEAD_LETTERED_AT_ATTRIBUTE = topology.DEAD_LETTERED_AT_HEADER
+REDRIVE_ID_ATTRIBUTE = REDRIVE_ID_HEADER
 # The only reason SQS itself dead-letters a message: its redrive policy's maxReceiveCount.
 SQS_DEAD_LETTER_REASON = "max-receive-count"
 # Longer than a run can last (the function's 15 minutes): a letter the run looked at and
@@ -56,9 +62,15 @@ _MAX_BATCH_BYTES = 262_144
 # An entry SQS failed on its side (not a sender fault) was not stored: sent again, after a pause.
 _SEND_ATTEMPTS = 3
 _RESEND_PAUSE_S = 0.2
-# Per dead-lettering, not per message: dropped on the way back (the counter is replaced).
+# Per dead-lettering or per redrive, not per message: dropped on the way back (the counter and
+# the redrive's mark are replaced).
 _NOT_SENT_BACK = frozenset(
-    {REDRIVES_ATTRIBUTE, DEAD_LETTER_REASON_ATTRIBUTE, DEAD_LETTERED_AT_ATTRIBUTE}
+    {
+        REDRIVES_ATTRIBUTE,
+        DEAD_LETTER_REASON_ATTRIBUTE,
+        DEAD_LETTERED_AT_ATTRIBUTE,
+        REDRIVE_ID_ATTRIBUTE,
+    }
 )
 _ATTRIBUTE_FIELDS = ("DataType", "StringValue", "BinaryValue")
 
@@ -164,7 +176,8 @@ class SqsDeadLetterQueue:
 
     def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
         """Send to the source queue with the same body and every message attribute (with its
-        DataType), ``fabric-redrives`` raised by one; returns the letters SQS accepted.
+        DataType), ``fabric-redrives`` raised by one and ``fabric-redrive-id`` the letter's
+        ``headers`` hold (the redrive's mark), where they fit; returns the letters SQS accepted.
 
         Batches hold at most 10 entries and 256 KiB. An entry SQS lists as failed on its side
         (``SenderFault`` false) is sent again, up to ``_SEND_ATTEMPTS`` sends in all; a batch
@@ -319,7 +332,7 @@ class SqsDeadLetterQueue:
                 message.get("Attributes", {}).get("SentTimestamp"),
             ),
             redrives=_count(attribute(REDRIVES_ATTRIBUTE)),
-            headers=_headers(attribute(HEADERS_ATTRIBUTE)),
+            headers=_headers(attribute(HEADERS_ATTRIBUTE), attribute(REDRIVE_ID_ATTRIBUTE)),
             # The ledger keys on it: the redrive counter may not fit in 10 attributes.
             copy_id=str(message["MessageId"]),
         )
@@ -330,22 +343,23 @@ class SqsDeadLetterQueue:
             for name, value in self._held[letter.handle].attributes.items()
             if name not in _NOT_SENT_BACK
         }
-        # SQS refuses an 11th attribute. A letter that already carries 10 of its own goes back
-        # with exactly those and without the counter: the message and its attributes matter
-        # more than the count. Its redrive count then stays where it was, so should it be
-        # dead-lettered and redriven again within the ledger's 14 days, the ledger (keyed on the
-        # count) takes it for already moved: hence the warning.
-        if len(kept) < _MAX_ATTRIBUTES:
-            kept[REDRIVES_ATTRIBUTE] = {
-                "DataType": "Number",
-                "StringValue": str(letter.redrives + 1),
-            }
-        else:
+        # SQS refuses an 11th attribute. The message's own come first, then the redrive's mark
+        # (without it, a message that fails again is moved again by the next chunk of the same
+        # redrive), then the counter: the ledger keys on the SQS message id, not the count. A
+        # letter with no room goes back without them: hence the warning.
+        added = [(REDRIVES_ATTRIBUTE, "Number", str(letter.redrives + 1))]
+        mark = letter.headers.get(REDRIVE_ID_HEADER)
+        if mark is not None:
+            added.insert(0, (REDRIVE_ID_ATTRIBUTE, "String", mark))
+        own, room = len(kept), max(_MAX_ATTRIBUTES - len(kept), 0)
+        for name, data_type, value in added[:room]:
+            kept[name] = {"DataType": data_type, "StringValue": value}
+        if room < len(added):
             _LOG.warning(
                 "a letter of %s has %d message attributes: sent back without %s",
                 self.name,
-                len(kept),
-                REDRIVES_ATTRIBUTE,
+                own,
+                ", ".join(name for name, _, _ in added[room:]),
             )
         return kept
 
@@ -385,14 +399,18 @@ def _count(text: str | None) -> int:
         return 0
 
 
-def _headers(text: str | None) -> dict[str, str]:
-    if not text:
-        return {}
-    try:
-        decoded = json.loads(text)
-    except ValueError:
-        return {}
-    return {str(k): str(v) for k, v in decoded.items()} if isinstance(decoded, dict) else {}
+def _headers(text: str | None, redrive_id: str | None) -> dict[str, str]:
+    """The ``fabric-headers`` attribute's headers, and the redrive's mark from its own."""
+    headers: dict[str, str] = {}
+    if text:
+        with contextlib.suppress(ValueError):
+            decoded = json.loads(text)
+            if isinstance(decoded, dict):
+                headers = {str(k): str(v) for k, v in decoded.items()}
+    headers.pop(REDRIVE_ID_HEADER, None)
+    if redrive_id is not None:
+        headers[REDRIVE_ID_HEADER] = redrive_id
+    return headers
 
 
 def _dead_lettered_at(stamp_s: str | None, sent_ms: str | None) -> datetime | None:
