@@ -14,9 +14,13 @@ mark is a message this redrive moved already and that was dead-lettered again (i
 fixed): no run of the redrive moves it again; it stays, counted as ``parked_again``.
 
 Exactly once at the origin, by message id: a letter is removed only after the origin confirmed
-it and the ledger recorded it, and a letter the ledger knows is never put back again. The one
-window left is a crash between the origin's confirm and the ledger write (milliseconds); a
-letter caught in it arrives twice with the same message id, which consumers deduplicate on.
+it and the ledger recorded it, and a letter the ledger knows is never put back again. Two
+windows are left, each a duplicate with the same message id (which consumers deduplicate on),
+never a loss: a crash between the origin's confirm and the ledger write (milliseconds), and a
+send the origin stored whose answer did not reach the run (on SQS, a SendMessageBatch not
+answered within 5 s, or answered with an error after storing it; the SDK never makes a send
+again). Such letters count as not moved and stay in the dead-letter queue with no record yet;
+the next run puts them back again, with their records.
 """
 
 from __future__ import annotations
