@@ -222,32 +222,25 @@ def _end_queue_arguments(delivery_limit: int) -> dict[str, Any]:
     }
 
 
+def dead_letter_queues() -> tuple[str, ...]:
+    """Every group's two dead-letter queues (work and emergency)."""
+    return tuple(
+        dead_letter_queue_name(group, emergency=emergency)
+        for group in STAKEHOLDERS
+        for emergency in (False, True)
+    )
+
+
 def terminal_queues() -> tuple[str, ...]:
     """The queues that dead-letter into the overflow queue when a letter reaches their delivery
     limit: the unrouted and audit queues and every dead-letter queue."""
-    return (
-        UNROUTED_QUEUE,
-        AUDIT_QUEUE,
-        *(
-            dead_letter_queue_name(group, emergency=emergency)
-            for group in STAKEHOLDERS
-            for emergency in (False, True)
-        ),
-    )
+    return (UNROUTED_QUEUE, AUDIT_QUEUE, *dead_letter_queues())
 
 
 def platform_queues() -> tuple[str, ...]:
     """The queues the platform user reads: the audit queue (the audit writer's event source),
     the overflow queue and every dead-letter queue (the redrive)."""
-    return (
-        AUDIT_QUEUE,
-        OVERFLOW_QUEUE,
-        *(
-            dead_letter_queue_name(group, emergency=emergency)
-            for group in STAKEHOLDERS
-            for emergency in (False, True)
-        ),
-    )
+    return (AUDIT_QUEUE, OVERFLOW_QUEUE, *dead_letter_queues())
 
 
 def _exchange(
