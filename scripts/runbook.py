@@ -48,7 +48,9 @@ so no message is replayed twice, with a progress line after each; a stopped repl
 ``--replay-id`` and ``--after`` that resume it. ``--dry-run`` lists and counts what would be
 replayed and publishes nothing. Each chunk first verifies the period's trail; when it does not
 verify, nothing is listed or published, the problem is printed, and the exit status is 1. Exit
-1 also when a message cannot be replayed (missing or corrupt body): each one is listed.
+1 also when a message cannot be replayed (missing or corrupt body): each one is listed, and when
+the period's trail cannot be read in one invocation (``period too long``): it prints the
+``--replay-id`` and ``--after`` to replay it with in shorter periods.
 
 ``report`` invokes the deployed compliance report function (``fabric-<env>-compliance-report``)
 for one UTC day (``--date``; default yesterday) or ``[--start, --end)``, and prints its summary:
@@ -450,13 +452,18 @@ def _next_step(
     replay_id: str, cursor: dict[str, str] | None, stopped: str, unfinished: bool, out: TextIO
 ) -> None:
     """What to run next: shorter periods when a run could not read its period (the same
-    command stops again), else where to resume an ``unfinished`` replay, except when its trail
-    does not verify (find why before replaying anything of it)."""
+    command stops again), each under the same replay id and behind the cursor, else where to
+    resume an ``unfinished`` replay, except when its trail does not verify (find why before
+    replaying anything of it)."""
     if stopped == "period too long":  # the function ran out of time reading the period
         print(_TOO_LONG, file=out)
     if stopped in ("period too long", "no progress"):
-        after = "" if cursor is None else f", from --after {cursor['at']},{cursor['message_id']}"
-        print(f"replay shorter periods of it{after}", file=out)
+        after = "" if cursor is None else f" --after {cursor['at']},{cursor['message_id']}"
+        print(
+            f"replay shorter periods of it (--start, --end), each with: --replay-id {replay_id}"
+            f"{after}",
+            file=out,
+        )
     elif unfinished and stopped != "trail not verified":
         _resume_hint(replay_id, cursor, out)
 

@@ -24,9 +24,11 @@ from stacks.nag import acknowledge, wildcard_resource_finding
 # replay must not overlap (each goes on from the cursor the previous one returned). A second
 # invoke is throttled, which the runbook reports.
 _CONCURRENCY = 1
-# Lambda's longest timeout; REPLAY_MAX_SECONDS stops a run a minute before it.
+# Lambda's longest timeout; REPLAY_MAX_SECONDS stops a run two minutes before it, the compliance
+# report's ANSWER_MARGIN_S: what a step of the trail's reading begun in time may take more than
+# the longest before it (an interval of up to 1,000 objects), and the answer (fabric.replay).
 _TIMEOUT = Duration.minutes(15)
-_MAX_SECONDS = "840"
+_MAX_SECONDS = "780"
 # A run holds one checkpoint interval's audit objects while it verifies them, a compact id of
 # each matching message and the full acceptance of at most twice max_messages of them, and a
 # few decoded archive objects (fabric.replay; docs/audit-trail.md, "Costs and limits").

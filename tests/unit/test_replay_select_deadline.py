@@ -7,8 +7,8 @@ with ``stopped: period too long`` (replay shorter periods), as the compliance re
 ``PeriodTooLong``: nothing replayed, the cursor where the run started.
 
 Here each read of an audit object or a checkpoint costs a second on the run's clock (a large
-period's trail); the trails are written by the real router and audit writer into the in-memory
-bucket (``tests.unit.test_replay.Trail``).
+period's trail), or as long as a test says; the trails are written by the real router and audit
+writer into the in-memory bucket (``tests.unit.test_replay.Trail``).
 """
 
 from __future__ import annotations
@@ -23,32 +23,49 @@ import pytest
 
 from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
 from fabric.audit_chain import Keyring
-from fabric.audit_writer import ARCHIVE_PREFIX
+from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX
 from fabric.replay import ReplayCursor, Replayer
 from fabric.routing import default_routing_table
+from fabric.settings import ReplaySettings
 from tests.unit.test_replay import DAY, Clock, MemoryArchive, Trail, donation, request
 from tests.unit.test_replay_memory import resent_after_their_replay
 
 HOURS = 24
 STEP = 1.0  # seconds of one read of the trail: an interval here is one object
+TIMEOUT = 15 * 60.0  # the replay function's (stacks.constructs.replay)
+# What the function deploys with when REPLAY_MAX_SECONDS is not set.
+LIMIT = ReplaySettings.from_env(
+    {
+        "FABRIC_ENV": "test",
+        "RABBITMQ_HOST": "127.0.0.1",
+        "RABBITMQ_PORT": "5671",
+        "RABBITMQ_TLS": "true",
+        "RABBITMQ_SECRET_ARN": "arn:aws:secretsmanager:ap-southeast-3:111111111111:secret:x",
+        "AUDIT_BUCKET": "fabric-test-audit",
+        "AUDIT_WRITERS": "writer-a",
+        "SIGNING_KEY_ARN": "arn:aws:kms:ap-southeast-3:111111111111:key/k",
+    }
+).max_seconds
 
 
 class SlowTrail(MemoryArchive):
-    """The bucket, where reading an audit object or a checkpoint takes ``STEP`` seconds of
-    ``clock`` (``slower`` seconds once ``slower_after`` of them were read); archive objects
-    (the bodies) cost nothing."""
+    """The bucket, where reading a checkpoint takes ``STEP`` seconds of ``clock`` and an audit
+    object ``per_object`` (``slower`` seconds, either, once ``slower_after`` of them were
+    read); archive objects (the bodies) cost nothing."""
 
     def __init__(
         self,
         archive: MemoryArchive,
         clock: Clock,
         *,
+        per_object: float = STEP,
         slower_after: int | None = None,
         slower: float = STEP,
     ) -> None:
         super().__init__(objects=archive.objects, delete_markers=archive.delete_markers)
         self.clock = clock
         self.trail_reads = 0
+        self._per_object = per_object
         self._slower_after = slower_after
         self._slower = slower
         self._lock = threading.Lock()  # the trail is read 16 objects at a time
@@ -58,17 +75,35 @@ class SlowTrail(MemoryArchive):
             with self._lock:
                 self.trail_reads += 1
                 later = self._slower_after is not None and self.trail_reads > self._slower_after
-                self.clock.now += self._slower if later else STEP
+                cost = self._per_object if key.startswith(AUDIT_PREFIX) else STEP
+                self.clock.now += self._slower if later else cost
         return super().read(key)
 
 
 def timed(
-    trail: Trail, writers: Sequence[str], *, slower_after: int | None = None, slower: float = STEP
+    trail: Trail,
+    writers: Sequence[str],
+    *,
+    per_object: float = STEP,
+    slower_after: int | None = None,
+    slower: float = STEP,
 ) -> tuple[Replayer, MemoryTransport, MemoryAuditSink, Clock]:
     clock = Clock()
+    archive = SlowTrail(
+        trail.archive, clock, per_object=per_object, slower_after=slower_after, slower=slower
+    )
+    run, broker, audit = replayer_on(archive, trail, writers)
+    return run, broker, audit, clock
+
+
+def replayer_on(
+    archive: SlowTrail, trail: Trail, writers: Sequence[str]
+) -> tuple[Replayer, MemoryTransport, MemoryAuditSink]:
+    """A replayer of ``trail`` reading ``archive`` and timed on its clock."""
+    clock = archive.clock
     broker, audit = MemoryTransport(name="rabbitmq"), MemoryAuditSink()
     run = Replayer(
-        archive=SlowTrail(trail.archive, clock, slower_after=slower_after, slower=slower),
+        archive=archive,
         writers=writers,
         keys=Keyring([trail.signer]),
         broker=broker,
@@ -78,7 +113,7 @@ def timed(
         sleep=clock.sleep,
         now=lambda: DAY + timedelta(days=2),
     )
-    return run, broker, audit, clock
+    return run, broker, audit
 
 
 def hourly(trail: Trail, *, first: int = 0, hours: int = HOURS) -> None:
@@ -115,9 +150,10 @@ def test_a_period_too_long_to_read_in_the_runs_time_stops_before_its_end_and_say
     with caplog.at_level(logging.WARNING, logger="fabric.replay"):
         report = run.run(request(max_seconds=seconds))
 
-    # Stopped at the first look at the clock after the deadline: one interval past it at most,
-    # where Lambda would have ended the reading of the rest (and the run) with no answer.
-    assert seconds <= clock.now <= seconds + STEP < whole
+    # Stopped before the interval that would have ended past the deadline (intervals take a
+    # second here), where Lambda would have ended the reading of the rest (and the run) with no
+    # answer.
+    assert seconds - STEP <= clock.now <= seconds < whole
     assert report.stopped == "period too long"
     assert report.to_dict()["stopped"] == "period too long"
     # Nothing of a partial selection: no message counted, listed, published or audited.
@@ -227,3 +263,89 @@ def test_a_second_read_that_runs_out_of_time_leaves_the_first_selection_standing
             break
     assert published == [str(uuid.UUID(int=n)) for n in (4, 5, 6)]
     assert report.stopped == "done"
+
+
+@pytest.mark.parametrize("interval", [45.0, 70.0, 100.0, 150.0, 200.0, 300.0])
+def test_a_run_answers_before_the_functions_timeout_however_long_its_intervals_take(
+    interval: float,
+) -> None:
+    # Each checkpoint interval takes `interval` seconds to read, verify and search, as one of
+    # 1 to 10 million records does (25-40 s a million). The run used to look at its time
+    # only before an interval, and begin it while its limit had not passed: one begun just
+    # before the limit ended a whole interval after it, past the function's timeout when
+    # that was longer than the 60 s between them, and the run was ended with no report.
+    trail = Trail("writer-a")
+    hourly(trail)
+    run, broker, _, clock = timed(trail, ["writer-a"], per_object=interval)
+
+    report = run.run(request(max_seconds=LIMIT))
+
+    assert clock.now < TIMEOUT
+    assert clock.now <= LIMIT  # no interval begun that the ones before said would end later
+    assert (report.stopped, broker.published) == ("period too long", [])
+
+
+def test_an_interval_longer_than_every_one_before_it_still_ends_before_the_timeout() -> None:
+    # Intervals of 40 s, but the last one begun in time takes 100 s more: the margin between
+    # the run's limit and the function's timeout is there for such a step (and the answer).
+    # Within 60 s of margin, it ended past the timeout.
+    trail = Trail("writer-a")
+    hourly(trail)
+    uniform = SlowTrail(trail.archive, Clock(), per_object=40.0)
+    replayer_on(uniform, trail, ["writer-a"])[0].run(request(max_seconds=LIMIT))
+    last = uniform.trail_reads  # the last read: the last interval begun
+    slower = SlowTrail(trail.archive, Clock(), per_object=40.0, slower_after=last - 1, slower=140.0)
+    run, broker, _ = replayer_on(slower, trail, ["writer-a"])
+
+    report = run.run(request(max_seconds=LIMIT))
+
+    assert slower.trail_reads == last
+    assert LIMIT < slower.clock.now < TIMEOUT
+    assert (report.stopped, broker.published) == ("period too long", [])
+
+
+def test_a_delete_marker_found_before_the_time_is_up_is_reported_not_lost() -> None:
+    # writer-b's delete-marker listing finds a deleted object before any interval is read;
+    # the time runs out among writer-a's intervals. The run said "period too long" with no
+    # trail problem: the evidence of the deletion was dropped, and the operator was told to
+    # split the period.
+    first = Trail("writer-a")
+    second = Trail("writer-b", archive=first.archive, signer=first.signer)
+    hourly(first)
+    hourly(second, first=100)
+    deleted = min(k for k in first.archive.objects if k.startswith("audit/writer-b/"))
+    first.archive.delete_markers.add(deleted)
+    del first.archive.objects[deleted]
+    writers = ["writer-a", "writer-b"]
+    whole = reading_time(first, writers, stopped="trail not verified")
+    run, broker, _, clock = timed(first, writers)
+
+    report = run.run(request(max_seconds=whole - 6 * STEP))
+
+    assert clock.now < whole  # writer-a's last intervals were left unread
+    assert (report.stopped, broker.published) == ("trail not verified", [])
+    (problem,) = report.trail_problems
+    assert problem.startswith(f"writer-b: {deleted}: deleted after it was written")
+
+
+def test_a_tampered_object_after_the_last_checkpoint_found_in_time_is_reported() -> None:
+    # The objects after writer-a's last checkpoint are verified first: an edited one breaks
+    # the hash chain. The time runs out among the sealed intervals read after them; the run
+    # said "period too long" with no trail problem.
+    trail = Trail("writer-a")
+    hourly(trail)
+    at = DAY + timedelta(hours=23, minutes=50)
+    trail.route([donation(500)], source="community", at=at, seal=False)
+    tail = max(k for k in trail.archive.objects if k.startswith("audit/writer-a/"))
+    edited = trail.archive.objects[tail].replace(b"donation.received", b"donation.refunded")
+    trail.archive.put(tail, edited)
+    whole = reading_time(trail, ["writer-a"], stopped="trail not verified")
+    run, broker, _, clock = timed(trail, ["writer-a"])
+
+    report = run.run(request(max_seconds=whole / 2))
+
+    assert clock.now < whole
+    assert (report.stopped, broker.published) == ("trail not verified", [])
+    (problem,) = report.trail_problems
+    assert problem.startswith(f"writer-a: {tail} record ")
+    assert "prev hash does not match" in problem

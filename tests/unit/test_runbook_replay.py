@@ -318,4 +318,46 @@ def test_a_period_too_long_to_read_in_one_run_says_to_split_it_not_to_resume() -
     assert status == 1, output
     assert "replay it in shorter periods" in output
     assert "resume with" not in output
-    assert output.rstrip().endswith("replay shorter periods of it")
+    assert "replay shorter periods of it (--start, --end), each with: --replay-id " in output
+
+
+def test_the_shorter_periods_keep_the_replays_id_and_go_on_behind_its_cursor() -> None:
+    # A first chunk replayed up to its cursor; the next could not read the period. The
+    # shorter periods are the same replay: its id (in every message's fabric-replay header and
+    # replayed record, which the consumer teams were told), and behind its cursor. Before,
+    # the line left out --replay-id: each shorter period ran under a new id.
+    cursor = {"at": "2026-12-01T03:00:00Z", "message_id": "m-100"}
+    chunks = iter(
+        [
+            {"replayed": 500, "remaining": 9500, "stopped": "message limit", "cursor": cursor},
+            {"selected": 0, "stopped": "period too long", "cursor": None},
+        ]
+    )
+
+    class Chunked(_Lambda):
+        def invoke(self, **_: Any) -> dict[str, Any]:
+            self.body.update(next(chunks))
+            return super().invoke()
+
+    out = io.StringIO()
+    status = runbook.replay(
+        "test",
+        client=lambda _service: Chunked(),
+        request={
+            "start": "2026-12-01T00:00:00Z",
+            "end": "2026-12-02T00:00:00Z",
+            "replay_id": "incident-4711",
+        },
+        chunk=500,
+        out=out,
+    )
+
+    assert status == 1, out.getvalue()
+    assert (
+        out.getvalue()
+        .rstrip()
+        .endswith(
+            "replay shorter periods of it (--start, --end), each with: --replay-id incident-4711"
+            " --after 2026-12-01T03:00:00Z,m-100"
+        )
+    )

@@ -47,10 +47,12 @@ message's body is still to be read stops before that message (``time limit``), a
 the ones before it. It reads the period a second
 time only when that fits in its time (``Replayer._select``). The time limit bounds the reading
 and verifying of the trail as well, as the compliance report's does (``PeriodTooLong``): a run
-whose time is up before it has read the whole period stops before the next part of it (``period
-too long``), replays nothing and leaves its cursor where it started; runs of that length could
-never select from that period (and the function's timeout would end them with no report and no
-cursor), so it is replayed in shorter periods. Its memory follows
+does not begin the next part of the period that would not end within its time, taking as long as
+the longest such part so far (``_Steps``), but stops (``period too long``), replays nothing and
+leaves its cursor where it started; runs of that length could never select from that period
+(and the function's timeout would end them with no report and no cursor), so it is replayed in
+shorter periods. A problem already found in the trail stops it as ``trail not verified``
+instead. Its memory follows
 ``max_messages``, not the period: of the messages behind the first ones it takes it holds only
 their ids (``_Selection``), and of the archived bodies it searches only its own messages' hashes
 (``_Bodies``). Only the broker is used: a replay is recovery, not live traffic, so while
@@ -73,6 +75,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
@@ -123,6 +126,10 @@ _BROKER_TRANSPORT = "rabbitmq"
 REPLAY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # Decoded archive objects kept in memory at once (each up to one writer call's bodies).
 _CACHED_ARCHIVES = 8
+# A run's time (the function's REPLAY_MAX_SECONDS): its 15-minute timeout less the compliance
+# report's ANSWER_MARGIN_S, which a step begun within the time, longer than those before it,
+# and the answer may take (``_Steps``).
+MAX_SECONDS = 780.0
 
 REPLAYED = "replayed"
 WOULD_REPLAY = "would-replay"
@@ -234,7 +241,7 @@ class ReplayRequest:
     dry_run: bool = False
     max_messages: int = 1000
     rate_per_s: float | None = None
-    max_seconds: float = 840.0
+    max_seconds: float = MAX_SECONDS
     after: ReplayCursor | None = None
     late_days: int = DEFAULT_LATE_DAYS
     include_unsealed: bool = False
@@ -481,7 +488,8 @@ class Replayer:
         pace = Pace(
             rate_per_s=rate, max_seconds=request.max_seconds, clock=self._clock, sleep=self._sleep
         )
-        selection = self._select(request, report, started, pace.expired)
+        steps = _Steps(self._clock, deadline=started + request.max_seconds)
+        selection = self._select(request, report, started, steps)
         if selection is None:
             return  # report.stopped says why: trail not verified, or period too long
         report.selected = selection.selected
@@ -533,7 +541,7 @@ class Replayer:
         request: ReplayRequest,
         report: ReplayReport,
         started: float,
-        expired: Callable[[], bool],
+        steps: _Steps,
     ) -> _Selection | None:
         """The messages of the period this run takes (``_Selection``); None when a writer's
         trail is not authentic (``trail not verified``: ``report.trail_problems`` says where)
@@ -548,21 +556,22 @@ class Replayer:
         the short selection stands: what it kept are the right first messages, and with
         nothing kept its ``resume`` is where the next run goes on.
 
-        Reading stops once the run's time is up (``expired``), before the next writer's window,
-        delete-marker listing or interval (``_read``), as the compliance report stops on
+        Reading stops before the next writer's window, delete-marker listing or interval that
+        would not end within the run's time (``_Steps``), as the compliance report stops on
         ``PeriodTooLong``: a period that cannot be read and verified within one run can never
         be replayed by runs of that length, and the function's timeout would end it with no
         report at all. The run then replays nothing and keeps its cursor (``period too long``:
-        replay shorter periods), unless a writer already read was found not authentic (``trail
-        not verified``: more time would not change that). A second read that runs out of time
-        leaves the first read's selection standing, as if it had not been started.
+        replay shorter periods), unless a problem was already found in the trail (``trail not
+        verified``, with every problem found so far: more time would not change that). A second
+        read that runs out of time leaves the first read's selection standing, as if it had not
+        been started.
 
         Raises:
             TransportUnavailable: the bucket cannot be read.
         """
         selection = _Selection(request)
         try:
-            verified = self._read(request, report, selection, markers=True, expired=expired)
+            verified = self._read(request, report, selection, markers=True, steps=steps)
         except _OutOfTime as exc:
             _out_of_time(request, report, str(exc))
             return None
@@ -585,7 +594,7 @@ class Replayer:
             report.unsealed_objects = 0
             again = _Selection(request, done=selection.done)
             try:
-                verified = self._read(request, report, again, markers=False, expired=expired)
+                verified = self._read(request, report, again, markers=False, steps=steps)
             except _OutOfTime as exc:
                 _LOG.info(
                     "replay %s keeps its first selection: its time was up reading the period"
@@ -608,7 +617,7 @@ class Replayer:
         selection: _Selection,
         *,
         markers: bool,
-        expired: Callable[[], bool],
+        steps: _Steps,
     ) -> bool:
         """Read and verify every writer's window of the period, feeding the acceptances of its
         verified objects to ``selection``; False when a writer's trail is not authentic. With
@@ -621,8 +630,10 @@ class Replayer:
         first, then the sealed ones writer by writer in chain order: ``_Selection`` relies on
         that order, and the problems and gaps are reported in chain order all the same.
 
-        Before each writer's window, delete-marker listing and interval it looks at the run's
-        time (``expired``), as the compliance report does (``fabric.compliance_run.scan_window``).
+        Each writer's window, delete-marker listing and interval is a step of the run's time
+        (``steps``): one that would not end within it is not begun. The problems found before
+        the time ran out (a window's, or in a writer's objects after its last checkpoint) are
+        put in the report all the same: more time would not make them go away.
 
         Raises:
             TransportUnavailable: the bucket cannot be read.
@@ -632,43 +643,81 @@ class Replayer:
         late = LATE_ARRIVAL + timedelta(days=request.late_days)
         trail = _Trail(self._archive)
         windows: list[Window] = []
-        for writer in self._writers:
-            _in_time(expired, f"stopped before the trail of {writer}")
-            windows.append(plan_window(trail, writer, period, late=late))
-        if markers:
-            for window in windows:
-                _in_time(expired, f"stopped before the delete markers of {window.writer}")
-                # The cause of whatever else the window shows missing: named before the rest.
-                window.problem = (
-                    deleted_in_window(self._archive, window, period, late) or window.problem
-                )
-        pieces = [[] if window.problem else list(intervals(window)) for window in windows]
         tails: dict[int, Problem | None] = {}  # per window: its objects after the last checkpoint
-        for index, (window, parts) in enumerate(zip(windows, pieces, strict=True)):
-            report.unsealed_objects += len(window.unsealed_keys)
-            for interval in parts:
-                if not interval.checkpoints:  # the last one, if any
-                    tails[index] = self._verify(trail, window, interval, selection, expired)
-        for index, (window, parts) in enumerate(zip(windows, pieces, strict=True)):
-            writer, problem = window.writer, window.problem
-            # Checkpoint by checkpoint, as the compliance report reads a window: an attempt is
-            # abandoned only if no checkpoint of the window names its key as the chain's, and
-            # its hash is checked against every hash the window names for it.
-            for interval in parts:
-                problem = (
-                    self._verify(trail, window, interval, selection, expired)
-                    if interval.checkpoints
-                    else tails[index]
+        reported = 0  # the windows whose problem, if any, is in the report
+        try:
+            for writer in self._writers:
+                with steps.step("window", f"stopped before the trail of {writer}"):
+                    windows.append(plan_window(trail, writer, period, late=late))
+            if markers:
+                for window in windows:
+                    where = f"stopped before the delete markers of {window.writer}"
+                    with steps.step("markers", where):
+                        # The cause of whatever else the window shows missing: named first.
+                        window.problem = (
+                            deleted_in_window(self._archive, window, period, late) or window.problem
+                        )
+            pieces = [[] if window.problem else list(intervals(window)) for window in windows]
+            for index, (window, parts) in enumerate(zip(windows, pieces, strict=True)):
+                report.unsealed_objects += len(window.unsealed_keys)
+                for interval in parts:
+                    if not interval.checkpoints:  # the last one, if any
+                        tails[index] = self._verify(trail, window, interval, selection, steps)
+            for index, (window, parts) in enumerate(zip(windows, pieces, strict=True)):
+                problem = window.problem or self._chain(
+                    trail,
+                    window,
+                    parts,
+                    selection,
+                    tail=tails.get(index),
+                    steps=steps,
+                    report=report,
                 )
-                if problem is not None and problem.authentic:
-                    break
-                if problem is not None:  # authentic, but a record of it is missing
-                    report.trail_incomplete.append(f"{writer}: {problem.where}: {problem.why}")
-                    problem = None
-            if problem is not None:
-                _LOG.warning("the trail of %s does not verify: %s", writer, problem)
-                report.trail_problems.append(f"{writer}: {problem.where}: {problem.why}")
+                if problem is not None:
+                    _not_authentic(report, window.writer, problem)
+                reported = index + 1
+        except _OutOfTime:
+            for index, window in enumerate(windows[reported:], start=reported):
+                tail = tails.get(index)
+                found = window.problem or (tail if tail is not None and tail.authentic else None)
+                if found is not None:
+                    _not_authentic(report, window.writer, found)
+            raise
         return not report.trail_problems
+
+    def _chain(
+        self,
+        trail: _Trail,
+        window: Window,
+        parts: list[Interval],
+        selection: _Selection,
+        *,
+        tail: Problem | None,
+        steps: _Steps,
+        report: ReplayReport,
+    ) -> Problem | None:
+        """Verify the intervals of ``window`` in chain order (``tail``: what its objects after
+        the last checkpoint, verified first, showed), up to the first that is not authentic:
+        that one's problem, if any. Gaps of an authentic trail go to ``report``.
+
+        Raises:
+            TransportUnavailable: the bucket cannot be read.
+            _OutOfTime: an interval would not be read within the run's time (``steps``).
+        """
+        # Checkpoint by checkpoint, as the compliance report reads a window: an attempt is
+        # abandoned only if no checkpoint of the window names its key as the chain's, and its
+        # hash is checked against every hash the window names for it.
+        for interval in parts:
+            problem = (
+                self._verify(trail, window, interval, selection, steps)
+                if interval.checkpoints
+                else tail
+            )
+            if problem is not None and problem.authentic:
+                return problem
+            if problem is not None:  # authentic, but a record of it is missing
+                report.trail_incomplete.append(f"{window.writer}: {problem.where}: {problem.why}")
+        return None
 
     def _verify(
         self,
@@ -676,14 +725,14 @@ class Replayer:
         window: Window,
         interval: Interval,
         selection: _Selection,
-        expired: Callable[[], bool],
+        steps: _Steps,
     ) -> Problem | None:
         """Read and verify one interval of ``window``, and give the acceptances of its objects
         to ``selection`` unless it is not authentic; what is wrong with it, if anything.
 
         Raises:
             TransportUnavailable: the bucket cannot be read.
-            _OutOfTime: the run's time was up before the interval was read.
+            _OutOfTime: the interval would not be read within the run's time (``steps``).
         """
         key, checkpoint = interval.checkpoints[0] if interval.checkpoints else ("", {})
         where = (
@@ -691,24 +740,24 @@ class Replayer:
             if key
             else "the objects after its last checkpoint"
         )
-        _in_time(expired, f"stopped at {where} in the trail of {window.writer}")
-        stored = read_objects(trail, [*interval.named, *interval.abandoned])
-        objects = {key: stored[key].data for key in interval.named if key in stored}
-        problem = verify_trail(
-            objects=objects,
-            checkpoints=interval.checkpoints,
-            keys=self._keys,
-            writer=window.writer,
-            anchor=interval.anchor,
-        ).problem
-        if problem is None or not problem.authentic:
-            digests = abandoned_digests(window) if interval.abandoned else {}
-            problem = abandoned_problem(interval.abandoned, stored, digests) or problem
-        if problem is not None and problem.authentic:
+        with steps.step("interval", f"stopped at {where} in the trail of {window.writer}"):
+            stored = read_objects(trail, [*interval.named, *interval.abandoned])
+            objects = {key: stored[key].data for key in interval.named if key in stored}
+            problem = verify_trail(
+                objects=objects,
+                checkpoints=interval.checkpoints,
+                keys=self._keys,
+                writer=window.writer,
+                anchor=interval.anchor,
+            ).problem
+            if problem is None or not problem.authentic:
+                digests = abandoned_digests(window) if interval.abandoned else {}
+                problem = abandoned_problem(interval.abandoned, stored, digests) or problem
+            if problem is not None and problem.authentic:
+                return problem
+            for key in sorted(objects):  # the chain's: abandoned attempts are never read
+                selection.consider(key, objects[key], sealed=key not in window.unsealed_keys)
             return problem
-        for key in sorted(objects):  # the chain's: abandoned attempts are never read
-            selection.consider(key, objects[key], sealed=key not in window.unsealed_keys)
-        return problem
 
     # -- one batch ------------------------------------------------------------------------------
 
@@ -888,14 +937,15 @@ class Replayer:
 
 
 class _OutOfTime(Exception):
-    """The run's time limit passed before the object it was about to read (an archive object,
-    or the next part of the trail while selecting)."""
+    """The run's time limit passed before the object it was about to read (an archive object),
+    or the next part of the trail would not be read within it (while selecting: ``_Steps``)."""
 
 
 def _out_of_time(request: ReplayRequest, report: ReplayReport, where: str) -> None:
     """End a run whose time was up before it had read the period: ``period too long``, with
     nothing of a partial read in the report (its cursor stays where the run started), or
-    ``trail not verified`` when a writer read so far was not authentic."""
+    ``trail not verified`` when a problem was found in the trail before (``Replayer._read``
+    reports every one it found)."""
     if report.trail_problems:
         report.stopped = "trail not verified"
         return
@@ -912,14 +962,43 @@ def _out_of_time(request: ReplayRequest, report: ReplayReport, where: str) -> No
     )
 
 
-def _in_time(expired: Callable[[], bool], where: str) -> None:
-    """Go on reading at ``where`` only while the run has time.
+class _Steps:
+    """The run's reading of the trail, step by step (a writer's window, its delete-marker
+    listing, a checkpoint interval), within its time: a step is begun only if, taking as long
+    as the longest step of its kind so far, it ends before the ``deadline`` (on ``clock``).
 
-    Raises:
-        _OutOfTime: ``expired`` says the time is up; the message is ``where``.
-    """
-    if expired():
-        raise _OutOfTime(where)
+    A step cannot stop halfway: an interval of up to 1,000 objects is read, verified and
+    searched at once (25-40 s a million records). Begun just before the deadline, a long one
+    would run past it by its whole length, and past the function's timeout when longer than
+    the margin between them (``MAX_SECONDS``): the run would end with no report. So only a
+    step longer than every one of its kind before it (the first of each kind too) can end past
+    the deadline, by what it takes more than they did. Per kind: a writer's window (its
+    checkpoints read) can take far longer or shorter than an interval, and would foretell
+    intervals wrongly."""
+
+    def __init__(self, clock: Callable[[], float], *, deadline: float) -> None:
+        self._clock = clock
+        self._deadline = deadline
+        self._longest: dict[str, float] = {}  # seconds, per kind of step
+
+    @contextmanager
+    def step(self, kind: str, where: str) -> Iterator[None]:
+        """One step of ``kind``, timed.
+
+        Raises:
+            _OutOfTime: it would not end before the deadline; the message is ``where``.
+        """
+        begun = self._clock()
+        if begun + self._longest.get(kind, 0.0) >= self._deadline:
+            raise _OutOfTime(where)
+        yield
+        self._longest[kind] = max(self._longest.get(kind, 0.0), self._clock() - begun)
+
+
+def _not_authentic(report: ReplayReport, writer: str, problem: Problem) -> None:
+    """Report why the trail of ``writer`` is not authentic (the run stops: trail not verified)."""
+    _LOG.warning("the trail of %s does not verify: %s", writer, problem)
+    report.trail_problems.append(f"{writer}: {problem.where}: {problem.why}")
 
 
 class _Bodies:
@@ -1248,7 +1327,7 @@ _GROUP_NAMES = frozenset(group.value for group in Stakeholder)
 
 
 def parse_request(
-    event: object, *, max_seconds: float = 840.0, now: datetime | None = None
+    event: object, *, max_seconds: float = MAX_SECONDS, now: datetime | None = None
 ) -> ReplayRequest:
     """The replay function's event (the runbook builds it): ``{"start" (before ``now``),
     "end" (RFC 3339, end exclusive), "topics"?, "message_ids"?, "source"?, "dry_run"?,

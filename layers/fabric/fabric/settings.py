@@ -290,7 +290,8 @@ class ReplaySettings:
     trails it verifies and reads, and the keys their checkpoints are signed with (as for the
     compliance report);
     ``AUDIT_QUEUE_URL``: where its audit batches go while RabbitMQ cannot take them;
-    ``REPLAY_MAX_SECONDS`` (default 840) bounds one run, inside the function's 15-minute timeout.
+    ``REPLAY_MAX_SECONDS`` (default 780) bounds one run, two minutes inside the function's
+    15-minute timeout (``fabric.replay.MAX_SECONDS``: the compliance report's margin).
     """
 
     environment: str
@@ -323,7 +324,7 @@ class ReplaySettings:
             bucket=_required(environ, "AUDIT_BUCKET"),
             writers=_writers(environ),
             signing_key_arn=_required(environ, "SIGNING_KEY_ARN"),
-            max_seconds=float(_positive(environ, "REPLAY_MAX_SECONDS", 840)),
+            max_seconds=float(_positive(environ, "REPLAY_MAX_SECONDS", 780)),
             audit_queue_url=_optional(environ, "AUDIT_QUEUE_URL"),
             retired_signing_key_arns=_retired_keys(environ),
         )
