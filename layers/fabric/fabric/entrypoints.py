@@ -209,7 +209,8 @@ def _lenient_messages(raw: bytes) -> tuple[bool, Sequence[Any]]:
     place, and the others are routed.
 
     Raises:
-        BadRequest: a batch whose frame is not strict JSON.
+        BadRequest: a batch whose frame is not strict JSON, or whose messages nested too deeply
+            for the parser cannot be told apart (``_message_spans``).
     """
     try:
         text = raw.decode("utf-8")
@@ -272,28 +273,30 @@ _NESTED = re.compile(
 # The opening of a batch, up to its messages array: "{", the first key, ":", "[".
 _BATCH_START = re.compile(_SPACE + r"\{" + _SPACE + f"({_STRING})" + _SPACE + ":" + _SPACE + r"\[")
 # The most pieces the scanner reads for one body (about 15 ms): a crafted 4 MiB body of brackets,
-# one piece a byte, took 3 s of the router's CPU. A body whose messages it cannot tell apart
-# within these is one envelope (refused whole: too deep for the parser, or not JSON).
+# one piece a byte, took 3 s of the router's CPU. A batch whose messages it cannot tell apart
+# within these is a malformed request.
 _SCAN_PIECES = 32_768
 
 
 def _message_spans(text: str) -> list[tuple[int, int]] | None:
     """Where each element of the ``messages`` array that opens the top-level object lies in
     ``text``, however deeply nested and whatever values it holds; [] when no such array opens
-    it; None when ``text`` is not JSON, or when the scanner could not tell its messages apart
-    within ``_SCAN_PIECES``. A message's text runs from the comma or bracket before it to the
-    comma or bracket after it.
+    it; None when ``text`` is not JSON. A message's text runs from the comma or bracket before
+    it to the comma or bracket after it.
 
-    The parser (as lenient as ``_lenient_json``) finds each message, at C speed. A message it
-    cannot read makes the body not JSON, unless one before was nested too deeply for the
-    parser (the parse of the whole body stopped there, before any later error): then that
-    message is found by the scanner (``_scanned_end``), and so is every one after a message the
-    parser found not JSON (each such error costs the parser a pass over the body up to it, for
-    its line and column).
+    The parser (as lenient as ``_lenient_json``) finds each message, at C speed; a message it
+    finds not JSON makes the body not JSON, wherever it sits (and the reading stops there: each
+    such error costs the parser a pass over the body up to it, for its line and column). Only a
+    message nested too deeply for the parser is found by the scanner (``_scanned_end``), within
+    ``_SCAN_PIECES`` for the whole body; the parser reads on from the message after it.
 
     The count stops past ``MAX_BATCH`` messages (the request is too large then), and at the end
     of the array: what else the top-level object holds is for the frame's parse to judge, as a
-    first key that is not ``messages`` is (``_lenient_messages``)."""
+    first key that is not ``messages`` is (``_lenient_messages``).
+
+    Raises:
+        BadRequest: the scanner could not tell the messages apart within ``_SCAN_PIECES``.
+    """
     head = _BATCH_START.match(text)
     if head is None or not _is_messages(head.group(1)):
         return []
@@ -301,28 +304,18 @@ def _message_spans(text: str) -> list[tuple[int, int]] | None:
     start = head.end()
     if text.startswith("]", _space_end(text, start)):
         return spans
-    deep = False  # a message was nested too deeply for the parser, and so is the body
-    parse = True  # the parser finds the messages, until one in such a body is not JSON
     pieces = _SCAN_PIECES
     while len(spans) <= MAX_BATCH:
-        end = None
-        if parse:
-            try:
-                end = _parsed_end(text, start)
-            except RecursionError:
-                deep = True
-            else:
-                if end is None and not deep:
-                    return None
-                parse = end is not None
-        if end is None:
+        try:
+            end = _parsed_end(text, start)
+        except RecursionError:
             scanned = _scanned_end(text, start, pieces)
             if scanned is None:
                 return None
             end, read = scanned
             pieces -= read
-            if _space_end(text, start) == end:  # no message between: "[1,,2]", "[1,]"
-                return None
+        if end is None:
+            return None
         spans.append((start, end))
         if text[end] != ",":
             break
@@ -348,10 +341,14 @@ def _parsed_end(text: str, start: int) -> int | None:
 def _scanned_end(text: str, start: int, pieces: int) -> tuple[int, int] | None:
     """(end, pieces read): where the message that starts at ``start`` ends (the comma or the
     closing bracket after it), found by brackets, strings and commas alone; None when they show
-    ``text`` is not JSON, or past ``pieces``.
+    ``text`` is not JSON.
 
     Brackets are counted, not matched by kind: a message whose brackets do not match is not
-    JSON on its own, and the body around the messages is parsed as JSON after this."""
+    JSON on its own, and the body around the messages is parsed as JSON after this.
+
+    Raises:
+        BadRequest: the message's end is not found within ``pieces``.
+    """
     depth = 2  # in the top-level object and in its messages array
     at = start
     for read in range(1, pieces + 1):
@@ -367,7 +364,12 @@ def _scanned_end(text: str, start: int, pieces: int) -> tuple[int, int] | None:
             depth -= len(piece)
         elif piece == "," and depth == 2:
             return match.start(), read
-    return None
+    raise BadRequest(
+        400,
+        "malformed_request",
+        f"messages nested too deeply to tell apart (over {_SCAN_PIECES} strings, runs of "
+        "brackets and commas in those too deep for the JSON parser)",
+    )
 
 
 def _space_end(text: str, at: int) -> int:
