@@ -3,7 +3,8 @@
     python scripts/runbook.py drain --env prod [--max-messages N] [--dry-run]
     python scripts/runbook.py redrive --env prod --source rabbitmq|sqs --queue NAME
         [--topic PATTERN]... [--reason R]... [--message-id ID]... [--older-than AGE]
-        [--newer-than AGE] [--max-messages N] [--rate N] [--dry-run]
+        [--newer-than AGE] [--max-messages N] [--rate N] [--chunk N] [--dry-run]
+        [--redrive-id ID]
     python scripts/runbook.py verify --env prod [--writer NAME] [--bucket B] [--signing-key ARN]...
     python scripts/runbook.py replay --env prod --start T --end T [--topic PATTERN]...
         [--message-id ID]... [--source GROUP] [--max-messages N] [--rate N] [--chunk N]
@@ -27,7 +28,9 @@ would move and moves nothing. Long runs go in chunks (``--chunk``, default 500 m
 invocation) with a progress line after each; a re-run after an interruption never moves a
 letter twice (the function keeps a ledger). The chunks are one redrive: a message it moved that
 is parked again while it runs (the cause is not fixed) is not moved again; it stays, counted,
-and the command exits 1.
+and the command exits 1. ``--redrive-id`` goes on as an earlier command's redrive (its first
+line prints the id), so that what it moved and was parked again is not moved again; a command
+that stops at ``--max-messages``, fails or is interrupted prints the option to go on with.
 AGE is a number with ``s``, ``m``, ``h`` or ``d``.
 
 ``verify`` reads one writer's audit trail (objects and checkpoints) from the audit bucket and
@@ -183,35 +186,52 @@ def redrive(
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """The ``redrive`` command; returns the exit status. Its chunks are one redrive (one
-    ``redrive_id``): a message it moved that is dead-lettered again is not moved again by a
-    later chunk, but counted as parked again."""
+    ``redrive_id``: ``request["redrive_id"]`` goes on as an earlier command's, else a new one):
+    a message it moved that is dead-lettered again is not moved again by a later chunk, but
+    counted as parked again."""
     from fabric.naming import redrive_function_name
     from fabric.redrive import new_redrive_id
 
     name = redrive_function_name(env_name)
-    redrive_id = new_redrive_id()
+    redrive_id = request.get("redrive_id") or new_redrive_id()
+    # How to go on where this command stopped without sending round again what it moved.
+    go_on = f"go on as the same redrive with the same command and: --redrive-id {redrive_id}"
     wanted = int(request.get("max_messages", 1000))
     rate = request.get("rate_per_s")
+    dry_run = bool(request.get("dry_run"))
     started = clock()
     moved = already = parked_again = 0
     print(f"redrive {redrive_id} of {request['queue']} via {name}", file=out)
     while True:
-        if rate is not None:
-            # A chunk paces itself from its own start, at full speed at first: chunks back to
-            # back went faster than --rate (a chunk smaller than a second's worth, unpaced).
-            ahead = moved / rate - (clock() - started)
-            if ahead > 0:
-                sleep(ahead)
         event = {**request, "redrive_id": redrive_id}
-        if not request.get("dry_run"):
+        if not dry_run:
             event["max_messages"] = min(chunk, wanted - moved - already)
-        answer = client("lambda").invoke(
-            FunctionName=name, InvocationType="RequestResponse", Payload=json.dumps(event).encode()
-        )
-        body = json.loads(answer["Payload"].read() or b"null")
+        try:
+            if rate is not None:
+                # A chunk paces itself from its own start, at full speed at first: chunks back
+                # to back went faster than --rate (a chunk smaller than a second's worth).
+                ahead = moved / rate - (clock() - started)
+                if ahead > 0:
+                    sleep(ahead)
+            answer = client("lambda").invoke(
+                FunctionName=name,
+                InvocationType="RequestResponse",
+                Payload=json.dumps(event).encode(),
+            )
+            body = json.loads(answer["Payload"].read() or b"null")
+        except BaseException:
+            # An AWS error (``main`` prints it) or Ctrl-C: a chunk may have moved letters, or
+            # still be moving them; a new redrive would move their copies parked again.
+            if not dry_run:
+                print(f"interrupted: {go_on}", file=out)
+            raise
         if answer.get("FunctionError") or not isinstance(body, dict) or "error" in body:
             print(f"the redrive function refused or failed: {json.dumps(body)[:500]}", file=out)
-            return 2 if isinstance(body, dict) and "error" in body else 1
+            if isinstance(body, dict) and "error" in body:
+                return 2
+            if not dry_run:
+                print(go_on, file=out)
+            return 1
         if body["dry_run"]:
             return _redrive_listed(body, out)
         moved += body["moved"]
@@ -235,15 +255,37 @@ def redrive(
             print("  this run moved and removed nothing: stopping", file=out)
             stopped = "no progress"
             break
+    return _redrive_moved(
+        body, moved=moved, parked_again=parked_again, stopped=stopped, go_on=go_on, out=out
+    )
+
+
+def _redrive_moved(
+    body: dict[str, Any], *, moved: int, parked_again: int, stopped: str, go_on: str, out: TextIO
+) -> int:
+    """Print how a redrive that moved letters ended, with how to go on where it stopped;
+    the exit status. ``body``: its last chunk's answer."""
     _print_letters([item for item in body["listed"] if item["stays"]], out)
     _print_left(body, out)
     if parked_again:
         print(
             f"{parked_again} letter(s) were parked again while this redrive ran: the cause is"
-            f" not fixed. They stay in {body['queue']}, each moved once (docs/dead-letters.md)",
+            f" not fixed. They stay in {body['queue']}, each moved once (docs/dead-letters.md);"
+            " once it is fixed, a new redrive (the same command without --redrive-id) moves"
+            " them: this one never moves them again",
             file=out,
         )
     print(f"summary: moved {moved}, stopped: {stopped}", file=out)
+    if stopped == "message limit":
+        # --max-messages reached: no chunk walked the DLQ to its end. Not a failure (exit 0
+        # when nothing else is wrong), but no sign either that nothing was parked again.
+        print(
+            "stopped at --max-messages: letters behind were not looked at, so letters parked"
+            f" again there are not counted; {go_on}",
+            file=out,
+        )
+    elif stopped not in FINISHED and stopped != "parked again":
+        print(go_on, file=out)  # a chunk stopped early, or made no progress
     return 0 if stopped in FINISHED and not body["left"] and not parked_again else 1
 
 
@@ -609,9 +651,22 @@ def _redrive_request(args: argparse.Namespace) -> dict[str, Any]:
         "older_than_s": args.older_than,
         "newer_than_s": args.newer_than,
         "rate_per_s": args.rate,
+        "redrive_id": args.redrive_id,
     }
     request.update({key: value for key, value in optional.items() if value})
     return request
+
+
+def _redrive_id(text: str) -> str:
+    """``--redrive-id``, checked as the function checks it: a typo is a usage error that names
+    ``--redrive-id``, before anything is invoked."""
+    from fabric.redrive import REDRIVE_ID_RE
+
+    if not REDRIVE_ID_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            "a redrive id is what a redrive's first line prints (1 to 64 of A-Z a-z 0-9 . _ : -)"
+        )
+    return text
 
 
 def _add_replay_command(commands: Any) -> None:
@@ -987,6 +1042,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:  
     redrive_parser.add_argument("--rate", type=_positive, help="at most N messages a second")
     redrive_parser.add_argument("--chunk", type=_positive, default=500)
     redrive_parser.add_argument("--dry-run", action="store_true", help="list, move nothing")
+    redrive_parser.add_argument(
+        "--redrive-id", type=_redrive_id, help="go on as this redrive (default: a new id)"
+    )
     _add_replay_command(commands)
     _add_report_command(commands)
     _add_topology_command(commands)
