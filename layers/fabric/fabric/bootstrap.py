@@ -121,6 +121,8 @@ _ROUTER_PUBLISH_BUDGET = 2.5
 def _rabbit(
     settings: RouterSettings | DrainSettings | RedriveSettings | ReplaySettings,
     make_client: Callable[[str], Any],
+    *,
+    republish_lost: bool = True,
 ) -> RabbitMqTransport:
     router = isinstance(settings, RouterSettings)
     return RabbitMqTransport(
@@ -134,6 +136,7 @@ def _rabbit(
             use_tls=settings.rabbitmq_tls,
             confirm_timeout=RabbitSettings.confirm_timeout if router else _TOOL_CONFIRM_TIMEOUT,
             publish_budget=_ROUTER_PUBLISH_BUDGET if router else None,
+            republish_lost=republish_lost,
         ),
         exchange_for=exchange_for,
     )
@@ -232,7 +235,12 @@ def build_redrive(
             return RabbitMqOverflowQueue(rabbit.settings)
         if source == "rabbitmq":
             # Its own publisher per run: the source's channel and the origin's confirms apart.
-            origin = _rabbit(settings, make_client)
+            # It publishes nothing again after a lost connection, which is the run's own, fresh
+            # one (not a warm one gone stale): what was unconfirmed is in doubt, not moved, and
+            # the run stops "origin unavailable", the letters left in the DLQ for the next run.
+            # Published again at once, a letter the broker had stored went back twice, counted
+            # moved under one "redriven" record.
+            origin = _rabbit(settings, make_client, republish_lost=False)
             return RabbitMqDeadLetterQueue(rabbit.settings, name, origin=origin)
         # The source queue's name or its DLQ's name, as operators see either.
         queue = sqs_queues.get(name.removesuffix("-dlq"))
@@ -437,13 +445,18 @@ def _redrive_sqs_client() -> Any:
     # ledger entry), and the next run sent a third copy. A send is not idempotent, so it is made
     # once: the adapter itself sends again only the entries SQS lists as failed, which SQS did
     # not store. The redrive is not latency-bound, so SQS has 5 s to answer (tens of
-    # milliseconds when healthy), bounded by the 60 s a run keeps before its function's timeout
-    # (REDRIVE_MAX_SECONDS 840 of 900): a batch's 10 sends, none answered, give up within it.
-    # Only a send not answered in time is in doubt: not moved, it stays in the DLQ, and if SQS
-    # did store it, the next run puts it back a second time (same message id): a duplicate,
-    # never a loss. Receives, deletes and visibility changes keep the SDK's retries: one made
-    # again hides, deletes or shows letters the lost answer did already (a letter hidden by a
-    # lost receive comes back when its hold ends).
+    # milliseconds when healthy). The first send in doubt (not answered, or answered with an
+    # error of SQS's own) ends the run's batch (SqsDeadLetterQueue.move sends nothing more, and
+    # the run stops "origin unavailable"): an SQS that does not answer costs a run one send,
+    # 6 s (connect and read), within the 60 s it keeps before its function's timeout
+    # (REDRIVE_MAX_SECONDS 840 of 900). Before, a batch of 100 letters (up to 100 sends, 256
+    # KiB a send) went on after a send not answered: 6 s more a send, past the function's
+    # timeout, and each one more that SQS may have stored without a record. That one send is
+    # the only one in doubt: not moved, its letters stay in the DLQ, and if SQS did store them,
+    # the next run puts them back a second time (same message id): a duplicate, never a loss.
+    # Receives, deletes and visibility changes keep the SDK's retries: one made again hides,
+    # deletes or shows letters the lost answer did already (a letter hidden by a lost receive
+    # comes back when its hold ends).
     timeouts: dict[str, Any] = {"connect_timeout": 1, "read_timeout": 5}
     return _SendsOnce(
         sends=_aws_client("sqs", **timeouts, retries={"total_max_attempts": 1, "mode": "standard"}),

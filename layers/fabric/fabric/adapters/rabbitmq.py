@@ -55,6 +55,14 @@ class RabbitSettings:
     would hold a large call for as long as it takes to confirm every message. Time spent in the
     caller's code (the source of the messages, ``meanwhile``) is not spent from it: that is the
     caller's own stage, bounded by the caller.
+
+    ``republish_lost`` (default True): messages unconfirmed when their connection is lost are
+    published once more on a new connection, for a warm connection that went stale between
+    calls (the router's); the broker may have stored them already, and stores them twice.
+    False: they are ``UNAVAILABLE`` (in doubt) and nothing more is published in that call, for
+    a caller on a fresh connection that would rather stop and leave them where they are, to be
+    sent again by a later run (the redrive: a letter it counts moved was stored once, under
+    its record).
     """
 
     host: str
@@ -69,6 +77,7 @@ class RabbitSettings:
     confirm_window: int = 2000
     connection_name: str = "fabric-router"
     publish_budget: float | None = None
+    republish_lost: bool = True
 
     def __repr__(self) -> str:  # never print credentials
         scheme = "amqps" if self.use_tls else "amqp"
@@ -238,15 +247,16 @@ class RabbitMqTransport:
         ``meanwhile`` returns: keep it short.
 
         A message whose connection dies before its confirm is published once more on a new
-        connection (the stale-connection case); if that fails too, it is reported
-        ``UNAVAILABLE``. Messages without a confirm within the confirm timeout are ``TIMEOUT``
-        and the connection is dropped, because it can no longer be trusted; so are those still
-        unconfirmed once the publish budget is spent, and the messages not published by then
-        are not published (``UNAVAILABLE``, as after any timeout). A connection that
-        cannot be opened is tried once more only when the broker refused the credentials (they
-        are read again, as after a rotation): a broker that does not answer costs one connect
-        timeout. A message AMQP cannot carry (a routing key or property over 255 bytes, text
-        that is not UTF-8) is ``NACKED`` on its own; the others are published as usual.
+        connection (the stale-connection case; not with ``republish_lost`` false); if that
+        fails too, it is reported ``UNAVAILABLE``. Messages without a confirm within the
+        confirm timeout are ``TIMEOUT`` and the connection is dropped, because it can no
+        longer be trusted; so are those still unconfirmed once the publish budget is spent,
+        and the messages not published by then are not published (``UNAVAILABLE``, as after
+        any timeout). A connection that cannot be opened is tried once more only when the
+        broker refused the credentials (they are read again, as after a rotation): a broker
+        that does not answer costs one connect timeout. A message AMQP cannot carry (a
+        routing key or property over 255 bytes, text that is not UTF-8) is ``NACKED`` on its
+        own; the others are published as usual.
 
         Raises:
             Exception: whatever iterating ``messages`` or ``meanwhile`` raises (the connection
@@ -255,7 +265,7 @@ class RabbitMqTransport:
         source = iter(messages)
         batch_state = _Taken(meanwhile)
         pending: list[int] = []
-        for _attempt in range(2):
+        for _attempt in range(2 if self._settings.republish_lost else 1):
             if batch_state.spent(self._clock()) or not self.connect():
                 break
             pending = self._publish_batch(source, batch_state, pending)

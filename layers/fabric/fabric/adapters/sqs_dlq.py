@@ -180,10 +180,15 @@ class SqsDeadLetterQueue:
         ``headers`` hold (the redrive's mark), where they fit; returns the letters SQS accepted.
 
         Batches hold at most 10 entries and 256 KiB. An entry SQS lists as failed on its side
-        (``SenderFault`` false) is sent again, up to ``_SEND_ATTEMPTS`` sends in all; a batch
-        SQS refuses as a whole, or an entry it refused, is not moved (the letter stays in the
-        DLQ); never raises for I/O. A letter this run does not hold (released, removed, or
-        from another run) is not moved either: its attributes are not known.
+        (``SenderFault`` false) is sent again, up to ``_SEND_ATTEMPTS`` sends in all; an entry
+        SQS refused, or a batch it refused as a whole (a 4xx answer), is not moved (the letter
+        stays in the DLQ). A send in doubt (no answer in time, or an error of SQS's own: SQS
+        may have stored it) ends the call: nothing more is sent, and the run stops ``origin
+        unavailable``. So at most one request is in doubt, and an SQS that does not answer
+        costs one read timeout, not one for each of up to 100 requests (100 letters over 128
+        KiB, one to a request of at most 256 KiB). Never raises for I/O. A letter this run does
+        not hold (released, removed, or from another run) is not moved either: its attributes
+        are not known.
         """
         movable = [letter for letter in letters if letter.handle in self._held]
         if len(movable) < len(letters):
@@ -195,7 +200,10 @@ class SqsDeadLetterQueue:
         for chunk in _batches(movable, outgoing):
             waiting = chunk
             for attempt in range(_SEND_ATTEMPTS):
-                sent, waiting = self._send(waiting, outgoing)
+                answer = self._send(waiting, outgoing)
+                if answer is None:
+                    return moved
+                sent, waiting = answer
                 moved.extend(sent)
                 if not waiting:
                     break
@@ -205,10 +213,11 @@ class SqsDeadLetterQueue:
 
     def _send(
         self, chunk: list[DeadLetter], outgoing: dict[str, dict[str, Any]]
-    ) -> tuple[list[DeadLetter], list[DeadLetter]]:
+    ) -> tuple[list[DeadLetter], list[DeadLetter]] | None:
         """One SendMessageBatch: the letters SQS accepted, and those it failed on its side
         (``SenderFault`` false: throttled, an internal error), which may be sent again. A
-        letter SQS refused, or a whole batch it refused, is neither: not moved."""
+        letter SQS refused, or a whole batch it refused, is neither: not moved. None: the send
+        is in doubt (no answer in time, or an error of SQS's own), SQS may have stored it."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         entries = [
@@ -230,7 +239,11 @@ class SqsDeadLetterQueue:
                 len(chunk),
                 type(exc).__name__,
             )
-            return [], []  # not moved: they stay in the DLQ
+            # Not moved: they stay in the DLQ. Refused (a 4xx answer: throttled, access denied,
+            # too large), nothing was stored; after anything else SQS may have stored them.
+            answer = exc.response if isinstance(exc, ClientError) else {}
+            status = answer.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            return ([], []) if 400 <= status < 500 else None
         failed = response.get("Failed", [])
         if failed:
             _LOG.warning(
