@@ -25,8 +25,9 @@ letters of one queue that match every given filter back to where they came from:
 terminal queue each letter came from (its DLQ, ``fabric.unrouted`` or ``fabric.audit``), an SQS
 DLQ (give the source queue's or the DLQ's name) to its source queue. ``--dry-run`` lists what
 would move and moves nothing. Long runs go in chunks (``--chunk``, default 500 messages an
-invocation) with a progress line after each; a re-run after an interruption never moves a
-letter twice (the function keeps a ledger). The chunks are one redrive: a message it moved that
+invocation) with a progress line after each; a re-run after an interruption loses nothing
+and moves a letter twice only when a send's answer was lost (the function keeps a ledger;
+docs/dead-letters.md). The chunks are one redrive: a message it moved that
 is parked again while it runs (the cause is not fixed) is not moved again; it stays, counted,
 and the command exits 1. ``--redrive-id`` goes on as an earlier command's redrive (its first
 line prints the id), so that what it moved and was parked again is not moved again; a command
@@ -43,17 +44,17 @@ bytes each) and one interval's objects. The bucket and the signing keys come fro
 ``<env>-Stateful`` stack's outputs unless given (``--signing-key`` once per key, oldest
 first: the keys a rotation retired, then the current one).
 
-``replay`` invokes the deployed replay function (``fabric-<env>-replay``) to re-publish the
-archived messages accepted in ``[--start, --end)`` (RFC 3339, end exclusive) that match every
-given filter, as they were stored, with the same message id and the ``fabric-replay`` header.
-It goes in chunks (``--chunk``, default 500 an invocation) behind the cursor each chunk returns,
-so no message is replayed twice, with a progress line after each; a stopped replay prints the
-``--replay-id`` and ``--after`` that resume it. ``--dry-run`` lists and counts what would be
-replayed and publishes nothing. Each chunk first verifies the period's trail; when it does not
-verify, nothing is listed or published, the problem is printed, and the exit status is 1. Exit
-1 also when a message cannot be replayed (missing or corrupt body): each one is listed, and when
-the period's trail cannot be read in one invocation (``period too long``): it prints the
-``--replay-id`` and ``--after`` to replay it with in shorter periods.
+``replay`` invokes the deployed replay function (``fabric-<env>-replay``) to re-publish the archived
+messages accepted in ``[--start, --end)`` (RFC 3339, end exclusive) that match every given filter,
+as they were stored, with the same message id and the ``fabric-replay`` header. It goes in chunks
+(``--chunk``, default 500 an invocation) behind the cursor each chunk returns, so no chunk replays
+what one before it did, with a progress line after each; a stopped replay prints the ``--replay-id``
+and ``--after`` that resume it. ``--dry-run`` lists and counts what would be replayed and publishes
+nothing. Each chunk first verifies the period's trail; when it does not verify, nothing is listed or
+published, the problem is printed, and the exit status is 1. Exit 1 also when a message cannot be
+replayed (missing or corrupt body): each one is listed, and when the period's trail cannot be read
+in one invocation (``period too long``): it prints the ``--replay-id`` and ``--after`` to replay it
+with in shorter periods.
 
 ``report`` invokes the deployed compliance report function (``fabric-<env>-compliance-report``)
 for one UTC day (``--date``; default yesterday) or ``[--start, --end)``, and prints its summary:
