@@ -26,7 +26,7 @@ from stacks.nag import acknowledge, wildcard_resource_finding
 _CONCURRENCY = 1
 # Lambda's longest timeout; REPLAY_MAX_SECONDS stops a run two minutes before it, the compliance
 # report's ANSWER_MARGIN_S: what a step of the trail's reading begun in time may take more than
-# the longest before it (an interval of up to 1,000 objects), and the answer (fabric.replay).
+# its estimate (an interval of up to 1,000 objects), and the answer (fabric.replay._Steps).
 _TIMEOUT = Duration.minutes(15)
 _MAX_SECONDS = "780"
 # A run holds one checkpoint interval's audit objects while it verifies them, a compact id of

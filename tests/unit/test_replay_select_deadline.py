@@ -51,7 +51,8 @@ LIMIT = ReplaySettings.from_env(
 class SlowTrail(MemoryArchive):
     """The bucket, where reading a checkpoint takes ``STEP`` seconds of ``clock`` and an audit
     object ``per_object`` (``slower`` seconds, either, once ``slower_after`` of them were
-    read); archive objects (the bodies) cost nothing."""
+    read; the first audit object ``retried`` seconds more); archive objects (the bodies) cost
+    nothing."""
 
     def __init__(
         self,
@@ -61,6 +62,7 @@ class SlowTrail(MemoryArchive):
         per_object: float = STEP,
         slower_after: int | None = None,
         slower: float = STEP,
+        retried: float = 0.0,
     ) -> None:
         super().__init__(objects=archive.objects, delete_markers=archive.delete_markers)
         self.clock = clock
@@ -68,6 +70,7 @@ class SlowTrail(MemoryArchive):
         self._per_object = per_object
         self._slower_after = slower_after
         self._slower = slower
+        self._retried = retried
         self._lock = threading.Lock()  # the trail is read 16 objects at a time
 
     def read(self, key: str) -> bytes | None:
@@ -76,6 +79,8 @@ class SlowTrail(MemoryArchive):
                 self.trail_reads += 1
                 later = self._slower_after is not None and self.trail_reads > self._slower_after
                 cost = self._per_object if key.startswith(AUDIT_PREFIX) else STEP
+                if key.startswith(AUDIT_PREFIX):
+                    cost, self._retried = cost + self._retried, 0.0
                 self.clock.now += self._slower if later else cost
         return super().read(key)
 
@@ -87,10 +92,16 @@ def timed(
     per_object: float = STEP,
     slower_after: int | None = None,
     slower: float = STEP,
+    retried: float = 0.0,
 ) -> tuple[Replayer, MemoryTransport, MemoryAuditSink, Clock]:
     clock = Clock()
     archive = SlowTrail(
-        trail.archive, clock, per_object=per_object, slower_after=slower_after, slower=slower
+        trail.archive,
+        clock,
+        per_object=per_object,
+        slower_after=slower_after,
+        slower=slower,
+        retried=retried,
     )
     run, broker, audit = replayer_on(archive, trail, writers)
     return run, broker, audit, clock
@@ -302,6 +313,41 @@ def test_an_interval_longer_than_every_one_before_it_still_ends_before_the_timeo
     assert slower.trail_reads == last
     assert LIMIT < slower.clock.now < TIMEOUT
     assert (report.stopped, broker.published) == ("period too long", [])
+
+
+def test_one_slow_interval_does_not_make_a_period_that_fits_too_long() -> None:
+    # Intervals of 29 s, but the first object read is retried once (the reader allows about
+    # 30 s a call): the whole read takes 750 s of the run's 780. Every later interval was
+    # estimated as long as that first one (59 s): the run stopped at 721 s, "period too long",
+    # and replayed nothing. The slow one counts only for the next few intervals now.
+    trail = Trail("writer-a")
+    hourly(trail)
+    run, broker, _, clock = timed(trail, ["writer-a"], per_object=29.0, retried=30.0)
+
+    report = run.run(request(max_seconds=LIMIT))
+
+    assert (report.stopped, report.replayed) == ("done", HOURS)
+    assert [m.message_id for m in broker.published] == [message(n) for n in range(HOURS)]
+    assert clock.now <= LIMIT
+
+
+def test_a_large_interval_after_small_ones_is_foreseen_and_not_begun_too_late() -> None:
+    # 23 hourly intervals of one object, then one of ten (ten writer calls, then a checkpoint),
+    # 30 s an object read, verified and searched: the large one comes with 66 s left to the
+    # run's limit and takes 300 s. Estimated as long as the small ones, it was begun and ended
+    # past the function's timeout (no report); estimated per object, it is not begun.
+    trail = Trail("writer-a")
+    hourly(trail, hours=HOURS - 1)
+    for n in range(10):
+        at = DAY + timedelta(hours=HOURS - 1, minutes=n)
+        trail.route([donation(HOURS - 1 + n)], source="community", at=at, seal=n == 9)
+    run, broker, _, clock = timed(trail, ["writer-a"], per_object=30.0)
+
+    report = run.run(request(max_seconds=LIMIT))
+
+    assert clock.now <= LIMIT < TIMEOUT
+    assert (report.stopped, broker.published) == ("period too long", [])
+    assert report.cursor is None
 
 
 def test_a_delete_marker_found_before_the_time_is_up_is_reported_not_lost() -> None:

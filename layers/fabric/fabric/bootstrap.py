@@ -113,8 +113,8 @@ _TOOL_CONFIRM_TIMEOUT = 5.0
 # it, the broker's stage of a call stays within the 5 s docs/router.md adds up; a healthy broker
 # confirms 500 messages in tens of milliseconds. What is unconfirmed by then goes to SNS/SQS.
 # The tools have no budget: without a fallback, a bound would stop a run while the broker still
-# stores, and their batches are small (10 or 100 messages) in runs that end a minute before
-# their function's timeout.
+# stores, and their batches are small (10 or 100 messages) in runs that end before their
+# function's timeout: the drain's and the redrive's a minute before it, the replay's two.
 _ROUTER_PUBLISH_BUDGET = 2.5
 
 
@@ -365,8 +365,8 @@ def _reader_client(service_name: str) -> Any:
     # For the replay and the compliance report. Reading the trail is not on a message's path:
     # an object may take longer than the router's two seconds to arrive, and the SDK's retries
     # are worth their time here, within bounds: one call that never answers gives up after
-    # about 30 s (three attempts of a 10 s read; before, 181 s, past the replay's 60 s and the
-    # report's 120 s margin before their function's timeout). The trail is read READ_WORKERS
+    # about 30 s (three attempts of a 10 s read; before, 181 s, past the 120 s margin the
+    # replay and the report keep before their function's timeout). The trail is read READ_WORKERS
     # objects at a time (fabric.compliance_run.read_objects): one pooled connection each.
     return _aws_client(
         service_name,

@@ -48,11 +48,11 @@ the ones before it. It reads the period a second
 time only when that fits in its time (``Replayer._select``). The time limit bounds the reading
 and verifying of the trail as well, as the compliance report's does (``PeriodTooLong``): a run
 does not begin the next part of the period that would not end within its time, taking as long as
-the longest such part so far (``_Steps``), but stops (``period too long``), replays nothing and
-leaves its cursor where it started; runs of that length could never select from that period
-(and the function's timeout would end them with no report and no cursor), so it is replayed in
-shorter periods. A problem already found in the trail stops it as ``trail not verified``
-instead. Its memory follows
+estimated from the last parts of its kind, per object for an interval (``_Steps``), but stops
+(``period too long``), replays nothing and leaves its cursor where it started; runs of that
+length could never select from that period (and the function's timeout would end them with no
+report and no cursor), so it is replayed in shorter periods. A problem already found in the
+trail stops it as ``trail not verified`` instead. Its memory follows
 ``max_messages``, not the period: of the messages behind the first ones it takes it holds only
 their ids (``_Selection``), and of the archived bodies it searches only its own messages' hashes
 (``_Bodies``). Only the broker is used: a replay is recovery, not live traffic, so while
@@ -73,7 +73,7 @@ import logging
 import re
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -127,9 +127,12 @@ REPLAY_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # Decoded archive objects kept in memory at once (each up to one writer call's bodies).
 _CACHED_ARCHIVES = 8
 # A run's time (the function's REPLAY_MAX_SECONDS): its 15-minute timeout less the compliance
-# report's ANSWER_MARGIN_S, which a step begun within the time, longer than those before it,
+# report's ANSWER_MARGIN_S, which a step begun within the time but longer than its estimate,
 # and the answer may take (``_Steps``).
 MAX_SECONDS = 780.0
+# The steps of a kind a step's estimate comes from (``_Steps``): one slower than usual (a read
+# retried) counts only until that many others followed it.
+_RECENT_STEPS = 3
 
 REPLAYED = "replayed"
 WOULD_REPLAY = "would-replay"
@@ -740,7 +743,10 @@ class Replayer:
             if key
             else "the objects after its last checkpoint"
         )
-        with steps.step("interval", f"stopped at {where} in the trail of {window.writer}"):
+        size = len(interval.named) + len(interval.abandoned)
+        with steps.step(
+            "interval", f"stopped at {where} in the trail of {window.writer}", objects=size
+        ):
             stored = read_objects(trail, [*interval.named, *interval.abandoned])
             objects = {key: stored[key].data for key in interval.named if key in stored}
             problem = verify_trail(
@@ -965,34 +971,45 @@ def _out_of_time(request: ReplayRequest, report: ReplayReport, where: str) -> No
 class _Steps:
     """The run's reading of the trail, step by step (a writer's window, its delete-marker
     listing, a checkpoint interval), within its time: a step is begun only if, taking as long
-    as the longest step of its kind so far, it ends before the ``deadline`` (on ``clock``).
+    as its estimate, it ends before the ``deadline`` (on ``clock``).
 
     A step cannot stop halfway: an interval of up to 1,000 objects is read, verified and
     searched at once (25-40 s a million records). Begun just before the deadline, a long one
     would run past it by its whole length, and past the function's timeout when longer than
-    the margin between them (``MAX_SECONDS``): the run would end with no report. So only a
-    step longer than every one of its kind before it (the first of each kind too) can end past
-    the deadline, by what it takes more than they did. Per kind: a writer's window (its
-    checkpoints read) can take far longer or shorter than an interval, and would foretell
-    intervals wrongly."""
+    the margin between them (``MAX_SECONDS``): the run would end with no report.
+
+    A step is estimated from the last ``_RECENT_STEPS`` steps of its kind (a writer's window
+    can take far longer or shorter than an interval, and would foretell intervals wrongly).
+    An interval's size is known before it begins (its objects, from a few to 1,000): it is
+    estimated at the most seconds an object took in those intervals times its objects, so a
+    large interval after small ones is foreseen. A window or a delete-marker listing has no
+    size known beforehand: it is estimated at the longest of those. A step slower than usual
+    (a read retried) weighs on the estimates only until ``_RECENT_STEPS`` others of its kind
+    followed it. So only a step longer than its estimate (the first of each kind, estimated
+    at nothing, too) can end past the deadline, by what it takes more."""
 
     def __init__(self, clock: Callable[[], float], *, deadline: float) -> None:
         self._clock = clock
         self._deadline = deadline
-        self._longest: dict[str, float] = {}  # seconds, per kind of step
+        # Per kind of step: the last ones, as (seconds, size).
+        self._recent: dict[str, deque[tuple[float, int]]] = {}
 
     @contextmanager
-    def step(self, kind: str, where: str) -> Iterator[None]:
-        """One step of ``kind``, timed.
+    def step(self, kind: str, where: str, *, objects: int | None = None) -> Iterator[None]:
+        """One step of ``kind``, timed; ``objects``: its size, for a kind that has one.
 
         Raises:
             _OutOfTime: it would not end before the deadline; the message is ``where``.
         """
+        # Unsized steps are all of size 1, and an empty interval still costs its call.
+        size = 1 if objects is None else max(objects, 1)
+        recent = self._recent.setdefault(kind, deque(maxlen=_RECENT_STEPS))
+        estimate = size * max((seconds / each for seconds, each in recent), default=0.0)
         begun = self._clock()
-        if begun + self._longest.get(kind, 0.0) >= self._deadline:
+        if begun + estimate >= self._deadline:
             raise _OutOfTime(where)
         yield
-        self._longest[kind] = max(self._longest.get(kind, 0.0), self._clock() - begun)
+        recent.append((self._clock() - begun, size))
 
 
 def _not_authentic(report: ReplayReport, writer: str, problem: Problem) -> None:
