@@ -291,14 +291,25 @@ def _redrive_moved(
 
 
 def _redrive_listed(body: dict[str, Any], out: TextIO) -> int:
-    """Print a dry run's answer; the exit status (1 when it could not look at every letter)."""
+    """Print a dry run's answer; the exit status (1 when it could not look at every letter).
+    Given a ``--redrive-id``, it lists the letters that redrive moved and that were parked again
+    (``stays: parked again by this redrive``) and counts them: it never moves them again."""
     print(f"dry run on {body['queue']}: {body['matched']} of {body['scanned']} match", file=out)
     _print_letters(body["listed"], out)
-    unlisted = body["matched"] + body["left"] - len(body["listed"])
+    unlisted = body["matched"] + body["left"] + body["parked_again"] - len(body["listed"])
     if unlisted > 0:
         print(f"  ... and {unlisted} more", file=out)
     _print_left(body, out)
-    if body["stopped"] not in FINISHED:
+    if body["parked_again"]:
+        print(
+            f"{body['parked_again']} letter(s) were parked again after redrive"
+            f" {body['redrive_id']} moved them: the cause is not fixed. They stay in"
+            f" {body['queue']}: that redrive never moves them again; once it is fixed, a new"
+            " redrive (the same command without --redrive-id) moves them",
+            file=out,
+        )
+    # "parked again": it looked at every letter, and only those parked again are left.
+    if body["stopped"] not in FINISHED and body["stopped"] != "parked again":
         # Not every letter was looked at: "0 of 0 match" must not read as an empty queue.
         print(f"nothing moved; the listing is incomplete, stopped: {body['stopped']}", file=out)
         return 1

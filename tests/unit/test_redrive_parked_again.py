@@ -15,6 +15,7 @@ from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.audit import AuditEvent
 from fabric.ports import DeadLetter
 from fabric.redrive import (
+    PARKED_AGAIN_STAYS,
     REDRIVE_ID_HEADER,
     RedriveFilter,
     RedrivePlan,
@@ -108,8 +109,10 @@ class UnmarkingDeadLetterQueue(MemoryDeadLetterQueue):
     """Parks what comes back at once, as a new dead-lettering (now), without the redrive's mark:
     an SQS message with no room left for it."""
 
-    def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
-        moved = super().move(letters)
+    def move(
+        self, letters: Sequence[DeadLetter], *, budget_s: float | None = None
+    ) -> list[DeadLetter]:
+        moved = super().move(letters, budget_s=budget_s)
         for item in moved:
             headers = {k: v for k, v in item.headers.items() if k != REDRIVE_ID_HEADER}
             self.letters.append(
@@ -169,3 +172,24 @@ def test_the_report_says_its_redrive_and_what_was_parked_again() -> None:
         "parked_again": 1,
         "stopped": "parked again",
     }
+
+
+def test_a_dry_run_as_the_redrive_lists_the_letters_it_would_leave_parked_again() -> None:
+    # Before, a dry run given the redrive's id counted them in parked_again only: not listed,
+    # and not counted as letters the queue keeps.
+    queue = ReparkingDeadLetterQueue([letter(1), letter(2), letter(3)])
+    run = redriver(MemoryAuditSink())
+    run.run(queue, RedrivePlan(redrive_id="cmd-3", max_messages=2))
+
+    report = run.run(queue, RedrivePlan(redrive_id="cmd-3", dry_run=True))
+
+    assert (report.scanned, report.matched, report.parked_again) == (3, 1, 2)
+    assert report.stopped == "parked again", "it looked at every letter"
+    assert sorted((item.message_id, item.stays) for item in report.listed) == sorted(
+        [
+            (msg_id("m-1"), PARKED_AGAIN_STAYS),
+            (msg_id("m-2"), PARKED_AGAIN_STAYS),
+            (msg_id("m-3"), None),
+        ]
+    )
+    assert len(queue.letters) == 3, "a dry run moves nothing"

@@ -49,7 +49,9 @@ class MemoryDeadLetterQueue:
         self._cursor += len(taken)
         return taken
 
-    def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+    def move(
+        self, letters: Sequence[DeadLetter], *, budget_s: float | None = None
+    ) -> list[DeadLetter]:
         moved = [item for item in letters if item.message_id not in self.origin_fails]
         self.origin.extend(moved)
         return moved
@@ -232,8 +234,10 @@ class ReparkingDeadLetterQueue(MemoryDeadLetterQueue):
     """A consumer that parks what comes back at once (still poison): every letter put back is
     dead-lettered again, at the tail of the DLQ, with its redrive count raised."""
 
-    def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
-        moved = super().move(letters)
+    def move(
+        self, letters: Sequence[DeadLetter], *, budget_s: float | None = None
+    ) -> list[DeadLetter]:
+        moved = super().move(letters, budget_s=budget_s)
         for item in moved:
             self.letters.append(
                 dataclasses.replace(

@@ -40,6 +40,8 @@ class Faults:
     late_s: float = 0.0  # each SendMessageBatch answered this late, after SQS stored it
     failed_sends: int = 0  # so many SendMessageBatch answered 500 after SQS stored them
     failed_receives: int = 0  # so many ReceiveMessage answered 500, nothing received
+    failed_deletes: int = 0  # so many DeleteMessageBatch answered 500, nothing deleted
+    failed_visibility_changes: int = 0  # so many ChangeMessageVisibilityBatch answered 500
     calls: Counter[str] = field(default_factory=Counter)
 
 
@@ -51,6 +53,12 @@ def _faulty(app: Any, faults: Faults) -> Callable[..., Iterable[bytes]]:
         faults.calls[operation] += 1
         if operation == "ReceiveMessage" and faults.failed_receives:
             faults.failed_receives -= 1
+            return _internal_error(start_response)
+        if operation == "DeleteMessageBatch" and faults.failed_deletes:
+            faults.failed_deletes -= 1
+            return _internal_error(start_response)
+        if operation == "ChangeMessageVisibilityBatch" and faults.failed_visibility_changes:
+            faults.failed_visibility_changes -= 1
             return _internal_error(start_response)
         answer: list[Any] = []
         result = app(

@@ -159,3 +159,30 @@ def test_an_interrupted_command_says_how_to_go_on_as_the_same_redrive() -> None:
         )
     output = out.getvalue()
     assert f"--redrive-id {first_line_id(output)}" in output.splitlines()[-1]
+
+
+def test_a_dry_run_given_the_redrive_id_lists_and_counts_the_letters_parked_again() -> None:
+    # The --max-messages line says to look with --dry-run or go on with --redrive-id; an
+    # operator looks first, as that redrive. Before, the dry run left the 100 letters parked
+    # again out of its listing and its counts ("20 of 120 match") and, having walked the whole
+    # DLQ, said "the listing is incomplete, stopped: parked again" and exited 1.
+    function = RedriveFunction(120)
+    _, output = command(function, chunk=100, max_messages=100)
+    redrive_id = first_line_id(output)
+
+    status, output = command(function, chunk=100, dry_run=True, redrive_id=redrive_id)
+
+    assert status == 0, output
+    lines = output.splitlines()
+    assert "dry run on fabric.government.dlq: 20 of 120 match" in lines
+    listed = [line for line in lines if line.startswith("  ") and "redrives" in line]
+    assert sum("-> fabric.government" in line for line in listed) == 20
+    assert sum(line.endswith("stays: parked again by this redrive") for line in listed) == 80
+    assert "  ... and 20 more" in lines, "the function's answer lists 100 letters"
+    assert (
+        f"100 letter(s) were parked again after redrive {redrive_id} moved them: the cause is"
+        " not fixed."
+    ) in output
+    assert "incomplete" not in output
+    assert lines[-1] == "nothing moved"
+    assert len(function.moves()) == 100, "the dry run moved nothing"

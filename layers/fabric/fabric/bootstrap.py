@@ -447,16 +447,22 @@ def _redrive_sqs_client() -> Any:
     # not store. The redrive is not latency-bound, so SQS has 5 s to answer (tens of
     # milliseconds when healthy). The first send in doubt (not answered, or answered with an
     # error of SQS's own) ends the run's batch (SqsDeadLetterQueue.move sends nothing more, and
-    # the run stops "origin unavailable"): an SQS that does not answer costs a run one send,
-    # 6 s (connect and read), within the 60 s it keeps before its function's timeout
-    # (REDRIVE_MAX_SECONDS 840 of 900). Before, a batch of 100 letters (up to 100 sends, 256
-    # KiB a send) went on after a send not answered: 6 s more a send, past the function's
-    # timeout, and each one more that SQS may have stored without a record. That one send is
-    # the only one in doubt: not moved, its letters stay in the DLQ, and if SQS did store them,
-    # the next run puts them back a second time (same message id): a duplicate, never a loss.
-    # Receives, deletes and visibility changes keep the SDK's retries: one made again hides,
-    # deletes or shows letters the lost answer did already (a letter hidden by a lost receive
-    # comes back when its hold ends).
+    # the run stops "origin unavailable"), and no send starts after the run's time limit (an SQS
+    # answering each send slowly, within the 5 s: the letters not sent stay in the DLQ, and the
+    # run stops "time limit"). Before, a batch of 100 letters (up to 100 sends, 256 KiB a send)
+    # went on after a send not answered: 6 s more a send, past the function's timeout, and each
+    # one more that SQS may have stored without a record. That one send is the only one in
+    # doubt: not moved, its letters stay in the DLQ, and if SQS did store them, the next run
+    # puts them back a second time (same message id): a duplicate, never a loss. Receives,
+    # deletes and visibility changes keep the SDK's retries (3 attempts, up to 18 s when SQS
+    # does not answer): one made again hides, deletes or shows letters the lost answer did
+    # already. The first batch of deletes or visibility changes that fails ends its call (the
+    # ledger knows the letters not deleted; held letters come back after their hold). So an SQS
+    # that stops answering at the run's time limit costs it a send in doubt (6 s) and at most
+    # three calls of 18 s (deletes, the next receive, visibility changes): within the 60 s it
+    # keeps before its function's timeout (REDRIVE_MAX_SECONDS 840 of 900). One that answers
+    # every call slowly can still take a run that holds hundreds of letters past it
+    # (docs/dead-letters.md).
     timeouts: dict[str, Any] = {"connect_timeout": 1, "read_timeout": 5}
     return _SendsOnce(
         sends=_aws_client("sqs", **timeouts, retries={"total_max_attempts": 1, "mode": "standard"}),

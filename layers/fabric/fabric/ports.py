@@ -250,9 +250,16 @@ class DeadLetterQueue(Protocol):
         """
         ...
 
-    def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+    def move(
+        self, letters: Sequence[DeadLetter], *, budget_s: float | None = None
+    ) -> list[DeadLetter]:
         """Put ``letters`` back at their origin (redrive count + 1, headers kept); returns the
-        ones the origin confirmed stored. They are still in the dead-letter queue."""
+        ones the origin confirmed stored. They are still in the dead-letter queue.
+
+        ``budget_s``: the seconds the run has left (None: no limit). A queue that puts letters
+        back in several requests starts none once it is spent; the letters it did not send are
+        not moved (they stay).
+        """
         ...
 
     def remove(self, letters: Sequence[DeadLetter]) -> set[str]:

@@ -11,7 +11,8 @@ the queue says cannot go back by itself (``DeadLetter.stays``) is counted and li
 A redrive (one runbook command, in as many runs as it has chunks) has an id, ``redrive_id``,
 and marks every message it puts back with it (``REDRIVE_ID_HEADER``). A letter that carries the
 mark is a message this redrive moved already and that was dead-lettered again (its cause is not
-fixed): no run of the redrive moves it again; it stays, counted as ``parked_again``.
+fixed): no run of the redrive moves it again; it stays, counted as ``parked_again`` (and listed
+by a dry run, ``stays: parked again by this redrive``).
 
 Exactly once at the origin, by message id: a letter is removed only after the origin confirmed
 it and the ledger recorded it, and a letter the ledger knows is never put back again. Two
@@ -52,6 +53,9 @@ REDRIVE_ID_HEADER = "fabric-redrive-id"
 REDRIVE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 # Times of dead-lettering are whole seconds (the toolkit's header, ``x-death``).
 _SECOND = timedelta(seconds=1)
+# What a dry run lists a letter parked again as (``Listed.stays``): it stays, this redrive never
+# moves it again.
+PARKED_AGAIN_STAYS = "parked again by this redrive"
 
 
 def new_redrive_id() -> str:
@@ -164,7 +168,8 @@ class RedriveReport:
     ``left`` counts matching letters that cannot go back by themselves (``DeadLetter.stays``):
     the queue keeps them, and ``listed`` shows the first of them with the reason, in every run.
     ``parked_again`` counts the letters this run met that its redrive had put back already and
-    that were dead-lettered again (whatever the filter): the queue keeps them too.
+    that were dead-lettered again (whatever the filter): the queue keeps them too, and a dry run
+    lists the first hundred of them with ``stays: parked again by this redrive``.
     """
 
     queue: str
@@ -298,6 +303,8 @@ class Redriver:
             clock=self._clock,
             sleep=self._sleep,
         )
+        # The same limit as the pace's: a move stops sending at it (``DeadLetterQueue.move``).
+        deadline = self._clock() + plan.max_seconds
         max_messages = plan.max_messages
         batch_size = pace.batch_size(_BATCH)
         # Messages this run took, by origin, with when: a copy that comes back without the mark
@@ -322,13 +329,16 @@ class Redriver:
             report.scanned += len(letters)
             now = self._now()
             matching: list[DeadLetter] = []
+            parked: list[DeadLetter] = []
             for letter in letters:
                 if _came_back(letter, plan.redrive_id, taken):
                     # Its cause is not fixed: it stays. Moved again, it would go round once per
                     # chunk (and within a run, again and again), up to max_messages times.
-                    report.parked_again += 1
+                    parked.append(letter)
                 elif plan.selection.admits(letter, now):
                     matching.append(letter)
+            parked_room = max(_LISTED_STAYING - report.parked_again, 0)
+            report.parked_again += len(parked)
             staying = [letter for letter in matching if letter.stays is not None]
             room = max(_LISTED_STAYING - report.left, 0)
             report.listed.extend(_listed(letter, now) for letter in staying[:room])
@@ -340,7 +350,13 @@ class Redriver:
             report.matched += len(chosen)
             if plan.dry_run:
                 report.listed.extend(_listed(letter, now) for letter in chosen)
-            elif chosen and not self._move(queue, chosen, report, plan.redrive_id):
+                # After what would move, the letters parked again as what they are: letters
+                # this redrive never moves again.
+                report.listed.extend(
+                    replace(_listed(letter, now), stays=PARKED_AGAIN_STAYS)
+                    for letter in parked[:parked_room]
+                )
+            elif chosen and not self._move(queue, chosen, report, plan.redrive_id, deadline):
                 return
             if progress is not None:
                 progress(report)
@@ -352,6 +368,7 @@ class Redriver:
         letters: list[DeadLetter],
         report: RedriveReport,
         redrive_id: str,
+        deadline: float,
     ) -> bool:
         keys = {letter.handle: ledger_key(queue.name, letter) for letter in letters}
         try:
@@ -376,7 +393,16 @@ class Redriver:
                 (twins if key in going else pending).append(letter)
                 going.add(key)
         # Marked with the redrive: should it be dead-lettered again, no run of it moves it again.
-        moved = queue.move([_marked(letter, redrive_id) for letter in pending]) if pending else []
+        # Within the run's time: a queue that sends in many requests (SQS: up to 100 for a
+        # batch of large letters) starts none after it, and what it did not send is not moved.
+        moved = (
+            queue.move(
+                [_marked(letter, redrive_id) for letter in pending],
+                budget_s=max(deadline - self._clock(), 0.0),
+            )
+            if pending
+            else []
+        )
         if moved:
             # Audited as soon as the origin confirmed, before the ledger: a run that stops after
             # this (the ledger unavailable, or killed) leaves letters a re-run only removes, or
@@ -408,7 +434,9 @@ class Redriver:
                     queue.name,
                 )
         if len(moved) < len(pending):
-            report.stopped = "origin unavailable"
+            # Letters not sent for want of time stay, as after a time limit between batches.
+            expired = self._clock() >= deadline
+            report.stopped = "time limit" if expired else "origin unavailable"
             return False
         return True
 

@@ -164,8 +164,12 @@ class RabbitMqDeadLetterQueue:
             for handle, _, properties, body in self._held.get(limit)
         ]
 
-    def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
-        """Republish to the work queue with confirms; returns the letters confirmed stored."""
+    def move(
+        self, letters: Sequence[DeadLetter], *, budget_s: float | None = None
+    ) -> list[DeadLetter]:
+        """Republish to the work queue with confirms; returns the letters confirmed stored.
+        ``budget_s`` is not needed: the batch goes out at once, its confirms bounded by the
+        publisher's confirm timeout."""
         outcomes = self._origin.publish(self._outbound(letter) for letter in letters)
         return [letter for letter, outcome in zip(letters, outcomes, strict=True) if outcome.stored]
 

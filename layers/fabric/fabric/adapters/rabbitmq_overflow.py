@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -84,11 +85,16 @@ class RabbitMqOverflowQueue:
             for handle, routing_key, properties, body in taken
         ]
 
-    def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+    def move(
+        self, letters: Sequence[DeadLetter], *, budget_s: float | None = None
+    ) -> list[DeadLetter]:
         """Publish each letter to the return exchange (confirmed, mandatory); returns the ones
-        their terminal queue confirmed stored."""
+        their terminal queue confirmed stored. None is published once ``budget_s`` is spent."""
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         moved: list[DeadLetter] = []
         for letter in letters:
+            if deadline is not None and time.monotonic() >= deadline:
+                break  # the run's time is up: the rest stay
             held = self._returns.get(letter.handle)
             if held is None:
                 continue  # one that cannot go back

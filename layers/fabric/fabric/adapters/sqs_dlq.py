@@ -174,7 +174,9 @@ class SqsDeadLetterQueue:
                 break
         return letters
 
-    def move(self, letters: Sequence[DeadLetter]) -> list[DeadLetter]:
+    def move(
+        self, letters: Sequence[DeadLetter], *, budget_s: float | None = None
+    ) -> list[DeadLetter]:
         """Send to the source queue with the same body and every message attribute (with its
         DataType), ``fabric-redrives`` raised by one and ``fabric-redrive-id`` the letter's
         ``headers`` hold (the redrive's mark), where they fit; returns the letters SQS accepted.
@@ -186,20 +188,31 @@ class SqsDeadLetterQueue:
         may have stored it) ends the call: nothing more is sent, and the run stops ``origin
         unavailable``. So at most one request is in doubt, and an SQS that does not answer
         costs one read timeout, not one for each of up to 100 requests (100 letters over 128
-        KiB, one to a request of at most 256 KiB). Never raises for I/O. A letter this run does
-        not hold (released, removed, or from another run) is not moved either: its attributes
-        are not known.
+        KiB, one to a request of at most 256 KiB). No send starts once ``budget_s`` (the run's
+        time left) is spent: a slow SQS that answers each send just within the read timeout
+        takes a run past its time limit by one send at most, not by up to 100 (the letters not
+        sent are not moved, and the run stops ``time limit``). Never raises for I/O. A letter
+        this run does not hold (released, removed, or from another run) is not moved either:
+        its attributes are not known.
         """
         movable = [letter for letter in letters if letter.handle in self._held]
         if len(movable) < len(letters):
             _LOG.warning(
                 "%d letter(s) not held by this run, not moved", len(letters) - len(movable)
             )
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         moved: list[DeadLetter] = []
         outgoing = {letter.handle: self._attributes(letter) for letter in movable}
         for chunk in _batches(movable, outgoing):
             waiting = chunk
             for attempt in range(_SEND_ATTEMPTS):
+                if deadline is not None and time.monotonic() >= deadline:
+                    _LOG.warning(
+                        "the run's time is up: %d letter(s) of %s not moved",
+                        len(movable) - len(moved),
+                        self.name,
+                    )
+                    return moved
                 answer = self._send(waiting, outgoing)
                 if answer is None:
                     return moved
@@ -258,7 +271,9 @@ class SqsDeadLetterQueue:
 
     def remove(self, letters: Sequence[DeadLetter]) -> set[str]:
         """Delete from the DLQ, 10 at a time (by each letter's newest receipt); returns the
-        handles SQS confirmed deleted. Never raises for I/O: what is not deleted stays."""
+        handles SQS confirmed deleted. Never raises for I/O: what is not deleted stays. The
+        first batch that fails (SQS silent: 15 to 20 s) ends it, as in ``release``: a batch of
+        100 letters is 10 deletes."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         removed: set[str] = set()
@@ -275,7 +290,7 @@ class SqsDeadLetterQueue:
                 )
             except (BotoCoreError, ClientError) as exc:
                 _LOG.warning("delete in %s failed: %s", self.name, type(exc).__name__)
-                continue
+                break
             removed.update(chunk[int(item["Id"])] for item in response.get("Successful", []))
         for handle in removed:
             self._held.pop(handle, None)
@@ -284,7 +299,12 @@ class SqsDeadLetterQueue:
     def release(self) -> None:
         """Make every held letter not removed visible again at once (visibility timeout 0);
         whatever SQS does not confirm comes back by itself after ``hold_seconds``. Ends the run:
-        the next ``peek`` sees every letter again."""
+        the next ``peek`` sees every letter again.
+
+        The first batch that fails (SQS silent: the SDK's 3 attempts, 15 to 20 s) ends it: each
+        further batch of 10 would cost as much, and a run holding a thousand letters (a filtered
+        run) went on for 25 minutes, past the function's timeout. The letters not shown come
+        back by themselves after ``hold_seconds``."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         receipts = [held.receipt for held in self._held.values()]
@@ -301,13 +321,19 @@ class SqsDeadLetterQueue:
                 response = self._sqs().change_message_visibility_batch(
                     QueueUrl=self._queue.dlq_url, Entries=entries
                 )
-            except (BotoCoreError, ClientError):
-                failed += len(chunk)
-                continue
+            except (BotoCoreError, ClientError) as exc:
+                _LOG.warning(
+                    "%s did not show held letters again: %s", self.name, type(exc).__name__
+                )
+                failed += len(receipts) - start  # this batch and every one after it
+                break
             failed += len(response.get("Failed", []))
         if failed:
             _LOG.warning(
-                "%d letter(s) of %s reappear only after %ds", failed, self.name, self._hold_seconds
+                "%d letter(s) of %s reappear by themselves only after %ds",
+                failed,
+                self.name,
+                self._hold_seconds,
             )
 
     # -- internals ----------------------------------------------------------------------------
