@@ -6,9 +6,11 @@ same. The selection now stops once the run's time is up, before the next part of
 with ``stopped: period too long`` (replay shorter periods), as the compliance report stops on
 ``PeriodTooLong``: nothing replayed, the cursor where the run started.
 
-Here each read of an audit object or a checkpoint costs a second on the run's clock (a large
-period's trail), or as long as a test says; the trails are written by the real router and audit
-writer into the in-memory bucket (``tests.unit.test_replay.Trail``).
+Here each read of a checkpoint costs a second on the run's clock (a large period's trail), and
+each round of reads of an interval's audit objects (``READ_WORKERS`` of them at a time, as
+``fabric.compliance_run.read_objects`` reads them) a second too, or as long as a test says; the
+trails are written by the real router and audit writer into the in-memory bucket
+(``tests.unit.test_replay.Trail``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -24,6 +27,7 @@ import pytest
 from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
 from fabric.audit_chain import Keyring
 from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX
+from fabric.compliance_run import READ_WORKERS
 from fabric.replay import ReplayCursor, Replayer
 from fabric.routing import default_routing_table
 from fabric.settings import ReplaySettings
@@ -31,7 +35,7 @@ from tests.unit.test_replay import DAY, Clock, MemoryArchive, Trail, donation, r
 from tests.unit.test_replay_memory import resent_after_their_replay
 
 HOURS = 24
-STEP = 1.0  # seconds of one read of the trail: an interval here is one object
+STEP = 1.0  # seconds of one read of the trail: an interval of up to READ_WORKERS objects
 TIMEOUT = 15 * 60.0  # the replay function's (stacks.constructs.replay)
 # What the function deploys with when REPLAY_MAX_SECONDS is not set.
 LIMIT = ReplaySettings.from_env(
@@ -49,10 +53,15 @@ LIMIT = ReplaySettings.from_env(
 
 
 class SlowTrail(MemoryArchive):
-    """The bucket, where reading a checkpoint takes ``STEP`` seconds of ``clock`` and an audit
-    object ``per_object`` (``slower`` seconds, either, once ``slower_after`` of them were
-    read; the first audit object ``retried`` seconds more); archive objects (the bodies) cost
-    nothing."""
+    """The bucket, where reading a checkpoint takes ``STEP`` seconds of ``clock`` and a round of
+    audit objects ``per_object`` (``slower`` seconds, either, once ``slower_after`` reads of
+    the trail were made; the first audit object ``retried`` seconds more); archive objects (the
+    bodies) cost nothing.
+
+    ``read_objects`` reads an interval's objects ``READ_WORKERS`` at a time, in a thread pool
+    of its own: the reads of a round run together, so a round costs as one read, charged on
+    its first (each pool's reads are counted by its threads' name, ``ThreadPoolExecutor-N_k``).
+    """
 
     def __init__(
         self,
@@ -72,16 +81,21 @@ class SlowTrail(MemoryArchive):
         self._slower = slower
         self._retried = retried
         self._lock = threading.Lock()  # the trail is read 16 objects at a time
+        self._pool_reads: Counter[str] = Counter()
 
     def read(self, key: str) -> bytes | None:
         if not key.startswith(ARCHIVE_PREFIX):
             with self._lock:
                 self.trail_reads += 1
                 later = self._slower_after is not None and self.trail_reads > self._slower_after
-                cost = self._per_object if key.startswith(AUDIT_PREFIX) else STEP
+                cost = STEP
                 if key.startswith(AUDIT_PREFIX):
-                    cost, self._retried = cost + self._retried, 0.0
-                self.clock.now += self._slower if later else cost
+                    pool = threading.current_thread().name.rpartition("_")[0]
+                    self._pool_reads[pool] += 1
+                    first = self._pool_reads[pool] % READ_WORKERS == 1
+                    cost = self._per_object + self._retried if first else 0.0
+                    self._retried = 0.0
+                self.clock.now += self._slower if later and cost else cost
         return super().read(key)
 
 
@@ -332,15 +346,17 @@ def test_one_slow_interval_does_not_make_a_period_that_fits_too_long() -> None:
 
 
 def test_a_large_interval_after_small_ones_is_foreseen_and_not_begun_too_late() -> None:
-    # 23 hourly intervals of one object, then one of ten (ten writer calls, then a checkpoint),
-    # 30 s an object read, verified and searched: the large one comes with 66 s left to the
-    # run's limit and takes 300 s. Estimated as long as the small ones, it was begun and ended
-    # past the function's timeout (no report); estimated per object, it is not begun.
+    # 23 hourly intervals of one object, then one of 160 (160 writer calls, then a checkpoint),
+    # 30 s a round of 16 objects read, verified and searched: the large one comes with 66 s left
+    # to the run's limit and takes 300 s (10 rounds). Estimated as long as the small ones, it
+    # was begun and ended past the function's timeout (no report); estimated per round, it is
+    # not begun.
+    large = 10 * READ_WORKERS
     trail = Trail("writer-a")
     hourly(trail, hours=HOURS - 1)
-    for n in range(10):
-        at = DAY + timedelta(hours=HOURS - 1, minutes=n)
-        trail.route([donation(HOURS - 1 + n)], source="community", at=at, seal=n == 9)
+    for n in range(large):
+        at = DAY + timedelta(hours=HOURS - 1, seconds=n)
+        trail.route([donation(HOURS - 1 + n)], source="community", at=at, seal=n == large - 1)
     run, broker, _, clock = timed(trail, ["writer-a"], per_object=30.0)
 
     report = run.run(request(max_seconds=LIMIT))
@@ -348,6 +364,29 @@ def test_a_large_interval_after_small_ones_is_foreseen_and_not_begun_too_late() 
     assert clock.now <= LIMIT < TIMEOUT
     assert (report.stopped, broker.published) == ("period too long", [])
     assert report.cursor is None
+
+
+@pytest.mark.parametrize("large", [40, 600])
+def test_a_slow_small_interval_does_not_make_a_large_one_after_it_too_long(large: int) -> None:
+    # Three quiet hours of one object, the first one's read retried (2 s and 20 s more: the
+    # reader allows about 30 s a call), then a busy hour of `large` objects, 2 s a round of 16.
+    # The busy hour was estimated at the slowest seconds an object took in the three before it
+    # (22 s) times its objects, 880 s for 40 and 13,200 s for 600, and the run stopped at once,
+    # "period too long", with nothing replayed. Estimated per round of reads at the pace of the
+    # three before it (26 s for their 3 rounds), its 3 or 38 rounds fit (at the slowest one's
+    # 22 s a round, 38 rounds would not: 836 s).
+    trail = Trail("writer-a")
+    hourly(trail, hours=3)
+    for n in range(large):
+        at = DAY + timedelta(hours=3, seconds=n)
+        trail.route([donation(3 + n)], source="community", at=at, seal=n == large - 1)
+    run, broker, _, clock = timed(trail, ["writer-a"], per_object=2.0, retried=20.0)
+
+    report = run.run(request(max_seconds=LIMIT))
+
+    assert (report.stopped, report.replayed) == ("done", 3 + large)
+    assert {m.message_id for m in broker.published} == {message(n) for n in range(3 + large)}
+    assert clock.now <= LIMIT
 
 
 def test_a_delete_marker_found_before_the_time_is_up_is_reported_not_lost() -> None:

@@ -70,6 +70,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import logging
+import math
 import re
 import time
 import uuid
@@ -86,6 +87,7 @@ from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX, decode_archive
 from fabric.compliance import IdSet
 from fabric.compliance_run import (
     LATE_ARRIVAL,
+    READ_WORKERS,
     Interval,
     Period,
     StoredObject,
@@ -980,18 +982,24 @@ class _Steps:
 
     A step is estimated from the last ``_RECENT_STEPS`` steps of its kind (a writer's window
     can take far longer or shorter than an interval, and would foretell intervals wrongly).
-    An interval's size is known before it begins (its objects, from a few to 1,000): it is
-    estimated at the most seconds an object took in those intervals times its objects, so a
-    large interval after small ones is foreseen. A window or a delete-marker listing has no
-    size known beforehand: it is estimated at the longest of those. A step slower than usual
-    (a read retried) weighs on the estimates only until ``_RECENT_STEPS`` others of its kind
-    followed it. So only a step longer than its estimate (the first of each kind, estimated
-    at nothing, too) can end past the deadline, by what it takes more."""
+    An interval's size is known before it begins: its objects (from a few to 1,000), which
+    ``read_objects`` reads ``READ_WORKERS`` at a time, so ``ceil(objects / READ_WORKERS)``
+    rounds of reads (an empty interval, one: its call). It is estimated at its rounds times
+    the seconds a round took in those intervals (their seconds over their rounds), so a large
+    interval after small ones is foreseen, and one slow read (retried: the reader gives up a
+    call after about 30 s) weighs as one round among theirs, not as the pace of every object
+    of the next. A window or a delete-marker listing has no size known beforehand: it is
+    estimated at the longest of those. A step slower than usual weighs on the estimates only
+    until ``_RECENT_STEPS`` others of its kind followed it. So only a step longer than its
+    estimate can end past the deadline, by what it takes more: the first of each kind
+    (estimated at nothing), one slower than those before it, or a large interval after small
+    ones by the verification and search of its objects, done one by one (a whole interval of
+    1,000 objects takes about a minute at the benchmark's pace: within the margin)."""
 
     def __init__(self, clock: Callable[[], float], *, deadline: float) -> None:
         self._clock = clock
         self._deadline = deadline
-        # Per kind of step: the last ones, as (seconds, size).
+        # Per kind of step: the last ones, as (seconds, rounds of reads).
         self._recent: dict[str, deque[tuple[float, int]]] = {}
 
     @contextmanager
@@ -1001,15 +1009,20 @@ class _Steps:
         Raises:
             _OutOfTime: it would not end before the deadline; the message is ``where``.
         """
-        # Unsized steps are all of size 1, and an empty interval still costs its call.
-        size = 1 if objects is None else max(objects, 1)
+        # An empty interval still costs its call: one round.
+        rounds = 1 if objects is None else max(math.ceil(objects / READ_WORKERS), 1)
         recent = self._recent.setdefault(kind, deque(maxlen=_RECENT_STEPS))
-        estimate = size * max((seconds / each for seconds, each in recent), default=0.0)
+        if not recent:
+            estimate = 0.0
+        elif objects is None:
+            estimate = max(seconds for seconds, _ in recent)
+        else:
+            estimate = rounds * sum(s for s, _ in recent) / sum(r for _, r in recent)
         begun = self._clock()
         if begun + estimate >= self._deadline:
             raise _OutOfTime(where)
         yield
-        recent.append((self._clock() - begun, size))
+        recent.append((self._clock() - begun, rounds))
 
 
 def _not_authentic(report: ReplayReport, writer: str, problem: Problem) -> None:
