@@ -201,7 +201,7 @@ def redrive(
     rate = request.get("rate_per_s")
     dry_run = bool(request.get("dry_run"))
     started = clock()
-    moved = already = parked_again = 0
+    moved = already = parked_again = hidden = 0
     print(f"redrive {redrive_id} of {request['queue']} via {name}", file=out)
     while True:
         event = {**request, "redrive_id": redrive_id}
@@ -240,6 +240,9 @@ def redrive(
         # Each chunk counts the parked-again letters it met; they stay, so a later chunk that
         # walks the whole DLQ meets them again (not a sum: the most any chunk met).
         parked_again = max(parked_again, body["parked_again"])
+        # Letters a chunk held and could not show again: later chunks do not see them, so
+        # their "empty" is not the end of the DLQ. (An older function does not say.)
+        hidden += body.get("hidden", 0)
         stopped = body["stopped"]
         rate_now = moved / max(clock() - started, 1e-9)
         print(
@@ -257,12 +260,25 @@ def redrive(
             stopped = "no progress"
             break
     return _redrive_moved(
-        body, moved=moved, parked_again=parked_again, stopped=stopped, go_on=go_on, out=out
+        body,
+        moved=moved,
+        parked_again=parked_again,
+        hidden=hidden,
+        stopped=stopped,
+        go_on=go_on,
+        out=out,
     )
 
 
 def _redrive_moved(
-    body: dict[str, Any], *, moved: int, parked_again: int, stopped: str, go_on: str, out: TextIO
+    body: dict[str, Any],
+    *,
+    moved: int,
+    parked_again: int,
+    hidden: int,
+    stopped: str,
+    go_on: str,
+    out: TextIO,
 ) -> int:
     """Print how a redrive that moved letters ended, with how to go on where it stopped;
     the exit status. ``body``: its last chunk's answer."""
@@ -276,6 +292,13 @@ def _redrive_moved(
             " them: this one never moves them again",
             file=out,
         )
+    if hidden:
+        print(
+            f"{hidden} letter(s) stay hidden in {body['queue']} until their hold ends (16"
+            " minutes): the DLQ did not show them again after a chunk, so the chunks after it"
+            " did not see them. Once they are back, go on as this redrive (below)",
+            file=out,
+        )
     print(f"summary: moved {moved}, stopped: {stopped}", file=out)
     if stopped == "message limit":
         # --max-messages reached: no chunk walked the DLQ to its end. Not a failure (exit 0
@@ -285,9 +308,10 @@ def _redrive_moved(
             f" again there are not counted; {go_on}",
             file=out,
         )
-    elif stopped not in FINISHED and stopped != "parked again":
-        print(go_on, file=out)  # a chunk stopped early, or made no progress
-    return 0 if stopped in FINISHED and not body["left"] and not parked_again else 1
+    elif (stopped not in FINISHED and stopped != "parked again") or hidden:
+        print(go_on, file=out)  # a chunk stopped early, made no progress, or left letters hidden
+    finished = stopped in FINISHED and not hidden
+    return 0 if finished and not body["left"] and not parked_again else 1
 
 
 def _redrive_listed(body: dict[str, Any], out: TextIO) -> int:
@@ -300,6 +324,13 @@ def _redrive_listed(body: dict[str, Any], out: TextIO) -> int:
     if unlisted > 0:
         print(f"  ... and {unlisted} more", file=out)
     _print_left(body, out)
+    if body.get("hidden"):
+        print(
+            f"{body['hidden']} letter(s) this dry run looked at stay hidden in {body['queue']}"
+            " until their hold ends (16 minutes): the DLQ did not show them again, so a redrive"
+            " started before then does not see them",
+            file=out,
+        )
     if body["parked_again"]:
         print(
             f"{body['parked_again']} letter(s) were parked again after redrive"

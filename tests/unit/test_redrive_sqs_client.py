@@ -9,6 +9,7 @@ batch answered after 3 s was stored twice yet reported not moved, with no ``redr
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -42,6 +43,10 @@ class Faults:
     failed_receives: int = 0  # so many ReceiveMessage answered 500, nothing received
     failed_deletes: int = 0  # so many DeleteMessageBatch answered 500, nothing deleted
     failed_visibility_changes: int = 0  # so many ChangeMessageVisibilityBatch answered 500
+    # So many not answered at all, the connection dropped (as by an SQS that stopped answering,
+    # without waiting out the client's timeouts): nothing deleted, nothing shown again.
+    dropped_deletes: int = 0
+    dropped_visibility_changes: int = 0
     calls: Counter[str] = field(default_factory=Counter)
 
 
@@ -60,6 +65,12 @@ def _faulty(app: Any, faults: Faults) -> Callable[..., Iterable[bytes]]:
         if operation == "ChangeMessageVisibilityBatch" and faults.failed_visibility_changes:
             faults.failed_visibility_changes -= 1
             return _internal_error(start_response)
+        if operation == "DeleteMessageBatch" and faults.dropped_deletes:
+            faults.dropped_deletes -= 1
+            _drop(environ)
+        if operation == "ChangeMessageVisibilityBatch" and faults.dropped_visibility_changes:
+            faults.dropped_visibility_changes -= 1
+            _drop(environ)
         answer: list[Any] = []
         result = app(
             environ, lambda status, headers, exc_info=None: answer.extend([status, headers])
@@ -77,6 +88,14 @@ def _faulty(app: Any, faults: Faults) -> Callable[..., Iterable[bytes]]:
         return [body]
 
     return faulty
+
+
+def _drop(environ: dict[str, Any]) -> None:
+    """Close the request's connection without an answer (the client sees it closed: the SDK
+    tries again, then raises ``ConnectionClosedError``)."""
+    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
+    raise ConnectionAbortedError("dropped without an answer")  # the server lets it go quietly
 
 
 def _internal_error(start_response: Any) -> list[bytes]:

@@ -2,9 +2,11 @@
 timeout (moto's SQS over HTTP; the client as ``build_redrive`` wires it).
 
 A run's sends stop at its time limit, however many its batch has left (one a letter over 128
-KiB); after SQS fails a visibility change or a delete (the SDK's 3 attempts: 15 to 20 s when it
-does not answer), the run makes no more of them: held letters come back by themselves after their
-hold, letters not deleted are removed by the next run (the ledger knows them).
+KiB); after SQS does not answer a visibility change or a delete (the SDK's 3 attempts: 15 to 20
+s), the run makes no more of them: held letters come back by themselves after their hold (the
+report counts them, ``hidden``), letters not deleted are removed by the next run (the ledger
+knows them), and the run stops ``dead-letter queue unavailable``. An SQS that does not answer
+is played by one that drops the connection: the same errors for the client, without the wait.
 """
 
 from __future__ import annotations
@@ -91,21 +93,21 @@ def test_slow_sends_stop_at_the_runs_time_limit(
     assert _counts(client, queue.dlq_url) == (LARGE - report.moved, 0), "the rest given back"
 
 
-def test_showing_held_letters_again_stops_at_the_first_batch_sqs_fails(
+def test_showing_held_letters_again_stops_at_the_first_batch_sqs_does_not_answer(
     sqs: tuple[Any, Faults],  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     client, faults = sqs
     queue, _ = _parked(client, 30)
     faults.failed_sends = 1  # the send in doubt ends the run, holding its 30 letters
-    faults.failed_visibility_changes = 100  # SQS fails every visibility change
+    faults.dropped_visibility_changes = 100  # SQS answers no visibility change
 
     with caplog.at_level(logging.WARNING, logger="fabric.adapters.sqs_dlq"):
         report = _redrive(queue, MemoryAuditSink())
 
     # Before: every batch of 10 held letters, 3 attempts each (9 calls here; silent, 15 to 20 s
     # a batch: a filtered run holding 1000 letters went on for 25 minutes).
-    assert (report.moved, report.stopped) == (0, "origin unavailable")
+    assert (report.moved, report.stopped, report.hidden) == (0, "origin unavailable", 30)
     assert faults.calls["ChangeMessageVisibilityBatch"] == 3, "one batch, the SDK's 3 attempts"
     assert f"30 letter(s) of {queue.name}-dlq reappear by themselves only after 960s" in (
         caplog.text
@@ -113,12 +115,12 @@ def test_showing_held_letters_again_stops_at_the_first_batch_sqs_fails(
     assert _counts(client, queue.dlq_url) == (0, 30), "held until their hold ends"
 
 
-def test_deleting_stops_at_the_first_batch_sqs_fails(
+def test_deleting_stops_at_the_first_batch_sqs_does_not_answer(
     sqs: tuple[Any, Faults],  # noqa: F811
 ) -> None:
     client, faults = sqs
     queue, _ = _parked(client, 30)
-    faults.failed_deletes = 100  # SQS fails every delete
+    faults.dropped_deletes = 100  # SQS answers no delete
     audit = MemoryAuditSink()
 
     report = _redrive(queue, audit)
@@ -127,5 +129,6 @@ def test_deleting_stops_at_the_first_batch_sqs_fails(
     # a batch, 10 batches for a batch of 100 letters).
     assert faults.calls["DeleteMessageBatch"] == 3, "one batch, the SDK's 3 attempts"
     assert (report.moved, len(audit.records)) == (30, 30)
+    assert report.stopped == "dead-letter queue unavailable"
     assert _counts(client, queue.source_url) == (30, 0)
     assert _counts(client, queue.dlq_url) == (30, 0), "not deleted: given back, moved already"

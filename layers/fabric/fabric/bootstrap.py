@@ -456,8 +456,12 @@ def _redrive_sqs_client() -> Any:
     # puts them back a second time (same message id): a duplicate, never a loss. Receives,
     # deletes and visibility changes keep the SDK's retries (3 attempts, up to 18 s when SQS
     # does not answer): one made again hides, deletes or shows letters the lost answer did
-    # already. The first batch of deletes or visibility changes that fails ends its call (the
-    # ledger knows the letters not deleted; held letters come back after their hold). So an SQS
+    # already. The first batch of deletes or visibility changes SQS does not answer (a timeout,
+    # no connection, the connection dropped) ends its call; after an error SQS answered with,
+    # the next batch is still made. Letters moved but not deleted stop the run "dead-letter
+    # queue unavailable" (the ledger knows them: the next run only removes them); held letters
+    # not shown again come back after their hold, counted in the report's "hidden" (the
+    # runbook exits 1 and says to go on after 16 minutes). So an SQS
     # that stops answering at the run's time limit costs it a send in doubt (6 s) and at most
     # three calls of 18 s (deletes, the next receive, visibility changes): within the 60 s it
     # keeps before its function's timeout (REDRIVE_MAX_SECONDS 840 of 900). One that answers

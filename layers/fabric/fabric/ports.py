@@ -238,9 +238,15 @@ class DeadLetterQueue(Protocol):
 
     Letters returned by ``peek`` are held (hidden from other readers) until ``remove`` or
     ``release``; a crash releases them by itself (channel closed, visibility timeout).
+
+    ``out_of_time``: whether the last ``move`` left letters unsent because its ``budget_s`` was
+    spent (the run stops ``time limit``, and the runbook goes on with its next chunk). Letters a
+    move did not put back for any other reason were refused or are in doubt (the run stops
+    ``origin unavailable``), even when the run's time ran out while it waited for an answer.
     """
 
     name: str
+    out_of_time: bool
 
     def peek(self, limit: int) -> list[DeadLetter]:
         """Up to ``limit`` letters not yet seen in this run; empty when none are left.
@@ -263,11 +269,14 @@ class DeadLetterQueue(Protocol):
         ...
 
     def remove(self, letters: Sequence[DeadLetter]) -> set[str]:
-        """Remove ``letters`` from the dead-letter queue; the handles actually removed."""
+        """Remove ``letters`` from the dead-letter queue; the handles actually removed (the
+        others stay: the run stops ``dead-letter queue unavailable``)."""
         ...
 
-    def release(self) -> None:
-        """Give back every held letter not removed (end of a run, or a dry run)."""
+    def release(self) -> int:
+        """Give back every held letter not removed (end of a run, or a dry run); returns how
+        many of them the queue could not show again: they stay hidden until they come back by
+        themselves (on SQS, when their hold ends), and a run started before then misses them."""
         ...
 
 

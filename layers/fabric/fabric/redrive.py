@@ -169,7 +169,12 @@ class RedriveReport:
     the queue keeps them, and ``listed`` shows the first of them with the reason, in every run.
     ``parked_again`` counts the letters this run met that its redrive had put back already and
     that were dead-lettered again (whatever the filter): the queue keeps them too, and a dry run
-    lists the first hundred of them with ``stays: parked again by this redrive``.
+    lists them with ``stays: parked again by this redrive`` (up to a hundred, in the order it
+    met them: in each batch, after the letters that would move; ``to_dict`` keeps the first
+    hundred listed letters of all kinds, so letters parked again behind a hundred that would
+    move are counted, not listed). ``hidden`` counts the letters the run held that the queue
+    could not show again at its end (``DeadLetterQueue.release``): they stay hidden until they
+    come back by themselves (SQS: 16 minutes), and a run started before then misses them.
     """
 
     queue: str
@@ -181,6 +186,7 @@ class RedriveReport:
     already_moved: int = 0
     left: int = 0
     parked_again: int = 0
+    hidden: int = 0
     stopped: str = "empty"
     listed: list[Listed] = field(default_factory=list)
 
@@ -196,6 +202,7 @@ class RedriveReport:
             "already_moved": self.already_moved,
             "left": self.left,
             "parked_again": self.parked_again,
+            "hidden": self.hidden,
             "stopped": self.stopped,
             "listed": [item.to_dict() for item in self.listed[:listed_limit]],
         }
@@ -278,14 +285,15 @@ class Redriver:
         every batch and at the end.
 
         Never raises for queue or ledger trouble: the report says why it stopped. Every letter
-        the run held and did not remove is given back at the end.
+        the run held and did not remove is given back at the end (``hidden``: how many the
+        queue could not show again).
         """
         plan = plan or RedrivePlan()
         report = RedriveReport(queue=queue.name, dry_run=plan.dry_run, redrive_id=plan.redrive_id)
         try:
             self._run(queue, plan, report, progress)
         finally:
-            queue.release()
+            report.hidden = queue.release()
         if progress is not None:
             progress(report)
         return report
@@ -380,7 +388,11 @@ class Redriver:
         done = [letter for letter in letters if keys[letter.handle] in known]
         if done:
             # Put back by an earlier, interrupted run: only the dead-letter copy is left to go.
-            report.already_moved += len(queue.remove(done))
+            removed = queue.remove(done)
+            report.already_moved += len(removed)
+            if _kept(queue, done, removed):
+                report.stopped = "dead-letter queue unavailable"
+                return False
         # One copy per ledger key goes back: two dead-letter copies of one dead-lettering (same
         # id, redrive count and time) are one message; the twin is only removed, once the copy
         # that went back is recorded, as a later batch would.
@@ -403,41 +415,55 @@ class Redriver:
             if pending
             else []
         )
-        if moved:
-            # Audited as soon as the origin confirmed, before the ledger: a run that stops after
-            # this (the ledger unavailable, or killed) leaves letters a re-run only removes, or
-            # moves again with a record of their own (same message id, consumers deduplicate),
-            # never a message back at its origin without a record.
-            report.moved += len(moved)
-            if not self._audit_moved(queue.name, moved):
-                # Back at the origin without a record: leave the dead-letter copies and stop, so
-                # a re-run moves them again with their records (same message id).
-                report.stopped = "audit unavailable"
-                return False
-            try:
-                self._ledger.record([keys[letter.handle] for letter in moved])
-            except TransportUnavailable as exc:
-                # Stored at the origin but not recorded: leave the dead-letter copies, a re-run
-                # may move them again.
-                _LOG.warning("redrive ledger unavailable after a move: %s", exc)
-                report.stopped = "ledger unavailable"
-                return False
-            removed = queue.remove(moved)
-            recorded = {keys[letter.handle] for letter in moved}
-            twins = [letter for letter in twins if keys[letter.handle] in recorded]
-            if twins and len(removed) == len(moved):
-                report.already_moved += len(queue.remove(twins))
-            if len(removed) < len(moved):
-                _LOG.warning(
-                    "%d redriven letters stay in %s until a re-run removes them",
-                    len(moved) - len(removed),
-                    queue.name,
-                )
-        if len(moved) < len(pending):
-            # Letters not sent for want of time stay, as after a time limit between batches.
-            expired = self._clock() >= deadline
-            report.stopped = "time limit" if expired else "origin unavailable"
+        if moved and not self._settle(queue, moved, twins, keys, report):
             return False
+        if len(moved) < len(pending):
+            # Letters the queue had no time left to send stay, as after a time limit between
+            # batches: the runbook goes on. Not when the run's time ran out while the origin
+            # did not answer (a send in doubt): the next chunk would meet the same origin.
+            report.stopped = "time limit" if queue.out_of_time else "origin unavailable"
+            return False
+        return True
+
+    def _settle(
+        self,
+        queue: DeadLetterQueue,
+        moved: list[DeadLetter],
+        twins: list[DeadLetter],
+        keys: dict[str, str],
+        report: RedriveReport,
+    ) -> bool:
+        """Audit, record and remove the letters the origin confirmed, then remove the twins of
+        those recorded; whether the run may go on (else ``report.stopped`` says why)."""
+        # Audited as soon as the origin confirmed, before the ledger: a run that stops after
+        # this (the ledger unavailable, or killed) leaves letters a re-run only removes, or
+        # moves again with a record of their own (same message id, consumers deduplicate),
+        # never a message back at its origin without a record.
+        report.moved += len(moved)
+        if not self._audit_moved(queue.name, moved):
+            # Back at the origin without a record: leave the dead-letter copies and stop, so
+            # a re-run moves them again with their records (same message id).
+            report.stopped = "audit unavailable"
+            return False
+        try:
+            self._ledger.record([keys[letter.handle] for letter in moved])
+        except TransportUnavailable as exc:
+            # Stored at the origin but not recorded: leave the dead-letter copies, a re-run
+            # may move them again.
+            _LOG.warning("redrive ledger unavailable after a move: %s", exc)
+            report.stopped = "ledger unavailable"
+            return False
+        if _kept(queue, moved, queue.remove(moved)):
+            report.stopped = "dead-letter queue unavailable"
+            return False
+        recorded = {keys[letter.handle] for letter in moved}
+        twins = [letter for letter in twins if keys[letter.handle] in recorded]
+        if twins:
+            removed = queue.remove(twins)
+            report.already_moved += len(removed)
+            if _kept(queue, twins, removed):
+                report.stopped = "dead-letter queue unavailable"
+                return False
         return True
 
     def _audit_moved(self, queue: str, moved: Sequence[DeadLetter]) -> bool:
@@ -480,6 +506,17 @@ RECORDED_REASONS = DEAD_LETTER_REASONS | {
     "max-receive-count",
     "unknown",
 }
+
+
+def _kept(queue: DeadLetterQueue, letters: Sequence[DeadLetter], removed: set[str]) -> bool:
+    """Whether ``queue`` kept some of ``letters`` (put back and recorded) it was asked to
+    remove: the run then stops, ``dead-letter queue unavailable`` (so the runbook says to go on
+    as the same redrive), and a later run only removes them (the ledger knows them). Before, the
+    run went on and could end ``empty``, exit 0, with them still in the queue."""
+    kept = len({letter.handle for letter in letters} - removed)
+    if kept:
+        _LOG.warning("%d redriven letters stay in %s until a re-run removes them", kept, queue.name)
+    return kept > 0
 
 
 def _listed(letter: DeadLetter, now: datetime) -> Listed:

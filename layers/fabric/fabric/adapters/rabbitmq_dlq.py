@@ -152,6 +152,7 @@ class RabbitMqDeadLetterQueue:
         self._emergency = self._work_queue.endswith(".emergency")
         self._held = HeldLetters(settings, queue)
         self._origin = origin
+        self.out_of_time = False  # never: a move sends its whole batch at once
 
     def peek(self, limit: int) -> list[DeadLetter]:
         """Up to ``limit`` letters, held unacknowledged on this run's channel.
@@ -177,10 +178,12 @@ class RabbitMqDeadLetterQueue:
         """Acknowledge in the DLQ; a lost channel means nothing more was removed."""
         return self._held.ack([letter.handle for letter in letters])
 
-    def release(self) -> None:
-        """Close the channel: RabbitMQ gives every unacknowledged letter back to the queue."""
+    def release(self) -> int:
+        """Close the channel: RabbitMQ gives every unacknowledged letter back to the queue at
+        once (none stays hidden: 0)."""
         self._held.close()
         self._origin.close()
+        return 0
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ class RabbitMqOverflowQueue:
         # What goes back, by handle: (terminal queue, properties to publish, body).
         self._returns: dict[str, tuple[str, pika.BasicProperties, bytes]] = {}
         self._publisher: BlockingChannel | None = None
+        self.out_of_time = False  # the last move stopped at its budget (DeadLetterQueue)
 
     def peek(self, limit: int) -> list[DeadLetter]:
         """Up to ``limit`` letters, held unacknowledged; one that cannot go back says why
@@ -89,11 +90,14 @@ class RabbitMqOverflowQueue:
         self, letters: Sequence[DeadLetter], *, budget_s: float | None = None
     ) -> list[DeadLetter]:
         """Publish each letter to the return exchange (confirmed, mandatory); returns the ones
-        their terminal queue confirmed stored. None is published once ``budget_s`` is spent."""
+        their terminal queue confirmed stored. None is published once ``budget_s`` is spent
+        (``out_of_time`` then says so)."""
         deadline = None if budget_s is None else time.monotonic() + budget_s
+        self.out_of_time = False
         moved: list[DeadLetter] = []
         for letter in letters:
             if deadline is not None and time.monotonic() >= deadline:
+                self.out_of_time = True
                 break  # the run's time is up: the rest stay
             held = self._returns.get(letter.handle)
             if held is None:
@@ -123,11 +127,13 @@ class RabbitMqOverflowQueue:
             self._returns.pop(handle, None)
         return removed
 
-    def release(self) -> None:
-        """Close the connection: RabbitMQ gives every unacknowledged letter back."""
+    def release(self) -> int:
+        """Close the connection: RabbitMQ gives every unacknowledged letter back at once (none
+        stays hidden: 0)."""
         self._held.close()
         self._publisher = None
         self._returns.clear()
+        return 0
 
     # -- internals ----------------------------------------------------------------------------
 

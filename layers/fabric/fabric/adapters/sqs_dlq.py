@@ -110,6 +110,7 @@ class SqsDeadLetterQueue:
         self._hold_seconds = hold_seconds
         self._held: dict[str, _Held] = {}  # letter handle (its first receipt) -> what is held
         self._by_sqs_id: dict[str, str] = {}  # SQS message id -> letter handle, this run
+        self.out_of_time = False  # the last move stopped at its budget (DeadLetterQueue)
 
     def _sqs(self) -> Any:
         if self._client is None:
@@ -191,9 +192,10 @@ class SqsDeadLetterQueue:
         KiB, one to a request of at most 256 KiB). No send starts once ``budget_s`` (the run's
         time left) is spent: a slow SQS that answers each send just within the read timeout
         takes a run past its time limit by one send at most, not by up to 100 (the letters not
-        sent are not moved, and the run stops ``time limit``). Never raises for I/O. A letter
-        this run does not hold (released, removed, or from another run) is not moved either:
-        its attributes are not known.
+        sent are not moved, ``out_of_time`` is set, and the run stops ``time limit``; a send
+        in doubt that outlasts the budget still stops it ``origin unavailable``). Never raises
+        for I/O. A letter this run does not hold (released, removed, or from another run) is
+        not moved either: its attributes are not known.
         """
         movable = [letter for letter in letters if letter.handle in self._held]
         if len(movable) < len(letters):
@@ -201,6 +203,7 @@ class SqsDeadLetterQueue:
                 "%d letter(s) not held by this run, not moved", len(letters) - len(movable)
             )
         deadline = None if budget_s is None else time.monotonic() + budget_s
+        self.out_of_time = False
         moved: list[DeadLetter] = []
         outgoing = {letter.handle: self._attributes(letter) for letter in movable}
         for chunk in _batches(movable, outgoing):
@@ -212,6 +215,7 @@ class SqsDeadLetterQueue:
                         len(movable) - len(moved),
                         self.name,
                     )
+                    self.out_of_time = True
                     return moved
                 answer = self._send(waiting, outgoing)
                 if answer is None:
@@ -271,9 +275,12 @@ class SqsDeadLetterQueue:
 
     def remove(self, letters: Sequence[DeadLetter]) -> set[str]:
         """Delete from the DLQ, 10 at a time (by each letter's newest receipt); returns the
-        handles SQS confirmed deleted. Never raises for I/O: what is not deleted stays. The
-        first batch that fails (SQS silent: 15 to 20 s) ends it, as in ``release``: a batch of
-        100 letters is 10 deletes."""
+        handles SQS confirmed deleted. Never raises for I/O: what is not deleted stays (the run
+        stops ``dead-letter queue unavailable``; the ledger knows the letters, so the next run
+        only removes them). After a batch SQS did not answer (``_unanswered``: with the SDK's
+        3 attempts, 15 to 20 s) no more are made, as in ``release``: a batch of 100 letters is
+        10 deletes. After an error SQS answered with (throttled, an internal error) the next
+        batch is still made: one such error no longer leaves every letter after it."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         removed: set[str] = set()
@@ -290,21 +297,25 @@ class SqsDeadLetterQueue:
                 )
             except (BotoCoreError, ClientError) as exc:
                 _LOG.warning("delete in %s failed: %s", self.name, type(exc).__name__)
-                break
+                if _unanswered(exc):
+                    break
+                continue
             removed.update(chunk[int(item["Id"])] for item in response.get("Successful", []))
         for handle in removed:
             self._held.pop(handle, None)
         return removed
 
-    def release(self) -> None:
+    def release(self) -> int:
         """Make every held letter not removed visible again at once (visibility timeout 0);
-        whatever SQS does not confirm comes back by itself after ``hold_seconds``. Ends the run:
-        the next ``peek`` sees every letter again.
+        whatever SQS does not confirm comes back by itself after ``hold_seconds``: returns how
+        many, logged too. Ends the run: the next ``peek`` sees every letter shown again.
 
-        The first batch that fails (SQS silent: the SDK's 3 attempts, 15 to 20 s) ends it: each
-        further batch of 10 would cost as much, and a run holding a thousand letters (a filtered
-        run) went on for 25 minutes, past the function's timeout. The letters not shown come
-        back by themselves after ``hold_seconds``."""
+        The first batch SQS does not answer (``_unanswered``: the SDK's 3 attempts, 15 to 20 s)
+        ends it: each further batch of 10 would cost as much, and a run holding a thousand
+        letters (a filtered run) went on for 25 minutes, past the function's timeout. After an
+        error SQS answered with, the next batch is still made: one such error no longer hid
+        every letter after it for ``hold_seconds`` (a later chunk of the runbook, not seeing
+        them, ended ``empty``)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         receipts = [held.receipt for held in self._held.values()]
@@ -325,8 +336,11 @@ class SqsDeadLetterQueue:
                 _LOG.warning(
                     "%s did not show held letters again: %s", self.name, type(exc).__name__
                 )
-                failed += len(receipts) - start  # this batch and every one after it
-                break
+                if _unanswered(exc):
+                    failed += len(receipts) - start  # this batch and every one after it
+                    break
+                failed += len(chunk)
+                continue
             failed += len(response.get("Failed", []))
         if failed:
             _LOG.warning(
@@ -335,6 +349,7 @@ class SqsDeadLetterQueue:
                 self.name,
                 self._hold_seconds,
             )
+        return failed
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -401,6 +416,21 @@ class SqsDeadLetterQueue:
                 ", ".join(name for name, _, _ in added[room:]),
             )
         return kept
+
+
+def _unanswered(exc: Exception) -> bool:
+    """Whether SQS did not answer (a timeout, no connection, the connection dropped): the next
+    call would most likely wait as long. An error SQS answered with is not such a sign."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+    )
+
+    return isinstance(
+        exc, (ReadTimeoutError, ConnectTimeoutError, EndpointConnectionError, ConnectionClosedError)
+    )
 
 
 def _batches(
