@@ -386,13 +386,9 @@ class Redriver:
             report.stopped = "ledger unavailable"
             return False
         done = [letter for letter in letters if keys[letter.handle] in known]
-        if done:
-            # Put back by an earlier, interrupted run: only the dead-letter copy is left to go.
-            removed = queue.remove(done)
-            report.already_moved += len(removed)
-            if _kept(queue, done, removed):
-                report.stopped = "dead-letter queue unavailable"
-                return False
+        # Put back by an earlier, interrupted run: only the dead-letter copy is left to go.
+        if done and not _removed(queue, done, report, already_moved=True):
+            return False
         # One copy per ledger key goes back: two dead-letter copies of one dead-lettering (same
         # id, redrive count and time) are one message; the twin is only removed, once the copy
         # that went back is recorded, as a later batch would.
@@ -453,18 +449,11 @@ class Redriver:
             _LOG.warning("redrive ledger unavailable after a move: %s", exc)
             report.stopped = "ledger unavailable"
             return False
-        if _kept(queue, moved, queue.remove(moved)):
-            report.stopped = "dead-letter queue unavailable"
+        if not _removed(queue, moved, report, already_moved=False):
             return False
         recorded = {keys[letter.handle] for letter in moved}
         twins = [letter for letter in twins if keys[letter.handle] in recorded]
-        if twins:
-            removed = queue.remove(twins)
-            report.already_moved += len(removed)
-            if _kept(queue, twins, removed):
-                report.stopped = "dead-letter queue unavailable"
-                return False
-        return True
+        return not twins or _removed(queue, twins, report, already_moved=True)
 
     def _audit_moved(self, queue: str, moved: Sequence[DeadLetter]) -> bool:
         """Record the letters put back (from ``queue`` to their origin); whether it is stored."""
@@ -508,15 +497,26 @@ RECORDED_REASONS = DEAD_LETTER_REASONS | {
 }
 
 
-def _kept(queue: DeadLetterQueue, letters: Sequence[DeadLetter], removed: set[str]) -> bool:
-    """Whether ``queue`` kept some of ``letters`` (put back and recorded) it was asked to
-    remove: the run then stops, ``dead-letter queue unavailable`` (so the runbook says to go on
-    as the same redrive), and a later run only removes them (the ledger knows them). Before, the
-    run went on and could end ``empty``, exit 0, with them still in the queue."""
+def _removed(
+    queue: DeadLetterQueue,
+    letters: Sequence[DeadLetter],
+    report: RedriveReport,
+    *,
+    already_moved: bool,
+) -> bool:
+    """Remove ``letters`` (put back and recorded) from ``queue``, counted in ``already_moved``
+    when an earlier run put them back; whether every one went. When the queue kept some, the
+    run stops, ``dead-letter queue unavailable`` (so the runbook says to go on as the same
+    redrive), and a later run only removes them (the ledger knows them). Before, the run went
+    on and could end ``empty``, exit 0, with them still in the queue."""
+    removed = queue.remove(letters)
+    if already_moved:
+        report.already_moved += len(removed)
     kept = len({letter.handle for letter in letters} - removed)
     if kept:
         _LOG.warning("%d redriven letters stay in %s until a re-run removes them", kept, queue.name)
-    return kept > 0
+        report.stopped = "dead-letter queue unavailable"
+    return not kept
 
 
 def _listed(letter: DeadLetter, now: datetime) -> Listed:
