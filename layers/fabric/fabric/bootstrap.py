@@ -46,10 +46,12 @@ class RouterRuntime:
 
 
 def exchange_for(message: OutboundMessage) -> str:
-    """The RabbitMQ exchange of a message: audit batches to the audit exchange, unroutable
-    messages to the unrouted exchange, every other message to the ingress exchange, whose
-    bindings (generated from the routing table) take emergencies to the internal emergency
-    exchange and everything else to the group queues."""
+    """The RabbitMQ exchange of a message: audit batches to the audit exchange, letters going
+    back to a work queue (``redeliver_to``: the drain, the redrive) to the redeliver exchange,
+    unroutable messages to the unrouted exchange, every other message to the ingress exchange,
+    whose bindings (generated from the routing table) take emergencies to the emergency
+    exchange (which no user but the administrator may write) and everything else to the group
+    queues."""
     if message.kind is MessageKind.AUDIT:
         return topology.AUDIT_EXCHANGE
     if message.redeliver_to is not None:
