@@ -500,9 +500,10 @@ def moto_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
-def deployed_redrive(vhost: str) -> Any:
+def deployed_redrive(vhost: str, port: int = AMQP[1]) -> Any:
     """The redrive function's runtime as it is wired (in moto): the platform secret, the
-    DynamoDB ledger, audit records to the broker's audit exchange."""
+    DynamoDB ledger, audit records to the broker's audit exchange; the broker on ``port`` (a
+    fault proxy's, say)."""
     from fabric.bootstrap import build_redrive
     from fabric.settings import RedriveSettings
 
@@ -514,7 +515,7 @@ def deployed_redrive(vhost: str) -> Any:
         RedriveSettings(
             environment="test",
             rabbitmq_host=AMQP[0],
-            rabbitmq_port=AMQP[1],
+            rabbitmq_port=port,
             rabbitmq_tls=False,
             rabbitmq_vhost=vhost,
             rabbitmq_secret_arn=secret,

@@ -10,28 +10,27 @@ its record: a duplicate with one message id, never a loss.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
 import pytest
 
 from fabric import topology
-from fabric.bootstrap import RedriveRuntime, build_redrive
 from fabric.redrive import RedrivePlan
-from fabric.settings import RedriveSettings
 from fabric.stakeholders import Stakeholder
-from tests.integration.aws_audit import create_idempotency_table
 from tests.integration.conftest import AMQP
 from tests.integration.faults import BASIC_ACK, FaultProxy, is_method
 from tests.integration.queue_waits import settled_depth, settled_empty
 from tests.integration.test_overflow_redrive import (
-    connect,
+    deployed_redrive,
     moto_aws,  # noqa: F401 (a fixture)
 )
-from tests.integration.test_redrive_parked_again_on_rabbitmq import park, redriven_ids
+from tests.integration.test_redrive_parked_again_on_rabbitmq import (
+    amqp,  # noqa: F401 (a fixture)
+    park,
+    redriven_ids,
+)
 from tests.message_ids import msg_id
 
 pytestmark = pytest.mark.integration
@@ -42,38 +41,10 @@ DLQ = topology.dead_letter_queue_name(GROUP)
 
 
 @pytest.fixture
-def amqp(broker_vhost: str) -> Iterator[Any]:
-    channel = connect(broker_vhost)
-    yield channel
-    channel.connection.close()
-
-
-@pytest.fixture
 def proxy() -> Iterator[FaultProxy]:
     proxy = FaultProxy(AMQP)
     yield proxy
     proxy.close()
-
-
-def redrive_via(port: int, vhost: str) -> RedriveRuntime:
-    """The redrive function's runtime as it is wired, reaching the broker on ``port``."""
-    create_idempotency_table(boto3.client("dynamodb"), "fabric-test-idempotency")
-    secret = boto3.client("secretsmanager").create_secret(
-        Name="platform", SecretString=json.dumps({"username": "guest", "password": "guest"})
-    )["ARN"]
-    return build_redrive(
-        RedriveSettings(
-            environment="test",
-            rabbitmq_host=AMQP[0],
-            rabbitmq_port=port,
-            rabbitmq_tls=False,
-            rabbitmq_vhost=vhost,
-            rabbitmq_secret_arn=secret,
-            idempotency_table="fabric-test-idempotency",
-            sqs_dead_letter_queues=(),
-            max_seconds=60.0,
-        )
-    )
 
 
 def copies(channel: Any, queue: str) -> list[str]:
@@ -86,13 +57,13 @@ def copies(channel: Any, queue: str) -> list[str]:
 
 def test_a_letter_whose_confirm_is_lost_with_the_connection_is_not_moved_and_the_run_stops(
     broker_vhost: str,
-    amqp: Any,
+    amqp: Any,  # noqa: F811
     proxy: FaultProxy,
     moto_aws: None,  # noqa: F811
 ) -> None:
     message_id = msg_id("in-doubt")
     park(amqp, message_id, at=int(time.time()) - 3600)
-    runtime = redrive_via(proxy.port, broker_vhost)
+    runtime = deployed_redrive(broker_vhost, proxy.port)
     # The broker's confirm of the republish: every connection of the run is cut before it.
     proxy.cut_before(is_method(BASIC_ACK), to_client=True)
 

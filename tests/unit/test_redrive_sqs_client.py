@@ -151,6 +151,12 @@ def _parked(client: Any, count: int) -> tuple[QueueSettings, list[str]]:
 
 def _redrive(queue: QueueSettings, audit: MemoryAuditSink) -> RedriveReport:
     """One run on the dead-letter queue the deployed builder opens (its own SQS client)."""
+    redriver = Redriver(ledger=MemoryRedriveLedger(), audit=audit)
+    return redriver.run(_dead_letter_queue(queue), RedrivePlan())
+
+
+def _dead_letter_queue(queue: QueueSettings) -> Any:
+    """The dead-letter queue of ``queue`` as the deployed builder opens it."""
     runtime = build_redrive(
         RedriveSettings(
             environment="test",
@@ -164,8 +170,7 @@ def _redrive(queue: QueueSettings, audit: MemoryAuditSink) -> RedriveReport:
             max_seconds=60.0,
         )
     )
-    redriver = Redriver(ledger=MemoryRedriveLedger(), audit=audit)
-    return redriver.run(runtime.queue("sqs", f"{queue.name}-dlq"), RedrivePlan())
+    return runtime.queue("sqs", f"{queue.name}-dlq")
 
 
 def _bodies(client: Any, url: str) -> list[str]:

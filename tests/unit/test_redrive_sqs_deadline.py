@@ -19,14 +19,11 @@ from typing import Any
 import pytest
 
 from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
-from fabric.bootstrap import build_redrive
 from fabric.redrive import RedrivePlan, Redriver
-from fabric.settings import RedriveSettings
-from fabric.settings import SqsDeadLetterQueue as QueueSettings
 from tests.message_ids import msg_id
 from tests.unit.test_redrive_sqs_client import (
-    REGION,
     Faults,
+    _dead_letter_queue,
     _parked,
     _redrive,
     sqs,  # noqa: F401 (a fixture)
@@ -43,23 +40,6 @@ def _counts(client: Any, url: str) -> tuple[int, int]:
         int(attributes["ApproximateNumberOfMessages"]),
         int(attributes["ApproximateNumberOfMessagesNotVisible"]),
     )
-
-
-def _dead_letter_queue(queue: QueueSettings) -> Any:
-    runtime = build_redrive(
-        RedriveSettings(
-            environment="test",
-            rabbitmq_host="127.0.0.1",
-            rabbitmq_port=5672,
-            rabbitmq_tls=False,
-            rabbitmq_vhost="/",
-            rabbitmq_secret_arn=f"arn:aws:secretsmanager:{REGION}:123456789012:secret:x",
-            idempotency_table="fabric-test-idempotency",
-            sqs_dead_letter_queues=(queue,),
-            max_seconds=60.0,
-        )
-    )
-    return runtime.queue("sqs", f"{queue.name}-dlq")
 
 
 def test_slow_sends_stop_at_the_runs_time_limit(
