@@ -1099,14 +1099,15 @@ def _write_from_rabbitmq(
     in Amazon MQ events of up to ``batch_size`` messages, acked once written; how many."""
     import base64
 
-    from fabric.topology import AUDIT_QUEUE, PLATFORM_USER
+    from fabric.topology import AUDIT_QUEUE, AUDIT_READER_USER
 
+    # As the deployed event source reads it: as the audit reader.
     connection = pika.BlockingConnection(
         pika.ConnectionParameters(
             "127.0.0.1",
             5672,
             LOCAL_VHOST,
-            pika.PlainCredentials(PLATFORM_USER, passwords[PLATFORM_USER]),
+            pika.PlainCredentials(AUDIT_READER_USER, passwords[AUDIT_READER_USER]),
         )
     )
     channel = connection.channel()
@@ -1231,7 +1232,7 @@ def replay_act(
     marked: Counter[tuple[str, str]] = Counter()
     unmarked: list[tuple[str, str]] = []
     for group in STAKEHOLDERS:
-        # As the group: the platform user reads only the DLQs, fabric.overflow and fabric.audit.
+        # As the group: the platform user reads no queue.
         user = user_name(group)
         connection = pika.BlockingConnection(
             pika.ConnectionParameters(

@@ -12,8 +12,10 @@ from constructs import Construct
 
 from fabric.stakeholders import STAKEHOLDERS
 from fabric.topology import (
+    AUDIT_READER_USER,
     MONITOR_USER,
     OVERFLOW_QUEUE,
+    REDRIVE_USER,
     UNROUTED_QUEUE,
     dead_letter_queue_name,
 )
@@ -134,7 +136,7 @@ class ServicesStack(Stack):
             env_name=config.name,
             platform=platform,
             broker_host=stateful.broker.host,
-            broker_secret=user_secrets[router_user],
+            broker_secret=user_secrets[REDRIVE_USER],
             secrets_key=stateful.keys.secrets,
             pairs=[
                 *(DeadLetterPair(q.queue, q.dead_letter_queue) for q in fallback),
@@ -186,7 +188,7 @@ class ServicesStack(Stack):
             env_name=config.name,
             platform=no_broker,
             broker_arn=stateful.broker.broker_arn,
-            broker_secret=user_secrets[router_user],
+            broker_secret=user_secrets[AUDIT_READER_USER],
             secrets_key=stateful.keys.secrets,
             audit_queue=audit_queue,
             # By the stateful stack's AuditBucketName output: see AuditWriter.
@@ -316,7 +318,7 @@ class ServicesStack(Stack):
         )
         self.drain.function.function.node.add_dependency(self.topology.resource)
         self.redrive.function.function.node.add_dependency(self.topology.resource)
-        # The broker event source reads `fabric.audit` as the platform user: both exist only
+        # The broker event source reads `fabric.audit` as the audit reader: both exist only
         # once the topology is applied.
         self.audit_writer.function.function.node.add_dependency(self.topology.resource)
         # Messages must not reach a broker whose topology is not applied yet.

@@ -83,12 +83,12 @@ class AuditWriter(Construct):
     """``lambdas/audit_writer``: the only writer of the audit trail.
 
     Triggers: the RabbitMQ audit queue ``fabric.audit`` (Amazon MQ event source, as the
-    platform user), the SQS audit queue ``fabric-<env>-audit`` (batches sent while the broker was
-    down; all or nothing, like the broker's: the function writes an event's batches as one
-    object or raises, so the event comes back whole; it never reports single items, although the
-    event source has ReportBatchItemFailures on), and an hourly EventBridge rule with
-    ``{"checkpoint": true}`` that seals the objects written since the last checkpoint with the
-    asymmetric signing key.
+    audit reader ``fabric-audit-reader``, which may read that queue and nothing else), the SQS
+    audit queue ``fabric-<env>-audit`` (batches sent while the broker was down; all or nothing,
+    like the broker's: the function writes an event's batches as one object or raises, so the
+    event comes back whole; it never reports single items, although the event source has
+    ReportBatchItemFailures on), and an hourly EventBridge rule with ``{"checkpoint": true}``
+    that seals the objects written since the last checkpoint with the asymmetric signing key.
 
     Reserved concurrency 1: one writer per chain. The chain state is one item advanced by a
     conditional write; two instances at once would conflict on it, and the loser's batch would
@@ -103,7 +103,7 @@ class AuditWriter(Construct):
     signing key only, the chain and batch-mark items of the idempotency table (``GetItem``,
     ``BatchGetItem``, ``PutItem``, the last one also for the Puts of ``TransactWriteItems``), the
     tables key through DynamoDB, consuming the SQS audit queue, and what the Amazon MQ event
-    source needs (the broker's description, the platform user's secret, the ENIs in the
+    source needs (the broker's description, the audit reader's secret, the ENIs in the
     broker's VPC). Errors alarm as ``AuditWriterErrors``, refused audit batches as
     ``AuditWriterBatchesRefused``; failed asynchronous invocations (the checkpoint) land in the
     function's async DLQ, with ``FunctionDlqDepth``.
@@ -313,7 +313,7 @@ class AuditWriter(Construct):
         """The Amazon MQ event source on ``fabric.audit``, and what its pollers do as the role.
 
         Lambda's pollers describe the broker to find its subnets and security groups, create
-        (or reuse) ENIs there, and log in to RabbitMQ with the platform user's secret; all of it
+        (or reuse) ENIs there, and log in to RabbitMQ with the audit reader's secret; all of it
         with the function's execution role, checked when the mapping is created.
         """
         self.function.allow_secret_read(broker_secret, secrets_key)

@@ -58,11 +58,12 @@ class Redrive(Construct):
     """``lambdas/redrive``, invoked on demand only (``python scripts/runbook.py redrive``).
 
     No schedule: moving dead letters back is an operator's decision, taken once the cause is
-    fixed. It reads every RabbitMQ DLQ as the platform user (AMQP; its secret is the only one it
-    may read), and on each SQS dead-letter queue of ``pairs`` it may read, hold and remove,
-    sending only to that queue's source. It sends its audit batches (the
-    ``redriven`` records) to the SQS audit queue while the broker cannot take them (granted on
-    its own, whether or not the audit queue is also one of ``pairs``). It reads and writes ledger
+    fixed. It reads every RabbitMQ DLQ and the overflow queue as its own broker user,
+    ``fabric-redrive`` (AMQP; its secret is the only one it may read; the router's user reads no
+    queue), and on each SQS dead-letter queue of ``pairs`` it may read, hold and remove, sending
+    only to that queue's source. It sends its audit batches (the ``redriven`` records) to the
+    SQS audit queue while the broker cannot take them (granted on its own, whether or not the
+    audit queue is also one of ``pairs``). It reads and writes ledger
     items of the idempotency table. The queues key and the table's key only through SQS and
     DynamoDB.
     Asynchronous invocations are not retried: a failed run is the operator's to look at (its

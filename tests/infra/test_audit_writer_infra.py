@@ -333,7 +333,7 @@ def test_the_writer_reads_and_writes_only_its_chain_and_the_batch_marks(trail: T
     }
 
 
-def test_the_writer_reads_fabric_audit_on_the_broker_as_the_platform_user(trail: Trail) -> None:
+def test_the_writer_reads_fabric_audit_on_the_broker_as_the_audit_reader(trail: Trail) -> None:
     template = trail.services
     writer_id, function = writer(template)
     (mapping_id, mapping), *others = [
@@ -351,13 +351,13 @@ def test_the_writer_reads_fabric_audit_on_the_broker_as_the_platform_user(trail:
     assert set(access) == {"BASIC_AUTH", "VIRTUAL_HOST"}
     assert access["VIRTUAL_HOST"] == "/"
     secret_id, _ = trail.stateful_resource(access["BASIC_AUTH"])
-    assert secret_id.startswith("BrokerUsersfabricplatform")
+    assert secret_id.startswith("BrokerUsersfabricauditreader")
     # The writer's one DynamoDB transaction holds its chain and a mark per batch: 100 actions.
     assert props["BatchSize"] == 99
     assert 1 <= props["MaximumBatchingWindowInSeconds"] <= 10
 
     granted = statements(template, function)
-    # What Lambda's pollers do as the role: describe the broker, read the platform user's
+    # What Lambda's pollers do as the role: describe the broker, read the audit reader's
     # secret (and its key through Secrets Manager), and read the broker's network.
     (describe,) = [s for s in granted if "mq:DescribeBroker" in listed(s["Action"])]
     assert listed(describe["Action"]) == ["mq:DescribeBroker"]

@@ -23,6 +23,8 @@ ADMIN = "fabric-admin"
 USERNAMES = {
     ADMIN,
     "fabric-platform",
+    "fabric-redrive",
+    "fabric-audit-reader",
     "fabric-government",
     "fabric-business",
     "fabric-academic",

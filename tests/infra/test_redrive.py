@@ -111,7 +111,7 @@ def test_the_redrive_gets_exactly_the_variables_its_settings_read(
     assert variables["FABRIC_ENV"] == env.stage.stage_name
     assert (variables["RABBITMQ_PORT"], variables["RABBITMQ_TLS"]) == ("5671", "true")
     assert variables["RABBITMQ_VHOST"] == "/"
-    assert "BrokerUsersfabricplatform" in json.dumps(variables["RABBITMQ_SECRET_ARN"])
+    assert "BrokerUsersfabricredrive" in json.dumps(variables["RABBITMQ_SECRET_ARN"])
     assert "IdempotencyTable" in json.dumps(variables["IDEMPOTENCY_TABLE"])
     # A minute inside the 15-minute timeout.
     assert variables["REDRIVE_MAX_SECONDS"] == "840"
@@ -277,7 +277,7 @@ def test_the_redrive_reads_and_writes_ledger_items_only(
     }
     secret_reads = [s for s in granted if "secretsmanager:GetSecretValue" in listed(s["Action"])]
     assert len(secret_reads) == 1
-    assert "BrokerUsersfabricplatform" in json.dumps(secret_reads[0]["Resource"])
+    assert "BrokerUsersfabricredrive" in json.dumps(secret_reads[0]["Resource"])
 
 
 def _environment_size(function: dict[str, Any]) -> int:

@@ -57,7 +57,8 @@ def test_every_broker_users_secret_rotates_every_30_days_and_the_admins_does_not
 
     users = sorted(k for k, description in secrets.items() if "RabbitMQ user " in description)
     assert rotated == users
-    assert len(users) == 7  # fabric-platform, one per stakeholder group, fabric-monitor
+    # fabric-platform, -redrive, -audit-reader, one per stakeholder group, fabric-monitor
+    assert len(users) == 9
     assert not [k for k in rotated if "administrator" in secrets[k]]
     for schedule in schedules:
         properties = schedule["Properties"]

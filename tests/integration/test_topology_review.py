@@ -24,8 +24,8 @@ import pytest
 from fabric import custom_resource
 from fabric.adapters.management import ManagementClient
 from fabric.errors import ManagementUnavailable
-from fabric.stakeholders import STAKEHOLDERS
-from fabric.topology import MONITOR_USER, PLATFORM_USER, user_name
+from fabric.routing import default_routing_table
+from fabric.topology import definitions
 from fabric.topology_apply import apply_topology
 from tests.conftest import load_handler
 from tests.integration import test_management_api as api
@@ -169,7 +169,7 @@ def test_the_topology_function_answers_cloudformation_before_its_own_timeout(
         value = json.dumps({"username": name, "password": password})
         return str(secrets.create_secret(Name=f"review/{name}", SecretString=value)["ARN"])
 
-    users = [PLATFORM_USER, *(user_name(group) for group in STAKEHOLDERS), MONITOR_USER]
+    users = [user["name"] for user in definitions(default_routing_table())["users"]]
     monkeypatch.setenv("MANAGEMENT_URL", slow_management)
     monkeypatch.setenv("ADMIN_SECRET_ARN", secret(GUEST[0], GUEST[1]))
     monkeypatch.setenv(

@@ -1,11 +1,12 @@
 """What the topology code may take away, on the real local RabbitMQ: the custom resource's
 replacement (owner record), queues deleted on a statistics sample that missed a message,
-recreated queues and their routes, and what the platform user may do."""
+recreated queues and their routes, and what the platform's broker users may do."""
 
 from __future__ import annotations
 
 import json
 import secrets
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -171,14 +172,19 @@ def deployed(
 
 
 def the_router_logs_in(vhost: str, user: str, password: str) -> bool:
-    """The platform's login works and may read the queues it reads, the audit queue among them
-    (nothing is published: the Delete after must find the queues empty)."""
+    """The platform's login works and may publish: the drain's probe, which no queue takes, is
+    returned, not refused (nothing is stored: the Delete after must find the queues empty)."""
     connection = _connect(vhost, user, password)
     try:
-        method, _properties, _body = connection.channel().basic_get(topology.AUDIT_QUEUE)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        with pytest.raises(pika.exceptions.UnroutableError):
+            channel.basic_publish(
+                topology.REDELIVER_EXCHANGE, PROBE_ROUTING_KEY, b"", mandatory=True
+            )
     finally:
         connection.close()
-    return method is None
+    return True
 
 
 def test_replacing_the_topology_resource_keeps_the_routers_login_and_the_queues(
@@ -386,61 +392,46 @@ def test_a_recreated_queue_has_its_route_back_before_the_next_queue_is_recreated
     assert recreated_queue["arguments"]["x-delivery-limit"] == 11
 
 
-# --- 3. what the platform user may do -----------------------------------------------------------
+# --- 3. what the platform's users may do ---------------------------------------------------------
+
+PLATFORM_USERS = (topology.PLATFORM_USER, topology.REDRIVE_USER, topology.AUDIT_READER_USER)
 
 
 @pytest.fixture
 def platform(client: ManagementClient, sandbox: Sandbox) -> Iterator[SimpleNamespace]:
-    """The generated topology in the sandbox's vhost with its platform user (renamed: users
-    are broker-wide) and that user's generated permissions."""
+    """The generated topology in the sandbox's vhost with the platform's three users (renamed:
+    users are broker-wide) and their generated permissions: ``login[name]`` is the renamed
+    user's (user, password), ``settings(name)`` its ``RabbitSettings``."""
     vhost = sandbox.vhost
-    user, password = f"{vhost}-{topology.PLATFORM_USER}", secrets.token_urlsafe(16)
+    login = {name: (f"{vhost}-{name}", secrets.token_urlsafe(16)) for name in PLATFORM_USERS}
     document = topology.definitions(default_routing_table(), vhost=vhost)
-    document["users"] = [{"name": user, "tags": []}]
+    document["users"] = [{"name": login[name][0], "tags": []} for name in PLATFORM_USERS]
     document["permissions"] = [
-        {**p, "user": user} for p in document["permissions"] if p["user"] == topology.PLATFORM_USER
+        {**p, "user": login[p["user"]][0]} for p in document["permissions"] if p["user"] in login
     ]
-    apply_topology(fast_client(), document, passwords={user: password}, vhost=vhost)
+    apply_topology(fast_client(), document, passwords=dict(login.values()), vhost=vhost)
+
+    def settings(name: str) -> RabbitSettings:
+        return RabbitSettings(
+            host=AMQP[0],
+            port=AMQP[1],
+            credentials=lambda: login[name],
+            vhost=vhost,
+            confirm_timeout=5.0,
+        )
+
     try:
-        yield SimpleNamespace(vhost=vhost, user=user, password=password)
+        yield SimpleNamespace(vhost=vhost, login=login, settings=settings)
     finally:
-        client.delete_user(user)
+        for user, _password in login.values():
+            client.delete_user(user)
 
 
-def test_the_platform_user_redrives_a_dead_letter_but_cannot_declare_delete_purge_or_rebind(
+def test_no_platform_user_can_declare_delete_purge_or_rebind_beyond_what_it_reads(
     client: ManagementClient, platform: SimpleNamespace
 ) -> None:
     group = Stakeholder.MEDIA
     work, dlq = topology.queue_name(group), topology.dead_letter_queue_name(group)
-    guest = _connect(platform.vhost, *GUEST).channel()
-    guest.confirm_delivery()
-    guest.basic_publish(
-        topology.DEAD_LETTER_EXCHANGE,
-        work,  # how a rejected message of the work queue reaches its DLQ
-        b'{"note": "not child data"}',
-        pika.BasicProperties(delivery_mode=2, message_id=str(uuid.uuid4()), type="case.opened"),
-        mandatory=True,
-    )
-    settings = RabbitSettings(
-        host=AMQP[0],
-        port=AMQP[1],
-        credentials=lambda: (platform.user, platform.password),
-        vhost=platform.vhost,
-    )
-
-    # The redrive's whole path as the platform user: get, republish, ack (and its round trip).
-    letters = RabbitMqDeadLetterQueue(
-        settings, dlq, origin=RabbitMqTransport(settings, exchange_for=exchange_for)
-    )
-    try:
-        (letter,) = letters.peek(10)
-        assert letters.move([letter]) == [letter]
-        assert letters.remove([letter]) == {letter.handle}
-    finally:
-        letters.release()
-
-    depth = {q: guest.queue_declare(q, passive=True).method.message_count for q in (work, dlq)}
-    assert depth == {work: 1, dlq: 0}
     government = topology.queue_name(Stakeholder.GOVERNMENT)
     emergency = topology.queue_name(Stakeholder.GOVERNMENT, emergency=True)
     gate = topology.group_exchange_name(Stakeholder.GOVERNMENT, emergency=True)
@@ -449,42 +440,56 @@ def test_the_platform_user_redrives_a_dead_letter_but_cannot_declare_delete_purg
         for b in topology.definitions(default_routing_table())["bindings"]
         if (b["source"], b["destination"]) == (gate, emergency)
     ]
-    for queue in (emergency, topology.UNROUTED_QUEUE):  # a message each that a purge would take
+    guest = _connect(platform.vhost, *GUEST).channel()
+    guest.confirm_delivery()
+    kept = (emergency, topology.UNROUTED_QUEUE, dlq, topology.OVERFLOW_QUEUE, topology.AUDIT_QUEUE)
+    for queue in kept:  # a message each that a purge would take
         guest.basic_publish("", queue, b"kept", pika.BasicProperties(delivery_mode=2))
-    connection = _connect(platform.vhost, platform.user, platform.password)
+    # Purge needs read on the queue: the router's user reads none, the redrive reads only the
+    # DLQs and the overflow queue, the audit reader only the audit queue.
+    purges = {
+        topology.PLATFORM_USER: (work, emergency, topology.UNROUTED_QUEUE, dlq, *kept[3:]),
+        topology.REDRIVE_USER: (work, emergency, topology.UNROUTED_QUEUE, topology.AUDIT_QUEUE),
+        topology.AUDIT_READER_USER: (work, emergency, topology.UNROUTED_QUEUE, dlq, kept[3]),
+    }
 
-    def reply_code(attempt: Callable[[Any], object]) -> int:
-        """The code the broker closes a new channel with for ``attempt``; 0: it was done."""
+    codes: dict[str, int] = {}
+    for name in PLATFORM_USERS:
+        connection = _connect(platform.vhost, *platform.login[name])
+
+        def reply_code(attempt: Callable[[Any], object], c: Any = connection) -> int:
+            """The code the broker closes a new channel with for ``attempt``; 0: it was done."""
+            try:
+                attempt(c.channel())
+            except pika.exceptions.ChannelClosedByBroker as closed:
+                return int(closed.reply_code)
+            return 0
+
         try:
-            attempt(connection.channel())
-        except pika.exceptions.ChannelClosedByBroker as closed:
-            return int(closed.reply_code)
-        return 0
-
-    try:
-        codes = {
-            "queue.delete": reply_code(lambda c: c.queue_delete(work)),
-            "queue.declare": reply_code(lambda c: c.queue_declare("fabric.sneaky", durable=True)),
-            # Purge needs read on the queue; the platform reads none of these.
-            **{
-                f"queue.purge {queue}": reply_code(lambda c, q=queue: c.queue_purge(q))
-                for queue in (work, emergency, topology.UNROUTED_QUEUE)
-            },
-            # Binding and unbinding need read on the source exchange: no exchange grants it.
-            "queue.bind": reply_code(
-                lambda c: c.queue_bind(work, topology.INGRESS_EXCHANGE, "case.#")
-            ),
-            "queue.unbind": reply_code(
-                lambda c: c.queue_unbind(emergency, gate, arguments=gate_binding["arguments"])
-            ),
-            "exchange.bind": reply_code(
-                lambda c: c.exchange_bind(
-                    topology.group_exchange_name(group), topology.INGRESS_EXCHANGE, "case.#"
-                )
-            ),
-        }
-    finally:
-        connection.close()
+            codes |= {
+                f"{name} queue.delete": reply_code(lambda c: c.queue_delete(work)),
+                f"{name} queue.declare": reply_code(
+                    lambda c: c.queue_declare("fabric.sneaky", durable=True)
+                ),
+                **{
+                    f"{name} queue.purge {queue}": reply_code(lambda c, q=queue: c.queue_purge(q))
+                    for queue in purges[name]
+                },
+                # Binding and unbinding need read on the source exchange: none grants it.
+                f"{name} queue.bind": reply_code(
+                    lambda c: c.queue_bind(work, topology.INGRESS_EXCHANGE, "case.#")
+                ),
+                f"{name} queue.unbind": reply_code(
+                    lambda c: c.queue_unbind(emergency, gate, arguments=gate_binding["arguments"])
+                ),
+                f"{name} exchange.bind": reply_code(
+                    lambda c: c.exchange_bind(
+                        topology.group_exchange_name(group), topology.INGRESS_EXCHANGE, "case.#"
+                    )
+                ),
+            }
+        finally:
+            connection.close()
     assert codes == dict.fromkeys(codes, 403)  # ACCESS_REFUSED, each one
 
     # Nothing purged, and the routing as generated: a restricted case reaches government alone,
@@ -494,26 +499,34 @@ def test_the_platform_user_redrives_a_dead_letter_but_cannot_declare_delete_purg
     )
     for topic in ("case.opened", "child-safety.alert.public"):
         guest.basic_publish(topology.INGRESS_EXCHANGE, topic, b"{}", everyone, mandatory=True)
-    queues = (work, government, emergency, topology.UNROUTED_QUEUE)
-    depth = {q: guest.queue_declare(q, passive=True).method.message_count for q in queues}
-    assert depth == {work: 1, government: 1, emergency: 2, topology.UNROUTED_QUEUE: 1}
+    depth = {
+        q: guest.queue_declare(q, passive=True).method.message_count
+        for q in (work, government, *kept)
+    }
     guest.connection.close()
+    assert depth == {
+        work: 0,
+        government: 1,
+        emergency: 2,
+        topology.UNROUTED_QUEUE: 1,
+        dlq: 1,
+        topology.OVERFLOW_QUEUE: 1,
+        topology.AUDIT_QUEUE: 1,
+    }
     assert client.get_queue(platform.vhost, "fabric.sneaky") is None
 
 
-def test_what_the_platform_functions_do_on_the_broker_its_permissions_allow(
+def test_what_the_platform_functions_do_on_the_broker_their_users_permissions_allow(
     platform: SimpleNamespace,
 ) -> None:
-    # Every broker operation done with the platform's credentials, as its code does it: the
-    # router, drain and replay publish (fabric.bootstrap.exchange_for; the drain's probe comes
-    # back unrouted), the audit writer's event source consumes fabric.audit, the redrive takes
-    # a dead letter back to its work queue and an overflow letter back to its terminal queue.
-    settings = RabbitSettings(
-        host=AMQP[0],
-        port=AMQP[1],
-        credentials=lambda: (platform.user, platform.password),
-        vhost=platform.vhost,
-        confirm_timeout=5.0,
+    # Every broker operation done with its function's credentials, as its code does it: the
+    # router, drain and replay publish as the platform user (fabric.bootstrap.exchange_for; the
+    # drain's probe comes back unrouted); the audit writer's event source consumes fabric.audit
+    # as the audit reader; the redrive takes a dead letter back to its work queue and overflow
+    # letters back to their terminal queues as its own user, a platform audit batch among them.
+    router, redrive = (
+        platform.settings(topology.PLATFORM_USER),
+        platform.settings(topology.REDRIVE_USER),
     )
     gov, media = Stakeholder.GOVERNMENT, Stakeholder.MEDIA
     everyone = {topology.AUDIENCE_HEADER: topology.ALL_AUDIENCE}
@@ -544,7 +557,7 @@ def test_what_the_platform_functions_do_on_the_broker_its_permissions_allow(
     probe = OutboundMessage(
         "probe", PROBE_ROUTING_KEY, b"", frozenset(), redeliver_to=PROBE_ROUTING_KEY
     )
-    publisher = RabbitMqTransport(settings, exchange_for=exchange_for)
+    publisher = RabbitMqTransport(router, exchange_for=exchange_for)
     try:
         outcomes = publisher.publish(messages)
         (probed,) = publisher.publish([probe])
@@ -552,6 +565,18 @@ def test_what_the_platform_functions_do_on_the_broker_its_permissions_allow(
         publisher.close()
     assert [o.message_id for o in outcomes if not o.stored] == []
     assert probed.failure is Failure.RETURNED  # taken, and stored nowhere
+
+    reader = _connect(platform.vhost, *platform.login[topology.AUDIT_READER_USER])
+    try:
+        channel = reader.channel()
+        method, properties, body = next(channel.consume(topology.AUDIT_QUEUE, inactivity_timeout=5))
+        # The audit writer gives up on it: it goes on to the overflow queue, user-id and all.
+        channel.basic_reject(method.delivery_tag, requeue=False)
+        channel.cancel()
+    finally:
+        reader.close()
+    platform_user = platform.login[topology.PLATFORM_USER][0]
+    assert (body, properties.user_id) == (b"batch", platform_user)
 
     guest = _connect(platform.vhost, *GUEST).channel()
     guest.confirm_delivery()
@@ -571,26 +596,22 @@ def test_what_the_platform_functions_do_on_the_broker_its_permissions_allow(
         pika.BasicProperties(delivery_mode=2, message_id="overflowed", type="case.opened"),
         mandatory=True,
     )
+    deadline = time.monotonic() + 10  # at-least-once dead-lettering moves the batch a bit later
+    while guest.queue_declare(topology.OVERFLOW_QUEUE, passive=True).method.message_count < 2:
+        assert time.monotonic() < deadline, "the rejected batch never reached fabric.overflow"
+        time.sleep(0.05)
 
-    consumer = _connect(platform.vhost, platform.user, platform.password)
-    try:
-        channel = consumer.channel()
-        method, properties, body = next(channel.consume(topology.AUDIT_QUEUE, inactivity_timeout=5))
-        channel.basic_ack(method.delivery_tag)
-        channel.cancel()
-    finally:
-        consumer.close()
-    assert (body, properties.user_id) == (b"batch", platform.user)
-
+    redrive_user = platform.login[topology.REDRIVE_USER][0]
     dead = RabbitMqDeadLetterQueue(
-        settings, emergency_dlq, origin=RabbitMqTransport(settings, exchange_for=exchange_for)
+        redrive, emergency_dlq, origin=RabbitMqTransport(redrive, exchange_for=exchange_for)
     )
-    overflow = RabbitMqOverflowQueue(settings)
-    for queue in (dead, overflow):
+    overflow = RabbitMqOverflowQueue(redrive, trusted={platform_user, redrive_user})
+    for queue, count in ((dead, 1), (overflow, 2)):
         try:
-            (letter,) = queue.peek(10)
-            assert queue.move([letter]) == [letter]
-            assert queue.remove([letter]) == {letter.handle}
+            letters = queue.peek(10)
+            assert [letter.stays for letter in letters] == [None] * count
+            assert queue.move(letters) == letters
+            assert queue.remove(letters) == {letter.handle for letter in letters}
         finally:
             queue.release()
 
@@ -599,11 +620,53 @@ def test_what_the_platform_functions_do_on_the_broker_its_permissions_allow(
         topology.queue_name(gov, emergency=True): 2,  # the alert, and the letter redriven
         topology.queue_name(media): 1,  # redelivered
         topology.UNROUTED_QUEUE: 2,
-        topology.AUDIT_QUEUE: 0,
+        topology.AUDIT_QUEUE: 1,  # the batch, back
         emergency_dlq: 0,
         topology.OVERFLOW_QUEUE: 0,
         work_dlq: 1,  # back from the overflow queue
     }
     depth = {q: guest.queue_declare(q, passive=True).method.message_count for q in queues}
-    guest.connection.close()
     assert depth == queues
+    # The batch is back as the redrive's, which the audit writer trusts as it did the platform's.
+    _method, properties, body = guest.basic_get(topology.AUDIT_QUEUE, auto_ack=True)
+    guest.connection.close()
+    assert (body, properties.message_id, properties.user_id) == (b"batch", "audit", redrive_user)
+
+
+def test_a_consumers_overflowed_audit_batch_stays_where_the_redrive_cannot_vouch_for_it(
+    client: ManagementClient, platform: SimpleNamespace
+) -> None:
+    # A stakeholder's consumer records carry its group's user-id: put back as the redrive's they
+    # would be trusted with any event, put back without one refused. The letter stays.
+    group_user, password = f"{platform.vhost}-{user_name(Stakeholder.MEDIA)}", "pw-" + "x" * 12
+    client.put_user(group_user, password=password, tags=[])
+    client.put_permissions(
+        platform.vhost, group_user, configure="^$", write=topology.OVERFLOW_EXCHANGE, read="^$"
+    )
+    try:
+        consumer = _connect(platform.vhost, group_user, password).channel()
+        consumer.basic_publish(
+            topology.OVERFLOW_EXCHANGE,
+            topology.AUDIT_QUEUE,
+            b"consumer batch",
+            pika.BasicProperties(delivery_mode=2, message_id="batch-2", user_id=group_user),
+        )
+        consumer.connection.close()
+        trusted = {platform.login[n][0] for n in (topology.PLATFORM_USER, topology.REDRIVE_USER)}
+        overflow = RabbitMqOverflowQueue(platform.settings(topology.REDRIVE_USER), trusted=trusted)
+        try:
+            (letter,) = overflow.peek(10)
+            assert group_user in str(letter.stays)
+            assert overflow.move([letter]) == []
+            assert overflow.remove([letter]) == set()
+        finally:
+            overflow.release()
+    finally:
+        client.delete_user(group_user)
+    guest = _connect(platform.vhost, *GUEST).channel()
+    depth = {
+        q: guest.queue_declare(q, passive=True).method.message_count
+        for q in (topology.OVERFLOW_QUEUE, topology.AUDIT_QUEUE)
+    }
+    guest.connection.close()
+    assert depth == {topology.OVERFLOW_QUEUE: 1, topology.AUDIT_QUEUE: 0}

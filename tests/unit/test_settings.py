@@ -72,8 +72,9 @@ def test_a_port_that_is_not_a_tcp_port_is_refused_naming_the_variable(port: str)
         drain(RABBITMQ_PORT=port)
 
 
-def test_the_audit_writer_trusts_the_platform_user_unless_told_otherwise() -> None:
-    assert AuditWriterSettings.from_env(WRITER).trusted_publishers == {"fabric-platform"}
+def test_the_audit_writer_trusts_the_platform_and_redrive_users_unless_told_otherwise() -> None:
+    trusted = AuditWriterSettings.from_env(WRITER).trusted_publishers
+    assert trusted == {"fabric-platform", "fabric-redrive"}
     named = AuditWriterSettings.from_env({**WRITER, "AUDIT_TRUSTED_PUBLISHERS": "a, b"})
     assert named.trusted_publishers == {"a", "b"}
 

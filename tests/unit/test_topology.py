@@ -246,10 +246,12 @@ def test_a_group_user_reads_only_its_own_queues_and_writes_only_its_retries_and_
     assert configurable == set()
 
 
-def test_users_carry_no_credentials_and_the_platform_user_is_separate() -> None:
+def test_users_carry_no_credentials_and_the_platform_users_are_separate() -> None:
     names = [u["name"] for u in DEFINITIONS["users"]]
     assert names == [
         topology.PLATFORM_USER,
+        topology.REDRIVE_USER,
+        topology.AUDIT_READER_USER,
         *(topology.user_name(g) for g in STAKEHOLDERS),
         topology.MONITOR_USER,
     ]
@@ -257,42 +259,61 @@ def test_users_carry_no_credentials_and_the_platform_user_is_separate() -> None:
     assert re.search(PERMISSIONS[topology.PLATFORM_USER]["write"], topology.INGRESS_EXCHANGE)
 
 
-def test_the_platform_user_configures_nothing() -> None:
-    # Its functions publish, get and ack, and declare nothing; configure would let them delete a
-    # queue with its messages. The topology function declares as the administrator.
-    permission = PERMISSIONS[topology.PLATFORM_USER]
-    assert {r for r in ALL_RESOURCES if re.search(permission["configure"], r)} == set()
+def reach(user: str) -> dict[str, set[str]]:
+    """What ``user``'s permissions match among the topology's exchanges and queues."""
+    permission = PERMISSIONS[user]
+    return {
+        kind: {r for r in ALL_RESOURCES if re.search(permission[kind], r)}
+        for kind in ("configure", "write", "read")
+    }
 
 
-def test_the_platform_user_writes_only_where_it_publishes_and_reads_only_what_it_takes() -> None:
-    permission = PERMISSIONS[topology.PLATFORM_USER]
-    readable = {r for r in ALL_RESOURCES if re.search(permission["read"], r)}
-    writable = {r for r in ALL_RESOURCES if re.search(permission["write"], r)}
+@pytest.mark.parametrize(
+    "user", [topology.PLATFORM_USER, topology.REDRIVE_USER, topology.AUDIT_READER_USER]
+)
+def test_the_platform_users_configure_nothing(user: str) -> None:
+    # Their functions publish, get and ack, and declare nothing; configure would let them delete
+    # a queue with its messages. The topology function declares as the administrator.
+    assert reach(user)["configure"] == set()
+
+
+def test_the_routers_user_writes_only_where_it_publishes_and_reads_no_queue() -> None:
+    platform = reach(topology.PLATFORM_USER)
     # Where the router, the drain and the replay publish (a routed message, an unroutable one,
-    # an audit batch, a redelivered one), and the overflow redrive's way back.
+    # an audit batch, a redelivered one).
     published = {
         exchange_for(OutboundMessage("m", "case.opened", b"", frozenset({Stakeholder.MEDIA}))),
         exchange_for(OutboundMessage("m", "nothing.routes", b"", frozenset())),
         exchange_for(OutboundMessage("m", "audit", b"", frozenset(), kind=MessageKind.AUDIT)),
         exchange_for(OutboundMessage("m", "t", b"", frozenset(), redeliver_to="fabric.media")),
+    }
+    assert platform["write"] == published == set(topology.PLATFORM_EXCHANGES)
+    # Nothing to read, so nothing to purge (RabbitMQ checks queue.purge against read), and no
+    # exchange read: binding and unbinding need read on the source, so no rewired routes.
+    assert platform["read"] == set()
+
+
+def test_the_redrive_and_the_audit_reader_read_only_their_queues() -> None:
+    redrive, reader = reach(topology.REDRIVE_USER), reach(topology.AUDIT_READER_USER)
+    dead_letter_queues = {
+        topology.dead_letter_queue_name(g, emergency=e) for g in STAKEHOLDERS for e in (False, True)
+    }
+    # The redrive: every DLQ and the overflow queue; back through the redeliver and overflow
+    # return exchanges, and its audit batches. It can purge what it reads, and nothing else.
+    assert redrive["read"] == {topology.OVERFLOW_QUEUE, *dead_letter_queues}
+    assert redrive["write"] == {
+        topology.REDELIVER_EXCHANGE,
         topology.OVERFLOW_RETURN_EXCHANGE,
+        topology.AUDIT_EXCHANGE,
     }
-    assert writable == published == set(topology.PLATFORM_EXCHANGES)
-    # The redrive's queues (every DLQ, the overflow queue) and the audit writer's event source's
-    # (fabric.audit). RabbitMQ checks queue.purge against read, so those it can purge too.
-    assert readable == {
-        topology.AUDIT_QUEUE,
-        topology.OVERFLOW_QUEUE,
-        *(
-            topology.dead_letter_queue_name(g, emergency=e)
-            for g in STAKEHOLDERS
-            for e in (False, True)
-        ),
-    }
-    # No exchange: binding and unbinding need read on the source exchange, so it cannot rewire
-    # the routing (nor bind a queue, which needs write on it).
-    assert readable.isdisjoint(EXCHANGES)
-    assert writable.isdisjoint(QUEUES)
+    # The audit writer's event source: fabric.audit, and it publishes nothing.
+    assert reader == {"configure": set(), "write": set(), "read": {topology.AUDIT_QUEUE}}
+    # None of them binds: no exchange read, no queue written.
+    for user in (topology.PLATFORM_USER, topology.REDRIVE_USER, topology.AUDIT_READER_USER):
+        assert reach(user)["read"].isdisjoint(EXCHANGES)
+        assert reach(user)["write"].isdisjoint(QUEUES)
+    # The audit writer trusts the batches of the two that publish them.
+    assert topology.TRUSTED_AUDIT_PUBLISHERS == (topology.PLATFORM_USER, topology.REDRIVE_USER)
 
 
 def test_definitions_are_deterministic_json_and_self_consistent() -> None:
@@ -374,13 +395,11 @@ def test_the_overflow_queue_is_the_only_queue_without_a_dead_letter_exchange() -
     ]
     assert [b["source"] for b in into_overflow] == [topology.OVERFLOW_EXCHANGE]
     assert topology.OVERFLOW_DELIVERY_LIMIT >= 1_000_000 * topology.TERMINAL_DELIVERY_LIMIT
-    # It is no group's DLQ, and no group user can read (or peek) it: only the platform's redrive.
+    # It is no group's DLQ, and no group user can read (or peek) it: only the redrive.
     with pytest.raises(ValueError, match="not a dead-letter queue"):
         topology.work_queue_of(topology.OVERFLOW_QUEUE)
-    assert re.search(PERMISSIONS[topology.PLATFORM_USER]["read"], topology.OVERFLOW_QUEUE)
-    assert re.search(
-        PERMISSIONS[topology.PLATFORM_USER]["write"], topology.OVERFLOW_RETURN_EXCHANGE
-    )
+    assert re.search(PERMISSIONS[topology.REDRIVE_USER]["read"], topology.OVERFLOW_QUEUE)
+    assert re.search(PERMISSIONS[topology.REDRIVE_USER]["write"], topology.OVERFLOW_RETURN_EXCHANGE)
     for group in STAKEHOLDERS:
         assert not re.search(
             PERMISSIONS[topology.user_name(group)]["read"], topology.OVERFLOW_QUEUE

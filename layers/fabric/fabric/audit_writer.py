@@ -39,7 +39,7 @@ from fabric.errors import FabricError
 from fabric.naming import FALLBACK_FLOWS, fallback_queue_name
 from fabric.stakeholders import Stakeholder
 from fabric.topology import (
-    PLATFORM_USER,
+    TRUSTED_AUDIT_PUBLISHERS,
     dead_letter_queue_name,
     queue_name,
     retry_queue_name,
@@ -312,7 +312,7 @@ CONSUMER_EVENTS = frozenset({"delivered", "retried", "dead-lettered"})
 def batches_from_event(
     event: Mapping[str, Any],
     *,
-    trusted: frozenset[str] = frozenset({PLATFORM_USER}),
+    trusted: frozenset[str] = frozenset(TRUSTED_AUDIT_PUBLISHERS),
     environment: str | None = None,
 ) -> list[tuple[str, AuditBatch]]:
     """The audit batches of an Amazon MQ for RabbitMQ event (``fabric.audit``) or an SQS event

@@ -10,7 +10,7 @@ from typing import Any
 
 from fabric.errors import ConfigError
 from fabric.naming import drained_queue_names
-from fabric.topology import PLATFORM_USER
+from fabric.topology import TRUSTED_AUDIT_PUBLISHERS
 
 
 @dataclass(frozen=True)
@@ -241,8 +241,9 @@ class AuditWriterSettings:
     ``FABRIC_ENV``; ``AUDIT_BUCKET``: the Object Lock bucket; ``IDEMPOTENCY_TABLE``: chain
     states and batch marks; ``SIGNING_KEY_ARN``: the asymmetric key that signs checkpoints;
     ``AUDIT_WRITER_NAME``: the chain this function writes; ``AUDIT_TRUSTED_PUBLISHERS``
-    (optional, comma-separated, default the platform user): the RabbitMQ users whose audit
-    batches may record platform events (everyone else: consumer events only).
+    (optional, comma-separated, default ``fabric.topology.TRUSTED_AUDIT_PUBLISHERS``: the
+    platform and redrive users): the RabbitMQ users whose audit batches may record platform
+    events (everyone else: consumer events only).
     """
 
     environment: str
@@ -250,7 +251,7 @@ class AuditWriterSettings:
     table: str
     signing_key_arn: str
     writer: str
-    trusted_publishers: frozenset[str] = frozenset({PLATFORM_USER})
+    trusted_publishers: frozenset[str] = frozenset(TRUSTED_AUDIT_PUBLISHERS)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> AuditWriterSettings:
@@ -261,7 +262,9 @@ class AuditWriterSettings:
         """
         trusted = frozenset(
             name.strip()
-            for name in environ.get("AUDIT_TRUSTED_PUBLISHERS", PLATFORM_USER).split(",")
+            for name in environ.get(
+                "AUDIT_TRUSTED_PUBLISHERS", ",".join(TRUSTED_AUDIT_PUBLISHERS)
+            ).split(",")
             if name.strip()
         )
         if not trusted:  # every platform batch would then be refused

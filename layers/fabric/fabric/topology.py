@@ -24,16 +24,29 @@ UNROUTED_QUEUE = "fabric.unrouted"
 AUDIT_QUEUE = "fabric.audit"
 OVERFLOW_QUEUE = "fabric.overflow"
 PLATFORM_USER = "fabric-platform"
-# What the platform user (the router, drain, redrive and replay) publishes to: routed messages,
-# unroutable ones, audit batches, redelivered letters and the drain's probes
-# (fabric.bootstrap.exchange_for), and overflow letters on their way back (the overflow redrive).
+# What the platform user (the router, the drain and the replay) publishes to: routed messages,
+# unroutable ones, audit batches, and redelivered letters and the drain's probes
+# (fabric.bootstrap.exchange_for). It reads no queue.
 PLATFORM_EXCHANGES = (
     INGRESS_EXCHANGE,
     UNROUTED_EXCHANGE,
     AUDIT_EXCHANGE,
     REDELIVER_EXCHANGE,
-    OVERFLOW_RETURN_EXCHANGE,
 )
+# The redrive's own user: it reads every dead-letter queue and the overflow queue
+# (redrive_queues()) and publishes letters back through the redeliver and overflow-return
+# exchanges, and its audit batches. The queues it reads it can purge too (RabbitMQ checks
+# queue.purge against read): that is why the router, which takes what any producer sends, is
+# not this user.
+REDRIVE_USER = "fabric-redrive"
+REDRIVE_EXCHANGES = (REDELIVER_EXCHANGE, OVERFLOW_RETURN_EXCHANGE, AUDIT_EXCHANGE)
+# The audit writer's event source (Lambda's Amazon MQ poller): reads fabric.audit, writes nothing.
+AUDIT_READER_USER = "fabric-audit-reader"
+# The users whose audit batches the audit writer takes whatever events they record (everyone
+# else: a stakeholder group's consumer events only). The redrive is one because it puts the
+# platform's overflowed audit batches back under its own user-id (RabbitMQ lets a user publish
+# only its own): fabric.adapters.rabbitmq_overflow.
+TRUSTED_AUDIT_PUBLISHERS = (PLATFORM_USER, REDRIVE_USER)
 # Reads queue depths for the dead-letter alarms (fabric.broker_depth), nothing else: tag
 # `management` (the management API, own vhosts only; `monitoring` would add every vhost's
 # connections and channels and the node's details) and permissions that match no name. RabbitMQ
@@ -237,10 +250,9 @@ def terminal_queues() -> tuple[str, ...]:
     return (UNROUTED_QUEUE, AUDIT_QUEUE, *dead_letter_queues())
 
 
-def platform_queues() -> tuple[str, ...]:
-    """The queues the platform user reads: the audit queue (the audit writer's event source),
-    the overflow queue and every dead-letter queue (the redrive)."""
-    return (AUDIT_QUEUE, OVERFLOW_QUEUE, *dead_letter_queues())
+def redrive_queues() -> tuple[str, ...]:
+    """The queues the redrive user reads: the overflow queue and every dead-letter queue."""
+    return (OVERFLOW_QUEUE, *dead_letter_queues())
 
 
 def _exchange(
@@ -290,6 +302,21 @@ def _exactly(names: Iterable[str]) -> str:
     return f"^(?:{'|'.join(_escape(name) for name in names)})$"
 
 
+def _permission(
+    user: str, vhost: str, *, write: Iterable[str], read: Iterable[str]
+) -> dict[str, Any]:
+    """A user's permissions on ``vhost``: configure nothing, write and read exactly these
+    names (none: ``NO_RESOURCE``)."""
+    write, read = tuple(write), tuple(read)
+    return {
+        "user": user,
+        "vhost": vhost,
+        "configure": NO_RESOURCE,
+        "write": _exactly(write) if write else NO_RESOURCE,
+        "read": _exactly(read) if read else NO_RESOURCE,
+    }
+
+
 def definitions(
     table: RoutingTable,
     *,
@@ -298,10 +325,10 @@ def definitions(
 ) -> dict[str, Any]:
     """The complete topology as a RabbitMQ definitions document for one vhost.
 
-    Contains exchanges, quorum queues (with explicit arguments), bindings, users (the platform
-    user, one per group, and the monitor; no password fields: the applier adds credentials from
-    its secret store) and permissions. Deterministic: the same table always yields the same
-    document. Uses nothing newer than RabbitMQ 3.10.
+    Contains exchanges, quorum queues (with explicit arguments), bindings, users (the platform,
+    the redrive, the audit reader, one per group, and the monitor; no password fields: the
+    applier adds credentials from its secret store) and permissions. Deterministic: the same
+    table always yields the same document. Uses nothing newer than RabbitMQ 3.10.
     ``terminal_delivery_limit`` is the delivery limit of the terminal queues (drills lower it
     to reach it quickly; deployments keep the default); the overflow queue's stays
     ``OVERFLOW_DELIVERY_LIMIT``.
@@ -346,46 +373,35 @@ def definitions(
             for name in terminal_queues()
         ),
     ]
-    users: list[dict[str, Any]] = [{"name": PLATFORM_USER, "tags": []}]
+    users: list[dict[str, Any]] = [
+        {"name": name, "tags": []} for name in (PLATFORM_USER, REDRIVE_USER, AUDIT_READER_USER)
+    ]
+    # The topology function declares everything as the administrator; the fabric's functions
+    # publish, get, consume and acknowledge, and each permission names only what they use.
+    # Configure would let them delete a queue. Read lets them purge a queue too (RabbitMQ checks
+    # queue.purge against read): it names only the queues they read and no exchange, as binding
+    # and unbinding need read on the source exchange (and write on the destination: they write
+    # no queue), so they cannot rewire routes.
     permissions = [
-        {
-            "user": PLATFORM_USER,
-            "vhost": vhost,
-            # The topology function declares everything as the administrator; the platform's
-            # functions publish, get, consume and acknowledge, and each permission names only
-            # what they use. Configure would let them delete a queue. Read lets them purge a
-            # queue too (RabbitMQ checks queue.purge against read): it names the queues they
-            # read and no exchange, as binding and unbinding need read on the source exchange
-            # (and write on the destination: it writes no queue), so they cannot rewire routes.
-            "configure": NO_RESOURCE,
-            "write": _exactly(PLATFORM_EXCHANGES),
-            "read": _exactly(platform_queues()),
-        }
+        _permission(PLATFORM_USER, vhost, write=PLATFORM_EXCHANGES, read=()),
+        _permission(REDRIVE_USER, vhost, write=REDRIVE_EXCHANGES, read=redrive_queues()),
+        _permission(AUDIT_READER_USER, vhost, write=(), read=(AUDIT_QUEUE,)),
     ]
     for group in STAKEHOLDERS:
         _add_group(group, vhost, exchanges, queues, bindings, terminal_delivery_limit=limit)
         users.append({"name": user_name(group), "tags": []})
+        # Its work queues; its retry exchange, and the audit exchange for the consumer
+        # toolkit's records (user-id validated: the audit writer takes only consumer events).
         permissions.append(
-            {
-                "user": user_name(group),
-                "vhost": vhost,
-                "configure": "^$",
-                # Its retry exchange, and the audit exchange for the consumer toolkit's records
-                # (user-id validated: the audit writer takes only consumer events from it).
-                "write": _exactly((retry_exchange_name(group), AUDIT_EXCHANGE)),
-                "read": _exactly(queue_name(group, emergency=e) for e in (False, True)),
-            }
+            _permission(
+                user_name(group),
+                vhost,
+                write=(retry_exchange_name(group), AUDIT_EXCHANGE),
+                read=(queue_name(group, emergency=e) for e in (False, True)),
+            )
         )
     users.append({"name": MONITOR_USER, "tags": list(MONITOR_TAGS)})
-    permissions.append(
-        {
-            "user": MONITOR_USER,
-            "vhost": vhost,
-            "configure": NO_RESOURCE,
-            "write": NO_RESOURCE,
-            "read": NO_RESOURCE,
-        }
-    )
+    permissions.append(_permission(MONITOR_USER, vhost, write=(), read=()))
     bindings.extend(_route_bindings(table, vhost, exchanges))
     return {
         "vhosts": [{"name": vhost}],

@@ -22,11 +22,18 @@ blocking confirm has no timeout: a broker that keeps the connection alive but ne
 holds the run until the function's timeout, which closes the connection and gives every letter
 back (one whose confirm was lost may then arrive twice, with the same message id).
 
+A letter's user-id (an audit batch's publisher, which the audit writer checks) may change too:
+RabbitMQ lets only that user publish it. A batch of a user the audit writer trusts
+(``fabric.topology.TRUSTED_AUDIT_PUBLISHERS``: the platform's batches) goes back under this
+connection's user when that user is trusted too (the redrive's); its records' ``publisher`` then
+names the redrive.
+
 A letter that cannot go back is never moved and never removed: its routing key (or the queue of
 its newest ``x-death`` record) is not a terminal queue of this topology, or it carries a user-id
-other than this connection's user (RabbitMQ lets only that user publish it, and publishing it
-without one would make an audit batch unreadable to the audit writer). ``peek`` returns it in
-its place with ``stays`` saying why; the redrive counts and lists it, and moves the others.
+this connection's user may not publish it with (a stakeholder's consumer records: publishing
+them without one, or as the redrive, would make the audit writer refuse them, or trust them).
+``peek`` returns it in its place with ``stays`` saying why; the redrive counts and lists it, and
+moves the others.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -60,9 +67,16 @@ _DELIVERY_ERRORS = (pika.exceptions.AMQPError, OSError)
 class RabbitMqOverflowQueue:
     """``fabric.overflow`` and the way back to each letter's terminal queue."""
 
-    def __init__(self, settings: RabbitSettings) -> None:
+    def __init__(
+        self,
+        settings: RabbitSettings,
+        *,
+        trusted: Collection[str] = topology.TRUSTED_AUDIT_PUBLISHERS,
+    ) -> None:
+        """``trusted``: the users whose audit batches the audit writer trusts (see above)."""
         self.name = topology.OVERFLOW_QUEUE
         self._settings = settings
+        self._trusted = frozenset(trusted)
         self._held = HeldLetters(settings, self.name)
         self._terminal = frozenset(topology.terminal_queues())
         # What goes back, by handle: (terminal queue, properties to publish, body).
@@ -164,9 +178,13 @@ class RabbitMqOverflowQueue:
             or "unknown"
         )
         returns = count(headers.get(RETURNS_HEADER))
-        problem = _problem(routing_key, overflowed, properties.user_id, user, self._terminal)
+        # The user-id it goes back with: its own, or this connection's user's (see above).
+        resigned = user if {properties.user_id, user} <= self._trusted else properties.user_id
+        problem = _problem(routing_key, overflowed, resigned, user, self._terminal)
         if problem is None:
-            self._returns[handle] = (routing_key, _returned(properties, original, returns), body)
+            returned = _returned(properties, original, returns)
+            returned.user_id = resigned
+            self._returns[handle] = (routing_key, returned, body)
         else:
             self._returns.pop(handle, None)
         return DeadLetter(
