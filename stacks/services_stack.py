@@ -318,6 +318,9 @@ class ServicesStack(Stack):
         )
         self.drain.function.function.node.add_dependency(self.topology.resource)
         self.redrive.function.function.node.add_dependency(self.topology.resource)
+        # The writer first: a redrive of a new version may publish as a user only the new
+        # writer trusts (AUDIT_TRUSTED_PUBLISHERS); a rollback then reverts the redrive first.
+        self.redrive.function.function.node.add_dependency(self.audit_writer.function.function)
         # The broker event source reads `fabric.audit` as the audit reader: both exist only
         # once the topology is applied.
         self.audit_writer.function.function.node.add_dependency(self.topology.resource)

@@ -54,7 +54,7 @@ class BrokerMetrics(Construct):
       While it is in ALARM the broker dead-letter alarms see no data and hold their state.
     - ``BrokerMetricsAuditBacklog``: ``fabric.audit`` held at least ``AUDIT_BACKLOG_THRESHOLD``
       messages in every run for 15 minutes: the audit writer's Amazon MQ event source is not
-      taking them (say its login is refused: a rotation of ``fabric-platform`` that stopped
+      taking them (say its login is refused: a rotation of ``fabric-audit-reader`` that stopped
       after setSecret) or the writer cannot keep up. Missing data keeps its state, as for the
       dead-letter alarms.
 
@@ -170,8 +170,8 @@ class BrokerMetrics(Construct):
                 f"The broker's audit queue {AUDIT_QUEUE} held {AUDIT_BACKLOG_THRESHOLD} audit "
                 "batches or more in every measurement for 15 minutes: the audit writer's Amazon "
                 "MQ event source is not taking them (the broker refuses its login, e.g. a "
-                "rotation of fabric-platform's password stopped after setSecret; the mapping is "
-                "disabled; the writer fails, AuditWriterErrors) or the writer cannot keep up. "
+                "rotation of fabric-audit-reader's password stopped after setSecret; the mapping "
+                "is disabled; the writer fails, AuditWriterErrors) or the writer cannot keep up. "
                 "The batches wait in the queue, but the audit trail lacks them. See "
                 "docs/runbook.md (broker metrics)."
             ),

@@ -123,7 +123,7 @@ class PasswordRotation(Construct):
                 "toolkits fall back to it and keep working, but every client that reads only "
                 "the secret's AWSCURRENT version is refused until the rotation finishes: Lambda's "
                 "Amazon MQ event sources (the audit writer's on fabric.audit for "
-                "fabric-platform, a stakeholder's for its group's user). Read the function's "
+                "fabric-audit-reader, a stakeholder's for its group's user). Read the function's "
                 "logs, fix the cause and finish the rotation now (rotate-secret): "
                 "docs/runbook.md, 'A failed rotation'."
             ),

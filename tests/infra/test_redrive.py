@@ -94,6 +94,22 @@ def test_the_redrive_is_named_bounded_and_runs_one_at_a_time(
     assert config["Properties"]["MaximumRetryAttempts"] == 0
 
 
+def test_the_redrive_is_deployed_after_the_topology_and_the_audit_writer(
+    env: Synthesized, assembly: Assembly
+) -> None:
+    # Its user exists once the topology is applied, and the writer that trusts that user's
+    # audit batches is updated first (and rolled back last).
+    template = services(env, assembly)
+    _, function = redrive(template)
+    (topology,) = of_type(template, "Custom::FabricTopology")
+    (writer,) = [
+        k
+        for k, f in of_type(template, "AWS::Lambda::Function").items()
+        if f["Properties"].get("FunctionName") == f"fabric-{env.stage.stage_name}-audit-writer"
+    ]
+    assert {topology, writer} <= set(function["DependsOn"])
+
+
 def test_the_redrive_gets_exactly_the_variables_its_settings_read(
     env: Synthesized, assembly: Assembly
 ) -> None:

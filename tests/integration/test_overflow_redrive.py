@@ -500,16 +500,18 @@ def moto_aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
-def deployed_redrive(vhost: str, port: int = AMQP[1]) -> Any:
-    """The redrive function's runtime as it is wired (in moto): the platform secret, the
-    DynamoDB ledger, audit records to the broker's audit exchange; the broker on ``port`` (a
-    fault proxy's, say)."""
+def deployed_redrive(
+    vhost: str, port: int = AMQP[1], login: tuple[str, str] = ("guest", "guest")
+) -> Any:
+    """The redrive function's runtime as it is wired (in moto): a secret with ``login`` (guest's,
+    unless a test logs in as a generated user), the DynamoDB ledger, audit records to the
+    broker's audit exchange; the broker on ``port`` (a fault proxy's, say)."""
     from fabric.bootstrap import build_redrive
     from fabric.settings import RedriveSettings
 
     create_idempotency_table(boto3.client("dynamodb"), "fabric-test-idempotency")
     secret = boto3.client("secretsmanager").create_secret(
-        Name="platform", SecretString=json.dumps({"username": "guest", "password": "guest"})
+        Name="redrive", SecretString=json.dumps({"username": login[0], "password": login[1]})
     )["ARN"]
     return build_redrive(
         RedriveSettings(

@@ -4,11 +4,13 @@ recreated queues and their routes, and what the platform's broker users may do."
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from functools import partial
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +26,8 @@ from fabric.adapters.management import ManagementClient
 from fabric.adapters.rabbitmq import RabbitMqTransport, RabbitSettings
 from fabric.adapters.rabbitmq_dlq import RabbitMqDeadLetterQueue
 from fabric.adapters.rabbitmq_overflow import RabbitMqOverflowQueue
+from fabric.audit import AuditEvent, AuditRecord, encode_audit_batch
+from fabric.audit_writer import batches_from_event
 from fabric.bootstrap import exchange_for
 from fabric.custom_resource import respond
 from fabric.drain import PROBE_ROUTING_KEY
@@ -35,6 +39,7 @@ from fabric.topology import user_name
 from fabric.topology_apply import Kept, Resource, apply_topology, delete_topology
 from fabric.topology_resource import on_event, owner_parameter
 from tests.integration import test_management_api as api
+from tests.integration import test_overflow_redrive as overflow_redrive
 from tests.integration.conftest import AMQP, GUEST, MANAGEMENT
 from tests.integration.test_management_api import (
     DLX,
@@ -52,6 +57,7 @@ from tests.integration.test_management_api import (
 pytestmark = pytest.mark.integration
 
 client, sandbox = api.client, api.sandbox  # the real broker's fixtures
+moto_aws, deployed_redrive = overflow_redrive.moto_aws, overflow_redrive.deployed_redrive
 
 
 def fast_client(interval: float = 0.2) -> ManagementClient:
@@ -670,3 +676,78 @@ def test_a_consumers_overflowed_audit_batch_stays_where_the_redrive_cannot_vouch
     }
     guest.connection.close()
     assert depth == {topology.OVERFLOW_QUEUE: 1, topology.AUDIT_QUEUE: 0}
+
+
+def test_the_wired_redrive_works_as_its_own_user_and_the_writer_takes_its_records(
+    platform: SimpleNamespace, moto_aws: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The redrive function as it is wired (ledger, audit sink, overflow re-signing by default),
+    # logged in as the generated fabric-redrive; the audit reader takes its batches from
+    # fabric.audit and the audit writer judges them with its default trust, the renamed users
+    # standing for the real ones.
+    renamed = tuple(platform.login[name][0] for name in topology.TRUSTED_AUDIT_PUBLISHERS)
+    monkeypatch.setattr(topology, "TRUSTED_AUDIT_PUBLISHERS", renamed)
+    platform_user, redrive_user = renamed
+    media = Stakeholder.MEDIA
+    publisher = RabbitMqTransport(
+        platform.settings(topology.PLATFORM_USER), exchange_for=exchange_for
+    )
+    accepted = AuditRecord(AuditEvent.ACCEPTED, datetime.now(UTC), str(uuid.uuid4()), "media")
+    body = encode_audit_batch([accepted], emitted_by="router")
+    batch = OutboundMessage("batch-1", "audit", body, frozenset(), kind=MessageKind.AUDIT)
+    try:
+        assert [o.stored for o in publisher.publish([batch])] == [True]
+    finally:
+        publisher.close()
+    guest = _connect(platform.vhost, *GUEST).channel()
+    guest.confirm_delivery()
+    method, _properties, _body = guest.basic_get(topology.AUDIT_QUEUE)
+    guest.basic_reject(method.delivery_tag, requeue=False)  # into fabric.overflow
+    letter_id = str(uuid.uuid4())
+    guest.basic_publish(
+        topology.DEAD_LETTER_EXCHANGE,
+        topology.queue_name(media),
+        b"{}",
+        pika.BasicProperties(delivery_mode=2, message_id=letter_id, type="case.opened"),
+        mandatory=True,
+    )
+    deadline = time.monotonic() + 10
+    while guest.queue_declare(topology.OVERFLOW_QUEUE, passive=True).method.message_count < 1:
+        assert time.monotonic() < deadline, "the rejected batch never reached fabric.overflow"
+        time.sleep(0.05)
+
+    runtime = deployed_redrive(platform.vhost, login=platform.login[topology.REDRIVE_USER])
+    for queue in (topology.OVERFLOW_QUEUE, topology.dead_letter_queue_name(media)):
+        report = runtime.redriver.run(runtime.queue("rabbitmq", queue)).to_dict()
+        assert (report["moved"], report["left"], report["stopped"]) == (1, 0, "empty"), queue
+
+    reader = _connect(platform.vhost, *platform.login[topology.AUDIT_READER_USER]).channel()
+    messages = []
+    while (got := reader.basic_get(topology.AUDIT_QUEUE, auto_ack=True))[0] is not None:
+        _method, properties, body = got
+        messages.append(
+            {
+                "basicProperties": {
+                    "messageId": properties.message_id,
+                    "userId": properties.user_id,
+                },
+                "data": base64.b64encode(body).decode(),
+            }
+        )
+    reader.connection.close()
+    guest.connection.close()
+    event = {"eventSource": "aws:rmq", "rmqMessagesByQueue": {topology.AUDIT_QUEUE: messages}}
+    written = batches_from_event(event, trusted=frozenset(renamed))
+
+    # The platform's batch back under the redrive's user-id, keeping its id, and the redrive's
+    # own `redriven` records: all taken, none refused.
+    events = {
+        (batch_id if batch_id == "batch-1" else "redrive", record["event"], record["publisher"])
+        for batch_id, written_batch in written
+        for record in written_batch.records
+    }
+    assert events == {
+        ("batch-1", "accepted", redrive_user),
+        ("redrive", "redriven", redrive_user),
+    }
+    assert platform_user not in {m["basicProperties"]["userId"] for m in messages}

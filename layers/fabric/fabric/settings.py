@@ -172,8 +172,9 @@ class SqsDeadLetterQueue:
 class RedriveSettings:
     """What the redrive function needs (set by the stack).
 
-    ``RABBITMQ_*``, ``FABRIC_ENV`` as for the router (the platform user: it reads every DLQ and
-    ``fabric.overflow``, and publishes to the redeliver and overflow return exchanges);
+    ``RABBITMQ_*``, ``FABRIC_ENV`` as for the router (its own user, ``fabric-redrive``: it reads
+    every DLQ and ``fabric.overflow``, and publishes to the redeliver, overflow return and audit
+    exchanges);
     ``IDEMPOTENCY_TABLE``: the DynamoDB table that holds the redrive ledger;
     ``SQS_REDRIVE_SOURCES``: JSON list of the SQS queues whose dead-letter
     queue (``<name>-dlq``) may be redriven; ``SQS_URL_PREFIX`` (``https://sqs.<region>.<suffix>/

@@ -71,12 +71,13 @@ class RabbitMqOverflowQueue:
         self,
         settings: RabbitSettings,
         *,
-        trusted: Collection[str] = topology.TRUSTED_AUDIT_PUBLISHERS,
+        trusted: Collection[str] | None = None,
     ) -> None:
-        """``trusted``: the users whose audit batches the audit writer trusts (see above)."""
+        """``trusted``: the users whose audit batches the audit writer trusts (see above; by
+        default ``fabric.topology.TRUSTED_AUDIT_PUBLISHERS``)."""
         self.name = topology.OVERFLOW_QUEUE
         self._settings = settings
-        self._trusted = frozenset(trusted)
+        self._trusted = frozenset(topology.TRUSTED_AUDIT_PUBLISHERS if trusted is None else trusted)
         self._held = HeldLetters(settings, self.name)
         self._terminal = frozenset(topology.terminal_queues())
         # What goes back, by handle: (terminal queue, properties to publish, body).
