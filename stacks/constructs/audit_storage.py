@@ -33,7 +33,8 @@ class AuditStorage(Construct):
     objects to Glacier Instant Retrieval; nothing expires objects (retention is enforced by
     Object Lock, and expiry is a decision for the retention runbook, never a lifecycle default).
 
-    ``reports_bucket`` holds compliance reports with the same protections minus Object Lock.
+    ``reports_bucket`` holds compliance reports with the same protections minus Object Lock
+    (the policy denying deletes included), but retained only where ``removal_policy`` says so.
     """
 
     def __init__(
@@ -183,6 +184,24 @@ class AuditStorage(Construct):
             server_access_logs_prefix="reports/",
             removal_policy=removal_policy,
         )
+        # The reports are what an auditor is shown of each period, and nothing of the fabric
+        # deletes one: a report run again writes a new version of the same keys
+        # (fabric.compliance_run.report_keys), and no lifecycle rule expires them (a lifecycle
+        # expiration would not be refused by these statements: S3 itself deletes). So nobody
+        # may delete a report or remove a version of one, as for the audit bucket.
+        for sid, action in (
+            ("DeleteMarkersWouldHideComplianceReports", "s3:DeleteObject"),
+            ("DeletingAReportVersionLeavesNoTrace", "s3:DeleteObjectVersion"),
+        ):
+            self.reports_bucket.add_to_resource_policy(
+                iam.PolicyStatement(
+                    sid=sid,
+                    effect=iam.Effect.DENY,
+                    principals=[iam.AnyPrincipal()],
+                    actions=[action],
+                    resources=[self.reports_bucket.arn_for_objects("*")],
+                )
+            )
         for bucket in (self.audit_bucket, self.reports_bucket):
             for rule in (
                 "HIPAA.Security-S3BucketReplicationEnabled",

@@ -242,9 +242,11 @@ def verify_trail(
     if anchor is not None:
         key, body = anchor
         # Its own number and link are taken as they are: only its signature can be checked.
-        own: Mapping[str, Any] = body if isinstance(body, Mapping) else {}  # else _seal names it
+        own: Mapping[str, Any] = (
+            body if isinstance(body, Mapping) else {}
+        )  # else seal_check names it
         number = cast(int, own.get("checkpoint"))
-        problem, rank = _seal(
+        problem, rank = seal_check(
             key,
             body,
             number,
@@ -262,7 +264,7 @@ def verify_trail(
     # key -> SHA-256s of the attempts the writer gave up on under it (any may be the stored one)
     abandoned: dict[str, set[str]] = {}
     for expected, (key, checkpoint) in enumerate(checkpoints, start=number):
-        problem, rank = _seal(
+        problem, rank = seal_check(
             key,
             checkpoint,
             expected,
@@ -346,7 +348,7 @@ def verify_intervals(
     """
     result = Verification()
     outcomes = _Outcomes()
-    keys = _remembering(keys)  # each checkpoint is checked again with its objects, and as anchor
+    keys = remembering(keys)  # each checkpoint is checked again with its objects, and as anchor
     listed, prefix = set(object_keys), f"audit/{writer}/"
     anchor: tuple[str, Mapping[str, Any]] | None = None
     expected, previous_signature, rank = 1, None, 0
@@ -360,7 +362,7 @@ def verify_intervals(
             return result
         # Its seal first: a forged checkpoint may name any key, any number of times; none of
         # them is read, nor any key outside the writer's objects as listed.
-        problem, rank = _seal(
+        problem, rank = seal_check(
             key,
             checkpoint,
             expected,
@@ -370,7 +372,7 @@ def verify_intervals(
             writer=writer,
         )
         named = [] if problem is not None else [str(i["key"]) for i in checkpoint["objects"]]
-        problem = problem or _unlisted(key, named, listed, prefix)
+        problem = problem or unlisted_key(key, named, listed, prefix)
         if problem is not None:
             result.problem = problem
             return result
@@ -418,7 +420,7 @@ def verify_intervals(
     return result
 
 
-def _unlisted(key: str, named: Sequence[str], listed: Set[str], prefix: str) -> Problem | None:
+def unlisted_key(key: str, named: Sequence[str], listed: Set[str], prefix: str) -> Problem | None:
     """The first key checkpoint ``key`` names that is not to be read, if any: outside ``prefix``
     (the writer's objects), or not in the listing ``listed`` (missing)."""
     for name in named:
@@ -496,7 +498,9 @@ class _RememberedSigner:
         return good
 
 
-def _remembering(keys: Keyring) -> Keyring:
+def remembering(keys: Keyring) -> Keyring:
+    """``keys``, each signer remembering the last signatures it found good: a checkpoint whose
+    seal is checked twice (before its objects are read, then with them) is verified once."""
     ranked = sorted(keys._by_id.values(), key=lambda found: found[0])
     return Keyring([_RememberedSigner(signer) for _, signer in ranked])
 
@@ -572,7 +576,7 @@ def _check_abandoned(
     return None
 
 
-def _seal(
+def seal_check(
     key: str,
     checkpoint: Mapping[str, Any],
     expected: int,

@@ -9,7 +9,8 @@ same figures as rows.
 
 Records are counted when their ``at`` lies in the period. Records after the period are read
 too (the loader adds a margin), but only to follow up messages of the period: a copy's first
-delivery, a fallback copy's drain.
+delivery, a fallback copy's drain; so are deliveries and drains stamped up to ``EARLY`` before
+it (a consumer's clock a little behind).
 
 A **copy** is one message for one of the groups its ``accepted`` record addresses (``groups``):
 deliveries are counted per copy, once, and only for the groups the message was addressed to,
@@ -21,9 +22,11 @@ from __future__ import annotations
 import bisect
 import csv
 import hashlib
+import heapq
 import html
 import io
 import math
+import re
 import secrets
 from array import array
 from collections import Counter
@@ -41,6 +44,11 @@ REPORT_VERSION = "fabric.compliance-report/2"
 EMERGENCY = "emergency"
 # How many message ids a list in the report names at most (the count is always complete).
 LISTED_IDS = 20
+# How long before the period's start a delivery or drain may be stamped and still follow up a
+# message of the period (a consumer's clock behind the router's): the margin the report reads
+# after its end (``fabric.compliance_run.LATE_ARRIVAL``); it reads that much before its start
+# too, from the checkpoint before the first in the period.
+EARLY = timedelta(hours=1)
 NOT_RECORDED = "not recorded"
 
 
@@ -98,6 +106,11 @@ def required_lock(environment: str) -> LockPolicy | None:
     return PRODUCTION_LOCK if environment == PRODUCTION else None
 
 
+# The form the fabric writes (``envelope.format_timestamp``): ASCII digits only, so ``\d`` is not
+# used (it matches other scripts' digits too).
+_FABRIC_AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.([0-9]+))?Z")
+
+
 def instant(at: str) -> str:
     """``at`` (RFC 3339) as a fixed-width UTC string that sorts in time order.
 
@@ -105,11 +118,17 @@ def instant(at: str) -> str:
     (``envelope.format_timestamp`` drops trailing zeros), which do not sort as text: ``.`` sorts
     before ``Z``. Anything else is parsed as the audit writer checks a consumer's ``at``
     (``envelope.parse_timestamp``: lowercase ``t`` and ``z``, an offset, a leap second, which
-    Python holds as ``23:59:59.999999``), else as Python reads ISO 8601.
+    Python holds as ``23:59:59.999999``), else as Python reads ISO 8601. What is no time (a
+    tampered record's ``2026-12-02T1x:00:00Z``, a 13th month) is ``""``.
     """
-    if len(at) >= 20 and at[-1] == "Z" and at[10] == "T" and at[17:19] != "60":
-        fraction = at[20:-1] if at[19] == "." else ""
-        return f"{at[:19]}.{fraction:0<6.6}"
+    fixed = _FABRIC_AT.fullmatch(at)
+    if fixed is not None and at[17:19] != "60":
+        text = f"{at[:19]}.{fixed[1] or '':0<6.6}"
+        try:
+            datetime.fromisoformat(text)  # digits alone may still name no day: 2026-02-30
+        except ValueError:
+            return ""
+        return text
     try:
         moment = parse_timestamp(at)
     except ValueError:
@@ -200,6 +219,10 @@ class Figures:
     def __init__(self, start: str, end: str) -> None:
         self.period = (start, end)
         self.start, self.end = instant(start), instant(end)
+        # Deliveries and drains stamped up to EARLY before the start still follow up the
+        # period's messages (a consumer's clock a little behind the router's).
+        early = max(datetime.fromisoformat(self.start), datetime.min + EARLY) - EARLY
+        self.early = early.isoformat(timespec="microseconds")
         self.events: Counter[str] = Counter()
         self.transports: Counter[str] = Counter()
         self.reasons: Counter[str] = Counter()
@@ -207,12 +230,18 @@ class Figures:
         # Letters the overflow redrive put back in their terminal queue: still dead letters (or
         # audit batches), not messages back at their origin.
         self.overflow_returns = 0
+        # UTC day -> records of it that reached the trail after its own report's window closed,
+        # so that report lacks them (the caller says which: ``add``'s ``late_before``).
+        self.late: Counter[str] = Counter()
         # Every message accepted in the period (its first acceptance decides its groups).
         self._accepted = IdSet()
         # Copies addressed and delivered, of the messages whose acceptance named its groups.
         self._addressed = self._delivered = 0
-        # message id -> the groups of its first acceptance not delivered yet
-        self._open: dict[str, set[str]] = {}
+        # message id -> the groups of its first acceptance not delivered yet: one frozenset per
+        # combination of groups, shared by every message waiting for it (``_shared``), where a
+        # set of its own cost each message 200 to 500 bytes
+        self._open: dict[str, frozenset[str]] = {}
+        self._combinations: dict[frozenset[str], frozenset[str]] = {}
         # message id -> group -> first delivered instant: for the messages whose acceptance in
         # the period is not read yet, the emergencies, and the acceptances naming no groups
         self._deliveries: dict[str, dict[str, str]] = {}
@@ -227,16 +256,26 @@ class Figures:
         # drained copies seen: (message id, group) -> latest drained instant
         self.drained: dict[tuple[str, str], str] = {}
 
-    def add(self, record: Mapping[str, Any]) -> None:
-        """Count one record (records may come in any order)."""
+    def add(self, record: Mapping[str, Any], *, late_before: str = "") -> None:
+        """Count one record (records may come in any order).
+
+        ``late_before``: a UTC day (``YYYY-MM-DD``); a record stamped before the period on a
+        day before it reached the trail after that day's report window closed, and is counted
+        as late (``fabric.compliance_run`` knows the windows: ``_late_before``). A record whose
+        groups or queues are not lists is not the fabric's (a tampered object's, which the
+        verifier names) and is not counted: it would stop the report."""
         at = instant(str(record.get("at", "")))
-        if at < self.start:
+        if not _well_typed(record):
+            return
+        if at < self.start and "" < at[:10] < late_before:
+            self.late[at[:10]] += 1
+        if at < self.early:
             return
         event = str(record.get("event"))
         message_id = record.get("message_id")
         if isinstance(message_id, str):
             self._follow_up(event, message_id, at, record)
-        if at < self.end:  # after the period, a record only follows up the period's messages
+        if self.start <= at < self.end:  # else it only follows up the period's messages
             self._count(event, message_id, at, record)
 
     def _follow_up(self, event: str, message_id: str, at: str, record: Mapping[str, Any]) -> None:
@@ -253,9 +292,10 @@ class Figures:
         waiting = self._open.get(message_id)
         if waiting is not None and group in waiting:
             self._delivered += 1
-            waiting.discard(group)
-            if not waiting:
+            if len(waiting) == 1:
                 del self._open[message_id]
+            else:
+                self._open[message_id] = self._shared(waiting - {group})
         if message_id in self._accepted and not (
             message_id in self.emergencies or message_id in self._unnamed
         ):
@@ -308,11 +348,15 @@ class Figures:
             done = sum(group in seen for group in groups)
             self._delivered += done
             if done < len(groups):
-                self._open[message_id] = {group for group in groups if group not in seen}
+                self._open[message_id] = self._shared(groups.difference(seen))
         if message_id in self.emergencies:
             self._emergency_groups[message_id] = groups
         elif groups:
             self._deliveries.pop(message_id, None)  # counted: nothing more to hold
+
+    def _shared(self, groups: frozenset[str]) -> frozenset[str]:
+        """The one frozenset held for the combination ``groups``."""
+        return self._combinations.setdefault(groups, groups)
 
     def _groups_of(self, message_id: str) -> frozenset[str]:
         """An emergency's groups; for an acceptance that names none (a record from before
@@ -332,7 +376,7 @@ class Figures:
             "delivered": delivered,
             "undelivered": addressed - delivered,
             "undelivered_messages": len(self._open),
-            "undelivered_message_ids": sorted(self._open)[:LISTED_IDS],
+            "undelivered_message_ids": heapq.nsmallest(LISTED_IDS, self._open),
         }
 
     def latency(self) -> dict[str, Any]:
@@ -382,6 +426,15 @@ class Figures:
             if any(self.drained.get((message_id, group), "") < at for group in groups):
                 waiting.append(message_id)
         return sorted(waiting)
+
+
+def _well_typed(record: Mapping[str, Any]) -> bool:
+    """Whether the fields the figures iterate, ``groups`` and ``queues``, are lists (or absent)
+    as the fabric writes them; their items are taken as text whatever they are."""
+    groups, queues = record.get("groups"), record.get("queues")
+    return (groups is None or isinstance(groups, (list, tuple))) and (
+        queues is None or isinstance(queues, (list, tuple))
+    )
 
 
 def _groups(record: Mapping[str, Any]) -> list[str]:
@@ -513,6 +566,12 @@ def report_document(
             "coverage": None if restricted == 0 else encrypted / restricted,
         },
         "archive": {"records_not_archived": figures.not_archived},
+        # Records of earlier days that reached the trail after their day's report window closed
+        # (its first checkpoint at or after the day's end and margin): that report lacks them.
+        "late_records": {
+            "records": sum(figures.late.values()),
+            "by_day": dict(sorted(figures.late.items())),
+        },
         "emergency_latency_ms": figures.latency(),
         "object_lock": {
             "objects": len(locks),
@@ -555,6 +614,10 @@ def render_csv(report: Mapping[str, Any]) -> str:
     ):
         for name, value in report[section].items():
             rows.writerow([section, name, value])
+    late = report["late_records"]
+    rows.writerow(["late_records", "records", late["records"]])
+    for day, count in late["by_day"].items():
+        rows.writerow(["late_records", day, count])
     rows.writerow(["delivery", "acceptance_rate", report["acceptance_rate"]])
     rows.writerow(["delivery", "success_rate", report["delivery_success_rate"]])
     for name in ("addressed", "delivered", "undelivered", "undelivered_messages"):
@@ -631,6 +694,13 @@ def _latency_text(latency: Mapping[str, Any]) -> str:
     )
 
 
+def _late_text(late: Mapping[str, Any]) -> str:
+    if not late["records"]:
+        return "none"
+    days = ", ".join(f"{day}: {count:,}" for day, count in late["by_day"].items())
+    return f"{late['records']:,} ({days}), counted in none of those days' reports"
+
+
 def _table(rows: Sequence[Sequence[str]], head: Sequence[str] | None = None) -> str:
     header = (
         "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead>"
@@ -695,6 +765,10 @@ def render_html(report: Mapping[str, Any]) -> str:
         (
             "Records whose body could not be archived",
             f"{report['archive']['records_not_archived']:,}",
+        ),
+        (
+            "Records of earlier days received after their day's report (missing from it)",
+            _late_text(report["late_records"]),
         ),
         (
             "Audit objects / Object Lock modes",

@@ -21,22 +21,30 @@ interval by interval):
 
 **What fails verification** inside the window: everything ``verify_trail`` detects (a modified,
 missing, reordered or inserted record, object or checkpoint, a bad signature, a broken chain, an
-accepted message without an outcome), an object of the window's days that no checkpoint names
-while a later checkpoint exists, a key that is not an audit object's, a checkpoint that
-cannot be read, and, once its seal is due (``SEAL_DUE`` after the end and margin), a period that
-no checkpoint at or after its end and margin seals, unless its writer stopped (``_not_sealed``),
-and a **delete marker** among the versions of an audit object of the period's days (through its
-margin's) or of a checkpoint after the anchor through the window's closing one
-(``deleted_in_window``).
+accepted message of the period without an outcome: one accepted in the margin is the next
+period's, see ``_Outcomes``), a checkpoint naming a key outside ``audit/<writer>/``, an object
+of the window's days that no checkpoint names while a later checkpoint exists, a key that is
+not an audit object's, a checkpoint that cannot be read, and, once its seal is due
+(``SEAL_DUE`` after the end and margin), a period that no checkpoint at or after its end and
+margin seals, unless its writer stopped (``_not_sealed``), and a **delete marker** among the
+versions of an audit object of the period's days (through its margin's) or of a checkpoint
+after the anchor through the window's closing one (``deleted_in_window``).
 Objects written after the writer's last checkpoint (the current hour) are protected by the hash
 chain only; a delete marker is what would hide one of them, so the report looks for markers
 itself.
 
 **How it is read**: the window's checkpoints first (``plan_window``), then interval by interval
-(``scan_window``): a checkpoint's objects are read, verified against it from the checkpoint
-before it, counted into the figures and dropped, so memory holds one interval, whatever the
-period; the verdict is the one ``verify_trail`` gives over the whole window (``load_window`` and
-``check_window``, which read it all at once, are the reference it is tested against).
+(``scan_window``): a checkpoint's seal is checked (``seal_problem``), then its objects are read,
+verified against it from the checkpoint before it, counted into the figures and dropped, so
+memory holds one interval, whatever the period; the verdict is the one ``verify_trail`` gives
+over the whole window (``load_window`` and ``check_window``, which read it all at once, are the
+reference it is tested against), but for an acceptance in the margin without an outcome, which
+is not this period's problem, and a checkpoint naming a key outside the writer's objects.
+
+**Late records.** A record that reaches the writer after its day's window closed (a writer
+backlog of more than LATE_ARRIVAL) is counted by no report of its day. A later report that reads
+it names it (``late_records``, per day: ``_late_before``), so the operator knows that day's
+report lacks it; ``runbook.py verify`` checks it with the whole trail.
 
 **Object Lock** mode and retain-until are read back from S3 for every object the report reads
 (audit objects and checkpoints), from the headers of the same GET. In production every one must
@@ -64,7 +72,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from fabric import metrics as metric_names
 from fabric.audit_chain import (
@@ -75,13 +83,17 @@ from fabric.audit_chain import (
     Verification,
     decode_object,
     has_canonical_form,
+    remembering,
+    seal_check,
     sequence_order,
+    unlisted_key,
     verify_trail,
 )
 from fabric.compliance import (
     Figures,
     IdSet,
     ObjectLock,
+    instant,
     render_csv,
     render_html,
     report_document,
@@ -649,11 +661,21 @@ def intervals(window: Window) -> Iterator[Interval]:
 
 
 class _Outcomes:
-    """The accepted messages of a writer's window without an outcome so far (``routed`` or
-    ``fallback``): the verifier's last check, across intervals. Held: the ids with an outcome
-    (an acceptance after it needs none), and the acceptances still waiting for one."""
+    """The accepted messages of the period without an outcome so far (``routed`` or
+    ``fallback``) in a writer's window: the verifier's last check, across intervals. Held: the
+    ids with an outcome (an acceptance after it needs none), and the acceptances still waiting
+    for one.
 
-    def __init__(self) -> None:
+    Only an acceptance stamped in the period (``start`` to ``end``, as ``instant`` gives them)
+    must find its outcome in the window. One in the margin after it is the next period's: the
+    audit sink splits one router call's records into several audit messages (over 256 KiB), so
+    a message's ``accepted`` and ``routed`` can be written either side of the window's closing
+    checkpoint, and that would fail an intact period for good. The next period's window holds
+    both halves. One before the period is the previous period's, whose window holds its
+    outcome."""
+
+    def __init__(self, start: str, end: str) -> None:
+        self._start, self._end = start, end
         self._answered = IdSet()
         # message id -> (place in the walk, "<key> record <seq>") of its first acceptance
         self._waiting: dict[str, tuple[tuple[int, int, int], str]] = {}
@@ -665,7 +687,11 @@ class _Outcomes:
         if event in OUTCOME_EVENTS:
             self._answered.add(message_id)
             self._waiting.pop(message_id, None)
-        elif event == "accepted" and message_id not in self._answered:
+        elif (
+            event == "accepted"
+            and message_id not in self._answered
+            and self._start <= instant(str(record.get("at", ""))) < self._end
+        ):
             known = self._waiting.get(message_id)
             if known is None or place < known[0]:
                 self._waiting[message_id] = (place, f"{key} record {record.get('seq')}")
@@ -689,11 +715,13 @@ def scan_window(
     """Verify and count ``window`` (``plan_window``) checkpoint by checkpoint: each interval's
     objects are read, verified against their checkpoint from the one before it
     (``verify_trail``), their records added to ``figures``, and dropped, so memory holds one
-    interval and what ``figures`` keeps. The verdict, counts and problem are those
-    ``check_window`` finds over the whole window (``load_window``), whose checks come in this
-    order: the checkpoints (signatures, numbers, links, the objects' hashes and Merkle roots),
-    the abandoned attempts, an unnamed object among the sealed ones, the records, and last an
-    acceptance without an outcome. The locks: the checkpoints', then the objects' by key.
+    interval and what ``figures`` keeps. A checkpoint whose seal fails, or that names a key
+    outside the writer's objects, has nothing it names read (``seal_problem``). The verdict,
+    counts and problem are those ``check_window`` finds over the whole window
+    (``load_window``), whose checks come in this order: the checkpoints (signatures, numbers,
+    links, the objects' hashes and Merkle roots), the abandoned attempts, an unnamed object
+    among the sealed ones, the records, and last an acceptance without an outcome (of the
+    period only, here: ``_Outcomes``). The locks: the checkpoints', then the objects' by key.
     Before each interval it asks ``in_time`` whether there is time to read one more.
 
     Raises:
@@ -701,6 +729,7 @@ def scan_window(
         PeriodTooLong: ``in_time`` said no; the message names where reading stopped.
     """
     scan = _Scan(window, figures)
+    keys = remembering(keys)  # each checkpoint's seal is checked before and with its objects
     for index, interval in enumerate(intervals(window)):
         if not in_time():
             key, checkpoint = interval.checkpoints[0] if interval.checkpoints else ("", {})
@@ -710,23 +739,65 @@ def scan_window(
                 else "the objects after its last checkpoint"
             )
             raise PeriodTooLong(f"stopped at {where} in the trail of {window.writer}")
-        stored = read_objects(store, [*interval.named, *interval.abandoned], workers)
+        unsealed = seal_problem(interval, keys, window.writer)
+        names = [] if unsealed else [*interval.named, *interval.abandoned]
+        stored = read_objects(store, names, workers)
         if window.problem is not None and not window.checkpoints and not stored:
             # Reading stopped at an unreadable checkpoint, or nothing was there to read.
             check = WriterCheck(window.writer, 0, 0, 0, len(window.unsealed_keys), window.problem)
             return check, list(window.locks)
         chained = scan.read(interval, stored)
         del stored
-        result = verify_trail(
-            objects=chained,
-            checkpoints=interval.checkpoints,
-            keys=keys,
-            writer=window.writer,
-            anchor=interval.anchor,
+        result = (
+            Verification(problem=unsealed)
+            if unsealed
+            else verify_trail(
+                objects=chained,
+                checkpoints=interval.checkpoints,
+                keys=keys,
+                writer=window.writer,
+                anchor=interval.anchor,
+            )
         )
         scan.verified(interval, chained, result)
         scan.count(index, interval, chained)
     return scan.check(), [*window.locks, *(scan.locks[key] for key in sorted(scan.locks))]
+
+
+def seal_problem(interval: Interval, keys: Keyring, writer: str) -> Problem | None:
+    """What is wrong with the seals of ``interval``'s anchor and checkpoint (a key it is not
+    signed by, a retired one after a newer one, a signature that does not match, another
+    writer's), or the first key its checkpoint names outside ``audit/<writer>/``; None when
+    nothing is.
+
+    Checked before anything the checkpoint names is read, as ``audit_chain.verify_intervals``
+    does: a forged checkpoint names what it likes, keys the report may not read (which would
+    stop the whole report rather than make it not verified) and as many as it likes (each one
+    a read). A checkpoint's number and link to the one before it are taken as they are here,
+    as ``verify_trail`` takes its anchor's: one signed by the writer names only the writer's
+    objects, so the verifier checks those with them (after a deleted checkpoint, the next one
+    is named, and its objects still counted)."""
+    rank = 0
+    for key, body in (*([interval.anchor] if interval.anchor else []), *interval.checkpoints):
+        problem, rank = seal_check(
+            key,
+            body,
+            cast(int, body.get("checkpoint")),
+            body.get("previous_signature"),
+            keys=keys,
+            newest_rank=rank,
+            writer=writer,
+        )
+        if problem is not None:
+            return problem
+    prefix = f"audit/{writer}/"
+    for key, body in interval.checkpoints:
+        names = [str(item["key"]) for item in (*body["objects"], *body.get("abandoned", ()))]
+        # Every name counts as listed here: the verifier finds one that is missing.
+        problem = unlisted_key(key, names, set(names), prefix)
+        if problem is not None:
+            return problem
+    return None
 
 
 def abandoned_digests(window: Window) -> dict[str, set[str]]:
@@ -766,7 +837,7 @@ class _Scan:
         self.covered: list[str] = []
         self.present: set[str] = set()
         self.counted: set[str] = set()
-        self.outcomes = _Outcomes()
+        self.outcomes = _Outcomes(figures.start, figures.end)
 
     def read(self, interval: Interval, stored: Mapping[str, StoredObject]) -> dict[str, bytes]:
         """Note the locks and check the abandoned attempts of what was read; the chained
@@ -806,6 +877,7 @@ class _Scan:
         """Add the interval's records to the figures (by key, as the objects sort) and to the
         acceptances awaiting an outcome (in the verifier's order), dropping each object."""
         order = {key: n for n, key in reversed(list(enumerate(interval.named)))}
+        late_before = _late_before(interval, self.figures.end)
         for key in sorted(chained):
             data = chained.pop(key)
             if key in self.counted:
@@ -813,7 +885,7 @@ class _Scan:
             self.counted.add(key)
             for number, record in enumerate(_countable(data)):
                 self.outcomes.add(record, (index, order[key], number), key)
-                self.figures.add(record)
+                self.figures.add(record, late_before=late_before)
 
     def check(self) -> WriterCheck:
         """The window's verdict and counts, as ``check_window`` gives them."""
@@ -835,6 +907,25 @@ class _Scan:
             len(self.window.unsealed_keys),
             problem or self.window.problem,
         )
+
+
+def _late_before(interval: Interval, end: str) -> str:
+    """The UTC day before which a record of ``interval`` is late: stamped on a day whose report
+    window had closed before the record's object was written, so no report of that day counts
+    it (``Figures.late``); ``""`` when none can be.
+
+    A day's window closes at its first checkpoint at or after the day's end and LATE_ARRIVAL.
+    An object written after a checkpoint at or after that moment (the interval's anchor) is
+    beyond it; one written before such a checkpoint is sealed by it or an earlier one, inside
+    it. So the days ending at least LATE_ARRIVAL before the anchor are late. Only the intervals
+    sealed before the period's ``end`` (and the objects after the last checkpoint) are looked
+    at: those sealed at or after it are the next period's, which reads them too, so each late
+    record is counted by one daily report, the one of the day its object was sealed on."""
+    if interval.anchor is None:
+        return ""
+    if interval.checkpoints and instant(str(interval.checkpoints[0][1]["at"])) >= end:
+        return ""
+    return (_at(interval.anchor[1]) - LATE_ARRIVAL).date().isoformat()
 
 
 # A JSON escape of a UTF-16 surrogate, in a valid pair or alone (``fabric.audit_writer``).
@@ -1131,6 +1222,9 @@ def summarize(report: Mapping[str, Any], *, bucket: str, keys: ReportKeys) -> di
         "emergency_latency_p99_ms": latency["p99"],
         "encryption_coverage": report["encryption"]["coverage"],
         "fallback_not_drained": report["fallback_not_drained"]["messages"],
+        # Records of earlier days that their own day's report lacks (they reached the trail
+        # after its window closed); the report's ``late_records.by_day`` names the days.
+        "late_records": report["late_records"]["records"],
         "dead_lettered": report["dead_letters"]["dead_lettered"],
         "objects": lock["objects"],
         "unlocked_objects": len(lock["unlocked"]),
