@@ -165,8 +165,11 @@ def drain(
             f"  {queue} refused messages (full or stalled?): they stay in the fallback queue",
             file=out,
         )
+    # ``left`` counts the copies this run received and did not move (they stay in SQS), not
+    # what SQS still holds: copies no receive reached (the limits, or a stop) are not in it.
     print(
-        f"summary: moved {body['total']}, left in SQS {left}, stopped: {body['stopped']}",
+        f"summary: moved {body['total']}, received and not moved {left}, "
+        f"stopped: {body['stopped']}",
         file=out,
     )
     return 0 if body["stopped"] in FINISHED and not refused and not left else 1

@@ -73,7 +73,7 @@ def test_a_drain_invokes_the_environments_function_and_reports_what_moved(
     assert status == 0
     assert function.calls == [("fabric-test-drain", {"max_messages": 50})]
     assert "moved       2 into fabric.media" in output
-    assert "summary: moved 2, left in SQS 0, stopped: empty" in output
+    assert "summary: moved 2, received and not moved 0, stopped: empty" in output
 
 
 def test_a_drain_that_a_full_work_queue_refused_exits_1_and_says_what_stays_in_sqs(
@@ -94,7 +94,7 @@ def test_a_drain_that_a_full_work_queue_refused_exits_1_and_says_what_stays_in_s
         "fabric.community refused messages (full or stalled?): they stay in the fallback queue"
         in output
     )
-    assert "summary: moved 2, left in SQS 10, stopped: empty" in output
+    assert "summary: moved 2, received and not moved 10, stopped: empty" in output
 
 
 @pytest.mark.parametrize(

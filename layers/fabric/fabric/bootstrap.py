@@ -172,6 +172,14 @@ def build_drainer(
 
     make_client = client_factory or _boto3_client
     rabbit = _rabbit(settings, make_client)
+    # Audit batches through a breaker, as the router's: after a batch that the broker's audit
+    # queue did not confirm (or the broker did not take), the next ones go straight to the SQS
+    # audit queue for as long as a run may last (then one tries the broker again). Each waited
+    # out the 5 s confirm timeout again: about two messages a second for the whole run while the
+    # work queues were healthy. The batch that timed out is in doubt and goes to SQS too, under
+    # its batch id, which the audit writer deduplicates on. The breaker sees the audit batches
+    # only: the drain tells a refusing work queue from a broker that takes nothing by itself.
+    audit_path = BreakerTransport(rabbit, open_seconds=settings.max_seconds)
     return Drainer(
         queues=[
             FallbackQueue(
@@ -189,7 +197,7 @@ def build_drainer(
         ],
         source=SqsFallbackSource(lambda: make_client("sqs")),
         broker=rabbit,
-        audit=_audit_sink(settings, rabbit, make_client, emitted_by="drain"),
+        audit=_audit_sink(settings, audit_path, make_client, emitted_by="drain"),
         metrics=metrics or EmfMetrics(environment=settings.environment, emitted_by="drain"),
         max_messages=settings.max_messages,
         max_seconds=settings.max_seconds,

@@ -20,10 +20,12 @@ takes nothing (its connection fails, or the probes fail too).
 
 The emergency queues are drained in turn, one batch from each per pass, so that one group's
 backlog (or slow work queue) never holds back another group's emergencies; the bulk queues
-follow. While a run is on the bulk queues (up to its time limit), an emergency that reaches an
-emergency queue meanwhile does not wait for the next run: between bulk batches, at most every
-``RECHECK_SECONDS``, the run looks into each emergency queue again with a receive that does not
-wait, and moves what it finds first, the same way.
+follow. An emergency that reaches an emergency queue after the run found it empty does not wait
+for the other groups' backlogs, nor for the next run: while the run is still busy (with other
+emergency queues, or with bulk, up to its time limit), at most every ``RECHECK_SECONDS`` it
+looks into each emergency queue found empty again with a receive that does not wait, and moves
+what it finds first, the same way; a run that moved bulk since its last look takes one more
+look before it returns, once one is due.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,11 +60,13 @@ _LOG = logging.getLogger(__name__)
 # The routing key of the drain's probe: no queue is bound under it on the redeliver exchange, so
 # a broker that takes publishes returns the probe (mandatory) and stores nothing.
 PROBE_ROUTING_KEY = "fabric.drain.probe"
-# How often a run busy with bulk looks into the emergency queues again: an emergency waits about
-# this long (plus one bulk batch), where it waited for the next run. A look is one receive that
-# does not wait per emergency queue (ten in the stack, each answered at once): at most ten SQS
-# requests a second, about 2,400 in a run that spends its 240 s on bulk. An empty receive counts
-# towards no message's receives, so the looks bring no message nearer its DLQ.
+# How often a busy run (with bulk, or with other groups' emergency backlogs) looks into the
+# emergency queues found empty again: an emergency waits about this long (plus one batch of each
+# queue still in turn), where it waited for the others' backlogs or for the next run. A look is
+# one receive that does not wait per emergency queue (ten in the stack, each answered at once):
+# at most ten SQS requests a second, about 2,400 in a run that spends its 240 s on bulk. An
+# empty receive counts towards no message's receives, so the looks bring no message nearer its
+# DLQ.
 RECHECK_SECONDS = 1.0
 # Receives SQS allows a fallback queue's message before its redrive policy moves it to the
 # queue's DLQ (``maxReceiveCount``; the stack sets the policy from this): a copy the drain could
@@ -97,6 +102,9 @@ class DrainReport:
     """What one drain run did, per work queue, and why it stopped."""
 
     moved: dict[str, int] = field(default_factory=dict)
+    # Copies this run received and did not move (they stay in SQS); not what SQS holds: what
+    # no receive of the run reached (past a limit or a stop, or behind a refused work queue's
+    # first batch) is not counted.
     left: int = 0
     stopped: str = "empty"
     refused: list[str] = field(default_factory=list)  # work queues that refused messages
@@ -114,7 +122,7 @@ def _reply_properties(body: bytes) -> tuple[str | None, str | None]:
     encoder (``fabric.envelope.amqp_reply_to``): the message moves without it."""
     try:
         envelope = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to read: moved as is
         return None, None
     if not isinstance(envelope, dict):
         return None, None
@@ -185,14 +193,20 @@ class Drainer:
         emergencies = [queue for queue in self._queues if queue.emergency]
         self._take_in_turn(emergencies, report, max_messages, deadline, wait=True)
         recheck_at = self._clock() + RECHECK_SECONDS  # the emergency queues were just found empty
+        busy = False  # moved bulk since the emergency queues were last looked at
         for queue in [queue for queue in self._queues if not queue.emergency]:
             while self._take(queue, report, max_messages, deadline, wait=True):
+                busy = True
                 if self._clock() >= recheck_at:
                     # Busy with bulk: what reached an emergency queue since goes first. A look
                     # that does not wait may miss a message; the next look, a second on, asks
                     # again.
                     self._take_in_turn(emergencies, report, max_messages, deadline, wait=False)
-                    recheck_at = self._clock() + RECHECK_SECONDS
+                    recheck_at, busy = self._clock() + RECHECK_SECONDS, False
+        if busy and self._clock() >= recheck_at and self._clock() < deadline:
+            # One last look once one is due: what reached an emergency queue while the run
+            # finished its bulk goes now, not up to a minute later with the next run.
+            self._take_in_turn(emergencies, report, max_messages, deadline, wait=False)
         if report.stopped == "empty" and report.total >= max_messages:
             report.stopped = "message limit"
         return report
@@ -206,15 +220,32 @@ class Drainer:
         *,
         wait: bool,
     ) -> None:
-        """Move one batch from each of ``queues`` per pass, until each is empty (or refused) or
+        """Move one batch from each of ``queues`` in turn, until each is empty (or refused) or
         the run stops: a queue with a backlog, or whose work queue is slow, holds the others
-        back by one batch, not for the rest of the run."""
-        while queues:
-            queues = [
-                queue
-                for queue in queues
-                if self._take(queue, report, max_messages, deadline, wait=wait)
-            ]
+        back by one batch, not for the rest of the run.
+
+        A queue found empty stays in the turn while others still have batches: at most every
+        ``RECHECK_SECONDS`` it is looked at again with a receive that does not wait (the rule
+        between bulk batches), and what it holds by then is moved and it is in turn again. An
+        emergency that reaches its queue after the queue was found empty waits about a second,
+        not for another group's whole backlog, nor for the next run."""
+        turn = deque(queues)
+        empty: list[FallbackQueue] = []
+        recheck_at = self._clock() + RECHECK_SECONDS
+        while turn:
+            queue = turn.popleft()
+            if self._take(queue, report, max_messages, deadline, wait=wait):
+                turn.append(queue)
+            else:
+                empty.append(queue)
+            if turn and empty and self._clock() >= recheck_at:
+                looked_at, empty = empty, []
+                for again in looked_at:
+                    if self._take(again, report, max_messages, deadline, wait=False):
+                        turn.append(again)
+                    else:
+                        empty.append(again)
+                recheck_at = self._clock() + RECHECK_SECONDS
 
     def _take(
         self,

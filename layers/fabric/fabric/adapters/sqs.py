@@ -44,9 +44,11 @@ class SqsFallbackSource:
         emergency queues, which asks again a second later: a miss costs a second.
 
         A message that is not a fabric envelope (sent to the queue by anything but the fabric's
-        SNS transport) is left where it is, logged, instead of stopping every drain run: a
-        fallback queue's dead-letter queue takes it after its receives, a subscription DLQ
-        keeps it; both are alarmed.
+        SNS transport: its body is no JSON object, names another message than its attributes,
+        or cannot be read at all, such as JSON nested too deeply for the parser) is left where
+        it is, logged, instead of stopping every drain run or being moved and archived as a
+        message: a fallback queue's dead-letter queue takes it after its receives, a
+        subscription DLQ keeps it; both are alarmed.
 
         Raises:
             TransportUnavailable: SQS cannot be reached or refuses the call.
@@ -92,7 +94,7 @@ def _usable(queue: str) -> Callable[[dict[str, Any]], Received | None]:
     def usable(item: dict[str, Any]) -> Received | None:
         try:
             return _received(item)
-        except (ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError, RecursionError) as exc:
             _LOG.warning(
                 "%s in %s is not a fabric message (%s): left in the queue",
                 item.get("MessageId"),
@@ -137,13 +139,20 @@ def _received(item: dict[str, Any]) -> Received:
         value = attributes.get(name, {}).get("StringValue")
         return str(value) if value is not None else None
 
-    message_id = attribute(MESSAGE_ID_ATTRIBUTE)
-    topic = attribute(TOPIC_ATTRIBUTE)
-    if message_id is None or topic is None:
-        # A message that did not come through our SNS transport: read what the envelope says.
-        envelope = json.loads(body)
-        message_id = message_id or str(envelope.get("message_id", item["MessageId"]))
-        topic = topic or str(envelope.get("topic", ""))
+    # The body is the envelope the router stored: a JSON object that names the message id of
+    # the attributes. One that is not did not come from the fabric's SNS transport, and moved
+    # it would reach a consumer as the message the attributes name (and be archived as such).
+    # A full validation (``fabric.envelope.from_wire``) is left to the consumers: the drain
+    # moves what the router accepted, under whatever contract it was accepted.
+    envelope = json.loads(body)
+    if not isinstance(envelope, dict):
+        raise TypeError("the body is not a JSON object")
+    attribute_id = attribute(MESSAGE_ID_ATTRIBUTE)
+    if attribute_id and envelope.get("message_id") != attribute_id:
+        raise ValueError("the body names another message than its attributes")
+    # Without the attributes (it did not come through our SNS transport), read the envelope.
+    message_id = attribute_id or str(envelope.get("message_id", item["MessageId"]))
+    topic = attribute(TOPIC_ATTRIBUTE) or str(envelope.get("topic", ""))
     headers_text = attribute(HEADERS_ATTRIBUTE)
     headers = json.loads(headers_text) if headers_text else {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
