@@ -609,6 +609,18 @@ def _canary_case() -> dict[str, Any]:
     return {**single(), "message_id": str(uuid.uuid4()), "payload": {"child": CANARY}}
 
 
+def _hashed_as(request: dict[str, Any]) -> bytes:
+    """What a refused request of restricted messages (one, or a batch) is hashed as: canonical
+    JSON with their payloads left out (the hash of child data is never recorded)."""
+    if "messages" in request:
+        return canonical_json({"messages": [_without_payload(m) for m in request["messages"]]})
+    return canonical_json(_without_payload(request))
+
+
+def _without_payload(case: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in case.items() if key != "payload"}
+
+
 def _the_refusal(audit: MemoryAuditSink, *, reason: str, source: str, digest: str) -> None:
     """Exactly one record: rejected, for the request (no message id, no topic), its reason,
     the hash of what was received, the group (or the marker), and nothing of the body."""
@@ -620,21 +632,31 @@ def _the_refusal(audit: MemoryAuditSink, *, reason: str, source: str, digest: st
     assert b"secret-token" not in record.encoded()
 
 
-def _direct_refusal(payload: Any, arn: str, *, reason: str, source: str) -> None:
+def _direct_refusal(
+    payload: Any, arn: str, *, reason: str, source: str, received: bytes | None = None
+) -> None:
     built, transport, audit = audited()
     response = dispatch(payload, arn, built)
     assert response["error"]["reason"] == reason
     assert transport.published == []
     # The event as canonical JSON (the function never sees the invocation's bytes); text as is.
-    received = payload.encode() if isinstance(payload, str) else canonical_json(payload)
+    if received is None:
+        received = payload.encode() if isinstance(payload, str) else canonical_json(payload)
     _the_refusal(audit, reason=reason, source=source, digest=sha256_hex(received))
 
 
 def test_a_direct_invoke_without_a_group_alias_is_audited_as_unauthenticated() -> None:
     payload = {"messages": [_canary_case()]}
-    _direct_refusal(payload, FUNCTION, reason="unauthenticated", source="unauthenticated")
+    received = _hashed_as(payload)
     _direct_refusal(
-        payload, f"{FUNCTION}:$LATEST", reason="unauthenticated", source="unauthenticated"
+        payload, FUNCTION, reason="unauthenticated", source="unauthenticated", received=received
+    )
+    _direct_refusal(
+        payload,
+        f"{FUNCTION}:$LATEST",
+        reason="unauthenticated",
+        source="unauthenticated",
+        received=received,
     )
 
 
@@ -655,7 +677,13 @@ def test_a_malformed_direct_invoke_is_audited_once_under_its_group(payload: Any)
 
 def test_a_direct_invoke_of_too_many_messages_is_audited_once_as_too_large() -> None:
     payload = {"messages": [_canary_case() for _ in range(MAX_BATCH + 1)]}
-    _direct_refusal(payload, f"{FUNCTION}:community", reason="too_large", source="community")
+    _direct_refusal(
+        payload,
+        f"{FUNCTION}:community",
+        reason="too_large",
+        source="community",
+        received=_hashed_as(payload),
+    )
 
 
 def _http_refusal(
@@ -683,28 +711,28 @@ def _http_refusal(
 
 
 def test_an_https_request_without_identity_is_audited_as_unauthenticated() -> None:
-    body = json.dumps(_canary_case())
+    case = _canary_case()
     _http_refusal(
-        body,
+        json.dumps(case),
         claims={},
         status=401,
         reason="unauthenticated",
         source="unauthenticated",
-        received=body.encode(),
+        received=_hashed_as(case),
     )
 
 
 @pytest.mark.parametrize("claim", ["hackers", ["government"], 7])
 def test_an_https_identity_that_is_no_group_is_audited_without_the_claim(claim: Any) -> None:
-    raw = json.dumps(_canary_case()).encode()
+    case = _canary_case()
     _http_refusal(
-        base64.b64encode(raw).decode(),
+        base64.b64encode(json.dumps(case).encode()).decode(),
         b64=True,
         claims={"fabric:group": claim},
         status=403,
         reason="forbidden",
         source="unauthenticated",
-        received=raw,  # the bytes the producer sent, not their base64
+        received=_hashed_as(case),  # the body the producer sent, base64 decoded and read
     )
 
 

@@ -12,10 +12,11 @@ import pytest
 
 from fabric.adapters.memory import MemoryAuditSink, MemoryTransport
 from fabric.adapters.memory_cipher import LocalCipher
-from fabric.audit import AuditEvent, AuditRecord, decode_audit_batch
+from fabric.audit import AuditEvent, AuditRecord, decode_audit_batch, sha256_hex
 from fabric.audit_sink import TransportAuditSink
 from fabric.envelope import Reason
 from fabric.errors import EncryptionUnavailable
+from fabric.jsoncodec import canonical_json
 from fabric.ports import Failure, PreparedAudit
 from fabric.protection import encryption_context, open_payload
 from fabric.router import ACCEPTED, REJECTED, BatchResult, Router
@@ -444,18 +445,31 @@ def test_a_call_whose_transport_stopped_reading_fails_instead_of_answering_for_f
 
 def test_a_refused_request_is_one_rejected_record_with_its_hash_and_nothing_of_it() -> None:
     audit = MemoryAuditSink()
-    raw = json.dumps({"messages": [incident()]}).encode()
+    raw = json.dumps({"messages": [incident(), {"topic": "donation.received", "payload": 1}]})
     assert _router(audit=audit).refuse_request(raw, reason="too_large", source="government")
     (record,) = audit.records
+    # The restricted message's payload is left out of the hash (and the record says so): the
+    # hash of child data would let a reader of the trail check guesses at it.
+    without = {k: v for k, v in incident().items() if k != "payload"}
+    hashed = {"messages": [without, {"topic": "donation.received", "payload": 1}]}
     assert record.to_dict() == {
         "event": "rejected",
         "at": "2026-11-22T09:00:00Z",
         "message_id": None,
         "source": "government",
         "reason": "too_large",
-        "body_sha256": hashlib.sha256(raw).hexdigest(),
+        "classification": "restricted",
+        "body_sha256": sha256_hex(canonical_json(hashed)),
     }
     assert CANARY.encode() not in record.encoded()
+
+
+def test_a_refused_request_without_restricted_messages_is_hashed_as_received() -> None:
+    audit = MemoryAuditSink()
+    raw = json.dumps({"messages": [incident(classification="internal")]}).encode()
+    assert _router(audit=audit).refuse_request(raw, reason="too_large", source="government")
+    (record,) = audit.records
+    assert (record.classification, record.body_sha256) == (None, hashlib.sha256(raw).hexdigest())
 
 
 def test_a_refused_request_without_a_group_is_recorded_as_unauthenticated() -> None:

@@ -38,7 +38,8 @@ class AuditRecord:
     """One state change of one message.
 
     ``body_sha256`` is the hash of the bytes the fabric stored (the wire envelope, with restricted
-    payloads already encrypted), or of the raw input for a rejection; the body itself is never in
+    payloads already encrypted), or of the raw input for a rejection (without its payload, for a
+    restricted message: ``classification`` is then ``restricted``); the body itself is never in
     the record. ``message_id`` is None only for input that carried no valid id.
 
     Treat a record as immutable (``encoded`` keeps its JSON; ``dataclasses.replace`` makes a
