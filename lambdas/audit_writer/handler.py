@@ -25,9 +25,12 @@ def handler(event: dict[str, Any], _context: Any) -> dict[str, Any]:
     anything else → ``{"error": ...}``.
 
     A failure to store raises, so the event source delivers the whole event again; the writer
-    drops batches it already wrote. A message that cannot be read, for whatever reason, never
-    fails the event: it is written as one ``unreadable-batch`` or ``refused-batch`` record in its
-    place (``fabric.audit_writer.batches_from_event``).
+    drops batches it already wrote. So does a chain state behind the trail
+    (``fabric.audit_writer.ChainBehindTrail``: nothing is stored over what the bucket holds,
+    the batches are not marked written, and an operator rebuilds the state: docs/runbook.md).
+    A message that cannot be read, for whatever reason, never fails the event: it is written
+    as one ``unreadable-batch`` or ``refused-batch`` record in its place
+    (``fabric.audit_writer.batches_from_event``).
     """
     if isinstance(event, dict) and event.get("checkpoint") is True:
         return {"checkpoint": WRITER.checkpoint()}

@@ -253,9 +253,11 @@ def test_a_custom_consumers_free_text_never_reaches_the_locked_trail(
     assert records[0]["message_id"] is None  # the odd delivery: its id was not the fabric's
     assert {r["publisher"] for r in records} == {user_name(Stakeholder.MEDIA)}
     refused = {r["batch"]: r for r in records[2:]}
-    assert sorted(refused) == sorted([digest(notes), digest(spaced)])
+    media = user_name(Stakeholder.MEDIA)
+    assert sorted(refused) == sorted([digest(notes, media), digest(spaced, media)])
     assert {r["event"] for r in refused.values()} == {"refused-batch"}
-    assert "a field the fabric's consumer records do not have" in refused[digest(notes)]["reason"]
-    assert "a reason its event does not have" in refused[digest(spaced)]["reason"]
+    why_notes = refused[digest(notes, media)]["reason"]
+    assert "a field the fabric's consumer records do not have" in why_notes
+    assert "a reason its event does not have" in refused[digest(spaced, media)]["reason"]
     assert CHILD.encode() not in stored
     assert b"bruise" not in stored

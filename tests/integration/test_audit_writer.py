@@ -435,8 +435,8 @@ def test_a_redelivery_of_written_batches_makes_the_checkpoint_an_abandoned_attem
     with pytest.raises(TransportUnavailable):
         audit.write([batch("b1", 3), batch("b2", 2)])
     signer.failures = 1
-    with pytest.raises(TransportUnavailable):
-        audit.write([batch("b2", 2), batch("b3", 1)])  # written; its checkpoint is not
+    # Written; its checkpoint is not (made best effort: the call does not fail for it).
+    audit.write([batch("b2", 2), batch("b3", 1)])
     again = audit.write([batch("b2", 2), batch("b3", 1)])
 
     assert (again.key, again.duplicate_batches) == (None, 2)

@@ -49,8 +49,12 @@ def body(*message_ids: str, event: AuditEvent = AuditEvent.REJECTED) -> bytes:
     return encode_audit_batch(records, emitted_by="router")
 
 
-def digest(data: bytes) -> str:
-    """The batch id the writer gives a batch sent without a usable id: its body's SHA-256."""
+def digest(data: bytes, user: str | None = None) -> str:
+    """The batch id the writer gives a batch sent without a usable id: its body's SHA-256, or,
+    from a ``user`` that is not trusted (a stakeholder group's, or none: ""), the SHA-256 of the
+    user-id as a JSON string, a newline and the body."""
+    if user is not None:
+        data = json.dumps(user).encode() + b"\n" + data
     return "sha256-" + hashlib.sha256(data).hexdigest()
 
 
@@ -147,7 +151,7 @@ def test_a_consumer_record_the_trails_readers_cannot_take_is_refused(
     store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
     (key,) = store.keys(f"audit/{WRITER}/")
     refused, delivered = decode_object(store.get(key))
-    assert (refused["event"], refused["batch"]) == ("refused-batch", digest(malformed))
+    assert (refused["event"], refused["batch"]) == ("refused-batch", digest(malformed, consumer))
     assert why in refused["reason"]
     assert (delivered["event"], delivered["message_id"]) == ("delivered", M2)
 
@@ -264,11 +268,11 @@ def test_a_batch_the_trail_cannot_hold_is_recorded_unreadable_and_the_others_are
     (key,) = store.keys(f"audit/{WRITER}/")
     records = decode_object(store.get(key))
     assert [(r["batch"], r["event"]) for r in records] == [
-        (digest(lone), "unreadable-batch"),
-        (digest(deep), "unreadable-batch"),
-        (digest(nan), "unreadable-batch"),
-        (digest(huge), "unreadable-batch"),
-        (digest(good), "delivered"),
+        (digest(lone, consumer), "unreadable-batch"),
+        (digest(deep, consumer), "unreadable-batch"),
+        (digest(nan, consumer), "unreadable-batch"),
+        (digest(huge, consumer), "unreadable-batch"),
+        (digest(good, consumer), "delivered"),
     ]
     result = verified(store, aws_audit["signer"])
     assert result.ok, result.problem
@@ -356,12 +360,12 @@ def test_a_stakeholders_batch_id_is_a_fabric_id_or_its_bodys_digest_never_its_te
     store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
     stored = store.get(written["object"])
     assert [(r["event"], r["batch"]) for r in decode_object(stored)] == [
-        ("delivered", digest(accepted)),
-        ("refused-batch", digest(refused)),
-        ("unreadable-batch", digest(unreadable)),
-        ("delivered", digest(other)),
+        ("delivered", digest(accepted, consumer)),
+        ("refused-batch", digest(refused, consumer)),
+        ("unreadable-batch", digest(unreadable, consumer)),
+        ("delivered", digest(other, consumer)),
         ("delivered", toolkit_id),
-        ("refused-batch", digest(anonymous)),
+        ("refused-batch", digest(anonymous, "")),
     ]
     assert lowercase_ulid not in stored.decode()
     assert b"Siti" not in b"".join(store.get(key) for key in store.keys(""))

@@ -10,6 +10,12 @@ the same key again, and the newest version is the one the chain continues from; 
 another key moves the intent to ``abandoned``, which the next checkpoint names with its hash.
 ``checkpoint`` seals the objects written since the last checkpoint (also none: a quiet hour is
 proven quiet).
+
+Only a key that one of the writer's own attempts may have stored (its state says which) is
+written again. Every other object, and every checkpoint but one retried after its state update
+failed, is stored only if its key is new to the bucket (an S3 conditional write): a chain state
+behind the trail (the item restored to an earlier point, or lost) or a second writer never puts
+a new version over what the trail holds, and the call fails with ``ChainBehindTrail`` instead.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import logging
 import re
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import PurePath
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from fabric.audit import AuditBatch, decode_audit_batch
 from fabric.audit_chain import GENESIS, Chain, Signer, canonical, encode_object, make_checkpoint
@@ -54,6 +60,13 @@ class ChainConflict(FabricError):
     """Another writer advanced the same chain: this call's object is not part of the trail."""
 
 
+class ChainBehindTrail(FabricError):
+    """The bucket already holds an object at a key the writer's chain state never tried: the
+    state is behind the trail (the chain item restored to an earlier point, or lost), or another
+    writer stored it. Nothing was stored over it; the state must be rebuilt from the trail
+    (docs/runbook.md) before the writer can go on."""
+
+
 @dataclass
 class ChainState:
     """Where a writer's chain stands, and what the next checkpoint must seal."""
@@ -70,6 +83,12 @@ class ChainState:
     # Objects such a write may have stored under a key the chain does not continue from: the
     # next checkpoint names them as abandoned (``fabric.audit_chain.make_checkpoint``).
     abandoned: list[tuple[str, str]] = field(default_factory=list)
+    # Abandoned attempts a checkpoint has named, kept until the chain moves on: a retry at the
+    # same position may still store the chain's object under one of their keys.
+    named: list[tuple[str, str]] = field(default_factory=list)
+    # The checkpoint a ``checkpoint`` call is about to store, saved before it stores it; still
+    # set at the next call means its state update never happened, and it may store that again.
+    sealing: int | None = None
 
 
 class ChainStore(Protocol):
@@ -94,6 +113,18 @@ class ObjectStore(Protocol):
 
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` at ``key`` (a new version if the key exists)."""
+        ...
+
+
+@runtime_checkable
+class NewKeyObjectStore(ObjectStore, Protocol):
+    """An object store that can also store a key only while the bucket holds none there (S3's
+    conditional write), which keeps the writer from putting a version over the trail. The
+    in-memory stores of the tests cannot: the writer then puts, as before."""
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Store ``data`` at ``key`` only if the key holds no object; False (nothing stored)
+        if it holds one."""
         ...
 
 
@@ -153,10 +184,13 @@ class AuditWriter:
 
         The bodies the new records name are archived first, as one object beside the audit
         object (``archive/...``, same name): no record is stored before the body it names.
-        After ``seal_every`` objects without a checkpoint, one is made at once.
+        After ``seal_every`` objects without a checkpoint, or an abandoned attempt, one is made
+        at once, best effort (``_seal_at_once``).
 
         Raises:
             ChainConflict: another writer advanced the chain meanwhile (retry the batch).
+            ChainBehindTrail: the bucket already holds this call's key, which no attempt of the
+                writer's tried: nothing was stored over it (the batches are not marked written).
             TransportUnavailable: the bucket or the state table cannot be reached.
             ValueError: more than ``MAX_BATCHES_PER_WRITE`` batches (a wiring error: the event
                 source's batch size).
@@ -182,31 +216,36 @@ class AuditWriter:
             if fresh:  # empty batches: remember them so a redelivery is a no-op
                 self._save(state, [b for b, _ in fresh])
             if _settled(state):  # the checkpoint after an abandoned attempt failed: make it now
-                self.checkpoint()
+                self._seal_at_once()
             return Written(key=None, records=0, duplicate_batches=len(batches) - len(fresh))
         state = self._chains.load(self._writer)
+        loaded = replace(state)  # saved back if the bucket refuses this call's key
         chain = Chain(self._writer, state.seq, state.last_hash)
         linked = chain.link(records)
         data = encode_object(linked)
         key = object_key(self._writer, state.seq + 1, chain.seq, self._now())
         digest = hashlib.sha256(data).hexdigest()
+        # An attempt of this writer's may have stored this key before: this call stores it
+        # again, a new version, which the chain continues from. Any other key must be new.
+        again = key in _tried(state)
         if state.intent is not None and state.intent != (key, digest):
             # An earlier attempt's state update failed; it may have stored its object. Under
             # another key (other batches, past midnight) this call does not overwrite it; under
             # the same key with other bytes (a stand-in's time differs) this call's put may
             # fail too and leave it there. Either way it may be what S3 holds.
-            state.abandoned.append(state.intent)
+            state.abandoned = [*state.abandoned, state.intent]
         state.intent = (key, digest)
         self._save(state, [])  # write-ahead: which object this call is about to store
         bodies = _named_bodies(records, [batch for _, batch in fresh])
         if bodies:
-            self._objects.put(
-                ARCHIVE_PREFIX + key.removeprefix(AUDIT_PREFIX), encode_archive(bodies)
-            )
-        self._objects.put(key, data)
+            archive_key = ARCHIVE_PREFIX + key.removeprefix(AUDIT_PREFIX)
+            self._put(archive_key, encode_archive(bodies), again=again, loaded=loaded, state=state)
+        self._put(key, data, again=again, loaded=loaded, state=state)
         # This call's object is now the newest version of its key, which the chain continues
-        # from: no earlier attempt under that key is abandoned any more.
+        # from: no earlier attempt under that key is abandoned any more, and the chain moves
+        # past the position every attempt named so far was made at.
         state.abandoned = [item for item in state.abandoned if item[0] != key]
+        state.named = []
         state.seq, state.last_hash = chain.seq, chain.last_hash
         state.pending.append((key, digest))
         state.intent = None
@@ -223,7 +262,7 @@ class AuditWriter:
                 stand_in["reason"],
             )
         if _settled(state) or len(state.pending) >= self._seal_every:
-            self.checkpoint()  # at once after an abandoned attempt: the tail verifies again
+            self._seal_at_once()  # at once after an abandoned attempt: the tail verifies again
         return Written(
             key=key,
             records=len(linked),
@@ -237,8 +276,11 @@ class AuditWriter:
 
         Raises:
             ChainConflict: another writer advanced the chain meanwhile.
+            ChainBehindTrail: the bucket already holds this checkpoint, and no earlier attempt
+                of this checkpoint stored it: nothing was stored over it.
         """
         state = self._chains.load(self._writer)
+        loaded = replace(state)  # saved back if the bucket refuses this checkpoint's key
         sequence = state.checkpoints + 1
         settled = _settled(state)
         body = make_checkpoint(
@@ -253,16 +295,76 @@ class AuditWriter:
             abandoned=settled,
         )
         key = checkpoint_key(self._writer, sequence)
-        self._objects.put(key, canonical(body))
-        state.pending, state.checkpoints = [], sequence
+        # A checkpoint whose state update failed is made again under its key, a new version
+        # (the newest is the one the verifier reads); any other checkpoint's key must be new.
+        again = state.sealing == sequence
+        if not again:
+            state.sealing = sequence
+            self._save(state, [])  # write-ahead: which checkpoint this call is about to store
+        self._put(key, canonical(body), again=again, loaded=loaded, state=state)
+        state.pending, state.checkpoints, state.sealing = [], sequence, None
+        state.named = [*state.named, *settled]
         state.abandoned = [item for item in state.abandoned if item not in settled]
         state.last_signature = str(body["signature"])
         self._save(state, [])
         return key
 
+    def _seal_at_once(self) -> None:
+        """The checkpoint a write makes at once, best effort: the write's object and batch
+        marks are saved, so its failure must not fail the call, whose caller would not count
+        the batches it refused (and their redelivery finds them written). The next write that
+        needs it tries again, and so does the hourly one, which fails its invocation (and
+        alarms) if it fails too, also for a chain state behind the trail."""
+        try:
+            self.checkpoint()
+        except Exception as error:  # the class only: a message may quote what S3 or KMS said
+            _LOG.error(
+                "the checkpoint after a write of %s failed (%s): the next one makes it",
+                self._writer,
+                type(error).__name__,
+            )
+
+    def _put(
+        self, key: str, data: bytes, *, again: bool, loaded: ChainState, state: ChainState
+    ) -> None:
+        """Store ``data`` at ``key``: as a new version when ``again`` (an earlier attempt of
+        this writer's may have stored it), else only if the bucket holds no object there.
+
+        Raises:
+            ChainBehindTrail: the bucket holds one. The chain state is first saved back as it
+                was ``loaded`` (best effort), so that a retry does not take the key for its own
+                attempt's and store over it.
+        """
+        if again or not isinstance(self._objects, NewKeyObjectStore):
+            self._objects.put(key, data)
+            return
+        if self._objects.create(key, data):
+            return
+        loaded.version = state.version
+        try:
+            self._save(loaded, [])
+        except FabricError as error:  # another writer's state, or the table is down
+            _LOG.error(
+                "the chain state of %s could not be saved back (%s)",
+                self._writer,
+                type(error).__name__,
+            )
+        raise ChainBehindTrail(
+            f"the bucket already holds {key}, which the chain state of {self._writer} never"
+            " tried: the chain state is behind the trail (rebuild it from the trail: runbook,"
+            ' "The chain state is behind the trail"), or another writer stored it'
+        )
+
     def _save(self, state: ChainState, batch_ids: list[str]) -> None:
         if not self._chains.save(self._writer, state, batch_ids=batch_ids):
             raise ChainConflict(f"the chain of {self._writer} moved on meanwhile")
+
+
+def _tried(state: ChainState) -> set[str]:
+    """The keys the writer's attempts since the chain last moved may have stored: the one it
+    is about to store (``intent``), the abandoned ones, and those a checkpoint named."""
+    intent = [state.intent] if state.intent is not None else []
+    return {key for key, _ in [*intent, *state.abandoned, *state.named]}
 
 
 def _settled(state: ChainState) -> list[tuple[str, str]]:
@@ -324,7 +426,7 @@ def batches_from_event(
     user sets the AMQP message id freely (up to 255 bytes of text), so a batch from a publisher
     not in ``trusted`` keeps its id only when it is a fabric message id in its canonical form
     (``fabric.envelope.normalize_message_id``: the toolkit's sink sends a UUID), else the
-    digest of its body, which a redelivery has too.
+    digest of its user-id and its body (``_digest``), which a redelivery has too.
 
     A body that is not an audit batch is not dropped: it becomes one ``unreadable-batch`` record
     carrying the SHA-256 of the body, so the trail shows that something arrived and what. So
@@ -374,18 +476,21 @@ def _from_rabbitmq(
     body = _rabbitmq_body(message.get("data", ""))
     publisher = str(properties.get("userId") or "")
     sent_id = _sent_id(properties, publisher, trusted)
-    return sent_id or _digest(body), _published_by(publisher, body, trusted, environment)
+    return sent_id or _digest(body, publisher, trusted), _published_by(
+        publisher, body, trusted, environment
+    )
 
 
 def _rabbitmq_body(data: Any) -> bytes:
     """The bytes of a RabbitMQ message's ``data`` (base64), or its text as it arrived when it
-    is not base64: recorded, not the whole event dropped.
+    is not base64 (strictly: text with anything but the base64 alphabet is not decoded, so
+    its hash is of what arrived): recorded, not the whole event dropped.
 
     Raises:
         TypeError: ``data`` is neither text nor bytes.
     """
     try:
-        return base64.b64decode(data)
+        return base64.b64decode(data, validate=True)
     except ValueError:
         return str(data).encode("utf-8", "surrogatepass")
 
@@ -425,13 +530,14 @@ def _unexpected(
         )
     else:
         body = json.dumps(message, sort_keys=True, default=repr).encode("utf-8", "surrogatepass")
-    publisher, sent_id = None, ""
+    publisher, sent_id, batch_id = None, "", _digest(body)
     if field == "data":  # RabbitMQ: every record says who published it
         properties = message.get("basicProperties") if isinstance(message, dict) else None
         properties = properties if isinstance(properties, dict) else {}
         publisher = str(properties.get("userId") or "")
         sent_id = _sent_id(properties, publisher, trusted)
-    return sent_id or _digest(body), _stand_in(
+        batch_id = _digest(body, publisher, trusted)
+    return sent_id or batch_id, _stand_in(
         body, "unreadable-batch", "the writer failed to read the message", publisher
     )
 
@@ -663,8 +769,15 @@ _RABBITMQ_QUEUES = {
 }
 
 
-def _digest(body: bytes) -> str:
-    return "sha256-" + hashlib.sha256(body).hexdigest()
+def _digest(body: bytes, publisher: str = "", trusted: frozenset[str] | None = None) -> str:
+    """The id of a batch sent without one to keep: ``sha256-<hex>``. For the platform (no
+    ``trusted`` given: SQS; or a RabbitMQ publisher in it), the SHA-256 of the body; for any
+    other RabbitMQ publisher, of its user-id (a JSON string, which ends at its closing quote)
+    and the body: two stakeholder groups that send the same bytes sent two batches, each kept,
+    while a redelivery, from the same user, is still dropped."""
+    if trusted is None or publisher in trusted:
+        return "sha256-" + hashlib.sha256(body).hexdigest()
+    return "sha256-" + hashlib.sha256(json.dumps(publisher).encode() + b"\n" + body).hexdigest()
 
 
 # A JSON escape of a UTF-16 surrogate: in a valid pair, or alone, which no UTF-8 can hold.

@@ -37,10 +37,11 @@ class _Body:
 class S3ObjectStore:
     """Objects in the audit bucket; its default Object Lock retention applies to each version.
 
-    The writer puts; the verifier, the compliance report and replay list and read (their roles
-    hold only the read grants), and the report also lists delete markers (``deleted``). Every
-    S3 error becomes ``TransportUnavailable`` (also one while a body streams), except a key
-    that does not exist, which ``read`` and ``response`` give as None.
+    The writer puts, or creates (a key only while the bucket holds no object there); the
+    verifier, the compliance report and replay list and read (their roles hold only the read
+    grants), and the report also lists delete markers (``deleted``). Every S3 error becomes
+    ``TransportUnavailable`` (also one while a body streams), except a key that does not
+    exist, which ``read`` and ``response`` give as None, and a key ``create`` finds taken.
     """
 
     def __init__(self, bucket: str, client_factory: Callable[[], Any]) -> None:
@@ -54,11 +55,26 @@ class S3ObjectStore:
         return self._client
 
     def put(self, key: str, data: bytes) -> None:
-        """Store one object, with a SHA-256 checksum S3 checks on arrival.
+        """Store one object, with a SHA-256 checksum S3 checks on arrival (a new version if
+        the key exists).
 
         Raises:
             TransportUnavailable: S3 cannot be reached or refuses the object.
         """
+        self._put(key, data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Store one object as ``put`` does, but only if the key holds none: a conditional
+        write (``If-None-Match: *``, which needs no more than ``s3:PutObject``). False when the
+        key holds an object (S3 answers 412 Precondition Failed; nothing is stored).
+
+        Raises:
+            TransportUnavailable: S3 cannot be reached or refuses the object (also 409
+                ConditionalRequestConflict: another write of the key was under way; retry).
+        """
+        return self._put(key, data, IfNoneMatch="*")
+
+    def _put(self, key: str, data: bytes, **condition: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -68,9 +84,15 @@ class S3ObjectStore:
                 Body=data,
                 ContentType="application/json",
                 ChecksumAlgorithm="SHA256",
+                **condition,
             )
-        except (BotoCoreError, ClientError) as exc:
+        except ClientError as exc:
+            if condition and _code(exc) == "PreconditionFailed":
+                return False
             raise TransportUnavailable(f"cannot store {key}: {type(exc).__name__}") from exc
+        except BotoCoreError as exc:
+            raise TransportUnavailable(f"cannot store {key}: {type(exc).__name__}") from exc
+        return True
 
     def get(self, key: str) -> bytes:
         """The newest version of ``key``.
@@ -104,7 +126,7 @@ class S3ObjectStore:
         try:
             response = dict(self._s3().get_object(Bucket=self._bucket, Key=key))
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
+            code = _code(exc)
             # S3 answers a missing key with 404 only to a caller it lets list the bucket, and
             # the readers may list only their prefixes (a condition GetObject does not carry):
             # to them it is 403. A listing of the key itself tells the two apart.
@@ -172,6 +194,12 @@ class S3ObjectStore:
             ) from exc
 
 
+def _code(exc: Any) -> str | None:
+    """A botocore ``ClientError``'s error code."""
+    code = exc.response.get("Error", {}).get("Code")
+    return None if code is None else str(code)
+
+
 def _cancellation(exc: Any) -> str:
     """The error code, with a cancelled transaction's reasons (one per action, in order)."""
     code = str(exc.response.get("Error", {}).get("Code"))
@@ -229,6 +257,8 @@ class DynamoDbChainStore:
             version=int(item["version"]["N"]),
             intent=(state["intent"][0], state["intent"][1]) if state.get("intent") else None,
             abandoned=[(key, digest) for key, digest in state.get("abandoned", [])],
+            named=[(key, digest) for key, digest in state.get("named", [])],
+            sealing=state.get("sealing"),
         )
 
     def save(self, writer: str, state: ChainState, *, batch_ids: Sequence[str]) -> bool:
@@ -243,6 +273,8 @@ class DynamoDbChainStore:
             "last_signature": state.last_signature,
             "intent": state.intent,
             "abandoned": state.abandoned,
+            "named": state.named,
+            "sealing": state.sealing,
         }
         condition: dict[str, Any] = (
             {"ConditionExpression": "attribute_not_exists(id)"}
