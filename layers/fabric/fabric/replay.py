@@ -82,7 +82,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
-from fabric.audit_chain import Keyring, Problem, decode_object, verify_trail
+from fabric.audit_chain import Keyring, Problem, decode_object, remembering, verify_trail
 from fabric.audit_writer import ARCHIVE_PREFIX, AUDIT_PREFIX, decode_archive
 from fabric.compliance import IdSet
 from fabric.compliance_run import (
@@ -98,6 +98,7 @@ from fabric.compliance_run import (
     intervals,
     plan_window,
     read_objects,
+    seal_problem,
 )
 from fabric.envelope import (
     Classification,
@@ -434,7 +435,8 @@ class Replayer:
     ) -> None:
         self._archive = archive
         self._writers = tuple(writers)
-        self._keys = keys
+        # Each checkpoint's seal is checked before its objects are read, then with them: once.
+        self._keys = remembering(keys)
         self._broker = broker
         self._audit = audit
         self._table = table
@@ -739,6 +741,12 @@ class Replayer:
             TransportUnavailable: the bucket cannot be read.
             _OutOfTime: the interval would not be read within the run's time (``steps``).
         """
+        # The seals first, as the compliance report checks them: a forged checkpoint names
+        # what it likes, keys this role may not read (which would stop the run) and as many
+        # as it likes (a read each).
+        unsealed = seal_problem(interval, self._keys, window.writer)
+        if unsealed is not None:
+            return unsealed
         key, checkpoint = interval.checkpoints[0] if interval.checkpoints else ("", {})
         where = (
             f"the objects of {key}, sealed at {checkpoint['at']},"
