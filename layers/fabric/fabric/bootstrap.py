@@ -475,8 +475,9 @@ def _redrive_sqs_client() -> Any:
     # that stops answering at the run's time limit costs it a send in doubt (6 s) and at most
     # three calls of 18 s (deletes, the next receive, visibility changes): within the 60 s it
     # keeps before its function's timeout (REDRIVE_MAX_SECONDS 840 of 900). One that answers
-    # every call slowly can still take a run that holds hundreds of letters past it
-    # (docs/dead-letters.md).
+    # every call slowly no longer does: the dead-letter queue begins no call it does not expect
+    # to end within the run's time, keeping time to delete or show again what it holds
+    # (SqsDeadLetterQueue.limit_time; docs/dead-letters.md).
     timeouts: dict[str, Any] = {"connect_timeout": 1, "read_timeout": 5}
     return _SendsOnce(
         sends=_aws_client("sqs", **timeouts, retries={"total_max_attempts": 1, "mode": "standard"}),

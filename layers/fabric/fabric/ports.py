@@ -239,10 +239,12 @@ class DeadLetterQueue(Protocol):
     Letters returned by ``peek`` are held (hidden from other readers) until ``remove`` or
     ``release``; a crash releases them by itself (channel closed, visibility timeout).
 
-    ``out_of_time``: whether the last ``move`` left letters unsent because its ``budget_s`` was
-    spent (the run stops ``time limit``, and the runbook goes on with its next chunk). Letters a
-    move did not put back for any other reason were refused or are in doubt (the run stops
-    ``origin unavailable``), even when the run's time ran out while it waited for an answer.
+    ``out_of_time``: whether the last ``move`` (and, for a ``fabric.redrive.TimeBoundQueue``,
+    ``peek`` or ``remove``) stopped for the run's time: for a move, letters left unsent because
+    its ``budget_s`` was spent (the run stops ``time limit``, and the runbook goes on with its
+    next chunk). Letters a move did not put back for any other reason were refused or are in
+    doubt (the run stops ``origin unavailable``), even when the run's time ran out while it
+    waited for an answer.
     """
 
     name: str

@@ -22,6 +22,14 @@ send the origin stored whose answer did not reach the run (on SQS, a SendMessage
 answered within 5 s, or answered with an error after storing it; the SDK never makes a send
 again). Such letters count as not moved and stay in the dead-letter queue with no record yet;
 the next run puts them back again, with their records.
+
+A run stops within its time (``max_seconds``). A queue that makes a call for every few letters,
+each of which can be slow (SQS: 10 letters a receive, send, delete or visibility change), is
+told the run's time (``TimeBoundQueue``) and begins no call it does not expect to end within
+it, keeping time to delete or give back what the run holds; the run then stops ``time limit``.
+A letter moved and recorded but not deleted in time stays in the dead-letter queue (hidden
+until its hold ends where it could not be given back, counted in ``hidden``): the ledger knows
+it, so the next run only removes it.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Protocol, runtime_checkable
 
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.audit_writer import DEAD_LETTER_REASONS, is_topic
@@ -56,6 +65,23 @@ _SECOND = timedelta(seconds=1)
 # What a dry run lists a letter parked again as (``Listed.stays``): it stays, this redrive never
 # moves it again.
 PARKED_AGAIN_STAYS = "parked again by this redrive"
+
+
+@runtime_checkable
+class TimeBoundQueue(Protocol):
+    """A dead-letter queue that makes a call for every few letters, each of which can be slow
+    (SQS: 10 letters a call, each answered just within the client's timeouts): a hundred
+    letters held are ten calls to give back, which a run that stopped at its time limit would
+    make past it, and past the function's timeout. Told the run's time when it starts, such a
+    queue begins no call it does not expect to end within it, and keeps time to delete or give
+    back what the run holds; ``out_of_time`` then says that its last ``peek`` (which returns
+    what it took by then) or ``remove`` (which leaves the rest) stopped for the run's time."""
+
+    out_of_time: bool
+
+    def limit_time(self, budget_s: float) -> None:
+        """The run has ``budget_s`` seconds from now."""
+        ...
 
 
 def new_redrive_id() -> str:
@@ -173,8 +199,9 @@ class RedriveReport:
     met them: in each batch, after the letters that would move; ``to_dict`` keeps the first
     hundred listed letters of all kinds, so letters parked again behind a hundred that would
     move are counted, not listed). ``hidden`` counts the letters the run held that the queue
-    could not show again at its end (``DeadLetterQueue.release``): they stay hidden until they
-    come back by themselves (SQS: 16 minutes), and a run started before then misses them.
+    could not show again at its end (``DeadLetterQueue.release``; on SQS also for want of time):
+    they stay hidden until they come back by themselves (SQS: 16 minutes), and a run started
+    before then misses them.
     """
 
     queue: str
@@ -286,10 +313,12 @@ class Redriver:
 
         Never raises for queue or ledger trouble: the report says why it stopped. Every letter
         the run held and did not remove is given back at the end (``hidden``: how many the
-        queue could not show again).
+        queue could not show again, also for want of time).
         """
         plan = plan or RedrivePlan()
         report = RedriveReport(queue=queue.name, dry_run=plan.dry_run, redrive_id=plan.redrive_id)
+        if isinstance(queue, TimeBoundQueue):
+            queue.limit_time(plan.max_seconds)
         try:
             self._run(queue, plan, report, progress)
         finally:
@@ -331,6 +360,10 @@ class Redriver:
                 report.stopped = "dead-letter queue unavailable"
                 return
             if not letters:
+                if _stopped_for_time(queue):
+                    # Not "empty": the queue had no time left to take letters.
+                    report.stopped = "time limit"
+                    return
                 # Not "empty" while letters parked again stay: their cause is not fixed.
                 report.stopped = "parked again" if report.parked_again else "empty"
                 return
@@ -411,13 +444,14 @@ class Redriver:
             if pending
             else []
         )
+        out_of_time = bool(pending) and queue.out_of_time  # before the removal sets it anew
         if moved and not self._settle(queue, moved, twins, keys, report):
             return False
         if len(moved) < len(pending):
             # Letters the queue had no time left to send stay, as after a time limit between
             # batches: the runbook goes on. Not when the run's time ran out while the origin
             # did not answer (a send in doubt): the next chunk would meet the same origin.
-            report.stopped = "time limit" if queue.out_of_time else "origin unavailable"
+            report.stopped = "time limit" if out_of_time else "origin unavailable"
             return False
         return True
 
@@ -507,7 +541,8 @@ def _removed(
     """Remove ``letters`` (put back and recorded) from ``queue``, counted in ``already_moved``
     when an earlier run put them back; whether every one went. When the queue kept some, the
     run stops, ``dead-letter queue unavailable`` (so the runbook says to go on as the same
-    redrive), and a later run only removes them (the ledger knows them). Before, the run went
+    redrive), or ``time limit`` when the queue had no time left to remove them (the runbook
+    goes on), and a later run only removes them (the ledger knows them). Before, the run went
     on and could end ``empty``, exit 0, with them still in the queue."""
     removed = queue.remove(letters)
     if already_moved:
@@ -515,8 +550,17 @@ def _removed(
     kept = len({letter.handle for letter in letters} - removed)
     if kept:
         _LOG.warning("%d redriven letters stay in %s until a re-run removes them", kept, queue.name)
-        report.stopped = "dead-letter queue unavailable"
+        report.stopped = (
+            "time limit" if _stopped_for_time(queue) else "dead-letter queue unavailable"
+        )
     return not kept
+
+
+def _stopped_for_time(queue: DeadLetterQueue) -> bool:
+    """Whether the queue's last ``peek`` or ``remove`` stopped for the run's time: only a queue
+    told the run's time (``TimeBoundQueue``) does; any other's ``out_of_time`` speaks of its
+    last ``move``."""
+    return isinstance(queue, TimeBoundQueue) and queue.out_of_time
 
 
 def _listed(letter: DeadLetter, now: datetime) -> Listed:

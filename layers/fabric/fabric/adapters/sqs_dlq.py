@@ -22,6 +22,11 @@ Message attributes the mover reads (besides the SNS fallback path's, ``fabric.ad
 The attribute names are the RabbitMQ side's header names (``fabric.topology``), so a letter
 reads the same on either side. The two that describe one dead-lettering are not sent back: a
 redriven message starts afresh, as it does on RabbitMQ.
+
+Each call handles at most 10 letters, and an SQS can answer every one slowly, just within the
+client's timeouts: told the run's time (``limit_time``, by the redrive), the mover begins no
+call it does not expect to end within it (``_Calls``), and keeps time to delete or show again
+every letter it holds.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -73,6 +80,14 @@ _NOT_SENT_BACK = frozenset(
     }
 )
 _ATTRIBUTE_FIELDS = ("DataType", "StringValue", "BinaryValue")
+# The calls a call's estimate comes from (``_Calls``): one slower than usual (retried by the SDK)
+# counts only until that many others followed it.
+_RECENT_CALLS = 3
+# How long after the run's time a delete or a visibility change may still end (``_Calls``): the
+# time the run kept for them can go on the ledger, the audit records and the rate's pauses
+# between its calls. Well within the minute between the function's run time (840 s) and its
+# timeout: an SQS that answers in tens of milliseconds shows a thousand letters again in 3 s.
+_SETTLE_GRACE_S = 5.0
 
 
 @dataclass
@@ -82,6 +97,60 @@ class _Held:
     sqs_id: str
     receipt: str
     attributes: dict[str, dict[str, Any]]
+
+
+class _Calls:
+    """A run's SQS calls within its time: a call is begun only if, taking as long as its
+    estimate, it ends before the run's deadline (``limit``; none: no limit).
+
+    The estimate is the longest of the last ``_RECENT_CALLS`` calls of any kind (an SQS slow
+    to answer one kind is slow to answer every kind); a receive that came back empty waited
+    for letters (long polling), not for SQS, and does not count. A call that takes letters (a
+    receive, a send) must leave time for the calls that follow it (``after``): those that
+    settle every letter the run then holds, each deleted or shown again (10 a call,
+    ``_settling``), and, for a receive, the sends of its batch. A call that settles letters (a
+    delete, a visibility change) may end up to ``_SETTLE_GRACE_S`` after the deadline. So only
+    a call slower than its estimate ends late (the first call of a run is estimated at
+    nothing), and none begins once it would: the run's calls end within its time (for deletes
+    and visibility changes, and the grace) plus one call's.
+    """
+
+    def __init__(self) -> None:
+        self._deadline: float | None = None
+        self._recent: deque[float] = deque(maxlen=_RECENT_CALLS)
+
+    def limit(self, budget_s: float) -> None:
+        """The run has ``budget_s`` seconds from now; estimates start afresh."""
+        self._deadline = time.monotonic() + budget_s
+        self._recent.clear()
+
+    def fit(self, *, after: int = 0, deadline: float | None = None, grace_s: float = 0.0) -> bool:
+        """Whether a call begun now, and ``after`` calls after it, are expected to end
+        ``grace_s`` after the run's deadline at the latest (or ``deadline``, if earlier)."""
+        ends = [end for end in (self._deadline, deadline) if end is not None]
+        if not ends:
+            return True
+        estimate = max(self._recent, default=0.0)
+        return time.monotonic() + estimate * (1 + after) < min(ends) + grace_s
+
+    def took(self, begun: float) -> None:
+        """A call begun at ``begun`` (``time.monotonic``) has ended."""
+        self._recent.append(time.monotonic() - begun)
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """One call, timed for the estimates (also one that failed: a retried call is slow)."""
+        begun = time.monotonic()
+        try:
+            yield
+        finally:
+            self.took(begun)
+
+
+def _settling(held: int) -> int:
+    """The calls that settle ``held`` letters: 10 a delete or visibility change, one more where
+    a batch is split between the two (its moved letters deleted, the others shown again)."""
+    return math.ceil(held / _MAX_ENTRIES) + 1
 
 
 class SqsDeadLetterQueue:
@@ -110,18 +179,30 @@ class SqsDeadLetterQueue:
         self._hold_seconds = hold_seconds
         self._held: dict[str, _Held] = {}  # letter handle (its first receipt) -> what is held
         self._by_sqs_id: dict[str, str] = {}  # SQS message id -> letter handle, this run
-        self.out_of_time = False  # the last move stopped at its budget (DeadLetterQueue)
+        self._calls = _Calls()
+        # The last peek, move or remove stopped for the run's time (DeadLetterQueue).
+        self.out_of_time = False
 
     def _sqs(self) -> Any:
         if self._client is None:
             self._client = self._client_factory()
         return self._client
 
+    def limit_time(self, budget_s: float) -> None:
+        """The run has ``budget_s`` seconds from now (``fabric.redrive.TimeBoundQueue``): no
+        receive, send, delete or visibility change begins that is not expected to end within
+        them (``_Calls``), and ``out_of_time`` says when one did not begin."""
+        self._calls.limit(budget_s)
+
     def peek(self, limit: int) -> list[DeadLetter]:
         """Up to ``limit`` letters not yet seen in this run, each hidden for ``hold_seconds``.
 
         Receives 10 at a time until ``limit`` letters or a receive with nothing new (SQS may
-        return a letter again once its hold ran out: it is held anew, not returned twice).
+        return a letter again once its hold ran out: it is held anew, not returned twice), or
+        until a receive would not end, with the sends of the letters it takes and the deletes or
+        visibility changes of every letter held, within the run's time (``_Calls``): then
+        ``out_of_time`` is set, and what was taken by then is returned (none: the run stops
+        ``time limit``, not ``empty``).
         ``dead_lettered_at`` is the ``fabric-dead-lettered-at`` attribute where a producer set
         it, else ``SentTimestamp``: SQS keeps a message's original send time when it moves it to
         a DLQ, so ages (and age filters) count from when the message was first sent.
@@ -132,12 +213,20 @@ class SqsDeadLetterQueue:
         """
         from botocore.exceptions import BotoCoreError, ClientError
 
+        self.out_of_time = False
         letters: list[DeadLetter] = []
         while len(letters) < limit:
+            wanted = max(1, min(_MAX_ENTRIES, limit - len(letters)))
+            sends = math.ceil((len(letters) + wanted) / _MAX_ENTRIES)
+            if not self._calls.fit(after=sends + _settling(len(self._held) + wanted)):
+                _LOG.warning("the run's time is up: no more letters taken from %s", self.name)
+                self.out_of_time = True
+                break
+            begun = time.monotonic()
             try:
                 response = self._sqs().receive_message(
                     QueueUrl=self._queue.dlq_url,
-                    MaxNumberOfMessages=max(1, min(_MAX_ENTRIES, limit - len(letters))),
+                    MaxNumberOfMessages=wanted,
                     # Long polling asks every SQS server: a short poll may answer empty while
                     # letters remain, which would end the run as if the queue were empty.
                     WaitTimeSeconds=1,
@@ -146,6 +235,7 @@ class SqsDeadLetterQueue:
                     MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
                 )
             except (BotoCoreError, ClientError) as exc:
+                self._calls.took(begun)
                 if letters:
                     # Hand over what is held already; the next peek reports the outage.
                     _LOG.warning("receive from %s failed: %s", self.name, type(exc).__name__)
@@ -153,6 +243,8 @@ class SqsDeadLetterQueue:
                 raise TransportUnavailable(
                     f"cannot receive from {self.name}: {type(exc).__name__}"
                 ) from exc
+            if response.get("Messages"):
+                self._calls.took(begun)  # an empty answer waited out the long poll
             fresh = 0
             for message in response.get("Messages", []):
                 sqs_id, receipt = str(message["MessageId"]), str(message["ReceiptHandle"])
@@ -189,13 +281,15 @@ class SqsDeadLetterQueue:
         may have stored it) ends the call: nothing more is sent, and the run stops ``origin
         unavailable``. So at most one request is in doubt, and an SQS that does not answer
         costs one read timeout, not one for each of up to 100 requests (100 letters over 128
-        KiB, one to a request of at most 256 KiB). No send starts once ``budget_s`` (the run's
-        time left) is spent: a slow SQS that answers each send just within the read timeout
-        takes a run past its time limit by one send at most, not by up to 100 (the letters not
-        sent are not moved, ``out_of_time`` is set, and the run stops ``time limit``; a send
-        in doubt that outlasts the budget still stops it ``origin unavailable``). Never raises
-        for I/O. A letter this run does not hold (released, removed, or from another run) is
-        not moved either: its attributes are not known.
+        KiB, one to a request of at most 256 KiB). No send starts that is not expected to end,
+        with the deletes or visibility changes of every letter held after it, within
+        ``budget_s`` (the run's time left) and the run's time (``_Calls``): a slow SQS that
+        answers each send just within the read timeout takes a run past its time limit by one
+        send at most, not by up to 100 (the letters not sent are not moved, ``out_of_time`` is
+        set, and the run stops ``time limit``; a send in doubt that outlasts the budget still
+        stops it ``origin unavailable``). Never raises for I/O. A letter this run does not hold
+        (released, removed, or from another run) is not moved either: its attributes are not
+        known.
         """
         movable = [letter for letter in letters if letter.handle in self._held]
         if len(movable) < len(letters):
@@ -209,7 +303,7 @@ class SqsDeadLetterQueue:
         for chunk in _batches(movable, outgoing):
             waiting = chunk
             for attempt in range(_SEND_ATTEMPTS):
-                if deadline is not None and time.monotonic() >= deadline:
+                if not self._calls.fit(after=_settling(len(self._held)), deadline=deadline):
                     _LOG.warning(
                         "the run's time is up: %d letter(s) of %s not moved",
                         len(movable) - len(moved),
@@ -246,9 +340,10 @@ class SqsDeadLetterQueue:
             for i, letter in enumerate(chunk)
         ]
         try:
-            response = self._sqs().send_message_batch(
-                QueueUrl=self._queue.source_url, Entries=entries
-            )
+            with self._calls.timed():
+                response = self._sqs().send_message_batch(
+                    QueueUrl=self._queue.source_url, Entries=entries
+                )
         except (BotoCoreError, ClientError) as exc:
             _LOG.warning(
                 "send to the source of %s failed for %d letter(s): %s",
@@ -280,21 +375,34 @@ class SqsDeadLetterQueue:
         only removes them). After a batch SQS did not answer (``_unanswered``: with the SDK's
         3 attempts, 15 to 20 s) no more are made, as in ``release``: a batch of 100 letters is
         10 deletes. After an error SQS answered with (throttled, an internal error) the next
-        batch is still made: one such error no longer leaves every letter after it."""
+        batch is still made: one such error no longer leaves every letter after it. No batch
+        begins that is not expected to end within the run's time and ``_SETTLE_GRACE_S``
+        (``_Calls``): the letters left are not deleted, and ``out_of_time`` is set (the run
+        stops ``time limit``; as after an outage, the next run only removes them)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
+        self.out_of_time = False
         removed: set[str] = set()
         handles = list(dict.fromkeys(letter.handle for letter in letters))
         for start in range(0, len(handles), _MAX_ENTRIES):
+            if not self._calls.fit(grace_s=_SETTLE_GRACE_S):
+                _LOG.warning(
+                    "the run's time is up: %d letter(s) not deleted from %s",
+                    len(handles) - start,
+                    self.name,
+                )
+                self.out_of_time = True
+                break
             chunk = handles[start : start + _MAX_ENTRIES]
             entries = [
                 {"Id": str(i), "ReceiptHandle": self._receipt(handle)}
                 for i, handle in enumerate(chunk)
             ]
             try:
-                response = self._sqs().delete_message_batch(
-                    QueueUrl=self._queue.dlq_url, Entries=entries
-                )
+                with self._calls.timed():
+                    response = self._sqs().delete_message_batch(
+                        QueueUrl=self._queue.dlq_url, Entries=entries
+                    )
             except (BotoCoreError, ClientError) as exc:
                 _LOG.warning("delete in %s failed: %s", self.name, type(exc).__name__)
                 if _unanswered(exc):
@@ -315,7 +423,9 @@ class SqsDeadLetterQueue:
         letters (a filtered run) went on for 25 minutes, past the function's timeout. After an
         error SQS answered with, the next batch is still made: one such error no longer hid
         every letter after it for ``hold_seconds`` (a later chunk of the runbook, not seeing
-        them, ended ``empty``)."""
+        them, ended ``empty``). No batch begins that is not expected to end within the run's
+        time and ``_SETTLE_GRACE_S`` (``_Calls``; the run's receives and sends kept time for
+        them): the letters left come back by themselves, and are counted."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         receipts = [held.receipt for held in self._held.values()]
@@ -323,15 +433,20 @@ class SqsDeadLetterQueue:
         self._by_sqs_id.clear()
         failed = 0
         for start in range(0, len(receipts), _MAX_ENTRIES):
+            if not self._calls.fit(grace_s=_SETTLE_GRACE_S):
+                _LOG.warning("the run's time is up: %s shows no more letters again", self.name)
+                failed += len(receipts) - start  # this batch and every one after it
+                break
             chunk = receipts[start : start + _MAX_ENTRIES]
             entries = [
                 {"Id": str(i), "ReceiptHandle": receipt, "VisibilityTimeout": 0}
                 for i, receipt in enumerate(chunk)
             ]
             try:
-                response = self._sqs().change_message_visibility_batch(
-                    QueueUrl=self._queue.dlq_url, Entries=entries
-                )
+                with self._calls.timed():
+                    response = self._sqs().change_message_visibility_batch(
+                        QueueUrl=self._queue.dlq_url, Entries=entries
+                    )
             except (BotoCoreError, ClientError) as exc:
                 _LOG.warning(
                     "%s did not show held letters again: %s", self.name, type(exc).__name__

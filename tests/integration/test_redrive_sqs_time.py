@@ -1,0 +1,203 @@
+"""A redrive run on an SQS that answers every call slowly, each within the client's timeouts,
+ends within its time (moto's SQS over HTTP, 2.5 s a call; the dead-letter queue as
+``build_redrive`` wires it, with its own client).
+
+Before, only its sends stopped at the run's time: a batch of 100 letters is 10 receives, 10
+deletes and, at the end, 10 visibility changes, and none of them looked at the clock. A run
+with 20 s took about 50 s (a batch of receives, then showing its letters again), and one with
+the function's 840 s that held hundreds of letters went past its 900 s timeout, killed with
+letters hidden and no report. Now a call begins only if it is expected to end in time, keeping
+time to give back (or delete) every letter the run holds: the run stops ``time limit`` within
+its time plus one call, with nothing hidden.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+import pytest
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+from moto.sqs.models import sqs_backends
+from werkzeug.serving import make_server
+
+from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
+from fabric.audit import AuditRecord
+from fabric.ports import PreparedAudit
+from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
+from tests.unit.test_redrive_sqs_client import REGION, _dead_letter_queue, _parked
+from tests.unit.test_redrive_sqs_deadline import _counts
+
+pytestmark = pytest.mark.integration
+
+LETTERS = 200
+CALL_S = 2.5  # each SQS call answered this late: within the client's 5 s read timeout
+BUDGET_S = 20.0
+# Python, moto and the machine's load, on top of the calls the run makes.
+SLACK_S = 2.0
+
+
+@dataclass
+class Slowness:
+    """How late the SQS endpoint answers every call, and the calls it took (by operation)."""
+
+    late_s: float = 0.0
+    calls: Counter[str] = field(default_factory=Counter)
+
+
+def _slow(app: Any, slowness: Slowness) -> Callable[..., Iterable[bytes]]:
+    """moto's WSGI app, answering each call ``slowness.late_s`` after it did what it asks."""
+
+    def slow(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        operation = str(environ.get("HTTP_X_AMZ_TARGET", "")).rpartition(".")[2]
+        slowness.calls[operation] += 1
+        answer: list[Any] = []
+        result = app(
+            environ, lambda status, headers, exc_info=None: answer.extend([status, headers])
+        )
+        try:
+            body = b"".join(result)
+        finally:
+            getattr(result, "close", lambda: None)()
+        time.sleep(slowness.late_s)
+        start_response(*answer)
+        return [body]
+
+    return slow
+
+
+@pytest.fixture
+def sqs(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Slowness]]:
+    """A plain SQS client on the slow endpoint, which every default client now reaches."""
+    slowness = Slowness()
+    app = _slow(DomainDispatcherApplication(create_backend_app), slowness)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }.items():
+        monkeypatch.setenv(name, value)
+    yield boto3.client("sqs", region_name=REGION), slowness
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_run_on_a_slow_sqs_ends_within_its_time(sqs: tuple[Any, Slowness]) -> None:
+    client, slowness = sqs
+    queue, _ = _parked(client, LETTERS)
+    slowness.late_s = CALL_S
+    audit = MemoryAuditSink()
+
+    started = time.monotonic()
+    report = Redriver(ledger=MemoryRedriveLedger(), audit=audit).run(
+        _dead_letter_queue(queue), RedrivePlan(max_seconds=BUDGET_S)
+    )
+    took = time.monotonic() - started
+
+    # Before: 10 receives (25 s), no time left to send, then 10 visibility changes: about 50 s,
+    # nothing moved.
+    assert took <= BUDGET_S + CALL_S + SLACK_S, (took, dict(slowness.calls))
+    assert report.stopped == "time limit"
+    assert report.moved > 0, "a slow SQS still moves letters"
+    assert (len(audit.records), report.hidden) == (report.moved, 0)
+    slowness.late_s = 0.0
+    assert _counts(client, queue.source_url) == (report.moved, 0)
+    assert _counts(client, queue.dlq_url) == (LETTERS - report.moved, 0), "the rest given back"
+
+
+def test_a_filtered_run_on_a_slow_sqs_shows_what_it_held_again_within_its_time(
+    sqs: tuple[Any, Slowness],
+) -> None:
+    client, slowness = sqs
+    queue, _ = _parked(client, LETTERS)
+    slowness.late_s = CALL_S
+    # No letter matches: the run holds each one it looks at until it ends.
+    plan = RedrivePlan(selection=RedriveFilter(topics=("sport.#",)), max_seconds=BUDGET_S)
+
+    started = time.monotonic()
+    report = Redriver(ledger=MemoryRedriveLedger(), audit=MemoryAuditSink()).run(
+        _dead_letter_queue(queue), plan
+    )
+    took = time.monotonic() - started
+
+    # Before: as above, with the letters held shown again after the time was up.
+    assert took <= BUDGET_S + CALL_S + SLACK_S, (took, dict(slowness.calls))
+    assert (report.stopped, report.scanned > 0, report.moved, report.hidden) == (
+        "time limit",
+        True,
+        0,
+        0,
+    )
+    slowness.late_s = 0.0
+    assert _counts(client, queue.dlq_url) == (LETTERS, 0), "every letter visible again"
+
+
+@dataclass
+class _SlowAudit(MemoryAuditSink):
+    """An audit sink that takes ``late_s`` to store a batch: the run's time runs out between
+    a batch's sends and its deletes."""
+
+    late_s: float = 0.0
+
+    def emit(
+        self,
+        records: Sequence[AuditRecord],
+        bodies: Mapping[str, bytes] | None = None,
+        *,
+        prepared: PreparedAudit | None = None,
+    ) -> bool:
+        time.sleep(self.late_s)
+        return super().emit(records, bodies, prepared=prepared)
+
+
+def test_letters_moved_but_not_deleted_in_time_are_only_removed_by_the_next_run(
+    sqs: tuple[Any, Slowness],
+) -> None:
+    client, slowness = sqs
+    queue, _ = _parked(client, LETTERS)
+    slowness.late_s = CALL_S
+    ledger = MemoryRedriveLedger()
+    audit = _SlowAudit(late_s=BUDGET_S)
+
+    started = time.monotonic()
+    report = Redriver(ledger=ledger, audit=audit).run(
+        _dead_letter_queue(queue), RedrivePlan(max_seconds=BUDGET_S)
+    )
+    took = time.monotonic() - started
+
+    # Moved and recorded, then no time left to delete them or to show any letter held again:
+    # they stay hidden until their hold ends (the report counts them), and the ledger knows
+    # the moved ones.
+    assert (report.stopped, report.hidden) == ("time limit", report.scanned)
+    assert report.moved > 0
+    assert slowness.calls["DeleteMessageBatch"] == 0
+    assert took <= 2 * BUDGET_S + CALL_S + SLACK_S, took  # the audit's time, then no call
+    slowness.late_s = 0.0
+    assert _counts(client, queue.source_url) == (report.moved, 0)
+    assert _counts(client, queue.dlq_url) == (LETTERS - report.scanned, report.scanned)
+
+    # Their hold ends (as after 16 minutes): the next run removes them, sending none again.
+    _hold_ends(queue.dlq_url)
+    again = Redriver(ledger=ledger, audit=MemoryAuditSink()).run(
+        _dead_letter_queue(queue), RedrivePlan(max_messages=LETTERS)
+    )
+    assert again.already_moved == report.moved
+    assert again.moved == LETTERS - report.moved
+    assert _counts(client, queue.source_url) == (LETTERS, 0), "each letter at its source once"
+    assert _counts(client, queue.dlq_url) == (0, 0)
+
+
+def _hold_ends(url: str) -> None:
+    """Every letter of ``url`` visible again, as when the hold of the run that took it ended."""
+    name = url.rpartition("/")[2]
+    for message in sqs_backends[DEFAULT_ACCOUNT_ID][REGION].get_queue(name)._messages:
+        message.change_visibility(0)
