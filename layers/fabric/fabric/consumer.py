@@ -51,7 +51,15 @@ from fabric import metrics as metric_names
 from fabric import topology
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.audit_writer import CONSUMER_NAME, ERROR_NAME, is_topic
-from fabric.envelope import Classification, Envelope, JsonValue, from_wire, normalize_message_id
+from fabric.envelope import (
+    Classification,
+    Envelope,
+    JsonValue,
+    Reason,
+    Rejection,
+    from_wire,
+    normalize_message_id,
+)
 from fabric.errors import DecryptionFailed, FabricError, MessageRejected
 from fabric.ports import AuditSink, Metrics, OutboundMessage, PayloadCipher, Transport
 from fabric.protection import open_envelope
@@ -237,12 +245,24 @@ class Idempotency:
         Raises:
             Retry: another copy is being processed right now.
             Systemic: the table cannot be reached.
+            MessageRejected: the message id is not text: it cannot key a record (bad input,
+                parked as poison).
             Exception: whatever the handler raises.
         """
         from aws_lambda_powertools.utilities.idempotency.exceptions import (
             IdempotencyAlreadyInProgressError,
             IdempotencyPersistenceLayerError,
         )
+
+        if not isinstance(delivery.message_id, str):
+            # Powertools hashes the key (``json.dumps``, in ``save_inprogress``) before it
+            # calls the table, and wraps the ``TypeError`` of a key that is not text in the
+            # ``IdempotencyPersistenceLayerError`` of a table that failed. Taken for an outage,
+            # one message whose id was bytes paused its consumer for good on a healthy table.
+            # A text key always hashes: what that error wraps below comes from the table.
+            raise MessageRejected(
+                Rejection(Reason.INVALID_MESSAGE_ID, "the message id is not text")
+            )
 
         deadline: Any
         if is_emergency(delivery.queue):
@@ -449,44 +469,61 @@ def header_text(value: object) -> str | None:
     return None
 
 
-def string_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
-    """The headers a consumer sees and a republish keeps: strings and numbers, not ``x-*``."""
+def string_headers(headers: Mapping[Any, Any] | None) -> dict[str, str]:
+    """The headers a consumer sees and a republish keeps: strings and numbers, not ``x-*``.
+
+    A header whose name is not text is left out: pika gives a name that is not UTF-8 as bytes,
+    and ``startswith`` raised before the handler, at every delivery of the message (its
+    queue-mates dead-lettered by the delivery limit, without an audit record)."""
     return {
         name: text
         for name, value in (headers or {}).items()
-        if not name.startswith("x-") and (text := header_text(value)) is not None
+        if isinstance(name, str)
+        and not name.startswith("x-")
+        and (text := header_text(value)) is not None
     }
 
 
 def rabbitmq_delivery(
     queue: str,
     *,
-    message_id: str | None,
-    topic: str | None,
+    message_id: object,
+    topic: object,
     body: bytes,
-    headers: Mapping[str, Any] | None,
-    correlation_id: str | None = None,
+    headers: Mapping[Any, Any] | None,
+    correlation_id: object = None,
     redelivered: bool = False,
-    reply_to: str | None = None,
+    reply_to: object = None,
 ) -> Delivery:
     """A Delivery from AMQP properties (the attempt comes from ``fabric-attempt``, the delivery
-    count from ``x-delivery-count``)."""
+    count from ``x-delivery-count``).
+
+    A property that is not text is taken as absent: pika gives a short string that is not
+    UTF-8 as bytes, and a group's user can publish one into its own work queue (through its
+    retry exchange). A message id that is not text is parked as ``no-message-id``, with its
+    audit record; before, it raised in the settlement or the idempotency key (taken for a table
+    outage), and the consumer stopped or paused at that message for good."""
     kept = string_headers(headers)
     return Delivery(
-        message_id=message_id or "",
-        topic=topic or "",
+        message_id=_text(message_id) or "",
+        topic=_text(topic) or "",
         body=body,
         queue=queue,
         attempt=_attempt(kept.get(topology.ATTEMPT_HEADER, "1")),
         headers=kept,
-        correlation_id=correlation_id,
+        correlation_id=_text(correlation_id),
         redelivered=redelivered,
-        reply_to=reply_to,
+        reply_to=_text(reply_to),
         delivery_count=delivery_count(headers),
     )
 
 
-def delivery_count(headers: Mapping[str, Any] | None) -> int:
+def _text(value: object) -> str | None:
+    """``value`` if it is text; None otherwise (absent, or bytes that are not UTF-8)."""
+    return value if isinstance(value, str) else None
+
+
+def delivery_count(headers: Mapping[Any, Any] | None) -> int:
     """A RabbitMQ delivery's ``x-delivery-count`` (a quorum queue's returns of the message so
     far); 0 when it has none (its first delivery, or a classic queue)."""
     count = (headers or {}).get("x-delivery-count")
@@ -566,11 +603,12 @@ MAX_UNSENT_AUDIT_RECORDS = 10_000
 class _AuditBacklog:
     """Emits settlement records, with those an earlier batch could not store: a settlement is
     never undone for its audit batch, but its records go out again with the next batch (up to
-    ``MAX_UNSENT_AUDIT_RECORDS``; a process that ends meanwhile loses them, as the log says).
+    ``MAX_UNSENT_AUDIT_RECORDS``), or on their own (``retry_unsent``: a consumer with nothing
+    to settle). Those left when the consumer ends are dropped and counted (``drop_unsent``).
 
     A refused batch is logged (``audit batch of ... could not be stored``: alarm on it) and,
     given ``metrics``, counted: ``AuditRecordsUnsent`` (kept for the next batch) and
-    ``AuditRecordsLost`` (dropped beyond the bound)."""
+    ``AuditRecordsLost`` (dropped beyond the bound, or at the end)."""
 
     def __init__(self, audit: AuditSink | None, metrics: Metrics | None = None) -> None:
         self._audit = audit
@@ -602,6 +640,27 @@ class _AuditBacklog:
                     metric_names.AUDIT_RECORDS_LOST: len(batch) - len(self._unsent),
                 }
             )
+
+    def retry_unsent(self) -> None:
+        """Sends the kept-back records on their own. With only the next settlement to carry
+        them, an idle consumer kept them for as long as its queue stayed empty (an emergency
+        queue: days), though the audit path was back."""
+        if self._unsent:
+            self.emit([])
+
+    def drop_unsent(self) -> None:
+        """Drops the kept-back records, logged and counted as lost (``AuditRecordsLost``): the
+        consumer ends, and nothing would send them. Before, they were lost uncounted, and the
+        compliance report counted a delivered emergency as never delivered."""
+        lost, self._unsent = len(self._unsent), []
+        if not lost:
+            return
+        _LOG.error(
+            "%d consumer audit record(s) could not be stored before the consumer ended: lost",
+            lost,
+        )
+        if self._metrics is not None:
+            self._metrics.count({metric_names.AUDIT_RECORDS_LOST: lost})
 
 
 class RabbitMqSettler:
@@ -651,6 +710,16 @@ class RabbitMqSettler:
                 stored[index] = outcome.stored
         self._backlog.emit(settlement_records(items, stored, consumer=self._consumer))
         return stored
+
+    def retry_unsent(self) -> None:
+        """Sends the audit records earlier settlements could not store (kept back), with no
+        settlement to carry them: the consumer calls it while idle."""
+        self._backlog.retry_unsent()
+
+    def abandon_unsent(self) -> None:
+        """Drops the audit records still kept back, logged as an error (no record content) and
+        counted as ``AuditRecordsLost``: the consumer's run ends."""
+        self._backlog.drop_unsent()
 
 
 def _republished(

@@ -1,9 +1,10 @@
 """A long-running consumer of one work queue on pika, for the consumer toolkit.
 
-Manual acknowledgements with a prefetch window: a message is acknowledged only after its handler
-completed, or after its retry or dead letter was confirmed stored by the broker. Decided
-messages are settled together, up to the prefetch or 50 ms at a time: one confirm window for
-their retries and parks, and one audit batch for all of them, before their acknowledgements
+Manual acknowledgements with a prefetch window (20 by default; 1 on an emergency queue, see
+``RabbitMqConsumer``): a message is acknowledged only after its handler completed, or after its
+retry or dead letter was confirmed stored by the broker. Decided messages are settled together,
+up to the prefetch or 50 ms at a time: one confirm window for their retries and parks, and one
+audit batch for all of them, before their acknowledgements
 (one ``basic.ack`` with ``multiple`` for the group when all of it was settled). A group that
 the next handler would keep past 50 ms (judged by the last handler's time) is settled before
 that handler starts. A consumer that dies before acknowledging leaves the message to RabbitMQ,
@@ -35,6 +36,11 @@ one ``basic.nack`` (one delivery counted each) and consumes again with half the 
 (``consumer_timeout_s``; docs/dead-letters.md). A handler that itself outlasts the timeout loses
 its channel: the broker takes the message (and the decided ones not yet acknowledged) back, and
 the consumer raises ``ChannelClosed`` without publishing their retries or parks (``_Pending``).
+
+Audit records the audit path refused go out with the next settlement or, while the queue is
+idle, on their own every ``RESEND_UNSENT_EVERY_S``; those still refused when a run returns are
+logged and counted as lost (``AuditRecordsLost``), given the settler's ``metrics`` (a run that
+raises keeps them for the next run).
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ from fabric.consumer import (
     Verdict,
     delivery_count,
     group_of,
+    is_emergency,
     last_delivery,
     rabbitmq_delivery,
 )
@@ -74,6 +81,11 @@ from fabric.stakeholders import Stakeholder
 _LOG = logging.getLogger(__name__)
 # RabbitMQ's consumer_timeout default (and Amazon MQ's): 30 minutes.
 DEFAULT_CONSUMER_TIMEOUT_S = 1800.0
+# The prefetch of a consumer that is not given one: a work queue's, and an emergency queue's.
+DEFAULT_PREFETCH = 20
+EMERGENCY_PREFETCH = 1
+# How often an idle consumer sends the audit records the audit path refused before.
+RESEND_UNSENT_EVERY_S = 5.0
 
 
 def retry_transport(settings: RabbitSettings, group: Stakeholder) -> Transport:
@@ -113,20 +125,29 @@ class RabbitMqConsumer:
         queue: str,
         processor: MessageProcessor,
         *,
-        prefetch: int = 20,
+        prefetch: int | None = None,
         settler: RabbitMqSettler | None = None,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
         consumer_timeout_s: float = DEFAULT_CONSUMER_TIMEOUT_S,
     ) -> None:
-        """``consumer_timeout_s`` is the broker's ``consumer_timeout`` (or the queue's
+        """``prefetch`` is how many deliveries the consumer may hold unacknowledged: by default
+        ``DEFAULT_PREFETCH``, and ``EMERGENCY_PREFETCH`` (1) on an emergency queue
+        (``fabric.<group>.emergency``). An emergency prefetched behind a slow or hung handler,
+        or a systemic pause, waited for it while the other instances of the consumer idled
+        (the heartbeats kept the connection, so nothing released it): with 1, the next one goes
+        to another instance. A prefetch given is used as it is.
+
+        ``consumer_timeout_s`` is the broker's ``consumer_timeout`` (or the queue's
         ``x-consumer-timeout``, RabbitMQ 3.12 and later), in seconds: a delivery that may have
         waited half of it is handed back before its handler starts.
 
         Raises:
             ValueError: ``prefetch`` or ``consumer_timeout_s`` is not positive.
         """
+        if prefetch is None:
+            prefetch = EMERGENCY_PREFETCH if is_emergency(queue) else DEFAULT_PREFETCH
         if prefetch < 1 or consumer_timeout_s <= 0:
             raise ValueError("prefetch and consumer_timeout_s must be positive")
         self._settings = settings
@@ -153,7 +174,10 @@ class RabbitMqConsumer:
     ) -> Counter[str]:
         """Consume until ``max_messages`` messages were taken and settled (or handed back),
         nothing arrived for ``idle_timeout_s``, or ``stop`` is set; returns the count per
-        verdict (``systemic`` counts each failed try of a pause, not messages).
+        verdict (``systemic`` counts each failed try of a pause, not messages). The audit
+        records the settler still keeps back at the end are sent once more; those the audit
+        path refuses again are dropped, logged and counted as lost (``AuditRecordsLost``), but
+        for a run that raises, which keeps them for the next run.
 
         Raises:
             pika.exceptions.AMQPError: the connection failed (what was not acknowledged is
@@ -235,12 +259,28 @@ class RabbitMqConsumer:
             except BaseException:
                 self._leave(channel, pending, held)
                 raise
-        finally:
-            keeper.stop()
-            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
-                if connection.is_open:
-                    connection.close()
+        except BaseException:
+            self._close(connection, keeper, ended=False)
+            raise
+        self._close(connection, keeper, ended=True)
         return counts
+
+    def _close(self, connection: Any, keeper: _HeartbeatKeeper, *, ended: bool) -> None:
+        """Ends a run: its heartbeat helper and connection, then the audit records the settler
+        keeps back, sent once more (the settler publishes on its own connection). Refused again
+        when the run ``ended`` (returned: stopped, idle, done), they are counted as lost: kept
+        in memory past it, they were lost with the process, uncounted. A run that raises (a
+        lost connection) keeps them for the next run, which a supervisor starts (the settler's
+        error log says how many it keeps)."""
+        keeper.stop()
+        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+            if connection.is_open:
+                connection.close()
+        try:
+            self._settler.retry_unsent()
+        finally:
+            if ended:
+                self._settler.abandon_unsent()
 
     def _pause(
         self,
@@ -269,6 +309,7 @@ class RabbitMqConsumer:
             if not channel.is_open:  # the broker took the message back (consumer_timeout)
                 raise pika.exceptions.ChannelClosed(406, "closed during a systemic pause")
             pending.flush()  # what was decided before is settled first
+            pending.resend_unsent()
             channel.connection.sleep(wait)  # serves heartbeats while it waits
             wait = min(max(wait * 2, 0.01), self._max_backoff_s)
             with keeper.serving():
@@ -608,12 +649,23 @@ class _Pending:
         self._since = 0.0
         self._handler_started = 0.0
         self._handler_s = 0.0  # the last handler's time: what the next one likely takes
+        self._resent_at = time.monotonic()
 
     def idle(self) -> None:
         """The consumer read the connection and holds no delivery: whatever comes next was sent
-        after now (``_Arrivals.quiet``); what was decided is settled."""
+        after now (``_Arrivals.quiet``); what was decided is settled, and the audit records
+        kept back are sent (``resend_unsent``)."""
         self.arrivals.quiet()
         self.flush()
+        self.resend_unsent()
+
+    def resend_unsent(self) -> None:
+        """Sends the audit records the settler keeps back (the audit path refused them), at
+        most every ``RESEND_UNSENT_EVERY_S``: the consumer calls it each 0.1 s it is idle, and
+        an audit path that still refuses may take a confirm timeout to say so."""
+        if time.monotonic() - self._resent_at >= RESEND_UNSENT_EVERY_S:
+            self._resent_at = time.monotonic()
+            self._settler.retry_unsent()
 
     def handler_starts(self) -> None:
         """Settles now what the next ``add`` would find past ``max_age_s``, judging the handler
