@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fabric import entrypoints
-from fabric.audit import AuditEvent, sha256_hex
+from fabric.audit import AuditEvent
 from fabric.entrypoints import (
     MAX_BATCH,
     _http_messages,
@@ -161,9 +161,8 @@ def test_every_refused_message_has_its_own_audit_record() -> None:
     bad = '{"topic": "donation.received", "payload": {"a": 1, "a": 2}}'
     _, _, _, audit = post('{"messages": [' + bad + ", " + good() + "]}")
     rejected = [r for r in audit.records if r.event is AuditEvent.REJECTED]
-    assert [(r.reason, r.body_sha256) for r in rejected] == [
-        ("malformed_json", sha256_hex(bad.encode()))
-    ]
+    assert [r.reason for r in rejected] == ["malformed_json"]
+    assert len([r for r in audit.records if r.event is AuditEvent.ACCEPTED]) == 1
 
 
 NOT_JSON = {
@@ -195,11 +194,7 @@ def test_a_body_that_is_not_json_at_all_is_refused_as_one_envelope(
     assert [r["reason"] for r in answer["results"]] == [reason]
     assert published == []
     (record,) = audit.records
-    assert (record.event, record.reason, record.body_sha256) == (
-        AuditEvent.REJECTED,
-        reason,
-        sha256_hex(body),
-    )
+    assert (record.event, record.reason, record.message_id) == (AuditEvent.REJECTED, reason, None)
 
 
 @pytest.mark.parametrize(

@@ -38,9 +38,9 @@ class AuditRecord:
     """One state change of one message.
 
     ``body_sha256`` is the hash of the bytes the fabric stored (the wire envelope, with restricted
-    payloads already encrypted), or of the raw input for a rejection (without its payload, for a
-    restricted message: ``classification`` is then ``restricted``); the body itself is never in
-    the record. ``message_id`` is None only for input that carried no valid id.
+    payloads already encrypted); a rejection, which stored nothing, has none (the hash of its
+    input would be a hash of a child's data). The body itself is never in the record.
+    ``message_id`` is None only for input that carried no valid id.
 
     Treat a record as immutable (``encoded`` keeps its JSON; ``dataclasses.replace`` makes a
     changed copy). It is not a frozen dataclass only because the router builds two records a

@@ -7,13 +7,10 @@ A message is ``accepted`` only when a transport confirmed it durably stored; eve
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeGuard
 
 from fabric import metrics
 from fabric.audit import AuditEvent, AuditRecord, sha256_hex
@@ -239,24 +236,29 @@ class Router:
                         if candidate.reason is Reason.UNAVAILABLE:
                             taken.add(checked.message_id)
                         rejection = candidate
-                    topic, restricted = checked.topic, self._restricted(checked)
+                    topic = checked.topic
                 else:
-                    rejection, topic, restricted = checked, None, False
+                    rejection, topic = checked, None
                 results[index] = MessageResult(
                     rejection.message_id,
                     REJECTED,
                     reason=rejection.reason,
                     detail=rejection.message,
                 )
+                # No hash of what arrived: nothing of it was stored (DESIGN §7 records the
+                # SHA-256 of the stored body), and the hash of a child's data, whatever its
+                # label (unlabelled, mistyped, refused while the keys are down), would let a
+                # reader of the 7-year trail confirm a guess at a low-entropy payload offline.
+                # Nor for a message no transport stored (``_reject_unstored``), nor for a
+                # refused request (``refuse_request``).
                 records.append(
-                    _rejected_record(
-                        item,
+                    AuditRecord(
+                        event=AuditEvent.REJECTED,
                         at=now,
                         message_id=rejection.message_id,
                         source=source,
                         topic=topic,
                         reason=str(rejection.reason),
-                        restricted=restricted,
                     )
                 )
 
@@ -277,7 +279,7 @@ class Router:
                 break
             outcomes = transport.publish([item.outbound for item in waiting])
             waiting = self._settle(waiting, outcomes, results, records, now, failures=failures)
-        self._reject_unstored(waiting, items, results, records, now)
+        self._reject_unstored(waiting, results, records, now)
         audited = self._emit(records, admitted, prepared)
         batch = _complete(results, audited=audited)
         if self._metrics is not None and batch.results:
@@ -288,33 +290,20 @@ class Router:
         """Audit a request refused as a whole (an entry point's 400/401/403/413), none of its
         messages routed: one ``rejected`` record with ``message_id`` None and no topic (the
         ids of a refused request are unverified input, and the record stands for the request,
-        not for its messages), ``reason`` the request-level code, ``body_sha256`` the SHA-256
-        of ``request`` as received, or without its restricted payloads, as for a rejected
-        message (``_rejected_digest``: a request that is a restricted envelope, or a batch
-        holding restricted ones), ``source`` the authenticated group or
-        ``UNAUTHENTICATED_SOURCE``. Nothing of the request itself goes into the record (but
-        ``classification`` ``restricted`` when restricted payloads were left out of the hash).
+        not for its messages), ``reason`` the request-level code, ``source`` the authenticated
+        group or ``UNAUTHENTICATED_SOURCE``. Nothing of the request itself goes into the record,
+        not even a hash of it (see ``route``).
 
         Whether the record was stored (a lost one is logged and counted, as for ``route``).
         Never raises for the request's content."""
-        record = _rejected_record(
-            request,
+        record = AuditRecord(
+            event=AuditEvent.REJECTED,
             at=self._clock(),
             message_id=None,
             source=source or UNAUTHENTICATED_SOURCE,
-            topic=None,
             reason=reason,
         )
         return self._emit([record], [], None)
-
-    def _restricted(self, envelope: Envelope) -> bool:
-        """Whether a valid envelope carries restricted data: labelled so, or on a route that
-        requires it (a producer that left the label off child data is refused
-        ``classification_too_low``, and its payload is child data all the same)."""
-        return envelope.classification is Classification.RESTRICTED or any(
-            route.min_classification is Classification.RESTRICTED
-            for route in self._table.matching_routes(envelope)
-        )
 
     def _prepare_unless_keys_down(
         self, index: int, envelope: Envelope, now: datetime, transport: str, keys: _Keys
@@ -422,13 +411,10 @@ class Router:
     def _reject_unstored(
         self,
         items: list[_Admitted],
-        raw: Sequence[object],
         results: list[MessageResult | None],
         records: list[AuditRecord],
         now: datetime,
     ) -> None:
-        """Reject ``unavailable`` what no transport stored; its record hashes the raw input
-        (``raw``, the call's items), as every rejection's does, not the stored body."""
         for item in items:
             results[item.index] = MessageResult(
                 item.envelope.message_id,
@@ -437,15 +423,13 @@ class Router:
                 detail=Reason.UNAVAILABLE.meaning,
             )
             records.append(
-                _rejected_record(
-                    raw[item.index],
+                AuditRecord(
+                    event=AuditEvent.REJECTED,
                     at=now,
                     message_id=item.envelope.message_id,
                     source=item.envelope.source,
                     topic=item.envelope.topic,
                     reason=str(Reason.UNAVAILABLE),
-                    # Admitted, so at least as restricted as its routes require.
-                    restricted=item.encrypted,
                 )
             )
 
@@ -531,134 +515,3 @@ def _counts(batch: BatchResult) -> dict[str, int]:
 
 def _bodies(items: Iterable[_Admitted]) -> dict[str, bytes]:
     return {item.digest: item.outbound.body for item in items}
-
-
-def _rejected_record(
-    item: object,
-    *,
-    at: datetime,
-    message_id: str | None,
-    source: str,
-    topic: str | None,
-    reason: str,
-    restricted: bool = False,
-) -> AuditRecord:
-    """The ``rejected`` record of the raw input ``item``: ``body_sha256`` as
-    ``_rejected_digest`` says, and ``classification`` ``restricted`` when a restricted payload
-    was left out of that hash (``restricted``: ``item`` is known to be restricted)."""
-    digest, left_out = _rejected_digest(item, restricted=restricted)
-    return AuditRecord(
-        event=AuditEvent.REJECTED,
-        at=at,
-        message_id=message_id,
-        source=source,
-        topic=topic,
-        reason=reason,
-        body_sha256=digest,
-        classification=str(Classification.RESTRICTED) if left_out else None,
-    )
-
-
-def _rejected_digest(item: object, *, restricted: bool = False) -> tuple[str, bool]:
-    """The SHA-256 hex a rejected input is recorded by, and whether a restricted payload was
-    left out of it.
-
-    The hash of a restricted payload's plaintext would let anyone who reads the audit trail
-    (kept 7 years) confirm a guess at a low-entropy payload, a risk level or a case reference,
-    offline: the record names the message id, topic and source, and a batch item is hashed as
-    canonical JSON. So an input that is, or reads as, a JSON object labelled ``restricted``
-    (``restricted``: known to be restricted), or a batch whose ``messages`` hold such objects,
-    is hashed as canonical JSON without those ``payload`` fields. It is read as the validator
-    would not, leniently (``_json_value``), so that a restricted message refused for its NaN,
-    a duplicate key, a byte order mark or Latin-1 text is recognized too. Anything else is
-    hashed as received (``_raw_digest``): for text that is not JSON even so, a guess would have
-    to reproduce its exact bytes, malformation and all, not a canonical form.
-    """
-    without = _without_restricted_payloads(_json_value(item), restricted=restricted)
-    if without is None:
-        return _raw_digest(item), False
-    return _raw_digest(without), True
-
-
-def _json_value(item: object) -> object:
-    """``item`` read as JSON, leniently (NaN and the infinities, duplicate keys (the last
-    counts), a byte order mark, bytes that are not UTF-8); anything but bytes and text as it
-    is; None when it does not read."""
-    if isinstance(item, bytes):
-        item = item.decode("utf-8", "replace")
-    if not isinstance(item, str):
-        return item
-    try:
-        return json.loads(item.removeprefix("\ufeff"))
-    except (ValueError, RecursionError):
-        return None
-
-
-def _without_restricted_payloads(value: object, *, restricted: bool = False) -> object | None:
-    """``value`` without the payload of the restricted message it is, or of those among the
-    ``messages`` of the batch it is; None when it holds none."""
-    if not isinstance(value, dict):
-        return None
-    if restricted or _labelled_restricted(value):
-        return _without_payload(value)
-    messages = value.get("messages")
-    if not isinstance(messages, list):
-        return None
-    kept: list[object] = []
-    left_out = False
-    for message in messages:
-        read = _json_value(message)
-        if _labelled_restricted(read):
-            kept.append(_without_payload(read))
-            left_out = True
-        else:
-            kept.append(message)
-    return {**value, "messages": kept} if left_out else None
-
-
-def _without_payload(message: dict[Any, Any]) -> dict[Any, Any]:
-    return {key: field for key, field in message.items() if key != "payload"}
-
-
-def _labelled_restricted(value: object) -> TypeGuard[dict[Any, Any]]:
-    """Whether ``value`` is a JSON object labelled ``restricted``: as the validator reads the
-    label, and also in another case or with spaces (refused as ``invalid_classification``, but
-    meant as restricted all the same)."""
-    if not isinstance(value, dict):
-        return False
-    label = value.get("classification")
-    return isinstance(label, str) and label.strip().lower() == Classification.RESTRICTED
-
-
-def _raw_digest(item: object) -> str:
-    if isinstance(item, bytes):
-        return sha256_hex(item)
-    if isinstance(item, str):
-        return sha256_hex(item.encode("utf-8", "surrogatepass"))
-    try:
-        return sha256_hex(canonical_json(item))
-    except ValueError:  # refused because it is not JSON (NaN, a lone surrogate): hash its repr
-        pass
-    try:
-        return sha256_hex(repr(item).encode("utf-8", "surrogatepass"))
-    except RecursionError:  # nested deeper than repr() can go from here
-        return _walked_digest(item)
-
-
-def _walked_digest(item: object) -> str:
-    """SHA-256 hex of ``item``'s lists, objects and the reprs of its scalars, walked without
-    recursion, for a value nested too deeply for ``repr``."""
-    digest = hashlib.sha256()
-    stack = [item]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            digest.update(b"{%d:" % len(value))
-            for key, child in reversed(value.items()):
-                stack.extend((child, key))
-        elif isinstance(value, list):
-            digest.update(b"[%d:" % len(value))
-            stack.extend(reversed(value))
-        else:
-            digest.update(repr(value).encode("utf-8", "surrogatepass") + b",")
-    return digest.hexdigest()
