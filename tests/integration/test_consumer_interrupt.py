@@ -63,12 +63,6 @@ class InterruptedSettler:
             self._settler.settle(items)
         raise KeyboardInterrupt
 
-    def retry_unsent(self) -> None:
-        self._settler.retry_unsent()
-
-    def abandon_unsent(self) -> None:
-        self._settler.abandon_unsent()
-
 
 def work_settler(vhost: str) -> RabbitMqSettler:
     return consumer_settler(settings(vhost), WORK, consumer="consumer:interrupt")
@@ -231,12 +225,6 @@ def test_an_interrupt_as_a_settlement_starts_its_publish_ends_the_run_as_that_in
             self.calls += 1
             interrupt_loop_start[0] = self.calls == 2  # the publisher is connected by now
             return real.settle(items)
-
-        def retry_unsent(self) -> None:
-            real.retry_unsent()
-
-        def abandon_unsent(self) -> None:
-            real.abandon_unsent()
 
     def poison(_delivery: Delivery) -> None:
         raise Poison("refuses to parse")

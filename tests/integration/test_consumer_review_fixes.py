@@ -1,11 +1,10 @@
 """Review fixes of the consumer toolkit, on the real local RabbitMQ (and moto's DynamoDB): a
 message whose AMQP properties are not UTF-8 (a group's user can publish one into its own work
-queue), emergencies prefetched behind a hung handler of another instance, and the audit records
-an idle consumer kept back after an audit blip. The parts that need no broker come first."""
+queue), and emergencies prefetched behind a hung handler of another instance. The parts that
+need no broker come first."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import urllib.parse
@@ -19,22 +18,18 @@ import pytest
 from moto import mock_aws
 
 from fabric import topology
-from fabric.adapters.memory import MemoryAuditSink, MemoryMetrics, MemoryTransport
-from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer, consumer_settler
-from fabric.audit import AuditEvent, decode_audit_batch
+from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
+from fabric.audit import decode_audit_batch
 from fabric.consumer import (
-    Decision,
     Delivery,
     Idempotency,
     MessageProcessor,
-    RabbitMqSettler,
     Systemic,
     Verdict,
     rabbitmq_delivery,
 )
 from fabric.envelope import new_message_id
 from fabric.errors import MessageRejected
-from fabric.metrics import AUDIT_RECORDS_LOST, AUDIT_RECORDS_UNSENT
 from fabric.stakeholders import Stakeholder
 from tests.integration import test_dead_letters as dead_letters
 from tests.integration.aws_audit import create_idempotency_table
@@ -178,42 +173,6 @@ def test_a_table_that_cannot_be_reached_is_still_systemic(aws: Any) -> None:
         idempotency.run(lambda _delivery: None, message)
 
 
-def test_kept_back_records_are_resent_on_their_own_and_counted_lost_when_abandoned(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # Before, kept-back records went out only with the next settlement (an idle emergency
-    # consumer: days later), and a consumer that ended lost them uncounted.
-    audit, metrics = MemoryAuditSink(available=False), MemoryMetrics()
-    settler = RabbitMqSettler(
-        lambda _group: MemoryTransport(), audit=audit, consumer="consumer:alerts", metrics=metrics
-    )
-    first, second = new_message_id(), new_message_id()
-
-    def done(message_id: str) -> tuple[Delivery, Decision]:
-        message = Delivery(message_id=message_id, topic="t", body=b"{}", queue=EMERGENCY)
-        return message, Decision(Verdict.DONE)
-
-    settler.settle([done(first)])
-    audit.available = True
-    settler.retry_unsent()
-    settler.retry_unsent()  # nothing kept any more: nothing sent twice
-    assert [(r.event, r.message_id) for r in audit.records] == [(AuditEvent.DELIVERED, first)]
-
-    audit.available = False
-    settler.settle([done(second)])
-    with caplog.at_level(logging.ERROR, logger="fabric.consumer"):
-        settler.abandon_unsent()
-    audit.available = True
-    settler.retry_unsent()
-
-    assert [r.message_id for r in audit.records] == [first], "dropped, not sent late"
-    assert metrics.totals[AUDIT_RECORDS_LOST] == 1
-    assert "1 consumer audit record(s) could not be stored before the consumer ended" in (
-        caplog.text
-    )
-    assert second not in caplog.text, "no record content in the log"
-
-
 # -- properties that are not UTF-8 ------------------------------------------------------------
 
 
@@ -351,70 +310,3 @@ def test_a_prefetch_given_is_kept_and_a_work_queue_keeps_its_default(
     finally:
         for instance in running:
             instance.end()
-
-
-# -- audit records kept back ------------------------------------------------------------------
-
-
-def consumer_with_metrics(vhost: str) -> tuple[RabbitMqConsumer, MemoryMetrics]:
-    metrics = MemoryMetrics()
-    settler = consumer_settler(
-        settings(vhost), EMERGENCY, consumer="consumer:community", metrics=metrics
-    )
-    processor = MessageProcessor(lambda _delivery: None)
-    return RabbitMqConsumer(settings(vhost), EMERGENCY, processor, settler=settler), metrics
-
-
-def audit_blip(channel: Any) -> None:
-    """The audit exchange routes nowhere: the broker returns each audit batch (mandatory)."""
-    channel.queue_unbind(topology.AUDIT_QUEUE, topology.AUDIT_EXCHANGE, "#")
-
-
-def test_an_idle_consumer_sends_the_records_it_kept_back_once_the_audit_path_is_back(
-    broker_vhost: str, amqp: Any
-) -> None:
-    # The record kept back went out only with the next settlement: an emergency's
-    # ``delivered`` record waited in memory for the next emergency (days), though the audit path
-    # was back within a second.
-    consumer, metrics = consumer_with_metrics(broker_vhost)
-    running = Running(consumer)
-    try:
-        audit_blip(amqp)
-        alert = new_message_id()
-        publish(amqp, EMERGENCY, alert, type=ALERT)
-        assert wait_for(lambda: metrics.totals[AUDIT_RECORDS_UNSENT] == 1, timeout=10)
-        amqp.queue_bind(topology.AUDIT_QUEUE, topology.AUDIT_EXCHANGE, "#")
-
-        found: list[tuple[str, str | None, str | None]] = []
-
-        def sent() -> bool:
-            found.extend(audit_events(amqp))
-            return bool(found)
-
-        wait_for(sent, timeout=8)  # resent every RESEND_UNSENT_EVERY_S (5 s) while idle
-        assert found == [("delivered", alert, None)], "sent while the consumer is still idle"
-    finally:
-        outcome = running.end()
-    assert outcome == {"done": 1}
-    assert metrics.totals[AUDIT_RECORDS_LOST] == 0
-
-
-def test_records_still_refused_when_the_consumer_stops_are_counted_lost(
-    broker_vhost: str, amqp: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    # A stop lost the records kept back, and ``AuditRecordsLost`` never said so: the compliance
-    # report then counted a delivered emergency as undelivered, with no alarm to explain it.
-    consumer, metrics = consumer_with_metrics(broker_vhost)
-    running = Running(consumer)
-    audit_blip(amqp)
-    alert = new_message_id()
-    publish(amqp, EMERGENCY, alert, type=ALERT)
-    assert wait_for(lambda: metrics.totals[AUDIT_RECORDS_UNSENT] == 1, timeout=10)
-
-    with caplog.at_level(logging.ERROR, logger="fabric.consumer"):
-        outcome = running.end()
-
-    assert outcome == {"done": 1}
-    assert metrics.totals[AUDIT_RECORDS_LOST] == 1
-    assert "could not be stored before the consumer ended: lost" in caplog.text
-    assert alert not in caplog.text, "no record content in the log"

@@ -603,12 +603,11 @@ MAX_UNSENT_AUDIT_RECORDS = 10_000
 class _AuditBacklog:
     """Emits settlement records, with those an earlier batch could not store: a settlement is
     never undone for its audit batch, but its records go out again with the next batch (up to
-    ``MAX_UNSENT_AUDIT_RECORDS``), or on their own (``retry_unsent``: a consumer with nothing
-    to settle). Those left when the consumer ends are dropped and counted (``drop_unsent``).
+    ``MAX_UNSENT_AUDIT_RECORDS``; a process that ends meanwhile loses them, as the log says).
 
     A refused batch is logged (``audit batch of ... could not be stored``: alarm on it) and,
     given ``metrics``, counted: ``AuditRecordsUnsent`` (kept for the next batch) and
-    ``AuditRecordsLost`` (dropped beyond the bound, or at the end)."""
+    ``AuditRecordsLost`` (dropped beyond the bound)."""
 
     def __init__(self, audit: AuditSink | None, metrics: Metrics | None = None) -> None:
         self._audit = audit
@@ -640,27 +639,6 @@ class _AuditBacklog:
                     metric_names.AUDIT_RECORDS_LOST: len(batch) - len(self._unsent),
                 }
             )
-
-    def retry_unsent(self) -> None:
-        """Sends the kept-back records on their own. With only the next settlement to carry
-        them, an idle consumer kept them for as long as its queue stayed empty (an emergency
-        queue: days), though the audit path was back."""
-        if self._unsent:
-            self.emit([])
-
-    def drop_unsent(self) -> None:
-        """Drops the kept-back records, logged and counted as lost (``AuditRecordsLost``): the
-        consumer ends, and nothing would send them. Before, they were lost uncounted, and the
-        compliance report counted a delivered emergency as never delivered."""
-        lost, self._unsent = len(self._unsent), []
-        if not lost:
-            return
-        _LOG.error(
-            "%d consumer audit record(s) could not be stored before the consumer ended: lost",
-            lost,
-        )
-        if self._metrics is not None:
-            self._metrics.count({metric_names.AUDIT_RECORDS_LOST: lost})
 
 
 class RabbitMqSettler:
@@ -710,16 +688,6 @@ class RabbitMqSettler:
                 stored[index] = outcome.stored
         self._backlog.emit(settlement_records(items, stored, consumer=self._consumer))
         return stored
-
-    def retry_unsent(self) -> None:
-        """Sends the audit records earlier settlements could not store (kept back), with no
-        settlement to carry them: the consumer calls it while idle."""
-        self._backlog.retry_unsent()
-
-    def abandon_unsent(self) -> None:
-        """Drops the audit records still kept back, logged as an error (no record content) and
-        counted as ``AuditRecordsLost``: the consumer's run ends."""
-        self._backlog.drop_unsent()
 
 
 def _republished(

@@ -36,11 +36,6 @@ one ``basic.nack`` (one delivery counted each) and consumes again with half the 
 (``consumer_timeout_s``; docs/dead-letters.md). A handler that itself outlasts the timeout loses
 its channel: the broker takes the message (and the decided ones not yet acknowledged) back, and
 the consumer raises ``ChannelClosed`` without publishing their retries or parks (``_Pending``).
-
-Audit records the audit path refused go out with the next settlement or, while the queue is
-idle, on their own every ``RESEND_UNSENT_EVERY_S``; those still refused when a run returns are
-logged and counted as lost (``AuditRecordsLost``), given the settler's ``metrics`` (a run that
-raises keeps them for the next run).
 """
 
 from __future__ import annotations
@@ -84,8 +79,6 @@ DEFAULT_CONSUMER_TIMEOUT_S = 1800.0
 # The prefetch of a consumer that is not given one: a work queue's, and an emergency queue's.
 DEFAULT_PREFETCH = 20
 EMERGENCY_PREFETCH = 1
-# How often an idle consumer sends the audit records the audit path refused before.
-RESEND_UNSENT_EVERY_S = 5.0
 
 
 def retry_transport(settings: RabbitSettings, group: Stakeholder) -> Transport:
@@ -137,7 +130,9 @@ class RabbitMqConsumer:
         (``fabric.<group>.emergency``). An emergency prefetched behind a slow or hung handler,
         or a systemic pause, waited for it while the other instances of the consumer idled
         (the heartbeats kept the connection, so nothing released it): with 1, the next one goes
-        to another instance. A prefetch given is used as it is.
+        to another instance. The cost is a burst's pace: each emergency is settled and audited
+        alone (a 1,000-message burst took 3.9 s on one local instance, against 0.3 s with 20):
+        run more instances, or pass a prefetch. A prefetch given is used as it is.
 
         ``consumer_timeout_s`` is the broker's ``consumer_timeout`` (or the queue's
         ``x-consumer-timeout``, RabbitMQ 3.12 and later), in seconds: a delivery that may have
@@ -174,10 +169,7 @@ class RabbitMqConsumer:
     ) -> Counter[str]:
         """Consume until ``max_messages`` messages were taken and settled (or handed back),
         nothing arrived for ``idle_timeout_s``, or ``stop`` is set; returns the count per
-        verdict (``systemic`` counts each failed try of a pause, not messages). The audit
-        records the settler still keeps back at the end are sent once more; those the audit
-        path refuses again are dropped, logged and counted as lost (``AuditRecordsLost``), but
-        for a run that raises, which keeps them for the next run.
+        verdict (``systemic`` counts each failed try of a pause, not messages).
 
         Raises:
             pika.exceptions.AMQPError: the connection failed (what was not acknowledged is
@@ -259,28 +251,12 @@ class RabbitMqConsumer:
             except BaseException:
                 self._leave(channel, pending, held)
                 raise
-        except BaseException:
-            self._close(connection, keeper, ended=False)
-            raise
-        self._close(connection, keeper, ended=True)
-        return counts
-
-    def _close(self, connection: Any, keeper: _HeartbeatKeeper, *, ended: bool) -> None:
-        """Ends a run: its heartbeat helper and connection, then the audit records the settler
-        keeps back, sent once more (the settler publishes on its own connection). Refused again
-        when the run ``ended`` (returned: stopped, idle, done), they are counted as lost: kept
-        in memory past it, they were lost with the process, uncounted. A run that raises (a
-        lost connection) keeps them for the next run, which a supervisor starts (the settler's
-        error log says how many it keeps)."""
-        keeper.stop()
-        with contextlib.suppress(pika.exceptions.AMQPError, OSError):
-            if connection.is_open:
-                connection.close()
-        try:
-            self._settler.retry_unsent()
         finally:
-            if ended:
-                self._settler.abandon_unsent()
+            keeper.stop()
+            with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                if connection.is_open:
+                    connection.close()
+        return counts
 
     def _pause(
         self,
@@ -309,7 +285,6 @@ class RabbitMqConsumer:
             if not channel.is_open:  # the broker took the message back (consumer_timeout)
                 raise pika.exceptions.ChannelClosed(406, "closed during a systemic pause")
             pending.flush()  # what was decided before is settled first
-            pending.resend_unsent()
             channel.connection.sleep(wait)  # serves heartbeats while it waits
             wait = min(max(wait * 2, 0.01), self._max_backoff_s)
             with keeper.serving():
@@ -649,23 +624,12 @@ class _Pending:
         self._since = 0.0
         self._handler_started = 0.0
         self._handler_s = 0.0  # the last handler's time: what the next one likely takes
-        self._resent_at = time.monotonic()
 
     def idle(self) -> None:
         """The consumer read the connection and holds no delivery: whatever comes next was sent
-        after now (``_Arrivals.quiet``); what was decided is settled, and the audit records
-        kept back are sent (``resend_unsent``)."""
+        after now (``_Arrivals.quiet``); what was decided is settled."""
         self.arrivals.quiet()
         self.flush()
-        self.resend_unsent()
-
-    def resend_unsent(self) -> None:
-        """Sends the audit records the settler keeps back (the audit path refused them), at
-        most every ``RESEND_UNSENT_EVERY_S``: the consumer calls it each 0.1 s it is idle, and
-        an audit path that still refuses may take a confirm timeout to say so."""
-        if time.monotonic() - self._resent_at >= RESEND_UNSENT_EVERY_S:
-            self._resent_at = time.monotonic()
-            self._settler.retry_unsent()
 
     def handler_starts(self) -> None:
         """Settles now what the next ``add`` would find past ``max_age_s``, judging the handler
