@@ -1,8 +1,9 @@
 """The audit writer after review (rev-audit), on moto: a chain state behind the trail (the chain
 item restored to an earlier point, or lost) or a second writer never stores a new version over
-what the trail holds; a refused batch is counted even when the checkpoint its write makes
-fails; two groups' identical bytes are two batches; ``data`` that is not base64 is hashed as it
-came."""
+what the trail holds, while a conditional write whose answer was lost is not taken for one, and
+the runbook's rebuild holds also when the state behind wrote past the tail; a refused batch is
+counted even when the checkpoint its write makes fails; two groups' identical bytes are two
+batches; ``data`` that is not base64 is hashed as it came."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from botocore.exceptions import ConnectionClosedError
 
 from fabric.adapters.audit_storage import DynamoDbChainStore, S3ObjectStore
 from fabric.audit import AuditEvent
 from fabric.audit_chain import decode_object, record_hash
 from fabric.audit_writer import AuditWriter, ChainBehindTrail, ChainState
+from fabric.bootstrap import _writer_client
 from fabric.envelope import new_message_id
 from fabric.errors import FabricError, TransportUnavailable
 from fabric.stakeholders import Stakeholder
@@ -250,6 +253,26 @@ def test_a_key_a_checkpoint_named_abandoned_is_still_the_writers_own_to_write_ag
     assert result.records == 3
 
 
+def rebuild(aws: dict[str, Any], last: str, tail: str, strays: list[str]) -> None:
+    """docs/runbook.md, "The chain state is behind the trail", done by hand: the state rebuilt
+    from the last checkpoint, the unsealed tail after it (here one object), and the objects the
+    state behind wrote named abandoned."""
+    store = S3ObjectStore(BUCKET, lambda: aws["s3"])
+    checkpoint = json.loads(store.get(last))
+    tail_records = decode_object(store.get(tail))
+    chains = DynamoDbChainStore(TABLE, lambda: aws["dynamodb"])
+    rebuilt = ChainState(
+        seq=tail_records[-1]["seq"],
+        last_hash=record_hash(tail_records[-1]),
+        pending=[(tail, hashlib.sha256(store.get(tail)).hexdigest())],
+        checkpoints=checkpoint["checkpoint"],
+        last_signature=checkpoint["signature"],
+        version=chains.load(WRITER).version,
+        abandoned=[(key, hashlib.sha256(store.get(key)).hexdigest()) for key in strays],
+    )
+    assert chains.save(WRITER, rebuilt, batch_ids=[])
+
+
 def test_the_runbooks_rebuild_of_a_chain_state_behind_the_trail_makes_it_verify(
     aws_audit: dict[str, Any],  # noqa: F811
 ) -> None:
@@ -272,20 +295,9 @@ def test_the_runbooks_rebuild_of_a_chain_state_behind_the_trail_makes_it_verify(
     store = S3ObjectStore(BUCKET, lambda: aws_audit["s3"])
     assert tail is not None
     assert orphan is not None
-    checkpoint = json.loads(store.get(last))
     tail_records = decode_object(store.get(tail))
-    assert tail_records[0]["prev"] == checkpoint["last_hash"]  # the tail continues the chain
-    chains = DynamoDbChainStore(TABLE, lambda: aws_audit["dynamodb"])
-    rebuilt = ChainState(
-        seq=tail_records[-1]["seq"],
-        last_hash=record_hash(tail_records[-1]),
-        pending=[(tail, hashlib.sha256(store.get(tail)).hexdigest())],
-        checkpoints=checkpoint["checkpoint"],
-        last_signature=checkpoint["signature"],
-        version=chains.load(WRITER).version,
-        abandoned=[(orphan, hashlib.sha256(store.get(orphan)).hexdigest())],
-    )
-    assert chains.save(WRITER, rebuilt, batch_ids=[])
+    assert tail_records[0]["prev"] == json.loads(store.get(last))["last_hash"]  # it continues
+    rebuild(aws_audit, last, tail, [orphan])
     audit.checkpoint()  # names the tail, and the orphan as abandoned
     audit.write([batch("b5", 1)])
     audit.checkpoint()
@@ -293,6 +305,121 @@ def test_the_runbooks_rebuild_of_a_chain_state_behind_the_trail_makes_it_verify(
     result = read_trail(aws_audit)
     assert result.ok, result.problem
     assert result.records == 6  # b1, b2, b4, b5: b3 only in the abandoned object
+
+
+def test_after_the_rebuild_the_chain_writes_the_key_of_a_stray_past_its_tail(
+    aws_audit: dict[str, Any],  # noqa: F811
+) -> None:
+    # The state behind wrote 3-3, 4-6 and 7-7 before a key collided; the true tail ends at 5.
+    # The rebuild's checkpoint names the three abandoned, and the same day the chain comes to
+    # 7-7 again. Before, the first write after that checkpoint forgot them, and 7-7 failed with
+    # ChainBehindTrail on a rebuilt state: the trail stopped again.
+    audit = AuditWriter(
+        WRITER,
+        chains=DynamoDbChainStore(TABLE, lambda: aws_audit["dynamodb"]),
+        objects=S3ObjectStore(BUCKET, lambda: aws_audit["s3"]),
+        signer=aws_audit["signer"],
+        now=lambda: datetime(2026, 12, 3, 12, tzinfo=UTC),  # one day's keys
+    )
+    audit.write([batch("b1", 2)])
+    audit.checkpoint()
+    earlier = chain_item(aws_audit)
+    audit.write([batch("b2", 2)])
+    last = audit.checkpoint()
+    tail = audit.write([batch("b4", 1)]).key  # 5-5, not sealed yet
+    restore(aws_audit, earlier)
+    strays = [audit.write([batch(name, count)]).key for name, count in (("c1", 1), ("c2", 3))]
+    strays.append(audit.write([batch("c3", 1)]).key)
+    with pytest.raises(ChainBehindTrail):
+        audit.checkpoint()
+    assert tail is not None
+    assert all(strays)
+    rebuild(aws_audit, last, tail, [key for key in strays if key])
+    audit.checkpoint()  # names the tail, and the strays as abandoned
+
+    audit.write([batch("d1", 1)])  # 6-6
+    past = audit.write([batch("d2", 1)]).key  # 7-7: the key of a stray
+    audit.checkpoint()
+
+    assert past == strays[-1]
+    assert len(versions(aws_audit, past)) == 2  # the chain's object over the stray's
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert result.records == 7  # b1, b2, b4, d1, d2: the c batches only in abandoned objects
+
+
+def lose_an_answer(s3: Any, prefix: str) -> None:
+    """S3 stores the first conditional PutObject under ``prefix``, and its answer is lost (the
+    connection closes): botocore sends the request again, as the writer's client does."""
+    lost = {"answers": 1}
+
+    def lose(request: Any, **_: Any) -> None:
+        conditional = request.headers.get("If-None-Match") in ("*", b"*")
+        if lost["answers"] and conditional and f"/{prefix}" in request.url:
+            lost["answers"] -= 1
+            raise ConnectionClosedError(endpoint_url=request.url)
+
+    # Registered for the same event as moto's handler, which answers the request (a handler of
+    # a narrower event, ``before-send.s3.PutObject``, would run before it): it runs after it,
+    # when moto has stored the object.
+    s3.meta.events.register("before-send", lose)
+
+
+def writer_on_its_own_client(aws: dict[str, Any], prefix: str) -> AuditWriter:
+    """A writer whose S3 client is configured as in production (``bootstrap``: standard
+    retries), and whose first conditional write under ``prefix`` loses its answer."""
+    s3 = _writer_client("s3")
+    lose_an_answer(s3, prefix)
+    return AuditWriter(
+        WRITER,
+        chains=DynamoDbChainStore(TABLE, lambda: aws["dynamodb"]),
+        objects=S3ObjectStore(BUCKET, lambda: s3),
+        signer=aws["signer"],
+    )
+
+
+def test_an_object_whose_answer_was_lost_is_the_writers_own_on_the_retry(
+    aws_audit: dict[str, Any],  # noqa: F811
+) -> None:
+    # botocore's own retry of the stored object met 412. Before, the writer took that for a
+    # trail ahead of its state: it saved its state back without its intent and failed every
+    # redelivery with ChainBehindTrail, a healthy writer stopped until an operator rebuilt it.
+    audit = writer_on_its_own_client(aws_audit, "audit/")
+
+    with pytest.raises(TransportUnavailable):
+        audit.write([batch("b1", 2)])
+    written = audit.write([batch("b1", 2)])  # the event source's retry
+    audit.checkpoint()
+
+    assert written.records == 2
+    assert written.key is not None
+    assert len(versions(aws_audit, written.key)) == 2  # its first attempt's, and the retry's
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert result.records == 2
+
+
+def test_a_checkpoint_whose_answer_was_lost_is_the_writers_own_on_the_retry(
+    aws_audit: dict[str, Any],  # noqa: F811
+) -> None:
+    # Before, the checkpoint failed with ChainBehindTrail for good (its sealing saved back
+    # away), and writes went on with no checkpoint ever again: the objects awaiting one grew
+    # toward the chain item's size limit.
+    audit = writer_on_its_own_client(aws_audit, "checkpoints/")
+    audit.write([batch("b1", 2)])
+
+    with pytest.raises(TransportUnavailable):
+        audit.checkpoint()
+    key = audit.checkpoint()  # the next hour's
+    audit.write([batch("b2", 1)])
+    audit.checkpoint()
+
+    assert len(versions(aws_audit, key)) == 2
+    state = DynamoDbChainStore(TABLE, lambda: aws_audit["dynamodb"]).load(WRITER)
+    assert (state.checkpoints, state.pending, state.sealing) == (2, [], None)
+    result = read_trail(aws_audit)
+    assert result.ok, result.problem
+    assert (result.records, result.checkpoints) == (3, 2)
 
 
 def emf(out: str, name: str) -> list[Any]:

@@ -83,8 +83,9 @@ class ChainState:
     # Objects such a write may have stored under a key the chain does not continue from: the
     # next checkpoint names them as abandoned (``fabric.audit_chain.make_checkpoint``).
     abandoned: list[tuple[str, str]] = field(default_factory=list)
-    # Abandoned attempts a checkpoint has named, kept until the chain moves on: a retry at the
-    # same position may still store the chain's object under one of their keys.
+    # Abandoned objects a checkpoint has named, kept until the chain passes their first
+    # sequence number: a write may still store the chain's object under one of their keys (a
+    # retry at the same position, or the chain reaching an object a state behind wrote).
     named: list[tuple[str, str]] = field(default_factory=list)
     # The checkpoint a ``checkpoint`` call is about to store, saved before it stores it; still
     # set at the next call means its state update never happened, and it may store that again.
@@ -242,10 +243,12 @@ class AuditWriter:
             self._put(archive_key, encode_archive(bodies), again=again, loaded=loaded, state=state)
         self._put(key, data, again=again, loaded=loaded, state=state)
         # This call's object is now the newest version of its key, which the chain continues
-        # from: no earlier attempt under that key is abandoned any more, and the chain moves
-        # past the position every attempt named so far was made at.
+        # from: no earlier attempt under that key is abandoned any more. A named key stays the
+        # writer's own until the chain passes its first sequence number, after which no write
+        # makes it again: an attempt at this position is done with, but an object a state
+        # behind the trail wrote further on (named by the runbook's rebuild) is not.
         state.abandoned = [item for item in state.abandoned if item[0] != key]
-        state.named = []
+        state.named = [item for item in state.named if _first_seq(item[0]) > chain.seq]
         state.seq, state.last_hash = chain.seq, chain.last_hash
         state.pending.append((key, digest))
         state.intent = None
@@ -361,10 +364,15 @@ class AuditWriter:
 
 
 def _tried(state: ChainState) -> set[str]:
-    """The keys the writer's attempts since the chain last moved may have stored: the one it
+    """The keys the writer's attempts may have stored that a write may still make: the one it
     is about to store (``intent``), the abandoned ones, and those a checkpoint named."""
     intent = [state.intent] if state.intent is not None else []
     return {key for key, _ in [*intent, *state.abandoned, *state.named]}
+
+
+def _first_seq(key: str) -> int:
+    """The first sequence number in an object's key (``object_key``)."""
+    return int(key.rsplit("/", 1)[-1].split("-", 1)[0])
 
 
 def _settled(state: ChainState) -> list[tuple[str, str]]:

@@ -41,7 +41,8 @@ class S3ObjectStore:
     verifier, the compliance report and replay list and read (their roles hold only the read
     grants), and the report also lists delete markers (``deleted``). Every S3 error becomes
     ``TransportUnavailable`` (also one while a body streams), except a key that does not
-    exist, which ``read`` and ``response`` give as None, and a key ``create`` finds taken.
+    exist, which ``read`` and ``response`` give as None, and a key ``create`` finds taken at
+    its first attempt.
     """
 
     def __init__(self, bucket: str, client_factory: Callable[[], Any]) -> None:
@@ -70,7 +71,9 @@ class S3ObjectStore:
 
         Raises:
             TransportUnavailable: S3 cannot be reached or refuses the object (also 409
-                ConditionalRequestConflict: another write of the key was under way; retry).
+                ConditionalRequestConflict: another write of the key was under way; retry),
+                and a 412 that answers the client's own retry: its first attempt may have
+                stored the object and lost the answer, so the key may hold this very object.
         """
         return self._put(key, data, IfNoneMatch="*")
 
@@ -88,7 +91,15 @@ class S3ObjectStore:
             )
         except ClientError as exc:
             if condition and _code(exc) == "PreconditionFailed":
-                return False
+                if not _retried(exc):
+                    return False
+                # botocore sent the request again (a connection reset, a read timeout): the
+                # earlier attempt may have stored this very object before its answer was lost.
+                # False would make the writer take its own object for a trail ahead of it and
+                # stop for good; failed instead, its retry stores the key as its own attempt.
+                raise TransportUnavailable(
+                    f"cannot store {key}: 412 to a retry, the first attempt may have stored it"
+                ) from exc
             raise TransportUnavailable(f"cannot store {key}: {type(exc).__name__}") from exc
         except BotoCoreError as exc:
             raise TransportUnavailable(f"cannot store {key}: {type(exc).__name__}") from exc
@@ -198,6 +209,12 @@ def _code(exc: Any) -> str | None:
     """A botocore ``ClientError``'s error code."""
     code = exc.response.get("Error", {}).get("Code")
     return None if code is None else str(code)
+
+
+def _retried(exc: Any) -> bool:
+    """Whether botocore sent the request of a ``ClientError`` more than once (its own retries:
+    the S3 client's standard mode), which it says in the response's ``RetryAttempts``."""
+    return bool(exc.response.get("ResponseMetadata", {}).get("RetryAttempts"))
 
 
 def _cancellation(exc: Any) -> str:
