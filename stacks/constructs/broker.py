@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+from typing import cast
 
-from aws_cdk import Fn, RemovalPolicy, Stack
+from aws_cdk import ArnFormat, CfnResource, Fn, RemovalPolicy, Stack
 from aws_cdk import aws_amazonmq as amazonmq
 from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
 
 from stacks.config import BrokerConfig, DeploymentMode
-from stacks.nag import acknowledge, ignore_cfn_lint
+from stacks.nag import acknowledge, wildcard_resource_finding
 
 ADMIN_USERNAME = "fabric-admin"
+# The construct id CDK gives its LogRetention provider function, one per stack.
+_LOG_RETENTION_PROVIDER = "LogRetentionaae0aa3c5b4d4f87b02d85b201efdd8a"
 
 # How the secrets' first passwords are generated: literals of their own, not fabric.rotation's
 # constants, and not to be changed. CloudFormation applies any change to a secret's
@@ -157,15 +161,25 @@ class Broker(Construct):
         self.broker.apply_removal_policy(removal_policy)
 
         # Amazon MQ creates the general log group itself, named after the broker id that exists
-        # only once the broker does; LogRetention sets the retention on that group.
+        # only once the broker does; LogRetention sets the retention on that group, with a role
+        # of ours that may change that group only (CDK's own role may change every log group).
         self.log_group_name = Fn.join("", ["/aws/amazonmq/broker/", self.broker.ref, "/general"])
-        logs.LogRetention(
+        role = iam.Role(
+            self,
+            "LogRetentionRole",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description="CDK's LogRetention provider: the broker's general log group only",
+        )
+        retention = logs.LogRetention(
             self,
             "GeneralLogRetention",
             log_group_name=self.log_group_name,
             retention=log_retention,
+            # Immutable: CDK adds PutRetentionPolicy and DeleteRetentionPolicy on "*" to the
+            # provider's role, a no-op on this one.
+            role=role.without_policy_updates(),
         )
-        self._acknowledge_log_retention_provider()
+        self._scope_log_retention_provider(role, retention)
 
         # Amazon MQ names every RabbitMQ endpoint after the broker id: AMQPS on
         # <id>.mq.<region>.amazonaws.com:5671 and the console and management API on https://<same>
@@ -177,35 +191,63 @@ class Broker(Construct):
         self.broker_arn = self.broker.attr_arn
         self.broker_id = self.broker.ref
 
-    def _acknowledge_log_retention_provider(self) -> None:
-        """Acknowledge the findings on CDK's LogRetention provider (one per stack)."""
+    def _scope_log_retention_provider(self, role: iam.Role, retention: logs.LogRetention) -> None:
+        """Give CDK's LogRetention provider (one function per stack, only the broker's here)
+        exactly what its handler does: create the broker's general log group if Amazon MQ has
+        not yet and set its retention; on the resource's creation the same for the function's
+        own log group (a one-day retention); and write its own logs. Named by the broker's id
+        and the function's name, both known only at deploy time: the policy refers to them, and
+        the retention resource waits for it.
+        """
         stack = Stack.of(self)
-        provider = next(
-            child for child in stack.node.children if child.node.id.startswith("LogRetention")
+        function = stack.node.find_child(_LOG_RETENTION_PROVIDER).node.find_child("Resource")
+        own_log_group = Fn.join("", ["/aws/lambda/", cast(CfnResource, function).ref])
+
+        def arns(log_group_name: str) -> list[str]:
+            # The log group, and its ":*" form (the group and its streams), as IAM may match
+            # either for the log-group actions.
+            group = stack.format_arn(
+                service="logs",
+                resource="log-group",
+                resource_name=log_group_name,
+                arn_format=ArnFormat.COLON_RESOURCE_NAME,
+            )
+            return [group, Fn.join("", [group, ":*"])]
+
+        policy = iam.ManagedPolicy(
+            self,
+            "LogRetentionPolicy",
+            description="CDK's LogRetention provider: the broker's general log group only",
+            roles=[role],
+            statements=[
+                iam.PolicyStatement(
+                    sid="BrokerGeneralLogRetention",
+                    actions=["logs:CreateLogGroup", "logs:PutRetentionPolicy"],
+                    resources=arns(self.log_group_name),
+                ),
+                iam.PolicyStatement(
+                    sid="OwnLogs",
+                    actions=[
+                        "logs:CreateLogGroup",
+                        "logs:PutRetentionPolicy",
+                        "logs:CreateLogStream",
+                        "logs:PutLogEvents",
+                    ],
+                    resources=arns(own_log_group),
+                ),
+            ],
         )
-        why = (
-            "CDK's LogRetention provider runs only at deploy time, invoked by CloudFormation, to "
-            "set the retention of the broker's general log group, whose name contains the broker "
-            "id and so cannot be created or scoped in advance."
-        )
-        # Each on the resource it is about: the managed policy on the role, the wildcard and the
-        # inline policy on the role's default policy.
-        role = provider.node.find_child("ServiceRole")
-        policy = role.node.find_child("DefaultPolicy").node.find_child("Resource")
-        acknowledge(
-            role.node.find_child("Resource"),
-            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
-            "AWSLambdaBasicExecutionRole]",
-            why,
-        )
-        for rule in (
-            "AwsSolutions-IAM5[Resource::*]",
-            "HIPAA.Security-IAMNoInlinePolicy",
-            "NIST.800.53.R5-IAMNoInlinePolicy",
-        ):
-            acknowledge(policy, rule, why)
-        # CDK adds a DependsOn on the role next to a GetAtt of it; cfn-lint calls that redundant.
-        ignore_cfn_lint(provider.node.find_child("Resource"), "W3005")
+        retention.node.add_dependency(policy)
+        for name in (self.log_group_name, own_log_group):
+            acknowledge(
+                policy,
+                wildcard_resource_finding(self, arns(name)[1]),
+                (
+                    "The ':*' form of one log group's ARN, which IAM may match for the log-group "
+                    "actions and which covers that group's log streams: the broker's general "
+                    "log group, or the LogRetention provider's own."
+                ),
+            )
 
 
 class BrokerUsers(Construct):

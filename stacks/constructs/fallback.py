@@ -17,7 +17,7 @@ from fabric.drain import FALLBACK_MAX_RECEIVES
 from fabric.naming import FALLBACK_FLOWS, fallback_queue_name, redrive_function_name
 from fabric.stakeholders import STAKEHOLDERS, Stakeholder
 from stacks.constructs.function import role_arn, router_role_name
-from stacks.constructs.queues import deny_other_senders, encrypted_queue, queue_with_dlq
+from stacks.constructs.queues import address, deny_other_senders, encrypted_queue, queue_with_dlq
 from stacks.nag import acknowledge
 
 # Longer than the drain function's per-message confirm wait, so a message being drained is not
@@ -77,6 +77,32 @@ def deny_other_publishers(topic: sns.Topic, *, roles: Sequence[str]) -> None:
     )
 
 
+def deny_other_subscriptions(topic: sns.Topic, *, queues: Sequence[str]) -> None:
+    """Refuse ``sns:Subscribe`` on ``topic`` to everyone (CloudFormation's deploying role too)
+    but for an SQS subscription of one of ``queues`` (queue ARNs): a subscription of any other
+    endpoint would receive every group's fallback traffic.
+
+    Two statements, as a deny applies only when all its conditions hold: one refuses every
+    protocol but ``sqs``, the other every endpoint but these queues. The ARNs are literal,
+    built from the queues' names (``address``), so the policy names exactly the endpoints the
+    stack's own subscriptions give.
+    """
+    for sid, key, allowed in (
+        ("DenySubscribeExceptSqs", "sns:Protocol", ["sqs"]),
+        ("DenySubscribeExceptOwnQueues", "sns:Endpoint", list(queues)),
+    ):
+        topic.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid=sid,
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["sns:Subscribe"],
+                resources=[topic.topic_arn],
+                conditions={"StringNotEquals": {key: allowed}},
+            )
+        )
+
+
 @dataclass(frozen=True)
 class FallbackQueues:
     """The queues of one stakeholder group on one fallback topic."""
@@ -95,8 +121,10 @@ class FallbackPath(Construct):
     the routing table computed, as RabbitMQ would have. Raw delivery keeps the envelope as the
     SQS body and the SNS message attributes as SQS message attributes, for the drain.
 
-    Topics refuse every action without TLS; a queue accepts messages only from its topic and
-    the redrive, a subscription's DLQ only from its topic (``deny_other_senders``).
+    Topics refuse every action without TLS, a publisher other than the router's role and a
+    subscription other than their own groups' queues (over SQS); a queue accepts messages only
+    from its topic and the redrive, a subscription's DLQ only from its topic
+    (``deny_other_senders``).
 
     Queue names are deterministic (``fabric-<env>-<flow>-<group>[-dlq|-sub-dlq]``): the runbook
     finds them by name, and a queue's DLQ can name its source in its redrive-allow policy without a
@@ -139,6 +167,10 @@ class FallbackPath(Construct):
                     removal_policy=removal_policy,
                     redrive_role=role_arn(self, redrive_function_name(env_name)),
                 )
+            deny_other_subscriptions(
+                topic,
+                queues=[address(self, self.queues[(flow, g)].queue).arn for g in STAKEHOLDERS],
+            )
 
     def _subscribe(
         self,

@@ -88,9 +88,10 @@ class FabricKeys(Construct):
     KMS cannot rotate an asymmetric key, so ``signing_keys`` (the environment's
     ``audit.signing_keys``) says how many it has put in service: raising it by one adds a new
     key, which signs from then on (``signing``), and keeps the older ones (``retired_signing``)
-    for the verifiers; a retired key's policy denies ``kms:Sign`` to every principal, except,
-    for the key retired last, the audit writer's role (named), which signs with it until the
-    services stack moves it to the new key.
+    for the verifiers. The current key's policy denies ``kms:Sign`` to every principal but the
+    audit writer's role (named); a retired key's policy denies it to every principal, except,
+    for the key retired last, the audit writer's role, which signs with it until the services
+    stack moves it to the new key.
 
     The key policies keep CDK's default (the account may delegate use through IAM); the service
     principals granted here, each under a condition, are CloudWatch Logs on the logs key
@@ -230,7 +231,22 @@ class FabricKeys(Construct):
         ]
         self.signing = self.signing_keys[-1]
         self.retired_signing = self.signing_keys[:-1]
-        writer = role_arn(self, audit_writer_name(env_name))
+        writer = {"ArnNotEquals": {"aws:PrincipalArn": role_arn(self, audit_writer_name(env_name))}}
+        # The current key signs for the audit writer's role and for nobody else, whatever an IAM
+        # policy of the account allows: a signature is what makes a checkpoint trusted, so
+        # anyone else who could sign (and write to the audit bucket) could forge a trail. Only
+        # kms:Sign is denied: the account root keeps the key's administration, and the
+        # verifiers' kms:Verify is untouched.
+        self.signing.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="OnlyTheAuditWriterSigns",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["kms:Sign"],
+                resources=["*"],
+                conditions=writer,
+            )
+        )
         for retired in self.retired_signing:
             # The key retired last still signs for the audit writer until the services stack
             # (deployed after this one) moves the writer to its successor, and for nobody else;
@@ -243,7 +259,7 @@ class FabricKeys(Construct):
                     principals=[iam.AnyPrincipal()],
                     actions=["kms:Sign"],
                     resources=["*"],
-                    conditions={"ArnNotEquals": {"aws:PrincipalArn": writer}} if last else None,
+                    conditions=writer if last else None,
                 )
             )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from aws_cdk import Duration, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
@@ -20,7 +22,9 @@ class PasswordRotation(Construct):
     Every ``ROTATION_DAYS`` days Secrets Manager runs the function's four steps on a secret: a new
     password into its pending version, onto the broker's user through the management API (as the
     administrator), checked against the broker's hash, then made current (``fabric.rotation``).
-    The administrator's own secret is not rotated here (docs/runbook.md).
+    The administrator's own secret is not rotated here (docs/runbook.md). The function gets the
+    users' secrets by name (``USER_SECRET_ARNS``, as the topology function) and rotates only
+    those, each for the user it is mapped to, never the user a secret's value names.
 
     A rotation that stops after setSecret leaves the broker with the pending password: clients
     that fall back to ``AWSPENDING`` (``SecretCredentials``) keep working, those that read only
@@ -57,6 +61,11 @@ class PasswordRotation(Construct):
             environment={
                 "MANAGEMENT_URL": management_url,
                 "ADMIN_SECRET_ARN": admin_secret.secret_arn,
+                # Which secret is whose, as the topology function has it: the function rotates
+                # only these secrets, each for its own user, whatever user a secret names.
+                "USER_SECRET_ARNS": json.dumps(
+                    {name: secret.secret_arn for name, secret in sorted(user_secrets.items())}
+                ),
             },
             # One rotation step at a time per secret; the schedules may come due together.
             reserved_concurrency=len(user_secrets),

@@ -70,8 +70,12 @@ def test_the_cli_gate_lists_unacknowledged_findings_from_the_report(tmp_path) ->
     assert unacknowledged_findings(tmp_path) == ["AwsSolutions-S10 at dev/Stateful/Bucket/Resource"]
 
 
-def test_cfn_lint_finds_nothing_for_the_target_region(env: Synthesized) -> None:
-    findings = lint(env.template_path.read_text(), regions=[env.region])
+@pytest.mark.parametrize("stack", ["stateful", "services"])
+def test_cfn_lint_finds_nothing_for_the_target_region(
+    env: Synthesized, assembly: Assembly, stack: str
+) -> None:
+    template = assembly.outdir / env.stage.artifact_id / getattr(env.stage, stack).template_file
+    findings = lint(template.read_text(), regions=[env.region])
     assert [f"{m.rule.id} {m.message}" for m in findings] == []
 
 

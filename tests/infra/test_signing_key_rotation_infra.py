@@ -1,5 +1,6 @@
-"""A rotated audit signing key (``audit.signing_keys`` raised): the new key signs, the retired
-ones stay for the verifiers and can never sign again; the gates stay clean."""
+"""A rotated audit signing key (``audit.signing_keys`` raised): the new key signs, for the audit
+writer only; the retired ones stay for the verifiers and can never sign again; the gates stay
+clean."""
 
 from __future__ import annotations
 
@@ -135,7 +136,14 @@ def test_only_the_writer_signs_and_a_retired_key_for_nobody_else(rotated: Rotate
     writer_role = last_deny.pop("Condition")["ArnNotEquals"]["aws:PrincipalArn"]
     assert last_deny == deny
     assert render(writer_role).endswith(":role/fabric-dev-audit-writer")
-    assert denies(current) == []
+    # The current key signs for the writer's role only, too (nobody else can sign a forged
+    # checkpoint with it, whatever their IAM policy allows).
+    (current_deny,) = denies(current)
+    assert current_deny == {
+        **deny,
+        "Sid": "OnlyTheAuditWriterSigns",
+        "Condition": {"ArnNotEquals": {"aws:PrincipalArn": writer_role}},
+    }
     writer = rotated.function("writes audit batches")
     assert (
         rotated.key(writer["Properties"]["Environment"]["Variables"]["SIGNING_KEY_ARN"]) == current

@@ -123,14 +123,18 @@ def user(vhost: str, channel: Any, aws: dict[str, Any]) -> Iterator[RotatingUser
 
 
 @pytest.fixture
-def rotation(aws: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The rotation function's handler, authenticating to the real broker as its admin (guest)."""
+def rotation(
+    aws: dict[str, Any], user: RotatingUser, monkeypatch: pytest.MonkeyPatch
+) -> ModuleType:
+    """The rotation function's handler, authenticating to the real broker as its admin (guest),
+    which may rotate the test's user (only the secrets USER_SECRET_ARNS names)."""
     admin_arn = boto3.client("secretsmanager", region_name=REGION).create_secret(
         Name="fabric-test/admin",
         SecretString=json.dumps({"username": GUEST[0], "password": GUEST[1]}),
     )["ARN"]
     monkeypatch.setenv("MANAGEMENT_URL", MANAGEMENT)
     monkeypatch.setenv("ADMIN_SECRET_ARN", admin_arn)
+    monkeypatch.setenv("USER_SECRET_ARNS", json.dumps({user.name: user.secret_arn}))
     return load_handler("rotation", monkeypatch)
 
 

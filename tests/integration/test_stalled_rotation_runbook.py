@@ -111,9 +111,13 @@ def fabric_client_publishes(arn: str, vhost: str) -> bool:
 def test_a_rotation_stopped_after_set_locks_out_current_only_clients_until_it_runs_again(
     user: tuple[str, str], admin_arn: str, vhost: str, channel: Any
 ) -> None:
-    _name, arn = user
+    name, arn = user
     token = start_rotation(arn)
-    environ = {"MANAGEMENT_URL": MANAGEMENT, "ADMIN_SECRET_ARN": admin_arn}
+    environ = {
+        "MANAGEMENT_URL": MANAGEMENT,
+        "ADMIN_SECRET_ARN": admin_arn,
+        "USER_SECRET_ARNS": json.dumps({name: arn}),
+    }
 
     def run(step: str, settings: dict[str, str]) -> None:
         on_event({"SecretId": arn, "ClientRequestToken": token, "Step": step}, settings)

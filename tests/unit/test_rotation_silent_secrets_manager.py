@@ -24,6 +24,7 @@ EVENT = {
 ENVIRON = {
     "MANAGEMENT_URL": "https://broker.example:443",
     "ADMIN_SECRET_ARN": "arn:aws:secretsmanager:ap-southeast-3:123456789012:secret:admin",
+    "USER_SECRET_ARNS": '{"fabric-dev-community": "' + EVENT["SecretId"] + '"}',
 }
 
 

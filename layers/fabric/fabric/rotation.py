@@ -16,8 +16,15 @@ only ``AWSCURRENT`` (Lambda's Amazon MQ event sources) does not (docs/runbook.md
 rotation").
 
 The function authenticates as the broker's administrator (``ADMIN_SECRET_ARN``) and refuses to
-rotate that secret: it rotates only the fabric's users, which the topology creates.
-Settings come from the function's environment: ``MANAGEMENT_URL``, ``ADMIN_SECRET_ARN``.
+rotate that secret: it rotates only the fabric's users, which the topology creates. It does not
+trust the ``username`` inside a secret: whoever may write one user's secret could name another
+user there (the administrator, say), start a rotation and read that user's new password from
+the secret. So it rotates only the secrets ``USER_SECRET_ARNS`` names, each only while both its
+current and its pending versions name the user it is mapped to, and never a broker user tagged
+``administrator``.
+Settings come from the function's environment: ``MANAGEMENT_URL``, ``ADMIN_SECRET_ARN`` and
+``USER_SECRET_ARNS`` (JSON object: broker user name -> secret ARN, the topology function's
+setting).
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ _LOG = logging.getLogger(__name__)
 
 STEPS = ("createSecret", "setSecret", "testSecret", "finishSecret")
 CURRENT, PENDING = "AWSCURRENT", "AWSPENDING"
+# The broker's tag for the users that may administer it: never one of the fabric's users.
+ADMINISTRATOR_TAG = "administrator"
 
 # Amazon MQ refuses commas, colons and equal signs; the rest need quoting in AMQP URIs or
 # shells. The first passwords (stacks/constructs/broker.py) leave out the same characters, from
@@ -90,7 +99,11 @@ class BrokerUsers(Protocol):
 
 
 class PasswordRotation:
-    """Runs the steps of a rotation against one Secrets Manager client and one broker."""
+    """Runs the steps of a rotation against one Secrets Manager client and one broker.
+
+    ``user_secrets`` maps each broker user the function may rotate to the ARN of its secret: a
+    secret it does not name, or whose versions name another user, is refused.
+    """
 
     def __init__(
         self,
@@ -98,20 +111,24 @@ class PasswordRotation:
         broker: BrokerUsers,
         *,
         admin_secret_arn: str,
+        user_secrets: Mapping[str, str],
         generate: Callable[[], str] = new_password,
     ) -> None:
         self._secrets = secrets_manager
         self._broker = broker
         self._admin_secret_arn = admin_secret_arn
+        self._users_by_arn = {arn: name for name, arn in user_secrets.items()}
         self._generate = generate
 
     def run(self, request: RotationRequest) -> None:
         """Do ``request.step`` once; a step already done is done again without effect.
 
         Raises:
-            RotationError: the secret is the administrator's, it is not being rotated with
-                this token, its value or the broker's user is not what a rotation needs, or the
-                broker does not hold the pending password at ``testSecret`` or ``finishSecret``.
+            RotationError: the secret is the administrator's or not one of ``user_secrets``, a
+                version of it names another user than its own, the broker's user is tagged
+                ``administrator``, the secret is not being rotated with this token, its value
+                or the broker's user is not what a rotation needs, or the broker does not hold
+                the pending password at ``testSecret`` or ``finishSecret``.
             ManagementApiError: the management API refused or could not be reached.
             botocore.exceptions.ClientError: Secrets Manager refused a call.
         """
@@ -120,6 +137,12 @@ class PasswordRotation:
             raise RotationError(
                 "the rotation function authenticates as the broker administrator and does not "
                 "rotate that secret (docs/runbook.md, 'Rotating the broker administrator')"
+            )
+        username = self._users_by_arn.get(metadata.get("ARN", ""))
+        if username is None:
+            raise RotationError(
+                f"{request.secret_id} is not the secret of a broker user this function rotates "
+                "(USER_SECRET_ARNS)"
             )
         if not metadata.get("RotationEnabled"):
             raise RotationError(f"rotation is not enabled for {request.secret_id}")
@@ -137,11 +160,13 @@ class PasswordRotation:
             "testSecret": self._test,
             "finishSecret": self._finish,
         }[request.step]
-        step(request, metadata)
+        step(request, metadata, username)
         _LOG.info("rotation %s done for %s", request.step, metadata.get("Name"))
 
-    def _create(self, request: RotationRequest, _metadata: Mapping[str, Any]) -> None:
-        current = self._value(request.secret_id, stage=CURRENT)
+    def _create(
+        self, request: RotationRequest, _metadata: Mapping[str, Any], username: str
+    ) -> None:
+        current = self._current(request, username)
         if self._pending_or_none(request) is not None:
             return
         pending = {**current, "password": self._generate()}
@@ -152,32 +177,31 @@ class PasswordRotation:
             VersionStages=[PENDING],
         )
 
-    def _set(self, request: RotationRequest, _metadata: Mapping[str, Any]) -> None:
-        username, password = self._pending_user(request)
+    def _set(self, request: RotationRequest, _metadata: Mapping[str, Any], username: str) -> None:
+        password = self._pending_password(request, username)
         user = self._user(username)
         if not password_matches(user, password):
             tags = list(user_tags(user.get("tags")))
             self._broker.put_user(username, password=password, tags=tags)
 
-    def _test(self, request: RotationRequest, _metadata: Mapping[str, Any]) -> None:
+    def _test(self, request: RotationRequest, _metadata: Mapping[str, Any], username: str) -> None:
         pending = self._pending_or_none(request)
         if pending is None:
             # Secrets Manager's check of a new schedule that does not rotate at once: it calls
             # testSecret alone, on a pending version no createSecret filled. What can be tested
             # then is that the broker and the secret agree on the current password.
-            current = self._value(request.secret_id, stage=CURRENT)
-            username, password = current["username"], current["password"]
+            password = self._current(request, username)["password"]
             what = "current"
         else:
-            username, password = self._pending_user(request, pending)
+            password = self._pending_password(request, username, pending)
             what = "pending"
         self._check_broker_holds(username, password, what)
 
-    def _finish(self, request: RotationRequest, metadata: Mapping[str, Any]) -> None:
+    def _finish(self, request: RotationRequest, metadata: Mapping[str, Any], username: str) -> None:
         # Checked again: something may have set the old password since testSecret (a deploy's
         # topology resource that read AWSCURRENT before setSecret). Moving AWSCURRENT then
         # would leave every client with a password the broker refuses.
-        self._check_broker_holds(*self._pending_user(request), "pending")
+        self._check_broker_holds(username, self._pending_password(request, username), "pending")
         current = next(
             version
             for version, stages in metadata["VersionIdsToStages"].items()
@@ -190,18 +214,23 @@ class PasswordRotation:
             RemoveFromVersionId=current,
         )
 
-    def _pending_user(
-        self, request: RotationRequest, pending: dict[str, str] | None = None
-    ) -> tuple[str, str]:
-        """The pending version's user and password (``pending``, if already read), checked to
-        name the same user as the current version."""
+    def _pending_password(
+        self, request: RotationRequest, username: str, pending: dict[str, str] | None = None
+    ) -> str:
+        """The pending version's password (``pending``, if already read), once both it and the
+        current version are checked to name ``username``, the secret's own user."""
+        self._current(request, username)
         pending = pending or self._pending_or_none(request)
         if pending is None:
             raise RotationError(f"version {request.token} has no value: createSecret did not run")
+        _check_names(pending, username, PENDING)
+        return pending["password"]
+
+    def _current(self, request: RotationRequest, username: str) -> dict[str, str]:
+        """The current version, checked to name ``username``, the secret's own user."""
         current = self._value(request.secret_id, stage=CURRENT)
-        if pending["username"] != current["username"]:
-            raise RotationError("the pending version names another user than the current one")
-        return pending["username"], pending["password"]
+        _check_names(current, username, CURRENT)
+        return current
 
     def _check_broker_holds(self, username: str, password: str, what: str) -> None:
         if not password_matches(self._user(username), password):
@@ -216,6 +245,14 @@ class PasswordRotation:
             raise RotationError(
                 f"the broker has no user {username}: the topology creates it, rotation only "
                 "changes its password"
+            )
+        # A backstop for a USER_SECRET_ARNS that would name an administrator: the topology
+        # never tags one of the fabric's users so, and its password is not for this function
+        # to set (docs/runbook.md, 'Rotating the broker administrator').
+        if ADMINISTRATOR_TAG in user_tags(user.get("tags")):
+            raise RotationError(
+                f"the broker's user {username} is tagged {ADMINISTRATOR_TAG}: the rotation "
+                "function does not rotate an administrator"
             )
         return user
 
@@ -243,6 +280,34 @@ class PasswordRotation:
         raise RotationError(f"the {stage} version is not JSON with a username and a password")
 
 
+def _check_names(value: Mapping[str, str], username: str, stage: str) -> None:
+    """Refuse a version of a user's secret that names another user: rotating it would give
+    that user a new password, readable from this secret (the message leaves out the name the
+    version has, a part of the secret's value)."""
+    if value["username"] != username:
+        raise RotationError(
+            f"the {stage} version of the secret of {username} names another user: refused"
+        )
+
+
+def user_secret_arns(environ: Mapping[str, str]) -> dict[str, str]:
+    """``USER_SECRET_ARNS``, the JSON object broker user name -> secret ARN, read as the
+    topology function reads it (``fabric.topology_resource``).
+
+    Raises:
+        ConfigError: the setting is missing or not a JSON object.
+    """
+    try:
+        user_secrets = json.loads(environ["USER_SECRET_ARNS"])
+        if not isinstance(user_secrets, dict):
+            raise TypeError("USER_SECRET_ARNS is not a JSON object")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"rotation function setting USER_SECRET_ARNS missing or malformed: {exc}"
+        ) from None
+    return {str(name): str(arn) for name, arn in user_secrets.items()}
+
+
 def on_event(
     event: Any,
     environ: Mapping[str, str],
@@ -261,10 +326,13 @@ def on_event(
         url, admin_arn = environ["MANAGEMENT_URL"], environ["ADMIN_SECRET_ARN"]
     except KeyError as exc:
         raise ConfigError(f"rotation function setting missing: {exc}") from None
+    user_secrets = user_secret_arns(environ)
     client = (secrets_client or _secrets_manager)()
     admin_user, admin_password = SecretCredentials(admin_arn, lambda: client)()
     broker = client_factory(url, admin_user, admin_password)
-    PasswordRotation(client, broker, admin_secret_arn=admin_arn).run(request)
+    PasswordRotation(client, broker, admin_secret_arn=admin_arn, user_secrets=user_secrets).run(
+        request
+    )
 
 
 def _secrets_manager() -> Any:
