@@ -187,12 +187,19 @@ class AuditStorage(Construct):
         # The reports are what an auditor is shown of each period, and nothing of the fabric
         # deletes one: a report run again writes a new version of the same keys
         # (fabric.compliance_run.report_keys), and no lifecycle rule expires them (a lifecycle
-        # expiration would not be refused by these statements: S3 itself deletes). So nobody
-        # may delete a report or remove a version of one, as for the audit bucket.
-        for sid, action in (
-            ("DeleteMarkersWouldHideComplianceReports", "s3:DeleteObject"),
-            ("DeletingAReportVersionLeavesNoTrace", "s3:DeleteObjectVersion"),
-        ):
+        # expiration would not be refused by these statements: S3 itself deletes). So where the
+        # bucket is retained (staging, prod), nobody may delete a report or remove a version of
+        # one, as for the audit bucket. A destroyed environment's (dev) stays one its owner can
+        # empty: CloudFormation deletes only an empty bucket.
+        denials = (
+            (
+                ("DeleteMarkersWouldHideComplianceReports", "s3:DeleteObject"),
+                ("DeletingAReportVersionLeavesNoTrace", "s3:DeleteObjectVersion"),
+            )
+            if removal_policy == RemovalPolicy.RETAIN
+            else ()
+        )
+        for sid, action in denials:
             self.reports_bucket.add_to_resource_policy(
                 iam.PolicyStatement(
                     sid=sid,

@@ -88,6 +88,28 @@ def test_an_acceptance_of_the_period_written_in_the_margin_without_an_outcome_is
     )
 
 
+def test_a_late_acceptance_without_an_outcome_is_named_by_the_report_that_reads_it() -> None:
+    # Stamped Dec 2 23:30, written Dec 3 01:30, after the checkpoint that closed Dec 2's window
+    # (a writer backlog), its `routed` lost: Dec 2's report never reads it, so Dec 3's must name
+    # it, or no daily report would.
+    trail = Trail()
+    trail.hours(datetime(2026, 12, 1, tzinfo=UTC), 48)
+    trail.checkpoint(datetime(2026, 12, 3, 1, tzinfo=UTC))
+    accepted, _routed = accepted_and_routed("m-lost")
+    trail.write(
+        datetime(2026, 12, 3, 1, 30, tzinfo=UTC), {**accepted, "at": "2026-12-02T23:30:00Z"}
+    )
+    trail.hours(datetime(2026, 12, 3, 2, tzinfo=UTC), 30)
+    run = reporter(trail, now=LATER)[0]
+    assert run.report(Period.day(DAY))["verification"]["verified"] is True
+    later = run.report(Period.day(DAY + timedelta(days=1)))
+    assert later["late_records"] == {"records": 1, "by_day": {"2026-12-02": 1}}
+    assert later["verification"]["verified"] is False
+    assert later["verification"]["problem"].endswith(
+        "an accepted message has no outcome (routed or fallback)"
+    )
+
+
 # -- a forged checkpoint ----------------------------------------------------------------------
 
 

@@ -661,21 +661,23 @@ def intervals(window: Window) -> Iterator[Interval]:
 
 
 class _Outcomes:
-    """The accepted messages of the period without an outcome so far (``routed`` or
-    ``fallback``) in a writer's window: the verifier's last check, across intervals. Held: the
-    ids with an outcome (an acceptance after it needs none), and the acceptances still waiting
-    for one.
+    """The accepted messages without an outcome so far (``routed`` or ``fallback``) in a
+    writer's window: the verifier's last check, across intervals. Held: the ids with an outcome
+    (an acceptance after it needs none), and the acceptances still waiting for one.
 
-    Only an acceptance stamped in the period (``start`` to ``end``, as ``instant`` gives them)
-    must find its outcome in the window. One in the margin after it is the next period's: the
-    audit sink splits one router call's records into several audit messages (over 256 KiB), so
-    a message's ``accepted`` and ``routed`` can be written either side of the window's closing
-    checkpoint, and that would fail an intact period for good. The next period's window holds
-    both halves. One before the period is the previous period's, whose window holds its
-    outcome."""
+    Only an acceptance stamped before the period's end (``instant``) must find its outcome in
+    the window. One in the margin after it is the next period's: the audit sink splits one
+    router call's records into several audit messages (over 256 KiB), so a message's
+    ``accepted`` and ``routed`` can be written either side of the window's closing checkpoint,
+    and that would fail an intact period for good; the next period's window holds both halves.
+    One stamped before the period is checked too: it was written after the window's anchor, so
+    its outcome is in the window, and if it reached the trail after its own day's window
+    closed (``late_records``), no other report would see that it has none. A writer more than
+    an hour behind can still split a call's records stamped before the end either side of the
+    closing checkpoint: that day is then not verified (docs/audit-trail.md)."""
 
-    def __init__(self, start: str, end: str) -> None:
-        self._start, self._end = start, end
+    def __init__(self, end: str) -> None:
+        self._end = end
         self._answered = IdSet()
         # message id -> (place in the walk, "<key> record <seq>") of its first acceptance
         self._waiting: dict[str, tuple[tuple[int, int, int], str]] = {}
@@ -690,7 +692,7 @@ class _Outcomes:
         elif (
             event == "accepted"
             and message_id not in self._answered
-            and self._start <= instant(str(record.get("at", ""))) < self._end
+            and instant(str(record.get("at", ""))) < self._end
         ):
             known = self._waiting.get(message_id)
             if known is None or place < known[0]:
@@ -837,7 +839,7 @@ class _Scan:
         self.covered: list[str] = []
         self.present: set[str] = set()
         self.counted: set[str] = set()
-        self.outcomes = _Outcomes(figures.start, figures.end)
+        self.outcomes = _Outcomes(figures.end)
 
     def read(self, interval: Interval, stored: Mapping[str, StoredObject]) -> dict[str, bytes]:
         """Note the locks and check the abandoned attempts of what was read; the chained
