@@ -27,6 +27,7 @@ from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_ba
 from moto.sqs.models import sqs_backends
 from werkzeug.serving import make_server
 
+from fabric.adapters import sqs_dlq
 from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.audit import AuditRecord
 from fabric.ports import PreparedAudit
@@ -160,8 +161,11 @@ class _SlowAudit(MemoryAuditSink):
 
 
 def test_letters_moved_but_not_deleted_in_time_are_only_removed_by_the_next_run(
-    sqs: tuple[Any, Slowness],
+    sqs: tuple[Any, Slowness], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # An audit slower than the grace deletes and visibility changes have past the run's time
+    # (25 s as deployed; 5 s here, to keep the test short).
+    monkeypatch.setattr(sqs_dlq, "_SETTLE_GRACE_S", 5.0)
     client, slowness = sqs
     queue, _ = _parked(client, LETTERS)
     slowness.late_s = CALL_S
@@ -201,3 +205,24 @@ def _hold_ends(url: str) -> None:
     name = url.rpartition("/")[2]
     for message in sqs_backends[DEFAULT_ACCOUNT_ID][REGION].get_queue(name)._messages:
         message.change_visibility(0)
+
+
+def test_one_slow_call_does_not_stop_a_run_that_holds_many_letters_with_its_time_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Calls of 20 ms and one of 5 s (an answer the SDK retried): the calls that would settle
+    # 1,700 held letters (171) are priced at the median, not at the 5 s, so a receive begins in
+    # a run with 800 s left. Priced at the slowest, they "needed" 855 s and the run stopped at
+    # once, moving nothing of a filtered queue.
+    clock = [1000.0]
+    monkeypatch.setattr(sqs_dlq.time, "monotonic", lambda: clock[0])
+    calls = sqs_dlq._Calls()
+    calls.limit(800.0)
+    for took in (0.02, 5.0, 0.02):
+        begun = clock[0]
+        clock[0] += took
+        calls.took(begun)
+    assert calls.fit(after=sqs_dlq._settling(1700) + 1)
+    # Still no call begins that its own slowest estimate would take past the deadline.
+    clock[0] += 796.0
+    assert not calls.fit()

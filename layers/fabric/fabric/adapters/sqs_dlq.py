@@ -84,10 +84,12 @@ _ATTRIBUTE_FIELDS = ("DataType", "StringValue", "BinaryValue")
 # counts only until that many others followed it.
 _RECENT_CALLS = 3
 # How long after the run's time a delete or a visibility change may still end (``_Calls``): the
-# time the run kept for them can go on the ledger, the audit records and the rate's pauses
-# between its calls. Well within the minute between the function's run time (840 s) and its
-# timeout: an SQS that answers in tens of milliseconds shows a thousand letters again in 3 s.
-_SETTLE_GRACE_S = 5.0
+# time the run kept for them can go on the ledger, the audit records (up to about 10 s: the
+# broker's confirm timeout, then the SQS audit queue's) and the rate's pauses between its
+# calls. Within the minute between the function's run time (840 s) and its timeout, with one
+# call of up to 18 s (the SDK's attempts) after it: an SQS that answers in tens of
+# milliseconds shows a thousand letters again in 3 s.
+_SETTLE_GRACE_S = 25.0
 
 
 @dataclass
@@ -103,12 +105,15 @@ class _Calls:
     """A run's SQS calls within its time: a call is begun only if, taking as long as its
     estimate, it ends before the run's deadline (``limit``; none: no limit).
 
-    The estimate is the longest of the last ``_RECENT_CALLS`` calls of any kind (an SQS slow
-    to answer one kind is slow to answer every kind); a receive that came back empty waited
-    for letters (long polling), not for SQS, and does not count. A call that takes letters (a
-    receive, a send) must leave time for the calls that follow it (``after``): those that
-    settle every letter the run then holds, each deleted or shown again (10 a call,
-    ``_settling``), and, for a receive, the sends of its batch. A call that settles letters (a
+    The call's estimate is the longest of the last ``_RECENT_CALLS`` calls of any kind (an SQS
+    slow to answer one kind is slow to answer every kind); a receive that came back empty
+    waited for letters (long polling), not for SQS, and does not count. A call that takes
+    letters (a receive, a send) must leave time for the calls that follow it (``after``):
+    those that settle every letter the run then holds, each deleted or shown again (10 a call,
+    ``_settling``), and, for a receive, the sends of its batch; each of those is estimated at
+    the median of the recent calls, not the longest: one slow call (retried by the SDK) priced
+    a hundred times over stopped a run holding a thousand letters at once, with its time
+    mostly left. A call that settles letters (a
     delete, a visibility change) may end up to ``_SETTLE_GRACE_S`` after the deadline. So only
     a call slower than its estimate ends late (the first call of a run is estimated at
     nothing), and none begins once it would: the run's calls end within its time (for deletes
@@ -130,8 +135,9 @@ class _Calls:
         ends = [end for end in (self._deadline, deadline) if end is not None]
         if not ends:
             return True
-        estimate = max(self._recent, default=0.0)
-        return time.monotonic() + estimate * (1 + after) < min(ends) + grace_s
+        recent = sorted(self._recent)
+        longest, typical = (recent[-1], recent[len(recent) // 2]) if recent else (0.0, 0.0)
+        return time.monotonic() + longest + typical * after < min(ends) + grace_s
 
     def took(self, begun: float) -> None:
         """A call begun at ``begun`` (``time.monotonic``) has ended."""
