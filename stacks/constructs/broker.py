@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import cast
 
-from aws_cdk import ArnFormat, CfnResource, Fn, RemovalPolicy, Stack
+from aws_cdk import ArnFormat, Fn, RemovalPolicy, Stack
 from aws_cdk import aws_amazonmq as amazonmq
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
@@ -162,15 +161,16 @@ class Broker(Construct):
 
         # Amazon MQ creates the general log group itself, named after the broker id that exists
         # only once the broker does; LogRetention sets the retention on that group, with a role
-        # of ours that may change that group only (CDK's own role may change every log group).
+        # of ours that may change brokers' general log groups only (CDK's own role may change
+        # every log group).
         self.log_group_name = Fn.join("", ["/aws/amazonmq/broker/", self.broker.ref, "/general"])
         role = iam.Role(
             self,
             "LogRetentionRole",
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-            description="CDK's LogRetention provider: the broker's general log group only",
+            description="CDK's LogRetention provider: brokers' general log groups only",
         )
-        retention = logs.LogRetention(
+        logs.LogRetention(
             self,
             "GeneralLogRetention",
             log_group_name=self.log_group_name,
@@ -179,7 +179,7 @@ class Broker(Construct):
             # provider's role, a no-op on this one.
             role=role.without_policy_updates(),
         )
-        self._scope_log_retention_provider(role, retention)
+        self._scope_log_retention_provider(role)
 
         # Amazon MQ names every RabbitMQ endpoint after the broker id: AMQPS on
         # <id>.mq.<region>.amazonaws.com:5671 and the console and management API on https://<same>
@@ -191,17 +191,22 @@ class Broker(Construct):
         self.broker_arn = self.broker.attr_arn
         self.broker_id = self.broker.ref
 
-    def _scope_log_retention_provider(self, role: iam.Role, retention: logs.LogRetention) -> None:
+    def _scope_log_retention_provider(self, role: iam.Role) -> None:
         """Give CDK's LogRetention provider (one function per stack, only the broker's here)
-        exactly what its handler does: create the broker's general log group if Amazon MQ has
-        not yet and set its retention; on the resource's creation the same for the function's
-        own log group (a one-day retention); and write its own logs. Named by the broker's id
-        and the function's name, both known only at deploy time: the policy refers to them, and
-        the retention resource waits for it.
+        what its handler does: create the broker's general log group if Amazon MQ has not yet
+        and set its retention; on the resource's creation the same for the function's own log
+        group (a one-day retention); and write its own logs. The broker's id and the function's
+        name are known only at deploy time, so the log groups are named by patterns known at
+        synth (any broker's general log group of this account, and the provider's names, which
+        CloudFormation makes from the stack's name and the function's logical id): a policy
+        naming the broker would exist only seconds before the handler ran (IAM is eventually
+        consistent), where this one exists before the function, as CDK's own did.
         """
         stack = Stack.of(self)
         function = stack.node.find_child(_LOG_RETENTION_PROVIDER).node.find_child("Resource")
-        own_log_group = Fn.join("", ["/aws/lambda/", cast(CfnResource, function).ref])
+        broker_logs = "/aws/amazonmq/broker/*/general"
+        # CloudFormation may cut the logical id short to fit the 64 characters of a name.
+        own_log_group = f"/aws/lambda/{stack.stack_name}-LogRetention*"
 
         def arns(log_group_name: str) -> list[str]:
             # The log group, and its ":*" form (the group and its streams), as IAM may match
@@ -217,13 +222,13 @@ class Broker(Construct):
         policy = iam.ManagedPolicy(
             self,
             "LogRetentionPolicy",
-            description="CDK's LogRetention provider: the broker's general log group only",
+            description="CDK's LogRetention provider: brokers' general log groups and its own",
             roles=[role],
             statements=[
                 iam.PolicyStatement(
                     sid="BrokerGeneralLogRetention",
                     actions=["logs:CreateLogGroup", "logs:PutRetentionPolicy"],
-                    resources=arns(self.log_group_name),
+                    resources=arns(broker_logs),
                 ),
                 iam.PolicyStatement(
                     sid="OwnLogs",
@@ -237,17 +242,20 @@ class Broker(Construct):
                 ),
             ],
         )
-        retention.node.add_dependency(policy)
-        for name in (self.log_group_name, own_log_group):
-            acknowledge(
-                policy,
-                wildcard_resource_finding(self, arns(name)[1]),
-                (
-                    "The ':*' form of one log group's ARN, which IAM may match for the log-group "
-                    "actions and which covers that group's log streams: the broker's general "
-                    "log group, or the LogRetention provider's own."
-                ),
-            )
+        function.node.add_dependency(policy)
+        for name in (broker_logs, own_log_group):
+            for arn in arns(name):
+                acknowledge(
+                    policy,
+                    wildcard_resource_finding(self, arn),
+                    (
+                        "Log groups by a pattern known at synth, since their ids are made at "
+                        "deploy: a broker's general log group (/aws/amazonmq/broker/<id>/general, "
+                        "retention actions only), or the LogRetention provider's own "
+                        "(/aws/lambda/<stack>-LogRetention...); the ':*' form covers the group's "
+                        "streams, which IAM may match for the log-group actions."
+                    ),
+                )
 
 
 class BrokerUsers(Construct):

@@ -218,7 +218,7 @@ class FallbackPath(Construct):
                 "references it in the subscription's RedrivePolicy, which cdk-nag does not see."
             ),
         )
-        topic.add_subscription(
+        subscription = topic.add_subscription(
             subscriptions.SqsSubscription(
                 queue,
                 raw_message_delivery=True,
@@ -230,4 +230,9 @@ class FallbackPath(Construct):
                 },
             )
         )
+        # After the topic's policy (which admits only its own queues' subscriptions): made at
+        # once, a new queue's subscription could meet the policy before it named that queue.
+        policy = topic.node.try_find_child("Policy")  # CDK's TopicPolicy, made by the TLS deny
+        if policy is not None:
+            subscription.node.add_dependency(policy)
         return FallbackQueues(queue, dead_letter_queue, subscription_dead_letter_queue)
