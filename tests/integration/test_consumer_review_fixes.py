@@ -9,13 +9,12 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import boto3
 import pika
 import pytest
-from moto import mock_aws
 
 from fabric import topology
 from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
@@ -32,11 +31,13 @@ from fabric.envelope import new_message_id
 from fabric.errors import MessageRejected
 from fabric.stakeholders import Stakeholder
 from tests.integration import test_dead_letters as dead_letters
+from tests.integration import test_overflow_redrive
 from tests.integration.aws_audit import create_idempotency_table
 from tests.integration.aws_fallback import REGION
 from tests.integration.conftest import management
 from tests.integration.queue_waits import depth, settled_empty
 
+moto_aws = test_overflow_redrive.moto_aws  # a fixture: moto, in this region
 GROUP = Stakeholder.COMMUNITY
 WORK = topology.queue_name(GROUP)
 DLQ = topology.dead_letter_queue_name(GROUP)
@@ -103,18 +104,11 @@ class Running:
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def aws(moto_aws: None) -> Any:
     """moto's DynamoDB, with an idempotency table of the infra's schema named ``idem``."""
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        client = boto3.client("dynamodb", region_name=REGION)
-        create_idempotency_table(client, "idem")
-        yield client
+    client = boto3.client("dynamodb", region_name=REGION)
+    create_idempotency_table(client, "idem")
+    return client
 
 
 # -- without a broker --------------------------------------------------------------------------

@@ -13,26 +13,22 @@ its time plus one call, with nothing hidden.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import boto3
 import pytest
 from moto.core import DEFAULT_ACCOUNT_ID
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from moto.sqs.models import sqs_backends
-from werkzeug.serving import make_server
 
 from fabric.adapters import sqs_dlq
 from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.audit import AuditRecord
 from fabric.ports import PreparedAudit
 from fabric.redrive import RedriveFilter, RedrivePlan, Redriver
-from tests.unit.test_redrive_sqs_client import REGION, _dead_letter_queue, _parked
+from tests.unit.test_redrive_sqs_client import REGION, _dead_letter_queue, _parked, moto_behind
 from tests.unit.test_redrive_sqs_deadline import _counts
 
 pytestmark = pytest.mark.integration
@@ -77,19 +73,8 @@ def _slow(app: Any, slowness: Slowness) -> Callable[..., Iterable[bytes]]:
 def sqs(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Slowness]]:
     """A plain SQS client on the slow endpoint, which every default client now reaches."""
     slowness = Slowness()
-    app = _slow(DomainDispatcherApplication(create_backend_app), slowness)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    for name, value in {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-    }.items():
-        monkeypatch.setenv(name, value)
-    yield boto3.client("sqs", region_name=REGION), slowness
-    server.shutdown()
-    server.server_close()
+    with moto_behind(lambda app: _slow(app, slowness), monkeypatch) as client:
+        yield client, slowness
 
 
 def test_a_run_on_a_slow_sqs_ends_within_its_time(sqs: tuple[Any, Slowness]) -> None:

@@ -8,6 +8,7 @@ batch answered after 3 s was stored twice yet reported not moved, with no ``redr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -109,11 +110,11 @@ def _internal_error(start_response: Any) -> list[bytes]:
     return [_INTERNAL_ERROR]
 
 
-@pytest.fixture
-def sqs(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Faults]]:
-    """A plain SQS client on the faulty endpoint, which every default client now reaches."""
-    faults = Faults()
-    app = _faulty(DomainDispatcherApplication(create_backend_app), faults)
+@contextlib.contextmanager
+def moto_behind(wrap: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """moto's server, its WSGI app wrapped by ``wrap``, on a loopback port that every default
+    client now reaches; a plain SQS client of it."""
+    app = wrap(DomainDispatcherApplication(create_backend_app))
     server = make_server("127.0.0.1", 0, app, threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     for name, value in {
@@ -123,9 +124,19 @@ def sqs(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Faults]]:
         "AWS_SECRET_ACCESS_KEY": "testing",
     }.items():
         monkeypatch.setenv(name, value)
-    yield boto3.client("sqs", region_name=REGION), faults
-    server.shutdown()
-    server.server_close()
+    try:
+        yield boto3.client("sqs", region_name=REGION)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def sqs(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Faults]]:
+    """A plain SQS client on the faulty endpoint, which every default client now reaches."""
+    faults = Faults()
+    with moto_behind(lambda app: _faulty(app, faults), monkeypatch) as client:
+        yield client, faults
 
 
 def _parked(client: Any, count: int) -> tuple[QueueSettings, list[str]]:
