@@ -110,6 +110,25 @@ def test_a_late_acceptance_without_an_outcome_is_named_by_the_report_that_reads_
     )
 
 
+def test_an_acceptance_of_the_day_before_whose_outcome_came_before_the_anchor_is_not_owed() -> None:
+    # One router call split: its `routed` written at 22:59:59.5, then the 23:00 checkpoint (the
+    # next day's anchor), then its `accepted` (by the other audit path) at 23:00:03. The day's
+    # own report reads both; the next day's reads only the acceptance, which is not its to
+    # answer for (it is not late: written within its day's window).
+    trail = Trail()
+    trail.hours(datetime(2026, 12, 1, tzinfo=UTC), 46)  # through Dec 2 22:00
+    accepted, routed = accepted_and_routed("m-split")
+    stamp = "2026-12-02T22:59:59Z"
+    trail.write(datetime(2026, 12, 2, 22, 59, 59, 500000, tzinfo=UTC), {**routed, "at": stamp})
+    trail.checkpoint(datetime(2026, 12, 2, 23, tzinfo=UTC))
+    trail.write(datetime(2026, 12, 2, 23, 0, 3, tzinfo=UTC), {**accepted, "at": stamp})
+    trail.hours(datetime(2026, 12, 2, 23, tzinfo=UTC), 30)
+    run = reporter(trail, now=LATER)[0]
+    for day in (DAY, DAY + timedelta(days=1)):
+        report = run.report(Period.day(day))
+        assert report["verification"]["verified"] is True, (day, report["verification"])
+
+
 # -- a forged checkpoint ----------------------------------------------------------------------
 
 

@@ -665,24 +665,32 @@ class _Outcomes:
     writer's window: the verifier's last check, across intervals. Held: the ids with an outcome
     (an acceptance after it needs none), and the acceptances still waiting for one.
 
-    Only an acceptance stamped before the period's end (``instant``) must find its outcome in
-    the window. One in the margin after it is the next period's: the audit sink splits one
-    router call's records into several audit messages (over 256 KiB), so a message's
-    ``accepted`` and ``routed`` can be written either side of the window's closing checkpoint,
-    and that would fail an intact period for good; the next period's window holds both halves.
-    One stamped before the period is checked too: it was written after the window's anchor, so
-    its outcome is in the window, and if it reached the trail after its own day's window
-    closed (``late_records``), no other report would see that it has none. A writer more than
-    an hour behind can still split a call's records stamped before the end either side of the
-    closing checkpoint: that day is then not verified (docs/audit-trail.md)."""
+    Only an acceptance of the period (``instant``) must find its outcome in the window. One in
+    the margin after it is the next period's: the audit sink splits one router call's records
+    into several audit messages (over 256 KiB), so a message's ``accepted`` and ``routed`` can
+    be written either side of the window's closing checkpoint, and that would fail an intact
+    period for good; the next period's window holds both halves. One stamped before the period
+    is the previous period's (its ``routed`` may even be written before this window's anchor),
+    unless it is late (``_late_before``: it reached the trail after its own day's window
+    closed): then no other report would see that it has none, and this one checks it. A writer
+    more than an hour behind can still split a call's records stamped before the end either
+    side of the closing checkpoint: that day is then not verified (docs/audit-trail.md)."""
 
-    def __init__(self, end: str) -> None:
-        self._end = end
+    def __init__(self, start: str, end: str) -> None:
+        self._start, self._end = start, end
         self._answered = IdSet()
         # message id -> (place in the walk, "<key> record <seq>") of its first acceptance
         self._waiting: dict[str, tuple[tuple[int, int, int], str]] = {}
 
-    def add(self, record: Mapping[str, Any], place: tuple[int, int, int], key: str) -> None:
+    def add(
+        self,
+        record: Mapping[str, Any],
+        place: tuple[int, int, int],
+        key: str,
+        *,
+        late_before: str = "",
+    ) -> None:
+        """``late_before``: as for ``Figures.add`` (``_late_before``)."""
         event, message_id = record.get("event"), record.get("message_id")
         if not isinstance(message_id, str) or not isinstance(event, str):
             return
@@ -692,7 +700,7 @@ class _Outcomes:
         elif (
             event == "accepted"
             and message_id not in self._answered
-            and instant(str(record.get("at", ""))) < self._end
+            and _owed(instant(str(record.get("at", ""))), self._start, self._end, late_before)
         ):
             known = self._waiting.get(message_id)
             if known is None or place < known[0]:
@@ -839,7 +847,7 @@ class _Scan:
         self.covered: list[str] = []
         self.present: set[str] = set()
         self.counted: set[str] = set()
-        self.outcomes = _Outcomes(figures.end)
+        self.outcomes = _Outcomes(figures.start, figures.end)
 
     def read(self, interval: Interval, stored: Mapping[str, StoredObject]) -> dict[str, bytes]:
         """Note the locks and check the abandoned attempts of what was read; the chained
@@ -886,7 +894,7 @@ class _Scan:
                 continue
             self.counted.add(key)
             for number, record in enumerate(_countable(data)):
-                self.outcomes.add(record, (index, order[key], number), key)
+                self.outcomes.add(record, (index, order[key], number), key, late_before=late_before)
                 self.figures.add(record, late_before=late_before)
 
     def check(self) -> WriterCheck:
@@ -909,6 +917,12 @@ class _Scan:
             len(self.window.unsealed_keys),
             problem or self.window.problem,
         )
+
+
+def _owed(at: str, start: str, end: str, late_before: str) -> bool:
+    """Whether an acceptance stamped ``at`` (``instant``) must find its outcome in the window:
+    it is of the period, or late (stamped on a day before ``late_before``: ``_Outcomes``)."""
+    return at < end and (at >= start or "" < at[:10] < late_before)
 
 
 def _late_before(interval: Interval, end: str) -> str:
