@@ -95,7 +95,8 @@ class AuditWriter(Construct):
     fail and be retried until it gave up. The SQS event source has the lowest maximum
     concurrency Lambda allows (2), so its pollers hold few batches the one instance cannot take.
 
-    Grants, each on its exact resource: ``s3:PutObject`` under ``audit/``, ``archive/`` and
+    Grants, each on its exact resource: ``s3:PutObject`` and ``s3:GetObject`` (for HeadObject's
+    checksum of a key a conditional write found taken) under ``audit/``, ``archive/`` and
     ``checkpoints/`` of the audit bucket (nothing that sets or bypasses retention, puts a legal
     hold, deletes, or changes the Object Lock configuration; retention comes from the bucket's
     default), the audit
@@ -247,6 +248,11 @@ class AuditWriter(Construct):
         self.function.allow(
             (
                 ("WriteAuditObjects", ["s3:PutObject"], objects, None),
+                # HeadObject of a key a conditional write met taken after the client's own
+                # retry: the checksum of the object it holds tells the writer's own (its first
+                # attempt stored it, its answer lost) from the trail's (fabric.adapters.
+                # audit_storage.S3ObjectStore.create). S3 allows HeadObject by s3:GetObject.
+                ("CompareTakenKeys", ["s3:GetObject"], objects, None),
                 # SSE-KMS with a bucket key: S3 asks for a data key of the audit key in the
                 # writer's name, with the bucket's ARN as encryption context. The same key also
                 # encrypts the reports bucket, which this condition leaves out.

@@ -257,20 +257,22 @@ def test_the_writer_gets_exactly_the_variables_its_settings_read(trail: Trail) -
     assert table["Properties"]["TableName"] == f"fabric-{name}-idempotency"
 
 
-def test_the_writer_may_put_objects_only_under_audit_archive_and_checkpoints(
+def test_the_writer_may_put_and_head_objects_only_under_audit_archive_and_checkpoints(
     trail: Trail,
 ) -> None:
     _, function = writer(trail.services)
     granted = statements(trail.services, function)
     s3 = [s for s in granted if any(a.startswith("s3:") for a in listed(s["Action"]))]
-    (put,) = s3
-    assert listed(put["Action"]) == ["s3:PutObject"]
-    assert "Condition" not in put
-    assert sorted(trail.render(r) for r in listed(put["Resource"])) == [
-        f"{BUCKET_ARN}/archive/*",
-        f"{BUCKET_ARN}/audit/*",
-        f"{BUCKET_ARN}/checkpoints/*",
-    ]
+    # PutObject, and GetObject for HeadObject's checksum of a key a conditional write found
+    # taken: nothing else of S3.
+    assert sorted(a for s in s3 for a in listed(s["Action"])) == ["s3:GetObject", "s3:PutObject"]
+    for statement in s3:
+        assert "Condition" not in statement
+        assert sorted(trail.render(r) for r in listed(statement["Resource"])) == [
+            f"{BUCKET_ARN}/archive/*",
+            f"{BUCKET_ARN}/audit/*",
+            f"{BUCKET_ARN}/checkpoints/*",
+        ]
 
 
 def test_the_writer_uses_each_key_only_as_it_must(trail: Trail) -> None:

@@ -3,6 +3,8 @@ written batch ids in the idempotency table (DynamoDB)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -66,14 +68,14 @@ class S3ObjectStore:
 
     def create(self, key: str, data: bytes) -> bool:
         """Store one object as ``put`` does, but only if the key holds none: a conditional
-        write (``If-None-Match: *``, which needs no more than ``s3:PutObject``). False when the
-        key holds an object (S3 answers 412 Precondition Failed; nothing is stored).
+        write (``If-None-Match: *``). False when the key holds another object (S3 answers 412
+        Precondition Failed; nothing is stored). A 412 that answers the client's own retry (a
+        lost answer, a 503) is true when the key holds this very object, which the first
+        attempt stored (``_holds``), false when it holds another.
 
         Raises:
             TransportUnavailable: S3 cannot be reached or refuses the object (also 409
-                ConditionalRequestConflict: another write of the key was under way; retry),
-                and a 412 that answers the client's own retry: its first attempt may have
-                stored the object and lost the answer, so the key may hold this very object.
+                ConditionalRequestConflict: another write of the key was under way; retry).
         """
         return self._put(key, data, IfNoneMatch="*")
 
@@ -91,19 +93,29 @@ class S3ObjectStore:
             )
         except ClientError as exc:
             if condition and _code(exc) == "PreconditionFailed":
-                if not _retried(exc):
-                    return False
-                # botocore sent the request again (a connection reset, a read timeout): the
-                # earlier attempt may have stored this very object before its answer was lost.
-                # False would make the writer take its own object for a trail ahead of it and
-                # stop for good; failed instead, its retry stores the key as its own attempt.
-                raise TransportUnavailable(
-                    f"cannot store {key}: 412 to a retry, the first attempt may have stored it"
-                ) from exc
+                # botocore sent the request again (a connection reset, a read timeout, a 503):
+                # the earlier attempt may have stored this very object before its answer was
+                # lost, or never reached S3. The object the key holds tells which.
+                return _retried(exc) and self._holds(key, data)
             raise TransportUnavailable(f"cannot store {key}: {type(exc).__name__}") from exc
         except BotoCoreError as exc:
             raise TransportUnavailable(f"cannot store {key}: {type(exc).__name__}") from exc
         return True
+
+    def _holds(self, key: str, data: bytes) -> bool:
+        """Whether the newest version of ``key`` is ``data``: its SHA-256, the checksum S3
+        checked on its arrival (``HeadObject``, which needs ``s3:GetObject``).
+
+        Raises:
+            TransportUnavailable: S3 cannot be reached or refuses the call.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            head = self._s3().head_object(Bucket=self._bucket, Key=key, ChecksumMode="ENABLED")
+        except (BotoCoreError, ClientError) as exc:
+            raise TransportUnavailable(f"cannot read {key}: {type(exc).__name__}") from exc
+        return bool(head.get("ChecksumSHA256") == _sha256_checksum(data))
 
     def get(self, key: str) -> bytes:
         """The newest version of ``key``.
@@ -209,6 +221,11 @@ def _code(exc: Any) -> str | None:
     """A botocore ``ClientError``'s error code."""
     code = exc.response.get("Error", {}).get("Code")
     return None if code is None else str(code)
+
+
+def _sha256_checksum(data: bytes) -> str:
+    """S3's form of a SHA-256 checksum: the digest in base64."""
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
 def _retried(exc: Any) -> bool:
