@@ -428,8 +428,8 @@ def test_a_refused_requests_record_counts_once_and_leaves_the_message_figures_al
         audit=audit,
         environment="prod",
     )
-    router.refuse_request(b"{}" * 10_000, reason="too_large", source="media")
-    router.refuse_request(b"", reason="unauthenticated", source=None)
+    router.refuse_request(reason="too_large", source="media")
+    router.refuse_request(reason="unauthenticated", source=None)
     refused = [{**r.to_dict(), "at": "2026-12-03T11:00:00Z"} for r in audit.records]
     assert [r["message_id"] for r in refused] == [None, None]
 

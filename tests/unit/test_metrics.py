@@ -103,7 +103,7 @@ def test_the_lost_audit_metric_is_an_emf_line_of_the_environment() -> None:
         environment="prod",
         metrics=EmfMetrics(environment="prod", emitted_by="router", stream=out),
     )
-    built.refuse_request(b"{}", reason="malformed_request", source="media")
+    built.refuse_request(reason="malformed_request", source="media")
     (line,) = out.getvalue().splitlines()
     document = json.loads(line)
     (directive,) = document["_aws"]["CloudWatchMetrics"]

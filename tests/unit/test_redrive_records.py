@@ -5,6 +5,7 @@ redrive puts it back as it is, but none of that text reaches the seven-year trai
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -110,3 +111,22 @@ def test_a_redriven_record_holds_a_topic_only_in_the_envelopes_syntax(
 ) -> None:
     (record,), _ = redriven(letter(1, topic=topic))
     assert record.topic == recorded
+
+
+@pytest.mark.parametrize(
+    ("origin", "hashed"),
+    [
+        # A producer's input, parked by the ingest queue: never stored, a restricted payload in
+        # plaintext. A hash of it would let a reader of the trail confirm a guess at it.
+        ("https://sqs.ap-southeast-3.amazonaws.com/1/fabric-prod-ingest-government", False),
+        ("fabric-dev-ingest-media", False),
+        # What the fabric stored: a fallback copy (the wire envelope, ciphertext for a
+        # restricted payload), a RabbitMQ dead letter.
+        ("https://sqs.ap-southeast-3.amazonaws.com/1/fabric-prod-emergency-government", True),
+        ("fabric.government", True),
+    ],
+)
+def test_a_redriven_record_hashes_only_a_body_the_fabric_stored(origin: str, hashed: bool) -> None:
+    parked = dataclasses.replace(letter(1), origin=origin, body=BODY)
+    (record,), _ = redriven(parked)
+    assert record.body_sha256 == (hashlib.sha256(BODY).hexdigest() if hashed else None)

@@ -63,8 +63,8 @@ def handle_direct(event: object, invoked_function_arn: str, router: Router) -> d
     """``{"messages": [...]}`` → ``{"results": [...], "accepted": n, "rejected": m}``.
 
     A malformed event or an invocation without a stakeholder alias returns ``error`` instead of
-    results; nothing is routed then, and the refusal leaves one audit record (the hash of the
-    event as canonical JSON: the function never sees the invocation's raw bytes).
+    results; nothing is routed then, and the refusal leaves one audit record
+    (``Router.refuse_request``: nothing of the event, not even its hash).
     """
     source: str | None = None
     try:
@@ -72,7 +72,7 @@ def handle_direct(event: object, invoked_function_arn: str, router: Router) -> d
         items = _messages_of(event)
         return router.route(items, source=source).to_dict()
     except BadRequest as bad:
-        router.refuse_request(event, reason=bad.reason, source=source)
+        router.refuse_request(reason=bad.reason, source=source)
         return bad.body()
 
 
@@ -128,7 +128,7 @@ def handle_http(event: Mapping[str, Any], router: Router, *, identity_claim: str
         single, items = _http_messages(raw)
         result = router.route(items, source=source)
     except BadRequest as bad:
-        router.refuse_request(_received_body(event), reason=bad.reason, source=source)
+        router.refuse_request(reason=bad.reason, source=source)
         return _response(bad.status, bad.body())
     return _response(_http_status(result, single=single), result.to_dict())
 
@@ -158,21 +158,6 @@ def _http_body(event: Mapping[str, Any]) -> bytes:
     if len(data) > MAX_REQUEST_BYTES:
         raise BadRequest(413, "too_large", f"request body exceeds {MAX_REQUEST_BYTES} bytes")
     return data
-
-
-def _received_body(event: Mapping[str, Any]) -> object:
-    """The body of a refused request as the producer sent it, for its audit record's hash:
-    the bytes a base64 body decodes to (as a rejected envelope's hash is of those bytes), else
-    the text as it arrived (also a base64 body that does not decode)."""
-    body = event.get("body")
-    if body is None:
-        return b""
-    if isinstance(body, str) and event.get("isBase64Encoded"):
-        try:
-            return base64.b64decode(body, validate=True)
-        except (binascii.Error, ValueError):
-            pass
-    return body
 
 
 def _http_messages(raw: bytes) -> tuple[bool, Sequence[Any]]:

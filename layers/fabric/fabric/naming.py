@@ -70,3 +70,14 @@ def audit_queue_name(env_name: str) -> str:
     """``fabric-<env>-audit``: the SQS queue that takes audit batches while RabbitMQ cannot
     (the audit writer reads it and the RabbitMQ audit queue)."""
     return f"fabric-{env_name}-audit"
+
+
+def is_ingest_queue(queue: str) -> bool:
+    """Whether ``queue`` (a name or a URL) is an ingest queue, ``fabric-<env>-ingest-<group>``:
+    its messages are producers' input, which the fabric has not stored (a restricted payload
+    still in plaintext), so no audit record may hold a hash of one."""
+    prefix, separator, group = queue.rpartition("/")[2].rpartition("-ingest-")
+    return bool(separator) and prefix.startswith("fabric-") and group in _GROUP_NAMES
+
+
+_GROUP_NAMES = frozenset(group.value for group in STAKEHOLDERS)

@@ -47,6 +47,7 @@ from fabric.audit import AuditEvent, AuditRecord, sha256_hex
 from fabric.audit_writer import DEAD_LETTER_REASONS, is_topic
 from fabric.envelope import normalize_message_id
 from fabric.errors import TransportUnavailable
+from fabric.naming import is_ingest_queue
 from fabric.pacing import Pace
 from fabric.ports import AuditSink, DeadLetter, DeadLetterQueue, RedriveLedger
 from fabric.request_fields import positive, strings
@@ -490,7 +491,12 @@ class Redriver:
         return not twins or _removed(queue, twins, report, already_moved=True)
 
     def _audit_moved(self, queue: str, moved: Sequence[DeadLetter]) -> bool:
-        """Record the letters put back (from ``queue`` to their origin); whether it is stored."""
+        """Record the letters put back (from ``queue`` to their origin); whether it is stored.
+
+        A letter of an ingest queue's DLQ is a producer's input, never stored by the fabric (a
+        restricted payload in plaintext): its record holds no hash of it, as the router's
+        rejections hold none (a hash of a child's data lets a reader of the trail confirm a
+        guess at it). Every other letter is a body the fabric stored, hashed as stored."""
         at = self._now()
         stored = self._audit.emit(
             [
@@ -500,7 +506,7 @@ class Redriver:
                     message_id=normalize_message_id(letter.message_id),
                     source="redrive",
                     topic=letter.topic if is_topic(letter.topic) else None,
-                    body_sha256=sha256_hex(letter.body),
+                    body_sha256=None if is_ingest_queue(letter.origin) else sha256_hex(letter.body),
                     reason=letter.reason if letter.reason in RECORDED_REASONS else "unknown",
                     transport=queue,
                     queues=(letter.origin,),

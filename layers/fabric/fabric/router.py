@@ -286,7 +286,7 @@ class Router:
             self._metrics.count(_counts(batch))
         return batch
 
-    def refuse_request(self, request: object, *, reason: str, source: str | None) -> bool:
+    def refuse_request(self, *, reason: str, source: str | None) -> bool:
         """Audit a request refused as a whole (an entry point's 400/401/403/413), none of its
         messages routed: one ``rejected`` record with ``message_id`` None and no topic (the
         ids of a refused request are unverified input, and the record stands for the request,
