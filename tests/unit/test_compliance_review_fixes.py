@@ -129,6 +129,24 @@ def test_an_acceptance_of_the_day_before_whose_outcome_came_before_the_anchor_is
         assert report["verification"]["verified"] is True, (day, report["verification"])
 
 
+def test_a_late_acceptance_in_a_writers_first_interval_is_named_and_counted_late() -> None:
+    # A writer that began with a backlog: its very first object, written Dec 3 00:30, holds an
+    # acceptance stamped Dec 1 whose `routed` was lost. Dec 1's report ran when the writer had
+    # stored nothing; Dec 3's, which reads that object, must name it.
+    trail = Trail()
+    accepted, _routed = accepted_and_routed("m-lost")
+    trail.write(
+        datetime(2026, 12, 3, 0, 30, tzinfo=UTC), {**accepted, "at": "2026-12-01T10:00:00Z"}
+    )
+    trail.hours(datetime(2026, 12, 3, 1, tzinfo=UTC), 30)
+    report = reporter(trail, now=LATER)[0].report(Period.day(date(2026, 12, 3)))
+    assert report["late_records"] == {"records": 1, "by_day": {"2026-12-01": 1}}
+    assert report["verification"]["verified"] is False
+    assert report["verification"]["problem"].endswith(
+        "an accepted message has no outcome (routed or fallback)"
+    )
+
+
 # -- a forged checkpoint ----------------------------------------------------------------------
 
 

@@ -936,11 +936,17 @@ def _late_before(interval: Interval, end: str) -> str:
     it. So the days ending at least LATE_ARRIVAL before the anchor are late. Only the intervals
     sealed before the period's ``end`` (and the objects after the last checkpoint) are looked
     at: those sealed at or after it are the next period's, which reads them too, so each late
-    record is counted by one daily report, the one of the day its object was sealed on."""
-    if interval.anchor is None:
-        return ""
+    record is counted by one daily report, the one of the day its object was sealed on.
+
+    The trail's first interval has no anchor: a day before the day its first object was
+    written is late too (that day's report ran when the writer had stored nothing: a writer
+    that began with a backlog), the day just before it not (its report, run after the margin,
+    read that object)."""
     if interval.checkpoints and instant(str(interval.checkpoints[0][1]["at"])) >= end:
         return ""
+    if interval.anchor is None:
+        first = _day(interval.named[0]) if interval.named else None
+        return "" if first is None else (first - timedelta(days=1)).isoformat()
     return (_at(interval.anchor[1]) - LATE_ARRIVAL).date().isoformat()
 
 
