@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from fabric.adapters.management import ManagementClient
 from fabric.adapters.secrets import SecretCredentials
 from fabric.errors import ConfigError, RotationError
-from fabric.topology_apply import JsonObject, password_matches, user_tags
+from fabric.topology_apply import JsonObject, password_matches, user_secret_arns, user_tags
 
 _LOG = logging.getLogger(__name__)
 
@@ -290,22 +290,19 @@ def _check_names(value: Mapping[str, str], username: str, stage: str) -> None:
         )
 
 
-def user_secret_arns(environ: Mapping[str, str]) -> dict[str, str]:
-    """``USER_SECRET_ARNS``, the JSON object broker user name -> secret ARN, read as the
-    topology function reads it (``fabric.topology_resource``).
+def _user_secrets(environ: Mapping[str, str]) -> dict[str, str]:
+    """``USER_SECRET_ARNS`` (``fabric.topology_apply.user_secret_arns``, as the topology
+    function reads it).
 
     Raises:
         ConfigError: the setting is missing or not a JSON object.
     """
     try:
-        user_secrets = json.loads(environ["USER_SECRET_ARNS"])
-        if not isinstance(user_secrets, dict):
-            raise TypeError("USER_SECRET_ARNS is not a JSON object")
+        return user_secret_arns(environ)
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(
             f"rotation function setting USER_SECRET_ARNS missing or malformed: {exc}"
         ) from None
-    return {str(name): str(arn) for name, arn in user_secrets.items()}
 
 
 def on_event(
@@ -326,7 +323,7 @@ def on_event(
         url, admin_arn = environ["MANAGEMENT_URL"], environ["ADMIN_SECRET_ARN"]
     except KeyError as exc:
         raise ConfigError(f"rotation function setting missing: {exc}") from None
-    user_secrets = user_secret_arns(environ)
+    user_secrets = _user_secrets(environ)
     client = (secrets_client or _secrets_manager)()
     admin_user, admin_password = SecretCredentials(admin_arn, lambda: client)()
     broker = client_factory(url, admin_user, admin_password)

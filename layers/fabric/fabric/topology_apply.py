@@ -464,6 +464,21 @@ def _differences(
     return found
 
 
+def user_secret_arns(environ: Mapping[str, str]) -> dict[str, str]:
+    """``USER_SECRET_ARNS``, the JSON object broker user name -> secret ARN that the topology
+    and rotation functions get from the stack.
+
+    Raises:
+        KeyError: the setting is missing.
+        ValueError: it is not JSON.
+        TypeError: it is not a JSON object.
+    """
+    user_secrets = json.loads(environ["USER_SECRET_ARNS"])
+    if not isinstance(user_secrets, dict):
+        raise TypeError("USER_SECRET_ARNS is not a JSON object")
+    return {str(name): str(arn) for name, arn in user_secrets.items()}
+
+
 def password_matches(user: Mapping[str, Any], password: str) -> bool:
     """Whether ``password`` is the one behind the broker's salted hash; False if uncheckable."""
     algorithm = _PASSWORD_HASHES.get(str(user.get("hashing_algorithm")))

@@ -51,7 +51,6 @@ So the platform user without a record was left by a resource that never wrote on
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import time
@@ -80,6 +79,7 @@ from fabric.topology_apply import (
     delete_topology,
     diff_topology,
     password_matches,
+    user_secret_arns,
 )
 
 _LOG = logging.getLogger(__name__)
@@ -527,12 +527,9 @@ def _items(changes: Iterable[Change], *, kind: bool = False) -> list[dict[str, A
 
 def _settings(environ: Mapping[str, str]) -> _Settings:
     try:
-        user_secrets = json.loads(environ["USER_SECRET_ARNS"])
-        if not isinstance(user_secrets, dict):
-            raise TypeError("USER_SECRET_ARNS is not a JSON object")
         return _Settings(
             url=environ["MANAGEMENT_URL"],
-            user_secrets={str(name): str(arn) for name, arn in user_secrets.items()},
+            user_secrets=user_secret_arns(environ),
             environment=environ["FABRIC_ENV"],
             admin_arn=environ["ADMIN_SECRET_ARN"],
             vhost=environ.get("RABBITMQ_VHOST") or "/",
