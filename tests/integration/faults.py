@@ -152,6 +152,15 @@ class FaultProxy:
         with self._lock:
             self._release = until
 
+    def release_replies(self) -> None:
+        """End ``hold_replies`` now: hand over everything held, in one send per connection."""
+        with self._lock:
+            self._release = None
+            held, self._held = self._held, {}
+            for client, data in held.items():
+                with contextlib.suppress(OSError):
+                    client.sendall(b"".join(data))
+
     def close(self) -> None:
         """Stop the proxy and drop everything."""
         self._stop.set()

@@ -21,7 +21,7 @@ from fabric.ports import Failure, OutboundMessage
 from fabric.router import Router
 from fabric.routing import default_routing_table
 from tests.integration.conftest import AMQP
-from tests.integration.faults import FaultProxy
+from tests.integration.faults import FaultProxy, is_method
 from tests.integration.test_rabbitmq_transport import messages, quorum_queue, transport
 
 pytestmark = pytest.mark.integration
@@ -171,6 +171,40 @@ def test_a_slow_source_is_not_a_broker_timeout(vhost: str, channel: Any, window:
             yield message
 
     outcomes = sender.publish(produce())
+    assert all(o.stored for o in outcomes), {o.failure for o in outcomes}
+    sender.close()
+
+
+def test_a_slow_source_after_a_burst_of_confirms_is_not_a_broker_timeout(
+    vhost: str, channel: Any
+) -> None:
+    # Confirms read together run their callbacks one after another in one turn of the loop:
+    # the first ones' callbacks publish into the window (frames pika writes only on the next
+    # turn), the last one confirms everything written, and its callback pulls a message from a
+    # slow source. What is outstanding then was never written: its time is not the broker's.
+    quorum_queue(channel, "work", "ingress")
+    proxy = FaultProxy(AMQP)
+    sender = transport(vhost, "ingress", port=proxy.port, confirm_window=10)
+    assert all(o.stored for o in sender.publish(messages(3)))  # connected, warm
+    batch = messages(40)
+    acks = is_method((60, 80))
+
+    def produce() -> Iterator[OutboundMessage]:
+        for n, message in enumerate(batch):
+            if n == 19:  # the last message the burst's callbacks pull
+                time.sleep(0.8)
+            yield message
+
+    proxy.hold_replies(until=lambda _frame: False)
+    releaser = threading.Timer(0.3, proxy.release_replies)
+    releaser.start()
+    try:
+        outcomes = sender.publish(produce())
+    finally:
+        releaser.join()
+        proxy.close()
+    burst = [f for to_client, f in proxy.seen if to_client and acks(f)]
+    assert len(burst) > 1, "the broker confirmed the window in one frame: no burst to test"
     assert all(o.stored for o in outcomes), {o.failure for o in outcomes}
     sender.close()
 

@@ -189,6 +189,11 @@ class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika shi
             if held and self.is_open:  # a connection lost meanwhile has no transport to write to
                 super()._adapter_emit_data(b"".join(held))
 
+    def unsent(self) -> bool:
+        """Whether frames handed over are still waiting for the I/O loop to write them."""
+        transport = self._transport
+        return transport is not None and transport.get_write_buffer_size() > 0
+
     @property
     def body_max(self) -> int:
         """The largest body frame payload this connection negotiated."""
@@ -463,6 +468,7 @@ class RabbitMqTransport:
             first_tag=self._published + 1,
             window=self._settings.confirm_window,
             coalesced=self._connection.coalesced,
+            unsent=self._connection.unsent,
             on_settled=stop_if_current,
             schedule=lambda callback: loop.call_later(0, callback),
             clock=self._clock,
@@ -677,11 +683,13 @@ class _Batch:
         first_tag: int,
         window: int,
         coalesced: Callable[[], contextlib.AbstractContextManager[None]],
+        unsent: Callable[[], bool],
         on_settled: Callable[[], None],
         schedule: Callable[[Callable[[], None]], object],
         clock: Callable[[], float],
     ) -> None:
         self.coalesced = coalesced
+        self.unsent = unsent
         self.schedule = schedule
         self.pump_scheduled = False
         self.meanwhile_timer: object | None = None  # the scheduled meanwhile, until it runs
@@ -737,15 +745,18 @@ class _Batch:
         being prepared (the source may be a generator that validates and encrypts).
         """
         self.pump_scheduled = False
-        idle = not self.in_flight
+        # Nothing outstanding, or frames the loop has not written yet: earlier callbacks of this
+        # turn (confirms read together, a scheduled pump) published them, and the confirms read
+        # with them may have settled everything written before.
+        idle = not self.in_flight or self.unsent()
         with self.coalesced():
             more = self._publish_chunk()
         if idle and self.in_flight:
-            # Nothing was outstanding: the broker's time starts when this chunk's frames are
-            # written, after it, not at its first publish. The caller's source may have spent
-            # longer than the timeout in between (validating, encrypting, a KMS call for a new
-            # data key). Time spent here with messages outstanding is not credited: those were
-            # written before, and their confirms wait on the socket for the watchdog's look.
+            # The broker's time starts when this chunk's frames are written, after it, not at
+            # its first publish. The caller's source may have spent longer than the timeout in
+            # between (validating, encrypting, a KMS call for a new data key). Time spent here
+            # with written messages outstanding is not credited: their confirms wait on the
+            # socket for the watchdog's look.
             self.progress_at = self.clock()
         if more:
             if not self.pump_scheduled:
