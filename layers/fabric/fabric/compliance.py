@@ -256,15 +256,19 @@ class Figures:
         # drained copies seen: (message id, group) -> latest drained instant
         self.drained: dict[tuple[str, str], str] = {}
 
-    def add(self, record: Mapping[str, Any], *, late_before: str = "") -> None:
+    def add(
+        self, record: Mapping[str, Any], *, late_before: str = "", at: str | None = None
+    ) -> None:
         """Count one record (records may come in any order).
 
         ``late_before``: a UTC day (``YYYY-MM-DD``); a record stamped before the period on a
         day before it reached the trail after that day's report window closed, and is counted
         as late (``fabric.compliance_run`` knows the windows: ``_late_before``). A record whose
         groups or queues are not lists is not the fabric's (a tampered object's, which the
-        verifier names) and is not counted: it would stop the report."""
-        at = instant(str(record.get("at", "")))
+        verifier names) and is not counted: it would stop the report. ``at``: the record's
+        ``instant``, when the caller has it already."""
+        if at is None:
+            at = instant(str(record.get("at", "")))
         if not _well_typed(record):
             return
         if at < self.start and "" < at[:10] < late_before:

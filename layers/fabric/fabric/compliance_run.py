@@ -685,12 +685,13 @@ class _Outcomes:
     def add(
         self,
         record: Mapping[str, Any],
+        at: str,
         place: tuple[int, int, int],
         key: str,
         *,
         late_before: str = "",
     ) -> None:
-        """``late_before``: as for ``Figures.add`` (``_late_before``)."""
+        """``at``: the record's ``instant``; ``late_before``: as for ``Figures.add``."""
         event, message_id = record.get("event"), record.get("message_id")
         if not isinstance(message_id, str) or not isinstance(event, str):
             return
@@ -700,7 +701,7 @@ class _Outcomes:
         elif (
             event == "accepted"
             and message_id not in self._answered
-            and _owed(instant(str(record.get("at", ""))), self._start, self._end, late_before)
+            and _owed(at, self._start, self._end, late_before)
         ):
             known = self._waiting.get(message_id)
             if known is None or place < known[0]:
@@ -894,8 +895,10 @@ class _Scan:
                 continue
             self.counted.add(key)
             for number, record in enumerate(_countable(data)):
-                self.outcomes.add(record, (index, order[key], number), key, late_before=late_before)
-                self.figures.add(record, late_before=late_before)
+                at = instant(str(record.get("at", "")))
+                place = (index, order[key], number)
+                self.outcomes.add(record, at, place, key, late_before=late_before)
+                self.figures.add(record, late_before=late_before, at=at)
 
     def check(self) -> WriterCheck:
         """The window's verdict and counts, as ``check_window`` gives them."""
