@@ -165,6 +165,13 @@ def drain(
             f"  {queue} refused messages (full or stalled?): they stay in the fallback queue",
             file=out,
         )
+    misdelivered = int(body.get("misdelivered") or 0)
+    if misdelivered:  # in ``left`` too
+        print(
+            f"  {misdelivered} cop{'y' if misdelivered == 1 else 'ies'} in a group's queue not "
+            "published for that group: not moved (see FallbackMisdelivered)",
+            file=out,
+        )
     # ``left`` counts the copies this run received and did not move (they stay in SQS), not
     # what SQS still holds: copies no receive reached (the limits, or a stop) are not in it.
     print(

@@ -30,6 +30,9 @@ class FailoverAlarms(Construct):
       store their messages (router metric ``RejectedUnavailable``).
     - ``AuditRecordsLost``: an audit batch could not be stored on any path, so the trail is
       missing records (router metric ``AuditRecordsLost``).
+    - ``FallbackMisdelivered``: the drain found a copy in a group's fallback queue that was not
+      published for that group (drain metric ``DrainMisdelivered``): a subscription lost or
+      changed its filter. The copy was not moved.
 
     Each alarm also notifies when it returns to OK, so on-call sees the recovery.
     """
@@ -133,6 +136,20 @@ class FailoverAlarms(Construct):
                 "exchange nor the SQS audit queue took them): the audit trail is missing them. "
                 "Page immediately; check the broker and the audit queue, and the router's log "
                 "('audit batch of N record(s) could not be stored')."
+            ),
+        )
+
+        # SNS has no IAM condition on a subscription's filter policy: the drain checks each
+        # copy's audience instead, and pages on one that was not for its queue's group.
+        self.alarms["FallbackMisdelivered"] = self._alarm(
+            "FallbackMisdelivered",
+            router_sum(metrics.DRAIN_MISDELIVERED),
+            threshold=1,
+            description=(
+                "The drain found messages in a group's fallback queue that were not published "
+                "for that group, and did not move them: a fallback subscription lost or changed "
+                "its filter policy. Page immediately (child data may be exposed to the wrong "
+                "stakeholder); runbook: FallbackMisdelivered."
             ),
         )
 

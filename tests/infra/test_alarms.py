@@ -6,6 +6,8 @@ import json
 import re
 from typing import Any
 
+import pytest
+
 from fabric import metrics
 from fabric.stakeholders import STAKEHOLDERS
 from fabric.topology import AUDIT_QUEUE, OVERFLOW_QUEUE, UNROUTED_QUEUE, dead_letter_queue_name
@@ -345,25 +347,29 @@ def test_the_audit_dlq_has_an_alarm_of_its_own(env: Synthesized, assembly: Assem
     assert "audit writer" in alarm["AlarmDescription"]
 
 
-def test_any_audit_record_the_router_could_not_store_pages(
-    env: Synthesized, assembly: Assembly
+@pytest.mark.parametrize(
+    ("name", "metric"),
+    [
+        ("AuditRecordsLost", metrics.AUDIT_RECORDS_LOST),  # the router could not store records
+        ("FallbackMisdelivered", metrics.DRAIN_MISDELIVERED),  # a copy not for its queue's group
+    ],
+)
+def test_a_lost_audit_record_or_a_misdelivered_fallback_copy_pages(
+    env: Synthesized, assembly: Assembly, name: str, metric: str
 ) -> None:
     template = services(env, assembly)
     (alarm,) = [
         a["Properties"]
         for logical_id, a in of_type(template, "AWS::CloudWatch::Alarm").items()
-        if logical_id.startswith("FailoverAlarmsAuditRecordsLost")
+        if logical_id.startswith(f"FailoverAlarms{name}")
     ]
-    # As the router's EMF line names it (fabric.adapters.emf): namespace, metric, dimension.
-    assert (alarm["Namespace"], alarm["MetricName"]) == (
-        metrics.NAMESPACE,
-        metrics.AUDIT_RECORDS_LOST,
-    )
+    # As the function's EMF line names it (fabric.adapters.emf): namespace, metric, dimension.
+    assert (alarm["Namespace"], alarm["MetricName"]) == (metrics.NAMESPACE, metric)
     assert alarm["Dimensions"] == [{"Name": metrics.DIMENSION, "Value": env.stage.stage_name}]
     assert (alarm["Statistic"], alarm["Period"], alarm["Threshold"]) == ("Sum", 60, 1)
     assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
     assert alarm["EvaluationPeriods"] == 1
-    assert alarm["TreatMissingData"] == "notBreaching"  # written only when records are lost
+    assert alarm["TreatMissingData"] == "notBreaching"
     ((topic_id, _topic),) = [
         (k, t)
         for k, t in of_type(template, "AWS::SNS::Topic").items()

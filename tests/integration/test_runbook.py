@@ -123,3 +123,24 @@ def test_the_cli_finds_the_queues_of_the_environment_named_in_cdk_json(
 def test_the_cli_refuses_an_unknown_environment(capsys: pytest.CaptureFixture[str]) -> None:
     assert runbook.main(["drain", "--env", "qa", "--dry-run"]) == 2
     assert "unknown environment 'qa'" in capsys.readouterr().out
+
+
+def test_a_drain_that_met_copies_of_other_groups_exits_1_and_names_the_alarm(
+    aws: dict[str, Any],
+) -> None:
+    # A subscription lost its filter: fabric.media's queue held two of academic's messages.
+    report = {
+        "moved": {"fabric.media": 1},
+        "total": 1,
+        "left": 2,
+        "stopped": "empty",
+        "refused": [],
+        "misdelivered": 2,
+    }
+    status, output = run(DrainFunction(report), max_messages=None, dry_run=False)
+    assert status == 1
+    assert (
+        "2 copies in a group's queue not published for that group: not moved "
+        "(see FallbackMisdelivered)" in output
+    )
+    assert "summary: moved 1, received and not moved 2, stopped: empty" in output

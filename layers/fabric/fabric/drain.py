@@ -26,6 +26,19 @@ emergency queues, or with bulk, up to its time limit), at most every ``RECHECK_S
 looks into each emergency queue found empty again with a receive that does not wait, and moves
 what it finds first, the same way; a run that moved bulk since its last look takes one more
 look before it returns, once one is due.
+
+The drain does not trust the SNS subscriptions to have filtered: SNS has no IAM condition on a
+subscription's filter policy, so whoever may subscribe or set subscription attributes could
+send one group's queue every group's messages. Each copy names the groups it was published for
+(its ``audience`` attribute, which the router's SNS transport always sets), and a copy whose
+audience does not name the queue's group, or cannot be read, is not moved: it stays in SQS (its
+redrive policy takes it to the queue's DLQ), is logged without its content, counted in the
+report (``misdelivered``) and the ``DrainMisdelivered`` metric, and audited ``dead-lettered``
+(``drain-misdelivered``, ``drain-audience-unreadable``) at its last receive. A copy without an
+audience attribute did not come through that transport (SNS and the redrive keep every
+attribute) and is moved, as before: no subscription change can take the attribute off a
+message, and such copies (a subscription DLQ's, a message sent to a queue by hand) are what the
+drain has always taken as the group's.
 """
 
 from __future__ import annotations
@@ -78,6 +91,15 @@ _BROKER_DOWN = frozenset({Failure.UNAVAILABLE})
 # timeout may be its work queue's alone (a quorum queue without its majority): the probes then
 # tell whether the run stops or only leaves that queue.
 _NO_PUBLISHES = frozenset({Failure.UNAVAILABLE, Failure.TIMEOUT})
+# The ``dead-lettered`` reasons of a copy the drain does not move for its audience: published
+# for other groups than the queue's, or with an ``audience`` attribute it cannot read.
+MISDELIVERED_REASON = "drain-misdelivered"
+AUDIENCE_UNREADABLE_REASON = "drain-audience-unreadable"
+# Batches in a row of nothing but misdelivered copies the run met before (back after their
+# visibility timeout) that end a queue's turn in the run. A receive hides them again, so the
+# next one gets what waits behind them; with a visibility timeout shorter than a receive they
+# would come back each time, and the queue would go round until the time limit.
+_MET_AGAIN_BATCHES = 3
 
 
 @dataclass(frozen=True)
@@ -108,6 +130,10 @@ class DrainReport:
     left: int = 0
     stopped: str = "empty"
     refused: list[str] = field(default_factory=list)  # work queues that refused messages
+    # Copies received from a group's queue that were not published for that group (their
+    # audience does not name it, or cannot be read): not moved, left in SQS (so in ``left``
+    # too), each counted once a run however often it comes back.
+    misdelivered: int = 0
 
     @property
     def total(self) -> int:
@@ -131,6 +157,26 @@ def _reply_properties(body: bytes) -> tuple[str | None, str | None]:
         correlation_id if isinstance(correlation_id, str) and correlation_id else None,
         reply_to if isinstance(reply_to, str) and reply_to else None,
     )
+
+
+def _misdelivery(queue: FallbackQueue, item: Received) -> str | None:
+    """Why ``item`` must not move into ``queue``'s work queue (a reason code), or None.
+
+    A copy whose audience does not name the queue's group, or whose audience cannot be read,
+    was not published for the group. A copy without an audience attribute is moved: the router's
+    transport sets one on every message and SNS delivers it (raw or in its notification, also to
+    a subscription's DLQ), so no subscription change yields a copy without it."""
+    if item.audience_unreadable:
+        return AUDIENCE_UNREADABLE_REASON
+    if item.audience is not None and queue.group.value not in item.audience:
+        return MISDELIVERED_REASON
+    return None
+
+
+def _copy_key(item: Received) -> tuple[str, str]:
+    """A copy as the drain knows it again when SQS hands it out once more (a new receipt
+    handle): its message id and body."""
+    return item.message_id, sha256_hex(item.body)
 
 
 def _log_id(item: Received) -> str:
@@ -166,6 +212,10 @@ class Drainer:
         self._audit = audit
         self._clock = clock
         self._stalled: set[str] = set()  # the work queues whose confirms timed out this run
+        # The misdelivered copies met this run, by fallback queue (``_copy_key``), and how many
+        # batches in a row brought a queue nothing else.
+        self._misdelivered: dict[str, set[tuple[str, str]]] = {}
+        self._met_again: dict[str, int] = {}
 
     def drain(
         self, *, max_messages: int | None = None, max_seconds: float | None = None
@@ -180,12 +230,18 @@ class Drainer:
         """
         report = self._drain(max_messages or self._max_messages, max_seconds or self._max_seconds)
         if self._metrics is not None:
-            self._metrics.count({metric_names.DRAINED: report.total})
+            self._metrics.count(
+                {
+                    metric_names.DRAINED: report.total,
+                    metric_names.DRAIN_MISDELIVERED: report.misdelivered,
+                }
+            )
         return report
 
     def _drain(self, max_messages: int, max_seconds: float) -> DrainReport:
         report = DrainReport()
         self._stalled = set()
+        self._misdelivered, self._met_again = {}, {}
         deadline = self._clock() + max_seconds
         if self._connect is not None and not (self._connect() and self._takes_publishes()):
             report.stopped = "broker unavailable"  # before a receive counts against anything
@@ -272,6 +328,15 @@ class Drainer:
         batch = self._receive(queue, report, max_messages, deadline, wait=wait)
         if not batch:
             return False
+        batch, new_misdelivered = self._screen(queue, batch, report)
+        if not batch:
+            # Only copies not for this group: those behind them still move. Copies all met
+            # before in this run are back after their visibility timeout: a few such batches
+            # in a row, and the queue is done for this run rather than go round.
+            met_again = 0 if new_misdelivered else self._met_again.get(queue.url, 0) + 1
+            self._met_again[queue.url] = met_again
+            return met_again < _MET_AGAIN_BATCHES
+        self._met_again[queue.url] = 0
         failures = self._move(queue, batch, report)
         if report.stopped != "empty":  # the audit paths, or SQS's deletes, failed
             return False
@@ -413,6 +478,84 @@ class Drainer:
             )
             report.stopped = "fallback queue unavailable"
         return failures
+
+    def _screen(
+        self, queue: FallbackQueue, batch: list[Received], report: DrainReport
+    ) -> tuple[list[Received], bool]:
+        """The copies of ``batch`` published for ``queue``'s group, and whether the others held
+        one not met before in this run.
+
+        A copy not published for the group (``_misdelivery``) is not moved, nor deleted: it
+        stays in SQS, and its queue's redrive policy takes it to the DLQ after its receives
+        (where operators see it); a subscription's DLQ keeps it. The first time a run meets it,
+        it is logged at ERROR (its message id in the fabric's syntax, the queue, the reason; not
+        its content, nor a hash of it) and counted in ``misdelivered`` and ``left``; at its last
+        receive it is audited ``dead-lettered`` (``_audit_misdelivered``)."""
+        movable: list[Received] = []
+        foreign: list[tuple[Received, str]] = []
+        for item in batch:
+            reason = _misdelivery(queue, item)
+            if reason is None:
+                movable.append(item)
+            else:
+                foreign.append((item, reason))
+        unchecked = sum(item.audience is None for item in movable)
+        if unchecked:
+            _LOG.warning(
+                "%d message(s) in %s carry no audience attribute: moved to %s unchecked",
+                unchecked,
+                queue.url,
+                queue.work_queue,
+            )
+        if not foreign:
+            return movable, False
+        seen = self._misdelivered.setdefault(queue.url, set())
+        new = [(item, reason) for item, reason in foreign if _copy_key(item) not in seen]
+        for item, reason in new:
+            seen.add(_copy_key(item))
+            _LOG.error(
+                "%s in %s was not published for %s (%s): not moved, left in SQS",
+                normalize_message_id(item.message_id) or "a message without a fabric id",
+                queue.url,
+                queue.group.value,
+                reason,
+            )
+        report.misdelivered += len(new)
+        report.left += len(new)
+        self._audit_misdelivered(queue, foreign)
+        return movable, bool(new)
+
+    def _audit_misdelivered(
+        self, queue: FallbackQueue, foreign: list[tuple[Received, str]]
+    ) -> None:
+        """Audit ``dead-lettered`` each copy not published for ``queue``'s group at the last
+        receive its redrive policy allows, as ``_audit_dead_lettered`` does a copy the broker
+        did not take: SQS moves it to the queue's DLQ next. ``reason`` ``drain-misdelivered``
+        or ``drain-audience-unreadable``; ``groups`` and ``queues`` where it was found; no body
+        hash (it never reached the group, and a hash of a child's data in a trail locked for
+        seven years would let a reader confirm a guess at it). Best effort, likewise."""
+        if queue.max_receives is None:
+            return
+        now = datetime.now(UTC)
+        records = [
+            AuditRecord(
+                event=AuditEvent.DEAD_LETTERED,
+                at=now,
+                message_id=normalize_message_id(item.message_id),
+                source="drain",
+                topic=item.topic if is_topic(item.topic) else None,
+                reason=reason,
+                attempt=item.receives,
+                groups=(queue.group.value,),
+                queues=(queue.url.rsplit("/", 1)[-1],),
+            )
+            for item, reason in foreign
+            if item.receives >= queue.max_receives
+        ]
+        if records and not self._audit.emit(records):
+            _LOG.error(
+                "audit batch of %d misdelivered message(s) could not be stored", len(records)
+            )
 
     def _audit_dead_lettered(
         self, queue: FallbackQueue, undelivered: list[tuple[Received, Failure]]

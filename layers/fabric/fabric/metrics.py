@@ -31,6 +31,10 @@ of their records (``Written.refused``), so the trail holds none of them. Written
 happens."""
 DRAINED = "Drained"
 """Messages moved from the fallback queues back into RabbitMQ."""
+DRAIN_MISDELIVERED = "DrainMisdelivered"
+"""Copies the drain found in a group's fallback queue (or its subscription's DLQ) that were not
+published for that group, and did not move (``DrainReport.misdelivered``): a subscription lost
+or changed its filter, or a message reached the queue some other way. Written by every run."""
 COMPLIANCE_REPORTS = "ComplianceReports"
 """Compliance reports written (one per run of the report function)."""
 TRAIL_NOT_VERIFIED = "TrailNotVerified"

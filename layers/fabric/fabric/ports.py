@@ -183,6 +183,12 @@ class Received:
     # The times the queue has handed it out, this receive included (SQS's
     # ApproximateReceiveCount); 0 where the source does not say.
     receives: int = 0
+    # The group names it was published for: the SNS ``audience`` attribute, which the router's
+    # fallback transport sets on every message (``fabric.adapters.sns``), read strictly as a
+    # JSON list of strings. None when it carries no such attribute, or one that is no such list
+    # (then ``audience_unreadable``): never guessed from anything else.
+    audience: frozenset[str] | None = None
+    audience_unreadable: bool = False
 
 
 class FallbackSource(Protocol):

@@ -7,7 +7,12 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
+from fabric.adapters.sns import (
+    AUDIENCE_ATTRIBUTE,
+    HEADERS_ATTRIBUTE,
+    MESSAGE_ID_ATTRIBUTE,
+    TOPIC_ATTRIBUTE,
+)
 from fabric.errors import TransportUnavailable
 from fabric.ports import Received
 
@@ -124,10 +129,11 @@ def _published(item: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         and isinstance(notification.get("MessageAttributes", {}), dict)
     ):
         return body, attributes
+    # An attribute that is no ``{"Type", "Value"}`` object is kept, without a value: read, it
+    # is as absent as before, but an ``audience`` so garbled is unreadable, not missing.
     published = {
-        name: {"StringValue": value.get("Value")}
+        name: {"StringValue": value.get("Value")} if isinstance(value, dict) else {}
         for name, value in notification.get("MessageAttributes", {}).items()
-        if isinstance(value, dict)
     }
     return notification["Message"], published
 
@@ -158,6 +164,7 @@ def _received(item: dict[str, Any]) -> Received:
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise TypeError("the headers attribute is not an object of text values")
     receives = str(item.get("Attributes", {}).get("ApproximateReceiveCount", ""))
+    audience, unreadable = _audience(attributes)
     return Received(
         handle=str(item["ReceiptHandle"]),
         body=body.encode("utf-8"),
@@ -165,4 +172,31 @@ def _received(item: dict[str, Any]) -> Received:
         topic=topic,
         headers=headers,
         receives=int(receives) if receives.isdigit() else 0,
+        audience=audience,
+        audience_unreadable=unreadable,
     )
+
+
+def _audience(attributes: dict[str, Any]) -> tuple[frozenset[str] | None, bool]:
+    """The group names of the ``audience`` attribute, and whether it is there but unreadable.
+
+    The router's SNS transport always sets it, a JSON list of group names (``String.Array``),
+    and SNS delivers it with the message in either form (``_published``), as the redrive does
+    when it puts a dead letter back. Read strictly: a value that is not text, not JSON, or not
+    a list of strings is unreadable (None, True), never read as some group; a message without
+    the attribute has none (None, False). The drain decides what either means
+    (``fabric.drain``).
+    """
+    if AUDIENCE_ATTRIBUTE not in attributes:
+        return None, False
+    attribute = attributes[AUDIENCE_ATTRIBUTE]
+    text = attribute.get("StringValue") if isinstance(attribute, dict) else None
+    if not isinstance(text, str):
+        return None, True
+    try:
+        names = json.loads(text)
+    except (ValueError, RecursionError):
+        return None, True
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return None, True
+    return frozenset(names), False

@@ -1,0 +1,389 @@
+"""The drain does not trust the SNS subscriptions: a copy whose ``audience`` does not name the
+queue's group (a subscription that lost or changed its filter hands a group every group's
+fallback messages) is not moved into that group's work queue, nor deleted from SQS."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from fabric import metrics as metric_names
+from fabric.adapters.memory import (
+    MemoryAuditSink,
+    MemoryFallbackSource,
+    MemoryMetrics,
+    MemoryTransport,
+)
+from fabric.adapters.sns import (
+    AUDIENCE_ATTRIBUTE,
+    HEADERS_ATTRIBUTE,
+    MESSAGE_ID_ATTRIBUTE,
+    TOPIC_ATTRIBUTE,
+)
+from fabric.adapters.sqs import _received
+from fabric.audit import AuditEvent, sha256_hex
+from fabric.drain import (
+    FALLBACK_MAX_RECEIVES,
+    Drainer,
+    FallbackQueue,
+)
+from fabric.ports import Received
+from fabric.stakeholders import Stakeholder
+from fabric.topology import queue_name
+from tests.conftest import load_handler
+from tests.unit.test_drain_handler import ENVIRONMENT
+
+MEDIA = FallbackQueue(
+    url="https://sqs.ap-southeast-3.amazonaws.com/111111111111/fabric-test-fallback-media",
+    group=Stakeholder.MEDIA,
+    emergency=False,
+    max_receives=FALLBACK_MAX_RECEIVES,
+)
+MEDIA_SUB_DLQ = FallbackQueue(url=f"{MEDIA.url}-sub-dlq", group=Stakeholder.MEDIA, emergency=False)
+MEDIA_WORK = queue_name(Stakeholder.MEDIA)
+CHILD = "Siti Rahayu, 7, Jalan Melati 12"  # stands for child data
+
+
+def body_of(message_id: str) -> bytes:
+    return json.dumps(
+        {"message_id": message_id, "topic": "donation.received", "payload": {"name": CHILD}}
+    ).encode()
+
+
+def copy(
+    audience: Sequence[str] | None, *, receives: int = 1, unreadable: bool = False
+) -> Received:
+    """A copy as the SQS adapter reads it, published for ``audience`` (None: no attribute)."""
+    message_id = str(uuid.uuid4())
+    return Received(
+        f"handle-{uuid.uuid4()}",
+        body_of(message_id),
+        message_id,
+        "donation.received",
+        receives=receives,
+        audience=None if audience is None else frozenset(audience),
+        audience_unreadable=unreadable,
+    )
+
+
+def sqs_message(attributes: dict[str, Any], *, notification: bool = False) -> dict[str, Any]:
+    """An SQS message as SNS delivered it raw, or inside its JSON notification (a subscription
+    DLQ's form)."""
+    message_id = str(uuid.uuid4())
+    attributes = {MESSAGE_ID_ATTRIBUTE: message_id, TOPIC_ATTRIBUTE: "donation.received"} | (
+        attributes
+    )
+    if notification:
+        body = json.dumps(
+            {
+                "Type": "Notification",
+                "Message": body_of(message_id).decode(),
+                "MessageAttributes": {
+                    name: value
+                    if isinstance(value, dict | list | int)
+                    else {"Type": "String", "Value": value}
+                    for name, value in attributes.items()
+                },
+            }
+        )
+        sqs_attributes: dict[str, Any] = {}
+    else:
+        body = body_of(message_id).decode()
+        sqs_attributes = {
+            name: value
+            if isinstance(value, dict)
+            else {"DataType": "String.Array", "StringValue": value}
+            for name, value in attributes.items()
+        }
+    return {
+        "MessageId": str(uuid.uuid4()),
+        "ReceiptHandle": "h",
+        "Body": body,
+        "MessageAttributes": sqs_attributes,
+        "Attributes": {"ApproximateReceiveCount": "1"},
+    }
+
+
+# -- the SQS adapter reads the audience strictly ----------------------------------------------
+
+
+@pytest.mark.parametrize("notification", [False, True])
+def test_the_audience_the_router_sets_is_read_in_either_form(notification: bool) -> None:
+    item = _received(
+        sqs_message({AUDIENCE_ATTRIBUTE: '["academic","media"]'}, notification=notification)
+    )
+    assert (item.audience, item.audience_unreadable) == (frozenset({"academic", "media"}), False)
+
+
+@pytest.mark.parametrize("notification", [False, True])
+def test_a_copy_without_an_audience_attribute_is_read_as_having_none(notification: bool) -> None:
+    item = _received(sqs_message({}, notification=notification))
+    assert (item.audience, item.audience_unreadable) == (None, False)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "media",  # not JSON
+        '"media"',  # JSON, not a list
+        '{"media": true}',
+        '["media", 1]',  # not only strings
+        '[["media"]]',
+        "[" * 100_000 + "]" * 100_000,  # nested too deeply to parse
+        "",
+    ],
+)
+@pytest.mark.parametrize("notification", [False, True])
+def test_an_audience_that_is_no_list_of_names_is_unreadable_not_guessed(
+    value: str, notification: bool
+) -> None:
+    item = _received(sqs_message({AUDIENCE_ATTRIBUTE: value}, notification=notification))
+    assert (item.audience, item.audience_unreadable) == (None, True)
+
+
+@pytest.mark.parametrize(
+    ("attribute", "notification"),
+    [
+        ({"DataType": "Binary", "BinaryValue": b'["media"]'}, False),  # no text value at all
+        ({"Type": "String.Array", "Value": ["media"]}, True),  # a value that is no text
+        (["media"], True),  # an attribute that is no {"Type", "Value"} object
+        (7, True),
+    ],
+)
+def test_an_audience_attribute_without_a_text_value_is_unreadable(
+    attribute: Any, notification: bool
+) -> None:
+    item = _received(sqs_message({AUDIENCE_ATTRIBUTE: attribute}, notification=notification))
+    assert (item.audience, item.audience_unreadable) == (None, True)
+
+
+def test_the_other_attributes_are_read_as_before_beside_a_garbled_audience() -> None:
+    message = sqs_message(
+        {AUDIENCE_ATTRIBUTE: ["media"], HEADERS_ATTRIBUTE: '{"k": "v"}'}, notification=True
+    )
+    item = _received(message)
+    assert (item.topic, dict(item.headers), item.audience_unreadable) == (
+        "donation.received",
+        {"k": "v"},
+        True,
+    )
+
+
+# -- the drain moves only what was published for the queue's group ----------------------------
+
+
+def drained(
+    queue: FallbackQueue, *items: Received, metrics: MemoryMetrics | None = None
+) -> tuple[Any, MemoryFallbackSource, MemoryTransport, MemoryAuditSink]:
+    source, broker, audit = MemoryFallbackSource(), MemoryTransport(), MemoryAuditSink()
+    source.send(queue.url, *items)
+    report = Drainer(
+        queues=[queue], source=source, broker=broker, audit=audit, metrics=metrics
+    ).drain()
+    return report, source, broker, audit
+
+
+def test_a_copy_published_for_other_groups_is_neither_moved_nor_deleted() -> None:
+    # A media subscription without its filter: academic's message reached media's queue too.
+    own, shared, foreign = copy(["media"]), copy(["academic", "media"]), copy(["academic"])
+
+    report, source, broker, audit = drained(MEDIA, own, foreign, shared)
+
+    assert [(m.message_id, m.redeliver_to) for m in broker.published] == [
+        (own.message_id, MEDIA_WORK),
+        (shared.message_id, MEDIA_WORK),
+    ]
+    # Left in SQS (received, not deleted: it comes back, and reaches the queue's DLQ).
+    assert list(source._hidden) == [foreign.handle]
+    assert (report.moved, report.misdelivered, report.left, report.stopped) == (
+        {MEDIA_WORK: 2},
+        1,
+        1,
+        "empty",
+    )
+    assert report.refused == []  # the work queue took what it was given
+    assert [(r.event, r.message_id) for r in audit.records] == [
+        (AuditEvent.DRAINED, own.message_id),
+        (AuditEvent.DRAINED, shared.message_id),
+    ]
+    assert sha256_hex(foreign.body) not in audit.bodies  # not archived as a move
+
+
+def test_a_copy_with_an_unreadable_or_empty_audience_is_not_moved() -> None:
+    garbled, empty = copy(None, unreadable=True), copy([])
+
+    report, source, broker, _audit = drained(MEDIA, garbled, empty)
+
+    assert broker.published == []
+    assert set(source._hidden) == {garbled.handle, empty.handle}
+    assert (report.total, report.misdelivered, report.left) == (0, 2, 2)
+
+
+def test_a_copy_without_an_audience_attribute_is_moved_as_the_groups() -> None:
+    # The router's transport sets one on every message and SNS and the redrive keep it: a copy
+    # without one did not come from a subscription (a hand-made message, the existing fixtures).
+    unlabelled = copy(None)
+
+    report, _source, broker, _audit = drained(MEDIA, unlabelled)
+
+    assert [m.message_id for m in broker.published] == [unlabelled.message_id]
+    assert (report.total, report.misdelivered) == (1, 0)
+
+
+def test_a_misdelivered_copy_is_logged_at_error_without_its_content(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    foreign = copy(["academic"])
+    named_by_child = replace(copy(["academic"]), message_id=CHILD)
+
+    with caplog.at_level(logging.INFO, logger="fabric.drain"):
+        drained(MEDIA, foreign, named_by_child)
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2
+    assert foreign.message_id in errors[0]
+    assert "drain-misdelivered" in errors[0]
+    assert MEDIA.url in errors[0]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert CHILD not in logged
+    assert sha256_hex(foreign.body) not in logged
+    assert sha256_hex(named_by_child.body) not in logged
+
+
+def test_at_its_last_receive_a_misdelivered_copy_is_audited_dead_lettered_without_a_hash() -> None:
+    last = copy(["academic"], receives=FALLBACK_MAX_RECEIVES)
+    garbled = copy(None, receives=FALLBACK_MAX_RECEIVES + 1, unreadable=True)
+    earlier = copy(["academic"], receives=FALLBACK_MAX_RECEIVES - 1)  # comes back: no record
+
+    report, _source, broker, audit = drained(MEDIA, last, garbled, earlier)
+
+    assert broker.published == []
+    assert report.misdelivered == 3
+    first, second = (record.to_dict() for record in audit.records)
+    assert first == {
+        "event": "dead-lettered",
+        "at": first["at"],
+        "message_id": last.message_id,
+        "source": "drain",
+        "topic": "donation.received",
+        "reason": "drain-misdelivered",
+        "attempt": FALLBACK_MAX_RECEIVES,
+        "groups": ["media"],
+        "queues": ["fabric-test-fallback-media"],  # SQS parks it in its -dlq next
+    }
+    assert (second["message_id"], second["reason"]) == (
+        garbled.message_id,
+        "drain-audience-unreadable",
+    )
+    assert "body_sha256" not in second
+    assert CHILD not in json.dumps([record.to_dict() for record in audit.records])
+    assert audit.bodies == {}
+
+
+def test_a_subscription_dlq_never_claims_a_dead_lettering_of_a_misdelivered_copy() -> None:
+    kept = copy(["academic"], receives=FALLBACK_MAX_RECEIVES * 3)
+
+    report, _source, broker, audit = drained(MEDIA_SUB_DLQ, kept)
+
+    assert (broker.published, audit.records, report.misdelivered) == ([], [], 1)
+
+
+def test_every_run_counts_its_misdelivered_copies_in_a_metric() -> None:
+    metrics = MemoryMetrics()
+
+    drained(MEDIA, copy(["media"]), copy(["academic"]), copy(["business"]), metrics=metrics)
+    drained(MEDIA, copy(["media"]), metrics=metrics)
+
+    assert metrics.calls == 2
+    assert (
+        metrics.totals[metric_names.DRAIN_MISDELIVERED] == 2
+    )  # the second run wrote 0: no missing data
+    assert metrics.totals["Drained"] == 2
+
+
+def test_the_drain_function_answers_how_many_copies_were_misdelivered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    handler: ModuleType = load_handler("drain", monkeypatch)
+    source = MemoryFallbackSource()
+    source.send(MEDIA.url, copy(["media"]), copy(["academic"]))
+    monkeypatch.setattr(
+        handler,
+        "DRAINER",
+        Drainer(queues=[MEDIA], source=source, broker=MemoryTransport(), audit=MemoryAuditSink()),
+    )
+
+    answer = handler.handler({}, None)
+
+    assert answer == {
+        "moved": {MEDIA_WORK: 1},
+        "total": 1,
+        "left": 1,  # the runbook's "received and not moved", and its exit status 1
+        "stopped": "empty",
+        "refused": [],
+        "misdelivered": 1,
+    }
+    # A run that met none answers as before.
+    assert "misdelivered" not in handler.handler({}, None)
+
+
+# -- a copy that comes back does not make the drain go round ------------------------------------
+
+
+@dataclass
+class RevisibleSource:
+    """One SQS queue whose visibility timeout is 0: a copy received and not deleted is visible
+    again at once (first in line, or last), with a new receipt handle and one receive more."""
+
+    waiting: list[Received]
+    first: bool
+    held: dict[str, Received] = field(default_factory=dict)
+    receives: int = 0
+
+    def receive(self, queue: str, limit: int, *, wait: bool = True) -> list[Received]:
+        self.receives += 1
+        back, self.held = list(self.held.values()), {}
+        self.waiting[:] = [*back, *self.waiting] if self.first else [*self.waiting, *back]
+        taken, self.waiting[:] = self.waiting[:limit], self.waiting[limit:]
+        again = [
+            replace(item, handle=f"handle-{uuid.uuid4()}", receives=item.receives + 1)
+            for item in taken
+        ]
+        self.held = {item.handle: item for item in again}
+        return again
+
+    def delete(self, queue: str, handles: Sequence[str]) -> set[str]:
+        return {handle for handle in handles if self.held.pop(handle, None) is not None}
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("foreign_count", [3, 14])
+def test_copies_that_come_back_at_once_end_the_run_and_the_others_still_move(
+    foreign_count: int, first: bool
+) -> None:
+    foreign = [copy(["academic"], receives=0) for _ in range(foreign_count)]
+    own = [copy(["media"], receives=0) for _ in range(25)]
+    source = RevisibleSource(waiting=[*foreign[:3], *own, *foreign[3:]], first=first)
+    broker = MemoryTransport()
+
+    report = Drainer(queues=[MEDIA], source=source, broker=broker, audit=MemoryAuditSink()).drain(
+        max_seconds=5
+    )
+
+    assert report.stopped == "empty"  # not "time limit": it did not go round until then
+    assert sorted(m.message_id for m in broker.published) == sorted(m.message_id for m in own)
+    assert source.receives <= 12
+    assert {item.message_id for item in source.held.values()} <= {m.message_id for m in foreign}
+    # Each counted once, however often it came back (first in line every time, ten of them
+    # fill each batch, and the four behind them wait for the next run).
+    assert report.misdelivered == (10 if first and foreign_count > 10 else foreign_count)
+    assert report.left == report.misdelivered
