@@ -100,6 +100,7 @@ class FaultProxy:
         self._cut: tuple[bool, Callable[[Frame], bool], list[int], bool] | None = None
         self._release: Callable[[Frame], bool] | None = None
         self._held: dict[socket.socket, list[bytes]] = {}
+        self._held_frames: list[Frame] = []
         self.seen: list[tuple[bool, Frame]] = []  # (to_client, frame) of every frame forwarded
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -152,14 +153,17 @@ class FaultProxy:
         with self._lock:
             self._release = until
 
-    def release_replies(self) -> None:
-        """End ``hold_replies`` now: hand over everything held, in one send per connection."""
+    def release_replies(self) -> list[Frame]:
+        """End ``hold_replies`` now: hand over everything held, in one send per connection;
+        the frames that were held."""
         with self._lock:
             self._release = None
             held, self._held = self._held, {}
+            frames, self._held_frames = self._held_frames, []
             for client, data in held.items():
                 with contextlib.suppress(OSError):
                     client.sendall(b"".join(data))
+        return frames
 
     def close(self) -> None:
         """Stop the proxy and drop everything."""
@@ -228,9 +232,12 @@ class FaultProxy:
                     self.seen.append((to_client, frame))
                 if to_client and release is not None:
                     self._held.setdefault(client, []).append(raw)
+                    if frame is not None:
+                        self._held_frames.append(frame)
                     continue
                 if not to_client and release is not None and frame is not None and release(frame):
                     self._release = None
+                    self._held_frames = []
                     held = self._held.pop(client, [])
                     with contextlib.suppress(OSError):
                         client.sendall(b"".join(held))

@@ -171,28 +171,41 @@ class _CoalescingConnection(SelectConnection):  # type: ignore[misc]  # pika shi
     """
 
     _held: list[bytes] | None = None
+    _held_bytes = 0
+    _handed = 0  # bytes handed to pika's transport, which writes them from the I/O loop
 
     def _adapter_emit_data(self, data: bytes) -> None:
         if self._held is None:
+            self._handed += len(data)
             super()._adapter_emit_data(data)
         else:
             self._held.append(data)
+            self._held_bytes += len(data)
 
     @contextlib.contextmanager
     def coalesced(self) -> Iterator[None]:
         """Hold the frames written in the block; send them together at its end."""
         self._held = []
+        self._held_bytes = 0
         try:
             yield
         finally:
             held, self._held = self._held, None
             if held and self.is_open:  # a connection lost meanwhile has no transport to write to
-                super()._adapter_emit_data(b"".join(held))
+                joined = b"".join(held)
+                self._handed += len(joined)
+                super()._adapter_emit_data(joined)
 
-    def unsent(self) -> bool:
-        """Whether frames handed over are still waiting for the I/O loop to write them."""
+    def handed(self) -> int:
+        """Bytes of frames so far, those held in ``coalesced`` included: where the frames of the
+        next publish will end is this plus their length."""
+        return self._handed + (self._held_bytes if self._held is not None else 0)
+
+    def written(self) -> int:
+        """Bytes the I/O loop has written to the socket (the rest wait in pika's buffer: pika
+        writes only from the loop, on its next turn, or when the socket takes more)."""
         transport = self._transport
-        return transport is not None and transport.get_write_buffer_size() > 0
+        return self._handed - (transport.get_write_buffer_size() if transport is not None else 0)
 
     @property
     def body_max(self) -> int:
@@ -468,7 +481,8 @@ class RabbitMqTransport:
             first_tag=self._published + 1,
             window=self._settings.confirm_window,
             coalesced=self._connection.coalesced,
-            unsent=self._connection.unsent,
+            handed=self._connection.handed,
+            written=self._connection.written,
             on_settled=stop_if_current,
             schedule=lambda callback: loop.call_later(0, callback),
             clock=self._clock,
@@ -683,13 +697,16 @@ class _Batch:
         first_tag: int,
         window: int,
         coalesced: Callable[[], contextlib.AbstractContextManager[None]],
-        unsent: Callable[[], bool],
+        handed: Callable[[], int],
+        written: Callable[[], int],
         on_settled: Callable[[], None],
         schedule: Callable[[Callable[[], None]], object],
         clock: Callable[[], float],
     ) -> None:
         self.coalesced = coalesced
-        self.unsent = unsent
+        self.handed = handed
+        self.written = written
+        self.end_of: dict[int, int] = {}  # delivery tag -> ``handed()`` after its frames
         self.schedule = schedule
         self.pump_scheduled = False
         self.meanwhile_timer: object | None = None  # the scheduled meanwhile, until it runs
@@ -745,10 +762,10 @@ class _Batch:
         being prepared (the source may be a generator that validates and encrypts).
         """
         self.pump_scheduled = False
-        # Nothing outstanding, or frames the loop has not written yet: earlier callbacks of this
-        # turn (confirms read together, a scheduled pump) published them, and the confirms read
-        # with them may have settled everything written before.
-        idle = not self.in_flight or self.unsent()
+        # Nothing outstanding that the loop has written: earlier callbacks of this turn
+        # (confirms read together, a scheduled pump) may have published what is, and the
+        # confirms read with them settled everything written before.
+        idle = self._nothing_written_outstanding()
         with self.coalesced():
             more = self._publish_chunk()
         if idle and self.in_flight:
@@ -766,6 +783,14 @@ class _Batch:
             # A timer: from the first call's pump, after the loop has written the last chunk;
             # from a confirm's callback, in the same turn (pika writes on the next one).
             self.meanwhile_timer = self.schedule(self._run_meanwhile)
+
+    def _nothing_written_outstanding(self) -> bool:
+        """Whether no outstanding message has reached the socket: the broker's time has not
+        begun. Frames are written in order, so the oldest outstanding message tells."""
+        if not self.in_flight:
+            return True
+        oldest = next(iter(self.in_flight))
+        return self.end_of.get(oldest, 0) > self.written()
 
     def _pump_and_settle(self) -> None:
         """``pump`` as the loop runs it: between chunks, or after a confirm. It may settle the
@@ -804,6 +829,7 @@ class _Batch:
                 self.lose()
                 return False
             self.in_flight[self.next_tag] = index
+            self.end_of[self.next_tag] = self.handed()
             self.next_tag += 1
         return True
 
@@ -812,8 +838,11 @@ class _Batch:
         meanwhile, self.taken.meanwhile = self.taken.meanwhile, None
         if meanwhile is not None:
             started = self.clock()
+            idle = self._nothing_written_outstanding()
             meanwhile()
             self.taken.caller_ran(self.clock() - started)
+            if idle and self.in_flight:  # as in ``pump``: the last chunk is written after this
+                self.progress_at = self.clock()
 
     def confirm(self, tag: int, *, multiple: bool, ack: bool) -> None:
         if multiple:
@@ -827,6 +856,7 @@ class _Batch:
             tags = [tag]
         for t in tags:
             index = self.in_flight.pop(t, None)
+            self.end_of.pop(t, None)
             if index is None:
                 continue
             message = self.taken.messages[index]
