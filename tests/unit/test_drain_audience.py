@@ -39,6 +39,7 @@ from fabric.stakeholders import Stakeholder
 from fabric.topology import queue_name
 from tests.conftest import load_handler
 from tests.unit.test_drain_handler import ENVIRONMENT
+from tests.unit.test_drain_looks import Clock, TimedBroker
 
 MEDIA = FallbackQueue(
     url="https://sqs.ap-southeast-3.amazonaws.com/111111111111/fabric-test-fallback-media",
@@ -287,12 +288,39 @@ def test_at_its_last_receive_a_misdelivered_copy_is_audited_dead_lettered_withou
     assert audit.bodies == {}
 
 
-def test_a_subscription_dlq_never_claims_a_dead_lettering_of_a_misdelivered_copy() -> None:
-    kept = copy(["academic"], receives=FALLBACK_MAX_RECEIVES * 3)
+def test_a_misdelivered_copy_in_a_subscription_dlq_is_audited_at_its_first_receive() -> None:
+    # A subscription's DLQ has no redrive policy: SQS keeps the copy up to 14 days, and no last
+    # receive ever comes. Before, the trail never said where it was.
+    first = copy(["academic"], receives=1)
+    garbled = copy(None, receives=1, unreadable=True)
+    again = copy(["academic"], receives=2)  # audited at its first receive, in an earlier run
+    unknown = copy(["academic"], receives=0)  # a source that does not count receives
 
-    report, _source, broker, audit = drained(MEDIA_SUB_DLQ, kept)
+    report, source, broker, audit = drained(MEDIA_SUB_DLQ, first, garbled, again, unknown)
 
-    assert (broker.published, audit.records, report.misdelivered) == ([], [], 1)
+    assert broker.published == []
+    assert len(source._hidden) == 4  # all left in the DLQ
+    assert report.misdelivered == 4
+    one, two = (record.to_dict() for record in audit.records)
+    assert one == {
+        "event": "dead-lettered",
+        "at": one["at"],
+        "message_id": first.message_id,
+        "source": "drain",
+        "topic": "donation.received",
+        "reason": "drain-misdelivered",
+        "attempt": 1,
+        "groups": ["media"],
+        "queues": ["fabric-test-fallback-media-sub-dlq"],  # where it stays
+    }
+    assert (two["message_id"], two["reason"], two["attempt"]) == (
+        garbled.message_id,
+        "drain-audience-unreadable",
+        1,
+    )
+    assert "body_sha256" not in two
+    assert CHILD not in json.dumps([record.to_dict() for record in audit.records])
+    assert audit.bodies == {}
 
 
 def test_every_run_counts_its_misdelivered_copies_in_a_metric() -> None:
@@ -336,54 +364,173 @@ def test_the_drain_function_answers_how_many_copies_were_misdelivered(
     assert "misdelivered" not in handler.handler({}, None)
 
 
-# -- a copy that comes back does not make the drain go round ------------------------------------
+# -- a copy that comes back neither ends a queue's turn nor hides what waits behind it -----------
 
 
 @dataclass
-class RevisibleSource:
-    """One SQS queue whose visibility timeout is 0: a copy received and not deleted is visible
-    again at once (first in line, or last), with a new receipt handle and one receive more."""
+class Copy:
+    """A copy in a ``SqsLikeSource`` queue: as last received, and when it is visible again."""
 
-    waiting: list[Received]
-    first: bool
-    held: dict[str, Received] = field(default_factory=dict)
+    item: Received
+    visible_at: float = 0.0
+
+
+@dataclass
+class SqsLikeSource:
+    """SQS queues on a fake clock. A copy received and not deleted is hidden for
+    ``visibility`` seconds, then visible again (where it was in line, or with ``to_back`` at
+    the back), with a new receipt handle and one receive more (``Received.receives``, SQS's
+    ApproximateReceiveCount). With ``max_receives`` (SQS's redrive policy), a copy received
+    that many times goes to ``<queue>-dlq`` at the next receive that meets it. A receive takes
+    ``receive_seconds``; one that waits and finds nothing, a second more (the long poll)."""
+
+    clock: Clock
+    visibility: float
+    max_receives: int | None = None
+    to_back: bool = False
+    receive_seconds: float = 0.75
+    queues: dict[str, list[Copy]] = field(default_factory=dict)
     receives: int = 0
+
+    def send(self, queue: str, *items: Received) -> None:
+        self.queues.setdefault(queue, []).extend(Copy(item) for item in items)
+
+    def ids(self, queue: str) -> list[str]:
+        return [entry.item.message_id for entry in self.queues.get(queue, [])]
 
     def receive(self, queue: str, limit: int, *, wait: bool = True) -> list[Received]:
         self.receives += 1
-        back, self.held = list(self.held.values()), {}
-        self.waiting[:] = [*back, *self.waiting] if self.first else [*self.waiting, *back]
-        taken, self.waiting[:] = self.waiting[:limit], self.waiting[limit:]
-        again = [
-            replace(item, handle=f"handle-{uuid.uuid4()}", receives=item.receives + 1)
-            for item in taken
-        ]
-        self.held = {item.handle: item for item in again}
-        return again
+        self.clock.advance(self.receive_seconds)
+        line = self.queues.setdefault(queue, [])
+        taken: list[Copy] = []
+        for entry in list(line):
+            if len(taken) == min(limit, 10):
+                break
+            if entry.visible_at > self.clock.now:
+                continue
+            if self.max_receives is not None and entry.item.receives >= self.max_receives:
+                line.remove(entry)
+                self.queues.setdefault(f"{queue}-dlq", []).append(entry)
+                continue
+            entry.item = replace(
+                entry.item, handle=f"handle-{uuid.uuid4()}", receives=entry.item.receives + 1
+            )
+            entry.visible_at = self.clock.now + self.visibility
+            taken.append(entry)
+        if self.to_back:
+            line[:] = [entry for entry in line if entry not in taken] + taken
+        if not taken and wait:
+            self.clock.advance(1.0)
+        return [entry.item for entry in taken]
 
     def delete(self, queue: str, handles: Sequence[str]) -> set[str]:
-        return {handle for handle in handles if self.held.pop(handle, None) is not None}
+        line = self.queues.get(queue, [])
+        deleted = {entry.item.handle for entry in line if entry.item.handle in handles}
+        line[:] = [entry for entry in line if entry.item.handle not in deleted]
+        return deleted
 
 
-@pytest.mark.parametrize("first", [True, False])
-@pytest.mark.parametrize("foreign_count", [3, 14])
-def test_copies_that_come_back_at_once_end_the_run_and_the_others_still_move(
-    foreign_count: int, first: bool
+def moved_ids(broker: TimedBroker) -> list[str]:
+    return [m.message_id for m in broker.inner.published]
+
+
+@pytest.mark.parametrize(
+    ("own_count", "stopped"),
+    [
+        (2000, "empty"),  # all of the group's own move within the run
+        (3000, "time limit"),  # the reviewer's case: more than a run can move
+    ],
+)
+def test_copies_back_after_their_visibility_timeout_do_not_end_the_queues_turn(
+    own_count: int, stopped: str
 ) -> None:
+    # As deployed: a visibility timeout of 120 s, runs of up to 240 s, a batch of ten in about a
+    # second. Before, the 40 foreign copies were back in front at 120 s, filled three batches
+    # in a row, and the run left media's queue "empty" with more than a thousand of its own
+    # messages waiting behind them until the next run.
+    clock = Clock()
+    source = SqsLikeSource(clock, visibility=120, max_receives=FALLBACK_MAX_RECEIVES)
+    broker, audit = TimedBroker(clock), MemoryAuditSink()
+    foreign = [copy(["academic"], receives=0) for _ in range(40)]
+    own = [copy(["media"], receives=0) for _ in range(own_count)]
+    source.send(MEDIA.url, *foreign, *own)
+
+    report = Drainer(
+        queues=[MEDIA], source=source, broker=broker, audit=audit, clock=clock, max_seconds=240
+    ).drain()
+
+    assert report.stopped == stopped
+    own_ids = {m.message_id for m in own}
+    assert set(moved_ids(broker)) <= own_ids  # nothing of academic's
+    assert report.total == len(moved_ids(broker))
+    if stopped == "empty":
+        assert sorted(moved_ids(broker)) == sorted(own_ids)
+    else:
+        assert clock.now >= 240  # it used its whole run on the backlog
+        assert report.total > own_count / 2
+    assert set(source.ids(MEDIA.url)) == {m.message_id for m in foreign} | (
+        own_ids - set(moved_ids(broker))
+    )
+    # Met twice (at the start, and back after 120 s): counted once each.
+    assert (report.misdelivered, report.left) == (40, 40)
+    assert [r.event for r in audit.records if r.event is not AuditEvent.DRAINED] == []
+
+
+@pytest.mark.parametrize("to_back", [False, True])
+@pytest.mark.parametrize("foreign_count", [3, 14])
+def test_copies_back_at_every_receive_hold_back_none_of_the_groups_own(
+    foreign_count: int, to_back: bool
+) -> None:
+    # A subscription's DLQ (no redrive policy) whose copies came back at every receive: the
+    # drain goes on past them to the group's own, and only its time limit ends the run, having
+    # moved nothing of another group's.
+    clock = Clock()
+    source = SqsLikeSource(clock, visibility=0, to_back=to_back)
+    broker, audit = TimedBroker(clock), MemoryAuditSink()
     foreign = [copy(["academic"], receives=0) for _ in range(foreign_count)]
     own = [copy(["media"], receives=0) for _ in range(25)]
-    source = RevisibleSource(waiting=[*foreign[:3], *own, *foreign[3:]], first=first)
-    broker = MemoryTransport()
-
-    report = Drainer(queues=[MEDIA], source=source, broker=broker, audit=MemoryAuditSink()).drain(
-        max_seconds=5
+    source.send(MEDIA_SUB_DLQ.url, *foreign[:3], *own, *foreign[3:])
+    drainer = Drainer(
+        queues=[MEDIA_SUB_DLQ], source=source, broker=broker, audit=audit, clock=clock
     )
 
-    assert report.stopped == "empty"  # not "time limit": it did not go round until then
-    assert sorted(m.message_id for m in broker.published) == sorted(m.message_id for m in own)
-    assert source.receives <= 12
-    assert {item.message_id for item in source.held.values()} <= {m.message_id for m in foreign}
-    # Each counted once, however often it came back (first in line every time, ten of them
-    # fill each batch, and the four behind them wait for the next run).
-    assert report.misdelivered == (10 if first and foreign_count > 10 else foreign_count)
-    assert report.left == report.misdelivered
+    report = drainer.drain(max_seconds=30)
+
+    assert report.stopped == "time limit"
+    assert sorted(moved_ids(broker)) == sorted(m.message_id for m in own)
+    assert sorted(source.ids(MEDIA_SUB_DLQ.url)) == sorted(m.message_id for m in foreign)
+    assert source.receives > 25  # it went round past them until its time limit
+    # Each counted once, however often it came back (in line where it was, ten of them fill
+    # every batch once the group's own are gone, and the four behind them are not met).
+    met = 10 if not to_back and foreign_count > 10 else foreign_count
+    assert (report.misdelivered, report.left) == (met, met)
+    # Audited once each, at its first receive, however often it came back.
+    dead = [r for r in audit.records if r.event is AuditEvent.DEAD_LETTERED]
+    assert len(dead) == len({r.message_id for r in dead}) == report.misdelivered
+    assert {r.message_id for r in dead} <= {m.message_id for m in foreign}
+    assert {(r.attempt, r.queues) for r in dead} == {(1, ("fabric-test-fallback-media-sub-dlq",))}
+
+
+def test_copies_back_at_every_receive_go_to_the_dlq_and_the_groups_own_then_move() -> None:
+    # Visibility 0 and fourteen foreign copies in front: ten fill every batch until SQS's
+    # redrive policy takes them to media's DLQ after their receives; the rest then move.
+    clock = Clock()
+    source = SqsLikeSource(clock, visibility=0, max_receives=FALLBACK_MAX_RECEIVES)
+    broker, audit = TimedBroker(clock), MemoryAuditSink()
+    foreign = [copy(["academic"], receives=0) for _ in range(14)]
+    own = [copy(["media"], receives=0) for _ in range(25)]
+    source.send(MEDIA.url, *foreign, *own)
+
+    report = Drainer(
+        queues=[MEDIA], source=source, broker=broker, audit=audit, clock=clock, max_seconds=240
+    ).drain()
+
+    assert report.stopped == "empty"
+    assert sorted(moved_ids(broker)) == sorted(m.message_id for m in own)
+    assert source.ids(MEDIA.url) == []
+    assert source.ids(f"{MEDIA.url}-dlq") == [m.message_id for m in foreign]
+    assert (report.misdelivered, report.left) == (14, 14)
+    dead = [r for r in audit.records if r.event is AuditEvent.DEAD_LETTERED]
+    assert [(r.message_id, r.attempt, r.queues) for r in dead] == [
+        (m.message_id, FALLBACK_MAX_RECEIVES, ("fabric-test-fallback-media",)) for m in foreign
+    ]

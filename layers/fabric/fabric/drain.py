@@ -32,13 +32,16 @@ subscription's filter policy, so whoever may subscribe or set subscription attri
 send one group's queue every group's messages. Each copy names the groups it was published for
 (its ``audience`` attribute, which the router's SNS transport always sets), and a copy whose
 audience does not name the queue's group, or cannot be read, is not moved: it stays in SQS (its
-redrive policy takes it to the queue's DLQ), is logged without its content, counted in the
-report (``misdelivered``) and the ``DrainMisdelivered`` metric, and audited ``dead-lettered``
-(``drain-misdelivered``, ``drain-audience-unreadable``) at its last receive. A copy without an
-audience attribute did not come through that transport (SNS and the redrive keep every
-attribute) and is moved, as before: no subscription change can take the attribute off a
-message, and such copies (a subscription DLQ's, a message sent to a queue by hand) are what the
-drain has always taken as the group's.
+redrive policy takes it to the queue's DLQ; a subscription's DLQ keeps it), is logged without
+its content, counted in the report (``misdelivered``) and the ``DrainMisdelivered`` metric, and
+audited ``dead-lettered`` (``drain-misdelivered``, ``drain-audience-unreadable``) at its last
+receive (in a subscription's DLQ, which has no last receive: at its first). Such copies never
+end a queue's turn: the drain goes on past them to what waits behind, and copies back after
+their visibility timeout are passed again, bounded by the visibility timeout, the redrive
+policy and the run's time limit. A copy without an audience attribute did not come through that
+transport (SNS and the redrive keep every attribute) and is moved, as before: no subscription
+change can take the attribute off a message, and such copies (a subscription DLQ's, a message
+sent to a queue by hand) are what the drain has always taken as the group's.
 """
 
 from __future__ import annotations
@@ -95,11 +98,6 @@ _NO_PUBLISHES = frozenset({Failure.UNAVAILABLE, Failure.TIMEOUT})
 # for other groups than the queue's, or with an ``audience`` attribute it cannot read.
 MISDELIVERED_REASON = "drain-misdelivered"
 AUDIENCE_UNREADABLE_REASON = "drain-audience-unreadable"
-# Batches in a row of nothing but misdelivered copies the run met before (back after their
-# visibility timeout) that end a queue's turn in the run. A receive hides them again, so the
-# next one gets what waits behind them; with a visibility timeout shorter than a receive they
-# would come back each time, and the queue would go round until the time limit.
-_MET_AGAIN_BATCHES = 3
 
 
 @dataclass(frozen=True)
@@ -212,10 +210,9 @@ class Drainer:
         self._audit = audit
         self._clock = clock
         self._stalled: set[str] = set()  # the work queues whose confirms timed out this run
-        # The misdelivered copies met this run, by fallback queue (``_copy_key``), and how many
-        # batches in a row brought a queue nothing else.
+        # The misdelivered copies met this run, by fallback queue (``_copy_key``): each is
+        # logged and counted once a run, however often it comes back.
         self._misdelivered: dict[str, set[tuple[str, str]]] = {}
-        self._met_again: dict[str, int] = {}
 
     def drain(
         self, *, max_messages: int | None = None, max_seconds: float | None = None
@@ -241,7 +238,7 @@ class Drainer:
     def _drain(self, max_messages: int, max_seconds: float) -> DrainReport:
         report = DrainReport()
         self._stalled = set()
-        self._misdelivered, self._met_again = {}, {}
+        self._misdelivered = {}
         deadline = self._clock() + max_seconds
         if self._connect is not None and not (self._connect() and self._takes_publishes()):
             report.stopped = "broker unavailable"  # before a receive counts against anything
@@ -328,15 +325,14 @@ class Drainer:
         batch = self._receive(queue, report, max_messages, deadline, wait=wait)
         if not batch:
             return False
-        batch, new_misdelivered = self._screen(queue, batch, report)
+        batch = self._screen(queue, batch, report)
         if not batch:
-            # Only copies not for this group: those behind them still move. Copies all met
-            # before in this run are back after their visibility timeout: a few such batches
-            # in a row, and the queue is done for this run rather than go round.
-            met_again = 0 if new_misdelivered else self._met_again.get(queue.url, 0) + 1
-            self._met_again[queue.url] = met_again
-            return met_again < _MET_AGAIN_BATCHES
-        self._met_again[queue.url] = 0
+            # Only copies not for this group, hidden now for their visibility timeout: the next
+            # receive gets what waits behind them. Copies met before are back after theirs and
+            # are passed again: the queue is done when a receive finds nothing, or at the run's
+            # time limit (SQS's redrive policy takes each to the queue's DLQ after its receives;
+            # a subscription's DLQ hands it out at most once a visibility timeout).
+            return True
         failures = self._move(queue, batch, report)
         if report.stopped != "empty":  # the audit paths, or SQS's deletes, failed
             return False
@@ -481,16 +477,15 @@ class Drainer:
 
     def _screen(
         self, queue: FallbackQueue, batch: list[Received], report: DrainReport
-    ) -> tuple[list[Received], bool]:
-        """The copies of ``batch`` published for ``queue``'s group, and whether the others held
-        one not met before in this run.
+    ) -> list[Received]:
+        """The copies of ``batch`` published for ``queue``'s group.
 
         A copy not published for the group (``_misdelivery``) is not moved, nor deleted: it
         stays in SQS, and its queue's redrive policy takes it to the DLQ after its receives
         (where operators see it); a subscription's DLQ keeps it. The first time a run meets it,
         it is logged at ERROR (its message id in the fabric's syntax, the queue, the reason; not
-        its content, nor a hash of it) and counted in ``misdelivered`` and ``left``; at its last
-        receive it is audited ``dead-lettered`` (``_audit_misdelivered``)."""
+        its content, nor a hash of it) and counted in ``misdelivered`` and ``left``; it is
+        audited ``dead-lettered`` once (``_audit_misdelivered``)."""
         movable: list[Received] = []
         foreign: list[tuple[Received, str]] = []
         for item in batch:
@@ -508,7 +503,7 @@ class Drainer:
                 queue.work_queue,
             )
         if not foreign:
-            return movable, False
+            return movable
         seen = self._misdelivered.setdefault(queue.url, set())
         new = [(item, reason) for item, reason in foreign if _copy_key(item) not in seen]
         for item, reason in new:
@@ -523,19 +518,20 @@ class Drainer:
         report.misdelivered += len(new)
         report.left += len(new)
         self._audit_misdelivered(queue, foreign)
-        return movable, bool(new)
+        return movable
 
     def _audit_misdelivered(
         self, queue: FallbackQueue, foreign: list[tuple[Received, str]]
     ) -> None:
-        """Audit ``dead-lettered`` each copy not published for ``queue``'s group at the last
-        receive its redrive policy allows, as ``_audit_dead_lettered`` does a copy the broker
-        did not take: SQS moves it to the queue's DLQ next. ``reason`` ``drain-misdelivered``
-        or ``drain-audience-unreadable``; ``groups`` and ``queues`` where it was found; no body
-        hash (it never reached the group, and a hash of a child's data in a trail locked for
-        seven years would let a reader confirm a guess at it). Best effort, likewise."""
-        if queue.max_receives is None:
-            return
+        """Audit ``dead-lettered`` each copy not published for ``queue``'s group, once: at the
+        last receive its redrive policy allows, as ``_audit_dead_lettered`` does a copy the
+        broker did not take (SQS moves it to the queue's DLQ next); in a queue without a redrive
+        policy (a subscription's DLQ, which keeps it up to 14 days and has no last receive), at
+        its first receive. A copy whose receives the source does not say (0) is not audited
+        there. ``reason`` ``drain-misdelivered`` or ``drain-audience-unreadable``; ``groups``
+        and ``queues`` where it was found; ``attempt`` its receives; no body hash (it never
+        reached the group, and a hash of a child's data in a trail locked for seven years would
+        let a reader confirm a guess at it). Best effort, likewise."""
         now = datetime.now(UTC)
         records = [
             AuditRecord(
@@ -550,7 +546,11 @@ class Drainer:
                 queues=(queue.url.rsplit("/", 1)[-1],),
             )
             for item, reason in foreign
-            if item.receives >= queue.max_receives
+            if (
+                item.receives == 1
+                if queue.max_receives is None
+                else item.receives >= queue.max_receives
+            )
         ]
         if records and not self._audit.emit(records):
             _LOG.error(
