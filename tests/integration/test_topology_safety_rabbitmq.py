@@ -52,11 +52,13 @@ from tests.integration.test_management_api import (
     _publish,
     _take_as_guest,
     _wait_for_sampled_counts,
+    prepared_ahead,
 )
 
 pytestmark = pytest.mark.integration
 
 client, sandbox = api.client, api.sandbox  # the real broker's fixtures
+prepared, ahead = api.prepared, api.ahead  # sandboxes prepared when the module starts
 moto_aws, deployed_redrive = overflow_redrive.moto_aws, overflow_redrive.deployed_redrive
 
 
@@ -294,11 +296,12 @@ def test_a_first_create_that_fails_part_way_leaves_the_next_resource_the_only_ow
 # --- 2. deleting queues on a sample that missed a message ---------------------------------------
 
 
+@prepared_ahead(_apply)
 def test_delete_keeps_a_queue_whose_confirmed_message_the_last_sample_missed(
-    client: ManagementClient, sandbox: Sandbox
+    client: ManagementClient, ahead: Sandbox
 ) -> None:
     # The one test that waits the broker's real statistics interval (three times 5 s).
-    _apply(client, sandbox)
+    sandbox = ahead  # applied
     _wait_for_sampled_counts(client, sandbox.vhost, {WORK: 0, WORK_DLQ: 0, UNROUTED_QUEUE: 0})
     _publish(sandbox, "case.opened", b"confirmed after the last sample")
 
@@ -354,13 +357,22 @@ def fanout_document(vhost: str, exchange: str, queues: list[str], limit: int) ->
     }
 
 
+FANOUT = ("fabric.x.fan", "fabric.a", "fabric.b", "fabric.z")  # exchange, then its queues
+
+
+def _apply_fanout(client: ManagementClient, sandbox: Sandbox) -> None:
+    exchange, *names = FANOUT
+    document = fanout_document(sandbox.vhost, exchange, names, 10)
+    apply_topology(client, document, passwords={}, vhost=sandbox.vhost)
+
+
+@prepared_ahead(_apply_fanout)
 def test_a_recreated_queue_has_its_route_back_before_the_next_queue_is_recreated(
-    client: ManagementClient, sandbox: Sandbox
+    client: ManagementClient, ahead: Sandbox
 ) -> None:
-    vhost = sandbox.vhost
-    exchange, recreated, other, last = "fabric.x.fan", "fabric.a", "fabric.b", "fabric.z"
+    vhost = ahead.vhost  # the fanout document applied, its queue limits 10
+    exchange, recreated, other, last = FANOUT
     names = [recreated, other, last]
-    apply_topology(client, fanout_document(vhost, exchange, names, 10), passwords={}, vhost=vhost)
     _wait_for_sampled_counts(client, vhost, dict.fromkeys(names, 0))
     publisher = _connect(vhost, *GUEST)
     channel = publisher.channel()
