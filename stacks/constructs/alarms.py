@@ -141,10 +141,13 @@ class FailoverAlarms(Construct):
 
         # SNS has no IAM condition on a subscription's filter policy: the drain checks each
         # copy's audience instead, and pages on one that was not for its queue's group.
+        # Runs come every minute, such a copy comes back every visibility timeout (120 s):
+        # three quiet minutes, not one, before it is OK again, or it would flap every minute.
         self.alarms["FallbackMisdelivered"] = self._alarm(
             "FallbackMisdelivered",
             router_sum(metrics.DRAIN_MISDELIVERED),
             threshold=1,
+            periods=3,
             description=(
                 "The drain found messages in a group's fallback queue that were not published "
                 "for that group, and did not move them: a fallback subscription lost or changed "
@@ -163,6 +166,7 @@ class FailoverAlarms(Construct):
         comparison: cloudwatch.ComparisonOperator = (
             cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
         ),
+        periods: int = 1,
     ) -> cloudwatch.Alarm:
         # No traffic, no fallback: missing data is the healthy state.
         return paging_alarm(
@@ -173,6 +177,7 @@ class FailoverAlarms(Construct):
             description=description,
             threshold=threshold,
             comparison=comparison,
+            periods=periods,
         )
 
 

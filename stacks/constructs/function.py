@@ -331,16 +331,19 @@ def paging_alarm(
         cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
     ),
     missing: cloudwatch.TreatMissingData = cloudwatch.TreatMissingData.NOT_BREACHING,
+    periods: int = 1,
 ) -> cloudwatch.Alarm:
-    """An alarm on one period of ``metric`` that notifies ``topic`` on ALARM and on OK; missing
-    data is healthy unless ``missing`` says otherwise."""
+    """An alarm on ``metric`` that notifies ``topic`` on ALARM and on OK; missing data is
+    healthy unless ``missing`` says otherwise. One breaching period of the last ``periods``
+    raises it: it is OK again only after ``periods`` quiet ones."""
     alarm = cloudwatch.Alarm(
         scope,
         construct_id,
         metric=metric,
         threshold=threshold,
         comparison_operator=comparison,
-        evaluation_periods=1,
+        evaluation_periods=periods,
+        datapoints_to_alarm=1,
         treat_missing_data=missing,
         alarm_description=description,
     )
