@@ -1,6 +1,7 @@
 """A redrive run on an SQS that answers every call slowly, each within the client's timeouts,
-ends within its time (moto's SQS over HTTP, 2.5 s a call; the dead-letter queue as
-``build_redrive`` wires it, with its own client).
+ends within its time (moto's SQS over HTTP; the dead-letter queue as ``build_redrive`` wires
+it, with its own client). The times are the deployed ones (2.5 s a call, a 20 s run) divided
+by ``SCALE``, to keep the tests short: what the run does depends only on their ratios.
 
 Before, only its sends stopped at the run's time: a batch of 100 letters is 10 receives, 10
 deletes and, at the end, 10 visibility changes, and none of them looked at the clock. A run
@@ -34,8 +35,11 @@ from tests.unit.test_redrive_sqs_deadline import _counts
 pytestmark = pytest.mark.integration
 
 LETTERS = 200
-CALL_S = 2.5  # each SQS call answered this late: within the client's 5 s read timeout
-BUDGET_S = 20.0
+# The run's time and SQS's slowness, scaled down together (``_SETTLE_GRACE_S`` too, where a
+# test depends on it): 2.5 s a call and a 20 s run as deployed, 1 s and 8 s here.
+SCALE = 2.5
+CALL_S = 2.5 / SCALE  # each SQS call answered this late: within the client's 5 s read timeout
+BUDGET_S = 20.0 / SCALE
 # Python, moto and the machine's load, on top of the calls the run makes.
 SLACK_S = 2.0
 
@@ -79,7 +83,7 @@ def sqs(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Slowness]]:
 
 def test_a_run_on_a_slow_sqs_ends_within_its_time(sqs: tuple[Any, Slowness]) -> None:
     client, slowness = sqs
-    queue, _ = _parked(client, LETTERS)
+    queue, _ = _parked(client, LETTERS, batched=True)
     slowness.late_s = CALL_S
     audit = MemoryAuditSink()
 
@@ -89,8 +93,8 @@ def test_a_run_on_a_slow_sqs_ends_within_its_time(sqs: tuple[Any, Slowness]) -> 
     )
     took = time.monotonic() - started
 
-    # Before: 10 receives (25 s), no time left to send, then 10 visibility changes: about 50 s,
-    # nothing moved.
+    # Before: 10 receives (25 s in the deployed times, 10 s here), no time left to send, then
+    # 10 visibility changes: about 50 s (20 s here), nothing moved.
     assert took <= BUDGET_S + CALL_S + SLACK_S, (took, dict(slowness.calls))
     assert report.stopped == "time limit"
     assert report.moved > 0, "a slow SQS still moves letters"
@@ -104,7 +108,7 @@ def test_a_filtered_run_on_a_slow_sqs_shows_what_it_held_again_within_its_time(
     sqs: tuple[Any, Slowness],
 ) -> None:
     client, slowness = sqs
-    queue, _ = _parked(client, LETTERS)
+    queue, _ = _parked(client, LETTERS, batched=True)
     slowness.late_s = CALL_S
     # No letter matches: the run holds each one it looks at until it ends.
     plan = RedrivePlan(selection=RedriveFilter(topics=("sport.#",)), max_seconds=BUDGET_S)
@@ -149,10 +153,10 @@ def test_letters_moved_but_not_deleted_in_time_are_only_removed_by_the_next_run(
     sqs: tuple[Any, Slowness], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An audit slower than the grace deletes and visibility changes have past the run's time
-    # (25 s as deployed; 5 s here, to keep the test short).
-    monkeypatch.setattr(sqs_dlq, "_SETTLE_GRACE_S", 5.0)
+    # (25 s as deployed; 5 s in the deployed times, to keep the test short, and scaled here).
+    monkeypatch.setattr(sqs_dlq, "_SETTLE_GRACE_S", 5.0 / SCALE)
     client, slowness = sqs
-    queue, _ = _parked(client, LETTERS)
+    queue, _ = _parked(client, LETTERS, batched=True)
     slowness.late_s = CALL_S
     ledger = MemoryRedriveLedger()
     audit = _SlowAudit(late_s=BUDGET_S)

@@ -21,9 +21,11 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.config import Config
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 from werkzeug.serving import make_server
 
+from fabric.adapters import sqs_dlq
 from fabric.adapters.memory import MemoryAuditSink, MemoryRedriveLedger
 from fabric.bootstrap import build_redrive
 from fabric.redrive import RedrivePlan, Redriver, RedriveReport
@@ -116,7 +118,8 @@ def moto_behind(wrap: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch) -> 
     client now reaches; a plain SQS client of it."""
     app = wrap(DomainDispatcherApplication(create_backend_app))
     server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # Polled often: shutting it down waits up to one poll interval (0.5 s by default).
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     for name, value in {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}",
         "AWS_DEFAULT_REGION": REGION,
@@ -131,6 +134,23 @@ def moto_behind(wrap: Callable[[Any], Any], monkeypatch: pytest.MonkeyPatch) -> 
         server.server_close()
 
 
+def timeouts_divided(monkeypatch: pytest.MonkeyPatch, scale: float) -> None:
+    """Every AWS client made from now on (by ``boto3.client``) waits ``scale`` times less to
+    connect and to read than its configuration says (botocore's defaults included); its
+    attempts are its own. A test divides the slowness it plays by as much, to be shorter."""
+    make = boto3.client
+
+    def client(*args: Any, config: Config | None = None, **kwargs: Any) -> Any:
+        config = config or Config()
+        quicker = Config(
+            connect_timeout=config.connect_timeout / scale,
+            read_timeout=config.read_timeout / scale,
+        )
+        return make(*args, config=config.merge(quicker), **kwargs)
+
+    monkeypatch.setattr(boto3, "client", client)
+
+
 @pytest.fixture
 def sqs(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Faults]]:
     """A plain SQS client on the faulty endpoint, which every default client now reaches."""
@@ -139,17 +159,26 @@ def sqs(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, Faults]]:
         yield client, faults
 
 
-def _parked(client: Any, count: int) -> tuple[QueueSettings, list[str]]:
+def _parked(client: Any, count: int, *, batched: bool = False) -> tuple[QueueSettings, list[str]]:
     """A source queue and its DLQ holding ``count`` dead letters; their bodies. (moto keeps
-    its queues as long as the process: each test has its own.)"""
+    its queues as long as the process: each test has its own.) Sent one a SendMessage, or,
+    ``batched``, 10 a SendMessageBatch (quicker, but among the calls the endpoint counts)."""
     source = f"fabric-test-fallback-{uuid.uuid4().hex[:8]}"
     urls = {n: client.create_queue(QueueName=n)["QueueUrl"] for n in (source, f"{source}-dlq")}
     bodies = [
         json.dumps({"message_id": msg_id(f"m-{i}"), "topic": "media.story.published"})
         for i in range(count)
     ]
-    for body in bodies:
-        client.send_message(QueueUrl=urls[f"{source}-dlq"], MessageBody=body)
+    if batched:
+        for start in range(0, count, 10):
+            chunk = bodies[start : start + 10]
+            client.send_message_batch(
+                QueueUrl=urls[f"{source}-dlq"],
+                Entries=[{"Id": str(i), "MessageBody": body} for i, body in enumerate(chunk)],
+            )
+    else:
+        for body in bodies:
+            client.send_message(QueueUrl=urls[f"{source}-dlq"], MessageBody=body)
     queue = QueueSettings(
         name=source,
         dlq_url=urls[f"{source}-dlq"],
@@ -192,11 +221,15 @@ def _bodies(client: Any, url: str) -> list[str]:
 
 
 def test_a_send_answered_late_moves_each_letter_once_with_its_record(
-    sqs: tuple[Any, Faults],
+    sqs: tuple[Any, Faults], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client, faults = sqs
     queue, bodies = _parked(client, 3)
-    faults.late_s = 3.0  # past the router's 2 s read timeout
+    # Every timeout halved, and the lateness with them, to keep the test short: 3 s (1.5 s
+    # here), past the router's 2 s read timeout, within the redrive's 5 s.
+    timeouts_divided(monkeypatch, 2.0)
+    faults.late_s = 3.0 / 2.0
+    monkeypatch.setattr(sqs_dlq, "_RECEIVE_WAIT_S", 0)  # moto has no letter a poll misses
     audit = MemoryAuditSink()
 
     report = _redrive(queue, audit)

@@ -15,6 +15,9 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
+
+from fabric.adapters import sqs_dlq
 from fabric.adapters.memory import MemoryAuditSink
 from fabric.settings import SqsDeadLetterQueue as QueueSettings
 from tests.message_ids import msg_id
@@ -24,9 +27,11 @@ from tests.unit.test_redrive_sqs_client import (
     _parked,
     _redrive,
     sqs,  # noqa: F401 (a fixture)
+    timeouts_divided,
 )
 
 LETTERS = 3
+SCALE = 2.0  # the clients' timeouts and SQS's lateness, divided by this
 PAD = 200_000  # bytes: two such letters do not fit one request
 
 
@@ -46,18 +51,24 @@ def _large_letters(client: Any) -> tuple[QueueSettings, list[str]]:
 
 def test_the_first_send_not_answered_ends_the_batch(
     sqs: tuple[Any, Faults],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     client, faults = sqs
     queue, bodies = _large_letters(client)
-    faults.late_s = 6.0  # past the redrive client's 5 s read timeout: never answered in time
+    # Every timeout halved, and the lateness and the time the run may take with them, to keep
+    # the test short.
+    timeouts_divided(monkeypatch, SCALE)
+    monkeypatch.setattr(sqs_dlq, "_RECEIVE_WAIT_S", 0)  # moto has no letter a poll misses
+    # Past the redrive client's 5 s read timeout: never answered in time.
+    faults.late_s = 6.0 / SCALE
     audit = MemoryAuditSink()
 
     started = time.monotonic()
     report = _redrive(queue, audit)
-    took = time.monotonic() - started
+    took = (time.monotonic() - started) * SCALE  # as with the deployed timeouts
 
-    # Before: a send for each letter, each given up on after 5 s (about 18 s here, and for a
-    # batch of 100 such letters 10 minutes), every letter stored at its source without a record.
+    # Before: a send for each letter, each given up on after 5 s (about 18 s, and for a batch
+    # of 100 such letters 10 minutes), every letter stored at its source without a record.
     assert faults.calls["SendMessageBatch"] == 1
     assert took < 12, took
     assert (report.moved, report.stopped) == (0, "origin unavailable")

@@ -1,6 +1,12 @@
 """The rotation function against a Secrets Manager endpoint that accepts connections and never
 answers: it must fail with an error within its one-minute timeout, not be ended by Lambda's
-"Task timed out" after botocore's default 60 s reads and retries (180 s)."""
+"Task timed out" after botocore's default 60 s reads and retries (180 s).
+
+To keep the test short, every AWS client made in it waits ``SCALE`` times less to connect and
+to read than its configuration says (botocore's defaults included), and the minute is divided
+by ``SCALE`` too: the client's attempts, and so the time the step takes, are the function's
+own. A client made some other way than by ``boto3.client`` is not scaled: it waits its whole
+time, and the test fails."""
 
 from __future__ import annotations
 
@@ -14,8 +20,10 @@ import pytest
 from fabric.errors import TransportUnavailable
 from fabric.rotation import on_event
 from tests import silent_endpoint as endpoints
+from tests.unit.test_redrive_sqs_client import timeouts_divided
 
 FUNCTION_TIMEOUT_S = 60.0  # stacks/constructs/rotation.py
+SCALE = 4.0  # the clients' timeouts and the function's, divided by this
 EVENT = {
     "SecretId": "arn:aws:secretsmanager:ap-southeast-3:123456789012:secret:fabric-dev-community",
     "ClientRequestToken": "3f0e5a52-6b8e-4b8a-9a51-2f6c7c1d2e01",
@@ -42,6 +50,7 @@ def silent_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[socket.soc
             monkeypatch.setenv(name, value)
         for name in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_PROFILE"):
             monkeypatch.delenv(name, raising=False)
+        timeouts_divided(monkeypatch, SCALE)
         yield taken
 
 
@@ -60,8 +69,8 @@ def test_a_silent_secrets_manager_fails_the_step_within_the_functions_timeout(
     started = time.monotonic()
     worker = threading.Thread(target=rotate, daemon=True)
     worker.start()
-    worker.join(FUNCTION_TIMEOUT_S)
-    took = time.monotonic() - started
+    worker.join(FUNCTION_TIMEOUT_S / SCALE)
+    took = (time.monotonic() - started) * SCALE  # in the function's time
 
     assert outcome, f"still waiting on Secrets Manager after {took:.0f} s: Lambda would time out"
     (error,) = outcome

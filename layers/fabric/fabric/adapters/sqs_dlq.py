@@ -69,6 +69,9 @@ _MAX_BATCH_BYTES = 262_144
 # An entry SQS failed on its side (not a sender fault) was not stored: sent again, after a pause.
 _SEND_ATTEMPTS = 3
 _RESEND_PAUSE_S = 0.2
+# How long a receive waits for letters when none is visible (SQS's WaitTimeSeconds: long
+# polling, ``SqsDeadLetterQueue.peek``).
+_RECEIVE_WAIT_S = 1
 # Per dead-lettering or per redrive, not per message: dropped on the way back (the counter and
 # the redrive's mark are replaced).
 _NOT_SENT_BACK = frozenset(
@@ -235,7 +238,7 @@ class SqsDeadLetterQueue:
                     MaxNumberOfMessages=wanted,
                     # Long polling asks every SQS server: a short poll may answer empty while
                     # letters remain, which would end the run as if the queue were empty.
-                    WaitTimeSeconds=1,
+                    WaitTimeSeconds=_RECEIVE_WAIT_S,
                     VisibilityTimeout=self._hold_seconds,
                     MessageAttributeNames=["All"],
                     MessageSystemAttributeNames=["SentTimestamp", "ApproximateReceiveCount"],
