@@ -197,7 +197,9 @@ def test_deliveries_waiting_behind_slow_handlers_go_back_before_the_consumer_tim
     # consumer_timeout, and the time a delivery waits in the prefetch window counts: every
     # prefetched message came back one delivery nearer the delivery limit, the acknowledgement
     # of the handler under way was lost, and run() raised. The local broker's timeout is 30
-    # minutes; the guard is shown against a consumer_timeout_s of 2 s (it acts at half).
+    # minutes; the guard is shown against a consumer_timeout_s of 5.6 s (it acts at half,
+    # 2.8 s): the third handler starts 2 s after the consumer began counting, 0.8 s inside
+    # the bound for a loaded host's overhead, and the fourth at least 3 s after, past it.
     deliveries = delivery_counts(monkeypatch)
     ids = [f"slow-{i:02d}" for i in range(10)]
     for message_id in ids:
@@ -206,21 +208,21 @@ def test_deliveries_waiting_behind_slow_handlers_go_back_before_the_consumer_tim
 
     def handler(delivery: Delivery) -> None:
         seen.append((delivery.message_id, delivery.redelivered))
-        time.sleep(0.4)
+        time.sleep(1.0)
 
     consumer = RabbitMqConsumer(
         settings(broker_vhost),
         WORK,
         MessageProcessor(handler),
         prefetch=6,
-        consumer_timeout_s=2.0,
+        consumer_timeout_s=5.6,
     )
     with caplog.at_level(logging.WARNING, logger="fabric.adapters.rabbitmq_consumer"):
         counts = consumer.run(max_messages=10, idle_timeout_s=5)
 
     assert counts == {"done": 10}
     assert sorted(message_id for message_id, _ in seen) == ids, "each handled once"
-    # The fourth would have started 1.2 s after it may have arrived: it and the ones behind it
+    # The fourth would have started 3 s after it may have arrived: it and the ones behind it
     # went back; with the prefetch halved, none waited that long again.
     assert seen[:3] == [(message_id, False) for message_id in ids[:3]]
     assert dict(seen)[ids[3]] is True, "handed back, then handled on its next delivery"
@@ -299,8 +301,11 @@ def test_a_finished_message_is_acknowledged_before_the_next_slow_handler_runs(
 
 def test_a_quick_consumer_never_hands_deliveries_back(broker_vhost: str, amqp: Any) -> None:
     # The guard's bound errs long, never short: it must not take a busy, healthy consumer's
-    # window for a stuck one.
-    ids = [f"quick-{i:03d}" for i in range(300)]
+    # window for a stuck one. A window of 20 handlings of 30 ms (and a settlement) takes well
+    # under a second even on a loaded host, against the guard's 2.5 s (half of 5 s); the run,
+    # about 4.5 s, lasts past the guard, which a bound counted from the run's start would not
+    # let it finish without a hand-back.
+    ids = [f"quick-{i:03d}" for i in range(150)]
     for message_id in ids:
         publish(amqp, WORK, message_id)
     redelivered: list[str] = []
@@ -308,10 +313,11 @@ def test_a_quick_consumer_never_hands_deliveries_back(broker_vhost: str, amqp: A
     def handler(delivery: Delivery) -> None:
         if delivery.redelivered:
             redelivered.append(delivery.message_id)
+        time.sleep(0.03)
 
     counts = RabbitMqConsumer(
-        settings(broker_vhost), WORK, MessageProcessor(handler), consumer_timeout_s=2.0
-    ).run(max_messages=300, idle_timeout_s=5)
+        settings(broker_vhost), WORK, MessageProcessor(handler), consumer_timeout_s=5.0
+    ).run(max_messages=len(ids), idle_timeout_s=5)
 
-    assert counts == {"done": 300}
+    assert counts == {"done": len(ids)}
     assert redelivered == []

@@ -47,7 +47,17 @@ EMERGENCY_DLQ = topology.dead_letter_queue_name(GROUP, emergency=True)
 
 
 def settings(vhost: str) -> RabbitSettings:
-    return RabbitSettings(host=AMQP[0], port=AMQP[1], credentials=lambda: GUEST, vhost=vhost)
+    """The consumers' and the redrive's broker settings. No test here measures the connect or
+    the confirm timeout: both are wide (the confirm timeout the tools', ``bootstrap``), so an
+    AMQP handshake or a confirm slowed by a busy shared broker is not taken for an outage."""
+    return RabbitSettings(
+        host=AMQP[0],
+        port=AMQP[1],
+        credentials=lambda: GUEST,
+        vhost=vhost,
+        connect_timeout=10,
+        confirm_timeout=5,
+    )
 
 
 @pytest.fixture
@@ -154,7 +164,7 @@ def test_a_consumer_that_keeps_crashing_hits_the_broker_delivery_limit(
         if method is None:
             break
         amqp.basic_nack(method.delivery_tag, requeue=True)  # what a crashed consumer leaves
-    time.sleep(0.3)
+    settled_depth(amqp, DLQ, 1)  # the broker dead-letters it in the background
 
     letters = dead_letter_queue(broker_vhost).peek(10)
 
@@ -205,6 +215,7 @@ def test_a_missing_dlq_keeps_the_message_in_its_work_queue(broker_vhost: str, am
     counts = consumer.run(max_messages=1, idle_timeout_s=5)
 
     assert counts == {"systemic": 1}, "the park was refused, so nothing was settled"
+    settled_depth(amqp, WORK, 1)  # handed back: it reaches the quorum queue a moment later
     assert drain_ids(amqp, WORK) == ["nowhere-to-park"]
 
 
