@@ -92,16 +92,19 @@ def test_a_source_slow_in_a_confirm_callback_after_an_overdue_look_is_not_a_brok
         # the end of the batch in the callback of the last one (only it leaves enough room).
         yield from batch[50:]
         clock.advance(2 * TIMEOUT)  # its last step is slow too; the second look comes next
+        # The batch is all taken, in the last confirm callback: a timer set now runs in the same
+        # turn of the loop, right after the watchdog's second look.
+        assert sender._connection is not None
+        sender._connection.ioloop.call_later(0, let_51_through)
 
-    def meanwhile() -> None:
-        # The batch is all taken, in the last confirm callback: this runs in the same turn of
-        # the loop, right after the watchdog's second look. The broker now gets message 51 and
-        # confirms it, and the loop reads that before its third look.
+    def let_51_through() -> None:
+        # The broker now gets message 51 and confirms it, and the loop reads that before the
+        # watchdog's third look.
         proxy.restore()
         wait_until_confirmed(proxy, 51)
 
     try:
-        outcomes = sender.publish(produce(), meanwhile=meanwhile)
+        outcomes = sender.publish(produce())
     finally:
         sender.close()
         proxy.close()

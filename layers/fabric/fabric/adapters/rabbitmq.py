@@ -35,6 +35,8 @@ _LOG = logging.getLogger(__name__)
 TRANSPORT_NAME = "rabbitmq"
 # Messages published per turn of the I/O loop (see _Batch.pump).
 _PUMP_CHUNK = 50
+# Turns of the loop the caller's meanwhile waits for the last chunk's frames to be written.
+_MEANWHILE_WAITS = 3
 # Raised while encoding a message whose routing key or a property AMQP cannot carry (a short
 # string over 255 bytes, text that is not UTF-8): a failure of that message alone.
 _UNFRAMEABLE = (pika.exceptions.ShortStringTooLong, UnicodeEncodeError)
@@ -260,9 +262,9 @@ class RabbitMqTransport:
         ``messages`` is consumed lazily, as the confirm window has room, so a caller that
         prepares messages in a generator overlaps its work with the broker's. ``meanwhile``
         runs once the last message is taken from ``messages``, while the broker is still
-        storing and confirming the window (on a busy broker, most of it). When the last chunk
-        was taken in a confirm's callback, its frames may reach the socket only after
-        ``meanwhile`` returns: keep it short.
+        storing and confirming the window (on a busy broker, most of it), once the loop has
+        written the last chunk (it waits up to three turns of the loop for a socket that takes
+        nothing more): keep it short all the same, as no confirm is read while it runs.
 
         A message whose connection dies before its confirm is published once more on a new
         connection (the stale-connection case; not with ``republish_lost`` false); if that
@@ -490,7 +492,6 @@ class RabbitMqTransport:
         self._batch = batch
         if taken.deadline == math.inf and self._settings.publish_budget is not None:
             taken.deadline = self._clock() + self._settings.publish_budget  # its first publish
-        timeout = self._settings.confirm_timeout
         # The progress the watchdog found overdue, to look again at once the loop has read the
         # socket; None when nothing is overdue.
         overdue: float | None = None
@@ -503,10 +504,11 @@ class RabbitMqTransport:
             if batch.settled:  # also by a scheduled pump that sent nothing (see _pump_and_settle)
                 stop_if_current()
                 return
-            wait = batch.progress_at + timeout - self._clock()
+            batch.looked()
+            wait = batch.progress_at + self._settings.confirm_timeout - self._clock()
             if wait > 0 or not batch.in_flight:  # nothing outstanding: nothing to wait for yet
                 overdue = None
-                loop.call_later(wait if wait > 0 else timeout, watchdog)
+                loop.call_later(wait if wait > 0 else self._settings.confirm_timeout, watchdog)
             elif overdue != batch.progress_at:
                 # The loop may have been busy in the caller's code (a confirm callback pulls the
                 # next messages from the source) with confirms unread on the socket: look again
@@ -707,9 +709,11 @@ class _Batch:
         self.handed = handed
         self.written = written
         self.end_of: dict[int, int] = {}  # delivery tag -> ``handed()`` after its frames
+        self.looked_at_handed = 0  # ``handed()`` at the watchdog's last look
         self.schedule = schedule
         self.pump_scheduled = False
         self.meanwhile_timer: object | None = None  # the scheduled meanwhile, until it runs
+        self.meanwhile_waits = 0  # turns it waited for the loop to write the last chunk
         self.source = source
         self.taken = taken
         self.on_settled = on_settled
@@ -761,7 +765,6 @@ class _Batch:
         the loop, so chunking lets the broker store earlier messages while later ones are still
         being prepared (the source may be a generator that validates and encrypts).
         """
-        self.pump_scheduled = False
         # Nothing outstanding that the loop has written: earlier callbacks of this turn
         # (confirms read together, a scheduled pump) may have published what is, and the
         # confirms read with them settled everything written before.
@@ -778,19 +781,35 @@ class _Batch:
         if more:
             if not self.pump_scheduled:
                 self.pump_scheduled = True
-                self.schedule(self._pump_and_settle)
+                self.schedule(self._scheduled_pump)
         elif self.taken.exhausted and self.taken.meanwhile and self.meanwhile_timer is None:
             # A timer: from the first call's pump, after the loop has written the last chunk;
-            # from a confirm's callback, in the same turn (pika writes on the next one).
+            # from a confirm's callback, in the same turn (pika writes on the next one: it
+            # waits for that, see _run_meanwhile).
             self.meanwhile_timer = self.schedule(self._run_meanwhile)
 
     def _nothing_written_outstanding(self) -> bool:
-        """Whether no outstanding message has reached the socket: the broker's time has not
-        begun. Frames are written in order, so the oldest outstanding message tells."""
+        """Whether no outstanding message has reached the socket because the loop has not had
+        its turn to write it: the broker's time has not begun. Frames are written in order, so
+        the oldest outstanding message tells. One handed over before the watchdog's last look
+        (which runs after the loop wrote what the socket took) and still not written is refused
+        by the socket: a broker that stopped reading, whose time it is."""
         if not self.in_flight:
             return True
-        oldest = next(iter(self.in_flight))
-        return self.end_of.get(oldest, 0) > self.written()
+        end = self.end_of.get(next(iter(self.in_flight)), 0)
+        return end > self.written() and end > self.looked_at_handed
+
+    def looked(self) -> None:
+        """The watchdog looks (after the loop's turn at the socket): what is handed over by
+        now has had its chance to be written."""
+        self.looked_at_handed = self.handed()
+
+    def _scheduled_pump(self) -> None:
+        # Only this one clears the flag: a pump from a confirm's callback meanwhile leaves the
+        # scheduled one pending, rather than adding one more each confirm (they piled up, and
+        # each turn of the loop ran them all before the watchdog's look).
+        self.pump_scheduled = False
+        self._pump_and_settle()
 
     def _pump_and_settle(self) -> None:
         """``pump`` as the loop runs it: between chunks, or after a confirm. It may settle the
@@ -835,6 +854,13 @@ class _Batch:
 
     def _run_meanwhile(self) -> None:
         self.meanwhile_timer = None
+        if self.written() < self.handed() and self.meanwhile_waits < _MEANWHILE_WAITS:
+            # Scheduled in the turn that published the last chunk (a confirm's callback): let
+            # the loop write it first, or the broker could not store it while the caller's
+            # work goes on. A socket that takes nothing more is not waited for long.
+            self.meanwhile_waits += 1
+            self.meanwhile_timer = self.schedule(self._run_meanwhile)
+            return
         meanwhile, self.taken.meanwhile = self.taken.meanwhile, None
         if meanwhile is not None:
             started = self.clock()
