@@ -38,7 +38,10 @@ FIRST_PASSWORD_EXCLUDED = ",:=/@\"'\\`%&*?#[]{}()<>|;$ "  # noqa: S105 (not a se
 AMAZON_MQ_MIN_LENGTH = 12
 AMAZON_MQ_REFUSED = ",:="
 
-# Synthesizes dev with other rotation rules, set before anything imports the stacks.
+# Synthesizes dev with other rotation rules, set before anything imports the stacks. The stage
+# alone is synthesized: its templates are the app's, acknowledgments' metadata included (the
+# compliance gates' aspect is on the stage), without the cdk-nag packs' validation of the app,
+# which the session's synth runs (tests/infra/test_gates.py) and which takes most of the time.
 _SYNTH_WITH_OTHER_ROTATION_RULES = """
 import sys
 from pathlib import Path
@@ -58,7 +61,7 @@ context = read_cdk_context(Path(sys.argv[1]))
 context["env"] = "dev"
 app = App(context=context, outdir=sys.argv[2])
 (stage,) = build_app(app)
-app.synth()
+stage.synth()
 print(Path(sys.argv[2]) / stage.artifact_id / stage.stateful.template_file)
 """
 

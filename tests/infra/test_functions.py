@@ -6,7 +6,6 @@ import json
 from typing import Any
 
 import pytest
-from cfnlint.api import lint
 
 from fabric.naming import fallback_queue_names, topology_function_name
 from fabric.settings import DrainSettings
@@ -232,12 +231,11 @@ def test_the_runbook_finds_the_topology_function_by_its_name(
 
 
 @pytest.mark.parametrize("name", ["dev", "prod"])
-def test_the_functions_template_is_cfn_lint_clean(assembly: Assembly, name: str) -> None:
-    env = assembly.envs[name]
-    stack = env.stage.services
-    path = assembly.outdir / env.stage.artifact_id / stack.template_file
-    findings = lint(path.read_text(), regions=[env.region])
-    assert [f"{m.rule.id} {m.message}" for m in findings] == []
+def test_the_functions_template_is_cfn_lint_clean(
+    assembly_lint: dict[tuple[str, str], list[str]], name: str
+) -> None:
+    # The services template, linted for the environment's region once a session (conftest).
+    assert assembly_lint[(name, "services")] == []
 
 
 def test_the_drain_runs_every_minute_two_at_most_on_the_fallback_queues_only(

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 from aws_cdk import App
-from cfnlint.api import lint
 
 from app import build_app
 from stacks.config import read_cdk_context
 from stacks.nag import unacknowledged_findings
 from tests.conftest import ROOT
+from tests.infra.conftest import CfnLint
 
 # dev's account (cdk.json) and another one.
 SAME_ACCOUNT = "arn:aws:iam::111111111111:role/government-producer"
@@ -49,11 +49,15 @@ def _of_type(template: dict[str, Any], resource_type: str) -> dict[str, dict[str
     return {k: v for k, v in template["Resources"].items() if v["Type"] == resource_type}
 
 
-def test_the_gates_pass_with_producers_configured(with_producers: dict[str, Any]) -> None:
+def test_the_gates_pass_with_producers_configured(
+    with_producers: dict[str, Any], cfn_lint: CfnLint
+) -> None:
     assert unacknowledged_findings(with_producers["outdir"]) == []
-    for path in with_producers["paths"]:
-        findings = lint(path.read_text(), regions=["ap-southeast-3"])
-        assert [f"{m.rule.id} {m.message}" for m in findings] == []
+    paths = with_producers["paths"]
+    findings = cfn_lint([(path, "ap-southeast-3") for path in paths])
+    assert dict(zip([path.name for path in paths], findings, strict=True)) == {
+        path.name: [] for path in paths
+    }
 
 
 def test_each_producer_may_invoke_its_groups_alias_whatever_its_account(
