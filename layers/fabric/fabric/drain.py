@@ -177,6 +177,30 @@ def _copy_key(item: Received) -> tuple[str, str]:
     return item.message_id, sha256_hex(item.body)
 
 
+def _dead_lettered(
+    queue: FallbackQueue,
+    item: Received,
+    reason: str,
+    at: datetime,
+    *,
+    body_sha256: str | None = None,
+) -> AuditRecord:
+    """The ``dead-lettered`` record of a copy of ``queue`` the drain leaves where it is: the
+    message id and topic only in the fabric's syntax, ``queues`` the queue it was found in."""
+    return AuditRecord(
+        event=AuditEvent.DEAD_LETTERED,
+        at=at,
+        message_id=normalize_message_id(item.message_id),
+        source="drain",
+        topic=item.topic if is_topic(item.topic) else None,
+        body_sha256=body_sha256,
+        reason=reason,
+        attempt=item.receives,
+        groups=(queue.group.value,),
+        queues=(queue.url.rsplit("/", 1)[-1],),
+    )
+
+
 def _log_id(item: Received) -> str:
     """How a log line names a copy: its message id in the fabric's syntax, else the SHA-256 of
     its body (a message without the router's attributes gives its id from its body, whatever
@@ -534,17 +558,7 @@ class Drainer:
         let a reader confirm a guess at it). Best effort, likewise."""
         now = datetime.now(UTC)
         records = [
-            AuditRecord(
-                event=AuditEvent.DEAD_LETTERED,
-                at=now,
-                message_id=normalize_message_id(item.message_id),
-                source="drain",
-                topic=item.topic if is_topic(item.topic) else None,
-                reason=reason,
-                attempt=item.receives,
-                groups=(queue.group.value,),
-                queues=(queue.url.rsplit("/", 1)[-1],),
-            )
+            _dead_lettered(queue, item, reason, now)
             for item, reason in foreign
             if (
                 item.receives == 1
@@ -570,17 +584,8 @@ class Drainer:
             return
         now = datetime.now(UTC)
         records = [
-            AuditRecord(
-                event=AuditEvent.DEAD_LETTERED,
-                at=now,
-                message_id=normalize_message_id(item.message_id),
-                source="drain",
-                topic=item.topic if is_topic(item.topic) else None,
-                body_sha256=sha256_hex(item.body),
-                reason=f"drain-{failure.value}",
-                attempt=item.receives,
-                groups=(queue.group.value,),
-                queues=(queue.url.rsplit("/", 1)[-1],),
+            _dead_lettered(
+                queue, item, f"drain-{failure.value}", now, body_sha256=sha256_hex(item.body)
             )
             for item, failure in undelivered
             if item.receives >= queue.max_receives
