@@ -286,28 +286,19 @@ def test_a_stall_behind_a_slow_source_is_noticed_before_the_whole_batch_is_writt
     assert len(written) < 250, f"{len(written)} of 500 written into the stall"
 
 
-@pytest.mark.parametrize(
-    ("count", "size", "reading"),
-    [
-        (500, 8192, True),  # the broker reads what is sent and confirms nothing
-        (600, 262_144, False),  # the path stops moving bytes: the socket takes nothing more
-    ],
-)
-def test_a_stall_is_noticed_while_frames_wait_in_pikas_buffer(
-    vhost: str, channel: Any, count: int, size: int, reading: bool
-) -> None:
-    # Chunks larger than the socket takes at once (a 64 KiB send buffer: a slow or TLS link)
-    # leave frames in pika's buffer between turns of the loop. Messages written before are still
-    # the broker's to confirm, and a message the socket refuses is too: the stall must be
-    # noticed a timeout or so after it began, not once the source has ended with everything in
-    # doubt. It was, with every message timed out, none left unsent (unavailable, no duplicate).
+def test_a_stall_is_noticed_while_frames_wait_in_pikas_buffer(vhost: str, channel: Any) -> None:
+    # Chunks larger than the socket takes at once (8 KiB bodies, a 64 KiB send buffer: a slow
+    # or TLS link) leave frames in pika's buffer between turns of the loop. Messages written
+    # before are still the broker's to confirm: the stall must be noticed a timeout or so after
+    # it began, not once the source has ended with everything in doubt. It was: 500 of 500
+    # timed out instead of about 250, the rest never sent (unavailable, not a duplicate).
     quorum_queue(channel, "work", "ingress")
     proxy = FaultProxy(AMQP)
     sender = transport(vhost, "ingress", port=proxy.port, confirm_window=2000)
-    body = b"x" * size
+    body = b"x" * 8192
 
     def produce() -> Iterator[OutboundMessage]:
-        for message in messages(count):
+        for message in messages(500):
             time.sleep(0.005)  # validating and encrypting
             yield OutboundMessage(message.message_id, message.topic, body, frozenset())
 
@@ -316,17 +307,14 @@ def test_a_stall_is_noticed_while_frames_wait_in_pikas_buffer(
         connection = sender._connection  # pika's socket, to make its send buffer small
         assert connection is not None
         connection._transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-        if reading:
-            proxy.hold_replies(until=lambda _frame: False)
-        else:
-            proxy.blackhole()
+        proxy.hold_replies(until=lambda _frame: False)  # the broker reads, confirms nothing
         outcomes = sender.publish(produce())
     finally:
         sender.close()
         proxy.close()
     written = [o for o in outcomes if o.failure is Failure.TIMEOUT]
     assert not any(o.stored for o in outcomes)
-    assert len(written) < count * 0.8, f"{len(written)} of {count} written into the stall"
+    assert len(written) < 400, f"{len(written)} of 500 written into the stall"
 
 
 @pytest.mark.parametrize(

@@ -504,7 +504,6 @@ class RabbitMqTransport:
             if batch.settled:  # also by a scheduled pump that sent nothing (see _pump_and_settle)
                 stop_if_current()
                 return
-            batch.looked()
             wait = batch.progress_at + self._settings.confirm_timeout - self._clock()
             if wait > 0 or not batch.in_flight:  # nothing outstanding: nothing to wait for yet
                 overdue = None
@@ -709,7 +708,6 @@ class _Batch:
         self.handed = handed
         self.written = written
         self.end_of: dict[int, int] = {}  # delivery tag -> ``handed()`` after its frames
-        self.looked_at_handed = 0  # ``handed()`` at the watchdog's last look
         self.schedule = schedule
         self.pump_scheduled = False
         self.meanwhile_timer: object | None = None  # the scheduled meanwhile, until it runs
@@ -789,20 +787,14 @@ class _Batch:
             self.meanwhile_timer = self.schedule(self._run_meanwhile)
 
     def _nothing_written_outstanding(self) -> bool:
-        """Whether no outstanding message has reached the socket because the loop has not had
-        its turn to write it: the broker's time has not begun. Frames are written in order, so
-        the oldest outstanding message tells. One handed over before the watchdog's last look
-        (which runs after the loop wrote what the socket took) and still not written is refused
-        by the socket: a broker that stopped reading, whose time it is."""
+        """Whether no outstanding message has reached the socket: the broker's time has not
+        begun. Frames are written in order, so the oldest outstanding message tells. (A socket
+        that takes nothing more, as from a broker that stopped reading, looks the same: such a
+        stall is noticed once the window is full or the source ends, the router's within its
+        publish budget.)"""
         if not self.in_flight:
             return True
-        end = self.end_of.get(next(iter(self.in_flight)), 0)
-        return end > self.written() and end > self.looked_at_handed
-
-    def looked(self) -> None:
-        """The watchdog looks (after the loop's turn at the socket): what is handed over by
-        now has had its chance to be written."""
-        self.looked_at_handed = self.handed()
+        return self.end_of.get(next(iter(self.in_flight)), 0) > self.written()
 
     def _scheduled_pump(self) -> None:
         # Only this one clears the flag: a pump from a confirm's callback meanwhile leaves the
