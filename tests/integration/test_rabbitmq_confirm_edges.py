@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -259,31 +260,51 @@ def test_a_slow_source_in_the_middle_of_a_chunk_is_not_a_broker_timeout(
     sender.close()
 
 
+def timed_out_in_a_stall(
+    vhost: str,
+    channel: Any,
+    *,
+    body: bytes | None = None,
+    pause: float,
+    send_buffer: int | None = None,
+    **settings: Any,
+) -> int:
+    """Publishes 500 messages, ``pause`` seconds of the caller's work each, to a broker that
+    reads what is sent and confirms nothing from the first on; how many timed out (written into
+    the stall: failed over, yet stored, a duplicate). None may be stored."""
+    quorum_queue(channel, "work", "ingress")
+    proxy = FaultProxy(AMQP)
+    sender = transport(vhost, "ingress", port=proxy.port, **settings)
+
+    def produce() -> Iterator[OutboundMessage]:
+        for message in messages(500):
+            time.sleep(pause)  # validating and encrypting
+            yield message if body is None else replace(message, body=body)
+
+    try:
+        assert all(o.stored for o in sender.publish(messages(3)))  # connected, warm
+        if send_buffer is not None:  # pika's socket, its send buffer made small
+            connection = sender._connection
+            assert connection is not None
+            sock = connection._transport._sock
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        proxy.hold_replies(until=lambda _frame: False)  # confirms stop coming back
+        outcomes = sender.publish(produce())
+    finally:
+        sender.close()
+        proxy.close()
+    assert not any(o.stored for o in outcomes)
+    return sum(o.failure is Failure.TIMEOUT for o in outcomes)
+
+
 def test_a_stall_behind_a_slow_source_is_noticed_before_the_whole_batch_is_written_into_it(
     vhost: str, channel: Any
 ) -> None:
     # The broker stops confirming while the source takes 10 ms a message. Everything written
     # into the stall is reported not stored (failed over, yet stored here: a duplicate), so the
     # publisher must give up about a timeout after the last confirm, not once the source ends.
-    quorum_queue(channel, "work", "ingress")
-    proxy = FaultProxy(AMQP)
-    sender = transport(vhost, "ingress", port=proxy.port)
-
-    def produce() -> Iterator[OutboundMessage]:
-        for message in messages(500):
-            time.sleep(0.01)  # validating and encrypting
-            yield message
-
-    try:
-        assert all(o.stored for o in sender.publish(messages(3)))  # connected, warm
-        proxy.hold_replies(until=lambda _frame: False)  # confirms stop coming back
-        outcomes = sender.publish(produce())
-    finally:
-        sender.close()
-        proxy.close()
-    written = [o for o in outcomes if o.failure is Failure.TIMEOUT]
-    assert not any(o.stored for o in outcomes)
-    assert len(written) < 250, f"{len(written)} of 500 written into the stall"
+    written = timed_out_in_a_stall(vhost, channel, pause=0.01)
+    assert written < 250, f"{written} of 500 written into the stall"
 
 
 def test_a_stall_is_noticed_while_frames_wait_in_pikas_buffer(vhost: str, channel: Any) -> None:
@@ -292,29 +313,10 @@ def test_a_stall_is_noticed_while_frames_wait_in_pikas_buffer(vhost: str, channe
     # before are still the broker's to confirm: the stall must be noticed a timeout or so after
     # it began, not once the source has ended with everything in doubt. It was: 500 of 500
     # timed out instead of about 250, the rest never sent (unavailable, not a duplicate).
-    quorum_queue(channel, "work", "ingress")
-    proxy = FaultProxy(AMQP)
-    sender = transport(vhost, "ingress", port=proxy.port, confirm_window=2000)
-    body = b"x" * 8192
-
-    def produce() -> Iterator[OutboundMessage]:
-        for message in messages(500):
-            time.sleep(0.005)  # validating and encrypting
-            yield OutboundMessage(message.message_id, message.topic, body, frozenset())
-
-    try:
-        assert all(o.stored for o in sender.publish(messages(3)))  # connected, warm
-        connection = sender._connection  # pika's socket, to make its send buffer small
-        assert connection is not None
-        connection._transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-        proxy.hold_replies(until=lambda _frame: False)  # the broker reads, confirms nothing
-        outcomes = sender.publish(produce())
-    finally:
-        sender.close()
-        proxy.close()
-    written = [o for o in outcomes if o.failure is Failure.TIMEOUT]
-    assert not any(o.stored for o in outcomes)
-    assert len(written) < 400, f"{len(written)} of 500 written into the stall"
+    written = timed_out_in_a_stall(
+        vhost, channel, body=b"x" * 8192, pause=0.005, send_buffer=65536, confirm_window=2000
+    )
+    assert written < 400, f"{written} of 500 written into the stall"
 
 
 @pytest.mark.parametrize(
