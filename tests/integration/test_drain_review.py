@@ -139,6 +139,17 @@ def test_a_full_work_queue_is_refused_once_and_its_subscription_dlq_is_left_alon
     while management("GET", queue_path).get("policy") != "full":
         assert time.monotonic() < deadline, "the policy was not applied"
         time.sleep(0.1)
+    # Over its limit before the run, so that its first batch is refused (the bulk queues are
+    # drained in turn: the DLQ's batch would go next). A quorum queue refuses publishes only
+    # once it holds more than its limit: one at the limit still takes a whole burst.
+    connection = pika.BlockingConnection(
+        pika.ConnectionParameters("127.0.0.1", virtual_host=broker_vhost)
+    )
+    channel = connection.channel()
+    channel.confirm_delivery()
+    for _ in range(2):
+        channel.basic_publish("", "fabric.academic", b"{}", pika.BasicProperties(delivery_mode=2))
+    connection.close()
     park(aws, *(message(Stakeholder.ACADEMIC) for _ in range(30)))
     sub_dlq = aws["sqs"].get_queue_url(QueueName="fabric-test-fallback-academic-sub-dlq")
     undelivered = [message(Stakeholder.ACADEMIC) for _ in range(3)]

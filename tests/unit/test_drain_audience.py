@@ -534,3 +534,29 @@ def test_copies_back_at_every_receive_go_to_the_dlq_and_the_groups_own_then_move
     assert [(r.message_id, r.attempt, r.queues) for r in dead] == [
         (m.message_id, FALLBACK_MAX_RECEIVES, ("fabric-test-fallback-media",)) for m in foreign
     ]
+
+
+def test_copies_not_for_a_group_that_keep_coming_back_hold_no_other_groups_bulk_back() -> None:
+    # A pile of copies not for media in media's subscription DLQ (back at every receive:
+    # nothing moves them on), ahead of government's one donation. Drained one bulk queue after
+    # the other, the run spent its whole time limit on media's and government's waited for a
+    # run that never came.
+    clock = Clock()
+    source = SqsLikeSource(clock, visibility=0)
+    broker, audit = TimedBroker(clock), MemoryAuditSink()
+    government = FallbackQueue(
+        url="fallback-government", group=Stakeholder.GOVERNMENT, emergency=False
+    )
+    foreign = [copy(["academic"], receives=0) for _ in range(10)]  # a whole batch each time
+    (own,) = [copy(["government"], receives=0)]
+    source.send(MEDIA_SUB_DLQ.url, *foreign)
+    source.send(government.url, own)
+
+    report = Drainer(
+        queues=[MEDIA_SUB_DLQ, government], source=source, broker=broker, audit=audit, clock=clock
+    ).drain(max_seconds=30)
+
+    assert report.stopped == "time limit"
+    assert moved_ids(broker) == [own.message_id]
+    assert report.moved == {queue_name(Stakeholder.GOVERNMENT): 1}
+    assert report.misdelivered == 10

@@ -206,6 +206,28 @@ def test_the_bulk_still_follows_every_emergency() -> None:
     assert arrived[27:] == [queue_name(Stakeholder.GOVERNMENT)] * 5
 
 
+def test_the_bulk_queues_are_drained_in_turn_so_one_groups_backlog_holds_no_other_back() -> None:
+    # 10,005 government donations: drained one queue after the other, the run reached its
+    # message limit in government's queue and community's and business's waited a whole run.
+    source, broker = MemoryFallbackSource(), Broker()
+    source.send("fallback-government", *parked(10_005))
+    source.send("fallback-community", *parked())
+    source.send("fallback-business", *parked(25))
+
+    report = drainer(source, broker).drain()
+
+    assert report.stopped == "message limit"
+    assert report.moved == {
+        queue_name(Stakeholder.GOVERNMENT): 10_000 - 26,
+        COMMUNITY: 1,
+        queue_name(Stakeholder.BUSINESS): 25,
+    }
+    assert broker.arrived()[:12] == [queue_name(Stakeholder.GOVERNMENT)] * 10 + [
+        COMMUNITY,
+        queue_name(Stakeholder.BUSINESS),
+    ]
+
+
 def test_each_copy_not_moved_is_logged_with_its_id_and_failure_never_its_content(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

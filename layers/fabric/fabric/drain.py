@@ -20,12 +20,12 @@ takes nothing (its connection fails, or the probes fail too).
 
 The emergency queues are drained in turn, one batch from each per pass, so that one group's
 backlog (or slow work queue) never holds back another group's emergencies; the bulk queues
-follow. An emergency that reaches an emergency queue after the run found it empty does not wait
-for the other groups' backlogs, nor for the next run: while the run is still busy (with other
-emergency queues, or with bulk, up to its time limit), at most every ``RECHECK_SECONDS`` it
-looks into each emergency queue found empty again with a receive that does not wait, and moves
-what it finds first, the same way; a run that moved bulk since its last look takes one more
-look before it returns, once one is due.
+follow, in turn as well. An emergency that reaches an emergency queue after the run found it
+empty does not wait for the other groups' backlogs, nor for the next run: while the run is
+still busy (with other emergency queues, or with bulk, up to its time limit), at most every
+``RECHECK_SECONDS`` it looks into each emergency queue found empty again with a receive that
+does not wait, and moves what it finds first, the same way; a run that moved bulk since its
+last look takes one more look before it returns, once one is due.
 
 The drain does not trust the SNS subscriptions to have filtered: SNS has no IAM condition on a
 subscription's filter policy, so whoever may subscribe or set subscription attributes could
@@ -271,15 +271,21 @@ class Drainer:
         self._take_in_turn(emergencies, report, max_messages, deadline, wait=True)
         recheck_at = self._clock() + RECHECK_SECONDS  # the emergency queues were just found empty
         busy = False  # moved bulk since the emergency queues were last looked at
-        for queue in [queue for queue in self._queues if not queue.emergency]:
-            while self._take(queue, report, max_messages, deadline, wait=True):
-                busy = True
-                if self._clock() >= recheck_at:
-                    # Busy with bulk: what reached an emergency queue since goes first. A look
-                    # that does not wait may miss a message; the next look, a second on, asks
-                    # again.
-                    self._take_in_turn(emergencies, report, max_messages, deadline, wait=False)
-                    recheck_at, busy = self._clock() + RECHECK_SECONDS, False
+        # The bulk queues in turn too, one batch each: one group's backlog (or a pile of copies
+        # not for it, which come back after their visibility timeout) holds another group's
+        # bulk back by one batch, not until the run's limits.
+        bulk = deque(queue for queue in self._queues if not queue.emergency)
+        while bulk:
+            queue = bulk.popleft()
+            if not self._take(queue, report, max_messages, deadline, wait=True):
+                continue  # found empty, its work queue refused, or the run stopped
+            bulk.append(queue)
+            busy = True
+            if self._clock() >= recheck_at:
+                # Busy with bulk: what reached an emergency queue since goes first. A look that
+                # does not wait may miss a message; the next look, a second on, asks again.
+                self._take_in_turn(emergencies, report, max_messages, deadline, wait=False)
+                recheck_at, busy = self._clock() + RECHECK_SECONDS, False
         if busy and self._clock() >= recheck_at and self._clock() < deadline:
             # One last look once one is due: what reached an emergency queue while the run
             # finished its bulk goes now, not up to a minute later with the next run.
