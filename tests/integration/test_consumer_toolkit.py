@@ -18,7 +18,7 @@ from fabric import topology
 from fabric.adapters.memory import MemoryAuditSink
 from fabric.adapters.rabbitmq_consumer import RabbitMqConsumer
 from fabric.adapters.sns import HEADERS_ATTRIBUTE, MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
-from fabric.audit import AuditEvent
+from fabric.audit import AuditEvent, decode_audit_batch
 from fabric.consumer import Delivery, MessageProcessor, sqs_batch_handler
 from fabric.envelope import new_message_id
 from fabric.stakeholders import Stakeholder
@@ -228,3 +228,43 @@ def test_an_sqs_record_with_malformed_headers_is_failed_and_audited_not_lost_fro
         healthy: (AuditEvent.DELIVERED, None),
         not_strings: (AuditEvent.DEAD_LETTERED, "malformed-headers"),
     }
+
+
+def test_audit_records_the_audit_path_refused_reach_it_while_the_consumer_is_idle(
+    broker_vhost: str, amqp: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The audit exchange is gone when the consumer settles its one message: the record is kept
+    # back. Before, it went out only with the next settlement: a consumer that then got no
+    # more messages held it for as long as the queue stayed quiet (or lost it when stopped),
+    # and the trail could not show the copy delivered.
+    amqp.exchange_delete(topology.AUDIT_EXCHANGE)
+    message_id = new_message_id()
+    publish(amqp, message_id)
+    seen: list[str] = []
+    stop = threading.Event()
+    consumer = RabbitMqConsumer(
+        settings(broker_vhost), WORK, MessageProcessor(lambda d: seen.append(d.message_id))
+    )
+    thread = threading.Thread(target=lambda: consumer.run(stop=stop), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: "could not be stored; 1 kept" in caplog.text)  # its record refused
+        assert seen == [message_id]
+        amqp.exchange_declare(topology.AUDIT_EXCHANGE, "topic", durable=True)
+        amqp.queue_bind(topology.AUDIT_QUEUE, topology.AUDIT_EXCHANGE, "#")
+        batches: list[bytes] = []
+
+        def audited() -> bool:
+            method, _, body = amqp.basic_get(topology.AUDIT_QUEUE, auto_ack=True)
+            if method is not None:
+                batches.append(body)
+            return bool(batches)
+
+        wait_for(audited, timeout=15)
+    finally:
+        stop.set()
+        thread.join(10)
+
+    assert len(batches) == 1, "the kept-back record did not reach the audit queue"
+    (record,) = decode_audit_batch(batches[0]).records
+    assert (record["event"], record["message_id"]) == ("delivered", message_id)

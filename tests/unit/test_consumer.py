@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import socket
 import uuid
@@ -15,7 +16,8 @@ from fabric.adapters.memory import MemoryAuditSink, MemoryMetrics, MemoryTranspo
 from fabric.adapters.rabbitmq import RabbitSettings
 from fabric.adapters.rabbitmq_consumer import consumer_settler
 from fabric.adapters.sns import MESSAGE_ID_ATTRIBUTE, TOPIC_ATTRIBUTE
-from fabric.audit import AuditEvent
+from fabric.audit import AuditEvent, decode_audit_batch
+from fabric.audit_sink import TransportAuditSink
 from fabric.consumer import (
     BatchFailed,
     Delivery,
@@ -30,6 +32,7 @@ from fabric.consumer import (
 )
 from fabric.envelope import Reason, Rejection
 from fabric.errors import DecryptionFailed, MessageRejected
+from fabric.ports import Failure, Outcome
 from fabric.stakeholders import Stakeholder
 
 WORK = topology.queue_name(Stakeholder.MEDIA)
@@ -466,6 +469,75 @@ def test_audit_records_the_audit_path_refused_are_counted_kept_or_lost(
     settler.settle([(delivery(mid("d")), done.process(delivery(mid("d"))))])
     assert sink.calls == 2, "nothing counted once the audit path stores again"
     assert [r.message_id for r in audit.records] == [mid("b"), mid("c"), mid("d")]
+
+
+class StoredButUnconfirmed(MemoryTransport):
+    """Stores every publish; the first is answered TIMEOUT, as when its confirm was lost."""
+
+    def publish(self, messages: Any, *, meanwhile: Any = None) -> list[Outcome]:
+        outcomes = super().publish(messages, meanwhile=meanwhile)
+        if len(self.published) == len(outcomes):  # the first call
+            return [Outcome(o.message_id, failure=Failure.TIMEOUT) for o in outcomes]
+        return outcomes
+
+
+def test_a_kept_back_audit_batch_is_sent_again_under_its_own_batch_id() -> None:
+    # Before, kept-back records went out merged into the next batch, under a new batch id: a
+    # batch stored whose confirm was lost was written twice, while the audit writer drops a
+    # batch id it already wrote.
+    transport = StoredButUnconfirmed()
+    audit = TransportAuditSink([transport], emitted_by="c")
+    settler = RabbitMqSettler(lambda _group: MemoryTransport(), audit=audit, consumer="c")
+    done = MessageProcessor(lambda _d: None)
+
+    settler.settle([(delivery(mid("a")), done.process(delivery(mid("a"))))])  # kept
+    settler.settle([(delivery(mid("b")), done.process(delivery(mid("b"))))])
+
+    first, again, later = transport.published
+    assert again.message_id == first.message_id
+    assert again.body == first.body
+    assert [r["message_id"] for r in decode_audit_batch(later.body).records] == [mid("b")]
+
+
+def test_kept_back_audit_batches_are_sent_again_once_due_without_a_settlement() -> None:
+    now = [0.0]
+    audit = MemoryAuditSink(available=False)
+    settler = RabbitMqSettler(
+        lambda _group: MemoryTransport(), audit=audit, consumer="c", clock=lambda: now[0]
+    )
+    done = MessageProcessor(lambda _d: None)
+    settler.settle([(delivery(mid("a")), done.process(delivery(mid("a"))))])  # kept
+    audit.available = True
+
+    now[0] = consumer.RESEND_FIRST_WAIT_S - 0.01
+    settler.resend_audit()
+    assert audit.records == []  # not due yet
+    now[0] = consumer.RESEND_FIRST_WAIT_S
+    settler.resend_audit()
+    assert [r.message_id for r in audit.records] == [mid("a")]
+
+
+def test_resends_the_audit_path_refuses_back_off() -> None:
+    now = [0.0]
+    tries: list[float] = []
+
+    class Refusing(MemoryAuditSink):
+        def emit(self, records: Any, bodies: Any = None, *, prepared: Any = None) -> bool:
+            tries.append(now[0])
+            return False
+
+    settler = RabbitMqSettler(
+        lambda _group: MemoryTransport(), audit=Refusing(), consumer="c", clock=lambda: now[0]
+    )
+    done = MessageProcessor(lambda _d: None)
+    settler.settle([(delivery(mid("a")), done.process(delivery(mid("a"))))])  # kept
+    for tick in range(1, 2000):  # 200 s of an idle consumer's looks, ten a second
+        now[0] = tick / 10
+        settler.resend_audit()
+
+    waits = [later - earlier for earlier, later in itertools.pairwise(tries)]
+    assert waits[:7] == pytest.approx([1, 2, 4, 8, 16, 32, 60])
+    assert max(waits) == pytest.approx(consumer.RESEND_MAX_WAIT_S)
 
 
 def test_an_interrupt_while_the_audit_batch_is_sent_keeps_the_records_kept_back() -> None:

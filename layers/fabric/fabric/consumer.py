@@ -41,6 +41,7 @@ import inspect
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,7 +62,14 @@ from fabric.envelope import (
     normalize_message_id,
 )
 from fabric.errors import DecryptionFailed, FabricError, MessageRejected
-from fabric.ports import AuditSink, Metrics, OutboundMessage, PayloadCipher, Transport
+from fabric.ports import (
+    AuditSink,
+    Metrics,
+    OutboundMessage,
+    PayloadCipher,
+    PreparedAudit,
+    Transport,
+)
 from fabric.protection import open_envelope
 from fabric.stakeholders import Stakeholder
 
@@ -598,45 +606,111 @@ def _destination(delivery: Delivery, decision: Decision) -> str | None:
 
 # Audit records kept for the next batch while the audit path refuses them (bounded memory).
 MAX_UNSENT_AUDIT_RECORDS = 10_000
+# How soon an idle consumer sends kept-back audit batches again (``_AuditBacklog.resend``):
+# first after this many seconds, then after twice as long each time the path refuses them, up
+# to ``RESEND_MAX_WAIT_S``.
+RESEND_FIRST_WAIT_S = 1.0
+RESEND_MAX_WAIT_S = 60.0
 
 
 class _AuditBacklog:
-    """Emits settlement records, with those an earlier batch could not store: a settlement is
-    never undone for its audit batch, but its records go out again with the next batch (up to
-    ``MAX_UNSENT_AUDIT_RECORDS``; a process that ends meanwhile loses them, as the log says).
+    """Emits settlement records, and keeps each batch the audit path could not store: a
+    settlement is never undone for its audit batch, but the batch goes out again, as it was
+    prepared (its message ids: the batch ids by which the audit writer drops a batch it
+    already wrote, so a batch whose confirm was lost but which was stored is not written
+    twice), before the next batch, or once due while the consumer is idle (``resend``). At
+    most ``MAX_UNSENT_AUDIT_RECORDS`` records are kept, the oldest batches dropped beyond; a
+    process that ends meanwhile loses them, as the log says.
 
     A refused batch is logged (``audit batch of ... could not be stored``: alarm on it) and,
     given ``metrics``, counted: ``AuditRecordsUnsent`` (kept for the next batch) and
     ``AuditRecordsLost`` (dropped beyond the bound)."""
 
-    def __init__(self, audit: AuditSink | None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        audit: AuditSink | None,
+        metrics: Metrics | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._audit = audit
         self._metrics = metrics
-        self._unsent: list[AuditRecord] = []
+        self._clock = clock
+        self._kept: deque[PreparedAudit] = deque()  # oldest first
+        self.kept = 0  # the records kept back, waiting for the audit path
+        self._wait = RESEND_FIRST_WAIT_S
+        self._resend_at = 0.0
 
     def emit(self, records: list[AuditRecord]) -> None:
         if self._audit is None:
             return
-        # The kept-back records stay kept until the audit path has them: an interrupt during
+        # A kept batch leaves the backlog only once the audit path has it: an interrupt during
         # ``emit`` (a SIGTERM while a settlement is under way) then loses none of them, and the
-        # consumer's second settlement on its way out sends them with ``records`` again.
-        batch = self._unsent + records
-        if not batch or self._audit.emit(batch):
-            self._unsent = []
+        # consumer's second settlement on its way out sends ``records`` again.
+        if not self._send_kept(self._audit):
+            # The path refused the oldest batch just now: this one is kept without a try.
+            if records:
+                self._keep(self._audit.prepare(records), refused=self.kept + len(records))
             return
-        self._unsent = batch[-MAX_UNSENT_AUDIT_RECORDS:]
+        if not records:
+            return
+        prepared = self._audit.prepare(records)
+        if not self._audit.emit(records, prepared=prepared):
+            self._back_off()
+            self._keep(prepared, refused=len(records))
+
+    def resend(self) -> None:
+        """Sends the kept batches once due: a consumer with nothing to settle would otherwise
+        keep them until its next settlement, or lose them when it stops."""
+        if self._audit is None or not self._kept or self._clock() < self._resend_at:
+            return
+        if self._send_kept(self._audit):
+            _LOG.info("kept-back consumer audit records stored")
+        else:
+            _LOG.warning(
+                "kept-back audit batch of %d consumer record(s) could not be stored; %d kept",
+                len(self._kept[0].records),
+                self.kept,
+            )
+
+    def _send_kept(self, audit: AuditSink) -> bool:
+        """Sends the kept batches, oldest first, until one is refused; whether all went."""
+        while self._kept:
+            batch = self._kept[0]
+            if not audit.emit(batch.records, batch.bodies, prepared=batch):
+                self._back_off()
+                return False
+            self._kept.popleft()
+            self.kept -= len(batch.records)
+        self._wait = RESEND_FIRST_WAIT_S
+        return True
+
+    def _back_off(self) -> None:
+        """The audit path refused a batch: the next resend waits, twice as long as the last."""
+        self._resend_at = self._clock() + self._wait
+        self._wait = min(self._wait * 2, RESEND_MAX_WAIT_S)
+
+    def _keep(self, prepared: PreparedAudit, *, refused: int) -> None:
+        """Keeps ``prepared`` (a batch of ``refused`` records was not stored); beyond the
+        bound the oldest whole batches go (the newest is always kept)."""
+        self._kept.append(prepared)
+        self.kept += len(prepared.records)
+        dropped = 0
+        while self.kept > MAX_UNSENT_AUDIT_RECORDS and len(self._kept) > 1:
+            dropped += len(self._kept.popleft().records)
+        self.kept -= dropped
         _LOG.error(
             "audit batch of %d consumer record(s) could not be stored; %d kept for the next, "
             "%d dropped",
-            len(batch),
-            len(self._unsent),
-            len(batch) - len(self._unsent),
+            refused,
+            self.kept,
+            dropped,
         )
         if self._metrics is not None:
             self._metrics.count(
                 {
-                    metric_names.AUDIT_RECORDS_UNSENT: len(self._unsent),
-                    metric_names.AUDIT_RECORDS_LOST: len(batch) - len(self._unsent),
+                    metric_names.AUDIT_RECORDS_UNSENT: self.kept,
+                    metric_names.AUDIT_RECORDS_LOST: dropped,
                 }
             )
 
@@ -653,27 +727,29 @@ class RabbitMqSettler:
         audit: AuditSink | None = None,
         consumer: str = "consumer",
         metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``transport_for(group)`` publishes to ``fabric.x.retry.<group>`` with the message's
         ``redeliver_to`` as routing key; ``consumer`` names the consumer in audit records;
         ``metrics`` (``fabric.adapters.emf.EmfMetrics``, say) counts the audit records the
-        audit path refused (``AuditRecordsUnsent``, ``AuditRecordsLost``).
+        audit path refused (``AuditRecordsUnsent``, ``AuditRecordsLost``); ``clock`` times
+        the resends of kept-back audit batches (``resend_audit``).
 
         Raises:
             ValueError: ``consumer`` is not a name the audit writer takes (``_consumer_name``).
         """
         self._transport_for = transport_for
-        self._backlog = _AuditBacklog(audit, metrics)
+        self._backlog = _AuditBacklog(audit, metrics, clock=clock)
         self._consumer = _consumer_name(consumer)
 
     def settle(self, items: Sequence[tuple[Delivery, Decision]]) -> list[bool]:
         """Republish each RETRY / DEAD_LETTER item; True where it is stored (DONE: True, no
         publish; SYSTEMIC: False). Order kept.
 
-        The audit records of what was settled go out with those an earlier call could not
-        store: a settlement is never undone for its audit batch (the message is where it
-        belongs), but its records are sent again with the next batch (up to
-        ``MAX_UNSENT_AUDIT_RECORDS`` of them) instead of being dropped."""
+        The audit records of what was settled go out after the batches an earlier call could
+        not store: a settlement is never undone for its audit batch (the message is where it
+        belongs), but the batch is sent again, under its own batch ids, before the next one
+        (up to ``MAX_UNSENT_AUDIT_RECORDS`` records kept) instead of being dropped."""
         stored = [decision.verdict is Verdict.DONE for _, decision in items]
         by_group: dict[Stakeholder, list[tuple[int, OutboundMessage]]] = {}
         for index, (delivery, decision) in enumerate(items):
@@ -688,6 +764,12 @@ class RabbitMqSettler:
                 stored[index] = outcome.stored
         self._backlog.emit(settlement_records(items, stored, consumer=self._consumer))
         return stored
+
+    def resend_audit(self) -> None:
+        """Sends the audit batches kept back from earlier settlements once due (first after
+        ``RESEND_FIRST_WAIT_S``, backing off to ``RESEND_MAX_WAIT_S`` while the path refuses
+        them): for a consumer with nothing to settle, between deliveries."""
+        self._backlog.resend()
 
 
 def _republished(

@@ -627,9 +627,11 @@ class _Pending:
 
     def idle(self) -> None:
         """The consumer read the connection and holds no delivery: whatever comes next was sent
-        after now (``_Arrivals.quiet``); what was decided is settled."""
+        after now (``_Arrivals.quiet``); what was decided is settled, and audit batches kept
+        back from earlier settlements are sent again once due."""
         self.arrivals.quiet()
         self.flush()
+        self._settler.resend_audit()
 
     def handler_starts(self) -> None:
         """Settles now what the next ``add`` would find past ``max_age_s``, judging the handler
