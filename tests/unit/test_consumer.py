@@ -540,6 +540,69 @@ def test_resends_the_audit_path_refuses_back_off() -> None:
     assert max(waits) == pytest.approx(consumer.RESEND_MAX_WAIT_S)
 
 
+def test_past_the_bound_only_the_oldest_batches_beyond_it_are_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A review found every kept batch but the newest dropped once the bound was passed by one
+    # record: 10,000 records lost where one had to go.
+    monkeypatch.setattr(consumer, "MAX_UNSENT_AUDIT_RECORDS", 5)
+    audit, sink = MemoryAuditSink(available=False), MemoryMetrics()
+    settler = RabbitMqSettler(
+        lambda _group: MemoryTransport(), audit=audit, consumer="c", metrics=sink
+    )
+    done = MessageProcessor(lambda _d: None)
+    names = [str(i) for i in range(6)]
+    for name in names:  # one-record settlements, as on an emergency queue (prefetch 1)
+        settler.settle([(delivery(mid(name)), done.process(delivery(mid(name))))])
+
+    assert sink.totals[metrics.AUDIT_RECORDS_LOST] == 1
+    audit.available = True
+    settler.settle([])
+    assert [r.message_id for r in audit.records] == [mid(name) for name in names[1:]]
+
+
+class CountingTransport(MemoryTransport):
+    """Counts publish calls; ``down`` fails every message."""
+
+    calls: int = 0
+    down: bool = False
+
+    def publish(self, messages: Any, *, meanwhile: Any = None) -> list[Outcome]:
+        self.calls += 1
+        outcomes = super().publish(messages, meanwhile=meanwhile)
+        if self.down:
+            return [Outcome(o.message_id, failure=Failure.UNAVAILABLE) for o in outcomes]
+        return outcomes
+
+
+def test_a_long_backlog_goes_out_in_a_few_publishes_not_a_round_trip_a_batch() -> None:
+    # A review measured 2,000 kept one-record batches sent one publish (and confirm) each:
+    # 4 s on a local broker, and over a minute with 1 ms of latency, during which the consumer
+    # handled nothing and the broker dropped its connection for missed heartbeats.
+    now = [0.0]
+    transport = CountingTransport()
+    transport.down = True
+    settler = RabbitMqSettler(
+        lambda _group: MemoryTransport(),
+        audit=TransportAuditSink([transport], emitted_by="c"),
+        consumer="c",
+        clock=lambda: now[0],
+    )
+    done = MessageProcessor(lambda _d: None)
+    for i in range(1200):
+        settler.settle([(delivery(mid(str(i))), done.process(delivery(mid(str(i)))))])
+    transport.down, transport.calls, transport.published = False, 0, []
+
+    now[0] = consumer.RESEND_MAX_WAIT_S
+    for _ in range(3):  # three looks of an idle consumer
+        settler.resend_audit()
+
+    assert transport.calls == 3  # 500, 500 and 200 batches, each chunk in one publish
+    assert len(transport.published) == 1200
+    settler.resend_audit()
+    assert transport.calls == 3  # nothing left to send
+
+
 def test_an_interrupt_while_the_audit_batch_is_sent_keeps_the_records_kept_back() -> None:
     # Before, the kept-back records were taken out of the backlog before the audit path was
     # called: a KeyboardInterrupt there (a SIGTERM during a settlement) lost them for good,

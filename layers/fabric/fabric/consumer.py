@@ -38,6 +38,7 @@ import base64
 import dataclasses
 import functools
 import inspect
+import itertools
 import json
 import logging
 import time
@@ -611,6 +612,9 @@ MAX_UNSENT_AUDIT_RECORDS = 10_000
 # to ``RESEND_MAX_WAIT_S``.
 RESEND_FIRST_WAIT_S = 1.0
 RESEND_MAX_WAIT_S = 60.0
+# Kept-back audit batches sent in one publish (one confirm window): about 0.1 s of the
+# consumer's thread on a local broker for one-record batches.
+RESEND_CHUNK = 500
 
 
 class _AuditBacklog:
@@ -618,7 +622,9 @@ class _AuditBacklog:
     settlement is never undone for its audit batch, but the batch goes out again, as it was
     prepared (its message ids: the batch ids by which the audit writer drops a batch it
     already wrote, so a batch whose confirm was lost but which was stored is not written
-    twice), before the next batch, or once due while the consumer is idle (``resend``). At
+    twice), with the next batch, or once due while the consumer is idle (``resend``). Up to
+    ``RESEND_CHUNK`` kept batches go in one publish, pipelined in one confirm window, so a
+    long backlog costs the consumer's thread a chunk at a time, not a round trip a batch. At
     most ``MAX_UNSENT_AUDIT_RECORDS`` records are kept, the oldest batches dropped beyond; a
     process that ends meanwhile loses them, as the log says.
 
@@ -642,67 +648,62 @@ class _AuditBacklog:
         self._resend_at = 0.0
 
     def emit(self, records: list[AuditRecord]) -> None:
-        if self._audit is None:
+        if self._audit is None or not (records or self._kept):
             return
-        # A kept batch leaves the backlog only once the audit path has it: an interrupt during
-        # ``emit`` (a SIGTERM while a settlement is under way) then loses none of them, and the
-        # consumer's second settlement on its way out sends ``records`` again.
-        if not self._send_kept(self._audit):
-            # The path refused the oldest batch just now: this one is kept without a try.
-            if records:
-                self._keep(self._audit.prepare(records), refused=self.kept + len(records))
-            return
-        if not records:
-            return
-        prepared = self._audit.prepare(records)
-        if not self._audit.emit(records, prepared=prepared):
-            self._back_off()
-            self._keep(prepared, refused=len(records))
+        # ``records`` join the backlog only once refused, and a kept batch leaves it only once
+        # the audit path has it: an interrupt during the send (a SIGTERM while a settlement is
+        # under way) loses none of them, and the consumer's second settlement on its way out
+        # sends ``records`` again.
+        fresh = self._audit.prepare(records) if records else None
+        if not self._send(self._audit, fresh) and fresh is not None:
+            self._keep(fresh)
 
     def resend(self) -> None:
-        """Sends the kept batches once due: a consumer with nothing to settle would otherwise
-        keep them until its next settlement, or lose them when it stops."""
+        """Sends kept batches once due: a consumer with nothing to settle would otherwise keep
+        them until its next settlement, or lose them when it stops."""
         if self._audit is None or not self._kept or self._clock() < self._resend_at:
             return
-        if self._send_kept(self._audit):
-            _LOG.info("kept-back consumer audit records stored")
-        else:
+        if not self._send(self._audit, None):
             _LOG.warning(
-                "kept-back audit batch of %d consumer record(s) could not be stored; %d kept",
-                len(self._kept[0].records),
+                "kept-back audit batches could not be stored; %d consumer record(s) kept",
                 self.kept,
             )
 
-    def _send_kept(self, audit: AuditSink) -> bool:
-        """Sends the kept batches, oldest first, until one is refused; whether all went."""
-        while self._kept:
-            batch = self._kept[0]
-            if not audit.emit(batch.records, batch.bodies, prepared=batch):
-                self._back_off()
-                return False
+    def _send(self, audit: AuditSink, fresh: PreparedAudit | None) -> bool:
+        """Sends the oldest ``RESEND_CHUNK`` kept batches and ``fresh`` in one publish;
+        whether all were stored (the kept ones then leave the backlog)."""
+        chunk = list(itertools.islice(self._kept, RESEND_CHUNK))
+        parts = [*chunk, fresh] if fresh is not None else chunk
+        together = PreparedAudit(
+            records=[record for part in parts for record in part.records],
+            bodies={digest: body for part in parts for digest, body in part.bodies.items()},
+            encoded=[message for part in parts for message in part.encoded],
+        )
+        if not audit.emit(together.records, together.bodies, prepared=together):
+            self._resend_at = self._clock() + self._wait
+            self._wait = min(self._wait * 2, RESEND_MAX_WAIT_S)
+            return False
+        for batch in chunk:
             self._kept.popleft()
             self.kept -= len(batch.records)
         self._wait = RESEND_FIRST_WAIT_S
+        self._resend_at = self._clock()  # what is left of a long backlog: at the next look
         return True
 
-    def _back_off(self) -> None:
-        """The audit path refused a batch: the next resend waits, twice as long as the last."""
-        self._resend_at = self._clock() + self._wait
-        self._wait = min(self._wait * 2, RESEND_MAX_WAIT_S)
-
-    def _keep(self, prepared: PreparedAudit, *, refused: int) -> None:
-        """Keeps ``prepared`` (a batch of ``refused`` records was not stored); beyond the
-        bound the oldest whole batches go (the newest is always kept)."""
+    def _keep(self, prepared: PreparedAudit) -> None:
+        """Keeps ``prepared``, refused; beyond the bound the oldest whole batches go (the
+        newest is always kept)."""
         self._kept.append(prepared)
         self.kept += len(prepared.records)
         dropped = 0
         while self.kept > MAX_UNSENT_AUDIT_RECORDS and len(self._kept) > 1:
-            dropped += len(self._kept.popleft().records)
-        self.kept -= dropped
+            oldest = len(self._kept.popleft().records)
+            self.kept -= oldest
+            dropped += oldest
         _LOG.error(
             "audit batch of %d consumer record(s) could not be stored; %d kept for the next, "
             "%d dropped",
-            refused,
+            len(prepared.records),
             self.kept,
             dropped,
         )
