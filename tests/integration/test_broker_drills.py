@@ -153,12 +153,14 @@ class Stream:
     router: Router
     sent: dict[str, str] = field(default_factory=dict)  # message id -> topic
     results: list[MessageResult] = field(default_factory=list)
+    calls: list[list[MessageResult]] = field(default_factory=list)  # the results, by call
 
     def send(self, count: int, topic: str = DONATION) -> list[MessageResult]:
         batch = [message(topic) for _ in range(count)]
         self.sent.update((m["message_id"], topic) for m in batch)
         results = list(self.router.route(batch, source=SOURCE[topic]).results)
         self.results.extend(results)
+        self.calls.append(results)
         return results
 
     def by_transport(self) -> Counter[str | None]:
@@ -230,7 +232,11 @@ def destinations(topic: str) -> set[tuple[str, bool]]:
 
 
 def assert_nothing_lost(
-    sent: dict[str, str], results: list[MessageResult], copies: list[Copy]
+    sent: dict[str, str],
+    results: list[MessageResult],
+    copies: list[Copy],
+    *,
+    in_doubt: frozenset[str] = frozenset(),
 ) -> int:
     """lost = 0, false acks = 0, and only at-least-once duplicates; returns the duplicates.
 
@@ -240,7 +246,9 @@ def assert_nothing_lost(
     operator redrives it). An accepted message stored nowhere would be a false acknowledgment.
     Nothing is stored that was not sent or where it does not route. Two copies in one stream
     carry the same message id and the same bytes, so a consumer that deduplicates by
-    ``message_id`` sees each message exactly once.
+    ``message_id`` sees each message exactly once. Only the messages ``in_doubt`` (the
+    documented residual of a deletion: see ``doubted_by_the_deletion``) may miss copies, and
+    then only in some of their streams, never in all.
     """
     assert [r.status for r in results] == ["accepted"] * len(sent)
     assert {r.message_id for r in results} == set(sent)
@@ -260,7 +268,12 @@ def assert_nothing_lost(
         for group, emergency in destinations(topic)
         if (group, emergency, message_id) not in held and message_id not in unrouted
     ]
-    assert not lost, f"{len(lost)} accepted deliveries stored nowhere, e.g. {lost[:3]}"
+    unexplained = [item for item in lost if item[2] not in in_doubt]
+    assert not unexplained, (
+        f"{len(unexplained)} accepted deliveries stored nowhere, e.g. {unexplained[:3]}"
+    )
+    stored = {c.message_id for c in copies}
+    assert {item[2] for item in lost} <= stored, "an accepted message with no copy anywhere"
     bodies = {c.message_id: c.body for c in copies}
     differing = {c.message_id for c in copies if c.body != bodies[c.message_id]}
     assert not differing, f"copies with one message id but different bytes: {differing}"
@@ -389,7 +402,7 @@ def test_a_full_queue_nacks_and_the_nacked_messages_go_to_the_fallback(
     assert duplicates == counts["fallback"]
 
 
-def test_an_exchange_deleted_under_the_publisher_loses_nothing(
+def test_an_exchange_deleted_under_the_publisher_loses_only_copies_of_the_call_before_its_404(
     node: PrivateNode, node_vhost: str, aws: dict[str, Any]
 ) -> None:
     router, breaker, settings = build_router(node.amqp_port, node_vhost, aws)
@@ -411,7 +424,25 @@ def test_an_exchange_deleted_under_the_publisher_loses_nothing(
         what=lambda: f"one connection left, open: {connections(node, settings.connection_name)}",
     )
     copies = broker_copies(node.amqp_port, node_vhost) + fallback_copies(aws)
-    assert_nothing_lost(stream.sent, stream.results, copies)
+    assert_nothing_lost(
+        stream.sent, stream.results, copies, in_doubt=doubted_by_the_deletion(stream)
+    )
+
+
+def doubted_by_the_deletion(stream: Stream) -> frozenset[str]:
+    """The messages RabbitMQ confirmed in the call before the first one that failed over:
+    the documented residual of an exchange deleted under the router (docs/router.md, "An
+    exchange deleted under a call"). RabbitMQ routes a publish that races the deletion by the
+    bindings it reads as they go, and says so only with the 404 of the next publish; in the
+    call that meets it, the router sends what it had confirmed to the fallback too. One the
+    call before confirmed may have reached only some of its groups: the compliance report
+    shows its other copies undelivered, and replay sends them."""
+    first = next(
+        i for i, call in enumerate(stream.calls) if any(r.transport == "fallback" for r in call)
+    )
+    if first == 0:
+        return frozenset()
+    return frozenset(r.message_id for r in stream.calls[first - 1] if r.transport == "rabbitmq")
 
 
 def connections(node: PrivateNode, connection_name: str) -> list[str]:
