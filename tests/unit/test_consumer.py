@@ -7,6 +7,7 @@ import itertools
 import json
 import socket
 import uuid
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -557,7 +558,8 @@ def test_past_the_bound_only_the_oldest_batches_beyond_it_are_dropped(
 
     assert sink.totals[metrics.AUDIT_RECORDS_LOST] == 1
     audit.available = True
-    settler.settle([])
+    for _ in range(3):  # one kept batch, then two, then the last two
+        settler.settle([])
     assert [r.message_id for r in audit.records] == [mid(name) for name in names[1:]]
 
 
@@ -594,13 +596,58 @@ def test_a_long_backlog_goes_out_in_a_few_publishes_not_a_round_trip_a_batch() -
     transport.down, transport.calls, transport.published = False, 0, []
 
     now[0] = consumer.RESEND_MAX_WAIT_S
-    for _ in range(3):  # three looks of an idle consumer
+    for _ in range(11):  # looks of an idle consumer
         settler.resend_audit()
 
-    assert transport.calls == 3  # 500, 500 and 200 batches, each chunk in one publish
+    # 1, 2, 4 ... 256, then 500 and the last 189 batches, each chunk in one publish
+    assert transport.calls == 11
     assert len(transport.published) == 1200
     settler.resend_audit()
-    assert transport.calls == 3  # nothing left to send
+    assert transport.calls == 11  # nothing left to send
+
+
+class FullAuditQueue(MemoryTransport):
+    """Stores only as many messages of a publish as ``room`` allows (a ``reject-publish``
+    queue at its limit, which the writer frees a little at a time); nacks the rest."""
+
+    room: int = 0
+
+    def publish(self, messages: Any, *, meanwhile: Any = None) -> list[Outcome]:
+        outcomes = []
+        for message in messages:
+            if self.room > 0:
+                self.room -= 1
+                self.published.append(message)
+                outcomes.append(Outcome(message.message_id, transport=self.name))
+            else:
+                outcomes.append(Outcome(message.message_id, failure=Failure.NACKED))
+        return outcomes
+
+
+def test_a_full_audit_queue_that_frees_room_slowly_still_takes_the_backlog() -> None:
+    # A review found a 500-batch publish into a full queue stored in part, refused as a whole,
+    # and sent again from its oldest batch: each freed slot took a copy the writer drops, and
+    # the backlog never shrank.
+    transport = FullAuditQueue()
+    settler = RabbitMqSettler(
+        lambda _group: MemoryTransport(),
+        audit=TransportAuditSink([transport], emitted_by="c"),
+        consumer="c",
+    )
+    done = MessageProcessor(lambda _d: None)
+
+    def settle(name: str) -> None:
+        settler.settle([(delivery(mid(name)), done.process(delivery(mid(name))))])
+
+    for i in range(1000):  # refused: the queue is full
+        settle(f"kept-{i}")
+    for i in range(300):  # the writer frees five places before each settlement
+        transport.room += 5
+        settle(f"new-{i}")
+
+    stored = Counter(message.message_id for message in transport.published)
+    assert len(stored) > 1000  # past the old backlog, though 1,300 batches share 1,500 places
+    assert sum(stored.values()) - len(stored) < len(stored) / 2  # copies stay few
 
 
 def test_an_interrupt_while_the_audit_batch_is_sent_keeps_the_records_kept_back() -> None:

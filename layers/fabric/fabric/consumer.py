@@ -622,9 +622,13 @@ class _AuditBacklog:
     settlement is never undone for its audit batch, but the batch goes out again, as it was
     prepared (its message ids: the batch ids by which the audit writer drops a batch it
     already wrote, so a batch whose confirm was lost but which was stored is not written
-    twice), with the next batch, or once due while the consumer is idle (``resend``). Up to
-    ``RESEND_CHUNK`` kept batches go in one publish, pipelined in one confirm window, so a
-    long backlog costs the consumer's thread a chunk at a time, not a round trip a batch. At
+    twice), with the next batch, or once due while the consumer is idle (``resend``). Kept
+    batches go several in one publish, pipelined in one confirm window, so a long backlog
+    costs the consumer's thread a chunk at a time, not a round trip a batch: one batch after a
+    refusal, twice as many after each publish stored whole, up to ``RESEND_CHUNK``. A publish
+    only partly stored (a full audit queue takes what it has room for) is refused whole and
+    its stored part sent again (the writer drops those by batch id): starting again from one
+    batch keeps those copies few, and the backlog still moves while the queue frees room. At
     most ``MAX_UNSENT_AUDIT_RECORDS`` records are kept, the oldest batches dropped beyond; a
     process that ends meanwhile loses them, as the log says.
 
@@ -646,6 +650,7 @@ class _AuditBacklog:
         self.kept = 0  # the records kept back, waiting for the audit path
         self._wait = RESEND_FIRST_WAIT_S
         self._resend_at = 0.0
+        self._chunk = 1  # kept batches the next publish takes
 
     def emit(self, records: list[AuditRecord]) -> None:
         if self._audit is None or not (records or self._kept):
@@ -670,19 +675,26 @@ class _AuditBacklog:
             )
 
     def _send(self, audit: AuditSink, fresh: PreparedAudit | None) -> bool:
-        """Sends the oldest ``RESEND_CHUNK`` kept batches and ``fresh`` in one publish;
+        """Sends the oldest kept batches (``_chunk`` of them) and ``fresh`` in one publish;
         whether all were stored (the kept ones then leave the backlog)."""
-        chunk = list(itertools.islice(self._kept, RESEND_CHUNK))
+        chunk = list(itertools.islice(self._kept, self._chunk))
         parts = [*chunk, fresh] if fresh is not None else chunk
-        together = PreparedAudit(
-            records=[record for part in parts for record in part.records],
-            bodies={digest: body for part in parts for digest, body in part.bodies.items()},
-            encoded=[message for part in parts for message in part.encoded],
+        together = (
+            parts[0]
+            if len(parts) == 1
+            else PreparedAudit(
+                records=[record for part in parts for record in part.records],
+                bodies={digest: body for part in parts for digest, body in part.bodies.items()},
+                encoded=[message for part in parts for message in part.encoded],
+            )
         )
         if not audit.emit(together.records, together.bodies, prepared=together):
             self._resend_at = self._clock() + self._wait
             self._wait = min(self._wait * 2, RESEND_MAX_WAIT_S)
+            self._chunk = 1
             return False
+        if chunk:
+            self._chunk = min(self._chunk * 2, RESEND_CHUNK)
         for batch in chunk:
             self._kept.popleft()
             self.kept -= len(batch.records)
