@@ -450,24 +450,34 @@ def test_the_sqs_entry_point_sends_records_an_invocation_could_not_store_with_th
     ]
 
 
+def audited(audit: Any, **options: Any) -> RabbitMqSettler:
+    """A settler whose retries always store, auditing to ``audit``."""
+    return RabbitMqSettler(lambda _group: MemoryTransport(), audit=audit, consumer="c", **options)
+
+
+def settle_handled(settler: RabbitMqSettler, *names: str) -> None:
+    """Settles one handled delivery for each of ``names``, each in a settlement of its own."""
+    done = MessageProcessor(lambda _d: None)
+    for name in names:
+        settler.settle([(delivery(mid(name)), done.process(delivery(mid(name))))])
+
+
 def test_audit_records_the_audit_path_refused_are_counted_kept_or_lost(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Before, a refused consumer audit batch reached only the log: no metric to alarm on.
     monkeypatch.setattr(consumer, "MAX_UNSENT_AUDIT_RECORDS", 2)
     audit, sink = MemoryAuditSink(available=False), MemoryMetrics()
-    settler = RabbitMqSettler(
-        lambda _group: MemoryTransport(), audit=audit, consumer="c", metrics=sink
-    )
+    settler = audited(audit, metrics=sink)
     done = MessageProcessor(lambda _d: None)
 
-    settler.settle([(delivery(mid("a")), done.process(delivery(mid("a"))))])
+    settle_handled(settler, "a")
     assert sink.totals == {metrics.AUDIT_RECORDS_UNSENT: 1, metrics.AUDIT_RECORDS_LOST: 0}
     settler.settle([(delivery(mid(i)), done.process(delivery(mid(i)))) for i in ("b", "c")])
     # a, b and c refused: two kept for the next batch, the oldest dropped for good.
     assert sink.totals == {metrics.AUDIT_RECORDS_UNSENT: 3, metrics.AUDIT_RECORDS_LOST: 1}
     audit.available = True
-    settler.settle([(delivery(mid("d")), done.process(delivery(mid("d"))))])
+    settle_handled(settler, "d")
     assert sink.calls == 2, "nothing counted once the audit path stores again"
     assert [r.message_id for r in audit.records] == [mid("b"), mid("c"), mid("d")]
 
@@ -487,12 +497,7 @@ def test_a_kept_back_audit_batch_is_sent_again_under_its_own_batch_id() -> None:
     # batch stored whose confirm was lost was written twice, while the audit writer drops a
     # batch id it already wrote.
     transport = StoredButUnconfirmed()
-    audit = TransportAuditSink([transport], emitted_by="c")
-    settler = RabbitMqSettler(lambda _group: MemoryTransport(), audit=audit, consumer="c")
-    done = MessageProcessor(lambda _d: None)
-
-    settler.settle([(delivery(mid("a")), done.process(delivery(mid("a"))))])  # kept
-    settler.settle([(delivery(mid("b")), done.process(delivery(mid("b"))))])
+    settle_handled(audited(TransportAuditSink([transport], emitted_by="c")), "a", "b")
 
     first, again, later = transport.published
     assert again.message_id == first.message_id
@@ -503,11 +508,8 @@ def test_a_kept_back_audit_batch_is_sent_again_under_its_own_batch_id() -> None:
 def test_kept_back_audit_batches_are_sent_again_once_due_without_a_settlement() -> None:
     now = [0.0]
     audit = MemoryAuditSink(available=False)
-    settler = RabbitMqSettler(
-        lambda _group: MemoryTransport(), audit=audit, consumer="c", clock=lambda: now[0]
-    )
-    done = MessageProcessor(lambda _d: None)
-    settler.settle([(delivery(mid("a")), done.process(delivery(mid("a"))))])  # kept
+    settler = audited(audit, clock=lambda: now[0])
+    settle_handled(settler, "a")  # kept
     audit.available = True
 
     now[0] = consumer.RESEND_FIRST_WAIT_S - 0.01
@@ -527,11 +529,8 @@ def test_resends_the_audit_path_refuses_back_off() -> None:
             tries.append(now[0])
             return False
 
-    settler = RabbitMqSettler(
-        lambda _group: MemoryTransport(), audit=Refusing(), consumer="c", clock=lambda: now[0]
-    )
-    done = MessageProcessor(lambda _d: None)
-    settler.settle([(delivery(mid("a")), done.process(delivery(mid("a"))))])  # kept
+    settler = audited(Refusing(), clock=lambda: now[0])
+    settle_handled(settler, "a")  # kept
     for tick in range(1, 2000):  # 200 s of an idle consumer's looks, ten a second
         now[0] = tick / 10
         settler.resend_audit()
@@ -548,13 +547,9 @@ def test_past_the_bound_only_the_oldest_batches_beyond_it_are_dropped(
     # record: 10,000 records lost where one had to go.
     monkeypatch.setattr(consumer, "MAX_UNSENT_AUDIT_RECORDS", 5)
     audit, sink = MemoryAuditSink(available=False), MemoryMetrics()
-    settler = RabbitMqSettler(
-        lambda _group: MemoryTransport(), audit=audit, consumer="c", metrics=sink
-    )
-    done = MessageProcessor(lambda _d: None)
+    settler = audited(audit, metrics=sink)
     names = [str(i) for i in range(6)]
-    for name in names:  # one-record settlements, as on an emergency queue (prefetch 1)
-        settler.settle([(delivery(mid(name)), done.process(delivery(mid(name))))])
+    settle_handled(settler, *names)  # one record each, as on an emergency queue (prefetch 1)
 
     assert sink.totals[metrics.AUDIT_RECORDS_LOST] == 1
     audit.available = True
@@ -563,17 +558,24 @@ def test_past_the_bound_only_the_oldest_batches_beyond_it_are_dropped(
     assert [r.message_id for r in audit.records] == [mid(name) for name in names[1:]]
 
 
-class CountingTransport(MemoryTransport):
-    """Counts publish calls; ``down`` fails every message."""
+class FullAuditQueue(MemoryTransport):
+    """Counts publishes (``calls``) and stores only as many messages of each as ``room``
+    allows (a ``reject-publish`` queue at its limit, which the writer frees a little at a
+    time; None: room for all); nacks the rest."""
 
+    room: int | None = 0
     calls: int = 0
-    down: bool = False
 
     def publish(self, messages: Any, *, meanwhile: Any = None) -> list[Outcome]:
         self.calls += 1
-        outcomes = super().publish(messages, meanwhile=meanwhile)
-        if self.down:
-            return [Outcome(o.message_id, failure=Failure.UNAVAILABLE) for o in outcomes]
+        outcomes = []
+        for message in messages:
+            if self.room is None or self.room > 0:
+                self.room = None if self.room is None else self.room - 1
+                self.published.append(message)
+                outcomes.append(Outcome(message.message_id, transport=self.name))
+            else:
+                outcomes.append(Outcome(message.message_id, failure=Failure.NACKED))
         return outcomes
 
 
@@ -582,18 +584,10 @@ def test_a_long_backlog_goes_out_in_a_few_publishes_not_a_round_trip_a_batch() -
     # 4 s on a local broker, and over a minute with 1 ms of latency, during which the consumer
     # handled nothing and the broker dropped its connection for missed heartbeats.
     now = [0.0]
-    transport = CountingTransport()
-    transport.down = True
-    settler = RabbitMqSettler(
-        lambda _group: MemoryTransport(),
-        audit=TransportAuditSink([transport], emitted_by="c"),
-        consumer="c",
-        clock=lambda: now[0],
-    )
-    done = MessageProcessor(lambda _d: None)
-    for i in range(1200):
-        settler.settle([(delivery(mid(str(i))), done.process(delivery(mid(str(i)))))])
-    transport.down, transport.calls, transport.published = False, 0, []
+    transport = FullAuditQueue()
+    settler = audited(TransportAuditSink([transport], emitted_by="c"), clock=lambda: now[0])
+    settle_handled(settler, *(str(i) for i in range(1200)))  # all refused: no room
+    transport.room, transport.calls = None, 0
 
     now[0] = consumer.RESEND_MAX_WAIT_S
     for _ in range(11):  # looks of an idle consumer
@@ -606,44 +600,16 @@ def test_a_long_backlog_goes_out_in_a_few_publishes_not_a_round_trip_a_batch() -
     assert transport.calls == 11  # nothing left to send
 
 
-class FullAuditQueue(MemoryTransport):
-    """Stores only as many messages of a publish as ``room`` allows (a ``reject-publish``
-    queue at its limit, which the writer frees a little at a time); nacks the rest."""
-
-    room: int = 0
-
-    def publish(self, messages: Any, *, meanwhile: Any = None) -> list[Outcome]:
-        outcomes = []
-        for message in messages:
-            if self.room > 0:
-                self.room -= 1
-                self.published.append(message)
-                outcomes.append(Outcome(message.message_id, transport=self.name))
-            else:
-                outcomes.append(Outcome(message.message_id, failure=Failure.NACKED))
-        return outcomes
-
-
 def test_a_full_audit_queue_that_frees_room_slowly_still_takes_the_backlog() -> None:
     # A review found a 500-batch publish into a full queue stored in part, refused as a whole,
     # and sent again from its oldest batch: each freed slot took a copy the writer drops, and
     # the backlog never shrank.
     transport = FullAuditQueue()
-    settler = RabbitMqSettler(
-        lambda _group: MemoryTransport(),
-        audit=TransportAuditSink([transport], emitted_by="c"),
-        consumer="c",
-    )
-    done = MessageProcessor(lambda _d: None)
-
-    def settle(name: str) -> None:
-        settler.settle([(delivery(mid(name)), done.process(delivery(mid(name))))])
-
-    for i in range(1000):  # refused: the queue is full
-        settle(f"kept-{i}")
+    settler = audited(TransportAuditSink([transport], emitted_by="c"))
+    settle_handled(settler, *(f"kept-{i}" for i in range(1000)))  # refused: the queue is full
     for i in range(300):  # the writer frees five places before each settlement
-        transport.room += 5
-        settle(f"new-{i}")
+        transport.room = (transport.room or 0) + 5
+        settle_handled(settler, f"new-{i}")
 
     stored = Counter(message.message_id for message in transport.published)
     assert len(stored) > 1000  # past the old backlog, though 1,300 batches share 1,500 places
