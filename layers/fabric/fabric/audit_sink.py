@@ -72,15 +72,21 @@ class TransportAuditSink:
         """True once a transport confirmed every part of the batch stored."""
         if prepared is None or not prepared.made_from(records, bodies or {}):
             prepared = self.prepare(records, bodies)
-        waiting = list(prepared.encoded)
+        return self.emit_each([prepared])[0]
+
+    def emit_each(self, batches: Sequence[PreparedAudit]) -> list[bool]:
+        """Publishes the parts of ``batches`` (prepared here) together on the first path, what
+        it did not store on the next; whether each batch had every part stored, in order."""
+        waiting = [(index, part) for index, batch in enumerate(batches) for part in batch.encoded]
         for transport in self._transports:
-            outcomes = transport.publish(waiting)
-            waiting = [
-                m for m, outcome in zip(waiting, outcomes, strict=True) if not outcome.stored
-            ]
             if not waiting:
-                return True
-        return False
+                break
+            outcomes = transport.publish([part for _, part in waiting])
+            waiting = [
+                pair for pair, outcome in zip(waiting, outcomes, strict=True) if not outcome.stored
+            ]
+        refused = {index for index, _ in waiting}
+        return [index not in refused for index in range(len(batches))]
 
     def _message(self, records: list[bytes], bodies: dict[str, bytes]) -> OutboundMessage:
         return OutboundMessage(

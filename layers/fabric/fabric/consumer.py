@@ -612,8 +612,8 @@ MAX_UNSENT_AUDIT_RECORDS = 10_000
 # to ``RESEND_MAX_WAIT_S``.
 RESEND_FIRST_WAIT_S = 1.0
 RESEND_MAX_WAIT_S = 60.0
-# Kept-back audit batches sent in one publish (one confirm window): about 0.1 s of the
-# consumer's thread on a local broker for one-record batches.
+# Kept-back audit batches sent with a batch in one publish (one confirm window): about 0.1 s of
+# the consumer's thread on a local broker for one-record batches.
 RESEND_CHUNK = 500
 
 
@@ -622,14 +622,12 @@ class _AuditBacklog:
     settlement is never undone for its audit batch, but the batch goes out again, as it was
     prepared (its message ids: the batch ids by which the audit writer drops a batch it
     already wrote, so a batch whose confirm was lost but which was stored is not written
-    twice), with the next batch, or once due while the consumer is idle (``resend``). Kept
-    batches go several in one publish, pipelined in one confirm window, so a long backlog
-    costs the consumer's thread a chunk at a time, not a round trip a batch: one batch after a
-    refusal, twice as many after each publish stored whole, up to ``RESEND_CHUNK``. A publish
-    only partly stored (a full audit queue takes what it has room for) is refused whole and
-    its stored part sent again (the writer drops those by batch id): starting again from one
-    batch keeps those copies few, and the backlog still moves while the queue frees room. At
-    most ``MAX_UNSENT_AUDIT_RECORDS`` records are kept, the oldest batches dropped beyond; a
+    twice), with the next batch, or once due while the consumer is idle (``resend``). Up to
+    ``RESEND_CHUNK`` kept batches go with it in one publish, pipelined in one confirm window
+    (``AuditSink.emit_each``), so a long backlog costs the consumer's thread a chunk at a
+    time, not a round trip a batch; each batch stored leaves the backlog, each refused one
+    stays (a full audit queue takes what it has room for). At most
+    ``MAX_UNSENT_AUDIT_RECORDS`` records are kept, the oldest batches dropped beyond; a
     process that ends meanwhile loses them, as the log says.
 
     A refused batch is logged (``audit batch of ... could not be stored``: alarm on it) and,
@@ -650,7 +648,6 @@ class _AuditBacklog:
         self.kept = 0  # the records kept back, waiting for the audit path
         self._wait = RESEND_FIRST_WAIT_S
         self._resend_at = 0.0
-        self._chunk = 1  # kept batches the next publish takes
 
     def emit(self, records: list[AuditRecord]) -> None:
         if self._audit is None or not (records or self._kept):
@@ -668,39 +665,30 @@ class _AuditBacklog:
         them until its next settlement, or lose them when it stops."""
         if self._audit is None or not self._kept or self._clock() < self._resend_at:
             return
-        if not self._send(self._audit, None):
+        self._send(self._audit, None)
+        if self._kept:
             _LOG.warning(
                 "kept-back audit batches could not be stored; %d consumer record(s) kept",
                 self.kept,
             )
 
     def _send(self, audit: AuditSink, fresh: PreparedAudit | None) -> bool:
-        """Sends the oldest kept batches (``_chunk`` of them) and ``fresh`` in one publish;
-        whether all were stored (the kept ones then leave the backlog)."""
-        chunk = list(itertools.islice(self._kept, self._chunk))
-        parts = [*chunk, fresh] if fresh is not None else chunk
-        together = (
-            parts[0]
-            if len(parts) == 1
-            else PreparedAudit(
-                records=[record for part in parts for record in part.records],
-                bodies={digest: body for part in parts for digest, body in part.bodies.items()},
-                encoded=[message for part in parts for message in part.encoded],
-            )
-        )
-        if not audit.emit(together.records, together.bodies, prepared=together):
+        """Sends the oldest ``RESEND_CHUNK`` kept batches and ``fresh`` together; those stored
+        leave the backlog. Whether the last batch sent (``fresh``, when given) was stored."""
+        chunk = list(itertools.islice(self._kept, RESEND_CHUNK))
+        stored = audit.emit_each([*chunk, fresh] if fresh is not None else chunk)
+        for _ in chunk:
+            self._kept.popleft()
+        sent = list(zip(chunk, stored, strict=False))
+        self._kept.extendleft(reversed([batch for batch, done in sent if not done]))
+        self.kept -= sum(len(batch.records) for batch, done in sent if done)
+        if all(stored):
+            self._wait = RESEND_FIRST_WAIT_S
+            self._resend_at = self._clock()  # what is left of a long backlog: at the next look
+        else:
             self._resend_at = self._clock() + self._wait
             self._wait = min(self._wait * 2, RESEND_MAX_WAIT_S)
-            self._chunk = 1
-            return False
-        if chunk:
-            self._chunk = min(self._chunk * 2, RESEND_CHUNK)
-        for batch in chunk:
-            self._kept.popleft()
-            self.kept -= len(batch.records)
-        self._wait = RESEND_FIRST_WAIT_S
-        self._resend_at = self._clock()  # what is left of a long backlog: at the next look
-        return True
+        return bool(stored) and stored[-1]
 
     def _keep(self, prepared: PreparedAudit) -> None:
         """Keeps ``prepared``, refused; beyond the bound the oldest whole batches go (the

@@ -162,6 +162,11 @@ class AuditSink(Protocol):
         """
         ...
 
+    def emit_each(self, batches: Sequence[PreparedAudit]) -> list[bool]:
+        """Store several batches this sink prepared, together (on a broker: one publish, one
+        confirm window); whether each was stored whole, in order. Never raises for I/O."""
+        ...
+
 
 class Metrics(Protocol):
     """Operational counters (names in ``fabric.metrics``), published once per call."""

@@ -79,6 +79,10 @@ class MemoryAuditSink:
             self.bodies.update(bodies or {})
         return self.available
 
+    def emit_each(self, batches: Sequence[PreparedAudit]) -> list[bool]:
+        """``emit`` each batch, in order."""
+        return [self.emit(batch.records, batch.bodies, prepared=batch) for batch in batches]
+
 
 @dataclass
 class MemoryMetrics:
