@@ -6,6 +6,7 @@ import base64
 import itertools
 import json
 import socket
+import sys
 import uuid
 from collections import Counter
 from typing import Any
@@ -614,6 +615,49 @@ def test_a_full_audit_queue_that_frees_room_slowly_still_takes_the_backlog(freed
     stored = Counter(message.message_id for message in transport.published)
     assert max(stored.values()) == 1  # no place spent on a copy
     assert len(stored) == min(300 * freed, 1300)  # each place freed took a batch till all went
+
+
+def test_an_interrupt_at_any_line_of_a_send_loses_no_kept_batch() -> None:
+    # A review found the refused batches of a send held only in a local variable for a few
+    # lines, between taking the chunk off the backlog and putting the refused ones back: a
+    # SIGTERM (SystemExit) there lost up to 500 batches, never stored.
+    code = consumer._AuditBacklog._send.__code__
+    lines = {
+        line for _, _, line in code.co_lines() if line is not None and line > code.co_firstlineno
+    }
+    for line in sorted(lines):
+        transport = FullAuditQueue()  # no room: every publish refused
+        settler = audited(TransportAuditSink([transport], emitted_by="c"))
+        settle_handled(settler, "kept-1", "kept-2", "kept-3")
+
+        def interrupt(frame: Any, event: str, _arg: Any, at: int = line) -> Any:
+            if frame.f_code is not code:
+                return None
+
+            def local(frame: Any, event: str, _arg: Any) -> Any:
+                if event == "line" and frame.f_lineno == at:
+                    raise KeyboardInterrupt
+                return local
+
+            return local
+
+        previous = sys.gettrace()
+        sys.settrace(interrupt)
+        try:
+            settle_handled(settler, "b")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(previous)
+        transport.room = None  # the path is back; the consumer's way out settles "b" again
+        settle_handled(settler, "b")
+
+        stored = {
+            record["message_id"]
+            for message in transport.published
+            for record in decode_audit_batch(message.body).records
+        }
+        assert stored == {mid(name) for name in ("kept-1", "kept-2", "kept-3", "b")}, line
 
 
 def test_an_interrupt_while_the_audit_batch_is_sent_keeps_the_records_kept_back() -> None:

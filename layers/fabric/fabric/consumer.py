@@ -645,9 +645,13 @@ class _AuditBacklog:
         self._metrics = metrics
         self._clock = clock
         self._kept: deque[PreparedAudit] = deque()  # oldest first
-        self.kept = 0  # the records kept back, waiting for the audit path
         self._wait = RESEND_FIRST_WAIT_S
         self._resend_at = 0.0
+
+    @property
+    def kept(self) -> int:
+        """The records kept back, waiting for the audit path."""
+        return sum(len(batch.records) for batch in self._kept)
 
     def emit(self, records: list[AuditRecord]) -> None:
         if self._audit is None or not (records or self._kept):
@@ -677,11 +681,10 @@ class _AuditBacklog:
         leave the backlog. Whether the last batch sent (``fresh``, when given) was stored."""
         chunk = list(itertools.islice(self._kept, RESEND_CHUNK))
         stored = audit.emit_each([*chunk, fresh] if fresh is not None else chunk)
-        for _ in chunk:
-            self._kept.popleft()
-        sent = list(zip(chunk, stored, strict=False))
-        self._kept.extendleft(reversed([batch for batch, done in sent if not done]))
-        self.kept -= sum(len(batch.records) for batch, done in sent if done)
+        refused = [batch for batch, done in zip(chunk, stored, strict=False) if not done]
+        # One assignment: an interrupt (a SIGTERM's SystemExit) leaves the backlog before or
+        # after, never without the refused batches.
+        self._kept = deque([*refused, *itertools.islice(self._kept, len(chunk), None)])
         if all(stored):
             self._wait = RESEND_FIRST_WAIT_S
             self._resend_at = self._clock()  # what is left of a long backlog: at the next look
@@ -694,23 +697,21 @@ class _AuditBacklog:
         """Keeps ``prepared``, refused; beyond the bound the oldest whole batches go (the
         newest is always kept)."""
         self._kept.append(prepared)
-        self.kept += len(prepared.records)
-        dropped = 0
-        while self.kept > MAX_UNSENT_AUDIT_RECORDS and len(self._kept) > 1:
+        kept, dropped = self.kept, 0
+        while kept > MAX_UNSENT_AUDIT_RECORDS and len(self._kept) > 1:
             oldest = len(self._kept.popleft().records)
-            self.kept -= oldest
-            dropped += oldest
+            kept, dropped = kept - oldest, dropped + oldest
         _LOG.error(
             "audit batch of %d consumer record(s) could not be stored; %d kept for the next, "
             "%d dropped",
             len(prepared.records),
-            self.kept,
+            kept,
             dropped,
         )
         if self._metrics is not None:
             self._metrics.count(
                 {
-                    metric_names.AUDIT_RECORDS_UNSENT: self.kept,
+                    metric_names.AUDIT_RECORDS_UNSENT: kept,
                     metric_names.AUDIT_RECORDS_LOST: dropped,
                 }
             )
@@ -747,9 +748,9 @@ class RabbitMqSettler:
         """Republish each RETRY / DEAD_LETTER item; True where it is stored (DONE: True, no
         publish; SYSTEMIC: False). Order kept.
 
-        The audit records of what was settled go out after the batches an earlier call could
+        The audit records of what was settled go out with the batches an earlier call could
         not store: a settlement is never undone for its audit batch (the message is where it
-        belongs), but the batch is sent again, under its own batch ids, before the next one
+        belongs), but the batch is sent again, under its own batch ids, with the next one
         (up to ``MAX_UNSENT_AUDIT_RECORDS`` records kept) instead of being dropped."""
         stored = [decision.verdict is Verdict.DONE for _, decision in items]
         by_group: dict[Stakeholder, list[tuple[int, OutboundMessage]]] = {}
