@@ -201,7 +201,8 @@ def test_deliveries_waiting_behind_slow_handlers_go_back_before_the_consumer_tim
     # 2.8 s): the third handler starts 2 s after the consumer began counting, 0.8 s inside
     # the bound for a loaded host's overhead, and the fourth at least 3 s after, past it.
     deliveries = delivery_counts(monkeypatch)
-    ids = [f"slow-{i:02d}" for i in range(10)]
+    # Six prefetched (three handed back), and one behind them that refills the halved window.
+    ids = [f"slow-{i:02d}" for i in range(7)]
     for message_id in ids:
         publish(amqp, WORK, message_id)
     seen: list[tuple[str, bool]] = []
@@ -218,9 +219,9 @@ def test_deliveries_waiting_behind_slow_handlers_go_back_before_the_consumer_tim
         consumer_timeout_s=5.6,
     )
     with caplog.at_level(logging.WARNING, logger="fabric.adapters.rabbitmq_consumer"):
-        counts = consumer.run(max_messages=10, idle_timeout_s=5)
+        counts = consumer.run(max_messages=len(ids), idle_timeout_s=5)
 
-    assert counts == {"done": 10}
+    assert counts == {"done": len(ids)}
     assert sorted(message_id for message_id, _ in seen) == ids, "each handled once"
     # The fourth would have started 3 s after it may have arrived: it and the ones behind it
     # went back; with the prefetch halved, none waited that long again.

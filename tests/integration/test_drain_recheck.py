@@ -22,7 +22,7 @@ from tests.integration.test_drain import fallback_queues, left_in_sqs, message, 
 pytestmark = pytest.mark.integration
 
 BULK_GROUP = STAKEHOLDERS[0]  # its bulk queue is drained first, right after the emergencies
-BULK_MESSAGES = 400  # moto takes seconds over them: a look is due several times
+BULK_MESSAGES = 300  # moto takes seconds over them: a look is due several times
 
 
 def with_subscription_dlqs(aws: dict[str, Any]) -> list[FallbackQueue]:

@@ -34,6 +34,7 @@ from tests.integration.test_drain import (
     message,
     park,
     rabbit,
+    refuses_publishes,
 )
 
 pytestmark = pytest.mark.integration
@@ -134,11 +135,10 @@ def test_a_full_work_queue_is_refused_once_and_its_subscription_dlq_is_left_alon
         f"policies/{urllib.parse.quote(broker_vhost, safe='')}/full",
         {"pattern": "^fabric\\.academic$", "definition": {"max-length": 1}, "apply-to": "queues"},
     )
-    queue_path = f"queues/{urllib.parse.quote(broker_vhost, safe='')}/fabric.academic"
     deadline = time.monotonic() + 10
-    while management("GET", queue_path).get("policy") != "full":
+    while not refuses_publishes(broker_vhost, "fabric.academic"):  # the policy is in force
         assert time.monotonic() < deadline, "the policy was not applied"
-        time.sleep(0.1)
+        time.sleep(0.05)
     # Over its limit before the run, so that its first batch is refused (the bulk queues are
     # drained in turn: the DLQ's batch would go next). A quorum queue refuses publishes only
     # once it holds more than its limit: one at the limit still takes a whole burst.
