@@ -20,7 +20,7 @@ from fabric.stakeholders import Stakeholder
 from fabric.topology import queue_name
 from tests.integration.aws_fallback import MOTO_POLL_S, REGION
 from tests.integration.conftest import AMQP, management
-from tests.integration.test_drain import message, park, rabbit
+from tests.integration.test_drain import message, park, rabbit, refuses_publishes
 
 pytestmark = pytest.mark.integration
 
@@ -34,11 +34,10 @@ def full(vhost: str) -> None:
         f"policies/{urllib.parse.quote(vhost, safe='')}/full",
         {"pattern": "^fabric\\.academic$", "definition": {"max-length": 1}, "apply-to": "queues"},
     )
-    queue_path = f"queues/{urllib.parse.quote(vhost, safe='')}/{ACADEMIC}"
     deadline = time.monotonic() + 10
-    while management("GET", queue_path).get("policy") != "full":
+    while not refuses_publishes(vhost, ACADEMIC):  # the policy is in force
         assert time.monotonic() < deadline, "the policy was not applied"
-        time.sleep(0.1)
+        time.sleep(0.05)
     connection = pika.BlockingConnection(pika.ConnectionParameters(*AMQP, virtual_host=vhost))
     channel = connection.channel()
     channel.confirm_delivery()
