@@ -560,3 +560,34 @@ def test_copies_not_for_a_group_that_keep_coming_back_hold_no_other_groups_bulk_
     assert moved_ids(broker) == [own.message_id]
     assert report.moved == {queue_name(Stakeholder.GOVERNMENT): 1}
     assert report.misdelivered == 10
+
+
+def test_an_emergency_is_looked_for_between_the_empty_receives_that_end_the_bulk() -> None:
+    # Every group's bulk queue ran out in the same turn: their last receives, each waiting a
+    # second on an empty queue, came back to back, and a review found no look for emergencies
+    # between them: one arriving then waited about ten seconds, or for the next run.
+    clock = Clock()
+    source = SqsLikeSource(clock, visibility=120)
+    broker, audit = TimedBroker(clock), MemoryAuditSink()
+    emergency = FallbackQueue(
+        url="emergency-government", group=Stakeholder.GOVERNMENT, emergency=True
+    )
+    bulk = [
+        FallbackQueue(url=f"fallback-{group.value}{dlq}", group=group, emergency=False)
+        for group in Stakeholder
+        for dlq in ("", "-sub-dlq")
+    ]
+    for queue in bulk:
+        source.send(queue.url, *(copy([queue.group.value], receives=0) for _ in range(10)))
+    alert = copy(["government"], receives=0)
+    # After the first turn (one batch from each queue, about 20 s here), as the empty
+    # receives begin.
+    arrival = 22.0
+    clock.at(arrival, lambda: source.send(emergency.url, alert))
+
+    Drainer(
+        queues=[emergency, *bulk], source=source, broker=broker, audit=audit, clock=clock
+    ).drain()
+
+    assert alert.message_id in broker.at, "the emergency waited for the next run"
+    assert broker.at[alert.message_id] - arrival < 3.5  # a look a second, a receive between

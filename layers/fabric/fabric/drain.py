@@ -277,13 +277,15 @@ class Drainer:
         bulk = deque(queue for queue in self._queues if not queue.emergency)
         while bulk:
             queue = bulk.popleft()
-            if not self._take(queue, report, max_messages, deadline, wait=True):
-                continue  # found empty, its work queue refused, or the run stopped
-            bulk.append(queue)
-            busy = True
-            if self._clock() >= recheck_at:
-                # Busy with bulk: what reached an emergency queue since goes first. A look that
-                # does not wait may miss a message; the next look, a second on, asks again.
+            if self._take(queue, report, max_messages, deadline, wait=True):
+                bulk.append(queue)
+                busy = True
+            # Else found empty (after a long poll), its work queue refused, or the run stopped.
+            if bulk and self._clock() >= recheck_at:
+                # Busy with bulk: what reached an emergency queue since goes first, also between
+                # the last, empty receives of queues that ran out in the same turn (up to a second
+                # each). A look that does not wait may miss a message; the next, a second on,
+                # asks again.
                 self._take_in_turn(emergencies, report, max_messages, deadline, wait=False)
                 recheck_at, busy = self._clock() + RECHECK_SECONDS, False
         if busy and self._clock() >= recheck_at and self._clock() < deadline:
